@@ -1,0 +1,393 @@
+//! The `streaming.v1` handlers: produce, consume, metadata, list, delete and the resolver helpers.
+//!
+//! Each call authorizes its subject first, validates its input into typed values, and maps every
+//! failure to a status through [`Error`]. ConsumeStream feeds a bounded channel from a spawned task,
+//! so a slow client holds at most a few frames in memory and a cancelled client stops the task.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::proto::{
+    self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
+    GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
+    ListPointsRequest, ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse,
+};
+use crate::authz::Action;
+use crate::error::Error;
+use crate::metrics;
+use crate::net::PeerInfo;
+use crate::node::NodeState;
+use crate::point::{PointId, Snapshot};
+
+/// Frames a ConsumeStream task may read ahead of the client.
+const READ_AHEAD: usize = 4;
+
+pub struct StreamingService {
+    state: Arc<NodeState>,
+}
+
+impl StreamingService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        Self { state }
+    }
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::streaming_server::Streaming for StreamingService {
+    type ConsumeStreamStream = FrameStream;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<ProduceRequest>>,
+    ) -> Result<Response<ProduceResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        let mut frames = request.into_inner();
+        let state = &self.state;
+        state.check_writable()?;
+        let mut records: Vec<proto::Record> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        loop {
+            let message = tokio::select! {
+                message = frames.message() => message?,
+                _ = state.abort.cancelled() => {
+                    return Err(Error::Unavailable("the node is shutting down".into()).into());
+                }
+            };
+            let Some(ProduceRequest { point, frame }) = message else {
+                break;
+            };
+            let slot = match index.get(&point) {
+                Some(&slot) => slot,
+                None => {
+                    let id = PointId::new(point.as_str()).map_err(Error::from)?;
+                    state.authorize(&peer, Action::Produce, id.as_str()).await?;
+                    records.push(proto::Record {
+                        point: point.clone(),
+                        ..Default::default()
+                    });
+                    index.insert(point, records.len() - 1);
+                    records.len() - 1
+                }
+            };
+            if frame.len() as u64 > state.config.max_frame_size {
+                return Err(Error::InvalidArgument(format!(
+                    "frame of {} bytes for point {:?} exceeds max_frame_size ({} bytes)",
+                    frame.len(),
+                    records[slot].point,
+                    state.config.max_frame_size
+                ))
+                .into());
+            }
+            let id = PointId::new(records[slot].point.as_str()).map_err(Error::from)?;
+            let len = frame.len() as u64;
+            let appended = state.append(&id, frame).await?;
+            ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
+            ::metrics::counter!(metrics::PRODUCED_BYTES).increment(len);
+            let record = &mut records[slot];
+            record.offset = appended.start;
+            record.end = appended.end;
+            record.crc32c = appended.crc;
+        }
+        Ok(Response::new(ProduceResponse { records }))
+    }
+
+    async fn consume_stream(
+        &self,
+        request: Request<ConsumeRequest>,
+    ) -> Result<Response<Self::ConsumeStreamStream>, Status> {
+        let peer = PeerInfo::of(&request);
+        let request = request.into_inner();
+        let state = self.state.clone();
+        let id = PointId::new(request.point.as_str()).map_err(Error::from)?;
+        state.authorize(&peer, Action::Consume, id.as_str()).await?;
+        let point = state.store.point(&id).await.map_err(Error::from)?;
+        let snapshot = point.snapshot();
+        let window = ReadWindow::new(
+            &request,
+            snapshot,
+            state.config.max_chunk_size,
+            state.config.max_frame_size,
+        )?;
+
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
+        tokio::spawn(async move {
+            let mut changes = point.watch();
+            let mut position = window.offset;
+            loop {
+                if Some(position) == window.stop {
+                    return;
+                }
+                let current = *changes.borrow_and_update();
+                if current.deleted {
+                    let error = Error::Read(crate::point::ReadError::NotFound(id.clone()));
+                    let _ = tx.send(Err(error.into())).await;
+                    return;
+                }
+                if position < current.end {
+                    let end = window
+                        .stop
+                        .map_or(current.end, |stop| stop.min(current.end));
+                    let len = window.chunk.min(end - position);
+                    let frame = match point.read(&state.store, position, len).await {
+                        Ok(frame) => frame,
+                        Err(error) => {
+                            let _ = tx.send(Err(Error::from(error).into())).await;
+                            return;
+                        }
+                    };
+                    let response = ConsumeResponse {
+                        frame,
+                        offset: position,
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return; // The client went away.
+                    }
+                    ::metrics::counter!(metrics::CONSUMED_FRAMES).increment(1);
+                    ::metrics::counter!(metrics::CONSUMED_BYTES).increment(len);
+                    position += len;
+                    continue;
+                }
+                if !window.follow {
+                    return;
+                }
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    _ = tx.closed() => return,
+                    _ = state.shutdown.cancelled() => {
+                        let error = Error::Unavailable("the node is shutting down".into());
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_metadata(
+        &self,
+        request: Request<MetadataRequest>,
+    ) -> Result<Response<MetadataResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
+        let state = &self.state;
+        state
+            .authorize(&peer, Action::Metadata, id.as_str())
+            .await?;
+        let snapshot = state.store.metadata(&id).await.map_err(Error::from)?;
+        Ok(Response::new(MetadataResponse {
+            workers: state.workers(),
+            size: snapshot.end,
+            crc32c: snapshot.crc,
+            node: state.config.node_name.clone(),
+            role: state.config.role.as_str().into(),
+            replicas: state.replica_progress(&id, snapshot.end),
+        }))
+    }
+
+    async fn list_points(
+        &self,
+        request: Request<ListPointsRequest>,
+    ) -> Result<Response<ListPointsResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        let request = request.into_inner();
+        self.state
+            .authorize(&peer, Action::Metadata, &request.prefix)
+            .await?;
+        let max = match request.max_results {
+            0 => 1000,
+            n => n.min(10_000) as usize,
+        };
+        let start_after = (!request.start_after.is_empty()).then_some(request.start_after.as_str());
+        // One more than asked tells whether another page follows.
+        let mut points = self.state.store.list(&request.prefix, start_after, max + 1);
+        let next = if points.len() > max {
+            points.truncate(max);
+            points
+                .last()
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListPointsResponse {
+            points: points
+                .into_iter()
+                .map(|id| id.as_str().to_owned())
+                .collect(),
+            next,
+        }))
+    }
+
+    async fn delete_point(
+        &self,
+        request: Request<DeletePointRequest>,
+    ) -> Result<Response<DeletePointResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
+        self.state.check_writable()?;
+        self.state
+            .authorize(&peer, Action::Admin, id.as_str())
+            .await?;
+        let size = self.state.store.delete(&id).await.map_err(Error::from)?;
+        tracing::info!(point = %id, size, subject = %peer.subject, "deleted point");
+        Ok(Response::new(DeletePointResponse { size }))
+    }
+}
+
+/// The validated byte window of a ConsumeStream call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadWindow {
+    offset: u64,
+    /// Where the stream ends; `None` follows the point forever.
+    stop: Option<u64>,
+    chunk: u64,
+    follow: bool,
+}
+
+impl ReadWindow {
+    fn new(
+        request: &ConsumeRequest,
+        snapshot: Snapshot,
+        default_chunk: u64,
+        max_frame: u64,
+    ) -> Result<Self, Error> {
+        let ConsumeRequest {
+            ref point,
+            offset,
+            limit,
+            chunk_size,
+            follow,
+        } = *request;
+        if offset > snapshot.end {
+            return Err(Error::OutOfRange(format!(
+                "offset {offset} is past the end of point {point:?} ({} bytes)",
+                snapshot.end
+            )));
+        }
+        if limit != 0 && limit < offset {
+            return Err(Error::InvalidArgument(format!(
+                "limit {limit} is before offset {offset}"
+            )));
+        }
+        if limit > snapshot.end && !follow {
+            return Err(Error::OutOfRange(format!(
+                "limit {limit} is past the end of point {point:?} ({} bytes); set follow to wait for it",
+                snapshot.end
+            )));
+        }
+        let stop = match (limit, follow) {
+            (0, true) => None,
+            (0, false) => Some(snapshot.end),
+            (limit, _) => Some(limit),
+        };
+        let chunk = match chunk_size {
+            0 => default_chunk,
+            n => n.min(max_frame),
+        };
+        Ok(Self {
+            offset,
+            stop,
+            chunk,
+            follow,
+        })
+    }
+}
+
+/// `LBResolverHelper` and `FollowerResolverHelper`: who serves this cluster.
+pub struct ResolverService {
+    state: Arc<NodeState>,
+}
+
+impl ResolverService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::lb_resolver_helper_server::LbResolverHelper for ResolverService {
+    async fn get_servers(
+        &self,
+        request: Request<GetServersRequest>,
+    ) -> Result<Response<GetServersResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        self.state.authorize(&peer, Action::Metadata, "").await?;
+        Ok(Response::new(GetServersResponse {
+            servers: self.state.servers(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::follower_resolver_helper_server::FollowerResolverHelper for ResolverService {
+    async fn get_followers(
+        &self,
+        request: Request<GetFollowersRequest>,
+    ) -> Result<Response<GetFollowersResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        self.state.authorize(&peer, Action::Metadata, "").await?;
+        Ok(Response::new(GetFollowersResponse {
+            servers: self.state.followers(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(offset: u64, limit: u64, chunk_size: u64, follow: bool) -> ConsumeRequest {
+        ConsumeRequest {
+            point: "p".into(),
+            offset,
+            limit,
+            chunk_size,
+            follow,
+        }
+    }
+
+    fn window(r: ConsumeRequest) -> Result<ReadWindow, Error> {
+        let snapshot = Snapshot {
+            end: 1000,
+            ..Snapshot::default()
+        };
+        ReadWindow::new(&r, snapshot, 256, 4096)
+    }
+
+    #[test]
+    fn windows_are_validated() {
+        assert_eq!(window(request(0, 0, 0, false)).unwrap().stop, Some(1000));
+        assert_eq!(window(request(0, 0, 0, true)).unwrap().stop, None);
+        assert_eq!(window(request(0, 0, 0, false)).unwrap().chunk, 256);
+        assert_eq!(window(request(0, 0, 512, false)).unwrap().chunk, 512);
+        assert_eq!(window(request(0, 0, 100_000, false)).unwrap().chunk, 4096);
+        assert_eq!(window(request(1000, 0, 0, false)).unwrap().stop, Some(1000));
+        assert!(matches!(
+            window(request(1001, 0, 0, false)),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            window(request(10, 5, 0, false)),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            window(request(0, 1001, 0, false)),
+            Err(Error::OutOfRange(_))
+        ));
+        assert_eq!(window(request(0, 5000, 0, true)).unwrap().stop, Some(5000));
+    }
+}

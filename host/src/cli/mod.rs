@@ -1,0 +1,261 @@
+//! The command line: `run` a node, and the client commands (`put`, `get`, `stat`, `ls`, `rm`).
+//!
+//! Client commands connect with the flags of [`Connection`] (or their `GOUTUBE_CLIENT_…`
+//! variables). Progress bars draw on stderr only when it is a terminal.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing_subscriber::EnvFilter;
+
+use goutube::client::{Client, ClientOptions, ClientTls, DEFAULT_CHUNK};
+use goutube::config::Config;
+use goutube::node::{self, Listeners};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "goutube",
+    version,
+    about = "Stores named append-only byte streams and streams them back over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node (without --config: a standalone node on 127.0.0.1 with ./goutube-data).
+    Run {
+        /// TOML configuration file; `GOUTUBE_…` variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Append a file to a point.
+    Put {
+        file: PathBuf,
+        point: String,
+        /// Bytes per frame.
+        #[arg(long, default_value_t = DEFAULT_CHUNK)]
+        chunk_size: usize,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Download a point into a file, from several replicas in parallel, verified.
+    Get {
+        point: String,
+        file: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show a point's size, checksum and workers.
+    Stat {
+        point: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List point ids.
+    Ls {
+        /// Only ids starting with this prefix.
+        #[arg(default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Delete a point.
+    Rm {
+        point: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+/// How client commands reach a node.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Address of the node's gRPC API.
+    #[arg(long, env = "GOUTUBE_CLIENT_ADDR", default_value = "127.0.0.1:8400")]
+    pub addr: String,
+    /// CA certificate (PEM) to verify the node with; enables TLS.
+    #[arg(long, env = "GOUTUBE_CLIENT_CA", requires_all = ["cert", "key"])]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM); its common name is the subject the node authorizes.
+    #[arg(long, env = "GOUTUBE_CLIENT_CERT", requires = "ca")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, env = "GOUTUBE_CLIENT_KEY", requires = "ca")]
+    pub key: Option<PathBuf>,
+    /// Name to verify the node's certificate against (default: the host of --addr).
+    #[arg(long, env = "GOUTUBE_CLIENT_SERVER_NAME")]
+    pub server_name: Option<String>,
+}
+
+impl Connection {
+    fn options(&self) -> ClientOptions {
+        let tls = match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Some(ClientTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: self.server_name.clone(),
+            }),
+            _ => None,
+        };
+        ClientOptions {
+            addr: self.addr.clone(),
+            tls,
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(&self.options()).await?)
+    }
+}
+
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => run(config).await,
+        Command::Put {
+            file,
+            point,
+            chunk_size,
+            connection,
+        } => {
+            init_client_logging();
+            anyhow::ensure!(chunk_size > 0, "--chunk-size must be at least 1");
+            let client = connection.connect().await?;
+            let started = Instant::now();
+            let progress = progress_bar();
+            let report = client.put(&point, &file, chunk_size, &progress).await?;
+            progress.finish_and_clear();
+            let record = report.record;
+            println!(
+                "{point}: appended {} bytes at {}; the point now has {} bytes, crc32c {:08x}{}",
+                report.bytes,
+                record.end - report.bytes,
+                record.end,
+                record.crc32c,
+                if report.verified {
+                    " (verified)"
+                } else {
+                    " (not verified: concurrent writers)"
+                },
+            );
+            print_rate(report.bytes, started);
+            Ok(())
+        }
+        Command::Get {
+            point,
+            file,
+            connection,
+        } => {
+            init_client_logging();
+            let client = connection.connect().await?;
+            let started = Instant::now();
+            let progress = progress_bar();
+            let report = client.get(&point, &file, &progress).await?;
+            progress.finish_and_clear();
+            println!(
+                "{point}: {} bytes into {} from {} worker(s), crc32c {:08x} verified",
+                report.size,
+                file.display(),
+                report.workers,
+                report.crc32c
+            );
+            print_rate(report.size, started);
+            Ok(())
+        }
+        Command::Stat { point, connection } => {
+            init_client_logging();
+            let meta = connection.connect().await?.stat(&point).await?;
+            println!("point:   {point}");
+            println!("size:    {}", meta.size);
+            println!("crc32c:  {:08x}", meta.crc32c);
+            println!("node:    {} ({})", meta.node, meta.role);
+            println!("workers: {}", meta.workers.join(", "));
+            for replica in meta.replicas {
+                println!(
+                    "replica: {} confirmed {} bytes, lag {} bytes",
+                    replica.follower, replica.end, replica.lag
+                );
+            }
+            Ok(())
+        }
+        Command::Ls { prefix, connection } => {
+            init_client_logging();
+            for point in connection.connect().await?.list(&prefix).await? {
+                println!("{point}");
+            }
+            Ok(())
+        }
+        Command::Rm { point, connection } => {
+            init_client_logging();
+            let size = connection.connect().await?.delete(&point).await?;
+            println!("{point}: deleted ({size} bytes)");
+            Ok(())
+        }
+    }
+}
+
+async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(config_file.as_deref())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(&config.log.level))
+        .with_writer(std::io::stderr)
+        .init();
+    let listeners = Listeners::bind(&config).await?;
+    // One line on stdout with every bound address (ports may have been 0): scripts and tests
+    // read it to find the node.
+    println!(
+        "goutube listening node={} role={} rpc={} replication={} metrics={}",
+        config.node_name,
+        config.role.as_str(),
+        listeners.rpc.local_addr()?,
+        listeners.replication.local_addr()?,
+        listeners.metrics.local_addr()?,
+    );
+    node::run(config, listeners, shutdown_signal())
+        .await
+        .context("node failed")
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn init_client_logging() {
+    let filter =
+        EnvFilter::try_from_env("GOUTUBE_CLIENT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("static template"),
+    );
+    bar
+}
+
+fn print_rate(bytes: u64, started: Instant) {
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{:.1} MiB in {:.2} s ({:.1} MiB/s)",
+        bytes as f64 / 1048576.0,
+        seconds,
+        bytes as f64 / 1048576.0 / seconds.max(1e-9)
+    );
+}

@@ -1,0 +1,422 @@
+//! The Rust client: connect (h2c or mTLS), upload a file, download a point from several workers
+//! in parallel, and the small calls (stat, list, delete).
+//!
+//! Uploads and downloads are verified end to end with CRC32C: `put` checks that the point's
+//! checksum after the upload is the checksum before it extended by the file's bytes; `get` checks
+//! the downloaded bytes against the checksum the node reported, then renames the `.part` file.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use indicatif::ProgressBar;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+
+use crate::api::proto::streaming_client::StreamingClient;
+use crate::api::proto::{
+    ConsumeRequest, DeletePointRequest, ListPointsRequest, MetadataRequest, MetadataResponse,
+    ProduceRequest, Record,
+};
+use crate::api::{CONNECTION_WINDOW, STREAM_WINDOW};
+
+/// Where and how to connect.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// `host:port`, or a URL with `http://` / `https://`.
+    pub addr: String,
+    pub tls: Option<ClientTls>,
+}
+
+/// Client-side TLS material (PEM files).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Name to verify the server certificate against (default: the host of the address).
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] Status),
+    #[error("verification failed: {0}")]
+    Verify(String),
+}
+
+/// A connection to one node.
+#[derive(Clone)]
+pub struct Client {
+    options: ClientOptions,
+    streaming: StreamingClient<Channel>,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone)]
+pub struct PutReport {
+    pub record: Record,
+    pub bytes: u64,
+    /// The point's checksum after the upload matched the expected one; `false` when other
+    /// writers appended to the point at the same time, so there is nothing to compare.
+    pub verified: bool,
+}
+
+/// What a download did.
+#[derive(Debug, Clone)]
+pub struct GetReport {
+    pub size: u64,
+    pub crc32c: u32,
+    pub workers: usize,
+    /// Ranges that had to be fetched again from another worker.
+    pub retries: usize,
+}
+
+/// Parts smaller than this are not split further across workers.
+const MIN_PART: u64 = 4 * 1024 * 1024;
+/// Chunk size of uploads and of each worker's reads.
+pub const DEFAULT_CHUNK: usize = 256 * 1024;
+
+impl Client {
+    pub async fn connect(options: &ClientOptions) -> Result<Self, ClientError> {
+        let channel = channel(options).await?;
+        Ok(Self {
+            options: options.clone(),
+            streaming: streaming_client(channel),
+        })
+    }
+
+    /// The generated client, for calls this type does not wrap.
+    pub fn raw(&self) -> StreamingClient<Channel> {
+        self.streaming.clone()
+    }
+
+    pub async fn stat(&self, point: &str) -> Result<MetadataResponse, ClientError> {
+        let request = MetadataRequest {
+            point: point.into(),
+        };
+        Ok(self.raw().get_metadata(request).await?.into_inner())
+    }
+
+    /// Every point id with `prefix`, following the pages.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, ClientError> {
+        let mut points = Vec::new();
+        let mut start_after = String::new();
+        loop {
+            let page = self
+                .raw()
+                .list_points(ListPointsRequest {
+                    prefix: prefix.into(),
+                    start_after,
+                    max_results: 0,
+                })
+                .await?
+                .into_inner();
+            points.extend(page.points);
+            if page.next.is_empty() {
+                return Ok(points);
+            }
+            start_after = page.next;
+        }
+    }
+
+    /// Deletes `point`; returns the size it had.
+    pub async fn delete(&self, point: &str) -> Result<u64, ClientError> {
+        let request = DeletePointRequest {
+            point: point.into(),
+        };
+        Ok(self.raw().delete_point(request).await?.into_inner().size)
+    }
+
+    /// Appends the file at `path` to `point` in frames of `chunk` bytes.
+    pub async fn put(
+        &self,
+        point: &str,
+        path: &Path,
+        chunk: usize,
+        progress: &ProgressBar,
+    ) -> Result<PutReport, ClientError> {
+        let io_error = |source| ClientError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let before = match self.stat(point).await {
+            Ok(meta) => (meta.size, meta.crc32c),
+            Err(ClientError::Status(status)) if status.code() == Code::NotFound => (0, 0),
+            Err(error) => return Err(error),
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
+        let len = file.metadata().await.map_err(io_error)?.len();
+        progress.set_length(len);
+
+        let (tx, rx) = mpsc::channel(4);
+        let point_id = point.to_owned();
+        let progress_bar = progress.clone();
+        let reader = tokio::spawn(async move {
+            let mut crc = 0u32;
+            loop {
+                let mut frame = BytesMut::with_capacity(chunk);
+                while frame.len() < chunk {
+                    if file.read_buf(&mut frame).await? == 0 {
+                        break;
+                    }
+                }
+                if frame.is_empty() {
+                    return Ok::<_, std::io::Error>(crc);
+                }
+                crc = crc32c::crc32c_append(crc, &frame);
+                progress_bar.inc(frame.len() as u64);
+                let request = ProduceRequest {
+                    point: point_id.clone(),
+                    frame: frame.freeze(),
+                };
+                if tx.send(request).await.is_err() {
+                    // The call failed; its status says why.
+                    return Ok(crc);
+                }
+            }
+        });
+        let response = self.raw().produce_stream(ReceiverStream::new(rx)).await;
+        let file_crc = reader
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?
+            .map_err(io_error)?;
+        let record = response?
+            .into_inner()
+            .records
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Record {
+                point: point.into(),
+                offset: before.0,
+                end: before.0,
+                crc32c: before.1,
+            });
+        let verified = record.end == before.0 + len;
+        if verified {
+            let expected = crc32c::crc32c_combine(before.1, file_crc, len as usize);
+            if record.crc32c != expected {
+                return Err(ClientError::Verify(format!(
+                    "point {point} has CRC32C {:08x} after the upload, expected {expected:08x}",
+                    record.crc32c
+                )));
+            }
+        }
+        Ok(PutReport {
+            record,
+            bytes: len,
+            verified,
+        })
+    }
+
+    /// Downloads `point` into `out`, splitting it across the workers the node names. Each range
+    /// that fails is fetched again, from where it stopped, from the next worker. The bytes are
+    /// checked against the node's CRC32C before `out` is replaced.
+    pub async fn get(
+        &self,
+        point: &str,
+        out: &Path,
+        progress: &ProgressBar,
+    ) -> Result<GetReport, ClientError> {
+        let meta = self.stat(point).await?;
+        let size = meta.size;
+        progress.set_length(size);
+        let part_path = PathBuf::from(format!("{}.part", out.display()));
+        let io_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ClientError::Io { path, source }
+        };
+        let file = File::create(&part_path).map_err(io_error(&part_path))?;
+        file.set_len(size).map_err(io_error(&part_path))?;
+        let file = Arc::new(file);
+
+        let mut workers = meta.workers.clone();
+        if workers.is_empty() {
+            workers.push(self.options.addr.clone());
+        }
+        let parts = (size / MIN_PART).clamp(1, workers.len() as u64);
+        let ranges: Vec<(u64, u64)> = (0..parts)
+            .map(|i| (size * i / parts, size * (i + 1) / parts))
+            .collect();
+
+        let fetches =
+            ranges.iter().enumerate().map(|(i, &(start, end))| {
+                let workers = workers.clone();
+                let options = self.options.clone();
+                let file = file.clone();
+                let progress = progress.clone();
+                let point = point.to_owned();
+                async move {
+                    fetch_range(&options, &workers, i, &point, start, end, &file, &progress).await
+                }
+            });
+        let results = futures::future::join_all(fetches).await;
+        let mut crc = 0u32;
+        let mut retries = 0;
+        for (result, &(start, end)) in results.into_iter().zip(&ranges) {
+            let (range_crc, range_retries) = result?;
+            crc = crc32c::crc32c_combine(crc, range_crc, (end - start) as usize);
+            retries += range_retries;
+        }
+        if crc != meta.crc32c {
+            return Err(ClientError::Verify(format!(
+                "downloaded bytes have CRC32C {crc:08x}, the node reported {:08x}; {} kept for inspection",
+                meta.crc32c,
+                part_path.display()
+            )));
+        }
+        file.sync_all().map_err(io_error(&part_path))?;
+        std::fs::rename(&part_path, out).map_err(io_error(out))?;
+        Ok(GetReport {
+            size,
+            crc32c: crc,
+            workers: ranges.len(),
+            retries,
+        })
+    }
+}
+
+/// Fetches `[start, end)` of `point` into `file`, starting with worker `first` and moving to the
+/// next worker after each failure. Returns the CRC32C of the range and the number of retries.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_range(
+    options: &ClientOptions,
+    workers: &[String],
+    first: usize,
+    point: &str,
+    start: u64,
+    end: u64,
+    file: &Arc<File>,
+    progress: &ProgressBar,
+) -> Result<(u32, usize), ClientError> {
+    let mut position = start;
+    let mut crc = 0u32;
+    let mut last_error = None;
+    // Every worker gets two chances.
+    for attempt in 0..workers.len() * 2 {
+        if position == end {
+            break;
+        }
+        let worker = &workers[(first + attempt) % workers.len()];
+        let result = async {
+            let client = Client::connect(&ClientOptions {
+                addr: worker.clone(),
+                tls: options.tls.clone(),
+            })
+            .await?;
+            let request = ConsumeRequest {
+                point: point.into(),
+                offset: position,
+                limit: end,
+                chunk_size: DEFAULT_CHUNK as u64,
+                follow: false,
+            };
+            let mut frames = client.raw().consume_stream(request).await?.into_inner();
+            while let Some(response) = frames.message().await? {
+                let frame = response.frame;
+                let len = frame.len() as u64;
+                if len == 0 || position + len > end {
+                    return Err(ClientError::Verify(format!(
+                        "worker {worker} sent {len} bytes at {position} for range [{start}, {end})"
+                    )));
+                }
+                crc = crc32c::crc32c_append(crc, &frame);
+                let file = file.clone();
+                let at = position;
+                tokio::task::spawn_blocking(move || file.write_all_at(&frame, at))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|source| ClientError::Io {
+                        path: PathBuf::from("<download>"),
+                        source,
+                    })?;
+                position += len;
+                progress.inc(len);
+            }
+            if position != end {
+                return Err(ClientError::Verify(format!(
+                    "worker {worker} ended the range [{start}, {end}) at {position}"
+                )));
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok((crc, attempt)),
+            Err(error) => {
+                tracing::warn!(%worker, %error, position, "range failed; trying the next worker");
+                last_error = Some(error);
+            }
+        }
+    }
+    match last_error {
+        Some(error) if position != end => Err(error),
+        _ => Ok((crc, 0)),
+    }
+}
+
+fn streaming_client(channel: Channel) -> StreamingClient<Channel> {
+    StreamingClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024 + 64 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024 + 64 * 1024)
+}
+
+/// A tuned channel to `options.addr`.
+pub async fn channel(options: &ClientOptions) -> Result<Channel, ClientError> {
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = if options.addr.contains("://") {
+        options.addr.clone()
+    } else {
+        format!("{scheme}://{}", options.addr)
+    };
+    let connect_error = |source| ClientError::Connect {
+        addr: options.addr.clone(),
+        source,
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(connect_error)?
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
+    if let Some(tls) = &options.tls {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| ClientError::Io {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+            .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(name) = &tls.server_name {
+            config = config.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(config).map_err(connect_error)?;
+    }
+    endpoint.connect().await.map_err(connect_error)
+}

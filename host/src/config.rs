@@ -1,0 +1,347 @@
+//! Node configuration: built-in defaults < TOML file (`--config`) < `GOUTUBE_…` environment.
+//!
+//! Nested keys use `__` in the environment (`GOUTUBE_STORAGE__FSYNC=never`). Variables named
+//! `GOUTUBE_CLIENT_…` belong to the command-line client and are not node configuration. Unknown
+//! keys are errors, and [`Config::validate`] runs right after extraction and names the key at
+//! fault. Every key is listed in `docs/config.md`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::point::{Fsync, StoreConfig};
+
+/// The role a node plays in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Owns its points alone: produce, consume, metadata.
+    Standalone,
+    /// Owns its points and replicates them to its followers.
+    Leader,
+    /// Holds read-only copies of one leader's points.
+    Follower,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Standalone => "standalone",
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Unique name of this node in the cluster (default: the host name).
+    pub node_name: String,
+    pub role: Role,
+    /// Root of the node's files: `points/` and `plugin-cache/`.
+    pub data_dir: PathBuf,
+    /// Membership address; its IP is also the interface every listener binds to.
+    pub bind_addr: SocketAddr,
+    /// gRPC client API port (0 = any free port).
+    pub rpc_port: u16,
+    /// Node-to-node replication port (0 = any free port).
+    pub replication_port: u16,
+    /// Prometheus `/metrics` port (0 = any free port).
+    pub metrics_port: u16,
+    /// Membership addresses of existing members to join through.
+    pub seed_addresses: Vec<String>,
+    /// Virtual nodes this member places on the placement ring.
+    pub virtual_node_count: u32,
+    /// For a follower: the replication address of its leader.
+    pub leader_addresses: Vec<String>,
+    /// Default and largest frame a read returns, in bytes.
+    pub max_chunk_size: u64,
+    /// Largest frame a client may produce, in bytes.
+    pub max_frame_size: u64,
+    /// Share of a point's replicas offered as workers for multi-stream downloads.
+    pub multi_stream_percent: u8,
+    /// How long shutdown waits for open streams before cancelling them.
+    pub shutdown_grace_ms: u64,
+    pub log: LogConfig,
+    pub storage: StorageSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `goutube=debug,h2=warn`, …
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    pub fsync: Fsync,
+    /// Group-commit period for `fsync = "interval"`.
+    pub fsync_interval_ms: u64,
+    /// Most points with open file handles at once.
+    pub max_open_points: usize,
+    /// Points unused for this long are closed.
+    pub idle_close_ms: u64,
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}", describe_figment(.0))]
+    Extract(#[from] Box<figment::Error>),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn describe_figment(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: default_node_name(),
+            role: Role::Standalone,
+            data_dir: PathBuf::from("goutube-data"),
+            bind_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8401),
+            rpc_port: 8400,
+            replication_port: 8402,
+            metrics_port: 9400,
+            seed_addresses: Vec::new(),
+            virtual_node_count: 64,
+            leader_addresses: Vec::new(),
+            max_chunk_size: 256 * 1024,
+            max_frame_size: 4 * 1024 * 1024,
+            multi_stream_percent: 100,
+            shutdown_grace_ms: 10_000,
+            log: LogConfig::default(),
+            storage: StorageSection::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            fsync: Fsync::Always,
+            fsync_interval_ms: 100,
+            max_open_points: 1024,
+            idle_close_ms: 60_000,
+        }
+    }
+}
+
+fn default_node_name() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    if host.is_empty() {
+        "goutube".into()
+    } else {
+        host
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then the `GOUTUBE_…` environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::Invalid {
+                    key: "--config",
+                    message: format!("{} is not a readable file", file.display()),
+                });
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("GOUTUBE_")
+                .split("__")
+                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("client_")),
+        );
+        Self::from_figment(figment)
+    }
+
+    /// Extracts and validates a configuration from any figment (tests build them in memory).
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values serde cannot: ranges and keys that depend on each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.node_name.trim().is_empty() || self.node_name.chars().any(char::is_whitespace) {
+            return invalid(
+                "node_name",
+                format!("{:?} must be non-empty without spaces", self.node_name),
+            );
+        }
+        if self.max_frame_size == 0 || self.max_frame_size > 64 * 1024 * 1024 {
+            return invalid(
+                "max_frame_size",
+                format!("{} must be within 1..=67108864", self.max_frame_size),
+            );
+        }
+        if self.max_chunk_size == 0 || self.max_chunk_size > self.max_frame_size {
+            return invalid(
+                "max_chunk_size",
+                format!(
+                    "{} must be within 1..=max_frame_size ({})",
+                    self.max_chunk_size, self.max_frame_size
+                ),
+            );
+        }
+        if !(1..=100).contains(&self.multi_stream_percent) {
+            return invalid(
+                "multi_stream_percent",
+                format!("{} must be within 1..=100", self.multi_stream_percent),
+            );
+        }
+        if self.virtual_node_count == 0 {
+            return invalid("virtual_node_count", "must be at least 1".into());
+        }
+        match (self.role, self.leader_addresses.is_empty()) {
+            (Role::Follower, true) => {
+                return invalid(
+                    "leader_addresses",
+                    "a follower needs the address of its leader".into(),
+                );
+            }
+            (Role::Standalone | Role::Leader, false) => {
+                return invalid(
+                    "leader_addresses",
+                    format!(
+                        "only followers name a leader; this node's role is {}",
+                        self.role.as_str()
+                    ),
+                );
+            }
+            _ => {}
+        }
+        if self.storage.fsync == Fsync::Interval && self.storage.fsync_interval_ms == 0 {
+            return invalid(
+                "storage.fsync_interval_ms",
+                "must be at least 1 with fsync = \"interval\"".into(),
+            );
+        }
+        if self.storage.max_open_points == 0 {
+            return invalid("storage.max_open_points", "must be at least 1".into());
+        }
+        if self.storage.idle_close_ms == 0 {
+            return invalid("storage.idle_close_ms", "must be at least 1".into());
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid("log.level", format!("{:?}: {error}", self.log.level));
+        }
+        Ok(())
+    }
+
+    /// The address of a listener on this node's interface.
+    pub fn listen_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.bind_addr.ip(), port)
+    }
+
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            dir: self.data_dir.join("points"),
+            fsync: self.storage.fsync,
+            fsync_interval: Duration::from_millis(self.storage.fsync_interval_ms),
+            max_open: self.storage.max_open_points,
+            idle_close: Duration::from_millis(self.storage.idle_close_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_err(file: &str, body: &str) -> String {
+        let mut message = String::new();
+        Jail::expect_with(|jail| {
+            jail.create_file(file, body)?;
+            message = Config::load(Some(Path::new(file))).unwrap_err().to_string();
+            Ok(())
+        });
+        message
+    }
+
+    #[test]
+    fn defaults_apply_and_validate() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.max_chunk_size, 262_144);
+        assert_eq!(config.multi_stream_percent, 100);
+        assert_eq!(config.role, Role::Standalone);
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "node.toml",
+                "rpc_port = 7000\n[storage]\nfsync = \"interval\"\n",
+            )?;
+            jail.set_env("GOUTUBE_RPC_PORT", "7001");
+            jail.set_env("GOUTUBE_STORAGE__MAX_OPEN_POINTS", "7");
+            jail.set_env("GOUTUBE_CLIENT_ADDR", "http://ignored-by-the-node");
+            let config = Config::load(Some(Path::new("node.toml"))).unwrap();
+            assert_eq!(config.rpc_port, 7001);
+            assert_eq!(config.storage.fsync, Fsync::Interval);
+            assert_eq!(config.storage.max_open_points, 7);
+            assert_eq!(config.max_chunk_size, 262_144);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let message = load_err("node.toml", "[storage]\nfsink = \"always\"\n");
+        assert!(message.contains("fsink"), "{message}");
+        let message = load_err("node.toml", "rpc_prot = 1\n");
+        assert!(message.contains("rpc_prot"), "{message}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        for (body, key) in [
+            ("max_chunk_size = 0", "max_chunk_size"),
+            ("multi_stream_percent = 0", "multi_stream_percent"),
+            ("role = \"follower\"", "leader_addresses"),
+            ("log = { level = \"info,[\" }", "log.level"),
+            (
+                "storage = { fsync = \"interval\", fsync_interval_ms = 0 }",
+                "storage.fsync_interval_ms",
+            ),
+        ] {
+            let message = load_err("node.toml", body);
+            assert!(message.contains(key), "{body}: {message}");
+        }
+        let message = load_err("node.toml", "storage = { fsync = \"sometimes\" }");
+        assert!(
+            message.contains("sometimes") && message.contains("storage.fsync"),
+            "{message}"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! Prometheus metrics: the names every module records under, and the `/metrics` endpoint.
+//!
+//! Modules record through the `metrics` facade with the constants below. The recorder is
+//! process-wide (the `metrics` crate has one global recorder), installed once by the first node
+//! that starts; every node in the process serves the same registry on its own metrics listener.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const PRODUCED_BYTES: &str = "goutube_produce_bytes_total";
+pub const PRODUCED_FRAMES: &str = "goutube_produce_frames_total";
+pub const CONSUMED_BYTES: &str = "goutube_consume_bytes_total";
+pub const CONSUMED_FRAMES: &str = "goutube_consume_frames_total";
+pub const APPENDS: &str = "goutube_appends_total";
+pub const APPENDED_BYTES: &str = "goutube_appended_bytes_total";
+pub const FSYNCS: &str = "goutube_fsyncs_total";
+pub const FSYNC_SECONDS: &str = "goutube_fsync_seconds";
+pub const RECOVERED_BYTES: &str = "goutube_recovery_verified_bytes_total";
+pub const OPEN_POINTS: &str = "goutube_open_points";
+pub const ERRORS: &str = "goutube_errors_total";
+pub const PLUGIN_CALLS: &str = "goutube_plugin_calls_total";
+pub const PLUGIN_ERRORS: &str = "goutube_plugin_errors_total";
+pub const PLUGIN_CALL_SECONDS: &str = "goutube_plugin_call_seconds";
+pub const AUTHZ_CACHE_HITS: &str = "goutube_authz_cache_hits_total";
+pub const REPLICATION_LAG_BYTES: &str = "goutube_replication_lag_bytes";
+pub const REPLICATED_BYTES: &str = "goutube_replicated_bytes_total";
+pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_total";
+pub const FOLLOWERS: &str = "goutube_followers";
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+                ])
+                .expect("static bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding application's): then
+            // this node's metrics go there and the endpoint serves an empty registry.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        PRODUCED_BYTES,
+        Unit::Bytes,
+        "Bytes received in ProduceStream frames."
+    );
+    describe_counter!(PRODUCED_FRAMES, "Frames received by ProduceStream.");
+    describe_counter!(
+        CONSUMED_BYTES,
+        Unit::Bytes,
+        "Bytes sent in ConsumeStream frames."
+    );
+    describe_counter!(CONSUMED_FRAMES, "Frames sent by ConsumeStream.");
+    describe_counter!(APPENDS, "Appends written to points.");
+    describe_counter!(APPENDED_BYTES, Unit::Bytes, "Bytes appended to points.");
+    describe_counter!(FSYNCS, "fsync calls (data file and journal of one point).");
+    describe_histogram!(
+        FSYNC_SECONDS,
+        Unit::Seconds,
+        "Latency of syncing one point."
+    );
+    describe_counter!(
+        RECOVERED_BYTES,
+        Unit::Bytes,
+        "Bytes verified by crash recovery."
+    );
+    describe_gauge!(OPEN_POINTS, "Points with open file handles.");
+    describe_counter!(ERRORS, "Errors returned to clients, by gRPC status code.");
+    describe_counter!(PLUGIN_CALLS, "Calls into WebAssembly plugins.");
+    describe_counter!(
+        PLUGIN_ERRORS,
+        "Plugin calls that trapped, timed out or ran out of memory."
+    );
+    describe_histogram!(
+        PLUGIN_CALL_SECONDS,
+        Unit::Seconds,
+        "Latency of plugin calls."
+    );
+    describe_counter!(
+        AUTHZ_CACHE_HITS,
+        "Authorization decisions served from the cache."
+    );
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "Bytes a follower has not confirmed."
+    );
+    describe_counter!(
+        REPLICATED_BYTES,
+        Unit::Bytes,
+        "Bytes shipped to or applied from a peer."
+    );
+    describe_counter!(
+        REPLICATION_REJECTED,
+        "Replication records rejected on receipt."
+    );
+    describe_gauge!(FOLLOWERS, "Followers connected to this leader.");
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    let handle = handle();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

@@ -1,0 +1,177 @@
+//! Accepting connections: TCP, TLS when configured, and the peer's identity.
+//!
+//! Every listener of a node goes through [`accept`]: one task accepts, and each connection does
+//! its TLS handshake in its own task under a deadline, so a slow or hostile peer never holds up the
+//! listener. The subject (the common name of the client certificate, or [`ANONYMOUS`] without
+//! TLS) is lifted once per connection and travels with every request as [`PeerInfo`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+/// The subject of a connection that presented no certificate (plaintext listeners).
+pub const ANONYMOUS: &str = "anonymous";
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub subject: Arc<str>,
+}
+
+impl PeerInfo {
+    /// The peer of a request served by a node (set by the accept loop).
+    pub fn of<T>(request: &tonic::Request<T>) -> PeerInfo {
+        request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .unwrap_or_else(|| PeerInfo {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                subject: ANONYMOUS.into(),
+            })
+    }
+}
+
+/// An accepted connection, plaintext or TLS.
+pub struct Connection {
+    io: Either<TcpStream, TlsStream<TcpStream>>,
+    info: PeerInfo,
+}
+
+impl Connection {
+    pub fn peer(&self) -> &PeerInfo {
+        &self.info
+    }
+
+    pub fn into_parts(self) -> (Either<TcpStream, TlsStream<TcpStream>>, PeerInfo) {
+        (self.io, self.info)
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown`, performing the TLS handshake when `tls`
+/// is set. Connections that fail their handshake are logged and dropped; the stream only ends
+/// at shutdown.
+pub fn accept(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+    what: &'static str,
+) -> ReceiverStream<io::Result<Connection>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, addr) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = what, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let tx = tx.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let connection = match tls {
+                    None => Connection {
+                        io: Either::Left(tcp),
+                        info: PeerInfo {
+                            addr,
+                            subject: ANONYMOUS.into(),
+                        },
+                    },
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                let subject = crate::tls::subject_of(stream.get_ref().1)
+                                    .unwrap_or_else(|| ANONYMOUS.into());
+                                Connection {
+                                    io: Either::Right(stream),
+                                    info: PeerInfo {
+                                        addr,
+                                        subject: subject.into(),
+                                    },
+                                }
+                            }
+                            Ok(Err(error)) => {
+                                tracing::info!(listener = what, %addr, %error, "TLS handshake refused");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(listener = what, %addr, "TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                };
+                let _ = tx.send(Ok(connection)).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}

@@ -1,0 +1,971 @@
+//! The point store: named, append-only byte streams on local disk.
+//!
+//! Each point is a directory (see [`id`] for how ids become paths) holding `point.data`, the raw
+//! bytes, so a read is one positional read, and `point.journal`, one record per append (see
+//! [`journal`]). Opening a point recovers it: the data file is cut back to the last complete,
+//! checksum-valid append. Appends to one point are serialised by the point's lock; reads take no
+//! lock and never look past the published end. File handles are opened lazily and bounded: the
+//! least recently used points are closed when more than `max_open` are open, and idle points are
+//! closed after `idle_close`. After an I/O error a point refuses writes until the node restarts.
+//!
+//! The format is documented in `docs/storage.md`.
+
+pub mod error;
+pub mod id;
+pub mod journal;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::{AppendError, DeleteError, ReadError, StorageError};
+pub use id::{InvalidPointId, PointId};
+use journal::Record;
+
+use crate::metrics;
+
+const DATA_FILE: &str = "point.data";
+const JOURNAL_FILE: &str = "point.journal";
+
+/// When appended bytes are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// Before an append becomes visible or is acknowledged.
+    Always,
+    /// In the background, every `fsync_interval`: a crash loses at most that window.
+    Interval,
+    /// Never by the store during normal operation (the OS flushes); closing a point still syncs.
+    Never,
+}
+
+/// How the store is run.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Directory holding the points (created if missing).
+    pub dir: PathBuf,
+    pub fsync: Fsync,
+    pub fsync_interval: Duration,
+    /// Most points with open file handles at once (each holds two descriptors).
+    pub max_open: usize,
+    /// Points not used for this long are closed.
+    pub idle_close: Duration,
+}
+
+/// Size and checksum of a point at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub end: u64,
+    /// CRC32C of `[0, end)`.
+    pub crc: u32,
+    /// The point was deleted: no more bytes will come.
+    pub deleted: bool,
+}
+
+/// The outcome of one append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub start: u64,
+    pub end: u64,
+    pub crc: u32,
+}
+
+/// A point grew: published to [`Store::subscribe`] after every append.
+#[derive(Debug, Clone)]
+pub struct AppendEvent {
+    pub point: PointId,
+    pub end: u64,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    points: RwLock<BTreeMap<PointId, Arc<Point>>>,
+    events: broadcast::Sender<AppendEvent>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// What every point needs from the store.
+struct Shared {
+    config: StoreConfig,
+    epoch: Instant,
+    /// Open points and when each was last used (ms since `epoch`).
+    open: StdMutex<HashMap<PointId, Arc<Point>>>,
+    open_count: AtomicUsize,
+    /// Incremented on every use of a point: orders points for LRU eviction.
+    uses: AtomicU64,
+    /// Tests make the next journal write fail, as a full or failing disk would.
+    #[cfg(test)]
+    fail_next_journal_write: std::sync::atomic::AtomicBool,
+}
+
+/// One point: its lock-protected write state and its published snapshot.
+pub struct Point {
+    id: PointId,
+    dir: PathBuf,
+    state: Mutex<State>,
+    snapshot: watch::Sender<Snapshot>,
+    /// When the point was last used (ms since the store opened), for idle close.
+    last_used_ms: AtomicU64,
+    /// The store's use counter at the last use, for LRU order.
+    last_use: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    files: Option<Arc<Files>>,
+    /// `end`, `crc`, `durable` and `journal_len` are known (the point was opened once).
+    recovered: bool,
+    end: u64,
+    crc: u32,
+    durable: u64,
+    journal_len: u64,
+    /// Bytes written since the last fsync.
+    dirty: bool,
+    /// Set by the first failed write; the point refuses writes from then on.
+    failed: Option<String>,
+    deleted: bool,
+}
+
+struct Files {
+    data: File,
+    journal: File,
+}
+
+impl Store {
+    /// Opens the store in `config.dir`, registering every point found there (their files are
+    /// opened and recovered lazily, on first use), and starts the background sync and close tasks.
+    pub async fn open(config: StoreConfig) -> Result<Self, StorageError> {
+        let dir = config.dir.clone();
+        let found = tokio::task::spawn_blocking(move || scan(&dir))
+            .await
+            .map_err(join_error)?
+            .map_err(StorageError::io("scanning", config.dir.clone()))?;
+        let shared = Arc::new(Shared {
+            config,
+            epoch: Instant::now(),
+            open: StdMutex::new(HashMap::new()),
+            open_count: AtomicUsize::new(0),
+            uses: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_journal_write: Default::default(),
+        });
+        let points = found
+            .into_iter()
+            .map(|id| {
+                let point = Arc::new(Point::new(&shared, id.clone()));
+                (id, point)
+            })
+            .collect();
+        let store = Store {
+            inner: Arc::new(Inner {
+                shared,
+                points: RwLock::new(points),
+                events: broadcast::channel(4096).0,
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        };
+        store.spawn_background();
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.shared.config
+    }
+
+    /// Number of points.
+    pub fn len(&self) -> usize {
+        self.inner.points.read().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Points with open file handles.
+    pub fn open_points(&self) -> usize {
+        self.inner.shared.open_count.load(Ordering::Relaxed)
+    }
+
+    /// Appends `bytes` at the end of `id`, creating the point if needed.
+    pub async fn append(&self, id: &PointId, bytes: Bytes) -> Result<Appended, AppendError> {
+        self.append_inner(id, bytes, None).await
+    }
+
+    /// Appends `bytes` only if `id` currently ends at `start` (replication applies records this
+    /// way: exactly once, never with a gap).
+    pub async fn append_at(
+        &self,
+        id: &PointId,
+        start: u64,
+        bytes: Bytes,
+    ) -> Result<Appended, AppendError> {
+        self.append_inner(id, bytes, Some(start)).await
+    }
+
+    async fn append_inner(
+        &self,
+        id: &PointId,
+        bytes: Bytes,
+        expected_start: Option<u64>,
+    ) -> Result<Appended, AppendError> {
+        let shared = &self.inner.shared;
+        let appended = loop {
+            let point = self.get_or_insert(id);
+            let mut state = point.state.lock().await;
+            if state.deleted {
+                // Deleted while we waited: the next lookup creates it anew.
+                continue;
+            }
+            if let Err(error) = point.ensure_open(shared, &mut state).await {
+                if !state.recovered {
+                    // Never came into existence: forget it again.
+                    state.deleted = true;
+                    self.inner.points.write().unwrap().remove(id);
+                }
+                return Err(error.into());
+            }
+            break point
+                .write(shared, &mut state, bytes, expected_start)
+                .await?;
+        };
+        shared.evict_over_limit().await;
+        let _ = self.inner.events.send(AppendEvent {
+            point: id.clone(),
+            end: appended.end,
+        });
+        Ok(appended)
+    }
+
+    /// The point `id`, opened (and recovered if this is its first use).
+    pub async fn point(&self, id: &PointId) -> Result<Arc<Point>, ReadError> {
+        let point = self.get(id)?;
+        point.files(&self.inner.shared).await?;
+        Ok(point)
+    }
+
+    /// Size and checksum of `id`.
+    pub async fn metadata(&self, id: &PointId) -> Result<Snapshot, ReadError> {
+        Ok(self.point(id).await?.snapshot())
+    }
+
+    /// Reads `[offset, offset + len)` of `id`.
+    pub async fn read(&self, id: &PointId, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+        let point = self.point(id).await?;
+        point.read(self, offset, len).await
+    }
+
+    /// Ids in ascending byte order that start with `prefix` and sort after `start_after`, at
+    /// most `max`.
+    pub fn list(&self, prefix: &str, start_after: Option<&str>, max: usize) -> Vec<PointId> {
+        let points = self.inner.points.read().unwrap();
+        let lower = match start_after {
+            Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),
+            _ => Bound::Included(prefix.to_owned()),
+        };
+        points
+            .range::<str, _>((lower.as_ref().map(String::as_str), Bound::Unbounded))
+            .map(|(id, _)| id)
+            .take_while(|id| id.as_str().starts_with(prefix))
+            .take(max)
+            .cloned()
+            .collect()
+    }
+
+    /// Removes `id` and its files; returns the size it had.
+    pub async fn delete(&self, id: &PointId) -> Result<u64, DeleteError> {
+        let point = self
+            .inner
+            .points
+            .write()
+            .unwrap()
+            .remove(id)
+            .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+        let shared = &self.inner.shared;
+        let mut state = point.state.lock().await;
+        let size = if state.recovered { state.end } else { 0 };
+        state.deleted = true;
+        if state.files.take().is_some() {
+            shared.forget_open(&point.id);
+        }
+        point.snapshot.send_modify(|s| s.deleted = true);
+        let root = shared.config.dir.clone();
+        let dir = point.dir.clone();
+        tokio::task::spawn_blocking(move || remove_point_files(&root, &dir))
+            .await
+            .map_err(join_error)??;
+        Ok(size)
+    }
+
+    /// A receiver of every append to any point (replication follows the store with it). A
+    /// receiver that falls behind gets `Lagged` and should rescan.
+    pub fn subscribe(&self) -> broadcast::Receiver<AppendEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Stops the background tasks, then syncs and closes every point. Called on shutdown; the
+    /// store must not be used afterwards.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        let points: Vec<_> = self
+            .inner
+            .points
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        let mut first_error = None;
+        for point in points {
+            if let Err(error) = point.close(&self.inner.shared).await {
+                tracing::error!(point = %point.id, %error, "closing point");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn get(&self, id: &PointId) -> Result<Arc<Point>, ReadError> {
+        self.inner
+            .points
+            .read()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ReadError::NotFound(id.clone()))
+    }
+
+    fn get_or_insert(&self, id: &PointId) -> Arc<Point> {
+        if let Some(point) = self.inner.points.read().unwrap().get(id) {
+            return point.clone();
+        }
+        self.inner
+            .points
+            .write()
+            .unwrap()
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(Point::new(&self.inner.shared, id.clone())))
+            .clone()
+    }
+
+    fn spawn_background(&self) {
+        let shared = &self.inner.shared;
+        let token = self.inner.shutdown.clone();
+        if shared.config.fsync == Fsync::Interval {
+            let store = Arc::downgrade(&self.inner);
+            let period = shared.config.fsync_interval;
+            let token = token.clone();
+            self.inner.tasks.spawn(async move {
+                let mut ticker = tokio::time::interval(period);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = ticker.tick() => {}
+                    }
+                    let Some(inner) = store.upgrade() else { return };
+                    let open: Vec<_> = inner
+                        .shared
+                        .open
+                        .lock()
+                        .unwrap()
+                        .values()
+                        .cloned()
+                        .collect();
+                    for point in open {
+                        if let Err(error) = point.sync().await {
+                            tracing::error!(point = %point.id, %error, "group commit");
+                        }
+                    }
+                }
+            });
+        }
+        let store = Arc::downgrade(&self.inner);
+        let idle = shared.config.idle_close;
+        self.inner.tasks.spawn(async move {
+            let mut ticker = tokio::time::interval((idle / 2).max(Duration::from_millis(50)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                let Some(inner) = store.upgrade() else { return };
+                let now = inner.shared.now_ms();
+                let idle_ms = idle.as_millis() as u64;
+                let stale: Vec<_> = inner
+                    .shared
+                    .open
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .filter(|p| {
+                        now.saturating_sub(p.last_used_ms.load(Ordering::Relaxed)) >= idle_ms
+                    })
+                    .cloned()
+                    .collect();
+                for point in stale {
+                    if let Err(error) = point.close(&inner.shared).await {
+                        tracing::error!(point = %point.id, %error, "closing idle point");
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn remember_open(&self, point: &Arc<Point>) {
+        let mut open = self.open.lock().unwrap();
+        if open.insert(point.id.clone(), point.clone()).is_none() {
+            let count = self.open_count.fetch_add(1, Ordering::Relaxed) + 1;
+            ::metrics::gauge!(metrics::OPEN_POINTS).set(count as f64);
+        }
+    }
+
+    fn forget_open(&self, id: &PointId) {
+        if self.open.lock().unwrap().remove(id).is_some() {
+            let count = self.open_count.fetch_sub(1, Ordering::Relaxed) - 1;
+            ::metrics::gauge!(metrics::OPEN_POINTS).set(count as f64);
+        }
+    }
+
+    /// Closes least recently used points until at most `max_open` are open. Called with no
+    /// point lock held, so it can take the victims' locks.
+    async fn evict_over_limit(&self) {
+        while self.open_count.load(Ordering::Relaxed) > self.config.max_open {
+            let Some(victim) = self.least_recently_used() else {
+                return;
+            };
+            if let Err(error) = victim.close(self).await {
+                tracing::error!(point = %victim.id, %error, "closing least recently used point");
+                return;
+            }
+        }
+    }
+
+    fn least_recently_used(&self) -> Option<Arc<Point>> {
+        self.open
+            .lock()
+            .unwrap()
+            .values()
+            .min_by_key(|p| p.last_use.load(Ordering::Relaxed))
+            .cloned()
+    }
+}
+
+impl Point {
+    fn new(shared: &Shared, id: PointId) -> Self {
+        Self {
+            dir: shared.config.dir.join(id.relative_dir()),
+            id,
+            state: Mutex::new(State::default()),
+            snapshot: watch::Sender::new(Snapshot::default()),
+            last_used_ms: AtomicU64::new(0),
+            last_use: AtomicU64::new(0),
+        }
+    }
+
+    pub fn id(&self) -> &PointId {
+        &self.id
+    }
+
+    /// The published size and checksum (valid once the point was opened through the store).
+    pub fn snapshot(&self) -> Snapshot {
+        *self.snapshot.borrow()
+    }
+
+    /// Follows the published snapshot: changes after every append and on deletion.
+    pub fn watch(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.subscribe()
+    }
+
+    /// Reads `[offset, offset + len)`, which must lie within the published end.
+    pub async fn read(
+        self: &Arc<Self>,
+        store: &Store,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ReadError> {
+        let snapshot = self.snapshot();
+        let limit = offset.saturating_add(len);
+        if limit > snapshot.end {
+            return Err(ReadError::OutOfRange {
+                point: self.id.clone(),
+                offset,
+                limit,
+                end: snapshot.end,
+            });
+        }
+        let files = self.files(&store.inner.shared).await?;
+        let path = self.dir.join(DATA_FILE);
+        let bytes = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::zeroed(len as usize);
+            files.data.read_exact_at(&mut buf, offset)?;
+            Ok(buf.freeze())
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(StorageError::io("reading", path))?;
+        Ok(bytes)
+    }
+
+    /// The open files, opening them if needed.
+    async fn files(self: &Arc<Self>, shared: &Arc<Shared>) -> Result<Arc<Files>, ReadError> {
+        let mut state = self.state.lock().await;
+        if state.deleted {
+            // Never reopen (and so recreate) a deleted point.
+            return Err(ReadError::NotFound(self.id.clone()));
+        }
+        let files = self.ensure_open(shared, &mut state).await?;
+        drop(state);
+        shared.evict_over_limit().await;
+        Ok(files)
+    }
+
+    async fn ensure_open(
+        self: &Arc<Point>,
+        shared: &Arc<Shared>,
+        state: &mut State,
+    ) -> Result<Arc<Files>, StorageError> {
+        self.last_used_ms.store(shared.now_ms(), Ordering::Relaxed);
+        self.last_use.store(
+            shared.uses.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        if let Some(files) = &state.files {
+            return Ok(files.clone());
+        }
+        let dir = self.dir.clone();
+        let fsync = shared.config.fsync;
+        let known = state.recovered.then_some((state.end, state.journal_len));
+        let (files, recovered) =
+            tokio::task::spawn_blocking(move || open_files(&dir, fsync, known))
+                .await
+                .map_err(join_error)??;
+        if let Some(recovered) = recovered {
+            if recovered.verified_bytes > 0 || recovered.dropped_records > 0 {
+                tracing::info!(
+                    point = %self.id,
+                    end = recovered.end,
+                    verified_bytes = recovered.verified_bytes,
+                    dropped_records = recovered.dropped_records,
+                    "recovered point"
+                );
+            }
+            state.recovered = true;
+            state.end = recovered.end;
+            state.crc = recovered.point_crc;
+            state.durable = recovered.end;
+            state.journal_len = recovered.journal_len;
+            self.snapshot.send_replace(Snapshot {
+                end: recovered.end,
+                crc: recovered.point_crc,
+                deleted: false,
+            });
+        }
+        let files = Arc::new(files);
+        state.files = Some(files.clone());
+        shared.remember_open(self);
+        Ok(files)
+    }
+
+    /// Writes one append under the point's lock.
+    async fn write(
+        &self,
+        shared: &Arc<Shared>,
+        state: &mut State,
+        bytes: Bytes,
+        expected_start: Option<u64>,
+    ) -> Result<Appended, AppendError> {
+        if let Some(reason) = &state.failed {
+            return Err(AppendError::Refused {
+                point: self.id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let start = state.end;
+        if let Some(expected) = expected_start
+            && expected != start
+        {
+            return Err(AppendError::OffsetMismatch {
+                point: self.id.clone(),
+                expected,
+                end: start,
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(Appended {
+                start,
+                end: start,
+                crc: state.crc,
+            });
+        }
+        let files = state.files.clone().expect("write on an open point");
+        let always = shared.config.fsync == Fsync::Always;
+        let (previous_crc, durable, journal_offset) = (state.crc, state.durable, state.journal_len);
+        let dir = self.dir.clone();
+        #[cfg(test)]
+        let inject_failure = shared.fail_next_journal_write.swap(false, Ordering::SeqCst);
+        let written = tokio::task::spawn_blocking(move || {
+            let append_crc = crc32c::crc32c(&bytes);
+            let record = Record {
+                end: start + bytes.len() as u64,
+                durable,
+                append_crc,
+                point_crc: crc32c::crc32c_combine(previous_crc, append_crc, bytes.len()),
+            };
+            files
+                .data
+                .write_all_at(&bytes, start)
+                .map_err(StorageError::io("writing", dir.join(DATA_FILE)))?;
+            #[cfg(test)]
+            if inject_failure {
+                let error = std::io::Error::from_raw_os_error(28); // ENOSPC
+                return Err(StorageError::io("writing", dir.join(JOURNAL_FILE))(error));
+            }
+            files
+                .journal
+                .write_all_at(&record.encode(), journal_offset)
+                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))?;
+            if always {
+                files.sync(&dir)?;
+            }
+            Ok::<_, StorageError>(record)
+        })
+        .await
+        .map_err(join_error)
+        .and_then(|result| result);
+        let record = match written {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::error!(point = %self.id, %error, "append failed; the point now refuses writes");
+                state.failed = Some(error.to_string());
+                return Err(error.into());
+            }
+        };
+        state.end = record.end;
+        state.crc = record.point_crc;
+        state.journal_len += journal::RECORD_LEN;
+        if always {
+            state.durable = record.end;
+        } else {
+            state.dirty = true;
+        }
+        self.snapshot.send_replace(Snapshot {
+            end: record.end,
+            crc: record.point_crc,
+            deleted: false,
+        });
+        ::metrics::counter!(metrics::APPENDS).increment(1);
+        ::metrics::counter!(metrics::APPENDED_BYTES).increment(record.end - start);
+        Ok(Appended {
+            start,
+            end: record.end,
+            crc: record.point_crc,
+        })
+    }
+
+    /// Fsyncs what was written since the last sync.
+    async fn sync(&self) -> Result<(), StorageError> {
+        let mut state = self.state.lock().await;
+        if !state.dirty || state.failed.is_some() {
+            return Ok(());
+        }
+        let Some(files) = state.files.clone() else {
+            return Ok(());
+        };
+        let dir = self.dir.clone();
+        let result = tokio::task::spawn_blocking(move || files.sync(&dir))
+            .await
+            .map_err(join_error)
+            .and_then(|result| result);
+        match result {
+            Ok(()) => {
+                state.durable = state.end;
+                state.dirty = false;
+                Ok(())
+            }
+            Err(error) => {
+                state.failed = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// Syncs, writes a sync marker (so a restart verifies nothing) and closes the files.
+    async fn close(&self, shared: &Shared) -> Result<(), StorageError> {
+        let mut state = self.state.lock().await;
+        let Some(files) = state.files.take() else {
+            return Ok(());
+        };
+        shared.forget_open(&self.id);
+        if state.failed.is_some() || state.durable == state.end && !state.dirty {
+            return Ok(());
+        }
+        let marker = Record {
+            end: state.end,
+            durable: state.end,
+            append_crc: 0,
+            point_crc: state.crc,
+        };
+        let offset = state.journal_len;
+        let dir = self.dir.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            files
+                .data
+                .sync_data()
+                .map_err(StorageError::io("syncing", dir.join(DATA_FILE)))?;
+            files
+                .journal
+                .write_all_at(&marker.encode(), offset)
+                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))?;
+            files
+                .journal
+                .sync_data()
+                .map_err(StorageError::io("syncing", dir.join(JOURNAL_FILE)))
+        })
+        .await
+        .map_err(join_error)
+        .and_then(|result| result);
+        match result {
+            Ok(()) => {
+                state.journal_len += journal::RECORD_LEN;
+                state.durable = state.end;
+                state.dirty = false;
+                Ok(())
+            }
+            Err(error) => {
+                state.failed = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Files {
+    fn sync(&self, dir: &Path) -> Result<(), StorageError> {
+        let started = Instant::now();
+        self.data
+            .sync_data()
+            .map_err(StorageError::io("syncing", dir.join(DATA_FILE)))?;
+        self.journal
+            .sync_data()
+            .map_err(StorageError::io("syncing", dir.join(JOURNAL_FILE)))?;
+        ::metrics::counter!(metrics::FSYNCS).increment(1);
+        ::metrics::histogram!(metrics::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+/// Opens (creating if needed) the files of the point in `dir`. `known` is the `(end,
+/// journal_len)` this process last saw; if the files still match it, recovery is skipped and
+/// `None` is returned.
+fn open_files(
+    dir: &Path,
+    fsync: Fsync,
+    known: Option<(u64, u64)>,
+) -> Result<(Files, Option<journal::Recovered>), StorageError> {
+    let journal_path = dir.join(JOURNAL_FILE);
+    let data_path = dir.join(DATA_FILE);
+    let created = !journal_path.exists();
+    if created {
+        create_dirs(dir, fsync).map_err(StorageError::io("creating", dir))?;
+    }
+    let open = |path: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(StorageError::io("opening", path))
+    };
+    let journal_file = open(&journal_path)?;
+    if journal_file
+        .metadata()
+        .map_err(StorageError::io("inspecting", &journal_path))?
+        .len()
+        < journal::HEADER_LEN
+    {
+        // New, or its creation was interrupted before the header was complete.
+        journal_file
+            .set_len(0)
+            .and_then(|()| journal_file.write_all_at(&journal::encode_header(), 0))
+            .and_then(|()| journal_file.sync_all())
+            .map_err(StorageError::io("initialising", &journal_path))?;
+    }
+    let data_file = open(&data_path)?;
+    if created && fsync != Fsync::Never {
+        sync_dir(dir).map_err(StorageError::io("syncing", dir))?;
+    }
+    let files = Files {
+        data: data_file,
+        journal: journal_file,
+    };
+
+    if let Some((end, journal_len)) = known {
+        let data_len = files
+            .data
+            .metadata()
+            .map_err(StorageError::io("inspecting", &data_path))?
+            .len();
+        let jlen = files
+            .journal
+            .metadata()
+            .map_err(StorageError::io("inspecting", &journal_path))?
+            .len();
+        if data_len == end && jlen == journal_len {
+            return Ok((files, None));
+        }
+    }
+
+    let recovered =
+        journal::recover(&files.journal, &files.data).map_err(|source| StorageError::Recovery {
+            path: dir.to_owned(),
+            source,
+        })?;
+    let data_len = files
+        .data
+        .metadata()
+        .map_err(StorageError::io("inspecting", &data_path))?
+        .len();
+    let journal_len = files
+        .journal
+        .metadata()
+        .map_err(StorageError::io("inspecting", &journal_path))?
+        .len();
+    if data_len != recovered.end || journal_len != recovered.journal_len {
+        files
+            .data
+            .set_len(recovered.end)
+            .and_then(|()| files.data.sync_all())
+            .map_err(StorageError::io("truncating", &data_path))?;
+        files
+            .journal
+            .set_len(recovered.journal_len)
+            .and_then(|()| files.journal.sync_all())
+            .map_err(StorageError::io("truncating", &journal_path))?;
+    }
+    ::metrics::counter!(metrics::RECOVERED_BYTES).increment(recovered.verified_bytes);
+    Ok((files, Some(recovered)))
+}
+
+/// Creates `dir` and any missing parents, fsyncing each new directory's parent so the entries
+/// survive a power loss.
+fn create_dirs(dir: &Path, fsync: Fsync) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cursor = dir;
+    while !cursor.exists() {
+        missing.push(cursor.to_owned());
+        match cursor.parent() {
+            Some(parent) => cursor = parent,
+            None => break,
+        }
+    }
+    for new_dir in missing.iter().rev() {
+        match std::fs::create_dir(new_dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+        if fsync != Fsync::Never
+            && let Some(parent) = new_dir.parent()
+        {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Removes the files of the point in `dir`, then every directory from `dir` up to (excluding)
+/// `root` that is left empty. A directory that still holds another point's continuation stays.
+fn remove_point_files(root: &Path, dir: &Path) -> Result<(), StorageError> {
+    for name in [JOURNAL_FILE, DATA_FILE] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(StorageError::io("removing", path)(error)),
+        }
+    }
+    let mut cursor = Some(dir);
+    while let Some(current) = cursor {
+        if current == root || !current.starts_with(root) {
+            break;
+        }
+        if std::fs::remove_dir(current).is_err() {
+            break;
+        }
+        cursor = current.parent();
+    }
+    Ok(())
+}
+
+/// Walks `dir` and returns the id of every point directory (one holding a journal).
+fn scan(dir: &Path) -> std::io::Result<Vec<PointId>> {
+    std::fs::create_dir_all(dir)?;
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                pending.push(entry.path());
+            } else if entry.file_name() == JOURNAL_FILE {
+                let relative = current.strip_prefix(dir).unwrap_or(&current);
+                match PointId::from_relative_dir(relative) {
+                    Some(id) => found.push(id),
+                    None => {
+                        tracing::warn!(dir = %current.display(), "ignoring a directory that is not a point")
+                    }
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn join_error(error: tokio::task::JoinError) -> StorageError {
+    StorageError::Io {
+        op: "running blocking I/O",
+        path: PathBuf::new(),
+        source: std::io::Error::other(error),
+    }
+}

@@ -1,0 +1,245 @@
+//! Store behaviour against real files in temporary directories.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+fn config(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        dir: dir.join("points"),
+        fsync: Fsync::Always,
+        fsync_interval: Duration::from_millis(20),
+        max_open: 64,
+        idle_close: Duration::from_secs(60),
+    }
+}
+
+/// Non-periodic test bytes: a different pseudo-random sequence for every seed.
+fn bytes(seed: u64, len: usize) -> Bytes {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn id(s: &str) -> PointId {
+    PointId::new(s).unwrap()
+}
+
+/// Waits for `condition` with a deadline.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn appends_read_back_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let frames: Vec<Bytes> = (0..10).map(|i| bytes(i, 300 + i as usize * 17)).collect();
+    let mut expected_start = 0;
+    for frame in &frames {
+        let appended = store.append(&id("video"), frame.clone()).await.unwrap();
+        assert_eq!(appended.start, expected_start);
+        expected_start = appended.end;
+    }
+    let all: Vec<u8> = frames.concat();
+    let meta = store.metadata(&id("video")).await.unwrap();
+    assert_eq!(meta.end, all.len() as u64);
+    assert_eq!(meta.crc, crc32c::crc32c(&all));
+    assert_eq!(store.read(&id("video"), 0, meta.end).await.unwrap(), all);
+    assert_eq!(
+        store.read(&id("video"), 301, 17).await.unwrap(),
+        all[301..318]
+    );
+    assert!(matches!(
+        store.read(&id("video"), 10, meta.end).await,
+        Err(ReadError::OutOfRange { .. })
+    ));
+    store.close().await.unwrap();
+
+    let store = Store::open(config(dir.path())).await.unwrap();
+    assert_eq!(store.list("", None, 10), vec![id("video")]);
+    assert_eq!(
+        store.read(&id("video"), 0, all.len() as u64).await.unwrap(),
+        all
+    );
+    assert_eq!(
+        store.metadata(&id("video")).await.unwrap().crc,
+        crc32c::crc32c(&all)
+    );
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn clean_close_leaves_nothing_to_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.fsync = Fsync::Never;
+    let store = Store::open(config.clone()).await.unwrap();
+    for i in 0..5 {
+        store.append(&id("p"), bytes(i, 1000)).await.unwrap();
+    }
+    store.close().await.unwrap();
+    let point_dir = config.dir.join(id("p").relative_dir());
+    let journal = File::open(point_dir.join(JOURNAL_FILE)).unwrap();
+    let data = File::open(point_dir.join(DATA_FILE)).unwrap();
+    let recovered = journal::recover(&journal, &data).unwrap();
+    assert_eq!(recovered.end, 5000);
+    assert_eq!(
+        recovered.verified_bytes, 0,
+        "the sync marker makes the whole point trusted"
+    );
+}
+
+#[tokio::test]
+async fn append_at_applies_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let a = bytes(1, 100);
+    store.append_at(&id("r"), 0, a.clone()).await.unwrap();
+    // A duplicate and a gap are both refused, with the real end.
+    for start in [0, 150] {
+        match store.append_at(&id("r"), start, bytes(2, 50)).await {
+            Err(AppendError::OffsetMismatch { expected, end, .. }) => {
+                assert_eq!((expected, end), (start, 100));
+            }
+            other => panic!("expected a mismatch, got {other:?}"),
+        }
+    }
+    store.append_at(&id("r"), 100, bytes(2, 50)).await.unwrap();
+    assert_eq!(store.metadata(&id("r")).await.unwrap().end, 150);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn open_handles_are_bounded_and_idle_points_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.max_open = 8;
+    config.idle_close = Duration::from_millis(200);
+    config.fsync = Fsync::Never;
+    let store = Store::open(config).await.unwrap();
+    for i in 0..100 {
+        store
+            .append(&id(&format!("p{i}")), bytes(i, 64))
+            .await
+            .unwrap();
+        assert!(
+            store.open_points() <= 8,
+            "{} points open",
+            store.open_points()
+        );
+    }
+    // Every point still reads back, reopening as needed.
+    for i in 0..100 {
+        let got = store.read(&id(&format!("p{i}")), 0, 64).await.unwrap();
+        assert_eq!(got, bytes(i, 64));
+        assert!(store.open_points() <= 8);
+    }
+    eventually("idle points to close", || store.open_points() == 0).await;
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_write_refuses_further_writes_until_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    store.append(&id("p"), bytes(1, 100)).await.unwrap();
+    store
+        .inner
+        .shared
+        .fail_next_journal_write
+        .store(true, Ordering::SeqCst);
+    assert!(matches!(
+        store.append(&id("p"), bytes(2, 100)).await,
+        Err(AppendError::Storage(StorageError::Io { .. }))
+    ));
+    assert!(matches!(
+        store.append(&id("p"), bytes(3, 100)).await,
+        Err(AppendError::Refused { .. })
+    ));
+    // Reads keep working up to the last good append; other points keep working.
+    assert_eq!(store.read(&id("p"), 0, 100).await.unwrap(), bytes(1, 100));
+    assert!(store.read(&id("p"), 0, 101).await.is_err());
+    store.append(&id("other"), bytes(4, 10)).await.unwrap();
+    store.close().await.unwrap();
+
+    // Reopening recovers: the half-written append (data without journal) is cut away.
+    let store = Store::open(config(dir.path())).await.unwrap();
+    assert_eq!(store.metadata(&id("p")).await.unwrap().end, 100);
+    store.append(&id("p"), bytes(5, 7)).await.unwrap();
+    assert_eq!(store.read(&id("p"), 100, 7).await.unwrap(), bytes(5, 7));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_removes_files_and_hostile_ids_stay_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let long = "é".repeat(127);
+    for raw in ["../x", "a/b", ".", "..", long.as_str(), "a"] {
+        store.append(&id(raw), bytes(9, 10)).await.unwrap();
+    }
+    // Nothing was written outside the points directory.
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("points")]);
+    assert_eq!(store.list("", None, 100).len(), 6);
+    assert_eq!(store.list("a", None, 100), vec![id("a"), id("a/b")]);
+    assert_eq!(store.list("", Some("a"), 1), vec![id("a/b")]);
+
+    let point = store.point(&id("a")).await.unwrap();
+    assert_eq!(store.delete(&id("a")).await.unwrap(), 10);
+    assert!(point.snapshot().deleted);
+    assert!(matches!(
+        store.read(&id("a"), 0, 1).await,
+        Err(ReadError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.delete(&id("a")).await,
+        Err(DeleteError::NotFound(_))
+    ));
+    assert!(!config(dir.path()).dir.join("a").exists());
+    // The point that lives "inside" a's directory name space is untouched.
+    assert_eq!(store.read(&id("a/b"), 0, 10).await.unwrap(), bytes(9, 10));
+    store.close().await.unwrap();
+
+    let store = Store::open(config(dir.path())).await.unwrap();
+    assert_eq!(store.len(), 5);
+    assert_eq!(store.read(&id(&long), 0, 10).await.unwrap(), bytes(9, 10));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn interval_policy_syncs_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.fsync = Fsync::Interval;
+    let store = Store::open(config).await.unwrap();
+    store.append(&id("p"), bytes(1, 100)).await.unwrap();
+    let point = store.point(&id("p")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = point.state.lock().await;
+        if !state.dirty && state.durable == 100 {
+            break;
+        }
+        drop(state);
+        assert!(Instant::now() < deadline, "group commit never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.close().await.unwrap();
+}

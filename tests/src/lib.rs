@@ -1,0 +1,303 @@
+//! Helpers for the integration tests: real nodes on `127.0.0.1:0` with temporary data
+//! directories, non-periodic test data, waiting on conditions with a deadline, and the `goutube`
+//! binary for tests that run nodes as child processes.
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use goutube::api::proto::streaming_client::StreamingClient;
+use goutube::api::proto::{ConsumeRequest, ProduceRequest, ProduceResponse};
+use goutube::client::{Client, ClientOptions};
+use goutube::config::Config;
+use goutube::node::{Listeners, Node};
+use tempfile::TempDir;
+use tonic::Status;
+use tonic::transport::Channel;
+
+/// How long any wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Test bytes that never repeat with a short period: offset bugs cannot hide in them.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    state |= 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// A configuration for a node on 127.0.0.1 with every port 0 and its data in `dir`.
+pub fn config(dir: &Path) -> Config {
+    Config {
+        node_name: "test-node".into(),
+        data_dir: dir.to_owned(),
+        bind_addr: "127.0.0.1:0".parse().unwrap(),
+        rpc_port: 0,
+        replication_port: 0,
+        metrics_port: 0,
+        shutdown_grace_ms: 2_000,
+        ..Config::default()
+    }
+}
+
+/// A node running in this process, with its own temporary data directory.
+pub struct TestNode {
+    pub node: Node,
+    pub dir: TempDir,
+}
+
+impl TestNode {
+    /// Starts a node with the test defaults changed by `configure`.
+    pub async fn start(configure: impl FnOnce(&mut Config)) -> TestNode {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let node = start_in(dir.path(), configure).await;
+        TestNode { node, dir }
+    }
+
+    pub fn addr(&self) -> String {
+        self.node.rpc_addr().to_string()
+    }
+
+    pub async fn client(&self) -> StreamingClient<Channel> {
+        raw_client(&self.addr()).await
+    }
+
+    /// Shuts the node down and starts a new one on the same data directory.
+    pub async fn restart(self, configure: impl FnOnce(&mut Config)) -> TestNode {
+        let TestNode { node, dir } = self;
+        node.shutdown().await.expect("clean shutdown");
+        let node = start_in(dir.path(), configure).await;
+        TestNode { node, dir }
+    }
+
+    pub async fn shutdown(self) {
+        self.node.shutdown().await.expect("clean shutdown");
+    }
+}
+
+/// Starts a node whose data lives in `dir`.
+pub async fn start_in(dir: &Path, configure: impl FnOnce(&mut Config)) -> Node {
+    let mut config = config(dir);
+    configure(&mut config);
+    config.validate().expect("test configuration is valid");
+    let listeners = Listeners::bind(&config).await.expect("binding port 0");
+    Node::start(config, listeners).await.expect("node starts")
+}
+
+/// The generated client, connected to `addr` (h2c).
+pub async fn raw_client(addr: &str) -> StreamingClient<Channel> {
+    Client::connect(&ClientOptions {
+        addr: addr.to_owned(),
+        tls: None,
+    })
+    .await
+    .expect("connecting")
+    .raw()
+}
+
+/// Produces `frames` to `point` in one stream.
+pub async fn produce(
+    client: &mut StreamingClient<Channel>,
+    point: &str,
+    frames: &[Vec<u8>],
+) -> Result<ProduceResponse, Status> {
+    let requests: Vec<ProduceRequest> = frames
+        .iter()
+        .map(|frame| ProduceRequest {
+            point: point.to_owned(),
+            frame: Bytes::copy_from_slice(frame),
+        })
+        .collect();
+    Ok(client
+        .produce_stream(tokio_stream::iter(requests))
+        .await?
+        .into_inner())
+}
+
+/// Every frame of a ConsumeStream call, or the status it ended with.
+pub async fn consume(
+    client: &mut StreamingClient<Channel>,
+    request: ConsumeRequest,
+) -> Result<Vec<Bytes>, Status> {
+    let mut stream = client.consume_stream(request).await?.into_inner();
+    let mut frames = Vec::new();
+    while let Some(response) = stream.message().await? {
+        frames.push(response.frame);
+    }
+    Ok(frames)
+}
+
+/// A ConsumeStream request for `[offset, limit)` of `point`.
+pub fn window(point: &str, offset: u64, limit: u64, chunk_size: u64) -> ConsumeRequest {
+    ConsumeRequest {
+        point: point.into(),
+        offset,
+        limit,
+        chunk_size,
+        follow: false,
+    }
+}
+
+/// Polls `condition` until it holds; fails the test after [`DEADLINE`].
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `goutube` binary built next to these tests (`cargo test` builds it with the workspace).
+pub fn goutube_bin() -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test executable path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("goutube");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// A `goutube run` child process.
+pub struct NodeProcess {
+    pub child: Child,
+    /// The `rpc=` address it printed.
+    pub rpc: String,
+    pub metrics: String,
+}
+
+impl NodeProcess {
+    /// Runs `goutube run --config <config>` and waits for its `goutube listening` line.
+    pub fn spawn(config: &Path) -> NodeProcess {
+        let mut child = Command::new(goutube_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("GOUTUBE_LOG__LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning goutube run");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if line.starts_with("goutube listening") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .expect("goutube run printed its listening line");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+                .to_owned()
+        };
+        NodeProcess {
+            rpc: field("rpc"),
+            metrics: field("metrics"),
+            child,
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaping the child");
+    }
+
+    /// SIGTERM, then waits for a graceful exit; returns whether it exited with status 0.
+    pub fn terminate(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("sending SIGTERM");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the child") {
+                return status.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "goutube did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a node config file for a child process with its data in `dir`.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("node.toml");
+    let body = format!(
+        "node_name = \"child\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n{extra}\n",
+        dir.join("data")
+    );
+    std::fs::write(&path, body).expect("writing the config");
+    path
+}
+
+/// `GET /metrics` from a node's metrics address.
+pub async fn scrape_metrics(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("metrics request");
+    let mut body = String::new();
+    stream
+        .read_to_string(&mut body)
+        .await
+        .expect("metrics response");
+    body
+}
+
+/// The value of a metric line `name{labels} value` (summed over label sets), if present.
+pub fn metric(scrape: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in scrape.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let base = key.split('{').next().unwrap_or(key);
+        if base == name {
+            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    found
+}
