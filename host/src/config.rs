@@ -273,6 +273,8 @@ impl Config {
 }
 
 #[cfg(test)]
+// `Jail::expect_with` closures return figment's (large) error type by its API.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

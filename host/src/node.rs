@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +20,7 @@ use crate::authz::Action;
 use crate::config::{Config, Role};
 use crate::error::Error;
 use crate::net::{self, PeerInfo};
-use crate::point::{Appended, PointId, StorageError, Store};
+use crate::point::{PointId, StorageError, Store};
 
 /// The sockets a node serves on, bound before it starts.
 pub struct Listeners {
@@ -97,11 +96,6 @@ impl NodeState {
             )));
         }
         Ok(())
-    }
-
-    /// Appends one client frame.
-    pub async fn append(&self, point: &PointId, frame: Bytes) -> Result<Appended, Error> {
-        Ok(self.store.append(point, frame).await?)
     }
 
     /// The nodes a client may read from in parallel.

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,10 +26,14 @@ use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
 use crate::node::NodeState;
-use crate::point::{PointId, Snapshot};
+use crate::point::{Appended, PointId, Snapshot};
 
 /// Frames a ConsumeStream task may read ahead of the client.
 const READ_AHEAD: usize = 4;
+/// Frames a ProduceStream may receive ahead of the writer.
+const WRITE_AHEAD: usize = 8;
+/// Most bytes one append batch gathers.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 pub struct StreamingService {
     state: Arc<NodeState>,
@@ -53,50 +59,73 @@ impl proto::streaming_server::Streaming for StreamingService {
         let mut frames = request.into_inner();
         let state = &self.state;
         state.check_writable()?;
-        let mut records: Vec<proto::Record> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
-        loop {
-            let message = tokio::select! {
-                message = frames.message() => message?,
-                _ = state.abort.cancelled() => {
-                    return Err(Error::Unavailable("the node is shutting down".into()).into());
+
+        // Receiving and writing overlap: this task decodes, validates and authorizes frames,
+        // a writer task appends them in order, in batches.
+        let (tx, rx) = mpsc::channel(WRITE_AHEAD);
+        let writer = tokio::spawn(write_frames(state.clone(), rx));
+        let mut points: Vec<PointId> = Vec::new();
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        let received: Result<(), Error> = async {
+            loop {
+                let message = tokio::select! {
+                    message = frames.message() => message.map_err(|status| {
+                        Error::InvalidArgument(format!("reading the stream: {}", status.message()))
+                    })?,
+                    _ = state.abort.cancelled() => {
+                        return Err(Error::Unavailable("the node is shutting down".into()));
+                    }
+                };
+                let Some(ProduceRequest { point, frame }) = message else {
+                    return Ok(());
+                };
+                let slot = match slots.get(&point) {
+                    Some(&slot) => slot,
+                    None => {
+                        let id = PointId::new(point.as_str())?;
+                        state.authorize(&peer, Action::Produce, id.as_str()).await?;
+                        points.push(id);
+                        slots.insert(point, points.len() - 1);
+                        points.len() - 1
+                    }
+                };
+                if frame.len() as u64 > state.config.max_frame_size {
+                    return Err(Error::InvalidArgument(format!(
+                        "frame of {} bytes for point {:?} exceeds max_frame_size ({} bytes)",
+                        frame.len(),
+                        points[slot].as_str(),
+                        state.config.max_frame_size
+                    )));
                 }
-            };
-            let Some(ProduceRequest { point, frame }) = message else {
-                break;
-            };
-            let slot = match index.get(&point) {
-                Some(&slot) => slot,
-                None => {
-                    let id = PointId::new(point.as_str()).map_err(Error::from)?;
-                    state.authorize(&peer, Action::Produce, id.as_str()).await?;
-                    records.push(proto::Record {
-                        point: point.clone(),
-                        ..Default::default()
-                    });
-                    index.insert(point, records.len() - 1);
-                    records.len() - 1
+                ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
+                ::metrics::counter!(metrics::PRODUCED_BYTES).increment(frame.len() as u64);
+                if tx.send((slot, points[slot].clone(), frame)).await.is_err() {
+                    // The writer stopped on an error; it is reported below.
+                    return Ok(());
                 }
-            };
-            if frame.len() as u64 > state.config.max_frame_size {
-                return Err(Error::InvalidArgument(format!(
-                    "frame of {} bytes for point {:?} exceeds max_frame_size ({} bytes)",
-                    frame.len(),
-                    records[slot].point,
-                    state.config.max_frame_size
-                ))
-                .into());
             }
-            let id = PointId::new(records[slot].point.as_str()).map_err(Error::from)?;
-            let len = frame.len() as u64;
-            let appended = state.append(&id, frame).await?;
-            ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
-            ::metrics::counter!(metrics::PRODUCED_BYTES).increment(len);
-            let record = &mut records[slot];
-            record.offset = appended.start;
-            record.end = appended.end;
-            record.crc32c = appended.crc;
         }
+        .await;
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| Status::internal(format!("produce writer: {e}")))?;
+        // The writer's error happened first: frames are written in the order they arrived.
+        let last = written?;
+        received?;
+        let records = points
+            .into_iter()
+            .enumerate()
+            .map(|(slot, id)| {
+                let appended = last.get(&slot).copied().unwrap_or_default();
+                proto::Record {
+                    point: id.as_str().to_owned(),
+                    offset: appended.start,
+                    end: appended.end,
+                    crc32c: appended.crc,
+                }
+            })
+            .collect();
         Ok(Response::new(ProduceResponse { records }))
     }
 
@@ -245,6 +274,43 @@ impl proto::streaming_server::Streaming for StreamingService {
         let size = self.state.store.delete(&id).await.map_err(Error::from)?;
         tracing::info!(point = %id, size, subject = %peer.subject, "deleted point");
         Ok(Response::new(DeletePointResponse { size }))
+    }
+}
+
+/// Appends the frames of one ProduceStream in order, gathering consecutive frames of the same
+/// point into one batch. Returns, per point slot, the last append.
+async fn write_frames(
+    state: Arc<NodeState>,
+    mut frames: mpsc::Receiver<(usize, PointId, Bytes)>,
+) -> Result<HashMap<usize, Appended>, Error> {
+    let mut last = HashMap::new();
+    let mut pending = None;
+    loop {
+        let Some((slot, id, frame)) = (match pending.take() {
+            Some(next) => Some(next),
+            None => frames.recv().await,
+        }) else {
+            return Ok(last);
+        };
+        let mut size = frame.len();
+        let mut batch = vec![frame];
+        while size < MAX_BATCH_BYTES {
+            match frames.try_recv() {
+                Ok((next_slot, _, frame)) if next_slot == slot => {
+                    size += frame.len();
+                    batch.push(frame);
+                }
+                Ok(other) => {
+                    pending = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let appended = state.store.append_batch(&id, batch).await?;
+        if let Some(&appended) = appended.last() {
+            last.insert(slot, appended);
+        }
     }
 }
 

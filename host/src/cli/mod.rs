@@ -1,7 +1,9 @@
 //! The command line: `run` a node, and the client commands (`put`, `get`, `stat`, `ls`, `rm`).
 //!
 //! Client commands connect with the flags of [`Connection`] (or their `GOUTUBE_CLIENT_…`
-//! variables). Progress bars draw on stderr only when it is a terminal.
+//! variables). Progress bars draw on stderr only when it is a terminal. `bench` lives in [`bench`].
+
+mod bench;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -71,6 +73,9 @@ pub enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Measure throughput and resources against baselines (build with --release).
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 /// How client commands reach a node.
@@ -190,6 +195,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 println!("{point}");
             }
             Ok(())
+        }
+        Command::Bench(bench) => {
+            init_client_logging();
+            bench::run(bench).await
         }
         Command::Rm { point, connection } => {
             init_client_logging();

@@ -76,7 +76,7 @@ pub struct Snapshot {
 }
 
 /// The outcome of one append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Appended {
     pub start: u64,
     pub end: u64,
@@ -209,7 +209,18 @@ impl Store {
 
     /// Appends `bytes` at the end of `id`, creating the point if needed.
     pub async fn append(&self, id: &PointId, bytes: Bytes) -> Result<Appended, AppendError> {
-        self.append_inner(id, bytes, None).await
+        let mut appended = self.append_inner(id, vec![bytes], None).await?;
+        Ok(appended.pop().expect("one result per frame"))
+    }
+
+    /// Appends `frames` in order at the end of `id` as one batch: one journal write and, with
+    /// `fsync = "always"`, one sync for all of them (group commit). Returns one result per frame.
+    pub async fn append_batch(
+        &self,
+        id: &PointId,
+        frames: Vec<Bytes>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        self.append_inner(id, frames, None).await
     }
 
     /// Appends `bytes` only if `id` currently ends at `start` (replication applies records this
@@ -220,15 +231,16 @@ impl Store {
         start: u64,
         bytes: Bytes,
     ) -> Result<Appended, AppendError> {
-        self.append_inner(id, bytes, Some(start)).await
+        let mut appended = self.append_inner(id, vec![bytes], Some(start)).await?;
+        Ok(appended.pop().expect("one result per frame"))
     }
 
     async fn append_inner(
         &self,
         id: &PointId,
-        bytes: Bytes,
+        frames: Vec<Bytes>,
         expected_start: Option<u64>,
-    ) -> Result<Appended, AppendError> {
+    ) -> Result<Vec<Appended>, AppendError> {
         let shared = &self.inner.shared;
         let appended = loop {
             let point = self.get_or_insert(id);
@@ -246,14 +258,16 @@ impl Store {
                 return Err(error.into());
             }
             break point
-                .write(shared, &mut state, bytes, expected_start)
+                .write(shared, &mut state, frames, expected_start)
                 .await?;
         };
         shared.evict_over_limit().await;
-        let _ = self.inner.events.send(AppendEvent {
-            point: id.clone(),
-            end: appended.end,
-        });
+        if let Some(last) = appended.last() {
+            let _ = self.inner.events.send(AppendEvent {
+                point: id.clone(),
+                end: last.end,
+            });
+        }
         Ok(appended)
     }
 
@@ -602,14 +616,16 @@ impl Point {
         Ok(files)
     }
 
-    /// Writes one append under the point's lock.
+    /// Writes a batch of appends under the point's lock: the data in order, then their journal
+    /// records in one write, then (with `fsync = "always"`) one sync for the whole batch. The
+    /// appends become visible together, once durable.
     async fn write(
         &self,
         shared: &Arc<Shared>,
         state: &mut State,
-        bytes: Bytes,
+        frames: Vec<Bytes>,
         expected_start: Option<u64>,
-    ) -> Result<Appended, AppendError> {
+    ) -> Result<Vec<Appended>, AppendError> {
         if let Some(reason) = &state.failed {
             return Err(AppendError::Refused {
                 point: self.id.clone(),
@@ -626,13 +642,6 @@ impl Point {
                 end: start,
             });
         }
-        if bytes.is_empty() {
-            return Ok(Appended {
-                start,
-                end: start,
-                crc: state.crc,
-            });
-        }
         let files = state.files.clone().expect("write on an open point");
         let always = shared.config.fsync == Fsync::Always;
         let (previous_crc, durable, journal_offset) = (state.crc, state.durable, state.journal_len);
@@ -640,82 +649,104 @@ impl Point {
         #[cfg(test)]
         let inject_failure = shared.fail_next_journal_write.swap(false, Ordering::SeqCst);
         let written = tokio::task::spawn_blocking(move || {
-            let append_crc = crc32c::crc32c(&bytes);
-            let record = Record {
-                end: start + bytes.len() as u64,
-                durable,
-                append_crc,
-                point_crc: crc32c::crc32c_combine(previous_crc, append_crc, bytes.len()),
-            };
-            files
-                .data
-                .write_all_at(&bytes, start)
-                .map_err(StorageError::io("writing", dir.join(DATA_FILE)))?;
+            let mut records = Vec::with_capacity(frames.len());
+            let (mut end, mut crc) = (start, previous_crc);
+            for frame in frames.iter().filter(|f| !f.is_empty()) {
+                files
+                    .data
+                    .write_all_at(frame, end)
+                    .map_err(StorageError::io("writing", dir.join(DATA_FILE)))?;
+                let append_crc = crc32c::crc32c(frame);
+                crc = crc32c::crc32c_combine(crc, append_crc, frame.len());
+                end += frame.len() as u64;
+                records.push(Record {
+                    end,
+                    durable,
+                    append_crc,
+                    point_crc: crc,
+                });
+            }
             #[cfg(test)]
             if inject_failure {
                 let error = std::io::Error::from_raw_os_error(28); // ENOSPC
                 return Err(StorageError::io("writing", dir.join(JOURNAL_FILE))(error));
             }
+            let journal: Vec<u8> = records.iter().flat_map(Record::encode).collect();
             files
                 .journal
-                .write_all_at(&record.encode(), journal_offset)
+                .write_all_at(&journal, journal_offset)
                 .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))?;
-            if always {
+            if always && !records.is_empty() {
                 files.sync(&dir)?;
             }
-            Ok::<_, StorageError>(record)
+            Ok::<_, StorageError>((frames, records))
         })
         .await
         .map_err(join_error)
         .and_then(|result| result);
-        let record = match written {
-            Ok(record) => record,
+        let (frames, records) = match written {
+            Ok(written) => written,
             Err(error) => {
                 tracing::error!(point = %self.id, %error, "append failed; the point now refuses writes");
                 state.failed = Some(error.to_string());
                 return Err(error.into());
             }
         };
-        state.end = record.end;
-        state.crc = record.point_crc;
-        state.journal_len += journal::RECORD_LEN;
-        if always {
-            state.durable = record.end;
-        } else {
-            state.dirty = true;
+        let mut appended = Vec::with_capacity(frames.len());
+        let mut records = records.iter();
+        let (mut end, mut crc) = (state.end, state.crc);
+        for frame in &frames {
+            let start = end;
+            if !frame.is_empty() {
+                let record = records.next().expect("one record per non-empty frame");
+                (end, crc) = (record.end, record.point_crc);
+                state.journal_len += journal::RECORD_LEN;
+            }
+            appended.push(Appended { start, end, crc });
         }
-        self.snapshot.send_replace(Snapshot {
-            end: record.end,
-            crc: record.point_crc,
-            deleted: false,
-        });
-        ::metrics::counter!(metrics::APPENDS).increment(1);
-        ::metrics::counter!(metrics::APPENDED_BYTES).increment(record.end - start);
-        Ok(Appended {
-            start,
-            end: record.end,
-            crc: record.point_crc,
-        })
+        if end != state.end {
+            ::metrics::counter!(metrics::APPENDS).increment(appended.len() as u64);
+            ::metrics::counter!(metrics::APPENDED_BYTES).increment(end - state.end);
+            state.end = end;
+            state.crc = crc;
+            if always {
+                state.durable = end;
+            } else {
+                state.dirty = true;
+            }
+            self.snapshot.send_replace(Snapshot {
+                end,
+                crc,
+                deleted: false,
+            });
+        }
+        Ok(appended)
     }
 
-    /// Fsyncs what was written since the last sync.
+    /// Fsyncs what was written since the last sync (group commit). The lock is not held while
+    /// syncing, so writers carry on; only what was written before the sync started is recorded
+    /// as durable.
     async fn sync(&self) -> Result<(), StorageError> {
-        let mut state = self.state.lock().await;
-        if !state.dirty || state.failed.is_some() {
-            return Ok(());
-        }
-        let Some(files) = state.files.clone() else {
-            return Ok(());
+        let (files, end) = {
+            let mut state = self.state.lock().await;
+            if !state.dirty || state.failed.is_some() {
+                return Ok(());
+            }
+            let Some(files) = state.files.clone() else {
+                return Ok(());
+            };
+            state.dirty = false;
+            (files, state.end)
         };
         let dir = self.dir.clone();
         let result = tokio::task::spawn_blocking(move || files.sync(&dir))
             .await
             .map_err(join_error)
             .and_then(|result| result);
+        let mut state = self.state.lock().await;
         match result {
             Ok(()) => {
-                state.durable = state.end;
-                state.dirty = false;
+                state.durable = state.durable.max(end);
                 Ok(())
             }
             Err(error) => {

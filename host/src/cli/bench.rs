@@ -1,0 +1,521 @@
+//! `goutube bench`: throughput and resource measurements, each against a baseline measured in the
+//! same run (these machines are noisy; a ratio is what means something).
+//!
+//! Servers run as child processes of this binary, so their RSS and descriptors can be read from
+//! `/proc` and the client shares no runtime with them: a real node (`goutube run`), and a baseline
+//! (`goutube bench baseline-server`) that speaks the same API but discards what it receives and
+//! serves reads from memory. The same client code drives both, in alternating rounds.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Subcommand;
+use rand::RngCore;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use goutube::api::proto::streaming_server::{Streaming, StreamingServer};
+use goutube::api::proto::{
+    ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse, ListPointsRequest,
+    ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, Record,
+};
+use goutube::api::{CONNECTION_WINDOW, STREAM_WINDOW};
+use goutube::client::{Client, ClientOptions};
+
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Produce and consume through a node against the same calls into a discarding, in-memory
+    /// server; node RSS while streaming.
+    Streaming {
+        /// MiB streamed per run.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// KiB per frame.
+        #[arg(long, default_value_t = 256)]
+        frame_kib: usize,
+        /// Rounds of each measurement; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Also measure fsync = "always" and "interval" (slow on some disks).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        durable: bool,
+    },
+    /// Create many small points, restart, list and read them: start-up time, RSS, descriptors.
+    Points {
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// storage.max_open_points of the node.
+        #[arg(long, default_value_t = 1024)]
+        max_open: usize,
+    },
+    /// The baseline server (used by `bench streaming`).
+    #[command(hide = true)]
+    BaselineServer,
+}
+
+pub async fn run(bench: Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::Streaming {
+            mib,
+            frame_kib,
+            rounds,
+            durable,
+        } => streaming(mib, frame_kib * 1024, rounds.max(1), durable).await,
+        Bench::Points {
+            count,
+            size,
+            max_open,
+        } => points(count, size, max_open).await,
+        Bench::BaselineServer => baseline_server().await,
+    }
+}
+
+async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyhow::Result<()> {
+    let total = mib * 1024 * 1024;
+    let frames = total / frame as u64;
+    let pool = frame_pool(frame);
+    println!(
+        "streaming {mib} MiB in {} KiB frames, {rounds} round(s), median reported",
+        frame / 1024
+    );
+
+    let baseline = Server::baseline()?;
+    let work = tempfile::tempdir()?;
+    let node = Server::node(work.path(), "never", None)?;
+    let baseline_client = connect(&baseline.rpc).await?;
+    let node_client = connect(&node.rpc).await?;
+
+    let mut base_produce = Vec::new();
+    let mut node_produce = Vec::new();
+    let mut base_consume = Vec::new();
+    let mut node_consume = Vec::new();
+    let mut peak_rss = 0;
+    for round in 0..rounds {
+        let point = format!("bench-{round}");
+        base_produce.push(produce(&baseline_client, &point, &pool, frames).await?);
+        let sampler = RssSampler::start(node.pid());
+        node_produce.push(produce(&node_client, &point, &pool, frames).await?);
+        base_consume.push(consume(&baseline_client, &point, total).await?);
+        node_consume.push(consume(&node_client, &point, total).await?);
+        peak_rss = peak_rss.max(sampler.stop());
+        // Keep the disk from filling up across rounds.
+        node_client.delete(&point).await?;
+    }
+    let row = |name: &str, base: &[f64], measured: &[f64]| {
+        let (b, m) = (median(base), median(measured));
+        println!(
+            "| {name} | {:.0} MB/s | {:.0} MB/s | {:.2}x |",
+            mbps(total, b),
+            mbps(total, m),
+            b / m
+        );
+    };
+    println!("| measurement | baseline | goutube | ratio |");
+    println!("|---|---|---|---|");
+    row("produce, fsync = never", &base_produce, &node_produce);
+    row("consume", &base_consume, &node_consume);
+    drop(node);
+
+    if durable {
+        for policy in ["interval", "always"] {
+            let work = tempfile::tempdir()?;
+            let node = Server::node(work.path(), policy, None)?;
+            let client = connect(&node.rpc).await?;
+            let base = produce(&baseline_client, "durable", &pool, frames).await?;
+            let measured = produce(&client, "durable", &pool, frames).await?;
+            row(&format!("produce, fsync = {policy}"), &[base], &[measured]);
+        }
+    }
+    println!(
+        "node peak RSS while streaming: {:.1} MiB",
+        peak_rss as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    println!("{count} points of {size} bytes, storage.max_open_points = {max_open}");
+    println!("| step | time | node RSS | node descriptors |");
+    println!("|---|---|---|---|");
+    let report = |step: &str, elapsed: Duration, server: &Server| {
+        println!(
+            "| {step} | {:.3} s | {:.1} MiB | {} |",
+            elapsed.as_secs_f64(),
+            rss(server.pid()) as f64 / 1048576.0,
+            descriptors(server.pid())
+        );
+    };
+
+    let started = Instant::now();
+    let node = Server::node(work.path(), "never", Some(max_open))?;
+    report("start (empty)", started.elapsed(), &node);
+    let client = connect(&node.rpc).await?;
+    let mut payload = vec![0u8; size];
+    rand::rng().fill_bytes(&mut payload);
+    let payload = Bytes::from(payload);
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel(64);
+    let feeder = tokio::spawn(async move {
+        for i in 0..count {
+            let request = ProduceRequest {
+                point: format!("p/{i:06}"),
+                frame: payload.clone(),
+            };
+            if tx.send(request).await.is_err() {
+                return;
+            }
+        }
+    });
+    client.raw().produce_stream(ReceiverStream::new(rx)).await?;
+    feeder.await?;
+    report("create", started.elapsed(), &node);
+    drop(client);
+    node.stop()?;
+
+    let started = Instant::now();
+    let node = Server::node(work.path(), "never", Some(max_open))?;
+    let client = connect(&node.rpc).await?;
+    let listed = client
+        .raw()
+        .list_points(ListPointsRequest {
+            max_results: 1,
+            ..Default::default()
+        })
+        .await?;
+    drop(listed);
+    report("restart (to first answer)", started.elapsed(), &node);
+    let started = Instant::now();
+    let listed = client.list("").await?;
+    if listed.len() != count {
+        bail!("listed {} points, created {count}", listed.len());
+    }
+    report("list all", started.elapsed(), &node);
+    let started = Instant::now();
+    for point in &listed {
+        let meta = client.stat(point).await?;
+        if meta.size != size as u64 {
+            bail!("{point} has {} bytes, expected {size}", meta.size);
+        }
+    }
+    report("stat all (opens every point)", started.elapsed(), &node);
+    node.stop()?;
+    Ok(())
+}
+
+/// 64 different random frames, cycled through: the node cannot dedupe or compress them.
+fn frame_pool(frame: usize) -> Vec<Bytes> {
+    (0..64)
+        .map(|_| {
+            let mut bytes = vec![0u8; frame];
+            rand::rng().fill_bytes(&mut bytes);
+            Bytes::from(bytes)
+        })
+        .collect()
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Client> {
+    Ok(Client::connect(&ClientOptions {
+        addr: addr.to_owned(),
+        tls: None,
+    })
+    .await?)
+}
+
+/// Seconds to produce `frames` frames from `pool` to `point` in one stream.
+async fn produce(client: &Client, point: &str, pool: &[Bytes], frames: u64) -> anyhow::Result<f64> {
+    let (tx, rx) = mpsc::channel(8);
+    let expected = frames * pool[0].len() as u64;
+    let pool = pool.to_vec();
+    let point = point.to_owned();
+    let started = Instant::now();
+    let feeder = tokio::spawn(async move {
+        for i in 0..frames as usize {
+            let request = ProduceRequest {
+                point: point.clone(),
+                frame: pool[i % pool.len()].clone(),
+            };
+            if tx.send(request).await.is_err() {
+                return;
+            }
+        }
+    });
+    let response = client.raw().produce_stream(ReceiverStream::new(rx)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    feeder.await?;
+    let end = response.into_inner().records.first().map_or(0, |r| r.end);
+    if end < expected {
+        bail!("produce ended at {end}, expected at least {expected}");
+    }
+    Ok(elapsed)
+}
+
+/// Seconds to consume `[0, total)` of `point`.
+async fn consume(client: &Client, point: &str, total: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let request = ConsumeRequest {
+        point: point.into(),
+        offset: 0,
+        limit: total,
+        chunk_size: 0,
+        follow: false,
+    };
+    let mut stream = client.raw().consume_stream(request).await?.into_inner();
+    let mut received = 0u64;
+    while let Some(response) = stream.message().await? {
+        received += response.frame.len() as u64;
+    }
+    if received != total {
+        bail!("consumed {received} bytes, expected {total}");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+fn mbps(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / seconds / 1e6
+}
+
+/// A server child process: a goutube node or the baseline.
+struct Server {
+    child: Child,
+    rpc: String,
+}
+
+impl Server {
+    fn node(dir: &Path, fsync: &str, max_open: Option<usize>) -> anyhow::Result<Server> {
+        let config = dir.join("bench-node.toml");
+        let max_open = max_open.map_or(String::new(), |n| format!("max_open_points = {n}"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"bench\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n[log]\nlevel = \"warn\"\n[storage]\nfsync = \"{fsync}\"\n{max_open}\n",
+                dir.join("data")
+            ),
+        )?;
+        Self::spawn(
+            Command::new(std::env::current_exe()?)
+                .args(["run", "--config"])
+                .arg(&config),
+        )
+    }
+
+    fn baseline() -> anyhow::Result<Server> {
+        Self::spawn(Command::new(std::env::current_exe()?).args(["bench", "baseline-server"]))
+    }
+
+    fn spawn(command: &mut Command) -> anyhow::Result<Server> {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning a server")?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let line = loop {
+            match lines.next() {
+                Some(line)
+                    if line
+                        .as_ref()
+                        .is_ok_and(|l| l.starts_with("goutube listening")) =>
+                {
+                    break line?;
+                }
+                Some(_) => continue,
+                None => bail!("server exited before listening"),
+            }
+        };
+        let rpc = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("rpc="))
+            .context("no rpc= on the listening line")?
+            .to_owned();
+        Ok(Server { child, rpc })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(mut self) -> anyhow::Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("server exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proc_path(pid: u32, name: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/{name}"))
+}
+
+/// Resident set size of `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(proc_path(pid, "status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(proc_path(pid, "fd")).map_or(0, |d| d.count())
+}
+
+/// Samples the RSS of a process every 20 ms until stopped; returns the peak.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::spawn({
+            let (stop, peak) = (stop.clone(), peak.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss(pid), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        Self { stop, peak, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// The baseline: the same service, discarding produced frames and serving reads from memory.
+async fn baseline_server() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("goutube listening rpc={}", listener.local_addr()?);
+    let pool = frame_pool(256 * 1024);
+    let service = StreamingServer::new(Baseline { pool })
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .add_service(service)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+struct Baseline {
+    pool: Vec<Bytes>,
+}
+
+type Frames = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Streaming for Baseline {
+    type ConsumeStreamStream = Frames;
+
+    async fn produce_stream(
+        &self,
+        request: Request<tonic::Streaming<ProduceRequest>>,
+    ) -> Result<Response<ProduceResponse>, Status> {
+        let mut stream = request.into_inner();
+        let (mut point, mut end, mut start) = (String::new(), 0u64, 0u64);
+        while let Some(message) = stream.message().await? {
+            start = end;
+            end += message.frame.len() as u64;
+            point = message.point;
+        }
+        Ok(Response::new(ProduceResponse {
+            records: vec![Record {
+                point,
+                offset: start,
+                end,
+                crc32c: 0,
+            }],
+        }))
+    }
+
+    async fn consume_stream(
+        &self,
+        request: Request<ConsumeRequest>,
+    ) -> Result<Response<Frames>, Status> {
+        let limit = request.into_inner().limit;
+        let pool = self.pool.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut position = 0u64;
+            let mut i = 0;
+            while position < limit {
+                let frame = &pool[i % pool.len()];
+                let len = (limit - position).min(frame.len() as u64) as usize;
+                let response = ConsumeResponse {
+                    frame: frame.slice(..len),
+                    offset: position,
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+                position += len as u64;
+                i += 1;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_metadata(
+        &self,
+        _: Request<MetadataRequest>,
+    ) -> Result<Response<MetadataResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn list_points(
+        &self,
+        _: Request<ListPointsRequest>,
+    ) -> Result<Response<ListPointsResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn delete_point(
+        &self,
+        _: Request<DeletePointRequest>,
+    ) -> Result<Response<DeletePointResponse>, Status> {
+        Ok(Response::new(DeletePointResponse { size: 0 }))
+    }
+}
