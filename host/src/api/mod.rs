@@ -30,6 +30,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 
+/// A server builder with the transport settings every goutube gRPC server uses.
+pub fn server_builder() -> Server {
+    Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .tcp_nodelay(true)
+}
+
 /// Serves the client API on `incoming` until `shutdown` is cancelled, then waits for open calls
 /// (which end themselves once the node's grace period is over).
 pub async fn serve(
@@ -61,9 +69,7 @@ pub async fn serve(
         streaming::ResolverService::new(state.clone()),
     );
 
-    Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+    server_builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)

@@ -65,6 +65,15 @@ pub struct StoreConfig {
     pub idle_close: Duration,
 }
 
+/// Why a point's files are closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Idle, or evicted to stay within `max_open`.
+    Idle,
+    /// The store is closing: everything must be on disk.
+    Shutdown,
+}
+
 /// Size and checksum of a point at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Snapshot {
@@ -353,7 +362,7 @@ impl Store {
             .collect();
         let mut first_error = None;
         for point in points {
-            if let Err(error) = point.close(&self.inner.shared).await {
+            if let Err(error) = point.close(&self.inner.shared, Closing::Shutdown).await {
                 tracing::error!(point = %point.id, %error, "closing point");
                 first_error.get_or_insert(error);
             }
@@ -441,7 +450,7 @@ impl Store {
                     .cloned()
                     .collect();
                 for point in stale {
-                    if let Err(error) = point.close(&inner.shared).await {
+                    if let Err(error) = point.close(&inner.shared, Closing::Idle).await {
                         tracing::error!(point = %point.id, %error, "closing idle point");
                     }
                 }
@@ -483,7 +492,7 @@ impl Shared {
             let Some(victim) = self.least_recently_used() else {
                 return;
             };
-            if let Err(error) = victim.close(self).await {
+            if let Err(error) = victim.close(self, Closing::Idle).await {
                 tracing::error!(point = %victim.id, %error, "closing least recently used point");
                 return;
             }
@@ -656,8 +665,9 @@ impl Point {
                     .data
                     .write_all_at(frame, end)
                     .map_err(StorageError::io("writing", dir.join(DATA_FILE)))?;
+                // Two hardware passes are cheaper than one pass and a combine.
                 let append_crc = crc32c::crc32c(frame);
-                crc = crc32c::crc32c_combine(crc, append_crc, frame.len());
+                crc = crc32c::crc32c_append(crc, frame);
                 end += frame.len() as u64;
                 records.push(Record {
                     end,
@@ -756,14 +766,18 @@ impl Point {
         }
     }
 
-    /// Syncs, writes a sync marker (so a restart verifies nothing) and closes the files.
-    async fn close(&self, shared: &Shared) -> Result<(), StorageError> {
+    /// Closes the files. At shutdown, and when the policy syncs at all, unsynced appends are
+    /// synced first and a sync marker is written, so a restart verifies nothing; under
+    /// `fsync = "never"` an idle close leaves them to the OS (and to recovery).
+    async fn close(&self, shared: &Shared, closing: Closing) -> Result<(), StorageError> {
         let mut state = self.state.lock().await;
         let Some(files) = state.files.take() else {
             return Ok(());
         };
         shared.forget_open(&self.id);
-        if state.failed.is_some() || state.durable == state.end && !state.dirty {
+        let clean = state.durable == state.end && !state.dirty;
+        let skip_sync = closing == Closing::Idle && shared.config.fsync == Fsync::Never;
+        if state.failed.is_some() || clean || skip_sync {
             return Ok(());
         }
         let marker = Record {
@@ -855,7 +869,10 @@ fn open_files(
         journal_file
             .set_len(0)
             .and_then(|()| journal_file.write_all_at(&journal::encode_header(), 0))
-            .and_then(|()| journal_file.sync_all())
+            .and_then(|()| match fsync {
+                Fsync::Never => Ok(()),
+                _ => journal_file.sync_all(),
+            })
             .map_err(StorageError::io("initialising", &journal_path))?;
     }
     let data_file = open(&data_path)?;
