@@ -1,9 +1,99 @@
-//! Authorization: the actions a subject can take on a point.
+//! Authorization: the actions a subject can take on a point, and the decision cache in front of
+//! the authorizer plugin.
 //!
 //! Every API call names one [`Action`]; the node asks its authorizer plugin whether the subject of
-//! the connection may take it on the point, and caches the decision for a short time.
+//! the connection may take it on the point. Decisions are reused for `decision_cache_ms` per
+//! subject, action and point; the cache is emptied when plugins or policies are reloaded. A plugin
+//! that fails (trap, timeout, out of memory) denies: authorization fails closed, and a failure is
+//! never cached.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::plugins::{Decision, PluginSet};
+
+/// Most decisions kept; the cache is emptied when it is full.
+const MAX_CACHED: usize = 100_000;
+
+/// The decision cache.
+pub struct Authorizer {
+    cache: Mutex<Cache>,
+}
+
+struct Cache {
+    ttl: Duration,
+    /// Incremented by every reload: a decision taken with older plugins is not cached.
+    generation: u64,
+    decisions: HashMap<String, (Decision, Instant)>,
+}
+
+impl Authorizer {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            cache: Mutex::new(Cache {
+                ttl,
+                generation: 0,
+                decisions: HashMap::new(),
+            }),
+        }
+    }
+
+    /// A decision taken less than the TTL ago.
+    pub fn cached(&self, subject: &str, action: Action, point: &str) -> Option<Decision> {
+        let cache = self.cache.lock().unwrap();
+        let (decision, at) = cache.decisions.get(&key(subject, action, point))?;
+        (at.elapsed() < cache.ttl).then(|| decision.clone())
+    }
+
+    /// The current generation: read it before taking the plugins a decision will use.
+    pub fn generation(&self) -> u64 {
+        self.cache.lock().unwrap().generation
+    }
+
+    /// Asks the authorizer plugin and caches its answer, unless the plugins were reloaded since
+    /// `generation` was read. Errors deny and are not cached.
+    pub fn decide(
+        &self,
+        plugins: &PluginSet,
+        generation: u64,
+        subject: &str,
+        action: Action,
+        point: &str,
+        peer: &str,
+    ) -> Decision {
+        match plugins.authorize(subject, action, point, peer) {
+            Ok(decision) => {
+                let mut cache = self.cache.lock().unwrap();
+                if !cache.ttl.is_zero() && cache.generation == generation {
+                    if cache.decisions.len() >= MAX_CACHED {
+                        cache.decisions.clear();
+                    }
+                    let entry = (decision.clone(), Instant::now());
+                    cache.decisions.insert(key(subject, action, point), entry);
+                }
+                decision
+            }
+            Err(error) => Decision {
+                allowed: false,
+                reason: format!("authorization failed closed: {error}").into(),
+            },
+        }
+    }
+
+    /// Forgets every decision and starts a new generation (after a reload), with a new TTL.
+    pub fn reset(&self, ttl: Duration) {
+        let mut cache = self.cache.lock().unwrap();
+        cache.ttl = ttl;
+        cache.generation += 1;
+        cache.decisions.clear();
+    }
+}
+
+fn key(subject: &str, action: Action, point: &str) -> String {
+    format!("{}\0{subject}\0{point}", action.as_str())
+}
 
 /// What a call wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,5 +133,50 @@ impl Action {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PluginsSection;
+
+    #[test]
+    fn decisions_are_cached_per_generation_and_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = PluginSet::load(&PluginsSection::default(), dir.path()).unwrap();
+        let authorizer = Authorizer::new(Duration::from_secs(60));
+
+        let generation = authorizer.generation();
+        assert!(
+            authorizer
+                .decide(&plugins, generation, "root", Action::Produce, "p", "")
+                .allowed
+        );
+        assert!(
+            authorizer
+                .cached("root", Action::Produce, "p")
+                .unwrap()
+                .allowed
+        );
+        assert!(authorizer.cached("root", Action::Consume, "p").is_none());
+        assert!(authorizer.cached("root", Action::Produce, "q").is_none());
+
+        // A decision that started before a reload is returned but not cached.
+        let stale = authorizer.generation();
+        authorizer.reset(Duration::from_secs(60));
+        assert!(authorizer.cached("root", Action::Produce, "p").is_none());
+        assert!(
+            !authorizer
+                .decide(&plugins, stale, "nobody", Action::Produce, "p", "")
+                .allowed
+        );
+        assert!(authorizer.cached("nobody", Action::Produce, "p").is_none());
+
+        // A zero TTL caches nothing.
+        authorizer.reset(Duration::ZERO);
+        let generation = authorizer.generation();
+        authorizer.decide(&plugins, generation, "root", Action::Produce, "p", "");
+        assert!(authorizer.cached("root", Action::Produce, "p").is_none());
     }
 }

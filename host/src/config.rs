@@ -5,6 +5,7 @@
 //! keys are errors, and [`Config::validate`] runs right after extraction and names the key at
 //! fault. Every key is listed in `docs/config.md`.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -67,8 +68,98 @@ pub struct Config {
     pub multi_stream_percent: u8,
     /// How long shutdown waits for open streams before cancelling them.
     pub shutdown_grace_ms: u64,
+    /// Labels of this node for placement, for example `{ zone = "eu-1" }`.
+    pub tags: BTreeMap<String, String>,
+    /// The other members of the cluster, for placement (membership by gossip replaces this list).
+    pub members: Vec<MemberConfig>,
     pub log: LogConfig,
     pub storage: StorageSection,
+    pub plugins: PluginsSection,
+}
+
+/// Another member of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub name: String,
+    /// Its client API address, `host:port`.
+    pub address: String,
+    #[serde(default = "default_member_role")]
+    pub role: Role,
+    #[serde(default = "default_virtual_nodes")]
+    pub virtual_nodes: u32,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+fn default_member_role() -> Role {
+    Role::Standalone
+}
+
+fn default_virtual_nodes() -> u32 {
+    64
+}
+
+/// The WebAssembly plugins of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsSection {
+    /// Compiled components are cached here (default: `<data_dir>/plugin-cache`).
+    pub cache_dir: Option<PathBuf>,
+    /// The Polar policy behind the host `polar` interface (default: the built-in
+    /// `policies/default.polar`).
+    pub policy_file: Option<PathBuf>,
+    /// How long an authorization decision is reused, per subject, action and point (0: never).
+    pub decision_cache_ms: u64,
+    pub authorizer: PluginSection,
+    pub bundler: PluginSection,
+    pub placement: PluginSection,
+}
+
+/// One plugin: its component, its own configuration and its limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginSection {
+    /// `builtin:NAME`, or the path of a `.wasm` component.
+    pub source: String,
+    /// Configuration text handed to the plugin's `configure` (or use `config_file`).
+    pub config: String,
+    pub config_file: Option<PathBuf>,
+    /// Deadline of one call.
+    pub timeout_ms: u64,
+    /// Cap of the plugin's linear memory.
+    pub max_memory_mib: u64,
+}
+
+impl PluginSection {
+    fn builtin(name: &str, timeout_ms: u64) -> Self {
+        Self {
+            source: format!("builtin:{name}"),
+            config: String::new(),
+            config_file: None,
+            timeout_ms,
+            max_memory_mib: 64,
+        }
+    }
+}
+
+impl Default for PluginSection {
+    fn default() -> Self {
+        Self::builtin("polar-authorizer", 100)
+    }
+}
+
+impl Default for PluginsSection {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            policy_file: None,
+            decision_cache_ms: 5_000,
+            authorizer: PluginSection::builtin("polar-authorizer", 100),
+            bundler: PluginSection::builtin("crc-bundler", 1_000),
+            placement: PluginSection::builtin("ring-placement", 100),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,8 +216,11 @@ impl Default for Config {
             max_frame_size: 4 * 1024 * 1024,
             multi_stream_percent: 100,
             shutdown_grace_ms: 10_000,
+            tags: BTreeMap::new(),
+            members: Vec::new(),
             log: LogConfig::default(),
             storage: StorageSection::default(),
+            plugins: PluginsSection::default(),
         }
     }
 }
@@ -252,6 +346,61 @@ impl Config {
         }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid("log.level", format!("{:?}: {error}", self.log.level));
+        }
+        let mut names = std::collections::HashSet::from([self.node_name.as_str()]);
+        for member in &self.members {
+            if !names.insert(member.name.as_str()) {
+                return invalid(
+                    "members",
+                    format!(
+                        "member name {:?} is used twice (or is this node's name)",
+                        member.name
+                    ),
+                );
+            }
+            if member.address.is_empty() {
+                return invalid(
+                    "members",
+                    format!("member {:?} has no address", member.name),
+                );
+            }
+            if member.virtual_nodes == 0 {
+                return invalid(
+                    "members",
+                    format!("member {:?} needs at least 1 virtual node", member.name),
+                );
+            }
+        }
+        for (key, section) in [
+            ("plugins.authorizer", &self.plugins.authorizer),
+            ("plugins.bundler", &self.plugins.bundler),
+            ("plugins.placement", &self.plugins.placement),
+        ] {
+            let max = (crate::plugins::runtime::MAX_MEMORY_BYTES >> 20) as u64;
+            if section.source.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "source must name `builtin:NAME` or a .wasm file".into(),
+                });
+            }
+            if section.timeout_ms == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "timeout_ms must be at least 1".into(),
+                });
+            }
+            if !(1..=max).contains(&section.max_memory_mib) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("max_memory_mib must be within 1..={max}"),
+                });
+            }
+            if !section.config.is_empty() && section.config_file.is_some() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "set either config or config_file, not both".into(),
+                });
+            }
         }
         Ok(())
     }

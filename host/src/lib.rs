@@ -11,7 +11,9 @@
 //! | [`node`] | a running node: listeners, shared state, start-up and graceful shutdown |
 //! | [`net`] | accepting connections, TLS handshakes, the peer identity of each connection |
 //! | [`tls`] | rustls configuration from PEM files, subjects from certificates |
-//! | [`authz`] | the actions a subject may be authorized for |
+//! | [`authz`] | authorization: actions, the decision cache in front of the authorizer plugin |
+//! | [`plugins`] | WebAssembly plugins: engine, bindings (the one `bindgen!`), built-ins, Polar |
+//! | [`placement`] | which member owns a point: members, the placement plugin, answers cached per membership version |
 //! | [`client`] | the Rust client: put, multi-stream verified get, stat, list, delete |
 //! | [`metrics`] | Prometheus metric names and the `/metrics` endpoint |
 //! | [`error`] | the error of a client call and its one mapping to a gRPC status |
@@ -26,5 +28,7 @@ pub mod error;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod placement;
+pub mod plugins;
 pub mod point;
 pub mod tls;

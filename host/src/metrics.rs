@@ -25,6 +25,7 @@ pub const PLUGIN_CALLS: &str = "goutube_plugin_calls_total";
 pub const PLUGIN_ERRORS: &str = "goutube_plugin_errors_total";
 pub const PLUGIN_CALL_SECONDS: &str = "goutube_plugin_call_seconds";
 pub const AUTHZ_CACHE_HITS: &str = "goutube_authz_cache_hits_total";
+pub const PLUGIN_RELOADS: &str = "goutube_plugin_reloads_total";
 pub const REPLICATION_LAG_BYTES: &str = "goutube_replication_lag_bytes";
 pub const REPLICATED_BYTES: &str = "goutube_replicated_bytes_total";
 pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_total";

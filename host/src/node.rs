@@ -4,7 +4,6 @@
 //! and spawns the API and metrics servers. [`Node::shutdown`] stops accepting, lets open streams
 //! finish for `shutdown_grace_ms`, cancels what is left, then syncs and closes every point.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +15,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::api::proto;
-use crate::authz::Action;
-use crate::config::{Config, Role};
+use crate::authz::{Action, Authorizer};
+use crate::config::{Config, PluginsSection, Role};
 use crate::error::Error;
 use crate::net::{self, PeerInfo};
+use crate::placement::Placement;
+use crate::plugins::{Member, PluginError, Plugins};
 use crate::point::{PointId, StorageError, Store};
 
 /// The sockets a node serves on, bound before it starts.
@@ -58,6 +59,8 @@ pub enum StartError {
     },
     #[error("cannot open the point store: {0}")]
     Store(#[from] StorageError),
+    #[error("{0}")]
+    Plugin(#[from] PluginError),
     #[error("listener address: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -72,17 +75,95 @@ pub struct NodeState {
     pub shutdown: CancellationToken,
     /// Cancelled when the grace period is over: end every remaining stream.
     pub abort: CancellationToken,
+    pub plugins: Plugins,
+    pub authorizer: Arc<Authorizer>,
+    pub placement: Arc<Placement>,
 }
 
 impl NodeState {
-    /// Whether `peer` may take `action` on `point`.
+    /// Whether `peer` may take `action` on `point`: from the decision cache, or by asking the
+    /// authorizer plugin on the blocking pool (a plugin call may run up to its deadline).
     pub async fn authorize(
         &self,
         peer: &PeerInfo,
         action: Action,
         point: &str,
     ) -> Result<(), Error> {
-        let _ = (peer, action, point);
+        let decision = match self.authorizer.cached(&peer.subject, action, point) {
+            Some(decision) => {
+                ::metrics::counter!(crate::metrics::AUTHZ_CACHE_HITS).increment(1);
+                decision
+            }
+            None => {
+                // The generation first: a reload between the two makes the decision uncached.
+                let generation = self.authorizer.generation();
+                let plugins = self.plugins.current();
+                let authorizer = self.authorizer.clone();
+                let subject = peer.subject.clone();
+                let (point, addr) = (point.to_owned(), peer.addr.to_string());
+                tokio::task::spawn_blocking(move || {
+                    authorizer.decide(&plugins, generation, &subject, action, &point, &addr)
+                })
+                .await
+                .map_err(|e| Error::Unavailable(format!("authorization task failed: {e}")))?
+            }
+        };
+        if decision.allowed {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied {
+            subject: peer.subject.to_string(),
+            action: action.as_str(),
+            point: point.to_owned(),
+            reason: decision.reason.to_string(),
+        })
+    }
+
+    /// The members that own `point` (at most `replicas`), from the placement plugin: cached
+    /// answers at once, a miss on the blocking pool.
+    pub async fn owners(&self, point: &str, replicas: u32) -> Result<Arc<[String]>, Error> {
+        if let Some(owners) = self.placement.cached(point, replicas) {
+            return Ok(owners);
+        }
+        let generation = self.placement.generation();
+        let plugins = self.plugins.current();
+        let placement = self.placement.clone();
+        let point = point.to_owned();
+        tokio::task::spawn_blocking(move || {
+            placement.owners(&plugins, generation, &point, replicas)
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?
+        .map_err(|e| Error::Unavailable(format!("placement: {e}")))
+    }
+
+    /// Refuses to write a point another member owns, naming that member.
+    pub async fn check_owner(&self, point: &PointId) -> Result<(), Error> {
+        let owners = self.owners(point.as_str(), 1).await?;
+        match owners.first() {
+            Some(owner) if *owner != self.config.node_name => {
+                let membership = self.placement.membership();
+                let address = membership
+                    .members
+                    .iter()
+                    .find(|m| m.name == *owner)
+                    .map_or("", |m| m.address.as_str());
+                Err(Error::FailedPrecondition(format!(
+                    "point {point} belongs to member {owner} ({address}); write it there"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reloads the plugins and the Polar policy from `plugins`; on failure the current ones stay.
+    /// The caches start a new generation after the swap, so no answer of the old plugins
+    /// survives it.
+    pub fn reload_plugins(&self, plugins: &PluginsSection) -> Result<(), PluginError> {
+        self.plugins.reload(plugins)?;
+        self.authorizer
+            .reset(Duration::from_millis(plugins.decision_cache_ms));
+        self.placement.reset();
         Ok(())
     }
 
@@ -144,6 +225,11 @@ impl Node {
             data_dir = %config.data_dir.display(),
             "store opened"
         );
+        let plugins = Plugins::load(&config.plugins, &config.data_dir)?;
+        let authorizer = Arc::new(Authorizer::new(Duration::from_millis(
+            config.plugins.decision_cache_ms,
+        )));
+        let placement = Arc::new(Placement::new(members(&config, rpc_addr)));
         let shutdown = CancellationToken::new();
         let state = Arc::new(NodeState {
             config,
@@ -151,6 +237,9 @@ impl Node {
             rpc_addr,
             shutdown: shutdown.clone(),
             abort: CancellationToken::new(),
+            plugins,
+            authorizer,
+            placement,
         });
 
         let tasks = TaskTracker::new();
@@ -194,6 +283,24 @@ impl Node {
         &self.state.config
     }
 
+    /// The state the node's services share (plugins, placement, store).
+    pub fn state(&self) -> &Arc<NodeState> {
+        &self.state
+    }
+
+    /// Applies the `[plugins]` section of `config` (SIGHUP). Open streams are not touched; calls
+    /// after the reload use the new plugins. On failure the current plugins stay.
+    pub fn reload(&self, config: &Config) -> Result<(), PluginError> {
+        self.state.reload_plugins(&config.plugins)?;
+        tracing::info!(
+            authorizer = %config.plugins.authorizer.source,
+            bundler = %config.plugins.bundler.source,
+            placement = %config.plugins.placement.source,
+            "plugins reloaded"
+        );
+        Ok(())
+    }
+
     /// Stops accepting, waits up to the grace period for open calls, cancels the rest, then
     /// syncs and closes every point.
     pub async fn shutdown(mut self) -> Result<(), StorageError> {
@@ -219,14 +326,22 @@ impl Node {
     }
 }
 
-/// Runs a node until `signal` completes, then shuts it down gracefully.
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    signal: impl Future<Output = ()>,
-) -> Result<(), anyhow::Error> {
-    let node = Node::start(config, listeners).await?;
-    signal.await;
-    node.shutdown().await?;
-    Ok(())
+/// The member list placement starts from: this node, then the configured members.
+fn members(config: &Config, rpc_addr: SocketAddr) -> Vec<Member> {
+    let this = Member {
+        name: config.node_name.clone(),
+        address: rpc_addr.to_string(),
+        role: config.role.as_str().into(),
+        virtual_nodes: config.virtual_node_count,
+        tags: config.tags.clone().into_iter().collect(),
+    };
+    std::iter::once(this)
+        .chain(config.members.iter().map(|m| Member {
+            name: m.name.clone(),
+            address: m.address.clone(),
+            role: m.role.as_str().into(),
+            virtual_nodes: m.virtual_nodes,
+            tags: m.tags.clone().into_iter().collect(),
+        }))
+        .collect()
 }

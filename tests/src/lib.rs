@@ -301,3 +301,15 @@ pub fn metric(scrape: &str, name: &str) -> Option<f64> {
     }
     found
 }
+
+impl NodeProcess {
+    /// Sends `signal` (a `kill` name such as `HUP`) to the node.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+}

@@ -18,8 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::proto::{
     self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
     GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
-    ListPointsRequest, ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse,
+    ListPointsRequest, ListPointsResponse, LocatePointRequest, LocatePointResponse,
+    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
 };
 use crate::authz::Action;
 use crate::error::Error;
@@ -84,6 +84,7 @@ impl proto::streaming_server::Streaming for StreamingService {
                     None => {
                         let id = PointId::new(point.as_str())?;
                         state.authorize(&peer, Action::Produce, id.as_str()).await?;
+                        state.check_owner(&id).await?;
                         points.push(id);
                         slots.insert(point, points.len() - 1);
                         points.len() - 1
@@ -258,6 +259,37 @@ impl proto::streaming_server::Streaming for StreamingService {
                 .map(|id| id.as_str().to_owned())
                 .collect(),
             next,
+        }))
+    }
+
+    async fn locate_point(
+        &self,
+        request: Request<LocatePointRequest>,
+    ) -> Result<Response<LocatePointResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        let request = request.into_inner();
+        let id = PointId::new(request.point).map_err(Error::from)?;
+        let state = &self.state;
+        state
+            .authorize(&peer, Action::Metadata, id.as_str())
+            .await?;
+        let membership = state.placement.membership();
+        let owners = state.owners(id.as_str(), request.replicas.max(1)).await?;
+        let owners = owners
+            .iter()
+            .map(|name| proto::Server {
+                rpc_addr: membership
+                    .members
+                    .iter()
+                    .find(|m| m.name == *name)
+                    .map(|m| m.address.clone())
+                    .unwrap_or_default(),
+                name: name.clone(),
+            })
+            .collect();
+        Ok(Response::new(LocatePointResponse {
+            owners,
+            membership_version: membership.version,
         }))
     }
 

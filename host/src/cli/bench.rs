@@ -553,6 +553,13 @@ impl Streaming for Baseline {
         Err(Status::unimplemented("baseline"))
     }
 
+    async fn locate_point(
+        &self,
+        _: Request<goutube::api::proto::LocatePointRequest>,
+    ) -> Result<Response<goutube::api::proto::LocatePointResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     async fn delete_point(
         &self,
         _: Request<DeletePointRequest>,

@@ -5,7 +5,7 @@
 
 mod bench;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 use goutube::client::{Client, ClientOptions, ClientTls, DEFAULT_CHUNK};
 use goutube::config::Config;
-use goutube::node::{self, Listeners};
+use goutube::node::{Listeners, Node};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -210,6 +210,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+
     let config = Config::load(config_file.as_deref())?;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(&config.log.level))
@@ -226,19 +228,44 @@ async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         listeners.replication.local_addr()?,
         listeners.metrics.local_addr()?,
     );
-    node::run(config, listeners, shutdown_signal())
-        .await
-        .context("node failed")
+    let node = Node::start(config, listeners).await?;
+
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => reload(&node, config_file.as_deref()),
+        }
+    }
+    node.shutdown().await.context("shutting down")
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+/// SIGHUP: re-reads the configuration and reloads the plugins and policies. A reload that fails
+/// keeps the current plugins and says why.
+fn reload(node: &Node, config_file: Option<&Path>) {
+    let result = Config::load(config_file)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            let mut unchanged = node.config().clone();
+            unchanged.plugins = config.plugins.clone();
+            if unchanged != config {
+                tracing::warn!(
+                    "reload applies [plugins] only; restart the node to apply the other changes"
+                );
+            }
+            node.reload(&config).map_err(|e| e.to_string())
+        });
+    let outcome = match result {
+        Ok(()) => "ok",
+        Err(error) => {
+            tracing::error!(%error, "reload failed; keeping the current plugins");
+            "error"
+        }
+    };
+    metrics::counter!(goutube::metrics::PLUGIN_RELOADS, "result" => outcome).increment(1);
 }
 
 fn init_client_logging() {

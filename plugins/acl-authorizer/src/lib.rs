@@ -47,14 +47,21 @@ fn parse(config: &str) -> Result<Vec<Rule>, String> {
         }
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         let [subject, point, action] = fields[..] else {
-            return Err(format!("line {}: expected `subject, point-pattern, action`, got {raw:?}", index + 1));
+            return Err(format!(
+                "line {}: expected `subject, point-pattern, action`, got {raw:?}",
+                index + 1
+            ));
         };
         if subject.is_empty() || point.is_empty() {
             return Err(format!("line {}: empty field in {raw:?}", index + 1));
         }
         let action_pattern = WildMatch::new(action);
         if !ACTIONS.iter().any(|a| action_pattern.matches(a)) {
-            return Err(format!("line {}: {action:?} matches no action (known: {})", index + 1, ACTIONS.join(", ")));
+            return Err(format!(
+                "line {}: {action:?} matches no action (known: {})",
+                index + 1,
+                ACTIONS.join(", ")
+            ));
         }
         rules.push(Rule {
             line: index + 1,
@@ -79,7 +86,9 @@ impl Guest for AclAuthorizer {
         let action = action_name(request.action);
         RULES.with_borrow(|rules| {
             match rules.iter().find(|r| {
-                r.subject.matches(&request.subject) && r.point.matches(&request.point) && r.action.matches(action)
+                r.subject.matches(&request.subject)
+                    && r.point.matches(&request.point)
+                    && r.action.matches(action)
             }) {
                 Some(rule) => Decision::Allow(format!("ACL line {}", rule.line)),
                 None => Decision::Deny(format!(

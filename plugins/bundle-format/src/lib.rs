@@ -40,7 +40,10 @@ pub fn encode(point: &str, start: u64, codec: Codec, payload_len: usize, body: &
     out.extend_from_slice(&start.to_le_bytes());
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&out), point.as_bytes()), body);
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c_append(crc32c::crc32c(&out), point.as_bytes()),
+        body,
+    );
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(point.as_bytes());
     out.extend_from_slice(body);
@@ -50,7 +53,10 @@ pub fn encode(point: &str, start: u64, codec: Codec, payload_len: usize, body: &
 /// Checks and splits a frame made by [`encode`].
 pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, String> {
     if bytes.len() < HEADER_LEN {
-        return Err(format!("record of {} bytes is shorter than the {HEADER_LEN}-byte header", bytes.len()));
+        return Err(format!(
+            "record of {} bytes is shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        ));
     }
     if &bytes[0..4] != MAGIC {
         return Err("not a goutube bundle (bad magic)".into());
@@ -76,15 +82,26 @@ pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, String> {
         ));
     }
     let (point, body) = bytes[HEADER_LEN..].split_at(point_len);
-    let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&bytes[..24]), point), body);
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c_append(crc32c::crc32c(&bytes[..24]), point),
+        body,
+    );
     if crc != stored_crc {
-        return Err(format!("checksum mismatch: stored {stored_crc:08x}, computed {crc:08x}"));
+        return Err(format!(
+            "checksum mismatch: stored {stored_crc:08x}, computed {crc:08x}"
+        ));
     }
     if codec == Codec::Raw && body_len != payload_len {
         return Err("raw body length differs from the payload length".into());
     }
     let point = std::str::from_utf8(point).map_err(|_| "point id is not UTF-8".to_string())?;
-    Ok(Frame { point, start, codec, payload_len, body })
+    Ok(Frame {
+        point,
+        start,
+        codec,
+        payload_len,
+        body,
+    })
 }
 
 #[cfg(test)]
@@ -96,7 +113,16 @@ mod tests {
         let body: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
         let bytes = encode("videos/a", 1234, Codec::Raw, body.len(), &body);
         let frame = decode(&bytes).unwrap();
-        assert_eq!(frame, Frame { point: "videos/a", start: 1234, codec: Codec::Raw, payload_len: 1000, body: &body });
+        assert_eq!(
+            frame,
+            Frame {
+                point: "videos/a",
+                start: 1234,
+                codec: Codec::Raw,
+                payload_len: 1000,
+                body: &body
+            }
+        );
     }
 
     #[test]

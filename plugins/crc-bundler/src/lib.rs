@@ -26,7 +26,11 @@ impl Guest for CrcBundler {
         if frame.codec != Codec::Raw {
             return Err("crc-bundler reads raw records only".into());
         }
-        Ok(ReplRecord { point: frame.point.to_owned(), start: frame.start, payload: frame.body.to_vec() })
+        Ok(ReplRecord {
+            point: frame.point.to_owned(),
+            start: frame.start,
+            payload: frame.body.to_vec(),
+        })
     }
 }
 

@@ -16,8 +16,14 @@ struct Lz4Bundler;
 
 impl Guest for Lz4Bundler {
     fn configure(config: String) -> Result<(), String> {
-        for line in config.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let (key, value) = line.split_once('=').ok_or_else(|| format!("expected key = value, got {line:?}"))?;
+        for line in config
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (key, value) = line
+                .split_once('=')
+                .ok_or_else(|| format!("expected key = value, got {line:?}"))?;
             match key.trim() {
                 "min_size" => {
                     let n = value.trim().parse().map_err(|e| format!("min_size: {e}"))?;
@@ -34,7 +40,13 @@ impl Guest for Lz4Bundler {
         if payload.len() >= MIN_SIZE.get() {
             let compressed = lz4_flex::block::compress(payload);
             if compressed.len() < payload.len() {
-                return bundle_format::encode(&rec.point, rec.start, Codec::Lz4, payload.len(), &compressed);
+                return bundle_format::encode(
+                    &rec.point,
+                    rec.start,
+                    Codec::Lz4,
+                    payload.len(),
+                    &compressed,
+                );
             }
         }
         bundle_format::encode(&rec.point, rec.start, Codec::Raw, payload.len(), payload)
@@ -53,7 +65,11 @@ impl Guest for Lz4Bundler {
                 payload
             }
         };
-        Ok(ReplRecord { point: frame.point.to_owned(), start: frame.start, payload })
+        Ok(ReplRecord {
+            point: frame.point.to_owned(),
+            start: frame.start,
+            payload,
+        })
     }
 }
 

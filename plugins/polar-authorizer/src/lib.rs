@@ -24,7 +24,10 @@ impl Guest for PolarAuthorizer {
         if config.trim().is_empty() {
             Ok(())
         } else {
-            Err("polar-authorizer takes no configuration; set plugins.authorizer.policy_file".into())
+            Err(
+                "polar-authorizer takes no configuration; set plugins.authorizer.policy_file"
+                    .into(),
+            )
         }
     }
 

@@ -18,14 +18,22 @@ fn score(member: &Member, key: &str) -> f64 {
     // u in (0, 1]: never 0, so ln(u) is finite and negative (or 0 for u = 1).
     let u = (h as f64 + 1.0) / 18_446_744_073_709_551_616.0;
     let weight = f64::from(member.virtual_nodes.max(1));
-    if u >= 1.0 { f64::INFINITY } else { -weight / u.ln() }
+    if u >= 1.0 {
+        f64::INFINITY
+    } else {
+        -weight / u.ln()
+    }
 }
 
 struct Rendezvous;
 
 impl Guest for Rendezvous {
     fn configure(config: String) -> Result<(), String> {
-        if config.trim().is_empty() { Ok(()) } else { Err("rendezvous-placement takes no configuration".into()) }
+        if config.trim().is_empty() {
+            Ok(())
+        } else {
+            Err("rendezvous-placement takes no configuration".into())
+        }
     }
 
     fn owners(key: String, members: Vec<Member>, replicas: u32) -> Vec<String> {
@@ -35,7 +43,11 @@ impl Guest for Rendezvous {
             .map(|m| (score(m, &key), m.name.as_str()))
             .collect();
         scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-        scored.into_iter().take(replicas.max(1) as usize).map(|(_, name)| name.to_owned()).collect()
+        scored
+            .into_iter()
+            .take(replicas.max(1) as usize)
+            .map(|(_, name)| name.to_owned())
+            .collect()
     }
 }
 

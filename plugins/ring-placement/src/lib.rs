@@ -51,7 +51,11 @@ struct RingPlacement;
 
 impl Guest for RingPlacement {
     fn configure(config: String) -> Result<(), String> {
-        if config.trim().is_empty() { Ok(()) } else { Err("ring-placement takes no configuration".into()) }
+        if config.trim().is_empty() {
+            Ok(())
+        } else {
+            Err("ring-placement takes no configuration".into())
+        }
     }
 
     fn owners(key: String, members: Vec<Member>, replicas: u32) -> Vec<String> {
@@ -61,7 +65,9 @@ impl Guest for RingPlacement {
                     .iter()
                     .filter(|m| owns_keys(m))
                     .zip(&ring.members)
-                    .all(|(m, (name, role, count))| m.name == *name && m.role == *role && m.virtual_nodes == *count);
+                    .all(|(m, (name, role, count))| {
+                        m.name == *name && m.role == *role && m.virtual_nodes == *count
+                    });
             if !same {
                 *ring = build(&members);
             }

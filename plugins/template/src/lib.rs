@@ -18,11 +18,19 @@ struct Template;
 
 impl Guest for Template {
     fn configure(config: String) -> Result<(), String> {
-        let subjects: Vec<String> = config.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        let subjects: Vec<String> = config
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
         if subjects.is_empty() {
             return Err("list at least one subject, one per line".into());
         }
-        log::log(Level::Info, &format!("allowing {} subject(s)", subjects.len()));
+        log::log(
+            Level::Info,
+            &format!("allowing {} subject(s)", subjects.len()),
+        );
         ALLOWED.set(subjects);
         Ok(())
     }

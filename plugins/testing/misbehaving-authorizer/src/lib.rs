@@ -1,35 +1,24 @@
-//! A deliberately broken authorizer for the host's fault tests. Its configuration picks the
-//! misbehaviour of `authorize`: `loop` (never returns), `allocate` (asks for 1 GiB), `panic`, or
-//! `allow`; `fail` makes `configure` itself fail.
+//! A deliberately broken authorizer for the host's fault tests. `authorize` misbehaves according
+//! to the first segment of the point id — `loop/…` never returns, `allocate/…` asks for 1 GiB,
+//! `panic/…` panics — and allows everything else. The configuration `fail` makes `configure`
+//! itself fail.
 
 wit_bindgen::generate!({ world: "authorizer", path: "../../../schema/wit" });
 
-use std::cell::RefCell;
 use std::hint::black_box;
-
-
-
-thread_local! {
-    static MODE: RefCell<String> = const { RefCell::new(String::new()) };
-}
 
 struct Misbehaving;
 
 impl Guest for Misbehaving {
     fn configure(config: String) -> Result<(), String> {
-        let mode = config.trim().to_owned();
-        match mode.as_str() {
-            "loop" | "allocate" | "panic" | "allow" => {
-                MODE.set(mode);
-                Ok(())
-            }
+        match config.trim() {
             "fail" => Err("configured to fail".into()),
-            other => Err(format!("unknown mode {other:?}")),
+            _ => Ok(()),
         }
     }
 
     fn authorize(request: AuthzRequest) -> Decision {
-        match MODE.with_borrow(String::clone).as_str() {
+        match request.point.split('/').next().unwrap_or_default() {
             "loop" => {
                 let mut spins = 0u64;
                 loop {

@@ -1,0 +1,516 @@
+//! WebAssembly plugins: the authorizer, bundler and placement components a node loads from its
+//! config, and how they are called.
+//!
+//! - [`bindings`] is the one place `bindgen!` runs; [`runtime`] owns the engine, compilation and
+//!   the data of each store; [`builtin`] the components embedded in the binary; [`polar`] the
+//!   host's Polar policy.
+//! - A [`Plugin`] keeps its component's `InstancePre` and a small pool of configured instances.
+//!   Every call runs under an epoch deadline and a memory cap. A trap, a timeout or an
+//!   out-of-memory becomes a [`PluginError`] naming the plugin; the instance that failed is
+//!   dropped (a trapped instance cannot be entered again) and the next call gets a fresh one.
+//! - [`Plugins`] holds the current [`PluginSet`] and swaps it atomically on reload; calls that
+//!   started on the old set finish on it.
+
+pub mod bindings;
+pub mod builtin;
+pub mod polar;
+pub mod runtime;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use wasmtime::Store;
+use wasmtime::component::{Component, HasSelf};
+
+use crate::authz::Action;
+use crate::config::{PluginSection, PluginsSection};
+use bindings::types;
+use polar::Polar;
+use runtime::StoreState;
+
+/// Instances kept ready per plugin between calls.
+const MAX_IDLE_INSTANCES: usize = 8;
+
+/// A plugin failure. Load errors name the config key; call errors name the plugin.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginError {
+    #[error("config key `{key}`: plugin {plugin}: {message}")]
+    Load {
+        key: String,
+        plugin: String,
+        message: String,
+    },
+    #[error("plugin {plugin} ran out of time ({timeout:?})")]
+    Timeout { plugin: Arc<str>, timeout: Duration },
+    #[error("plugin {plugin} exceeded its memory limit ({limit_mib} MiB)")]
+    OutOfMemory { plugin: Arc<str>, limit_mib: u64 },
+    #[error("plugin {plugin} trapped: {message}")]
+    Trap { plugin: Arc<str>, message: String },
+    #[error("plugin {plugin} could not be instantiated: {message}")]
+    Instantiate { plugin: Arc<str>, message: String },
+}
+
+/// A world a plugin component implements: how to prepare, instantiate and configure it.
+pub trait Kind: Send + Sync + 'static {
+    /// `authorizer`, `bundler` or `placement`: the config section and metric label.
+    const NAME: &'static str;
+    type Bindings: Send + 'static;
+    type Pre: Clone + Send + Sync + 'static;
+
+    /// Checks that `component` implements this world and links its imports.
+    fn prepare(component: &Component) -> wasmtime::Result<Self::Pre>;
+    fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<StoreState>,
+    ) -> wasmtime::Result<Self::Bindings>;
+    fn configure(
+        bindings: &Self::Bindings,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>>;
+}
+
+pub struct AuthorizerKind;
+pub struct BundlerKind;
+pub struct PlacementKind;
+
+impl Kind for AuthorizerKind {
+    const NAME: &'static str = "authorizer";
+    type Bindings = bindings::authorizer::Authorizer;
+    type Pre = bindings::authorizer::AuthorizerPre<StoreState>;
+
+    fn prepare(component: &Component) -> wasmtime::Result<Self::Pre> {
+        let linker = runtime::linker(|l| {
+            bindings::authorizer::Authorizer::add_to_linker::<_, HasSelf<_>>(l, |s| s)
+        })?;
+        Self::Pre::new(linker.instantiate_pre(component)?)
+    }
+    fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<StoreState>,
+    ) -> wasmtime::Result<Self::Bindings> {
+        pre.instantiate(store)
+    }
+    fn configure(
+        b: &Self::Bindings,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        b.call_configure(store, config)
+    }
+}
+
+impl Kind for BundlerKind {
+    const NAME: &'static str = "bundler";
+    type Bindings = bindings::bundler::Bundler;
+    type Pre = bindings::bundler::BundlerPre<StoreState>;
+
+    fn prepare(component: &Component) -> wasmtime::Result<Self::Pre> {
+        let linker = runtime::linker(|l| {
+            bindings::bundler::Bundler::add_to_linker::<_, HasSelf<_>>(l, |s| s)
+        })?;
+        Self::Pre::new(linker.instantiate_pre(component)?)
+    }
+    fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<StoreState>,
+    ) -> wasmtime::Result<Self::Bindings> {
+        pre.instantiate(store)
+    }
+    fn configure(
+        b: &Self::Bindings,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        b.call_configure(store, config)
+    }
+}
+
+impl Kind for PlacementKind {
+    const NAME: &'static str = "placement";
+    type Bindings = bindings::placement::Placement;
+    type Pre = bindings::placement::PlacementPre<StoreState>;
+
+    fn prepare(component: &Component) -> wasmtime::Result<Self::Pre> {
+        let linker = runtime::linker(|l| {
+            bindings::placement::Placement::add_to_linker::<_, HasSelf<_>>(l, |s| s)
+        })?;
+        Self::Pre::new(linker.instantiate_pre(component)?)
+    }
+    fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<StoreState>,
+    ) -> wasmtime::Result<Self::Bindings> {
+        pre.instantiate(store)
+    }
+    fn configure(
+        b: &Self::Bindings,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        b.call_configure(store, config)
+    }
+}
+
+/// A loaded plugin: its prepared component, its configuration and its idle instances.
+pub struct Plugin<K: Kind> {
+    name: Arc<str>,
+    pre: K::Pre,
+    config: String,
+    timeout: Duration,
+    max_memory_mib: u64,
+    polar: Option<Arc<Polar>>,
+    idle: Mutex<Vec<Instance<K::Bindings>>>,
+}
+
+struct Instance<B> {
+    store: Store<StoreState>,
+    bindings: B,
+}
+
+impl<K: Kind> Plugin<K> {
+    /// Loads the plugin configured in `section` (config key `plugins.<kind>`): reads and compiles
+    /// its component, checks its world, and configures a first instance.
+    pub fn load(
+        section: &PluginSection,
+        cache_dir: Option<&Path>,
+        polar: Option<Arc<Polar>>,
+    ) -> Result<Self, PluginError> {
+        let name: Arc<str> = format!("{} ({})", K::NAME, section.source).into();
+        let load_error = |key: &str, message: String| PluginError::Load {
+            key: format!("plugins.{}.{key}", K::NAME),
+            plugin: section.source.clone(),
+            message,
+        };
+        let bytes = read_source(&section.source).map_err(|m| load_error("source", m))?;
+        let component = runtime::compile(&bytes, cache_dir).map_err(|m| load_error("source", m))?;
+        let pre = K::prepare(&component).map_err(|e| {
+            load_error(
+                "source",
+                format!(
+                    "does not implement the goutube:plugins/{} world: {e:#}",
+                    K::NAME
+                ),
+            )
+        })?;
+        let config = match (&section.config_file, section.config.is_empty()) {
+            (Some(path), true) => std::fs::read_to_string(path)
+                .map_err(|e| load_error("config_file", format!("{}: {e}", path.display())))?,
+            (Some(_), false) => {
+                return Err(load_error(
+                    "config",
+                    "set either config or config_file, not both".into(),
+                ));
+            }
+            (None, _) => section.config.clone(),
+        };
+        let plugin = Self {
+            name,
+            pre,
+            config,
+            timeout: Duration::from_millis(section.timeout_ms),
+            max_memory_mib: section.max_memory_mib,
+            polar,
+            idle: Mutex::new(Vec::new()),
+        };
+        let instance = plugin.instantiate().map_err(|error| {
+            let key = if section.config_file.is_some() {
+                "config_file"
+            } else {
+                "config"
+            };
+            load_error(key, error.to_string())
+        })?;
+        plugin.idle.lock().unwrap().push(instance);
+        Ok(plugin)
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// A new instance, configured.
+    fn instantiate(&self) -> Result<Instance<K::Bindings>, PluginError> {
+        let state = StoreState::new(
+            self.name.clone(),
+            (self.max_memory_mib as usize) << 20,
+            self.polar.clone(),
+        );
+        let mut store = Store::new(runtime::engine(), state);
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(runtime::ticks(self.timeout));
+        let bindings =
+            K::instantiate(&self.pre, &mut store).map_err(|e| PluginError::Instantiate {
+                plugin: self.name.clone(),
+                message: format!("{e:#}"),
+            })?;
+        match K::configure(&bindings, &mut store, &self.config) {
+            Ok(Ok(())) => Ok(Instance { store, bindings }),
+            Ok(Err(message)) => Err(PluginError::Instantiate {
+                plugin: self.name.clone(),
+                message: format!("configure failed: {message}"),
+            }),
+            Err(error) => Err(self.classify(error, &store)),
+        }
+    }
+
+    /// Calls into an instance under the deadline and the memory cap.
+    pub fn call<R>(
+        &self,
+        function: &'static str,
+        f: impl FnOnce(&K::Bindings, &mut Store<StoreState>) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        let started = Instant::now();
+        let labels = [("plugin", K::NAME), ("call", function)];
+        ::metrics::counter!(crate::metrics::PLUGIN_CALLS, &labels).increment(1);
+        let pooled = self.idle.lock().unwrap().pop();
+        let mut instance = match pooled {
+            Some(instance) => instance,
+            None => self
+                .instantiate()
+                .inspect_err(|_| self.count_error("instantiate"))?,
+        };
+        instance
+            .store
+            .set_epoch_deadline(runtime::ticks(self.timeout));
+        let result = f(&instance.bindings, &mut instance.store);
+        ::metrics::histogram!(crate::metrics::PLUGIN_CALL_SECONDS, &labels)
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(value) => {
+                let mut idle = self.idle.lock().unwrap();
+                if idle.len() < MAX_IDLE_INSTANCES {
+                    idle.push(instance);
+                }
+                Ok(value)
+            }
+            Err(error) => {
+                // The instance is poisoned: drop it; the next call instantiates a fresh one.
+                let error = self.classify(error, &instance.store);
+                self.count_error(match error {
+                    PluginError::Timeout { .. } => "timeout",
+                    PluginError::OutOfMemory { .. } => "out_of_memory",
+                    _ => "trap",
+                });
+                tracing::warn!(%error, "plugin call failed; its instance is replaced");
+                Err(error)
+            }
+        }
+    }
+
+    fn count_error(&self, what: &'static str) {
+        ::metrics::counter!(crate::metrics::PLUGIN_ERRORS, "plugin" => K::NAME, "error" => what)
+            .increment(1);
+    }
+
+    fn classify(&self, error: wasmtime::Error, store: &Store<StoreState>) -> PluginError {
+        let plugin = self.name.clone();
+        if store.data().limits.exceeded {
+            PluginError::OutOfMemory {
+                plugin,
+                limit_mib: self.max_memory_mib,
+            }
+        } else if error.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+            PluginError::Timeout {
+                plugin,
+                timeout: self.timeout,
+            }
+        } else {
+            PluginError::Trap {
+                plugin,
+                message: format!("{error:#}"),
+            }
+        }
+    }
+}
+
+/// The bytes of a component named by a `source` key: `builtin:NAME` or a file path.
+fn read_source(source: &str) -> Result<Vec<u8>, String> {
+    if let Some(name) = source.strip_prefix("builtin:") {
+        return builtin::get(name).map(<[u8]>::to_vec).ok_or_else(|| {
+            format!(
+                "no built-in component {name:?} (built-ins: {})",
+                builtin::NAMES.join(", ")
+            )
+        });
+    }
+    std::fs::read(source).map_err(|e| format!("cannot read {source}: {e}"))
+}
+
+/// An authorization decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: Arc<str>,
+}
+
+/// A replication record after `unbundle`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub point: String,
+    pub start: u64,
+    pub payload: Vec<u8>,
+}
+
+/// A member as the placement plugin sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Member {
+    pub name: String,
+    pub address: String,
+    pub role: String,
+    pub virtual_nodes: u32,
+    pub tags: Vec<(String, String)>,
+}
+
+/// One authorizer, one bundler, one placement, and the Polar policy they were loaded with.
+pub struct PluginSet {
+    pub authorizer: Plugin<AuthorizerKind>,
+    pub bundler: Plugin<BundlerKind>,
+    pub placement: Plugin<PlacementKind>,
+    pub polar: Arc<Polar>,
+}
+
+impl PluginSet {
+    /// Loads every plugin `section` names. `data_dir` hosts the default compile cache.
+    pub fn load(section: &PluginsSection, data_dir: &Path) -> Result<Self, PluginError> {
+        let polar = Arc::new(load_policy(section.policy_file.as_deref())?);
+        let cache_dir = section
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("plugin-cache"));
+        Ok(Self {
+            authorizer: Plugin::load(&section.authorizer, Some(&cache_dir), Some(polar.clone()))?,
+            bundler: Plugin::load(&section.bundler, Some(&cache_dir), None)?,
+            placement: Plugin::load(&section.placement, Some(&cache_dir), None)?,
+            polar,
+        })
+    }
+
+    pub fn authorize(
+        &self,
+        subject: &str,
+        action: Action,
+        point: &str,
+        peer: &str,
+    ) -> Result<Decision, PluginError> {
+        let request = types::AuthzRequest {
+            subject: subject.into(),
+            action: wit_action(action),
+            point: point.into(),
+            peer: peer.into(),
+        };
+        let decision = self
+            .authorizer
+            .call("authorize", |b, store| b.call_authorize(store, &request))?;
+        Ok(match decision {
+            types::Decision::Allow(reason) => Decision {
+                allowed: true,
+                reason: reason.into(),
+            },
+            types::Decision::Deny(reason) => Decision {
+                allowed: false,
+                reason: reason.into(),
+            },
+        })
+    }
+
+    pub fn bundle(&self, point: &str, start: u64, payload: &[u8]) -> Result<Vec<u8>, PluginError> {
+        let record = types::ReplRecord {
+            point: point.into(),
+            start,
+            payload: payload.to_vec(),
+        };
+        self.bundler
+            .call("bundle", |b, store| b.call_bundle(store, &record))
+    }
+
+    /// The record in `bytes`, or why the bundler rejected it.
+    pub fn unbundle(&self, bytes: &[u8]) -> Result<Result<Record, String>, PluginError> {
+        let result = self
+            .bundler
+            .call("unbundle", |b, store| b.call_unbundle(store, bytes))?;
+        Ok(result.map(|r| Record {
+            point: r.point,
+            start: r.start,
+            payload: r.payload,
+        }))
+    }
+
+    pub fn owners(
+        &self,
+        key: &str,
+        members: &[Member],
+        replicas: u32,
+    ) -> Result<Vec<String>, PluginError> {
+        let members: Vec<types::Member> = members
+            .iter()
+            .map(|m| types::Member {
+                name: m.name.clone(),
+                address: m.address.clone(),
+                role: m.role.clone(),
+                virtual_nodes: m.virtual_nodes,
+                tags: m.tags.clone(),
+            })
+            .collect();
+        self.placement.call("owners", |b, store| {
+            b.call_owners(store, key, &members, replicas)
+        })
+    }
+}
+
+fn wit_action(action: Action) -> types::Action {
+    match action {
+        Action::Produce => types::Action::Produce,
+        Action::Consume => types::Action::Consume,
+        Action::Metadata => types::Action::Metadata,
+        Action::Replicate => types::Action::Replicate,
+        Action::Admin => types::Action::Admin,
+    }
+}
+
+fn load_policy(file: Option<&Path>) -> Result<Polar, PluginError> {
+    let error = |message: String| PluginError::Load {
+        key: "plugins.policy_file".into(),
+        plugin: "polar".into(),
+        message,
+    };
+    match file {
+        None => {
+            Polar::load(polar::DEFAULT_POLICY, "policies/default.polar (built-in)").map_err(error)
+        }
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| error(format!("{}: {e}", path.display())))?;
+            Polar::load(&text, &path.display().to_string()).map_err(error)
+        }
+    }
+}
+
+/// The node's current plugins; replaced as a whole on reload.
+pub struct Plugins {
+    current: RwLock<Arc<PluginSet>>,
+    data_dir: PathBuf,
+}
+
+impl Plugins {
+    pub fn load(section: &PluginsSection, data_dir: &Path) -> Result<Self, PluginError> {
+        let set = PluginSet::load(section, data_dir)?;
+        Ok(Self {
+            current: RwLock::new(Arc::new(set)),
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    /// The plugins to use for one call.
+    pub fn current(&self) -> Arc<PluginSet> {
+        self.current.read().unwrap().clone()
+    }
+
+    /// Loads `section` and, only if everything loads, makes it current.
+    pub fn reload(&self, section: &PluginsSection) -> Result<(), PluginError> {
+        let set = PluginSet::load(section, &self.data_dir)?;
+        *self.current.write().unwrap() = Arc::new(set);
+        Ok(())
+    }
+}

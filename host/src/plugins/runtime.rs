@@ -1,0 +1,220 @@
+//! The WebAssembly runtime shared by every plugin of the process: one `Engine` (pooling
+//! allocator, epoch interruption), a ticker thread that advances the epoch, components compiled
+//! once (in memory by content, on disk by content and engine), and the data each `Store` carries.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::polar::Polar;
+
+/// How often the epoch advances: the granularity of plugin deadlines.
+pub const TICK: Duration = Duration::from_millis(2);
+
+/// Largest linear memory any plugin may be configured for (the pooling allocator reserves this
+/// much address space per slot).
+pub const MAX_MEMORY_BYTES: usize = 1 << 30;
+
+/// Instance slots of the pooling allocator, for every plugin of every node in the process.
+const POOL_SLOTS: u32 = 1000;
+
+/// The engine of this process, created on first use with its epoch ticker.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(POOL_SLOTS)
+            .total_core_instances(POOL_SLOTS)
+            .total_memories(POOL_SLOTS)
+            .total_tables(POOL_SLOTS)
+            .max_memory_size(MAX_MEMORY_BYTES);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .memory_reservation(MAX_MEMORY_BYTES as u64)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).expect("the plugin engine configuration is valid");
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("goutube-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    ticker.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch ticker");
+        engine
+    })
+}
+
+/// Epoch ticks that cover `timeout` (at least one full tick).
+pub fn ticks(timeout: Duration) -> u64 {
+    (timeout.as_micros() / TICK.as_micros()) as u64 + 1
+}
+
+/// Compiles `bytes` into a component, at most once per process per content, and at most once per
+/// engine version on disk when `cache_dir` is given. Errors are sentences for the operator.
+pub fn compile(bytes: &[u8], cache_dir: Option<&Path>) -> Result<Component, String> {
+    static COMPILED: OnceLock<Mutex<HashMap<[u8; 32], Component>>> = OnceLock::new();
+    check_header(bytes)?;
+    let digest: [u8; 32] = Sha256::digest(bytes).into();
+    let compiled = COMPILED.get_or_init(Default::default);
+    if let Some(component) = compiled.lock().unwrap().get(&digest) {
+        return Ok(component.clone());
+    }
+    let engine = engine();
+    let component = match cache_dir {
+        Some(dir) => compile_cached(engine, bytes, &digest, dir)?,
+        None => {
+            Component::new(engine, bytes).map_err(|e| format!("not a valid component: {e:?}"))?
+        }
+    };
+    compiled.lock().unwrap().insert(digest, component.clone());
+    Ok(component)
+}
+
+/// Tells a core module or a non-WebAssembly file apart from a component, with a useful message.
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    match bytes.get(0..8) {
+        Some([0, b'a', b's', b'm', 0x0d, 0, 0x01, 0]) => Ok(()),
+        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => Err(
+            "is a core WebAssembly module, not a component: build it for wasm32-wasip2 (or wrap \
+             it with `wasm-tools component new`)"
+                .into(),
+        ),
+        _ => Err("is not WebAssembly (no \\0asm header)".into()),
+    }
+}
+
+fn compile_cached(
+    engine: &Engine,
+    bytes: &[u8],
+    digest: &[u8; 32],
+    dir: &Path,
+) -> Result<Component, String> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(format!("{hex}-{:016x}.cwasm", hasher.finish()));
+    if path.exists() {
+        // SAFETY: files in the cache directory are artifacts this program wrote with
+        // `Engine::precompile_component` (the directory is private to the node, created 0700);
+        // wasmtime refuses an artifact whose engine configuration or version differs.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => return Ok(component),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "recompiling a stale cached component")
+            }
+        }
+    }
+    let artifact = engine
+        .precompile_component(bytes)
+        .map_err(|e| format!("not a valid component: {e:?}"))?;
+    if let Err(error) = write_private(dir, &path, &artifact) {
+        tracing::warn!(path = %path.display(), %error, "cannot cache the compiled component");
+    }
+    // SAFETY: `artifact` was produced just above by this engine.
+    unsafe { Component::deserialize(engine, &artifact) }
+        .map_err(|e| format!("loading the compiled component: {e:?}"))
+}
+
+/// Writes `bytes` to `path` atomically, in a directory only this user can read.
+fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// A linker with WASI (no files, network or environment are granted) and `add` for the world's
+/// own imports.
+pub fn linker(
+    add: impl FnOnce(&mut Linker<StoreState>) -> wasmtime::Result<()>,
+) -> wasmtime::Result<Linker<StoreState>> {
+    let mut linker = Linker::new(engine());
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    add(&mut linker)?;
+    Ok(linker)
+}
+
+/// What a plugin's `Store` holds.
+pub struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limits: MemoryLimit,
+    /// The plugin's name, for its log lines.
+    pub plugin: Arc<str>,
+    /// The host Polar policy behind the `polar` interface (authorizers only).
+    pub polar: Option<Arc<Polar>>,
+}
+
+impl StoreState {
+    pub fn new(plugin: Arc<str>, max_memory: usize, polar: Option<Arc<Polar>>) -> Self {
+        Self {
+            // Panics and prints of a plugin reach the node's stderr; nothing else is granted.
+            wasi: WasiCtxBuilder::new().inherit_stderr().build(),
+            table: ResourceTable::new(),
+            limits: MemoryLimit {
+                max_bytes: max_memory,
+                exceeded: false,
+            },
+            plugin,
+            polar,
+        }
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps a plugin's linear memory and remembers when the cap was hit, so that the trap that
+/// follows (an allocation failure aborts the guest) is reported as out-of-memory.
+pub struct MemoryLimit {
+    max_bytes: usize,
+    pub exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryLimit {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}

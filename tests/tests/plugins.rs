@@ -1,0 +1,480 @@
+//! The plugin platform with real components: every built-in called through the host, components
+//! that loop, allocate without end, panic or implement the wrong world, load errors that name the
+//! config key, the template a user copies, and policies enforced through the gRPC API.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use goutube::api::proto::{LocatePointRequest, MetadataRequest};
+use goutube::authz::Action;
+use goutube::config::{Config, MemberConfig, PluginSection, PluginsSection, Role};
+use goutube::node::{Listeners, Node, StartError};
+use goutube::plugins::{Member, PluginSet};
+use goutube_tests::{TestNode, consume, data, produce, window};
+use tonic::Code;
+
+fn test_component(name: &str) -> PathBuf {
+    PathBuf::from(goutube::plugins::builtin::BUILD_DIR).join(format!("{name}.wasm"))
+}
+
+fn section(source: &str, config: &str) -> PluginSection {
+    PluginSection {
+        source: source.into(),
+        config: config.into(),
+        ..PluginSection::default()
+    }
+}
+
+fn plugin_set(configure: impl FnOnce(&mut PluginsSection)) -> PluginSet {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plugins = PluginsSection::default();
+    configure(&mut plugins);
+    PluginSet::load(&plugins, dir.path()).unwrap()
+}
+
+async fn start_error(configure: impl FnOnce(&mut Config)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = goutube_tests::config(dir.path());
+    configure(&mut config);
+    let listeners = Listeners::bind(&config).await.unwrap();
+    match Node::start(config, listeners).await {
+        Err(error @ StartError::Plugin(_)) => error.to_string(),
+        Err(other) => panic!("expected a plugin error, got {other}"),
+        Ok(node) => {
+            node.shutdown().await.unwrap();
+            panic!("the node started")
+        }
+    }
+}
+
+#[test]
+fn polar_authorizer_applies_the_default_policy() {
+    let plugins = plugin_set(|_| {});
+    let allowed = |subject: &str, action| {
+        plugins
+            .authorize(subject, action, "videos/a", "127.0.0.1:1")
+            .unwrap()
+            .allowed
+    };
+    for action in Action::ALL {
+        assert!(allowed("root", action), "root {action}");
+        assert!(!allowed("nobody", action), "nobody {action}");
+    }
+    assert!(allowed("node:follower-1", Action::Replicate));
+    assert!(!allowed("node:follower-1", Action::Produce));
+    let denial = plugins
+        .authorize("nobody", Action::Consume, "x", "")
+        .unwrap();
+    assert!(denial.reason.contains("no allow rule"), "{}", denial.reason);
+}
+
+#[test]
+fn acl_authorizer_matches_globs_and_expresses_the_original_policy() {
+    let plugins = plugin_set(|p| {
+        p.authorizer = section(
+            "builtin:acl-authorizer",
+            "# the original goutube casbin policy\nroot, *, produce\nroot, *, consume\nalice, videos/*, consume\nbob, cams/??, *\n",
+        )
+    });
+    let allowed = |subject: &str, action, point: &str| {
+        plugins
+            .authorize(subject, action, point, "")
+            .unwrap()
+            .allowed
+    };
+    assert!(allowed("root", Action::Produce, "anything/at/all"));
+    assert!(allowed("root", Action::Consume, "x"));
+    assert!(!allowed("root", Action::Admin, "x"));
+    assert!(allowed("alice", Action::Consume, "videos/cat.webm"));
+    assert!(!allowed("alice", Action::Consume, "music/song"));
+    assert!(!allowed("alice", Action::Produce, "videos/cat.webm"));
+    assert!(allowed("bob", Action::Admin, "cams/07"));
+    assert!(!allowed("bob", Action::Admin, "cams/007"));
+    assert!(!allowed("nobody", Action::Consume, "videos/a"));
+}
+
+#[test]
+fn bundlers_round_trip_and_reject_corruption() {
+    for source in ["builtin:crc-bundler", "builtin:lz4-bundler"] {
+        let plugins = plugin_set(|p| p.bundler = section(source, ""));
+        let compressible: Vec<u8> = (0..256 * 1024).map(|i| (i / 1000) as u8).collect();
+        for payload in [data(1, 256 * 1024), compressible.clone(), Vec::new()] {
+            let bundle = plugins.bundle("videos/a", 12345, &payload).unwrap();
+            let record = plugins.unbundle(&bundle).unwrap().unwrap();
+            assert_eq!(
+                (record.point.as_str(), record.start),
+                ("videos/a", 12345),
+                "{source}"
+            );
+            assert_eq!(record.payload, payload, "{source}");
+            if !bundle.is_empty() {
+                for position in [0, 5, bundle.len() / 2, bundle.len() - 1] {
+                    let mut damaged = bundle.clone();
+                    damaged[position] ^= 0x10;
+                    assert!(
+                        plugins.unbundle(&damaged).unwrap().is_err(),
+                        "{source}: flip at {position} accepted"
+                    );
+                }
+                assert!(
+                    plugins
+                        .unbundle(&bundle[..bundle.len() - 1])
+                        .unwrap()
+                        .is_err()
+                );
+            }
+        }
+        let bundle = plugins.bundle("p", 0, &compressible).unwrap();
+        if source.contains("lz4") {
+            assert!(
+                bundle.len() < compressible.len() / 10,
+                "lz4 compressed to {}",
+                bundle.len()
+            );
+        } else {
+            assert!(bundle.len() > compressible.len());
+        }
+    }
+}
+
+fn members(names: &[&str]) -> Vec<Member> {
+    names
+        .iter()
+        .map(|name| Member {
+            name: (*name).into(),
+            address: format!("{name}:8400"),
+            role: "leader".into(),
+            virtual_nodes: 64,
+            tags: Vec::new(),
+        })
+        .collect()
+}
+
+#[test]
+fn placements_are_stable_and_move_few_keys() {
+    for source in ["builtin:ring-placement", "builtin:rendezvous-placement"] {
+        let plugins = plugin_set(|p| p.placement = section(source, ""));
+        let three = members(&["a", "b", "c"]);
+        let mut four = three.clone();
+        four.extend(members(&["d"]));
+        let mut with_follower = three.clone();
+        with_follower.push(Member {
+            role: "follower".into(),
+            ..members(&["f"]).remove(0)
+        });
+
+        let mut moved = 0;
+        let mut counts = std::collections::HashMap::new();
+        for i in 0..2000 {
+            let key = format!("point-{i}");
+            let owners = plugins.owners(&key, &three, 2).unwrap();
+            assert_eq!(owners.len(), 2, "{source}");
+            assert_ne!(
+                owners[0], owners[1],
+                "{source}: replicas are distinct members"
+            );
+            assert_eq!(
+                plugins.owners(&key, &three, 2).unwrap(),
+                owners,
+                "{source}: deterministic"
+            );
+            assert_eq!(
+                plugins.owners(&key, &with_follower, 1).unwrap()[0],
+                owners[0],
+                "{source}: followers own nothing"
+            );
+            *counts.entry(owners[0].clone()).or_insert(0) += 1;
+            let after = plugins.owners(&key, &four, 1).unwrap();
+            if after[0] != owners[0] {
+                assert_eq!(after[0], "d", "{source}: a key moved between old members");
+                moved += 1;
+            }
+        }
+        // A fourth member takes about a quarter of the keys, and only those.
+        assert!(
+            (300..=700).contains(&moved),
+            "{source}: {moved} of 2000 keys moved"
+        );
+        for (member, count) in counts {
+            assert!(
+                (400..=1000).contains(&count),
+                "{source}: {member} owns {count} of 2000"
+            );
+        }
+        assert!(plugins.owners("x", &[], 1).unwrap().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_authorizers_deny_and_the_node_keeps_serving() {
+    let node = TestNode::start(|c| {
+        c.plugins.authorizer = section(
+            test_component("misbehaving_authorizer").to_str().unwrap(),
+            "",
+        );
+        c.plugins.authorizer.timeout_ms = 200;
+        c.plugins.authorizer.max_memory_mib = 32;
+    })
+    .await;
+    let mut client = node.client().await;
+    produce(&mut client, "fine/a", &[data(1, 100)])
+        .await
+        .unwrap();
+
+    for (point, expected) in [
+        ("loop/x", "ran out of time"),
+        ("allocate/x", "exceeded its memory limit (32 MiB)"),
+        ("panic/x", "trapped"),
+    ] {
+        let started = Instant::now();
+        let status = produce(&mut client, point, &[data(2, 10)])
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{point}: {status:?}");
+        assert!(
+            status.message().contains(expected),
+            "{point}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("misbehaving_authorizer.wasm"),
+            "the error names the plugin: {}",
+            status.message()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{point} took {:?}",
+            started.elapsed()
+        );
+        // Failures are not cached: the next call is decided again, and denied again.
+        let status = consume(&mut client, window(point, 0, 0, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{point}");
+        // The poisoned instance was replaced: other calls are served.
+        let got = consume(&mut client, window("fine/a", 0, 0, 0))
+            .await
+            .unwrap()
+            .concat();
+        assert_eq!(got, data(1, 100));
+        produce(&mut client, &format!("fine/after-{point}"), &[data(3, 10)])
+            .await
+            .unwrap();
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn load_errors_name_the_key_and_the_plugin() {
+    let error = start_error(|c| c.plugins.authorizer = section("builtin:crc-bundler", "")).await;
+    assert!(
+        error.contains("plugins.authorizer.source") && error.contains("authorizer world"),
+        "{error}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let error = start_error(|c| c.plugins.bundler = section(core.to_str().unwrap(), "")).await;
+    assert!(
+        error.contains("plugins.bundler.source") && error.contains("core WebAssembly module"),
+        "{error}"
+    );
+
+    let error =
+        start_error(|c| c.plugins.placement = section("/nonexistent/placement.wasm", "")).await;
+    assert!(
+        error.contains("plugins.placement.source") && error.contains("/nonexistent/placement.wasm"),
+        "{error}"
+    );
+
+    let error = start_error(|c| c.plugins.authorizer = section("builtin:no-such-thing", "")).await;
+    assert!(error.contains("built-ins: polar-authorizer"), "{error}");
+
+    let error =
+        start_error(|c| c.plugins.authorizer = section("builtin:acl-authorizer", "root produce"))
+            .await;
+    assert!(
+        error.contains("plugins.authorizer.config") && error.contains("line 1"),
+        "{error}"
+    );
+
+    let error = start_error(|c| {
+        c.plugins.authorizer = section(
+            test_component("misbehaving_authorizer").to_str().unwrap(),
+            "fail",
+        )
+    })
+    .await;
+    assert!(error.contains("configured to fail"), "{error}");
+
+    let policy = dir.path().join("broken.polar");
+    std::fs::write(&policy, "allow(").unwrap();
+    let error = start_error(|c| c.plugins.policy_file = Some(policy.clone())).await;
+    assert!(
+        error.contains("plugins.policy_file") && error.contains("broken.polar"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn the_template_is_enforced_once_named_in_the_config() {
+    let template = test_component("template");
+    let node = TestNode::start(|c| {
+        c.plugins.authorizer = section(template.to_str().unwrap(), "anonymous\n")
+    })
+    .await;
+    let mut client = node.client().await;
+    produce(&mut client, "p", &[data(1, 10)]).await.unwrap();
+    let status = client
+        .delete_point(goutube::api::proto::DeletePointRequest { point: "p".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("never allows admin"),
+        "{}",
+        status.message()
+    );
+    node.shutdown().await;
+
+    let node = TestNode::start(|c| {
+        c.plugins.authorizer = section(template.to_str().unwrap(), "someone-else\n")
+    })
+    .await;
+    let mut client = node.client().await;
+    let status = produce(&mut client, "p", &[data(1, 10)]).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("anonymous is not listed"),
+        "{}",
+        status.message()
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_acl_limits_what_a_subject_may_do_through_the_api() {
+    // Without TLS every client is "anonymous"; tests/tests/tls.rs does the same for real
+    // certificate subjects.
+    let acl = "anonymous, uploads/*, produce\nanonymous, videos/*, consume\nanonymous, videos/*, metadata\n";
+    let node = TestNode::start(|c| {
+        c.plugins.authorizer = section("builtin:acl-authorizer", acl);
+        c.plugins.decision_cache_ms = 60_000;
+    })
+    .await;
+    // Seed videos/ directly in the store: the ACL does not let clients write there.
+    node.node
+        .store()
+        .append(&"videos/cat".try_into().unwrap(), data(5, 500).into())
+        .await
+        .unwrap();
+    let mut client = node.client().await;
+    assert_eq!(
+        consume(&mut client, window("videos/cat", 0, 0, 0))
+            .await
+            .unwrap()
+            .concat(),
+        data(5, 500)
+    );
+    let meta = client
+        .get_metadata(MetadataRequest {
+            point: "videos/cat".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(meta.into_inner().size, 500);
+    produce(&mut client, "uploads/a", &[data(6, 10)])
+        .await
+        .unwrap();
+
+    for status in [
+        produce(&mut client, "videos/cat", &[data(7, 10)])
+            .await
+            .unwrap_err(),
+        consume(&mut client, window("uploads/a", 0, 0, 0))
+            .await
+            .unwrap_err(),
+        client
+            .get_metadata(MetadataRequest {
+                point: "uploads/a".into(),
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains("no ACL line allows anonymous"),
+            "{}",
+            status.message()
+        );
+    }
+    // Decisions are cached: the second identical call is a cache hit.
+    let scrape = |addr: String| async move { goutube_tests::scrape_metrics(&addr).await };
+    let metrics = node.node.metrics_addr().to_string();
+    let before = goutube_tests::metric(
+        &scrape(metrics.clone()).await,
+        "goutube_authz_cache_hits_total",
+    )
+    .unwrap_or(0.0);
+    consume(&mut client, window("videos/cat", 0, 0, 0))
+        .await
+        .unwrap();
+    let after = goutube_tests::metric(&scrape(metrics).await, "goutube_authz_cache_hits_total")
+        .unwrap_or(0.0);
+    assert!(after >= before + 1.0, "{before} -> {after}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn placement_locates_points_and_refuses_writes_owned_elsewhere() {
+    let node = TestNode::start(|c| {
+        c.node_name = "a".into();
+        c.members = ["b", "c"]
+            .iter()
+            .map(|name| MemberConfig {
+                name: (*name).into(),
+                address: format!("10.0.0.{}:8400", name.as_bytes()[0] - b'a' + 1),
+                role: Role::Leader,
+                virtual_nodes: 64,
+                tags: Default::default(),
+            })
+            .collect();
+    })
+    .await;
+    let mut client = node.client().await;
+    let mut mine = None;
+    let mut theirs = None;
+    for i in 0..50 {
+        let point = format!("p{i}");
+        let located = client
+            .locate_point(LocatePointRequest {
+                point: point.clone(),
+                replicas: 2,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(located.owners.len(), 2);
+        assert_eq!(located.membership_version, 1);
+        let owner = &located.owners[0];
+        if owner.name == "a" {
+            assert_eq!(owner.rpc_addr, node.addr());
+            mine.get_or_insert(point);
+        } else {
+            theirs.get_or_insert((point, owner.clone()));
+        }
+    }
+    let (mine, (theirs, owner)) = (mine.unwrap(), theirs.unwrap());
+    produce(&mut client, &mine, &[data(1, 10)]).await.unwrap();
+    let status = produce(&mut client, &theirs, &[data(1, 10)])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains(&owner.name) && status.message().contains(&owner.rpc_addr),
+        "{}",
+        status.message()
+    );
+    node.shutdown().await;
+}
