@@ -58,7 +58,8 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: {}", .0.code(), .0.message())]
+    /// The node answered with an error status: `NotFound: point x not found`.
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Status(#[from] Status),
     #[error("verification failed: {0}")]
     Verify(String),

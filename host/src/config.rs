@@ -75,6 +75,31 @@ pub struct Config {
     pub log: LogConfig,
     pub storage: StorageSection,
     pub plugins: PluginsSection,
+    /// mTLS on every listener and for node-to-node connections; absent = plaintext (development).
+    pub tls: Option<TlsSection>,
+}
+
+/// TLS material, PEM files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA that client (and peer) certificates must be signed by.
+    pub ca: PathBuf,
+    /// This node's certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// What this node uses when it dials other nodes (default: the three files above).
+    #[serde(default)]
+    pub peer: Option<PeerTlsSection>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTlsSection {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// Another member of the cluster.
@@ -221,6 +246,7 @@ impl Default for Config {
             log: LogConfig::default(),
             storage: StorageSection::default(),
             plugins: PluginsSection::default(),
+            tls: None,
         }
     }
 }
@@ -369,6 +395,23 @@ impl Config {
                     "members",
                     format!("member {:?} needs at least 1 virtual node", member.name),
                 );
+            }
+        }
+        if let Some(tls) = &self.tls {
+            let peer = tls.peer.clone().unwrap_or_default();
+            for (key, path) in [
+                ("tls.ca", Some(&tls.ca)),
+                ("tls.cert", Some(&tls.cert)),
+                ("tls.key", Some(&tls.key)),
+                ("tls.peer.ca", peer.ca.as_ref()),
+                ("tls.peer.cert", peer.cert.as_ref()),
+                ("tls.peer.key", peer.key.as_ref()),
+            ] {
+                if let Some(path) = path
+                    && !path.is_file()
+                {
+                    return invalid(key, format!("{} is not a readable file", path.display()));
+                }
             }
         }
         for (key, section) in [

@@ -11,6 +11,7 @@
 //! | [`node`] | a running node: listeners, shared state, start-up and graceful shutdown |
 //! | [`net`] | accepting connections, TLS handshakes, the peer identity of each connection |
 //! | [`tls`] | rustls configuration from PEM files, subjects from certificates |
+//! | [`certs`] | a development PKI (rcgen): CA, node and client certificates for `goutube certs` |
 //! | [`authz`] | authorization: actions, the decision cache in front of the authorizer plugin |
 //! | [`plugins`] | WebAssembly plugins: engine, bindings (the one `bindgen!`), built-ins, Polar |
 //! | [`placement`] | which member owns a point: members, the placement plugin, answers cached per membership version |
@@ -22,6 +23,7 @@
 
 pub mod api;
 pub mod authz;
+pub mod certs;
 pub mod client;
 pub mod config;
 pub mod error;

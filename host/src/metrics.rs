@@ -6,9 +6,14 @@
 
 use std::sync::OnceLock;
 
+use std::net::SocketAddr;
+
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::net::Connection;
 
 pub const PRODUCED_BYTES: &str = "goutube_produce_bytes_total";
 pub const PRODUCED_FRAMES: &str = "goutube_produce_frames_total";
@@ -30,6 +35,7 @@ pub const REPLICATION_LAG_BYTES: &str = "goutube_replication_lag_bytes";
 pub const REPLICATED_BYTES: &str = "goutube_replicated_bytes_total";
 pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_total";
 pub const FOLLOWERS: &str = "goutube_followers";
+pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn handle() -> PrometheusHandle {
@@ -112,10 +118,15 @@ fn describe() {
         "Replication records rejected on receipt."
     );
     describe_gauge!(FOLLOWERS, "Followers connected to this leader.");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Connections refused during the TLS handshake, by listener."
+    );
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+/// Serves `GET /metrics` on the connections of `incoming` (plaintext or TLS, see
+/// [`crate::net::accept`]) until `shutdown` is cancelled.
+pub async fn serve(incoming: Incoming, shutdown: CancellationToken) -> std::io::Result<()> {
     let handle = handle();
     let app = axum::Router::new().route(
         "/metrics",
@@ -124,7 +135,36 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::i
             async move { handle.render() }
         }),
     );
-    axum::serve(listener, app)
+    axum::serve(incoming, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+/// The accepted connections of the metrics listener, as an axum listener.
+pub struct Incoming {
+    pub connections: ReceiverStream<std::io::Result<Connection>>,
+    pub local_addr: SocketAddr,
+}
+
+impl axum::serve::Listener for Incoming {
+    type Io = Connection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Connection, SocketAddr) {
+        loop {
+            match self.connections.next().await {
+                Some(Ok(connection)) => {
+                    let addr = connection.peer().addr;
+                    return (connection, addr);
+                }
+                Some(Err(error)) => tracing::warn!(%error, "metrics connection failed"),
+                // The accept loop stopped (shutdown): wait for axum's graceful shutdown.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local_addr)
+    }
 }

@@ -146,26 +146,34 @@ pub fn accept(
                         },
                     },
                     Some(acceptor) => {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let subject = crate::tls::subject_of(stream.get_ref().1)
-                                    .unwrap_or_else(|| ANONYMOUS.into());
-                                Connection {
-                                    io: Either::Right(stream),
-                                    info: PeerInfo {
-                                        addr,
-                                        subject: subject.into(),
-                                    },
-                                }
-                            }
-                            Ok(Err(error)) => {
-                                tracing::info!(listener = what, %addr, %error, "TLS handshake refused");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::info!(listener = what, %addr, "TLS handshake timed out");
-                                return;
-                            }
+                        let refused = |reason: &dyn std::fmt::Display| {
+                            tracing::info!(listener = what, %addr, %reason, "TLS handshake refused");
+                            ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => what)
+                                .increment(1);
+                        };
+                        let stream =
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                                .await
+                            {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(error)) => return refused(&error),
+                                Err(_) => return refused(&"timed out"),
+                            };
+                        // Client certificates are required, so there is always a subject.
+                        let Some(subject) = crate::tls::subject_of(stream.get_ref().1) else {
+                            return refused(&"no client certificate");
+                        };
+                        if subject == ANONYMOUS {
+                            return refused(
+                                &"a certificate may not claim the subject \"anonymous\"",
+                            );
+                        }
+                        Connection {
+                            io: Either::Right(stream),
+                            info: PeerInfo {
+                                addr,
+                                subject: subject.into(),
+                            },
                         }
                     }
                 };

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -61,6 +62,8 @@ pub enum StartError {
     Store(#[from] StorageError),
     #[error("{0}")]
     Plugin(#[from] PluginError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("listener address: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -225,6 +228,10 @@ impl Node {
             data_dir = %config.data_dir.display(),
             "store opened"
         );
+        let tls = match &config.tls {
+            Some(section) => Some(TlsAcceptor::from(crate::tls::server_config(section)?)),
+            None => None,
+        };
         let plugins = Plugins::load(&config.plugins, &config.data_dir)?;
         let authorizer = Arc::new(Authorizer::new(Duration::from_millis(
             config.plugins.decision_cache_ms,
@@ -243,13 +250,17 @@ impl Node {
         });
 
         let tasks = TaskTracker::new();
+        let metrics = crate::metrics::Incoming {
+            connections: net::accept(listeners.metrics, tls.clone(), shutdown.clone(), "metrics"),
+            local_addr: metrics_addr,
+        };
         let metrics_shutdown = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(error) = crate::metrics::serve(listeners.metrics, metrics_shutdown).await {
+            if let Err(error) = crate::metrics::serve(metrics, metrics_shutdown).await {
                 tracing::error!(%error, "metrics endpoint failed");
             }
         });
-        let incoming = net::accept(listeners.rpc, None, shutdown.clone(), "rpc");
+        let incoming = net::accept(listeners.rpc, tls, shutdown.clone(), "rpc");
         let api = tokio::spawn(api::serve(state.clone(), incoming, shutdown.clone()));
         // Replication binds its listener in a later stage; keep it reserved until then.
         drop(listeners.replication);

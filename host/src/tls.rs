@@ -1,16 +1,148 @@
 //! TLS: rustls configurations from PEM files, and identities from certificates.
 //!
-//! Every listener requires and verifies a client certificate signed by the configured CA when TLS
-//! is on; the subject of a connection is the common name of that certificate. Only the `ring`
-//! provider is compiled in.
+//! With `[tls]` configured, every listener of a node speaks only TLS and requires a client
+//! certificate signed by the configured CA (expired certificates, other CAs and missing
+//! certificates fail the handshake). The subject of a connection is the certificate's common
+//! name; a certificate without one is identified by its first DNS name, then by
+//! `sha256:<fingerprint>`. The subject `anonymous` is reserved for plaintext listeners: a
+//! certificate claiming it is refused. Only the `ring` provider is compiled in.
 
-use rustls::server::ServerConnection;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ServerConnection, WebPkiClientVerifier};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use sha2::{Digest, Sha256};
+use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// The common name of the first certificate the client presented, if any.
+use crate::config::TlsSection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("config key `{key}`: {path}: {message}")]
+    File {
+        key: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file_error = |message: String| TlsError::File {
+        key,
+        path: path.display().to_string(),
+        message,
+    };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(file_error("no PEM certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::File {
+        key,
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn roots(key: &'static str, path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(key, path)? {
+        roots.add(cert).map_err(|e| TlsError::Invalid {
+            key,
+            message: format!("{}: {e}", path.display()),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The server side: this node's certificate, and client certificates required and verified
+/// against the CA. ALPN offers `h2` (gRPC) and `http/1.1` (metrics).
+pub fn server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder(roots("tls.ca", &tls.ca)?)
+        .build()
+        .map_err(|e| TlsError::Invalid {
+            key: "tls.ca",
+            message: e.to_string(),
+        })?;
+    let mut config = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certificates("tls.cert", &tls.cert)?,
+            private_key("tls.key", &tls.key)?,
+        )
+        .map_err(|e| TlsError::Invalid {
+            key: "tls.key",
+            message: format!("does not match tls.cert: {e}"),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The client side of node-to-node connections: the peer section's files, defaulting to the
+/// node's own (a node certificate is valid for both).
+pub fn peer_client_config(tls: &TlsSection) -> Result<Arc<ClientConfig>, TlsError> {
+    let peer = tls.peer.clone().unwrap_or_default();
+    let ca = peer.ca.as_deref().unwrap_or(&tls.ca);
+    let cert = peer.cert.as_deref().unwrap_or(&tls.cert);
+    let key = peer.key.as_deref().unwrap_or(&tls.key);
+    let config = ClientConfig::builder()
+        .with_root_certificates(roots("tls.peer.ca", ca)?)
+        .with_client_auth_cert(
+            certificates("tls.peer.cert", cert)?,
+            private_key("tls.peer.key", key)?,
+        )
+        .map_err(|e| TlsError::Invalid {
+            key: "tls.peer.key",
+            message: format!("does not match tls.peer.cert: {e}"),
+        })?;
+    Ok(Arc::new(config))
+}
+
+/// The subject of the client certificate of `connection`.
 pub fn subject_of(connection: &ServerConnection) -> Option<String> {
     let certificate = connection.peer_certificates()?.first()?;
-    common_name(certificate.as_ref())
+    Some(subject(certificate.as_ref()))
+}
+
+/// The subject of a DER certificate: its common name, else its first DNS name, else
+/// `sha256:<hex fingerprint>`.
+pub fn subject(der: &[u8]) -> String {
+    if let Some(name) = common_name(der) {
+        return name;
+    }
+    if let Ok((_, certificate)) = X509Certificate::from_der(der)
+        && let Ok(Some(names)) = certificate.subject_alternative_name()
+        && let Some(dns) = names
+            .value
+            .general_names
+            .iter()
+            .find_map(|name| match name {
+                GeneralName::DNSName(dns) => Some(*dns),
+                _ => None,
+            })
+    {
+        return dns.to_owned();
+    }
+    let digest = Sha256::digest(der);
+    format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 /// The first common name in the subject of a DER certificate.

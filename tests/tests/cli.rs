@@ -98,7 +98,7 @@ async fn put_get_stat_ls_rm() {
     .await;
     assert!(!get.status.success());
     assert!(
-        stderr(&get).contains("NotFound") || stderr(&get).contains("not found"),
+        stderr(&get).contains("NotFound: point films/movie not found"),
         "{}",
         stderr(&get)
     );

@@ -99,7 +99,7 @@ fn bundlers_round_trip_and_reject_corruption() {
         let plugins = plugin_set(|p| p.bundler = section(source, ""));
         let compressible: Vec<u8> = (0..256 * 1024).map(|i| (i / 1000) as u8).collect();
         for payload in [data(1, 256 * 1024), compressible.clone(), Vec::new()] {
-            let bundle = plugins.bundle("videos/a", 12345, &payload).unwrap();
+            let bundle = plugins.bundle("videos/a", 12345, payload.clone()).unwrap();
             let record = plugins.unbundle(&bundle).unwrap().unwrap();
             assert_eq!(
                 (record.point.as_str(), record.start),
@@ -124,7 +124,7 @@ fn bundlers_round_trip_and_reject_corruption() {
                 );
             }
         }
-        let bundle = plugins.bundle("p", 0, &compressible).unwrap();
+        let bundle = plugins.bundle("p", 0, compressible.clone()).unwrap();
         if source.contains("lz4") {
             assert!(
                 bundle.len() < compressible.len() / 10,

@@ -73,6 +73,28 @@ pub enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Write a development CA, node certificates and client certificates (PEM; keys 0600).
+    Certs {
+        /// Directory to write to; an existing CA there is reused.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Node names, one certificate each (common name `node:<name>`); default: the host name.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// Extra host names or IP addresses the node certificates are valid for (besides
+        /// localhost, 127.0.0.1, ::1 and the node name).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Client subjects, one certificate each; default: root and nobody.
+        #[arg(long = "client")]
+        clients: Vec<String>,
+        /// Validity of node and client certificates, in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Replace existing files (and the CA).
+        #[arg(long)]
+        force: bool,
+    },
     /// Measure throughput and resources against baselines (build with --release).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -194,6 +216,47 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             for point in connection.connect().await?.list(&prefix).await? {
                 println!("{point}");
             }
+            Ok(())
+        }
+        Command::Certs {
+            out,
+            mut nodes,
+            sans,
+            mut clients,
+            days,
+            force,
+        } => {
+            if nodes.is_empty() {
+                nodes.push(Config::default().node_name);
+            }
+            if clients.is_empty() {
+                clients = vec!["root".into(), "nobody".into()];
+            }
+            anyhow::ensure!(days > 0, "--days must be at least 1");
+            let written = goutube::certs::write(&goutube::certs::Request {
+                out: &out,
+                nodes: &nodes,
+                sans: &sans,
+                clients: &clients,
+                days,
+                force,
+            })?;
+            for path in &written {
+                println!("wrote {}", path.display());
+            }
+            let node = &nodes[0];
+            println!(
+                "\nnode config:\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+                out.join("ca.pem"),
+                out.join(format!("node-{node}.pem")),
+                out.join(format!("node-{node}-key.pem"))
+            );
+            println!(
+                "\nclient flags: --ca {} --cert {} --key {}",
+                out.join("ca.pem").display(),
+                out.join(format!("client-{}.pem", clients[0])).display(),
+                out.join(format!("client-{}-key.pem", clients[0])).display()
+            );
             Ok(())
         }
         Command::Bench(bench) => {

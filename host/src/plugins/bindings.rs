@@ -2,7 +2,8 @@
 //! host side of the interfaces components import (`log`, `polar`).
 //!
 //! The `types` and `log` interfaces are generated once, with the authorizer world, and shared by
-//! the other two worlds through `with`, so one implementation serves every plugin.
+//! the other two worlds through `with`, so one implementation serves every plugin. `polar` is
+//! for authorizers, `checksum` (hardware CRC32C) for bundlers.
 
 use super::runtime::StoreState;
 
@@ -50,6 +51,12 @@ impl log::Host for StoreState {
             log::Level::Warn => tracing::warn!(plugin, "{message}"),
             log::Level::Error => tracing::error!(plugin, "{message}"),
         }
+    }
+}
+
+impl bundler::goutube::plugins::checksum::Host for StoreState {
+    fn crc32c(&mut self, crc: u32, bytes: Vec<u8>) -> u32 {
+        crc32c::crc32c_append(crc, &bytes)
     }
 }
 

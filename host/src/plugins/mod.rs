@@ -415,11 +415,17 @@ impl PluginSet {
         })
     }
 
-    pub fn bundle(&self, point: &str, start: u64, payload: &[u8]) -> Result<Vec<u8>, PluginError> {
+    /// Frames one record with the bundler (the payload is moved, not copied, into the call).
+    pub fn bundle(
+        &self,
+        point: &str,
+        start: u64,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, PluginError> {
         let record = types::ReplRecord {
             point: point.into(),
             start,
-            payload: payload.to_vec(),
+            payload,
         };
         self.bundler
             .call("bundle", |b, store| b.call_bundle(store, &record))

@@ -1,17 +1,24 @@
 //! The wire framing of goutube's built-in bundlers (`crc-bundler`, `lz4-bundler`).
 //!
 //! ```text
-//! magic "GTB1" | version u8 = 1 | codec u8 | point_len u16 | start u64 | payload_len u32
-//! | body_len u32 | crc32c u32 | point bytes | body bytes
+//! body | point bytes | trailer (28 bytes):
+//!     magic "GTB1" | version u8 = 1 | codec u8 | point_len u16 | start u64 | payload_len u32
+//!     | body_len u32 | crc32c u32
 //! ```
 //!
-//! Integers are little-endian. The CRC32C covers everything but itself: the first 24 header
-//! bytes, the point id and the body. The body is the payload itself (`Raw`) or its LZ4 block
+//! Integers are little-endian. The CRC32C covers everything but itself: the body, the point id
+//! and the first 24 trailer bytes. The body is the payload itself (`Raw`) or its LZ4 block
 //! compression (`Lz4`), in which case `payload_len` is checked after decompression.
+//!
+//! The body comes first so that neither side copies it: [`encode`] appends the point and the
+//! trailer to the payload's own buffer, [`decode`] truncates the received buffer to the body.
+//!
+//! The CRC function is a parameter, `(crc so far, bytes) -> crc`: inside a component it is the
+//! host's `checksum.crc32c` import (hardware), natively [`crc32c_append`].
 
 pub const MAGIC: &[u8; 4] = b"GTB1";
 pub const VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 28;
+pub const TRAILER_LEN: usize = 28;
 
 /// How the body holds the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,85 +29,101 @@ pub enum Codec {
 
 /// A decoded, checksum-verified frame (the body still encoded with `codec`).
 #[derive(Debug, PartialEq, Eq)]
-pub struct Frame<'a> {
-    pub point: &'a str,
+pub struct Frame {
+    pub point: String,
     pub start: u64,
     pub codec: Codec,
     pub payload_len: usize,
-    pub body: &'a [u8],
+    pub body: Vec<u8>,
 }
 
-/// Frames `body` (the payload encoded with `codec`, `payload_len` bytes once decoded).
-pub fn encode(point: &str, start: u64, codec: Codec, payload_len: usize, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + point.len() + body.len());
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(codec as u8);
-    out.extend_from_slice(&(point.len() as u16).to_le_bytes());
-    out.extend_from_slice(&start.to_le_bytes());
-    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(
-        crc32c::crc32c_append(crc32c::crc32c(&out), point.as_bytes()),
-        body,
-    );
-    out.extend_from_slice(&crc.to_le_bytes());
+/// A CRC32C function: continues `crc` over `bytes`.
+pub type Crc = fn(u32, &[u8]) -> u32;
+
+/// The CRC32C of the `crc32c` crate (SSE 4.2 when available), for native use.
+pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, bytes)
+}
+
+/// Frames `body` (the payload encoded with `codec`, `payload_len` bytes once decoded), reusing
+/// its buffer.
+pub fn encode(
+    crc: Crc,
+    point: &str,
+    start: u64,
+    codec: Codec,
+    payload_len: usize,
+    body: Vec<u8>,
+) -> Vec<u8> {
+    let body_len = body.len();
+    let mut out = body;
+    out.reserve_exact(point.len() + TRAILER_LEN);
     out.extend_from_slice(point.as_bytes());
-    out.extend_from_slice(body);
+    let mut trailer = [0u8; TRAILER_LEN];
+    trailer[0..4].copy_from_slice(MAGIC);
+    trailer[4] = VERSION;
+    trailer[5] = codec as u8;
+    trailer[6..8].copy_from_slice(&(point.len() as u16).to_le_bytes());
+    trailer[8..16].copy_from_slice(&start.to_le_bytes());
+    trailer[16..20].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    trailer[20..24].copy_from_slice(&(body_len as u32).to_le_bytes());
+    let checksum = crc(crc(0, &out), &trailer[..24]);
+    trailer[24..28].copy_from_slice(&checksum.to_le_bytes());
+    out.extend_from_slice(&trailer);
     out
 }
 
-/// Checks and splits a frame made by [`encode`].
-pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, String> {
-    if bytes.len() < HEADER_LEN {
+/// Checks and splits a frame made by [`encode`], reusing its buffer for the body.
+pub fn decode(crc: Crc, mut bytes: Vec<u8>) -> Result<Frame, String> {
+    let Some(trailer_at) = bytes.len().checked_sub(TRAILER_LEN) else {
         return Err(format!(
-            "record of {} bytes is shorter than the {HEADER_LEN}-byte header",
+            "record of {} bytes is shorter than the {TRAILER_LEN}-byte trailer",
             bytes.len()
         ));
-    }
-    if &bytes[0..4] != MAGIC {
+    };
+    let trailer: [u8; TRAILER_LEN] = bytes[trailer_at..].try_into().unwrap();
+    if &trailer[0..4] != MAGIC {
         return Err("not a goutube bundle (bad magic)".into());
     }
-    if bytes[4] != VERSION {
-        return Err(format!("bundle version {} is not supported", bytes[4]));
+    if trailer[4] != VERSION {
+        return Err(format!("bundle version {} is not supported", trailer[4]));
     }
-    let codec = match bytes[5] {
+    let codec = match trailer[5] {
         0 => Codec::Raw,
         1 => Codec::Lz4,
         other => return Err(format!("unknown codec {other}")),
     };
-    let point_len = usize::from(u16::from_le_bytes([bytes[6], bytes[7]]));
-    let start = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
-    let payload_len = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
-    let body_len = u32::from_le_bytes(bytes[20..24].try_into().unwrap()) as usize;
-    let stored_crc = u32::from_le_bytes(bytes[24..28].try_into().unwrap());
-    if bytes.len() != HEADER_LEN + point_len + body_len {
+    let point_len = usize::from(u16::from_le_bytes([trailer[6], trailer[7]]));
+    let start = u64::from_le_bytes(trailer[8..16].try_into().unwrap());
+    let payload_len = u32::from_le_bytes(trailer[16..20].try_into().unwrap()) as usize;
+    let body_len = u32::from_le_bytes(trailer[20..24].try_into().unwrap()) as usize;
+    let stored_crc = u32::from_le_bytes(trailer[24..28].try_into().unwrap());
+    if body_len + point_len != trailer_at {
         return Err(format!(
-            "record is {} bytes, its header describes {}",
+            "record is {} bytes, its trailer describes {}",
             bytes.len(),
-            HEADER_LEN + point_len + body_len
+            body_len + point_len + TRAILER_LEN
         ));
     }
-    let (point, body) = bytes[HEADER_LEN..].split_at(point_len);
-    let crc = crc32c::crc32c_append(
-        crc32c::crc32c_append(crc32c::crc32c(&bytes[..24]), point),
-        body,
-    );
-    if crc != stored_crc {
+    let computed = crc(crc(0, &bytes[..trailer_at]), &trailer[..24]);
+    if computed != stored_crc {
         return Err(format!(
-            "checksum mismatch: stored {stored_crc:08x}, computed {crc:08x}"
+            "checksum mismatch: stored {stored_crc:08x}, computed {computed:08x}"
         ));
     }
     if codec == Codec::Raw && body_len != payload_len {
         return Err("raw body length differs from the payload length".into());
     }
-    let point = std::str::from_utf8(point).map_err(|_| "point id is not UTF-8".to_string())?;
+    let point = std::str::from_utf8(&bytes[body_len..trailer_at])
+        .map_err(|_| "point id is not UTF-8".to_string())?
+        .to_owned();
+    bytes.truncate(body_len);
     Ok(Frame {
         point,
         start,
         codec,
         payload_len,
-        body,
+        body: bytes,
     })
 }
 
@@ -111,30 +134,38 @@ mod tests {
     #[test]
     fn round_trip() {
         let body: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
-        let bytes = encode("videos/a", 1234, Codec::Raw, body.len(), &body);
-        let frame = decode(&bytes).unwrap();
-        assert_eq!(
-            frame,
-            Frame {
-                point: "videos/a",
-                start: 1234,
-                codec: Codec::Raw,
-                payload_len: 1000,
-                body: &body
-            }
+        let bytes = encode(
+            crc32c_append,
+            "videos/a",
+            1234,
+            Codec::Raw,
+            body.len(),
+            body.clone(),
         );
+        let frame = decode(crc32c_append, bytes).unwrap();
+        let want = Frame {
+            point: "videos/a".into(),
+            start: 1234,
+            codec: Codec::Raw,
+            payload_len: 1000,
+            body,
+        };
+        assert_eq!(frame, want);
     }
 
     #[test]
     fn every_single_bit_flip_is_rejected() {
         let body: Vec<u8> = (0..64u32).map(|i| (i * 7) as u8).collect();
-        let bytes = encode("p", 9, Codec::Raw, body.len(), &body);
+        let bytes = encode(crc32c_append, "p", 9, Codec::Raw, body.len(), body);
         for i in 0..bytes.len() * 8 {
             let mut damaged = bytes.clone();
             damaged[i / 8] ^= 1 << (i % 8);
-            assert!(decode(&damaged).is_err(), "flip of bit {i} accepted");
+            assert!(
+                decode(crc32c_append, damaged).is_err(),
+                "flip of bit {i} accepted"
+            );
         }
-        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
-        assert!(decode(&[]).is_err());
+        assert!(decode(crc32c_append, bytes[1..].to_vec()).is_err());
+        assert!(decode(crc32c_append, Vec::new()).is_err());
     }
 }

@@ -4,6 +4,12 @@
 wit_bindgen::generate!({ world: "bundler", path: "../../schema/wit" });
 
 use bundle_format::Codec;
+use goutube::plugins::checksum;
+
+/// CRC32C by the host, with the CPU's CRC instructions.
+fn host_crc(crc: u32, bytes: &[u8]) -> u32 {
+    checksum::crc32c(crc, bytes)
+}
 
 struct CrcBundler;
 
@@ -17,19 +23,26 @@ impl Guest for CrcBundler {
     }
 
     fn bundle(rec: ReplRecord) -> Vec<u8> {
-        let payload = &rec.payload;
-        bundle_format::encode(&rec.point, rec.start, Codec::Raw, payload.len(), payload)
+        let len = rec.payload.len();
+        bundle_format::encode(
+            host_crc,
+            &rec.point,
+            rec.start,
+            Codec::Raw,
+            len,
+            rec.payload,
+        )
     }
 
     fn unbundle(bytes: Vec<u8>) -> Result<ReplRecord, String> {
-        let frame = bundle_format::decode(&bytes)?;
+        let frame = bundle_format::decode(host_crc, bytes)?;
         if frame.codec != Codec::Raw {
             return Err("crc-bundler reads raw records only".into());
         }
         Ok(ReplRecord {
-            point: frame.point.to_owned(),
+            point: frame.point,
             start: frame.start,
-            payload: frame.body.to_vec(),
+            payload: frame.body,
         })
     }
 }

@@ -7,6 +7,12 @@ wit_bindgen::generate!({ world: "bundler", path: "../../schema/wit" });
 use std::cell::Cell;
 
 use bundle_format::Codec;
+use goutube::plugins::checksum;
+
+/// CRC32C by the host, with the CPU's CRC instructions.
+fn host_crc(crc: u32, bytes: &[u8]) -> u32 {
+    checksum::crc32c(crc, bytes)
+}
 
 thread_local! {
     static MIN_SIZE: Cell<usize> = const { Cell::new(512) };
@@ -36,37 +42,45 @@ impl Guest for Lz4Bundler {
     }
 
     fn bundle(rec: ReplRecord) -> Vec<u8> {
-        let payload = &rec.payload;
-        if payload.len() >= MIN_SIZE.get() {
-            let compressed = lz4_flex::block::compress(payload);
-            if compressed.len() < payload.len() {
+        let len = rec.payload.len();
+        if len >= MIN_SIZE.get() {
+            let compressed = lz4_flex::block::compress(&rec.payload);
+            if compressed.len() < len {
                 return bundle_format::encode(
+                    host_crc,
                     &rec.point,
                     rec.start,
                     Codec::Lz4,
-                    payload.len(),
-                    &compressed,
+                    len,
+                    compressed,
                 );
             }
         }
-        bundle_format::encode(&rec.point, rec.start, Codec::Raw, payload.len(), payload)
+        bundle_format::encode(
+            host_crc,
+            &rec.point,
+            rec.start,
+            Codec::Raw,
+            len,
+            rec.payload,
+        )
     }
 
     fn unbundle(bytes: Vec<u8>) -> Result<ReplRecord, String> {
-        let frame = bundle_format::decode(&bytes)?;
+        let frame = bundle_format::decode(host_crc, bytes)?;
         let payload = match frame.codec {
-            Codec::Raw => frame.body.to_vec(),
+            Codec::Raw => frame.body,
             Codec::Lz4 => {
-                let payload = lz4_flex::block::decompress(frame.body, frame.payload_len)
+                let payload = lz4_flex::block::decompress(&frame.body, frame.payload_len)
                     .map_err(|e| format!("lz4: {e}"))?;
                 if payload.len() != frame.payload_len {
-                    return Err("decompressed length differs from the header".into());
+                    return Err("decompressed length differs from the trailer".into());
                 }
                 payload
             }
         };
         Ok(ReplRecord {
-            point: frame.point.to_owned(),
+            point: frame.point,
             start: frame.start,
             payload,
         })

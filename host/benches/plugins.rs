@@ -1,0 +1,421 @@
+//! Plugin benchmark: every built-in component called through the host against the same logic
+//! compiled natively, in the same run; the authorization and placement caches; bundler
+//! throughput; node start-up with cold and warm compile caches.
+//!
+//! `cargo bench -p goutube --bench plugins` (release). Results: docs/benchmarks.md.
+
+use std::hint::black_box;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use goutube::authz::{Action, Authorizer};
+use goutube::config::{PluginSection, PluginsSection};
+use goutube::net::PeerInfo;
+use goutube::placement::Placement;
+use goutube::plugins::polar::{DEFAULT_POLICY, Polar};
+use goutube::plugins::{Member, PluginSet};
+
+const ACL: &str = "root, *, produce\nroot, *, consume\nalice, videos/*, consume\n";
+
+fn main() {
+    let work = tempfile::tempdir().unwrap();
+    let section = |source: &str, config: &str| PluginSection {
+        source: source.into(),
+        config: config.into(),
+        ..PluginSection::default()
+    };
+    let load = |f: &dyn Fn(&mut PluginsSection)| {
+        let mut plugins = PluginsSection::default();
+        f(&mut plugins);
+        PluginSet::load(&plugins, work.path()).unwrap()
+    };
+    let defaults = load(&|_| {});
+    let acl = load(&|p| p.authorizer = section("builtin:acl-authorizer", ACL));
+    let lz4 = load(&|p| p.bundler = section("builtin:lz4-bundler", ""));
+    let rendezvous = load(&|p| p.placement = section("builtin:rendezvous-placement", ""));
+
+    println!("## Per-call latency: through the host vs the same logic natively\n");
+    println!("| call | host p50 | host p99 | native p50 | native p99 |");
+    println!("|---|---|---|---|---|");
+    let polar = Polar::load(DEFAULT_POLICY, "default").unwrap();
+    compare(
+        "polar-authorizer authorize",
+        2000,
+        || {
+            black_box(
+                defaults
+                    .authorize("root", Action::Produce, "videos/a", "")
+                    .unwrap(),
+            )
+        },
+        || black_box(polar.is_allowed("root", "produce", "videos/a").unwrap()),
+    );
+    let native_acl = acl_rules::Acl::parse(ACL).unwrap();
+    compare(
+        "acl-authorizer authorize",
+        5000,
+        || {
+            black_box(
+                acl.authorize("alice", Action::Consume, "videos/a", "")
+                    .unwrap(),
+            )
+        },
+        || black_box(native_acl.allows("alice", "consume", "videos/a")),
+    );
+    let payload: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    compare(
+        "crc-bundler bundle 256 KiB",
+        500,
+        || black_box(defaults.bundle("videos/a", 0, payload.clone()).unwrap()),
+        || {
+            black_box(bundle_format::encode(
+                bundle_format::crc32c_append,
+                "videos/a",
+                0,
+                bundle_format::Codec::Raw,
+                payload.len(),
+                payload.clone(),
+            ))
+        },
+    );
+    let bundle = defaults.bundle("videos/a", 0, payload.clone()).unwrap();
+    compare(
+        "crc-bundler unbundle 256 KiB",
+        500,
+        || black_box(defaults.unbundle(&bundle).unwrap().unwrap()),
+        || black_box(bundle_format::decode(bundle_format::crc32c_append, bundle.clone()).unwrap()),
+    );
+    compare(
+        "lz4-bundler bundle 256 KiB",
+        200,
+        || black_box(lz4.bundle("videos/a", 0, payload.clone()).unwrap()),
+        || {
+            let body = lz4_flex::block::compress(&payload);
+            black_box(bundle_format::encode(
+                bundle_format::crc32c_append,
+                "videos/a",
+                0,
+                bundle_format::Codec::Lz4,
+                payload.len(),
+                body,
+            ))
+        },
+    );
+    let members = members(5);
+    let native_members: Vec<placement_rules::Member> = members
+        .iter()
+        .map(|m| placement_rules::Member {
+            name: m.name.clone(),
+            role: m.role.clone(),
+            virtual_nodes: m.virtual_nodes,
+        })
+        .collect();
+    let ring = placement_rules::Ring::new(&native_members);
+    let mut key = 0u64;
+    let mut next_key = move || {
+        key += 1;
+        format!("videos/{key}")
+    };
+    compare(
+        "ring-placement owners (5 members x 64 vnodes)",
+        5000,
+        || black_box(defaults.owners(&next_key(), &members, 2).unwrap()),
+        || black_box(ring.owners("videos/123", 2)),
+    );
+    compare(
+        "rendezvous-placement owners (5 members)",
+        5000,
+        || black_box(rendezvous.owners("videos/123", &members, 2).unwrap()),
+        || {
+            black_box(placement_rules::rendezvous(
+                "videos/123",
+                &native_members,
+                2,
+            ))
+        },
+    );
+
+    println!("\n## Throughput of 256 KiB records\n");
+    // Both sides copy a cache-hot payload into a fresh buffer (a caller of `bundle` owns the
+    // buffer it passes, typically just read from the page cache), then checksum and frame it.
+    let native_copy_crc = throughput(200, payload.len(), || {
+        let copy = payload.to_vec();
+        black_box(crc32c::crc32c(&copy));
+        black_box(copy);
+    });
+    let host_bundle = throughput(200, payload.len(), || {
+        black_box(defaults.bundle("videos/a", 0, payload.clone()).unwrap());
+    });
+    let host_unbundle = throughput(200, payload.len(), || {
+        black_box(defaults.unbundle(&bundle).unwrap().unwrap());
+    });
+    println!("| path | MB/s | ratio to native copy + CRC32C |");
+    println!("|---|---|---|");
+    println!("| native copy + CRC32C | {native_copy_crc:.0} | 1.00x |");
+    println!(
+        "| crc-bundler bundle | {host_bundle:.0} | {:.2}x |",
+        host_bundle / native_copy_crc
+    );
+    println!(
+        "| crc-bundler unbundle | {host_unbundle:.0} | {:.2}x |",
+        host_unbundle / native_copy_crc
+    );
+
+    println!("\n## Caches\n");
+    let authorizer = Authorizer::new(Duration::from_secs(3600));
+    let generation = authorizer.generation();
+    authorizer.decide(
+        &defaults,
+        generation,
+        "root",
+        Action::Produce,
+        "videos/a",
+        "",
+    );
+    let cached = per_op(1_000_000, || {
+        black_box(authorizer.cached("root", Action::Produce, "videos/a"));
+    });
+    let uncached = per_op(5_000, || {
+        black_box(
+            defaults
+                .authorize("root", Action::Produce, "videos/a", "")
+                .unwrap(),
+        );
+    });
+    let placement = Placement::new(members.clone());
+    let generation = placement.generation();
+    for i in 0..1000 {
+        placement
+            .owners(&defaults, generation, &format!("videos/{i}"), 1)
+            .unwrap();
+    }
+    let mut i = 0;
+    let lookups = per_op(1_000_000, || {
+        i = (i + 1) % 1000;
+        black_box(placement.cached(&format!("videos/{i}"), 1));
+    });
+    println!("| measurement | per call | per second | target |");
+    println!("|---|---|---|---|");
+    println!(
+        "| authorization, cached | {} | {:.2} M/s | <= 2 µs |",
+        show(cached),
+        1e-6 / cached.as_secs_f64()
+    );
+    println!(
+        "| authorization, uncached (polar) | {} | {:.0} k/s | <= 50 µs |",
+        show(uncached),
+        1e-3 / uncached.as_secs_f64()
+    );
+    println!(
+        "| placement lookup, cached | {} | {:.2} M/s | >= 1 M/s |",
+        show(lookups),
+        1e-6 / lookups.as_secs_f64()
+    );
+
+    // The path a request takes in a node: cache, else the plugin on the blocking pool.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(node_path(work.path()));
+
+    println!("\n## Node start-up with the default plugins (to the first answered call)\n");
+    startup();
+}
+
+fn members(n: usize) -> Vec<Member> {
+    (0..n)
+        .map(|i| Member {
+            name: format!("node-{i}"),
+            address: format!("10.0.0.{i}:8400"),
+            role: "leader".into(),
+            virtual_nodes: 64,
+            tags: vec![("zone".into(), format!("z{}", i % 2))],
+        })
+        .collect()
+}
+
+/// Prints p50/p99 of `host` and `native` over `n` calls each.
+fn compare<A, B>(name: &str, n: usize, mut host: impl FnMut() -> A, mut native: impl FnMut() -> B) {
+    let host = percentiles(n, &mut host);
+    let native = percentiles(n, &mut native);
+    println!(
+        "| {name} | {} | {} | {} | {} |",
+        show(host.0),
+        show(host.1),
+        show(native.0),
+        show(native.1)
+    );
+}
+
+fn percentiles<R>(n: usize, f: &mut impl FnMut() -> R) -> (Duration, Duration) {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let mut samples: Vec<Duration> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            f();
+            started.elapsed()
+        })
+        .collect();
+    samples.sort();
+    (samples[n / 2], samples[n * 99 / 100])
+}
+
+fn per_op(n: u32, mut f: impl FnMut()) -> Duration {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let started = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    started.elapsed() / n
+}
+
+fn throughput(n: usize, bytes: usize, f: impl FnMut()) -> f64 {
+    let per = per_op(n as u32, f);
+    bytes as f64 / per.as_secs_f64() / 1e6
+}
+
+fn show(d: Duration) -> String {
+    if d < Duration::from_micros(10) {
+        format!("{:.2} µs", d.as_secs_f64() * 1e6)
+    } else {
+        format!("{:.1} µs", d.as_secs_f64() * 1e6)
+    }
+}
+
+async fn node_path(dir: &std::path::Path) {
+    let config = goutube::config::Config {
+        data_dir: dir.join("node"),
+        bind_addr: "127.0.0.1:0".parse().unwrap(),
+        rpc_port: 0,
+        replication_port: 0,
+        metrics_port: 0,
+        ..Default::default()
+    };
+    let listeners = goutube::node::Listeners::bind(&config).await.unwrap();
+    let node = goutube::node::Node::start(config, listeners).await.unwrap();
+    let state = node.state().clone();
+    let peer = PeerInfo {
+        addr: "127.0.0.1:1".parse().unwrap(),
+        subject: Arc::from("root"),
+    };
+    let n = 20_000u32;
+    let started = Instant::now();
+    for _ in 0..n {
+        state
+            .authorize(&peer, Action::Produce, "videos/a")
+            .await
+            .unwrap();
+    }
+    let cached = started.elapsed() / n;
+    let started = Instant::now();
+    for i in 0..n / 4 {
+        // A different point every time: never in the cache.
+        state
+            .authorize(&peer, Action::Produce, &format!("videos/{i}"))
+            .await
+            .unwrap();
+    }
+    let uncached = started.elapsed() / (n / 4);
+    println!(
+        "| authorization in a node (async), cached | {} | {:.2} M/s | |",
+        show(cached),
+        1e-6 / cached.as_secs_f64()
+    );
+    println!(
+        "| authorization in a node (async), uncached, on the blocking pool | {} | {:.0} k/s | |",
+        show(uncached),
+        1e-3 / uncached.as_secs_f64()
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// Spawns `goutube run` three times per cache state; prints the median time to the first
+/// answered call.
+fn startup() {
+    println!("| compile cache | median | runs |");
+    println!("|---|---|---|");
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        cold.push(start_once(dir.path()));
+        warm.push(start_once(dir.path()));
+    }
+    for (name, mut runs) in [("cold (empty plugin-cache/)", cold), ("warm", warm)] {
+        runs.sort();
+        let list: Vec<String> = runs
+            .iter()
+            .map(|d| format!("{} ms", d.as_millis()))
+            .collect();
+        println!(
+            "| {name} | {} ms | {} |",
+            runs[1].as_millis(),
+            list.join(", ")
+        );
+    }
+}
+
+fn start_once(dir: &std::path::Path) -> Duration {
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n[log]\nlevel = \"warn\"\n",
+            dir.join("data")
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_goutube"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let line = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .next()
+        .unwrap()
+        .unwrap();
+    let rpc = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("rpc="))
+        .unwrap()
+        .to_owned();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = goutube::client::Client::connect(&goutube::client::ClientOptions {
+            addr: rpc,
+            tls: None,
+        })
+        .await
+        .unwrap();
+        // Served (NotFound) only once the node has started, plugins included.
+        let status = client.stat("absent").await.err().unwrap();
+        assert!(status.to_string().contains("NotFound"), "{status}");
+    });
+    started.elapsed()
+}
+
+/// Kills the child process however the measurement ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

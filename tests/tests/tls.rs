@@ -1,0 +1,487 @@
+//! mTLS with real certificates: who gets in (the handshake refuses no certificate, another CA and
+//! expired certificates; plaintext is refused), who may do what (the default policy, a prefix
+//! policy, an ACL), and `goutube certs` output working end to end with a node and the CLI.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use goutube::api::proto::MetadataRequest;
+use goutube::api::proto::streaming_client::StreamingClient;
+use goutube::certs::{Authority, Issued, Validity};
+use goutube::client::{Client, ClientOptions, ClientTls};
+use goutube::config::{PluginSection, TlsSection};
+use goutube_tests::{TestNode, consume, data, goutube_bin, metric, produce, window};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// A CA, a node certificate and client certificates, written to a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: Authority,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA", Validity::days(1)).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.pem().cert_pem).unwrap();
+        let node = ca.node("test-node", &[], Validity::days(1)).unwrap();
+        write_pair(dir.path(), "node", &node);
+        Pki { dir, ca }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn tls_section(&self) -> TlsSection {
+        TlsSection {
+            ca: self.path("ca.pem"),
+            cert: self.path("node.pem"),
+            key: self.path("node-key.pem"),
+            peer: None,
+        }
+    }
+
+    /// Writes a client certificate for `subject` and returns its client options.
+    fn client(&self, subject: &str, validity: Validity) -> ClientOptions {
+        let issued = self.ca.client(subject, validity).unwrap();
+        write_pair(self.dir.path(), subject, &issued);
+        self.options_for(subject)
+    }
+
+    fn options_for(&self, name: &str) -> ClientOptions {
+        ClientOptions {
+            addr: String::new(),
+            tls: Some(ClientTls {
+                ca: self.path("ca.pem"),
+                cert: self.path(&format!("{name}.pem")),
+                key: self.path(&format!("{name}-key.pem")),
+                server_name: None,
+            }),
+        }
+    }
+}
+
+fn write_pair(dir: &Path, name: &str, issued: &Issued) {
+    std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem).unwrap();
+    std::fs::write(dir.join(format!("{name}-key.pem")), &issued.key_pem).unwrap();
+}
+
+async fn connect(
+    node: &TestNode,
+    options: &ClientOptions,
+) -> Result<StreamingClient<Channel>, String> {
+    let options = ClientOptions {
+        addr: node.addr(),
+        ..options.clone()
+    };
+    Client::connect(&options)
+        .await
+        .map(|c| c.raw())
+        .map_err(|e| e.to_string())
+}
+
+/// A call through `options` fails before reaching any service: the handshake was refused.
+async fn assert_refused(node: &TestNode, options: &ClientOptions, what: &str) {
+    let before = handshake_failures();
+    let outcome = match connect(node, options).await {
+        Err(error) => Err(error),
+        Ok(mut client) => client
+            .get_metadata(MetadataRequest { point: "p".into() })
+            .await
+            .map(|_| ())
+            .map_err(|status| format!("{status:?}")),
+    };
+    let error = outcome.expect_err(what);
+    assert!(
+        !error.contains("PermissionDenied") && !error.contains("NotFound"),
+        "{what}: reached a service: {error}"
+    );
+    goutube_tests::eventually(
+        &format!("{what}: the refused handshake to be counted"),
+        || async { handshake_failures() > before },
+    )
+    .await;
+}
+
+fn handshake_failures() -> f64 {
+    // The node runs in this process: read its registry directly.
+    metric(
+        &goutube::metrics::handle().render(),
+        "goutube_tls_handshake_failures_total",
+    )
+    .unwrap_or(0.0)
+}
+
+async fn tls_node(pki: &Pki, configure: impl FnOnce(&mut goutube::config::Config)) -> TestNode {
+    let tls = pki.tls_section();
+    TestNode::start(move |c| {
+        c.tls = Some(tls);
+        configure(c);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_handshake_refuses_strangers() {
+    let pki = Pki::new();
+    let node = tls_node(&pki, |_| {}).await;
+
+    // No client certificate at all.
+    let endpoint = Endpoint::from_shared(format!("https://{}", node.addr()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca.pem().cert_pem)),
+        )
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5));
+    let before = handshake_failures();
+    let result = match endpoint.connect().await {
+        Err(error) => Err(error.to_string()),
+        Ok(channel) => StreamingClient::new(channel)
+            .get_metadata(MetadataRequest { point: "p".into() })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{s:?}")),
+    };
+    assert!(result.is_err(), "a client without a certificate got in");
+    goutube_tests::eventually("the refused handshake to be counted", || async {
+        handshake_failures() > before
+    })
+    .await;
+
+    // A certificate from another CA.
+    let other = Authority::new("another CA", Validity::days(1)).unwrap();
+    let stranger = other.client("root", Validity::days(1)).unwrap();
+    write_pair(pki.dir.path(), "stranger", &stranger);
+    assert_refused(&node, &pki.options_for("stranger"), "another CA").await;
+
+    // An expired certificate from the right CA.
+    let expired = pki.client("expired", Validity::expired());
+    assert_refused(&node, &expired, "expired certificate").await;
+
+    // Plaintext to a TLS listener.
+    let plaintext = ClientOptions {
+        addr: node.addr(),
+        tls: None,
+    };
+    let outcome = match Client::connect(&plaintext).await {
+        Err(error) => Err(error.to_string()),
+        Ok(client) => client
+            .stat("p")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    };
+    let error = outcome.expect_err("plaintext got in");
+    assert!(!error.contains("NotFound"), "{error}");
+
+    // The node still serves a proper client.
+    let mut root = connect(&node, &pki.client("root", Validity::days(1)))
+        .await
+        .unwrap();
+    produce(&mut root, "p", &[data(1, 10)]).await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_default_policy_admits_root_and_denies_nobody() {
+    let pki = Pki::new();
+    let node = tls_node(&pki, |_| {}).await;
+    let mut root = connect(&node, &pki.client("root", Validity::days(1)))
+        .await
+        .unwrap();
+    let mut nobody = connect(&node, &pki.client("nobody", Validity::days(1)))
+        .await
+        .unwrap();
+
+    produce(&mut root, "videos/a", &[data(1, 1000)])
+        .await
+        .unwrap();
+    assert_eq!(
+        consume(&mut root, window("videos/a", 0, 0, 0))
+            .await
+            .unwrap()
+            .concat(),
+        data(1, 1000)
+    );
+    root.get_metadata(MetadataRequest {
+        point: "videos/a".into(),
+    })
+    .await
+    .unwrap();
+
+    for status in [
+        produce(&mut nobody, "videos/a", &[data(2, 10)])
+            .await
+            .unwrap_err(),
+        consume(&mut nobody, window("videos/a", 0, 0, 0))
+            .await
+            .unwrap_err(),
+        nobody
+            .get_metadata(MetadataRequest {
+                point: "videos/a".into(),
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().starts_with("nobody may not"),
+            "{}",
+            status.message()
+        );
+    }
+    // A certificate may not pass itself off as a plaintext client.
+    let anonymous = pki.ca.client("anonymous", Validity::days(1));
+    assert!(anonymous.is_err(), "goutube certs refuses to make one");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn prefix_rights_from_a_polar_policy() {
+    let pki = Pki::new();
+    let policy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/prefixes.polar");
+    let node = tls_node(&pki, |c| c.plugins.policy_file = Some(policy)).await;
+    let mut root = connect(&node, &pki.client("root", Validity::days(1)))
+        .await
+        .unwrap();
+    let mut alice = connect(&node, &pki.client("alice", Validity::days(1)))
+        .await
+        .unwrap();
+    produce(&mut root, "videos/cat", &[data(1, 100)])
+        .await
+        .unwrap();
+    produce(&mut root, "music/song", &[data(2, 100)])
+        .await
+        .unwrap();
+
+    assert_eq!(
+        consume(&mut alice, window("videos/cat", 0, 0, 0))
+            .await
+            .unwrap()
+            .concat(),
+        data(1, 100)
+    );
+    alice
+        .get_metadata(MetadataRequest {
+            point: "videos/cat".into(),
+        })
+        .await
+        .unwrap();
+    for status in [
+        consume(&mut alice, window("music/song", 0, 0, 0))
+            .await
+            .unwrap_err(),
+        produce(&mut alice, "videos/cat", &[data(3, 10)])
+            .await
+            .unwrap_err(),
+        alice
+            .get_metadata(MetadataRequest {
+                point: "music/song".into(),
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_acl_lets_alice_consume_videos_only() {
+    let pki = Pki::new();
+    let acl = "root, *, *\nalice, videos/*, consume\n";
+    let node = tls_node(&pki, |c| {
+        c.plugins.authorizer = PluginSection {
+            source: "builtin:acl-authorizer".into(),
+            config: acl.into(),
+            ..PluginSection::default()
+        }
+    })
+    .await;
+    let mut root = connect(&node, &pki.client("root", Validity::days(1)))
+        .await
+        .unwrap();
+    let mut alice = connect(&node, &pki.client("alice", Validity::days(1)))
+        .await
+        .unwrap();
+    produce(&mut root, "videos/cat", &[data(1, 100)])
+        .await
+        .unwrap();
+    produce(&mut root, "private/diary", &[data(2, 100)])
+        .await
+        .unwrap();
+
+    assert_eq!(
+        consume(&mut alice, window("videos/cat", 0, 0, 0))
+            .await
+            .unwrap()
+            .concat(),
+        data(1, 100)
+    );
+    for status in [
+        consume(&mut alice, window("private/diary", 0, 0, 0))
+            .await
+            .unwrap_err(),
+        produce(&mut alice, "videos/dog", &[data(3, 10)])
+            .await
+            .unwrap_err(),
+        alice
+            .get_metadata(MetadataRequest {
+                point: "videos/cat".into(),
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains("no ACL line allows alice"),
+            "{}",
+            status.message()
+        );
+    }
+    node.shutdown().await;
+}
+
+async fn goutube(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(goutube_bin())
+        .args(args)
+        .output()
+        .await
+        .expect("running goutube")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goutube_certs_output_works_with_a_node_and_the_cli() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    let certs_arg = certs.to_str().unwrap();
+    let made = goutube(&[
+        "certs", "--out", certs_arg, "--node", "n1", "--client", "root", "--client", "nobody",
+    ])
+    .await;
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in [
+            "ca-key.pem",
+            "node-n1-key.pem",
+            "client-root-key.pem",
+            "client-nobody-key.pem",
+        ] {
+            let mode = std::fs::metadata(certs.join(key))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o600, "{key}");
+        }
+    }
+    // Nothing is overwritten without --force.
+    let again = goutube(&["certs", "--out", certs_arg, "--node", "n1"]).await;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let config = goutube_tests::write_config(
+        work.path(),
+        &format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            certs.join("ca.pem"),
+            certs.join("node-n1.pem"),
+            certs.join("node-n1-key.pem")
+        ),
+    );
+    let node = goutube_tests::NodeProcess::spawn(&config);
+    let input = work.path().join("in.bin");
+    std::fs::write(&input, data(9, 2 * 1024 * 1024 + 5)).unwrap();
+    let output = work.path().join("out.bin");
+    let flags = |subject: &str| {
+        vec![
+            "--addr".to_string(),
+            node.rpc.clone(),
+            "--ca".into(),
+            certs.join("ca.pem").display().to_string(),
+            "--cert".into(),
+            certs
+                .join(format!("client-{subject}.pem"))
+                .display()
+                .to_string(),
+            "--key".into(),
+            certs
+                .join(format!("client-{subject}-key.pem"))
+                .display()
+                .to_string(),
+        ]
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        goutube(&args).await
+    };
+    let put = run([
+        vec![
+            "put".into(),
+            input.display().to_string(),
+            "tls/movie".into(),
+        ],
+        flags("root"),
+    ]
+    .concat())
+    .await;
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let get = run([
+        vec![
+            "get".into(),
+            "tls/movie".into(),
+            output.display().to_string(),
+        ],
+        flags("root"),
+    ]
+    .concat())
+    .await;
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        std::fs::read(&input).unwrap()
+    );
+    let stat = run([vec!["stat".into(), "tls/movie".into()], flags("nobody")].concat()).await;
+    assert!(!stat.status.success());
+    assert!(
+        String::from_utf8_lossy(&stat.stderr).contains("PermissionDenied: nobody may not metadata"),
+        "{}",
+        String::from_utf8_lossy(&stat.stderr)
+    );
+    // The same flags through GOUTUBE_CLIENT_* variables.
+    let env_stat = tokio::process::Command::new(goutube_bin())
+        .args(["stat", "tls/movie"])
+        .env("GOUTUBE_CLIENT_ADDR", &node.rpc)
+        .env("GOUTUBE_CLIENT_CA", certs.join("ca.pem"))
+        .env("GOUTUBE_CLIENT_CERT", certs.join("client-root.pem"))
+        .env("GOUTUBE_CLIENT_KEY", certs.join("client-root-key.pem"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        env_stat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&env_stat.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&env_stat.stdout)
+            .contains(&format!("size:    {}", 2 * 1024 * 1024 + 5))
+    );
+    assert!(node.terminate());
+}
