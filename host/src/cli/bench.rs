@@ -28,7 +28,7 @@ use goutube::api::proto::{
     ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse, ListPointsRequest,
     ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, Record,
 };
-use goutube::client::{Client, ClientOptions};
+use goutube::client::{Client, ClientOptions, ClientTls};
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
@@ -47,6 +47,17 @@ pub enum Bench {
         /// Also measure fsync = "always" and "interval" (slow on some disks).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         durable: bool,
+    },
+    /// Produce and consume through an mTLS node against an h2c node in the same run; connection
+    /// set-up and first-call latency.
+    Tls {
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Connections opened to measure set-up latency.
+        #[arg(long, default_value_t = 50)]
+        connections: usize,
     },
     /// Create many small points, restart, list and read them: start-up time, RSS, descriptors.
     Points {
@@ -76,6 +87,11 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
             size,
             max_open,
         } => points(count, size, max_open).await,
+        Bench::Tls {
+            mib,
+            rounds,
+            connections,
+        } => tls(mib, rounds.max(1), connections.max(1)).await,
         Bench::BaselineServer => baseline_server().await,
     }
 }
@@ -91,7 +107,7 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
 
     let baseline = Server::baseline()?;
     let work = tempfile::tempdir()?;
-    let node = Server::node(work.path(), "never", None)?;
+    let node = Server::node(work.path(), &storage("never"))?;
     let baseline_client = connect(&baseline.rpc).await?;
     let node_client = connect(&node.rpc).await?;
 
@@ -142,7 +158,7 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
     if durable {
         for policy in ["interval", "always"] {
             let work = tempfile::tempdir()?;
-            let node = Server::node(work.path(), policy, None)?;
+            let node = Server::node(work.path(), &storage(policy))?;
             let client = connect(&node.rpc).await?;
             let base = produce(&baseline_client, "durable", &pool, frames).await?;
             disk_write(work.path(), &pool, frames)?;
@@ -153,6 +169,109 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
     println!(
         "node peak RSS while streaming: {:.1} MiB",
         peak_rss as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> {
+    use goutube::certs::{Authority, Validity};
+    let frame = 256 * 1024;
+    let total = mib * 1024 * 1024;
+    let frames = total / frame as u64;
+    let pool = frame_pool(frame);
+    let work = tempfile::tempdir()?;
+    let certs = work.path().join("certs");
+    std::fs::create_dir_all(&certs)?;
+    let ca = Authority::new("bench CA", Validity::days(1))?;
+    let node_cert = ca.node("bench", &[], Validity::days(1))?;
+    let client_cert = ca.client("root", Validity::days(1))?;
+    for (name, contents) in [
+        ("ca.pem", &ca.pem().cert_pem),
+        ("node.pem", &node_cert.cert_pem),
+        ("node-key.pem", &node_cert.key_pem),
+        ("client.pem", &client_cert.cert_pem),
+        ("client-key.pem", &client_cert.key_pem),
+    ] {
+        std::fs::write(certs.join(name), contents)?;
+    }
+    let client_tls = ClientTls {
+        ca: certs.join("ca.pem"),
+        cert: certs.join("client.pem"),
+        key: certs.join("client-key.pem"),
+        server_name: None,
+    };
+    let plain_dir = work.path().join("h2c");
+    let tls_dir = work.path().join("tls");
+    std::fs::create_dir_all(&plain_dir)?;
+    std::fs::create_dir_all(&tls_dir)?;
+    let plain = Server::node(&plain_dir, &storage("never"))?;
+    let secure = Server::node(
+        &tls_dir,
+        &format!(
+            "{}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            storage("never"),
+            certs.join("ca.pem"),
+            certs.join("node.pem"),
+            certs.join("node-key.pem")
+        ),
+    )?;
+    let plain_client = connect(&plain.rpc).await?;
+    let secure_client = connect_with(&secure.rpc, Some(client_tls.clone())).await?;
+    println!(
+        "streaming {mib} MiB in 256 KiB frames over h2c and over mTLS, {rounds} round(s), median reported"
+    );
+    let (mut plain_produce, mut secure_produce, mut plain_consume, mut secure_consume) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let point = format!("bench-{round}");
+        disk_write(&plain_dir, &pool, frames)?;
+        plain_produce.push(produce(&plain_client, &point, &pool, frames).await?);
+        disk_write(&tls_dir, &pool, frames)?;
+        secure_produce.push(produce(&secure_client, &point, &pool, frames).await?);
+        plain_consume.push(consume(&plain_client, &point, total).await?);
+        secure_consume.push(consume(&secure_client, &point, total).await?);
+    }
+    println!("| measurement | h2c | mTLS | ratio |");
+    println!("|---|---|---|---|");
+    for (name, base, measured) in [
+        ("produce", &plain_produce, &secure_produce),
+        ("consume", &plain_consume, &secure_consume),
+    ] {
+        println!(
+            "| {name} | {} | {} | {:.2}x |",
+            rate(total, base),
+            rate(total, measured),
+            median(base) / median(measured)
+        );
+    }
+
+    // A new connection, then one call (GetMetadata of a missing point: served, NotFound).
+    let first_call = |addr: String, tls: Option<ClientTls>| async move {
+        let started = Instant::now();
+        let client = connect_with(&addr, tls).await?;
+        let _ = client.stat("absent").await;
+        Ok::<_, anyhow::Error>(started.elapsed().as_secs_f64())
+    };
+    let (mut plain_setup, mut secure_setup) = (Vec::new(), Vec::new());
+    for _ in 0..connections {
+        plain_setup.push(first_call(plain.rpc.clone(), None).await?);
+        secure_setup.push(first_call(secure.rpc.clone(), Some(client_tls.clone())).await?);
+    }
+    let percentile = |values: &mut Vec<f64>, p: usize| {
+        values.sort_by(f64::total_cmp);
+        values[(values.len() * p / 100).min(values.len() - 1)] * 1e3
+    };
+    println!("\n| connection set-up + first call | h2c | mTLS |");
+    println!("|---|---|---|");
+    println!(
+        "| p50 | {:.2} ms | {:.2} ms |",
+        percentile(&mut plain_setup, 50),
+        percentile(&mut secure_setup, 50)
+    );
+    println!(
+        "| p90 | {:.2} ms | {:.2} ms |",
+        percentile(&mut plain_setup, 90),
+        percentile(&mut secure_setup, 90)
     );
     Ok(())
 }
@@ -172,7 +291,10 @@ async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()
     };
 
     let started = Instant::now();
-    let node = Server::node(work.path(), "never", Some(max_open))?;
+    let node = Server::node(
+        work.path(),
+        &format!("{}max_open_points = {max_open}\n", storage("never")),
+    )?;
     report("start (empty)", started.elapsed(), &node);
     let client = connect(&node.rpc).await?;
     let mut payload = vec![0u8; size];
@@ -198,7 +320,10 @@ async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()
     node.stop()?;
 
     let started = Instant::now();
-    let node = Server::node(work.path(), "never", Some(max_open))?;
+    let node = Server::node(
+        work.path(),
+        &format!("{}max_open_points = {max_open}\n", storage("never")),
+    )?;
     let client = connect(&node.rpc).await?;
     let listed = client
         .raw()
@@ -238,10 +363,19 @@ fn frame_pool(frame: usize) -> Vec<Bytes> {
         .collect()
 }
 
+/// The `[storage]` section of a benchmark node.
+fn storage(fsync: &str) -> String {
+    format!("[storage]\nfsync = \"{fsync}\"\n")
+}
+
 async fn connect(addr: &str) -> anyhow::Result<Client> {
+    connect_with(addr, None).await
+}
+
+async fn connect_with(addr: &str, tls: Option<ClientTls>) -> anyhow::Result<Client> {
     Ok(Client::connect(&ClientOptions {
         addr: addr.to_owned(),
-        tls: None,
+        tls,
     })
     .await?)
 }
@@ -341,13 +475,13 @@ struct Server {
 }
 
 impl Server {
-    fn node(dir: &Path, fsync: &str, max_open: Option<usize>) -> anyhow::Result<Server> {
+    /// A node with its data in `dir`, configured by the TOML `settings` (sections of its own).
+    fn node(dir: &Path, settings: &str) -> anyhow::Result<Server> {
         let config = dir.join("bench-node.toml");
-        let max_open = max_open.map_or(String::new(), |n| format!("max_open_points = {n}"));
         std::fs::write(
             &config,
             format!(
-                "node_name = \"bench\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n[log]\nlevel = \"warn\"\n[storage]\nfsync = \"{fsync}\"\n{max_open}\n",
+                "node_name = \"bench\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n[log]\nlevel = \"warn\"\n{settings}\n",
                 dir.join("data")
             ),
         )?;
