@@ -75,8 +75,41 @@ pub struct Config {
     pub log: LogConfig,
     pub storage: StorageSection,
     pub plugins: PluginsSection,
+    pub replication: ReplicationSection,
     /// mTLS on every listener and for node-to-node connections; absent = plaintext (development).
     pub tls: Option<TlsSection>,
+}
+
+/// How a leader replicates to its followers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSection {
+    /// When a produce is acknowledged: `"local"` (after the leader's own durable write) or
+    /// `{ replicas = N }` (after N followers confirmed it).
+    pub ack: Ack,
+    /// How long a produce waits for its replicas before failing with `Unavailable` (the data
+    /// stays on the leader and still replicates).
+    pub ack_timeout_ms: u64,
+    /// Records in flight to one follower.
+    pub window: usize,
+}
+
+/// The acknowledgement mode of produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ack {
+    Local,
+    Replicas(u32),
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        Self {
+            ack: Ack::Local,
+            ack_timeout_ms: 5_000,
+            window: 16,
+        }
+    }
 }
 
 /// TLS material, PEM files.
@@ -246,6 +279,7 @@ impl Default for Config {
             log: LogConfig::default(),
             storage: StorageSection::default(),
             plugins: PluginsSection::default(),
+            replication: ReplicationSection::default(),
             tls: None,
         }
     }
@@ -396,6 +430,30 @@ impl Config {
                     format!("member {:?} needs at least 1 virtual node", member.name),
                 );
             }
+        }
+        match self.replication.ack {
+            Ack::Replicas(0) => {
+                return invalid(
+                    "replication.ack",
+                    "replicas must be at least 1 (or use \"local\")".into(),
+                );
+            }
+            Ack::Replicas(_) if self.role != Role::Leader => {
+                return invalid(
+                    "replication.ack",
+                    format!(
+                        "waiting for replicas needs role = \"leader\"; this node is {}",
+                        self.role.as_str()
+                    ),
+                );
+            }
+            _ => {}
+        }
+        if self.replication.ack_timeout_ms == 0 {
+            return invalid("replication.ack_timeout_ms", "must be at least 1".into());
+        }
+        if self.replication.window == 0 {
+            return invalid("replication.window", "must be at least 1".into());
         }
         if let Some(tls) = &self.tls {
             let peer = tls.peer.clone().unwrap_or_default();

@@ -16,6 +16,7 @@
 //! | [`plugins`] | WebAssembly plugins: engine, bindings (the one `bindgen!`), built-ins, Polar |
 //! | [`placement`] | which member owns a point: members, the placement plugin, answers cached per membership version |
 //! | [`client`] | the Rust client: put, multi-stream verified get, stat, list, delete |
+//! | [`replication`] | leader → follower replication over Cap'n Proto RPC, on its own thread |
 //! | [`metrics`] | Prometheus metric names and the `/metrics` endpoint |
 //! | [`error`] | the error of a client call and its one mapping to a gRPC status |
 //!
@@ -33,4 +34,5 @@ pub mod node;
 pub mod placement;
 pub mod plugins;
 pub mod point;
+pub mod replication;
 pub mod tls;

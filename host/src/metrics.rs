@@ -35,6 +35,7 @@ pub const REPLICATION_LAG_BYTES: &str = "goutube_replication_lag_bytes";
 pub const REPLICATED_BYTES: &str = "goutube_replicated_bytes_total";
 pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_total";
 pub const FOLLOWERS: &str = "goutube_followers";
+pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
 
 /// The process-wide Prometheus recorder, installed on first use.
@@ -118,6 +119,10 @@ fn describe() {
         "Replication records rejected on receipt."
     );
     describe_gauge!(FOLLOWERS, "Followers connected to this leader.");
+    describe_counter!(
+        REPLICATION_REFUSED,
+        "Replication peers the authorizer did not allow to replicate."
+    );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "Connections refused during the TLS handshake, by listener."

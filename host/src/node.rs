@@ -17,12 +17,13 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::api::proto;
 use crate::authz::{Action, Authorizer};
-use crate::config::{Config, PluginsSection, Role};
+use crate::config::{Ack, Config, PluginsSection, Role};
 use crate::error::Error;
 use crate::net::{self, PeerInfo};
 use crate::placement::Placement;
 use crate::plugins::{Member, PluginError, Plugins};
 use crate::point::{PointId, StorageError, Store};
+use crate::replication::{self, Progress, Replication};
 
 /// The sockets a node serves on, bound before it starts.
 pub struct Listeners {
@@ -64,13 +65,15 @@ pub enum StartError {
     Plugin(#[from] PluginError),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Replication(#[from] crate::replication::ReplicationError),
     #[error("listener address: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// What the services of one node share.
 pub struct NodeState {
-    pub config: Config,
+    pub config: Arc<Config>,
     pub store: Store,
     /// The address clients reach this node's API at.
     pub rpc_addr: SocketAddr,
@@ -78,9 +81,11 @@ pub struct NodeState {
     pub shutdown: CancellationToken,
     /// Cancelled when the grace period is over: end every remaining stream.
     pub abort: CancellationToken,
-    pub plugins: Plugins,
+    pub plugins: Arc<Plugins>,
     pub authorizer: Arc<Authorizer>,
     pub placement: Arc<Placement>,
+    /// What followers confirmed (empty unless this node is a leader).
+    pub progress: Arc<Progress>,
 }
 
 impl NodeState {
@@ -182,13 +187,50 @@ impl NodeState {
         Ok(())
     }
 
-    /// The nodes a client may read from in parallel.
-    pub fn workers(&self) -> Vec<String> {
-        vec![self.rpc_addr.to_string()]
+    /// The nodes a client may read `point` (of `size` bytes) from in parallel: this node, and on
+    /// a leader `multi_stream_percent` of the connected followers that hold all of it.
+    pub fn workers(&self, point: &PointId, size: u64) -> Vec<String> {
+        let mut workers = vec![self.rpc_addr.to_string()];
+        let complete: Vec<String> = self
+            .progress
+            .replicas(point)
+            .into_iter()
+            .filter(|(_, _, end, connected)| *connected && *end >= size)
+            .map(|(_, address, _, _)| address)
+            .collect();
+        let take = (complete.len() * usize::from(self.config.multi_stream_percent)).div_ceil(100);
+        workers.extend(complete.into_iter().take(take));
+        workers
     }
 
-    pub fn replica_progress(&self, _point: &PointId, _size: u64) -> Vec<proto::ReplicaProgress> {
-        Vec::new()
+    /// How far each follower confirmed `point`.
+    pub fn replica_progress(&self, point: &PointId, size: u64) -> Vec<proto::ReplicaProgress> {
+        self.progress
+            .replicas(point)
+            .into_iter()
+            .map(|(follower, _, end, _)| proto::ReplicaProgress {
+                follower,
+                end,
+                lag: size.saturating_sub(end),
+            })
+            .collect()
+    }
+
+    /// With `ack = { replicas = N }`, waits until N followers confirmed every `(point, end)`.
+    pub async fn wait_for_replicas(&self, written: &[(PointId, u64)]) -> Result<(), Error> {
+        let Ack::Replicas(replicas) = self.config.replication.ack else {
+            return Ok(());
+        };
+        let timeout = Duration::from_millis(self.config.replication.ack_timeout_ms);
+        self.progress
+            .wait(written, replicas as usize, timeout)
+            .await
+            .map_err(|(point, end, confirmed)| {
+                Error::Unavailable(format!(
+                    "only {confirmed} of {replicas} followers confirmed point {point} up to {end} within {timeout:?}; \
+                     the data is stored on the leader and will still replicate"
+                ))
+            })
     }
 
     /// The members serving this cluster's API.
@@ -201,7 +243,11 @@ impl NodeState {
 
     /// This leader's live followers.
     pub fn followers(&self) -> Vec<proto::Server> {
-        Vec::new()
+        self.progress
+            .followers()
+            .into_iter()
+            .map(|(name, rpc_addr)| proto::Server { rpc_addr, name })
+            .collect()
     }
 }
 
@@ -211,6 +257,7 @@ pub struct Node {
     state: Arc<NodeState>,
     api: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: TaskTracker,
+    replication: Option<Replication>,
     metrics_addr: SocketAddr,
     replication_addr: SocketAddr,
 }
@@ -232,11 +279,24 @@ impl Node {
             Some(section) => Some(TlsAcceptor::from(crate::tls::server_config(section)?)),
             None => None,
         };
-        let plugins = Plugins::load(&config.plugins, &config.data_dir)?;
+        let plugins = Arc::new(Plugins::load(&config.plugins, &config.data_dir)?);
         let authorizer = Arc::new(Authorizer::new(Duration::from_millis(
             config.plugins.decision_cache_ms,
         )));
         let placement = Arc::new(Placement::new(members(&config, rpc_addr)));
+        let config = Arc::new(config);
+        let progress = Arc::new(Progress::default());
+        let replication = Replication::start(
+            replication::Context {
+                config: config.clone(),
+                store: store.clone(),
+                plugins: plugins.clone(),
+                authorizer: authorizer.clone(),
+                progress: progress.clone(),
+                rpc_addr,
+            },
+            listeners.replication,
+        )?;
         let shutdown = CancellationToken::new();
         let state = Arc::new(NodeState {
             config,
@@ -247,6 +307,7 @@ impl Node {
             plugins,
             authorizer,
             placement,
+            progress,
         });
 
         let tasks = TaskTracker::new();
@@ -262,13 +323,12 @@ impl Node {
         });
         let incoming = net::accept(listeners.rpc, tls, shutdown.clone(), "rpc");
         let api = tokio::spawn(api::serve(state.clone(), incoming, shutdown.clone()));
-        // Replication binds its listener in a later stage; keep it reserved until then.
-        drop(listeners.replication);
         tasks.close();
         Ok(Node {
             state,
             api,
             tasks,
+            replication,
             metrics_addr,
             replication_addr,
         })
@@ -331,6 +391,9 @@ impl Node {
         }
         state.abort.cancel();
         self.tasks.wait().await;
+        if let Some(replication) = self.replication.take() {
+            replication.shutdown().await;
+        }
         state.store.close().await?;
         tracing::info!(node = %state.config.node_name, "stopped");
         Ok(())

@@ -102,11 +102,13 @@ pub fn server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
     let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites.sort_by_key(|suite| match suite.suite() {
-        TLS13_AES_128_GCM_SHA256 => 0,
-        TLS13_AES_256_GCM_SHA384 => 1,
-        _ => 2,
-    });
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| match suite.suite() {
+            TLS13_AES_128_GCM_SHA256 => 0,
+            TLS13_AES_256_GCM_SHA384 => 1,
+            _ => 2,
+        });
     Arc::new(provider)
 }
 

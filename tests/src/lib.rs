@@ -21,18 +21,20 @@ use tonic::transport::Channel;
 /// How long any wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Test bytes that never repeat with a short period: offset bugs cannot hide in them.
+/// Test bytes that never repeat with a short period (xorshift64, a different sequence per
+/// seed): offset bugs cannot hide in them.
 pub fn data(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     state |= 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
+    let mut bytes = Vec::with_capacity(len + 8);
+    while bytes.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(len);
+    bytes
 }
 
 /// A configuration for a node on 127.0.0.1 with every port 0 and its data in `dir`.
@@ -170,7 +172,7 @@ pub fn goutube_bin() -> PathBuf {
     let bin = dir.join("goutube");
     assert!(
         bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        "{} is missing: `cargo test --workspace` builds it (host/tests/binary.rs makes cargo build the binary)",
         bin.display()
     );
     bin
@@ -312,4 +314,110 @@ impl NodeProcess {
             .expect("running kill");
         assert!(status.success(), "kill -{signal} failed");
     }
+}
+
+/// A test PKI in a temporary directory: a CA, node certificates (`node:<name>`) and client
+/// certificates, made with `goutube::certs`.
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca: goutube::certs::Authority,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use goutube::certs::{Authority, Validity};
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca = Authority::new("test CA", Validity::days(1)).expect("a CA");
+        std::fs::write(dir.path().join("ca.pem"), &ca.pem().cert_pem).expect("writing the CA");
+        Pki { dir, ca }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, issued: &goutube::certs::Issued) {
+        std::fs::write(self.path(&format!("{name}.pem")), &issued.cert_pem)
+            .expect("writing a certificate");
+        std::fs::write(self.path(&format!("{name}-key.pem")), &issued.key_pem)
+            .expect("writing a key");
+    }
+
+    /// The `[tls]` section of node `name` (its certificate is made on first use).
+    pub fn node(&self, name: &str) -> goutube::config::TlsSection {
+        let file = format!("node-{name}");
+        if !self.path(&format!("{file}.pem")).exists() {
+            let issued = self
+                .ca
+                .node(name, &[], goutube::certs::Validity::days(1))
+                .expect("a node certificate");
+            self.write(&file, &issued);
+        }
+        goutube::config::TlsSection {
+            ca: self.path("ca.pem"),
+            cert: self.path(&format!("{file}.pem")),
+            key: self.path(&format!("{file}-key.pem")),
+            peer: None,
+        }
+    }
+
+    /// The same as a TOML `[tls]` section, for child processes.
+    pub fn node_toml(&self, name: &str) -> String {
+        let tls = self.node(name);
+        format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            tls.ca, tls.cert, tls.key
+        )
+    }
+
+    /// Client options for `subject` (its certificate is made on first use) to `addr`.
+    pub fn client_options(&self, subject: &str, addr: &str) -> ClientOptions {
+        self.client_options_from(&self.ca, subject, goutube::certs::Validity::days(1), addr)
+    }
+
+    /// Client options with a certificate for `subject` issued now by `ca` (another CA in tests
+    /// of refusals), valid for `validity`.
+    pub fn client_options_from(
+        &self,
+        ca: &goutube::certs::Authority,
+        subject: &str,
+        validity: goutube::certs::Validity,
+        addr: &str,
+    ) -> ClientOptions {
+        let file = format!("client-{subject}");
+        let issued = ca.client(subject, validity).expect("a client certificate");
+        self.write(&file, &issued);
+        ClientOptions {
+            addr: addr.to_owned(),
+            tls: Some(goutube::client::ClientTls {
+                ca: self.path("ca.pem"),
+                cert: self.path(&format!("{file}.pem")),
+                key: self.path(&format!("{file}-key.pem")),
+                server_name: None,
+            }),
+        }
+    }
+
+    /// The generated client for `subject`, over mTLS.
+    pub async fn client(&self, subject: &str, addr: &str) -> StreamingClient<Channel> {
+        Client::connect(&self.client_options(subject, addr))
+            .await
+            .expect("connecting over mTLS")
+            .raw()
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A port that was free a moment ago (for nodes that must keep their address across restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("binding port 0")
+        .local_addr()
+        .expect("local address")
+        .port()
 }

@@ -106,25 +106,6 @@ async fn put_get_stat_ls_rm() {
 }
 
 #[tokio::test]
-async fn config_errors_name_the_key() {
-    let dir = tempfile::tempdir().unwrap();
-    for (body, key) in [
-        ("rpc_prot = 1\n", "rpc_prot"),
-        ("[storage]\nfsync = \"sometimes\"\n", "storage.fsync"),
-        ("max_chunk_size = 0\n", "max_chunk_size"),
-    ] {
-        let path = dir.path().join("bad.toml");
-        std::fs::write(&path, body).unwrap();
-        let run = goutube(&["run", "--config", path.to_str().unwrap()]).await;
-        assert!(!run.status.success(), "{body}");
-        assert!(stderr(&run).contains(key), "{body}: {}", stderr(&run));
-    }
-    let run = goutube(&["run", "--config", "/nonexistent/goutube.toml"]).await;
-    assert!(!run.status.success());
-    assert!(stderr(&run).contains("--config"), "{}", stderr(&run));
-}
-
-#[tokio::test]
 async fn client_commands_report_an_unreachable_node() {
     let stat = goutube(&["stat", "x", "--addr", "127.0.0.1:1"]).await;
     assert!(!stat.status.success());

@@ -2,90 +2,29 @@
 //! expired certificates; plaintext is refused), who may do what (the default policy, a prefix
 //! policy, an ACL), and `goutube certs` output working end to end with a node and the CLI.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use goutube::api::proto::MetadataRequest;
 use goutube::api::proto::streaming_client::StreamingClient;
-use goutube::certs::{Authority, Issued, Validity};
-use goutube::client::{Client, ClientOptions, ClientTls};
-use goutube::config::{PluginSection, TlsSection};
-use goutube_tests::{TestNode, consume, data, goutube_bin, metric, produce, window};
+use goutube::certs::{Authority, Validity};
+use goutube::client::{Client, ClientOptions};
+use goutube::config::PluginSection;
+use goutube_tests::{Pki, TestNode, consume, data, goutube_bin, metric, produce, window};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-/// A CA, a node certificate and client certificates, written to a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: Authority,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Authority::new("test CA", Validity::days(1)).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), &ca.pem().cert_pem).unwrap();
-        let node = ca.node("test-node", &[], Validity::days(1)).unwrap();
-        write_pair(dir.path(), "node", &node);
-        Pki { dir, ca }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn tls_section(&self) -> TlsSection {
-        TlsSection {
-            ca: self.path("ca.pem"),
-            cert: self.path("node.pem"),
-            key: self.path("node-key.pem"),
-            peer: None,
-        }
-    }
-
-    /// Writes a client certificate for `subject` and returns its client options.
-    fn client(&self, subject: &str, validity: Validity) -> ClientOptions {
-        let issued = self.ca.client(subject, validity).unwrap();
-        write_pair(self.dir.path(), subject, &issued);
-        self.options_for(subject)
-    }
-
-    fn options_for(&self, name: &str) -> ClientOptions {
-        ClientOptions {
-            addr: String::new(),
-            tls: Some(ClientTls {
-                ca: self.path("ca.pem"),
-                cert: self.path(&format!("{name}.pem")),
-                key: self.path(&format!("{name}-key.pem")),
-                server_name: None,
-            }),
-        }
-    }
-}
-
-fn write_pair(dir: &Path, name: &str, issued: &Issued) {
-    std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem).unwrap();
-    std::fs::write(dir.join(format!("{name}-key.pem")), &issued.key_pem).unwrap();
-}
-
-async fn connect(
-    node: &TestNode,
-    options: &ClientOptions,
-) -> Result<StreamingClient<Channel>, String> {
-    let options = ClientOptions {
-        addr: node.addr(),
-        ..options.clone()
-    };
-    Client::connect(&options)
+async fn connect(options: &ClientOptions) -> Result<StreamingClient<Channel>, String> {
+    Client::connect(options)
         .await
         .map(|c| c.raw())
         .map_err(|e| e.to_string())
 }
 
 /// A call through `options` fails before reaching any service: the handshake was refused.
-async fn assert_refused(node: &TestNode, options: &ClientOptions, what: &str) {
+async fn assert_refused(options: &ClientOptions, what: &str) {
     let before = handshake_failures();
-    let outcome = match connect(node, options).await {
+    let outcome = match connect(options).await {
         Err(error) => Err(error),
         Ok(mut client) => client
             .get_metadata(MetadataRequest { point: "p".into() })
@@ -115,7 +54,7 @@ fn handshake_failures() -> f64 {
 }
 
 async fn tls_node(pki: &Pki, configure: impl FnOnce(&mut goutube::config::Config)) -> TestNode {
-    let tls = pki.tls_section();
+    let tls = pki.node("test-node");
     TestNode::start(move |c| {
         c.tls = Some(tls);
         configure(c);
@@ -153,13 +92,12 @@ async fn the_handshake_refuses_strangers() {
 
     // A certificate from another CA.
     let other = Authority::new("another CA", Validity::days(1)).unwrap();
-    let stranger = other.client("root", Validity::days(1)).unwrap();
-    write_pair(pki.dir.path(), "stranger", &stranger);
-    assert_refused(&node, &pki.options_for("stranger"), "another CA").await;
+    let stranger = pki.client_options_from(&other, "root", Validity::days(1), &node.addr());
+    assert_refused(&stranger, "another CA").await;
 
     // An expired certificate from the right CA.
-    let expired = pki.client("expired", Validity::expired());
-    assert_refused(&node, &expired, "expired certificate").await;
+    let expired = pki.client_options_from(&pki.ca, "expired", Validity::expired(), &node.addr());
+    assert_refused(&expired, "expired certificate").await;
 
     // Plaintext to a TLS listener.
     let plaintext = ClientOptions {
@@ -178,9 +116,7 @@ async fn the_handshake_refuses_strangers() {
     assert!(!error.contains("NotFound"), "{error}");
 
     // The node still serves a proper client.
-    let mut root = connect(&node, &pki.client("root", Validity::days(1)))
-        .await
-        .unwrap();
+    let mut root = pki.client("root", &node.addr()).await;
     produce(&mut root, "p", &[data(1, 10)]).await.unwrap();
     node.shutdown().await;
 }
@@ -189,12 +125,8 @@ async fn the_handshake_refuses_strangers() {
 async fn the_default_policy_admits_root_and_denies_nobody() {
     let pki = Pki::new();
     let node = tls_node(&pki, |_| {}).await;
-    let mut root = connect(&node, &pki.client("root", Validity::days(1)))
-        .await
-        .unwrap();
-    let mut nobody = connect(&node, &pki.client("nobody", Validity::days(1)))
-        .await
-        .unwrap();
+    let mut root = pki.client("root", &node.addr()).await;
+    let mut nobody = pki.client("nobody", &node.addr()).await;
 
     produce(&mut root, "videos/a", &[data(1, 1000)])
         .await
@@ -244,12 +176,8 @@ async fn prefix_rights_from_a_polar_policy() {
     let pki = Pki::new();
     let policy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/prefixes.polar");
     let node = tls_node(&pki, |c| c.plugins.policy_file = Some(policy)).await;
-    let mut root = connect(&node, &pki.client("root", Validity::days(1)))
-        .await
-        .unwrap();
-    let mut alice = connect(&node, &pki.client("alice", Validity::days(1)))
-        .await
-        .unwrap();
+    let mut root = pki.client("root", &node.addr()).await;
+    let mut alice = pki.client("alice", &node.addr()).await;
     produce(&mut root, "videos/cat", &[data(1, 100)])
         .await
         .unwrap();
@@ -301,12 +229,8 @@ async fn an_acl_lets_alice_consume_videos_only() {
         }
     })
     .await;
-    let mut root = connect(&node, &pki.client("root", Validity::days(1)))
-        .await
-        .unwrap();
-    let mut alice = connect(&node, &pki.client("alice", Validity::days(1)))
-        .await
-        .unwrap();
+    let mut root = pki.client("root", &node.addr()).await;
+    let mut alice = pki.client("alice", &node.addr()).await;
     produce(&mut root, "videos/cat", &[data(1, 100)])
         .await
         .unwrap();

@@ -114,6 +114,11 @@ impl proto::streaming_server::Streaming for StreamingService {
         // The writer's error happened first: frames are written in the order they arrived.
         let last = written?;
         received?;
+        let ends: Vec<(PointId, u64)> = last
+            .iter()
+            .map(|(&slot, appended)| (points[slot].clone(), appended.end))
+            .collect();
+        state.wait_for_replicas(&ends).await?;
         let records = points
             .into_iter()
             .enumerate()
@@ -219,7 +224,7 @@ impl proto::streaming_server::Streaming for StreamingService {
             .await?;
         let snapshot = state.store.metadata(&id).await.map_err(Error::from)?;
         Ok(Response::new(MetadataResponse {
-            workers: state.workers(),
+            workers: state.workers(&id, snapshot.end),
             size: snapshot.end,
             crc32c: snapshot.crc,
             node: state.config.node_name.clone(),

@@ -59,6 +59,18 @@ pub enum Bench {
         #[arg(long, default_value_t = 50)]
         connections: usize,
     },
+    /// Leader → follower replication: catch-up of a point against a raw TCP copy of the same
+    /// bytes, follower lag under sustained produce, produce with `replicas = 1` against `local`.
+    Replication {
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Target rate of the sustained produce, MB/s.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Seconds of sustained produce.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Create many small points, restart, list and read them: start-up time, RSS, descriptors.
     Points {
         #[arg(long, default_value_t = 10_000)]
@@ -92,6 +104,7 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
             rounds,
             connections,
         } => tls(mib, rounds.max(1), connections.max(1)).await,
+        Bench::Replication { mib, rate, seconds } => replication(mib, rate, seconds).await,
         Bench::BaselineServer => baseline_server().await,
     }
 }
@@ -274,6 +287,240 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
         percentile(&mut secure_setup, 90)
     );
     Ok(())
+}
+
+async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
+    let frame = 256 * 1024;
+    let total = mib * 1024 * 1024;
+    let frames = total / frame as u64;
+    let pool = frame_pool(frame);
+    let work = tempfile::tempdir()?;
+    println!("replication on loopback, plaintext, fsync = \"never\", {mib} MiB in 256 KiB records");
+
+    // Baseline: the same bytes through one TCP connection, written and read in 256 KiB pieces.
+    let raw = raw_tcp_copy(&pool, frames).await?;
+
+    // Catch-up: the leader holds the point before the follower exists.
+    let leader_dir = work.path().join("leader");
+    let follower_dir = work.path().join("follower");
+    std::fs::create_dir_all(&leader_dir)?;
+    std::fs::create_dir_all(&follower_dir)?;
+    let leader = Server::node(
+        &leader_dir,
+        &format!("role = \"leader\"\n{}", storage("never")),
+    )?;
+    let to_leader = connect(&leader.rpc).await?;
+    produce(&to_leader, "catch-up", &pool, frames).await?;
+    let want = to_leader.stat("catch-up").await?;
+    disk_write(&follower_dir, &pool, frames)?;
+    let started = Instant::now();
+    let follower = Server::node(
+        &follower_dir,
+        &format!(
+            "role = \"follower\"\nleader_addresses = [{:?}]\n{}",
+            leader.replication,
+            storage("never")
+        ),
+    )?;
+    let to_follower = connect(&follower.rpc).await?;
+    wait_for(&to_follower, "catch-up", want.size, want.crc32c).await?;
+    let catch_up = started.elapsed().as_secs_f64();
+    println!("| measurement | raw TCP copy | replication | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {mib} MiB leader → follower (catch-up) | {:.0} MB/s | {:.0} MB/s ({catch_up:.2} s) | {:.2}x |",
+        mbps(total, raw),
+        mbps(total, catch_up),
+        raw / catch_up
+    );
+
+    // Sustained produce at `rate`: lag = time from the leader's acknowledgement of a batch to the
+    // follower holding it, sampled every millisecond.
+    let batch_frames = 4u64;
+    let batch_bytes = batch_frames * frame as u64;
+    let batches = (rate * 1_000_000 * seconds) / batch_bytes;
+    let interval = Duration::from_secs_f64(batch_bytes as f64 / (rate as f64 * 1e6));
+    let mut lags = Vec::new();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut behind = 0u64;
+    for batch in 0..batches {
+        ticker.tick().await;
+        let sent = Instant::now();
+        let point = "sustained";
+        let record = produce_record(&to_leader, point, &pool, batch_frames, batch).await?;
+        let acknowledged = Instant::now();
+        // Wait for the follower (not for the next batches: they go out on time).
+        let follower = to_follower.clone();
+        lags.push(tokio::spawn(async move {
+            loop {
+                if follower.stat(point).await.is_ok_and(|m| m.size >= record) {
+                    return acknowledged.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+        if sent.elapsed() > interval {
+            behind += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut lags: Vec<Duration> = futures::future::try_join_all(lags).await?;
+    lags.sort();
+    let achieved = batches as f64 * batch_bytes as f64 / elapsed / 1e6;
+    println!(
+        "\nsustained produce: target {rate} MB/s, achieved {achieved:.0} MB/s over {elapsed:.1} s ({behind} batches late)"
+    );
+    println!("| follower lag | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    let at = |p: usize| lags[(lags.len() * p / 100).min(lags.len() - 1)].as_secs_f64() * 1e3;
+    println!(
+        "| leader ack → follower holds it | {:.1} ms | {:.1} ms | {:.1} ms |",
+        at(50),
+        at(99),
+        lags.last().unwrap().as_secs_f64() * 1e3
+    );
+    drop(follower);
+    drop(leader);
+
+    // Produce with replicas = 1 against local, each with a follower attached.
+    let mut results = Vec::new();
+    for ack in ["\"local\"", "{ replicas = 1 }"] {
+        let dir = tempfile::tempdir()?;
+        let (leader_dir, follower_dir) = (dir.path().join("l"), dir.path().join("f"));
+        std::fs::create_dir_all(&leader_dir)?;
+        std::fs::create_dir_all(&follower_dir)?;
+        let leader = Server::node(
+            &leader_dir,
+            &format!(
+                "role = \"leader\"\n[replication]\nack = {ack}\n{}",
+                storage("never")
+            ),
+        )?;
+        let _follower = Server::node(
+            &follower_dir,
+            &format!(
+                "role = \"follower\"\nleader_addresses = [{:?}]\n{}",
+                leader.replication,
+                storage("never")
+            ),
+        )?;
+        let client = connect(&leader.rpc).await?;
+        wait_for_followers(&leader.rpc, 1).await?;
+        disk_write(&leader_dir, &pool, frames)?;
+        results.push((ack, produce(&client, "acked", &pool, frames).await?));
+    }
+    println!(
+        "\n| produce {mib} MiB with a follower | ack = \"local\" | ack = {{ replicas = 1 }} | ratio |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| throughput | {:.0} MB/s | {:.0} MB/s | {:.2}x |",
+        mbps(total, results[0].1),
+        mbps(total, results[1].1),
+        results[0].1 / results[1].1
+    );
+    Ok(())
+}
+
+/// Produces `frames` frames (batch `batch` of the pool) to `point`; returns the point's end.
+async fn produce_record(
+    client: &Client,
+    point: &str,
+    pool: &[Bytes],
+    frames: u64,
+    batch: u64,
+) -> anyhow::Result<u64> {
+    let requests: Vec<ProduceRequest> = (0..frames)
+        .map(|i| ProduceRequest {
+            point: point.into(),
+            frame: pool[((batch * frames + i) as usize) % pool.len()].clone(),
+        })
+        .collect();
+    let response = client
+        .raw()
+        .produce_stream(tokio_stream::iter(requests))
+        .await?;
+    Ok(response.into_inner().records.first().map_or(0, |r| r.end))
+}
+
+/// Waits until `point` on `client` has `size` bytes with checksum `crc`.
+async fn wait_for(client: &Client, point: &str, size: u64, crc: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(meta) = client.stat(point).await
+            && meta.size == size
+        {
+            if meta.crc32c != crc {
+                bail!("{point} converged to a different checksum");
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{point} did not converge");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn wait_for_followers(rpc: &str, count: usize) -> anyhow::Result<()> {
+    use goutube::api::proto::GetFollowersRequest;
+    use goutube::api::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
+    let channel = goutube::client::channel(&ClientOptions {
+        addr: rpc.to_owned(),
+        tls: None,
+    })
+    .await?;
+    let mut client = FollowerResolverHelperClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .get_followers(GetFollowersRequest {})
+        .await?
+        .into_inner()
+        .servers
+        .len()
+        < count
+    {
+        if Instant::now() > deadline {
+            bail!("no follower connected");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Seconds to send `frames` frames from `pool` through one loopback TCP connection.
+async fn raw_tcp_copy(pool: &[Bytes], frames: u64) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let total = frames * pool[0].len() as u64;
+    let receiver = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await?;
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut received = 0u64;
+        while received < total {
+            let n = socket.read(&mut buffer).await?;
+            if n == 0 {
+                break;
+            }
+            received += n as u64;
+        }
+        Ok::<_, std::io::Error>(received)
+    });
+    let started = Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    socket.set_nodelay(true)?;
+    for i in 0..frames as usize {
+        socket.write_all(&pool[i % pool.len()]).await?;
+    }
+    socket.flush().await?;
+    let received = receiver.await??;
+    if received != total {
+        bail!("the raw copy received {received} of {total} bytes");
+    }
+    Ok(started.elapsed().as_secs_f64())
 }
 
 async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()> {
@@ -472,6 +719,8 @@ fn rate(bytes: u64, seconds: &[f64]) -> String {
 struct Server {
     child: Child,
     rpc: String,
+    /// The replication address (nodes only).
+    replication: String,
 }
 
 impl Server {
@@ -481,7 +730,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "node_name = \"bench\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n[log]\nlevel = \"warn\"\n{settings}\n",
+                "node_name = \"bench\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n{settings}\n[log]\nlevel = \"warn\"\n",
                 dir.join("data")
             ),
         )?;
@@ -516,12 +765,18 @@ impl Server {
                 None => bail!("server exited before listening"),
             }
         };
-        let rpc = line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("rpc="))
-            .context("no rpc= on the listening line")?
-            .to_owned();
-        Ok(Server { child, rpc })
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name))
+                .map(str::to_owned)
+        };
+        let rpc = field("rpc=").context("no rpc= on the listening line")?;
+        let replication = field("replication=").unwrap_or_default();
+        Ok(Server {
+            child,
+            rpc,
+            replication,
+        })
     }
 
     fn pid(&self) -> u32 {

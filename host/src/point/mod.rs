@@ -92,11 +92,13 @@ pub struct Appended {
     pub crc: u32,
 }
 
-/// A point grew: published to [`Store::subscribe`] after every append.
+/// A point grew, or was removed: published to [`Store::subscribe`].
 #[derive(Debug, Clone)]
 pub struct AppendEvent {
     pub point: PointId,
     pub end: u64,
+    /// The point was deleted (`end` is then 0).
+    pub removed: bool,
 }
 
 /// A handle to the store; cheap to clone.
@@ -275,6 +277,7 @@ impl Store {
             let _ = self.inner.events.send(AppendEvent {
                 point: id.clone(),
                 end: last.end,
+                removed: false,
             });
         }
         Ok(appended)
@@ -337,6 +340,11 @@ impl Store {
         tokio::task::spawn_blocking(move || remove_point_files(&root, &dir))
             .await
             .map_err(join_error)??;
+        let _ = self.inner.events.send(AppendEvent {
+            point: id.clone(),
+            end: 0,
+            removed: true,
+        });
         Ok(size)
     }
 

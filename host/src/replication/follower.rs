@@ -1,0 +1,253 @@
+//! The follower side: connect to each leader in `leader_addresses`, offer what this node holds,
+//! and apply the records the leader pushes.
+//!
+//! A record is applied only if it starts at this node's end of the point (`Store::append_at`),
+//! so nothing is applied twice and nothing is skipped; otherwise the reply tells the leader where
+//! this node really ends. Records the bundler rejects (damaged) are reported and sent again.
+//! Pushes are applied one at a time, in the order they arrive. A lost connection is retried with
+//! backoff, offering the real ends again, so a restart of either side resumes where it stopped.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{RpcSystem, twoparty};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+
+use super::replication_capnp::{leader, sink};
+use super::{Context, server_name};
+use crate::authz::Action;
+use crate::metrics;
+use crate::point::{AppendError, DeleteError, PointId};
+
+/// Longest wait between two attempts to reach a leader.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Follows every configured leader until `shutdown`.
+pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
+    let context = Rc::new(context);
+    let sink: sink::Client = capnp_rpc::new_client(SinkService {
+        context: context.clone(),
+        order: tokio::sync::Mutex::new(()),
+    });
+    for address in context.config.leader_addresses.clone() {
+        let (context, tls, sink, shutdown) =
+            (context.clone(), tls.clone(), sink.clone(), shutdown.clone());
+        tokio::task::spawn_local(async move {
+            let mut backoff = Duration::from_millis(50);
+            while !shutdown.is_cancelled() {
+                match session(&context, &address, tls.as_ref(), &sink, &shutdown).await {
+                    Ok(()) => backoff = Duration::from_millis(50),
+                    Err(error) => {
+                        tracing::warn!(leader = %address, %error, "replication session failed")
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        });
+    }
+    shutdown.cancelled().await;
+}
+
+/// One connection to a leader, until it breaks or `shutdown`.
+async fn session(
+    context: &Rc<Context>,
+    address: &str,
+    tls: Option<&TlsConnector>,
+    sink: &sink::Client,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| format!("connecting: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let io = match tls {
+        None => Either::Left(tcp),
+        Some(connector) => {
+            let name = server_name(address).ok_or_else(|| format!("{address} is not host:port"))?;
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+                .await
+                .map_err(|_| "TLS handshake timed out".to_string())?
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            // The leader must be a node the policy lets replicate, not just anyone with a
+            // certificate from the CA.
+            let subject = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|cert| crate::tls::subject(cert.as_ref()))
+                .ok_or("the leader presented no certificate")?;
+            let plugins = context.plugins.current();
+            let generation = context.authorizer.generation();
+            let decision = context.authorizer.decide(
+                &plugins,
+                generation,
+                &subject,
+                Action::Replicate,
+                "",
+                address,
+            );
+            if !decision.allowed {
+                ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
+                return Err(format!(
+                    "leader {subject} may not replicate: {}",
+                    decision.reason
+                ));
+            }
+            Either::Right(stream)
+        }
+    };
+    let (reader, writer) = tokio::io::split(io);
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Client,
+        Default::default(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let leader: leader::Client = rpc.bootstrap(Side::Server);
+    let mut connection = tokio::task::spawn_local(rpc);
+
+    let offers = offers(context).await;
+    let mut request = leader.follow_request();
+    {
+        let mut params = request.get();
+        let mut hello = params.reborrow().init_hello();
+        hello.set_follower(&context.config.node_name);
+        hello.set_rpc_address(context.rpc_addr.to_string());
+        let mut list = hello.init_offers(offers.len() as u32);
+        for (i, (point, end)) in offers.iter().enumerate() {
+            let mut offer = list.reborrow().get(i as u32);
+            offer.set_point(point.as_str());
+            offer.set_end(*end);
+        }
+        params.set_sink(sink.clone());
+    }
+    let response = tokio::select! {
+        response = request.send().promise => response.map_err(|e| format!("follow: {e}"))?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let session = response
+        .get()
+        .and_then(|r| r.get_session())
+        .map_err(|e| format!("follow: {e}"))?;
+    tracing::info!(leader = %address, points = offers.len(), "following");
+    let ended = tokio::select! {
+        ended = &mut connection => ended,
+        _ = shutdown.cancelled() => {
+            connection.abort();
+            return Ok(());
+        }
+    };
+    drop(session);
+    match ended {
+        Ok(Ok(())) => Err("the leader closed the connection".into()),
+        Ok(Err(error)) => Err(format!("connection: {error}")),
+        Err(error) => Err(format!("connection task: {error}")),
+    }
+}
+
+/// Every point this node holds, with its end.
+async fn offers(context: &Context) -> Vec<(PointId, u64)> {
+    let mut offers = Vec::new();
+    for id in context.store.list("", None, usize::MAX) {
+        match context.store.metadata(&id).await {
+            Ok(snapshot) => offers.push((id, snapshot.end)),
+            Err(error) => tracing::warn!(point = %id, %error, "not offered to the leader"),
+        }
+    }
+    offers
+}
+
+/// Receives the leader's records.
+struct SinkService {
+    context: Rc<Context>,
+    /// Pushes are applied one at a time, in arrival order (tokio's mutex is fair).
+    order: tokio::sync::Mutex<()>,
+}
+
+impl sink::Server for SinkService {
+    async fn push(
+        self: Rc<Self>,
+        params: sink::PushParams,
+        mut results: sink::PushResults,
+    ) -> Result<(), capnp::Error> {
+        let _turn = self.order.lock().await;
+        let bytes = params.get()?.get_record()?;
+        let plugins = self.context.plugins.current();
+        let unbundled = plugins
+            .unbundle(bytes)
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        let record = match unbundled.and_then(|r| {
+            let id = PointId::new(r.point).map_err(|e| format!("bad point id: {e}"))?;
+            Ok((id, r.start, r.payload))
+        }) {
+            Ok(record) => record,
+            Err(reason) => {
+                ::metrics::counter!(metrics::REPLICATION_REJECTED).increment(1);
+                tracing::warn!(%reason, "rejected a replication record");
+                let mut ack = results.get().init_ack();
+                ack.set_end(0);
+                ack.init_result().set_rejected(&reason);
+                return Ok(());
+            }
+        };
+        let (id, start, payload) = record;
+        let len = payload.len() as u64;
+        let mut ack = results.get().init_ack();
+        match self
+            .context
+            .store
+            .append_at(&id, start, Bytes::from(payload))
+            .await
+        {
+            Ok(appended) => {
+                ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "applied")
+                    .increment(len);
+                ack.set_end(appended.end);
+                ack.init_result().set_applied(());
+            }
+            Err(AppendError::OffsetMismatch { end, .. }) => {
+                ack.set_end(end);
+                ack.init_result().set_mismatch(());
+            }
+            Err(error) => {
+                tracing::error!(point = %id, %error, "cannot apply a replicated record");
+                return Err(capnp::Error::failed(error.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove(
+        self: Rc<Self>,
+        params: sink::RemoveParams,
+        _: sink::RemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let _turn = self.order.lock().await;
+        let point = params.get()?.get_point()?.to_str()?.to_owned();
+        let Ok(id) = PointId::new(point) else {
+            return Ok(());
+        };
+        match self.context.store.delete(&id).await {
+            Ok(size) => {
+                tracing::info!(point = %id, size, "removed (the leader no longer has this copy)");
+                Ok(())
+            }
+            Err(DeleteError::NotFound(_)) => Ok(()),
+            Err(error) => Err(capnp::Error::failed(error.to_string())),
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! The leader side: followers dial in, are authorized (`replicate`), and each gets a replicator
+//! task that pushes what the follower lacks, then every new append.
+//!
+//! The replicator keeps, per point, the leader's end, the next offset to send and what the
+//! follower confirmed. It starts from the follower's offers (its real ends), fills a window of
+//! `replication.window` pushes in flight, and learns about new appends from the store's broadcast;
+//! a lagging broadcast triggers a rescan instead of blocking anything. A reply that says the
+//! follower ends elsewhere (mismatch) or that the record arrived damaged (rejected) rewinds the
+//! point; a per-point generation makes replies to pushes sent before the rewind harmless.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{RpcSystem, twoparty};
+use futures::future::LocalBoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use super::replication_capnp::{ack, leader, session, sink};
+use crate::authz::Action;
+use crate::metrics;
+use crate::point::{PointId, ReadError};
+
+/// Accepts followers until `shutdown`.
+pub async fn serve(
+    context: Context,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let mut incoming = crate::net::accept(listener, tls, shutdown.clone(), "replication");
+    let context = Rc::new(context);
+    while let Some(connection) = incoming.next().await {
+        let connection = match connection {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::warn!(%error, "replication connection failed");
+                continue;
+            }
+        };
+        let (io, peer) = connection.into_parts();
+        let (reader, writer) = tokio::io::split(io);
+        let network = twoparty::VatNetwork::new(
+            reader.compat(),
+            writer.compat_write(),
+            Side::Server,
+            Default::default(),
+        );
+        let service = LeaderService {
+            context: context.clone(),
+            subject: peer.subject.clone(),
+            addr: peer.addr,
+            shutdown: shutdown.clone(),
+        };
+        let client: leader::Client = capnp_rpc::new_client(service);
+        let rpc = RpcSystem::new(Box::new(network), Some(client.client));
+        tokio::task::spawn_local(async move {
+            if let Err(error) = rpc.await {
+                tracing::info!(peer = %peer.addr, %error, "replication connection ended");
+            }
+        });
+    }
+}
+
+struct LeaderService {
+    context: Rc<Context>,
+    subject: Arc<str>,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl leader::Server for LeaderService {
+    async fn follow(
+        self: Rc<Self>,
+        params: leader::FollowParams,
+        mut results: leader::FollowResults,
+    ) -> Result<(), capnp::Error> {
+        let context = &self.context;
+        let plugins = context.plugins.current();
+        let generation = context.authorizer.generation();
+        let decision = context.authorizer.decide(
+            &plugins,
+            generation,
+            &self.subject,
+            Action::Replicate,
+            "",
+            &self.addr.to_string(),
+        );
+        if !decision.allowed {
+            ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
+            tracing::warn!(subject = %self.subject, peer = %self.addr, reason = %decision.reason, "follower refused");
+            return Err(capnp::Error::failed(format!(
+                "{} may not replicate: {}",
+                self.subject, decision.reason
+            )));
+        }
+        let params = params.get()?;
+        let hello = params.get_hello()?;
+        let follower = hello.get_follower()?.to_str()?.to_owned();
+        let rpc_address = hello.get_rpc_address()?.to_str()?.to_owned();
+        let mut offers = HashMap::new();
+        for offer in hello.get_offers()? {
+            // An offer for an id that is not a valid point id can only be removed.
+            offers.insert(offer.get_point()?.to_str()?.to_owned(), offer.get_end());
+        }
+        let sink = params.get_sink()?;
+        let stop = self.shutdown.child_token();
+        tracing::info!(%follower, %rpc_address, subject = %self.subject, points = offers.len(), "follower connected");
+        tokio::task::spawn_local(
+            Replicator::new(context.clone(), follower, rpc_address, sink, stop.clone()).run(offers),
+        );
+        let session = SessionService {
+            leader: context.config.node_name.clone(),
+            stop,
+        };
+        results.get().set_session(capnp_rpc::new_client(session));
+        Ok(())
+    }
+}
+
+/// Ends the replicator when the follower drops its session (or the connection goes).
+struct SessionService {
+    leader: String,
+    stop: CancellationToken,
+}
+
+impl Drop for SessionService {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl session::Server for SessionService {
+    async fn leader(
+        self: Rc<Self>,
+        _: session::LeaderParams,
+        mut results: session::LeaderResults,
+    ) -> Result<(), capnp::Error> {
+        results.get().set_name(&self.leader);
+        Ok(())
+    }
+}
+
+/// Replication state of one point towards one follower.
+#[derive(Debug, Default)]
+struct PointState {
+    /// The leader's end.
+    end: u64,
+    /// The next offset to send.
+    next: u64,
+    /// What the follower confirmed.
+    confirmed: u64,
+    /// Incremented at every rewind; replies to older pushes are ignored.
+    generation: u64,
+}
+
+/// A push or remove in flight, and what came back.
+enum Outcome {
+    Pushed {
+        point: PointId,
+        start: u64,
+        len: u64,
+        generation: u64,
+        reply: Result<(u64, Reply), capnp::Error>,
+    },
+    Removed {
+        point: PointId,
+        reply: Result<(), capnp::Error>,
+    },
+}
+
+enum Reply {
+    Applied,
+    Mismatch,
+    Rejected(String),
+}
+
+struct Replicator {
+    context: Rc<Context>,
+    follower: String,
+    rpc_address: String,
+    sink: sink::Client,
+    stop: CancellationToken,
+    points: HashMap<PointId, PointState>,
+    /// Points with something to send, round robin.
+    dirty: VecDeque<PointId>,
+    queued: HashSet<PointId>,
+    in_flight: FuturesUnordered<LocalBoxFuture<'static, Outcome>>,
+    /// When the lag gauge was last computed (it sums over every point).
+    gauges_at: Option<std::time::Instant>,
+}
+
+impl Replicator {
+    fn new(
+        context: Rc<Context>,
+        follower: String,
+        rpc_address: String,
+        sink: sink::Client,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            context,
+            follower,
+            rpc_address,
+            sink,
+            stop,
+            points: HashMap::new(),
+            dirty: VecDeque::new(),
+            queued: HashSet::new(),
+            in_flight: FuturesUnordered::new(),
+            gauges_at: None,
+        }
+    }
+
+    async fn run(mut self, offers: HashMap<String, u64>) {
+        // Subscribe before scanning: an append between the two is seen either way.
+        let mut events = self.context.store.subscribe();
+        self.context
+            .progress
+            .connected(&self.follower, &self.rpc_address);
+        self.update_gauges();
+        self.scan(Some(offers)).await;
+        let window = self.context.config.replication.window;
+        loop {
+            if let Err(error) = self.fill(window).await {
+                tracing::error!(follower = %self.follower, %error, "cannot prepare records; retrying");
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                event = events.recv() => match event {
+                    Ok(event) if event.removed => self.removed(event.point),
+                    Ok(event) => self.grew(event.point, event.end),
+                    Err(RecvError::Lagged(_)) => self.scan(None).await,
+                    Err(RecvError::Closed) => break,
+                },
+                Some(outcome) = self.in_flight.next() => {
+                    if let Err(error) = self.handle(outcome) {
+                        tracing::info!(follower = %self.follower, %error, "follower session ended");
+                        break;
+                    }
+                }
+            }
+        }
+        self.context.progress.disconnected(&self.follower);
+        self.update_gauges();
+    }
+
+    /// Reconciles with the store: with `offers` at the start of a session, `None` after the
+    /// store's broadcast lagged.
+    async fn scan(&mut self, offers: Option<HashMap<String, u64>>) {
+        let store = self.context.store.clone();
+        let ids = store.list("", None, usize::MAX);
+        let present: HashSet<PointId> = ids.iter().cloned().collect();
+        for id in ids {
+            let Ok(snapshot) = store.metadata(&id).await else {
+                continue;
+            };
+            match &offers {
+                Some(offers) => {
+                    let offered = offers.get(id.as_str()).copied().unwrap_or(0);
+                    let mut state = PointState {
+                        end: snapshot.end,
+                        next: offered,
+                        confirmed: offered,
+                        generation: 0,
+                    };
+                    if offered > snapshot.end {
+                        // The follower holds more than the leader: its copy diverged. Start over.
+                        tracing::warn!(follower = %self.follower, point = %id, offered, end = snapshot.end, "follower copy diverged; replacing it");
+                        state.next = 0;
+                        state.confirmed = 0;
+                        self.send_remove(id.clone());
+                    } else {
+                        self.context.progress.confirm(&self.follower, &id, offered);
+                    }
+                    self.points.insert(id.clone(), state);
+                    self.mark(id);
+                }
+                None => self.grew(id, snapshot.end),
+            }
+        }
+        let stale: Vec<PointId> = match &offers {
+            // Points the follower holds that the leader does not (deleted while it was away).
+            Some(offers) => offers
+                .keys()
+                .filter_map(|p| PointId::new(p.as_str()).ok())
+                .filter(|id| !present.contains(id))
+                .collect(),
+            None => self
+                .points
+                .keys()
+                .filter(|id| !present.contains(*id))
+                .cloned()
+                .collect(),
+        };
+        for id in stale {
+            self.removed(id);
+        }
+        self.update_gauges();
+    }
+
+    fn grew(&mut self, point: PointId, end: u64) {
+        let state = self.points.entry(point.clone()).or_default();
+        if end > state.end {
+            state.end = end;
+            self.mark(point);
+        }
+    }
+
+    fn removed(&mut self, point: PointId) {
+        self.points.remove(&point);
+        self.send_remove(point);
+    }
+
+    fn mark(&mut self, point: PointId) {
+        if self.queued.insert(point.clone()) {
+            self.dirty.push_back(point);
+        }
+    }
+
+    fn send_remove(&mut self, point: PointId) {
+        let mut request = self.sink.remove_request();
+        request.get().set_point(point.as_str());
+        // Sent now, not when the future is first polled: calls leave in the order they are made.
+        let promise = request.send().promise;
+        self.in_flight.push(
+            async move {
+                let reply = promise.await.map(|_| ());
+                Outcome::Removed { point, reply }
+            }
+            .boxed_local(),
+        );
+    }
+
+    /// Sends records until `window` are in flight or nothing is left to send.
+    async fn fill(&mut self, window: usize) -> Result<(), String> {
+        let chunk = self.context.config.max_chunk_size;
+        while self.in_flight.len() < window {
+            let Some(point) = self.dirty.pop_front() else {
+                return Ok(());
+            };
+            self.queued.remove(&point);
+            let Some(state) = self.points.get(&point) else {
+                continue;
+            };
+            if state.next >= state.end {
+                continue;
+            }
+            let (start, generation) = (state.next, state.generation);
+            let len = chunk.min(state.end - start);
+            let payload: Bytes = match self.context.store.read(&point, start, len).await {
+                Ok(payload) => payload,
+                // Deleted meanwhile: the removal event follows.
+                Err(ReadError::NotFound(_)) => continue,
+                Err(error) => {
+                    self.mark(point);
+                    return Err(error.to_string());
+                }
+            };
+            let plugins = self.context.plugins.current();
+            let record = match plugins.bundle(point.as_str(), start, Vec::from(payload)) {
+                Ok(record) => record,
+                Err(error) => {
+                    self.mark(point);
+                    return Err(error.to_string());
+                }
+            };
+            let mut request = self.sink.push_request();
+            request.get().set_record(&record);
+            // Sent now, in order: the follower applies records of a point in arrival order.
+            let promise = request.send().promise;
+            let pushed = point.clone();
+            self.in_flight.push(
+                async move {
+                    let reply = promise.await.and_then(|response| {
+                        let ack = response.get()?.get_ack()?;
+                        let reply = match ack.get_result().which()? {
+                            ack::result::Applied(()) => Reply::Applied,
+                            ack::result::Mismatch(()) => Reply::Mismatch,
+                            ack::result::Rejected(reason) => {
+                                Reply::Rejected(reason?.to_string().unwrap_or_default())
+                            }
+                        };
+                        Ok((ack.get_end(), reply))
+                    });
+                    Outcome::Pushed {
+                        point: pushed,
+                        start,
+                        len,
+                        generation,
+                        reply,
+                    }
+                }
+                .boxed_local(),
+            );
+            let state = self.points.get_mut(&point).expect("checked above");
+            state.next = start + len;
+            if state.next < state.end {
+                self.mark(point);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a reply. An RPC error means the session is over.
+    fn handle(&mut self, outcome: Outcome) -> Result<(), capnp::Error> {
+        match outcome {
+            Outcome::Removed { point, reply } => {
+                reply?;
+                self.context.progress.forget(&self.follower, &point);
+                if self.points.contains_key(&point) {
+                    // A diverged copy was removed: send the point again from 0.
+                    self.mark(point);
+                }
+            }
+            Outcome::Pushed {
+                point,
+                start,
+                len,
+                generation,
+                reply,
+            } => {
+                let (end, reply) = reply?;
+                let Some(state) = self.points.get_mut(&point) else {
+                    return Ok(());
+                };
+                match reply {
+                    Reply::Applied => {
+                        state.confirmed = state.confirmed.max(end);
+                        ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "sent")
+                            .increment(len);
+                    }
+                    Reply::Mismatch if generation == state.generation => {
+                        tracing::debug!(follower = %self.follower, %point, start, end, "follower ends elsewhere; continuing from its end");
+                        state.generation += 1;
+                        state.confirmed = end;
+                        state.next = end.min(state.end);
+                        if end > state.end {
+                            // It holds more than the leader: replace its copy.
+                            state.next = 0;
+                            state.confirmed = 0;
+                            let point = point.clone();
+                            self.send_remove(point);
+                        }
+                        self.mark(point.clone());
+                    }
+                    Reply::Rejected(reason) if generation == state.generation => {
+                        tracing::warn!(follower = %self.follower, %point, start, %reason, "record rejected; sending it again");
+                        ::metrics::counter!(metrics::REPLICATION_REJECTED).increment(1);
+                        state.generation += 1;
+                        state.next = state.next.min(start);
+                        self.mark(point.clone());
+                    }
+                    // A reply to a push sent before the last rewind: already handled.
+                    Reply::Mismatch | Reply::Rejected(_) => {}
+                }
+                if let Some(state) = self.points.get(&point) {
+                    self.context
+                        .progress
+                        .confirm(&self.follower, &point, state.confirmed);
+                }
+                if self
+                    .gauges_at
+                    .is_none_or(|at| at.elapsed() > std::time::Duration::from_millis(100))
+                {
+                    self.update_gauges();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn update_gauges(&mut self) {
+        self.gauges_at = Some(std::time::Instant::now());
+        let lag: u64 = self
+            .points
+            .values()
+            .map(|s| s.end.saturating_sub(s.confirmed))
+            .sum();
+        ::metrics::gauge!(metrics::REPLICATION_LAG_BYTES, "follower" => self.follower.clone())
+            .set(lag as f64);
+        ::metrics::gauge!(metrics::FOLLOWERS).set(self.context.progress.followers().len() as f64);
+    }
+}

@@ -1,0 +1,256 @@
+//! Replication from a leader to its followers over Cap'n Proto RPC (`schema/capnp/`).
+//!
+//! `capnp-rpc` is `!Send`, so everything here runs on one dedicated thread with a current-thread
+//! runtime and a `LocalSet` ([`Replication::start`]). The rest of the node talks to it through
+//! `Send` handles only: the store's bounded broadcast of appends (what to push), [`Progress`]
+//! (what followers confirmed, read by the API for `GetFollowers`, metadata and `ack`), and a
+//! cancellation token.
+//!
+//! - [`leader`]: accepts followers on the replication port, authorizes them (`replicate`), and
+//!   runs one replicator per follower: catch-up from the follower's real offsets, then live
+//!   appends, with a window of records in flight and nothing that can block the leader's writes.
+//! - [`follower`]: dials the leader(s) in `leader_addresses`, offers what it holds, and applies
+//!   pushed records only at its current end (exactly once), reconnecting with backoff.
+//!
+//! Every record is framed by the bundler plugin and checked by it on receipt. The protocol is in
+//! `docs/replication.md`.
+
+pub mod follower;
+pub mod leader;
+#[allow(clippy::all, unused_qualifications, dead_code)]
+#[rustfmt::skip]
+pub mod replication_capnp;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::authz::Authorizer;
+use crate::config::{Config, Role};
+use crate::plugins::Plugins;
+use crate::point::{PointId, Store};
+
+/// Why replication could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("replication: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// What the replication thread needs from the node.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub plugins: Arc<Plugins>,
+    pub authorizer: Arc<Authorizer>,
+    pub progress: Arc<Progress>,
+    /// This node's client API address (sent to the leader by a follower).
+    pub rpc_addr: SocketAddr,
+}
+
+/// The running replication thread.
+pub struct Replication {
+    thread: std::thread::JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Replication {
+    /// Starts the thread: the leader service on `listener` for a leader, the connections to
+    /// `leader_addresses` for a follower. A standalone node needs none.
+    pub fn start(
+        context: Context,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Option<Replication>, ReplicationError> {
+        let role = context.config.role;
+        if role == Role::Standalone {
+            return Ok(None);
+        }
+        let server_tls = match &context.config.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+                tls,
+            )?)),
+            None => None,
+        };
+        let client_tls = match &context.config.tls {
+            Some(tls) => Some(tokio_rustls::TlsConnector::from(
+                crate::tls::peer_client_config(tls)?,
+            )),
+            None => None,
+        };
+        // The listener moves to the replication thread's runtime.
+        let listener = listener.into_std()?;
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("goutube-replication-{}", role.as_str()))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("building the replication runtime");
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, async move {
+                    match role {
+                        Role::Leader => {
+                            let listener = match tokio::net::TcpListener::from_std(listener) {
+                                Ok(listener) => listener,
+                                Err(error) => {
+                                    tracing::error!(%error, "replication listener");
+                                    return;
+                                }
+                            };
+                            leader::serve(context, listener, server_tls, token).await;
+                        }
+                        Role::Follower => follower::run(context, client_tls, token).await,
+                        Role::Standalone => {}
+                    }
+                });
+            })?;
+        Ok(Some(Replication { thread, shutdown }))
+    }
+
+    /// Ends every session and waits for the thread.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+/// What followers have confirmed, shared with the rest of the node.
+pub struct Progress {
+    state: Mutex<BTreeMap<String, FollowerProgress>>,
+    /// Bumped on every change, so waiters wake up.
+    changed: watch::Sender<u64>,
+}
+
+/// One follower, as its leader sees it.
+#[derive(Debug, Clone, Default)]
+pub struct FollowerProgress {
+    /// Where clients reach its API.
+    pub rpc_address: String,
+    pub connected: bool,
+    /// Per point, the end the follower confirmed.
+    pub confirmed: HashMap<PointId, u64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(BTreeMap::new()),
+            changed: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Progress {
+    /// A follower's session started (replacing any earlier one).
+    pub fn connected(&self, follower: &str, rpc_address: &str) {
+        self.update(|state| {
+            let entry = state.entry(follower.to_owned()).or_default();
+            entry.rpc_address = rpc_address.to_owned();
+            entry.connected = true;
+            entry.confirmed.clear();
+        });
+    }
+
+    pub fn disconnected(&self, follower: &str) {
+        self.update(|state| {
+            if let Some(entry) = state.get_mut(follower) {
+                entry.connected = false;
+            }
+        });
+    }
+
+    /// `follower` holds `point` up to `end`.
+    pub fn confirm(&self, follower: &str, point: &PointId, end: u64) {
+        self.update(|state| {
+            if let Some(entry) = state.get_mut(follower) {
+                entry.confirmed.insert(point.clone(), end);
+            }
+        });
+    }
+
+    pub fn forget(&self, follower: &str, point: &PointId) {
+        self.update(|state| {
+            if let Some(entry) = state.get_mut(follower) {
+                entry.confirmed.remove(point);
+            }
+        });
+    }
+
+    fn update(&self, f: impl FnOnce(&mut BTreeMap<String, FollowerProgress>)) {
+        f(&mut self.state.lock().unwrap());
+        self.changed.send_modify(|version| *version += 1);
+    }
+
+    /// Connected followers: (name, rpc address).
+    pub fn followers(&self) -> Vec<(String, String)> {
+        let state = self.state.lock().unwrap();
+        state
+            .iter()
+            .filter(|(_, f)| f.connected)
+            .map(|(name, f)| (name.clone(), f.rpc_address.clone()))
+            .collect()
+    }
+
+    /// Every follower ever seen, with what it confirmed of `point`.
+    pub fn replicas(&self, point: &PointId) -> Vec<(String, String, u64, bool)> {
+        let state = self.state.lock().unwrap();
+        state
+            .iter()
+            .map(|(name, f)| {
+                let end = f.confirmed.get(point).copied().unwrap_or(0);
+                (name.clone(), f.rpc_address.clone(), end, f.connected)
+            })
+            .collect()
+    }
+
+    /// How many connected followers confirmed `point` up to at least `end`.
+    pub fn confirmed(&self, point: &PointId, end: u64) -> usize {
+        let state = self.state.lock().unwrap();
+        state
+            .values()
+            .filter(|f| f.confirmed.get(point).is_some_and(|&e| e >= end))
+            .count()
+    }
+
+    /// Waits until `replicas` followers confirmed every `(point, end)`, or `timeout`. Returns the
+    /// first point that fell short and how many followers had it.
+    pub async fn wait(
+        &self,
+        points: &[(PointId, u64)],
+        replicas: usize,
+        timeout: Duration,
+    ) -> Result<(), (PointId, u64, usize)> {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let short = points.iter().find_map(|(point, end)| {
+                let count = self.confirmed(point, *end);
+                (count < replicas).then(|| (point.clone(), *end, count))
+            });
+            let Some(short) = short else { return Ok(()) };
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(short);
+            }
+        }
+    }
+}
+
+/// `host:port` as a TLS server name: the IP, or the host name.
+fn server_name(address: &str) -> Option<rustls::pki_types::ServerName<'static>> {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_owned()).ok()
+}

@@ -1,0 +1,49 @@
+@0xd2d5111acb1a3e1c;
+
+# Node-to-node replication (docs/replication.md).
+#
+# A follower dials its leader's replication port (mTLS when configured) and calls Leader.follow
+# with what it holds. The leader then pushes records into the follower's Sink over the same
+# connection: first what the follower is missing (catch-up), then every new append. Several
+# pushes are in flight at once (pipelined); each is answered with the follower's real end offset
+# for the point, so the leader always knows where to continue.
+
+interface Leader {
+  # Starts a session. Fails if the caller may not `replicate`.
+  follow @0 (hello :Hello, sink :Sink) -> (session :Session);
+}
+
+struct Hello {
+  follower @0 :Text;        # the follower's node name
+  rpcAddress @1 :Text;      # where clients reach the follower's API (GetFollowers, workers)
+  offers @2 :List(Offer);   # every point the follower holds, with its end offset
+}
+
+struct Offer {
+  point @0 :Text;
+  end @1 :UInt64;
+}
+
+interface Sink {
+  # One record framed by the configured bundler: (point, start offset, payload). The follower
+  # applies it only if `start` equals its end of the point.
+  push @0 (record :Data) -> (ack :Ack);
+
+  # The point no longer exists on the leader (deleted there, or the follower's copy diverged):
+  # the follower removes its copy.
+  remove @1 (point :Text) -> ();
+}
+
+struct Ack {
+  end @0 :UInt64;          # the follower's end of the record's point after handling it
+  result :union {
+    applied @1 :Void;      # applied at its start
+    mismatch @2 :Void;     # it did not start at the follower's end: continue from `end`
+    rejected @3 :Text;     # the bundler rejected it (damaged in transit): send it again
+  }
+}
+
+interface Session {
+  # The follower holds the session; dropping it, or the connection, ends replication.
+  leader @0 () -> (name :Text);
+}

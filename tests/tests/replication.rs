@@ -1,0 +1,669 @@
+//! Replication with real nodes, real mTLS and the real bundler component: followers converge to
+//! byte-identical copies whatever is restarted when, damaged records are rejected and sent again,
+//! a stalled follower holds up nobody, and `ack = { replicas = N }` means what it says.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use goutube::api::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
+use goutube::api::proto::streaming_client::StreamingClient;
+use goutube::api::proto::{
+    DeletePointRequest, GetFollowersRequest, MetadataRequest, MetadataResponse, ProduceRequest,
+};
+use goutube::config::{Ack, Config, PeerTlsSection, Role};
+use goutube::point::{PointId, Store};
+use goutube_tests::{
+    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, free_port, metric, produce,
+    window,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Client = StreamingClient<Channel>;
+
+async fn leader(pki: &Pki, configure: impl FnOnce(&mut Config)) -> TestNode {
+    let tls = pki.node("leader");
+    TestNode::start(move |c| {
+        c.node_name = "leader".into();
+        c.role = Role::Leader;
+        c.tls = Some(tls);
+        configure(c);
+    })
+    .await
+}
+
+async fn follower(
+    pki: &Pki,
+    name: &str,
+    leader: &TestNode,
+    configure: impl FnOnce(&mut Config),
+) -> TestNode {
+    let tls = pki.node(name);
+    let leader_address = leader.node.replication_addr().to_string();
+    let name = name.to_owned();
+    TestNode::start(move |c| {
+        c.node_name = name;
+        c.role = Role::Follower;
+        c.leader_addresses = vec![leader_address];
+        c.tls = Some(tls);
+        configure(c);
+    })
+    .await
+}
+
+/// The leader's live followers (FollowerResolverHelper.GetFollowers).
+async fn followers(pki: &Pki, leader: &str) -> Vec<goutube::api::proto::Server> {
+    let channel = goutube::client::channel(&pki.client_options("root", leader))
+        .await
+        .unwrap();
+    FollowerResolverHelperClient::new(channel)
+        .get_followers(GetFollowersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .servers
+}
+
+async fn meta(client: &mut Client, point: &str) -> Option<MetadataResponse> {
+    client
+        .get_metadata(MetadataRequest {
+            point: point.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Waits until `follower` holds `point` exactly as `leader` does (size and CRC32C).
+async fn converged(leader: &Client, follower: &Client, point: &str) {
+    eventually(&format!("{point} to converge"), || {
+        let (mut leader, mut follower) = (leader.clone(), follower.clone());
+        async move {
+            let want = meta(&mut leader, point)
+                .await
+                .expect("the leader has the point");
+            meta(&mut follower, point)
+                .await
+                .is_some_and(|got| (got.size, got.crc32c) == (want.size, want.crc32c))
+        }
+    })
+    .await;
+}
+
+async fn content(client: &mut Client, point: &str) -> Vec<u8> {
+    consume(client, window(point, 0, 0, 0))
+        .await
+        .unwrap()
+        .concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_copies_its_leader() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let follower = follower(&pki, "f1", &leader, |c| c.max_chunk_size = 256).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let mut to_follower = pki.client("root", &follower.addr()).await;
+
+    // The original test: 10 frames to the leader, the same 10 frames from the follower.
+    let frames: Vec<Vec<u8>> = (0..10).map(|i| data(i, 256)).collect();
+    produce(&mut to_leader, "video", &frames).await.unwrap();
+    converged(&to_leader, &to_follower, "video").await;
+    let got = consume(&mut to_follower, window("video", 0, 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 10);
+    for (got, want) in got.iter().zip(&frames) {
+        assert_eq!(got.as_ref(), want.as_slice());
+    }
+
+    // The leader knows its follower, and offers it as a download worker once it holds a point.
+    let followers = followers(&pki, &leader.addr()).await;
+    assert_eq!(followers.len(), 1);
+    assert_eq!(
+        (followers[0].name.as_str(), followers[0].rpc_addr.clone()),
+        ("f1", follower.addr())
+    );
+    let metadata = meta(&mut to_leader, "video").await.unwrap();
+    assert_eq!(metadata.workers, vec![leader.addr(), follower.addr()]);
+    assert_eq!(metadata.replicas.len(), 1);
+    assert_eq!(
+        (metadata.replicas[0].end, metadata.replicas[0].lag),
+        (2560, 0)
+    );
+
+    // A follower serves reads and metadata but refuses writes, naming its leader.
+    let status = produce(&mut to_follower, "video", &[data(99, 10)])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status
+            .message()
+            .contains(&leader.node.replication_addr().to_string()),
+        "{}",
+        status.message()
+    );
+    let status = to_follower
+        .delete_point(DeletePointRequest {
+            point: "video".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(meta(&mut to_follower, "video").await.unwrap().size, 2560);
+    follower.shutdown().await;
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_follower_catches_up_points_never_written_again() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let points = [("big", 3 * 1024 * 1024 + 7), ("small", 10_000), ("tiny", 1)];
+    for (i, (point, len)) in points.iter().enumerate() {
+        produce(&mut to_leader, point, &[data(i as u64, *len)])
+            .await
+            .unwrap();
+    }
+    // Only now does the follower join; nothing is written afterwards.
+    let follower = follower(&pki, "late", &leader, |_| {}).await;
+    let mut to_follower = pki.client("root", &follower.addr()).await;
+    for (i, (point, len)) in points.iter().enumerate() {
+        converged(&to_leader, &to_follower, point).await;
+        assert_eq!(content(&mut to_follower, point).await, data(i as u64, *len));
+    }
+    follower.shutdown().await;
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_diverged_and_deleted_copies_are_repaired() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    for (i, point) in ["lost", "diverged", "deleted", "kept"].iter().enumerate() {
+        produce(&mut to_leader, point, &[data(i as u64, 100_000)])
+            .await
+            .unwrap();
+    }
+    let f = follower(&pki, "f1", &leader, |_| {}).await;
+    let to_follower = pki.client("root", &f.addr()).await;
+    for point in ["lost", "diverged", "deleted", "kept"] {
+        converged(&to_leader, &to_follower, point).await;
+    }
+
+    // While the follower is down: it loses one copy, another grows bytes the leader never had,
+    // and the leader deletes a point.
+    let TestNode { node, dir } = f;
+    node.shutdown().await.unwrap();
+    let store = Store::open(goutube_tests::config(dir.path()).store_config())
+        .await
+        .unwrap();
+    store.delete(&PointId::new("lost").unwrap()).await.unwrap();
+    store
+        .append(
+            &PointId::new("diverged").unwrap(),
+            Bytes::from(data(77, 500)),
+        )
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    to_leader
+        .delete_point(DeletePointRequest {
+            point: "deleted".into(),
+        })
+        .await
+        .unwrap();
+
+    let leader_address = leader.node.replication_addr().to_string();
+    let tls = pki.node("f1");
+    let node = goutube_tests::start_in(dir.path(), move |c| {
+        c.node_name = "f1".into();
+        c.role = Role::Follower;
+        c.leader_addresses = vec![leader_address];
+        c.tls = Some(tls);
+    })
+    .await;
+    let f = TestNode { node, dir };
+    let mut to_follower = pki.client("root", &f.addr()).await;
+    for (i, point) in [(0, "lost"), (1, "diverged"), (3, "kept")] {
+        converged(&to_leader, &to_follower, point).await;
+        assert_eq!(
+            content(&mut to_follower, point).await,
+            data(i, 100_000),
+            "{point}"
+        );
+    }
+    eventually("the deleted point to disappear", || {
+        let mut to_follower = to_follower.clone();
+        async move { meta(&mut to_follower, "deleted").await.is_none() }
+    })
+    .await;
+
+    // A live delete propagates too.
+    to_leader
+        .delete_point(DeletePointRequest {
+            point: "kept".into(),
+        })
+        .await
+        .unwrap();
+    eventually("the live delete to propagate", || {
+        let mut to_follower = to_follower.clone();
+        async move { meta(&mut to_follower, "kept").await.is_none() }
+    })
+    .await;
+    f.shutdown().await;
+    leader.shutdown().await;
+}
+
+/// A follower `goutube run` process with its data in `dir`.
+fn follower_process(
+    pki: &Pki,
+    dir: &std::path::Path,
+    name: &str,
+    leader_replication: &str,
+) -> NodeProcess {
+    let config = goutube_tests::write_config(
+        dir,
+        &format!(
+            "role = \"follower\"\nleader_addresses = [{leader_replication:?}]\n[storage]\nfsync = \"never\"\n{}",
+            pki.node_toml(name)
+        ),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("node_name = \"child\"", &format!("node_name = {name:?}"));
+    std::fs::write(&config, text).unwrap();
+    NodeProcess::spawn(&config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_killed_mid_stream_ends_identical() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |c| c.storage.fsync = goutube::point::Fsync::Never).await;
+    let to_leader = pki.client("root", &leader.addr()).await;
+    let replication = leader.node.replication_addr().to_string();
+    let dir = tempfile::tempdir().unwrap();
+
+    let writer = tokio::spawn({
+        let mut to_leader = to_leader.clone();
+        async move {
+            for batch in 0..60u64 {
+                let point = format!("stream-{}", batch % 2);
+                let frames: Vec<Vec<u8>> = (0..4)
+                    .map(|i| data(batch * 10 + i, 40_000 + (i as usize) * 999))
+                    .collect();
+                produce(&mut to_leader, &point, &frames).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    // Kill the follower three times while the leader is being written to.
+    for round in 0..3 {
+        let process = follower_process(&pki, dir.path(), "f1", &replication);
+        let to_follower = pki.client("root", &process.rpc).await;
+        eventually("the follower to receive something", || {
+            let mut to_follower = to_follower.clone();
+            async move {
+                meta(&mut to_follower, "stream-0")
+                    .await
+                    .is_some_and(|m| m.size > 0)
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(20 + round * 30)).await;
+        process.kill();
+    }
+    writer.await.unwrap();
+    let process = follower_process(&pki, dir.path(), "f1", &replication);
+    let mut to_follower = pki.client("root", &process.rpc).await;
+    let mut to_leader = to_leader.clone();
+    for point in ["stream-0", "stream-1"] {
+        converged(&to_leader, &to_follower, point).await;
+        assert_eq!(
+            content(&mut to_follower, point).await,
+            content(&mut to_leader, point).await
+        );
+    }
+    assert!(process.terminate());
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restart_causes_no_duplicate_bytes() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (rpc_port, replication_port) = (free_port(), free_port());
+    let config = goutube_tests::write_config(
+        dir.path(),
+        &format!(
+            "role = \"leader\"\n[storage]\nfsync = \"always\"\n{}",
+            pki.node_toml("leader")
+        ),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("rpc_port = 0", &format!("rpc_port = {rpc_port}"))
+        .replace(
+            "replication_port = 0",
+            &format!("replication_port = {replication_port}"),
+        );
+    std::fs::write(&config, text).unwrap();
+
+    let leader = NodeProcess::spawn(&config);
+    let mut to_leader = pki.client("root", &leader.rpc).await;
+    let first: Vec<Vec<u8>> = (0..20).map(|i| data(i, 30_000 + i as usize)).collect();
+    produce(&mut to_leader, "p", &first).await.unwrap();
+    let tls = pki.node("f1");
+    let follower = TestNode::start(move |c| {
+        c.node_name = "f1".into();
+        c.role = Role::Follower;
+        c.leader_addresses = vec![format!("127.0.0.1:{replication_port}")];
+        c.tls = Some(tls);
+    })
+    .await;
+    let mut to_follower = pki.client("root", &follower.addr()).await;
+    converged(&to_leader, &to_follower, "p").await;
+
+    // The leader dies without warning and comes back on the same ports; the follower
+    // reconnects and offers its real end: nothing is sent twice.
+    leader.kill();
+    let leader = NodeProcess::spawn(&config);
+    let mut to_leader = pki.client("root", &leader.rpc).await;
+    let second: Vec<Vec<u8>> = (20..30).map(|i| data(i, 30_000 + i as usize)).collect();
+    produce(&mut to_leader, "p", &second).await.unwrap();
+    converged(&to_leader, &to_follower, "p").await;
+    let want: Vec<u8> = first.concat().into_iter().chain(second.concat()).collect();
+    assert_eq!(content(&mut to_follower, "p").await, want);
+    assert_eq!(content(&mut to_leader, "p").await, want);
+    follower.shutdown().await;
+    assert!(leader.terminate());
+}
+
+/// Relays follower ↔ leader bytes, damaging one byte inside each of the first `damage` large
+/// messages from the leader (Cap'n Proto stream framing: segment table, then segments; the
+/// record's bytes are at the end of a push message).
+async fn corrupting_proxy(leader: std::net::SocketAddr, damage: usize) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut damaged = 0;
+        loop {
+            let Ok((downstream, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(upstream) = tokio::net::TcpStream::connect(leader).await else {
+                continue;
+            };
+            let (mut down_read, mut down_write) = downstream.into_split();
+            let (mut up_read, mut up_write) = upstream.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut down_read, &mut up_write).await });
+            let to_damage = damage.saturating_sub(damaged);
+            damaged += to_damage;
+            tokio::spawn(async move {
+                let mut left = to_damage;
+                loop {
+                    let mut count = [0u8; 4];
+                    if up_read.read_exact(&mut count).await.is_err() {
+                        return;
+                    }
+                    let segments = u32::from_le_bytes(count) as usize + 1;
+                    let mut sizes =
+                        vec![0u8; 4 * segments + if segments.is_multiple_of(2) { 4 } else { 0 }];
+                    up_read.read_exact(&mut sizes).await.unwrap();
+                    let words: usize = (0..segments)
+                        .map(|i| {
+                            u32::from_le_bytes(sizes[4 * i..4 * i + 4].try_into().unwrap()) as usize
+                        })
+                        .sum();
+                    let mut body = vec![0u8; words * 8];
+                    up_read.read_exact(&mut body).await.unwrap();
+                    if left > 0 && body.len() > 64 * 1024 {
+                        let at = body.len() - 4096;
+                        body[at] ^= 0x40;
+                        left -= 1;
+                    }
+                    let message = [&count[..], &sizes[..], &body[..]].concat();
+                    if down_write.write_all(&message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_damaged_on_the_wire_is_rejected_and_sent_again() {
+    // Plaintext: on TLS a damaged byte kills the connection before the bundler sees it.
+    let leader = TestNode::start(|c| {
+        c.node_name = "leader".into();
+        c.role = Role::Leader;
+    })
+    .await;
+    let proxy = corrupting_proxy(leader.node.replication_addr(), 2).await;
+    let follower = TestNode::start(move |c| {
+        c.node_name = "f1".into();
+        c.role = Role::Follower;
+        c.leader_addresses = vec![proxy.to_string()];
+    })
+    .await;
+    let rejected = || {
+        metric(
+            &goutube::metrics::handle().render(),
+            goutube::metrics::REPLICATION_REJECTED,
+        )
+        .unwrap_or(0.0)
+    };
+    let before = rejected();
+    let mut to_leader = leader.client().await;
+    let frames: Vec<Vec<u8>> = (0..8).map(|i| data(i, 256 * 1024)).collect();
+    produce(&mut to_leader, "p", &frames).await.unwrap();
+    let to_follower = follower.client().await;
+    converged(&to_leader, &to_follower, "p").await;
+    let mut to_follower = to_follower.clone();
+    assert_eq!(content(&mut to_follower, "p").await, frames.concat());
+    // Each damaged record was counted by the follower (rejected) and the leader (told so).
+    assert!(rejected() >= before + 2.0, "{before} -> {}", rejected());
+    follower.shutdown().await;
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |c| {
+        c.replication.ack = Ack::Replicas(1);
+        c.replication.ack_timeout_ms = 1_000;
+    })
+    .await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let f = follower(&pki, "f1", &leader, |_| {}).await;
+    let mut to_follower = pki.client("root", &f.addr()).await;
+    eventually("the follower to connect", || async {
+        !followers(&pki, &leader.addr()).await.is_empty()
+    })
+    .await;
+
+    // Acknowledged means the follower has it already.
+    let record = produce(&mut to_leader, "p", &[data(1, 50_000)])
+        .await
+        .unwrap()
+        .records[0]
+        .clone();
+    let held = meta(&mut to_follower, "p")
+        .await
+        .expect("replicated before the acknowledgement");
+    assert_eq!((held.size, held.crc32c), (record.end, record.crc32c));
+
+    // Without the follower the produce fails after the timeout, but the data stays and follows.
+    let TestNode { node, dir } = f;
+    node.shutdown().await.unwrap();
+    let started = Instant::now();
+    let status = produce(&mut to_leader, "p", &[data(2, 50_000)])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("only 0 of 1 followers"),
+        "{}",
+        status.message()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900) && started.elapsed() < DEADLINE);
+    assert_eq!(meta(&mut to_leader, "p").await.unwrap().size, 100_000);
+
+    let leader_address = leader.node.replication_addr().to_string();
+    let tls = pki.node("f1");
+    let node = goutube_tests::start_in(dir.path(), move |c| {
+        c.node_name = "f1".into();
+        c.role = Role::Follower;
+        c.leader_addresses = vec![leader_address];
+        c.tls = Some(tls);
+    })
+    .await;
+    let to_follower = pki.client("root", &node.rpc_addr().to_string()).await;
+    converged(&to_leader, &to_follower, "p").await;
+    node.shutdown().await.unwrap();
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_follower_blocks_neither_the_leader_nor_other_followers() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |c| c.storage.fsync = goutube::point::Fsync::Never).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let replication = leader.node.replication_addr().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let stalled = follower_process(&pki, dir.path(), "stalled", &replication);
+    let healthy = follower(&pki, "healthy", &leader, |_| {}).await;
+    let to_healthy = pki.client("root", &healthy.addr()).await;
+    eventually("both followers to connect", || async {
+        followers(&pki, &leader.addr()).await.len() == 2
+    })
+    .await;
+
+    stalled.signal("STOP");
+    // Far more than a replication window: the stalled follower's window fills up and stays full.
+    let frames: Vec<Vec<u8>> = (0..96).map(|i| data(i, 256 * 1024)).collect();
+    for chunk in frames.chunks(8) {
+        let started = Instant::now();
+        produce(&mut to_leader, "p", chunk).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a produce waited for the stalled follower"
+        );
+    }
+    converged(&to_leader, &to_healthy, "p").await;
+    let lag = meta(&mut to_leader, "p").await.unwrap().replicas;
+    let stalled_lag = lag
+        .iter()
+        .find(|r| r.follower == "stalled")
+        .expect("the stalled follower is listed");
+    assert!(
+        stalled_lag.lag > 0,
+        "the lagging follower is visible: {lag:?}"
+    );
+
+    stalled.signal("CONT");
+    let to_stalled = pki.client("root", &stalled.rpc).await;
+    converged(&to_leader, &to_stalled, "p").await;
+    healthy.shutdown().await;
+    assert!(stalled.terminate());
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_policy_does_not_let_replicate_gets_nothing() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    produce(&mut to_leader, "secret", &[data(1, 1000)])
+        .await
+        .unwrap();
+    // The intruder dials with a client certificate of the right CA, but not a node certificate.
+    let intruder = pki.client_options("intruder", "");
+    let intruder_tls = intruder.tls.unwrap();
+    let refused = || {
+        metric(
+            &goutube::metrics::handle().render(),
+            goutube::metrics::REPLICATION_REFUSED,
+        )
+        .unwrap_or(0.0)
+    };
+    let before = refused();
+    let f = follower(&pki, "sneaky", &leader, move |c| {
+        c.tls.as_mut().unwrap().peer = Some(PeerTlsSection {
+            ca: None,
+            cert: Some(intruder_tls.cert),
+            key: Some(intruder_tls.key),
+        })
+    })
+    .await;
+    eventually("the leader to refuse the intruder", || async {
+        refused() > before
+    })
+    .await;
+    let mut to_follower = pki.client("root", &f.addr()).await;
+    assert!(meta(&mut to_follower, "secret").await.is_none());
+    assert!(followers(&pki, &leader.addr()).await.is_empty());
+    f.shutdown().await;
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_followers_replicate_a_gibibyte() {
+    const POINTS: u64 = 4;
+    const FRAMES: u64 = 1024; // 4 points x 1024 frames x 256 KiB = 1 GiB
+    let pki = Pki::new();
+    let never = |c: &mut Config| c.storage.fsync = goutube::point::Fsync::Never;
+    let leader = leader(&pki, never).await;
+    let mut followers = Vec::new();
+    for name in ["f1", "f2", "f3"] {
+        followers.push(follower(&pki, name, &leader, never).await);
+    }
+    let to_leader = pki.client("root", &leader.addr()).await;
+    let mut writers = Vec::new();
+    for p in 0..POINTS {
+        let mut to_leader = to_leader.clone();
+        writers.push(tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let call = tokio::spawn(async move {
+                to_leader
+                    .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            });
+            for i in 0..FRAMES {
+                let frame = Bytes::from(data(p * FRAMES + i, 256 * 1024));
+                tx.send(ProduceRequest {
+                    point: format!("gib-{p}"),
+                    frame,
+                })
+                .await
+                .unwrap();
+            }
+            drop(tx);
+            call.await.unwrap().unwrap();
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let mut to_leader = to_leader.clone();
+    for p in 0..POINTS {
+        let point = format!("gib-{p}");
+        let want = meta(&mut to_leader, &point).await.unwrap();
+        assert_eq!(want.size, FRAMES * 256 * 1024);
+        for follower in &followers {
+            let to_follower = pki.client("root", &follower.addr()).await;
+            converged(&to_leader, &to_follower, &point).await;
+        }
+    }
+    for follower in followers {
+        follower.shutdown().await;
+    }
+    leader.shutdown().await;
+}
