@@ -153,8 +153,8 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
         let (b, m) = (median(base), median(measured));
         println!(
             "| {name} | {} | {} | {:.2}x |",
-            rate(total, base),
-            rate(total, measured),
+            spread(total, base),
+            spread(total, measured),
             b / m
         );
     };
@@ -164,7 +164,7 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
     row("consume", &base_consume, &node_consume);
     println!(
         "| first write into untouched memory (pwrite, no network) | | {} | |",
-        rate(total, &[cold])
+        spread(total, &[cold])
     );
     drop(node);
 
@@ -252,8 +252,8 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
     ] {
         println!(
             "| {name} | {} | {} | {:.2}x |",
-            rate(total, base),
-            rate(total, measured),
+            spread(total, base),
+            spread(total, measured),
             median(base) / median(measured)
         );
     }
@@ -297,8 +297,13 @@ async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     println!("replication on loopback, plaintext, fsync = \"never\", {mib} MiB in 256 KiB records");
 
-    // Baseline: the same bytes through one TCP connection, written and read in 256 KiB pieces.
-    let raw = raw_tcp_copy(&pool, frames).await?;
+    // Baseline: the same bytes through one TCP connection, written and read in 256 KiB pieces
+    // (median of three: loopback TCP varies a lot between runs here).
+    let mut raw_runs = Vec::new();
+    for _ in 0..3 {
+        raw_runs.push(raw_tcp_copy(&pool, frames).await?);
+    }
+    let raw = median(&raw_runs);
 
     // Catch-up: the leader holds the point before the follower exists.
     let leader_dir = work.path().join("leader");
@@ -328,47 +333,69 @@ async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
     println!("| measurement | raw TCP copy | replication | ratio |");
     println!("|---|---|---|---|");
     println!(
-        "| {mib} MiB leader → follower (catch-up) | {:.0} MB/s | {:.0} MB/s ({catch_up:.2} s) | {:.2}x |",
-        mbps(total, raw),
+        "| {mib} MiB leader → follower (catch-up) | {} | {:.0} MB/s ({catch_up:.2} s) | {:.2}x |",
+        spread(total, &raw_runs),
         mbps(total, catch_up),
         raw / catch_up
     );
 
     // Sustained produce at `rate`: lag = time from the leader's acknowledgement of a batch to the
-    // follower holding it, sampled every millisecond.
+    // follower holding its last byte, seen through a `follow` stream on the follower (no polling
+    // that would load the follower being measured).
     let batch_frames = 4u64;
     let batch_bytes = batch_frames * frame as u64;
     let batches = (rate * 1_000_000 * seconds) / batch_bytes;
     let interval = Duration::from_secs_f64(batch_bytes as f64 / (rate as f64 * 1e6));
-    let mut lags = Vec::new();
+    let point = "sustained";
+    let first = produce_record(&to_leader, point, &pool, batch_frames, 0).await?;
+    wait_for_size(&to_follower, point, first).await?;
+    let acknowledged: Arc<std::sync::Mutex<std::collections::VecDeque<(u64, Instant)>>> =
+        Default::default();
+    let observer = tokio::spawn({
+        let follower = to_follower.clone();
+        let acknowledged = acknowledged.clone();
+        let last = first + (batches - 1) * batch_bytes;
+        async move {
+            let request = ConsumeRequest {
+                point: point.into(),
+                offset: first,
+                limit: last,
+                chunk_size: 0,
+                follow: true,
+            };
+            let mut stream = follower.raw().consume_stream(request).await?.into_inner();
+            let mut lags = Vec::new();
+            while let Some(response) = stream.message().await? {
+                let held = response.offset + response.frame.len() as u64;
+                let mut pending = acknowledged.lock().unwrap();
+                while pending.front().is_some_and(|(end, _)| *end <= held) {
+                    let (_, at) = pending.pop_front().unwrap();
+                    lags.push(at.elapsed());
+                }
+            }
+            Ok::<_, anyhow::Error>(lags)
+        }
+    });
     let started = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut behind = 0u64;
-    for batch in 0..batches {
+    for batch in 1..batches {
         ticker.tick().await;
         let sent = Instant::now();
-        let point = "sustained";
-        let record = produce_record(&to_leader, point, &pool, batch_frames, batch).await?;
-        let acknowledged = Instant::now();
-        // Wait for the follower (not for the next batches: they go out on time).
-        let follower = to_follower.clone();
-        lags.push(tokio::spawn(async move {
-            loop {
-                if follower.stat(point).await.is_ok_and(|m| m.size >= record) {
-                    return acknowledged.elapsed();
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }));
+        let end = produce_record(&to_leader, point, &pool, batch_frames, batch).await?;
+        acknowledged
+            .lock()
+            .unwrap()
+            .push_back((end, Instant::now()));
         if sent.elapsed() > interval {
             behind += 1;
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let mut lags: Vec<Duration> = futures::future::try_join_all(lags).await?;
+    let mut lags: Vec<Duration> = observer.await??;
     lags.sort();
-    let achieved = batches as f64 * batch_bytes as f64 / elapsed / 1e6;
+    let achieved = (batches - 1) as f64 * batch_bytes as f64 / elapsed / 1e6;
     println!(
         "\nsustained produce: target {rate} MB/s, achieved {achieved:.0} MB/s over {elapsed:.1} s ({behind} batches late)"
     );
@@ -443,6 +470,18 @@ async fn produce_record(
         .produce_stream(tokio_stream::iter(requests))
         .await?;
     Ok(response.into_inner().records.first().map_or(0, |r| r.end))
+}
+
+/// Waits until `point` on `client` has at least `size` bytes.
+async fn wait_for_size(client: &Client, point: &str, size: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client.stat(point).await.is_ok_and(|m| m.size >= size) {
+        if Instant::now() > deadline {
+            bail!("{point} never reached {size} bytes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// Waits until `point` on `client` has `size` bytes with checksum `crc`.
@@ -705,7 +744,7 @@ fn mbps(bytes: u64, seconds: f64) -> f64 {
 }
 
 /// "median MB/s (slowest–fastest)" of the rounds.
-fn rate(bytes: u64, seconds: &[f64]) -> String {
+fn spread(bytes: u64, seconds: &[f64]) -> String {
     let median = mbps(bytes, median(seconds));
     if seconds.len() == 1 {
         return format!("{median:.0} MB/s");

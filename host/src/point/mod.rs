@@ -246,6 +246,16 @@ impl Store {
         Ok(appended.pop().expect("one result per frame"))
     }
 
+    /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start`.
+    pub async fn append_batch_at(
+        &self,
+        id: &PointId,
+        start: u64,
+        frames: Vec<Bytes>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        self.append_inner(id, frames, Some(start)).await
+    }
+
     async fn append_inner(
         &self,
         id: &PointId,
@@ -562,14 +572,11 @@ impl Point {
         }
         let files = self.files(&store.inner.shared).await?;
         let path = self.dir.join(DATA_FILE);
-        let bytes = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(len as usize);
-            files.data.read_exact_at(&mut buf, offset)?;
-            Ok(buf.freeze())
-        })
-        .await
-        .map_err(join_error)?
-        .map_err(StorageError::io("reading", path))?;
+        let bytes =
+            tokio::task::spawn_blocking(move || read_exact_at(&files.data, offset, len as usize))
+                .await
+                .map_err(join_error)?
+                .map_err(StorageError::io("reading", path))?;
         Ok(bytes)
     }
 
@@ -1016,6 +1023,39 @@ fn scan(dir: &Path) -> std::io::Result<Vec<PointId>> {
         }
     }
     Ok(found)
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer, without zeroing it first (for large
+/// reads the zeroing cost as much as the read).
+fn read_exact_at(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let (want, at) = (len - buf.len(), offset + buf.len() as u64);
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `spare` has at least `want` writable bytes; pread writes at most `want` of them
+        // and reports how many, and only those are marked initialised below.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                want,
+                at as libc::off_t,
+            )
+        };
+        match read {
+            -1 => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            // SAFETY: pread initialised `read` bytes of the spare capacity.
+            read => unsafe { buf.set_len(buf.len() + read as usize) },
+        }
+    }
+    Ok(buf.freeze())
 }
 
 fn join_error(error: tokio::task::JoinError) -> StorageError {

@@ -4,8 +4,10 @@
 //! A record is applied only if it starts at this node's end of the point (`Store::append_at`),
 //! so nothing is applied twice and nothing is skipped; otherwise the reply tells the leader where
 //! this node really ends. Records the bundler rejects (damaged) are reported and sent again.
-//! Pushes are applied one at a time, in the order they arrive. A lost connection is retried with
-//! backoff, offering the real ends again, so a restart of either side resumes where it stopped.
+//! Pushes are handed, in arrival order, to one applier task that writes consecutive records of a
+//! point as one batch (one journal write; one sync under `fsync = "always"`). A lost connection
+//! is retried with backoff, offering the real ends again, so a restart of either side resumes
+//! where it stopped.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use bytes::Bytes;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{RpcSystem, twoparty};
 use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::either::Either;
@@ -29,12 +32,20 @@ use crate::point::{AppendError, DeleteError, PointId};
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Records queued for the applier; the leader's window keeps far fewer in flight.
+const APPLY_QUEUE: usize = 256;
+/// Most bytes the applier writes as one batch.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
 /// Follows every configured leader until `shutdown`.
 pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
     let context = Rc::new(context);
+    let (jobs, queue) = mpsc::channel(APPLY_QUEUE);
+    tokio::task::spawn_local(apply(context.clone(), queue));
     let sink: sink::Client = capnp_rpc::new_client(SinkService {
         context: context.clone(),
         order: tokio::sync::Mutex::new(()),
+        jobs,
     });
     for address in context.config.leader_addresses.clone() {
         let (context, tls, sink, shutdown) =
@@ -171,11 +182,124 @@ async fn offers(context: &Context) -> Vec<(PointId, u64)> {
     offers
 }
 
+/// Work for the applier, in arrival order.
+enum Job {
+    Apply {
+        point: PointId,
+        start: u64,
+        payload: Bytes,
+        done: oneshot::Sender<Result<Applied, String>>,
+    },
+    Remove {
+        point: PointId,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The outcome of one record: applied, or the point ends elsewhere. Either way, its end.
+enum Applied {
+    Yes(u64),
+    Mismatch(u64),
+}
+
+/// Applies queued records, batching consecutive records of the same point.
+async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
+    let mut next = None;
+    loop {
+        let Some(job) = next.take() else {
+            match queue.recv().await {
+                Some(job) => {
+                    next = Some(job);
+                    continue;
+                }
+                None => return,
+            }
+        };
+        let (point, start, payload, done) = match job {
+            Job::Remove { point, done } => {
+                let result = match context.store.delete(&point).await {
+                    Ok(size) => {
+                        tracing::info!(%point, size, "removed (the leader no longer has this copy)");
+                        Ok(())
+                    }
+                    Err(DeleteError::NotFound(_)) => Ok(()),
+                    Err(error) => Err(error.to_string()),
+                };
+                let _ = done.send(result);
+                continue;
+            }
+            Job::Apply {
+                point,
+                start,
+                payload,
+                done,
+            } => (point, start, payload, done),
+        };
+        let mut size = payload.len();
+        let mut expected = start + payload.len() as u64;
+        let mut payloads = vec![payload];
+        let mut dones = vec![done];
+        while size < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(Job::Apply {
+                    point: p,
+                    start: s,
+                    payload,
+                    done,
+                }) if p == point && s == expected => {
+                    size += payload.len();
+                    expected += payload.len() as u64;
+                    payloads.push(payload);
+                    dones.push(done);
+                }
+                Ok(other) => {
+                    next = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let bytes = size as u64;
+        match context.store.append_batch_at(&point, start, payloads).await {
+            Ok(appended) => {
+                ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "applied")
+                    .increment(bytes);
+                for (appended, done) in appended.iter().zip(dones) {
+                    let _ = done.send(Ok(Applied::Yes(appended.end)));
+                }
+            }
+            Err(AppendError::OffsetMismatch { end, .. }) => {
+                for done in dones {
+                    let _ = done.send(Ok(Applied::Mismatch(end)));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%point, %error, "cannot apply replicated records");
+                for done in dones {
+                    let _ = done.send(Err(error.to_string()));
+                }
+            }
+        }
+    }
+}
+
 /// Receives the leader's records.
 struct SinkService {
     context: Rc<Context>,
-    /// Pushes are applied one at a time, in arrival order (tokio's mutex is fair).
+    /// Jobs are queued one at a time, in arrival order (tokio's mutex is fair).
     order: tokio::sync::Mutex<()>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl SinkService {
+    /// Queues `job` behind every earlier push.
+    async fn enqueue(&self, job: Job) -> Result<(), capnp::Error> {
+        let _turn = self.order.lock().await;
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| capnp::Error::failed("the follower is shutting down".into()))
+    }
 }
 
 impl sink::Server for SinkService {
@@ -184,16 +308,16 @@ impl sink::Server for SinkService {
         params: sink::PushParams,
         mut results: sink::PushResults,
     ) -> Result<(), capnp::Error> {
-        let _turn = self.order.lock().await;
         let bytes = params.get()?.get_record()?;
         let plugins = self.context.plugins.current();
         let unbundled = plugins
             .unbundle(bytes)
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
-        let record = match unbundled.and_then(|r| {
+        let record = unbundled.and_then(|r| {
             let id = PointId::new(r.point).map_err(|e| format!("bad point id: {e}"))?;
             Ok((id, r.start, r.payload))
-        }) {
+        });
+        let (point, start, payload) = match record {
             Ok(record) => record,
             Err(reason) => {
                 ::metrics::counter!(metrics::REPLICATION_REJECTED).increment(1);
@@ -204,28 +328,28 @@ impl sink::Server for SinkService {
                 return Ok(());
             }
         };
-        let (id, start, payload) = record;
-        let len = payload.len() as u64;
-        let mut ack = results.get().init_ack();
-        match self
-            .context
-            .store
-            .append_at(&id, start, Bytes::from(payload))
+        let (done, outcome) = oneshot::channel();
+        let payload = Bytes::from(payload);
+        self.enqueue(Job::Apply {
+            point,
+            start,
+            payload,
+            done,
+        })
+        .await?;
+        let outcome = outcome
             .await
-        {
-            Ok(appended) => {
-                ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "applied")
-                    .increment(len);
-                ack.set_end(appended.end);
+            .map_err(|_| capnp::Error::failed("the applier stopped".into()))?
+            .map_err(capnp::Error::failed)?;
+        let mut ack = results.get().init_ack();
+        match outcome {
+            Applied::Yes(end) => {
+                ack.set_end(end);
                 ack.init_result().set_applied(());
             }
-            Err(AppendError::OffsetMismatch { end, .. }) => {
+            Applied::Mismatch(end) => {
                 ack.set_end(end);
                 ack.init_result().set_mismatch(());
-            }
-            Err(error) => {
-                tracing::error!(point = %id, %error, "cannot apply a replicated record");
-                return Err(capnp::Error::failed(error.to_string()));
             }
         }
         Ok(())
@@ -236,18 +360,15 @@ impl sink::Server for SinkService {
         params: sink::RemoveParams,
         _: sink::RemoveResults,
     ) -> Result<(), capnp::Error> {
-        let _turn = self.order.lock().await;
         let point = params.get()?.get_point()?.to_str()?.to_owned();
-        let Ok(id) = PointId::new(point) else {
+        let Ok(point) = PointId::new(point) else {
             return Ok(());
         };
-        match self.context.store.delete(&id).await {
-            Ok(size) => {
-                tracing::info!(point = %id, size, "removed (the leader no longer has this copy)");
-                Ok(())
-            }
-            Err(DeleteError::NotFound(_)) => Ok(()),
-            Err(error) => Err(capnp::Error::failed(error.to_string())),
-        }
+        let (done, outcome) = oneshot::channel();
+        self.enqueue(Job::Remove { point, done }).await?;
+        outcome
+            .await
+            .map_err(|_| capnp::Error::failed("the applier stopped".into()))?
+            .map_err(capnp::Error::failed)
     }
 }
