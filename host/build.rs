@@ -4,8 +4,9 @@
 //!    the tonic services, and writes the descriptor set that server reflection serves;
 //! 2. builds the plugin workspace `plugins/` for `wasm32-wasip2` with a nested cargo (its own
 //!    target directory, `<target>/wasm-plugins`: the outer build holds the lock of its own), copies
-//!    the built-in components to `OUT_DIR/plugins/` for `include_bytes!`, and exports the build
-//!    directory, where the test components are too, as `WASM_PLUGIN_BUILD_DIR`.
+//!    the built-in components to `OUT_DIR/plugins/`, writes `OUT_DIR/builtins.rs` (their names
+//!    and `include_bytes!`), and exports the build directory, where the test components are too,
+//!    as `WASM_PLUGIN_BUILD_DIR`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,11 +98,24 @@ fn build_plugins(root: &Path, out_dir: &Path) -> anyhow::Result<()> {
     let built = target_dir.join("wasm32-wasip2/release");
     let embedded = out_dir.join("plugins");
     std::fs::create_dir_all(&embedded)?;
+    // `src/plugins/builtin.rs` includes this: the names and bytes of the built-ins, from the one
+    // list above.
+    let mut table = format!(
+        "pub const NAMES: [&str; {}] = {BUILTINS:?};\n\n",
+        BUILTINS.len()
+    );
+    table.push_str("/// The bytes of built-in component `name`.\n");
+    table.push_str("pub fn get(name: &str) -> Option<&'static [u8]> {\n    match name {\n");
     for name in BUILTINS {
         let file = format!("{}.wasm", name.replace('-', "_"));
         std::fs::copy(built.join(&file), embedded.join(&file))
             .with_context(|| format!("copying the {name} component"))?;
+        table.push_str(&format!(
+            "        {name:?} => Some(include_bytes!(concat!(env!(\"OUT_DIR\"), \"/plugins/{file}\"))),\n"
+        ));
     }
+    table.push_str("        _ => None,\n    }\n}\n");
+    std::fs::write(out_dir.join("builtins.rs"), table)?;
     println!("cargo:rustc-env=WASM_PLUGIN_BUILD_DIR={}", built.display());
     Ok(())
 }

@@ -71,87 +71,56 @@ pub trait Kind: Send + Sync + 'static {
     ) -> wasmtime::Result<Result<(), String>>;
 }
 
-pub struct AuthorizerKind;
-pub struct BundlerKind;
-pub struct PlacementKind;
+/// The three worlds differ only in their generated types.
+macro_rules! kind {
+    ($kind:ident, $name:literal, $module:ident, $world:ident, $pre:ident) => {
+        pub struct $kind;
 
-impl Kind for AuthorizerKind {
-    const NAME: &'static str = "authorizer";
-    type Bindings = bindings::authorizer::Authorizer;
-    type Pre = bindings::authorizer::AuthorizerPre<StoreState>;
+        impl Kind for $kind {
+            const NAME: &'static str = $name;
+            type Bindings = bindings::$module::$world;
+            type Pre = bindings::$module::$pre<StoreState>;
 
-    fn prepare(component: &Component) -> wasmtime::Result<Self::Pre> {
-        let linker = runtime::linker(|l| {
-            bindings::authorizer::Authorizer::add_to_linker::<_, HasSelf<_>>(l, |s| s)
-        })?;
-        Self::Pre::new(linker.instantiate_pre(component)?)
-    }
-    fn instantiate(
-        pre: &Self::Pre,
-        store: &mut Store<StoreState>,
-    ) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn configure(
-        b: &Self::Bindings,
-        store: &mut Store<StoreState>,
-        config: &str,
-    ) -> wasmtime::Result<Result<(), String>> {
-        b.call_configure(store, config)
-    }
+            fn prepare(component: &Component) -> wasmtime::Result<Self::Pre> {
+                let linker = runtime::linker(|linker| {
+                    bindings::$module::$world::add_to_linker::<_, HasSelf<_>>(linker, |s| s)
+                })?;
+                Self::Pre::new(linker.instantiate_pre(component)?)
+            }
+
+            fn instantiate(
+                pre: &Self::Pre,
+                store: &mut Store<StoreState>,
+            ) -> wasmtime::Result<Self::Bindings> {
+                pre.instantiate(store)
+            }
+
+            fn configure(
+                bindings: &Self::Bindings,
+                store: &mut Store<StoreState>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), String>> {
+                bindings.call_configure(store, config)
+            }
+        }
+    };
 }
 
-impl Kind for BundlerKind {
-    const NAME: &'static str = "bundler";
-    type Bindings = bindings::bundler::Bundler;
-    type Pre = bindings::bundler::BundlerPre<StoreState>;
-
-    fn prepare(component: &Component) -> wasmtime::Result<Self::Pre> {
-        let linker = runtime::linker(|l| {
-            bindings::bundler::Bundler::add_to_linker::<_, HasSelf<_>>(l, |s| s)
-        })?;
-        Self::Pre::new(linker.instantiate_pre(component)?)
-    }
-    fn instantiate(
-        pre: &Self::Pre,
-        store: &mut Store<StoreState>,
-    ) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn configure(
-        b: &Self::Bindings,
-        store: &mut Store<StoreState>,
-        config: &str,
-    ) -> wasmtime::Result<Result<(), String>> {
-        b.call_configure(store, config)
-    }
-}
-
-impl Kind for PlacementKind {
-    const NAME: &'static str = "placement";
-    type Bindings = bindings::placement::Placement;
-    type Pre = bindings::placement::PlacementPre<StoreState>;
-
-    fn prepare(component: &Component) -> wasmtime::Result<Self::Pre> {
-        let linker = runtime::linker(|l| {
-            bindings::placement::Placement::add_to_linker::<_, HasSelf<_>>(l, |s| s)
-        })?;
-        Self::Pre::new(linker.instantiate_pre(component)?)
-    }
-    fn instantiate(
-        pre: &Self::Pre,
-        store: &mut Store<StoreState>,
-    ) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn configure(
-        b: &Self::Bindings,
-        store: &mut Store<StoreState>,
-        config: &str,
-    ) -> wasmtime::Result<Result<(), String>> {
-        b.call_configure(store, config)
-    }
-}
+kind!(
+    AuthorizerKind,
+    "authorizer",
+    authorizer,
+    Authorizer,
+    AuthorizerPre
+);
+kind!(BundlerKind, "bundler", bundler, Bundler, BundlerPre);
+kind!(
+    PlacementKind,
+    "placement",
+    placement,
+    Placement,
+    PlacementPre
+);
 
 /// A loaded plugin: its prepared component, its configuration and its idle instances.
 pub struct Plugin<K: Kind> {

@@ -836,6 +836,19 @@ impl Point {
 }
 
 impl Files {
+    /// The lengths of the data file and of the journal.
+    fn lengths(&self, dir: &Path) -> Result<(u64, u64), StorageError> {
+        let length = |file: &File, name: &str| {
+            file.metadata()
+                .map(|m| m.len())
+                .map_err(StorageError::io("inspecting", dir.join(name)))
+        };
+        Ok((
+            length(&self.data, DATA_FILE)?,
+            length(&self.journal, JOURNAL_FILE)?,
+        ))
+    }
+
     fn sync(&self, dir: &Path) -> Result<(), StorageError> {
         let started = Instant::now();
         self.data
@@ -899,20 +912,10 @@ fn open_files(
         journal: journal_file,
     };
 
-    if let Some((end, journal_len)) = known {
-        let data_len = files
-            .data
-            .metadata()
-            .map_err(StorageError::io("inspecting", &data_path))?
-            .len();
-        let jlen = files
-            .journal
-            .metadata()
-            .map_err(StorageError::io("inspecting", &journal_path))?
-            .len();
-        if data_len == end && jlen == journal_len {
-            return Ok((files, None));
-        }
+    if let Some((end, journal_len)) = known
+        && files.lengths(dir)? == (end, journal_len)
+    {
+        return Ok((files, None));
     }
 
     let recovered =
@@ -920,16 +923,7 @@ fn open_files(
             path: dir.to_owned(),
             source,
         })?;
-    let data_len = files
-        .data
-        .metadata()
-        .map_err(StorageError::io("inspecting", &data_path))?
-        .len();
-    let journal_len = files
-        .journal
-        .metadata()
-        .map_err(StorageError::io("inspecting", &journal_path))?
-        .len();
+    let (data_len, journal_len) = files.lengths(dir)?;
     if data_len != recovered.end || journal_len != recovered.journal_len {
         files
             .data
