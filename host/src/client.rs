@@ -46,13 +46,14 @@ pub struct ClientTls {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to {addr}: {source}")]
+    /// The cause is the `source` (printed by `{:#}` and error reporters).
+    #[error("cannot connect to {addr}")]
     Connect {
         addr: String,
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -60,9 +61,17 @@ pub enum ClientError {
     },
     /// The node answered with an error status: `NotFound: point x not found`.
     #[error("{:?}: {}", .0.code(), .0.message())]
-    Status(#[from] Status),
+    Status(Status),
     #[error("verification failed: {0}")]
     Verify(String),
+}
+
+// Not `#[from]`: that would also make the status the error's source, and every message would
+// print it twice.
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        ClientError::Status(status)
+    }
 }
 
 /// A connection to one node.

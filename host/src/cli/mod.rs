@@ -142,8 +142,44 @@ impl Connection {
     }
 }
 
+impl Command {
+    /// The connection flags of a client command.
+    fn connection(&self) -> Option<&Connection> {
+        match self {
+            Command::Put { connection, .. }
+            | Command::Get { connection, .. }
+            | Command::Stat { connection, .. }
+            | Command::Ls { connection, .. }
+            | Command::Rm { connection, .. } => Some(connection),
+            Command::Run { .. } | Command::Certs { .. } | Command::Bench(_) => None,
+        }
+    }
+}
+
+/// Explains the usual cause of a connection the node drops: plaintext against a TLS node.
+fn hint(error: anyhow::Error, connection: Option<(String, bool)>) -> anyhow::Error {
+    let dropped = error.downcast_ref::<goutube::client::ClientError>().is_some_and(|e| {
+        matches!(e, goutube::client::ClientError::Status(status)
+            if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal))
+    });
+    match connection {
+        Some((addr, false)) if dropped => error.context(format!(
+            "{addr} closed the connection; if the node requires TLS, pass --ca, --cert and --key"
+        )),
+        _ => error,
+    }
+}
+
 pub async fn execute(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let connection = cli
+        .command
+        .connection()
+        .map(|c| (c.addr.clone(), c.ca.is_some()));
+    command(cli.command).await.map_err(|e| hint(e, connection))
+}
+
+async fn command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run { config } => run(config).await,
         Command::Put {
             file,
