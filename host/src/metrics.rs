@@ -131,8 +131,11 @@ fn describe() {
 
 /// Serves `GET /metrics` on the connections of `incoming` (plaintext or TLS, see
 /// [`crate::net::accept`]) until `shutdown` is cancelled.
-pub async fn serve(incoming: Incoming, shutdown: CancellationToken) -> std::io::Result<()> {
-    let handle = handle();
+pub async fn serve(
+    handle: PrometheusHandle,
+    incoming: Incoming,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {

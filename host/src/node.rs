@@ -264,6 +264,8 @@ pub struct Node {
 
 impl Node {
     pub async fn start(config: Config, listeners: Listeners) -> Result<Node, StartError> {
+        // Before anything records a metric: what is recorded before the recorder exists is lost.
+        let metrics = crate::metrics::handle();
         let rpc_addr = listeners.rpc.local_addr()?;
         let metrics_addr = listeners.metrics.local_addr()?;
         let replication_addr = listeners.replication.local_addr()?;
@@ -311,13 +313,14 @@ impl Node {
         });
 
         let tasks = TaskTracker::new();
-        let metrics = crate::metrics::Incoming {
+        let incoming = crate::metrics::Incoming {
             connections: net::accept(listeners.metrics, tls.clone(), shutdown.clone(), "metrics"),
             local_addr: metrics_addr,
         };
         let metrics_shutdown = shutdown.clone();
+        let handle = metrics;
         tasks.spawn(async move {
-            if let Err(error) = crate::metrics::serve(metrics, metrics_shutdown).await {
+            if let Err(error) = crate::metrics::serve(handle, incoming, metrics_shutdown).await {
                 tracing::error!(%error, "metrics endpoint failed");
             }
         });
