@@ -694,10 +694,12 @@ async fn produce(client: &Client, point: &str, pool: &[Bytes], frames: u64) -> a
     Ok(elapsed)
 }
 
-/// Seconds to write `frames` frames from `pool` to a new file in `dir` with `pwrite`.
+/// Seconds to write `frames` frames from `pool` to a new file in `dir` with `pwrite` (then
+/// deleted): the warm-up that recycles page-cache pages, and the cold-memory measurement.
 fn disk_write(dir: &Path, pool: &[Bytes], frames: u64) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt;
-    let path = dir.join("bench-disk-ceiling");
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("bench-scratch");
     let file = std::fs::File::create(&path)?;
     let started = Instant::now();
     let mut offset = 0;
