@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use wasmtime::Store;
-use wasmtime::component::{Component, HasSelf};
+use wasmtime::component::Component;
 
 use crate::authz::Action;
 use crate::config::{PluginSection, PluginsSection};
@@ -73,7 +73,7 @@ pub trait Kind: Send + Sync + 'static {
 
 /// The three worlds differ only in their generated types.
 macro_rules! kind {
-    ($kind:ident, $name:literal, $module:ident, $world:ident, $pre:ident) => {
+    ($kind:ident, $name:literal, $module:ident, $world:ident, $pre:ident, $link:path) => {
         pub struct $kind;
 
         impl Kind for $kind {
@@ -82,9 +82,7 @@ macro_rules! kind {
             type Pre = bindings::$module::$pre<StoreState>;
 
             fn prepare(component: &Component) -> wasmtime::Result<Self::Pre> {
-                let linker = runtime::linker(|linker| {
-                    bindings::$module::$world::add_to_linker::<_, HasSelf<_>>(linker, |s| s)
-                })?;
+                let linker = runtime::linker($link)?;
                 Self::Pre::new(linker.instantiate_pre(component)?)
             }
 
@@ -111,15 +109,24 @@ kind!(
     "authorizer",
     authorizer,
     Authorizer,
-    AuthorizerPre
+    AuthorizerPre,
+    bindings::link_authorizer
 );
-kind!(BundlerKind, "bundler", bundler, Bundler, BundlerPre);
+kind!(
+    BundlerKind,
+    "bundler",
+    bundler,
+    Bundler,
+    BundlerPre,
+    bindings::link_bundler
+);
 kind!(
     PlacementKind,
     "placement",
     placement,
     Placement,
-    PlacementPre
+    PlacementPre,
+    bindings::link_placement
 );
 
 /// A loaded plugin: its prepared component, its configuration and its idle instances.
