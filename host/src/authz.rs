@@ -24,7 +24,8 @@ pub struct Authorizer {
 
 struct Cache {
     ttl: Duration,
-    /// Incremented by every reload: a decision taken with older plugins is not cached.
+    /// The plugin generation decisions are cached for: a decision taken with older plugins
+    /// (one that was under way during a reload) is returned but not cached.
     generation: u64,
     decisions: HashMap<String, (Decision, Instant)>,
 }
@@ -47,17 +48,11 @@ impl Authorizer {
         (at.elapsed() < cache.ttl).then(|| decision.clone())
     }
 
-    /// The current generation: read it before taking the plugins a decision will use.
-    pub fn generation(&self) -> u64 {
-        self.cache.lock().unwrap().generation
-    }
-
-    /// Asks the authorizer plugin and caches its answer, unless the plugins were reloaded since
-    /// `generation` was read. Errors deny and are not cached.
+    /// Asks the authorizer plugin and caches its answer, unless `plugins` are not the generation
+    /// the cache holds. Errors deny and are not cached.
     pub fn decide(
         &self,
         plugins: &PluginSet,
-        generation: u64,
         subject: &str,
         action: Action,
         point: &str,
@@ -66,7 +61,7 @@ impl Authorizer {
         match plugins.authorize(subject, action, point, peer) {
             Ok(decision) => {
                 let mut cache = self.cache.lock().unwrap();
-                if !cache.ttl.is_zero() && cache.generation == generation {
+                if !cache.ttl.is_zero() && cache.generation == plugins.generation() {
                     if cache.decisions.len() >= MAX_CACHED {
                         cache.decisions.clear();
                     }
@@ -82,11 +77,12 @@ impl Authorizer {
         }
     }
 
-    /// Forgets every decision and starts a new generation (after a reload), with a new TTL.
-    pub fn reset(&self, ttl: Duration) {
+    /// Forgets every decision and caches from now on only those of plugin `generation` (after
+    /// a reload), with a new TTL. Generations only move forward, whatever order reloads finish in.
+    pub fn reset(&self, ttl: Duration, generation: u64) {
         let mut cache = self.cache.lock().unwrap();
         cache.ttl = ttl;
-        cache.generation += 1;
+        cache.generation = cache.generation.max(generation);
         cache.decisions.clear();
     }
 }
@@ -140,17 +136,19 @@ impl fmt::Display for Action {
 mod tests {
     use super::*;
     use crate::config::PluginsSection;
+    use crate::plugins::Plugins;
 
     #[test]
     fn decisions_are_cached_per_generation_and_ttl() {
         let dir = tempfile::tempdir().unwrap();
-        let plugins = PluginSet::load(&PluginsSection::default(), dir.path()).unwrap();
+        let section = PluginsSection::default();
+        let plugins = Plugins::load(&section, dir.path()).unwrap();
+        let first = plugins.current();
         let authorizer = Authorizer::new(Duration::from_secs(60));
 
-        let generation = authorizer.generation();
         assert!(
             authorizer
-                .decide(&plugins, generation, "root", Action::Produce, "p", "")
+                .decide(&first, "root", Action::Produce, "p", "")
                 .allowed
         );
         assert!(
@@ -162,21 +160,29 @@ mod tests {
         assert!(authorizer.cached("root", Action::Consume, "p").is_none());
         assert!(authorizer.cached("root", Action::Produce, "q").is_none());
 
-        // A decision that started before a reload is returned but not cached.
-        let stale = authorizer.generation();
-        authorizer.reset(Duration::from_secs(60));
+        // A reload: a decision of the old plugins (under way during it) is returned but not
+        // cached; the new plugins' decisions are.
+        let generation = plugins.reload(&section).unwrap();
+        authorizer.reset(Duration::from_secs(60), generation);
         assert!(authorizer.cached("root", Action::Produce, "p").is_none());
         assert!(
             !authorizer
-                .decide(&plugins, stale, "nobody", Action::Produce, "p", "")
+                .decide(&first, "nobody", Action::Produce, "p", "")
                 .allowed
         );
         assert!(authorizer.cached("nobody", Action::Produce, "p").is_none());
+        let second = plugins.current();
+        authorizer.decide(&second, "nobody", Action::Produce, "p", "");
+        assert!(authorizer.cached("nobody", Action::Produce, "p").is_some());
+
+        // A reset that arrives late never takes the cache back to an older generation.
+        authorizer.reset(Duration::from_secs(60), generation - 1);
+        authorizer.decide(&first, "root", Action::Produce, "p", "");
+        assert!(authorizer.cached("root", Action::Produce, "p").is_none());
 
         // A zero TTL caches nothing.
-        authorizer.reset(Duration::ZERO);
-        let generation = authorizer.generation();
-        authorizer.decide(&plugins, generation, "root", Action::Produce, "p", "");
+        authorizer.reset(Duration::ZERO, generation);
+        authorizer.decide(&second, "root", Action::Produce, "p", "");
         assert!(authorizer.cached("root", Action::Produce, "p").is_none());
     }
 }

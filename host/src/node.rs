@@ -103,14 +103,12 @@ impl NodeState {
                 decision
             }
             None => {
-                // The generation first: a reload between the two makes the decision uncached.
-                let generation = self.authorizer.generation();
                 let plugins = self.plugins.current();
                 let authorizer = self.authorizer.clone();
                 let subject = peer.subject.clone();
                 let (point, addr) = (point.to_owned(), peer.addr.to_string());
                 tokio::task::spawn_blocking(move || {
-                    authorizer.decide(&plugins, generation, &subject, action, &point, &addr)
+                    authorizer.decide(&plugins, &subject, action, &point, &addr)
                 })
                 .await
                 .map_err(|e| Error::Unavailable(format!("authorization task failed: {e}")))?
@@ -133,16 +131,13 @@ impl NodeState {
         if let Some(owners) = self.placement.cached(point, replicas) {
             return Ok(owners);
         }
-        let generation = self.placement.generation();
         let plugins = self.plugins.current();
         let placement = self.placement.clone();
         let point = point.to_owned();
-        tokio::task::spawn_blocking(move || {
-            placement.owners(&plugins, generation, &point, replicas)
-        })
-        .await
-        .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?
-        .map_err(|e| Error::Unavailable(format!("placement: {e}")))
+        tokio::task::spawn_blocking(move || placement.owners(&plugins, &point, replicas))
+            .await
+            .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?
+            .map_err(|e| Error::Unavailable(format!("placement: {e}")))
     }
 
     /// Refuses to write a point another member owns, naming that member.
@@ -168,10 +163,10 @@ impl NodeState {
     /// The caches start a new generation after the swap, so no answer of the old plugins
     /// survives it.
     pub fn reload_plugins(&self, plugins: &PluginsSection) -> Result<(), PluginError> {
-        self.plugins.reload(plugins)?;
+        let generation = self.plugins.reload(plugins)?;
         self.authorizer
-            .reset(Duration::from_millis(plugins.decision_cache_ms));
-        self.placement.reset();
+            .reset(Duration::from_millis(plugins.decision_cache_ms), generation);
+        self.placement.reset(generation);
         Ok(())
     }
 

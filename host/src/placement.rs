@@ -57,17 +57,12 @@ impl Placement {
         cache.owners.clear();
     }
 
-    /// Forgets every answer and starts a new generation (the placement plugin was reloaded):
-    /// answers computed by the old plugin are not cached any more.
-    pub fn reset(&self) {
+    /// Forgets every answer and caches from now on only those of plugin `generation` (the
+    /// placement plugin was reloaded): answers computed by the old plugin are not cached.
+    pub fn reset(&self, generation: u64) {
         let mut cache = self.cache.lock().unwrap();
-        cache.generation += 1;
+        cache.generation = cache.generation.max(generation);
         cache.owners.clear();
-    }
-
-    /// The current plugin generation: read it before taking the plugins an answer will use.
-    pub fn generation(&self) -> u64 {
-        self.cache.lock().unwrap().generation
     }
 
     /// A cached answer for the current membership.
@@ -84,7 +79,6 @@ impl Placement {
     pub fn owners(
         &self,
         plugins: &PluginSet,
-        generation: u64,
         key: &str,
         replicas: u32,
     ) -> Result<Arc<[String]>, PluginError> {
@@ -94,7 +88,7 @@ impl Placement {
         let membership = self.membership();
         let owners: Arc<[String]> = plugins.owners(key, &membership.members, replicas)?.into();
         let mut cache = self.cache.lock().unwrap();
-        if cache.version == membership.version && cache.generation == generation {
+        if cache.version == membership.version && cache.generation == plugins.generation() {
             if cache.owners.len() >= MAX_CACHED {
                 cache.owners.clear();
             }

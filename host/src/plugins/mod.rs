@@ -345,6 +345,9 @@ pub struct PluginSet {
     pub bundler: Plugin<BundlerKind>,
     pub placement: Plugin<PlacementKind>,
     pub polar: Arc<Polar>,
+    /// Which load of the node's plugins this is (0 at start, +1 per reload): caches keep an
+    /// answer only if it came from the generation they hold.
+    generation: u64,
 }
 
 impl PluginSet {
@@ -360,7 +363,12 @@ impl PluginSet {
             bundler: Plugin::load(&section.bundler, Some(&cache_dir), None)?,
             placement: Plugin::load(&section.placement, Some(&cache_dir), None)?,
             polar,
+            generation: 0,
         })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn authorize(
@@ -489,10 +497,13 @@ impl Plugins {
         self.current.read().unwrap().clone()
     }
 
-    /// Loads `section` and, only if everything loads, makes it current.
-    pub fn reload(&self, section: &PluginsSection) -> Result<(), PluginError> {
-        let set = PluginSet::load(section, &self.data_dir)?;
-        *self.current.write().unwrap() = Arc::new(set);
-        Ok(())
+    /// Loads `section` and, only if everything loads, makes it current. Returns the new set's
+    /// generation.
+    pub fn reload(&self, section: &PluginsSection) -> Result<u64, PluginError> {
+        let mut set = PluginSet::load(section, &self.data_dir)?;
+        let mut current = self.current.write().unwrap();
+        set.generation = current.generation + 1;
+        *current = Arc::new(set);
+        Ok(current.generation)
     }
 }

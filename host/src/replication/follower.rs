@@ -1,7 +1,7 @@
 //! The follower side: connect to each leader in `leader_addresses`, offer what this node holds,
 //! and apply the records the leader pushes.
 //!
-//! A record is applied only if it starts at this node's end of the point (`Store::append_at`),
+//! A record is applied only if it starts at this node's end of the point (`Store::append_batch_at`),
 //! so nothing is applied twice and nothing is skipped; otherwise the reply tells the leader where
 //! this node really ends. Records the bundler rejects (damaged) are reported and sent again.
 //! Pushes are handed, in arrival order, to one applier task that writes consecutive records of a
@@ -100,11 +100,8 @@ async fn session(
                 .and_then(|certs| certs.first())
                 .map(|cert| crate::tls::subject(cert.as_ref()))
                 .ok_or("the leader presented no certificate")?;
-            let plugins = context.plugins.current();
-            let generation = context.authorizer.generation();
             let decision = context.authorizer.decide(
-                &plugins,
-                generation,
+                &context.plugins.current(),
                 &subject,
                 Action::Replicate,
                 "",

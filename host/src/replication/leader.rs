@@ -86,11 +86,8 @@ impl leader::Server for LeaderService {
         mut results: leader::FollowResults,
     ) -> Result<(), capnp::Error> {
         let context = &self.context;
-        let plugins = context.plugins.current();
-        let generation = context.authorizer.generation();
         let decision = context.authorizer.decide(
-            &plugins,
-            generation,
+            &context.plugins.current(),
             &self.subject,
             Action::Replicate,
             "",
