@@ -234,19 +234,8 @@ impl Store {
         self.append_inner(id, frames, None).await
     }
 
-    /// Appends `bytes` only if `id` currently ends at `start` (replication applies records this
-    /// way: exactly once, never with a gap).
-    pub async fn append_at(
-        &self,
-        id: &PointId,
-        start: u64,
-        bytes: Bytes,
-    ) -> Result<Appended, AppendError> {
-        let mut appended = self.append_inner(id, vec![bytes], Some(start)).await?;
-        Ok(appended.pop().expect("one result per frame"))
-    }
-
-    /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start`.
+    /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start` (replication
+    /// applies records this way: exactly once, never with a gap).
     pub async fn append_batch_at(
         &self,
         id: &PointId,
@@ -718,19 +707,19 @@ impl Point {
             }
         };
         let mut appended = Vec::with_capacity(frames.len());
-        let mut records = records.iter();
+        let mut next_record = records.iter();
         let (mut end, mut crc) = (state.end, state.crc);
         for frame in &frames {
             let start = end;
             if !frame.is_empty() {
-                let record = records.next().expect("one record per non-empty frame");
+                let record = next_record.next().expect("one record per non-empty frame");
                 (end, crc) = (record.end, record.point_crc);
                 state.journal_len += journal::RECORD_LEN;
             }
             appended.push(Appended { start, end, crc });
         }
         if end != state.end {
-            ::metrics::counter!(metrics::APPENDS).increment(appended.len() as u64);
+            ::metrics::counter!(metrics::APPENDS).increment(records.len() as u64);
             ::metrics::counter!(metrics::APPENDED_BYTES).increment(end - state.end);
             state.end = end;
             state.crc = crc;

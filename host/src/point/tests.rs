@@ -103,22 +103,33 @@ async fn clean_close_leaves_nothing_to_verify() {
 }
 
 #[tokio::test]
-async fn append_at_applies_exactly_once() {
+async fn append_batch_at_applies_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path())).await.unwrap();
-    let a = bytes(1, 100);
-    store.append_at(&id("r"), 0, a.clone()).await.unwrap();
+    let (a, b) = (bytes(1, 100), bytes(2, 50));
+    store
+        .append_batch_at(&id("r"), 0, vec![a.clone()])
+        .await
+        .unwrap();
     // A duplicate and a gap are both refused, with the real end.
     for start in [0, 150] {
-        match store.append_at(&id("r"), start, bytes(2, 50)).await {
+        match store
+            .append_batch_at(&id("r"), start, vec![b.clone()])
+            .await
+        {
             Err(AppendError::OffsetMismatch { expected, end, .. }) => {
                 assert_eq!((expected, end), (start, 100));
             }
             other => panic!("expected a mismatch, got {other:?}"),
         }
     }
-    store.append_at(&id("r"), 100, bytes(2, 50)).await.unwrap();
+    store
+        .append_batch_at(&id("r"), 100, vec![b.clone()])
+        .await
+        .unwrap();
     assert_eq!(store.metadata(&id("r")).await.unwrap().end, 150);
+    let content = store.read(&id("r"), 0, 150).await.unwrap();
+    assert_eq!(content, [a, b].concat());
     store.close().await.unwrap();
 }
 
