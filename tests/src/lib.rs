@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use goutube::api::proto::streaming_client::StreamingClient;
-use goutube::api::proto::{ConsumeRequest, ProduceRequest, ProduceResponse};
+use goutube::api::proto::{
+    ConsumeRequest, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
+};
 use goutube::client::{Client, ClientOptions};
 use goutube::config::Config;
 use goutube::node::{Listeners, Node};
@@ -136,6 +138,27 @@ pub async fn consume(
         frames.push(response.frame);
     }
     Ok(frames)
+}
+
+/// GetMetadata of `point`.
+pub async fn metadata(
+    client: &mut StreamingClient<Channel>,
+    point: &str,
+) -> Result<MetadataResponse, Status> {
+    Ok(client
+        .get_metadata(MetadataRequest {
+            point: point.into(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Asserts that every one of `statuses` is PermissionDenied, with `reason` in its message.
+pub fn assert_denied(statuses: impl IntoIterator<Item = Status>, reason: &str) {
+    for status in statuses {
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains(reason), "{}", status.message());
+    }
 }
 
 /// A ConsumeStream request for `[offset, limit)` of `point`.

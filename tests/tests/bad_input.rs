@@ -1,8 +1,8 @@
 //! Hostile and malformed input gets a clear status, never a panic or a silently short stream, and
 //! the node keeps serving everyone else.
 
-use goutube::api::proto::{MetadataRequest, ProduceRequest};
-use goutube_tests::{TestNode, consume, data, produce, window};
+use goutube::api::proto::ProduceRequest;
+use goutube_tests::{TestNode, consume, data, metadata, produce, raw_client, start_in, window};
 use tonic::Code;
 
 const HOSTILE_IDS: [&str; 2] = ["", "a\0b"];
@@ -26,10 +26,7 @@ async fn invalid_point_ids_are_refused() {
         );
         let status = consume(&mut client, window(id, 0, 0, 0)).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "consume {id:?}");
-        let status = client
-            .get_metadata(MetadataRequest { point: id.into() })
-            .await
-            .unwrap_err();
+        let status = metadata(&mut client, id).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "metadata {id:?}");
     }
     node.shutdown().await;
@@ -37,8 +34,12 @@ async fn invalid_point_ids_are_refused() {
 
 #[tokio::test]
 async fn path_like_ids_are_plain_names() {
-    let node = TestNode::start(|_| {}).await;
-    let mut client = node.client().await;
+    // The node's data directory sits in a directory of the test's own, so anything written
+    // beside it (an id escaping through `..`) would show.
+    let outer = tempfile::tempdir().unwrap();
+    let data_dir = outer.path().join("node");
+    let node = start_in(&data_dir, |_| {}).await;
+    let mut client = raw_client(&node.rpc_addr().to_string()).await;
     let ids = ["../x", "a/b", ".", "..", "/etc/passwd"];
     for (i, id) in ids.iter().enumerate() {
         produce(&mut client, id, &[data(i as u64, 100)])
@@ -50,13 +51,15 @@ async fn path_like_ids_are_plain_names() {
         assert_eq!(got.concat(), data(i as u64, 100), "{id}");
     }
     // Only the node's own directory was written to.
-    let top: Vec<_> = std::fs::read_dir(node.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(top, vec!["points".to_string()]);
-    assert!(!node.dir.path().parent().unwrap().join("x").exists());
-    node.shutdown().await;
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    assert_eq!(names(outer.path()), vec!["node".to_string()]);
+    assert_eq!(names(&data_dir), vec!["points".to_string()]);
+    node.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -141,12 +144,7 @@ async fn bad_windows_are_errors_not_short_streams() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("missing"));
-    let status = client
-        .get_metadata(MetadataRequest {
-            point: "missing".into(),
-        })
-        .await
-        .unwrap_err();
+    let status = metadata(&mut client, "missing").await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
     // A chunk larger than the point: one frame with all of it.
@@ -193,11 +191,7 @@ async fn a_stream_that_fails_midway_keeps_what_was_written() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let meta = client
-        .get_metadata(MetadataRequest { point: "p".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let meta = metadata(&mut client, "p").await.unwrap();
     assert_eq!((meta.size, meta.crc32c), (4096, crc32c::crc32c(&good)));
     node.shutdown().await;
 }

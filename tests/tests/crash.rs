@@ -5,8 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use goutube::api::proto::MetadataRequest;
-use goutube_tests::{NodeProcess, consume, data, produce, raw_client, window, write_config};
+use goutube_tests::{
+    NodeProcess, consume, data, metadata, produce, raw_client, window, write_config,
+};
 use rand::{Rng, SeedableRng};
 
 const KILLS: usize = 24;
@@ -75,13 +76,7 @@ async fn acknowledged_writes_survive_sigkill() {
         }
         present = next;
         if present > 0 {
-            let meta = client
-                .get_metadata(MetadataRequest {
-                    point: "crash".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let meta = metadata(&mut client, "crash").await.unwrap();
             assert_eq!(meta.size, got.len() as u64);
             assert_eq!(
                 meta.crc32c,

@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use goutube::api::proto::{LocatePointRequest, MetadataRequest};
+use goutube::api::proto::LocatePointRequest;
 use goutube::authz::Action;
 use goutube::config::{Config, MemberConfig, PluginSection, PluginsSection, Role};
 use goutube::node::{Listeners, Node, StartError};
 use goutube::plugins::{Member, PluginSet};
-use goutube_tests::{TestNode, consume, data, produce, window};
+use goutube_tests::{TestNode, assert_denied, consume, data, metadata, produce, window};
 use tonic::Code;
 
 fn test_component(name: &str) -> PathBuf {
@@ -377,51 +377,35 @@ async fn an_acl_limits_what_a_subject_may_do_through_the_api() {
             .concat(),
         data(5, 500)
     );
-    let meta = client
-        .get_metadata(MetadataRequest {
-            point: "videos/cat".into(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(meta.into_inner().size, 500);
+    let meta = metadata(&mut client, "videos/cat").await.unwrap();
+    assert_eq!(meta.size, 500);
     produce(&mut client, "uploads/a", &[data(6, 10)])
         .await
         .unwrap();
 
-    for status in [
-        produce(&mut client, "videos/cat", &[data(7, 10)])
-            .await
-            .unwrap_err(),
-        consume(&mut client, window("uploads/a", 0, 0, 0))
-            .await
-            .unwrap_err(),
-        client
-            .get_metadata(MetadataRequest {
-                point: "uploads/a".into(),
-            })
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-        assert!(
-            status.message().contains("no ACL line allows anonymous"),
-            "{}",
-            status.message()
-        );
-    }
+    assert_denied(
+        [
+            produce(&mut client, "videos/cat", &[data(7, 10)])
+                .await
+                .unwrap_err(),
+            consume(&mut client, window("uploads/a", 0, 0, 0))
+                .await
+                .unwrap_err(),
+            metadata(&mut client, "uploads/a").await.unwrap_err(),
+        ],
+        "no ACL line allows anonymous",
+    );
     // Decisions are cached: the second identical call is a cache hit.
-    let scrape = |addr: String| async move { goutube_tests::scrape_metrics(&addr).await };
     let metrics = node.node.metrics_addr().to_string();
-    let before = goutube_tests::metric(
-        &scrape(metrics.clone()).await,
-        "goutube_authz_cache_hits_total",
-    )
-    .unwrap_or(0.0);
+    let hits = || async {
+        let scrape = goutube_tests::scrape_metrics(&metrics).await;
+        goutube_tests::metric(&scrape, "goutube_authz_cache_hits_total").unwrap_or(0.0)
+    };
+    let before = hits().await;
     consume(&mut client, window("videos/cat", 0, 0, 0))
         .await
         .unwrap();
-    let after = goutube_tests::metric(&scrape(metrics).await, "goutube_authz_cache_hits_total")
-        .unwrap_or(0.0);
+    let after = hits().await;
     assert!(after >= before + 1.0, "{before} -> {after}");
     node.shutdown().await;
 }

@@ -7,10 +7,9 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use goutube::api::proto::MetadataRequest;
 use goutube::point::PointId;
 use goutube::point::journal::{HEADER_LEN, RECORD_LEN};
-use goutube_tests::{TestNode, consume, data, produce, window};
+use goutube_tests::{TestNode, consume, data, metadata, produce, window};
 use tonic::Code;
 
 fn frames(seed: u64) -> Vec<Vec<u8>> {
@@ -130,11 +129,7 @@ async fn damaged_points_recover_to_their_last_valid_append() {
             .unwrap()
             .concat();
         assert_eq!(got, want, "{name}");
-        let meta = client
-            .get_metadata(MetadataRequest { point: name.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let meta = metadata(&mut client, name).await.unwrap();
         assert_eq!(
             (meta.size, meta.crc32c),
             (want.len() as u64, crc32c::crc32c(&want)),

@@ -7,14 +7,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use goutube::api::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
 use goutube::api::proto::streaming_client::StreamingClient;
-use goutube::api::proto::{
-    DeletePointRequest, GetFollowersRequest, MetadataRequest, MetadataResponse, ProduceRequest,
-};
+use goutube::api::proto::{DeletePointRequest, GetFollowersRequest, ProduceRequest};
 use goutube::config::{Ack, Config, PeerTlsSection, Role};
 use goutube::point::{PointId, Store};
 use goutube_tests::{
-    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, free_port, metric, produce,
-    window,
+    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, free_port, metadata, metric,
+    produce, window,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -65,27 +63,17 @@ async fn followers(pki: &Pki, leader: &str) -> Vec<goutube::api::proto::Server> 
         .servers
 }
 
-async fn meta(client: &mut Client, point: &str) -> Option<MetadataResponse> {
-    client
-        .get_metadata(MetadataRequest {
-            point: point.into(),
-        })
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
 /// Waits until `follower` holds `point` exactly as `leader` does (size and CRC32C).
 async fn converged(leader: &Client, follower: &Client, point: &str) {
     eventually(&format!("{point} to converge"), || {
         let (mut leader, mut follower) = (leader.clone(), follower.clone());
         async move {
-            let want = meta(&mut leader, point)
+            let want = metadata(&mut leader, point)
                 .await
                 .expect("the leader has the point");
-            meta(&mut follower, point)
+            metadata(&mut follower, point)
                 .await
-                .is_some_and(|got| (got.size, got.crc32c) == (want.size, want.crc32c))
+                .is_ok_and(|got| (got.size, got.crc32c) == (want.size, want.crc32c))
         }
     })
     .await;
@@ -125,13 +113,10 @@ async fn a_follower_copies_its_leader() {
         (followers[0].name.as_str(), followers[0].rpc_addr.clone()),
         ("f1", follower.addr())
     );
-    let metadata = meta(&mut to_leader, "video").await.unwrap();
-    assert_eq!(metadata.workers, vec![leader.addr(), follower.addr()]);
-    assert_eq!(metadata.replicas.len(), 1);
-    assert_eq!(
-        (metadata.replicas[0].end, metadata.replicas[0].lag),
-        (2560, 0)
-    );
+    let meta = metadata(&mut to_leader, "video").await.unwrap();
+    assert_eq!(meta.workers, vec![leader.addr(), follower.addr()]);
+    assert_eq!(meta.replicas.len(), 1);
+    assert_eq!((meta.replicas[0].end, meta.replicas[0].lag), (2560, 0));
 
     // A follower serves reads and metadata but refuses writes, naming its leader.
     let status = produce(&mut to_follower, "video", &[data(99, 10)])
@@ -152,7 +137,10 @@ async fn a_follower_copies_its_leader() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(meta(&mut to_follower, "video").await.unwrap().size, 2560);
+    assert_eq!(
+        metadata(&mut to_follower, "video").await.unwrap().size,
+        2560
+    );
     follower.shutdown().await;
     leader.shutdown().await;
 }
@@ -239,7 +227,11 @@ async fn lost_diverged_and_deleted_copies_are_repaired() {
     }
     eventually("the deleted point to disappear", || {
         let mut to_follower = to_follower.clone();
-        async move { meta(&mut to_follower, "deleted").await.is_none() }
+        async move {
+            metadata(&mut to_follower, "deleted")
+                .await
+                .is_err_and(|s| s.code() == Code::NotFound)
+        }
     })
     .await;
 
@@ -252,7 +244,11 @@ async fn lost_diverged_and_deleted_copies_are_repaired() {
         .unwrap();
     eventually("the live delete to propagate", || {
         let mut to_follower = to_follower.clone();
-        async move { meta(&mut to_follower, "kept").await.is_none() }
+        async move {
+            metadata(&mut to_follower, "kept")
+                .await
+                .is_err_and(|s| s.code() == Code::NotFound)
+        }
     })
     .await;
     f.shutdown().await;
@@ -308,9 +304,9 @@ async fn a_follower_killed_mid_stream_ends_identical() {
         eventually("the follower to receive something", || {
             let mut to_follower = to_follower.clone();
             async move {
-                meta(&mut to_follower, "stream-0")
+                metadata(&mut to_follower, "stream-0")
                     .await
-                    .is_some_and(|m| m.size > 0)
+                    .is_ok_and(|m| m.size > 0)
             }
         })
         .await;
@@ -495,7 +491,7 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
         .unwrap()
         .records[0]
         .clone();
-    let held = meta(&mut to_follower, "p")
+    let held = metadata(&mut to_follower, "p")
         .await
         .expect("replicated before the acknowledgement");
     assert_eq!((held.size, held.crc32c), (record.end, record.crc32c));
@@ -514,7 +510,7 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
         status.message()
     );
     assert!(started.elapsed() >= Duration::from_millis(900) && started.elapsed() < DEADLINE);
-    assert_eq!(meta(&mut to_leader, "p").await.unwrap().size, 100_000);
+    assert_eq!(metadata(&mut to_leader, "p").await.unwrap().size, 100_000);
 
     let leader_address = leader.node.replication_addr().to_string();
     let tls = pki.node("f1");
@@ -558,7 +554,7 @@ async fn a_stalled_follower_blocks_neither_the_leader_nor_other_followers() {
         );
     }
     converged(&to_leader, &to_healthy, "p").await;
-    let lag = meta(&mut to_leader, "p").await.unwrap().replicas;
+    let lag = metadata(&mut to_leader, "p").await.unwrap().replicas;
     let stalled_lag = lag
         .iter()
         .find(|r| r.follower == "stalled")
@@ -608,7 +604,11 @@ async fn a_node_the_policy_does_not_let_replicate_gets_nothing() {
     })
     .await;
     let mut to_follower = pki.client("root", &f.addr()).await;
-    assert!(meta(&mut to_follower, "secret").await.is_none());
+    assert!(
+        metadata(&mut to_follower, "secret")
+            .await
+            .is_err_and(|s| s.code() == Code::NotFound)
+    );
     assert!(followers(&pki, &leader.addr()).await.is_empty());
     f.shutdown().await;
     leader.shutdown().await;
@@ -655,7 +655,7 @@ async fn three_followers_replicate_a_gibibyte() {
     let mut to_leader = to_leader.clone();
     for p in 0..POINTS {
         let point = format!("gib-{p}");
-        let want = meta(&mut to_leader, &point).await.unwrap();
+        let want = metadata(&mut to_leader, &point).await.unwrap();
         assert_eq!(want.size, FRAMES * 256 * 1024);
         for follower in &followers {
             let to_follower = pki.client("root", &follower.addr()).await;

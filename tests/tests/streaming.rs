@@ -1,8 +1,8 @@
 //! The original goutube streaming tests, ported with non-periodic data and exact-byte assertions,
 //! plus the calls added since (metadata checksum, list, delete, interleaved points).
 
-use goutube::api::proto::{DeletePointRequest, ListPointsRequest, MetadataRequest};
-use goutube_tests::{TestNode, consume, data, produce, window};
+use goutube::api::proto::{DeletePointRequest, ListPointsRequest};
+use goutube_tests::{TestNode, consume, data, metadata, produce, window};
 use tonic::Code;
 
 /// Ten different 256-byte frames, as the original tests produce (but never periodic).
@@ -97,11 +97,7 @@ async fn one_stream_may_interleave_points() {
     assert_eq!(records, vec![("a", 400, 1000), ("b", 0, 777)]);
     assert_eq!(response.records[0].crc32c, crc32c::crc32c(&a));
 
-    let meta = client
-        .get_metadata(MetadataRequest { point: "a".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let meta = metadata(&mut client, "a").await.unwrap();
     assert_eq!((meta.size, meta.crc32c), (1000, crc32c::crc32c(&a)));
     assert_eq!(
         meta.workers,

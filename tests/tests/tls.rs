@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use goutube::api::proto::MetadataRequest;
 use goutube::api::proto::streaming_client::StreamingClient;
 use goutube::certs::{Authority, Validity};
 use goutube::client::{Client, ClientOptions};
 use goutube::config::PluginSection;
-use goutube_tests::{Pki, TestNode, consume, data, goutube_bin, metric, produce, window};
-use tonic::Code;
+use goutube_tests::{
+    Pki, TestNode, assert_denied, consume, data, goutube_bin, metadata, metric, produce, window,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 async fn connect(options: &ClientOptions) -> Result<StreamingClient<Channel>, String> {
@@ -26,8 +26,7 @@ async fn assert_refused(options: &ClientOptions, what: &str) {
     let before = handshake_failures();
     let outcome = match connect(options).await {
         Err(error) => Err(error),
-        Ok(mut client) => client
-            .get_metadata(MetadataRequest { point: "p".into() })
+        Ok(mut client) => metadata(&mut client, "p")
             .await
             .map(|_| ())
             .map_err(|status| format!("{status:?}")),
@@ -78,8 +77,7 @@ async fn the_handshake_refuses_strangers() {
     let before = handshake_failures();
     let result = match endpoint.connect().await {
         Err(error) => Err(error.to_string()),
-        Ok(channel) => StreamingClient::new(channel)
-            .get_metadata(MetadataRequest { point: "p".into() })
+        Ok(channel) => metadata(&mut StreamingClient::new(channel), "p")
             .await
             .map(|_| ())
             .map_err(|s| format!("{s:?}")),
@@ -138,33 +136,20 @@ async fn the_default_policy_admits_root_and_denies_nobody() {
             .concat(),
         data(1, 1000)
     );
-    root.get_metadata(MetadataRequest {
-        point: "videos/a".into(),
-    })
-    .await
-    .unwrap();
+    metadata(&mut root, "videos/a").await.unwrap();
 
-    for status in [
-        produce(&mut nobody, "videos/a", &[data(2, 10)])
-            .await
-            .unwrap_err(),
-        consume(&mut nobody, window("videos/a", 0, 0, 0))
-            .await
-            .unwrap_err(),
-        nobody
-            .get_metadata(MetadataRequest {
-                point: "videos/a".into(),
-            })
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-        assert!(
-            status.message().starts_with("nobody may not"),
-            "{}",
-            status.message()
-        );
-    }
+    assert_denied(
+        [
+            produce(&mut nobody, "videos/a", &[data(2, 10)])
+                .await
+                .unwrap_err(),
+            consume(&mut nobody, window("videos/a", 0, 0, 0))
+                .await
+                .unwrap_err(),
+            metadata(&mut nobody, "videos/a").await.unwrap_err(),
+        ],
+        "nobody may not",
+    );
     // A certificate may not pass itself off as a plaintext client.
     let anonymous = pki.ca.client("anonymous", Validity::days(1));
     assert!(anonymous.is_err(), "goutube certs refuses to make one");
@@ -192,28 +177,19 @@ async fn prefix_rights_from_a_polar_policy() {
             .concat(),
         data(1, 100)
     );
-    alice
-        .get_metadata(MetadataRequest {
-            point: "videos/cat".into(),
-        })
-        .await
-        .unwrap();
-    for status in [
-        consume(&mut alice, window("music/song", 0, 0, 0))
-            .await
-            .unwrap_err(),
-        produce(&mut alice, "videos/cat", &[data(3, 10)])
-            .await
-            .unwrap_err(),
-        alice
-            .get_metadata(MetadataRequest {
-                point: "music/song".into(),
-            })
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    }
+    metadata(&mut alice, "videos/cat").await.unwrap();
+    assert_denied(
+        [
+            consume(&mut alice, window("music/song", 0, 0, 0))
+                .await
+                .unwrap_err(),
+            produce(&mut alice, "videos/cat", &[data(3, 10)])
+                .await
+                .unwrap_err(),
+            metadata(&mut alice, "music/song").await.unwrap_err(),
+        ],
+        "alice may not",
+    );
     node.shutdown().await;
 }
 
@@ -245,27 +221,18 @@ async fn an_acl_lets_alice_consume_videos_only() {
             .concat(),
         data(1, 100)
     );
-    for status in [
-        consume(&mut alice, window("private/diary", 0, 0, 0))
-            .await
-            .unwrap_err(),
-        produce(&mut alice, "videos/dog", &[data(3, 10)])
-            .await
-            .unwrap_err(),
-        alice
-            .get_metadata(MetadataRequest {
-                point: "videos/cat".into(),
-            })
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-        assert!(
-            status.message().contains("no ACL line allows alice"),
-            "{}",
-            status.message()
-        );
-    }
+    assert_denied(
+        [
+            consume(&mut alice, window("private/diary", 0, 0, 0))
+                .await
+                .unwrap_err(),
+            produce(&mut alice, "videos/dog", &[data(3, 10)])
+                .await
+                .unwrap_err(),
+            metadata(&mut alice, "videos/cat").await.unwrap_err(),
+        ],
+        "no ACL line allows alice",
+    );
     node.shutdown().await;
 }
 
