@@ -110,9 +110,11 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
 }
 
 async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyhow::Result<()> {
-    let total = mib * 1024 * 1024;
-    let frames = total / frame as u64;
-    let pool = frame_pool(frame);
+    let Workload {
+        total,
+        frames,
+        pool,
+    } = Workload::new(mib, frame);
     println!(
         "streaming {mib} MiB in {} KiB frames, {rounds} round(s), median reported",
         frame / 1024
@@ -149,19 +151,15 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
     for round in 0..rounds {
         node_client.delete(&format!("bench-{round}")).await?;
     }
-    let row = |name: &str, base: &[f64], measured: &[f64]| {
-        let (b, m) = (median(base), median(measured));
-        println!(
-            "| {name} | {} | {} | {:.2}x |",
-            spread(total, base),
-            spread(total, measured),
-            b / m
-        );
-    };
     println!("| measurement | baseline | goutube | ratio |");
     println!("|---|---|---|---|");
-    row("produce, fsync = never", &base_produce, &node_produce);
-    row("consume", &base_consume, &node_consume);
+    ratio_row(
+        "produce, fsync = never",
+        total,
+        &base_produce,
+        &node_produce,
+    );
+    ratio_row("consume", total, &base_consume, &node_consume);
     println!(
         "| first write into untouched memory (pwrite, no network) | | {} | |",
         spread(total, &[cold])
@@ -176,7 +174,12 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
             let base = produce(&baseline_client, "durable", &pool, frames).await?;
             disk_write(work.path(), &pool, frames)?;
             let measured = produce(&client, "durable", &pool, frames).await?;
-            row(&format!("produce, fsync = {policy}"), &[base], &[measured]);
+            ratio_row(
+                &format!("produce, fsync = {policy}"),
+                total,
+                &[base],
+                &[measured],
+            );
         }
     }
     println!(
@@ -188,10 +191,11 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
 
 async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> {
     use goutube::certs::{Authority, Validity};
-    let frame = 256 * 1024;
-    let total = mib * 1024 * 1024;
-    let frames = total / frame as u64;
-    let pool = frame_pool(frame);
+    let Workload {
+        total,
+        frames,
+        pool,
+    } = Workload::new(mib, 256 * 1024);
     let work = tempfile::tempdir()?;
     let certs = work.path().join("certs");
     std::fs::create_dir_all(&certs)?;
@@ -246,17 +250,8 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
     }
     println!("| measurement | h2c | mTLS | ratio |");
     println!("|---|---|---|---|");
-    for (name, base, measured) in [
-        ("produce", &plain_produce, &secure_produce),
-        ("consume", &plain_consume, &secure_consume),
-    ] {
-        println!(
-            "| {name} | {} | {} | {:.2}x |",
-            spread(total, base),
-            spread(total, measured),
-            median(base) / median(measured)
-        );
-    }
+    ratio_row("produce", total, &plain_produce, &secure_produce);
+    ratio_row("consume", total, &plain_consume, &secure_consume);
 
     // A new connection, then one call (GetMetadata of a missing point: served, NotFound).
     let first_call = |addr: String, tls: Option<ClientTls>| async move {
@@ -270,30 +265,26 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
         plain_setup.push(first_call(plain.rpc.clone(), None).await?);
         secure_setup.push(first_call(secure.rpc.clone(), Some(client_tls.clone())).await?);
     }
-    let percentile = |values: &mut Vec<f64>, p: usize| {
-        values.sort_by(f64::total_cmp);
-        values[(values.len() * p / 100).min(values.len() - 1)] * 1e3
-    };
+    plain_setup.sort_by(f64::total_cmp);
+    secure_setup.sort_by(f64::total_cmp);
     println!("\n| connection set-up + first call | h2c | mTLS |");
     println!("|---|---|---|");
-    println!(
-        "| p50 | {:.2} ms | {:.2} ms |",
-        percentile(&mut plain_setup, 50),
-        percentile(&mut secure_setup, 50)
-    );
-    println!(
-        "| p90 | {:.2} ms | {:.2} ms |",
-        percentile(&mut plain_setup, 90),
-        percentile(&mut secure_setup, 90)
-    );
+    for p in [50, 90] {
+        println!(
+            "| p{p} | {:.2} ms | {:.2} ms |",
+            percentile(&plain_setup, p) * 1e3,
+            percentile(&secure_setup, p) * 1e3
+        );
+    }
     Ok(())
 }
 
 async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
-    let frame = 256 * 1024;
-    let total = mib * 1024 * 1024;
-    let frames = total / frame as u64;
-    let pool = frame_pool(frame);
+    let Workload {
+        total,
+        frames,
+        pool,
+    } = Workload::new(mib, 256 * 1024);
     let work = tempfile::tempdir()?;
     println!("replication on loopback, plaintext, fsync = \"never\", {mib} MiB in 256 KiB records");
 
@@ -325,14 +316,7 @@ async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
     let want = to_leader.stat("catch-up").await?;
     disk_write(&follower_dir, &pool, frames)?;
     let started = Instant::now();
-    let follower = Server::node(
-        &follower_dir,
-        &format!(
-            "role = \"follower\"\nleader_addresses = [{:?}]\n{}",
-            leader.replication,
-            storage("never")
-        ),
-    )?;
+    let follower = Server::node(&follower_dir, &follower_config(&leader.replication))?;
     let to_follower = connect(&follower.rpc).await?;
     wait_for(&to_follower, "catch-up", want.size, want.crc32c).await?;
     let catch_up = started.elapsed().as_secs_f64();
@@ -355,7 +339,7 @@ async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
     // follower holding its last byte, seen through a `follow` stream on the follower (no polling
     // that would load the follower being measured).
     let batch_frames = 4u64;
-    let batch_bytes = batch_frames * frame as u64;
+    let batch_bytes = batch_frames * pool[0].len() as u64;
     let batches = (rate * 1_000_000 * seconds) / batch_bytes;
     let interval = Duration::from_secs_f64(batch_bytes as f64 / (rate as f64 * 1e6));
     let point = "sustained";
@@ -405,20 +389,23 @@ async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let mut lags: Vec<Duration> = observer.await??;
-    lags.sort();
+    let mut lags: Vec<f64> = observer
+        .await??
+        .iter()
+        .map(|lag: &Duration| lag.as_secs_f64() * 1e3)
+        .collect();
+    lags.sort_by(f64::total_cmp);
     let achieved = (batches - 1) as f64 * batch_bytes as f64 / elapsed / 1e6;
     println!(
         "\nsustained produce: target {rate} MB/s, achieved {achieved:.0} MB/s over {elapsed:.1} s ({behind} batches late)"
     );
     println!("| follower lag | p50 | p99 | max |");
     println!("|---|---|---|---|");
-    let at = |p: usize| lags[(lags.len() * p / 100).min(lags.len() - 1)].as_secs_f64() * 1e3;
     println!(
         "| leader ack → follower holds it | {:.1} ms | {:.1} ms | {:.1} ms |",
-        at(50),
-        at(99),
-        lags.last().unwrap().as_secs_f64() * 1e3
+        percentile(&lags, 50),
+        percentile(&lags, 99),
+        percentile(&lags, 100)
     );
     drop(follower);
     drop(leader);
@@ -437,14 +424,7 @@ async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
                 storage("never")
             ),
         )?;
-        let _follower = Server::node(
-            &follower_dir,
-            &format!(
-                "role = \"follower\"\nleader_addresses = [{:?}]\n{}",
-                leader.replication,
-                storage("never")
-            ),
-        )?;
+        let _follower = Server::node(&follower_dir, &follower_config(&leader.replication))?;
         let client = connect(&leader.rpc).await?;
         wait_for_followers(&leader.rpc, 1).await?;
         disk_write(&leader_dir, &pool, frames)?;
@@ -672,6 +652,24 @@ async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()
     Ok(())
 }
 
+/// What a throughput benchmark sends: `frames` frames, `total` bytes, cycled from `pool`.
+struct Workload {
+    total: u64,
+    frames: u64,
+    pool: Vec<Bytes>,
+}
+
+impl Workload {
+    fn new(mib: u64, frame: usize) -> Self {
+        let total = mib * 1024 * 1024;
+        Self {
+            total,
+            frames: total / frame as u64,
+            pool: frame_pool(frame),
+        }
+    }
+}
+
 /// 64 different random frames, cycled through: the node cannot dedupe or compress them.
 fn frame_pool(frame: usize) -> Vec<Bytes> {
     (0..64)
@@ -681,6 +679,14 @@ fn frame_pool(frame: usize) -> Vec<Bytes> {
             Bytes::from(bytes)
         })
         .collect()
+}
+
+/// The config of a benchmark follower of `leader` (its replication address).
+fn follower_config(leader: &str) -> String {
+    format!(
+        "role = \"follower\"\nleader_addresses = [{leader:?}]\n{}",
+        storage("never")
+    )
 }
 
 /// The `[storage]` section of a benchmark node.
@@ -767,6 +773,21 @@ async fn consume(client: &Client, point: &str, total: u64) -> anyhow::Result<f64
         bail!("consumed {received} bytes, expected {total}");
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// The `p`th percentile of `sorted` (ascending, not empty).
+fn percentile(sorted: &[f64], p: usize) -> f64 {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// A table row: the median throughput of each side, their spread, and baseline / measured.
+fn ratio_row(name: &str, bytes: u64, base: &[f64], measured: &[f64]) {
+    println!(
+        "| {name} | {} | {} | {:.2}x |",
+        spread(bytes, base),
+        spread(bytes, measured),
+        median(base) / median(measured)
+    );
 }
 
 fn median(values: &[f64]) -> f64 {
