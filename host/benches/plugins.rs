@@ -5,16 +5,18 @@
 //! `cargo bench -p goutube --bench plugins` (release). Results: docs/benchmarks.md.
 
 use std::hint::black_box;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use goutube::authz::{Action, Authorizer};
+use goutube::access::Action;
 use goutube::config::{PluginSection, PluginsSection};
 use goutube::net::PeerInfo;
-use goutube::placement::Placement;
+use goutube::plugins::PluginSet;
 use goutube::plugins::polar::{DEFAULT_POLICY, Polar};
-use goutube::plugins::{Member, PluginSet};
+use goutube::plugins::types::{self, Member};
+use goutube::point::PointId;
+use goutube::process::NodeProcess;
 
 const ACL: &str = "root, *, produce\nroot, *, consume\nalice, videos/*, consume\n";
 
@@ -39,28 +41,25 @@ fn main() {
     println!("| call | host p50 | host p99 | native p50 | native p99 |");
     println!("|---|---|---|---|---|");
     let polar = Polar::load(DEFAULT_POLICY, "default").unwrap();
+    let request = |subject: &str, action, point: &str| types::AuthzRequest {
+        subject: subject.into(),
+        action,
+        point: point.into(),
+        peer: String::new(),
+    };
+    let root_produces = request("root", types::Action::Produce, "videos/a");
     compare(
         "polar-authorizer authorize",
         2000,
-        || {
-            black_box(
-                defaults
-                    .authorize("root", Action::Produce, "videos/a", "")
-                    .unwrap(),
-            )
-        },
+        || black_box(defaults.authorize(&root_produces).unwrap()),
         || black_box(polar.is_allowed("root", "produce", "videos/a").unwrap()),
     );
     let native_acl = acl_rules::Acl::parse(ACL).unwrap();
+    let alice_consumes = request("alice", types::Action::Consume, "videos/a");
     compare(
         "acl-authorizer authorize",
         5000,
-        || {
-            black_box(
-                acl.authorize("alice", Action::Consume, "videos/a", "")
-                    .unwrap(),
-            )
-        },
+        || black_box(acl.authorize(&alice_consumes).unwrap()),
         || black_box(native_acl.allows("alice", "consume", "videos/a")),
     );
     let payload: Vec<u8> = (0..256 * 1024u32)
@@ -165,34 +164,12 @@ fn main() {
     );
 
     println!("\n## Caches\n");
-    let authorizer = Authorizer::new(Duration::from_secs(3600));
-    authorizer.decide(&defaults, "root", Action::Produce, "videos/a", "");
-    let cached = per_op(1_000_000, || {
-        black_box(authorizer.cached("root", Action::Produce, "videos/a"));
-    });
     let uncached = per_op(5_000, || {
-        black_box(
-            defaults
-                .authorize("root", Action::Produce, "videos/a", "")
-                .unwrap(),
-        );
-    });
-    let placement = Placement::new(members.clone());
-    for i in 0..1000 {
-        placement
-            .owners(&defaults, &format!("videos/{i}"), 1)
-            .unwrap();
-    }
-    let mut i = 0;
-    let lookups = per_op(1_000_000, || {
-        i = (i + 1) % 1000;
-        black_box(placement.cached(&format!("videos/{i}"), 1));
+        black_box(defaults.authorize(&root_produces).unwrap());
     });
     println!("| measurement | per call | per second | target |");
     println!("|---|---|---|---|");
-    rate_row("authorization, cached", cached, "<= 2 µs");
     rate_row("authorization, uncached (polar)", uncached, "<= 50 µs");
-    rate_row("placement lookup, cached", lookups, ">= 1 M/s");
 
     // The path a request takes in a node: cache, else the plugin on the blocking pool.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -280,6 +257,8 @@ fn show(d: Duration) -> String {
     }
 }
 
+/// The paths a request takes in a node: the async access door and the ownership check, from
+/// their caches (else the plugin on the blocking pool).
 async fn node_path(dir: &std::path::Path) {
     let config = goutube::config::Config {
         data_dir: dir.join("node"),
@@ -291,7 +270,7 @@ async fn node_path(dir: &std::path::Path) {
     };
     let listeners = goutube::node::Listeners::bind(&config).await.unwrap();
     let node = goutube::node::Node::start(config, listeners).await.unwrap();
-    let state = node.state().clone();
+    let context = node.context().clone();
     let peer = PeerInfo {
         addr: "127.0.0.1:1".parse().unwrap(),
         subject: Arc::from("root"),
@@ -299,7 +278,8 @@ async fn node_path(dir: &std::path::Path) {
     let n = 20_000u32;
     let started = Instant::now();
     for _ in 0..n {
-        state
+        context
+            .access
             .authorize(&peer, Action::Produce, "videos/a")
             .await
             .unwrap();
@@ -308,18 +288,31 @@ async fn node_path(dir: &std::path::Path) {
     let started = Instant::now();
     for i in 0..n / 4 {
         // A different point every time: never in the cache.
-        state
+        context
+            .access
             .authorize(&peer, Action::Produce, &format!("videos/{i}"))
             .await
             .unwrap();
     }
     let uncached = started.elapsed() / (n / 4);
-    rate_row("authorization in a node (async), cached", cached, "");
+    let points: Vec<PointId> = (0..1000)
+        .map(|i| PointId::new(format!("videos/{i}")).unwrap())
+        .collect();
+    for point in &points {
+        context.placement.check_local(point).await.unwrap();
+    }
+    let started = Instant::now();
+    for i in 0..n as usize * 10 {
+        black_box(context.placement.check_local(&points[i % 1000]).await).unwrap();
+    }
+    let ownership = started.elapsed() / (n * 10);
+    rate_row("authorization in a node (async), cached", cached, "<= 2 µs");
     rate_row(
         "authorization in a node (async), uncached, on the blocking pool",
         uncached,
         "",
     );
+    rate_row("ownership check (placement), cached", ownership, "< 1 µs");
     node.shutdown().await.unwrap();
 }
 
@@ -360,24 +353,10 @@ fn start_once(dir: &std::path::Path) -> Duration {
     )
     .unwrap();
     let started = Instant::now();
-    let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_goutube"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let line = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .next()
-        .unwrap()
-        .unwrap();
-    let rpc = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("rpc="))
-        .unwrap()
-        .to_owned();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_goutube"));
+    command.args(["run", "--config"]).arg(&config);
+    let node = NodeProcess::start(command, Duration::from_secs(60)).unwrap();
+    let rpc = node.field("rpc").unwrap().to_owned();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -393,15 +372,7 @@ fn start_once(dir: &std::path::Path) -> Duration {
         let status = client.stat("absent").await.err().unwrap();
         assert!(status.to_string().contains("NotFound"), "{status}");
     });
-    started.elapsed()
-}
-
-/// Kills the child process however the measurement ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let elapsed = started.elapsed();
+    node.kill().unwrap();
+    elapsed
 }

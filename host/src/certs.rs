@@ -208,6 +208,9 @@ fn is_dns_name(name: &str) -> bool {
         })
 }
 
+/// The file of the cluster key in the directory `goutube certs` writes.
+pub const CLUSTER_KEY_FILE: &str = "cluster.key";
+
 /// What `goutube certs` writes.
 #[derive(Clone, Copy)]
 pub struct Request<'a> {
@@ -221,8 +224,9 @@ pub struct Request<'a> {
 
 /// Writes a CA (or reuses the one in `out`), then the node and client certificates: `ca.pem`,
 /// `ca-key.pem`, `node-<name>.pem`, `node-<name>-key.pem`, `client-<subject>.pem`,
-/// `client-<subject>-key.pem`. Keys are written with mode 0600. No existing file is replaced
-/// unless `force`. Returns the paths written.
+/// `client-<subject>-key.pem`, and the cluster key that seals gossip, `cluster.key` (also reused
+/// when present). Keys are written with mode 0600. No existing file is replaced unless `force`.
+/// Returns the paths written.
 pub fn write(request: &Request<'_>) -> Result<Vec<PathBuf>, CertError> {
     let out = request.out;
     std::fs::create_dir_all(out).map_err(|source| CertError::Io {
@@ -251,6 +255,14 @@ pub fn write(request: &Request<'_>) -> Result<Vec<PathBuf>, CertError> {
         files.push((ca_key, authority.pem().key_pem.clone(), true));
         authority
     };
+    let cluster_key = out.join(CLUSTER_KEY_FILE);
+    if !cluster_key.exists() || request.force {
+        use rand::RngCore;
+        let mut secret = [0u8; 32];
+        rand::rng().fill_bytes(&mut secret);
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        files.push((cluster_key, format!("{hex}\n"), true));
+    }
     for name in request.nodes {
         let issued = authority.node(name, request.sans, validity)?;
         files.push((out.join(format!("node-{name}.pem")), issued.cert_pem, false));

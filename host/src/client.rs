@@ -21,10 +21,11 @@ use tonic::{Code, Status};
 
 use crate::api::proto::streaming_client::StreamingClient;
 use crate::api::proto::{
-    ConsumeRequest, DeletePointRequest, ListPointsRequest, MetadataRequest, MetadataResponse,
-    ProduceRequest, Record,
+    ConsumeRequest, DeletePointRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
+    MetadataRequest, MetadataResponse, ProduceRequest, Record,
 };
 use crate::api::{CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::error::{OWNER_ADDR_METADATA, OWNER_METADATA};
 
 /// Where and how to connect.
 #[derive(Debug, Clone, Default)]
@@ -86,6 +87,8 @@ pub struct Client {
 pub struct PutReport {
     pub record: Record,
     pub bytes: u64,
+    /// The owner the upload was redirected to (name, address), when the first node was not it.
+    pub redirected: Option<(String, String)>,
     /// The point's checksum after the upload matched the expected one; `false` when other
     /// writers appended to the point at the same time, so there is nothing to compare.
     pub verified: bool,
@@ -157,8 +160,45 @@ impl Client {
         Ok(self.raw().delete_point(request).await?.into_inner().size)
     }
 
-    /// Appends the file at `path` to `point` in frames of `chunk` bytes.
+    /// The cluster as the node sees it.
+    pub async fn members(&self) -> Result<ListMembersResponse, ClientError> {
+        Ok(self
+            .raw()
+            .list_members(ListMembersRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Appends the file at `path` to `point` in frames of `chunk` bytes. When the node refuses
+    /// because another member owns the point, the upload goes to that owner once.
     pub async fn put(
+        &self,
+        point: &str,
+        path: &Path,
+        chunk: usize,
+        progress: &ProgressBar,
+    ) -> Result<PutReport, ClientError> {
+        match self.put_here(point, path, chunk, progress).await {
+            Err(ClientError::Status(status)) => {
+                let Some((owner, address)) = owner_of(&status) else {
+                    return Err(ClientError::Status(status));
+                };
+                tracing::info!(%owner, %address, "the point belongs to another member; writing there");
+                let owner_client = Client::connect(&ClientOptions {
+                    addr: address.clone(),
+                    tls: self.options.tls.clone(),
+                })
+                .await?;
+                progress.set_position(0);
+                let mut report = owner_client.put_here(point, path, chunk, progress).await?;
+                report.redirected = Some((owner, address));
+                Ok(report)
+            }
+            other => other,
+        }
+    }
+
+    async fn put_here(
         &self,
         point: &str,
         path: &Path,
@@ -234,6 +274,7 @@ impl Client {
         Ok(PutReport {
             record,
             bytes: len,
+            redirected: None,
             verified,
         })
     }
@@ -383,6 +424,17 @@ async fn fetch_range(
         Some(error) if position != end => Err(error),
         _ => Ok((crc, 0)),
     }
+}
+
+/// The owner (name, client API address) a `FailedPrecondition` refusal names in its metadata.
+pub fn owner_of(status: &Status) -> Option<(String, String)> {
+    if status.code() != Code::FailedPrecondition {
+        return None;
+    }
+    let metadata = status.metadata();
+    let owner = metadata.get(OWNER_METADATA)?.to_str().ok()?;
+    let address = metadata.get(OWNER_ADDR_METADATA)?.to_str().ok()?;
+    Some((owner.to_owned(), address.to_owned()))
 }
 
 fn streaming_client(channel: Channel) -> StreamingClient<Channel> {

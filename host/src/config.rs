@@ -1,5 +1,8 @@
 //! Node configuration: built-in defaults < TOML file (`--config`) < `GOUTUBE_…` environment.
 //!
+//! The root [`Config`] composes the sections that live beside their owners (`[cluster]` in
+//! `cluster`, `[plugins]` in `plugins`, `[tls]` in `tls`) and validates each.
+//!
 //! Nested keys use `__` in the environment (`GOUTUBE_STORAGE__FSYNC=never`). Variables named
 //! `GOUTUBE_CLIENT_…` belong to the command-line client and are not node configuration. Unknown
 //! keys are errors, and [`Config::validate`] runs right after extraction and names the key at
@@ -14,29 +17,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+pub use crate::cluster::{ClusterSection, Role};
+pub use crate::plugins::{PluginSection, PluginsSection};
 use crate::point::{Fsync, StoreConfig};
-
-/// The role a node plays in the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Owns its points alone: produce, consume, metadata.
-    Standalone,
-    /// Owns its points and replicates them to its followers.
-    Leader,
-    /// Holds read-only copies of one leader's points.
-    Follower,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Standalone => "standalone",
-            Role::Leader => "leader",
-            Role::Follower => "follower",
-        }
-    }
-}
+pub use crate::tls::{PeerTlsSection, TlsSection};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,7 +30,8 @@ pub struct Config {
     pub role: Role,
     /// Root of the node's files: `points/` and `plugin-cache/`.
     pub data_dir: PathBuf,
-    /// Membership address; its IP is also the interface every listener binds to.
+    /// Gossip (membership) address, UDP; its IP is also the interface every listener binds to
+    /// and the address other members are told to use.
     pub bind_addr: SocketAddr,
     /// gRPC client API port (0 = any free port).
     pub rpc_port: u16,
@@ -70,8 +55,7 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Labels of this node for placement, for example `{ zone = "eu-1" }`.
     pub tags: BTreeMap<String, String>,
-    /// The other members of the cluster, for placement (membership by gossip replaces this list).
-    pub members: Vec<MemberConfig>,
+    pub cluster: ClusterSection,
     pub log: LogConfig,
     pub storage: StorageSection,
     pub plugins: PluginsSection,
@@ -112,114 +96,6 @@ impl Default for ReplicationSection {
     }
 }
 
-/// TLS material, PEM files.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSection {
-    /// CA that client (and peer) certificates must be signed by.
-    pub ca: PathBuf,
-    /// This node's certificate chain.
-    pub cert: PathBuf,
-    /// Its private key.
-    pub key: PathBuf,
-    /// What this node uses when it dials other nodes (default: the three files above).
-    #[serde(default)]
-    pub peer: Option<PeerTlsSection>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PeerTlsSection {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-/// Another member of the cluster.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemberConfig {
-    pub name: String,
-    /// Its client API address, `host:port`.
-    pub address: String,
-    #[serde(default = "default_member_role")]
-    pub role: Role,
-    #[serde(default = "default_virtual_nodes")]
-    pub virtual_nodes: u32,
-    #[serde(default)]
-    pub tags: BTreeMap<String, String>,
-}
-
-fn default_member_role() -> Role {
-    Role::Standalone
-}
-
-fn default_virtual_nodes() -> u32 {
-    64
-}
-
-/// The WebAssembly plugins of a node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PluginsSection {
-    /// Compiled components are cached here (default: `<data_dir>/plugin-cache`).
-    pub cache_dir: Option<PathBuf>,
-    /// The Polar policy behind the host `polar` interface (default: the built-in
-    /// `policies/default.polar`).
-    pub policy_file: Option<PathBuf>,
-    /// How long an authorization decision is reused, per subject, action and point (0: never).
-    pub decision_cache_ms: u64,
-    pub authorizer: PluginSection,
-    pub bundler: PluginSection,
-    pub placement: PluginSection,
-}
-
-/// One plugin: its component, its own configuration and its limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PluginSection {
-    /// `builtin:NAME`, or the path of a `.wasm` component.
-    pub source: String,
-    /// Configuration text handed to the plugin's `configure` (or use `config_file`).
-    pub config: String,
-    pub config_file: Option<PathBuf>,
-    /// Deadline of one call.
-    pub timeout_ms: u64,
-    /// Cap of the plugin's linear memory.
-    pub max_memory_mib: u64,
-}
-
-impl PluginSection {
-    fn builtin(name: &str, timeout_ms: u64) -> Self {
-        Self {
-            source: format!("builtin:{name}"),
-            config: String::new(),
-            config_file: None,
-            timeout_ms,
-            max_memory_mib: 64,
-        }
-    }
-}
-
-impl Default for PluginSection {
-    fn default() -> Self {
-        Self::builtin("polar-authorizer", 100)
-    }
-}
-
-impl Default for PluginsSection {
-    fn default() -> Self {
-        Self {
-            cache_dir: None,
-            policy_file: None,
-            decision_cache_ms: 5_000,
-            authorizer: PluginSection::builtin("polar-authorizer", 100),
-            bundler: PluginSection::builtin("crc-bundler", 1_000),
-            placement: PluginSection::builtin("ring-placement", 100),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -246,6 +122,18 @@ pub enum ConfigError {
     Extract(#[from] Box<figment::Error>),
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("{0}")]
+    Plugin(crate::plugins::PluginError),
+    #[error("{0}")]
+    Tls(crate::tls::TlsError),
+}
+
+/// Node names travel in gossip, certificates (`node:<name>`) and gRPC metadata: keep them plain.
+pub fn valid_node_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
 }
 
 fn describe_figment(error: &figment::Error) -> String {
@@ -275,7 +163,7 @@ impl Default for Config {
             multi_stream_percent: 100,
             shutdown_grace_ms: 10_000,
             tags: BTreeMap::new(),
-            members: Vec::new(),
+            cluster: ClusterSection::default(),
             log: LogConfig::default(),
             storage: StorageSection::default(),
             plugins: PluginsSection::default(),
@@ -344,10 +232,22 @@ impl Config {
     /// Checks the values serde cannot: ranges and keys that depend on each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
-        if self.node_name.trim().is_empty() || self.node_name.chars().any(char::is_whitespace) {
+        if !valid_node_name(&self.node_name) {
             return invalid(
                 "node_name",
-                format!("{:?} must be non-empty without spaces", self.node_name),
+                format!(
+                    "{:?} must be 1 to 128 letters, digits, '.', '-', '_' or ':'",
+                    self.node_name
+                ),
+            );
+        }
+        if self.bind_addr.ip().is_unspecified() {
+            return invalid(
+                "bind_addr",
+                format!(
+                    "{} is announced to the other members; give the IP of an interface they reach",
+                    self.bind_addr
+                ),
             );
         }
         if self.max_frame_size == 0 || self.max_frame_size > 64 * 1024 * 1024 {
@@ -374,6 +274,12 @@ impl Config {
         if self.virtual_node_count == 0 {
             return invalid("virtual_node_count", "must be at least 1".into());
         }
+        if self.role == Role::Balancer {
+            return invalid(
+                "role",
+                "\"balancer\" is not available in this version of goutube".into(),
+            );
+        }
         match (self.role, self.leader_addresses.is_empty()) {
             (Role::Follower, true) => {
                 return invalid(
@@ -381,7 +287,7 @@ impl Config {
                     "a follower needs the address of its leader".into(),
                 );
             }
-            (Role::Standalone | Role::Leader, false) => {
+            (Role::Standalone | Role::Leader | Role::Balancer, false) => {
                 return invalid(
                     "leader_addresses",
                     format!(
@@ -407,29 +313,8 @@ impl Config {
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid("log.level", format!("{:?}: {error}", self.log.level));
         }
-        let mut names = std::collections::HashSet::from([self.node_name.as_str()]);
-        for member in &self.members {
-            if !names.insert(member.name.as_str()) {
-                return invalid(
-                    "members",
-                    format!(
-                        "member name {:?} is used twice (or is this node's name)",
-                        member.name
-                    ),
-                );
-            }
-            if member.address.is_empty() {
-                return invalid(
-                    "members",
-                    format!("member {:?} has no address", member.name),
-                );
-            }
-            if member.virtual_nodes == 0 {
-                return invalid(
-                    "members",
-                    format!("member {:?} needs at least 1 virtual node", member.name),
-                );
-            }
+        if let Err((key, message)) = self.cluster.validate() {
+            return invalid(key, message);
         }
         match self.replication.ack {
             Ack::Replicas(0) => {
@@ -456,59 +341,27 @@ impl Config {
             return invalid("replication.window", "must be at least 1".into());
         }
         if let Some(tls) = &self.tls {
-            let peer = tls.peer.clone().unwrap_or_default();
-            for (key, path) in [
-                ("tls.ca", Some(&tls.ca)),
-                ("tls.cert", Some(&tls.cert)),
-                ("tls.key", Some(&tls.key)),
-                ("tls.peer.ca", peer.ca.as_ref()),
-                ("tls.peer.cert", peer.cert.as_ref()),
-                ("tls.peer.key", peer.key.as_ref()),
-            ] {
-                if let Some(path) = path
-                    && !path.is_file()
-                {
-                    return invalid(key, format!("{} is not a readable file", path.display()));
-                }
+            tls.validate().map_err(ConfigError::Tls)?;
+            if !self.cluster.has_key() {
+                return invalid(
+                    "cluster.key",
+                    "with [tls] on, gossip must be sealed too: set cluster.key_file (or GOUTUBE_CLUSTER__KEY)"
+                        .into(),
+                );
             }
         }
-        for (key, section) in [
-            ("plugins.authorizer", &self.plugins.authorizer),
-            ("plugins.bundler", &self.plugins.bundler),
-            ("plugins.placement", &self.plugins.placement),
-        ] {
-            let max = (crate::plugins::runtime::MAX_MEMORY_BYTES >> 20) as u64;
-            if section.source.is_empty() {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: "source must name `builtin:NAME` or a .wasm file".into(),
-                });
-            }
-            if section.timeout_ms == 0 {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: "timeout_ms must be at least 1".into(),
-                });
-            }
-            if !(1..=max).contains(&section.max_memory_mib) {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: format!("max_memory_mib must be within 1..={max}"),
-                });
-            }
-            if !section.config.is_empty() && section.config_file.is_some() {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: "set either config or config_file, not both".into(),
-                });
-            }
-        }
+        self.plugins.validate().map_err(ConfigError::Plugin)?;
         Ok(())
     }
 
     /// The address of a listener on this node's interface.
     pub fn listen_addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.bind_addr.ip(), port)
+    }
+
+    /// Where the cluster state (the ring) is kept.
+    pub fn cluster_dir(&self) -> PathBuf {
+        crate::cluster::dir(&self.data_dir)
     }
 
     pub fn store_config(&self) -> StoreConfig {

@@ -1,8 +1,11 @@
 //! The error a client call can end with, and its one mapping to a gRPC status.
 //!
 //! Module errors (storage, plugins, replication) convert into [`Error`]; handlers return
-//! `Result<_, Error>` and the conversion below is the only place a status code is chosen.
+//! `Result<_, Error>` and the conversion below is the only place a status code is chosen. A
+//! refusal that names the point's owner carries it in the status metadata as well
+//! ([`OWNER_METADATA`], [`OWNER_ADDR_METADATA`]), so programs route on it without parsing text.
 
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::point::{AppendError, DeleteError, InvalidPointId, ReadError, StorageError};
@@ -25,6 +28,18 @@ pub enum Error {
     /// The call must go to another node (a follower asked to write, for example).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Another member owns the point: write it there.
+    #[error("point {point:?} belongs to member {owner} ({address}); write it there")]
+    NotOwner {
+        point: String,
+        owner: String,
+        address: String,
+    },
+    /// The owner of the point is down: its range waits for it (liveness never moves ownership).
+    #[error(
+        "point {point:?} belongs to member {owner}, which is down; writes to it wait until it is back (its followers serve reads)"
+    )]
+    OwnerDown { point: String, owner: String },
     #[error("{0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -43,8 +58,8 @@ impl Error {
             Error::InvalidPointId(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::FailedPrecondition(_) | Error::NotOwner { .. } => Code::FailedPrecondition,
+            Error::Unavailable(_) | Error::OwnerDown { .. } => Code::Unavailable,
             Error::Append(AppendError::Refused { .. }) => Code::FailedPrecondition,
             Error::Append(AppendError::OffsetMismatch { .. }) => Code::Aborted,
             Error::Read(ReadError::NotFound(_)) | Error::Delete(DeleteError::NotFound(_)) => {
@@ -69,6 +84,82 @@ impl From<Error> for Status {
         if matches!(code, Code::Internal | Code::DataLoss) {
             tracing::error!(%error, "request failed");
         }
-        Status::new(code, error.to_string())
+        let mut status = Status::new(code, error.to_string());
+        let owner = match &error {
+            Error::NotOwner { owner, address, .. } => Some((owner, Some(address))),
+            Error::OwnerDown { owner, .. } => Some((owner, None)),
+            _ => None,
+        };
+        if let Some((owner, address)) = owner {
+            let metadata = status.metadata_mut();
+            if let Ok(value) = MetadataValue::try_from(owner.as_str()) {
+                metadata.insert(OWNER_METADATA, value);
+            }
+            if let Some(Ok(value)) = address.map(|a| MetadataValue::try_from(a.as_str())) {
+                metadata.insert(OWNER_ADDR_METADATA, value);
+            }
+        }
+        status
+    }
+}
+
+/// Status metadata: the name of the member that owns the point of a refused call.
+pub const OWNER_METADATA: &str = "goutube-owner";
+/// Status metadata: the client API address of that member.
+pub const OWNER_ADDR_METADATA: &str = "goutube-owner-addr";
+
+/// Most bytes of text from a plugin or a peer (a deny reason, a member name) that go into a
+/// status message or a log line.
+pub const MAX_TEXT: usize = 256;
+
+/// `text`, cut to at most [`MAX_TEXT`] bytes (on a character boundary) with `…` when it was cut.
+pub fn bounded(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_owned();
+    }
+    let mut end = MAX_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_refusals_carry_the_owner_in_metadata() {
+        let status = Status::from(Error::NotOwner {
+            point: "p".into(),
+            owner: "b".into(),
+            address: "127.0.0.1:9".into(),
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.metadata().get(OWNER_METADATA).unwrap(), "b");
+        assert_eq!(
+            status.metadata().get(OWNER_ADDR_METADATA).unwrap(),
+            "127.0.0.1:9"
+        );
+        let status = Status::from(Error::OwnerDown {
+            point: "p".into(),
+            owner: "b".into(),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("member b"),
+            "{}",
+            status.message()
+        );
+        assert!(status.metadata().get(OWNER_ADDR_METADATA).is_none());
+    }
+
+    #[test]
+    fn long_texts_are_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(300);
+        let cut = bounded(&long);
+        assert!(cut.len() <= MAX_TEXT + "…".len(), "{}", cut.len());
+        assert!(cut.ends_with('…'));
     }
 }

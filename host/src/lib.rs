@@ -5,34 +5,46 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | the node configuration: defaults < TOML < `GOUTUBE_…` environment, validation |
+//! | [`node`] | the composition root: listeners, start-up in order, shutdown in reverse |
+//! | [`service`] | the one handle shape of every subsystem: `shutdown`, `terminated`, panics reported |
+//! | [`config`] | the root configuration: defaults < TOML < `GOUTUBE_…` environment, validation |
 //! | [`point`] | the point store: ids, data files, journals, crash recovery, fsync policy, open-file bounds |
-//! | [`api`] | the gRPC services (`streaming.v1`, health, reflection) and their handlers |
-//! | [`node`] | a running node: listeners, shared state, start-up and graceful shutdown |
-//! | [`net`] | accepting connections, TLS handshakes, the peer identity of each connection |
-//! | [`tls`] | rustls configuration from PEM files, subjects from certificates |
-//! | [`certs`] | a development PKI (rcgen): CA, node and client certificates for `goutube certs` |
-//! | [`authz`] | authorization: actions, the decision cache in front of the authorizer plugin |
-//! | [`plugins`] | WebAssembly plugins: engine, bindings (the one `bindgen!`), built-ins, Polar |
-//! | [`placement`] | which member owns a point: members, the placement plugin, answers cached per membership version |
-//! | [`client`] | the Rust client: put, multi-stream verified get, stat, list, delete |
+//! | [`api`] | the gRPC services (`streaming.v1`, health, reflection), their handlers and shared context |
+//! | [`access`] | actions, decisions, and the one async authorization door every caller uses |
+//! | [`cache`] | the answer cache of access and placement, stamped by plugin generation and input version |
+//! | [`cluster`] | membership by gossip (chitchat), the live view, the ring and its lifecycle states |
+//! | [`placement`] | which ring member owns a point: the placement plugin, cached per ring version |
 //! | [`replication`] | leader → follower replication over Cap'n Proto RPC, on its own thread |
-//! | [`metrics`] | Prometheus metric names and the `/metrics` endpoint |
+//! | [`plugins`] | the WebAssembly engine: bindings (the one `bindgen!`), built-ins, Polar |
+//! | [`net`] | accepting connections, TLS handshakes, the peer identity of each connection |
+//! | [`tls`] | rustls configuration from PEM files (and the `[tls]` section), subjects from certificates |
+//! | [`certs`] | a development PKI (rcgen): CA, node and client certificates for `goutube certs` |
+//! | [`http`] | the HTTP endpoints (axum): `/metrics` |
+//! | [`metrics`] | Prometheus metric names and the process-wide recorder (a leaf) |
+//! | [`client`] | the Rust client: put, multi-stream verified get, stat, list, delete, members |
+//! | [`process`] | a `goutube run` child process and its listening line (tests, benchmarks) |
 //! | [`error`] | the error of a client call and its one mapping to a gRPC status |
 //!
+//! Dependencies point one way: `point`, `plugins`, `metrics`, `tls` and `net` never import the
+//! modules above them; only `cluster::gossip` imports chitchat; only `replication` touches capnp.
 //! The `goutube` binary (`src/main.rs`, `src/cli/`) parses the command line and drives these.
 
+pub mod access;
 pub mod api;
-pub mod authz;
+pub mod cache;
 pub mod certs;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod placement;
 pub mod plugins;
 pub mod point;
+pub mod process;
 pub mod replication;
+pub mod service;
 pub mod tls;

@@ -1,19 +1,12 @@
-//! Prometheus metrics: the names every module records under, and the `/metrics` endpoint.
+//! Prometheus metrics: the names every module records under and the process-wide recorder.
 //!
-//! Modules record through the `metrics` facade with the constants below. The recorder is
+//! A leaf: modules record through the `metrics` facade with the constants below. The recorder is
 //! process-wide (the `metrics` crate has one global recorder), installed once by the first node
-//! that starts; every node in the process serves the same registry on its own metrics listener.
+//! that starts; every node in the process serves the same registry (the `http` module).
 
 use std::sync::OnceLock;
 
-use std::net::SocketAddr;
-
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
-
-use crate::net::Connection;
 
 pub const PRODUCED_BYTES: &str = "goutube_produce_bytes_total";
 pub const PRODUCED_FRAMES: &str = "goutube_produce_frames_total";
@@ -37,6 +30,9 @@ pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_tot
 pub const FOLLOWERS: &str = "goutube_followers";
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
+pub const GOSSIP_DROPPED: &str = "goutube_gossip_dropped_total";
+pub const MEMBERS_LIVE: &str = "goutube_members_live";
+pub const RING_MEMBERS: &str = "goutube_ring_members";
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn handle() -> PrometheusHandle {
@@ -127,52 +123,16 @@ fn describe() {
         TLS_HANDSHAKE_FAILURES,
         "Connections refused during the TLS handshake, by listener."
     );
-}
-
-/// Serves `GET /metrics` on the connections of `incoming` (plaintext or TLS, see
-/// [`crate::net::accept`]) until `shutdown` is cancelled.
-pub async fn serve(
-    handle: PrometheusHandle,
-    incoming: Incoming,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
+    describe_counter!(
+        GOSSIP_DROPPED,
+        "Gossip datagrams dropped: bad_key, unsealed, stale, undecodable, too_large."
     );
-    axum::serve(incoming, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-}
-
-/// The accepted connections of the metrics listener, as an axum listener.
-pub struct Incoming {
-    pub connections: ReceiverStream<std::io::Result<Connection>>,
-    pub local_addr: SocketAddr,
-}
-
-impl axum::serve::Listener for Incoming {
-    type Io = Connection;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Connection, SocketAddr) {
-        loop {
-            match self.connections.next().await {
-                Some(Ok(connection)) => {
-                    let addr = connection.peer().addr;
-                    return (connection, addr);
-                }
-                Some(Err(error)) => tracing::warn!(%error, "metrics connection failed"),
-                // The accept loop stopped (shutdown): wait for axum's graceful shutdown.
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local_addr)
-    }
+    describe_gauge!(
+        MEMBERS_LIVE,
+        "Members this node sees alive (itself included)."
+    );
+    describe_gauge!(
+        RING_MEMBERS,
+        "Members of the ring, by lifecycle state and liveness."
+    );
 }

@@ -19,8 +19,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::either::Either;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
+
+use crate::service::Spawner;
 
 /// The subject of a connection that presented no certificate (plaintext listeners).
 pub const ANONYMOUS: &str = "anonymous";
@@ -108,17 +109,19 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// Accepts connections on `listener` until `shutdown`, performing the TLS handshake when `tls`
-/// is set. Connections that fail their handshake are logged and dropped; the stream only ends
-/// at shutdown.
+/// Accepts connections on `listener` until the subsystem of `spawner` stops, performing the TLS
+/// handshake when `tls` is set. Connections that fail their handshake are logged and dropped; the
+/// stream only ends at shutdown. The accept loop and the handshakes are tasks of that subsystem.
 pub fn accept(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    shutdown: CancellationToken,
+    spawner: &Spawner,
     what: &'static str,
 ) -> ReceiverStream<io::Result<Connection>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
+    let shutdown = spawner.token().clone();
+    let handshakes = spawner.clone();
+    spawner.spawn("accept", async move {
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -136,7 +139,7 @@ pub fn accept(
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
             let tls = tls.clone();
-            tokio::spawn(async move {
+            handshakes.spawn("handshake", async move {
                 let connection = match tls {
                     None => Connection {
                         io: Either::Left(tcp),

@@ -1,101 +1,158 @@
-//! Which members own a point: the member list, the placement plugin, and its answers cached per
-//! membership version, so routing does not call into WebAssembly for every request.
+//! Which member owns a point: the ring's owners (never the live view: liveness is not
+//! ownership), the placement plugin, and its answers cached per ring version and plugin
+//! generation, so routing does not call into WebAssembly for every request.
+//!
+//! The plugin's answer is checked before anyone acts on it: no answer, a name that is not an
+//! owner of the ring, a repeated name or more names than asked for are errors (`Unavailable`,
+//! naming the plugin). Writes fail closed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashSet;
+use std::sync::Arc;
 
-use crate::plugins::{Member, PluginError, PluginSet};
+use tokio::sync::watch;
 
-/// Most answers kept per membership version; the cache is emptied when it is full.
-const MAX_CACHED: usize = 100_000;
-
-/// A version of the member list.
-#[derive(Debug, Clone)]
-pub struct Membership {
-    pub version: u64,
-    pub members: Vec<Member>,
-}
+use crate::cache::GenerationCache;
+use crate::cluster::Membership;
+use crate::error::{Error, bounded};
+use crate::plugins::{Plugins, types};
+use crate::point::PointId;
 
 pub struct Placement {
-    membership: RwLock<Arc<Membership>>,
-    cache: Mutex<Cache>,
-}
-
-/// Answers for `(key, replicas)`, valid for one membership version and one plugin generation.
-#[derive(Default)]
-struct Cache {
-    version: u64,
-    generation: u64,
-    owners: HashMap<(String, u32), Arc<[String]>>,
+    plugins: Arc<Plugins>,
+    membership: watch::Receiver<Arc<Membership>>,
+    answers: GenerationCache<String, Arc<[String]>>,
 }
 
 impl Placement {
-    pub fn new(members: Vec<Member>) -> Self {
+    pub fn new(plugins: Arc<Plugins>, membership: watch::Receiver<Arc<Membership>>) -> Self {
         Self {
-            membership: RwLock::new(Arc::new(Membership {
-                version: 1,
-                members,
-            })),
-            cache: Mutex::new(Cache {
-                version: 1,
-                ..Cache::default()
+            plugins,
+            membership,
+            answers: GenerationCache::new(None),
+        }
+    }
+
+    /// The newest membership.
+    pub fn membership(&self) -> Arc<Membership> {
+        self.membership.borrow().clone()
+    }
+
+    /// After a reload of the plugins: forget every answer of the old placement plugin.
+    pub fn reset(&self, generation: u64) {
+        self.answers.reset(generation, None);
+    }
+
+    /// Up to `replicas` members that own `point`, most preferred first, and the membership the
+    /// answer was computed from.
+    pub async fn owners(
+        &self,
+        point: &str,
+        replicas: u32,
+    ) -> Result<(Arc<Membership>, Arc<[String]>), Error> {
+        let membership = self.membership();
+        let key = format!("{replicas}\0{point}");
+        if let Some(owners) = self.answers.get(&key, membership.ring_version) {
+            return Ok((membership, owners));
+        }
+        if !membership.ring.is_formed() {
+            return Err(Error::Unavailable(
+                "the ring is not formed yet: this node waits for cluster.bootstrap_expect primaries to find each other".into(),
+            ));
+        }
+        let members: Vec<types::Member> = membership
+            .ring
+            .owners()
+            .map(|(name, member)| types::Member {
+                name: name.clone(),
+                address: member.rpc_addr.clone(),
+                role: member.role.as_str().into(),
+                virtual_nodes: member.virtual_nodes,
+                tags: member.tags.clone().into_iter().collect(),
+            })
+            .collect();
+        if members.is_empty() {
+            return Err(Error::Unavailable(
+                "no member of the ring owns a range".into(),
+            ));
+        }
+        let plugins = self.plugins.current();
+        let point_owned = point.to_owned();
+        let (answer, name, generation) = tokio::task::spawn_blocking(move || {
+            let answer = plugins.owners(&point_owned, &members, replicas);
+            (
+                answer,
+                plugins.placement.name().clone(),
+                plugins.generation(),
+            )
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?;
+        let answer = answer.map_err(|e| Error::Unavailable(format!("placement: {e}")))?;
+        let owners: Arc<[String]> = check(&membership, answer, replicas)
+            .map_err(|problem| {
+                Error::Unavailable(format!(
+                    "placement plugin {name} {problem}; writes fail closed"
+                ))
+            })?
+            .into();
+        self.answers
+            .insert(key, owners.clone(), generation, membership.ring_version);
+        Ok((membership, owners))
+    }
+
+    /// `Ok` if this node owns `point`; otherwise the refusal that names the owner.
+    pub async fn check_local(&self, point: &PointId) -> Result<(), Error> {
+        let (membership, owners) = self.owners(point.as_str(), 1).await?;
+        let owner = &owners[0];
+        if *owner == membership.local {
+            return Ok(());
+        }
+        match membership.live(owner) {
+            Some(member) => Err(Error::NotOwner {
+                point: bounded(point.as_str()),
+                owner: owner.clone(),
+                address: member.rpc_addr.clone(),
+            }),
+            None => Err(Error::OwnerDown {
+                point: bounded(point.as_str()),
+                owner: owner.clone(),
             }),
         }
     }
+}
 
-    pub fn membership(&self) -> Arc<Membership> {
-        self.membership.read().unwrap().clone()
+/// The plugin's answer, if it names between 1 and `replicas` distinct owners of the ring.
+fn check(
+    membership: &Membership,
+    answer: Vec<String>,
+    replicas: u32,
+) -> Result<Vec<String>, String> {
+    if answer.is_empty() {
+        return Err("answered no owner".into());
     }
-
-    /// Replaces the member list: a new version, and no cached answer survives it.
-    pub fn set_members(&self, members: Vec<Member>) {
-        let mut membership = self.membership.write().unwrap();
-        let version = membership.version + 1;
-        *membership = Arc::new(Membership { version, members });
-        let mut cache = self.cache.lock().unwrap();
-        cache.version = version;
-        cache.owners.clear();
+    if answer.len() > replicas.max(1) as usize {
+        return Err(format!(
+            "answered {} owners where at most {} were asked for",
+            answer.len(),
+            replicas.max(1)
+        ));
     }
-
-    /// Forgets every answer and caches from now on only those of plugin `generation` (the
-    /// placement plugin was reloaded): answers computed by the old plugin are not cached.
-    pub fn reset(&self, generation: u64) {
-        let mut cache = self.cache.lock().unwrap();
-        cache.generation = cache.generation.max(generation);
-        cache.owners.clear();
-    }
-
-    /// A cached answer for the current membership.
-    pub fn cached(&self, key: &str, replicas: u32) -> Option<Arc<[String]>> {
-        let version = self.membership.read().unwrap().version;
-        let cache = self.cache.lock().unwrap();
-        if cache.version != version {
-            return None;
+    let mut seen = HashSet::new();
+    for name in &answer {
+        let owns = membership
+            .ring
+            .members
+            .get(name)
+            .is_some_and(|member| member.owns_range());
+        if !owns {
+            return Err(format!(
+                "answered {:?}, which is not a member of the ring that owns a range",
+                bounded(name)
+            ));
         }
-        cache.owners.get(&(key.to_owned(), replicas)).cloned()
-    }
-
-    /// The names of the members that own `key`, most preferred first.
-    pub fn owners(
-        &self,
-        plugins: &PluginSet,
-        key: &str,
-        replicas: u32,
-    ) -> Result<Arc<[String]>, PluginError> {
-        if let Some(owners) = self.cached(key, replicas) {
-            return Ok(owners);
+        if !seen.insert(name) {
+            return Err(format!("answered {:?} twice", bounded(name)));
         }
-        let membership = self.membership();
-        let owners: Arc<[String]> = plugins.owners(key, &membership.members, replicas)?.into();
-        let mut cache = self.cache.lock().unwrap();
-        if cache.version == membership.version && cache.generation == plugins.generation() {
-            if cache.owners.len() >= MAX_CACHED {
-                cache.owners.clear();
-            }
-            cache
-                .owners
-                .insert((key.to_owned(), replicas), owners.clone());
-        }
-        Ok(owners)
     }
+    Ok(answer)
 }

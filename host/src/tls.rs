@@ -7,7 +7,7 @@
 //! `sha256:<fingerprint>`. The subject `anonymous` is reserved for plaintext listeners: a
 //! certificate claiming it is refused. Only the `ring` provider is compiled in.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
@@ -18,7 +18,56 @@ use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::TlsSection;
+use serde::{Deserialize, Serialize};
+
+/// The `[tls]` section of the configuration: TLS material, PEM files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA that client (and peer) certificates must be signed by.
+    pub ca: PathBuf,
+    /// This node's certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// What this node uses when it dials other nodes (default: the three files above).
+    #[serde(default)]
+    pub peer: Option<PeerTlsSection>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTlsSection {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl TlsSection {
+    /// Every configured file exists (the config key of the first that does not is named).
+    pub fn validate(&self) -> Result<(), TlsError> {
+        let peer = self.peer.clone().unwrap_or_default();
+        for (key, path) in [
+            ("tls.ca", Some(&self.ca)),
+            ("tls.cert", Some(&self.cert)),
+            ("tls.key", Some(&self.key)),
+            ("tls.peer.ca", peer.ca.as_ref()),
+            ("tls.peer.cert", peer.cert.as_ref()),
+            ("tls.peer.key", peer.key.as_ref()),
+        ] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                return Err(TlsError::File {
+                    key,
+                    path: path.display().to_string(),
+                    message: "not a readable file".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

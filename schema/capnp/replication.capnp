@@ -2,15 +2,20 @@
 
 # Node-to-node replication (docs/replication.md).
 #
-# A follower dials its leader's replication port (mTLS when configured) and calls Leader.follow
-# with what it holds. The leader then pushes records into the follower's Sink over the same
+# A follower dials its leader's replication port (mTLS when configured), asks it its name
+# (Leader.identify: with TLS, the leader's certificate must name that node), and only then calls
+# Leader.follow with what it holds. The leader then pushes records into the follower's Sink over the same
 # connection: first what the follower is missing (catch-up), then every new append. Several
 # pushes are in flight at once (pipelined); each is answered with the follower's real end offset
 # for the point, so the leader always knows where to continue.
 
 interface Leader {
-  # Starts a session. Fails if the caller may not `replicate`.
+  # Starts a session. Fails if the caller may not `replicate`, or (with TLS) if its certificate
+  # does not name the follower it says it is.
   follow @0 (hello :Hello, sink :Sink) -> (session :Session);
+
+  # The leader's node name, asked before any capability is handed over.
+  identify @1 () -> (name :Text);
 }
 
 struct Hello {

@@ -3,9 +3,8 @@
 //! binary for tests that run nodes as child processes.
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -201,9 +200,11 @@ pub fn goutube_bin() -> PathBuf {
     bin
 }
 
-/// A `goutube run` child process.
+/// A `goutube run` child process (the library's [`goutube::process`] harness), with the
+/// addresses its listening line announced.
 pub struct NodeProcess {
-    pub child: Child,
+    pub process: goutube::process::NodeProcess,
+    pub addresses: goutube::node::Addresses,
     /// The `rpc=` address it printed.
     pub rpc: String,
     pub metrics: String,
@@ -212,79 +213,62 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Runs `goutube run --config <config>` and waits for its `goutube listening` line.
     pub fn spawn(config: &Path) -> NodeProcess {
-        let mut child = Command::new(goutube_bin())
+        let mut command = Command::new(goutube_bin());
+        command
             .args(["run", "--config"])
             .arg(config)
             .env("GOUTUBE_LOG__LEVEL", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning goutube run");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Some(Ok(line)) = lines.next() {
-                if line.starts_with("goutube listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(DEADLINE)
+            .stderr(Stdio::inherit());
+        let process = goutube::process::NodeProcess::start(command, DEADLINE)
             .expect("goutube run printed its listening line");
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
-                .to_owned()
-        };
+        let addresses = process
+            .addresses()
+            .unwrap_or_else(|| panic!("a full listening line: {}", process.line()));
         NodeProcess {
-            rpc: field("rpc"),
-            metrics: field("metrics"),
-            child,
+            process,
+            rpc: addresses.rpc.to_string(),
+            metrics: addresses.metrics.to_string(),
+            addresses,
         }
     }
 
     /// SIGKILL: no chance to flush anything.
-    pub fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaping the child");
+    pub fn kill(self) {
+        self.process.kill().expect("SIGKILL");
     }
 
     /// SIGTERM, then waits for a graceful exit; returns whether it exited with status 0.
-    pub fn terminate(mut self) -> bool {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("sending SIGTERM");
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for the child") {
-                return status.success();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "goutube did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    pub fn terminate(self) -> bool {
+        self.process
+            .terminate(DEADLINE)
+            .expect("goutube exits after SIGTERM")
+            .success()
     }
-}
 
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Sends `signal` (`HUP`, `STOP`, `CONT`, `TERM`).
+    pub fn signal(&self, signal: &str) {
+        let number = match signal {
+            "HUP" => libc::SIGHUP,
+            "STOP" => libc::SIGSTOP,
+            "CONT" => libc::SIGCONT,
+            "TERM" => libc::SIGTERM,
+            other => panic!("no such signal in the tests: {other}"),
+        };
+        self.process.signal(number).expect("signalling the node");
     }
 }
 
 /// Writes a node config file for a child process with its data in `dir`.
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    write_node_config(dir, "child", extra)
+}
+
+/// Writes the config file of child node `name` with its data in `dir`, every port 0. `extra`
+/// holds top-level keys and sections of its own.
+pub fn write_node_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
     let path = dir.join("node.toml");
     let body = format!(
-        "node_name = \"child\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n{extra}\n",
+        "node_name = {name:?}\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n{extra}\n",
         dir.join("data")
     );
     std::fs::write(&path, body).expect("writing the config");
@@ -325,18 +309,6 @@ pub fn metric(scrape: &str, name: &str) -> Option<f64> {
         }
     }
     found
-}
-
-impl NodeProcess {
-    /// Sends `signal` (a `kill` name such as `HUP`) to the node.
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -{signal} failed");
-    }
 }
 
 /// A test PKI in a temporary directory: a CA, node certificates (`node:<name>`) and client
@@ -384,12 +356,24 @@ impl Pki {
         }
     }
 
-    /// The same as a TOML `[tls]` section, for child processes.
+    /// The cluster key file of the test cluster (gossip must be sealed when TLS is on).
+    pub fn cluster_key(&self) -> PathBuf {
+        let path = self.path("cluster.key");
+        if !path.exists() {
+            std::fs::write(&path, "the cluster key of the tests\n").expect("writing the key");
+        }
+        path
+    }
+
+    /// The `[tls]` section of node `name` and the `[cluster]` key, as TOML for child processes.
     pub fn node_toml(&self, name: &str) -> String {
         let tls = self.node(name);
         format!(
-            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            tls.ca, tls.cert, tls.key
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}\n",
+            tls.ca,
+            tls.cert,
+            tls.key,
+            self.cluster_key()
         )
     }
 

@@ -52,13 +52,15 @@ async fn path_like_ids_are_plain_names() {
     }
     // Only the node's own directory was written to.
     let names = |dir: &std::path::Path| -> Vec<String> {
-        std::fs::read_dir(dir)
+        let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect()
+            .collect();
+        names.sort();
+        names
     };
     assert_eq!(names(outer.path()), vec!["node".to_string()]);
-    assert_eq!(names(&data_dir), vec!["points".to_string()]);
+    assert_eq!(names(&data_dir), vec!["cluster", "points"]);
     node.shutdown().await.unwrap();
 }
 

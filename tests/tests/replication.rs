@@ -22,10 +22,12 @@ type Client = StreamingClient<Channel>;
 
 async fn leader(pki: &Pki, configure: impl FnOnce(&mut Config)) -> TestNode {
     let tls = pki.node("leader");
+    let key = pki.cluster_key();
     TestNode::start(move |c| {
         c.node_name = "leader".into();
         c.role = Role::Leader;
         c.tls = Some(tls);
+        c.cluster.key_file = Some(key);
         configure(c);
     })
     .await
@@ -38,6 +40,7 @@ async fn follower(
     configure: impl FnOnce(&mut Config),
 ) -> TestNode {
     let tls = pki.node(name);
+    let key = pki.cluster_key();
     let leader_address = leader.node.replication_addr().to_string();
     let name = name.to_owned();
     TestNode::start(move |c| {
@@ -45,6 +48,7 @@ async fn follower(
         c.role = Role::Follower;
         c.leader_addresses = vec![leader_address];
         c.tls = Some(tls);
+        c.cluster.key_file = Some(key);
         configure(c);
     })
     .await
@@ -208,11 +212,13 @@ async fn lost_diverged_and_deleted_copies_are_repaired() {
 
     let leader_address = leader.node.replication_addr().to_string();
     let tls = pki.node("f1");
+    let key = pki.cluster_key();
     let node = goutube_tests::start_in(dir.path(), move |c| {
         c.node_name = "f1".into();
         c.role = Role::Follower;
         c.leader_addresses = vec![leader_address];
         c.tls = Some(tls);
+        c.cluster.key_file = Some(key);
     })
     .await;
     let f = TestNode { node, dir };
@@ -262,17 +268,14 @@ fn follower_process(
     name: &str,
     leader_replication: &str,
 ) -> NodeProcess {
-    let config = goutube_tests::write_config(
+    let config = goutube_tests::write_node_config(
         dir,
+        name,
         &format!(
             "role = \"follower\"\nleader_addresses = [{leader_replication:?}]\n[storage]\nfsync = \"never\"\n{}",
             pki.node_toml(name)
         ),
     );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("node_name = \"child\"", &format!("node_name = {name:?}"));
-    std::fs::write(&config, text).unwrap();
     NodeProcess::spawn(&config)
 }
 
@@ -333,8 +336,9 @@ async fn a_leader_restart_causes_no_duplicate_bytes() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let (rpc_port, replication_port) = (free_port(), free_port());
-    let config = goutube_tests::write_config(
+    let config = goutube_tests::write_node_config(
         dir.path(),
+        "leader",
         &format!(
             "role = \"leader\"\n[storage]\nfsync = \"always\"\n{}",
             pki.node_toml("leader")
@@ -354,11 +358,13 @@ async fn a_leader_restart_causes_no_duplicate_bytes() {
     let first: Vec<Vec<u8>> = (0..20).map(|i| data(i, 30_000 + i as usize)).collect();
     produce(&mut to_leader, "p", &first).await.unwrap();
     let tls = pki.node("f1");
+    let key = pki.cluster_key();
     let follower = TestNode::start(move |c| {
         c.node_name = "f1".into();
         c.role = Role::Follower;
         c.leader_addresses = vec![format!("127.0.0.1:{replication_port}")];
         c.tls = Some(tls);
+        c.cluster.key_file = Some(key);
     })
     .await;
     let mut to_follower = pki.client("root", &follower.addr()).await;
@@ -514,11 +520,13 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
 
     let leader_address = leader.node.replication_addr().to_string();
     let tls = pki.node("f1");
+    let key = pki.cluster_key();
     let node = goutube_tests::start_in(dir.path(), move |c| {
         c.node_name = "f1".into();
         c.role = Role::Follower;
         c.leader_addresses = vec![leader_address];
         c.tls = Some(tls);
+        c.cluster.key_file = Some(key);
     })
     .await;
     let to_follower = pki.client("root", &node.rpc_addr().to_string()).await;
@@ -665,5 +673,67 @@ async fn three_followers_replicate_a_gibibyte() {
     for follower in followers {
         follower.shutdown().await;
     }
+    leader.shutdown().await;
+}
+
+/// A node certificate is not a pass for any name: a follower that calls itself `f2` while
+/// presenting the certificate of `f3` is refused, and so is a leader whose certificate names
+/// another node than the one it says it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_must_name_the_node_it_claims() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    produce(&mut to_leader, "p", &[data(3, 5000)])
+        .await
+        .unwrap();
+    let refused = || {
+        metric(
+            &goutube::metrics::handle().render(),
+            goutube::metrics::REPLICATION_REFUSED,
+        )
+        .unwrap_or(0.0)
+    };
+    let before = refused();
+    let other = pki.node("f3");
+    let impostor = follower(&pki, "f2", &leader, move |c| {
+        c.tls.as_mut().unwrap().peer = Some(PeerTlsSection {
+            ca: None,
+            cert: Some(other.cert),
+            key: Some(other.key),
+        })
+    })
+    .await;
+    eventually("the leader to refuse the impostor", || async {
+        refused() > before
+    })
+    .await;
+    let mut to_impostor = pki.client("root", &impostor.addr()).await;
+    assert!(
+        metadata(&mut to_impostor, "p")
+            .await
+            .is_err_and(|s| s.code() == Code::NotFound)
+    );
+    assert!(followers(&pki, &leader.addr()).await.is_empty());
+    impostor.shutdown().await;
+
+    // The leader's side: a leader named `leader` serving with the certificate of `f9`.
+    let forged = pki.node("f9");
+    let liar = TestNode::start(|c| {
+        c.node_name = "leader".into();
+        c.role = Role::Leader;
+        c.tls = Some(forged);
+        c.cluster.key_file = Some(pki.cluster_key());
+    })
+    .await;
+    let before = refused();
+    let follower = follower(&pki, "f4", &liar, |_| {}).await;
+    eventually("the follower to refuse the leader", || async {
+        refused() > before
+    })
+    .await;
+    assert!(followers(&pki, &liar.addr()).await.is_empty());
+    follower.shutdown().await;
+    liar.shutdown().await;
     leader.shutdown().await;
 }

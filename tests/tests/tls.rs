@@ -54,8 +54,10 @@ fn handshake_failures() -> f64 {
 
 async fn tls_node(pki: &Pki, configure: impl FnOnce(&mut goutube::config::Config)) -> TestNode {
     let tls = pki.node("test-node");
+    let key = pki.cluster_key();
     TestNode::start(move |c| {
         c.tls = Some(tls);
+        c.cluster.key_file = Some(key);
         configure(c);
     })
     .await
@@ -265,6 +267,7 @@ async fn goutube_certs_output_works_with_a_node_and_the_cli() {
             "node-n1-key.pem",
             "client-root-key.pem",
             "client-nobody-key.pem",
+            "cluster.key",
         ] {
             let mode = std::fs::metadata(certs.join(key))
                 .unwrap()
@@ -279,13 +282,15 @@ async fn goutube_certs_output_works_with_a_node_and_the_cli() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 
-    let config = goutube_tests::write_config(
+    let config = goutube_tests::write_node_config(
         work.path(),
+        "n1",
         &format!(
-            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}\n",
             certs.join("ca.pem"),
             certs.join("node-n1.pem"),
-            certs.join("node-n1-key.pem")
+            certs.join("node-n1-key.pem"),
+            certs.join("cluster.key")
         ),
     );
     let node = goutube_tests::NodeProcess::spawn(&config);

@@ -1,19 +1,22 @@
 //! The gRPC API of a node: the generated `streaming.v1` types and the server that serves them.
 //!
-//! [`serve`] assembles the services (streaming, resolver helpers, health, reflection) on one
+//! [`start`] assembles the services (streaming, resolver helpers, health, reflection) on one
 //! listener with tuned HTTP/2 windows and runs them until shutdown. The handlers live in
-//! [`streaming`]; every error they return goes through `From<Error> for Status`.
+//! [`streaming`] and share a [`Context`]; every error they return goes through
+//! `From<Error> for Status`.
 
+pub mod context;
 pub mod streaming;
 
 use std::sync::Arc;
 
-use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::net::Connection;
-use crate::node::NodeState;
+pub use context::Context;
+
+use crate::net;
+use crate::service::{Handle, Service};
 
 /// Generated from `schema/proto/streaming/v1/streaming.proto`.
 pub mod proto {
@@ -38,11 +41,28 @@ pub fn server_builder() -> Server {
         .tcp_nodelay(true)
 }
 
-/// Serves the client API on `incoming` until `shutdown` is cancelled, then waits for open calls
-/// (which end themselves once the node's grace period is over).
-pub async fn serve(
-    state: Arc<NodeState>,
-    incoming: impl Stream<Item = std::io::Result<Connection>> + Send + 'static,
+/// Serves the client API on `listener` until `token` is cancelled; then waits for open calls
+/// (which end themselves once the node's grace period is over, see [`Context::abort`]).
+pub fn start(
+    context: Arc<Context>,
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    token: CancellationToken,
+) -> Handle {
+    let service = Service::new("api", token);
+    let incoming = net::accept(listener, tls, &service.spawner(), "rpc");
+    let shutdown = service.token().clone();
+    service.spawn("serve", async move {
+        if let Err(error) = serve(context, incoming, shutdown).await {
+            tracing::error!(%error, "the API server failed");
+        }
+    });
+    service.handle()
+}
+
+async fn serve(
+    context: Arc<Context>,
+    incoming: impl tokio_stream::Stream<Item = std::io::Result<net::Connection>> + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -56,17 +76,17 @@ pub async fn serve(
         .expect("the embedded descriptor sets are valid");
 
     // Room for the largest frame plus the message envelope.
-    let max_message = state.config.max_frame_size as usize + 64 * 1024;
+    let max_message = context.config.max_frame_size as usize + 64 * 1024;
     let streaming = proto::streaming_server::StreamingServer::new(
-        streaming::StreamingService::new(state.clone()),
+        streaming::StreamingService::new(context.clone()),
     )
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
     let servers = proto::lb_resolver_helper_server::LbResolverHelperServer::new(
-        streaming::ResolverService::new(state.clone()),
+        streaming::ResolverService::new(context.clone()),
     );
     let followers = proto::follower_resolver_helper_server::FollowerResolverHelperServer::new(
-        streaming::ResolverService::new(state.clone()),
+        streaming::ResolverService::new(context.clone()),
     );
 
     server_builder()

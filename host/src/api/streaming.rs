@@ -1,8 +1,11 @@
-//! The `streaming.v1` handlers: produce, consume, metadata, list, delete and the resolver helpers.
+//! The `streaming.v1` handlers: produce, consume, metadata, list, delete, locate, members and
+//! the resolver helpers.
 //!
 //! Each call authorizes its subject first, validates its input into typed values, and maps every
-//! failure to a status through [`Error`]. ConsumeStream feeds a bounded channel from a spawned task,
-//! so a slow client holds at most a few frames in memory and a cancelled client stops the task.
+//! failure to a status through [`Error`]. A write is accepted only by the point's owner on the
+//! ring; elsewhere it is refused with the owner in the status. ConsumeStream feeds a bounded
+//! channel from a spawned task, so a slow client holds at most a few frames in memory and a
+//! cancelled client stops the task.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -15,17 +18,19 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::Context;
 use super::proto::{
     self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
     GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
-    ListPointsRequest, ListPointsResponse, LocatePointRequest, LocatePointResponse,
-    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
+    ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
+    LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse,
 };
-use crate::authz::Action;
+use crate::access::Action;
+use crate::cluster::Membership;
 use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
-use crate::node::NodeState;
 use crate::point::{Appended, PointId, Snapshot};
 
 /// Frames a ConsumeStream task may read ahead of the client.
@@ -36,11 +41,11 @@ const WRITE_AHEAD: usize = 8;
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 pub struct StreamingService {
-    state: Arc<NodeState>,
+    state: Arc<Context>,
 }
 
 impl StreamingService {
-    pub fn new(state: Arc<NodeState>) -> Self {
+    pub fn new(state: Arc<Context>) -> Self {
         Self { state }
     }
 }
@@ -83,8 +88,11 @@ impl proto::streaming_server::Streaming for StreamingService {
                     Some(&slot) => slot,
                     None => {
                         let id = PointId::new(point.as_str())?;
-                        state.authorize(&peer, Action::Produce, id.as_str()).await?;
-                        state.check_owner(&id).await?;
+                        state
+                            .access
+                            .authorize(&peer, Action::Produce, id.as_str())
+                            .await?;
+                        state.placement.check_local(&id).await?;
                         points.push(id);
                         slots.insert(point, points.len() - 1);
                         points.len() - 1
@@ -143,7 +151,10 @@ impl proto::streaming_server::Streaming for StreamingService {
         let request = request.into_inner();
         let state = self.state.clone();
         let id = PointId::new(request.point.as_str()).map_err(Error::from)?;
-        state.authorize(&peer, Action::Consume, id.as_str()).await?;
+        state
+            .access
+            .authorize(&peer, Action::Consume, id.as_str())
+            .await?;
         let point = state.store.point(&id).await.map_err(Error::from)?;
         let snapshot = point.snapshot();
         let window = ReadWindow::new(
@@ -220,16 +231,26 @@ impl proto::streaming_server::Streaming for StreamingService {
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         let state = &self.state;
         state
+            .access
             .authorize(&peer, Action::Metadata, id.as_str())
             .await?;
         let snapshot = state.store.metadata(&id).await.map_err(Error::from)?;
+        let replicas = state
+            .replicas(&id)
+            .into_iter()
+            .map(|replica| proto::ReplicaProgress {
+                follower: replica.follower,
+                end: replica.end,
+                lag: snapshot.end.saturating_sub(replica.end),
+            })
+            .collect();
         Ok(Response::new(MetadataResponse {
             workers: state.workers(&id, snapshot.end),
             size: snapshot.end,
             crc32c: snapshot.crc,
             node: state.config.node_name.clone(),
             role: state.config.role.as_str().into(),
-            replicas: state.replica_progress(&id, snapshot.end),
+            replicas,
         }))
     }
 
@@ -240,6 +261,7 @@ impl proto::streaming_server::Streaming for StreamingService {
         let peer = PeerInfo::of(&request);
         let request = request.into_inner();
         self.state
+            .access
             .authorize(&peer, Action::Metadata, &request.prefix)
             .await?;
         let max = match request.max_results {
@@ -276,26 +298,35 @@ impl proto::streaming_server::Streaming for StreamingService {
         let id = PointId::new(request.point).map_err(Error::from)?;
         let state = &self.state;
         state
+            .access
             .authorize(&peer, Action::Metadata, id.as_str())
             .await?;
-        let membership = state.placement.membership();
-        let owners = state.owners(id.as_str(), request.replicas.max(1)).await?;
+        let (membership, owners) = state
+            .placement
+            .owners(id.as_str(), request.replicas.max(1))
+            .await?;
         let owners = owners
             .iter()
             .map(|name| proto::Server {
-                rpc_addr: membership
-                    .members
-                    .iter()
-                    .find(|m| m.name == *name)
-                    .map(|m| m.address.clone())
-                    .unwrap_or_default(),
+                rpc_addr: membership.rpc_addr(name).unwrap_or_default().to_owned(),
                 name: name.clone(),
             })
             .collect();
         Ok(Response::new(LocatePointResponse {
             owners,
-            membership_version: membership.version,
+            membership_version: membership.ring_version,
+            ring: membership.ring.id.clone(),
         }))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        let state = &self.state;
+        state.access.authorize(&peer, Action::Metadata, "").await?;
+        Ok(Response::new(members(&state.placement.membership())))
     }
 
     async fn delete_point(
@@ -306,8 +337,10 @@ impl proto::streaming_server::Streaming for StreamingService {
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         self.state.check_writable()?;
         self.state
+            .access
             .authorize(&peer, Action::Admin, id.as_str())
             .await?;
+        self.state.placement.check_local(&id).await?;
         let size = self.state.store.delete(&id).await.map_err(Error::from)?;
         tracing::info!(point = %id, size, subject = %peer.subject, "deleted point");
         Ok(Response::new(DeletePointResponse { size }))
@@ -317,7 +350,7 @@ impl proto::streaming_server::Streaming for StreamingService {
 /// Appends the frames of one ProduceStream in order, gathering consecutive frames of the same
 /// point into one batch. Returns, per point slot, the last append.
 async fn write_frames(
-    state: Arc<NodeState>,
+    state: Arc<Context>,
     mut frames: mpsc::Receiver<(usize, PointId, Bytes)>,
 ) -> Result<HashMap<usize, Appended>, Error> {
     let mut last = HashMap::new();
@@ -412,11 +445,11 @@ impl ReadWindow {
 
 /// `LBResolverHelper` and `FollowerResolverHelper`: who serves this cluster.
 pub struct ResolverService {
-    state: Arc<NodeState>,
+    state: Arc<Context>,
 }
 
 impl ResolverService {
-    pub fn new(state: Arc<NodeState>) -> Self {
+    pub fn new(state: Arc<Context>) -> Self {
         Self { state }
     }
 }
@@ -428,10 +461,24 @@ impl proto::lb_resolver_helper_server::LbResolverHelper for ResolverService {
         request: Request<GetServersRequest>,
     ) -> Result<Response<GetServersResponse>, Status> {
         let peer = PeerInfo::of(&request);
-        self.state.authorize(&peer, Action::Metadata, "").await?;
-        Ok(Response::new(GetServersResponse {
-            servers: self.state.servers(),
-        }))
+        self.state
+            .access
+            .authorize(&peer, Action::Metadata, "")
+            .await?;
+        // The original returned node names here; clients need addresses. This cluster has no
+        // balancer members yet, so the list is empty until one joins.
+        let membership = self.state.placement.membership();
+        let servers = membership
+            .view
+            .members
+            .values()
+            .filter(|member| member.role.is_balancer())
+            .map(|member| proto::Server {
+                rpc_addr: member.rpc_addr.clone(),
+                name: member.name.clone(),
+            })
+            .collect();
+        Ok(Response::new(GetServersResponse { servers }))
     }
 }
 
@@ -442,10 +489,69 @@ impl proto::follower_resolver_helper_server::FollowerResolverHelper for Resolver
         request: Request<GetFollowersRequest>,
     ) -> Result<Response<GetFollowersResponse>, Status> {
         let peer = PeerInfo::of(&request);
-        self.state.authorize(&peer, Action::Metadata, "").await?;
-        Ok(Response::new(GetFollowersResponse {
-            servers: self.state.followers(),
-        }))
+        self.state
+            .access
+            .authorize(&peer, Action::Metadata, "")
+            .await?;
+        let servers = self
+            .state
+            .progress
+            .followers()
+            .into_iter()
+            .map(|(name, rpc_addr)| proto::Server { rpc_addr, name })
+            .collect();
+        Ok(Response::new(GetFollowersResponse { servers }))
+    }
+}
+
+/// The ring's members (down or not) and every other live member.
+fn members(membership: &Membership) -> ListMembersResponse {
+    let mut members = Vec::new();
+    for (name, record) in &membership.ring.members {
+        let live = membership.live(name);
+        members.push(proto::MemberInfo {
+            name: name.clone(),
+            rpc_addr: live.map_or(&record.rpc_addr, |m| &m.rpc_addr).clone(),
+            replication_addr: live
+                .map_or(&record.replication_addr, |m| &m.replication_addr)
+                .clone(),
+            gossip_addr: live.map(|m| m.gossip_addr.to_string()).unwrap_or_default(),
+            role: live.map_or(record.role, |m| m.role).as_str().into(),
+            state: record.lifecycle.as_str().into(),
+            live: live.is_some(),
+            tags: record.tags.clone().into_iter().collect(),
+            in_ring: true,
+            owns_range: record.owns_range(),
+            leader: String::new(),
+            generation: live.map_or(0, |m| m.generation),
+        });
+    }
+    for member in membership.view.members.values() {
+        if membership.ring.members.contains_key(&member.name) {
+            continue;
+        }
+        members.push(proto::MemberInfo {
+            name: member.name.clone(),
+            rpc_addr: member.rpc_addr.clone(),
+            replication_addr: member.replication_addr.clone(),
+            gossip_addr: member.gossip_addr.to_string(),
+            role: member.role.as_str().into(),
+            state: member.lifecycle.as_str().into(),
+            live: true,
+            tags: member.tags.clone().into_iter().collect(),
+            in_ring: false,
+            owns_range: false,
+            leader: member.leader.clone().unwrap_or_default(),
+            generation: member.generation,
+        });
+    }
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    ListMembersResponse {
+        members,
+        view: membership.view.id.clone(),
+        ring: membership.ring.id.clone(),
+        node: membership.local.clone(),
+        conflict: membership.conflict.clone().unwrap_or_default(),
     }
 }
 

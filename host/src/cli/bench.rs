@@ -6,10 +6,11 @@
 //! (`goutube bench baseline-server`) that speaks the same API but discards what it receives and
 //! serves reads from memory. The same client code drives both, in alternating rounds.
 
-use std::io::{BufRead, BufReader};
+mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ use goutube::api::proto::{
     ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, Record,
 };
 use goutube::client::{Client, ClientOptions, ClientTls};
+use goutube::process::NodeProcess;
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
@@ -71,6 +73,15 @@ pub enum Bench {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Membership convergence and kill detection for in-process members on UDP loopback, and
+    /// the cached ownership check against a produce round trip.
+    Cluster {
+        /// Cluster sizes, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "3,10,30")]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Create many small points, restart, list and read them: start-up time, RSS, descriptors.
     Points {
         #[arg(long, default_value_t = 10_000)]
@@ -105,6 +116,7 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
             connections,
         } => tls(mib, rounds.max(1), connections.max(1)).await,
         Bench::Replication { mib, rate, seconds } => replication(mib, rate, seconds).await,
+        Bench::Cluster { sizes, rounds } => cluster::run(&sizes, rounds.max(1)).await,
         Bench::BaselineServer => baseline_server().await,
     }
 }
@@ -811,9 +823,9 @@ fn spread(bytes: u64, seconds: &[f64]) -> String {
     format!("{median:.0} MB/s ({slowest:.0}–{fastest:.0})")
 }
 
-/// A server child process: a goutube node or the baseline.
+/// A server child process (a goutube node or the baseline), through the shared harness.
 struct Server {
-    child: Child,
+    process: NodeProcess,
     rpc: String,
     /// The replication address (nodes only).
     replication: String,
@@ -830,72 +842,42 @@ impl Server {
                 dir.join("data")
             ),
         )?;
-        Self::spawn(
-            Command::new(std::env::current_exe()?)
-                .args(["run", "--config"])
-                .arg(&config),
-        )
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["run", "--config"]).arg(&config);
+        Self::spawn(command)
     }
 
     fn baseline() -> anyhow::Result<Server> {
-        Self::spawn(Command::new(std::env::current_exe()?).args(["bench", "baseline-server"]))
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["bench", "baseline-server"]);
+        Self::spawn(command)
     }
 
-    fn spawn(command: &mut Command) -> anyhow::Result<Server> {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning a server")?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let line = loop {
-            match lines.next() {
-                Some(line)
-                    if line
-                        .as_ref()
-                        .is_ok_and(|l| l.starts_with("goutube listening")) =>
-                {
-                    break line?;
-                }
-                Some(_) => continue,
-                None => bail!("server exited before listening"),
-            }
-        };
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(name))
-                .map(str::to_owned)
-        };
-        let rpc = field("rpc=").context("no rpc= on the listening line")?;
-        let replication = field("replication=").unwrap_or_default();
+    fn spawn(command: Command) -> anyhow::Result<Server> {
+        let process = NodeProcess::start(command, Duration::from_secs(120))?;
+        let rpc = process
+            .field("rpc")
+            .context("no rpc= on the listening line")?
+            .to_owned();
+        let replication = process.field("replication").unwrap_or_default().to_owned();
         Ok(Server {
-            child,
+            process,
             rpc,
             replication,
         })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// SIGTERM and wait for a clean exit.
-    fn stop(mut self) -> anyhow::Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let status = self.child.wait()?;
+    fn stop(self) -> anyhow::Result<()> {
+        let status = self.process.terminate(Duration::from_secs(120))?;
         if !status.success() {
             bail!("server exited with {status}");
         }
         Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1042,6 +1024,13 @@ impl Streaming for Baseline {
         &self,
         _: Request<goutube::api::proto::LocatePointRequest>,
     ) -> Result<Response<goutube::api::proto::LocatePointResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn list_members(
+        &self,
+        _: Request<goutube::api::proto::ListMembersRequest>,
+    ) -> Result<Response<goutube::api::proto::ListMembersResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
 

@@ -1,10 +1,12 @@
-//! The command line: `run` a node, and the client commands (`put`, `get`, `stat`, `ls`, `rm`).
+//! The command line: `run` a node, and the client commands (`put`, `get`, `stat`, `ls`, `rm`,
+//! `members`).
 //!
 //! Client commands connect with the flags of [`Connection`] (or their `GOUTUBE_CLIENT_…`
 //! variables). Progress bars draw on stderr only when it is a terminal. `bench` lives in [`bench`].
 
 mod bench;
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -13,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
+use goutube::api::proto::ListMembersResponse;
 use goutube::client::{Client, ClientOptions, ClientTls, DEFAULT_CHUNK};
 use goutube::config::Config;
 use goutube::node::{Listeners, Node};
@@ -73,7 +76,12 @@ pub enum Command {
         #[command(flatten)]
         connection: Connection,
     },
-    /// Write a development CA, node certificates and client certificates (PEM; keys 0600).
+    /// Show the cluster as a node sees it: the ring's members and every live member.
+    Members {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Write a development CA, node and client certificates (PEM) and a cluster key (keys 0600).
     Certs {
         /// Directory to write to; an existing CA there is reused.
         #[arg(long, default_value = "certs")]
@@ -150,7 +158,8 @@ impl Command {
             | Command::Get { connection, .. }
             | Command::Stat { connection, .. }
             | Command::Ls { connection, .. }
-            | Command::Rm { connection, .. } => Some(connection),
+            | Command::Rm { connection, .. }
+            | Command::Members { connection } => Some(connection),
             Command::Run { .. } | Command::Certs { .. } | Command::Bench(_) => None,
         }
     }
@@ -195,6 +204,9 @@ async fn command(command: Command) -> anyhow::Result<()> {
             let report = client.put(&point, &file, chunk_size, &progress).await?;
             progress.finish_and_clear();
             let record = report.record;
+            if let Some((owner, address)) = &report.redirected {
+                println!("{point}: belongs to member {owner}; written to it at {address}");
+            }
             println!(
                 "{point}: appended {} bytes at {}; the point now has {} bytes, crc32c {:08x}{}",
                 report.bytes,
@@ -282,10 +294,11 @@ async fn command(command: Command) -> anyhow::Result<()> {
             }
             let node = &nodes[0];
             println!(
-                "\nnode config:\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+                "\nnode config:\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}",
                 out.join("ca.pem"),
                 out.join(format!("node-{node}.pem")),
-                out.join(format!("node-{node}-key.pem"))
+                out.join(format!("node-{node}-key.pem")),
+                out.join(goutube::certs::CLUSTER_KEY_FILE)
             );
             println!(
                 "\nclient flags: --ca {} --cert {} --key {}",
@@ -305,6 +318,12 @@ async fn command(command: Command) -> anyhow::Result<()> {
             println!("{point}: deleted ({size} bytes)");
             Ok(())
         }
+        Command::Members { connection } => {
+            init_client_logging();
+            let members = connection.connect().await?.members().await?;
+            print_members(&members);
+            Ok(())
+        }
     }
 }
 
@@ -315,18 +334,12 @@ async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(&config.log.level))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let listeners = Listeners::bind(&config).await?;
     // One line on stdout with every bound address (ports may have been 0): scripts and tests
     // read it to find the node.
-    println!(
-        "goutube listening node={} role={} rpc={} replication={} metrics={}",
-        config.node_name,
-        config.role.as_str(),
-        listeners.rpc.local_addr()?,
-        listeners.replication.local_addr()?,
-        listeners.metrics.local_addr()?,
-    );
+    println!("{}", listeners.addresses(&config)?.listening_line());
     let node = Node::start(config, listeners).await?;
 
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -373,7 +386,69 @@ fn init_client_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// `goutube members`: one row per member, then the view and the ring.
+fn print_members(members: &ListMembersResponse) {
+    let rows: Vec<[String; 7]> = members
+        .members
+        .iter()
+        .map(|m| {
+            let mut tags: Vec<String> = m.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            tags.sort();
+            let role = match m.leader.as_str() {
+                "" => m.role.clone(),
+                leader => format!("{} of {leader}", m.role),
+            };
+            let ring = match (m.in_ring, m.owns_range) {
+                (true, true) => "owner",
+                (true, false) => "no range",
+                (false, _) => "-",
+            };
+            [
+                m.name.clone(),
+                role,
+                m.state.clone(),
+                if m.live { "up" } else { "DOWN" }.into(),
+                ring.into(),
+                m.rpc_addr.clone(),
+                tags.join(","),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "ROLE", "STATE", "LIVE", "RING", "RPC", "TAGS"];
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[&str]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    println!();
+    println!("view {} (seen by {})", members.view, members.node);
+    match members.ring.as_str() {
+        "" => println!("ring not formed yet"),
+        ring => println!("ring {ring}"),
+    }
+    if !members.conflict.is_empty() {
+        println!("CONFLICT: {}", members.conflict);
+    }
 }
 
 fn progress_bar() -> ProgressBar {

@@ -10,6 +10,9 @@
 //!   dropped (a trapped instance cannot be entered again) and the next call gets a fresh one.
 //! - [`Plugins`] holds the current [`PluginSet`] and swaps it atomically on reload; calls that
 //!   started on the old set finish on it.
+//!
+//! The engine speaks only the WIT types ([`types`]): what an action, a decision or a member means
+//! to the node is the business of `access` and `placement`, which convert.
 
 pub mod bindings;
 pub mod builtin;
@@ -20,12 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use wasmtime::Store;
 use wasmtime::component::Component;
 
-use crate::authz::Action;
-use crate::config::{PluginSection, PluginsSection};
-use bindings::types;
+pub use bindings::types;
 use polar::Polar;
 use runtime::StoreState;
 
@@ -49,6 +51,99 @@ pub enum PluginError {
     Trap { plugin: Arc<str>, message: String },
     #[error("plugin {plugin} could not be instantiated: {message}")]
     Instantiate { plugin: Arc<str>, message: String },
+}
+
+/// The `[plugins]` section of the configuration: the WebAssembly plugins of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsSection {
+    /// Compiled components are cached here (default: `<data_dir>/plugin-cache`).
+    pub cache_dir: Option<PathBuf>,
+    /// The Polar policy behind the host `polar` interface (default: the built-in
+    /// `policies/default.polar`).
+    pub policy_file: Option<PathBuf>,
+    /// How long an authorization decision is reused, per subject, action and point (0: never).
+    pub decision_cache_ms: u64,
+    pub authorizer: PluginSection,
+    pub bundler: PluginSection,
+    pub placement: PluginSection,
+}
+
+/// One plugin: its component, its own configuration and its limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginSection {
+    /// `builtin:NAME`, or the path of a `.wasm` component.
+    pub source: String,
+    /// Configuration text handed to the plugin's `configure` (or use `config_file`).
+    pub config: String,
+    pub config_file: Option<PathBuf>,
+    /// Deadline of one call.
+    pub timeout_ms: u64,
+    /// Cap of the plugin's linear memory.
+    pub max_memory_mib: u64,
+}
+
+impl PluginSection {
+    fn builtin(name: &str, timeout_ms: u64) -> Self {
+        Self {
+            source: format!("builtin:{name}"),
+            config: String::new(),
+            config_file: None,
+            timeout_ms,
+            max_memory_mib: 64,
+        }
+    }
+}
+
+impl Default for PluginSection {
+    fn default() -> Self {
+        Self::builtin("polar-authorizer", 100)
+    }
+}
+
+impl Default for PluginsSection {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            policy_file: None,
+            decision_cache_ms: 5_000,
+            authorizer: PluginSection::builtin("polar-authorizer", 100),
+            bundler: PluginSection::builtin("crc-bundler", 1_000),
+            placement: PluginSection::builtin("ring-placement", 100),
+        }
+    }
+}
+
+impl PluginsSection {
+    /// Checks what serde cannot; errors name the key (`plugins.<kind>`).
+    pub fn validate(&self) -> Result<(), PluginError> {
+        let max = (runtime::MAX_MEMORY_BYTES >> 20) as u64;
+        for (kind, section) in [
+            ("authorizer", &self.authorizer),
+            ("bundler", &self.bundler),
+            ("placement", &self.placement),
+        ] {
+            let invalid = |message: &str| PluginError::Load {
+                key: format!("plugins.{kind}"),
+                plugin: section.source.clone(),
+                message: message.into(),
+            };
+            if section.source.is_empty() {
+                return Err(invalid("source must name `builtin:NAME` or a .wasm file"));
+            }
+            if section.timeout_ms == 0 {
+                return Err(invalid("timeout_ms must be at least 1"));
+            }
+            if !(1..=max).contains(&section.max_memory_mib) {
+                return Err(invalid(&format!("max_memory_mib must be within 1..={max}")));
+            }
+            if !section.config.is_empty() && section.config_file.is_some() {
+                return Err(invalid("set either config or config_file, not both"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A world a plugin component implements: how to prepare, instantiate and configure it.
@@ -314,31 +409,6 @@ fn read_source(source: &str) -> Result<Vec<u8>, String> {
     std::fs::read(source).map_err(|e| format!("cannot read {source}: {e}"))
 }
 
-/// An authorization decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub allowed: bool,
-    pub reason: Arc<str>,
-}
-
-/// A replication record after `unbundle`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub point: String,
-    pub start: u64,
-    pub payload: Vec<u8>,
-}
-
-/// A member as the placement plugin sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Member {
-    pub name: String,
-    pub address: String,
-    pub role: String,
-    pub virtual_nodes: u32,
-    pub tags: Vec<(String, String)>,
-}
-
 /// One authorizer, one bundler, one placement, and the Polar policy they were loaded with.
 pub struct PluginSet {
     pub authorizer: Plugin<AuthorizerKind>,
@@ -371,32 +441,10 @@ impl PluginSet {
         self.generation
     }
 
-    pub fn authorize(
-        &self,
-        subject: &str,
-        action: Action,
-        point: &str,
-        peer: &str,
-    ) -> Result<Decision, PluginError> {
-        let request = types::AuthzRequest {
-            subject: subject.into(),
-            action: wit_action(action),
-            point: point.into(),
-            peer: peer.into(),
-        };
-        let decision = self
-            .authorizer
-            .call("authorize", |b, store| b.call_authorize(store, &request))?;
-        Ok(match decision {
-            types::Decision::Allow(reason) => Decision {
-                allowed: true,
-                reason: reason.into(),
-            },
-            types::Decision::Deny(reason) => Decision {
-                allowed: false,
-                reason: reason.into(),
-            },
-        })
+    /// The authorizer's decision on `request`.
+    pub fn authorize(&self, request: &types::AuthzRequest) -> Result<types::Decision, PluginError> {
+        self.authorizer
+            .call("authorize", |b, store| b.call_authorize(store, request))
     }
 
     /// Frames one record with the bundler (the payload is moved, not copied, into the call).
@@ -416,46 +464,21 @@ impl PluginSet {
     }
 
     /// The record in `bytes`, or why the bundler rejected it.
-    pub fn unbundle(&self, bytes: &[u8]) -> Result<Result<Record, String>, PluginError> {
-        let result = self
-            .bundler
-            .call("unbundle", |b, store| b.call_unbundle(store, bytes))?;
-        Ok(result.map(|r| Record {
-            point: r.point,
-            start: r.start,
-            payload: r.payload,
-        }))
+    pub fn unbundle(&self, bytes: &[u8]) -> Result<Result<types::ReplRecord, String>, PluginError> {
+        self.bundler
+            .call("unbundle", |b, store| b.call_unbundle(store, bytes))
     }
 
+    /// The names of up to `replicas` of `members` that own `key`, as the placement plugin answers.
     pub fn owners(
         &self,
         key: &str,
-        members: &[Member],
+        members: &[types::Member],
         replicas: u32,
     ) -> Result<Vec<String>, PluginError> {
-        let members: Vec<types::Member> = members
-            .iter()
-            .map(|m| types::Member {
-                name: m.name.clone(),
-                address: m.address.clone(),
-                role: m.role.clone(),
-                virtual_nodes: m.virtual_nodes,
-                tags: m.tags.clone(),
-            })
-            .collect();
         self.placement.call("owners", |b, store| {
-            b.call_owners(store, key, &members, replicas)
+            b.call_owners(store, key, members, replicas)
         })
-    }
-}
-
-fn wit_action(action: Action) -> types::Action {
-    match action {
-        Action::Produce => types::Action::Produce,
-        Action::Consume => types::Action::Consume,
-        Action::Metadata => types::Action::Metadata,
-        Action::Replicate => types::Action::Replicate,
-        Action::Admin => types::Action::Admin,
     }
 }
 

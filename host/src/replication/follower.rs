@@ -21,11 +21,13 @@ use tokio_rustls::TlsConnector;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::replication_capnp::{leader, sink};
-use super::{Context, server_name};
-use crate::authz::Action;
+use super::{Context, check_identity, server_name};
+use crate::access::Action;
 use crate::metrics;
+use crate::net::PeerInfo;
 use crate::point::{AppendError, DeleteError, PointId};
 
 /// Longest wait between two attempts to reach a leader.
@@ -83,8 +85,9 @@ async fn session(
         .map_err(|_| "connection timed out".to_string())?
         .map_err(|e| format!("connecting: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let io = match tls {
-        None => Either::Left(tcp),
+    let peer_addr = tcp.peer_addr().map_err(|e| format!("connecting: {e}"))?;
+    let (io, subject) = match tls {
+        None => (Either::Left(tcp), None),
         Some(connector) => {
             let name = server_name(address).ok_or_else(|| format!("{address} is not host:port"))?;
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
@@ -100,21 +103,15 @@ async fn session(
                 .and_then(|certs| certs.first())
                 .map(|cert| crate::tls::subject(cert.as_ref()))
                 .ok_or("the leader presented no certificate")?;
-            let decision = context.authorizer.decide(
-                &context.plugins.current(),
-                &subject,
-                Action::Replicate,
-                "",
-                address,
-            );
-            if !decision.allowed {
+            let peer = PeerInfo {
+                addr: peer_addr,
+                subject: subject.as_str().into(),
+            };
+            if let Err(error) = context.access.authorize(&peer, Action::Replicate, "").await {
                 ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
-                return Err(format!(
-                    "leader {subject} may not replicate: {}",
-                    decision.reason
-                ));
+                return Err(format!("leader refused: {error}"));
             }
-            Either::Right(stream)
+            (Either::Right(stream), Some(subject))
         }
     };
     let (reader, writer) = tokio::io::split(io);
@@ -126,7 +123,23 @@ async fn session(
     );
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let leader: leader::Client = rpc.bootstrap(Side::Server);
-    let mut connection = tokio::task::spawn_local(rpc);
+    // Aborted however this function returns: a refused leader keeps no connection.
+    let mut connection = AbortOnDropHandle::new(tokio::task::spawn_local(rpc));
+
+    // Who the leader says it is, before any capability is handed over: with TLS its certificate
+    // must name that node.
+    let name = tokio::select! {
+        identified = leader.identify_request().send().promise => identified
+            .and_then(|r| Ok(r.get()?.get_name()?.to_string()?))
+            .map_err(|e| format!("asking the leader its name: {e}"))?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    if let Some(subject) = &subject
+        && let Err(reason) = check_identity(subject, &name, true)
+    {
+        ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
+        return Err(format!("leader refused: {reason}"));
+    }
 
     let offers = offers(context).await;
     let mut request = leader.follow_request();
@@ -151,13 +164,11 @@ async fn session(
         .get()
         .and_then(|r| r.get_session())
         .map_err(|e| format!("follow: {e}"))?;
-    tracing::info!(leader = %address, points = offers.len(), "following");
+    context.leader.send_replace(Some(name.clone()));
+    tracing::info!(leader = %address, name = %name, points = offers.len(), "following");
     let ended = tokio::select! {
         ended = &mut connection => ended,
-        _ = shutdown.cancelled() => {
-            connection.abort();
-            return Ok(());
-        }
+        _ = shutdown.cancelled() => return Ok(()),
     };
     drop(session);
     match ended {

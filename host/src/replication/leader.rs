@@ -9,9 +9,7 @@
 //! point; a per-point generation makes replies to pushes sent before the rewind harmless.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -25,20 +23,23 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
-use super::Context;
 use super::replication_capnp::{ack, leader, session, sink};
-use crate::authz::Action;
+use super::{Context, check_identity};
+use crate::access::Action;
 use crate::metrics;
+use crate::net::PeerInfo;
 use crate::point::{PointId, ReadError};
+use crate::service::Spawner;
 
-/// Accepts followers until `shutdown`.
+/// Accepts followers until the replication subsystem stops.
 pub async fn serve(
     context: Context,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    shutdown: CancellationToken,
+    spawner: &Spawner,
 ) {
-    let mut incoming = crate::net::accept(listener, tls, shutdown.clone(), "replication");
+    let shutdown = spawner.token().clone();
+    let mut incoming = crate::net::accept(listener, tls, spawner, "replication");
     let context = Rc::new(context);
     while let Some(connection) = incoming.next().await {
         let connection = match connection {
@@ -58,8 +59,7 @@ pub async fn serve(
         );
         let service = LeaderService {
             context: context.clone(),
-            subject: peer.subject.clone(),
-            addr: peer.addr,
+            peer: peer.clone(),
             shutdown: shutdown.clone(),
         };
         let client: leader::Client = capnp_rpc::new_client(service);
@@ -74,36 +74,41 @@ pub async fn serve(
 
 struct LeaderService {
     context: Rc<Context>,
-    subject: Arc<str>,
-    addr: SocketAddr,
+    peer: PeerInfo,
     shutdown: CancellationToken,
 }
 
 impl leader::Server for LeaderService {
+    async fn identify(
+        self: Rc<Self>,
+        _: leader::IdentifyParams,
+        mut results: leader::IdentifyResults,
+    ) -> Result<(), capnp::Error> {
+        results.get().set_name(&self.context.config.node_name);
+        Ok(())
+    }
+
     async fn follow(
         self: Rc<Self>,
         params: leader::FollowParams,
         mut results: leader::FollowResults,
     ) -> Result<(), capnp::Error> {
         let context = &self.context;
-        let decision = context.authorizer.decide(
-            &context.plugins.current(),
-            &self.subject,
-            Action::Replicate,
-            "",
-            &self.addr.to_string(),
-        );
-        if !decision.allowed {
-            ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
-            tracing::warn!(subject = %self.subject, peer = %self.addr, reason = %decision.reason, "follower refused");
-            return Err(capnp::Error::failed(format!(
-                "{} may not replicate: {}",
-                self.subject, decision.reason
-            )));
-        }
+        let peer = &self.peer;
         let params = params.get()?;
         let hello = params.get_hello()?;
         let follower = hello.get_follower()?.to_str()?.to_owned();
+        let refused = context
+            .access
+            .authorize(peer, Action::Replicate, "")
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|()| check_identity(&peer.subject, &follower, context.config.tls.is_some()));
+        if let Err(reason) = refused {
+            ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
+            tracing::warn!(subject = %peer.subject, peer = %peer.addr, %reason, "follower refused");
+            return Err(capnp::Error::failed(reason));
+        }
         let rpc_address = hello.get_rpc_address()?.to_str()?.to_owned();
         let mut offers = HashMap::new();
         for offer in hello.get_offers()? {
@@ -112,7 +117,7 @@ impl leader::Server for LeaderService {
         }
         let sink = params.get_sink()?;
         let stop = self.shutdown.child_token();
-        tracing::info!(%follower, %rpc_address, subject = %self.subject, points = offers.len(), "follower connected");
+        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), "follower connected");
         tokio::task::spawn_local(
             Replicator::new(context.clone(), follower, rpc_address, sink, stop.clone()).run(offers),
         );

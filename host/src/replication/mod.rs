@@ -29,10 +29,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::authz::Authorizer;
+use crate::access::Access;
 use crate::config::{Config, Role};
 use crate::plugins::Plugins;
 use crate::point::{PointId, Store};
+use crate::service::{Handle, Service};
 
 /// Why replication could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,79 +50,78 @@ pub struct Context {
     pub config: Arc<Config>,
     pub store: Store,
     pub plugins: Arc<Plugins>,
-    pub authorizer: Arc<Authorizer>,
+    pub access: Arc<Access>,
     pub progress: Arc<Progress>,
     /// This node's client API address (sent to the leader by a follower).
     pub rpc_addr: SocketAddr,
+    /// A follower publishes here the name of the leader it follows (gossiped by membership).
+    pub leader: watch::Sender<Option<String>>,
 }
 
-/// The running replication thread.
-pub struct Replication {
-    thread: std::thread::JoinHandle<()>,
-    shutdown: CancellationToken,
-}
-
-impl Replication {
-    /// Starts the thread: the leader service on `listener` for a leader, the connections to
-    /// `leader_addresses` for a follower. A standalone node needs none.
-    pub fn start(
-        context: Context,
-        listener: tokio::net::TcpListener,
-    ) -> Result<Option<Replication>, ReplicationError> {
-        let role = context.config.role;
-        if role == Role::Standalone {
-            return Ok(None);
-        }
-        let server_tls = match &context.config.tls {
-            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
-                tls,
-            )?)),
-            None => None,
-        };
-        let client_tls = match &context.config.tls {
-            Some(tls) => Some(tokio_rustls::TlsConnector::from(
-                crate::tls::peer_client_config(tls)?,
-            )),
-            None => None,
-        };
-        // The listener moves to the replication thread's runtime.
-        let listener = listener.into_std()?;
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("goutube-replication-{}", role.as_str()))
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("building the replication runtime");
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&runtime, async move {
-                    match role {
-                        Role::Leader => {
-                            let listener = match tokio::net::TcpListener::from_std(listener) {
-                                Ok(listener) => listener,
-                                Err(error) => {
-                                    tracing::error!(%error, "replication listener");
-                                    return;
-                                }
-                            };
-                            leader::serve(context, listener, server_tls, token).await;
+/// Starts the replication thread, stopped by `token`: the leader service on `listener` for a
+/// leader, the connections to `leader_addresses` for a follower. A standalone node needs none.
+pub fn start(
+    context: Context,
+    listener: tokio::net::TcpListener,
+    token: CancellationToken,
+) -> Result<Option<Handle>, ReplicationError> {
+    let role = context.config.role;
+    if !matches!(role, Role::Leader | Role::Follower) {
+        return Ok(None);
+    }
+    let server_tls = match &context.config.tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+            tls,
+        )?)),
+        None => None,
+    };
+    let client_tls = match &context.config.tls {
+        Some(tls) => Some(tokio_rustls::TlsConnector::from(
+            crate::tls::peer_client_config(tls)?,
+        )),
+        None => None,
+    };
+    // The listener moves to the replication thread's runtime.
+    let listener = listener.into_std()?;
+    let service = Service::new("replication", token);
+    let spawner = service.spawner();
+    service.spawn_thread(role.as_str(), move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("building the replication runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            match role {
+                Role::Leader => {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            tracing::error!(%error, "replication listener");
+                            return;
                         }
-                        Role::Follower => follower::run(context, client_tls, token).await,
-                        Role::Standalone => {}
-                    }
-                });
-            })?;
-        Ok(Some(Replication { thread, shutdown }))
-    }
+                    };
+                    leader::serve(context, listener, server_tls, &spawner).await;
+                }
+                Role::Follower => follower::run(context, client_tls, spawner.token().clone()).await,
+                Role::Standalone | Role::Balancer => {}
+            }
+        });
+    })?;
+    Ok(Some(service.handle()))
+}
 
-    /// Ends every session and waits for the thread.
-    pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        let thread = self.thread;
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+/// With TLS, a peer's certificate must name the node it says it is (`node:<name>`, as gossip
+/// knows it): a certificate of the CA is not enough to speak for another member.
+pub fn check_identity(subject: &str, claimed: &str, tls: bool) -> Result<(), String> {
+    if !tls || subject == format!("{}{claimed}", crate::certs::NODE_PREFIX) {
+        return Ok(());
     }
+    Err(format!(
+        "the certificate of {} does not name node {}",
+        crate::error::bounded(subject),
+        crate::error::bounded(claimed)
+    ))
 }
 
 /// What followers have confirmed, shared with the rest of the node.
@@ -129,6 +129,18 @@ pub struct Progress {
     state: Mutex<BTreeMap<String, FollowerProgress>>,
     /// Bumped on every change, so waiters wake up.
     changed: watch::Sender<u64>,
+}
+
+/// One follower's copy of one point, as its leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub follower: String,
+    /// Where clients reach its API.
+    pub rpc_address: String,
+    /// The end it confirmed.
+    pub end: u64,
+    /// Whether its session is up now.
+    pub connected: bool,
 }
 
 /// One follower, as its leader sees it.
@@ -202,13 +214,15 @@ impl Progress {
     }
 
     /// Every follower ever seen, with what it confirmed of `point`.
-    pub fn replicas(&self, point: &PointId) -> Vec<(String, String, u64, bool)> {
+    pub fn replicas(&self, point: &PointId) -> Vec<Replica> {
         let state = self.state.lock().unwrap();
         state
             .iter()
-            .map(|(name, f)| {
-                let end = f.confirmed.get(point).copied().unwrap_or(0);
-                (name.clone(), f.rpc_address.clone(), end, f.connected)
+            .map(|(name, f)| Replica {
+                follower: name.clone(),
+                rpc_address: f.rpc_address.clone(),
+                end: f.confirmed.get(point).copied().unwrap_or(0),
+                connected: f.connected,
             })
             .collect()
     }

@@ -1,0 +1,225 @@
+//! Who may do what: the actions a subject takes on a point, and the one door every caller (the
+//! API, replication, later the gateway and the balancer) goes through to ask.
+//!
+//! [`Access::authorize`] answers from the decision cache, or asks the authorizer plugin on the
+//! blocking pool (a plugin call may run up to its deadline; it must never stall an async thread,
+//! least of all replication's single thread). Decisions are reused for `decision_cache_ms` per
+//! subject, action and point, and forgotten when the plugins are reloaded. A plugin that fails
+//! (trap, timeout, out of memory) denies: authorization fails closed, and a failure is never
+//! cached.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::GenerationCache;
+use crate::error::{Error, bounded};
+use crate::net::PeerInfo;
+use crate::plugins::{PluginSet, Plugins, types};
+
+/// What a call wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Append to a point.
+    Produce,
+    /// Read a point.
+    Consume,
+    /// Size, checksum, workers, listings, members.
+    Metadata,
+    /// Node-to-node replication.
+    Replicate,
+    /// Destructive and operator calls (delete).
+    Admin,
+}
+
+impl Action {
+    pub const ALL: [Action; 5] = [
+        Action::Produce,
+        Action::Consume,
+        Action::Metadata,
+        Action::Replicate,
+        Action::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Produce => "produce",
+            Action::Consume => "consume",
+            Action::Metadata => "metadata",
+            Action::Replicate => "replicate",
+            Action::Admin => "admin",
+        }
+    }
+
+    fn wit(self) -> types::Action {
+        match self {
+            Action::Produce => types::Action::Produce,
+            Action::Consume => types::Action::Consume,
+            Action::Metadata => types::Action::Metadata,
+            Action::Replicate => types::Action::Replicate,
+            Action::Admin => types::Action::Admin,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An authorization decision, with the authorizer's reason (for logs and error messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: Arc<str>,
+}
+
+/// The authorizer plugin behind its decision cache.
+pub struct Access {
+    plugins: Arc<Plugins>,
+    decisions: GenerationCache<String, Decision>,
+}
+
+impl Access {
+    pub fn new(plugins: Arc<Plugins>, ttl: Duration) -> Self {
+        Self {
+            plugins,
+            decisions: GenerationCache::new(Some(ttl)),
+        }
+    }
+
+    /// `Ok` if `peer` may take `action` on `point`; `PermissionDenied` with the reason otherwise.
+    pub async fn authorize(
+        &self,
+        peer: &PeerInfo,
+        action: Action,
+        point: &str,
+    ) -> Result<(), Error> {
+        let decision = self.decide(peer, action, point).await;
+        if decision.allowed {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied {
+            subject: bounded(&peer.subject),
+            action: action.as_str(),
+            point: bounded(point),
+            reason: bounded(&decision.reason),
+        })
+    }
+
+    /// The decision for `peer`, `action` and `point`: cached, or from the plugin.
+    pub async fn decide(&self, peer: &PeerInfo, action: Action, point: &str) -> Decision {
+        let key = cache_key(&peer.subject, action, point);
+        if let Some(decision) = self.decisions.get(&key, 0) {
+            ::metrics::counter!(crate::metrics::AUTHZ_CACHE_HITS).increment(1);
+            return decision;
+        }
+        let plugins = self.plugins.current();
+        let request = types::AuthzRequest {
+            subject: peer.subject.to_string(),
+            action: action.wit(),
+            point: point.to_owned(),
+            peer: peer.addr.to_string(),
+        };
+        let asked = tokio::task::spawn_blocking(move || {
+            let decision = ask(&plugins, &request);
+            (decision, plugins.generation())
+        })
+        .await;
+        match asked {
+            Ok((Ok(decision), generation)) => {
+                self.decisions.insert(key, decision.clone(), generation, 0);
+                decision
+            }
+            Ok((Err(message), _)) => deny(format!("authorization failed closed: {message}")),
+            Err(error) => deny(format!("authorization failed closed: {error}")),
+        }
+    }
+
+    /// After a reload: forget every decision, cache those of plugin `generation` for `ttl`.
+    pub fn reset(&self, generation: u64, ttl: Duration) {
+        self.decisions.reset(generation, Some(ttl));
+    }
+}
+
+fn ask(plugins: &PluginSet, request: &types::AuthzRequest) -> Result<Decision, String> {
+    match plugins.authorize(request).map_err(|e| e.to_string())? {
+        types::Decision::Allow(reason) => Ok(Decision {
+            allowed: true,
+            reason: reason.into(),
+        }),
+        types::Decision::Deny(reason) => Ok(Decision {
+            allowed: false,
+            reason: reason.into(),
+        }),
+    }
+}
+
+fn deny(reason: String) -> Decision {
+    Decision {
+        allowed: false,
+        reason: reason.into(),
+    }
+}
+
+fn cache_key(subject: &str, action: Action, point: &str) -> String {
+    format!("{}\0{subject}\0{point}", action.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::PluginsSection;
+
+    fn peer(subject: &str) -> PeerInfo {
+        PeerInfo {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            subject: subject.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn decisions_are_cached_and_reloads_forget_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let section = PluginsSection::default();
+        let plugins = Arc::new(Plugins::load(&section, dir.path()).unwrap());
+        let access = Access::new(plugins.clone(), Duration::from_secs(60));
+        let root = peer("root");
+        access.authorize(&root, Action::Produce, "p").await.unwrap();
+        assert!(
+            access
+                .decisions
+                .get(&cache_key("root", Action::Produce, "p"), 0)
+                .is_some()
+        );
+        assert!(
+            access
+                .decisions
+                .get(&cache_key("root", Action::Consume, "p"), 0)
+                .is_none()
+        );
+
+        let denied = access
+            .authorize(&peer("nobody"), Action::Produce, "p")
+            .await
+            .unwrap_err();
+        assert!(matches!(denied, Error::PermissionDenied { .. }), "{denied}");
+
+        let generation = plugins.reload(&section).unwrap();
+        access.reset(generation, Duration::from_secs(60));
+        assert!(
+            access
+                .decisions
+                .get(&cache_key("root", Action::Produce, "p"), 0)
+                .is_none()
+        );
+        access.authorize(&root, Action::Produce, "p").await.unwrap();
+        assert!(
+            access
+                .decisions
+                .get(&cache_key("root", Action::Produce, "p"), 0)
+                .is_some()
+        );
+    }
+}

@@ -1,0 +1,491 @@
+//! A real cluster of `goutube run` processes on 127.0.0.1 with mTLS and a sealed gossip: formed
+//! by seeds alone, writes routed to owners, a fourth primary joining as `joining`, a kill that
+//! moves nothing, a restart, a node without the key; and placement that fails closed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use goutube::api::proto::streaming_client::StreamingClient;
+use goutube::api::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
+use goutube::client::owner_of;
+use goutube::config::PluginSection;
+use goutube::error::{OWNER_ADDR_METADATA, OWNER_METADATA};
+use goutube_tests::{
+    DEADLINE, NodeProcess, Pki, TestNode, consume, data, metadata, produce, window,
+    write_node_config,
+};
+use tempfile::TempDir;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// The kill detection bound of the default gossip settings (docs/cluster.md).
+const DETECTION: Duration = Duration::from_secs(3);
+/// Formation by seeds, once every node serves.
+const FORMATION: Duration = Duration::from_secs(2);
+
+struct Cluster {
+    root: TempDir,
+    pki: Pki,
+    key_file: PathBuf,
+    nodes: BTreeMap<&'static str, NodeProcess>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let key_file = root.path().join("cluster.key");
+        std::fs::write(&key_file, "a cluster key that is long enough\n").unwrap();
+        Cluster {
+            root,
+            pki: Pki::new(),
+            key_file,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Starts (or restarts, on its data) node `name` with `bootstrap_expect = 3`; `settings` are
+    /// top-level keys.
+    fn spawn(&mut self, name: &'static str, settings: &str) {
+        self.spawn_with_key(name, settings, &self.key_file.clone());
+    }
+
+    fn spawn_with_key(&mut self, name: &'static str, settings: &str, key_file: &std::path::Path) {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tls = self.pki.node(name);
+        let config = write_node_config(
+            &dir,
+            name,
+            &format!(
+                "{settings}\n[cluster]\nbootstrap_expect = 3\nkey_file = {key_file:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                tls.ca, tls.cert, tls.key
+            ),
+        );
+        self.nodes.insert(name, NodeProcess::spawn(&config));
+    }
+
+    fn seeds(&self) -> String {
+        format!(
+            "seed_addresses = [\"{}\"]",
+            self.nodes["a"].addresses.gossip
+        )
+    }
+
+    fn rpc(&self, name: &str) -> String {
+        self.nodes[name].rpc.clone()
+    }
+
+    async fn client(&self, name: &str) -> StreamingClient<Channel> {
+        self.pki.client("root", &self.rpc(name)).await
+    }
+
+    async fn members(&self, name: &str) -> ListMembersResponse {
+        self.client(name)
+            .await
+            .list_members(ListMembersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Owner (name, address) of `point`, as node `at` locates it.
+    async fn owner(&self, at: &str, point: &str) -> (String, String) {
+        let located = self
+            .client(at)
+            .await
+            .locate_point(LocatePointRequest {
+                point: point.into(),
+                replicas: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let owner = located.owners.into_iter().next().unwrap();
+        (owner.name, owner.rpc_addr)
+    }
+
+    /// Waits until every node of `at` sees exactly `live` alive; returns how long it took.
+    async fn until_live(&self, at: &[&str], live: &[&str], bound: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let mut all = true;
+            for node in at {
+                let members = self.members(node).await;
+                let seen: Vec<&str> = members
+                    .members
+                    .iter()
+                    .filter(|m| m.live)
+                    .map(|m| m.name.as_str())
+                    .collect();
+                all &= seen == live;
+            }
+            if all {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < bound,
+                "{at:?} did not see exactly {live:?} alive within {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn state(members: &ListMembersResponse, name: &str) -> (String, bool, bool) {
+    let member = members
+        .members
+        .iter()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("{name} is not listed: {members:?}"));
+    (member.state.clone(), member.live, member.owns_range)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_formed_by_seeds_routes_writes_to_owners_and_loses_nothing_to_a_kill() {
+    let mut cluster = Cluster::new();
+    cluster.spawn("a", "role = \"leader\"");
+    let seeds = cluster.seeds();
+    let leader_replication = cluster.nodes["a"].addresses.replication;
+    cluster.spawn("b", &seeds);
+    cluster.spawn("c", &seeds);
+    cluster.spawn(
+        "f",
+        &format!("{seeds}\nrole = \"follower\"\nleader_addresses = [\"{leader_replication}\"]"),
+    );
+    let all = ["a", "b", "c", "f"];
+
+    // Every node serves; then they converge to one view and one ring of the three primaries.
+    for node in all {
+        let options = cluster.pki.client_options("root", &cluster.rpc(node));
+        goutube_tests::eventually("the node serves", || async {
+            match goutube::client::Client::connect(&options).await {
+                Ok(client) => client.members().await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+    let started = Instant::now();
+    loop {
+        let views: Vec<ListMembersResponse> = {
+            let mut views = Vec::new();
+            for node in all {
+                views.push(cluster.members(node).await);
+            }
+            views
+        };
+        let converged = views.iter().all(|v| {
+            v.view == views[0].view
+                && !v.ring.is_empty()
+                && v.members.iter().filter(|m| m.live).count() == 4
+                && ["a", "b", "c"]
+                    .iter()
+                    .all(|n| state(v, n) == ("active".into(), true, true))
+        });
+        if converged {
+            break;
+        }
+        assert!(
+            started.elapsed() < FORMATION,
+            "no common view within {FORMATION:?}: {views:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let formed = started.elapsed();
+    let members = cluster.members("f").await;
+    let follower = members.members.iter().find(|m| m.name == "f").unwrap();
+    assert_eq!(
+        (follower.role.as_str(), follower.in_ring),
+        ("follower", false)
+    );
+    eprintln!("formed and converged in {formed:?}");
+
+    // Every node locates points alike; writes land on the owner, elsewhere they are refused
+    // with the owner in the status metadata.
+    let mut owned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in 0..60 {
+        let point = format!("videos/{i}");
+        let (owner, address) = cluster.owner("a", &point).await;
+        for node in ["b", "c", "f"] {
+            assert_eq!(
+                cluster.owner(node, &point).await,
+                (owner.clone(), address.clone())
+            );
+        }
+        assert_eq!(address, cluster.rpc(&owner));
+        owned.entry(owner).or_default().push(point);
+    }
+    assert_eq!(
+        owned.len(),
+        3,
+        "60 points spread over the three primaries: {owned:?}"
+    );
+    for (owner, points) in &owned {
+        for (i, point) in points.iter().enumerate().take(4) {
+            let bytes = data(i as u64 * 31 + 7, 1000 + i * 997);
+            for node in ["a", "b", "c", "f"].iter().filter(|n| **n != owner) {
+                let status = produce(
+                    &mut cluster.client(node).await,
+                    point,
+                    std::slice::from_ref(&bytes),
+                )
+                .await
+                .unwrap_err();
+                assert_eq!(
+                    status.code(),
+                    Code::FailedPrecondition,
+                    "{node}: {status:?}"
+                );
+                if *node != "f" {
+                    assert_eq!(
+                        status.metadata().get(OWNER_METADATA).unwrap(),
+                        owner.as_str()
+                    );
+                    assert_eq!(
+                        status.metadata().get(OWNER_ADDR_METADATA).unwrap(),
+                        cluster.rpc(owner).as_str()
+                    );
+                    assert_eq!(owner_of(&status), Some((owner.clone(), cluster.rpc(owner))));
+                }
+            }
+            produce(
+                &mut cluster.client(owner).await,
+                point,
+                std::slice::from_ref(&bytes),
+            )
+            .await
+            .unwrap();
+            let read = consume(&mut cluster.client(owner).await, window(point, 0, 0, 0))
+                .await
+                .unwrap();
+            assert_eq!(read.concat(), bytes);
+        }
+    }
+
+    // `goutube put` through a node that does not own the point lands on the owner.
+    let (owner, others) = ("b", ["a", "c"]);
+    let point = &owned[owner][10];
+    let file = cluster.root.path().join("upload.bin");
+    let upload = data(99, 300_000);
+    std::fs::write(&file, &upload).unwrap();
+    let client_tls = cluster.pki.client_options("root", &cluster.rpc(others[0]));
+    let tls = client_tls.tls.unwrap();
+    let output = std::process::Command::new(goutube_tests::goutube_bin())
+        .arg("put")
+        .arg(&file)
+        .arg(point)
+        .args(["--addr", &cluster.rpc(others[0])])
+        .arg("--ca")
+        .arg(&tls.ca)
+        .arg("--cert")
+        .arg(&tls.cert)
+        .arg("--key")
+        .arg(&tls.key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("belongs to member {owner}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(verified)"), "{stdout}");
+    let meta = metadata(&mut cluster.client(owner).await, point)
+        .await
+        .unwrap();
+    assert_eq!(
+        (meta.size, meta.crc32c),
+        (upload.len() as u64, crc32c::crc32c(&upload))
+    );
+    for other in others {
+        let status = metadata(&mut cluster.client(other).await, point)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+
+    // A fourth primary joins an existing ring: `joining`, owning nothing.
+    cluster.spawn("d", &seeds);
+    let all = ["a", "b", "c", "d", "f"];
+    cluster.until_live(&all, &all, DEADLINE).await;
+    for node in all {
+        goutube_tests::eventually("d is in every ring as joining", || async {
+            let members = cluster.members(node).await;
+            state(&members, "d") == ("joining".into(), true, false)
+        })
+        .await;
+    }
+    for i in 0..200 {
+        let point = format!("anything/{i}");
+        assert_ne!(cluster.owner("d", &point).await.0, "d");
+    }
+    let status = produce(
+        &mut cluster.client("d").await,
+        &owned["a"][0],
+        &[data(1, 10)],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(status.metadata().get(OWNER_METADATA).unwrap(), "a");
+
+    // kill -9 of c: it leaves every live view within the detection bound, stays the owner of
+    // its range (writes there: Unavailable naming it), and nobody takes its points.
+    let c_points = owned["c"].clone();
+    let c_bytes: Vec<Vec<u8>> = {
+        let mut bytes = Vec::new();
+        for point in c_points.iter().take(4) {
+            let read = consume(&mut cluster.client("c").await, window(point, 0, 0, 0))
+                .await
+                .unwrap();
+            bytes.push(read.concat());
+        }
+        bytes
+    };
+    cluster.nodes.remove("c").unwrap().kill();
+    let after = ["a", "b", "d", "f"];
+    let detected = cluster.until_live(&after, &after, DETECTION).await;
+    eprintln!("the kill was detected everywhere in {detected:?}");
+    let members = cluster.members("a").await;
+    assert_eq!(state(&members, "c"), ("active".into(), false, true));
+    assert_eq!(cluster.owner("b", &c_points[0]).await.0, "c");
+    let status = produce(&mut cluster.client("a").await, &c_points[0], &[data(5, 10)])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("member c"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(status.metadata().get(OWNER_METADATA).unwrap(), "c");
+
+    // Restarted on its data, c is the same owner with the same bytes.
+    cluster.spawn("c", &seeds);
+    let all = ["a", "b", "c", "d", "f"];
+    cluster.until_live(&all, &all, DEADLINE).await;
+    let members = cluster.members("b").await;
+    assert_eq!(state(&members, "c"), ("active".into(), true, true));
+    for (point, bytes) in c_points.iter().zip(&c_bytes) {
+        let read = consume(&mut cluster.client("c").await, window(point, 0, 0, 0))
+            .await
+            .unwrap();
+        assert_eq!(&read.concat(), bytes, "{point}");
+    }
+    let more = data(77, 4096);
+    let record = produce(
+        &mut cluster.client("c").await,
+        &c_points[0],
+        std::slice::from_ref(&more),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        record.records[0].end,
+        (c_bytes[0].len() + more.len()) as u64
+    );
+
+    // A node with another cluster key never appears in anyone's view.
+    let wrong_key = cluster.root.path().join("wrong.key");
+    std::fs::write(&wrong_key, "not the key of this cluster at all").unwrap();
+    cluster.spawn_with_key("e", &seeds, &wrong_key);
+    let started = Instant::now();
+    while started.elapsed() < DETECTION {
+        for node in all {
+            let members = cluster.members(node).await;
+            assert!(
+                members.members.iter().all(|m| m.name != "e"),
+                "{node} sees e"
+            );
+        }
+        let members = cluster.members("e").await;
+        assert_eq!(members.members.iter().filter(|m| m.live).count(), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    for (_, node) in std::mem::take(&mut cluster.nodes) {
+        assert!(node.terminate());
+    }
+}
+
+fn misbehaving_placement(mode: &str) -> PluginSection {
+    PluginSection {
+        source: PathBuf::from(goutube::plugins::builtin::BUILD_DIR)
+            .join("misbehaving_placement.wasm")
+            .display()
+            .to_string(),
+        config: mode.into(),
+        ..PluginSection::default()
+    }
+}
+
+/// A placement plugin that answers nothing, strangers, twice the same member, a name of 10 000
+/// characters, or traps: writes fail closed with `Unavailable` naming the plugin, in a bounded
+/// message, and the node keeps serving reads.
+#[tokio::test]
+async fn placement_that_answers_wrong_makes_writes_fail_closed() {
+    for (mode, says, says_for_two) in [
+        ("empty", "answered no owner", "answered no owner"),
+        (
+            "stranger",
+            "not a member of the ring",
+            "not a member of the ring",
+        ),
+        ("twice", "2 owners where at most 1", "twice"),
+        (
+            "long",
+            "not a member of the ring",
+            "not a member of the ring",
+        ),
+        ("trap", "trapped", "trapped"),
+    ] {
+        let node = TestNode::start(|c| c.plugins.placement = misbehaving_placement("")).await;
+        let mut client = node.client().await;
+        produce(&mut client, "kept", &[data(1, 500)]).await.unwrap();
+        let mut config = node.node.config().clone();
+        config.plugins.placement = misbehaving_placement(mode);
+        node.node.reload(&config).unwrap();
+        let status = produce(&mut client, "refused", &[data(2, 500)])
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{mode}: {status:?}");
+        assert!(
+            status.message().contains(says),
+            "{mode}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("misbehaving_placement.wasm"),
+            "{mode}: the plugin is named: {}",
+            status.message()
+        );
+        assert!(
+            status.message().len() < 1024,
+            "{mode}: {} bytes",
+            status.message().len()
+        );
+        let status = client
+            .locate_point(LocatePointRequest {
+                point: "refused".into(),
+                replicas: 2,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{mode}: {status:?}");
+        assert!(
+            status.message().contains(says_for_two),
+            "{mode}: {}",
+            status.message()
+        );
+        let status = metadata(&mut client, "refused").await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "nothing was written");
+        let read = consume(&mut client, window("kept", 0, 0, 0)).await.unwrap();
+        assert_eq!(read.concat(), data(1, 500), "{mode}: reads go on");
+        node.shutdown().await;
+    }
+}
