@@ -367,10 +367,13 @@ mod tests {
             force: false,
         };
         let written = write(&request).unwrap();
-        assert_eq!(written.len(), 8);
+        assert_eq!(written.len(), 9);
+        let cluster_key = std::fs::read_to_string(dir.path().join(CLUSTER_KEY_FILE)).unwrap();
+        assert_eq!(cluster_key.trim().len(), 64, "32 random bytes, hex");
         for path in &written {
             let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
-            let key = path.to_str().unwrap().ends_with("-key.pem");
+            let name = path.to_str().unwrap();
+            let key = name.ends_with("-key.pem") || name.ends_with(CLUSTER_KEY_FILE);
             assert_eq!(mode, if key { 0o600 } else { 0o644 }, "{}", path.display());
         }
         let before = std::fs::read(dir.path().join("client-root.pem")).unwrap();

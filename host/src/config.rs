@@ -421,6 +421,27 @@ mod tests {
     }
 
     #[test]
+    fn tls_requires_a_cluster_key_and_keys_are_never_printed() {
+        Jail::expect_with(|jail| {
+            for file in ["ca.pem", "cert.pem", "key.pem"] {
+                jail.create_file(file, "not checked here")?;
+            }
+            let tls = "[tls]\nca = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n";
+            jail.create_file("node.toml", tls)?;
+            let message = Config::load(Some(Path::new("node.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("cluster.key"), "{message}");
+            jail.set_env("GOUTUBE_CLUSTER__KEY", "the very secret cluster key");
+            let config = Config::load(Some(Path::new("node.toml"))).unwrap();
+            let printed = format!("{config:?}");
+            assert!(!printed.contains("very secret"), "{printed}");
+            assert!(config.cluster.gossip_key().unwrap().is_some());
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let message = load_err("node.toml", "[storage]\nfsink = \"always\"\n");
         assert!(message.contains("fsink"), "{message}");
@@ -439,6 +460,30 @@ mod tests {
                 "storage = { fsync = \"interval\", fsync_interval_ms = 0 }",
                 "storage.fsync_interval_ms",
             ),
+        ] {
+            let message = load_err("node.toml", body);
+            assert!(message.contains(key), "{body}: {message}");
+        }
+        for (body, key) in [
+            ("node_name = \"a b\"", "node_name"),
+            ("node_name = \"née\"", "node_name"),
+            ("bind_addr = \"0.0.0.0:8401\"", "bind_addr"),
+            (
+                "cluster = { bootstrap_expect = 0 }",
+                "cluster.bootstrap_expect",
+            ),
+            (
+                "cluster = { gossip_interval_ms = 1 }",
+                "cluster.gossip_interval_ms",
+            ),
+            ("cluster = { key = \"short\" }", "cluster.key"),
+            (
+                "cluster = { key_file = \"/nonexistent/key\" }",
+                "cluster.key_file",
+            ),
+            ("role = \"balancer\"", "role"),
+            // The static member list is gone: membership is gossiped.
+            ("[[members]]\nname = \"b\"\naddress = \"x:1\"", "members"),
         ] {
             let message = load_err("node.toml", body);
             assert!(message.contains(key), "{body}: {message}");

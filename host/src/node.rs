@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -288,6 +289,27 @@ impl Node {
     /// The newest membership, always.
     pub fn membership(&self) -> watch::Receiver<Arc<Membership>> {
         self.cluster.membership()
+    }
+
+    /// Resolves if a subsystem ends on its own before shutdown (a task panicked, gossip broke),
+    /// saying which and why: the node is no longer whole, and `goutube run` stops.
+    pub fn ended(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut watched = vec![
+            ("api", self.api.terminated().boxed()),
+            ("metrics", self.metrics.terminated().boxed()),
+            ("membership", self.cluster.terminated().boxed()),
+        ];
+        if let Some(replication) = &self.replication {
+            watched.push(("replication", replication.terminated().boxed()));
+        }
+        let (names, futures): (Vec<_>, Vec<_>) = watched.into_iter().unzip();
+        async move {
+            let (outcome, index, _) = futures::future::select_all(futures).await;
+            match outcome {
+                Ok(()) => format!("the {} subsystem stopped on its own", names[index]),
+                Err(failed) => failed.to_string(),
+            }
+        }
     }
 
     /// Applies the `[plugins]` section of `config` (SIGHUP). Open streams are not touched; calls

@@ -115,3 +115,46 @@ async fn client_commands_report_an_unreachable_node() {
         stderr(&stat)
     );
 }
+
+/// `goutube members` prints the ring and the live members; a node's log on a pipe carries no
+/// colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_table_and_plain_logs() {
+    let work = tempfile::tempdir().unwrap();
+    let config = goutube_tests::write_node_config(work.path(), "solo", "[log]\nlevel = \"info\"");
+    let log = work.path().join("node.log");
+    let mut command = std::process::Command::new(goutube_bin());
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).unwrap());
+    let node = goutube::process::NodeProcess::start(command, goutube_tests::DEADLINE).unwrap();
+    let addr = node.addresses().unwrap().rpc.to_string();
+    // The node serves once it has formed its ring (at once: bootstrap_expect = 1, no seeds).
+    goutube_tests::eventually("the node serves", || async {
+        goutube(&["members", "--addr", &addr])
+            .await
+            .status
+            .success()
+    })
+    .await;
+    let members = goutube(&["members", "--addr", &addr]).await;
+    let table = stdout(&members);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("NAME"), "{table}");
+    let solo: Vec<&str> = rows[1].split_whitespace().collect();
+    assert_eq!(
+        solo[..5],
+        ["solo", "standalone", "active", "up", "owner"],
+        "{table}"
+    );
+    assert!(table.contains("\nview "), "{table}");
+    assert!(table.contains("\nring "), "{table}");
+    assert!(node.terminate(goutube_tests::DEADLINE).unwrap().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("store opened"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in a log that is not a terminal: {log:?}"
+    );
+}

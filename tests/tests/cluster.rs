@@ -390,6 +390,19 @@ async fn a_cluster_formed_by_seeds_routes_writes_to_owners_and_loses_nothing_to_
         (c_bytes[0].len() + more.len()) as u64
     );
 
+    // A graceful stop (SIGTERM) leaves every live view within 2 s, and the ring not at all.
+    let stopping = Instant::now();
+    assert!(cluster.nodes.remove("d").unwrap().terminate());
+    let all = ["a", "b", "c", "f"];
+    let bound = Duration::from_secs(2).saturating_sub(stopping.elapsed());
+    cluster.until_live(&all, &all, bound).await;
+    eprintln!(
+        "the graceful stop was seen by all {:?} after SIGTERM",
+        stopping.elapsed()
+    );
+    let members = cluster.members("a").await;
+    assert_eq!(state(&members, "d"), ("joining".into(), false, false));
+
     // A node with another cluster key never appears in anyone's view.
     let wrong_key = cluster.root.path().join("wrong.key");
     std::fs::write(&wrong_key, "not the key of this cluster at all").unwrap();
@@ -488,4 +501,84 @@ async fn placement_that_answers_wrong_makes_writes_fail_closed() {
         assert_eq!(read.concat(), data(1, 500), "{mode}: reads go on");
         node.shutdown().await;
     }
+}
+
+/// `GetServers` answers the RPC addresses of the live balancer members (the original answered
+/// names). A balancer is a member of the view, not of the ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_servers_answers_the_addresses_of_balancers() {
+    use goutube::api::proto::GetServersRequest;
+    use goutube::api::proto::lb_resolver_helper_client::LbResolverHelperClient;
+    use goutube::cluster::gossip::Network;
+    use goutube::cluster::{ClusterSection, Local, Params, Role};
+
+    let node = TestNode::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_leader, following) = tokio::sync::watch::channel(None);
+    let balancer_rpc: std::net::SocketAddr = "127.0.0.1:7777".parse().unwrap();
+    let balancer = goutube::cluster::start(
+        Params {
+            section: ClusterSection::default(),
+            seeds: vec![node.node.gossip_addr().to_string()],
+            dir: dir.path().to_owned(),
+            local: Local {
+                name: "lb-1".into(),
+                role: Role::Balancer,
+                rpc_addr: balancer_rpc,
+                replication_addr: "127.0.0.1:7778".parse().unwrap(),
+                virtual_nodes: 64,
+                tags: Default::default(),
+            },
+            leader: following,
+        },
+        Network::Udp {
+            socket: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+            key: None,
+        },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let channel = goutube::client::channel(&goutube::client::ClientOptions {
+        addr: node.addr(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    let mut resolver = LbResolverHelperClient::new(channel);
+    goutube_tests::eventually("the balancer in GetServers", || {
+        let mut resolver = resolver.clone();
+        async move {
+            let servers = resolver
+                .get_servers(GetServersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .servers;
+            servers.len() == 1
+        }
+    })
+    .await;
+    let servers = resolver
+        .get_servers(GetServersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .servers;
+    assert_eq!(servers[0].rpc_addr, balancer_rpc.to_string());
+    assert_eq!(servers[0].name, "lb-1");
+    let members = node
+        .client()
+        .await
+        .list_members(ListMembersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let lb = members.members.iter().find(|m| m.name == "lb-1").unwrap();
+    assert_eq!(
+        (lb.role.as_str(), lb.live, lb.in_ring),
+        ("balancer", true, false)
+    );
+    balancer.shutdown().await.unwrap();
+    node.shutdown().await;
 }

@@ -271,6 +271,21 @@ async fn misbehaving_authorizers_deny_and_the_node_keeps_serving() {
             .await
             .unwrap();
     }
+    // A deny reason of 100 000 characters reaches the client cut to a bounded message.
+    let status = produce(&mut client, "verbose/x", &[data(4, 10)])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("why? why?"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().len() < 1024,
+        "a {}-byte status message",
+        status.message().len()
+    );
     node.shutdown().await;
 }
 

@@ -345,14 +345,24 @@ async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    loop {
+    let ended = node.ended();
+    tokio::pin!(ended);
+    let broken = loop {
         tokio::select! {
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break None,
+            _ = terminate.recv() => break None,
             _ = hangup.recv() => reload(&node, config_file.as_deref()),
+            why = &mut ended => break Some(why),
         }
+    };
+    if let Some(why) = &broken {
+        tracing::error!(%why, "a subsystem ended; shutting the node down");
     }
-    node.shutdown().await.context("shutting down")
+    node.shutdown().await.context("shutting down")?;
+    match broken {
+        Some(why) => anyhow::bail!("the node stopped: {why}"),
+        None => Ok(()),
+    }
 }
 
 /// SIGHUP: re-reads the configuration and reloads the plugins and policies. A reload that fails

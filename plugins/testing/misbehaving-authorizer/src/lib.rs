@@ -1,6 +1,7 @@
 //! A deliberately broken authorizer for the host's fault tests. `authorize` misbehaves according
 //! to the first segment of the point id — `loop/…` never returns, `allocate/…` asks for 1 GiB,
-//! `panic/…` panics — and allows everything else. The configuration `fail` makes `configure`
+//! `panic/…` panics, `verbose/…` denies with a 100 000-character reason — and allows everything
+//! else. The configuration `fail` makes `configure`
 //! itself fail.
 
 wit_bindgen::generate!({ world: "authorizer", path: "../../../schema/wit" });
@@ -30,6 +31,7 @@ impl Guest for Misbehaving {
                 Decision::Allow(format!("allocated {}", black_box(big).len()))
             }
             "panic" => panic!("misbehaving-authorizer panics on purpose"),
+            "verbose" => Decision::Deny("why? ".repeat(20_000)),
             _ => Decision::Allow(format!("{} allowed", request.subject)),
         }
     }
