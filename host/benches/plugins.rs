@@ -266,6 +266,7 @@ async fn node_path(dir: &std::path::Path) {
         rpc_port: 0,
         replication_port: 0,
         metrics_port: 0,
+        http_port: 0,
         ..Default::default()
     };
     let listeners = goutube::node::Listeners::bind(&config).await.unwrap();
@@ -347,7 +348,7 @@ fn start_once(dir: &std::path::Path) -> Duration {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n[log]\nlevel = \"warn\"\n",
+            "data_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\nhttp_port = 0\n[log]\nlevel = \"warn\"\n",
             dir.join("data")
         ),
     )

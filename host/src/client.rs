@@ -22,7 +22,7 @@ use tonic::{Code, Status};
 use crate::api::proto::streaming_client::StreamingClient;
 use crate::api::proto::{
     ConsumeRequest, DeletePointRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
-    MetadataRequest, MetadataResponse, ProduceRequest, Record,
+    MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
 };
 use crate::api::{CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::error::{OWNER_ADDR_METADATA, OWNER_METADATA};
@@ -160,6 +160,26 @@ impl Client {
         Ok(self.raw().delete_point(request).await?.into_inner().size)
     }
 
+    /// A URL of the node's HTTP gateway that reads `point` (or shows its player page) for
+    /// `ttl` on this client's behalf; and when it expires (Unix seconds).
+    pub async fn sign_url(
+        &self,
+        point: &str,
+        ttl: Duration,
+        player: bool,
+    ) -> Result<(String, u64), ClientError> {
+        let response = self
+            .raw()
+            .sign_url(SignUrlRequest {
+                point: point.into(),
+                ttl_seconds: ttl.as_secs().max(1),
+                player,
+            })
+            .await?
+            .into_inner();
+        Ok((response.url, response.expires))
+    }
+
     /// The cluster as the node sees it.
     pub async fn members(&self) -> Result<ListMembersResponse, ClientError> {
         Ok(self
@@ -169,16 +189,21 @@ impl Client {
             .into_inner())
     }
 
-    /// Appends the file at `path` to `point` in frames of `chunk` bytes. When the node refuses
+    /// Appends the file at `path` to `point` in frames of `chunk` bytes, giving the point
+    /// `content_type` if it is new (see [`ProduceRequest::content_type`]). When the node refuses
     /// because another member owns the point, the upload goes to that owner once.
     pub async fn put(
         &self,
         point: &str,
         path: &Path,
         chunk: usize,
+        content_type: Option<&str>,
         progress: &ProgressBar,
     ) -> Result<PutReport, ClientError> {
-        match self.put_here(point, path, chunk, progress).await {
+        match self
+            .put_here(point, path, chunk, content_type, progress)
+            .await
+        {
             Err(ClientError::Status(status)) => {
                 let Some((owner, address)) = owner_of(&status) else {
                     return Err(ClientError::Status(status));
@@ -190,7 +215,9 @@ impl Client {
                 })
                 .await?;
                 progress.set_position(0);
-                let mut report = owner_client.put_here(point, path, chunk, progress).await?;
+                let mut report = owner_client
+                    .put_here(point, path, chunk, content_type, progress)
+                    .await?;
                 report.redirected = Some((owner, address));
                 Ok(report)
             }
@@ -203,6 +230,7 @@ impl Client {
         point: &str,
         path: &Path,
         chunk: usize,
+        content_type: Option<&str>,
         progress: &ProgressBar,
     ) -> Result<PutReport, ClientError> {
         let io_error = |source| ClientError::Io {
@@ -220,6 +248,8 @@ impl Client {
 
         let (tx, rx) = mpsc::channel(4);
         let point_id = point.to_owned();
+        // Given with the first frame only.
+        let mut content_type = content_type.map(str::to_owned);
         let progress_bar = progress.clone();
         let reader = tokio::spawn(async move {
             let mut crc = 0u32;
@@ -238,6 +268,7 @@ impl Client {
                 let request = ProduceRequest {
                     point: point_id.clone(),
                     frame: frame.freeze(),
+                    content_type: content_type.take().unwrap_or_default(),
                 };
                 if tx.send(request).await.is_err() {
                     // The call failed; its status says why.

@@ -18,6 +18,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 pub use crate::cluster::{ClusterSection, Role};
+pub use crate::http::HttpSection;
 pub use crate::plugins::{PluginSection, PluginsSection};
 use crate::point::{Fsync, StoreConfig};
 pub use crate::tls::{PeerTlsSection, TlsSection};
@@ -39,6 +40,8 @@ pub struct Config {
     pub replication_port: u16,
     /// Prometheus `/metrics` port (0 = any free port).
     pub metrics_port: u16,
+    /// HTTP range gateway port (0 = any free port).
+    pub http_port: u16,
     /// Membership addresses of existing members to join through.
     pub seed_addresses: Vec<String>,
     /// Virtual nodes this member places on the placement ring.
@@ -56,6 +59,7 @@ pub struct Config {
     /// Labels of this node for placement, for example `{ zone = "eu-1" }`.
     pub tags: BTreeMap<String, String>,
     pub cluster: ClusterSection,
+    pub http: HttpSection,
     pub log: LogConfig,
     pub storage: StorageSection,
     pub plugins: PluginsSection,
@@ -155,6 +159,7 @@ impl Default for Config {
             rpc_port: 8400,
             replication_port: 8402,
             metrics_port: 9400,
+            http_port: 8403,
             seed_addresses: Vec::new(),
             virtual_node_count: 64,
             leader_addresses: Vec::new(),
@@ -164,6 +169,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             tags: BTreeMap::new(),
             cluster: ClusterSection::default(),
+            http: HttpSection::default(),
             log: LogConfig::default(),
             storage: StorageSection::default(),
             plugins: PluginsSection::default(),
@@ -314,6 +320,9 @@ impl Config {
             return invalid("log.level", format!("{:?}: {error}", self.log.level));
         }
         if let Err((key, message)) = self.cluster.validate() {
+            return invalid(key, message);
+        }
+        if let Err((key, message)) = self.http.validate() {
             return invalid(key, message);
         }
         match self.replication.ack {

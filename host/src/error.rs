@@ -60,7 +60,9 @@ impl Error {
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::FailedPrecondition(_) | Error::NotOwner { .. } => Code::FailedPrecondition,
             Error::Unavailable(_) | Error::OwnerDown { .. } => Code::Unavailable,
-            Error::Append(AppendError::Refused { .. }) => Code::FailedPrecondition,
+            Error::Append(AppendError::Refused { .. } | AppendError::ContentType { .. }) => {
+                Code::FailedPrecondition
+            }
             Error::Append(AppendError::OffsetMismatch { .. }) => Code::Aborted,
             Error::Read(ReadError::NotFound(_)) | Error::Delete(DeleteError::NotFound(_)) => {
                 Code::NotFound

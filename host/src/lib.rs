@@ -19,7 +19,10 @@
 //! | [`net`] | accepting connections, TLS handshakes, the peer identity of each connection |
 //! | [`tls`] | rustls configuration from PEM files (and the `[tls]` section), subjects from certificates |
 //! | [`certs`] | a development PKI (rcgen): CA, node and client certificates for `goutube certs` |
-//! | [`http`] | the HTTP endpoints (axum): `/metrics` |
+//! | [`http`] | the HTTP endpoints (axum): `/metrics`, and the range gateway for browsers and players |
+//! | [`signed_url`] | the gateway's signed URLs: HMAC-SHA256 over point, expiry and subject, key rotation |
+//! | [`content`] | content types: given with a point's first bytes, or sniffed from them |
+//! | [`secret`] | secret configuration values that are never printed |
 //! | [`metrics`] | Prometheus metric names and the process-wide recorder (a leaf) |
 //! | [`client`] | the Rust client: put, multi-stream verified get, stat, list, delete, members |
 //! | [`process`] | a `goutube run` child process and its listening line (tests, benchmarks) |
@@ -36,6 +39,7 @@ pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod content;
 pub mod error;
 pub mod http;
 pub mod metrics;
@@ -46,5 +50,7 @@ pub mod plugins;
 pub mod point;
 pub mod process;
 pub mod replication;
+pub mod secret;
 pub mod service;
+pub mod signed_url;
 pub mod tls;

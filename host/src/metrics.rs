@@ -31,6 +31,8 @@ pub const FOLLOWERS: &str = "goutube_followers";
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
 pub const GOSSIP_DROPPED: &str = "goutube_gossip_dropped_total";
+pub const HTTP_REQUESTS: &str = "goutube_http_requests_total";
+pub const HTTP_BYTES: &str = "goutube_http_bytes_total";
 pub const MEMBERS_LIVE: &str = "goutube_members_live";
 pub const RING_MEMBERS: &str = "goutube_ring_members";
 

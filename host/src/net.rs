@@ -26,6 +26,20 @@ use crate::service::Spawner;
 /// The subject of a connection that presented no certificate (plaintext listeners).
 pub const ANONYMOUS: &str = "anonymous";
 
+/// The subject of a TLS connection that was allowed in without a client certificate (the HTTP
+/// gateway, whose browsers carry signed URLs instead). It is never handed to the authorizer.
+pub const NO_CERTIFICATE: &str = "";
+
+/// Whether a TLS listener insists on a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertificates {
+    /// The handshake fails without one (the gRPC API, replication, metrics).
+    Required,
+    /// Asked for, not required (the HTTP gateway): such a connection's subject is
+    /// [`NO_CERTIFICATE`]. The TLS configuration must allow it too.
+    Optional,
+}
+
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -115,6 +129,7 @@ impl AsyncWrite for Connection {
 pub fn accept(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    certificates: ClientCertificates,
     spawner: &Spawner,
     what: &'static str,
 ) -> ReceiverStream<io::Result<Connection>> {
@@ -162,9 +177,12 @@ pub fn accept(
                                 Ok(Err(error)) => return refused(&error),
                                 Err(_) => return refused(&"timed out"),
                             };
-                        // Client certificates are required, so there is always a subject.
-                        let Some(subject) = crate::tls::subject_of(stream.get_ref().1) else {
-                            return refused(&"no client certificate");
+                        let subject = match crate::tls::subject_of(stream.get_ref().1) {
+                            Some(subject) => subject,
+                            None if certificates == ClientCertificates::Optional => {
+                                NO_CERTIFICATE.to_owned()
+                            }
+                            None => return refused(&"no client certificate"),
                         };
                         if subject == ANONYMOUS {
                             return refused(

@@ -16,17 +16,21 @@ use crate::access::Access;
 use crate::api::{self, Context};
 use crate::cluster::{self, Cluster, Membership, gossip};
 use crate::config::Config;
+use crate::http::gateway::Gateway;
 use crate::placement::Placement;
 use crate::plugins::{PluginError, Plugins};
 use crate::point::{StorageError, Store};
 use crate::replication::{self, Progress};
 use crate::service::{Failed, Handle};
+use crate::signed_url::UrlSigner;
 
 /// The sockets a node serves on, bound before it starts.
 pub struct Listeners {
     pub rpc: TcpListener,
     pub replication: TcpListener,
     pub metrics: TcpListener,
+    /// The HTTP range gateway.
+    pub http: TcpListener,
     /// Gossip (UDP) on `bind_addr`.
     pub gossip: std::net::UdpSocket,
 }
@@ -50,6 +54,7 @@ impl Listeners {
             rpc: bind(config.rpc_port, "rpc_port").await?,
             replication: bind(config.replication_port, "replication_port").await?,
             metrics: bind(config.metrics_port, "metrics_port").await?,
+            http: bind(config.http_port, "http_port").await?,
             gossip,
         })
     }
@@ -62,6 +67,7 @@ impl Listeners {
             rpc: self.rpc.local_addr()?,
             replication: self.replication.local_addr()?,
             metrics: self.metrics.local_addr()?,
+            http: self.http.local_addr()?,
             gossip: self.gossip.local_addr()?,
         })
     }
@@ -75,6 +81,7 @@ pub struct Addresses {
     pub rpc: SocketAddr,
     pub replication: SocketAddr,
     pub metrics: SocketAddr,
+    pub http: SocketAddr,
     pub gossip: SocketAddr,
 }
 
@@ -82,8 +89,8 @@ impl Addresses {
     /// The line `goutube run` prints on stdout once it listens: scripts and tests read it.
     pub fn listening_line(&self) -> String {
         format!(
-            "goutube listening node={} role={} rpc={} replication={} metrics={} gossip={}",
-            self.node, self.role, self.rpc, self.replication, self.metrics, self.gossip
+            "goutube listening node={} role={} rpc={} replication={} metrics={} http={} gossip={}",
+            self.node, self.role, self.rpc, self.replication, self.metrics, self.http, self.gossip
         )
     }
 
@@ -101,6 +108,7 @@ impl Addresses {
             rpc: field("rpc")?.parse().ok()?,
             replication: field("replication")?.parse().ok()?,
             metrics: field("metrics")?.parse().ok()?,
+            http: field("http")?.parse().ok()?,
             gossip: field("gossip")?.parse().ok()?,
         })
     }
@@ -148,6 +156,7 @@ pub struct Node {
     plugins: Arc<Plugins>,
     cluster: Cluster,
     api: Handle,
+    gateway: Handle,
     metrics: Handle,
     replication: Option<Handle>,
     addresses: Addresses,
@@ -195,6 +204,7 @@ impl Node {
                     role: config.role,
                     rpc_addr: addresses.rpc,
                     replication_addr: addresses.replication,
+                    http_addr: addresses.http,
                     virtual_nodes: config.virtual_node_count,
                     tags: config.tags.clone(),
                 },
@@ -224,6 +234,30 @@ impl Node {
             listeners.replication,
             CancellationToken::new(),
         )?;
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let public_url = config
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{}", addresses.http));
+        let url_keys = config.http.url_key_bytes().map_err(|(key, message)| {
+            StartError::Config(format!("config key `{key}`: {message}"))
+        })?;
+        let signer = Arc::new(UrlSigner::new(
+            &url_keys,
+            public_url,
+            config.http.max_url_ttl(),
+        ));
+        let gateway_tls = match &config.tls {
+            Some(section) => Some(TlsAcceptor::from(crate::tls::gateway_server_config(
+                section,
+            )?)),
+            None => None,
+        };
         let context = Arc::new(Context {
             config,
             store,
@@ -233,6 +267,7 @@ impl Node {
             access,
             placement,
             progress,
+            signer: signer.clone(),
         });
         let api = api::start(
             context.clone(),
@@ -240,6 +275,21 @@ impl Node {
             tls.clone(),
             context.shutdown.clone(),
         );
+        let writing_window = Duration::from_millis(context.config.http.writing_window_ms);
+        let gateway_context = context.clone();
+        let https = gateway_tls.is_some();
+        let gateway = crate::http::start_gateway(
+            move |spawner| Gateway {
+                context: gateway_context,
+                signer,
+                tls: https,
+                writing_window,
+                spawner,
+            },
+            listeners.http,
+            gateway_tls,
+            context.shutdown.child_token(),
+        )?;
         let metrics =
             crate::http::start_metrics(recorder, listeners.metrics, tls, CancellationToken::new())?;
         Ok(Node {
@@ -247,6 +297,7 @@ impl Node {
             plugins,
             cluster,
             api,
+            gateway,
             metrics,
             replication,
             addresses,
@@ -267,6 +318,10 @@ impl Node {
 
     pub fn replication_addr(&self) -> SocketAddr {
         self.addresses.replication
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.addresses.http
     }
 
     pub fn gossip_addr(&self) -> SocketAddr {
@@ -296,6 +351,7 @@ impl Node {
     pub fn ended(&self) -> impl std::future::Future<Output = String> + Send + 'static {
         let mut watched = vec![
             ("api", self.api.terminated().boxed()),
+            ("gateway", self.gateway.terminated().boxed()),
             ("metrics", self.metrics.terminated().boxed()),
             ("membership", self.cluster.terminated().boxed()),
         ];
@@ -354,6 +410,7 @@ impl Node {
             }
         };
         context.abort.cancel();
+        outcome = outcome.and(self.gateway.shutdown().await);
         outcome = outcome.and(self.metrics.shutdown().await);
         if let Some(replication) = self.replication {
             outcome = outcome.and(replication.shutdown().await);
@@ -378,6 +435,7 @@ mod tests {
             rpc: "127.0.0.1:1".parse().unwrap(),
             replication: "127.0.0.1:2".parse().unwrap(),
             metrics: "127.0.0.1:3".parse().unwrap(),
+            http: "127.0.0.1:5".parse().unwrap(),
             gossip: "127.0.0.1:4".parse().unwrap(),
         };
         let line = addresses.listening_line();

@@ -119,12 +119,28 @@ fn roots(key: &'static str, path: &Path) -> Result<Arc<RootCertStore>, TlsError>
 /// The server side: this node's certificate, and client certificates required and verified
 /// against the CA. ALPN offers `h2` (gRPC) and `http/1.1` (metrics).
 pub fn server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder(roots("tls.ca", &tls.ca)?)
-        .build()
-        .map_err(|e| TlsError::Invalid {
-            key: "tls.ca",
-            message: e.to_string(),
-        })?;
+    build_server_config(tls, true, &[b"h2", b"http/1.1"])
+}
+
+/// The HTTP gateway's server side: client certificates asked for and verified when presented,
+/// but not required (browsers present none and carry signed URLs). HTTP/1.1 only.
+pub fn gateway_server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
+    build_server_config(tls, false, &[b"http/1.1"])
+}
+
+fn build_server_config(
+    tls: &TlsSection,
+    require_certificates: bool,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut verifier = WebPkiClientVerifier::builder(roots("tls.ca", &tls.ca)?);
+    if !require_certificates {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier.build().map_err(|e| TlsError::Invalid {
+        key: "tls.ca",
+        message: e.to_string(),
+    })?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid {
@@ -140,7 +156,7 @@ pub fn server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
             key: "tls.key",
             message: format!("does not match tls.cert: {e}"),
         })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     // Our preference, not the client's: AES-128-GCM first (see `provider`).
     config.ignore_client_order = true;
     Ok(Arc::new(config))

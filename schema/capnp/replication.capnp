@@ -37,6 +37,10 @@ interface Sink {
   # The point no longer exists on the leader (deleted there, or the follower's copy diverged):
   # the follower removes its copy.
   remove @1 (point :Text) -> ();
+
+  # The point's content type, sent before the point's first record in a session when the point
+  # has one. Applied in order with the pushes.
+  describe @2 (point :Text, contentType :Text) -> ();
 }
 
 struct Ack {

@@ -47,6 +47,7 @@ pub fn config(dir: &Path) -> Config {
         rpc_port: 0,
         replication_port: 0,
         metrics_port: 0,
+        http_port: 0,
         shutdown_grace_ms: 2_000,
         ..Config::default()
     }
@@ -118,6 +119,7 @@ pub async fn produce(
         .map(|frame| ProduceRequest {
             point: point.to_owned(),
             frame: Bytes::copy_from_slice(frame),
+            ..Default::default()
         })
         .collect();
     Ok(client
@@ -268,7 +270,7 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
 pub fn write_node_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
     let path = dir.join("node.toml");
     let body = format!(
-        "node_name = {name:?}\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n{extra}\n",
+        "node_name = {name:?}\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\nhttp_port = 0\n{extra}\n",
         dir.join("data")
     );
     std::fs::write(&path, body).expect("writing the config");
@@ -427,4 +429,142 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("local address")
         .port()
+}
+
+/// A whole HTTP/1.1 answer.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// An HTTP/1.1 request to `addr` (plaintext, or TLS with `tls`), answered whole. `target` is
+/// the path and query, sent as written.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> HttpAnswer {
+    use http_body_util::BodyExt;
+    let response = http_response(addr, method, target, headers, tls).await;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("reading the body")
+        .to_bytes()
+        .to_vec();
+    HttpAnswer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// The answer to an HTTP/1.1 request, its body still to be read (dropping it closes the
+/// connection).
+pub async fn http_response(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> hyper::Response<hyper::body::Incoming> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting to the gateway");
+    match tls {
+        None => send(tcp, addr, method, target, headers).await,
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .expect("TLS handshake with the gateway");
+            send(stream, addr, method, target, headers).await
+        }
+    }
+}
+
+async fn send<Io>(
+    io: Io,
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> hyper::Response<hyper::body::Incoming>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", addr.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("a valid request");
+    sender.send_request(request).await.expect("an HTTP answer")
+}
+
+/// `id` as a URL path (each character that needs it percent-encoded, `/` kept).
+pub fn url_path(id: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.');
+    percent_encoding::utf8_percent_encode(id, SET).to_string()
+}
+
+impl Pki {
+    /// A TLS client configuration that trusts the test CA, with the client certificate of
+    /// `subject` or none.
+    pub fn https(&self, subject: Option<&str>) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(self.path("ca.pem")).expect("the CA"))
+            .expect("a root");
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots);
+        let config = match subject {
+            None => builder.with_no_client_auth(),
+            Some(subject) => {
+                let tls = self.client_options(subject, "").tls.expect("client TLS");
+                let chain = CertificateDer::pem_file_iter(&tls.cert)
+                    .expect("the certificate")
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("PEM certificates");
+                let key = PrivateKeyDer::from_pem_file(&tls.key).expect("the key");
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .expect("a client certificate")
+            }
+        };
+        std::sync::Arc::new(config)
+    }
 }

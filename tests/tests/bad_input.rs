@@ -178,14 +178,17 @@ async fn a_stream_that_fails_midway_keeps_what_was_written() {
         ProduceRequest {
             point: "p".into(),
             frame: good.clone().into(),
+            ..Default::default()
         },
         ProduceRequest {
             point: "".into(),
             frame: data(2, 10).into(),
+            ..Default::default()
         },
         ProduceRequest {
             point: "p".into(),
             frame: data(3, 10).into(),
+            ..Default::default()
         },
     ];
     let status = client

@@ -60,6 +60,7 @@ async fn put_get_stat_ls_rm() {
     let stat = goutube(&["stat", "films/movie", "--addr", &addr]).await;
     assert!(stat.status.success(), "{}", stderr(&stat));
     let text = stdout(&stat);
+    assert!(text.contains("type:    application/octet-stream"), "{text}");
     assert!(
         text.contains(&format!("size:    {}", doubled.len())),
         "{text}"
@@ -157,4 +158,57 @@ async fn members_table_and_plain_logs() {
         !log.contains('\x1b'),
         "colour codes in a log that is not a terminal: {log:?}"
     );
+}
+
+/// `goutube put --content-type` gives a point its type, and `goutube url --player` prints a
+/// signed URL of the player page that a client without any credential can open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_type_and_signed_player_url() {
+    let node = TestNode::start(|c| {
+        c.http.url_keys = vec![goutube::secret::Secret("a url key of the cli test".into())];
+    })
+    .await;
+    let addr = node.addr();
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("clip.webm");
+    std::fs::write(&input, data(5, 10_000)).unwrap();
+    let put = goutube(&[
+        "put",
+        input.to_str().unwrap(),
+        "clips/one",
+        "--content-type",
+        "video/webm",
+        "--addr",
+        &addr,
+    ])
+    .await;
+    assert!(put.status.success(), "{}", stderr(&put));
+    let stat = goutube(&["stat", "clips/one", "--addr", &addr]).await;
+    assert!(
+        stdout(&stat).contains("type:    video/webm"),
+        "{}",
+        stdout(&stat)
+    );
+
+    let url = goutube(&[
+        "url",
+        "clips/one",
+        "--player",
+        "--ttl",
+        "10m",
+        "--addr",
+        &addr,
+    ])
+    .await;
+    assert!(url.status.success(), "{}", stderr(&url));
+    let url = stdout(&url).trim().to_owned();
+    let prefix = format!("http://{}/v1/player/clips/one?", node.node.http_addr());
+    assert!(url.starts_with(&prefix), "{url}");
+    let target = &url[prefix.len() - "/v1/player/clips/one?".len()..];
+    let page = goutube_tests::http(node.node.http_addr(), "GET", target, &[], None).await;
+    assert_eq!(page.status, 200);
+    let html = String::from_utf8(page.body).unwrap();
+    assert!(html.contains("<video id=\"player\""), "{html}");
+    assert!(html.contains("video/webm"), "{html}");
+    node.shutdown().await;
 }

@@ -526,6 +526,7 @@ async fn get_servers_answers_the_addresses_of_balancers() {
                 role: Role::Balancer,
                 rpc_addr: balancer_rpc,
                 replication_addr: "127.0.0.1:7778".parse().unwrap(),
+                http_addr: "127.0.0.1:7779".parse().unwrap(),
                 virtual_nodes: 64,
                 tags: Default::default(),
             },

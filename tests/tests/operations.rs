@@ -92,6 +92,7 @@ async fn metrics_count_traffic_and_errors() {
         .produce_stream(tokio_stream::iter([ProduceRequest {
             point: String::new(),
             frame: vec![1].into(),
+            ..Default::default()
         }]))
         .await;
 

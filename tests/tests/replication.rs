@@ -649,6 +649,7 @@ async fn three_followers_replicate_a_gibibyte() {
                 tx.send(ProduceRequest {
                     point: format!("gib-{p}"),
                     frame,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

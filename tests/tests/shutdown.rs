@@ -71,6 +71,7 @@ async fn an_open_produce_stream_may_finish_during_the_grace_period() {
         tx.send(ProduceRequest {
             point: "late".into(),
             frame: frame.clone().into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -93,6 +94,7 @@ async fn an_open_produce_stream_may_finish_during_the_grace_period() {
         tx.send(ProduceRequest {
             point: "late".into(),
             frame: frame.clone().into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -82,6 +82,7 @@ async fn one_stream_may_interleave_points() {
         .map(|(point, frame)| goutube::api::proto::ProduceRequest {
             point: point.into(),
             frame: bytes::Bytes::copy_from_slice(frame),
+            ..Default::default()
         })
         .collect();
     let response = client

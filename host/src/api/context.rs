@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::placement::Placement;
 use crate::point::{PointId, Store};
 use crate::replication::{Progress, Replica};
+use crate::signed_url::UrlSigner;
 
 pub struct Context {
     pub config: Arc<Config>,
@@ -27,6 +28,8 @@ pub struct Context {
     pub placement: Arc<Placement>,
     /// What followers confirmed (empty unless this node is a leader).
     pub progress: Arc<Progress>,
+    /// Signs the URLs of the HTTP gateway (`SignUrl`).
+    pub signer: Arc<UrlSigner>,
 }
 
 impl Context {

@@ -50,7 +50,13 @@ pub fn start(
     token: CancellationToken,
 ) -> Handle {
     let service = Service::new("api", token);
-    let incoming = net::accept(listener, tls, &service.spawner(), "rpc");
+    let incoming = net::accept(
+        listener,
+        tls,
+        net::ClientCertificates::Required,
+        &service.spawner(),
+        "rpc",
+    );
     let shutdown = service.token().clone();
     service.spawn("serve", async move {
         if let Err(error) = serve(context, incoming, shutdown).await {

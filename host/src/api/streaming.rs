@@ -10,12 +10,13 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
@@ -24,14 +25,15 @@ use super::proto::{
     GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
     ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
     LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse,
+    ProduceResponse, SignUrlRequest, SignUrlResponse,
 };
 use crate::access::Action;
 use crate::cluster::Membership;
 use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
-use crate::point::{Appended, PointId, Snapshot};
+use crate::point::{Appended, PointId, Snapshot, Span, StreamError};
+use crate::signed_url::UrlError;
 
 /// Frames a ConsumeStream task may read ahead of the client.
 const READ_AHEAD: usize = 4;
@@ -81,7 +83,12 @@ impl proto::streaming_server::Streaming for StreamingService {
                         return Err(Error::Unavailable("the node is shutting down".into()));
                     }
                 };
-                let Some(ProduceRequest { point, frame }) = message else {
+                let Some(ProduceRequest {
+                    point,
+                    frame,
+                    content_type,
+                }) = message
+                else {
                     return Ok(());
                 };
                 let slot = match slots.get(&point) {
@@ -93,6 +100,16 @@ impl proto::streaming_server::Streaming for StreamingService {
                             .authorize(&peer, Action::Produce, id.as_str())
                             .await?;
                         state.placement.check_local(&id).await?;
+                        // The type travels with the point's first frame in the stream.
+                        if !content_type.is_empty() {
+                            if !crate::content::is_valid(&content_type) {
+                                return Err(Error::InvalidArgument(format!(
+                                    "content type {:?} is not a media type (type/subtype)",
+                                    crate::error::bounded(&content_type)
+                                )));
+                            }
+                            state.store.set_content_type(&id, &content_type).await?;
+                        }
                         points.push(id);
                         slots.insert(point, points.len() - 1);
                         points.len() - 1
@@ -157,70 +174,30 @@ impl proto::streaming_server::Streaming for StreamingService {
             .await?;
         let point = state.store.point(&id).await.map_err(Error::from)?;
         let snapshot = point.snapshot();
-        let window = ReadWindow::new(
+        let window = read_window(
             &request,
             snapshot,
             state.config.max_chunk_size,
             state.config.max_frame_size,
         )?;
 
-        let (tx, rx) = mpsc::channel(READ_AHEAD);
-        tokio::spawn(async move {
-            let mut changes = point.watch();
-            let mut position = window.offset;
-            loop {
-                if Some(position) == window.stop {
-                    return;
-                }
-                let current = *changes.borrow_and_update();
-                if current.deleted {
-                    let error = Error::Read(crate::point::ReadError::NotFound(id.clone()));
-                    let _ = tx.send(Err(error.into())).await;
-                    return;
-                }
-                if position < current.end {
-                    let end = window
-                        .stop
-                        .map_or(current.end, |stop| stop.min(current.end));
-                    let len = window.chunk.min(end - position);
-                    let frame = match point.read(&state.store, position, len).await {
-                        Ok(frame) => frame,
-                        Err(error) => {
-                            let _ = tx.send(Err(Error::from(error).into())).await;
-                            return;
-                        }
-                    };
-                    let response = ConsumeResponse {
-                        frame,
-                        offset: position,
-                    };
-                    if tx.send(Ok(response)).await.is_err() {
-                        return; // The client went away.
-                    }
+        let (frames, received) = mpsc::channel(READ_AHEAD);
+        tokio::spawn(point.stream(state.store.clone(), window, frames, state.shutdown.clone()));
+        let responses = ReceiverStream::new(received).map(|frame| {
+            frame
+                .map(|(offset, frame)| {
                     ::metrics::counter!(metrics::CONSUMED_FRAMES).increment(1);
-                    ::metrics::counter!(metrics::CONSUMED_BYTES).increment(len);
-                    position += len;
-                    continue;
-                }
-                if !window.follow {
-                    return;
-                }
-                tokio::select! {
-                    changed = changes.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
+                    ::metrics::counter!(metrics::CONSUMED_BYTES).increment(frame.len() as u64);
+                    ConsumeResponse { frame, offset }
+                })
+                .map_err(|error| match error {
+                    StreamError::Read(error) => Status::from(Error::from(error)),
+                    StreamError::ShuttingDown => {
+                        Status::from(Error::Unavailable("the node is shutting down".into()))
                     }
-                    _ = tx.closed() => return,
-                    _ = state.shutdown.cancelled() => {
-                        let error = Error::Unavailable("the node is shutting down".into());
-                        let _ = tx.send(Err(error.into())).await;
-                        return;
-                    }
-                }
-            }
+                })
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn get_metadata(
@@ -251,6 +228,7 @@ impl proto::streaming_server::Streaming for StreamingService {
             node: state.config.node_name.clone(),
             role: state.config.role.as_str().into(),
             replicas,
+            content_type: state.store.media_type(&id).await.map_err(Error::from)?,
         }))
     }
 
@@ -329,6 +307,32 @@ impl proto::streaming_server::Streaming for StreamingService {
         Ok(Response::new(members(&state.placement.membership())))
     }
 
+    async fn sign_url(
+        &self,
+        request: Request<SignUrlRequest>,
+    ) -> Result<Response<SignUrlResponse>, Status> {
+        let peer = PeerInfo::of(&request);
+        let request = request.into_inner();
+        let id = PointId::new(request.point).map_err(Error::from)?;
+        let state = &self.state;
+        state
+            .access
+            .authorize(&peer, Action::Consume, id.as_str())
+            .await?;
+        let ttl = match request.ttl_seconds {
+            0 => Duration::from_secs(3600),
+            seconds => Duration::from_secs(seconds),
+        };
+        let (url, expires) = state
+            .signer
+            .sign(id.as_str(), &peer.subject, ttl, request.player)
+            .map_err(|error| match error {
+                UrlError::NoKeys => Error::FailedPrecondition(error.to_string()),
+                other => Error::InvalidArgument(other.to_string()),
+            })?;
+        Ok(Response::new(SignUrlResponse { url, expires }))
+    }
+
     async fn delete_point(
         &self,
         request: Request<DeletePointRequest>,
@@ -385,62 +389,51 @@ async fn write_frames(
 }
 
 /// The validated byte window of a ConsumeStream call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ReadWindow {
-    offset: u64,
-    /// Where the stream ends; `None` follows the point forever.
-    stop: Option<u64>,
-    chunk: u64,
-    follow: bool,
-}
-
-impl ReadWindow {
-    fn new(
-        request: &ConsumeRequest,
-        snapshot: Snapshot,
-        default_chunk: u64,
-        max_frame: u64,
-    ) -> Result<Self, Error> {
-        let ConsumeRequest {
-            ref point,
-            offset,
-            limit,
-            chunk_size,
-            follow,
-        } = *request;
-        if offset > snapshot.end {
-            return Err(Error::OutOfRange(format!(
-                "offset {offset} is past the end of point {point:?} ({} bytes)",
-                snapshot.end
-            )));
-        }
-        if limit != 0 && limit < offset {
-            return Err(Error::InvalidArgument(format!(
-                "limit {limit} is before offset {offset}"
-            )));
-        }
-        if limit > snapshot.end && !follow {
-            return Err(Error::OutOfRange(format!(
-                "limit {limit} is past the end of point {point:?} ({} bytes); set follow to wait for it",
-                snapshot.end
-            )));
-        }
-        let stop = match (limit, follow) {
-            (0, true) => None,
-            (0, false) => Some(snapshot.end),
-            (limit, _) => Some(limit),
-        };
-        let chunk = match chunk_size {
-            0 => default_chunk,
-            n => n.min(max_frame),
-        };
-        Ok(Self {
-            offset,
-            stop,
-            chunk,
-            follow,
-        })
+fn read_window(
+    request: &ConsumeRequest,
+    snapshot: Snapshot,
+    default_chunk: u64,
+    max_frame: u64,
+) -> Result<Span, Error> {
+    let ConsumeRequest {
+        ref point,
+        offset,
+        limit,
+        chunk_size,
+        follow,
+    } = *request;
+    if offset > snapshot.end {
+        return Err(Error::OutOfRange(format!(
+            "offset {offset} is past the end of point {point:?} ({} bytes)",
+            snapshot.end
+        )));
     }
+    if limit != 0 && limit < offset {
+        return Err(Error::InvalidArgument(format!(
+            "limit {limit} is before offset {offset}"
+        )));
+    }
+    if limit > snapshot.end && !follow {
+        return Err(Error::OutOfRange(format!(
+            "limit {limit} is past the end of point {point:?} ({} bytes); set follow to wait for it",
+            snapshot.end
+        )));
+    }
+    let stop = match (limit, follow) {
+        (0, true) => None,
+        (0, false) => Some(snapshot.end),
+        (limit, _) => Some(limit),
+    };
+    let chunk = match chunk_size {
+        0 => default_chunk,
+        n => n.min(max_frame),
+    };
+    Ok(Span {
+        offset,
+        stop,
+        chunk,
+        follow,
+    })
 }
 
 /// `LBResolverHelper` and `FollowerResolverHelper`: who serves this cluster.
@@ -524,6 +517,7 @@ fn members(membership: &Membership) -> ListMembersResponse {
             owns_range: record.owns_range(),
             leader: String::new(),
             generation: live.map_or(0, |m| m.generation),
+            http_addr: live.map(|m| m.http_addr.clone()).unwrap_or_default(),
         });
     }
     for member in membership.view.members.values() {
@@ -543,6 +537,7 @@ fn members(membership: &Membership) -> ListMembersResponse {
             owns_range: false,
             leader: member.leader.clone().unwrap_or_default(),
             generation: member.generation,
+            http_addr: member.http_addr.clone(),
         });
     }
     members.sort_by(|a, b| a.name.cmp(&b.name));
@@ -569,12 +564,12 @@ mod tests {
         }
     }
 
-    fn window(r: ConsumeRequest) -> Result<ReadWindow, Error> {
+    fn window(r: ConsumeRequest) -> Result<Span, Error> {
         let snapshot = Snapshot {
             end: 1000,
             ..Snapshot::default()
         };
-        ReadWindow::new(&r, snapshot, 256, 4096)
+        read_window(&r, snapshot, 256, 4096)
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! serves reads from memory. The same client code drives both, in alternating rounds.
 
 mod cluster;
+mod http;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -82,6 +83,20 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The HTTP gateway against gRPC consume of the same point in the same run: reading it
+    /// whole, and many clients reading random 1 MiB ranges (time to first byte, throughput).
+    Http {
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Concurrent clients of the random-range load.
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// Ranges each client reads.
+        #[arg(long, default_value_t = 20)]
+        requests: usize,
+    },
     /// Create many small points, restart, list and read them: start-up time, RSS, descriptors.
     Points {
         #[arg(long, default_value_t = 10_000)]
@@ -117,6 +132,12 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
         } => tls(mib, rounds.max(1), connections.max(1)).await,
         Bench::Replication { mib, rate, seconds } => replication(mib, rate, seconds).await,
         Bench::Cluster { sizes, rounds } => cluster::run(&sizes, rounds.max(1)).await,
+        Bench::Http {
+            mib,
+            rounds,
+            clients,
+            requests,
+        } => http::run(mib, rounds.max(1), clients.max(1), requests.max(1)).await,
         Bench::BaselineServer => baseline_server().await,
     }
 }
@@ -467,6 +488,7 @@ async fn produce_record(
         .map(|i| ProduceRequest {
             point: point.into(),
             frame: pool[((batch * frames + i) as usize) % pool.len()].clone(),
+            ..Default::default()
         })
         .collect();
     let response = client
@@ -619,6 +641,7 @@ async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()
             let request = ProduceRequest {
                 point: format!("p/{i:06}"),
                 frame: payload.clone(),
+                ..Default::default()
             };
             if tx.send(request).await.is_err() {
                 return;
@@ -730,6 +753,7 @@ async fn produce(client: &Client, point: &str, pool: &[Bytes], frames: u64) -> a
             let request = ProduceRequest {
                 point: point.clone(),
                 frame: pool[i % pool.len()].clone(),
+                ..Default::default()
             };
             if tx.send(request).await.is_err() {
                 return;
@@ -829,6 +853,8 @@ struct Server {
     rpc: String,
     /// The replication address (nodes only).
     replication: String,
+    /// The HTTP gateway (nodes only).
+    http: String,
 }
 
 impl Server {
@@ -838,7 +864,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "node_name = \"bench\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\n{settings}\n[log]\nlevel = \"warn\"\n",
+                "node_name = \"bench\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\nhttp_port = 0\n{settings}\n[log]\nlevel = \"warn\"\n",
                 dir.join("data")
             ),
         )?;
@@ -860,10 +886,12 @@ impl Server {
             .context("no rpc= on the listening line")?
             .to_owned();
         let replication = process.field("replication").unwrap_or_default().to_owned();
+        let http = process.field("http").unwrap_or_default().to_owned();
         Ok(Server {
             process,
             rpc,
             replication,
+            http,
         })
     }
 
@@ -1031,6 +1059,13 @@ impl Streaming for Baseline {
         &self,
         _: Request<goutube::api::proto::ListMembersRequest>,
     ) -> Result<Response<goutube::api::proto::ListMembersResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn sign_url(
+        &self,
+        _: Request<goutube::api::proto::SignUrlRequest>,
+    ) -> Result<Response<goutube::api::proto::SignUrlResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
 

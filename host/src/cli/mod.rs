@@ -46,6 +46,9 @@ pub enum Command {
         /// Bytes per frame.
         #[arg(long, default_value_t = DEFAULT_CHUNK)]
         chunk_size: usize,
+        /// Media type of a new point (`video/mp4`); without it readers see a sniffed one.
+        #[arg(long)]
+        content_type: Option<String>,
         #[command(flatten)]
         connection: Connection,
     },
@@ -78,6 +81,19 @@ pub enum Command {
     },
     /// Show the cluster as a node sees it: the ring's members and every live member.
     Members {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Print a signed URL of the node's HTTP gateway for a point: a browser or a player can
+    /// read it, without a certificate, until it expires.
+    Url {
+        point: String,
+        /// How long the URL is valid (`90s`, `30m`, `1h`, `7d`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// The player page (`/v1/player/…`) rather than the bytes.
+        #[arg(long)]
+        player: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -159,7 +175,8 @@ impl Command {
             | Command::Stat { connection, .. }
             | Command::Ls { connection, .. }
             | Command::Rm { connection, .. }
-            | Command::Members { connection } => Some(connection),
+            | Command::Members { connection }
+            | Command::Url { connection, .. } => Some(connection),
             Command::Run { .. } | Command::Certs { .. } | Command::Bench(_) => None,
         }
     }
@@ -194,6 +211,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
             file,
             point,
             chunk_size,
+            content_type,
             connection,
         } => {
             init_client_logging();
@@ -201,7 +219,15 @@ async fn command(command: Command) -> anyhow::Result<()> {
             let client = connection.connect().await?;
             let started = Instant::now();
             let progress = progress_bar();
-            let report = client.put(&point, &file, chunk_size, &progress).await?;
+            let report = client
+                .put(
+                    &point,
+                    &file,
+                    chunk_size,
+                    content_type.as_deref(),
+                    &progress,
+                )
+                .await?;
             progress.finish_and_clear();
             let record = report.record;
             if let Some((owner, address)) = &report.redirected {
@@ -248,6 +274,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
             let meta = connection.connect().await?.stat(&point).await?;
             println!("point:   {point}");
             println!("size:    {}", meta.size);
+            println!("type:    {}", meta.content_type);
             println!("crc32c:  {:08x}", meta.crc32c);
             println!("node:    {} ({})", meta.node, meta.role);
             println!("workers: {}", meta.workers.join(", "));
@@ -322,6 +349,22 @@ async fn command(command: Command) -> anyhow::Result<()> {
             init_client_logging();
             let members = connection.connect().await?.members().await?;
             print_members(&members);
+            Ok(())
+        }
+        Command::Url {
+            point,
+            ttl,
+            player,
+            connection,
+        } => {
+            init_client_logging();
+            let (url, expires) = connection
+                .connect()
+                .await?
+                .sign_url(&point, ttl, player)
+                .await?;
+            println!("{url}");
+            eprintln!("valid until {} (Unix seconds)", expires);
             Ok(())
         }
     }

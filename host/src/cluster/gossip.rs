@@ -48,6 +48,7 @@ mod keys {
     pub const LIFECYCLE: &str = "lifecycle";
     pub const RPC: &str = "rpc";
     pub const REPLICATION: &str = "replication";
+    pub const HTTP: &str = "http";
     pub const VIRTUAL_NODES: &str = "virtual_nodes";
     pub const TAGS: &str = "tags";
     pub const LEADER: &str = "leader";
@@ -437,6 +438,7 @@ fn key_values(advert: &Advert) -> Vec<(String, String)> {
         (keys::LIFECYCLE.into(), member.lifecycle.as_str().into()),
         (keys::RPC.into(), member.rpc_addr.clone()),
         (keys::REPLICATION.into(), member.replication_addr.clone()),
+        (keys::HTTP.into(), member.http_addr.clone()),
         (keys::VIRTUAL_NODES.into(), member.virtual_nodes.to_string()),
         (
             keys::TAGS.into(),
@@ -484,6 +486,7 @@ fn decode(id: &ChitchatId, state: &NodeState) -> Option<Advert> {
             lifecycle: Lifecycle::parse(get(keys::LIFECYCLE)?)?,
             rpc_addr: get(keys::RPC)?.to_owned(),
             replication_addr: get(keys::REPLICATION)?.to_owned(),
+            http_addr: get(keys::HTTP).unwrap_or_default().to_owned(),
             virtual_nodes: get(keys::VIRTUAL_NODES)?.parse().ok()?,
             tags: serde_json::from_str(get(keys::TAGS)?).ok()?,
             leader: get(keys::LEADER).map(str::to_owned),

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::secret::Secret;
 use crate::service::{Handle, Service};
 use gossip::{Gossip, Network};
 use ring::{Ring, RingMember};
@@ -123,6 +124,8 @@ pub struct Member {
     pub lifecycle: Lifecycle,
     pub rpc_addr: String,
     pub replication_addr: String,
+    /// Its HTTP gateway.
+    pub http_addr: String,
     pub virtual_nodes: u32,
     pub tags: BTreeMap<String, String>,
     /// For a follower: the name of the leader it follows, once connected.
@@ -261,8 +264,8 @@ impl ClusterSection {
                 "cluster.key",
                 format!("must be at least {MIN_KEY_LEN} bytes"),
             )),
-            (None, Some(path)) => match std::fs::read(path) {
-                Ok(bytes) if trim(&bytes).len() >= MIN_KEY_LEN => Ok(()),
+            (None, Some(path)) => match crate::secret::read_file(path) {
+                Ok(bytes) if bytes.len() >= MIN_KEY_LEN => Ok(()),
                 Ok(_) => Err((
                     "cluster.key_file",
                     format!("{} must hold at least {MIN_KEY_LEN} bytes", path.display()),
@@ -282,8 +285,7 @@ impl ClusterSection {
     pub fn gossip_key(&self) -> Result<Option<gossip::ClusterKey>, String> {
         let secret = match (&self.key, &self.key_file) {
             (Some(key), _) => key.0.as_bytes().to_vec(),
-            (None, Some(path)) => std::fs::read(path)
-                .map(|bytes| trim(&bytes).to_vec())
+            (None, Some(path)) => crate::secret::read_file(path)
                 .map_err(|e| format!("config key `cluster.key_file`: {}: {e}", path.display()))?,
             (None, None) => return Ok(None),
         };
@@ -295,21 +297,6 @@ impl ClusterSection {
     }
 }
 
-fn trim(bytes: &[u8]) -> &[u8] {
-    bytes.trim_ascii()
-}
-
-/// A secret configuration value: never printed.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 /// This node, as the cluster should see it.
 #[derive(Debug, Clone)]
 pub struct Local {
@@ -317,6 +304,7 @@ pub struct Local {
     pub role: Role,
     pub rpc_addr: SocketAddr,
     pub replication_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub virtual_nodes: u32,
     pub tags: BTreeMap<String, String>,
 }
@@ -549,6 +537,7 @@ impl State {
             lifecycle,
             rpc_addr: self.local.rpc_addr.to_string(),
             replication_addr: self.local.replication_addr.to_string(),
+            http_addr: self.local.http_addr.to_string(),
             virtual_nodes: self.local.virtual_nodes,
             tags: self.local.tags.clone(),
             leader: self.leader.clone(),

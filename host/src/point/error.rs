@@ -46,6 +46,17 @@ pub enum AppendError {
         expected: u64,
         end: u64,
     },
+    /// The point already has another content type, or bytes without one: a content type is
+    /// given once, with the point's first bytes (and replicated with them).
+    #[error(
+        "point {point} cannot take content type {wanted:?}: {}",
+        if current.is_empty() { "it has bytes already, and a type comes with the first ones".to_string() } else { format!("it has {current:?}") }
+    )]
+    ContentType {
+        point: PointId,
+        current: String,
+        wanted: String,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -1,8 +1,8 @@
 //! The point store: named, append-only byte streams on local disk.
 //!
 //! Each point is a directory (see [`id`] for how ids become paths) holding `point.data`, the raw
-//! bytes, so a read is one positional read, and `point.journal`, one record per append (see
-//! [`journal`]). Opening a point recovers it: the data file is cut back to the last complete,
+//! bytes, so a read is one positional read, `point.journal`, one record per append (see
+//! [`journal`]), and once a content type was given, `point.meta` (JSON). Opening a point recovers it: the data file is cut back to the last complete,
 //! checksum-valid append. Appends to one point are serialised by the point's lock; reads take no
 //! lock and never look past the published end. File handles are opened lazily and bounded: the
 //! least recently used points are closed when more than `max_open` are open, and idle points are
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, broadcast, watch};
+use tokio::sync::{Mutex, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,6 +39,7 @@ use crate::metrics;
 
 const DATA_FILE: &str = "point.data";
 const JOURNAL_FILE: &str = "point.journal";
+const META_FILE: &str = "point.meta";
 
 /// When appended bytes are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +140,36 @@ pub struct Point {
     last_used_ms: AtomicU64,
     /// The store's use counter at the last use, for LRU order.
     last_use: AtomicU64,
+    /// When the point last grew (ms since the store opened, + 1; 0: not since the store opened).
+    last_append_ms: AtomicU64,
+}
+
+/// What a point knows about itself besides its bytes (`point.meta`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Meta {
+    /// The media type given with the point's first bytes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+}
+
+/// A byte range of a point to stream: `[offset, stop)` in frames of at most `chunk` bytes. With
+/// `follow`, the stream waits at the end of the point for new bytes (until `stop`; `None`: until
+/// the receiver goes away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub offset: u64,
+    pub stop: Option<u64>,
+    pub chunk: u64,
+    pub follow: bool,
+}
+
+/// How a [`Point::stream`] ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("the node is shutting down")]
+    ShuttingDown,
 }
 
 #[derive(Default)]
@@ -155,6 +186,8 @@ struct State {
     /// Set by the first failed write; the point refuses writes from then on.
     failed: Option<String>,
     deleted: bool,
+    /// `point.meta`, once read.
+    meta: Option<Meta>,
 }
 
 struct Files {
@@ -292,6 +325,93 @@ impl Store {
     /// Size and checksum of `id`.
     pub async fn metadata(&self, id: &PointId) -> Result<Snapshot, ReadError> {
         Ok(self.point(id).await?.snapshot())
+    }
+
+    /// The content type given for `id`, if any.
+    pub async fn content_type(&self, id: &PointId) -> Result<Option<String>, ReadError> {
+        let point = self.point(id).await?;
+        let mut state = point.state.lock().await;
+        Ok(point.meta(&mut state).await?.content_type.clone())
+    }
+
+    /// The media type of `id`: the one given, else what its first bytes look like.
+    pub async fn media_type(&self, id: &PointId) -> Result<String, ReadError> {
+        if let Some(given) = self.content_type(id).await? {
+            return Ok(given);
+        }
+        let point = self.point(id).await?;
+        let len = point.snapshot().end.min(crate::content::SNIFF_LEN);
+        let head = point.read(self, 0, len).await?;
+        Ok(crate::content::sniff(&head).to_owned())
+    }
+
+    /// Gives `id` its content type, creating the point if needed. A point has one content type,
+    /// given with its first bytes: giving it another one, or one to a point that has bytes
+    /// already, is refused.
+    pub async fn set_content_type(&self, id: &PointId, wanted: &str) -> Result<(), AppendError> {
+        self.describe(id, wanted, true).await
+    }
+
+    /// [`set_content_type`](Self::set_content_type) as a follower applies its leader's: also to
+    /// a point that has bytes (the leader's word is final).
+    pub async fn set_replicated_content_type(
+        &self,
+        id: &PointId,
+        wanted: &str,
+    ) -> Result<(), AppendError> {
+        self.describe(id, wanted, false).await
+    }
+
+    async fn describe(
+        &self,
+        id: &PointId,
+        wanted: &str,
+        first_bytes_only: bool,
+    ) -> Result<(), AppendError> {
+        let shared = &self.inner.shared;
+        loop {
+            let point = self.get_or_insert(id);
+            let mut state = point.state.lock().await;
+            if state.deleted {
+                continue;
+            }
+            if let Err(error) = point.ensure_open(shared, &mut state).await {
+                if !state.recovered {
+                    state.deleted = true;
+                    self.inner.points.write().unwrap().remove(id);
+                }
+                return Err(error.into());
+            }
+            let has_bytes = state.end > 0;
+            let meta = point.meta(&mut state).await?;
+            match &meta.content_type {
+                Some(current) if current == wanted => return Ok(()),
+                Some(current) => {
+                    return Err(AppendError::ContentType {
+                        point: id.clone(),
+                        current: current.clone(),
+                        wanted: wanted.to_owned(),
+                    });
+                }
+                None if first_bytes_only && has_bytes => {
+                    return Err(AppendError::ContentType {
+                        point: id.clone(),
+                        current: String::new(),
+                        wanted: wanted.to_owned(),
+                    });
+                }
+                None => {}
+            }
+            let meta = Meta {
+                content_type: Some(wanted.to_owned()),
+            };
+            let (dir, fsync, written) = (point.dir.clone(), shared.config.fsync, meta.clone());
+            tokio::task::spawn_blocking(move || write_meta(&dir, &written, fsync))
+                .await
+                .map_err(join_error)??;
+            state.meta = Some(meta);
+            return Ok(());
+        }
     }
 
     /// Reads `[offset, offset + len)` of `id`.
@@ -525,6 +645,7 @@ impl Point {
             snapshot: watch::Sender::new(Snapshot::default()),
             last_used_ms: AtomicU64::new(0),
             last_use: AtomicU64::new(0),
+            last_append_ms: AtomicU64::new(0),
         }
     }
 
@@ -540,6 +661,87 @@ impl Point {
     /// Follows the published snapshot: changes after every append and on deletion.
     pub fn watch(&self) -> watch::Receiver<Snapshot> {
         self.snapshot.subscribe()
+    }
+
+    /// Whether the point grew less than `within` ago (a point still being written).
+    pub fn written_within(&self, store: &Store, within: Duration) -> bool {
+        match self.last_append_ms.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let now = store.inner.shared.now_ms() + 1;
+                now.saturating_sub(at) < within.as_millis() as u64
+            }
+        }
+    }
+
+    /// `point.meta`, read once.
+    async fn meta<'a>(&self, state: &'a mut State) -> Result<&'a Meta, StorageError> {
+        if state.meta.is_none() {
+            let dir = self.dir.clone();
+            let meta = tokio::task::spawn_blocking(move || read_meta(&dir))
+                .await
+                .map_err(join_error)??;
+            state.meta = Some(meta);
+        }
+        Ok(state.meta.as_ref().expect("just read"))
+    }
+
+    /// Sends `span` of the point into `frames` as `(offset, bytes)` until the span is done, the
+    /// receiver is gone (a client that left: nothing more is read), the point is deleted
+    /// (`NotFound`) or `shutdown` is cancelled while following. The one read loop of
+    /// `ConsumeStream` and of the HTTP gateway.
+    pub async fn stream(
+        self: Arc<Self>,
+        store: Store,
+        span: Span,
+        frames: mpsc::Sender<Result<(u64, Bytes), StreamError>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut changes = self.watch();
+        let mut position = span.offset;
+        loop {
+            if Some(position) == span.stop {
+                return;
+            }
+            let current = *changes.borrow_and_update();
+            if current.deleted {
+                let _ = frames
+                    .send(Err(ReadError::NotFound(self.id.clone()).into()))
+                    .await;
+                return;
+            }
+            if position < current.end {
+                let end = span.stop.map_or(current.end, |stop| stop.min(current.end));
+                let len = span.chunk.min(end - position);
+                let frame = match self.read(&store, position, len).await {
+                    Ok(frame) => frame,
+                    Err(error) => {
+                        let _ = frames.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+                if frames.send(Ok((position, frame))).await.is_err() {
+                    return;
+                }
+                position += len;
+                continue;
+            }
+            if !span.follow {
+                return;
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = frames.closed() => return,
+                _ = shutdown.cancelled() => {
+                    let _ = frames.send(Err(StreamError::ShuttingDown)).await;
+                    return;
+                }
+            }
+        }
     }
 
     /// Reads `[offset, offset + len)`, which must lie within the published end.
@@ -719,6 +921,8 @@ impl Point {
             appended.push(Appended { start, end, crc });
         }
         if end != state.end {
+            self.last_append_ms
+                .store(shared.now_ms() + 1, Ordering::Relaxed);
             ::metrics::counter!(metrics::APPENDS).increment(records.len() as u64);
             ::metrics::counter!(metrics::APPENDED_BYTES).increment(end - state.end);
             state.end = end;
@@ -960,10 +1164,41 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The point's `point.meta`, or the empty one if it has none.
+fn read_meta(dir: &Path) -> Result<Meta, StorageError> {
+    let path = dir.join(META_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|error| StorageError::io("decoding", &path)(std::io::Error::other(error))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Meta::default()),
+        Err(error) => Err(StorageError::io("reading", path)(error)),
+    }
+}
+
+/// Replaces `point.meta`: a temporary file (synced unless `fsync = "never"`), renamed over it.
+fn write_meta(dir: &Path, meta: &Meta, fsync: Fsync) -> Result<(), StorageError> {
+    let path = dir.join(META_FILE);
+    let temporary = dir.join("point.meta.tmp");
+    let bytes = serde_json::to_vec(meta).expect("the meta of a point serializes");
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&temporary)?;
+        std::io::Write::write_all(&mut file, &bytes)?;
+        if fsync != Fsync::Never {
+            file.sync_all()?;
+        }
+        std::fs::rename(&temporary, &path)?;
+        if fsync != Fsync::Never {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    };
+    write().map_err(StorageError::io("writing", path))
+}
+
 /// Removes the files of the point in `dir`, then every directory from `dir` up to (excluding)
 /// `root` that is left empty. A directory that still holds another point's continuation stays.
 fn remove_point_files(root: &Path, dir: &Path) -> Result<(), StorageError> {
-    for name in [JOURNAL_FILE, DATA_FILE] {
+    for name in [JOURNAL_FILE, DATA_FILE, META_FILE] {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}

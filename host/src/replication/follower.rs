@@ -202,6 +202,11 @@ enum Job {
         point: PointId,
         done: oneshot::Sender<Result<(), String>>,
     },
+    Describe {
+        point: PointId,
+        content_type: String,
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The outcome of one record: applied, or the point ends elsewhere. Either way, its end.
@@ -233,6 +238,19 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
                     Err(DeleteError::NotFound(_)) => Ok(()),
                     Err(error) => Err(error.to_string()),
                 };
+                let _ = done.send(result);
+                continue;
+            }
+            Job::Describe {
+                point,
+                content_type,
+                done,
+            } => {
+                let result = context
+                    .store
+                    .set_replicated_content_type(&point, &content_type)
+                    .await
+                    .map_err(|error| error.to_string());
                 let _ = done.send(result);
                 continue;
             }
@@ -361,6 +379,35 @@ impl sink::Server for SinkService {
             }
         }
         Ok(())
+    }
+
+    async fn describe(
+        self: Rc<Self>,
+        params: sink::DescribeParams,
+        _: sink::DescribeResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let point = params.get_point()?.to_str()?.to_owned();
+        let content_type = params.get_content_type()?.to_str()?.to_owned();
+        let Ok(point) = PointId::new(point) else {
+            return Ok(());
+        };
+        if !crate::content::is_valid(&content_type) {
+            return Err(capnp::Error::failed(format!(
+                "the leader described {point} with an invalid content type"
+            )));
+        }
+        let (done, outcome) = oneshot::channel();
+        self.enqueue(Job::Describe {
+            point,
+            content_type,
+            done,
+        })
+        .await?;
+        outcome
+            .await
+            .map_err(|_| capnp::Error::failed("the applier stopped".into()))?
+            .map_err(capnp::Error::failed)
     }
 
     async fn remove(

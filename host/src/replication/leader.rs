@@ -39,7 +39,13 @@ pub async fn serve(
     spawner: &Spawner,
 ) {
     let shutdown = spawner.token().clone();
-    let mut incoming = crate::net::accept(listener, tls, spawner, "replication");
+    let mut incoming = crate::net::accept(
+        listener,
+        tls,
+        crate::net::ClientCertificates::Required,
+        spawner,
+        "replication",
+    );
     let context = Rc::new(context);
     while let Some(connection) = incoming.next().await {
         let connection = match connection {
@@ -179,6 +185,9 @@ enum Outcome {
         point: PointId,
         reply: Result<(), capnp::Error>,
     },
+    Described {
+        reply: Result<(), capnp::Error>,
+    },
 }
 
 enum Reply {
@@ -197,6 +206,8 @@ struct Replicator {
     /// Points with something to send, round robin.
     dirty: VecDeque<PointId>,
     queued: HashSet<PointId>,
+    /// Points whose content type went out in this session (before their first record).
+    described: HashSet<PointId>,
     in_flight: FuturesUnordered<LocalBoxFuture<'static, Outcome>>,
     /// When the lag gauge was last computed (it sums over every point).
     gauges_at: Option<std::time::Instant>,
@@ -219,6 +230,7 @@ impl Replicator {
             points: HashMap::new(),
             dirty: VecDeque::new(),
             queued: HashSet::new(),
+            described: HashSet::new(),
             in_flight: FuturesUnordered::new(),
             gauges_at: None,
         }
@@ -321,7 +333,38 @@ impl Replicator {
 
     fn removed(&mut self, point: PointId) {
         self.points.remove(&point);
+        self.described.remove(&point);
         self.send_remove(point);
+    }
+
+    /// Sends the point's content type, if it has one, before its first record in this session.
+    async fn describe(&mut self, point: &PointId) -> Result<(), String> {
+        if self.described.contains(point) {
+            return Ok(());
+        }
+        let content_type = match self.context.store.content_type(point).await {
+            Ok(content_type) => content_type,
+            // Deleted meanwhile: the removal event follows.
+            Err(ReadError::NotFound(_)) => None,
+            Err(error) => return Err(error.to_string()),
+        };
+        self.described.insert(point.clone());
+        let Some(content_type) = content_type else {
+            return Ok(());
+        };
+        let mut request = self.sink.describe_request();
+        request.get().set_point(point.as_str());
+        request.get().set_content_type(&content_type);
+        // Sent now: calls leave in the order they are made, so it precedes the first push.
+        let promise = request.send().promise;
+        self.in_flight.push(
+            async move {
+                let reply = promise.await.map(|_| ());
+                Outcome::Described { reply }
+            }
+            .boxed_local(),
+        );
+        Ok(())
     }
 
     fn mark(&mut self, point: PointId) {
@@ -360,6 +403,10 @@ impl Replicator {
             }
             let (start, generation) = (state.next, state.generation);
             let len = chunk.min(state.end - start);
+            if let Err(error) = self.describe(&point).await {
+                self.mark(point);
+                return Err(error);
+            }
             let payload: Bytes = match self.context.store.read(&point, start, len).await {
                 Ok(payload) => payload,
                 // Deleted meanwhile: the removal event follows.
@@ -417,6 +464,7 @@ impl Replicator {
     /// Applies a reply. An RPC error means the session is over.
     fn handle(&mut self, outcome: Outcome) -> Result<(), capnp::Error> {
         match outcome {
+            Outcome::Described { reply } => reply?,
             Outcome::Removed { point, reply } => {
                 reply?;
                 self.context.progress.forget(&self.follower, &point);

@@ -84,6 +84,7 @@ async fn membership(
                 role: Role::Leader,
                 rpc_addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 replication_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                http_addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 virtual_nodes: 64,
                 tags: Default::default(),
             },
@@ -148,6 +149,7 @@ async fn ownership() -> anyhow::Result<()> {
         rpc_port: 0,
         replication_port: 0,
         metrics_port: 0,
+        http_port: 0,
         ..Config::default()
     };
     config.storage.fsync = goutube::point::Fsync::Never;
@@ -179,6 +181,7 @@ async fn ownership() -> anyhow::Result<()> {
         let request = goutube::api::proto::ProduceRequest {
             point: points[i % points.len()].as_str().to_owned(),
             frame: frame.clone(),
+            ..Default::default()
         };
         client
             .raw()

@@ -1,0 +1,500 @@
+//! The HTTP range gateway: `GET`/`HEAD /v1/points/{id}` serve a point's bytes to browsers, media
+//! players and curl, with byte ranges, strong ETags and content types, and `/v1/player/{id}` a
+//! page that plays it. `docs/http.md` has the rules; each is a test in `tests/tests/gateway.rs`.
+//!
+//! - **Who reads.** One `consume` decision per request, by the same authorizer as gRPC, for the
+//!   subject of the client certificate or of a signed URL ([`crate::signed_url`]). With TLS a
+//!   request with neither is refused; without TLS the subject is `anonymous`.
+//! - **What is served** is the point as it is when the request arrives (one snapshot: length,
+//!   checksum and ETag agree), read by the store's read loop into a bounded channel: when the
+//!   client goes away, the channel closes and nothing more is read. `?follow=1` keeps streaming
+//!   a growing point.
+//! - **In a cluster**, a node that does not hold the point, or holds less than the range asks
+//!   for, answers `307` to the owner (or, with the owner down, to one of its followers), never a
+//!   short answer; `hop=1` on the redirected request stops a second redirect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Path, Query, RawQuery, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use headers::{ETag, HeaderMapExt, IfNoneMatch, IfRange};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::range::{self, Answer};
+use crate::access::Action;
+use crate::api::Context;
+use crate::error::{Error, bounded};
+use crate::metrics;
+use crate::net::{NO_CERTIFICATE, PeerInfo};
+use crate::point::{Point, PointId, ReadError, Span};
+use crate::service::Spawner;
+use crate::signed_url::{UrlSigner, encode_path};
+
+/// Frames the read loop may read ahead of a slow client.
+const READ_AHEAD: usize = 4;
+
+/// What the gateway's handlers share.
+pub struct Gateway {
+    pub context: Arc<Context>,
+    pub signer: Arc<UrlSigner>,
+    /// Whether this gateway speaks HTTPS (redirects keep the scheme).
+    pub tls: bool,
+    /// A point that grew less than this long ago is served with `Cache-Control: no-cache`.
+    pub writing_window: Duration,
+    /// The read loops run as tasks of the gateway subsystem.
+    pub spawner: Spawner,
+}
+
+/// The query of a request: a signed URL's fields, `follow`, and the redirect marker.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Params {
+    expires: Option<String>,
+    subject: Option<String>,
+    sig: Option<String>,
+    follow: Option<String>,
+    hop: Option<String>,
+}
+
+impl Params {
+    fn follow(&self) -> bool {
+        matches!(self.follow.as_deref(), Some("1" | "true" | "yes"))
+    }
+}
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/points/{*id}", get(point))
+        .route("/v1/player/{*id}", get(player))
+        .with_state(gateway)
+}
+
+/// Why a request is not answered with the point: one line of text for people, the right status
+/// for programs.
+enum Refusal {
+    BadRequest(String),
+    Forbidden(String),
+    NotFound(String),
+    Unavailable(String),
+    Redirect(String),
+    Internal(String),
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, text) = match self {
+            Refusal::BadRequest(text) => (StatusCode::BAD_REQUEST, text),
+            Refusal::Forbidden(text) => (StatusCode::FORBIDDEN, text),
+            Refusal::NotFound(text) => (StatusCode::NOT_FOUND, text),
+            Refusal::Unavailable(text) => (StatusCode::SERVICE_UNAVAILABLE, text),
+            Refusal::Internal(text) => (StatusCode::INTERNAL_SERVER_ERROR, text),
+            Refusal::Redirect(location) => {
+                let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+                if let Ok(value) = HeaderValue::try_from(location) {
+                    response.headers_mut().insert(header::LOCATION, value);
+                }
+                return response;
+            }
+        };
+        let one_line = bounded(&text.replace(['\r', '\n'], " "));
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            one_line + "\n",
+        )
+            .into_response()
+    }
+}
+
+impl From<ReadError> for Refusal {
+    fn from(error: ReadError) -> Self {
+        match error {
+            ReadError::NotFound(id) => Refusal::NotFound(format!("point {id} not found")),
+            other => Refusal::Internal(other.to_string()),
+        }
+    }
+}
+
+/// One request, with what every handler needs of it.
+struct Request {
+    id: PointId,
+    params: Params,
+    raw_query: Option<String>,
+    path: &'static str,
+}
+
+async fn point(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    method: Method,
+    Path(id): Path<String>,
+    params: Result<Query<Params>, QueryRejection>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let served = async {
+        let request = gateway.request("points", id, params, raw_query)?;
+        gateway.serve(&peer, &method, &request, &headers).await
+    }
+    .await;
+    let response = count(served.unwrap_or_else(IntoResponse::into_response));
+    tracing::debug!(peer = %peer.addr, %method, %range, status = response.status().as_u16(), "gateway request");
+    response
+}
+
+async fn player(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    Path(id): Path<String>,
+    params: Result<Query<Params>, QueryRejection>,
+    RawQuery(raw_query): RawQuery,
+) -> Response {
+    let page = async {
+        let request = gateway.request("player", id, params, raw_query)?;
+        gateway.page(&peer, &request).await
+    }
+    .await;
+    count(page.unwrap_or_else(IntoResponse::into_response))
+}
+
+fn count(response: Response) -> Response {
+    ::metrics::counter!(metrics::HTTP_REQUESTS, "status" => response.status().as_str().to_owned())
+        .increment(1);
+    response
+}
+
+impl Gateway {
+    fn request(
+        &self,
+        path: &'static str,
+        id: String,
+        params: Result<Query<Params>, QueryRejection>,
+        raw_query: Option<String>,
+    ) -> Result<Request, Refusal> {
+        let id =
+            PointId::new(id).map_err(|e| Refusal::BadRequest(format!("invalid point id: {e}")))?;
+        let Query(params) =
+            params.map_err(|e| Refusal::BadRequest(format!("malformed query: {e}")))?;
+        Ok(Request {
+            id,
+            params,
+            raw_query,
+            path,
+        })
+    }
+
+    /// The one authorization decision of a request: for the signed URL's subject if the request
+    /// carries one, else for the client certificate's.
+    async fn authorize(&self, peer: &PeerInfo, request: &Request) -> Result<(), Refusal> {
+        let params = &request.params;
+        let signed = params.sig.is_some() || params.expires.is_some() || params.subject.is_some();
+        let reader = if signed {
+            let grant = self
+                .signer
+                .verify(
+                    request.id.as_str(),
+                    params.expires.as_deref(),
+                    params.subject.as_deref(),
+                    params.sig.as_deref(),
+                )
+                .map_err(|e| Refusal::Forbidden(e.to_string()))?;
+            PeerInfo {
+                addr: peer.addr,
+                subject: grant.subject.into(),
+            }
+        } else if &*peer.subject == NO_CERTIFICATE {
+            return Err(Refusal::Forbidden(
+                "no client certificate and no signed URL (`goutube url` makes one)".into(),
+            ));
+        } else {
+            peer.clone()
+        };
+        self.context
+            .access
+            .authorize(&reader, Action::Consume, request.id.as_str())
+            .await
+            .map_err(|error| match error {
+                Error::PermissionDenied { .. } => Refusal::Forbidden(error.to_string()),
+                other => Refusal::Unavailable(other.to_string()),
+            })
+    }
+
+    /// The point if this node holds it; else the redirect to a node that does, or why not.
+    async fn find(
+        &self,
+        request: &Request,
+        reaches_past: impl Fn(u64) -> bool,
+    ) -> Result<Arc<Point>, Refusal> {
+        let local = match self.context.store.point(&request.id).await {
+            Ok(point) => Some(point),
+            Err(ReadError::NotFound(_)) => None,
+            Err(error) => return Err(error.into()),
+        };
+        let lacking = local
+            .as_ref()
+            .is_none_or(|point| reaches_past(point.snapshot().end));
+        if lacking
+            && request.params.hop.is_none()
+            && let Some(location) = self.elsewhere(request).await
+        {
+            return Err(Refusal::Redirect(location));
+        }
+        match local {
+            Some(point) => Ok(point),
+            None => match self.owner_down(&request.id).await {
+                Some(owner) => Err(Refusal::Unavailable(format!(
+                    "point {} belongs to member {owner}, which is down, and no live replica was found",
+                    request.id
+                ))),
+                None => Err(Refusal::NotFound(format!("point {} not found", request.id))),
+            },
+        }
+    }
+
+    /// Where a copy at least as complete as this node's lives: the owner if it is live (it
+    /// holds every acknowledged byte), else a live follower of the owner.
+    async fn elsewhere(&self, request: &Request) -> Option<String> {
+        let (membership, owners) = self
+            .context
+            .placement
+            .owners(request.id.as_str(), 1)
+            .await
+            .ok()?;
+        let owner = owners.first()?;
+        if *owner == membership.local {
+            return None;
+        }
+        let target =
+            membership.live(owner).or_else(|| {
+                membership.view.members.values().find(|m| {
+                    m.leader.as_deref() == Some(owner.as_str()) && m.name != membership.local
+                })
+            })?;
+        if target.http_addr.is_empty() {
+            return None;
+        }
+        let scheme = if self.tls { "https" } else { "http" };
+        let query = match &request.raw_query {
+            Some(query) if !query.is_empty() => format!("{query}&hop=1"),
+            _ => "hop=1".into(),
+        };
+        Some(format!(
+            "{scheme}://{}/v1/{}/{}?{query}",
+            target.http_addr,
+            request.path,
+            encode_path(request.id.as_str())
+        ))
+    }
+
+    /// The owner of `id` if it is down.
+    async fn owner_down(&self, id: &PointId) -> Option<String> {
+        let (membership, owners) = self.context.placement.owners(id.as_str(), 1).await.ok()?;
+        let owner = owners.first()?;
+        (*owner != membership.local && membership.live(owner).is_none()).then(|| owner.clone())
+    }
+
+    async fn serve(
+        &self,
+        peer: &PeerInfo,
+        method: &Method,
+        request: &Request,
+        headers: &HeaderMap,
+    ) -> Result<Response, Refusal> {
+        self.authorize(peer, request).await?;
+        let follow = request.params.follow();
+        let spec = headers
+            .get(header::RANGE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(range::parse);
+        let point = self
+            .find(request, |len| {
+                !follow && spec.is_some_and(|s| s.reaches_past(len))
+            })
+            .await?;
+        let snapshot = point.snapshot();
+        let len = snapshot.end;
+        let etag = format!("\"{len:x}-{:08x}\"", snapshot.crc);
+        let typed_etag: ETag = etag.parse().expect("a quoted hexadecimal ETag parses");
+        let content_type = self.context.store.media_type(&request.id).await?;
+
+        let mut response = Response::builder()
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header(header::ETAG, &etag)
+            .header(header::CONTENT_TYPE, content_type.as_str());
+        if follow || point.written_within(&self.context.store, self.writing_window) {
+            response = response.header(header::CACHE_CONTROL, "no-cache");
+        }
+        if follow {
+            // As it grows, until the client leaves: no length, chunked.
+            let span = self.span(0, None, true);
+            let body = self.body(method, point, span);
+            return Ok(response
+                .status(StatusCode::OK)
+                .body(body)
+                .expect("valid response"));
+        }
+        if headers
+            .typed_get::<IfNoneMatch>()
+            .is_some_and(|condition| !condition.precondition_passes(&typed_etag))
+        {
+            return Ok(response
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Body::empty())
+                .expect("valid response"));
+        }
+        // If-Range: the range holds only for the representation the client already has.
+        let range_holds = headers
+            .typed_get::<IfRange>()
+            .is_none_or(|condition| !condition.is_modified(Some(&typed_etag), None));
+        let answer = match spec {
+            Some(spec) if range_holds => spec.resolve(len),
+            _ => Answer::Full,
+        };
+        let (status, start, stop) = match answer {
+            Answer::Full => (StatusCode::OK, 0, len),
+            Answer::Partial { start, end } => {
+                response =
+                    response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+                (StatusCode::PARTIAL_CONTENT, start, end + 1)
+            }
+            Answer::Unsatisfiable => {
+                return Ok(response
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                    .body(Body::empty())
+                    .expect("valid response"));
+            }
+        };
+        let body = self.body(method, point, self.span(start, Some(stop), false));
+        Ok(response
+            .status(status)
+            .header(header::CONTENT_LENGTH, stop - start)
+            .body(body)
+            .expect("valid response"))
+    }
+
+    fn span(&self, offset: u64, stop: Option<u64>, follow: bool) -> Span {
+        Span {
+            offset,
+            stop,
+            chunk: self.context.config.max_chunk_size,
+            follow,
+        }
+    }
+
+    /// The bytes of `span`, read as the client takes them (nothing for `HEAD`).
+    fn body(&self, method: &Method, point: Arc<Point>, span: Span) -> Body {
+        if method == Method::HEAD || span.stop == Some(span.offset) {
+            return Body::empty();
+        }
+        let (frames, received) = mpsc::channel(READ_AHEAD);
+        let store = self.context.store.clone();
+        let (shutdown, abort) = (self.context.shutdown.clone(), self.context.abort.clone());
+        // Ends with the node's grace period, even for a client that stopped reading.
+        self.spawner.spawn("read", async move {
+            tokio::select! {
+                () = point.stream(store, span, frames, shutdown) => {}
+                () = abort.cancelled() => {}
+            }
+        });
+        Body::from_stream(ReceiverStream::new(received).map(|frame| {
+            frame
+                .map(|(_, bytes): (u64, Bytes)| {
+                    ::metrics::counter!(metrics::HTTP_BYTES).increment(bytes.len() as u64);
+                    bytes
+                })
+                .map_err(std::io::Error::other)
+        }))
+    }
+
+    /// The player page: the point in a `<video>` or `<audio>` element, with its metadata.
+    async fn page(&self, peer: &PeerInfo, request: &Request) -> Result<Response, Refusal> {
+        self.authorize(peer, request).await?;
+        let point = self.find(request, |_| false).await?;
+        let snapshot = point.snapshot();
+        let content_type = self.context.store.media_type(&request.id).await?;
+        let query = request
+            .raw_query
+            .as_deref()
+            .filter(|q| !q.is_empty())
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let source = escape(&format!(
+            "/v1/points/{}{query}",
+            encode_path(request.id.as_str())
+        ));
+        let element = if content_type.starts_with("audio/") {
+            format!("<audio id=\"player\" controls autoplay src=\"{source}\"></audio>")
+        } else if content_type.starts_with("video/") || content_type == "application/ogg" {
+            format!(
+                "<video id=\"player\" controls autoplay muted playsinline src=\"{source}\"></video>"
+            )
+        } else {
+            format!("<p><a id=\"player\" href=\"{source}\">download</a></p>")
+        };
+        let title = escape(request.id.as_str());
+        let html = format!(
+            "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+             <title>{title} — goutube</title>\n\
+             <style>body{{font-family:sans-serif;margin:2em;max-width:60em}}video,audio{{width:100%}}\
+             dt{{font-weight:bold}}</style>\n</head>\n<body>\n<h1>{title}</h1>\n{element}\n<dl>\n\
+             <dt>type</dt><dd id=\"type\">{}</dd>\n<dt>size</dt><dd id=\"size\">{} bytes</dd>\n\
+             <dt>crc32c</dt><dd id=\"crc32c\">{:08x}</dd>\n</dl>\n</body>\n</html>\n",
+            escape(&content_type),
+            snapshot.end,
+            snapshot.crc
+        );
+        Ok((
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            html,
+        )
+            .into_response())
+    }
+}
+
+/// `text` for HTML text and attribute values.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn html_escapes_everything_that_could_close_a_tag_or_an_attribute() {
+        assert_eq!(
+            super::escape("<script>alert('x')</script>&\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
+        );
+    }
+}
