@@ -280,12 +280,6 @@ impl Config {
         if self.virtual_node_count == 0 {
             return invalid("virtual_node_count", "must be at least 1".into());
         }
-        if self.role == Role::Balancer {
-            return invalid(
-                "role",
-                "\"balancer\" is not available in this version of goutube".into(),
-            );
-        }
         match (self.role, self.leader_addresses.is_empty()) {
             (Role::Follower, true) => {
                 return invalid(
@@ -490,7 +484,6 @@ mod tests {
                 "cluster = { key_file = \"/nonexistent/key\" }",
                 "cluster.key_file",
             ),
-            ("role = \"balancer\"", "role"),
             // The static member list is gone: membership is gossiped.
             ("[[members]]\nname = \"b\"\naddress = \"x:1\"", "members"),
         ] {

@@ -13,6 +13,7 @@
 //! | [`access`] | actions, decisions, and the one async authorization door every caller uses |
 //! | [`cache`] | the answer cache of access and placement, stamped by plugin generation and input version |
 //! | [`cluster`] | membership by gossip (chitchat), the live view, the ring and its lifecycle states |
+//! | [`balancer`] | the balancer role: the same API served by forwarding to the nodes that hold the data |
 //! | [`placement`] | which ring member owns a point: the placement plugin, cached per ring version |
 //! | [`replication`] | leader → follower replication over Cap'n Proto RPC, on its own thread |
 //! | [`plugins`] | the WebAssembly engine: bindings (the one `bindgen!`), built-ins, Polar |
@@ -34,6 +35,7 @@
 
 pub mod access;
 pub mod api;
+pub mod balancer;
 pub mod cache;
 pub mod certs;
 pub mod client;

@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::Access;
 use crate::api::{self, Context};
+use crate::balancer::BalancerService;
+use crate::client::{ClientTls, Pool};
 use crate::cluster::{self, Cluster, Membership, gossip};
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::http::gateway::Gateway;
 use crate::placement::Placement;
 use crate::plugins::{PluginError, Plugins};
@@ -152,8 +154,16 @@ pub enum ShutdownError {
 /// A started node. Dropping it without [`shutdown`](Self::shutdown) leaves its tasks running
 /// until the runtime ends.
 pub struct Node {
-    context: Arc<Context>,
+    config: Arc<Config>,
     plugins: Arc<Plugins>,
+    access: Arc<Access>,
+    placement: Arc<Placement>,
+    /// What a storage node's handlers share; a balancer has none.
+    context: Option<Arc<Context>>,
+    /// Cancelled when shutdown starts: stop accepting, end `follow` streams.
+    shutdown: CancellationToken,
+    /// Cancelled when the grace period is over: end every remaining stream.
+    abort: CancellationToken,
     cluster: Cluster,
     api: Handle,
     gateway: Handle,
@@ -163,20 +173,35 @@ pub struct Node {
 }
 
 impl Node {
+    /// Starts the subsystems in order: store (storage nodes), plugins and access, membership
+    /// and placement, replication (leaders and followers), the API (the storage service, or a
+    /// balancer's forwarding one), the HTTP gateway, metrics.
     pub async fn start(config: Config, listeners: Listeners) -> Result<Node, StartError> {
         // Before anything records a metric: what is recorded before the recorder exists is lost.
         let recorder = crate::metrics::handle();
         let addresses = listeners.addresses(&config)?;
-        let store = Store::open(config.store_config()).await?;
-        tracing::info!(
-            node = %config.node_name,
-            role = config.role.as_str(),
-            points = store.len(),
-            data_dir = %config.data_dir.display(),
-            "store opened"
-        );
+        let balancer = config.role == Role::Balancer;
+        let store = if balancer {
+            None
+        } else {
+            let store = Store::open(config.store_config()).await?;
+            tracing::info!(
+                node = %config.node_name,
+                role = config.role.as_str(),
+                points = store.len(),
+                data_dir = %config.data_dir.display(),
+                "store opened"
+            );
+            Some(store)
+        };
         let tls = match &config.tls {
             Some(section) => Some(TlsAcceptor::from(crate::tls::server_config(section)?)),
+            None => None,
+        };
+        let gateway_tls = match &config.tls {
+            Some(section) => Some(TlsAcceptor::from(crate::tls::gateway_server_config(
+                section,
+            )?)),
             None => None,
         };
         let plugins = Arc::new(Plugins::load(&config.plugins, &config.data_dir)?);
@@ -184,6 +209,7 @@ impl Node {
             plugins.clone(),
             Duration::from_millis(config.plugins.decision_cache_ms),
         ));
+        let signer = Arc::new(url_signer(&config, &addresses)?);
 
         let key = config.cluster.gossip_key().map_err(StartError::Config)?;
         if key.is_none() {
@@ -220,81 +246,101 @@ impl Node {
         let placement = Arc::new(Placement::new(plugins.clone(), cluster.membership()));
 
         let config = Arc::new(config);
-        let progress = Arc::new(Progress::default());
-        let replication = replication::start(
-            replication::Context {
-                config: config.clone(),
-                store: store.clone(),
-                plugins: plugins.clone(),
-                access: access.clone(),
-                progress: progress.clone(),
-                rpc_addr: addresses.rpc,
-                leader,
-            },
-            listeners.replication,
-            CancellationToken::new(),
-        )?;
-        let scheme = if config.tls.is_some() {
-            "https"
-        } else {
-            "http"
+        let (shutdown, abort) = (CancellationToken::new(), CancellationToken::new());
+        let (context, replication, api) = match store {
+            Some(store) => {
+                let progress = Arc::new(Progress::default());
+                let replication = replication::start(
+                    replication::Context {
+                        config: config.clone(),
+                        store: store.clone(),
+                        plugins: plugins.clone(),
+                        access: access.clone(),
+                        progress: progress.clone(),
+                        rpc_addr: addresses.rpc,
+                        leader,
+                    },
+                    listeners.replication,
+                    CancellationToken::new(),
+                )?;
+                let context = Arc::new(Context {
+                    config: config.clone(),
+                    store,
+                    rpc_addr: addresses.rpc,
+                    shutdown: shutdown.clone(),
+                    abort: abort.clone(),
+                    access: access.clone(),
+                    placement: placement.clone(),
+                    progress,
+                    signer: signer.clone(),
+                });
+                let api = api::start(
+                    api::streaming::StreamingService::new(context.clone()),
+                    api::streaming::ResolverService::new(context.clone()),
+                    config.max_frame_size,
+                    listeners.rpc,
+                    tls.clone(),
+                    shutdown.clone(),
+                );
+                (Some(context), replication, api)
+            }
+            None => {
+                // A balancer reaches the nodes with its own node certificate.
+                let identity = config.tls.as_ref().map(|tls| {
+                    let peer = tls.peer.clone().unwrap_or_default();
+                    ClientTls {
+                        ca: peer.ca.unwrap_or_else(|| tls.ca.clone()),
+                        cert: peer.cert.unwrap_or_else(|| tls.cert.clone()),
+                        key: peer.key.unwrap_or_else(|| tls.key.clone()),
+                        server_name: None,
+                    }
+                });
+                let service = BalancerService::new(
+                    access.clone(),
+                    placement.clone(),
+                    Pool::new(identity),
+                    signer.clone(),
+                    config.multi_stream_percent,
+                    abort.clone(),
+                );
+                let api = api::start(
+                    service.clone(),
+                    service,
+                    config.max_frame_size,
+                    listeners.rpc,
+                    tls.clone(),
+                    shutdown.clone(),
+                );
+                (None, None, api)
+            }
         };
-        let public_url = config
-            .http
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("{scheme}://{}", addresses.http));
-        let url_keys = config.http.url_key_bytes().map_err(|(key, message)| {
-            StartError::Config(format!("config key `{key}`: {message}"))
-        })?;
-        let signer = Arc::new(UrlSigner::new(
-            &url_keys,
-            public_url,
-            config.http.max_url_ttl(),
-        ));
-        let gateway_tls = match &config.tls {
-            Some(section) => Some(TlsAcceptor::from(crate::tls::gateway_server_config(
-                section,
-            )?)),
-            None => None,
+        let gateway = Gateway {
+            access: access.clone(),
+            placement: placement.clone(),
+            store: context.as_ref().map(|c| c.store.clone()),
+            chunk: config.max_chunk_size,
+            shutdown: shutdown.clone(),
+            abort: abort.clone(),
+            signer,
+            tls: gateway_tls.is_some(),
+            writing_window: Duration::from_millis(config.http.writing_window_ms),
         };
-        let context = Arc::new(Context {
-            config,
-            store,
-            rpc_addr: addresses.rpc,
-            shutdown: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            access,
-            placement,
-            progress,
-            signer: signer.clone(),
-        });
-        let api = api::start(
-            context.clone(),
-            listeners.rpc,
-            tls.clone(),
-            context.shutdown.clone(),
-        );
-        let writing_window = Duration::from_millis(context.config.http.writing_window_ms);
-        let gateway_context = context.clone();
-        let https = gateway_tls.is_some();
         let gateway = crate::http::start_gateway(
-            move |spawner| Gateway {
-                context: gateway_context,
-                signer,
-                tls: https,
-                writing_window,
-                spawner,
-            },
+            gateway,
             listeners.http,
             gateway_tls,
-            context.shutdown.child_token(),
+            shutdown.child_token(),
         )?;
         let metrics =
             crate::http::start_metrics(recorder, listeners.metrics, tls, CancellationToken::new())?;
         Ok(Node {
-            context,
+            config,
             plugins,
+            access,
+            placement,
+            context,
+            shutdown,
+            abort,
             cluster,
             api,
             gateway,
@@ -328,17 +374,28 @@ impl Node {
         self.addresses.gossip
     }
 
-    pub fn store(&self) -> &Store {
-        &self.context.store
+    /// The node's points (a balancer has none).
+    pub fn store(&self) -> Option<&Store> {
+        self.context.as_ref().map(|context| &context.store)
     }
 
     pub fn config(&self) -> &Config {
-        &self.context.config
+        &self.config
     }
 
-    /// What the node's handlers share (store, access, placement).
-    pub fn context(&self) -> &Arc<Context> {
-        &self.context
+    /// What a storage node's handlers share (a balancer has none).
+    pub fn context(&self) -> Option<&Arc<Context>> {
+        self.context.as_ref()
+    }
+
+    /// The one authorization door of this node.
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
+    }
+
+    /// Which member owns which point.
+    pub fn placement(&self) -> &Arc<Placement> {
+        &self.placement
     }
 
     /// The newest membership, always.
@@ -374,8 +431,8 @@ impl Node {
     pub fn reload(&self, config: &Config) -> Result<(), PluginError> {
         let generation = self.plugins.reload(&config.plugins)?;
         let ttl = Duration::from_millis(config.plugins.decision_cache_ms);
-        self.context.access.reset(generation, ttl);
-        self.context.placement.reset(generation);
+        self.access.reset(generation, ttl);
+        self.placement.reset(generation);
         tracing::info!(
             authorizer = %config.plugins.authorizer.source,
             bundler = %config.plugins.bundler.source,
@@ -389,17 +446,17 @@ impl Node {
     /// replication, syncs and closes every point, then leaves the live view (the node stays in
     /// the ring: a restart is not a departure).
     pub async fn shutdown(self) -> Result<(), ShutdownError> {
-        let context = self.context.clone();
-        tracing::info!(node = %context.config.node_name, "shutting down");
-        context.shutdown.cancel();
-        let grace = Duration::from_millis(context.config.shutdown_grace_ms);
+        let name = self.config.node_name.clone();
+        tracing::info!(node = %name, "shutting down");
+        self.shutdown.cancel();
+        let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let api = self.api.terminated();
         tokio::pin!(api);
         let mut outcome = match tokio::time::timeout(grace, &mut api).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 tracing::warn!("streams still open after the grace period; cancelling them");
-                context.abort.cancel();
+                self.abort.cancel();
                 match tokio::time::timeout(Duration::from_secs(2), &mut api).await {
                     Ok(outcome) => outcome,
                     Err(_) => {
@@ -409,18 +466,41 @@ impl Node {
                 }
             }
         };
-        context.abort.cancel();
+        self.abort.cancel();
         outcome = outcome.and(self.gateway.shutdown().await);
         outcome = outcome.and(self.metrics.shutdown().await);
         if let Some(replication) = self.replication {
             outcome = outcome.and(replication.shutdown().await);
         }
-        let closed = context.store.close().await;
+        let closed = match &self.context {
+            Some(context) => context.store.close().await,
+            None => Ok(()),
+        };
         outcome = outcome.and(self.cluster.shutdown().await);
-        tracing::info!(node = %context.config.node_name, "stopped");
+        tracing::info!(node = %name, "stopped");
         closed?;
         Ok(outcome?)
     }
+}
+
+/// The signer of the gateway's URLs: `http.public_url` (default: the bound gateway address) and
+/// the configured keys.
+fn url_signer(config: &Config, addresses: &Addresses) -> Result<UrlSigner, StartError> {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let public_url = config
+        .http
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{}", addresses.http));
+    let keys = config
+        .http
+        .url_key_bytes()
+        .map_err(|(key, message)| StartError::Config(format!("config key `{key}`: {message}")))?;
+    Ok(UrlSigner::new(&keys, public_url, config.http.max_url_ttl()))
 }
 
 #[cfg(test)]

@@ -568,3 +568,124 @@ impl Pki {
         std::sync::Arc::new(config)
     }
 }
+
+/// How many followers the leader at `addr` (plaintext) reports connected.
+pub async fn connected_followers(addr: &str) -> usize {
+    use goutube::api::proto::GetFollowersRequest;
+    use goutube::api::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
+    let channel = goutube::client::channel(&ClientOptions {
+        addr: addr.to_owned(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    FollowerResolverHelperClient::new(channel)
+        .get_followers(GetFollowersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .servers
+        .len()
+}
+
+/// A leader running in this process with followers running as processes (so that they can be
+/// killed and stopped), and a balancer: the shape of the tests of reads that survive a replica.
+pub struct ProcessReplicas {
+    pub leader: TestNode,
+    /// `None` once killed.
+    pub followers: Vec<Option<NodeProcess>>,
+    pub balancer: TestNode,
+    dirs: Vec<TempDir>,
+}
+
+impl ProcessReplicas {
+    /// Starts the leader, `followers` follower processes and the balancer, and waits until the
+    /// followers are connected and the balancer sees every member and the ring.
+    pub async fn start(followers: usize) -> ProcessReplicas {
+        use goutube::api::proto::ListMembersRequest;
+        use goutube::config::Role;
+        let leader = TestNode::start(|c| {
+            c.node_name = "leader".into();
+            c.role = Role::Leader;
+        })
+        .await;
+        let seed = leader.node.gossip_addr().to_string();
+        let mut dirs = Vec::new();
+        let mut processes = Vec::new();
+        for i in 0..followers {
+            let dir = tempfile::tempdir().unwrap();
+            let config = write_node_config(
+                dir.path(),
+                &format!("follower-{i}"),
+                &format!(
+                    "role = \"follower\"\nleader_addresses = [\"{}\"]\nseed_addresses = [\"{seed}\"]\n[storage]\nfsync = \"never\"",
+                    leader.node.replication_addr()
+                ),
+            );
+            processes.push(Some(NodeProcess::spawn(&config)));
+            dirs.push(dir);
+        }
+        let balancer = TestNode::start(move |c| {
+            c.node_name = "balancer".into();
+            c.role = Role::Balancer;
+            c.seed_addresses = vec![seed];
+        })
+        .await;
+        let replicas = ProcessReplicas {
+            leader,
+            followers: processes,
+            balancer,
+            dirs,
+        };
+        eventually("the followers connected", || async {
+            replicas.connected_followers().await == followers
+        })
+        .await;
+        eventually("the balancer sees every member", || async {
+            let view = replicas
+                .balancer
+                .client()
+                .await
+                .list_members(ListMembersRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            !view.ring.is_empty() && view.members.iter().filter(|m| m.live).count() == followers + 2
+        })
+        .await;
+        replicas
+    }
+
+    /// How many followers the leader reports connected.
+    pub async fn connected_followers(&self) -> usize {
+        connected_followers(&self.leader.addr()).await
+    }
+
+    /// Writes `size` bytes of a non-periodic point through the leader (frames of 256 KiB) and
+    /// waits until every follower holds all of it. Returns the bytes.
+    pub async fn point_everywhere(&self, point: &str, size: usize) -> Vec<u8> {
+        let frames: Vec<Vec<u8>> = (0..size / (256 * 1024))
+            .map(|i| data(i as u64 + 7, 256 * 1024))
+            .collect();
+        produce(&mut self.leader.client().await, point, &frames)
+            .await
+            .unwrap();
+        for follower in self.followers.iter().flatten() {
+            eventually("the follower's copy", || async {
+                metadata(&mut raw_client(&follower.rpc).await, point)
+                    .await
+                    .is_ok_and(|m| m.size == size as u64)
+            })
+            .await;
+        }
+        frames.concat()
+    }
+
+    /// Stops the in-process nodes; the follower processes die with their handles.
+    pub async fn shutdown(self) {
+        self.balancer.shutdown().await;
+        self.leader.shutdown().await;
+        drop(self.followers);
+        drop(self.dirs);
+    }
+}

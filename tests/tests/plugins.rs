@@ -391,6 +391,7 @@ async fn an_acl_limits_what_a_subject_may_do_through_the_api() {
     // Seed videos/ directly in the store: the ACL does not let clients write there.
     node.node
         .store()
+        .expect("a storage node")
         .append(&"videos/cat".try_into().unwrap(), data(5, 500).into())
         .await
         .unwrap();

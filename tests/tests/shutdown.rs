@@ -77,7 +77,7 @@ async fn an_open_produce_stream_may_finish_during_the_grace_period() {
         .unwrap();
     }
     // Wait until the node holds those frames, then start shutting down mid-stream.
-    let store = node.node.store().clone();
+    let store = node.node.store().expect("a storage node").clone();
     goutube_tests::eventually("the first frames to land", || {
         let store = store.clone();
         async move {

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::access::Access;
+use crate::access::{Access, Action};
 use crate::config::{Ack, Config, Role};
 use crate::error::Error;
+use crate::net::PeerInfo;
 use crate::placement::Placement;
 use crate::point::{PointId, Store};
 use crate::replication::{Progress, Replica};
@@ -32,7 +33,65 @@ pub struct Context {
     pub signer: Arc<UrlSigner>,
 }
 
+/// Request metadata: the subject a balancer forwards a call for (binary, so that any subject
+/// travels). A node honours it only when the call comes over a connection whose certificate
+/// names a live balancer member; otherwise the call is the connection's own.
+pub const ON_BEHALF_OF: &str = "goutube-on-behalf-of-bin";
+
+/// Request metadata: set to `consume` on the `GetMetadata` a balancer makes to route a client's
+/// consume, so the node authorizes that client to consume, not to read metadata. Honoured, like
+/// [`ON_BEHALF_OF`], only from a balancer member (which is trusted with the subject already).
+pub const PURPOSE: &str = "goutube-purpose";
+
 impl Context {
+    /// Who a call is for: the connection's subject, or the subject a balancer member forwards
+    /// it for.
+    pub fn caller<T>(&self, request: &tonic::Request<T>) -> PeerInfo {
+        let peer = PeerInfo::of(request);
+        let Some(forwarded) = request
+            .metadata()
+            .get_bin(ON_BEHALF_OF)
+            .and_then(|value| value.to_bytes().ok())
+            .and_then(|bytes| String::from_utf8(bytes.to_vec()).ok())
+        else {
+            return peer;
+        };
+        if !self.is_balancer_connection(&peer) {
+            return peer;
+        }
+        PeerInfo {
+            addr: peer.addr,
+            subject: forwarded.into(),
+        }
+    }
+
+    /// What a `GetMetadata` is authorized as: `metadata`, or `consume` when a balancer reads it
+    /// to route a client's consume.
+    pub fn metadata_action<T>(&self, request: &tonic::Request<T>) -> Action {
+        let for_consume = request
+            .metadata()
+            .get(PURPOSE)
+            .is_some_and(|value| value == "consume");
+        if for_consume && self.is_balancer_connection(&PeerInfo::of(request)) {
+            Action::Consume
+        } else {
+            Action::Metadata
+        }
+    }
+
+    /// Whether the connection's certificate names a live balancer member.
+    fn is_balancer_connection(&self, peer: &PeerInfo) -> bool {
+        peer.subject
+            .strip_prefix(crate::certs::NODE_PREFIX)
+            .and_then(|name| {
+                self.placement
+                    .membership()
+                    .live(name)
+                    .map(|member| member.role.is_balancer())
+            })
+            .unwrap_or(false)
+    }
+
     /// Refuses writes on followers, naming their leader.
     pub fn check_writable(&self) -> Result<(), Error> {
         if self.config.role == Role::Follower {

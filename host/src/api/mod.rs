@@ -8,8 +8,6 @@
 pub mod context;
 pub mod streaming;
 
-use std::sync::Arc;
-
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -32,23 +30,37 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// update (STACK.md measured ~7x throughput over the defaults).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// The largest HTTP/2 frame a peer may send us: a 256 KiB record travels in one DATA frame, not
+/// sixteen of the default 16 KiB (each with its own framing and wake-ups on both sides).
+pub const H2_FRAME: u32 = 1024 * 1024;
 
 /// A server builder with the transport settings every goutube gRPC server uses.
 pub fn server_builder() -> Server {
     Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(H2_FRAME)
         .tcp_nodelay(true)
 }
 
-/// Serves the client API on `listener` until `token` is cancelled; then waits for open calls
-/// (which end themselves once the node's grace period is over, see [`Context::abort`]).
-pub fn start(
-    context: Arc<Context>,
+/// Serves the client API (`streaming`, the resolver helpers, health, reflection) on `listener`
+/// until `token` is cancelled; then waits for open calls (which end themselves once the node's
+/// grace period is over). Storage nodes serve [`streaming::StreamingService`]; balancers their
+/// forwarding service.
+pub fn start<S, R>(
+    streaming: S,
+    resolver: R,
+    max_frame_size: u64,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     token: CancellationToken,
-) -> Handle {
+) -> Handle
+where
+    S: proto::streaming_server::Streaming,
+    R: proto::lb_resolver_helper_server::LbResolverHelper
+        + proto::follower_resolver_helper_server::FollowerResolverHelper
+        + Clone,
+{
     let service = Service::new("api", token);
     let incoming = net::accept(
         listener,
@@ -59,21 +71,29 @@ pub fn start(
     );
     let shutdown = service.token().clone();
     service.spawn("serve", async move {
-        if let Err(error) = serve(context, incoming, shutdown).await {
+        if let Err(error) = serve(streaming, resolver, max_frame_size, incoming, shutdown).await {
             tracing::error!(%error, "the API server failed");
         }
     });
     service.handle()
 }
 
-async fn serve(
-    context: Arc<Context>,
+async fn serve<S, R>(
+    streaming: S,
+    resolver: R,
+    max_frame_size: u64,
     incoming: impl tokio_stream::Stream<Item = std::io::Result<net::Connection>> + Send + 'static,
     shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), tonic::transport::Error>
+where
+    S: proto::streaming_server::Streaming,
+    R: proto::lb_resolver_helper_server::LbResolverHelper
+        + proto::follower_resolver_helper_server::FollowerResolverHelper
+        + Clone,
+{
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<proto::streaming_server::StreamingServer<streaming::StreamingService>>()
+        .set_serving::<proto::streaming_server::StreamingServer<S>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -82,18 +102,13 @@ async fn serve(
         .expect("the embedded descriptor sets are valid");
 
     // Room for the largest frame plus the message envelope.
-    let max_message = context.config.max_frame_size as usize + 64 * 1024;
-    let streaming = proto::streaming_server::StreamingServer::new(
-        streaming::StreamingService::new(context.clone()),
-    )
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
-    let servers = proto::lb_resolver_helper_server::LbResolverHelperServer::new(
-        streaming::ResolverService::new(context.clone()),
-    );
-    let followers = proto::follower_resolver_helper_server::FollowerResolverHelperServer::new(
-        streaming::ResolverService::new(context.clone()),
-    );
+    let max_message = max_frame_size as usize + 64 * 1024;
+    let streaming = proto::streaming_server::StreamingServer::new(streaming)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let servers = proto::lb_resolver_helper_server::LbResolverHelperServer::new(resolver.clone());
+    let followers =
+        proto::follower_resolver_helper_server::FollowerResolverHelperServer::new(resolver);
 
     server_builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))

@@ -27,13 +27,14 @@ use super::proto::{
     LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
     ProduceResponse, SignUrlRequest, SignUrlResponse,
 };
-use crate::access::Action;
+use crate::access::{Access, Action};
 use crate::cluster::Membership;
 use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
+use crate::placement::Placement;
 use crate::point::{Appended, PointId, Snapshot, Span, StreamError};
-use crate::signed_url::UrlError;
+use crate::signed_url::{UrlError, UrlSigner};
 
 /// Frames a ConsumeStream task may read ahead of the client.
 const READ_AHEAD: usize = 4;
@@ -62,7 +63,7 @@ impl proto::streaming_server::Streaming for StreamingService {
         &self,
         request: Request<Streaming<ProduceRequest>>,
     ) -> Result<Response<ProduceResponse>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
         let mut frames = request.into_inner();
         let state = &self.state;
         state.check_writable()?;
@@ -164,7 +165,7 @@ impl proto::streaming_server::Streaming for StreamingService {
         &self,
         request: Request<ConsumeRequest>,
     ) -> Result<Response<Self::ConsumeStreamStream>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
         let request = request.into_inner();
         let state = self.state.clone();
         let id = PointId::new(request.point.as_str()).map_err(Error::from)?;
@@ -204,13 +205,11 @@ impl proto::streaming_server::Streaming for StreamingService {
         &self,
         request: Request<MetadataRequest>,
     ) -> Result<Response<MetadataResponse>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
+        let action = self.state.metadata_action(&request);
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         let state = &self.state;
-        state
-            .access
-            .authorize(&peer, Action::Metadata, id.as_str())
-            .await?;
+        state.access.authorize(&peer, action, id.as_str()).await?;
         let snapshot = state.store.metadata(&id).await.map_err(Error::from)?;
         let replicas = state
             .replicas(&id)
@@ -219,6 +218,8 @@ impl proto::streaming_server::Streaming for StreamingService {
                 follower: replica.follower,
                 end: replica.end,
                 lag: snapshot.end.saturating_sub(replica.end),
+                connected: replica.connected,
+                rpc_addr: replica.rpc_address,
             })
             .collect();
         Ok(Response::new(MetadataResponse {
@@ -236,7 +237,7 @@ impl proto::streaming_server::Streaming for StreamingService {
         &self,
         request: Request<ListPointsRequest>,
     ) -> Result<Response<ListPointsResponse>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
         let request = request.into_inner();
         self.state
             .access
@@ -271,37 +272,22 @@ impl proto::streaming_server::Streaming for StreamingService {
         &self,
         request: Request<LocatePointRequest>,
     ) -> Result<Response<LocatePointResponse>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
         let request = request.into_inner();
         let id = PointId::new(request.point).map_err(Error::from)?;
-        let state = &self.state;
-        state
+        self.state
             .access
             .authorize(&peer, Action::Metadata, id.as_str())
             .await?;
-        let (membership, owners) = state
-            .placement
-            .owners(id.as_str(), request.replicas.max(1))
-            .await?;
-        let owners = owners
-            .iter()
-            .map(|name| proto::Server {
-                rpc_addr: membership.rpc_addr(name).unwrap_or_default().to_owned(),
-                name: name.clone(),
-            })
-            .collect();
-        Ok(Response::new(LocatePointResponse {
-            owners,
-            membership_version: membership.ring_version,
-            ring: membership.ring.id.clone(),
-        }))
+        let located = locate(&self.state.placement, &id, request.replicas).await?;
+        Ok(Response::new(located))
     }
 
     async fn list_members(
         &self,
         request: Request<ListMembersRequest>,
     ) -> Result<Response<ListMembersResponse>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
         let state = &self.state;
         state.access.authorize(&peer, Action::Metadata, "").await?;
         Ok(Response::new(members(&state.placement.membership())))
@@ -311,33 +297,17 @@ impl proto::streaming_server::Streaming for StreamingService {
         &self,
         request: Request<SignUrlRequest>,
     ) -> Result<Response<SignUrlResponse>, Status> {
-        let peer = PeerInfo::of(&request);
-        let request = request.into_inner();
-        let id = PointId::new(request.point).map_err(Error::from)?;
+        let peer = self.state.caller(&request);
         let state = &self.state;
-        state
-            .access
-            .authorize(&peer, Action::Consume, id.as_str())
-            .await?;
-        let ttl = match request.ttl_seconds {
-            0 => Duration::from_secs(3600),
-            seconds => Duration::from_secs(seconds),
-        };
-        let (url, expires) = state
-            .signer
-            .sign(id.as_str(), &peer.subject, ttl, request.player)
-            .map_err(|error| match error {
-                UrlError::NoKeys => Error::FailedPrecondition(error.to_string()),
-                other => Error::InvalidArgument(other.to_string()),
-            })?;
-        Ok(Response::new(SignUrlResponse { url, expires }))
+        let signed = sign_url(&state.access, &state.signer, &peer, request.into_inner()).await?;
+        Ok(Response::new(signed))
     }
 
     async fn delete_point(
         &self,
         request: Request<DeletePointRequest>,
     ) -> Result<Response<DeletePointResponse>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         self.state.check_writable()?;
         self.state
@@ -349,6 +319,65 @@ impl proto::streaming_server::Streaming for StreamingService {
         tracing::info!(point = %id, size, subject = %peer.subject, "deleted point");
         Ok(Response::new(DeletePointResponse { size }))
     }
+}
+
+/// `LocatePoint`: the ring's owners of `id` as placement ranks them, with their addresses.
+pub async fn locate(
+    placement: &Placement,
+    id: &PointId,
+    replicas: u32,
+) -> Result<LocatePointResponse, Error> {
+    let (membership, owners) = placement.owners(id.as_str(), replicas.max(1)).await?;
+    let owners = owners
+        .iter()
+        .map(|name| proto::Server {
+            rpc_addr: membership.rpc_addr(name).unwrap_or_default().to_owned(),
+            name: name.clone(),
+        })
+        .collect();
+    Ok(LocatePointResponse {
+        owners,
+        membership_version: membership.ring_version,
+        ring: membership.ring.id.clone(),
+    })
+}
+
+/// `SignUrl`: a gateway URL for `caller`, who must be allowed to `consume` the point.
+pub async fn sign_url(
+    access: &Access,
+    signer: &UrlSigner,
+    caller: &PeerInfo,
+    request: SignUrlRequest,
+) -> Result<SignUrlResponse, Error> {
+    let id = PointId::new(request.point)?;
+    access
+        .authorize(caller, Action::Consume, id.as_str())
+        .await?;
+    let ttl = match request.ttl_seconds {
+        0 => Duration::from_secs(3600),
+        seconds => Duration::from_secs(seconds),
+    };
+    let (url, expires) = signer
+        .sign(id.as_str(), &caller.subject, ttl, request.player)
+        .map_err(|error| match error {
+            UrlError::NoKeys => Error::FailedPrecondition(error.to_string()),
+            other => Error::InvalidArgument(other.to_string()),
+        })?;
+    Ok(SignUrlResponse { url, expires })
+}
+
+/// The live balancer members (what `GetServers` answers: their addresses, not only names).
+pub fn balancers(membership: &Membership) -> Vec<proto::Server> {
+    membership
+        .view
+        .members
+        .values()
+        .filter(|member| member.role.is_balancer())
+        .map(|member| proto::Server {
+            rpc_addr: member.rpc_addr.clone(),
+            name: member.name.clone(),
+        })
+        .collect()
 }
 
 /// Appends the frames of one ProduceStream in order, gathering consecutive frames of the same
@@ -437,6 +466,7 @@ fn read_window(
 }
 
 /// `LBResolverHelper` and `FollowerResolverHelper`: who serves this cluster.
+#[derive(Clone)]
 pub struct ResolverService {
     state: Arc<Context>,
 }
@@ -453,24 +483,12 @@ impl proto::lb_resolver_helper_server::LbResolverHelper for ResolverService {
         &self,
         request: Request<GetServersRequest>,
     ) -> Result<Response<GetServersResponse>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
         self.state
             .access
             .authorize(&peer, Action::Metadata, "")
             .await?;
-        // The original returned node names here; clients need addresses. This cluster has no
-        // balancer members yet, so the list is empty until one joins.
-        let membership = self.state.placement.membership();
-        let servers = membership
-            .view
-            .members
-            .values()
-            .filter(|member| member.role.is_balancer())
-            .map(|member| proto::Server {
-                rpc_addr: member.rpc_addr.clone(),
-                name: member.name.clone(),
-            })
-            .collect();
+        let servers = balancers(&self.state.placement.membership());
         Ok(Response::new(GetServersResponse { servers }))
     }
 }
@@ -481,7 +499,7 @@ impl proto::follower_resolver_helper_server::FollowerResolverHelper for Resolver
         &self,
         request: Request<GetFollowersRequest>,
     ) -> Result<Response<GetFollowersResponse>, Status> {
-        let peer = PeerInfo::of(&request);
+        let peer = self.state.caller(&request);
         self.state
             .access
             .authorize(&peer, Action::Metadata, "")
@@ -498,7 +516,7 @@ impl proto::follower_resolver_helper_server::FollowerResolverHelper for Resolver
 }
 
 /// The ring's members (down or not) and every other live member.
-fn members(membership: &Membership) -> ListMembersResponse {
+pub fn members(membership: &Membership) -> ListMembersResponse {
     let mut members = Vec::new();
     for (name, record) in &membership.ring.members {
         let live = membership.live(name);

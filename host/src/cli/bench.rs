@@ -7,6 +7,7 @@
 //! serves reads from memory. The same client code drives both, in alternating rounds.
 
 mod cluster;
+mod download;
 mod http;
 
 use std::path::{Path, PathBuf};
@@ -97,6 +98,21 @@ pub enum Bench {
         #[arg(long, default_value_t = 20)]
         requests: usize,
     },
+    /// Downloads: `goutube get` into a file against consume into memory, consume through a
+    /// balancer against straight from a node (balancer RSS), and with `--limited` (root) a
+    /// multi-stream get from three replicas behind rate-limited links against a single stream.
+    Download {
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Also run the rate-limited part (network namespaces, veth pairs, tc tbf; needs root).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        limited: bool,
+        /// The rate of each replica's link in the limited part, Mbit/s.
+        #[arg(long, default_value_t = 200)]
+        rate_mbit: u64,
+    },
     /// Create many small points, restart, list and read them: start-up time, RSS, descriptors.
     Points {
         #[arg(long, default_value_t = 10_000)]
@@ -138,6 +154,12 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
             clients,
             requests,
         } => http::run(mib, rounds.max(1), clients.max(1), requests.max(1)).await,
+        Bench::Download {
+            mib,
+            rounds,
+            limited,
+            rate_mbit,
+        } => download::run(mib, rounds.max(1), limited, rate_mbit.max(1)).await,
         Bench::BaselineServer => baseline_server().await,
     }
 }
@@ -855,20 +877,43 @@ struct Server {
     replication: String,
     /// The HTTP gateway (nodes only).
     http: String,
+    /// The gossip address (nodes only).
+    gossip: String,
 }
 
 impl Server {
     /// A node with its data in `dir`, configured by the TOML `settings` (sections of its own).
     fn node(dir: &Path, settings: &str) -> anyhow::Result<Server> {
-        let config = dir.join("bench-node.toml");
+        Self::node_at(dir, "bench", "127.0.0.1", None, settings)
+    }
+
+    /// Node `name` listening on `ip` (every port chosen by the kernel), run inside network
+    /// namespace `namespace` if one is given.
+    fn node_at(
+        dir: &Path,
+        name: &str,
+        ip: &str,
+        namespace: Option<&str>,
+        settings: &str,
+    ) -> anyhow::Result<Server> {
+        let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "node_name = \"bench\"\ndata_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\nhttp_port = 0\n{settings}\n[log]\nlevel = \"warn\"\n",
-                dir.join("data")
+                "node_name = {name:?}\ndata_dir = {:?}\nbind_addr = \"{ip}:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\nhttp_port = 0\n{settings}\n[log]\nlevel = \"warn\"\n",
+                dir.join(format!("{name}-data"))
             ),
         )?;
-        let mut command = Command::new(std::env::current_exe()?);
+        let mut command = match namespace {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", namespace])
+                    .arg(std::env::current_exe()?);
+                command
+            }
+            None => Command::new(std::env::current_exe()?),
+        };
         command.args(["run", "--config"]).arg(&config);
         Self::spawn(command)
     }
@@ -887,11 +932,13 @@ impl Server {
             .to_owned();
         let replication = process.field("replication").unwrap_or_default().to_owned();
         let http = process.field("http").unwrap_or_default().to_owned();
+        let gossip = process.field("gossip").unwrap_or_default().to_owned();
         Ok(Server {
             process,
             rpc,
             replication,
             http,
+            gossip,
         })
     }
 

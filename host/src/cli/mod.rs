@@ -8,6 +8,7 @@ mod bench;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -16,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
 use goutube::api::proto::ListMembersResponse;
-use goutube::client::{Client, ClientOptions, ClientTls, DEFAULT_CHUNK};
+use goutube::client::{Client, ClientOptions, ClientTls, DEFAULT_CHUNK, GetOptions, Progress};
 use goutube::config::Config;
 use goutube::node::{Listeners, Node};
 
@@ -56,6 +57,13 @@ pub enum Command {
     Get {
         point: String,
         file: PathBuf,
+        /// Continue an interrupted download from FILE.part (what in it is verified is kept).
+        #[arg(long)]
+        resume: bool,
+        /// Never fetch a slow range a second time from another replica (saves bandwidth; a
+        /// stalled replica then stalls the download until it fails).
+        #[arg(long)]
+        no_hedge: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -218,17 +226,17 @@ async fn command(command: Command) -> anyhow::Result<()> {
             anyhow::ensure!(chunk_size > 0, "--chunk-size must be at least 1");
             let client = connection.connect().await?;
             let started = Instant::now();
-            let progress = progress_bar();
+            let progress = Arc::new(Bar(progress_bar()));
             let report = client
                 .put(
                     &point,
                     &file,
                     chunk_size,
                     content_type.as_deref(),
-                    &progress,
+                    progress.clone(),
                 )
                 .await?;
-            progress.finish_and_clear();
+            progress.0.finish_and_clear();
             let record = report.record;
             if let Some((owner, address)) = &report.redirected {
                 println!("{point}: belongs to member {owner}; written to it at {address}");
@@ -251,14 +259,22 @@ async fn command(command: Command) -> anyhow::Result<()> {
         Command::Get {
             point,
             file,
+            resume,
+            no_hedge,
             connection,
         } => {
             init_client_logging();
             let client = connection.connect().await?;
             let started = Instant::now();
-            let progress = progress_bar();
-            let report = client.get(&point, &file, &progress).await?;
-            progress.finish_and_clear();
+            let progress = Arc::new(Bar(progress_bar()));
+            let options = GetOptions {
+                resume,
+                hedge: !no_hedge,
+            };
+            let report = client
+                .get(&point, &file, &options, progress.clone())
+                .await?;
+            progress.0.finish_and_clear();
             println!(
                 "{point}: {} bytes into {} from {} worker(s), crc32c {:08x} verified",
                 report.size,
@@ -266,7 +282,19 @@ async fn command(command: Command) -> anyhow::Result<()> {
                 report.workers,
                 report.crc32c
             );
-            print_rate(report.size, started);
+            if report.resumed > 0 {
+                println!(
+                    "resumed: {} bytes were already verified, {} fetched",
+                    report.resumed, report.fetched
+                );
+            }
+            if report.retries + report.hedges > 0 {
+                println!(
+                    "{} range(s) continued elsewhere, {} hedged",
+                    report.retries, report.hedges
+                );
+            }
+            print_rate(report.size - report.resumed, started);
             Ok(())
         }
         Command::Stat { point, connection } => {
@@ -280,8 +308,16 @@ async fn command(command: Command) -> anyhow::Result<()> {
             println!("workers: {}", meta.workers.join(", "));
             for replica in meta.replicas {
                 println!(
-                    "replica: {} confirmed {} bytes, lag {} bytes",
-                    replica.follower, replica.end, replica.lag
+                    "replica: {} at {} {}, confirmed {} bytes, lag {} bytes",
+                    replica.follower,
+                    replica.rpc_addr,
+                    if replica.connected {
+                        "connected"
+                    } else {
+                        "NOT CONNECTED"
+                    },
+                    replica.end,
+                    replica.lag
                 );
             }
             Ok(())
@@ -501,6 +537,20 @@ fn print_members(members: &ListMembersResponse) {
     }
     if !members.conflict.is_empty() {
         println!("CONFLICT: {}", members.conflict);
+    }
+}
+
+/// A progress bar fed by the client's progress reports.
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn start(&self, total: u64, done: u64) {
+        self.0.set_length(total);
+        self.0.set_position(done);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
     }
 }
 

@@ -30,14 +30,15 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use super::range::{self, Answer};
-use crate::access::Action;
-use crate::api::Context;
+use crate::access::{Access, Action};
 use crate::error::{Error, bounded};
 use crate::metrics;
 use crate::net::{NO_CERTIFICATE, PeerInfo};
-use crate::point::{Point, PointId, ReadError, Span};
+use crate::placement::Placement;
+use crate::point::{Point, PointId, ReadError, Span, Store};
 use crate::service::Spawner;
 use crate::signed_url::{UrlSigner, encode_path};
 
@@ -46,14 +47,28 @@ const READ_AHEAD: usize = 4;
 
 /// What the gateway's handlers share.
 pub struct Gateway {
-    pub context: Arc<Context>,
+    pub access: Arc<Access>,
+    pub placement: Arc<Placement>,
+    /// The node's points; `None` on a balancer, which stores nothing and redirects every request.
+    pub store: Option<Store>,
+    /// Bytes per read of the read loop.
+    pub chunk: u64,
+    /// Cancelled when the node starts shutting down (ends `?follow=1` streams).
+    pub shutdown: CancellationToken,
+    /// Cancelled when its grace period is over (ends every read).
+    pub abort: CancellationToken,
     pub signer: Arc<UrlSigner>,
     /// Whether this gateway speaks HTTPS (redirects keep the scheme).
     pub tls: bool,
     /// A point that grew less than this long ago is served with `Cache-Control: no-cache`.
     pub writing_window: Duration,
-    /// The read loops run as tasks of the gateway subsystem.
-    pub spawner: Spawner,
+}
+
+/// The router's state: the gateway, and the spawner its read loops run on (tasks of the gateway
+/// subsystem).
+struct Served {
+    gateway: Gateway,
+    spawner: Spawner,
 }
 
 /// The query of a request: a signed URL's fields, `follow`, and the redirect marker.
@@ -73,11 +88,11 @@ impl Params {
     }
 }
 
-pub fn router(gateway: Arc<Gateway>) -> Router {
+pub fn router(gateway: Gateway, spawner: Spawner) -> Router {
     Router::new()
         .route("/v1/points/{*id}", get(point))
         .route("/v1/player/{*id}", get(player))
-        .with_state(gateway)
+        .with_state(Arc::new(Served { gateway, spawner }))
 }
 
 /// Why a request is not answered with the point: one line of text for people, the right status
@@ -135,7 +150,7 @@ struct Request {
 }
 
 async fn point(
-    State(gateway): State<Arc<Gateway>>,
+    State(served): State<Arc<Served>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     method: Method,
     Path(id): Path<String>,
@@ -148,23 +163,27 @@ async fn point(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let served = async {
+    let gateway = &served.gateway;
+    let answer = async {
         let request = gateway.request("points", id, params, raw_query)?;
-        gateway.serve(&peer, &method, &request, &headers).await
+        gateway
+            .serve(&served.spawner, &peer, &method, &request, &headers)
+            .await
     }
     .await;
-    let response = count(served.unwrap_or_else(IntoResponse::into_response));
+    let response = count(answer.unwrap_or_else(IntoResponse::into_response));
     tracing::debug!(peer = %peer.addr, %method, %range, status = response.status().as_u16(), "gateway request");
     response
 }
 
 async fn player(
-    State(gateway): State<Arc<Gateway>>,
+    State(served): State<Arc<Served>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     Path(id): Path<String>,
     params: Result<Query<Params>, QueryRejection>,
     RawQuery(raw_query): RawQuery,
 ) -> Response {
+    let gateway = &served.gateway;
     let page = async {
         let request = gateway.request("player", id, params, raw_query)?;
         gateway.page(&peer, &request).await
@@ -225,8 +244,7 @@ impl Gateway {
         } else {
             peer.clone()
         };
-        self.context
-            .access
+        self.access
             .authorize(&reader, Action::Consume, request.id.as_str())
             .await
             .map_err(|error| match error {
@@ -235,20 +253,24 @@ impl Gateway {
             })
     }
 
-    /// The point if this node holds it; else the redirect to a node that does, or why not.
+    /// The point if this node holds it (never on a balancer); else the redirect to a node that
+    /// does, or why not.
     async fn find(
         &self,
         request: &Request,
         reaches_past: impl Fn(u64) -> bool,
-    ) -> Result<Arc<Point>, Refusal> {
-        let local = match self.context.store.point(&request.id).await {
-            Ok(point) => Some(point),
-            Err(ReadError::NotFound(_)) => None,
-            Err(error) => return Err(error.into()),
+    ) -> Result<(Store, Arc<Point>), Refusal> {
+        let local = match &self.store {
+            None => None,
+            Some(store) => match store.point(&request.id).await {
+                Ok(point) => Some((store.clone(), point)),
+                Err(ReadError::NotFound(_)) => None,
+                Err(error) => return Err(error.into()),
+            },
         };
         let lacking = local
             .as_ref()
-            .is_none_or(|point| reaches_past(point.snapshot().end));
+            .is_none_or(|(_, point)| reaches_past(point.snapshot().end));
         if lacking
             && request.params.hop.is_none()
             && let Some(location) = self.elsewhere(request).await
@@ -256,7 +278,7 @@ impl Gateway {
             return Err(Refusal::Redirect(location));
         }
         match local {
-            Some(point) => Ok(point),
+            Some(found) => Ok(found),
             None => match self.owner_down(&request.id).await {
                 Some(owner) => Err(Refusal::Unavailable(format!(
                     "point {} belongs to member {owner}, which is down, and no live replica was found",
@@ -270,12 +292,7 @@ impl Gateway {
     /// Where a copy at least as complete as this node's lives: the owner if it is live (it
     /// holds every acknowledged byte), else a live follower of the owner.
     async fn elsewhere(&self, request: &Request) -> Option<String> {
-        let (membership, owners) = self
-            .context
-            .placement
-            .owners(request.id.as_str(), 1)
-            .await
-            .ok()?;
+        let (membership, owners) = self.placement.owners(request.id.as_str(), 1).await.ok()?;
         let owner = owners.first()?;
         if *owner == membership.local {
             return None;
@@ -304,13 +321,14 @@ impl Gateway {
 
     /// The owner of `id` if it is down.
     async fn owner_down(&self, id: &PointId) -> Option<String> {
-        let (membership, owners) = self.context.placement.owners(id.as_str(), 1).await.ok()?;
+        let (membership, owners) = self.placement.owners(id.as_str(), 1).await.ok()?;
         let owner = owners.first()?;
         (*owner != membership.local && membership.live(owner).is_none()).then(|| owner.clone())
     }
 
     async fn serve(
         &self,
+        spawner: &Spawner,
         peer: &PeerInfo,
         method: &Method,
         request: &Request,
@@ -322,7 +340,7 @@ impl Gateway {
             .get(header::RANGE)
             .and_then(|value| value.to_str().ok())
             .and_then(range::parse);
-        let point = self
+        let (store, point) = self
             .find(request, |len| {
                 !follow && spec.is_some_and(|s| s.reaches_past(len))
             })
@@ -331,19 +349,19 @@ impl Gateway {
         let len = snapshot.end;
         let etag = format!("\"{len:x}-{:08x}\"", snapshot.crc);
         let typed_etag: ETag = etag.parse().expect("a quoted hexadecimal ETag parses");
-        let content_type = self.context.store.media_type(&request.id).await?;
+        let content_type = store.media_type(&request.id).await?;
 
         let mut response = Response::builder()
             .header(header::ACCEPT_RANGES, "bytes")
             .header(header::ETAG, &etag)
             .header(header::CONTENT_TYPE, content_type.as_str());
-        if follow || point.written_within(&self.context.store, self.writing_window) {
+        if follow || point.written_within(&store, self.writing_window) {
             response = response.header(header::CACHE_CONTROL, "no-cache");
         }
         if follow {
             // As it grows, until the client leaves: no length, chunked.
             let span = self.span(0, None, true);
-            let body = self.body(method, point, span);
+            let body = self.body(spawner, method, store, point, span);
             return Ok(response
                 .status(StatusCode::OK)
                 .body(body)
@@ -381,7 +399,8 @@ impl Gateway {
                     .expect("valid response"));
             }
         };
-        let body = self.body(method, point, self.span(start, Some(stop), false));
+        let span = self.span(start, Some(stop), false);
+        let body = self.body(spawner, method, store, point, span);
         Ok(response
             .status(status)
             .header(header::CONTENT_LENGTH, stop - start)
@@ -393,21 +412,27 @@ impl Gateway {
         Span {
             offset,
             stop,
-            chunk: self.context.config.max_chunk_size,
+            chunk: self.chunk,
             follow,
         }
     }
 
     /// The bytes of `span`, read as the client takes them (nothing for `HEAD`).
-    fn body(&self, method: &Method, point: Arc<Point>, span: Span) -> Body {
+    fn body(
+        &self,
+        spawner: &Spawner,
+        method: &Method,
+        store: Store,
+        point: Arc<Point>,
+        span: Span,
+    ) -> Body {
         if method == Method::HEAD || span.stop == Some(span.offset) {
             return Body::empty();
         }
         let (frames, received) = mpsc::channel(READ_AHEAD);
-        let store = self.context.store.clone();
-        let (shutdown, abort) = (self.context.shutdown.clone(), self.context.abort.clone());
+        let (shutdown, abort) = (self.shutdown.clone(), self.abort.clone());
         // Ends with the node's grace period, even for a client that stopped reading.
-        self.spawner.spawn("read", async move {
+        spawner.spawn("read", async move {
             tokio::select! {
                 () = point.stream(store, span, frames, shutdown) => {}
                 () = abort.cancelled() => {}
@@ -426,9 +451,9 @@ impl Gateway {
     /// The player page: the point in a `<video>` or `<audio>` element, with its metadata.
     async fn page(&self, peer: &PeerInfo, request: &Request) -> Result<Response, Refusal> {
         self.authorize(peer, request).await?;
-        let point = self.find(request, |_| false).await?;
+        let (store, point) = self.find(request, |_| false).await?;
         let snapshot = point.snapshot();
-        let content_type = self.context.store.media_type(&request.id).await?;
+        let content_type = store.media_type(&request.id).await?;
         let query = request
             .raw_query
             .as_deref()

@@ -7,7 +7,6 @@ pub mod range;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
@@ -114,7 +113,7 @@ impl HttpSection {
 /// Serves the range gateway on `listener` until the handle is shut down or `token` is
 /// cancelled. With TLS, client certificates are asked for but not required.
 pub fn start_gateway(
-    build: impl FnOnce(crate::service::Spawner) -> gateway::Gateway,
+    gateway: gateway::Gateway,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     token: CancellationToken,
@@ -130,7 +129,7 @@ pub fn start_gateway(
             "http",
         ),
     };
-    let app = gateway::router(Arc::new(build(service.spawner())));
+    let app = gateway::router(gateway, service.spawner());
     let shutdown = service.token().clone();
     service.spawn("serve", async move {
         let serving = axum::serve(

@@ -156,20 +156,17 @@ async fn ownership() -> anyhow::Result<()> {
     config.log.level = "warn".into();
     let listeners = Listeners::bind(&config).await?;
     let node = Node::start(config, listeners).await?;
-    let context = node.context().clone();
+    let placement = node.placement().clone();
     let points: Vec<PointId> = (0..1000)
         .map(|i| PointId::new(format!("videos/{i}")))
         .collect::<Result<_, _>>()?;
     for point in &points {
-        context.placement.check_local(point).await?;
+        placement.check_local(point).await?;
     }
     let calls = 1_000_000;
     let started = Instant::now();
     for i in 0..calls {
-        context
-            .placement
-            .check_local(&points[i % points.len()])
-            .await?;
+        placement.check_local(&points[i % points.len()]).await?;
     }
     let check = started.elapsed() / calls as u32;
 

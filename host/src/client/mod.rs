@@ -1,18 +1,20 @@
 //! The Rust client: connect (h2c or mTLS), upload a file, download a point from several workers
-//! in parallel, and the small calls (stat, list, delete).
+//! in parallel ([`download`]), and the small calls (stat, list, delete, members, URLs).
 //!
 //! Uploads and downloads are verified end to end with CRC32C: `put` checks that the point's
 //! checksum after the upload is the checksum before it extended by the file's bytes; `get` checks
 //! the downloaded bytes against the checksum the node reported, then renames the `.part` file.
+//! Both report progress through [`Progress`]; drawing it is the caller's business.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+pub mod download;
+
+pub use download::{GetOptions, GetReport};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use indicatif::ProgressBar;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,10 +23,10 @@ use tonic::{Code, Status};
 
 use crate::api::proto::streaming_client::StreamingClient;
 use crate::api::proto::{
-    ConsumeRequest, DeletePointRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
+    DeletePointRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
     MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
 };
-use crate::api::{CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::api::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
 use crate::error::{OWNER_ADDR_METADATA, OWNER_METADATA};
 
 /// Where and how to connect.
@@ -75,6 +77,56 @@ impl From<Status> for ClientError {
     }
 }
 
+/// Progress of a transfer, reported to the caller (the CLI draws a bar from it).
+pub trait Progress: Send + Sync {
+    /// The transfer moves `total` bytes, `done` of which are already there (a resumed download).
+    fn start(&self, total: u64, done: u64);
+    /// `bytes` more were moved.
+    fn advance(&self, bytes: u64);
+}
+
+/// Reports nothing.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&self, _: u64, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
+/// Connections to many nodes, one per address, made on first use and reused (a tonic channel
+/// multiplexes calls).
+pub struct Pool {
+    tls: Option<ClientTls>,
+    clients: tokio::sync::Mutex<std::collections::HashMap<String, Client>>,
+}
+
+impl Pool {
+    pub fn new(tls: Option<ClientTls>) -> Self {
+        Self {
+            tls,
+            clients: Default::default(),
+        }
+    }
+
+    /// The connection to `addr`, connecting (lazily: the first call connects) if there is none.
+    pub async fn client(&self, addr: &str) -> Result<Client, ClientError> {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(addr) {
+            return Ok(client.clone());
+        }
+        let options = ClientOptions {
+            addr: addr.to_owned(),
+            tls: self.tls.clone(),
+        };
+        let client = Client {
+            streaming: streaming_client(endpoint(&options)?.connect_lazy()),
+            options,
+        };
+        clients.insert(addr.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
 /// A connection to one node.
 #[derive(Clone)]
 pub struct Client {
@@ -94,18 +146,6 @@ pub struct PutReport {
     pub verified: bool,
 }
 
-/// What a download did.
-#[derive(Debug, Clone)]
-pub struct GetReport {
-    pub size: u64,
-    pub crc32c: u32,
-    pub workers: usize,
-    /// Ranges that had to be fetched again from another worker.
-    pub retries: usize,
-}
-
-/// Parts smaller than this are not split further across workers.
-const MIN_PART: u64 = 4 * 1024 * 1024;
 /// Chunk size of uploads and of each worker's reads.
 pub const DEFAULT_CHUNK: usize = 256 * 1024;
 
@@ -198,10 +238,10 @@ impl Client {
         path: &Path,
         chunk: usize,
         content_type: Option<&str>,
-        progress: &ProgressBar,
+        progress: Arc<dyn Progress>,
     ) -> Result<PutReport, ClientError> {
         match self
-            .put_here(point, path, chunk, content_type, progress)
+            .put_here(point, path, chunk, content_type, progress.clone())
             .await
         {
             Err(ClientError::Status(status)) => {
@@ -214,7 +254,6 @@ impl Client {
                     tls: self.options.tls.clone(),
                 })
                 .await?;
-                progress.set_position(0);
                 let mut report = owner_client
                     .put_here(point, path, chunk, content_type, progress)
                     .await?;
@@ -231,7 +270,7 @@ impl Client {
         path: &Path,
         chunk: usize,
         content_type: Option<&str>,
-        progress: &ProgressBar,
+        progress: Arc<dyn Progress>,
     ) -> Result<PutReport, ClientError> {
         let io_error = |source| ClientError::Io {
             path: path.to_owned(),
@@ -244,13 +283,13 @@ impl Client {
         };
         let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
         let len = file.metadata().await.map_err(io_error)?.len();
-        progress.set_length(len);
+        progress.start(len, 0);
 
         let (tx, rx) = mpsc::channel(4);
         let point_id = point.to_owned();
         // Given with the first frame only.
         let mut content_type = content_type.map(str::to_owned);
-        let progress_bar = progress.clone();
+        let progress_bar = progress;
         let reader = tokio::spawn(async move {
             let mut crc = 0u32;
             loop {
@@ -264,7 +303,7 @@ impl Client {
                     return Ok::<_, std::io::Error>(crc);
                 }
                 crc = crc32c::crc32c_append(crc, &frame);
-                progress_bar.inc(frame.len() as u64);
+                progress_bar.advance(frame.len() as u64);
                 let request = ProduceRequest {
                     point: point_id.clone(),
                     frame: frame.freeze(),
@@ -309,152 +348,6 @@ impl Client {
             verified,
         })
     }
-
-    /// Downloads `point` into `out`, splitting it across the workers the node names. Each range
-    /// that fails is fetched again, from where it stopped, from the next worker. The bytes are
-    /// checked against the node's CRC32C before `out` is replaced.
-    pub async fn get(
-        &self,
-        point: &str,
-        out: &Path,
-        progress: &ProgressBar,
-    ) -> Result<GetReport, ClientError> {
-        let meta = self.stat(point).await?;
-        let size = meta.size;
-        progress.set_length(size);
-        let part_path = PathBuf::from(format!("{}.part", out.display()));
-        let io_error = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ClientError::Io { path, source }
-        };
-        let file = File::create(&part_path).map_err(io_error(&part_path))?;
-        file.set_len(size).map_err(io_error(&part_path))?;
-        let file = Arc::new(file);
-
-        let mut workers = meta.workers.clone();
-        if workers.is_empty() {
-            workers.push(self.options.addr.clone());
-        }
-        let parts = (size / MIN_PART).clamp(1, workers.len() as u64);
-        let ranges: Vec<(u64, u64)> = (0..parts)
-            .map(|i| (size * i / parts, size * (i + 1) / parts))
-            .collect();
-
-        let fetches =
-            ranges.iter().enumerate().map(|(i, &(start, end))| {
-                let workers = workers.clone();
-                let options = self.options.clone();
-                let file = file.clone();
-                let progress = progress.clone();
-                let point = point.to_owned();
-                async move {
-                    fetch_range(&options, &workers, i, &point, start, end, &file, &progress).await
-                }
-            });
-        let results = futures::future::join_all(fetches).await;
-        let mut crc = 0u32;
-        let mut retries = 0;
-        for (result, &(start, end)) in results.into_iter().zip(&ranges) {
-            let (range_crc, range_retries) = result?;
-            crc = crc32c::crc32c_combine(crc, range_crc, (end - start) as usize);
-            retries += range_retries;
-        }
-        if crc != meta.crc32c {
-            return Err(ClientError::Verify(format!(
-                "downloaded bytes have CRC32C {crc:08x}, the node reported {:08x}; {} kept for inspection",
-                meta.crc32c,
-                part_path.display()
-            )));
-        }
-        file.sync_all().map_err(io_error(&part_path))?;
-        std::fs::rename(&part_path, out).map_err(io_error(out))?;
-        Ok(GetReport {
-            size,
-            crc32c: crc,
-            workers: ranges.len(),
-            retries,
-        })
-    }
-}
-
-/// Fetches `[start, end)` of `point` into `file`, starting with worker `first` and moving to the
-/// next worker after each failure. Returns the CRC32C of the range and the number of retries.
-#[allow(clippy::too_many_arguments)]
-async fn fetch_range(
-    options: &ClientOptions,
-    workers: &[String],
-    first: usize,
-    point: &str,
-    start: u64,
-    end: u64,
-    file: &Arc<File>,
-    progress: &ProgressBar,
-) -> Result<(u32, usize), ClientError> {
-    let mut position = start;
-    let mut crc = 0u32;
-    let mut last_error = None;
-    // Every worker gets two chances.
-    for attempt in 0..workers.len() * 2 {
-        if position == end {
-            break;
-        }
-        let worker = &workers[(first + attempt) % workers.len()];
-        let result = async {
-            let client = Client::connect(&ClientOptions {
-                addr: worker.clone(),
-                tls: options.tls.clone(),
-            })
-            .await?;
-            let request = ConsumeRequest {
-                point: point.into(),
-                offset: position,
-                limit: end,
-                chunk_size: DEFAULT_CHUNK as u64,
-                follow: false,
-            };
-            let mut frames = client.raw().consume_stream(request).await?.into_inner();
-            while let Some(response) = frames.message().await? {
-                let frame = response.frame;
-                let len = frame.len() as u64;
-                if len == 0 || position + len > end {
-                    return Err(ClientError::Verify(format!(
-                        "worker {worker} sent {len} bytes at {position} for range [{start}, {end})"
-                    )));
-                }
-                crc = crc32c::crc32c_append(crc, &frame);
-                let file = file.clone();
-                let at = position;
-                tokio::task::spawn_blocking(move || file.write_all_at(&frame, at))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r)
-                    .map_err(|source| ClientError::Io {
-                        path: PathBuf::from("<download>"),
-                        source,
-                    })?;
-                position += len;
-                progress.inc(len);
-            }
-            if position != end {
-                return Err(ClientError::Verify(format!(
-                    "worker {worker} ended the range [{start}, {end}) at {position}"
-                )));
-            }
-            Ok(())
-        }
-        .await;
-        match result {
-            Ok(()) => return Ok((crc, attempt)),
-            Err(error) => {
-                tracing::warn!(%worker, %error, position, "range failed; trying the next worker");
-                last_error = Some(error);
-            }
-        }
-    }
-    match last_error {
-        Some(error) if position != end => Err(error),
-        _ => Ok((crc, 0)),
-    }
 }
 
 /// The owner (name, client API address) a `FailedPrecondition` refusal names in its metadata.
@@ -476,6 +369,15 @@ fn streaming_client(channel: Channel) -> StreamingClient<Channel> {
 
 /// A tuned channel to `options.addr`.
 pub async fn channel(options: &ClientOptions) -> Result<Channel, ClientError> {
+    let connect_error = |source| ClientError::Connect {
+        addr: options.addr.clone(),
+        source,
+    };
+    endpoint(options)?.connect().await.map_err(connect_error)
+}
+
+/// The tuned endpoint of `options.addr` (not connected yet).
+pub fn endpoint(options: &ClientOptions) -> Result<Endpoint, ClientError> {
     let scheme = if options.tls.is_some() {
         "https"
     } else {
@@ -494,6 +396,7 @@ pub async fn channel(options: &ClientOptions) -> Result<Channel, ClientError> {
         .map_err(connect_error)?
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(H2_FRAME)
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
     if let Some(tls) = &options.tls {
@@ -511,5 +414,5 @@ pub async fn channel(options: &ClientOptions) -> Result<Channel, ClientError> {
         }
         endpoint = endpoint.tls_config(config).map_err(connect_error)?;
     }
-    endpoint.connect().await.map_err(connect_error)
+    Ok(endpoint)
 }

@@ -1,0 +1,760 @@
+//! The balancer: a member that stores nothing and serves the same `Streaming` API by forwarding
+//! each call to the nodes that hold the data, so a client needs to know one address, not the
+//! cluster. Several can run; they keep no state but connections.
+//!
+//! - **Who calls.** The caller is authorized here, by the balancer's authorizer, for the
+//!   client's subject; the call then goes upstream over the balancer's own node certificate,
+//!   carrying the client's subject in `goutube-on-behalf-of` (nodes honour it only from a live
+//!   balancer member, see `api::Context::caller`). The caller's deadline travels with it, and
+//!   a client that goes away cancels the upstream call (it is dropped with the handler).
+//! - **ProduceStream.** Each frame goes to its own point's owner, one upstream stream per point
+//!   (a stream may interleave points of several primaries); the reply has one record per point
+//!   in first-seen order. A point's first frames are kept (up to [`REPLAY_BUDGET`]) until the
+//!   call ends, so a refusal naming another owner — the ring moved under the balancer — is
+//!   followed once: the point's frames go to that owner.
+//! - **ConsumeStream.** From a replica whose confirmed end covers the request: the owner's
+//!   followers first, in turn, then the owner. If the replica fails mid-stream, the next one
+//!   continues from the offset reached: the client sees one unbroken stream or an error, never a
+//!   short one.
+//! - **GetMetadata.** Size and CRC32C from the owner (from its most complete follower if the
+//!   owner is down); workers = `ceil(multi_stream_percent % of the replicas that hold the whole
+//!   point and are connected, owner included)`, at least one.
+
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::access::{Access, Action};
+use crate::api::context::{ON_BEHALF_OF, PURPOSE};
+use crate::api::proto::{
+    self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
+    GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
+    ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
+    LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, SignUrlRequest, SignUrlResponse,
+};
+use crate::api::streaming;
+use crate::client::{Client, Pool, owner_of};
+use crate::cluster::Membership;
+use crate::error::Error;
+use crate::net::PeerInfo;
+use crate::placement::Placement;
+use crate::point::PointId;
+use crate::signed_url::UrlSigner;
+
+/// Bytes of a point's first frames a produce keeps to re-send them to another owner.
+pub const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
+/// Frames a consume relays ahead of the client.
+const READ_AHEAD: usize = 16;
+
+/// What the balancer's handlers share.
+pub struct Balancer {
+    pub access: Arc<Access>,
+    pub placement: Arc<Placement>,
+    /// Connections to the nodes, over this balancer's node certificate.
+    pub upstreams: Pool,
+    pub signer: Arc<UrlSigner>,
+    pub multi_stream_percent: u8,
+    /// Cancelled when the node's grace period is over.
+    pub abort: CancellationToken,
+    /// Round-robin over replicas.
+    turn: AtomicUsize,
+}
+
+/// The `Streaming` service of a balancer, and its resolver helpers.
+#[derive(Clone)]
+pub struct BalancerService(Arc<Balancer>);
+
+impl BalancerService {
+    pub fn new(
+        access: Arc<Access>,
+        placement: Arc<Placement>,
+        upstreams: Pool,
+        signer: Arc<UrlSigner>,
+        multi_stream_percent: u8,
+        abort: CancellationToken,
+    ) -> Self {
+        Self(Arc::new(Balancer {
+            access,
+            placement,
+            upstreams,
+            signer,
+            multi_stream_percent,
+            abort,
+            turn: AtomicUsize::new(0),
+        }))
+    }
+}
+
+/// An upstream request for `caller`: its subject in `goutube-on-behalf-of`, its deadline.
+fn forwarded<T>(
+    message: T,
+    caller: &PeerInfo,
+    timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
+) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert_bin(
+        ON_BEHALF_OF,
+        MetadataValue::from_bytes(caller.subject.as_bytes()),
+    );
+    if let Some(timeout) = timeout {
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", timeout.clone());
+    }
+    request
+}
+
+fn deadline<T>(request: &Request<T>) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+    request.metadata().get("grpc-timeout").cloned()
+}
+
+/// Whether another replica may do better after this status (the replica, not the request, failed).
+fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
+    )
+}
+
+impl Balancer {
+    /// The point a call is about, once `caller` may take `action` on it.
+    async fn admit(
+        &self,
+        caller: &PeerInfo,
+        action: Action,
+        point: impl Into<String>,
+    ) -> Result<PointId, Status> {
+        let id = PointId::new(point).map_err(Error::from)?;
+        self.access.authorize(caller, action, id.as_str()).await?;
+        Ok(id)
+    }
+
+    /// The point's owner and the membership it was found in.
+    async fn owner(&self, id: &PointId) -> Result<(Arc<Membership>, String), Status> {
+        let (membership, owners) = self.placement.owners(id.as_str(), 1).await?;
+        Ok((membership, owners[0].clone()))
+    }
+
+    /// The client API addresses of the live followers of `owner`.
+    fn followers(membership: &Membership, owner: &str) -> Vec<String> {
+        membership
+            .view
+            .members
+            .values()
+            .filter(|m| m.leader.as_deref() == Some(owner))
+            .map(|m| m.rpc_addr.clone())
+            .collect()
+    }
+
+    async fn upstream(&self, addr: &str) -> Result<Client, Status> {
+        self.upstreams
+            .client(addr)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+
+    /// The owner's metadata of `id` (where to write, how long it is, who holds it), or with
+    /// the owner down, that of its most complete live follower. Returns it and its source.
+    /// `purpose` is what the caller was authorized for here: a consume's routing lookup is
+    /// authorized upstream as that consume.
+    async fn metadata_of(
+        &self,
+        membership: &Membership,
+        owner: &str,
+        id: &PointId,
+        (caller, purpose): (&PeerInfo, Action),
+        timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
+    ) -> Result<(MetadataResponse, String), Status> {
+        let request = || {
+            let mut request = forwarded(
+                MetadataRequest {
+                    point: id.as_str().to_owned(),
+                },
+                caller,
+                timeout,
+            );
+            if purpose == Action::Consume {
+                request
+                    .metadata_mut()
+                    .insert(PURPOSE, MetadataValue::from_static("consume"));
+            }
+            request
+        };
+        if let Some(member) = membership.live(owner) {
+            let meta = self
+                .upstream(&member.rpc_addr)
+                .await?
+                .raw()
+                .get_metadata(request())
+                .await?
+                .into_inner();
+            return Ok((meta, member.rpc_addr.clone()));
+        }
+        // Read failover: the owner is down, its followers still serve.
+        let mut best: Option<(MetadataResponse, String)> = None;
+        let mut last = None;
+        for address in Self::followers(membership, owner) {
+            let answer = async {
+                self.upstream(&address)
+                    .await?
+                    .raw()
+                    .get_metadata(request())
+                    .await
+            }
+            .await;
+            match answer {
+                Ok(meta) => {
+                    let meta = meta.into_inner();
+                    if best.as_ref().is_none_or(|(b, _)| meta.size > b.size) {
+                        best = Some((meta, address));
+                    }
+                }
+                Err(status) => last = Some(status),
+            }
+        }
+        best.ok_or_else(|| {
+            last.unwrap_or_else(|| {
+                Status::from(Error::OwnerDown {
+                    point: id.as_str().to_owned(),
+                    owner: owner.to_owned(),
+                })
+            })
+        })
+    }
+
+    /// The live owner's client API address, or why a write cannot go there.
+    fn writer(&self, membership: &Membership, owner: &str, id: &PointId) -> Result<String, Status> {
+        membership
+            .live(owner)
+            .map(|m| m.rpc_addr.clone())
+            .ok_or_else(|| {
+                Status::from(Error::OwnerDown {
+                    point: id.as_str().to_owned(),
+                    owner: owner.to_owned(),
+                })
+            })
+    }
+
+    /// The next turn of the round robin over `n` choices.
+    fn turn(&self, n: usize) -> usize {
+        self.turn.fetch_add(1, Ordering::Relaxed) % n.max(1)
+    }
+}
+
+/// One point's upstream produce stream.
+struct Upstream {
+    address: String,
+    frames: Option<mpsc::Sender<ProduceRequest>>,
+    call: JoinHandle<Result<ProduceResponse, Status>>,
+    /// The frames sent so far, while they fit the budget.
+    replay: Option<(Vec<ProduceRequest>, usize)>,
+    followed: bool,
+}
+
+impl Upstream {
+    async fn open(
+        balancer: &Balancer,
+        address: String,
+        caller: &PeerInfo,
+        timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
+    ) -> Result<Upstream, Status> {
+        let mut client = balancer.upstream(&address).await?.raw();
+        let (frames, received) = mpsc::channel(READ_AHEAD * 2);
+        let request = forwarded(ReceiverStream::new(received), caller, timeout);
+        let call = tokio::spawn(async move {
+            client
+                .produce_stream(request)
+                .await
+                .map(Response::into_inner)
+        });
+        Ok(Upstream {
+            address,
+            frames: Some(frames),
+            call,
+            replay: Some((Vec::new(), 0)),
+            followed: false,
+        })
+    }
+
+    fn remember(&mut self, frame: &ProduceRequest) {
+        if let Some((frames, bytes)) = &mut self.replay {
+            *bytes += frame.frame.len();
+            if *bytes > REPLAY_BUDGET {
+                self.replay = None;
+            } else {
+                frames.push(frame.clone());
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        balancer: &Balancer,
+        caller: &PeerInfo,
+        timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
+        frame: ProduceRequest,
+    ) -> Result<(), Status> {
+        self.remember(&frame);
+        let sender = self.frames.as_ref().expect("open until finished");
+        if sender.send(frame).await.is_ok() {
+            return Ok(());
+        }
+        // The call ended before the stream did: its status says why.
+        let status = match (&mut self.call).await {
+            Ok(Err(status)) => status,
+            Ok(Ok(_)) => Status::internal("the upstream produce ended early"),
+            Err(error) => Status::internal(format!("the upstream produce failed: {error}")),
+        };
+        self.follow(balancer, caller, timeout, status).await
+    }
+
+    /// Follows a refusal naming another owner, once, if the frames sent are all kept: they go
+    /// to that owner on a new stream.
+    async fn follow(
+        &mut self,
+        balancer: &Balancer,
+        caller: &PeerInfo,
+        timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
+        status: Status,
+    ) -> Result<(), Status> {
+        let Some((_, address)) = owner_of(&status) else {
+            return Err(status);
+        };
+        let Some((frames, _)) = self.replay.take().filter(|_| !self.followed) else {
+            return Err(status);
+        };
+        tracing::info!(from = %self.address, to = %address, "the ring moved: following the owner once");
+        let mut next = Upstream::open(balancer, address, caller, timeout).await?;
+        next.followed = true;
+        next.replay = Some((Vec::new(), 0));
+        for frame in frames {
+            next.remember(&frame);
+            let sender = next.frames.as_ref().expect("just opened");
+            if sender.send(frame).await.is_err() {
+                break; // Its status is read when it finishes.
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Ends the stream and returns the point's record.
+    async fn finish(
+        mut self,
+        balancer: &Balancer,
+        caller: &PeerInfo,
+        timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
+    ) -> Result<proto::Record, Status> {
+        loop {
+            self.frames = None;
+            let status = match (&mut self.call).await {
+                Ok(Ok(response)) => {
+                    return response
+                        .records
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| Status::internal("the owner answered no record"));
+                }
+                Ok(Err(status)) => status,
+                Err(error) => Status::internal(format!("the upstream produce failed: {error}")),
+            };
+            Box::pin(self.follow(balancer, caller, timeout, status)).await?;
+        }
+    }
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::streaming_server::Streaming for BalancerService {
+    type ConsumeStreamStream = FrameStream;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<ProduceRequest>>,
+    ) -> Result<Response<ProduceResponse>, Status> {
+        let balancer = &self.0;
+        let caller = PeerInfo::of(&request);
+        let timeout = deadline(&request);
+        let mut frames = request.into_inner();
+        let mut order: Vec<String> = Vec::new();
+        let mut upstreams: HashMap<String, Upstream> = HashMap::new();
+        loop {
+            let message = tokio::select! {
+                message = frames.message() => message?,
+                () = balancer.abort.cancelled() => {
+                    return Err(Error::Unavailable("the balancer is shutting down".into()).into());
+                }
+            };
+            let Some(frame) = message else { break };
+            if !upstreams.contains_key(&frame.point) {
+                let id = PointId::new(frame.point.as_str()).map_err(Error::from)?;
+                balancer
+                    .access
+                    .authorize(&caller, Action::Produce, id.as_str())
+                    .await?;
+                let (membership, owner) = balancer.owner(&id).await?;
+                let address = balancer.writer(&membership, &owner, &id)?;
+                let upstream = Upstream::open(balancer, address, &caller, timeout.as_ref()).await?;
+                upstreams.insert(frame.point.clone(), upstream);
+                order.push(frame.point.clone());
+            }
+            let upstream = upstreams.get_mut(&frame.point).expect("opened above");
+            upstream
+                .send(balancer, &caller, timeout.as_ref(), frame)
+                .await?;
+        }
+        let mut records = HashMap::new();
+        for (point, upstream) in upstreams {
+            let record = upstream.finish(balancer, &caller, timeout.as_ref()).await?;
+            records.insert(point, record);
+        }
+        let records = order
+            .iter()
+            .filter_map(|point| records.remove(point))
+            .collect();
+        Ok(Response::new(ProduceResponse { records }))
+    }
+
+    async fn consume_stream(
+        &self,
+        request: Request<ConsumeRequest>,
+    ) -> Result<Response<Self::ConsumeStreamStream>, Status> {
+        let balancer = self.0.clone();
+        let caller = PeerInfo::of(&request);
+        let timeout = deadline(&request);
+        let wanted = request.into_inner();
+        let id = balancer
+            .admit(&caller, Action::Consume, wanted.point.as_str())
+            .await?;
+        let (membership, owner) = balancer.owner(&id).await?;
+        let (meta, source) = balancer
+            .metadata_of(
+                &membership,
+                &owner,
+                &id,
+                (&caller, Action::Consume),
+                timeout.as_ref(),
+            )
+            .await?;
+        let stop = match (wanted.limit, wanted.follow) {
+            (0, true) => None,
+            (0, false) => Some(meta.size),
+            (limit, _) => Some(limit),
+        };
+        // Followers whose confirmed end covers the request, in turn; then the owner (or the
+        // copy the metadata came from).
+        let mut replicas: Vec<String> = match stop {
+            Some(stop) if !wanted.follow => meta
+                .replicas
+                .iter()
+                .filter(|r| r.connected && r.end >= stop && !r.rpc_addr.is_empty())
+                .map(|r| r.rpc_addr.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !replicas.is_empty() {
+            let turn = balancer.turn(replicas.len());
+            replicas.rotate_left(turn);
+        }
+        replicas.push(source);
+        let (frames, received) = mpsc::channel(READ_AHEAD);
+        tokio::spawn(async move {
+            relay(&balancer, &caller, timeout, wanted, stop, replicas, frames).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(received))))
+    }
+
+    async fn get_metadata(
+        &self,
+        request: Request<MetadataRequest>,
+    ) -> Result<Response<MetadataResponse>, Status> {
+        let balancer = &self.0;
+        let caller = PeerInfo::of(&request);
+        let timeout = deadline(&request);
+        let id = balancer
+            .admit(&caller, Action::Metadata, request.into_inner().point)
+            .await?;
+        let (membership, owner) = balancer.owner(&id).await?;
+        let (mut meta, source) = balancer
+            .metadata_of(
+                &membership,
+                &owner,
+                &id,
+                (&caller, Action::Metadata),
+                timeout.as_ref(),
+            )
+            .await?;
+        // The replicas that hold the whole point and are connected, the owner's copy included.
+        let mut eligible: Vec<String> = meta
+            .replicas
+            .iter()
+            .filter(|r| r.connected && r.end >= meta.size && !r.rpc_addr.is_empty())
+            .map(|r| r.rpc_addr.clone())
+            .collect();
+        eligible.push(source);
+        let take = (eligible.len() * usize::from(balancer.multi_stream_percent))
+            .div_ceil(100)
+            .max(1);
+        let turn = balancer.turn(eligible.len());
+        eligible.rotate_left(turn);
+        eligible.truncate(take);
+        meta.workers = eligible;
+        Ok(Response::new(meta))
+    }
+
+    async fn list_points(
+        &self,
+        request: Request<ListPointsRequest>,
+    ) -> Result<Response<ListPointsResponse>, Status> {
+        let balancer = &self.0;
+        let caller = PeerInfo::of(&request);
+        let timeout = deadline(&request);
+        let request = request.into_inner();
+        balancer
+            .access
+            .authorize(&caller, Action::Metadata, &request.prefix)
+            .await?;
+        let max = match request.max_results {
+            0 => 1000,
+            n => n.min(10_000) as usize,
+        };
+        // Every live primary's page, merged: one more than asked says whether more follow.
+        let membership = balancer.placement.membership();
+        let mut points = BTreeSet::new();
+        for member in membership
+            .view
+            .members
+            .values()
+            .filter(|m| m.role.is_primary())
+        {
+            let page = ListPointsRequest {
+                max_results: (max + 1) as u32,
+                ..request.clone()
+            };
+            let answer = balancer
+                .upstream(&member.rpc_addr)
+                .await?
+                .raw()
+                .list_points(forwarded(page, &caller, timeout.as_ref()))
+                .await?
+                .into_inner();
+            points.extend(answer.points);
+        }
+        let mut points: Vec<String> = points.into_iter().take(max + 1).collect();
+        let next = if points.len() > max {
+            points.truncate(max);
+            points.last().cloned().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListPointsResponse { points, next }))
+    }
+
+    async fn delete_point(
+        &self,
+        request: Request<DeletePointRequest>,
+    ) -> Result<Response<DeletePointResponse>, Status> {
+        let balancer = &self.0;
+        let caller = PeerInfo::of(&request);
+        let timeout = deadline(&request);
+        let id = balancer
+            .admit(&caller, Action::Admin, request.into_inner().point)
+            .await?;
+        let (membership, owner) = balancer.owner(&id).await?;
+        let address = balancer.writer(&membership, &owner, &id)?;
+        let request = DeletePointRequest {
+            point: id.as_str().to_owned(),
+        };
+        balancer
+            .upstream(&address)
+            .await?
+            .raw()
+            .delete_point(forwarded(request, &caller, timeout.as_ref()))
+            .await
+    }
+
+    async fn locate_point(
+        &self,
+        request: Request<LocatePointRequest>,
+    ) -> Result<Response<LocatePointResponse>, Status> {
+        let balancer = &self.0;
+        let caller = PeerInfo::of(&request);
+        let request = request.into_inner();
+        let id = balancer
+            .admit(&caller, Action::Metadata, request.point)
+            .await?;
+        let located = streaming::locate(&balancer.placement, &id, request.replicas).await?;
+        Ok(Response::new(located))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        let caller = PeerInfo::of(&request);
+        self.0
+            .access
+            .authorize(&caller, Action::Metadata, "")
+            .await?;
+        Ok(Response::new(streaming::members(
+            &self.0.placement.membership(),
+        )))
+    }
+
+    async fn sign_url(
+        &self,
+        request: Request<SignUrlRequest>,
+    ) -> Result<Response<SignUrlResponse>, Status> {
+        let caller = PeerInfo::of(&request);
+        let request = request.into_inner();
+        let signed = streaming::sign_url(&self.0.access, &self.0.signer, &caller, request).await?;
+        Ok(Response::new(signed))
+    }
+}
+
+/// Relays `[offset, stop)` of the point to the client from the first replica that serves it,
+/// continuing on the next one from the offset reached if a replica fails.
+async fn relay(
+    balancer: &Balancer,
+    caller: &PeerInfo,
+    timeout: Option<MetadataValue<tonic::metadata::Ascii>>,
+    wanted: ConsumeRequest,
+    stop: Option<u64>,
+    replicas: Vec<String>,
+    frames: mpsc::Sender<Result<ConsumeResponse, Status>>,
+) {
+    let mut position = wanted.offset;
+    let mut last = None;
+    for address in &replicas {
+        let request = ConsumeRequest {
+            offset: position,
+            ..wanted.clone()
+        };
+        let stream = async {
+            balancer
+                .upstream(address)
+                .await?
+                .raw()
+                .consume_stream(forwarded(request, caller, timeout.as_ref()))
+                .await
+        }
+        .await;
+        let mut stream = match stream {
+            Ok(stream) => stream.into_inner(),
+            Err(status) if transient(&status) => {
+                last = Some(status);
+                continue;
+            }
+            Err(status) => {
+                let _ = frames.send(Err(status)).await;
+                return;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                () = frames.closed() => return,
+                () = balancer.abort.cancelled() => {
+                    let _ = frames.send(Err(Status::unavailable("the balancer is shutting down"))).await;
+                    return;
+                }
+            };
+            match message {
+                Ok(Some(response)) if response.offset == position => {
+                    position += response.frame.len() as u64;
+                    if frames.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(response)) => {
+                    last = Some(Status::internal(format!(
+                        "replica {address} sent offset {} where {position} was due",
+                        response.offset
+                    )));
+                    break;
+                }
+                Ok(None) if stop.is_none_or(|stop| position == stop) => return,
+                Ok(None) => {
+                    last = Some(Status::unavailable(format!(
+                        "replica {address} ended at {position}"
+                    )));
+                    break;
+                }
+                Err(status) if transient(&status) => {
+                    tracing::info!(replica = %address, position, %status, "replica failed mid-stream; continuing elsewhere");
+                    last = Some(status);
+                    break;
+                }
+                Err(status) => {
+                    let _ = frames.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+    }
+    let why = last.map(|s| s.message().to_owned()).unwrap_or_default();
+    let _ = frames
+        .send(Err(Status::unavailable(format!(
+            "no replica could serve the rest of the point from {position}: {why}"
+        ))))
+        .await;
+}
+
+#[tonic::async_trait]
+impl proto::lb_resolver_helper_server::LbResolverHelper for BalancerService {
+    async fn get_servers(
+        &self,
+        request: Request<GetServersRequest>,
+    ) -> Result<Response<GetServersResponse>, Status> {
+        let caller = PeerInfo::of(&request);
+        self.0
+            .access
+            .authorize(&caller, Action::Metadata, "")
+            .await?;
+        let servers = streaming::balancers(&self.0.placement.membership());
+        Ok(Response::new(GetServersResponse { servers }))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::follower_resolver_helper_server::FollowerResolverHelper for BalancerService {
+    async fn get_followers(
+        &self,
+        request: Request<GetFollowersRequest>,
+    ) -> Result<Response<GetFollowersResponse>, Status> {
+        let caller = PeerInfo::of(&request);
+        self.0
+            .access
+            .authorize(&caller, Action::Metadata, "")
+            .await?;
+        let membership = self.0.placement.membership();
+        let servers = membership
+            .view
+            .members
+            .values()
+            .filter(|m| m.leader.is_some())
+            .map(|m| proto::Server {
+                rpc_addr: m.rpc_addr.clone(),
+                name: m.name.clone(),
+            })
+            .collect();
+        Ok(Response::new(GetFollowersResponse { servers }))
+    }
+}

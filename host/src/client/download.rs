@@ -1,0 +1,951 @@
+//! Multi-stream downloads: a point read from several replicas at once into `<out>.part`,
+//! verified against the whole point's CRC32C, made durable, then renamed into place.
+//!
+//! - **Pinned.** The download is of `[0, size)` with the size and CRC32C of one `GetMetadata`
+//!   (a resumed one, of its journal): a point that grows meanwhile does not move it, and every
+//!   range is asked for with that end as its limit.
+//! - **Ranges.** Each worker (a replica `GetMetadata` named, over one pooled connection) takes
+//!   a range; every frame must start where the range stands. When a worker has nothing left,
+//!   the largest remaining range is split in two and it takes the second half; when nothing can
+//!   be split, the slowest range is *hedged*: its rest is fetched again by the idle worker, the
+//!   first to finish wins, the other is stopped. A worker that fails gives its range back from
+//!   the offset it reached and backs off; one that fails three times in a row is dropped.
+//! - **Resumable.** `<out>.part.journal` lists the finished pieces and their CRC32C; with
+//!   `resume`, pieces whose bytes in `.part` still match are kept, the rest is fetched.
+//! - **Durable.** Writes are batched (4 MiB), each written by a task while the next batch fills,
+//!   and written back while the download runs; before success is reported the file is synced,
+//!   renamed, and its directory synced.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use super::{Client, ClientError, Pool, Progress};
+use crate::api::proto::ConsumeRequest;
+
+/// Ranges smaller than twice this are not split further.
+const MIN_SPLIT: u64 = 8 * 1024 * 1024;
+/// Bytes gathered before one write to the file.
+const WRITE_BATCH: usize = 4 * 1024 * 1024;
+/// A range is only judged slow once it has run this long.
+const HEDGE_AFTER: Duration = Duration::from_millis(300);
+/// Consecutive failures after which a worker is dropped.
+const MAX_FAILURES: u32 = 3;
+
+/// How a download runs.
+#[derive(Debug, Clone)]
+pub struct GetOptions {
+    /// Continue from `<out>.part` and its journal (pieces whose bytes still match are kept).
+    pub resume: bool,
+    /// Fetch the rest of a slow range again from another worker.
+    pub hedge: bool,
+}
+
+impl Default for GetOptions {
+    fn default() -> Self {
+        Self {
+            resume: false,
+            hedge: true,
+        }
+    }
+}
+
+/// What a download did.
+#[derive(Debug, Clone, Default)]
+pub struct GetReport {
+    pub size: u64,
+    pub crc32c: u32,
+    /// Replicas that served ranges.
+    pub workers: usize,
+    /// Ranges that failed and went on elsewhere.
+    pub retries: usize,
+    pub splits: usize,
+    pub hedges: usize,
+    /// Bytes a resumed download found verified in `.part`.
+    pub resumed: u64,
+    /// Bytes fetched by this run (hedged bytes count twice).
+    pub fetched: u64,
+}
+
+/// The journal of a download: what is pinned and which pieces are done.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Journal {
+    point: String,
+    size: u64,
+    crc32c: u32,
+    done: Vec<Piece>,
+}
+
+/// `[start, end)` of the point, with its CRC32C.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+struct Piece {
+    start: u64,
+    end: u64,
+    crc32c: u32,
+}
+
+fn part_path(out: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.part", out.display()))
+}
+
+fn journal_path(out: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.part.journal", out.display()))
+}
+
+impl Client {
+    /// Downloads `point` into `out` from the workers `GetMetadata` names (this connection's node
+    /// when it names none). See the module documentation.
+    pub async fn get(
+        &self,
+        point: &str,
+        out: &Path,
+        options: &GetOptions,
+        progress: Arc<dyn Progress>,
+    ) -> Result<GetReport, ClientError> {
+        let meta = self.stat(point).await?;
+        let part = part_path(out);
+        let journal_file = journal_path(out);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ClientError::Io { path, source }
+        };
+        let previous = if options.resume {
+            read_journal(&journal_file).filter(|j| j.point == point)
+        } else {
+            None
+        };
+        let (journal, file) = match previous {
+            Some(journal) if part.exists() => {
+                if meta.size < journal.size {
+                    return Err(ClientError::Verify(format!(
+                        "point {point} has {} bytes, fewer than the {} the interrupted download started from: it was replaced",
+                        meta.size, journal.size
+                    )));
+                }
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&part)
+                    .map_err(io(&part))?;
+                file.set_len(journal.size).map_err(io(&part))?;
+                let file = Arc::new(file);
+                let verified = verify_pieces(&file, &journal.done).await?;
+                (
+                    Journal {
+                        done: verified,
+                        ..journal
+                    },
+                    file,
+                )
+            }
+            _ => {
+                let file = File::create(&part).map_err(io(&part))?;
+                file.set_len(meta.size).map_err(io(&part))?;
+                let journal = Journal {
+                    point: point.to_owned(),
+                    size: meta.size,
+                    crc32c: meta.crc32c,
+                    done: Vec::new(),
+                };
+                (journal, Arc::new(file))
+            }
+        };
+        write_journal(&journal_file, &journal)?;
+        let resumed: u64 = journal.done.iter().map(|p| p.end - p.start).sum();
+        progress.start(journal.size, resumed);
+
+        let mut addresses = meta.workers.clone();
+        if addresses.is_empty() {
+            addresses.push(self.options.addr.clone());
+        }
+        let download = Arc::new(Download {
+            point: point.to_owned(),
+            file,
+            journal_file: journal_file.clone(),
+            plan: Mutex::new(Plan::new(&journal)),
+            changed: Notify::new(),
+            progress,
+            hedge: options.hedge,
+        });
+        let pool = Pool::new(self.options.tls.clone());
+        let mut tasks = Vec::new();
+        for (index, address) in addresses.iter().enumerate() {
+            let worker = pool.client(address).await?;
+            let download = download.clone();
+            let address = address.clone();
+            tasks.push(tokio::spawn(async move {
+                download.work(index, &address, &worker).await
+            }));
+        }
+        let mut last_error = None;
+        for task in tasks {
+            if let Err(error) = task
+                .await
+                .map_err(|e| ClientError::Verify(format!("a download worker failed: {e}")))?
+            {
+                last_error = Some(error);
+            }
+        }
+        let plan = download.plan.lock().unwrap().summary();
+        if !plan.complete {
+            return Err(last_error.unwrap_or_else(|| {
+                ClientError::Verify("every worker failed; the download is incomplete".into())
+            }));
+        }
+        let crc = plan.crc;
+        if crc != journal.crc32c {
+            // Bytes that do not add up are not worth resuming from.
+            let _ = std::fs::remove_file(&journal_file);
+            return Err(ClientError::Verify(format!(
+                "downloaded bytes have CRC32C {crc:08x}, the point {:08x}; {} kept for inspection",
+                journal.crc32c,
+                part.display()
+            )));
+        }
+        let file = download.file.clone();
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(io(&part))?;
+        std::fs::rename(&part, out).map_err(io(out))?;
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+        }
+        let _ = std::fs::remove_file(&journal_file);
+        Ok(GetReport {
+            size: journal.size,
+            crc32c: crc,
+            workers: plan.workers,
+            retries: plan.retries,
+            splits: plan.splits,
+            hedges: plan.hedges,
+            resumed,
+            fetched: plan.fetched,
+        })
+    }
+}
+
+fn read_journal(path: &Path) -> Option<Journal> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn write_journal(path: &Path, journal: &Journal) -> Result<(), ClientError> {
+    let temporary = PathBuf::from(format!("{}.tmp", path.display()));
+    let bytes = serde_json::to_vec(journal).expect("a journal serializes");
+    std::fs::write(&temporary, bytes)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|source| ClientError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The pieces whose bytes in `file` still have their CRC32C.
+async fn verify_pieces(file: &Arc<File>, pieces: &[Piece]) -> Result<Vec<Piece>, ClientError> {
+    let file = file.clone();
+    let pieces = pieces.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut buffer = vec![0u8; WRITE_BATCH];
+        pieces
+            .into_iter()
+            .filter(|piece| {
+                let mut crc = 0u32;
+                let mut at = piece.start;
+                while at < piece.end {
+                    let len = ((piece.end - at) as usize).min(buffer.len());
+                    if file.read_exact_at(&mut buffer[..len], at).is_err() {
+                        return false;
+                    }
+                    crc = crc32c::crc32c_append(crc, &buffer[..len]);
+                    at += len as u64;
+                }
+                crc == piece.crc32c
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ClientError::Verify(format!("verifying the part file: {e}")))
+}
+
+/// One download in progress, shared by its workers.
+struct Download {
+    point: String,
+    file: Arc<File>,
+    journal_file: PathBuf,
+    plan: Mutex<Plan>,
+    /// Wakes idle workers when work appears or ends.
+    changed: Notify,
+    progress: Arc<dyn Progress>,
+    hedge: bool,
+}
+
+/// What there is to do and who does it.
+struct Plan {
+    /// Ranges nobody fetches, in order.
+    todo: Vec<(u64, u64)>,
+    active: HashMap<u64, Active>,
+    done: Vec<Piece>,
+    next_id: u64,
+    /// Observed throughput (bytes/s) of finished fetches, for judging slowness.
+    rates: Vec<f64>,
+    journal: Journal,
+    workers_used: std::collections::HashSet<usize>,
+    retries: usize,
+    splits: usize,
+    hedges: usize,
+    fetched: u64,
+    /// Bytes in the file reported to the progress callback so far.
+    reported: u64,
+}
+
+/// A range being fetched.
+struct Active {
+    start: u64,
+    /// Where the range ends; lowered when another worker takes its second half.
+    end: u64,
+    /// Bytes `[start, position)` are in the file.
+    position: u64,
+    /// CRC32C of `[start, position)`.
+    crc: u32,
+    started: Instant,
+    /// This fetch is the hedge of that one: it started at `position` with the other's CRC then.
+    hedge_of: Option<(u64, u64, u32)>,
+    /// The hedge fetching the rest of this range, if any.
+    hedged_by: Option<u64>,
+    stop: CancellationToken,
+}
+
+/// What a worker does next.
+enum Job {
+    Fetch {
+        id: u64,
+        start: u64,
+        end: u64,
+        stop: CancellationToken,
+    },
+    Wait,
+    Finished,
+}
+
+struct Summary {
+    complete: bool,
+    crc: u32,
+    workers: usize,
+    retries: usize,
+    splits: usize,
+    hedges: usize,
+    fetched: u64,
+}
+
+impl Plan {
+    fn new(journal: &Journal) -> Self {
+        let mut done = journal.done.clone();
+        done.sort_by_key(|p| p.start);
+        let mut todo = Vec::new();
+        let mut cursor = 0;
+        for piece in &done {
+            if piece.start > cursor {
+                todo.push((cursor, piece.start));
+            }
+            cursor = cursor.max(piece.end);
+        }
+        if cursor < journal.size {
+            todo.push((cursor, journal.size));
+        }
+        Self {
+            todo,
+            active: HashMap::new(),
+            done,
+            next_id: 0,
+            rates: Vec::new(),
+            journal: journal.clone(),
+            workers_used: Default::default(),
+            retries: 0,
+            splits: 0,
+            hedges: 0,
+            fetched: 0,
+            reported: journal.done.iter().map(|p| p.end - p.start).sum(),
+        }
+    }
+
+    /// Bytes of the point in the file: finished pieces, and what running ranges wrote (a hedged
+    /// range counts up to where its hedge began). Returns how much that grew since last asked.
+    fn covered_since_reported(&mut self) -> u64 {
+        let done: u64 = self.done.iter().map(|p| p.end - p.start).sum();
+        let running: u64 = self
+            .active
+            .values()
+            .map(|a| {
+                let upto = match a.hedged_by.and_then(|h| self.active.get(&h)) {
+                    Some(hedge) => a.position.min(hedge.start),
+                    None => a.position,
+                };
+                upto - a.start
+            })
+            .sum();
+        let covered = done + running;
+        let advanced = covered.saturating_sub(self.reported);
+        self.reported = self.reported.max(covered);
+        advanced
+    }
+
+    fn start(&mut self, start: u64, end: u64, hedge_of: Option<(u64, u64, u32)>) -> Job {
+        let id = self.next_id;
+        self.next_id += 1;
+        let stop = CancellationToken::new();
+        self.active.insert(
+            id,
+            Active {
+                start,
+                end,
+                position: start,
+                crc: 0,
+                started: Instant::now(),
+                hedge_of,
+                hedged_by: None,
+                stop: stop.clone(),
+            },
+        );
+        Job::Fetch {
+            id,
+            start,
+            end,
+            stop,
+        }
+    }
+
+    /// The next job for an idle worker.
+    fn next(&mut self, hedging: bool) -> Job {
+        if !self.todo.is_empty() {
+            // The largest first: the others may be split later.
+            let largest = (0..self.todo.len())
+                .max_by_key(|&i| self.todo[i].1 - self.todo[i].0)
+                .expect("not empty");
+            let (start, end) = self.todo.remove(largest);
+            return self.start(start, end, None);
+        }
+        // Split the largest remaining range that is not hedged.
+        let splittable = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.hedged_by.is_none() && a.hedge_of.is_none())
+            .max_by_key(|(_, a)| a.end - a.position)
+            .filter(|(_, a)| a.end - a.position >= 2 * MIN_SPLIT)
+            .map(|(&id, _)| id);
+        if let Some(id) = splittable {
+            let active = self.active.get_mut(&id).expect("just found");
+            let middle = active.position + (active.end - active.position) / 2;
+            let end = active.end;
+            active.end = middle;
+            self.splits += 1;
+            return self.start(middle, end, None);
+        }
+        if hedging && let Some(job) = self.hedge() {
+            return job;
+        }
+        if self.active.is_empty() {
+            Job::Finished
+        } else {
+            Job::Wait
+        }
+    }
+
+    /// Hedges the slowest range if it is well below the typical rate.
+    fn hedge(&mut self) -> Option<Job> {
+        let mut rates = self.rates.clone();
+        rates.sort_by(f64::total_cmp);
+        let typical = *rates.get(rates.len() / 2)?;
+        let (id, position, end, crc) = self
+            .active
+            .iter()
+            .filter(|(_, a)| {
+                a.hedged_by.is_none()
+                    && a.hedge_of.is_none()
+                    && a.end > a.position
+                    && a.started.elapsed() >= HEDGE_AFTER
+            })
+            .filter(|(_, a)| {
+                let rate = (a.position - a.start) as f64 / a.started.elapsed().as_secs_f64();
+                rate < typical / 2.0
+            })
+            .max_by_key(|(_, a)| a.end - a.position)
+            .map(|(&id, a)| (id, a.position, a.end, a.crc))?;
+        self.hedges += 1;
+        let job = self.start(position, end, Some((id, position, crc)));
+        if let Job::Fetch { id: hedge, .. } = &job {
+            self.active.get_mut(&id).expect("found above").hedged_by = Some(*hedge);
+        }
+        Some(job)
+    }
+
+    /// A range finished: record its pieces, stop what it made redundant.
+    fn finish(&mut self, id: u64) {
+        let Some(active) = self.active.remove(&id) else {
+            return;
+        };
+        let seconds = active.started.elapsed().as_secs_f64().max(1e-6);
+        self.rates
+            .push((active.position - active.start) as f64 / seconds);
+        match active.hedge_of {
+            Some((original, at, crc_at)) => {
+                // The hedge won: the original's piece ends where the hedge began.
+                if let Some(slow) = self.active.remove(&original) {
+                    slow.stop.cancel();
+                    self.done.push(Piece {
+                        start: slow.start,
+                        end: at,
+                        crc32c: crc_at,
+                    });
+                }
+                self.done.push(Piece {
+                    start: active.start,
+                    end: active.end,
+                    crc32c: active.crc,
+                });
+            }
+            None => {
+                if let Some(hedge) = active.hedged_by.and_then(|h| self.active.remove(&h)) {
+                    hedge.stop.cancel();
+                }
+                self.done.push(Piece {
+                    start: active.start,
+                    end: active.end,
+                    crc32c: active.crc,
+                });
+            }
+        }
+        self.journal.done = self.done.clone();
+    }
+
+    /// A range failed at its position: the rest goes back to do (a hedge's rest stays with the
+    /// original; an original's rest with its hedge, if it has one).
+    fn fail(&mut self, id: u64) {
+        let Some(active) = self.active.remove(&id) else {
+            return;
+        };
+        self.retries += 1;
+        match (active.hedge_of, active.hedged_by) {
+            (Some((original, _, _)), _) => {
+                if let Some(slow) = self.active.get_mut(&original) {
+                    slow.hedged_by = None;
+                }
+            }
+            (None, Some(hedge)) => {
+                // The hedge carries on alone from where it began.
+                let hedge = self
+                    .active
+                    .get_mut(&hedge)
+                    .expect("a hedge outlives nothing");
+                let (_, at, crc_at) = hedge.hedge_of.take().expect("it is a hedge");
+                self.done.push(Piece {
+                    start: active.start,
+                    end: at,
+                    crc32c: crc_at,
+                });
+            }
+            (None, None) => {
+                if active.position > active.start {
+                    self.done.push(Piece {
+                        start: active.start,
+                        end: active.position,
+                        crc32c: active.crc,
+                    });
+                }
+                if active.position < active.end {
+                    self.todo.push((active.position, active.end));
+                }
+            }
+        }
+        self.journal.done = self.done.clone();
+    }
+
+    fn summary(&self) -> Summary {
+        let mut done = self.done.clone();
+        done.sort_by_key(|p| p.start);
+        let mut crc = 0u32;
+        let mut cursor = 0;
+        let mut complete = true;
+        for piece in &done {
+            if piece.start != cursor {
+                complete = false;
+                break;
+            }
+            crc = crc32c::crc32c_combine(crc, piece.crc32c, (piece.end - piece.start) as usize);
+            cursor = piece.end;
+        }
+        Summary {
+            complete: complete && cursor == self.journal.size,
+            crc,
+            workers: self.workers_used.len(),
+            retries: self.retries,
+            splits: self.splits,
+            hedges: self.hedges,
+            fetched: self.fetched,
+        }
+    }
+}
+
+impl Download {
+    /// A worker: takes jobs until there is nothing left; gives up after repeated failures.
+    async fn work(
+        self: &Arc<Self>,
+        index: usize,
+        address: &str,
+        client: &Client,
+    ) -> Result<(), ClientError> {
+        let mut failures = 0;
+        loop {
+            let job = self.plan.lock().unwrap().next(self.hedge);
+            match job {
+                Job::Finished => return Ok(()),
+                Job::Wait => {
+                    // Woken when work changes hands; rechecked for hedging meanwhile.
+                    let _ = tokio::time::timeout(HEDGE_AFTER / 3, self.changed.notified()).await;
+                }
+                Job::Fetch {
+                    id,
+                    start,
+                    end,
+                    stop,
+                } => {
+                    self.plan.lock().unwrap().workers_used.insert(index);
+                    let outcome = self.fetch(client, address, id, (start, end), &stop).await;
+                    match outcome {
+                        Ok(()) => {
+                            failures = 0;
+                            let (journal, advanced) = {
+                                let mut plan = self.plan.lock().unwrap();
+                                plan.finish(id);
+                                (plan.journal.clone(), plan.covered_since_reported())
+                            };
+                            self.progress.advance(advanced);
+                            write_journal(&self.journal_file, &journal)?;
+                        }
+                        Err(error) => {
+                            self.plan.lock().unwrap().fail(id);
+                            failures += 1;
+                            if fatal(&error) || failures >= MAX_FAILURES {
+                                self.changed.notify_waiters();
+                                tracing::warn!(worker = %address, %error, "worker dropped");
+                                return Err(error);
+                            }
+                            tracing::warn!(worker = %address, %error, "range failed; it goes on elsewhere");
+                            tokio::time::sleep(Duration::from_millis(100 << failures)).await;
+                        }
+                    }
+                    self.changed.notify_waiters();
+                }
+            }
+        }
+    }
+
+    /// Fetches `[start, end)` (or less, if the range is split meanwhile) from `client` into the
+    /// file. Returns once the range's current end is reached, or `stop` (a hedge won). Whatever
+    /// arrived is written before it returns, even on failure, so the plan's positions only
+    /// ever count bytes that are in the file.
+    async fn fetch(
+        self: &Arc<Self>,
+        client: &Client,
+        address: &str,
+        id: u64,
+        (start, end): (u64, u64),
+        stop: &CancellationToken,
+    ) -> Result<(), ClientError> {
+        let mut batch = Batch::new(start);
+        let mut writing = None;
+        let received = self
+            .receive(
+                client,
+                address,
+                id,
+                (start, end),
+                stop,
+                &mut batch,
+                &mut writing,
+            )
+            .await;
+        let written = match writing {
+            Some(write) => joined(write.await),
+            None => Ok(()),
+        };
+        let (offset, bytes) = batch.take();
+        let last = self.commit(id, offset, bytes).await;
+        received.and(written).and(last)
+    }
+
+    /// Receives frames of the range into `batch`. A full batch is written by a task of its own
+    /// (`writing`) while the next one fills; one write at a time, in order.
+    #[allow(clippy::too_many_arguments)]
+    async fn receive(
+        self: &Arc<Self>,
+        client: &Client,
+        address: &str,
+        id: u64,
+        (start, end): (u64, u64),
+        stop: &CancellationToken,
+        batch: &mut Batch,
+        writing: &mut Option<JoinHandle<Result<(), ClientError>>>,
+    ) -> Result<(), ClientError> {
+        let request = ConsumeRequest {
+            point: self.point.clone(),
+            offset: start,
+            limit: end,
+            chunk_size: 0,
+            follow: false,
+        };
+        let mut raw = client.raw();
+        let mut stream = tokio::select! {
+            stream = raw.consume_stream(request) => stream?.into_inner(),
+            () = stop.cancelled() => return Ok(()),
+        };
+        let mut position = start;
+        loop {
+            let response = tokio::select! {
+                response = stream.message() => response?,
+                () = stop.cancelled() => return Ok(()),
+            };
+            let Some(response) = response else {
+                return Err(ClientError::Verify(format!(
+                    "worker {address} ended the range [{start}, {end}) at {position}"
+                )));
+            };
+            if response.offset != position || response.frame.is_empty() {
+                return Err(ClientError::Verify(format!(
+                    "worker {address} sent {} bytes at {} where {position} was due",
+                    response.frame.len(),
+                    response.offset
+                )));
+            }
+            // The range's end may have been lowered: another worker took its second half.
+            let current_end = {
+                let mut plan = self.plan.lock().unwrap();
+                let Some(active) = plan.active.get(&id) else {
+                    return Ok(()); // Stopped: a hedge won.
+                };
+                let current_end = active.end;
+                let take = current_end
+                    .saturating_sub(position)
+                    .min(response.frame.len() as u64);
+                plan.fetched += take;
+                current_end
+            };
+            let take = current_end
+                .saturating_sub(position)
+                .min(response.frame.len() as u64);
+            position += take;
+            batch.push(response.frame.slice(..take as usize));
+            let reached = position >= current_end;
+            if reached {
+                return Ok(()); // The caller writes the rest.
+            }
+            if batch.len() >= WRITE_BATCH {
+                if let Some(previous) = writing.take() {
+                    joined(previous.await)?;
+                }
+                let (offset, bytes) = batch.take();
+                let download = self.clone();
+                *writing = Some(tokio::spawn(async move {
+                    download.commit(id, offset, bytes).await
+                }));
+            }
+        }
+    }
+
+    /// Writes `bytes` at `offset` (as much of them as the range still holds), then moves the
+    /// range's position and CRC over what was written. Bytes that do not start at the range's
+    /// position are dropped: an earlier write of the range failed, the range goes on elsewhere.
+    async fn commit(&self, id: u64, offset: u64, bytes: Bytes) -> Result<(), ClientError> {
+        let bytes = {
+            let plan = self.plan.lock().unwrap();
+            let Some(active) = plan.active.get(&id).filter(|a| a.position == offset) else {
+                return Ok(()); // Stopped (a hedge won), or after a failed write.
+            };
+            let keep = active.end.saturating_sub(offset).min(bytes.len() as u64);
+            bytes.slice(..keep as usize)
+        };
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.write(offset, bytes.clone()).await?;
+        let mut plan = self.plan.lock().unwrap();
+        if let Some(active) = plan.active.get_mut(&id) {
+            // The end may have been lowered while writing; bytes past it belong to another range
+            // (they are the same bytes, the point is pinned).
+            let keep = active
+                .end
+                .saturating_sub(active.position)
+                .min(bytes.len() as u64);
+            active.crc = crc32c::crc32c_append(active.crc, &bytes[..keep as usize]);
+            active.position += keep;
+        }
+        let advanced = plan.covered_since_reported();
+        drop(plan);
+        if advanced > 0 {
+            self.progress.advance(advanced);
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `offset`, and starts writing them back so the final sync is short.
+    async fn write(&self, offset: u64, bytes: Bytes) -> Result<(), ClientError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            file.write_all_at(&bytes, offset)?;
+            write_back(&file, offset, bytes.len() as u64);
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| ClientError::Io {
+            path: PathBuf::from(format!("<download of {}>", self.point)),
+            source,
+        })
+    }
+}
+
+/// Starts the kernel writing `[offset, offset + len)` of `file` back to disk, without waiting.
+fn write_back(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on a descriptor this function borrows; it only schedules I/O.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+/// Contiguous bytes waiting to be written, and where.
+struct Batch {
+    offset: u64,
+    bytes: BytesMut,
+}
+
+impl Batch {
+    fn new(offset: u64) -> Self {
+        Self {
+            offset,
+            bytes: BytesMut::with_capacity(WRITE_BATCH),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn push(&mut self, frame: Bytes) {
+        self.bytes.extend_from_slice(&frame);
+    }
+
+    fn take(&mut self) -> (u64, Bytes) {
+        let offset = self.offset;
+        self.offset += self.bytes.len() as u64;
+        (offset, self.bytes.split().freeze())
+    }
+}
+
+/// The outcome of a write task.
+fn joined(
+    outcome: Result<Result<(), ClientError>, tokio::task::JoinError>,
+) -> Result<(), ClientError> {
+    outcome.map_err(|e| ClientError::Verify(format!("a write of the download failed: {e}")))?
+}
+
+/// Errors no other worker can do better on.
+fn fatal(error: &ClientError) -> bool {
+    matches!(error, ClientError::Status(status)
+        if matches!(status.code(), Code::NotFound | Code::PermissionDenied | Code::InvalidArgument))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(size: u64, done: Vec<Piece>) -> Journal {
+        Journal {
+            point: "p".into(),
+            size,
+            crc32c: 0,
+            done,
+        }
+    }
+
+    #[test]
+    fn plans_cover_what_is_not_done_and_split_and_hedge() {
+        let done = vec![Piece {
+            start: 100,
+            end: 200,
+            crc32c: 1,
+        }];
+        let plan = Plan::new(&journal(1000, done));
+        assert_eq!(plan.todo, vec![(0, 100), (200, 1000)]);
+
+        let mut plan = Plan::new(&journal(64 * MIN_SPLIT, Vec::new()));
+        let Job::Fetch { id: first, .. } = plan.next(true) else {
+            panic!("a fetch")
+        };
+        // Nothing left to do: the running range is split in two.
+        let Job::Fetch { start, end, .. } = plan.next(true) else {
+            panic!("a split")
+        };
+        assert_eq!((start, end), (32 * MIN_SPLIT, 64 * MIN_SPLIT));
+        assert_eq!(plan.active[&first].end, 32 * MIN_SPLIT);
+        assert_eq!(plan.splits, 1);
+    }
+
+    #[test]
+    fn a_hedge_that_wins_leaves_disjoint_pieces() {
+        let size = 3 * MIN_SPLIT / 2;
+        let mut plan = Plan::new(&journal(size, Vec::new()));
+        let Job::Fetch { id: slow, .. } = plan.next(true) else {
+            panic!("a fetch")
+        };
+        {
+            let active = plan.active.get_mut(&slow).unwrap();
+            active.position = 1000;
+            active.crc = 77;
+            active.started -= HEDGE_AFTER * 2;
+        }
+        // No typical rate known yet: no hedge.
+        assert!(matches!(plan.next(true), Job::Wait));
+        plan.rates.push(1e12);
+        let Job::Fetch {
+            id: hedge,
+            start,
+            end,
+            ..
+        } = plan.next(true)
+        else {
+            panic!("a hedge")
+        };
+        assert_eq!((start, end), (1000, size));
+        plan.active.get_mut(&hedge).unwrap().position = size;
+        plan.active.get_mut(&hedge).unwrap().crc = 5;
+        plan.finish(hedge);
+        assert!(plan.active.is_empty(), "the slow one is stopped");
+        let mut pieces: Vec<(u64, u64, u32)> = plan
+            .done
+            .iter()
+            .map(|p| (p.start, p.end, p.crc32c))
+            .collect();
+        pieces.sort();
+        assert_eq!(pieces, vec![(0, 1000, 77), (1000, size, 5)]);
+        assert!(plan.summary().complete);
+    }
+}
