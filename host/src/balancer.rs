@@ -53,8 +53,8 @@ use crate::signed_url::UrlSigner;
 
 /// Bytes of a point's first frames a produce keeps to re-send them to another owner.
 pub const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
-/// Frames a consume relays ahead of the client.
-const READ_AHEAD: usize = 16;
+/// Frames a produce queues for each point's upstream stream.
+const UPSTREAM_QUEUE: usize = 8;
 
 /// What the balancer's handlers share.
 pub struct Balancer {
@@ -275,7 +275,7 @@ impl Upstream {
         timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
     ) -> Result<Upstream, Status> {
         let mut client = balancer.upstream(&address).await?.raw();
-        let (frames, received) = mpsc::channel(READ_AHEAD * 2);
+        let (frames, received) = mpsc::channel(UPSTREAM_QUEUE);
         let request = forwarded(ReceiverStream::new(received), caller, timeout);
         let call = tokio::spawn(async move {
             client
@@ -474,11 +474,20 @@ impl proto::streaming_server::Streaming for BalancerService {
             replicas.rotate_left(turn);
         }
         replicas.push(source);
-        let (frames, received) = mpsc::channel(READ_AHEAD);
-        tokio::spawn(async move {
-            relay(&balancer, &caller, timeout, wanted, stop, replicas, frames).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(received))))
+        let position = wanted.offset;
+        let relay = Relay {
+            balancer,
+            caller,
+            timeout,
+            wanted,
+            stop,
+            replicas: replicas.into_iter(),
+            current: None,
+            position,
+            last: None,
+            done: false,
+        };
+        Ok(Response::new(relay.into_stream()))
     }
 
     async fn get_metadata(
@@ -629,92 +638,137 @@ impl proto::streaming_server::Streaming for BalancerService {
     }
 }
 
-/// Relays `[offset, stop)` of the point to the client from the first replica that serves it,
-/// continuing on the next one from the offset reached if a replica fails.
-async fn relay(
-    balancer: &Balancer,
-    caller: &PeerInfo,
+/// A consume relayed to the client: `[offset, stop)` of the point from the first replica that
+/// serves it, continuing on the next one from the offset reached if a replica fails. It is the
+/// response stream itself, polled by the client's connection (no task or channel in between:
+/// each hop costs a wake-up per frame, measured in `bench download`).
+struct Relay {
+    balancer: Arc<Balancer>,
+    caller: PeerInfo,
     timeout: Option<MetadataValue<tonic::metadata::Ascii>>,
     wanted: ConsumeRequest,
     stop: Option<u64>,
-    replicas: Vec<String>,
-    frames: mpsc::Sender<Result<ConsumeResponse, Status>>,
-) {
-    let mut position = wanted.offset;
-    let mut last = None;
-    for address in &replicas {
-        let request = ConsumeRequest {
-            offset: position,
-            ..wanted.clone()
-        };
-        let stream = async {
-            balancer
-                .upstream(address)
-                .await?
-                .raw()
-                .consume_stream(forwarded(request, caller, timeout.as_ref()))
-                .await
+    replicas: std::vec::IntoIter<String>,
+    /// The replica being read, and its stream.
+    current: Option<(String, Streaming<ConsumeResponse>)>,
+    position: u64,
+    /// Why the last replica failed.
+    last: Option<Status>,
+    done: bool,
+}
+
+/// What one message from a replica means.
+enum Step {
+    Frame(ConsumeResponse),
+    End,
+    /// The replica failed; the next one continues.
+    Next(Status),
+    Fail(Status),
+}
+
+impl Relay {
+    fn into_stream(self) -> FrameStream {
+        Box::pin(futures::stream::unfold(self, |mut relay| async move {
+            let item = relay.next().await?;
+            Some((item, relay))
+        }))
+    }
+
+    async fn next(&mut self) -> Option<Result<ConsumeResponse, Status>> {
+        if self.done {
+            return None;
         }
-        .await;
-        let mut stream = match stream {
-            Ok(stream) => stream.into_inner(),
-            Err(status) if transient(&status) => {
-                last = Some(status);
-                continue;
-            }
-            Err(status) => {
-                let _ = frames.send(Err(status)).await;
-                return;
-            }
-        };
         loop {
-            let message = tokio::select! {
-                message = stream.message() => message,
-                () = frames.closed() => return,
-                () = balancer.abort.cancelled() => {
-                    let _ = frames.send(Err(Status::unavailable("the balancer is shutting down"))).await;
-                    return;
+            let Some((address, stream)) = self.current.as_mut() else {
+                match self.open().await {
+                    Ok(true) => continue,
+                    Ok(false) => return self.fail(self.exhausted()),
+                    Err(status) => return self.fail(status),
                 }
             };
-            match message {
-                Ok(Some(response)) if response.offset == position => {
-                    position += response.frame.len() as u64;
-                    if frames.send(Ok(response)).await.is_err() {
-                        return;
-                    }
+            let message = tokio::select! {
+                message = stream.message() => message,
+                () = self.balancer.abort.cancelled() => {
+                    return self.fail(Status::unavailable("the balancer is shutting down"));
                 }
-                Ok(Some(response)) => {
-                    last = Some(Status::internal(format!(
-                        "replica {address} sent offset {} where {position} was due",
-                        response.offset
-                    )));
-                    break;
-                }
-                Ok(None) if stop.is_none_or(|stop| position == stop) => return,
-                Ok(None) => {
-                    last = Some(Status::unavailable(format!(
-                        "replica {address} ended at {position}"
-                    )));
-                    break;
-                }
+            };
+            let step = match message {
+                Ok(Some(response)) if response.offset == self.position => Step::Frame(response),
+                Ok(Some(response)) => Step::Next(Status::internal(format!(
+                    "replica {address} sent offset {} where {} was due",
+                    response.offset, self.position
+                ))),
+                Ok(None) if self.stop.is_none_or(|stop| self.position == stop) => Step::End,
+                Ok(None) => Step::Next(Status::unavailable(format!(
+                    "replica {address} ended at {}",
+                    self.position
+                ))),
                 Err(status) if transient(&status) => {
-                    tracing::info!(replica = %address, position, %status, "replica failed mid-stream; continuing elsewhere");
-                    last = Some(status);
-                    break;
+                    tracing::info!(replica = %address, position = self.position, %status, "replica failed mid-stream; continuing elsewhere");
+                    Step::Next(status)
                 }
-                Err(status) => {
-                    let _ = frames.send(Err(status)).await;
-                    return;
+                Err(status) => Step::Fail(status),
+            };
+            match step {
+                Step::Frame(response) => {
+                    self.position += response.frame.len() as u64;
+                    return Some(Ok(response));
                 }
+                Step::End => {
+                    self.done = true;
+                    return None;
+                }
+                Step::Next(status) => {
+                    self.last = Some(status);
+                    self.current = None;
+                }
+                Step::Fail(status) => return self.fail(status),
             }
         }
     }
-    let why = last.map(|s| s.message().to_owned()).unwrap_or_default();
-    let _ = frames
-        .send(Err(Status::unavailable(format!(
-            "no replica could serve the rest of the point from {position}: {why}"
-        ))))
-        .await;
+
+    /// Opens the stream on the next replica that answers; `false` when none is left.
+    async fn open(&mut self) -> Result<bool, Status> {
+        for address in self.replicas.by_ref() {
+            let request = ConsumeRequest {
+                offset: self.position,
+                ..self.wanted.clone()
+            };
+            let stream = async {
+                self.balancer
+                    .upstream(&address)
+                    .await?
+                    .raw()
+                    .consume_stream(forwarded(request, &self.caller, self.timeout.as_ref()))
+                    .await
+            }
+            .await;
+            match stream {
+                Ok(stream) => {
+                    self.current = Some((address, stream.into_inner()));
+                    return Ok(true);
+                }
+                Err(status) if transient(&status) => self.last = Some(status),
+                Err(status) => return Err(status),
+            }
+        }
+        Ok(false)
+    }
+
+    fn exhausted(&self) -> Status {
+        let why = self.last.as_ref().map(|s| s.message()).unwrap_or_default();
+        Status::unavailable(format!(
+            "no replica could serve the rest of the point from {}: {why}",
+            self.position
+        ))
+    }
+
+    /// Ends the stream with `status`.
+    fn fail(&mut self, status: Status) -> Option<Result<ConsumeResponse, Status>> {
+        self.done = true;
+        self.current = None;
+        Some(Err(status))
+    }
 }
 
 #[tonic::async_trait]

@@ -12,7 +12,8 @@
 //!   the offset it reached and backs off; one that fails three times in a row is dropped.
 //! - **Resumable.** `<out>.part.journal` lists the finished pieces and their CRC32C; with
 //!   `resume`, pieces whose bytes in `.part` still match are kept, the rest is fetched.
-//! - **Durable.** Writes are batched (4 MiB), each written by a task while the next batch fills,
+//! - **Durable.** Frames are written in batches (4 MiB, frame by frame, never copied into one
+//!   buffer), each batch by a blocking task while the next fills (it computes the CRC too),
 //!   and written back while the download runs; before success is reported the file is synced,
 //!   renamed, and its directory synced.
 
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -764,31 +765,35 @@ impl Download {
         }
     }
 
-    /// Writes `bytes` at `offset` (as much of them as the range still holds), then moves the
-    /// range's position and CRC over what was written. Bytes that do not start at the range's
+    /// Writes `frames` at `offset` (as much of them as the range still holds), then moves the
+    /// range's position and CRC over what was written. Frames that do not start at the range's
     /// position are dropped: an earlier write of the range failed, the range goes on elsewhere.
-    async fn commit(&self, id: u64, offset: u64, bytes: Bytes) -> Result<(), ClientError> {
-        let bytes = {
+    async fn commit(&self, id: u64, offset: u64, frames: Vec<Bytes>) -> Result<(), ClientError> {
+        let frames = {
             let plan = self.plan.lock().unwrap();
             let Some(active) = plan.active.get(&id).filter(|a| a.position == offset) else {
                 return Ok(()); // Stopped (a hedge won), or after a failed write.
             };
-            let keep = active.end.saturating_sub(offset).min(bytes.len() as u64);
-            bytes.slice(..keep as usize)
+            prefix(frames, active.end.saturating_sub(offset))
         };
-        if bytes.is_empty() {
+        let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
+        if len == 0 {
             return Ok(());
         }
-        self.write(offset, bytes.clone()).await?;
+        let (frames, crc) = self.write(offset, frames).await?;
         let mut plan = self.plan.lock().unwrap();
         if let Some(active) = plan.active.get_mut(&id) {
             // The end may have been lowered while writing; bytes past it belong to another range
             // (they are the same bytes, the point is pinned).
-            let keep = active
-                .end
-                .saturating_sub(active.position)
-                .min(bytes.len() as u64);
-            active.crc = crc32c::crc32c_append(active.crc, &bytes[..keep as usize]);
+            let keep = active.end.saturating_sub(active.position).min(len);
+            let crc = if keep == len {
+                crc
+            } else {
+                prefix(frames, keep)
+                    .iter()
+                    .fold(0, |crc, frame| crc32c::crc32c_append(crc, frame))
+            };
+            active.crc = crc32c::crc32c_combine(active.crc, crc, keep as usize);
             active.position += keep;
         }
         let advanced = plan.covered_since_reported();
@@ -799,13 +804,24 @@ impl Download {
         Ok(())
     }
 
-    /// Writes `bytes` at `offset`, and starts writing them back so the final sync is short.
-    async fn write(&self, offset: u64, bytes: Bytes) -> Result<(), ClientError> {
+    /// Writes `frames` one after the other from `offset` (no copy into one buffer), starts
+    /// writing them back so the final sync is short, and returns them with their CRC32C, computed
+    /// on the same blocking thread.
+    async fn write(
+        &self,
+        offset: u64,
+        frames: Vec<Bytes>,
+    ) -> Result<(Vec<Bytes>, u32), ClientError> {
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || {
-            file.write_all_at(&bytes, offset)?;
-            write_back(&file, offset, bytes.len() as u64);
-            Ok::<_, std::io::Error>(())
+            let (mut at, mut crc) = (offset, 0u32);
+            for frame in &frames {
+                file.write_all_at(frame, at)?;
+                crc = crc32c::crc32c_append(crc, frame);
+                at += frame.len() as u64;
+            }
+            write_back(&file, offset, at - offset);
+            Ok::<_, std::io::Error>((frames, crc))
         })
         .await
         .map_err(std::io::Error::other)
@@ -815,6 +831,18 @@ impl Download {
             source,
         })
     }
+}
+
+/// The first `keep` bytes of `frames`.
+fn prefix(mut frames: Vec<Bytes>, keep: u64) -> Vec<Bytes> {
+    let mut left = keep;
+    frames.retain_mut(|frame| {
+        let take = left.min(frame.len() as u64);
+        frame.truncate(take as usize);
+        left -= take;
+        take > 0
+    });
+    frames
 }
 
 /// Starts the kernel writing `[offset, offset + len)` of `file` back to disk, without waiting.
@@ -831,32 +859,36 @@ fn write_back(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// Contiguous bytes waiting to be written, and where.
+/// Contiguous frames waiting to be written, and where.
 struct Batch {
     offset: u64,
-    bytes: BytesMut,
+    frames: Vec<Bytes>,
+    len: usize,
 }
 
 impl Batch {
     fn new(offset: u64) -> Self {
         Self {
             offset,
-            bytes: BytesMut::with_capacity(WRITE_BATCH),
+            frames: Vec::new(),
+            len: 0,
         }
     }
 
     fn len(&self) -> usize {
-        self.bytes.len()
+        self.len
     }
 
     fn push(&mut self, frame: Bytes) {
-        self.bytes.extend_from_slice(&frame);
+        self.len += frame.len();
+        self.frames.push(frame);
     }
 
-    fn take(&mut self) -> (u64, Bytes) {
+    fn take(&mut self) -> (u64, Vec<Bytes>) {
         let offset = self.offset;
-        self.offset += self.bytes.len() as u64;
-        (offset, self.bytes.split().freeze())
+        self.offset += self.len as u64;
+        self.len = 0;
+        (offset, std::mem::take(&mut self.frames))
     }
 }
 
