@@ -1,7 +1,8 @@
 //! Multi-stream downloads against real replicas: a leader in this process, followers as
 //! processes that are killed or stopped in the middle of a download, a balancer in front. The
 //! download completes and verifies every time; an interrupted `goutube get` resumes from what
-//! its `.part` file holds, verified, without fetching it again.
+//! its `.part` file holds, verified, without fetching it again. `goutube stat` shows each replica
+//! connected or not.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -264,5 +265,37 @@ async fn put_and_get_through_a_balancer() {
     .await;
     assert!(got.contains("verified"), "{got}");
     assert_downloaded(&out, &bytes);
+    replicas.shutdown().await;
+}
+
+/// `goutube stat` shows each replica as connected or not, with its confirmed end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stat_shows_each_replica_connected_or_not() {
+    let mut replicas = ProcessReplicas::start(1).await;
+    let size = 2 * 1024 * 1024;
+    replicas.point_everywhere("films/stat", size).await;
+    let addr = replicas.leader.addr();
+    let follower_rpc = replicas.followers[0].as_ref().unwrap().rpc.clone();
+    let stat = || async {
+        let output = tokio::process::Command::new(goutube_bin())
+            .args(["stat", "films/stat", "--addr", &addr])
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let shown = stat().await;
+    let line = format!(
+        "replica: follower-0 at {follower_rpc} connected, confirmed {size} bytes, lag 0 bytes"
+    );
+    assert!(shown.contains(&line), "{shown}");
+    replicas.followers[0].take().unwrap().kill();
+    let line =
+        format!("replica: follower-0 at {follower_rpc} NOT CONNECTED, confirmed {size} bytes");
+    eventually("the killed follower shown as not connected", || async {
+        stat().await.contains(&line)
+    })
+    .await;
     replicas.shutdown().await;
 }
