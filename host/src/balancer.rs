@@ -21,13 +21,11 @@
 //!   point and are connected, owner included)`, at least one.
 
 use std::collections::{BTreeSet, HashMap};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
@@ -42,7 +40,7 @@ use crate::api::proto::{
     LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
     ProduceResponse, SignUrlRequest, SignUrlResponse,
 };
-use crate::api::streaming;
+use crate::api::streaming::{self, FrameStream};
 use crate::client::{Client, Pool, owner_of};
 use crate::cluster::Membership;
 use crate::error::Error;
@@ -378,8 +376,6 @@ impl Upstream {
         }
     }
 }
-
-type FrameStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl proto::streaming_server::Streaming for BalancerService {

@@ -53,7 +53,8 @@ impl StreamingService {
     }
 }
 
-type FrameStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
+/// The response stream of `ConsumeStream`, on a node and on a balancer.
+pub type FrameStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl proto::streaming_server::Streaming for StreamingService {
