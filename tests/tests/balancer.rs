@@ -12,8 +12,8 @@ use goutube::api::proto::{
 };
 use goutube::config::{Config, PluginSection, Role};
 use goutube_tests::{
-    Pki, ProcessReplicas, TestNode, assert_denied, consume, data, eventually, metadata, produce,
-    raw_client, window,
+    Pki, ProcessReplicas, TestNode, assert_denied, consume, data, eventually, metadata, metric,
+    produce, raw_client, scrape_metrics, window,
 };
 
 fn seeded(config: &mut Config, seed: &str, expect: usize) {
@@ -375,6 +375,13 @@ async fn a_replica_killed_mid_consume_costs_the_client_nothing() {
         assert_eq!(response.offset, read.len() as u64);
         read.extend_from_slice(&response.frame);
     }
+    // The follower is the one serving: it counted the bytes it sent.
+    let follower = small.followers[0].as_ref().unwrap();
+    let served = metric(
+        &scrape_metrics(&follower.metrics).await,
+        "goutube_consume_bytes_total",
+    );
+    assert!(served.is_some_and(|bytes| bytes > 0.0), "{served:?}");
     small.followers[0].take().unwrap().kill();
     while let Some(response) = stream.message().await.unwrap() {
         assert_eq!(response.offset, read.len() as u64, "one unbroken stream");

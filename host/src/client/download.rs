@@ -298,10 +298,10 @@ struct Plan {
     /// Ranges nobody fetches, in order.
     todo: Vec<(u64, u64)>,
     active: HashMap<u64, Active>,
-    done: Vec<Piece>,
     next_id: u64,
     /// Observed throughput (bytes/s) of finished fetches, for judging slowness.
     rates: Vec<f64>,
+    /// What is pinned, and the finished pieces (written to the journal file as they grow).
     journal: Journal,
     workers_used: std::collections::HashSet<usize>,
     retries: usize,
@@ -353,11 +353,11 @@ struct Summary {
 
 impl Plan {
     fn new(journal: &Journal) -> Self {
-        let mut done = journal.done.clone();
-        done.sort_by_key(|p| p.start);
+        let mut journal = journal.clone();
+        journal.done.sort_by_key(|p| p.start);
         let mut todo = Vec::new();
         let mut cursor = 0;
-        for piece in &done {
+        for piece in &journal.done {
             if piece.start > cursor {
                 todo.push((cursor, piece.start));
             }
@@ -369,23 +369,22 @@ impl Plan {
         Self {
             todo,
             active: HashMap::new(),
-            done,
             next_id: 0,
             rates: Vec::new(),
-            journal: journal.clone(),
             workers_used: Default::default(),
             retries: 0,
             splits: 0,
             hedges: 0,
             fetched: 0,
             reported: journal.done.iter().map(|p| p.end - p.start).sum(),
+            journal,
         }
     }
 
     /// Bytes of the point in the file: finished pieces, and what running ranges wrote (a hedged
     /// range counts up to where its hedge began). Returns how much that grew since last asked.
     fn covered_since_reported(&mut self) -> u64 {
-        let done: u64 = self.done.iter().map(|p| p.end - p.start).sum();
+        let done: u64 = self.journal.done.iter().map(|p| p.end - p.start).sum();
         let running: u64 = self
             .active
             .values()
@@ -505,13 +504,13 @@ impl Plan {
                 // The hedge won: the original's piece ends where the hedge began.
                 if let Some(slow) = self.active.remove(&original) {
                     slow.stop.cancel();
-                    self.done.push(Piece {
+                    self.journal.done.push(Piece {
                         start: slow.start,
                         end: at,
                         crc32c: crc_at,
                     });
                 }
-                self.done.push(Piece {
+                self.journal.done.push(Piece {
                     start: active.start,
                     end: active.end,
                     crc32c: active.crc,
@@ -521,14 +520,13 @@ impl Plan {
                 if let Some(hedge) = active.hedged_by.and_then(|h| self.active.remove(&h)) {
                     hedge.stop.cancel();
                 }
-                self.done.push(Piece {
+                self.journal.done.push(Piece {
                     start: active.start,
                     end: active.end,
                     crc32c: active.crc,
                 });
             }
         }
-        self.journal.done = self.done.clone();
     }
 
     /// A range failed at its position: the rest goes back to do (a hedge's rest stays with the
@@ -551,7 +549,7 @@ impl Plan {
                     .get_mut(&hedge)
                     .expect("a hedge outlives nothing");
                 let (_, at, crc_at) = hedge.hedge_of.take().expect("it is a hedge");
-                self.done.push(Piece {
+                self.journal.done.push(Piece {
                     start: active.start,
                     end: at,
                     crc32c: crc_at,
@@ -559,7 +557,7 @@ impl Plan {
             }
             (None, None) => {
                 if active.position > active.start {
-                    self.done.push(Piece {
+                    self.journal.done.push(Piece {
                         start: active.start,
                         end: active.position,
                         crc32c: active.crc,
@@ -570,11 +568,10 @@ impl Plan {
                 }
             }
         }
-        self.journal.done = self.done.clone();
     }
 
     fn summary(&self) -> Summary {
-        let mut done = self.done.clone();
+        let mut done = self.journal.done.clone();
         done.sort_by_key(|p| p.start);
         let mut crc = 0u32;
         let mut cursor = 0;
@@ -731,7 +728,7 @@ impl Download {
                 )));
             }
             // The range's end may have been lowered: another worker took its second half.
-            let current_end = {
+            let (take, current_end) = {
                 let mut plan = self.plan.lock().unwrap();
                 let Some(active) = plan.active.get(&id) else {
                     return Ok(()); // Stopped: a hedge won.
@@ -741,11 +738,8 @@ impl Download {
                     .saturating_sub(position)
                     .min(response.frame.len() as u64);
                 plan.fetched += take;
-                current_end
+                (take, current_end)
             };
-            let take = current_end
-                .saturating_sub(position)
-                .min(response.frame.len() as u64);
             position += take;
             batch.push(response.frame.slice(..take as usize));
             let reached = position >= current_end;
@@ -972,6 +966,7 @@ mod tests {
         plan.finish(hedge);
         assert!(plan.active.is_empty(), "the slow one is stopped");
         let mut pieces: Vec<(u64, u64, u32)> = plan
+            .journal
             .done
             .iter()
             .map(|p| (p.start, p.end, p.crc32c))
