@@ -26,6 +26,7 @@ pub const AUTHZ_CACHE_HITS: &str = "goutube_authz_cache_hits_total";
 pub const PLUGIN_RELOADS: &str = "goutube_plugin_reloads_total";
 pub const REPLICATION_LAG_BYTES: &str = "goutube_replication_lag_bytes";
 pub const REPLICATED_BYTES: &str = "goutube_replicated_bytes_total";
+pub const REPLICATION_READ_BACK: &str = "goutube_replication_read_back_bytes_total";
 pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_total";
 pub const FOLLOWERS: &str = "goutube_followers";
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
@@ -111,6 +112,11 @@ fn describe() {
         REPLICATED_BYTES,
         Unit::Bytes,
         "Bytes shipped to or applied from a peer."
+    );
+    describe_counter!(
+        REPLICATION_READ_BACK,
+        Unit::Bytes,
+        "Bytes a leader read back from its points to replicate (the rest went from live appends)."
     );
     describe_counter!(
         REPLICATION_REJECTED,

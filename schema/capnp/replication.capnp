@@ -5,9 +5,9 @@
 # A follower dials its leader's replication port (mTLS when configured), asks it its name
 # (Leader.identify: with TLS, the leader's certificate must name that node), and only then calls
 # Leader.follow with what it holds. The leader then pushes records into the follower's Sink over the same
-# connection: first what the follower is missing (catch-up), then every new append. Several
-# pushes are in flight at once (pipelined); each is answered with the follower's real end offset
-# for the point, so the leader always knows where to continue.
+# connection: first what the follower is missing (catch-up), then every new append. A push carries
+# several records; several pushes are in flight at once (pipelined); each record is answered with
+# the follower's real end offset for its point, so the leader always knows where to continue.
 
 interface Leader {
   # Starts a session. Fails if the caller may not `replicate`, or (with TLS) if its certificate
@@ -22,6 +22,8 @@ struct Hello {
   follower @0 :Text;        # the follower's node name
   rpcAddress @1 :Text;      # where clients reach the follower's API (GetFollowers, workers)
   offers @2 :List(Offer);   # every point the follower holds, with its end offset
+  protocol @3 :UInt16;      # the protocol version the follower speaks (2; 0 from a release before
+                            # versions existed): the leader refuses another one, saying so
 }
 
 struct Offer {
@@ -30,9 +32,10 @@ struct Offer {
 }
 
 interface Sink {
-  # One record framed by the configured bundler: (point, start offset, payload). The follower
-  # applies it only if `start` equals its end of the point.
-  push @0 (record :Data) -> (ack :Ack);
+  # Records in the order the leader made them. The follower applies each only if its start
+  # equals its end of the point (consecutive records of a point as one batch) and answers one
+  # Ack per record, in the same order.
+  push @0 (records :List(Record)) -> (acks :List(Ack));
 
   # The point no longer exists on the leader (deleted there, or the follower's copy diverged):
   # the follower removes its copy.
@@ -43,12 +46,19 @@ interface Sink {
   describe @2 (point :Text, contentType :Text) -> ();
 }
 
+struct Record {
+  point @0 :Text;           # the point and offset the leader framed: the bundler's answer on the
+  start @1 :UInt64;         # follower must name the same, or the record is rejected
+  bundle @2 :Data;          # what the configured bundler made of the payload
+}
+
 struct Ack {
   end @0 :UInt64;          # the follower's end of the record's point after handling it
   result :union {
     applied @1 :Void;      # applied at its start
     mismatch @2 :Void;     # it did not start at the follower's end: continue from `end`
-    rejected @3 :Text;     # the bundler rejected it (damaged in transit): send it again
+    rejected @3 :Text;     # the bundler rejected it (damaged in transit, or its answer did not
+                           # match the record): send it again
   }
 }
 

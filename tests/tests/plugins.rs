@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use goutube::config::{Config, PluginSection, PluginsSection};
 use goutube::node::{Listeners, Node, StartError};
-use goutube::plugins::PluginSet;
 use goutube::plugins::types::{Action, AuthzRequest, Decision, Member};
+use goutube::plugins::{Buffer, PluginError, PluginSet, bundles};
 use goutube_tests::{TestNode, assert_denied, consume, data, metadata, produce, window};
 use tonic::Code;
 
@@ -103,48 +104,117 @@ fn acl_authorizer_matches_globs_and_expresses_the_original_policy() {
     assert!(!allowed("nobody", Action::Consume, "videos/a"));
 }
 
+/// What goes on the wire for a bundle: head, body, tail.
+fn wire(bundled: &bundles::Bundled, payload: &[u8]) -> Vec<u8> {
+    let body = match &bundled.body {
+        bundles::Body::Payload => payload,
+        bundles::Body::Replaced(bytes) => bytes.as_slice(),
+    };
+    [bundled.head.as_slice(), body, bundled.tail.as_slice()].concat()
+}
+
+fn bundle(plugins: &PluginSet, point: &str, start: u64, payload: &[u8]) -> Vec<u8> {
+    let buffer = Buffer::new(vec![Bytes::copy_from_slice(payload)]);
+    wire(&plugins.bundle(point, start, &buffer).unwrap(), payload)
+}
+
 #[test]
 fn bundlers_round_trip_and_reject_corruption() {
     for source in ["builtin:crc-bundler", "builtin:lz4-bundler"] {
         let plugins = plugin_set(|p| p.bundler = section(source, ""));
         let compressible: Vec<u8> = (0..256 * 1024).map(|i| (i / 1000) as u8).collect();
         for payload in [data(1, 256 * 1024), compressible.clone(), Vec::new()] {
-            let bundle = plugins.bundle("videos/a", 12345, payload.clone()).unwrap();
-            let record = plugins.unbundle(&bundle).unwrap().unwrap();
+            let bundle = bundle(&plugins, "videos/a", 12345, &payload);
+            let record = plugins.unbundle(bundle.clone().into()).unwrap().unwrap();
             assert_eq!(
                 (record.point.as_str(), record.start),
                 ("videos/a", 12345),
                 "{source}"
             );
             assert_eq!(record.payload, payload, "{source}");
-            if !bundle.is_empty() {
-                for position in [0, 5, bundle.len() / 2, bundle.len() - 1] {
-                    let mut damaged = bundle.clone();
-                    damaged[position] ^= 0x10;
-                    assert!(
-                        plugins.unbundle(&damaged).unwrap().is_err(),
-                        "{source}: flip at {position} accepted"
-                    );
-                }
+            for position in [0, 5, bundle.len() / 2, bundle.len() - 1] {
+                let mut damaged = bundle.clone();
+                damaged[position] ^= 0x10;
                 assert!(
-                    plugins
-                        .unbundle(&bundle[..bundle.len() - 1])
-                        .unwrap()
-                        .is_err()
+                    plugins.unbundle(damaged.into()).unwrap().is_err(),
+                    "{source}: flip at {position} accepted"
                 );
             }
+            let cut = Bytes::copy_from_slice(&bundle[..bundle.len() - 1]);
+            assert!(plugins.unbundle(cut).unwrap().is_err());
         }
-        let bundle = plugins.bundle("p", 0, compressible.clone()).unwrap();
+        let compressed = bundle(&plugins, "p", 0, &compressible);
         if source.contains("lz4") {
             assert!(
-                bundle.len() < compressible.len() / 10,
+                compressed.len() < compressible.len() / 10,
                 "lz4 compressed to {}",
-                bundle.len()
+                compressed.len()
             );
         } else {
-            assert!(bundle.len() > compressible.len());
+            assert!(compressed.len() > compressible.len());
         }
     }
+}
+
+#[test]
+fn a_framing_bundler_leaves_the_payload_in_the_host_even_in_pieces() {
+    let payload = data(2, 700_000);
+    let pieces: Vec<Bytes> = payload
+        .chunks(300_000)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let buffer = Buffer::new(pieces);
+    for source in ["builtin:crc-bundler", "builtin:lz4-bundler"] {
+        let plugins = plugin_set(|p| p.bundler = section(source, ""));
+        // Random data does not compress: lz4 sends it untouched, as crc does.
+        let bundled = plugins.bundle("v", 7, &buffer).unwrap();
+        assert!(matches!(bundled.body, bundles::Body::Payload), "{source}");
+        assert!(bundled.head.len() + bundled.tail.len() < 64, "{source}");
+        let wire = Bytes::from(wire(&bundled, &payload));
+        let record = plugins.unbundle(wire.clone()).unwrap().unwrap();
+        assert_eq!(record.payload, payload, "{source}");
+        // The payload handed back is the received bytes themselves, not a copy.
+        assert_eq!(record.payload.as_ptr(), wire.as_ptr(), "{source}");
+    }
+}
+
+#[test]
+fn a_bundler_whose_answer_does_not_fit_the_record_is_refused() {
+    let good = plugin_set(|_| {});
+    let record = Bytes::from(bundle(&good, "videos/a", 10, &data(3, 4096)));
+    let misbehaving = |mode: &str| {
+        let source = test_component("misbehaving_bundler");
+        plugin_set(|p| p.bundler = section(source.to_str().unwrap(), mode))
+    };
+    // Answered correctly, as a control.
+    let found = misbehaving("").unbundle(record.clone()).unwrap().unwrap();
+    assert_eq!((found.point.as_str(), found.start), ("videos/a", 10));
+    let outside = misbehaving("outside").unbundle(record.clone()).unwrap();
+    assert!(
+        outside.as_ref().is_err_and(|e| e.contains("outside the")),
+        "{outside:?}"
+    );
+    let trapped = misbehaving("read-outside")
+        .unbundle(record.clone())
+        .unwrap_err();
+    assert!(
+        matches!(trapped, PluginError::Trap { .. }) && trapped.to_string().contains("outside"),
+        "{trapped}"
+    );
+    let huge = misbehaving("huge").unbundle(record).unwrap_err();
+    assert!(matches!(huge, PluginError::OutOfMemory { .. }), "{huge}");
+}
+
+#[tokio::test]
+async fn a_component_built_against_the_previous_contract_is_refused_naming_the_version() {
+    let old = test_component("bundler_abi_0_1");
+    let error = start_error(|c| c.plugins.bundler = section(old.to_str().unwrap(), "")).await;
+    assert!(
+        error.contains("plugins.bundler.source")
+            && error.contains("goutube:plugins@0.1.0")
+            && error.contains("goutube:plugins@0.2.0"),
+        "{error}"
+    );
 }
 
 fn members(names: &[&str]) -> Vec<Member> {

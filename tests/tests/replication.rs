@@ -2,6 +2,7 @@
 //! byte-identical copies whatever is restarted when, damaged records are rejected and sent again,
 //! a stalled follower holds up nobody, and `ack = { replicas = N }` means what it says.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -472,6 +473,53 @@ async fn a_record_damaged_on_the_wire_is_rejected_and_sent_again() {
     // Each damaged record was counted by the follower (rejected) and the leader (told so).
     assert!(rejected() >= before + 2.0, "{before} -> {}", rejected());
     follower.shutdown().await;
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundler_answer_for_another_record_is_rejected_not_applied() {
+    let leader = TestNode::start(|c| {
+        c.node_name = "leader".into();
+        c.role = Role::Leader;
+    })
+    .await;
+    let mut to_leader = leader.client().await;
+    produce(&mut to_leader, "p", &[data(1, 300_000), data(2, 5_000)])
+        .await
+        .unwrap();
+    let rejected = || {
+        metric(
+            &goutube::metrics::handle().render(),
+            goutube::metrics::REPLICATION_REJECTED,
+        )
+        .unwrap_or(0.0)
+    };
+    let bundler =
+        PathBuf::from(goutube::plugins::builtin::BUILD_DIR).join("misbehaving_bundler.wasm");
+    for mode in ["other-point", "other-start", "outside", "read-outside"] {
+        let before = rejected();
+        let (address, bundler) = (leader.node.replication_addr().to_string(), bundler.clone());
+        let follower = TestNode::start(move |c| {
+            c.node_name = "f1".into();
+            c.role = Role::Follower;
+            c.leader_addresses = vec![address];
+            c.plugins.bundler.source = bundler.to_str().unwrap().into();
+            c.plugins.bundler.config = mode.into();
+        })
+        .await;
+        // The leader keeps sending, the follower keeps refusing: never applied, counted each time.
+        eventually(&format!("{mode}: records rejected"), || async {
+            rejected() >= before + 3.0
+        })
+        .await;
+        let mut to_follower = follower.client().await;
+        let held = metadata(&mut to_follower, "p").await;
+        assert!(
+            held.as_ref().is_err_and(|s| s.code() == Code::NotFound),
+            "{mode}: {held:?}"
+        );
+        follower.shutdown().await;
+    }
     leader.shutdown().await;
 }
 

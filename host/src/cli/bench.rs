@@ -9,6 +9,7 @@
 mod cluster;
 mod download;
 mod http;
+mod replication;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -63,11 +64,16 @@ pub enum Bench {
         #[arg(long, default_value_t = 50)]
         connections: usize,
     },
-    /// Leader → follower replication: catch-up of a point against a raw TCP copy of the same
-    /// bytes, follower lag under sustained produce, produce with `replicas = 1` against `local`.
+    /// Leader → follower replication: catch-up of a point (checksum and lz4 bundlers, plaintext
+    /// and mTLS) against a raw TCP copy of the same bytes, follower lag under sustained produce
+    /// and the highest rate that keeps it under 50 ms, produce with `replicas = 1` against
+    /// `local`.
     Replication {
         #[arg(long, default_value_t = 1024)]
         mib: u64,
+        /// Rounds of each catch-up and produce measurement; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Target rate of the sustained produce, MB/s.
         #[arg(long, default_value_t = 200)]
         rate: u64,
@@ -146,7 +152,12 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
             rounds,
             connections,
         } => tls(mib, rounds.max(1), connections.max(1)).await,
-        Bench::Replication { mib, rate, seconds } => replication(mib, rate, seconds).await,
+        Bench::Replication {
+            mib,
+            rounds,
+            rate,
+            seconds,
+        } => replication::run(mib, rate.max(1), seconds.max(1), rounds.max(1)).await,
         Bench::Cluster { sizes, rounds } => cluster::run(&sizes, rounds.max(1)).await,
         Bench::Http {
             mib,
@@ -331,170 +342,6 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
             percentile(&secure_setup, p) * 1e3
         );
     }
-    Ok(())
-}
-
-async fn replication(mib: u64, rate: u64, seconds: u64) -> anyhow::Result<()> {
-    let Workload {
-        total,
-        frames,
-        pool,
-    } = Workload::new(mib, 256 * 1024);
-    let work = tempfile::tempdir()?;
-    println!("replication on loopback, plaintext, fsync = \"never\", {mib} MiB in 256 KiB records");
-
-    let leader_dir = work.path().join("leader");
-    let follower_dir = work.path().join("follower");
-    std::fs::create_dir_all(&leader_dir)?;
-    std::fs::create_dir_all(&follower_dir)?;
-
-    // Baseline: the same bytes through one TCP connection, written and read in 256 KiB pieces
-    // (median of three: loopback TCP varies a lot between runs here). A second reference also
-    // writes what it receives into a file, the page-cache copy every follower makes.
-    let mut raw_runs = Vec::new();
-    let mut raw_file_runs = Vec::new();
-    for _ in 0..3 {
-        raw_runs.push(raw_tcp_copy(&pool, frames, None).await?);
-        disk_write(&follower_dir, &pool, frames)?;
-        raw_file_runs.push(raw_tcp_copy(&pool, frames, Some(&follower_dir)).await?);
-    }
-    let raw = median(&raw_runs);
-    let raw_file = median(&raw_file_runs);
-
-    // Catch-up: the leader holds the point before the follower exists.
-    let leader = Server::node(
-        &leader_dir,
-        &format!("role = \"leader\"\n{}", storage("never")),
-    )?;
-    let to_leader = connect(&leader.rpc).await?;
-    produce(&to_leader, "catch-up", &pool, frames).await?;
-    let want = to_leader.stat("catch-up").await?;
-    disk_write(&follower_dir, &pool, frames)?;
-    let started = Instant::now();
-    let follower = Server::node(&follower_dir, &follower_config(&leader.replication))?;
-    let to_follower = connect(&follower.rpc).await?;
-    wait_for(&to_follower, "catch-up", want.size, want.crc32c).await?;
-    let catch_up = started.elapsed().as_secs_f64();
-    println!("| measurement | raw TCP copy | replication | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| {mib} MiB leader → follower (catch-up) | {} | {:.0} MB/s ({catch_up:.2} s) | {:.2}x |",
-        spread(total, &raw_runs),
-        mbps(total, catch_up),
-        raw / catch_up
-    );
-    println!(
-        "| the same, against a raw TCP copy written to a file | {} | {:.0} MB/s | {:.2}x |",
-        spread(total, &raw_file_runs),
-        mbps(total, catch_up),
-        raw_file / catch_up
-    );
-
-    // Sustained produce at `rate`: lag = time from the leader's acknowledgement of a batch to the
-    // follower holding its last byte, seen through a `follow` stream on the follower (no polling
-    // that would load the follower being measured).
-    let batch_frames = 4u64;
-    let batch_bytes = batch_frames * pool[0].len() as u64;
-    let batches = (rate * 1_000_000 * seconds) / batch_bytes;
-    let interval = Duration::from_secs_f64(batch_bytes as f64 / (rate as f64 * 1e6));
-    let point = "sustained";
-    let first = produce_record(&to_leader, point, &pool, batch_frames, 0).await?;
-    wait_for_size(&to_follower, point, first).await?;
-    let acknowledged: Arc<std::sync::Mutex<std::collections::VecDeque<(u64, Instant)>>> =
-        Default::default();
-    let observer = tokio::spawn({
-        let follower = to_follower.clone();
-        let acknowledged = acknowledged.clone();
-        let last = first + (batches - 1) * batch_bytes;
-        async move {
-            let request = ConsumeRequest {
-                point: point.into(),
-                offset: first,
-                limit: last,
-                chunk_size: 0,
-                follow: true,
-            };
-            let mut stream = follower.raw().consume_stream(request).await?.into_inner();
-            let mut lags = Vec::new();
-            while let Some(response) = stream.message().await? {
-                let held = response.offset + response.frame.len() as u64;
-                let mut pending = acknowledged.lock().unwrap();
-                while pending.front().is_some_and(|(end, _)| *end <= held) {
-                    let (_, at) = pending.pop_front().unwrap();
-                    lags.push(at.elapsed());
-                }
-            }
-            Ok::<_, anyhow::Error>(lags)
-        }
-    });
-    let started = Instant::now();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut behind = 0u64;
-    for batch in 1..batches {
-        ticker.tick().await;
-        let sent = Instant::now();
-        let end = produce_record(&to_leader, point, &pool, batch_frames, batch).await?;
-        acknowledged
-            .lock()
-            .unwrap()
-            .push_back((end, Instant::now()));
-        if sent.elapsed() > interval {
-            behind += 1;
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut lags: Vec<f64> = observer
-        .await??
-        .iter()
-        .map(|lag: &Duration| lag.as_secs_f64() * 1e3)
-        .collect();
-    lags.sort_by(f64::total_cmp);
-    let achieved = (batches - 1) as f64 * batch_bytes as f64 / elapsed / 1e6;
-    println!(
-        "\nsustained produce: target {rate} MB/s, achieved {achieved:.0} MB/s over {elapsed:.1} s ({behind} batches late)"
-    );
-    println!("| follower lag | p50 | p99 | max |");
-    println!("|---|---|---|---|");
-    println!(
-        "| leader ack → follower holds it | {:.1} ms | {:.1} ms | {:.1} ms |",
-        percentile(&lags, 50),
-        percentile(&lags, 99),
-        percentile(&lags, 100)
-    );
-    drop(follower);
-    drop(leader);
-
-    // Produce with replicas = 1 against local, each with a follower attached.
-    let mut results = Vec::new();
-    for ack in ["\"local\"", "{ replicas = 1 }"] {
-        let dir = tempfile::tempdir()?;
-        let (leader_dir, follower_dir) = (dir.path().join("l"), dir.path().join("f"));
-        std::fs::create_dir_all(&leader_dir)?;
-        std::fs::create_dir_all(&follower_dir)?;
-        let leader = Server::node(
-            &leader_dir,
-            &format!(
-                "role = \"leader\"\n[replication]\nack = {ack}\n{}",
-                storage("never")
-            ),
-        )?;
-        let _follower = Server::node(&follower_dir, &follower_config(&leader.replication))?;
-        let client = connect(&leader.rpc).await?;
-        wait_for_followers(&leader.rpc, 1).await?;
-        disk_write(&leader_dir, &pool, frames)?;
-        results.push((ack, produce(&client, "acked", &pool, frames).await?));
-    }
-    println!(
-        "\n| produce {mib} MiB with a follower | ack = \"local\" | ack = {{ replicas = 1 }} | ratio |"
-    );
-    println!("|---|---|---|---|");
-    println!(
-        "| throughput | {:.0} MB/s | {:.0} MB/s | {:.2}x |",
-        mbps(total, results[0].1),
-        mbps(total, results[1].1),
-        results[0].1 / results[1].1
-    );
     Ok(())
 }
 
@@ -738,14 +585,6 @@ fn frame_pool(frame: usize) -> Vec<Bytes> {
         .collect()
 }
 
-/// The config of a benchmark follower of `leader` (its replication address).
-fn follower_config(leader: &str) -> String {
-    format!(
-        "role = \"follower\"\nleader_addresses = [{leader:?}]\n{}",
-        storage("never")
-    )
-}
-
 /// The `[storage]` section of a benchmark node.
 fn storage(fsync: &str) -> String {
     format!("[storage]\nfsync = \"{fsync}\"\n")
@@ -879,6 +718,8 @@ struct Server {
     http: String,
     /// The gossip address (nodes only).
     gossip: String,
+    /// The metrics endpoint (nodes only).
+    metrics: String,
 }
 
 impl Server {
@@ -933,12 +774,14 @@ impl Server {
         let replication = process.field("replication").unwrap_or_default().to_owned();
         let http = process.field("http").unwrap_or_default().to_owned();
         let gossip = process.field("gossip").unwrap_or_default().to_owned();
+        let metrics = process.field("metrics").unwrap_or_default().to_owned();
         Ok(Server {
             process,
             rpc,
             replication,
             http,
             gossip,
+            metrics,
         })
     }
 

@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use wasmtime::Store;
-use wasmtime::component::Component;
+use wasmtime::component::{Component, Resource};
 
-pub use bindings::types;
+pub use bindings::{Buffer, PACKAGE_VERSION, bundles, types};
 use polar::Polar;
 use runtime::StoreState;
 
@@ -256,6 +257,16 @@ impl<K: Kind> Plugin<K> {
         };
         let bytes = read_source(&section.source).map_err(|m| load_error("source", m))?;
         let component = runtime::compile(&bytes, cache_dir).map_err(|m| load_error("source", m))?;
+        if let Some(version) = runtime::other_package_version(&component) {
+            return Err(load_error(
+                "source",
+                format!(
+                    "was built against goutube:plugins@{version}; this node implements \
+                     goutube:plugins@{PACKAGE_VERSION}: rebuild it against this release's \
+                     schema/wit (docs/plugins.md, Versioning)"
+                ),
+            ));
+        }
         let pre = K::prepare(&component).map_err(|e| {
             load_error(
                 "source",
@@ -447,26 +458,50 @@ impl PluginSet {
             .call("authorize", |b, store| b.call_authorize(store, request))
     }
 
-    /// Frames one record with the bundler (the payload is moved, not copied, into the call).
+    /// Frames the `payload` of `point` at `start` with the bundler. The payload stays in the
+    /// host; the bundler reads it only if it transforms it.
     pub fn bundle(
         &self,
         point: &str,
         start: u64,
-        payload: Vec<u8>,
-    ) -> Result<Vec<u8>, PluginError> {
-        let record = types::ReplRecord {
-            point: point.into(),
-            start,
-            payload,
-        };
-        self.bundler
-            .call("bundle", |b, store| b.call_bundle(store, &record))
+        payload: &Buffer,
+    ) -> Result<bundles::Bundled, PluginError> {
+        self.bundler.call("bundle", |b, store| {
+            with_buffer(store, payload.clone(), |store, buffer| {
+                b.call_bundle(store, point, start, buffer)
+            })
+        })
     }
 
-    /// The record in `bytes`, or why the bundler rejected it.
-    pub fn unbundle(&self, bytes: &[u8]) -> Result<Result<types::ReplRecord, String>, PluginError> {
-        self.bundler
-            .call("unbundle", |b, store| b.call_unbundle(store, bytes))
+    /// The record in `bytes` (a received bundle), or why the bundler rejected it. A payload range
+    /// outside the bundle is a rejection too.
+    pub fn unbundle(&self, bytes: Bytes) -> Result<Result<Record, String>, PluginError> {
+        let held = Buffer::new(vec![bytes.clone()]);
+        let found = self.bundler.call("unbundle", |b, store| {
+            with_buffer(store, held, |store, buffer| b.call_unbundle(store, buffer))
+        })?;
+        Ok(found.and_then(|found| {
+            let payload = match found.payload {
+                bundles::FoundPayload::Within(span) => {
+                    let end = span.offset.checked_add(span.len);
+                    if end.is_none_or(|end| end > bytes.len() as u64) {
+                        return Err(format!(
+                            "the bundler placed the payload at [{}, +{}), outside the {}-byte record",
+                            span.offset,
+                            span.len,
+                            bytes.len()
+                        ));
+                    }
+                    bytes.slice(span.offset as usize..(span.offset + span.len) as usize)
+                }
+                bundles::FoundPayload::Rebuilt(payload) => Bytes::from(payload),
+            };
+            Ok(Record {
+                point: found.point,
+                start: found.start,
+                payload,
+            })
+        }))
     }
 
     /// The names of up to `replicas` of `members` that own `key`, as the placement plugin answers.
@@ -480,6 +515,27 @@ impl PluginSet {
             b.call_owners(store, key, members, replicas)
         })
     }
+}
+
+/// A record as the bundler unbundled it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub point: String,
+    pub start: u64,
+    pub payload: Bytes,
+}
+
+/// Lends `buffer` to the guest for one call: it sits in the store's table during `call` only.
+fn with_buffer<R>(
+    store: &mut Store<StoreState>,
+    buffer: Buffer,
+    call: impl FnOnce(&mut Store<StoreState>, Resource<Buffer>) -> wasmtime::Result<R>,
+) -> wasmtime::Result<R> {
+    let owned = store.data_mut().table.push(buffer)?;
+    let lent = Resource::new_borrow(owned.rep());
+    let result = call(store, lent);
+    store.data_mut().table.delete(owned)?;
+    result
 }
 
 fn load_policy(file: Option<&Path>) -> Result<Polar, PluginError> {

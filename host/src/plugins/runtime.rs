@@ -141,6 +141,19 @@ fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&temporary, path)
 }
 
+/// The version of the `goutube:plugins` package `component` imports from, when it is not the one
+/// this host implements (`None` when it matches or imports nothing of the package).
+pub fn other_package_version(component: &Component) -> Option<String> {
+    let host = super::PACKAGE_VERSION;
+    component
+        .component_type()
+        .imports(engine())
+        .filter_map(|(name, _)| name.strip_prefix("goutube:plugins/"))
+        .filter_map(|interface| interface.split_once('@').map(|(_, version)| version))
+        .find(|version| *version != host)
+        .map(str::to_owned)
+}
+
 /// A linker with WASI (no files, network or environment are granted) and `add` for the world's
 /// own imports.
 pub fn linker(
@@ -155,7 +168,8 @@ pub fn linker(
 /// What a plugin's `Store` holds.
 pub struct StoreState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    /// WASI's resources and the bundler's buffers.
+    pub(super) table: ResourceTable,
     pub limits: MemoryLimit,
     /// The plugin's name, for its log lines.
     pub plugin: Arc<str>,

@@ -100,6 +100,59 @@ pub struct AppendEvent {
     pub end: u64,
     /// The point was deleted (`end` is then 0).
     pub removed: bool,
+    /// The bytes of the append, while the store's budget for them lasts: replication sends them
+    /// to connected followers without reading them back.
+    pub bytes: Option<Arc<LiveBytes>>,
+}
+
+/// Most bytes of appends lent to subscribers at once, store-wide: beyond it, events carry no
+/// bytes and replication reads them from the point.
+pub const LIVE_BUDGET: u64 = 64 * 1024 * 1024;
+
+/// The bytes of one append, `[start, start + len)` of its point, counted against
+/// [`LIVE_BUDGET`] until the last holder drops them.
+#[derive(Debug)]
+pub struct LiveBytes {
+    pub start: u64,
+    pub frames: Vec<Bytes>,
+    len: u64,
+    lent: Arc<AtomicU64>,
+}
+
+impl LiveBytes {
+    /// `frames`, appended at `start`, if the budget has room for them.
+    fn lend(lent: &Arc<AtomicU64>, start: u64, frames: Vec<Bytes>) -> Option<Self> {
+        let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
+        let before = lent.fetch_add(len, Ordering::Relaxed);
+        if before + len > LIVE_BUDGET {
+            lent.fetch_sub(len, Ordering::Relaxed);
+            return None;
+        }
+        Some(Self {
+            start,
+            frames,
+            len,
+            lent: lent.clone(),
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+impl Drop for LiveBytes {
+    fn drop(&mut self) {
+        self.lent.fetch_sub(self.len, Ordering::Relaxed);
+    }
 }
 
 /// A handle to the store; cheap to clone.
@@ -112,6 +165,8 @@ struct Inner {
     shared: Arc<Shared>,
     points: RwLock<BTreeMap<PointId, Arc<Point>>>,
     events: broadcast::Sender<AppendEvent>,
+    /// Bytes lent to subscribers now ([`LiveBytes`]).
+    lent: Arc<AtomicU64>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -225,6 +280,7 @@ impl Store {
                 shared,
                 points: RwLock::new(points),
                 events: broadcast::channel(4096).0,
+                lent: Arc::default(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -285,6 +341,8 @@ impl Store {
         expected_start: Option<u64>,
     ) -> Result<Vec<Appended>, AppendError> {
         let shared = &self.inner.shared;
+        // Only subscribers need the bytes (a clone of the list, not of the bytes).
+        let lent = (self.inner.events.receiver_count() > 0).then(|| frames.clone());
         let appended = loop {
             let point = self.get_or_insert(id);
             let mut state = point.state.lock().await;
@@ -305,11 +363,15 @@ impl Store {
                 .await?;
         };
         shared.evict_over_limit().await;
-        if let Some(last) = appended.last() {
+        if let (Some(first), Some(last)) = (appended.first(), appended.last()) {
+            let bytes = lent
+                .and_then(|frames| LiveBytes::lend(&self.inner.lent, first.start, frames))
+                .map(Arc::new);
             let _ = self.inner.events.send(AppendEvent {
                 point: id.clone(),
                 end: last.end,
                 removed: false,
+                bytes,
             });
         }
         Ok(appended)
@@ -463,6 +525,7 @@ impl Store {
             point: id.clone(),
             end: 0,
             removed: true,
+            bytes: None,
         });
         Ok(size)
     }

@@ -3,11 +3,11 @@
 //!
 //! A record is applied only if it starts at this node's end of the point (`Store::append_batch_at`),
 //! so nothing is applied twice and nothing is skipped; otherwise the reply tells the leader where
-//! this node really ends. Records the bundler rejects (damaged) are reported and sent again.
-//! Pushes are handed, in arrival order, to one applier task that writes consecutive records of a
-//! point as one batch (one journal write; one sync under `fsync = "always"`). A lost connection
-//! is retried with backoff, offering the real ends again, so a restart of either side resumes
-//! where it stopped.
+//! this node really ends. Records the bundler rejects (damaged, or its answer names another point
+//! or offset than the record) are reported and sent again. Pushes are handed, in arrival order,
+//! to one applier task that writes consecutive records of a point as one batch (one journal
+//! write; one sync under `fsync = "always"`). A lost connection is retried with backoff, offering
+//! the real ends again, so a restart of either side resumes where it stopped.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -34,10 +34,8 @@ use crate::point::{AppendError, DeleteError, PointId};
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Records queued for the applier; the leader's window keeps far fewer in flight.
+/// Jobs queued for the applier; the leader's window keeps far fewer pushes in flight.
 const APPLY_QUEUE: usize = 256;
-/// Most bytes the applier writes as one batch.
-const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// Follows every configured leader until `shutdown`.
 pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
@@ -147,6 +145,7 @@ async fn session(
         let mut params = request.get();
         let mut hello = params.reborrow().init_hello();
         hello.set_follower(&context.config.node_name);
+        hello.set_protocol(super::PROTOCOL);
         hello.set_rpc_address(context.rpc_addr.to_string());
         let mut list = hello.init_offers(offers.len() as u32);
         for (i, (point, end)) in offers.iter().enumerate() {
@@ -192,11 +191,10 @@ async fn offers(context: &Context) -> Vec<(PointId, u64)> {
 
 /// Work for the applier, in arrival order.
 enum Job {
+    /// The records of one push that the bundler accepted, with one outcome each.
     Apply {
-        point: PointId,
-        start: u64,
-        payload: Bytes,
-        done: oneshot::Sender<Result<Applied, String>>,
+        records: Vec<Incoming>,
+        done: oneshot::Sender<Vec<Result<Applied, String>>>,
     },
     Remove {
         point: PointId,
@@ -209,26 +207,27 @@ enum Job {
     },
 }
 
+/// A record, unbundled and checked.
+struct Incoming {
+    point: PointId,
+    start: u64,
+    payload: Bytes,
+}
+
 /// The outcome of one record: applied, or the point ends elsewhere. Either way, its end.
+#[derive(Clone)]
 enum Applied {
     Yes(u64),
     Mismatch(u64),
 }
 
-/// Applies queued records, batching consecutive records of the same point.
+/// Runs the jobs in order.
 async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
-    let mut next = None;
-    loop {
-        let Some(job) = next.take() else {
-            match queue.recv().await {
-                Some(job) => {
-                    next = Some(job);
-                    continue;
-                }
-                None => return,
+    while let Some(job) = queue.recv().await {
+        match job {
+            Job::Apply { records, done } => {
+                let _ = done.send(apply_records(&context, records).await);
             }
-        };
-        let (point, start, payload, done) = match job {
             Job::Remove { point, done } => {
                 let result = match context.store.delete(&point).await {
                     Ok(size) => {
@@ -239,7 +238,6 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
                     Err(error) => Err(error.to_string()),
                 };
                 let _ = done.send(result);
-                continue;
             }
             Job::Describe {
                 point,
@@ -252,61 +250,41 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
                     .await
                     .map_err(|error| error.to_string());
                 let _ = done.send(result);
-                continue;
-            }
-            Job::Apply {
-                point,
-                start,
-                payload,
-                done,
-            } => (point, start, payload, done),
-        };
-        let mut size = payload.len();
-        let mut expected = start + payload.len() as u64;
-        let mut payloads = vec![payload];
-        let mut dones = vec![done];
-        while size < MAX_BATCH_BYTES {
-            match queue.try_recv() {
-                Ok(Job::Apply {
-                    point: p,
-                    start: s,
-                    payload,
-                    done,
-                }) if p == point && s == expected => {
-                    size += payload.len();
-                    expected += payload.len() as u64;
-                    payloads.push(payload);
-                    dones.push(done);
-                }
-                Ok(other) => {
-                    next = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        let bytes = size as u64;
-        match context.store.append_batch_at(&point, start, payloads).await {
-            Ok(appended) => {
-                ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "applied")
-                    .increment(bytes);
-                for (appended, done) in appended.iter().zip(dones) {
-                    let _ = done.send(Ok(Applied::Yes(appended.end)));
-                }
-            }
-            Err(AppendError::OffsetMismatch { end, .. }) => {
-                for done in dones {
-                    let _ = done.send(Ok(Applied::Mismatch(end)));
-                }
-            }
-            Err(error) => {
-                tracing::error!(%point, %error, "cannot apply replicated records");
-                for done in dones {
-                    let _ = done.send(Err(error.to_string()));
-                }
             }
         }
     }
+}
+
+/// Applies `records` in order, each run of consecutive records of one point as one batch; one
+/// outcome per record.
+async fn apply_records(context: &Context, records: Vec<Incoming>) -> Vec<Result<Applied, String>> {
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut records = records.into_iter().peekable();
+    while let Some(first) = records.next() {
+        let (point, start) = (first.point, first.start);
+        let mut end = start + first.payload.len() as u64;
+        let mut payloads = vec![first.payload];
+        while let Some(next) = records.next_if(|r| r.point == point && r.start == end) {
+            end += next.payload.len() as u64;
+            payloads.push(next.payload);
+        }
+        let count = payloads.len();
+        match context.store.append_batch_at(&point, start, payloads).await {
+            Ok(appended) => {
+                ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "applied")
+                    .increment(end - start);
+                outcomes.extend(appended.iter().map(|a| Ok(Applied::Yes(a.end))));
+            }
+            Err(AppendError::OffsetMismatch { end, .. }) => {
+                outcomes.extend(std::iter::repeat_n(Ok(Applied::Mismatch(end)), count));
+            }
+            Err(error) => {
+                tracing::error!(%point, %error, "cannot apply replicated records");
+                outcomes.extend(std::iter::repeat_n(Err(error.to_string()), count));
+            }
+        }
+    }
+    outcomes
 }
 
 /// Receives the leader's records.
@@ -334,48 +312,75 @@ impl sink::Server for SinkService {
         params: sink::PushParams,
         mut results: sink::PushResults,
     ) -> Result<(), capnp::Error> {
-        let bytes = params.get()?.get_record()?;
         let plugins = self.context.plugins.current();
-        let unbundled = plugins
-            .unbundle(bytes)
-            .map_err(|e| capnp::Error::failed(e.to_string()))?;
-        let record = unbundled.and_then(|r| {
-            let id = PointId::new(r.point).map_err(|e| format!("bad point id: {e}"))?;
-            Ok((id, r.start, r.payload))
-        });
-        let (point, start, payload) = match record {
-            Ok(record) => record,
-            Err(reason) => {
-                ::metrics::counter!(metrics::REPLICATION_REJECTED).increment(1);
-                tracing::warn!(%reason, "rejected a replication record");
-                let mut ack = results.get().init_ack();
-                ack.set_end(0);
-                ack.init_result().set_rejected(&reason);
-                return Ok(());
-            }
-        };
+        // The records to apply, and per record whether it is among them or why it was rejected.
+        let mut accepted = Vec::new();
+        let mut slots = Vec::new();
+        for record in params.get()?.get_records()? {
+            let point = record.get_point()?.to_str()?;
+            let start = record.get_start();
+            let bytes = Bytes::copy_from_slice(record.get_bundle()?);
+            // A bundler that fails (traps, times out) has not vouched for the record either.
+            let unbundled = plugins
+                .unbundle(bytes)
+                .unwrap_or_else(|e| Err(e.to_string()));
+            let checked = unbundled.and_then(|r| {
+                if r.point != point || r.start != start {
+                    return Err(format!(
+                        "the bundler found {}@{} in the record of {}@{start}",
+                        crate::error::bounded(&r.point),
+                        r.start,
+                        crate::error::bounded(point)
+                    ));
+                }
+                let point = PointId::new(r.point).map_err(|e| format!("bad point id: {e}"))?;
+                Ok(Incoming {
+                    point,
+                    start,
+                    payload: r.payload,
+                })
+            });
+            slots.push(match checked {
+                Ok(record) => {
+                    accepted.push(record);
+                    Ok(())
+                }
+                Err(reason) => {
+                    ::metrics::counter!(metrics::REPLICATION_REJECTED).increment(1);
+                    tracing::warn!(%reason, "rejected a replication record");
+                    Err(reason)
+                }
+            });
+        }
         let (done, outcome) = oneshot::channel();
-        let payload = Bytes::from(payload);
         self.enqueue(Job::Apply {
-            point,
-            start,
-            payload,
+            records: accepted,
             done,
         })
         .await?;
-        let outcome = outcome
+        let mut outcomes = outcome
             .await
             .map_err(|_| capnp::Error::failed("the applier stopped".into()))?
-            .map_err(capnp::Error::failed)?;
-        let mut ack = results.get().init_ack();
-        match outcome {
-            Applied::Yes(end) => {
-                ack.set_end(end);
-                ack.init_result().set_applied(());
-            }
-            Applied::Mismatch(end) => {
-                ack.set_end(end);
-                ack.init_result().set_mismatch(());
+            .into_iter();
+        let mut acks = results.get().init_acks(slots.len() as u32);
+        for (i, slot) in slots.into_iter().enumerate() {
+            let mut ack = acks.reborrow().get(i as u32);
+            match slot {
+                Err(reason) => {
+                    ack.set_end(0);
+                    ack.init_result().set_rejected(&reason);
+                }
+                Ok(()) => match outcomes.next().expect("one outcome per accepted record") {
+                    Ok(Applied::Yes(end)) => {
+                        ack.set_end(end);
+                        ack.init_result().set_applied(());
+                    }
+                    Ok(Applied::Mismatch(end)) => {
+                        ack.set_end(end);
+                        ack.init_result().set_mismatch(());
+                    }
+                    Err(error) => return Err(capnp::Error::failed(error)),
+                },
             }
         }
         Ok(())

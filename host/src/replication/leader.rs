@@ -3,15 +3,18 @@
 //!
 //! The replicator keeps, per point, the leader's end, the next offset to send and what the
 //! follower confirmed. It starts from the follower's offers (its real ends), fills a window of
-//! `replication.window` pushes in flight, and learns about new appends from the store's broadcast;
-//! a lagging broadcast triggers a rescan instead of blocking anything. A reply that says the
-//! follower ends elsewhere (mismatch) or that the record arrived damaged (rejected) rewinds the
-//! point; a per-point generation makes replies to pushes sent before the rewind harmless.
+//! `replication.window` pushes in flight (each of up to [`PUSH_BYTES`], in records of up to
+//! [`RECORD_BYTES`]), and learns about new appends from the store's broadcast; a lagging
+//! broadcast triggers a rescan instead of blocking anything. An append's event lends its bytes:
+//! the replicator keeps them (up to [`LIVE_PER_FOLLOWER`]) and sends them as they are, so a
+//! follower that keeps up is never served from a read-back. A reply that says the follower ends
+//! elsewhere (mismatch) or that the record arrived damaged (rejected) rewinds the point; a
+//! per-point generation makes replies to pushes sent before the rewind harmless.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{RpcSystem, twoparty};
 use futures::future::LocalBoxFuture;
@@ -24,12 +27,20 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use super::replication_capnp::{ack, leader, session, sink};
-use super::{Context, check_identity};
+use super::{Context, PROTOCOL, check_identity};
 use crate::access::Action;
 use crate::metrics;
 use crate::net::PeerInfo;
-use crate::point::{PointId, ReadError};
+use crate::plugins::{Buffer, bundles};
+use crate::point::{LiveBytes, PointId, ReadError};
 use crate::service::Spawner;
+
+/// Most payload bytes in one record: one read of the point, one bundler call.
+pub const RECORD_BYTES: u64 = 1024 * 1024;
+/// Payload bytes a push gathers before it leaves (records of several points may share it).
+pub const PUSH_BYTES: u64 = 2 * 1024 * 1024;
+/// Most bytes of live appends a replicator keeps for its follower; beyond, it reads them back.
+pub const LIVE_PER_FOLLOWER: u64 = 16 * 1024 * 1024;
 
 /// Accepts followers until the replication subsystem stops.
 pub async fn serve(
@@ -104,12 +115,23 @@ impl leader::Server for LeaderService {
         let params = params.get()?;
         let hello = params.get_hello()?;
         let follower = hello.get_follower()?.to_str()?.to_owned();
+        let protocol = hello.get_protocol();
         let refused = context
             .access
             .authorize(peer, Action::Replicate, "")
             .await
             .map_err(|e| e.to_string())
-            .and_then(|()| check_identity(&peer.subject, &follower, context.config.tls.is_some()));
+            .and_then(|()| check_identity(&peer.subject, &follower, context.config.tls.is_some()))
+            .and_then(|()| {
+                if protocol == PROTOCOL {
+                    return Ok(());
+                }
+                Err(format!(
+                    "follower {} speaks replication protocol {protocol}, this leader {PROTOCOL}: \
+                     run the same release on both",
+                    crate::error::bounded(&follower)
+                ))
+            });
         if let Err(reason) = refused {
             ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
             tracing::warn!(subject = %peer.subject, peer = %peer.addr, %reason, "follower refused");
@@ -170,16 +192,56 @@ struct PointState {
     confirmed: u64,
     /// Incremented at every rewind; replies to older pushes are ignored.
     generation: u64,
+    /// Bytes of live appends not sent yet, in offset order.
+    live: VecDeque<Arc<LiveBytes>>,
+}
+
+/// One record of a push: what was sent.
+struct Sent {
+    point: PointId,
+    start: u64,
+    len: u64,
+    generation: u64,
+}
+
+/// A record ready to go: its bundle around its payload.
+struct Prepared {
+    sent: Sent,
+    payload: Buffer,
+    bundled: bundles::Bundled,
+}
+
+impl Prepared {
+    /// Bytes on the wire: head, body, tail.
+    fn wire_len(&self) -> usize {
+        let body = match &self.bundled.body {
+            bundles::Body::Payload => self.payload.len() as usize,
+            bundles::Body::Replaced(bytes) => bytes.len(),
+        };
+        self.bundled.head.len() + body + self.bundled.tail.len()
+    }
+
+    /// Writes the bundle into `out` (exactly [`wire_len`](Self::wire_len) bytes).
+    fn write(&self, out: &mut [u8]) {
+        let mut at = 0;
+        let mut put = |bytes: &[u8]| {
+            out[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+        };
+        put(&self.bundled.head);
+        match &self.bundled.body {
+            bundles::Body::Payload => self.payload.pieces().iter().for_each(|p| put(p)),
+            bundles::Body::Replaced(bytes) => put(bytes),
+        }
+        put(&self.bundled.tail);
+    }
 }
 
 /// A push or remove in flight, and what came back.
 enum Outcome {
     Pushed {
-        point: PointId,
-        start: u64,
-        len: u64,
-        generation: u64,
-        reply: Result<(u64, Reply), capnp::Error>,
+        sent: Vec<Sent>,
+        reply: Result<Vec<(u64, Reply)>, capnp::Error>,
     },
     Removed {
         point: PointId,
@@ -211,6 +273,8 @@ struct Replicator {
     in_flight: FuturesUnordered<LocalBoxFuture<'static, Outcome>>,
     /// When the lag gauge was last computed (it sums over every point).
     gauges_at: Option<std::time::Instant>,
+    /// Bytes of live appends held in `points`.
+    live_bytes: u64,
 }
 
 impl Replicator {
@@ -233,6 +297,7 @@ impl Replicator {
             described: HashSet::new(),
             in_flight: FuturesUnordered::new(),
             gauges_at: None,
+            live_bytes: 0,
         }
     }
 
@@ -253,7 +318,12 @@ impl Replicator {
                 _ = self.stop.cancelled() => break,
                 event = events.recv() => match event {
                     Ok(event) if event.removed => self.removed(event.point),
-                    Ok(event) => self.grew(event.point, event.end),
+                    Ok(event) => {
+                        if let Some(bytes) = event.bytes {
+                            self.lend(&event.point, bytes);
+                        }
+                        self.grew(event.point, event.end);
+                    }
                     Err(RecvError::Lagged(_)) => self.scan(None).await,
                     Err(RecvError::Closed) => break,
                 },
@@ -286,7 +356,7 @@ impl Replicator {
                         end: snapshot.end,
                         next: offered,
                         confirmed: offered,
-                        generation: 0,
+                        ..PointState::default()
                     };
                     if offered > snapshot.end {
                         // The follower holds more than the leader: its copy diverged. Start over.
@@ -331,8 +401,25 @@ impl Replicator {
         }
     }
 
+    /// Keeps the bytes of a live append of `point` to send them as they are, if they are not
+    /// sent yet and the follower's share of memory allows.
+    fn lend(&mut self, point: &PointId, bytes: Arc<LiveBytes>) {
+        let state = self.points.entry(point.clone()).or_default();
+        let fits = self.live_bytes + bytes.len() <= LIVE_PER_FOLLOWER;
+        let after_last = state
+            .live
+            .back()
+            .is_none_or(|last| last.end() <= bytes.start);
+        if fits && after_last && bytes.end() > state.next {
+            self.live_bytes += bytes.len();
+            state.live.push_back(bytes);
+        }
+    }
+
     fn removed(&mut self, point: PointId) {
-        self.points.remove(&point);
+        if let Some(state) = self.points.remove(&point) {
+            self.live_bytes -= state.live.iter().map(|b| b.len()).sum::<u64>();
+        }
         self.described.remove(&point);
         self.send_remove(point);
     }
@@ -387,14 +474,43 @@ impl Replicator {
         );
     }
 
-    /// Sends records until `window` are in flight or nothing is left to send.
+    /// Sends pushes until `window` are in flight or nothing is left to send.
     async fn fill(&mut self, window: usize) -> Result<(), String> {
-        let chunk = self.context.config.max_chunk_size;
         while self.in_flight.len() < window {
-            let Some(point) = self.dirty.pop_front() else {
+            let mut records = Vec::new();
+            let mut size = 0;
+            let prepared = loop {
+                if size >= PUSH_BYTES {
+                    break Ok(());
+                }
+                match self.prepare().await {
+                    Ok(Some(record)) => {
+                        size += record.sent.len;
+                        records.push(record);
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(error) => break Err(error),
+                }
+            };
+            if !records.is_empty() {
+                self.send(records);
+            }
+            prepared?;
+            if size < PUSH_BYTES {
                 return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// The next record to send, round robin over the points that have something to send.
+    async fn prepare(&mut self) -> Result<Option<Prepared>, String> {
+        loop {
+            let Some(point) = self.dirty.pop_front() else {
+                return Ok(None);
             };
             self.queued.remove(&point);
+            self.trim_live(&point);
             let Some(state) = self.points.get(&point) else {
                 continue;
             };
@@ -402,37 +518,114 @@ impl Replicator {
                 continue;
             }
             let (start, generation) = (state.next, state.generation);
-            let len = chunk.min(state.end - start);
+            let len = RECORD_BYTES.min(state.end - start);
             if let Err(error) = self.describe(&point).await {
                 self.mark(point);
                 return Err(error);
             }
-            let payload: Bytes = match self.context.store.read(&point, start, len).await {
-                Ok(payload) => payload,
-                // Deleted meanwhile: the removal event follows.
-                Err(ReadError::NotFound(_)) => continue,
-                Err(error) => {
-                    self.mark(point);
-                    return Err(error.to_string());
-                }
+            let payload = match self.live_payload(&point, start, len) {
+                Some(payload) => payload,
+                None => match self.context.store.read(&point, start, len).await {
+                    Ok(bytes) => {
+                        ::metrics::counter!(metrics::REPLICATION_READ_BACK)
+                            .increment(bytes.len() as u64);
+                        Buffer::new(vec![bytes])
+                    }
+                    // Deleted meanwhile: the removal event follows.
+                    Err(ReadError::NotFound(_)) => continue,
+                    Err(error) => {
+                        self.mark(point);
+                        return Err(error.to_string());
+                    }
+                },
             };
+            let len = payload.len();
             let plugins = self.context.plugins.current();
-            let record = match plugins.bundle(point.as_str(), start, Vec::from(payload)) {
-                Ok(record) => record,
+            let bundled = match plugins.bundle(point.as_str(), start, &payload) {
+                Ok(bundled) => bundled,
                 Err(error) => {
                     self.mark(point);
                     return Err(error.to_string());
                 }
             };
-            let mut request = self.sink.push_request();
-            request.get().set_record(&record);
-            // Sent now, in order: the follower applies records of a point in arrival order.
-            let promise = request.send().promise;
-            let pushed = point.clone();
-            self.in_flight.push(
-                async move {
-                    let reply = promise.await.and_then(|response| {
-                        let ack = response.get()?.get_ack()?;
+            // Replies and events are handled between fills only: the state is as it was read.
+            let state = self.points.get_mut(&point).expect("still tracked");
+            state.next = start + len;
+            if state.next < state.end {
+                self.mark(point.clone());
+            }
+            return Ok(Some(Prepared {
+                sent: Sent {
+                    point,
+                    start,
+                    len,
+                    generation,
+                },
+                payload,
+                bundled,
+            }));
+        }
+    }
+
+    /// Drops the live appends of `point` that end before its next byte to send.
+    fn trim_live(&mut self, point: &PointId) {
+        let Some(state) = self.points.get_mut(point) else {
+            return;
+        };
+        while let Some(first) = state.live.front() {
+            if first.end() > state.next {
+                break;
+            }
+            self.live_bytes -= first.len();
+            state.live.pop_front();
+        }
+    }
+
+    /// `[start, start + up to len)` of `point` from the live appends kept for it, if they hold
+    /// its first byte.
+    fn live_payload(&self, point: &PointId, start: u64, len: u64) -> Option<Buffer> {
+        let state = self.points.get(point)?;
+        let mut pieces = Vec::new();
+        let mut at = start;
+        for live in &state.live {
+            if live.start > at || at >= start + len {
+                break;
+            }
+            let mut offset = live.start;
+            for frame in &live.frames {
+                let frame_end = offset + frame.len() as u64;
+                if frame_end > at && at < start + len {
+                    let from = (at - offset) as usize;
+                    let to = ((start + len).min(frame_end) - offset) as usize;
+                    pieces.push(frame.slice(from..to));
+                    at = offset + to as u64;
+                }
+                offset = frame_end;
+            }
+        }
+        (!pieces.is_empty()).then(|| Buffer::new(pieces))
+    }
+
+    /// Sends `records` as one push (now: calls leave in the order they are made, and the
+    /// follower applies records of a point in arrival order).
+    fn send(&mut self, records: Vec<Prepared>) {
+        let mut request = self.sink.push_request();
+        {
+            let mut list = request.get().init_records(records.len() as u32);
+            for (i, record) in records.iter().enumerate() {
+                let mut entry = list.reborrow().get(i as u32);
+                entry.set_point(record.sent.point.as_str());
+                entry.set_start(record.sent.start);
+                record.write(entry.init_bundle(record.wire_len() as u32));
+            }
+        }
+        let promise = request.send().promise;
+        let sent: Vec<Sent> = records.into_iter().map(|r| r.sent).collect();
+        self.in_flight.push(
+            async move {
+                let reply = promise.await.and_then(|response| {
+                    let mut replies = Vec::new();
+                    for ack in response.get()?.get_acks()? {
                         let reply = match ack.get_result().which()? {
                             ack::result::Applied(()) => Reply::Applied,
                             ack::result::Mismatch(()) => Reply::Mismatch,
@@ -440,25 +633,14 @@ impl Replicator {
                                 Reply::Rejected(reason?.to_string().unwrap_or_default())
                             }
                         };
-                        Ok((ack.get_end(), reply))
-                    });
-                    Outcome::Pushed {
-                        point: pushed,
-                        start,
-                        len,
-                        generation,
-                        reply,
+                        replies.push((ack.get_end(), reply));
                     }
-                }
-                .boxed_local(),
-            );
-            let state = self.points.get_mut(&point).expect("checked above");
-            state.next = start + len;
-            if state.next < state.end {
-                self.mark(point);
+                    Ok(replies)
+                });
+                Outcome::Pushed { sent, reply }
             }
-        }
-        Ok(())
+            .boxed_local(),
+        );
     }
 
     /// Applies a reply. An RPC error means the session is over.
@@ -473,51 +655,17 @@ impl Replicator {
                     self.mark(point);
                 }
             }
-            Outcome::Pushed {
-                point,
-                start,
-                len,
-                generation,
-                reply,
-            } => {
-                let (end, reply) = reply?;
-                let Some(state) = self.points.get_mut(&point) else {
-                    return Ok(());
-                };
-                match reply {
-                    Reply::Applied => {
-                        state.confirmed = state.confirmed.max(end);
-                        ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "sent")
-                            .increment(len);
-                    }
-                    Reply::Mismatch if generation == state.generation => {
-                        tracing::debug!(follower = %self.follower, %point, start, end, "follower ends elsewhere; continuing from its end");
-                        state.generation += 1;
-                        state.confirmed = end;
-                        state.next = end.min(state.end);
-                        if end > state.end {
-                            // It holds more than the leader: replace its copy.
-                            state.next = 0;
-                            state.confirmed = 0;
-                            let point = point.clone();
-                            self.send_remove(point);
-                        }
-                        self.mark(point.clone());
-                    }
-                    Reply::Rejected(reason) if generation == state.generation => {
-                        tracing::warn!(follower = %self.follower, %point, start, %reason, "record rejected; sending it again");
-                        ::metrics::counter!(metrics::REPLICATION_REJECTED).increment(1);
-                        state.generation += 1;
-                        state.next = state.next.min(start);
-                        self.mark(point.clone());
-                    }
-                    // A reply to a push sent before the last rewind: already handled.
-                    Reply::Mismatch | Reply::Rejected(_) => {}
+            Outcome::Pushed { sent, reply } => {
+                let replies = reply?;
+                if replies.len() != sent.len() {
+                    return Err(capnp::Error::failed(format!(
+                        "the follower answered {} of {} records",
+                        replies.len(),
+                        sent.len()
+                    )));
                 }
-                if let Some(state) = self.points.get(&point) {
-                    self.context
-                        .progress
-                        .confirm(&self.follower, &point, state.confirmed);
+                for (sent, (end, reply)) in sent.into_iter().zip(replies) {
+                    self.acknowledged(sent, end, reply);
                 }
                 if self
                     .gauges_at
@@ -528,6 +676,53 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+
+    /// What the follower answered for one record.
+    fn acknowledged(&mut self, sent: Sent, end: u64, reply: Reply) {
+        let Sent {
+            point,
+            start,
+            len,
+            generation,
+        } = sent;
+        let Some(state) = self.points.get_mut(&point) else {
+            return;
+        };
+        match reply {
+            Reply::Applied => {
+                state.confirmed = state.confirmed.max(end);
+                ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "sent")
+                    .increment(len);
+            }
+            Reply::Mismatch if generation == state.generation => {
+                tracing::debug!(follower = %self.follower, %point, start, end, "follower ends elsewhere; continuing from its end");
+                state.generation += 1;
+                state.confirmed = end;
+                state.next = end.min(state.end);
+                if end > state.end {
+                    // It holds more than the leader: replace its copy.
+                    state.next = 0;
+                    state.confirmed = 0;
+                    self.send_remove(point.clone());
+                }
+                self.mark(point.clone());
+            }
+            Reply::Rejected(reason) if generation == state.generation => {
+                tracing::warn!(follower = %self.follower, %point, start, %reason, "record rejected; sending it again");
+                ::metrics::counter!(metrics::REPLICATION_REJECTED).increment(1);
+                state.generation += 1;
+                state.next = state.next.min(start);
+                self.mark(point.clone());
+            }
+            // A reply to a push sent before the last rewind: already handled.
+            Reply::Mismatch | Reply::Rejected(_) => {}
+        }
+        if let Some(state) = self.points.get(&point) {
+            self.context
+                .progress
+                .confirm(&self.follower, &point, state.confirmed);
+        }
     }
 
     fn update_gauges(&mut self) {

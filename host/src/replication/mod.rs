@@ -35,6 +35,10 @@ use crate::plugins::Plugins;
 use crate::point::{PointId, Store};
 use crate::service::{Handle, Service};
 
+/// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
+/// a leader refuses followers that speak another (docs/replication.md).
+pub const PROTOCOL: u16 = 2;
+
 /// Why replication could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {

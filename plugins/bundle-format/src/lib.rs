@@ -10,8 +10,10 @@
 //! and the first 24 trailer bytes. The body is the payload itself (`Raw`) or its LZ4 block
 //! compression (`Lz4`), in which case `payload_len` is checked after decompression.
 //!
-//! The body comes first so that neither side copies it: [`encode`] appends the point and the
-//! trailer to the payload's own buffer, [`decode`] truncates the received buffer to the body.
+//! The body comes first and the rest is a tail computed from the body's CRC alone, so a component
+//! frames a payload it never reads ([`tail`]) and checks a received bundle it reads only the end
+//! of ([`check`], over a [`Source`]: in a component, the host's buffer). [`encode`] and
+//! [`decode`] do the same on bytes in hand (natively: the benchmark, the tests).
 //!
 //! The CRC function is a parameter, `(crc so far, bytes) -> crc`: inside a component it is the
 //! host's `checksum.crc32c` import (hardware), natively [`crc32c_append`].
@@ -45,6 +47,31 @@ pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, bytes)
 }
 
+/// What follows a body of `body_len` bytes whose CRC32C is `body_crc`: the point id and the
+/// trailer.
+pub fn tail(
+    crc: Crc,
+    body_crc: u32,
+    point: &str,
+    start: u64,
+    codec: Codec,
+    payload_len: usize,
+    body_len: usize,
+) -> Vec<u8> {
+    let mut tail = Vec::with_capacity(point.len() + TRAILER_LEN);
+    tail.extend_from_slice(point.as_bytes());
+    tail.extend_from_slice(MAGIC);
+    tail.push(VERSION);
+    tail.push(codec as u8);
+    tail.extend_from_slice(&(point.len() as u16).to_le_bytes());
+    tail.extend_from_slice(&start.to_le_bytes());
+    tail.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    tail.extend_from_slice(&(body_len as u32).to_le_bytes());
+    let checksum = crc(body_crc, &tail);
+    tail.extend_from_slice(&checksum.to_le_bytes());
+    tail
+}
+
 /// Frames `body` (the payload encoded with `codec`, `payload_len` bytes once decoded), reusing
 /// its buffer.
 pub fn encode(
@@ -55,33 +82,72 @@ pub fn encode(
     payload_len: usize,
     body: Vec<u8>,
 ) -> Vec<u8> {
-    let body_len = body.len();
+    let tail = tail(
+        crc,
+        crc(0, &body),
+        point,
+        start,
+        codec,
+        payload_len,
+        body.len(),
+    );
     let mut out = body;
-    out.reserve_exact(point.len() + TRAILER_LEN);
-    out.extend_from_slice(point.as_bytes());
-    let mut trailer = [0u8; TRAILER_LEN];
-    trailer[0..4].copy_from_slice(MAGIC);
-    trailer[4] = VERSION;
-    trailer[5] = codec as u8;
-    trailer[6..8].copy_from_slice(&(point.len() as u16).to_le_bytes());
-    trailer[8..16].copy_from_slice(&start.to_le_bytes());
-    trailer[16..20].copy_from_slice(&(payload_len as u32).to_le_bytes());
-    trailer[20..24].copy_from_slice(&(body_len as u32).to_le_bytes());
-    let checksum = crc(crc(0, &out), &trailer[..24]);
-    trailer[24..28].copy_from_slice(&checksum.to_le_bytes());
-    out.extend_from_slice(&trailer);
+    out.extend_from_slice(&tail);
     out
 }
 
-/// Checks and splits a frame made by [`encode`], reusing its buffer for the body.
-pub fn decode(crc: Crc, mut bytes: Vec<u8>) -> Result<Frame, String> {
-    let Some(trailer_at) = bytes.len().checked_sub(TRAILER_LEN) else {
+/// A bundle to check, wherever its bytes are.
+pub trait Source {
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A copy of `[offset, offset + len)`; only called within [`len`](Source::len).
+    fn read(&self, offset: u64, len: u64) -> Vec<u8>;
+    /// CRC32C of `[offset, offset + len)` continuing from `crc`; only called within `len`.
+    fn crc32c(&self, crc: u32, offset: u64, len: u64) -> u32;
+}
+
+/// Makes a component's generated `buffer` resource type (with its `len`, `read` and `crc32c`
+/// methods, as the `bundles` interface defines them) a [`Source`].
+#[macro_export]
+macro_rules! buffer_source {
+    ($buffer:ty) => {
+        impl $crate::Source for $buffer {
+            fn len(&self) -> u64 {
+                <$buffer>::len(self)
+            }
+
+            fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+                <$buffer>::read(self, offset, len)
+            }
+
+            fn crc32c(&self, crc: u32, offset: u64, len: u64) -> u32 {
+                <$buffer>::crc32c(self, crc, offset, len)
+            }
+        }
+    };
+}
+
+/// A bundle whose checksum matched: the body is `[0, body_len)` of it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub point: String,
+    pub start: u64,
+    pub codec: Codec,
+    pub payload_len: usize,
+    pub body_len: usize,
+}
+
+/// Checks the bundle in `source`, reading only its point id and trailer.
+pub fn check(source: &impl Source) -> Result<Checked, String> {
+    let total = source.len();
+    let Some(trailer_at) = total.checked_sub(TRAILER_LEN as u64) else {
         return Err(format!(
-            "record of {} bytes is shorter than the {TRAILER_LEN}-byte trailer",
-            bytes.len()
+            "record of {total} bytes is shorter than the {TRAILER_LEN}-byte trailer"
         ));
     };
-    let trailer: [u8; TRAILER_LEN] = bytes[trailer_at..].try_into().unwrap();
+    let trailer = source.read(trailer_at, TRAILER_LEN as u64);
     if &trailer[0..4] != MAGIC {
         return Err("not a goutube bundle (bad magic)".into());
     }
@@ -93,36 +159,66 @@ pub fn decode(crc: Crc, mut bytes: Vec<u8>) -> Result<Frame, String> {
         1 => Codec::Lz4,
         other => return Err(format!("unknown codec {other}")),
     };
-    let point_len = usize::from(u16::from_le_bytes([trailer[6], trailer[7]]));
+    let point_len = u64::from(u16::from_le_bytes([trailer[6], trailer[7]]));
     let start = u64::from_le_bytes(trailer[8..16].try_into().unwrap());
     let payload_len = u32::from_le_bytes(trailer[16..20].try_into().unwrap()) as usize;
-    let body_len = u32::from_le_bytes(trailer[20..24].try_into().unwrap()) as usize;
+    let body_len = u64::from(u32::from_le_bytes(trailer[20..24].try_into().unwrap()));
     let stored_crc = u32::from_le_bytes(trailer[24..28].try_into().unwrap());
     if body_len + point_len != trailer_at {
         return Err(format!(
-            "record is {} bytes, its trailer describes {}",
-            bytes.len(),
-            body_len + point_len + TRAILER_LEN
+            "record is {total} bytes, its trailer describes {}",
+            body_len + point_len + TRAILER_LEN as u64
         ));
     }
-    let computed = crc(crc(0, &bytes[..trailer_at]), &trailer[..24]);
+    let computed = source.crc32c(0, 0, total - 4);
     if computed != stored_crc {
         return Err(format!(
             "checksum mismatch: stored {stored_crc:08x}, computed {computed:08x}"
         ));
     }
-    if codec == Codec::Raw && body_len != payload_len {
+    if codec == Codec::Raw && body_len != payload_len as u64 {
         return Err("raw body length differs from the payload length".into());
     }
-    let point = std::str::from_utf8(&bytes[body_len..trailer_at])
-        .map_err(|_| "point id is not UTF-8".to_string())?
-        .to_owned();
-    bytes.truncate(body_len);
-    Ok(Frame {
+    let point = String::from_utf8(source.read(body_len, point_len))
+        .map_err(|_| "point id is not UTF-8".to_string())?;
+    Ok(Checked {
         point,
         start,
         codec,
         payload_len,
+        body_len: body_len as usize,
+    })
+}
+
+/// Bytes in hand as a [`Source`], with a native CRC.
+struct InHand<'a> {
+    bytes: &'a [u8],
+    crc: Crc,
+}
+
+impl Source for InHand<'_> {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+        self.bytes[offset as usize..(offset + len) as usize].to_vec()
+    }
+
+    fn crc32c(&self, crc: u32, offset: u64, len: u64) -> u32 {
+        (self.crc)(crc, &self.bytes[offset as usize..(offset + len) as usize])
+    }
+}
+
+/// Checks and splits a frame made by [`encode`], reusing its buffer for the body.
+pub fn decode(crc: Crc, mut bytes: Vec<u8>) -> Result<Frame, String> {
+    let checked = check(&InHand { bytes: &bytes, crc })?;
+    bytes.truncate(checked.body_len);
+    Ok(Frame {
+        point: checked.point,
+        start: checked.start,
+        codec: checked.codec,
+        payload_len: checked.payload_len,
         body: bytes,
     })
 }

@@ -1,15 +1,20 @@
-//! `builtin:crc-bundler` (the default bundler): the record framed with a header and a CRC32C
-//! (see the `bundle-format` crate); `unbundle` rejects anything damaged. Takes no configuration.
+//! `builtin:crc-bundler` (the default bundler): the payload framed with a tail holding the point,
+//! the offset and a CRC32C (see the `bundle-format` crate); `unbundle` rejects anything damaged.
+//! The payload never enters the component: its CRC is computed by the host where it lies, on both
+//! sides. Takes no configuration.
 
 wit_bindgen::generate!({ world: "bundler", path: "../../schema/wit" });
 
 use bundle_format::Codec;
+use goutube::plugins::bundles::{Body, FoundPayload, Span};
 use goutube::plugins::checksum;
 
 /// CRC32C by the host, with the CPU's CRC instructions.
 fn host_crc(crc: u32, bytes: &[u8]) -> u32 {
     checksum::crc32c(crc, bytes)
 }
+
+bundle_format::buffer_source!(Buffer);
 
 struct CrcBundler;
 
@@ -22,27 +27,29 @@ impl Guest for CrcBundler {
         }
     }
 
-    fn bundle(rec: ReplRecord) -> Vec<u8> {
-        let len = rec.payload.len();
-        bundle_format::encode(
-            host_crc,
-            &rec.point,
-            rec.start,
-            Codec::Raw,
-            len,
-            rec.payload,
-        )
+    fn bundle(point: String, start: u64, payload: &Buffer) -> Bundled {
+        let len = payload.len();
+        let body_crc = payload.crc32c(0, 0, len);
+        let len = len as usize;
+        Bundled {
+            head: Vec::new(),
+            body: Body::Payload,
+            tail: bundle_format::tail(host_crc, body_crc, &point, start, Codec::Raw, len, len),
+        }
     }
 
-    fn unbundle(bytes: Vec<u8>) -> Result<ReplRecord, String> {
-        let frame = bundle_format::decode(host_crc, bytes)?;
-        if frame.codec != Codec::Raw {
+    fn unbundle(bytes: &Buffer) -> Result<Unbundled, String> {
+        let checked = bundle_format::check(bytes)?;
+        if checked.codec != Codec::Raw {
             return Err("crc-bundler reads raw records only".into());
         }
-        Ok(ReplRecord {
-            point: frame.point,
-            start: frame.start,
-            payload: frame.body,
+        Ok(Unbundled {
+            point: checked.point,
+            start: checked.start,
+            payload: FoundPayload::Within(Span {
+                offset: 0,
+                len: checked.body_len as u64,
+            }),
         })
     }
 }

@@ -1,18 +1,23 @@
 //! `builtin:lz4-bundler`: like `crc-bundler`, with the payload compressed with LZ4 (block format)
-//! when that makes it smaller. Configuration: empty, or `min_size = N` (records below N bytes are
-//! sent uncompressed; default 512).
+//! when that makes it smaller. It transforms the payload, so it reads it into the component (and,
+//! on receipt, the compressed body); a record that does not compress travels untouched, as with
+//! `crc-bundler`. Configuration: empty, or `min_size = N` (records below N bytes are sent
+//! uncompressed; default 512).
 
 wit_bindgen::generate!({ world: "bundler", path: "../../schema/wit" });
 
 use std::cell::Cell;
 
 use bundle_format::Codec;
+use goutube::plugins::bundles::{Body, FoundPayload, Span};
 use goutube::plugins::checksum;
 
 /// CRC32C by the host, with the CPU's CRC instructions.
 fn host_crc(crc: u32, bytes: &[u8]) -> u32 {
     checksum::crc32c(crc, bytes)
 }
+
+bundle_format::buffer_source!(Buffer);
 
 thread_local! {
     static MIN_SIZE: Cell<usize> = const { Cell::new(512) };
@@ -41,47 +46,56 @@ impl Guest for Lz4Bundler {
         Ok(())
     }
 
-    fn bundle(rec: ReplRecord) -> Vec<u8> {
-        let len = rec.payload.len();
+    fn bundle(point: String, start: u64, payload: &Buffer) -> Bundled {
+        let len = payload.len() as usize;
         if len >= MIN_SIZE.get() {
-            let compressed = lz4_flex::block::compress(&rec.payload);
+            let compressed = lz4_flex::block::compress(&payload.read(0, len as u64));
             if compressed.len() < len {
-                return bundle_format::encode(
+                let body_crc = host_crc(0, &compressed);
+                let tail = bundle_format::tail(
                     host_crc,
-                    &rec.point,
-                    rec.start,
+                    body_crc,
+                    &point,
+                    start,
                     Codec::Lz4,
                     len,
-                    compressed,
+                    compressed.len(),
                 );
+                return Bundled {
+                    head: Vec::new(),
+                    body: Body::Replaced(compressed),
+                    tail,
+                };
             }
         }
-        bundle_format::encode(
-            host_crc,
-            &rec.point,
-            rec.start,
-            Codec::Raw,
-            len,
-            rec.payload,
-        )
+        let body_crc = payload.crc32c(0, 0, len as u64);
+        Bundled {
+            head: Vec::new(),
+            body: Body::Payload,
+            tail: bundle_format::tail(host_crc, body_crc, &point, start, Codec::Raw, len, len),
+        }
     }
 
-    fn unbundle(bytes: Vec<u8>) -> Result<ReplRecord, String> {
-        let frame = bundle_format::decode(host_crc, bytes)?;
-        let payload = match frame.codec {
-            Codec::Raw => frame.body,
+    fn unbundle(bytes: &Buffer) -> Result<Unbundled, String> {
+        let checked = bundle_format::check(bytes)?;
+        let payload = match checked.codec {
+            Codec::Raw => FoundPayload::Within(Span {
+                offset: 0,
+                len: checked.body_len as u64,
+            }),
             Codec::Lz4 => {
-                let payload = lz4_flex::block::decompress(&frame.body, frame.payload_len)
+                let body = bytes.read(0, checked.body_len as u64);
+                let payload = lz4_flex::block::decompress(&body, checked.payload_len)
                     .map_err(|e| format!("lz4: {e}"))?;
-                if payload.len() != frame.payload_len {
+                if payload.len() != checked.payload_len {
                     return Err("decompressed length differs from the trailer".into());
                 }
-                payload
+                FoundPayload::Rebuilt(payload)
             }
         };
-        Ok(ReplRecord {
-            point: frame.point,
-            start: frame.start,
+        Ok(Unbundled {
+            point: checked.point,
+            start: checked.start,
             payload,
         })
     }
