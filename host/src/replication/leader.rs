@@ -39,6 +39,9 @@ use crate::service::Spawner;
 pub const RECORD_BYTES: u64 = 1024 * 1024;
 /// Payload bytes a push gathers before it leaves (records of several points may share it).
 pub const PUSH_BYTES: u64 = 2 * 1024 * 1024;
+/// Most bytes a bundle may take on the wire (a push must stay well within the 64 MiB a Cap'n
+/// Proto reader accepts); a bundler that makes more of a record fails it.
+pub const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of live appends a replicator keeps for its follower; beyond, it reads them back.
 pub const LIVE_PER_FOLLOWER: u64 = 16 * 1024 * 1024;
 
@@ -548,13 +551,7 @@ impl Replicator {
                     return Err(error.to_string());
                 }
             };
-            // Replies and events are handled between fills only: the state is as it was read.
-            let state = self.points.get_mut(&point).expect("still tracked");
-            state.next = start + len;
-            if state.next < state.end {
-                self.mark(point.clone());
-            }
-            return Ok(Some(Prepared {
+            let record = Prepared {
                 sent: Sent {
                     point,
                     start,
@@ -563,7 +560,25 @@ impl Replicator {
                 },
                 payload,
                 bundled,
-            }));
+            };
+            if record.wire_len() > MAX_BUNDLE_BYTES {
+                let error = format!(
+                    "{} made {} bytes of a {len}-byte record of {} (at most {MAX_BUNDLE_BYTES})",
+                    plugins.bundler.name(),
+                    record.wire_len(),
+                    record.sent.point
+                );
+                self.mark(record.sent.point);
+                return Err(error);
+            }
+            let point = &record.sent.point;
+            // Replies and events are handled between fills only: the state is as it was read.
+            let state = self.points.get_mut(point).expect("still tracked");
+            state.next = start + len;
+            if state.next < state.end {
+                self.mark(point.clone());
+            }
+            return Ok(Some(record));
         }
     }
 
