@@ -569,23 +569,27 @@ impl Pki {
     }
 }
 
-/// How many followers the leader at `addr` (plaintext) reports connected.
-pub async fn connected_followers(addr: &str) -> usize {
+/// The live followers the leader reached with `options` reports (`GetFollowers`).
+pub async fn followers_of(options: &ClientOptions) -> Vec<goutube::api::proto::Server> {
     use goutube::api::proto::GetFollowersRequest;
     use goutube::api::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
-    let channel = goutube::client::channel(&ClientOptions {
-        addr: addr.to_owned(),
-        tls: None,
-    })
-    .await
-    .unwrap();
+    let channel = goutube::client::channel(options).await.unwrap();
     FollowerResolverHelperClient::new(channel)
         .get_followers(GetFollowersRequest {})
         .await
         .unwrap()
         .into_inner()
         .servers
-        .len()
+}
+
+/// How many followers the leader at `addr` (plaintext) reports connected.
+pub async fn connected_followers(addr: &str) -> usize {
+    followers_of(&ClientOptions {
+        addr: addr.to_owned(),
+        tls: None,
+    })
+    .await
+    .len()
 }
 
 /// A leader running in this process with followers running as processes (so that they can be

@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::api::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
 use goutube::api::proto::streaming_client::StreamingClient;
-use goutube::api::proto::{DeletePointRequest, GetFollowersRequest, ProduceRequest};
+use goutube::api::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::{Ack, Config, PeerTlsSection, Role};
 use goutube::point::{PointId, Store};
 use goutube_tests::{
@@ -57,15 +56,7 @@ async fn follower(
 
 /// The leader's live followers (FollowerResolverHelper.GetFollowers).
 async fn followers(pki: &Pki, leader: &str) -> Vec<goutube::api::proto::Server> {
-    let channel = goutube::client::channel(&pki.client_options("root", leader))
-        .await
-        .unwrap();
-    FollowerResolverHelperClient::new(channel)
-        .get_followers(GetFollowersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .servers
+    goutube_tests::followers_of(&pki.client_options("root", leader)).await
 }
 
 /// Waits until `follower` holds `point` exactly as `leader` does (size and CRC32C).

@@ -72,6 +72,22 @@ pub fn tail(
     tail
 }
 
+/// The tail that frames `payload` as it is (`Codec::Raw`), its CRC32C computed by `payload`
+/// where it lies (in a component: by the host, without copying it into the guest).
+pub fn raw_tail(crc: Crc, payload: &impl Source, point: &str, start: u64) -> Vec<u8> {
+    let len = payload.len();
+    let body_crc = payload.crc32c(0, 0, len);
+    tail(
+        crc,
+        body_crc,
+        point,
+        start,
+        Codec::Raw,
+        len as usize,
+        len as usize,
+    )
+}
+
 /// Frames `body` (the payload encoded with `codec`, `payload_len` bytes once decoded), reusing
 /// its buffer.
 pub fn encode(

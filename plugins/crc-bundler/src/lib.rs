@@ -28,13 +28,10 @@ impl Guest for CrcBundler {
     }
 
     fn bundle(point: String, start: u64, payload: &Buffer) -> Bundled {
-        let len = payload.len();
-        let body_crc = payload.crc32c(0, 0, len);
-        let len = len as usize;
         Bundled {
             head: Vec::new(),
             body: Body::Payload,
-            tail: bundle_format::tail(host_crc, body_crc, &point, start, Codec::Raw, len, len),
+            tail: bundle_format::raw_tail(host_crc, payload, &point, start),
         }
     }
 

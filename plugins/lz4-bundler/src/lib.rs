@@ -68,11 +68,10 @@ impl Guest for Lz4Bundler {
                 };
             }
         }
-        let body_crc = payload.crc32c(0, 0, len as u64);
         Bundled {
             head: Vec::new(),
             body: Body::Payload,
-            tail: bundle_format::tail(host_crc, body_crc, &point, start, Codec::Raw, len, len),
+            tail: bundle_format::raw_tail(host_crc, payload, &point, start),
         }
     }
 

@@ -8,7 +8,6 @@ wit_bindgen::generate!({ world: "bundler", path: "../../../schema/wit" });
 
 use std::cell::RefCell;
 
-use bundle_format::Codec;
 use goutube::plugins::bundles::{Body, FoundPayload, Span};
 use goutube::plugins::checksum;
 
@@ -27,21 +26,10 @@ impl Guest for Misbehaving {
     }
 
     fn bundle(point: String, start: u64, payload: &Buffer) -> Bundled {
-        let len = payload.len();
-        let body_crc = payload.crc32c(0, 0, len);
-        let len = len as usize;
         Bundled {
             head: Vec::new(),
             body: Body::Payload,
-            tail: bundle_format::tail(
-                checksum::crc32c,
-                body_crc,
-                &point,
-                start,
-                Codec::Raw,
-                len,
-                len,
-            ),
+            tail: bundle_format::raw_tail(checksum::crc32c, payload, &point, start),
         }
     }
 
