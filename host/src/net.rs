@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -64,9 +64,13 @@ impl PeerInfo {
     }
 }
 
+/// The transport of an accepted connection: plaintext, or TLS over a read buffer (see
+/// [`crate::tls::READ_BUFFER`]).
+pub type Io = Either<TcpStream, TlsStream<BufReader<TcpStream>>>;
+
 /// An accepted connection, plaintext or TLS.
 pub struct Connection {
-    io: Either<TcpStream, TlsStream<TcpStream>>,
+    io: Io,
     info: PeerInfo,
 }
 
@@ -75,7 +79,7 @@ impl Connection {
         &self.info
     }
 
-    pub fn into_parts(self) -> (Either<TcpStream, TlsStream<TcpStream>>, PeerInfo) {
+    pub fn into_parts(self) -> (Io, PeerInfo) {
         (self.io, self.info)
     }
 }
@@ -169,8 +173,9 @@ pub fn accept(
                             ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => what)
                                 .increment(1);
                         };
+                        let buffered = BufReader::with_capacity(crate::tls::READ_BUFFER, tcp);
                         let stream =
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(buffered))
                                 .await
                             {
                                 Ok(Ok(stream)) => stream,

@@ -162,6 +162,11 @@ fn build_server_config(
     Ok(Arc::new(config))
 }
 
+/// Bytes read from the socket at once under a TLS stream that carries bulk data. rustls asks
+/// its transport for at most 4 KiB at a time (it grows its record buffer in 4 KiB steps); served
+/// from this buffer, those asks are copies, not system calls.
+pub const READ_BUFFER: usize = 64 * 1024;
+
 /// The ring provider with AES-128-GCM preferred: as safe as AES-256-GCM for TLS 1.3 and cheaper
 /// per byte, which matters when a node streams gigabytes (docs/benchmarks.md).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -181,23 +186,31 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// node's own (a node certificate is valid for both).
 pub fn peer_client_config(tls: &TlsSection) -> Result<Arc<ClientConfig>, TlsError> {
     let peer = tls.peer.clone().unwrap_or_default();
-    let ca = peer.ca.as_deref().unwrap_or(&tls.ca);
-    let cert = peer.cert.as_deref().unwrap_or(&tls.cert);
-    let key = peer.key.as_deref().unwrap_or(&tls.key);
+    client_config(
+        ("tls.peer.ca", peer.ca.as_deref().unwrap_or(&tls.ca)),
+        ("tls.peer.cert", peer.cert.as_deref().unwrap_or(&tls.cert)),
+        ("tls.peer.key", peer.key.as_deref().unwrap_or(&tls.key)),
+    )
+}
+
+/// A client configuration that trusts `ca` and presents `cert` with `key`; each file comes with
+/// the name errors give it (a config key, a command-line flag).
+pub fn client_config(
+    (ca_name, ca): (&'static str, &Path),
+    (cert_name, cert): (&'static str, &Path),
+    (key_name, key): (&'static str, &Path),
+) -> Result<Arc<ClientConfig>, TlsError> {
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid {
-            key: "tls.peer",
+            key: ca_name,
             message: e.to_string(),
         })?
-        .with_root_certificates(roots("tls.peer.ca", ca)?)
-        .with_client_auth_cert(
-            certificates("tls.peer.cert", cert)?,
-            private_key("tls.peer.key", key)?,
-        )
+        .with_root_certificates(roots(ca_name, ca)?)
+        .with_client_auth_cert(certificates(cert_name, cert)?, private_key(key_name, key)?)
         .map_err(|e| TlsError::Invalid {
-            key: "tls.peer.key",
-            message: format!("does not match tls.peer.cert: {e}"),
+            key: key_name,
+            message: format!("does not match {cert_name}: {e}"),
         })?;
     Ok(Arc::new(config))
 }

@@ -43,6 +43,18 @@ async fn assert_refused(options: &ClientOptions, what: &str) {
     .await;
 }
 
+/// An error and its causes, as an operator reads them.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn handshake_failures() -> f64 {
     // The node runs in this process: read its registry directly.
     metric(
@@ -118,6 +130,55 @@ async fn the_handshake_refuses_strangers() {
     // The node still serves a proper client.
     let mut root = pki.client("root", &node.addr()).await;
     produce(&mut root, "p", &[data(1, 10)]).await.unwrap();
+    node.shutdown().await;
+}
+
+/// The client library makes its own TLS connections (a read buffer under rustls): it must still
+/// check that the node's certificate holds the name it expects, and name a missing file.
+#[tokio::test]
+async fn the_client_checks_the_node_certificate_name() {
+    let pki = Pki::new();
+    let node = tls_node(&pki, |_| {}).await;
+    let root = pki.client_options("root", &node.addr());
+    let with_name = |name: &str, addr: String| {
+        let mut options = root.clone();
+        options.addr = addr;
+        options.tls.as_mut().unwrap().server_name = Some(name.to_owned());
+        options
+    };
+
+    // The node's certificate holds "localhost"; the address may carry a scheme.
+    let client = Client::connect(&with_name("localhost", format!("https://{}", node.addr())))
+        .await
+        .expect("connect with the node's name");
+    produce(&mut client.raw(), "named", &[data(3, 4096)])
+        .await
+        .unwrap();
+    assert_eq!(client.stat("named").await.unwrap().size, 4096);
+
+    // Another name: the client refuses the node before any call reaches it.
+    let error = match Client::connect(&with_name("elsewhere.example", node.addr())).await {
+        Err(error) => chain(&error),
+        Ok(client) => client
+            .stat("named")
+            .await
+            .map(|_| ())
+            .map_err(|e| chain(&e))
+            .expect_err("a node with another name was trusted"),
+    };
+    assert!(
+        error.contains("certificate") && !error.contains("NotFound"),
+        "{error}"
+    );
+
+    // A missing key file is named.
+    let mut missing = root.clone();
+    missing.tls.as_mut().unwrap().key = pki.path("no-such-key.pem");
+    let error = Client::connect(&missing)
+        .await
+        .err()
+        .expect("connected without a key");
+    assert!(error.to_string().contains("no-such-key.pem"), "{error}");
     node.shutdown().await;
 }
 

@@ -80,6 +80,9 @@ pub enum Bench {
         /// Seconds of sustained produce.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Which measurements to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "catch-up,lag,ack")]
+        parts: Vec<replication::Part>,
     },
     /// Membership convergence and kill detection for in-process members on UDP loopback, and
     /// the cached ownership check against a produce round trip.
@@ -157,7 +160,8 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
             rounds,
             rate,
             seconds,
-        } => replication::run(mib, rate.max(1), seconds.max(1), rounds.max(1)).await,
+            parts,
+        } => replication::run(mib, rate.max(1), seconds.max(1), rounds.max(1), &parts).await,
         Bench::Cluster { sizes, rounds } => cluster::run(&sizes, rounds.max(1)).await,
         Bench::Http {
             mib,
@@ -256,7 +260,6 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
 }
 
 async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> {
-    use goutube::certs::{Authority, Validity};
     let Workload {
         total,
         frames,
@@ -264,23 +267,18 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
     } = Workload::new(mib, 256 * 1024);
     let work = tempfile::tempdir()?;
     let certs = work.path().join("certs");
-    std::fs::create_dir_all(&certs)?;
-    let ca = Authority::new("bench CA", Validity::days(1))?;
-    let node_cert = ca.node("bench", &[], Validity::days(1))?;
-    let client_cert = ca.client("root", Validity::days(1))?;
-    for (name, contents) in [
-        ("ca.pem", &ca.pem().cert_pem),
-        ("node.pem", &node_cert.cert_pem),
-        ("node-key.pem", &node_cert.key_pem),
-        ("client.pem", &client_cert.cert_pem),
-        ("client-key.pem", &client_cert.key_pem),
-    ] {
-        std::fs::write(certs.join(name), contents)?;
-    }
+    goutube::certs::write(&goutube::certs::Request {
+        out: &certs,
+        nodes: &["bench".to_owned()],
+        sans: &[],
+        clients: &["root".to_owned()],
+        days: 1,
+        force: false,
+    })?;
     let client_tls = ClientTls {
         ca: certs.join("ca.pem"),
-        cert: certs.join("client.pem"),
-        key: certs.join("client-key.pem"),
+        cert: certs.join("client-root.pem"),
+        key: certs.join("client-root-key.pem"),
         server_name: None,
     };
     let plain_dir = work.path().join("h2c");
@@ -291,11 +289,12 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
     let secure = Server::node(
         &tls_dir,
         &format!(
-            "{}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            "{}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}\n",
             storage("never"),
             certs.join("ca.pem"),
-            certs.join("node.pem"),
-            certs.join("node-key.pem")
+            certs.join("node-bench.pem"),
+            certs.join("node-bench-key.pem"),
+            certs.join(goutube::certs::CLUSTER_KEY_FILE)
         ),
     )?;
     let plain_client = connect(&plain.rpc).await?;

@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::api::proto::streaming_client::StreamingClient;
@@ -67,6 +67,8 @@ pub enum ClientError {
     Status(Status),
     #[error("verification failed: {0}")]
     Verify(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 // Not `#[from]`: that would also make the status the error's source, and every message would
@@ -119,7 +121,7 @@ impl Pool {
             tls: self.tls.clone(),
         };
         let client = Client {
-            streaming: streaming_client(endpoint(&options)?.connect_lazy()),
+            streaming: streaming_client(lazy_channel(&options)?),
             options,
         };
         clients.insert(addr.to_owned(), client.clone());
@@ -373,46 +375,106 @@ pub async fn channel(options: &ClientOptions) -> Result<Channel, ClientError> {
         addr: options.addr.clone(),
         source,
     };
-    endpoint(options)?.connect().await.map_err(connect_error)
+    let endpoint = endpoint(options)?;
+    match tls_connect(options)? {
+        None => endpoint.connect().await,
+        Some(connect) => endpoint.connect_with_connector(connect).await,
+    }
+    .map_err(connect_error)
 }
 
-/// The tuned endpoint of `options.addr` (not connected yet).
-pub fn endpoint(options: &ClientOptions) -> Result<Endpoint, ClientError> {
-    let scheme = if options.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let url = if options.addr.contains("://") {
-        options.addr.clone()
-    } else {
-        format!("{scheme}://{}", options.addr)
-    };
+/// A tuned channel to `options.addr` that connects on first use.
+pub fn lazy_channel(options: &ClientOptions) -> Result<Channel, ClientError> {
+    let endpoint = endpoint(options)?;
+    Ok(match tls_connect(options)? {
+        None => endpoint.connect_lazy(),
+        Some(connect) => endpoint.connect_with_connector_lazy(connect),
+    })
+}
+
+/// The tuned endpoint of `options.addr` (not connected yet). TLS is the connector's business
+/// ([`TlsConnect`]), so the endpoint's URI always says `http`: tonic refuses an `https` URI unless
+/// its own TLS connector runs.
+fn endpoint(options: &ClientOptions) -> Result<Endpoint, ClientError> {
+    let address = options
+        .addr
+        .strip_prefix("https://")
+        .or_else(|| options.addr.strip_prefix("http://"))
+        .unwrap_or(&options.addr);
+    let url = format!("http://{address}");
     let connect_error = |source| ClientError::Connect {
         addr: options.addr.clone(),
         source,
     };
-    let mut endpoint = Endpoint::from_shared(url.clone())
+    Ok(Endpoint::from_shared(url)
         .map_err(connect_error)?
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(H2_FRAME)
         .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true);
-    if let Some(tls) = &options.tls {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| ClientError::Io {
-                path: path.clone(),
-                source,
-            })
-        };
-        let mut config = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
-            .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
-        if let Some(name) = &tls.server_name {
-            config = config.domain_name(name.clone());
-        }
-        endpoint = endpoint.tls_config(config).map_err(connect_error)?;
+        .tcp_nodelay(true))
+}
+
+/// The connector of a TLS channel, if `options` ask for TLS.
+fn tls_connect(options: &ClientOptions) -> Result<Option<TlsConnect>, ClientError> {
+    let Some(tls) = &options.tls else {
+        return Ok(None);
+    };
+    let config =
+        crate::tls::client_config(("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key))?;
+    let mut config = Arc::unwrap_or_clone(config);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(TlsConnect {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        server_name: tls.server_name.clone(),
+    }))
+}
+
+/// Opens a channel's connections: TCP, then TLS over a read buffer. tonic's own TLS connector
+/// lets rustls read the socket 4 KiB at a time; with the buffer (see `tls::READ_BUFFER`) a
+/// download over mTLS makes a system call per 64 KiB instead.
+#[derive(Clone)]
+struct TlsConnect {
+    connector: tokio_rustls::TlsConnector,
+    /// The name the server's certificate must hold (default: the address's host).
+    server_name: Option<String>,
+}
+
+type TlsIo = tokio_rustls::client::TlsStream<tokio::io::BufReader<tokio::net::TcpStream>>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for TlsConnect {
+    type Response = hyper_util::rt::TokioIo<TlsIo>;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
     }
-    Ok(endpoint)
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let invalid =
+                |message: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, message);
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid(format!("{uri} names no host")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let name = this.server_name.unwrap_or_else(|| host.clone());
+            let name = rustls::pki_types::ServerName::try_from(name)
+                .map_err(|e| invalid(format!("server name: {e}")))?;
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let buffered = tokio::io::BufReader::with_capacity(crate::tls::READ_BUFFER, tcp);
+            let stream = this.connector.connect(name, buffered).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
 }

@@ -88,7 +88,9 @@ async fn session(
         None => (Either::Left(tcp), None),
         Some(connector) => {
             let name = server_name(address).ok_or_else(|| format!("{address} is not host:port"))?;
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+            // rustls reads at most 4 KiB per call: see `tls::READ_BUFFER`.
+            let buffered = tokio::io::BufReader::with_capacity(crate::tls::READ_BUFFER, tcp);
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, buffered))
                 .await
                 .map_err(|_| "TLS handshake timed out".to_string())?
                 .map_err(|e| format!("TLS handshake: {e}"))?;

@@ -28,7 +28,24 @@ use super::{
 /// The follower lag the issue asks to stay under.
 const LAG_TARGET_MS: f64 = 50.0;
 
-pub async fn run(mib: u64, rate: u64, seconds: u64, rounds: usize) -> anyhow::Result<()> {
+/// One measurement of the benchmark; all run by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Catch-up of one point against raw copies.
+    CatchUp,
+    /// Follower lag under sustained produce, and the rate sweep.
+    Lag,
+    /// Produce with `ack = { replicas = 1 }` against `ack = "local"`.
+    Ack,
+}
+
+pub async fn run(
+    mib: u64,
+    rate: u64,
+    seconds: u64,
+    rounds: usize,
+    parts: &[Part],
+) -> anyhow::Result<()> {
     warm_memory()?;
     let work = tempfile::tempdir()?;
     let setup = Setup::new(work.path())?;
@@ -37,12 +54,33 @@ pub async fn run(mib: u64, rate: u64, seconds: u64, rounds: usize) -> anyhow::Re
         pool: text_pool(256 * 1024),
         ..Workload::new(mib, 256 * 1024)
     };
-    let total = random.total;
     println!(
         "replication on loopback, fsync = \"never\", {mib} MiB in 256 KiB frames, {rounds} round(s), median reported"
     );
 
-    let scratch = work.path().join("scratch");
+    if parts.contains(&Part::CatchUp) {
+        catch_up(&setup, work.path(), mib, rounds, &random, &text).await?;
+    }
+    if parts.contains(&Part::Lag) {
+        lag(&setup, work.path(), rate, seconds, &random).await?;
+    }
+    if parts.contains(&Part::Ack) {
+        ack(&setup, work.path(), mib, rounds, &random).await?;
+    }
+    Ok(())
+}
+
+/// Catch-up of one point, each variant against the raw copies.
+async fn catch_up(
+    setup: &Setup,
+    work: &Path,
+    mib: u64,
+    rounds: usize,
+    random: &Workload,
+    text: &Workload,
+) -> anyhow::Result<()> {
+    let total = random.total;
+    let scratch = work.join("scratch");
     let (mut raw, mut raw_file) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         raw.push(raw_tcp_copy(&random.pool, random.frames, None).await?);
@@ -55,37 +93,37 @@ pub async fn run(mib: u64, rate: u64, seconds: u64, rounds: usize) -> anyhow::Re
             "crc-bundler, plaintext, random bytes",
             false,
             "crc-bundler",
-            &random,
+            random,
         ),
         (
             "crc-bundler, mTLS, random bytes",
             true,
             "crc-bundler",
-            &random,
+            random,
         ),
         (
             "lz4-bundler, plaintext, random bytes",
             false,
             "lz4-bundler",
-            &random,
+            random,
         ),
         (
             "crc-bundler, plaintext, text logs",
             false,
             "crc-bundler",
-            &text,
+            text,
         ),
         (
             "lz4-bundler, plaintext, text logs",
             false,
             "lz4-bundler",
-            &text,
+            text,
         ),
     ];
     let mut catch_up = vec![Vec::new(); variants.len()];
     for round in 0..rounds {
         for (i, (_, tls, bundler, workload)) in variants.iter().enumerate() {
-            let dir = work.path().join(format!("catch-up-{round}-{i}"));
+            let dir = work.join(format!("catch-up-{round}-{i}"));
             catch_up[i].push(setup.catch_up(&dir, *tls, bundler, workload).await?);
             std::fs::remove_dir_all(&dir)?;
         }
@@ -124,6 +162,17 @@ pub async fn run(mib: u64, rate: u64, seconds: u64, rounds: usize) -> anyhow::Re
         ratio(&catch_up[3], &catch_up[4])
     );
 
+    Ok(())
+}
+
+/// Follower lag at `rate` MB/s, then at rising rates until the lag target breaks.
+async fn lag(
+    setup: &Setup,
+    work: &Path,
+    rate: u64,
+    seconds: u64,
+    random: &Workload,
+) -> anyhow::Result<()> {
     // Sustained produce: at the asked rate, then faster until the lag target breaks.
     println!(
         "\n| sustained produce, target | achieved | batches late | lag p50 | lag p99 | lag max | read back by the leader |"
@@ -132,7 +181,7 @@ pub async fn run(mib: u64, rate: u64, seconds: u64, rounds: usize) -> anyhow::Re
     let mut best = None;
     let mut target = rate;
     loop {
-        let dir = work.path().join(format!("sustained-{target}"));
+        let dir = work.join(format!("sustained-{target}"));
         let lag = setup.sustained(&dir, &random.pool, target, seconds).await?;
         std::fs::remove_dir_all(&dir)?;
         println!(
@@ -156,6 +205,18 @@ pub async fn run(mib: u64, rate: u64, seconds: u64, rounds: usize) -> anyhow::Re
         None => println!("\nlag p99 ≥ {LAG_TARGET_MS} ms already at {rate} MB/s"),
     }
 
+    Ok(())
+}
+
+/// Produce acknowledged by a follower against acknowledged locally, alternating.
+async fn ack(
+    setup: &Setup,
+    work: &Path,
+    mib: u64,
+    rounds: usize,
+    random: &Workload,
+) -> anyhow::Result<()> {
+    let total = random.total;
     // Produce acknowledged by a follower against acknowledged locally, alternating.
     let (mut local, mut replicated) = (Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -163,8 +224,8 @@ pub async fn run(mib: u64, rate: u64, seconds: u64, rounds: usize) -> anyhow::Re
             ("\"local\"", &mut local),
             ("{ replicas = 1 }", &mut replicated),
         ] {
-            let dir = work.path().join(format!("ack-{round}-{}", results.len()));
-            results.push(setup.produce_acked(&dir, ack, &random).await?);
+            let dir = work.join(format!("ack-{round}-{}", results.len()));
+            results.push(setup.produce_acked(&dir, ack, random).await?);
             std::fs::remove_dir_all(&dir)?;
         }
     }
@@ -422,10 +483,13 @@ impl Setup {
         let extra = format!("[replication]\nack = {ack}");
         let leader_dir = dir.join("leader");
         let leader = self.leader(&leader_dir, false, "crc-bundler", &extra)?;
-        let follower = self.follower(&dir.join("follower"), &leader, false, "crc-bundler")?;
+        let follower_dir = dir.join("follower");
+        let follower = self.follower(&follower_dir, &leader, false, "crc-bundler")?;
         let client = connect(&leader.rpc).await?;
         wait_for_followers(&leader.rpc, 1).await?;
+        // Both copies are written into recycled page-cache pages, as on a long-running node.
         disk_write(&leader_dir, &workload.pool, workload.frames)?;
+        disk_write(&follower_dir, &workload.pool, workload.frames)?;
         let elapsed = produce(&client, "acked", &workload.pool, workload.frames).await?;
         follower.stop()?;
         leader.stop()?;
