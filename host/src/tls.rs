@@ -192,15 +192,16 @@ pub fn peer_client_config(tls: &TlsSection) -> Result<Arc<ClientConfig>, TlsErro
         ("tls.peer.cert", peer.cert.as_deref().unwrap_or(&tls.cert)),
         ("tls.peer.key", peer.key.as_deref().unwrap_or(&tls.key)),
     )
+    .map(Arc::new)
 }
 
 /// A client configuration that trusts `ca` and presents `cert` with `key`; each file comes with
-/// the name errors give it (a config key, a command-line flag).
+/// the name errors give it (a config key for a node; the client library names the files).
 pub fn client_config(
     (ca_name, ca): (&'static str, &Path),
     (cert_name, cert): (&'static str, &Path),
     (key_name, key): (&'static str, &Path),
-) -> Result<Arc<ClientConfig>, TlsError> {
+) -> Result<ClientConfig, TlsError> {
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid {
@@ -213,7 +214,7 @@ pub fn client_config(
             key: key_name,
             message: format!("does not match {cert_name}: {e}"),
         })?;
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// The subject of the client certificate of `connection`.

@@ -178,7 +178,11 @@ async fn the_client_checks_the_node_certificate_name() {
         .await
         .err()
         .expect("connected without a key");
-    assert!(error.to_string().contains("no-such-key.pem"), "{error}");
+    let error = error.to_string();
+    assert!(
+        error.contains("client key") && error.contains("no-such-key.pem"),
+        "{error}"
+    );
     node.shutdown().await;
 }
 

@@ -67,8 +67,9 @@ pub enum ClientError {
     Status(Status),
     #[error("verification failed: {0}")]
     Verify(String),
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    /// A TLS file the client was given cannot be used (which one, and why).
+    #[error("client TLS: {0}")]
+    Tls(String),
 }
 
 // Not `#[from]`: that would also make the status the error's source, and every message would
@@ -420,9 +421,20 @@ fn tls_connect(options: &ClientOptions) -> Result<Option<TlsConnect>, ClientErro
     let Some(tls) = &options.tls else {
         return Ok(None);
     };
-    let config =
-        crate::tls::client_config(("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key))?;
-    let mut config = Arc::unwrap_or_clone(config);
+    let mut config = crate::tls::client_config(
+        ("CA certificate", &tls.ca),
+        ("client certificate", &tls.cert),
+        ("client key", &tls.key),
+    )
+    .map_err(|error| {
+        // The node's errors name config keys; a client's name the files it was given.
+        ClientError::Tls(match error {
+            crate::tls::TlsError::File { key, path, message } => {
+                format!("{key} {path}: {message}")
+            }
+            crate::tls::TlsError::Invalid { key, message } => format!("{key}: {message}"),
+        })
+    })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(TlsConnect {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
@@ -431,8 +443,8 @@ fn tls_connect(options: &ClientOptions) -> Result<Option<TlsConnect>, ClientErro
 }
 
 /// Opens a channel's connections: TCP, then TLS over a read buffer. tonic's own TLS connector
-/// lets rustls read the socket 4 KiB at a time; with the buffer (see `tls::READ_BUFFER`) a
-/// download over mTLS makes a system call per 64 KiB instead.
+/// lets rustls read the socket 4 KiB at a time; with the buffer (`tls::READ_BUFFER`) a download
+/// over mTLS makes one system call where it made up to 64.
 #[derive(Clone)]
 struct TlsConnect {
     connector: tokio_rustls::TlsConnector,
