@@ -295,6 +295,12 @@ pub async fn scrape_metrics(addr: &str) -> String {
     body
 }
 
+/// A counter of the nodes running in this test process (they share one registry), summed over
+/// its label sets; 0 before its first increment.
+pub fn counter(name: &str) -> f64 {
+    metric(&goutube::metrics::handle().render(), name).unwrap_or(0.0)
+}
+
 /// The value of a metric line `name{labels} value` (summed over label sets), if present.
 pub fn metric(scrape: &str, name: &str) -> Option<f64> {
     let mut found = None;

@@ -4,15 +4,11 @@
 
 use std::time::Duration;
 
-use goutube_tests::{TestNode, data, http_response, metric, produce};
+use goutube_tests::{TestNode, counter, data, http_response, produce};
 use http_body_util::BodyExt;
 
 fn bytes_sent() -> f64 {
-    metric(
-        &goutube::metrics::handle().render(),
-        goutube::metrics::HTTP_BYTES,
-    )
-    .unwrap_or(0.0)
+    counter(goutube::metrics::HTTP_BYTES)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use goutube::api::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::{Ack, Config, PeerTlsSection, Role};
 use goutube::point::{PointId, Store};
 use goutube_tests::{
-    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, free_port, metadata, metric,
+    DEADLINE, NodeProcess, Pki, TestNode, consume, counter, data, eventually, free_port, metadata,
     produce, window,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -446,13 +446,7 @@ async fn a_record_damaged_on_the_wire_is_rejected_and_sent_again() {
         c.leader_addresses = vec![proxy.to_string()];
     })
     .await;
-    let rejected = || {
-        metric(
-            &goutube::metrics::handle().render(),
-            goutube::metrics::REPLICATION_REJECTED,
-        )
-        .unwrap_or(0.0)
-    };
+    let rejected = || counter(goutube::metrics::REPLICATION_REJECTED);
     let before = rejected();
     let mut to_leader = leader.client().await;
     let frames: Vec<Vec<u8>> = (0..8).map(|i| data(i, 256 * 1024)).collect();
@@ -478,13 +472,7 @@ async fn a_bundler_answer_for_another_record_is_rejected_not_applied() {
     produce(&mut to_leader, "p", &[data(1, 300_000), data(2, 5_000)])
         .await
         .unwrap();
-    let rejected = || {
-        metric(
-            &goutube::metrics::handle().render(),
-            goutube::metrics::REPLICATION_REJECTED,
-        )
-        .unwrap_or(0.0)
-    };
+    let rejected = || counter(goutube::metrics::REPLICATION_REJECTED);
     let bundler =
         PathBuf::from(goutube::plugins::builtin::BUILD_DIR).join("misbehaving_bundler.wasm");
     for mode in ["other-point", "other-start", "outside", "read-outside"] {
@@ -630,13 +618,7 @@ async fn a_node_the_policy_does_not_let_replicate_gets_nothing() {
     // The intruder dials with a client certificate of the right CA, but not a node certificate.
     let intruder = pki.client_options("intruder", "");
     let intruder_tls = intruder.tls.unwrap();
-    let refused = || {
-        metric(
-            &goutube::metrics::handle().render(),
-            goutube::metrics::REPLICATION_REFUSED,
-        )
-        .unwrap_or(0.0)
-    };
+    let refused = || counter(goutube::metrics::REPLICATION_REFUSED);
     let before = refused();
     let f = follower(&pki, "sneaky", &leader, move |c| {
         c.tls.as_mut().unwrap().peer = Some(PeerTlsSection {
@@ -727,13 +709,7 @@ async fn a_node_certificate_must_name_the_node_it_claims() {
     produce(&mut to_leader, "p", &[data(3, 5000)])
         .await
         .unwrap();
-    let refused = || {
-        metric(
-            &goutube::metrics::handle().render(),
-            goutube::metrics::REPLICATION_REFUSED,
-        )
-        .unwrap_or(0.0)
-    };
+    let refused = || counter(goutube::metrics::REPLICATION_REFUSED);
     let before = refused();
     let other = pki.node("f3");
     let impostor = follower(&pki, "f2", &leader, move |c| {

@@ -10,7 +10,7 @@ use goutube::certs::{Authority, Validity};
 use goutube::client::{Client, ClientOptions};
 use goutube::config::PluginSection;
 use goutube_tests::{
-    Pki, TestNode, assert_denied, consume, data, goutube_bin, metadata, metric, produce, window,
+    Pki, TestNode, assert_denied, consume, counter, data, goutube_bin, metadata, produce, window,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -57,11 +57,7 @@ fn chain(error: &dyn std::error::Error) -> String {
 
 fn handshake_failures() -> f64 {
     // The node runs in this process: read its registry directly.
-    metric(
-        &goutube::metrics::handle().render(),
-        "goutube_tls_handshake_failures_total",
-    )
-    .unwrap_or(0.0)
+    counter(goutube::metrics::TLS_HANDSHAKE_FAILURES)
 }
 
 async fn tls_node(pki: &Pki, configure: impl FnOnce(&mut goutube::config::Config)) -> TestNode {
