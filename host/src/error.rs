@@ -3,7 +3,9 @@
 //! Module errors (storage, plugins, replication) convert into [`Error`]; handlers return
 //! `Result<_, Error>` and the conversion below is the only place a status code is chosen. A
 //! refusal that names the point's owner carries it in the status metadata as well
-//! ([`OWNER_METADATA`], [`OWNER_ADDR_METADATA`]), so programs route on it without parsing text.
+//! ([`OWNER_METADATA`], [`OWNER_ADDR_METADATA`]), so programs route on it without parsing text;
+//! a refused `expected_offset` carries the point's end ([`END_METADATA`]), so a writer resumes
+//! from it.
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
@@ -60,10 +62,11 @@ impl Error {
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::FailedPrecondition(_) | Error::NotOwner { .. } => Code::FailedPrecondition,
             Error::Unavailable(_) | Error::OwnerDown { .. } => Code::Unavailable,
-            Error::Append(AppendError::Refused { .. } | AppendError::ContentType { .. }) => {
-                Code::FailedPrecondition
-            }
-            Error::Append(AppendError::OffsetMismatch { .. }) => Code::Aborted,
+            Error::Append(
+                AppendError::Refused { .. }
+                | AppendError::ContentType { .. }
+                | AppendError::OffsetMismatch { .. },
+            ) => Code::FailedPrecondition,
             Error::Read(ReadError::NotFound(_)) | Error::Delete(DeleteError::NotFound(_)) => {
                 Code::NotFound
             }
@@ -101,6 +104,11 @@ impl From<Error> for Status {
                 metadata.insert(OWNER_ADDR_METADATA, value);
             }
         }
+        if let Error::Append(AppendError::OffsetMismatch { end, .. }) = &error {
+            status
+                .metadata_mut()
+                .insert(END_METADATA, MetadataValue::from(*end));
+        }
         status
     }
 }
@@ -109,6 +117,9 @@ impl From<Error> for Status {
 pub const OWNER_METADATA: &str = "goutube-owner";
 /// Status metadata: the client API address of that member.
 pub const OWNER_ADDR_METADATA: &str = "goutube-owner-addr";
+
+/// Status metadata: where the point ends, when a frame's `expected_offset` was not its end.
+pub const END_METADATA: &str = "goutube-end";
 
 /// Most bytes of text from a plugin or a peer (a deny reason, a member name) that go into a
 /// status message or a log line.
@@ -154,6 +165,22 @@ mod tests {
             status.message()
         );
         assert!(status.metadata().get(OWNER_ADDR_METADATA).is_none());
+    }
+
+    #[test]
+    fn an_offset_mismatch_carries_the_end_in_metadata() {
+        let status = Status::from(Error::Append(AppendError::OffsetMismatch {
+            point: crate::point::PointId::new("p").unwrap(),
+            expected: 7,
+            end: 12,
+        }));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.metadata().get(END_METADATA).unwrap(), "12");
+        assert!(
+            status.message().contains("ends at 12"),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]

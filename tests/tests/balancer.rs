@@ -240,10 +240,14 @@ async fn a_produce_stream_may_interleave_points_of_both_leaders() {
         } else {
             (&first, data(i, 2000 + i as usize))
         };
-        if point == &first { &mut a } else { &mut b }.extend_from_slice(&bytes);
+        let written = if point == &first { &mut a } else { &mut b };
+        // Expected offsets pass through the balancer to each owner.
+        let expected_offset = Some(written.len() as u64);
+        written.extend_from_slice(&bytes);
         requests.push(ProduceRequest {
             point: point.clone(),
             frame: bytes.into(),
+            expected_offset,
             ..Default::default()
         });
     }
@@ -269,6 +273,30 @@ async fn a_produce_stream_may_interleave_points_of_both_leaders() {
             .unwrap();
         assert_eq!(&read.concat(), bytes, "{point} on {owner}");
     }
+    // A retried frame is refused by the owner, and the refusal reaches the client whole.
+    let stale = ProduceRequest {
+        point: first.clone(),
+        frame: data(99, 100).into(),
+        expected_offset: Some(0),
+        ..Default::default()
+    };
+    let refused = scenario
+        .balancer
+        .client()
+        .await
+        .produce_stream(tokio_stream::iter([stale]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let end = refused
+        .metadata()
+        .get("goutube-end")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(end, Some(a.len().to_string()));
     scenario.shutdown().await;
 }
 

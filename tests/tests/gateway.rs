@@ -269,6 +269,7 @@ fn typed(point: &str, content_type: &str, frame: Vec<u8>) -> ProduceRequest {
         point: point.into(),
         frame: frame.into(),
         content_type: content_type.into(),
+        ..Default::default()
     }
 }
 

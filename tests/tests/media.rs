@@ -110,6 +110,7 @@ async fn upload(node: &TestNode, point: &str, file: &Path, content_type: &str) -
             point: point.into(),
             frame: Bytes::copy_from_slice(chunk),
             content_type: content_type.take().unwrap_or_default(),
+            ..Default::default()
         })
         .collect();
     node.client()

@@ -41,7 +41,7 @@ const READ_AHEAD: usize = 4;
 /// Frames a ProduceStream may receive ahead of the writer.
 const WRITE_AHEAD: usize = 8;
 /// Most bytes one append batch gathers.
-const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+const MAX_BATCH_BYTES: u64 = 8 * 1024 * 1024;
 
 pub struct StreamingService {
     state: Arc<Context>,
@@ -89,6 +89,7 @@ impl proto::streaming_server::Streaming for StreamingService {
                     point,
                     frame,
                     content_type,
+                    expected_offset,
                 }) = message
                 else {
                     return Ok(());
@@ -127,7 +128,13 @@ impl proto::streaming_server::Streaming for StreamingService {
                 }
                 ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
                 ::metrics::counter!(metrics::PRODUCED_BYTES).increment(frame.len() as u64);
-                if tx.send((slot, points[slot].clone(), frame)).await.is_err() {
+                let frame = Frame {
+                    slot,
+                    point: points[slot].clone(),
+                    bytes: frame,
+                    expected_offset,
+                };
+                if tx.send(frame).await.is_err() {
                     // The writer stopped on an error; it is reported below.
                     return Ok(());
                 }
@@ -381,28 +388,43 @@ pub fn balancers(membership: &Membership) -> Vec<proto::Server> {
         .collect()
 }
 
-/// Appends the frames of one ProduceStream in order, gathering consecutive frames of the same
-/// point into one batch. Returns, per point slot, the last append.
+/// A received frame on its way to the writer.
+struct Frame {
+    /// The point's place in the stream's first-seen order.
+    slot: usize,
+    point: PointId,
+    bytes: Bytes,
+    expected_offset: Option<u64>,
+}
+
+/// Appends the stream's frames in order, consecutive frames of one point as one batch. A frame
+/// with an `expected_offset` joins the batch before it only if that is exactly where the batch
+/// ends; otherwise it starts its own, appended only at that offset.
 async fn write_frames(
     state: Arc<Context>,
-    mut frames: mpsc::Receiver<(usize, PointId, Bytes)>,
+    mut frames: mpsc::Receiver<Frame>,
 ) -> Result<HashMap<usize, Appended>, Error> {
     let mut last = HashMap::new();
     let mut pending = None;
     loop {
-        let Some((slot, id, frame)) = (match pending.take() {
+        let Some(first) = (match pending.take() {
             Some(next) => Some(next),
             None => frames.recv().await,
         }) else {
             return Ok(last);
         };
-        let mut size = frame.len();
-        let mut batch = vec![frame];
+        let mut size = first.bytes.len() as u64;
+        let mut batch = vec![first.bytes];
         while size < MAX_BATCH_BYTES {
             match frames.try_recv() {
-                Ok((next_slot, _, frame)) if next_slot == slot => {
-                    size += frame.len();
-                    batch.push(frame);
+                Ok(next)
+                    if next.slot == first.slot
+                        && next.expected_offset.is_none_or(|offset| {
+                            first.expected_offset.map(|start| start + size) == Some(offset)
+                        }) =>
+                {
+                    size += next.bytes.len() as u64;
+                    batch.push(next.bytes);
                 }
                 Ok(other) => {
                     pending = Some(other);
@@ -411,9 +433,17 @@ async fn write_frames(
                 Err(_) => break,
             }
         }
-        let appended = state.store.append_batch(&id, batch).await?;
+        let appended = match first.expected_offset {
+            Some(start) => {
+                state
+                    .store
+                    .append_batch_at(&first.point, start, batch)
+                    .await?
+            }
+            None => state.store.append_batch(&first.point, batch).await?,
+        };
         if let Some(&appended) = appended.last() {
-            last.insert(slot, appended);
+            last.insert(first.slot, appended);
         }
     }
 }

@@ -2,7 +2,9 @@
 //! in parallel ([`download`]), and the small calls (stat, list, delete, members, URLs).
 //!
 //! Uploads and downloads are verified end to end with CRC32C: `put` checks that the point's
-//! checksum after the upload is the checksum before it extended by the file's bytes; `get` checks
+//! checksum after the upload is the checksum before it extended by the file's bytes, and writes
+//! every frame at its `expected_offset`, so it resumes after a failure without writing a byte
+//! twice; `get` checks
 //! the downloaded bytes against the checksum the node reported, then renames the `.part` file.
 //! Both report progress through [`Progress`]; drawing it is the caller's business.
 
@@ -27,7 +29,7 @@ use crate::api::proto::{
     MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
 };
 use crate::api::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
-use crate::error::{OWNER_ADDR_METADATA, OWNER_METADATA};
+use crate::error::{END_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
 
 /// Where and how to connect.
 #[derive(Debug, Clone, Default)]
@@ -144,10 +146,14 @@ pub struct PutReport {
     pub bytes: u64,
     /// The owner the upload was redirected to (name, address), when the first node was not it.
     pub redirected: Option<(String, String)>,
-    /// The point's checksum after the upload matched the expected one; `false` when other
-    /// writers appended to the point at the same time, so there is nothing to compare.
-    pub verified: bool,
+    /// Attempts that failed and were resumed from what the node held (checked by CRC32C).
+    pub retries: u32,
 }
+
+/// How many times `put` resumes an upload after a failure that may pass (the node restarting,
+/// a point being moved, a lost connection), and its first pause (doubling, at most 2 s).
+const PUT_RETRIES: u32 = 6;
+const PUT_FIRST_PAUSE: Duration = Duration::from_millis(100);
 
 /// Chunk size of uploads and of each worker's reads.
 pub const DEFAULT_CHUNK: usize = 256 * 1024;
@@ -233,8 +239,13 @@ impl Client {
     }
 
     /// Appends the file at `path` to `point` in frames of `chunk` bytes, giving the point
-    /// `content_type` if it is new (see [`ProduceRequest::content_type`]). When the node refuses
-    /// because another member owns the point, the upload goes to that owner once.
+    /// `content_type` if it is new (see [`ProduceRequest::content_type`]).
+    ///
+    /// Every frame carries its `expected_offset`, so no byte is ever written twice: after a
+    /// failure that may pass, the upload resumes from where the node's copy ends, once the
+    /// bytes there are checked (CRC32C) to be this file's; a point another writer appended to
+    /// meanwhile fails the upload instead. When the node refuses because another member owns
+    /// the point, the upload goes to that owner (once).
     pub async fn put(
         &self,
         point: &str,
@@ -243,58 +254,110 @@ impl Client {
         content_type: Option<&str>,
         progress: Arc<dyn Progress>,
     ) -> Result<PutReport, ClientError> {
-        match self
-            .put_here(point, path, chunk, content_type, progress.clone())
-            .await
-        {
-            Err(ClientError::Status(status)) => {
-                let Some((owner, address)) = owner_of(&status) else {
-                    return Err(ClientError::Status(status));
-                };
+        let upload = Upload {
+            point,
+            path,
+            chunk,
+            content_type,
+            progress,
+        };
+        let mut target = self.clone();
+        let mut began = None;
+        let mut redirected = None;
+        let mut retries = 0;
+        let mut pause = PUT_FIRST_PAUSE;
+        loop {
+            let error = match target.upload(&upload, &mut began).await {
+                Ok((record, bytes)) => {
+                    return Ok(PutReport {
+                        record,
+                        bytes,
+                        redirected,
+                        retries,
+                    });
+                }
+                Err(error) => error,
+            };
+            if let ClientError::Status(status) = &error
+                && redirected.is_none()
+                && let Some((owner, address)) = owner_of(status)
+            {
                 tracing::info!(%owner, %address, "the point belongs to another member; writing there");
-                let owner_client = Client::connect(&ClientOptions {
+                target = Client::connect(&ClientOptions {
                     addr: address.clone(),
                     tls: self.options.tls.clone(),
                 })
                 .await?;
-                let mut report = owner_client
-                    .put_here(point, path, chunk, content_type, progress)
-                    .await?;
-                report.redirected = Some((owner, address));
-                Ok(report)
+                redirected = Some((owner, address));
+                continue;
             }
-            other => other,
+            if retries == PUT_RETRIES || !may_pass(&error) {
+                return Err(error);
+            }
+            tracing::warn!(%error, "the upload failed; resuming from what the node holds");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+            retries += 1;
         }
     }
 
-    async fn put_here(
+    /// One attempt of `upload` against this node: from where its copy of the point ends, if
+    /// that is within the file and holds the file's bytes, to the file's end. `began` is the
+    /// point's end and CRC32C when the first attempt began. Returns the point's record after
+    /// the upload and the file's length.
+    async fn upload(
         &self,
-        point: &str,
-        path: &Path,
-        chunk: usize,
-        content_type: Option<&str>,
-        progress: Arc<dyn Progress>,
-    ) -> Result<PutReport, ClientError> {
+        upload: &Upload<'_>,
+        began: &mut Option<(u64, u32)>,
+    ) -> Result<(Record, u64), ClientError> {
+        let Upload {
+            point,
+            path,
+            chunk,
+            content_type,
+            ref progress,
+        } = *upload;
         let io_error = |source| ClientError::Io {
             path: path.to_owned(),
             source,
         };
-        let before = match self.stat(point).await {
+        let (end, end_crc) = match self.stat(point).await {
             Ok(meta) => (meta.size, meta.crc32c),
             Err(ClientError::Status(status)) if status.code() == Code::NotFound => (0, 0),
             Err(error) => return Err(error),
         };
+        let (start, start_crc) = *began.get_or_insert((end, end_crc));
         let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
         let len = file.metadata().await.map_err(io_error)?.len();
-        progress.start(len, 0);
+        let changed = |what: String| {
+            ClientError::Verify(format!(
+                "point {point} changed during the upload: {what}; it had {start} bytes when the \
+                 upload of {len} bytes began (another writer?)"
+            ))
+        };
+        // What of the file an earlier attempt wrote: its bytes must be the file's.
+        let done = match end.checked_sub(start) {
+            Some(done) if done <= len => done,
+            _ => return Err(changed(format!("it now ends at {end}"))),
+        };
+        let mut crc = 0;
+        if done > 0 {
+            crc = crc_of_prefix(&mut file, done).await.map_err(io_error)?;
+            if crc32c::crc32c_combine(start_crc, crc, done as usize) != end_crc {
+                return Err(changed(format!(
+                    "its first {done} bytes after {start} are not the file's"
+                )));
+            }
+        }
+        progress.start(len, done);
 
         let (tx, rx) = mpsc::channel(4);
         let point_id = point.to_owned();
         // Given with the first frame only.
         let mut content_type = content_type.map(str::to_owned);
-        let progress_bar = progress;
+        let progress = progress.clone();
         let reader = tokio::spawn(async move {
-            let mut crc = 0u32;
+            let mut offset = start + done;
             loop {
                 let mut frame = BytesMut::with_capacity(chunk);
                 while frame.len() < chunk {
@@ -306,12 +369,14 @@ impl Client {
                     return Ok::<_, std::io::Error>(crc);
                 }
                 crc = crc32c::crc32c_append(crc, &frame);
-                progress_bar.advance(frame.len() as u64);
+                progress.advance(frame.len() as u64);
                 let request = ProduceRequest {
                     point: point_id.clone(),
-                    frame: frame.freeze(),
+                    expected_offset: Some(offset),
                     content_type: content_type.take().unwrap_or_default(),
+                    frame: frame.freeze(),
                 };
+                offset += request.frame.len() as u64;
                 if tx.send(request).await.is_err() {
                     // The call failed; its status says why.
                     return Ok(crc);
@@ -323,6 +388,7 @@ impl Client {
             .await
             .map_err(|e| io_error(std::io::Error::other(e)))?
             .map_err(io_error)?;
+        // No record when there was nothing left to send.
         let record = response?
             .into_inner()
             .records
@@ -330,27 +396,62 @@ impl Client {
             .next()
             .unwrap_or_else(|| Record {
                 point: point.into(),
-                offset: before.0,
-                end: before.0,
-                crc32c: before.1,
+                offset: end,
+                end,
+                crc32c: end_crc,
             });
-        let verified = record.end == before.0 + len;
-        if verified {
-            let expected = crc32c::crc32c_combine(before.1, file_crc, len as usize);
-            if record.crc32c != expected {
-                return Err(ClientError::Verify(format!(
-                    "point {point} has CRC32C {:08x} after the upload, expected {expected:08x}",
-                    record.crc32c
-                )));
-            }
+        let expected = crc32c::crc32c_combine(start_crc, file_crc, len as usize);
+        if record.end != start + len || record.crc32c != expected {
+            return Err(ClientError::Verify(format!(
+                "point {point} has {} bytes with CRC32C {:08x} after the upload, expected {} \
+                 with {expected:08x}",
+                record.end,
+                record.crc32c,
+                start + len
+            )));
         }
-        Ok(PutReport {
-            record,
-            bytes: len,
-            redirected: None,
-            verified,
-        })
+        Ok((record, len))
     }
+}
+
+/// What `put` uploads, the same for every attempt.
+struct Upload<'a> {
+    point: &'a str,
+    path: &'a Path,
+    chunk: usize,
+    content_type: Option<&'a str>,
+    progress: Arc<dyn Progress>,
+}
+
+/// Whether `put` may resume after `error`: the node or the connection may come back, and a
+/// refused `expected_offset` means the point ends elsewhere than this attempt thought (the next
+/// attempt checks what is there).
+fn may_pass(error: &ClientError) -> bool {
+    let ClientError::Status(status) = error else {
+        return false;
+    };
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Aborted => true,
+        Code::FailedPrecondition => status.metadata().get(END_METADATA).is_some(),
+        _ => false,
+    }
+}
+
+/// CRC32C of the first `len` bytes of `file`, leaving it positioned after them.
+async fn crc_of_prefix(file: &mut tokio::fs::File, len: u64) -> std::io::Result<u32> {
+    let mut crc = 0;
+    let mut left = len;
+    let mut buffer = vec![0; 1 << 20];
+    while left > 0 {
+        let want = buffer.len().min(left as usize);
+        let read = file.read(&mut buffer[..want]).await?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        crc = crc32c::crc32c_append(crc, &buffer[..read]);
+        left -= read as u64;
+    }
+    Ok(crc)
 }
 
 /// The owner (name, client API address) a `FailedPrecondition` refusal names in its metadata.

@@ -324,7 +324,8 @@ impl Store {
     }
 
     /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start` (replication
-    /// applies records this way: exactly once, never with a gap).
+    /// applies records this way: exactly once, never with a gap; so does a produce frame with an
+    /// `expected_offset`). A refusal for a point that does not exist does not create it.
     pub async fn append_batch_at(
         &self,
         id: &PointId,
@@ -341,6 +342,16 @@ impl Store {
         expected_start: Option<u64>,
     ) -> Result<Vec<Appended>, AppendError> {
         let shared = &self.inner.shared;
+        if let Some(expected) = expected_start.filter(|&start| start > 0)
+            && !self.inner.points.read().unwrap().contains_key(id)
+        {
+            // A point that does not exist ends at 0; refusing must not create it.
+            return Err(AppendError::OffsetMismatch {
+                point: id.clone(),
+                expected,
+                end: 0,
+            });
+        }
         // Only subscribers need the bytes (a clone of the list, not of the bytes).
         let lent = (self.inner.events.receiver_count() > 0).then(|| frames.clone());
         let appended = loop {
