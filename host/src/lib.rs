@@ -16,6 +16,7 @@
 //! | [`balancer`] | the balancer role: the same API served by forwarding to the nodes that hold the data |
 //! | [`placement`] | which ring member owns a point: the placement plugin, cached per ring version |
 //! | [`replication`] | leader → follower replication over Cap'n Proto RPC, on its own thread |
+//! | [`reshard`] | handing points to their new owner when the ring changes (so far: the move plan) |
 //! | [`plugins`] | the WebAssembly engine: bindings (the one `bindgen!`), built-ins, Polar |
 //! | [`net`] | accepting connections, TLS handshakes, the peer identity of each connection |
 //! | [`tls`] | rustls configuration from PEM files (and the `[tls]` section), subjects from certificates |
@@ -52,6 +53,7 @@ pub mod plugins;
 pub mod point;
 pub mod process;
 pub mod replication;
+pub mod reshard;
 pub mod secret;
 pub mod service;
 pub mod signed_url;
