@@ -1,8 +1,8 @@
 //! The balancer against real nodes: the original goutube's scenario (one balancer, two leaders
 //! with three and four followers) with non-periodic data and real assertions, a produce stream
 //! interleaving points of both leaders, workers in metadata, a replica killed in the middle of a
-//! consume through the balancer, a lagging follower that is never chosen, and two balancers that
-//! agree.
+//! consume through the balancer, a lagging follower that is never chosen, two balancers that
+//! agree, and a write the balancer sent to a node that refused it naming the owner.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -579,4 +579,108 @@ async fn the_balancers_gateway_redirects_to_a_replica() {
     assert_eq!(answer.status, 206);
     assert_eq!(answer.body, bytes[100..200]);
     replicas.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_naming_another_owner_is_followed() {
+    // The leaders place points by rendezvous hashing and the balancer still by the ring, as when
+    // the placement changed and the balancer has not caught up: for some points it asks the
+    // wrong node, which refuses naming the owner.
+    let rendezvous = |c: &mut Config| {
+        c.plugins.placement.source = "builtin:rendezvous-placement".into();
+    };
+    let first = TestNode::start(|c| {
+        c.node_name = "leader-1".into();
+        c.role = Role::Leader;
+        c.cluster.bootstrap_expect = 2;
+        rendezvous(c);
+    })
+    .await;
+    let seed = first.node.gossip_addr().to_string();
+    let second_seed = seed.clone();
+    let second = TestNode::start(move |c| {
+        c.node_name = "leader-2".into();
+        c.role = Role::Leader;
+        seeded(c, &second_seed, 2);
+        rendezvous(c);
+    })
+    .await;
+    let balancer = TestNode::start(move |c| {
+        c.node_name = "balancer-1".into();
+        c.role = Role::Balancer;
+        seeded(c, &seed, 2);
+    })
+    .await;
+    let locate = |node: &TestNode, point: String| {
+        let addr = node.addr();
+        async move {
+            raw_client(&addr)
+                .await
+                .locate_point(LocatePointRequest { point, replicas: 1 })
+                .await
+                .map(|r| r.into_inner().owners[0].name.clone())
+        }
+    };
+    eventually("the balancer places by the formed ring", || async {
+        locate(&balancer, "p".into()).await.is_ok() && locate(&first, "p".into()).await.is_ok()
+    })
+    .await;
+    let mut point = None;
+    for i in 0..1000 {
+        let candidate = format!("videos/{i}");
+        let by_ring = locate(&balancer, candidate.clone()).await.unwrap();
+        let by_rendezvous = locate(&first, candidate.clone()).await.unwrap();
+        if by_ring != by_rendezvous {
+            point = Some((candidate, by_ring, by_rendezvous));
+            break;
+        }
+    }
+    let (point, asked, owner) = point.expect("the two placements disagree on some point");
+
+    let frames: Vec<Vec<u8>> = (0..5).map(|i| data(300 + i, 40_000 + i as usize)).collect();
+    let mut offset = 0;
+    let requests: Vec<ProduceRequest> = frames
+        .iter()
+        .map(|frame| {
+            let request = ProduceRequest {
+                point: point.clone(),
+                frame: frame.clone().into(),
+                expected_offset: Some(offset),
+                ..Default::default()
+            };
+            offset += frame.len() as u64;
+            request
+        })
+        .collect();
+    let records = balancer
+        .client()
+        .await
+        .produce_stream(tokio_stream::iter(requests))
+        .await
+        .expect("the balancer follows the refusal to the owner")
+        .into_inner()
+        .records;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].end, offset);
+
+    let node = |name: &str| if name == "leader-1" { &first } else { &second };
+    let stored = consume(&mut node(&owner).client().await, window(&point, 0, 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.concat(),
+        frames.concat(),
+        "{point} on its owner {owner}"
+    );
+    let elsewhere = metadata(&mut node(&asked).client().await, &point)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        elsewhere.code(),
+        tonic::Code::NotFound,
+        "{point} on {asked}"
+    );
+    balancer.shutdown().await;
+    second.shutdown().await;
+    first.shutdown().await;
 }
