@@ -62,6 +62,10 @@ async fn put_get_stat_ls_rm() {
     let text = stdout(&stat);
     assert!(text.contains("type:    application/octet-stream"), "{text}");
     assert!(
+        text.contains("epoch:   1\n"),
+        "created by its owner: {text}"
+    );
+    assert!(
         text.contains(&format!("size:    {}", doubled.len())),
         "{text}"
     );

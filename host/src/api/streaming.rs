@@ -238,6 +238,7 @@ impl proto::streaming_server::Streaming for StreamingService {
             role: state.config.role.as_str().into(),
             replicas,
             content_type: state.store.media_type(&id).await.map_err(Error::from)?,
+            epoch: state.store.ownership(&id).await.map_err(Error::from)?.epoch,
         }))
     }
 

@@ -305,6 +305,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
             println!("size:    {}", meta.size);
             println!("type:    {}", meta.content_type);
             println!("crc32c:  {:08x}", meta.crc32c);
+            println!("epoch:   {}", meta.epoch);
             println!("node:    {} ({})", meta.node, meta.role);
             println!("workers: {}", meta.workers.join(", "));
             for replica in meta.replicas {

@@ -13,6 +13,7 @@
 pub mod error;
 pub mod id;
 pub mod journal;
+pub mod ownership;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +35,7 @@ use tokio_util::task::TaskTracker;
 pub use error::{AppendError, DeleteError, ReadError, StorageError};
 pub use id::{InvalidPointId, PointId};
 use journal::Record;
+pub use ownership::{Handover, Ownership};
 
 use crate::metrics;
 
@@ -205,6 +207,9 @@ struct Meta {
     /// The media type given with the point's first bytes, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     content_type: Option<String>,
+    /// Its epoch and handover (`ownership.rs`); absent in files written before epochs.
+    #[serde(flatten)]
+    ownership: Ownership,
 }
 
 /// A byte range of a point to stream: `[offset, stop)` in frames of at most `chunk` bytes. With
@@ -477,14 +482,38 @@ impl Store {
             }
             let meta = Meta {
                 content_type: Some(wanted.to_owned()),
+                ..meta.clone()
             };
-            let (dir, fsync, written) = (point.dir.clone(), shared.config.fsync, meta.clone());
-            tokio::task::spawn_blocking(move || write_meta(&dir, &written, fsync))
+            return point
+                .replace_meta(&mut state, meta, shared.config.fsync)
                 .await
-                .map_err(join_error)??;
-            state.meta = Some(meta);
-            return Ok(());
+                .map_err(AppendError::from);
         }
+    }
+
+    /// The ownership record of `id`: its epoch and the handover it is part of, if any.
+    pub async fn ownership(&self, id: &PointId) -> Result<Ownership, ReadError> {
+        let point = self.point(id).await?;
+        let mut state = point.state.lock().await;
+        Ok(point.meta(&mut state).await?.ownership.clone())
+    }
+
+    /// Replaces the ownership record of `id`, synced before this returns (whatever
+    /// `storage.fsync` says). The point must exist.
+    pub async fn set_ownership(&self, id: &PointId, ownership: Ownership) -> Result<(), ReadError> {
+        let point = self.point(id).await?;
+        let mut state = point.state.lock().await;
+        if state.deleted {
+            return Err(ReadError::NotFound(id.clone()));
+        }
+        let meta = Meta {
+            ownership,
+            ..point.meta(&mut state).await?.clone()
+        };
+        point
+            .replace_meta(&mut state, meta, Fsync::Always)
+            .await
+            .map_err(ReadError::from)
     }
 
     /// Reads `[offset, offset + len)` of `id`.
@@ -746,6 +775,22 @@ impl Point {
                 now.saturating_sub(at) < within.as_millis() as u64
             }
         }
+    }
+
+    /// Writes `meta` as the point's `point.meta` (synced unless `fsync` is `never`), then keeps
+    /// it as the one in memory.
+    async fn replace_meta(
+        &self,
+        state: &mut State,
+        meta: Meta,
+        fsync: Fsync,
+    ) -> Result<(), StorageError> {
+        let (dir, written) = (self.dir.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || write_meta(&dir, &written, fsync))
+            .await
+            .map_err(join_error)??;
+        state.meta = Some(meta);
+        Ok(())
     }
 
     /// `point.meta`, read once.

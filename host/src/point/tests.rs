@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::ownership::FIRST_EPOCH;
 use super::*;
 
 fn config(dir: &Path) -> StoreConfig {
@@ -253,4 +254,102 @@ async fn interval_policy_syncs_in_the_background() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_ownership_record_is_kept_with_the_point_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    // The record is synced even where the bytes are not.
+    config.fsync = Fsync::Never;
+    let store = Store::open(config.clone()).await.unwrap();
+    let point = id("videos/moving");
+    store.append(&point, bytes(1, 5000)).await.unwrap();
+    assert_eq!(
+        store.ownership(&point).await.unwrap(),
+        Ownership::default(),
+        "a new point is at the first epoch, not moving"
+    );
+    store
+        .set_content_type(&point, "video/mp4")
+        .await
+        .unwrap_err(); // It has bytes already.
+    store
+        .set_replicated_content_type(&point, "video/mp4")
+        .await
+        .unwrap();
+    let sealed = Ownership {
+        epoch: 4,
+        handover: Some(Handover::Sealed {
+            to: "node-b".into(),
+            end: 5000,
+            crc: 0xdead_beef,
+            target_ring: 17,
+        }),
+    };
+    store.set_ownership(&point, sealed.clone()).await.unwrap();
+    let missing = store.set_ownership(&id("nowhere"), sealed.clone()).await;
+    assert!(
+        matches!(missing, Err(ReadError::NotFound(_))),
+        "{missing:?}"
+    );
+    store.close().await.unwrap();
+
+    let store = Store::open(config.clone()).await.unwrap();
+    assert_eq!(store.ownership(&point).await.unwrap(), sealed);
+    assert_eq!(
+        store.content_type(&point).await.unwrap().as_deref(),
+        Some("video/mp4"),
+        "setting the ownership kept the content type"
+    );
+    let moved = Ownership {
+        epoch: 4,
+        handover: Some(Handover::Moved {
+            to: "node-b".into(),
+            epoch: 5,
+        }),
+    };
+    store.set_ownership(&point, moved.clone()).await.unwrap();
+    store.close().await.unwrap();
+    let store = Store::open(config).await.unwrap();
+    assert_eq!(store.ownership(&point).await.unwrap(), moved);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_point_stored_before_epochs_is_at_the_first_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let point = id("old");
+    store.set_content_type(&point, "text/plain").await.unwrap();
+    store.append(&point, bytes(2, 100)).await.unwrap();
+    store.close().await.unwrap();
+    // The meta file as an earlier release wrote it.
+    let meta = walk(&dir.path().join("points"))
+        .into_iter()
+        .find(|path| path.ends_with(META_FILE))
+        .expect("the point has a meta file");
+    std::fs::write(&meta, br#"{"content_type":"text/plain"}"#).unwrap();
+
+    let store = Store::open(config(dir.path())).await.unwrap();
+    assert_eq!(store.ownership(&point).await.unwrap().epoch, FIRST_EPOCH);
+    assert_eq!(
+        store.content_type(&point).await.unwrap().as_deref(),
+        Some("text/plain")
+    );
+    store.close().await.unwrap();
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
