@@ -621,9 +621,26 @@ async fn a_refusal_naming_another_owner_is_followed() {
                 .map(|r| r.into_inner().owners[0].name.clone())
         }
     };
-    eventually("the balancer places by the formed ring", || async {
-        locate(&balancer, "p".into()).await.is_ok() && locate(&first, "p".into()).await.is_ok()
-    })
+    eventually(
+        "all three to see each other and the formed ring",
+        || async {
+            for node in [&first, &second, &balancer] {
+                let view = node
+                    .client()
+                    .await
+                    .list_members(ListMembersRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let owners = view.members.iter().filter(|m| m.owns_range).count();
+                let live = view.members.iter().filter(|m| m.live).count();
+                if view.ring.is_empty() || owners != 2 || live != 3 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
     .await;
     let mut point = None;
     for i in 0..1000 {
