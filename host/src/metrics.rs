@@ -30,6 +30,7 @@ pub const REPLICATION_READ_BACK: &str = "goutube_replication_read_back_bytes_tot
 pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_total";
 pub const FOLLOWERS: &str = "goutube_followers";
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
+pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
 pub const GOSSIP_DROPPED: &str = "goutube_gossip_dropped_total";
 pub const HTTP_REQUESTS: &str = "goutube_http_requests_total";
@@ -126,6 +127,10 @@ fn describe() {
     describe_counter!(
         REPLICATION_REFUSED,
         "Replication peers the authorizer did not allow to replicate."
+    );
+    describe_counter!(
+        REPLICATION_NEWER_COPIES,
+        "Points a follower offered at a newer ownership epoch than this leader's (left alone)."
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

@@ -22,13 +22,16 @@ struct Hello {
   follower @0 :Text;        # the follower's node name
   rpcAddress @1 :Text;      # where clients reach the follower's API (GetFollowers, workers)
   offers @2 :List(Offer);   # every point the follower holds, with its end offset
-  protocol @3 :UInt16;      # the protocol version the follower speaks (2; 0 from a release before
+  protocol @3 :UInt16;      # the protocol version the follower speaks (3; 0 from a release before
                             # versions existed): the leader refuses another one, saying so
 }
 
 struct Offer {
   point @0 :Text;
   end @1 :UInt64;
+  epoch @2 :UInt64;         # the ownership epoch of the follower's copy (docs/resharding.md): a
+                            # leader never replaces a copy of a newer epoch than its own, and
+                            # replaces one of an older epoch whole
 }
 
 interface Sink {
@@ -41,9 +44,10 @@ interface Sink {
   # the follower removes its copy.
   remove @1 (point :Text) -> ();
 
-  # The point's content type, sent before the point's first record in a session when the point
-  # has one. Applied in order with the pushes.
-  describe @2 (point :Text, contentType :Text) -> ();
+  # What the point is besides its bytes, sent before the point's first record in a session when
+  # there is something to say: its content type (empty: none) and its ownership epoch (the
+  # follower's copy takes it). Applied in order with the pushes.
+  describe @2 (point :Text, contentType :Text, epoch :UInt64) -> ();
 }
 
 struct Record {

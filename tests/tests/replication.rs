@@ -9,7 +9,7 @@ use bytes::Bytes;
 use goutube::api::proto::streaming_client::StreamingClient;
 use goutube::api::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::{Ack, Config, PeerTlsSection, Role};
-use goutube::point::{PointId, Store};
+use goutube::point::{Ownership, PointId, Store};
 use goutube_tests::{
     DEADLINE, NodeProcess, Pki, TestNode, consume, counter, data, eventually, free_port, metadata,
     produce, window,
@@ -751,5 +751,144 @@ async fn a_node_certificate_must_name_the_node_it_claims() {
     assert!(followers(&pki, &liar.addr()).await.is_empty());
     follower.shutdown().await;
     liar.shutdown().await;
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epochs_decide_between_the_leaders_copy_and_the_followers() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let id = |point: &str| PointId::new(point).unwrap();
+    let epoch = |epoch| Ownership {
+        epoch,
+        handover: None,
+    };
+    for (i, point) in ["handed-over", "older-there", "newer-there"]
+        .iter()
+        .enumerate()
+    {
+        produce(&mut to_leader, point, &[data(i as u64, 100_000)])
+            .await
+            .unwrap();
+    }
+    // A point this leader received in a handover: its followers' copies take its epoch.
+    let leader_store = leader.node.store().unwrap();
+    leader_store
+        .set_ownership(&id("handed-over"), epoch(3))
+        .await
+        .unwrap();
+    let f = follower(&pki, "f1", &leader, |_| {}).await;
+    let mut to_follower = pki.client("root", &f.addr()).await;
+    for point in ["handed-over", "older-there", "newer-there"] {
+        converged(&to_leader, &to_follower, point).await;
+    }
+    let described = metadata(&mut to_follower, "handed-over").await.unwrap();
+    assert_eq!(described.epoch, 3);
+
+    // While the follower is down, both copies of two points grow different bytes of the same
+    // length: only epochs can tell which copy is right.
+    let TestNode { node, dir } = f;
+    node.shutdown().await.unwrap();
+    let store = Store::open(goutube_tests::config(dir.path()).store_config())
+        .await
+        .unwrap();
+    for point in ["older-there", "newer-there"] {
+        store
+            .append(&id(point), Bytes::from(data(90, 500)))
+            .await
+            .unwrap();
+    }
+    store
+        .set_ownership(&id("newer-there"), epoch(9))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    for point in ["older-there", "newer-there"] {
+        produce(&mut to_leader, point, &[data(91, 500)])
+            .await
+            .unwrap();
+    }
+    leader_store
+        .set_ownership(&id("older-there"), epoch(4))
+        .await
+        .unwrap();
+    let newer_before = counter("goutube_replication_newer_copies_total");
+
+    let leader_address = leader.node.replication_addr().to_string();
+    let tls = pki.node("f1");
+    let key = pki.cluster_key();
+    let node = goutube_tests::start_in(dir.path(), move |c| {
+        c.node_name = "f1".into();
+        c.role = Role::Follower;
+        c.leader_addresses = vec![leader_address];
+        c.tls = Some(tls);
+        c.cluster.key_file = Some(key);
+    })
+    .await;
+    let f = TestNode { node, dir };
+    let mut to_follower = pki.client("root", &f.addr()).await;
+
+    // An older copy is replaced whole, even where its length matched.
+    converged(&to_leader, &to_follower, "older-there").await;
+    assert_eq!(
+        content(&mut to_follower, "older-there").await,
+        [data(1, 100_000), data(91, 500)].concat()
+    );
+    assert_eq!(
+        metadata(&mut to_follower, "older-there")
+            .await
+            .unwrap()
+            .epoch,
+        4
+    );
+
+    // A newer copy is left as it is, and later appends of the stale leader do not reach it.
+    eventually("the leader to see the newer copy", || async {
+        counter("goutube_replication_newer_copies_total") > newer_before
+    })
+    .await;
+    produce(&mut to_leader, "newer-there", &[data(92, 700)])
+        .await
+        .unwrap();
+    produce(&mut to_leader, "after", &[data(93, 800)])
+        .await
+        .unwrap();
+    converged(&to_leader, &to_follower, "after").await;
+    assert_eq!(
+        content(&mut to_follower, "newer-there").await,
+        [data(2, 100_000), data(90, 500)].concat()
+    );
+    assert_eq!(
+        metadata(&mut to_follower, "newer-there")
+            .await
+            .unwrap()
+            .epoch,
+        9
+    );
+    // Nor does a delete.
+    to_leader
+        .delete_point(DeletePointRequest {
+            point: "newer-there".into(),
+        })
+        .await
+        .unwrap();
+    to_leader
+        .delete_point(DeletePointRequest {
+            point: "after".into(),
+        })
+        .await
+        .unwrap();
+    eventually("the delete of the other point to propagate", || {
+        let mut to_follower = to_follower.clone();
+        async move {
+            metadata(&mut to_follower, "after")
+                .await
+                .is_err_and(|s| s.code() == Code::NotFound)
+        }
+    })
+    .await;
+    assert!(metadata(&mut to_follower, "newer-there").await.is_ok());
+    f.shutdown().await;
     leader.shutdown().await;
 }

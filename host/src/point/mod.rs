@@ -446,24 +446,10 @@ impl Store {
         wanted: &str,
         first_bytes_only: bool,
     ) -> Result<(), AppendError> {
-        let shared = &self.inner.shared;
-        loop {
-            let point = self.get_or_insert(id);
-            let mut state = point.state.lock().await;
-            if state.deleted {
-                continue;
-            }
-            if let Err(error) = point.ensure_open(shared, &mut state).await {
-                if !state.recovered {
-                    state.deleted = true;
-                    self.inner.points.write().unwrap().remove(id);
-                }
-                return Err(error.into());
-            }
-            let has_bytes = state.end > 0;
-            let meta = point.meta(&mut state).await?;
+        let fsync = self.inner.shared.config.fsync;
+        self.update_meta(id, |meta, has_bytes| {
             match &meta.content_type {
-                Some(current) if current == wanted => return Ok(()),
+                Some(current) if current == wanted => return Ok(None),
                 Some(current) => {
                     return Err(AppendError::ContentType {
                         point: id.clone(),
@@ -484,11 +470,9 @@ impl Store {
                 content_type: Some(wanted.to_owned()),
                 ..meta.clone()
             };
-            return point
-                .replace_meta(&mut state, meta, shared.config.fsync)
-                .await
-                .map_err(AppendError::from);
-        }
+            Ok(Some((meta, fsync)))
+        })
+        .await
     }
 
     /// The ownership record of `id`: its epoch and the handover it is part of, if any.
@@ -498,22 +482,57 @@ impl Store {
         Ok(point.meta(&mut state).await?.ownership.clone())
     }
 
-    /// Replaces the ownership record of `id`, synced before this returns (whatever
-    /// `storage.fsync` says). The point must exist.
-    pub async fn set_ownership(&self, id: &PointId, ownership: Ownership) -> Result<(), ReadError> {
-        let point = self.point(id).await?;
-        let mut state = point.state.lock().await;
-        if state.deleted {
-            return Err(ReadError::NotFound(id.clone()));
+    /// Replaces the ownership record of `id`, creating the point if needed (a follower learns a
+    /// point's epoch before its first bytes). Synced before this returns, whatever
+    /// `storage.fsync` says.
+    pub async fn set_ownership(
+        &self,
+        id: &PointId,
+        ownership: Ownership,
+    ) -> Result<(), AppendError> {
+        self.update_meta(id, |meta, _| {
+            if meta.ownership == ownership {
+                return Ok(None);
+            }
+            let meta = Meta {
+                ownership,
+                ..meta.clone()
+            };
+            Ok(Some((meta, Fsync::Always)))
+        })
+        .await
+    }
+
+    /// Opens `id` (creating it if needed) and, under its lock, writes the `point.meta` that
+    /// `change` makes of the current one and whether the point has bytes (`None`: unchanged).
+    async fn update_meta(
+        &self,
+        id: &PointId,
+        change: impl FnOnce(&Meta, bool) -> Result<Option<(Meta, Fsync)>, AppendError>,
+    ) -> Result<(), AppendError> {
+        let shared = &self.inner.shared;
+        loop {
+            let point = self.get_or_insert(id);
+            let mut state = point.state.lock().await;
+            if state.deleted {
+                continue;
+            }
+            if let Err(error) = point.ensure_open(shared, &mut state).await {
+                if !state.recovered {
+                    state.deleted = true;
+                    self.inner.points.write().unwrap().remove(id);
+                }
+                return Err(error.into());
+            }
+            let has_bytes = state.end > 0;
+            let Some((meta, fsync)) = change(point.meta(&mut state).await?, has_bytes)? else {
+                return Ok(());
+            };
+            return point
+                .replace_meta(&mut state, meta, fsync)
+                .await
+                .map_err(AppendError::from);
         }
-        let meta = Meta {
-            ownership,
-            ..point.meta(&mut state).await?.clone()
-        };
-        point
-            .replace_meta(&mut state, meta, Fsync::Always)
-            .await
-            .map_err(ReadError::from)
     }
 
     /// Reads `[offset, offset + len)` of `id`.

@@ -288,15 +288,21 @@ async fn the_ownership_record_is_kept_with_the_point_across_a_reopen() {
         }),
     };
     store.set_ownership(&point, sealed.clone()).await.unwrap();
-    let missing = store.set_ownership(&id("nowhere"), sealed.clone()).await;
-    assert!(
-        matches!(missing, Err(ReadError::NotFound(_))),
-        "{missing:?}"
-    );
+    // A point a follower learns the epoch of before its bytes: created, empty.
+    let learned = Ownership {
+        epoch: 7,
+        handover: None,
+    };
+    store
+        .set_ownership(&id("learned"), learned.clone())
+        .await
+        .unwrap();
+    assert_eq!(store.metadata(&id("learned")).await.unwrap().end, 0);
     store.close().await.unwrap();
 
     let store = Store::open(config.clone()).await.unwrap();
     assert_eq!(store.ownership(&point).await.unwrap(), sealed);
+    assert_eq!(store.ownership(&id("learned")).await.unwrap(), learned);
     assert_eq!(
         store.content_type(&point).await.unwrap().as_deref(),
         Some("video/mp4"),

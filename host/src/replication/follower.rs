@@ -28,7 +28,8 @@ use super::{Context, check_identity, server_name};
 use crate::access::Action;
 use crate::metrics;
 use crate::net::PeerInfo;
-use crate::point::{AppendError, DeleteError, PointId};
+use crate::point::ownership::FIRST_EPOCH;
+use crate::point::{AppendError, DeleteError, Ownership, PointId, ReadError};
 
 /// Longest wait between two attempts to reach a leader.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -150,10 +151,11 @@ async fn session(
         hello.set_protocol(super::PROTOCOL);
         hello.set_rpc_address(context.rpc_addr.to_string());
         let mut list = hello.init_offers(offers.len() as u32);
-        for (i, (point, end)) in offers.iter().enumerate() {
+        for (i, (point, end, epoch)) in offers.iter().enumerate() {
             let mut offer = list.reborrow().get(i as u32);
             offer.set_point(point.as_str());
             offer.set_end(*end);
+            offer.set_epoch(*epoch);
         }
         params.set_sink(sink.clone());
     }
@@ -179,13 +181,17 @@ async fn session(
     }
 }
 
-/// Every point this node holds, with its end.
-async fn offers(context: &Context) -> Vec<(PointId, u64)> {
+/// Every point this node holds, with its end and its epoch.
+async fn offers(context: &Context) -> Vec<(PointId, u64, u64)> {
     let mut offers = Vec::new();
     for id in context.store.list("", None, usize::MAX) {
-        match context.store.metadata(&id).await {
-            Ok(snapshot) => offers.push((id, snapshot.end)),
-            Err(error) => tracing::warn!(point = %id, %error, "not offered to the leader"),
+        let store = &context.store;
+        match async { Ok((store.metadata(&id).await?, store.ownership(&id).await?)) }.await {
+            Ok((snapshot, ownership)) => offers.push((id, snapshot.end, ownership.epoch)),
+            Err(error) => {
+                let error: ReadError = error;
+                tracing::warn!(point = %id, %error, "not offered to the leader");
+            }
         }
     }
     offers
@@ -204,7 +210,8 @@ enum Job {
     },
     Describe {
         point: PointId,
-        content_type: String,
+        content_type: Option<String>,
+        epoch: u64,
         done: oneshot::Sender<Result<(), String>>,
     },
 }
@@ -244,13 +251,29 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
             Job::Describe {
                 point,
                 content_type,
+                epoch,
                 done,
             } => {
-                let result = context
-                    .store
-                    .set_replicated_content_type(&point, &content_type)
-                    .await
-                    .map_err(|error| error.to_string());
+                let store = &context.store;
+                let result = async {
+                    if let Some(content_type) = &content_type {
+                        store
+                            .set_replicated_content_type(&point, content_type)
+                            .await?;
+                    }
+                    // The leader's word on the epoch is final, as on the content type.
+                    store
+                        .set_ownership(
+                            &point,
+                            Ownership {
+                                epoch,
+                                handover: None,
+                            },
+                        )
+                        .await
+                }
+                .await
+                .map_err(|error| error.to_string());
                 let _ = done.send(result);
             }
         }
@@ -396,18 +419,29 @@ impl sink::Server for SinkService {
         let params = params.get()?;
         let point = params.get_point()?.to_str()?.to_owned();
         let content_type = params.get_content_type()?.to_str()?.to_owned();
+        let epoch = params.get_epoch();
         let Ok(point) = PointId::new(point) else {
             return Ok(());
         };
-        if !crate::content::is_valid(&content_type) {
+        let content_type = (!content_type.is_empty()).then_some(content_type);
+        if content_type
+            .as_deref()
+            .is_some_and(|given| !crate::content::is_valid(given))
+        {
             return Err(capnp::Error::failed(format!(
                 "the leader described {point} with an invalid content type"
+            )));
+        }
+        if epoch < FIRST_EPOCH {
+            return Err(capnp::Error::failed(format!(
+                "the leader described {point} with epoch 0"
             )));
         }
         let (done, outcome) = oneshot::channel();
         self.enqueue(Job::Describe {
             point,
             content_type,
+            epoch,
             done,
         })
         .await?;

@@ -32,6 +32,7 @@ use crate::access::Action;
 use crate::metrics;
 use crate::net::PeerInfo;
 use crate::plugins::{Buffer, bundles};
+use crate::point::ownership::FIRST_EPOCH;
 use crate::point::{LiveBytes, PointId, ReadError};
 use crate::service::Spawner;
 
@@ -144,7 +145,11 @@ impl leader::Server for LeaderService {
         let mut offers = HashMap::new();
         for offer in hello.get_offers()? {
             // An offer for an id that is not a valid point id can only be removed.
-            offers.insert(offer.get_point()?.to_str()?.to_owned(), offer.get_end());
+            let held = Held {
+                end: offer.get_end(),
+                epoch: offer.get_epoch().max(FIRST_EPOCH),
+            };
+            offers.insert(offer.get_point()?.to_str()?.to_owned(), held);
         }
         let sink = params.get_sink()?;
         let stop = self.shutdown.child_token();
@@ -261,6 +266,13 @@ enum Reply {
     Rejected(String),
 }
 
+/// What a follower offered of one point: its end and the epoch of its copy.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    end: u64,
+    epoch: u64,
+}
+
 struct Replicator {
     context: Rc<Context>,
     follower: String,
@@ -271,8 +283,10 @@ struct Replicator {
     /// Points with something to send, round robin.
     dirty: VecDeque<PointId>,
     queued: HashSet<PointId>,
-    /// Points whose content type went out in this session (before their first record).
+    /// Points whose description went out in this session (before their first record).
     described: HashSet<PointId>,
+    /// Points the follower holds at a newer epoch than this leader: never sent nor removed.
+    newer: HashSet<PointId>,
     in_flight: FuturesUnordered<LocalBoxFuture<'static, Outcome>>,
     /// When the lag gauge was last computed (it sums over every point).
     gauges_at: Option<std::time::Instant>,
@@ -298,13 +312,14 @@ impl Replicator {
             dirty: VecDeque::new(),
             queued: HashSet::new(),
             described: HashSet::new(),
+            newer: HashSet::new(),
             in_flight: FuturesUnordered::new(),
             gauges_at: None,
             live_bytes: 0,
         }
     }
 
-    async fn run(mut self, offers: HashMap<String, u64>) {
+    async fn run(mut self, offers: HashMap<String, Held>) {
         // Subscribe before scanning: an append between the two is seen either way.
         let mut events = self.context.store.subscribe();
         self.context
@@ -344,7 +359,7 @@ impl Replicator {
 
     /// Reconciles with the store: with `offers` at the start of a session, `None` after the
     /// store's broadcast lagged.
-    async fn scan(&mut self, offers: Option<HashMap<String, u64>>) {
+    async fn scan(&mut self, offers: Option<HashMap<String, Held>>) {
         let store = self.context.store.clone();
         let ids = store.list("", None, usize::MAX);
         let present: HashSet<PointId> = ids.iter().cloned().collect();
@@ -354,21 +369,44 @@ impl Replicator {
             };
             match &offers {
                 Some(offers) => {
-                    let offered = offers.get(id.as_str()).copied().unwrap_or(0);
+                    let epoch = match store.ownership(&id).await {
+                        Ok(ownership) => ownership.epoch,
+                        Err(_) => continue, // Deleted meanwhile: the removal event follows.
+                    };
+                    let offered = offers.get(id.as_str()).copied();
+                    let held = offered.map_or(0, |held| held.end);
                     let mut state = PointState {
                         end: snapshot.end,
-                        next: offered,
-                        confirmed: offered,
+                        next: held,
+                        confirmed: held,
                         ..PointState::default()
                     };
-                    if offered > snapshot.end {
-                        // The follower holds more than the leader: its copy diverged. Start over.
-                        tracing::warn!(follower = %self.follower, point = %id, offered, end = snapshot.end, "follower copy diverged; replacing it");
+                    let replace = match offered {
+                        Some(offered) if offered.epoch > epoch => {
+                            // A newer owner's copy: this leader's is the stale one, and it
+                            // never overwrites or removes what it has not written.
+                            tracing::warn!(follower = %self.follower, point = %id, epoch, follower_epoch = offered.epoch, "the follower holds a newer epoch of this point; not replicating it");
+                            ::metrics::counter!(metrics::REPLICATION_NEWER_COPIES).increment(1);
+                            self.newer.insert(id);
+                            continue;
+                        }
+                        Some(offered) if offered.epoch < epoch => {
+                            tracing::warn!(follower = %self.follower, point = %id, epoch, follower_epoch = offered.epoch, "follower copy is of an older epoch; replacing it");
+                            true
+                        }
+                        Some(offered) if offered.end > snapshot.end => {
+                            // The follower holds more than the leader: its copy diverged.
+                            tracing::warn!(follower = %self.follower, point = %id, offered = offered.end, end = snapshot.end, "follower copy diverged; replacing it");
+                            true
+                        }
+                        _ => false,
+                    };
+                    if replace {
                         state.next = 0;
                         state.confirmed = 0;
                         self.send_remove(id.clone());
                     } else {
-                        self.context.progress.confirm(&self.follower, &id, offered);
+                        self.context.progress.confirm(&self.follower, &id, held);
                     }
                     self.points.insert(id.clone(), state);
                     self.mark(id);
@@ -420,6 +458,9 @@ impl Replicator {
     }
 
     fn removed(&mut self, point: PointId) {
+        if self.newer.contains(&point) {
+            return;
+        }
         if let Some(state) = self.points.remove(&point) {
             self.live_bytes -= state.live.iter().map(|b| b.len()).sum::<u64>();
         }
@@ -427,24 +468,34 @@ impl Replicator {
         self.send_remove(point);
     }
 
-    /// Sends the point's content type, if it has one, before its first record in this session.
+    /// Sends the point's content type and epoch, when it has a content type or an epoch past
+    /// the first, before its first record in this session.
     async fn describe(&mut self, point: &PointId) -> Result<(), String> {
         if self.described.contains(point) {
             return Ok(());
         }
-        let content_type = match self.context.store.content_type(point).await {
-            Ok(content_type) => content_type,
+        let store = &self.context.store;
+        let described = async {
+            let content_type = store.content_type(point).await?;
+            let epoch = store.ownership(point).await?.epoch;
+            Ok::<_, ReadError>((content_type, epoch))
+        };
+        let (content_type, epoch) = match described.await {
+            Ok(described) => described,
             // Deleted meanwhile: the removal event follows.
-            Err(ReadError::NotFound(_)) => None,
+            Err(ReadError::NotFound(_)) => (None, FIRST_EPOCH),
             Err(error) => return Err(error.to_string()),
         };
         self.described.insert(point.clone());
-        let Some(content_type) = content_type else {
+        if content_type.is_none() && epoch == FIRST_EPOCH {
             return Ok(());
-        };
+        }
         let mut request = self.sink.describe_request();
         request.get().set_point(point.as_str());
-        request.get().set_content_type(&content_type);
+        request
+            .get()
+            .set_content_type(content_type.as_deref().unwrap_or_default());
+        request.get().set_epoch(epoch);
         // Sent now: calls leave in the order they are made, so it precedes the first push.
         let promise = request.send().promise;
         self.in_flight.push(
@@ -458,7 +509,7 @@ impl Replicator {
     }
 
     fn mark(&mut self, point: PointId) {
-        if self.queued.insert(point.clone()) {
+        if !self.newer.contains(&point) && self.queued.insert(point.clone()) {
             self.dirty.push_back(point);
         }
     }

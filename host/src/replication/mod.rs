@@ -37,7 +37,7 @@ use crate::service::{Handle, Service};
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
 /// a leader refuses followers that speak another (docs/replication.md).
-pub const PROTOCOL: u16 = 2;
+pub const PROTOCOL: u16 = 3;
 
 /// Why replication could not start.
 #[derive(Debug, thiserror::Error)]
