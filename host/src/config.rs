@@ -64,8 +64,26 @@ pub struct Config {
     pub storage: StorageSection,
     pub plugins: PluginsSection,
     pub replication: ReplicationSection,
+    pub reshard: ReshardSection,
     /// mTLS on every listener and for node-to-node connections; absent = plaintext (development).
     pub tls: Option<TlsSection>,
+}
+
+/// How points are handed to a new owner (`docs/resharding.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReshardSection {
+    /// How long a write to a point being handed over waits at the fence before it fails with
+    /// `Unavailable` (retryable).
+    pub fence_timeout_ms: u64,
+}
+
+impl Default for ReshardSection {
+    fn default() -> Self {
+        Self {
+            fence_timeout_ms: 2_000,
+        }
+    }
 }
 
 /// How a leader replicates to its followers.
@@ -174,6 +192,7 @@ impl Default for Config {
             storage: StorageSection::default(),
             plugins: PluginsSection::default(),
             replication: ReplicationSection::default(),
+            reshard: ReshardSection::default(),
             tls: None,
         }
     }

@@ -10,7 +10,7 @@
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
-use crate::point::{AppendError, DeleteError, InvalidPointId, ReadError, StorageError};
+use crate::point::{AppendError, DeleteError, Handover, InvalidPointId, ReadError, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,6 +62,11 @@ impl Error {
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::FailedPrecondition(_) | Error::NotOwner { .. } => Code::FailedPrecondition,
             Error::Unavailable(_) | Error::OwnerDown { .. } => Code::Unavailable,
+            // A fence passes in moments; a moved or arriving point is written elsewhere.
+            Error::Append(AppendError::Handover { handover, .. }) => match handover {
+                Handover::Sealed { .. } => Code::Unavailable,
+                _ => Code::FailedPrecondition,
+            },
             Error::Append(
                 AppendError::Refused { .. }
                 | AppendError::ContentType { .. }

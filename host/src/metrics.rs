@@ -31,6 +31,7 @@ pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_tot
 pub const FOLLOWERS: &str = "goutube_followers";
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
+pub const FENCE_TIMEOUTS: &str = "goutube_reshard_fence_timeouts_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
 pub const GOSSIP_DROPPED: &str = "goutube_gossip_dropped_total";
 pub const HTTP_REQUESTS: &str = "goutube_http_requests_total";
@@ -131,6 +132,10 @@ fn describe() {
     describe_counter!(
         REPLICATION_NEWER_COPIES,
         "Points a follower offered at a newer ownership epoch than this leader's (left alone)."
+    );
+    describe_counter!(
+        FENCE_TIMEOUTS,
+        "Writes that waited at a handover's fence longer than reshard.fence_timeout_ms."
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

@@ -107,17 +107,27 @@ impl Placement {
         if *owner == membership.local {
             return Ok(());
         }
-        match membership.live(owner) {
-            Some(member) => Err(Error::NotOwner {
-                point: bounded(point.as_str()),
-                owner: owner.clone(),
-                address: member.rpc_addr.clone(),
-            }),
-            None => Err(Error::OwnerDown {
-                point: bounded(point.as_str()),
-                owner: owner.clone(),
-            }),
-        }
+        Err(refusal(&membership, point, owner))
+    }
+
+    /// The refusal of a write to `point` that belongs to `owner`: where to write it, or that the
+    /// owner is down.
+    pub fn refuse(&self, point: &PointId, owner: &str) -> Error {
+        refusal(&self.membership(), point, owner)
+    }
+}
+
+fn refusal(membership: &Membership, point: &PointId, owner: &str) -> Error {
+    match membership.live(owner) {
+        Some(member) => Error::NotOwner {
+            point: bounded(point.as_str()),
+            owner: owner.to_owned(),
+            address: member.rpc_addr.clone(),
+        },
+        None => Error::OwnerDown {
+            point: bounded(point.as_str()),
+            owner: owner.to_owned(),
+        },
     }
 }
 

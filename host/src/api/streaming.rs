@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 
 use tokio::sync::mpsc;
@@ -33,7 +35,7 @@ use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
 use crate::placement::Placement;
-use crate::point::{Appended, PointId, Snapshot, Span, StreamError};
+use crate::point::{AppendError, Appended, Handover, PointId, Snapshot, Span, StreamError};
 use crate::signed_url::{UrlError, UrlSigner};
 
 /// Frames a ConsumeStream task may read ahead of the client.
@@ -434,17 +436,53 @@ async fn write_frames(
                 Err(_) => break,
             }
         }
-        let appended = match first.expected_offset {
+        let appended = append(&state, &first.point, first.expected_offset, batch).await?;
+        if let Some(&appended) = appended.last() {
+            last.insert(first.slot, appended);
+        }
+    }
+}
+
+/// Appends `batch` to `point` (at `expected_offset`, if given). A write that meets a fence (the
+/// point being handed to a new owner) waits for the switch, up to `reshard.fence_timeout_ms`,
+/// and then goes wherever the point's record says; a point handed over, or still arriving, is
+/// refused naming the member that takes its writes.
+async fn append(
+    state: &Context,
+    point: &PointId,
+    expected_offset: Option<u64>,
+    batch: Vec<Bytes>,
+) -> Result<Vec<Appended>, Error> {
+    let fence = Duration::from_millis(state.config.reshard.fence_timeout_ms);
+    let mut deadline = None;
+    loop {
+        let changed = state.store.ownership_changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let appended = match expected_offset {
             Some(start) => {
                 state
                     .store
-                    .append_batch_at(&first.point, start, batch)
-                    .await?
+                    .append_batch_at(point, start, batch.clone())
+                    .await
             }
-            None => state.store.append_batch(&first.point, batch).await?,
+            None => state.store.append_batch(point, batch.clone()).await,
         };
-        if let Some(&appended) = appended.last() {
-            last.insert(first.slot, appended);
+        let handover = match appended {
+            Err(AppendError::Handover { handover, .. }) => handover,
+            other => return Ok(other?),
+        };
+        if !matches!(handover, Handover::Sealed { .. }) {
+            return Err(state.placement.refuse(point, handover.peer()));
+        }
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + fence);
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            ::metrics::counter!(metrics::FENCE_TIMEOUTS).increment(1);
+            return Err(Error::Unavailable(format!(
+                "point {point} {handover}, which took longer than reshard.fence_timeout_ms \
+                 ({} ms); retry (with expected_offset a retry never writes twice)",
+                fence.as_millis()
+            )));
         }
     }
 }

@@ -46,6 +46,13 @@ pub enum AppendError {
         expected: u64,
         end: u64,
     },
+    /// A client's write to a point whose handover does not take writes here (fenced, moved,
+    /// or still arriving).
+    #[error("point {point} {handover}")]
+    Handover {
+        point: PointId,
+        handover: crate::point::Handover,
+    },
     /// The point already has another content type, or bytes without one: a content type is
     /// given once, with the point's first bytes (and replicated with them).
     #[error(

@@ -169,6 +169,8 @@ struct Inner {
     events: broadcast::Sender<AppendEvent>,
     /// Bytes lent to subscribers now ([`LiveBytes`]).
     lent: Arc<AtomicU64>,
+    /// Woken at every change of a point's ownership record (a fenced write waits on it).
+    ownership_changed: tokio::sync::Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -199,6 +201,14 @@ pub struct Point {
     last_use: AtomicU64,
     /// When the point last grew (ms since the store opened, + 1; 0: not since the store opened).
     last_append_ms: AtomicU64,
+}
+
+/// Who appends: a client's write is refused while the point's handover does not take writes
+/// here; a copy this node receives (replication, a handover) is applied regardless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Client,
+    Replication,
 }
 
 /// What a point knows about itself besides its bytes (`point.meta`).
@@ -286,6 +296,7 @@ impl Store {
                 points: RwLock::new(points),
                 events: broadcast::channel(4096).0,
                 lent: Arc::default(),
+                ownership_changed: tokio::sync::Notify::new(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -314,7 +325,9 @@ impl Store {
 
     /// Appends `bytes` at the end of `id`, creating the point if needed.
     pub async fn append(&self, id: &PointId, bytes: Bytes) -> Result<Appended, AppendError> {
-        let mut appended = self.append_inner(id, vec![bytes], None).await?;
+        let mut appended = self
+            .append_inner(id, vec![bytes], None, Origin::Client)
+            .await?;
         Ok(appended.pop().expect("one result per frame"))
     }
 
@@ -325,19 +338,39 @@ impl Store {
         id: &PointId,
         frames: Vec<Bytes>,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.append_inner(id, frames, None).await
+        self.append_inner(id, frames, None, Origin::Client).await
     }
 
-    /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start` (replication
-    /// applies records this way: exactly once, never with a gap; so does a produce frame with an
-    /// `expected_offset`). A refusal for a point that does not exist does not create it.
+    /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start` (a produce
+    /// frame with an `expected_offset`). A refusal for a point that does not exist does not
+    /// create it.
     pub async fn append_batch_at(
         &self,
         id: &PointId,
         start: u64,
         frames: Vec<Bytes>,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.append_inner(id, frames, Some(start)).await
+        self.append_inner(id, frames, Some(start), Origin::Client)
+            .await
+    }
+
+    /// [`append_batch_at`](Self::append_batch_at) for a copy this node receives (replication,
+    /// a handover): exactly once, never with a gap, and whatever the point's handover says about
+    /// clients' writes.
+    pub async fn apply_replicated(
+        &self,
+        id: &PointId,
+        start: u64,
+        frames: Vec<Bytes>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        self.append_inner(id, frames, Some(start), Origin::Replication)
+            .await
+    }
+
+    /// Completes at the next change of any point's ownership record. Create it (and `enable`
+    /// it) before looking at the record, then await it.
+    pub fn ownership_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.ownership_changed.notified()
     }
 
     async fn append_inner(
@@ -345,6 +378,7 @@ impl Store {
         id: &PointId,
         frames: Vec<Bytes>,
         expected_start: Option<u64>,
+        origin: Origin,
     ) -> Result<Vec<Appended>, AppendError> {
         let shared = &self.inner.shared;
         if let Some(expected) = expected_start.filter(|&start| start > 0)
@@ -373,6 +407,16 @@ impl Store {
                     self.inner.points.write().unwrap().remove(id);
                 }
                 return Err(error.into());
+            }
+            if origin == Origin::Client
+                && let Some(handover) = &point.meta(&mut state).await?.ownership.handover
+                && !handover.accepts_writes()
+            {
+                // Checked under the point's lock: a fence set by `set_ownership` is exact.
+                return Err(AppendError::Handover {
+                    point: id.clone(),
+                    handover: handover.clone(),
+                });
             }
             break point
                 .write(shared, &mut state, frames, expected_start)
@@ -500,7 +544,9 @@ impl Store {
             };
             Ok(Some((meta, Fsync::Always)))
         })
-        .await
+        .await?;
+        self.inner.ownership_changed.notify_waiters();
+        Ok(())
     }
 
     /// Opens `id` (creating it if needed) and, under its lock, writes the `point.meta` that

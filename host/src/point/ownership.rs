@@ -52,3 +52,44 @@ pub enum Handover {
     /// nor read here until the handover commits.
     Incoming { from: String, epoch: u64 },
 }
+
+impl Handover {
+    /// Whether a client's write is accepted here: only before the fence.
+    pub fn accepts_writes(&self) -> bool {
+        matches!(self, Handover::Copying { .. })
+    }
+
+    /// The member a refused write should go to (or wait for).
+    pub fn peer(&self) -> &str {
+        match self {
+            Handover::Copying { to, .. }
+            | Handover::Sealed { to, .. }
+            | Handover::Moved { to, .. } => to,
+            Handover::Incoming { from, .. } => from,
+        }
+    }
+}
+
+impl std::fmt::Display for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handover::Copying { to, .. } => write!(f, "is being copied to member {to}"),
+            Handover::Sealed { to, .. } => {
+                write!(
+                    f,
+                    "is being handed to member {to}; writes wait for the switch"
+                )
+            }
+            Handover::Moved { to, epoch } => {
+                write!(
+                    f,
+                    "was handed to member {to} (epoch {epoch}); write it there"
+                )
+            }
+            Handover::Incoming { from, .. } => write!(
+                f,
+                "is being handed to this node by member {from}, which takes its writes until then"
+            ),
+        }
+    }
+}

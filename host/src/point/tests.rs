@@ -359,3 +359,72 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+#[tokio::test]
+async fn a_handover_gates_clients_writes_but_not_the_copy_arriving() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let point = id("p");
+    let first = bytes(3, 1000);
+    store.append(&point, first.clone()).await.unwrap();
+    let with = |handover| Ownership {
+        epoch: 2,
+        handover: Some(handover),
+    };
+    let refused = [
+        with(Handover::Sealed {
+            to: "b".into(),
+            end: 1000,
+            crc: crc32c::crc32c(&first),
+            target_ring: 1,
+        }),
+        with(Handover::Moved {
+            to: "b".into(),
+            epoch: 3,
+        }),
+        with(Handover::Incoming {
+            from: "a".into(),
+            epoch: 2,
+        }),
+    ];
+    for ownership in refused {
+        store
+            .set_ownership(&point, ownership.clone())
+            .await
+            .unwrap();
+        let error = store.append(&point, bytes(4, 10)).await.unwrap_err();
+        assert!(
+            matches!(&error, AppendError::Handover { handover, .. } if Some(handover) == ownership.handover.as_ref()),
+            "{error}"
+        );
+        let error = store
+            .append_batch_at(&point, 1000, vec![bytes(4, 10)])
+            .await
+            .unwrap_err();
+        assert!(matches!(error, AppendError::Handover { .. }), "{error}");
+        assert_eq!(
+            store.metadata(&point).await.unwrap().end,
+            1000,
+            "nothing written"
+        );
+    }
+    // A copy arriving (replication, a handover) is applied whatever the record says.
+    store
+        .apply_replicated(&point, 1000, vec![bytes(5, 500)])
+        .await
+        .unwrap();
+    // Before the fence, clients write.
+    store
+        .set_ownership(
+            &point,
+            with(Handover::Copying {
+                to: "b".into(),
+                target_ring: 1,
+            }),
+        )
+        .await
+        .unwrap();
+    store.append(&point, bytes(6, 10)).await.unwrap();
+    assert_eq!(store.metadata(&point).await.unwrap().end, 1510);
+    store.close().await.unwrap();
+}

@@ -1,7 +1,7 @@
 //! The follower side: connect to each leader in `leader_addresses`, offer what this node holds,
 //! and apply the records the leader pushes.
 //!
-//! A record is applied only if it starts at this node's end of the point (`Store::append_batch_at`),
+//! A record is applied only if it starts at this node's end of the point (`Store::apply_replicated`),
 //! so nothing is applied twice and nothing is skipped; otherwise the reply tells the leader where
 //! this node really ends. Records the bundler rejects (damaged, or its answer names another point
 //! or offset than the record) are reported and sent again. Pushes are handed, in arrival order,
@@ -294,7 +294,11 @@ async fn apply_records(context: &Context, records: Vec<Incoming>) -> Vec<Result<
             payloads.push(next.payload);
         }
         let count = payloads.len();
-        match context.store.append_batch_at(&point, start, payloads).await {
+        match context
+            .store
+            .apply_replicated(&point, start, payloads)
+            .await
+        {
             Ok(appended) => {
                 ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "applied")
                     .increment(end - start);

@@ -1,0 +1,216 @@
+//! What a client's write meets while its point is handed to a new owner (docs/resharding.md):
+//! held at the fence until the switch (or failed retryably when the fence lasts too long),
+//! then redirected to the new owner; refused, naming the old owner, where the point is still
+//! arriving. The records are set directly in the store here; the mover sets them in a cluster.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use goutube::api::proto::{ListMembersRequest, LocatePointRequest, ProduceRequest};
+use goutube::config::Role;
+use goutube::point::{Handover, Ownership, PointId};
+use goutube_tests::{TestNode, consume, data, eventually, produce, window};
+use tonic::Code;
+
+fn frame(point: &str, expected_offset: u64, bytes: &[u8]) -> ProduceRequest {
+    ProduceRequest {
+        point: point.into(),
+        frame: Bytes::copy_from_slice(bytes),
+        expected_offset: Some(expected_offset),
+        ..Default::default()
+    }
+}
+
+fn with(handover: Handover) -> Ownership {
+    Ownership {
+        epoch: 2,
+        handover: Some(handover),
+    }
+}
+
+fn sealed(to: &str, end: u64) -> Ownership {
+    with(Handover::Sealed {
+        to: to.into(),
+        end,
+        crc: 0,
+        target_ring: 1,
+    })
+}
+
+/// Two primaries in one ring, both seeing the other; returns them with a point `a` owns.
+async fn pair() -> (TestNode, TestNode, String) {
+    let a = TestNode::start(|c| {
+        c.node_name = "a".into();
+        c.role = Role::Leader;
+        c.cluster.bootstrap_expect = 2;
+    })
+    .await;
+    let seed = a.node.gossip_addr().to_string();
+    let b = TestNode::start(move |c| {
+        c.node_name = "b".into();
+        c.role = Role::Leader;
+        c.seed_addresses = vec![seed];
+        c.cluster.bootstrap_expect = 2;
+    })
+    .await;
+    eventually("both to see each other in the formed ring", || async {
+        for node in [&a, &b] {
+            let view = node
+                .client()
+                .await
+                .list_members(ListMembersRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            let live = view.members.iter().filter(|m| m.live).count();
+            if view.ring.is_empty() || live != 2 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    for i in 0.. {
+        let point = format!("videos/{i}");
+        let owner = a
+            .client()
+            .await
+            .locate_point(LocatePointRequest {
+                point: point.clone(),
+                replicas: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .owners[0]
+            .name
+            .clone();
+        if owner == "a" {
+            return (a, b, point);
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_waits_for_the_switch_then_goes_where_the_point_went() {
+    let (a, b, point) = pair().await;
+    let id = PointId::new(point.as_str()).unwrap();
+    let store = a.node.store().unwrap();
+    let first = data(1, 10_000);
+    produce(&mut a.client().await, &point, std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    let client = a.client().await;
+    let write = |offset: u64, bytes: Vec<u8>| {
+        let mut client = client.clone();
+        let request = frame(&point, offset, &bytes);
+        tokio::spawn(async move {
+            client
+                .produce_stream(tokio_stream::iter([request]))
+                .await
+                .map(|r| r.into_inner())
+        })
+    };
+
+    // Fenced, then unfenced (a handover that went back): the held write is applied.
+    store.set_ownership(&id, sealed("b", 10_000)).await.unwrap();
+    let mut held = write(10_000, data(2, 3000));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut held)
+            .await
+            .is_err(),
+        "a write at the fence waits"
+    );
+    store
+        .set_ownership(&id, Ownership::default())
+        .await
+        .unwrap();
+    let written = held.await.unwrap().expect("applied once the fence lifts");
+    assert_eq!(written.records[0].end, 13_000);
+
+    // Fenced, then switched: the held write is redirected to the new owner.
+    store.set_ownership(&id, sealed("b", 13_000)).await.unwrap();
+    let mut held = write(13_000, data(3, 3000));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut held)
+            .await
+            .is_err()
+    );
+    store
+        .set_ownership(
+            &id,
+            with(Handover::Moved {
+                to: "b".into(),
+                epoch: 3,
+            }),
+        )
+        .await
+        .unwrap();
+    let refused = held.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let metadata = refused.metadata();
+    assert_eq!(metadata.get("goutube-owner").unwrap(), "b");
+    assert_eq!(
+        metadata.get("goutube-owner-addr").unwrap(),
+        b.addr().as_str()
+    );
+
+    // Reads of the old copy go on; nothing was written after the switch.
+    let got = consume(&mut a.client().await, window(&point, 0, 0, 0))
+        .await
+        .unwrap()
+        .concat();
+    assert_eq!(got, [first, data(2, 3000)].concat());
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fence_that_lasts_too_long_fails_the_write_retryably() {
+    let node = TestNode::start(|c| c.reshard.fence_timeout_ms = 300).await;
+    let id = PointId::new("p").unwrap();
+    produce(&mut node.client().await, "p", &[data(1, 100)])
+        .await
+        .unwrap();
+    let store = node.node.store().unwrap();
+    store.set_ownership(&id, sealed("b", 100)).await.unwrap();
+    let started = Instant::now();
+    let refused = node
+        .client()
+        .await
+        .produce_stream(tokio_stream::iter([frame("p", 100, &data(2, 50))]))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("reshard.fence_timeout_ms"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(store.metadata(&id).await.unwrap().end, 100);
+
+    // A point still arriving here is written at the member handing it over.
+    store
+        .set_ownership(
+            &id,
+            with(Handover::Incoming {
+                from: "b".into(),
+                epoch: 2,
+            }),
+        )
+        .await
+        .unwrap();
+    let refused = node
+        .client()
+        .await
+        .produce_stream(tokio_stream::iter([frame("p", 100, &data(2, 50))]))
+        .await
+        .unwrap_err();
+    // b is not a live member here: the refusal names it as the owner that is down.
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.metadata().get("goutube-owner").unwrap(), "b");
+    assert_eq!(store.metadata(&id).await.unwrap().end, 100);
+    node.shutdown().await;
+}
