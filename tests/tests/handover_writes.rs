@@ -24,6 +24,7 @@ fn frame(point: &str, expected_offset: u64, bytes: &[u8]) -> ProduceRequest {
 fn with(handover: Handover) -> Ownership {
     Ownership {
         epoch: 2,
+        owner: None,
         handover: Some(handover),
     }
 }
@@ -70,9 +71,15 @@ async fn pair() -> (TestNode, TestNode, String) {
         true
     })
     .await;
+    let point = owned_by(&a, "a", "videos").await;
+    (a, b, point)
+}
+
+/// A point id starting with `prefix` whose owner in the ring, as `node` sees it, is `owner`.
+async fn owned_by(node: &TestNode, owner: &str, prefix: &str) -> String {
     for i in 0.. {
-        let point = format!("videos/{i}");
-        let owner = a
+        let point = format!("{prefix}/{i}");
+        let owners = node
             .client()
             .await
             .locate_point(LocatePointRequest {
@@ -82,11 +89,9 @@ async fn pair() -> (TestNode, TestNode, String) {
             .await
             .unwrap()
             .into_inner()
-            .owners[0]
-            .name
-            .clone();
-        if owner == "a" {
-            return (a, b, point);
+            .owners;
+        if owners[0].name == owner {
+            return point;
         }
     }
     unreachable!()
@@ -213,4 +218,92 @@ async fn a_fence_that_lasts_too_long_fails_the_write_retryably() {
     assert_eq!(refused.metadata().get("goutube-owner").unwrap(), "b");
     assert_eq!(store.metadata(&id).await.unwrap().end, 100);
     node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_follows_a_handed_over_point_to_the_member_that_committed_it() {
+    let (a, b, point) = pair().await;
+    let id = PointId::new(point.as_str()).unwrap();
+    let first = data(5, 70_000);
+    produce(&mut a.client().await, &point, std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    // The state right after a handover's switch: b committed epoch 2 of the point (whose ring
+    // owner is still a), a redirects its writes there.
+    let (a_store, b_store) = (a.node.store().unwrap(), b.node.store().unwrap());
+    b_store
+        .apply_replicated(&id, 0, vec![Bytes::from(first.clone())])
+        .await
+        .unwrap();
+    b_store
+        .set_ownership(
+            &id,
+            Ownership {
+                epoch: 2,
+                owner: Some("b".into()),
+                handover: None,
+            },
+        )
+        .await
+        .unwrap();
+    a_store
+        .set_ownership(
+            &id,
+            with(Handover::Moved {
+                to: "b".into(),
+                epoch: 2,
+            }),
+        )
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("more.bin");
+    let more = data(6, 1_000_000);
+    std::fs::write(&file, &more).unwrap();
+    let client = goutube::client::Client::connect(&goutube::client::ClientOptions {
+        addr: a.addr(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    let report = client
+        .put(
+            &point,
+            &file,
+            256 * 1024,
+            None,
+            std::sync::Arc::new(goutube::client::Quiet),
+        )
+        .await
+        .expect("the put goes to the member that committed the point");
+    assert_eq!(report.redirected, Some(("b".to_string(), b.addr())));
+    let on_b = consume(&mut b.client().await, window(&point, 0, 0, 0))
+        .await
+        .unwrap()
+        .concat();
+    assert!(on_b == [&first[..], &more].concat());
+    assert_eq!(a_store.metadata(&id).await.unwrap().end, first.len() as u64);
+
+    // A copy at a later epoch that was not committed here (a follower's, say) gives no right
+    // to write: the ring decides.
+    let copy = PointId::new(owned_by(&b, "a", "copies").await).unwrap();
+    b_store
+        .set_ownership(
+            &copy,
+            Ownership {
+                epoch: 5,
+                owner: None,
+                handover: None,
+            },
+        )
+        .await
+        .unwrap();
+    let refused = produce(&mut b.client().await, copy.as_str(), &[data(7, 10)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(refused.metadata().get("goutube-owner").unwrap(), "a");
+    b.shutdown().await;
+    a.shutdown().await;
 }

@@ -762,6 +762,7 @@ async fn epochs_decide_between_the_leaders_copy_and_the_followers() {
     let id = |point: &str| PointId::new(point).unwrap();
     let epoch = |epoch| Ownership {
         epoch,
+        owner: None,
         handover: None,
     };
     for (i, point) in ["handed-over", "older-there", "newer-there"]

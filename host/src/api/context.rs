@@ -12,7 +12,7 @@ use crate::config::{Ack, Config, Role};
 use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::placement::Placement;
-use crate::point::{PointId, Store};
+use crate::point::{PointId, ReadError, Store};
 use crate::replication::{Progress, Replica};
 use crate::signed_url::UrlSigner;
 
@@ -102,6 +102,21 @@ impl Context {
             )));
         }
         Ok(())
+    }
+
+    /// `Ok` if this node takes writes for `point`: its copy was committed here in a handover
+    /// (whatever the ring says until it catches up), or the ring names this node. Otherwise the
+    /// refusal naming the owner. Each append checks the point's handover record again, under
+    /// the point's lock.
+    pub async fn check_owner(&self, point: &PointId) -> Result<(), Error> {
+        match self.store.ownership(point).await {
+            Ok(ownership) if ownership.owner.as_deref() == Some(&self.config.node_name) => {
+                return Ok(());
+            }
+            Ok(_) | Err(ReadError::NotFound(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
+        self.placement.check_local(point).await
     }
 
     /// The nodes a client may read `point` (of `size` bytes) from in parallel: this node, and on

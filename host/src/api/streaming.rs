@@ -104,7 +104,7 @@ impl proto::streaming_server::Streaming for StreamingService {
                             .access
                             .authorize(&peer, Action::Produce, id.as_str())
                             .await?;
-                        state.placement.check_local(&id).await?;
+                        state.check_owner(&id).await?;
                         // The type travels with the point's first frame in the stream.
                         if !content_type.is_empty() {
                             if !crate::content::is_valid(&content_type) {
@@ -325,7 +325,7 @@ impl proto::streaming_server::Streaming for StreamingService {
             .access
             .authorize(&peer, Action::Admin, id.as_str())
             .await?;
-        self.state.placement.check_local(&id).await?;
+        self.state.check_owner(&id).await?;
         let size = self.state.store.delete(&id).await.map_err(Error::from)?;
         tracing::info!(point = %id, size, subject = %peer.subject, "deleted point");
         Ok(Response::new(DeletePointResponse { size }))

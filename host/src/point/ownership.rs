@@ -14,6 +14,11 @@ pub struct Ownership {
     /// One more at every handover: the higher epoch decides between two copies.
     #[serde(default = "first_epoch")]
     pub epoch: u64,
+    /// The member that committed `epoch` by taking the point over in a handover; `None` for a
+    /// point created by its owner, and for the copies followers hold. A copy committed here is
+    /// written here whatever the ring says until the ring catches up (`docs/resharding.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// The handover this copy is part of, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<Handover>,
@@ -23,6 +28,7 @@ impl Default for Ownership {
     fn default() -> Self {
         Self {
             epoch: FIRST_EPOCH,
+            owner: None,
             handover: None,
         }
     }

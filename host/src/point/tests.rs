@@ -280,6 +280,7 @@ async fn the_ownership_record_is_kept_with_the_point_across_a_reopen() {
         .unwrap();
     let sealed = Ownership {
         epoch: 4,
+        owner: None,
         handover: Some(Handover::Sealed {
             to: "node-b".into(),
             end: 5000,
@@ -291,6 +292,7 @@ async fn the_ownership_record_is_kept_with_the_point_across_a_reopen() {
     // A point a follower learns the epoch of before its bytes: created, empty.
     let learned = Ownership {
         epoch: 7,
+        owner: None,
         handover: None,
     };
     store
@@ -310,6 +312,7 @@ async fn the_ownership_record_is_kept_with_the_point_across_a_reopen() {
     );
     let moved = Ownership {
         epoch: 4,
+        owner: None,
         handover: Some(Handover::Moved {
             to: "node-b".into(),
             epoch: 5,
@@ -369,6 +372,7 @@ async fn a_handover_gates_clients_writes_but_not_the_copy_arriving() {
     store.append(&point, first.clone()).await.unwrap();
     let with = |handover| Ownership {
         epoch: 2,
+        owner: None,
         handover: Some(handover),
     };
     let refused = [

@@ -267,6 +267,7 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
                             &point,
                             Ownership {
                                 epoch,
+                                owner: None,
                                 handover: None,
                             },
                         )
