@@ -1,12 +1,15 @@
 //! What a client's write meets while its point is handed to a new owner (docs/resharding.md):
 //! held at the fence until the switch (or failed retryably when the fence lasts too long),
 //! then redirected to the new owner; refused, naming the old owner, where the point is still
-//! arriving. The records are set directly in the store here; the mover sets them in a cluster.
+//! arriving; a delete waits for the handover to end. The records are set directly in the store
+//! here; the mover sets them in a cluster.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::api::proto::{ListMembersRequest, LocatePointRequest, ProduceRequest};
+use goutube::api::proto::{
+    DeletePointRequest, ListMembersRequest, LocatePointRequest, ProduceRequest,
+};
 use goutube::config::Role;
 use goutube::point::{Handover, Ownership, PointId};
 use goutube_tests::{TestNode, consume, data, eventually, produce, window};
@@ -216,6 +219,31 @@ async fn a_fence_that_lasts_too_long_fails_the_write_retryably() {
     // b is not a live member here: the refusal names it as the owner that is down.
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert_eq!(refused.metadata().get("goutube-owner").unwrap(), "b");
+    assert_eq!(store.metadata(&id).await.unwrap().end, 100);
+
+    // A point in a handover is not deleted under it.
+    store
+        .set_ownership(
+            &id,
+            with(Handover::Copying {
+                to: "b".into(),
+                target_ring: 1,
+            }),
+        )
+        .await
+        .unwrap();
+    let refused = node
+        .client()
+        .await
+        .delete_point(DeletePointRequest { point: "p".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("once the handover is over"),
+        "{}",
+        refused.message()
+    );
     assert_eq!(store.metadata(&id).await.unwrap().end, 100);
     node.shutdown().await;
 }

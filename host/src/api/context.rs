@@ -12,7 +12,7 @@ use crate::config::{Ack, Config, Role};
 use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::placement::Placement;
-use crate::point::{PointId, ReadError, Store};
+use crate::point::{Handover, Ownership, PointId, ReadError, Store};
 use crate::replication::{Progress, Replica};
 use crate::signed_url::UrlSigner;
 
@@ -104,19 +104,26 @@ impl Context {
         Ok(())
     }
 
-    /// `Ok` if this node takes writes for `point`: its copy was committed here in a handover
-    /// (whatever the ring says until it catches up), or the ring names this node. Otherwise the
-    /// refusal naming the owner. Each append checks the point's handover record again, under
-    /// the point's lock.
-    pub async fn check_owner(&self, point: &PointId) -> Result<(), Error> {
-        match self.store.ownership(point).await {
-            Ok(ownership) if ownership.owner.as_deref() == Some(&self.config.node_name) => {
-                return Ok(());
-            }
-            Ok(_) | Err(ReadError::NotFound(_)) => {}
+    /// `Ok` if this node takes writes for `point`, with the handover it is part of, if any
+    /// (its copy being copied or fenced: a write waits at the fence in its append). The point's
+    /// own record decides first: handed over or still arriving is refused naming the member
+    /// that takes its writes; committed here in a handover is writable whatever the ring says
+    /// until the ring catches up. Otherwise the ring decides. Each append checks the record
+    /// again, under the point's lock.
+    pub async fn check_owner(&self, point: &PointId) -> Result<Option<Handover>, Error> {
+        let ownership = match self.store.ownership(point).await {
+            Ok(ownership) => ownership,
+            Err(ReadError::NotFound(_)) => Ownership::default(),
             Err(error) => return Err(error.into()),
+        };
+        match ownership.handover {
+            Some(handover @ (Handover::Moved { .. } | Handover::Incoming { .. })) => {
+                Err(self.placement.refuse(point, handover.peer()))
+            }
+            Some(handover) => Ok(Some(handover)),
+            None if ownership.owner.as_deref() == Some(&self.config.node_name) => Ok(None),
+            None => self.placement.check_local(point).await.map(|()| None),
         }
-        self.placement.check_local(point).await
     }
 
     /// The nodes a client may read `point` (of `size` bytes) from in parallel: this node, and on

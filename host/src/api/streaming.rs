@@ -12,11 +12,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bytes::Bytes;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -325,7 +324,12 @@ impl proto::streaming_server::Streaming for StreamingService {
             .access
             .authorize(&peer, Action::Admin, id.as_str())
             .await?;
-        self.state.check_owner(&id).await?;
+        if let Some(handover) = self.state.check_owner(&id).await? {
+            return Err(Error::Unavailable(format!(
+                "point {id} {handover}; delete it once the handover is over"
+            ))
+            .into());
+        }
         let size = self.state.store.delete(&id).await.map_err(Error::from)?;
         tracing::info!(point = %id, size, subject = %peer.subject, "deleted point");
         Ok(Response::new(DeletePointResponse { size }))
@@ -476,13 +480,20 @@ async fn append(
             return Err(state.placement.refuse(point, handover.peer()));
         }
         let deadline = *deadline.get_or_insert_with(|| Instant::now() + fence);
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            ::metrics::counter!(metrics::FENCE_TIMEOUTS).increment(1);
-            return Err(Error::Unavailable(format!(
-                "point {point} {handover}, which took longer than reshard.fence_timeout_ms \
-                 ({} ms); retry (with expected_offset a retry never writes twice)",
-                fence.as_millis()
-            )));
+        tokio::select! {
+            () = changed => {}
+            () = tokio::time::sleep_until(deadline) => {
+                ::metrics::counter!(metrics::FENCE_TIMEOUTS).increment(1);
+                return Err(Error::Unavailable(format!(
+                    "point {point} {handover}, which took longer than \
+                     reshard.fence_timeout_ms ({} ms); retry (with expected_offset a retry \
+                     never writes twice)",
+                    fence.as_millis()
+                )));
+            }
+            () = state.abort.cancelled() => {
+                return Err(Error::Unavailable("the node is shutting down".into()));
+            }
         }
     }
 }
