@@ -335,3 +335,44 @@ async fn a_put_follows_a_handed_over_point_to_the_member_that_committed_it() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_through_a_member_that_does_not_hold_the_point_appends_at_the_owners_end() {
+    let (a, b, point) = pair().await;
+    let before = data(8, 33_333);
+    produce(&mut a.client().await, &point, std::slice::from_ref(&before))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("more.bin");
+    let more = data(9, 600_000);
+    std::fs::write(&file, &more).unwrap();
+    // b neither owns nor holds the point: it answers the first look with NotFound, then
+    // refuses the write naming a, whose copy is where the upload really begins.
+    let through_b = goutube::client::Client::connect(&goutube::client::ClientOptions {
+        addr: b.addr(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let report = through_b
+            .put(
+                &point,
+                &file,
+                256 * 1024,
+                None,
+                std::sync::Arc::new(goutube::client::Quiet),
+            )
+            .await
+            .unwrap();
+        assert_eq!(report.redirected, Some(("a".to_string(), a.addr())));
+    }
+    let on_a = consume(&mut a.client().await, window(&point, 0, 0, 0))
+        .await
+        .unwrap()
+        .concat();
+    assert!(on_a == [&before[..], &more, &more].concat());
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -308,7 +308,7 @@ impl Client {
     async fn upload(
         &self,
         upload: &Upload<'_>,
-        began: &mut Option<(u64, u32)>,
+        began: &mut Option<Began>,
     ) -> Result<(Record, u64), ClientError> {
         let Upload {
             point,
@@ -321,34 +321,61 @@ impl Client {
             path: path.to_owned(),
             source,
         };
-        let (end, end_crc) = match self.stat(point).await {
-            Ok(meta) => (meta.size, meta.crc32c),
-            Err(ClientError::Status(status)) if status.code() == Code::NotFound => (0, 0),
+        let here = match self.stat(point).await {
+            Ok(meta) => Some((meta.size, meta.crc32c)),
+            Err(ClientError::Status(status)) if status.code() == Code::NotFound => None,
             Err(error) => return Err(error),
         };
-        let (start, start_crc) = *began.get_or_insert((end, end_crc));
+        let (end, end_crc) = here.unwrap_or((0, 0));
+        let began = began.get_or_insert_with(|| Began {
+            end,
+            crc: end_crc,
+            held: here.is_some(),
+            on: self.options.addr.clone(),
+        });
         let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
         let len = file.metadata().await.map_err(io_error)?.len();
-        let changed = |what: String| {
-            ClientError::Verify(format!(
-                "point {point} changed during the upload: {what}; it had {start} bytes when the \
-                 upload of {len} bytes began (another writer?)"
-            ))
+        // What of the file earlier attempts wrote here: its bytes must be the file's.
+        let resumable = match end.checked_sub(began.end) {
+            Some(0) => Ok((0, 0)),
+            Some(done) if done <= len => {
+                let crc = crc_of_prefix(&mut file, done).await.map_err(io_error)?;
+                if crc32c::crc32c_combine(began.crc, crc, done as usize) == end_crc {
+                    Ok((done, crc))
+                } else {
+                    Err(format!(
+                        "its {done} bytes after {} are not the file's",
+                        began.end
+                    ))
+                }
+            }
+            _ => Err(format!("it now ends at {end}")),
         };
-        // What of the file an earlier attempt wrote: its bytes must be the file's.
-        let done = match end.checked_sub(start) {
-            Some(done) if done <= len => done,
-            _ => return Err(changed(format!("it now ends at {end}"))),
-        };
-        let mut crc = 0;
-        if done > 0 {
-            crc = crc_of_prefix(&mut file, done).await.map_err(io_error)?;
-            if crc32c::crc32c_combine(start_crc, crc, done as usize) != end_crc {
-                return Err(changed(format!(
-                    "its first {done} bytes after {start} are not the file's"
+        let (done, mut crc) = match resumable {
+            Ok(resumed) => resumed,
+            // The upload began on another node, which did not hold the point (it redirected
+            // here): a copy here that is not the start of this upload was here before it.
+            Err(_) if !began.held && began.on != self.options.addr && here.is_some() => {
+                *began = Began {
+                    end,
+                    crc: end_crc,
+                    held: true,
+                    on: self.options.addr.clone(),
+                };
+                (0, 0)
+            }
+            Err(what) => {
+                return Err(ClientError::Verify(format!(
+                    "point {point} changed during the upload: {what}; it had {} bytes when the \
+                     upload of {len} bytes began (another writer?)",
+                    began.end
                 )));
             }
-        }
+        };
+        let (start, start_crc) = (began.end, began.crc);
+        file.seek(std::io::SeekFrom::Start(done))
+            .await
+            .map_err(io_error)?;
         progress.start(len, done);
 
         let (tx, rx) = mpsc::channel(4);
@@ -412,6 +439,16 @@ impl Client {
         }
         Ok((record, len))
     }
+}
+
+/// Where the point ended (size, CRC32C) when an upload began, whether the node asked then held
+/// it at all, and that node's address.
+#[derive(Debug, Clone)]
+struct Began {
+    end: u64,
+    crc: u32,
+    held: bool,
+    on: String,
 }
 
 /// What `put` uploads, the same for every attempt.
