@@ -1,13 +1,14 @@
 //! The follower side: connect to each leader in `leader_addresses`, offer what this node holds,
 //! and apply the records the leader pushes.
 //!
-//! A record is applied only if it starts at this node's end of the point (`Store::apply_replicated`),
-//! so nothing is applied twice and nothing is skipped; otherwise the reply tells the leader where
-//! this node really ends. Records the bundler rejects (damaged, or its answer names another point
-//! or offset than the record) are reported and sent again. Pushes are handed, in arrival order,
-//! to one applier task that writes consecutive records of a point as one batch (one journal
-//! write; one sync under `fsync = "always"`). A lost connection is retried with backoff, offering
-//! the real ends again, so a restart of either side resumes where it stopped.
+//! A record is applied only if it starts at this node's end of the point
+//! (`Store::apply_replicated`), so nothing is applied twice and nothing is skipped; otherwise the
+//! reply tells the leader where this node really ends. Records the bundler rejects (damaged, or
+//! its answer names another point or offset than the record) are reported and sent again.
+//! Pushes are handed, in arrival order, to one applier task that writes consecutive records of a
+//! point as one batch (one journal write; one sync under `fsync = "always"`). A lost connection
+//! is retried with backoff, offering the real ends again, so a restart of either side resumes
+//! where it stopped.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -186,12 +187,14 @@ async fn offers(context: &Context) -> Vec<(PointId, u64, u64)> {
     let mut offers = Vec::new();
     for id in context.store.list("", None, usize::MAX) {
         let store = &context.store;
-        match async { Ok((store.metadata(&id).await?, store.ownership(&id).await?)) }.await {
-            Ok((snapshot, ownership)) => offers.push((id, snapshot.end, ownership.epoch)),
-            Err(error) => {
-                let error: ReadError = error;
-                tracing::warn!(point = %id, %error, "not offered to the leader");
-            }
+        let held = async {
+            let end = store.metadata(&id).await?.end;
+            let epoch = store.ownership(&id).await?.epoch;
+            Ok::<_, ReadError>((end, epoch))
+        };
+        match held.await {
+            Ok((end, epoch)) => offers.push((id, end, epoch)),
+            Err(error) => tracing::warn!(point = %id, %error, "not offered to the leader"),
         }
     }
     offers

@@ -371,7 +371,12 @@ impl Replicator {
                 Some(offers) => {
                     let epoch = match store.ownership(&id).await {
                         Ok(ownership) => ownership.epoch,
-                        Err(_) => continue, // Deleted meanwhile: the removal event follows.
+                        // Deleted meanwhile: the removal event follows.
+                        Err(ReadError::NotFound(_)) => continue,
+                        Err(error) => {
+                            tracing::error!(follower = %self.follower, point = %id, %error, "cannot read the point's epoch; not replicating it in this session");
+                            continue;
+                        }
                     };
                     let offered = offers.get(id.as_str()).copied();
                     let held = offered.map_or(0, |held| held.end);
