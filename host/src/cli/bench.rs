@@ -198,6 +198,7 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
 
     let mut base_produce = Vec::new();
     let mut node_produce = Vec::new();
+    let mut node_produce_at = Vec::new();
     let mut base_consume = Vec::new();
     let mut node_consume = Vec::new();
     let mut peak_rss = 0;
@@ -216,10 +217,15 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
         base_consume.push(consume(&baseline_client, &point, total).await?);
         node_consume.push(consume(&node_client, &point, total).await?);
         peak_rss = peak_rss.max(sampler.stop());
+        // The same produce with an expected offset on every frame (safe retries, as `put`).
+        disk_write(&scratch, &pool, frames)?;
+        let at = format!("{point}-at");
+        node_produce_at.push(produce_frames(&node_client, &at, &pool, frames, true).await?);
     }
     // Deleted only now: freeing (and discarding) 1 GiB files must not land in a measured round.
     for round in 0..rounds {
         node_client.delete(&format!("bench-{round}")).await?;
+        node_client.delete(&format!("bench-{round}-at")).await?;
     }
     println!("| measurement | baseline | goutube | ratio |");
     println!("|---|---|---|---|");
@@ -230,6 +236,12 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
         &node_produce,
     );
     ratio_row("consume", total, &base_consume, &node_consume);
+    ratio_row(
+        "produce with expected_offset on every frame (baseline: the node's plain produce)",
+        total,
+        &node_produce,
+        &node_produce_at,
+    );
     println!(
         "| first write into untouched memory (pwrite, no network) | | {} | |",
         spread(total, &[cold])
@@ -603,18 +615,33 @@ async fn connect_with(addr: &str, tls: Option<ClientTls>) -> anyhow::Result<Clie
 
 /// Seconds to produce `frames` frames from `pool` to `point` in one stream.
 async fn produce(client: &Client, point: &str, pool: &[Bytes], frames: u64) -> anyhow::Result<f64> {
+    produce_frames(client, point, pool, frames, false).await
+}
+
+/// [`produce`], each frame with its `expected_offset` when `at` is set (as `goutube put` sends).
+async fn produce_frames(
+    client: &Client,
+    point: &str,
+    pool: &[Bytes],
+    frames: u64,
+    at: bool,
+) -> anyhow::Result<f64> {
     let (tx, rx) = mpsc::channel(8);
     let expected = frames * pool[0].len() as u64;
     let pool = pool.to_vec();
     let point = point.to_owned();
     let started = Instant::now();
     let feeder = tokio::spawn(async move {
+        let mut offset = 0;
         for i in 0..frames as usize {
+            let frame = pool[i % pool.len()].clone();
             let request = ProduceRequest {
                 point: point.clone(),
-                frame: pool[i % pool.len()].clone(),
+                expected_offset: at.then_some(offset),
+                frame,
                 ..Default::default()
             };
+            offset += request.frame.len() as u64;
             if tx.send(request).await.is_err() {
                 return;
             }
