@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use goutube::api::proto::streaming_client::StreamingClient;
 use goutube::api::proto::{
-    ConsumeRequest, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
+    ConsumeRequest, ListMembersRequest, ListMembersResponse, LocatePointRequest, MetadataRequest,
+    MetadataResponse, ProduceRequest, ProduceResponse,
 };
 use goutube::client::{Client, ClientOptions};
 use goutube::config::Config;
@@ -152,6 +153,38 @@ pub async fn metadata(
         })
         .await?
         .into_inner())
+}
+
+/// The cluster as `node` sees it (`ListMembers`).
+pub async fn members(node: &TestNode) -> ListMembersResponse {
+    node.client()
+        .await
+        .list_members(ListMembersRequest {})
+        .await
+        .expect("ListMembers")
+        .into_inner()
+}
+
+/// Whether `node` holds a formed ring and sees `live` live members.
+pub async fn sees(node: &TestNode, live: usize) -> bool {
+    let view = members(node).await;
+    !view.ring.is_empty() && view.members.iter().filter(|m| m.live).count() == live
+}
+
+/// The member that owns `point` in the ring, as `node` locates it.
+pub async fn owner(node: &TestNode, point: &str) -> String {
+    node.client()
+        .await
+        .locate_point(LocatePointRequest {
+            point: point.into(),
+            replicas: 1,
+        })
+        .await
+        .expect("LocatePoint")
+        .into_inner()
+        .owners[0]
+        .name
+        .clone()
 }
 
 /// Asserts that every one of `statuses` is PermissionDenied, with `reason` in its message.
@@ -612,7 +645,6 @@ impl ProcessReplicas {
     /// Starts the leader, `followers` follower processes and the balancer, and waits until the
     /// followers are connected and the balancer sees every member and the ring.
     pub async fn start(followers: usize) -> ProcessReplicas {
-        use goutube::api::proto::ListMembersRequest;
         use goutube::config::Role;
         let leader = TestNode::start(|c| {
             c.node_name = "leader".into();
@@ -651,16 +683,8 @@ impl ProcessReplicas {
             replicas.connected_followers().await == followers
         })
         .await;
-        eventually("the balancer sees every member", || async {
-            let view = replicas
-                .balancer
-                .client()
-                .await
-                .list_members(ListMembersRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            !view.ring.is_empty() && view.members.iter().filter(|m| m.live).count() == followers + 2
+        eventually("the balancer sees every member", || {
+            sees(&replicas.balancer, followers + 2)
         })
         .await;
         replicas

@@ -13,7 +13,7 @@ use goutube::api::proto::{
 use goutube::config::{Config, PluginSection, Role};
 use goutube_tests::{
     Pki, ProcessReplicas, TestNode, assert_denied, consume, data, eventually, metadata, metric,
-    produce, raw_client, scrape_metrics, window,
+    owner as owner_by, produce, raw_client, scrape_metrics, sees, window,
 };
 
 fn seeded(config: &mut Config, seed: &str, expect: usize) {
@@ -118,19 +118,7 @@ impl Scenario {
     }
 
     async fn owner(&self, point: &str) -> String {
-        self.balancer
-            .client()
-            .await
-            .locate_point(LocatePointRequest {
-                point: point.into(),
-                replicas: 1,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .owners[0]
-            .name
-            .clone()
+        owner_by(&self.balancer, point).await
     }
 
     /// A point each leader owns.
@@ -611,42 +599,16 @@ async fn a_refusal_naming_another_owner_is_followed() {
         seeded(c, &seed, 2);
     })
     .await;
-    let locate = |node: &TestNode, point: String| {
-        let addr = node.addr();
-        async move {
-            raw_client(&addr)
-                .await
-                .locate_point(LocatePointRequest { point, replicas: 1 })
-                .await
-                .map(|r| r.into_inner().owners[0].name.clone())
-        }
-    };
     eventually(
         "all three to see each other and the formed ring",
-        || async {
-            for node in [&first, &second, &balancer] {
-                let view = node
-                    .client()
-                    .await
-                    .list_members(ListMembersRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let owners = view.members.iter().filter(|m| m.owns_range).count();
-                let live = view.members.iter().filter(|m| m.live).count();
-                if view.ring.is_empty() || owners != 2 || live != 3 {
-                    return false;
-                }
-            }
-            true
-        },
+        || async { sees(&first, 3).await && sees(&second, 3).await && sees(&balancer, 3).await },
     )
     .await;
     let mut point = None;
     for i in 0..1000 {
         let candidate = format!("videos/{i}");
-        let by_ring = locate(&balancer, candidate.clone()).await.unwrap();
-        let by_rendezvous = locate(&first, candidate.clone()).await.unwrap();
+        let by_ring = owner_by(&balancer, &candidate).await;
+        let by_rendezvous = owner_by(&first, &candidate).await;
         if by_ring != by_rendezvous {
             point = Some((candidate, by_ring, by_rendezvous));
             break;

@@ -7,12 +7,10 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::api::proto::{
-    DeletePointRequest, ListMembersRequest, LocatePointRequest, ProduceRequest,
-};
+use goutube::api::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::Role;
 use goutube::point::{Handover, Ownership, PointId};
-use goutube_tests::{TestNode, consume, data, eventually, produce, window};
+use goutube_tests::{TestNode, consume, data, eventually, owner, produce, sees, window};
 use tonic::Code;
 
 fn frame(point: &str, expected_offset: u64, bytes: &[u8]) -> ProduceRequest {
@@ -58,42 +56,18 @@ async fn pair() -> (TestNode, TestNode, String) {
     })
     .await;
     eventually("both to see each other in the formed ring", || async {
-        for node in [&a, &b] {
-            let view = node
-                .client()
-                .await
-                .list_members(ListMembersRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            let live = view.members.iter().filter(|m| m.live).count();
-            if view.ring.is_empty() || live != 2 {
-                return false;
-            }
-        }
-        true
+        sees(&a, 2).await && sees(&b, 2).await
     })
     .await;
     let point = owned_by(&a, "a", "videos").await;
     (a, b, point)
 }
 
-/// A point id starting with `prefix` whose owner in the ring, as `node` sees it, is `owner`.
-async fn owned_by(node: &TestNode, owner: &str, prefix: &str) -> String {
+/// A point id starting with `prefix` whose owner in the ring, as `node` sees it, is `name`.
+async fn owned_by(node: &TestNode, name: &str, prefix: &str) -> String {
     for i in 0.. {
         let point = format!("{prefix}/{i}");
-        let owners = node
-            .client()
-            .await
-            .locate_point(LocatePointRequest {
-                point: point.clone(),
-                replicas: 1,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .owners;
-        if owners[0].name == owner {
+        if owner(node, &point).await == name {
             return point;
         }
     }

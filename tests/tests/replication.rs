@@ -39,19 +39,27 @@ async fn follower(
     leader: &TestNode,
     configure: impl FnOnce(&mut Config),
 ) -> TestNode {
+    let follows = follows(pki, name, leader);
+    TestNode::start(move |c| {
+        follows(c);
+        configure(c);
+    })
+    .await
+}
+
+/// The configuration of follower `name` of `leader` (its certificate, the cluster key).
+fn follows(pki: &Pki, name: &str, leader: &TestNode) -> impl FnOnce(&mut Config) + use<> {
     let tls = pki.node(name);
     let key = pki.cluster_key();
     let leader_address = leader.node.replication_addr().to_string();
     let name = name.to_owned();
-    TestNode::start(move |c| {
+    move |c| {
         c.node_name = name;
         c.role = Role::Follower;
         c.leader_addresses = vec![leader_address];
         c.tls = Some(tls);
         c.cluster.key_file = Some(key);
-        configure(c);
-    })
-    .await
+    }
 }
 
 /// The leader's live followers (FollowerResolverHelper.GetFollowers).
@@ -202,17 +210,7 @@ async fn lost_diverged_and_deleted_copies_are_repaired() {
         .await
         .unwrap();
 
-    let leader_address = leader.node.replication_addr().to_string();
-    let tls = pki.node("f1");
-    let key = pki.cluster_key();
-    let node = goutube_tests::start_in(dir.path(), move |c| {
-        c.node_name = "f1".into();
-        c.role = Role::Follower;
-        c.leader_addresses = vec![leader_address];
-        c.tls = Some(tls);
-        c.cluster.key_file = Some(key);
-    })
-    .await;
+    let node = goutube_tests::start_in(dir.path(), follows(&pki, "f1", &leader)).await;
     let f = TestNode { node, dir };
     let mut to_follower = pki.client("root", &f.addr()).await;
     for (i, point) in [(0, "lost"), (1, "diverged"), (3, "kept")] {
@@ -545,17 +543,7 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
     assert!(started.elapsed() >= Duration::from_millis(900) && started.elapsed() < DEADLINE);
     assert_eq!(metadata(&mut to_leader, "p").await.unwrap().size, 100_000);
 
-    let leader_address = leader.node.replication_addr().to_string();
-    let tls = pki.node("f1");
-    let key = pki.cluster_key();
-    let node = goutube_tests::start_in(dir.path(), move |c| {
-        c.node_name = "f1".into();
-        c.role = Role::Follower;
-        c.leader_addresses = vec![leader_address];
-        c.tls = Some(tls);
-        c.cluster.key_file = Some(key);
-    })
-    .await;
+    let node = goutube_tests::start_in(dir.path(), follows(&pki, "f1", &leader)).await;
     let to_follower = pki.client("root", &node.rpc_addr().to_string()).await;
     converged(&to_leader, &to_follower, "p").await;
     node.shutdown().await.unwrap();
@@ -816,17 +804,7 @@ async fn epochs_decide_between_the_leaders_copy_and_the_followers() {
         .unwrap();
     let newer_before = counter("goutube_replication_newer_copies_total");
 
-    let leader_address = leader.node.replication_addr().to_string();
-    let tls = pki.node("f1");
-    let key = pki.cluster_key();
-    let node = goutube_tests::start_in(dir.path(), move |c| {
-        c.node_name = "f1".into();
-        c.role = Role::Follower;
-        c.leader_addresses = vec![leader_address];
-        c.tls = Some(tls);
-        c.cluster.key_file = Some(key);
-    })
-    .await;
+    let node = goutube_tests::start_in(dir.path(), follows(&pki, "f1", &leader)).await;
     let f = TestNode { node, dir };
     let mut to_follower = pki.client("root", &f.addr()).await;
 
