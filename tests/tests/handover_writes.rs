@@ -22,6 +22,15 @@ fn frame(point: &str, expected_offset: u64, bytes: &[u8]) -> ProduceRequest {
     }
 }
 
+/// A write of 50 bytes at offset 100 of point `p` on `node`, which must be refused.
+async fn refused_write(node: &TestNode) -> tonic::Status {
+    node.client()
+        .await
+        .produce_stream(tokio_stream::iter([frame("p", 100, &data(2, 50))]))
+        .await
+        .expect_err("the write is refused")
+}
+
 fn with(handover: Handover) -> Ownership {
     Ownership {
         epoch: 2,
@@ -158,12 +167,7 @@ async fn a_fence_that_lasts_too_long_fails_the_write_retryably() {
     let store = node.node.store().unwrap();
     store.set_ownership(&id, sealed("b", 100)).await.unwrap();
     let started = Instant::now();
-    let refused = node
-        .client()
-        .await
-        .produce_stream(tokio_stream::iter([frame("p", 100, &data(2, 50))]))
-        .await
-        .unwrap_err();
+    let refused = refused_write(&node).await;
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(
@@ -184,12 +188,7 @@ async fn a_fence_that_lasts_too_long_fails_the_write_retryably() {
         )
         .await
         .unwrap();
-    let refused = node
-        .client()
-        .await
-        .produce_stream(tokio_stream::iter([frame("p", 100, &data(2, 50))]))
-        .await
-        .unwrap_err();
+    let refused = refused_write(&node).await;
     // b is not a live member here: the refusal names it as the owner that is down.
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert_eq!(refused.metadata().get("goutube-owner").unwrap(), "b");

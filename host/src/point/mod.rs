@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, broadcast, mpsc, watch};
+use tokio::sync::{Mutex, MutexGuard, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -395,19 +395,9 @@ impl Store {
         let lent = (self.inner.events.receiver_count() > 0).then(|| frames.clone());
         let appended = loop {
             let point = self.get_or_insert(id);
-            let mut state = point.state.lock().await;
-            if state.deleted {
-                // Deleted while we waited: the next lookup creates it anew.
+            let Some(mut state) = self.lock_open(id, &point).await? else {
                 continue;
-            }
-            if let Err(error) = point.ensure_open(shared, &mut state).await {
-                if !state.recovered {
-                    // Never came into existence: forget it again.
-                    state.deleted = true;
-                    self.inner.points.write().unwrap().remove(id);
-                }
-                return Err(error.into());
-            }
+            };
             if origin == Origin::Client
                 && let Some(handover) = &point.meta(&mut state).await?.ownership.handover
                 && !handover.accepts_writes()
@@ -517,6 +507,29 @@ impl Store {
             Ok(Some((meta, fsync)))
         })
         .await
+        .map(|_| ())
+    }
+
+    /// Locks `point` (the one `id` names) with its files open, creating them for a new point.
+    /// `None` when it was deleted while this waited: look `id` up again, which creates it anew.
+    /// A new point whose files cannot be created is forgotten again.
+    async fn lock_open<'a>(
+        &self,
+        id: &PointId,
+        point: &'a Arc<Point>,
+    ) -> Result<Option<MutexGuard<'a, State>>, StorageError> {
+        let mut state = point.state.lock().await;
+        if state.deleted {
+            return Ok(None);
+        }
+        if let Err(error) = point.ensure_open(&self.inner.shared, &mut state).await {
+            if !state.recovered {
+                state.deleted = true;
+                self.inner.points.write().unwrap().remove(id);
+            }
+            return Err(error);
+        }
+        Ok(Some(state))
     }
 
     /// The ownership record of `id`: its epoch and the handover it is part of, if any.
@@ -534,50 +547,43 @@ impl Store {
         id: &PointId,
         ownership: Ownership,
     ) -> Result<(), AppendError> {
-        self.update_meta(id, |meta, _| {
-            if meta.ownership == ownership {
-                return Ok(None);
-            }
-            let meta = Meta {
-                ownership,
-                ..meta.clone()
-            };
-            Ok(Some((meta, Fsync::Always)))
-        })
-        .await?;
-        self.inner.ownership_changed.notify_waiters();
+        let changed = self
+            .update_meta(id, |meta, _| {
+                if meta.ownership == ownership {
+                    return Ok(None);
+                }
+                let meta = Meta {
+                    ownership,
+                    ..meta.clone()
+                };
+                Ok(Some((meta, Fsync::Always)))
+            })
+            .await?;
+        if changed {
+            self.inner.ownership_changed.notify_waiters();
+        }
         Ok(())
     }
 
     /// Opens `id` (creating it if needed) and, under its lock, writes the `point.meta` that
     /// `change` makes of the current one and whether the point has bytes (`None`: unchanged).
+    /// Returns whether it changed.
     async fn update_meta(
         &self,
         id: &PointId,
         change: impl FnOnce(&Meta, bool) -> Result<Option<(Meta, Fsync)>, AppendError>,
-    ) -> Result<(), AppendError> {
-        let shared = &self.inner.shared;
+    ) -> Result<bool, AppendError> {
         loop {
             let point = self.get_or_insert(id);
-            let mut state = point.state.lock().await;
-            if state.deleted {
+            let Some(mut state) = self.lock_open(id, &point).await? else {
                 continue;
-            }
-            if let Err(error) = point.ensure_open(shared, &mut state).await {
-                if !state.recovered {
-                    state.deleted = true;
-                    self.inner.points.write().unwrap().remove(id);
-                }
-                return Err(error.into());
-            }
+            };
             let has_bytes = state.end > 0;
             let Some((meta, fsync)) = change(point.meta(&mut state).await?, has_bytes)? else {
-                return Ok(());
+                return Ok(false);
             };
-            return point
-                .replace_meta(&mut state, meta, fsync)
-                .await
-                .map_err(AppendError::from);
+            point.replace_meta(&mut state, meta, fsync).await?;
+            return Ok(true);
         }
     }
 
