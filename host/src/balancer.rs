@@ -609,6 +609,22 @@ impl proto::streaming_server::Streaming for BalancerService {
         Ok(Response::new(located))
     }
 
+    async fn drain_member(
+        &self,
+        request: Request<proto::DrainMemberRequest>,
+    ) -> Result<Response<proto::DrainMemberResponse>, Status> {
+        let caller = PeerInfo::of(&request);
+        self.0.access.authorize(&caller, Action::Admin, "").await?;
+        let node = request.into_inner().node;
+        let membership = self.0.placement.membership();
+        let address = membership.rpc_addr(&node).unwrap_or("an unknown address");
+        Err(Error::FailedPrecondition(format!(
+            "a balancer drains nothing: ask node {} at {address}",
+            crate::error::bounded(&node)
+        ))
+        .into())
+    }
+
     async fn list_members(
         &self,
         request: Request<ListMembersRequest>,

@@ -32,6 +32,12 @@ pub const FOLLOWERS: &str = "goutube_followers";
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
 pub const FENCE_TIMEOUTS: &str = "goutube_reshard_fence_timeouts_total";
+pub const RESHARD_MOVES_IN_FLIGHT: &str = "goutube_reshard_moves_in_flight";
+pub const RESHARD_MOVED_POINTS: &str = "goutube_reshard_moved_points_total";
+pub const RESHARD_RECEIVED_POINTS: &str = "goutube_reshard_received_points_total";
+pub const RESHARD_MOVED_BYTES: &str = "goutube_reshard_moved_bytes_total";
+pub const RESHARD_FAILED_MOVES: &str = "goutube_reshard_failed_moves_total";
+pub const RESHARD_FENCE_SECONDS: &str = "goutube_reshard_fence_seconds";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
 pub const GOSSIP_DROPPED: &str = "goutube_gossip_dropped_total";
 pub const HTTP_REQUESTS: &str = "goutube_http_requests_total";
@@ -136,6 +142,32 @@ fn describe() {
     describe_counter!(
         FENCE_TIMEOUTS,
         "Writes that waited at a handover's fence longer than reshard.fence_timeout_ms."
+    );
+    describe_gauge!(
+        RESHARD_MOVES_IN_FLIGHT,
+        "Points this node is handing to their new owner now."
+    );
+    describe_counter!(
+        RESHARD_MOVED_POINTS,
+        "Points this node handed to their new owner (committed there)."
+    );
+    describe_counter!(
+        RESHARD_RECEIVED_POINTS,
+        "Points this node took over from their old owner."
+    );
+    describe_counter!(
+        RESHARD_MOVED_BYTES,
+        Unit::Bytes,
+        "Bytes of points handed over that the new owner did not hold yet."
+    );
+    describe_counter!(
+        RESHARD_FAILED_MOVES,
+        "Handovers that failed and will be tried again."
+    );
+    describe_histogram!(
+        RESHARD_FENCE_SECONDS,
+        Unit::Seconds,
+        "How long writes of a point were fenced in its handover (seal to switch)."
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

@@ -259,6 +259,8 @@ impl Node {
                         progress: progress.clone(),
                         rpc_addr: addresses.rpc,
                         leader,
+                        membership: cluster.membership(),
+                        steps: cluster.steps(),
                     },
                     listeners.replication,
                     CancellationToken::new(),
@@ -273,6 +275,7 @@ impl Node {
                     placement: placement.clone(),
                     progress,
                     signer: signer.clone(),
+                    steps: cluster.steps(),
                 });
                 let api = api::start(
                     api::streaming::StreamingService::new(context.clone()),

@@ -13,8 +13,9 @@ use tokio::sync::watch;
 
 use crate::cache::GenerationCache;
 use crate::cluster::Membership;
+use crate::cluster::ring::Ring;
 use crate::error::{Error, bounded};
-use crate::plugins::{Plugins, types};
+use crate::plugins::{PluginSet, Plugins, types};
 use crate::point::PointId;
 
 pub struct Placement {
@@ -59,17 +60,7 @@ impl Placement {
                 "the ring is not formed yet: this node waits for cluster.bootstrap_expect primaries to find each other".into(),
             ));
         }
-        let members: Vec<types::Member> = membership
-            .ring
-            .owners()
-            .map(|(name, member)| types::Member {
-                name: name.clone(),
-                address: member.rpc_addr.clone(),
-                role: member.role.as_str().into(),
-                virtual_nodes: member.virtual_nodes,
-                tags: member.tags.clone().into_iter().collect(),
-            })
-            .collect();
+        let members = members(&membership.ring);
         if members.is_empty() {
             return Err(Error::Unavailable(
                 "no member of the ring owns a range".into(),
@@ -88,7 +79,7 @@ impl Placement {
         .await
         .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?;
         let answer = answer.map_err(|e| Error::Unavailable(format!("placement: {e}")))?;
-        let owners: Arc<[String]> = check(&membership, answer, replicas)
+        let owners: Arc<[String]> = check(&membership.ring, answer, replicas)
             .map_err(|problem| {
                 Error::Unavailable(format!(
                     "placement plugin {name} {problem}; writes fail closed"
@@ -131,12 +122,37 @@ fn refusal(membership: &Membership, point: &PointId, owner: &str) -> Error {
     }
 }
 
+/// The owner of `point` in `ring` (any ring, not only the current one: resharding asks about
+/// the ring a pending change leads to), by the placement plugin of `plugins`, checked as routing
+/// checks it. Calls into WebAssembly: not for an async task's thread.
+pub fn owner_in(plugins: &PluginSet, ring: &Ring, point: &str) -> Result<String, String> {
+    let members = members(ring);
+    if members.is_empty() {
+        return Err("no member of the ring owns a range".into());
+    }
+    let answer = plugins
+        .owners(point, &members, 1)
+        .map_err(|e| format!("placement: {e}"))?;
+    check(ring, answer, 1)
+        .map(|mut owners| owners.swap_remove(0))
+        .map_err(|problem| format!("placement plugin {} {problem}", plugins.placement.name()))
+}
+
+/// The members of `ring` that own a range, as the placement plugin sees them.
+fn members(ring: &Ring) -> Vec<types::Member> {
+    ring.owners()
+        .map(|(name, member)| types::Member {
+            name: name.clone(),
+            address: member.rpc_addr.clone(),
+            role: member.role.as_str().into(),
+            virtual_nodes: member.virtual_nodes,
+            tags: member.tags.clone().into_iter().collect(),
+        })
+        .collect()
+}
+
 /// The plugin's answer, if it names between 1 and `replicas` distinct owners of the ring.
-fn check(
-    membership: &Membership,
-    answer: Vec<String>,
-    replicas: u32,
-) -> Result<Vec<String>, String> {
+fn check(ring: &Ring, answer: Vec<String>, replicas: u32) -> Result<Vec<String>, String> {
     if answer.is_empty() {
         return Err("answered no owner".into());
     }
@@ -149,8 +165,7 @@ fn check(
     }
     let mut seen = HashSet::new();
     for name in &answer {
-        let owns = membership
-            .ring
+        let owns = ring
             .members
             .get(name)
             .is_some_and(|member| member.owns_range());

@@ -1,6 +1,8 @@
 //! Resharding: handing points to their new owner when the ring changes. The protocol — durable
 //! per-point epochs, the handover driven by the old owner, fencing, crash recovery — is designed
-//! in `docs/resharding.md`; what is built so far is its first piece, the move plan.
+//! in `docs/resharding.md`. This module holds the move plan; the handover that carries a move
+//! out runs on the replication thread (`replication::mover`, `replication::handover`), since it
+//! speaks Cap'n Proto.
 //!
 //! The plan is a pure function of the points a node holds and two ownership answers (the current
 //! ring's and the target ring's, both from the placement plugin, so any placement a user

@@ -16,6 +16,25 @@ interface Leader {
 
   # The leader's node name, asked before any capability is handed over.
   identify @1 () -> (name :Text);
+
+  # Resharding (docs/resharding.md): the old owner of points (`from`, the caller, whose
+  # certificate must name it) hands them to this node, one point at a time. `receive` gives the
+  # sink the caller pushes the handed points' bytes into (applied like a follower's, but only to
+  # points this node holds as `incoming` from the caller); `handover` starts or resumes the move
+  # of one point and answers what this node already holds of it; `seal` ends it: this node
+  # commits `epoch + 1` if it holds exactly `end` bytes with CRC32C `crc`; `cancel` drops a move
+  # the caller no longer makes.
+  receive @2 (from :Text) -> (sink :Sink);
+  handover @3 (from :Text, point :Text, epoch :UInt64) -> (end :UInt64);
+  seal @4 (from :Text, point :Text, end :UInt64, crc :UInt32) -> (outcome :Sealed);
+  cancel @5 (from :Text, point :Text) -> ();
+}
+
+struct Sealed {
+  union {
+    committed @0 :UInt64;  # this node owns the point at this epoch (also when asked again)
+    refused @1 :Text;      # it does not hold what the caller sealed: the move starts over
+  }
 }
 
 struct Hello {

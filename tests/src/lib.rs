@@ -39,6 +39,17 @@ pub fn data(seed: u64, len: usize) -> Vec<u8> {
     bytes
 }
 
+/// With `GOUTUBE_TEST_LOG` set (a `tracing` filter such as `goutube=info`), the nodes a test
+/// starts in its process log to stderr: what to read when a test fails.
+pub fn log() {
+    if let Ok(filter) = std::env::var("GOUTUBE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A configuration for a node on 127.0.0.1 with every port 0 and its data in `dir`.
 pub fn config(dir: &Path) -> Config {
     Config {
@@ -91,6 +102,7 @@ impl TestNode {
 
 /// Starts a node whose data lives in `dir`.
 pub async fn start_in(dir: &Path, configure: impl FnOnce(&mut Config)) -> Node {
+    log();
     let mut config = config(dir);
     configure(&mut config);
     config.validate().expect("test configuration is valid");

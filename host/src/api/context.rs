@@ -8,11 +8,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, Action};
+use crate::cluster::{Lifecycle, Steps};
 use crate::config::{Ack, Config, Role};
 use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::placement::Placement;
-use crate::point::{Handover, Ownership, PointId, ReadError, Store};
+use crate::point::{Handover, PointId, ReadError, Store};
 use crate::replication::{Progress, Replica};
 use crate::signed_url::UrlSigner;
 
@@ -31,6 +32,8 @@ pub struct Context {
     pub progress: Arc<Progress>,
     /// Signs the URLs of the HTTP gateway (`SignUrl`).
     pub signer: Arc<UrlSigner>,
+    /// This member's lifecycle steps (`DrainMember`).
+    pub steps: Steps,
 }
 
 /// Request metadata: the subject a balancer forwards a call for (binary, so that any subject
@@ -113,7 +116,11 @@ impl Context {
     pub async fn check_owner(&self, point: &PointId) -> Result<Option<Handover>, Error> {
         let ownership = match self.store.ownership(point).await {
             Ok(ownership) => ownership,
-            Err(ReadError::NotFound(_)) => Ownership::default(),
+            Err(ReadError::NotFound(_)) => {
+                self.placement.check_local(point).await?;
+                self.check_not_leaving(point)?;
+                return Ok(None);
+            }
             Err(error) => return Err(error.into()),
         };
         match ownership.handover {
@@ -124,6 +131,25 @@ impl Context {
             None if ownership.owner.as_deref() == Some(&self.config.node_name) => Ok(None),
             None => self.placement.check_local(point).await.map(|()| None),
         }
+    }
+
+    /// A draining member creates no point: it would have to hand it over too, and a point
+    /// created after its last move would be left behind. The client retries and, once the
+    /// drain is over, the ring names the point's next owner.
+    fn check_not_leaving(&self, point: &PointId) -> Result<(), Error> {
+        let membership = self.placement.membership();
+        let leaving = membership
+            .ring
+            .members
+            .get(&membership.local)
+            .is_some_and(|member| member.lifecycle == Lifecycle::Leaving);
+        if leaving {
+            return Err(Error::Unavailable(format!(
+                "node {} is draining and creates no point; retry point {point} once the drain is over",
+                membership.local
+            )));
+        }
+        Ok(())
     }
 
     /// The nodes a client may read `point` (of `size` bytes) from in parallel: this node, and on

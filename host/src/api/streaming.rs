@@ -23,13 +23,14 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Context;
 use super::proto::{
     self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
-    GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
-    ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
-    LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, SignUrlRequest, SignUrlResponse,
+    DrainMemberRequest, DrainMemberResponse, GetFollowersRequest, GetFollowersResponse,
+    GetServersRequest, GetServersResponse, ListMembersRequest, ListMembersResponse,
+    ListPointsRequest, ListPointsResponse, LocatePointRequest, LocatePointResponse,
+    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, SignUrlRequest,
+    SignUrlResponse,
 };
 use crate::access::{Access, Action};
-use crate::cluster::Membership;
+use crate::cluster::{Lifecycle, Membership};
 use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
@@ -311,6 +312,47 @@ impl proto::streaming_server::Streaming for StreamingService {
         let state = &self.state;
         let signed = sign_url(&state.access, &state.signer, &peer, request.into_inner()).await?;
         Ok(Response::new(signed))
+    }
+
+    async fn drain_member(
+        &self,
+        request: Request<DrainMemberRequest>,
+    ) -> Result<Response<DrainMemberResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let state = &self.state;
+        state.access.authorize(&peer, Action::Admin, "").await?;
+        let node = request.into_inner().node;
+        let local = &state.config.node_name;
+        if node != *local {
+            return Err(Error::FailedPrecondition(format!(
+                "this is node {local}, not {}: ask the node to drain itself",
+                crate::error::bounded(&node)
+            ))
+            .into());
+        }
+        let current = state
+            .placement
+            .membership()
+            .ring
+            .members
+            .get(local)
+            .map(|member| member.lifecycle);
+        if current != Some(Lifecycle::Left) {
+            state
+                .steps
+                .set_lifecycle(Lifecycle::Leaving)
+                .await
+                .map_err(|error| {
+                    Error::FailedPrecondition(format!("cannot drain {local}: {error}"))
+                })?;
+            tracing::info!(subject = %peer.subject, "draining: handing every point to its next owner");
+        }
+        let state = current
+            .filter(|&lifecycle| lifecycle == Lifecycle::Left)
+            .unwrap_or(Lifecycle::Leaving);
+        Ok(Response::new(DrainMemberResponse {
+            state: state.as_str().to_owned(),
+        }))
     }
 
     async fn delete_point(

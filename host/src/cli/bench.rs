@@ -978,6 +978,13 @@ impl Streaming for Baseline {
         Err(Status::unimplemented("baseline"))
     }
 
+    async fn drain_member(
+        &self,
+        _: Request<goutube::api::proto::DrainMemberRequest>,
+    ) -> Result<Response<goutube::api::proto::DrainMemberResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     async fn sign_url(
         &self,
         _: Request<goutube::api::proto::SignUrlRequest>,

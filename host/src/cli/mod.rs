@@ -87,8 +87,15 @@ pub enum Command {
         #[command(flatten)]
         connection: Connection,
     },
-    /// Show the cluster as a node sees it: the ring's members and every live member.
+    /// Show the cluster as a node sees it: the ring's members and every live member; or change
+    /// a member (`goutube members drain NODE`).
     Members {
+        /// `drain`: NODE hands every point it owns to the point's next owner, then leaves the
+        /// ring (`left`) and may be stopped. Asked of NODE itself, found through --addr.
+        #[arg(value_enum, requires = "node")]
+        action: Option<MembersAction>,
+        /// The member to change.
+        node: Option<String>,
         #[command(flatten)]
         connection: Connection,
     },
@@ -174,6 +181,12 @@ impl Connection {
     }
 }
 
+/// What `goutube members` does to a member.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MembersAction {
+    Drain,
+}
+
 impl Command {
     /// The connection flags of a client command.
     fn connection(&self) -> Option<&Connection> {
@@ -183,7 +196,7 @@ impl Command {
             | Command::Stat { connection, .. }
             | Command::Ls { connection, .. }
             | Command::Rm { connection, .. }
-            | Command::Members { connection }
+            | Command::Members { connection, .. }
             | Command::Url { connection, .. } => Some(connection),
             Command::Run { .. } | Command::Certs { .. } | Command::Bench(_) => None,
         }
@@ -383,10 +396,29 @@ async fn command(command: Command) -> anyhow::Result<()> {
             println!("{point}: deleted ({size} bytes)");
             Ok(())
         }
-        Command::Members { connection } => {
+        Command::Members {
+            action: None,
+            connection,
+            ..
+        } => {
             init_client_logging();
             let members = connection.connect().await?.members().await?;
             print_members(&members);
+            Ok(())
+        }
+        Command::Members {
+            action: Some(MembersAction::Drain),
+            node,
+            connection,
+        } => {
+            init_client_logging();
+            let node = node.expect("clap requires the node with an action");
+            let client = connection.connect().await?;
+            let state = client.drain(&node, &connection.options()).await?;
+            println!(
+                "{node}: {state}; it hands its points to their next owners, then leaves the ring \
+                 (watch `goutube members`)"
+            );
             Ok(())
         }
         Command::Url {

@@ -25,8 +25,8 @@ use tonic::{Code, Status};
 
 use crate::api::proto::streaming_client::StreamingClient;
 use crate::api::proto::{
-    DeletePointRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
-    MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
+    DeletePointRequest, DrainMemberRequest, ListMembersRequest, ListMembersResponse,
+    ListPointsRequest, MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
 };
 use crate::api::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
 use crate::error::{END_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
@@ -230,6 +230,41 @@ impl Client {
     }
 
     /// The cluster as the node sees it.
+    /// Starts draining the primary `node` (`docs/resharding.md`): asks the node itself, at the
+    /// address the cluster knows it by, with the TLS settings of `options`. Returns its state
+    /// in the ring (`leaving`, or `left` when it was drained already).
+    pub async fn drain(&self, node: &str, options: &ClientOptions) -> Result<String, ClientError> {
+        let members = self.members().await?;
+        let member = members
+            .members
+            .iter()
+            .find(|member| member.name == node)
+            .ok_or_else(|| {
+                ClientError::Status(Status::not_found(format!(
+                    "{node} is not a member of the cluster {} sees",
+                    members.node
+                )))
+            })?;
+        if !member.in_ring {
+            return Err(ClientError::Status(Status::failed_precondition(format!(
+                "{node} is not in the ring: only primaries are drained"
+            ))));
+        }
+        let options = ClientOptions {
+            addr: member.rpc_addr.clone(),
+            tls: options.tls.clone(),
+        };
+        let drained = Client::connect(&options)
+            .await?
+            .raw()
+            .drain_member(DrainMemberRequest {
+                node: node.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(drained.state)
+    }
+
     pub async fn members(&self) -> Result<ListMembersResponse, ClientError> {
         Ok(self
             .raw()

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -90,8 +90,11 @@ pub enum Lifecycle {
     Joining,
     /// Owns its ranges (followers and other non-primaries are always `active`).
     Active,
-    /// Handing its ranges over before leaving the ring.
+    /// Handing its ranges over before leaving the ring (`goutube members drain`).
     Leaving,
+    /// Drained: owns nothing and may be stopped for good. Its record stays in the ring, so the
+    /// others know it left rather than died.
+    Left,
 }
 
 impl Lifecycle {
@@ -100,6 +103,7 @@ impl Lifecycle {
             Lifecycle::Joining => "joining",
             Lifecycle::Active => "active",
             Lifecycle::Leaving => "leaving",
+            Lifecycle::Left => "left",
         }
     }
 
@@ -108,6 +112,7 @@ impl Lifecycle {
             "joining" => Some(Lifecycle::Joining),
             "active" => Some(Lifecycle::Active),
             "leaving" => Some(Lifecycle::Leaving),
+            "left" => Some(Lifecycle::Left),
             _ => None,
         }
     }
@@ -332,13 +337,49 @@ pub enum ClusterError {
 pub struct Cluster {
     handle: Handle,
     membership: watch::Receiver<Arc<Membership>>,
+    steps: Steps,
     kill: CancellationToken,
+}
+
+/// Changes this primary's own lifecycle state in the ring: the explicit steps of a drain
+/// (`active` → `leaving` → `left`). Cheap to clone; answered by the membership loop once the
+/// ring holding the new state is saved and published.
+#[derive(Clone)]
+pub struct Steps(mpsc::Sender<(Lifecycle, oneshot::Sender<Result<(), StepError>>)>);
+
+/// Why a lifecycle step was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    #[error("this node is not a member of a formed ring")]
+    NotInRing,
+    #[error("a member cannot go from {from} to {to}", from = .from.as_str(), to = .to.as_str())]
+    Transition { from: Lifecycle, to: Lifecycle },
+    #[error("the membership subsystem has stopped")]
+    Stopped,
+}
+
+impl Steps {
+    /// Sets this member's state to `to`: `leaving` from `active`, `left` from `leaving` (or
+    /// from `joining`, which owns nothing). Setting the current state again is not an error.
+    pub async fn set_lifecycle(&self, to: Lifecycle) -> Result<(), StepError> {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send((to, reply))
+            .await
+            .map_err(|_| StepError::Stopped)?;
+        answer.await.map_err(|_| StepError::Stopped)?
+    }
 }
 
 impl Cluster {
     /// The newest membership, always.
     pub fn membership(&self) -> watch::Receiver<Arc<Membership>> {
         self.membership.clone()
+    }
+
+    /// Where this member's lifecycle steps are asked for.
+    pub fn steps(&self) -> Steps {
+        self.steps.clone()
     }
 
     /// Announces the departure from the live view, waits for it to spread, stops gossiping.
@@ -426,24 +467,31 @@ pub async fn start(
     let stop = service.token().clone();
     let killed = kill.clone();
     let leader = params.leader;
+    let (steps, asked) = mpsc::channel(4);
     service.spawn(
         "gossip",
-        run(state, gossip, publish, leader, interval, stop, killed),
+        run(
+            state, gossip, publish, leader, asked, interval, stop, killed,
+        ),
     );
     Ok(Cluster {
         handle: service.handle(),
         membership,
+        steps: Steps(steps),
         kill,
     })
 }
 
 /// The membership loop: reconcile on every change of the live view, of this follower's leader,
-/// and on every gossip round (formation waits for a settled candidate set).
+/// at every lifecycle step asked for, and on every gossip round (formation waits for a settled
+/// candidate set).
+#[allow(clippy::too_many_arguments)]
 async fn run(
     mut state: State,
     mut gossip: Gossip,
     publish: watch::Sender<Arc<Membership>>,
     mut leader: watch::Receiver<Option<String>>,
+    mut asked: mpsc::Receiver<(Lifecycle, oneshot::Sender<Result<(), StepError>>)>,
     interval: Duration,
     stop: CancellationToken,
     kill: CancellationToken,
@@ -456,6 +504,7 @@ async fn run(
     // Only a follower's replication keeps the sender; once it is gone, nothing changes there.
     let mut following = true;
     loop {
+        let mut answer = None;
         tokio::select! {
             _ = stop.cancelled() => break,
             result = &mut ended => {
@@ -466,6 +515,13 @@ async fn run(
             changed = leader.changed(), if following => match changed {
                 Ok(()) => state.leader = leader.borrow_and_update().clone(),
                 Err(_) => following = false,
+            },
+            Some((to, reply)) = asked.recv() => {
+                let stepped = state.step(to);
+                if matches!(stepped, Ok(true)) {
+                    state.save_ring();
+                }
+                answer = Some((reply, stepped.map(|_| ())));
             },
             _ = ticks.tick() => {}
         }
@@ -491,6 +547,9 @@ async fn run(
             *current = Arc::new(membership);
             true
         });
+        if let Some((reply, stepped)) = answer {
+            let _ = reply.send(stepped);
+        }
     }
     if kill.is_cancelled() {
         gossip.kill();
@@ -650,6 +709,38 @@ impl State {
         }
     }
 
+    /// Moves this member's ring record to `to`. Returns whether it changed.
+    fn step(&mut self, to: Lifecycle) -> Result<bool, StepError> {
+        if !self.ring.is_formed() {
+            return Err(StepError::NotInRing);
+        }
+        let record = self
+            .ring
+            .members
+            .get_mut(&self.local.name)
+            .ok_or(StepError::NotInRing)?;
+        let from = record.lifecycle;
+        let allowed = matches!(
+            (from, to),
+            (Lifecycle::Active, Lifecycle::Leaving)
+                | (Lifecycle::Leaving | Lifecycle::Joining, Lifecycle::Left)
+        );
+        if from == to {
+            return Ok(false);
+        }
+        if !allowed {
+            return Err(StepError::Transition { from, to });
+        }
+        record.lifecycle = to;
+        record.version += 1;
+        tracing::info!(
+            from = from.as_str(),
+            to = to.as_str(),
+            "this member's state in the ring changed"
+        );
+        Ok(true)
+    }
+
     /// Adds this primary to the ring as `joining`, or updates its addresses in its record.
     fn keep_own_record(&mut self) {
         let me = self.member();
@@ -759,7 +850,12 @@ impl State {
 
 fn record_gauges(membership: &Membership) {
     ::metrics::gauge!(crate::metrics::MEMBERS_LIVE).set(membership.view.members.len() as f64);
-    for state in [Lifecycle::Joining, Lifecycle::Active, Lifecycle::Leaving] {
+    for state in [
+        Lifecycle::Joining,
+        Lifecycle::Active,
+        Lifecycle::Leaving,
+        Lifecycle::Left,
+    ] {
         for live in [true, false] {
             let count = membership
                 .ring

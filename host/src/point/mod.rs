@@ -565,6 +565,47 @@ impl Store {
         Ok(())
     }
 
+    /// Fences client writes of `id` for its handover to `to`: under the point's lock, writes
+    /// the `sealed` record with the point's end and CRC32C at that moment (its final bytes
+    /// here), and returns them.
+    pub async fn seal(
+        &self,
+        id: &PointId,
+        to: &str,
+        target_ring: u64,
+    ) -> Result<(u64, u32), ReadError> {
+        let point = self.point(id).await?;
+        let Some(mut state) = self.lock_open(id, &point).await? else {
+            return Err(ReadError::NotFound(id.clone()));
+        };
+        let (end, crc) = (state.end, state.crc);
+        let meta = point.meta(&mut state).await?;
+        let meta = Meta {
+            ownership: Ownership {
+                handover: Some(Handover::Sealed {
+                    to: to.to_owned(),
+                    end,
+                    crc,
+                    target_ring,
+                }),
+                ..meta.ownership.clone()
+            },
+            ..meta.clone()
+        };
+        point.replace_meta(&mut state, meta, Fsync::Always).await?;
+        drop(state);
+        self.inner.ownership_changed.notify_waiters();
+        Ok((end, crc))
+    }
+
+    /// Makes every byte written to `id` so far durable, whatever `storage.fsync` says (a
+    /// handover commits only bytes that survive a crash).
+    pub async fn sync(&self, id: &PointId) -> Result<(), ReadError> {
+        let point = self.point(id).await?;
+        point.sync().await?;
+        Ok(())
+    }
+
     /// Opens `id` (creating it if needed) and, under its lock, writes the `point.meta` that
     /// `change` makes of the current one and whether the point has bytes (`None`: unchanged).
     /// Returns whether it changed.

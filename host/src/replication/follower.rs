@@ -14,27 +14,18 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use capnp_rpc::rpc_twoparty_capnp::Side;
-use capnp_rpc::{RpcSystem, twoparty};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
-use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
-use super::replication_capnp::{leader, sink};
-use super::{Context, check_identity, server_name};
-use crate::access::Action;
+use super::replication_capnp::sink;
+use super::{Context, Dialed, dial};
 use crate::metrics;
-use crate::net::PeerInfo;
 use crate::point::ownership::FIRST_EPOCH;
-use crate::point::{AppendError, DeleteError, Ownership, PointId, ReadError};
+use crate::point::{AppendError, DeleteError, Handover, Ownership, PointId, ReadError};
 
 /// Longest wait between two attempts to reach a leader.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Jobs queued for the applier; the leader's window keeps far fewer pushes in flight.
 const APPLY_QUEUE: usize = 256;
@@ -42,13 +33,7 @@ const APPLY_QUEUE: usize = 256;
 /// Follows every configured leader until `shutdown`.
 pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
     let context = Rc::new(context);
-    let (jobs, queue) = mpsc::channel(APPLY_QUEUE);
-    tokio::task::spawn_local(apply(context.clone(), queue));
-    let sink: sink::Client = capnp_rpc::new_client(SinkService {
-        context: context.clone(),
-        order: tokio::sync::Mutex::new(()),
-        jobs,
-    });
+    let sink = receiver(context.clone(), None);
     for address in context.config.leader_addresses.clone() {
         let (context, tls, sink, shutdown) =
             (context.clone(), tls.clone(), sink.clone(), shutdown.clone());
@@ -80,68 +65,14 @@ async fn session(
     sink: &sink::Client,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
-        .await
-        .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| format!("connecting: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let peer_addr = tcp.peer_addr().map_err(|e| format!("connecting: {e}"))?;
-    let (io, subject) = match tls {
-        None => (Either::Left(tcp), None),
-        Some(connector) => {
-            let name = server_name(address).ok_or_else(|| format!("{address} is not host:port"))?;
-            // rustls reads at most 4 KiB per call: see `tls::READ_BUFFER`.
-            let buffered = tokio::io::BufReader::with_capacity(crate::tls::READ_BUFFER, tcp);
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, buffered))
-                .await
-                .map_err(|_| "TLS handshake timed out".to_string())?
-                .map_err(|e| format!("TLS handshake: {e}"))?;
-            // The leader must be a node the policy lets replicate, not just anyone with a
-            // certificate from the CA.
-            let subject = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .map(|cert| crate::tls::subject(cert.as_ref()))
-                .ok_or("the leader presented no certificate")?;
-            let peer = PeerInfo {
-                addr: peer_addr,
-                subject: subject.as_str().into(),
-            };
-            if let Err(error) = context.access.authorize(&peer, Action::Replicate, "").await {
-                ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
-                return Err(format!("leader refused: {error}"));
-            }
-            (Either::Right(stream), Some(subject))
-        }
-    };
-    let (reader, writer) = tokio::io::split(io);
-    let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
-        Side::Client,
-        Default::default(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
-    let leader: leader::Client = rpc.bootstrap(Side::Server);
-    // Aborted however this function returns: a refused leader keeps no connection.
-    let mut connection = AbortOnDropHandle::new(tokio::task::spawn_local(rpc));
-
-    // Who the leader says it is, before any capability is handed over: with TLS its certificate
-    // must name that node.
-    let name = tokio::select! {
-        identified = leader.identify_request().send().promise => identified
-            .and_then(|r| Ok(r.get()?.get_name()?.to_string()?))
-            .map_err(|e| format!("asking the leader its name: {e}"))?,
+    let Dialed {
+        member: leader,
+        name,
+        mut connection,
+    } = tokio::select! {
+        dialed = dial(context, address, tls) => dialed?,
         _ = shutdown.cancelled() => return Ok(()),
     };
-    if let Some(subject) = &subject
-        && let Err(reason) = check_identity(subject, &name, true)
-    {
-        ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
-        return Err(format!("leader refused: {reason}"));
-    }
 
     let offers = offers(context).await;
     let mut request = leader.follow_request();
@@ -180,6 +111,19 @@ async fn session(
         Ok(Err(error)) => Err(format!("connection: {error}")),
         Err(error) => Err(format!("connection task: {error}")),
     }
+}
+
+/// A sink that applies what it receives to this node's store: a follower's copies of its
+/// leader's points (`from` is `None`), or the points the member `from` hands to this node in a
+/// handover, applied only while this node holds them as `incoming` from `from`.
+pub(crate) fn receiver(context: Rc<Context>, from: Option<String>) -> sink::Client {
+    let (jobs, queue) = mpsc::channel(APPLY_QUEUE);
+    tokio::task::spawn_local(apply(context.clone(), queue, from));
+    capnp_rpc::new_client(SinkService {
+        context,
+        order: tokio::sync::Mutex::new(()),
+        jobs,
+    })
 }
 
 /// Every point this node holds, with its end and its epoch.
@@ -233,9 +177,13 @@ enum Applied {
     Mismatch(u64),
 }
 
-/// Runs the jobs in order.
-async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
+/// Runs the jobs in order; for a handover from `from`, only on points arriving from it.
+async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>, from: Option<String>) {
     while let Some(job) = queue.recv().await {
+        if let Some(from) = &from {
+            handed(&context, from, job).await;
+            continue;
+        }
         match job {
             Job::Apply { records, done } => {
                 let _ = done.send(apply_records(&context, records).await);
@@ -280,6 +228,79 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>) {
                 .map_err(|error| error.to_string());
                 let _ = done.send(result);
             }
+        }
+    }
+}
+
+/// A job of the handover from `from`: applied only to points this node holds as `incoming` from
+/// it (a point this node owns is never written by another member). Removing such a point
+/// empties it and keeps it incoming; its description gives its content type only (its epoch is
+/// the one the handover commits).
+async fn handed(context: &Context, from: &str, job: Job) {
+    let store = &context.store;
+    let incoming = |point: &PointId| {
+        let point = point.clone();
+        async move {
+            match store.ownership(&point).await {
+                Ok(ownership) => match &ownership.handover {
+                    Some(Handover::Incoming { from: sender, .. }) if sender == from => {
+                        Ok(ownership)
+                    }
+                    _ => Err(format!(
+                        "point {point} is not being handed to this node by {from}"
+                    )),
+                },
+                Err(error) => Err(error.to_string()),
+            }
+        }
+    };
+    match job {
+        Job::Apply { records, done } => {
+            let mut checked = Vec::with_capacity(records.len());
+            for record in records {
+                let allowed = incoming(&record.point).await.map(|_| ());
+                checked.push((record, allowed));
+            }
+            if let Some(refused) = checked
+                .iter()
+                .find_map(|(_, allowed)| allowed.clone().err())
+            {
+                let _ = done.send(vec![Err(refused); checked.len()]);
+                return;
+            }
+            let records = checked.into_iter().map(|(record, _)| record).collect();
+            let _ = done.send(apply_records(context, records).await);
+        }
+        Job::Remove { point, done } => {
+            let result = async {
+                let ownership = incoming(&point).await?;
+                store.delete(&point).await.map_err(|e| e.to_string())?;
+                store
+                    .set_ownership(&point, ownership)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            let _ = done.send(result);
+        }
+        Job::Describe {
+            point,
+            content_type,
+            done,
+            ..
+        } => {
+            let result = async {
+                incoming(&point).await?;
+                match &content_type {
+                    Some(content_type) => store
+                        .set_replicated_content_type(&point, content_type)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            }
+            .await;
+            let _ = done.send(result);
         }
     }
 }

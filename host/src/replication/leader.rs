@@ -22,12 +22,13 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use super::replication_capnp::{ack, leader, session, sink};
-use super::{Context, PROTOCOL, check_identity};
+use super::{Context, PROTOCOL, check_identity, handover};
 use crate::access::Action;
 use crate::metrics;
 use crate::net::PeerInfo;
@@ -48,7 +49,7 @@ pub const LIVE_PER_FOLLOWER: u64 = 16 * 1024 * 1024;
 
 /// Accepts followers until the replication subsystem stops.
 pub async fn serve(
-    context: Context,
+    context: Rc<Context>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     spawner: &Spawner,
@@ -61,7 +62,6 @@ pub async fn serve(
         spawner,
         "replication",
     );
-    let context = Rc::new(context);
     while let Some(connection) = incoming.next().await {
         let connection = match connection {
             Ok(connection) => connection,
@@ -99,7 +99,111 @@ struct LeaderService {
     shutdown: CancellationToken,
 }
 
+impl LeaderService {
+    /// A handover call from `from`: the connection must be allowed to `replicate` and, with
+    /// TLS, its certificate must name `from`.
+    async fn authorize_member(&self, from: &str) -> Result<(), capnp::Error> {
+        let context = &self.context;
+        let refused = context
+            .access
+            .authorize(&self.peer, Action::Replicate, "")
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|()| check_identity(&self.peer.subject, from, context.config.tls.is_some()));
+        if let Err(reason) = refused {
+            ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
+            tracing::warn!(subject = %self.peer.subject, peer = %self.peer.addr, %reason, "handover refused");
+            return Err(capnp::Error::failed(reason));
+        }
+        if !context.config.role.is_primary() {
+            return Err(capnp::Error::failed(format!(
+                "node {} is a {}: only primaries take points over",
+                context.config.node_name,
+                context.config.role.as_str()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The point named in a handover call.
+fn point_of(text: capnp::text::Reader<'_>) -> Result<PointId, capnp::Error> {
+    PointId::new(text.to_str()?.to_owned())
+        .map_err(|e| capnp::Error::failed(format!("bad point id: {e}")))
+}
+
 impl leader::Server for LeaderService {
+    async fn receive(
+        self: Rc<Self>,
+        params: leader::ReceiveParams,
+        mut results: leader::ReceiveResults,
+    ) -> Result<(), capnp::Error> {
+        let from = params.get()?.get_from()?.to_str()?.to_owned();
+        self.authorize_member(&from).await?;
+        tracing::info!(%from, "receiving handovers");
+        let sink = super::follower::receiver(self.context.clone(), Some(from));
+        results.get().set_sink(sink);
+        Ok(())
+    }
+
+    async fn handover(
+        self: Rc<Self>,
+        params: leader::HandoverParams,
+        mut results: leader::HandoverResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let from = params.get_from()?.to_str()?.to_owned();
+        self.authorize_member(&from).await?;
+        let point = point_of(params.get_point()?)?;
+        let end = handover::begin(&self.context.store, &from, &point, params.get_epoch())
+            .await
+            .map_err(capnp::Error::failed)?;
+        results.get().set_end(end);
+        Ok(())
+    }
+
+    async fn seal(
+        self: Rc<Self>,
+        params: leader::SealParams,
+        mut results: leader::SealResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let from = params.get_from()?.to_str()?.to_owned();
+        self.authorize_member(&from).await?;
+        let point = point_of(params.get_point()?)?;
+        let context = &self.context;
+        let sealed = handover::seal(
+            &context.store,
+            &context.config.node_name,
+            &from,
+            &point,
+            params.get_end(),
+            params.get_crc(),
+        )
+        .await
+        .map_err(capnp::Error::failed)?;
+        let mut outcome = results.get().init_outcome();
+        match sealed {
+            handover::Sealed::Committed(epoch) => outcome.set_committed(epoch),
+            handover::Sealed::Refused(reason) => outcome.set_refused(&reason),
+        }
+        Ok(())
+    }
+
+    async fn cancel(
+        self: Rc<Self>,
+        params: leader::CancelParams,
+        _: leader::CancelResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let from = params.get_from()?.to_str()?.to_owned();
+        self.authorize_member(&from).await?;
+        let point = point_of(params.get_point()?)?;
+        handover::cancel(&self.context.store, &from, &point)
+            .await
+            .map_err(capnp::Error::failed)
+    }
+
     async fn identify(
         self: Rc<Self>,
         _: leader::IdentifyParams,
@@ -140,6 +244,13 @@ impl leader::Server for LeaderService {
             ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
             tracing::warn!(subject = %peer.subject, peer = %peer.addr, %reason, "follower refused");
             return Err(capnp::Error::failed(reason));
+        }
+        if context.config.role != crate::config::Role::Leader {
+            return Err(capnp::Error::failed(format!(
+                "node {} is a {}, not a leader: it has no followers",
+                context.config.node_name,
+                context.config.role.as_str()
+            )));
         }
         let rpc_address = hello.get_rpc_address()?.to_str()?.to_owned();
         let mut offers = HashMap::new();
@@ -268,12 +379,21 @@ enum Reply {
 
 /// What a follower offered of one point: its end and the epoch of its copy.
 #[derive(Debug, Clone, Copy)]
-struct Held {
+pub(crate) struct Held {
     end: u64,
     epoch: u64,
 }
 
-struct Replicator {
+/// A change to the points a handover's replicator sends (`Replicator::handover`).
+#[derive(Debug)]
+pub(crate) enum ScopeChange {
+    /// Send `point` from `held`, the end the new owner holds.
+    Add { point: PointId, held: u64 },
+    /// Stop sending `point` (its handover committed or was given up).
+    Drop(PointId),
+}
+
+pub(crate) struct Replicator {
     context: Rc<Context>,
     follower: String,
     rpc_address: String,
@@ -292,6 +412,10 @@ struct Replicator {
     gauges_at: Option<std::time::Instant>,
     /// Bytes of live appends held in `points`.
     live_bytes: u64,
+    /// For a handover: the points it sends, changed by `changes`; `None` for a follower, which
+    /// gets every point.
+    scope: Option<HashSet<PointId>>,
+    changes: Option<mpsc::Receiver<ScopeChange>>,
 }
 
 impl Replicator {
@@ -316,10 +440,81 @@ impl Replicator {
             in_flight: FuturesUnordered::new(),
             gauges_at: None,
             live_bytes: 0,
+            scope: None,
+            changes: None,
         }
     }
 
-    async fn run(mut self, offers: HashMap<String, Held>) {
+    /// The replicator of the handovers from this node to `to` (`docs/resharding.md`): the
+    /// same pushes, window, bounds and acknowledgements as a follower's, over only the points
+    /// `changes` adds; what `to` confirmed goes to `context.progress`. It ends when `changes`
+    /// closes, when `stop` is cancelled, or when `to`'s sink fails.
+    pub(crate) fn handover(
+        context: Rc<Context>,
+        to: String,
+        sink: sink::Client,
+        stop: CancellationToken,
+        changes: mpsc::Receiver<ScopeChange>,
+    ) -> Self {
+        let mut replicator = Self::new(context, to, String::new(), sink, stop);
+        replicator.scope = Some(HashSet::new());
+        replicator.changes = Some(changes);
+        replicator
+    }
+
+    /// Whether this replicator sends `point`.
+    fn in_scope(&self, point: &PointId) -> bool {
+        self.scope
+            .as_ref()
+            .is_none_or(|scope| scope.contains(point))
+    }
+
+    async fn change_scope(&mut self, change: ScopeChange) {
+        let Some(scope) = &mut self.scope else {
+            return;
+        };
+        match change {
+            ScopeChange::Add { point, held } => {
+                scope.insert(point.clone());
+                let end = match self.context.store.metadata(&point).await {
+                    Ok(snapshot) => snapshot.end,
+                    Err(error) => {
+                        // The handover waiting on it gives up by its own deadline.
+                        tracing::warn!(to = %self.follower, %point, %error, "cannot hand this point over");
+                        return;
+                    }
+                };
+                self.described.remove(&point);
+                if let Some(old) = self.points.remove(&point) {
+                    self.live_bytes -= old.live.iter().map(|b| b.len()).sum::<u64>();
+                }
+                let state = PointState {
+                    end,
+                    next: held.min(end),
+                    confirmed: held,
+                    ..PointState::default()
+                };
+                if held > end {
+                    // The new owner holds more than this copy: its copy is not this one's.
+                    self.send_remove(point.clone());
+                }
+                self.context.progress.confirm(&self.follower, &point, held);
+                self.points.insert(point.clone(), state);
+                self.mark(point);
+            }
+            ScopeChange::Drop(point) => {
+                scope.remove(&point);
+                if let Some(old) = self.points.remove(&point) {
+                    self.live_bytes -= old.live.iter().map(|b| b.len()).sum::<u64>();
+                }
+                self.context.progress.forget(&self.follower, &point);
+            }
+        }
+    }
+
+    /// Replicates until the session ends; `offers` are what a follower holds (none for a
+    /// handover).
+    pub(crate) async fn run(mut self, offers: HashMap<String, Held>) {
         // Subscribe before scanning: an append between the two is seen either way.
         let mut events = self.context.store.subscribe();
         self.context
@@ -328,13 +523,19 @@ impl Replicator {
         self.update_gauges();
         self.scan(Some(offers)).await;
         let window = self.context.config.replication.window;
+        let mut changes = self.changes.take();
         loop {
             if let Err(error) = self.fill(window).await {
                 tracing::error!(follower = %self.follower, %error, "cannot prepare records; retrying");
             }
             tokio::select! {
                 _ = self.stop.cancelled() => break,
+                change = next_change(&mut changes) => match change {
+                    Some(change) => self.change_scope(change).await,
+                    None => break,
+                },
                 event = events.recv() => match event {
+                    Ok(event) if !self.in_scope(&event.point) => {}
                     Ok(event) if event.removed => self.removed(event.point),
                     Ok(event) => {
                         if let Some(bytes) = event.bytes {
@@ -364,6 +565,9 @@ impl Replicator {
         let ids = store.list("", None, usize::MAX);
         let present: HashSet<PointId> = ids.iter().cloned().collect();
         for id in ids {
+            if !self.in_scope(&id) {
+                continue;
+            }
             let Ok(snapshot) = store.metadata(&id).await else {
                 continue;
             };
@@ -798,6 +1002,10 @@ impl Replicator {
 
     fn update_gauges(&mut self) {
         self.gauges_at = Some(std::time::Instant::now());
+        if self.scope.is_some() {
+            // A handover's lag is its own metric (`reshard`).
+            return;
+        }
         let lag: u64 = self
             .points
             .values()
@@ -806,5 +1014,13 @@ impl Replicator {
         ::metrics::gauge!(metrics::REPLICATION_LAG_BYTES, "follower" => self.follower.clone())
             .set(lag as f64);
         ::metrics::gauge!(metrics::FOLLOWERS).set(self.context.progress.followers().len() as f64);
+    }
+}
+
+/// The next change of a handover's scope; never, for a follower's replicator.
+async fn next_change(changes: &mut Option<mpsc::Receiver<ScopeChange>>) -> Option<ScopeChange> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
     }
 }

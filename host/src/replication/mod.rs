@@ -11,28 +11,47 @@
 //!   appends, with a window of records in flight and nothing that can block the leader's writes.
 //! - [`follower`]: dials the leader(s) in `leader_addresses`, offers what it holds, and applies
 //!   pushed records only at its current end (exactly once), reconnecting with backoff.
+//! - [`mover`] and [`handover`]: resharding between primaries (`docs/resharding.md`). The old
+//!   owner's mover hands points to their new owner through a replicator scoped to those points;
+//!   the new owner's side receives them as `incoming` and commits the next epoch at the seal.
+//!
+//! Every primary serves this port (a standalone one for handovers only); followers dial it.
 //!
 //! Every record is framed by the bundler plugin and checked by it on receipt. The protocol is in
 //! `docs/replication.md`.
 
 pub mod follower;
+pub mod handover;
 pub mod leader;
+pub mod mover;
 #[allow(clippy::all, unused_qualifications, dead_code)]
 #[rustfmt::skip]
 pub mod replication_capnp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{RpcSystem, twoparty};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
-use crate::access::Access;
+use crate::access::{Access, Action};
+use crate::cluster::{Membership, Steps};
 use crate::config::{Config, Role};
+use crate::metrics;
+use crate::net::PeerInfo;
 use crate::plugins::Plugins;
 use crate::point::{PointId, Store};
+
 use crate::service::{Handle, Service};
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
@@ -60,6 +79,10 @@ pub struct Context {
     pub rpc_addr: SocketAddr,
     /// A follower publishes here the name of the leader it follows (gossiped by membership).
     pub leader: watch::Sender<Option<String>>,
+    /// The cluster as this node sees it (resharding plans from its ring).
+    pub membership: watch::Receiver<Arc<Membership>>,
+    /// This member's lifecycle steps (a drained primary steps to `left`).
+    pub steps: Steps,
 }
 
 /// Starts the replication thread, stopped by `token`: the leader service on `listener` for a
@@ -70,7 +93,7 @@ pub fn start(
     token: CancellationToken,
 ) -> Result<Option<Handle>, ReplicationError> {
     let role = context.config.role;
-    if !matches!(role, Role::Leader | Role::Follower) {
+    if role == Role::Balancer {
         return Ok(None);
     }
     let server_tls = match &context.config.tls {
@@ -97,7 +120,7 @@ pub fn start(
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
             match role {
-                Role::Leader => {
+                Role::Leader | Role::Standalone => {
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => listener,
                         Err(error) => {
@@ -105,10 +128,15 @@ pub fn start(
                             return;
                         }
                     };
+                    let context = Rc::new(context);
+                    let token = spawner.token().clone();
+                    let moves =
+                        tokio::task::spawn_local(mover::run(context.clone(), client_tls, token));
                     leader::serve(context, listener, server_tls, &spawner).await;
+                    let _ = moves.await;
                 }
                 Role::Follower => follower::run(context, client_tls, spawner.token().clone()).await,
-                Role::Standalone | Role::Balancer => {}
+                Role::Balancer => {}
             }
         });
     })?;
@@ -207,6 +235,20 @@ impl Progress {
         self.changed.send_modify(|version| *version += 1);
     }
 
+    /// The end `follower` confirmed of `point` (0 if none).
+    pub fn confirmed_end(&self, follower: &str, point: &PointId) -> u64 {
+        let state = self.state.lock().unwrap();
+        state
+            .get(follower)
+            .and_then(|f| f.confirmed.get(point).copied())
+            .unwrap_or(0)
+    }
+
+    /// Changes whenever a follower confirms something, connects or goes.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     /// Connected followers: (name, rpc address).
     pub fn followers(&self) -> Vec<(String, String)> {
         let state = self.state.lock().unwrap();
@@ -264,6 +306,90 @@ impl Progress {
             }
         }
     }
+}
+
+/// Gives up on reaching another member after this long (connection, TLS handshake, its name).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to another member's replication port, whose name is known and checked.
+pub(crate) struct Dialed {
+    /// Its bootstrap capability (`Leader`: replication and handovers).
+    pub member: replication_capnp::leader::Client,
+    /// Its node name; with TLS, the one its certificate names.
+    pub name: String,
+    /// The connection; dropping it closes the connection.
+    pub connection: AbortOnDropHandle<Result<(), capnp::Error>>,
+}
+
+/// Dials the replication port at `address`. With TLS the member must be one the policy lets
+/// `replicate` (not just anyone with a certificate from the CA), and its certificate must name
+/// the node it says it is, before any capability is handed to it.
+pub(crate) async fn dial(
+    context: &Context,
+    address: &str,
+    tls: Option<&TlsConnector>,
+) -> Result<Dialed, String> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| format!("connecting: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let peer_addr = tcp.peer_addr().map_err(|e| format!("connecting: {e}"))?;
+    let (io, subject) = match tls {
+        None => (Either::Left(tcp), None),
+        Some(connector) => {
+            let name = server_name(address).ok_or_else(|| format!("{address} is not host:port"))?;
+            // rustls reads at most 4 KiB per call: see `tls::READ_BUFFER`.
+            let buffered = tokio::io::BufReader::with_capacity(crate::tls::READ_BUFFER, tcp);
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, buffered))
+                .await
+                .map_err(|_| "TLS handshake timed out".to_string())?
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            let subject = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|cert| crate::tls::subject(cert.as_ref()))
+                .ok_or("the member presented no certificate")?;
+            let peer = PeerInfo {
+                addr: peer_addr,
+                subject: subject.as_str().into(),
+            };
+            if let Err(error) = context.access.authorize(&peer, Action::Replicate, "").await {
+                ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
+                return Err(format!("refused: {error}"));
+            }
+            (Either::Right(stream), Some(subject))
+        }
+    };
+    let (reader, writer) = tokio::io::split(io);
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Client,
+        Default::default(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let member: replication_capnp::leader::Client = rpc.bootstrap(Side::Server);
+    // Aborted however this function returns: a refused member keeps no connection.
+    let connection = AbortOnDropHandle::new(tokio::task::spawn_local(rpc));
+    let name = tokio::time::timeout(CONNECT_TIMEOUT, member.identify_request().send().promise)
+        .await
+        .map_err(|_| "asking its name timed out".to_string())?
+        .and_then(|r| Ok(r.get()?.get_name()?.to_string()?))
+        .map_err(|e| format!("asking its name: {e}"))?;
+    if let Some(subject) = &subject
+        && let Err(reason) = check_identity(subject, &name, true)
+    {
+        ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
+        return Err(format!("refused: {reason}"));
+    }
+    Ok(Dialed {
+        member,
+        name,
+        connection,
+    })
 }
 
 /// `host:port` as a TLS server name: the IP, or the host name.

@@ -1,0 +1,588 @@
+//! The old owner's side of resharding (`docs/resharding.md`): when the ring has a pending
+//! change, hand every point this node owns now and another member owns in the target ring to
+//! that member, one point at a time per move, at most `reshard.max_concurrent_moves` at once.
+//!
+//! The pending change built so far is a drain: the target ring is the current one without its
+//! `leaving` members. A drained member steps to `left` once it holds no point to hand over.
+//!
+//! Each destination gets one connection and one replicator scoped to the points moving there
+//! ([`Replicator::handover`]): the same pushes, window and acknowledgements as a follower's. A
+//! move of one point walks the point's record through `copying`, `sealed` and `moved`, each
+//! written durably before the next step, so a restarted node resumes from its records.
+
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::StreamExt;
+use futures::future::LocalBoxFuture;
+use futures::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::leader::{Replicator, ScopeChange};
+use super::replication_capnp::{leader, sealed};
+use super::{Context, Progress, dial};
+use crate::cluster::Lifecycle;
+use crate::cluster::Membership;
+use crate::cluster::ring::Ring;
+use crate::metrics;
+use crate::point::{Handover, Ownership, PointId, ReadError};
+use crate::reshard::{self, Move};
+
+/// How often the mover looks again without a change of membership (points created meanwhile,
+/// moves to retry).
+const TICK: Duration = Duration::from_millis(500);
+/// How long a failed move waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A move whose lag has not shrunk for this long is reported as stalled and tried again later.
+const STALL: Duration = Duration::from_secs(30);
+/// How long a fenced point waits for the new owner to confirm its last bytes before the fence
+/// is lifted (the seal was not sent yet, so nothing was committed there).
+const FENCE_WAIT: Duration = Duration::from_secs(10);
+/// A drained member steps to `left` only after a plan that started this long after it became
+/// `leaving` found nothing to move (a write admitted just before the step has landed by then).
+const DRAIN_SETTLE: Duration = Duration::from_secs(1);
+
+/// Runs the moves of this primary until `shutdown`.
+pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: CancellationToken) {
+    let mut mover = Mover {
+        context,
+        tls,
+        shutdown: shutdown.clone(),
+        peers: HashMap::new(),
+        moving: HashSet::new(),
+        failed: HashMap::new(),
+        leaving_since: None,
+    };
+    let mut membership = mover.context.membership.clone();
+    // Each move is a task of its own: it holds a point's lock at times, and must go on while
+    // this loop waits for that lock in its next plan.
+    let mut tasks: FuturesUnordered<AbortOnDropHandle<(Move, Result<(), String>)>> =
+        FuturesUnordered::new();
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = membership.changed() => if changed.is_err() { break },
+            _ = ticks.tick() => {}
+            Some(done) = tasks.next() => match done {
+                Ok((done, result)) => mover.finished(done, result),
+                Err(error) => tracing::error!(%error, "a handover task failed"),
+            },
+        }
+        for task in mover.plan().await {
+            tasks.push(AbortOnDropHandle::new(tokio::task::spawn_local(task)));
+        }
+        ::metrics::gauge!(metrics::RESHARD_MOVES_IN_FLIGHT).set(mover.moving.len() as f64);
+    }
+}
+
+struct Mover {
+    context: Rc<Context>,
+    tls: Option<TlsConnector>,
+    shutdown: CancellationToken,
+    /// One connection and replicator per destination.
+    peers: HashMap<String, Rc<Peer>>,
+    /// Points being handed over now.
+    moving: HashSet<PointId>,
+    /// Points whose last move failed, and when.
+    failed: HashMap<PointId, Instant>,
+    /// When this member was first seen `leaving`.
+    leaving_since: Option<Instant>,
+}
+
+impl Mover {
+    /// Starts the moves the ring's pending change calls for, within the concurrency limit;
+    /// steps a drained member to `left`.
+    async fn plan(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
+        let membership = self.context.membership.borrow().clone();
+        let local = membership.local.clone();
+        let Some(record) = membership.ring.members.get(&local) else {
+            return Vec::new();
+        };
+        let leaving = record.lifecycle == Lifecycle::Leaving;
+        self.leaving_since = match (leaving, self.leaving_since) {
+            (true, None) => Some(Instant::now()),
+            (true, since) => since,
+            (false, _) => None,
+        };
+        let started = Instant::now();
+        let target = target_ring(&membership.ring);
+        if target.version() == membership.ring_version {
+            return Vec::new();
+        }
+        let moves = match self.moves(&membership, &target).await {
+            Ok(moves) => moves,
+            Err(error) => {
+                tracing::warn!(%error, "cannot plan the moves of this node's points");
+                return Vec::new();
+            }
+        };
+        let mine: Vec<Move> = moves.into_iter().filter(|m| m.from == local).collect();
+        tracing::debug!(moves = mine.len(), moving = self.moving.len(), "planned");
+        if mine.is_empty()
+            && self.moving.is_empty()
+            && self
+                .leaving_since
+                .is_some_and(|since| started.duration_since(since) >= DRAIN_SETTLE)
+        {
+            match self.context.steps.set_lifecycle(Lifecycle::Left).await {
+                Ok(()) => tracing::info!(
+                    "drained: every point is with its next owner; this node left the ring and may be stopped"
+                ),
+                Err(error) => tracing::warn!(%error, "cannot step to left"),
+            }
+            return Vec::new();
+        }
+        let limit = self.context.config.reshard.max_concurrent_moves;
+        let mut tasks = Vec::new();
+        for planned in mine {
+            if self.moving.len() >= limit {
+                break;
+            }
+            if self.moving.contains(&planned.point)
+                || self
+                    .failed
+                    .get(&planned.point)
+                    .is_some_and(|at| at.elapsed() < RETRY_AFTER)
+            {
+                continue;
+            }
+            tracing::debug!(to = %planned.to, "dialing");
+            let peer = match self.peer(&membership, &planned.to).await {
+                Ok(peer) => peer,
+                Err(error) => {
+                    tracing::warn!(to = %planned.to, %error, "cannot reach the next owner; retrying");
+                    self.failed.insert(planned.point.clone(), Instant::now());
+                    continue;
+                }
+            };
+            self.moving.insert(planned.point.clone());
+            let context = self.context.clone();
+            let target = target.version();
+            tasks.push(
+                async move {
+                    let result = hand_over(&context, &peer, &planned, target).await;
+                    if result.is_err() {
+                        peer.broken
+                            .set(peer.broken.get() || peer.changes.is_closed());
+                    }
+                    (planned, result)
+                }
+                .boxed_local(),
+            );
+        }
+        tasks
+    }
+
+    fn finished(&mut self, done: Move, result: Result<(), String>) {
+        self.moving.remove(&done.point);
+        match result {
+            Ok(()) => {
+                self.failed.remove(&done.point);
+            }
+            Err(error) => {
+                ::metrics::counter!(metrics::RESHARD_FAILED_MOVES).increment(1);
+                tracing::warn!(point = %done.point, to = %done.to, %error, "handover failed; it will be tried again");
+                self.failed.insert(done.point, Instant::now());
+            }
+        }
+        self.peers.retain(|_, peer| !peer.broken.get());
+    }
+
+    /// The moves of the points this node holds (not those handed over already or arriving),
+    /// from their owner in the ring to their owner in `target`.
+    async fn moves(&self, membership: &Membership, target: &Ring) -> Result<Vec<Move>, String> {
+        let store = &self.context.store;
+        let mut held = Vec::new();
+        for point in store.list("", None, usize::MAX) {
+            match store.ownership(&point).await {
+                Ok(Ownership {
+                    handover: Some(Handover::Moved { .. } | Handover::Incoming { .. }),
+                    ..
+                }) => {}
+                Ok(_) => held.push(point),
+                Err(ReadError::NotFound(_)) => {}
+                Err(error) => return Err(format!("point {point}: {error}")),
+            }
+        }
+        let plugins = self.context.plugins.current();
+        let (now, then) = (membership.ring.clone(), target.clone());
+        tokio::task::spawn_blocking(move || {
+            reshard::plan(
+                held,
+                |point| crate::placement::owner_in(&plugins, &now, point.as_str()),
+                |point| crate::placement::owner_in(&plugins, &then, point.as_str()),
+            )
+        })
+        .await
+        .map_err(|e| format!("planning task: {e}"))?
+    }
+
+    /// The connection to `to`, dialed if there is none.
+    async fn peer(&mut self, membership: &Membership, to: &str) -> Result<Rc<Peer>, String> {
+        if let Some(peer) = self.peers.get(to) {
+            return Ok(peer.clone());
+        }
+        let address = membership
+            .live(to)
+            .map(|m| m.replication_addr.clone())
+            .or_else(|| {
+                membership
+                    .ring
+                    .members
+                    .get(to)
+                    .map(|m| m.replication_addr.clone())
+            })
+            .ok_or_else(|| format!("{to} is not a member"))?;
+        let peer = Rc::new(
+            Peer::connect(
+                &self.context,
+                to,
+                &address,
+                self.tls.as_ref(),
+                &self.shutdown,
+            )
+            .await?,
+        );
+        self.peers.insert(to.to_owned(), peer.clone());
+        Ok(peer)
+    }
+}
+
+/// The ring once its pending change is made: its `leaving` members gone.
+pub fn target_ring(ring: &Ring) -> Ring {
+    let mut target = ring.clone();
+    for member in target.members.values_mut() {
+        if member.lifecycle == Lifecycle::Leaving {
+            member.lifecycle = Lifecycle::Left;
+        }
+    }
+    target
+}
+
+/// One destination of moves: its connection, its sink and the replicator that feeds it.
+struct Peer {
+    name: String,
+    member: leader::Client,
+    changes: mpsc::Sender<ScopeChange>,
+    /// What the destination confirmed, per point.
+    progress: Arc<Progress>,
+    /// Set when a call failed because the connection went: the next move dials again.
+    broken: std::cell::Cell<bool>,
+    /// Ends the replicator when the peer is dropped.
+    _stop: tokio_util::sync::DropGuard,
+    _connection: AbortOnDropHandle<Result<(), capnp::Error>>,
+}
+
+impl Peer {
+    async fn connect(
+        context: &Rc<Context>,
+        to: &str,
+        address: &str,
+        tls: Option<&TlsConnector>,
+        shutdown: &CancellationToken,
+    ) -> Result<Peer, String> {
+        let dialed = dial(context, address, tls).await?;
+        if dialed.name != to {
+            return Err(format!(
+                "{address} is node {}, not {to}",
+                crate::error::bounded(&dialed.name)
+            ));
+        }
+        let mut request = dialed.member.receive_request();
+        request.get().set_from(&context.config.node_name);
+        let sink = request
+            .send()
+            .promise
+            .await
+            .and_then(|response| response.get()?.get_sink())
+            .map_err(|e| format!("receive: {e}"))?;
+        let progress = Arc::new(Progress::default());
+        let replicator_context = Rc::new(Context {
+            progress: progress.clone(),
+            ..(**context).clone()
+        });
+        let (changes, scope) = mpsc::channel(64);
+        let stop = shutdown.child_token();
+        let replicator =
+            Replicator::handover(replicator_context, to.to_owned(), sink, stop.clone(), scope);
+        tokio::task::spawn_local(replicator.run(HashMap::new()));
+        tracing::info!(%to, %address, "handing points over");
+        Ok(Peer {
+            name: to.to_owned(),
+            member: dialed.member,
+            changes,
+            progress,
+            broken: std::cell::Cell::new(false),
+            _stop: stop.drop_guard(),
+            _connection: dialed.connection,
+        })
+    }
+
+    /// Asks the destination to receive `point` (owned here at `epoch`): the end it holds.
+    async fn begin(&self, local: &str, point: &PointId, epoch: u64) -> Result<u64, String> {
+        let mut request = self.member.handover_request();
+        request.get().set_from(local);
+        request.get().set_point(point.as_str());
+        request.get().set_epoch(epoch);
+        let response = request
+            .send()
+            .promise
+            .await
+            .map_err(|e| self.failed("handover", e))?;
+        Ok(response
+            .get()
+            .map_err(|e| self.failed("handover", e))?
+            .get_end())
+    }
+
+    /// Asks the destination to commit `point` at `[0, end)` with CRC32C `crc`.
+    async fn seal(
+        &self,
+        local: &str,
+        point: &PointId,
+        end: u64,
+        crc: u32,
+    ) -> Result<Result<u64, String>, String> {
+        let mut request = self.member.seal_request();
+        request.get().set_from(local);
+        request.get().set_point(point.as_str());
+        request.get().set_end(end);
+        request.get().set_crc(crc);
+        let response = request
+            .send()
+            .promise
+            .await
+            .map_err(|e| self.failed("seal", e))?;
+        let outcome = response
+            .get()
+            .and_then(|r| r.get_outcome())
+            .map_err(|e| self.failed("seal", e))?;
+        match outcome.which().map_err(|e| self.failed("seal", e.into()))? {
+            sealed::Committed(epoch) => Ok(Ok(epoch)),
+            sealed::Refused(reason) => Ok(Err(reason
+                .and_then(|r| Ok(r.to_string()?))
+                .unwrap_or_default())),
+        }
+    }
+
+    async fn cancel(&self, local: &str, point: &PointId) -> Result<(), String> {
+        let mut request = self.member.cancel_request();
+        request.get().set_from(local);
+        request.get().set_point(point.as_str());
+        request
+            .send()
+            .promise
+            .await
+            .map_err(|e| self.failed("cancel", e))?;
+        Ok(())
+    }
+
+    /// The text of a failed call; a lost connection marks the peer broken.
+    fn failed(&self, call: &str, error: capnp::Error) -> String {
+        if error.kind == capnp::ErrorKind::Disconnected {
+            self.broken.set(true);
+        }
+        format!("{call} on {}: {error}", self.name)
+    }
+
+    /// Waits until the destination confirmed `point` up to `wanted(end here)`; gives up when
+    /// its lag has not shrunk for `stall`.
+    async fn catch_up(
+        &self,
+        context: &Context,
+        point: &PointId,
+        lag: u64,
+        stall: Duration,
+    ) -> Result<(), String> {
+        let mut changes = self.progress.changes();
+        let mut best = u64::MAX;
+        let mut since = Instant::now();
+        loop {
+            let end = context
+                .store
+                .metadata(point)
+                .await
+                .map_err(|e| e.to_string())?
+                .end;
+            let confirmed = self.progress.confirmed_end(&self.name, point);
+            let behind = end.saturating_sub(confirmed);
+            if behind <= lag {
+                return Ok(());
+            }
+            if behind < best {
+                (best, since) = (behind, Instant::now());
+            } else if since.elapsed() > stall {
+                return Err(format!(
+                    "stalled: {} has confirmed {confirmed} of {end} bytes of point {point} and its lag has not shrunk for {stall:?}",
+                    self.name
+                ));
+            }
+            if self.changes.is_closed() {
+                self.broken.set(true);
+                return Err(format!("the replicator to {} stopped", self.name));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+        }
+    }
+}
+
+/// Hands `planned.point` to `planned.to`: copy, fence, seal, switch. Resumes from the point's
+/// record (`copying` or `sealed`) after a failure or a restart.
+async fn hand_over(
+    context: &Context,
+    peer: &Peer,
+    planned: &Move,
+    target: u64,
+) -> Result<(), String> {
+    let store = &context.store;
+    let local = &context.config.node_name;
+    let (point, to) = (&planned.point, &planned.to);
+    let ownership = store.ownership(point).await.map_err(|e| e.to_string())?;
+    tracing::debug!(%point, %to, ?ownership, "handing over");
+    let resumed_seal = match &ownership.handover {
+        None => {
+            let copying = Ownership {
+                handover: Some(Handover::Copying {
+                    to: to.clone(),
+                    target_ring: target,
+                }),
+                ..ownership.clone()
+            };
+            store
+                .set_ownership(point, copying)
+                .await
+                .map_err(|e| e.to_string())?;
+            None
+        }
+        Some(Handover::Copying { to: towards, .. }) if towards == to => None,
+        Some(Handover::Sealed {
+            to: towards,
+            end,
+            crc,
+            ..
+        }) if towards == to => Some((*end, *crc)),
+        Some(Handover::Moved { .. }) => return Ok(()),
+        Some(other) => return Err(format!("point {point} {other}; not handing it to {to}")),
+    };
+    let epoch = ownership.epoch;
+    let unseal = Ownership {
+        handover: Some(Handover::Copying {
+            to: to.clone(),
+            target_ring: target,
+        }),
+        ..ownership.clone()
+    };
+    let lag = context.config.reshard.fence_lag_bytes;
+    let (end, crc, fenced_at, held) = match resumed_seal {
+        Some((end, crc)) => {
+            // Sealed before a failure or a restart: the destination may have committed.
+            if let Ok(committed) = peer.seal(local, point, end, crc).await? {
+                return switch(
+                    context,
+                    peer,
+                    point,
+                    to,
+                    epoch,
+                    committed,
+                    end,
+                    Instant::now(),
+                )
+                .await;
+            }
+            let held = peer.begin(local, point, epoch).await?;
+            send(peer, point, held).await?;
+            (end, crc, Instant::now(), held)
+        }
+        None => {
+            let held = peer.begin(local, point, epoch).await?;
+            send(peer, point, held).await?;
+            tracing::debug!(%point, held, "copying");
+            peer.catch_up(context, point, lag, STALL).await?;
+            tracing::debug!(%point, "fencing");
+            let fenced_at = Instant::now();
+            let (end, crc) = store
+                .seal(point, to, target)
+                .await
+                .map_err(|e| e.to_string())?;
+            (end, crc, fenced_at, held)
+        }
+    };
+    // Fenced: nothing is written here any more; the destination gets the rest.
+    if let Err(error) = peer.catch_up(context, point, 0, FENCE_WAIT).await {
+        // The seal was not sent: nothing is committed there, so writes may resume here.
+        store
+            .set_ownership(point, unseal)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Err(format!("fence lifted: {error}"));
+    }
+    tracing::debug!(%point, end, "sealing");
+    match peer.seal(local, point, end, crc).await? {
+        Ok(committed) => {
+            ::metrics::counter!(metrics::RESHARD_MOVED_BYTES).increment(end.saturating_sub(held));
+            switch(context, peer, point, to, epoch, committed, end, fenced_at).await
+        }
+        Err(reason) => {
+            // Nothing committed there: back to owning it here; the move starts over later.
+            store
+                .set_ownership(point, unseal)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
+            peer.cancel(local, point).await?;
+            Err(format!("{to} refused the seal: {reason}"))
+        }
+    }
+}
+
+/// Adds `point` to what the destination's replicator sends, from `held`.
+async fn send(peer: &Peer, point: &PointId, held: u64) -> Result<(), String> {
+    peer.changes
+        .send(ScopeChange::Add {
+            point: point.clone(),
+            held,
+        })
+        .await
+        .map_err(|_| format!("the replicator to {} stopped", peer.name))
+}
+
+/// The destination committed `point` at `committed`: redirect its writes there from now on.
+#[allow(clippy::too_many_arguments)]
+async fn switch(
+    context: &Context,
+    peer: &Peer,
+    point: &PointId,
+    to: &str,
+    epoch: u64,
+    committed: u64,
+    end: u64,
+    fenced_at: Instant,
+) -> Result<(), String> {
+    let moved = Ownership {
+        epoch,
+        owner: None,
+        handover: Some(Handover::Moved {
+            to: to.to_owned(),
+            epoch: committed,
+        }),
+    };
+    context
+        .store
+        .set_ownership(point, moved)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
+    let fenced = fenced_at.elapsed();
+    ::metrics::histogram!(metrics::RESHARD_FENCE_SECONDS).record(fenced.as_secs_f64());
+    ::metrics::counter!(metrics::RESHARD_MOVED_POINTS).increment(1);
+    tracing::info!(%point, %to, epoch = committed, end, fenced_ms = fenced.as_millis() as u64, "handed the point over");
+    Ok(())
+}
