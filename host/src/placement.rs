@@ -17,6 +17,7 @@ use crate::cluster::ring::Ring;
 use crate::error::{Error, bounded};
 use crate::plugins::{PluginSet, Plugins, types};
 use crate::point::PointId;
+use crate::reshard::Change;
 
 pub struct Placement {
     plugins: Arc<Plugins>,
@@ -99,6 +100,22 @@ impl Placement {
             return Ok(());
         }
         Err(refusal(&membership, point, owner))
+    }
+
+    /// While the ring has a pending change (a drain or a join, `docs/resharding.md`): the
+    /// change and the owner of `point` once it is made. `None` when nothing is pending.
+    pub async fn pending_owner(&self, point: &PointId) -> Result<Option<(Change, String)>, Error> {
+        let membership = self.membership();
+        let Some((change, target)) = crate::reshard::pending(&membership.ring) else {
+            return Ok(None);
+        };
+        let plugins = self.plugins.current();
+        let point = point.as_str().to_owned();
+        let owner = tokio::task::spawn_blocking(move || owner_in(&plugins, &target, &point))
+            .await
+            .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?
+            .map_err(|e| Error::Unavailable(format!("{e}; writes fail closed")))?;
+        Ok(Some((change, owner)))
     }
 
     /// The refusal of a write to `point` that belongs to `owner`: where to write it, or that the

@@ -10,7 +10,55 @@
 
 use std::collections::BTreeSet;
 
+use crate::cluster::Lifecycle;
+use crate::cluster::ring::Ring;
 use crate::point::PointId;
+
+/// The one change of the ring that moves points now (`docs/resharding.md`: one topology change
+/// at a time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This member is draining: its points go to their owners in the ring without it.
+    Drain(String),
+    /// This member is joining: the points it will own are handed to it.
+    Join(String),
+}
+
+impl Change {
+    /// The member the change is about.
+    pub fn member(&self) -> &str {
+        match self {
+            Change::Drain(name) | Change::Join(name) => name,
+        }
+    }
+}
+
+/// The pending change of `ring` and the ring it leads to, if there is one. Drains go first (a
+/// drained member must get its points out before anything else moves); then the joining member
+/// whose name sorts first (ring records carry no time: every node must pick the same one). The
+/// other pending changes wait for it.
+pub fn pending(ring: &Ring) -> Option<(Change, Ring)> {
+    if !ring.is_formed() {
+        return None;
+    }
+    let first = |state: Lifecycle| {
+        ring.members
+            .iter()
+            .find(|(_, member)| member.lifecycle == state)
+            .map(|(name, _)| name.clone())
+    };
+    let (change, becomes) = match first(Lifecycle::Leaving) {
+        Some(name) => (Change::Drain(name), Lifecycle::Left),
+        None => (Change::Join(first(Lifecycle::Joining)?), Lifecycle::Active),
+    };
+    let mut target = ring.clone();
+    target
+        .members
+        .get_mut(change.member())
+        .expect("a member of the ring")
+        .lifecycle = becomes;
+    Some((change, target))
+}
 
 /// One point to hand over.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -187,5 +235,53 @@ mod tests {
             },
         );
         assert_eq!(result, Err("placement trapped"));
+    }
+
+    fn ring(states: &[(&str, Lifecycle)]) -> Ring {
+        use crate::cluster::ring::RingMember;
+        let members = states
+            .iter()
+            .map(|(name, lifecycle)| {
+                let member = RingMember {
+                    lifecycle: *lifecycle,
+                    role: crate::cluster::Role::Standalone,
+                    rpc_addr: format!("{name}:1"),
+                    replication_addr: format!("{name}:2"),
+                    virtual_nodes: 64,
+                    tags: BTreeMap::new(),
+                    version: 1,
+                };
+                ((*name).to_owned(), member)
+            })
+            .collect();
+        Ring {
+            id: "ring".into(),
+            founders: Default::default(),
+            members,
+        }
+    }
+
+    #[test]
+    fn one_change_at_a_time_drains_first_then_joins_by_name() {
+        use Lifecycle::*;
+        assert_eq!(pending(&ring(&[("a", Active), ("b", Active)])), None);
+        assert_eq!(
+            pending(&Ring::default()),
+            None,
+            "no ring, nothing to change"
+        );
+
+        let joins = ring(&[("a", Active), ("d", Joining), ("c", Joining), ("x", Left)]);
+        let (change, target) = pending(&joins).unwrap();
+        assert_eq!(change, Change::Join("c".into()));
+        assert_eq!(target.members["c"].lifecycle, Active);
+        assert_eq!(target.members["d"].lifecycle, Joining, "d waits for c");
+        assert_ne!(target.version(), joins.version());
+
+        let both = ring(&[("a", Active), ("b", Leaving), ("c", Joining)]);
+        let (change, target) = pending(&both).unwrap();
+        assert_eq!(change, Change::Drain("b".into()));
+        assert_eq!(target.members["b"].lifecycle, Left);
+        assert_eq!(target.members["c"].lifecycle, Joining, "the join waits");
     }
 }

@@ -1,8 +1,8 @@
-//! Points move to their next owner when a primary is drained (docs/resharding.md), while a
-//! writer keeps appending with `expected_offset` and following redirects: every point ends on
-//! its owner in the ring without the drained member, byte for byte, nothing acknowledged lost,
-//! nothing written twice; the drained member ends `left`, redirects writes and still serves
-//! reads.
+//! Points move to their next owner when a primary is drained or joins (docs/resharding.md),
+//! while a writer keeps appending with `expected_offset` and following redirects: every point
+//! ends on its owner in the new ring, byte for byte, nothing acknowledged lost, nothing written
+//! twice. A drained member ends `left`, redirects writes and still serves reads; a joining one
+//! ends `active`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -17,45 +17,166 @@ use goutube_tests::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-const NAMES: [&str; 3] = ["a", "b", "c"];
-
-/// Three primaries in one ring, each seeing the others.
-async fn three() -> Vec<TestNode> {
-    let first = TestNode::start(|c| {
-        c.node_name = NAMES[0].into();
-        c.cluster.bootstrap_expect = 3;
-    })
-    .await;
-    let seed = first.node.gossip_addr().to_string();
-    let mut nodes = vec![first];
-    for name in &NAMES[1..] {
-        let seed = seed.clone();
-        nodes.push(
-            TestNode::start(move |c| {
-                c.node_name = (*name).into();
-                c.seed_addresses = vec![seed];
-                c.cluster.bootstrap_expect = 3;
-                // Small moves fence at once: the test sees writes held at the fence.
-                c.reshard.fence_lag_bytes = 64 * 1024;
-            })
-            .await,
-        );
-    }
-    for node in &nodes {
-        eventually(
-            "every primary to see the three owners of the ring",
-            || async {
-                let view = members(node).await;
-                sees(node, 3).await && view.members.iter().filter(|m| m.owns_range).count() == 3
-            },
-        )
-        .await;
-    }
-    nodes
+/// Primaries in one ring, each seeing the others, and a writer at work on some of their points.
+struct Scenario {
+    nodes: BTreeMap<String, TestNode>,
+    /// Where each node serves clients, known to the writer as nodes are added.
+    addresses: Addresses,
+    /// Every point, with the bytes acknowledged so far.
+    expected: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+    /// The owner of every point before the change.
+    owners: BTreeMap<String, String>,
+    stop: CancellationToken,
+    /// Rounds made, and the node each written point was last written on.
+    writer: Option<JoinHandle<(u64, HashMap<String, String>)>>,
 }
+
+impl Scenario {
+    /// Three primaries `a`, `b`, `c` holding 60 points of random non-periodic sizes; a writer
+    /// appends to every fifth of them until [`Scenario::stop_writing`].
+    async fn start() -> Scenario {
+        let mut scenario = Scenario {
+            nodes: BTreeMap::new(),
+            addresses: Addresses::default(),
+            expected: Arc::default(),
+            owners: BTreeMap::new(),
+            stop: CancellationToken::new(),
+            writer: None,
+        };
+        for name in ["a", "b", "c"] {
+            scenario.add(name, 3).await;
+        }
+        scenario.converge(3).await;
+        let addresses = scenario.addresses.clone();
+        let mut rng = StdRng::seed_from_u64(10);
+        for i in 0..60u64 {
+            let point = format!("videos/{i}");
+            let bytes = data(i, rng.random_range(1..300_000));
+            let at = owner(&scenario.nodes["a"], &point).await;
+            append(&addresses, at.clone(), &point, 0, &bytes).await;
+            scenario.owners.insert(point.clone(), at);
+            scenario.expected.lock().unwrap().insert(point, bytes);
+        }
+        let written: Vec<String> = scenario.owners.keys().step_by(5).cloned().collect();
+        let mut at: HashMap<String, String> = written
+            .iter()
+            .map(|point| (point.clone(), scenario.owners[point].clone()))
+            .collect();
+        let (expected, stop) = (scenario.expected.clone(), scenario.stop.clone());
+        scenario.writer = Some(tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.is_cancelled() {
+                for point in &written {
+                    let offset = expected.lock().unwrap()[point].len() as u64;
+                    let bytes = data(1000 + round, 3000 + (round as usize * 7919) % 5000);
+                    // A node that joined meanwhile is reached through the redirects.
+                    let took = append(&addresses, at[point].clone(), point, offset, &bytes).await;
+                    let mut expected = expected.lock().unwrap();
+                    expected.get_mut(point).unwrap().extend(&bytes);
+                    at.insert(point.clone(), took);
+                }
+                round += 1;
+            }
+            (round, at)
+        }));
+        scenario
+    }
+
+    /// Starts primary `name`, seeded by `a` (if it runs).
+    async fn add(&mut self, name: &'static str, expect: usize) {
+        let seed = self
+            .nodes
+            .get("a")
+            .map(|a| a.node.gossip_addr().to_string());
+        let node = TestNode::start(move |c| {
+            c.node_name = name.into();
+            c.seed_addresses = seed.into_iter().collect();
+            c.cluster.bootstrap_expect = expect;
+            // Moves of these small points fence at once: writes meet the fence.
+            c.reshard.fence_lag_bytes = 64 * 1024;
+        })
+        .await;
+        let address = node.addr();
+        self.addresses
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), address);
+        self.nodes.insert(name.to_owned(), node);
+    }
+
+    /// Waits until every node sees `owners` owners in the ring and every node live.
+    async fn converge(&self, owners: usize) {
+        for node in self.nodes.values() {
+            eventually("every node to see the ring's owners", || async {
+                let view = members(node).await;
+                sees(node, self.nodes.len()).await
+                    && view.members.iter().filter(|m| m.owns_range).count() == owners
+            })
+            .await;
+        }
+    }
+
+    /// `name`'s state in the ring, as `a` sees it.
+    async fn state(&self, name: &str) -> String {
+        members(&self.nodes["a"])
+            .await
+            .members
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.state.clone())
+            .unwrap_or_default()
+    }
+
+    /// Lets the writer go on for a moment, stops it, and checks it made progress and that each
+    /// written point whose owner changed was followed to its new owner.
+    async fn stop_writing(&mut self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.stop.cancel();
+        let (rounds, at) = self.writer.take().unwrap().await.unwrap();
+        assert!(rounds > 3, "the writer made only {rounds} rounds");
+        for (point, node) in &at {
+            assert_eq!(
+                *node,
+                owner(&self.nodes["a"], point).await,
+                "the writer of {point} was not followed to its owner"
+            );
+        }
+    }
+
+    /// Every point is on its owner in the ring, byte for byte, with its CRC; a point whose
+    /// owner changed is at epoch 2. Returns the points that moved.
+    async fn check_every_point(&self) -> Vec<String> {
+        let expected = self.expected.lock().unwrap().clone();
+        let mut moved = Vec::new();
+        for (point, bytes) in &expected {
+            let now = owner(&self.nodes["a"], point).await;
+            let mut client = self.nodes[&now].client().await;
+            let meta = metadata(&mut client, point).await.unwrap();
+            assert_eq!(meta.size, bytes.len() as u64, "{point} on {now}");
+            assert_eq!(meta.crc32c, crc32c::crc32c(bytes), "{point} on {now}");
+            let held = consume(&mut client, window(point, 0, 0, 0)).await.unwrap();
+            assert!(held.concat() == *bytes, "{point} on {now} differs");
+            let changed = self.owners[point] != now;
+            assert_eq!(meta.epoch, if changed { 2 } else { 1 }, "{point} on {now}");
+            if changed {
+                moved.push(point.clone());
+            }
+        }
+        moved
+    }
+
+    async fn shutdown(self) {
+        for node in self.nodes.into_values() {
+            node.shutdown().await;
+        }
+    }
+}
+
+type Addresses = Arc<Mutex<HashMap<String, String>>>;
 
 /// One frame of `bytes` for `point`, appended only at `offset`.
 fn frame(point: &str, offset: u64, bytes: &[u8]) -> ProduceRequest {
@@ -70,7 +191,7 @@ fn frame(point: &str, offset: u64, bytes: &[u8]) -> ProduceRequest {
 /// Appends `bytes` at `offset` of `point`, starting at node `at` and following redirects;
 /// retries what may pass. Returns the node that took it.
 async fn append(
-    addresses: &HashMap<String, String>,
+    addresses: &Addresses,
     mut at: String,
     point: &str,
     offset: u64,
@@ -82,7 +203,11 @@ async fn append(
             tokio::time::Instant::now() < deadline,
             "appending to {point} at {offset} kept failing"
         );
-        let mut client = raw_client(&addresses[&at]).await;
+        let address = addresses.lock().unwrap().get(&at).cloned();
+        let Some(address) = address else {
+            panic!("{point} was redirected to {at}, which the writer does not know");
+        };
+        let mut client = raw_client(&address).await;
         let request = frame(point, offset, bytes);
         let status = match client.produce_stream(tokio_stream::iter([request])).await {
             Ok(_) => return at,
@@ -117,73 +242,18 @@ async fn append(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_on() {
-    let nodes = three().await;
-    let addresses: HashMap<String, String> = NAMES
-        .iter()
-        .zip(&nodes)
-        .map(|(name, node)| ((*name).to_owned(), node.addr()))
-        .collect();
-    let by_name = |name: &str| &nodes[NAMES.iter().position(|n| *n == name).unwrap()];
-
-    // 60 points of random, non-periodic sizes, each written on its owner.
-    let mut rng = StdRng::seed_from_u64(10);
-    let mut expected: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut owners: BTreeMap<String, String> = BTreeMap::new();
-    for i in 0..60u64 {
-        let point = format!("videos/{i}");
-        let bytes = data(i, rng.random_range(1..300_000));
-        let at = owner(&nodes[0], &point).await;
-        append(&addresses, at.clone(), &point, 0, &bytes).await;
-        owners.insert(point.clone(), at);
-        expected.insert(point, bytes);
-    }
-    let on_c: Vec<String> = owners
+    let mut scenario = Scenario::start().await;
+    let on_c: Vec<String> = scenario
+        .owners
         .iter()
         .filter(|(_, at)| *at == "c")
         .map(|(point, _)| point.clone())
         .collect();
     assert!(on_c.len() >= 5, "c owns {} of 60 points", on_c.len());
 
-    // A writer appends to a few of c's points (and one of the others) all along.
-    let written: Vec<String> = on_c
-        .iter()
-        .take(4)
-        .chain(owners.iter().find(|(_, at)| *at != "c").map(|(p, _)| p))
-        .cloned()
-        .collect();
-    let expected = Arc::new(Mutex::new(expected));
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn({
-        let (expected, stop, addresses) = (expected.clone(), stop.clone(), addresses.clone());
-        let mut at: HashMap<String, String> = written
-            .iter()
-            .map(|point| (point.clone(), owners[point].clone()))
-            .collect();
-        let written = written.clone();
-        async move {
-            let mut round = 0u64;
-            while !stop.is_cancelled() {
-                for point in &written {
-                    let offset = expected.lock().unwrap()[point].len() as u64;
-                    let bytes = data(1000 + round, 3000 + (round as usize * 7919) % 5000);
-                    let took = append(&addresses, at[point].clone(), point, offset, &bytes).await;
-                    expected
-                        .lock()
-                        .unwrap()
-                        .get_mut(point)
-                        .unwrap()
-                        .extend(&bytes);
-                    at.insert(point.clone(), took);
-                }
-                round += 1;
-            }
-            (round, at)
-        }
-    });
-
     // Drain c, asked through a.
     let options = ClientOptions {
-        addr: nodes[0].addr(),
+        addr: scenario.nodes["a"].addr(),
         tls: None,
     };
     let state = Client::connect(&options)
@@ -194,43 +264,16 @@ async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_o
         .expect("drain c");
     assert_eq!(state, "leaving");
     eventually("c to hand everything over and leave the ring", || async {
-        members(&nodes[0])
-            .await
-            .members
-            .iter()
-            .any(|m| m.name == "c" && m.state == "left" && !m.owns_range)
+        scenario.state("c").await == "left"
     })
     .await;
-    // The writer goes on against the new owners for a moment, then stops.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.cancel();
-    let (rounds, at) = writer.await.unwrap();
-    assert!(rounds > 3, "the writer made only {rounds} rounds");
-    for (point, node) in &at {
-        assert_ne!(
-            node, "c",
-            "the writer of {point} was never redirected from c"
-        );
-    }
-
-    // Every point is on its owner in the ring without c, byte for byte, with its CRC.
-    let expected = expected.lock().unwrap().clone();
-    for (point, bytes) in &expected {
-        let now = owner(&nodes[0], point).await;
-        assert_ne!(now, "c", "{point} is still placed on c");
-        let node = by_name(&now);
-        let mut client = node.client().await;
-        let meta = metadata(&mut client, point).await.unwrap();
-        assert_eq!(meta.size, bytes.len() as u64, "{point} on {now}");
-        assert_eq!(meta.crc32c, crc32c::crc32c(bytes), "{point} on {now}");
-        let held = consume(&mut client, window(point, 0, 0, 0)).await.unwrap();
-        assert!(held.concat() == *bytes, "{point} on {now} differs");
-        let moved = owners[point] == "c";
-        assert_eq!(meta.epoch, if moved { 2 } else { 1 }, "{point} on {now}");
-    }
+    scenario.stop_writing().await;
+    let mut moved = scenario.check_every_point().await;
+    moved.sort();
+    assert_eq!(moved, on_c, "exactly c's points moved");
 
     // c redirects writes of what it handed over, and still serves reads of it.
-    let c = by_name("c");
+    let c = &scenario.nodes["c"];
     let point = &on_c[0];
     let status = c
         .client()
@@ -241,18 +284,43 @@ async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_o
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(
         status.metadata().get(OWNER_METADATA).unwrap(),
-        owner(&nodes[0], point).await.as_str()
+        owner(&scenario.nodes["a"], point).await.as_str()
     );
     let served = consume(&mut c.client().await, window(point, 0, 0, 0))
         .await
-        .unwrap();
-    let served = served.concat();
+        .unwrap()
+        .concat();
+    let expected = scenario.expected.lock().unwrap()[point].clone();
     assert!(
-        !served.is_empty() && expected[point].starts_with(&served),
+        !served.is_empty() && expected.starts_with(&served),
         "c serves what it held of {point} when it handed it over"
     );
+    scenario.shutdown().await;
+}
 
-    for node in nodes {
-        node.shutdown().await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_go_on() {
+    let mut scenario = Scenario::start().await;
+    scenario.add("d", 3).await;
+    eventually("d to be handed its points and turn active", || async {
+        scenario.state("d").await == "active"
+    })
+    .await;
+    scenario.converge(4).await;
+    scenario.stop_writing().await;
+    let moved = scenario.check_every_point().await;
+    assert!(moved.len() >= 5, "d took {} of 60 points", moved.len());
+    for point in &moved {
+        assert_eq!(owner(&scenario.nodes["a"], point).await, "d", "{point}");
     }
+
+    // A point nobody held is created by its owner in the new ring.
+    let fresh = (0..)
+        .map(|i| format!("fresh/{i}"))
+        .find(|point| !scenario.owners.contains_key(point))
+        .unwrap();
+    let at = owner(&scenario.nodes["a"], &fresh).await;
+    let took = append(&scenario.addresses, "a".into(), &fresh, 0, b"new").await;
+    assert_eq!(took, at);
+    scenario.shutdown().await;
 }

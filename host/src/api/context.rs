@@ -8,13 +8,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, Action};
-use crate::cluster::{Lifecycle, Steps};
+use crate::cluster::Steps;
 use crate::config::{Ack, Config, Role};
 use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::placement::Placement;
 use crate::point::{Handover, PointId, ReadError, Store};
 use crate::replication::{Progress, Replica};
+use crate::reshard::Change;
 use crate::signed_url::UrlSigner;
 
 pub struct Context {
@@ -118,7 +119,7 @@ impl Context {
             Ok(ownership) => ownership,
             Err(ReadError::NotFound(_)) => {
                 self.placement.check_local(point).await?;
-                self.check_not_leaving(point)?;
+                self.check_not_moving(point).await?;
                 return Ok(None);
             }
             Err(error) => return Err(error.into()),
@@ -133,23 +134,24 @@ impl Context {
         }
     }
 
-    /// A draining member creates no point: it would have to hand it over too, and a point
-    /// created after its last move would be left behind. The client retries and, once the
-    /// drain is over, the ring names the point's next owner.
-    fn check_not_leaving(&self, point: &PointId) -> Result<(), Error> {
-        let membership = self.placement.membership();
-        let leaving = membership
-            .ring
-            .members
-            .get(&membership.local)
-            .is_some_and(|member| member.lifecycle == Lifecycle::Leaving);
-        if leaving {
-            return Err(Error::Unavailable(format!(
-                "node {} is draining and creates no point; retry point {point} once the drain is over",
-                membership.local
-            )));
+    /// While the ring changes, a member creates no point that is not its own in the ring the
+    /// change leads to: it would have to hand it over too, and one created after its last move
+    /// would be left behind (or created twice, by the joining member). The client retries;
+    /// once the change is made, the ring names the point's owner.
+    async fn check_not_moving(&self, point: &PointId) -> Result<(), Error> {
+        let Some((change, owner)) = self.placement.pending_owner(point).await? else {
+            return Ok(());
+        };
+        if owner == self.config.node_name {
+            return Ok(());
         }
-        Ok(())
+        let change = match change {
+            Change::Drain(member) => format!("member {member} is draining"),
+            Change::Join(member) => format!("member {member} is joining"),
+        };
+        Err(Error::Unavailable(format!(
+            "{change}: point {point} will be created by {owner} once the ring has changed; retry"
+        )))
     }
 
     /// The nodes a client may read `point` (of `size` bytes) from in parallel: this node, and on

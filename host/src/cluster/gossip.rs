@@ -52,6 +52,8 @@ mod keys {
     pub const VIRTUAL_NODES: &str = "virtual_nodes";
     pub const TAGS: &str = "tags";
     pub const LEADER: &str = "leader";
+    /// The join a primary has handed every point of (`docs/resharding.md`).
+    pub const HANDED: &str = "handed";
     /// The id of the ring the node holds.
     pub const RING: &str = "ring";
     /// Its founders (JSON list).
@@ -448,6 +450,9 @@ fn key_values(advert: &Advert) -> Vec<(String, String)> {
     if let Some(leader) = &member.leader {
         kvs.push((keys::LEADER.into(), leader.clone()));
     }
+    if let Some(handed) = &member.handed {
+        kvs.push((keys::HANDED.into(), handed.clone()));
+    }
     if advert.ring.is_formed() {
         kvs.push((keys::RING.into(), advert.ring.id.clone()));
         kvs.push((
@@ -490,6 +495,7 @@ fn decode(id: &ChitchatId, state: &NodeState) -> Option<Advert> {
             virtual_nodes: get(keys::VIRTUAL_NODES)?.parse().ok()?,
             tags: serde_json::from_str(get(keys::TAGS)?).ok()?,
             leader: get(keys::LEADER).map(str::to_owned),
+            handed: get(keys::HANDED).map(str::to_owned),
         };
         let mut ring = Ring {
             id: get(keys::RING).unwrap_or_default().to_owned(),

@@ -135,6 +135,10 @@ pub struct Member {
     pub tags: BTreeMap<String, String>,
     /// For a follower: the name of the leader it follows, once connected.
     pub leader: Option<String>,
+    /// For a primary: the join it has handed every point of (`<joining member>@<target ring
+    /// version>`, `docs/resharding.md`); the joining member turns `active` once every owner
+    /// of the ring says so.
+    pub handed: Option<String>,
 }
 
 /// Everything a node gossips: itself, the part of its ring others may not know (its own record,
@@ -345,7 +349,14 @@ pub struct Cluster {
 /// (`active` → `leaving` → `left`). Cheap to clone; answered by the membership loop once the
 /// ring holding the new state is saved and published.
 #[derive(Clone)]
-pub struct Steps(mpsc::Sender<(Lifecycle, oneshot::Sender<Result<(), StepError>>)>);
+pub struct Steps(mpsc::Sender<(Ask, oneshot::Sender<Result<(), StepError>>)>);
+
+/// What [`Steps`] asks of the membership loop.
+#[derive(Debug)]
+enum Ask {
+    Lifecycle(Lifecycle),
+    Handed(Option<String>),
+}
 
 /// Why a lifecycle step was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -360,11 +371,21 @@ pub enum StepError {
 
 impl Steps {
     /// Sets this member's state to `to`: `leaving` from `active`, `left` from `leaving` (or
-    /// from `joining`, which owns nothing). Setting the current state again is not an error.
+    /// from `joining`, which owns nothing), `active` from `joining` (once its points were handed
+    /// to it). Setting the current state again is not an error.
     pub async fn set_lifecycle(&self, to: Lifecycle) -> Result<(), StepError> {
+        self.ask(Ask::Lifecycle(to)).await
+    }
+
+    /// Announces in gossip the join this member has handed every point of (`None`: none).
+    pub async fn announce_handed(&self, handed: Option<String>) -> Result<(), StepError> {
+        self.ask(Ask::Handed(handed)).await
+    }
+
+    async fn ask(&self, step: Ask) -> Result<(), StepError> {
         let (reply, answer) = oneshot::channel();
         self.0
-            .send((to, reply))
+            .send((step, reply))
             .await
             .map_err(|_| StepError::Stopped)?;
         answer.await.map_err(|_| StepError::Stopped)?
@@ -440,6 +461,7 @@ pub async fn start(
         proposal: None,
         conflict: None,
         leader: params.leader.borrow().clone(),
+        handed: None,
         live: BTreeSet::new(),
     };
     state.gossip_addr = match &network {
@@ -491,7 +513,7 @@ async fn run(
     mut gossip: Gossip,
     publish: watch::Sender<Arc<Membership>>,
     mut leader: watch::Receiver<Option<String>>,
-    mut asked: mpsc::Receiver<(Lifecycle, oneshot::Sender<Result<(), StepError>>)>,
+    mut asked: mpsc::Receiver<(Ask, oneshot::Sender<Result<(), StepError>>)>,
     interval: Duration,
     stop: CancellationToken,
     kill: CancellationToken,
@@ -516,8 +538,14 @@ async fn run(
                 Ok(()) => state.leader = leader.borrow_and_update().clone(),
                 Err(_) => following = false,
             },
-            Some((to, reply)) = asked.recv() => {
-                let stepped = state.step(to);
+            Some((step, reply)) = asked.recv() => {
+                let stepped = match step {
+                    Ask::Lifecycle(to) => state.step(to),
+                    Ask::Handed(handed) => {
+                        state.handed = handed;
+                        Ok(false)
+                    }
+                };
                 if matches!(stepped, Ok(true)) {
                     state.save_ring();
                 }
@@ -574,6 +602,8 @@ struct State {
     proposal: Option<String>,
     conflict: Option<String>,
     leader: Option<String>,
+    /// The join this member announces it has handed over.
+    handed: Option<String>,
     /// The members live in the last round (their ring records are theirs to announce).
     live: BTreeSet<String>,
 }
@@ -600,6 +630,7 @@ impl State {
             virtual_nodes: self.local.virtual_nodes,
             tags: self.local.tags.clone(),
             leader: self.leader.clone(),
+            handed: self.handed.clone(),
         }
     }
 
@@ -723,6 +754,7 @@ impl State {
         let allowed = matches!(
             (from, to),
             (Lifecycle::Active, Lifecycle::Leaving)
+                | (Lifecycle::Joining, Lifecycle::Active)
                 | (Lifecycle::Leaving | Lifecycle::Joining, Lifecycle::Left)
         );
         if from == to {

@@ -2,8 +2,10 @@
 //! change, hand every point this node owns now and another member owns in the target ring to
 //! that member, one point at a time per move, at most `reshard.max_concurrent_moves` at once.
 //!
-//! The pending change built so far is a drain: the target ring is the current one without its
-//! `leaving` members. A drained member steps to `left` once it holds no point to hand over.
+//! The pending change is a drain or a join ([`reshard::pending`]). A drained member steps to
+//! `left` once it holds no point to hand over; an owner that has handed a joining member every
+//! point it will own announces it in gossip (`handed`), and the joining member steps to
+//! `active` once every owner of the ring has.
 //!
 //! Each destination gets one connection and one replicator scoped to the points moving there
 //! ([`Replicator::handover`]): the same pushes, window and acknowledgements as a follower's. A
@@ -32,7 +34,7 @@ use crate::cluster::Membership;
 use crate::cluster::ring::Ring;
 use crate::metrics;
 use crate::point::{Handover, Ownership, PointId, ReadError};
-use crate::reshard::{self, Move};
+use crate::reshard::{self, Change, Move};
 
 /// How often the mover looks again without a change of membership (points created meanwhile,
 /// moves to retry).
@@ -44,9 +46,10 @@ const STALL: Duration = Duration::from_secs(30);
 /// How long a fenced point waits for the new owner to confirm its last bytes before the fence
 /// is lifted (the seal was not sent yet, so nothing was committed there).
 const FENCE_WAIT: Duration = Duration::from_secs(10);
-/// A drained member steps to `left` only after a plan that started this long after it became
-/// `leaving` found nothing to move (a write admitted just before the step has landed by then).
-const DRAIN_SETTLE: Duration = Duration::from_secs(1);
+/// A member says it is done with a change (drained: `left`; a join: `handed`) only after a plan
+/// that started this long after it first saw the change found nothing to move: a point created
+/// just before it saw the change (refused from then on) has landed by then.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Runs the moves of this primary until `shutdown`.
 pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: CancellationToken) {
@@ -57,7 +60,7 @@ pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: Canc
         peers: HashMap::new(),
         moving: HashSet::new(),
         failed: HashMap::new(),
-        leaving_since: None,
+        pending_since: None,
     };
     let mut membership = mover.context.membership.clone();
     // Each move is a task of its own: it holds a point's lock at times, and must go on while
@@ -93,30 +96,40 @@ struct Mover {
     moving: HashSet<PointId>,
     /// Points whose last move failed, and when.
     failed: HashMap<PointId, Instant>,
-    /// When this member was first seen `leaving`.
-    leaving_since: Option<Instant>,
+    /// The pending change of the ring and when this node first saw it.
+    pending_since: Option<(Change, u64, Instant)>,
 }
 
 impl Mover {
     /// Starts the moves the ring's pending change calls for, within the concurrency limit;
-    /// steps a drained member to `left`.
+    /// says when this node is done with the change.
     async fn plan(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
-        let Some(record) = membership.ring.members.get(&local) else {
+        let Some((change, target)) = reshard::pending(&membership.ring) else {
+            self.pending_since = None;
+            self.announce(None).await;
             return Vec::new();
         };
-        let leaving = record.lifecycle == Lifecycle::Leaving;
-        self.leaving_since = match (leaving, self.leaving_since) {
-            (true, None) => Some(Instant::now()),
-            (true, since) => since,
-            (false, _) => None,
+        let version = target.version();
+        let since = match &self.pending_since {
+            Some((seen, seen_version, since)) if *seen == change && *seen_version == version => {
+                *since
+            }
+            _ => {
+                tracing::info!(?change, "the ring is changing");
+                let now = Instant::now();
+                self.pending_since = Some((change.clone(), version, now));
+                now
+            }
         };
-        let started = Instant::now();
-        let target = target_ring(&membership.ring);
-        if target.version() == membership.ring_version {
+        if let Change::Join(joining) = &change
+            && *joining == local
+        {
+            self.join(&membership, joining, version).await;
             return Vec::new();
         }
+        let started = Instant::now();
         let moves = match self.moves(&membership, &target).await {
             Ok(moves) => moves,
             Err(error) => {
@@ -125,18 +138,21 @@ impl Mover {
             }
         };
         let mine: Vec<Move> = moves.into_iter().filter(|m| m.from == local).collect();
-        tracing::debug!(moves = mine.len(), moving = self.moving.len(), "planned");
-        if mine.is_empty()
-            && self.moving.is_empty()
-            && self
-                .leaving_since
-                .is_some_and(|since| started.duration_since(since) >= DRAIN_SETTLE)
-        {
-            match self.context.steps.set_lifecycle(Lifecycle::Left).await {
-                Ok(()) => tracing::info!(
-                    "drained: every point is with its next owner; this node left the ring and may be stopped"
-                ),
-                Err(error) => tracing::warn!(%error, "cannot step to left"),
+        let settled = started.duration_since(since) >= SETTLE;
+        if mine.is_empty() && self.moving.is_empty() && settled {
+            match &change {
+                Change::Drain(member) if *member == local => {
+                    match self.context.steps.set_lifecycle(Lifecycle::Left).await {
+                        Ok(()) => tracing::info!(
+                            "drained: every point is with its next owner; this node left the ring and may be stopped"
+                        ),
+                        Err(error) => tracing::warn!(%error, "cannot step to left"),
+                    }
+                }
+                Change::Join(joining) => {
+                    self.announce(Some(format!("{joining}@{version:x}"))).await;
+                }
+                Change::Drain(_) => {}
             }
             return Vec::new();
         }
@@ -165,7 +181,7 @@ impl Mover {
             };
             self.moving.insert(planned.point.clone());
             let context = self.context.clone();
-            let target = target.version();
+            let target = version;
             tasks.push(
                 async move {
                     let result = hand_over(&context, &peer, &planned, target).await;
@@ -179,6 +195,51 @@ impl Mover {
             );
         }
         tasks
+    }
+
+    /// Gossips the join this node has handed over (`None`: none), if that changed.
+    async fn announce(&mut self, handed: Option<String>) {
+        let current = self
+            .context
+            .membership
+            .borrow()
+            .live(&self.context.config.node_name)
+            .and_then(|m| m.handed.clone());
+        if current == handed {
+            return;
+        }
+        if let Err(error) = self.context.steps.announce_handed(handed).await {
+            tracing::warn!(%error, "cannot announce the join handed over");
+        }
+    }
+
+    /// This node is joining: it turns `active` once every owner of the ring has handed it its
+    /// points for this join (a down owner holds the join back).
+    async fn join(&mut self, membership: &Membership, joining: &str, version: u64) {
+        let handed = format!("{joining}@{version:x}");
+        let waiting: Vec<&String> = membership
+            .ring
+            .owners()
+            .map(|(name, _)| name)
+            .filter(|name| {
+                membership
+                    .live(name)
+                    .is_none_or(|member| member.handed.as_deref() != Some(handed.as_str()))
+            })
+            .collect();
+        if !waiting.is_empty() {
+            tracing::debug!(
+                ?waiting,
+                "joining: waiting for owners to hand their points over"
+            );
+            return;
+        }
+        match self.context.steps.set_lifecycle(Lifecycle::Active).await {
+            Ok(()) => tracing::info!(
+                "joined: every owner has handed its points over; this node is active"
+            ),
+            Err(error) => tracing::warn!(%error, "cannot step to active"),
+        }
     }
 
     fn finished(&mut self, done: Move, result: Result<(), String>) {
@@ -254,17 +315,6 @@ impl Mover {
         self.peers.insert(to.to_owned(), peer.clone());
         Ok(peer)
     }
-}
-
-/// The ring once its pending change is made: its `leaving` members gone.
-pub fn target_ring(ring: &Ring) -> Ring {
-    let mut target = ring.clone();
-    for member in target.members.values_mut() {
-        if member.lifecycle == Lifecycle::Leaving {
-            member.lifecycle = Lifecycle::Left;
-        }
-    }
-    target
 }
 
 /// One destination of moves: its connection, its sink and the replicator that feeds it.
