@@ -130,6 +130,12 @@ impl NodeProcess {
     /// SIGTERM, then waits up to `timeout` for the exit; returns its status.
     pub fn terminate(mut self, timeout: Duration) -> Result<ExitStatus, ProcessError> {
         self.signal(libc::SIGTERM)?;
+        self.wait(timeout)
+    }
+
+    /// Waits up to `timeout` for the process to exit (by itself, or after a signal); returns
+    /// its status.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, ProcessError> {
         let pid = self.child.id();
         let deadline = Instant::now() + timeout;
         loop {

@@ -14,6 +14,20 @@ use crate::cluster::Lifecycle;
 use crate::cluster::ring::Ring;
 use crate::point::PointId;
 
+/// The environment variable of the crash hook: tests set it to a [`crash_point`] step name.
+pub const CRASH_AT: &str = "GOUTUBETEST_CRASH_AT";
+
+/// A named step of a handover (`copying`, `sealed`, `committed`, `moved` on the old owner;
+/// `incoming`, `commit` on the new one). For tests only: when [`CRASH_AT`] names this step,
+/// the process aborts right after reaching it, as `kill -9` would stop it there.
+pub fn crash_point(step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var(CRASH_AT).ok()).as_deref() == Some(step) {
+        eprintln!("{CRASH_AT}={step}: aborting");
+        std::process::abort();
+    }
+}
+
 /// The one change of the ring that moves points now (`docs/resharding.md`: one topology change
 /// at a time).
 #[derive(Debug, Clone, PartialEq, Eq)]

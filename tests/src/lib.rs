@@ -260,11 +260,17 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Runs `goutube run --config <config>` and waits for its `goutube listening` line.
     pub fn spawn(config: &Path) -> NodeProcess {
+        NodeProcess::spawn_with_env(config, &[])
+    }
+
+    /// [`NodeProcess::spawn`] with more environment variables.
+    pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> NodeProcess {
         let mut command = Command::new(goutube_bin());
         command
             .args(["run", "--config"])
             .arg(config)
             .env("GOUTUBE_LOG__LEVEL", "warn")
+            .envs(env.iter().copied())
             .stderr(Stdio::inherit());
         let process = goutube::process::NodeProcess::start(command, DEADLINE)
             .expect("goutube run printed its listening line");
@@ -277,6 +283,14 @@ impl NodeProcess {
             metrics: addresses.metrics.to_string(),
             addresses,
         }
+    }
+
+    /// Waits for the process to exit by itself; returns whether it exited with status 0.
+    pub fn exited(mut self) -> bool {
+        self.process
+            .wait(DEADLINE)
+            .expect("the node exits by itself")
+            .success()
     }
 
     /// SIGKILL: no chance to flush anything.

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use goutube::api::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::Role;
 use goutube::point::{Handover, Ownership, PointId};
-use goutube_tests::{TestNode, consume, data, eventually, owner, produce, sees, window};
+use goutube_tests::{
+    TestNode, consume, data, eventually, http, metadata, owner, produce, sees, window,
+};
 use tonic::Code;
 
 fn frame(point: &str, expected_offset: u64, bytes: &[u8]) -> ProduceRequest {
@@ -54,6 +56,8 @@ async fn pair() -> (TestNode, TestNode, String) {
         c.node_name = "a".into();
         c.role = Role::Leader;
         c.cluster.bootstrap_expect = 2;
+        // The records are set by hand here: no mover acts on them.
+        c.reshard.max_concurrent_moves = 0;
     })
     .await;
     let seed = a.node.gossip_addr().to_string();
@@ -62,6 +66,7 @@ async fn pair() -> (TestNode, TestNode, String) {
         c.role = Role::Leader;
         c.seed_addresses = vec![seed];
         c.cluster.bootstrap_expect = 2;
+        c.reshard.max_concurrent_moves = 0;
     })
     .await;
     eventually("both to see each other in the formed ring", || async {
@@ -157,9 +162,56 @@ async fn a_fenced_write_waits_for_the_switch_then_goes_where_the_point_went() {
     a.shutdown().await;
 }
 
+/// A copy still arriving is not served, by gRPC nor HTTP, before or after a restart; once its
+/// handover commits, it is.
+#[tokio::test]
+async fn a_copy_still_arriving_is_not_served_until_its_handover_commits() {
+    let node = TestNode::start(|_| {}).await;
+    let id = PointId::new("p").unwrap();
+    let bytes = data(3, 5000);
+    produce(&mut node.client().await, "p", std::slice::from_ref(&bytes))
+        .await
+        .unwrap();
+    let arriving = with(Handover::Incoming {
+        from: "b".into(),
+        epoch: 1,
+    });
+    let store = node.node.store().unwrap();
+    store.set_ownership(&id, arriving).await.unwrap();
+    // Restarted on its data, the node still knows the copy is arriving.
+    let node = node.restart(|_| {}).await;
+    let mut client = node.client().await;
+    let refused = consume(&mut client, window("p", 0, 0, 0))
+        .await
+        .unwrap_err();
+    // b is not a live member here: the refusal names it as the owner that is down.
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.metadata().get("goutube-owner").unwrap(), "b");
+    let refused = metadata(&mut client, "p").await.unwrap_err();
+    assert_eq!(refused.metadata().get("goutube-owner").unwrap(), "b");
+    let answer = http(node.node.http_addr(), "GET", "/v1/points/p", &[], None).await;
+    assert_eq!(answer.status, 404, "the gateway does not serve it either");
+    let store = node.node.store().unwrap();
+    let committed = Ownership {
+        epoch: 2,
+        owner: Some("test-node".into()),
+        handover: None,
+    };
+    store.set_ownership(&id, committed).await.unwrap();
+    let mut client = node.client().await;
+    let read = consume(&mut client, window("p", 0, 0, 0)).await.unwrap();
+    assert!(read.concat() == bytes);
+    assert_eq!(metadata(&mut client, "p").await.unwrap().epoch, 2);
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_fence_that_lasts_too_long_fails_the_write_retryably() {
-    let node = TestNode::start(|c| c.reshard.fence_timeout_ms = 300).await;
+    let node = TestNode::start(|c| {
+        c.reshard.fence_timeout_ms = 300;
+        c.reshard.max_concurrent_moves = 0;
+    })
+    .await;
     let id = PointId::new("p").unwrap();
     produce(&mut node.client().await, "p", &[data(1, 100)])
         .await

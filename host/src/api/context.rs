@@ -13,7 +13,7 @@ use crate::config::{Ack, Config, Role};
 use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::placement::Placement;
-use crate::point::{Handover, PointId, ReadError, Store};
+use crate::point::{Handover, Point, PointId, ReadError, Store};
 use crate::replication::{Progress, Replica};
 use crate::reshard::Change;
 use crate::signed_url::UrlSigner;
@@ -152,6 +152,20 @@ impl Context {
         Err(Error::Unavailable(format!(
             "{change}: point {point} will be created by {owner} once the ring has changed; retry"
         )))
+    }
+
+    /// `point`, to be read by a client: a copy still arriving in a handover is not served;
+    /// the refusal names the member it arrives from, which serves it until the handover ends.
+    pub async fn readable(&self, point: &PointId) -> Result<Arc<Point>, Error> {
+        let found = self.store.point(point).await?;
+        if !found.snapshot().arriving {
+            return Ok(found);
+        }
+        match self.store.ownership(point).await?.handover {
+            Some(Handover::Incoming { from, .. }) => Err(self.placement.refuse(point, &from)),
+            // Committed meanwhile.
+            _ => Ok(found),
+        }
     }
 
     /// The nodes a client may read `point` (of `size` bytes) from in parallel: this node, and on

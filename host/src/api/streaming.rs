@@ -183,7 +183,7 @@ impl proto::streaming_server::Streaming for StreamingService {
             .access
             .authorize(&peer, Action::Consume, id.as_str())
             .await?;
-        let point = state.store.point(&id).await.map_err(Error::from)?;
+        let point = state.readable(&id).await?;
         let snapshot = point.snapshot();
         let window = read_window(
             &request,
@@ -220,7 +220,7 @@ impl proto::streaming_server::Streaming for StreamingService {
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         let state = &self.state;
         state.access.authorize(&peer, action, id.as_str()).await?;
-        let snapshot = state.store.metadata(&id).await.map_err(Error::from)?;
+        let snapshot = state.readable(&id).await?.snapshot();
         let replicas = state
             .replicas(&id)
             .into_iter()

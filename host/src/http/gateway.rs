@@ -263,6 +263,8 @@ impl Gateway {
         let local = match &self.store {
             None => None,
             Some(store) => match store.point(&request.id).await {
+                // A copy still arriving in a handover is not served: its old owner serves it.
+                Ok(point) if point.snapshot().arriving => None,
                 Ok(point) => Some((store.clone(), point)),
                 Err(ReadError::NotFound(_)) => None,
                 Err(error) => return Err(error.into()),

@@ -85,6 +85,9 @@ pub struct Snapshot {
     pub crc: u32,
     /// The point was deleted: no more bytes will come.
     pub deleted: bool,
+    /// A copy still arriving in a handover (`docs/resharding.md`): not served to clients until
+    /// the handover commits. Kept here so readers need not take the point's lock to know.
+    pub arriving: bool,
 }
 
 /// The outcome of one append.
@@ -901,6 +904,10 @@ impl Point {
         tokio::task::spawn_blocking(move || write_meta(&dir, &written, fsync))
             .await
             .map_err(join_error)??;
+        let arriving = meta.ownership.is_arriving();
+        self.snapshot.send_if_modified(|snapshot| {
+            std::mem::replace(&mut snapshot.arriving, arriving) != arriving
+        });
         state.meta = Some(meta);
         Ok(())
     }
@@ -1050,10 +1057,12 @@ impl Point {
             state.crc = recovered.point_crc;
             state.durable = recovered.end;
             state.journal_len = recovered.journal_len;
+            let arriving = self.meta(state).await?.ownership.is_arriving();
             self.snapshot.send_replace(Snapshot {
                 end: recovered.end,
                 crc: recovered.point_crc,
                 deleted: false,
+                arriving,
             });
         }
         let files = Arc::new(files);
@@ -1163,10 +1172,9 @@ impl Point {
             } else {
                 state.dirty = true;
             }
-            self.snapshot.send_replace(Snapshot {
-                end,
-                crc,
-                deleted: false,
+            self.snapshot.send_modify(|snapshot| {
+                snapshot.end = end;
+                snapshot.crc = crc;
             });
         }
         Ok(appended)

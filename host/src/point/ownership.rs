@@ -24,6 +24,13 @@ pub struct Ownership {
     pub handover: Option<Handover>,
 }
 
+impl Ownership {
+    /// Whether this copy is still arriving in a handover: neither written nor served here.
+    pub fn is_arriving(&self) -> bool {
+        matches!(self.handover, Some(Handover::Incoming { .. }))
+    }
+}
+
 impl Default for Ownership {
     fn default() -> Self {
         Self {

@@ -34,7 +34,7 @@ pub async fn begin(store: &Store, from: &str, point: &PointId, epoch: u64) -> Re
         Ok(held) if held == incoming => {
             return Ok(store.metadata(point).await.map_err(text)?.end);
         }
-        Ok(held) if held.epoch >= epoch && !is_incoming(&held) => {
+        Ok(held) if held.epoch >= epoch && !held.is_arriving() => {
             return Err(format!(
                 "this node holds point {point} at epoch {}, not older than {from}'s {epoch}",
                 held.epoch
@@ -52,6 +52,7 @@ pub async fn begin(store: &Store, from: &str, point: &PointId, epoch: u64) -> Re
         Err(error) => return Err(error.to_string()),
     }
     store.set_ownership(point, incoming).await.map_err(text)?;
+    crate::reshard::crash_point("incoming");
     Ok(0)
 }
 
@@ -101,6 +102,7 @@ pub async fn seal(
         handover: None,
     };
     store.set_ownership(point, committed).await.map_err(text)?;
+    crate::reshard::crash_point("commit");
     ::metrics::counter!(crate::metrics::RESHARD_RECEIVED_POINTS).increment(1);
     tracing::info!(%point, %from, epoch = epoch + 1, end, "took the point over");
     Ok(Sealed::Committed(epoch + 1))
@@ -118,10 +120,6 @@ pub async fn cancel(store: &Store, from: &str, point: &PointId) -> Result<(), St
         Ok(_) | Err(ReadError::NotFound(_)) => Ok(()),
         Err(error) => Err(error.to_string()),
     }
-}
-
-fn is_incoming(ownership: &Ownership) -> bool {
-    matches!(ownership.handover, Some(Handover::Incoming { .. }))
 }
 
 fn text(error: impl std::fmt::Display) -> String {

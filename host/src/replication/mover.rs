@@ -101,47 +101,91 @@ struct Mover {
 }
 
 impl Mover {
-    /// Starts the moves the ring's pending change calls for, within the concurrency limit;
-    /// says when this node is done with the change.
+    /// Starts the moves the ring's pending change calls for, within the concurrency limit, and
+    /// ends the handovers it no longer calls for; says when this node is done with the change.
     async fn plan(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
+        let limit = self.context.config.reshard.max_concurrent_moves;
+        if limit == 0 {
+            // Paused by the operator.
+            return Vec::new();
+        }
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
-        let Some((change, target)) = reshard::pending(&membership.ring) else {
-            self.pending_since = None;
-            self.announce(None).await;
-            return Vec::new();
-        };
-        let version = target.version();
-        let since = match &self.pending_since {
-            Some((seen, seen_version, since)) if *seen == change && *seen_version == version => {
-                *since
+        let pending = reshard::pending(&membership.ring);
+        let since = match &pending {
+            None => {
+                self.pending_since = None;
+                self.announce(None).await;
+                None
             }
-            _ => {
-                tracing::info!(?change, "the ring is changing");
-                let now = Instant::now();
-                self.pending_since = Some((change.clone(), version, now));
-                now
+            Some((change, target)) => {
+                let version = target.version();
+                match &self.pending_since {
+                    Some((seen, seen_version, since))
+                        if seen == change && *seen_version == version =>
+                    {
+                        Some(*since)
+                    }
+                    _ => {
+                        tracing::info!(?change, "the ring is changing");
+                        let now = Instant::now();
+                        self.pending_since = Some((change.clone(), version, now));
+                        Some(now)
+                    }
+                }
             }
         };
-        if let Change::Join(joining) = &change
+        if let Some((Change::Join(joining), target)) = &pending
             && *joining == local
         {
-            self.join(&membership, joining, version).await;
+            self.join(&membership, joining, target.version()).await;
             return Vec::new();
         }
         let started = Instant::now();
-        let moves = match self.moves(&membership, &target).await {
-            Ok(moves) => moves,
+        let held = match self.held().await {
+            Ok(held) => held,
             Err(error) => {
-                tracing::warn!(%error, "cannot plan the moves of this node's points");
+                tracing::warn!(%error, "cannot list this node's points");
                 return Vec::new();
             }
         };
-        let mine: Vec<Move> = moves.into_iter().filter(|m| m.from == local).collect();
-        let settled = started.duration_since(since) >= SETTLE;
-        if mine.is_empty() && self.moving.is_empty() && settled {
-            match &change {
-                Change::Drain(member) if *member == local => {
+        let mut moves = Vec::new();
+        if let Some((_, target)) = &pending {
+            match self.moves(&membership, target, &held).await {
+                Ok(planned) => moves.extend(planned.into_iter().filter(|m| m.from == local)),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot plan the moves of this node's points");
+                    return Vec::new();
+                }
+            }
+        }
+        // Handovers the plan does not call for (the change was made or replaced, or this node
+        // restarted) go first: a sealed one is finished, being moments from done; a copying
+        // one is given up. A move of the same point elsewhere waits for them.
+        let mut work: Vec<(Work, u64)> = Vec::new();
+        for (point, handover) in &held {
+            let planned = |to: &str| moves.iter().any(|m| m.point == *point && m.to == to);
+            let stray = |to: &String| Move {
+                point: point.clone(),
+                from: local.clone(),
+                to: to.clone(),
+            };
+            match handover {
+                Some(Handover::Sealed {
+                    to, target_ring, ..
+                }) if !planned(to) => work.push((Work::Move(stray(to)), *target_ring)),
+                Some(Handover::Copying { to, target_ring }) if !planned(to) => {
+                    work.push((Work::GiveUp(stray(to)), *target_ring))
+                }
+                _ => {}
+            }
+        }
+        let version = pending.as_ref().map_or(0, |(_, target)| target.version());
+        work.extend(moves.into_iter().map(|m| (Work::Move(m), version)));
+        let settled = since.is_some_and(|since| started.duration_since(since) >= SETTLE);
+        if work.is_empty() && self.moving.is_empty() && settled {
+            match pending.map(|(change, target)| (change, target.version())) {
+                Some((Change::Drain(member), _)) if member == local => {
                     match self.context.steps.set_lifecycle(Lifecycle::Left).await {
                         Ok(()) => tracing::info!(
                             "drained: every point is with its next owner; this node left the ring and may be stopped"
@@ -149,16 +193,16 @@ impl Mover {
                         Err(error) => tracing::warn!(%error, "cannot step to left"),
                     }
                 }
-                Change::Join(joining) => {
+                Some((Change::Join(joining), version)) => {
                     self.announce(Some(format!("{joining}@{version:x}"))).await;
                 }
-                Change::Drain(_) => {}
+                _ => {}
             }
             return Vec::new();
         }
-        let limit = self.context.config.reshard.max_concurrent_moves;
         let mut tasks = Vec::new();
-        for planned in mine {
+        for (work, target) in work {
+            let planned = work.planned().clone();
             if self.moving.len() >= limit {
                 break;
             }
@@ -170,20 +214,16 @@ impl Mover {
             {
                 continue;
             }
-            tracing::debug!(to = %planned.to, "dialing");
             let peer = match self.peer(&membership, &planned.to).await {
-                Ok(peer) => peer,
+                Ok(peer) => Some(peer),
                 Err(error) => {
                     tracing::warn!(to = %planned.to, %error, "cannot reach the next owner; retrying");
-                    self.failed.insert(planned.point.clone(), Instant::now());
-                    continue;
+                    None
                 }
             };
-            self.moving.insert(planned.point.clone());
             let context = self.context.clone();
-            let target = version;
-            tasks.push(
-                async move {
+            let task = match (work, peer) {
+                (Work::Move(planned), Some(peer)) => async move {
                     let result = hand_over(&context, &peer, &planned, target).await;
                     if result.is_err() {
                         peer.broken
@@ -192,7 +232,18 @@ impl Mover {
                     (planned, result)
                 }
                 .boxed_local(),
-            );
+                (Work::Move(_), None) => {
+                    self.failed.insert(planned.point.clone(), Instant::now());
+                    continue;
+                }
+                (Work::GiveUp(planned), peer) => async move {
+                    let result = give_up(&context, peer.as_deref(), &planned).await;
+                    (planned, result)
+                }
+                .boxed_local(),
+            };
+            self.moving.insert(planned.point.clone());
+            tasks.push(task);
         }
         tasks
     }
@@ -257,9 +308,9 @@ impl Mover {
         self.peers.retain(|_, peer| !peer.broken.get());
     }
 
-    /// The moves of the points this node holds (not those handed over already or arriving),
-    /// from their owner in the ring to their owner in `target`.
-    async fn moves(&self, membership: &Membership, target: &Ring) -> Result<Vec<Move>, String> {
+    /// The points this node holds and may hand over (not those handed over already or
+    /// arriving), with the handover each is in.
+    async fn held(&self) -> Result<Vec<(PointId, Option<Handover>)>, String> {
         let store = &self.context.store;
         let mut held = Vec::new();
         for point in store.list("", None, usize::MAX) {
@@ -268,11 +319,22 @@ impl Mover {
                     handover: Some(Handover::Moved { .. } | Handover::Incoming { .. }),
                     ..
                 }) => {}
-                Ok(_) => held.push(point),
+                Ok(ownership) => held.push((point, ownership.handover)),
                 Err(ReadError::NotFound(_)) => {}
                 Err(error) => return Err(format!("point {point}: {error}")),
             }
         }
+        Ok(held)
+    }
+
+    /// The moves of the `held` points, from their owner in the ring to their owner in `target`.
+    async fn moves(
+        &self,
+        membership: &Membership,
+        target: &Ring,
+        held: &[(PointId, Option<Handover>)],
+    ) -> Result<Vec<Move>, String> {
+        let held: Vec<PointId> = held.iter().map(|(point, _)| point.clone()).collect();
         let plugins = self.context.plugins.current();
         let (now, then) = (membership.ring.clone(), target.clone());
         tokio::task::spawn_blocking(move || {
@@ -314,6 +376,22 @@ impl Mover {
         );
         self.peers.insert(to.to_owned(), peer.clone());
         Ok(peer)
+    }
+}
+
+/// What the mover does with one point.
+enum Work {
+    /// Hand it over (or finish handing it over).
+    Move(Move),
+    /// Give up a handover the plan no longer calls for.
+    GiveUp(Move),
+}
+
+impl Work {
+    fn planned(&self) -> &Move {
+        match self {
+            Work::Move(planned) | Work::GiveUp(planned) => planned,
+        }
     }
 }
 
@@ -510,6 +588,7 @@ async fn hand_over(
                 .set_ownership(point, copying)
                 .await
                 .map_err(|e| e.to_string())?;
+            reshard::crash_point("copying");
             None
         }
         Some(Handover::Copying { to: towards, .. }) if towards == to => None,
@@ -562,6 +641,7 @@ async fn hand_over(
                 .seal(point, to, target)
                 .await
                 .map_err(|e| e.to_string())?;
+            reshard::crash_point("sealed");
             (end, crc, fenced_at, held)
         }
     };
@@ -577,6 +657,7 @@ async fn hand_over(
     tracing::debug!(%point, end, "sealing");
     match peer.seal(local, point, end, crc).await? {
         Ok(committed) => {
+            reshard::crash_point("committed");
             ::metrics::counter!(metrics::RESHARD_MOVED_BYTES).increment(end.saturating_sub(held));
             switch(context, peer, point, to, epoch, committed, end, fenced_at).await
         }
@@ -591,6 +672,33 @@ async fn hand_over(
             Err(format!("{to} refused the seal: {reason}"))
         }
     }
+}
+
+/// Gives up the handover of `planned.point` to `planned.to` that is still copying: the
+/// destination drops its copy (if it can be reached: an `incoming` copy left there is replaced
+/// by the next handover anyway), and the point takes writes here again.
+async fn give_up(context: &Context, peer: Option<&Peer>, planned: &Move) -> Result<(), String> {
+    let (point, to) = (&planned.point, &planned.to);
+    if let Some(peer) = peer {
+        let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
+        if let Err(error) = peer.cancel(&context.config.node_name, point).await {
+            tracing::warn!(%point, %to, %error, "cannot tell the destination that the handover is given up");
+        }
+    }
+    let store = &context.store;
+    let ownership = store.ownership(point).await.map_err(|e| e.to_string())?;
+    if matches!(&ownership.handover, Some(Handover::Copying { to: towards, .. }) if towards == to) {
+        let owned = Ownership {
+            handover: None,
+            ..ownership
+        };
+        store
+            .set_ownership(point, owned)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%point, %to, "gave the handover up: the ring no longer calls for it");
+    }
+    Ok(())
 }
 
 /// Adds `point` to what the destination's replicator sends, from `held`.
@@ -629,6 +737,7 @@ async fn switch(
         .set_ownership(point, moved)
         .await
         .map_err(|e| e.to_string())?;
+    reshard::crash_point("moved");
     let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
     let fenced = fenced_at.elapsed();
     ::metrics::histogram!(metrics::RESHARD_FENCE_SECONDS).record(fenced.as_secs_f64());
