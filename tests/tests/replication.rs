@@ -774,6 +774,17 @@ async fn epochs_decide_between_the_leaders_copy_and_the_followers() {
     }
     let described = metadata(&mut to_follower, "handed-over").await.unwrap();
     assert_eq!(described.epoch, 3);
+    // An epoch that changes on the leader reaches the connected follower, without new bytes.
+    leader_store
+        .set_ownership(&id("handed-over"), epoch(4))
+        .await
+        .unwrap();
+    goutube_tests::eventually("the follower to take the new epoch", || async {
+        metadata(&mut to_follower.clone(), "handed-over")
+            .await
+            .is_ok_and(|m| m.epoch == 4)
+    })
+    .await;
 
     // While the follower is down, both copies of two points grow different bytes of the same
     // length: only epochs can tell which copy is right.

@@ -10,6 +10,7 @@ mod cluster;
 mod download;
 mod http;
 mod replication;
+mod reshard;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -83,6 +84,17 @@ pub enum Bench {
         /// Which measurements to run, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "catch-up,lag,ack")]
         parts: Vec<replication::Part>,
+    },
+    /// Resharding: draining a primary that holds `points` points of `mib` MiB in all against a
+    /// follower's catch-up of the same points; the write pause per point at the fence; consume
+    /// throughput of unrelated points during the move.
+    Reshard {
+        #[arg(long, default_value_t = 2048)]
+        mib: u64,
+        #[arg(long, default_value_t = 200)]
+        points: usize,
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Membership convergence and kill detection for in-process members on UDP loopback, and
     /// the cached ownership check against a produce round trip.
@@ -162,6 +174,11 @@ pub async fn run(bench: Bench) -> anyhow::Result<()> {
             seconds,
             parts,
         } => replication::run(mib, rate.max(1), seconds.max(1), rounds.max(1), &parts).await,
+        Bench::Reshard {
+            mib,
+            points,
+            rounds,
+        } => reshard::run(mib.max(1), points.max(1), rounds.max(1)).await,
         Bench::Cluster { sizes, rounds } => cluster::run(&sizes, rounds.max(1)).await,
         Bench::Http {
             mib,
@@ -696,6 +713,25 @@ async fn consume(client: &Client, point: &str, total: u64) -> anyhow::Result<f64
         bail!("consumed {received} bytes, expected {total}");
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// The sum of the samples of metric `name` (all its labels) on `server`'s metrics endpoint.
+async fn metric(server: &Server, name: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(&server.metrics).await?;
+    socket
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await?;
+    Ok(response
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
 }
 
 /// The `p`th percentile of `sorted` (ascending, not empty).

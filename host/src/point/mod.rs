@@ -105,6 +105,9 @@ pub struct AppendEvent {
     pub end: u64,
     /// The point was deleted (`end` is then 0).
     pub removed: bool,
+    /// The point's ownership record changed (its epoch, or a handover): replication describes
+    /// the point again to connected followers.
+    pub ownership: bool,
     /// The bytes of the append, while the store's budget for them lasts: replication sends them
     /// to connected followers without reading them back.
     pub bytes: Option<Arc<LiveBytes>>,
@@ -424,6 +427,7 @@ impl Store {
                 point: id.clone(),
                 end: last.end,
                 removed: false,
+                ownership: false,
                 bytes,
             });
         }
@@ -563,7 +567,7 @@ impl Store {
             })
             .await?;
         if changed {
-            self.inner.ownership_changed.notify_waiters();
+            self.ownership_event(id);
         }
         Ok(())
     }
@@ -597,8 +601,28 @@ impl Store {
         };
         point.replace_meta(&mut state, meta, Fsync::Always).await?;
         drop(state);
-        self.inner.ownership_changed.notify_waiters();
+        self.ownership_event(id);
         Ok((end, crc))
+    }
+
+    /// Wakes the writes waiting at a fence and tells subscribers that `id`'s ownership record
+    /// changed.
+    fn ownership_event(&self, id: &PointId) {
+        self.inner.ownership_changed.notify_waiters();
+        let end = self
+            .inner
+            .points
+            .read()
+            .unwrap()
+            .get(id)
+            .map_or(0, |point| point.snapshot().end);
+        let _ = self.inner.events.send(AppendEvent {
+            point: id.clone(),
+            end,
+            removed: false,
+            ownership: true,
+            bytes: None,
+        });
     }
 
     /// Makes every byte written to `id` so far durable, whatever `storage.fsync` says (a
@@ -680,6 +704,7 @@ impl Store {
             point: id.clone(),
             end: 0,
             removed: true,
+            ownership: false,
             bytes: None,
         });
         Ok(size)

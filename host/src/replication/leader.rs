@@ -537,6 +537,7 @@ impl Replicator {
                 event = events.recv() => match event {
                     Ok(event) if !self.in_scope(&event.point) => {}
                     Ok(event) if event.removed => self.removed(event.point),
+                    Ok(event) if event.ownership => self.redescribe(event.point).await,
                     Ok(event) => {
                         if let Some(bytes) = event.bytes {
                             self.lend(&event.point, bytes);
@@ -715,6 +716,18 @@ impl Replicator {
             .boxed_local(),
         );
         Ok(())
+    }
+
+    /// The point's ownership record changed: its description goes again, now if the follower
+    /// has had one already, else before its first record.
+    async fn redescribe(&mut self, point: PointId) {
+        if self.newer.contains(&point) || !self.described.remove(&point) {
+            return;
+        }
+        if let Err(error) = self.describe(&point).await {
+            tracing::warn!(follower = %self.follower, %point, %error, "cannot describe the point again");
+            self.mark(point);
+        }
     }
 
     fn mark(&mut self, point: PointId) {

@@ -21,7 +21,7 @@ use goutube::client::{Client, ClientTls};
 use rand::Rng;
 
 use super::{
-    Server, Workload, connect, connect_with, disk_write, median, percentile, produce,
+    Server, Workload, connect, connect_with, disk_write, median, metric, percentile, produce,
     produce_record, raw_tcp_copy, spread, storage, wait_for, wait_for_followers, wait_for_size,
 };
 
@@ -527,17 +527,5 @@ async fn observe(
 
 /// The leader's count of bytes it read back to replicate, from its metrics endpoint.
 async fn read_back(leader: &Server) -> anyhow::Result<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(&leader.metrics).await?;
-    socket
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    socket.read_to_string(&mut response).await?;
-    let name = goutube::metrics::REPLICATION_READ_BACK;
-    Ok(response
-        .lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum())
+    metric(leader, goutube::metrics::REPLICATION_READ_BACK).await
 }

@@ -1,0 +1,331 @@
+//! `goutube bench reshard`: handing points to their new owner against replication catch-up of
+//! the same bytes, measured in the same run (median of `rounds`).
+//!
+//! - Move: primaries `a` and `b` in one ring; `a` holds `points` points of `mib` MiB in all
+//!   (ids it owns, found through `LocatePoint`), `b` a few of its own. `a` is drained; the time
+//!   is from the drain call to `a` counting every point handed over. Baseline: a follower
+//!   catching up a leader that holds the same points (from its spawn to its count of applied
+//!   bytes reaching theirs).
+//! - The write pause at the fence: writers append to 16 of the moving points all along (4 KiB
+//!   frames with `expected_offset`, following the redirect); a point's pause is its slowest
+//!   append during the move, redirect included.
+//! - Unrelated reads: a reader consumes `b`'s own points in a loop; its throughput during the
+//!   move against the same reader before it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use goutube::api::proto::{LocatePointRequest, ProduceRequest};
+use goutube::error::OWNER_ADDR_METADATA;
+
+use super::{Server, Workload, connect, consume, median, metric, percentile, produce, spread};
+
+/// Points that writers keep appending to during the move.
+const WRITTEN: usize = 16;
+/// Points of `b` the unrelated reader reads.
+const UNRELATED: usize = 4;
+/// Bytes of each unrelated point.
+const UNRELATED_BYTES: u64 = 16 * 1024 * 1024;
+
+pub async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let frame = 256 * 1024;
+    let per_point = (mib * 1024 * 1024 / points as u64).max(frame as u64);
+    let workload = Workload::new(per_point / (1024 * 1024), frame);
+    let workload = Workload {
+        total: per_point / frame as u64 * frame as u64,
+        frames: per_point / frame as u64,
+        ..workload
+    };
+    let total = workload.total * points as u64;
+    println!(
+        "resharding on loopback, fsync = \"never\", {points} points of {} MiB ({} MiB), {rounds} round(s), median reported",
+        workload.total >> 20,
+        total >> 20
+    );
+    let (mut catch_up, mut moved) = (Vec::new(), Vec::new());
+    let (mut pauses, mut reads_idle, mut reads_moving) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let dir = work.path().join(format!("catch-up-{round}"));
+        catch_up.push(catch_up_once(&dir, points, &workload).await?);
+        std::fs::remove_dir_all(&dir)?;
+        let dir = work.path().join(format!("move-{round}"));
+        let run = move_once(&dir, points, &workload).await?;
+        std::fs::remove_dir_all(&dir)?;
+        moved.push(run.seconds);
+        pauses.extend(run.pauses);
+        reads_idle.push(run.read_idle);
+        reads_moving.push(run.read_moving);
+    }
+    pauses.sort_by(f64::total_cmp);
+    println!(
+        "\n| {} MiB in {points} points | throughput (median, min–max) |",
+        total >> 20
+    );
+    println!("|---|---|");
+    println!(
+        "| replication catch-up (baseline) | {} |",
+        spread(total, &catch_up)
+    );
+    println!(
+        "| handover to the new owner (drain) | {} |",
+        spread(total, &moved)
+    );
+    println!("\n| measure | value | target |");
+    println!("|---|---|---|");
+    println!(
+        "| move / catch-up | {:.2}x | ≥ 0.5x |",
+        median(&catch_up) / median(&moved)
+    );
+    println!(
+        "| write pause per point at the fence, p50 / p99 ({} points) | {:.1} ms / {:.1} ms | p99 < 100 ms |",
+        pauses.len(),
+        percentile(&pauses, 50) * 1e3,
+        percentile(&pauses, 99) * 1e3
+    );
+    println!(
+        "| consume of unrelated points during / before the move | {:.2}x ({:.0} / {:.0} MB/s) | |",
+        median(&reads_moving) / median(&reads_idle),
+        median(&reads_moving),
+        median(&reads_idle)
+    );
+    Ok(())
+}
+
+/// The settings of a benchmark primary.
+fn settings(extra: &str) -> String {
+    format!("{extra}\n{}", super::storage("never"))
+}
+
+/// Seconds from a follower's spawn to its holding every byte of the leader's `points` points.
+async fn catch_up_once(dir: &Path, points: usize, workload: &Workload) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let leader = Server::node_at(
+        dir,
+        "leader",
+        "127.0.0.1",
+        None,
+        &settings("role = \"leader\""),
+    )?;
+    let to_leader = connect(&leader.rpc).await?;
+    for i in 0..points {
+        produce(
+            &to_leader,
+            &format!("p/{i}"),
+            &workload.pool,
+            workload.frames,
+        )
+        .await?;
+    }
+    let total = (workload.total * points as u64) as f64;
+    let follower_settings = settings(&format!(
+        "role = \"follower\"\nleader_addresses = [{:?}]",
+        leader.replication
+    ));
+    let started = Instant::now();
+    let follower = Server::node_at(dir, "follower", "127.0.0.1", None, &follower_settings)?;
+    let applied = || metric(&follower, goutube::metrics::REPLICATED_BYTES);
+    wait_until(
+        "the follower to catch up",
+        Duration::from_secs(600),
+        || async { Ok(applied().await? >= total) },
+    )
+    .await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    follower.stop()?;
+    leader.stop()?;
+    Ok(elapsed)
+}
+
+/// One move: its duration, the pause of each written point, the unrelated reader's MB/s before
+/// and during it.
+struct Moved {
+    seconds: f64,
+    pauses: Vec<f64>,
+    read_idle: f64,
+    read_moving: f64,
+}
+
+async fn move_once(dir: &Path, points: usize, workload: &Workload) -> anyhow::Result<Moved> {
+    std::fs::create_dir_all(dir)?;
+    let primary = |seeds: &str| settings(&format!("{seeds}\n[cluster]\nbootstrap_expect = 2"));
+    let a = Server::node_at(dir, "a", "127.0.0.1", None, &primary(""))?;
+    let b_seeds = format!("seed_addresses = [{:?}]", a.gossip);
+    let b = Server::node_at(dir, "b", "127.0.0.1", None, &primary(&b_seeds))?;
+    let (to_a, to_b) = (connect(&a.rpc).await?, connect(&b.rpc).await?);
+    wait_until(
+        "a and b to form their ring",
+        Duration::from_secs(60),
+        || async {
+            let members = to_a.members().await?;
+            Ok(members.members.iter().filter(|m| m.owns_range).count() == 2)
+        },
+    )
+    .await?;
+
+    // `points` points of a, a few of b's.
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        if on_a.len() == points && on_b.len() == UNRELATED {
+            break;
+        }
+        let point = format!("p/{i}");
+        let owner = to_a
+            .raw()
+            .locate_point(LocatePointRequest {
+                point: point.clone(),
+                replicas: 1,
+            })
+            .await?
+            .into_inner()
+            .owners
+            .first()
+            .context("no owner")?
+            .name
+            .clone();
+        match owner.as_str() {
+            "a" if on_a.len() < points => on_a.push(point),
+            "b" if on_b.len() < UNRELATED => on_b.push(point),
+            _ => {}
+        }
+    }
+    for point in &on_a {
+        produce(&to_a, point, &workload.pool, workload.frames).await?;
+    }
+    let unrelated = Workload::new(UNRELATED_BYTES >> 20, 256 * 1024);
+    for point in &on_b {
+        produce(&to_b, point, &unrelated.pool, unrelated.frames).await?;
+    }
+
+    // The unrelated reader, and writers on some of the moving points.
+    let stop = Arc::new(AtomicBool::new(false));
+    let read = Arc::new(AtomicU64::new(0));
+    let reader = tokio::spawn({
+        let (stop, read, to_b, on_b) = (stop.clone(), read.clone(), to_b.clone(), on_b.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                for point in &on_b {
+                    consume(&to_b, point, unrelated.total).await?;
+                    read.fetch_add(unrelated.total, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(())
+        }
+    });
+    let mut writers = Vec::new();
+    for point in on_a.iter().take(WRITTEN) {
+        let (stop, point, a_rpc) = (stop.clone(), point.clone(), a.rpc.clone());
+        let end = workload.total;
+        writers.push(tokio::spawn(write_all_along(stop, point, a_rpc, end)));
+    }
+    let throughput = |seconds: f64| {
+        let read = read.clone();
+        async move {
+            let before = read.load(Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+            (read.load(Ordering::Relaxed) - before) as f64 / seconds / 1e6
+        }
+    };
+    let read_idle = throughput(2.0).await;
+
+    // The drain, timed until a counts every point handed over.
+    let reads_before = read.load(Ordering::Relaxed);
+    let started = Instant::now();
+    to_a.drain(
+        "a",
+        &goutube::client::ClientOptions {
+            addr: a.rpc.clone(),
+            tls: None,
+        },
+    )
+    .await?;
+    let handed = || metric(&a, goutube::metrics::RESHARD_MOVED_POINTS);
+    wait_until(
+        "a to hand every point over",
+        Duration::from_secs(600),
+        || async { Ok(handed().await? >= points as f64) },
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let read_moving = (read.load(Ordering::Relaxed) - reads_before) as f64 / seconds / 1e6;
+    stop.store(true, Ordering::Relaxed);
+    let mut pauses = Vec::new();
+    for writer in writers {
+        pauses.push(writer.await??);
+    }
+    reader.await??;
+    drop((to_a, to_b));
+    b.stop()?;
+    a.stop()?;
+    Ok(Moved {
+        seconds,
+        pauses,
+        read_idle,
+        read_moving,
+    })
+}
+
+/// Appends 4 KiB frames to `point` (which ends at `end`) until `stop`, each with its
+/// `expected_offset`, following a redirect to the new owner; returns the slowest append.
+async fn write_all_along(
+    stop: Arc<AtomicBool>,
+    point: String,
+    mut address: String,
+    mut end: u64,
+) -> anyhow::Result<f64> {
+    let frame = Bytes::from(vec![0x5a; 4096]);
+    let mut client = connect(&address).await?;
+    let mut slowest = 0f64;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        loop {
+            let request = ProduceRequest {
+                point: point.clone(),
+                frame: frame.clone(),
+                expected_offset: Some(end),
+                ..Default::default()
+            };
+            match client
+                .raw()
+                .produce_stream(tokio_stream::iter([request]))
+                .await
+            {
+                Ok(_) => break,
+                Err(status) => match status.metadata().get(OWNER_ADDR_METADATA) {
+                    Some(owner) if status.code() == tonic::Code::FailedPrecondition => {
+                        address = owner.to_str()?.to_owned();
+                        client = connect(&address).await?;
+                    }
+                    _ if status.code() == tonic::Code::Unavailable => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    _ => bail!("appending to {point}: {status}"),
+                },
+            }
+        }
+        end += frame.len() as u64;
+        slowest = slowest.max(started.elapsed().as_secs_f64());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(slowest)
+}
+
+/// Polls `condition` every 20 ms until it holds, or fails after `limit`.
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut condition: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await? {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
