@@ -21,13 +21,18 @@ interface Leader {
   # certificate must name it) hands them to this node, one point at a time. `receive` gives the
   # sink the caller pushes the handed points' bytes into (applied like a follower's, but only to
   # points this node holds as `incoming` from the caller); `handover` starts or resumes the move
-  # of one point and answers what this node already holds of it; `seal` ends it: this node
+  # of one point and answers what this node already holds of it; `prepare` syncs what it holds
+  # before the caller fences writes; `seal` ends it: this node
   # commits `epoch + 1` if it holds exactly `end` bytes with CRC32C `crc`; `cancel` drops a move
   # the caller no longer makes.
   receive @2 (from :Text) -> (sink :Sink);
   handover @3 (from :Text, point :Text, epoch :UInt64) -> (end :UInt64);
   seal @4 (from :Text, point :Text, end :UInt64, crc :UInt32) -> (outcome :Sealed);
   cancel @5 (from :Text, point :Text) -> ();
+
+  # Makes what this node holds of `point` (arriving from `from`) durable, before the caller
+  # fences writes: the seal then syncs only the last bytes, and writers wait less.
+  prepare @6 (from :Text, point :Text) -> ();
 }
 
 struct Sealed {

@@ -108,6 +108,18 @@ pub async fn seal(
     Ok(Sealed::Committed(epoch + 1))
 }
 
+/// Makes the copy of `point` arriving from `from` durable as it is (before the fence).
+pub async fn prepare(store: &Store, from: &str, point: &PointId) -> Result<(), String> {
+    match store.ownership(point).await.map_err(text)?.handover {
+        Some(Handover::Incoming { from: sender, .. }) if sender == from => {
+            store.sync(point).await.map_err(text)
+        }
+        _ => Err(format!(
+            "point {point} is not being handed to this node by {from}"
+        )),
+    }
+}
+
 /// Drops the copy of `point` arriving from `from`, if there is one: the move was given up.
 pub async fn cancel(store: &Store, from: &str, point: &PointId) -> Result<(), String> {
     match store.ownership(point).await {

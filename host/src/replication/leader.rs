@@ -190,6 +190,20 @@ impl leader::Server for LeaderService {
         Ok(())
     }
 
+    async fn prepare(
+        self: Rc<Self>,
+        params: leader::PrepareParams,
+        _: leader::PrepareResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let from = params.get_from()?.to_str()?.to_owned();
+        self.authorize_member(&from).await?;
+        let point = point_of(params.get_point()?)?;
+        handover::prepare(&self.context.store, &from, &point)
+            .await
+            .map_err(capnp::Error::failed)
+    }
+
     async fn cancel(
         self: Rc<Self>,
         params: leader::CancelParams,

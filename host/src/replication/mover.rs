@@ -201,6 +201,7 @@ impl Mover {
             return Vec::new();
         }
         let mut tasks = Vec::new();
+        let mut unreachable = std::collections::BTreeSet::new();
         for (work, target) in work {
             let planned = work.planned().clone();
             if self.moving.len() >= limit {
@@ -214,11 +215,16 @@ impl Mover {
             {
                 continue;
             }
-            let peer = match self.peer(&membership, &planned.to).await {
-                Ok(peer) => Some(peer),
-                Err(error) => {
-                    tracing::warn!(to = %planned.to, %error, "cannot reach the next owner; retrying");
-                    None
+            let peer = if unreachable.contains(&planned.to) {
+                None
+            } else {
+                match self.peer(&membership, &planned.to).await {
+                    Ok(peer) => Some(peer),
+                    Err(error) => {
+                        tracing::warn!(to = %planned.to, %error, "cannot reach the next owner; retrying");
+                        unreachable.insert(planned.to.clone());
+                        None
+                    }
                 }
             };
             let context = self.context.clone();
@@ -501,6 +507,19 @@ impl Peer {
         }
     }
 
+    /// Asks the destination to make what it holds of `point` durable before the fence.
+    async fn prepare(&self, local: &str, point: &PointId) -> Result<(), String> {
+        let mut request = self.member.prepare_request();
+        request.get().set_from(local);
+        request.get().set_point(point.as_str());
+        request
+            .send()
+            .promise
+            .await
+            .map_err(|e| self.failed("prepare", e))?;
+        Ok(())
+    }
+
     async fn cancel(&self, local: &str, point: &PointId) -> Result<(), String> {
         let mut request = self.member.cancel_request();
         request.get().set_from(local);
@@ -635,6 +654,7 @@ async fn hand_over(
             send(peer, point, held).await?;
             tracing::debug!(%point, held, "copying");
             peer.catch_up(context, point, lag, STALL).await?;
+            peer.prepare(local, point).await?;
             tracing::debug!(%point, "fencing");
             let fenced_at = Instant::now();
             let (end, crc) = store

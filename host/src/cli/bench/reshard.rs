@@ -7,8 +7,10 @@
 //!   catching up a leader that holds the same points (from its spawn to its count of applied
 //!   bytes reaching theirs).
 //! - The write pause at the fence: writers append to 16 of the moving points all along (4 KiB
-//!   frames with `expected_offset`, following the redirect); a point's pause is its slowest
-//!   append during the move, redirect included.
+//!   frames with `expected_offset`, following the redirect); a point's pause is the time of the
+//!   append that met its handover — held at the fence, then redirected and taken by the new
+//!   owner. (The slowest append of the whole move is reported too: under a 2 GiB copy, the
+//!   page cache's writeback stalls writers now and then, fence or not.)
 //! - Unrelated reads: a reader consumes `b`'s own points in a loop; its throughput during the
 //!   move against the same reader before it.
 
@@ -47,21 +49,33 @@ pub async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Result<()> {
         workload.total >> 20,
         total >> 20
     );
-    let (mut catch_up, mut moved) = (Vec::new(), Vec::new());
-    let (mut pauses, mut reads_idle, mut reads_moving) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut catch_up, mut moved, mut moved_reading) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pauses, mut slowest) = (Vec::new(), Vec::new());
+    let (mut reads_idle, mut reads_moving) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let dir = work.path().join(format!("catch-up-{round}"));
         catch_up.push(catch_up_once(&dir, points, &workload).await?);
         std::fs::remove_dir_all(&dir)?;
-        let dir = work.path().join(format!("move-{round}"));
-        let run = move_once(&dir, points, &workload).await?;
-        std::fs::remove_dir_all(&dir)?;
-        moved.push(run.seconds);
-        pauses.extend(run.pauses);
-        reads_idle.push(run.read_idle);
-        reads_moving.push(run.read_moving);
+        for load in [Load::Writers, Load::Reader] {
+            let dir = work.path().join(format!("move-{round}-{load:?}"));
+            let run = move_once(&dir, points, &workload, load).await?;
+            std::fs::remove_dir_all(&dir)?;
+            match load {
+                Load::Writers => {
+                    moved.push(run.seconds);
+                    pauses.extend(run.pauses);
+                    slowest.extend(run.slowest);
+                }
+                Load::Reader => {
+                    moved_reading.push(run.seconds);
+                    reads_idle.push(run.read_idle);
+                    reads_moving.push(run.read_moving);
+                }
+            }
+        }
     }
     pauses.sort_by(f64::total_cmp);
+    slowest.sort_by(f64::total_cmp);
     println!(
         "\n| {} MiB in {points} points | throughput (median, min–max) |",
         total >> 20
@@ -72,8 +86,12 @@ pub async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Result<()> {
         spread(total, &catch_up)
     );
     println!(
-        "| handover to the new owner (drain) | {} |",
+        "| handover to the new owner (drain), {WRITTEN} points written meanwhile | {} |",
         spread(total, &moved)
+    );
+    println!(
+        "| the same, while a reader consumes unrelated points as fast as it can | {} |",
+        spread(total, &moved_reading)
     );
     println!("\n| measure | value | target |");
     println!("|---|---|---|");
@@ -88,12 +106,26 @@ pub async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Result<()> {
         percentile(&pauses, 99) * 1e3
     );
     println!(
+        "| slowest append of a written point during the whole move, p50 / p99 | {:.1} ms / {:.1} ms | |",
+        percentile(&slowest, 50) * 1e3,
+        percentile(&slowest, 99) * 1e3
+    );
+    println!(
         "| consume of unrelated points during / before the move | {:.2}x ({:.0} / {:.0} MB/s) | |",
         median(&reads_moving) / median(&reads_idle),
         median(&reads_moving),
         median(&reads_idle)
     );
     Ok(())
+}
+
+/// What runs on the cluster while it moves points: writers on moving points (their pauses are
+/// measured), or a reader of unrelated points (its throughput is). Apart, so the reader's load
+/// does not show up as fence pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Writers,
+    Reader,
 }
 
 /// The settings of a benchmark primary.
@@ -146,11 +178,17 @@ async fn catch_up_once(dir: &Path, points: usize, workload: &Workload) -> anyhow
 struct Moved {
     seconds: f64,
     pauses: Vec<f64>,
+    slowest: Vec<f64>,
     read_idle: f64,
     read_moving: f64,
 }
 
-async fn move_once(dir: &Path, points: usize, workload: &Workload) -> anyhow::Result<Moved> {
+async fn move_once(
+    dir: &Path,
+    points: usize,
+    workload: &Workload,
+    load: Load,
+) -> anyhow::Result<Moved> {
     std::fs::create_dir_all(dir)?;
     let primary = |seeds: &str| settings(&format!("{seeds}\n[cluster]\nbootstrap_expect = 2"));
     let a = Server::node_at(dir, "a", "127.0.0.1", None, &primary(""))?;
@@ -201,12 +239,12 @@ async fn move_once(dir: &Path, points: usize, workload: &Workload) -> anyhow::Re
         produce(&to_b, point, &unrelated.pool, unrelated.frames).await?;
     }
 
-    // The unrelated reader, and writers on some of the moving points.
+    // The unrelated reader, or writers on some of the moving points.
     let stop = Arc::new(AtomicBool::new(false));
     let read = Arc::new(AtomicU64::new(0));
-    let reader = tokio::spawn({
+    let reader = (load == Load::Reader).then(|| {
         let (stop, read, to_b, on_b) = (stop.clone(), read.clone(), to_b.clone(), on_b.clone());
-        async move {
+        tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 for point in &on_b {
                     consume(&to_b, point, unrelated.total).await?;
@@ -214,23 +252,23 @@ async fn move_once(dir: &Path, points: usize, workload: &Workload) -> anyhow::Re
                 }
             }
             anyhow::Ok(())
-        }
+        })
     });
     let mut writers = Vec::new();
-    for point in on_a.iter().take(WRITTEN) {
-        let (stop, point, a_rpc) = (stop.clone(), point.clone(), a.rpc.clone());
-        let end = workload.total;
-        writers.push(tokio::spawn(write_all_along(stop, point, a_rpc, end)));
-    }
-    let throughput = |seconds: f64| {
-        let read = read.clone();
-        async move {
-            let before = read.load(Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-            (read.load(Ordering::Relaxed) - before) as f64 / seconds / 1e6
+    if load == Load::Writers {
+        for point in on_a.iter().take(WRITTEN) {
+            let (stop, point, a_rpc) = (stop.clone(), point.clone(), a.rpc.clone());
+            let end = workload.total;
+            writers.push(tokio::spawn(write_all_along(stop, point, a_rpc, end)));
         }
+    }
+    let read_idle = if reader.is_some() {
+        let before = read.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        (read.load(Ordering::Relaxed) - before) as f64 / 2.0 / 1e6
+    } else {
+        0.0
     };
-    let read_idle = throughput(2.0).await;
 
     // The drain, timed until a counts every point handed over.
     let reads_before = read.load(Ordering::Relaxed);
@@ -253,35 +291,42 @@ async fn move_once(dir: &Path, points: usize, workload: &Workload) -> anyhow::Re
     let seconds = started.elapsed().as_secs_f64();
     let read_moving = (read.load(Ordering::Relaxed) - reads_before) as f64 / seconds / 1e6;
     stop.store(true, Ordering::Relaxed);
-    let mut pauses = Vec::new();
+    let (mut pauses, mut slowest) = (Vec::new(), Vec::new());
     for writer in writers {
-        pauses.push(writer.await??);
+        let (pause, slow) = writer.await??;
+        pauses.push(pause);
+        slowest.push(slow);
     }
-    reader.await??;
+    if let Some(reader) = reader {
+        reader.await??;
+    }
     drop((to_a, to_b));
     b.stop()?;
     a.stop()?;
     Ok(Moved {
         seconds,
         pauses,
+        slowest,
         read_idle,
         read_moving,
     })
 }
 
 /// Appends 4 KiB frames to `point` (which ends at `end`) until `stop`, each with its
-/// `expected_offset`, following a redirect to the new owner; returns the slowest append.
+/// `expected_offset`, following a redirect to the new owner. Returns the time of the append that
+/// was redirected (held at the fence, then taken by the new owner) and the slowest append.
 async fn write_all_along(
     stop: Arc<AtomicBool>,
     point: String,
     mut address: String,
     mut end: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let frame = Bytes::from(vec![0x5a; 4096]);
     let mut client = connect(&address).await?;
-    let mut slowest = 0f64;
+    let (mut fenced, mut slowest) = (None, 0f64);
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
+        let mut redirected = false;
         loop {
             let request = ProduceRequest {
                 point: point.clone(),
@@ -299,6 +344,7 @@ async fn write_all_along(
                     Some(owner) if status.code() == tonic::Code::FailedPrecondition => {
                         address = owner.to_str()?.to_owned();
                         client = connect(&address).await?;
+                        redirected = true;
                     }
                     _ if status.code() == tonic::Code::Unavailable => {
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -308,10 +354,15 @@ async fn write_all_along(
             }
         }
         end += frame.len() as u64;
-        slowest = slowest.max(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        if redirected && fenced.is_none() {
+            fenced = Some(took);
+        }
+        slowest = slowest.max(took);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    Ok(slowest)
+    let fenced = fenced.with_context(|| format!("the writer of {point} was never redirected"))?;
+    Ok((fenced, slowest))
 }
 
 /// Polls `condition` every 20 ms until it holds, or fails after `limit`.
