@@ -91,6 +91,22 @@ impl BalancerService {
             turn: AtomicUsize::new(0),
         }))
     }
+
+    /// The answer to an operator call about member `node` (drain, cleanup): a balancer changes
+    /// no member; the call is made on the node itself, whose address this names.
+    async fn not_a_member<T>(&self, request: &Request<T>, node: &str) -> Status {
+        let caller = PeerInfo::of(request);
+        if let Err(error) = self.0.access.authorize(&caller, Action::Admin, "").await {
+            return error.into();
+        }
+        let membership = self.0.placement.membership();
+        let address = membership.rpc_addr(node).unwrap_or("an unknown address");
+        Error::FailedPrecondition(format!(
+            "a balancer changes no member: ask node {} at {address}",
+            crate::error::bounded(node)
+        ))
+        .into()
+    }
 }
 
 /// An upstream request for `caller`: its subject in `goutube-on-behalf-of`, its deadline.
@@ -613,16 +629,16 @@ impl proto::streaming_server::Streaming for BalancerService {
         &self,
         request: Request<proto::DrainMemberRequest>,
     ) -> Result<Response<proto::DrainMemberResponse>, Status> {
-        let caller = PeerInfo::of(&request);
-        self.0.access.authorize(&caller, Action::Admin, "").await?;
-        let node = request.into_inner().node;
-        let membership = self.0.placement.membership();
-        let address = membership.rpc_addr(&node).unwrap_or("an unknown address");
-        Err(Error::FailedPrecondition(format!(
-            "a balancer drains nothing: ask node {} at {address}",
-            crate::error::bounded(&node)
-        ))
-        .into())
+        let node = request.get_ref().node.clone();
+        Err(self.not_a_member(&request, &node).await)
+    }
+
+    async fn cleanup_member(
+        &self,
+        request: Request<proto::CleanupMemberRequest>,
+    ) -> Result<Response<proto::CleanupMemberResponse>, Status> {
+        let node = request.get_ref().node.clone();
+        Err(self.not_a_member(&request, &node).await)
     }
 
     async fn list_members(

@@ -82,6 +82,9 @@ pub struct ReshardSection {
     /// How close the new owner's copy must be to the old owner's end before writes are fenced:
     /// what is left is copied while writers wait.
     pub fence_lag_bytes: u64,
+    /// Bytes per second this node sends to each member it hands points to; 0: no throttle. A
+    /// point written faster than this never catches up: its move is reported `stalled`.
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for ReshardSection {
@@ -90,6 +93,7 @@ impl Default for ReshardSection {
             fence_timeout_ms: 2_000,
             max_concurrent_moves: 2,
             fence_lag_bytes: 1024 * 1024,
+            max_bytes_per_sec: 0,
         }
     }
 }

@@ -33,10 +33,12 @@ pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
 pub const FENCE_TIMEOUTS: &str = "goutube_reshard_fence_timeouts_total";
 pub const RESHARD_MOVES_IN_FLIGHT: &str = "goutube_reshard_moves_in_flight";
+pub const RESHARD_LAG_BYTES: &str = "goutube_reshard_lag_bytes";
 pub const RESHARD_MOVED_POINTS: &str = "goutube_reshard_moved_points_total";
 pub const RESHARD_RECEIVED_POINTS: &str = "goutube_reshard_received_points_total";
 pub const RESHARD_MOVED_BYTES: &str = "goutube_reshard_moved_bytes_total";
 pub const RESHARD_FAILED_MOVES: &str = "goutube_reshard_failed_moves_total";
+pub const RESHARD_CLEANED_POINTS: &str = "goutube_reshard_cleaned_points_total";
 pub const RESHARD_FENCE_SECONDS: &str = "goutube_reshard_fence_seconds";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
 pub const GOSSIP_DROPPED: &str = "goutube_gossip_dropped_total";
@@ -147,6 +149,11 @@ fn describe() {
         RESHARD_MOVES_IN_FLIGHT,
         "Points this node is handing to their new owner now."
     );
+    describe_gauge!(
+        RESHARD_LAG_BYTES,
+        Unit::Bytes,
+        "Bytes the new owners of the points in flight have yet to confirm."
+    );
     describe_counter!(
         RESHARD_MOVED_POINTS,
         "Points this node handed to their new owner (committed there)."
@@ -159,6 +166,10 @@ fn describe() {
         RESHARD_MOVED_BYTES,
         Unit::Bytes,
         "Bytes of points handed over that the new owner did not hold yet."
+    );
+    describe_counter!(
+        RESHARD_CLEANED_POINTS,
+        "Copies handed over and then deleted here, their new owner holding them replicated."
     );
     describe_counter!(
         RESHARD_FAILED_MOVES,

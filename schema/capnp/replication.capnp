@@ -33,6 +33,11 @@ interface Leader {
   # Makes what this node holds of `point` (arriving from `from`) durable, before the caller
   # fences writes: the seal then syncs only the last bytes, and writers wait less.
   prepare @6 (from :Text, point :Text) -> ();
+
+  # What this node holds of `point` after taking it over: its epoch and end, and whether its
+  # copy is replicated enough for the old owner to delete its own (this node has no
+  # followers, or as many confirmed all of it as its `replication.ack` asks, at least one).
+  settled @7 (point :Text) -> (epoch :UInt64, end :UInt64, replicated :Bool);
 }
 
 struct Sealed {

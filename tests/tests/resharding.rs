@@ -11,9 +11,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use goutube::api::proto::ProduceRequest;
 use goutube::client::{Client, ClientOptions};
+use goutube::config::Role;
 use goutube::error::{END_METADATA, OWNER_METADATA};
+use goutube::point::PointId;
 use goutube_tests::{
-    TestNode, consume, data, eventually, members, metadata, owner, raw_client, sees, window,
+    TestNode, consume, data, eventually, members, metadata, owner, produce, raw_client, sees,
+    window,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -88,12 +91,18 @@ impl Scenario {
 
     /// Starts primary `name`, seeded by `a` (if it runs).
     async fn add(&mut self, name: &'static str, expect: usize) {
+        self.add_as(name, expect, Role::Standalone).await;
+    }
+
+    /// Starts primary `name` in `role`, seeded by `a` (if it runs).
+    async fn add_as(&mut self, name: &'static str, expect: usize, role: Role) {
         let seed = self
             .nodes
             .get("a")
             .map(|a| a.node.gossip_addr().to_string());
         let node = TestNode::start(move |c| {
             c.node_name = name.into();
+            c.role = role;
             c.seed_addresses = seed.into_iter().collect();
             c.cluster.bootstrap_expect = expect;
             // Moves of these small points fence at once: writes meet the fence.
@@ -272,7 +281,8 @@ async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_o
     moved.sort();
     assert_eq!(moved, on_c, "exactly c's points moved");
 
-    // c redirects writes of what it handed over, and still serves reads of it.
+    // c redirects writes of what it handed over; its copies go once their new owners hold them
+    // replicated (standalone owners: at once), and reads then go to the owners too.
     let c = &scenario.nodes["c"];
     let point = &on_c[0];
     let status = c
@@ -286,22 +296,26 @@ async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_o
         status.metadata().get(OWNER_METADATA).unwrap(),
         owner(&scenario.nodes["a"], point).await.as_str()
     );
-    let served = consume(&mut c.client().await, window(point, 0, 0, 0))
+    let store = c.node.store().unwrap();
+    eventually("c to delete the copies it handed over", || async {
+        on_c.iter().all(|point| {
+            store.list(point, None, 1).first().map(|p| p.as_str()) != Some(point.as_str())
+        })
+    })
+    .await;
+    let status = consume(&mut c.client().await, window(point, 0, 0, 0))
         .await
-        .unwrap()
-        .concat();
-    let expected = scenario.expected.lock().unwrap()[point].clone();
-    assert!(
-        !served.is_empty() && expected.starts_with(&served),
-        "c serves what it held of {point} when it handed it over"
-    );
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     scenario.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_go_on() {
     let mut scenario = Scenario::start().await;
-    scenario.add("d", 3).await;
+    // A leader without followers: the copies handed to it are not replicated, so their old
+    // owners keep theirs until an operator cleans them up.
+    scenario.add_as("d", 3, Role::Leader).await;
     eventually("d to be handed its points and turn active", || async {
         scenario.state("d").await == "active"
     })
@@ -314,6 +328,39 @@ async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_g
         assert_eq!(owner(&scenario.nodes["a"], point).await, "d", "{point}");
     }
 
+    // The old owners still hold (and serve) what they handed over, until cleaned up.
+    let giver = scenario.owners[&moved[0]].clone();
+    let handed: Vec<&String> = moved
+        .iter()
+        .filter(|p| scenario.owners[*p] == giver)
+        .collect();
+    let node = &scenario.nodes[&giver];
+    let kept = consume(&mut node.client().await, window(handed[0], 0, 0, 0))
+        .await
+        .unwrap()
+        .concat();
+    assert!(!kept.is_empty());
+    assert!(scenario.expected.lock().unwrap()[handed[0]].starts_with(&kept));
+    let options = ClientOptions {
+        addr: node.addr(),
+        tls: None,
+    };
+    let cleaned = Client::connect(&options)
+        .await
+        .unwrap()
+        .cleanup(&giver, &options)
+        .await
+        .unwrap();
+    assert_eq!(cleaned.0, handed.len() as u64, "{cleaned:?}");
+    let store = node.node.store().unwrap();
+    for point in &handed {
+        let id = PointId::new(point.as_str()).unwrap();
+        assert!(
+            store.metadata(&id).await.is_err(),
+            "{point} is still on {giver}"
+        );
+    }
+
     // A point nobody held is created by its owner in the new ring.
     let fresh = (0..)
         .map(|i| format!("fresh/{i}"))
@@ -323,4 +370,87 @@ async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_g
     let took = append(&scenario.addresses, "a".into(), &fresh, 0, b"new").await;
     assert_eq!(took, at);
     scenario.shutdown().await;
+}
+
+/// With `reshard.max_bytes_per_sec`, a drain sends no faster than that, and still moves every
+/// byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
+    const RATE: u64 = 2 * 1024 * 1024;
+    let a = TestNode::start(|c| {
+        c.node_name = "a".into();
+        c.cluster.bootstrap_expect = 2;
+        c.reshard.max_bytes_per_sec = RATE;
+    })
+    .await;
+    let seed = a.node.gossip_addr().to_string();
+    let b = TestNode::start(move |c| {
+        c.node_name = "b".into();
+        c.seed_addresses = vec![seed];
+        c.cluster.bootstrap_expect = 2;
+    })
+    .await;
+    eventually("a and b to own the ring", || async {
+        members(&a)
+            .await
+            .members
+            .iter()
+            .filter(|m| m.owns_range)
+            .count()
+            == 2
+    })
+    .await;
+    // 6 MiB in points of a.
+    let mut held = Vec::new();
+    for i in 0.. {
+        if held.len() == 6 {
+            break;
+        }
+        let point = format!("throttled/{i}");
+        if owner(&a, &point).await == "a" {
+            let bytes = data(i, 1024 * 1024);
+            produce(&mut a.client().await, &point, std::slice::from_ref(&bytes))
+                .await
+                .unwrap();
+            held.push((point, bytes));
+        }
+    }
+    let options = ClientOptions {
+        addr: a.addr(),
+        tls: None,
+    };
+    let started = std::time::Instant::now();
+    Client::connect(&options)
+        .await
+        .unwrap()
+        .drain("a", &options)
+        .await
+        .unwrap();
+    eventually("b to see a handing points over", || async {
+        members(&b)
+            .await
+            .members
+            .iter()
+            .any(|m| m.name == "a" && m.moving > 0)
+    })
+    .await;
+    eventually("a to hand everything over", || async {
+        members(&b)
+            .await
+            .members
+            .iter()
+            .any(|m| m.name == "a" && m.state == "left")
+    })
+    .await;
+    // The first push (up to 2 MiB) leaves at once; the other 4 MiB take 2 s at least.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2), "6 MiB moved in {took:?}");
+    for (point, bytes) in &held {
+        let read = consume(&mut b.client().await, window(point, 0, 0, 0))
+            .await
+            .unwrap();
+        assert!(read.concat() == *bytes, "{point}");
+    }
+    b.shutdown().await;
+    a.shutdown().await;
 }

@@ -96,6 +96,19 @@ impl Context {
             .unwrap_or(false)
     }
 
+    /// An operator call about member `node` (drain, cleanup) is made on that node itself: a
+    /// check against changing the wrong one.
+    pub fn check_addressed(&self, node: &str) -> Result<(), Error> {
+        let local = &self.config.node_name;
+        if node == local {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "this is node {local}, not {}: ask that node itself",
+            crate::error::bounded(node)
+        )))
+    }
+
     /// Refuses writes on followers, naming their leader.
     pub fn check_writable(&self) -> Result<(), Error> {
         if self.config.role == Role::Follower {

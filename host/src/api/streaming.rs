@@ -22,12 +22,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
 use super::proto::{
-    self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
-    DrainMemberRequest, DrainMemberResponse, GetFollowersRequest, GetFollowersResponse,
-    GetServersRequest, GetServersResponse, ListMembersRequest, ListMembersResponse,
-    ListPointsRequest, ListPointsResponse, LocatePointRequest, LocatePointResponse,
-    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, SignUrlRequest,
-    SignUrlResponse,
+    self, CleanupMemberRequest, CleanupMemberResponse, ConsumeRequest, ConsumeResponse,
+    DeletePointRequest, DeletePointResponse, DrainMemberRequest, DrainMemberResponse,
+    GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
+    ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
+    LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, SignUrlRequest, SignUrlResponse,
 };
 use crate::access::{Access, Action};
 use crate::cluster::{Lifecycle, Membership};
@@ -321,15 +321,8 @@ impl proto::streaming_server::Streaming for StreamingService {
         let peer = self.state.caller(&request);
         let state = &self.state;
         state.access.authorize(&peer, Action::Admin, "").await?;
-        let node = request.into_inner().node;
+        state.check_addressed(&request.into_inner().node)?;
         let local = &state.config.node_name;
-        if node != *local {
-            return Err(Error::FailedPrecondition(format!(
-                "this is node {local}, not {}: ask the node to drain itself",
-                crate::error::bounded(&node)
-            ))
-            .into());
-        }
         let current = state
             .placement
             .membership()
@@ -353,6 +346,37 @@ impl proto::streaming_server::Streaming for StreamingService {
         Ok(Response::new(DrainMemberResponse {
             state: state.as_str().to_owned(),
         }))
+    }
+
+    async fn cleanup_member(
+        &self,
+        request: Request<CleanupMemberRequest>,
+    ) -> Result<Response<CleanupMemberResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let state = &self.state;
+        state.access.authorize(&peer, Action::Admin, "").await?;
+        state.check_addressed(&request.into_inner().node)?;
+        let store = &state.store;
+        let (mut points, mut bytes) = (0, 0);
+        for id in store.list("", None, usize::MAX) {
+            let moved = matches!(
+                store.ownership(&id).await.map(|o| o.handover),
+                Ok(Some(Handover::Moved { .. }))
+            );
+            if !moved {
+                continue;
+            }
+            match store.delete(&id).await {
+                Ok(size) => {
+                    points += 1;
+                    bytes += size;
+                }
+                Err(crate::point::DeleteError::NotFound(_)) => {}
+                Err(error) => return Err(Error::from(error).into()),
+            }
+        }
+        tracing::info!(points, bytes, subject = %peer.subject, "deleted the copies handed over to other members");
+        Ok(Response::new(CleanupMemberResponse { points, bytes }))
     }
 
     async fn delete_point(
@@ -659,6 +683,7 @@ pub fn members(membership: &Membership) -> ListMembersResponse {
             leader: String::new(),
             generation: live.map_or(0, |m| m.generation),
             http_addr: live.map(|m| m.http_addr.clone()).unwrap_or_default(),
+            moving: live.map_or(0, |m| m.moving),
         });
     }
     for member in membership.view.members.values() {
@@ -679,6 +704,7 @@ pub fn members(membership: &Membership) -> ListMembersResponse {
             leader: member.leader.clone().unwrap_or_default(),
             generation: member.generation,
             http_addr: member.http_addr.clone(),
+            moving: 0,
         });
     }
     members.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1021,6 +1021,13 @@ impl Streaming for Baseline {
         Err(Status::unimplemented("baseline"))
     }
 
+    async fn cleanup_member(
+        &self,
+        _: Request<goutube::api::proto::CleanupMemberRequest>,
+    ) -> Result<Response<goutube::api::proto::CleanupMemberResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     async fn sign_url(
         &self,
         _: Request<goutube::api::proto::SignUrlRequest>,

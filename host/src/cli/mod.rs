@@ -91,7 +91,9 @@ pub enum Command {
     /// a member (`goutube members drain NODE`).
     Members {
         /// `drain`: NODE hands every point it owns to the point's next owner, then leaves the
-        /// ring (`left`) and may be stopped. Asked of NODE itself, found through --addr.
+        /// ring (`left`) and may be stopped. `cleanup`: NODE deletes now the copies it handed
+        /// over (kept, serving reads, until their new owner holds them replicated). Asked of
+        /// NODE itself, found through --addr.
         #[arg(value_enum, requires = "node")]
         action: Option<MembersAction>,
         /// The member to change.
@@ -185,6 +187,7 @@ impl Connection {
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum MembersAction {
     Drain,
+    Cleanup,
 }
 
 impl Command {
@@ -421,6 +424,18 @@ async fn command(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Members {
+            action: Some(MembersAction::Cleanup),
+            node,
+            connection,
+        } => {
+            init_client_logging();
+            let node = node.expect("clap requires the node with an action");
+            let client = connection.connect().await?;
+            let (points, bytes) = client.cleanup(&node, &connection.options()).await?;
+            println!("{node}: deleted {points} handed-over copies ({bytes} bytes)");
+            Ok(())
+        }
         Command::Url {
             point,
             ttl,
@@ -530,10 +545,14 @@ fn print_members(members: &ListMembersResponse) {
                 (true, false) => "no range",
                 (false, _) => "-",
             };
+            let state = match m.moving {
+                0 => m.state.clone(),
+                moving => format!("{}, handing over {moving}", m.state),
+            };
             [
                 m.name.clone(),
                 role,
-                m.state.clone(),
+                state,
                 if m.live { "up" } else { "DOWN" }.into(),
                 ring.into(),
                 m.rpc_addr.clone(),

@@ -25,8 +25,9 @@ use tonic::{Code, Status};
 
 use crate::api::proto::streaming_client::StreamingClient;
 use crate::api::proto::{
-    DeletePointRequest, DrainMemberRequest, ListMembersRequest, ListMembersResponse,
-    ListPointsRequest, MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
+    CleanupMemberRequest, DeletePointRequest, DrainMemberRequest, ListMembersRequest,
+    ListMembersResponse, ListPointsRequest, MetadataRequest, MetadataResponse, ProduceRequest,
+    Record, SignUrlRequest,
 };
 use crate::api::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
 use crate::error::{END_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
@@ -234,6 +235,31 @@ impl Client {
     /// address the cluster knows it by, with the TLS settings of `options`. Returns its state
     /// in the ring (`leaving`, or `left` when it was drained already).
     pub async fn drain(&self, node: &str, options: &ClientOptions) -> Result<String, ClientError> {
+        let member = self.member(node, options).await?;
+        let request = DrainMemberRequest {
+            node: node.to_owned(),
+        };
+        Ok(member.raw().drain_member(request).await?.into_inner().state)
+    }
+
+    /// Deletes now the copies the primary `node` has handed over to other members; returns
+    /// how many and their bytes.
+    pub async fn cleanup(
+        &self,
+        node: &str,
+        options: &ClientOptions,
+    ) -> Result<(u64, u64), ClientError> {
+        let member = self.member(node, options).await?;
+        let request = CleanupMemberRequest {
+            node: node.to_owned(),
+        };
+        let cleaned = member.raw().cleanup_member(request).await?.into_inner();
+        Ok((cleaned.points, cleaned.bytes))
+    }
+
+    /// A client of the primary `node`, found through this client's node, with the TLS
+    /// settings of `options`.
+    async fn member(&self, node: &str, options: &ClientOptions) -> Result<Client, ClientError> {
         let members = self.members().await?;
         let member = members
             .members
@@ -247,22 +273,14 @@ impl Client {
             })?;
         if !member.in_ring {
             return Err(ClientError::Status(Status::failed_precondition(format!(
-                "{node} is not in the ring: only primaries are drained"
+                "{node} is not in the ring: only primaries are drained or cleaned up"
             ))));
         }
         let options = ClientOptions {
             addr: member.rpc_addr.clone(),
             tls: options.tls.clone(),
         };
-        let drained = Client::connect(&options)
-            .await?
-            .raw()
-            .drain_member(DrainMemberRequest {
-                node: node.to_owned(),
-            })
-            .await?
-            .into_inner();
-        Ok(drained.state)
+        Client::connect(&options).await
     }
 
     pub async fn members(&self) -> Result<ListMembersResponse, ClientError> {

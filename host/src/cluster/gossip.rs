@@ -54,6 +54,8 @@ mod keys {
     pub const LEADER: &str = "leader";
     /// The join a primary has handed every point of (`docs/resharding.md`).
     pub const HANDED: &str = "handed";
+    /// The points a primary is handing over now.
+    pub const MOVING: &str = "moving";
     /// The id of the ring the node holds.
     pub const RING: &str = "ring";
     /// Its founders (JSON list).
@@ -453,6 +455,9 @@ fn key_values(advert: &Advert) -> Vec<(String, String)> {
     if let Some(handed) = &member.handed {
         kvs.push((keys::HANDED.into(), handed.clone()));
     }
+    if member.moving > 0 {
+        kvs.push((keys::MOVING.into(), member.moving.to_string()));
+    }
     if advert.ring.is_formed() {
         kvs.push((keys::RING.into(), advert.ring.id.clone()));
         kvs.push((
@@ -496,6 +501,7 @@ fn decode(id: &ChitchatId, state: &NodeState) -> Option<Advert> {
             tags: serde_json::from_str(get(keys::TAGS)?).ok()?,
             leader: get(keys::LEADER).map(str::to_owned),
             handed: get(keys::HANDED).map(str::to_owned),
+            moving: get(keys::MOVING).map_or(Some(0), |m| m.parse().ok())?,
         };
         let mut ring = Ring {
             id: get(keys::RING).unwrap_or_default().to_owned(),

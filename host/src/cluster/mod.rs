@@ -139,6 +139,8 @@ pub struct Member {
     /// version>`, `docs/resharding.md`); the joining member turns `active` once every owner
     /// of the ring says so.
     pub handed: Option<String>,
+    /// For a primary: the points it is handing over now.
+    pub moving: u32,
 }
 
 /// Everything a node gossips: itself, the part of its ring others may not know (its own record,
@@ -356,6 +358,7 @@ pub struct Steps(mpsc::Sender<(Ask, oneshot::Sender<Result<(), StepError>>)>);
 enum Ask {
     Lifecycle(Lifecycle),
     Handed(Option<String>),
+    Moving(u32),
 }
 
 /// Why a lifecycle step was refused.
@@ -380,6 +383,11 @@ impl Steps {
     /// Announces in gossip the join this member has handed every point of (`None`: none).
     pub async fn announce_handed(&self, handed: Option<String>) -> Result<(), StepError> {
         self.ask(Ask::Handed(handed)).await
+    }
+
+    /// Announces in gossip how many points this member is handing over now.
+    pub async fn announce_moving(&self, moving: u32) -> Result<(), StepError> {
+        self.ask(Ask::Moving(moving)).await
     }
 
     async fn ask(&self, step: Ask) -> Result<(), StepError> {
@@ -462,6 +470,7 @@ pub async fn start(
         conflict: None,
         leader: params.leader.borrow().clone(),
         handed: None,
+        moving: 0,
         live: BTreeSet::new(),
     };
     state.gossip_addr = match &network {
@@ -545,6 +554,10 @@ async fn run(
                         state.handed = handed;
                         Ok(false)
                     }
+                    Ask::Moving(moving) => {
+                        state.moving = moving;
+                        Ok(false)
+                    }
                 };
                 if matches!(stepped, Ok(true)) {
                     state.save_ring();
@@ -604,6 +617,8 @@ struct State {
     leader: Option<String>,
     /// The join this member announces it has handed over.
     handed: Option<String>,
+    /// The points this member announces it is handing over.
+    moving: u32,
     /// The members live in the last round (their ring records are theirs to announce).
     live: BTreeSet<String>,
 }
@@ -631,6 +646,7 @@ impl State {
             tags: self.local.tags.clone(),
             leader: self.leader.clone(),
             handed: self.handed.clone(),
+            moving: self.moving,
         }
     }
 

@@ -120,6 +120,46 @@ pub async fn prepare(store: &Store, from: &str, point: &PointId) -> Result<(), S
     }
 }
 
+/// What this node holds of a point it took over, for its old owner's cleanup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub epoch: u64,
+    pub end: u64,
+    /// No followers to wait for, or `needed` of them confirmed every byte.
+    pub replicated: bool,
+}
+
+/// [`Settled`] of `point`; `needed` followers must confirm it (`None`: this node has none).
+pub async fn settled(
+    store: &Store,
+    progress: &crate::replication::Progress,
+    needed: Option<usize>,
+    point: &PointId,
+) -> Result<Settled, String> {
+    let ownership = match store.ownership(point).await {
+        Ok(ownership) => ownership,
+        Err(ReadError::NotFound(_)) => {
+            return Ok(Settled {
+                epoch: 0,
+                end: 0,
+                replicated: false,
+            });
+        }
+        Err(error) => return Err(error.to_string()),
+    };
+    let end = store.metadata(point).await.map_err(text)?.end;
+    let replicated = needed.is_none_or(|needed| progress.confirmed(point, end) >= needed);
+    Ok(Settled {
+        epoch: if ownership.handover.is_some() {
+            0
+        } else {
+            ownership.epoch
+        },
+        end,
+        replicated,
+    })
+}
+
 /// Drops the copy of `point` arriving from `from`, if there is one: the move was given up.
 pub async fn cancel(store: &Store, from: &str, point: &PointId) -> Result<(), String> {
     match store.ownership(point).await {

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{RpcSystem, twoparty};
@@ -103,13 +104,24 @@ impl LeaderService {
     /// A handover call from `from`: the connection must be allowed to `replicate` and, with
     /// TLS, its certificate must name `from`.
     async fn authorize_member(&self, from: &str) -> Result<(), capnp::Error> {
+        self.authorize_peer().await?;
+        let tls = self.context.config.tls.is_some();
+        if let Err(reason) = check_identity(&self.peer.subject, from, tls) {
+            ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
+            tracing::warn!(subject = %self.peer.subject, peer = %self.peer.addr, %reason, "handover refused");
+            return Err(capnp::Error::failed(reason));
+        }
+        Ok(())
+    }
+
+    /// A resharding call: the connection must be allowed to `replicate`, to a primary.
+    async fn authorize_peer(&self) -> Result<(), capnp::Error> {
         let context = &self.context;
         let refused = context
             .access
             .authorize(&self.peer, Action::Replicate, "")
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|()| check_identity(&self.peer.subject, from, context.config.tls.is_some()));
+            .map_err(|e| e.to_string());
         if let Err(reason) = refused {
             ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
             tracing::warn!(subject = %self.peer.subject, peer = %self.peer.addr, %reason, "handover refused");
@@ -187,6 +199,31 @@ impl leader::Server for LeaderService {
             handover::Sealed::Committed(epoch) => outcome.set_committed(epoch),
             handover::Sealed::Refused(reason) => outcome.set_refused(&reason),
         }
+        Ok(())
+    }
+
+    async fn settled(
+        self: Rc<Self>,
+        params: leader::SettledParams,
+        mut results: leader::SettledResults,
+    ) -> Result<(), capnp::Error> {
+        self.authorize_peer().await?;
+        let point = point_of(params.get()?.get_point()?)?;
+        let context = &self.context;
+        let needed = match (context.config.role, context.config.replication.ack) {
+            (crate::config::Role::Leader, crate::config::Ack::Replicas(replicas)) => {
+                Some(replicas.max(1) as usize)
+            }
+            (crate::config::Role::Leader, crate::config::Ack::Local) => Some(1),
+            _ => None,
+        };
+        let settled = handover::settled(&context.store, &context.progress, needed, &point)
+            .await
+            .map_err(capnp::Error::failed)?;
+        let mut results = results.get();
+        results.set_epoch(settled.epoch);
+        results.set_end(settled.end);
+        results.set_replicated(settled.replicated);
         Ok(())
     }
 
@@ -430,6 +467,8 @@ pub(crate) struct Replicator {
     /// gets every point.
     scope: Option<HashSet<PointId>>,
     changes: Option<mpsc::Receiver<ScopeChange>>,
+    /// For a throttled handover: bytes per second, and when the next push may leave.
+    pace: Option<(u64, tokio::time::Instant)>,
 }
 
 impl Replicator {
@@ -456,6 +495,7 @@ impl Replicator {
             live_bytes: 0,
             scope: None,
             changes: None,
+            pace: None,
         }
     }
 
@@ -470,9 +510,11 @@ impl Replicator {
         stop: CancellationToken,
         changes: mpsc::Receiver<ScopeChange>,
     ) -> Self {
+        let throttle = context.config.reshard.max_bytes_per_sec;
         let mut replicator = Self::new(context, to, String::new(), sink, stop);
         replicator.scope = Some(HashSet::new());
         replicator.changes = Some(changes);
+        replicator.pace = (throttle > 0).then(|| (throttle, tokio::time::Instant::now()));
         replicator
     }
 
@@ -542,8 +584,10 @@ impl Replicator {
             if let Err(error) = self.fill(window).await {
                 tracing::error!(follower = %self.follower, %error, "cannot prepare records; retrying");
             }
+            let paced = self.paced_until();
             tokio::select! {
                 _ = self.stop.cancelled() => break,
+                _ = tokio::time::sleep_until(paced.unwrap_or_else(tokio::time::Instant::now)), if paced.is_some() => {}
                 change = next_change(&mut changes) => match change {
                     Some(change) => self.change_scope(change).await,
                     None => break,
@@ -767,6 +811,9 @@ impl Replicator {
     /// Sends pushes until `window` are in flight or nothing is left to send.
     async fn fill(&mut self, window: usize) -> Result<(), String> {
         while self.in_flight.len() < window {
+            if self.paced_until().is_some() {
+                return Ok(());
+            }
             let mut records = Vec::new();
             let mut size = 0;
             let prepared = loop {
@@ -784,6 +831,7 @@ impl Replicator {
             };
             if !records.is_empty() {
                 self.send(records);
+                self.spend(size);
             }
             prepared?;
             if size < PUSH_BYTES {
@@ -791,6 +839,21 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+
+    /// While a throttled handover has sent its share, until when it waits.
+    fn paced_until(&self) -> Option<tokio::time::Instant> {
+        self.pace
+            .map(|(_, at)| at)
+            .filter(|at| *at > tokio::time::Instant::now())
+    }
+
+    /// Counts `bytes` sent against the throttle, if there is one.
+    fn spend(&mut self, bytes: u64) {
+        if let Some((rate, at)) = &mut self.pace {
+            let now = tokio::time::Instant::now();
+            *at = (*at).max(now) + Duration::from_secs_f64(bytes as f64 / *rate as f64);
+        }
     }
 
     /// The next record to send, round robin over the points that have something to send.

@@ -50,6 +50,8 @@ const FENCE_WAIT: Duration = Duration::from_secs(10);
 /// that started this long after it first saw the change found nothing to move: a point created
 /// just before it saw the change (refused from then on) has landed by then.
 const SETTLE: Duration = Duration::from_secs(1);
+/// How often the copies handed over are looked at for cleanup.
+const CLEANUP_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs the moves of this primary until `shutdown`.
 pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: CancellationToken) {
@@ -58,14 +60,18 @@ pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: Canc
         tls,
         shutdown: shutdown.clone(),
         peers: HashMap::new(),
-        moving: HashSet::new(),
+        moving: HashMap::new(),
         failed: HashMap::new(),
         pending_since: None,
+        cleaning: HashSet::new(),
+        cleaned_at: None,
     };
     let mut membership = mover.context.membership.clone();
     // Each move is a task of its own: it holds a point's lock at times, and must go on while
     // this loop waits for that lock in its next plan.
     let mut tasks: FuturesUnordered<AbortOnDropHandle<(Move, Result<(), String>)>> =
+        FuturesUnordered::new();
+    let mut cleanups: FuturesUnordered<AbortOnDropHandle<(Move, Result<bool, String>)>> =
         FuturesUnordered::new();
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,11 +84,18 @@ pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: Canc
                 Ok((done, result)) => mover.finished(done, result),
                 Err(error) => tracing::error!(%error, "a handover task failed"),
             },
+            Some(done) = cleanups.next() => match done {
+                Ok((done, result)) => mover.cleaned(done, result),
+                Err(error) => tracing::error!(%error, "a cleanup task failed"),
+            },
         }
         for task in mover.plan().await {
             tasks.push(AbortOnDropHandle::new(tokio::task::spawn_local(task)));
         }
-        ::metrics::gauge!(metrics::RESHARD_MOVES_IN_FLIGHT).set(mover.moving.len() as f64);
+        for task in mover.cleanups().await {
+            cleanups.push(AbortOnDropHandle::new(tokio::task::spawn_local(task)));
+        }
+        mover.report().await;
     }
 }
 
@@ -92,12 +105,16 @@ struct Mover {
     shutdown: CancellationToken,
     /// One connection and replicator per destination.
     peers: HashMap<String, Rc<Peer>>,
-    /// Points being handed over now.
-    moving: HashSet<PointId>,
+    /// Points being handed over now, and to whom.
+    moving: HashMap<PointId, String>,
     /// Points whose last move failed, and when.
     failed: HashMap<PointId, Instant>,
     /// The pending change of the ring and when this node first saw it.
     pending_since: Option<(Change, u64, Instant)>,
+    /// Handed-over copies whose new owner is being asked whether they may go.
+    cleaning: HashSet<PointId>,
+    /// When the handed-over copies were last looked at.
+    cleaned_at: Option<Instant>,
 }
 
 impl Mover {
@@ -207,7 +224,7 @@ impl Mover {
             if self.moving.len() >= limit {
                 break;
             }
-            if self.moving.contains(&planned.point)
+            if self.moving.contains_key(&planned.point)
                 || self
                     .failed
                     .get(&planned.point)
@@ -248,10 +265,65 @@ impl Mover {
                 }
                 .boxed_local(),
             };
-            self.moving.insert(planned.point.clone());
+            self.moving
+                .insert(planned.point.clone(), planned.to.clone());
             tasks.push(task);
         }
         tasks
+    }
+
+    /// Every [`CLEANUP_EVERY`], asks the new owner of each copy handed over whether it holds
+    /// the point replicated enough for this copy to go (`docs/resharding.md`, cleanup).
+    async fn cleanups(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<bool, String>)>> {
+        if self.context.config.reshard.max_concurrent_moves == 0
+            || self
+                .cleaned_at
+                .is_some_and(|at| at.elapsed() < CLEANUP_EVERY)
+        {
+            return Vec::new();
+        }
+        self.cleaned_at = Some(Instant::now());
+        let membership = self.context.membership.borrow().clone();
+        let store = self.context.store.clone();
+        let mut tasks = Vec::new();
+        for point in store.list("", None, usize::MAX) {
+            let Ok(Ownership {
+                handover: Some(Handover::Moved { to, epoch }),
+                ..
+            }) = store.ownership(&point).await
+            else {
+                continue;
+            };
+            if self.cleaning.contains(&point) {
+                continue;
+            }
+            let Ok(peer) = self.peer(&membership, &to).await else {
+                continue;
+            };
+            self.cleaning.insert(point.clone());
+            let context = self.context.clone();
+            let handed = Move {
+                point,
+                from: membership.local.clone(),
+                to,
+            };
+            tasks.push(
+                async move {
+                    let result = clean_up(&context, &peer, &handed.point, epoch).await;
+                    (handed, result)
+                }
+                .boxed_local(),
+            );
+        }
+        tasks
+    }
+
+    fn cleaned(&mut self, done: Move, result: Result<bool, String>) {
+        self.cleaning.remove(&done.point);
+        if let Err(error) = result {
+            tracing::warn!(point = %done.point, to = %done.to, %error, "cannot clean up a handed-over copy yet");
+        }
+        self.peers.retain(|_, peer| !peer.broken.get());
     }
 
     /// Gossips the join this node has handed over (`None`: none), if that changed.
@@ -296,6 +368,35 @@ impl Mover {
                 "joined: every owner has handed its points over; this node is active"
             ),
             Err(error) => tracing::warn!(%error, "cannot step to active"),
+        }
+    }
+
+    /// The moves in flight: in metrics, and in gossip (`goutube members`).
+    async fn report(&mut self) {
+        let mut lag = 0;
+        for (point, to) in &self.moving {
+            let (Some(peer), Ok(held)) =
+                (self.peers.get(to), self.context.store.metadata(point).await)
+            else {
+                continue;
+            };
+            lag += held
+                .end
+                .saturating_sub(peer.progress.confirmed_end(to, point));
+        }
+        ::metrics::gauge!(metrics::RESHARD_MOVES_IN_FLIGHT).set(self.moving.len() as f64);
+        ::metrics::gauge!(metrics::RESHARD_LAG_BYTES).set(lag as f64);
+        let moving = self.moving.len() as u32;
+        let announced = self
+            .context
+            .membership
+            .borrow()
+            .live(&self.context.config.node_name)
+            .map_or(0, |m| m.moving);
+        if moving != announced
+            && let Err(error) = self.context.steps.announce_moving(moving).await
+        {
+            tracing::warn!(%error, "cannot announce the moves in flight");
         }
     }
 
@@ -507,6 +608,23 @@ impl Peer {
         }
     }
 
+    /// What the destination holds of `point`, for the cleanup of this node's copy.
+    async fn settled(&self, point: &PointId) -> Result<super::handover::Settled, String> {
+        let mut request = self.member.settled_request();
+        request.get().set_point(point.as_str());
+        let response = request
+            .send()
+            .promise
+            .await
+            .map_err(|e| self.failed("settled", e))?;
+        let results = response.get().map_err(|e| self.failed("settled", e))?;
+        Ok(super::handover::Settled {
+            epoch: results.get_epoch(),
+            end: results.get_end(),
+            replicated: results.get_replicated(),
+        })
+    }
+
     /// Asks the destination to make what it holds of `point` durable before the fence.
     async fn prepare(&self, local: &str, point: &PointId) -> Result<(), String> {
         let mut request = self.member.prepare_request();
@@ -567,8 +685,14 @@ impl Peer {
             if behind < best {
                 (best, since) = (behind, Instant::now());
             } else if since.elapsed() > stall {
+                let throttle = match context.config.reshard.max_bytes_per_sec {
+                    0 => String::new(),
+                    rate => format!(
+                        " (reshard.max_bytes_per_sec = {rate}: is the point written faster?)"
+                    ),
+                };
                 return Err(format!(
-                    "stalled: {} has confirmed {confirmed} of {end} bytes of point {point} and its lag has not shrunk for {stall:?}",
+                    "stalled: {} has confirmed {confirmed} of {end} bytes of point {point} and its lag has not shrunk for {stall:?}{throttle}",
                     self.name
                 ));
             }
@@ -719,6 +843,38 @@ async fn give_up(context: &Context, peer: Option<&Peer>, planned: &Move) -> Resu
         tracing::info!(%point, %to, "gave the handover up: the ring no longer calls for it");
     }
     Ok(())
+}
+
+/// Deletes this node's copy of `point`, handed over at `epoch`, once its new owner holds all of
+/// it replicated enough. Returns whether it was deleted. Deleting it removes it from this
+/// node's followers too (their replicator sends the removal).
+async fn clean_up(
+    context: &Context,
+    peer: &Peer,
+    point: &PointId,
+    epoch: u64,
+) -> Result<bool, String> {
+    let store = &context.store;
+    let end = store.metadata(point).await.map_err(|e| e.to_string())?.end;
+    let settled = peer.settled(point).await?;
+    if settled.epoch < epoch || settled.end < end || !settled.replicated {
+        return Ok(false);
+    }
+    let still_moved = matches!(
+        store
+            .ownership(point)
+            .await
+            .map_err(|e| e.to_string())?
+            .handover,
+        Some(Handover::Moved { .. })
+    );
+    if !still_moved {
+        return Ok(false);
+    }
+    let size = store.delete(point).await.map_err(|e| e.to_string())?;
+    ::metrics::counter!(metrics::RESHARD_CLEANED_POINTS).increment(1);
+    tracing::info!(%point, to = %peer.name, size, "deleted the handed-over copy: its new owner holds it replicated");
+    Ok(true)
 }
 
 /// Adds `point` to what the destination's replicator sends, from `held`.
