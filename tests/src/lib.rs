@@ -39,10 +39,10 @@ pub fn data(seed: u64, len: usize) -> Vec<u8> {
     bytes
 }
 
-/// With `GOUTUBE_TEST_LOG` set (a `tracing` filter such as `goutube=info`), the nodes a test
-/// starts in its process log to stderr: what to read when a test fails.
+/// With `GOUTUBETEST_LOG` set (a `tracing` filter such as `goutube=info`), the nodes a test
+/// starts, in its process or as children, log to stderr: what to read when a test fails.
 pub fn log() {
-    if let Ok(filter) = std::env::var("GOUTUBE_TEST_LOG") {
+    if let Ok(filter) = std::env::var("GOUTUBETEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_test_writer()
@@ -266,10 +266,12 @@ impl NodeProcess {
     /// [`NodeProcess::spawn`] with more environment variables.
     pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> NodeProcess {
         let mut command = Command::new(goutube_bin());
+        // With GOUTUBETEST_LOG set, the children log at that level too.
+        let level = std::env::var("GOUTUBETEST_LOG").unwrap_or_else(|_| "warn".into());
         command
             .args(["run", "--config"])
             .arg(config)
-            .env("GOUTUBE_LOG__LEVEL", "warn")
+            .env("GOUTUBE_LOG__LEVEL", level)
             .envs(env.iter().copied())
             .stderr(Stdio::inherit());
         let process = goutube::process::NodeProcess::start(command, DEADLINE)

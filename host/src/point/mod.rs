@@ -540,9 +540,14 @@ impl Store {
     }
 
     /// The ownership record of `id`: its epoch and the handover it is part of, if any.
+    /// Reads `point.meta` once, without opening the point's files: the mover looks at every
+    /// point's record, and must not churn the open-file budget doing so.
     pub async fn ownership(&self, id: &PointId) -> Result<Ownership, ReadError> {
-        let point = self.point(id).await?;
+        let point = self.get(id)?;
         let mut state = point.state.lock().await;
+        if state.deleted {
+            return Err(ReadError::NotFound(id.clone()));
+        }
         Ok(point.meta(&mut state).await?.ownership.clone())
     }
 

@@ -34,7 +34,11 @@ pub async fn begin(store: &Store, from: &str, point: &PointId, epoch: u64) -> Re
         Ok(held) if held == incoming => {
             return Ok(store.metadata(point).await.map_err(text)?.end);
         }
-        Ok(held) if held.epoch >= epoch && !held.is_arriving() => {
+        Ok(held)
+            if held.epoch >= epoch
+                && !held.is_arriving()
+                && !empty_shell(store, point, &held).await =>
+        {
             return Err(format!(
                 "this node holds point {point} at epoch {}, not older than {from}'s {epoch}",
                 held.epoch
@@ -172,6 +176,17 @@ pub async fn cancel(store: &Store, from: &str, point: &PointId) -> Result<(), St
         Ok(_) | Err(ReadError::NotFound(_)) => Ok(()),
         Err(error) => Err(error.to_string()),
     }
+}
+
+/// Whether this node's copy of `point` is an empty point nobody took over: what a crash leaves
+/// between creating a point and writing its `incoming` record. Replacing it loses nothing.
+async fn empty_shell(store: &Store, point: &PointId, held: &Ownership) -> bool {
+    held.owner.is_none()
+        && held.handover.is_none()
+        && store
+            .metadata(point)
+            .await
+            .is_ok_and(|snapshot| snapshot.end == 0)
 }
 
 fn text(error: impl std::fmt::Display) -> String {

@@ -65,6 +65,8 @@ pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: Canc
         pending_since: None,
         cleaning: HashSet::new(),
         cleaned_at: None,
+        strays: true,
+        handed_over: true,
     };
     let mut membership = mover.context.membership.clone();
     // Each move is a task of its own: it holds a point's lock at times, and must go on while
@@ -115,6 +117,12 @@ struct Mover {
     cleaning: HashSet<PointId>,
     /// When the handed-over copies were last looked at.
     cleaned_at: Option<Instant>,
+    /// Whether handovers the plan does not call for may exist: after a start, a change of the
+    /// pending change, a failed move. Without a pending change, points are looked at only then.
+    strays: bool,
+    /// Whether copies handed over may still be here (after a start, after a move): only then
+    /// are points looked at for cleanup.
+    handed_over: bool,
 }
 
 impl Mover {
@@ -131,8 +139,13 @@ impl Mover {
         let pending = reshard::pending(&membership.ring);
         let since = match &pending {
             None => {
-                self.pending_since = None;
+                if self.pending_since.take().is_some() {
+                    self.strays = true;
+                }
                 self.announce(None).await;
+                if !std::mem::take(&mut self.strays) {
+                    return Vec::new();
+                }
                 None
             }
             Some((change, target)) => {
@@ -145,6 +158,7 @@ impl Mover {
                     }
                     _ => {
                         tracing::info!(?change, "the ring is changing");
+                        self.strays = true;
                         let now = Instant::now();
                         self.pending_since = Some((change.clone(), version, now));
                         Some(now)
@@ -276,6 +290,7 @@ impl Mover {
     /// the point replicated enough for this copy to go (`docs/resharding.md`, cleanup).
     async fn cleanups(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<bool, String>)>> {
         if self.context.config.reshard.max_concurrent_moves == 0
+            || !self.handed_over
             || self
                 .cleaned_at
                 .is_some_and(|at| at.elapsed() < CLEANUP_EVERY)
@@ -283,6 +298,7 @@ impl Mover {
             return Vec::new();
         }
         self.cleaned_at = Some(Instant::now());
+        let mut found = false;
         let membership = self.context.membership.borrow().clone();
         let store = self.context.store.clone();
         let mut tasks = Vec::new();
@@ -294,6 +310,7 @@ impl Mover {
             else {
                 continue;
             };
+            found = true;
             if self.cleaning.contains(&point) {
                 continue;
             }
@@ -315,6 +332,8 @@ impl Mover {
                 .boxed_local(),
             );
         }
+        // Nothing handed over is left here: look again only after the next move.
+        self.handed_over = found;
         tasks
     }
 
@@ -405,8 +424,10 @@ impl Mover {
         match result {
             Ok(()) => {
                 self.failed.remove(&done.point);
+                self.handed_over = true;
             }
             Err(error) => {
+                self.strays = true;
                 ::metrics::counter!(metrics::RESHARD_FAILED_MOVES).increment(1);
                 tracing::warn!(point = %done.point, to = %done.to, %error, "handover failed; it will be tried again");
                 self.failed.insert(done.point, Instant::now());
