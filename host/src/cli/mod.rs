@@ -410,30 +410,27 @@ async fn command(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Members {
-            action: Some(MembersAction::Drain),
+            action: Some(action),
             node,
             connection,
         } => {
             init_client_logging();
             let node = node.expect("clap requires the node with an action");
             let client = connection.connect().await?;
-            let state = client.drain(&node, &connection.options()).await?;
-            println!(
-                "{node}: {state}; it hands its points to their next owners, then leaves the ring \
-                 (watch `goutube members`)"
-            );
-            Ok(())
-        }
-        Command::Members {
-            action: Some(MembersAction::Cleanup),
-            node,
-            connection,
-        } => {
-            init_client_logging();
-            let node = node.expect("clap requires the node with an action");
-            let client = connection.connect().await?;
-            let (points, bytes) = client.cleanup(&node, &connection.options()).await?;
-            println!("{node}: deleted {points} handed-over copies ({bytes} bytes)");
+            let options = connection.options();
+            match action {
+                MembersAction::Drain => {
+                    let state = client.drain(&node, &options).await?;
+                    println!(
+                        "{node}: {state}; it hands its points to their next owners, then leaves \
+                         the ring (watch `goutube members`)"
+                    );
+                }
+                MembersAction::Cleanup => {
+                    let (points, bytes) = client.cleanup(&node, &options).await?;
+                    println!("{node}: deleted {points} handed-over copies ({bytes} bytes)");
+                }
+            }
             Ok(())
         }
         Command::Url {

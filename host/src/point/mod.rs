@@ -488,7 +488,8 @@ impl Store {
         first_bytes_only: bool,
     ) -> Result<(), AppendError> {
         let fsync = self.inner.shared.config.fsync;
-        self.update_meta(id, |meta, has_bytes| {
+        self.update_meta(id, |meta, written| {
+            let has_bytes = written.end > 0;
             match &meta.content_type {
                 Some(current) if current == wanted => return Ok(None),
                 Some(current) => {
@@ -577,37 +578,37 @@ impl Store {
         Ok(())
     }
 
-    /// Fences client writes of `id` for its handover to `to`: under the point's lock, writes
-    /// the `sealed` record with the point's end and CRC32C at that moment (its final bytes
-    /// here), and returns them.
+    /// Fences client writes of `id` for its handover to `to` (the point exists: its handover
+    /// is under way): under the point's lock, writes the `sealed` record with the point's end
+    /// and CRC32C at that moment (its final bytes here), and returns them.
     pub async fn seal(
         &self,
         id: &PointId,
         to: &str,
         target_ring: u64,
-    ) -> Result<(u64, u32), ReadError> {
-        let point = self.point(id).await?;
-        let Some(mut state) = self.lock_open(id, &point).await? else {
-            return Err(ReadError::NotFound(id.clone()));
-        };
-        let (end, crc) = (state.end, state.crc);
-        let meta = point.meta(&mut state).await?;
-        let meta = Meta {
-            ownership: Ownership {
-                handover: Some(Handover::Sealed {
-                    to: to.to_owned(),
-                    end,
-                    crc,
-                    target_ring,
-                }),
+    ) -> Result<(u64, u32), AppendError> {
+        let mut sealed = (0, 0);
+        self.update_meta(id, |meta, written| {
+            sealed = (written.end, written.crc);
+            let handover = Handover::Sealed {
+                to: to.to_owned(),
+                end: written.end,
+                crc: written.crc,
+                target_ring,
+            };
+            let ownership = Ownership {
+                handover: Some(handover),
                 ..meta.ownership.clone()
-            },
-            ..meta.clone()
-        };
-        point.replace_meta(&mut state, meta, Fsync::Always).await?;
-        drop(state);
+            };
+            let meta = Meta {
+                ownership,
+                ..meta.clone()
+            };
+            Ok(Some((meta, Fsync::Always)))
+        })
+        .await?;
         self.ownership_event(id);
-        Ok((end, crc))
+        Ok(sealed)
     }
 
     /// Wakes the writes waiting at a fence and tells subscribers that `id`'s ownership record
@@ -639,20 +640,24 @@ impl Store {
     }
 
     /// Opens `id` (creating it if needed) and, under its lock, writes the `point.meta` that
-    /// `change` makes of the current one and whether the point has bytes (`None`: unchanged).
+    /// `change` makes of the current one and of what the point holds (`None`: unchanged).
     /// Returns whether it changed.
     async fn update_meta(
         &self,
         id: &PointId,
-        change: impl FnOnce(&Meta, bool) -> Result<Option<(Meta, Fsync)>, AppendError>,
+        change: impl FnOnce(&Meta, Snapshot) -> Result<Option<(Meta, Fsync)>, AppendError>,
     ) -> Result<bool, AppendError> {
         loop {
             let point = self.get_or_insert(id);
             let Some(mut state) = self.lock_open(id, &point).await? else {
                 continue;
             };
-            let has_bytes = state.end > 0;
-            let Some((meta, fsync)) = change(point.meta(&mut state).await?, has_bytes)? else {
+            let written = Snapshot {
+                end: state.end,
+                crc: state.crc,
+                ..Snapshot::default()
+            };
+            let Some((meta, fsync)) = change(point.meta(&mut state).await?, written)? else {
                 return Ok(false);
             };
             point.replace_meta(&mut state, meta, fsync).await?;

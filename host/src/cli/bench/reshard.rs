@@ -36,12 +36,12 @@ const UNRELATED_BYTES: u64 = 16 * 1024 * 1024;
 pub async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let frame = 256 * 1024;
-    let per_point = (mib * 1024 * 1024 / points as u64).max(frame as u64);
-    let workload = Workload::new(per_point / (1024 * 1024), frame);
+    // Each point a whole number of frames, at least one.
+    let frames = (mib * 1024 * 1024 / points as u64 / frame as u64).max(1);
     let workload = Workload {
-        total: per_point / frame as u64 * frame as u64,
-        frames: per_point / frame as u64,
-        ..workload
+        total: frames * frame as u64,
+        frames,
+        pool: super::frame_pool(frame),
     };
     let total = workload.total * points as u64;
     println!(
