@@ -174,6 +174,7 @@ impl Scenario {
             assert!(held.concat() == *bytes, "{point} on {now} differs");
             let changed = self.owners[point] != now;
             assert_eq!(meta.epoch, if changed { 2 } else { 1 }, "{point} on {now}");
+            assert_eq!(meta.owner, now, "{point}");
             if changed {
                 moved.push(point.clone());
             }

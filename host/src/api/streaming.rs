@@ -221,6 +221,16 @@ impl proto::streaming_server::Streaming for StreamingService {
         let state = &self.state;
         state.access.authorize(&peer, action, id.as_str()).await?;
         let snapshot = state.readable(&id).await?.snapshot();
+        let ownership = state.store.ownership(&id).await.map_err(Error::from)?;
+        let owner = match ownership.owner.clone() {
+            Some(owner) => owner,
+            None => state
+                .placement
+                .owners(id.as_str(), 1)
+                .await
+                .map(|(_, owners)| owners[0].clone())
+                .unwrap_or_default(),
+        };
         let replicas = state
             .replicas(&id)
             .into_iter()
@@ -240,7 +250,8 @@ impl proto::streaming_server::Streaming for StreamingService {
             role: state.config.role.as_str().into(),
             replicas,
             content_type: state.store.media_type(&id).await.map_err(Error::from)?,
-            epoch: state.store.ownership(&id).await.map_err(Error::from)?.epoch,
+            epoch: ownership.epoch,
+            owner,
         }))
     }
 

@@ -322,6 +322,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
             println!("type:    {}", meta.content_type);
             println!("crc32c:  {:08x}", meta.crc32c);
             println!("epoch:   {}", meta.epoch);
+            println!("owner:   {}", meta.owner);
             println!("node:    {} ({})", meta.node, meta.role);
             println!("workers: {}", meta.workers.join(", "));
             for replica in meta.replicas {
