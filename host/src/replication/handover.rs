@@ -1,5 +1,6 @@
 //! The new owner's side of a handover (`docs/resharding.md`): the old owner calls these on this
-//! node's replication port, through `Leader.receive`, `handover`, `seal` and `cancel`.
+//! node's replication port, through `Leader.receive`, `handover`, `prepare`, `seal`, `cancel` and
+//! `settled`.
 //!
 //! This side never decides anything on its own: it holds the point as `incoming` from the old
 //! owner (refusing writes for it) while the old owner pushes its bytes, commits the next epoch
