@@ -246,18 +246,9 @@ impl Mover {
             {
                 continue;
             }
-            let peer = if unreachable.contains(&planned.to) {
-                None
-            } else {
-                match self.peer(&membership, &planned.to).await {
-                    Ok(peer) => Some(peer),
-                    Err(error) => {
-                        tracing::warn!(to = %planned.to, %error, "cannot reach the next owner; retrying");
-                        unreachable.insert(planned.to.clone());
-                        None
-                    }
-                }
-            };
+            let peer = self
+                .peer_once(&membership, &planned.to, &mut unreachable)
+                .await;
             let context = self.context.clone();
             let task = match (work, peer) {
                 (Work::Move(planned), Some(peer)) => async move {
@@ -299,6 +290,7 @@ impl Mover {
         }
         self.cleaned_at = Some(Instant::now());
         let mut found = false;
+        let mut unreachable = std::collections::BTreeSet::new();
         let membership = self.context.membership.borrow().clone();
         let store = self.context.store.clone();
         let mut tasks = Vec::new();
@@ -314,7 +306,7 @@ impl Mover {
             if self.cleaning.contains(&point) {
                 continue;
             }
-            let Ok(peer) = self.peer(&membership, &to).await else {
+            let Some(peer) = self.peer_once(&membership, &to, &mut unreachable).await else {
                 continue;
             };
             self.cleaning.insert(point.clone());
@@ -474,6 +466,28 @@ impl Mover {
         })
         .await
         .map_err(|e| format!("planning task: {e}"))?
+    }
+
+    /// The connection to `to`, dialed at most once per round: a member that cannot be reached
+    /// is skipped for the rest of the round (each dial may wait out its timeout, and this loop
+    /// drives every move).
+    async fn peer_once(
+        &mut self,
+        membership: &Membership,
+        to: &str,
+        unreachable: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Rc<Peer>> {
+        if unreachable.contains(to) {
+            return None;
+        }
+        match self.peer(membership, to).await {
+            Ok(peer) => Some(peer),
+            Err(error) => {
+                tracing::warn!(%to, %error, "cannot reach the member; retrying later");
+                unreachable.insert(to.to_owned());
+                None
+            }
+        }
     }
 
     /// The connection to `to`, dialed if there is none.
