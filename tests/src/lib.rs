@@ -219,12 +219,22 @@ pub fn window(point: &str, offset: u64, limit: u64, chunk_size: u64) -> ConsumeR
 }
 
 /// Polls `condition` until it holds; fails the test after [`DEADLINE`].
-pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+pub async fn eventually<F, Fut>(what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + DEADLINE;
+    eventually_within(what, DEADLINE, condition).await
+}
+
+/// Polls `condition` until it holds; fails the test after `within` (for work whose size, not a
+/// fault, decides how long it takes, such as replicating a gibibyte on a loaded machine).
+pub async fn eventually_within<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
     while !condition().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -11,8 +11,8 @@ use goutube::api::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::{Ack, Config, PeerTlsSection, Role};
 use goutube::point::{Ownership, PointId, Store};
 use goutube_tests::{
-    DEADLINE, NodeProcess, Pki, TestNode, consume, counter, data, eventually, free_port, metadata,
-    produce, window,
+    DEADLINE, NodeProcess, Pki, TestNode, consume, counter, data, eventually, eventually_within,
+    free_port, metadata, produce, window,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -69,7 +69,11 @@ async fn followers(pki: &Pki, leader: &str) -> Vec<goutube::api::proto::Server> 
 
 /// Waits until `follower` holds `point` exactly as `leader` does (size and CRC32C).
 async fn converged(leader: &Client, follower: &Client, point: &str) {
-    eventually(&format!("{point} to converge"), || {
+    converged_within(leader, follower, point, DEADLINE).await
+}
+
+async fn converged_within(leader: &Client, follower: &Client, point: &str, within: Duration) {
+    eventually_within(&format!("{point} to converge"), within, || {
         let (mut leader, mut follower) = (leader.clone(), follower.clone());
         async move {
             let want = metadata(&mut leader, point)
@@ -655,16 +659,19 @@ async fn three_followers_replicate_a_gibibyte() {
             });
             for i in 0..FRAMES {
                 let frame = Bytes::from(data(p * FRAMES + i, 256 * 1024));
-                tx.send(ProduceRequest {
+                let request = ProduceRequest {
                     point: format!("gib-{p}"),
                     frame,
                     ..Default::default()
-                })
-                .await
-                .unwrap();
+                };
+                if tx.send(request).await.is_err() {
+                    break; // the call ended: its status below says why
+                }
             }
             drop(tx);
-            call.await.unwrap().unwrap();
+            if let Err(status) = call.await.unwrap() {
+                panic!("producing gib-{p}: {status}");
+            }
         }));
     }
     for writer in writers {
@@ -677,7 +684,8 @@ async fn three_followers_replicate_a_gibibyte() {
         assert_eq!(want.size, FRAMES * 256 * 1024);
         for follower in &followers {
             let to_follower = pki.client("root", &follower.addr()).await;
-            converged(&to_leader, &to_follower, &point).await;
+            // A gibibyte to three followers: its size, not a fault, sets the pace.
+            converged_within(&to_leader, &to_follower, &point, 4 * DEADLINE).await;
         }
     }
     for follower in followers {
