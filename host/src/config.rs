@@ -85,6 +85,10 @@ pub struct ReshardSection {
     /// Bytes per second this node sends to each member it hands points to; 0: no throttle. A
     /// point written faster than this never catches up: its move is reported `stalled`.
     pub max_bytes_per_sec: u64,
+    /// How long the ring's pending change and the live view must stay the same before moves
+    /// start: a member that flaps, or a change that is replaced at once, starts and cancels
+    /// nothing.
+    pub settle_ms: u64,
 }
 
 impl Default for ReshardSection {
@@ -94,6 +98,7 @@ impl Default for ReshardSection {
             max_concurrent_moves: 2,
             fence_lag_bytes: 1024 * 1024,
             max_bytes_per_sec: 0,
+            settle_ms: 1_000,
         }
     }
 }

@@ -38,6 +38,7 @@ pub const RESHARD_MOVED_POINTS: &str = "goutube_reshard_moved_points_total";
 pub const RESHARD_RECEIVED_POINTS: &str = "goutube_reshard_received_points_total";
 pub const RESHARD_MOVED_BYTES: &str = "goutube_reshard_moved_bytes_total";
 pub const RESHARD_FAILED_MOVES: &str = "goutube_reshard_failed_moves_total";
+pub const RESHARD_STOPPED_MOVES: &str = "goutube_reshard_stopped_moves_total";
 pub const RESHARD_CLEANED_POINTS: &str = "goutube_reshard_cleaned_points_total";
 pub const RESHARD_FENCE_SECONDS: &str = "goutube_reshard_fence_seconds";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
@@ -174,6 +175,10 @@ fn describe() {
     describe_counter!(
         RESHARD_FAILED_MOVES,
         "Handovers that failed and will be tried again."
+    );
+    describe_counter!(
+        RESHARD_STOPPED_MOVES,
+        "Handovers stopped before their fence because the ring no longer sends the point there."
     );
     describe_histogram!(
         RESHARD_FENCE_SECONDS,

@@ -13,10 +13,10 @@ use goutube::api::proto::ProduceRequest;
 use goutube::client::{Client, ClientOptions};
 use goutube::config::Role;
 use goutube::error::{END_METADATA, OWNER_METADATA};
-use goutube::point::PointId;
+use goutube::point::{Handover, Ownership, PointId};
 use goutube_tests::{
-    TestNode, consume, data, eventually, members, metadata, owner, produce, raw_client, sees,
-    window,
+    DEADLINE, TestNode, consume, counter, data, eventually, eventually_within, members, metadata,
+    owner, produce, raw_client, sees, window,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -29,6 +29,8 @@ const POINTS: u64 = 300;
 
 /// Primaries in one ring, each seeing the others, and a writer at work on some of their points.
 struct Scenario {
+    /// `reshard.max_bytes_per_sec` of every node.
+    throttle: u64,
     nodes: BTreeMap<String, TestNode>,
     /// Where each node serves clients, known to the writer as nodes are added.
     addresses: Addresses,
@@ -36,27 +38,37 @@ struct Scenario {
     expected: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
     /// The owner of every point before the change.
     owners: BTreeMap<String, String>,
+    /// The points the writer appends to.
+    written: Vec<String>,
     stop: CancellationToken,
     /// Rounds made, and the node each written point was last written on.
     writer: Option<JoinHandle<(u64, HashMap<String, String>)>>,
 }
 
 impl Scenario {
-    /// Three primaries `a`, `b`, `c` holding 300 points of random non-periodic sizes; a writer
-    /// appends to every 25th of them until [`Scenario::stop_writing`].
-    async fn start() -> Scenario {
+    /// The primaries `names` (the first seeds the others) holding 300 points of random
+    /// non-periodic sizes; a writer appends to every 25th of them until
+    /// [`Scenario::stop_writing`].
+    async fn start(names: &[&'static str]) -> Scenario {
+        Scenario::throttled(names, 0).await
+    }
+
+    /// [`Scenario::start`] with `reshard.max_bytes_per_sec = throttle` on every node.
+    async fn throttled(names: &[&'static str], throttle: u64) -> Scenario {
         let mut scenario = Scenario {
+            throttle,
             nodes: BTreeMap::new(),
             addresses: Addresses::default(),
             expected: Arc::default(),
             owners: BTreeMap::new(),
+            written: Vec::new(),
             stop: CancellationToken::new(),
             writer: None,
         };
-        for name in ["a", "b", "c"] {
-            scenario.add(name, 3).await;
+        for name in names {
+            scenario.add(name, names.len()).await;
         }
-        scenario.converge(3).await;
+        scenario.converge(names.len()).await;
         let addresses = scenario.addresses.clone();
         let mut rng = StdRng::seed_from_u64(10);
         for i in 0..POINTS {
@@ -68,11 +80,19 @@ impl Scenario {
             scenario.expected.lock().unwrap().insert(point, bytes);
         }
         let written: Vec<String> = scenario.owners.keys().step_by(25).cloned().collect();
+        scenario.written = written.clone();
         let mut at: HashMap<String, String> = written
             .iter()
             .map(|point| (point.clone(), scenario.owners[point].clone()))
             .collect();
         let (expected, stop) = (scenario.expected.clone(), scenario.stop.clone());
+        // Behind a throttle, the written points must grow slower than it sends, or their moves
+        // never catch up (and are reported as stalled, as they should be).
+        let pause = if throttle > 0 {
+            Duration::from_millis(200)
+        } else {
+            Duration::ZERO
+        };
         scenario.writer = Some(tokio::spawn(async move {
             let mut round = 0u64;
             while !stop.is_cancelled() {
@@ -86,6 +106,7 @@ impl Scenario {
                     at.insert(point.clone(), took);
                 }
                 round += 1;
+                tokio::time::sleep(pause).await;
             }
             (round, at)
         }));
@@ -103,7 +124,9 @@ impl Scenario {
             .nodes
             .get("a")
             .map(|a| a.node.gossip_addr().to_string());
+        let throttle = self.throttle;
         let node = TestNode::start(move |c| {
+            c.reshard.max_bytes_per_sec = throttle;
             c.node_name = name.into();
             c.role = role;
             c.seed_addresses = seed.into_iter().collect();
@@ -162,6 +185,12 @@ impl Scenario {
     /// Every point is on its owner in the ring, byte for byte, with its CRC; a point whose
     /// owner changed is at epoch 2. Returns the points that moved.
     async fn check_every_point(&self) -> Vec<String> {
+        self.check_every_point_moved_at_most(1).await
+    }
+
+    /// [`Scenario::check_every_point`] after up to `changes` topology changes: a point whose
+    /// owner changed is at an epoch from 2 to `changes + 1`.
+    async fn check_every_point_moved_at_most(&self, changes: u64) -> Vec<String> {
         let expected = self.expected.lock().unwrap().clone();
         let mut moved = Vec::new();
         for (point, bytes) in &expected {
@@ -173,7 +202,14 @@ impl Scenario {
             let held = consume(&mut client, window(point, 0, 0, 0)).await.unwrap();
             assert!(held.concat() == *bytes, "{point} on {now} differs");
             let changed = self.owners[point] != now;
-            assert_eq!(meta.epoch, if changed { 2 } else { 1 }, "{point} on {now}");
+            if changed {
+                assert!(
+                    (2..=changes + 1).contains(&meta.epoch),
+                    "{point} on {now}: {meta:?}"
+                );
+            } else {
+                assert_eq!(meta.epoch, 1, "{point} on {now}");
+            }
             assert_eq!(meta.owner, now, "{point}");
             if changed {
                 moved.push(point.clone());
@@ -255,7 +291,7 @@ async fn append(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_on() {
-    let mut scenario = Scenario::start().await;
+    let mut scenario = Scenario::start(&["a", "b", "c", "d"]).await;
     let on_c: Vec<String> = scenario
         .owners
         .iter()
@@ -264,7 +300,7 @@ async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_o
         .collect();
     assert!(on_c.len() >= 25, "c owns {} of {POINTS} points", on_c.len());
 
-    // Drain c, asked through a.
+    // Drain c (4 -> 3 primaries), asked through a.
     let options = ClientOptions {
         addr: scenario.nodes["a"].addr(),
         tls: None,
@@ -316,7 +352,7 @@ async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_go_on() {
-    let mut scenario = Scenario::start().await;
+    let mut scenario = Scenario::start(&["a", "b", "c"]).await;
     // A leader without followers: the copies handed to it are not replicated, so their old
     // owners keep theirs until an operator cleans them up.
     scenario.add_as("d", 3, Role::Leader).await;
@@ -461,4 +497,205 @@ async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
     }
     b.shutdown().await;
     a.shutdown().await;
+}
+
+/// Moves start only once the pending change and the live view have stayed the same for
+/// `reshard.settle_ms`: a member that turns up meanwhile (here a balancer) puts them off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_wait_for_a_settled_view() {
+    const SETTLE: Duration = Duration::from_secs(3);
+    let a = TestNode::start(|c| {
+        c.node_name = "a".into();
+        c.cluster.bootstrap_expect = 2;
+        c.reshard.settle_ms = SETTLE.as_millis() as u64;
+    })
+    .await;
+    let seed = a.node.gossip_addr().to_string();
+    let seeded = move |name: &'static str, role: Role| {
+        let seed = seed.clone();
+        move |c: &mut goutube::config::Config| {
+            c.node_name = name.into();
+            c.role = role;
+            c.seed_addresses = vec![seed];
+            c.cluster.bootstrap_expect = 2;
+        }
+    };
+    let b = TestNode::start(seeded("b", Role::Standalone)).await;
+    eventually("a and b to own the ring", || async {
+        members(&a)
+            .await
+            .members
+            .iter()
+            .filter(|m| m.owns_range)
+            .count()
+            == 2
+    })
+    .await;
+    let mut held = Vec::new();
+    for i in 0.. {
+        if held.len() == 3 {
+            break;
+        }
+        let point = format!("settle/{i}");
+        if owner(&a, &point).await == "a" {
+            let bytes = data(i, 10_000);
+            produce(&mut a.client().await, &point, std::slice::from_ref(&bytes))
+                .await
+                .unwrap();
+            held.push((point, bytes));
+        }
+    }
+    let options = ClientOptions {
+        addr: a.addr(),
+        tls: None,
+    };
+    Client::connect(&options)
+        .await
+        .unwrap()
+        .drain("a", &options)
+        .await
+        .unwrap();
+    // Halfway through the settling, the view changes.
+    tokio::time::sleep(SETTLE / 2).await;
+    let balancer = TestNode::start(seeded("x", Role::Balancer)).await;
+    eventually("a to see the balancer", || async { sees(&a, 3).await }).await;
+    let view_changed = std::time::Instant::now();
+    eventually("a to hand everything over", || async {
+        members(&b)
+            .await
+            .members
+            .iter()
+            .any(|m| m.name == "a" && m.state == "left")
+    })
+    .await;
+    let waited = view_changed.elapsed();
+    assert!(
+        waited >= SETTLE - Duration::from_millis(500),
+        "a moved its points {waited:?} after the view changed"
+    );
+    for (point, bytes) in &held {
+        let read = consume(&mut b.client().await, window(point, 0, 0, 0))
+            .await
+            .unwrap();
+        assert!(read.concat() == *bytes, "{point}");
+    }
+    balancer.shutdown().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// A join under way is replaced by a drain (drains go first): the copies to the joiner that the
+/// drain's ring no longer calls for stop and are given up, the drain runs, then the join does;
+/// every point ends on its owner intact, and no handover record is left anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_whose_target_changes_is_cancelled_cleanly() {
+    let mut scenario = Scenario::throttled(&["a", "b", "c"], 512 * 1024).await;
+    scenario.add("d", 3).await;
+    // A point of b or c grown by 4 MiB and bound for d: at the throttle its copy takes some 8 s,
+    // so it is under way when the drain is asked for, and the drain's ring leaves it where it is.
+    let a = &scenario.nodes["a"];
+    let mut big = None;
+    eventually("a to see d joining", || async {
+        a.node
+            .placement()
+            .pending_owner(&PointId::new("videos/0").unwrap())
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    for point in scenario.owners.keys() {
+        let id = PointId::new(point.as_str()).unwrap();
+        let (_, to) = a
+            .node
+            .placement()
+            .pending_owner(&id)
+            .await
+            .unwrap()
+            .unwrap();
+        if to == "d" && scenario.owners[point] != "a" && !scenario.written.contains(point) {
+            big = Some(point.clone());
+            break;
+        }
+    }
+    let big = big.expect("a point bound for d");
+    let bytes = data(7, 4 * 1024 * 1024);
+    let offset = scenario.expected.lock().unwrap()[&big].len() as u64;
+    append(
+        &scenario.addresses,
+        scenario.owners[&big].clone(),
+        &big,
+        offset,
+        &bytes,
+    )
+    .await;
+    scenario
+        .expected
+        .lock()
+        .unwrap()
+        .get_mut(&big)
+        .unwrap()
+        .extend(&bytes);
+    let d = scenario.nodes["d"].node.store().unwrap().clone();
+    let big_id = PointId::new(big.as_str()).unwrap();
+    let arriving = |point: PointId| {
+        let d = d.clone();
+        async move {
+            matches!(
+                d.ownership(&point).await,
+                Ok(Ownership {
+                    handover: Some(Handover::Incoming { .. }),
+                    ..
+                })
+            )
+        }
+    };
+    eventually("d to receive the big point", || arriving(big_id.clone())).await;
+
+    let options = ClientOptions {
+        addr: scenario.nodes["a"].addr(),
+        tls: None,
+    };
+    Client::connect(&options)
+        .await
+        .unwrap()
+        .drain("a", &options)
+        .await
+        .unwrap();
+    // Two changes of some 5 MB each at the throttle: their size sets the pace.
+    eventually_within("a to be drained, then d to join", 2 * DEADLINE, || async {
+        scenario.state("a").await == "left" && scenario.state("d").await == "active"
+    })
+    .await;
+    scenario.stop_writing().await;
+    let moved = scenario.check_every_point_moved_at_most(2).await;
+    assert!(moved.iter().any(|p| scenario.owners[p] == "a"));
+    let mut to_d = 0;
+    for point in &moved {
+        if owner(&scenario.nodes["b"], point).await == "d" {
+            to_d += 1;
+        }
+    }
+    assert!(to_d > 0, "d took none of the points");
+    for point in d.list("", None, usize::MAX) {
+        assert!(
+            !arriving(point.clone()).await,
+            "{point} is still arriving on d"
+        );
+    }
+    assert!(
+        counter(goutube::metrics::RESHARD_STOPPED_MOVES) > 0.0,
+        "no handover was stopped"
+    );
+    for (name, node) in &scenario.nodes {
+        let store = node.node.store().unwrap();
+        for point in store.list("", None, usize::MAX) {
+            let handover = store.ownership(&point).await.unwrap().handover;
+            assert!(
+                matches!(handover, None | Some(Handover::Moved { .. })),
+                "{point} on {name}: {handover:?}"
+            );
+        }
+    }
+    scenario.shutdown().await;
 }

@@ -235,7 +235,9 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>, from: Optio
 /// A job of the handover from `from`: applied only to points this node holds as `incoming` from
 /// it (a point this node owns is never written by another member). Removing such a point
 /// empties it and keeps it incoming; its description gives its content type only (its epoch is
-/// the one the handover commits).
+/// the one the handover commits). A description of any other point is ignored: the sender
+/// describes a point again when its record changes, which races with the end of a handover
+/// this node has just committed (and must not end the session that carries the other moves).
 async fn handed(context: &Context, from: &str, job: Job) {
     let store = &context.store;
     let incoming = |point: &PointId| {
@@ -290,7 +292,10 @@ async fn handed(context: &Context, from: &str, job: Job) {
             ..
         } => {
             let result = async {
-                incoming(&point).await?;
+                if let Err(reason) = incoming(&point).await {
+                    tracing::debug!(%point, %reason, "description ignored");
+                    return Ok(());
+                }
                 match &content_type {
                     Some(content_type) => store
                         .set_replicated_content_type(&point, content_type)

@@ -49,7 +49,7 @@ const FENCE_WAIT: Duration = Duration::from_secs(10);
 /// A member says it is done with a change (drained: `left`; a join: `handed`) only after a plan
 /// that started this long after it first saw the change found nothing to move: a point created
 /// just before it saw the change (refused from then on) has landed by then.
-const SETTLE: Duration = Duration::from_secs(1);
+const DONE_AFTER: Duration = Duration::from_secs(1);
 /// How often the copies handed over are looked at for cleanup.
 const CLEANUP_EVERY: Duration = Duration::from_secs(5);
 
@@ -63,6 +63,7 @@ pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: Canc
         moving: HashMap::new(),
         failed: HashMap::new(),
         pending_since: None,
+        view_since: None,
         cleaning: HashSet::new(),
         cleaned_at: None,
         strays: true,
@@ -107,12 +108,15 @@ struct Mover {
     shutdown: CancellationToken,
     /// One connection and replicator per destination.
     peers: HashMap<String, Rc<Peer>>,
-    /// Points being handed over now, and to whom.
-    moving: HashMap<PointId, String>,
+    /// Points being handed over now: to whom, and the token that stops the copy (before the
+    /// fence) when the plan no longer sends the point there.
+    moving: HashMap<PointId, (String, CancellationToken)>,
     /// Points whose last move failed, and when.
     failed: HashMap<PointId, Instant>,
     /// The pending change of the ring and when this node first saw it.
     pending_since: Option<(Change, u64, Instant)>,
+    /// The live view's id and when this node first saw it.
+    view_since: Option<(String, Instant)>,
     /// Handed-over copies whose new owner is being asked whether they may go.
     cleaning: HashSet<PointId>,
     /// When the handed-over copies were last looked at.
@@ -172,6 +176,22 @@ impl Mover {
             self.join(&membership, joining, target.version()).await;
             return Vec::new();
         }
+        // Only a settled view starts (or gives up) moves: the change and the live members the
+        // same for `reshard.settle_ms`.
+        let view_since = match &self.view_since {
+            Some((id, since)) if *id == membership.view.id => *since,
+            _ => {
+                let now = Instant::now();
+                self.view_since = Some((membership.view.id.clone(), now));
+                now
+            }
+        };
+        let settle = Duration::from_millis(self.context.config.reshard.settle_ms);
+        if let Some(since) = since
+            && since.max(view_since).elapsed() < settle
+        {
+            return Vec::new();
+        }
         let started = Instant::now();
         let held = match self.held().await {
             Ok(held) => held,
@@ -211,9 +231,19 @@ impl Mover {
                 _ => {}
             }
         }
+        // A copy under way to a member the plan no longer sends the point to stops before its
+        // fence; the handover is then given up like any other stray.
+        for (point, (to, stop)) in &self.moving {
+            let sealed = held.iter().any(|(held, handover)| {
+                held == point && matches!(handover, Some(Handover::Sealed { .. }))
+            });
+            if !sealed && !moves.iter().any(|m| m.point == *point && m.to == *to) {
+                stop.cancel();
+            }
+        }
         let version = pending.as_ref().map_or(0, |(_, target)| target.version());
         work.extend(moves.into_iter().map(|m| (Work::Move(m), version)));
-        let settled = since.is_some_and(|since| started.duration_since(since) >= SETTLE);
+        let settled = since.is_some_and(|since| started.duration_since(since) >= DONE_AFTER);
         if work.is_empty() && self.moving.is_empty() && settled {
             match pending.map(|(change, target)| (change, target.version())) {
                 Some((Change::Drain(member), _)) if member == local => {
@@ -250,9 +280,11 @@ impl Mover {
                 .peer_once(&membership, &planned.to, &mut unreachable)
                 .await;
             let context = self.context.clone();
+            let stop = CancellationToken::new();
+            let stopped = stop.clone();
             let task = match (work, peer) {
                 (Work::Move(planned), Some(peer)) => async move {
-                    let result = hand_over(&context, &peer, &planned, target).await;
+                    let result = hand_over(&context, &peer, &planned, target, &stopped).await;
                     if result.is_err() {
                         peer.broken
                             .set(peer.broken.get() || peer.changes.is_closed());
@@ -271,7 +303,7 @@ impl Mover {
                 .boxed_local(),
             };
             self.moving
-                .insert(planned.point.clone(), planned.to.clone());
+                .insert(planned.point.clone(), (planned.to.clone(), stop));
             tasks.push(task);
         }
         tasks
@@ -385,7 +417,7 @@ impl Mover {
     /// The moves in flight: in metrics, and in gossip (`goutube members`).
     async fn report(&mut self) {
         let mut lag = 0;
-        for (point, to) in &self.moving {
+        for (point, (to, _)) in &self.moving {
             let (Some(peer), Ok(held)) =
                 (self.peers.get(to), self.context.store.metadata(point).await)
             else {
@@ -412,11 +444,20 @@ impl Mover {
     }
 
     fn finished(&mut self, done: Move, result: Result<(), String>) {
-        self.moving.remove(&done.point);
+        let stopped = self
+            .moving
+            .remove(&done.point)
+            .is_some_and(|(_, stop)| stop.is_cancelled());
         match result {
             Ok(()) => {
                 self.failed.remove(&done.point);
                 self.handed_over = true;
+            }
+            Err(error) if stopped => {
+                // Not a failure: the next plan gives the handover up.
+                self.strays = true;
+                ::metrics::counter!(metrics::RESHARD_STOPPED_MOVES).increment(1);
+                tracing::info!(point = %done.point, to = %done.to, %error, "handover stopped");
             }
             Err(error) => {
                 self.strays = true;
@@ -747,6 +788,7 @@ async fn hand_over(
     peer: &Peer,
     planned: &Move,
     target: u64,
+    stop: &CancellationToken,
 ) -> Result<(), String> {
     let store = &context.store;
     let local = &context.config.node_name;
@@ -809,11 +851,20 @@ async fn hand_over(
             (end, crc, Instant::now(), held)
         }
         None => {
-            let held = peer.begin(local, point, epoch).await?;
-            send(peer, point, held).await?;
-            tracing::debug!(%point, held, "copying");
-            peer.catch_up(context, point, lag, STALL).await?;
-            peer.prepare(local, point).await?;
+            let copy = async {
+                let held = peer.begin(local, point, epoch).await?;
+                send(peer, point, held).await?;
+                tracing::debug!(%point, held, "copying");
+                peer.catch_up(context, point, lag, STALL).await?;
+                peer.prepare(local, point).await?;
+                Ok::<_, String>(held)
+            };
+            let held = tokio::select! {
+                held = copy => held?,
+                _ = stop.cancelled() => {
+                    return Err(format!("the ring no longer sends {point} to {to}"));
+                }
+            };
             tracing::debug!(%point, "fencing");
             let fenced_at = Instant::now();
             let (end, crc) = store
