@@ -641,6 +641,15 @@ impl proto::streaming_server::Streaming for BalancerService {
         Err(self.not_a_member(&request, &node).await)
     }
 
+    async fn forget_member(
+        &self,
+        _: Request<proto::ForgetMemberRequest>,
+    ) -> Result<Response<proto::ForgetMemberResponse>, Status> {
+        Err(Status::failed_precondition(
+            "a balancer does not change the ring: ask a primary (goutube members forget NODE --addr PRIMARY)",
+        ))
+    }
+
     async fn list_members(
         &self,
         request: Request<ListMembersRequest>,

@@ -89,6 +89,9 @@ pub struct ReshardSection {
     /// start: a member that flaps, or a change that is replaced at once, starts and cancels
     /// nothing.
     pub settle_ms: u64,
+    /// How long the new owner of a forgotten primary's point waits for every live follower of
+    /// that primary to offer its copy before it takes the most complete one offered.
+    pub forget_wait_ms: u64,
 }
 
 impl Default for ReshardSection {
@@ -99,6 +102,7 @@ impl Default for ReshardSection {
             fence_lag_bytes: 1024 * 1024,
             max_bytes_per_sec: 0,
             settle_ms: 1_000,
+            forget_wait_ms: 5_000,
         }
     }
 }

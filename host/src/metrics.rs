@@ -39,6 +39,7 @@ pub const RESHARD_RECEIVED_POINTS: &str = "goutube_reshard_received_points_total
 pub const RESHARD_MOVED_BYTES: &str = "goutube_reshard_moved_bytes_total";
 pub const RESHARD_FAILED_MOVES: &str = "goutube_reshard_failed_moves_total";
 pub const RESHARD_STOPPED_MOVES: &str = "goutube_reshard_stopped_moves_total";
+pub const TAKEOVER_DIVERGED: &str = "goutube_takeover_diverged_copies_total";
 pub const RESHARD_CLEANED_POINTS: &str = "goutube_reshard_cleaned_points_total";
 pub const RESHARD_FENCE_SECONDS: &str = "goutube_reshard_fence_seconds";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
@@ -175,6 +176,10 @@ fn describe() {
     describe_counter!(
         RESHARD_FAILED_MOVES,
         "Handovers that failed and will be tried again."
+    );
+    describe_counter!(
+        TAKEOVER_DIVERGED,
+        "Copies of a forgotten primary's points offered here with bytes this node did not take over (reported, not merged)."
     );
     describe_counter!(
         RESHARD_STOPPED_MOVES,

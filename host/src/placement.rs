@@ -118,6 +118,44 @@ impl Placement {
         Ok(Some((change, owner)))
     }
 
+    /// The forgotten member `point` belonged to, while its points are still being taken over
+    /// from its followers' copies (some live follower of it has not announced it is done,
+    /// `docs/resharding.md`, forget). `None` otherwise.
+    pub async fn being_taken_over(&self, point: &PointId) -> Result<Option<String>, Error> {
+        let membership = self.membership();
+        let pending: Vec<crate::reshard::Forgotten> = crate::reshard::forgotten(&membership.ring)
+            .into_iter()
+            .filter(|forgotten| {
+                membership.view.members.values().any(|m| {
+                    m.leader.as_deref() == Some(forgotten.name.as_str())
+                        && !m.role.is_primary()
+                        && !m
+                            .handed
+                            .as_deref()
+                            .unwrap_or_default()
+                            .split(',')
+                            .any(|tag| tag == forgotten.tag)
+                })
+            })
+            .collect();
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        let plugins = self.plugins.current();
+        let point = point.as_str().to_owned();
+        tokio::task::spawn_blocking(move || {
+            for forgotten in pending {
+                if owner_in(&plugins, &forgotten.before, &point)? == forgotten.name {
+                    return Ok(Some(forgotten.name));
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?
+        .map_err(|e: String| Error::Unavailable(format!("{e}; writes fail closed")))
+    }
+
     /// The refusal of a write to `point` that belongs to `owner`: where to write it, or that the
     /// owner is down.
     pub fn refuse(&self, point: &PointId, owner: &str) -> Error {

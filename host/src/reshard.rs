@@ -74,6 +74,39 @@ pub fn pending(ring: &Ring) -> Option<(Change, Ring)> {
     Some((change, target))
 }
 
+/// A member forgotten by an operator (`docs/resharding.md`, forget): its points are taken over
+/// from its followers' copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    pub name: String,
+    /// `<name>@<record version>`: what its followers announce (`handed`) once every copy they
+    /// hold of its points is taken over.
+    pub tag: String,
+    /// The ring as it was with the member active: who owned what before it was forgotten.
+    pub before: Ring,
+}
+
+/// The members of `ring` that were forgotten, in name order.
+pub fn forgotten(ring: &Ring) -> Vec<Forgotten> {
+    ring.members
+        .iter()
+        .filter(|(_, member)| member.lifecycle == Lifecycle::Forgotten)
+        .map(|(name, member)| {
+            let mut before = ring.clone();
+            before
+                .members
+                .get_mut(name)
+                .expect("a member of the ring")
+                .lifecycle = Lifecycle::Active;
+            Forgotten {
+                name: name.clone(),
+                tag: format!("{name}@{}", member.version),
+                before,
+            }
+        })
+        .collect()
+}
+
 /// One point to hand over.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Move {

@@ -38,6 +38,28 @@ interface Leader {
   # copy is replicated enough for the old owner to delete its own (this node has no
   # followers, or as many confirmed all of it as its `replication.ack` asks, at least one).
   settled @7 (point :Text) -> (epoch :UInt64, end :UInt64, replicated :Bool);
+
+  # Takeover of a forgotten primary's points (docs/resharding.md): the caller, a follower of
+  # `forgotten` (its certificate must name `from`), offers its copies of points this node now
+  # owns. Each gets a verdict: wait (other followers' offers are awaited), send (hand it over
+  # with `receive`/`handover`/`seal`: it is the most complete copy), taken or diverged (this node
+  # holds the point at a newer epoch already; see Verdict). A forgotten member that returns
+  # offers its own copies (`from` = `forgotten`) and is never asked to send them.
+  offer @8 (from :Text, forgotten :Text, copies :List(Copy)) -> (verdicts :List(Verdict));
+}
+
+struct Copy {
+  point @0 :Text;
+  end @1 :UInt64;
+  epoch @2 :UInt64;
+  crc @3 :UInt32;           # CRC32C of the copy's bytes [0, end)
+}
+
+enum Verdict {
+  wait @0;
+  send @1;
+  taken @2;      # this node took the point over; the copy is a prefix of it (history)
+  diverged @3;   # the copy has bytes this node does not: reported, never merged
 }
 
 struct Sealed {

@@ -133,6 +133,12 @@ impl Context {
             Err(ReadError::NotFound(_)) => {
                 self.placement.check_local(point).await?;
                 self.check_not_moving(point).await?;
+                if let Some(forgotten) = self.placement.being_taken_over(point).await? {
+                    return Err(Error::Unavailable(format!(
+                        "point {point} belonged to member {forgotten}, which was forgotten: it is \
+                         being taken over from its followers' copies; retry"
+                    )));
+                }
                 return Ok(None);
             }
             Err(error) => return Err(error.into()),

@@ -24,13 +24,14 @@ use super::Context;
 use super::proto::{
     self, CleanupMemberRequest, CleanupMemberResponse, ConsumeRequest, ConsumeResponse,
     DeletePointRequest, DeletePointResponse, DrainMemberRequest, DrainMemberResponse,
-    GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
-    ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
-    LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, SignUrlRequest, SignUrlResponse,
+    ForgetMemberRequest, ForgetMemberResponse, GetFollowersRequest, GetFollowersResponse,
+    GetServersRequest, GetServersResponse, ListMembersRequest, ListMembersResponse,
+    ListPointsRequest, ListPointsResponse, LocatePointRequest, LocatePointResponse,
+    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, SignUrlRequest,
+    SignUrlResponse,
 };
 use crate::access::{Access, Action};
-use crate::cluster::{Lifecycle, Membership};
+use crate::cluster::{Lifecycle, Membership, StepError};
 use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
@@ -356,6 +357,29 @@ impl proto::streaming_server::Streaming for StreamingService {
             .unwrap_or(Lifecycle::Leaving);
         Ok(Response::new(DrainMemberResponse {
             state: state.as_str().to_owned(),
+        }))
+    }
+
+    async fn forget_member(
+        &self,
+        request: Request<ForgetMemberRequest>,
+    ) -> Result<Response<ForgetMemberResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let state = &self.state;
+        state.access.authorize(&peer, Action::Admin, "").await?;
+        let node = request.into_inner().node;
+        state
+            .steps
+            .forget(&node)
+            .await
+            .map_err(|error| match error {
+                StepError::Unknown(_) => Status::not_found(error.to_string()),
+                StepError::Stopped => Status::unavailable(error.to_string()),
+                _ => Status::failed_precondition(format!("cannot forget {node}: {error}")),
+            })?;
+        tracing::warn!(%node, subject = %peer.subject, "forgot a dead primary: its points are taken over from its followers");
+        Ok(Response::new(ForgetMemberResponse {
+            state: Lifecycle::Forgotten.as_str().to_owned(),
         }))
     }
 
@@ -695,6 +719,7 @@ pub fn members(membership: &Membership) -> ListMembersResponse {
             generation: live.map_or(0, |m| m.generation),
             http_addr: live.map(|m| m.http_addr.clone()).unwrap_or_default(),
             moving: live.map_or(0, |m| m.moving),
+            handed: live.and_then(|m| m.handed.clone()).unwrap_or_default(),
         });
     }
     for member in membership.view.members.values() {
@@ -716,6 +741,7 @@ pub fn members(membership: &Membership) -> ListMembersResponse {
             generation: member.generation,
             http_addr: member.http_addr.clone(),
             moving: 0,
+            handed: member.handed.clone().unwrap_or_default(),
         });
     }
     members.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1028,6 +1028,13 @@ impl Streaming for Baseline {
         Err(Status::unimplemented("baseline"))
     }
 
+    async fn forget_member(
+        &self,
+        _: Request<goutube::api::proto::ForgetMemberRequest>,
+    ) -> Result<Response<goutube::api::proto::ForgetMemberResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     async fn sign_url(
         &self,
         _: Request<goutube::api::proto::SignUrlRequest>,

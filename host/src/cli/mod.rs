@@ -92,8 +92,10 @@ pub enum Command {
     Members {
         /// `drain`: NODE hands every point it owns to the point's next owner, then leaves the
         /// ring (`left`) and may be stopped. `cleanup`: NODE deletes now the copies it handed
-        /// over (kept, serving reads, until their new owner holds them replicated). Asked of
-        /// NODE itself, found through --addr.
+        /// over (kept, serving reads, until their new owner holds them replicated). Both are
+        /// asked of NODE itself, found through --addr. `forget`: NODE, a dead primary, is
+        /// forgotten (asked of the --addr node); its points are taken over from its followers'
+        /// copies, and if it ever returns it steps down.
         #[arg(value_enum, requires = "node")]
         action: Option<MembersAction>,
         /// The member to change.
@@ -188,6 +190,7 @@ impl Connection {
 pub enum MembersAction {
     Drain,
     Cleanup,
+    Forget,
 }
 
 impl Command {
@@ -431,6 +434,13 @@ async fn command(command: Command) -> anyhow::Result<()> {
                     let (points, bytes) = client.cleanup(&node, &options).await?;
                     println!("{node}: deleted {points} handed-over copies ({bytes} bytes)");
                 }
+                MembersAction::Forget => {
+                    let state = client.forget(&node).await?;
+                    println!(
+                        "{node}: {state}; its new owners take its points over from its \
+                         followers' copies (watch `goutube members`)"
+                    );
+                }
             }
             Ok(())
         }
@@ -543,10 +553,13 @@ fn print_members(members: &ListMembersResponse) {
                 (true, false) => "no range",
                 (false, _) => "-",
             };
-            let state = match m.moving {
+            let mut state = match m.moving {
                 0 => m.state.clone(),
                 moving => format!("{}, handing over {moving}", m.state),
             };
+            if !m.handed.is_empty() {
+                state = format!("{state}, handed {}", m.handed);
+            }
             [
                 m.name.clone(),
                 role,

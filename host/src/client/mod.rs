@@ -25,9 +25,9 @@ use tonic::{Code, Status};
 
 use crate::api::proto::streaming_client::StreamingClient;
 use crate::api::proto::{
-    CleanupMemberRequest, DeletePointRequest, DrainMemberRequest, ListMembersRequest,
-    ListMembersResponse, ListPointsRequest, MetadataRequest, MetadataResponse, ProduceRequest,
-    Record, SignUrlRequest,
+    CleanupMemberRequest, DeletePointRequest, DrainMemberRequest, ForgetMemberRequest,
+    ListMembersRequest, ListMembersResponse, ListPointsRequest, MetadataRequest, MetadataResponse,
+    ProduceRequest, Record, SignUrlRequest,
 };
 use crate::api::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
 use crate::error::{END_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
@@ -230,7 +230,6 @@ impl Client {
         Ok((response.url, response.expires))
     }
 
-    /// The cluster as the node sees it.
     /// Starts draining the primary `node` (`docs/resharding.md`): asks the node itself, at the
     /// address the cluster knows it by, with the TLS settings of `options`. Returns its state
     /// in the ring (`leaving`, or `left` when it was drained already).
@@ -283,6 +282,17 @@ impl Client {
         Client::connect(&options).await
     }
 
+    /// Forgets the dead primary `node` (`docs/resharding.md`), asked of this client's node: its
+    /// points are taken over from its followers' copies. Returns its state in the ring
+    /// (`forgotten`).
+    pub async fn forget(&self, node: &str) -> Result<String, ClientError> {
+        let request = ForgetMemberRequest {
+            node: node.to_owned(),
+        };
+        Ok(self.raw().forget_member(request).await?.into_inner().state)
+    }
+
+    /// The cluster as the node sees it.
     pub async fn members(&self) -> Result<ListMembersResponse, ClientError> {
         Ok(self
             .raw()

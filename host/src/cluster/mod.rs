@@ -95,6 +95,10 @@ pub enum Lifecycle {
     /// Drained: owns nothing and may be stopped for good. Its record stays in the ring, so the
     /// others know it left rather than died.
     Left,
+    /// Dead and forgotten by an operator (`goutube members forget`): owns nothing; its points
+    /// are taken over from its followers' copies. Final: a forgotten member that returns steps
+    /// down (`docs/resharding.md`).
+    Forgotten,
 }
 
 impl Lifecycle {
@@ -104,6 +108,7 @@ impl Lifecycle {
             Lifecycle::Active => "active",
             Lifecycle::Leaving => "leaving",
             Lifecycle::Left => "left",
+            Lifecycle::Forgotten => "forgotten",
         }
     }
 
@@ -113,6 +118,7 @@ impl Lifecycle {
             "active" => Some(Lifecycle::Active),
             "leaving" => Some(Lifecycle::Leaving),
             "left" => Some(Lifecycle::Left),
+            "forgotten" => Some(Lifecycle::Forgotten),
             _ => None,
         }
     }
@@ -359,6 +365,7 @@ enum Ask {
     Lifecycle(Lifecycle),
     Handed(Option<String>),
     Moving(u32),
+    Forget(String),
 }
 
 /// Why a lifecycle step was refused.
@@ -370,6 +377,10 @@ pub enum StepError {
     Transition { from: Lifecycle, to: Lifecycle },
     #[error("the membership subsystem has stopped")]
     Stopped,
+    #[error("{0} is not a member of the ring")]
+    Unknown(String),
+    #[error("{0} is live: drain it instead (only a dead primary is forgotten)")]
+    Live(String),
 }
 
 impl Steps {
@@ -383,6 +394,12 @@ impl Steps {
     /// Announces in gossip the join this member has handed every point of (`None`: none).
     pub async fn announce_handed(&self, handed: Option<String>) -> Result<(), StepError> {
         self.ask(Ask::Handed(handed)).await
+    }
+
+    /// Writes the ring record of `member`, a dead primary, as `forgotten` (an operator's act:
+    /// the one record a member writes for another). Forgetting it again is not an error.
+    pub async fn forget(&self, member: &str) -> Result<(), StepError> {
+        self.ask(Ask::Forget(member.to_owned())).await
     }
 
     /// Announces in gossip how many points this member is handing over now.
@@ -558,6 +575,7 @@ async fn run(
                         state.moving = moving;
                         Ok(false)
                     }
+                    Ask::Forget(member) => state.forget(&member, &gossip.live()),
                 };
                 if matches!(stepped, Ok(true)) {
                     state.save_ring();
@@ -789,6 +807,33 @@ impl State {
         Ok(true)
     }
 
+    /// Writes `member`'s record as `forgotten`, refused while it is live. Returns whether it
+    /// changed.
+    fn forget(&mut self, member: &str, live: &[Advert]) -> Result<bool, StepError> {
+        if !self.ring.is_formed() {
+            return Err(StepError::NotInRing);
+        }
+        if member == self.local.name || live.iter().any(|a| a.member.name == member) {
+            return Err(StepError::Live(member.to_owned()));
+        }
+        let record = self
+            .ring
+            .members
+            .get_mut(member)
+            .ok_or_else(|| StepError::Unknown(member.to_owned()))?;
+        if record.lifecycle == Lifecycle::Forgotten {
+            return Ok(false);
+        }
+        tracing::warn!(
+            %member,
+            from = record.lifecycle.as_str(),
+            "forgot the member: its points are taken over from its followers' copies"
+        );
+        record.lifecycle = Lifecycle::Forgotten;
+        record.version += 1;
+        Ok(true)
+    }
+
     /// Adds this primary to the ring as `joining`, or updates its addresses in its record.
     fn keep_own_record(&mut self) {
         let me = self.member();
@@ -903,6 +948,7 @@ fn record_gauges(membership: &Membership) {
         Lifecycle::Active,
         Lifecycle::Leaving,
         Lifecycle::Left,
+        Lifecycle::Forgotten,
     ] {
         for live in [true, false] {
             let count = membership

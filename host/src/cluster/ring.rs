@@ -3,8 +3,10 @@
 //!
 //! The ring changes only by explicit steps, each made by the member it concerns: formation (the
 //! founders, all `active`), a primary joining (it adds itself as `joining`), a member changing its
-//! own state or addresses. Every member record carries a `version` that only such a step bumps, so
-//! two copies of the ring merge by keeping, per member, the record with the higher version. Every
+//! own state or addresses; and one step an operator makes for a dead member, forgetting it (its
+//! record turns `forgotten`, which no other record of it replaces). Every member record carries a
+//! `version` that only such a step bumps, so two copies of the ring merge by keeping, per member,
+//! the record with the higher version. Every
 //! node keeps the ring on disk (`<data_dir>/cluster/ring.json`) and gossips it, so a dead primary
 //! stays in the ring (and keeps its range) until an operator forgets it, and a newcomer learns of
 //! members it never saw alive.
@@ -91,8 +93,8 @@ impl Ring {
         !self.id.is_empty()
     }
 
-    /// Merges `other` into this ring: per member, the record with the higher version. Returns
-    /// whether anything changed.
+    /// Merges `other` into this ring: per member, the record with the higher version, except
+    /// that a `forgotten` record wins over any other. Returns whether anything changed.
     pub fn merge(&mut self, other: &Ring, member: &str) -> Result<bool, RingConflict> {
         if other.id != self.id {
             return Err(RingConflict {
@@ -104,7 +106,15 @@ impl Ring {
         let mut changed = false;
         for (name, theirs) in &other.members {
             match self.members.get(name) {
-                Some(ours) if ours.version >= theirs.version => {}
+                // Forgotten is final: no later record of the member (its own, written before it
+                // heard it was forgotten) undoes it.
+                Some(ours)
+                    if ours.lifecycle == Lifecycle::Forgotten
+                        && (theirs.lifecycle != Lifecycle::Forgotten
+                            || ours.version >= theirs.version) => {}
+                Some(ours)
+                    if ours.version >= theirs.version
+                        && theirs.lifecycle != Lifecycle::Forgotten => {}
                 _ => {
                     self.members.insert(name.clone(), theirs.clone());
                     changed = true;
@@ -248,6 +258,26 @@ mod tests {
         let other = Ring::form(founders(&["z"]));
         let conflict = ours.clone().merge(&other, "z").unwrap_err();
         assert_eq!(conflict.member, "z");
+    }
+
+    #[test]
+    fn a_forgotten_record_is_final() {
+        let mut ours = Ring::form(founders(&["a", "b", "c"]));
+        let mut forgotten = ours.clone();
+        forgotten.members.get_mut("c").unwrap().lifecycle = Lifecycle::Forgotten;
+        forgotten.members.get_mut("c").unwrap().version = 2;
+        // c returns and, before it hears it was forgotten, bumps its record twice.
+        let mut returned = ours.clone();
+        returned.members.get_mut("c").unwrap().rpc_addr = "10.0.0.3:1".into();
+        returned.members.get_mut("c").unwrap().version = 3;
+        assert!(ours.merge(&forgotten, "a").unwrap());
+        assert!(!ours.merge(&returned, "c").unwrap());
+        assert_eq!(ours.members["c"].lifecycle, Lifecycle::Forgotten);
+        // And whoever heard c first learns it was forgotten, whatever the versions.
+        let mut theirs = returned.clone();
+        assert!(theirs.merge(&forgotten, "a").unwrap());
+        assert_eq!(theirs.members["c"].lifecycle, Lifecycle::Forgotten);
+        assert_eq!(ours.owners().count(), 2);
     }
 
     #[test]

@@ -43,7 +43,8 @@ pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: Cancella
                 match session(&context, &address, tls.as_ref(), &sink, &shutdown).await {
                     Ok(()) => backoff = Duration::from_millis(50),
                     Err(error) => {
-                        tracing::warn!(leader = %address, %error, "replication session failed")
+                        tracing::warn!(leader = %address, %error, "replication session failed");
+                        name_unreachable_leader(&context, &address);
                     }
                 }
                 tokio::select! {
@@ -55,6 +56,25 @@ pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: Cancella
         });
     }
     shutdown.cancelled().await;
+}
+
+/// A follower that restarted while its leader is down still says whose follower it is (its
+/// copies count in that leader's takeover if it is forgotten): the ring member whose
+/// replication address is `address`, until a session names the leader itself.
+fn name_unreachable_leader(context: &Context, address: &str) {
+    if context.leader.borrow().is_some() {
+        return;
+    }
+    let membership = context.membership.borrow().clone();
+    let named = membership
+        .ring
+        .members
+        .iter()
+        .find(|(_, record)| record.replication_addr == address)
+        .map(|(name, _)| name.clone());
+    if named.is_some() {
+        context.leader.send_replace(named);
+    }
 }
 
 /// One connection to a leader, until it breaks or `shutdown`.

@@ -11,6 +11,7 @@
 //! elsewhere (mismatch) or that the record arrived damaged (rejected) rewinds the point; a
 //! per-point generation makes replies to pushes sent before the rewind harmless.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -28,8 +29,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
-use super::replication_capnp::{ack, leader, session, sink};
-use super::{Context, PROTOCOL, check_identity, handover};
+use super::replication_capnp::{Verdict, ack, leader, session, sink};
+use super::{Context, PROTOCOL, check_identity, handover, takeover};
 use crate::access::Action;
 use crate::metrics;
 use crate::net::PeerInfo;
@@ -56,6 +57,7 @@ pub async fn serve(
     spawner: &Spawner,
 ) {
     let shutdown = spawner.token().clone();
+    let offers = Rc::new(RefCell::new(takeover::Offers::default()));
     let mut incoming = crate::net::accept(
         listener,
         tls,
@@ -83,6 +85,7 @@ pub async fn serve(
             context: context.clone(),
             peer: peer.clone(),
             shutdown: shutdown.clone(),
+            offers: offers.clone(),
         };
         let client: leader::Client = capnp_rpc::new_client(service);
         let rpc = RpcSystem::new(Box::new(network), Some(client.client));
@@ -98,6 +101,8 @@ struct LeaderService {
     context: Rc<Context>,
     peer: PeerInfo,
     shutdown: CancellationToken,
+    /// Copies of forgotten members' points offered to this node (shared by every connection).
+    offers: Rc<RefCell<takeover::Offers>>,
 }
 
 impl LeaderService {
@@ -255,6 +260,43 @@ impl leader::Server for LeaderService {
             .map_err(capnp::Error::failed)
     }
 
+    async fn offer(
+        self: Rc<Self>,
+        params: leader::OfferParams,
+        mut results: leader::OfferResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let from = params.get_from()?.to_str()?.to_owned();
+        self.authorize_member(&from).await?;
+        let forgotten = params.get_forgotten()?.to_str()?.to_owned();
+        let mut copies = Vec::new();
+        for copy in params.get_copies()? {
+            copies.push(takeover::Copy {
+                point: point_of(copy.get_point()?)?,
+                end: copy.get_end(),
+                epoch: copy.get_epoch(),
+                crc: copy.get_crc(),
+            });
+        }
+        let mut verdicts = Vec::with_capacity(copies.len());
+        for copy in copies {
+            let verdict = takeover::offer(&self.context, &self.offers, &from, &forgotten, copy)
+                .await
+                .map_err(capnp::Error::failed)?;
+            verdicts.push(match verdict {
+                takeover::Verdict::Wait => Verdict::Wait,
+                takeover::Verdict::Send => Verdict::Send,
+                takeover::Verdict::Taken => Verdict::Taken,
+                takeover::Verdict::Diverged => Verdict::Diverged,
+            });
+        }
+        let mut list = results.get().init_verdicts(verdicts.len() as u32);
+        for (i, verdict) in verdicts.into_iter().enumerate() {
+            list.set(i as u32, verdict);
+        }
+        Ok(())
+    }
+
     async fn identify(
         self: Rc<Self>,
         _: leader::IdentifyParams,
@@ -290,6 +332,19 @@ impl leader::Server for LeaderService {
                      run the same release on both",
                     crate::error::bounded(&follower)
                 ))
+            })
+            .and_then(|()| {
+                // A forgotten member leads nobody: its followers' copies were taken over.
+                let membership = context.membership.borrow();
+                match membership.ring.members.get(&context.config.node_name) {
+                    Some(record) if record.lifecycle == crate::cluster::Lifecycle::Forgotten => {
+                        Err(format!(
+                            "{} was forgotten by the cluster: it leads no followers",
+                            context.config.node_name
+                        ))
+                    }
+                    _ => Ok(()),
+                }
             });
         if let Err(reason) = refused {
             ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);

@@ -24,6 +24,7 @@ pub mod follower;
 pub mod handover;
 pub mod leader;
 pub mod mover;
+pub mod takeover;
 #[allow(clippy::all, unused_qualifications, dead_code)]
 #[rustfmt::skip]
 pub mod replication_capnp;
@@ -135,7 +136,17 @@ pub fn start(
                     leader::serve(context, listener, server_tls, &spawner).await;
                     let _ = moves.await;
                 }
-                Role::Follower => follower::run(context, client_tls, spawner.token().clone()).await,
+                Role::Follower => {
+                    // A follower's mover hands its copies of a forgotten primary's points over.
+                    let token = spawner.token().clone();
+                    let moves = tokio::task::spawn_local(mover::run(
+                        Rc::new(context.clone()),
+                        client_tls.clone(),
+                        token.clone(),
+                    ));
+                    follower::run(context, client_tls, token).await;
+                    let _ = moves.await;
+                }
                 Role::Balancer => {}
             }
         });

@@ -12,7 +12,7 @@
 //! move of one point walks the point's record through `copying`, `sealed` and `moved`, each
 //! written durably before the next step, so a restarted node resumes from its records.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +66,7 @@ pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: Canc
         view_since: None,
         cleaning: HashSet::new(),
         cleaned_at: None,
+        offered: HashSet::new(),
         strays: true,
         handed_over: true,
     };
@@ -121,6 +122,9 @@ struct Mover {
     cleaning: HashSet<PointId>,
     /// When the handed-over copies were last looked at.
     cleaned_at: Option<Instant>,
+    /// On a follower: copies of forgotten members' points whose new owner holds the point
+    /// already (taken over from another copy, or diverged from it).
+    offered: HashSet<PointId>,
     /// Whether handovers the plan does not call for may exist: after a start, a change of the
     /// pending change, a failed move. Without a pending change, points are looked at only then.
     strays: bool,
@@ -137,6 +141,9 @@ impl Mover {
         if limit == 0 {
             // Paused by the operator.
             return Vec::new();
+        }
+        if !self.context.config.role.is_primary() {
+            return self.take_over(limit).await;
         }
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
@@ -202,7 +209,7 @@ impl Mover {
         };
         let mut moves = Vec::new();
         if let Some((_, target)) = &pending {
-            match self.moves(&membership, target, &held).await {
+            match self.moves(&membership.ring, target, &held).await {
                 Ok(planned) => moves.extend(planned.into_iter().filter(|m| m.from == local)),
                 Err(error) => {
                     tracing::warn!(%error, "cannot plan the moves of this node's points");
@@ -305,6 +312,125 @@ impl Mover {
             self.moving
                 .insert(planned.point.clone(), (planned.to.clone(), stop));
             tasks.push(task);
+        }
+        tasks
+    }
+
+    /// On a follower: hands the copies it holds of a forgotten primary's points to their new
+    /// owners, when they ask for them (`docs/resharding.md`, forget), one forgotten member at a
+    /// time; announces `handed = <member>@<record version>` (a list, comma-separated) once
+    /// every such copy was handed over or its new owner holds the point already.
+    async fn take_over(
+        &mut self,
+        limit: usize,
+    ) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
+        let membership = self.context.membership.borrow().clone();
+        let local = membership.local.clone();
+        let announced = membership
+            .live(&local)
+            .and_then(|m| m.handed.clone())
+            .unwrap_or_default();
+        let done: Vec<&str> = announced.split(',').filter(|t| !t.is_empty()).collect();
+        let forgotten = reshard::forgotten(&membership.ring);
+        let Some(forgotten) = forgotten
+            .into_iter()
+            .find(|f| !done.contains(&f.tag.as_str()))
+        else {
+            return Vec::new();
+        };
+        let held = match self.held().await {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list this node's points");
+                return Vec::new();
+            }
+        };
+        let candidates = match self.moves(&forgotten.before, &membership.ring, &held).await {
+            Ok(moves) => moves
+                .into_iter()
+                .filter(|m| m.from == forgotten.name && !self.offered.contains(&m.point))
+                .collect::<Vec<_>>(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot plan the takeover of a forgotten member's points");
+                return Vec::new();
+            }
+        };
+        if candidates.is_empty() && self.moving.is_empty() {
+            let mut tags: Vec<&str> = done.clone();
+            tags.push(&forgotten.tag);
+            tracing::info!(forgotten = %forgotten.name, "every copy of the forgotten member's points is with their new owners");
+            self.announce(Some(tags.join(","))).await;
+            return Vec::new();
+        }
+        let mut by_owner: BTreeMap<String, Vec<super::takeover::Copy>> = BTreeMap::new();
+        for planned in &candidates {
+            if self.moving.contains_key(&planned.point) {
+                continue;
+            }
+            let store = &self.context.store;
+            let (Ok(ownership), Ok(snapshot)) = (
+                store.ownership(&planned.point).await,
+                store.metadata(&planned.point).await,
+            ) else {
+                continue;
+            };
+            by_owner
+                .entry(planned.to.clone())
+                .or_default()
+                .push(super::takeover::Copy {
+                    point: planned.point.clone(),
+                    end: snapshot.end,
+                    epoch: ownership.epoch,
+                    crc: snapshot.crc,
+                });
+        }
+        let target = membership.ring.version();
+        let mut tasks = Vec::new();
+        let mut unreachable = std::collections::BTreeSet::new();
+        for (to, copies) in by_owner {
+            let Some(peer) = self.peer_once(&membership, &to, &mut unreachable).await else {
+                continue;
+            };
+            let verdicts = match peer.offer(&local, &forgotten.name, &copies).await {
+                Ok(verdicts) => verdicts,
+                Err(error) => {
+                    tracing::warn!(%to, %error, "cannot offer copies of a forgotten member's points");
+                    continue;
+                }
+            };
+            for (copy, verdict) in copies.into_iter().zip(verdicts) {
+                use super::takeover::Verdict;
+                match verdict {
+                    Verdict::Wait => {}
+                    Verdict::Taken => {
+                        self.offered.insert(copy.point);
+                    }
+                    Verdict::Diverged => {
+                        tracing::warn!(point = %copy.point, %to, end = copy.end, "this copy has bytes the new owner did not take over: kept here, not merged");
+                        self.offered.insert(copy.point);
+                    }
+                    Verdict::Send if self.moving.len() < limit => {
+                        let planned = Move {
+                            point: copy.point,
+                            from: local.clone(),
+                            to: to.clone(),
+                        };
+                        let (context, peer) = (self.context.clone(), peer.clone());
+                        let stop = CancellationToken::new();
+                        self.moving
+                            .insert(planned.point.clone(), (to.clone(), stop.clone()));
+                        tasks.push(
+                            async move {
+                                let result =
+                                    hand_over(&context, &peer, &planned, target, &stop).await;
+                                (planned, result)
+                            }
+                            .boxed_local(),
+                        );
+                    }
+                    Verdict::Send => {}
+                }
+            }
         }
         tasks
     }
@@ -488,16 +614,16 @@ impl Mover {
         Ok(held)
     }
 
-    /// The moves of the `held` points, from their owner in the ring to their owner in `target`.
+    /// The moves of the `held` points, from their owner in `current` to their owner in `target`.
     async fn moves(
         &self,
-        membership: &Membership,
+        current: &Ring,
         target: &Ring,
         held: &[(PointId, Option<Handover>)],
     ) -> Result<Vec<Move>, String> {
         let held: Vec<PointId> = held.iter().map(|(point, _)| point.clone()).collect();
         let plugins = self.context.plugins.current();
-        let (now, then) = (membership.ring.clone(), target.clone());
+        let (now, then) = (current.clone(), target.clone());
         tokio::task::spawn_blocking(move || {
             reshard::plan(
                 held,
@@ -699,6 +825,57 @@ impl Peer {
             end: results.get_end(),
             replicated: results.get_replicated(),
         })
+    }
+
+    /// Offers the destination this node's copies of points of the forgotten member `forgotten`
+    /// (`docs/resharding.md`, forget); one verdict per copy.
+    async fn offer(
+        &self,
+        local: &str,
+        forgotten: &str,
+        copies: &[super::takeover::Copy],
+    ) -> Result<Vec<super::takeover::Verdict>, String> {
+        use super::replication_capnp::Verdict;
+        use super::takeover::Verdict as Answer;
+        let mut request = self.member.offer_request();
+        request.get().set_from(local);
+        request.get().set_forgotten(forgotten);
+        let mut list = request.get().init_copies(copies.len() as u32);
+        for (i, copy) in copies.iter().enumerate() {
+            let mut entry = list.reborrow().get(i as u32);
+            entry.set_point(copy.point.as_str());
+            entry.set_end(copy.end);
+            entry.set_epoch(copy.epoch);
+            entry.set_crc(copy.crc);
+        }
+        let response = request
+            .send()
+            .promise
+            .await
+            .map_err(|e| self.failed("offer", e))?;
+        let verdicts = response
+            .get()
+            .and_then(|r| r.get_verdicts())
+            .map_err(|e| self.failed("offer", e))?;
+        if verdicts.len() as usize != copies.len() {
+            return Err(format!(
+                "{} answered {} verdicts to {} offers",
+                self.name,
+                verdicts.len(),
+                copies.len()
+            ));
+        }
+        let mut answers = Vec::with_capacity(copies.len());
+        for verdict in verdicts.iter() {
+            let verdict = verdict.map_err(|e| format!("{}: unknown verdict {}", self.name, e.0))?;
+            answers.push(match verdict {
+                Verdict::Wait => Answer::Wait,
+                Verdict::Send => Answer::Send,
+                Verdict::Taken => Answer::Taken,
+                Verdict::Diverged => Answer::Diverged,
+            });
+        }
+        Ok(answers)
     }
 
     /// Asks the destination to make what it holds of `point` durable before the fence.
