@@ -44,6 +44,11 @@ pub enum Error {
     OwnerDown { point: String, owner: String },
     #[error("{0}")]
     Unavailable(String),
+    /// Not held here, but copies of it are kept in quarantine (`docs/resharding.md`).
+    #[error(
+        "point {point:?} is not served here; copies only this member held when it stepped down are kept in quarantine (delete them by hand once dealt with): {copies}"
+    )]
+    Quarantined { point: String, copies: String },
     #[error(transparent)]
     Append(#[from] AppendError),
     #[error(transparent)]
@@ -72,9 +77,9 @@ impl Error {
                 | AppendError::ContentType { .. }
                 | AppendError::OffsetMismatch { .. },
             ) => Code::FailedPrecondition,
-            Error::Read(ReadError::NotFound(_)) | Error::Delete(DeleteError::NotFound(_)) => {
-                Code::NotFound
-            }
+            Error::Read(ReadError::NotFound(_))
+            | Error::Delete(DeleteError::NotFound(_))
+            | Error::Quarantined { .. } => Code::NotFound,
             Error::Read(ReadError::OutOfRange { .. }) => Code::OutOfRange,
             Error::Append(AppendError::Storage(e))
             | Error::Read(ReadError::Storage(e))

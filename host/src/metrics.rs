@@ -40,6 +40,7 @@ pub const RESHARD_MOVED_BYTES: &str = "goutube_reshard_moved_bytes_total";
 pub const RESHARD_FAILED_MOVES: &str = "goutube_reshard_failed_moves_total";
 pub const RESHARD_STOPPED_MOVES: &str = "goutube_reshard_stopped_moves_total";
 pub const TAKEOVER_DIVERGED: &str = "goutube_takeover_diverged_copies_total";
+pub const QUARANTINED_POINTS: &str = "goutube_quarantined_points";
 pub const RESHARD_CLEANED_POINTS: &str = "goutube_reshard_cleaned_points_total";
 pub const RESHARD_FENCE_SECONDS: &str = "goutube_reshard_fence_seconds";
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
@@ -176,6 +177,10 @@ fn describe() {
     describe_counter!(
         RESHARD_FAILED_MOVES,
         "Handovers that failed and will be tried again."
+    );
+    describe_gauge!(
+        QUARANTINED_POINTS,
+        "Copies kept aside in <data_dir>/quarantine: bytes only this node held when it stepped down after being forgotten."
     );
     describe_counter!(
         TAKEOVER_DIVERGED,

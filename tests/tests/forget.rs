@@ -12,9 +12,10 @@ use goutube::api::proto::{ListMembersRequest, ListMembersResponse, LocatePointRe
 use goutube::client::Client;
 use goutube::config::{Ack, Config, Role};
 use goutube::error::END_METADATA;
+use goutube::point::{Handover, Ownership, PointId};
 use goutube_tests::{
-    DEADLINE, Pki, TestNode, consume, data, eventually, eventually_within, followers_of, metadata,
-    produce, window,
+    DEADLINE, Pki, TestNode, consume, counter, data, eventually, eventually_within, followers_of,
+    metadata, produce, window,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -93,14 +94,15 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     let a = TestNode::start(member(&pki, "a", Role::Standalone, None)).await;
     let seed = Some(a.node.gossip_addr().to_string());
     let b = TestNode::start(member(&pki, "b", Role::Standalone, seed.clone())).await;
-    let c_config = {
+    let leader_c = || {
         let base = member(&pki, "c", Role::Leader, seed.clone());
         move |c: &mut Config| {
             base(c);
             c.replication.ack = Ack::Replicas(1);
+            c.replication.ack_timeout_ms = 300;
         }
     };
-    let c = TestNode::start(c_config).await;
+    let c = TestNode::start(leader_c()).await;
     let leader = c.node.replication_addr().to_string();
     let follower = |name: &str| {
         let base = member(&pki, name, Role::Follower, seed.clone());
@@ -158,22 +160,43 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
         append_at(&mut to_c, point, offset, &bytes).await.unwrap();
         expected.get_mut(point).unwrap().extend(&bytes);
     }
-    c.shutdown().await;
-    // f2 comes back with its shorter copies.
+    // f1 stops too; one more write reaches c alone: not acknowledged (no follower confirms
+    // it), so c is the only node with those bytes.
+    let f1_dir = f1.dir;
+    f1.node.shutdown().await.unwrap();
+    let unique = &of_c[0];
+    let extra = data(999, 3333);
+    let offset = expected[unique].len() as u64;
+    let unacknowledged = append_at(&mut to_c, unique, offset, &extra)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unacknowledged.code(),
+        Code::Unavailable,
+        "{unacknowledged:?}"
+    );
+    let c_dir = c.dir;
+    c.node.shutdown().await.unwrap();
+    // f1 and f2 come back, f2 with shorter copies than f1's.
+    let f1 = TestNode {
+        node: goutube_tests::start_in(f1_dir.path(), follower("f1")).await,
+        dir: f1_dir,
+    };
     let f2 = TestNode {
         node: goutube_tests::start_in(f2_dir.path(), follower("f2")).await,
         dir: f2_dir,
     };
-    // Everyone sees c down and f2 back, still naming c as its leader: the new owners wait for
-    // f2's offers too, and must take f1's longer copies.
+    // Everyone sees c down and its followers back, still naming c as their leader: the new
+    // owners wait for both followers' offers, and must take f1's longer copies.
     for node in [&a, &b] {
         eventually("c to be seen down and f2 back", || async {
             let view = view(&pki, node).await;
             view.members.iter().any(|m| m.name == "c" && !m.live)
-                && view
-                    .members
-                    .iter()
-                    .any(|m| m.name == "f2" && m.live && m.leader == "c")
+                && ["f1", "f2"].iter().all(|name| {
+                    view.members
+                        .iter()
+                        .any(|m| m.name == *name && m.live && m.leader == "c")
+                })
         })
         .await;
     }
@@ -264,10 +287,61 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
         },
     )
     .await;
-    let view = view(&pki, &a).await;
-    let c = view.members.iter().find(|m| m.name == "c").unwrap();
-    assert_eq!((c.state.as_str(), c.live), ("forgotten", false));
-    for node in [f2, f1, b, a] {
+    let seen = view(&pki, &a).await;
+    let record = seen.members.iter().find(|m| m.name == "c").unwrap();
+    assert_eq!((record.state.as_str(), record.live), ("forgotten", false));
+
+    // c returns: it steps down. Its copies that are prefixes of the new owners' are history
+    // (served, not written); the one with bytes nobody else has goes to quarantine.
+    let c = TestNode {
+        node: goutube_tests::start_in(c_dir.path(), leader_c()).await,
+        dir: c_dir,
+    };
+    let store = c.node.store().unwrap().clone();
+    let unique_id = PointId::new(unique.as_str()).unwrap();
+    eventually("c to quarantine the copy only it held", || async {
+        !store.quarantined(&unique_id).is_empty()
+    })
+    .await;
+    let quarantined = store.quarantined(&unique_id);
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    let (epoch, size, dir) = &quarantined[0];
+    assert_eq!(*epoch, 1);
+    assert_eq!(*size, (expected[unique].len() + extra.len()) as u64);
+    let kept = std::fs::read(dir.join("point.data")).unwrap();
+    assert!(
+        kept.starts_with(&expected[unique]) && kept.ends_with(&extra),
+        "the quarantined copy is not c's"
+    );
+    assert!(
+        dir.starts_with(c.dir.path().join("quarantine")),
+        "{}",
+        dir.display()
+    );
+    let mut to_c = pki.client("root", &c.addr()).await;
+    let status = metadata(&mut to_c, unique).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("quarantine"), "{status:?}");
+    eventually("the quarantined copy to be counted", || async {
+        counter(goutube::metrics::QUARANTINED_POINTS) >= 1.0
+    })
+    .await;
+    for point in of_c.iter().skip(1) {
+        let id = PointId::new(point.as_str()).unwrap();
+        eventually(&format!("c to step down for {point}"), || async {
+            matches!(
+                store.ownership(&id).await,
+                Ok(Ownership {
+                    handover: Some(Handover::Moved { .. }),
+                    ..
+                }) | Err(_)
+            )
+        })
+        .await;
+    }
+    let refused = append_at(&mut to_c, &of_c[1], 0, b"x").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    for node in [c, f2, f1, b, a] {
         node.shutdown().await;
     }
 }

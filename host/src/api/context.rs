@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, Action};
-use crate::cluster::Steps;
+use crate::cluster::{Lifecycle, Steps};
 use crate::config::{Ack, Config, Role};
 use crate::error::Error;
 use crate::net::PeerInfo;
@@ -128,6 +128,19 @@ impl Context {
     /// until the ring catches up. Otherwise the ring decides. Each append checks the record
     /// again, under the point's lock.
     pub async fn check_owner(&self, point: &PointId) -> Result<Option<Handover>, Error> {
+        let local = &self.config.node_name;
+        if self
+            .placement
+            .membership()
+            .ring
+            .members
+            .get(local)
+            .is_some_and(|record| record.lifecycle == Lifecycle::Forgotten)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "member {local} was forgotten by the cluster: it owns nothing and takes no writes"
+            )));
+        }
         let ownership = match self.store.ownership(point).await {
             Ok(ownership) => ownership,
             Err(ReadError::NotFound(_)) => {
@@ -171,6 +184,23 @@ impl Context {
         Err(Error::Unavailable(format!(
             "{change}: point {point} will be created by {owner} once the ring has changed; retry"
         )))
+    }
+
+    /// The refusal of a point this node does not hold; it names the copies of it kept in
+    /// quarantine here, if any (`docs/resharding.md`: a forgotten member stepping down).
+    pub fn not_found_here(&self, point: &PointId) -> Error {
+        let quarantined = self.store.quarantined(point);
+        if quarantined.is_empty() {
+            return Error::Read(ReadError::NotFound(point.clone()));
+        }
+        let copies: Vec<String> = quarantined
+            .iter()
+            .map(|(epoch, size, dir)| format!("epoch {epoch}: {size} bytes in {}", dir.display()))
+            .collect();
+        Error::Quarantined {
+            point: point.to_string(),
+            copies: copies.join("; "),
+        }
     }
 
     /// `point`, to be read by a client: a copy still arriving in a handover is not served;

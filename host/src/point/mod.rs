@@ -720,6 +720,101 @@ impl Store {
         Ok(size)
     }
 
+    /// Takes `id` out of the store without deleting it: its files move to
+    /// `<data_dir>/quarantine/<point>/<epoch>/`, where nothing serves them and only an operator
+    /// deletes them (`docs/resharding.md`: what a forgotten member alone holds). Returns that
+    /// directory.
+    pub async fn quarantine(&self, id: &PointId, epoch: u64) -> Result<PathBuf, DeleteError> {
+        let point = self
+            .inner
+            .points
+            .write()
+            .unwrap()
+            .remove(id)
+            .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+        let shared = &self.inner.shared;
+        let mut state = point.state.lock().await;
+        state.deleted = true;
+        if state.files.take().is_some() {
+            shared.forget_open(&point.id);
+        }
+        point.snapshot.send_modify(|s| s.deleted = true);
+        let root = shared.config.dir.clone();
+        let dir = point.dir.clone();
+        let target = self.quarantine_dir(id).join(epoch.to_string());
+        let moved = target.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+            std::fs::create_dir_all(&moved).map_err(StorageError::io("creating", moved.clone()))?;
+            // File by file: a point's directory may hold the directories of other points.
+            for name in [JOURNAL_FILE, DATA_FILE, META_FILE] {
+                let from = dir.join(name);
+                match std::fs::rename(&from, moved.join(name)) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => return Err(StorageError::io("quarantining", from)(error)),
+                }
+            }
+            sync_dir(&moved).map_err(StorageError::io("syncing", moved.clone()))?;
+            sync_dir(&dir).map_err(StorageError::io("syncing", dir.clone()))?;
+            remove_point_files(&root, &dir)
+        })
+        .await
+        .map_err(join_error)??;
+        let _ = self.inner.events.send(AppendEvent {
+            point: id.clone(),
+            end: 0,
+            removed: true,
+            ownership: false,
+            bytes: None,
+        });
+        Ok(target)
+    }
+
+    /// Where the quarantined copies of `id` are kept, one directory per epoch.
+    fn quarantine_dir(&self, id: &PointId) -> PathBuf {
+        let points = &self.inner.shared.config.dir;
+        points.with_file_name("quarantine").join(id.relative_dir())
+    }
+
+    /// The quarantined copies of `id`: (epoch, bytes, directory), oldest epoch first.
+    pub fn quarantined(&self, id: &PointId) -> Vec<(u64, u64, PathBuf)> {
+        let dir = self.quarantine_dir(id);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut copies: Vec<(u64, u64, PathBuf)> = entries
+            .filter_map(|entry| {
+                let path = entry.ok()?.path();
+                let epoch: u64 = path.file_name()?.to_str()?.parse().ok()?;
+                let size = std::fs::metadata(path.join(DATA_FILE)).ok()?.len();
+                Some((epoch, size, path))
+            })
+            .collect();
+        copies.sort();
+        copies
+    }
+
+    /// How many quarantined copies this node keeps.
+    pub fn quarantined_count(&self) -> usize {
+        let root = self.inner.shared.config.dir.with_file_name("quarantine");
+        let mut count = 0;
+        let mut pending = vec![root];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.join(DATA_FILE).exists() || path.join(JOURNAL_FILE).exists() {
+                    count += 1;
+                } else if path.is_dir() {
+                    pending.push(path);
+                }
+            }
+        }
+        count
+    }
+
     /// A receiver of every append to any point (replication follows the store with it). A
     /// receiver that falls behind gets `Lagged` and should rescan.
     pub fn subscribe(&self) -> broadcast::Receiver<AppendEvent> {

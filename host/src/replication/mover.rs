@@ -147,6 +147,15 @@ impl Mover {
         }
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
+        if membership
+            .ring
+            .members
+            .get(&local)
+            .is_some_and(|record| record.lifecycle == Lifecycle::Forgotten)
+        {
+            self.step_down(&membership).await;
+            return Vec::new();
+        }
         let pending = reshard::pending(&membership.ring);
         let since = match &pending {
             None => {
@@ -433,6 +442,115 @@ impl Mover {
             }
         }
         tasks
+    }
+
+    /// This member was forgotten while it was away (`docs/resharding.md`): it owns nothing, and
+    /// each copy it holds is asked about at the point's owner. A prefix of what the owner took
+    /// over is history (`moved` to it: served for reads until cleanup, writes redirected);
+    /// a copy with bytes the owner does not have is quarantined, never served as the point and
+    /// never deleted but by an operator.
+    async fn step_down(&mut self, membership: &Membership) {
+        let local = membership.local.clone();
+        let store = self.context.store.clone();
+        ::metrics::gauge!(metrics::QUARANTINED_POINTS).set(store.quarantined_count() as f64);
+        let held = match self.held().await {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list this node's points");
+                return;
+            }
+        };
+        if held.is_empty() {
+            return;
+        }
+        let points: Vec<PointId> = held.into_iter().map(|(point, _)| point).collect();
+        let plugins = self.context.plugins.current();
+        let ring = membership.ring.clone();
+        let me = local.clone();
+        let owners = tokio::task::spawn_blocking(move || {
+            reshard::plan(
+                points,
+                |_| Ok::<_, String>(me.clone()),
+                |point| crate::placement::owner_in(&plugins, &ring, point.as_str()),
+            )
+        })
+        .await;
+        let owners = match owners {
+            Ok(Ok(owners)) => owners,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot find the owners of this forgotten node's points");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "planning task");
+                return;
+            }
+        };
+        let mut by_owner: BTreeMap<String, Vec<super::takeover::Copy>> = BTreeMap::new();
+        for planned in owners {
+            let (Ok(ownership), Ok(snapshot)) = (
+                store.ownership(&planned.point).await,
+                store.metadata(&planned.point).await,
+            ) else {
+                continue;
+            };
+            by_owner
+                .entry(planned.to)
+                .or_default()
+                .push(super::takeover::Copy {
+                    point: planned.point,
+                    end: snapshot.end,
+                    epoch: ownership.epoch,
+                    crc: snapshot.crc,
+                });
+        }
+        let mut unreachable = std::collections::BTreeSet::new();
+        for (to, copies) in by_owner {
+            let Some(peer) = self.peer_once(membership, &to, &mut unreachable).await else {
+                continue;
+            };
+            let verdicts = match peer.offer(&local, &local, &copies).await {
+                Ok(verdicts) => verdicts,
+                Err(error) => {
+                    tracing::warn!(%to, %error, "cannot ask about this forgotten node's copies");
+                    continue;
+                }
+            };
+            for (copy, verdict) in copies.into_iter().zip(verdicts) {
+                use super::takeover::Verdict;
+                let point = &copy.point;
+                let done = match verdict {
+                    Verdict::Taken => {
+                        let history = Ownership {
+                            epoch: copy.epoch,
+                            owner: None,
+                            handover: Some(Handover::Moved {
+                                to: to.clone(),
+                                epoch: copy.epoch + 1,
+                            }),
+                        };
+                        let done = store.set_ownership(point, history).await.map(|_| ());
+                        if done.is_ok() {
+                            self.handed_over = true;
+                            tracing::info!(%point, %to, "stepped down: this copy is history, a prefix of the owner's");
+                        }
+                        done.map_err(|e| e.to_string())
+                    }
+                    Verdict::Diverged => match store.quarantine(point, copy.epoch).await {
+                        Ok(dir) => {
+                            tracing::warn!(%point, %to, end = copy.end, dir = %dir.display(), "stepped down: this copy has bytes nobody else has; quarantined (never served, deleted only by an operator)");
+                            Ok(())
+                        }
+                        Err(error) => Err(error.to_string()),
+                    },
+                    Verdict::Wait | Verdict::Send => Ok(()),
+                };
+                if let Err(error) = done {
+                    tracing::warn!(%point, %error, "cannot step down for this point");
+                }
+            }
+        }
+        ::metrics::gauge!(metrics::QUARANTINED_POINTS).set(store.quarantined_count() as f64);
     }
 
     /// Every [`CLEANUP_EVERY`], asks the new owner of each copy handed over whether it holds
