@@ -1,21 +1,22 @@
 //! Forgetting a dead primary (docs/resharding.md, forget): its points are taken over by their
 //! owners in the ring without it, from the most complete copy its followers hold, at the next
 //! epoch; every byte acknowledged with `ack = { replicas = 1 }` survives, and the new owners
-//! take writes. Real nodes, real mTLS, a real cluster.
+//! take writes. The forgotten leader, killed with SIGKILL, steps down when it returns. Real
+//! nodes (the leader a `goutube run` process), real mTLS, a real cluster.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use goutube::api::proto::ProduceRequest;
 use goutube::api::proto::streaming_client::StreamingClient;
 use goutube::api::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
 use goutube::client::Client;
-use goutube::config::{Ack, Config, Role};
+use goutube::config::{Config, Role};
 use goutube::error::END_METADATA;
-use goutube::point::{Handover, Ownership, PointId};
 use goutube_tests::{
-    DEADLINE, Pki, TestNode, consume, counter, data, eventually, eventually_within, followers_of,
-    metadata, produce, window,
+    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, eventually_within,
+    followers_of, http, metadata, metric, produce, window, write_node_config,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -45,8 +46,8 @@ fn member(
     }
 }
 
-async fn view(pki: &Pki, node: &TestNode) -> ListMembersResponse {
-    pki.client("root", &node.addr())
+async fn view(pki: &Pki, node: &str) -> ListMembersResponse {
+    pki.client("root", node)
         .await
         .list_members(ListMembersRequest {})
         .await
@@ -54,8 +55,8 @@ async fn view(pki: &Pki, node: &TestNode) -> ListMembersResponse {
         .into_inner()
 }
 
-async fn owner_of(pki: &Pki, node: &TestNode, point: &str) -> String {
-    pki.client("root", &node.addr())
+async fn owner_of(pki: &Pki, node: &str, point: &str) -> String {
+    pki.client("root", node)
         .await
         .locate_point(LocatePointRequest {
             point: point.into(),
@@ -88,22 +89,38 @@ async fn append_at(
         .map(|_| ())
 }
 
+/// Leader `c` as a `goutube run` process with its data in `dir`: acknowledges a produce once one
+/// follower confirmed it (else `Unavailable` after 300 ms, the bytes kept), syncs every append.
+fn spawn_c(pki: &Pki, dir: &Path, seed: &str) -> NodeProcess {
+    let tls = pki.node("c");
+    let config = write_node_config(
+        dir,
+        "c",
+        &format!(
+            "role = \"leader\"\nseed_addresses = [{seed:?}]\n\
+             [cluster]\nbootstrap_expect = 3\nkey_file = {:?}\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+             [replication]\nack = {{ replicas = 1 }}\nack_timeout_ms = 300\n\
+             [storage]\nfsync = \"always\"",
+            pki.cluster_key(),
+            tls.ca,
+            tls.cert,
+            tls.key
+        ),
+    );
+    NodeProcess::spawn(&config)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follower() {
     let pki = Pki::new();
     let a = TestNode::start(member(&pki, "a", Role::Standalone, None)).await;
     let seed = Some(a.node.gossip_addr().to_string());
     let b = TestNode::start(member(&pki, "b", Role::Standalone, seed.clone())).await;
-    let leader_c = || {
-        let base = member(&pki, "c", Role::Leader, seed.clone());
-        move |c: &mut Config| {
-            base(c);
-            c.replication.ack = Ack::Replicas(1);
-            c.replication.ack_timeout_ms = 300;
-        }
-    };
-    let c = TestNode::start(leader_c()).await;
-    let leader = c.node.replication_addr().to_string();
+    let c_dir = tempfile::tempdir().unwrap();
+    let gossip_seed = seed.clone().unwrap();
+    let c = spawn_c(&pki, c_dir.path(), &gossip_seed);
+    let leader = c.addresses.replication.to_string();
     let follower = |name: &str| {
         let base = member(&pki, name, Role::Follower, seed.clone());
         let leader = leader.clone();
@@ -114,12 +131,12 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     };
     let f1 = TestNode::start(follower("f1")).await;
     let f2 = TestNode::start(follower("f2")).await;
-    for node in [&a, &b, &c] {
+    for node in [a.addr(), b.addr(), c.rpc.clone()] {
         eventually("the ring to form and the followers to follow c", || async {
-            let view = view(&pki, node).await;
+            let view = view(&pki, &node).await;
             view.members.iter().filter(|m| m.owns_range).count() == 3
                 && view.members.iter().filter(|m| m.live).count() == 5
-                && followers_of(&pki.client_options("root", &c.addr()))
+                && followers_of(&pki.client_options("root", &c.rpc))
                     .await
                     .len()
                     == 2
@@ -128,14 +145,15 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     }
 
     // Points of random non-periodic sizes; those of c are what the test is about.
-    let nodes: BTreeMap<&str, &TestNode> = [("a", &a), ("b", &b), ("c", &c)].into();
+    let nodes: BTreeMap<&str, String> =
+        [("a", a.addr()), ("b", b.addr()), ("c", c.rpc.clone())].into();
     let mut expected: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut rng = StdRng::seed_from_u64(11);
     for i in 0..60 {
         let point = format!("forget/{i}");
         let bytes = data(500 + i, rng.random_range(1..200_000));
-        let at = owner_of(&pki, &a, &point).await;
-        let mut client = pki.client("root", &nodes[at.as_str()].addr()).await;
+        let at = owner_of(&pki, &a.addr(), &point).await;
+        let mut client = pki.client("root", &nodes[at.as_str()]).await;
         produce(&mut client, &point, std::slice::from_ref(&bytes))
             .await
             .unwrap();
@@ -143,17 +161,16 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     }
     let mut of_c = Vec::new();
     for point in expected.keys() {
-        if owner_of(&pki, &a, point).await == "c" {
+        if owner_of(&pki, &a.addr(), point).await == "c" {
             of_c.push(point.clone());
         }
     }
     assert!(of_c.len() >= 8, "c owns {} of 60 points", of_c.len());
 
-    // f2 stops; c goes on taking writes that f1 alone confirms (ack = 1), then stops too,
-    // without a drain, as a crash leaves it: the ring still names it.
+    // f2 stops; c goes on taking writes that f1 alone confirms (ack = 1).
     let f2_dir = f2.dir;
     f2.node.shutdown().await.unwrap();
-    let mut to_c = pki.client("root", &c.addr()).await;
+    let mut to_c = pki.client("root", &c.rpc).await;
     for (i, point) in of_c.iter().enumerate() {
         let bytes = data(900 + i as u64, 1000 + i * 777);
         let offset = expected[point].len() as u64;
@@ -175,8 +192,8 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
         Code::Unavailable,
         "{unacknowledged:?}"
     );
-    let c_dir = c.dir;
-    c.node.shutdown().await.unwrap();
+    // c dies: the ring still names it.
+    c.kill();
     // f1 and f2 come back, f2 with shorter copies than f1's.
     let f1 = TestNode {
         node: goutube_tests::start_in(f1_dir.path(), follower("f1")).await,
@@ -188,9 +205,9 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     };
     // Everyone sees c down and its followers back, still naming c as their leader: the new
     // owners wait for both followers' offers, and must take f1's longer copies.
-    for node in [&a, &b] {
+    for node in [a.addr(), b.addr()] {
         eventually("c to be seen down and f2 back", || async {
-            let view = view(&pki, node).await;
+            let view = view(&pki, &node).await;
             view.members.iter().any(|m| m.name == "c" && !m.live)
                 && ["f1", "f2"].iter().all(|name| {
                     view.members
@@ -219,11 +236,10 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     assert_eq!(client.forget("c").await.unwrap(), "forgotten");
 
     // Every byte f1 held is served by the point's new owner, at the next epoch.
-    let nodes: BTreeMap<&str, &TestNode> = [("a", &a), ("b", &b)].into();
     for point in &of_c {
-        let now = owner_of(&pki, &a, point).await;
+        let now = owner_of(&pki, &a.addr(), point).await;
         assert_ne!(now, "c");
-        let mut client = pki.client("root", &nodes[now.as_str()].addr()).await;
+        let mut client = pki.client("root", &nodes[now.as_str()]).await;
         let want = &expected[point];
         eventually_within(
             &format!("{point} to be taken over by {now}"),
@@ -268,8 +284,8 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
         if of_c.contains(point) {
             continue;
         }
-        let at = owner_of(&pki, &a, point).await;
-        let mut client = pki.client("root", &nodes[at.as_str()].addr()).await;
+        let at = owner_of(&pki, &a.addr(), point).await;
+        let mut client = pki.client("root", &nodes[at.as_str()]).await;
         let meta = metadata(&mut client, point).await.unwrap();
         assert_eq!((meta.size, meta.epoch), (bytes.len() as u64, 1), "{point}");
     }
@@ -278,7 +294,7 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     eventually(
         "f1 and f2 to announce that c's points are taken over",
         || async {
-            let view = view(&pki, &a).await;
+            let view = view(&pki, &a.addr()).await;
             ["f1", "f2"].iter().all(|name| {
                 view.members
                     .iter()
@@ -287,61 +303,80 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
         },
     )
     .await;
-    let seen = view(&pki, &a).await;
+    let seen = view(&pki, &a.addr()).await;
     let record = seen.members.iter().find(|m| m.name == "c").unwrap();
     assert_eq!((record.state.as_str(), record.live), ("forgotten", false));
 
     // c returns: it steps down. Its copies that are prefixes of the new owners' are history
-    // (served, not written); the one with bytes nobody else has goes to quarantine.
-    let c = TestNode {
-        node: goutube_tests::start_in(c_dir.path(), leader_c()).await,
-        dir: c_dir,
-    };
-    let store = c.node.store().unwrap().clone();
-    let unique_id = PointId::new(unique.as_str()).unwrap();
-    eventually("c to quarantine the copy only it held", || async {
-        !store.quarantined(&unique_id).is_empty()
+    // (and cleaned up once their owners hold them); the one with bytes nobody else has goes to
+    // quarantine, and c takes no writes.
+    let c = spawn_c(&pki, c_dir.path(), &gossip_seed);
+    let mut to_c = pki.client("root", &c.rpc).await;
+    eventually("c to quarantine the copy only it held", || {
+        let mut to_c = to_c.clone();
+        async move {
+            metadata(&mut to_c, unique)
+                .await
+                .is_err_and(|s| s.code() == Code::NotFound && s.message().contains("quarantine"))
+        }
     })
     .await;
-    let quarantined = store.quarantined(&unique_id);
-    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
-    let (epoch, size, dir) = &quarantined[0];
-    assert_eq!(*epoch, 1);
-    assert_eq!(*size, (expected[unique].len() + extra.len()) as u64);
-    let kept = std::fs::read(dir.join("point.data")).unwrap();
+    let quarantine = c_dir.path().join("data/quarantine");
+    let kept: Vec<_> = walkdir(&quarantine)
+        .into_iter()
+        .filter(|path| path.ends_with("point.data"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(
-        kept.starts_with(&expected[unique]) && kept.ends_with(&extra),
+        kept[0].parent().unwrap().ends_with("1"),
+        "epoch 1: {kept:?}"
+    );
+    let bytes = std::fs::read(&kept[0]).unwrap();
+    assert_eq!(bytes.len(), expected[unique].len() + extra.len());
+    assert!(
+        bytes.starts_with(&expected[unique]) && bytes.ends_with(&extra),
         "the quarantined copy is not c's"
     );
-    assert!(
-        dir.starts_with(c.dir.path().join("quarantine")),
-        "{}",
-        dir.display()
+    let https = pki.https(Some("root"));
+    let scrape = http(c.addresses.metrics, "GET", "/metrics", &[], Some(https)).await;
+    let scrape = String::from_utf8(scrape.body).unwrap();
+    assert_eq!(
+        metric(&scrape, goutube::metrics::QUARANTINED_POINTS),
+        Some(1.0),
+        "{scrape}"
     );
-    let mut to_c = pki.client("root", &c.addr()).await;
-    let status = metadata(&mut to_c, unique).await.unwrap_err();
-    assert_eq!(status.code(), Code::NotFound, "{status:?}");
-    assert!(status.message().contains("quarantine"), "{status:?}");
-    eventually("the quarantined copy to be counted", || async {
-        counter(goutube::metrics::QUARANTINED_POINTS) >= 1.0
-    })
-    .await;
     for point in of_c.iter().skip(1) {
-        let id = PointId::new(point.as_str()).unwrap();
-        eventually(&format!("c to step down for {point}"), || async {
-            matches!(
-                store.ownership(&id).await,
-                Ok(Ownership {
-                    handover: Some(Handover::Moved { .. }),
-                    ..
-                }) | Err(_)
-            )
+        eventually(&format!("c's history of {point} to be cleaned up"), || {
+            let mut to_c = to_c.clone();
+            async move {
+                metadata(&mut to_c, point).await.is_err_and(|s| {
+                    s.code() == Code::NotFound && !s.message().contains("quarantine")
+                })
+            }
         })
         .await;
     }
     let refused = append_at(&mut to_c, &of_c[1], 0, b"x").await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    for node in [c, f2, f1, b, a] {
+    assert!(refused.message().contains("forgotten"), "{refused:?}");
+    assert!(c.terminate());
+    for node in [f2, f1, b, a] {
         node.shutdown().await;
     }
+}
+
+/// Every path under `dir`.
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path.clone());
+            }
+            found.push(path);
+        }
+    }
+    found
 }
