@@ -125,18 +125,7 @@ impl Placement {
         let membership = self.membership();
         let pending: Vec<crate::reshard::Forgotten> = crate::reshard::forgotten(&membership.ring)
             .into_iter()
-            .filter(|forgotten| {
-                membership.view.members.values().any(|m| {
-                    m.leader.as_deref() == Some(forgotten.name.as_str())
-                        && !m.role.is_primary()
-                        && !m
-                            .handed
-                            .as_deref()
-                            .unwrap_or_default()
-                            .split(',')
-                            .any(|tag| tag == forgotten.tag)
-                })
-            })
+            .filter(|forgotten| crate::reshard::takeover_pending(&membership, forgotten))
             .collect();
         if pending.is_empty() {
             return Ok(None);

@@ -10,8 +10,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::cluster::Lifecycle;
 use crate::cluster::ring::Ring;
+use crate::cluster::{Lifecycle, Membership};
 use crate::point::PointId;
 
 /// The environment variable of the crash hook: tests set it to a [`crash_point`] step name.
@@ -105,6 +105,21 @@ pub fn forgotten(ring: &Ring) -> Vec<Forgotten> {
             }
         })
         .collect()
+}
+
+/// Whether the takeover of `forgotten`'s points is still under way: some live follower of it
+/// has not announced that its copies are with their new owners.
+pub fn takeover_pending(membership: &Membership, forgotten: &Forgotten) -> bool {
+    membership.view.members.values().any(|m| {
+        !m.role.is_primary()
+            && m.leader.as_deref() == Some(forgotten.name.as_str())
+            && !m
+                .handed
+                .as_deref()
+                .unwrap_or_default()
+                .split(',')
+                .any(|tag| tag == forgotten.tag)
+    })
 }
 
 /// One point to hand over.

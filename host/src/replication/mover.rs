@@ -122,9 +122,9 @@ struct Mover {
     cleaning: HashSet<PointId>,
     /// When the handed-over copies were last looked at.
     cleaned_at: Option<Instant>,
-    /// On a follower: copies of forgotten members' points whose new owner holds the point
-    /// already (taken over from another copy, or diverged from it).
-    offered: HashSet<PointId>,
+    /// On a follower: copies of forgotten members' points (by the member's tag) whose new owner
+    /// holds the point already (taken over from another copy, or diverged from it).
+    offered: HashSet<(String, PointId)>,
     /// Whether handovers the plan does not call for may exist: after a start, a change of the
     /// pending change, a failed move. Without a pending change, points are looked at only then.
     strays: bool,
@@ -357,7 +357,12 @@ impl Mover {
         let candidates = match self.moves(&forgotten.before, &membership.ring, &held).await {
             Ok(moves) => moves
                 .into_iter()
-                .filter(|m| m.from == forgotten.name && !self.offered.contains(&m.point))
+                .filter(|m| {
+                    m.from == forgotten.name
+                        && !self
+                            .offered
+                            .contains(&(forgotten.tag.clone(), m.point.clone()))
+                })
                 .collect::<Vec<_>>(),
             Err(error) => {
                 tracing::warn!(%error, "cannot plan the takeover of a forgotten member's points");
@@ -412,11 +417,11 @@ impl Mover {
                 match verdict {
                     Verdict::Wait => {}
                     Verdict::Taken => {
-                        self.offered.insert(copy.point);
+                        self.offered.insert((forgotten.tag.clone(), copy.point));
                     }
                     Verdict::Diverged => {
                         tracing::warn!(point = %copy.point, %to, end = copy.end, "this copy has bytes the new owner did not take over: kept here, not merged");
-                        self.offered.insert(copy.point);
+                        self.offered.insert((forgotten.tag.clone(), copy.point));
                     }
                     Verdict::Send if self.moving.len() < limit => {
                         let planned = Move {

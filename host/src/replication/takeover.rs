@@ -71,17 +71,26 @@ pub async fn offer(
     let store = &context.store;
     let point = &copy.point;
     match store.ownership(point).await {
-        Ok(held) => match &held.handover {
-            Some(Handover::Incoming { from: sender, .. }) => {
-                return Ok(if sender == from {
-                    Verdict::Send
-                } else {
-                    Verdict::Wait
-                });
-            }
-            _ if held.epoch > copy.epoch
-                || matches!(held.handover, Some(Handover::Moved { .. })) =>
-            {
+        Ok(held) => {
+            let newer = match &held.handover {
+                Some(Handover::Incoming { from: sender, .. }) if sender == forgotten => {
+                    // A handover from the forgotten member never ends: its copy goes.
+                    super::handover::cancel(store, forgotten, point).await?;
+                    false
+                }
+                Some(Handover::Incoming { from: sender, .. }) => {
+                    return Ok(if sender == from {
+                        Verdict::Send
+                    } else {
+                        Verdict::Wait
+                    });
+                }
+                Some(Handover::Moved { epoch, .. }) => *epoch > copy.epoch,
+                // Owned here (or being handed on) at an epoch as new: taken over already, or
+                // created here once the takeover was over.
+                _ => held.epoch >= copy.epoch,
+            };
+            if newer {
                 offers.borrow_mut().points.remove(point);
                 let agrees = prefix_agrees(store, &copy).await?;
                 if !agrees {
@@ -94,25 +103,24 @@ pub async fn offer(
                     Verdict::Diverged
                 });
             }
-            _ if held.epoch == copy.epoch && held.owner.is_none() && held.handover.is_none() => {
-                // Created here since (the takeover was over): another history.
-                if !prefix_agrees(store, &copy).await? {
-                    ::metrics::counter!(metrics::TAKEOVER_DIVERGED).increment(1);
-                    return Ok(Verdict::Diverged);
-                }
-                return Ok(Verdict::Taken);
-            }
             // An older copy: replaced by the one taken over.
-            _ => {}
-        },
+        }
         Err(ReadError::NotFound(_)) => {}
         Err(error) => return Err(error.to_string()),
     }
-    if from == forgotten {
-        // Never asked for: what only the forgotten member holds goes to its quarantine.
-        return Ok(Verdict::Diverged);
-    }
     let membership = context.membership.borrow().clone();
+    if from == forgotten {
+        // Never asked for: once its followers' copies are taken over, what only the forgotten
+        // member holds goes to its quarantine.
+        let pending = crate::reshard::forgotten(&membership.ring)
+            .iter()
+            .any(|f| f.name == forgotten && crate::reshard::takeover_pending(&membership, f));
+        return Ok(if pending {
+            Verdict::Wait
+        } else {
+            Verdict::Diverged
+        });
+    }
     let expected: Vec<&String> = membership
         .view
         .members
