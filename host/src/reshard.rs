@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use crate::cluster::ring::Ring;
-use crate::cluster::{Lifecycle, Membership};
+use crate::cluster::{Lifecycle, Member, Membership, Role};
 use crate::point::PointId;
 
 /// The environment variable of the crash hook: tests set it to a [`crash_point`] step name.
@@ -110,16 +110,25 @@ pub fn forgotten(ring: &Ring) -> Vec<Forgotten> {
 /// Whether the takeover of `forgotten`'s points is still under way: some live follower of it
 /// has not announced that its copies are with their new owners.
 pub fn takeover_pending(membership: &Membership, forgotten: &Forgotten) -> bool {
-    membership.view.members.values().any(|m| {
-        !m.role.is_primary()
-            && m.leader.as_deref() == Some(forgotten.name.as_str())
-            && !m
-                .handed
-                .as_deref()
-                .unwrap_or_default()
-                .split(',')
-                .any(|tag| tag == forgotten.tag)
+    followers_of(membership, &forgotten.name).any(|m| {
+        !m.handed
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .any(|tag| tag == forgotten.tag)
     })
+}
+
+/// The live followers of `leader`: those that name it in gossip.
+pub fn followers_of<'a>(
+    membership: &'a Membership,
+    leader: &'a str,
+) -> impl Iterator<Item = &'a Member> + 'a {
+    membership
+        .view
+        .members
+        .values()
+        .filter(move |m| m.role == Role::Follower && m.leader.as_deref() == Some(leader))
 }
 
 /// One point to hand over.

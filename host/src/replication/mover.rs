@@ -11,6 +11,11 @@
 //! ([`Replicator::handover`]): the same pushes, window and acknowledgements as a follower's. A
 //! move of one point walks the point's record through `copying`, `sealed` and `moved`, each
 //! written durably before the next step, so a restarted node resumes from its records.
+//!
+//! A forgotten primary's points go the same way from its followers: on a follower, the mover
+//! offers its copies of them to their new owners and hands over those asked for
+//! ([`super::takeover`] decides on the new owner's side). A forgotten primary that returns steps
+//! down here: its copies become history or go to quarantine.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
@@ -376,28 +381,10 @@ impl Mover {
             self.announce(Some(tags.join(","))).await;
             return Vec::new();
         }
-        let mut by_owner: BTreeMap<String, Vec<super::takeover::Copy>> = BTreeMap::new();
-        for planned in &candidates {
-            if self.moving.contains_key(&planned.point) {
-                continue;
-            }
-            let store = &self.context.store;
-            let (Ok(ownership), Ok(snapshot)) = (
-                store.ownership(&planned.point).await,
-                store.metadata(&planned.point).await,
-            ) else {
-                continue;
-            };
-            by_owner
-                .entry(planned.to.clone())
-                .or_default()
-                .push(super::takeover::Copy {
-                    point: planned.point.clone(),
-                    end: snapshot.end,
-                    epoch: ownership.epoch,
-                    crc: snapshot.crc,
-                });
-        }
+        let offered = candidates
+            .into_iter()
+            .filter(|planned| !self.moving.contains_key(&planned.point));
+        let by_owner = copies_by_owner(&self.context.store, offered).await;
         let target = membership.ring.version();
         let mut tasks = Vec::new();
         let mut unreachable = std::collections::BTreeSet::new();
@@ -491,24 +478,7 @@ impl Mover {
                 return;
             }
         };
-        let mut by_owner: BTreeMap<String, Vec<super::takeover::Copy>> = BTreeMap::new();
-        for planned in owners {
-            let (Ok(ownership), Ok(snapshot)) = (
-                store.ownership(&planned.point).await,
-                store.metadata(&planned.point).await,
-            ) else {
-                continue;
-            };
-            by_owner
-                .entry(planned.to)
-                .or_default()
-                .push(super::takeover::Copy {
-                    point: planned.point,
-                    end: snapshot.end,
-                    epoch: ownership.epoch,
-                    crc: snapshot.crc,
-                });
-        }
+        let by_owner = copies_by_owner(&store, owners).await;
         let mut unreachable = std::collections::BTreeSet::new();
         for (to, copies) in by_owner {
             let Some(peer) = self.peer_once(membership, &to, &mut unreachable).await else {
@@ -1202,6 +1172,33 @@ async fn hand_over(
             Err(format!("{to} refused the seal: {reason}"))
         }
     }
+}
+
+/// This node's copies of the `planned` points as offers (`Leader.offer`), grouped by the member
+/// each is offered to.
+async fn copies_by_owner(
+    store: &crate::point::Store,
+    planned: impl IntoIterator<Item = Move>,
+) -> BTreeMap<String, Vec<super::takeover::Copy>> {
+    let mut by_owner: BTreeMap<String, Vec<super::takeover::Copy>> = BTreeMap::new();
+    for planned in planned {
+        let (Ok(ownership), Ok(snapshot)) = (
+            store.ownership(&planned.point).await,
+            store.metadata(&planned.point).await,
+        ) else {
+            continue;
+        };
+        by_owner
+            .entry(planned.to)
+            .or_default()
+            .push(super::takeover::Copy {
+                point: planned.point,
+                end: snapshot.end,
+                epoch: ownership.epoch,
+                crc: snapshot.crc,
+            });
+    }
+    by_owner
 }
 
 /// Gives up the handover of `planned.point` to `planned.to` that is still copying: the

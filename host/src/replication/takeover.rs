@@ -19,7 +19,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Context;
-use crate::cluster::Role;
 use crate::metrics;
 use crate::point::{Handover, PointId, ReadError, Store};
 
@@ -121,11 +120,7 @@ pub async fn offer(
             Verdict::Diverged
         });
     }
-    let expected: Vec<&String> = membership
-        .view
-        .members
-        .values()
-        .filter(|m| m.role == Role::Follower && m.leader.as_deref() == Some(forgotten))
+    let expected: Vec<&String> = crate::reshard::followers_of(&membership, forgotten)
         .map(|m| &m.name)
         .collect();
     let wait = Duration::from_millis(context.config.reshard.forget_wait_ms);
