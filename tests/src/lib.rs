@@ -185,8 +185,12 @@ pub async fn sees(node: &TestNode, live: usize) -> bool {
 
 /// The member that owns `point` in the ring, as `node` locates it.
 pub async fn owner(node: &TestNode, point: &str) -> String {
-    node.client()
-        .await
+    owner_through(node.client().await, point).await
+}
+
+/// The member that owns `point` in the ring, as the node `client` is connected to locates it.
+pub async fn owner_through(mut client: StreamingClient<Channel>, point: &str) -> String {
+    client
         .locate_point(LocatePointRequest {
             point: point.into(),
             replicas: 1,

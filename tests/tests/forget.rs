@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use goutube::api::proto::ProduceRequest;
 use goutube::api::proto::streaming_client::StreamingClient;
-use goutube::api::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
+use goutube::api::proto::{ListMembersRequest, ListMembersResponse};
 use goutube::client::Client;
 use goutube::config::{Config, Role};
 use goutube::error::END_METADATA;
 use goutube_tests::{
     DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, eventually_within,
-    followers_of, http, metadata, metric, produce, window, write_node_config,
+    followers_of, http, metadata, metric, owner_through, produce, window, write_node_config,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -56,18 +56,7 @@ async fn view(pki: &Pki, node: &str) -> ListMembersResponse {
 }
 
 async fn owner_of(pki: &Pki, node: &str, point: &str) -> String {
-    pki.client("root", node)
-        .await
-        .locate_point(LocatePointRequest {
-            point: point.into(),
-            replicas: 1,
-        })
-        .await
-        .expect("LocatePoint")
-        .into_inner()
-        .owners[0]
-        .name
-        .clone()
+    owner_through(pki.client("root", node).await, point).await
 }
 
 /// Appends `bytes` to `point` at `offset` only.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use goutube::api::proto::ProduceRequest;
 use goutube::client::{Client, ClientOptions};
-use goutube::config::Role;
+use goutube::config::{Config, Role};
 use goutube::error::{END_METADATA, OWNER_METADATA};
 use goutube::point::{Handover, Ownership, PointId};
 use goutube_tests::{
@@ -416,24 +416,15 @@ async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_g
     scenario.shutdown().await;
 }
 
-/// With `reshard.max_bytes_per_sec`, a drain sends no faster than that, and still moves every
-/// byte.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
-    const RATE: u64 = 2 * 1024 * 1024;
+/// Primaries `a` (with `configure`) and `b`, seeded by `a`, in one ring.
+async fn pair(configure: impl FnOnce(&mut Config)) -> (TestNode, TestNode) {
     let a = TestNode::start(|c| {
         c.node_name = "a".into();
         c.cluster.bootstrap_expect = 2;
-        c.reshard.max_bytes_per_sec = RATE;
+        configure(c);
     })
     .await;
-    let seed = a.node.gossip_addr().to_string();
-    let b = TestNode::start(move |c| {
-        c.node_name = "b".into();
-        c.seed_addresses = vec![seed];
-        c.cluster.bootstrap_expect = 2;
-    })
-    .await;
+    let b = TestNode::start(seeded(&a, "b", Role::Standalone)).await;
     eventually("a and b to own the ring", || async {
         members(&a)
             .await
@@ -444,32 +435,87 @@ async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
             == 2
     })
     .await;
-    // 6 MiB in points of a.
+    (a, b)
+}
+
+/// Node `name` in `role`, seeded by `a`, expecting two primaries.
+fn seeded(a: &TestNode, name: &'static str, role: Role) -> impl FnOnce(&mut Config) + use<> {
+    let seed = a.node.gossip_addr().to_string();
+    move |c| {
+        c.node_name = name.into();
+        c.role = role;
+        c.seed_addresses = vec![seed];
+        c.cluster.bootstrap_expect = 2;
+    }
+}
+
+/// `count` points of `size` non-periodic bytes that `a` owns, written to it.
+async fn points_of(
+    a: &TestNode,
+    prefix: &str,
+    count: usize,
+    size: usize,
+) -> Vec<(String, Vec<u8>)> {
     let mut held = Vec::new();
     for i in 0.. {
-        if held.len() == 6 {
+        if held.len() == count {
             break;
         }
-        let point = format!("throttled/{i}");
-        if owner(&a, &point).await == "a" {
-            let bytes = data(i, 1024 * 1024);
+        let point = format!("{prefix}/{i}");
+        if owner(a, &point).await == "a" {
+            let bytes = data(i, size);
             produce(&mut a.client().await, &point, std::slice::from_ref(&bytes))
                 .await
                 .unwrap();
             held.push((point, bytes));
         }
     }
+    held
+}
+
+/// Drains `node`, asked of itself.
+async fn drain(node: &TestNode) {
     let options = ClientOptions {
-        addr: a.addr(),
+        addr: node.addr(),
         tls: None,
     };
-    let started = std::time::Instant::now();
+    let name = node.node.config().node_name.clone();
     Client::connect(&options)
         .await
         .unwrap()
-        .drain("a", &options)
+        .drain(&name, &options)
         .await
         .unwrap();
+}
+
+/// Waits until `at` sees `a` as `left`, then checks `at` serves every `held` point whole.
+async fn drained_to(at: &TestNode, held: &[(String, Vec<u8>)]) {
+    eventually("a to hand everything over", || async {
+        members(at)
+            .await
+            .members
+            .iter()
+            .any(|m| m.name == "a" && m.state == "left")
+    })
+    .await;
+    for (point, bytes) in held {
+        let read = consume(&mut at.client().await, window(point, 0, 0, 0))
+            .await
+            .unwrap();
+        assert!(read.concat() == *bytes, "{point}");
+    }
+}
+
+/// With `reshard.max_bytes_per_sec`, a drain sends no faster than that, and still moves every
+/// byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
+    const RATE: u64 = 2 * 1024 * 1024;
+    let (a, b) = pair(|c| c.reshard.max_bytes_per_sec = RATE).await;
+    // 6 MiB in points of a.
+    let held = points_of(&a, "throttled", 6, 1024 * 1024).await;
+    let started = std::time::Instant::now();
+    drain(&a).await;
     eventually("b to see a handing points over", || async {
         members(&b)
             .await
@@ -478,23 +524,10 @@ async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
             .any(|m| m.name == "a" && m.moving > 0)
     })
     .await;
-    eventually("a to hand everything over", || async {
-        members(&b)
-            .await
-            .members
-            .iter()
-            .any(|m| m.name == "a" && m.state == "left")
-    })
-    .await;
+    drained_to(&b, &held).await;
     // The first push (up to 2 MiB) leaves at once; the other 4 MiB take 2 s at least.
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(2), "6 MiB moved in {took:?}");
-    for (point, bytes) in &held {
-        let read = consume(&mut b.client().await, window(point, 0, 0, 0))
-            .await
-            .unwrap();
-        assert!(read.concat() == *bytes, "{point}");
-    }
     b.shutdown().await;
     a.shutdown().await;
 }
@@ -504,81 +537,20 @@ async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_wait_for_a_settled_view() {
     const SETTLE: Duration = Duration::from_secs(3);
-    let a = TestNode::start(|c| {
-        c.node_name = "a".into();
-        c.cluster.bootstrap_expect = 2;
-        c.reshard.settle_ms = SETTLE.as_millis() as u64;
-    })
-    .await;
-    let seed = a.node.gossip_addr().to_string();
-    let seeded = move |name: &'static str, role: Role| {
-        let seed = seed.clone();
-        move |c: &mut goutube::config::Config| {
-            c.node_name = name.into();
-            c.role = role;
-            c.seed_addresses = vec![seed];
-            c.cluster.bootstrap_expect = 2;
-        }
-    };
-    let b = TestNode::start(seeded("b", Role::Standalone)).await;
-    eventually("a and b to own the ring", || async {
-        members(&a)
-            .await
-            .members
-            .iter()
-            .filter(|m| m.owns_range)
-            .count()
-            == 2
-    })
-    .await;
-    let mut held = Vec::new();
-    for i in 0.. {
-        if held.len() == 3 {
-            break;
-        }
-        let point = format!("settle/{i}");
-        if owner(&a, &point).await == "a" {
-            let bytes = data(i, 10_000);
-            produce(&mut a.client().await, &point, std::slice::from_ref(&bytes))
-                .await
-                .unwrap();
-            held.push((point, bytes));
-        }
-    }
-    let options = ClientOptions {
-        addr: a.addr(),
-        tls: None,
-    };
-    Client::connect(&options)
-        .await
-        .unwrap()
-        .drain("a", &options)
-        .await
-        .unwrap();
+    let (a, b) = pair(|c| c.reshard.settle_ms = SETTLE.as_millis() as u64).await;
+    let held = points_of(&a, "settle", 3, 10_000).await;
+    drain(&a).await;
     // Halfway through the settling, the view changes.
     tokio::time::sleep(SETTLE / 2).await;
-    let balancer = TestNode::start(seeded("x", Role::Balancer)).await;
+    let balancer = TestNode::start(seeded(&a, "x", Role::Balancer)).await;
     eventually("a to see the balancer", || async { sees(&a, 3).await }).await;
     let view_changed = std::time::Instant::now();
-    eventually("a to hand everything over", || async {
-        members(&b)
-            .await
-            .members
-            .iter()
-            .any(|m| m.name == "a" && m.state == "left")
-    })
-    .await;
+    drained_to(&b, &held).await;
     let waited = view_changed.elapsed();
     assert!(
         waited >= SETTLE - Duration::from_millis(500),
         "a moved its points {waited:?} after the view changed"
     );
-    for (point, bytes) in &held {
-        let read = consume(&mut b.client().await, window(point, 0, 0, 0))
-            .await
-            .unwrap();
-        assert!(read.concat() == *bytes, "{point}");
-    }
     balancer.shutdown().await;
     b.shutdown().await;
     a.shutdown().await;
@@ -652,16 +624,7 @@ async fn a_move_whose_target_changes_is_cancelled_cleanly() {
     };
     eventually("d to receive the big point", || arriving(big_id.clone())).await;
 
-    let options = ClientOptions {
-        addr: scenario.nodes["a"].addr(),
-        tls: None,
-    };
-    Client::connect(&options)
-        .await
-        .unwrap()
-        .drain("a", &options)
-        .await
-        .unwrap();
+    drain(&scenario.nodes["a"]).await;
     // Two changes of some 5 MB each at the throttle: their size sets the pace.
     eventually_within("a to be drained, then d to join", 2 * DEADLINE, || async {
         scenario.state("a").await == "left" && scenario.state("d").await == "active"

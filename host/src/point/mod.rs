@@ -690,6 +690,19 @@ impl Store {
 
     /// Removes `id` and its files; returns the size it had.
     pub async fn delete(&self, id: &PointId) -> Result<u64, DeleteError> {
+        let root = self.inner.shared.config.dir.clone();
+        self.take_out(id, move |dir| remove_point_files(&root, &dir))
+            .await
+    }
+
+    /// Takes `id` out of the store and closes it, then runs `files` on its directory under the
+    /// point's lock (on the blocking pool), and tells subscribers it is gone. Returns the size
+    /// it had.
+    async fn take_out(
+        &self,
+        id: &PointId,
+        files: impl FnOnce(PathBuf) -> Result<(), StorageError> + Send + 'static,
+    ) -> Result<u64, DeleteError> {
         let point = self
             .inner
             .points
@@ -705,9 +718,8 @@ impl Store {
             shared.forget_open(&point.id);
         }
         point.snapshot.send_modify(|s| s.deleted = true);
-        let root = shared.config.dir.clone();
         let dir = point.dir.clone();
-        tokio::task::spawn_blocking(move || remove_point_files(&root, &dir))
+        tokio::task::spawn_blocking(move || files(dir))
             .await
             .map_err(join_error)??;
         let _ = self.inner.events.send(AppendEvent {
@@ -725,25 +737,10 @@ impl Store {
     /// deletes them (`docs/resharding.md`: what a forgotten member alone holds). Returns that
     /// directory.
     pub async fn quarantine(&self, id: &PointId, epoch: u64) -> Result<PathBuf, DeleteError> {
-        let point = self
-            .inner
-            .points
-            .write()
-            .unwrap()
-            .remove(id)
-            .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
-        let shared = &self.inner.shared;
-        let mut state = point.state.lock().await;
-        state.deleted = true;
-        if state.files.take().is_some() {
-            shared.forget_open(&point.id);
-        }
-        point.snapshot.send_modify(|s| s.deleted = true);
-        let root = shared.config.dir.clone();
-        let dir = point.dir.clone();
+        let root = self.inner.shared.config.dir.clone();
         let target = self.quarantine_dir(id).join(epoch.to_string());
         let moved = target.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+        self.take_out(id, move |dir| {
             std::fs::create_dir_all(&moved).map_err(StorageError::io("creating", moved.clone()))?;
             // File by file: a point's directory may hold the directories of other points.
             for name in [JOURNAL_FILE, DATA_FILE, META_FILE] {
@@ -758,15 +755,7 @@ impl Store {
             sync_dir(&dir).map_err(StorageError::io("syncing", dir.clone()))?;
             remove_point_files(&root, &dir)
         })
-        .await
-        .map_err(join_error)??;
-        let _ = self.inner.events.send(AppendEvent {
-            point: id.clone(),
-            end: 0,
-            removed: true,
-            ownership: false,
-            bytes: None,
-        });
+        .await?;
         Ok(target)
     }
 
