@@ -13,7 +13,7 @@ use goutube::client::{Client, ClientError, ClientOptions, Progress};
 use goutube::config::Config;
 use goutube::node::Node;
 use goutube_tests::{
-    DEADLINE, TestNode, consume, data, free_port, metadata, produce, start_in, window,
+    DEADLINE, TestNode, consume, data, eventually, free_port, metadata, produce, start_in, window,
 };
 use tokio::sync::oneshot;
 use tonic::Code;
@@ -202,6 +202,14 @@ where
 /// Stops the node on `store` at once (open streams cut) and starts it again on the same port;
 /// returns it with the size of `recording` it came back with.
 async fn restart(node: Node, store: &Path, port: u16) -> (Node, u64) {
+    // The upload pauses once its file reader is ahead; the frames it sent may still be on
+    // their way: the cut must fall after some of them landed.
+    eventually("the node to hold the start of the upload", || async {
+        metadata(&mut node_client(port).await, "recording")
+            .await
+            .is_ok_and(|m| m.size > 0)
+    })
+    .await;
     node.shutdown().await.unwrap();
     let node = start_in(store, |c| configure(c, port)).await;
     let held = metadata(&mut node_client(port).await, "recording")
