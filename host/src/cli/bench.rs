@@ -222,20 +222,20 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
     let scratch = work.path().join("data");
     // The first write into never-touched guest memory is slow on virtual machines (the hypervisor
     // backs each page on first touch): measure it once, as its own row.
-    let cold = disk_write(&scratch, &pool, frames)?;
+    let cold = disk_write(&scratch, &pool, frames, false)?;
     for round in 0..rounds {
         let point = format!("bench-{round}");
         base_produce.push(produce(&baseline_client, &point, &pool, frames).await?);
         // Warm-up: recycle page-cache pages the way a long-running host does, so the round
         // measures the node rather than first touches of guest memory.
-        disk_write(&scratch, &pool, frames)?;
+        disk_write(&scratch, &pool, frames, false)?;
         let sampler = RssSampler::start(node.pid());
         node_produce.push(produce(&node_client, &point, &pool, frames).await?);
         base_consume.push(consume(&baseline_client, &point, total).await?);
         node_consume.push(consume(&node_client, &point, total).await?);
         peak_rss = peak_rss.max(sampler.stop());
         // The same produce with an expected offset on every frame (safe retries, as `put`).
-        disk_write(&scratch, &pool, frames)?;
+        disk_write(&scratch, &pool, frames, false)?;
         let at = format!("{point}-at");
         node_produce_at.push(produce_frames(&node_client, &at, &pool, frames, true).await?);
     }
@@ -271,7 +271,7 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
             let node = Server::node(work.path(), &storage(policy))?;
             let client = connect(&node.rpc).await?;
             let base = produce(&baseline_client, "durable", &pool, frames).await?;
-            disk_write(work.path(), &pool, frames)?;
+            disk_write(work.path(), &pool, frames, false)?;
             let measured = produce(&client, "durable", &pool, frames).await?;
             ratio_row(
                 &format!("produce, fsync = {policy}"),
@@ -335,9 +335,9 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let point = format!("bench-{round}");
-        disk_write(&plain_dir, &pool, frames)?;
+        disk_write(&plain_dir, &pool, frames, false)?;
         plain_produce.push(produce(&plain_client, &point, &pool, frames).await?);
-        disk_write(&tls_dir, &pool, frames)?;
+        disk_write(&tls_dir, &pool, frames, false)?;
         secure_produce.push(produce(&secure_client, &point, &pool, frames).await?);
         plain_consume.push(consume(&plain_client, &point, total).await?);
         secure_consume.push(consume(&secure_client, &point, total).await?);
@@ -452,16 +452,97 @@ async fn wait_for_followers(rpc: &str, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Seconds to send `frames` frames from `pool` through one loopback TCP connection. With `sink`,
+/// Writes into most of the machine's available memory once. On a virtual machine the first touch
+/// of a page costs far more than a copy (10 GiB took 26 s on this machine kind, 0.4 GB/s), and
+/// the page cache a follower fills would pay it on whichever measurement comes first; after this,
+/// every measurement finds memory the hypervisor already backs, as a long-running node does.
+fn warm_memory() -> anyhow::Result<()> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let available_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let size = (available_kib * 1024).saturating_sub(4 << 30).min(16 << 30);
+    let started = Instant::now();
+    let touched = vec![0xa5u8; size as usize];
+    std::hint::black_box(&touched);
+    drop(touched);
+    println!(
+        "warmed {:.1} GiB of memory in {:.1} s",
+        size as f64 / (1u64 << 30) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What stands between the sender and the receiver of a raw copy.
+#[derive(Clone, Copy)]
+enum Relay<'a> {
+    /// Nothing: one loopback connection.
+    None,
+    /// A thread of its own that reads the bytes from one connection and writes them to another
+    /// (1 MiB at a time, nothing parsed): the least a relay can cost, the ceiling of a
+    /// balancer's relay on the same machine.
+    Forward,
+    /// The same thread also writes what it reads into a new file here (deleted afterwards)
+    /// before forwarding it: the least a leader that waits for its follower can cost.
+    WriteAndForward(&'a Path),
+}
+
+/// Seconds to send `frames` frames from `pool` through `relay` over loopback TCP. With `sink`,
 /// the receiver also writes what it reads to a new file there (deleted afterwards), as a follower
 /// must.
-async fn raw_tcp_copy(pool: &[Bytes], frames: u64, sink: Option<&Path>) -> anyhow::Result<f64> {
-    use std::io::Read;
+async fn raw_tcp_copy(
+    pool: &[Bytes],
+    frames: u64,
+    sink: Option<&Path>,
+    relay: Relay<'_>,
+) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
     use std::os::unix::fs::FileExt;
     use tokio::io::AsyncWriteExt;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
+    let mut addr = listener.local_addr()?;
     let total = frames * pool[0].len() as u64;
+    let relayed = match relay {
+        Relay::None => None,
+        Relay::Forward | Relay::WriteAndForward(_) => {
+            let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let to = addr;
+            addr = front.local_addr()?;
+            let copy = match relay {
+                Relay::WriteAndForward(dir) => {
+                    let path = dir.join("raw-relay-copy");
+                    let file = std::fs::File::create(&path)?;
+                    Some((path, file))
+                }
+                _ => None,
+            };
+            Some(std::thread::spawn(move || {
+                let (mut from, _) = front.accept()?;
+                let mut onward = std::net::TcpStream::connect(to)?;
+                let mut buffer = vec![0u8; 1024 * 1024];
+                let mut at = 0;
+                loop {
+                    let n = from.read(&mut buffer)?;
+                    if n == 0 {
+                        break;
+                    }
+                    if let Some((_, file)) = &copy {
+                        file.write_all_at(&buffer[..n], at)?;
+                    }
+                    at += n as u64;
+                    onward.write_all(&buffer[..n])?;
+                }
+                if let Some((path, file)) = copy {
+                    drop(file);
+                    std::fs::remove_file(path)?;
+                }
+                Ok::<_, std::io::Error>(())
+            }))
+        }
+    };
     let file = match sink {
         Some(dir) => {
             let path = dir.join("raw-copy");
@@ -497,10 +578,16 @@ async fn raw_tcp_copy(pool: &[Bytes], frames: u64, sink: Option<&Path>) -> anyho
         socket.write_all(&pool[i % pool.len()]).await?;
     }
     socket.flush().await?;
+    drop(socket);
     let received = tokio::task::spawn_blocking(move || receiver.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the raw copy's receiver panicked"))??;
     let elapsed = started.elapsed().as_secs_f64();
+    if let Some(relay) = relayed {
+        tokio::task::spawn_blocking(move || relay.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the raw copy's relay panicked"))??;
+    }
     if received != total {
         bail!("the raw copy received {received} of {total} bytes");
     }
@@ -675,8 +762,9 @@ async fn produce_frames(
 }
 
 /// Seconds to write `frames` frames from `pool` to a new file in `dir` with `pwrite` (then
-/// deleted): the warm-up that recycles page-cache pages, and the cold-memory measurement.
-fn disk_write(dir: &Path, pool: &[Bytes], frames: u64) -> anyhow::Result<f64> {
+/// deleted): the warm-up that recycles page-cache pages, and the cold-memory measurement. With
+/// `synced`, the time includes `fdatasync`: the file system's own rate for a durable file.
+fn disk_write(dir: &Path, pool: &[Bytes], frames: u64, synced: bool) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt;
     std::fs::create_dir_all(dir)?;
     let path = dir.join("bench-scratch");
@@ -687,6 +775,9 @@ fn disk_write(dir: &Path, pool: &[Bytes], frames: u64) -> anyhow::Result<f64> {
         let frame = &pool[i % pool.len()];
         file.write_all_at(frame, offset)?;
         offset += frame.len() as u64;
+    }
+    if synced {
+        file.sync_data()?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     drop(file);

@@ -1,9 +1,14 @@
 //! `goutube bench download`: what a client of the cluster sees when it reads a point.
 //!
 //! - **Into a file.** `Client::get` of a point from one node into a file (synced and renamed
-//!   before it returns) against `ConsumeStream` of the same point into memory.
+//!   before it returns) against `ConsumeStream` of the same point into memory; and, as the
+//!   machine's ceiling, the same bytes written into a file and synced with no network at all.
 //! - **Through a balancer.** `ConsumeStream` through a balancer against the same call straight
-//!   to the node, and the balancer's peak RSS while it relays.
+//!   to the node, and the balancer's peak RSS while it relays; and, as the ceiling of any relay
+//!   on the machine, a raw TCP copy through a thread that only reads and writes the bytes.
+//!
+//! Memory is warmed first (see `warm_memory`): a file's fresh page-cache pages would otherwise
+//! measure the hypervisor's first touch rather than the download.
 //! - **Rate-limited links** (`--limited`, root): three replicas (a leader and two followers),
 //!   each in its own network namespace behind a veth pair whose node side is shaped with
 //!   `tc tbf`. A multi-stream `get` from all three against a single-stream `get` from one, then
@@ -21,13 +26,14 @@ use anyhow::{Context, bail};
 use goutube::client::{Client, GetOptions, GetReport, Quiet};
 
 use super::{
-    RssSampler, Server, Workload, connect, consume, produce, ratio_row, spread, storage,
-    wait_for_followers, wait_for_size,
+    Relay, RssSampler, Server, Workload, connect, consume, disk_write, produce, ratio_row,
+    raw_tcp_copy, spread, storage, wait_for_followers, wait_for_size, warm_memory,
 };
 
 const POINT: &str = "bench/download";
 
 pub async fn run(mib: u64, rounds: usize, limited: bool, rate_mbit: u64) -> anyhow::Result<()> {
+    warm_memory()?;
     loopback(mib, rounds).await?;
     if limited {
         match Links::create(3, rate_mbit) {
@@ -83,11 +89,23 @@ async fn loopback(mib: u64, rounds: usize) -> anyhow::Result<()> {
 
     let out = work.path().join("download.bin");
     let (mut memory, mut file, mut relayed) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut disk, mut raw, mut raw_relayed) = (Vec::new(), Vec::new(), Vec::new());
     let mut peak = 0;
     let (mut node_cpu, mut balancer_cpu) = (0.0, 0.0);
     for _ in 0..rounds {
         memory.push(consume(&direct, POINT, total).await?);
         file.push(get(&direct, &out).await?.0);
+        // What this machine allows, whatever the code: the same bytes made durable with no
+        // network at all, and a byte relay that parses nothing.
+        disk.push(disk_write(
+            work.path(),
+            &workload.pool,
+            workload.frames,
+            true,
+        )?);
+        raw.push(raw_tcp_copy(&workload.pool, workload.frames, None, Relay::None).await?);
+        raw_relayed
+            .push(raw_tcp_copy(&workload.pool, workload.frames, None, Relay::Forward).await?);
         let sampler = RssSampler::start(balancer.pid());
         let before = (cpu_seconds(node.pid()), cpu_seconds(balancer.pid()));
         relayed.push(consume(&through, POINT, total).await?);
@@ -105,10 +123,22 @@ async fn loopback(mib: u64, rounds: usize) -> anyhow::Result<()> {
         &file,
     );
     ratio_row(
+        "the same bytes written into a file and synced, no network, vs consume into memory",
+        total,
+        &memory,
+        &disk,
+    );
+    ratio_row(
         "consume through a balancer vs straight from the node",
         total,
         &memory,
         &relayed,
+    );
+    ratio_row(
+        "raw TCP copy through a relay thread vs straight (any relay's ceiling here)",
+        total,
+        &raw,
+        &raw_relayed,
     );
     let gib = (total * rounds as u64) as f64 / (1024.0 * 1024.0 * 1024.0);
     println!(

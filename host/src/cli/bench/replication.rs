@@ -21,8 +21,9 @@ use goutube::client::{Client, ClientTls};
 use rand::Rng;
 
 use super::{
-    Server, Workload, connect, connect_with, disk_write, median, metric, percentile, produce,
-    produce_record, raw_tcp_copy, spread, storage, wait_for, wait_for_followers, wait_for_size,
+    Relay, Server, Workload, connect, connect_with, disk_write, median, metric, percentile,
+    produce, produce_record, raw_tcp_copy, spread, storage, wait_for, wait_for_followers,
+    wait_for_size, warm_memory,
 };
 
 /// The follower lag the issue asks to stay under.
@@ -83,9 +84,10 @@ async fn catch_up(
     let scratch = work.join("scratch");
     let (mut raw, mut raw_file) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        raw.push(raw_tcp_copy(&random.pool, random.frames, None).await?);
-        disk_write(&scratch, &random.pool, random.frames)?;
-        raw_file.push(raw_tcp_copy(&random.pool, random.frames, Some(&scratch)).await?);
+        raw.push(raw_tcp_copy(&random.pool, random.frames, None, Relay::None).await?);
+        disk_write(&scratch, &random.pool, random.frames, false)?;
+        raw_file
+            .push(raw_tcp_copy(&random.pool, random.frames, Some(&scratch), Relay::None).await?);
     }
 
     let variants = [
@@ -219,7 +221,22 @@ async fn ack(
     let total = random.total;
     // Produce acknowledged by a follower against acknowledged locally, alternating.
     let (mut local, mut replicated) = (Vec::new(), Vec::new());
+    // What this machine allows, whatever the code: the same bytes written into one file, against
+    // written into a file by a relay that forwards them to a receiver writing a second one.
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    let scratch = work.join("ack-scratch");
+    std::fs::create_dir_all(&scratch)?;
     for round in 0..rounds {
+        one.push(raw_tcp_copy(&random.pool, random.frames, Some(&scratch), Relay::None).await?);
+        two.push(
+            raw_tcp_copy(
+                &random.pool,
+                random.frames,
+                Some(&scratch),
+                Relay::WriteAndForward(&scratch),
+            )
+            .await?,
+        );
         for (ack, results) in [
             ("\"local\"", &mut local),
             ("{ replicas = 1 }", &mut replicated),
@@ -239,29 +256,11 @@ async fn ack(
         spread(total, &replicated),
         median(&local) / median(&replicated)
     );
-    Ok(())
-}
-
-/// Writes into most of the machine's available memory once. On a virtual machine the first touch
-/// of a page costs far more than a copy (10 GiB took 26 s on this machine kind, 0.4 GB/s), and
-/// the page cache a follower fills would pay it on whichever measurement comes first; after this,
-/// every measurement finds memory the hypervisor already backs, as a long-running node does.
-fn warm_memory() -> anyhow::Result<()> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-    let available_kib: u64 = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemAvailable:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let size = (available_kib * 1024).saturating_sub(4 << 30).min(16 << 30);
-    let started = Instant::now();
-    let touched = vec![0xa5u8; size as usize];
-    std::hint::black_box(&touched);
-    drop(touched);
     println!(
-        "warmed {:.1} GiB of memory in {:.1} s",
-        size as f64 / (1u64 << 30) as f64,
-        started.elapsed().as_secs_f64()
+        "| raw TCP copy into one file / into two (the second copy relayed by the first's writer) | {} | {} | {:.2}x | |",
+        spread(total, &one),
+        spread(total, &two),
+        median(&one) / median(&two)
     );
     Ok(())
 }
@@ -395,7 +394,7 @@ impl Setup {
         produce(&to_leader, "catch-up", &workload.pool, workload.frames).await?;
         let want = to_leader.stat("catch-up").await?;
         let follower_dir = dir.join("follower");
-        disk_write(&follower_dir, &workload.pool, workload.frames)?;
+        disk_write(&follower_dir, &workload.pool, workload.frames, false)?;
         let started = Instant::now();
         let follower = self.follower(&follower_dir, &leader, tls, bundler)?;
         let to_follower = connect_with(&follower.rpc, self.client_tls(tls)).await?;
@@ -488,8 +487,8 @@ impl Setup {
         let client = connect(&leader.rpc).await?;
         wait_for_followers(&leader.rpc, 1).await?;
         // Both copies are written into recycled page-cache pages, as on a long-running node.
-        disk_write(&leader_dir, &workload.pool, workload.frames)?;
-        disk_write(&follower_dir, &workload.pool, workload.frames)?;
+        disk_write(&leader_dir, &workload.pool, workload.frames, false)?;
+        disk_write(&follower_dir, &workload.pool, workload.frames, false)?;
         let elapsed = produce(&client, "acked", &workload.pool, workload.frames).await?;
         follower.stop()?;
         leader.stop()?;
