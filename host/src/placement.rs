@@ -123,9 +123,14 @@ impl Placement {
     /// `docs/resharding.md`, forget). `None` otherwise.
     pub async fn being_taken_over(&self, point: &PointId) -> Result<Option<String>, Error> {
         let membership = self.membership();
-        let pending: Vec<crate::reshard::Forgotten> = crate::reshard::forgotten(&membership.ring)
+        // The common case, no takeover under way, costs no copy of the ring.
+        let pending: Vec<(String, Ring)> = crate::reshard::forgotten(&membership.ring)
             .into_iter()
             .filter(|forgotten| crate::reshard::takeover_pending(&membership, forgotten))
+            .map(|forgotten| {
+                let before = forgotten.before(&membership.ring);
+                (forgotten.name, before)
+            })
             .collect();
         if pending.is_empty() {
             return Ok(None);
@@ -133,9 +138,9 @@ impl Placement {
         let plugins = self.plugins.current();
         let point = point.as_str().to_owned();
         tokio::task::spawn_blocking(move || {
-            for forgotten in pending {
-                if owner_in(&plugins, &forgotten.before, &point)? == forgotten.name {
-                    return Ok(Some(forgotten.name));
+            for (name, before) in pending {
+                if owner_in(&plugins, &before, &point)? == name {
+                    return Ok(Some(name));
                 }
             }
             Ok(None)

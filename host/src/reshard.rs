@@ -82,8 +82,18 @@ pub struct Forgotten {
     /// `<name>@<record version>`: what its followers announce (`handed`) once every copy they
     /// hold of its points is taken over.
     pub tag: String,
-    /// The ring as it was with the member active: who owned what before it was forgotten.
-    pub before: Ring,
+}
+
+impl Forgotten {
+    /// `ring` as it was with the member active: who owned what before it was forgotten. A copy
+    /// of the ring, so made only where a point's former owner is asked for.
+    pub fn before(&self, ring: &Ring) -> Ring {
+        let mut before = ring.clone();
+        if let Some(member) = before.members.get_mut(&self.name) {
+            member.lifecycle = Lifecycle::Active;
+        }
+        before
+    }
 }
 
 /// The members of `ring` that were forgotten, in name order.
@@ -91,18 +101,9 @@ pub fn forgotten(ring: &Ring) -> Vec<Forgotten> {
     ring.members
         .iter()
         .filter(|(_, member)| member.lifecycle == Lifecycle::Forgotten)
-        .map(|(name, member)| {
-            let mut before = ring.clone();
-            before
-                .members
-                .get_mut(name)
-                .expect("a member of the ring")
-                .lifecycle = Lifecycle::Active;
-            Forgotten {
-                name: name.clone(),
-                tag: format!("{name}@{}", member.version),
-                before,
-            }
+        .map(|(name, member)| Forgotten {
+            name: name.clone(),
+            tag: format!("{name}@{}", member.version),
         })
         .collect()
 }
@@ -330,6 +331,113 @@ mod tests {
             founders: Default::default(),
             members,
         }
+    }
+
+    /// A live follower of `leader` that has announced `handed`.
+    fn follower(name: &str, leader: &str, handed: Option<&str>) -> Member {
+        Member {
+            name: name.into(),
+            generation: 1,
+            gossip_addr: "127.0.0.1:1".parse().unwrap(),
+            role: Role::Follower,
+            lifecycle: Lifecycle::Active,
+            rpc_addr: format!("{name}:1"),
+            replication_addr: format!("{name}:2"),
+            http_addr: format!("{name}:3"),
+            virtual_nodes: 0,
+            tags: BTreeMap::new(),
+            leader: Some(leader.into()),
+            handed: handed.map(str::to_owned),
+            moving: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_members_points_are_not_created_until_its_followers_hand_them_over() {
+        use crate::cluster::View;
+        use crate::placement::{Placement, owner_in};
+        use Lifecycle::*;
+        let dir = tempfile::tempdir().unwrap();
+        let plugins =
+            std::sync::Arc::new(Plugins::load(&PluginsSection::default(), dir.path()).unwrap());
+        let ring = ring(&[("a", Active), ("b", Active), ("c", Forgotten)]);
+        let with = |followers: &[Member]| {
+            std::sync::Arc::new(Membership {
+                local: "a".into(),
+                view: View {
+                    id: "view".into(),
+                    members: followers
+                        .iter()
+                        .map(|m| (m.name.clone(), m.clone()))
+                        .collect(),
+                },
+                ring: ring.clone(),
+                ring_version: ring.version(),
+                conflict: None,
+            })
+        };
+        let (views, membership) = tokio::sync::watch::channel(with(&[follower("f1", "c", None)]));
+        let placement = Placement::new(plugins.clone(), membership);
+
+        let forgotten = forgotten(&ring);
+        assert_eq!(forgotten.len(), 1);
+        assert_eq!(
+            (forgotten[0].name.as_str(), forgotten[0].tag.as_str()),
+            ("c", "c@1")
+        );
+        let before = forgotten[0].before(&ring);
+        let set = plugins.current();
+        let (of_c, others): (Vec<PointId>, Vec<PointId>) =
+            points(&mut StdRng::seed_from_u64(7), 200)
+                .into_iter()
+                .partition(|p| owner_in(&set, &before, p.as_str()).unwrap() == "c");
+        assert!(
+            of_c.len() > 20 && others.len() > 20,
+            "{} / {}",
+            of_c.len(),
+            others.len()
+        );
+        let taken_over = async |points: &[PointId]| {
+            let mut answers = Vec::new();
+            for point in points {
+                answers.push(placement.being_taken_over(point).await.unwrap());
+            }
+            answers
+        };
+
+        // A live follower of c has not announced c's points handed over: c's points wait,
+        // the others do not.
+        assert!(
+            taken_over(&of_c)
+                .await
+                .iter()
+                .all(|a| a.as_deref() == Some("c"))
+        );
+        assert!(taken_over(&others).await.iter().all(Option::is_none));
+        // Another follower that is done does not end the wait while f1 is not.
+        views
+            .send(with(&[
+                follower("f1", "c", Some("x@2")),
+                follower("f2", "c", Some("x@2,c@1")),
+            ]))
+            .unwrap();
+        assert!(
+            taken_over(&of_c)
+                .await
+                .iter()
+                .all(|a| a.as_deref() == Some("c"))
+        );
+        // Every live follower of c is done: creation goes ahead.
+        views
+            .send(with(&[
+                follower("f1", "c", Some("c@1")),
+                follower("f2", "c", Some("x@2,c@1")),
+            ]))
+            .unwrap();
+        assert!(taken_over(&of_c).await.iter().all(Option::is_none));
+        // And with no live follower of c at all.
+        views.send(with(&[])).unwrap();
+        assert!(taken_over(&of_c).await.iter().all(Option::is_none));
     }
 
     #[test]

@@ -359,7 +359,8 @@ impl Mover {
                 return Vec::new();
             }
         };
-        let candidates = match self.moves(&forgotten.before, &membership.ring, &held).await {
+        let before = forgotten.before(&membership.ring);
+        let candidates = match self.moves(&before, &membership.ring, &held).await {
             Ok(moves) => moves
                 .into_iter()
                 .filter(|m| {
