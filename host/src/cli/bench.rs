@@ -485,7 +485,7 @@ enum Relay<'a> {
     /// (1 MiB at a time, nothing parsed): the least a relay can cost, the ceiling of a
     /// balancer's relay on the same machine.
     Forward,
-    /// The same thread also writes what it reads into a new file here (deleted afterwards)
+    /// The same thread also writes what it reads into a new file here (removed afterwards)
     /// before forwarding it: the least a leader that waits for its follower can cost.
     WriteAndForward(&'a Path),
 }
@@ -512,11 +512,7 @@ async fn raw_tcp_copy(
             let to = addr;
             addr = front.local_addr()?;
             let copy = match relay {
-                Relay::WriteAndForward(dir) => {
-                    let path = dir.join("raw-relay-copy");
-                    let file = std::fs::File::create(&path)?;
-                    Some((path, file))
-                }
+                Relay::WriteAndForward(dir) => Some(tempfile::NamedTempFile::new_in(dir)?),
                 _ => None,
             };
             Some(std::thread::spawn(move || {
@@ -529,28 +525,18 @@ async fn raw_tcp_copy(
                     if n == 0 {
                         break;
                     }
-                    if let Some((_, file)) = &copy {
-                        file.write_all_at(&buffer[..n], at)?;
+                    if let Some(copy) = &copy {
+                        copy.as_file().write_all_at(&buffer[..n], at)?;
                     }
                     at += n as u64;
                     onward.write_all(&buffer[..n])?;
-                }
-                if let Some((path, file)) = copy {
-                    drop(file);
-                    std::fs::remove_file(path)?;
                 }
                 Ok::<_, std::io::Error>(())
             }))
         }
     };
-    let file = match sink {
-        Some(dir) => {
-            let path = dir.join("raw-copy");
-            let file = std::fs::File::create(&path)?;
-            Some((path, file))
-        }
-        None => None,
-    };
+    // Removed when the receiver drops it, inside the timed copy.
+    let file = sink.map(tempfile::NamedTempFile::new_in).transpose()?;
     let receiver = std::thread::spawn(move || {
         let (mut socket, _) = listener.accept()?;
         let mut buffer = vec![0u8; 256 * 1024];
@@ -560,15 +546,12 @@ async fn raw_tcp_copy(
             if n == 0 {
                 break;
             }
-            if let Some((_, file)) = &file {
-                file.write_all_at(&buffer[..n], received)?;
+            if let Some(file) = &file {
+                file.as_file().write_all_at(&buffer[..n], received)?;
             }
             received += n as u64;
         }
-        if let Some((path, file)) = file {
-            drop(file);
-            std::fs::remove_file(path)?;
-        }
+        drop(file);
         Ok::<_, std::io::Error>(received)
     });
     let started = Instant::now();
