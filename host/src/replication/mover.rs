@@ -72,6 +72,7 @@ pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: Canc
         cleaning: HashSet::new(),
         cleaned_at: None,
         offered: HashSet::new(),
+        stepped_down: None,
         strays: true,
         handed_over: true,
     };
@@ -130,6 +131,10 @@ struct Mover {
     /// On a follower: copies of forgotten members' points (by the member's tag) whose new owner
     /// holds the point already (taken over from another copy, or diverged from it).
     offered: HashSet<(String, PointId)>,
+    /// On a forgotten primary: the ring version at which every copy it held had its answer
+    /// (history or quarantine). Nothing new arrives at a forgotten member, so its points are
+    /// not looked at again until the ring changes.
+    stepped_down: Option<u64>,
     /// Whether handovers the plan does not call for may exist: after a start, a change of the
     /// pending change, a failed move. Without a pending change, points are looked at only then.
     strays: bool,
@@ -158,7 +163,11 @@ impl Mover {
             .get(&local)
             .is_some_and(|record| record.lifecycle == Lifecycle::Forgotten)
         {
-            self.step_down(&membership).await;
+            if self.stepped_down != Some(membership.ring_version)
+                && self.step_down(&membership).await
+            {
+                self.stepped_down = Some(membership.ring_version);
+            }
             return Vec::new();
         }
         let pending = reshard::pending(&membership.ring);
@@ -441,8 +450,9 @@ impl Mover {
     /// each copy it holds is asked about at the point's owner. A prefix of what the owner took
     /// over is history (`moved` to it: served for reads until cleanup, writes redirected);
     /// a copy with bytes the owner does not have is quarantined, never served as the point and
-    /// never deleted but by an operator.
-    async fn step_down(&mut self, membership: &Membership) {
+    /// never deleted but by an operator. Returns whether every copy had its answer (nothing is
+    /// left to ask about).
+    async fn step_down(&mut self, membership: &Membership) -> bool {
         let local = membership.local.clone();
         let store = self.context.store.clone();
         ::metrics::gauge!(metrics::QUARANTINED_POINTS).set(store.quarantined_count() as f64);
@@ -450,11 +460,11 @@ impl Mover {
             Ok(held) => held,
             Err(error) => {
                 tracing::warn!(%error, "cannot list this node's points");
-                return;
+                return false;
             }
         };
         if held.is_empty() {
-            return;
+            return true;
         }
         let points: Vec<PointId> = held.into_iter().map(|(point, _)| point).collect();
         let plugins = self.context.plugins.current();
@@ -472,23 +482,26 @@ impl Mover {
             Ok(Ok(owners)) => owners,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "cannot find the owners of this forgotten node's points");
-                return;
+                return false;
             }
             Err(error) => {
                 tracing::warn!(%error, "planning task");
-                return;
+                return false;
             }
         };
         let by_owner = copies_by_owner(&store, owners).await;
         let mut unreachable = std::collections::BTreeSet::new();
+        let mut answered = true;
         for (to, copies) in by_owner {
             let Some(peer) = self.peer_once(membership, &to, &mut unreachable).await else {
+                answered = false;
                 continue;
             };
             let verdicts = match peer.offer(&local, &local, &copies).await {
                 Ok(verdicts) => verdicts,
                 Err(error) => {
                     tracing::warn!(%to, %error, "cannot ask about this forgotten node's copies");
+                    answered = false;
                     continue;
                 }
             };
@@ -519,14 +532,19 @@ impl Mover {
                         }
                         Err(error) => Err(error.to_string()),
                     },
-                    Verdict::Wait | Verdict::Send => Ok(()),
+                    Verdict::Wait | Verdict::Send => {
+                        answered = false;
+                        Ok(())
+                    }
                 };
                 if let Err(error) = done {
+                    answered = false;
                     tracing::warn!(%point, %error, "cannot step down for this point");
                 }
             }
         }
         ::metrics::gauge!(metrics::QUARANTINED_POINTS).set(store.quarantined_count() as f64);
+        answered
     }
 
     /// Every [`CLEANUP_EVERY`], asks the new owner of each copy handed over whether it holds
