@@ -499,8 +499,6 @@ async fn raw_tcp_copy(
     sink: Option<&Path>,
     relay: Relay<'_>,
 ) -> anyhow::Result<f64> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::FileExt;
     use tokio::io::AsyncWriteExt;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let mut addr = listener.local_addr()?;
@@ -519,19 +517,13 @@ async fn raw_tcp_copy(
                 let (mut from, _) = front.accept()?;
                 let mut onward = std::net::TcpStream::connect(to)?;
                 let mut buffer = vec![0u8; 1024 * 1024];
-                let mut at = 0;
-                loop {
-                    let n = from.read(&mut buffer)?;
-                    if n == 0 {
-                        break;
-                    }
-                    if let Some(copy) = &copy {
-                        copy.as_file().write_all_at(&buffer[..n], at)?;
-                    }
-                    at += n as u64;
-                    onward.write_all(&buffer[..n])?;
-                }
-                Ok::<_, std::io::Error>(())
+                pass_on(
+                    &mut from,
+                    &mut buffer,
+                    u64::MAX,
+                    copy.as_ref(),
+                    Some(&mut onward),
+                )
             }))
         }
     };
@@ -540,17 +532,7 @@ async fn raw_tcp_copy(
     let receiver = std::thread::spawn(move || {
         let (mut socket, _) = listener.accept()?;
         let mut buffer = vec![0u8; 256 * 1024];
-        let mut received = 0u64;
-        while received < total {
-            let n = socket.read(&mut buffer)?;
-            if n == 0 {
-                break;
-            }
-            if let Some(file) = &file {
-                file.as_file().write_all_at(&buffer[..n], received)?;
-            }
-            received += n as u64;
-        }
+        let received = pass_on(&mut socket, &mut buffer, total, file.as_ref(), None)?;
         drop(file);
         Ok::<_, std::io::Error>(received)
     });
@@ -575,6 +557,34 @@ async fn raw_tcp_copy(
         bail!("the raw copy received {received} of {total} bytes");
     }
     Ok(elapsed)
+}
+
+/// Reads `socket` until its end or `limit` bytes, writing what it reads into `copy` and on to
+/// `onward` when given. Returns the bytes read.
+fn pass_on(
+    socket: &mut std::net::TcpStream,
+    buffer: &mut [u8],
+    limit: u64,
+    copy: Option<&tempfile::NamedTempFile>,
+    mut onward: Option<&mut std::net::TcpStream>,
+) -> std::io::Result<u64> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::FileExt;
+    let mut read = 0u64;
+    while read < limit {
+        let n = socket.read(buffer)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(copy) = copy {
+            copy.as_file().write_all_at(&buffer[..n], read)?;
+        }
+        if let Some(onward) = onward.as_mut() {
+            onward.write_all(&buffer[..n])?;
+        }
+        read += n as u64;
+    }
+    Ok(read)
 }
 
 async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()> {
