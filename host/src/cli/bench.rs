@@ -222,20 +222,20 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
     let scratch = work.path().join("data");
     // The first write into never-touched guest memory is slow on virtual machines (the hypervisor
     // backs each page on first touch): measure it once, as its own row.
-    let cold = disk_write(&scratch, &pool, frames, false)?;
+    let cold = disk_write(&scratch, &pool, frames)?;
     for round in 0..rounds {
         let point = format!("bench-{round}");
         base_produce.push(produce(&baseline_client, &point, &pool, frames).await?);
         // Warm-up: recycle page-cache pages the way a long-running host does, so the round
         // measures the node rather than first touches of guest memory.
-        disk_write(&scratch, &pool, frames, false)?;
+        disk_write(&scratch, &pool, frames)?;
         let sampler = RssSampler::start(node.pid());
         node_produce.push(produce(&node_client, &point, &pool, frames).await?);
         base_consume.push(consume(&baseline_client, &point, total).await?);
         node_consume.push(consume(&node_client, &point, total).await?);
         peak_rss = peak_rss.max(sampler.stop());
         // The same produce with an expected offset on every frame (safe retries, as `put`).
-        disk_write(&scratch, &pool, frames, false)?;
+        disk_write(&scratch, &pool, frames)?;
         let at = format!("{point}-at");
         node_produce_at.push(produce_frames(&node_client, &at, &pool, frames, true).await?);
     }
@@ -271,7 +271,7 @@ async fn streaming(mib: u64, frame: usize, rounds: usize, durable: bool) -> anyh
             let node = Server::node(work.path(), &storage(policy))?;
             let client = connect(&node.rpc).await?;
             let base = produce(&baseline_client, "durable", &pool, frames).await?;
-            disk_write(work.path(), &pool, frames, false)?;
+            disk_write(work.path(), &pool, frames)?;
             let measured = produce(&client, "durable", &pool, frames).await?;
             ratio_row(
                 &format!("produce, fsync = {policy}"),
@@ -335,9 +335,9 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let point = format!("bench-{round}");
-        disk_write(&plain_dir, &pool, frames, false)?;
+        disk_write(&plain_dir, &pool, frames)?;
         plain_produce.push(produce(&plain_client, &point, &pool, frames).await?);
-        disk_write(&tls_dir, &pool, frames, false)?;
+        disk_write(&tls_dir, &pool, frames)?;
         secure_produce.push(produce(&secure_client, &point, &pool, frames).await?);
         plain_consume.push(consume(&plain_client, &point, total).await?);
         secure_consume.push(consume(&secure_client, &point, total).await?);
@@ -454,8 +454,10 @@ async fn wait_for_followers(rpc: &str, count: usize) -> anyhow::Result<()> {
 
 /// Writes into most of the machine's available memory once. On a virtual machine the first touch
 /// of a page costs far more than a copy (10 GiB took 26 s on this machine kind, 0.4 GB/s), and
-/// the page cache a follower fills would pay it on whichever measurement comes first; after this,
-/// every measurement finds memory the hypervisor already backs, as a long-running node does.
+/// the page cache a measured write fills (a follower's copy, a download) would pay it on
+/// whichever measurement comes first; after this, measurements find memory the hypervisor
+/// backs, as a long-running node does. This machine kind hands freed memory back to its host,
+/// so the effect wears off (docs/benchmarks.md): benchmarks warm once, at their start.
 fn warm_memory() -> anyhow::Result<()> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     let available_kib: u64 = meminfo
@@ -755,9 +757,18 @@ async fn produce_frames(
 }
 
 /// Seconds to write `frames` frames from `pool` to a new file in `dir` with `pwrite` (then
-/// deleted): the warm-up that recycles page-cache pages, and the cold-memory measurement. With
-/// `synced`, the time includes `fdatasync`: the file system's own rate for a durable file.
-fn disk_write(dir: &Path, pool: &[Bytes], frames: u64, synced: bool) -> anyhow::Result<f64> {
+/// deleted): the warm-up that recycles page-cache pages, and the cold-memory measurement.
+fn disk_write(dir: &Path, pool: &[Bytes], frames: u64) -> anyhow::Result<f64> {
+    write_scratch(dir, pool, frames, false)
+}
+
+/// The same as [`disk_write`], timed until `fdatasync` returns: the file system's own rate for
+/// a durable file.
+fn durable_write(dir: &Path, pool: &[Bytes], frames: u64) -> anyhow::Result<f64> {
+    write_scratch(dir, pool, frames, true)
+}
+
+fn write_scratch(dir: &Path, pool: &[Bytes], frames: u64, synced: bool) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt;
     std::fs::create_dir_all(dir)?;
     let path = dir.join("bench-scratch");

@@ -26,7 +26,7 @@ use anyhow::{Context, bail};
 use goutube::client::{Client, GetOptions, GetReport, Quiet};
 
 use super::{
-    Relay, RssSampler, Server, Workload, connect, consume, disk_write, produce, ratio_row,
+    Relay, RssSampler, Server, Workload, connect, consume, durable_write, produce, ratio_row,
     raw_tcp_copy, spread, storage, wait_for_followers, wait_for_size, warm_memory,
 };
 
@@ -97,12 +97,7 @@ async fn loopback(mib: u64, rounds: usize) -> anyhow::Result<()> {
         file.push(get(&direct, &out).await?.0);
         // What this machine allows, whatever the code: the same bytes made durable with no
         // network at all, and a byte relay that parses nothing.
-        disk.push(disk_write(
-            work.path(),
-            &workload.pool,
-            workload.frames,
-            true,
-        )?);
+        disk.push(durable_write(work.path(), &workload.pool, workload.frames)?);
         raw.push(raw_tcp_copy(&workload.pool, workload.frames, None, Relay::None).await?);
         raw_relayed
             .push(raw_tcp_copy(&workload.pool, workload.frames, None, Relay::Forward).await?);

@@ -85,7 +85,7 @@ async fn catch_up(
     let (mut raw, mut raw_file) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         raw.push(raw_tcp_copy(&random.pool, random.frames, None, Relay::None).await?);
-        disk_write(&scratch, &random.pool, random.frames, false)?;
+        disk_write(&scratch, &random.pool, random.frames)?;
         raw_file
             .push(raw_tcp_copy(&random.pool, random.frames, Some(&scratch), Relay::None).await?);
     }
@@ -394,7 +394,7 @@ impl Setup {
         produce(&to_leader, "catch-up", &workload.pool, workload.frames).await?;
         let want = to_leader.stat("catch-up").await?;
         let follower_dir = dir.join("follower");
-        disk_write(&follower_dir, &workload.pool, workload.frames, false)?;
+        disk_write(&follower_dir, &workload.pool, workload.frames)?;
         let started = Instant::now();
         let follower = self.follower(&follower_dir, &leader, tls, bundler)?;
         let to_follower = connect_with(&follower.rpc, self.client_tls(tls)).await?;
@@ -487,8 +487,8 @@ impl Setup {
         let client = connect(&leader.rpc).await?;
         wait_for_followers(&leader.rpc, 1).await?;
         // Both copies are written into recycled page-cache pages, as on a long-running node.
-        disk_write(&leader_dir, &workload.pool, workload.frames, false)?;
-        disk_write(&follower_dir, &workload.pool, workload.frames, false)?;
+        disk_write(&leader_dir, &workload.pool, workload.frames)?;
+        disk_write(&follower_dir, &workload.pool, workload.frames)?;
         let elapsed = produce(&client, "acked", &workload.pool, workload.frames).await?;
         follower.stop()?;
         leader.stop()?;
