@@ -22,12 +22,17 @@ pub const ERRORS: &str = "goutube_errors_total";
 pub const PLUGIN_CALLS: &str = "goutube_plugin_calls_total";
 pub const PLUGIN_ERRORS: &str = "goutube_plugin_errors_total";
 pub const PLUGIN_CALL_SECONDS: &str = "goutube_plugin_call_seconds";
+pub const PLUGIN_OUTPUT_LINES: &str = "goutube_plugin_output_lines_total";
+pub const PLUGIN_OUTPUT_SUPPRESSED: &str = "goutube_plugin_output_suppressed_total";
 pub const AUTHZ_CACHE_HITS: &str = "goutube_authz_cache_hits_total";
 pub const PLUGIN_RELOADS: &str = "goutube_plugin_reloads_total";
 pub const REPLICATION_LAG_BYTES: &str = "goutube_replication_lag_bytes";
 pub const REPLICATED_BYTES: &str = "goutube_replicated_bytes_total";
 pub const REPLICATION_READ_BACK: &str = "goutube_replication_read_back_bytes_total";
 pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_total";
+pub const REPLICATION_UNSENT: &str = "goutube_replication_unsent_records_total";
+pub const REPLICATION_DIVERGENCES: &str = "goutube_replication_divergences_total";
+pub const REPLICATION_TASK_FAILURES: &str = "goutube_replication_task_failures_total";
 pub const FOLLOWERS: &str = "goutube_followers";
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
@@ -113,6 +118,14 @@ fn describe() {
         "Latency of plugin calls."
     );
     describe_counter!(
+        PLUGIN_OUTPUT_LINES,
+        "Lines plugins logged (their log import, what they printed to stdout and stderr)."
+    );
+    describe_counter!(
+        PLUGIN_OUTPUT_SUPPRESSED,
+        "Plugin log lines left out over the per-plugin rate limit."
+    );
+    describe_counter!(
         AUTHZ_CACHE_HITS,
         "Authorization decisions served from the cache."
     );
@@ -134,6 +147,18 @@ fn describe() {
     describe_counter!(
         REPLICATION_REJECTED,
         "Replication records rejected on receipt."
+    );
+    describe_counter!(
+        REPLICATION_UNSENT,
+        "Replication records not sent: the bundler failed on them, or their bundle was too large (by reason)."
+    );
+    describe_counter!(
+        REPLICATION_DIVERGENCES,
+        "Follower copies found holding other bytes than the leader's (found by an offer's CRC or by an acknowledgement), cut back or replaced."
+    );
+    describe_counter!(
+        REPLICATION_TASK_FAILURES,
+        "Replication tasks that died (a panic); their session was closed and starts again."
     );
     describe_gauge!(FOLLOWERS, "Followers connected to this leader.");
     describe_counter!(

@@ -204,7 +204,7 @@ impl Node {
             )?)),
             None => None,
         };
-        let plugins = Arc::new(Plugins::load(&config.plugins, &config.data_dir)?);
+        let plugins = Arc::new(load_plugins(&config).await?);
         let access = Arc::new(Access::new(
             plugins.clone(),
             Duration::from_millis(config.plugins.decision_cache_ms),
@@ -431,8 +431,12 @@ impl Node {
     /// Applies the `[plugins]` section of `config` (SIGHUP). Open streams are not touched; calls
     /// after the reload use the new plugins. On failure the current plugins stay. The caches
     /// start a new generation after the swap, so no answer of the old plugins survives it.
-    pub fn reload(&self, config: &Config) -> Result<(), PluginError> {
-        let generation = self.plugins.reload(&config.plugins)?;
+    pub async fn reload(&self, config: &Config) -> Result<(), PluginError> {
+        let (plugins, section) = (self.plugins.clone(), config.plugins.clone());
+        // Off the async threads: loading runs each plugin's `configure` (see `plugins::runtime`).
+        let generation = tokio::task::spawn_blocking(move || plugins.reload(&section))
+            .await
+            .expect("reloading plugins does not panic")?;
         let ttl = Duration::from_millis(config.plugins.decision_cache_ms);
         self.access.reset(generation, ttl);
         self.placement.reset(generation);
@@ -484,6 +488,15 @@ impl Node {
         closed?;
         Ok(outcome?)
     }
+}
+
+/// Loads the plugins `config` names, on the blocking pool: loading runs each plugin's
+/// `configure`, which must not run on an async thread (see `plugins::runtime`).
+async fn load_plugins(config: &Config) -> Result<Plugins, PluginError> {
+    let (section, data_dir) = (config.plugins.clone(), config.data_dir.clone());
+    tokio::task::spawn_blocking(move || Plugins::load(&section, &data_dir))
+        .await
+        .expect("loading plugins does not panic")
 }
 
 /// The signer of the gateway's URLs: `http.public_url` (default: the bound gateway address) and

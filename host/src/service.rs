@@ -176,7 +176,8 @@ impl Handle {
     }
 }
 
-fn panic_message(panic: Box<dyn Any + Send>) -> String {
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: Box<dyn Any + Send>) -> String {
     match panic.downcast::<String>() {
         Ok(message) => *message,
         Err(panic) => match panic.downcast::<&'static str>() {

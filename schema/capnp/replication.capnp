@@ -73,7 +73,7 @@ struct Hello {
   follower @0 :Text;        # the follower's node name
   rpcAddress @1 :Text;      # where clients reach the follower's API (GetFollowers, workers)
   offers @2 :List(Offer);   # every point the follower holds, with its end offset
-  protocol @3 :UInt16;      # the protocol version the follower speaks (3; 0 from a release before
+  protocol @3 :UInt16;      # the protocol version the follower speaks (4; 0 from a release before
                             # versions existed): the leader refuses another one, saying so
 }
 
@@ -83,6 +83,8 @@ struct Offer {
   epoch @2 :UInt64;         # the ownership epoch of the follower's copy (docs/resharding.md): a
                             # leader never replaces a copy of a newer epoch than its own, and
                             # replaces one of an older epoch whole
+  crc @3 :UInt32;           # CRC32C of the follower's [0, end): a copy whose bytes differ from the
+                            # leader's at the same length is replaced, not continued
 }
 
 interface Sink {
@@ -99,12 +101,20 @@ interface Sink {
   # there is something to say: its content type (empty: none) and its ownership epoch (the
   # follower's copy takes it). Applied in order with the pushes.
   describe @2 (point :Text, contentType :Text, epoch :UInt64) -> ();
+
+  # The follower's copy holds bytes the leader did not send (it acknowledged another end than
+  # the one sent): the follower cuts it back to the end of its last append at or before `end`
+  # (the leader's last verified end) and answers where it now ends; the leader continues from
+  # there. Applied in order with the pushes.
+  truncate @3 (point :Text, end :UInt64) -> (end :UInt64);
 }
 
 struct Record {
   point @0 :Text;           # the point and offset the leader framed: the bundler's answer on the
   start @1 :UInt64;         # follower must name the same, or the record is rejected
   bundle @2 :Data;          # what the configured bundler made of the payload
+  payloadLen @3 :UInt64;    # the host's own check, whatever the bundler does: the unbundled
+  payloadCrc @4 :UInt32;    # payload must be this long and have this CRC32C, or it is rejected
 }
 
 struct Ack {
@@ -113,7 +123,8 @@ struct Ack {
     applied @1 :Void;      # applied at its start
     mismatch @2 :Void;     # it did not start at the follower's end: continue from `end`
     rejected @3 :Text;     # the bundler rejected it (damaged in transit, or its answer did not
-                           # match the record): send it again
+                           # match the record, or its payload not the length and CRC32C the
+                           # leader sent): send it again, after a pause
   }
 }
 

@@ -483,7 +483,7 @@ async fn placement_that_answers_wrong_makes_writes_fail_closed() {
         produce(&mut client, "kept", &[data(1, 500)]).await.unwrap();
         let mut config = node.node.config().clone();
         config.plugins.placement = misbehaving_placement(mode);
-        node.node.reload(&config).unwrap();
+        node.node.reload(&config).await.unwrap();
         let status = produce(&mut client, "refused", &[data(2, 500)])
             .await
             .unwrap_err();

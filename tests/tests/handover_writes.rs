@@ -285,7 +285,11 @@ async fn a_put_follows_a_handed_over_point_to_the_member_that_committed_it() {
     // owner is still a), a redirects its writes there.
     let (a_store, b_store) = (a.node.store().unwrap(), b.node.store().unwrap());
     b_store
-        .apply_replicated(&id, 0, vec![Bytes::from(first.clone())])
+        .apply_replicated(
+            &id,
+            0,
+            vec![(Bytes::from(first.clone()), crc32c::crc32c(&first))],
+        )
         .await
         .unwrap();
     b_store

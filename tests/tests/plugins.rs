@@ -205,6 +205,65 @@ fn a_bundler_whose_answer_does_not_fit_the_record_is_refused() {
     assert!(matches!(huge, PluginError::OutOfMemory { .. }), "{huge}");
 }
 
+#[test]
+fn a_bundler_that_panics_or_prints_fails_or_answers_with_its_words_kept() {
+    let good = plugin_set(|_| {});
+    let record = Bytes::from(bundle(&good, "videos/a", 10, &data(4, 4096)));
+    let misbehaving = |mode: &str| {
+        let source = test_component("misbehaving_bundler");
+        plugin_set(|p| p.bundler = section(source.to_str().unwrap(), mode))
+    };
+    // A panicking guest traps; the error carries its panic message.
+    let panicked = misbehaving("panic").unbundle(record.clone()).unwrap_err();
+    assert!(
+        matches!(panicked, PluginError::Trap { .. })
+            && panicked.to_string().contains("unbundle(videos/a) panics"),
+        "{panicked}"
+    );
+    // Printing to stderr is harmless, inside a runtime's blocking pool as outside one.
+    let printing = misbehaving("stderr");
+    let found = printing.unbundle(record.clone()).unwrap().unwrap();
+    assert_eq!((found.point.as_str(), found.start), ("videos/a", 10));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let unbundling = runtime.spawn_blocking(move || printing.unbundle(record));
+    let found = runtime.block_on(unbundling).unwrap().unwrap().unwrap();
+    assert_eq!(found.start, 10);
+}
+
+#[test]
+fn a_deadline_is_elapsed_time_even_on_a_loaded_machine() {
+    let source = test_component("misbehaving_bundler");
+    let mut spinning = section(source.to_str().unwrap(), "slow:5000");
+    spinning.timeout_ms = 200;
+    let plugins = plugin_set(|p| p.bundler = spinning);
+    let record = Bytes::from(bundle(&plugin_set(|_| {}), "p", 0, &data(5, 1000)));
+    // Four busy threads per core compete with the epoch ticker.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let failed = plugins.unbundle(record).unwrap_err();
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.into_iter().for_each(|thread| thread.join().unwrap());
+    assert!(matches!(failed, PluginError::Timeout { .. }), "{failed}");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(400),
+        "a 200 ms deadline ended the call after {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_component_built_against_the_previous_contract_is_refused_naming_the_version() {
     let old = test_component("bundler_abi_0_1");

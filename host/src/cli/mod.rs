@@ -487,7 +487,7 @@ async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         tokio::select! {
             _ = interrupt.recv() => break None,
             _ = terminate.recv() => break None,
-            _ = hangup.recv() => reload(&node, config_file.as_deref()),
+            _ = hangup.recv() => reload(&node, config_file.as_deref()).await,
             why = &mut ended => break Some(why),
         }
     };
@@ -503,10 +503,9 @@ async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// SIGHUP: re-reads the configuration and reloads the plugins and policies. A reload that fails
 /// keeps the current plugins and says why.
-fn reload(node: &Node, config_file: Option<&Path>) {
-    let result = Config::load(config_file)
-        .map_err(|e| e.to_string())
-        .and_then(|config| {
+async fn reload(node: &Node, config_file: Option<&Path>) {
+    let result = match Config::load(config_file) {
+        Ok(config) => {
             let mut unchanged = node.config().clone();
             unchanged.plugins = config.plugins.clone();
             if unchanged != config {
@@ -514,8 +513,10 @@ fn reload(node: &Node, config_file: Option<&Path>) {
                     "reload applies [plugins] only; restart the node to apply the other changes"
                 );
             }
-            node.reload(&config).map_err(|e| e.to_string())
-        });
+            node.reload(&config).await.map_err(|e| e.to_string())
+        }
+        Err(error) => Err(error.to_string()),
+    };
     let outcome = match result {
         Ok(()) => "ok",
         Err(error) => {

@@ -5,9 +5,13 @@
 //!   the data of each store; [`builtin`] the components embedded in the binary; [`polar`] the
 //!   host's Polar policy.
 //! - A [`Plugin`] keeps its component's `InstancePre` and a small pool of configured instances.
-//!   Every call runs under an epoch deadline and a memory cap. A trap, a timeout or an
-//!   out-of-memory becomes a [`PluginError`] naming the plugin; the instance that failed is
-//!   dropped (a trapped instance cannot be entered again) and the next call gets a fresh one.
+//!   Every call runs under a deadline and a memory cap. A trap, a timeout or an out-of-memory
+//!   becomes a [`PluginError`] naming the plugin (with the last line it printed to stderr, a
+//!   panic message for instance); the instance that failed is dropped (a trapped instance cannot
+//!   be entered again) and the next call gets a fresh one. What a plugin prints is logged by
+//!   [`output`], rate-limited, never on the node's own stderr.
+//! - Calls block: make them on the blocking pool, never on an async runtime's thread (see
+//!   [`runtime`]).
 //! - [`Plugins`] holds the current [`PluginSet`] and swaps it atomically on reload; calls that
 //!   started on the old set finish on it.
 //!
@@ -16,6 +20,7 @@
 
 pub mod bindings;
 pub mod builtin;
+pub mod output;
 pub mod polar;
 pub mod runtime;
 
@@ -233,6 +238,7 @@ pub struct Plugin<K: Kind> {
     timeout: Duration,
     max_memory_mib: u64,
     polar: Option<Arc<Polar>>,
+    voice: Arc<output::Voice>,
     idle: Mutex<Vec<Instance<K::Bindings>>>,
 }
 
@@ -288,6 +294,7 @@ impl<K: Kind> Plugin<K> {
             (None, _) => section.config.clone(),
         };
         let plugin = Self {
+            voice: Arc::new(output::Voice::new(name.clone(), K::NAME)),
             name,
             pre,
             config,
@@ -312,28 +319,36 @@ impl<K: Kind> Plugin<K> {
         &self.name
     }
 
+    /// The deadline of one call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// A new instance, configured.
     fn instantiate(&self) -> Result<Instance<K::Bindings>, PluginError> {
         let state = StoreState::new(
-            self.name.clone(),
+            self.voice.clone(),
             (self.max_memory_mib as usize) << 20,
             self.polar.clone(),
         );
-        let mut store = Store::new(runtime::engine(), state);
-        store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(runtime::ticks(self.timeout));
-        let bindings =
-            K::instantiate(&self.pre, &mut store).map_err(|e| PluginError::Instantiate {
-                plugin: self.name.clone(),
-                message: format!("{e:#}"),
-            })?;
-        match K::configure(&bindings, &mut store, &self.config) {
+        let mut store = runtime::store(state);
+        runtime::set_deadline(&mut store, self.timeout);
+        let instantiated = K::instantiate(&self.pre, &mut store);
+        let last_words = store.data_mut().flush_output();
+        let bindings = instantiated.map_err(|e| PluginError::Instantiate {
+            plugin: self.name.clone(),
+            message: with_last_words(format!("{e:#}"), last_words),
+        })?;
+        runtime::set_deadline(&mut store, self.timeout);
+        let configured = K::configure(&bindings, &mut store, &self.config);
+        let last_words = store.data_mut().flush_output();
+        match configured {
             Ok(Ok(())) => Ok(Instance { store, bindings }),
             Ok(Err(message)) => Err(PluginError::Instantiate {
                 plugin: self.name.clone(),
                 message: format!("configure failed: {message}"),
             }),
-            Err(error) => Err(self.classify(error, &store)),
+            Err(error) => Err(self.classify(error, &store, last_words)),
         }
     }
 
@@ -353,12 +368,11 @@ impl<K: Kind> Plugin<K> {
                 .instantiate()
                 .inspect_err(|_| self.count_error("instantiate"))?,
         };
-        instance
-            .store
-            .set_epoch_deadline(runtime::ticks(self.timeout));
+        runtime::set_deadline(&mut instance.store, self.timeout);
         let result = f(&instance.bindings, &mut instance.store);
         ::metrics::histogram!(crate::metrics::PLUGIN_CALL_SECONDS, &labels)
             .record(started.elapsed().as_secs_f64());
+        let last_words = instance.store.data_mut().flush_output();
         match result {
             Ok(value) => {
                 let mut idle = self.idle.lock().unwrap();
@@ -369,7 +383,7 @@ impl<K: Kind> Plugin<K> {
             }
             Err(error) => {
                 // The instance is poisoned: drop it; the next call instantiates a fresh one.
-                let error = self.classify(error, &instance.store);
+                let error = self.classify(error, &instance.store, last_words);
                 self.count_error(match error {
                     PluginError::Timeout { .. } => "timeout",
                     PluginError::OutOfMemory { .. } => "out_of_memory",
@@ -386,7 +400,12 @@ impl<K: Kind> Plugin<K> {
             .increment(1);
     }
 
-    fn classify(&self, error: wasmtime::Error, store: &Store<StoreState>) -> PluginError {
+    fn classify(
+        &self,
+        error: wasmtime::Error,
+        store: &Store<StoreState>,
+        last_words: Option<String>,
+    ) -> PluginError {
         let plugin = self.name.clone();
         if store.data().limits.exceeded {
             PluginError::OutOfMemory {
@@ -401,9 +420,18 @@ impl<K: Kind> Plugin<K> {
         } else {
             PluginError::Trap {
                 plugin,
-                message: format!("{error:#}"),
+                message: with_last_words(format!("{error:#}"), last_words),
             }
         }
+    }
+}
+
+/// A failure's message, with the last line the plugin printed to stderr before it (a guest's
+/// panic message says more than the trap it ends in).
+fn with_last_words(message: String, last_words: Option<String>) -> String {
+    match last_words {
+        Some(line) => format!("{message} (its last words on stderr: {line})"),
+        None => message,
     }
 }
 
@@ -560,6 +588,8 @@ fn load_policy(file: Option<&Path>) -> Result<Polar, PluginError> {
 pub struct Plugins {
     current: RwLock<Arc<PluginSet>>,
     data_dir: PathBuf,
+    /// The current set's generation, for whoever waits for a reload.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Plugins {
@@ -568,6 +598,7 @@ impl Plugins {
         Ok(Self {
             current: RwLock::new(Arc::new(set)),
             data_dir: data_dir.to_owned(),
+            generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -576,13 +607,22 @@ impl Plugins {
         self.current.read().unwrap().clone()
     }
 
+    /// Changes at every reload (to the new generation).
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     /// Loads `section` and, only if everything loads, makes it current. Returns the new set's
     /// generation.
     pub fn reload(&self, section: &PluginsSection) -> Result<u64, PluginError> {
         let mut set = PluginSet::load(section, &self.data_dir)?;
-        let mut current = self.current.write().unwrap();
-        set.generation = current.generation + 1;
-        *current = Arc::new(set);
-        Ok(current.generation)
+        let generation = {
+            let mut current = self.current.write().unwrap();
+            set.generation = current.generation + 1;
+            *current = Arc::new(set);
+            current.generation
+        };
+        self.generation.send_replace(generation);
+        Ok(generation)
     }
 }

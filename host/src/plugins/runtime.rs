@@ -1,20 +1,31 @@
 //! The WebAssembly runtime shared by every plugin of the process: one `Engine` (pooling
 //! allocator, epoch interruption), a ticker thread that advances the epoch, components compiled
 //! once (in memory by content, on disk by content and engine), and the data each `Store` carries.
+//!
+//! A call's deadline is a point in time, not a number of ticks: at every tick that finds a call
+//! still running, [`StoreState::deadline`] is compared with the clock, so a ticker that falls
+//! behind on a loaded machine delays the interruption by one tick at most instead of stretching
+//! the deadline.
+//!
+//! Plugins are called only on threads that drive no async runtime (the blocking pool, or a plain
+//! thread): WASI's synchronous host functions block on the runtime of the calling thread, which
+//! panics inside one.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::output::{Output, Voice};
 use super::polar::Polar;
 
 /// How often the epoch advances: the granularity of plugin deadlines.
@@ -58,9 +69,23 @@ pub fn engine() -> &'static Engine {
     })
 }
 
-/// Epoch ticks that cover `timeout` (at least one full tick).
-pub fn ticks(timeout: Duration) -> u64 {
-    (timeout.as_micros() / TICK.as_micros()) as u64 + 1
+/// A store for one instance of a plugin, its deadline checked against the clock at each tick.
+pub fn store(state: StoreState) -> Store<StoreState> {
+    let mut store = Store::new(engine(), state);
+    store.limiter(|state| &mut state.limits);
+    store.epoch_deadline_callback(|context| {
+        Ok(match context.data().deadline {
+            Some(deadline) if Instant::now() >= deadline => UpdateDeadline::Interrupt,
+            _ => UpdateDeadline::Continue(1),
+        })
+    });
+    store
+}
+
+/// Starts a call on `store` that may run for `timeout`.
+pub fn set_deadline(store: &mut Store<StoreState>, timeout: Duration) {
+    store.data_mut().deadline = Some(Instant::now() + timeout);
+    store.set_epoch_deadline(1);
 }
 
 /// Compiles `bytes` into a component, at most once per process per content, and at most once per
@@ -171,25 +196,42 @@ pub struct StoreState {
     /// WASI's resources and the bundler's buffers.
     pub(super) table: ResourceTable,
     pub limits: MemoryLimit,
-    /// The plugin's name, for its log lines.
-    pub plugin: Arc<str>,
+    /// The plugin's log lines (its `log` import, what it prints), rate-limited.
+    pub voice: Arc<Voice>,
+    /// What the guest printed during the current call.
+    pub stdout: Output,
+    pub stderr: Output,
+    /// When the current call must have returned.
+    pub deadline: Option<Instant>,
     /// The host Polar policy behind the `polar` interface (authorizers only).
     pub polar: Option<Arc<Polar>>,
 }
 
 impl StoreState {
-    pub fn new(plugin: Arc<str>, max_memory: usize, polar: Option<Arc<Polar>>) -> Self {
+    pub fn new(voice: Arc<Voice>, max_memory: usize, polar: Option<Arc<Polar>>) -> Self {
+        let (stdout, stderr) = (Output::default(), Output::default());
         Self {
-            // Panics and prints of a plugin reach the node's stderr; nothing else is granted.
-            wasi: WasiCtxBuilder::new().inherit_stderr().build(),
+            // Prints are kept in the host and logged after the call; nothing else is granted.
+            wasi: WasiCtxBuilder::new()
+                .stdout(stdout.clone())
+                .stderr(stderr.clone())
+                .build(),
             table: ResourceTable::new(),
             limits: MemoryLimit {
                 max_bytes: max_memory,
                 exceeded: false,
             },
-            plugin,
+            voice,
+            stdout,
+            stderr,
+            deadline: None,
             polar,
         }
+    }
+
+    /// Logs what the guest printed since the last call; the last line of its stderr, if any.
+    pub fn flush_output(&mut self) -> Option<String> {
+        self.voice.printed(self.stdout.take(), self.stderr.take())
     }
 }
 

@@ -92,3 +92,17 @@ pub enum DeleteError {
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
+
+/// Why a point could not be cut back.
+#[derive(Debug, thiserror::Error)]
+pub enum TruncateError {
+    #[error("point {0} not found")]
+    NotFound(PointId),
+    /// An earlier write failed; the point refuses writes until it is reopened (node restart).
+    #[error(
+        "point {point} refuses writes after an I/O error ({reason}); restart the node to recover it"
+    )]
+    Refused { point: PointId, reason: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}

@@ -193,6 +193,39 @@ pub fn recover(journal: &File, data: &File) -> Result<Recovered, RecoveryError> 
     })
 }
 
+/// The last of the first `slots` records of `journal` that ends at or before `end`, with its
+/// index; `None` when every record ends after `end` (the point's start, 0, is the answer). A
+/// binary search: records end where the point ended after each append, so they never decrease.
+pub fn record_at_or_before(
+    journal: &File,
+    slots: u64,
+    end: u64,
+) -> io::Result<Option<(u64, Record)>> {
+    let read_slot = |index: u64| -> io::Result<Record> {
+        let mut buf = [0u8; RECORD_LEN as usize];
+        journal.read_exact_at(&mut buf, HEADER_LEN + index * RECORD_LEN)?;
+        Record::decode(&buf).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("journal record {index} is damaged"),
+            )
+        })
+    };
+    let (mut low, mut high) = (0, slots);
+    let mut found = None;
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let record = read_slot(middle)?;
+        if record.end <= end {
+            found = Some((middle, record));
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    Ok(found)
+}
+
 /// CRC32C of `len` bytes of `file` from `offset`, read in bounded chunks.
 pub fn crc_of_range(file: &File, offset: u64, len: u64) -> io::Result<u32> {
     const CHUNK: u64 = 1 << 20;
@@ -303,6 +336,44 @@ mod tests {
         let r = recover(&journal, &data).unwrap();
         assert_eq!(r.end, appends[..3].concat().len() as u64);
         assert_eq!(r.point_crc, crc32c::crc32c(&appends[..3].concat()));
+    }
+
+    #[test]
+    fn the_record_at_or_before_an_offset_is_found() {
+        let appends = appends();
+        let slices: Vec<&[u8]> = appends.iter().map(Vec::as_slice).collect();
+        let (journal, _) = build(&slices, |_, _| 0);
+        let ends: Vec<u64> = (1..=appends.len())
+            .map(|n| appends[..n].concat().len() as u64)
+            .collect();
+        let slots = ends.len() as u64;
+        assert_eq!(
+            record_at_or_before(&journal, slots, ends[0] - 1).unwrap(),
+            None
+        );
+        for (index, &end) in ends.iter().enumerate() {
+            for at in [end, end + 1] {
+                let (found, record) = record_at_or_before(&journal, slots, at).unwrap().unwrap();
+                if at == end || index + 1 == ends.len() || at < ends[index + 1] {
+                    assert_eq!((found, record.end), (index as u64, end), "at {at}");
+                }
+            }
+        }
+        assert_eq!(
+            record_at_or_before(&journal, slots, u64::MAX)
+                .unwrap()
+                .unwrap()
+                .0,
+            slots - 1
+        );
+        assert_eq!(
+            record_at_or_before(&journal, slots, u64::MAX)
+                .unwrap()
+                .unwrap()
+                .1
+                .point_crc,
+            crc32c::crc32c(&appends.concat())
+        );
     }
 
     #[test]

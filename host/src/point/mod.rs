@@ -32,7 +32,7 @@ use tokio::sync::{Mutex, MutexGuard, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use error::{AppendError, DeleteError, ReadError, StorageError};
+pub use error::{AppendError, DeleteError, ReadError, StorageError, TruncateError};
 pub use id::{InvalidPointId, PointId};
 use journal::Record;
 pub use ownership::{Handover, Ownership};
@@ -210,11 +210,12 @@ pub struct Point {
 }
 
 /// Who appends: a client's write is refused while the point's handover does not take writes
-/// here; a copy this node receives (replication, a handover) is applied regardless.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// here; a copy this node receives (replication, a handover) is applied regardless, and comes
+/// with the CRC32C of each frame, which its receiver checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Origin {
     Client,
-    Replication,
+    Replication { crcs: Vec<u32> },
 }
 
 /// What a point knows about itself besides its bytes (`point.meta`).
@@ -362,14 +363,16 @@ impl Store {
 
     /// [`append_batch_at`](Self::append_batch_at) for a copy this node receives (replication,
     /// a handover): exactly once, never with a gap, and whatever the point's handover says about
-    /// clients' writes.
+    /// clients' writes. Each frame comes with its CRC32C, which the caller checked against what
+    /// the sender sent (the journal takes it as it is).
     pub async fn apply_replicated(
         &self,
         id: &PointId,
         start: u64,
-        frames: Vec<Bytes>,
+        frames: Vec<(Bytes, u32)>,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.append_inner(id, frames, Some(start), Origin::Replication)
+        let (frames, crcs) = frames.into_iter().unzip();
+        self.append_inner(id, frames, Some(start), Origin::Replication { crcs })
             .await
     }
 
@@ -414,8 +417,12 @@ impl Store {
                     handover: handover.clone(),
                 });
             }
+            let known_crcs = match &origin {
+                Origin::Client => None,
+                Origin::Replication { crcs } => Some(crcs.clone()),
+            };
             break point
-                .write(shared, &mut state, frames, expected_start)
+                .write(shared, &mut state, frames, known_crcs, expected_start)
                 .await?;
         };
         shared.evict_over_limit().await;
@@ -663,6 +670,112 @@ impl Store {
             point.replace_meta(&mut state, meta, fsync).await?;
             return Ok(true);
         }
+    }
+
+    /// The CRC32C of `[0, end)` of `id`: from the journal record of the last append within it,
+    /// continued over the bytes after that record (at most one append's worth).
+    pub async fn crc_at(&self, id: &PointId, end: u64) -> Result<u32, ReadError> {
+        let point = self.get(id)?;
+        // Open files stay valid if the point is closed meanwhile.
+        let files = point.files(&self.inner.shared).await?;
+        let state = point.state.lock().await;
+        if end > state.end {
+            return Err(ReadError::OutOfRange {
+                point: id.clone(),
+                offset: 0,
+                limit: end,
+                end: state.end,
+            });
+        }
+        if end == state.end {
+            return Ok(state.crc);
+        }
+        let slots = state.journal_len.saturating_sub(journal::HEADER_LEN) / journal::RECORD_LEN;
+        let dir = point.dir.clone();
+        let crc = tokio::task::spawn_blocking(move || {
+            let base = journal::record_at_or_before(&files.journal, slots, end)
+                .map_err(StorageError::io("reading", dir.join(JOURNAL_FILE)))?
+                .map_or((0, 0), |(_, record)| (record.end, record.point_crc));
+            let rest = journal::crc_of_range(&files.data, base.0, end - base.0)
+                .map_err(StorageError::io("reading", dir.join(DATA_FILE)))?;
+            Ok::<_, StorageError>(crc32c::crc32c_combine(
+                base.1,
+                rest,
+                (end - base.0) as usize,
+            ))
+        })
+        .await
+        .map_err(join_error)??;
+        drop(state);
+        Ok(crc)
+    }
+
+    /// Cuts `id` back to the end of its last append that ends at or before `at_most`, and
+    /// returns its new end: how a follower drops bytes that are not its leader's (its copy is
+    /// sent again from there). Durable before this returns: the journal is cut first, then the
+    /// data, so a crash in between recovers to the same end. Subscribers are not told (a copy
+    /// that is cut is a copy this node follows, not one it replicates).
+    pub async fn truncate(&self, id: &PointId, at_most: u64) -> Result<u64, TruncateError> {
+        let point = self
+            .get(id)
+            .map_err(|_| TruncateError::NotFound(id.clone()))?;
+        let Some(mut state) = self.lock_open(id, &point).await? else {
+            return Err(TruncateError::NotFound(id.clone()));
+        };
+        if let Some(reason) = &state.failed {
+            return Err(TruncateError::Refused {
+                point: id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        if at_most >= state.end {
+            return Ok(state.end);
+        }
+        let files = state.files.clone().expect("locked open");
+        let slots = state.journal_len.saturating_sub(journal::HEADER_LEN) / journal::RECORD_LEN;
+        let dir = point.dir.clone();
+        let cut = tokio::task::spawn_blocking(move || {
+            let journal_path = dir.join(JOURNAL_FILE);
+            let base = journal::record_at_or_before(&files.journal, slots, at_most)
+                .map_err(StorageError::io("reading", journal_path.clone()))?;
+            let (records, end, crc) = base.map_or((0, 0, 0), |(index, record)| {
+                (index + 1, record.end, record.point_crc)
+            });
+            let journal_len = journal::HEADER_LEN + records * journal::RECORD_LEN;
+            files
+                .journal
+                .set_len(journal_len)
+                .and_then(|()| files.journal.sync_data())
+                .map_err(StorageError::io("truncating", journal_path))?;
+            files
+                .data
+                .set_len(end)
+                .and_then(|()| files.data.sync_data())
+                .map_err(StorageError::io("truncating", dir.join(DATA_FILE)))?;
+            Ok::<_, StorageError>((end, crc, journal_len))
+        })
+        .await
+        .map_err(join_error)
+        .and_then(|cut| cut);
+        let (end, crc, journal_len) = match cut {
+            Ok(cut) => cut,
+            Err(error) => {
+                tracing::error!(point = %id, %error, "truncation failed; the point now refuses writes");
+                state.failed = Some(error.to_string());
+                return Err(error.into());
+            }
+        };
+        tracing::warn!(point = %id, from = state.end, to = end, "cut the point back");
+        state.end = end;
+        state.crc = crc;
+        state.durable = end;
+        state.dirty = false;
+        state.journal_len = journal_len;
+        point.snapshot.send_modify(|snapshot| {
+            snapshot.end = end;
+            snapshot.crc = crc;
+        });
+        Ok(end)
     }
 
     /// Reads `[offset, offset + len)` of `id`.
@@ -1192,12 +1305,14 @@ impl Point {
 
     /// Writes a batch of appends under the point's lock: the data in order, then their journal
     /// records in one write, then (with `fsync = "always"`) one sync for the whole batch. The
-    /// appends become visible together, once durable.
+    /// appends become visible together, once durable. `known_crcs`, the CRC32C of each frame
+    /// when the caller checked them already, spares a pass over the bytes.
     async fn write(
         &self,
         shared: &Arc<Shared>,
         state: &mut State,
         frames: Vec<Bytes>,
+        known_crcs: Option<Vec<u32>>,
         expected_start: Option<u64>,
     ) -> Result<Vec<Appended>, AppendError> {
         if let Some(reason) = &state.failed {
@@ -1225,13 +1340,16 @@ impl Point {
         let written = tokio::task::spawn_blocking(move || {
             let mut records = Vec::with_capacity(frames.len());
             let (mut end, mut crc) = (start, previous_crc);
-            for frame in frames.iter().filter(|f| !f.is_empty()) {
+            for (index, frame) in frames.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
                 files
                     .data
                     .write_all_at(frame, end)
                     .map_err(StorageError::io("writing", dir.join(DATA_FILE)))?;
                 // Two hardware passes are cheaper than one pass and a combine.
-                let append_crc = crc32c::crc32c(frame);
+                let append_crc = match &known_crcs {
+                    Some(crcs) => crcs[index],
+                    None => crc32c::crc32c(frame),
+                };
                 crc = crc32c::crc32c_append(crc, frame);
                 end += frame.len() as u64;
                 records.push(Record {

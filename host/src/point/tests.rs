@@ -30,6 +30,12 @@ fn bytes(seed: u64, len: usize) -> Bytes {
         .collect()
 }
 
+/// A frame with its CRC32C, as replication applies it.
+fn with_crc(frame: Bytes) -> (Bytes, u32) {
+    let crc = crc32c::crc32c(&frame);
+    (frame, crc)
+}
+
 fn id(s: &str) -> PointId {
     PointId::new(s).unwrap()
 }
@@ -414,7 +420,7 @@ async fn a_handover_gates_clients_writes_but_not_the_copy_arriving() {
     }
     // A copy arriving (replication, a handover) is applied whatever the record says.
     store
-        .apply_replicated(&point, 1000, vec![bytes(5, 500)])
+        .apply_replicated(&point, 1000, vec![with_crc(bytes(5, 500))])
         .await
         .unwrap();
     // Before the fence, clients write.
@@ -431,4 +437,67 @@ async fn a_handover_gates_clients_writes_but_not_the_copy_arriving() {
     store.append(&point, bytes(6, 10)).await.unwrap();
     assert_eq!(store.metadata(&point).await.unwrap().end, 1510);
     store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_crc_of_any_prefix_comes_from_the_journal_and_the_bytes_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let frames: Vec<Bytes> = (0..6)
+        .map(|i| bytes(20 + i, 1000 + i as usize * 311))
+        .collect();
+    for frame in &frames {
+        store.append(&id("p"), frame.clone()).await.unwrap();
+    }
+    let all = frames.concat();
+    for end in [0, 1, 999, 1000, 1001, 2500, all.len() - 1, all.len()] {
+        let crc = store.crc_at(&id("p"), end as u64).await.unwrap();
+        assert_eq!(crc, crc32c::crc32c(&all[..end]), "at {end}");
+    }
+    assert!(matches!(
+        store.crc_at(&id("p"), all.len() as u64 + 1).await,
+        Err(ReadError::OutOfRange { .. })
+    ));
+}
+
+#[tokio::test]
+async fn truncation_cuts_back_to_an_append_boundary_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let frames: Vec<Bytes> = (0..5)
+        .map(|i| bytes(40 + i, 700 + i as usize * 97))
+        .collect();
+    for frame in &frames {
+        store.append(&id("p"), frame.clone()).await.unwrap();
+    }
+    let ends: Vec<u64> = (1..=frames.len())
+        .map(|n| frames[..n].concat().len() as u64)
+        .collect();
+    // Within the fourth append: cut back to the end of the third.
+    let end = store.truncate(&id("p"), ends[3] - 1).await.unwrap();
+    assert_eq!(end, ends[2]);
+    let kept = frames[..3].concat();
+    let meta = store.metadata(&id("p")).await.unwrap();
+    assert_eq!((meta.end, meta.crc), (end, crc32c::crc32c(&kept)));
+    // Past the end: nothing to cut.
+    assert_eq!(store.truncate(&id("p"), u64::MAX).await.unwrap(), end);
+    // Appends continue from the cut, and a reopen recovers the same point.
+    store.append(&id("p"), frames[4].clone()).await.unwrap();
+    store.close().await.unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let want = [kept, frames[4].to_vec()].concat();
+    let meta = store.metadata(&id("p")).await.unwrap();
+    assert_eq!(
+        (meta.end, meta.crc),
+        (want.len() as u64, crc32c::crc32c(&want))
+    );
+    let read = store.read(&id("p"), 0, meta.end).await.unwrap();
+    assert_eq!(read, want);
+    // Before the first append's end: empty, and still a point.
+    assert_eq!(store.truncate(&id("p"), 10).await.unwrap(), 0);
+    assert_eq!(store.metadata(&id("p")).await.unwrap().end, 0);
+    assert!(matches!(
+        store.truncate(&id("missing"), 0).await,
+        Err(TruncateError::NotFound(_))
+    ));
 }

@@ -3,12 +3,18 @@
 //!
 //! A record is applied only if it starts at this node's end of the point
 //! (`Store::apply_replicated`), so nothing is applied twice and nothing is skipped; otherwise the
-//! reply tells the leader where this node really ends. Records the bundler rejects (damaged, or
-//! its answer names another point or offset than the record) are reported and sent again.
-//! Pushes are handed, in arrival order, to one applier task that writes consecutive records of a
-//! point as one batch (one journal write; one sync under `fsync = "always"`). A lost connection
-//! is retried with backoff, offering the real ends again, so a restart of either side resumes
-//! where it stopped.
+//! reply tells the leader where this node really ends. A record is rejected (and sent again by
+//! the leader, after a pause) if the bundler refuses it (damaged), if its answer names another
+//! point or offset than the record, or if the unbundled payload does not have the length and
+//! CRC32C the leader sent with it: whatever the bundler does, only the leader's bytes are
+//! applied. Unbundling runs on the blocking pool, never on the replication thread.
+//!
+//! Each session has its own applier task, which writes pushes in arrival order, consecutive
+//! records of a point as one batch (one journal write; one sync under `fsync = "always"`). An
+//! applier that dies fails its session's pushes, and the leader closes the session: the follower
+//! reconnects with a new one. A lost connection is retried with backoff, offering the real ends
+//! (with their CRC32C) again, so a restart of either side resumes where it stopped. Once the node
+//! shuts down, pushes are refused at once.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -21,8 +27,11 @@ use tokio_util::sync::CancellationToken;
 use super::replication_capnp::sink;
 use super::{Context, Dialed, dial};
 use crate::metrics;
+use crate::plugins::PluginSet;
 use crate::point::ownership::FIRST_EPOCH;
-use crate::point::{AppendError, DeleteError, Handover, Ownership, PointId, ReadError};
+use crate::point::{
+    AppendError, DeleteError, Handover, Ownership, PointId, ReadError, TruncateError,
+};
 
 /// Longest wait between two attempts to reach a leader.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -33,14 +42,12 @@ const APPLY_QUEUE: usize = 256;
 /// Follows every configured leader until `shutdown`.
 pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
     let context = Rc::new(context);
-    let sink = receiver(context.clone(), None);
     for address in context.config.leader_addresses.clone() {
-        let (context, tls, sink, shutdown) =
-            (context.clone(), tls.clone(), sink.clone(), shutdown.clone());
+        let (context, tls, shutdown) = (context.clone(), tls.clone(), shutdown.clone());
         tokio::task::spawn_local(async move {
             let mut backoff = Duration::from_millis(50);
             while !shutdown.is_cancelled() {
-                match session(&context, &address, tls.as_ref(), &sink, &shutdown).await {
+                match session(&context, &address, tls.as_ref(), &shutdown).await {
                     Ok(()) => backoff = Duration::from_millis(50),
                     Err(error) => {
                         tracing::warn!(leader = %address, %error, "replication session failed");
@@ -82,7 +89,6 @@ async fn session(
     context: &Rc<Context>,
     address: &str,
     tls: Option<&TlsConnector>,
-    sink: &sink::Client,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let Dialed {
@@ -95,6 +101,7 @@ async fn session(
     };
 
     let offers = offers(context).await;
+    let sink = receiver(context.clone(), None, shutdown.clone());
     let mut request = leader.follow_request();
     {
         let mut params = request.get();
@@ -103,13 +110,14 @@ async fn session(
         hello.set_protocol(super::PROTOCOL);
         hello.set_rpc_address(context.rpc_addr.to_string());
         let mut list = hello.init_offers(offers.len() as u32);
-        for (i, (point, end, epoch)) in offers.iter().enumerate() {
+        for (i, held) in offers.iter().enumerate() {
             let mut offer = list.reborrow().get(i as u32);
-            offer.set_point(point.as_str());
-            offer.set_end(*end);
-            offer.set_epoch(*epoch);
+            offer.set_point(held.point.as_str());
+            offer.set_end(held.end);
+            offer.set_epoch(held.epoch);
+            offer.set_crc(held.crc);
         }
-        params.set_sink(sink.clone());
+        params.set_sink(sink);
     }
     let response = tokio::select! {
         response = request.send().promise => response.map_err(|e| format!("follow: {e}"))?,
@@ -136,28 +144,59 @@ async fn session(
 /// A sink that applies what it receives to this node's store: a follower's copies of its
 /// leader's points (`from` is `None`), or the points the member `from` hands to this node in a
 /// handover, applied only while this node holds them as `incoming` from `from`.
-pub(crate) fn receiver(context: Rc<Context>, from: Option<String>) -> sink::Client {
+///
+/// The applier is supervised: if it dies, the sink's pushes fail and the session ends. Once
+/// `shutdown` is cancelled, the sink refuses everything at once.
+pub(crate) fn receiver(
+    context: Rc<Context>,
+    from: Option<String>,
+    shutdown: CancellationToken,
+) -> sink::Client {
     let (jobs, queue) = mpsc::channel(APPLY_QUEUE);
-    tokio::task::spawn_local(apply(context.clone(), queue, from));
+    let applier = apply(context.clone(), queue, from);
+    tokio::task::spawn_local(async move {
+        use futures::FutureExt;
+        if let Err(panic) = std::panic::AssertUnwindSafe(applier).catch_unwind().await {
+            let panic = crate::service::panic_message(panic);
+            tracing::error!(%panic, "the replication applier panicked; its session ends");
+            ::metrics::counter!(metrics::REPLICATION_TASK_FAILURES, "task" => "applier")
+                .increment(1);
+        }
+    });
     capnp_rpc::new_client(SinkService {
         context,
         order: tokio::sync::Mutex::new(()),
         jobs,
+        shutdown,
     })
 }
 
-/// Every point this node holds, with its end and its epoch.
-async fn offers(context: &Context) -> Vec<(PointId, u64, u64)> {
+/// What this node holds of one point, as it offers it to its leader.
+struct Offer {
+    point: PointId,
+    end: u64,
+    epoch: u64,
+    /// CRC32C of `[0, end)`.
+    crc: u32,
+}
+
+/// Every point this node holds, with its end, its epoch and its CRC32C.
+async fn offers(context: &Context) -> Vec<Offer> {
     let mut offers = Vec::new();
     for id in context.store.list("", None, usize::MAX) {
         let store = &context.store;
         let held = async {
-            let end = store.metadata(&id).await?.end;
+            let snapshot = store.metadata(&id).await?;
             let epoch = store.ownership(&id).await?.epoch;
-            Ok::<_, ReadError>((end, epoch))
+            Ok::<_, ReadError>((snapshot, epoch))
         };
         match held.await {
-            Ok((end, epoch)) => offers.push((id, end, epoch)),
+            Ok((snapshot, epoch)) => offers.push(Offer {
+                point: id,
+                end: snapshot.end,
+                epoch,
+                crc: snapshot.crc,
+            }),
             Err(error) => tracing::warn!(point = %id, %error, "not offered to the leader"),
         }
     }
@@ -181,6 +220,11 @@ enum Job {
         epoch: u64,
         done: oneshot::Sender<Result<(), String>>,
     },
+    Truncate {
+        point: PointId,
+        end: u64,
+        done: oneshot::Sender<Result<u64, String>>,
+    },
 }
 
 /// A record, unbundled and checked.
@@ -188,6 +232,8 @@ struct Incoming {
     point: PointId,
     start: u64,
     payload: Bytes,
+    /// The payload's CRC32C (checked: the leader's).
+    crc: u32,
 }
 
 /// The outcome of one record: applied, or the point ends elsewhere. Either way, its end.
@@ -248,7 +294,23 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>, from: Optio
                 .map_err(|error| error.to_string());
                 let _ = done.send(result);
             }
+            Job::Truncate { point, end, done } => {
+                let _ = done.send(truncate(&context, &point, end).await);
+            }
         }
+    }
+}
+
+/// Cuts this node's copy of `point` back to at most `end` (its leader found bytes in it that
+/// it did not send); answers where the copy now ends.
+async fn truncate(context: &Context, point: &PointId, end: u64) -> Result<u64, String> {
+    match context.store.truncate(point, end).await {
+        Ok(now) => {
+            tracing::warn!(%point, end = now, "cut back a copy that diverged from its leader's");
+            Ok(now)
+        }
+        Err(TruncateError::NotFound(_)) => Ok(0),
+        Err(error) => Err(error.to_string()),
     }
 }
 
@@ -327,6 +389,13 @@ async fn handed(context: &Context, from: &str, job: Job) {
             .await;
             let _ = done.send(result);
         }
+        Job::Truncate { point, end, done } => {
+            let result = match incoming(&point).await {
+                Ok(_) => truncate(context, &point, end).await,
+                Err(refused) => Err(refused),
+            };
+            let _ = done.send(result);
+        }
     }
 }
 
@@ -338,10 +407,10 @@ async fn apply_records(context: &Context, records: Vec<Incoming>) -> Vec<Result<
     while let Some(first) = records.next() {
         let (point, start) = (first.point, first.start);
         let mut end = start + first.payload.len() as u64;
-        let mut payloads = vec![first.payload];
+        let mut payloads = vec![(first.payload, first.crc)];
         while let Some(next) = records.next_if(|r| r.point == point && r.start == end) {
             end += next.payload.len() as u64;
-            payloads.push(next.payload);
+            payloads.push((next.payload, next.crc));
         }
         let count = payloads.len();
         match context
@@ -369,20 +438,123 @@ async fn apply_records(context: &Context, records: Vec<Incoming>) -> Vec<Result<
 /// Receives the leader's records.
 struct SinkService {
     context: Rc<Context>,
-    /// Jobs are queued one at a time, in arrival order (tokio's mutex is fair).
+    /// Calls are handled one at a time, in arrival order (tokio's mutex is fair): unbundling
+    /// and queueing for the applier happen under it.
     order: tokio::sync::Mutex<()>,
     jobs: mpsc::Sender<Job>,
+    shutdown: CancellationToken,
+}
+
+/// A record as it arrived, before it is unbundled.
+struct Received {
+    point: String,
+    start: u64,
+    bundle: Bytes,
+    len: u64,
+    crc: u32,
 }
 
 impl SinkService {
-    /// Queues `job` behind every earlier push.
-    async fn enqueue(&self, job: Job) -> Result<(), capnp::Error> {
-        let _turn = self.order.lock().await;
+    /// Queues `job` for the applier; the caller holds its turn, and lets it go before it waits
+    /// for the outcome (the next call unbundles while this one is applied).
+    async fn queue(&self, job: Job) -> Result<(), capnp::Error> {
         self.jobs
             .send(job)
             .await
-            .map_err(|_| capnp::Error::failed("the follower is shutting down".into()))
+            .map_err(|_| capnp::Error::failed("the applier stopped".into()))
     }
+
+    fn refuse_after_shutdown(&self) -> Result<(), capnp::Error> {
+        if self.shutdown.is_cancelled() {
+            return Err(capnp::Error::failed("the follower is shutting down".into()));
+        }
+        Ok(())
+    }
+
+    /// Unbundles and checks `records` on the blocking pool; a bundler whose calls block in the
+    /// host is waited for no longer than its deadlines allow, and not at all once the node
+    /// shuts down.
+    async fn unbundle(
+        &self,
+        records: Vec<Received>,
+    ) -> Result<Vec<Result<Incoming, String>>, capnp::Error> {
+        let plugins = self.context.plugins.current();
+        let count = records.len();
+        let timeout = plugins.bundler.timeout() * count as u32 + Duration::from_secs(1);
+        let shutdown = self.shutdown.clone();
+        let unbundling =
+            tokio::task::spawn_blocking(move || unbundle_all(&plugins, records, &shutdown));
+        tokio::select! {
+            done = tokio::time::timeout(timeout, unbundling) => {
+                let reason = match done {
+                    Ok(Ok(checked)) => return Ok(checked),
+                    Ok(Err(panicked)) => format!("the host panicked unbundling: {panicked}"),
+                    Err(_) => format!("the bundler did not answer within {timeout:?}"),
+                };
+                Ok((0..count).map(|_| Err(reason.clone())).collect())
+            }
+            () = self.shutdown.cancelled() => {
+                Err(capnp::Error::failed("the follower is shutting down".into()))
+            }
+        }
+    }
+}
+
+/// Unbundles each record with `plugins`' bundler and checks what it found: the record's point
+/// and offset, and the payload's length and CRC32C as the leader sent them. Once `shutdown` is
+/// cancelled, the records left are not unbundled.
+fn unbundle_all(
+    plugins: &PluginSet,
+    records: Vec<Received>,
+    shutdown: &CancellationToken,
+) -> Vec<Result<Incoming, String>> {
+    records
+        .into_iter()
+        .map(|record| {
+            if shutdown.is_cancelled() {
+                return Err("the follower is shutting down".to_string());
+            }
+            // A bundler that fails (traps, times out) has not vouched for the record either.
+            let found = plugins
+                .unbundle(record.bundle)
+                .unwrap_or_else(|e| Err(e.to_string()))?;
+            if found.point != record.point || found.start != record.start {
+                return Err(format!(
+                    "the bundler found {}@{} in the record of {}@{}",
+                    crate::error::bounded(&found.point),
+                    found.start,
+                    crate::error::bounded(&record.point),
+                    record.start
+                ));
+            }
+            let len = found.payload.len() as u64;
+            let crc = crc32c::crc32c(&found.payload);
+            if (len, crc) != (record.len, record.crc) {
+                return Err(format!(
+                    "the bundler's payload of {}@{} is {len} bytes with CRC32C {crc:08x}; the \
+                     leader sent {} bytes with CRC32C {:08x}",
+                    crate::error::bounded(&record.point),
+                    record.start,
+                    record.len,
+                    record.crc
+                ));
+            }
+            let point = PointId::new(found.point).map_err(|e| format!("bad point id: {e}"))?;
+            Ok(Incoming {
+                point,
+                start: record.start,
+                payload: found.payload,
+                crc,
+            })
+        })
+        .collect()
+}
+
+/// The outcome of a queued job.
+async fn outcome<T>(outcome: oneshot::Receiver<T>) -> Result<T, capnp::Error> {
+    outcome
+        .await
+        .map_err(|_| capnp::Error::failed("the applier stopped".into()))
 }
 
 impl sink::Server for SinkService {
@@ -391,34 +563,22 @@ impl sink::Server for SinkService {
         params: sink::PushParams,
         mut results: sink::PushResults,
     ) -> Result<(), capnp::Error> {
-        let plugins = self.context.plugins.current();
+        self.refuse_after_shutdown()?;
+        let mut received = Vec::new();
+        for record in params.get()?.get_records()? {
+            received.push(Received {
+                point: record.get_point()?.to_str()?.to_owned(),
+                start: record.get_start(),
+                bundle: Bytes::copy_from_slice(record.get_bundle()?),
+                len: record.get_payload_len(),
+                crc: record.get_payload_crc(),
+            });
+        }
+        let turn = self.order.lock().await;
         // The records to apply, and per record whether it is among them or why it was rejected.
         let mut accepted = Vec::new();
         let mut slots = Vec::new();
-        for record in params.get()?.get_records()? {
-            let point = record.get_point()?.to_str()?;
-            let start = record.get_start();
-            let bytes = Bytes::copy_from_slice(record.get_bundle()?);
-            // A bundler that fails (traps, times out) has not vouched for the record either.
-            let unbundled = plugins
-                .unbundle(bytes)
-                .unwrap_or_else(|e| Err(e.to_string()));
-            let checked = unbundled.and_then(|r| {
-                if r.point != point || r.start != start {
-                    return Err(format!(
-                        "the bundler found {}@{} in the record of {}@{start}",
-                        crate::error::bounded(&r.point),
-                        r.start,
-                        crate::error::bounded(point)
-                    ));
-                }
-                let point = PointId::new(r.point).map_err(|e| format!("bad point id: {e}"))?;
-                Ok(Incoming {
-                    point,
-                    start,
-                    payload: r.payload,
-                })
-            });
+        for checked in self.unbundle(received).await? {
             slots.push(match checked {
                 Ok(record) => {
                     accepted.push(record);
@@ -431,16 +591,14 @@ impl sink::Server for SinkService {
                 }
             });
         }
-        let (done, outcome) = oneshot::channel();
-        self.enqueue(Job::Apply {
+        let (done, applied) = oneshot::channel();
+        let job = Job::Apply {
             records: accepted,
             done,
-        })
-        .await?;
-        let mut outcomes = outcome
-            .await
-            .map_err(|_| capnp::Error::failed("the applier stopped".into()))?
-            .into_iter();
+        };
+        self.queue(job).await?;
+        drop(turn);
+        let mut outcomes = outcome(applied).await?.into_iter();
         let mut acks = results.get().init_acks(slots.len() as u32);
         for (i, slot) in slots.into_iter().enumerate() {
             let mut ack = acks.reborrow().get(i as u32);
@@ -470,6 +628,7 @@ impl sink::Server for SinkService {
         params: sink::DescribeParams,
         _: sink::DescribeResults,
     ) -> Result<(), capnp::Error> {
+        self.refuse_after_shutdown()?;
         let params = params.get()?;
         let point = params.get_point()?.to_str()?.to_owned();
         let content_type = params.get_content_type()?.to_str()?.to_owned();
@@ -491,18 +650,17 @@ impl sink::Server for SinkService {
                 "the leader described {point} with epoch 0"
             )));
         }
-        let (done, outcome) = oneshot::channel();
-        self.enqueue(Job::Describe {
+        let (done, described) = oneshot::channel();
+        let job = Job::Describe {
             point,
             content_type,
             epoch,
             done,
-        })
-        .await?;
-        outcome
-            .await
-            .map_err(|_| capnp::Error::failed("the applier stopped".into()))?
-            .map_err(capnp::Error::failed)
+        };
+        let turn = self.order.lock().await;
+        self.queue(job).await?;
+        drop(turn);
+        outcome(described).await?.map_err(capnp::Error::failed)
     }
 
     async fn remove(
@@ -510,15 +668,39 @@ impl sink::Server for SinkService {
         params: sink::RemoveParams,
         _: sink::RemoveResults,
     ) -> Result<(), capnp::Error> {
+        self.refuse_after_shutdown()?;
         let point = params.get()?.get_point()?.to_str()?.to_owned();
         let Ok(point) = PointId::new(point) else {
             return Ok(());
         };
-        let (done, outcome) = oneshot::channel();
-        self.enqueue(Job::Remove { point, done }).await?;
-        outcome
-            .await
-            .map_err(|_| capnp::Error::failed("the applier stopped".into()))?
-            .map_err(capnp::Error::failed)
+        let (done, removed) = oneshot::channel();
+        let turn = self.order.lock().await;
+        self.queue(Job::Remove { point, done }).await?;
+        drop(turn);
+        outcome(removed).await?.map_err(capnp::Error::failed)
     }
+
+    async fn truncate(
+        self: Rc<Self>,
+        params: sink::TruncateParams,
+        mut results: sink::TruncateResults,
+    ) -> Result<(), capnp::Error> {
+        self.refuse_after_shutdown()?;
+        let params = params.get()?;
+        let point = point_named(params.get_point()?)?;
+        let end = params.get_end();
+        let (done, truncated) = oneshot::channel();
+        let turn = self.order.lock().await;
+        self.queue(Job::Truncate { point, end, done }).await?;
+        drop(turn);
+        let now = outcome(truncated).await?.map_err(capnp::Error::failed)?;
+        results.get().set_end(now);
+        Ok(())
+    }
+}
+
+/// The point a call names.
+fn point_named(text: capnp::text::Reader<'_>) -> Result<PointId, capnp::Error> {
+    PointId::new(text.to_str()?.to_owned())
+        .map_err(|e| capnp::Error::failed(format!("bad point id: {e}")))
 }

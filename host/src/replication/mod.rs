@@ -7,8 +7,9 @@
 //! cancellation token.
 //!
 //! - [`leader`]: accepts followers on the replication port, authorizes them (`replicate`), and
-//!   runs one replicator per follower: catch-up from the follower's real offsets, then live
-//!   appends, with a window of records in flight and nothing that can block the leader's writes.
+//!   runs one supervised [`replicator`] per follower: catch-up from the follower's real offsets
+//!   (checked by CRC), then live appends, with a bounded window of bytes in flight and nothing
+//!   that can block the leader's writes.
 //! - [`follower`]: dials the leader(s) in `leader_addresses`, offers what it holds, and applies
 //!   pushed records only at its current end (exactly once), reconnecting with backoff.
 //! - [`mover`] and [`handover`]: resharding between primaries (`docs/resharding.md`). The old
@@ -17,13 +18,16 @@
 //!
 //! Every primary serves this port (a standalone one for handovers only); followers dial it.
 //!
-//! Every record is framed by the bundler plugin and checked by it on receipt. The protocol is in
-//! `docs/replication.md`.
+//! Every record is framed by the bundler plugin and checked by it on receipt, and checked again
+//! by the host (its payload's length and CRC32C travel beside the bundle): a bundler that fails
+//! or lies costs a counted, logged error, never a byte of the copy. Plugin calls run on the
+//! blocking pool, never on this thread. The protocol is in `docs/replication.md`.
 
 pub mod follower;
 pub mod handover;
 pub mod leader;
 pub mod mover;
+pub mod replicator;
 pub mod takeover;
 #[allow(clippy::all, unused_qualifications, dead_code)]
 #[rustfmt::skip]
@@ -57,7 +61,7 @@ use crate::service::{Handle, Service};
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
 /// a leader refuses followers that speak another (docs/replication.md).
-pub const PROTOCOL: u16 = 3;
+pub const PROTOCOL: u16 = 4;
 
 /// Why replication could not start.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +117,7 @@ pub fn start(
     let listener = listener.into_std()?;
     let service = Service::new("replication", token);
     let spawner = service.spawner();
+    let grace = Duration::from_millis(context.config.shutdown_grace_ms);
     service.spawn_thread(role.as_str(), move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -150,6 +155,10 @@ pub fn start(
                 Role::Balancer => {}
             }
         });
+        drop(local);
+        // A plugin call still running on the blocking pool (a bundler that sleeps in the host)
+        // is not waited for beyond the grace period.
+        runtime.shutdown_timeout(grace);
     })?;
     Ok(Some(service.handle()))
 }

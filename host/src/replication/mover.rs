@@ -31,8 +31,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::leader::{Replicator, ScopeChange};
 use super::replication_capnp::{leader, sealed};
+use super::replicator::{Ended, Replicator, ScopeChange, supervised};
 use super::{Context, Progress, dial};
 use crate::cluster::Lifecycle;
 use crate::cluster::Membership;
@@ -862,7 +862,15 @@ impl Peer {
         let stop = shutdown.child_token();
         let replicator =
             Replicator::handover(replicator_context, to.to_owned(), sink, stop.clone(), scope);
-        tokio::task::spawn_local(replicator.run(HashMap::new()));
+        let name = to.to_owned();
+        // When it ends, `changes` closes: the next move finds the peer broken and dials again.
+        tokio::task::spawn_local(async move {
+            if let Some(Ended::Failed(error)) =
+                supervised(&name, replicator.run(HashMap::new())).await
+            {
+                tracing::warn!(to = %name, %error, "handover session failed");
+            }
+        });
         tracing::info!(%to, %address, "handing points over");
         Ok(Peer {
             name: to.to_owned(),
