@@ -20,7 +20,7 @@
 //!   owner is down); workers = `ceil(multi_stream_percent % of the replicas that hold the whole
 //!   point and are connected, owner included)`, at least one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -556,9 +556,9 @@ impl proto::streaming_server::Streaming for BalancerService {
             0 => 1000,
             n => n.min(10_000) as usize,
         };
-        // Every live primary's page, merged: one more than asked says whether more follow.
+        // Every live primary's page of one more than asked, merged (`merged_page`).
         let membership = balancer.placement.membership();
-        let mut points = BTreeSet::new();
+        let mut pages = Vec::new();
         for member in membership
             .view
             .members
@@ -576,16 +576,9 @@ impl proto::streaming_server::Streaming for BalancerService {
                 .list_points(forwarded(page, &caller, timeout.as_ref()))
                 .await?
                 .into_inner();
-            points.extend(answer.points);
+            pages.push(answer);
         }
-        let mut points: Vec<String> = points.into_iter().take(max + 1).collect();
-        let next = if points.len() > max {
-            points.truncate(max);
-            points.last().cloned().unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(Response::new(ListPointsResponse { points, next }))
+        Ok(Response::new(crate::client::merged_page(pages, max)))
     }
 
     async fn delete_point(

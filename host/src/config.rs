@@ -161,8 +161,10 @@ pub struct StorageSection {
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// Not a source: figment's own text repeats the profile and the message, and ours says it
+    /// once, with the key as it was written.
     #[error("{}", describe_figment(.0))]
-    Extract(#[from] Box<figment::Error>),
+    Extract(Box<figment::Error>),
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
     #[error("{0}")]
@@ -179,13 +181,63 @@ pub fn valid_node_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
 }
 
+impl From<Box<figment::Error>> for ConfigError {
+    fn from(error: Box<figment::Error>) -> Self {
+        ConfigError::Extract(error)
+    }
+}
+
+/// Each of figment's errors once, naming the key as it was written (`storage.fsync` in a
+/// file, `GOUTUBE_STORAGE__FSYNC` in the environment) and where, with a suggestion for a
+/// misspelt key or value.
 fn describe_figment(error: &figment::Error) -> String {
     error
         .clone()
         .into_iter()
-        .map(|e| e.to_string())
+        .map(|error| {
+            let from_environment = error
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let key = match from_environment {
+                true => format!("GOUTUBE_{}", error.path.join("__").to_ascii_uppercase()),
+                false => error.path.join("."),
+            };
+            let source = match error.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                Some(source) => format!(" in {source}"),
+                None => String::new(),
+            };
+            let what = match &error.kind {
+                figment::error::Kind::UnknownField(found, expected) => {
+                    format!("unknown key{}", did_you_mean(found, expected, "keys here"))
+                }
+                figment::error::Kind::UnknownVariant(found, expected) => format!(
+                    "unknown value `{found}`{}",
+                    did_you_mean(found, expected, "values")
+                ),
+                kind => kind.to_string(),
+            };
+            match key.is_empty() {
+                true => format!("{what}{source}"),
+                false => format!("config key `{key}`{source}: {what}"),
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `; did you mean `x`?` for the one of `expected` closest to `found`, if one is close; else
+/// the list of them (`what`: "keys here", "values").
+fn did_you_mean(found: &str, expected: &[&str], what: &str) -> String {
+    let closest = expected
+        .iter()
+        .map(|candidate| (strsim::jaro_winkler(found, candidate), candidate))
+        .filter(|(likeness, _)| *likeness > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match closest {
+        Some((_, candidate)) => format!("; did you mean `{candidate}`?"),
+        None => format!("; the {what}: {}", expected.join(", ")),
+    }
 }
 
 impl Default for Config {

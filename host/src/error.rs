@@ -37,6 +37,24 @@ pub enum Error {
         owner: String,
         address: String,
     },
+    /// A read of a point this node does not hold: the member that holds it serves it.
+    #[error(
+        "point {point:?} is not on this node; member {holder} ({address}) holds it: read it there"
+    )]
+    HeldElsewhere {
+        point: String,
+        holder: String,
+        address: String,
+    },
+    /// A write to a follower: its leader takes the writes.
+    #[error(
+        "node {node} is a follower and takes no writes; write to its leader {leader} at {address}"
+    )]
+    Follower {
+        node: String,
+        leader: String,
+        address: String,
+    },
     /// The owner of the point is down: its range waits for it (liveness never moves ownership).
     #[error(
         "point {point:?} belongs to member {owner}, which is down; writes to it wait until it is back (its followers serve reads)"
@@ -65,7 +83,10 @@ impl Error {
             Error::InvalidPointId(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
-            Error::FailedPrecondition(_) | Error::NotOwner { .. } => Code::FailedPrecondition,
+            Error::FailedPrecondition(_)
+            | Error::NotOwner { .. }
+            | Error::HeldElsewhere { .. }
+            | Error::Follower { .. } => Code::FailedPrecondition,
             Error::Unavailable(_) | Error::OwnerDown { .. } => Code::Unavailable,
             // A fence passes in moments; a moved or arriving point is written elsewhere.
             Error::Append(AppendError::Handover { handover, .. }) => match handover {
@@ -101,7 +122,17 @@ impl From<Error> for Status {
         }
         let mut status = Status::new(code, error.to_string());
         let owner = match &error {
-            Error::NotOwner { owner, address, .. } => Some((owner, Some(address))),
+            Error::NotOwner { owner, address, .. }
+            | Error::HeldElsewhere {
+                holder: owner,
+                address,
+                ..
+            }
+            | Error::Follower {
+                leader: owner,
+                address,
+                ..
+            } => Some((owner, Some(address))),
             Error::OwnerDown { owner, .. } => Some((owner, None)),
             _ => None,
         };
@@ -114,22 +145,25 @@ impl From<Error> for Status {
                 metadata.insert(OWNER_ADDR_METADATA, value);
             }
         }
-        if let Error::Append(AppendError::OffsetMismatch { end, .. }) = &error {
-            status
-                .metadata_mut()
-                .insert(END_METADATA, MetadataValue::from(*end));
+        if let Error::Append(AppendError::OffsetMismatch { end, expected, .. }) = &error {
+            let metadata = status.metadata_mut();
+            metadata.insert(END_METADATA, MetadataValue::from(*end));
+            metadata.insert(EXPECTED_METADATA, MetadataValue::from(*expected));
         }
         status
     }
 }
 
-/// Status metadata: the name of the member that owns the point of a refused call.
+/// Status metadata: the name of the member that owns the point of a refused call (or holds it,
+/// for a read; or leads the follower that refused a write): the member to ask instead.
 pub const OWNER_METADATA: &str = "goutube-owner";
 /// Status metadata: the client API address of that member.
 pub const OWNER_ADDR_METADATA: &str = "goutube-owner-addr";
 
 /// Status metadata: where the point ends, when a frame's `expected_offset` was not its end.
 pub const END_METADATA: &str = "goutube-end";
+/// Status metadata: that frame's `expected_offset`.
+pub const EXPECTED_METADATA: &str = "goutube-expected";
 
 /// Most bytes of text from a plugin or a peer (a deny reason, a member name) that go into a
 /// status message or a log line.
@@ -145,6 +179,21 @@ pub fn bounded(text: &str) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// `text` with its control characters (escape, newline, NUL, C1…) written as escapes (`\u{1b}`,
+/// `\n`), so that what a peer, a plugin or a stored name holds cannot act on a terminal or
+/// forge a log line.
+pub fn escaped(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -191,6 +240,11 @@ mod tests {
             "{}",
             status.message()
         );
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escaped("a\x1b[2Jb\nc\u{9b}é"), "a\\u{1b}[2Jb\\nc\\u{9b}é");
     }
 
     #[test]

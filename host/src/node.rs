@@ -119,7 +119,7 @@ impl Addresses {
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} (config key `{key}`): {source}")]
+    #[error("cannot listen on {addr} (config key `{key}`)")]
     Bind {
         key: &'static str,
         addr: SocketAddr,
@@ -128,13 +128,13 @@ pub enum StartError {
     },
     #[error("cannot open the point store: {0}")]
     Store(#[from] StorageError),
-    #[error("{0}")]
+    #[error(transparent)]
     Plugin(#[from] PluginError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Replication(#[from] crate::replication::ReplicationError),
-    #[error("{0}")]
+    #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("{0}")]
     Config(String),
@@ -173,10 +173,20 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts the subsystems in order: store (storage nodes), plugins and access, membership
-    /// and placement, replication (leaders and followers), the API (the storage service, or a
-    /// balancer's forwarding one), the HTTP gateway, metrics.
+    /// Loads the plugins `config` names, then starts the node ([`Node::start_with`]).
     pub async fn start(config: Config, listeners: Listeners) -> Result<Node, StartError> {
+        let plugins = load_plugins(&config).await?;
+        Self::start_with(config, listeners, plugins).await
+    }
+
+    /// Starts the subsystems in order with `plugins` loaded already: store (storage nodes),
+    /// access, membership and placement, replication (leaders and followers), the API (the
+    /// storage service, or a balancer's forwarding one), the HTTP gateway, metrics.
+    pub async fn start_with(
+        config: Config,
+        listeners: Listeners,
+        plugins: Plugins,
+    ) -> Result<Node, StartError> {
         // Before anything records a metric: what is recorded before the recorder exists is lost.
         let recorder = crate::metrics::handle();
         let addresses = listeners.addresses(&config)?;
@@ -204,7 +214,7 @@ impl Node {
             )?)),
             None => None,
         };
-        let plugins = Arc::new(load_plugins(&config).await?);
+        let plugins = Arc::new(plugins);
         let access = Arc::new(Access::new(
             plugins.clone(),
             Duration::from_millis(config.plugins.decision_cache_ms),
@@ -234,7 +244,7 @@ impl Node {
                     virtual_nodes: config.virtual_node_count,
                     tags: config.tags.clone(),
                 },
-                leader: following,
+                leader: following.clone(),
             },
             gossip::Network::Udp {
                 socket: listeners.gossip,
@@ -276,6 +286,7 @@ impl Node {
                     progress,
                     signer: signer.clone(),
                     steps: cluster.steps(),
+                    leader: following,
                 });
                 let api = api::start(
                     api::streaming::StreamingService::new(context.clone()),
@@ -284,6 +295,7 @@ impl Node {
                     listeners.rpc,
                     tls.clone(),
                     shutdown.clone(),
+                    ring_formed(cluster.membership()),
                 );
                 (Some(context), replication, api)
             }
@@ -313,6 +325,7 @@ impl Node {
                     listeners.rpc,
                     tls.clone(),
                     shutdown.clone(),
+                    ring_formed(cluster.membership()),
                 );
                 (None, None, api)
             }
@@ -327,6 +340,7 @@ impl Node {
             signer,
             tls: gateway_tls.is_some(),
             writing_window: Duration::from_millis(config.http.writing_window_ms),
+            rpc_addr: addresses.rpc.to_string(),
         };
         let gateway = crate::http::start_gateway(
             gateway,
@@ -490,9 +504,17 @@ impl Node {
     }
 }
 
-/// Loads the plugins `config` names, on the blocking pool: loading runs each plugin's
-/// `configure`, which must not run on an async thread (see `plugins::runtime`).
-async fn load_plugins(config: &Config) -> Result<Plugins, PluginError> {
+/// Resolves once `membership` holds a formed ring: the node knows who owns what, and can
+/// serve (its health turns `SERVING`).
+async fn ring_formed(mut membership: watch::Receiver<Arc<Membership>>) {
+    let _ = membership
+        .wait_for(|membership| !membership.ring.members.is_empty())
+        .await;
+}
+
+/// Loads (and compiles) the plugins `config` names, on the blocking pool: loading runs each
+/// plugin's `configure`, which must not run on an async thread (see `plugins::runtime`).
+pub async fn load_plugins(config: &Config) -> Result<Plugins, PluginError> {
     let (section, data_dir) = (config.plugins.clone(), config.data_dir.clone());
     tokio::task::spawn_blocking(move || Plugins::load(&section, &data_dir))
         .await

@@ -14,8 +14,9 @@ interface Leader {
   # does not name the follower it says it is.
   follow @0 (hello :Hello, sink :Sink) -> (session :Session);
 
-  # The leader's node name, asked before any capability is handed over.
-  identify @1 () -> (name :Text);
+  # The leader's node name, asked before any capability is handed over, and where clients reach
+  # its API (a follower names it when it refuses a write).
+  identify @1 () -> (name :Text, rpcAddress :Text);
 
   # Resharding (docs/resharding.md): the old owner of points (`from`, the caller, whose
   # certificate must name it) hands them to this node, one point at a time. `receive` gives the

@@ -183,6 +183,26 @@ pub async fn sees(node: &TestNode, live: usize) -> bool {
     !view.ring.is_empty() && view.members.iter().filter(|m| m.live).count() == live
 }
 
+/// Whether `nodes` agree on one view and one formed ring of `primaries` primaries, each of them
+/// active and owning a range: from then on every node names the same owner for a point.
+pub async fn one_ring(nodes: &[&TestNode], primaries: usize) -> bool {
+    let mut views = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        views.push(members(node).await);
+    }
+    views.iter().all(|view| {
+        let owners = view
+            .members
+            .iter()
+            .filter(|m| m.live && m.state == "active" && m.owns_range)
+            .count();
+        view.view == views[0].view
+            && view.ring == views[0].ring
+            && !view.ring.is_empty()
+            && owners == primaries
+    })
+}
+
 /// The member that owns `point` in the ring, as `node` locates it.
 pub async fn owner(node: &TestNode, point: &str) -> String {
     owner_through(node.client().await, point).await
@@ -259,6 +279,49 @@ pub fn goutube_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Runs the `goutube` command line with `args` in `dir` (never against the environment's
+/// `GOUTUBE_CLIENT_ADDR`) and returns what it did.
+pub async fn goutube_cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(goutube_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("GOUTUBE_CLIENT_ADDR")
+        .output()
+        .await
+        .expect("running goutube")
+}
+
+/// What a command printed on stdout.
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// What a command printed on stderr.
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A plaintext leader `leader` and its follower `f1`, connected.
+pub async fn leader_and_follower() -> (TestNode, TestNode) {
+    let leader = TestNode::start(|c| {
+        c.node_name = "leader".into();
+        c.role = goutube::config::Role::Leader;
+    })
+    .await;
+    let address = leader.node.replication_addr().to_string();
+    let follower = TestNode::start(move |c| {
+        c.node_name = "f1".into();
+        c.role = goutube::config::Role::Follower;
+        c.leader_addresses = vec![address];
+    })
+    .await;
+    eventually("the follower to connect", || async {
+        connected_followers(&leader.addr()).await == 1
+    })
+    .await;
+    (leader, follower)
 }
 
 /// A `goutube run` child process (the library's [`goutube::process`] harness), with the

@@ -1,26 +1,13 @@
 //! The command line, run as a real process: put, get (verified), stat, ls, rm, and config errors
 //! that name the key at fault.
 
+use std::path::Path;
 use std::process::Output;
 
-use goutube_tests::{TestNode, data, goutube_bin};
-use tokio::process::Command;
+use goutube_tests::{TestNode, data, goutube_bin, goutube_cli, stderr, stdout};
 
 async fn goutube(args: &[&str]) -> Output {
-    Command::new(goutube_bin())
-        .args(args)
-        .env_remove("GOUTUBE_CLIENT_ADDR")
-        .output()
-        .await
-        .expect("running goutube")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    goutube_cli(Path::new("."), args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,12 +28,38 @@ async fn put_get_stat_ls_rm() {
     ])
     .await;
     assert!(put.status.success(), "{}", stderr(&put));
-    assert!(stdout(&put).contains("(verified)"), "{}", stdout(&put));
-    // Appending the same file again extends the point, still verified.
+    assert!(
+        stdout(&put).contains("(verified: the point is the file)"),
+        "{}",
+        stdout(&put)
+    );
+    // The same command again (a user's retry) writes nothing: it says what to do instead.
+    let again = goutube(&[
+        "put",
+        input.to_str().unwrap(),
+        "films/movie",
+        "--addr",
+        &addr,
+    ])
+    .await;
+    assert!(!again.status.success());
+    let refusal = stderr(&again);
+    assert!(
+        refusal.contains(&format!("already has {} bytes", bytes.len()))
+            && refusal.contains("--resume")
+            && refusal.contains("--append"),
+        "{refusal}"
+    );
+    let meta = goutube_tests::metadata(&mut node.client().await, "films/movie")
+        .await
+        .unwrap();
+    assert_eq!(meta.size, bytes.len() as u64, "nothing was appended");
+    // Appending the same file on purpose extends the point, still verified.
     let put = goutube(&[
         "put",
         input.to_str().unwrap(),
         "films/movie",
+        "--append",
         "--addr",
         &addr,
         "--chunk-size",
@@ -54,7 +67,11 @@ async fn put_get_stat_ls_rm() {
     ])
     .await;
     assert!(put.status.success(), "{}", stderr(&put));
-    assert!(stdout(&put).contains("(verified)"));
+    assert!(
+        stdout(&put).contains("(verified: its first"),
+        "{}",
+        stdout(&put)
+    );
     let doubled = [bytes.clone(), bytes.clone()].concat();
 
     let stat = goutube(&["stat", "films/movie", "--addr", &addr]).await;

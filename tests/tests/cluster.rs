@@ -291,10 +291,13 @@ async fn a_cluster_formed_by_seeds_routes_writes_to_owners_and_loses_nothing_to_
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains(&format!("belongs to member {owner}")),
+        stdout.contains(&format!("written to member {owner}")),
         "{stdout}"
     );
-    assert!(stdout.contains("(verified)"), "{stdout}");
+    assert!(
+        stdout.contains("(verified: the point is the file)"),
+        "{stdout}"
+    );
     let meta = metadata(&mut cluster.client(owner).await, point)
         .await
         .unwrap();
@@ -302,11 +305,16 @@ async fn a_cluster_formed_by_seeds_routes_writes_to_owners_and_loses_nothing_to_
         (meta.size, meta.crc32c),
         (upload.len() as u64, crc32c::crc32c(&upload))
     );
+    // The others do not hold it: they send readers to its owner.
     for other in others {
         let status = metadata(&mut cluster.client(other).await, point)
             .await
             .unwrap_err();
-        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(
+            goutube::client::owner_of(&status).map(|(name, _)| name),
+            Some(owner.to_owned())
+        );
     }
 
     // A fourth primary joins the ring: `joining`, owning nothing, until the owners have handed

@@ -117,7 +117,15 @@ async fn ranges_follow_rfc_9110() {
         let case = format!("{range} if-range {if_range:?}");
         assert_eq!(answer.status, status, "{case}");
         assert_eq!(answer.header("content-range"), content_range, "{case}");
-        assert_eq!(answer.body, body, "{case}");
+        if status == 416 {
+            let said = format!(
+                "range not satisfiable: the point has {} bytes\n",
+                bytes.len()
+            );
+            assert_eq!(answer.body, said.as_bytes(), "{case}");
+        } else {
+            assert_eq!(answer.body, body, "{case}");
+        }
         if status != 416 {
             assert_eq!(
                 answer.header("content-length"),

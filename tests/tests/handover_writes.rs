@@ -328,8 +328,10 @@ async fn a_put_follows_a_handed_over_point_to_the_member_that_committed_it() {
         .put(
             &point,
             &file,
-            256 * 1024,
-            None,
+            &goutube::client::PutOptions {
+                mode: goutube::client::PutMode::Append,
+                ..Default::default()
+            },
             std::sync::Arc::new(goutube::client::Quiet),
         )
         .await
@@ -389,8 +391,10 @@ async fn a_put_through_a_member_that_does_not_hold_the_point_appends_at_the_owne
             .put(
                 &point,
                 &file,
-                256 * 1024,
-                None,
+                &goutube::client::PutOptions {
+                    mode: goutube::client::PutMode::Append,
+                    ..Default::default()
+                },
                 std::sync::Arc::new(goutube::client::Quiet),
             )
             .await

@@ -2,30 +2,14 @@
 //! reads of the point. Its own test binary: it reads the process-wide replication metrics, which
 //! other replication tests running alongside would move.
 
-use goutube::config::Role;
 use goutube::metrics::{REPLICATED_BYTES, REPLICATION_READ_BACK};
 use goutube_tests::{
-    TestNode, connected_followers, consume, data, eventually, metadata, metric, produce, window,
+    consume, data, eventually, leader_and_follower, metadata, metric, produce, window,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_that_keeps_up_is_sent_the_produced_bytes_without_a_read_back() {
-    let leader = TestNode::start(|c| {
-        c.node_name = "leader".into();
-        c.role = Role::Leader;
-    })
-    .await;
-    let address = leader.node.replication_addr().to_string();
-    let follower = TestNode::start(move |c| {
-        c.node_name = "f1".into();
-        c.role = Role::Follower;
-        c.leader_addresses = vec![address];
-    })
-    .await;
-    eventually("the follower to connect", || async {
-        connected_followers(&leader.addr()).await == 1
-    })
-    .await;
+    let (leader, follower) = leader_and_follower().await;
 
     // 8 MiB in frames of different sizes, within what a replicator keeps for its follower.
     let frames: Vec<Vec<u8>> = (0..32)

@@ -21,16 +21,23 @@ async fn channel(node: &TestNode) -> tonic::transport::Channel {
 #[tokio::test]
 async fn health_reports_serving() {
     let node = TestNode::start(|_| {}).await;
-    let mut health = HealthClient::new(channel(&node).await);
+    let health = HealthClient::new(channel(&node).await);
+    // Serving once its ring is formed (a standalone node forms it alone, at once).
     for service in ["", "streaming.v1.Streaming"] {
-        let response = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(response.status(), ServingStatus::Serving, "{service:?}");
+        goutube_tests::eventually(&format!("{service:?} to serve"), || {
+            let mut health = health.clone();
+            async move {
+                let response = health
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                response.status() == ServingStatus::Serving
+            }
+        })
+        .await;
     }
     node.shutdown().await;
 }

@@ -130,13 +130,16 @@ async fn a_follower_copies_its_leader() {
     let status = produce(&mut to_follower, "video", &[data(99, 10)])
         .await
         .unwrap_err();
+    // Its client API, where the write goes (the replication port is no place for a client).
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
-        status
-            .message()
-            .contains(&leader.node.replication_addr().to_string()),
+        status.message().contains(&leader.addr()),
         "{}",
         status.message()
+    );
+    assert_eq!(
+        goutube::client::owner_of(&status),
+        Some(("leader".to_owned(), leader.addr()))
     );
     let status = to_follower
         .delete_point(DeletePointRequest {

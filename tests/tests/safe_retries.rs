@@ -9,7 +9,7 @@ use std::sync::mpsc as std_mpsc;
 
 use bytes::Bytes;
 use goutube::api::proto::{ListPointsRequest, ProduceRequest};
-use goutube::client::{Client, ClientError, ClientOptions, Progress};
+use goutube::client::{Client, ClientError, ClientOptions, Progress, PutMode, PutOptions};
 use goutube::config::Config;
 use goutube::node::Node;
 use goutube_tests::{
@@ -158,6 +158,7 @@ impl Progress for PauseOnce {
 /// with what `meanwhile` returned.
 async fn put_interrupted<T, F, Fut>(
     port: u16,
+    mode: PutMode,
     file: &Path,
     pause_at: u64,
     meanwhile: F,
@@ -183,7 +184,15 @@ where
     let file = file.to_owned();
     let upload = tokio::spawn(async move {
         client
-            .put("recording", &file, 256 * 1024, None, progress)
+            .put(
+                "recording",
+                &file,
+                &PutOptions {
+                    mode,
+                    ..Default::default()
+                },
+                progress,
+            )
             .await
     });
     tokio::time::timeout(DEADLINE, reached_rx)
@@ -244,7 +253,10 @@ async fn put_resumes_after_a_restart_without_writing_twice() {
     .unwrap();
 
     let (report, (node, held)) =
-        put_interrupted(port, &file, 8 * 1024 * 1024, || restart(node, &store, port)).await;
+        put_interrupted(port, PutMode::Append, &file, 8 * 1024 * 1024, || {
+            restart(node, &store, port)
+        })
+        .await;
     let report = report.expect("the upload resumes and completes");
 
     assert!(report.retries >= 1, "{report:?}");
@@ -275,19 +287,20 @@ async fn put_refuses_to_resume_over_another_writers_bytes() {
     let node = start_in(&store, |c| configure(c, port)).await;
     let intruder = data(21, 4096);
 
-    let (error, (node, held)) = put_interrupted(port, &file, 4 * 1024 * 1024, || async {
-        let (node, held) = restart(node, &store, port).await;
-        // Someone else appends before the upload resumes.
-        produce(
-            &mut node_client(port).await,
-            "recording",
-            std::slice::from_ref(&intruder),
-        )
-        .await
-        .unwrap();
-        (node, held)
-    })
-    .await;
+    let (error, (node, held)) =
+        put_interrupted(port, PutMode::New, &file, 4 * 1024 * 1024, || async {
+            let (node, held) = restart(node, &store, port).await;
+            // Someone else appends before the upload resumes.
+            produce(
+                &mut node_client(port).await,
+                "recording",
+                std::slice::from_ref(&intruder),
+            )
+            .await
+            .unwrap();
+            (node, held)
+        })
+        .await;
     let error = error.expect_err("the upload must not resume over bytes it did not write");
 
     assert!(

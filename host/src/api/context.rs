@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, Action};
-use crate::cluster::{Lifecycle, Steps};
+use crate::cluster::{Leader, Lifecycle, Steps};
 use crate::config::{Ack, Config, Role};
 use crate::error::Error;
 use crate::net::PeerInfo;
@@ -35,6 +36,8 @@ pub struct Context {
     pub signer: Arc<UrlSigner>,
     /// This member's lifecycle steps (`DrainMember`).
     pub steps: Steps,
+    /// For a follower: the leader it follows, once known (refused writes name it).
+    pub leader: watch::Receiver<Option<Leader>>,
 }
 
 /// Request metadata: the subject a balancer forwards a call for (binary, so that any subject
@@ -109,16 +112,26 @@ impl Context {
         )))
     }
 
-    /// Refuses writes on followers, naming their leader.
+    /// Refuses writes on followers, naming their leader's client API (in the status metadata
+    /// too, so clients go there by themselves).
     pub fn check_writable(&self) -> Result<(), Error> {
-        if self.config.role == Role::Follower {
-            return Err(Error::FailedPrecondition(format!(
-                "node {} is a follower and does not accept writes; write to its leader at {}",
-                self.config.node_name,
-                self.config.leader_addresses.join(", ")
-            )));
+        if self.config.role != Role::Follower {
+            return Ok(());
         }
-        Ok(())
+        let node = self.config.node_name.clone();
+        let leader = self.leader.borrow().clone();
+        match leader.filter(|leader| !leader.rpc_addr.is_empty()) {
+            Some(leader) => Err(Error::Follower {
+                node,
+                leader: leader.name,
+                address: leader.rpc_addr,
+            }),
+            None => Err(Error::Unavailable(format!(
+                "node {node} is a follower and takes no writes; it has not reached its leader \
+                 (replication address {}) yet: write to the leader's client API",
+                self.config.leader_addresses.join(", ")
+            ))),
+        }
     }
 
     /// `Ok` if this node takes writes for `point`, with the handover it is part of, if any
@@ -186,27 +199,64 @@ impl Context {
         )))
     }
 
-    /// The refusal of a point this node does not hold; it names the copies of it kept in
-    /// quarantine here, if any (`docs/resharding.md`: a forgotten member stepping down).
-    pub fn not_found_here(&self, point: &PointId) -> Error {
+    /// The refusal of a read of a point this node does not hold: the member that holds it (its
+    /// owner on the ring), so that every node is a door; the copies of it kept in quarantine
+    /// here, if any (`docs/resharding.md`: a forgotten member stepping down); else `NotFound`
+    /// (this node is its owner: the point does not exist).
+    pub async fn not_held_here(&self, point: &PointId) -> Error {
         let quarantined = self.store.quarantined(point);
-        if quarantined.is_empty() {
-            return Error::Read(ReadError::NotFound(point.clone()));
+        if !quarantined.is_empty() {
+            let copies: Vec<String> = quarantined
+                .iter()
+                .map(|(epoch, size, dir)| {
+                    format!("epoch {epoch}: {size} bytes in {}", dir.display())
+                })
+                .collect();
+            return Error::Quarantined {
+                point: point.to_string(),
+                copies: copies.join("; "),
+            };
         }
-        let copies: Vec<String> = quarantined
-            .iter()
-            .map(|(epoch, size, dir)| format!("epoch {epoch}: {size} bytes in {}", dir.display()))
-            .collect();
-        Error::Quarantined {
-            point: point.to_string(),
-            copies: copies.join("; "),
+        let not_found = Error::Read(ReadError::NotFound(point.clone()));
+        let Ok((membership, owners)) = self.placement.owners(point.as_str(), 1).await else {
+            return not_found;
+        };
+        let holder = &owners[0];
+        let local = &membership.local;
+        if holder == local {
+            return not_found;
+        }
+        let there = |member: &crate::cluster::Member| Error::HeldElsewhere {
+            point: crate::error::bounded(point.as_str()),
+            holder: member.name.clone(),
+            address: member.rpc_addr.clone(),
+        };
+        if let Some(live) = membership.live(holder) {
+            return there(live);
+        }
+        // A holder that is down is read from one of its followers (not this one, which does not
+        // have the point).
+        let follower = membership.view.members.values().find(|follower| {
+            follower.leader.as_deref() == Some(holder.as_str()) && follower.name != *local
+        });
+        let follows_holder = membership
+            .live(local)
+            .is_some_and(|me| me.leader.as_deref() == Some(holder.as_str()));
+        match follower {
+            Some(follower) => there(follower),
+            None if follows_holder => not_found,
+            None => self.placement.refuse(point, holder),
         }
     }
 
     /// `point`, to be read by a client: a copy still arriving in a handover is not served;
     /// the refusal names the member it arrives from, which serves it until the handover ends.
+    /// A point not held here is refused naming the member that holds it ([`Self::not_held_here`]).
     pub async fn readable(&self, point: &PointId) -> Result<Arc<Point>, Error> {
-        let found = self.store.point(point).await?;
+        let found = match self.store.point(point).await {
+            Err(ReadError::NotFound(_)) => return Err(self.not_held_here(point).await),
+            found => found?,
+        };
         if !found.snapshot().arriving {
             return Ok(found);
         }

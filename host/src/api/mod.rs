@@ -46,7 +46,8 @@ pub fn server_builder() -> Server {
 /// Serves the client API (`streaming`, the resolver helpers, health, reflection) on `listener`
 /// until `token` is cancelled; then waits for open calls (which end themselves once the node's
 /// grace period is over). Storage nodes serve [`streaming::StreamingService`]; balancers their
-/// forwarding service.
+/// forwarding service. Health answers `NOT_SERVING` until `ready` resolves (the node sees a
+/// formed ring), then `SERVING`.
 pub fn start<S, R>(
     streaming: S,
     resolver: R,
@@ -54,6 +55,7 @@ pub fn start<S, R>(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     token: CancellationToken,
+    ready: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Handle
 where
     S: proto::streaming_server::Streaming,
@@ -70,10 +72,40 @@ where
         "rpc",
     );
     let shutdown = service.token().clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
     service.spawn("serve", async move {
-        if let Err(error) = serve(streaming, resolver, max_frame_size, incoming, shutdown).await {
+        let served = serve(
+            streaming,
+            resolver,
+            max_frame_size,
+            incoming,
+            health_service,
+            shutdown,
+        );
+        if let Err(error) = served.await {
             tracing::error!(%error, "the API server failed");
         }
+    });
+    let shutdown = service.token().clone();
+    service.spawn("health", async move {
+        // The whole server ("") and the streaming service are reported together.
+        let streaming =
+            <proto::streaming_server::StreamingServer<S> as tonic::server::NamedService>::NAME;
+        for name in ["", streaming] {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        tokio::select! {
+            () = ready => {}
+            () = shutdown.cancelled() => return,
+        }
+        for name in ["", streaming] {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        tracing::debug!("health: serving");
     });
     service.handle()
 }
@@ -83,6 +115,9 @@ async fn serve<S, R>(
     resolver: R,
     max_frame_size: u64,
     incoming: impl tokio_stream::Stream<Item = std::io::Result<net::Connection>> + Send + 'static,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -91,10 +126,6 @@ where
         + proto::follower_resolver_helper_server::FollowerResolverHelper
         + Clone,
 {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<proto::streaming_server::StreamingServer<S>>()
-        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

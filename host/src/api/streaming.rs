@@ -221,13 +221,7 @@ impl proto::streaming_server::Streaming for StreamingService {
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         let state = &self.state;
         state.access.authorize(&peer, action, id.as_str()).await?;
-        let snapshot = match state.readable(&id).await {
-            Ok(point) => point.snapshot(),
-            Err(Error::Read(crate::point::ReadError::NotFound(_))) => {
-                return Err(state.not_found_here(&id).into());
-            }
-            Err(error) => return Err(error.into()),
-        };
+        let snapshot = state.readable(&id).await?.snapshot();
         let ownership = state.store.ownership(&id).await.map_err(Error::from)?;
         let owner = match ownership.owner.clone() {
             Some(owner) => owner,

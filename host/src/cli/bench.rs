@@ -649,7 +649,7 @@ async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()
     drop(listed);
     report("restart (to first answer)", started.elapsed(), &node);
     let started = Instant::now();
-    let listed = client.list("").await?;
+    let listed = client.list("").await?.points;
     if listed.len() != count {
         bail!("listed {} points, created {count}", listed.len());
     }

@@ -17,7 +17,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
 use goutube::api::proto::ListMembersResponse;
-use goutube::client::{Client, ClientOptions, ClientTls, DEFAULT_CHUNK, GetOptions, Progress};
+use goutube::client::{
+    Client, ClientError, ClientOptions, ClientTls, DEFAULT_CHUNK, GetOptions, Progress, PutMode,
+    PutOptions,
+};
 use goutube::config::Config;
 use goutube::node::{Listeners, Node};
 
@@ -40,10 +43,18 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Append a file to a point.
+    /// Upload a file as a new point (verified: the point is the file). A point that has bytes
+    /// already is refused unless --resume or --append says what to do with it.
     Put {
         file: PathBuf,
         point: String,
+        /// Continue an interrupted upload: the point's bytes are checked to be the start of the
+        /// file, then the rest is sent.
+        #[arg(long, conflicts_with = "append")]
+        resume: bool,
+        /// Add the file after what the point holds.
+        #[arg(long)]
+        append: bool,
         /// Bytes per frame.
         #[arg(long, default_value_t = DEFAULT_CHUNK)]
         chunk_size: usize,
@@ -60,6 +71,9 @@ pub enum Command {
         /// Continue an interrupted download from FILE.part (what in it is verified is kept).
         #[arg(long)]
         resume: bool,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
         /// Never fetch a slow range a second time from another replica (saves bandwidth; a
         /// stalled replica then stalls the download until it fails).
         #[arg(long)]
@@ -121,7 +135,8 @@ pub enum Command {
         /// Directory to write to; an existing CA there is reused.
         #[arg(long, default_value = "certs")]
         out: PathBuf,
-        /// Node names, one certificate each (common name `node:<name>`); default: the host name.
+        /// Node names, one certificate each (common name `node:<name>`). Without --node and
+        /// --client: the host name; with --client only, none.
         #[arg(long = "node")]
         nodes: Vec<String>,
         /// Extra host names or IP addresses the node certificates are valid for (besides
@@ -209,17 +224,43 @@ impl Command {
     }
 }
 
-/// Explains the usual cause of a connection the node drops: plaintext against a TLS node.
+/// Explains the usual causes of a failure that says little by itself: a connection dropped
+/// during the handshake (plaintext against a TLS node, or TLS against a plaintext one), and an
+/// answer in plain HTTP (the node's HTTP port, not its gRPC one). Statuses the node sent are
+/// left as they are: they say what happened.
 fn hint(error: anyhow::Error, connection: Option<(String, bool)>) -> anyhow::Error {
-    let dropped = error.downcast_ref::<goutube::client::ClientError>().is_some_and(|e| {
-        matches!(e, goutube::client::ClientError::Status(status)
-            if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal))
-    });
-    match connection {
-        Some((addr, false)) if dropped => error.context(format!(
-            "{addr} closed the connection; if the node requires TLS, pass --ca, --cert and --key"
-        )),
-        _ => error,
+    let Some((addr, tls)) = connection else {
+        return error;
+    };
+    let hint = match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Status(status))
+            if status.message().contains("grpc-status header missing") =>
+        {
+            Some(format!(
+                "{addr} answered in plain HTTP, not gRPC: is it a node's HTTP port? A node's gRPC \
+                 API is on its rpc_port (8400 unless configured)"
+            ))
+        }
+        // No status from the node: the connection itself failed.
+        Some(ClientError::Status(status))
+            if std::error::Error::source(status).is_some() && !tls =>
+        {
+            Some(format!(
+                "{addr} closed the connection; if the node requires TLS, pass --ca, --cert and --key"
+            ))
+        }
+        Some(ClientError::Connect { source, .. })
+            if tls && format!("{source:?}").contains("InvalidContentType") =>
+        {
+            Some(format!(
+                "{addr} does not speak TLS: leave out --ca, --cert and --key for a node without [tls]"
+            ))
+        }
+        _ => None,
+    };
+    match hint {
+        Some(hint) => error.context(hint),
+        None => error,
     }
 }
 
@@ -237,28 +278,42 @@ async fn command(command: Command) -> anyhow::Result<()> {
         Command::Put {
             file,
             point,
+            resume,
+            append,
             chunk_size,
             content_type,
             connection,
         } => {
             init_client_logging();
             anyhow::ensure!(chunk_size > 0, "--chunk-size must be at least 1");
+            let mode = match (resume, append) {
+                (true, _) => PutMode::Resume,
+                (_, true) => PutMode::Append,
+                _ => PutMode::New,
+            };
+            let options = PutOptions {
+                chunk: chunk_size,
+                content_type,
+                mode,
+            };
             let client = connection.connect().await?;
             let started = Instant::now();
             let progress = Arc::new(Bar(progress_bar()));
-            let report = client
-                .put(
-                    &point,
-                    &file,
-                    chunk_size,
-                    content_type.as_deref(),
-                    progress.clone(),
-                )
-                .await?;
+            let put = client.put(&point, &file, &options, progress.clone()).await;
             progress.0.finish_and_clear();
+            let report = match put {
+                Err(ClientError::Exists { size, .. }) => anyhow::bail!(
+                    "point {point} already has {size} bytes; nothing was written. `goutube put \
+                     {file} {point} --resume` continues an interrupted upload of this file (the \
+                     point's bytes are checked against its start), `--append` adds the file after \
+                     them",
+                    file = file.display()
+                ),
+                other => other?,
+            };
             let record = report.record;
             if let Some((owner, address)) = &report.redirected {
-                println!("{point}: belongs to member {owner}; written to it at {address}");
+                println!("{point}: written to member {owner} at {address}, which takes its writes");
             }
             if report.retries > 0 {
                 println!(
@@ -266,20 +321,33 @@ async fn command(command: Command) -> anyhow::Result<()> {
                     report.retries
                 );
             }
-            println!(
-                "{point}: appended {} bytes at {}; the point now has {} bytes, crc32c {:08x} (verified)",
-                report.bytes,
-                record.end - report.bytes,
-                record.end,
-                record.crc32c,
-            );
-            print_rate(report.bytes, started);
+            match mode {
+                PutMode::Append => println!(
+                    "{point}: appended {} bytes at {}; the point now has {} bytes, crc32c {:08x} \
+                     (verified: its first {} bytes, then the file)",
+                    report.bytes, report.start, record.end, record.crc32c, report.start
+                ),
+                PutMode::New | PutMode::Resume => {
+                    if report.resumed > 0 {
+                        println!(
+                            "{point}: its {} bytes were the start of the file; sent the rest",
+                            report.resumed
+                        );
+                    }
+                    println!(
+                        "{point}: {} bytes, crc32c {:08x} (verified: the point is the file)",
+                        record.end, record.crc32c
+                    );
+                }
+            }
+            print_rate(report.bytes - report.resumed, started);
             Ok(())
         }
         Command::Get {
             point,
             file,
             resume,
+            force,
             no_hedge,
             connection,
         } => {
@@ -290,11 +358,22 @@ async fn command(command: Command) -> anyhow::Result<()> {
             let options = GetOptions {
                 resume,
                 hedge: !no_hedge,
+                overwrite: force,
+                interrupt: interrupted()?,
             };
-            let report = client
-                .get(&point, &file, &options, progress.clone())
-                .await?;
+            let got = client.get(&point, &file, &options, progress.clone()).await;
             progress.0.finish_and_clear();
+            let report = match got {
+                Err(ClientError::FileExists(path)) => anyhow::bail!(
+                    "{} exists already; nothing was downloaded (--force replaces it)",
+                    path.display()
+                ),
+                Err(error @ ClientError::Interrupted { .. }) => anyhow::bail!(
+                    "{error}; `goutube get {point} {} --resume` continues from there",
+                    file.display()
+                ),
+                other => other?,
+            };
             println!(
                 "{point}: {} bytes into {} from {} worker(s), crc32c {:08x} verified",
                 report.size,
@@ -346,8 +425,15 @@ async fn command(command: Command) -> anyhow::Result<()> {
         }
         Command::Ls { prefix, connection } => {
             init_client_logging();
-            for point in connection.connect().await?.list(&prefix).await? {
-                println!("{point}");
+            let listing = connection.connect().await?.list(&prefix).await?;
+            for point in &listing.points {
+                println!("{}", goutube::error::escaped(point));
+            }
+            for member in &listing.missing {
+                eprintln!(
+                    "warning: member {member} is down and none of its followers is up: its \
+                     points are not listed"
+                );
             }
             Ok(())
         }
@@ -359,7 +445,8 @@ async fn command(command: Command) -> anyhow::Result<()> {
             days,
             force,
         } => {
-            if nodes.is_empty() {
+            // Asked for client certificates only, no node certificate is made.
+            if nodes.is_empty() && clients.is_empty() {
                 nodes.push(Config::default().node_name);
             }
             if clients.is_empty() {
@@ -377,20 +464,23 @@ async fn command(command: Command) -> anyhow::Result<()> {
             for path in &written {
                 println!("wrote {}", path.display());
             }
-            let node = &nodes[0];
-            println!(
-                "\nnode config:\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}",
-                out.join("ca.pem"),
-                out.join(format!("node-{node}.pem")),
-                out.join(format!("node-{node}-key.pem")),
-                out.join(goutube::certs::CLUSTER_KEY_FILE)
-            );
-            println!(
-                "\nclient flags: --ca {} --cert {} --key {}",
-                out.join("ca.pem").display(),
-                out.join(format!("client-{}.pem", clients[0])).display(),
-                out.join(format!("client-{}-key.pem", clients[0])).display()
-            );
+            if let Some(node) = nodes.first() {
+                println!(
+                    "\nnode config:\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}",
+                    out.join("ca.pem"),
+                    out.join(format!("node-{node}.pem")),
+                    out.join(format!("node-{node}-key.pem")),
+                    out.join(goutube::certs::CLUSTER_KEY_FILE)
+                );
+            }
+            if let Some(client) = clients.first() {
+                println!(
+                    "\nclient flags: --ca {} --cert {} --key {}",
+                    out.join("ca.pem").display(),
+                    out.join(format!("client-{client}.pem")).display(),
+                    out.join(format!("client-{client}-key.pem")).display()
+                );
+            }
             Ok(())
         }
         Command::Bench(bench) => {
@@ -472,11 +562,15 @@ async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Plugins first (compiled, or taken from the compile cache): their errors are not hidden
+    // behind a port in use, and a large one is ready before the node says it is.
+    let plugins = goutube::node::load_plugins(&config).await?;
     let listeners = Listeners::bind(&config).await?;
-    // One line on stdout with every bound address (ports may have been 0): scripts and tests
-    // read it to find the node.
-    println!("{}", listeners.addresses(&config)?.listening_line());
-    let node = Node::start(config, listeners).await?;
+    let addresses = listeners.addresses(&config)?;
+    let node = Node::start_with(config, listeners, plugins).await?;
+    // One line on stdout with every bound address (ports may have been 0), once the node
+    // serves: scripts and tests wait for it.
+    println!("{}", addresses.listening_line());
 
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -603,6 +697,24 @@ fn print_members(members: &ListMembersResponse) {
     if !members.conflict.is_empty() {
         println!("CONFLICT: {}", members.conflict);
     }
+}
+
+/// A token cancelled by the first Ctrl-C (SIGINT) or SIGTERM: a download then journals what
+/// it holds and stops.
+fn interrupted() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(token)
 }
 
 /// A progress bar fed by the client's progress reports.

@@ -10,8 +10,11 @@
 //!   be split, the slowest range is *hedged*: its rest is fetched again by the idle worker, the
 //!   first to finish wins, the other is stopped. A worker that fails gives its range back from
 //!   the offset it reached and backs off; one that fails three times in a row is dropped.
-//! - **Resumable.** `<out>.part.journal` lists the finished pieces and their CRC32C; with
-//!   `resume`, pieces whose bytes in `.part` still match are kept, the rest is fetched.
+//! - **Resumable.** `<out>.part.journal` lists the pieces in the file and their CRC32C: finished
+//!   ranges, and what running ranges wrote so far, rewritten after a write of the download at
+//!   most every [`CHECKPOINT`] (a few MiB apart at full speed) and once more when the download
+//!   is interrupted ([`GetOptions::interrupt`], Ctrl-C in the CLI). With `resume`, pieces whose
+//!   bytes in `.part` still match are kept and only the rest is fetched.
 //! - **Durable.** Frames are written in batches (4 MiB, frame by frame, never copied into one
 //!   buffer), each batch by a blocking task while the next fills (it computes the CRC too),
 //!   and written back while the download runs; before success is reported the file is synced,
@@ -42,6 +45,8 @@ const WRITE_BATCH: usize = 4 * 1024 * 1024;
 const HEDGE_AFTER: Duration = Duration::from_millis(300);
 /// Consecutive failures after which a worker is dropped.
 const MAX_FAILURES: u32 = 3;
+/// How often, at most, the journal is rewritten with the progress of running ranges.
+const CHECKPOINT: Duration = Duration::from_millis(50);
 
 /// How a download runs.
 #[derive(Debug, Clone)]
@@ -50,6 +55,11 @@ pub struct GetOptions {
     pub resume: bool,
     /// Fetch the rest of a slow range again from another worker.
     pub hedge: bool,
+    /// Replace `out` if it exists (else the download is refused before it starts).
+    pub overwrite: bool,
+    /// Cancelled to stop the download: what is in `.part` is journaled and kept for `resume`
+    /// ([`ClientError::Interrupted`]).
+    pub interrupt: CancellationToken,
 }
 
 impl Default for GetOptions {
@@ -57,6 +67,8 @@ impl Default for GetOptions {
         Self {
             resume: false,
             hedge: true,
+            overwrite: false,
+            interrupt: CancellationToken::new(),
         }
     }
 }
@@ -113,7 +125,11 @@ impl Client {
         options: &GetOptions,
         progress: Arc<dyn Progress>,
     ) -> Result<GetReport, ClientError> {
+        // A point that cannot be read is said before a file that is in the way.
         let meta = self.stat(point).await?;
+        if !options.overwrite && out.exists() {
+            return Err(ClientError::FileExists(out.to_owned()));
+        }
         let part = part_path(out);
         let journal_file = journal_path(out);
         let io = |path: &Path| {
@@ -174,6 +190,7 @@ impl Client {
             file,
             journal_file: journal_file.clone(),
             plan: Mutex::new(Plan::new(&journal)),
+            checkpointed: Mutex::new(Instant::now()),
             changed: Notify::new(),
             progress,
             hedge: options.hedge,
@@ -188,10 +205,19 @@ impl Client {
                 download.work(index, &address, &worker).await
             }));
         }
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        let outcomes = tokio::select! {
+            outcomes = futures::future::join_all(tasks) => outcomes,
+            () = options.interrupt.cancelled() => {
+                aborts.iter().for_each(tokio::task::AbortHandle::abort);
+                let journal = download.checkpoint(true)?;
+                let kept = journal.done.iter().map(|p| p.end - p.start).sum();
+                return Err(ClientError::Interrupted { kept, part });
+            }
+        };
         let mut last_error = None;
-        for task in tasks {
-            if let Err(error) = task
-                .await
+        for outcome in outcomes {
+            if let Err(error) = outcome
                 .map_err(|e| ClientError::Verify(format!("a download worker failed: {e}")))?
             {
                 last_error = Some(error);
@@ -287,6 +313,8 @@ struct Download {
     file: Arc<File>,
     journal_file: PathBuf,
     plan: Mutex<Plan>,
+    /// When the journal was last written; held while it is written (one writer at a time).
+    checkpointed: Mutex<Instant>,
     /// Wakes idle workers when work appears or ends.
     changed: Notify,
     progress: Arc<dyn Progress>,
@@ -381,21 +409,42 @@ impl Plan {
         }
     }
 
+    /// The pieces running ranges wrote so far, disjoint from each other and from the finished
+    /// ones: a hedged range's up to where its hedge began.
+    fn running_pieces(&self) -> Vec<Piece> {
+        self.active
+            .values()
+            .filter_map(|a| {
+                let hedge = a.hedged_by.and_then(|h| self.active.get(&h));
+                // The hedge began at the original's position then, with its CRC32C then.
+                let (end, crc32c) = match hedge {
+                    Some(hedge) if hedge.start < a.position => {
+                        let (_, _, crc_at) = hedge.hedge_of.expect("a hedge knows its original");
+                        (hedge.start, crc_at)
+                    }
+                    _ => (a.position, a.crc),
+                };
+                (end > a.start).then_some(Piece {
+                    start: a.start,
+                    end,
+                    crc32c,
+                })
+            })
+            .collect()
+    }
+
+    /// The journal as it stands: the finished pieces and what running ranges wrote.
+    fn checkpoint(&self) -> Journal {
+        let mut journal = self.journal.clone();
+        journal.done.extend(self.running_pieces());
+        journal
+    }
+
     /// Bytes of the point in the file: finished pieces, and what running ranges wrote (a hedged
     /// range counts up to where its hedge began). Returns how much that grew since last asked.
     fn covered_since_reported(&mut self) -> u64 {
         let done: u64 = self.journal.done.iter().map(|p| p.end - p.start).sum();
-        let running: u64 = self
-            .active
-            .values()
-            .map(|a| {
-                let upto = match a.hedged_by.and_then(|h| self.active.get(&h)) {
-                    Some(hedge) => a.position.min(hedge.start),
-                    None => a.position,
-                };
-                upto - a.start
-            })
-            .sum();
+        let running: u64 = self.running_pieces().iter().map(|p| p.end - p.start).sum();
         let covered = done + running;
         let advanced = covered.saturating_sub(self.reported);
         self.reported = self.reported.max(covered);
@@ -630,7 +679,7 @@ impl Download {
                                 (plan.journal.clone(), plan.covered_since_reported())
                             };
                             self.progress.advance(advanced);
-                            write_journal(&self.journal_file, &journal)?;
+                            self.write_checkpoint(&journal)?;
                         }
                         Err(error) => {
                             self.plan.lock().unwrap().fail(id);
@@ -795,6 +844,27 @@ impl Download {
         if advanced > 0 {
             self.progress.advance(advanced);
         }
+        self.checkpoint(false)?;
+        Ok(())
+    }
+
+    /// Writes the journal with the progress of running ranges, if the last write is
+    /// [`CHECKPOINT`] old (or `now`). Returns what it holds.
+    fn checkpoint(&self, now: bool) -> Result<Journal, ClientError> {
+        let mut checkpointed = self.checkpointed.lock().unwrap();
+        let journal = self.plan.lock().unwrap().checkpoint();
+        if now || checkpointed.elapsed() >= CHECKPOINT {
+            write_journal(&self.journal_file, &journal)?;
+            *checkpointed = Instant::now();
+        }
+        Ok(journal)
+    }
+
+    /// Writes `journal` (a range finished), one writer at a time.
+    fn write_checkpoint(&self, journal: &Journal) -> Result<(), ClientError> {
+        let mut checkpointed = self.checkpointed.lock().unwrap();
+        write_journal(&self.journal_file, journal)?;
+        *checkpointed = Instant::now();
         Ok(())
     }
 

@@ -26,16 +26,19 @@ use tonic::{Code, Status};
 use crate::api::proto::streaming_client::StreamingClient;
 use crate::api::proto::{
     CleanupMemberRequest, DeletePointRequest, DrainMemberRequest, ForgetMemberRequest,
-    ListMembersRequest, ListMembersResponse, ListPointsRequest, MetadataRequest, MetadataResponse,
-    ProduceRequest, Record, SignUrlRequest,
+    ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
+    MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
 };
 use crate::api::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
-use crate::error::{END_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
+use crate::error::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
+
+/// The port of a node's gRPC API when an address names none (`rpc_port`'s default).
+pub const DEFAULT_PORT: u16 = 8400;
 
 /// Where and how to connect.
 #[derive(Debug, Clone, Default)]
 pub struct ClientOptions {
-    /// `host:port`, or a URL with `http://` / `https://`.
+    /// `host:port`, or a URL with `http://` / `https://`; without a port, [`DEFAULT_PORT`].
     pub addr: String,
     pub tls: Option<ClientTls>,
 }
@@ -70,6 +73,16 @@ pub enum ClientError {
     Status(Status),
     #[error("verification failed: {0}")]
     Verify(String),
+    /// A new point's upload found the point with bytes already (see [`PutMode`]).
+    #[error("point {point} already has {size} bytes")]
+    Exists { point: String, size: u64 },
+    /// A download would replace a file (see [`GetOptions::overwrite`]).
+    #[error("{} exists already", .0.display())]
+    FileExists(PathBuf),
+    /// A download was interrupted ([`GetOptions::interrupt`]): `kept` bytes are in `part`,
+    /// journaled, for a download with `resume`.
+    #[error("interrupted; {kept} bytes are kept in {}", .part.display())]
+    Interrupted { kept: u64, part: PathBuf },
     /// A TLS file the client was given cannot be used (which one, and why).
     #[error("client TLS: {0}")]
     Tls(String),
@@ -143,12 +156,75 @@ pub struct Client {
 /// What an upload did.
 #[derive(Debug, Clone)]
 pub struct PutReport {
+    /// The point after it.
     pub record: Record,
+    /// The file's length.
     pub bytes: u64,
+    /// Where the file begins in the point (0 but for [`PutMode::Append`]).
+    pub start: u64,
+    /// Bytes of the file the point held already ([`PutMode::Resume`]).
+    pub resumed: u64,
     /// The owner the upload was redirected to (name, address), when the first node was not it.
     pub redirected: Option<(String, String)>,
     /// Attempts that failed and were resumed from what the node held (checked by CRC32C).
     pub retries: u32,
+}
+
+/// The points of a cluster, as [`Client::list`] found them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub points: Vec<String>,
+    /// Primaries that are down with no live follower: their points are not listed.
+    pub missing: Vec<String>,
+}
+
+/// Ids a listing asks each node for at once.
+const LIST_PAGE: u32 = 1000;
+
+/// The client addresses to list a cluster's points from: each primary of the ring that owns a
+/// range, or, when it is down, one of its live followers; and the primaries no one can answer
+/// for.
+fn listing_sources(members: &ListMembersResponse) -> (Vec<String>, Vec<String>) {
+    let (mut sources, mut missing) = (Vec::new(), Vec::new());
+    for primary in members.members.iter().filter(|m| m.in_ring && m.owns_range) {
+        let follower = || {
+            members
+                .members
+                .iter()
+                .find(|m| m.live && m.leader == primary.name)
+        };
+        match primary.live {
+            true => sources.push(primary.rpc_addr.clone()),
+            false => match follower() {
+                Some(follower) => sources.push(follower.rpc_addr.clone()),
+                None => missing.push(primary.name.clone()),
+            },
+        }
+    }
+    (sources, missing)
+}
+
+/// Pages of several nodes' listings, each of the node's first `max + 1` ids after the same
+/// `start_after`, as one page of the cluster's first `max` ids, each once; `next` is set when
+/// more follow. Every id of the cluster's first `max` is among some node's first `max + 1`, and
+/// more than `max` ids in all is how more are known to follow. The merge of a balancer's
+/// `ListPoints` and of [`Client::list`].
+pub fn merged_page(pages: Vec<ListPointsResponse>, max: usize) -> ListPointsResponse {
+    let mut points: Vec<String> = pages
+        .into_iter()
+        .flat_map(|page| page.points)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .take(max + 1)
+        .collect();
+    let next = match points.len() > max {
+        true => {
+            points.truncate(max);
+            points.last().cloned().unwrap_or_default()
+        }
+        false => String::new(),
+    };
+    ListPointsResponse { points, next }
 }
 
 /// How many times `put` resumes an upload after a failure that may pass (the node restarting,
@@ -173,41 +249,110 @@ impl Client {
         self.streaming.clone()
     }
 
+    /// The point's size, checksum, replicas and workers, from the node that holds it.
     pub async fn stat(&self, point: &str) -> Result<MetadataResponse, ClientError> {
         let request = MetadataRequest {
             point: point.into(),
         };
-        Ok(self.raw().get_metadata(request).await?.into_inner())
+        self.at_holder(|client| {
+            let request = request.clone();
+            async move { Ok(client.raw().get_metadata(request).await?.into_inner()) }
+        })
+        .await
     }
 
-    /// Every point id with `prefix`, following the pages.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, ClientError> {
+    /// Runs `call` against this node and, when it names another member as the point's holder
+    /// (a node that does not hold a point refuses with the holder in the status), once more
+    /// there.
+    async fn at_holder<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        match call(self.clone()).await {
+            Ok(answer) => Ok(answer),
+            Err(status) => match owner_of(&status) {
+                Some((holder, address)) => {
+                    tracing::debug!(%holder, %address, "asking the member that holds the point");
+                    Ok(call(self.elsewhere(&address).await?).await?)
+                }
+                None => Err(status.into()),
+            },
+        }
+    }
+
+    /// A client of the node at `address`, with this client's TLS settings.
+    async fn elsewhere(&self, address: &str) -> Result<Client, ClientError> {
+        Client::connect(&ClientOptions {
+            addr: address.to_owned(),
+            tls: self.options.tls.clone(),
+        })
+        .await
+    }
+
+    /// Every point id with `prefix` in the cluster: every primary's (a primary that is down:
+    /// one of its followers'), merged page by page, each id once. Primaries whose points nobody
+    /// live holds are named in [`Listing::missing`].
+    pub async fn list(&self, prefix: &str) -> Result<Listing, ClientError> {
+        let members = self.members().await?;
+        let me = members.members.iter().find(|m| m.name == members.node);
+        let (sources, missing) = match me {
+            // A balancer merges the primaries' listings itself.
+            Some(me) if me.role == "balancer" => (vec![self.clone()], Vec::new()),
+            _ => {
+                let (addresses, missing) = listing_sources(&members);
+                let mut sources = Vec::with_capacity(addresses.len());
+                for address in addresses {
+                    sources.push(self.elsewhere(&address).await?);
+                }
+                (sources, missing)
+            }
+        };
         let mut points = Vec::new();
         let mut start_after = String::new();
         loop {
-            let page = self
-                .raw()
-                .list_points(ListPointsRequest {
-                    prefix: prefix.into(),
-                    start_after,
-                    max_results: 0,
-                })
-                .await?
-                .into_inner();
+            let mut pages = Vec::with_capacity(sources.len());
+            for source in &sources {
+                pages.push(
+                    source
+                        .list_page(prefix, &start_after, LIST_PAGE + 1)
+                        .await?,
+                );
+            }
+            let page = merged_page(pages, LIST_PAGE as usize);
             points.extend(page.points);
             if page.next.is_empty() {
-                return Ok(points);
+                return Ok(Listing { points, missing });
             }
             start_after = page.next;
         }
     }
 
-    /// Deletes `point`; returns the size it had.
+    /// One page of this node's point ids with `prefix`, after `start_after`.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        max: u32,
+    ) -> Result<ListPointsResponse, ClientError> {
+        let request = ListPointsRequest {
+            prefix: prefix.into(),
+            start_after: start_after.into(),
+            max_results: max,
+        };
+        Ok(self.raw().list_points(request).await?.into_inner())
+    }
+
+    /// Deletes `point` at the node that holds it; returns the size it had.
     pub async fn delete(&self, point: &str) -> Result<u64, ClientError> {
         let request = DeletePointRequest {
             point: point.into(),
         };
-        Ok(self.raw().delete_point(request).await?.into_inner().size)
+        self.at_holder(|client| {
+            let request = request.clone();
+            async move { Ok(client.raw().delete_point(request).await?.into_inner().size) }
+        })
+        .await
     }
 
     /// A URL of the node's HTTP gateway that reads `point` (or shows its player page) for
@@ -301,27 +446,30 @@ impl Client {
             .into_inner())
     }
 
-    /// Appends the file at `path` to `point` in frames of `chunk` bytes, giving the point
-    /// `content_type` if it is new (see [`ProduceRequest::content_type`]).
+    /// Uploads the file at `path` to `point` (see [`PutMode`] for what happens to a point that
+    /// has bytes already) in frames of `options.chunk` bytes, giving a new point
+    /// `options.content_type` (see [`ProduceRequest::content_type`]).
     ///
     /// Every frame carries its `expected_offset`, so no byte is ever written twice: after a
     /// failure that may pass, the upload resumes from where the node's copy ends, once the
     /// bytes there are checked (CRC32C) to be this file's; a point another writer appended to
     /// meanwhile fails the upload instead. When the node refuses because another member owns
-    /// the point, the upload goes to that owner (once).
+    /// the point (or because it is a follower), the upload goes to that member (once). At the
+    /// end the point's checksum is checked: for a new or resumed point, it is the file's.
+    ///
+    /// A new point's upload needs only the right to `produce`; resuming and appending read the
+    /// point's metadata first.
     pub async fn put(
         &self,
         point: &str,
         path: &Path,
-        chunk: usize,
-        content_type: Option<&str>,
+        options: &PutOptions,
         progress: Arc<dyn Progress>,
     ) -> Result<PutReport, ClientError> {
         let upload = Upload {
             point,
             path,
-            chunk,
-            content_type,
+            options,
             progress,
         };
         let mut target = self.clone();
@@ -331,10 +479,13 @@ impl Client {
         let mut pause = PUT_FIRST_PAUSE;
         loop {
             let error = match target.upload(&upload, &mut began).await {
-                Ok((record, bytes)) => {
+                Ok(done) => {
+                    let began = began.expect("an upload that ran began");
                     return Ok(PutReport {
-                        record,
-                        bytes,
+                        record: done.record,
+                        bytes: done.bytes,
+                        start: began.end,
+                        resumed: done.resumed,
                         redirected,
                         retries,
                     });
@@ -345,14 +496,22 @@ impl Client {
                 && redirected.is_none()
                 && let Some((owner, address)) = owner_of(status)
             {
-                tracing::info!(%owner, %address, "the point belongs to another member; writing there");
-                target = Client::connect(&ClientOptions {
-                    addr: address.clone(),
-                    tls: self.options.tls.clone(),
-                })
-                .await?;
+                tracing::info!(%owner, %address, "the point is written elsewhere; writing there");
+                target = self.elsewhere(&address).await?;
                 redirected = Some((owner, address));
+                // Nothing was written where the upload was refused: it begins on the owner.
+                began = None;
                 continue;
+            }
+            if let ClientError::Status(status) = &error
+                && options.mode == PutMode::New
+                && retries == 0
+                && let Some(size) = existing_size(status)
+            {
+                return Err(ClientError::Exists {
+                    point: point.to_owned(),
+                    size,
+                });
             }
             if retries == PUT_RETRIES || !may_pass(&error) {
                 return Err(error);
@@ -364,78 +523,66 @@ impl Client {
         }
     }
 
+    /// The point's end and CRC32C on this node; `None` if it does not hold it.
+    async fn held(&self, point: &str) -> Result<Option<(u64, u32)>, ClientError> {
+        let request = MetadataRequest {
+            point: point.into(),
+        };
+        match self.raw().get_metadata(request).await {
+            Ok(meta) => {
+                let meta = meta.into_inner();
+                Ok(Some((meta.size, meta.crc32c)))
+            }
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(status.into()),
+        }
+    }
+
     /// One attempt of `upload` against this node: from where its copy of the point ends, if
-    /// that is within the file and holds the file's bytes, to the file's end. `began` is the
-    /// point's end and CRC32C when the first attempt began. Returns the point's record after
-    /// the upload and the file's length.
+    /// that is within the file and holds the file's bytes, to the file's end. `began` is where
+    /// the file begins in the point, and the point's CRC32C up to there, once known (for a new
+    /// or resumed point: 0). Returns the point's record after the upload.
     async fn upload(
         &self,
         upload: &Upload<'_>,
         began: &mut Option<Began>,
-    ) -> Result<(Record, u64), ClientError> {
+    ) -> Result<Uploaded, ClientError> {
         let Upload {
             point,
             path,
-            chunk,
-            content_type,
+            options,
             ref progress,
         } = *upload;
         let io_error = |source| ClientError::Io {
             path: path.to_owned(),
             source,
         };
-        let here = match self.stat(point).await {
-            Ok(meta) => Some((meta.size, meta.crc32c)),
-            Err(ClientError::Status(status)) if status.code() == Code::NotFound => None,
-            Err(error) => return Err(error),
+        // A new point's first attempt asks nothing: the node refuses its first frame if the
+        // point has bytes (and a subject that may only produce can upload).
+        let here = match (options.mode, &began) {
+            (PutMode::New, None) => None,
+            _ => self.held(point).await?,
         };
         let (end, end_crc) = here.unwrap_or((0, 0));
-        let began = began.get_or_insert_with(|| Began {
-            end,
-            crc: end_crc,
-            held: here.is_some(),
-            on: self.options.addr.clone(),
+        let began = *began.get_or_insert(match options.mode {
+            PutMode::Append => Began { end, crc: end_crc },
+            PutMode::New | PutMode::Resume => Began { end: 0, crc: 0 },
         });
         let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
         let len = file.metadata().await.map_err(io_error)?.len();
-        // What of the file earlier attempts wrote here: its bytes must be the file's.
-        let resumable = match end.checked_sub(began.end) {
-            Some(0) => Ok((0, 0)),
+        // What of the file is there already (written by an earlier attempt, or by the upload
+        // being resumed): its bytes must be the file's.
+        let (done, mut crc) = match end.checked_sub(began.end) {
+            Some(0) => (0, 0),
             Some(done) if done <= len => {
                 let crc = crc_of_prefix(&mut file, done).await.map_err(io_error)?;
-                if crc32c::crc32c_combine(began.crc, crc, done as usize) == end_crc {
-                    Ok((done, crc))
-                } else {
-                    Err(format!(
-                        "its {done} bytes after {} are not the file's",
-                        began.end
-                    ))
+                if crc32c::crc32c_combine(began.crc, crc, done as usize) != end_crc {
+                    return Err(self.not_this_file(upload, began, end, len));
                 }
+                (done, crc)
             }
-            _ => Err(format!("it now ends at {end}")),
+            _ => return Err(self.not_this_file(upload, began, end, len)),
         };
-        let (done, mut crc) = match resumable {
-            Ok(resumed) => resumed,
-            // The upload began on another node, which did not hold the point (it redirected
-            // here): a copy here that is not the start of this upload was here before it.
-            Err(_) if !began.held && began.on != self.options.addr && here.is_some() => {
-                *began = Began {
-                    end,
-                    crc: end_crc,
-                    held: true,
-                    on: self.options.addr.clone(),
-                };
-                (0, 0)
-            }
-            Err(what) => {
-                return Err(ClientError::Verify(format!(
-                    "point {point} changed during the upload: {what}; it had {} bytes when the \
-                     upload of {len} bytes began (another writer?)",
-                    began.end
-                )));
-            }
-        };
-        let (start, start_crc) = (began.end, began.crc);
         file.seek(std::io::SeekFrom::Start(done))
             .await
             .map_err(io_error)?;
@@ -444,10 +591,13 @@ impl Client {
         let (tx, rx) = mpsc::channel(4);
         let point_id = point.to_owned();
         // Given with the first frame only.
-        let mut content_type = content_type.map(str::to_owned);
+        let mut content_type = options.content_type.clone();
+        let chunk = options.chunk;
+        // An empty file makes an empty point: one empty frame creates it.
+        let mut empty_frame = options.mode == PutMode::New && len == 0;
         let progress = progress.clone();
         let reader = tokio::spawn(async move {
-            let mut offset = start + done;
+            let mut offset = began.end + done;
             loop {
                 let mut frame = BytesMut::with_capacity(chunk);
                 while frame.len() < chunk {
@@ -455,7 +605,7 @@ impl Client {
                         break;
                     }
                 }
-                if frame.is_empty() {
+                if frame.is_empty() && !std::mem::take(&mut empty_frame) {
                     return Ok::<_, std::io::Error>(crc);
                 }
                 crc = crc32c::crc32c_append(crc, &frame);
@@ -490,37 +640,112 @@ impl Client {
                 end,
                 crc32c: end_crc,
             });
-        let expected = crc32c::crc32c_combine(start_crc, file_crc, len as usize);
-        if record.end != start + len || record.crc32c != expected {
+        let expected = crc32c::crc32c_combine(began.crc, file_crc, len as usize);
+        if record.end != began.end + len || record.crc32c != expected {
             return Err(ClientError::Verify(format!(
                 "point {point} has {} bytes with CRC32C {:08x} after the upload, expected {} \
                  with {expected:08x}",
                 record.end,
                 record.crc32c,
-                start + len
+                began.end + len
             )));
         }
-        Ok((record, len))
+        Ok(Uploaded {
+            record,
+            bytes: len,
+            resumed: match options.mode {
+                PutMode::Resume => done,
+                _ => 0,
+            },
+        })
+    }
+
+    /// Why the bytes this node holds of the point (`end` of them) cannot be continued with the
+    /// file (`len` bytes) from `began`.
+    fn not_this_file(&self, upload: &Upload<'_>, began: Began, end: u64, len: u64) -> ClientError {
+        let (point, path) = (upload.point, upload.path.display());
+        ClientError::Verify(match upload.options.mode {
+            PutMode::Resume if end > len => format!(
+                "point {point} has {end} bytes, more than {path} ({len}): it is not an upload of \
+                 this file to resume"
+            ),
+            PutMode::Resume => format!(
+                "the {end} bytes of point {point} are not the start of {path}: it is not an \
+                 upload of this file to resume"
+            ),
+            _ => format!(
+                "point {point} changed during the upload: it now ends at {end}, not with this \
+                 file's bytes after {} (another writer?)",
+                began.end
+            ),
+        })
     }
 }
 
-/// Where the point ended (size, CRC32C) when an upload began, whether the node asked then held
-/// it at all, and that node's address.
+/// What [`Client::put`] does with a point that has bytes already.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PutMode {
+    /// The file becomes the point: a point that has bytes already is refused
+    /// ([`ClientError::Exists`]), a missing or empty one is written.
+    #[default]
+    New,
+    /// The point holds the start of the file (an upload that was interrupted): checked by
+    /// CRC32C, then the rest is sent.
+    Resume,
+    /// The file is added after whatever the point holds.
+    Append,
+}
+
+/// How [`Client::put`] uploads.
 #[derive(Debug, Clone)]
+pub struct PutOptions {
+    /// Bytes per frame.
+    pub chunk: usize,
+    /// Media type of a new point.
+    pub content_type: Option<String>,
+    pub mode: PutMode,
+}
+
+impl Default for PutOptions {
+    fn default() -> Self {
+        Self {
+            chunk: DEFAULT_CHUNK,
+            content_type: None,
+            mode: PutMode::New,
+        }
+    }
+}
+
+/// What one successful attempt of an upload did.
+struct Uploaded {
+    record: Record,
+    bytes: u64,
+    resumed: u64,
+}
+
+/// Where the file begins in the point, and the point's CRC32C up to there.
+#[derive(Debug, Clone, Copy)]
 struct Began {
     end: u64,
     crc: u32,
-    held: bool,
-    on: String,
 }
 
 /// What `put` uploads, the same for every attempt.
 struct Upload<'a> {
     point: &'a str,
     path: &'a Path,
-    chunk: usize,
-    content_type: Option<&'a str>,
+    options: &'a PutOptions,
     progress: Arc<dyn Progress>,
+}
+
+/// The size of the point a refused first frame at offset 0 found: the point has bytes already.
+fn existing_size(status: &Status) -> Option<u64> {
+    let metadata = status.metadata();
+    let number = |key| metadata.get(key)?.to_str().ok()?.parse::<u64>().ok();
+    match (number(EXPECTED_METADATA), number(END_METADATA)) {
+        (Some(0), Some(end)) if end > 0 => Some(end),
+        _ => None,
+    }
 }
 
 /// Whether `put` may resume after `error`: the node or the connection may come back, and a
@@ -598,12 +823,7 @@ pub fn lazy_channel(options: &ClientOptions) -> Result<Channel, ClientError> {
 /// ([`TlsConnect`]), so the endpoint's URI always says `http`: tonic refuses an `https` URI unless
 /// its own TLS connector runs.
 fn endpoint(options: &ClientOptions) -> Result<Endpoint, ClientError> {
-    let address = options
-        .addr
-        .strip_prefix("https://")
-        .or_else(|| options.addr.strip_prefix("http://"))
-        .unwrap_or(&options.addr);
-    let url = format!("http://{address}");
+    let url = format!("http://{}", with_default_port(&options.addr));
     let connect_error = |source| ClientError::Connect {
         addr: options.addr.clone(),
         source,
@@ -615,6 +835,30 @@ fn endpoint(options: &ClientOptions) -> Result<Endpoint, ClientError> {
         .max_frame_size(H2_FRAME)
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true))
+}
+
+/// `address` (`host:port`, a host, an IP, or a URL) as `host:port`, with [`DEFAULT_PORT`] when
+/// it names no port: `localhost` is the node on this machine, not port 80.
+pub fn with_default_port(address: &str) -> String {
+    let address = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address)
+        .trim_end_matches('/');
+    if address.parse::<std::net::SocketAddr>().is_ok() {
+        return address.to_owned();
+    }
+    if let Ok(ip) = address
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        return std::net::SocketAddr::new(ip, DEFAULT_PORT).to_string();
+    }
+    match address.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => address.to_owned(),
+        _ => format!("{address}:{DEFAULT_PORT}"),
+    }
 }
 
 /// The connector of a TLS channel, if `options` ask for TLS.
@@ -689,5 +933,47 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for TlsConnect {
             let stream = this.connector.connect(name, buffered).await?;
             Ok(hyper_util::rt::TokioIo::new(stream))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(points: &[&str], next: &str) -> ListPointsResponse {
+        ListPointsResponse {
+            points: points.iter().map(|p| p.to_string()).collect(),
+            next: next.into(),
+        }
+    }
+
+    #[test]
+    fn pages_of_several_nodes_merge_without_skipping_or_repeating_an_id() {
+        // Pages of up to max + 1 = 3 ids: everything, once.
+        let merged = merged_page(vec![page(&["a", "c"], ""), page(&["b", "c"], "")], 2);
+        assert_eq!(merged, page(&["a", "b"], "b"));
+        let merged = merged_page(vec![page(&["a", "c"], ""), page(&["c"], "")], 2);
+        assert_eq!(merged, page(&["a", "c"], ""));
+        // A node with more than fits: the first two of all, then from "b".
+        let merged = merged_page(vec![page(&["a", "b", "d"], "d"), page(&["c"], "")], 2);
+        assert_eq!(merged, page(&["a", "b"], "b"));
+    }
+
+    #[test]
+    fn an_address_without_a_port_gets_the_api_port() {
+        for (given, meant) in [
+            ("localhost", "localhost:8400"),
+            ("localhost:9000", "localhost:9000"),
+            ("node-1.example", "node-1.example:8400"),
+            ("127.0.0.1", "127.0.0.1:8400"),
+            ("127.0.0.1:1", "127.0.0.1:1"),
+            ("::1", "[::1]:8400"),
+            ("[::1]", "[::1]:8400"),
+            ("[::1]:7", "[::1]:7"),
+            ("http://localhost", "localhost:8400"),
+            ("https://h:5/", "h:5"),
+        ] {
+            assert_eq!(with_default_port(given), meant, "{given}");
+        }
     }
 }

@@ -333,8 +333,17 @@ pub struct Params {
     /// Where the ring is kept (`<data_dir>/cluster`).
     pub dir: PathBuf,
     pub local: Local,
-    /// For a follower: the name of the leader it follows, once known.
-    pub leader: watch::Receiver<Option<String>>,
+    /// For a follower: the leader it follows, once known.
+    pub leader: watch::Receiver<Option<Leader>>,
+}
+
+/// The leader a follower follows: its name (gossiped) and its client API address (where the
+/// follower sends the writes it refuses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    pub name: String,
+    /// Empty while only its name is known.
+    pub rpc_addr: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -485,7 +494,7 @@ pub async fn start(
         candidates: None,
         proposal: None,
         conflict: None,
-        leader: params.leader.borrow().clone(),
+        leader: params.leader.borrow().as_ref().map(|l| l.name.clone()),
         handed: None,
         moving: 0,
         live: BTreeSet::new(),
@@ -538,7 +547,7 @@ async fn run(
     mut state: State,
     mut gossip: Gossip,
     publish: watch::Sender<Arc<Membership>>,
-    mut leader: watch::Receiver<Option<String>>,
+    mut leader: watch::Receiver<Option<Leader>>,
     mut asked: mpsc::Receiver<(Ask, oneshot::Sender<Result<(), StepError>>)>,
     interval: Duration,
     stop: CancellationToken,
@@ -561,7 +570,9 @@ async fn run(
             }
             changed = gossip.changed() => if changed.is_err() { return },
             changed = leader.changed(), if following => match changed {
-                Ok(()) => state.leader = leader.borrow_and_update().clone(),
+                Ok(()) => {
+                    state.leader = leader.borrow_and_update().as_ref().map(|l| l.name.clone())
+                }
                 Err(_) => following = false,
             },
             Some((step, reply)) = asked.recv() => {

@@ -62,6 +62,8 @@ pub struct Gateway {
     pub tls: bool,
     /// A point that grew less than this long ago is served with `Cache-Control: no-cache`.
     pub writing_window: Duration,
+    /// Where this node's gRPC API listens (a gRPC client that reaches this port is told).
+    pub rpc_addr: String,
 }
 
 /// The router's state: the gateway, and the spawner its read loops run on (tasks of the gateway
@@ -92,7 +94,53 @@ pub fn router(gateway: Gateway, spawner: Spawner) -> Router {
     Router::new()
         .route("/v1/points/{*id}", get(point))
         .route("/v1/player/{*id}", get(player))
+        .route("/v1/points/", get(no_point))
+        .route("/v1/player/", get(no_point))
+        .fallback(elsewhere)
         .with_state(Arc::new(Served { gateway, spawner }))
+}
+
+/// `/v1/points/` and `/v1/player/` name no point.
+async fn no_point() -> Response {
+    count(
+        Refusal::BadRequest("no point id in the path: /v1/points/{id} or /v1/player/{id}".into())
+            .into_response(),
+    )
+}
+
+/// Any other path: a line saying what this port serves; a gRPC client (which sent a request
+/// with a gRPC content type) gets a gRPC status naming the port its call belongs on.
+async fn elsewhere(State(served): State<Arc<Served>>, headers: HeaderMap) -> Response {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc"));
+    if !grpc {
+        return count(
+            Refusal::NotFound(
+                "no such page: this port serves /v1/points/{id} and /v1/player/{id}".into(),
+            )
+            .into_response(),
+        );
+    }
+    let message = format!(
+        "this is the HTTP gateway of the node; its gRPC API listens at {}",
+        served.gateway.rpc_addr
+    );
+    let encoded =
+        percent_encoding::utf8_percent_encode(&message, percent_encoding::NON_ALPHANUMERIC);
+    let mut response = StatusCode::OK.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    // UNIMPLEMENTED: there is no such gRPC method on this port.
+    headers.insert("grpc-status", HeaderValue::from_static("12"));
+    if let Ok(value) = HeaderValue::try_from(encoded.to_string()) {
+        headers.insert("grpc-message", value);
+    }
+    count(response)
 }
 
 /// Why a request is not answered with the point: one line of text for people, the right status
@@ -394,10 +442,19 @@ impl Gateway {
                 (StatusCode::PARTIAL_CONTENT, start, end + 1)
             }
             Answer::Unsatisfiable => {
+                // The line of text is not the point's type.
+                if let Some(headers) = response.headers_mut() {
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                }
                 return Ok(response
                     .status(StatusCode::RANGE_NOT_SATISFIABLE)
                     .header(header::CONTENT_RANGE, format!("bytes */{len}"))
-                    .body(Body::empty())
+                    .body(Body::from(format!(
+                        "range not satisfiable: the point has {len} bytes\n"
+                    )))
                     .expect("valid response"));
             }
         };

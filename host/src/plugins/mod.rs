@@ -304,10 +304,13 @@ impl<K: Kind> Plugin<K> {
             idle: Mutex::new(Vec::new()),
         };
         let instance = plugin.instantiate().map_err(|error| {
-            let key = if section.config_file.is_some() {
-                "config_file"
-            } else {
-                "config"
+            // A configuration the plugin refused names its key; anything else, the plugin's.
+            let configure_failed = matches!(&error, PluginError::Instantiate { message, .. }
+                if message.starts_with("configure failed"));
+            let key = match (configure_failed, section.config_file.is_some()) {
+                (true, true) => "config_file",
+                (true, false) => "config",
+                (false, _) => "source",
             };
             load_error(key, error.to_string())
         })?;
@@ -335,9 +338,17 @@ impl<K: Kind> Plugin<K> {
         runtime::set_deadline(&mut store, self.timeout);
         let instantiated = K::instantiate(&self.pre, &mut store);
         let last_words = store.data_mut().flush_output();
-        let bindings = instantiated.map_err(|e| PluginError::Instantiate {
-            plugin: self.name.clone(),
-            message: with_last_words(format!("{e:#}"), last_words),
+        let bindings = instantiated.map_err(|e| {
+            let mut message = with_last_words(format!("{e:#}"), last_words);
+            if message.contains("Cannot allocate memory") {
+                message.push_str(
+                    " (the process is out of memory or address space: is `ulimit -v` too low?)",
+                );
+            }
+            PluginError::Instantiate {
+                plugin: self.name.clone(),
+                message,
+            }
         })?;
         runtime::set_deadline(&mut store, self.timeout);
         let configured = K::configure(&bindings, &mut store, &self.config);
@@ -445,7 +456,18 @@ fn read_source(source: &str) -> Result<Vec<u8>, String> {
             )
         });
     }
-    std::fs::read(source).map_err(|e| format!("cannot read {source}: {e}"))
+    std::fs::read(source).map_err(|error| match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            let relative = match Path::new(source).is_relative() {
+                true => std::env::current_dir()
+                    .map(|dir| format!(" (relative to {}, where the node runs)", dir.display()))
+                    .unwrap_or_default(),
+                false => String::new(),
+            };
+            format!("file {source} not found{relative}")
+        }
+        _ => format!("cannot read {source}: {error}"),
+    })
 }
 
 /// One authorizer, one bundler, one placement, and the Polar policy they were loaded with.

@@ -85,18 +85,10 @@ pub struct Printed {
     pub dropped: u64,
 }
 
-/// `line`, cut to [`crate::error::MAX_TEXT`] bytes, with control characters escaped (a plugin
-/// must not be able to write terminal escapes into the node's log).
+/// `line`, its control characters escaped (a plugin must not write terminal escapes into the
+/// node's log), cut to [`crate::error::MAX_TEXT`] bytes.
 fn printable(line: &str) -> String {
-    let mut escaped = String::with_capacity(line.len());
-    for c in line.chars() {
-        if c.is_control() && c != '\t' {
-            escaped.extend(c.escape_default());
-        } else {
-            escaped.push(c);
-        }
-    }
-    crate::error::bounded(&escaped)
+    crate::error::bounded(&crate::error::escaped(line))
 }
 
 impl IsTerminal for Output {

@@ -1,6 +1,13 @@
-//! The WebAssembly runtime shared by every plugin of the process: one `Engine` (pooling
-//! allocator, epoch interruption), a ticker thread that advances the epoch, components compiled
-//! once (in memory by content, on disk by content and engine), and the data each `Store` carries.
+//! The WebAssembly runtime shared by every plugin of the process: one `Engine` (epoch
+//! interruption), a ticker thread that advances the epoch, components compiled once (in memory
+//! by content, on disk by content and engine), and the data each `Store` carries.
+//!
+//! Memory is taken as it is used: no address space is reserved up front (a pool of 1,000
+//! slots of 1 GiB reserved a terabyte, and a node under `ulimit -v` died), each instance's
+//! linear memory is allocated at its size plus [`GROWTH`], and moves if it grows past that (up
+//! to its plugin's `max_memory_mib`). Bounds are checked in the compiled code, with a small
+//! guard region. A node whose address space is limited thus needs about 20 MiB per live
+//! instance.
 //!
 //! A call's deadline is a point in time, not a number of ticks: at every tick that finds a call
 //! still running, [`StoreState::deadline`] is compared with the clock, so a ticker that falls
@@ -20,8 +27,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, ResourceLimiter, Store, UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -31,29 +37,28 @@ use super::polar::Polar;
 /// How often the epoch advances: the granularity of plugin deadlines.
 pub const TICK: Duration = Duration::from_millis(2);
 
-/// Largest linear memory any plugin may be configured for (the pooling allocator reserves this
-/// much address space per slot).
+/// Largest linear memory any plugin may be configured for.
 pub const MAX_MEMORY_BYTES: usize = 1 << 30;
 
-/// Instance slots of the pooling allocator, for every plugin of every node in the process.
-const POOL_SLOTS: u32 = 1000;
+/// Address space a linear memory takes beyond its size, to grow into without moving.
+const GROWTH: u64 = 16 << 20;
+/// Unmapped bytes after a linear memory (bounds are checked in the code: this only lets the
+/// compiler merge checks of nearby accesses).
+const GUARD: u64 = 64 << 10;
 
 /// The engine of this process, created on first use with its epoch ticker.
 pub fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(POOL_SLOTS)
-            .total_core_instances(POOL_SLOTS)
-            .total_memories(POOL_SLOTS)
-            .total_tables(POOL_SLOTS)
-            .max_memory_size(MAX_MEMORY_BYTES);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
-            .memory_reservation(MAX_MEMORY_BYTES as u64)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(InstanceAllocationStrategy::OnDemand)
+            .memory_reservation(0)
+            .memory_reservation_for_growth(GROWTH)
+            .memory_guard_size(GUARD)
+            .memory_may_move(true);
         let engine = Engine::new(&config).expect("the plugin engine configuration is valid");
         let ticker = engine.clone();
         std::thread::Builder::new()

@@ -1,6 +1,7 @@
 //! Point ids and their on-disk names.
 //!
-//! An id is 1–255 bytes of UTF-8 without NUL. It never becomes a file name verbatim: each byte
+//! An id is 1–255 bytes of printable UTF-8: no control characters (NUL, escape, newline, C1…),
+//! which would reach terminals and logs as they are. It never becomes a file name verbatim: each byte
 //! outside `[a-z0-9_-]` is written as `%XX` (upper-case hex), so a name cannot contain `/`, `.`
 //! or `..`, cannot escape the data directory, and two ids never map to names that are equal, not
 //! even on a case-insensitive file system (lower-case letters only appear literally, upper-case
@@ -28,8 +29,10 @@ pub enum InvalidPointId {
     Empty,
     #[error("point id is {0} bytes long; the limit is {MAX_LEN}")]
     TooLong(usize),
-    #[error("point id contains a NUL byte")]
-    ContainsNul,
+    #[error(
+        "point id contains the control character {character:?} at byte {at}; ids are printable text"
+    )]
+    Control { at: usize, character: char },
 }
 
 impl PointId {
@@ -41,8 +44,8 @@ impl PointId {
         if id.len() > MAX_LEN {
             return Err(InvalidPointId::TooLong(id.len()));
         }
-        if id.contains('\0') {
-            return Err(InvalidPointId::ContainsNul);
+        if let Some((at, character)) = id.char_indices().find(|(_, c)| c.is_control()) {
+            return Err(InvalidPointId::Control { at, character });
         }
         Ok(Self(id))
     }
@@ -160,7 +163,20 @@ mod tests {
     #[test]
     fn rejects_hostile_ids() {
         assert_eq!(PointId::new(""), Err(InvalidPointId::Empty));
-        assert_eq!(PointId::new("a\0b"), Err(InvalidPointId::ContainsNul));
+        assert_eq!(
+            PointId::new("a\0b"),
+            Err(InvalidPointId::Control {
+                at: 1,
+                character: '\0'
+            })
+        );
+        for hostile in ["\x1b[2Jx", "line\nbreak", "tab\t", "del\x7f", "c1\u{9b}"] {
+            assert!(
+                matches!(PointId::new(hostile), Err(InvalidPointId::Control { .. })),
+                "{hostile:?}"
+            );
+        }
+        assert!(PointId::new("vidéos/été 2026 ✓").is_ok());
         assert_eq!(
             PointId::new("x".repeat(300)),
             Err(InvalidPointId::TooLong(300))

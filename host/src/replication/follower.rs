@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::replication_capnp::sink;
 use super::{Context, Dialed, dial};
+use crate::cluster::Leader;
 use crate::metrics;
 use crate::plugins::PluginSet;
 use crate::point::ownership::FIRST_EPOCH;
@@ -78,7 +79,10 @@ fn name_unreachable_leader(context: &Context, address: &str) {
         .members
         .iter()
         .find(|(_, record)| record.replication_addr == address)
-        .map(|(name, _)| name.clone());
+        .map(|(name, record)| Leader {
+            name: name.clone(),
+            rpc_addr: record.rpc_addr.clone(),
+        });
     if named.is_some() {
         context.leader.send_replace(named);
     }
@@ -94,6 +98,7 @@ async fn session(
     let Dialed {
         member: leader,
         name,
+        rpc_address,
         mut connection,
     } = tokio::select! {
         dialed = dial(context, address, tls) => dialed?,
@@ -127,7 +132,10 @@ async fn session(
         .get()
         .and_then(|r| r.get_session())
         .map_err(|e| format!("follow: {e}"))?;
-    context.leader.send_replace(Some(name.clone()));
+    context.leader.send_replace(Some(Leader {
+        name: name.clone(),
+        rpc_addr: rpc_address,
+    }));
     tracing::info!(leader = %address, name = %name, points = offers.len(), "following");
     let ended = tokio::select! {
         ended = &mut connection => ended,

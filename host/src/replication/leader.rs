@@ -294,6 +294,9 @@ impl leader::Server for LeaderService {
         mut results: leader::IdentifyResults,
     ) -> Result<(), capnp::Error> {
         results.get().set_name(&self.context.config.node_name);
+        results
+            .get()
+            .set_rpc_address(self.context.rpc_addr.to_string());
         Ok(())
     }
 

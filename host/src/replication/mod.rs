@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::access::{Access, Action};
-use crate::cluster::{Membership, Steps};
+use crate::cluster::{Leader, Membership, Steps};
 use crate::config::{Config, Role};
 use crate::metrics;
 use crate::net::PeerInfo;
@@ -82,8 +82,8 @@ pub struct Context {
     pub progress: Arc<Progress>,
     /// This node's client API address (sent to the leader by a follower).
     pub rpc_addr: SocketAddr,
-    /// A follower publishes here the name of the leader it follows (gossiped by membership).
-    pub leader: watch::Sender<Option<String>>,
+    /// A follower publishes here the leader it follows (its name is gossiped by membership).
+    pub leader: watch::Sender<Option<Leader>>,
     /// The cluster as this node sees it (resharding plans from its ring).
     pub membership: watch::Receiver<Arc<Membership>>,
     /// This member's lifecycle steps (a drained primary steps to `left`).
@@ -337,6 +337,8 @@ pub(crate) struct Dialed {
     pub member: replication_capnp::leader::Client,
     /// Its node name; with TLS, the one its certificate names.
     pub name: String,
+    /// Where clients reach its API.
+    pub rpc_address: String,
     /// The connection; dropping it closes the connection.
     pub connection: AbortOnDropHandle<Result<(), capnp::Error>>,
 }
@@ -394,11 +396,18 @@ pub(crate) async fn dial(
     let member: replication_capnp::leader::Client = rpc.bootstrap(Side::Server);
     // Aborted however this function returns: a refused member keeps no connection.
     let connection = AbortOnDropHandle::new(tokio::task::spawn_local(rpc));
-    let name = tokio::time::timeout(CONNECT_TIMEOUT, member.identify_request().send().promise)
-        .await
-        .map_err(|_| "asking its name timed out".to_string())?
-        .and_then(|r| Ok(r.get()?.get_name()?.to_string()?))
-        .map_err(|e| format!("asking its name: {e}"))?;
+    let (name, rpc_address) =
+        tokio::time::timeout(CONNECT_TIMEOUT, member.identify_request().send().promise)
+            .await
+            .map_err(|_| "asking its name timed out".to_string())?
+            .and_then(|r| {
+                let identity = r.get()?;
+                Ok((
+                    identity.get_name()?.to_string()?,
+                    identity.get_rpc_address()?.to_string()?,
+                ))
+            })
+            .map_err(|e| format!("asking its name: {e}"))?;
     if let Some(subject) = &subject
         && let Err(reason) = check_identity(subject, &name, true)
     {
@@ -408,6 +417,7 @@ pub(crate) async fn dial(
     Ok(Dialed {
         member,
         name,
+        rpc_address,
         connection,
     })
 }
