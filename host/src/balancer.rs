@@ -32,8 +32,8 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::access::{Access, Action};
-use crate::api::context::{ON_BEHALF_OF, PURPOSE};
-use crate::api::proto::{
+use crate::proto::{ON_BEHALF_OF, PURPOSE};
+use crate::proto::{
     self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
     GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
     ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,

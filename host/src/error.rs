@@ -11,6 +11,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::point::{AppendError, DeleteError, Handover, InvalidPointId, ReadError, StorageError};
+use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -153,17 +154,6 @@ impl From<Error> for Status {
         status
     }
 }
-
-/// Status metadata: the name of the member that owns the point of a refused call (or holds it,
-/// for a read; or leads the follower that refused a write): the member to ask instead.
-pub const OWNER_METADATA: &str = "goutube-owner";
-/// Status metadata: the client API address of that member.
-pub const OWNER_ADDR_METADATA: &str = "goutube-owner-addr";
-
-/// Status metadata: where the point ends, when a frame's `expected_offset` was not its end.
-pub const END_METADATA: &str = "goutube-end";
-/// Status metadata: that frame's `expected_offset`.
-pub const EXPECTED_METADATA: &str = "goutube-expected";
 
 /// Most bytes of text from a plugin or a peer (a deny reason, a member name) that go into a
 /// status message or a log line.

@@ -52,6 +52,7 @@ pub mod placement;
 pub mod plugins;
 pub mod point;
 pub mod process;
+pub mod proto;
 pub mod replication;
 pub mod reshard;
 pub mod secret;

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::api::proto::streaming_client::StreamingClient;
-use goutube::api::proto::{
+use goutube::proto::streaming_client::StreamingClient;
+use goutube::proto::{
     ConsumeRequest, ListMembersRequest, ListMembersResponse, LocatePointRequest, MetadataRequest,
     MetadataResponse, ProduceRequest, ProduceResponse,
 };
@@ -714,9 +714,9 @@ impl Pki {
 }
 
 /// The live followers the leader reached with `options` reports (`GetFollowers`).
-pub async fn followers_of(options: &ClientOptions) -> Vec<goutube::api::proto::Server> {
-    use goutube::api::proto::GetFollowersRequest;
-    use goutube::api::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
+pub async fn followers_of(options: &ClientOptions) -> Vec<goutube::proto::Server> {
+    use goutube::proto::GetFollowersRequest;
+    use goutube::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
     let channel = goutube::client::channel(options).await.unwrap();
     FollowerResolverHelperClient::new(channel)
         .get_followers(GetFollowersRequest {})

@@ -1,7 +1,7 @@
 //! Hostile and malformed input gets a clear status, never a panic or a silently short stream, and
 //! the node keeps serving everyone else.
 
-use goutube::api::proto::ProduceRequest;
+use goutube::proto::ProduceRequest;
 use goutube_tests::{TestNode, consume, data, metadata, produce, raw_client, start_in, window};
 use tonic::Code;
 

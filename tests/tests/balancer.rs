@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use goutube::api::proto::{
+use goutube::proto::{
     ConsumeRequest, ListMembersRequest, LocatePointRequest, MetadataRequest, ProduceRequest,
 };
 use goutube::config::{Config, PluginSection, Role};
@@ -317,7 +317,7 @@ async fn two_balancers_give_the_same_answers() {
             metadata(&mut two, point).await.unwrap(),
         );
         assert_eq!((x.size, x.crc32c, &x.node), (y.size, y.crc32c, &y.node));
-        let locate = |client: &mut goutube::api::proto::streaming_client::StreamingClient<_>| {
+        let locate = |client: &mut goutube::proto::streaming_client::StreamingClient<_>| {
             let mut client = client.clone();
             let point = point.clone();
             async move {
@@ -353,7 +353,7 @@ async fn two_balancers_give_the_same_answers() {
     assert_eq!(listed, expected);
     assert_eq!(listed, list(second.addr()).await);
     eventually("one view", || async {
-        let view = |client: goutube::api::proto::streaming_client::StreamingClient<_>| async move {
+        let view = |client: goutube::proto::streaming_client::StreamingClient<_>| async move {
             let mut client = client;
             client
                 .list_members(ListMembersRequest {})

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use goutube::api::proto::ConsumeRequest;
+use goutube::proto::ConsumeRequest;
 use goutube_tests::{DEADLINE, TestNode, consume, data, produce, window};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -390,7 +390,7 @@ async fn every_node_answers_for_the_whole_cluster() {
             let asked = node
                 .client()
                 .await
-                .get_metadata(goutube::api::proto::MetadataRequest {
+                .get_metadata(goutube::proto::MetadataRequest {
                     point: point.clone(),
                 })
                 .await;

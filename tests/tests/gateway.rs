@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use goutube::api::proto::ProduceRequest;
+use goutube::proto::ProduceRequest;
 use goutube::config::{Config, Role};
 use goutube::secret::Secret;
 use goutube_tests::{
@@ -587,7 +587,7 @@ async fn requests_are_redirected_to_a_replica_that_holds_the_range() {
             let members = node
                 .client()
                 .await
-                .list_members(goutube::api::proto::ListMembersRequest {})
+                .list_members(goutube::proto::ListMembersRequest {})
                 .await
                 .unwrap()
                 .into_inner();

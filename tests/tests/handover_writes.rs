@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::api::proto::{DeletePointRequest, ProduceRequest};
+use goutube::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::Role;
 use goutube::point::{Handover, Ownership, PointId};
 use goutube_tests::{

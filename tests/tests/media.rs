@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::api::proto::ProduceRequest;
+use goutube::proto::ProduceRequest;
 use goutube_tests::{DEADLINE, TestNode, free_port};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};

@@ -1,6 +1,6 @@
 //! What operators rely on: the standard health service, server reflection and Prometheus metrics.
 
-use goutube::api::proto::ProduceRequest;
+use goutube::proto::ProduceRequest;
 use goutube_tests::{TestNode, consume, data, metric, produce, scrape_metrics, window};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};

@@ -481,7 +481,7 @@ async fn the_template_is_enforced_once_named_in_the_config() {
     let mut client = node.client().await;
     produce(&mut client, "p", &[data(1, 10)]).await.unwrap();
     let status = client
-        .delete_point(goutube::api::proto::DeletePointRequest { point: "p".into() })
+        .delete_point(goutube::proto::DeletePointRequest { point: "p".into() })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);

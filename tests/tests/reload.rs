@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use goutube::api::proto::ConsumeRequest;
+use goutube::proto::ConsumeRequest;
 use goutube_tests::{DEADLINE, NodeProcess, data, eventually, produce, raw_client, scrape_metrics};
 use tonic::Code;
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::api::proto::streaming_client::StreamingClient;
-use goutube::api::proto::{DeletePointRequest, ProduceRequest};
+use goutube::proto::streaming_client::StreamingClient;
+use goutube::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::{Ack, Config, PeerTlsSection, Role};
 use goutube::point::{Ownership, PointId, Store};
 use goutube_tests::{
@@ -63,7 +63,7 @@ fn follows(pki: &Pki, name: &str, leader: &TestNode) -> impl FnOnce(&mut Config)
 }
 
 /// The leader's live followers (FollowerResolverHelper.GetFollowers).
-async fn followers(pki: &Pki, leader: &str) -> Vec<goutube::api::proto::Server> {
+async fn followers(pki: &Pki, leader: &str) -> Vec<goutube::proto::Server> {
     goutube_tests::followers_of(&pki.client_options("root", leader)).await
 }
 

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use goutube::api::proto::ProduceRequest;
+use goutube::proto::ProduceRequest;
 use goutube::client::{Client, ClientOptions};
 use goutube::config::{Config, Role};
-use goutube::error::{END_METADATA, OWNER_METADATA};
+use goutube::proto::{END_METADATA, OWNER_METADATA};
 use goutube::point::{Handover, Ownership, PointId};
 use goutube_tests::{
     DEADLINE, TestNode, consume, counter, data, eventually, eventually_within, members, metadata,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 
 use bytes::Bytes;
-use goutube::api::proto::{ListPointsRequest, ProduceRequest};
+use goutube::proto::{ListPointsRequest, ProduceRequest};
 use goutube::client::{Client, ClientError, ClientOptions, Progress, PutMode, PutOptions};
 use goutube::config::Config;
 use goutube::node::Node;
@@ -30,7 +30,7 @@ fn at(point: &str, offset: Option<u64>, frame: &[u8]) -> ProduceRequest {
 async fn produce_requests(
     node: &TestNode,
     requests: Vec<ProduceRequest>,
-) -> Result<goutube::api::proto::ProduceResponse, tonic::Status> {
+) -> Result<goutube::proto::ProduceResponse, tonic::Status> {
     Ok(node
         .client()
         .await
@@ -322,6 +322,6 @@ async fn put_refuses_to_resume_over_another_writers_bytes() {
 
 async fn node_client(
     port: u16,
-) -> goutube::api::proto::streaming_client::StreamingClient<tonic::transport::Channel> {
+) -> goutube::proto::streaming_client::StreamingClient<tonic::transport::Channel> {
     goutube_tests::raw_client(&format!("127.0.0.1:{port}")).await
 }

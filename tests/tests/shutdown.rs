@@ -1,7 +1,7 @@
 //! Graceful shutdown loses nothing that was acknowledged: it lets open streams finish, then syncs
 //! and closes every point, so even `fsync = "never"` data is durable and a restart verifies nothing.
 
-use goutube::api::proto::ProduceRequest;
+use goutube::proto::ProduceRequest;
 use goutube_tests::{
     NodeProcess, TestNode, consume, data, metric, produce, raw_client, scrape_metrics, window,
     write_config,

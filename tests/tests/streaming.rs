@@ -1,7 +1,7 @@
 //! The original goutube streaming tests, ported with non-periodic data and exact-byte assertions,
 //! plus the calls added since (metadata checksum, list, delete, interleaved points).
 
-use goutube::api::proto::{DeletePointRequest, ListPointsRequest};
+use goutube::proto::{DeletePointRequest, ListPointsRequest};
 use goutube_tests::{TestNode, consume, data, metadata, produce, window};
 use tonic::Code;
 
@@ -79,7 +79,7 @@ async fn one_stream_may_interleave_points() {
     let requests = vec![("a", &a[..400]), ("b", &b[..]), ("a", &a[400..])];
     let requests: Vec<_> = requests
         .into_iter()
-        .map(|(point, frame)| goutube::api::proto::ProduceRequest {
+        .map(|(point, frame)| goutube::proto::ProduceRequest {
             point: point.into(),
             frame: bytes::Bytes::copy_from_slice(frame),
             ..Default::default()

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use goutube::api::proto::streaming_client::StreamingClient;
+use goutube::proto::streaming_client::StreamingClient;
 use goutube::certs::{Authority, Validity};
 use goutube::client::{Client, ClientOptions};
 use goutube::config::PluginSection;

@@ -13,6 +13,7 @@ use crate::cluster::{Leader, Lifecycle, Steps};
 use crate::config::{Ack, Config, Role};
 use crate::error::Error;
 use crate::net::PeerInfo;
+use crate::proto::{ON_BEHALF_OF, PURPOSE};
 use crate::placement::Placement;
 use crate::point::{Handover, Point, PointId, ReadError, Store};
 use crate::replication::{Progress, Replica};
@@ -39,16 +40,6 @@ pub struct Context {
     /// For a follower: the leader it follows, once known (refused writes name it).
     pub leader: watch::Receiver<Option<Leader>>,
 }
-
-/// Request metadata: the subject a balancer forwards a call for (binary, so that any subject
-/// travels). A node honours it only when the call comes over a connection whose certificate
-/// names a live balancer member; otherwise the call is the connection's own.
-pub const ON_BEHALF_OF: &str = "goutube-on-behalf-of-bin";
-
-/// Request metadata: set to `consume` on the `GetMetadata` a balancer makes to route a client's
-/// consume, so the node authorizes that client to consume, not to read metadata. Honoured, like
-/// [`ON_BEHALF_OF`], only from a balancer member (which is trusted with the subject already).
-pub const PURPOSE: &str = "goutube-purpose";
 
 impl Context {
     /// Who a call is for: the connection's subject, or the subject a balancer member forwards

@@ -14,25 +14,12 @@ use tonic::transport::Server;
 pub use context::Context;
 
 use crate::net;
+use crate::proto::{self, CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
 use crate::service::{Handle, Service};
-
-/// Generated from `schema/proto/streaming/v1/streaming.proto`.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("streaming.v1");
-}
 
 /// The encoded descriptor set that server reflection serves.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/streaming_descriptor.bin"));
-
-/// HTTP/2 flow-control windows: large enough that a 256 KiB frame never waits for a window
-/// update (STACK.md measured ~7x throughput over the defaults).
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
-/// The largest HTTP/2 frame a peer may send us: a 256 KiB record travels in one DATA frame, not
-/// sixteen of the default 16 KiB (each with its own framing and wake-ups on both sides).
-pub const H2_FRAME: u32 = 1024 * 1024;
 
 /// A server builder with the transport settings every goutube gRPC server uses.
 pub fn server_builder() -> Server {

@@ -21,7 +21,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
-use super::proto::{
+use crate::proto::{
     self, CleanupMemberRequest, CleanupMemberResponse, ConsumeRequest, ConsumeResponse,
     DeletePointRequest, DeletePointResponse, DrainMemberRequest, DrainMemberResponse,
     ForgetMemberRequest, ForgetMemberResponse, GetFollowersRequest, GetFollowersResponse,

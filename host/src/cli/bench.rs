@@ -28,8 +28,8 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use goutube::api::proto::streaming_server::{Streaming, StreamingServer};
-use goutube::api::proto::{
+use goutube::proto::streaming_server::{Streaming, StreamingServer};
+use goutube::proto::{
     ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse, ListPointsRequest,
     ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, Record,
 };
@@ -427,8 +427,8 @@ async fn wait_for(client: &Client, point: &str, size: u64, crc: u32) -> anyhow::
 }
 
 async fn wait_for_followers(rpc: &str, count: usize) -> anyhow::Result<()> {
-    use goutube::api::proto::GetFollowersRequest;
-    use goutube::api::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
+    use goutube::proto::GetFollowersRequest;
+    use goutube::proto::follower_resolver_helper_client::FollowerResolverHelperClient;
     let channel = goutube::client::channel(&ClientOptions {
         addr: rpc.to_owned(),
         tls: None,
@@ -1097,43 +1097,43 @@ impl Streaming for Baseline {
 
     async fn locate_point(
         &self,
-        _: Request<goutube::api::proto::LocatePointRequest>,
-    ) -> Result<Response<goutube::api::proto::LocatePointResponse>, Status> {
+        _: Request<goutube::proto::LocatePointRequest>,
+    ) -> Result<Response<goutube::proto::LocatePointResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
 
     async fn list_members(
         &self,
-        _: Request<goutube::api::proto::ListMembersRequest>,
-    ) -> Result<Response<goutube::api::proto::ListMembersResponse>, Status> {
+        _: Request<goutube::proto::ListMembersRequest>,
+    ) -> Result<Response<goutube::proto::ListMembersResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
 
     async fn drain_member(
         &self,
-        _: Request<goutube::api::proto::DrainMemberRequest>,
-    ) -> Result<Response<goutube::api::proto::DrainMemberResponse>, Status> {
+        _: Request<goutube::proto::DrainMemberRequest>,
+    ) -> Result<Response<goutube::proto::DrainMemberResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
 
     async fn cleanup_member(
         &self,
-        _: Request<goutube::api::proto::CleanupMemberRequest>,
-    ) -> Result<Response<goutube::api::proto::CleanupMemberResponse>, Status> {
+        _: Request<goutube::proto::CleanupMemberRequest>,
+    ) -> Result<Response<goutube::proto::CleanupMemberResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
 
     async fn forget_member(
         &self,
-        _: Request<goutube::api::proto::ForgetMemberRequest>,
-    ) -> Result<Response<goutube::api::proto::ForgetMemberResponse>, Status> {
+        _: Request<goutube::proto::ForgetMemberRequest>,
+    ) -> Result<Response<goutube::proto::ForgetMemberResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
 
     async fn sign_url(
         &self,
-        _: Request<goutube::api::proto::SignUrlRequest>,
-    ) -> Result<Response<goutube::api::proto::SignUrlResponse>, Status> {
+        _: Request<goutube::proto::SignUrlRequest>,
+    ) -> Result<Response<goutube::proto::SignUrlResponse>, Status> {
         Err(Status::unimplemented("baseline"))
     }
 

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
-use goutube::api::proto::ListMembersResponse;
+use goutube::proto::ListMembersResponse;
 use goutube::client::{
     Client, ClientError, ClientOptions, ClientTls, DEFAULT_CHUNK, GetOptions, Progress, PutMode,
     PutOptions,

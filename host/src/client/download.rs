@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use super::{Client, ClientError, Pool, Progress};
-use crate::api::proto::ConsumeRequest;
+use crate::proto::ConsumeRequest;
 
 /// Ranges smaller than twice this are not split further.
 const MIN_SPLIT: u64 = 8 * 1024 * 1024;

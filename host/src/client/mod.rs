@@ -23,14 +23,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::api::proto::streaming_client::StreamingClient;
-use crate::api::proto::{
+use crate::proto::streaming_client::StreamingClient;
+use crate::proto::{
     CleanupMemberRequest, DeletePointRequest, DrainMemberRequest, ForgetMemberRequest,
     ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
     MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
 };
-use crate::api::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
-use crate::error::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
+use crate::proto::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
+use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
 
 /// The port of a node's gRPC API when an address names none (`rpc_port`'s default).
 pub const DEFAULT_PORT: u16 = 8400;

@@ -175,7 +175,7 @@ async fn ownership() -> anyhow::Result<()> {
     let produces = 2000;
     let started = Instant::now();
     for i in 0..produces {
-        let request = goutube::api::proto::ProduceRequest {
+        let request = goutube::proto::ProduceRequest {
             point: points[i % points.len()].as_str().to_owned(),
             frame: frame.clone(),
             ..Default::default()

@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use rand::Rng;
 
-use goutube::api::proto::ConsumeRequest;
+use goutube::proto::ConsumeRequest;
 use goutube::client::Client;
 
 use super::{Server, Workload, connect, consume, percentile, produce, ratio_row, storage};

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::api::proto::ConsumeRequest;
+use goutube::proto::ConsumeRequest;
 use goutube::client::{Client, ClientTls};
 use rand::Rng;
 
