@@ -286,7 +286,7 @@ async fn node_path(dir: &std::path::Path) {
     };
     let listeners = goutube::node::Listeners::bind(&config).await.unwrap();
     let node = goutube::node::Node::start(config, listeners).await.unwrap();
-    let (access, placement) = (node.access().clone(), node.placement().clone());
+    let (access, gate) = (node.access().clone(), node.gate().unwrap().clone());
     let peer = PeerInfo {
         addr: "127.0.0.1:1".parse().unwrap(),
         subject: Arc::from("root"),
@@ -313,11 +313,11 @@ async fn node_path(dir: &std::path::Path) {
         .map(|i| PointId::new(format!("videos/{i}")).unwrap())
         .collect();
     for point in &points {
-        placement.check_local(point).await.unwrap();
+        gate.check_owner(point).await.unwrap();
     }
     let started = Instant::now();
     for i in 0..n as usize * 10 {
-        black_box(placement.check_local(&points[i % 1000]).await).unwrap();
+        black_box(gate.check_owner(&points[i % 1000]).await).unwrap();
     }
     let ownership = started.elapsed() / (n * 10);
     rate_row("authorization in a node (async), cached", cached, "<= 2 µs");

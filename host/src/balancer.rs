@@ -32,7 +32,13 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::access::{Access, Action};
-use crate::proto::{ON_BEHALF_OF, PURPOSE};
+use crate::api::streaming::{self, FrameStream};
+use crate::client::{Client, Pool, owner_of};
+use crate::cluster::Membership;
+use crate::error::{Error, bounded};
+use crate::net::PeerInfo;
+use crate::placement::Placement;
+use crate::point::PointId;
 use crate::proto::{
     self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
     GetFollowersRequest, GetFollowersResponse, GetServersRequest, GetServersResponse,
@@ -40,13 +46,8 @@ use crate::proto::{
     LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
     ProduceResponse, SignUrlRequest, SignUrlResponse,
 };
-use crate::api::streaming::{self, FrameStream};
-use crate::client::{Client, Pool, owner_of};
-use crate::cluster::Membership;
-use crate::error::Error;
-use crate::net::PeerInfo;
-use crate::placement::Placement;
-use crate::point::PointId;
+use crate::proto::{ON_BEHALF_OF, PURPOSE};
+use crate::reshard::Refusal;
 use crate::signed_url::UrlSigner;
 
 /// Bytes of a point's first frames a produce keeps to re-send them to another owner.
@@ -244,8 +245,8 @@ impl Balancer {
         }
         best.ok_or_else(|| {
             last.unwrap_or_else(|| {
-                Status::from(Error::OwnerDown {
-                    point: id.as_str().to_owned(),
+                Status::from(Refusal::OwnerDown {
+                    point: bounded(id.as_str()),
                     owner: owner.to_owned(),
                 })
             })
@@ -258,8 +259,8 @@ impl Balancer {
             .live(owner)
             .map(|m| m.rpc_addr.clone())
             .ok_or_else(|| {
-                Status::from(Error::OwnerDown {
-                    point: id.as_str().to_owned(),
+                Status::from(Refusal::OwnerDown {
+                    point: bounded(id.as_str()),
                     owner: owner.to_owned(),
                 })
             })

@@ -10,8 +10,10 @@
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
+use crate::placement::PlacementError;
 use crate::point::{AppendError, DeleteError, Handover, InvalidPointId, ReadError, StorageError};
 use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
+use crate::reshard::gate::{ReadRefusal, Refusal, WriteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,43 +33,11 @@ pub enum Error {
     /// The call must go to another node (a follower asked to write, for example).
     #[error("{0}")]
     FailedPrecondition(String),
-    /// Another member owns the point: write it there.
-    #[error("point {point:?} belongs to member {owner} ({address}); write it there")]
-    NotOwner {
-        point: String,
-        owner: String,
-        address: String,
-    },
-    /// A read of a point this node does not hold: the member that holds it serves it.
-    #[error(
-        "point {point:?} is not on this node; member {holder} ({address}) holds it: read it there"
-    )]
-    HeldElsewhere {
-        point: String,
-        holder: String,
-        address: String,
-    },
-    /// A write to a follower: its leader takes the writes.
-    #[error(
-        "node {node} is a follower and takes no writes; write to its leader {leader} at {address}"
-    )]
-    Follower {
-        node: String,
-        leader: String,
-        address: String,
-    },
-    /// The owner of the point is down: its range waits for it (liveness never moves ownership).
-    #[error(
-        "point {point:?} belongs to member {owner}, which is down; writes to it wait until it is back (its followers serve reads)"
-    )]
-    OwnerDown { point: String, owner: String },
     #[error("{0}")]
     Unavailable(String),
-    /// Not held here, but copies of it are kept in quarantine (`docs/resharding.md`).
-    #[error(
-        "point {point:?} is not served here; copies only this member held when it stepped down are kept in quarantine (delete them by hand once dealt with): {copies}"
-    )]
-    Quarantined { point: String, copies: String },
+    /// The gate sent the call elsewhere, or not at all (`crate::reshard::gate`).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error(transparent)]
     Append(#[from] AppendError),
     #[error(transparent)]
@@ -84,11 +54,9 @@ impl Error {
             Error::InvalidPointId(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
-            Error::FailedPrecondition(_)
-            | Error::NotOwner { .. }
-            | Error::HeldElsewhere { .. }
-            | Error::Follower { .. } => Code::FailedPrecondition,
-            Error::Unavailable(_) | Error::OwnerDown { .. } => Code::Unavailable,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Refused(refusal) => refusal.code(),
             // A fence passes in moments; a moved or arriving point is written elsewhere.
             Error::Append(AppendError::Handover { handover, .. }) => match handover {
                 Handover::Sealed { .. } => Code::Unavailable,
@@ -99,9 +67,9 @@ impl Error {
                 | AppendError::ContentType { .. }
                 | AppendError::OffsetMismatch { .. },
             ) => Code::FailedPrecondition,
-            Error::Read(ReadError::NotFound(_))
-            | Error::Delete(DeleteError::NotFound(_))
-            | Error::Quarantined { .. } => Code::NotFound,
+            Error::Read(ReadError::NotFound(_)) | Error::Delete(DeleteError::NotFound(_)) => {
+                Code::NotFound
+            }
             Error::Read(ReadError::OutOfRange { .. }) => Code::OutOfRange,
             Error::Append(AppendError::Storage(e))
             | Error::Read(ReadError::Storage(e))
@@ -114,6 +82,44 @@ impl Error {
     }
 }
 
+impl From<PlacementError> for Error {
+    fn from(error: PlacementError) -> Self {
+        Error::Refused(error.into())
+    }
+}
+
+impl From<WriteError> for Error {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Refused(refusal) => Error::Refused(refusal),
+            WriteError::Append(error) => Error::Append(error),
+            WriteError::Read(error) => Error::Read(error),
+        }
+    }
+}
+
+impl From<ReadRefusal> for Error {
+    fn from(error: ReadRefusal) -> Self {
+        match error {
+            ReadRefusal::Refused(refusal) => Error::Refused(refusal),
+            ReadRefusal::Read(error) => Error::Read(error),
+        }
+    }
+}
+
+/// The errors of the domain that reach a client, each through [`Error`]: one mapping.
+macro_rules! status_through_error {
+    ($($error:ty),*) => {$(
+        impl From<$error> for Status {
+            fn from(error: $error) -> Self {
+                Error::from(error).into()
+            }
+        }
+    )*};
+}
+
+status_through_error!(Refusal, PlacementError, WriteError, ReadRefusal);
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = error.code();
@@ -122,27 +128,14 @@ impl From<Error> for Status {
             tracing::error!(%error, "request failed");
         }
         let mut status = Status::new(code, error.to_string());
-        let owner = match &error {
-            Error::NotOwner { owner, address, .. }
-            | Error::HeldElsewhere {
-                holder: owner,
-                address,
-                ..
-            }
-            | Error::Follower {
-                leader: owner,
-                address,
-                ..
-            } => Some((owner, Some(address))),
-            Error::OwnerDown { owner, .. } => Some((owner, None)),
-            _ => None,
-        };
-        if let Some((owner, address)) = owner {
+        if let Error::Refused(refusal) = &error
+            && let Some((owner, address)) = refusal.redirect()
+        {
             let metadata = status.metadata_mut();
-            if let Ok(value) = MetadataValue::try_from(owner.as_str()) {
+            if let Ok(value) = MetadataValue::try_from(owner) {
                 metadata.insert(OWNER_METADATA, value);
             }
-            if let Some(Ok(value)) = address.map(|a| MetadataValue::try_from(a.as_str())) {
+            if let Some(Ok(value)) = address.map(MetadataValue::try_from) {
                 metadata.insert(OWNER_ADDR_METADATA, value);
             }
         }
@@ -192,7 +185,7 @@ mod tests {
 
     #[test]
     fn owner_refusals_carry_the_owner_in_metadata() {
-        let status = Status::from(Error::NotOwner {
+        let status = Status::from(Refusal::NotOwner {
             point: "p".into(),
             owner: "b".into(),
             address: "127.0.0.1:9".into(),
@@ -203,7 +196,7 @@ mod tests {
             status.metadata().get(OWNER_ADDR_METADATA).unwrap(),
             "127.0.0.1:9"
         );
-        let status = Status::from(Error::OwnerDown {
+        let status = Status::from(Refusal::OwnerDown {
             point: "p".into(),
             owner: "b".into(),
         });

@@ -9,6 +9,7 @@
 //! | [`service`] | the one handle shape of every subsystem: `shutdown`, `terminated`, panics reported |
 //! | [`config`] | the root configuration: defaults < TOML < `GOUTUBE_…` environment, validation |
 //! | [`point`] | the point store: ids, data files, journals, crash recovery, fsync policy, open-file bounds |
+//! | [`proto`] | the client API's wire: generated `streaming.v1` types, HTTP/2 settings, metadata names (a leaf) |
 //! | [`api`] | the gRPC services (`streaming.v1`, health, reflection), their handlers and shared context |
 //! | [`access`] | actions, decisions, and the one async authorization door every caller uses |
 //! | [`cache`] | the answer cache of access and placement, stamped by plugin generation and input version |
@@ -16,7 +17,7 @@
 //! | [`balancer`] | the balancer role: the same API served by forwarding to the nodes that hold the data |
 //! | [`placement`] | which ring member owns a point: the placement plugin, cached per ring version |
 //! | [`replication`] | leader → follower replication over Cap'n Proto RPC, on its own thread |
-//! | [`reshard`] | handing points to their new owner when the ring changes (so far: the move plan) |
+//! | [`reshard`] | resharding's home: the move plan, the mover's planner (state in, actions out), and the gate — the one place that admits a write or a read of a point or names who does |
 //! | [`plugins`] | the WebAssembly engine: bindings (the one `bindgen!`), built-ins, Polar |
 //! | [`net`] | accepting connections, TLS handshakes, the peer identity of each connection |
 //! | [`tls`] | rustls configuration from PEM files (and the `[tls]` section), subjects from certificates |
@@ -30,8 +31,10 @@
 //! | [`process`] | a `goutube run` child process and its listening line (tests, benchmarks) |
 //! | [`error`] | the error of a client call and its one mapping to a gRPC status |
 //!
-//! Dependencies point one way: `point`, `plugins`, `metrics`, `tls` and `net` never import the
-//! modules above them; only `cluster::gossip` imports chitchat; only `replication` touches capnp.
+//! Dependencies point one way: `point`, `plugins`, `metrics`, `proto`, `tls` and `net` never
+//! import the modules above them; `client` stands on `proto`, never on `api`; `api`, `http` and
+//! `balancer` ask `reshard::gate` who takes a point, and only `placement` and the gate derive
+//! ownership; only `cluster::gossip` imports chitchat; only `replication` touches capnp.
 //! The `goutube` binary (`src/main.rs`, `src/cli/`) parses the command line and drives these.
 
 pub mod access;

@@ -23,6 +23,7 @@ use crate::placement::Placement;
 use crate::plugins::{PluginError, Plugins};
 use crate::point::{StorageError, Store};
 use crate::replication::{self, Progress};
+use crate::reshard::Gate;
 use crate::service::{Failed, Handle};
 use crate::signed_url::UrlSigner;
 
@@ -275,6 +276,12 @@ impl Node {
                     listeners.replication,
                     CancellationToken::new(),
                 )?;
+                let gate = Arc::new(Gate::new(
+                    &config,
+                    store.clone(),
+                    placement.clone(),
+                    following,
+                ));
                 let context = Arc::new(Context {
                     config: config.clone(),
                     store,
@@ -286,7 +293,7 @@ impl Node {
                     progress,
                     signer: signer.clone(),
                     steps: cluster.steps(),
-                    leader: following,
+                    gate,
                 });
                 let api = api::start(
                     api::streaming::StreamingService::new(context.clone()),
@@ -413,6 +420,12 @@ impl Node {
     /// Which member owns which point.
     pub fn placement(&self) -> &Arc<Placement> {
         &self.placement
+    }
+
+    /// The gate of a storage node (`None` on a balancer): who takes a write of a point, who
+    /// serves a read.
+    pub fn gate(&self) -> Option<&Arc<Gate>> {
+        self.context.as_ref().map(|context| &context.gate)
     }
 
     /// The newest membership, always.

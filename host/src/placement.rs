@@ -3,8 +3,13 @@
 //! generation, so routing does not call into WebAssembly for every request.
 //!
 //! The plugin's answer is checked before anyone acts on it: no answer, a name that is not an
-//! owner of the ring, a repeated name or more names than asked for are errors (`Unavailable`,
-//! naming the plugin). Writes fail closed.
+//! owner of the ring, a repeated name or more names than asked for are errors
+//! ([`PlacementError`], `Unavailable` at the edge, naming the plugin). Writes fail closed.
+//!
+//! Three questions are asked, all answered from the same cache per ring version (a question
+//! about the ring a pending change leads to, or about the ring before a member was forgotten, is
+//! a function of the current ring too): who owns a point now, who will own it once the pending
+//! change is made, and who owned it before a forgotten member was forgotten.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,15 +19,49 @@ use tokio::sync::watch;
 use crate::cache::GenerationCache;
 use crate::cluster::Membership;
 use crate::cluster::ring::Ring;
-use crate::error::{Error, bounded};
+use crate::error::bounded;
 use crate::plugins::{PluginSet, Plugins, types};
-use crate::point::PointId;
 use crate::reshard::Change;
+use crate::reshard::gate::Refusal;
+
+/// Why the owner of a point cannot be named: every write to it fails closed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlacementError {
+    /// The ring waits for `cluster.bootstrap_expect` primaries.
+    #[error(
+        "the ring is not formed yet: this node waits for cluster.bootstrap_expect primaries to find each other"
+    )]
+    NotFormed,
+    /// Every member of the ring is joining, left or forgotten.
+    #[error("no member of the ring owns a range")]
+    NoOwners,
+    /// The plugin failed (a trap, a timeout, an error it returned).
+    #[error("placement: {0}")]
+    Plugin(String),
+    /// The plugin answered something that cannot be acted on.
+    #[error("placement plugin {plugin} {problem}; writes fail closed")]
+    Answer { plugin: String, problem: String },
+    /// The blocking task that ran the plugin did not finish.
+    #[error("placement task failed: {0}")]
+    Task(String),
+}
+
+/// A question the cache holds the answer of, for one ring version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Question {
+    /// Up to `replicas` owners of the point in the ring.
+    Owners { replicas: u32, point: String },
+    /// The owner of the point in the ring the pending change leads to.
+    Pending { point: String },
+    /// The owner of the point in the ring as it was before `forgotten` was forgotten.
+    Before { forgotten: String, point: String },
+}
 
 pub struct Placement {
     plugins: Arc<Plugins>,
     membership: watch::Receiver<Arc<Membership>>,
-    answers: GenerationCache<String, Arc<[String]>>,
+    answers: GenerationCache<Question, Arc<[String]>>,
 }
 
 impl Placement {
@@ -50,122 +89,120 @@ impl Placement {
         &self,
         point: &str,
         replicas: u32,
-    ) -> Result<(Arc<Membership>, Arc<[String]>), Error> {
+    ) -> Result<(Arc<Membership>, Arc<[String]>), PlacementError> {
         let membership = self.membership();
-        let key = format!("{replicas}\0{point}");
-        if let Some(owners) = self.answers.get(&key, membership.ring_version) {
+        let question = Question::Owners {
+            replicas,
+            point: point.to_owned(),
+        };
+        if let Some(owners) = self.answers.get(&question, membership.ring_version) {
             return Ok((membership, owners));
         }
         if !membership.ring.is_formed() {
-            return Err(Error::Unavailable(
-                "the ring is not formed yet: this node waits for cluster.bootstrap_expect primaries to find each other".into(),
-            ));
+            return Err(PlacementError::NotFormed);
         }
-        let members = members(&membership.ring);
-        if members.is_empty() {
-            return Err(Error::Unavailable(
-                "no member of the ring owns a range".into(),
-            ));
-        }
-        let plugins = self.plugins.current();
-        let point_owned = point.to_owned();
-        let (answer, name, generation) = tokio::task::spawn_blocking(move || {
-            let answer = plugins.owners(&point_owned, &members, replicas);
-            (
-                answer,
-                plugins.placement.name().clone(),
-                plugins.generation(),
-            )
-        })
-        .await
-        .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?;
-        let answer = answer.map_err(|e| Error::Unavailable(format!("placement: {e}")))?;
-        let owners: Arc<[String]> = check(&membership.ring, answer, replicas)
-            .map_err(|problem| {
-                Error::Unavailable(format!(
-                    "placement plugin {name} {problem}; writes fail closed"
-                ))
-            })?
-            .into();
-        self.answers
-            .insert(key, owners.clone(), generation, membership.ring_version);
+        let ring = membership.ring.clone();
+        let point = point.to_owned();
+        let owners = self
+            .ask(question, membership.ring_version, move |plugins| {
+                owners_in(plugins, &ring, &point, replicas)
+            })
+            .await?;
         Ok((membership, owners))
-    }
-
-    /// `Ok` if this node owns `point`; otherwise the refusal that names the owner.
-    pub async fn check_local(&self, point: &PointId) -> Result<(), Error> {
-        let (membership, owners) = self.owners(point.as_str(), 1).await?;
-        let owner = &owners[0];
-        if *owner == membership.local {
-            return Ok(());
-        }
-        Err(refusal(&membership, point, owner))
     }
 
     /// While the ring has a pending change (a drain or a join, `docs/resharding.md`): the
     /// change and the owner of `point` once it is made. `None` when nothing is pending.
-    pub async fn pending_owner(&self, point: &PointId) -> Result<Option<(Change, String)>, Error> {
+    pub async fn pending_owner(
+        &self,
+        point: &str,
+    ) -> Result<Option<(Change, String)>, PlacementError> {
         let membership = self.membership();
         let Some((change, target)) = crate::reshard::pending(&membership.ring) else {
             return Ok(None);
         };
-        let plugins = self.plugins.current();
-        let point = point.as_str().to_owned();
-        let owner = tokio::task::spawn_blocking(move || owner_in(&plugins, &target, &point))
-            .await
-            .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?
-            .map_err(|e| Error::Unavailable(format!("{e}; writes fail closed")))?;
-        Ok(Some((change, owner)))
+        let question = Question::Pending {
+            point: point.to_owned(),
+        };
+        let owner = match self.answers.get(&question, membership.ring_version) {
+            Some(owners) => owners,
+            None => {
+                let point = point.to_owned();
+                self.ask(question, membership.ring_version, move |plugins| {
+                    owners_in(plugins, &target, &point, 1)
+                })
+                .await?
+            }
+        };
+        Ok(Some((change, owner[0].clone())))
     }
 
     /// The forgotten member `point` belonged to, while its points are still being taken over
     /// from its followers' copies (some live follower of it has not announced it is done,
     /// `docs/resharding.md`, forget). `None` otherwise.
-    pub async fn being_taken_over(&self, point: &PointId) -> Result<Option<String>, Error> {
+    pub async fn being_taken_over(&self, point: &str) -> Result<Option<String>, PlacementError> {
         let membership = self.membership();
-        // The common case, no takeover under way, costs no copy of the ring.
-        let pending: Vec<(String, Ring)> = crate::reshard::forgotten(&membership.ring)
-            .into_iter()
-            .filter(|forgotten| crate::reshard::takeover_pending(&membership, forgotten))
-            .map(|forgotten| {
-                let before = forgotten.before(&membership.ring);
-                (forgotten.name, before)
-            })
-            .collect();
-        if pending.is_empty() {
-            return Ok(None);
-        }
-        let plugins = self.plugins.current();
-        let point = point.as_str().to_owned();
-        tokio::task::spawn_blocking(move || {
-            for (name, before) in pending {
-                if owner_in(&plugins, &before, &point)? == name {
-                    return Ok(Some(name));
-                }
+        for forgotten in crate::reshard::forgotten(&membership.ring) {
+            if !crate::reshard::takeover_pending(&membership, &forgotten) {
+                continue;
             }
-            Ok(None)
-        })
-        .await
-        .map_err(|e| Error::Unavailable(format!("placement task failed: {e}")))?
-        .map_err(|e: String| Error::Unavailable(format!("{e}; writes fail closed")))
+            let question = Question::Before {
+                forgotten: forgotten.name.clone(),
+                point: point.to_owned(),
+            };
+            let owner = match self.answers.get(&question, membership.ring_version) {
+                Some(owners) => owners,
+                None => {
+                    let before = forgotten.before(&membership.ring);
+                    let point = point.to_owned();
+                    self.ask(question, membership.ring_version, move |plugins| {
+                        owners_in(plugins, &before, &point, 1)
+                    })
+                    .await?
+                }
+            };
+            if owner[0] == forgotten.name {
+                return Ok(Some(forgotten.name));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Asks the placement plugin on the blocking pool, and keeps the answer for `version`.
+    async fn ask(
+        &self,
+        question: Question,
+        version: u64,
+        call: impl FnOnce(&PluginSet) -> Result<Vec<String>, PlacementError> + Send + 'static,
+    ) -> Result<Arc<[String]>, PlacementError> {
+        let plugins = self.plugins.current();
+        let (answer, generation) =
+            tokio::task::spawn_blocking(move || (call(&plugins), plugins.generation()))
+                .await
+                .map_err(|e| PlacementError::Task(e.to_string()))?;
+        let owners: Arc<[String]> = answer?.into();
+        self.answers
+            .insert(question, owners.clone(), generation, version);
+        Ok(owners)
     }
 
     /// The refusal of a write to `point` that belongs to `owner`: where to write it, or that the
     /// owner is down.
-    pub fn refuse(&self, point: &PointId, owner: &str) -> Error {
+    pub fn refuse(&self, point: &str, owner: &str) -> Refusal {
         refusal(&self.membership(), point, owner)
     }
 }
 
-fn refusal(membership: &Membership, point: &PointId, owner: &str) -> Error {
+/// A write to `point`, which `owner` takes: its address, or that it is down.
+pub fn refusal(membership: &Membership, point: &str, owner: &str) -> Refusal {
     match membership.live(owner) {
-        Some(member) => Error::NotOwner {
-            point: bounded(point.as_str()),
+        Some(member) => Refusal::NotOwner {
+            point: bounded(point),
             owner: owner.to_owned(),
             address: member.rpc_addr.clone(),
         },
-        None => Error::OwnerDown {
-            point: bounded(point.as_str()),
+        None => Refusal::OwnerDown {
+            point: bounded(point),
             owner: owner.to_owned(),
         },
     }
@@ -174,17 +211,28 @@ fn refusal(membership: &Membership, point: &PointId, owner: &str) -> Error {
 /// The owner of `point` in `ring` (any ring, not only the current one: resharding asks about
 /// the ring a pending change leads to), by the placement plugin of `plugins`, checked as routing
 /// checks it. Calls into WebAssembly: not for an async task's thread.
-pub fn owner_in(plugins: &PluginSet, ring: &Ring, point: &str) -> Result<String, String> {
+pub fn owner_in(plugins: &PluginSet, ring: &Ring, point: &str) -> Result<String, PlacementError> {
+    owners_in(plugins, ring, point, 1).map(|mut owners| owners.swap_remove(0))
+}
+
+/// Up to `replicas` owners of `point` in `ring`, checked. Calls into WebAssembly.
+fn owners_in(
+    plugins: &PluginSet,
+    ring: &Ring,
+    point: &str,
+    replicas: u32,
+) -> Result<Vec<String>, PlacementError> {
     let members = members(ring);
     if members.is_empty() {
-        return Err("no member of the ring owns a range".into());
+        return Err(PlacementError::NoOwners);
     }
     let answer = plugins
-        .owners(point, &members, 1)
-        .map_err(|e| format!("placement: {e}"))?;
-    check(ring, answer, 1)
-        .map(|mut owners| owners.swap_remove(0))
-        .map_err(|problem| format!("placement plugin {} {problem}", plugins.placement.name()))
+        .owners(point, &members, replicas)
+        .map_err(|e| PlacementError::Plugin(e.to_string()))?;
+    check(ring, answer, replicas).map_err(|problem| PlacementError::Answer {
+        plugin: plugins.placement.name().to_string(),
+        problem,
+    })
 }
 
 /// The members of `ring` that own a range, as the placement plugin sees them.

@@ -8,14 +8,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use goutube::client::{Client, ClientOptions};
+use goutube::config::Config;
+use goutube::node::{Listeners, Node};
 use goutube::proto::streaming_client::StreamingClient;
 use goutube::proto::{
     ConsumeRequest, ListMembersRequest, ListMembersResponse, LocatePointRequest, MetadataRequest,
     MetadataResponse, ProduceRequest, ProduceResponse,
 };
-use goutube::client::{Client, ClientOptions};
-use goutube::config::Config;
-use goutube::node::{Listeners, Node};
 use tempfile::TempDir;
 use tonic::Status;
 use tonic::transport::Channel;

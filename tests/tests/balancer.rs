@@ -7,10 +7,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use goutube::config::{Config, PluginSection, Role};
 use goutube::proto::{
     ConsumeRequest, ListMembersRequest, LocatePointRequest, MetadataRequest, ProduceRequest,
 };
-use goutube::config::{Config, PluginSection, Role};
 use goutube_tests::{
     Pki, ProcessReplicas, TestNode, assert_denied, consume, data, eventually, metadata, metric,
     owner as owner_by, produce, raw_client, scrape_metrics, sees, window,

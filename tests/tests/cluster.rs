@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use goutube::proto::streaming_client::StreamingClient;
-use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
 use goutube::client::owner_of;
 use goutube::config::PluginSection;
+use goutube::proto::streaming_client::StreamingClient;
+use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
 use goutube::proto::{OWNER_ADDR_METADATA, OWNER_METADATA};
 use goutube_tests::{
     DEADLINE, NodeProcess, Pki, TestNode, consume, data, metadata, produce, window,
@@ -536,10 +536,10 @@ async fn placement_that_answers_wrong_makes_writes_fail_closed() {
 /// names). A balancer is a member of the view, not of the ring.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_servers_answers_the_addresses_of_balancers() {
-    use goutube::proto::GetServersRequest;
-    use goutube::proto::lb_resolver_helper_client::LbResolverHelperClient;
     use goutube::cluster::gossip::Network;
     use goutube::cluster::{ClusterSection, Local, Params, Role};
+    use goutube::proto::GetServersRequest;
+    use goutube::proto::lb_resolver_helper_client::LbResolverHelperClient;
 
     let node = TestNode::start(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();

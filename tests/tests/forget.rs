@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use goutube::proto::ProduceRequest;
-use goutube::proto::streaming_client::StreamingClient;
-use goutube::proto::{ListMembersRequest, ListMembersResponse};
 use goutube::client::Client;
 use goutube::config::{Config, Role};
 use goutube::proto::END_METADATA;
+use goutube::proto::ProduceRequest;
+use goutube::proto::streaming_client::StreamingClient;
+use goutube::proto::{ListMembersRequest, ListMembersResponse};
 use goutube_tests::{
     DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, eventually_within,
     followers_of, http, metadata, metric, owner_through, produce, window, write_node_config,

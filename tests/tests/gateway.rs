@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use goutube::proto::ProduceRequest;
 use goutube::config::{Config, Role};
+use goutube::proto::ProduceRequest;
 use goutube::secret::Secret;
 use goutube_tests::{
     HttpAnswer, Pki, TestNode, consume, data, eventually, http, http_response, metadata, produce,

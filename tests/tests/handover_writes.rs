@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::Role;
 use goutube::point::{Handover, Ownership, PointId};
+use goutube::proto::{DeletePointRequest, ProduceRequest};
 use goutube_tests::{
     TestNode, consume, data, eventually, http, metadata, owner, produce, sees, window,
 };

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::proto::streaming_client::StreamingClient;
-use goutube::proto::{DeletePointRequest, ProduceRequest};
 use goutube::config::{Ack, Config, PeerTlsSection, Role};
 use goutube::point::{Ownership, PointId, Store};
+use goutube::proto::streaming_client::StreamingClient;
+use goutube::proto::{DeletePointRequest, ProduceRequest};
 use goutube_tests::{
     DEADLINE, NodeProcess, Pki, TestNode, consume, counter, data, eventually, eventually_within,
     free_port, metadata, produce, window,

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use goutube::proto::ProduceRequest;
 use goutube::client::{Client, ClientOptions};
 use goutube::config::{Config, Role};
-use goutube::proto::{END_METADATA, OWNER_METADATA};
 use goutube::point::{Handover, Ownership, PointId};
+use goutube::proto::ProduceRequest;
+use goutube::proto::{END_METADATA, OWNER_METADATA};
 use goutube_tests::{
     DEADLINE, TestNode, consume, counter, data, eventually, eventually_within, members, metadata,
     owner, produce, raw_client, sees, window,
@@ -575,7 +575,7 @@ async fn a_move_whose_target_changes_is_cancelled_cleanly() {
     eventually("a to see d joining", || async {
         a.node
             .placement()
-            .pending_owner(&PointId::new("videos/0").unwrap())
+            .pending_owner("videos/0")
             .await
             .unwrap()
             .is_some()
@@ -586,7 +586,7 @@ async fn a_move_whose_target_changes_is_cancelled_cleanly() {
         let (_, to) = a
             .node
             .placement()
-            .pending_owner(&id)
+            .pending_owner(id.as_str())
             .await
             .unwrap()
             .unwrap();

@@ -7,9 +7,9 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use goutube::proto::{ListMembersRequest, LocatePointRequest, ProduceRequest};
 use goutube::client::{Client, ClientOptions};
 use goutube::proto::OWNER_METADATA;
+use goutube::proto::{ListMembersRequest, LocatePointRequest, ProduceRequest};
 use goutube::reshard::CRASH_AT;
 use goutube_tests::{
     NodeProcess, consume, data, eventually, metadata, produce, raw_client, window,

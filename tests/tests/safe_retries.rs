@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 
 use bytes::Bytes;
-use goutube::proto::{ListPointsRequest, ProduceRequest};
 use goutube::client::{Client, ClientError, ClientOptions, Progress, PutMode, PutOptions};
 use goutube::config::Config;
 use goutube::node::Node;
+use goutube::proto::{ListPointsRequest, ProduceRequest};
 use goutube_tests::{
     DEADLINE, TestNode, consume, data, eventually, free_port, metadata, produce, start_in, window,
 };

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use goutube::proto::streaming_client::StreamingClient;
 use goutube::certs::{Authority, Validity};
 use goutube::client::{Client, ClientOptions};
 use goutube::config::PluginSection;
+use goutube::proto::streaming_client::StreamingClient;
 use goutube_tests::{
     Pki, TestNode, assert_denied, consume, counter, data, goutube_bin, metadata, produce, window,
 };

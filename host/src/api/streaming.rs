@@ -15,12 +15,18 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
+use crate::access::{Access, Action};
+use crate::cluster::{Lifecycle, Membership, StepError};
+use crate::error::Error;
+use crate::metrics;
+use crate::net::PeerInfo;
+use crate::placement::Placement;
+use crate::point::{Appended, Handover, PointId, Snapshot, Span, StreamError};
 use crate::proto::{
     self, CleanupMemberRequest, CleanupMemberResponse, ConsumeRequest, ConsumeResponse,
     DeletePointRequest, DeletePointResponse, DrainMemberRequest, DrainMemberResponse,
@@ -30,13 +36,6 @@ use crate::proto::{
     MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, SignUrlRequest,
     SignUrlResponse,
 };
-use crate::access::{Access, Action};
-use crate::cluster::{Lifecycle, Membership, StepError};
-use crate::error::Error;
-use crate::metrics;
-use crate::net::PeerInfo;
-use crate::placement::Placement;
-use crate::point::{AppendError, Appended, Handover, PointId, Snapshot, Span, StreamError};
 use crate::signed_url::{UrlError, UrlSigner};
 
 /// Frames a ConsumeStream task may read ahead of the client.
@@ -70,7 +69,7 @@ impl proto::streaming_server::Streaming for StreamingService {
         let peer = self.state.caller(&request);
         let mut frames = request.into_inner();
         let state = &self.state;
-        state.check_writable()?;
+        state.gate.check_writable().map_err(Error::from)?;
 
         // Receiving and writing overlap: this task decodes, validates and authorizes frames,
         // a writer task appends them in order, in batches.
@@ -105,7 +104,7 @@ impl proto::streaming_server::Streaming for StreamingService {
                             .access
                             .authorize(&peer, Action::Produce, id.as_str())
                             .await?;
-                        state.check_owner(&id).await?;
+                        state.gate.admit_write(&id).await?;
                         // The type travels with the point's first frame in the stream.
                         if !content_type.is_empty() {
                             if !crate::content::is_valid(&content_type) {
@@ -184,7 +183,7 @@ impl proto::streaming_server::Streaming for StreamingService {
             .access
             .authorize(&peer, Action::Consume, id.as_str())
             .await?;
-        let point = state.readable(&id).await?;
+        let point = state.gate.admit_read(&id).await?;
         let snapshot = point.snapshot();
         let window = read_window(
             &request,
@@ -221,7 +220,7 @@ impl proto::streaming_server::Streaming for StreamingService {
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         let state = &self.state;
         state.access.authorize(&peer, action, id.as_str()).await?;
-        let snapshot = state.readable(&id).await?.snapshot();
+        let snapshot = state.gate.admit_read(&id).await?.snapshot();
         let ownership = state.store.ownership(&id).await.map_err(Error::from)?;
         let owner = match ownership.owner.clone() {
             Some(owner) => owner,
@@ -420,12 +419,18 @@ impl proto::streaming_server::Streaming for StreamingService {
     ) -> Result<Response<DeletePointResponse>, Status> {
         let peer = self.state.caller(&request);
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
-        self.state.check_writable()?;
+        self.state.gate.check_writable().map_err(Error::from)?;
         self.state
             .access
             .authorize(&peer, Action::Admin, id.as_str())
             .await?;
-        if let Some(handover) = self.state.check_owner(&id).await? {
+        if let Some(handover) = self
+            .state
+            .gate
+            .admit_write(&id)
+            .await
+            .map_err(Error::from)?
+        {
             return Err(Error::Unavailable(format!(
                 "point {id} {handover}; delete it once the handover is over"
             ))
@@ -541,60 +546,12 @@ async fn write_frames(
                 Err(_) => break,
             }
         }
-        let appended = append(&state, &first.point, first.expected_offset, batch).await?;
+        let appended = state
+            .gate
+            .append(&first.point, first.expected_offset, batch, &state.abort)
+            .await?;
         if let Some(&appended) = appended.last() {
             last.insert(first.slot, appended);
-        }
-    }
-}
-
-/// Appends `batch` to `point` (at `expected_offset`, if given). A write that meets a fence (the
-/// point being handed to a new owner) waits for the switch, up to `reshard.fence_timeout_ms`,
-/// and then goes wherever the point's record says; a point handed over, or still arriving, is
-/// refused naming the member that takes its writes.
-async fn append(
-    state: &Context,
-    point: &PointId,
-    expected_offset: Option<u64>,
-    batch: Vec<Bytes>,
-) -> Result<Vec<Appended>, Error> {
-    let fence = Duration::from_millis(state.config.reshard.fence_timeout_ms);
-    let mut deadline = None;
-    loop {
-        let changed = state.store.ownership_changed();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let appended = match expected_offset {
-            Some(start) => {
-                state
-                    .store
-                    .append_batch_at(point, start, batch.clone())
-                    .await
-            }
-            None => state.store.append_batch(point, batch.clone()).await,
-        };
-        let handover = match appended {
-            Err(AppendError::Handover { handover, .. }) => handover,
-            other => return Ok(other?),
-        };
-        if !matches!(handover, Handover::Sealed { .. }) {
-            return Err(state.placement.refuse(point, handover.peer()));
-        }
-        let deadline = *deadline.get_or_insert_with(|| Instant::now() + fence);
-        tokio::select! {
-            () = changed => {}
-            () = tokio::time::sleep_until(deadline) => {
-                ::metrics::counter!(metrics::FENCE_TIMEOUTS).increment(1);
-                return Err(Error::Unavailable(format!(
-                    "point {point} {handover}, which took longer than \
-                     reshard.fence_timeout_ms ({} ms); retry (with expected_offset a retry \
-                     never writes twice)",
-                    fence.as_millis()
-                )));
-            }
-            () = state.abort.cancelled() => {
-                return Err(Error::Unavailable("the node is shutting down".into()));
-            }
         }
     }
 }

@@ -28,13 +28,13 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use goutube::client::{Client, ClientOptions, ClientTls};
+use goutube::process::NodeProcess;
 use goutube::proto::streaming_server::{Streaming, StreamingServer};
 use goutube::proto::{
     ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse, ListPointsRequest,
     ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, Record,
 };
-use goutube::client::{Client, ClientOptions, ClientTls};
-use goutube::process::NodeProcess;
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {

@@ -16,13 +16,13 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
-use goutube::proto::ListMembersResponse;
 use goutube::client::{
     Client, ClientError, ClientOptions, ClientTls, DEFAULT_CHUNK, GetOptions, Progress, PutMode,
     PutOptions,
 };
 use goutube::config::Config;
 use goutube::node::{Listeners, Node};
+use goutube::proto::ListMembersResponse;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -24,12 +24,12 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::proto::streaming_client::StreamingClient;
+use crate::proto::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
 use crate::proto::{
     CleanupMemberRequest, DeletePointRequest, DrainMemberRequest, ForgetMemberRequest,
     ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
     MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
 };
-use crate::proto::{CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
 use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
 
 /// The port of a node's gRPC API when an address names none (`rpc_port`'s default).

@@ -39,6 +39,7 @@ use crate::metrics;
 use crate::net::{NO_CERTIFICATE, PeerInfo};
 use crate::placement::Placement;
 use crate::point::{Point, PointId, ReadError, Span, Store};
+use crate::reshard::gate::{self, Holder};
 use crate::service::Spawner;
 use crate::signed_url::{UrlSigner, encode_path};
 
@@ -339,20 +340,13 @@ impl Gateway {
         }
     }
 
-    /// Where a copy at least as complete as this node's lives: the owner if it is live (it
-    /// holds every acknowledged byte), else a live follower of the owner.
+    /// Where a copy at least as complete as this node's lives (the gate's holder: the owner if
+    /// it is live, as it holds every acknowledged byte; else a live follower of the owner).
     async fn elsewhere(&self, request: &Request) -> Option<String> {
-        let (membership, owners) = self.placement.owners(request.id.as_str(), 1).await.ok()?;
-        let owner = owners.first()?;
-        if *owner == membership.local {
+        let Holder::Member(target) = gate::holder(&self.placement, request.id.as_str()).await
+        else {
             return None;
-        }
-        let target =
-            membership.live(owner).or_else(|| {
-                membership.view.members.values().find(|m| {
-                    m.leader.as_deref() == Some(owner.as_str()) && m.name != membership.local
-                })
-            })?;
+        };
         if target.http_addr.is_empty() {
             return None;
         }
@@ -369,11 +363,12 @@ impl Gateway {
         ))
     }
 
-    /// The owner of `id` if it is down.
+    /// The owner of `id` if it is down and no live follower of it is known.
     async fn owner_down(&self, id: &PointId) -> Option<String> {
-        let (membership, owners) = self.placement.owners(id.as_str(), 1).await.ok()?;
-        let owner = owners.first()?;
-        (*owner != membership.local && membership.live(owner).is_none()).then(|| owner.clone())
+        match gate::holder(&self.placement, id.as_str()).await {
+            Holder::Down(owner) => Some(owner),
+            Holder::Nobody | Holder::Member(_) => None,
+        }
     }
 
     async fn serve(

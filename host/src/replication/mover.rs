@@ -38,42 +38,39 @@ use crate::cluster::Lifecycle;
 use crate::cluster::Membership;
 use crate::cluster::ring::Ring;
 use crate::metrics;
+use crate::placement::PlacementError;
 use crate::point::{Handover, Ownership, PointId, ReadError};
-use crate::reshard::{self, Change, Move};
+use crate::reshard::planner::{self, Action, Next, Outcome, Planner, Work};
+use crate::reshard::{self, Move};
 
 /// How often the mover looks again without a change of membership (points created meanwhile,
 /// moves to retry).
 const TICK: Duration = Duration::from_millis(500);
-/// How long a failed move waits before it is tried again.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// A move whose lag has not shrunk for this long is reported as stalled and tried again later.
 const STALL: Duration = Duration::from_secs(30);
 /// How long a fenced point waits for the new owner to confirm its last bytes before the fence
 /// is lifted (the seal was not sent yet, so nothing was committed there).
 const FENCE_WAIT: Duration = Duration::from_secs(10);
-/// A member says it is done with a change (drained: `left`; a join: `handed`) only after a plan
-/// that started this long after it first saw the change found nothing to move: a point created
-/// just before it saw the change (refused from then on) has landed by then.
-const DONE_AFTER: Duration = Duration::from_secs(1);
 /// How often the copies handed over are looked at for cleanup.
 const CLEANUP_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs the moves of this primary until `shutdown`.
 pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: CancellationToken) {
+    let reshard = &context.config.reshard;
+    let planner = Planner::new(
+        reshard.max_concurrent_moves,
+        Duration::from_millis(reshard.settle_ms),
+    );
     let mut mover = Mover {
         context,
         tls,
         shutdown: shutdown.clone(),
         peers: HashMap::new(),
-        moving: HashMap::new(),
-        failed: HashMap::new(),
-        pending_since: None,
-        view_since: None,
+        planner,
+        stops: HashMap::new(),
         cleaning: HashSet::new(),
         cleaned_at: None,
         offered: HashSet::new(),
-        stepped_down: None,
-        strays: true,
         handed_over: true,
     };
     let mut membership = mover.context.membership.clone();
@@ -115,15 +112,10 @@ struct Mover {
     shutdown: CancellationToken,
     /// One connection and replicator per destination.
     peers: HashMap<String, Rc<Peer>>,
-    /// Points being handed over now: to whom, and the token that stops the copy (before the
-    /// fence) when the plan no longer sends the point there.
-    moving: HashMap<PointId, (String, CancellationToken)>,
-    /// Points whose last move failed, and when.
-    failed: HashMap<PointId, Instant>,
-    /// The pending change of the ring and when this node first saw it.
-    pending_since: Option<(Change, u64, Instant)>,
-    /// The live view's id and when this node first saw it.
-    view_since: Option<(String, Instant)>,
+    /// The decisions: what moves, what stops, when this node is done with a change.
+    planner: Planner,
+    /// The token that stops each move's copy before its fence (the planner says when).
+    stops: HashMap<PointId, CancellationToken>,
     /// Handed-over copies whose new owner is being asked whether they may go.
     cleaning: HashSet<PointId>,
     /// When the handed-over copies were last looked at.
@@ -131,13 +123,6 @@ struct Mover {
     /// On a follower: copies of forgotten members' points (by the member's tag) whose new owner
     /// holds the point already (taken over from another copy, or diverged from it).
     offered: HashSet<(String, PointId)>,
-    /// On a forgotten primary: the ring version at which every copy it held had its answer
-    /// (history or quarantine). Nothing new arrives at a forgotten member, so its points are
-    /// not looked at again until the ring changes.
-    stepped_down: Option<u64>,
-    /// Whether handovers the plan does not call for may exist: after a start, a change of the
-    /// pending change, a failed move. Without a pending change, points are looked at only then.
-    strays: bool,
     /// Whether copies handed over may still be here (after a start, after a move): only then
     /// are points looked at for cleanup.
     handed_over: bool,
@@ -146,82 +131,35 @@ struct Mover {
 impl Mover {
     /// Starts the moves the ring's pending change calls for, within the concurrency limit, and
     /// ends the handovers it no longer calls for; says when this node is done with the change.
+    /// The decisions are the [`Planner`]'s; this performs them.
     async fn plan(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
         let limit = self.context.config.reshard.max_concurrent_moves;
-        if limit == 0 {
-            // Paused by the operator.
-            return Vec::new();
-        }
-        if !self.context.config.role.is_primary() {
-            return self.take_over(limit).await;
+        if limit > 0 && !self.context.config.role.is_primary() {
+            return self.take_over().await;
         }
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
-        if membership
-            .ring
-            .members
-            .get(&local)
-            .is_some_and(|record| record.lifecycle == Lifecycle::Forgotten)
-        {
-            if self.stepped_down != Some(membership.ring_version)
-                && self.step_down(&membership).await
-            {
-                self.stepped_down = Some(membership.ring_version);
-            }
-            return Vec::new();
-        }
-        let pending = reshard::pending(&membership.ring);
-        let since = match &pending {
-            None => {
-                if self.pending_since.take().is_some() {
-                    self.strays = true;
+        let (actions, next) = self.planner.look(
+            &local,
+            &membership.ring,
+            &membership.view.id,
+            Instant::now(),
+        );
+        self.perform(&membership, actions).await;
+        let (pending, since) = match next {
+            Next::Idle => return Vec::new(),
+            Next::StepDown { ring_version } => {
+                if self.step_down(&membership).await {
+                    self.planner.stepped_down(ring_version);
                 }
-                self.announce(None).await;
-                if !std::mem::take(&mut self.strays) {
-                    return Vec::new();
-                }
-                None
+                return Vec::new();
             }
-            Some((change, target)) => {
-                let version = target.version();
-                match &self.pending_since {
-                    Some((seen, seen_version, since))
-                        if seen == change && *seen_version == version =>
-                    {
-                        Some(*since)
-                    }
-                    _ => {
-                        tracing::info!(?change, "the ring is changing");
-                        self.strays = true;
-                        let now = Instant::now();
-                        self.pending_since = Some((change.clone(), version, now));
-                        Some(now)
-                    }
-                }
+            Next::Join { joining, version } => {
+                self.join(&membership, &joining, version).await;
+                return Vec::new();
             }
+            Next::List { pending, since } => (pending, since),
         };
-        if let Some((Change::Join(joining), target)) = &pending
-            && *joining == local
-        {
-            self.join(&membership, joining, target.version()).await;
-            return Vec::new();
-        }
-        // Only a settled view starts (or gives up) moves: the change and the live members the
-        // same for `reshard.settle_ms`.
-        let view_since = match &self.view_since {
-            Some((id, since)) if *id == membership.view.id => *since,
-            _ => {
-                let now = Instant::now();
-                self.view_since = Some((membership.view.id.clone(), now));
-                now
-            }
-        };
-        let settle = Duration::from_millis(self.context.config.reshard.settle_ms);
-        if let Some(since) = since
-            && since.max(view_since).elapsed() < settle
-        {
-            return Vec::new();
-        }
         let started = Instant::now();
         let held = match self.held().await {
             Ok(held) => held,
@@ -240,101 +178,68 @@ impl Mover {
                 }
             }
         }
-        // Handovers the plan does not call for (the change was made or replaced, or this node
-        // restarted) go first: a sealed one is finished, being moments from done; a copying
-        // one is given up. A move of the same point elsewhere waits for them.
-        let mut work: Vec<(Work, u64)> = Vec::new();
-        for (point, handover) in &held {
-            let planned = |to: &str| moves.iter().any(|m| m.point == *point && m.to == to);
-            let stray = |to: &String| Move {
-                point: point.clone(),
-                from: local.clone(),
-                to: to.clone(),
-            };
-            match handover {
-                Some(Handover::Sealed {
-                    to, target_ring, ..
-                }) if !planned(to) => work.push((Work::Move(stray(to)), *target_ring)),
-                Some(Handover::Copying { to, target_ring }) if !planned(to) => {
-                    work.push((Work::GiveUp(stray(to)), *target_ring))
-                }
-                _ => {}
-            }
-        }
-        // A copy under way to a member the plan no longer sends the point to stops before its
-        // fence; the handover is then given up like any other stray.
-        for (point, (to, stop)) in &self.moving {
-            let sealed = held.iter().any(|(held, handover)| {
-                held == point && matches!(handover, Some(Handover::Sealed { .. }))
-            });
-            if !sealed && !moves.iter().any(|m| m.point == *point && m.to == *to) {
-                stop.cancel();
-            }
-        }
-        let version = pending.as_ref().map_or(0, |(_, target)| target.version());
-        work.extend(moves.into_iter().map(|m| (Work::Move(m), version)));
-        let settled = since.is_some_and(|since| started.duration_since(since) >= DONE_AFTER);
-        if work.is_empty() && self.moving.is_empty() && settled {
-            match pending.map(|(change, target)| (change, target.version())) {
-                Some((Change::Drain(member), _)) if member == local => {
-                    match self.context.steps.set_lifecycle(Lifecycle::Left).await {
-                        Ok(()) => tracing::info!(
-                            "drained: every point is with its next owner; this node left the ring and may be stopped"
-                        ),
-                        Err(error) => tracing::warn!(%error, "cannot step to left"),
-                    }
-                }
-                Some((Change::Join(joining), version)) => {
-                    self.announce(Some(format!("{joining}@{version:x}"))).await;
-                }
-                _ => {}
-            }
-            return Vec::new();
-        }
+        let pending = pending.map(|(change, target)| (change, target.version()));
+        let actions = self
+            .planner
+            .plan(&local, pending, since, &held, moves, started);
+        self.perform(&membership, actions).await
+    }
+
+    /// Performs the planner's actions; returns the moves started.
+    async fn perform(
+        &mut self,
+        membership: &Membership,
+        actions: Vec<Action>,
+    ) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
         let mut tasks = Vec::new();
         let mut unreachable = std::collections::BTreeSet::new();
-        for (work, target) in work {
-            let planned = work.planned().clone();
-            if self.moving.len() >= limit {
-                break;
-            }
-            if self.moving.contains_key(&planned.point)
-                || self
-                    .failed
-                    .get(&planned.point)
-                    .is_some_and(|at| at.elapsed() < RETRY_AFTER)
-            {
-                continue;
-            }
-            let peer = self
-                .peer_once(&membership, &planned.to, &mut unreachable)
-                .await;
-            let context = self.context.clone();
-            let stop = CancellationToken::new();
-            let stopped = stop.clone();
-            let task = match (work, peer) {
-                (Work::Move(planned), Some(peer)) => async move {
-                    let result = hand_over(&context, &peer, &planned, target, &stopped).await;
-                    if result.is_err() {
-                        peer.broken
-                            .set(peer.broken.get() || peer.changes.is_closed());
+        for action in actions {
+            match action {
+                Action::Announce(handed) => self.announce(handed).await,
+                Action::Leave => match self.context.steps.set_lifecycle(Lifecycle::Left).await {
+                    Ok(()) => tracing::info!(
+                        "drained: every point is with its next owner; this node left the ring and may be stopped"
+                    ),
+                    Err(error) => tracing::warn!(%error, "cannot step to left"),
+                },
+                Action::Stop(point) => {
+                    if let Some(stop) = self.stops.get(&point) {
+                        stop.cancel();
                     }
-                    (planned, result)
                 }
-                .boxed_local(),
-                (Work::Move(_), None) => {
-                    self.failed.insert(planned.point.clone(), Instant::now());
-                    continue;
+                Action::Start { work, target_ring } => {
+                    let planned = work.planned().clone();
+                    let peer = self
+                        .peer_once(membership, &planned.to, &mut unreachable)
+                        .await;
+                    let context = self.context.clone();
+                    let stop = CancellationToken::new();
+                    let stopped = stop.clone();
+                    let task = match (work, peer) {
+                        (Work::Move(planned), Some(peer)) => async move {
+                            let result =
+                                hand_over(&context, &peer, &planned, target_ring, &stopped).await;
+                            if result.is_err() {
+                                peer.broken
+                                    .set(peer.broken.get() || peer.changes.is_closed());
+                            }
+                            (planned, result)
+                        }
+                        .boxed_local(),
+                        (Work::Move(_), None) => {
+                            self.planner.unstarted(&planned.point, Instant::now());
+                            continue;
+                        }
+                        (Work::GiveUp(planned), peer) => async move {
+                            let result = give_up(&context, peer.as_deref(), &planned).await;
+                            (planned, result)
+                        }
+                        .boxed_local(),
+                    };
+                    self.stops.insert(planned.point, stop);
+                    tasks.push(task);
                 }
-                (Work::GiveUp(planned), peer) => async move {
-                    let result = give_up(&context, peer.as_deref(), &planned).await;
-                    (planned, result)
-                }
-                .boxed_local(),
-            };
-            self.moving
-                .insert(planned.point.clone(), (planned.to.clone(), stop));
-            tasks.push(task);
+            }
         }
         tasks
     }
@@ -343,21 +248,11 @@ impl Mover {
     /// owners, when they ask for them (`docs/resharding.md`, forget), one forgotten member at a
     /// time; announces `handed = <member>@<record version>` (a list, comma-separated) once
     /// every such copy was handed over or its new owner holds the point already.
-    async fn take_over(
-        &mut self,
-        limit: usize,
-    ) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
+    async fn take_over(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
-        let announced = membership
-            .live(&local)
-            .and_then(|m| m.handed.clone())
-            .unwrap_or_default();
-        let done: Vec<&str> = announced.split(',').filter(|t| !t.is_empty()).collect();
-        let forgotten = reshard::forgotten(&membership.ring);
-        let Some(forgotten) = forgotten
-            .into_iter()
-            .find(|f| !done.contains(&f.tag.as_str()))
+        let announced = membership.live(&local).and_then(|m| m.handed.as_deref());
+        let Some((forgotten, announcement)) = planner::next_takeover(&membership.ring, announced)
         else {
             return Vec::new();
         };
@@ -384,16 +279,14 @@ impl Mover {
                 return Vec::new();
             }
         };
-        if candidates.is_empty() && self.moving.is_empty() {
-            let mut tags: Vec<&str> = done.clone();
-            tags.push(&forgotten.tag);
+        if candidates.is_empty() && self.planner.moving().is_empty() {
             tracing::info!(forgotten = %forgotten.name, "every copy of the forgotten member's points is with their new owners");
-            self.announce(Some(tags.join(","))).await;
+            self.announce(Some(announcement)).await;
             return Vec::new();
         }
         let offered = candidates
             .into_iter()
-            .filter(|planned| !self.moving.contains_key(&planned.point));
+            .filter(|planned| !self.planner.moving().contains_key(&planned.point));
         let by_owner = copies_by_owner(&self.context.store, offered).await;
         let target = membership.ring.version();
         let mut tasks = Vec::new();
@@ -420,7 +313,7 @@ impl Mover {
                         tracing::warn!(point = %copy.point, %to, end = copy.end, "this copy has bytes the new owner did not take over: kept here, not merged");
                         self.offered.insert((forgotten.tag.clone(), copy.point));
                     }
-                    Verdict::Send if self.moving.len() < limit => {
+                    Verdict::Send if self.planner.admit(&copy.point, &to) => {
                         let planned = Move {
                             point: copy.point,
                             from: local.clone(),
@@ -428,8 +321,7 @@ impl Mover {
                         };
                         let (context, peer) = (self.context.clone(), peer.clone());
                         let stop = CancellationToken::new();
-                        self.moving
-                            .insert(planned.point.clone(), (to.clone(), stop.clone()));
+                        self.stops.insert(planned.point.clone(), stop.clone());
                         tasks.push(
                             async move {
                                 let result =
@@ -473,7 +365,7 @@ impl Mover {
         let owners = tokio::task::spawn_blocking(move || {
             reshard::plan(
                 points,
-                |_| Ok::<_, String>(me.clone()),
+                |_| Ok::<_, PlacementError>(me.clone()),
                 |point| crate::placement::owner_in(&plugins, &ring, point.as_str()),
             )
         })
@@ -655,7 +547,7 @@ impl Mover {
     /// The moves in flight: in metrics, and in gossip (`goutube members`).
     async fn report(&mut self) {
         let mut lag = 0;
-        for (point, (to, _)) in &self.moving {
+        for (point, to) in self.planner.moving() {
             let (Some(peer), Ok(held)) =
                 (self.peers.get(to), self.context.store.metadata(point).await)
             else {
@@ -665,9 +557,10 @@ impl Mover {
                 .end
                 .saturating_sub(peer.progress.confirmed_end(to, point));
         }
-        ::metrics::gauge!(metrics::RESHARD_MOVES_IN_FLIGHT).set(self.moving.len() as f64);
+        let moving = self.planner.moving().len();
+        ::metrics::gauge!(metrics::RESHARD_MOVES_IN_FLIGHT).set(moving as f64);
         ::metrics::gauge!(metrics::RESHARD_LAG_BYTES).set(lag as f64);
-        let moving = self.moving.len() as u32;
+        let moving = moving as u32;
         let announced = self
             .context
             .membership
@@ -683,27 +576,26 @@ impl Mover {
 
     fn finished(&mut self, done: Move, result: Result<(), String>) {
         let stopped = self
-            .moving
+            .stops
             .remove(&done.point)
-            .is_some_and(|(_, stop)| stop.is_cancelled());
-        match result {
+            .is_some_and(|stop| stop.is_cancelled());
+        let outcome = match result {
             Ok(()) => {
-                self.failed.remove(&done.point);
                 self.handed_over = true;
+                Outcome::Done
             }
             Err(error) if stopped => {
-                // Not a failure: the next plan gives the handover up.
-                self.strays = true;
                 ::metrics::counter!(metrics::RESHARD_STOPPED_MOVES).increment(1);
                 tracing::info!(point = %done.point, to = %done.to, %error, "handover stopped");
+                Outcome::Stopped
             }
             Err(error) => {
-                self.strays = true;
                 ::metrics::counter!(metrics::RESHARD_FAILED_MOVES).increment(1);
                 tracing::warn!(point = %done.point, to = %done.to, %error, "handover failed; it will be tried again");
-                self.failed.insert(done.point, Instant::now());
+                Outcome::Failed
             }
-        }
+        };
+        self.planner.ended(&done.point, outcome, Instant::now());
         self.peers.retain(|_, peer| !peer.broken.get());
     }
 
@@ -732,7 +624,7 @@ impl Mover {
         current: &Ring,
         target: &Ring,
         held: &[(PointId, Option<Handover>)],
-    ) -> Result<Vec<Move>, String> {
+    ) -> Result<Vec<Move>, PlacementError> {
         let held: Vec<PointId> = held.iter().map(|(point, _)| point.clone()).collect();
         let plugins = self.context.plugins.current();
         let (now, then) = (current.clone(), target.clone());
@@ -744,7 +636,7 @@ impl Mover {
             )
         })
         .await
-        .map_err(|e| format!("planning task: {e}"))?
+        .map_err(|e| PlacementError::Task(e.to_string()))?
     }
 
     /// The connection to `to`, dialed at most once per round: a member that cannot be reached
@@ -797,22 +689,6 @@ impl Mover {
         );
         self.peers.insert(to.to_owned(), peer.clone());
         Ok(peer)
-    }
-}
-
-/// What the mover does with one point.
-enum Work {
-    /// Hand it over (or finish handing it over).
-    Move(Move),
-    /// Give up a handover the plan no longer calls for.
-    GiveUp(Move),
-}
-
-impl Work {
-    fn planned(&self) -> &Move {
-        match self {
-            Work::Move(planned) | Work::GiveUp(planned) => planned,
-        }
     }
 }
 

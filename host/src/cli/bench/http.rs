@@ -16,8 +16,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use rand::Rng;
 
-use goutube::proto::ConsumeRequest;
 use goutube::client::Client;
+use goutube::proto::ConsumeRequest;
 
 use super::{Server, Workload, connect, consume, percentile, produce, ratio_row, storage};
 

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use goutube::proto::ConsumeRequest;
 use goutube::client::{Client, ClientTls};
+use goutube::proto::ConsumeRequest;
 use rand::Rng;
 
 use super::{

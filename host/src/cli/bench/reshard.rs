@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use goutube::proto::{LocatePointRequest, ProduceRequest};
 use goutube::proto::OWNER_ADDR_METADATA;
+use goutube::proto::{LocatePointRequest, ProduceRequest};
 
 use super::{Server, Workload, connect, consume, median, metric, percentile, produce, spread};
 

@@ -1,8 +1,4 @@
-//! Resharding: handing points to their new owner when the ring changes. The protocol — durable
-//! per-point epochs, the handover driven by the old owner, fencing, crash recovery — is designed
-//! in `docs/resharding.md`. This module holds the move plan; the handover that carries a move
-//! out runs on the replication thread (`replication::mover`, `replication::handover`), since it
-//! speaks Cap'n Proto.
+//! The move plan: the ring's pending change, the members forgotten, and which points move.
 //!
 //! The plan is a pure function of the points a node holds and two ownership answers (the current
 //! ring's and the target ring's, both from the placement plugin, so any placement a user
@@ -400,7 +396,7 @@ mod tests {
         let taken_over = async |points: &[PointId]| {
             let mut answers = Vec::new();
             for point in points {
-                answers.push(placement.being_taken_over(point).await.unwrap());
+                answers.push(placement.being_taken_over(point.as_str()).await.unwrap());
             }
             answers
         };

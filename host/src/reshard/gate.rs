@@ -1,0 +1,465 @@
+//! The gate: the one place that decides whether this node takes a write of a point, serves a
+//! read of it, or sends the client elsewhere — and says where. The gRPC API, the HTTP gateway
+//! and the balancer ask it; nobody else derives ownership.
+//!
+//! A write is admitted ([`Gate::admit_write`]) in this order:
+//! 1. a follower takes no writes: its leader does ([`Refusal::Follower`]);
+//! 2. a member the cluster forgot owns nothing ([`Refusal::Forgotten`]);
+//! 3. the point's own record decides first: handed over (`moved`) or still arriving
+//!    (`incoming`) is refused naming the member that takes its writes; being copied or sealed
+//!    is admitted with its handover (an append meets the fence under the point's lock and
+//!    waits in [`Gate::append`]); committed here in a handover is writable whatever the ring
+//!    says until the ring catches up;
+//! 4. a point this node does not hold goes by the ring: its owner takes it
+//!    ([`Refusal::NotOwner`], [`Refusal::OwnerDown`]); while the ring changes, a member creates
+//!    no point that the change gives to another ([`Refusal::Changing`]); while a forgotten
+//!    member's points are taken over, none of them is created afresh ([`Refusal::TakingOver`]).
+//!
+//! A read ([`Gate::admit_read`]) is served from a copy held here unless it is still arriving
+//! (its old owner serves it until the handover ends); a point not held here is refused naming the
+//! member that holds it ([`Gate::holder`]: the owner, or a live follower of an owner that is
+//! down), so that every node is a door.
+//!
+//! Each refusal is a [`Refusal`], mapped to a gRPC status once, in `crate::error`; the owner it
+//! names travels in the status metadata too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Leader, Lifecycle, Member, Membership};
+use crate::config::{Config, Role};
+use crate::error::bounded;
+use crate::metrics;
+use crate::placement::{Placement, PlacementError, refusal};
+use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store};
+use crate::reshard::Change;
+
+/// Why the gate sends a call elsewhere, or not at all.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A write to a follower: its leader takes the writes.
+    #[error(
+        "node {node} is a follower and takes no writes; write to its leader {leader} at {address}"
+    )]
+    Follower {
+        node: String,
+        leader: String,
+        address: String,
+    },
+    /// A write to a follower that has not reached its leader yet.
+    #[error(
+        "node {node} is a follower and takes no writes; it has not reached its leader \
+         (replication address {leaders}) yet: write to the leader's client API"
+    )]
+    FollowerAlone { node: String, leaders: String },
+    /// This member was forgotten by the cluster.
+    #[error("member {member} was forgotten by the cluster: it owns nothing and takes no writes")]
+    Forgotten { member: String },
+    /// Another member owns the point: write it there.
+    #[error("point {point:?} belongs to member {owner} ({address}); write it there")]
+    NotOwner {
+        point: String,
+        owner: String,
+        address: String,
+    },
+    /// The owner of the point is down: its range waits for it (liveness never moves ownership).
+    #[error(
+        "point {point:?} belongs to member {owner}, which is down; writes to it wait until it is back (its followers serve reads)"
+    )]
+    OwnerDown { point: String, owner: String },
+    /// A read of a point this node does not hold: the member that holds it serves it.
+    #[error(
+        "point {point:?} is not on this node; member {holder} ({address}) holds it: read it there"
+    )]
+    HeldElsewhere {
+        point: String,
+        holder: String,
+        address: String,
+    },
+    /// The ring is changing and the change gives the (new) point to another member.
+    #[error("{change}: point {point} will be created by {owner} once the ring has changed; retry")]
+    Changing {
+        change: String,
+        point: String,
+        owner: String,
+    },
+    /// The point belonged to a forgotten member whose points are being taken over.
+    #[error(
+        "point {point} belonged to member {forgotten}, which was forgotten: it is being taken \
+         over from its followers' copies; retry"
+    )]
+    TakingOver { point: String, forgotten: String },
+    /// A write met the handover's fence and the switch took longer than allowed.
+    #[error(
+        "point {point} {handover}, which took longer than reshard.fence_timeout_ms ({waited_ms} ms); \
+         retry (with expected_offset a retry never writes twice)"
+    )]
+    Fenced {
+        point: String,
+        handover: String,
+        waited_ms: u128,
+    },
+    /// Not held here, but copies of it are kept in quarantine (`docs/resharding.md`).
+    #[error(
+        "point {point:?} is not served here; copies only this member held when it stepped down are kept in quarantine (delete them by hand once dealt with): {copies}"
+    )]
+    Quarantined { point: String, copies: String },
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// Nobody can say who owns the point.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+}
+
+impl Refusal {
+    /// Whether the client should retry here later (`Unavailable`) rather than go elsewhere or
+    /// give up (`FailedPrecondition`, `NotFound`).
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Refusal::Follower { .. }
+            | Refusal::Forgotten { .. }
+            | Refusal::NotOwner { .. }
+            | Refusal::HeldElsewhere { .. } => Code::FailedPrecondition,
+            Refusal::FollowerAlone { .. }
+            | Refusal::OwnerDown { .. }
+            | Refusal::Changing { .. }
+            | Refusal::TakingOver { .. }
+            | Refusal::Fenced { .. }
+            | Refusal::ShuttingDown
+            | Refusal::Placement(_) => Code::Unavailable,
+            Refusal::Quarantined { .. } => Code::NotFound,
+        }
+    }
+
+    /// The member to ask instead, and its client API address when it is live.
+    pub fn redirect(&self) -> Option<(&str, Option<&str>)> {
+        match self {
+            Refusal::NotOwner { owner, address, .. }
+            | Refusal::HeldElsewhere {
+                holder: owner,
+                address,
+                ..
+            }
+            | Refusal::Follower {
+                leader: owner,
+                address,
+                ..
+            } => Some((owner, Some(address))),
+            Refusal::OwnerDown { owner, .. } => Some((owner, None)),
+            _ => None,
+        }
+    }
+}
+
+/// Why a write through the gate failed: refused, or failed in the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Append(#[from] AppendError),
+    /// Reading the point's record failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+/// Who holds a point this node does not, for a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// This node is its owner: the point does not exist.
+    Nobody,
+    /// A live member that holds it: the owner, or a live follower of an owner that is down.
+    Member(Member),
+    /// Its owner is down and no live follower of it is known.
+    Down(String),
+}
+
+/// The gate of one node.
+pub struct Gate {
+    node: String,
+    role: Role,
+    leader_addresses: Vec<String>,
+    fence: Duration,
+    store: Store,
+    placement: Arc<Placement>,
+    /// For a follower: the leader it follows, once known.
+    leader: watch::Receiver<Option<Leader>>,
+}
+
+impl Gate {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        placement: Arc<Placement>,
+        leader: watch::Receiver<Option<Leader>>,
+    ) -> Self {
+        Self {
+            node: config.node_name.clone(),
+            role: config.role,
+            leader_addresses: config.leader_addresses.clone(),
+            fence: Duration::from_millis(config.reshard.fence_timeout_ms),
+            store,
+            placement,
+            leader,
+        }
+    }
+
+    /// Refuses every write on a follower, naming its leader's client API.
+    pub fn check_writable(&self) -> Result<(), Refusal> {
+        if self.role != Role::Follower {
+            return Ok(());
+        }
+        let node = self.node.clone();
+        let leader = self.leader.borrow().clone();
+        match leader.filter(|leader| !leader.rpc_addr.is_empty()) {
+            Some(leader) => Err(Refusal::Follower {
+                node,
+                leader: leader.name,
+                address: leader.rpc_addr,
+            }),
+            None => Err(Refusal::FollowerAlone {
+                node,
+                leaders: self.leader_addresses.join(", "),
+            }),
+        }
+    }
+
+    /// `Ok` if this node takes writes for `point`, with the handover it is part of, if any
+    /// (its copy being copied or fenced: a write waits at the fence in [`Self::append`]).
+    pub async fn admit_write(&self, point: &PointId) -> Result<Option<Handover>, WriteError> {
+        self.check_writable()?;
+        let membership = self.placement.membership();
+        if membership
+            .ring
+            .members
+            .get(&self.node)
+            .is_some_and(|record| record.lifecycle == Lifecycle::Forgotten)
+        {
+            return Err(Refusal::Forgotten {
+                member: self.node.clone(),
+            }
+            .into());
+        }
+        let ownership = match self.store.ownership(point).await {
+            Ok(ownership) => ownership,
+            Err(ReadError::NotFound(_)) => {
+                return Ok(self.admit_new(point).await.map(|()| None)?);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        match ownership.handover {
+            Some(handover @ (Handover::Moved { .. } | Handover::Incoming { .. })) => Err(self
+                .placement
+                .refuse(point.as_str(), handover.peer())
+                .into()),
+            Some(handover) => Ok(Some(handover)),
+            None if ownership.owner.as_deref() == Some(&self.node) => Ok(None),
+            None => Ok(self.check_owner(point).await.map(|()| None)?),
+        }
+    }
+
+    /// A point this node does not hold yet: the ring decides, and while it changes (or a
+    /// forgotten member's points are taken over), the ring it is changing to.
+    ///
+    /// While the ring changes, a member creates no point that is not its own in the ring the
+    /// change leads to: it would have to hand it over too, and one created after its last move
+    /// would be left behind (or created twice, by the joining member). The client retries;
+    /// once the change is made, the ring names the point's owner.
+    async fn admit_new(&self, point: &PointId) -> Result<(), Refusal> {
+        self.check_owner(point).await?;
+        if let Some((change, owner)) = self.placement.pending_owner(point.as_str()).await?
+            && owner != self.node
+        {
+            let change = match change {
+                Change::Drain(member) => format!("member {member} is draining"),
+                Change::Join(member) => format!("member {member} is joining"),
+            };
+            return Err(Refusal::Changing {
+                change,
+                point: point.to_string(),
+                owner,
+            });
+        }
+        if let Some(forgotten) = self.placement.being_taken_over(point.as_str()).await? {
+            return Err(Refusal::TakingOver {
+                point: point.to_string(),
+                forgotten,
+            });
+        }
+        Ok(())
+    }
+
+    /// `Ok` if this node owns `point` in the ring; otherwise the refusal that names the owner.
+    pub async fn check_owner(&self, point: &PointId) -> Result<(), Refusal> {
+        let (membership, owners) = self.placement.owners(point.as_str(), 1).await?;
+        let owner = &owners[0];
+        if *owner == membership.local {
+            return Ok(());
+        }
+        Err(refusal(&membership, point.as_str(), owner))
+    }
+
+    /// Appends `batch` to `point` (at `expected_offset`, if given). A write that meets a fence
+    /// (the point being handed to a new owner) waits for the switch, up to
+    /// `reshard.fence_timeout_ms`, and then goes wherever the point's record says; a point
+    /// handed over, or still arriving, is refused naming the member that takes its writes.
+    pub async fn append(
+        &self,
+        point: &PointId,
+        expected_offset: Option<u64>,
+        batch: Vec<Bytes>,
+        abort: &CancellationToken,
+    ) -> Result<Vec<Appended>, WriteError> {
+        let mut deadline = None;
+        loop {
+            let changed = self.store.ownership_changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let appended = match expected_offset {
+                Some(start) => {
+                    self.store
+                        .append_batch_at(point, start, batch.clone())
+                        .await
+                }
+                None => self.store.append_batch(point, batch.clone()).await,
+            };
+            let handover = match appended {
+                Err(AppendError::Handover { handover, .. }) => handover,
+                other => return Ok(other?),
+            };
+            if !matches!(handover, Handover::Sealed { .. }) {
+                return Err(self
+                    .placement
+                    .refuse(point.as_str(), handover.peer())
+                    .into());
+            }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.fence);
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    ::metrics::counter!(metrics::FENCE_TIMEOUTS).increment(1);
+                    return Err(Refusal::Fenced {
+                        point: point.to_string(),
+                        handover: handover.to_string(),
+                        waited_ms: self.fence.as_millis(),
+                    }
+                    .into());
+                }
+                () = abort.cancelled() => return Err(Refusal::ShuttingDown.into()),
+            }
+        }
+    }
+
+    /// `point`, to be read by a client: a copy still arriving in a handover is not served (the
+    /// refusal names the member it arrives from, which serves it until the handover ends); a
+    /// point not held here is refused naming the member that holds it.
+    pub async fn admit_read(&self, point: &PointId) -> Result<Arc<Point>, ReadRefusal> {
+        let found = match self.store.point(point).await {
+            Err(ReadError::NotFound(_)) => return Err(self.not_held_here(point).await),
+            found => found?,
+        };
+        if !found.snapshot().arriving {
+            return Ok(found);
+        }
+        match self.store.ownership(point).await?.handover {
+            Some(Handover::Incoming { from, .. }) => {
+                Err(self.placement.refuse(point.as_str(), &from).into())
+            }
+            // Committed meanwhile.
+            _ => Ok(found),
+        }
+    }
+
+    /// The refusal of a read of a point this node does not hold: the copies of it kept in
+    /// quarantine here, if any (`docs/resharding.md`: a forgotten member stepping down); else
+    /// the member that holds it; else `NotFound`.
+    async fn not_held_here(&self, point: &PointId) -> ReadRefusal {
+        let quarantined = self.store.quarantined(point);
+        if !quarantined.is_empty() {
+            let copies: Vec<String> = quarantined
+                .iter()
+                .map(|(epoch, size, dir)| {
+                    format!("epoch {epoch}: {size} bytes in {}", dir.display())
+                })
+                .collect();
+            return Refusal::Quarantined {
+                point: point.to_string(),
+                copies: copies.join("; "),
+            }
+            .into();
+        }
+        match self.holder(point.as_str()).await {
+            Holder::Member(member) => Refusal::HeldElsewhere {
+                point: bounded(point.as_str()),
+                holder: member.name,
+                address: member.rpc_addr,
+            }
+            .into(),
+            Holder::Down(owner) => Refusal::OwnerDown {
+                point: bounded(point.as_str()),
+                owner,
+            }
+            .into(),
+            Holder::Nobody => ReadError::NotFound(point.clone()).into(),
+        }
+    }
+
+    /// Who holds `point` for a read, when this node does not: its owner on the ring if it is
+    /// live; for an owner that is down, one of its live followers (not this node, which does
+    /// not have the point). Without a ring, [`Holder::Nobody`].
+    pub async fn holder(&self, point: &str) -> Holder {
+        holder(&self.placement, point).await
+    }
+}
+
+/// Who holds `point` for a read, by `placement` ([`Gate::holder`]; a balancer, which holds
+/// nothing and has no gate, asks this).
+pub async fn holder(placement: &Placement, point: &str) -> Holder {
+    let Ok((membership, owners)) = placement.owners(point, 1).await else {
+        return Holder::Nobody;
+    };
+    holder_in(&membership, &owners[0])
+}
+
+/// [`holder`], given the owner.
+fn holder_in(membership: &Membership, owner: &str) -> Holder {
+    let local = &membership.local;
+    if owner == local {
+        return Holder::Nobody;
+    }
+    if let Some(live) = membership.live(owner) {
+        return Holder::Member(live.clone());
+    }
+    let follower = membership
+        .view
+        .members
+        .values()
+        .find(|follower| follower.leader.as_deref() == Some(owner) && follower.name != *local);
+    let follows_owner = membership
+        .live(local)
+        .is_some_and(|me| me.leader.as_deref() == Some(owner));
+    match follower {
+        Some(follower) => Holder::Member(follower.clone()),
+        None if follows_owner => Holder::Nobody,
+        None => Holder::Down(owner.to_owned()),
+    }
+}
+
+/// Why a read through the gate failed: refused, or failed in the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadRefusal {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
