@@ -293,7 +293,9 @@ impl Progress {
             .collect()
     }
 
-    /// How many connected followers confirmed `point` up to at least `end`.
+    /// How many followers confirmed `point` up to at least `end`, connected now or not: a
+    /// confirmation means the bytes are stored on that follower, and a connection lost after it
+    /// does not unstore them (a follower that connects again starts its confirmations afresh).
     pub fn confirmed(&self, point: &PointId, end: u64) -> usize {
         let state = self.state.lock().unwrap();
         state
@@ -427,4 +429,28 @@ fn server_name(address: &str) -> Option<rustls::pki_types::ServerName<'static>> 
     let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     rustls::pki_types::ServerName::try_from(host.to_owned()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirmation_counts_until_the_follower_connects_again() {
+        let progress = Progress::default();
+        let point = PointId::new("p").unwrap();
+        progress.connected("f1", "127.0.0.1:1");
+        progress.connected("f2", "127.0.0.1:2");
+        progress.confirm("f1", &point, 100);
+        progress.confirm("f2", &point, 50);
+        assert_eq!(progress.confirmed(&point, 100), 1);
+        assert_eq!(progress.confirmed(&point, 50), 2);
+        // Stored on f1 whether or not f1 is connected now.
+        progress.disconnected("f1");
+        assert_eq!(progress.confirmed(&point, 100), 1);
+        // A new session confirms afresh.
+        progress.connected("f1", "127.0.0.1:1");
+        assert_eq!(progress.confirmed(&point, 100), 0);
+        assert_eq!(progress.confirmed(&point, 50), 1);
+    }
 }
