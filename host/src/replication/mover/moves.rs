@@ -1,0 +1,274 @@
+//! The steps of one move on the old owner: copy, fence, seal, switch (`hand_over`); give a
+//! handover up; clean a handed-over copy up once its new owner holds it replicated; and the
+//! copies a follower offers, grouped by their new owner.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics;
+use crate::point::{Handover, Ownership, PointId};
+use crate::replication::Context;
+use crate::replication::replicator::ScopeChange;
+use crate::reshard::{self, Move};
+
+use super::*;
+
+/// Hands `planned.point` to `planned.to`: copy, fence, seal, switch. Resumes from the point's
+/// record (`copying` or `sealed`) after a failure or a restart.
+pub(super) async fn hand_over(
+    context: &Context,
+    peer: &Peer,
+    planned: &Move,
+    target: u64,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let store = &context.store;
+    let local = &context.config.node_name;
+    let (point, to) = (&planned.point, &planned.to);
+    let ownership = store.ownership(point).await.map_err(|e| e.to_string())?;
+    tracing::debug!(%point, %to, ?ownership, "handing over");
+    let resumed_seal = match &ownership.handover {
+        None => {
+            let copying = Ownership {
+                handover: Some(Handover::Copying {
+                    to: to.clone(),
+                    target_ring: target,
+                }),
+                ..ownership.clone()
+            };
+            store
+                .set_ownership(point, copying)
+                .await
+                .map_err(|e| e.to_string())?;
+            reshard::crash_point("copying");
+            None
+        }
+        Some(Handover::Copying { to: towards, .. }) if towards == to => None,
+        Some(Handover::Sealed {
+            to: towards,
+            end,
+            crc,
+            ..
+        }) if towards == to => Some((*end, *crc)),
+        Some(Handover::Moved { .. }) => return Ok(()),
+        Some(other) => return Err(format!("point {point} {other}; not handing it to {to}")),
+    };
+    let epoch = ownership.epoch;
+    let unseal = Ownership {
+        handover: Some(Handover::Copying {
+            to: to.clone(),
+            target_ring: target,
+        }),
+        ..ownership.clone()
+    };
+    let lag = context.config.reshard.fence_lag_bytes;
+    let (end, crc, fenced_at, held) = match resumed_seal {
+        Some((end, crc)) => {
+            // Sealed before a failure or a restart: the destination may have committed.
+            if let Ok(committed) = peer.seal(local, point, end, crc).await? {
+                return switch(
+                    context,
+                    peer,
+                    point,
+                    to,
+                    epoch,
+                    committed,
+                    end,
+                    Instant::now(),
+                )
+                .await;
+            }
+            let held = peer.begin(local, point, epoch).await?;
+            send(peer, point, held).await?;
+            (end, crc, Instant::now(), held)
+        }
+        None => {
+            let copy = async {
+                let held = peer.begin(local, point, epoch).await?;
+                send(peer, point, held).await?;
+                tracing::debug!(%point, held, "copying");
+                peer.catch_up(context, point, lag, STALL).await?;
+                peer.prepare(local, point).await?;
+                Ok::<_, String>(held)
+            };
+            let held = tokio::select! {
+                held = copy => held?,
+                _ = stop.cancelled() => {
+                    return Err(format!("the ring no longer sends {point} to {to}"));
+                }
+            };
+            tracing::debug!(%point, "fencing");
+            let fenced_at = Instant::now();
+            let (end, crc) = store
+                .seal(point, to, target)
+                .await
+                .map_err(|e| e.to_string())?;
+            reshard::crash_point("sealed");
+            (end, crc, fenced_at, held)
+        }
+    };
+    // Fenced: nothing is written here any more; the destination gets the rest.
+    if let Err(error) = peer.catch_up(context, point, 0, FENCE_WAIT).await {
+        // The seal was not sent: nothing is committed there, so writes may resume here.
+        store
+            .set_ownership(point, unseal)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Err(format!("fence lifted: {error}"));
+    }
+    tracing::debug!(%point, end, "sealing");
+    match peer.seal(local, point, end, crc).await? {
+        Ok(committed) => {
+            reshard::crash_point("committed");
+            ::metrics::counter!(metrics::RESHARD_MOVED_BYTES).increment(end.saturating_sub(held));
+            switch(context, peer, point, to, epoch, committed, end, fenced_at).await
+        }
+        Err(reason) => {
+            // Nothing committed there: back to owning it here; the move starts over later.
+            store
+                .set_ownership(point, unseal)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
+            peer.cancel(local, point).await?;
+            Err(format!("{to} refused the seal: {reason}"))
+        }
+    }
+}
+
+/// This node's copies of the `planned` points as offers (`Leader.offer`), grouped by the member
+/// each is offered to.
+pub(super) async fn copies_by_owner(
+    store: &crate::point::Store,
+    planned: impl IntoIterator<Item = Move>,
+) -> BTreeMap<String, Vec<crate::replication::takeover::Copy>> {
+    let mut by_owner: BTreeMap<String, Vec<crate::replication::takeover::Copy>> = BTreeMap::new();
+    for planned in planned {
+        let (Ok(ownership), Ok(snapshot)) = (
+            store.ownership(&planned.point).await,
+            store.metadata(&planned.point).await,
+        ) else {
+            continue;
+        };
+        by_owner
+            .entry(planned.to)
+            .or_default()
+            .push(crate::replication::takeover::Copy {
+                point: planned.point,
+                end: snapshot.end,
+                epoch: ownership.epoch,
+                crc: snapshot.crc,
+            });
+    }
+    by_owner
+}
+
+/// Gives up the handover of `planned.point` to `planned.to` that is still copying: the
+/// destination drops its copy (if it can be reached: an `incoming` copy left there is replaced
+/// by the next handover anyway), and the point takes writes here again.
+pub(super) async fn give_up(
+    context: &Context,
+    peer: Option<&Peer>,
+    planned: &Move,
+) -> Result<(), String> {
+    let (point, to) = (&planned.point, &planned.to);
+    if let Some(peer) = peer {
+        let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
+        if let Err(error) = peer.cancel(&context.config.node_name, point).await {
+            tracing::warn!(%point, %to, %error, "cannot tell the destination that the handover is given up");
+        }
+    }
+    let store = &context.store;
+    let ownership = store.ownership(point).await.map_err(|e| e.to_string())?;
+    if matches!(&ownership.handover, Some(Handover::Copying { to: towards, .. }) if towards == to) {
+        let owned = Ownership {
+            handover: None,
+            ..ownership
+        };
+        store
+            .set_ownership(point, owned)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%point, %to, "gave the handover up: the ring no longer calls for it");
+    }
+    Ok(())
+}
+
+/// Deletes this node's copy of `point`, handed over at `epoch`, once its new owner holds all of
+/// it replicated enough. Returns whether it was deleted. Deleting it removes it from this
+/// node's followers too (their replicator sends the removal).
+pub(super) async fn clean_up(
+    context: &Context,
+    peer: &Peer,
+    point: &PointId,
+    epoch: u64,
+) -> Result<bool, String> {
+    let store = &context.store;
+    let end = store.metadata(point).await.map_err(|e| e.to_string())?.end;
+    let settled = peer.settled(point).await?;
+    if settled.epoch < epoch || settled.end < end || !settled.replicated {
+        return Ok(false);
+    }
+    let still_moved = matches!(
+        store
+            .ownership(point)
+            .await
+            .map_err(|e| e.to_string())?
+            .handover,
+        Some(Handover::Moved { .. })
+    );
+    if !still_moved {
+        return Ok(false);
+    }
+    let size = store.delete(point).await.map_err(|e| e.to_string())?;
+    ::metrics::counter!(metrics::RESHARD_CLEANED_POINTS).increment(1);
+    tracing::info!(%point, to = %peer.name, size, "deleted the handed-over copy: its new owner holds it replicated");
+    Ok(true)
+}
+
+/// Adds `point` to what the destination's replicator sends, from `held`.
+pub(super) async fn send(peer: &Peer, point: &PointId, held: u64) -> Result<(), String> {
+    peer.changes
+        .send(ScopeChange::Add {
+            point: point.clone(),
+            held,
+        })
+        .await
+        .map_err(|_| format!("the replicator to {} stopped", peer.name))
+}
+
+/// The destination committed `point` at `committed`: redirect its writes there from now on.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn switch(
+    context: &Context,
+    peer: &Peer,
+    point: &PointId,
+    to: &str,
+    epoch: u64,
+    committed: u64,
+    end: u64,
+    fenced_at: Instant,
+) -> Result<(), String> {
+    let moved = Ownership {
+        epoch,
+        owner: None,
+        handover: Some(Handover::Moved {
+            to: to.to_owned(),
+            epoch: committed,
+        }),
+    };
+    context
+        .store
+        .set_ownership(point, moved)
+        .await
+        .map_err(|e| e.to_string())?;
+    reshard::crash_point("moved");
+    let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
+    let fenced = fenced_at.elapsed();
+    ::metrics::histogram!(metrics::RESHARD_FENCE_SECONDS).record(fenced.as_secs_f64());
+    ::metrics::counter!(metrics::RESHARD_MOVED_POINTS).increment(1);
+    tracing::info!(%point, %to, epoch = committed, end, fenced_ms = fenced.as_millis() as u64, "handed the point over");
+    Ok(())
+}
