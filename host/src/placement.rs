@@ -95,17 +95,14 @@ impl Placement {
             replicas,
             point: point.to_owned(),
         };
-        if let Some(owners) = self.answers.get(&question, membership.ring_version) {
-            return Ok((membership, owners));
-        }
         if !membership.ring.is_formed() {
             return Err(PlacementError::NotFormed);
         }
-        let ring = membership.ring.clone();
-        let point = point.to_owned();
+        // The membership is shared, not copied: a cached answer costs no copy of the ring.
+        let (seen, point) = (membership.clone(), point.to_owned());
         let owners = self
             .ask(question, membership.ring_version, move |plugins| {
-                owners_in(plugins, &ring, &point, replicas)
+                owners_in(plugins, &seen.ring, &point, replicas)
             })
             .await?;
         Ok((membership, owners))
@@ -124,16 +121,12 @@ impl Placement {
         let question = Question::Pending {
             point: point.to_owned(),
         };
-        let owner = match self.answers.get(&question, membership.ring_version) {
-            Some(owners) => owners,
-            None => {
-                let point = point.to_owned();
-                self.ask(question, membership.ring_version, move |plugins| {
-                    owners_in(plugins, &target, &point, 1)
-                })
-                .await?
-            }
-        };
+        let point = point.to_owned();
+        let owner = self
+            .ask(question, membership.ring_version, move |plugins| {
+                owners_in(plugins, &target, &point, 1)
+            })
+            .await?;
         Ok(Some((change, owner[0].clone())))
     }
 
@@ -150,17 +143,12 @@ impl Placement {
                 forgotten: forgotten.name.clone(),
                 point: point.to_owned(),
             };
-            let owner = match self.answers.get(&question, membership.ring_version) {
-                Some(owners) => owners,
-                None => {
-                    let before = forgotten.before(&membership.ring);
-                    let point = point.to_owned();
-                    self.ask(question, membership.ring_version, move |plugins| {
-                        owners_in(plugins, &before, &point, 1)
-                    })
-                    .await?
-                }
-            };
+            let (seen, point, member) = (membership.clone(), point.to_owned(), forgotten.clone());
+            let owner = self
+                .ask(question, membership.ring_version, move |plugins| {
+                    owners_in(plugins, &member.before(&seen.ring), &point, 1)
+                })
+                .await?;
             if owner[0] == forgotten.name {
                 return Ok(Some(forgotten.name));
             }
@@ -168,13 +156,17 @@ impl Placement {
         Ok(None)
     }
 
-    /// Asks the placement plugin on the blocking pool, and keeps the answer for `version`.
+    /// The cached answer to `question` for ring `version`; else asks the placement plugin on
+    /// the blocking pool (`call`, only then) and keeps its answer.
     async fn ask(
         &self,
         question: Question,
         version: u64,
         call: impl FnOnce(&PluginSet) -> Result<Vec<String>, PlacementError> + Send + 'static,
     ) -> Result<Arc<[String]>, PlacementError> {
+        if let Some(owners) = self.answers.get(&question, version) {
+            return Ok(owners);
+        }
         let plugins = self.plugins.current();
         let (answer, generation) =
             tokio::task::spawn_blocking(move || (call(&plugins), plugins.generation()))
