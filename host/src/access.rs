@@ -13,9 +13,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::GenerationCache;
-use crate::error::{Error, bounded};
+use crate::error::bounded;
 use crate::net::PeerInfo;
-use crate::plugins::{PluginSet, Plugins, types};
+use crate::plugins::{PluginError, PluginSet, Plugins, types};
+
+/// The policy does not let a subject take an action on a point (`PermissionDenied` at the
+/// edge).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{subject} may not {action} {point:?}: {reason}")]
+pub struct Denied {
+    /// Who asked (bounded).
+    pub subject: String,
+    /// The action's name.
+    pub action: &'static str,
+    /// The point, or the prefix (bounded).
+    pub point: String,
+    /// The plugin's reason (bounded).
+    pub reason: String,
+}
 
 /// What a call wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,18 +104,18 @@ impl Access {
         }
     }
 
-    /// `Ok` if `peer` may take `action` on `point`; `PermissionDenied` with the reason otherwise.
+    /// `Ok` if `peer` may take `action` on `point`; [`Denied`] with the reason otherwise.
     pub async fn authorize(
         &self,
         peer: &PeerInfo,
         action: Action,
         point: &str,
-    ) -> Result<(), Error> {
+    ) -> Result<(), Denied> {
         let decision = self.decide(peer, action, point).await;
         if decision.allowed {
             return Ok(());
         }
-        Err(Error::PermissionDenied {
+        Err(Denied {
             subject: bounded(&peer.subject),
             action: action.as_str(),
             point: bounded(point),
@@ -143,8 +158,8 @@ impl Access {
     }
 }
 
-fn ask(plugins: &PluginSet, request: &types::AuthzRequest) -> Result<Decision, String> {
-    match plugins.authorize(request).map_err(|e| e.to_string())? {
+fn ask(plugins: &PluginSet, request: &types::AuthzRequest) -> Result<Decision, PluginError> {
+    match plugins.authorize(request)? {
         types::Decision::Allow(reason) => Ok(Decision {
             allowed: true,
             reason: reason.into(),
@@ -204,7 +219,7 @@ mod tests {
             .authorize(&peer("nobody"), Action::Produce, "p")
             .await
             .unwrap_err();
-        assert!(matches!(denied, Error::PermissionDenied { .. }), "{denied}");
+        assert_eq!(denied.action, "produce", "{denied}");
 
         let generation = plugins.reload(&section).unwrap();
         access.reset(generation, Duration::from_secs(60));

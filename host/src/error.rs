@@ -10,6 +10,7 @@
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
+use crate::access::Denied;
 use crate::placement::PlacementError;
 use crate::point::{AppendError, DeleteError, Handover, InvalidPointId, ReadError, StorageError};
 use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
@@ -23,13 +24,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}")]
     OutOfRange(String),
-    #[error("{subject} may not {action} {point:?}: {reason}")]
-    PermissionDenied {
-        subject: String,
-        action: &'static str,
-        point: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    PermissionDenied(#[from] Denied),
     /// The call must go to another node (a follower asked to write, for example).
     #[error("{0}")]
     FailedPrecondition(String),
@@ -53,7 +49,7 @@ impl Error {
         match self {
             Error::InvalidPointId(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::OutOfRange(_) => Code::OutOfRange,
-            Error::PermissionDenied { .. } => Code::PermissionDenied,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Refused(refusal) => refusal.code(),
@@ -118,7 +114,7 @@ macro_rules! status_through_error {
     )*};
 }
 
-status_through_error!(Refusal, PlacementError, WriteError, ReadRefusal);
+status_through_error!(Denied, Refusal, PlacementError, WriteError, ReadRefusal);
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {

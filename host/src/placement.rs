@@ -41,10 +41,38 @@ pub enum PlacementError {
     Plugin(String),
     /// The plugin answered something that cannot be acted on.
     #[error("placement plugin {plugin} {problem}; writes fail closed")]
-    Answer { plugin: String, problem: String },
+    Answer {
+        /// The plugin's name.
+        plugin: String,
+        /// What is wrong with its answer.
+        problem: BadAnswer,
+    },
     /// The blocking task that ran the plugin did not finish.
     #[error("placement task failed: {0}")]
     Task(String),
+}
+
+/// What is wrong with a placement plugin's answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BadAnswer {
+    /// It named nobody.
+    #[error("answered no owner")]
+    NoOwner,
+    /// It named more owners than were asked for.
+    #[error("answered {answered} owners where at most {asked} were asked for")]
+    TooMany {
+        /// How many it named.
+        answered: usize,
+        /// How many were asked for.
+        asked: usize,
+    },
+    /// It named someone who owns no range of the ring (bounded).
+    #[error("answered {0:?}, which is not a member of the ring that owns a range")]
+    NotAnOwner(String),
+    /// It named a member twice (bounded).
+    #[error("answered {0:?} twice")]
+    Twice(String),
 }
 
 /// A question the cache holds the answer of, for one ring version.
@@ -241,16 +269,15 @@ fn members(ring: &Ring) -> Vec<types::Member> {
 }
 
 /// The plugin's answer, if it names between 1 and `replicas` distinct owners of the ring.
-fn check(ring: &Ring, answer: Vec<String>, replicas: u32) -> Result<Vec<String>, String> {
+fn check(ring: &Ring, answer: Vec<String>, replicas: u32) -> Result<Vec<String>, BadAnswer> {
     if answer.is_empty() {
-        return Err("answered no owner".into());
+        return Err(BadAnswer::NoOwner);
     }
     if answer.len() > replicas.max(1) as usize {
-        return Err(format!(
-            "answered {} owners where at most {} were asked for",
-            answer.len(),
-            replicas.max(1)
-        ));
+        return Err(BadAnswer::TooMany {
+            answered: answer.len(),
+            asked: replicas.max(1) as usize,
+        });
     }
     let mut seen = HashSet::new();
     for name in &answer {
@@ -259,13 +286,10 @@ fn check(ring: &Ring, answer: Vec<String>, replicas: u32) -> Result<Vec<String>,
             .get(name)
             .is_some_and(|member| member.owns_range());
         if !owns {
-            return Err(format!(
-                "answered {:?}, which is not a member of the ring that owns a range",
-                bounded(name)
-            ));
+            return Err(BadAnswer::NotAnOwner(bounded(name)));
         }
         if !seen.insert(name) {
-            return Err(format!("answered {:?} twice", bounded(name)));
+            return Err(BadAnswer::Twice(bounded(name)));
         }
     }
     Ok(answer)

@@ -287,7 +287,7 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
             ["f1", "f2"].iter().all(|name| {
                 view.members
                     .iter()
-                    .any(|m| m.name == *name && m.handed.starts_with("c@"))
+                    .any(|m| m.name == *name && m.handed.starts_with("takeover:c@"))
             })
         },
     )

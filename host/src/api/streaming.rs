@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
 use crate::access::{Access, Action};
-use crate::cluster::{Lifecycle, Membership, StepError};
+use crate::cluster::{Handed, Lifecycle, Membership, StepError};
 use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
@@ -676,7 +676,10 @@ pub fn members(membership: &Membership) -> ListMembersResponse {
             generation: live.map_or(0, |m| m.generation),
             http_addr: live.map(|m| m.http_addr.clone()).unwrap_or_default(),
             moving: live.map_or(0, |m| m.moving),
-            handed: live.and_then(|m| m.handed.clone()).unwrap_or_default(),
+            handed: live
+                .and_then(|m| m.handed.as_ref())
+                .map(Handed::to_string)
+                .unwrap_or_default(),
         });
     }
     for member in membership.view.members.values() {
@@ -698,7 +701,11 @@ pub fn members(membership: &Membership) -> ListMembersResponse {
             generation: member.generation,
             http_addr: member.http_addr.clone(),
             moving: 0,
-            handed: member.handed.clone().unwrap_or_default(),
+            handed: member
+                .handed
+                .as_ref()
+                .map(Handed::to_string)
+                .unwrap_or_default(),
         });
     }
     members.sort_by(|a, b| a.name.cmp(&b.name));

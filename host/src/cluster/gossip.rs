@@ -453,7 +453,7 @@ fn key_values(advert: &Advert) -> Vec<(String, String)> {
         kvs.push((keys::LEADER.into(), leader.clone()));
     }
     if let Some(handed) = &member.handed {
-        kvs.push((keys::HANDED.into(), handed.clone()));
+        kvs.push((keys::HANDED.into(), handed.encode()));
     }
     if member.moving > 0 {
         kvs.push((keys::MOVING.into(), member.moving.to_string()));
@@ -500,7 +500,13 @@ fn decode(id: &ChitchatId, state: &NodeState) -> Option<Advert> {
             virtual_nodes: get(keys::VIRTUAL_NODES)?.parse().ok()?,
             tags: serde_json::from_str(get(keys::TAGS)?).ok()?,
             leader: get(keys::LEADER).map(str::to_owned),
-            handed: get(keys::HANDED).map(str::to_owned),
+            handed: get(keys::HANDED).and_then(|text| {
+                let handed = super::Handed::decode(text, Role::parse(get(keys::ROLE)?)?);
+                if handed.is_none() {
+                    tracing::warn!(member = %id.node_id, handed = %text, "an announcement that does not decode is ignored");
+                }
+                handed
+            }),
             moving: get(keys::MOVING).map_or(Some(0), |m| m.parse().ok())?,
         };
         let mut ring = Ring {

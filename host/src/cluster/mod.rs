@@ -19,7 +19,10 @@
 //!   within a few gossip rounds instead of waiting for the failure detector.
 
 pub mod gossip;
+pub mod handed;
 pub mod ring;
+
+pub use handed::Handed;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -141,10 +144,10 @@ pub struct Member {
     pub tags: BTreeMap<String, String>,
     /// For a follower: the name of the leader it follows, once connected.
     pub leader: Option<String>,
-    /// For a primary: the join it has handed every point of (`<joining member>@<target ring
-    /// version>`, `docs/resharding.md`); the joining member turns `active` once every owner
-    /// of the ring says so.
-    pub handed: Option<String>,
+    /// What it has handed over: for a primary, a join (the joining member turns `active` once
+    /// every owner of the ring says so); for a follower, the forgotten members whose points it
+    /// holds copies of are with their new owners (`docs/resharding.md`).
+    pub handed: Option<Handed>,
     /// For a primary: the points it is handing over now.
     pub moving: u32,
 }
@@ -372,7 +375,7 @@ pub struct Steps(mpsc::Sender<(Ask, oneshot::Sender<Result<(), StepError>>)>);
 #[derive(Debug)]
 enum Ask {
     Lifecycle(Lifecycle),
-    Handed(Option<String>),
+    Handed(Option<Handed>),
     Moving(u32),
     Forget(String),
 }
@@ -401,7 +404,7 @@ impl Steps {
     }
 
     /// Announces in gossip the join this member has handed every point of (`None`: none).
-    pub async fn announce_handed(&self, handed: Option<String>) -> Result<(), StepError> {
+    pub async fn announce_handed(&self, handed: Option<Handed>) -> Result<(), StepError> {
         self.ask(Ask::Handed(handed)).await
     }
 
@@ -645,7 +648,7 @@ struct State {
     conflict: Option<String>,
     leader: Option<String>,
     /// The join this member announces it has handed over.
-    handed: Option<String>,
+    handed: Option<Handed>,
     /// The points this member announces it is handing over.
     moving: u32,
     /// The members live in the last round (their ring records are theirs to announce).

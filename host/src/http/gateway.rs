@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::range::{self, Answer};
 use crate::access::{Access, Action};
-use crate::error::{Error, bounded};
+use crate::error::bounded;
 use crate::metrics;
 use crate::net::{NO_CERTIFICATE, PeerInfo};
 use crate::placement::Placement;
@@ -296,10 +296,7 @@ impl Gateway {
         self.access
             .authorize(&reader, Action::Consume, request.id.as_str())
             .await
-            .map_err(|error| match error {
-                Error::PermissionDenied { .. } => Refusal::Forbidden(error.to_string()),
-                other => Refusal::Unavailable(other.to_string()),
-            })
+            .map_err(|denied| Refusal::Forbidden(denied.to_string()))
     }
 
     /// The point if this node holds it (never on a balancer); else the redirect to a node that

@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
+use super::error::{ApplyError, LinkError, wire};
+use super::handover::not_incoming;
 use super::replication_capnp::sink;
 use super::{Context, Dialed, dial};
 use crate::cluster::Leader;
@@ -94,7 +96,7 @@ async fn session(
     address: &str,
     tls: Option<&TlsConnector>,
     shutdown: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let Dialed {
         member: leader,
         name,
@@ -125,13 +127,13 @@ async fn session(
         params.set_sink(sink);
     }
     let response = tokio::select! {
-        response = request.send().promise => response.map_err(|e| format!("follow: {e}"))?,
+        response = request.send().promise => response.map_err(|e| LinkError::call("follow", &name, e))?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let session = response
         .get()
         .and_then(|r| r.get_session())
-        .map_err(|e| format!("follow: {e}"))?;
+        .map_err(|e| LinkError::call("follow", &name, e))?;
     context.leader.send_replace(Some(Leader {
         name: name.clone(),
         rpc_addr: rpc_address,
@@ -142,11 +144,12 @@ async fn session(
         _ = shutdown.cancelled() => return Ok(()),
     };
     drop(session);
-    match ended {
-        Ok(Ok(())) => Err("the leader closed the connection".into()),
-        Ok(Err(error)) => Err(format!("connection: {error}")),
-        Err(error) => Err(format!("connection task: {error}")),
-    }
+    let reason = match ended {
+        Ok(Ok(())) => "the leader closed it".to_owned(),
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => format!("its task ended: {error}"),
+    };
+    Err(LinkError::Closed { peer: name, reason })
 }
 
 /// A sink that applies what it receives to this node's store: a follower's copies of its
@@ -216,22 +219,22 @@ enum Job {
     /// The records of one push that the bundler accepted, with one outcome each.
     Apply {
         records: Vec<Incoming>,
-        done: oneshot::Sender<Vec<Result<Applied, String>>>,
+        done: oneshot::Sender<Vec<Result<Applied, ApplyError>>>,
     },
     Remove {
         point: PointId,
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<(), ApplyError>>,
     },
     Describe {
         point: PointId,
         content_type: Option<String>,
         epoch: u64,
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<(), ApplyError>>,
     },
     Truncate {
         point: PointId,
         end: u64,
-        done: oneshot::Sender<Result<u64, String>>,
+        done: oneshot::Sender<Result<u64, ApplyError>>,
     },
 }
 
@@ -269,7 +272,7 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>, from: Optio
                         Ok(())
                     }
                     Err(DeleteError::NotFound(_)) => Ok(()),
-                    Err(error) => Err(error.to_string()),
+                    Err(error) => Err(error.into()),
                 };
                 let _ = done.send(result);
             }
@@ -299,7 +302,7 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>, from: Optio
                         .await
                 }
                 .await
-                .map_err(|error| error.to_string());
+                .map_err(ApplyError::from);
                 let _ = done.send(result);
             }
             Job::Truncate { point, end, done } => {
@@ -311,14 +314,14 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>, from: Optio
 
 /// Cuts this node's copy of `point` back to at most `end` (its leader found bytes in it that
 /// it did not send); answers where the copy now ends.
-async fn truncate(context: &Context, point: &PointId, end: u64) -> Result<u64, String> {
+async fn truncate(context: &Context, point: &PointId, end: u64) -> Result<u64, ApplyError> {
     match context.store.truncate(point, end).await {
         Ok(now) => {
             tracing::warn!(%point, end = now, "cut back a copy that diverged from its leader's");
             Ok(now)
         }
         Err(TruncateError::NotFound(_)) => Ok(0),
-        Err(error) => Err(error.to_string()),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -338,11 +341,9 @@ async fn handed(context: &Context, from: &str, job: Job) {
                     Some(Handover::Incoming { from: sender, .. }) if sender == from => {
                         Ok(ownership)
                     }
-                    _ => Err(format!(
-                        "point {point} is not being handed to this node by {from}"
-                    )),
+                    _ => Err(ApplyError::from(not_incoming(&point, from))),
                 },
-                Err(error) => Err(error.to_string()),
+                Err(error) => Err(error.into()),
             }
         }
     };
@@ -366,11 +367,9 @@ async fn handed(context: &Context, from: &str, job: Job) {
         Job::Remove { point, done } => {
             let result = async {
                 let ownership = incoming(&point).await?;
-                store.delete(&point).await.map_err(|e| e.to_string())?;
-                store
-                    .set_ownership(&point, ownership)
-                    .await
-                    .map_err(|e| e.to_string())
+                store.delete(&point).await?;
+                store.set_ownership(&point, ownership).await?;
+                Ok(())
             }
             .await;
             let _ = done.send(result);
@@ -387,10 +386,9 @@ async fn handed(context: &Context, from: &str, job: Job) {
                     return Ok(());
                 }
                 match &content_type {
-                    Some(content_type) => store
+                    Some(content_type) => Ok(store
                         .set_replicated_content_type(&point, content_type)
-                        .await
-                        .map_err(|e| e.to_string()),
+                        .await?),
                     None => Ok(()),
                 }
             }
@@ -409,7 +407,10 @@ async fn handed(context: &Context, from: &str, job: Job) {
 
 /// Applies `records` in order, each run of consecutive records of one point as one batch; one
 /// outcome per record.
-async fn apply_records(context: &Context, records: Vec<Incoming>) -> Vec<Result<Applied, String>> {
+async fn apply_records(
+    context: &Context,
+    records: Vec<Incoming>,
+) -> Vec<Result<Applied, ApplyError>> {
     let mut outcomes = Vec::with_capacity(records.len());
     let mut records = records.into_iter().peekable();
     while let Some(first) = records.next() {
@@ -436,7 +437,7 @@ async fn apply_records(context: &Context, records: Vec<Incoming>) -> Vec<Result<
             }
             Err(error) => {
                 tracing::error!(%point, %error, "cannot apply replicated records");
-                outcomes.extend(std::iter::repeat_n(Err(error.to_string()), count));
+                outcomes.extend(std::iter::repeat_n(Err(ApplyError::from(error)), count));
             }
         }
     }
@@ -466,15 +467,12 @@ impl SinkService {
     /// Queues `job` for the applier; the caller holds its turn, and lets it go before it waits
     /// for the outcome (the next call unbundles while this one is applied).
     async fn queue(&self, job: Job) -> Result<(), capnp::Error> {
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| capnp::Error::failed("the applier stopped".into()))
+        self.jobs.send(job).await.map_err(|_| applier_stopped())
     }
 
     fn refuse_after_shutdown(&self) -> Result<(), capnp::Error> {
         if self.shutdown.is_cancelled() {
-            return Err(capnp::Error::failed("the follower is shutting down".into()));
+            return Err(wire(ApplyError::ShuttingDown));
         }
         Ok(())
     }
@@ -485,7 +483,7 @@ impl SinkService {
     async fn unbundle(
         &self,
         records: Vec<Received>,
-    ) -> Result<Vec<Result<Incoming, String>>, capnp::Error> {
+    ) -> Result<Vec<Result<Incoming, ApplyError>>, capnp::Error> {
         let plugins = self.context.plugins.current();
         let count = records.len();
         let timeout = plugins.bundler.timeout() * count as u32 + Duration::from_secs(1);
@@ -499,11 +497,9 @@ impl SinkService {
                     Ok(Err(panicked)) => format!("the host panicked unbundling: {panicked}"),
                     Err(_) => format!("the bundler did not answer within {timeout:?}"),
                 };
-                Ok((0..count).map(|_| Err(reason.clone())).collect())
+                Ok((0..count).map(|_| Err(ApplyError::Unbundled(reason.clone()))).collect())
             }
-            () = self.shutdown.cancelled() => {
-                Err(capnp::Error::failed("the follower is shutting down".into()))
-            }
+            () = self.shutdown.cancelled() => Err(wire(ApplyError::ShuttingDown)),
         }
     }
 }
@@ -515,39 +511,41 @@ fn unbundle_all(
     plugins: &PluginSet,
     records: Vec<Received>,
     shutdown: &CancellationToken,
-) -> Vec<Result<Incoming, String>> {
+) -> Vec<Result<Incoming, ApplyError>> {
     records
         .into_iter()
         .map(|record| {
             if shutdown.is_cancelled() {
-                return Err("the follower is shutting down".to_string());
+                return Err(ApplyError::ShuttingDown);
             }
             // A bundler that fails (traps, times out) has not vouched for the record either.
             let found = plugins
                 .unbundle(record.bundle)
-                .unwrap_or_else(|e| Err(e.to_string()))?;
+                .unwrap_or_else(|e| Err(e.to_string()))
+                .map_err(ApplyError::Unbundled)?;
             if found.point != record.point || found.start != record.start {
-                return Err(format!(
+                return Err(ApplyError::Unbundled(format!(
                     "the bundler found {}@{} in the record of {}@{}",
                     crate::error::bounded(&found.point),
                     found.start,
                     crate::error::bounded(&record.point),
                     record.start
-                ));
+                )));
             }
             let len = found.payload.len() as u64;
             let crc = crc32c::crc32c(&found.payload);
             if (len, crc) != (record.len, record.crc) {
-                return Err(format!(
+                return Err(ApplyError::Unbundled(format!(
                     "the bundler's payload of {}@{} is {len} bytes with CRC32C {crc:08x}; the \
                      leader sent {} bytes with CRC32C {:08x}",
                     crate::error::bounded(&record.point),
                     record.start,
                     record.len,
                     record.crc
-                ));
+                )));
             }
-            let point = PointId::new(found.point).map_err(|e| format!("bad point id: {e}"))?;
+            let point = PointId::new(found.point)
+                .map_err(|e| ApplyError::Unbundled(format!("bad point id: {e}")))?;
             Ok(Incoming {
                 point,
                 start: record.start,
@@ -560,9 +558,7 @@ fn unbundle_all(
 
 /// The outcome of a queued job.
 async fn outcome<T>(outcome: oneshot::Receiver<T>) -> Result<T, capnp::Error> {
-    outcome
-        .await
-        .map_err(|_| capnp::Error::failed("the applier stopped".into()))
+    outcome.await.map_err(|_| applier_stopped())
 }
 
 impl sink::Server for SinkService {
@@ -613,7 +609,7 @@ impl sink::Server for SinkService {
             match slot {
                 Err(reason) => {
                     ack.set_end(0);
-                    ack.init_result().set_rejected(&reason);
+                    ack.init_result().set_rejected(reason.to_string());
                 }
                 Ok(()) => match outcomes.next().expect("one outcome per accepted record") {
                     Ok(Applied::Yes(end)) => {
@@ -624,7 +620,7 @@ impl sink::Server for SinkService {
                         ack.set_end(end);
                         ack.init_result().set_mismatch(());
                     }
-                    Err(error) => return Err(capnp::Error::failed(error)),
+                    Err(error) => return Err(wire(error)),
                 },
             }
         }
@@ -668,7 +664,7 @@ impl sink::Server for SinkService {
         let turn = self.order.lock().await;
         self.queue(job).await?;
         drop(turn);
-        outcome(described).await?.map_err(capnp::Error::failed)
+        outcome(described).await?.map_err(wire)
     }
 
     async fn remove(
@@ -685,7 +681,7 @@ impl sink::Server for SinkService {
         let turn = self.order.lock().await;
         self.queue(Job::Remove { point, done }).await?;
         drop(turn);
-        outcome(removed).await?.map_err(capnp::Error::failed)
+        outcome(removed).await?.map_err(wire)
     }
 
     async fn truncate(
@@ -701,10 +697,15 @@ impl sink::Server for SinkService {
         let turn = self.order.lock().await;
         self.queue(Job::Truncate { point, end, done }).await?;
         drop(turn);
-        let now = outcome(truncated).await?.map_err(capnp::Error::failed)?;
+        let now = outcome(truncated).await?.map_err(wire)?;
         results.get().set_end(now);
         Ok(())
     }
+}
+
+/// The applier's queue is closed (it ended or panicked).
+fn applier_stopped() -> capnp::Error {
+    capnp::Error::failed("the applier stopped".into())
 }
 
 /// The point a call names.

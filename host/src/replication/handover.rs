@@ -8,21 +8,27 @@
 //! first), and answers the same when asked again, so an old owner that crashed and asks once
 //! more learns what happened.
 
+use super::error::HandoverError;
 use crate::point::ownership::FIRST_EPOCH;
 use crate::point::{DeleteError, Handover, Ownership, PointId, ReadError, Store};
 
 /// How a seal ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Sealed {
     /// This node owns the point at this epoch.
     Committed(u64),
     /// It does not hold what was sealed; the old owner starts the move over.
-    Refused(String),
+    Refused(HandoverError),
 }
 
 /// Starts (or resumes) receiving `point` from `from`, which owns it at `epoch`. Returns the end
 /// this node holds, where the copy continues.
-pub async fn begin(store: &Store, from: &str, point: &PointId, epoch: u64) -> Result<u64, String> {
+pub async fn begin(
+    store: &Store,
+    from: &str,
+    point: &PointId,
+    epoch: u64,
+) -> Result<u64, HandoverError> {
     let incoming = Ownership {
         epoch,
         owner: None,
@@ -33,30 +39,32 @@ pub async fn begin(store: &Store, from: &str, point: &PointId, epoch: u64) -> Re
     };
     match store.ownership(point).await {
         Ok(held) if held == incoming => {
-            return Ok(store.metadata(point).await.map_err(text)?.end);
+            return Ok(store.metadata(point).await?.end);
         }
         Ok(held)
             if held.epoch >= epoch
                 && !held.is_arriving()
                 && !empty_shell(store, point, &held).await =>
         {
-            return Err(format!(
-                "this node holds point {point} at epoch {}, not older than {from}'s {epoch}",
-                held.epoch
-            ));
+            return Err(HandoverError::Newer {
+                point: point.clone(),
+                held: held.epoch,
+                from: from.to_owned(),
+                epoch,
+            });
         }
         Ok(held) => {
             // An older copy (history of an earlier owner) or a move that started over.
             tracing::info!(%point, %from, held_epoch = held.epoch, epoch, "replacing the copy held here with the one being handed over");
             match store.delete(point).await {
                 Ok(_) | Err(DeleteError::NotFound(_)) => {}
-                Err(error) => return Err(error.to_string()),
+                Err(error) => return Err(error.into()),
             }
         }
         Err(ReadError::NotFound(_)) => {}
-        Err(error) => return Err(error.to_string()),
+        Err(error) => return Err(error.into()),
     }
-    store.set_ownership(point, incoming).await.map_err(text)?;
+    store.set_ownership(point, incoming).await?;
     crate::reshard::crash_point("incoming");
     Ok(0)
 }
@@ -70,13 +78,15 @@ pub async fn seal(
     point: &PointId,
     end: u64,
     crc: u32,
-) -> Result<Sealed, String> {
+) -> Result<Sealed, HandoverError> {
     let held = match store.ownership(point).await {
         Ok(held) => held,
         Err(ReadError::NotFound(_)) => {
-            return Ok(Sealed::Refused(format!("this node holds no point {point}")));
+            return Ok(Sealed::Refused(HandoverError::NotHeld {
+                point: point.clone(),
+            }));
         }
-        Err(error) => return Err(error.to_string()),
+        Err(error) => return Err(error.into()),
     };
     let epoch = match &held.handover {
         Some(Handover::Incoming {
@@ -88,25 +98,26 @@ pub async fn seal(
             return Ok(Sealed::Committed(held.epoch));
         }
         _ => {
-            return Ok(Sealed::Refused(format!(
-                "point {point} is not being handed to this node by {from}"
-            )));
+            return Ok(Sealed::Refused(not_incoming(point, from)));
         }
     };
-    let snapshot = store.metadata(point).await.map_err(text)?;
+    let snapshot = store.metadata(point).await?;
     if (snapshot.end, snapshot.crc) != (end, crc) {
-        return Ok(Sealed::Refused(format!(
-            "this node holds {} bytes of point {point} with CRC32C {:08x}, not {end} with {crc:08x}",
-            snapshot.end, snapshot.crc
-        )));
+        return Ok(Sealed::Refused(HandoverError::Differs {
+            point: point.clone(),
+            held_end: snapshot.end,
+            held_crc: snapshot.crc,
+            end,
+            crc,
+        }));
     }
-    store.sync(point).await.map_err(text)?;
+    store.sync(point).await?;
     let committed = Ownership {
         epoch: epoch + 1,
         owner: Some(local.to_owned()),
         handover: None,
     };
-    store.set_ownership(point, committed).await.map_err(text)?;
+    store.set_ownership(point, committed).await?;
     crate::reshard::crash_point("commit");
     ::metrics::counter!(crate::metrics::RESHARD_RECEIVED_POINTS).increment(1);
     tracing::info!(%point, %from, epoch = epoch + 1, end, "took the point over");
@@ -114,14 +125,12 @@ pub async fn seal(
 }
 
 /// Makes the copy of `point` arriving from `from` durable as it is (before the fence).
-pub async fn prepare(store: &Store, from: &str, point: &PointId) -> Result<(), String> {
-    match store.ownership(point).await.map_err(text)?.handover {
+pub async fn prepare(store: &Store, from: &str, point: &PointId) -> Result<(), HandoverError> {
+    match store.ownership(point).await?.handover {
         Some(Handover::Incoming { from: sender, .. }) if sender == from => {
-            store.sync(point).await.map_err(text)
+            Ok(store.sync(point).await?)
         }
-        _ => Err(format!(
-            "point {point} is not being handed to this node by {from}"
-        )),
+        _ => Err(not_incoming(point, from)),
     }
 }
 
@@ -140,7 +149,7 @@ pub async fn settled(
     progress: &crate::replication::Progress,
     needed: Option<usize>,
     point: &PointId,
-) -> Result<Settled, String> {
+) -> Result<Settled, HandoverError> {
     let ownership = match store.ownership(point).await {
         Ok(ownership) => ownership,
         Err(ReadError::NotFound(_)) => {
@@ -150,9 +159,9 @@ pub async fn settled(
                 replicated: false,
             });
         }
-        Err(error) => return Err(error.to_string()),
+        Err(error) => return Err(error.into()),
     };
-    let end = store.metadata(point).await.map_err(text)?.end;
+    let end = store.metadata(point).await?.end;
     let replicated = needed.is_none_or(|needed| progress.confirmed(point, end) >= needed);
     Ok(Settled {
         epoch: if ownership.handover.is_some() {
@@ -166,16 +175,16 @@ pub async fn settled(
 }
 
 /// Drops the copy of `point` arriving from `from`, if there is one: the move was given up.
-pub async fn cancel(store: &Store, from: &str, point: &PointId) -> Result<(), String> {
+pub async fn cancel(store: &Store, from: &str, point: &PointId) -> Result<(), HandoverError> {
     match store.ownership(point).await {
         Ok(held) if matches!(&held.handover, Some(Handover::Incoming { from: sender, .. }) if sender == from) => {
             match store.delete(point).await {
                 Ok(_) | Err(DeleteError::NotFound(_)) => Ok(()),
-                Err(error) => Err(error.to_string()),
+                Err(error) => Err(error.into()),
             }
         }
         Ok(_) | Err(ReadError::NotFound(_)) => Ok(()),
-        Err(error) => Err(error.to_string()),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -190,6 +199,10 @@ async fn empty_shell(store: &Store, point: &PointId, held: &Ownership) -> bool {
             .is_ok_and(|snapshot| snapshot.end == 0)
 }
 
-fn text(error: impl std::fmt::Display) -> String {
-    error.to_string()
+/// The refusal of a step for a point that is not arriving from `from`.
+pub(crate) fn not_incoming(point: &PointId, from: &str) -> HandoverError {
+    HandoverError::NotIncoming {
+        point: point.clone(),
+        from: from.to_owned(),
+    }
 }

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
+use super::error::{FollowRefusal, wire};
 use super::replication_capnp::{Verdict, leader, session};
 use super::replicator::{Ended, Held, Replicator, supervised};
 use super::{Context, PROTOCOL, check_identity, handover, takeover};
@@ -104,7 +105,7 @@ impl LeaderService {
         if let Err(reason) = check_identity(&self.peer.subject, from, tls) {
             ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
             tracing::warn!(subject = %self.peer.subject, peer = %self.peer.addr, %reason, "handover refused");
-            return Err(capnp::Error::failed(reason));
+            return Err(capnp::Error::failed(reason.to_string()));
         }
         Ok(())
     }
@@ -115,12 +116,11 @@ impl LeaderService {
         let refused = context
             .access
             .authorize(&self.peer, Action::Replicate, "")
-            .await
-            .map_err(|e| e.to_string());
+            .await;
         if let Err(reason) = refused {
             ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
             tracing::warn!(subject = %self.peer.subject, peer = %self.peer.addr, %reason, "handover refused");
-            return Err(capnp::Error::failed(reason));
+            return Err(capnp::Error::failed(reason.to_string()));
         }
         if !context.config.role.is_primary() {
             return Err(capnp::Error::failed(format!(
@@ -165,7 +165,7 @@ impl leader::Server for LeaderService {
         let point = point_of(params.get_point()?)?;
         let end = handover::begin(&self.context.store, &from, &point, params.get_epoch())
             .await
-            .map_err(capnp::Error::failed)?;
+            .map_err(wire)?;
         results.get().set_end(end);
         Ok(())
     }
@@ -189,11 +189,11 @@ impl leader::Server for LeaderService {
             params.get_crc(),
         )
         .await
-        .map_err(capnp::Error::failed)?;
+        .map_err(wire)?;
         let mut outcome = results.get().init_outcome();
         match sealed {
             handover::Sealed::Committed(epoch) => outcome.set_committed(epoch),
-            handover::Sealed::Refused(reason) => outcome.set_refused(&reason),
+            handover::Sealed::Refused(reason) => outcome.set_refused(reason.to_string()),
         }
         Ok(())
     }
@@ -215,7 +215,7 @@ impl leader::Server for LeaderService {
         };
         let settled = handover::settled(&context.store, &context.progress, needed, &point)
             .await
-            .map_err(capnp::Error::failed)?;
+            .map_err(wire)?;
         let mut results = results.get();
         results.set_epoch(settled.epoch);
         results.set_end(settled.end);
@@ -234,7 +234,7 @@ impl leader::Server for LeaderService {
         let point = point_of(params.get_point()?)?;
         handover::prepare(&self.context.store, &from, &point)
             .await
-            .map_err(capnp::Error::failed)
+            .map_err(wire)
     }
 
     async fn cancel(
@@ -248,7 +248,7 @@ impl leader::Server for LeaderService {
         let point = point_of(params.get_point()?)?;
         handover::cancel(&self.context.store, &from, &point)
             .await
-            .map_err(capnp::Error::failed)
+            .map_err(wire)
     }
 
     async fn offer(
@@ -273,7 +273,7 @@ impl leader::Server for LeaderService {
         for copy in copies {
             let verdict = takeover::offer(&self.context, &self.offers, &from, &forgotten, copy)
                 .await
-                .map_err(capnp::Error::failed)?;
+                .map_err(wire)?;
             verdicts.push(match verdict {
                 takeover::Verdict::Wait => Verdict::Wait,
                 takeover::Verdict::Send => Verdict::Send,
@@ -311,39 +311,35 @@ impl leader::Server for LeaderService {
         let hello = params.get_hello()?;
         let follower = hello.get_follower()?.to_str()?.to_owned();
         let protocol = hello.get_protocol();
-        let refused = context
-            .access
-            .authorize(peer, Action::Replicate, "")
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|()| check_identity(&peer.subject, &follower, context.config.tls.is_some()))
-            .and_then(|()| {
-                if protocol == PROTOCOL {
-                    return Ok(());
+        let refused = async {
+            context
+                .access
+                .authorize(peer, Action::Replicate, "")
+                .await?;
+            check_identity(&peer.subject, &follower, context.config.tls.is_some())?;
+            if protocol != PROTOCOL {
+                return Err(FollowRefusal::Protocol {
+                    follower: crate::error::bounded(&follower),
+                    theirs: protocol,
+                    ours: PROTOCOL,
+                });
+            }
+            // A forgotten member leads nobody: its followers' copies were taken over.
+            let membership = context.membership.borrow();
+            match membership.ring.members.get(&context.config.node_name) {
+                Some(record) if record.lifecycle == crate::cluster::Lifecycle::Forgotten => {
+                    Err(FollowRefusal::Forgotten {
+                        node: context.config.node_name.clone(),
+                    })
                 }
-                Err(format!(
-                    "follower {} speaks replication protocol {protocol}, this leader {PROTOCOL}: \
-                     run the same release on both",
-                    crate::error::bounded(&follower)
-                ))
-            })
-            .and_then(|()| {
-                // A forgotten member leads nobody: its followers' copies were taken over.
-                let membership = context.membership.borrow();
-                match membership.ring.members.get(&context.config.node_name) {
-                    Some(record) if record.lifecycle == crate::cluster::Lifecycle::Forgotten => {
-                        Err(format!(
-                            "{} was forgotten by the cluster: it leads no followers",
-                            context.config.node_name
-                        ))
-                    }
-                    _ => Ok(()),
-                }
-            });
+                _ => Ok(()),
+            }
+        }
+        .await;
         if let Err(reason) = refused {
             ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
             tracing::warn!(subject = %peer.subject, peer = %peer.addr, %reason, "follower refused");
-            return Err(capnp::Error::failed(reason));
+            return Err(capnp::Error::failed(reason.to_string()));
         }
         if context.config.role != crate::config::Role::Leader {
             return Err(capnp::Error::failed(format!(

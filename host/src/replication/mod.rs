@@ -23,6 +23,7 @@
 //! or lies costs a counted, logged error, never a byte of the copy. Plugin calls run on the
 //! blocking pool, never on this thread. The protocol is in `docs/replication.md`.
 
+pub mod error;
 pub mod follower;
 pub mod handover;
 pub mod leader;
@@ -58,6 +59,7 @@ use crate::plugins::Plugins;
 use crate::point::{PointId, Store};
 
 use crate::service::{Handle, Service};
+use error::{IdentityError, LinkError};
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
 /// a leader refuses followers that speak another (docs/replication.md).
@@ -165,15 +167,14 @@ pub fn start(
 
 /// With TLS, a peer's certificate must name the node it says it is (`node:<name>`, as gossip
 /// knows it): a certificate of the CA is not enough to speak for another member.
-pub fn check_identity(subject: &str, claimed: &str, tls: bool) -> Result<(), String> {
+pub fn check_identity(subject: &str, claimed: &str, tls: bool) -> Result<(), IdentityError> {
     if !tls || subject == format!("{}{claimed}", crate::certs::NODE_PREFIX) {
         return Ok(());
     }
-    Err(format!(
-        "the certificate of {} does not name node {}",
-        crate::error::bounded(subject),
-        crate::error::bounded(claimed)
-    ))
+    Err(IdentityError::Certificate {
+        subject: crate::error::bounded(subject),
+        claimed: crate::error::bounded(claimed),
+    })
 }
 
 /// What followers have confirmed, shared with the rest of the node.
@@ -352,37 +353,52 @@ pub(crate) async fn dial(
     context: &Context,
     address: &str,
     tls: Option<&TlsConnector>,
-) -> Result<Dialed, String> {
+) -> Result<Dialed, LinkError> {
+    let timed_out = |step| LinkError::TimedOut {
+        step,
+        address: address.to_owned(),
+    };
+    let failed = |step| {
+        move |source| LinkError::Io {
+            step,
+            address: address.to_owned(),
+            source,
+        }
+    };
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
         .await
-        .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| format!("connecting: {e}"))?;
+        .map_err(|_| timed_out("connecting"))?
+        .map_err(failed("connecting"))?;
     let _ = tcp.set_nodelay(true);
-    let peer_addr = tcp.peer_addr().map_err(|e| format!("connecting: {e}"))?;
+    let peer_addr = tcp.peer_addr().map_err(failed("connecting"))?;
     let (io, subject) = match tls {
         None => (Either::Left(tcp), None),
         Some(connector) => {
-            let name = server_name(address).ok_or_else(|| format!("{address} is not host:port"))?;
+            let name = server_name(address).ok_or_else(|| LinkError::BadAddress {
+                address: address.to_owned(),
+            })?;
             // rustls reads at most 4 KiB per call: see `tls::READ_BUFFER`.
             let buffered = tokio::io::BufReader::with_capacity(crate::tls::READ_BUFFER, tcp);
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, buffered))
                 .await
-                .map_err(|_| "TLS handshake timed out".to_string())?
-                .map_err(|e| format!("TLS handshake: {e}"))?;
+                .map_err(|_| timed_out("TLS handshake"))?
+                .map_err(failed("TLS handshake"))?;
             let subject = stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .map(|cert| crate::tls::subject(cert.as_ref()))
-                .ok_or("the member presented no certificate")?;
+                .ok_or_else(|| LinkError::NoCertificate {
+                    address: address.to_owned(),
+                })?;
             let peer = PeerInfo {
                 addr: peer_addr,
                 subject: subject.as_str().into(),
             };
-            if let Err(error) = context.access.authorize(&peer, Action::Replicate, "").await {
+            if let Err(denied) = context.access.authorize(&peer, Action::Replicate, "").await {
                 ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
-                return Err(format!("refused: {error}"));
+                return Err(denied.into());
             }
             (Either::Right(stream), Some(subject))
         }
@@ -401,7 +417,7 @@ pub(crate) async fn dial(
     let (name, rpc_address) =
         tokio::time::timeout(CONNECT_TIMEOUT, member.identify_request().send().promise)
             .await
-            .map_err(|_| "asking its name timed out".to_string())?
+            .map_err(|_| timed_out("asking its name"))?
             .and_then(|r| {
                 let identity = r.get()?;
                 Ok((
@@ -409,12 +425,12 @@ pub(crate) async fn dial(
                     identity.get_rpc_address()?.to_string()?,
                 ))
             })
-            .map_err(|e| format!("asking its name: {e}"))?;
+            .map_err(|e| LinkError::call("identify", address, e))?;
     if let Some(subject) = &subject
-        && let Err(reason) = check_identity(subject, &name, true)
+        && let Err(mismatch) = check_identity(subject, &name, true)
     {
         ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
-        return Err(format!("refused: {reason}"));
+        return Err(mismatch.into());
     }
     Ok(Dialed {
         member,

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Context;
+use super::error::HandoverError;
 use crate::metrics;
 use crate::point::{Handover, PointId, ReadError, Store};
 
@@ -66,7 +67,7 @@ pub async fn offer(
     from: &str,
     forgotten: &str,
     copy: Copy,
-) -> Result<Verdict, String> {
+) -> Result<Verdict, HandoverError> {
     let store = &context.store;
     let point = &copy.point;
     match store.ownership(point).await {
@@ -105,7 +106,7 @@ pub async fn offer(
             // An older copy: replaced by the one taken over.
         }
         Err(ReadError::NotFound(_)) => {}
-        Err(error) => return Err(error.to_string()),
+        Err(error) => return Err(error.into()),
     }
     let membership = context.membership.borrow().clone();
     if from == forgotten {
@@ -155,11 +156,8 @@ pub async fn offer(
 
 /// Whether `copy` is a prefix of what this node holds: as long or shorter, and the same CRC32C
 /// over its length.
-async fn prefix_agrees(store: &Store, copy: &Copy) -> Result<bool, String> {
-    let held = store
-        .metadata(&copy.point)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn prefix_agrees(store: &Store, copy: &Copy) -> Result<bool, ReadError> {
+    let held = store.metadata(&copy.point).await?;
     if copy.end > held.end {
         return Ok(false);
     }
@@ -171,10 +169,7 @@ async fn prefix_agrees(store: &Store, copy: &Copy) -> Result<bool, String> {
     let mut at = 0;
     while at < copy.end {
         let len = CHUNK.min(copy.end - at);
-        let bytes = store
-            .read(&copy.point, at, len)
-            .await
-            .map_err(|e| e.to_string())?;
+        let bytes = store.read(&copy.point, at, len).await?;
         if bytes.is_empty() {
             return Ok(false);
         }

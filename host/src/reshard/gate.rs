@@ -178,7 +178,7 @@ pub enum Holder {
     /// This node is its owner: the point does not exist.
     Nobody,
     /// A live member that holds it: the owner, or a live follower of an owner that is down.
-    Member(Member),
+    Member(Box<Member>),
     /// Its owner is down and no live follower of it is known.
     Down(String),
 }
@@ -437,7 +437,7 @@ fn holder_in(membership: &Membership, owner: &str) -> Holder {
         return Holder::Nobody;
     }
     if let Some(live) = membership.live(owner) {
-        return Holder::Member(live.clone());
+        return Holder::Member(Box::new(live.clone()));
     }
     let follower = membership
         .view
@@ -448,7 +448,7 @@ fn holder_in(membership: &Membership, owner: &str) -> Holder {
         .live(local)
         .is_some_and(|me| me.leader.as_deref() == Some(owner));
     match follower {
-        Some(follower) => Holder::Member(follower.clone()),
+        Some(follower) => Holder::Member(Box::new(follower.clone())),
         None if follows_owner => Holder::Nobody,
         None => Holder::Down(owner.to_owned()),
     }

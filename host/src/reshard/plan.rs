@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::cluster::handed::Tag;
 use crate::cluster::ring::Ring;
 use crate::cluster::{Lifecycle, Member, Membership, Role};
 use crate::point::PointId;
@@ -75,9 +76,9 @@ pub fn pending(ring: &Ring) -> Option<(Change, Ring)> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forgotten {
     pub name: String,
-    /// `<name>@<record version>`: what its followers announce (`handed`) once every copy they
-    /// hold of its points is taken over.
-    pub tag: String,
+    /// The member at the version of its `forgotten` record: what its followers announce
+    /// (`handed`) once every copy they hold of its points is taken over.
+    pub tag: Tag,
 }
 
 impl Forgotten {
@@ -99,7 +100,10 @@ pub fn forgotten(ring: &Ring) -> Vec<Forgotten> {
         .filter(|(_, member)| member.lifecycle == Lifecycle::Forgotten)
         .map(|(name, member)| Forgotten {
             name: name.clone(),
-            tag: format!("{name}@{}", member.version),
+            tag: Tag {
+                name: name.clone(),
+                version: member.version,
+            },
         })
         .collect()
 }
@@ -109,10 +113,8 @@ pub fn forgotten(ring: &Ring) -> Vec<Forgotten> {
 pub fn takeover_pending(membership: &Membership, forgotten: &Forgotten) -> bool {
     followers_of(membership, &forgotten.name).any(|m| {
         !m.handed
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .any(|tag| tag == forgotten.tag)
+            .as_ref()
+            .is_some_and(|handed| handed.took_over(&forgotten.tag))
     })
 }
 
@@ -331,6 +333,8 @@ mod tests {
 
     /// A live follower of `leader` that has announced `handed`.
     fn follower(name: &str, leader: &str, handed: Option<&str>) -> Member {
+        let handed =
+            handed.map(|text| crate::cluster::Handed::decode(text, Role::Follower).unwrap());
         Member {
             name: name.into(),
             generation: 1,
@@ -343,7 +347,7 @@ mod tests {
             virtual_nodes: 0,
             tags: BTreeMap::new(),
             leader: Some(leader.into()),
-            handed: handed.map(str::to_owned),
+            handed,
             moving: 0,
         }
     }
@@ -378,8 +382,14 @@ mod tests {
         let forgotten = forgotten(&ring);
         assert_eq!(forgotten.len(), 1);
         assert_eq!(
-            (forgotten[0].name.as_str(), forgotten[0].tag.as_str()),
-            ("c", "c@1")
+            (forgotten[0].name.as_str(), &forgotten[0].tag),
+            (
+                "c",
+                &Tag {
+                    name: "c".into(),
+                    version: 1
+                }
+            )
         );
         let before = forgotten[0].before(&ring);
         let set = plugins.current();

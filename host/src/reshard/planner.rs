@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::cluster::Lifecycle;
 use crate::cluster::ring::Ring;
+use crate::cluster::{Handed, Lifecycle};
 use crate::point::{Handover, PointId};
 use crate::reshard::{Change, Forgotten, Move, forgotten, pending};
 
@@ -45,7 +45,7 @@ impl Work {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Gossip `handed` (a join handed over: `<joining>@<target version>`), or clear it.
-    Announce(Option<String>),
+    Announce(Option<Handed>),
     /// Step to `left`: drained, every point is with its next owner.
     Leave,
     /// Stop the copy of this point before its fence: the plan no longer sends it there.
@@ -75,10 +75,23 @@ pub enum Next {
 /// How a move ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// The destination owns the point.
     Done,
     /// Stopped by an [`Action::Stop`]: not a failure.
     Stopped,
-    Failed,
+    /// It failed; tried again as the failure's kind says.
+    Failed(Retry),
+}
+
+/// When a failed move is tried again, by the kind of its failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// At the next look (the connection dropped: dial again).
+    Now,
+    /// After the settle time (the destination refused the seal: let its view settle).
+    AfterSettle,
+    /// After [`RETRY_AFTER`].
+    Later,
 }
 
 /// What the planner remembers between looks.
@@ -90,7 +103,7 @@ pub struct Planner {
     settle: Duration,
     /// Points being handed over now, and to whom.
     moving: HashMap<PointId, String>,
-    /// Points whose last move failed, and when.
+    /// Points whose last move failed, and when they may be tried again.
     failed: HashMap<PointId, Instant>,
     /// The pending change, the version of the ring it leads to, and when it was first seen.
     pending_since: Option<(Change, u64, Instant)>,
@@ -264,7 +277,10 @@ impl Planner {
             match pending {
                 Some((Change::Drain(member), _)) if member == local => actions.push(Action::Leave),
                 Some((Change::Join(joining), version)) => {
-                    actions.push(Action::Announce(Some(format!("{joining}@{version:x}"))));
+                    actions.push(Action::Announce(Some(Handed::Join {
+                        joining: joining.clone(),
+                        version,
+                    })));
                 }
                 _ => {}
             }
@@ -279,7 +295,7 @@ impl Planner {
                 || self
                     .failed
                     .get(&planned.point)
-                    .is_some_and(|at| started.saturating_duration_since(*at) < RETRY_AFTER)
+                    .is_some_and(|not_before| started < *not_before)
             {
                 continue;
             }
@@ -303,7 +319,7 @@ impl Planner {
     /// A started move could not begin (its destination was not reached): it counts as failed.
     pub fn unstarted(&mut self, point: &PointId, now: Instant) {
         self.moving.remove(point);
-        self.failed.insert(point.clone(), now);
+        self.failed.insert(point.clone(), now + RETRY_AFTER);
     }
 
     /// A move ended.
@@ -314,9 +330,14 @@ impl Planner {
                 self.failed.remove(point);
             }
             Outcome::Stopped => self.strays = true,
-            Outcome::Failed => {
+            Outcome::Failed(retry) => {
                 self.strays = true;
-                self.failed.insert(point.clone(), now);
+                let wait = match retry {
+                    Retry::Now => Duration::ZERO,
+                    Retry::AfterSettle => self.settle,
+                    Retry::Later => RETRY_AFTER,
+                };
+                self.failed.insert(point.clone(), now + wait);
             }
         }
     }
@@ -330,19 +351,14 @@ impl Planner {
 
 /// On a follower: the forgotten member whose points it hands over next (the first one its
 /// `handed` announcement does not list yet), and the announcement once that one is done too.
-pub fn next_takeover(ring: &Ring, handed: Option<&str>) -> Option<(Forgotten, String)> {
-    let done: Vec<&str> = handed
-        .unwrap_or_default()
-        .split(',')
-        .filter(|tag| !tag.is_empty())
-        .collect();
+pub fn next_takeover(ring: &Ring, handed: Option<&Handed>) -> Option<(Forgotten, Handed)> {
+    let done = handed.map_or(&[][..], Handed::takeovers);
     let next = forgotten(ring)
         .into_iter()
-        .find(|f| !done.contains(&f.tag.as_str()))?;
-    let mut tags = done;
-    tags.push(&next.tag);
-    let announcement = tags.join(",");
-    Some((next, announcement))
+        .find(|f| !done.contains(&f.tag))?;
+    let mut tags = done.to_vec();
+    tags.push(next.tag.clone());
+    Some((next, Handed::Takeovers(tags)))
 }
 
 #[cfg(test)]
@@ -516,7 +532,10 @@ mod tests {
         let (actions, _) = look.at("a", &joining, "v", DONE_AFTER, &[], vec![]);
         assert_eq!(
             actions,
-            vec![Action::Announce(Some(format!("j@{version:x}")))]
+            vec![Action::Announce(Some(Handed::Join {
+                joining: "j".into(),
+                version
+            }))]
         );
         // The joining member itself hands nothing over: it waits for the owners.
         let mut other = Planner::new(4, Duration::ZERO);
@@ -668,7 +687,8 @@ mod tests {
         let p = moved("p", "a", "b");
         let (actions, _) = look.at("a", &draining, "v", Duration::ZERO, &held, vec![p.clone()]);
         assert_eq!(actions, vec![start(p.clone(), version)]);
-        look.planner.ended(&point("p"), Outcome::Failed, look.t0);
+        look.planner
+            .ended(&point("p"), Outcome::Failed(Retry::Later), look.t0);
         let (actions, _) = look.at("a", &draining, "v", RETRY_AFTER / 2, &held, vec![p.clone()]);
         assert_eq!(actions, vec![]);
         let (actions, _) = look.at("a", &draining, "v", RETRY_AFTER, &held, vec![p.clone()]);
@@ -677,6 +697,38 @@ mod tests {
         look.planner.unstarted(&point("p"), look.t0 + RETRY_AFTER);
         let (actions, _) = look.at("a", &draining, "v", RETRY_AFTER * 3 / 2, &held, vec![p]);
         assert_eq!(actions, vec![]);
+    }
+
+    #[test]
+    fn a_failed_move_is_retried_by_kind() {
+        let mut planner = Planner::new(4, SETTLE);
+        let mut look = Look {
+            planner: &mut planner,
+            t0: Instant::now(),
+        };
+        let draining = ring(&[("a", Lifecycle::Leaving), ("b", Lifecycle::Active)]);
+        let version = pending(&draining).unwrap().1.version();
+        let held = [(point("p"), None)];
+        let p = moved("p", "a", "b");
+        let (actions, _) = look.at("a", &draining, "v", Duration::ZERO, &held, vec![p.clone()]);
+        assert_eq!(actions, vec![]);
+        let (actions, _) = look.at("a", &draining, "v", SETTLE, &held, vec![p.clone()]);
+        assert_eq!(actions, vec![start(p.clone(), version)]);
+        // The connection dropped: dialed again at the next look.
+        look.planner
+            .ended(&point("p"), Outcome::Failed(Retry::Now), look.t0 + SETTLE);
+        let (actions, _) = look.at("a", &draining, "v", SETTLE, &held, vec![p.clone()]);
+        assert_eq!(actions, vec![start(p.clone(), version)]);
+        // The seal was refused: the destination's view settles first.
+        look.planner.ended(
+            &point("p"),
+            Outcome::Failed(Retry::AfterSettle),
+            look.t0 + SETTLE,
+        );
+        let (actions, _) = look.at("a", &draining, "v", SETTLE * 3 / 2, &held, vec![p.clone()]);
+        assert_eq!(actions, vec![]);
+        let (actions, _) = look.at("a", &draining, "v", SETTLE * 2, &held, vec![p.clone()]);
+        assert_eq!(actions, vec![start(p, version)]);
     }
 
     #[test]
@@ -696,7 +748,7 @@ mod tests {
         let (actions, next) = planner.look("a", &stable, "v", now);
         assert_eq!((actions, next), (vec![Action::Announce(None)], Next::Idle));
         // A failure makes strays possible again.
-        planner.ended(&point("p"), Outcome::Failed, now);
+        planner.ended(&point("p"), Outcome::Failed(Retry::Later), now);
         let (_, next) = planner.look("a", &stable, "v", now);
         assert_eq!(
             next,
@@ -761,21 +813,32 @@ mod tests {
             ("b", Lifecycle::Active),
             ("c", Lifecycle::Forgotten),
         ]);
+        let said = |text: &str| Handed::decode(text, Role::Follower).unwrap();
         let (first, announcement) = next_takeover(&two_forgotten, None).unwrap();
-        assert_eq!((first.name.as_str(), announcement.as_str()), ("a", "a@1"));
-        let (second, announcement) = next_takeover(&two_forgotten, Some("a@1")).unwrap();
         assert_eq!(
-            (second.name.as_str(), announcement.as_str()),
-            ("c", "a@1,c@1")
+            (first.name.as_str(), announcement.to_string().as_str()),
+            ("a", "takeover:a@1")
         );
-        assert_eq!(next_takeover(&two_forgotten, Some("a@1,c@1")), None);
+        let (second, announcement) =
+            next_takeover(&two_forgotten, Some(&said("takeover:a@1"))).unwrap();
+        assert_eq!(
+            (second.name.as_str(), announcement.to_string().as_str()),
+            ("c", "takeover:a@1,c@1")
+        );
+        assert_eq!(
+            next_takeover(&two_forgotten, Some(&said("takeover:a@1,c@1"))),
+            None
+        );
         // A member forgotten again (its record's version moved on) is taken over again.
         let mut again = two_forgotten.clone();
         again.members.get_mut("a").unwrap().version = 2;
-        let (first, announcement) = next_takeover(&again, Some("a@1,c@1")).unwrap();
+        let (first, announcement) = next_takeover(&again, Some(&said("takeover:a@1,c@1"))).unwrap();
         assert_eq!(
-            (first.tag.as_str(), announcement.as_str()),
-            ("a@2", "a@1,c@1,a@2")
+            (
+                (first.tag.name.as_str(), first.tag.version),
+                announcement.to_string().as_str()
+            ),
+            (("a", 2), "takeover:a@1,c@1,a@2")
         );
     }
 }

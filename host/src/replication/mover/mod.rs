@@ -30,9 +30,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::Context;
-use crate::cluster::Lifecycle;
+use super::error::{LinkError, MoveError, StoreError};
 use crate::cluster::Membership;
+use crate::cluster::handed::Tag;
 use crate::cluster::ring::Ring;
+use crate::cluster::{Handed, Lifecycle};
 use crate::metrics;
 use crate::placement::PlacementError;
 use crate::point::{Handover, Ownership, PointId, ReadError};
@@ -78,9 +80,9 @@ pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: Canc
     let mut membership = mover.context.membership.clone();
     // Each move is a task of its own: it holds a point's lock at times, and must go on while
     // this loop waits for that lock in its next plan.
-    let mut tasks: FuturesUnordered<AbortOnDropHandle<(Move, Result<(), String>)>> =
+    let mut tasks: FuturesUnordered<AbortOnDropHandle<(Move, Result<(), MoveError>)>> =
         FuturesUnordered::new();
-    let mut cleanups: FuturesUnordered<AbortOnDropHandle<(Move, Result<bool, String>)>> =
+    let mut cleanups: FuturesUnordered<AbortOnDropHandle<(Move, Result<bool, MoveError>)>> =
         FuturesUnordered::new();
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -124,7 +126,7 @@ struct Mover {
     cleaned_at: Option<Instant>,
     /// On a follower: copies of forgotten members' points (by the member's tag) whose new owner
     /// holds the point already (taken over from another copy, or diverged from it).
-    offered: HashSet<(String, PointId)>,
+    offered: HashSet<(Tag, PointId)>,
     /// Whether copies handed over may still be here (after a start, after a move): only then
     /// are points looked at for cleanup.
     handed_over: bool,
@@ -134,7 +136,7 @@ impl Mover {
     /// Starts the moves the ring's pending change calls for, within the concurrency limit, and
     /// ends the handovers it no longer calls for; says when this node is done with the change.
     /// The decisions are the [`Planner`]'s; this performs them.
-    async fn plan(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
+    async fn plan(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), MoveError>)>> {
         let limit = self.context.config.reshard.max_concurrent_moves;
         if limit > 0 && !self.context.config.role.is_primary() {
             return self.take_over().await;
@@ -192,7 +194,7 @@ impl Mover {
         &mut self,
         membership: &Membership,
         actions: Vec<Action>,
-    ) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
+    ) -> Vec<LocalBoxFuture<'static, (Move, Result<(), MoveError>)>> {
         let mut tasks = Vec::new();
         let mut unreachable = std::collections::BTreeSet::new();
         for action in actions {
@@ -221,10 +223,6 @@ impl Mover {
                         (Work::Move(planned), Some(peer)) => async move {
                             let result =
                                 hand_over(&context, &peer, &planned, target_ring, &stopped).await;
-                            if result.is_err() {
-                                peer.broken
-                                    .set(peer.broken.get() || peer.changes.is_closed());
-                            }
                             (planned, result)
                         }
                         .boxed_local(),
@@ -250,10 +248,10 @@ impl Mover {
     /// owners, when they ask for them (`docs/resharding.md`, forget), one forgotten member at a
     /// time; announces `handed = <member>@<record version>` (a list, comma-separated) once
     /// every such copy was handed over or its new owner holds the point already.
-    async fn take_over(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), String>)>> {
+    async fn take_over(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), MoveError>)>> {
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
-        let announced = membership.live(&local).and_then(|m| m.handed.as_deref());
+        let announced = membership.live(&local).and_then(|m| m.handed.as_ref());
         let Some((forgotten, announcement)) = planner::next_takeover(&membership.ring, announced)
         else {
             return Vec::new();
@@ -417,14 +415,14 @@ impl Mover {
                             self.handed_over = true;
                             tracing::info!(%point, %to, "stepped down: this copy is history, a prefix of the owner's");
                         }
-                        done.map_err(|e| e.to_string())
+                        done.map_err(StoreError::from)
                     }
                     Verdict::Diverged => match store.quarantine(point, copy.epoch).await {
                         Ok(dir) => {
                             tracing::warn!(%point, %to, end = copy.end, dir = %dir.display(), "stepped down: this copy has bytes nobody else has; quarantined (never served, deleted only by an operator)");
                             Ok(())
                         }
-                        Err(error) => Err(error.to_string()),
+                        Err(error) => Err(error.into()),
                     },
                     Verdict::Wait | Verdict::Send => {
                         answered = false;
@@ -443,7 +441,7 @@ impl Mover {
 
     /// Every [`CLEANUP_EVERY`], asks the new owner of each copy handed over whether it holds
     /// the point replicated enough for this copy to go (`docs/resharding.md`, cleanup).
-    async fn cleanups(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<bool, String>)>> {
+    async fn cleanups(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<bool, MoveError>)>> {
         if self.context.config.reshard.max_concurrent_moves == 0
             || !self.handed_over
             || self
@@ -493,16 +491,16 @@ impl Mover {
         tasks
     }
 
-    fn cleaned(&mut self, done: Move, result: Result<bool, String>) {
+    fn cleaned(&mut self, done: Move, result: Result<bool, MoveError>) {
         self.cleaning.remove(&done.point);
         if let Err(error) = result {
             tracing::warn!(point = %done.point, to = %done.to, %error, "cannot clean up a handed-over copy yet");
+            self.forget_peer_if_gone(&done.to, &error);
         }
-        self.peers.retain(|_, peer| !peer.broken.get());
     }
 
     /// Gossips the join this node has handed over (`None`: none), if that changed.
-    async fn announce(&mut self, handed: Option<String>) {
+    async fn announce(&mut self, handed: Option<Handed>) {
         let current = self
             .context
             .membership
@@ -520,7 +518,10 @@ impl Mover {
     /// This node is joining: it turns `active` once every owner of the ring has handed it its
     /// points for this join (a down owner holds the join back).
     async fn join(&mut self, membership: &Membership, joining: &str, version: u64) {
-        let handed = format!("{joining}@{version:x}");
+        let handed = Handed::Join {
+            joining: joining.to_owned(),
+            version,
+        };
         let waiting: Vec<&String> = membership
             .ring
             .owners()
@@ -528,7 +529,7 @@ impl Mover {
             .filter(|name| {
                 membership
                     .live(name)
-                    .is_none_or(|member| member.handed.as_deref() != Some(handed.as_str()))
+                    .is_none_or(|member| member.handed.as_ref() != Some(&handed))
             })
             .collect();
         if !waiting.is_empty() {
@@ -576,7 +577,7 @@ impl Mover {
         }
     }
 
-    fn finished(&mut self, done: Move, result: Result<(), String>) {
+    fn finished(&mut self, done: Move, result: Result<(), MoveError>) {
         let stopped = self
             .stops
             .remove(&done.point)
@@ -593,17 +594,31 @@ impl Mover {
             }
             Err(error) => {
                 ::metrics::counter!(metrics::RESHARD_FAILED_MOVES).increment(1);
-                tracing::warn!(point = %done.point, to = %done.to, %error, "handover failed; it will be tried again");
-                Outcome::Failed
+                let retry = error.retry();
+                tracing::warn!(point = %done.point, to = %done.to, %error, ?retry, "handover failed; it will be tried again");
+                self.forget_peer_if_gone(&done.to, &error);
+                Outcome::Failed(retry)
             }
         };
         self.planner.ended(&done.point, outcome, Instant::now());
-        self.peers.retain(|_, peer| !peer.broken.get());
+    }
+
+    /// After a failure that lost the connection to `to` (or whose replicator ended), the next
+    /// move dials again.
+    fn forget_peer_if_gone(&mut self, to: &str, error: &MoveError) {
+        let gone = error.is_disconnected()
+            || self
+                .peers
+                .get(to)
+                .is_some_and(|peer| peer.changes.is_closed());
+        if gone {
+            self.peers.remove(to);
+        }
     }
 
     /// The points this node holds and may hand over (not those handed over already or
     /// arriving), with the handover each is in.
-    async fn held(&self) -> Result<Vec<(PointId, Option<Handover>)>, String> {
+    async fn held(&self) -> Result<Vec<(PointId, Option<Handover>)>, ReadError> {
         let store = &self.context.store;
         let mut held = Vec::new();
         for point in store.list("", None, usize::MAX) {
@@ -614,7 +629,7 @@ impl Mover {
                 }) => {}
                 Ok(ownership) => held.push((point, ownership.handover)),
                 Err(ReadError::NotFound(_)) => {}
-                Err(error) => return Err(format!("point {point}: {error}")),
+                Err(error) => return Err(error),
             }
         }
         Ok(held)
@@ -664,7 +679,7 @@ impl Mover {
     }
 
     /// The connection to `to`, dialed if there is none.
-    async fn peer(&mut self, membership: &Membership, to: &str) -> Result<Rc<Peer>, String> {
+    async fn peer(&mut self, membership: &Membership, to: &str) -> Result<Rc<Peer>, LinkError> {
         if let Some(peer) = self.peers.get(to) {
             return Ok(peer.clone());
         }
@@ -678,7 +693,9 @@ impl Mover {
                     .get(to)
                     .map(|m| m.replication_addr.clone())
             })
-            .ok_or_else(|| format!("{to} is not a member"))?;
+            .ok_or_else(|| LinkError::Unknown {
+                peer: to.to_owned(),
+            })?;
         let peer = Rc::new(
             Peer::connect(
                 &self.context,

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics;
 use crate::point::{Handover, Ownership, PointId};
 use crate::replication::Context;
+use crate::replication::error::MoveError;
 use crate::replication::replicator::ScopeChange;
 use crate::reshard::{self, Move};
 
@@ -23,11 +24,11 @@ pub(super) async fn hand_over(
     planned: &Move,
     target: u64,
     stop: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), MoveError> {
     let store = &context.store;
     let local = &context.config.node_name;
     let (point, to) = (&planned.point, &planned.to);
-    let ownership = store.ownership(point).await.map_err(|e| e.to_string())?;
+    let ownership = store.ownership(point).await?;
     tracing::debug!(%point, %to, ?ownership, "handing over");
     let resumed_seal = match &ownership.handover {
         None => {
@@ -38,10 +39,7 @@ pub(super) async fn hand_over(
                 }),
                 ..ownership.clone()
             };
-            store
-                .set_ownership(point, copying)
-                .await
-                .map_err(|e| e.to_string())?;
+            store.set_ownership(point, copying).await?;
             reshard::crash_point("copying");
             None
         }
@@ -53,7 +51,13 @@ pub(super) async fn hand_over(
             ..
         }) if towards == to => Some((*end, *crc)),
         Some(Handover::Moved { .. }) => return Ok(()),
-        Some(other) => return Err(format!("point {point} {other}; not handing it to {to}")),
+        Some(other) => {
+            return Err(MoveError::Elsewhere {
+                point: point.clone(),
+                handover: other.clone(),
+                to: to.clone(),
+            });
+        }
     };
     let epoch = ownership.epoch;
     let unseal = Ownership {
@@ -67,7 +71,7 @@ pub(super) async fn hand_over(
     let (end, crc, fenced_at, held) = match resumed_seal {
         Some((end, crc)) => {
             // Sealed before a failure or a restart: the destination may have committed.
-            if let Ok(committed) = peer.seal(local, point, end, crc).await? {
+            if let Seal::Committed(committed) = peer.seal(local, point, end, crc).await? {
                 return switch(
                     context,
                     peer,
@@ -91,20 +95,20 @@ pub(super) async fn hand_over(
                 tracing::debug!(%point, held, "copying");
                 peer.catch_up(context, point, lag, STALL).await?;
                 peer.prepare(local, point).await?;
-                Ok::<_, String>(held)
+                Ok::<_, MoveError>(held)
             };
             let held = tokio::select! {
                 held = copy => held?,
                 _ = stop.cancelled() => {
-                    return Err(format!("the ring no longer sends {point} to {to}"));
+                    return Err(MoveError::Stopped {
+                        point: point.clone(),
+                        to: to.clone(),
+                    });
                 }
             };
             tracing::debug!(%point, "fencing");
             let fenced_at = Instant::now();
-            let (end, crc) = store
-                .seal(point, to, target)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (end, crc) = store.seal(point, to, target).await?;
             reshard::crash_point("sealed");
             (end, crc, fenced_at, held)
         }
@@ -112,28 +116,26 @@ pub(super) async fn hand_over(
     // Fenced: nothing is written here any more; the destination gets the rest.
     if let Err(error) = peer.catch_up(context, point, 0, FENCE_WAIT).await {
         // The seal was not sent: nothing is committed there, so writes may resume here.
-        store
-            .set_ownership(point, unseal)
-            .await
-            .map_err(|e| e.to_string())?;
-        return Err(format!("fence lifted: {error}"));
+        store.set_ownership(point, unseal).await?;
+        return Err(MoveError::FenceLifted(Box::new(error)));
     }
     tracing::debug!(%point, end, "sealing");
     match peer.seal(local, point, end, crc).await? {
-        Ok(committed) => {
+        Seal::Committed(committed) => {
             reshard::crash_point("committed");
             ::metrics::counter!(metrics::RESHARD_MOVED_BYTES).increment(end.saturating_sub(held));
             switch(context, peer, point, to, epoch, committed, end, fenced_at).await
         }
-        Err(reason) => {
+        Seal::Refused(reason) => {
             // Nothing committed there: back to owning it here; the move starts over later.
-            store
-                .set_ownership(point, unseal)
-                .await
-                .map_err(|e| e.to_string())?;
+            store.set_ownership(point, unseal).await?;
             let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
             peer.cancel(local, point).await?;
-            Err(format!("{to} refused the seal: {reason}"))
+            Err(MoveError::SealRefused {
+                point: point.clone(),
+                to: to.clone(),
+                reason,
+            })
         }
     }
 }
@@ -172,7 +174,7 @@ pub(super) async fn give_up(
     context: &Context,
     peer: Option<&Peer>,
     planned: &Move,
-) -> Result<(), String> {
+) -> Result<(), MoveError> {
     let (point, to) = (&planned.point, &planned.to);
     if let Some(peer) = peer {
         let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
@@ -181,16 +183,13 @@ pub(super) async fn give_up(
         }
     }
     let store = &context.store;
-    let ownership = store.ownership(point).await.map_err(|e| e.to_string())?;
+    let ownership = store.ownership(point).await?;
     if matches!(&ownership.handover, Some(Handover::Copying { to: towards, .. }) if towards == to) {
         let owned = Ownership {
             handover: None,
             ..ownership
         };
-        store
-            .set_ownership(point, owned)
-            .await
-            .map_err(|e| e.to_string())?;
+        store.set_ownership(point, owned).await?;
         tracing::info!(%point, %to, "gave the handover up: the ring no longer calls for it");
     }
     Ok(())
@@ -204,39 +203,35 @@ pub(super) async fn clean_up(
     peer: &Peer,
     point: &PointId,
     epoch: u64,
-) -> Result<bool, String> {
+) -> Result<bool, MoveError> {
     let store = &context.store;
-    let end = store.metadata(point).await.map_err(|e| e.to_string())?.end;
+    let end = store.metadata(point).await?.end;
     let settled = peer.settled(point).await?;
     if settled.epoch < epoch || settled.end < end || !settled.replicated {
         return Ok(false);
     }
     let still_moved = matches!(
-        store
-            .ownership(point)
-            .await
-            .map_err(|e| e.to_string())?
-            .handover,
+        store.ownership(point).await?.handover,
         Some(Handover::Moved { .. })
     );
     if !still_moved {
         return Ok(false);
     }
-    let size = store.delete(point).await.map_err(|e| e.to_string())?;
+    let size = store.delete(point).await?;
     ::metrics::counter!(metrics::RESHARD_CLEANED_POINTS).increment(1);
     tracing::info!(%point, to = %peer.name, size, "deleted the handed-over copy: its new owner holds it replicated");
     Ok(true)
 }
 
 /// Adds `point` to what the destination's replicator sends, from `held`.
-pub(super) async fn send(peer: &Peer, point: &PointId, held: u64) -> Result<(), String> {
+pub(super) async fn send(peer: &Peer, point: &PointId, held: u64) -> Result<(), MoveError> {
     peer.changes
         .send(ScopeChange::Add {
             point: point.clone(),
             held,
         })
         .await
-        .map_err(|_| format!("the replicator to {} stopped", peer.name))
+        .map_err(|_| peer.stopped().into())
 }
 
 /// The destination committed `point` at `committed`: redirect its writes there from now on.
@@ -250,7 +245,7 @@ pub(super) async fn switch(
     committed: u64,
     end: u64,
     fenced_at: Instant,
-) -> Result<(), String> {
+) -> Result<(), MoveError> {
     let moved = Ownership {
         epoch,
         owner: None,
@@ -259,11 +254,7 @@ pub(super) async fn switch(
             epoch: committed,
         }),
     };
-    context
-        .store
-        .set_ownership(point, moved)
-        .await
-        .map_err(|e| e.to_string())?;
+    context.store.set_ownership(point, moved).await?;
     reshard::crash_point("moved");
     let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
     let fenced = fenced_at.elapsed();

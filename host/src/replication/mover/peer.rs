@@ -1,6 +1,7 @@
 //! One destination of moves: its connection, the sink and the replicator that feed it, and the
 //! calls of the handover protocol (`Leader.handover/seal/settled/offer/prepare/cancel`) made on
-//! it, each failure a sentence for the log.
+//! it, each failure a [`LinkError`] (a lost connection is [`LinkError::Disconnected`]: the
+//! driver drops the peer and the next move dials again).
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -13,9 +14,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::point::PointId;
+use crate::replication::error::{IdentityError, LinkError, MoveError};
 use crate::replication::replication_capnp::{leader, sealed};
 use crate::replication::replicator::{Ended, Replicator, ScopeChange, supervised};
 use crate::replication::{Context, Progress, dial};
+
+/// How the destination answered a seal.
+pub(super) enum Seal {
+    /// It owns the point now, at this epoch.
+    Committed(u64),
+    /// It does not hold what was sealed (its reason): nothing is committed there.
+    Refused(String),
+}
 
 /// One destination of moves: its connection, its sink and the replicator that feeds it.
 pub(super) struct Peer {
@@ -24,8 +34,6 @@ pub(super) struct Peer {
     pub(super) changes: mpsc::Sender<ScopeChange>,
     /// What the destination confirmed, per point.
     pub(super) progress: Arc<Progress>,
-    /// Set when a call failed because the connection went: the next move dials again.
-    pub(super) broken: std::cell::Cell<bool>,
     /// Ends the replicator when the peer is dropped.
     pub(super) _stop: tokio_util::sync::DropGuard,
     pub(super) _connection: AbortOnDropHandle<Result<(), capnp::Error>>,
@@ -38,13 +46,15 @@ impl Peer {
         address: &str,
         tls: Option<&TlsConnector>,
         shutdown: &CancellationToken,
-    ) -> Result<Peer, String> {
+    ) -> Result<Peer, LinkError> {
         let dialed = dial(context, address, tls).await?;
         if dialed.name != to {
-            return Err(format!(
-                "{address} is node {}, not {to}",
-                crate::error::bounded(&dialed.name)
-            ));
+            return Err(IdentityError::WrongNode {
+                address: address.to_owned(),
+                found: crate::error::bounded(&dialed.name),
+                expected: to.to_owned(),
+            }
+            .into());
         }
         let mut request = dialed.member.receive_request();
         request.get().set_from(&context.config.node_name);
@@ -53,7 +63,7 @@ impl Peer {
             .promise
             .await
             .and_then(|response| response.get()?.get_sink())
-            .map_err(|e| format!("receive: {e}"))?;
+            .map_err(|e| LinkError::call("receive", to, e))?;
         let progress = Arc::new(Progress::default());
         let replicator_context = Rc::new(Context {
             progress: progress.clone(),
@@ -78,7 +88,6 @@ impl Peer {
             member: dialed.member,
             changes,
             progress,
-            broken: std::cell::Cell::new(false),
             _stop: stop.drop_guard(),
             _connection: dialed.connection,
         })
@@ -90,7 +99,7 @@ impl Peer {
         local: &str,
         point: &PointId,
         epoch: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, LinkError> {
         let mut request = self.member.handover_request();
         request.get().set_from(local);
         request.get().set_point(point.as_str());
@@ -113,7 +122,7 @@ impl Peer {
         point: &PointId,
         end: u64,
         crc: u32,
-    ) -> Result<Result<u64, String>, String> {
+    ) -> Result<Seal, LinkError> {
         let mut request = self.member.seal_request();
         request.get().set_from(local);
         request.get().set_point(point.as_str());
@@ -129,10 +138,10 @@ impl Peer {
             .and_then(|r| r.get_outcome())
             .map_err(|e| self.failed("seal", e))?;
         match outcome.which().map_err(|e| self.failed("seal", e.into()))? {
-            sealed::Committed(epoch) => Ok(Ok(epoch)),
-            sealed::Refused(reason) => Ok(Err(reason
-                .and_then(|r| Ok(r.to_string()?))
-                .unwrap_or_default())),
+            sealed::Committed(epoch) => Ok(Seal::Committed(epoch)),
+            sealed::Refused(reason) => Ok(Seal::Refused(
+                reason.and_then(|r| Ok(r.to_string()?)).unwrap_or_default(),
+            )),
         }
     }
 
@@ -140,7 +149,7 @@ impl Peer {
     pub(super) async fn settled(
         &self,
         point: &PointId,
-    ) -> Result<crate::replication::handover::Settled, String> {
+    ) -> Result<crate::replication::handover::Settled, LinkError> {
         let mut request = self.member.settled_request();
         request.get().set_point(point.as_str());
         let response = request
@@ -163,7 +172,7 @@ impl Peer {
         local: &str,
         forgotten: &str,
         copies: &[crate::replication::takeover::Copy],
-    ) -> Result<Vec<crate::replication::takeover::Verdict>, String> {
+    ) -> Result<Vec<crate::replication::takeover::Verdict>, LinkError> {
         use crate::replication::replication_capnp::Verdict;
         use crate::replication::takeover::Verdict as Answer;
         let mut request = self.member.offer_request();
@@ -187,16 +196,19 @@ impl Peer {
             .and_then(|r| r.get_verdicts())
             .map_err(|e| self.failed("offer", e))?;
         if verdicts.len() as usize != copies.len() {
-            return Err(format!(
-                "{} answered {} verdicts to {} offers",
-                self.name,
-                verdicts.len(),
-                copies.len()
-            ));
+            return Err(LinkError::Answer {
+                call: "offer",
+                peer: self.name.clone(),
+                detail: format!("{} verdicts to {} offers", verdicts.len(), copies.len()),
+            });
         }
         let mut answers = Vec::with_capacity(copies.len());
         for verdict in verdicts.iter() {
-            let verdict = verdict.map_err(|e| format!("{}: unknown verdict {}", self.name, e.0))?;
+            let verdict = verdict.map_err(|e| LinkError::Answer {
+                call: "offer",
+                peer: self.name.clone(),
+                detail: format!("unknown verdict {}", e.0),
+            })?;
             answers.push(match verdict {
                 Verdict::Wait => Answer::Wait,
                 Verdict::Send => Answer::Send,
@@ -208,7 +220,7 @@ impl Peer {
     }
 
     /// Asks the destination to make what it holds of `point` durable before the fence.
-    pub(super) async fn prepare(&self, local: &str, point: &PointId) -> Result<(), String> {
+    pub(super) async fn prepare(&self, local: &str, point: &PointId) -> Result<(), LinkError> {
         let mut request = self.member.prepare_request();
         request.get().set_from(local);
         request.get().set_point(point.as_str());
@@ -220,7 +232,8 @@ impl Peer {
         Ok(())
     }
 
-    pub(super) async fn cancel(&self, local: &str, point: &PointId) -> Result<(), String> {
+    /// Tells the destination that the handover of `point` is given up.
+    pub(super) async fn cancel(&self, local: &str, point: &PointId) -> Result<(), LinkError> {
         let mut request = self.member.cancel_request();
         request.get().set_from(local);
         request.get().set_point(point.as_str());
@@ -232,12 +245,9 @@ impl Peer {
         Ok(())
     }
 
-    /// The text of a failed call; a lost connection marks the peer broken.
-    pub(super) fn failed(&self, call: &str, error: capnp::Error) -> String {
-        if error.kind == capnp::ErrorKind::Disconnected {
-            self.broken.set(true);
-        }
-        format!("{call} on {}: {error}", self.name)
+    /// A failed call on this peer.
+    pub(super) fn failed(&self, call: &'static str, error: capnp::Error) -> LinkError {
+        LinkError::call(call, &self.name, error)
     }
 
     /// Waits until the destination confirmed `point` up to `wanted(end here)`; gives up when
@@ -248,17 +258,12 @@ impl Peer {
         point: &PointId,
         lag: u64,
         stall: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), MoveError> {
         let mut changes = self.progress.changes();
         let mut best = u64::MAX;
         let mut since = Instant::now();
         loop {
-            let end = context
-                .store
-                .metadata(point)
-                .await
-                .map_err(|e| e.to_string())?
-                .end;
+            let end = context.store.metadata(point).await?.end;
             let confirmed = self.progress.confirmed_end(&self.name, point);
             let behind = end.saturating_sub(confirmed);
             if behind <= lag {
@@ -267,22 +272,32 @@ impl Peer {
             if behind < best {
                 (best, since) = (behind, Instant::now());
             } else if since.elapsed() > stall {
-                let throttle = match context.config.reshard.max_bytes_per_sec {
+                let hint = match context.config.reshard.max_bytes_per_sec {
                     0 => String::new(),
                     rate => format!(
                         " (reshard.max_bytes_per_sec = {rate}: is the point written faster?)"
                     ),
                 };
-                return Err(format!(
-                    "stalled: {} has confirmed {confirmed} of {end} bytes of point {point} and its lag has not shrunk for {stall:?}{throttle}",
-                    self.name
-                ));
+                return Err(MoveError::Stalled {
+                    point: point.clone(),
+                    to: self.name.clone(),
+                    confirmed,
+                    end,
+                    stall,
+                    hint,
+                });
             }
             if self.changes.is_closed() {
-                self.broken.set(true);
-                return Err(format!("the replicator to {} stopped", self.name));
+                return Err(self.stopped().into());
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+        }
+    }
+
+    /// The replicator that feeds this peer ended.
+    pub(super) fn stopped(&self) -> LinkError {
+        LinkError::ReplicatorStopped {
+            peer: self.name.clone(),
         }
     }
 }
