@@ -2,8 +2,16 @@
 //! another, where that handover stands (the state machine is in `docs/resharding.md`). Kept in
 //! `point.meta` with the point, and always synced whatever `storage.fsync` says: two copies of a
 //! point are decided by their epochs, so an epoch anyone was told about must survive a crash.
+//!
+//! The store's side lives here too: reading and replacing a point's record, fencing it for a
+//! handover, and quarantine (a copy taken out of the store for an operator).
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use super::files::{DATA_FILE, JOURNAL_FILE, META_FILE, Meta, remove_point_files, sync_dir};
+use super::{AppendError, DeleteError, Fsync, PointId, ReadError, StorageError, Store, StoreEvent};
 
 /// The epoch of a point created by its owner (and of points stored before epochs existed).
 pub const FIRST_EPOCH: u64 = 1;
@@ -104,5 +112,162 @@ impl std::fmt::Display for Handover {
                 "is being handed to this node by member {from}, which takes its writes until then"
             ),
         }
+    }
+}
+
+// The store's side of ownership and quarantine: reading and replacing a point's record,
+// fencing it for a handover, and taking a copy out of the store for an operator.
+impl Store {
+    /// The ownership record of `id`: its epoch and the handover it is part of, if any.
+    /// Reads `point.meta` once, without opening the point's files: the mover looks at every
+    /// point's record, and must not churn the open-file budget doing so.
+    pub async fn ownership(&self, id: &PointId) -> Result<Ownership, ReadError> {
+        let point = self.get(id)?;
+        let mut state = point.state.lock().await;
+        if state.deleted {
+            return Err(ReadError::NotFound(id.clone()));
+        }
+        Ok(point.meta(&mut state).await?.ownership.clone())
+    }
+
+    /// Replaces the ownership record of `id`, creating the point if needed (a follower learns a
+    /// point's epoch before its first bytes). Synced before this returns, whatever
+    /// `storage.fsync` says.
+    pub async fn set_ownership(
+        &self,
+        id: &PointId,
+        ownership: Ownership,
+    ) -> Result<(), AppendError> {
+        let changed = self
+            .update_meta(id, |meta, _| {
+                if meta.ownership == ownership {
+                    return Ok(None);
+                }
+                let meta = Meta {
+                    ownership,
+                    ..meta.clone()
+                };
+                Ok(Some((meta, Fsync::Always)))
+            })
+            .await?;
+        if changed {
+            self.ownership_event(id);
+        }
+        Ok(())
+    }
+
+    /// Fences client writes of `id` for its handover to `to` (the point exists: its handover
+    /// is under way): under the point's lock, writes the `sealed` record with the point's end
+    /// and CRC32C at that moment (its final bytes here), and returns them.
+    pub async fn seal(
+        &self,
+        id: &PointId,
+        to: &str,
+        target_ring: u64,
+    ) -> Result<(u64, u32), AppendError> {
+        let mut sealed = (0, 0);
+        self.update_meta(id, |meta, written| {
+            sealed = (written.end, written.crc);
+            let handover = Handover::Sealed {
+                to: to.to_owned(),
+                end: written.end,
+                crc: written.crc,
+                target_ring,
+            };
+            let ownership = Ownership {
+                handover: Some(handover),
+                ..meta.ownership.clone()
+            };
+            let meta = Meta {
+                ownership,
+                ..meta.clone()
+            };
+            Ok(Some((meta, Fsync::Always)))
+        })
+        .await?;
+        self.ownership_event(id);
+        Ok(sealed)
+    }
+
+    /// Wakes the writes waiting at a fence and tells subscribers that `id`'s ownership record
+    /// changed.
+    pub(super) fn ownership_event(&self, id: &PointId) {
+        self.inner.ownership_changed.notify_waiters();
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::Owned { point: id.clone() });
+    }
+
+    /// Takes `id` out of the store without deleting it: its files move to
+    /// `<data_dir>/quarantine/<point>/<epoch>/`, where nothing serves them and only an operator
+    /// deletes them (`docs/resharding.md`: what a forgotten member alone holds). Returns that
+    /// directory.
+    pub async fn quarantine(&self, id: &PointId, epoch: u64) -> Result<PathBuf, DeleteError> {
+        let root = self.inner.shared.config.dir.clone();
+        let target = self.quarantine_dir(id).join(epoch.to_string());
+        let moved = target.clone();
+        self.take_out(id, move |dir| {
+            std::fs::create_dir_all(&moved).map_err(StorageError::io("creating", moved.clone()))?;
+            // File by file: a point's directory may hold the directories of other points.
+            for name in [JOURNAL_FILE, DATA_FILE, META_FILE] {
+                let from = dir.join(name);
+                match std::fs::rename(&from, moved.join(name)) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => return Err(StorageError::io("quarantining", from)(error)),
+                }
+            }
+            sync_dir(&moved).map_err(StorageError::io("syncing", moved.clone()))?;
+            sync_dir(&dir).map_err(StorageError::io("syncing", dir.clone()))?;
+            remove_point_files(&root, &dir)
+        })
+        .await?;
+        Ok(target)
+    }
+
+    /// Where the quarantined copies of `id` are kept, one directory per epoch.
+    pub(super) fn quarantine_dir(&self, id: &PointId) -> PathBuf {
+        let points = &self.inner.shared.config.dir;
+        points.with_file_name("quarantine").join(id.relative_dir())
+    }
+
+    /// The quarantined copies of `id`: (epoch, bytes, directory), oldest epoch first.
+    pub fn quarantined(&self, id: &PointId) -> Vec<(u64, u64, PathBuf)> {
+        let dir = self.quarantine_dir(id);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut copies: Vec<(u64, u64, PathBuf)> = entries
+            .filter_map(|entry| {
+                let path = entry.ok()?.path();
+                let epoch: u64 = path.file_name()?.to_str()?.parse().ok()?;
+                let size = std::fs::metadata(path.join(DATA_FILE)).ok()?.len();
+                Some((epoch, size, path))
+            })
+            .collect();
+        copies.sort();
+        copies
+    }
+
+    /// How many quarantined copies this node keeps.
+    pub fn quarantined_count(&self) -> usize {
+        let root = self.inner.shared.config.dir.with_file_name("quarantine");
+        let mut count = 0;
+        let mut pending = vec![root];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.join(DATA_FILE).exists() || path.join(JOURNAL_FILE).exists() {
+                    count += 1;
+                } else if path.is_dir() {
+                    pending.push(path);
+                }
+            }
+        }
+        count
     }
 }

@@ -1,5 +1,7 @@
 //! Store behaviour against real files in temporary directories.
 
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -43,7 +43,7 @@ use super::replication_capnp::{ack, sink};
 use crate::metrics;
 use crate::plugins::{Buffer, PluginError, PluginSet, bundles};
 use crate::point::ownership::FIRST_EPOCH;
-use crate::point::{LiveBytes, PointId, ReadError};
+use crate::point::{LiveBytes, PointId, ReadError, StoreEvent};
 
 /// Most payload bytes in one record: one read of the point, one bundler call.
 pub const RECORD_BYTES: u64 = 1024 * 1024;
@@ -440,14 +440,14 @@ impl Replicator {
                     None => break Ended::Stopped,
                 },
                 event = events.recv() => match event {
-                    Ok(event) if !self.in_scope(&event.point) => {}
-                    Ok(event) if event.removed => self.removed(event.point),
-                    Ok(event) if event.ownership => self.redescribe(event.point).await,
-                    Ok(event) => {
-                        if let Some(bytes) = event.bytes {
-                            self.lend(&event.point, bytes);
+                    Ok(event) if !self.in_scope(event.point()) => {}
+                    Ok(StoreEvent::Removed { point }) => self.removed(point),
+                    Ok(StoreEvent::Owned { point }) => self.redescribe(point).await,
+                    Ok(StoreEvent::Grew { point, end, bytes }) => {
+                        if let Some(bytes) = bytes {
+                            self.lend(&point, bytes);
                         }
-                        self.grew(event.point, event.end);
+                        self.grew(point, end);
                     }
                     Err(RecvError::Lagged(_)) => self.scan(None).await,
                     Err(RecvError::Closed) => break Ended::Stopped,

@@ -1,0 +1,515 @@
+//! One point of the registry: its lock-protected write state, its published snapshot, its
+//! files opened lazily, and its reads, streams, writes, syncs and closing. Everything here is
+//! about one point; the registry decides which point and when.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+/// One point: its lock-protected write state and its published snapshot.
+pub struct Point {
+    pub(super) id: PointId,
+    pub(super) dir: PathBuf,
+    pub(super) state: Mutex<State>,
+    pub(super) snapshot: watch::Sender<Snapshot>,
+    /// When the point was last used (ms since the store opened), for idle close.
+    pub(super) last_used_ms: AtomicU64,
+    /// The store's use counter at the last use, for LRU order.
+    pub(super) last_use: AtomicU64,
+    /// When the point last grew (ms since the store opened, + 1; 0: not since the store opened).
+    pub(super) last_append_ms: AtomicU64,
+}
+
+/// Who appends: a client's write is refused while the point's handover does not take writes
+/// here; a copy this node receives (replication, a handover) is applied regardless, and comes
+/// with the CRC32C of each frame, which its receiver checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Origin {
+    Client,
+    Replication { crcs: Vec<u32> },
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) files: Option<Arc<Files>>,
+    /// `end`, `crc`, `durable` and `journal_len` are known (the point was opened once).
+    pub(super) recovered: bool,
+    pub(super) end: u64,
+    pub(super) crc: u32,
+    pub(super) durable: u64,
+    pub(super) journal_len: u64,
+    /// Bytes written since the last fsync.
+    pub(super) dirty: bool,
+    /// Set by the first failed write; the point refuses writes from then on.
+    pub(super) failed: Option<String>,
+    pub(super) deleted: bool,
+    /// `point.meta`, once read.
+    pub(super) meta: Option<Meta>,
+}
+
+pub(super) struct Files {
+    pub(super) data: File,
+    pub(super) journal: File,
+}
+
+impl Point {
+    pub(super) fn new(shared: &Shared, id: PointId) -> Self {
+        Self {
+            dir: shared.config.dir.join(id.relative_dir()),
+            id,
+            state: Mutex::new(State::default()),
+            snapshot: watch::Sender::new(Snapshot::default()),
+            last_used_ms: AtomicU64::new(0),
+            last_use: AtomicU64::new(0),
+            last_append_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn id(&self) -> &PointId {
+        &self.id
+    }
+
+    /// The published size and checksum (valid once the point was opened through the store).
+    pub fn snapshot(&self) -> Snapshot {
+        *self.snapshot.borrow()
+    }
+
+    /// Follows the published snapshot: changes after every append and on deletion.
+    pub fn watch(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.subscribe()
+    }
+
+    /// Whether the point grew less than `within` ago (a point still being written).
+    pub fn written_within(&self, store: &Store, within: Duration) -> bool {
+        match self.last_append_ms.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let now = store.inner.shared.now_ms() + 1;
+                now.saturating_sub(at) < within.as_millis() as u64
+            }
+        }
+    }
+
+    /// Writes `meta` as the point's `point.meta` (synced unless `fsync` is `never`), then keeps
+    /// it as the one in memory.
+    pub(super) async fn replace_meta(
+        &self,
+        state: &mut State,
+        meta: Meta,
+        fsync: Fsync,
+    ) -> Result<(), StorageError> {
+        let (dir, written) = (self.dir.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || write_meta(&dir, &written, fsync))
+            .await
+            .map_err(join_error)??;
+        let arriving = meta.ownership.is_arriving();
+        self.snapshot.send_if_modified(|snapshot| {
+            std::mem::replace(&mut snapshot.arriving, arriving) != arriving
+        });
+        state.meta = Some(meta);
+        Ok(())
+    }
+
+    /// `point.meta`, read once.
+    pub(super) async fn meta<'a>(&self, state: &'a mut State) -> Result<&'a Meta, StorageError> {
+        if state.meta.is_none() {
+            let dir = self.dir.clone();
+            let meta = tokio::task::spawn_blocking(move || read_meta(&dir))
+                .await
+                .map_err(join_error)??;
+            state.meta = Some(meta);
+        }
+        Ok(state.meta.as_ref().expect("just read"))
+    }
+
+    /// Sends `span` of the point into `frames` as `(offset, bytes)` until the span is done, the
+    /// receiver is gone (a client that left: nothing more is read), the point is deleted
+    /// (`NotFound`) or `shutdown` is cancelled while following. The one read loop of
+    /// `ConsumeStream` and of the HTTP gateway.
+    pub async fn stream(
+        self: Arc<Self>,
+        store: Store,
+        span: Span,
+        frames: mpsc::Sender<Result<(u64, Bytes), StreamError>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut changes = self.watch();
+        let mut position = span.offset;
+        loop {
+            if Some(position) == span.stop {
+                return;
+            }
+            let current = *changes.borrow_and_update();
+            if current.deleted {
+                let _ = frames
+                    .send(Err(ReadError::NotFound(self.id.clone()).into()))
+                    .await;
+                return;
+            }
+            if position < current.end {
+                let end = span.stop.map_or(current.end, |stop| stop.min(current.end));
+                let len = span.chunk.min(end - position);
+                let frame = match self.read(&store, position, len).await {
+                    Ok(frame) => frame,
+                    Err(error) => {
+                        let _ = frames.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+                if frames.send(Ok((position, frame))).await.is_err() {
+                    return;
+                }
+                position += len;
+                continue;
+            }
+            if !span.follow {
+                return;
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = frames.closed() => return,
+                _ = shutdown.cancelled() => {
+                    let _ = frames.send(Err(StreamError::ShuttingDown)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads `[offset, offset + len)`, which must lie within the published end.
+    pub async fn read(
+        self: &Arc<Self>,
+        store: &Store,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ReadError> {
+        let snapshot = self.snapshot();
+        let limit = offset.saturating_add(len);
+        if limit > snapshot.end {
+            return Err(ReadError::OutOfRange {
+                point: self.id.clone(),
+                offset,
+                limit,
+                end: snapshot.end,
+            });
+        }
+        let files = self.files(&store.inner.shared).await?;
+        let path = self.dir.join(DATA_FILE);
+        let bytes =
+            tokio::task::spawn_blocking(move || read_exact_at(&files.data, offset, len as usize))
+                .await
+                .map_err(join_error)?
+                .map_err(StorageError::io("reading", path))?;
+        Ok(bytes)
+    }
+
+    /// The open files, opening them if needed.
+    pub(super) async fn files(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+    ) -> Result<Arc<Files>, ReadError> {
+        let mut state = self.state.lock().await;
+        if state.deleted {
+            // Never reopen (and so recreate) a deleted point.
+            return Err(ReadError::NotFound(self.id.clone()));
+        }
+        let files = self.ensure_open(shared, &mut state).await?;
+        drop(state);
+        shared.evict_over_limit().await;
+        Ok(files)
+    }
+
+    pub(super) async fn ensure_open(
+        self: &Arc<Point>,
+        shared: &Arc<Shared>,
+        state: &mut State,
+    ) -> Result<Arc<Files>, StorageError> {
+        self.last_used_ms.store(shared.now_ms(), Ordering::Relaxed);
+        self.last_use.store(
+            shared.uses.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        if let Some(files) = &state.files {
+            return Ok(files.clone());
+        }
+        let dir = self.dir.clone();
+        let fsync = shared.config.fsync;
+        let known = state.recovered.then_some((state.end, state.journal_len));
+        let (files, recovered) =
+            tokio::task::spawn_blocking(move || open_files(&dir, fsync, known))
+                .await
+                .map_err(join_error)??;
+        if let Some(recovered) = recovered {
+            if recovered.verified_bytes > 0 || recovered.dropped_records > 0 {
+                tracing::info!(
+                    point = %self.id,
+                    end = recovered.end,
+                    verified_bytes = recovered.verified_bytes,
+                    dropped_records = recovered.dropped_records,
+                    "recovered point"
+                );
+            }
+            state.recovered = true;
+            state.end = recovered.end;
+            state.crc = recovered.point_crc;
+            state.durable = recovered.end;
+            state.journal_len = recovered.journal_len;
+            let arriving = self.meta(state).await?.ownership.is_arriving();
+            self.snapshot.send_replace(Snapshot {
+                end: recovered.end,
+                crc: recovered.point_crc,
+                deleted: false,
+                arriving,
+            });
+        }
+        let files = Arc::new(files);
+        state.files = Some(files.clone());
+        shared.remember_open(self);
+        Ok(files)
+    }
+
+    /// Writes a batch of appends under the point's lock: the data in order, then their journal
+    /// records in one write, then (with `fsync = "always"`) one sync for the whole batch. The
+    /// appends become visible together, once durable. `known_crcs`, the CRC32C of each frame
+    /// when the caller checked them already, spares a pass over the bytes.
+    pub(super) async fn write(
+        &self,
+        shared: &Arc<Shared>,
+        state: &mut State,
+        frames: Vec<Bytes>,
+        known_crcs: Option<Vec<u32>>,
+        expected_start: Option<u64>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        if let Some(reason) = &state.failed {
+            return Err(AppendError::Refused {
+                point: self.id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let start = state.end;
+        if let Some(expected) = expected_start
+            && expected != start
+        {
+            return Err(AppendError::OffsetMismatch {
+                point: self.id.clone(),
+                expected,
+                end: start,
+            });
+        }
+        let files = state.files.clone().expect("write on an open point");
+        let always = shared.config.fsync == Fsync::Always;
+        let (previous_crc, durable, journal_offset) = (state.crc, state.durable, state.journal_len);
+        let dir = self.dir.clone();
+        #[cfg(test)]
+        let inject_failure = shared.fail_next_journal_write.swap(false, Ordering::SeqCst);
+        let written = tokio::task::spawn_blocking(move || {
+            let mut records = Vec::with_capacity(frames.len());
+            let (mut end, mut crc) = (start, previous_crc);
+            for (index, frame) in frames.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
+                files
+                    .data
+                    .write_all_at(frame, end)
+                    .map_err(StorageError::io("writing", dir.join(DATA_FILE)))?;
+                // Two hardware passes are cheaper than one pass and a combine.
+                let append_crc = match &known_crcs {
+                    Some(crcs) => crcs[index],
+                    None => crc32c::crc32c(frame),
+                };
+                crc = crc32c::crc32c_append(crc, frame);
+                end += frame.len() as u64;
+                records.push(Record {
+                    end,
+                    durable,
+                    append_crc,
+                    point_crc: crc,
+                });
+            }
+            #[cfg(test)]
+            if inject_failure {
+                let error = std::io::Error::from_raw_os_error(28); // ENOSPC
+                return Err(StorageError::io("writing", dir.join(JOURNAL_FILE))(error));
+            }
+            let journal: Vec<u8> = records.iter().flat_map(Record::encode).collect();
+            files
+                .journal
+                .write_all_at(&journal, journal_offset)
+                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))?;
+            if always && !records.is_empty() {
+                files.sync(&dir)?;
+            }
+            Ok::<_, StorageError>((frames, records))
+        })
+        .await
+        .map_err(join_error)
+        .and_then(|result| result);
+        let (frames, records) = match written {
+            Ok(written) => written,
+            Err(error) => {
+                tracing::error!(point = %self.id, %error, "append failed; the point now refuses writes");
+                state.failed = Some(error.to_string());
+                return Err(error.into());
+            }
+        };
+        let mut appended = Vec::with_capacity(frames.len());
+        let mut next_record = records.iter();
+        let (mut end, mut crc) = (state.end, state.crc);
+        for frame in &frames {
+            let start = end;
+            if !frame.is_empty() {
+                let record = next_record.next().expect("one record per non-empty frame");
+                (end, crc) = (record.end, record.point_crc);
+                state.journal_len += journal::RECORD_LEN;
+            }
+            appended.push(Appended { start, end, crc });
+        }
+        if end != state.end {
+            self.last_append_ms
+                .store(shared.now_ms() + 1, Ordering::Relaxed);
+            ::metrics::counter!(metrics::APPENDS).increment(records.len() as u64);
+            ::metrics::counter!(metrics::APPENDED_BYTES).increment(end - state.end);
+            state.end = end;
+            state.crc = crc;
+            if always {
+                state.durable = end;
+            } else {
+                state.dirty = true;
+            }
+            self.snapshot.send_modify(|snapshot| {
+                snapshot.end = end;
+                snapshot.crc = crc;
+            });
+        }
+        Ok(appended)
+    }
+
+    /// Fsyncs what was written since the last sync (group commit). The lock is not held while
+    /// syncing, so writers carry on; only what was written before the sync started is recorded
+    /// as durable.
+    pub(super) async fn sync(&self) -> Result<(), StorageError> {
+        let (files, end) = {
+            let mut state = self.state.lock().await;
+            if !state.dirty || state.failed.is_some() {
+                return Ok(());
+            }
+            let Some(files) = state.files.clone() else {
+                return Ok(());
+            };
+            state.dirty = false;
+            (files, state.end)
+        };
+        let dir = self.dir.clone();
+        let result = tokio::task::spawn_blocking(move || files.sync(&dir))
+            .await
+            .map_err(join_error)
+            .and_then(|result| result);
+        let mut state = self.state.lock().await;
+        match result {
+            Ok(()) => {
+                state.durable = state.durable.max(end);
+                Ok(())
+            }
+            Err(error) => {
+                state.failed = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// Closes the files. At shutdown, and when the policy syncs at all, unsynced appends are
+    /// synced first and a sync marker is written, so a restart verifies nothing; under
+    /// `fsync = "never"` an idle close leaves them to the OS (and to recovery).
+    pub(super) async fn close(
+        &self,
+        shared: &Shared,
+        closing: Closing,
+    ) -> Result<(), StorageError> {
+        let mut state = self.state.lock().await;
+        let Some(files) = state.files.take() else {
+            return Ok(());
+        };
+        shared.forget_open(&self.id);
+        let clean = state.durable == state.end && !state.dirty;
+        let skip_sync = closing == Closing::Idle && shared.config.fsync == Fsync::Never;
+        if state.failed.is_some() || clean || skip_sync {
+            return Ok(());
+        }
+        let marker = Record {
+            end: state.end,
+            durable: state.end,
+            append_crc: 0,
+            point_crc: state.crc,
+        };
+        let offset = state.journal_len;
+        let dir = self.dir.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            files
+                .data
+                .sync_data()
+                .map_err(StorageError::io("syncing", dir.join(DATA_FILE)))?;
+            files
+                .journal
+                .write_all_at(&marker.encode(), offset)
+                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))?;
+            files
+                .journal
+                .sync_data()
+                .map_err(StorageError::io("syncing", dir.join(JOURNAL_FILE)))
+        })
+        .await
+        .map_err(join_error)
+        .and_then(|result| result);
+        match result {
+            Ok(()) => {
+                state.journal_len += journal::RECORD_LEN;
+                state.durable = state.end;
+                state.dirty = false;
+                Ok(())
+            }
+            Err(error) => {
+                state.failed = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Files {
+    /// The lengths of the data file and of the journal.
+    pub(super) fn lengths(&self, dir: &Path) -> Result<(u64, u64), StorageError> {
+        let length = |file: &File, name: &str| {
+            file.metadata()
+                .map(|m| m.len())
+                .map_err(StorageError::io("inspecting", dir.join(name)))
+        };
+        Ok((
+            length(&self.data, DATA_FILE)?,
+            length(&self.journal, JOURNAL_FILE)?,
+        ))
+    }
+
+    pub(super) fn sync(&self, dir: &Path) -> Result<(), StorageError> {
+        let started = Instant::now();
+        self.data
+            .sync_data()
+            .map_err(StorageError::io("syncing", dir.join(DATA_FILE)))?;
+        self.journal
+            .sync_data()
+            .map_err(StorageError::io("syncing", dir.join(JOURNAL_FILE)))?;
+        ::metrics::counter!(metrics::FSYNCS).increment(1);
+        ::metrics::histogram!(metrics::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}

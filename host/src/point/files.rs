@@ -1,0 +1,256 @@
+//! The file layer of a point: the names and layout of `point.data`, `point.journal` and
+//! `point.meta` in its directory, opening with crash recovery, directory creation and removal
+//! that survive a power loss, and the scan that finds every point at start-up
+//! (`docs/storage.md`). Plain blocking I/O: callers run it on the blocking pool.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+pub(super) const DATA_FILE: &str = "point.data";
+pub(super) const JOURNAL_FILE: &str = "point.journal";
+pub(super) const META_FILE: &str = "point.meta";
+
+/// What a point knows about itself besides its bytes (`point.meta`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Meta {
+    /// The media type given with the point's first bytes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) content_type: Option<String>,
+    /// Its epoch and handover (`ownership.rs`); absent in files written before epochs.
+    #[serde(flatten)]
+    pub(super) ownership: Ownership,
+}
+
+/// Opens (creating if needed) the files of the point in `dir`. `known` is the `(end,
+/// journal_len)` this process last saw; if the files still match it, recovery is skipped and
+/// `None` is returned.
+pub(super) fn open_files(
+    dir: &Path,
+    fsync: Fsync,
+    known: Option<(u64, u64)>,
+) -> Result<(Files, Option<journal::Recovered>), StorageError> {
+    let journal_path = dir.join(JOURNAL_FILE);
+    let data_path = dir.join(DATA_FILE);
+    let created = !journal_path.exists();
+    if created {
+        create_dirs(dir, fsync).map_err(StorageError::io("creating", dir))?;
+    }
+    let open = |path: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(StorageError::io("opening", path))
+    };
+    let journal_file = open(&journal_path)?;
+    if journal_file
+        .metadata()
+        .map_err(StorageError::io("inspecting", &journal_path))?
+        .len()
+        < journal::HEADER_LEN
+    {
+        // New, or its creation was interrupted before the header was complete.
+        journal_file
+            .set_len(0)
+            .and_then(|()| journal_file.write_all_at(&journal::encode_header(), 0))
+            .and_then(|()| match fsync {
+                Fsync::Never => Ok(()),
+                _ => journal_file.sync_all(),
+            })
+            .map_err(StorageError::io("initialising", &journal_path))?;
+    }
+    let data_file = open(&data_path)?;
+    if created && fsync != Fsync::Never {
+        sync_dir(dir).map_err(StorageError::io("syncing", dir))?;
+    }
+    let files = Files {
+        data: data_file,
+        journal: journal_file,
+    };
+
+    if let Some((end, journal_len)) = known
+        && files.lengths(dir)? == (end, journal_len)
+    {
+        return Ok((files, None));
+    }
+
+    let recovered =
+        journal::recover(&files.journal, &files.data).map_err(|source| StorageError::Recovery {
+            path: dir.to_owned(),
+            source,
+        })?;
+    let (data_len, journal_len) = files.lengths(dir)?;
+    if data_len != recovered.end || journal_len != recovered.journal_len {
+        files
+            .data
+            .set_len(recovered.end)
+            .and_then(|()| files.data.sync_all())
+            .map_err(StorageError::io("truncating", &data_path))?;
+        files
+            .journal
+            .set_len(recovered.journal_len)
+            .and_then(|()| files.journal.sync_all())
+            .map_err(StorageError::io("truncating", &journal_path))?;
+    }
+    ::metrics::counter!(metrics::RECOVERED_BYTES).increment(recovered.verified_bytes);
+    Ok((files, Some(recovered)))
+}
+
+/// Creates `dir` and any missing parents, fsyncing each new directory's parent so the entries
+/// survive a power loss.
+pub(super) fn create_dirs(dir: &Path, fsync: Fsync) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cursor = dir;
+    while !cursor.exists() {
+        missing.push(cursor.to_owned());
+        match cursor.parent() {
+            Some(parent) => cursor = parent,
+            None => break,
+        }
+    }
+    for new_dir in missing.iter().rev() {
+        match std::fs::create_dir(new_dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+        if fsync != Fsync::Never
+            && let Some(parent) = new_dir.parent()
+        {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The point's `point.meta`, or the empty one if it has none.
+pub(super) fn read_meta(dir: &Path) -> Result<Meta, StorageError> {
+    let path = dir.join(META_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|error| StorageError::io("decoding", &path)(std::io::Error::other(error))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Meta::default()),
+        Err(error) => Err(StorageError::io("reading", path)(error)),
+    }
+}
+
+/// Replaces `point.meta`: a temporary file (synced unless `fsync = "never"`), renamed over it.
+pub(super) fn write_meta(dir: &Path, meta: &Meta, fsync: Fsync) -> Result<(), StorageError> {
+    let path = dir.join(META_FILE);
+    let temporary = dir.join("point.meta.tmp");
+    let bytes = serde_json::to_vec(meta).expect("the meta of a point serializes");
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&temporary)?;
+        std::io::Write::write_all(&mut file, &bytes)?;
+        if fsync != Fsync::Never {
+            file.sync_all()?;
+        }
+        std::fs::rename(&temporary, &path)?;
+        if fsync != Fsync::Never {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    };
+    write().map_err(StorageError::io("writing", path))
+}
+
+/// Removes the files of the point in `dir`, then every directory from `dir` up to (excluding)
+/// `root` that is left empty. A directory that still holds another point's continuation stays.
+pub(super) fn remove_point_files(root: &Path, dir: &Path) -> Result<(), StorageError> {
+    for name in [JOURNAL_FILE, DATA_FILE, META_FILE] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(StorageError::io("removing", path)(error)),
+        }
+    }
+    let mut cursor = Some(dir);
+    while let Some(current) = cursor {
+        if current == root || !current.starts_with(root) {
+            break;
+        }
+        if std::fs::remove_dir(current).is_err() {
+            break;
+        }
+        cursor = current.parent();
+    }
+    Ok(())
+}
+
+/// Walks `dir` and returns the id of every point directory (one holding a journal).
+pub(super) fn scan(dir: &Path) -> std::io::Result<Vec<PointId>> {
+    std::fs::create_dir_all(dir)?;
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                pending.push(entry.path());
+            } else if entry.file_name() == JOURNAL_FILE {
+                let relative = current.strip_prefix(dir).unwrap_or(&current);
+                match PointId::from_relative_dir(relative) {
+                    Some(id) => found.push(id),
+                    None => {
+                        tracing::warn!(dir = %current.display(), "ignoring a directory that is not a point")
+                    }
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer, without zeroing it first (for large
+/// reads the zeroing cost as much as the read).
+pub(super) fn read_exact_at(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let (want, at) = (len - buf.len(), offset + buf.len() as u64);
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `spare` has at least `want` writable bytes; pread writes at most `want` of them
+        // and reports how many, and only those are marked initialised below.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                want,
+                at as libc::off_t,
+            )
+        };
+        match read {
+            -1 => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            // SAFETY: pread initialised `read` bytes of the spare capacity.
+            read => unsafe { buf.set_len(buf.len() + read as usize) },
+        }
+    }
+    Ok(buf.freeze())
+}
+
+pub(super) fn join_error(error: tokio::task::JoinError) -> StorageError {
+    StorageError::Io {
+        op: "running blocking I/O",
+        path: PathBuf::new(),
+        source: std::io::Error::other(error),
+    }
+}

@@ -1,0 +1,663 @@
+//! The registry of points: the [`Store`]'s map of every point it holds, the calls that find,
+//! create, append to, read, list and delete points by id, the store-wide event broadcast, and
+//! the bound on open files (least recently used points closed, idle points closed).
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{MutexGuard, broadcast};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::*;
+
+impl Store {
+    /// Opens the store in `config.dir`, registering every point found there (their files are
+    /// opened and recovered lazily, on first use), and starts the background sync and close tasks.
+    pub async fn open(config: StoreConfig) -> Result<Self, StorageError> {
+        let dir = config.dir.clone();
+        let found = tokio::task::spawn_blocking(move || scan(&dir))
+            .await
+            .map_err(join_error)?
+            .map_err(StorageError::io("scanning", config.dir.clone()))?;
+        let shared = Arc::new(Shared {
+            config,
+            epoch: Instant::now(),
+            open: StdMutex::new(HashMap::new()),
+            open_count: AtomicUsize::new(0),
+            uses: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_journal_write: Default::default(),
+        });
+        let points = found
+            .into_iter()
+            .map(|id| {
+                let point = Arc::new(Point::new(&shared, id.clone()));
+                (id, point)
+            })
+            .collect();
+        let store = Store {
+            inner: Arc::new(Inner {
+                shared,
+                points: RwLock::new(points),
+                events: broadcast::channel(4096).0,
+                lent: Arc::default(),
+                ownership_changed: tokio::sync::Notify::new(),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        };
+        store.spawn_background();
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.shared.config
+    }
+
+    /// Number of points.
+    pub fn len(&self) -> usize {
+        self.inner.points.read().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Points with open file handles.
+    pub fn open_points(&self) -> usize {
+        self.inner.shared.open_count.load(Ordering::Relaxed)
+    }
+
+    /// Appends `bytes` at the end of `id`, creating the point if needed.
+    pub async fn append(&self, id: &PointId, bytes: Bytes) -> Result<Appended, AppendError> {
+        let mut appended = self
+            .append_inner(id, vec![bytes], None, Origin::Client)
+            .await?;
+        Ok(appended.pop().expect("one result per frame"))
+    }
+
+    /// Appends `frames` in order at the end of `id` as one batch: one journal write and, with
+    /// `fsync = "always"`, one sync for all of them (group commit). Returns one result per frame.
+    pub async fn append_batch(
+        &self,
+        id: &PointId,
+        frames: Vec<Bytes>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        self.append_inner(id, frames, None, Origin::Client).await
+    }
+
+    /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start` (a produce
+    /// frame with an `expected_offset`). A refusal for a point that does not exist does not
+    /// create it.
+    pub async fn append_batch_at(
+        &self,
+        id: &PointId,
+        start: u64,
+        frames: Vec<Bytes>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        self.append_inner(id, frames, Some(start), Origin::Client)
+            .await
+    }
+
+    /// [`append_batch_at`](Self::append_batch_at) for a copy this node receives (replication,
+    /// a handover): exactly once, never with a gap, and whatever the point's handover says about
+    /// clients' writes. Each frame comes with its CRC32C, which the caller checked against what
+    /// the sender sent (the journal takes it as it is).
+    pub async fn apply_replicated(
+        &self,
+        id: &PointId,
+        start: u64,
+        frames: Vec<(Bytes, u32)>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        let (frames, crcs) = frames.into_iter().unzip();
+        self.append_inner(id, frames, Some(start), Origin::Replication { crcs })
+            .await
+    }
+
+    /// Completes at the next change of any point's ownership record. Create it (and `enable`
+    /// it) before looking at the record, then await it.
+    pub fn ownership_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.ownership_changed.notified()
+    }
+
+    pub(super) async fn append_inner(
+        &self,
+        id: &PointId,
+        frames: Vec<Bytes>,
+        expected_start: Option<u64>,
+        origin: Origin,
+    ) -> Result<Vec<Appended>, AppendError> {
+        let shared = &self.inner.shared;
+        if let Some(expected) = expected_start.filter(|&start| start > 0)
+            && !self.inner.points.read().unwrap().contains_key(id)
+        {
+            // A point that does not exist ends at 0; refusing must not create it.
+            return Err(AppendError::OffsetMismatch {
+                point: id.clone(),
+                expected,
+                end: 0,
+            });
+        }
+        // Only subscribers need the bytes (a clone of the list, not of the bytes).
+        let lent = (self.inner.events.receiver_count() > 0).then(|| frames.clone());
+        let appended = loop {
+            let point = self.get_or_insert(id);
+            let Some(mut state) = self.lock_open(id, &point).await? else {
+                continue;
+            };
+            if origin == Origin::Client
+                && let Some(handover) = &point.meta(&mut state).await?.ownership.handover
+                && !handover.accepts_writes()
+            {
+                // Checked under the point's lock: a fence set by `set_ownership` is exact.
+                return Err(AppendError::Handover {
+                    point: id.clone(),
+                    handover: handover.clone(),
+                });
+            }
+            let known_crcs = match &origin {
+                Origin::Client => None,
+                Origin::Replication { crcs } => Some(crcs.clone()),
+            };
+            break point
+                .write(shared, &mut state, frames, known_crcs, expected_start)
+                .await?;
+        };
+        shared.evict_over_limit().await;
+        if let (Some(first), Some(last)) = (appended.first(), appended.last()) {
+            let bytes = lent
+                .and_then(|frames| LiveBytes::lend(&self.inner.lent, first.start, frames))
+                .map(Arc::new);
+            let _ = self.inner.events.send(StoreEvent::Grew {
+                point: id.clone(),
+                end: last.end,
+                bytes,
+            });
+        }
+        Ok(appended)
+    }
+
+    /// The point `id`, opened (and recovered if this is its first use).
+    pub async fn point(&self, id: &PointId) -> Result<Arc<Point>, ReadError> {
+        let point = self.get(id)?;
+        point.files(&self.inner.shared).await?;
+        Ok(point)
+    }
+
+    /// Size and checksum of `id`.
+    pub async fn metadata(&self, id: &PointId) -> Result<Snapshot, ReadError> {
+        Ok(self.point(id).await?.snapshot())
+    }
+
+    /// The content type given for `id`, if any.
+    pub async fn content_type(&self, id: &PointId) -> Result<Option<String>, ReadError> {
+        let point = self.point(id).await?;
+        let mut state = point.state.lock().await;
+        Ok(point.meta(&mut state).await?.content_type.clone())
+    }
+
+    /// The media type of `id`: the one given, else what its first bytes look like.
+    pub async fn media_type(&self, id: &PointId) -> Result<String, ReadError> {
+        if let Some(given) = self.content_type(id).await? {
+            return Ok(given);
+        }
+        let point = self.point(id).await?;
+        let len = point.snapshot().end.min(crate::content::SNIFF_LEN);
+        let head = point.read(self, 0, len).await?;
+        Ok(crate::content::sniff(&head).to_owned())
+    }
+
+    /// Gives `id` its content type, creating the point if needed. A point has one content type,
+    /// given with its first bytes: giving it another one, or one to a point that has bytes
+    /// already, is refused.
+    pub async fn set_content_type(&self, id: &PointId, wanted: &str) -> Result<(), AppendError> {
+        self.describe(id, wanted, true).await
+    }
+
+    /// [`set_content_type`](Self::set_content_type) as a follower applies its leader's: also to
+    /// a point that has bytes (the leader's word is final).
+    pub async fn set_replicated_content_type(
+        &self,
+        id: &PointId,
+        wanted: &str,
+    ) -> Result<(), AppendError> {
+        self.describe(id, wanted, false).await
+    }
+
+    pub(super) async fn describe(
+        &self,
+        id: &PointId,
+        wanted: &str,
+        first_bytes_only: bool,
+    ) -> Result<(), AppendError> {
+        let fsync = self.inner.shared.config.fsync;
+        self.update_meta(id, |meta, written| {
+            let has_bytes = written.end > 0;
+            match &meta.content_type {
+                Some(current) if current == wanted => return Ok(None),
+                Some(current) => {
+                    return Err(AppendError::ContentType {
+                        point: id.clone(),
+                        current: current.clone(),
+                        wanted: wanted.to_owned(),
+                    });
+                }
+                None if first_bytes_only && has_bytes => {
+                    return Err(AppendError::ContentType {
+                        point: id.clone(),
+                        current: String::new(),
+                        wanted: wanted.to_owned(),
+                    });
+                }
+                None => {}
+            }
+            let meta = Meta {
+                content_type: Some(wanted.to_owned()),
+                ..meta.clone()
+            };
+            Ok(Some((meta, fsync)))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Locks `point` (the one `id` names) with its files open, creating them for a new point.
+    /// `None` when it was deleted while this waited: look `id` up again, which creates it anew.
+    /// A new point whose files cannot be created is forgotten again.
+    pub(super) async fn lock_open<'a>(
+        &self,
+        id: &PointId,
+        point: &'a Arc<Point>,
+    ) -> Result<Option<MutexGuard<'a, State>>, StorageError> {
+        let mut state = point.state.lock().await;
+        if state.deleted {
+            return Ok(None);
+        }
+        if let Err(error) = point.ensure_open(&self.inner.shared, &mut state).await {
+            if !state.recovered {
+                state.deleted = true;
+                self.inner.points.write().unwrap().remove(id);
+            }
+            return Err(error);
+        }
+        Ok(Some(state))
+    }
+
+    /// Makes every byte written to `id` so far durable, whatever `storage.fsync` says (a
+    /// handover commits only bytes that survive a crash).
+    pub async fn sync(&self, id: &PointId) -> Result<(), ReadError> {
+        let point = self.point(id).await?;
+        point.sync().await?;
+        Ok(())
+    }
+
+    /// Opens `id` (creating it if needed) and, under its lock, writes the `point.meta` that
+    /// `change` makes of the current one and of what the point holds (`None`: unchanged).
+    /// Returns whether it changed.
+    pub(super) async fn update_meta(
+        &self,
+        id: &PointId,
+        change: impl FnOnce(&Meta, Snapshot) -> Result<Option<(Meta, Fsync)>, AppendError>,
+    ) -> Result<bool, AppendError> {
+        loop {
+            let point = self.get_or_insert(id);
+            let Some(mut state) = self.lock_open(id, &point).await? else {
+                continue;
+            };
+            let written = Snapshot {
+                end: state.end,
+                crc: state.crc,
+                ..Snapshot::default()
+            };
+            let Some((meta, fsync)) = change(point.meta(&mut state).await?, written)? else {
+                return Ok(false);
+            };
+            point.replace_meta(&mut state, meta, fsync).await?;
+            return Ok(true);
+        }
+    }
+
+    /// The CRC32C of `[0, end)` of `id`: from the journal record of the last append within it,
+    /// continued over the bytes after that record (at most one append's worth).
+    pub async fn crc_at(&self, id: &PointId, end: u64) -> Result<u32, ReadError> {
+        let point = self.get(id)?;
+        // Open files stay valid if the point is closed meanwhile.
+        let files = point.files(&self.inner.shared).await?;
+        let state = point.state.lock().await;
+        if end > state.end {
+            return Err(ReadError::OutOfRange {
+                point: id.clone(),
+                offset: 0,
+                limit: end,
+                end: state.end,
+            });
+        }
+        if end == state.end {
+            return Ok(state.crc);
+        }
+        let slots = state.journal_len.saturating_sub(journal::HEADER_LEN) / journal::RECORD_LEN;
+        let dir = point.dir.clone();
+        let crc = tokio::task::spawn_blocking(move || {
+            let base = journal::record_at_or_before(&files.journal, slots, end)
+                .map_err(StorageError::io("reading", dir.join(JOURNAL_FILE)))?
+                .map_or((0, 0), |(_, record)| (record.end, record.point_crc));
+            let rest = journal::crc_of_range(&files.data, base.0, end - base.0)
+                .map_err(StorageError::io("reading", dir.join(DATA_FILE)))?;
+            Ok::<_, StorageError>(crc32c::crc32c_combine(
+                base.1,
+                rest,
+                (end - base.0) as usize,
+            ))
+        })
+        .await
+        .map_err(join_error)??;
+        drop(state);
+        Ok(crc)
+    }
+
+    /// Cuts `id` back to the end of its last append that ends at or before `at_most`, and
+    /// returns its new end: how a follower drops bytes that are not its leader's (its copy is
+    /// sent again from there). Durable before this returns: the journal is cut first, then the
+    /// data, so a crash in between recovers to the same end. Subscribers are not told (a copy
+    /// that is cut is a copy this node follows, not one it replicates).
+    pub async fn truncate(&self, id: &PointId, at_most: u64) -> Result<u64, TruncateError> {
+        let point = self
+            .get(id)
+            .map_err(|_| TruncateError::NotFound(id.clone()))?;
+        let Some(mut state) = self.lock_open(id, &point).await? else {
+            return Err(TruncateError::NotFound(id.clone()));
+        };
+        if let Some(reason) = &state.failed {
+            return Err(TruncateError::Refused {
+                point: id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        if at_most >= state.end {
+            return Ok(state.end);
+        }
+        let files = state.files.clone().expect("locked open");
+        let slots = state.journal_len.saturating_sub(journal::HEADER_LEN) / journal::RECORD_LEN;
+        let dir = point.dir.clone();
+        let cut = tokio::task::spawn_blocking(move || {
+            let journal_path = dir.join(JOURNAL_FILE);
+            let base = journal::record_at_or_before(&files.journal, slots, at_most)
+                .map_err(StorageError::io("reading", journal_path.clone()))?;
+            let (records, end, crc) = base.map_or((0, 0, 0), |(index, record)| {
+                (index + 1, record.end, record.point_crc)
+            });
+            let journal_len = journal::HEADER_LEN + records * journal::RECORD_LEN;
+            files
+                .journal
+                .set_len(journal_len)
+                .and_then(|()| files.journal.sync_data())
+                .map_err(StorageError::io("truncating", journal_path))?;
+            files
+                .data
+                .set_len(end)
+                .and_then(|()| files.data.sync_data())
+                .map_err(StorageError::io("truncating", dir.join(DATA_FILE)))?;
+            Ok::<_, StorageError>((end, crc, journal_len))
+        })
+        .await
+        .map_err(join_error)
+        .and_then(|cut| cut);
+        let (end, crc, journal_len) = match cut {
+            Ok(cut) => cut,
+            Err(error) => {
+                tracing::error!(point = %id, %error, "truncation failed; the point now refuses writes");
+                state.failed = Some(error.to_string());
+                return Err(error.into());
+            }
+        };
+        tracing::warn!(point = %id, from = state.end, to = end, "cut the point back");
+        state.end = end;
+        state.crc = crc;
+        state.durable = end;
+        state.dirty = false;
+        state.journal_len = journal_len;
+        point.snapshot.send_modify(|snapshot| {
+            snapshot.end = end;
+            snapshot.crc = crc;
+        });
+        Ok(end)
+    }
+
+    /// Reads `[offset, offset + len)` of `id`.
+    pub async fn read(&self, id: &PointId, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+        let point = self.point(id).await?;
+        point.read(self, offset, len).await
+    }
+
+    /// Ids in ascending byte order that start with `prefix` and sort after `start_after`, at
+    /// most `max`.
+    pub fn list(&self, prefix: &str, start_after: Option<&str>, max: usize) -> Vec<PointId> {
+        let points = self.inner.points.read().unwrap();
+        let lower = match start_after {
+            Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),
+            _ => Bound::Included(prefix.to_owned()),
+        };
+        points
+            .range::<str, _>((lower.as_ref().map(String::as_str), Bound::Unbounded))
+            .map(|(id, _)| id)
+            .take_while(|id| id.as_str().starts_with(prefix))
+            .take(max)
+            .cloned()
+            .collect()
+    }
+
+    /// Removes `id` and its files; returns the size it had.
+    pub async fn delete(&self, id: &PointId) -> Result<u64, DeleteError> {
+        let root = self.inner.shared.config.dir.clone();
+        self.take_out(id, move |dir| remove_point_files(&root, &dir))
+            .await
+    }
+
+    /// Takes `id` out of the store and closes it, then runs `files` on its directory under the
+    /// point's lock (on the blocking pool), and tells subscribers it is gone. Returns the size
+    /// it had.
+    pub(super) async fn take_out(
+        &self,
+        id: &PointId,
+        files: impl FnOnce(PathBuf) -> Result<(), StorageError> + Send + 'static,
+    ) -> Result<u64, DeleteError> {
+        let point = self
+            .inner
+            .points
+            .write()
+            .unwrap()
+            .remove(id)
+            .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+        let shared = &self.inner.shared;
+        let mut state = point.state.lock().await;
+        let size = if state.recovered { state.end } else { 0 };
+        state.deleted = true;
+        if state.files.take().is_some() {
+            shared.forget_open(&point.id);
+        }
+        point.snapshot.send_modify(|s| s.deleted = true);
+        let dir = point.dir.clone();
+        tokio::task::spawn_blocking(move || files(dir))
+            .await
+            .map_err(join_error)??;
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::Removed { point: id.clone() });
+        Ok(size)
+    }
+
+    /// A receiver of every append to any point (replication follows the store with it). A
+    /// receiver that falls behind gets `Lagged` and should rescan.
+    pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Stops the background tasks, then syncs and closes every point. Called on shutdown; the
+    /// store must not be used afterwards.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        let points: Vec<_> = self
+            .inner
+            .points
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        let mut first_error = None;
+        for point in points {
+            if let Err(error) = point.close(&self.inner.shared, Closing::Shutdown).await {
+                tracing::error!(point = %point.id, %error, "closing point");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub(super) fn get(&self, id: &PointId) -> Result<Arc<Point>, ReadError> {
+        self.inner
+            .points
+            .read()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ReadError::NotFound(id.clone()))
+    }
+
+    pub(super) fn get_or_insert(&self, id: &PointId) -> Arc<Point> {
+        if let Some(point) = self.inner.points.read().unwrap().get(id) {
+            return point.clone();
+        }
+        self.inner
+            .points
+            .write()
+            .unwrap()
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(Point::new(&self.inner.shared, id.clone())))
+            .clone()
+    }
+
+    pub(super) fn spawn_background(&self) {
+        let shared = &self.inner.shared;
+        let token = self.inner.shutdown.clone();
+        if shared.config.fsync == Fsync::Interval {
+            let store = Arc::downgrade(&self.inner);
+            let period = shared.config.fsync_interval;
+            let token = token.clone();
+            self.inner.tasks.spawn(async move {
+                let mut ticker = tokio::time::interval(period);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = ticker.tick() => {}
+                    }
+                    let Some(inner) = store.upgrade() else { return };
+                    let open: Vec<_> = inner
+                        .shared
+                        .open
+                        .lock()
+                        .unwrap()
+                        .values()
+                        .cloned()
+                        .collect();
+                    for point in open {
+                        if let Err(error) = point.sync().await {
+                            tracing::error!(point = %point.id, %error, "group commit");
+                        }
+                    }
+                }
+            });
+        }
+        let store = Arc::downgrade(&self.inner);
+        let idle = shared.config.idle_close;
+        self.inner.tasks.spawn(async move {
+            let mut ticker = tokio::time::interval((idle / 2).max(Duration::from_millis(50)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                let Some(inner) = store.upgrade() else { return };
+                let now = inner.shared.now_ms();
+                let idle_ms = idle.as_millis() as u64;
+                let stale: Vec<_> = inner
+                    .shared
+                    .open
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .filter(|p| {
+                        now.saturating_sub(p.last_used_ms.load(Ordering::Relaxed)) >= idle_ms
+                    })
+                    .cloned()
+                    .collect();
+                for point in stale {
+                    if let Err(error) = point.close(&inner.shared, Closing::Idle).await {
+                        tracing::error!(point = %point.id, %error, "closing idle point");
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Shared {
+    pub(super) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub(super) fn remember_open(&self, point: &Arc<Point>) {
+        let mut open = self.open.lock().unwrap();
+        if open.insert(point.id.clone(), point.clone()).is_none() {
+            let count = self.open_count.fetch_add(1, Ordering::Relaxed) + 1;
+            ::metrics::gauge!(metrics::OPEN_POINTS).set(count as f64);
+        }
+    }
+
+    pub(super) fn forget_open(&self, id: &PointId) {
+        if self.open.lock().unwrap().remove(id).is_some() {
+            let count = self.open_count.fetch_sub(1, Ordering::Relaxed) - 1;
+            ::metrics::gauge!(metrics::OPEN_POINTS).set(count as f64);
+        }
+    }
+
+    /// Closes least recently used points until at most `max_open` are open. Called with no
+    /// point lock held, so it can take the victims' locks.
+    pub(super) async fn evict_over_limit(&self) {
+        while self.open_count.load(Ordering::Relaxed) > self.config.max_open {
+            let Some(victim) = self.least_recently_used() else {
+                return;
+            };
+            if let Err(error) = victim.close(self, Closing::Idle).await {
+                tracing::error!(point = %victim.id, %error, "closing least recently used point");
+                return;
+            }
+        }
+    }
+
+    pub(super) fn least_recently_used(&self) -> Option<Arc<Point>> {
+        self.open
+            .lock()
+            .unwrap()
+            .values()
+            .min_by_key(|p| p.last_use.load(Ordering::Relaxed))
+            .cloned()
+    }
+}
