@@ -297,7 +297,7 @@ impl Node {
                 });
                 let api = api::start(
                     api::streaming::StreamingService::new(context.clone()),
-                    api::streaming::ResolverService::new(context.clone()),
+                    api::resolver::ResolverService::new(context.clone()),
                     config.max_frame_size,
                     listeners.rpc,
                     tls.clone(),

@@ -6,6 +6,7 @@
 //! `From<Error> for Status`.
 
 pub mod context;
+pub mod resolver;
 pub mod streaming;
 
 use tokio_util::sync::CancellationToken;

@@ -1,0 +1,233 @@
+//! The operator's calls: the members and their lifecycle (`ListMembers`, `DrainMember`,
+//! `ForgetMember`, `CleanupMember`), and `SignUrl`. The lifecycle calls walk the whole store or
+//! the ring; none of them is on a data path.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use crate::access::{Access, Action};
+use crate::cluster::{Handed, Lifecycle, Membership, StepError};
+use crate::error::Error;
+use crate::net::PeerInfo;
+use crate::point::{Handover, PointId};
+use crate::proto::{
+    self, CleanupMemberRequest, CleanupMemberResponse, DrainMemberRequest, DrainMemberResponse,
+    ForgetMemberRequest, ForgetMemberResponse, ListMembersRequest, ListMembersResponse,
+    SignUrlRequest, SignUrlResponse,
+};
+use crate::signed_url::{UrlError, UrlSigner};
+
+use super::StreamingService;
+
+impl StreamingService {
+    pub(super) async fn list_members(
+        &self,
+        request: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let state = &self.state;
+        state.access.authorize(&peer, Action::Metadata, "").await?;
+        Ok(Response::new(members(&state.placement.membership())))
+    }
+
+    pub(super) async fn sign(
+        &self,
+        request: Request<SignUrlRequest>,
+    ) -> Result<Response<SignUrlResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let state = &self.state;
+        let signed = sign_url(&state.access, &state.signer, &peer, request.into_inner()).await?;
+        Ok(Response::new(signed))
+    }
+
+    pub(super) async fn drain(
+        &self,
+        request: Request<DrainMemberRequest>,
+    ) -> Result<Response<DrainMemberResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let state = &self.state;
+        state.access.authorize(&peer, Action::Admin, "").await?;
+        state.check_addressed(&request.into_inner().node)?;
+        let local = &state.config.node_name;
+        let current = state
+            .placement
+            .membership()
+            .ring
+            .members
+            .get(local)
+            .map(|member| member.lifecycle);
+        if current != Some(Lifecycle::Left) {
+            state
+                .steps
+                .set_lifecycle(Lifecycle::Leaving)
+                .await
+                .map_err(|error| {
+                    Error::FailedPrecondition(format!("cannot drain {local}: {error}"))
+                })?;
+            tracing::info!(subject = %peer.subject, "draining: handing every point to its next owner");
+        }
+        let state = current
+            .filter(|&lifecycle| lifecycle == Lifecycle::Left)
+            .unwrap_or(Lifecycle::Leaving);
+        Ok(Response::new(DrainMemberResponse {
+            state: state.as_str().to_owned(),
+        }))
+    }
+
+    pub(super) async fn forget(
+        &self,
+        request: Request<ForgetMemberRequest>,
+    ) -> Result<Response<ForgetMemberResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let state = &self.state;
+        state.access.authorize(&peer, Action::Admin, "").await?;
+        let node = request.into_inner().node;
+        state
+            .steps
+            .forget(&node)
+            .await
+            .map_err(|error| match error {
+                StepError::Unknown(_) => Status::not_found(error.to_string()),
+                StepError::Stopped => Status::unavailable(error.to_string()),
+                _ => Status::failed_precondition(format!("cannot forget {node}: {error}")),
+            })?;
+        tracing::warn!(%node, subject = %peer.subject, "forgot a dead primary: its points are taken over from its followers");
+        Ok(Response::new(ForgetMemberResponse {
+            state: Lifecycle::Forgotten.as_str().to_owned(),
+        }))
+    }
+
+    pub(super) async fn cleanup(
+        &self,
+        request: Request<CleanupMemberRequest>,
+    ) -> Result<Response<CleanupMemberResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let state = &self.state;
+        state.access.authorize(&peer, Action::Admin, "").await?;
+        state.check_addressed(&request.into_inner().node)?;
+        let store = &state.store;
+        let (mut points, mut bytes) = (0, 0);
+        for id in store.list("", None, usize::MAX) {
+            let moved = matches!(
+                store.ownership(&id).await.map(|o| o.handover),
+                Ok(Some(Handover::Moved { .. }))
+            );
+            if !moved {
+                continue;
+            }
+            match store.delete(&id).await {
+                Ok(size) => {
+                    points += 1;
+                    bytes += size;
+                }
+                Err(crate::point::DeleteError::NotFound(_)) => {}
+                Err(error) => return Err(Error::from(error).into()),
+            }
+        }
+        tracing::info!(points, bytes, subject = %peer.subject, "deleted the copies handed over to other members");
+        Ok(Response::new(CleanupMemberResponse { points, bytes }))
+    }
+}
+
+/// `SignUrl`: a gateway URL for `caller`, who must be allowed to `consume` the point.
+pub async fn sign_url(
+    access: &Access,
+    signer: &UrlSigner,
+    caller: &PeerInfo,
+    request: SignUrlRequest,
+) -> Result<SignUrlResponse, Error> {
+    let id = PointId::new(request.point)?;
+    access
+        .authorize(caller, Action::Consume, id.as_str())
+        .await?;
+    let ttl = match request.ttl_seconds {
+        0 => Duration::from_secs(3600),
+        seconds => Duration::from_secs(seconds),
+    };
+    let (url, expires) = signer
+        .sign(id.as_str(), &caller.subject, ttl, request.player)
+        .map_err(|error| match error {
+            UrlError::NoKeys => Error::FailedPrecondition(error.to_string()),
+            other => Error::InvalidArgument(other.to_string()),
+        })?;
+    Ok(SignUrlResponse { url, expires })
+}
+
+/// The live balancer members (what `GetServers` answers: their addresses, not only names).
+pub fn balancers(membership: &Membership) -> Vec<proto::Server> {
+    membership
+        .view
+        .members
+        .values()
+        .filter(|member| member.role.is_balancer())
+        .map(|member| proto::Server {
+            rpc_addr: member.rpc_addr.clone(),
+            name: member.name.clone(),
+        })
+        .collect()
+}
+
+/// The ring's members (down or not) and every other live member.
+pub fn members(membership: &Membership) -> ListMembersResponse {
+    let mut members = Vec::new();
+    for (name, record) in &membership.ring.members {
+        let live = membership.live(name);
+        members.push(proto::MemberInfo {
+            name: name.clone(),
+            rpc_addr: live.map_or(&record.rpc_addr, |m| &m.rpc_addr).clone(),
+            replication_addr: live
+                .map_or(&record.replication_addr, |m| &m.replication_addr)
+                .clone(),
+            gossip_addr: live.map(|m| m.gossip_addr.to_string()).unwrap_or_default(),
+            role: live.map_or(record.role, |m| m.role).as_str().into(),
+            state: record.lifecycle.as_str().into(),
+            live: live.is_some(),
+            tags: record.tags.clone().into_iter().collect(),
+            in_ring: true,
+            owns_range: record.owns_range(),
+            leader: String::new(),
+            generation: live.map_or(0, |m| m.generation),
+            http_addr: live.map(|m| m.http_addr.clone()).unwrap_or_default(),
+            moving: live.map_or(0, |m| m.moving),
+            handed: live
+                .and_then(|m| m.handed.as_ref())
+                .map(Handed::to_string)
+                .unwrap_or_default(),
+        });
+    }
+    for member in membership.view.members.values() {
+        if membership.ring.members.contains_key(&member.name) {
+            continue;
+        }
+        members.push(proto::MemberInfo {
+            name: member.name.clone(),
+            rpc_addr: member.rpc_addr.clone(),
+            replication_addr: member.replication_addr.clone(),
+            gossip_addr: member.gossip_addr.to_string(),
+            role: member.role.as_str().into(),
+            state: member.lifecycle.as_str().into(),
+            live: true,
+            tags: member.tags.clone().into_iter().collect(),
+            in_ring: false,
+            owns_range: false,
+            leader: member.leader.clone().unwrap_or_default(),
+            generation: member.generation,
+            http_addr: member.http_addr.clone(),
+            moving: 0,
+            handed: member
+                .handed
+                .as_ref()
+                .map(Handed::to_string)
+                .unwrap_or_default(),
+        });
+    }
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    ListMembersResponse {
+        members,
+        view: membership.view.id.clone(),
+        ring: membership.ring.id.clone(),
+        node: membership.local.clone(),
+        conflict: membership.conflict.clone().unwrap_or_default(),
+    }
+}

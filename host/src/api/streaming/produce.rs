@@ -1,0 +1,233 @@
+//! Writes: `ProduceStream` (frames received, validated and authorized here, appended in order
+//! by a writer task in batches, acknowledged once the replicas asked for have them) and
+//! `DeletePoint`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::access::Action;
+use crate::error::Error;
+use crate::metrics;
+use crate::net::PeerInfo;
+use crate::point::{Appended, PointId};
+use crate::proto::{
+    self, DeletePointRequest, DeletePointResponse, ProduceRequest, ProduceResponse,
+};
+
+use super::StreamingService;
+use crate::api::Context;
+
+/// Frames a ProduceStream may receive ahead of the writer.
+const WRITE_AHEAD: usize = 8;
+/// Most bytes one append batch gathers.
+const MAX_BATCH_BYTES: u64 = 8 * 1024 * 1024;
+
+impl StreamingService {
+    pub(super) async fn produce(
+        &self,
+        request: Request<Streaming<ProduceRequest>>,
+    ) -> Result<Response<ProduceResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let mut frames = request.into_inner();
+        let state = &self.state;
+        state.gate.check_writable().map_err(Error::from)?;
+
+        // Receiving and writing overlap: this task decodes, validates and authorizes frames,
+        // a writer task appends them in order, in batches.
+        let (tx, rx) = mpsc::channel(WRITE_AHEAD);
+        let writer = tokio::spawn(write_frames(state.clone(), rx));
+        let mut points: Vec<PointId> = Vec::new();
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        let received: Result<(), Error> = async {
+            loop {
+                let message = tokio::select! {
+                    message = frames.message() => message.map_err(|status| {
+                        Error::InvalidArgument(format!("reading the stream: {}", status.message()))
+                    })?,
+                    _ = state.abort.cancelled() => {
+                        return Err(Error::Unavailable("the node is shutting down".into()));
+                    }
+                };
+                let Some(ProduceRequest {
+                    point,
+                    frame,
+                    content_type,
+                    expected_offset,
+                }) = message
+                else {
+                    return Ok(());
+                };
+                let slot = match slots.get(&point) {
+                    Some(&slot) => slot,
+                    None => {
+                        let id = admit_point(state, &peer, &point, &content_type).await?;
+                        points.push(id);
+                        slots.insert(point, points.len() - 1);
+                        points.len() - 1
+                    }
+                };
+                if frame.len() as u64 > state.config.max_frame_size {
+                    return Err(Error::InvalidArgument(format!(
+                        "frame of {} bytes for point {:?} exceeds max_frame_size ({} bytes)",
+                        frame.len(),
+                        points[slot].as_str(),
+                        state.config.max_frame_size
+                    )));
+                }
+                ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
+                ::metrics::counter!(metrics::PRODUCED_BYTES).increment(frame.len() as u64);
+                let frame = Frame {
+                    slot,
+                    point: points[slot].clone(),
+                    bytes: frame,
+                    expected_offset,
+                };
+                if tx.send(frame).await.is_err() {
+                    // The writer stopped on an error; it is reported below.
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| Status::internal(format!("produce writer: {e}")))?;
+        // The writer's error happened first: frames are written in the order they arrived.
+        let last = written?;
+        received?;
+        let ends: Vec<(PointId, u64)> = last
+            .iter()
+            .map(|(&slot, appended)| (points[slot].clone(), appended.end))
+            .collect();
+        state.wait_for_replicas(&ends).await?;
+        let records = points
+            .into_iter()
+            .enumerate()
+            .map(|(slot, id)| {
+                let appended = last.get(&slot).copied().unwrap_or_default();
+                proto::Record {
+                    point: id.as_str().to_owned(),
+                    offset: appended.start,
+                    end: appended.end,
+                    crc32c: appended.crc,
+                }
+            })
+            .collect();
+        Ok(Response::new(ProduceResponse { records }))
+    }
+
+    pub(super) async fn delete(
+        &self,
+        request: Request<DeletePointRequest>,
+    ) -> Result<Response<DeletePointResponse>, Status> {
+        let peer = self.state.caller(&request);
+        let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
+        self.state.gate.check_writable().map_err(Error::from)?;
+        self.state
+            .access
+            .authorize(&peer, Action::Admin, id.as_str())
+            .await?;
+        if let Some(handover) = self
+            .state
+            .gate
+            .admit_write(&id)
+            .await
+            .map_err(Error::from)?
+        {
+            return Err(Error::Unavailable(format!(
+                "point {id} {handover}; delete it once the handover is over"
+            ))
+            .into());
+        }
+        let size = self.state.store.delete(&id).await.map_err(Error::from)?;
+        tracing::info!(point = %id, size, subject = %peer.subject, "deleted point");
+        Ok(Response::new(DeletePointResponse { size }))
+    }
+}
+
+/// The first frame of `point` in a stream: the caller may produce it, the gate admits the
+/// write, and the content type that travels with it (if any) is a media type, set now.
+async fn admit_point(
+    state: &Context,
+    peer: &PeerInfo,
+    point: &str,
+    content_type: &str,
+) -> Result<PointId, Error> {
+    let id = PointId::new(point)?;
+    state
+        .access
+        .authorize(peer, Action::Produce, id.as_str())
+        .await?;
+    state.gate.admit_write(&id).await?;
+    if !content_type.is_empty() {
+        if !crate::content::is_valid(content_type) {
+            return Err(Error::InvalidArgument(format!(
+                "content type {:?} is not a media type (type/subtype)",
+                crate::error::bounded(content_type)
+            )));
+        }
+        state.store.set_content_type(&id, content_type).await?;
+    }
+    Ok(id)
+}
+
+/// A received frame on its way to the writer.
+struct Frame {
+    /// The point's place in the stream's first-seen order.
+    slot: usize,
+    point: PointId,
+    bytes: Bytes,
+    expected_offset: Option<u64>,
+}
+
+/// Appends the stream's frames in order, consecutive frames of one point as one batch. A frame
+/// with an `expected_offset` joins the batch before it only if that is exactly where the batch
+/// ends; otherwise it starts its own, appended only at that offset.
+async fn write_frames(
+    state: Arc<Context>,
+    mut frames: mpsc::Receiver<Frame>,
+) -> Result<HashMap<usize, Appended>, Error> {
+    let mut last = HashMap::new();
+    let mut pending = None;
+    loop {
+        let Some(first) = (match pending.take() {
+            Some(next) => Some(next),
+            None => frames.recv().await,
+        }) else {
+            return Ok(last);
+        };
+        let mut size = first.bytes.len() as u64;
+        let mut batch = vec![first.bytes];
+        while size < MAX_BATCH_BYTES {
+            match frames.try_recv() {
+                Ok(next)
+                    if next.slot == first.slot
+                        && next.expected_offset.is_none_or(|offset| {
+                            first.expected_offset.map(|start| start + size) == Some(offset)
+                        }) =>
+                {
+                    size += next.bytes.len() as u64;
+                    batch.push(next.bytes);
+                }
+                Ok(other) => {
+                    pending = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let appended = state
+            .gate
+            .append(&first.point, first.expected_offset, batch, &state.abort)
+            .await?;
+        if let Some(&appended) = appended.last() {
+            last.insert(first.slot, appended);
+        }
+    }
+}
