@@ -27,17 +27,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::access::{Access, Action};
+use crate::access::Action;
 use crate::api::streaming::{self, FrameStream};
 use crate::client::{Client, Pool, owner_of};
 use crate::cluster::Membership;
 use crate::error::{Error, bounded};
 use crate::net::PeerInfo;
-use crate::placement::Placement;
 use crate::point::PointId;
 use crate::proto::{
     self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
@@ -48,7 +46,7 @@ use crate::proto::{
 };
 use crate::proto::{ON_BEHALF_OF, PURPOSE};
 use crate::reshard::Refusal;
-use crate::signed_url::UrlSigner;
+use crate::services::Services;
 
 /// Bytes of a point's first frames a produce keeps to re-send them to another owner.
 pub const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
@@ -57,14 +55,11 @@ const UPSTREAM_QUEUE: usize = 8;
 
 /// What the balancer's handlers share.
 pub struct Balancer {
-    pub access: Arc<Access>,
-    pub placement: Arc<Placement>,
+    /// What every subsystem of the node shares (access, placement, the URL signer, the
+    /// node's lifetime: abort ends the streams left after the grace period).
+    pub services: Services,
     /// Connections to the nodes, over this balancer's node certificate.
     pub upstreams: Pool,
-    pub signer: Arc<UrlSigner>,
-    pub multi_stream_percent: u8,
-    /// Cancelled when the node's grace period is over.
-    pub abort: CancellationToken,
     /// Round-robin over replicas.
     turn: AtomicUsize,
 }
@@ -74,21 +69,11 @@ pub struct Balancer {
 pub struct BalancerService(Arc<Balancer>);
 
 impl BalancerService {
-    pub fn new(
-        access: Arc<Access>,
-        placement: Arc<Placement>,
-        upstreams: Pool,
-        signer: Arc<UrlSigner>,
-        multi_stream_percent: u8,
-        abort: CancellationToken,
-    ) -> Self {
+    /// The balancer of a node with `services`, reaching the nodes through `upstreams`.
+    pub fn new(services: Services, upstreams: Pool) -> Self {
         Self(Arc::new(Balancer {
-            access,
-            placement,
+            services,
             upstreams,
-            signer,
-            multi_stream_percent,
-            abort,
             turn: AtomicUsize::new(0),
         }))
     }
@@ -97,10 +82,16 @@ impl BalancerService {
     /// no member; the call is made on the node itself, whose address this names.
     async fn not_a_member<T>(&self, request: &Request<T>, node: &str) -> Status {
         let caller = PeerInfo::of(request);
-        if let Err(error) = self.0.access.authorize(&caller, Action::Admin, "").await {
+        if let Err(error) = self
+            .0
+            .services
+            .access
+            .authorize(&caller, Action::Admin, "")
+            .await
+        {
             return error.into();
         }
-        let membership = self.0.placement.membership();
+        let membership = self.0.services.placement.membership();
         let address = membership.rpc_addr(node).unwrap_or("an unknown address");
         Error::FailedPrecondition(format!(
             "a balancer changes no member: ask node {} at {address}",
@@ -156,13 +147,16 @@ impl Balancer {
         point: impl Into<String>,
     ) -> Result<PointId, Status> {
         let id = PointId::new(point).map_err(Error::from)?;
-        self.access.authorize(caller, action, id.as_str()).await?;
+        self.services
+            .access
+            .authorize(caller, action, id.as_str())
+            .await?;
         Ok(id)
     }
 
     /// The point's owner and the membership it was found in.
     async fn owner(&self, id: &PointId) -> Result<(Arc<Membership>, String), Status> {
-        let (membership, owners) = self.placement.owners(id.as_str(), 1).await?;
+        let (membership, owners) = self.services.placement.owners(id.as_str(), 1).await?;
         Ok((membership, owners[0].clone()))
     }
 
@@ -411,7 +405,7 @@ impl proto::streaming_server::Streaming for BalancerService {
         loop {
             let message = tokio::select! {
                 message = frames.message() => message?,
-                () = balancer.abort.cancelled() => {
+                () = balancer.services.lifetime.abort.cancelled() => {
                     return Err(Error::Unavailable("the balancer is shutting down".into()).into());
                 }
             };
@@ -419,6 +413,7 @@ impl proto::streaming_server::Streaming for BalancerService {
             if !upstreams.contains_key(&frame.point) {
                 let id = PointId::new(frame.point.as_str()).map_err(Error::from)?;
                 balancer
+                    .services
                     .access
                     .authorize(&caller, Action::Produce, id.as_str())
                     .await?;
@@ -531,7 +526,7 @@ impl proto::streaming_server::Streaming for BalancerService {
             .map(|r| r.rpc_addr.clone())
             .collect();
         eligible.push(source);
-        let take = (eligible.len() * usize::from(balancer.multi_stream_percent))
+        let take = (eligible.len() * usize::from(balancer.services.config.multi_stream_percent))
             .div_ceil(100)
             .max(1);
         let turn = balancer.turn(eligible.len());
@@ -550,6 +545,7 @@ impl proto::streaming_server::Streaming for BalancerService {
         let timeout = deadline(&request);
         let request = request.into_inner();
         balancer
+            .services
             .access
             .authorize(&caller, Action::Metadata, &request.prefix)
             .await?;
@@ -558,7 +554,7 @@ impl proto::streaming_server::Streaming for BalancerService {
             n => n.min(10_000) as usize,
         };
         // Every live primary's page of one more than asked, merged (`merged_page`).
-        let membership = balancer.placement.membership();
+        let membership = balancer.services.placement.membership();
         let mut pages = Vec::new();
         for member in membership
             .view
@@ -615,7 +611,8 @@ impl proto::streaming_server::Streaming for BalancerService {
         let id = balancer
             .admit(&caller, Action::Metadata, request.point)
             .await?;
-        let located = streaming::locate(&balancer.placement, &id, request.replicas).await?;
+        let located =
+            streaming::locate(&balancer.services.placement, &id, request.replicas).await?;
         Ok(Response::new(located))
     }
 
@@ -650,11 +647,12 @@ impl proto::streaming_server::Streaming for BalancerService {
     ) -> Result<Response<ListMembersResponse>, Status> {
         let caller = PeerInfo::of(&request);
         self.0
+            .services
             .access
             .authorize(&caller, Action::Metadata, "")
             .await?;
         Ok(Response::new(streaming::members(
-            &self.0.placement.membership(),
+            &self.0.services.placement.membership(),
         )))
     }
 
@@ -664,7 +662,13 @@ impl proto::streaming_server::Streaming for BalancerService {
     ) -> Result<Response<SignUrlResponse>, Status> {
         let caller = PeerInfo::of(&request);
         let request = request.into_inner();
-        let signed = streaming::sign_url(&self.0.access, &self.0.signer, &caller, request).await?;
+        let signed = streaming::sign_url(
+            &self.0.services.access,
+            &self.0.services.signer,
+            &caller,
+            request,
+        )
+        .await?;
         Ok(Response::new(signed))
     }
 }
@@ -719,7 +723,7 @@ impl Relay {
             };
             let message = tokio::select! {
                 message = stream.message() => message,
-                () = self.balancer.abort.cancelled() => {
+                () = self.balancer.services.lifetime.abort.cancelled() => {
                     return self.fail(Status::unavailable("the balancer is shutting down"));
                 }
             };
@@ -810,10 +814,11 @@ impl proto::lb_resolver_helper_server::LbResolverHelper for BalancerService {
     ) -> Result<Response<GetServersResponse>, Status> {
         let caller = PeerInfo::of(&request);
         self.0
+            .services
             .access
             .authorize(&caller, Action::Metadata, "")
             .await?;
-        let servers = streaming::balancers(&self.0.placement.membership());
+        let servers = streaming::balancers(&self.0.services.placement.membership());
         Ok(Response::new(GetServersResponse { servers }))
     }
 }
@@ -826,10 +831,11 @@ impl proto::follower_resolver_helper_server::FollowerResolverHelper for Balancer
     ) -> Result<Response<GetFollowersResponse>, Status> {
         let caller = PeerInfo::of(&request);
         self.0
+            .services
             .access
             .authorize(&caller, Action::Metadata, "")
             .await?;
-        let membership = self.0.placement.membership();
+        let membership = self.0.services.placement.membership();
         let servers = membership
             .view
             .members

@@ -60,5 +60,6 @@ pub mod replication;
 pub mod reshard;
 pub mod secret;
 pub mod service;
+pub mod services;
 pub mod signed_url;
 pub mod tls;

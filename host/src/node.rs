@@ -25,6 +25,7 @@ use crate::point::{StorageError, Store};
 use crate::replication::{self, Progress};
 use crate::reshard::Gate;
 use crate::service::{Failed, Handle};
+use crate::services::{Lifetime, Services};
 use crate::signed_url::UrlSigner;
 
 /// The sockets a node serves on, bound before it starts.
@@ -155,22 +156,39 @@ pub enum ShutdownError {
 /// A started node. Dropping it without [`shutdown`](Self::shutdown) leaves its tasks running
 /// until the runtime ends.
 pub struct Node {
-    config: Arc<Config>,
-    plugins: Arc<Plugins>,
-    access: Arc<Access>,
-    placement: Arc<Placement>,
+    /// What every subsystem shares, and the node's one cancellation root.
+    services: Services,
     /// What a storage node's handlers share; a balancer has none.
     context: Option<Arc<Context>>,
-    /// Cancelled when shutdown starts: stop accepting, end `follow` streams.
-    shutdown: CancellationToken,
-    /// Cancelled when the grace period is over: end every remaining stream.
-    abort: CancellationToken,
     cluster: Cluster,
     api: Handle,
     gateway: Handle,
     metrics: Handle,
     replication: Option<Handle>,
     addresses: Addresses,
+}
+
+/// The TLS acceptors of the API (and metrics) and of the HTTP gateway, from `[tls]`.
+struct Acceptors {
+    api: Option<TlsAcceptor>,
+    gateway: Option<TlsAcceptor>,
+}
+
+impl Acceptors {
+    fn new(config: &Config) -> Result<Self, StartError> {
+        let Some(section) = &config.tls else {
+            return Ok(Self {
+                api: None,
+                gateway: None,
+            });
+        };
+        Ok(Self {
+            api: Some(TlsAcceptor::from(crate::tls::server_config(section)?)),
+            gateway: Some(TlsAcceptor::from(crate::tls::gateway_server_config(
+                section,
+            )?)),
+        })
+    }
 }
 
 impl Node {
@@ -182,7 +200,8 @@ impl Node {
 
     /// Starts the subsystems in order with `plugins` loaded already: store (storage nodes),
     /// access, membership and placement, replication (leaders and followers), the API (the
-    /// storage service, or a balancer's forwarding one), the HTTP gateway, metrics.
+    /// storage service, or a balancer's forwarding one), the HTTP gateway, metrics. Every
+    /// subsystem stops on a token of one [`Lifetime`].
     pub async fn start_with(
         config: Config,
         listeners: Listeners,
@@ -191,180 +210,81 @@ impl Node {
         // Before anything records a metric: what is recorded before the recorder exists is lost.
         let recorder = crate::metrics::handle();
         let addresses = listeners.addresses(&config)?;
-        let balancer = config.role == Role::Balancer;
-        let store = if balancer {
-            None
-        } else {
-            let store = Store::open(config.store_config()).await?;
-            tracing::info!(
-                node = %config.node_name,
-                role = config.role.as_str(),
-                points = store.len(),
-                data_dir = %config.data_dir.display(),
-                "store opened"
-            );
-            Some(store)
-        };
-        let tls = match &config.tls {
-            Some(section) => Some(TlsAcceptor::from(crate::tls::server_config(section)?)),
-            None => None,
-        };
-        let gateway_tls = match &config.tls {
-            Some(section) => Some(TlsAcceptor::from(crate::tls::gateway_server_config(
-                section,
-            )?)),
-            None => None,
-        };
-        let plugins = Arc::new(plugins);
-        let access = Arc::new(Access::new(
-            plugins.clone(),
-            Duration::from_millis(config.plugins.decision_cache_ms),
-        ));
+        let store = open_store(&config).await?;
+        let tls = Acceptors::new(&config)?;
         let signer = Arc::new(url_signer(&config, &addresses)?);
-
-        let key = config.cluster.gossip_key().map_err(StartError::Config)?;
-        if key.is_none() {
-            tracing::warn!(
-                gossip = %addresses.gossip,
-                "gossip is unauthenticated (no cluster key): anyone who reaches this UDP port can \
-                 join the cluster; development only (set [tls] and cluster.key_file)"
-            );
-        }
+        let lifetime = Lifetime::new();
         let (leader, following) = watch::channel(None);
-        let cluster = cluster::start(
-            cluster::Params {
-                section: config.cluster.clone(),
-                seeds: config.seed_addresses.clone(),
-                dir: config.cluster_dir(),
-                local: cluster::Local {
-                    name: config.node_name.clone(),
-                    role: config.role,
-                    rpc_addr: addresses.rpc,
-                    replication_addr: addresses.replication,
-                    http_addr: addresses.http,
-                    virtual_nodes: config.virtual_node_count,
-                    tags: config.tags.clone(),
-                },
-                leader: following.clone(),
-            },
-            gossip::Network::Udp {
-                socket: listeners.gossip,
-                key,
-            },
-            CancellationToken::new(),
+        let cluster = start_cluster(
+            &config,
+            &addresses,
+            listeners.gossip,
+            following.clone(),
+            lifetime.subsystem(),
         )
         .await?;
-        let placement = Arc::new(Placement::new(plugins.clone(), cluster.membership()));
-
-        let config = Arc::new(config);
-        let (shutdown, abort) = (CancellationToken::new(), CancellationToken::new());
+        let plugins = Arc::new(plugins);
+        let services = Services {
+            access: Arc::new(Access::new(
+                plugins.clone(),
+                Duration::from_millis(config.plugins.decision_cache_ms),
+            )),
+            placement: Arc::new(Placement::new(plugins.clone(), cluster.membership())),
+            signer,
+            rpc_addr: addresses.rpc,
+            config: Arc::new(config),
+            plugins,
+            lifetime,
+        };
+        let ready = ring_formed(cluster.membership());
+        let shutdown = services.lifetime.shutdown.clone();
+        let max_frame = services.config.max_frame_size;
         let (context, replication, api) = match store {
             Some(store) => {
-                let progress = Arc::new(Progress::default());
-                let replication = replication::start(
-                    replication::Context {
-                        config: config.clone(),
-                        store: store.clone(),
-                        plugins: plugins.clone(),
-                        access: access.clone(),
-                        progress: progress.clone(),
-                        rpc_addr: addresses.rpc,
-                        leader,
-                        membership: cluster.membership(),
-                        steps: cluster.steps(),
-                    },
-                    listeners.replication,
-                    CancellationToken::new(),
-                )?;
-                let gate = Arc::new(Gate::new(
-                    &config,
-                    store.clone(),
-                    placement.clone(),
-                    following,
-                ));
-                let context = Arc::new(Context {
-                    config: config.clone(),
+                let (context, replication) = start_storage(
+                    &services,
                     store,
-                    rpc_addr: addresses.rpc,
-                    shutdown: shutdown.clone(),
-                    abort: abort.clone(),
-                    access: access.clone(),
-                    placement: placement.clone(),
-                    progress,
-                    signer: signer.clone(),
-                    steps: cluster.steps(),
-                    gate,
-                });
+                    &cluster,
+                    (leader, following),
+                    listeners.replication,
+                )?;
                 let api = api::start(
                     api::streaming::StreamingService::new(context.clone()),
                     api::resolver::ResolverService::new(context.clone()),
-                    config.max_frame_size,
+                    max_frame,
                     listeners.rpc,
-                    tls.clone(),
-                    shutdown.clone(),
-                    ring_formed(cluster.membership()),
+                    tls.api.clone(),
+                    shutdown,
+                    ready,
                 );
                 (Some(context), replication, api)
             }
             None => {
-                // A balancer reaches the nodes with its own node certificate.
-                let identity = config.tls.as_ref().map(|tls| {
-                    let peer = tls.peer.clone().unwrap_or_default();
-                    ClientTls {
-                        ca: peer.ca.unwrap_or_else(|| tls.ca.clone()),
-                        cert: peer.cert.unwrap_or_else(|| tls.cert.clone()),
-                        key: peer.key.unwrap_or_else(|| tls.key.clone()),
-                        server_name: None,
-                    }
-                });
-                let service = BalancerService::new(
-                    access.clone(),
-                    placement.clone(),
-                    Pool::new(identity),
-                    signer.clone(),
-                    config.multi_stream_percent,
-                    abort.clone(),
-                );
+                let identity = balancer_identity(&services.config);
+                let service = BalancerService::new(services.clone(), Pool::new(identity));
                 let api = api::start(
                     service.clone(),
                     service,
-                    config.max_frame_size,
+                    max_frame,
                     listeners.rpc,
-                    tls.clone(),
-                    shutdown.clone(),
-                    ring_formed(cluster.membership()),
+                    tls.api.clone(),
+                    shutdown,
+                    ready,
                 );
                 (None, None, api)
             }
         };
-        let gateway = Gateway {
-            access: access.clone(),
-            placement: placement.clone(),
-            store: context.as_ref().map(|c| c.store.clone()),
-            chunk: config.max_chunk_size,
-            shutdown: shutdown.clone(),
-            abort: abort.clone(),
-            signer,
-            tls: gateway_tls.is_some(),
-            writing_window: Duration::from_millis(config.http.writing_window_ms),
-            rpc_addr: addresses.rpc.to_string(),
-        };
-        let gateway = crate::http::start_gateway(
-            gateway,
-            listeners.http,
-            gateway_tls,
-            shutdown.child_token(),
+        let store = context.as_ref().map(|c| c.store.clone());
+        let gateway = start_gateway(&services, store, listeners.http, tls.gateway)?;
+        let metrics = crate::http::start_metrics(
+            recorder,
+            listeners.metrics,
+            tls.api,
+            services.lifetime.subsystem(),
         )?;
-        let metrics =
-            crate::http::start_metrics(recorder, listeners.metrics, tls, CancellationToken::new())?;
         Ok(Node {
-            config,
-            plugins,
-            access,
-            placement,
+            services,
             context,
-            shutdown,
-            abort,
             cluster,
             api,
             gateway,
@@ -404,7 +324,12 @@ impl Node {
     }
 
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.services.config
+    }
+
+    /// What every subsystem of this node shares.
+    pub fn services(&self) -> &Services {
+        &self.services
     }
 
     /// What a storage node's handlers share (a balancer has none).
@@ -414,12 +339,12 @@ impl Node {
 
     /// The one authorization door of this node.
     pub fn access(&self) -> &Arc<Access> {
-        &self.access
+        &self.services.access
     }
 
     /// Which member owns which point.
     pub fn placement(&self) -> &Arc<Placement> {
-        &self.placement
+        &self.services.placement
     }
 
     /// The gate of a storage node (`None` on a balancer): who takes a write of a point, who
@@ -459,14 +384,14 @@ impl Node {
     /// after the reload use the new plugins. On failure the current plugins stay. The caches
     /// start a new generation after the swap, so no answer of the old plugins survives it.
     pub async fn reload(&self, config: &Config) -> Result<(), PluginError> {
-        let (plugins, section) = (self.plugins.clone(), config.plugins.clone());
+        let (plugins, section) = (self.services.plugins.clone(), config.plugins.clone());
         // Off the async threads: loading runs each plugin's `configure` (see `plugins::runtime`).
         let generation = tokio::task::spawn_blocking(move || plugins.reload(&section))
             .await
             .expect("reloading plugins does not panic")?;
         let ttl = Duration::from_millis(config.plugins.decision_cache_ms);
-        self.access.reset(generation, ttl);
-        self.placement.reset(generation);
+        self.services.access.reset(generation, ttl);
+        self.services.placement.reset(generation);
         tracing::info!(
             authorizer = %config.plugins.authorizer.source,
             bundler = %config.plugins.bundler.source,
@@ -480,17 +405,17 @@ impl Node {
     /// replication, syncs and closes every point, then leaves the live view (the node stays in
     /// the ring: a restart is not a departure).
     pub async fn shutdown(self) -> Result<(), ShutdownError> {
-        let name = self.config.node_name.clone();
+        let name = self.services.config.node_name.clone();
         tracing::info!(node = %name, "shutting down");
-        self.shutdown.cancel();
-        let grace = Duration::from_millis(self.config.shutdown_grace_ms);
+        self.services.lifetime.shutdown.cancel();
+        let grace = Duration::from_millis(self.services.config.shutdown_grace_ms);
         let api = self.api.terminated();
         tokio::pin!(api);
         let mut outcome = match tokio::time::timeout(grace, &mut api).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 tracing::warn!("streams still open after the grace period; cancelling them");
-                self.abort.cancel();
+                self.services.lifetime.abort.cancel();
                 match tokio::time::timeout(Duration::from_secs(2), &mut api).await {
                     Ok(outcome) => outcome,
                     Err(_) => {
@@ -500,7 +425,7 @@ impl Node {
                 }
             }
         };
-        self.abort.cancel();
+        self.services.lifetime.abort.cancel();
         outcome = outcome.and(self.gateway.shutdown().await);
         outcome = outcome.and(self.metrics.shutdown().await);
         if let Some(replication) = self.replication {
@@ -523,6 +448,128 @@ async fn ring_formed(mut membership: watch::Receiver<Arc<Membership>>) {
     let _ = membership
         .wait_for(|membership| !membership.ring.members.is_empty())
         .await;
+}
+
+/// The store of a storage node (`None` on a balancer, which stores nothing).
+async fn open_store(config: &Config) -> Result<Option<Store>, StartError> {
+    if config.role == Role::Balancer {
+        return Ok(None);
+    }
+    let store = Store::open(config.store_config()).await?;
+    tracing::info!(
+        node = %config.node_name,
+        role = config.role.as_str(),
+        points = store.len(),
+        data_dir = %config.data_dir.display(),
+        "store opened"
+    );
+    Ok(Some(store))
+}
+
+/// Joins the cluster: gossip on `socket`, this node's record from `config` and `addresses`.
+async fn start_cluster(
+    config: &Config,
+    addresses: &Addresses,
+    socket: std::net::UdpSocket,
+    leader: watch::Receiver<Option<cluster::Leader>>,
+    token: CancellationToken,
+) -> Result<Cluster, StartError> {
+    let key = config.cluster.gossip_key().map_err(StartError::Config)?;
+    if key.is_none() {
+        tracing::warn!(
+            gossip = %addresses.gossip,
+            "gossip is unauthenticated (no cluster key): anyone who reaches this UDP port can \
+             join the cluster; development only (set [tls] and cluster.key_file)"
+        );
+    }
+    let params = cluster::Params {
+        section: config.cluster.clone(),
+        seeds: config.seed_addresses.clone(),
+        dir: config.cluster_dir(),
+        local: cluster::Local {
+            name: config.node_name.clone(),
+            role: config.role,
+            rpc_addr: addresses.rpc,
+            replication_addr: addresses.replication,
+            http_addr: addresses.http,
+            virtual_nodes: config.virtual_node_count,
+            tags: config.tags.clone(),
+        },
+        leader,
+    };
+    let network = gossip::Network::Udp { socket, key };
+    Ok(cluster::start(params, network, token).await?)
+}
+
+/// A storage node's replication (on its own thread) and the context its handlers share.
+fn start_storage(
+    services: &Services,
+    store: Store,
+    cluster: &Cluster,
+    (leader, following): (
+        watch::Sender<Option<cluster::Leader>>,
+        watch::Receiver<Option<cluster::Leader>>,
+    ),
+    listener: TcpListener,
+) -> Result<(Arc<Context>, Option<Handle>), StartError> {
+    let progress = Arc::new(Progress::default());
+    let replication = replication::start(
+        replication::Context {
+            services: services.clone(),
+            store: store.clone(),
+            progress: progress.clone(),
+            leader,
+            membership: cluster.membership(),
+            steps: cluster.steps(),
+        },
+        listener,
+        services.lifetime.subsystem(),
+    )?;
+    let gate = Arc::new(Gate::new(
+        &services.config,
+        store.clone(),
+        services.placement.clone(),
+        following,
+    ));
+    let context = Arc::new(Context {
+        services: services.clone(),
+        store,
+        progress,
+        steps: cluster.steps(),
+        gate,
+    });
+    Ok((context, replication))
+}
+
+/// The HTTP gateway, on the node's `store` (`None`: a balancer, which redirects every read).
+fn start_gateway(
+    services: &Services,
+    store: Option<Store>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+) -> Result<Handle, StartError> {
+    let gateway = Gateway {
+        services: services.clone(),
+        store,
+        chunk: services.config.max_chunk_size,
+        tls: tls.is_some(),
+        writing_window: Duration::from_millis(services.config.http.writing_window_ms),
+    };
+    let token = services.lifetime.shutdown.child_token();
+    Ok(crate::http::start_gateway(gateway, listener, tls, token)?)
+}
+
+/// A balancer reaches the nodes with its own node certificate.
+fn balancer_identity(config: &Config) -> Option<ClientTls> {
+    config.tls.as_ref().map(|tls| {
+        let peer = tls.peer.clone().unwrap_or_default();
+        ClientTls {
+            ca: peer.ca.unwrap_or_else(|| tls.ca.clone()),
+            cert: peer.cert.unwrap_or_else(|| tls.cert.clone()),
+            key: peer.key.unwrap_or_else(|| tls.key.clone()),
+            server_name: None,
+        }
+    })
 }
 
 /// Loads (and compiles) the plugins `config` names, on the blocking pool: loading runs each

@@ -1,39 +1,27 @@
 //! What the handlers of one node share: the store, the access door, the gate (ownership),
 //! replication progress, and the checks and waits that several handlers make.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
-use crate::access::{Access, Action};
+use crate::access::Action;
 use crate::cluster::Steps;
-use crate::config::{Ack, Config};
+use crate::config::Ack;
 use crate::error::Error;
 use crate::net::PeerInfo;
-use crate::placement::Placement;
 use crate::point::{PointId, Store};
 use crate::proto::{ON_BEHALF_OF, PURPOSE};
 use crate::replication::{Progress, Replica};
 use crate::reshard::Gate;
-use crate::signed_url::UrlSigner;
+use crate::services::Services;
 
 pub struct Context {
-    pub config: Arc<Config>,
+    /// What every subsystem of the node shares (configuration, access, placement, the URL
+    /// signer, the API address, the node's lifetime).
+    pub services: Services,
     pub store: Store,
-    /// The address clients reach this node's API at.
-    pub rpc_addr: SocketAddr,
-    /// Cancelled when shutdown starts: stop accepting, end `follow` streams.
-    pub shutdown: CancellationToken,
-    /// Cancelled when the grace period is over: end every remaining stream.
-    pub abort: CancellationToken,
-    pub access: Arc<Access>,
-    pub placement: Arc<Placement>,
     /// What followers confirmed (empty unless this node is a leader).
     pub progress: Arc<Progress>,
-    /// Signs the URLs of the HTTP gateway (`SignUrl`).
-    pub signer: Arc<UrlSigner>,
     /// This member's lifecycle steps (`DrainMember`).
     pub steps: Steps,
     /// Whether this node takes a write or serves a read of a point, or who does.
@@ -81,7 +69,8 @@ impl Context {
         peer.subject
             .strip_prefix(crate::certs::NODE_PREFIX)
             .and_then(|name| {
-                self.placement
+                self.services
+                    .placement
                     .membership()
                     .live(name)
                     .map(|member| member.role.is_balancer())
@@ -92,7 +81,7 @@ impl Context {
     /// An operator call about member `node` (drain, cleanup) is made on that node itself: a
     /// check against changing the wrong one.
     pub fn check_addressed(&self, node: &str) -> Result<(), Error> {
-        let local = &self.config.node_name;
+        let local = &self.services.config.node_name;
         if node == local {
             return Ok(());
         }
@@ -105,7 +94,7 @@ impl Context {
     /// The nodes a client may read `point` (of `size` bytes) from in parallel: this node, and on
     /// a leader `multi_stream_percent` of the connected followers that hold all of it.
     pub fn workers(&self, point: &PointId, size: u64) -> Vec<String> {
-        let mut workers = vec![self.rpc_addr.to_string()];
+        let mut workers = vec![self.services.rpc_addr.to_string()];
         let complete: Vec<String> = self
             .progress
             .replicas(point)
@@ -113,7 +102,8 @@ impl Context {
             .filter(|replica| replica.connected && replica.end >= size)
             .map(|replica| replica.rpc_address)
             .collect();
-        let take = (complete.len() * usize::from(self.config.multi_stream_percent)).div_ceil(100);
+        let take =
+            (complete.len() * usize::from(self.services.config.multi_stream_percent)).div_ceil(100);
         workers.extend(complete.into_iter().take(take));
         workers
     }
@@ -125,10 +115,10 @@ impl Context {
 
     /// With `ack = { replicas = N }`, waits until N followers confirmed every `(point, end)`.
     pub async fn wait_for_replicas(&self, written: &[(PointId, u64)]) -> Result<(), Error> {
-        let Ack::Replicas(replicas) = self.config.replication.ack else {
+        let Ack::Replicas(replicas) = self.services.config.replication.ack else {
             return Ok(());
         };
-        let timeout = Duration::from_millis(self.config.replication.ack_timeout_ms);
+        let timeout = Duration::from_millis(self.services.config.replication.ack_timeout_ms);
         self.progress
             .wait(written, replicas as usize, timeout)
             .await

@@ -32,10 +32,11 @@ impl proto::lb_resolver_helper_server::LbResolverHelper for ResolverService {
     ) -> Result<Response<GetServersResponse>, Status> {
         let peer = self.state.caller(&request);
         self.state
+            .services
             .access
             .authorize(&peer, Action::Metadata, "")
             .await?;
-        let servers = balancers(&self.state.placement.membership());
+        let servers = balancers(&self.state.services.placement.membership());
         Ok(Response::new(GetServersResponse { servers }))
     }
 }
@@ -48,6 +49,7 @@ impl proto::follower_resolver_helper_server::FollowerResolverHelper for Resolver
     ) -> Result<Response<GetFollowersResponse>, Status> {
         let peer = self.state.caller(&request);
         self.state
+            .services
             .access
             .authorize(&peer, Action::Metadata, "")
             .await?;

@@ -5,10 +5,12 @@
 //! variables). Progress bars draw on stderr only when it is a terminal. `bench` lives in [`bench`].
 
 mod bench;
+mod commands;
+
+use commands::{certs, get, ls, members_change, members_list, put, rm, stat, url};
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -16,10 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
-use goutube::client::{
-    Client, ClientError, ClientOptions, ClientTls, DEFAULT_CHUNK, GetOptions, Progress, PutMode,
-    PutOptions,
-};
+use goutube::client::{Client, ClientError, ClientOptions, ClientTls, DEFAULT_CHUNK, Progress};
 use goutube::config::Config;
 use goutube::node::{Listeners, Node};
 use goutube::proto::ListMembersResponse;
@@ -284,64 +283,16 @@ async fn command(command: Command) -> anyhow::Result<()> {
             content_type,
             connection,
         } => {
-            init_client_logging();
-            anyhow::ensure!(chunk_size > 0, "--chunk-size must be at least 1");
-            let mode = match (resume, append) {
-                (true, _) => PutMode::Resume,
-                (_, true) => PutMode::Append,
-                _ => PutMode::New,
-            };
-            let options = PutOptions {
-                chunk: chunk_size,
+            put(
+                file,
+                point,
+                resume,
+                append,
+                chunk_size,
                 content_type,
-                mode,
-            };
-            let client = connection.connect().await?;
-            let started = Instant::now();
-            let progress = Arc::new(Bar(progress_bar()));
-            let put = client.put(&point, &file, &options, progress.clone()).await;
-            progress.0.finish_and_clear();
-            let report = match put {
-                Err(ClientError::Exists { size, .. }) => anyhow::bail!(
-                    "point {point} already has {size} bytes; nothing was written. `goutube put \
-                     {file} {point} --resume` continues an interrupted upload of this file (the \
-                     point's bytes are checked against its start), `--append` adds the file after \
-                     them",
-                    file = file.display()
-                ),
-                other => other?,
-            };
-            let record = report.record;
-            if let Some((owner, address)) = &report.redirected {
-                println!("{point}: written to member {owner} at {address}, which takes its writes");
-            }
-            if report.retries > 0 {
-                println!(
-                    "{point}: resumed {} time(s) after failures; no byte was written twice",
-                    report.retries
-                );
-            }
-            match mode {
-                PutMode::Append => println!(
-                    "{point}: appended {} bytes at {}; the point now has {} bytes, crc32c {:08x} \
-                     (verified: its first {} bytes, then the file)",
-                    report.bytes, report.start, record.end, record.crc32c, report.start
-                ),
-                PutMode::New | PutMode::Resume => {
-                    if report.resumed > 0 {
-                        println!(
-                            "{point}: its {} bytes were the start of the file; sent the rest",
-                            report.resumed
-                        );
-                    }
-                    println!(
-                        "{point}: {} bytes, crc32c {:08x} (verified: the point is the file)",
-                        record.end, record.crc32c
-                    );
-                }
-            }
-            print_rate(report.bytes - report.resumed, started);
-            Ok(())
+                connection,
+            )
+            .await
         }
         Command::Get {
             point,
@@ -350,206 +301,38 @@ async fn command(command: Command) -> anyhow::Result<()> {
             force,
             no_hedge,
             connection,
-        } => {
-            init_client_logging();
-            let client = connection.connect().await?;
-            let started = Instant::now();
-            let progress = Arc::new(Bar(progress_bar()));
-            let options = GetOptions {
-                resume,
-                hedge: !no_hedge,
-                overwrite: force,
-                interrupt: interrupted()?,
-            };
-            let got = client.get(&point, &file, &options, progress.clone()).await;
-            progress.0.finish_and_clear();
-            let report = match got {
-                Err(ClientError::FileExists(path)) => anyhow::bail!(
-                    "{} exists already; nothing was downloaded (--force replaces it)",
-                    path.display()
-                ),
-                Err(error @ ClientError::Interrupted { .. }) => anyhow::bail!(
-                    "{error}; `goutube get {point} {} --resume` continues from there",
-                    file.display()
-                ),
-                other => other?,
-            };
-            println!(
-                "{point}: {} bytes into {} from {} worker(s), crc32c {:08x} verified",
-                report.size,
-                file.display(),
-                report.workers,
-                report.crc32c
-            );
-            if report.resumed > 0 {
-                println!(
-                    "resumed: {} bytes were already verified, {} fetched",
-                    report.resumed, report.fetched
-                );
-            }
-            if report.retries + report.hedges > 0 {
-                println!(
-                    "{} range(s) continued elsewhere, {} hedged",
-                    report.retries, report.hedges
-                );
-            }
-            print_rate(report.size - report.resumed, started);
-            Ok(())
-        }
-        Command::Stat { point, connection } => {
-            init_client_logging();
-            let meta = connection.connect().await?.stat(&point).await?;
-            println!("point:   {point}");
-            println!("size:    {}", meta.size);
-            println!("type:    {}", meta.content_type);
-            println!("crc32c:  {:08x}", meta.crc32c);
-            println!("epoch:   {}", meta.epoch);
-            println!("owner:   {}", meta.owner);
-            println!("node:    {} ({})", meta.node, meta.role);
-            println!("workers: {}", meta.workers.join(", "));
-            for replica in meta.replicas {
-                println!(
-                    "replica: {} at {} {}, confirmed {} bytes, lag {} bytes",
-                    replica.follower,
-                    replica.rpc_addr,
-                    if replica.connected {
-                        "connected"
-                    } else {
-                        "NOT CONNECTED"
-                    },
-                    replica.end,
-                    replica.lag
-                );
-            }
-            Ok(())
-        }
-        Command::Ls { prefix, connection } => {
-            init_client_logging();
-            let listing = connection.connect().await?.list(&prefix).await?;
-            for point in &listing.points {
-                println!("{}", goutube::error::escaped(point));
-            }
-            for member in &listing.missing {
-                eprintln!(
-                    "warning: member {member} is down and none of its followers is up: its \
-                     points are not listed"
-                );
-            }
-            Ok(())
-        }
+        } => get(point, file, resume, force, no_hedge, connection).await,
+        Command::Stat { point, connection } => stat(point, connection).await,
+        Command::Ls { prefix, connection } => ls(prefix, connection).await,
         Command::Certs {
             out,
-            mut nodes,
+            nodes,
             sans,
-            mut clients,
+            clients,
             days,
             force,
-        } => {
-            // Asked for client certificates only, no node certificate is made.
-            if nodes.is_empty() && clients.is_empty() {
-                nodes.push(Config::default().node_name);
-            }
-            if clients.is_empty() {
-                clients = vec!["root".into(), "nobody".into()];
-            }
-            anyhow::ensure!(days > 0, "--days must be at least 1");
-            let written = goutube::certs::write(&goutube::certs::Request {
-                out: &out,
-                nodes: &nodes,
-                sans: &sans,
-                clients: &clients,
-                days,
-                force,
-            })?;
-            for path in &written {
-                println!("wrote {}", path.display());
-            }
-            if let Some(node) = nodes.first() {
-                println!(
-                    "\nnode config:\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}",
-                    out.join("ca.pem"),
-                    out.join(format!("node-{node}.pem")),
-                    out.join(format!("node-{node}-key.pem")),
-                    out.join(goutube::certs::CLUSTER_KEY_FILE)
-                );
-            }
-            if let Some(client) = clients.first() {
-                println!(
-                    "\nclient flags: --ca {} --cert {} --key {}",
-                    out.join("ca.pem").display(),
-                    out.join(format!("client-{client}.pem")).display(),
-                    out.join(format!("client-{client}-key.pem")).display()
-                );
-            }
-            Ok(())
-        }
+        } => certs(out, nodes, sans, clients, days, force),
         Command::Bench(bench) => {
             init_client_logging();
             bench::run(bench).await
         }
-        Command::Rm { point, connection } => {
-            init_client_logging();
-            let size = connection.connect().await?.delete(&point).await?;
-            println!("{point}: deleted ({size} bytes)");
-            Ok(())
-        }
+        Command::Rm { point, connection } => rm(point, connection).await,
         Command::Members {
             action: None,
             connection,
             ..
-        } => {
-            init_client_logging();
-            let members = connection.connect().await?.members().await?;
-            print_members(&members);
-            Ok(())
-        }
+        } => members_list(connection).await,
         Command::Members {
             action: Some(action),
             node,
             connection,
-        } => {
-            init_client_logging();
-            let node = node.expect("clap requires the node with an action");
-            let client = connection.connect().await?;
-            let options = connection.options();
-            match action {
-                MembersAction::Drain => {
-                    let state = client.drain(&node, &options).await?;
-                    println!(
-                        "{node}: {state}; it hands its points to their next owners, then leaves \
-                         the ring (watch `goutube members`)"
-                    );
-                }
-                MembersAction::Cleanup => {
-                    let (points, bytes) = client.cleanup(&node, &options).await?;
-                    println!("{node}: deleted {points} handed-over copies ({bytes} bytes)");
-                }
-                MembersAction::Forget => {
-                    let state = client.forget(&node).await?;
-                    println!(
-                        "{node}: {state}; its new owners take its points over from its \
-                         followers' copies (watch `goutube members`)"
-                    );
-                }
-            }
-            Ok(())
-        }
+        } => members_change(action, node, connection).await,
         Command::Url {
             point,
             ttl,
             player,
             connection,
-        } => {
-            init_client_logging();
-            let (url, expires) = connection
-                .connect()
-                .await?
-                .sign_url(&point, ttl, player)
-                .await?;
-            println!("{url}");
-            eprintln!("valid until {} (Unix seconds)", expires);
-            Ok(())
-        }
+        } => url(point, ttl, player, connection).await,
     }
 }
 

@@ -30,41 +30,34 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 
 use super::range::{self, Answer};
-use crate::access::{Access, Action};
+use crate::access::Action;
 use crate::error::bounded;
 use crate::metrics;
 use crate::net::{NO_CERTIFICATE, PeerInfo};
-use crate::placement::Placement;
 use crate::point::{Point, PointId, ReadError, Span, Store};
 use crate::reshard::gate::{self, Holder};
 use crate::service::Spawner;
-use crate::signed_url::{UrlSigner, encode_path};
+use crate::services::Services;
+use crate::signed_url::encode_path;
 
 /// Frames the read loop may read ahead of a slow client.
 const READ_AHEAD: usize = 4;
 
 /// What the gateway's handlers share.
 pub struct Gateway {
-    pub access: Arc<Access>,
-    pub placement: Arc<Placement>,
+    /// What every subsystem of the node shares (access, placement, the URL signer, the API
+    /// address, the node's lifetime: shutdown ends `?follow=1` streams, abort every read).
+    pub services: Services,
     /// The node's points; `None` on a balancer, which stores nothing and redirects every request.
     pub store: Option<Store>,
     /// Bytes per read of the read loop.
     pub chunk: u64,
-    /// Cancelled when the node starts shutting down (ends `?follow=1` streams).
-    pub shutdown: CancellationToken,
-    /// Cancelled when its grace period is over (ends every read).
-    pub abort: CancellationToken,
-    pub signer: Arc<UrlSigner>,
     /// Whether this gateway speaks HTTPS (redirects keep the scheme).
     pub tls: bool,
     /// A point that grew less than this long ago is served with `Cache-Control: no-cache`.
     pub writing_window: Duration,
-    /// Where this node's gRPC API listens (a gRPC client that reaches this port is told).
-    pub rpc_addr: String,
 }
 
 /// The router's state: the gateway, and the spawner its read loops run on (tasks of the gateway
@@ -126,7 +119,7 @@ async fn elsewhere(State(served): State<Arc<Served>>, headers: HeaderMap) -> Res
     }
     let message = format!(
         "this is the HTTP gateway of the node; its gRPC API listens at {}",
-        served.gateway.rpc_addr
+        served.gateway.services.rpc_addr
     );
     let encoded =
         percent_encoding::utf8_percent_encode(&message, percent_encoding::NON_ALPHANUMERIC);
@@ -274,6 +267,7 @@ impl Gateway {
         let signed = params.sig.is_some() || params.expires.is_some() || params.subject.is_some();
         let reader = if signed {
             let grant = self
+                .services
                 .signer
                 .verify(
                     request.id.as_str(),
@@ -293,7 +287,8 @@ impl Gateway {
         } else {
             peer.clone()
         };
-        self.access
+        self.services
+            .access
             .authorize(&reader, Action::Consume, request.id.as_str())
             .await
             .map_err(|denied| Refusal::Forbidden(denied.to_string()))
@@ -340,7 +335,8 @@ impl Gateway {
     /// Where a copy at least as complete as this node's lives (the gate's holder: the owner if
     /// it is live, as it holds every acknowledged byte; else a live follower of the owner).
     async fn elsewhere(&self, request: &Request) -> Option<String> {
-        let Holder::Member(target) = gate::holder(&self.placement, request.id.as_str()).await
+        let Holder::Member(target) =
+            gate::holder(&self.services.placement, request.id.as_str()).await
         else {
             return None;
         };
@@ -362,7 +358,7 @@ impl Gateway {
 
     /// The owner of `id` if it is down and no live follower of it is known.
     async fn owner_down(&self, id: &PointId) -> Option<String> {
-        match gate::holder(&self.placement, id.as_str()).await {
+        match gate::holder(&self.services.placement, id.as_str()).await {
             Holder::Down(owner) => Some(owner),
             Holder::Nobody | Holder::Member(_) => None,
         }
@@ -481,7 +477,10 @@ impl Gateway {
             return Body::empty();
         }
         let (frames, received) = mpsc::channel(READ_AHEAD);
-        let (shutdown, abort) = (self.shutdown.clone(), self.abort.clone());
+        let (shutdown, abort) = (
+            self.services.lifetime.shutdown.clone(),
+            self.services.lifetime.abort.clone(),
+        );
         // Ends with the node's grace period, even for a client that stopped reading.
         spawner.spawn("read", async move {
             tokio::select! {

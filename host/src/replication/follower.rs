@@ -45,7 +45,7 @@ const APPLY_QUEUE: usize = 256;
 /// Follows every configured leader until `shutdown`.
 pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
     let context = Rc::new(context);
-    for address in context.config.leader_addresses.clone() {
+    for address in context.services.config.leader_addresses.clone() {
         let (context, tls, shutdown) = (context.clone(), tls.clone(), shutdown.clone());
         tokio::task::spawn_local(async move {
             let mut backoff = Duration::from_millis(50);
@@ -113,9 +113,9 @@ async fn session(
     {
         let mut params = request.get();
         let mut hello = params.reborrow().init_hello();
-        hello.set_follower(&context.config.node_name);
+        hello.set_follower(&context.services.config.node_name);
         hello.set_protocol(super::PROTOCOL);
-        hello.set_rpc_address(context.rpc_addr.to_string());
+        hello.set_rpc_address(context.services.rpc_addr.to_string());
         let mut list = hello.init_offers(offers.len() as u32);
         for (i, held) in offers.iter().enumerate() {
             let mut offer = list.reborrow().get(i as u32);
@@ -484,7 +484,7 @@ impl SinkService {
         &self,
         records: Vec<Received>,
     ) -> Result<Vec<Result<Incoming, ApplyError>>, capnp::Error> {
-        let plugins = self.context.plugins.current();
+        let plugins = self.context.services.plugins.current();
         let count = records.len();
         let timeout = plugins.bundler.timeout() * count as u32 + Duration::from_secs(1);
         let shutdown = self.shutdown.clone();

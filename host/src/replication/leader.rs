@@ -101,7 +101,7 @@ impl LeaderService {
     /// TLS, its certificate must name `from`.
     async fn authorize_member(&self, from: &str) -> Result<(), capnp::Error> {
         self.authorize_peer().await?;
-        let tls = self.context.config.tls.is_some();
+        let tls = self.context.services.config.tls.is_some();
         if let Err(reason) = check_identity(&self.peer.subject, from, tls) {
             ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
             tracing::warn!(subject = %self.peer.subject, peer = %self.peer.addr, %reason, "handover refused");
@@ -114,6 +114,7 @@ impl LeaderService {
     async fn authorize_peer(&self) -> Result<(), capnp::Error> {
         let context = &self.context;
         let refused = context
+            .services
             .access
             .authorize(&self.peer, Action::Replicate, "")
             .await;
@@ -122,11 +123,11 @@ impl LeaderService {
             tracing::warn!(subject = %self.peer.subject, peer = %self.peer.addr, %reason, "handover refused");
             return Err(capnp::Error::failed(reason.to_string()));
         }
-        if !context.config.role.is_primary() {
+        if !context.services.config.role.is_primary() {
             return Err(capnp::Error::failed(format!(
                 "node {} is a {}: only primaries take points over",
-                context.config.node_name,
-                context.config.role.as_str()
+                context.services.config.node_name,
+                context.services.config.role.as_str()
             )));
         }
         Ok(())
@@ -182,7 +183,7 @@ impl leader::Server for LeaderService {
         let context = &self.context;
         let sealed = handover::seal(
             &context.store,
-            &context.config.node_name,
+            &context.services.config.node_name,
             &from,
             &point,
             params.get_end(),
@@ -206,7 +207,10 @@ impl leader::Server for LeaderService {
         self.authorize_peer().await?;
         let point = point_of(params.get()?.get_point()?)?;
         let context = &self.context;
-        let needed = match (context.config.role, context.config.replication.ack) {
+        let needed = match (
+            context.services.config.role,
+            context.services.config.replication.ack,
+        ) {
             (crate::config::Role::Leader, crate::config::Ack::Replicas(replicas)) => {
                 Some(replicas.max(1) as usize)
             }
@@ -293,10 +297,12 @@ impl leader::Server for LeaderService {
         _: leader::IdentifyParams,
         mut results: leader::IdentifyResults,
     ) -> Result<(), capnp::Error> {
-        results.get().set_name(&self.context.config.node_name);
         results
             .get()
-            .set_rpc_address(self.context.rpc_addr.to_string());
+            .set_name(&self.context.services.config.node_name);
+        results
+            .get()
+            .set_rpc_address(self.context.services.rpc_addr.to_string());
         Ok(())
     }
 
@@ -313,10 +319,15 @@ impl leader::Server for LeaderService {
         let protocol = hello.get_protocol();
         let refused = async {
             context
+                .services
                 .access
                 .authorize(peer, Action::Replicate, "")
                 .await?;
-            check_identity(&peer.subject, &follower, context.config.tls.is_some())?;
+            check_identity(
+                &peer.subject,
+                &follower,
+                context.services.config.tls.is_some(),
+            )?;
             if protocol != PROTOCOL {
                 return Err(FollowRefusal::Protocol {
                     follower: crate::error::bounded(&follower),
@@ -326,10 +337,14 @@ impl leader::Server for LeaderService {
             }
             // A forgotten member leads nobody: its followers' copies were taken over.
             let membership = context.membership.borrow();
-            match membership.ring.members.get(&context.config.node_name) {
+            match membership
+                .ring
+                .members
+                .get(&context.services.config.node_name)
+            {
                 Some(record) if record.lifecycle == crate::cluster::Lifecycle::Forgotten => {
                     Err(FollowRefusal::Forgotten {
-                        node: context.config.node_name.clone(),
+                        node: context.services.config.node_name.clone(),
                     })
                 }
                 _ => Ok(()),
@@ -341,11 +356,11 @@ impl leader::Server for LeaderService {
             tracing::warn!(subject = %peer.subject, peer = %peer.addr, %reason, "follower refused");
             return Err(capnp::Error::failed(reason.to_string()));
         }
-        if context.config.role != crate::config::Role::Leader {
+        if context.services.config.role != crate::config::Role::Leader {
             return Err(capnp::Error::failed(format!(
                 "node {} is a {}, not a leader: it has no followers",
-                context.config.node_name,
-                context.config.role.as_str()
+                context.services.config.node_name,
+                context.services.config.role.as_str()
             )));
         }
         let rpc_address = hello.get_rpc_address()?.to_str()?.to_owned();
@@ -381,7 +396,7 @@ impl leader::Server for LeaderService {
             }
         });
         let session = SessionService {
-            leader: context.config.node_name.clone(),
+            leader: context.services.config.node_name.clone(),
             stop,
         };
         results.get().set_session(capnp_rpc::new_client(session));

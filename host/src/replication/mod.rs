@@ -35,7 +35,6 @@ pub mod takeover;
 pub mod replication_capnp;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,15 +49,15 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::access::{Access, Action};
+use crate::access::Action;
 use crate::cluster::{Leader, Membership, Steps};
-use crate::config::{Config, Role};
+use crate::config::Role;
 use crate::metrics;
 use crate::net::PeerInfo;
-use crate::plugins::Plugins;
 use crate::point::{PointId, Store};
 
 use crate::service::{Handle, Service};
+use crate::services::Services;
 use error::{IdentityError, LinkError};
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
@@ -77,13 +76,11 @@ pub enum ReplicationError {
 /// What the replication thread needs from the node.
 #[derive(Clone)]
 pub struct Context {
-    pub config: Arc<Config>,
+    /// What every subsystem of the node shares: the configuration, the plugins, the
+    /// authorization door, this node's client API address (sent to the leader by a follower).
+    pub services: Services,
     pub store: Store,
-    pub plugins: Arc<Plugins>,
-    pub access: Arc<Access>,
     pub progress: Arc<Progress>,
-    /// This node's client API address (sent to the leader by a follower).
-    pub rpc_addr: SocketAddr,
     /// A follower publishes here the leader it follows (its name is gossiped by membership).
     pub leader: watch::Sender<Option<Leader>>,
     /// The cluster as this node sees it (resharding plans from its ring).
@@ -99,17 +96,17 @@ pub fn start(
     listener: tokio::net::TcpListener,
     token: CancellationToken,
 ) -> Result<Option<Handle>, ReplicationError> {
-    let role = context.config.role;
+    let role = context.services.config.role;
     if role == Role::Balancer {
         return Ok(None);
     }
-    let server_tls = match &context.config.tls {
+    let server_tls = match &context.services.config.tls {
         Some(tls) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
             tls,
         )?)),
         None => None,
     };
-    let client_tls = match &context.config.tls {
+    let client_tls = match &context.services.config.tls {
         Some(tls) => Some(tokio_rustls::TlsConnector::from(
             crate::tls::peer_client_config(tls)?,
         )),
@@ -119,7 +116,7 @@ pub fn start(
     let listener = listener.into_std()?;
     let service = Service::new("replication", token);
     let spawner = service.spawner();
-    let grace = Duration::from_millis(context.config.shutdown_grace_ms);
+    let grace = Duration::from_millis(context.services.config.shutdown_grace_ms);
     service.spawn_thread(role.as_str(), move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -396,7 +393,12 @@ pub(crate) async fn dial(
                 addr: peer_addr,
                 subject: subject.as_str().into(),
             };
-            if let Err(denied) = context.access.authorize(&peer, Action::Replicate, "").await {
+            if let Err(denied) = context
+                .services
+                .access
+                .authorize(&peer, Action::Replicate, "")
+                .await
+            {
                 ::metrics::counter!(metrics::REPLICATION_REFUSED).increment(1);
                 return Err(denied.into());
             }

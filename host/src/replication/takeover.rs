@@ -124,7 +124,7 @@ pub async fn offer(
     let expected: Vec<&String> = crate::reshard::followers_of(&membership, forgotten)
         .map(|m| &m.name)
         .collect();
-    let wait = Duration::from_millis(context.config.reshard.forget_wait_ms);
+    let wait = Duration::from_millis(context.services.config.reshard.forget_wait_ms);
     let mut offers = offers.borrow_mut();
     let offered = offers
         .points

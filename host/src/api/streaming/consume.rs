@@ -32,6 +32,7 @@ impl StreamingService {
         let state = self.state.clone();
         let id = PointId::new(request.point.as_str()).map_err(Error::from)?;
         state
+            .services
             .access
             .authorize(&peer, Action::Consume, id.as_str())
             .await?;
@@ -40,12 +41,17 @@ impl StreamingService {
         let window = read_window(
             &request,
             snapshot,
-            state.config.max_chunk_size,
-            state.config.max_frame_size,
+            state.services.config.max_chunk_size,
+            state.services.config.max_frame_size,
         )?;
 
         let (frames, received) = mpsc::channel(READ_AHEAD);
-        tokio::spawn(point.stream(state.store.clone(), window, frames, state.shutdown.clone()));
+        tokio::spawn(point.stream(
+            state.store.clone(),
+            window,
+            frames,
+            state.services.lifetime.shutdown.clone(),
+        ));
         let responses = ReceiverStream::new(received).map(|frame| {
             frame
                 .map(|(offset, frame)| {
@@ -71,12 +77,17 @@ impl StreamingService {
         let action = self.state.metadata_action(&request);
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         let state = &self.state;
-        state.access.authorize(&peer, action, id.as_str()).await?;
+        state
+            .services
+            .access
+            .authorize(&peer, action, id.as_str())
+            .await?;
         let snapshot = state.gate.admit_read(&id).await?.snapshot();
         let ownership = state.store.ownership(&id).await.map_err(Error::from)?;
         let owner = match ownership.owner.clone() {
             Some(owner) => owner,
             None => state
+                .services
                 .placement
                 .owners(id.as_str(), 1)
                 .await
@@ -98,8 +109,8 @@ impl StreamingService {
             workers: state.workers(&id, snapshot.end),
             size: snapshot.end,
             crc32c: snapshot.crc,
-            node: state.config.node_name.clone(),
-            role: state.config.role.as_str().into(),
+            node: state.services.config.node_name.clone(),
+            role: state.services.config.role.as_str().into(),
             replicas,
             content_type: state.store.media_type(&id).await.map_err(Error::from)?,
             epoch: ownership.epoch,
@@ -114,6 +125,7 @@ impl StreamingService {
         let peer = self.state.caller(&request);
         let request = request.into_inner();
         self.state
+            .services
             .access
             .authorize(&peer, Action::Metadata, &request.prefix)
             .await?;
@@ -150,10 +162,11 @@ impl StreamingService {
         let request = request.into_inner();
         let id = PointId::new(request.point).map_err(Error::from)?;
         self.state
+            .services
             .access
             .authorize(&peer, Action::Metadata, id.as_str())
             .await?;
-        let located = locate(&self.state.placement, &id, request.replicas).await?;
+        let located = locate(&self.state.services.placement, &id, request.replicas).await?;
         Ok(Response::new(located))
     }
 }

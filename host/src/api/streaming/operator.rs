@@ -27,8 +27,14 @@ impl StreamingService {
     ) -> Result<Response<ListMembersResponse>, Status> {
         let peer = self.state.caller(&request);
         let state = &self.state;
-        state.access.authorize(&peer, Action::Metadata, "").await?;
-        Ok(Response::new(members(&state.placement.membership())))
+        state
+            .services
+            .access
+            .authorize(&peer, Action::Metadata, "")
+            .await?;
+        Ok(Response::new(members(
+            &state.services.placement.membership(),
+        )))
     }
 
     pub(super) async fn sign(
@@ -37,7 +43,13 @@ impl StreamingService {
     ) -> Result<Response<SignUrlResponse>, Status> {
         let peer = self.state.caller(&request);
         let state = &self.state;
-        let signed = sign_url(&state.access, &state.signer, &peer, request.into_inner()).await?;
+        let signed = sign_url(
+            &state.services.access,
+            &state.services.signer,
+            &peer,
+            request.into_inner(),
+        )
+        .await?;
         Ok(Response::new(signed))
     }
 
@@ -47,10 +59,15 @@ impl StreamingService {
     ) -> Result<Response<DrainMemberResponse>, Status> {
         let peer = self.state.caller(&request);
         let state = &self.state;
-        state.access.authorize(&peer, Action::Admin, "").await?;
+        state
+            .services
+            .access
+            .authorize(&peer, Action::Admin, "")
+            .await?;
         state.check_addressed(&request.into_inner().node)?;
-        let local = &state.config.node_name;
+        let local = &state.services.config.node_name;
         let current = state
+            .services
             .placement
             .membership()
             .ring
@@ -81,7 +98,11 @@ impl StreamingService {
     ) -> Result<Response<ForgetMemberResponse>, Status> {
         let peer = self.state.caller(&request);
         let state = &self.state;
-        state.access.authorize(&peer, Action::Admin, "").await?;
+        state
+            .services
+            .access
+            .authorize(&peer, Action::Admin, "")
+            .await?;
         let node = request.into_inner().node;
         state
             .steps
@@ -104,7 +125,11 @@ impl StreamingService {
     ) -> Result<Response<CleanupMemberResponse>, Status> {
         let peer = self.state.caller(&request);
         let state = &self.state;
-        state.access.authorize(&peer, Action::Admin, "").await?;
+        state
+            .services
+            .access
+            .authorize(&peer, Action::Admin, "")
+            .await?;
         state.check_addressed(&request.into_inner().node)?;
         let store = &state.store;
         let (mut points, mut bytes) = (0, 0);

@@ -49,7 +49,7 @@ impl StreamingService {
                     message = frames.message() => message.map_err(|status| {
                         Error::InvalidArgument(format!("reading the stream: {}", status.message()))
                     })?,
-                    _ = state.abort.cancelled() => {
+                    _ = state.services.lifetime.abort.cancelled() => {
                         return Err(Error::Unavailable("the node is shutting down".into()));
                     }
                 };
@@ -71,12 +71,12 @@ impl StreamingService {
                         points.len() - 1
                     }
                 };
-                if frame.len() as u64 > state.config.max_frame_size {
+                if frame.len() as u64 > state.services.config.max_frame_size {
                     return Err(Error::InvalidArgument(format!(
                         "frame of {} bytes for point {:?} exceeds max_frame_size ({} bytes)",
                         frame.len(),
                         points[slot].as_str(),
-                        state.config.max_frame_size
+                        state.services.config.max_frame_size
                     )));
                 }
                 ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
@@ -130,6 +130,7 @@ impl StreamingService {
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         self.state.gate.check_writable().map_err(Error::from)?;
         self.state
+            .services
             .access
             .authorize(&peer, Action::Admin, id.as_str())
             .await?;
@@ -161,6 +162,7 @@ async fn admit_point(
 ) -> Result<PointId, Error> {
     let id = PointId::new(point)?;
     state
+        .services
         .access
         .authorize(peer, Action::Produce, id.as_str())
         .await?;
@@ -224,7 +226,12 @@ async fn write_frames(
         }
         let appended = state
             .gate
-            .append(&first.point, first.expected_offset, batch, &state.abort)
+            .append(
+                &first.point,
+                first.expected_offset,
+                batch,
+                &state.services.lifetime.abort,
+            )
             .await?;
         if let Some(&appended) = appended.last() {
             last.insert(first.slot, appended);

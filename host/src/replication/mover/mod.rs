@@ -60,7 +60,7 @@ const CLEANUP_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs the moves of this primary until `shutdown`.
 pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: CancellationToken) {
-    let reshard = &context.config.reshard;
+    let reshard = &context.services.config.reshard;
     let planner = Planner::new(
         reshard.max_concurrent_moves,
         Duration::from_millis(reshard.settle_ms),
@@ -137,8 +137,8 @@ impl Mover {
     /// ends the handovers it no longer calls for; says when this node is done with the change.
     /// The decisions are the [`Planner`]'s; this performs them.
     async fn plan(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<(), MoveError>)>> {
-        let limit = self.context.config.reshard.max_concurrent_moves;
-        if limit > 0 && !self.context.config.role.is_primary() {
+        let limit = self.context.services.config.reshard.max_concurrent_moves;
+        if limit > 0 && !self.context.services.config.role.is_primary() {
             return self.take_over().await;
         }
         let membership = self.context.membership.borrow().clone();
@@ -359,7 +359,7 @@ impl Mover {
             return true;
         }
         let points: Vec<PointId> = held.into_iter().map(|(point, _)| point).collect();
-        let plugins = self.context.plugins.current();
+        let plugins = self.context.services.plugins.current();
         let ring = membership.ring.clone();
         let me = local.clone();
         let owners = tokio::task::spawn_blocking(move || {
@@ -442,7 +442,7 @@ impl Mover {
     /// Every [`CLEANUP_EVERY`], asks the new owner of each copy handed over whether it holds
     /// the point replicated enough for this copy to go (`docs/resharding.md`, cleanup).
     async fn cleanups(&mut self) -> Vec<LocalBoxFuture<'static, (Move, Result<bool, MoveError>)>> {
-        if self.context.config.reshard.max_concurrent_moves == 0
+        if self.context.services.config.reshard.max_concurrent_moves == 0
             || !self.handed_over
             || self
                 .cleaned_at
@@ -505,7 +505,7 @@ impl Mover {
             .context
             .membership
             .borrow()
-            .live(&self.context.config.node_name)
+            .live(&self.context.services.config.node_name)
             .and_then(|m| m.handed.clone());
         if current == handed {
             return;
@@ -568,7 +568,7 @@ impl Mover {
             .context
             .membership
             .borrow()
-            .live(&self.context.config.node_name)
+            .live(&self.context.services.config.node_name)
             .map_or(0, |m| m.moving);
         if moving != announced
             && let Err(error) = self.context.steps.announce_moving(moving).await
@@ -643,7 +643,7 @@ impl Mover {
         held: &[(PointId, Option<Handover>)],
     ) -> Result<Vec<Move>, PlacementError> {
         let held: Vec<PointId> = held.iter().map(|(point, _)| point.clone()).collect();
-        let plugins = self.context.plugins.current();
+        let plugins = self.context.services.plugins.current();
         let (now, then) = (current.clone(), target.clone());
         tokio::task::spawn_blocking(move || {
             reshard::plan(

@@ -26,7 +26,7 @@ pub(super) async fn hand_over(
     stop: &CancellationToken,
 ) -> Result<(), MoveError> {
     let store = &context.store;
-    let local = &context.config.node_name;
+    let local = &context.services.config.node_name;
     let (point, to) = (&planned.point, &planned.to);
     let ownership = store.ownership(point).await?;
     tracing::debug!(%point, %to, ?ownership, "handing over");
@@ -67,7 +67,7 @@ pub(super) async fn hand_over(
         }),
         ..ownership.clone()
     };
-    let lag = context.config.reshard.fence_lag_bytes;
+    let lag = context.services.config.reshard.fence_lag_bytes;
     let (end, crc, fenced_at, held) = match resumed_seal {
         Some((end, crc)) => {
             // Sealed before a failure or a restart: the destination may have committed.
@@ -178,7 +178,7 @@ pub(super) async fn give_up(
     let (point, to) = (&planned.point, &planned.to);
     if let Some(peer) = peer {
         let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
-        if let Err(error) = peer.cancel(&context.config.node_name, point).await {
+        if let Err(error) = peer.cancel(&context.services.config.node_name, point).await {
             tracing::warn!(%point, %to, %error, "cannot tell the destination that the handover is given up");
         }
     }

@@ -57,7 +57,7 @@ impl Peer {
             .into());
         }
         let mut request = dialed.member.receive_request();
-        request.get().set_from(&context.config.node_name);
+        request.get().set_from(&context.services.config.node_name);
         let sink = request
             .send()
             .promise
@@ -272,7 +272,7 @@ impl Peer {
             if behind < best {
                 (best, since) = (behind, Instant::now());
             } else if since.elapsed() > stall {
-                let hint = match context.config.reshard.max_bytes_per_sec {
+                let hint = match context.services.config.reshard.max_bytes_per_sec {
                     0 => String::new(),
                     rate => format!(
                         " (reshard.max_bytes_per_sec = {rate}: is the point written faster?)"

@@ -61,7 +61,7 @@ impl Replicator {
     /// stops meanwhile. A bundler whose calls block in the host (a guest that sleeps) is waited
     /// for no longer than its deadlines allow.
     pub(super) async fn bundle(&self, records: Vec<Pending>) -> Option<Bundling> {
-        let plugins = self.context.plugins.current();
+        let plugins = self.context.services.plugins.current();
         let timeout = plugins.bundler.timeout() * records.len() as u32 + Duration::from_secs(1);
         let plugin = plugins.bundler.name().clone();
         let sent: Vec<Sent> = records.iter().map(|record| record.sent.clone()).collect();

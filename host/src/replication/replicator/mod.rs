@@ -130,7 +130,7 @@ impl Replicator {
         sink: sink::Client,
         stop: CancellationToken,
     ) -> Self {
-        let plugins_generation = context.plugins.current().generation();
+        let plugins_generation = context.services.plugins.current().generation();
         Self {
             context,
             follower,
@@ -165,7 +165,7 @@ impl Replicator {
         stop: CancellationToken,
         changes: mpsc::Receiver<ScopeChange>,
     ) -> Self {
-        let throttle = context.config.reshard.max_bytes_per_sec;
+        let throttle = context.services.config.reshard.max_bytes_per_sec;
         let mut replicator = Self::new(context, to, String::new(), sink, stop);
         replicator.scope = Some(HashSet::new());
         replicator.changes = Some(changes);
@@ -236,9 +236,9 @@ impl Replicator {
             .connected(&self.follower, &self.rpc_address);
         self.update_gauges();
         self.scan(Some(offers)).await;
-        let window = self.context.config.replication.window;
+        let window = self.context.services.config.replication.window;
         let mut changes = self.changes.take();
-        let mut reloads = self.context.plugins.reloads();
+        let mut reloads = self.context.services.plugins.reloads();
         let ended = loop {
             if self.stop.is_cancelled() {
                 break Ended::Stopped;
@@ -516,7 +516,7 @@ impl Replicator {
 
     /// After a reload of the plugins, points whose records could not travel are tried again.
     fn retry_unsendable(&mut self) {
-        let generation = self.context.plugins.current().generation();
+        let generation = self.context.services.plugins.current().generation();
         if generation == self.plugins_generation {
             return;
         }
