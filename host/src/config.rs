@@ -329,6 +329,13 @@ impl Config {
 
     /// Checks the values serde cannot: ranges and keys that depend on each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_node()?;
+        self.validate_sections()?;
+        self.plugins.validate().map_err(ConfigError::Plugin)
+    }
+
+    /// The node's own keys: its name and address, frame and chunk sizes, its role.
+    fn validate_node(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         if !valid_node_name(&self.node_name) {
             return invalid(
@@ -390,6 +397,12 @@ impl Config {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// The sections: storage, log, cluster, HTTP, replication and TLS.
+    fn validate_sections(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         if self.storage.fsync == Fsync::Interval && self.storage.fsync_interval_ms == 0 {
             return invalid(
                 "storage.fsync_interval_ms",
@@ -445,7 +458,6 @@ impl Config {
                 );
             }
         }
-        self.plugins.validate().map_err(ConfigError::Plugin)?;
         Ok(())
     }
 

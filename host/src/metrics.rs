@@ -78,7 +78,17 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Registers the help text and unit of every metric, by family.
 fn describe() {
+    describe_data();
+    describe_plugins();
+    describe_replication();
+    describe_resharding();
+    describe_cluster();
+}
+
+/// The metrics of the data path: produced, consumed, appended and synced bytes, errors to clients.
+fn describe_data() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         PRODUCED_BYTES,
@@ -107,6 +117,11 @@ fn describe() {
     );
     describe_gauge!(OPEN_POINTS, "Points with open file handles.");
     describe_counter!(ERRORS, "Errors returned to clients, by gRPC status code.");
+}
+
+/// The metrics of plugins: calls, failures, latency, output, the decision cache.
+fn describe_plugins() {
+    use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!(PLUGIN_CALLS, "Calls into WebAssembly plugins.");
     describe_counter!(
         PLUGIN_ERRORS,
@@ -129,6 +144,11 @@ fn describe() {
         AUTHZ_CACHE_HITS,
         "Authorization decisions served from the cache."
     );
+}
+
+/// The metrics of replication: lag, bytes, rejected and unsent records, divergences, followers, fences.
+fn describe_replication() {
+    use metrics::{Unit, describe_counter, describe_gauge};
     describe_gauge!(
         REPLICATION_LAG_BYTES,
         Unit::Bytes,
@@ -173,6 +193,11 @@ fn describe() {
         FENCE_TIMEOUTS,
         "Writes that waited at a handover's fence longer than reshard.fence_timeout_ms."
     );
+}
+
+/// The metrics of resharding: moves, fences, cleanup, quarantine, takeovers.
+fn describe_resharding() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
         RESHARD_MOVES_IN_FLIGHT,
         "Points this node is handing to their new owner now."
@@ -220,6 +245,11 @@ fn describe() {
         Unit::Seconds,
         "How long writes of a point were fenced in its handover (seal to switch)."
     );
+}
+
+/// The metrics of the cluster and its links: TLS handshakes, gossip, members.
+fn describe_cluster() {
+    use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "Connections refused during the TLS handshake, by listener."

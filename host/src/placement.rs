@@ -22,7 +22,6 @@ use crate::cluster::ring::Ring;
 use crate::error::bounded;
 use crate::plugins::{PluginSet, Plugins, types};
 use crate::reshard::Change;
-use crate::reshard::gate::Refusal;
 
 /// Why the owner of a point cannot be named: every write to it fails closed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -204,27 +203,6 @@ impl Placement {
         self.answers
             .insert(question, owners.clone(), generation, version);
         Ok(owners)
-    }
-
-    /// The refusal of a write to `point` that belongs to `owner`: where to write it, or that the
-    /// owner is down.
-    pub fn refuse(&self, point: &str, owner: &str) -> Refusal {
-        refusal(&self.membership(), point, owner)
-    }
-}
-
-/// A write to `point`, which `owner` takes: its address, or that it is down.
-pub fn refusal(membership: &Membership, point: &str, owner: &str) -> Refusal {
-    match membership.live(owner) {
-        Some(member) => Refusal::NotOwner {
-            point: bounded(point),
-            owner: owner.to_owned(),
-            address: member.rpc_addr.clone(),
-        },
-        None => Refusal::OwnerDown {
-            point: bounded(point),
-            owner: owner.to_owned(),
-        },
     }
 }
 

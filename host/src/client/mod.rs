@@ -239,6 +239,56 @@ const PUT_FIRST_PAUSE: Duration = Duration::from_millis(100);
 /// Chunk size of uploads and of each worker's reads.
 pub const DEFAULT_CHUNK: usize = 256 * 1024;
 
+/// The frames of one upload attempt, read from the file from where the attempt starts.
+struct Frames {
+    point: String,
+    /// Where the next frame goes in the point.
+    offset: u64,
+    chunk: usize,
+    /// Sent with the first frame only.
+    content_type: Option<String>,
+    /// Whether one empty frame must be sent (an empty file makes an empty point).
+    empty_frame: bool,
+    /// The CRC32C of the file's bytes up to where this attempt starts.
+    crc: u32,
+    progress: Arc<dyn Progress>,
+}
+
+impl Frames {
+    /// Reads `file` to its end as produce requests on `tx`; returns the CRC32C of the file's
+    /// bytes (the whole file, with what was there before this attempt).
+    async fn send(
+        mut self,
+        mut file: tokio::fs::File,
+        tx: mpsc::Sender<ProduceRequest>,
+    ) -> std::io::Result<u32> {
+        loop {
+            let mut frame = BytesMut::with_capacity(self.chunk);
+            while frame.len() < self.chunk {
+                if file.read_buf(&mut frame).await? == 0 {
+                    break;
+                }
+            }
+            if frame.is_empty() && !std::mem::take(&mut self.empty_frame) {
+                return Ok(self.crc);
+            }
+            self.crc = crc32c::crc32c_append(self.crc, &frame);
+            self.progress.advance(frame.len() as u64);
+            let request = ProduceRequest {
+                point: self.point.clone(),
+                expected_offset: Some(self.offset),
+                content_type: self.content_type.take().unwrap_or_default(),
+                frame: frame.freeze(),
+            };
+            self.offset += request.frame.len() as u64;
+            if tx.send(request).await.is_err() {
+                // The call failed; its status says why.
+                return Ok(self.crc);
+            }
+        }
+    }
+}
+
 impl Client {
     pub async fn connect(options: &ClientOptions) -> Result<Self, ClientError> {
         let channel = channel(options).await?;
@@ -576,7 +626,7 @@ impl Client {
         let len = file.metadata().await.map_err(io_error)?.len();
         // What of the file is there already (written by an earlier attempt, or by the upload
         // being resumed): its bytes must be the file's.
-        let (done, mut crc) = match end.checked_sub(began.end) {
+        let (done, crc) = match end.checked_sub(began.end) {
             Some(0) => (0, 0),
             Some(done) if done <= len => {
                 let crc = crc_of_prefix(&mut file, done).await.map_err(io_error)?;
@@ -593,40 +643,18 @@ impl Client {
         progress.start(len, done);
 
         let (tx, rx) = mpsc::channel(4);
-        let point_id = point.to_owned();
-        // Given with the first frame only.
-        let mut content_type = options.content_type.clone();
-        let chunk = options.chunk;
-        // An empty file makes an empty point: one empty frame creates it.
-        let mut empty_frame = options.mode == PutMode::New && len == 0;
-        let progress = progress.clone();
-        let reader = tokio::spawn(async move {
-            let mut offset = began.end + done;
-            loop {
-                let mut frame = BytesMut::with_capacity(chunk);
-                while frame.len() < chunk {
-                    if file.read_buf(&mut frame).await? == 0 {
-                        break;
-                    }
-                }
-                if frame.is_empty() && !std::mem::take(&mut empty_frame) {
-                    return Ok::<_, std::io::Error>(crc);
-                }
-                crc = crc32c::crc32c_append(crc, &frame);
-                progress.advance(frame.len() as u64);
-                let request = ProduceRequest {
-                    point: point_id.clone(),
-                    expected_offset: Some(offset),
-                    content_type: content_type.take().unwrap_or_default(),
-                    frame: frame.freeze(),
-                };
-                offset += request.frame.len() as u64;
-                if tx.send(request).await.is_err() {
-                    // The call failed; its status says why.
-                    return Ok(crc);
-                }
-            }
-        });
+        let frames = Frames {
+            point: point.to_owned(),
+            offset: began.end + done,
+            chunk: options.chunk,
+            // Given with the first frame only.
+            content_type: options.content_type.clone(),
+            // An empty file makes an empty point: one empty frame creates it.
+            empty_frame: options.mode == PutMode::New && len == 0,
+            crc,
+            progress: progress.clone(),
+        };
+        let reader = tokio::spawn(frames.send(file, tx));
         let response = self.raw().produce_stream(ReceiverStream::new(rx)).await;
         let file_crc = reader
             .await

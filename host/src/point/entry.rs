@@ -363,10 +363,23 @@ impl Point {
                 return Err(error.into());
             }
         };
+        Ok(self.publish(shared, state, &frames, &records))
+    }
+
+    /// After a batch was written: the appends' ends and CRCs, and the point's new end
+    /// published (durable already with `fsync = "always"`, else marked dirty).
+    fn publish(
+        &self,
+        shared: &Shared,
+        state: &mut State,
+        frames: &[Bytes],
+        records: &[Record],
+    ) -> Vec<Appended> {
+        let always = shared.config.fsync == Fsync::Always;
         let mut appended = Vec::with_capacity(frames.len());
         let mut next_record = records.iter();
         let (mut end, mut crc) = (state.end, state.crc);
-        for frame in &frames {
+        for frame in frames {
             let start = end;
             if !frame.is_empty() {
                 let record = next_record.next().expect("one record per non-empty frame");
@@ -392,7 +405,7 @@ impl Point {
                 snapshot.crc = crc;
             });
         }
-        Ok(appended)
+        appended
     }
 
     /// Fsyncs what was written since the last sync (group commit). The lock is not held while

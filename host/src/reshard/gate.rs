@@ -35,7 +35,7 @@ use crate::cluster::{Leader, Lifecycle, Member, Membership};
 use crate::config::{Config, Role};
 use crate::error::bounded;
 use crate::metrics;
-use crate::placement::{Placement, PlacementError, refusal};
+use crate::placement::{Placement, PlacementError};
 use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store};
 use crate::reshard::Change;
 
@@ -257,10 +257,12 @@ impl Gate {
             Err(error) => return Err(error.into()),
         };
         match ownership.handover {
-            Some(handover @ (Handover::Moved { .. } | Handover::Incoming { .. })) => Err(self
-                .placement
-                .refuse(point.as_str(), handover.peer())
-                .into()),
+            Some(handover @ (Handover::Moved { .. } | Handover::Incoming { .. })) => Err(refusal(
+                &self.placement.membership(),
+                point.as_str(),
+                handover.peer(),
+            )
+            .into()),
             Some(handover) => Ok(Some(handover)),
             None if ownership.owner.as_deref() == Some(&self.node) => Ok(None),
             None => Ok(self.check_owner(point).await.map(|()| None)?),
@@ -337,10 +339,12 @@ impl Gate {
                 other => return Ok(other?),
             };
             if !matches!(handover, Handover::Sealed { .. }) {
-                return Err(self
-                    .placement
-                    .refuse(point.as_str(), handover.peer())
-                    .into());
+                return Err(refusal(
+                    &self.placement.membership(),
+                    point.as_str(),
+                    handover.peer(),
+                )
+                .into());
             }
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.fence);
             tokio::select! {
@@ -372,7 +376,7 @@ impl Gate {
         }
         match self.store.ownership(point).await?.handover {
             Some(Handover::Incoming { from, .. }) => {
-                Err(self.placement.refuse(point.as_str(), &from).into())
+                Err(refusal(&self.placement.membership(), point.as_str(), &from).into())
             }
             // Committed meanwhile.
             _ => Ok(found),
@@ -462,4 +466,19 @@ pub enum ReadRefusal {
     Refused(#[from] Refusal),
     #[error(transparent)]
     Read(#[from] ReadError),
+}
+
+/// A write to `point`, which `owner` takes: its address, or that it is down.
+pub fn refusal(membership: &Membership, point: &str, owner: &str) -> Refusal {
+    match membership.live(owner) {
+        Some(member) => Refusal::NotOwner {
+            point: bounded(point),
+            owner: owner.to_owned(),
+            address: member.rpc_addr.clone(),
+        },
+        None => Refusal::OwnerDown {
+            point: bounded(point),
+            owner: owner.to_owned(),
+        },
+    }
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use goutube::client::Client;
 use goutube::proto::OWNER_ADDR_METADATA;
 use goutube::proto::{LocatePointRequest, ProduceRequest};
 
@@ -189,48 +190,8 @@ async fn move_once(
     workload: &Workload,
     load: Load,
 ) -> anyhow::Result<Moved> {
-    std::fs::create_dir_all(dir)?;
-    let primary = |seeds: &str| settings(&format!("{seeds}\n[cluster]\nbootstrap_expect = 2"));
-    let a = Server::node_at(dir, "a", "127.0.0.1", None, &primary(""))?;
-    let b_seeds = format!("seed_addresses = [{:?}]", a.gossip);
-    let b = Server::node_at(dir, "b", "127.0.0.1", None, &primary(&b_seeds))?;
-    let (to_a, to_b) = (connect(&a.rpc).await?, connect(&b.rpc).await?);
-    wait_until(
-        "a and b to form their ring",
-        Duration::from_secs(60),
-        || async {
-            let members = to_a.members().await?;
-            Ok(members.members.iter().filter(|m| m.owns_range).count() == 2)
-        },
-    )
-    .await?;
-
-    // `points` points of a, a few of b's.
-    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
-    for i in 0.. {
-        if on_a.len() == points && on_b.len() == UNRELATED {
-            break;
-        }
-        let point = format!("p/{i}");
-        let owner = to_a
-            .raw()
-            .locate_point(LocatePointRequest {
-                point: point.clone(),
-                replicas: 1,
-            })
-            .await?
-            .into_inner()
-            .owners
-            .first()
-            .context("no owner")?
-            .name
-            .clone();
-        match owner.as_str() {
-            "a" if on_a.len() < points => on_a.push(point),
-            "b" if on_b.len() < UNRELATED => on_b.push(point),
-            _ => {}
-        }
-    }
+    let (a, b, to_a, to_b) = start_pair(dir).await?;
+    let (on_a, on_b) = split_by_owner(&to_a, points).await?;
     for point in &on_a {
         produce(&to_a, point, &workload.pool, workload.frames).await?;
     }
@@ -310,6 +271,60 @@ async fn move_once(
         read_idle,
         read_moving,
     })
+}
+
+/// Two primaries `a` and `b` under `dir`, once their ring is formed, and a client of each.
+async fn start_pair(dir: &Path) -> anyhow::Result<(Server, Server, Client, Client)> {
+    std::fs::create_dir_all(dir)?;
+    let primary = |seeds: &str| settings(&format!("{seeds}\n[cluster]\nbootstrap_expect = 2"));
+    let a = Server::node_at(dir, "a", "127.0.0.1", None, &primary(""))?;
+    let b_seeds = format!("seed_addresses = [{:?}]", a.gossip);
+    let b = Server::node_at(dir, "b", "127.0.0.1", None, &primary(&b_seeds))?;
+    let (to_a, to_b) = (connect(&a.rpc).await?, connect(&b.rpc).await?);
+    wait_until(
+        "a and b to form their ring",
+        Duration::from_secs(60),
+        || async {
+            let members = to_a.members().await?;
+            Ok(members.members.iter().filter(|m| m.owns_range).count() == 2)
+        },
+    )
+    .await?;
+
+    Ok((a, b, to_a, to_b))
+}
+
+/// `points` point names that `a` owns, and [`UNRELATED`] that `b` owns.
+async fn split_by_owner(
+    to_a: &Client,
+    points: usize,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        if on_a.len() == points && on_b.len() == UNRELATED {
+            break;
+        }
+        let point = format!("p/{i}");
+        let owner = to_a
+            .raw()
+            .locate_point(LocatePointRequest {
+                point: point.clone(),
+                replicas: 1,
+            })
+            .await?
+            .into_inner()
+            .owners
+            .first()
+            .context("no owner")?
+            .name
+            .clone();
+        match owner.as_str() {
+            "a" if on_a.len() < points => on_a.push(point),
+            "b" if on_b.len() < UNRELATED => on_b.push(point),
+            _ => {}
+        }
+    }
+    Ok((on_a, on_b))
 }
 
 /// Appends 4 KiB frames to `point` (which ends at `end`) until `stop`, each with its

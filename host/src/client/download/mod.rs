@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use super::{Client, ClientError, Pool, Progress};
-use crate::proto::ConsumeRequest;
+use crate::proto::{ConsumeRequest, MetadataResponse};
 
 mod plan;
 
@@ -135,51 +135,7 @@ impl Client {
         }
         let part = part_path(out);
         let journal_file = journal_path(out);
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ClientError::Io { path, source }
-        };
-        let previous = if options.resume {
-            read_journal(&journal_file).filter(|j| j.point == point)
-        } else {
-            None
-        };
-        let (journal, file) = match previous {
-            Some(journal) if part.exists() => {
-                if meta.size < journal.size {
-                    return Err(ClientError::Verify(format!(
-                        "point {point} has {} bytes, fewer than the {} the interrupted download started from: it was replaced",
-                        meta.size, journal.size
-                    )));
-                }
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&part)
-                    .map_err(io(&part))?;
-                file.set_len(journal.size).map_err(io(&part))?;
-                let file = Arc::new(file);
-                let verified = verify_pieces(&file, &journal.done).await?;
-                (
-                    Journal {
-                        done: verified,
-                        ..journal
-                    },
-                    file,
-                )
-            }
-            _ => {
-                let file = File::create(&part).map_err(io(&part))?;
-                file.set_len(meta.size).map_err(io(&part))?;
-                let journal = Journal {
-                    point: point.to_owned(),
-                    size: meta.size,
-                    crc32c: meta.crc32c,
-                    done: Vec::new(),
-                };
-                (journal, Arc::new(file))
-            }
-        };
+        let (journal, file) = open_part(point, &meta, &part, &journal_file, options.resume).await?;
         write_journal(&journal_file, &journal)?;
         let resumed: u64 = journal.done.iter().map(|p| p.end - p.start).sum();
         progress.start(journal.size, resumed);
@@ -242,18 +198,7 @@ impl Client {
                 part.display()
             )));
         }
-        let file = download.file.clone();
-        tokio::task::spawn_blocking(move || file.sync_all())
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(io(&part))?;
-        std::fs::rename(&part, out).map_err(io(out))?;
-        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(dir))?;
-        }
+        publish(download.file.clone(), &part, out).await?;
         let _ = std::fs::remove_file(&journal_file);
         Ok(GetReport {
             size: journal.size,
@@ -646,4 +591,79 @@ fn joined(
 fn fatal(error: &ClientError) -> bool {
     matches!(error, ClientError::Status(status)
         if matches!(status.code(), Code::NotFound | Code::PermissionDenied | Code::InvalidArgument))
+}
+
+/// The `.part` file and its journal: the interrupted download of `point` if `resume` finds
+/// one (its pieces verified again), else a new file of the point's size.
+async fn open_part(
+    point: &str,
+    meta: &MetadataResponse,
+    part: &Path,
+    journal_file: &Path,
+    resume: bool,
+) -> Result<(Journal, Arc<File>), ClientError> {
+    let previous = if resume {
+        read_journal(journal_file).filter(|j| j.point == point)
+    } else {
+        None
+    };
+    let found = match previous {
+        Some(journal) if part.exists() => {
+            if meta.size < journal.size {
+                return Err(ClientError::Verify(format!(
+                    "point {point} has {} bytes, fewer than the {} the interrupted download started from: it was replaced",
+                    meta.size, journal.size
+                )));
+            }
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(part)
+                .map_err(io(part))?;
+            file.set_len(journal.size).map_err(io(part))?;
+            let file = Arc::new(file);
+            let verified = verify_pieces(&file, &journal.done).await?;
+            (
+                Journal {
+                    done: verified,
+                    ..journal
+                },
+                file,
+            )
+        }
+        _ => {
+            let file = File::create(part).map_err(io(part))?;
+            file.set_len(meta.size).map_err(io(part))?;
+            let journal = Journal {
+                point: point.to_owned(),
+                size: meta.size,
+                crc32c: meta.crc32c,
+                done: Vec::new(),
+            };
+            (journal, Arc::new(file))
+        }
+    };
+    Ok(found)
+}
+
+/// Makes the verified `.part` file durable and renames it to `out` (its directory synced).
+async fn publish(file: Arc<File>, part: &Path, out: &Path) -> Result<(), ClientError> {
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(io(part))?;
+    std::fs::rename(part, out).map_err(io(out))?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// The error of an I/O call on `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError {
+    let path = path.to_owned();
+    move |source| ClientError::Io { path, source }
 }

@@ -30,16 +30,17 @@ pub(super) async fn hand_over(
     let (point, to) = (&planned.point, &planned.to);
     let ownership = store.ownership(point).await?;
     tracing::debug!(%point, %to, ?ownership, "handing over");
+    // Copying, taking writes here: where a move starts, and where a lifted fence goes back to.
+    let copying = Ownership {
+        handover: Some(Handover::Copying {
+            to: to.clone(),
+            target_ring: target,
+        }),
+        ..ownership.clone()
+    };
     let resumed_seal = match &ownership.handover {
         None => {
-            let copying = Ownership {
-                handover: Some(Handover::Copying {
-                    to: to.clone(),
-                    target_ring: target,
-                }),
-                ..ownership.clone()
-            };
-            store.set_ownership(point, copying).await?;
+            store.set_ownership(point, copying.clone()).await?;
             reshard::crash_point("copying");
             None
         }
@@ -60,15 +61,7 @@ pub(super) async fn hand_over(
         }
     };
     let epoch = ownership.epoch;
-    let unseal = Ownership {
-        handover: Some(Handover::Copying {
-            to: to.clone(),
-            target_ring: target,
-        }),
-        ..ownership.clone()
-    };
-    let lag = context.services.config.reshard.fence_lag_bytes;
-    let (end, crc, fenced_at, held) = match resumed_seal {
+    let fenced = match resumed_seal {
         Some((end, crc)) => {
             // Sealed before a failure or a restart: the destination may have committed.
             if let Seal::Committed(committed) = peer.seal(local, point, end, crc).await? {
@@ -86,37 +79,20 @@ pub(super) async fn hand_over(
             }
             let held = peer.begin(local, point, epoch).await?;
             send(peer, point, held).await?;
-            (end, crc, Instant::now(), held)
+            Fenced {
+                end,
+                crc,
+                at: Instant::now(),
+                held,
+            }
         }
-        None => {
-            let copy = async {
-                let held = peer.begin(local, point, epoch).await?;
-                send(peer, point, held).await?;
-                tracing::debug!(%point, held, "copying");
-                peer.catch_up(context, point, lag, STALL).await?;
-                peer.prepare(local, point).await?;
-                Ok::<_, MoveError>(held)
-            };
-            let held = tokio::select! {
-                held = copy => held?,
-                _ = stop.cancelled() => {
-                    return Err(MoveError::Stopped {
-                        point: point.clone(),
-                        to: to.clone(),
-                    });
-                }
-            };
-            tracing::debug!(%point, "fencing");
-            let fenced_at = Instant::now();
-            let (end, crc) = store.seal(point, to, target).await?;
-            reshard::crash_point("sealed");
-            (end, crc, fenced_at, held)
-        }
+        None => copy_and_fence(context, peer, planned, target, epoch, stop).await?,
     };
+    let Fenced { end, crc, held, .. } = fenced;
     // Fenced: nothing is written here any more; the destination gets the rest.
     if let Err(error) = peer.catch_up(context, point, 0, FENCE_WAIT).await {
         // The seal was not sent: nothing is committed there, so writes may resume here.
-        store.set_ownership(point, unseal).await?;
+        store.set_ownership(point, copying).await?;
         return Err(MoveError::FenceLifted(Box::new(error)));
     }
     tracing::debug!(%point, end, "sealing");
@@ -124,11 +100,11 @@ pub(super) async fn hand_over(
         Seal::Committed(committed) => {
             reshard::crash_point("committed");
             ::metrics::counter!(metrics::RESHARD_MOVED_BYTES).increment(end.saturating_sub(held));
-            switch(context, peer, point, to, epoch, committed, end, fenced_at).await
+            switch(context, peer, point, to, epoch, committed, end, fenced.at).await
         }
         Seal::Refused(reason) => {
             // Nothing committed there: back to owning it here; the move starts over later.
-            store.set_ownership(point, unseal).await?;
+            store.set_ownership(point, copying).await?;
             let _ = peer.changes.send(ScopeChange::Drop(point.clone())).await;
             peer.cancel(local, point).await?;
             Err(MoveError::SealRefused {
@@ -138,6 +114,54 @@ pub(super) async fn hand_over(
             })
         }
     }
+}
+
+/// Where a copy stopped: the point fenced here at `end` bytes with CRC32C `crc`.
+struct Fenced {
+    end: u64,
+    crc: u32,
+    /// When writes were fenced.
+    at: Instant,
+    /// What the destination held when the copy began.
+    held: u64,
+}
+
+/// Copies `planned.point` to its destination until it lags by at most
+/// `reshard.fence_lag_bytes`, has it made durable there, then fences writes here (the `sealed`
+/// record). Stopped by `stop` before the fence.
+async fn copy_and_fence(
+    context: &Context,
+    peer: &Peer,
+    planned: &Move,
+    target: u64,
+    epoch: u64,
+    stop: &CancellationToken,
+) -> Result<Fenced, MoveError> {
+    let local = &context.services.config.node_name;
+    let (point, to) = (&planned.point, &planned.to);
+    let lag = context.services.config.reshard.fence_lag_bytes;
+    let copy = async {
+        let held = peer.begin(local, point, epoch).await?;
+        send(peer, point, held).await?;
+        tracing::debug!(%point, held, "copying");
+        peer.catch_up(context, point, lag, STALL).await?;
+        peer.prepare(local, point).await?;
+        Ok::<_, MoveError>(held)
+    };
+    let held = tokio::select! {
+        held = copy => held?,
+        _ = stop.cancelled() => {
+            return Err(MoveError::Stopped {
+                point: point.clone(),
+                to: to.clone(),
+            });
+        }
+    };
+    tracing::debug!(%point, "fencing");
+    let at = Instant::now();
+    let (end, crc) = context.store.seal(point, to, target).await?;
+    reshard::crash_point("sealed");
+    Ok(Fenced { end, crc, at, held })
 }
 
 /// This node's copies of the `planned` points as offers (`Leader.offer`), grouped by the member
