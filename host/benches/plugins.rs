@@ -4,6 +4,9 @@
 //!
 //! `cargo bench -p goutube --bench plugins` (release). Results: docs/benchmarks.md.
 
+// A benchmark is a harness, like a test: a failed step stops it with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::process::Command;
 use std::sync::Arc;

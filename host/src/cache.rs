@@ -45,7 +45,7 @@ impl<K: Eq + Hash, V: Clone> GenerationCache<K, V> {
         K: Borrow<Q>,
         Q: Eq + Hash + ?Sized,
     {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock().expect("poisoned");
         if inner.version != version {
             return None;
         }
@@ -60,7 +60,7 @@ impl<K: Eq + Hash, V: Clone> GenerationCache<K, V> {
     /// generation is not the cache's or the TTL is zero. A new input version replaces every
     /// answer of the previous one.
     pub fn insert(&self, key: K, value: V, generation: u64, version: u64) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().expect("poisoned");
         if generation != inner.generation || inner.ttl.is_some_and(|ttl| ttl.is_zero()) {
             return;
         }
@@ -74,7 +74,7 @@ impl<K: Eq + Hash, V: Clone> GenerationCache<K, V> {
     /// Forgets every answer; from now on keeps only those of plugin `generation` (after a
     /// reload). Generations only move forward, whatever order reloads finish in.
     pub fn reset(&self, generation: u64, ttl: Option<Duration>) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().expect("poisoned");
         inner.generation = inner.generation.max(generation);
         inner.ttl = ttl;
         inner.entries.clear();

@@ -133,7 +133,7 @@ impl Spawner {
             message,
         };
         tracing::error!(%failed, "a task panicked; stopping its subsystem");
-        self.failure.lock().unwrap().get_or_insert(failed);
+        self.failure.lock().expect("poisoned").get_or_insert(failed);
         self.token.cancel();
     }
 }
@@ -163,7 +163,7 @@ impl Handle {
         let failure = self.failure.clone();
         async move {
             tracker.wait().await;
-            match failure.lock().unwrap().clone() {
+            match failure.lock().expect("poisoned").clone() {
                 Some(failed) => Err(failed),
                 None => Ok(()),
             }
@@ -172,7 +172,7 @@ impl Handle {
 
     /// Whether a task has panicked so far.
     pub fn failure(&self) -> Option<Failed> {
-        self.failure.lock().unwrap().clone()
+        self.failure.lock().expect("poisoned").clone()
     }
 }
 

@@ -39,7 +39,7 @@ use goutube::client::{Client, ClientOptions, ClientTls};
 use goutube::proto::{ListPointsRequest, ProduceRequest};
 
 #[derive(Debug, Subcommand)]
-pub enum Bench {
+pub(crate) enum Bench {
     /// Produce and consume through a node against the same calls into a discarding, in-memory
     /// server; node RSS while streaming.
     Streaming {
@@ -151,7 +151,7 @@ pub enum Bench {
     BaselineServer,
 }
 
-pub async fn run(bench: Bench) -> anyhow::Result<()> {
+pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Streaming {
             mib,

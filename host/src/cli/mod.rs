@@ -29,13 +29,13 @@ use goutube::proto::ListMembersResponse;
     version,
     about = "Stores named append-only byte streams and streams them back over gRPC"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run a node (without --config: a standalone node on 127.0.0.1 with ./goutube-data).
     Run {
         /// TOML configuration file; `GOUTUBE_…` variables override it.
@@ -159,7 +159,7 @@ pub enum Command {
 
 /// How client commands reach a node.
 #[derive(Debug, Args)]
-pub struct Connection {
+pub(crate) struct Connection {
     /// Address of the node's gRPC API.
     #[arg(long, env = "GOUTUBE_CLIENT_ADDR", default_value = "127.0.0.1:8400")]
     pub addr: String,
@@ -201,7 +201,7 @@ impl Connection {
 
 /// What `goutube members` does to a member.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum MembersAction {
+pub(crate) enum MembersAction {
     Drain,
     Cleanup,
     Forget,
@@ -263,7 +263,7 @@ fn hint(error: anyhow::Error, connection: Option<(String, bool)>) -> anyhow::Err
     }
 }
 
-pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+pub(crate) async fn execute(cli: Cli) -> anyhow::Result<()> {
     let connection = cli
         .command
         .connection()

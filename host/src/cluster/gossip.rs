@@ -44,30 +44,30 @@ const SEAL_OVERHEAD: usize = 1 + aead::NONCE_LEN + 16 + 8;
 
 /// The gossip key-values of a node.
 mod keys {
-    pub const ROLE: &str = "role";
-    pub const LIFECYCLE: &str = "lifecycle";
-    pub const RPC: &str = "rpc";
-    pub const REPLICATION: &str = "replication";
-    pub const HTTP: &str = "http";
-    pub const VIRTUAL_NODES: &str = "virtual_nodes";
-    pub const TAGS: &str = "tags";
-    pub const LEADER: &str = "leader";
+    pub(super) const ROLE: &str = "role";
+    pub(super) const LIFECYCLE: &str = "lifecycle";
+    pub(super) const RPC: &str = "rpc";
+    pub(super) const REPLICATION: &str = "replication";
+    pub(super) const HTTP: &str = "http";
+    pub(super) const VIRTUAL_NODES: &str = "virtual_nodes";
+    pub(super) const TAGS: &str = "tags";
+    pub(super) const LEADER: &str = "leader";
     /// The join a primary has handed every point of (`docs/resharding.md`).
-    pub const HANDED: &str = "handed";
+    pub(super) const HANDED: &str = "handed";
     /// The points a primary is handing over now.
-    pub const MOVING: &str = "moving";
+    pub(super) const MOVING: &str = "moving";
     /// The id of the ring the node holds.
-    pub const RING: &str = "ring";
+    pub(super) const RING: &str = "ring";
     /// Its founders (JSON list).
-    pub const FOUNDERS: &str = "founders";
+    pub(super) const FOUNDERS: &str = "founders";
     /// A primary's own record in the ring (JSON).
-    pub const RECORD: &str = "record";
+    pub(super) const RECORD: &str = "record";
     /// The records of the ring members this node sees down (JSON map), so that a newcomer
     /// learns of members it never saw alive. Live members announce their own records.
-    pub const ABSENT: &str = "absent";
-    pub const PROPOSAL: &str = "proposal";
+    pub(super) const ABSENT: &str = "absent";
+    pub(super) const PROPOSAL: &str = "proposal";
     /// Set just before a graceful stop: the node leaves everyone's live view at once.
-    pub const STOPPING: &str = "stopping";
+    pub(super) const STOPPING: &str = "stopping";
 }
 
 /// How gossip runs.
@@ -200,10 +200,12 @@ struct Prebound {
 #[async_trait]
 impl Transport for Prebound {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let socket =
-            self.socket.lock().unwrap().take().ok_or_else(|| {
-                anyhow::anyhow!("the gossip socket {listen_addr} is already in use")
-            })?;
+        let socket = self
+            .socket
+            .lock()
+            .expect("poisoned")
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the gossip socket {listen_addr} is already in use"))?;
         socket.set_nonblocking(true)?;
         Ok(Box::new(GossipSocket {
             socket: tokio::net::UdpSocket::from_std(socket)?,

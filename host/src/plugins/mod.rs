@@ -314,7 +314,7 @@ impl<K: Kind> Plugin<K> {
             };
             load_error(key, error.to_string())
         })?;
-        plugin.idle.lock().unwrap().push(instance);
+        plugin.idle.lock().expect("poisoned").push(instance);
         Ok(plugin)
     }
 
@@ -372,7 +372,7 @@ impl<K: Kind> Plugin<K> {
         let started = Instant::now();
         let labels = [("plugin", K::NAME), ("call", function)];
         ::metrics::counter!(crate::metrics::PLUGIN_CALLS, &labels).increment(1);
-        let pooled = self.idle.lock().unwrap().pop();
+        let pooled = self.idle.lock().expect("poisoned").pop();
         let mut instance = match pooled {
             Some(instance) => instance,
             None => self
@@ -386,7 +386,7 @@ impl<K: Kind> Plugin<K> {
         let last_words = instance.store.data_mut().flush_output();
         match result {
             Ok(value) => {
-                let mut idle = self.idle.lock().unwrap();
+                let mut idle = self.idle.lock().expect("poisoned");
                 if idle.len() < MAX_IDLE_INSTANCES {
                     idle.push(instance);
                 }
@@ -626,7 +626,7 @@ impl Plugins {
 
     /// The plugins to use for one call.
     pub fn current(&self) -> Arc<PluginSet> {
-        self.current.read().unwrap().clone()
+        self.current.read().expect("poisoned").clone()
     }
 
     /// Changes at every reload (to the new generation).
@@ -639,7 +639,7 @@ impl Plugins {
     pub fn reload(&self, section: &PluginsSection) -> Result<u64, PluginError> {
         let mut set = PluginSet::load(section, &self.data_dir)?;
         let generation = {
-            let mut current = self.current.write().unwrap();
+            let mut current = self.current.write().expect("poisoned");
             set.generation = current.generation + 1;
             *current = Arc::new(set);
             current.generation

@@ -55,7 +55,7 @@ impl Output {
     /// What was printed since the last take: the complete and unfinished lines, and how many
     /// bytes did not fit.
     pub fn take(&self) -> Printed {
-        let mut captured = self.captured.lock().unwrap();
+        let mut captured = self.captured.lock().expect("poisoned");
         let bytes = std::mem::take(&mut captured.bytes);
         let dropped = std::mem::take(&mut captured.dropped);
         let text = String::from_utf8_lossy(&bytes);
@@ -69,7 +69,7 @@ impl Output {
     }
 
     fn keep(&self, bytes: &[u8]) {
-        let mut captured = self.captured.lock().unwrap();
+        let mut captured = self.captured.lock().expect("poisoned");
         let room = MAX_KEPT.saturating_sub(captured.bytes.len());
         let kept = bytes.len().min(room);
         captured.bytes.extend_from_slice(&bytes[..kept]);
@@ -182,7 +182,7 @@ impl Voice {
     /// Logs `message` from the plugin at `level`, if its rate allows.
     pub fn say(&self, level: Level, stream: &'static str, message: &str) {
         let suppressed = {
-            let mut bucket = self.bucket.lock().unwrap();
+            let mut bucket = self.bucket.lock().expect("poisoned");
             let now = Instant::now();
             let refill = now.duration_since(bucket.at).as_secs_f64() * PER_SECOND;
             bucket.tokens = (bucket.tokens + refill).min(BURST);

@@ -100,7 +100,7 @@ pub fn compile(bytes: &[u8], cache_dir: Option<&Path>) -> Result<Component, Stri
     check_header(bytes)?;
     let digest: [u8; 32] = Sha256::digest(bytes).into();
     let compiled = COMPILED.get_or_init(Default::default);
-    if let Some(component) = compiled.lock().unwrap().get(&digest) {
+    if let Some(component) = compiled.lock().expect("poisoned").get(&digest) {
         return Ok(component.clone());
     }
     let engine = engine();
@@ -110,7 +110,10 @@ pub fn compile(bytes: &[u8], cache_dir: Option<&Path>) -> Result<Component, Stri
             Component::new(engine, bytes).map_err(|e| format!("not a valid component: {e:?}"))?
         }
     };
-    compiled.lock().unwrap().insert(digest, component.clone());
+    compiled
+        .lock()
+        .expect("poisoned")
+        .insert(digest, component.clone());
     Ok(component)
 }
 

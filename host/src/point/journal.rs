@@ -48,15 +48,15 @@ impl Record {
 
     /// The record in `buf`, or `None` if its checksum does not match (a torn or damaged slot).
     pub fn decode(buf: &[u8; RECORD_LEN as usize]) -> Option<Self> {
-        let stored = u32::from_le_bytes(buf[28..32].try_into().unwrap());
+        let stored = u32::from_le_bytes(buf[28..32].try_into().expect("a fixed-size field"));
         if crc32c::crc32c(&buf[0..28]) != stored {
             return None;
         }
         Some(Self {
-            end: u64::from_le_bytes(buf[0..8].try_into().unwrap()),
-            durable: u64::from_le_bytes(buf[8..16].try_into().unwrap()),
-            append_crc: u32::from_le_bytes(buf[16..20].try_into().unwrap()),
-            point_crc: u32::from_le_bytes(buf[20..24].try_into().unwrap()),
+            end: u64::from_le_bytes(buf[0..8].try_into().expect("a fixed-size field")),
+            durable: u64::from_le_bytes(buf[8..16].try_into().expect("a fixed-size field")),
+            append_crc: u32::from_le_bytes(buf[16..20].try_into().expect("a fixed-size field")),
+            point_crc: u32::from_le_bytes(buf[20..24].try_into().expect("a fixed-size field")),
         })
     }
 }
@@ -112,11 +112,12 @@ pub fn recover(journal: &File, data: &File) -> Result<Recovered, RecoveryError> 
     let mut header = [0u8; HEADER_LEN as usize];
     journal.read_exact_at(&mut header, 0)?;
     if &header[0..8] != MAGIC
-        || crc32c::crc32c(&header[0..12]) != u32::from_le_bytes(header[12..16].try_into().unwrap())
+        || crc32c::crc32c(&header[0..12])
+            != u32::from_le_bytes(header[12..16].try_into().expect("a fixed-size field"))
     {
         return Err(RecoveryError::BadHeader);
     }
-    let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("a fixed-size field"));
     if version != VERSION {
         return Err(RecoveryError::UnsupportedVersion(version));
     }

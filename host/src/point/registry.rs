@@ -62,7 +62,7 @@ impl Store {
 
     /// Number of points.
     pub fn len(&self) -> usize {
-        self.inner.points.read().unwrap().len()
+        self.inner.points.read().expect("poisoned").len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -135,7 +135,7 @@ impl Store {
     ) -> Result<Vec<Appended>, AppendError> {
         let shared = &self.inner.shared;
         if let Some(expected) = expected_start.filter(|&start| start > 0)
-            && !self.inner.points.read().unwrap().contains_key(id)
+            && !self.inner.points.read().expect("poisoned").contains_key(id)
         {
             // A point that does not exist ends at 0; refusing must not create it.
             return Err(AppendError::OffsetMismatch {
@@ -282,7 +282,7 @@ impl Store {
         if let Err(error) = point.ensure_open(&self.inner.shared, &mut state).await {
             if !state.recovered {
                 state.deleted = true;
-                self.inner.points.write().unwrap().remove(id);
+                self.inner.points.write().expect("poisoned").remove(id);
             }
             return Err(error);
         }
@@ -438,7 +438,7 @@ impl Store {
     /// Ids in ascending byte order that start with `prefix` and sort after `start_after`, at
     /// most `max`.
     pub fn list(&self, prefix: &str, start_after: Option<&str>, max: usize) -> Vec<PointId> {
-        let points = self.inner.points.read().unwrap();
+        let points = self.inner.points.read().expect("poisoned");
         let lower = match start_after {
             Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),
             _ => Bound::Included(prefix.to_owned()),
@@ -471,7 +471,7 @@ impl Store {
             .inner
             .points
             .write()
-            .unwrap()
+            .expect("poisoned")
             .remove(id)
             .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
         let shared = &self.inner.shared;
@@ -509,7 +509,7 @@ impl Store {
             .inner
             .points
             .read()
-            .unwrap()
+            .expect("poisoned")
             .values()
             .cloned()
             .collect();
@@ -527,20 +527,20 @@ impl Store {
         self.inner
             .points
             .read()
-            .unwrap()
+            .expect("poisoned")
             .get(id)
             .cloned()
             .ok_or_else(|| ReadError::NotFound(id.clone()))
     }
 
     pub(super) fn get_or_insert(&self, id: &PointId) -> Arc<Point> {
-        if let Some(point) = self.inner.points.read().unwrap().get(id) {
+        if let Some(point) = self.inner.points.read().expect("poisoned").get(id) {
             return point.clone();
         }
         self.inner
             .points
             .write()
-            .unwrap()
+            .expect("poisoned")
             .entry(id.clone())
             .or_insert_with(|| Arc::new(Point::new(&self.inner.shared, id.clone())))
             .clone()
@@ -566,7 +566,7 @@ impl Store {
                         .shared
                         .open
                         .lock()
-                        .unwrap()
+                        .expect("poisoned")
                         .values()
                         .cloned()
                         .collect();
@@ -595,7 +595,7 @@ impl Store {
                     .shared
                     .open
                     .lock()
-                    .unwrap()
+                    .expect("poisoned")
                     .values()
                     .filter(|p| {
                         now.saturating_sub(p.last_used_ms.load(Ordering::Relaxed)) >= idle_ms
@@ -624,7 +624,7 @@ impl Shared {
     }
 
     pub(super) fn remember_open(&self, point: &Arc<Point>) {
-        let mut open = self.open.lock().unwrap();
+        let mut open = self.open.lock().expect("poisoned");
         if open.insert(point.id.clone(), point.clone()).is_none() {
             let count = self.open_count.fetch_add(1, Ordering::Relaxed) + 1;
             ::metrics::gauge!(metrics::OPEN_POINTS).set(count as f64);
@@ -632,7 +632,7 @@ impl Shared {
     }
 
     pub(super) fn forget_open(&self, id: &PointId) {
-        if self.open.lock().unwrap().remove(id).is_some() {
+        if self.open.lock().expect("poisoned").remove(id).is_some() {
             let count = self.open_count.fetch_sub(1, Ordering::Relaxed) - 1;
             ::metrics::gauge!(metrics::OPEN_POINTS).set(count as f64);
         }
@@ -655,7 +655,7 @@ impl Shared {
     pub(super) fn least_recently_used(&self) -> Option<Arc<Point>> {
         self.open
             .lock()
-            .unwrap()
+            .expect("poisoned")
             .values()
             .min_by_key(|p| p.last_use.load(Ordering::Relaxed))
             .cloned()

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{connect, median};
 
-pub async fn run(sizes: &[usize], rounds: usize) -> anyhow::Result<()> {
+pub(super) async fn run(sizes: &[usize], rounds: usize) -> anyhow::Result<()> {
     let section = ClusterSection::default();
     let round = section.gossip_interval();
     let bound = round.mul_f64(section.phi_threshold) + round;

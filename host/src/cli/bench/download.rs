@@ -32,7 +32,12 @@ use super::{
 
 const POINT: &str = "bench/download";
 
-pub async fn run(mib: u64, rounds: usize, limited: bool, rate_mbit: u64) -> anyhow::Result<()> {
+pub(super) async fn run(
+    mib: u64,
+    rounds: usize,
+    limited: bool,
+    rate_mbit: u64,
+) -> anyhow::Result<()> {
     warm_memory()?;
     loopback(mib, rounds).await?;
     if limited {

@@ -25,7 +25,12 @@ const POINT: &str = "bench/http";
 const RANGE: u64 = 16 * 1024 * 1024;
 const MIB: u64 = 1024 * 1024;
 
-pub async fn run(mib: u64, rounds: usize, clients: usize, requests: usize) -> anyhow::Result<()> {
+pub(super) async fn run(
+    mib: u64,
+    rounds: usize,
+    clients: usize,
+    requests: usize,
+) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let node = Server::node(work.path(), &storage("never"))?;
     let http: SocketAddr = node.http.parse().context("the node's http= address")?;

@@ -31,7 +31,7 @@ const LAG_TARGET_MS: f64 = 50.0;
 
 /// One measurement of the benchmark; all run by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Part {
+pub(crate) enum Part {
     /// Catch-up of one point against raw copies.
     CatchUp,
     /// Follower lag under sustained produce, and the rate sweep.
@@ -40,7 +40,7 @@ pub enum Part {
     Ack,
 }
 
-pub async fn run(
+pub(super) async fn run(
     mib: u64,
     rate: u64,
     seconds: u64,
@@ -445,7 +445,7 @@ impl Setup {
             let end = produce_record(&to_leader, point, pool, batch_frames, batch).await?;
             acknowledged
                 .lock()
-                .unwrap()
+                .expect("poisoned")
                 .push_back((end, Instant::now()));
             if sent.elapsed() > interval {
                 late += 1;
@@ -515,9 +515,11 @@ async fn observe(
     let mut lags = Vec::new();
     while let Some(response) = stream.message().await? {
         let held = response.offset + response.frame.len() as u64;
-        let mut pending = acknowledged.lock().unwrap();
-        while pending.front().is_some_and(|(end, _)| *end <= held) {
-            let (_, at) = pending.pop_front().unwrap();
+        let mut pending = acknowledged.lock().expect("poisoned");
+        while let Some(&(end, at)) = pending.front()
+            && end <= held
+        {
+            pending.pop_front();
             lags.push(at.elapsed());
         }
     }

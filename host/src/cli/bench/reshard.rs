@@ -34,7 +34,7 @@ const UNRELATED: usize = 4;
 /// Bytes of each unrelated point.
 const UNRELATED_BYTES: u64 = 16 * 1024 * 1024;
 
-pub async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Result<()> {
+pub(super) async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let frame = 256 * 1024;
     // Each point a whole number of frames, at least one.

@@ -182,7 +182,7 @@ impl Client {
                 last_error = Some(error);
             }
         }
-        let plan = download.plan.lock().unwrap().summary();
+        let plan = download.plan.lock().expect("poisoned").summary();
         if !plan.complete {
             return Err(last_error.unwrap_or_else(|| {
                 ClientError::Verify("every worker failed; the download is incomplete".into())
@@ -279,7 +279,7 @@ impl Download {
     ) -> Result<(), ClientError> {
         let mut failures = 0;
         loop {
-            let job = self.plan.lock().unwrap().next(self.hedge);
+            let job = self.plan.lock().expect("poisoned").next(self.hedge);
             match job {
                 Job::Finished => return Ok(()),
                 Job::Wait => {
@@ -292,13 +292,17 @@ impl Download {
                     end,
                     stop,
                 } => {
-                    self.plan.lock().unwrap().workers_used.insert(index);
+                    self.plan
+                        .lock()
+                        .expect("poisoned")
+                        .workers_used
+                        .insert(index);
                     let outcome = self.fetch(client, address, id, (start, end), &stop).await;
                     match outcome {
                         Ok(()) => {
                             failures = 0;
                             let (journal, advanced) = {
-                                let mut plan = self.plan.lock().unwrap();
+                                let mut plan = self.plan.lock().expect("poisoned");
                                 plan.finish(id);
                                 (plan.journal.clone(), plan.covered_since_reported())
                             };
@@ -306,7 +310,7 @@ impl Download {
                             self.write_checkpoint(&journal)?;
                         }
                         Err(error) => {
-                            self.plan.lock().unwrap().fail(id);
+                            self.plan.lock().expect("poisoned").fail(id);
                             failures += 1;
                             if fatal(&error) || failures >= MAX_FAILURES {
                                 self.changed.notify_waiters();
@@ -402,7 +406,7 @@ impl Download {
             }
             // The range's end may have been lowered: another worker took its second half.
             let (take, current_end) = {
-                let mut plan = self.plan.lock().unwrap();
+                let mut plan = self.plan.lock().expect("poisoned");
                 let Some(active) = plan.active.get(&id) else {
                     return Ok(()); // Stopped: a hedge won.
                 };
@@ -437,7 +441,7 @@ impl Download {
     /// position are dropped: an earlier write of the range failed, the range goes on elsewhere.
     async fn commit(&self, id: u64, offset: u64, frames: Vec<Bytes>) -> Result<(), ClientError> {
         let frames = {
-            let plan = self.plan.lock().unwrap();
+            let plan = self.plan.lock().expect("poisoned");
             let Some(active) = plan.active.get(&id).filter(|a| a.position == offset) else {
                 return Ok(()); // Stopped (a hedge won), or after a failed write.
             };
@@ -448,7 +452,7 @@ impl Download {
             return Ok(());
         }
         let (frames, crc) = self.write(offset, frames).await?;
-        let mut plan = self.plan.lock().unwrap();
+        let mut plan = self.plan.lock().expect("poisoned");
         if let Some(active) = plan.active.get_mut(&id) {
             // The end may have been lowered while writing; bytes past it belong to another range
             // (they are the same bytes, the point is pinned).
@@ -475,8 +479,8 @@ impl Download {
     /// Writes the journal with the progress of running ranges, if the last write is
     /// [`CHECKPOINT`] old (or `now`). Returns what it holds.
     fn checkpoint(&self, now: bool) -> Result<Journal, ClientError> {
-        let mut checkpointed = self.checkpointed.lock().unwrap();
-        let journal = self.plan.lock().unwrap().checkpoint();
+        let mut checkpointed = self.checkpointed.lock().expect("poisoned");
+        let journal = self.plan.lock().expect("poisoned").checkpoint();
         if now || checkpointed.elapsed() >= CHECKPOINT {
             write_journal(&self.journal_file, &journal)?;
             *checkpointed = Instant::now();
@@ -486,7 +490,7 @@ impl Download {
 
     /// Writes `journal` (a range finished), one writer at a time.
     fn write_checkpoint(&self, journal: &Journal) -> Result<(), ClientError> {
-        let mut checkpointed = self.checkpointed.lock().unwrap();
+        let mut checkpointed = self.checkpointed.lock().expect("poisoned");
         write_journal(&self.journal_file, journal)?;
         *checkpointed = Instant::now();
         Ok(())

@@ -16,7 +16,7 @@ use super::*;
 /// The first pause after a record failed; each failure in a row doubles it.
 pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest pause after failures.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the replicator does with one point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
