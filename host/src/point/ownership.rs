@@ -115,6 +115,17 @@ impl std::fmt::Display for Handover {
     }
 }
 
+/// A copy of a point kept in quarantine (`docs/resharding.md`, forget).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The epoch of the copy.
+    pub epoch: u64,
+    /// Its bytes.
+    pub size: u64,
+    /// Where its files are.
+    pub dir: PathBuf,
+}
+
 // The store's side of ownership and quarantine: reading and replacing a point's record,
 // fencing it for a handover, and taking a copy out of the store for an operator.
 impl Store {
@@ -232,21 +243,25 @@ impl Store {
         points.with_file_name("quarantine").join(id.relative_dir())
     }
 
-    /// The quarantined copies of `id`: (epoch, bytes, directory), oldest epoch first.
-    pub fn quarantined(&self, id: &PointId) -> Vec<(u64, u64, PathBuf)> {
+    /// The quarantined copies of `id`, oldest epoch first.
+    pub fn quarantined(&self, id: &PointId) -> Vec<Quarantined> {
         let dir = self.quarantine_dir(id);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
         };
-        let mut copies: Vec<(u64, u64, PathBuf)> = entries
+        let mut copies: Vec<Quarantined> = entries
             .filter_map(|entry| {
                 let path = entry.ok()?.path();
                 let epoch: u64 = path.file_name()?.to_str()?.parse().ok()?;
                 let size = std::fs::metadata(path.join(DATA_FILE)).ok()?.len();
-                Some((epoch, size, path))
+                Some(Quarantined {
+                    epoch,
+                    size,
+                    dir: path,
+                })
             })
             .collect();
-        copies.sort();
+        copies.sort_by_key(|copy| copy.epoch);
         copies
     }
 

@@ -391,8 +391,13 @@ impl Gate {
         if !quarantined.is_empty() {
             let copies: Vec<String> = quarantined
                 .iter()
-                .map(|(epoch, size, dir)| {
-                    format!("epoch {epoch}: {size} bytes in {}", dir.display())
+                .map(|copy| {
+                    format!(
+                        "epoch {}: {} bytes in {}",
+                        copy.epoch,
+                        copy.size,
+                        copy.dir.display()
+                    )
                 })
                 .collect();
             return Refusal::Quarantined {
