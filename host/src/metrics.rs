@@ -8,51 +8,97 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+/// Bytes received in ProduceStream frames.
 pub const PRODUCED_BYTES: &str = "goutube_produce_bytes_total";
+/// Frames received by ProduceStream.
 pub const PRODUCED_FRAMES: &str = "goutube_produce_frames_total";
+/// Bytes sent in ConsumeStream frames.
 pub const CONSUMED_BYTES: &str = "goutube_consume_bytes_total";
+/// Frames sent by ConsumeStream.
 pub const CONSUMED_FRAMES: &str = "goutube_consume_frames_total";
+/// Appends written to points.
 pub const APPENDS: &str = "goutube_appends_total";
+/// Bytes appended to points.
 pub const APPENDED_BYTES: &str = "goutube_appended_bytes_total";
+/// fsync calls (data file and journal of one point).
 pub const FSYNCS: &str = "goutube_fsyncs_total";
+/// Latency of syncing one point.
 pub const FSYNC_SECONDS: &str = "goutube_fsync_seconds";
+/// Bytes verified by crash recovery.
 pub const RECOVERED_BYTES: &str = "goutube_recovery_verified_bytes_total";
+/// Points with open file handles.
 pub const OPEN_POINTS: &str = "goutube_open_points";
+/// Errors returned to clients, by gRPC status code.
 pub const ERRORS: &str = "goutube_errors_total";
+/// Calls into WebAssembly plugins.
 pub const PLUGIN_CALLS: &str = "goutube_plugin_calls_total";
+/// Plugin calls that trapped, timed out or ran out of memory.
 pub const PLUGIN_ERRORS: &str = "goutube_plugin_errors_total";
+/// Latency of plugin calls.
 pub const PLUGIN_CALL_SECONDS: &str = "goutube_plugin_call_seconds";
+/// Lines plugins logged (their log import, what they printed to stdout and stderr).
 pub const PLUGIN_OUTPUT_LINES: &str = "goutube_plugin_output_lines_total";
+/// Plugin log lines left out over the per-plugin rate limit.
 pub const PLUGIN_OUTPUT_SUPPRESSED: &str = "goutube_plugin_output_suppressed_total";
+/// Authorization decisions served from the cache.
 pub const AUTHZ_CACHE_HITS: &str = "goutube_authz_cache_hits_total";
+/// Plugin reloads (SIGHUP), by result.
 pub const PLUGIN_RELOADS: &str = "goutube_plugin_reloads_total";
+/// Bytes a follower has not confirmed.
 pub const REPLICATION_LAG_BYTES: &str = "goutube_replication_lag_bytes";
+/// Bytes shipped to or applied from a peer.
 pub const REPLICATED_BYTES: &str = "goutube_replicated_bytes_total";
+/// Bytes a leader read back from its points to replicate (the rest went from live appends).
 pub const REPLICATION_READ_BACK: &str = "goutube_replication_read_back_bytes_total";
+/// Replication records rejected on receipt.
 pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_total";
+/// Replication records not sent: the bundler failed on them, or their bundle was too large (by reason).
 pub const REPLICATION_UNSENT: &str = "goutube_replication_unsent_records_total";
+/// Follower copies found holding other bytes than the leader's (found by an offer's CRC or by an acknowledgement), cut back or replaced.
 pub const REPLICATION_DIVERGENCES: &str = "goutube_replication_divergences_total";
+/// Replication tasks that died (a panic); their session was closed and starts again.
 pub const REPLICATION_TASK_FAILURES: &str = "goutube_replication_task_failures_total";
+/// Followers connected to this leader.
 pub const FOLLOWERS: &str = "goutube_followers";
+/// Replication peers the authorizer did not allow to replicate.
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
+/// Points a follower offered at a newer ownership epoch than this leader's (left alone).
 pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
+/// Writes that waited at a handover's fence longer than reshard.fence_timeout_ms.
 pub const FENCE_TIMEOUTS: &str = "goutube_reshard_fence_timeouts_total";
+/// Points this node is handing to their new owner now.
 pub const RESHARD_MOVES_IN_FLIGHT: &str = "goutube_reshard_moves_in_flight";
+/// Bytes the new owners of the points in flight have yet to confirm.
 pub const RESHARD_LAG_BYTES: &str = "goutube_reshard_lag_bytes";
+/// Points this node handed to their new owner (committed there).
 pub const RESHARD_MOVED_POINTS: &str = "goutube_reshard_moved_points_total";
+/// Points this node took over from their old owner.
 pub const RESHARD_RECEIVED_POINTS: &str = "goutube_reshard_received_points_total";
+/// Bytes of points handed over that the new owner did not hold yet.
 pub const RESHARD_MOVED_BYTES: &str = "goutube_reshard_moved_bytes_total";
+/// Handovers that failed and will be tried again.
 pub const RESHARD_FAILED_MOVES: &str = "goutube_reshard_failed_moves_total";
+/// Handovers stopped before their fence because the ring no longer sends the point there.
 pub const RESHARD_STOPPED_MOVES: &str = "goutube_reshard_stopped_moves_total";
+/// Copies of a forgotten primary's points offered here with bytes this node did not take over (reported, not merged).
 pub const TAKEOVER_DIVERGED: &str = "goutube_takeover_diverged_copies_total";
+/// Copies kept aside in <data_dir>/quarantine: bytes only this node held when it stepped down after being forgotten.
 pub const QUARANTINED_POINTS: &str = "goutube_quarantined_points";
+/// Copies handed over and then deleted here, their new owner holding them replicated.
 pub const RESHARD_CLEANED_POINTS: &str = "goutube_reshard_cleaned_points_total";
+/// How long writes of a point were fenced in its handover (seal to switch).
 pub const RESHARD_FENCE_SECONDS: &str = "goutube_reshard_fence_seconds";
+/// Connections refused during the TLS handshake, by listener.
 pub const TLS_HANDSHAKE_FAILURES: &str = "goutube_tls_handshake_failures_total";
+/// Gossip datagrams dropped: bad_key, unsealed, stale, undecodable, too_large.
 pub const GOSSIP_DROPPED: &str = "goutube_gossip_dropped_total";
+/// Requests answered by the HTTP gateway, by status.
 pub const HTTP_REQUESTS: &str = "goutube_http_requests_total";
+/// Bytes of points sent by the HTTP gateway.
 pub const HTTP_BYTES: &str = "goutube_http_bytes_total";
+/// Members this node sees alive (itself included).
 pub const MEMBERS_LIVE: &str = "goutube_members_live";
+/// Members of the ring, by lifecycle state and liveness.
 pub const RING_MEMBERS: &str = "goutube_ring_members";
 
 /// The process-wide Prometheus recorder, installed on first use.
