@@ -30,8 +30,11 @@ use crate::signed_url::UrlSigner;
 
 /// The sockets a node serves on, bound before it starts.
 pub struct Listeners {
+    /// The gRPC API.
     pub rpc: TcpListener,
+    /// Replication (Cap'n Proto RPC).
     pub replication: TcpListener,
+    /// `/metrics`.
     pub metrics: TcpListener,
     /// The HTTP range gateway.
     pub http: TcpListener,
@@ -80,12 +83,19 @@ impl Listeners {
 /// Where a node listens, as its `goutube listening …` line says (ports may have been 0).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Addresses {
+    /// The node's name.
     pub node: String,
+    /// Its role.
     pub role: String,
+    /// The gRPC API.
     pub rpc: SocketAddr,
+    /// Replication.
     pub replication: SocketAddr,
+    /// `/metrics`.
     pub metrics: SocketAddr,
+    /// The HTTP gateway.
     pub http: SocketAddr,
+    /// Gossip (UDP).
     pub gossip: SocketAddr,
 }
 
@@ -121,25 +131,36 @@ impl Addresses {
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A port could not be bound.
     #[error("cannot listen on {addr} (config key `{key}`)")]
     Bind {
+        /// The config key that names the port.
         key: &'static str,
+        /// The address.
         addr: SocketAddr,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
+    /// The point store could not be opened (or recovered).
     #[error("cannot open the point store: {0}")]
     Store(#[from] StorageError),
+    /// A plugin could not be loaded.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// `[tls]` could not be read.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The replication thread could not start.
     #[error(transparent)]
     Replication(#[from] crate::replication::ReplicationError),
+    /// Membership could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// A configuration value is unusable.
     #[error("{0}")]
     Config(String),
+    /// A bound listener has no address.
     #[error("listener address: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -147,8 +168,10 @@ pub enum StartError {
 /// Why a shutdown was not clean.
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
+    /// The store could not sync or close every point.
     #[error("closing the store: {0}")]
     Store(#[from] StorageError),
+    /// A subsystem ended with a failure (a task panicked).
     #[error(transparent)]
     Failed(#[from] Failed),
 }
@@ -294,26 +317,32 @@ impl Node {
         })
     }
 
+    /// Where the node listens.
     pub fn addresses(&self) -> &Addresses {
         &self.addresses
     }
 
+    /// The gRPC API's address.
     pub fn rpc_addr(&self) -> SocketAddr {
         self.addresses.rpc
     }
 
+    /// The metrics endpoint's address.
     pub fn metrics_addr(&self) -> SocketAddr {
         self.addresses.metrics
     }
 
+    /// The replication port's address.
     pub fn replication_addr(&self) -> SocketAddr {
         self.addresses.replication
     }
 
+    /// The HTTP gateway's address.
     pub fn http_addr(&self) -> SocketAddr {
         self.addresses.http
     }
 
+    /// The gossip socket's address.
     pub fn gossip_addr(&self) -> SocketAddr {
         self.addresses.gossip
     }
@@ -323,6 +352,7 @@ impl Node {
         self.context.as_ref().map(|context| &context.store)
     }
 
+    /// The node's configuration.
     pub fn config(&self) -> &Config {
         &self.services.config
     }

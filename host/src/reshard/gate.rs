@@ -48,8 +48,11 @@ pub enum Refusal {
         "node {node} is a follower and takes no writes; write to its leader {leader} at {address}"
     )]
     Follower {
+        /// This node.
         node: String,
+        /// Its leader.
         leader: String,
+        /// Where that member's client API listens.
         address: String,
     },
     /// A write to a follower that has not reached its leader yet.
@@ -57,36 +60,58 @@ pub enum Refusal {
         "node {node} is a follower and takes no writes; it has not reached its leader \
          (replication address {leaders}) yet: write to the leader's client API"
     )]
-    FollowerAlone { node: String, leaders: String },
+    FollowerAlone {
+        /// This node.
+        node: String,
+        /// The replication addresses of its leader.
+        leaders: String,
+    },
     /// This member was forgotten by the cluster.
     #[error("member {member} was forgotten by the cluster: it owns nothing and takes no writes")]
-    Forgotten { member: String },
+    Forgotten {
+        /// This member.
+        member: String,
+    },
     /// Another member owns the point: write it there.
     #[error("point {point:?} belongs to member {owner} ({address}); write it there")]
     NotOwner {
+        /// The point (bounded).
         point: String,
+        /// The member that owns it.
         owner: String,
+        /// Where that member's client API listens.
         address: String,
     },
     /// The owner of the point is down: its range waits for it (liveness never moves ownership).
     #[error(
         "point {point:?} belongs to member {owner}, which is down; writes to it wait until it is back (its followers serve reads)"
     )]
-    OwnerDown { point: String, owner: String },
+    OwnerDown {
+        /// The point (bounded).
+        point: String,
+        /// The member that owns it.
+        owner: String,
+    },
     /// A read of a point this node does not hold: the member that holds it serves it.
     #[error(
         "point {point:?} is not on this node; member {holder} ({address}) holds it: read it there"
     )]
     HeldElsewhere {
+        /// The point (bounded).
         point: String,
+        /// The member that holds it.
         holder: String,
+        /// Where that member's client API listens.
         address: String,
     },
     /// The ring is changing and the change gives the (new) point to another member.
     #[error("{change}: point {point} will be created by {owner} once the ring has changed; retry")]
     Changing {
+        /// The change under way.
         change: String,
+        /// The point (bounded).
         point: String,
+        /// The member that owns it.
         owner: String,
     },
     /// The point belonged to a forgotten member whose points are being taken over.
@@ -94,22 +119,35 @@ pub enum Refusal {
         "point {point} belonged to member {forgotten}, which was forgotten: it is being taken \
          over from its followers' copies; retry"
     )]
-    TakingOver { point: String, forgotten: String },
+    TakingOver {
+        /// The point (bounded).
+        point: String,
+        /// The forgotten member.
+        forgotten: String,
+    },
     /// A write met the handover's fence and the switch took longer than allowed.
     #[error(
         "point {point} {handover}, which took longer than reshard.fence_timeout_ms ({waited_ms} ms); \
          retry (with expected_offset a retry never writes twice)"
     )]
     Fenced {
+        /// The point (bounded).
         point: String,
+        /// Where its handover stands.
         handover: String,
+        /// How long the write waited.
         waited_ms: u128,
     },
     /// Not held here, but copies of it are kept in quarantine (`docs/resharding.md`).
     #[error(
         "point {point:?} is not served here; copies only this member held when it stepped down are kept in quarantine (delete them by hand once dealt with): {copies}"
     )]
-    Quarantined { point: String, copies: String },
+    Quarantined {
+        /// The point (bounded).
+        point: String,
+        /// The copies kept, each with its epoch, size and directory.
+        copies: String,
+    },
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
@@ -163,8 +201,10 @@ impl Refusal {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WriteError {
+    /// The gate sent the write elsewhere, or not at all.
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// The store did not take it.
     #[error(transparent)]
     Append(#[from] AppendError),
     /// Reading the point's record failed.
@@ -196,6 +236,8 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// The gate of the node `config` describes, over its `store`, asking `placement`; a
+    /// follower names its leader from `leader`.
     pub fn new(
         config: &Config,
         store: Store,
@@ -467,8 +509,10 @@ fn holder_in(membership: &Membership, owner: &str) -> Holder {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReadRefusal {
+    /// The gate sent the read elsewhere, or not at all.
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// Reading the point failed.
     #[error(transparent)]
     Read(#[from] ReadError),
 }
