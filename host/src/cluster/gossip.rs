@@ -73,12 +73,17 @@ mod keys {
 /// How gossip runs.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The cluster this node gossips in (`cluster.name`): chitchat keeps clusters apart by it.
     pub cluster: String,
+    /// This node's name.
     pub name: String,
     /// Distinguishes this run of the node from earlier ones (its start time).
     pub generation: u64,
+    /// The members to gossip with first.
     pub seeds: Vec<String>,
+    /// The gossip round.
     pub interval: Duration,
+    /// The failure detector's threshold (phi).
     pub phi_threshold: f64,
     /// How long the state of a dead node is kept before it is forgotten.
     pub dead_grace: Duration,
@@ -88,12 +93,16 @@ pub struct Settings {
 pub enum Network {
     /// UDP on a bound socket; sealed with the key when there is one.
     Udp {
+        /// The bound UDP socket.
         socket: std::net::UdpSocket,
+        /// The cluster key that seals every packet, if any.
         key: Option<ClusterKey>,
     },
     /// chitchat's in-process channels at `addr` (tests).
     InMemory {
+        /// The in-process network.
         network: InMemoryNetwork,
+        /// This node's address on it.
         addr: SocketAddr,
     },
 }
@@ -104,6 +113,7 @@ pub enum Network {
 pub struct InMemoryNetwork(ChannelTransport);
 
 impl InMemoryNetwork {
+    /// A new in-process network (tests).
     pub fn new() -> Self {
         Self(ChannelTransport::with_mtu(MAX_DATAGRAM))
     }

@@ -25,6 +25,7 @@ pub enum Role {
 }
 
 impl Role {
+    /// The name used in configuration and gossip.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Standalone => "standalone",
@@ -34,6 +35,7 @@ impl Role {
         }
     }
 
+    /// The role named `text`, if any.
     pub fn parse(text: &str) -> Option<Role> {
         match text {
             "standalone" => Some(Role::Standalone),
@@ -49,6 +51,7 @@ impl Role {
         matches!(self, Role::Standalone | Role::Leader)
     }
 
+    /// Whether this is a balancer (it stores nothing and forwards).
     pub fn is_balancer(self) -> bool {
         self == Role::Balancer
     }
@@ -74,6 +77,7 @@ pub enum Lifecycle {
 }
 
 impl Lifecycle {
+    /// The name used in gossip and the ring file.
     pub fn as_str(self) -> &'static str {
         match self {
             Lifecycle::Joining => "joining",
@@ -84,6 +88,7 @@ impl Lifecycle {
         }
     }
 
+    /// The state named `text`, if any.
     pub fn parse(text: &str) -> Option<Lifecycle> {
         match text {
             "joining" => Some(Lifecycle::Joining),
@@ -99,17 +104,25 @@ impl Lifecycle {
 /// A live member, as it announces itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
+    /// Its node name.
     pub name: String,
     /// Distinguishes runs of the same node (its start time, in nanoseconds).
     pub generation: u64,
+    /// Its gossip address.
     pub gossip_addr: SocketAddr,
+    /// Its role.
     pub role: Role,
+    /// Its lifecycle state.
     pub lifecycle: Lifecycle,
+    /// Where clients reach its API.
     pub rpc_addr: String,
+    /// Its replication port.
     pub replication_addr: String,
     /// Its HTTP gateway.
     pub http_addr: String,
+    /// Its placement weight.
     pub virtual_nodes: u32,
+    /// Its labels.
     pub tags: BTreeMap<String, String>,
     /// For a follower: the name of the leader it follows, once connected.
     pub leader: Option<String>,
@@ -125,8 +138,11 @@ pub struct Member {
 /// the records of members it sees down), and while the ring forms, the founders it proposes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Advert {
+    /// The member itself.
     pub member: Member,
+    /// The ring as this member knows it.
     pub ring: Ring,
+    /// The founders it proposes while the ring forms, if any.
     pub proposal: Option<String>,
 }
 
@@ -135,6 +151,7 @@ pub struct Advert {
 pub struct View {
     /// Hash of the members' (name, generation, lifecycle state).
     pub id: String,
+    /// The live members, by name.
     pub members: BTreeMap<String, Member>,
 }
 
@@ -160,7 +177,9 @@ impl View {
 pub struct Membership {
     /// This node's name.
     pub local: String,
+    /// The live members.
     pub view: View,
+    /// The ring.
     pub ring: Ring,
     /// [`Ring::version`] of `ring`: the stamp of placement answers.
     pub ring_version: u64,

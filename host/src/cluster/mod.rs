@@ -146,6 +146,7 @@ impl ClusterSection {
         Ok(Some(gossip::ClusterKey::derive(&secret, &self.name)))
     }
 
+    /// The gossip round (`cluster.gossip_interval_ms`).
     pub fn gossip_interval(&self) -> Duration {
         Duration::from_millis(self.gossip_interval_ms)
     }
@@ -154,21 +155,31 @@ impl ClusterSection {
 /// This node, as the cluster should see it.
 #[derive(Debug, Clone)]
 pub struct Local {
+    /// Its node name.
     pub name: String,
+    /// Its role.
     pub role: Role,
+    /// Where clients reach its API.
     pub rpc_addr: SocketAddr,
+    /// Its replication port.
     pub replication_addr: SocketAddr,
+    /// Its HTTP gateway.
     pub http_addr: SocketAddr,
+    /// Its placement weight.
     pub virtual_nodes: u32,
+    /// Its labels (for placement plugins).
     pub tags: BTreeMap<String, String>,
 }
 
 /// What the membership subsystem needs.
 pub struct Params {
+    /// The `[cluster]` section.
     pub section: ClusterSection,
+    /// The members to gossip with first.
     pub seeds: Vec<String>,
     /// Where the ring is kept (`<data_dir>/cluster`).
     pub dir: PathBuf,
+    /// This node.
     pub local: Local,
     /// For a follower: the leader it follows, once known.
     pub leader: watch::Receiver<Option<Leader>>,
@@ -178,15 +189,19 @@ pub struct Params {
 /// follower sends the writes it refuses).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leader {
+    /// Its node name.
     pub name: String,
     /// Empty while only its name is known.
     pub rpc_addr: String,
 }
 
+/// Why membership could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// Gossip could not start on the bound socket.
     #[error("config key `bind_addr`: cannot gossip: {0}")]
     Gossip(String),
+    /// The ring file could not be read or written.
     #[error("the ring file: {0}")]
     Ring(String),
 }
@@ -217,14 +232,24 @@ enum Ask {
 /// Why a lifecycle step was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
+    /// This node is not in a formed ring.
     #[error("this node is not a member of a formed ring")]
     NotInRing,
+    /// The lifecycle does not allow the step.
     #[error("a member cannot go from {from} to {to}", from = .from.as_str(), to = .to.as_str())]
-    Transition { from: Lifecycle, to: Lifecycle },
+    Transition {
+        /// Its state now.
+        from: Lifecycle,
+        /// The state asked for.
+        to: Lifecycle,
+    },
+    /// The membership loop has stopped.
     #[error("the membership subsystem has stopped")]
     Stopped,
+    /// No such member.
     #[error("{0} is not a member of the ring")]
     Unknown(String),
+    /// The member is live: only a dead primary is forgotten.
     #[error("{0} is live: drain it instead (only a dead primary is forgotten)")]
     Live(String),
 }
@@ -286,6 +311,7 @@ impl Cluster {
         let _ = self.handle.shutdown().await;
     }
 
+    /// Resolves when the membership subsystem ends: `Ok` on shutdown, the failure if a task failed.
     pub fn terminated(
         &self,
     ) -> impl std::future::Future<Output = Result<(), crate::service::Failed>> + Send + 'static

@@ -26,7 +26,9 @@ use super::{Lifecycle, Role};
 /// One primary in the ring.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RingMember {
+    /// Its lifecycle state in the ring.
     pub lifecycle: Lifecycle,
+    /// Its role.
     pub role: Role,
     /// Its client API address, as it last announced it.
     pub rpc_addr: String,
@@ -56,6 +58,7 @@ pub struct Ring {
     /// the ring from others knows its own record from this.
     #[serde(default)]
     pub founders: BTreeSet<String>,
+    /// Every member of the ring, by name.
     pub members: BTreeMap<String, RingMember>,
 }
 
@@ -63,8 +66,11 @@ pub struct Ring {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("ring {theirs} (of member {member}) is not this node's ring {ours}")]
 pub struct RingConflict {
+    /// This node's ring id.
     pub ours: String,
+    /// The other ring's id.
     pub theirs: String,
+    /// The member that gossips the other ring.
     pub member: String,
 }
 
@@ -89,6 +95,7 @@ impl Ring {
         self.is_formed() && formation_id(&self.founders) == self.id
     }
 
+    /// Whether the ring has been formed (it has an id).
     pub fn is_formed(&self) -> bool {
         !self.id.is_empty()
     }
