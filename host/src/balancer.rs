@@ -49,12 +49,12 @@ use crate::reshard::Refusal;
 use crate::services::Services;
 
 /// Bytes of a point's first frames a produce keeps to re-send them to another owner.
-pub const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
+pub(crate) const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
 /// Frames a produce queues for each point's upstream stream.
 const UPSTREAM_QUEUE: usize = 8;
 
 /// What the balancer's handlers share.
-pub struct Balancer {
+pub(crate) struct Balancer {
     /// What every subsystem of the node shares (access, placement, the URL signer, the
     /// node's lifetime: abort ends the streams left after the grace period).
     pub services: Services,
@@ -66,11 +66,11 @@ pub struct Balancer {
 
 /// The `Streaming` service of a balancer, and its resolver helpers.
 #[derive(Clone)]
-pub struct BalancerService(Arc<Balancer>);
+pub(crate) struct BalancerService(Arc<Balancer>);
 
 impl BalancerService {
     /// The balancer of a node with `services`, reaching the nodes through `upstreams`.
-    pub fn new(services: Services, upstreams: Pool) -> Self {
+    pub(crate) fn new(services: Services, upstreams: Pool) -> Self {
         Self(Arc::new(Balancer {
             services,
             upstreams,

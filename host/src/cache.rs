@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// Most answers kept; the cache is emptied when it is full.
 const MAX_ENTRIES: usize = 100_000;
 
-pub struct GenerationCache<K, V> {
+pub(crate) struct GenerationCache<K, V> {
     inner: Mutex<Inner<K, V>>,
 }
 
@@ -28,7 +28,7 @@ struct Inner<K, V> {
 }
 
 impl<K: Eq + Hash, V: Clone> GenerationCache<K, V> {
-    pub fn new(ttl: Option<Duration>) -> Self {
+    pub(crate) fn new(ttl: Option<Duration>) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 generation: 0,
@@ -40,7 +40,7 @@ impl<K: Eq + Hash, V: Clone> GenerationCache<K, V> {
     }
 
     /// The answer for `key` computed for input `version`, if it is still fresh.
-    pub fn get<Q>(&self, key: &Q, version: u64) -> Option<V>
+    pub(crate) fn get<Q>(&self, key: &Q, version: u64) -> Option<V>
     where
         K: Borrow<Q>,
         Q: Eq + Hash + ?Sized,
@@ -59,7 +59,7 @@ impl<K: Eq + Hash, V: Clone> GenerationCache<K, V> {
     /// Keeps `value`, computed by plugin `generation` from input `version`, unless that
     /// generation is not the cache's or the TTL is zero. A new input version replaces every
     /// answer of the previous one.
-    pub fn insert(&self, key: K, value: V, generation: u64, version: u64) {
+    pub(crate) fn insert(&self, key: K, value: V, generation: u64, version: u64) {
         let mut inner = self.inner.lock().expect("poisoned");
         if generation != inner.generation || inner.ttl.is_some_and(|ttl| ttl.is_zero()) {
             return;
@@ -73,7 +73,7 @@ impl<K: Eq + Hash, V: Clone> GenerationCache<K, V> {
 
     /// Forgets every answer; from now on keeps only those of plugin `generation` (after a
     /// reload). Generations only move forward, whatever order reloads finish in.
-    pub fn reset(&self, generation: u64, ttl: Option<Duration>) {
+    pub(crate) fn reset(&self, generation: u64, ttl: Option<Duration>) {
         let mut inner = self.inner.lock().expect("poisoned");
         inner.generation = inner.generation.max(generation);
         inner.ttl = ttl;

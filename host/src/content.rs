@@ -3,13 +3,13 @@
 //! it reads. Sniffing looks at the first [`SNIFF_LEN`] bytes only.
 
 /// Bytes of a point's head that sniffing looks at.
-pub const SNIFF_LEN: u64 = 512;
+pub(crate) const SNIFF_LEN: u64 = 512;
 
 /// What a point whose type is neither given nor recognised is served as.
-pub const OCTET_STREAM: &str = "application/octet-stream";
+pub(crate) const OCTET_STREAM: &str = "application/octet-stream";
 
 /// The media type the first bytes of a point look like.
-pub fn sniff(head: &[u8]) -> &'static str {
+pub(crate) fn sniff(head: &[u8]) -> &'static str {
     let starts = |magic: &[u8]| head.starts_with(magic);
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
     if at(4, b"ftyp") {
@@ -86,7 +86,7 @@ fn is_text(head: &[u8]) -> bool {
 
 /// Whether `value` is a media type a client may give a point: `type/subtype` with optional
 /// `; name=value` parameters, visible ASCII, at most 255 bytes (it is sent as an HTTP header).
-pub fn is_valid(value: &str) -> bool {
+pub(crate) fn is_valid(value: &str) -> bool {
     let token = |t: &str| {
         !t.is_empty()
             && t.bytes()

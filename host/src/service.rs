@@ -27,7 +27,7 @@ pub struct Failed {
 }
 
 /// Spawns and supervises the tasks of one subsystem while it starts.
-pub struct Service {
+pub(crate) struct Service {
     name: &'static str,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -36,7 +36,7 @@ pub struct Service {
 
 impl Service {
     /// A subsystem called `name`, stopped by `token` (or by its handle's `shutdown`).
-    pub fn new(name: &'static str, token: CancellationToken) -> Self {
+    pub(crate) fn new(name: &'static str, token: CancellationToken) -> Self {
         Self {
             name,
             token,
@@ -46,12 +46,12 @@ impl Service {
     }
 
     /// The token the subsystem's tasks stop on.
-    pub fn token(&self) -> &CancellationToken {
+    pub(crate) fn token(&self) -> &CancellationToken {
         &self.token
     }
 
     /// A spawner that outlives start-up, for tasks a subsystem starts later (one per connection).
-    pub fn spawner(&self) -> Spawner {
+    pub(crate) fn spawner(&self) -> Spawner {
         Spawner {
             name: self.name,
             token: self.token.clone(),
@@ -61,13 +61,17 @@ impl Service {
     }
 
     /// Spawns `task`, named `what` in reports.
-    pub fn spawn(&self, what: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn(
+        &self,
+        what: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
         self.spawner().spawn(what, task);
     }
 
     /// Runs `body` on its own OS thread (for `!Send` work such as capnp-rpc); the handle waits for
     /// it like for a task, and a panic in it is reported the same way.
-    pub fn spawn_thread(
+    pub(crate) fn spawn_thread(
         &self,
         what: &'static str,
         body: impl FnOnce() + Send + 'static,
@@ -91,7 +95,7 @@ impl Service {
     }
 
     /// The handle the subsystem returns once its tasks are started.
-    pub fn handle(self) -> Handle {
+    pub(crate) fn handle(self) -> Handle {
         self.tracker.close();
         Handle {
             name: self.name,

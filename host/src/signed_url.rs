@@ -31,12 +31,12 @@ const PATH: &AsciiSet = &CONTROLS
     .add(b']');
 
 /// `id` as a URL path segment (its `/` kept).
-pub fn encode_path(id: &str) -> String {
+pub(crate) fn encode_path(id: &str) -> String {
     utf8_percent_encode(id, PATH).to_string()
 }
 
 /// `value` as a query value.
-pub fn encode_query(value: &str) -> String {
+pub(crate) fn encode_query(value: &str) -> String {
     utf8_percent_encode(value, NON_ALPHANUMERIC).to_string()
 }
 

@@ -118,13 +118,13 @@ fn roots(key: &'static str, path: &Path) -> Result<Arc<RootCertStore>, TlsError>
 
 /// The server side: this node's certificate, and client certificates required and verified
 /// against the CA. ALPN offers `h2` (gRPC) and `http/1.1` (metrics).
-pub fn server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
     build_server_config(tls, true, &[b"h2", b"http/1.1"])
 }
 
 /// The HTTP gateway's server side: client certificates asked for and verified when presented,
 /// but not required (browsers present none and carry signed URLs). HTTP/1.1 only.
-pub fn gateway_server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn gateway_server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsError> {
     build_server_config(tls, false, &[b"http/1.1"])
 }
 
@@ -166,7 +166,7 @@ fn build_server_config(
 /// its transport for at most 4 KiB at a time (it grows its record buffer in 4 KiB steps); served
 /// from this buffer, those asks are copies, not system calls (256 KiB measured faster than 64 KiB
 /// for replication over mTLS; docs/security.md).
-pub const READ_BUFFER: usize = 256 * 1024;
+pub(crate) const READ_BUFFER: usize = 256 * 1024;
 
 /// The ring provider with AES-128-GCM preferred: as safe as AES-256-GCM for TLS 1.3 and cheaper
 /// per byte, which matters when a node streams gigabytes (docs/benchmarks.md).
@@ -185,7 +185,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The client side of node-to-node connections: the peer section's files, defaulting to the
 /// node's own (a node certificate is valid for both).
-pub fn peer_client_config(tls: &TlsSection) -> Result<Arc<ClientConfig>, TlsError> {
+pub(crate) fn peer_client_config(tls: &TlsSection) -> Result<Arc<ClientConfig>, TlsError> {
     let peer = tls.peer.clone().unwrap_or_default();
     client_config(
         ("tls.peer.ca", peer.ca.as_deref().unwrap_or(&tls.ca)),
@@ -197,7 +197,7 @@ pub fn peer_client_config(tls: &TlsSection) -> Result<Arc<ClientConfig>, TlsErro
 
 /// A client configuration that trusts `ca` and presents `cert` with `key`; each file comes with
 /// the name errors give it (a config key for a node; the client library names the files).
-pub fn client_config(
+pub(crate) fn client_config(
     (ca_name, ca): (&'static str, &Path),
     (cert_name, cert): (&'static str, &Path),
     (key_name, key): (&'static str, &Path),
@@ -218,14 +218,14 @@ pub fn client_config(
 }
 
 /// The subject of the client certificate of `connection`.
-pub fn subject_of(connection: &ServerConnection) -> Option<String> {
+pub(crate) fn subject_of(connection: &ServerConnection) -> Option<String> {
     let certificate = connection.peer_certificates()?.first()?;
     Some(subject(certificate.as_ref()))
 }
 
 /// The subject of a DER certificate: its common name, else its first DNS name, else
 /// `sha256:<hex fingerprint>`.
-pub fn subject(der: &[u8]) -> String {
+pub(crate) fn subject(der: &[u8]) -> String {
     if let Some(name) = common_name(der) {
         return name;
     }
@@ -253,7 +253,7 @@ pub fn subject(der: &[u8]) -> String {
 }
 
 /// The first common name in the subject of a DER certificate.
-pub fn common_name(der: &[u8]) -> Option<String> {
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
     let (_, certificate) = X509Certificate::from_der(der).ok()?;
     let cn = certificate.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)

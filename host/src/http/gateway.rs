@@ -46,7 +46,7 @@ use crate::signed_url::encode_path;
 const READ_AHEAD: usize = 4;
 
 /// What the gateway's handlers share.
-pub struct Gateway {
+pub(crate) struct Gateway {
     /// What every subsystem of the node shares (access, placement, the URL signer, the API
     /// address, the node's lifetime: shutdown ends `?follow=1` streams, abort every read).
     pub services: Services,
@@ -84,7 +84,7 @@ impl Params {
     }
 }
 
-pub fn router(gateway: Gateway, spawner: Spawner) -> Router {
+pub(crate) fn router(gateway: Gateway, spawner: Spawner) -> Router {
     Router::new()
         .route("/v1/points/{*id}", get(point))
         .route("/v1/player/{*id}", get(player))

@@ -2,8 +2,8 @@
 //! TLS): `GET /metrics` in the Prometheus text format on the metrics listener, and the range
 //! gateway ([`gateway`]) on `http_port`.
 
-pub mod gateway;
-pub mod range;
+pub(crate) mod gateway;
+pub(crate) mod range;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,7 +52,7 @@ impl Default for HttpSection {
 }
 
 /// Shortest URL signing key accepted.
-pub const MIN_URL_KEY_LEN: usize = 16;
+pub(crate) const MIN_URL_KEY_LEN: usize = 16;
 
 impl HttpSection {
     /// Checks what serde cannot; errors name the key.
@@ -112,7 +112,7 @@ impl HttpSection {
 
 /// Serves the range gateway on `listener` until the handle is shut down or `token` is
 /// cancelled. With TLS, client certificates are asked for but not required.
-pub fn start_gateway(
+pub(crate) fn start_gateway(
     gateway: gateway::Gateway,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -152,7 +152,7 @@ impl Connected<IncomingStream<'_, Incoming>> for PeerInfo {
 }
 
 /// Serves `GET /metrics` on `listener` until the handle is shut down or `token` is cancelled.
-pub fn start_metrics(
+pub(crate) fn start_metrics(
     handle: PrometheusHandle,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,

@@ -13,7 +13,7 @@
 
 /// One range as the client wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Spec {
+pub(crate) enum Spec {
     /// `a-b`
     Closed(u64, u64),
     /// `a-`
@@ -24,7 +24,7 @@ pub enum Spec {
 
 /// What to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// `200` with the whole point.
     Full,
     /// `206` with `[start, end]` (inclusive, as `Content-Range` writes it).
@@ -34,7 +34,7 @@ pub enum Answer {
 }
 
 /// The one range of a `Range` header value, or `None` if the header is to be ignored.
-pub fn parse(value: &str) -> Option<Spec> {
+pub(crate) fn parse(value: &str) -> Option<Spec> {
     let (unit, ranges) = value.split_once('=')?;
     if !unit.trim().eq_ignore_ascii_case("bytes") {
         return None;
@@ -64,7 +64,7 @@ pub fn parse(value: &str) -> Option<Spec> {
 
 impl Spec {
     /// The answer for a point of `len` bytes.
-    pub fn resolve(self, len: u64) -> Answer {
+    pub(crate) fn resolve(self, len: u64) -> Answer {
         if len == 0 {
             return Answer::Unsatisfiable;
         }
@@ -88,7 +88,7 @@ impl Spec {
 
     /// Whether the range reaches past the first `len` bytes: a copy that short is not the one
     /// to answer from if a longer one exists (the gateway sends such a request to the owner).
-    pub fn reaches_past(self, len: u64) -> bool {
+    pub(crate) fn reaches_past(self, len: u64) -> bool {
         match self {
             Spec::Closed(_, b) => b >= len,
             Spec::From(a) => a >= len,

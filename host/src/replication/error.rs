@@ -17,7 +17,7 @@ use crate::reshard::planner::Retry;
 /// A call on the point store failed (any of its error families).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// Reading a point, its metadata or its ownership record.
     #[error(transparent)]
     Read(#[from] ReadError),
@@ -35,7 +35,7 @@ pub enum StoreError {
 /// A peer could not be reached, would not speak, or a call on it failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum LinkError {
+pub(crate) enum LinkError {
     /// Neither the live view nor the ring knows the member.
     #[error("{peer} is not a member")]
     Unknown {
@@ -130,7 +130,7 @@ pub enum LinkError {
 
 impl LinkError {
     /// A failed call on `peer`: [`LinkError::Disconnected`] if the connection went.
-    pub fn call(call: &'static str, peer: &str, source: capnp::Error) -> Self {
+    pub(crate) fn call(call: &'static str, peer: &str, source: capnp::Error) -> Self {
         let peer = peer.to_owned();
         match source.kind {
             capnp::ErrorKind::Disconnected => LinkError::Disconnected { call, peer, source },
@@ -139,7 +139,7 @@ impl LinkError {
     }
 
     /// Whether the connection is gone (the next attempt must dial again).
-    pub fn is_disconnected(&self) -> bool {
+    pub(crate) fn is_disconnected(&self) -> bool {
         matches!(
             self,
             LinkError::Disconnected { .. }
@@ -152,7 +152,7 @@ impl LinkError {
 /// A member is not the node it says it is, or not the one dialed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum IdentityError {
+pub(crate) enum IdentityError {
     /// With TLS, a certificate speaks only for the node it names (`node:<name>`).
     #[error("the certificate of {subject} does not name node {claimed}")]
     Certificate {
@@ -176,7 +176,7 @@ pub enum IdentityError {
 /// Why the new owner of a handover refuses a step.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum HandoverError {
+pub(crate) enum HandoverError {
     /// This node holds the point at an epoch not older than the sender's.
     #[error("this node holds point {point} at epoch {held}, not older than {from}'s {epoch}")]
     Newer {
@@ -246,7 +246,7 @@ impl From<DeleteError> for HandoverError {
 /// Shared (`Arc`): one refusal answers every record of a push.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum ApplyError {
+pub(crate) enum ApplyError {
     /// The store failed.
     #[error(transparent)]
     Store(Arc<StoreError>),
@@ -279,7 +279,7 @@ impl From<HandoverError> for ApplyError {
 /// Why one move (on the old owner) did not end with the point handed over.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum MoveError {
+pub(crate) enum MoveError {
     /// The destination could not be reached, or a call on it failed.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -357,7 +357,7 @@ impl From<DeleteError> for MoveError {
 
 impl MoveError {
     /// Whether the connection to the destination is gone.
-    pub fn is_disconnected(&self) -> bool {
+    pub(crate) fn is_disconnected(&self) -> bool {
         match self {
             MoveError::Link(link) => link.is_disconnected(),
             MoveError::FenceLifted(inner) => inner.is_disconnected(),
@@ -367,7 +367,7 @@ impl MoveError {
 
     /// When the move is tried again, by kind: a dropped connection at once, a refused seal
     /// after the settle time, anything else after a second.
-    pub fn retry(&self) -> Retry {
+    pub(crate) fn retry(&self) -> Retry {
         match self {
             error if error.is_disconnected() => Retry::Now,
             MoveError::SealRefused { .. } => Retry::AfterSettle,
@@ -379,7 +379,7 @@ impl MoveError {
 /// Why a leader refuses a follower's session (`Leader.follow`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum FollowRefusal {
+pub(crate) enum FollowRefusal {
     /// The policy does not let the follower replicate.
     #[error(transparent)]
     Denied(#[from] Denied),

@@ -43,7 +43,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const APPLY_QUEUE: usize = 256;
 
 /// Follows every configured leader until `shutdown`.
-pub async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
+pub(crate) async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
     let context = Rc::new(context);
     for address in context.services.config.leader_addresses.clone() {
         let (context, tls, shutdown) = (context.clone(), tls.clone(), shutdown.clone());

@@ -14,7 +14,7 @@ use crate::point::{DeleteError, Handover, Ownership, PointId, ReadError, Store};
 
 /// How a seal ended.
 #[derive(Debug)]
-pub enum Sealed {
+pub(crate) enum Sealed {
     /// This node owns the point at this epoch.
     Committed(u64),
     /// It does not hold what was sealed; the old owner starts the move over.
@@ -23,7 +23,7 @@ pub enum Sealed {
 
 /// Starts (or resumes) receiving `point` from `from`, which owns it at `epoch`. Returns the end
 /// this node holds, where the copy continues.
-pub async fn begin(
+pub(crate) async fn begin(
     store: &Store,
     from: &str,
     point: &PointId,
@@ -71,7 +71,7 @@ pub async fn begin(
 
 /// Ends the handover of `point` from `from`: if this node holds exactly `end` bytes with CRC32C
 /// `crc`, it syncs them and commits the next epoch with itself as owner.
-pub async fn seal(
+pub(crate) async fn seal(
     store: &Store,
     local: &str,
     from: &str,
@@ -125,7 +125,11 @@ pub async fn seal(
 }
 
 /// Makes the copy of `point` arriving from `from` durable as it is (before the fence).
-pub async fn prepare(store: &Store, from: &str, point: &PointId) -> Result<(), HandoverError> {
+pub(crate) async fn prepare(
+    store: &Store,
+    from: &str,
+    point: &PointId,
+) -> Result<(), HandoverError> {
     match store.ownership(point).await?.handover {
         Some(Handover::Incoming { from: sender, .. }) if sender == from => {
             Ok(store.sync(point).await?)
@@ -136,7 +140,7 @@ pub async fn prepare(store: &Store, from: &str, point: &PointId) -> Result<(), H
 
 /// What this node holds of a point it took over, for its old owner's cleanup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settled {
+pub(crate) struct Settled {
     pub epoch: u64,
     pub end: u64,
     /// No followers to wait for, or `needed` of them confirmed every byte.
@@ -144,7 +148,7 @@ pub struct Settled {
 }
 
 /// [`Settled`] of `point`; `needed` followers must confirm it (`None`: this node has none).
-pub async fn settled(
+pub(crate) async fn settled(
     store: &Store,
     progress: &crate::replication::Progress,
     needed: Option<usize>,
@@ -175,7 +179,11 @@ pub async fn settled(
 }
 
 /// Drops the copy of `point` arriving from `from`, if there is one: the move was given up.
-pub async fn cancel(store: &Store, from: &str, point: &PointId) -> Result<(), HandoverError> {
+pub(crate) async fn cancel(
+    store: &Store,
+    from: &str,
+    point: &PointId,
+) -> Result<(), HandoverError> {
     match store.ownership(point).await {
         Ok(held) if matches!(&held.handover, Some(Handover::Incoming { from: sender, .. }) if sender == from) => {
             match store.delete(point).await {

@@ -31,7 +31,7 @@ use crate::point::ownership::FIRST_EPOCH;
 use crate::service::Spawner;
 
 /// Accepts followers until the replication subsystem stops.
-pub async fn serve(
+pub(crate) async fn serve(
     context: Rc<Context>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,

@@ -25,7 +25,7 @@ use crate::point::{Handover, PointId, ReadError, Store};
 
 /// What an offer gets back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Other followers' offers are awaited, or another copy is being taken over.
     Wait,
     /// Hand this copy over: it is the most complete one.
@@ -40,7 +40,7 @@ pub enum Verdict {
 
 /// One offered copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Copy {
+pub(crate) struct Copy {
     pub point: PointId,
     pub end: u64,
     pub epoch: u64,
@@ -50,7 +50,7 @@ pub struct Copy {
 
 /// The offers this node has heard, per point, until the point is taken over.
 #[derive(Default)]
-pub struct Offers {
+pub(crate) struct Offers {
     points: HashMap<PointId, Offered>,
 }
 
@@ -61,7 +61,7 @@ struct Offered {
 }
 
 /// The verdict on `copy`, offered by `from` as a copy of a point of `forgotten`.
-pub async fn offer(
+pub(crate) async fn offer(
     context: &Context,
     offers: &RefCell<Offers>,
     from: &str,

@@ -59,7 +59,11 @@ const FENCE_WAIT: Duration = Duration::from_secs(10);
 const CLEANUP_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs the moves of this primary until `shutdown`.
-pub async fn run(context: Rc<Context>, tls: Option<TlsConnector>, shutdown: CancellationToken) {
+pub(crate) async fn run(
+    context: Rc<Context>,
+    tls: Option<TlsConnector>,
+    shutdown: CancellationToken,
+) {
     let reshard = &context.services.config.reshard;
     let planner = Planner::new(
         reshard.max_concurrent_moves,

@@ -50,14 +50,14 @@ mod state;
 use state::*;
 
 /// Most payload bytes in one record: one read of the point, one bundler call.
-pub const RECORD_BYTES: u64 = 1024 * 1024;
+pub(crate) const RECORD_BYTES: u64 = 1024 * 1024;
 /// Bytes on the wire a push gathers before it leaves (records of several points may share it).
-pub const PUSH_BYTES: u64 = 2 * 1024 * 1024;
+pub(crate) const PUSH_BYTES: u64 = 2 * 1024 * 1024;
 /// Most bytes a bundle may take on the wire (a push must stay well within the 64 MiB a Cap'n
 /// Proto reader accepts); a record whose bundle is larger is not sent.
-pub const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of live appends a replicator keeps for its follower; beyond, it reads them back.
-pub const LIVE_PER_FOLLOWER: u64 = 16 * 1024 * 1024;
+pub(crate) const LIVE_PER_FOLLOWER: u64 = 16 * 1024 * 1024;
 
 /// What a follower offered of one point: its end, the epoch of its copy and the CRC32C of its
 /// bytes.
