@@ -74,6 +74,7 @@ impl Point {
         }
     }
 
+    /// Its id.
     pub fn id(&self) -> &PointId {
         &self.id
     }

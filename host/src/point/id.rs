@@ -25,17 +25,26 @@ pub struct PointId(String);
 /// Why a string is not a point id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidPointId {
+    /// No characters.
     #[error("point id is empty")]
     Empty,
+    /// Longer than the limit (its length in bytes).
     #[error("point id is {0} bytes long; the limit is {MAX_LEN}")]
     TooLong(usize),
+    /// A control character.
     #[error(
         "point id contains the control character {character:?} at byte {at}; ids are printable text"
     )]
-    Control { at: usize, character: char },
+    Control {
+        /// The byte offset of the character.
+        at: usize,
+        /// The character.
+        character: char,
+    },
 }
 
 impl PointId {
+    /// `id` checked: not empty, not too long, no control character.
     pub fn new(id: impl Into<String>) -> Result<Self, InvalidPointId> {
         let id = id.into();
         if id.is_empty() {
@@ -50,6 +59,7 @@ impl PointId {
         Ok(Self(id))
     }
 
+    /// The id as given.
     pub fn as_str(&self) -> &str {
         &self.0
     }

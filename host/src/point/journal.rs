@@ -19,21 +19,30 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+/// The first bytes of every journal.
 pub const MAGIC: &[u8; 8] = b"GTJOURNL";
+/// The journal format this build writes and reads.
 pub const VERSION: u32 = 1;
+/// Bytes of the header: magic, version, CRC32C of both.
 pub const HEADER_LEN: u64 = 16;
+/// Bytes of one record.
 pub const RECORD_LEN: u64 = 32;
 
 /// One journal record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Record {
+    /// The point's end after the append.
     pub end: u64,
+    /// The end known durable when it was written.
     pub durable: u64,
+    /// The CRC32C of the append's bytes.
     pub append_crc: u32,
+    /// The CRC32C of the point's bytes up to `end`.
     pub point_crc: u32,
 }
 
 impl Record {
+    /// The record's bytes, with its own CRC32C.
     pub fn encode(&self) -> [u8; RECORD_LEN as usize] {
         let mut buf = [0u8; RECORD_LEN as usize];
         buf[0..8].copy_from_slice(&self.end.to_le_bytes());
@@ -61,6 +70,7 @@ impl Record {
     }
 }
 
+/// The header's bytes.
 pub fn encode_header() -> [u8; HEADER_LEN as usize] {
     let mut buf = [0u8; HEADER_LEN as usize];
     buf[0..8].copy_from_slice(MAGIC);
@@ -88,10 +98,13 @@ pub struct Recovered {
 /// Why a journal cannot be recovered.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
+    /// Not a goutube journal.
     #[error("journal header is not a goutube journal (bad magic or checksum)")]
     BadHeader,
+    /// A format this build does not read.
     #[error("journal version {0} is not supported (this build reads version {VERSION})")]
     UnsupportedVersion(u32),
+    /// Reading it failed.
     #[error("journal I/O: {0}")]
     Io(#[from] io::Error),
 }

@@ -60,7 +60,9 @@ pub enum Fsync {
 pub struct StoreConfig {
     /// Directory holding the points (created if missing).
     pub dir: PathBuf,
+    /// When appended bytes are synced (`storage.fsync`).
     pub fsync: Fsync,
+    /// How often with `fsync = "interval"`.
     pub fsync_interval: Duration,
     /// Most points with open file handles at once (each holds two descriptors).
     pub max_open: usize,
@@ -80,6 +82,7 @@ enum Closing {
 /// Size and checksum of a point at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Snapshot {
+    /// Its published end: every byte before it is readable.
     pub end: u64,
     /// CRC32C of `[0, end)`.
     pub crc: u32,
@@ -93,8 +96,11 @@ pub struct Snapshot {
 /// The outcome of one append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Appended {
+    /// Where the append starts in the point.
     pub start: u64,
+    /// The point's end after it.
     pub end: u64,
+    /// The CRC32C of the point's bytes up to `end`.
     pub crc: u32,
 }
 
@@ -143,7 +149,9 @@ pub const LIVE_BUDGET: u64 = 64 * 1024 * 1024;
 /// [`LIVE_BUDGET`] until the last holder drops them.
 #[derive(Debug)]
 pub struct LiveBytes {
+    /// Where the append starts in its point.
     pub start: u64,
+    /// Its frames, as appended.
     pub frames: Vec<Bytes>,
     len: u64,
     lent: Arc<AtomicU64>,
@@ -166,14 +174,17 @@ impl LiveBytes {
         })
     }
 
+    /// Its bytes.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// Whether it holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Where it ends in its point.
     pub fn end(&self) -> u64 {
         self.start + self.len
     }
@@ -222,17 +233,23 @@ struct Shared {
 /// the receiver goes away).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
+    /// The first byte.
     pub offset: u64,
+    /// The end (exclusive); `None`: the point's end, or never with `follow`.
     pub stop: Option<u64>,
+    /// Most bytes per frame.
     pub chunk: u64,
+    /// Wait at the end for new bytes.
     pub follow: bool,
 }
 
 /// How a [`Point::stream`] ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    /// Reading the point failed.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
 }

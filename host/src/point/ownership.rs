@@ -58,20 +58,39 @@ fn first_epoch() -> u64 {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Handover {
     /// Old owner: `to` catches up as a learner; writes are still accepted here and flow to it.
-    Copying { to: String, target_ring: u64 },
+    Copying {
+        /// The new owner.
+        to: String,
+        /// The version of the ring that gives it the point.
+        target_ring: u64,
+    },
     /// Old owner: writes are fenced; the point's final bytes here are `[0, end)`, CRC32C `crc`.
     Sealed {
+        /// The new owner.
         to: String,
+        /// The point's final end here.
         end: u64,
+        /// The CRC32C of `[0, end)`.
         crc: u32,
+        /// The version of the ring that gives it the point.
         target_ring: u64,
     },
     /// Old owner: `to` owns the point at `epoch`; writes are redirected there, reads served
     /// here until cleanup.
-    Moved { to: String, epoch: u64 },
+    Moved {
+        /// The new owner.
+        to: String,
+        /// The epoch it owns the point at.
+        epoch: u64,
+    },
     /// New owner: a learner copy from `from`, which owns the point at `epoch`; neither written
     /// nor read here until the handover commits.
-    Incoming { from: String, epoch: u64 },
+    Incoming {
+        /// The old owner.
+        from: String,
+        /// The epoch it owns the point at.
+        epoch: u64,
+    },
 }
 
 impl Handover {

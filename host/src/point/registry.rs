@@ -56,6 +56,7 @@ impl Store {
         Ok(store)
     }
 
+    /// How the store runs.
     pub fn config(&self) -> &StoreConfig {
         &self.inner.shared.config
     }
@@ -65,6 +66,7 @@ impl Store {
         self.inner.points.read().expect("poisoned").len()
     }
 
+    /// Whether it holds no point.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
