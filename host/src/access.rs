@@ -48,6 +48,7 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action.
     pub const ALL: [Action; 5] = [
         Action::Produce,
         Action::Consume,
@@ -56,6 +57,7 @@ impl Action {
         Action::Admin,
     ];
 
+    /// Its name, as policies and errors write it.
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Produce => "produce",
@@ -86,7 +88,9 @@ impl fmt::Display for Action {
 /// An authorization decision, with the authorizer's reason (for logs and error messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
+    /// Whether the action is allowed.
     pub allowed: bool,
+    /// The authorizer's reason.
     pub reason: Arc<str>,
 }
 
@@ -97,6 +101,7 @@ pub struct Access {
 }
 
 impl Access {
+    /// The door in front of `plugins`' authorizer, caching its decisions for `ttl`.
     pub fn new(plugins: Arc<Plugins>, ttl: Duration) -> Self {
         Self {
             plugins,

@@ -16,35 +16,46 @@ use crate::point::{AppendError, DeleteError, Handover, InvalidPointId, ReadError
 use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
 use crate::reshard::gate::{ReadRefusal, Refusal, WriteError};
 
+/// Why a client call failed: one variant per kind, each with its one gRPC code ([`Error::code`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The point id is not valid.
     #[error("invalid point id: {0}")]
     InvalidPointId(#[from] InvalidPointId),
+    /// An argument is not valid.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A range past the point's end.
     #[error("{0}")]
     OutOfRange(String),
+    /// The policy said no.
     #[error(transparent)]
     PermissionDenied(#[from] Denied),
     /// The call must go to another node (a follower asked to write, for example).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Not now: the node or a member it needs is not available (retryable).
     #[error("{0}")]
     Unavailable(String),
     /// The gate sent the call elsewhere, or not at all (`crate::reshard::gate`).
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// The store did not take a write.
     #[error(transparent)]
     Append(#[from] AppendError),
+    /// The store could not read.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// The store could not delete.
     #[error(transparent)]
     Delete(#[from] DeleteError),
+    /// The files underneath failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
 
 impl Error {
+    /// The gRPC status code of this error: the one place a code is chosen.
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidPointId(_) | Error::InvalidArgument(_) => Code::InvalidArgument,

@@ -46,7 +46,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
+    /// Its address.
     pub addr: SocketAddr,
+    /// Its certificate's subject (or what stands for it without one).
     pub subject: Arc<str>,
 }
 
@@ -75,10 +77,12 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Who is on the other end.
     pub fn peer(&self) -> &PeerInfo {
         &self.info
     }
 
+    /// The stream and who is on the other end.
     pub fn into_parts(self) -> (Io, PeerInfo) {
         (self.io, self.info)
     }

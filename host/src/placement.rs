@@ -85,6 +85,8 @@ enum Question {
     Before { forgotten: String, point: String },
 }
 
+/// Which member owns which point: the placement plugin's answers, cached per ring version and
+/// plugin generation.
 pub struct Placement {
     plugins: Arc<Plugins>,
     membership: watch::Receiver<Arc<Membership>>,
@@ -92,6 +94,7 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// Placement with `plugins`, over the membership `membership` publishes.
     pub fn new(plugins: Arc<Plugins>, membership: watch::Receiver<Arc<Membership>>) -> Self {
         Self {
             plugins,

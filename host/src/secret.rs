@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A value that is never printed (its `Debug` is `<redacted>`).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(pub String);

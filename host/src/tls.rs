@@ -38,8 +38,11 @@ pub struct TlsSection {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PeerTlsSection {
+    /// The CA that signs the other nodes' certificates (default: `tls.ca`).
     pub ca: Option<PathBuf>,
+    /// This node's client certificate (default: `tls.cert`).
     pub cert: Option<PathBuf>,
+    /// Its key (default: `tls.key`).
     pub key: Option<PathBuf>,
 }
 

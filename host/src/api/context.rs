@@ -15,10 +15,12 @@ use crate::replication::{Progress, Replica};
 use crate::reshard::Gate;
 use crate::services::Services;
 
+/// What the handlers of a storage node share.
 pub struct Context {
     /// What every subsystem of the node shares (configuration, access, placement, the URL
     /// signer, the API address, the node's lifetime).
     pub services: Services,
+    /// The node's points.
     pub store: Store,
     /// What followers confirmed (empty unless this node is a leader).
     pub progress: Arc<Progress>,

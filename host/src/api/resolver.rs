@@ -19,6 +19,7 @@ pub struct ResolverService {
 }
 
 impl ResolverService {
+    /// The helpers of the node whose handlers share `state`.
     pub fn new(state: Arc<Context>) -> Self {
         Self { state }
     }

@@ -105,6 +105,7 @@ impl HttpSection {
         Ok(keys)
     }
 
+    /// The longest a signed URL may live (`http.max_url_ttl_s`).
     pub fn max_url_ttl(&self) -> Duration {
         Duration::from_secs(self.max_url_ttl_s)
     }

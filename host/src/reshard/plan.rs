@@ -75,6 +75,7 @@ pub fn pending(ring: &Ring) -> Option<(Change, Ring)> {
 /// from its followers' copies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forgotten {
+    /// Its name.
     pub name: String,
     /// The member at the version of its `forgotten` record: what its followers announce
     /// (`handed`) once every copy they hold of its points is taken over.
@@ -133,6 +134,7 @@ pub fn followers_of<'a>(
 /// One point to hand over.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Move {
+    /// The point.
     pub point: PointId,
     /// Its owner in the current ring.
     pub from: String,

@@ -51,7 +51,12 @@ pub enum Action {
     /// Stop the copy of this point before its fence: the plan no longer sends it there.
     Stop(PointId),
     /// Start this work for the handover to the ring of version `target_ring`.
-    Start { work: Work, target_ring: u64 },
+    Start {
+        /// The move, or the giving up of one.
+        work: Work,
+        /// The version of the ring the handover is for.
+        target_ring: u64,
+    },
 }
 
 /// What to do after the first step of a look.
@@ -61,13 +66,23 @@ pub enum Next {
     Idle,
     /// This member was forgotten: ask about every copy it holds (`docs/resharding.md`), and
     /// report [`Planner::stepped_down`] once each had its answer.
-    StepDown { ring_version: u64 },
+    StepDown {
+        /// The version of the ring it was forgotten in.
+        ring_version: u64,
+    },
     /// This member is joining: it turns active once every owner handed it its points.
-    Join { joining: String, version: u64 },
+    Join {
+        /// This member.
+        joining: String,
+        /// The version of the ring the join leads to.
+        version: u64,
+    },
     /// List the points held and plan them: with the pending change and the ring it leads to,
     /// if any, and when this node first saw it.
     List {
+        /// The pending change and the ring it leads to.
         pending: Option<(Change, Ring)>,
+        /// When this node first saw the change.
         since: Option<Instant>,
     },
 }
@@ -117,6 +132,7 @@ pub struct Planner {
 }
 
 impl Planner {
+    /// A planner that runs at most `limit` moves at once, after a view settled for `settle`.
     pub fn new(limit: usize, settle: Duration) -> Self {
         Self {
             limit,

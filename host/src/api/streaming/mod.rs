@@ -37,6 +37,7 @@ pub struct StreamingService {
 }
 
 impl StreamingService {
+    /// The service of the node whose handlers share `state`.
     pub fn new(state: Arc<Context>) -> Self {
         Self { state }
     }
