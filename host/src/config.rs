@@ -23,11 +23,13 @@ pub use crate::plugins::{PluginSection, PluginsSection};
 use crate::point::{Fsync, StoreConfig};
 pub use crate::tls::{PeerTlsSection, TlsSection};
 
+/// The node's configuration (`docs/config.md`): defaults < TOML < `GOUTUBE_…` environment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Unique name of this node in the cluster (default: the host name).
     pub node_name: String,
+    /// What it does: `standalone`, `leader`, `follower` or `balancer`.
     pub role: Role,
     /// Root of the node's files: `points/` and `plugin-cache/`.
     pub data_dir: PathBuf,
@@ -58,12 +60,19 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Labels of this node for placement, for example `{ zone = "eu-1" }`.
     pub tags: BTreeMap<String, String>,
+    /// `[cluster]`: gossip and the ring.
     pub cluster: ClusterSection,
+    /// `[http]`: the gateway.
     pub http: HttpSection,
+    /// `[log]`.
     pub log: LogConfig,
+    /// `[storage]`: the point store.
     pub storage: StorageSection,
+    /// `[plugins]`: the WebAssembly components.
     pub plugins: PluginsSection,
+    /// `[replication]`: acknowledgements and windows.
     pub replication: ReplicationSection,
+    /// `[reshard]`: moves and fences.
     pub reshard: ReshardSection,
     /// mTLS on every listener and for node-to-node connections; absent = plaintext (development).
     pub tls: Option<TlsSection>,
@@ -125,7 +134,9 @@ pub struct ReplicationSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ack {
+    /// Once durable on this node as `storage.fsync` says.
     Local,
+    /// Once this many followers confirmed the bytes too.
     Replicas(u32),
 }
 
@@ -139,6 +150,7 @@ impl Default for ReplicationSection {
     }
 }
 
+/// The `[log]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -146,9 +158,11 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// The `[storage]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
+    /// When appended bytes are synced: `always`, `interval` or `never`.
     pub fsync: Fsync,
     /// Group-commit period for `fsync = "interval"`.
     pub fsync_interval_ms: u64,
@@ -165,10 +179,18 @@ pub enum ConfigError {
     /// once, with the key as it was written.
     #[error("{}", describe_figment(.0))]
     Extract(Box<figment::Error>),
+    /// A value is out of its range, or does not fit with another.
     #[error("config key `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// The key, as written.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The `[plugins]` section names something unusable.
     #[error("{0}")]
     Plugin(crate::plugins::PluginError),
+    /// The `[tls]` section names something unusable.
     #[error("{0}")]
     Tls(crate::tls::TlsError),
 }
@@ -471,6 +493,7 @@ impl Config {
         crate::cluster::dir(&self.data_dir)
     }
 
+    /// The point store's settings.
     pub fn store_config(&self) -> StoreConfig {
         StoreConfig {
             dir: self.data_dir.join("points"),

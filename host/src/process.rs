@@ -11,29 +11,48 @@ use crate::node::Addresses;
 /// Why a child process could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
+    /// The program could not be started.
     #[error("spawning {program}: {source}")]
     Spawn {
+        /// The program.
         program: String,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
+    /// It did not say where it listens in time.
     #[error("{program} printed no listening line within {timeout:?} (exit status: {status:?})")]
     NoListeningLine {
+        /// The program.
         program: String,
+        /// How long it was given.
         timeout: Duration,
+        /// Its exit status, if it exited.
         status: Option<ExitStatus>,
     },
+    /// A signal could not be sent.
     #[error("signalling process {pid}: {source}")]
     Signal {
+        /// The process.
         pid: u32,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
+    /// It did not exit in time.
     #[error("process {pid} did not exit within {timeout:?}")]
-    Timeout { pid: u32, timeout: Duration },
+    Timeout {
+        /// The process.
+        pid: u32,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// Waiting for it failed.
     #[error("waiting for process {pid}: {source}")]
     Wait {
+        /// The process.
         pid: u32,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
@@ -81,6 +100,7 @@ impl NodeProcess {
         }
     }
 
+    /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
