@@ -14,30 +14,46 @@ use time::{Duration, OffsetDateTime};
 /// Prefix of the common name of node certificates (the default policy lets `node:*` replicate).
 pub const NODE_PREFIX: &str = "node:";
 
+/// Why certificates could not be made or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// rcgen could not make a key or a certificate.
     #[error("generating {what}: {source}")]
     Generate {
+        /// What was being made.
         what: String,
+        /// rcgen's error.
         #[source]
         source: rcgen::Error,
     },
+    /// A file could not be written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
+    /// A file is there already.
     #[error("{0} already exists; pass --force to replace it")]
     Exists(PathBuf),
+    /// A name or a value asked for cannot be used.
     #[error("{what}: {message}")]
-    Invalid { what: String, message: String },
+    Invalid {
+        /// What.
+        what: String,
+        /// Why not.
+        message: String,
+    },
 }
 
 /// When a certificate is valid.
 #[derive(Debug, Clone, Copy)]
 pub struct Validity {
+    /// From.
     pub not_before: OffsetDateTime,
+    /// Until.
     pub not_after: OffsetDateTime,
 }
 
@@ -64,7 +80,9 @@ impl Validity {
 /// A certificate and its private key, PEM-encoded.
 #[derive(Debug, Clone)]
 pub struct Issued {
+    /// The certificate.
     pub cert_pem: String,
+    /// Its private key.
     pub key_pem: String,
 }
 
@@ -122,6 +140,7 @@ impl Authority {
         })
     }
 
+    /// The CA's own certificate and key.
     pub fn pem(&self) -> &Issued {
         &self.pem
     }
@@ -214,11 +233,17 @@ pub const CLUSTER_KEY_FILE: &str = "cluster.key";
 /// What `goutube certs` writes.
 #[derive(Clone, Copy)]
 pub struct Request<'a> {
+    /// The directory written.
     pub out: &'a Path,
+    /// The node certificates (`node:<name>`).
     pub nodes: &'a [String],
+    /// Extra subject alternative names of the node certificates.
     pub sans: &'a [String],
+    /// The client certificates (their subjects).
     pub clients: &'a [String],
+    /// How long each is valid.
     pub days: i64,
+    /// Replace files that exist.
     pub force: bool,
 }
 

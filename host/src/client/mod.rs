@@ -44,49 +44,71 @@ pub const DEFAULT_PORT: u16 = 8400;
 pub struct ClientOptions {
     /// `host:port`, or a URL with `http://` / `https://`; without a port, [`DEFAULT_PORT`].
     pub addr: String,
+    /// mTLS material; `None`: plaintext.
     pub tls: Option<ClientTls>,
 }
 
 /// Client-side TLS material (PEM files).
 #[derive(Debug, Clone)]
 pub struct ClientTls {
+    /// The CA that signs the nodes' certificates.
     pub ca: PathBuf,
+    /// This client's certificate.
     pub cert: PathBuf,
+    /// Its private key.
     pub key: PathBuf,
     /// Name to verify the server certificate against (default: the host of the address).
     pub server_name: Option<String>,
 }
 
+/// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The cause is the `source` (printed by `{:#}` and error reporters).
+    /// The node could not be reached. The cause is the `source` (printed by `{:#}` and error
+    /// reporters).
     #[error("cannot connect to {addr}")]
     Connect {
+        /// The address dialed.
         addr: String,
+        /// The transport's error.
         #[source]
         source: tonic::transport::Error,
     },
+    /// A local file could not be read or written.
     #[error("{path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
     /// The node answered with an error status: `NotFound: point x not found`.
     #[error("{:?}: {}", .0.code(), .0.message())]
     Status(Status),
+    /// The bytes do not add up (length or CRC32C).
     #[error("verification failed: {0}")]
     Verify(String),
     /// A new point's upload found the point with bytes already (see [`PutMode`]).
     #[error("point {point} already has {size} bytes")]
-    Exists { point: String, size: u64 },
+    Exists {
+        /// The point.
+        point: String,
+        /// Its bytes.
+        size: u64,
+    },
     /// A download would replace a file (see [`GetOptions::overwrite`]).
     #[error("{} exists already", .0.display())]
     FileExists(PathBuf),
     /// A download was interrupted ([`GetOptions::interrupt`]): `kept` bytes are in `part`,
     /// journaled, for a download with `resume`.
     #[error("interrupted; {kept} bytes are kept in {}", .part.display())]
-    Interrupted { kept: u64, part: PathBuf },
+    Interrupted {
+        /// Bytes kept.
+        kept: u64,
+        /// The `.part` file.
+        part: PathBuf,
+    },
     /// A TLS file the client was given cannot be used (which one, and why).
     #[error("client TLS: {0}")]
     Tls(String),
@@ -124,6 +146,7 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// An empty pool whose connections use `tls`.
     pub fn new(tls: Option<ClientTls>) -> Self {
         Self {
             tls,
@@ -177,6 +200,7 @@ pub struct PutReport {
 /// The points of a cluster, as [`Client::list`] found them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listing {
+    /// The points, in order.
     pub points: Vec<String>,
     /// Primaries that are down with no live follower: their points are not listed.
     pub missing: Vec<String>,
@@ -290,6 +314,7 @@ impl Frames {
 }
 
 impl Client {
+    /// Connects to the node at `options.addr` (with mTLS if given).
     pub async fn connect(options: &ClientOptions) -> Result<Self, ClientError> {
         let channel = channel(options).await?;
         Ok(Self {
@@ -735,6 +760,7 @@ pub struct PutOptions {
     pub chunk: usize,
     /// Media type of a new point.
     pub content_type: Option<String>,
+    /// New, resumed or appended.
     pub mode: PutMode,
 }
 

@@ -79,13 +79,17 @@ impl Default for GetOptions {
 /// What a download did.
 #[derive(Debug, Clone, Default)]
 pub struct GetReport {
+    /// The point's size.
     pub size: u64,
+    /// Its CRC32C, verified.
     pub crc32c: u32,
     /// Replicas that served ranges.
     pub workers: usize,
     /// Ranges that failed and went on elsewhere.
     pub retries: usize,
+    /// Ranges split so an idle worker could take half.
     pub splits: usize,
+    /// Ranges fetched twice because one worker was slow.
     pub hedges: usize,
     /// Bytes a resumed download found verified in `.part`.
     pub resumed: u64,
