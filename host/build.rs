@@ -101,7 +101,7 @@ fn build_plugins(root: &Path, out_dir: &Path) -> anyhow::Result<()> {
     // `src/plugins/builtin.rs` includes this: the names and bytes of the built-ins, from the one
     // list above.
     let mut table = format!(
-        "pub const NAMES: [&str; {}] = {BUILTINS:?};\n\n",
+        "/// The names of the built-in components (`builtin:NAME`).\npub const NAMES: [&str; {}] = {BUILTINS:?};\n\n",
         BUILTINS.len()
     );
     table.push_str("/// The bytes of built-in component `name`.\n");

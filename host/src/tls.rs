@@ -35,6 +35,8 @@ pub struct TlsSection {
     pub peer: Option<PeerTlsSection>,
 }
 
+/// `[tls.peer]`: the material this node presents when it dials other nodes (a balancer, the
+/// mover, a follower), when it differs from its server's.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PeerTlsSection {

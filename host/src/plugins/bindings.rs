@@ -71,19 +71,23 @@ pub struct Buffer {
 }
 
 impl Buffer {
+    /// A buffer of `pieces`, in order.
     pub fn new(pieces: Vec<Bytes>) -> Self {
         let len = pieces.iter().map(|p| p.len() as u64).sum();
         Self { pieces, len }
     }
 
+    /// Its bytes.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// Whether it holds no byte.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Its pieces.
     pub fn pieces(&self) -> &[Bytes] {
         &self.pieces
     }

@@ -43,20 +43,48 @@ const MAX_IDLE_INSTANCES: usize = 8;
 /// A plugin failure. Load errors name the config key; call errors name the plugin.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PluginError {
+    /// The plugin could not be loaded.
     #[error("config key `{key}`: plugin {plugin}: {message}")]
     Load {
+        /// The config key that names it.
         key: String,
+        /// Its source.
         plugin: String,
+        /// Why.
         message: String,
     },
+    /// A call passed its deadline.
     #[error("plugin {plugin} ran out of time ({timeout:?})")]
-    Timeout { plugin: Arc<str>, timeout: Duration },
+    Timeout {
+        /// The plugin.
+        plugin: Arc<str>,
+        /// Its deadline.
+        timeout: Duration,
+    },
+    /// A call passed its memory limit.
     #[error("plugin {plugin} exceeded its memory limit ({limit_mib} MiB)")]
-    OutOfMemory { plugin: Arc<str>, limit_mib: u64 },
+    OutOfMemory {
+        /// The plugin.
+        plugin: Arc<str>,
+        /// Its limit.
+        limit_mib: u64,
+    },
+    /// A call trapped (a panic, an out-of-bounds access…).
     #[error("plugin {plugin} trapped: {message}")]
-    Trap { plugin: Arc<str>, message: String },
+    Trap {
+        /// The plugin.
+        plugin: Arc<str>,
+        /// The trap, with the plugin's last words on stderr.
+        message: String,
+    },
+    /// An instance could not be made or configured.
     #[error("plugin {plugin} could not be instantiated: {message}")]
-    Instantiate { plugin: Arc<str>, message: String },
+    Instantiate {
+        /// The plugin.
+        plugin: Arc<str>,
+        /// Why.
+        message: String,
+    },
 }
 
 /// The `[plugins]` section of the configuration: the WebAssembly plugins of a node.
@@ -70,8 +98,11 @@ pub struct PluginsSection {
     pub policy_file: Option<PathBuf>,
     /// How long an authorization decision is reused, per subject, action and point (0: never).
     pub decision_cache_ms: u64,
+    /// `[plugins.authorizer]`.
     pub authorizer: PluginSection,
+    /// `[plugins.bundler]`.
     pub bundler: PluginSection,
+    /// `[plugins.placement]`.
     pub placement: PluginSection,
 }
 
@@ -83,6 +114,7 @@ pub struct PluginSection {
     pub source: String,
     /// Configuration text handed to the plugin's `configure` (or use `config_file`).
     pub config: String,
+    /// A file whose text is handed to `configure` instead of `config`.
     pub config_file: Option<PathBuf>,
     /// Deadline of one call.
     pub timeout_ms: u64,
@@ -156,15 +188,19 @@ impl PluginsSection {
 pub trait Kind: Send + Sync + 'static {
     /// `authorizer`, `bundler` or `placement`: the config section and metric label.
     const NAME: &'static str;
+    /// The generated bindings of an instance.
     type Bindings: Send + 'static;
+    /// The generated pre-instantiated component.
     type Pre: Clone + Send + Sync + 'static;
 
     /// Checks that `component` implements this world and links its imports.
     fn prepare(component: &Component) -> wasmtime::Result<Self::Pre>;
+    /// An instance of `pre` in `store`.
     fn instantiate(
         pre: &Self::Pre,
         store: &mut Store<StoreState>,
     ) -> wasmtime::Result<Self::Bindings>;
+    /// Hands `config` to the instance's `configure`.
     fn configure(
         bindings: &Self::Bindings,
         store: &mut Store<StoreState>,
@@ -175,6 +211,7 @@ pub trait Kind: Send + Sync + 'static {
 /// The three worlds differ only in their generated types.
 macro_rules! kind {
     ($kind:ident, $name:literal, $module:ident, $world:ident, $pre:ident, $link:path) => {
+        #[doc = concat!("The `", $name, "` world.")]
         pub struct $kind;
 
         impl Kind for $kind {
@@ -318,6 +355,7 @@ impl<K: Kind> Plugin<K> {
         Ok(plugin)
     }
 
+    /// Its name in logs and metrics (its source).
     pub fn name(&self) -> &Arc<str> {
         &self.name
     }
@@ -472,9 +510,13 @@ fn read_source(source: &str) -> Result<Vec<u8>, String> {
 
 /// One authorizer, one bundler, one placement, and the Polar policy they were loaded with.
 pub struct PluginSet {
+    /// The authorizer.
     pub authorizer: Plugin<AuthorizerKind>,
+    /// The bundler.
     pub bundler: Plugin<BundlerKind>,
+    /// The placement plugin.
     pub placement: Plugin<PlacementKind>,
+    /// The Polar policy behind the host `polar` interface.
     pub polar: Arc<Polar>,
     /// Which load of the node's plugins this is (0 at start, +1 per reload): caches keep an
     /// answer only if it came from the generation they hold.
@@ -498,6 +540,7 @@ impl PluginSet {
         })
     }
 
+    /// Which load this is: 0 at start, one more per reload.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -570,8 +613,11 @@ impl PluginSet {
 /// A record as the bundler unbundled it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The point it names.
     pub point: String,
+    /// Where its payload starts in the point.
     pub start: u64,
+    /// The payload.
     pub payload: Bytes,
 }
 
@@ -615,6 +661,7 @@ pub struct Plugins {
 }
 
 impl Plugins {
+    /// Loads every plugin `section` names (generation 0).
     pub fn load(section: &PluginsSection, data_dir: &Path) -> Result<Self, PluginError> {
         let set = PluginSet::load(section, data_dir)?;
         Ok(Self {

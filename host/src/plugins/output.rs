@@ -32,10 +32,15 @@ const LAST_WORDS: usize = 3;
 /// How loud a line is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// `trace`.
     Trace,
+    /// `debug`.
     Debug,
+    /// `info`.
     Info,
+    /// `warn`.
     Warn,
+    /// `error`.
     Error,
 }
 
@@ -80,6 +85,7 @@ impl Output {
 /// What a stream held after a call.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Printed {
+    /// The complete lines, in order.
     pub lines: Vec<String>,
     /// Bytes over [`MAX_KEPT`], not kept.
     pub dropped: u64,
@@ -163,6 +169,7 @@ struct Bucket {
 }
 
 impl Voice {
+    /// The voice of `plugin`, a plugin of `kind` (`authorizer`, `bundler`, `placement`).
     pub fn new(plugin: Arc<str>, kind: &'static str) -> Self {
         Self {
             plugin,
@@ -175,6 +182,7 @@ impl Voice {
         }
     }
 
+    /// The plugin it speaks for.
     pub fn plugin(&self) -> &Arc<str> {
         &self.plugin
     }

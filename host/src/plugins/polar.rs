@@ -8,6 +8,7 @@
 /// The built-in policy, `policies/default.polar`.
 pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.polar");
 
+/// A loaded Polar policy (oso), asked by authorizers through the host `polar` interface.
 pub struct Polar {
     oso: oso::Oso,
     origin: String,
@@ -25,10 +26,12 @@ impl Polar {
         })
     }
 
+    /// Where the policy came from: a file path, or "built-in default".
     pub fn origin(&self) -> &str {
         &self.origin
     }
 
+    /// Whether the policy allows `subject` to take `action` on `point`.
     pub fn is_allowed(&self, subject: &str, action: &str, point: &str) -> Result<bool, String> {
         self.oso
             .is_allowed(subject.to_owned(), action.to_owned(), point.to_owned())

@@ -203,11 +203,13 @@ pub struct StoreState {
     wasi: WasiCtx,
     /// WASI's resources and the bundler's buffers.
     pub(super) table: ResourceTable,
+    /// The memory cap of the current instance.
     pub limits: MemoryLimit,
     /// The plugin's log lines (its `log` import, what it prints), rate-limited.
     pub voice: Arc<Voice>,
     /// What the guest printed during the current call.
     pub stdout: Output,
+    /// What the guest wrote to stderr during the current call.
     pub stderr: Output,
     /// When the current call must have returned.
     pub deadline: Option<Instant>,
@@ -216,6 +218,7 @@ pub struct StoreState {
 }
 
 impl StoreState {
+    /// The state of one instance: its voice, its memory cap, and the policy it may ask.
     pub fn new(voice: Arc<Voice>, max_memory: usize, polar: Option<Arc<Polar>>) -> Self {
         let (stdout, stderr) = (Output::default(), Output::default());
         Self {
@@ -256,6 +259,7 @@ impl WasiView for StoreState {
 /// follows (an allocation failure aborts the guest) is reported as out-of-memory.
 pub struct MemoryLimit {
     max_bytes: usize,
+    /// Whether the cap was hit.
     pub exceeded: bool,
 }
 
