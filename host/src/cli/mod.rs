@@ -351,13 +351,14 @@ async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config).await?;
     let addresses = listeners.addresses(&config)?;
     let node = Node::start_with(config, listeners, plugins).await?;
-    // One line on stdout with every bound address (ports may have been 0), once the node
-    // serves: scripts and tests wait for it.
-    println!("{}", addresses.listening_line());
-
+    // The handlers come before the listening line: a SIGTERM sent by whoever waited for the
+    // line must reach the graceful shutdown, not the default action.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    // One line on stdout with every bound address (ports may have been 0), once the node
+    // serves: scripts and tests wait for it.
+    println!("{}", addresses.listening_line());
     let ended = node.ended();
     tokio::pin!(ended);
     let broken = loop {
