@@ -21,6 +21,14 @@ use crate::signed_url::{UrlError, UrlSigner};
 use super::StreamingService;
 
 impl StreamingService {
+    /// An operator's call: its caller, who must be allowed `admin`.
+    async fn admit_operator<T>(&self, request: &Request<T>) -> Result<PeerInfo, Status> {
+        let peer = self.state.caller(request);
+        let services = &self.state.services;
+        services.access.authorize(&peer, Action::Admin, "").await?;
+        Ok(peer)
+    }
+
     pub(super) async fn list_members(
         &self,
         request: Request<ListMembersRequest>,
@@ -57,13 +65,8 @@ impl StreamingService {
         &self,
         request: Request<DrainMemberRequest>,
     ) -> Result<Response<DrainMemberResponse>, Status> {
-        let peer = self.state.caller(&request);
         let state = &self.state;
-        state
-            .services
-            .access
-            .authorize(&peer, Action::Admin, "")
-            .await?;
+        let peer = self.admit_operator(&request).await?;
         state.check_addressed(&request.into_inner().node)?;
         let local = &state.services.config.node_name;
         let current = state
@@ -96,13 +99,8 @@ impl StreamingService {
         &self,
         request: Request<ForgetMemberRequest>,
     ) -> Result<Response<ForgetMemberResponse>, Status> {
-        let peer = self.state.caller(&request);
         let state = &self.state;
-        state
-            .services
-            .access
-            .authorize(&peer, Action::Admin, "")
-            .await?;
+        let peer = self.admit_operator(&request).await?;
         let node = request.into_inner().node;
         state
             .steps
@@ -123,13 +121,8 @@ impl StreamingService {
         &self,
         request: Request<CleanupMemberRequest>,
     ) -> Result<Response<CleanupMemberResponse>, Status> {
-        let peer = self.state.caller(&request);
         let state = &self.state;
-        state
-            .services
-            .access
-            .authorize(&peer, Action::Admin, "")
-            .await?;
+        let peer = self.admit_operator(&request).await?;
         state.check_addressed(&request.into_inner().node)?;
         let store = &state.store;
         let (mut points, mut bytes) = (0, 0);
