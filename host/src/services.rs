@@ -4,8 +4,7 @@
 //! node's API address, and the node's lifetime.
 //!
 //! [`Lifetime`] is the node's one cancellation root: every token a subsystem stops on is a
-//! child of it, so cancelling the root stops everything at once, while shutdown cancels the
-//! children one by one in its order (stop accepting, end the streams left after the grace
+//! child of it, and shutdown cancels the children one by one in its order (stop accepting, end the streams left after the grace
 //! period, then the subsystems).
 
 use std::net::SocketAddr;
@@ -63,11 +62,6 @@ impl Lifetime {
     /// metrics); cancelled with the root too.
     pub fn subsystem(&self) -> CancellationToken {
         self.root.child_token()
-    }
-
-    /// Stops everything at once.
-    pub fn cancel_all(&self) {
-        self.root.cancel();
     }
 }
 
