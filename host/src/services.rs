@@ -4,8 +4,8 @@
 //! node's API address, and the node's lifetime.
 //!
 //! [`Lifetime`] is the node's one cancellation root: every token a subsystem stops on is a
-//! child of it, and shutdown cancels the children one by one in its order (stop accepting, end the streams left after the grace
-//! period, then the subsystems).
+//! child of it, and shutdown cancels the children one by one in its order (stop accepting,
+//! end the streams left after the grace period, then the subsystems).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
