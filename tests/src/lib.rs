@@ -265,6 +265,43 @@ where
     }
 }
 
+/// What a poll of long work saw: finished, or not yet and how far it has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advance {
+    /// The work is finished.
+    Done,
+    /// Not finished; this far (bytes copied, say). A mark that grows is progress.
+    At(u64),
+}
+
+/// Polls `poll` until it reports [`Advance::Done`]; fails the test when its mark has not grown for
+/// `stall`. For work whose size, not a fault, sets the pace (a gibibyte through a slow disk): a
+/// slow machine makes it slower, only a stuck one fails it.
+pub async fn eventually_advancing<F, Fut>(what: &str, stall: Duration, mut poll: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Advance>,
+{
+    let mut best = None;
+    let mut deadline = Instant::now() + stall;
+    loop {
+        match poll().await {
+            Advance::Done => return,
+            Advance::At(mark) => {
+                if best.is_none_or(|best| mark > best) {
+                    best = Some(mark);
+                    deadline = Instant::now() + stall;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no progress for {stall:?} (stuck at {best:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The `goutube` binary built next to these tests (`cargo test` builds it with the workspace).
 pub fn goutube_bin() -> PathBuf {
     let mut dir = std::env::current_exe().expect("test executable path");
