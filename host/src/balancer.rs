@@ -32,10 +32,11 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::access::Action;
 use crate::api::streaming::{self, FrameStream};
-use crate::client::{Client, Pool, owner_of};
-use crate::cluster::Membership;
+use crate::client::{Client, Pool, Redirect, owner_of};
+use crate::cluster::change;
 use crate::error::{Error, bounded};
 use crate::net::PeerInfo;
+use crate::placement::Owners;
 use crate::point::PointId;
 use crate::proto::{
     self, ConsumeRequest, ConsumeResponse, DeletePointRequest, DeletePointResponse,
@@ -155,20 +156,8 @@ impl Balancer {
     }
 
     /// The point's owner and the membership it was found in.
-    async fn owner(&self, id: &PointId) -> Result<(Arc<Membership>, String), Status> {
-        let (membership, owners) = self.services.placement.owners(id.as_str(), 1).await?;
-        Ok((membership, owners[0].clone()))
-    }
-
-    /// The client API addresses of the live followers of `owner`.
-    fn followers(membership: &Membership, owner: &str) -> Vec<String> {
-        membership
-            .view
-            .members
-            .values()
-            .filter(|m| m.leader.as_deref() == Some(owner))
-            .map(|m| m.rpc_addr.clone())
-            .collect()
+    async fn owner(&self, id: &PointId) -> Result<Owners, Status> {
+        Ok(self.services.placement.owners(id.as_str(), 1).await?)
     }
 
     async fn upstream(&self, addr: &str) -> Result<Client, Status> {
@@ -184,8 +173,7 @@ impl Balancer {
     /// authorized upstream as that consume.
     async fn metadata_of(
         &self,
-        membership: &Membership,
-        owner: &str,
+        owners: &Owners,
         id: &PointId,
         (caller, purpose): (&PeerInfo, Action),
         timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
@@ -205,6 +193,7 @@ impl Balancer {
             }
             request
         };
+        let (membership, owner) = (&owners.membership, owners.first());
         if let Some(member) = membership.live(owner) {
             let meta = self
                 .upstream(&member.rpc_addr)
@@ -218,7 +207,8 @@ impl Balancer {
         // Read failover: the owner is down, its followers still serve.
         let mut best: Option<(MetadataResponse, String)> = None;
         let mut last = None;
-        for address in Self::followers(membership, owner) {
+        let followers = change::followers_of(membership, owner).map(|m| m.rpc_addr.clone());
+        for address in followers.collect::<Vec<_>>() {
             let answer = async {
                 self.upstream(&address)
                     .await?
@@ -248,8 +238,10 @@ impl Balancer {
     }
 
     /// The live owner's client API address, or why a write cannot go there.
-    fn writer(&self, membership: &Membership, owner: &str, id: &PointId) -> Result<String, Status> {
-        membership
+    fn writer(&self, owners: &Owners, id: &PointId) -> Result<String, Status> {
+        let owner = owners.first();
+        owners
+            .membership
             .live(owner)
             .map(|m| m.rpc_addr.clone())
             .ok_or_else(|| {
@@ -342,7 +334,10 @@ impl Upstream {
         timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
         status: Status,
     ) -> Result<(), Status> {
-        let Some((_, address)) = owner_of(&status) else {
+        let Some(Redirect {
+            rpc_addr: address, ..
+        }) = owner_of(&status)
+        else {
             return Err(status);
         };
         let Some((frames, _)) = self.replay.take().filter(|_| !self.followed) else {
@@ -417,8 +412,8 @@ impl proto::streaming_server::Streaming for BalancerService {
                     .access
                     .authorize(&caller, Action::Produce, id.as_str())
                     .await?;
-                let (membership, owner) = balancer.owner(&id).await?;
-                let address = balancer.writer(&membership, &owner, &id)?;
+                let owners = balancer.owner(&id).await?;
+                let address = balancer.writer(&owners, &id)?;
                 let upstream = Upstream::open(balancer, address, &caller, timeout.as_ref()).await?;
                 upstreams.insert(frame.point.clone(), upstream);
                 order.push(frame.point.clone());
@@ -451,15 +446,9 @@ impl proto::streaming_server::Streaming for BalancerService {
         let id = balancer
             .admit(&caller, Action::Consume, wanted.point.as_str())
             .await?;
-        let (membership, owner) = balancer.owner(&id).await?;
+        let owners = balancer.owner(&id).await?;
         let (meta, source) = balancer
-            .metadata_of(
-                &membership,
-                &owner,
-                &id,
-                (&caller, Action::Consume),
-                timeout.as_ref(),
-            )
+            .metadata_of(&owners, &id, (&caller, Action::Consume), timeout.as_ref())
             .await?;
         let stop = match (wanted.limit, wanted.follow) {
             (0, true) => None,
@@ -508,15 +497,9 @@ impl proto::streaming_server::Streaming for BalancerService {
         let id = balancer
             .admit(&caller, Action::Metadata, request.into_inner().point)
             .await?;
-        let (membership, owner) = balancer.owner(&id).await?;
+        let owners = balancer.owner(&id).await?;
         let (mut meta, source) = balancer
-            .metadata_of(
-                &membership,
-                &owner,
-                &id,
-                (&caller, Action::Metadata),
-                timeout.as_ref(),
-            )
+            .metadata_of(&owners, &id, (&caller, Action::Metadata), timeout.as_ref())
             .await?;
         // The replicas that hold the whole point and are connected, the owner's copy included.
         let mut eligible: Vec<String> = meta
@@ -588,8 +571,8 @@ impl proto::streaming_server::Streaming for BalancerService {
         let id = balancer
             .admit(&caller, Action::Admin, request.into_inner().point)
             .await?;
-        let (membership, owner) = balancer.owner(&id).await?;
-        let address = balancer.writer(&membership, &owner, &id)?;
+        let owners = balancer.owner(&id).await?;
+        let address = balancer.writer(&owners, &id)?;
         let request = DeletePointRequest {
             point: id.as_str().to_owned(),
         };

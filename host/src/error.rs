@@ -136,13 +136,13 @@ impl From<Error> for Status {
         }
         let mut status = Status::new(code, error.to_string());
         if let Error::Refused(refusal) = &error
-            && let Some((owner, address)) = refusal.redirect()
+            && let Some(redirect) = refusal.redirect()
         {
             let metadata = status.metadata_mut();
-            if let Ok(value) = MetadataValue::try_from(owner) {
+            if let Ok(value) = MetadataValue::try_from(redirect.member) {
                 metadata.insert(OWNER_METADATA, value);
             }
-            if let Some(Ok(value)) = address.map(MetadataValue::try_from) {
+            if let Some(Ok(value)) = redirect.address.map(MetadataValue::try_from) {
                 metadata.insert(OWNER_ADDR_METADATA, value);
             }
         }

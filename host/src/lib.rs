@@ -8,15 +8,15 @@
 //! | [`node`] | the composition root: listeners, start-up in order, shutdown in reverse |
 //! | [`service`] | the one handle shape of every subsystem: `shutdown`, `terminated`, panics reported |
 //! | [`services`] | what every subsystem of a node shares (config, plugins, access, placement, signer), and its one cancellation root |
-//! | [`config`] | the root configuration: defaults < TOML < `GOUTUBE_…` environment, validation |
+//! | [`config`] | the root configuration: defaults < TOML < `GOUTUBE_…` environment, validation; `config::key`, the one error a section's check returns |
 //! | [`point`] | the point store: the registry of points, one point, the file layer, ownership and quarantine, journals, ids |
 //! | [`proto`] | the client API's wire: generated `streaming.v1` types, HTTP/2 settings, metadata names (a leaf) |
 //! | [`api`] | the gRPC services (`streaming.v1`, health, reflection): handlers by kind (produce, consume, operator), the resolver helpers, their context |
 //! | [`access`] | actions, decisions, and the one async authorization door every caller uses |
 //! | [`cache`] | the answer cache of access and placement, stamped by plugin generation and input version |
-//! | [`cluster`] | membership by gossip (chitchat), the live view, the ring and its lifecycle states |
+//! | [`cluster`] | membership by gossip (chitchat), the live view, the ring and its lifecycle states, the ring's pending change and forgotten members |
 //! | [`balancer`] | the balancer role: the same API served by forwarding to the nodes that hold the data |
-//! | [`placement`] | which ring member owns a point: the placement plugin, cached per ring version |
+//! | [`placement`] | which ring member owns a point (now, after the pending change, before a member was forgotten): the placement plugin, cached per ring version |
 //! | [`replication`] | leader → follower replication over Cap'n Proto RPC, on its own thread: the replicator, the follower, the handover's wire (sender, receiver, takeover), the mover's driver, typed errors |
 //! | [`reshard`] | resharding's home: the move plan, the mover's planner (state in, actions out), and the gate — the one place that admits a write or a read of a point or names who does |
 //! | [`plugins`] | the WebAssembly engine: bindings (the one `bindgen!`), built-ins, Polar |

@@ -158,8 +158,8 @@ pub enum StartError {
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
     /// A configuration value is unusable.
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::key::InvalidKey),
     /// A bound listener has no address.
     #[error("listener address: {0}")]
     Io(#[from] std::io::Error),
@@ -504,7 +504,7 @@ async fn start_cluster(
     leader: watch::Receiver<Option<cluster::Leader>>,
     token: CancellationToken,
 ) -> Result<Cluster, StartError> {
-    let key = config.cluster.gossip_key().map_err(StartError::Config)?;
+    let key = config.cluster.gossip_key()?;
     if key.is_none() {
         tracing::warn!(
             gossip = %addresses.gossip,
@@ -624,10 +624,7 @@ fn url_signer(config: &Config, addresses: &Addresses) -> Result<UrlSigner, Start
         .public_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{}", addresses.http));
-    let keys = config
-        .http
-        .url_key_bytes()
-        .map_err(|(key, message)| StartError::Config(format!("config key `{key}`: {message}")))?;
+    let keys = config.http.url_key_bytes()?;
     Ok(UrlSigner::new(&keys, public_url, config.http.max_url_ttl()))
 }
 

@@ -18,10 +18,35 @@ use tokio::sync::watch;
 
 use crate::cache::GenerationCache;
 use crate::cluster::Membership;
+use crate::cluster::change::{self, Change, Pending};
 use crate::cluster::ring::Ring;
 use crate::error::bounded;
 use crate::plugins::{PluginSet, Plugins, types};
-use crate::reshard::Change;
+
+/// The owners of a point: the placement plugin's answer, checked.
+#[derive(Debug, Clone)]
+pub struct Owners {
+    /// The membership the answer was computed from.
+    pub membership: Arc<Membership>,
+    /// Its owners, most preferred first: never empty, no name twice.
+    pub names: Arc<[String]>,
+}
+
+impl Owners {
+    /// The most preferred owner: the one that takes the point's writes.
+    pub fn first(&self) -> &str {
+        &self.names[0]
+    }
+}
+
+/// Who will own a point once the pending change of the ring is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextOwner {
+    /// The change.
+    pub change: Change,
+    /// The point's owner once it is made.
+    pub owner: String,
+}
 
 /// Why the owner of a point cannot be named: every write to it fails closed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -115,11 +140,7 @@ impl Placement {
 
     /// Up to `replicas` members that own `point`, most preferred first, and the membership the
     /// answer was computed from.
-    pub async fn owners(
-        &self,
-        point: &str,
-        replicas: u32,
-    ) -> Result<(Arc<Membership>, Arc<[String]>), PlacementError> {
+    pub async fn owners(&self, point: &str, replicas: u32) -> Result<Owners, PlacementError> {
         let membership = self.membership();
         let question = Question::Owners {
             replicas,
@@ -135,17 +156,17 @@ impl Placement {
                 owners_in(plugins, &seen.ring, &point, replicas)
             })
             .await?;
-        Ok((membership, owners))
+        Ok(Owners {
+            membership,
+            names: owners,
+        })
     }
 
     /// While the ring has a pending change (a drain or a join, `docs/resharding.md`): the
     /// change and the owner of `point` once it is made. `None` when nothing is pending.
-    pub async fn pending_owner(
-        &self,
-        point: &str,
-    ) -> Result<Option<(Change, String)>, PlacementError> {
+    pub async fn pending_owner(&self, point: &str) -> Result<Option<NextOwner>, PlacementError> {
         let membership = self.membership();
-        let Some((change, target)) = crate::reshard::pending(&membership.ring) else {
+        let Some(Pending { change, target }) = change::pending(&membership.ring) else {
             return Ok(None);
         };
         let question = Question::Pending {
@@ -157,7 +178,10 @@ impl Placement {
                 owners_in(plugins, &target, &point, 1)
             })
             .await?;
-        Ok(Some((change, owner[0].clone())))
+        Ok(Some(NextOwner {
+            change,
+            owner: owner[0].clone(),
+        }))
     }
 
     /// The forgotten member `point` belonged to, while its points are still being taken over
@@ -165,8 +189,8 @@ impl Placement {
     /// `docs/resharding.md`, forget). `None` otherwise.
     pub async fn being_taken_over(&self, point: &str) -> Result<Option<String>, PlacementError> {
         let membership = self.membership();
-        for forgotten in crate::reshard::forgotten(&membership.ring) {
-            if !crate::reshard::takeover_pending(&membership, &forgotten) {
+        for forgotten in change::forgotten(&membership.ring) {
+            if !change::takeover_pending(&membership, &forgotten) {
                 continue;
             }
             let question = Question::Before {
@@ -274,4 +298,127 @@ fn check(ring: &Ring, answer: Vec<String>, replicas: u32) -> Result<Vec<String>,
         }
     }
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::cluster::change::forgotten;
+    use crate::cluster::handed::Tag;
+    use crate::cluster::{Lifecycle, Member, Role, View};
+    use crate::config::PluginsSection;
+
+    /// A live follower of `leader` that has announced `handed`.
+    fn follower(name: &str, leader: &str, handed: Option<&str>) -> Member {
+        let handed =
+            handed.map(|text| crate::cluster::Handed::decode(text, Role::Follower).unwrap());
+        Member {
+            name: name.into(),
+            generation: 1,
+            gossip_addr: "127.0.0.1:1".parse().unwrap(),
+            role: Role::Follower,
+            lifecycle: Lifecycle::Active,
+            rpc_addr: format!("{name}:1"),
+            replication_addr: format!("{name}:2"),
+            http_addr: format!("{name}:3"),
+            virtual_nodes: 0,
+            tags: BTreeMap::new(),
+            leader: Some(leader.into()),
+            handed,
+            moving: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_members_points_are_not_created_until_its_followers_hand_them_over() {
+        use Lifecycle::*;
+        let dir = tempfile::tempdir().unwrap();
+        let plugins =
+            std::sync::Arc::new(Plugins::load(&PluginsSection::default(), dir.path()).unwrap());
+        let ring = Ring::of(&[("a", Active), ("b", Active), ("c", Forgotten)]);
+        let with = |followers: &[Member]| {
+            std::sync::Arc::new(Membership {
+                local: "a".into(),
+                view: View {
+                    id: "view".into(),
+                    members: followers
+                        .iter()
+                        .map(|m| (m.name.clone(), m.clone()))
+                        .collect(),
+                },
+                ring: ring.clone(),
+                ring_version: ring.version(),
+                conflict: None,
+            })
+        };
+        let (views, membership) = tokio::sync::watch::channel(with(&[follower("f1", "c", None)]));
+        let placement = Placement::new(plugins.clone(), membership);
+
+        let forgotten = forgotten(&ring);
+        assert_eq!(forgotten.len(), 1);
+        assert_eq!(
+            (forgotten[0].name.as_str(), &forgotten[0].tag),
+            (
+                "c",
+                &Tag {
+                    name: "c".into(),
+                    version: 1
+                }
+            )
+        );
+        let before = forgotten[0].before(&ring);
+        let set = plugins.current();
+        let (of_c, others): (Vec<String>, Vec<String>) = (0..200)
+            .map(|i| format!("videos/{i}"))
+            .partition(|p| owner_in(&set, &before, p).unwrap() == "c");
+        assert!(
+            of_c.len() > 20 && others.len() > 20,
+            "{} / {}",
+            of_c.len(),
+            others.len()
+        );
+        let taken_over = async |points: &[String]| {
+            let mut answers = Vec::new();
+            for point in points {
+                answers.push(placement.being_taken_over(point).await.unwrap());
+            }
+            answers
+        };
+
+        // A live follower of c has not announced c's points handed over: c's points wait,
+        // the others do not.
+        assert!(
+            taken_over(&of_c)
+                .await
+                .iter()
+                .all(|a| a.as_deref() == Some("c"))
+        );
+        assert!(taken_over(&others).await.iter().all(Option::is_none));
+        // Another follower that is done does not end the wait while f1 is not.
+        views
+            .send(with(&[
+                follower("f1", "c", Some("x@2")),
+                follower("f2", "c", Some("x@2,c@1")),
+            ]))
+            .unwrap();
+        assert!(
+            taken_over(&of_c)
+                .await
+                .iter()
+                .all(|a| a.as_deref() == Some("c"))
+        );
+        // Every live follower of c is done: creation goes ahead.
+        views
+            .send(with(&[
+                follower("f1", "c", Some("c@1")),
+                follower("f2", "c", Some("x@2,c@1")),
+            ]))
+            .unwrap();
+        assert!(taken_over(&of_c).await.iter().all(Option::is_none));
+        // And with no live follower of c at all.
+        views.send(with(&[])).unwrap();
+        assert!(taken_over(&of_c).await.iter().all(Option::is_none));
+    }
 }

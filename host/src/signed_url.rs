@@ -64,6 +64,15 @@ pub struct Grant {
     pub expires: u64,
 }
 
+/// A URL signed for one point and one subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedUrl {
+    /// The URL, with its `expires`, `subject` and `sig` query.
+    pub url: String,
+    /// When it stops working (Unix seconds).
+    pub expires: u64,
+}
+
 /// Signs and verifies the URLs of one node.
 pub struct UrlSigner {
     keys: Vec<hmac::Key>,
@@ -85,14 +94,14 @@ impl UrlSigner {
     }
 
     /// A URL that lets its holder read `point` as `subject` for `ttl` (the player page with
-    /// `player`). Returns the URL and its expiry.
+    /// `player`).
     pub fn sign(
         &self,
         point: &str,
         subject: &str,
         ttl: Duration,
         player: bool,
-    ) -> Result<(String, u64), UrlError> {
+    ) -> Result<SignedUrl, UrlError> {
         let key = self.keys.first().ok_or(UrlError::NoKeys)?;
         if ttl > self.max_ttl {
             return Err(UrlError::TooLong(self.max_ttl.as_secs()));
@@ -107,7 +116,7 @@ impl UrlSigner {
             encode_query(subject),
             hex(tag.as_ref())
         );
-        Ok((url, expires))
+        Ok(SignedUrl { url, expires })
     }
 
     /// Who the `expires`, `subject` and `sig` of a request for `point` let in.
@@ -193,7 +202,7 @@ mod tests {
     fn urls_verify_for_their_point_only_until_they_expire() {
         let hour = Duration::from_secs(3600);
         let signer = UrlSigner::new(&[b"first key".to_vec()], "https://n:1/".into(), hour * 24);
-        let (url, expires) = signer
+        let SignedUrl { url, expires } = signer
             .sign("videos/a b%?#é", "alice smith", hour, false)
             .unwrap();
         assert!(
@@ -263,7 +272,7 @@ mod tests {
             hour,
         );
         let retired = UrlSigner::new(&[b"new key".to_vec()], "http://n:1".into(), hour);
-        let (url, _) = old.sign("p", "a", hour, true).unwrap();
+        let url = old.sign("p", "a", hour, true).unwrap().url;
         assert!(url.contains("/v1/player/p?"), "{url}");
         let (e, s, g) = query(&url);
         assert!(rotated.verify("p", Some(&e), Some(&s), Some(&g)).is_ok());
@@ -271,7 +280,7 @@ mod tests {
             retired.verify("p", Some(&e), Some(&s), Some(&g)),
             Err(UrlError::Mismatch)
         );
-        let (url, _) = rotated.sign("p", "a", hour, false).unwrap();
+        let url = rotated.sign("p", "a", hour, false).unwrap().url;
         let (e, s, g) = query(&url);
         assert!(retired.verify("p", Some(&e), Some(&s), Some(&g)).is_ok());
         let none = UrlSigner::new(&[], "http://n:1".into(), hour);

@@ -660,7 +660,7 @@ async fn a_refusal_naming_another_owner_is_followed() {
         .await
         .unwrap_err();
     assert_eq!(
-        goutube::client::owner_of(&elsewhere).map(|(name, _)| name),
+        goutube::client::owner_of(&elsewhere).map(|owner| owner.member),
         Some(owner.clone()),
         "{point} on {asked}: {elsewhere:?}"
     );

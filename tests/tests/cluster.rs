@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use goutube::client::owner_of;
+use goutube::client::{Redirect, owner_of};
 use goutube::config::PluginSection;
 use goutube::proto::streaming_client::StreamingClient;
 use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
@@ -246,7 +246,13 @@ async fn a_cluster_formed_by_seeds_routes_writes_to_owners_and_loses_nothing_to_
                         status.metadata().get(OWNER_ADDR_METADATA).unwrap(),
                         cluster.rpc(owner).as_str()
                     );
-                    assert_eq!(owner_of(&status), Some((owner.clone(), cluster.rpc(owner))));
+                    assert_eq!(
+                        owner_of(&status),
+                        Some(Redirect {
+                            member: owner.clone(),
+                            rpc_addr: cluster.rpc(owner)
+                        })
+                    );
                 }
             }
             produce(
@@ -312,7 +318,7 @@ async fn a_cluster_formed_by_seeds_routes_writes_to_owners_and_loses_nothing_to_
             .unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
         assert_eq!(
-            goutube::client::owner_of(&status).map(|(name, _)| name),
+            goutube::client::owner_of(&status).map(|owner| owner.member),
             Some(owner.to_owned())
         );
     }

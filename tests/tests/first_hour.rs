@@ -361,7 +361,9 @@ async fn every_node_answers_for_the_whole_cluster() {
                 .await;
             if let Err(status) = read {
                 assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-                let (holder, _) = goutube::client::owner_of(&status).expect("names the holder");
+                let holder = goutube::client::owner_of(&status)
+                    .expect("names the holder")
+                    .member;
                 let holder = nodes
                     .iter()
                     .find(|n| n.node.config().node_name == holder)

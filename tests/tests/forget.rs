@@ -341,7 +341,7 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
                 // Not held by c any more (not in quarantine either): c sends readers to the
                 // point's owner.
                 metadata(&mut to_c, point).await.is_err_and(|s| {
-                    let elsewhere = goutube::client::owner_of(&s).is_some_and(|(o, _)| o != "c");
+                    let elsewhere = goutube::client::owner_of(&s).is_some_and(|o| o.member != "c");
                     (s.code() == Code::NotFound || elsewhere) && !s.message().contains("quarantine")
                 })
             }

@@ -336,7 +336,13 @@ async fn a_put_follows_a_handed_over_point_to_the_member_that_committed_it() {
         )
         .await
         .expect("the put goes to the member that committed the point");
-    assert_eq!(report.redirected, Some(("b".to_string(), b.addr())));
+    assert_eq!(
+        report.redirected,
+        Some(goutube::client::Redirect {
+            member: "b".to_string(),
+            rpc_addr: b.addr()
+        })
+    );
     let on_b = consume(&mut b.client().await, window(&point, 0, 0, 0))
         .await
         .unwrap()
@@ -399,7 +405,13 @@ async fn a_put_through_a_member_that_does_not_hold_the_point_appends_at_the_owne
             )
             .await
             .unwrap();
-        assert_eq!(report.redirected, Some(("a".to_string(), a.addr())));
+        assert_eq!(
+            report.redirected,
+            Some(goutube::client::Redirect {
+                member: "a".to_string(),
+                rpc_addr: a.addr()
+            })
+        );
     }
     let on_a = consume(&mut a.client().await, window(&point, 0, 0, 0))
         .await

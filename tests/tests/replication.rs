@@ -150,7 +150,10 @@ async fn a_follower_copies_its_leader() {
     );
     assert_eq!(
         goutube::client::owner_of(&status),
-        Some(("leader".to_owned(), leader.addr()))
+        Some(goutube::client::Redirect {
+            member: "leader".to_owned(),
+            rpc_addr: leader.addr()
+        })
     );
     let status = to_follower
         .delete_point(DeletePointRequest {

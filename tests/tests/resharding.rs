@@ -400,7 +400,7 @@ async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_g
         .cleanup(&giver, &options)
         .await
         .unwrap();
-    assert_eq!(cleaned.0, handed.len() as u64, "{cleaned:?}");
+    assert_eq!(cleaned.points, handed.len() as u64, "{cleaned:?}");
     let store = node.node.store().unwrap();
     for point in &handed {
         let id = PointId::new(point.as_str()).unwrap();
@@ -583,13 +583,14 @@ async fn a_move_whose_target_changes_is_cancelled_cleanly() {
     .await;
     for point in scenario.owners.keys() {
         let id = PointId::new(point.as_str()).unwrap();
-        let (_, to) = a
+        let to = a
             .node
             .placement()
             .pending_owner(id.as_str())
             .await
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .owner;
         if to == "d" && scenario.owners[point] != "a" && !scenario.written.contains(point) {
             big = Some(point.clone());
             break;

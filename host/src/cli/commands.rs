@@ -51,8 +51,11 @@ pub(super) async fn put(
         other => other?,
     };
     let record = report.record;
-    if let Some((owner, address)) = &report.redirected {
-        println!("{point}: written to member {owner} at {address}, which takes its writes");
+    if let Some(owner) = &report.redirected {
+        println!(
+            "{point}: written to member {} at {}, which takes its writes",
+            owner.member, owner.rpc_addr
+        );
     }
     if report.retries > 0 {
         println!(
@@ -266,8 +269,11 @@ pub(super) async fn members_change(
             );
         }
         MembersAction::Cleanup => {
-            let (points, bytes) = client.cleanup(&node, &options).await?;
-            println!("{node}: deleted {points} handed-over copies ({bytes} bytes)");
+            let cleaned = client.cleanup(&node, &options).await?;
+            println!(
+                "{node}: deleted {} handed-over copies ({} bytes)",
+                cleaned.points, cleaned.bytes
+            );
         }
         MembersAction::Forget => {
             let state = client.forget(&node).await?;

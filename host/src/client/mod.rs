@@ -30,9 +30,9 @@ use tonic::{Code, Status};
 
 use crate::proto::streaming_client::StreamingClient;
 use crate::proto::{
-    CleanupMemberRequest, DeletePointRequest, DrainMemberRequest, ForgetMemberRequest,
-    ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
-    MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
+    CleanupMemberRequest, CleanupMemberResponse, DeletePointRequest, DrainMemberRequest,
+    ForgetMemberRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
+    ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
 };
 use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
 
@@ -191,8 +191,8 @@ pub struct PutReport {
     pub start: u64,
     /// Bytes of the file the point held already ([`PutMode::Resume`]).
     pub resumed: u64,
-    /// The owner the upload was redirected to (name, address), when the first node was not it.
-    pub redirected: Option<(String, String)>,
+    /// The owner the upload was redirected to, when the first node was not it.
+    pub redirected: Option<Redirect>,
     /// Attempts that failed and were resumed from what the node held (checked by CRC32C).
     pub retries: u32,
 }
@@ -351,9 +351,9 @@ impl Client {
         match call(self.clone()).await {
             Ok(answer) => Ok(answer),
             Err(status) => match owner_of(&status) {
-                Some((holder, address)) => {
-                    tracing::debug!(%holder, %address, "asking the member that holds the point");
-                    Ok(call(self.elsewhere(&address).await?).await?)
+                Some(holder) => {
+                    tracing::debug!(holder = %holder.member, address = %holder.rpc_addr, "asking the member that holds the point");
+                    Ok(call(self.elsewhere(&holder.rpc_addr).await?).await?)
                 }
                 None => Err(status.into()),
             },
@@ -471,13 +471,12 @@ impl Client {
         &self,
         node: &str,
         options: &ClientOptions,
-    ) -> Result<(u64, u64), ClientError> {
+    ) -> Result<CleanupMemberResponse, ClientError> {
         let member = self.member(node, options).await?;
         let request = CleanupMemberRequest {
             node: node.to_owned(),
         };
-        let cleaned = member.raw().cleanup_member(request).await?.into_inner();
-        Ok((cleaned.points, cleaned.bytes))
+        Ok(member.raw().cleanup_member(request).await?.into_inner())
     }
 
     /// A client of the primary `node`, found through this client's node, with the TLS
@@ -573,11 +572,11 @@ impl Client {
             };
             if let ClientError::Status(status) = &error
                 && redirected.is_none()
-                && let Some((owner, address)) = owner_of(status)
+                && let Some(owner) = owner_of(status)
             {
-                tracing::info!(%owner, %address, "the point is written elsewhere; writing there");
-                target = self.elsewhere(&address).await?;
-                redirected = Some((owner, address));
+                tracing::info!(owner = %owner.member, address = %owner.rpc_addr, "the point is written elsewhere; writing there");
+                target = self.elsewhere(&owner.rpc_addr).await?;
+                redirected = Some(owner);
                 // Nothing was written where the upload was refused: it begins on the owner.
                 began = None;
                 continue;
@@ -837,15 +836,28 @@ async fn crc_of_prefix(file: &mut tokio::fs::File, len: u64) -> std::io::Result<
     Ok(crc)
 }
 
-/// The owner (name, client API address) a `FailedPrecondition` refusal names in its metadata.
-pub fn owner_of(status: &Status) -> Option<(String, String)> {
+/// The member a refusal sends the caller to: the point's owner (or holder, or the leader of
+/// the node asked), as a `FailedPrecondition` status names it in its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// Its node name.
+    pub member: String,
+    /// Its client API address.
+    pub rpc_addr: String,
+}
+
+/// The member a `FailedPrecondition` refusal names in its metadata, if any.
+pub fn owner_of(status: &Status) -> Option<Redirect> {
     if status.code() != Code::FailedPrecondition {
         return None;
     }
     let metadata = status.metadata();
     let owner = metadata.get(OWNER_METADATA)?.to_str().ok()?;
     let address = metadata.get(OWNER_ADDR_METADATA)?.to_str().ok()?;
-    Some((owner.to_owned(), address.to_owned()))
+    Some(Redirect {
+        member: owner.to_owned(),
+        rpc_addr: address.to_owned(),
+    })
 }
 
 #[cfg(test)]

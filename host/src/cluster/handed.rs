@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use crate::config::Role;
+use crate::cluster::Role;
 
 /// A member forgotten at one version of its ring record: what a follower's takeover is of.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

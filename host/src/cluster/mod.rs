@@ -15,11 +15,15 @@
 //!   when `cluster.bootstrap_expect` primaries without one have found each other and agree on
 //!   the founders, adds this primary to an existing ring as `joining`, and publishes the result
 //!   as a [`Membership`] in a watch that always holds the newest one.
+//! - [`change`] answers which change of the ring is pending (one drain or join at a time) and
+//!   which forgotten members' points are still being taken over: facts of the ring and the
+//!   view, asked by placement and by resharding alike.
 //! - `member.rs` holds what is known of a member and the view; `state.rs` the loop's state and
 //!   its decisions (no I/O but saving the ring), under the thin async loop here ([`start`]).
 //! - A graceful stop announces itself first, so the others drop the node from their live view
 //!   within a few gossip rounds instead of waiting for the failure detector.
 
+pub mod change;
 pub mod gossip;
 pub mod handed;
 pub mod ring;
@@ -27,6 +31,7 @@ pub mod ring;
 mod member;
 mod state;
 
+pub use change::{Change, Forgotten, Pending};
 pub use handed::Handed;
 pub use member::{Advert, Lifecycle, Member, Membership, Role, View};
 use state::State;
@@ -42,6 +47,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::key::InvalidKey;
 pub use crate::secret::Secret;
 use crate::service::{Handle, Service};
 use gossip::{Gossip, Network};
@@ -87,44 +93,50 @@ pub const MIN_KEY_LEN: usize = 16;
 
 impl ClusterSection {
     /// Checks what serde cannot; errors name the key.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), InvalidKey> {
         if self.name.is_empty() {
-            return Err(("cluster.name", "must not be empty".into()));
+            return Err(InvalidKey::new("cluster.name", "must not be empty"));
         }
         if self.bootstrap_expect == 0 {
-            return Err(("cluster.bootstrap_expect", "must be at least 1".into()));
+            return Err(InvalidKey::new(
+                "cluster.bootstrap_expect",
+                "must be at least 1",
+            ));
         }
         if !(10..=60_000).contains(&self.gossip_interval_ms) {
-            return Err((
+            return Err(InvalidKey::new(
                 "cluster.gossip_interval_ms",
                 format!("{} must be within 10..=60000", self.gossip_interval_ms),
             ));
         }
         if !(self.phi_threshold >= 1.0 && self.phi_threshold <= 1000.0) {
-            return Err((
+            return Err(InvalidKey::new(
                 "cluster.phi_threshold",
                 format!("{} must be within 1..=1000", self.phi_threshold),
             ));
         }
         if self.dead_node_grace_ms < self.gossip_interval_ms {
-            return Err((
+            return Err(InvalidKey::new(
                 "cluster.dead_node_grace_ms",
-                "must be at least cluster.gossip_interval_ms".into(),
+                "must be at least cluster.gossip_interval_ms",
             ));
         }
         match (&self.key, &self.key_file) {
-            (Some(_), Some(_)) => Err(("cluster.key", "set either key or key_file".into())),
-            (Some(key), None) if key.0.len() < MIN_KEY_LEN => Err((
+            (Some(_), Some(_)) => Err(InvalidKey::new("cluster.key", "set either key or key_file")),
+            (Some(key), None) if key.0.len() < MIN_KEY_LEN => Err(InvalidKey::new(
                 "cluster.key",
                 format!("must be at least {MIN_KEY_LEN} bytes"),
             )),
             (None, Some(path)) => match crate::secret::read_file(path) {
                 Ok(bytes) if bytes.len() >= MIN_KEY_LEN => Ok(()),
-                Ok(_) => Err((
+                Ok(_) => Err(InvalidKey::new(
                     "cluster.key_file",
                     format!("{} must hold at least {MIN_KEY_LEN} bytes", path.display()),
                 )),
-                Err(error) => Err(("cluster.key_file", format!("{}: {error}", path.display()))),
+                Err(error) => Err(InvalidKey::new(
+                    "cluster.key_file",
+                    format!("{}: {error}", path.display()),
+                )),
             },
             _ => Ok(()),
         }
@@ -136,11 +148,12 @@ impl ClusterSection {
     }
 
     /// The AEAD key of gossip, if a cluster key is configured.
-    pub fn gossip_key(&self) -> Result<Option<gossip::ClusterKey>, String> {
+    pub fn gossip_key(&self) -> Result<Option<gossip::ClusterKey>, InvalidKey> {
         let secret = match (&self.key, &self.key_file) {
             (Some(key), _) => key.0.as_bytes().to_vec(),
-            (None, Some(path)) => crate::secret::read_file(path)
-                .map_err(|e| format!("config key `cluster.key_file`: {}: {e}", path.display()))?,
+            (None, Some(path)) => crate::secret::read_file(path).map_err(|e| {
+                InvalidKey::new("cluster.key_file", format!("{}: {e}", path.display()))
+            })?,
             (None, None) => return Ok(None),
         };
         Ok(Some(gossip::ClusterKey::derive(&secret, &self.name)))

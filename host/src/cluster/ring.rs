@@ -198,6 +198,31 @@ pub fn formation_id<'a>(names: impl IntoIterator<Item = &'a String>) -> String {
     hex(&hasher.finalize()[..8])
 }
 
+#[cfg(test)]
+impl Ring {
+    /// For tests: a formed ring of `members`, each a leader in its lifecycle state, every record
+    /// at version 1.
+    pub(crate) fn of(members: &[(&str, Lifecycle)]) -> Ring {
+        let record = |name: &str, lifecycle: Lifecycle| RingMember {
+            lifecycle,
+            role: Role::Leader,
+            rpc_addr: format!("{name}:1"),
+            replication_addr: format!("{name}:2"),
+            virtual_nodes: 64,
+            tags: BTreeMap::new(),
+            version: 1,
+        };
+        Ring {
+            id: "ring".into(),
+            founders: Default::default(),
+            members: members
+                .iter()
+                .map(|(name, lifecycle)| ((*name).to_owned(), record(name, *lifecycle)))
+                .collect(),
+        }
+    }
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -17,6 +17,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::key::InvalidKey;
 use crate::net::{self, Connection, PeerInfo};
 use crate::secret::Secret;
 use crate::service::{Handle, Service};
@@ -56,24 +57,24 @@ pub(crate) const MIN_URL_KEY_LEN: usize = 16;
 
 impl HttpSection {
     /// Checks what serde cannot; errors name the key.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), InvalidKey> {
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err((
+            return Err(InvalidKey::new(
                 "http.public_url",
                 format!("{url:?} must start with http:// or https://"),
             ));
         }
         if self.max_url_ttl_s < 60 {
-            return Err(("http.max_url_ttl_s", "must be at least 60".into()));
+            return Err(InvalidKey::new("http.max_url_ttl_s", "must be at least 60"));
         }
         if self
             .url_keys
             .iter()
             .any(|key| key.0.len() < MIN_URL_KEY_LEN)
         {
-            return Err((
+            return Err(InvalidKey::new(
                 "http.url_keys",
                 format!("every key must be at least {MIN_URL_KEY_LEN} bytes"),
             ));
@@ -82,17 +83,18 @@ impl HttpSection {
     }
 
     /// The signing keys, `url_keys` then `url_key_files`.
-    pub fn url_key_bytes(&self) -> Result<Vec<Vec<u8>>, (&'static str, String)> {
+    pub fn url_key_bytes(&self) -> Result<Vec<Vec<u8>>, InvalidKey> {
         let mut keys: Vec<Vec<u8>> = self
             .url_keys
             .iter()
             .map(|key| key.0.as_bytes().to_vec())
             .collect();
         for path in &self.url_key_files {
-            let key = crate::secret::read_file(path)
-                .map_err(|e| ("http.url_key_files", format!("{}: {e}", path.display())))?;
+            let key = crate::secret::read_file(path).map_err(|e| {
+                InvalidKey::new("http.url_key_files", format!("{}: {e}", path.display()))
+            })?;
             if key.len() < MIN_URL_KEY_LEN {
-                return Err((
+                return Err(InvalidKey::new(
                     "http.url_key_files",
                     format!(
                         "{} must hold at least {MIN_URL_KEY_LEN} bytes",

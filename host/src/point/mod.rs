@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 pub use error::{AppendError, DeleteError, ReadError, StorageError, TruncateError};
 pub use id::{InvalidPointId, PointId};
 use journal::Record;
-pub use ownership::{Handover, Ownership};
+pub use ownership::{Handover, Ownership, SealedAt};
 
 pub use entry::Point;
 use entry::{Files, Origin, State};

@@ -32,6 +32,15 @@ pub struct Ownership {
     pub handover: Option<Handover>,
 }
 
+/// Where a point was sealed for its handover: its final bytes on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedAt {
+    /// Its end when writes were fenced.
+    pub end: u64,
+    /// CRC32C of `[0, end)`.
+    pub crc: u32,
+}
+
 impl Ownership {
     /// Whether this copy is still arriving in a handover: neither written nor served here.
     pub fn is_arriving(&self) -> bool {
@@ -194,10 +203,13 @@ impl Store {
         id: &PointId,
         to: &str,
         target_ring: u64,
-    ) -> Result<(u64, u32), AppendError> {
-        let mut sealed = (0, 0);
+    ) -> Result<SealedAt, AppendError> {
+        let mut sealed = SealedAt { end: 0, crc: 0 };
         self.update_meta(id, |meta, written| {
-            sealed = (written.end, written.crc);
+            sealed = SealedAt {
+                end: written.end,
+                crc: written.crc,
+            };
             let handover = Handover::Sealed {
                 to: to.to_owned(),
                 end: written.end,

@@ -112,16 +112,18 @@ pub(crate) async fn offer(
     if from == forgotten {
         // Never asked for: once its followers' copies are taken over, what only the forgotten
         // member holds goes to its quarantine.
-        let pending = crate::reshard::forgotten(&membership.ring)
+        let pending = crate::cluster::change::forgotten(&membership.ring)
             .iter()
-            .any(|f| f.name == forgotten && crate::reshard::takeover_pending(&membership, f));
+            .any(|f| {
+                f.name == forgotten && crate::cluster::change::takeover_pending(&membership, f)
+            });
         return Ok(if pending {
             Verdict::Wait
         } else {
             Verdict::Diverged
         });
     }
-    let expected: Vec<&String> = crate::reshard::followers_of(&membership, forgotten)
+    let expected: Vec<&String> = crate::cluster::change::followers_of(&membership, forgotten)
         .map(|m| &m.name)
         .collect();
     let wait = Duration::from_millis(context.services.config.reshard.forget_wait_ms);

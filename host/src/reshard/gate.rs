@@ -31,13 +31,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Change;
 use crate::cluster::{Leader, Lifecycle, Member, Membership};
 use crate::config::{Config, Role};
 use crate::error::bounded;
 use crate::metrics;
-use crate::placement::{Placement, PlacementError};
+use crate::placement::{NextOwner, Placement, PlacementError};
 use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store};
-use crate::reshard::Change;
 
 /// Why the gate sends a call elsewhere, or not at all.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -178,7 +178,7 @@ impl Refusal {
     }
 
     /// The member to ask instead, and its client API address when it is live.
-    pub fn redirect(&self) -> Option<(&str, Option<&str>)> {
+    pub fn redirect(&self) -> Option<Redirect<'_>> {
         match self {
             Refusal::NotOwner { owner, address, .. }
             | Refusal::HeldElsewhere {
@@ -190,11 +190,27 @@ impl Refusal {
                 leader: owner,
                 address,
                 ..
-            } => Some((owner, Some(address))),
-            Refusal::OwnerDown { owner, .. } => Some((owner, None)),
+            } => Some(Redirect {
+                member: owner,
+                address: Some(address),
+            }),
+            Refusal::OwnerDown { owner, .. } => Some(Redirect {
+                member: owner,
+                address: None,
+            }),
             _ => None,
         }
     }
+}
+
+/// The member a refusal sends the caller to (the client reads it back as
+/// `client::Redirect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirect<'a> {
+    /// Its node name.
+    pub member: &'a str,
+    /// Its client API address, when it is live.
+    pub address: Option<&'a str>,
 }
 
 /// Why a write through the gate failed: refused, or failed in the store.
@@ -320,7 +336,8 @@ impl Gate {
     /// once the change is made, the ring names the point's owner.
     async fn admit_new(&self, point: &PointId) -> Result<(), Refusal> {
         self.check_owner(point).await?;
-        if let Some((change, owner)) = self.placement.pending_owner(point.as_str()).await?
+        if let Some(NextOwner { change, owner }) =
+            self.placement.pending_owner(point.as_str()).await?
             && owner != self.node
         {
             let change = match change {
@@ -344,12 +361,11 @@ impl Gate {
 
     /// `Ok` if this node owns `point` in the ring; otherwise the refusal that names the owner.
     pub async fn check_owner(&self, point: &PointId) -> Result<(), Refusal> {
-        let (membership, owners) = self.placement.owners(point.as_str(), 1).await?;
-        let owner = &owners[0];
-        if *owner == membership.local {
+        let owners = self.placement.owners(point.as_str(), 1).await?;
+        if owners.first() == owners.membership.local {
             return Ok(());
         }
-        Err(refusal(&membership, point.as_str(), owner))
+        Err(refusal(&owners.membership, point.as_str(), owners.first()))
     }
 
     /// Appends `batch` to `point` (at `expected_offset`, if given). A write that meets a fence
@@ -475,10 +491,10 @@ impl Gate {
 /// Who holds `point` for a read, by `placement` ([`Gate::holder`]; a balancer, which holds
 /// nothing and has no gate, asks this).
 pub async fn holder(placement: &Placement, point: &str) -> Holder {
-    let Ok((membership, owners)) = placement.owners(point, 1).await else {
+    let Ok(owners) = placement.owners(point, 1).await else {
         return Holder::Nobody;
     };
-    holder_in(&membership, &owners[0])
+    holder_in(&owners.membership, owners.first())
 }
 
 /// [`holder`], given the owner.

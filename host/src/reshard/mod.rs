@@ -4,8 +4,12 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`plan`] | the pending change of the ring, the forgotten members, the moves (pure) |
+//! | [`plan`] | which points move when the ring changes (pure); a handover's crash hook |
+//! | [`planner`] | the mover's decisions: state in, actions out (no I/O) |
 //! | [`gate`] | whether this node takes a write or serves a read of a point, or who does |
+//!
+//! Which change of the ring is pending and which members were forgotten are facts of the ring,
+//! answered in `cluster::change` (placement asks them too).
 //!
 //! The handover that carries a move out runs on the replication thread (`replication::mover`,
 //! `replication::handover`, `replication::takeover`), since it speaks Cap'n Proto.
@@ -15,7 +19,4 @@ pub mod plan;
 pub mod planner;
 
 pub use gate::{Gate, Holder, Refusal};
-pub use plan::{
-    CRASH_AT, Change, Forgotten, Move, crash_point, followers_of, forgotten, pending, plan,
-    takeover_pending,
-};
+pub use plan::{CRASH_AT, Move, crash_point, plan};

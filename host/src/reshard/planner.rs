@@ -11,10 +11,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::cluster::change::{Change, Forgotten, Pending, forgotten, pending};
 use crate::cluster::ring::Ring;
 use crate::cluster::{Handed, Lifecycle};
 use crate::point::{Handover, PointId};
-use crate::reshard::{Change, Forgotten, Move, forgotten, pending};
+use crate::reshard::Move;
 
 /// How long a failed move waits before it is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -81,10 +82,37 @@ pub enum Next {
     /// if any, and when this node first saw it.
     List {
         /// The pending change and the ring it leads to.
-        pending: Option<(Change, Ring)>,
+        pending: Option<Pending>,
         /// When this node first saw the change.
         since: Option<Instant>,
     },
+}
+
+/// The first step of a look: the actions due whatever the points are, and what to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Look {
+    /// Due now.
+    pub actions: Vec<Action>,
+    /// What to do after them.
+    pub next: Next,
+}
+
+impl Look {
+    fn idle(actions: Vec<Action>) -> Self {
+        Look {
+            actions,
+            next: Next::Idle,
+        }
+    }
+}
+
+/// On a follower: the forgotten member whose points it hands over next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    /// The forgotten member.
+    pub forgotten: Forgotten,
+    /// What the follower announces (`handed`) once this one is done too.
+    pub announcement: Handed,
 }
 
 /// How a move ended.
@@ -153,16 +181,10 @@ impl Planner {
 
     /// The first step of a look at the ring (as `local` sees it, with live view `view`): the
     /// actions due whatever the points are, and what to do next.
-    pub fn look(
-        &mut self,
-        local: &str,
-        ring: &Ring,
-        view: &str,
-        now: Instant,
-    ) -> (Vec<Action>, Next) {
+    pub fn look(&mut self, local: &str, ring: &Ring, view: &str, now: Instant) -> Look {
         if self.limit == 0 {
             // Paused by the operator.
-            return (Vec::new(), Next::Idle);
+            return Look::idle(Vec::new());
         }
         let version = ring.version();
         if ring
@@ -171,13 +193,13 @@ impl Planner {
             .is_some_and(|record| record.lifecycle == Lifecycle::Forgotten)
         {
             return match self.stepped_down {
-                Some(done) if done == version => (Vec::new(), Next::Idle),
-                _ => (
-                    Vec::new(),
-                    Next::StepDown {
+                Some(done) if done == version => Look::idle(Vec::new()),
+                _ => Look {
+                    actions: Vec::new(),
+                    next: Next::StepDown {
                         ring_version: version,
                     },
-                ),
+                },
             };
         }
         let pending = pending(ring);
@@ -189,11 +211,11 @@ impl Planner {
                 }
                 actions.push(Action::Announce(None));
                 if !std::mem::take(&mut self.strays) {
-                    return (actions, Next::Idle);
+                    return Look::idle(actions);
                 }
                 None
             }
-            Some((change, target)) => {
+            Some(Pending { change, target }) => {
                 let version = target.version();
                 match &self.pending_since {
                     Some((seen, seen_version, since))
@@ -210,14 +232,17 @@ impl Planner {
                 }
             }
         };
-        if let Some((Change::Join(joining), target)) = &pending
+        if let Some(Pending {
+            change: Change::Join(joining),
+            target,
+        }) = &pending
             && joining == local
         {
             let next = Next::Join {
                 joining: joining.clone(),
                 version: target.version(),
             };
-            return (actions, next);
+            return Look { actions, next };
         }
         // Only a settled view starts (or gives up) moves: the change and the live members the
         // same for `reshard.settle_ms`.
@@ -231,9 +256,12 @@ impl Planner {
         if let Some(since) = since
             && now.duration_since(since.max(view_since)) < self.settle
         {
-            return (actions, Next::Idle);
+            return Look::idle(actions);
         }
-        (actions, Next::List { pending, since })
+        Look {
+            actions,
+            next: Next::List { pending, since },
+        }
     }
 
     /// The second step: the plan over the points this node holds (`held`, each with the
@@ -242,7 +270,7 @@ impl Planner {
     pub fn plan(
         &mut self,
         local: &str,
-        pending: Option<(Change, u64)>,
+        pending: Option<&Pending>,
         since: Option<Instant>,
         held: &[(PointId, Option<Handover>)],
         moves: Vec<Move>,
@@ -286,13 +314,13 @@ impl Planner {
             .collect();
         stopped.sort();
         actions.extend(stopped.into_iter().cloned().map(Action::Stop));
-        let version = pending.as_ref().map_or(0, |(_, version)| *version);
+        let version = pending.map_or(0, |pending| pending.target.version());
         work.extend(moves.iter().cloned().map(|m| (Work::Move(m), version)));
         let settled = since.is_some_and(|since| started.duration_since(since) >= DONE_AFTER);
         if work.is_empty() && self.moving.is_empty() && settled {
-            match pending {
-                Some((Change::Drain(member), _)) if member == local => actions.push(Action::Leave),
-                Some((Change::Join(joining), version)) => {
+            match pending.map(|pending| &pending.change) {
+                Some(Change::Drain(member)) if member == local => actions.push(Action::Leave),
+                Some(Change::Join(joining)) => {
                     actions.push(Action::Announce(Some(Handed::Join {
                         joining: joining.clone(),
                         version,
@@ -367,48 +395,31 @@ impl Planner {
 
 /// On a follower: the forgotten member whose points it hands over next (the first one its
 /// `handed` announcement does not list yet), and the announcement once that one is done too.
-pub fn next_takeover(ring: &Ring, handed: Option<&Handed>) -> Option<(Forgotten, Handed)> {
+pub fn next_takeover(ring: &Ring, handed: Option<&Handed>) -> Option<Takeover> {
     let done = handed.map_or(&[][..], Handed::takeovers);
     let next = forgotten(ring)
         .into_iter()
         .find(|f| !done.contains(&f.tag))?;
     let mut tags = done.to_vec();
     tags.push(next.tag.clone());
-    Some((next, Handed::Takeovers(tags)))
+    Some(Takeover {
+        forgotten: next,
+        announcement: Handed::Takeovers(tags),
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
-    use crate::cluster::ring::RingMember;
+
     use crate::config::Role;
 
     const SETTLE: Duration = Duration::from_millis(500);
 
-    fn record(lifecycle: Lifecycle) -> RingMember {
-        RingMember {
-            lifecycle,
-            role: Role::Leader,
-            rpc_addr: String::new(),
-            replication_addr: String::new(),
-            virtual_nodes: 64,
-            tags: BTreeMap::new(),
-            version: 1,
-        }
-    }
-
     /// A formed ring of `members`, each in its lifecycle state.
     fn ring(members: &[(&str, Lifecycle)]) -> Ring {
-        Ring {
-            id: "ring".into(),
-            founders: Default::default(),
-            members: members
-                .iter()
-                .map(|(name, lifecycle)| (name.to_string(), record(*lifecycle)))
-                .collect(),
-        }
+        Ring::of(members)
     }
 
     fn point(name: &str) -> PointId {
@@ -431,12 +442,12 @@ mod tests {
     }
 
     /// Looks at `ring` at `t0 + at`, then plans `held` and `moves` if told to list.
-    struct Look<'a> {
+    struct Looks<'a> {
         planner: &'a mut Planner,
         t0: Instant,
     }
 
-    impl Look<'_> {
+    impl Looks<'_> {
         fn at(
             &mut self,
             local: &str,
@@ -447,10 +458,16 @@ mod tests {
             moves: Vec<Move>,
         ) -> (Vec<Action>, Next) {
             let now = self.t0 + at;
-            let (mut actions, next) = self.planner.look(local, ring, view, now);
+            let Look { mut actions, next } = self.planner.look(local, ring, view, now);
             if let Next::List { pending, since } = &next {
-                let pending = pending.as_ref().map(|(c, t)| (c.clone(), t.version()));
-                actions.extend(self.planner.plan(local, pending, *since, held, moves, now));
+                actions.extend(self.planner.plan(
+                    local,
+                    pending.as_ref(),
+                    *since,
+                    held,
+                    moves,
+                    now,
+                ));
             }
             (actions, next)
         }
@@ -459,12 +476,12 @@ mod tests {
     #[test]
     fn a_drain_waits_to_settle_moves_its_points_within_the_limit_then_leaves() {
         let mut planner = Planner::new(2, SETTLE);
-        let mut look = Look {
+        let mut look = Looks {
             planner: &mut planner,
             t0: Instant::now(),
         };
         let draining = ring(&[("a", Lifecycle::Leaving), ("b", Lifecycle::Active)]);
-        let target = pending(&draining).unwrap().1.version();
+        let target = pending(&draining).unwrap().target.version();
         let held: Vec<_> = ["p1", "p2", "p3"]
             .iter()
             .map(|p| (point(p), None))
@@ -509,7 +526,7 @@ mod tests {
     #[test]
     fn a_member_says_it_is_done_only_after_a_plan_that_began_late_enough() {
         let mut planner = Planner::new(4, Duration::ZERO);
-        let mut look = Look {
+        let mut look = Looks {
             planner: &mut planner,
             t0: Instant::now(),
         };
@@ -528,12 +545,12 @@ mod tests {
     #[test]
     fn a_join_is_announced_by_each_owner_and_the_joining_member_waits() {
         let mut planner = Planner::new(4, Duration::ZERO);
-        let mut look = Look {
+        let mut look = Looks {
             planner: &mut planner,
             t0: Instant::now(),
         };
         let joining = ring(&[("a", Lifecycle::Active), ("j", Lifecycle::Joining)]);
-        let version = pending(&joining).unwrap().1.version();
+        let version = pending(&joining).unwrap().target.version();
         let p = moved("p", "a", "j");
         let (actions, _) = look.at(
             "a",
@@ -555,7 +572,7 @@ mod tests {
         );
         // The joining member itself hands nothing over: it waits for the owners.
         let mut other = Planner::new(4, Duration::ZERO);
-        let (_, next) = other.look("j", &joining, "v", Instant::now());
+        let next = other.look("j", &joining, "v", Instant::now()).next;
         assert_eq!(
             next,
             Next::Join {
@@ -572,7 +589,7 @@ mod tests {
     #[test]
     fn a_target_that_changes_mid_move_stops_the_copy_and_gives_the_stray_up() {
         let mut planner = Planner::new(4, Duration::ZERO);
-        let mut look = Look {
+        let mut look = Looks {
             planner: &mut planner,
             t0: Instant::now(),
         };
@@ -581,7 +598,7 @@ mod tests {
             ("j", Lifecycle::Joining),
             ("k", Lifecycle::Active),
         ]);
-        let v1 = pending(&first).unwrap().1.version();
+        let v1 = pending(&first).unwrap().target.version();
         let to_j = moved("p", "a", "j");
         let (actions, _) = look.at(
             "a",
@@ -633,12 +650,11 @@ mod tests {
             target_ring: v1,
         });
         let mut fresh = Planner::new(4, Duration::ZERO);
-        let (mut actions, next) = fresh.look("a", &first, "v", look.t0);
+        let Look { mut actions, next } = fresh.look("a", &first, "v", look.t0);
         if let Next::List { pending, since } = next {
-            let pending = pending.map(|(c, t)| (c, t.version()));
             actions.extend(fresh.plan(
                 "a",
-                pending,
+                pending.as_ref(),
                 since,
                 &[(point("p"), sealed)],
                 vec![],
@@ -657,7 +673,7 @@ mod tests {
     #[test]
     fn a_view_that_changes_while_settling_starts_the_wait_again() {
         let mut planner = Planner::new(4, SETTLE);
-        let mut look = Look {
+        let mut look = Looks {
             planner: &mut planner,
             t0: Instant::now(),
         };
@@ -686,19 +702,19 @@ mod tests {
         );
         assert_eq!(actions, vec![]);
         let (actions, _) = look.at("a", &draining, "v2", SETTLE * 2, &held, vec![p.clone()]);
-        let version = pending(&draining).unwrap().1.version();
+        let version = pending(&draining).unwrap().target.version();
         assert_eq!(actions, vec![start(p, version)]);
     }
 
     #[test]
     fn a_failed_move_waits_before_it_is_tried_again() {
         let mut planner = Planner::new(4, Duration::ZERO);
-        let mut look = Look {
+        let mut look = Looks {
             planner: &mut planner,
             t0: Instant::now(),
         };
         let draining = ring(&[("a", Lifecycle::Leaving), ("b", Lifecycle::Active)]);
-        let version = pending(&draining).unwrap().1.version();
+        let version = pending(&draining).unwrap().target.version();
         let held = [(point("p"), None)];
         let p = moved("p", "a", "b");
         let (actions, _) = look.at("a", &draining, "v", Duration::ZERO, &held, vec![p.clone()]);
@@ -718,12 +734,12 @@ mod tests {
     #[test]
     fn a_failed_move_is_retried_by_kind() {
         let mut planner = Planner::new(4, SETTLE);
-        let mut look = Look {
+        let mut look = Looks {
             planner: &mut planner,
             t0: Instant::now(),
         };
         let draining = ring(&[("a", Lifecycle::Leaving), ("b", Lifecycle::Active)]);
-        let version = pending(&draining).unwrap().1.version();
+        let version = pending(&draining).unwrap().target.version();
         let held = [(point("p"), None)];
         let p = moved("p", "a", "b");
         let (actions, _) = look.at("a", &draining, "v", Duration::ZERO, &held, vec![p.clone()]);
@@ -753,7 +769,7 @@ mod tests {
         let stable = ring(&[("a", Lifecycle::Active), ("b", Lifecycle::Active)]);
         let now = Instant::now();
         // After a start: once, for handovers left by a crash.
-        let (_, next) = planner.look("a", &stable, "v", now);
+        let next = planner.look("a", &stable, "v", now).next;
         assert_eq!(
             next,
             Next::List {
@@ -761,11 +777,11 @@ mod tests {
                 since: None
             }
         );
-        let (actions, next) = planner.look("a", &stable, "v", now);
+        let Look { actions, next } = planner.look("a", &stable, "v", now);
         assert_eq!((actions, next), (vec![Action::Announce(None)], Next::Idle));
         // A failure makes strays possible again.
         planner.ended(&point("p"), Outcome::Failed(Retry::Later), now);
-        let (_, next) = planner.look("a", &stable, "v", now);
+        let next = planner.look("a", &stable, "v", now).next;
         assert_eq!(
             next,
             Next::List {
@@ -775,7 +791,7 @@ mod tests {
         );
         // Paused by the operator: nothing at all.
         let mut paused = Planner::new(0, Duration::ZERO);
-        assert_eq!(paused.look("a", &stable, "v", now), (vec![], Next::Idle));
+        assert_eq!(paused.look("a", &stable, "v", now), Look::idle(vec![]));
     }
 
     #[test]
@@ -785,7 +801,7 @@ mod tests {
         let version = forgotten_ring.version();
         let now = Instant::now();
         // It owns nothing and plans no moves: it asks about its copies until each is answered.
-        let (actions, next) = planner.look("a", &forgotten_ring, "v", now);
+        let Look { actions, next } = planner.look("a", &forgotten_ring, "v", now);
         assert_eq!(
             (actions, next),
             (
@@ -795,7 +811,7 @@ mod tests {
                 }
             )
         );
-        let (_, next) = planner.look("a", &forgotten_ring, "v", now);
+        let next = planner.look("a", &forgotten_ring, "v", now).next;
         assert_eq!(
             next,
             Next::StepDown {
@@ -805,7 +821,7 @@ mod tests {
         planner.stepped_down(version);
         assert_eq!(
             planner.look("a", &forgotten_ring, "v", now),
-            (vec![], Next::Idle)
+            Look::idle(vec![])
         );
         // A new ring (another member joined): asked again.
         let grown = ring(&[
@@ -813,7 +829,7 @@ mod tests {
             ("b", Lifecycle::Active),
             ("c", Lifecycle::Active),
         ]);
-        let (_, next) = planner.look("a", &grown, "v", now);
+        let next = planner.look("a", &grown, "v", now).next;
         assert_eq!(
             next,
             Next::StepDown {
@@ -830,13 +846,18 @@ mod tests {
             ("c", Lifecycle::Forgotten),
         ]);
         let said = |text: &str| Handed::decode(text, Role::Follower).unwrap();
-        let (first, announcement) = next_takeover(&two_forgotten, None).unwrap();
+        let Takeover {
+            forgotten: first,
+            announcement,
+        } = next_takeover(&two_forgotten, None).unwrap();
         assert_eq!(
             (first.name.as_str(), announcement.to_string().as_str()),
             ("a", "takeover:a@1")
         );
-        let (second, announcement) =
-            next_takeover(&two_forgotten, Some(&said("takeover:a@1"))).unwrap();
+        let Takeover {
+            forgotten: second,
+            announcement,
+        } = next_takeover(&two_forgotten, Some(&said("takeover:a@1"))).unwrap();
         assert_eq!(
             (second.name.as_str(), announcement.to_string().as_str()),
             ("c", "takeover:a@1,c@1")
@@ -848,7 +869,10 @@ mod tests {
         // A member forgotten again (its record's version moved on) is taken over again.
         let mut again = two_forgotten.clone();
         again.members.get_mut("a").unwrap().version = 2;
-        let (first, announcement) = next_takeover(&again, Some(&said("takeover:a@1,c@1"))).unwrap();
+        let Takeover {
+            forgotten: first,
+            announcement,
+        } = next_takeover(&again, Some(&said("takeover:a@1,c@1"))).unwrap();
         assert_eq!(
             (
                 (first.tag.name.as_str(), first.tag.version),

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::access::Action;
 use crate::error::Error;
 use crate::metrics;
-use crate::placement::Placement;
+use crate::placement::{Owners, Placement};
 use crate::point::{PointId, Snapshot, Span, StreamError};
 use crate::proto::{
     self, ConsumeRequest, ConsumeResponse, ListPointsRequest, ListPointsResponse,
@@ -91,7 +91,7 @@ impl StreamingService {
                 .placement
                 .owners(id.as_str(), 1)
                 .await
-                .map(|(_, owners)| owners[0].clone())
+                .map(|owners| owners.first().to_owned())
                 .unwrap_or_default(),
         };
         let replicas = state
@@ -177,8 +177,8 @@ pub async fn locate(
     id: &PointId,
     replicas: u32,
 ) -> Result<LocatePointResponse, Error> {
-    let (membership, owners) = placement.owners(id.as_str(), replicas.max(1)).await?;
-    let owners = owners
+    let Owners { membership, names } = placement.owners(id.as_str(), replicas.max(1)).await?;
+    let owners = names
         .iter()
         .map(|name| proto::Server {
             rpc_addr: membership.rpc_addr(name).unwrap_or_default().to_owned(),

@@ -16,7 +16,7 @@ use crate::proto::{
     ForgetMemberRequest, ForgetMemberResponse, ListMembersRequest, ListMembersResponse,
     SignUrlRequest, SignUrlResponse,
 };
-use crate::signed_url::{UrlError, UrlSigner};
+use crate::signed_url::{SignedUrl, UrlError, UrlSigner};
 
 use super::StreamingService;
 
@@ -163,7 +163,7 @@ pub async fn sign_url(
         0 => Duration::from_secs(3600),
         seconds => Duration::from_secs(seconds),
     };
-    let (url, expires) = signer
+    let SignedUrl { url, expires } = signer
         .sign(id.as_str(), &caller.subject, ttl, request.player)
         .map_err(|error| match error {
             UrlError::NoKeys => Error::FailedPrecondition(error.to_string()),

@@ -2,7 +2,7 @@
 //! change, hand every point this node owns now and another member owns in the target ring to
 //! that member, one point at a time per move, at most `reshard.max_concurrent_moves` at once.
 //!
-//! The pending change is a drain or a join ([`reshard::pending`]). A drained member steps to
+//! The pending change is a drain or a join ([`cluster::change::pending`]). A drained member steps to
 //! `left` once it holds no point to hand over; an owner that has handed a joining member every
 //! point it will own announces it in gossip (`handed`), and the joining member steps to
 //! `active` once every owner of the ring has.
@@ -147,7 +147,7 @@ impl Mover {
         }
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
-        let (actions, next) = self.planner.look(
+        let planner::Look { actions, next } = self.planner.look(
             &local,
             &membership.ring,
             &membership.view.id,
@@ -177,8 +177,8 @@ impl Mover {
             }
         };
         let mut moves = Vec::new();
-        if let Some((_, target)) = &pending {
-            match self.moves(&membership.ring, target, &held).await {
+        if let Some(pending) = &pending {
+            match self.moves(&membership.ring, &pending.target, &held).await {
                 Ok(planned) => moves.extend(planned.into_iter().filter(|m| m.from == local)),
                 Err(error) => {
                     tracing::warn!(%error, "cannot plan the moves of this node's points");
@@ -186,10 +186,9 @@ impl Mover {
                 }
             }
         }
-        let pending = pending.map(|(change, target)| (change, target.version()));
         let actions = self
             .planner
-            .plan(&local, pending, since, &held, moves, started);
+            .plan(&local, pending.as_ref(), since, &held, moves, started);
         self.perform(&membership, actions).await
     }
 
@@ -256,7 +255,10 @@ impl Mover {
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
         let announced = membership.live(&local).and_then(|m| m.handed.as_ref());
-        let Some((forgotten, announcement)) = planner::next_takeover(&membership.ring, announced)
+        let Some(planner::Takeover {
+            forgotten,
+            announcement,
+        }) = planner::next_takeover(&membership.ring, announced)
         else {
             return Vec::new();
         };

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
-use crate::point::{Handover, Ownership, PointId};
+use crate::point::{Handover, Ownership, PointId, SealedAt};
 use crate::replication::Context;
 use crate::replication::error::MoveError;
 use crate::replication::replicator::ScopeChange;
@@ -159,7 +159,7 @@ async fn copy_and_fence(
     };
     tracing::debug!(%point, "fencing");
     let at = Instant::now();
-    let (end, crc) = context.store.seal(point, to, target).await?;
+    let SealedAt { end, crc } = context.store.seal(point, to, target).await?;
     reshard::crash_point("sealed");
     Ok(Fenced { end, crc, at, held })
 }

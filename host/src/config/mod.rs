@@ -8,6 +8,8 @@
 //! keys are errors, and [`Config::validate`] runs right after extraction and names the key at
 //! fault. Every key is listed in `docs/config.md`.
 
+pub mod key;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 pub use crate::cluster::{ClusterSection, Role};
+use crate::config::key::InvalidKey;
 pub use crate::http::HttpSection;
 pub use crate::plugins::{PluginSection, PluginsSection};
 use crate::point::{Fsync, StoreConfig};
@@ -193,6 +196,12 @@ pub enum ConfigError {
     /// The `[tls]` section names something unusable.
     #[error("{0}")]
     Tls(crate::tls::TlsError),
+}
+
+impl From<InvalidKey> for ConfigError {
+    fn from(InvalidKey { key, message }: InvalidKey) -> Self {
+        ConfigError::Invalid { key, message }
+    }
 }
 
 /// Node names travel in gossip, certificates (`node:<name>`) and gRPC metadata: keep them plain.
@@ -440,12 +449,8 @@ impl Config {
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid("log.level", format!("{:?}: {error}", self.log.level));
         }
-        if let Err((key, message)) = self.cluster.validate() {
-            return invalid(key, message);
-        }
-        if let Err((key, message)) = self.http.validate() {
-            return invalid(key, message);
-        }
+        self.cluster.validate()?;
+        self.http.validate()?;
         match self.replication.ack {
             Ack::Replicas(0) => {
                 return invalid(
