@@ -1,7 +1,8 @@
 //! Build script:
 //!
-//! 1. compiles the gRPC contract in `schema/proto/` with protox (no `protoc` needed), generates
-//!    the tonic services, and writes the descriptor set that server reflection serves;
+//! 1. compiles the gRPC contract in `schema/proto/` (the client API and the controller's wire)
+//!    with protox (no `protoc` needed), generates the tonic services, and writes the descriptor
+//!    set that server reflection serves;
 //! 2. builds the plugin workspace `plugins/` for `wasm32-wasip2` with a nested cargo (its own
 //!    target directory, `<target>/wasm-plugins`: the outer build holds the lock of its own), copies
 //!    the built-in components to `OUT_DIR/plugins/`, writes `OUT_DIR/builtins.rs` (their names
@@ -38,9 +39,14 @@ fn main() -> anyhow::Result<()> {
 
 fn compile_proto(root: &Path, out_dir: &Path) -> anyhow::Result<()> {
     let schema = root.join("schema/proto");
-    let proto = schema.join("streaming/v1/streaming.proto");
-    println!("cargo:rerun-if-changed={}", proto.display());
-    let fds = protox::compile([&proto], [&schema]).context("compiling streaming.proto")?;
+    let protos = [
+        schema.join("streaming/v1/streaming.proto"),
+        schema.join("controller/v1/controller.proto"),
+    ];
+    for proto in &protos {
+        println!("cargo:rerun-if-changed={}", proto.display());
+    }
+    let fds = protox::compile(&protos, [&schema]).context("compiling the gRPC contract")?;
     std::fs::write(
         out_dir.join("streaming_descriptor.bin"),
         fds.encode_to_vec(),

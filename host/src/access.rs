@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::GenerationCache;
-use crate::error::bounded;
 use crate::net::PeerInfo;
 use crate::plugins::{PluginError, PluginSet, Plugins, types};
+use crate::text::bounded;
 
 /// The policy does not let a subject take an action on a point (`PermissionDenied` at the
 /// edge).

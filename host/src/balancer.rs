@@ -34,7 +34,7 @@ use crate::access::Action;
 use crate::api::streaming::{self, FrameStream};
 use crate::client::{Client, Pool, Redirect, owner_of};
 use crate::cluster::change;
-use crate::error::{Error, bounded};
+use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::placement::Owners;
 use crate::point::PointId;
@@ -48,6 +48,7 @@ use crate::proto::{
 use crate::proto::{ON_BEHALF_OF, PURPOSE};
 use crate::reshard::Refusal;
 use crate::services::Services;
+use crate::text::bounded;
 
 /// Bytes of a point's first frames a produce keeps to re-send them to another owner.
 pub(crate) const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
@@ -96,7 +97,7 @@ impl BalancerService {
         let address = membership.rpc_addr(node).unwrap_or("an unknown address");
         Error::FailedPrecondition(format!(
             "a balancer changes no member: ask node {} at {address}",
-            crate::error::bounded(node)
+            crate::text::bounded(node)
         ))
         .into()
     }

@@ -14,6 +14,7 @@
 //! | [`api`] | the gRPC services (`streaming.v1`, health, reflection): handlers by kind (produce, consume, operator), the resolver helpers, their context |
 //! | [`access`] | actions, decisions, and the one async authorization door every caller uses |
 //! | [`cache`] | the answer cache of access and placement, stamped by plugin generation and input version |
+//! | [`controller`] | the Raft group (openraft) that decides the topology: the state machine, its durable log, its network over node certificates |
 //! | [`cluster`] | membership by gossip (chitchat), the live view, the ring and its lifecycle states, the ring's pending change and forgotten members |
 //! | [`balancer`] | the balancer role: the same API served by forwarding to the nodes that hold the data |
 //! | [`placement`] | which ring member owns a point (now, after the pending change, before a member was forgotten): the placement plugin, cached per ring version |
@@ -31,6 +32,7 @@
 //! | [`client`] | the Rust client: put, multi-stream verified get, stat, list, delete, members |
 //! | [`process`] | a `goutube run` child process and its listening line (tests, benchmarks) |
 //! | [`error`] | the error of a client call and its one mapping to a gRPC status |
+//! | [`text`] | text from outside the node made safe for a status or a log line: bounded, escaped (a leaf) |
 //!
 //! Dependencies point one way (the layer order is in `docs/structure.md`): `point`, `plugins`,
 //! `metrics`, `proto`, `tls` and `net` never import the modules above them; contexts borrow
@@ -48,6 +50,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub(crate) mod content;
+pub mod controller;
 pub mod error;
 pub(crate) mod http;
 pub mod metrics;
@@ -64,4 +67,5 @@ pub mod secret;
 pub(crate) mod service;
 pub(crate) mod services;
 pub(crate) mod signed_url;
+pub mod text;
 pub(crate) mod tls;

@@ -18,6 +18,7 @@ use crate::balancer::BalancerService;
 use crate::client::{ClientTls, Pool};
 use crate::cluster::{self, Cluster, Membership, gossip};
 use crate::config::{Config, Role};
+use crate::controller::{Controller, ControllerService};
 use crate::http::gateway::Gateway;
 use crate::placement::Placement;
 use crate::plugins::{PluginError, Plugins};
@@ -157,6 +158,9 @@ pub enum StartError {
     /// Membership could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The controller could not start.
+    #[error(transparent)]
+    Controller(#[from] crate::controller::StartError),
     /// A configuration value is unusable.
     #[error(transparent)]
     Config(#[from] crate::config::key::InvalidKey),
@@ -184,6 +188,8 @@ pub struct Node {
     /// What a storage node's handlers share; a balancer has none.
     context: Option<Arc<Context>>,
     cluster: Cluster,
+    /// The controller, on a voter.
+    controller: Option<Controller>,
     api: Handle,
     gateway: Handle,
     metrics: Handle,
@@ -259,6 +265,10 @@ impl Node {
             plugins,
             lifetime,
         };
+        let controller = start_controller(&services.config, cluster.membership()).await?;
+        let controller_service = controller
+            .clone()
+            .map(|controller| ControllerService::new(controller, tls.api.is_some()).server());
         let ready = ring_formed(cluster.membership());
         let shutdown = services.lifetime.shutdown.clone();
         let max_frame = services.config.max_frame_size;
@@ -271,9 +281,13 @@ impl Node {
                     (leader, following),
                     listeners.replication,
                 )?;
+                let handlers = api::Handlers {
+                    streaming: api::streaming::StreamingService::new(context.clone()),
+                    resolver: api::resolver::ResolverService::new(context.clone()),
+                    controller: controller_service,
+                };
                 let api = api::start(
-                    api::streaming::StreamingService::new(context.clone()),
-                    api::resolver::ResolverService::new(context.clone()),
+                    handlers,
                     max_frame,
                     listeners.rpc,
                     tls.api.clone(),
@@ -285,9 +299,13 @@ impl Node {
             None => {
                 let identity = balancer_identity(&services.config);
                 let service = BalancerService::new(services.clone(), Pool::new(identity));
+                let handlers = api::Handlers {
+                    streaming: service.clone(),
+                    resolver: service,
+                    controller: controller_service,
+                };
                 let api = api::start(
-                    service.clone(),
-                    service,
+                    handlers,
                     max_frame,
                     listeners.rpc,
                     tls.api.clone(),
@@ -309,6 +327,7 @@ impl Node {
             services,
             context,
             cluster,
+            controller,
             api,
             gateway,
             metrics,
@@ -381,6 +400,11 @@ impl Node {
     /// serves a read.
     pub fn gate(&self) -> Option<&Arc<Gate>> {
         self.context.as_ref().map(|context| &context.gate)
+    }
+
+    /// The controller, on a voter.
+    pub fn controller(&self) -> Option<&Controller> {
+        self.controller.as_ref()
     }
 
     /// The newest membership, always.
@@ -465,11 +489,40 @@ impl Node {
             Some(context) => context.store.close().await,
             None => Ok(()),
         };
+        if let Some(controller) = &self.controller {
+            controller.shutdown().await;
+        }
         outcome = outcome.and(self.cluster.shutdown().await);
         tracing::info!(node = %name, "stopped");
         closed?;
         Ok(outcome?)
     }
+}
+
+/// Starts the controller if this node is one of its voters (`controller.voters`; a standalone
+/// node with none named is its own single voter). Its files are in `<data_dir>/controller/`.
+async fn start_controller(
+    config: &Config,
+    membership: watch::Receiver<Arc<Membership>>,
+) -> Result<Option<Controller>, StartError> {
+    let standalone = config.role == Role::Standalone;
+    let Some(voters) = config.controller.voters_of(&config.node_name, standalone) else {
+        return Ok(None);
+    };
+    if !voters.contains(&config.node_name) {
+        return Ok(None);
+    }
+    let controller = Controller::start(
+        &config.controller,
+        &config.node_name,
+        &config.cluster.name,
+        voters,
+        &config.data_dir.join("controller"),
+        membership,
+        balancer_identity(config),
+    )
+    .await?;
+    Ok(Some(controller))
 }
 
 /// Resolves once `membership` holds a formed ring: the node knows who owns what, and can

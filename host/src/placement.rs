@@ -20,8 +20,8 @@ use crate::cache::GenerationCache;
 use crate::cluster::Membership;
 use crate::cluster::change::{self, Change, Pending};
 use crate::cluster::ring::Ring;
-use crate::error::bounded;
 use crate::plugins::{PluginSet, Plugins, types};
+use crate::text::bounded;
 
 /// The owners of a point: the placement plugin's answer, checked.
 #[derive(Debug, Clone)]

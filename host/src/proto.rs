@@ -1,6 +1,7 @@
 //! The wire of the client API: the leaf that the server ([`crate::api`]), the client
 //! ([`crate::client`]) and the balancer all stand on, so that none of them imports another to
-//! speak it. It holds the generated `streaming.v1` types, the HTTP/2 settings both ends use, and
+//! speak it. It holds the generated `streaming.v1` types (and the controller's
+//! `goutube.controller.v1`), the HTTP/2 settings both ends use, and
 //! the names of the metadata goutube adds to statuses and requests.
 
 #[allow(clippy::all, missing_docs, unreachable_pub)]
@@ -9,6 +10,13 @@ mod generated {
 }
 
 pub use generated::*;
+
+/// The controller's wire (`goutube.controller.v1`): Raft messages between voters, proposals and
+/// the status, served on every voter's API port (`crate::controller`).
+#[allow(clippy::all, missing_docs, unreachable_pub)]
+pub mod controller {
+    tonic::include_proto!("goutube.controller.v1");
+}
 
 /// HTTP/2 flow-control window of one stream: large enough that a 256 KiB frame never waits for
 /// a window update (STACK.md measured ~7x throughput over the defaults).

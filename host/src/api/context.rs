@@ -89,7 +89,7 @@ impl Context {
         }
         Err(Error::FailedPrecondition(format!(
             "this is node {local}, not {}: ask that node itself",
-            crate::error::bounded(node)
+            crate::text::bounded(node)
         )))
     }
 

@@ -14,13 +14,26 @@ use tonic::transport::Server;
 
 pub use context::Context;
 
+use crate::controller::ControllerService;
 use crate::net;
+use crate::proto::controller::controller_server::ControllerServer;
 use crate::proto::{self, CONNECTION_WINDOW, H2_FRAME, STREAM_WINDOW};
 use crate::service::{Handle, Service};
 
 /// The encoded descriptor set that server reflection serves.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/streaming_descriptor.bin"));
+
+/// What the API serves: the client API's handlers, the resolver helpers, and on a voter the
+/// controller's service.
+pub struct Handlers<S, R> {
+    /// `streaming.v1.Streaming`: a storage node's, or a balancer's forwarding one.
+    pub streaming: S,
+    /// The resolver helpers (`LbResolverHelper`, `FollowerResolverHelper`).
+    pub resolver: R,
+    /// `goutube.controller.v1.Controller`, on a voter.
+    pub controller: Option<ControllerServer<ControllerService>>,
+}
 
 /// A server builder with the transport settings every goutube gRPC server uses.
 pub fn server_builder() -> Server {
@@ -31,14 +44,14 @@ pub fn server_builder() -> Server {
         .tcp_nodelay(true)
 }
 
-/// Serves the client API (`streaming`, the resolver helpers, health, reflection) on `listener`
+/// Serves the client API (`streaming`, the resolver helpers, health, reflection; the
+/// controller's service on a voter) on `listener`
 /// until `token` is cancelled; then waits for open calls (which end themselves once the node's
 /// grace period is over). Storage nodes serve [`streaming::StreamingService`]; balancers their
 /// forwarding service. Health answers `NOT_SERVING` until `ready` resolves (the node sees a
 /// formed ring), then `SERVING`.
 pub fn start<S, R>(
-    streaming: S,
-    resolver: R,
+    handlers: Handlers<S, R>,
     max_frame_size: u64,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -62,14 +75,7 @@ where
     let shutdown = service.token().clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     service.spawn("serve", async move {
-        let served = serve(
-            streaming,
-            resolver,
-            max_frame_size,
-            incoming,
-            health_service,
-            shutdown,
-        );
+        let served = serve(handlers, max_frame_size, incoming, health_service, shutdown);
         if let Err(error) = served.await {
             tracing::error!(%error, "the API server failed");
         }
@@ -99,8 +105,11 @@ where
 }
 
 async fn serve<S, R>(
-    streaming: S,
-    resolver: R,
+    Handlers {
+        streaming,
+        resolver,
+        controller,
+    }: Handlers<S, R>,
     max_frame_size: u64,
     incoming: impl tokio_stream::Stream<Item = std::io::Result<net::Connection>> + Send + 'static,
     health_service: tonic_health::pb::health_server::HealthServer<
@@ -136,6 +145,7 @@ where
         .add_service(streaming)
         .add_service(servers)
         .add_service(followers)
+        .add_optional_service(controller)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

@@ -175,7 +175,7 @@ pub(super) async fn ls(prefix: String, connection: Connection) -> anyhow::Result
     init_client_logging();
     let listing = connection.connect().await?.list(&prefix).await?;
     for point in &listing.points {
-        println!("{}", goutube::error::escaped(point));
+        println!("{}", goutube::text::escaped(point));
     }
     for member in &listing.missing {
         eprintln!(

@@ -336,12 +336,23 @@ async fn command(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// The node's log filter: `log.level`, with openraft's own records at `error` unless the level
+/// names openraft (it logs every heartbeat to a voter that is down as a warning; the
+/// controller logs its decisions, and `goutube members` shows who leads).
+fn log_filter(level: &str) -> String {
+    if level.contains("openraft") {
+        level.to_owned()
+    } else {
+        format!("{level},openraft=error")
+    }
+}
+
 async fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
 
     let config = Config::load(config_file.as_deref())?;
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(&config.log.level))
+        .with_env_filter(EnvFilter::new(log_filter(&config.log.level)))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();

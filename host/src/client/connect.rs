@@ -1,6 +1,6 @@
 //! Connecting to a node: the channel (HTTP/2 windows and frame size as the server's, a default
-//! port for an address without one) and, with TLS, the rustls connector that presents the
-//! client's certificate.
+//! port for an address without one), with TLS the rustls connector that presents the client's
+//! certificate, and the [`Pool`] of connections to many nodes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,5 +156,40 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for TlsConnect {
             let stream = this.connector.connect(name, buffered).await?;
             Ok(hyper_util::rt::TokioIo::new(stream))
         })
+    }
+}
+
+/// Connections to many nodes, one per address, made on first use and reused (a tonic channel
+/// multiplexes calls).
+pub struct Pool {
+    tls: Option<ClientTls>,
+    clients: tokio::sync::Mutex<std::collections::HashMap<String, Client>>,
+}
+
+impl Pool {
+    /// An empty pool whose connections use `tls`.
+    pub fn new(tls: Option<ClientTls>) -> Self {
+        Self {
+            tls,
+            clients: Default::default(),
+        }
+    }
+
+    /// The connection to `addr`, connecting (lazily: the first call connects) if there is none.
+    pub async fn client(&self, addr: &str) -> Result<Client, ClientError> {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(addr) {
+            return Ok(client.clone());
+        }
+        let options = ClientOptions {
+            addr: addr.to_owned(),
+            tls: self.tls.clone(),
+        };
+        let client = Client {
+            streaming: streaming_client(lazy_channel(&options)?),
+            options,
+        };
+        clients.insert(addr.to_owned(), client.clone());
+        Ok(client)
     }
 }

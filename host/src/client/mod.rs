@@ -15,7 +15,7 @@ pub use download::{GetOptions, GetReport};
 mod connect;
 
 use connect::streaming_client;
-pub use connect::{channel, lazy_channel, with_default_port};
+pub use connect::{Pool, channel, lazy_channel, with_default_port};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -136,41 +136,6 @@ pub struct Quiet;
 impl Progress for Quiet {
     fn start(&self, _: u64, _: u64) {}
     fn advance(&self, _: u64) {}
-}
-
-/// Connections to many nodes, one per address, made on first use and reused (a tonic channel
-/// multiplexes calls).
-pub struct Pool {
-    tls: Option<ClientTls>,
-    clients: tokio::sync::Mutex<std::collections::HashMap<String, Client>>,
-}
-
-impl Pool {
-    /// An empty pool whose connections use `tls`.
-    pub fn new(tls: Option<ClientTls>) -> Self {
-        Self {
-            tls,
-            clients: Default::default(),
-        }
-    }
-
-    /// The connection to `addr`, connecting (lazily: the first call connects) if there is none.
-    pub async fn client(&self, addr: &str) -> Result<Client, ClientError> {
-        let mut clients = self.clients.lock().await;
-        if let Some(client) = clients.get(addr) {
-            return Ok(client.clone());
-        }
-        let options = ClientOptions {
-            addr: addr.to_owned(),
-            tls: self.tls.clone(),
-        };
-        let client = Client {
-            streaming: streaming_client(lazy_channel(&options)?),
-            options,
-        };
-        clients.insert(addr.to_owned(), client.clone());
-        Ok(client)
-    }
 }
 
 /// A connection to one node.

@@ -10,10 +10,12 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::cluster::Role;
 
 /// A member forgotten at one version of its ring record: what a follower's takeover is of.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Tag {
     /// The forgotten member.
     pub name: String,
@@ -21,8 +23,8 @@ pub struct Tag {
     pub version: u64,
 }
 
-/// What a member has handed over.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a member has handed over (in gossip, the text below; in the controller's log, JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Handed {
     /// A primary has handed `joining` every point it will own in the ring of `version`.
     Join {

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::cluster::{ClusterSection, Role};
 use crate::config::key::InvalidKey;
+pub use crate::controller::ControllerSection;
 pub use crate::http::HttpSection;
 pub use crate::plugins::{PluginSection, PluginsSection};
 use crate::point::{Fsync, StoreConfig};
@@ -65,6 +66,8 @@ pub struct Config {
     pub tags: BTreeMap<String, String>,
     /// `[cluster]`: gossip and the ring.
     pub cluster: ClusterSection,
+    /// `[controller]`: the Raft group that decides the topology.
+    pub controller: ControllerSection,
     /// `[http]`: the gateway.
     pub http: HttpSection,
     /// `[log]`.
@@ -291,6 +294,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             tags: BTreeMap::new(),
             cluster: ClusterSection::default(),
+            controller: ControllerSection::default(),
             http: HttpSection::default(),
             log: LogConfig::default(),
             storage: StorageSection::default(),
@@ -451,6 +455,17 @@ impl Config {
         }
         self.cluster.validate()?;
         self.http.validate()?;
+        self.controller.validate()?;
+        if self.controller.voters.contains(&self.node_name) && !self.role.is_primary() {
+            return invalid(
+                "controller.voters",
+                format!(
+                    "{} is a {}: voters are primaries (leaders or standalone nodes)",
+                    self.node_name,
+                    self.role.as_str()
+                ),
+            );
+        }
         match self.replication.ack {
             Ack::Replicas(0) => {
                 return invalid(

@@ -33,7 +33,6 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::range::{self, Answer};
 use crate::access::Action;
-use crate::error::bounded;
 use crate::metrics;
 use crate::net::{NO_CERTIFICATE, PeerInfo};
 use crate::point::{Point, PointId, ReadError, Span, Store};
@@ -41,6 +40,7 @@ use crate::reshard::gate::{self, Holder};
 use crate::service::Spawner;
 use crate::services::Services;
 use crate::signed_url::encode_path;
+use crate::text::bounded;
 
 /// Frames the read loop may read ahead of a slow client.
 const READ_AHEAD: usize = 4;

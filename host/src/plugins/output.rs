@@ -92,9 +92,9 @@ pub struct Printed {
 }
 
 /// `line`, its control characters escaped (a plugin must not write terminal escapes into the
-/// node's log), cut to [`crate::error::MAX_TEXT`] bytes.
+/// node's log), cut to [`crate::text::MAX_TEXT`] bytes.
 fn printable(line: &str) -> String {
-    crate::error::bounded(&crate::error::escaped(line))
+    crate::text::bounded(&crate::text::escaped(line))
 }
 
 impl IsTerminal for Output {
@@ -222,7 +222,7 @@ impl Voice {
         self.say_all(&stdout, "stdout", Level::Info);
         self.say_all(&stderr, "stderr", Level::Warn);
         let last = &stderr.lines[stderr.lines.len().saturating_sub(LAST_WORDS)..];
-        (!last.is_empty()).then(|| crate::error::bounded(&last.join(" | ")))
+        (!last.is_empty()).then(|| crate::text::bounded(&last.join(" | ")))
     }
 
     fn say_all(&self, printed: &Printed, stream: &'static str, level: Level) {
@@ -260,7 +260,7 @@ mod tests {
         let printed = output.take();
         assert_eq!(printed.dropped, 10);
         assert_eq!(printed.lines.len(), 1);
-        assert!(printed.lines[0].len() <= crate::error::MAX_TEXT + "…".len());
+        assert!(printed.lines[0].len() <= crate::text::MAX_TEXT + "…".len());
 
         output
             .write(Bytes::from_static(b"\x1b[2Jcleared\x07"))

@@ -526,9 +526,9 @@ fn unbundle_all(
             if found.point != record.point || found.start != record.start {
                 return Err(ApplyError::Unbundled(format!(
                     "the bundler found {}@{} in the record of {}@{}",
-                    crate::error::bounded(&found.point),
+                    crate::text::bounded(&found.point),
                     found.start,
-                    crate::error::bounded(&record.point),
+                    crate::text::bounded(&record.point),
                     record.start
                 )));
             }
@@ -538,7 +538,7 @@ fn unbundle_all(
                 return Err(ApplyError::Unbundled(format!(
                     "the bundler's payload of {}@{} is {len} bytes with CRC32C {crc:08x}; the \
                      leader sent {} bytes with CRC32C {:08x}",
-                    crate::error::bounded(&record.point),
+                    crate::text::bounded(&record.point),
                     record.start,
                     record.len,
                     record.crc

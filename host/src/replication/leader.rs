@@ -330,7 +330,7 @@ impl leader::Server for LeaderService {
             )?;
             if protocol != PROTOCOL {
                 return Err(FollowRefusal::Protocol {
-                    follower: crate::error::bounded(&follower),
+                    follower: crate::text::bounded(&follower),
                     theirs: protocol,
                     ours: PROTOCOL,
                 });

@@ -177,8 +177,8 @@ pub(crate) fn check_identity(subject: &str, claimed: &str, tls: bool) -> Result<
         return Ok(());
     }
     Err(IdentityError::Certificate {
-        subject: crate::error::bounded(subject),
-        claimed: crate::error::bounded(claimed),
+        subject: crate::text::bounded(subject),
+        claimed: crate::text::bounded(claimed),
     })
 }
 

@@ -34,10 +34,10 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Change;
 use crate::cluster::{Leader, Lifecycle, Member, Membership};
 use crate::config::{Config, Role};
-use crate::error::bounded;
 use crate::metrics;
 use crate::placement::{NextOwner, Placement, PlacementError};
 use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store};
+use crate::text::bounded;
 
 /// Why the gate sends a call elsewhere, or not at all.
 #[derive(Debug, Clone, thiserror::Error)]

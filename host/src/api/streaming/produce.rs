@@ -171,7 +171,7 @@ async fn admit_point(
         if !crate::content::is_valid(content_type) {
             return Err(Error::InvalidArgument(format!(
                 "content type {:?} is not a media type (type/subtype)",
-                crate::error::bounded(content_type)
+                crate::text::bounded(content_type)
             )));
         }
         state.store.set_content_type(&id, content_type).await?;

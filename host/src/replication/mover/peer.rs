@@ -51,7 +51,7 @@ impl Peer {
         if dialed.name != to {
             return Err(IdentityError::WrongNode {
                 address: address.to_owned(),
-                found: crate::error::bounded(&dialed.name),
+                found: crate::text::bounded(&dialed.name),
                 expected: to.to_owned(),
             }
             .into());

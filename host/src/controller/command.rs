@@ -1,0 +1,149 @@
+//! What a proposer asks the controller ([`Command`], one entry of its log) and what it gets
+//! back: [`Applied`], or the rule the command broke ([`Rejected`]). The rules themselves are in
+//! `state.rs`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ring::{Ring, RingMember};
+use crate::cluster::{Handed, Lifecycle};
+
+/// One entry of the controller's log: a decision asked for. Each is checked against the state
+/// it is applied to, so a proposer with a stale view cannot make a wrong one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Command {
+    /// Forms the ring of these primaries, all active.
+    Form {
+        /// The founders' records, by name.
+        founders: BTreeMap<String, RingMember>,
+    },
+    /// A primary enters the formed ring as `joining`: it owns nothing until its ranges are
+    /// handed over.
+    Join {
+        /// Its name.
+        name: String,
+        /// Its record (the lifecycle and version are the controller's).
+        record: RingMember,
+    },
+    /// A member of the ring announces new addresses (a restart on other ports).
+    Addresses {
+        /// The member.
+        name: String,
+        /// Its client API address.
+        rpc_addr: String,
+        /// Its replication address.
+        replication_addr: String,
+    },
+    /// An operator drains an active primary: its points go to the others, then it leaves.
+    Drain {
+        /// The member.
+        name: String,
+    },
+    /// A member's own step at the end of a change: `joining` → `active` once every owner
+    /// announced it handed the joining member its points; `leaving` → `left` once drained.
+    Step {
+        /// The member.
+        name: String,
+        /// Its new state.
+        to: Lifecycle,
+    },
+    /// An operator forgets a dead member: its points are taken over from its followers' copies.
+    Forget {
+        /// The member.
+        name: String,
+    },
+    /// A member announces (or clears) what it has handed over.
+    Announce {
+        /// The member.
+        name: String,
+        /// Its announcement.
+        handed: Option<Handed>,
+    },
+    /// A follower copies a primary's slot.
+    Follow {
+        /// The follower.
+        follower: String,
+        /// The primary whose slot it copies.
+        slot: String,
+    },
+    /// The first entry of a cluster created before its controller: the ring gossip had decided,
+    /// and the highest epoch its stores held.
+    Import {
+        /// The ring as it was on disk.
+        ring: Ring,
+        /// Every epoch the controller gives out is above this.
+        max_epoch: u64,
+    },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// The state changed; the entry's epoch.
+    Changed {
+        /// The epoch of this entry.
+        epoch: u64,
+    },
+    /// The state already was what the command asks (a retry of a committed command).
+    Unchanged,
+}
+
+/// Why a command was refused. The state is untouched, but the entry counts as applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Rejected {
+    /// The ring is not formed yet.
+    #[error("the ring is not formed yet")]
+    NotFormed,
+    /// The ring is formed already (or a ring was imported).
+    #[error("the ring is formed already")]
+    Formed,
+    /// Formation or an import needs at least one primary.
+    #[error("a ring needs at least one primary")]
+    NoFounders,
+    /// Only primaries own ranges.
+    #[error("{0} is not a primary: only leaders and standalone nodes own ranges")]
+    NotPrimary(String),
+    /// No member of that name.
+    #[error("{0} is not a member of the ring")]
+    Unknown(String),
+    /// A member of that name is in the ring already (in any state: names are never reused).
+    #[error("a member called {0} is in the ring already ({state})", state = .1.as_str())]
+    NameTaken(String, Lifecycle),
+    /// Another change of the ring is under way.
+    #[error("one topology change at a time: {0}")]
+    ChangeUnderWay(String),
+    /// The step would leave the ring without an owner.
+    #[error("{0} is the last primary that owns a range")]
+    LastOwner(String),
+    /// The step is not one a member in this state can take.
+    #[error("{name} cannot step from {} to {}", .from.as_str(), .to.as_str())]
+    Transition {
+        /// The member.
+        name: String,
+        /// Its state.
+        from: Lifecycle,
+        /// The state asked for.
+        to: Lifecycle,
+    },
+    /// A joining member turns active only once every owner handed it its points.
+    #[error("{joining} is not handed over yet: {owner} has not announced it")]
+    NotHanded {
+        /// The joining member.
+        joining: String,
+        /// An owner that has not announced the join handed.
+        owner: String,
+    },
+    /// A follower of a slot that is no primary's, or a ring member asked to follow.
+    #[error("{follower} cannot follow {slot}: {reason}")]
+    BadFollow {
+        /// The follower.
+        follower: String,
+        /// The slot.
+        slot: String,
+        /// Why not.
+        reason: String,
+    },
+}

@@ -1,0 +1,343 @@
+//! The controller: a small Raft group (openraft) of the primaries named in `controller.voters`,
+//! which decides what gossip must not (`docs/controller.md`): the ring, the members' lifecycle
+//! and the replica groups. Gossip stays for discovery and as a liveness hint.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `command.rs` | what a proposer asks ([`Command`]) and gets back ([`Applied`], [`Rejected`]) |
+//! | [`state`] | the state machine: [`Topology`] and `apply` as a pure function |
+//! | `raft.rs` | openraft's types and the state machine store (snapshots, the watch) |
+//! | `log.rs` | the durable Raft log, vote and committed index |
+//! | `network.rs` | Raft messages and proposals to other voters, over gRPC with node certificates |
+//! | `service.rs` | the `goutube.controller.v1` service every voter serves on its API port |
+//!
+//! [`Controller`] is the handle the rest of the node holds: [`Controller::propose`] asks for a
+//! decision (forwarded to the leader; answered once committed and applied),
+//! [`Controller::topology`] watches the committed state, [`Controller::status`] says who leads.
+
+mod command;
+mod log;
+mod network;
+mod raft;
+mod service;
+pub mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use command::{Applied, Command, Rejected};
+pub use service::ControllerService;
+pub use state::{Group, Topology};
+
+use crate::client::ClientTls;
+use crate::cluster::Membership;
+use crate::config::key::InvalidKey;
+use crate::proto::controller::ProposeRequest;
+use network::{Network, Peers};
+use raft::{Machine, Raft, Voter, node_id};
+
+/// The `[controller]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControllerSection {
+    /// The voters, by node name: 1, 3 or 5 primaries, the same list on every node. Empty: a
+    /// standalone node is its own single voter.
+    pub voters: Vec<String>,
+    /// How often the controller leader tells the voters it is alive.
+    pub heartbeat_ms: u64,
+    /// A voter that hears no leader for this long (at random up to twice as long) stands for
+    /// election.
+    pub election_timeout_ms: u64,
+    /// How long a proposal waits for its commit before it fails `Unavailable` (no quorum).
+    pub propose_timeout_ms: u64,
+}
+
+impl Default for ControllerSection {
+    fn default() -> Self {
+        ControllerSection {
+            voters: Vec::new(),
+            heartbeat_ms: 100,
+            election_timeout_ms: 500,
+            propose_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl ControllerSection {
+    /// Checks what serde cannot; errors name the key.
+    pub fn validate(&self) -> Result<(), InvalidKey> {
+        let distinct: BTreeSet<&String> = self.voters.iter().collect();
+        if distinct.len() != self.voters.len() {
+            return Err(InvalidKey::new(
+                "controller.voters",
+                "a voter is named twice",
+            ));
+        }
+        if !matches!(self.voters.len(), 0 | 1 | 3 | 5) {
+            return Err(InvalidKey::new(
+                "controller.voters",
+                format!(
+                    "{} voters: name 1, 3 or 5 primaries (an even number tolerates no more \
+                     failures than one fewer)",
+                    self.voters.len()
+                ),
+            ));
+        }
+        if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
+            return Err(InvalidKey::new(
+                "controller.election_timeout_ms",
+                "must be at least three heartbeats (controller.heartbeat_ms)",
+            ));
+        }
+        if self.propose_timeout_ms < self.election_timeout_ms {
+            return Err(InvalidKey::new(
+                "controller.propose_timeout_ms",
+                "must be at least controller.election_timeout_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The voters of a node called `local`: the configured ones, or the node alone when none
+    /// are named and it is a standalone node. `None`: this node has no controller of its own.
+    pub fn voters_of(&self, local: &str, standalone: bool) -> Option<Vec<String>> {
+        let mut voters = self.voters.clone();
+        if voters.is_empty() {
+            if !standalone {
+                return None;
+            }
+            voters.push(local.to_owned());
+        }
+        voters.sort();
+        Some(voters)
+    }
+}
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Its files could not be opened.
+    #[error("the controller's files in {dir}: {source}")]
+    Files {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// openraft refused its configuration.
+    #[error("the controller's Raft configuration: {0}")]
+    Config(String),
+    /// openraft did not start.
+    #[error("the controller's Raft node did not start: {0}")]
+    Raft(String),
+}
+
+/// Why a proposal was not decided.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProposeError {
+    /// The controller refused it: a rule of the state machine.
+    #[error("the controller refused: {0}")]
+    Refused(#[from] Rejected),
+    /// There is no controller leader now, or it could not reach a quorum in time: topology
+    /// changes wait (reads and writes on a settled ring go on). The step may still be decided
+    /// once a quorum is back (it may be in a voter's log already): retrying it is safe.
+    #[error(
+        "no controller quorum: topology changes wait ({0}); the step may still be decided once \
+         a quorum is back, and retrying it is safe"
+    )]
+    NoQuorum(String),
+    /// This node has no controller (a follower or balancer with no voters configured).
+    #[error("this node has no controller: set controller.voters")]
+    NoController,
+    /// The controller is stopping.
+    #[error("the controller is stopping")]
+    Stopped,
+}
+
+/// The controller as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The voters, by name.
+    pub voters: Vec<String>,
+    /// The leader's name, if there is one.
+    pub leader: Option<String>,
+    /// The Raft term.
+    pub term: u64,
+    /// The last committed entry's index.
+    pub committed: u64,
+    /// The last entry applied here.
+    pub applied: u64,
+}
+
+/// The running controller of a voter.
+#[derive(Clone)]
+pub struct Controller {
+    raft: Raft,
+    peers: Arc<Peers>,
+    topology: watch::Receiver<Arc<Topology>>,
+    propose_timeout: Duration,
+}
+
+impl Controller {
+    /// Starts this voter's Raft node on the files in `dir`. A voter whose log is empty forms
+    /// the group with the configured voters (every voter may do so: openraft accepts the same
+    /// membership from each).
+    pub async fn start(
+        section: &ControllerSection,
+        local: &str,
+        cluster: &str,
+        voters: Vec<String>,
+        dir: &Path,
+        membership: watch::Receiver<Arc<Membership>>,
+        tls: Option<ClientTls>,
+    ) -> Result<Controller, StartError> {
+        let files = |source| StartError::Files {
+            dir: dir.display().to_string(),
+            source,
+        };
+        let config = openraft::Config {
+            cluster_name: cluster.to_owned(),
+            heartbeat_interval: section.heartbeat_ms,
+            election_timeout_min: section.election_timeout_ms,
+            election_timeout_max: 2 * section.election_timeout_ms,
+            // The log is small: a snapshot every thousand entries keeps it so.
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+            max_in_snapshot_log_to_keep: 1000,
+            // A chunk travels as JSON in one gRPC message: well under its 4 MiB limit.
+            snapshot_max_chunk_size: 256 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        let log = log::LogStore::open(dir).map_err(files)?;
+        let (published, topology) = watch::channel(Arc::new(Topology::default()));
+        let machine = Machine::open(dir, published).map_err(files)?;
+        let peers = Arc::new(Peers::new(
+            local.to_owned(),
+            cluster.to_owned(),
+            voters.clone(),
+            membership,
+            tls,
+        ));
+        let raft = Raft::new(
+            node_id(local),
+            Arc::new(config),
+            Network(peers.clone()),
+            log,
+            machine,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let members: BTreeMap<_, _> = voters
+            .iter()
+            .map(|name| (node_id(name), Voter { name: name.clone() }))
+            .collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(?voters, "controller: formed"),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                tracing::debug!("controller: formed before");
+            }
+            Err(error) => return Err(StartError::Raft(error.to_string())),
+        }
+        Ok(Controller {
+            raft,
+            peers,
+            topology,
+            propose_timeout: Duration::from_millis(section.propose_timeout_ms),
+        })
+    }
+
+    /// The committed topology, as applied on this voter; changes as entries are applied.
+    pub fn topology(&self) -> watch::Receiver<Arc<Topology>> {
+        self.topology.clone()
+    }
+
+    /// Asks the controller to decide `command`: here if this voter leads, else at the leader.
+    /// Answered once the entry is committed and applied.
+    pub async fn propose(&self, command: Command) -> Result<Applied, ProposeError> {
+        let within = self.propose_timeout;
+        tokio::time::timeout(within, self.propose_now(command))
+            .await
+            .map_err(|_| ProposeError::NoQuorum(format!("no commit within {within:?}")))?
+    }
+
+    async fn propose_now(&self, command: Command) -> Result<Applied, ProposeError> {
+        loop {
+            let leader = match self.raft.client_write(command.clone()).await {
+                Ok(response) => return Ok(response.data?),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    forward.leader_node.map(|voter| voter.name)
+                }
+                Err(RaftError::APIError(other)) => {
+                    return Err(ProposeError::NoQuorum(other.to_string()));
+                }
+                Err(RaftError::Fatal(_)) => return Err(ProposeError::Stopped),
+            };
+            match leader {
+                Some(leader) => match self.forward(&leader, &command).await {
+                    Ok(outcome) => return Ok(outcome?),
+                    Err(error) => {
+                        tracing::debug!(%leader, %error, "controller: the leader did not answer");
+                    }
+                },
+                None => tracing::debug!("controller: no leader yet"),
+            }
+            // An election is under way, or the leader just changed: ask again shortly.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Asks the leader `leader` to decide `command`.
+    async fn forward(
+        &self,
+        leader: &str,
+        command: &Command,
+    ) -> Result<raft::Outcome, network::CallError> {
+        let request = ProposeRequest {
+            command: serde_json::to_vec(command)?.into(),
+        };
+        let answer = self.peers.client(leader)?.propose(request).await?;
+        Ok(serde_json::from_slice(&answer.into_inner().outcome)?)
+    }
+
+    /// Who leads, the term, and how far the log is committed and applied here.
+    pub fn status(&self) -> Status {
+        let metrics = self.raft.metrics().borrow().clone();
+        let name_of = |id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|voter: &Voter| voter.name.clone())
+        };
+        Status {
+            voters: self.peers.voters.clone(),
+            leader: metrics.current_leader.and_then(name_of),
+            term: metrics.current_term,
+            committed: self.raft_committed(),
+            applied: metrics.last_applied.map_or(0, |id| id.index),
+        }
+    }
+
+    fn raft_committed(&self) -> u64 {
+        // openraft 0.9 reports the committed index only on the leader (through replication);
+        // a voter has applied exactly what it knows committed.
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics.last_applied.map_or(0, |id| id.index)
+    }
+
+    /// Stops the Raft node.
+    pub async fn shutdown(&self) {
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "controller: did not stop cleanly");
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The controller's network: Raft messages to the other voters, and proposals to the leader,
+//! as gRPC calls on their API port with this node's certificate. A voter is known by name; its
+//! address is the one gossip knows (discovery), read at each call.
+//!
+//! Each message carries the sender's name, its cluster and its voter list: a voter refuses
+//! messages from another cluster or from a node that names other voters (`docs/controller.md`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::raft::{NodeId, TypeConfig, Voter};
+use crate::client::{ClientOptions, ClientTls, lazy_channel};
+use crate::cluster::Membership;
+use crate::proto::controller::RaftMessage;
+use crate::proto::controller::controller_client::ControllerClient;
+
+/// Who this node is to the other voters, and how it reaches them.
+pub(super) struct Peers {
+    /// This node's name.
+    pub local: String,
+    /// The cluster's name (`cluster.name`).
+    pub cluster: String,
+    /// The voters, by name, sorted.
+    pub voters: Vec<String>,
+    /// Where the live members are (gossip).
+    pub membership: watch::Receiver<Arc<Membership>>,
+    /// This node's client identity.
+    pub tls: Option<ClientTls>,
+    /// One channel per address.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Why a call to another node failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CallError {
+    /// Gossip does not know where it is (it is down, or not started yet).
+    #[error("{0} has no known address (not live in gossip)")]
+    NoAddress(String),
+    /// The channel could not be made.
+    #[error("{0}")]
+    Connect(String),
+    /// It did not answer in time.
+    #[error("no answer from {0} within {1:?}")]
+    Timeout(String, Duration),
+    /// It answered with an error status.
+    #[error("{0}")]
+    Status(#[from] tonic::Status),
+    /// Its answer did not decode.
+    #[error("undecodable answer: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+impl Peers {
+    pub(super) fn new(
+        local: String,
+        cluster: String,
+        voters: Vec<String>,
+        membership: watch::Receiver<Arc<Membership>>,
+        tls: Option<ClientTls>,
+    ) -> Peers {
+        Peers {
+            local,
+            cluster,
+            voters,
+            membership,
+            tls,
+            channels: Mutex::default(),
+        }
+    }
+
+    /// A client of the controller service of `name`.
+    pub(super) fn client(&self, name: &str) -> Result<ControllerClient<Channel>, CallError> {
+        let addr = self
+            .membership
+            .borrow()
+            .rpc_addr(name)
+            .map(str::to_owned)
+            .ok_or_else(|| CallError::NoAddress(name.to_owned()))?;
+        let mut channels = self.channels.lock().expect("poisoned");
+        let channel = match channels.get(&addr) {
+            Some(channel) => channel.clone(),
+            None => {
+                let options = ClientOptions {
+                    addr: addr.clone(),
+                    tls: self.tls.clone(),
+                };
+                let channel =
+                    lazy_channel(&options).map_err(|e| CallError::Connect(e.to_string()))?;
+                channels.insert(addr, channel.clone());
+                channel
+            }
+        };
+        Ok(ControllerClient::new(channel))
+    }
+
+    /// Sends one Raft message of `kind` to `to`; returns its decoded answer, openraft's result.
+    async fn raft<Q: Serialize, A: DeserializeOwned>(
+        &self,
+        to: &str,
+        kind: &str,
+        request: &Q,
+        ttl: Duration,
+    ) -> Result<A, CallError> {
+        let mut client = self.client(to)?;
+        let message = RaftMessage {
+            kind: kind.to_owned(),
+            from: self.local.clone(),
+            cluster: self.cluster.clone(),
+            voters: self.voters.clone(),
+            body: serde_json::to_vec(request)?.into(),
+        };
+        let answer = tokio::time::timeout(ttl, client.raft(message))
+            .await
+            .map_err(|_| CallError::Timeout(to.to_owned(), ttl))??;
+        Ok(serde_json::from_slice(&answer.into_inner().body)?)
+    }
+}
+
+/// openraft's factory of links to the other voters.
+#[derive(Clone)]
+pub(super) struct Network(pub Arc<Peers>);
+
+/// A link to one voter.
+pub(super) struct Link {
+    peers: Arc<Peers>,
+    target: NodeId,
+    voter: Voter,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Link;
+
+    async fn new_client(&mut self, target: NodeId, node: &Voter) -> Link {
+        Link {
+            peers: self.0.clone(),
+            target,
+            voter: node.clone(),
+        }
+    }
+}
+
+impl Link {
+    async fn call<Q: Serialize, A: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+        &self,
+        kind: &str,
+        request: &Q,
+        option: &RPCOption,
+    ) -> Result<A, RPCError<NodeId, Voter, RaftError<NodeId, E>>> {
+        let answer: Result<A, RaftError<NodeId, E>> = self
+            .peers
+            .raft(&self.voter.name, kind, request, option.hard_ttl())
+            .await
+            .map_err(|error| match error {
+                CallError::NoAddress(_) | CallError::Connect(_) => {
+                    RPCError::Unreachable(Unreachable::new(&error))
+                }
+                CallError::Status(status) if status.code() == tonic::Code::Unavailable => {
+                    RPCError::Unreachable(Unreachable::new(&status))
+                }
+                other => RPCError::Network(NetworkError::new(&other)),
+            })?;
+        answer.map_err(|error| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.voter.clone(),
+                error,
+            ))
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Link {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Voter, RaftError<NodeId>>> {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Voter, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Voter, RaftError<NodeId>>> {
+        self.call("vote", &rpc, &option).await
+    }
+}

@@ -1,0 +1,140 @@
+//! The `goutube.controller.v1` service a voter serves on its API port: Raft messages from the
+//! other voters, proposals from members, and the status.
+//!
+//! Only members speak it: with TLS, a Raft message's certificate must name the voter it says
+//! it comes from (`node:<name>`, as replication checks), and a proposal must come with a node
+//! certificate. A message from another cluster, or from a node that names other voters, is
+//! refused (`FailedPrecondition`), naming the difference: two controllers must never mix.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use super::{Controller, ProposeError};
+use crate::certs::NODE_PREFIX;
+use crate::net::PeerInfo;
+use crate::proto::controller::controller_server;
+use crate::proto::controller::{
+    ProposeRequest, ProposeResponse, RaftMessage, StatusRequest, StatusResponse,
+};
+use crate::replication::check_identity;
+
+/// The service of one voter.
+pub struct ControllerService {
+    controller: Controller,
+    tls: bool,
+}
+
+impl ControllerService {
+    /// The service of `controller`; `tls`: whether callers present certificates.
+    pub fn new(controller: Controller, tls: bool) -> Self {
+        ControllerService { controller, tls }
+    }
+
+    /// The gRPC server of this service.
+    pub fn server(self) -> controller_server::ControllerServer<Self> {
+        controller_server::ControllerServer::new(self)
+    }
+
+    /// Refuses a Raft message that is not from a voter of this very controller.
+    fn admit(&self, caller: &PeerInfo, message: &RaftMessage) -> Result<(), Status> {
+        let peers = &self.controller.peers;
+        check_identity(&caller.subject, &message.from, self.tls)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if message.cluster != peers.cluster {
+            return Err(Status::failed_precondition(format!(
+                "a controller message from cluster {:?}: this node's controller belongs to \
+                 cluster {:?} (cluster.name)",
+                message.cluster, peers.cluster
+            )));
+        }
+        if message.voters != peers.voters {
+            return Err(Status::failed_precondition(format!(
+                "controller.voters differ: {} names {:?}, {} names {:?}",
+                message.from, message.voters, peers.local, peers.voters
+            )));
+        }
+        if !peers.voters.contains(&message.from) {
+            return Err(Status::permission_denied(format!(
+                "{} is not a voter of this controller",
+                message.from
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(body)
+        .map_err(|e| Status::invalid_argument(format!("undecodable controller message: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl controller_server::Controller for ControllerService {
+    async fn raft(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let caller = PeerInfo::of(&request);
+        let message = request.into_inner();
+        self.admit(&caller, &message)?;
+        let raft = &self.controller.raft;
+        let body = match message.kind.as_str() {
+            "append" => encode(&raft.append_entries(decode(&message.body)?).await)?,
+            "vote" => encode(&raft.vote(decode(&message.body)?).await)?,
+            "snapshot" => encode(&raft.install_snapshot(decode(&message.body)?).await)?,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "no controller message of kind {other:?}"
+                )));
+            }
+        };
+        let peers = &self.controller.peers;
+        Ok(Response::new(RaftMessage {
+            kind: message.kind,
+            from: peers.local.clone(),
+            body: body.into(),
+            cluster: peers.cluster.clone(),
+            voters: peers.voters.clone(),
+        }))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeResponse>, Status> {
+        let caller = PeerInfo::of(&request);
+        if self.tls && !caller.subject.starts_with(NODE_PREFIX) {
+            return Err(Status::permission_denied(format!(
+                "{}: only members propose to the controller",
+                caller.subject
+            )));
+        }
+        let command = decode(&request.into_inner().command)?;
+        let outcome = match self.controller.propose(command).await {
+            Ok(applied) => Ok(applied),
+            Err(ProposeError::Refused(refused)) => Err(refused),
+            Err(error) => return Err(Status::unavailable(error.to_string())),
+        };
+        Ok(Response::new(ProposeResponse {
+            outcome: encode(&outcome)?.into(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let status = self.controller.status();
+        let topology = self.controller.topology().borrow().clone();
+        Ok(Response::new(StatusResponse {
+            voters: status.voters,
+            leader: status.leader.unwrap_or_default(),
+            term: status.term,
+            committed: status.committed,
+            applied: status.applied,
+            topology: encode(&*topology)?.into(),
+        }))
+    }
+}

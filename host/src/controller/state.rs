@@ -1,0 +1,825 @@
+//! The controller's state machine: what the cluster has decided, as one plain value
+//! ([`Topology`]) and one deterministic transition ([`Topology::apply`]): the same state and the
+//! same entry give the same result on every node, with no clock, no I/O and no randomness. The
+//! Raft glue (next) replicates [`Command`]s and calls `apply` on each committed one; this file
+//! knows nothing of Raft, so its rules are tested as tables of situations below.
+//!
+//! What it decides (`docs/controller.md`): the ring (formation, join, drain, forget, and the
+//! step that ends each), the announcements that end a join or a takeover, and the replica groups
+//! (a primary's slot, its leader, its followers, the leader's epoch). Liveness is not in it:
+//! gossip says who is up, and a proposer consults it before proposing (a forget of a live
+//! member is refused there), but no decision depends on it.
+//!
+//! **Epochs** are the log index of the entry that decided them, shifted by the floor an import
+//! set (every epoch already written in the stores), so they are unique and only grow across
+//! handovers, failovers and upgrades alike.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{Applied, Command, Rejected};
+use crate::cluster::ring::{Ring, RingMember};
+use crate::cluster::{Handed, Lifecycle};
+
+/// What the cluster has decided. A snapshot is this whole value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    /// The ring as committed. Each member record's `version` is the epoch of the entry that
+    /// last changed it.
+    pub ring: Ring,
+    /// The epoch of the entry that last changed the ring (0 before formation).
+    pub ring_epoch: u64,
+    /// Replica groups by slot (the primary that owns the slot's range).
+    pub groups: BTreeMap<String, Group>,
+    /// The committed announcements (`handed`) of the members that made one, by member.
+    pub handed: BTreeMap<String, Handed>,
+    /// Epochs start above this: the highest epoch the stores held when the cluster was imported
+    /// from gossip-decided state (0 for a cluster born with its controller).
+    pub epoch_floor: u64,
+    /// The index of the last entry applied (rejected entries included).
+    pub applied: u64,
+}
+
+/// A primary's slot and the nodes that hold its points.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// The member that takes the slot's writes now.
+    pub leader: String,
+    /// The epoch of the entry that made it the leader.
+    pub leader_epoch: u64,
+    /// The followers that copy the slot's points.
+    pub followers: BTreeSet<String>,
+}
+
+impl Topology {
+    /// The epoch an entry at `index` decides.
+    pub fn epoch(&self, index: u64) -> u64 {
+        self.epoch_floor + index
+    }
+
+    /// Applies the committed entry `index` (each index once, in order). Deterministic: the
+    /// result depends on the state, the index and the command only.
+    pub fn apply(&mut self, index: u64, command: &Command) -> Result<Applied, Rejected> {
+        debug_assert!(index > self.applied, "entries are applied once, in order");
+        self.applied = index;
+        let epoch = self.epoch(index);
+        let changed = match command {
+            Command::Form { founders } => self.form(founders, epoch)?,
+            Command::Import { ring, max_epoch } => self.import(ring, *max_epoch, index)?,
+            Command::Join { name, record } => self.join(name, record, epoch)?,
+            Command::Addresses {
+                name,
+                rpc_addr,
+                replication_addr,
+            } => self.addresses(name, rpc_addr, replication_addr, epoch)?,
+            Command::Drain { name } => self.drain(name, epoch)?,
+            Command::Step { name, to } => self.step(name, *to, epoch)?,
+            Command::Forget { name } => self.forget(name, epoch)?,
+            Command::Announce { name, handed } => self.announce(name, handed.as_ref())?,
+            Command::Follow { follower, slot } => self.follow(follower, slot)?,
+        };
+        Ok(if changed {
+            Applied::Changed {
+                epoch: self.epoch(index),
+            }
+        } else {
+            Applied::Unchanged
+        })
+    }
+
+    /// The change of the ring under way, in words, if any: a drain, a join, or a takeover of a
+    /// forgotten member whose followers have not all announced it done.
+    pub fn change_under_way(&self) -> Option<String> {
+        self.ring.members.iter().find_map(|(name, member)| {
+            let what = match member.lifecycle {
+                Lifecycle::Leaving => "is draining",
+                Lifecycle::Joining => "is joining",
+                _ => return None,
+            };
+            Some(format!("member {name} {what}"))
+        })
+    }
+
+    fn form(
+        &mut self,
+        founders: &BTreeMap<String, RingMember>,
+        epoch: u64,
+    ) -> Result<bool, Rejected> {
+        if self.ring.is_formed() {
+            return Err(Rejected::Formed);
+        }
+        check_primaries(founders)?;
+        self.ring = Ring::form(founders.clone());
+        for member in self.ring.members.values_mut() {
+            member.version = epoch;
+        }
+        for name in founders.keys() {
+            self.groups.insert(name.clone(), Group::led_by(name, epoch));
+        }
+        self.ring_epoch = epoch;
+        Ok(true)
+    }
+
+    fn import(&mut self, ring: &Ring, max_epoch: u64, index: u64) -> Result<bool, Rejected> {
+        if self.ring.is_formed() {
+            return Err(Rejected::Formed);
+        }
+        if !ring.is_formed() {
+            return Err(Rejected::NotFormed);
+        }
+        check_primaries(&ring.members)?;
+        // Above every epoch the stores hold, and above every record version gossip gave out.
+        let versions = ring.members.values().map(|m| m.version);
+        self.epoch_floor = versions.fold(max_epoch, u64::max);
+        let epoch = self.epoch(index);
+        self.ring = ring.clone();
+        for (name, member) in &mut self.ring.members {
+            member.version = epoch;
+            if member.owns_range() {
+                self.groups.insert(name.clone(), Group::led_by(name, epoch));
+            }
+        }
+        self.ring_epoch = epoch;
+        Ok(true)
+    }
+
+    fn join(&mut self, name: &str, record: &RingMember, epoch: u64) -> Result<bool, Rejected> {
+        if !self.ring.is_formed() {
+            return Err(Rejected::NotFormed);
+        }
+        if !record.role.is_primary() {
+            return Err(Rejected::NotPrimary(name.to_owned()));
+        }
+        if let Some(present) = self.ring.members.get(name) {
+            // The same join again (a proposer's retry after a timeout that committed after all).
+            let same = present.lifecycle == Lifecycle::Joining
+                && RingMember {
+                    lifecycle: Lifecycle::Joining,
+                    version: present.version,
+                    ..record.clone()
+                } == *present;
+            if same {
+                return Ok(false);
+            }
+            return Err(Rejected::NameTaken(name.to_owned(), present.lifecycle));
+        }
+        let record = RingMember {
+            lifecycle: Lifecycle::Joining,
+            version: epoch,
+            ..record.clone()
+        };
+        self.ring.members.insert(name.to_owned(), record);
+        self.ring_epoch = epoch;
+        Ok(true)
+    }
+
+    fn addresses(
+        &mut self,
+        name: &str,
+        rpc_addr: &str,
+        replication_addr: &str,
+        epoch: u64,
+    ) -> Result<bool, Rejected> {
+        let record = self.member_mut(name)?;
+        if record.rpc_addr == rpc_addr && record.replication_addr == replication_addr {
+            return Ok(false);
+        }
+        record.rpc_addr = rpc_addr.to_owned();
+        record.replication_addr = replication_addr.to_owned();
+        record.version = epoch;
+        Ok(true)
+    }
+
+    fn drain(&mut self, name: &str, epoch: u64) -> Result<bool, Rejected> {
+        let from = self.member(name)?.lifecycle;
+        match from {
+            Lifecycle::Leaving => return Ok(false),
+            Lifecycle::Active => {}
+            _ => {
+                return Err(Rejected::Transition {
+                    name: name.to_owned(),
+                    from,
+                    to: Lifecycle::Leaving,
+                });
+            }
+        }
+        if let Some(change) = self.change_under_way() {
+            return Err(Rejected::ChangeUnderWay(change));
+        }
+        if self.ring.owners().all(|(owner, _)| owner == name) {
+            return Err(Rejected::LastOwner(name.to_owned()));
+        }
+        self.set_lifecycle(name, Lifecycle::Leaving, epoch);
+        Ok(true)
+    }
+
+    fn step(&mut self, name: &str, to: Lifecycle, epoch: u64) -> Result<bool, Rejected> {
+        let from = self.member(name)?.lifecycle;
+        if from == to {
+            return Ok(false);
+        }
+        let refused = || Rejected::Transition {
+            name: name.to_owned(),
+            from,
+            to,
+        };
+        match (from, to) {
+            (Lifecycle::Joining, Lifecycle::Active) => self.check_handed(name)?,
+            (Lifecycle::Leaving, Lifecycle::Left) => {}
+            _ => return Err(refused()),
+        }
+        self.set_lifecycle(name, to, epoch);
+        Ok(true)
+    }
+
+    /// Every owner of the ring has announced that it handed `joining` its points, for the ring
+    /// the join leads to (the first of several joining members goes first, as
+    /// `cluster::change::pending` orders them).
+    fn check_handed(&self, joining: &str) -> Result<(), Rejected> {
+        let first = self
+            .ring
+            .members
+            .iter()
+            .find(|(_, m)| m.lifecycle == Lifecycle::Joining)
+            .map(|(name, _)| name.as_str());
+        if first != Some(joining)
+            || self
+                .ring
+                .members
+                .values()
+                .any(|m| m.lifecycle == Lifecycle::Leaving)
+        {
+            return Err(Rejected::ChangeUnderWay(
+                self.change_under_way().unwrap_or_default(),
+            ));
+        }
+        let mut target = self.ring.clone();
+        if let Some(member) = target.members.get_mut(joining) {
+            member.lifecycle = Lifecycle::Active;
+        }
+        let version = target.version();
+        for (owner, _) in self.ring.owners() {
+            let done = matches!(
+                self.handed.get(owner),
+                Some(Handed::Join { joining: j, version: v }) if j == joining && *v == version
+            );
+            if !done {
+                return Err(Rejected::NotHanded {
+                    joining: joining.to_owned(),
+                    owner: owner.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, name: &str, epoch: u64) -> Result<bool, Rejected> {
+        let member = self.member(name)?;
+        if member.lifecycle == Lifecycle::Forgotten {
+            return Ok(false);
+        }
+        if member.owns_range() && self.ring.owners().all(|(owner, _)| owner == name) {
+            return Err(Rejected::LastOwner(name.to_owned()));
+        }
+        self.set_lifecycle(name, Lifecycle::Forgotten, epoch);
+        self.groups.remove(name);
+        Ok(true)
+    }
+
+    fn announce(&mut self, name: &str, handed: Option<&Handed>) -> Result<bool, Rejected> {
+        if self.handed.get(name) == handed {
+            return Ok(false);
+        }
+        match handed {
+            Some(handed) => self.handed.insert(name.to_owned(), handed.clone()),
+            None => self.handed.remove(name),
+        };
+        Ok(true)
+    }
+
+    fn follow(&mut self, follower: &str, slot: &str) -> Result<bool, Rejected> {
+        let refused = |reason: &str| Rejected::BadFollow {
+            follower: follower.to_owned(),
+            slot: slot.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if self.ring.members.contains_key(follower) {
+            return Err(refused("a member of the ring holds a slot of its own"));
+        }
+        let Some(group) = self.groups.get_mut(slot) else {
+            return Err(refused("no such slot"));
+        };
+        if group.followers.contains(follower) {
+            return Ok(false);
+        }
+        // A follower copies one slot: it leaves any other.
+        for other in self.groups.values_mut() {
+            other.followers.remove(follower);
+        }
+        self.groups
+            .get_mut(slot)
+            .expect("checked above")
+            .followers
+            .insert(follower.to_owned());
+        Ok(true)
+    }
+
+    fn member(&self, name: &str) -> Result<&RingMember, Rejected> {
+        if !self.ring.is_formed() {
+            return Err(Rejected::NotFormed);
+        }
+        self.ring
+            .members
+            .get(name)
+            .ok_or_else(|| Rejected::Unknown(name.to_owned()))
+    }
+
+    fn member_mut(&mut self, name: &str) -> Result<&mut RingMember, Rejected> {
+        self.member(name)?;
+        Ok(self.ring.members.get_mut(name).expect("checked above"))
+    }
+
+    fn set_lifecycle(&mut self, name: &str, to: Lifecycle, epoch: u64) {
+        let record = self
+            .ring
+            .members
+            .get_mut(name)
+            .expect("checked by the caller");
+        record.lifecycle = to;
+        record.version = epoch;
+        match to {
+            Lifecycle::Active => {
+                self.groups
+                    .entry(name.to_owned())
+                    .or_insert_with(|| Group::led_by(name, epoch));
+            }
+            Lifecycle::Left => {
+                self.groups.remove(name);
+            }
+            _ => {}
+        }
+        self.ring_epoch = epoch;
+    }
+}
+
+impl Group {
+    fn led_by(leader: &str, epoch: u64) -> Group {
+        Group {
+            leader: leader.to_owned(),
+            leader_epoch: epoch,
+            followers: BTreeSet::new(),
+        }
+    }
+}
+
+fn check_primaries(members: &BTreeMap<String, RingMember>) -> Result<(), Rejected> {
+    if members.is_empty() {
+        return Err(Rejected::NoFounders);
+    }
+    match members.iter().find(|(_, m)| !m.role.is_primary()) {
+        Some((name, _)) => Err(Rejected::NotPrimary(name.clone())),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The rules as data: a state, an entry, and what must come of it.
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::cluster::Role;
+
+    fn record(role: Role) -> RingMember {
+        RingMember {
+            lifecycle: Lifecycle::Joining,
+            role,
+            rpc_addr: "r:1".into(),
+            replication_addr: "r:2".into(),
+            virtual_nodes: 64,
+            tags: BTreeMap::new(),
+            version: 0,
+        }
+    }
+
+    fn form(names: &[&str]) -> Command {
+        Command::Form {
+            founders: names
+                .iter()
+                .map(|n| ((*n).to_owned(), record(Role::Leader)))
+                .collect(),
+        }
+    }
+
+    fn join(name: &str) -> Command {
+        Command::Join {
+            name: name.into(),
+            record: record(Role::Leader),
+        }
+    }
+
+    fn drain(name: &str) -> Command {
+        Command::Drain { name: name.into() }
+    }
+
+    fn step(name: &str, to: Lifecycle) -> Command {
+        Command::Step {
+            name: name.into(),
+            to,
+        }
+    }
+
+    fn forget(name: &str) -> Command {
+        Command::Forget { name: name.into() }
+    }
+
+    /// Applies `commands` in order from index 1; panics on a refusal.
+    fn state(commands: &[Command]) -> Topology {
+        let mut topology = Topology::default();
+        for command in commands {
+            let index = topology.applied + 1;
+            topology
+                .apply(index, command)
+                .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+        }
+        topology
+    }
+
+    fn lifecycle(topology: &Topology, name: &str) -> Lifecycle {
+        topology.ring.members[name].lifecycle
+    }
+
+    /// The announcement an owner makes once it handed `joining` its points.
+    fn handed(topology: &Topology, owner: &str, joining: &str) -> Command {
+        let mut target = topology.ring.clone();
+        target.members.get_mut(joining).unwrap().lifecycle = Lifecycle::Active;
+        Command::Announce {
+            name: owner.into(),
+            handed: Some(Handed::Join {
+                joining: joining.into(),
+                version: target.version(),
+            }),
+        }
+    }
+
+    #[test]
+    fn each_step_is_checked_against_the_state_it_is_applied_to() {
+        use Lifecycle::*;
+        let formed = [form(&["a", "b"])];
+        let joining = [form(&["a", "b"]), join("c")];
+        let draining = [form(&["a", "b"]), drain("b")];
+        let alone = [form(&["a"])];
+        let left = [form(&["a", "b"]), drain("b"), step("b", Left)];
+        let three_draining = [form(&["a", "b", "c"]), drain("b")];
+        // What, the entries before, the entry, and what must come of it.
+        type Case<'a> = (&'a str, &'a [Command], Command, Result<(), Rejected>);
+        let cases: Vec<Case> = vec![
+            (
+                "a join before formation",
+                &[],
+                join("c"),
+                Err(Rejected::NotFormed),
+            ),
+            (
+                "a second formation",
+                &formed,
+                form(&["x"]),
+                Err(Rejected::Formed),
+            ),
+            (
+                "a formation of nobody",
+                &[],
+                form(&[]),
+                Err(Rejected::NoFounders),
+            ),
+            (
+                "a follower among the founders",
+                &[],
+                Command::Form {
+                    founders: [("f".to_owned(), record(Role::Follower))].into(),
+                },
+                Err(Rejected::NotPrimary("f".into())),
+            ),
+            (
+                "a join of a name present",
+                &formed,
+                join("b"),
+                Err(Rejected::NameTaken("b".into(), Active)),
+            ),
+            (
+                "a join of a name that left",
+                &left,
+                join("b"),
+                Err(Rejected::NameTaken("b".into(), Left)),
+            ),
+            (
+                "a join of a balancer",
+                &formed,
+                Command::Join {
+                    name: "z".into(),
+                    record: record(Role::Balancer),
+                },
+                Err(Rejected::NotPrimary("z".into())),
+            ),
+            (
+                "a join while another is joining: queued",
+                &joining,
+                join("d"),
+                Ok(()),
+            ),
+            (
+                "the same join again: unchanged",
+                &joining,
+                join("c"),
+                Ok(()),
+            ),
+            (
+                "a join of a joining name with another record",
+                &joining,
+                Command::Join {
+                    name: "c".into(),
+                    record: RingMember {
+                        rpc_addr: "elsewhere:1".into(),
+                        ..record(Role::Leader)
+                    },
+                },
+                Err(Rejected::NameTaken("c".into(), Joining)),
+            ),
+            (
+                "a drain of the last primary",
+                &alone,
+                drain("a"),
+                Err(Rejected::LastOwner("a".into())),
+            ),
+            (
+                "a drain during a join",
+                &joining,
+                drain("a"),
+                Err(Rejected::ChangeUnderWay("member c is joining".into())),
+            ),
+            (
+                "a drain during a drain",
+                &three_draining,
+                drain("a"),
+                Err(Rejected::ChangeUnderWay("member b is draining".into())),
+            ),
+            (
+                "a drain of a joining member",
+                &joining,
+                drain("c"),
+                Err(Rejected::Transition {
+                    name: "c".into(),
+                    from: Joining,
+                    to: Leaving,
+                }),
+            ),
+            (
+                "a drain of nobody",
+                &formed,
+                drain("x"),
+                Err(Rejected::Unknown("x".into())),
+            ),
+            (
+                "a join turned active before it is handed",
+                &joining,
+                step("c", Active),
+                Err(Rejected::NotHanded {
+                    joining: "c".into(),
+                    owner: "a".into(),
+                }),
+            ),
+            (
+                "an active member leaving without a drain",
+                &formed,
+                step("a", Left),
+                Err(Rejected::Transition {
+                    name: "a".into(),
+                    from: Active,
+                    to: Left,
+                }),
+            ),
+            (
+                "a drained member leaving",
+                &draining,
+                step("b", Left),
+                Ok(()),
+            ),
+            (
+                "forgetting the last owner",
+                &alone,
+                forget("a"),
+                Err(Rejected::LastOwner("a".into())),
+            ),
+            ("forgetting a dead owner", &formed, forget("b"), Ok(())),
+            (
+                "a ring member following",
+                &formed,
+                Command::Follow {
+                    follower: "a".into(),
+                    slot: "b".into(),
+                },
+                Err(Rejected::BadFollow {
+                    follower: "a".into(),
+                    slot: "b".into(),
+                    reason: "a member of the ring holds a slot of its own".into(),
+                }),
+            ),
+            (
+                "following a slot nobody owns",
+                &joining,
+                Command::Follow {
+                    follower: "f".into(),
+                    slot: "c".into(),
+                },
+                Err(Rejected::BadFollow {
+                    follower: "f".into(),
+                    slot: "c".into(),
+                    reason: "no such slot".into(),
+                }),
+            ),
+        ];
+        for (what, before, command, want) in cases {
+            let mut topology = state(before);
+            let untouched = topology.clone();
+            let got = topology.apply(topology.applied + 1, &command);
+            assert_eq!(got.clone().map(|_| ()), want, "{what}");
+            if got.is_err() {
+                // A refused entry changes nothing but the applied index.
+                let mut expected = untouched;
+                expected.applied = topology.applied;
+                assert_eq!(topology, expected, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_join_completes_only_once_every_owner_handed_it_over() {
+        use Lifecycle::*;
+        let mut topology = state(&[form(&["a", "b"]), join("c"), join("d")]);
+        assert_eq!(
+            topology.change_under_way().as_deref(),
+            Some("member c is joining")
+        );
+        let index = topology.applied + 1;
+        topology.apply(index, &handed(&topology, "a", "c")).unwrap();
+        let refused = topology.apply(index + 1, &step("c", Active));
+        assert_eq!(
+            refused,
+            Err(Rejected::NotHanded {
+                joining: "c".into(),
+                owner: "b".into()
+            })
+        );
+        // d waits for c: nobody can hand d over first.
+        assert!(matches!(
+            topology.apply(index + 2, &step("d", Active)),
+            Err(Rejected::ChangeUnderWay(_))
+        ));
+        topology
+            .apply(index + 3, &handed(&topology, "b", "c"))
+            .unwrap();
+        let done = topology.apply(index + 4, &step("c", Active)).unwrap();
+        assert_eq!(done, Applied::Changed { epoch: index + 4 });
+        assert_eq!(lifecycle(&topology, "c"), Active);
+        assert_eq!(topology.groups["c"].leader_epoch, index + 4);
+        // A retry of the committed step changes nothing.
+        assert_eq!(
+            topology.apply(index + 5, &step("c", Active)),
+            Ok(Applied::Unchanged)
+        );
+        // Now d: the owners' announcements for c do not count for it.
+        assert!(matches!(
+            topology.apply(index + 6, &step("d", Active)),
+            Err(Rejected::NotHanded { .. })
+        ));
+    }
+
+    #[test]
+    fn a_drain_ends_in_left_and_its_slot_closes_followers_move_between_slots() {
+        use Lifecycle::*;
+        let mut topology = state(&[
+            form(&["a", "b"]),
+            Command::Follow {
+                follower: "f".into(),
+                slot: "a".into(),
+            },
+            Command::Follow {
+                follower: "f".into(),
+                slot: "b".into(),
+            },
+        ]);
+        assert!(topology.groups["a"].followers.is_empty(), "f left a's slot");
+        assert!(topology.groups["b"].followers.contains("f"));
+        let index = topology.applied;
+        topology.apply(index + 1, &drain("b")).unwrap();
+        assert_eq!(lifecycle(&topology, "b"), Leaving);
+        assert_eq!(
+            topology.apply(index + 2, &drain("b")),
+            Ok(Applied::Unchanged)
+        );
+        topology.apply(index + 3, &step("b", Left)).unwrap();
+        assert!(!topology.groups.contains_key("b"));
+        assert_eq!(topology.ring_epoch, index + 3);
+    }
+
+    #[test]
+    fn an_import_puts_every_epoch_above_those_the_stores_hold() {
+        use Lifecycle::*;
+        let mut ring = Ring::of(&[("a", Active), ("b", Active), ("c", Forgotten)]);
+        ring.members.get_mut("b").unwrap().version = 70;
+        let mut topology = Topology::default();
+        let imported = topology
+            .apply(
+                1,
+                &Command::Import {
+                    ring: ring.clone(),
+                    max_epoch: 41,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            topology.epoch_floor, 70,
+            "the highest of 41 and every record version"
+        );
+        assert_eq!(imported, Applied::Changed { epoch: 71 });
+        assert_eq!(topology.groups.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(lifecycle(&topology, "c"), Forgotten);
+        assert_eq!(
+            topology.apply(2, &Command::Import { ring, max_epoch: 0 }),
+            Err(Rejected::Formed)
+        );
+        let joined = topology.apply(3, &join("d")).unwrap();
+        assert_eq!(joined, Applied::Changed { epoch: 73 });
+    }
+
+    /// Random sequences of entries, most of them refused: every epoch given out is above the
+    /// one before, records and leaders' epochs never go back, a refused entry changes nothing,
+    /// and two nodes that apply the same entries hold the same state (also through a snapshot).
+    #[test]
+    fn epochs_only_grow_and_the_same_entries_make_the_same_state() {
+        let names = ["a", "b", "c", "d", "e"];
+        let mut rng = StdRng::seed_from_u64(0x7090);
+        let (mut changed, mut refused) = (0, 0);
+        for _ in 0..200 {
+            let mut one = Topology::default();
+            let mut other = Topology::default();
+            let mut last_epoch = 0;
+            for index in 1..=60 {
+                let name = names[rng.random_range(0..names.len())].to_owned();
+                let command = match rng.random_range(0..8) {
+                    0 => form(&names[..rng.random_range(1..4)]),
+                    1 => join(&name),
+                    2 => drain(&name),
+                    3 => step(
+                        &name,
+                        [Lifecycle::Active, Lifecycle::Left][rng.random_range(0..2)],
+                    ),
+                    4 => forget(&name),
+                    5 if one.ring.members.contains_key(&name) => {
+                        handed(&one, names[rng.random_range(0..names.len())], &name)
+                    }
+                    _ => Command::Follow {
+                        follower: format!("f{}", rng.random_range(0..3)),
+                        slot: name,
+                    },
+                };
+                let before = one.clone();
+                let got = one.apply(index, &command);
+                assert_eq!(other.apply(index, &command), got);
+                match got {
+                    Ok(Applied::Changed { epoch }) => {
+                        assert!(epoch > last_epoch, "{command:?}");
+                        last_epoch = epoch;
+                        changed += 1;
+                    }
+                    Ok(Applied::Unchanged) | Err(_) => {
+                        refused += usize::from(got.is_err());
+                        let mut same = before.clone();
+                        same.applied = index;
+                        assert_eq!(one, same, "{command:?}");
+                    }
+                }
+                for (name, record) in &before.ring.members {
+                    assert!(one.ring.members[name].version >= record.version);
+                }
+                for (slot, group) in &one.groups {
+                    if let Some(was) = before.groups.get(slot) {
+                        assert!(group.leader_epoch >= was.leader_epoch);
+                    }
+                }
+            }
+            assert_eq!(one, other);
+            let snapshot = serde_json::to_vec(&one).unwrap();
+            let restored: Topology = serde_json::from_slice(&snapshot).unwrap();
+            assert_eq!(restored, one);
+        }
+        // The sequences exercised both sides of the rules, not only refusals.
+        assert!(
+            changed > 2000 && refused > 2000,
+            "{changed} changed, {refused} refused"
+        );
+    }
+}

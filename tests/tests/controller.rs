@@ -1,0 +1,365 @@
+//! The controller, a Raft group of voters on real nodes: a standalone node is its own voter and
+//! keeps its decisions across a restart; three voters (child processes, mTLS) elect a leader,
+//! decide through any of them, survive a `kill -9` of the leader, and stop deciding without a
+//! quorum, with a clear status, until a voter returns; only voters of the same controller speak
+//! its Raft.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use goutube::cluster::ring::RingMember;
+use goutube::cluster::{Lifecycle, Role};
+use goutube::controller::{Applied, Command, ProposeError, Rejected, Topology};
+use goutube::proto::controller::controller_client::ControllerClient;
+use goutube::proto::controller::{ProposeRequest, RaftMessage, StatusRequest, StatusResponse};
+use goutube_tests::{DEADLINE, NodeProcess, Pki, TestNode, eventually, write_node_config};
+use tempfile::TempDir;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn record(role: Role) -> RingMember {
+    RingMember {
+        lifecycle: Lifecycle::Joining,
+        role,
+        rpc_addr: "127.0.0.1:1".into(),
+        replication_addr: "127.0.0.1:2".into(),
+        virtual_nodes: 64,
+        tags: BTreeMap::new(),
+        version: 0,
+    }
+}
+
+fn form(names: &[&str]) -> Command {
+    Command::Form {
+        founders: names
+            .iter()
+            .map(|name| ((*name).to_owned(), record(Role::Leader)))
+            .collect(),
+    }
+}
+
+fn join(name: &str) -> Command {
+    Command::Join {
+        name: name.into(),
+        record: record(Role::Leader),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_node_is_its_own_controller_and_keeps_its_decisions() {
+    let node = TestNode::start(|c| c.node_name = "solo".into()).await;
+    let controller = node
+        .node
+        .controller()
+        .expect("a standalone node is a voter")
+        .clone();
+    eventually("the lone voter to lead", || {
+        let controller = controller.clone();
+        async move { controller.status().leader.as_deref() == Some("solo") }
+    })
+    .await;
+    let Applied::Changed { epoch: formed } = controller.propose(form(&["solo"])).await.unwrap()
+    else {
+        panic!("formation changes the state");
+    };
+    assert!(controller.topology().borrow().ring.is_formed());
+    // A rule of the state machine refuses, typed, and the state stays.
+    let refused = controller.propose(form(&["other"])).await;
+    assert!(
+        matches!(refused, Err(ProposeError::Refused(Rejected::Formed))),
+        "{refused:?}"
+    );
+    let Applied::Changed { epoch: joined } = controller.propose(join("j")).await.unwrap() else {
+        panic!("a join changes the state");
+    };
+    assert!(joined > formed);
+    let before: Topology = (*controller.topology().borrow().clone()).clone();
+
+    // The log and the vote are on disk: a restarted node holds the same decisions, and what it
+    // decides next has a higher epoch.
+    let node = node.restart(|c| c.node_name = "solo".into()).await;
+    let controller = node.node.controller().unwrap().clone();
+    eventually("the decisions to be applied again", || {
+        let (controller, before) = (controller.clone(), before.clone());
+        async move {
+            let now = controller.topology().borrow().clone();
+            now.ring == before.ring && now.groups == before.groups
+        }
+    })
+    .await;
+    let Applied::Changed { epoch } = controller.propose(join("k")).await.unwrap() else {
+        panic!("a join changes the state");
+    };
+    assert!(epoch > joined, "{epoch} after {joined}");
+    node.shutdown().await;
+}
+
+/// Three voters as child processes, each a leader with mTLS and a sealed gossip.
+struct Voters {
+    root: TempDir,
+    pki: Pki,
+    nodes: BTreeMap<&'static str, NodeProcess>,
+}
+
+impl Voters {
+    fn new() -> Voters {
+        Voters {
+            root: tempfile::tempdir().unwrap(),
+            pki: Pki::new(),
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Starts (or restarts, on its data) voter `name`, seeded with the voters running.
+    fn spawn(&mut self, name: &'static str) {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let running: Vec<String> = self
+            .nodes
+            .values()
+            .map(|node| format!("\"{}\"", node.addresses.gossip))
+            .collect();
+        let seeds = format!("seed_addresses = [{}]\n", running.join(", "));
+        let config = write_node_config(
+            &dir,
+            name,
+            &format!(
+                "role = \"leader\"\n{seeds}[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
+                 propose_timeout_ms = 3000\n{}bootstrap_expect = 3\n",
+                self.pki.node_toml(name)
+            ),
+        );
+        self.nodes.insert(name, NodeProcess::spawn(&config));
+    }
+
+    async fn client(&self, name: &str, subject: &str) -> ControllerClient<Channel> {
+        let options = self.pki.client_options(subject, &self.nodes[name].rpc);
+        ControllerClient::new(goutube::client::channel(&options).await.unwrap())
+    }
+
+    async fn status(&self, name: &str) -> Option<StatusResponse> {
+        let mut client = self.client(name, "root").await;
+        Some(client.status(StatusRequest {}).await.ok()?.into_inner())
+    }
+
+    /// The leader every running voter in `among` names, once they all name the same one.
+    async fn agreed_leader(&self, among: &[&str]) -> String {
+        let agreed = std::sync::Mutex::new(String::new());
+        eventually("the voters to agree on a leader", || {
+            let agreed = &agreed;
+            async move {
+                let mut leaders = Vec::new();
+                for name in among {
+                    match self.status(name).await {
+                        Some(status) if !status.leader.is_empty() => leaders.push(status.leader),
+                        _ => return false,
+                    }
+                }
+                leaders.dedup();
+                let leader = leaders.pop().unwrap_or_default();
+                let one = leaders.is_empty() && among.contains(&leader.as_str());
+                *agreed.lock().unwrap() = leader;
+                one
+            }
+        })
+        .await;
+        agreed.into_inner().unwrap()
+    }
+
+    /// Proposes `command` through voter `name` as member `node:name`.
+    async fn propose(&self, name: &str, command: &Command) -> Result<Applied, tonic::Status> {
+        let mut client = self.client(name, &format!("node:{name}")).await;
+        let request = ProposeRequest {
+            command: serde_json::to_vec(command).unwrap().into(),
+        };
+        let answer = client.propose(request).await?.into_inner();
+        let outcome: Result<Applied, Rejected> = serde_json::from_slice(&answer.outcome).unwrap();
+        Ok(outcome.expect("the command is allowed"))
+    }
+
+    async fn topology(&self, name: &str) -> Option<Topology> {
+        let status = self.status(name).await?;
+        Some(serde_json::from_slice(&status.topology).unwrap())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_decide_through_any_of_them_and_survive_a_kill_of_the_leader() {
+    let mut voters = Voters::new();
+    for name in ["a", "b", "c"] {
+        voters.spawn(name);
+    }
+    let leader = voters.agreed_leader(&["a", "b", "c"]).await;
+    let other = ["a", "b", "c"].into_iter().find(|n| *n != leader).unwrap();
+    // Through a voter that does not lead: forwarded to the leader.
+    let Applied::Changed { epoch: formed } = voters
+        .propose(other, &form(&["a", "b", "c"]))
+        .await
+        .unwrap()
+    else {
+        panic!("formation changes the state");
+    };
+    let term = voters.status(other).await.unwrap().term;
+
+    // kill -9 the leader: the two others elect another and go on deciding.
+    let killed = Instant::now();
+    voters.nodes.remove(leader.as_str()).unwrap().kill();
+    let survivors: Vec<&str> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|n| *n != leader)
+        .collect();
+    let next = voters.agreed_leader(&survivors).await;
+    eprintln!(
+        "a new controller leader ({next}) {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(voters.status(&next).await.unwrap().term > term);
+    let Applied::Changed { epoch } = voters.propose(survivors[0], &join("d")).await.unwrap() else {
+        panic!("a join changes the state");
+    };
+    assert!(epoch > formed);
+
+    // The killed voter returns and holds the same decisions.
+    let leader: &'static str = ["a", "b", "c"].into_iter().find(|n| *n == leader).unwrap();
+    voters.spawn(leader);
+    let decided = voters.topology(&next).await.unwrap();
+    eventually("the returning voter to catch up", || {
+        let (voters, decided) = (&voters, decided.clone());
+        async move {
+            voters
+                .topology(leader)
+                .await
+                .is_some_and(|t| t.ring == decided.ring && t.groups == decided.groups)
+        }
+    })
+    .await;
+    for (_, node) in std::mem::take(&mut voters.nodes) {
+        assert!(node.terminate(), "a graceful stop");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_decisions_wait_with_a_clear_status_until_a_voter_returns() {
+    let mut voters = Voters::new();
+    for name in ["a", "b", "c"] {
+        voters.spawn(name);
+    }
+    voters.agreed_leader(&["a", "b", "c"]).await;
+    voters.propose("a", &form(&["a", "b", "c"])).await.unwrap();
+    voters.nodes.remove("b").unwrap().kill();
+    voters.nodes.remove("c").unwrap().kill();
+    let asked = Instant::now();
+    let status = voters.propose("a", &join("d")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("no controller quorum"),
+        "{}",
+        status.message()
+    );
+    assert!(asked.elapsed() < DEADLINE);
+    // One voter back: a quorum again, and the decision is made (the entry that timed out may
+    // be the one committed: the retry then changes nothing).
+    voters.spawn("b");
+    eventually("a decision once a quorum is back", || {
+        let voters = &voters;
+        async move { voters.propose("a", &join("d")).await.is_ok() }
+    })
+    .await;
+    let decided = voters.topology("a").await.unwrap();
+    assert_eq!(decided.ring.members["d"].lifecycle, Lifecycle::Joining);
+    for (_, node) in std::mem::take(&mut voters.nodes) {
+        assert!(node.terminate(), "a graceful stop");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_voters_of_this_controller_speak_its_raft() {
+    let pki = Pki::new();
+    let tls = pki.node("solo");
+    let key = pki.cluster_key();
+    let node = TestNode::start(move |c| {
+        c.node_name = "solo".into();
+        c.tls = Some(tls);
+        c.cluster.key_file = Some(key);
+    })
+    .await;
+    let addr = node.addr();
+    let raft = |subject: &str, from: &str, cluster: &str, voters: &[&str]| {
+        let options = pki.client_options(subject, &addr);
+        let message = RaftMessage {
+            kind: "vote".into(),
+            from: from.into(),
+            body: b"{}".to_vec().into(),
+            cluster: cluster.into(),
+            voters: voters.iter().map(|v| v.to_string()).collect(),
+        };
+        async move {
+            let channel = goutube::client::channel(&options).await.unwrap();
+            ControllerClient::new(channel)
+                .raft(message)
+                .await
+                .unwrap_err()
+        }
+    };
+    let cluster = node.node.config().cluster.name.clone();
+    let cases = [
+        // A client certificate cannot speak for a voter.
+        (
+            "root",
+            "solo",
+            cluster.as_str(),
+            &["solo"][..],
+            Code::PermissionDenied,
+        ),
+        // A node certificate speaks for its own node only.
+        (
+            "node:other",
+            "solo",
+            &cluster,
+            &["solo"],
+            Code::PermissionDenied,
+        ),
+        // Another cluster's controller.
+        (
+            "node:solo",
+            "solo",
+            "elsewhere",
+            &["solo"],
+            Code::FailedPrecondition,
+        ),
+        // A node that names other voters.
+        (
+            "node:solo",
+            "solo",
+            &cluster,
+            &["solo", "x", "y"],
+            Code::FailedPrecondition,
+        ),
+        // Not a voter of this controller.
+        ("node:z", "z", &cluster, &["solo"], Code::PermissionDenied),
+    ];
+    for (subject, from, cluster, voters, code) in cases {
+        let status = raft(subject, from, cluster, voters).await;
+        assert_eq!(status.code(), code, "{subject} as {from}: {status:?}");
+    }
+    let named = raft("node:solo", "solo", &cluster, &["solo", "x", "y"]).await;
+    assert!(
+        named.message().contains("controller.voters differ"),
+        "{}",
+        named.message()
+    );
+    // A proposal needs a node certificate.
+    let mut client = ControllerClient::new(
+        goutube::client::channel(&pki.client_options("root", &addr))
+            .await
+            .unwrap(),
+    );
+    let refused = client
+        .propose(ProposeRequest {
+            command: serde_json::to_vec(&join("x")).unwrap().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    node.shutdown().await;
+}
