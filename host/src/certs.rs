@@ -11,8 +11,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-/// Prefix of the common name of node certificates (the default policy lets `node:*` replicate).
-pub const NODE_PREFIX: &str = "node:";
+pub use crate::net::NODE_PREFIX;
 
 /// Why certificates could not be made or written.
 #[derive(Debug, thiserror::Error)]

@@ -43,6 +43,46 @@ pub enum ClientCertificates {
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Prefix of the common name of node certificates (`node:<name>`; the default policy lets
+/// `node:*` replicate).
+pub const NODE_PREFIX: &str = "node:";
+
+/// With TLS, a peer's certificate must name the node it says it is (`node:<name>`, as gossip
+/// knows it): a certificate of the CA is not enough to speak for another member.
+pub fn check_identity(subject: &str, claimed: &str, tls: bool) -> Result<(), IdentityError> {
+    if !tls || subject == format!("{}{claimed}", NODE_PREFIX) {
+        return Ok(());
+    }
+    Err(IdentityError::Certificate {
+        subject: crate::text::bounded(subject),
+        claimed: crate::text::bounded(claimed),
+    })
+}
+
+/// A member is not the node it says it is, or not the one dialed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// With TLS, a certificate speaks only for the node it names (`node:<name>`).
+    #[error("the certificate of {subject} does not name node {claimed}")]
+    Certificate {
+        /// The certificate's subject (bounded).
+        subject: String,
+        /// The node it claimed to be (bounded).
+        claimed: String,
+    },
+    /// The member at an address is another node than the one the view places there.
+    #[error("{address} is node {found}, not {expected}")]
+    WrongNode {
+        /// The address dialed.
+        address: String,
+        /// The node found there (bounded).
+        found: String,
+        /// The node expected there.
+        expected: String,
+    },
+}
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {

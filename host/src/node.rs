@@ -252,19 +252,8 @@ impl Node {
             lifetime.subsystem(),
         )
         .await?;
-        let plugins = Arc::new(plugins);
-        let services = Services {
-            access: Arc::new(Access::new(
-                plugins.clone(),
-                Duration::from_millis(config.plugins.decision_cache_ms),
-            )),
-            placement: Arc::new(Placement::new(plugins.clone(), cluster.membership())),
-            signer,
-            rpc_addr: addresses.rpc,
-            config: Arc::new(config),
-            plugins,
-            lifetime,
-        };
+        let membership = cluster.membership();
+        let services = Services::new(config, plugins, membership, signer, addresses.rpc, lifetime);
         let controller = start_controller(&services.config, cluster.membership()).await?;
         let controller_service = controller
             .clone()

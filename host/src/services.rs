@@ -9,10 +9,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Access;
+use crate::cluster::Membership;
 use crate::config::Config;
 use crate::placement::Placement;
 use crate::plugins::Plugins;
@@ -35,6 +38,33 @@ pub struct Services {
     pub rpc_addr: SocketAddr,
     /// When to stop.
     pub lifetime: Lifetime,
+}
+
+impl Services {
+    /// The services of a node with `config` and `plugins`, whose placement follows
+    /// `membership`.
+    pub fn new(
+        config: Config,
+        plugins: Plugins,
+        membership: watch::Receiver<Arc<Membership>>,
+        signer: Arc<UrlSigner>,
+        rpc_addr: SocketAddr,
+        lifetime: Lifetime,
+    ) -> Self {
+        let plugins = Arc::new(plugins);
+        Services {
+            access: Arc::new(Access::new(
+                plugins.clone(),
+                Duration::from_millis(config.plugins.decision_cache_ms),
+            )),
+            placement: Arc::new(Placement::new(plugins.clone(), membership)),
+            signer,
+            rpc_addr,
+            config: Arc::new(config),
+            plugins,
+            lifetime,
+        }
+    }
 }
 
 /// The node's cancellation root and the two moments of its shutdown.

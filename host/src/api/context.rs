@@ -69,7 +69,7 @@ impl Context {
     /// Whether the connection's certificate names a live balancer member.
     fn is_balancer_connection(&self, peer: &PeerInfo) -> bool {
         peer.subject
-            .strip_prefix(crate::certs::NODE_PREFIX)
+            .strip_prefix(crate::net::NODE_PREFIX)
             .and_then(|name| {
                 self.services
                     .placement

@@ -8,11 +8,12 @@
 //!
 //! The shared parts are their own files — [`harness`] (server processes and `/proc`), [`stats`]
 //! (medians, spreads, ratio rows), [`workload`] (frames, produce/consume loops, the machine's
-//! ceilings), [`baseline`] — and each scenario beyond streaming has one (`cluster`, `download`,
+//! ceilings), [`baseline`] — and each scenario beyond streaming has one (`cluster`, `controller`, `download`,
 //! `http`, `replication`, `reshard`); they all stand on the shared parts through this module.
 
 mod baseline;
 mod cluster;
+mod controller;
 mod download;
 mod harness;
 mod http;
@@ -107,6 +108,16 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The controller: commit latency of a topology step on three voters (against a synced
+    /// write, the disk's ceiling) and the time to a new leader after a `kill -9` of the leader.
+    Controller {
+        /// Topology steps proposed, one at a time.
+        #[arg(long, default_value_t = 200)]
+        proposals: usize,
+        /// Kills of the leader.
+        #[arg(long, default_value_t = 30)]
+        trials: usize,
+    },
     /// The HTTP gateway against gRPC consume of the same point in the same run: reading it
     /// whole, and many clients reading random 1 MiB ranges (time to first byte, throughput).
     Http {
@@ -182,6 +193,9 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             rounds,
         } => reshard::run(mib.max(1), points.max(1), rounds.max(1)).await,
         Bench::Cluster { sizes, rounds } => cluster::run(&sizes, rounds.max(1)).await,
+        Bench::Controller { proposals, trials } => {
+            controller::run(proposals.max(1), trials.max(1)).await
+        }
         Bench::Http {
             mib,
             rounds,

@@ -336,14 +336,14 @@ async fn command(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// The node's log filter: `log.level`, with openraft's own records at `error` unless the level
-/// names openraft (it logs every heartbeat to a voter that is down as a warning; the
-/// controller logs its decisions, and `goutube members` shows who leads).
+/// The node's log filter: `log.level`, with openraft's own records off unless the level names
+/// openraft (it logs every retry to a voter that is down, several a second, as an error). The
+/// controller logs its decisions and its storage failures itself; its status says who leads.
 fn log_filter(level: &str) -> String {
     if level.contains("openraft") {
         level.to_owned()
     } else {
-        format!("{level},openraft=error")
+        format!("{level},openraft=off")
     }
 }
 

@@ -1,13 +1,18 @@
 //! Node configuration: built-in defaults < TOML file (`--config`) < `GOUTUBE_…` environment.
 //!
-//! The root [`Config`] composes the sections that live beside their owners (`[cluster]` in
-//! `cluster`, `[plugins]` in `plugins`, `[tls]` in `tls`) and validates each.
+//! The root [`Config`] composes the sections and validates each. A section lives beside its
+//! owner when that owner is a layer below the configuration (`[cluster]` in `cluster`,
+//! `[plugins]` in `plugins`, `[tls]` in `tls`); the sections of owners above it live here
+//! (`[http]`, `[controller]`, `[storage]`, `[replication]`, `[reshard]`), so the configuration
+//! imports nothing above it.
 //!
 //! Nested keys use `__` in the environment (`GOUTUBE_STORAGE__FSYNC=never`). Variables named
 //! `GOUTUBE_CLIENT_…` belong to the command-line client and are not node configuration. Unknown
 //! keys are errors, and [`Config::validate`] runs right after extraction and names the key at
 //! fault. Every key is listed in `docs/config.md`.
 
+mod controller;
+mod http;
 pub mod key;
 
 use std::collections::BTreeMap;
@@ -21,11 +26,11 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::cluster::{ClusterSection, Role};
 use crate::config::key::InvalidKey;
-pub use crate::controller::ControllerSection;
-pub use crate::http::HttpSection;
 pub use crate::plugins::{PluginSection, PluginsSection};
 use crate::point::{Fsync, StoreConfig};
 pub use crate::tls::{PeerTlsSection, TlsSection};
+pub use controller::ControllerSection;
+pub use http::HttpSection;
 
 /// The node's configuration (`docs/config.md`): defaults < TOML < `GOUTUBE_…` environment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -24,6 +24,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
 
+use super::files::{read_json, replace, sync_dir};
 use super::raft::{NodeId, TypeConfig};
 
 const LOG_FILE: &str = "log";
@@ -248,31 +249,6 @@ fn decode(bytes: &[u8]) -> Option<(Record, usize)> {
     }
     let record = serde_json::from_slice(json).ok()?;
     Some((record, 8 + length))
-}
-
-/// Replaces `path` with `bytes` atomically and durably.
-pub(super) fn replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let temporary = path.with_extension("tmp");
-    let mut file = File::create(&temporary)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// The JSON value in `path`, or `None` if there is no such file.
-pub(super) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(error),
-    }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 fn write_error(error: io::Error) -> StorageError<NodeId> {

@@ -8,6 +8,7 @@
 //! | [`state`] | the state machine: [`Topology`] and `apply` as a pure function |
 //! | `raft.rs` | openraft's types and the state machine store (snapshots, the watch) |
 //! | `log.rs` | the durable Raft log, vote and committed index |
+//! | `files.rs` | small files replaced whole, atomically and durably |
 //! | `network.rs` | Raft messages and proposals to other voters, over gRPC with node certificates |
 //! | `service.rs` | the `goutube.controller.v1` service every voter serves on its API port |
 //!
@@ -16,19 +17,19 @@
 //! [`Controller::topology`] watches the committed state, [`Controller::status`] says who leads.
 
 mod command;
+mod files;
 mod log;
 mod network;
 mod raft;
 mod service;
 pub mod state;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use command::{Applied, Command, Rejected};
@@ -37,87 +38,10 @@ pub use state::{Group, Topology};
 
 use crate::client::ClientTls;
 use crate::cluster::Membership;
-use crate::config::key::InvalidKey;
+use crate::config::ControllerSection;
 use crate::proto::controller::ProposeRequest;
 use network::{Network, Peers};
 use raft::{Machine, Raft, Voter, node_id};
-
-/// The `[controller]` section.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ControllerSection {
-    /// The voters, by node name: 1, 3 or 5 primaries, the same list on every node. Empty: a
-    /// standalone node is its own single voter.
-    pub voters: Vec<String>,
-    /// How often the controller leader tells the voters it is alive.
-    pub heartbeat_ms: u64,
-    /// A voter that hears no leader for this long (at random up to twice as long) stands for
-    /// election.
-    pub election_timeout_ms: u64,
-    /// How long a proposal waits for its commit before it fails `Unavailable` (no quorum).
-    pub propose_timeout_ms: u64,
-}
-
-impl Default for ControllerSection {
-    fn default() -> Self {
-        ControllerSection {
-            voters: Vec::new(),
-            heartbeat_ms: 100,
-            election_timeout_ms: 500,
-            propose_timeout_ms: 5_000,
-        }
-    }
-}
-
-impl ControllerSection {
-    /// Checks what serde cannot; errors name the key.
-    pub fn validate(&self) -> Result<(), InvalidKey> {
-        let distinct: BTreeSet<&String> = self.voters.iter().collect();
-        if distinct.len() != self.voters.len() {
-            return Err(InvalidKey::new(
-                "controller.voters",
-                "a voter is named twice",
-            ));
-        }
-        if !matches!(self.voters.len(), 0 | 1 | 3 | 5) {
-            return Err(InvalidKey::new(
-                "controller.voters",
-                format!(
-                    "{} voters: name 1, 3 or 5 primaries (an even number tolerates no more \
-                     failures than one fewer)",
-                    self.voters.len()
-                ),
-            ));
-        }
-        if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
-            return Err(InvalidKey::new(
-                "controller.election_timeout_ms",
-                "must be at least three heartbeats (controller.heartbeat_ms)",
-            ));
-        }
-        if self.propose_timeout_ms < self.election_timeout_ms {
-            return Err(InvalidKey::new(
-                "controller.propose_timeout_ms",
-                "must be at least controller.election_timeout_ms",
-            ));
-        }
-        Ok(())
-    }
-
-    /// The voters of a node called `local`: the configured ones, or the node alone when none
-    /// are named and it is a standalone node. `None`: this node has no controller of its own.
-    pub fn voters_of(&self, local: &str, standalone: bool) -> Option<Vec<String>> {
-        let mut voters = self.voters.clone();
-        if voters.is_empty() {
-            if !standalone {
-                return None;
-            }
-            voters.push(local.to_owned());
-        }
-        voters.sort();
-        Some(voters)
-    }
-}
 
 /// Why the controller could not start.
 #[derive(Debug, thiserror::Error)]
@@ -240,12 +164,17 @@ impl Controller {
             .iter()
             .map(|name| (node_id(name), Voter { name: name.clone() }))
             .collect();
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!(?voters, "controller: formed"),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
-                tracing::debug!("controller: formed before");
+        let formed = raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if !formed {
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(?voters, "controller: formed"),
+                // Another voter's formation reached this one first.
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(error) => return Err(StartError::Raft(error.to_string())),
             }
-            Err(error) => return Err(StartError::Raft(error.to_string())),
         }
         Ok(Controller {
             raft,
@@ -339,5 +268,68 @@ impl Controller {
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "controller: did not stop cleanly");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Role};
+
+    fn section(voters: &[&str]) -> ControllerSection {
+        ControllerSection {
+            voters: voters.iter().map(|v| (*v).to_owned()).collect(),
+            ..ControllerSection::default()
+        }
+    }
+
+    #[test]
+    fn bad_voter_lists_are_refused_naming_the_key() {
+        let refused = [
+            (&["a", "b"][..], "2 voters"),
+            (&["a", "b", "c", "d"], "4 voters"),
+            (&["a", "b", "c", "d", "e", "f", "g"], "7 voters"),
+            (&["a", "a", "b"], "named twice"),
+        ];
+        for (voters, says) in refused {
+            let error = section(voters).validate().unwrap_err();
+            assert_eq!(error.key, "controller.voters", "{voters:?}");
+            assert!(error.message.contains(says), "{voters:?}: {error}");
+        }
+        for voters in [
+            &[][..],
+            &["a"],
+            &["a", "b", "c"],
+            &["a", "b", "c", "d", "e"],
+        ] {
+            section(voters).validate().unwrap();
+        }
+        let mut config = Config {
+            node_name: "f".into(),
+            role: Role::Balancer,
+            controller: section(&["f", "b", "c"]),
+            ..Config::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("controller.voters") && error.contains("f is a balancer"),
+            "{error}"
+        );
+        config.role = Role::Leader;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_standalone_node_is_its_own_voter_and_a_cluster_node_is_named() {
+        assert_eq!(
+            section(&[]).voters_of("solo", true),
+            Some(vec!["solo".into()])
+        );
+        assert_eq!(section(&[]).voters_of("a", false), None);
+        assert_eq!(
+            section(&["c", "a", "b"]).voters_of("a", false),
+            Some(vec!["a".into(), "b".into(), "c".into()]),
+            "sorted: every node sends the same list"
+        );
     }
 }

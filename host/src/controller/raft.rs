@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::command::{Applied, Command, Rejected};
-use super::log::{read_json, replace};
+use super::files::{read_json, replace};
 use super::state::Topology;
 
 /// A voter's Raft id: derived from its node name, the same on every node.

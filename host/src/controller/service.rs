@@ -11,13 +11,11 @@ use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
 use super::{Controller, ProposeError};
-use crate::certs::NODE_PREFIX;
-use crate::net::PeerInfo;
+use crate::net::{NODE_PREFIX, PeerInfo, check_identity};
 use crate::proto::controller::controller_server;
 use crate::proto::controller::{
     ProposeRequest, ProposeResponse, RaftMessage, StatusRequest, StatusResponse,
 };
-use crate::replication::check_identity;
 
 /// The service of one voter.
 pub struct ControllerService {

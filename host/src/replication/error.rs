@@ -79,7 +79,7 @@ pub(crate) enum LinkError {
     /// The member's certificate, or its answer, names another node than the one dialed or
     /// claimed.
     #[error(transparent)]
-    Identity(#[from] IdentityError),
+    Identity(#[from] crate::net::IdentityError),
     /// The connection went during a call: the next call dials again.
     #[error("{call} on {peer}: the connection was lost ({source})")]
     Disconnected {
@@ -147,30 +147,6 @@ impl LinkError {
                 | LinkError::Closed { .. }
         )
     }
-}
-
-/// A member is not the node it says it is, or not the one dialed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub(crate) enum IdentityError {
-    /// With TLS, a certificate speaks only for the node it names (`node:<name>`).
-    #[error("the certificate of {subject} does not name node {claimed}")]
-    Certificate {
-        /// The certificate's subject (bounded).
-        subject: String,
-        /// The node it claimed to be (bounded).
-        claimed: String,
-    },
-    /// The member at an address is another node than the one the view places there.
-    #[error("{address} is node {found}, not {expected}")]
-    WrongNode {
-        /// The address dialed.
-        address: String,
-        /// The node found there (bounded).
-        found: String,
-        /// The node expected there.
-        expected: String,
-    },
 }
 
 /// Why the new owner of a handover refuses a step.
@@ -385,7 +361,7 @@ pub(crate) enum FollowRefusal {
     Denied(#[from] Denied),
     /// Its certificate names another node.
     #[error(transparent)]
-    Identity(#[from] IdentityError),
+    Identity(#[from] crate::net::IdentityError),
     /// It speaks another protocol version.
     #[error(
         "follower {follower} speaks replication protocol {theirs}, this leader {ours}: run the same release on both"

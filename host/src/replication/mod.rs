@@ -64,9 +64,10 @@ use crate::metrics;
 use crate::net::PeerInfo;
 use crate::point::{PointId, Store};
 
+use crate::net::check_identity;
 use crate::service::{Handle, Service};
 use crate::services::Services;
-use error::{IdentityError, LinkError};
+use error::LinkError;
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
 /// a leader refuses followers that speak another (docs/replication.md).
@@ -168,18 +169,6 @@ pub(crate) fn start(
         runtime.shutdown_timeout(grace);
     })?;
     Ok(Some(service.handle()))
-}
-
-/// With TLS, a peer's certificate must name the node it says it is (`node:<name>`, as gossip
-/// knows it): a certificate of the CA is not enough to speak for another member.
-pub(crate) fn check_identity(subject: &str, claimed: &str, tls: bool) -> Result<(), IdentityError> {
-    if !tls || subject == format!("{}{claimed}", crate::certs::NODE_PREFIX) {
-        return Ok(());
-    }
-    Err(IdentityError::Certificate {
-        subject: crate::text::bounded(subject),
-        claimed: crate::text::bounded(claimed),
-    })
 }
 
 /// What followers have confirmed, shared with the rest of the node.

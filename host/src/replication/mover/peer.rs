@@ -13,8 +13,9 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::net::IdentityError;
 use crate::point::PointId;
-use crate::replication::error::{IdentityError, LinkError, MoveError};
+use crate::replication::error::{LinkError, MoveError};
 use crate::replication::replication_capnp::{leader, sealed};
 use crate::replication::replicator::{Ended, Replicator, ScopeChange, supervised};
 use crate::replication::{Context, Progress, dial};
