@@ -258,3 +258,76 @@ fn write_error(error: io::Error) -> StorageError<NodeId> {
 fn read_error(error: io::Error) -> StorageError<NodeId> {
     StorageIOError::read(&error).into()
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 7), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(store: &LogStore) -> Vec<u64> {
+        store.held.lock().unwrap().entries.keys().copied().collect()
+    }
+
+    /// A crash can leave the last record cut short or its bytes damaged: the log ends at the
+    /// last good record (never acknowledged past it), and the file is cut there.
+    #[test]
+    fn a_torn_or_damaged_tail_ends_the_log_at_the_last_good_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG_FILE);
+        let mut good = Vec::new();
+        for index in 1..=3 {
+            encode(&Record::Entry(entry(index)), &mut good).unwrap();
+        }
+        let mut fourth = Vec::new();
+        encode(&Record::Entry(entry(4)), &mut fourth).unwrap();
+        let cases: [(&str, Vec<u8>); 3] = [
+            ("cut short", fourth[..fourth.len() - 3].to_vec()),
+            ("a damaged byte", {
+                let mut damaged = fourth.clone();
+                let last = damaged.len() - 2;
+                damaged[last] ^= 0x40;
+                damaged
+            }),
+            ("a header only", fourth[..6].to_vec()),
+        ];
+        for (what, tail) in cases {
+            std::fs::write(&path, [good.as_slice(), tail.as_slice()].concat()).unwrap();
+            let store = LogStore::open(dir.path()).unwrap();
+            assert_eq!(indexes(&store), [1, 2, 3], "{what}");
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                good.len() as u64,
+                "{what}: the file is cut at the good part"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn truncation_and_purge_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        for index in 1..=6 {
+            encode(&Record::Entry(entry(index)), &mut bytes).unwrap();
+        }
+        std::fs::write(dir.path().join(LOG_FILE), bytes).unwrap();
+        let mut store = LogStore::open(dir.path()).unwrap();
+        store.truncate(entry(5).log_id).await.unwrap();
+        store.purge(entry(2).log_id).await.unwrap();
+        assert_eq!(indexes(&store), [3, 4]);
+        let mut reopened = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&reopened), [3, 4]);
+        let state = reopened.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(entry(2).log_id));
+        assert_eq!(state.last_log_id, Some(entry(4).log_id));
+        let read = reopened.try_get_log_entries(3..5).await.unwrap();
+        assert_eq!(read.len(), 2);
+    }
+}
