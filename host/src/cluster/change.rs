@@ -18,6 +18,16 @@ pub enum Change {
     Join(String),
 }
 
+impl std::fmt::Display for Change {
+    /// How a refusal names the change: `member b is draining`, `member d is joining`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Drain(member) => write!(f, "member {member} is draining"),
+            Change::Join(member) => write!(f, "member {member} is joining"),
+        }
+    }
+}
+
 impl Change {
     /// The member the change is about.
     pub fn member(&self) -> &str {

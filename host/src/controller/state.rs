@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, Command, Rejected};
+use crate::cluster::change::{Change, Pending, pending};
 use crate::cluster::ring::{Ring, RingMember};
 use crate::cluster::{Handed, Lifecycle};
 
@@ -88,17 +89,10 @@ impl Topology {
         })
     }
 
-    /// The change of the ring under way, in words, if any: a drain, a join, or a takeover of a
-    /// forgotten member whose followers have not all announced it done.
+    /// The change of the ring under way, in words, if any: a drain, else the first join (the
+    /// order every node sees, `cluster::change::pending`).
     pub fn change_under_way(&self) -> Option<String> {
-        self.ring.members.iter().find_map(|(name, member)| {
-            let what = match member.lifecycle {
-                Lifecycle::Leaving => "is draining",
-                Lifecycle::Joining => "is joining",
-                _ => return None,
-            };
-            Some(format!("member {name} {what}"))
-        })
+        pending(&self.ring).map(|pending| pending.change.to_string())
     }
 
     fn form(
@@ -233,32 +227,20 @@ impl Topology {
         Ok(true)
     }
 
-    /// Every owner of the ring has announced that it handed `joining` its points, for the ring
-    /// the join leads to (the first of several joining members goes first, as
-    /// `cluster::change::pending` orders them).
+    /// `joining` is the pending change (`cluster::change::pending`: drains first, then the
+    /// joining member whose name sorts first), and every owner of the ring has announced that
+    /// it handed it its points for the ring the join leads to.
     fn check_handed(&self, joining: &str) -> Result<(), Rejected> {
-        let first = self
-            .ring
-            .members
-            .iter()
-            .find(|(_, m)| m.lifecycle == Lifecycle::Joining)
-            .map(|(name, _)| name.as_str());
-        if first != Some(joining)
-            || self
-                .ring
-                .members
-                .values()
-                .any(|m| m.lifecycle == Lifecycle::Leaving)
-        {
-            return Err(Rejected::ChangeUnderWay(
-                self.change_under_way().unwrap_or_default(),
-            ));
-        }
-        let mut target = self.ring.clone();
-        if let Some(member) = target.members.get_mut(joining) {
-            member.lifecycle = Lifecycle::Active;
-        }
-        let version = target.version();
+        let version = match pending(&self.ring) {
+            Some(Pending {
+                change: Change::Join(first),
+                target,
+            }) if first == joining => target.version(),
+            other => {
+                let change = other.map(|pending| pending.change.to_string());
+                return Err(Rejected::ChangeUnderWay(change.unwrap_or_default()));
+            }
+        };
         for (owner, _) in self.ring.owners() {
             let done = matches!(
                 self.handed.get(owner),

@@ -31,7 +31,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::Change;
 use crate::cluster::{Leader, Lifecycle, Member, Membership};
 use crate::config::{Config, Role};
 use crate::metrics;
@@ -340,12 +339,8 @@ impl Gate {
             self.placement.pending_owner(point.as_str()).await?
             && owner != self.node
         {
-            let change = match change {
-                Change::Drain(member) => format!("member {member} is draining"),
-                Change::Join(member) => format!("member {member} is joining"),
-            };
             return Err(Refusal::Changing {
-                change,
+                change: change.to_string(),
                 point: point.to_string(),
                 owner,
             });
