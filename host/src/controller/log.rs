@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -59,44 +59,40 @@ impl LogStore {
     /// Opens (or creates) the log in `dir`, dropping a torn tail.
     pub(super) fn open(dir: &Path) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(LOG_FILE);
-        let mut held = Held::default();
-        let mut good = 0;
-        if let Ok(mut file) = File::open(&path) {
-            let mut bytes = Vec::new();
-            file.read_to_end(&mut bytes)?;
-            while let Some((record, next)) = decode(&bytes[good..]) {
-                good += next;
-                match record {
-                    Record::Purged(id) => {
-                        held.entries.retain(|index, _| *index > id.index);
-                        held.purged = Some(id);
-                    }
-                    Record::Entry(entry) => {
-                        held.entries.split_off(&entry.log_id.index);
-                        held.entries.insert(entry.log_id.index, entry);
-                    }
-                }
-            }
-            if good < bytes.len() {
-                tracing::warn!(
-                    kept = good,
-                    dropped = bytes.len() - good,
-                    "the controller log ends in a record cut short by a crash: dropped"
-                );
-            }
-        }
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .read(true)
             .write(true)
             .truncate(false)
-            .open(&path)?;
-        file.set_len(good as u64)?;
-        file.sync_all()?;
+            .open(dir.join(LOG_FILE))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let mut held = Held::default();
+        let mut good = 0;
+        while let Some((record, next)) = decode(&bytes[good..]) {
+            good += next;
+            match record {
+                Record::Purged(id) => {
+                    held.entries.retain(|index, _| *index > id.index);
+                    held.purged = Some(id);
+                }
+                Record::Entry(entry) => {
+                    held.entries.split_off(&entry.log_id.index);
+                    held.entries.insert(entry.log_id.index, entry);
+                }
+            }
+        }
+        if good < bytes.len() {
+            tracing::warn!(
+                kept = good,
+                dropped = bytes.len() - good,
+                "the controller log ends in a record cut short by a crash: dropped"
+            );
+            file.set_len(good as u64)?;
+            file.sync_all()?;
+        }
         sync_dir(dir)?;
-        let mut file = file;
-        std::io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
+        file.seek(io::SeekFrom::Start(good as u64))?;
         Ok(LogStore {
             dir: dir.to_owned(),
             held: Arc::new(Mutex::new(held)),
@@ -116,7 +112,7 @@ impl LogStore {
         let path = self.dir.join(LOG_FILE);
         replace(&path, &bytes)?;
         let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
-        std::io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
+        file.seek(io::SeekFrom::End(0))?;
         *self.file.lock().expect("poisoned") = file;
         Ok(())
     }
@@ -200,18 +196,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let written = {
             let mut file = self.file.lock().expect("poisoned");
-            file.write_all(&bytes).and_then(|()| file.sync_data())
+            let end = file.stream_position().map_err(write_error)?;
+            let written = file.write_all(&bytes).and_then(|()| file.sync_data());
+            if written.is_err() {
+                // A part of the records may be in the file: cut it off, or the next append would
+                // land behind it and be lost at the next start, which stops at a torn record.
+                file.set_len(end)
+                    .and_then(|()| file.seek(io::SeekFrom::Start(end)).map(drop))
+                    .map_err(write_error)?;
+            }
+            written
         };
-        if let Err(error) = &written {
+        if let Err(error) = written {
             tracing::error!(%error, "the controller log could not be written");
+            callback.log_io_completed(Err(io::Error::new(error.kind(), error.to_string())));
+            return Err(write_error(error));
         }
         let mut held = self.held.lock().expect("poisoned");
-        if written.is_ok() {
-            for entry in appended {
-                held.entries.insert(entry.log_id.index, entry);
-            }
+        for entry in appended {
+            held.entries.insert(entry.log_id.index, entry);
         }
-        callback.log_io_completed(written);
+        callback.log_io_completed(Ok(()));
         Ok(())
     }
 

@@ -130,7 +130,6 @@ impl controller_server::Controller for ControllerService {
             voters: status.voters,
             leader: status.leader.unwrap_or_default(),
             term: status.term,
-            committed: status.committed,
             applied: status.applied,
             topology: encode(&*topology)?.into(),
         }))
