@@ -18,6 +18,7 @@ use crate::balancer::BalancerService;
 use crate::client::{ClientTls, Pool};
 use crate::cluster::{self, Cluster, Membership, gossip};
 use crate::config::{Config, Role};
+use crate::controller::agent::{self, Agent};
 use crate::controller::{Controller, ControllerService};
 use crate::http::gateway::Gateway;
 use crate::placement::Placement;
@@ -188,8 +189,8 @@ pub struct Node {
     /// What a storage node's handlers share; a balancer has none.
     context: Option<Arc<Context>>,
     cluster: Cluster,
-    /// The controller, on a voter.
-    controller: Option<Controller>,
+    /// The controller's agent (and, on a voter, its Raft node).
+    agent: Agent,
     api: Handle,
     gateway: Handle,
     metrics: Handle,
@@ -244,20 +245,32 @@ impl Node {
         let signer = Arc::new(url_signer(&config, &addresses)?);
         let lifetime = Lifetime::new();
         let (leader, following) = watch::channel(None);
+        let (links, controlled, observer) = agent::links();
         let cluster = start_cluster(
             &config,
             &addresses,
             listeners.gossip,
-            following.clone(),
+            (following.clone(), controlled),
             lifetime.subsystem(),
         )
         .await?;
         let membership = cluster.membership();
-        let services = Services::new(config, plugins, membership, signer, addresses.rpc, lifetime);
-        let controller = start_controller(&services.config, cluster.membership()).await?;
-        let controller_service = controller
-            .clone()
-            .map(|controller| ControllerService::new(controller, tls.api.is_some()).server());
+        let services = Services::new(
+            config,
+            plugins,
+            membership,
+            signer,
+            addresses.rpc,
+            observer,
+            lifetime,
+        );
+        let agent = start_agent(&services, store.clone(), links, cluster.membership()).await?;
+        // Only a primary may be a voter: the others call the voters, and serve no controller.
+        let controller_service = services
+            .config
+            .role
+            .is_primary()
+            .then(|| ControllerService::new(agent.controller(), tls.api.is_some()).server());
         let ready = ring_formed(cluster.membership());
         let shutdown = services.lifetime.shutdown.clone();
         let max_frame = services.config.max_frame_size;
@@ -316,7 +329,7 @@ impl Node {
             services,
             context,
             cluster,
-            controller,
+            agent,
             api,
             gateway,
             metrics,
@@ -391,9 +404,14 @@ impl Node {
         self.context.as_ref().map(|context| &context.gate)
     }
 
-    /// The controller, on a voter.
-    pub fn controller(&self) -> Option<&Controller> {
-        self.controller.as_ref()
+    /// The controller, on a voter once started.
+    pub fn controller(&self) -> Option<Controller> {
+        self.agent.controller().borrow().clone()
+    }
+
+    /// The controller as this node sees it (`None` before it knows).
+    pub fn controller_status(&self) -> Option<crate::controller::Status> {
+        self.agent.status()
     }
 
     /// The newest membership, always.
@@ -409,6 +427,7 @@ impl Node {
             ("gateway", self.gateway.terminated().boxed()),
             ("metrics", self.metrics.terminated().boxed()),
             ("membership", self.cluster.terminated().boxed()),
+            ("controller", self.agent.terminated().boxed()),
         ];
         if let Some(replication) = &self.replication {
             watched.push(("replication", replication.terminated().boxed()));
@@ -478,9 +497,7 @@ impl Node {
             Some(context) => context.store.close().await,
             None => Ok(()),
         };
-        if let Some(controller) = &self.controller {
-            controller.shutdown().await;
-        }
+        outcome = outcome.and(self.agent.shutdown().await);
         outcome = outcome.and(self.cluster.shutdown().await);
         tracing::info!(node = %name, "stopped");
         closed?;
@@ -488,30 +505,31 @@ impl Node {
     }
 }
 
-/// Starts the controller if this node is one of its voters (`controller.voters`; a standalone
-/// node with none named is its own single voter). Its files are in `<data_dir>/controller/`.
-async fn start_controller(
-    config: &Config,
+/// Starts the controller's agent: on a voter (`controller.voters`, else the ring's founders: a
+/// lone node is its own voter) its Raft node starts on the files in `<data_dir>/controller/`,
+/// now if the voters are known, else once the ring is formed.
+async fn start_agent(
+    services: &Services,
+    store: Option<Store>,
+    links: agent::Links,
     membership: watch::Receiver<Arc<Membership>>,
-) -> Result<Option<Controller>, StartError> {
-    let standalone = config.role == Role::Standalone;
-    let Some(voters) = config.controller.voters_of(&config.node_name, standalone) else {
-        return Ok(None);
+) -> Result<Agent, StartError> {
+    let config = &services.config;
+    let settle = if config.seed_addresses.is_empty() && config.cluster.bootstrap_expect == 1 {
+        Duration::ZERO
+    } else {
+        config.cluster.gossip_interval() * 3
     };
-    if !voters.contains(&config.node_name) {
-        return Ok(None);
-    }
-    let controller = Controller::start(
-        &config.controller,
-        &config.node_name,
-        &config.cluster.name,
-        voters,
-        &config.data_dir.join("controller"),
-        membership,
-        balancer_identity(config),
-    )
-    .await?;
-    Ok(Some(controller))
+    let params = agent::Params {
+        section: config.controller.clone(),
+        local: config.node_name.clone(),
+        cluster: config.cluster.name.clone(),
+        dir: config.data_dir.join("controller"),
+        tls: balancer_identity(config),
+        settle,
+        store,
+    };
+    Ok(agent::start(params, links, membership, services.lifetime.subsystem()).await?)
 }
 
 /// Resolves once `membership` holds a formed ring: the node knows who owns what, and can
@@ -543,7 +561,10 @@ async fn start_cluster(
     config: &Config,
     addresses: &Addresses,
     socket: std::net::UdpSocket,
-    leader: watch::Receiver<Option<cluster::Leader>>,
+    (leader, controlled): (
+        watch::Receiver<Option<cluster::Leader>>,
+        cluster::Controlled,
+    ),
     token: CancellationToken,
 ) -> Result<Cluster, StartError> {
     let key = config.cluster.gossip_key()?;
@@ -568,6 +589,7 @@ async fn start_cluster(
             tags: config.tags.clone(),
         },
         leader,
+        controller: Some(controlled),
     };
     let network = gossip::Network::Udp { socket, key };
     Ok(cluster::start(params, network, token).await?)

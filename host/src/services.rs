@@ -1,7 +1,7 @@
 //! What every subsystem of one node shares, built once by [`crate::node`] and borrowed by each
 //! context (the API's, the HTTP gateway's, the balancer's, replication's): the configuration,
 //! the plugins and the doors in front of them (authorization, placement), the URL signer, this
-//! node's API address, and the node's lifetime.
+//! node's API address, the controller's status, and the node's lifetime.
 //!
 //! [`Lifetime`] is the node's one cancellation root: every token a subsystem stops on is a
 //! child of it, and shutdown cancels the children one by one in its order (stop accepting,
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access::Access;
 use crate::cluster::Membership;
 use crate::config::Config;
+use crate::controller::agent::Observer;
 use crate::placement::Placement;
 use crate::plugins::Plugins;
 use crate::signed_url::UrlSigner;
@@ -36,6 +37,8 @@ pub struct Services {
     pub signer: Arc<UrlSigner>,
     /// Where clients reach this node's API.
     pub rpc_addr: SocketAddr,
+    /// The controller as this node sees it.
+    pub controller: Observer,
     /// When to stop.
     pub lifetime: Lifetime,
 }
@@ -49,6 +52,7 @@ impl Services {
         membership: watch::Receiver<Arc<Membership>>,
         signer: Arc<UrlSigner>,
         rpc_addr: SocketAddr,
+        controller: Observer,
         lifetime: Lifetime,
     ) -> Self {
         let plugins = Arc::new(plugins);
@@ -60,6 +64,7 @@ impl Services {
             placement: Arc::new(Placement::new(plugins.clone(), membership)),
             signer,
             rpc_addr,
+            controller,
             config: Arc::new(config),
             plugins,
             lifetime,

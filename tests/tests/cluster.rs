@@ -566,6 +566,7 @@ async fn get_servers_answers_the_addresses_of_balancers() {
                 tags: Default::default(),
             },
             leader: following,
+            controller: None,
         },
         Network::Udp {
             socket: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),

@@ -58,11 +58,26 @@ async fn a_standalone_node_is_its_own_controller_and_keeps_its_decisions() {
         async move { controller.status().leader.as_deref() == Some("solo") }
     })
     .await;
-    let Applied::Changed { epoch: formed } = controller.propose(form(&["solo"])).await.unwrap()
-    else {
-        panic!("formation changes the state");
-    };
-    assert!(controller.topology().borrow().ring.is_formed());
+    // The node imports the ring it formed at start: the controller decides it from then on,
+    // and the node uses the committed ring.
+    eventually("the ring to be committed", || {
+        let controller = controller.clone();
+        async move {
+            let topology = controller.topology().borrow().clone();
+            topology
+                .ring
+                .members
+                .get("solo")
+                .is_some_and(|m| m.lifecycle == Lifecycle::Active)
+        }
+    })
+    .await;
+    let formed = controller.topology().borrow().ring_epoch;
+    assert!(formed > 0);
+    assert_eq!(
+        node.node.membership().borrow().ring,
+        controller.topology().borrow().ring
+    );
     // A rule of the state machine refuses, typed, and the state stays.
     let refused = controller.propose(form(&["other"])).await;
     assert!(
@@ -181,6 +196,18 @@ impl Voters {
         let status = self.status(name).await?;
         Some(serde_json::from_slice(&status.topology).unwrap())
     }
+
+    /// The topology of voter `name` once it holds the ring the voters formed, all three active
+    /// (imported by the controller from their gossip formation).
+    async fn formed(&self, name: &str) -> Topology {
+        eventually("the formed ring to be committed", || async move {
+            self.topology(name).await.is_some_and(|t| {
+                t.ring.owners().map(|(n, _)| n.as_str()).collect::<Vec<_>>() == ["a", "b", "c"]
+            })
+        })
+        .await;
+        self.topology(name).await.unwrap()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,14 +218,13 @@ async fn three_voters_decide_through_any_of_them_and_survive_a_kill_of_the_leade
     }
     let leader = voters.agreed_leader(&["a", "b", "c"]).await;
     let other = ["a", "b", "c"].into_iter().find(|n| *n != leader).unwrap();
+    let formed = voters.formed(other).await.ring_epoch;
     // Through a voter that does not lead: forwarded to the leader.
-    let Applied::Changed { epoch: formed } = voters
-        .propose(other, &form(&["a", "b", "c"]))
-        .await
-        .unwrap()
+    let Applied::Changed { epoch: decided } = voters.propose(other, &join("x")).await.unwrap()
     else {
-        panic!("formation changes the state");
+        panic!("a join changes the state");
     };
+    assert!(decided > formed);
     let term = voters.status(other).await.unwrap().term;
 
     // kill -9 the leader: the two others elect another and go on deciding.
@@ -217,19 +243,24 @@ async fn three_voters_decide_through_any_of_them_and_survive_a_kill_of_the_leade
     let Applied::Changed { epoch } = voters.propose(survivors[0], &join("d")).await.unwrap() else {
         panic!("a join changes the state");
     };
-    assert!(epoch > formed);
+    assert!(epoch > decided);
 
     // The killed voter returns and holds the same decisions.
     let leader: &'static str = ["a", "b", "c"].into_iter().find(|n| *n == leader).unwrap();
     voters.spawn(leader);
-    let decided = voters.topology(&next).await.unwrap();
+    // (It proposes its new addresses as it returns: compare with the leader's state now.)
     eventually("the returning voter to catch up", || {
-        let (voters, decided) = (&voters, decided.clone());
+        let voters = &voters;
+        let next = next.clone();
         async move {
-            voters
-                .topology(leader)
-                .await
-                .is_some_and(|t| t.ring == decided.ring && t.groups == decided.groups)
+            let (Some(there), Some(here)) =
+                (voters.topology(&next).await, voters.topology(leader).await)
+            else {
+                return false;
+            };
+            here.ring == there.ring
+                && here.groups == there.groups
+                && here.ring.members.contains_key("d")
         }
     })
     .await;
@@ -245,7 +276,7 @@ async fn without_a_quorum_decisions_wait_with_a_clear_status_until_a_voter_retur
         voters.spawn(name);
     }
     voters.agreed_leader(&["a", "b", "c"]).await;
-    voters.propose("a", &form(&["a", "b", "c"])).await.unwrap();
+    voters.formed("a").await;
     voters.nodes.remove("b").unwrap().kill();
     voters.nodes.remove("c").unwrap().kill();
     let asked = Instant::now();

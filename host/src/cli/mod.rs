@@ -492,6 +492,22 @@ fn print_members(members: &ListMembersResponse) {
     if !members.conflict.is_empty() {
         println!("CONFLICT: {}", members.conflict);
     }
+    match &members.controller {
+        None => println!("controller not known yet"),
+        Some(controller) => {
+            let leader = match controller.leader.as_str() {
+                "" => "NO LEADER (no quorum: topology changes wait)",
+                leader => leader,
+            };
+            println!(
+                "controller: voters {} · leader {leader} · term {} · applied {} · ring epoch {}",
+                controller.voters.join(","),
+                controller.term,
+                controller.applied,
+                controller.ring_epoch
+            );
+        }
+    }
 }
 
 /// A token cancelled by the first Ctrl-C (SIGINT) or SIGTERM: a download then journals what

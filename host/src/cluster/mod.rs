@@ -196,7 +196,31 @@ pub struct Params {
     pub local: Local,
     /// For a follower: the leader it follows, once known.
     pub leader: watch::Receiver<Option<Leader>>,
+    /// The controller that decides the ring (`None`: nothing decides it past formation and
+    /// the merging of gossiped rings; for tests of gossip alone).
+    pub controller: Option<Controlled>,
 }
+
+/// How the membership loop hears the controller's decisions and asks for new ones.
+pub struct Controlled {
+    /// The ring as the controller committed it (`None` until it has one). Once it has, it is
+    /// the only ring this node uses: gossip no longer changes it.
+    pub committed: watch::Receiver<Option<Arc<Ring>>>,
+    /// Where [`Steps`] sends the decisions it asks for.
+    pub decisions: Decisions,
+}
+
+/// A step of the ring only the controller decides, asked for by this member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// This member's lifecycle: `leaving` (a drain), `left`, `active` (a join handed over).
+    Lifecycle(Lifecycle),
+    /// An operator forgets a dead primary.
+    Forget(String),
+}
+
+/// The sending end of [`Decision`]s, each answered once the controller decided it.
+pub type Decisions = mpsc::Sender<(Decision, oneshot::Sender<Result<(), StepError>>)>;
 
 /// The leader a follower follows: its name (gossiped) and its client API address (where the
 /// follower sends the writes it refuses).
@@ -227,38 +251,38 @@ pub struct Cluster {
     kill: CancellationToken,
 }
 
-/// Changes this primary's own lifecycle state in the ring: the explicit steps of a drain
-/// (`active` → `leaving` → `left`). Cheap to clone; answered by the membership loop once the
-/// ring holding the new state is saved and published.
+/// Asks for the explicit steps of the ring (a drain, the end of a join, a forget) and
+/// announces this member's handovers. Cheap to clone. The steps are the controller's to decide:
+/// each is answered once committed (or refused); the announcements also go to gossip, where
+/// they are hints for the other members' movers.
 #[derive(Clone)]
-pub struct Steps(mpsc::Sender<(Ask, oneshot::Sender<Result<(), StepError>>)>);
+pub struct Steps {
+    gossip: mpsc::Sender<(Ask, oneshot::Sender<Result<(), StepError>>)>,
+    controller: Option<Decisions>,
+}
 
-/// What [`Steps`] asks of the membership loop.
+/// What [`Steps`] asks of the membership loop: what this member announces in gossip.
 #[derive(Debug)]
 enum Ask {
-    Lifecycle(Lifecycle),
     Handed(Option<Handed>),
     Moving(u32),
-    Forget(String),
 }
 
 /// Why a lifecycle step was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
-    /// This node is not in a formed ring.
-    #[error("this node is not a member of a formed ring")]
-    NotInRing,
-    /// The lifecycle does not allow the step.
-    #[error("a member cannot go from {from} to {to}", from = .from.as_str(), to = .to.as_str())]
-    Transition {
-        /// Its state now.
-        from: Lifecycle,
-        /// The state asked for.
-        to: Lifecycle,
-    },
-    /// The membership loop has stopped.
+    /// The membership loop or the controller has stopped.
     #[error("the membership subsystem has stopped")]
     Stopped,
+    /// Nothing decides the ring on this node (no controller).
+    #[error("this node has no controller to decide the ring's steps")]
+    NoController,
+    /// The controller refused the step (one of its rules).
+    #[error("the controller refused: {0}")]
+    Refused(String),
+    /// The controller has no quorum: topology changes wait.
+    #[error("{0}")]
+    NoQuorum(String),
     /// No such member.
     #[error("{0} is not a member of the ring")]
     Unknown(String),
@@ -268,22 +292,24 @@ pub enum StepError {
 }
 
 impl Steps {
-    /// Sets this member's state to `to`: `leaving` from `active`, `left` from `leaving` (or
-    /// from `joining`, which owns nothing), `active` from `joining` (once its points were handed
-    /// to it). Setting the current state again is not an error.
+    /// Sets this member's state to `to`: `leaving` from `active` (a drain), `left` from
+    /// `leaving`, `active` from `joining` (once every owner handed its points to it). Setting
+    /// the current state again is not an error.
     pub async fn set_lifecycle(&self, to: Lifecycle) -> Result<(), StepError> {
-        self.ask(Ask::Lifecycle(to)).await
+        self.decide(Decision::Lifecycle(to)).await
     }
 
-    /// Announces in gossip the join this member has handed every point of (`None`: none).
+    /// Announces the join (or takeover) this member has handed every point of (`None`: none),
+    /// in gossip; this member's controller agent proposes it until committed (the controller
+    /// ends a join only once every owner announced it).
     pub async fn announce_handed(&self, handed: Option<Handed>) -> Result<(), StepError> {
         self.ask(Ask::Handed(handed)).await
     }
 
-    /// Writes the ring record of `member`, a dead primary, as `forgotten` (an operator's act:
-    /// the one record a member writes for another). Forgetting it again is not an error.
+    /// Forgets `member`, a dead primary (an operator's act). Forgetting it again is not an
+    /// error.
     pub async fn forget(&self, member: &str) -> Result<(), StepError> {
-        self.ask(Ask::Forget(member.to_owned())).await
+        self.decide(Decision::Forget(member.to_owned())).await
     }
 
     /// Announces in gossip how many points this member is handing over now.
@@ -293,8 +319,18 @@ impl Steps {
 
     async fn ask(&self, step: Ask) -> Result<(), StepError> {
         let (reply, answer) = oneshot::channel();
-        self.0
+        self.gossip
             .send((step, reply))
+            .await
+            .map_err(|_| StepError::Stopped)?;
+        answer.await.map_err(|_| StepError::Stopped)?
+    }
+
+    async fn decide(&self, decision: Decision) -> Result<(), StepError> {
+        let controller = self.controller.as_ref().ok_or(StepError::NoController)?;
+        let (reply, answer) = oneshot::channel();
+        controller
+            .send((decision, reply))
             .await
             .map_err(|_| StepError::Stopped)?;
         answer.await.map_err(|_| StepError::Stopped)?
@@ -374,6 +410,7 @@ pub async fn start(
         handed: None,
         moving: 0,
         live: BTreeSet::new(),
+        committed: false,
     };
     state.gossip_addr = match &network {
         Network::Udp { socket, .. } => socket
@@ -401,34 +438,57 @@ pub async fn start(
     let killed = kill.clone();
     let leader = params.leader;
     let (steps, asked) = mpsc::channel(4);
+    let (committed, decisions) = match params.controller {
+        Some(controlled) => (Some(controlled.committed), Some(controlled.decisions)),
+        None => (None, None),
+    };
+    let inputs = Inputs {
+        leader,
+        asked,
+        committed,
+    };
     service.spawn(
         "gossip",
-        run(
-            state, gossip, publish, leader, asked, interval, stop, killed,
-        ),
+        run(state, gossip, publish, inputs, interval, stop, killed),
     );
     Ok(Cluster {
         handle: service.handle(),
         membership,
-        steps: Steps(steps),
+        steps: Steps {
+            gossip: steps,
+            controller: decisions,
+        },
         kill,
     })
 }
 
+/// What the membership loop listens to besides gossip.
+struct Inputs {
+    /// This follower's leader.
+    leader: watch::Receiver<Option<Leader>>,
+    /// What this member announces.
+    asked: mpsc::Receiver<(Ask, oneshot::Sender<Result<(), StepError>>)>,
+    /// The ring the controller committed.
+    committed: Option<watch::Receiver<Option<Arc<Ring>>>>,
+}
+
 /// The membership loop: reconcile on every change of the live view, of this follower's leader,
-/// at every lifecycle step asked for, and on every gossip round (formation waits for a settled
-/// candidate set).
-#[allow(clippy::too_many_arguments)]
+/// of the committed ring, at every announcement, and on every gossip round (formation waits for
+/// a settled candidate set).
 async fn run(
     mut state: State,
     mut gossip: Gossip,
     publish: watch::Sender<Arc<Membership>>,
-    mut leader: watch::Receiver<Option<Leader>>,
-    mut asked: mpsc::Receiver<(Ask, oneshot::Sender<Result<(), StepError>>)>,
+    inputs: Inputs,
     interval: Duration,
     stop: CancellationToken,
     kill: CancellationToken,
 ) {
+    let Inputs {
+        mut leader,
+        mut asked,
+        mut committed,
+    } = inputs;
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ended = gossip.ended();
@@ -452,22 +512,19 @@ async fn run(
                 Err(_) => following = false,
             },
             Some((step, reply)) = asked.recv() => {
-                let stepped = match step {
-                    Ask::Lifecycle(to) => state.step(to),
-                    Ask::Handed(handed) => {
-                        state.handed = handed;
-                        Ok(false)
-                    }
-                    Ask::Moving(moving) => {
-                        state.moving = moving;
-                        Ok(false)
-                    }
-                    Ask::Forget(member) => state.forget(&member, &gossip.live()),
-                };
-                if matches!(stepped, Ok(true)) {
-                    state.save_ring();
+                match step {
+                    Ask::Handed(handed) => state.handed = handed,
+                    Ask::Moving(moving) => state.moving = moving,
                 }
-                answer = Some((reply, stepped.map(|_| ())));
+                answer = Some((reply, Ok(())));
+            },
+            changed = changed(&mut committed) => match changed {
+                Some(ring) => {
+                    if state.adopt_committed(&ring) {
+                        state.save_ring();
+                    }
+                }
+                None => committed = None,
             },
             _ = ticks.tick() => {}
         }
@@ -501,6 +558,20 @@ async fn run(
         gossip.kill();
     } else {
         gossip.leave().await;
+    }
+}
+
+/// The next ring the controller commits; `None` once its sender is gone (and forever pending
+/// without a controller).
+async fn changed(committed: &mut Option<watch::Receiver<Option<Arc<Ring>>>>) -> Option<Arc<Ring>> {
+    let Some(receiver) = committed else {
+        return std::future::pending().await;
+    };
+    loop {
+        receiver.changed().await.ok()?;
+        if let Some(ring) = receiver.borrow_and_update().clone() {
+            return Some(ring);
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The membership loop's state between gossip rounds, and its decisions as plain methods with
-//! no I/O but saving the ring: reconciling the live adverts, merging the rings heard of, forming
-//! the ring, stepping this member's lifecycle, forgetting a member, and the [`Membership`] it
-//! publishes.
+//! no I/O but saving the ring: reconciling the live adverts, and, until the controller has
+//! committed a ring, merging the rings heard of and forming the founders' ring (the controller
+//! imports it: `docs/controller.md`); then the [`Membership`] it publishes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -34,6 +34,8 @@ pub(super) struct State {
     pub(super) moving: u32,
     /// The members live in the last round (their ring records are theirs to announce).
     pub(super) live: BTreeSet<String>,
+    /// Whether the ring is the controller's (committed): gossip then no longer changes it.
+    pub(super) committed: bool,
 }
 
 impl State {
@@ -100,6 +102,9 @@ impl State {
     pub(super) fn reconcile(&mut self, live: &[Advert], known: &[Advert], now: Instant) -> bool {
         let before = self.ring.clone();
         self.live = live.iter().map(|a| a.member.name.clone()).collect();
+        if self.committed {
+            return false;
+        }
         let others: Vec<&Advert> = live
             .iter()
             .filter(|a| a.member.name != self.local.name)
@@ -169,64 +174,16 @@ impl State {
         }
     }
 
-    /// Moves this member's ring record to `to`. Returns whether it changed.
-    pub(super) fn step(&mut self, to: Lifecycle) -> Result<bool, StepError> {
-        if !self.ring.is_formed() {
-            return Err(StepError::NotInRing);
+    /// Takes the ring the controller committed as this node's ring: from now on only the
+    /// controller changes it. Returns whether it changed.
+    pub(super) fn adopt_committed(&mut self, ring: &Ring) -> bool {
+        self.committed = true;
+        self.conflict = None;
+        if self.ring == *ring {
+            return false;
         }
-        let record = self
-            .ring
-            .members
-            .get_mut(&self.local.name)
-            .ok_or(StepError::NotInRing)?;
-        let from = record.lifecycle;
-        let allowed = matches!(
-            (from, to),
-            (Lifecycle::Active, Lifecycle::Leaving)
-                | (Lifecycle::Joining, Lifecycle::Active)
-                | (Lifecycle::Leaving | Lifecycle::Joining, Lifecycle::Left)
-        );
-        if from == to {
-            return Ok(false);
-        }
-        if !allowed {
-            return Err(StepError::Transition { from, to });
-        }
-        record.lifecycle = to;
-        record.version += 1;
-        tracing::info!(
-            from = from.as_str(),
-            to = to.as_str(),
-            "this member's state in the ring changed"
-        );
-        Ok(true)
-    }
-
-    /// Writes `member`'s record as `forgotten`, refused while it is live. Returns whether it
-    /// changed.
-    pub(super) fn forget(&mut self, member: &str, live: &[Advert]) -> Result<bool, StepError> {
-        if !self.ring.is_formed() {
-            return Err(StepError::NotInRing);
-        }
-        if member == self.local.name || live.iter().any(|a| a.member.name == member) {
-            return Err(StepError::Live(member.to_owned()));
-        }
-        let record = self
-            .ring
-            .members
-            .get_mut(member)
-            .ok_or_else(|| StepError::Unknown(member.to_owned()))?;
-        if record.lifecycle == Lifecycle::Forgotten {
-            return Ok(false);
-        }
-        tracing::warn!(
-            %member,
-            from = record.lifecycle.as_str(),
-            "forgot the member: its points are taken over from its followers' copies"
-        );
-        record.lifecycle = Lifecycle::Forgotten;
-        record.version += 1;
-        Ok(true)
+        self.ring = ring.clone();
+        true
     }
 
     /// Adds this primary to the ring as `joining`, or updates its addresses in its record.

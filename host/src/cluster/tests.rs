@@ -138,6 +138,7 @@ impl Sim {
                 tags: BTreeMap::new(),
             },
             leader: following,
+            controller: None,
         };
         let cluster = start(params, network, CancellationToken::new())
             .await
@@ -639,6 +640,7 @@ impl Sim {
                 tags: BTreeMap::new(),
             },
             leader: following,
+            controller: None,
         };
         let network = Network::Udp {
             socket: std::net::UdpSocket::bind(addr).unwrap(),

@@ -12,8 +12,9 @@ use super::key::InvalidKey;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControllerSection {
-    /// The voters, by node name: 1, 3 or 5 primaries, the same list on every node. Empty: a
-    /// standalone node is its own single voter.
+    /// The voters, by node name: 1, 3 or 5 primaries, the same list on every node. Empty: the
+    /// ring's founders ([`ControllerSection::founders_as_voters`]), so a lone node is its own
+    /// single voter.
     pub voters: Vec<String>,
     /// How often the controller leader tells the voters it is alive.
     pub heartbeat_ms: u64,
@@ -70,17 +71,34 @@ impl ControllerSection {
         Ok(())
     }
 
-    /// The voters of a node called `local`: the configured ones, or the node alone when none
-    /// are named and it is a standalone node. `None`: this node has no controller of its own.
-    pub fn voters_of(&self, local: &str, standalone: bool) -> Option<Vec<String>> {
-        let mut voters = self.voters.clone();
-        if voters.is_empty() {
-            if !standalone {
-                return None;
-            }
-            voters.push(local.to_owned());
+    /// The voters: the configured ones, sorted (every node sends the same list), else the
+    /// `founders` of the ring once formed ([`Self::founders_as_voters`]; a lone node founds its
+    /// own ring, and is its own voter). `None`: none named, and no ring formed yet.
+    pub fn voters(&self, founders: Option<&BTreeSet<String>>) -> Option<Vec<String>> {
+        if !self.voters.is_empty() {
+            let mut voters = self.voters.clone();
+            voters.sort();
+            return Some(voters);
         }
+        founders.map(Self::founders_as_voters)
+    }
+
+    /// The voters of a cluster whose configuration names none: the founders of its ring, as
+    /// many as an odd count up to five allows, by name. Every node derives the same list from
+    /// the same ring (the founders never change), as Consul's servers do from
+    /// `bootstrap_expect`.
+    pub fn founders_as_voters<'a>(founders: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+        let mut voters: Vec<String> = founders.into_iter().cloned().collect();
         voters.sort();
-        Some(voters)
+        voters.dedup();
+        // The largest odd count up to five: an even one tolerates no more failures.
+        let count = voters.len().min(5);
+        let odd = if count.is_multiple_of(2) {
+            count.saturating_sub(1)
+        } else {
+            count
+        };
+        voters.truncate(odd);
+        voters
     }
 }

@@ -11,11 +11,13 @@
 //! | `files.rs` | small files replaced whole, atomically and durably |
 //! | `network.rs` | Raft messages and proposals to other voters, over gRPC with node certificates |
 //! | `service.rs` | the `goutube.controller.v1` service every voter serves on its API port |
+//! | [`agent`] | on every member: finds the voters, starts the Raft node or follows a voter, hands the committed ring to membership, proposes this member's own steps |
 //!
 //! [`Controller`] is the handle the rest of the node holds: [`Controller::propose`] asks for a
 //! decision (forwarded to the leader; answered once committed and applied),
 //! [`Controller::topology`] watches the committed state, [`Controller::status`] says who leads.
 
+pub mod agent;
 mod command;
 mod files;
 mod log;
@@ -97,6 +99,8 @@ pub struct Status {
     pub term: u64,
     /// The last entry applied here.
     pub applied: u64,
+    /// The epoch of the decision that last changed the ring.
+    pub ring_epoch: u64,
 }
 
 /// The running controller of a voter.
@@ -251,6 +255,7 @@ impl Controller {
             leader: metrics.current_leader.and_then(name_of),
             term: metrics.current_term,
             applied: metrics.last_applied.map_or(0, |id| id.index),
+            ring_epoch: self.topology.borrow().ring_epoch,
         }
     }
 
@@ -311,16 +316,26 @@ mod tests {
     }
 
     #[test]
-    fn a_standalone_node_is_its_own_voter_and_a_cluster_node_is_named() {
+    fn voters_are_the_named_ones_else_the_founders() {
+        let lone = ["solo".to_owned()].into();
+        assert_eq!(section(&[]).voters(Some(&lone)), Some(vec!["solo".into()]));
+        assert_eq!(section(&[]).voters(None), None, "not formed yet");
         assert_eq!(
-            section(&[]).voters_of("solo", true),
-            Some(vec!["solo".into()])
-        );
-        assert_eq!(section(&[]).voters_of("a", false), None);
-        assert_eq!(
-            section(&["c", "a", "b"]).voters_of("a", false),
+            section(&["c", "a", "b"]).voters(None),
             Some(vec!["a".into(), "b".into(), "c".into()]),
             "sorted: every node sends the same list"
+        );
+        let founders = |names: &[&str]| -> Vec<String> {
+            let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+            ControllerSection::founders_as_voters(&names)
+        };
+        assert_eq!(founders(&["b", "a"]), ["a"], "an odd count");
+        assert_eq!(founders(&["c", "b", "a"]), ["a", "b", "c"]);
+        assert_eq!(founders(&["d", "c", "b", "a"]), ["a", "b", "c"]);
+        assert_eq!(
+            founders(&["g", "f", "e", "d", "c", "b", "a"]),
+            ["a", "b", "c", "d", "e"],
+            "five at most"
         );
     }
 }

@@ -1,16 +1,23 @@
 //! The `goutube.controller.v1` service a voter serves on its API port: Raft messages from the
-//! other voters, proposals from members, and the status.
+//! other voters, proposals from members, the status, and the committed state as it changes
+//! (`Watch`, how members that are not voters follow it). A voter whose controller has not
+//! started yet (its voters are the ring's founders, known once the ring is formed) answers
+//! `Unavailable`.
 //!
 //! Only members speak it: with TLS, a Raft message's certificate must name the voter it says
 //! it comes from (`node:<name>`, as replication checks), and a proposal must come with a node
 //! certificate. A message from another cluster, or from a node that names other voters, is
 //! refused (`FailedPrecondition`), naming the difference: two controllers must never mix.
 
+use std::pin::Pin;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_stream::{Stream, StreamExt, wrappers::WatchStream};
 use tonic::{Request, Response, Status};
 
-use super::{Controller, ProposeError};
+use super::{Controller, ProposeError, Topology};
 use crate::net::{NODE_PREFIX, PeerInfo, check_identity};
 use crate::proto::controller::controller_server;
 use crate::proto::controller::{
@@ -19,14 +26,35 @@ use crate::proto::controller::{
 
 /// The service of one voter.
 pub struct ControllerService {
-    controller: Controller,
+    controller: watch::Receiver<Option<Controller>>,
     tls: bool,
 }
 
 impl ControllerService {
-    /// The service of `controller`; `tls`: whether callers present certificates.
-    pub fn new(controller: Controller, tls: bool) -> Self {
+    /// The service of the controller `controller` holds once it started; `tls`: whether
+    /// callers present certificates.
+    pub fn new(controller: watch::Receiver<Option<Controller>>, tls: bool) -> Self {
         ControllerService { controller, tls }
+    }
+
+    /// The controller, once started.
+    fn controller(&self) -> Result<Controller, Status> {
+        self.controller.borrow().clone().ok_or_else(|| {
+            Status::unavailable(
+                "this node's controller has not started yet (its ring is not formed)",
+            )
+        })
+    }
+
+    /// Refuses a caller without a node certificate (with TLS).
+    fn admit_member(&self, caller: &PeerInfo, what: &str) -> Result<(), Status> {
+        if self.tls && !caller.subject.starts_with(NODE_PREFIX) {
+            return Err(Status::permission_denied(format!(
+                "{}: only members {what}",
+                caller.subject
+            )));
+        }
+        Ok(())
     }
 
     /// The gRPC server of this service.
@@ -35,8 +63,13 @@ impl ControllerService {
     }
 
     /// Refuses a Raft message that is not from a voter of this very controller.
-    fn admit(&self, caller: &PeerInfo, message: &RaftMessage) -> Result<(), Status> {
-        let peers = &self.controller.peers;
+    fn admit(
+        &self,
+        controller: &Controller,
+        caller: &PeerInfo,
+        message: &RaftMessage,
+    ) -> Result<(), Status> {
+        let peers = &controller.peers;
         check_identity(&caller.subject, &message.from, self.tls)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         if message.cluster != peers.cluster {
@@ -76,8 +109,9 @@ impl controller_server::Controller for ControllerService {
     async fn raft(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let caller = PeerInfo::of(&request);
         let message = request.into_inner();
-        self.admit(&caller, &message)?;
-        let raft = &self.controller.raft;
+        let controller = self.controller()?;
+        self.admit(&controller, &caller, &message)?;
+        let raft = &controller.raft;
         let body = match message.kind.as_str() {
             "append" => encode(&raft.append_entries(decode(&message.body)?).await)?,
             "vote" => encode(&raft.vote(decode(&message.body)?).await)?,
@@ -88,7 +122,7 @@ impl controller_server::Controller for ControllerService {
                 )));
             }
         };
-        let peers = &self.controller.peers;
+        let peers = &controller.peers;
         Ok(Response::new(RaftMessage {
             kind: message.kind,
             from: peers.local.clone(),
@@ -102,15 +136,10 @@ impl controller_server::Controller for ControllerService {
         &self,
         request: Request<ProposeRequest>,
     ) -> Result<Response<ProposeResponse>, Status> {
-        let caller = PeerInfo::of(&request);
-        if self.tls && !caller.subject.starts_with(NODE_PREFIX) {
-            return Err(Status::permission_denied(format!(
-                "{}: only members propose to the controller",
-                caller.subject
-            )));
-        }
+        self.admit_member(&PeerInfo::of(&request), "propose to the controller")?;
+        let controller = self.controller()?;
         let command = decode(&request.into_inner().command)?;
-        let outcome = match self.controller.propose(command).await {
+        let outcome = match controller.propose(command).await {
             Ok(applied) => Ok(applied),
             Err(ProposeError::Refused(refused)) => Err(refused),
             Err(error) => return Err(Status::unavailable(error.to_string())),
@@ -124,14 +153,33 @@ impl controller_server::Controller for ControllerService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let status = self.controller.status();
-        let topology = self.controller.topology().borrow().clone();
-        Ok(Response::new(StatusResponse {
-            voters: status.voters,
-            leader: status.leader.unwrap_or_default(),
-            term: status.term,
-            applied: status.applied,
-            topology: encode(&*topology)?.into(),
-        }))
+        let controller = self.controller()?;
+        let topology = controller.topology().borrow().clone();
+        Ok(Response::new(status_of(&controller, &topology)?))
     }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<StatusResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.admit_member(&PeerInfo::of(&request), "follow the controller")?;
+        let controller = self.controller()?;
+        let updates = WatchStream::new(controller.topology())
+            .map(move |topology| status_of(&controller, &topology));
+        Ok(Response::new(Box::pin(updates)))
+    }
+}
+
+/// The status of `controller` with `topology`, its committed state.
+fn status_of(controller: &Controller, topology: &Topology) -> Result<StatusResponse, Status> {
+    let status = controller.status();
+    Ok(StatusResponse {
+        voters: status.voters,
+        leader: status.leader.unwrap_or_default(),
+        term: status.term,
+        applied: status.applied,
+        topology: encode(topology)?.into(),
+    })
 }

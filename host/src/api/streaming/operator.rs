@@ -42,6 +42,7 @@ impl StreamingService {
             .await?;
         Ok(Response::new(members(
             &state.services.placement.membership(),
+            state.services.controller.status(),
         )))
     }
 
@@ -186,8 +187,11 @@ pub fn balancers(membership: &Membership) -> Vec<proto::Server> {
         .collect()
 }
 
-/// The ring's members (down or not) and every other live member.
-pub fn members(membership: &Membership) -> ListMembersResponse {
+/// The ring's members (down or not), every other live member, and the controller.
+pub fn members(
+    membership: &Membership,
+    controller: Option<crate::controller::Status>,
+) -> ListMembersResponse {
     let mut members = Vec::new();
     for (name, record) in &membership.ring.members {
         let live = membership.live(name);
@@ -247,5 +251,12 @@ pub fn members(membership: &Membership) -> ListMembersResponse {
         ring: membership.ring.id.clone(),
         node: membership.local.clone(),
         conflict: membership.conflict.clone().unwrap_or_default(),
+        controller: controller.map(|status| proto::ControllerInfo {
+            voters: status.voters,
+            leader: status.leader.unwrap_or_default(),
+            term: status.term,
+            applied: status.applied,
+            ring_epoch: status.ring_epoch,
+        }),
     }
 }

@@ -89,6 +89,7 @@ async fn membership(
                 tags: Default::default(),
             },
             leader: following,
+            controller: None,
         };
         let network = Network::Udp {
             socket,

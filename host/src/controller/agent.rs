@@ -1,0 +1,624 @@
+//! The controller's agent, on every member: the bridge between the controller's decisions and
+//! the rest of the node (`docs/controller.md`).
+//!
+//! - It finds the voters: `controller.voters`, else the founders of the ring, known once gossip
+//!   formed it (as Consul's servers bootstrap from `bootstrap_expect`: the one thing gossip
+//!   settles, once); a lone node founds its own ring and is its own voter.
+//! - On a voter it starts the Raft node; on any other member it follows a voter's committed
+//!   state (`Watch`), keeping only what is newer than what it holds.
+//! - It hands the committed ring to the membership loop ([`cluster::Controlled`]), which from
+//!   then on uses no other.
+//! - It proposes what this member's own state asks for, one proposal at a time and again until
+//!   it is committed: the import of the ring gossip formed or an older version kept (once, by a
+//!   voter), this primary's join, its addresses, the handover it announces, the leader a
+//!   follower copies.
+//! - It decides the steps [`cluster::Steps`] asks for (a drain, the end of a join or a drain, a
+//!   forget), answering each once committed.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::network::Peers;
+use super::raft::Outcome;
+use super::{Applied, Command, Controller, ProposeError, Rejected, StartError, Status, Topology};
+use crate::client::ClientTls;
+use crate::cluster::ring::{Ring, RingMember};
+use crate::cluster::{Controlled, Decision, Lifecycle, Membership, StepError};
+use crate::config::ControllerSection;
+use crate::point::Store;
+use crate::proto::controller::{ProposeRequest, StatusRequest};
+use crate::service::{Handle, Service, Spawner};
+
+/// What the agent needs.
+pub struct Params {
+    /// The `[controller]` section.
+    pub section: ControllerSection,
+    /// This node's name.
+    pub local: String,
+    /// `cluster.name`.
+    pub cluster: String,
+    /// The controller's files (`<data_dir>/controller`).
+    pub dir: std::path::PathBuf,
+    /// This node's client identity, for the other voters.
+    pub tls: Option<ClientTls>,
+    /// How long a ring must be formed before a voter imports it (a few gossip rounds, for the
+    /// rings of an upgraded cluster to merge first).
+    pub settle: Duration,
+    /// The store, whose highest epoch an import starts above (`None` on a balancer).
+    pub store: Option<Store>,
+}
+
+/// The agent's ends of its links (made before the membership loop and the API start).
+pub struct Links {
+    committed: watch::Sender<Option<Arc<Ring>>>,
+    decisions: mpsc::Receiver<(Decision, oneshot::Sender<Result<(), StepError>>)>,
+    started: watch::Sender<Option<Controller>>,
+    followed: Arc<Mutex<Option<Status>>>,
+}
+
+/// The links of the agent: its own ends, the membership loop's, and the observer the API
+/// reads the controller's status from.
+pub fn links() -> (Links, Controlled, Observer) {
+    let (committed, committed_rx) = watch::channel(None);
+    let (decisions_tx, decisions) = mpsc::channel(16);
+    let (started, controller) = watch::channel(None);
+    let followed = Arc::new(Mutex::new(None));
+    (
+        Links {
+            committed,
+            decisions,
+            started,
+            followed: followed.clone(),
+        },
+        Controlled {
+            committed: committed_rx,
+            decisions: decisions_tx,
+        },
+        Observer {
+            controller,
+            followed,
+        },
+    )
+}
+
+/// The controller as this node sees it; cheap to clone.
+#[derive(Clone)]
+pub struct Observer {
+    controller: watch::Receiver<Option<Controller>>,
+    followed: Arc<Mutex<Option<Status>>>,
+}
+
+impl Observer {
+    /// This voter's controller, once started (`None` on other members).
+    pub fn controller(&self) -> watch::Receiver<Option<Controller>> {
+        self.controller.clone()
+    }
+
+    /// Its own Raft node's status on a voter, the last status a voter sent on any other
+    /// member; `None` before either is known.
+    pub fn status(&self) -> Option<Status> {
+        if let Some(controller) = self.controller.borrow().as_ref() {
+            return Some(controller.status());
+        }
+        self.followed.lock().expect("poisoned").clone()
+    }
+}
+
+/// The running agent.
+pub struct Agent {
+    observer: Observer,
+    handle: Handle,
+}
+
+impl Agent {
+    /// This voter's controller, once started (`None` on other members).
+    pub fn controller(&self) -> watch::Receiver<Option<Controller>> {
+        self.observer.controller()
+    }
+
+    /// The controller as this node sees it.
+    pub fn status(&self) -> Option<Status> {
+        self.observer.status()
+    }
+
+    /// Resolves when the agent ends: `Ok` on shutdown, the failure if a task failed.
+    pub fn terminated(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), crate::service::Failed>> + Send + 'static
+    {
+        self.handle.terminated()
+    }
+
+    /// Stops the agent, then this voter's Raft node.
+    pub async fn shutdown(self) -> Result<(), crate::service::Failed> {
+        let stopped = self.handle.shutdown().await;
+        let controller = self.observer.controller.borrow().clone();
+        if let Some(controller) = controller {
+            controller.shutdown().await;
+        }
+        stopped
+    }
+}
+
+/// Starts the agent. On a voter whose voters are known now (named, or the founders of a ring
+/// formed already: a lone node's, a restarted node's) the Raft node starts before this returns,
+/// so that a bad controller directory stops the start.
+pub async fn start(
+    params: Params,
+    links: Links,
+    membership: watch::Receiver<Arc<Membership>>,
+    token: CancellationToken,
+) -> Result<Agent, StartError> {
+    // A lone node, or a node restarting on its ring, knows its founders already.
+    let voters = params.section.voters(founders(&membership.borrow().ring));
+    let early = match &voters {
+        Some(voters) if voters.contains(&params.local) => {
+            Some(start_voter(&params, voters.clone(), membership.clone()).await?)
+        }
+        _ => None,
+    };
+    links.started.send_replace(early);
+    let observer = Observer {
+        controller: links.started.subscribe(),
+        followed: links.followed.clone(),
+    };
+    let service = Service::new("controller", token);
+    let running = Running {
+        params,
+        membership,
+        committed: links.committed,
+        decisions: links.decisions,
+        started: links.started,
+        followed: links.followed,
+        spawner: service.spawner(),
+        stop: service.token().clone(),
+    };
+    service.spawn("agent", running.run(voters));
+    Ok(Agent {
+        observer,
+        handle: service.handle(),
+    })
+}
+
+/// The founders of `ring`, once formed.
+fn founders(ring: &Ring) -> Option<&std::collections::BTreeSet<String>> {
+    ring.is_formed().then_some(&ring.founders)
+}
+
+async fn start_voter(
+    params: &Params,
+    voters: Vec<String>,
+    membership: watch::Receiver<Arc<Membership>>,
+) -> Result<Controller, StartError> {
+    Controller::start(
+        &params.section,
+        &params.local,
+        &params.cluster,
+        voters,
+        &params.dir,
+        membership,
+        params.tls.clone(),
+    )
+    .await
+}
+
+/// How this member has decisions made.
+#[derive(Clone)]
+enum Decider {
+    /// It is a voter.
+    Voter(Controller),
+    /// It is not: it proposes through the voters.
+    Member { peers: Arc<Peers>, within: Duration },
+}
+
+impl Decider {
+    async fn propose(&self, command: Command) -> Result<Applied, ProposeError> {
+        match self {
+            Decider::Voter(controller) => controller.propose(command).await,
+            Decider::Member { peers, within } => {
+                tokio::time::timeout(*within, through_voters(peers, &command))
+                    .await
+                    .map_err(|_| {
+                        ProposeError::NoQuorum(format!("no voter committed it within {within:?}"))
+                    })?
+            }
+        }
+    }
+}
+
+/// Proposes `command` to the voters, one after the other, until one answers (a voter forwards
+/// it to its leader).
+async fn through_voters(peers: &Peers, command: &Command) -> Result<Applied, ProposeError> {
+    let request = ProposeRequest {
+        command: serde_json::to_vec(command)
+            .expect("a command encodes")
+            .into(),
+    };
+    loop {
+        for voter in &peers.voters {
+            let answer = match peers.client(voter) {
+                Ok(mut client) => client.propose(request.clone()).await,
+                Err(error) => {
+                    tracing::debug!(%voter, %error, "controller: cannot reach a voter");
+                    continue;
+                }
+            };
+            match answer {
+                Ok(answer) => {
+                    let outcome: Outcome = serde_json::from_slice(&answer.into_inner().outcome)
+                        .map_err(|e| ProposeError::NoQuorum(format!("undecodable answer: {e}")))?;
+                    return Ok(outcome?);
+                }
+                Err(status) => {
+                    tracing::debug!(%voter, %status, "controller: a voter did not decide");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The agent's loop and what it holds.
+struct Running {
+    params: Params,
+    membership: watch::Receiver<Arc<Membership>>,
+    committed: watch::Sender<Option<Arc<Ring>>>,
+    decisions: mpsc::Receiver<(Decision, oneshot::Sender<Result<(), StepError>>)>,
+    started: watch::Sender<Option<Controller>>,
+    followed: Arc<Mutex<Option<Status>>>,
+    spawner: Spawner,
+    stop: CancellationToken,
+}
+
+/// How often the agent looks again at what it should propose (a proposal that failed is made
+/// again then).
+const RETRY: Duration = Duration::from_millis(250);
+
+impl Running {
+    async fn run(mut self, voters: Option<Vec<String>>) {
+        let voters = match voters {
+            Some(voters) => voters,
+            None => match self.founders().await {
+                Some(voters) => voters,
+                None => return,
+            },
+        };
+        let Some((decider, mut topology)) = self.decider(voters).await else {
+            return;
+        };
+        let mut formed_since: Option<Instant> = None;
+        let mut proposing: Option<tokio::task::JoinHandle<()>> = None;
+        let mut ticks = tokio::time::interval(RETRY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                changed = topology.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let ring = &topology.borrow_and_update().ring;
+                    if ring.is_formed() {
+                        let ring = Arc::new(ring.clone());
+                        self.committed.send_if_modified(|current| {
+                            let new = current.as_deref() != Some(&*ring);
+                            *current = Some(ring);
+                            new
+                        });
+                    }
+                }
+                changed = self.membership.changed() => if changed.is_err() { break },
+                Some((decision, reply)) = self.decisions.recv() => {
+                    let asked = Asked {
+                        decider: decider.clone(),
+                        local: self.params.local.clone(),
+                        membership: self.membership.clone(),
+                        topology: topology.clone(),
+                        within: Duration::from_millis(self.params.section.propose_timeout_ms),
+                    };
+                    self.spawner.spawn("decision", async move {
+                        let _ = reply.send(asked.decide(decision).await);
+                    });
+                }
+                _ = ticks.tick() => {}
+            }
+            if proposing.as_ref().is_some_and(|task| !task.is_finished()) {
+                continue;
+            }
+            let now = Instant::now();
+            let wanted = {
+                let topology = topology.borrow();
+                let membership = self.membership.borrow();
+                self.wanted(&topology, &membership, &decider, &mut formed_since, now)
+            };
+            if let Some(command) = wanted {
+                let decider = decider.clone();
+                let store = self.params.store.clone();
+                proposing = Some(tokio::spawn(propose_own(decider, command, store)));
+            }
+        }
+        if let Some(task) = proposing {
+            task.abort();
+        }
+    }
+
+    /// Waits for the ring's founders (a cluster with no voters named); answers the steps asked
+    /// meanwhile that nothing decides yet.
+    async fn founders(&mut self) -> Option<Vec<String>> {
+        loop {
+            {
+                let membership = self.membership.borrow_and_update();
+                if let Some(voters) = self.params.section.voters(founders(&membership.ring)) {
+                    tracing::info!(?voters, "controller: the ring's founders are its voters");
+                    return Some(voters);
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                changed = self.membership.changed() => changed.ok()?,
+                Some((_, reply)) = self.decisions.recv() => {
+                    let _ = reply.send(Err(StepError::NoQuorum(
+                        "no controller yet: the ring is not formed".into(),
+                    )));
+                }
+            }
+        }
+    }
+
+    /// This member's way to decisions, and the committed state it sees.
+    async fn decider(
+        &mut self,
+        voters: Vec<String>,
+    ) -> Option<(Decider, watch::Receiver<Arc<Topology>>)> {
+        let params = &self.params;
+        if voters.contains(&params.local) {
+            let started = self.started.borrow().clone();
+            let controller = match started {
+                Some(controller) => controller,
+                None => match start_voter(params, voters, self.membership.clone()).await {
+                    Ok(controller) => {
+                        self.started.send_replace(Some(controller.clone()));
+                        controller
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "controller: cannot start this voter");
+                        return None;
+                    }
+                },
+            };
+            let topology = controller.topology();
+            return Some((Decider::Voter(controller), topology));
+        }
+        let peers = Arc::new(Peers::new(
+            params.local.clone(),
+            params.cluster.clone(),
+            voters,
+            self.membership.clone(),
+            params.tls.clone(),
+        ));
+        let (publish, topology) = watch::channel(Arc::new(Topology::default()));
+        self.spawner.spawn(
+            "follow",
+            follow(
+                peers.clone(),
+                publish,
+                self.followed.clone(),
+                self.stop.clone(),
+            ),
+        );
+        let within = Duration::from_millis(params.section.propose_timeout_ms);
+        Some((Decider::Member { peers, within }, topology))
+    }
+
+    /// What this member's own state asks the controller for, if anything.
+    fn wanted(
+        &self,
+        topology: &Topology,
+        membership: &Membership,
+        decider: &Decider,
+        formed_since: &mut Option<Instant>,
+        now: Instant,
+    ) -> Option<Command> {
+        let local = &self.params.local;
+        if !topology.ring.is_formed() {
+            // A voter imports the ring gossip formed (or an older version kept): once it has
+            // been formed for the settle period, so that the rings of an upgraded cluster
+            // merged first. The first import committed wins; later ones are refused.
+            if !matches!(decider, Decider::Voter(_)) || !membership.ring.is_formed() {
+                *formed_since = None;
+                return None;
+            }
+            let since = *formed_since.get_or_insert(now);
+            if now.duration_since(since) < self.params.settle {
+                return None;
+            }
+            return Some(Command::Import {
+                ring: membership.ring.clone(),
+                max_epoch: 0,
+            });
+        }
+        let me = membership.live(local)?;
+        if me.role.is_primary() {
+            match topology.ring.members.get(local) {
+                None => {
+                    return Some(Command::Join {
+                        name: local.clone(),
+                        record: RingMember {
+                            lifecycle: Lifecycle::Joining,
+                            role: me.role,
+                            rpc_addr: me.rpc_addr.clone(),
+                            replication_addr: me.replication_addr.clone(),
+                            virtual_nodes: me.virtual_nodes,
+                            tags: me.tags.clone(),
+                            version: 0,
+                        },
+                    });
+                }
+                Some(record)
+                    if record.lifecycle != Lifecycle::Forgotten
+                        && (record.rpc_addr != me.rpc_addr
+                            || record.replication_addr != me.replication_addr) =>
+                {
+                    return Some(Command::Addresses {
+                        name: local.clone(),
+                        rpc_addr: me.rpc_addr.clone(),
+                        replication_addr: me.replication_addr.clone(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        if topology.handed.get(local) != me.handed.as_ref() {
+            return Some(Command::Announce {
+                name: local.clone(),
+                handed: me.handed.clone(),
+            });
+        }
+        if let Some(leader) = &me.leader {
+            let copies = topology
+                .groups
+                .get(leader)
+                .is_some_and(|group| group.followers.contains(local));
+            if !copies && !topology.ring.members.contains_key(local) {
+                return Some(Command::Follow {
+                    follower: local.clone(),
+                    slot: leader.clone(),
+                });
+            }
+        }
+        None
+    }
+}
+
+/// Proposes what this member's own state asks for; a failure is logged, and the agent asks
+/// again at its next look.
+async fn propose_own(decider: Decider, mut command: Command, store: Option<Store>) {
+    if let Command::Import { max_epoch, .. } = &mut command {
+        *max_epoch = match &store {
+            Some(store) => highest_epoch(store).await,
+            None => 0,
+        };
+    }
+    match decider.propose(command.clone()).await {
+        Ok(_) => {}
+        Err(ProposeError::Refused(refused)) => {
+            tracing::debug!(?command, %refused, "controller: refused");
+        }
+        Err(error) => tracing::warn!(?command, %error, "controller: not decided yet"),
+    }
+}
+
+/// The highest epoch a point in `store` holds (an import's epochs start above it).
+async fn highest_epoch(store: &Store) -> u64 {
+    let mut highest = crate::point::ownership::FIRST_EPOCH;
+    for id in store.list("", None, usize::MAX) {
+        if let Ok(ownership) = store.ownership(&id).await {
+            highest = highest.max(ownership.epoch);
+        }
+    }
+    highest
+}
+
+/// What deciding a step [`cluster::Steps`] asked for needs.
+struct Asked {
+    decider: Decider,
+    local: String,
+    membership: watch::Receiver<Arc<Membership>>,
+    topology: watch::Receiver<Arc<Topology>>,
+    within: Duration,
+}
+
+impl Asked {
+    /// Decides `decision`. Asked before the controller imported the ring this node formed (a
+    /// step asked in the first moments of a cluster), it waits for the import first.
+    async fn decide(mut self, decision: Decision) -> Result<(), StepError> {
+        let command = match decision {
+            Decision::Lifecycle(Lifecycle::Leaving) => Command::Drain {
+                name: self.local.clone(),
+            },
+            Decision::Lifecycle(to) => Command::Step {
+                name: self.local.clone(),
+                to,
+            },
+            Decision::Forget(name) => {
+                // Liveness is the proposer's check (gossip is a hint); the state machine uses
+                // none.
+                if name == self.local || self.membership.borrow().live(&name).is_some() {
+                    return Err(StepError::Live(name));
+                }
+                Command::Forget { name }
+            }
+        };
+        let mut outcome = self.decider.propose(command.clone()).await;
+        if matches!(outcome, Err(ProposeError::Refused(Rejected::NotFormed)))
+            && self.membership.borrow().ring.is_formed()
+        {
+            let imported = self.topology.wait_for(|t| t.ring.is_formed());
+            if tokio::time::timeout(self.within, imported).await.is_ok() {
+                outcome = self.decider.propose(command).await;
+            }
+        }
+        match outcome {
+            Ok(_) => Ok(()),
+            Err(ProposeError::Refused(Rejected::Unknown(name))) => Err(StepError::Unknown(name)),
+            Err(ProposeError::Refused(refused)) => Err(StepError::Refused(refused.to_string())),
+            Err(error @ (ProposeError::NoQuorum(_) | ProposeError::NoController)) => {
+                Err(StepError::NoQuorum(error.to_string()))
+            }
+            Err(_) => Err(StepError::Stopped),
+        }
+    }
+}
+
+/// Follows the committed state of the voters, one at a time, keeping only what is newer than
+/// what this member holds: a voter that lags is never a step back.
+async fn follow(
+    peers: Arc<Peers>,
+    publish: watch::Sender<Arc<Topology>>,
+    followed: Arc<Mutex<Option<Status>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        for voter in &peers.voters {
+            let stream = match peers.client(voter) {
+                Ok(mut client) => client.watch(StatusRequest {}).await,
+                Err(_) => continue,
+            };
+            let Ok(stream) = stream else { continue };
+            let mut stream = stream.into_inner();
+            loop {
+                let update = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    update = stream.message() => update,
+                };
+                let Ok(Some(update)) = update else { break };
+                let Ok(topology) = serde_json::from_slice::<Topology>(&update.topology) else {
+                    tracing::warn!(%voter, "controller: an undecodable state; trying another voter");
+                    break;
+                };
+                *followed.lock().expect("poisoned") = Some(Status {
+                    voters: update.voters,
+                    leader: Some(update.leader).filter(|leader| !leader.is_empty()),
+                    term: update.term,
+                    applied: update.applied,
+                    ring_epoch: topology.ring_epoch,
+                });
+                publish.send_if_modified(|current| {
+                    if topology.applied <= current.applied {
+                        return false;
+                    }
+                    *current = Arc::new(topology);
+                    true
+                });
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
