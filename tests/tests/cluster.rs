@@ -619,3 +619,76 @@ async fn get_servers_answers_the_addresses_of_balancers() {
     balancer.shutdown().await.unwrap();
     node.shutdown().await;
 }
+
+/// The CASSANDRA-15439 scenario: a primary paused (SIGSTOP) for longer than gossip's failure
+/// detection while another joins. Gossip sees it down; the decision does not change: in the
+/// committed ring it stays an active owner of its range, the join waits for its handover, and
+/// completes once it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_primary_keeps_its_range_and_the_join_it_holds_back_completes_when_it_resumes() {
+    let mut cluster = Cluster::new();
+    cluster.spawn("a", "role = \"leader\"");
+    let seeds = cluster.seeds();
+    cluster.spawn("b", &seeds);
+    cluster.spawn("c", &seeds);
+    goutube_tests::eventually(
+        "the controller to commit the ring of a, b and c",
+        || async {
+            let members = cluster.members("a").await;
+            let owners = ["a", "b", "c"]
+                .iter()
+                .all(|n| state(&members, n) == ("active".into(), true, true));
+            owners && members.controller.is_some_and(|c| c.ring_epoch > 0)
+        },
+    )
+    .await;
+
+    cluster.nodes["b"].signal("STOP");
+    cluster.spawn("d", &seeds);
+    let paused = Instant::now();
+    goutube_tests::eventually("gossip to see b down and d joining", || async {
+        let mut all = true;
+        for at in ["a", "c", "d"] {
+            let members = cluster.members(at).await;
+            all &= members
+                .members
+                .iter()
+                .any(|m| m.name == "b" && !m.live && m.state == "active")
+                && members
+                    .members
+                    .iter()
+                    .any(|m| m.name == "d" && m.in_ring && m.state == "joining");
+        }
+        all
+    })
+    .await;
+    // Paused twice as long as failure detection: the committed ring does not move.
+    while paused.elapsed() < 2 * DETECTION {
+        for at in ["a", "c", "d"] {
+            let members = cluster.members(at).await;
+            assert_eq!(
+                state(&members, "b"),
+                ("active".into(), false, true),
+                "at {at}"
+            );
+            assert_eq!(
+                state(&members, "d").0,
+                "joining",
+                "at {at}: b has not handed over"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    cluster.nodes["b"].signal("CONT");
+    goutube_tests::eventually("d to turn active once b handed over", || async {
+        let members = cluster.members("a").await;
+        ["a", "b", "c", "d"]
+            .iter()
+            .all(|n| state(&members, n) == ("active".into(), true, true))
+    })
+    .await;
+    for (_, node) in std::mem::take(&mut cluster.nodes) {
+        assert!(node.terminate(), "a graceful stop");
+    }
+}

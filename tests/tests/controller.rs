@@ -12,7 +12,11 @@ use goutube::cluster::{Lifecycle, Role};
 use goutube::controller::{Applied, Command, ProposeError, Rejected, Topology};
 use goutube::proto::controller::controller_client::ControllerClient;
 use goutube::proto::controller::{ProposeRequest, RaftMessage, StatusRequest, StatusResponse};
-use goutube_tests::{DEADLINE, NodeProcess, Pki, TestNode, eventually, write_node_config};
+use goutube::proto::{ListMembersResponse, ProduceRequest};
+use goutube_tests::{
+    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, owner_through, produce,
+    window, write_node_config,
+};
 use tempfile::TempDir;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -125,7 +129,8 @@ impl Voters {
         }
     }
 
-    /// Starts (or restarts, on its data) voter `name`, seeded with the voters running.
+    /// Starts (or restarts, on its data) primary `name`, seeded with the nodes running: a
+    /// voter if it is a, b or c.
     fn spawn(&mut self, name: &'static str) {
         let dir = self.root.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -145,6 +150,16 @@ impl Voters {
             ),
         );
         self.nodes.insert(name, NodeProcess::spawn(&config));
+    }
+
+    async fn members(&self, name: &str) -> ListMembersResponse {
+        let options = self.pki.client_options("root", &self.nodes[name].rpc);
+        goutube::client::Client::connect(&options)
+            .await
+            .unwrap()
+            .members()
+            .await
+            .unwrap()
     }
 
     async fn client(&self, name: &str, subject: &str) -> ControllerClient<Channel> {
@@ -277,10 +292,24 @@ async fn without_a_quorum_decisions_wait_with_a_clear_status_until_a_voter_retur
     }
     voters.agreed_leader(&["a", "b", "c"]).await;
     voters.formed("a").await;
+    // A point a owns, written before the voters go.
+    let mut client = voters.pki.client("root", &voters.nodes["a"].rpc).await;
+    let mut point = String::new();
+    for i in 0.. {
+        point = format!("settled/{i}");
+        if owner_through(client.clone(), &point).await == "a" {
+            break;
+        }
+    }
+    let first = data(23, 70_001);
+    produce(&mut client, &point, std::slice::from_ref(&first))
+        .await
+        .unwrap();
+
     voters.nodes.remove("b").unwrap().kill();
     voters.nodes.remove("c").unwrap().kill();
     let asked = Instant::now();
-    let status = voters.propose("a", &join("d")).await.unwrap_err();
+    let status = voters.propose("a", &join("x")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
         status.message().contains("no controller quorum"),
@@ -288,16 +317,65 @@ async fn without_a_quorum_decisions_wait_with_a_clear_status_until_a_voter_retur
         status.message()
     );
     assert!(asked.elapsed() < DEADLINE);
-    // One voter back: a quorum again, and the decision is made (the entry that timed out may
-    // be the one committed: the retry then changes nothing).
+    // An operator sees why: no controller leader.
+    eventually("members to say there is no controller leader", || async {
+        let members = voters.members("a").await;
+        members
+            .controller
+            .is_some_and(|c| c.leader.is_empty() && c.voters == ["a", "b", "c"])
+    })
+    .await;
+    // A primary that arrives meanwhile waits to join: nothing decides it.
+    voters.spawn("d");
+    // Reads and writes on the settled ring go on.
+    let more = data(24, 30_011);
+    let appended = ProduceRequest {
+        point: point.clone(),
+        frame: more.clone().into(),
+        expected_offset: Some(first.len() as u64),
+        ..Default::default()
+    };
+    client
+        .produce_stream(tokio_stream::iter([appended]))
+        .await
+        .unwrap();
+    let held = consume(&mut client, window(&point, 0, 0, 0))
+        .await
+        .unwrap()
+        .concat();
+    assert!(
+        held == [first, more].concat(),
+        "the point is what was written"
+    );
+    assert!(
+        !voters
+            .members("a")
+            .await
+            .members
+            .iter()
+            .any(|m| m.name == "d" && m.in_ring),
+        "no join is decided without a quorum"
+    );
+
+    // One voter back: a quorum again, and what waited is decided (the entry that timed out
+    // may be the one committed: the retry then changes nothing).
     voters.spawn("b");
     eventually("a decision once a quorum is back", || {
         let voters = &voters;
-        async move { voters.propose("a", &join("d")).await.is_ok() }
+        async move { voters.propose("a", &join("x")).await.is_ok() }
+    })
+    .await;
+    eventually("the waiting primary to be joining", || async {
+        voters
+            .members("a")
+            .await
+            .members
+            .iter()
+            .any(|m| m.name == "d" && m.in_ring && m.state == "joining")
     })
     .await;
     let decided = voters.topology("a").await.unwrap();
-    assert_eq!(decided.ring.members["d"].lifecycle, Lifecycle::Joining);
+    assert_eq!(decided.ring.members["x"].lifecycle, Lifecycle::Joining);
     for (_, node) in std::mem::take(&mut voters.nodes) {
         assert!(node.terminate(), "a graceful stop");
     }

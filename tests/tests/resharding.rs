@@ -16,7 +16,7 @@ use goutube::proto::ProduceRequest;
 use goutube::proto::{END_METADATA, OWNER_METADATA};
 use goutube_tests::{
     DEADLINE, TestNode, consume, counter, data, eventually, eventually_within, members, metadata,
-    owner, produce, raw_client, sees, window,
+    owner, produce, sees, start_in, window,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -120,12 +120,55 @@ impl Scenario {
 
     /// Starts primary `name` in `role`, seeded by `a` (if it runs).
     async fn add_as(&mut self, name: &'static str, expect: usize, role: Role) {
+        let node = TestNode::start(self.configure(name, expect, role)).await;
+        self.addresses
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), node.addr());
+        self.nodes.insert(name.to_owned(), node);
+    }
+
+    /// Stops primary `name`, waits until the others name a controller leader other than it,
+    /// and starts it again on its data (new ports: the writer is told).
+    async fn restart(&mut self, name: &'static str, expect: usize) {
+        let TestNode { node, dir } = self.nodes.remove(name).unwrap();
+        node.shutdown().await.unwrap();
+        let other = self.nodes.values().next().unwrap();
+        eventually("another controller leader", || async {
+            members(other)
+                .await
+                .controller
+                .is_some_and(|c| !c.leader.is_empty() && c.leader != name)
+        })
+        .await;
+        let configure = self.configure(name, expect, Role::Standalone);
+        let node = TestNode {
+            node: start_in(dir.path(), configure).await,
+            dir,
+        };
+        self.addresses
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), node.addr());
+        self.nodes.insert(name.to_owned(), node);
+    }
+
+    /// The configuration of primary `name` in `role`, seeded by `a` if it runs (`a` itself,
+    /// restarted on new ports, by another node).
+    fn configure(
+        &self,
+        name: &'static str,
+        expect: usize,
+        role: Role,
+    ) -> impl FnOnce(&mut Config) + use<> {
         let seed = self
             .nodes
-            .get("a")
-            .map(|a| a.node.gossip_addr().to_string());
+            .iter()
+            .filter(|(other, _)| other.as_str() != name)
+            .min_by_key(|(other, _)| other.as_str() != "a")
+            .map(|(_, node)| node.node.gossip_addr().to_string());
         let throttle = self.throttle;
-        let node = TestNode::start(move |c| {
+        move |c| {
             c.reshard.max_bytes_per_sec = throttle;
             c.node_name = name.into();
             c.role = role;
@@ -133,14 +176,7 @@ impl Scenario {
             c.cluster.bootstrap_expect = expect;
             // Moves of these small points fence at once: writes meet the fence.
             c.reshard.fence_lag_bytes = 64 * 1024;
-        })
-        .await;
-        let address = node.addr();
-        self.addresses
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), address);
-        self.nodes.insert(name.to_owned(), node);
+        }
     }
 
     /// Waits until every node sees `owners` owners in the ring and every node live.
@@ -256,7 +292,16 @@ async fn append(
         let Some(address) = address else {
             panic!("{point} was redirected to {at}, which the writer does not know");
         };
-        let mut client = raw_client(&address).await;
+        let options = ClientOptions {
+            addr: address,
+            tls: None,
+        };
+        // A node restarting (a test restarts one) is tried again.
+        let Ok(client) = Client::connect(&options).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let mut client = client.raw();
         let request = frame(point, offset, bytes);
         let status = match client.produce_stream(tokio_stream::iter([request])).await {
             Ok(_) => return at,
@@ -283,7 +328,11 @@ async fn append(
                 );
                 return at;
             }
-            Code::Unavailable => tokio::time::sleep(Duration::from_millis(20)).await,
+            // Unavailable; or the node stopped under the call (a restart): whether it was
+            // written is found by the retry's expected offset.
+            Code::Unavailable | Code::Cancelled | Code::Unknown => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             _ => panic!("appending to {point} at {offset} on {at}: {status:?}"),
         }
     }
@@ -418,6 +467,39 @@ async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_g
     let at = owner(&scenario.nodes["a"], &fresh).await;
     let took = append(&scenario.addresses, "a".into(), &fresh, 0, b"new").await;
     assert_eq!(took, at);
+    scenario.shutdown().await;
+}
+
+/// The controller decides the join: its leader restarts while the joining primary is being
+/// handed its points, under writes. The next leader completes the join; nothing acknowledged is
+/// lost and every point has one owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_completes_across_a_restart_of_the_controllers_leader() {
+    let mut scenario = Scenario::throttled(&["a", "b", "c"], 1024 * 1024).await;
+    scenario.add("d", 3).await;
+    eventually("d to be handed its first points", || async {
+        !scenario.nodes["d"].node.store().unwrap().is_empty()
+    })
+    .await;
+    let before = members(&scenario.nodes["d"]).await.controller.unwrap();
+    let leader = ["a", "b", "c"]
+        .into_iter()
+        .find(|name| *name == before.leader)
+        .expect("a founder leads the controller");
+    assert_eq!(scenario.state("d").await, "joining");
+    // Stopped until the two other voters elected a new leader.
+    scenario.restart(leader, 3).await;
+    eventually_within("d to turn active", 2 * DEADLINE, || async {
+        scenario.state("d").await == "active"
+    })
+    .await;
+    let after = members(&scenario.nodes["d"]).await.controller.unwrap();
+    assert!(after.term > before.term, "{before:?} then {after:?}");
+    assert!(after.ring_epoch > before.ring_epoch);
+    scenario.converge(4).await;
+    scenario.stop_writing().await;
+    let moved = scenario.check_every_point().await;
+    assert!(!moved.is_empty(), "d took no point");
     scenario.shutdown().await;
 }
 

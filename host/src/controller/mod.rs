@@ -110,6 +110,8 @@ pub struct Controller {
     peers: Arc<Peers>,
     topology: watch::Receiver<Arc<Topology>>,
     propose_timeout: Duration,
+    /// A leader that heard no quorum for this long is not reported as one.
+    quorum_lost_after: Duration,
 }
 
 impl Controller {
@@ -183,6 +185,7 @@ impl Controller {
             peers,
             topology,
             propose_timeout: Duration::from_millis(section.propose_timeout_ms),
+            quorum_lost_after: Duration::from_millis(2 * section.election_timeout_ms),
         })
     }
 
@@ -241,8 +244,15 @@ impl Controller {
 
     /// Who leads, the term, and how far the log is applied here (everything applied was
     /// committed; openraft 0.9 reports a committed index apart from that on the leader only).
+    /// A leader that has heard no quorum for longer than an election (the others are down or
+    /// cut off) leads nothing: it is not reported, so an operator sees that there is no quorum.
     pub fn status(&self) -> Status {
         let metrics = self.raft.metrics().borrow().clone();
+        let lost = self.peers.voters.len() > 1
+            && metrics.state == openraft::ServerState::Leader
+            && metrics
+                .millis_since_quorum_ack
+                .is_none_or(|ms| u128::from(ms) > self.quorum_lost_after.as_millis());
         let name_of = |id| {
             metrics
                 .membership_config
@@ -252,7 +262,7 @@ impl Controller {
         };
         Status {
             voters: self.peers.voters.clone(),
-            leader: metrics.current_leader.and_then(name_of),
+            leader: metrics.current_leader.filter(|_| !lost).and_then(name_of),
             term: metrics.current_term,
             applied: metrics.last_applied.map_or(0, |id| id.index),
             ring_epoch: self.topology.borrow().ring_epoch,

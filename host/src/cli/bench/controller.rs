@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use goutube::cluster::Handed;
-use goutube::cluster::ring::RingMember;
-use goutube::cluster::{Lifecycle, Role};
 use goutube::config::ControllerSection;
 use goutube::controller::Command;
 use goutube::proto::controller::controller_client::ControllerClient;
@@ -42,7 +40,7 @@ pub(super) async fn run(proposals: usize, trials: usize) -> anyhow::Result<()> {
         .into_iter()
         .find(|v| *v != leader)
         .context("three voters")?;
-    propose(&mut client(&voters[through]).await?, &form()).await?;
+    imported(&mut client(&voters[through]).await?).await?;
 
     let fsyncs = synced_writes(dir.path(), proposals)?;
     let mut clients = BTreeMap::new();
@@ -51,8 +49,9 @@ pub(super) async fn run(proposals: usize, trials: usize) -> anyhow::Result<()> {
     }
     let (mut answered, mut commits) = (Vec::new(), Vec::new());
     for i in 0..proposals {
+        // In the name of no member: the members' agents keep their own announcements.
         let announce = Command::Announce {
-            name: "a".into(),
+            name: "bench".into(),
             handed: Some(Handed::Join {
                 joining: "x".into(),
                 version: i as u64,
@@ -196,21 +195,21 @@ async fn propose(client: &mut ControllerClient<Channel>, command: &Command) -> a
     Ok(())
 }
 
-fn form() -> Command {
-    let record = RingMember {
-        lifecycle: Lifecycle::Active,
-        role: Role::Leader,
-        rpc_addr: String::new(),
-        replication_addr: String::new(),
-        virtual_nodes: 64,
-        tags: BTreeMap::new(),
-        version: 0,
-    };
-    Command::Form {
-        founders: VOTERS
-            .iter()
-            .map(|name| ((*name).to_owned(), record.clone()))
-            .collect(),
+/// Waits until the voters' ring (imported by their agents from gossip's formation) is
+/// committed, as the voter `client` reaches applies it.
+async fn imported(client: &mut ControllerClient<Channel>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let topology: goutube::controller::Topology =
+            serde_json::from_slice(&status(client).await?.topology)?;
+        if topology.ring.is_formed() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the voters did not commit their ring within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
