@@ -503,6 +503,77 @@ async fn a_join_completes_across_a_restart_of_the_controllers_leader() {
     scenario.shutdown().await;
 }
 
+/// The upgrade path: a cluster whose data dirs hold no controller (as the version before it
+/// wrote them: the ring in `cluster/ring.json`, points at epoch 2 after a join) starts again,
+/// forms its controller, imports the ring gossip had decided with epochs above every epoch in
+/// its stores, and serves every point as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_without_a_controller_imports_its_ring_and_keeps_serving() {
+    let mut scenario = Scenario::start(&["a", "b", "c"]).await;
+    scenario.add("d", 3).await;
+    eventually("d to turn active", || async {
+        scenario.state("d").await == "active"
+    })
+    .await;
+    scenario.converge(4).await;
+    scenario.stop_writing().await;
+    let moved = scenario.check_every_point().await;
+    assert!(!moved.is_empty());
+    let ring = scenario.nodes["a"].node.membership().borrow().ring.clone();
+
+    // Stopped, and their controllers' files removed: what the previous version left.
+    let names: Vec<String> = scenario.nodes.keys().cloned().collect();
+    let mut dirs = Vec::new();
+    for name in &names {
+        let TestNode { node, dir } = scenario.nodes.remove(name).unwrap();
+        node.shutdown().await.unwrap();
+        // The voters' (a, b and c: the founders); d, no voter, has none.
+        let controller = dir.path().join("controller");
+        assert_eq!(controller.exists(), name != "d", "{name}");
+        if controller.exists() {
+            std::fs::remove_dir_all(controller).unwrap();
+        }
+        assert!(dir.path().join("cluster/ring.json").exists());
+        dirs.push(dir);
+    }
+    for (name, dir) in ["a", "b", "c", "d"].into_iter().zip(dirs) {
+        let configure = scenario.configure(name, 3, Role::Standalone);
+        let node = start_in(dir.path(), configure).await;
+        scenario
+            .addresses
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), node.rpc_addr().to_string());
+        scenario
+            .nodes
+            .insert(name.to_owned(), TestNode { node, dir });
+    }
+    let a = &scenario.nodes["a"];
+    eventually("the controller to import the ring", || async {
+        a.node.controller().is_some_and(|controller| {
+            let topology = controller.topology().borrow().clone();
+            topology.ring.owners().count() == 4 && topology.ring.id == ring.id
+        })
+    })
+    .await;
+    let topology = a.node.controller().unwrap().topology().borrow().clone();
+    assert!(
+        topology.epoch_floor >= 2,
+        "epochs start above the stores' (2 after the join): {}",
+        topology.epoch_floor
+    );
+    assert!(topology.ring_epoch > topology.epoch_floor);
+    for (name, record) in &ring.members {
+        assert_eq!(
+            topology.ring.members[name].lifecycle, record.lifecycle,
+            "{name}"
+        );
+    }
+    scenario.converge(4).await;
+    scenario.check_every_point().await;
+    scenario.shutdown().await;
+}
+
 /// Primaries `a` (with `configure`) and `b`, seeded by `a`, in one ring.
 async fn pair(configure: impl FnOnce(&mut Config)) -> (TestNode, TestNode) {
     let a = TestNode::start(|c| {

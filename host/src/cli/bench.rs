@@ -117,6 +117,10 @@ pub(crate) enum Bench {
         /// Kills of the leader.
         #[arg(long, default_value_t = 30)]
         trials: usize,
+        /// `controller.election_timeout_ms` of the voters (heartbeats a third of it); default:
+        /// the configuration's default.
+        #[arg(long)]
+        election_timeout_ms: Option<u64>,
     },
     /// The HTTP gateway against gRPC consume of the same point in the same run: reading it
     /// whole, and many clients reading random 1 MiB ranges (time to first byte, throughput).
@@ -193,8 +197,14 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             rounds,
         } => reshard::run(mib.max(1), points.max(1), rounds.max(1)).await,
         Bench::Cluster { sizes, rounds } => cluster::run(&sizes, rounds.max(1)).await,
-        Bench::Controller { proposals, trials } => {
-            controller::run(proposals.max(1), trials.max(1)).await
+        Bench::Controller {
+            proposals,
+            trials,
+            election_timeout_ms,
+        } => {
+            let timeout = election_timeout_ms
+                .unwrap_or(goutube::config::ControllerSection::default().election_timeout_ms);
+            controller::run(proposals.max(1), trials.max(1), timeout.max(30)).await
         }
         Bench::Http {
             mib,

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use goutube::cluster::Handed;
-use goutube::config::ControllerSection;
 use goutube::controller::Command;
 use goutube::proto::controller::controller_client::ControllerClient;
 use goutube::proto::controller::{ProposeRequest, StatusRequest, StatusResponse};
@@ -29,11 +28,18 @@ use super::{ClientOptions, Server, median, percentile};
 
 const VOTERS: [&str; 3] = ["a", "b", "c"];
 
-pub(super) async fn run(proposals: usize, trials: usize) -> anyhow::Result<()> {
+pub(super) async fn run(
+    proposals: usize,
+    trials: usize,
+    election_timeout_ms: u64,
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
+    let start = |voters: &mut BTreeMap<&'static str, Server>, name| {
+        spawn(voters, dir.path(), name, election_timeout_ms)
+    };
     let mut voters = BTreeMap::new();
     for name in VOTERS {
-        spawn(&mut voters, dir.path(), name)?;
+        start(&mut voters, name)?;
     }
     let leader = agreed_leader(&voters, &VOTERS).await?;
     let through = VOTERS
@@ -91,7 +97,7 @@ pub(super) async fn run(proposals: usize, trials: usize) -> anyhow::Result<()> {
         median(&commits) / median(&fsyncs)
     );
 
-    let timeout = ControllerSection::default().election_timeout_ms as f64;
+    let timeout = election_timeout_ms as f64;
     let mut elections = Vec::new();
     for _ in 0..trials {
         let leader = agreed_leader(&voters, &VOTERS).await?;
@@ -105,7 +111,7 @@ pub(super) async fn run(proposals: usize, trials: usize) -> anyhow::Result<()> {
             .into_iter()
             .find(|v| **v == *leader)
             .context("a voter")?;
-        spawn(&mut voters, dir.path(), name)?;
+        start(&mut voters, name)?;
     }
     elections.sort_by(f64::total_cmp);
     println!("## Failover: {trials} kills of the controller leader\n");
@@ -124,16 +130,21 @@ pub(super) async fn run(proposals: usize, trials: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts voter `name` on its data in `dir`, seeded with the voters running.
+/// Starts voter `name` on its data in `dir`, seeded with the voters running, with elections
+/// after `election_timeout_ms` and heartbeats three times as often.
 fn spawn(
     voters: &mut BTreeMap<&'static str, Server>,
     dir: &Path,
     name: &'static str,
+    election_timeout_ms: u64,
 ) -> anyhow::Result<()> {
     let seeds: Vec<String> = voters.values().map(|v| format!("{:?}", v.gossip)).collect();
     let settings = format!(
-        "role = \"leader\"\nseed_addresses = [{}]\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n[cluster]\nbootstrap_expect = 3\n",
-        seeds.join(", ")
+        "role = \"leader\"\nseed_addresses = [{}]\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
+         election_timeout_ms = {election_timeout_ms}\nheartbeat_ms = {}\n\
+         [cluster]\nbootstrap_expect = 3\n",
+        seeds.join(", "),
+        election_timeout_ms / 3
     );
     voters.insert(
         name,
