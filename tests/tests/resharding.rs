@@ -27,6 +27,10 @@ use tonic::Code;
 /// The points of a scenario.
 const POINTS: u64 = 300;
 
+/// The cases of this file, one at a time: each runs four nodes and a writer, and two at once on
+/// two cores starve the nodes' plugins past their time limits.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Primaries in one ring, each seeing the others, and a writer at work on some of their points.
 struct Scenario {
     /// `reshard.max_bytes_per_sec` of every node.
@@ -340,6 +344,7 @@ async fn append(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_on() {
+    let _serial = SERIAL.lock().await;
     let mut scenario = Scenario::start(&["a", "b", "c", "d"]).await;
     let on_c: Vec<String> = scenario
         .owners
@@ -406,6 +411,7 @@ async fn a_drained_primary_hands_every_point_to_its_next_owner_while_writes_go_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_go_on() {
+    let _serial = SERIAL.lock().await;
     let mut scenario = Scenario::start(&["a", "b", "c"]).await;
     // A leader without followers: the copies handed to it are not replicated, so their old
     // owners keep theirs until an operator cleans them up.
@@ -475,6 +481,7 @@ async fn a_joining_primary_is_handed_its_points_then_turns_active_while_writes_g
 /// lost and every point has one owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_join_completes_across_a_restart_of_the_controllers_leader() {
+    let _serial = SERIAL.lock().await;
     let mut scenario = Scenario::throttled(&["a", "b", "c"], 1024 * 1024).await;
     scenario.add("d", 3).await;
     eventually("d to be handed its first points", || async {
@@ -509,6 +516,7 @@ async fn a_join_completes_across_a_restart_of_the_controllers_leader() {
 /// its stores, and serves every point as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_without_a_controller_imports_its_ring_and_keeps_serving() {
+    let _serial = SERIAL.lock().await;
     let mut scenario = Scenario::start(&["a", "b", "c"]).await;
     scenario.add("d", 3).await;
     eventually("d to turn active", || async {
@@ -668,6 +676,7 @@ async fn drained_to(at: &TestNode, held: &[(String, Vec<u8>)]) {
 /// byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
+    let _serial = SERIAL.lock().await;
     const RATE: u64 = 2 * 1024 * 1024;
     let (a, b) = pair(|c| c.reshard.max_bytes_per_sec = RATE).await;
     // 6 MiB in points of a.
@@ -694,6 +703,7 @@ async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
 /// `reshard.settle_ms`: a member that turns up meanwhile (here a balancer) puts them off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_wait_for_a_settled_view() {
+    let _serial = SERIAL.lock().await;
     const SETTLE: Duration = Duration::from_secs(3);
     let (a, b) = pair(|c| c.reshard.settle_ms = SETTLE.as_millis() as u64).await;
     let held = points_of(&a, "settle", 3, 10_000).await;
@@ -719,6 +729,7 @@ async fn moves_wait_for_a_settled_view() {
 /// every point ends on its owner intact, and no handover record is left anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_move_whose_target_changes_is_cancelled_cleanly() {
+    let _serial = SERIAL.lock().await;
     let mut scenario = Scenario::throttled(&["a", "b", "c"], 512 * 1024).await;
     scenario.add("d", 3).await;
     // A point of b or c grown by 4 MiB and bound for d: at the throttle its copy takes some 8 s,
