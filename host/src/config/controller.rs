@@ -29,8 +29,10 @@ impl Default for ControllerSection {
     fn default() -> Self {
         ControllerSection {
             voters: Vec::new(),
-            heartbeat_ms: 100,
-            election_timeout_ms: 300,
+            // openraft 0.9 waits a leader lease (twice this) before a vote: a new leader
+            // within some 1.4 s (p99) of a kill (`docs/benchmarks.md`).
+            heartbeat_ms: 30,
+            election_timeout_ms: 100,
             propose_timeout_ms: 5_000,
         }
     }

@@ -185,7 +185,9 @@ impl Controller {
             peers,
             topology,
             propose_timeout: Duration::from_millis(section.propose_timeout_ms),
-            quorum_lost_after: Duration::from_millis(2 * section.election_timeout_ms),
+            // Well past an election, and never under a second: a loaded node's late heartbeat
+            // is not a lost quorum.
+            quorum_lost_after: Duration::from_millis((4 * section.election_timeout_ms).max(1000)),
         })
     }
 
@@ -244,8 +246,8 @@ impl Controller {
 
     /// Who leads, the term, and how far the log is applied here (everything applied was
     /// committed; openraft 0.9 reports a committed index apart from that on the leader only).
-    /// A leader that has heard no quorum for longer than an election (the others are down or
-    /// cut off) leads nothing: it is not reported, so an operator sees that there is no quorum.
+    /// A leader that has heard no quorum for well longer than an election (the others are down
+    /// or cut off) leads nothing: it is not reported, so an operator sees that there is no quorum.
     pub fn status(&self) -> Status {
         let metrics = self.raft.metrics().borrow().clone();
         let lost = self.peers.voters.len() > 1
