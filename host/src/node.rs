@@ -266,11 +266,9 @@ impl Node {
         );
         let agent = start_agent(&services, store.clone(), links, cluster.membership()).await?;
         // Only a primary may be a voter: the others call the voters, and serve no controller.
-        let controller_service = services
-            .config
-            .role
-            .is_primary()
-            .then(|| ControllerService::new(agent.controller(), tls.api.is_some()).server());
+        let controller_service = services.config.role.is_primary().then(|| {
+            ControllerService::new(services.controller.controller(), tls.api.is_some()).server()
+        });
         let ready = ring_formed(cluster.membership());
         let shutdown = services.lifetime.shutdown.clone();
         let max_frame = services.config.max_frame_size;
@@ -406,12 +404,12 @@ impl Node {
 
     /// The controller, on a voter once started.
     pub fn controller(&self) -> Option<Controller> {
-        self.agent.controller().borrow().clone()
+        self.services.controller.controller().borrow().clone()
     }
 
     /// The controller as this node sees it (`None` before it knows).
     pub fn controller_status(&self) -> Option<crate::controller::Status> {
-        self.agent.status()
+        self.services.controller.status()
     }
 
     /// The newest membership, always.

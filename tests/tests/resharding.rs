@@ -125,6 +125,11 @@ impl Scenario {
     /// Starts primary `name` in `role`, seeded by `a` (if it runs).
     async fn add_as(&mut self, name: &'static str, expect: usize, role: Role) {
         let node = TestNode::start(self.configure(name, expect, role)).await;
+        self.place(name, node);
+    }
+
+    /// Holds `node` as `name`, and tells the writer where it serves.
+    fn place(&mut self, name: &str, node: TestNode) {
         self.addresses
             .lock()
             .unwrap()
@@ -150,11 +155,7 @@ impl Scenario {
             node: start_in(dir.path(), configure).await,
             dir,
         };
-        self.addresses
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), node.addr());
-        self.nodes.insert(name.to_owned(), node);
+        self.place(name, node);
     }
 
     /// The configuration of primary `name` in `role`, seeded by `a` if it runs (`a` itself,
@@ -547,14 +548,7 @@ async fn a_cluster_without_a_controller_imports_its_ring_and_keeps_serving() {
     for (name, dir) in ["a", "b", "c", "d"].into_iter().zip(dirs) {
         let configure = scenario.configure(name, 3, Role::Standalone);
         let node = start_in(dir.path(), configure).await;
-        scenario
-            .addresses
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), node.rpc_addr().to_string());
-        scenario
-            .nodes
-            .insert(name.to_owned(), TestNode { node, dir });
+        scenario.place(name, TestNode { node, dir });
     }
     let a = &scenario.nodes["a"];
     eventually("the controller to import the ring", || async {

@@ -23,14 +23,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::network::Peers;
-use super::raft::Outcome;
 use super::{Applied, Command, Controller, ProposeError, Rejected, StartError, Status, Topology};
 use crate::client::ClientTls;
 use crate::cluster::ring::{Ring, RingMember};
 use crate::cluster::{Controlled, Decision, Lifecycle, Membership, StepError};
 use crate::config::ControllerSection;
 use crate::point::Store;
-use crate::proto::controller::{ProposeRequest, StatusRequest};
+use crate::proto::controller::StatusRequest;
 use crate::service::{Handle, Service, Spawner};
 
 /// What the agent needs.
@@ -115,16 +114,6 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// This voter's controller, once started (`None` on other members).
-    pub fn controller(&self) -> watch::Receiver<Option<Controller>> {
-        self.observer.controller()
-    }
-
-    /// The controller as this node sees it.
-    pub fn status(&self) -> Option<Status> {
-        self.observer.status()
-    }
-
     /// Resolves when the agent ends: `Ok` on shutdown, the failure if a task failed.
     pub fn terminated(
         &self,
@@ -233,29 +222,11 @@ impl Decider {
 /// Proposes `command` to the voters, one after the other, until one answers (a voter forwards
 /// it to its leader).
 async fn through_voters(peers: &Peers, command: &Command) -> Result<Applied, ProposeError> {
-    let request = ProposeRequest {
-        command: serde_json::to_vec(command)
-            .expect("a command encodes")
-            .into(),
-    };
     loop {
         for voter in &peers.voters {
-            let answer = match peers.client(voter) {
-                Ok(mut client) => client.propose(request.clone()).await,
-                Err(error) => {
-                    tracing::debug!(%voter, %error, "controller: cannot reach a voter");
-                    continue;
-                }
-            };
-            match answer {
-                Ok(answer) => {
-                    let outcome: Outcome = serde_json::from_slice(&answer.into_inner().outcome)
-                        .map_err(|e| ProposeError::NoQuorum(format!("undecodable answer: {e}")))?;
-                    return Ok(outcome?);
-                }
-                Err(status) => {
-                    tracing::debug!(%voter, %status, "controller: a voter did not decide");
-                }
+            match peers.propose(voter, command).await {
+                Ok(outcome) => return Ok(outcome?),
+                Err(error) => tracing::debug!(%voter, %error, "controller: a voter did not decide"),
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -291,6 +262,11 @@ impl Running {
             return;
         };
         let mut formed_since: Option<Instant> = None;
+        // An import walks the store once for its highest epoch, however often it is retried.
+        let highest = Arc::new(HighestEpoch {
+            store: self.params.store.clone(),
+            found: tokio::sync::OnceCell::new(),
+        });
         let mut proposing: Option<tokio::task::JoinHandle<()>> = None;
         let mut ticks = tokio::time::interval(RETRY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -337,8 +313,8 @@ impl Running {
             };
             if let Some(command) = wanted {
                 let decider = decider.clone();
-                let store = self.params.store.clone();
-                proposing = Some(tokio::spawn(propose_own(decider, command, store)));
+                let highest = highest.clone();
+                proposing = Some(tokio::spawn(propose_own(decider, command, highest)));
             }
         }
         if let Some(task) = proposing {
@@ -496,12 +472,9 @@ impl Running {
 
 /// Proposes what this member's own state asks for; a failure is logged, and the agent asks
 /// again at its next look.
-async fn propose_own(decider: Decider, mut command: Command, store: Option<Store>) {
+async fn propose_own(decider: Decider, mut command: Command, highest: Arc<HighestEpoch>) {
     if let Command::Import { max_epoch, .. } = &mut command {
-        *max_epoch = match &store {
-            Some(store) => highest_epoch(store).await,
-            None => 0,
-        };
+        *max_epoch = highest.get().await;
     }
     match decider.propose(command.clone()).await {
         Ok(_) => {}
@@ -512,15 +485,27 @@ async fn propose_own(decider: Decider, mut command: Command, store: Option<Store
     }
 }
 
-/// The highest epoch a point in `store` holds (an import's epochs start above it).
-async fn highest_epoch(store: &Store) -> u64 {
-    let mut highest = crate::point::ownership::FIRST_EPOCH;
-    for id in store.list("", None, usize::MAX) {
-        if let Ok(ownership) = store.ownership(&id).await {
-            highest = highest.max(ownership.epoch);
-        }
+/// The highest epoch a point in the store holds (an import's epochs start above it), found
+/// once.
+struct HighestEpoch {
+    store: Option<Store>,
+    found: tokio::sync::OnceCell<u64>,
+}
+
+impl HighestEpoch {
+    async fn get(&self) -> u64 {
+        let walk = || async {
+            let Some(store) = &self.store else { return 0 };
+            let mut highest = crate::point::ownership::FIRST_EPOCH;
+            for id in store.list("", None, usize::MAX) {
+                if let Ok(ownership) = store.ownership(&id).await {
+                    highest = highest.max(ownership.epoch);
+                }
+            }
+            highest
+        };
+        *self.found.get_or_init(walk).await
     }
-    highest
 }
 
 /// What deciding a step [`cluster::Steps`] asked for needs.
@@ -566,9 +551,7 @@ impl Asked {
             Ok(_) => Ok(()),
             Err(ProposeError::Refused(Rejected::Unknown(name))) => Err(StepError::Unknown(name)),
             Err(ProposeError::Refused(refused)) => Err(StepError::Refused(refused.to_string())),
-            Err(error @ (ProposeError::NoQuorum(_) | ProposeError::NoController)) => {
-                Err(StepError::NoQuorum(error.to_string()))
-            }
+            Err(error @ ProposeError::NoQuorum(_)) => Err(StepError::NoQuorum(error.to_string())),
             Err(_) => Err(StepError::Stopped),
         }
     }

@@ -41,7 +41,6 @@ pub use state::{Group, Topology};
 use crate::client::ClientTls;
 use crate::cluster::Membership;
 use crate::config::ControllerSection;
-use crate::proto::controller::ProposeRequest;
 use network::{Network, Peers};
 use raft::{Machine, Raft, Voter, node_id};
 
@@ -80,9 +79,6 @@ pub enum ProposeError {
          a quorum is back, and retrying it is safe"
     )]
     NoQuorum(String),
-    /// This node has no controller (a follower or balancer with no voters configured).
-    #[error("this node has no controller: set controller.voters")]
-    NoController,
     /// The controller is stopping.
     #[error("the controller is stopping")]
     Stopped,
@@ -218,7 +214,7 @@ impl Controller {
                 Err(RaftError::Fatal(_)) => return Err(ProposeError::Stopped),
             };
             match leader {
-                Some(leader) => match self.forward(&leader, &command).await {
+                Some(leader) => match self.peers.propose(&leader, &command).await {
                     Ok(outcome) => return Ok(outcome?),
                     Err(error) => {
                         tracing::debug!(%leader, %error, "controller: the leader did not answer");
@@ -229,19 +225,6 @@ impl Controller {
             // An election is under way, or the leader just changed: ask again shortly.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// Asks the leader `leader` to decide `command`.
-    async fn forward(
-        &self,
-        leader: &str,
-        command: &Command,
-    ) -> Result<raft::Outcome, network::CallError> {
-        let request = ProposeRequest {
-            command: serde_json::to_vec(command)?.into(),
-        };
-        let answer = self.peers.client(leader)?.propose(request).await?;
-        Ok(serde_json::from_slice(&answer.into_inner().outcome)?)
     }
 
     /// Who leads, the term, and how far the log is applied here (everything applied was

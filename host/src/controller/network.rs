@@ -22,11 +22,12 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::raft::{NodeId, TypeConfig, Voter};
+use super::Command;
+use super::raft::{NodeId, Outcome, TypeConfig, Voter};
 use crate::client::{ClientOptions, ClientTls, lazy_channel};
 use crate::cluster::Membership;
-use crate::proto::controller::RaftMessage;
 use crate::proto::controller::controller_client::ControllerClient;
+use crate::proto::controller::{ProposeRequest, RaftMessage};
 
 /// Who this node is to the other voters, and how it reaches them.
 pub(super) struct Peers {
@@ -105,6 +106,16 @@ impl Peers {
             }
         };
         Ok(ControllerClient::new(channel))
+    }
+
+    /// Asks voter `to` to decide `command` (a voter forwards it to its leader); returns the
+    /// outcome it answers.
+    pub(super) async fn propose(&self, to: &str, command: &Command) -> Result<Outcome, CallError> {
+        let request = ProposeRequest {
+            command: serde_json::to_vec(command)?.into(),
+        };
+        let answer = self.client(to)?.propose(request).await?;
+        Ok(serde_json::from_slice(&answer.into_inner().outcome)?)
     }
 
     /// Sends one Raft message of `kind` to `to`; returns its decoded answer, openraft's result.
