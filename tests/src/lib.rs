@@ -265,6 +265,22 @@ where
     }
 }
 
+/// Polls `poll` until it gives a value, and returns it; fails the test after [`DEADLINE`].
+pub async fn eventually_some<T, F, Fut>(what: &str, mut poll: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = poll().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// What a poll of long work saw: finished, or not yet and how far it has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advance {

@@ -136,6 +136,13 @@ impl Ring {
         self.members.iter().filter(|(_, m)| m.owns_range())
     }
 
+    /// The epoch of the last decision that changed this ring: the highest version of its
+    /// records (each record's version is the controller epoch of the entry that last changed
+    /// it). A handover commits at this epoch or above, so a move's epoch is the controller's.
+    pub fn epoch(&self) -> u64 {
+        self.members.values().map(|m| m.version).max().unwrap_or(0)
+    }
+
     /// A stable hash of what ownership depends on (the owners, their weights and labels): the
     /// same on every node that holds the same ring, and the stamp placement answers are cached
     /// under.

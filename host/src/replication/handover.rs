@@ -3,10 +3,10 @@
 //! `settled`.
 //!
 //! This side never decides anything on its own: it holds the point as `incoming` from the old
-//! owner (refusing writes for it) while the old owner pushes its bytes, commits the next epoch
-//! only when what it holds is exactly what the old owner sealed (length and CRC32C, synced
-//! first), and answers the same when asked again, so an old owner that crashed and asks once
-//! more learns what happened.
+//! owner (refusing writes for it) while the old owner pushes its bytes, commits a new epoch (the
+//! controller's, from the ring it holds) only when what it holds is exactly what the old owner
+//! sealed (length and CRC32C, synced first), and answers the same when asked again, so an old
+//! owner that crashed and asks once more learns what happened.
 
 use super::error::HandoverError;
 use crate::point::ownership::FIRST_EPOCH;
@@ -70,14 +70,16 @@ pub(crate) async fn begin(
 }
 
 /// Ends the handover of `point` from `from`: if this node holds exactly `end` bytes with CRC32C
-/// `crc`, it syncs them and commits the next epoch with itself as owner.
+/// `crc`, it syncs them and commits, with itself as owner, the epoch of the controller's ring
+/// it holds (`ring_epoch`, the decision the move follows), or the next epoch if that is higher:
+/// a point's epochs only grow.
 pub(crate) async fn seal(
     store: &Store,
     local: &str,
     from: &str,
     point: &PointId,
-    end: u64,
-    crc: u32,
+    (end, crc): (u64, u32),
+    ring_epoch: u64,
 ) -> Result<Sealed, HandoverError> {
     let held = match store.ownership(point).await {
         Ok(held) => held,
@@ -112,16 +114,17 @@ pub(crate) async fn seal(
         }));
     }
     store.sync(point).await?;
+    let epoch = (epoch + 1).max(ring_epoch);
     let committed = Ownership {
-        epoch: epoch + 1,
+        epoch,
         owner: Some(local.to_owned()),
         handover: None,
     };
     store.set_ownership(point, committed).await?;
     crate::reshard::crash_point("commit");
     ::metrics::counter!(crate::metrics::RESHARD_RECEIVED_POINTS).increment(1);
-    tracing::info!(%point, %from, epoch = epoch + 1, end, "took the point over");
-    Ok(Sealed::Committed(epoch + 1))
+    tracing::info!(%point, %from, epoch, end, "took the point over");
+    Ok(Sealed::Committed(epoch))
 }
 
 /// Makes the copy of `point` arriving from `from` durable as it is (before the fence).

@@ -182,13 +182,14 @@ impl leader::Server for LeaderService {
         self.authorize_member(&from).await?;
         let point = point_of(params.get_point()?)?;
         let context = &self.context;
+        let ring_epoch = context.membership.borrow().ring.epoch();
         let sealed = handover::seal(
             &context.store,
             &context.services.config.node_name,
             &from,
             &point,
-            params.get_end(),
-            params.get_crc(),
+            (params.get_end(), params.get_crc()),
+            ring_epoch,
         )
         .await
         .map_err(wire)?;
