@@ -625,6 +625,15 @@ impl proto::streaming_server::Streaming for BalancerService {
         ))
     }
 
+    async fn set_voters(
+        &self,
+        _: Request<proto::SetVotersRequest>,
+    ) -> Result<Response<proto::SetVotersResponse>, Status> {
+        Err(Status::failed_precondition(
+            "a balancer does not change the controller: ask a primary (goutube members voters A,B,C --addr PRIMARY)",
+        ))
+    }
+
     async fn list_members(
         &self,
         request: Request<ListMembersRequest>,

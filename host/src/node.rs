@@ -526,6 +526,7 @@ async fn start_agent(
         tls: balancer_identity(config),
         settle,
         store,
+        primary: config.role.is_primary(),
     };
     Ok(agent::start(params, links, membership, services.lifetime.subsystem()).await?)
 }

@@ -20,6 +20,8 @@ use tempfile::TempDir;
 use tonic::Status;
 use tonic::transport::Channel;
 
+pub mod upgrade;
+
 /// How long any wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -395,7 +397,12 @@ impl NodeProcess {
 
     /// [`NodeProcess::spawn`] with more environment variables.
     pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> NodeProcess {
-        let mut command = Command::new(goutube_bin());
+        NodeProcess::spawn_binary(&goutube_bin(), config, env)
+    }
+
+    /// [`NodeProcess::spawn_with_env`] of the `goutube` binary at `bin` (another version's).
+    pub fn spawn_binary(bin: &Path, config: &Path, env: &[(&str, &str)]) -> NodeProcess {
+        let mut command = Command::new(bin);
         // With GOUTUBETEST_LOG set, the children log at that level too.
         let level = std::env::var("GOUTUBETEST_LOG").unwrap_or_else(|_| "warn".into());
         command

@@ -2,7 +2,8 @@
 //! keeps its decisions across a restart; three voters (child processes, mTLS) elect a leader,
 //! decide through any of them, survive a `kill -9` of the leader, and stop deciding without a
 //! quorum, with a clear status, until a voter returns; only voters of the same controller speak
-//! its Raft.
+//! its Raft; an operator replaces a lost voter (`goutube members voters`) and recovers from a
+//! quorum lost for good (`goutube controller recover`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -14,8 +15,8 @@ use goutube::proto::controller::controller_client::ControllerClient;
 use goutube::proto::controller::{ProposeRequest, RaftMessage, StatusRequest, StatusResponse};
 use goutube::proto::{ListMembersResponse, ProduceRequest};
 use goutube_tests::{
-    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, owner_through, produce,
-    window, write_node_config,
+    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, goutube_bin, owner_through,
+    produce, window, write_node_config,
 };
 use tempfile::TempDir;
 use tonic::Code;
@@ -129,6 +130,23 @@ impl Voters {
         }
     }
 
+    /// Voters a, b and c, once they agree on a leader; and the leader.
+    async fn three() -> (Voters, String) {
+        let mut voters = Voters::new();
+        for name in ["a", "b", "c"] {
+            voters.spawn(name);
+        }
+        let leader = voters.agreed_leader(&["a", "b", "c"]).await;
+        (voters, leader)
+    }
+
+    /// Stops every node running, gracefully.
+    fn stop(self) {
+        for (name, node) in self.nodes {
+            assert!(node.terminate(), "{name}: a graceful stop");
+        }
+    }
+
     /// Starts (or restarts, on its data) primary `name`, seeded with the nodes running: a
     /// voter if it is a, b or c.
     fn spawn(&mut self, name: &'static str) {
@@ -153,13 +171,19 @@ impl Voters {
     }
 
     async fn members(&self, name: &str) -> ListMembersResponse {
+        self.operator(name).await.members().await.unwrap()
+    }
+
+    /// An operator's client (`root`) of node `name`.
+    async fn operator(&self, name: &str) -> goutube::client::Client {
         let options = self.pki.client_options("root", &self.nodes[name].rpc);
-        goutube::client::Client::connect(&options)
-            .await
-            .unwrap()
-            .members()
-            .await
-            .unwrap()
+        goutube::client::Client::connect(&options).await.unwrap()
+    }
+
+    /// The voters `name` reports in `goutube members`.
+    async fn voters_seen(&self, name: &str) -> Vec<String> {
+        let members = self.members(name).await;
+        members.controller.map(|c| c.voters).unwrap_or_default()
     }
 
     async fn client(&self, name: &str, subject: &str) -> ControllerClient<Channel> {
@@ -227,11 +251,7 @@ impl Voters {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_voters_decide_through_any_of_them_and_survive_a_kill_of_the_leader() {
-    let mut voters = Voters::new();
-    for name in ["a", "b", "c"] {
-        voters.spawn(name);
-    }
-    let leader = voters.agreed_leader(&["a", "b", "c"]).await;
+    let (mut voters, leader) = Voters::three().await;
     let other = ["a", "b", "c"].into_iter().find(|n| *n != leader).unwrap();
     let formed = voters.formed(other).await.ring_epoch;
     // Through a voter that does not lead: forwarded to the leader.
@@ -279,18 +299,12 @@ async fn three_voters_decide_through_any_of_them_and_survive_a_kill_of_the_leade
         }
     })
     .await;
-    for (_, node) in std::mem::take(&mut voters.nodes) {
-        assert!(node.terminate(), "a graceful stop");
-    }
+    voters.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_quorum_decisions_wait_with_a_clear_status_until_a_voter_returns() {
-    let mut voters = Voters::new();
-    for name in ["a", "b", "c"] {
-        voters.spawn(name);
-    }
-    voters.agreed_leader(&["a", "b", "c"]).await;
+    let (mut voters, _) = Voters::three().await;
     voters.formed("a").await;
     // A point a owns, written before the voters go.
     let mut client = voters.pki.client("root", &voters.nodes["a"].rpc).await;
@@ -376,9 +390,7 @@ async fn without_a_quorum_decisions_wait_with_a_clear_status_until_a_voter_retur
     .await;
     let decided = voters.topology("a").await.unwrap();
     assert_eq!(decided.ring.members["x"].lifecycle, Lifecycle::Joining);
-    for (_, node) in std::mem::take(&mut voters.nodes) {
-        assert!(node.terminate(), "a graceful stop");
-    }
+    voters.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,4 +483,129 @@ async fn only_voters_of_this_controller_speak_its_raft() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
     node.shutdown().await;
+}
+
+/// The status code of a client error.
+fn code_of(error: goutube::client::ClientError) -> (Code, String) {
+    match error {
+        goutube::client::ClientError::Status(status) => (status.code(), status.message().into()),
+        other => panic!("{other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_replaces_a_lost_voter_and_the_new_one_counts_in_the_quorum() {
+    let (mut voters, _) = Voters::three().await;
+    voters.formed("a").await;
+    // d, a fourth primary: joins the ring (the voters stay a, b and c).
+    voters.spawn("d");
+    eventually("d to be active", || async {
+        let members = voters.members("a").await;
+        members
+            .members
+            .iter()
+            .any(|m| m.name == "d" && m.state == "active")
+    })
+    .await;
+    assert_eq!(voters.voters_seen("d").await, ["a", "b", "c"]);
+
+    // c is lost for good.
+    voters.nodes.remove("c").unwrap().kill();
+    eventually("a to see c down", || async {
+        let members = voters.members("a").await;
+        members.members.iter().any(|m| m.name == "c" && !m.live)
+    })
+    .await;
+    let operator = voters.operator("a").await;
+    let wanted = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    // Lists the rules refuse, naming why.
+    for (list, says) in [
+        (&["a", "b"][..], "2 voters"),
+        (&["a", "b", "nobody"], "nobody is not an active primary"),
+        (&["a", "b", "c"], "c is not live"),
+    ] {
+        let (code, message) = code_of(operator.set_voters(&wanted(list)).await.unwrap_err());
+        assert_eq!(code, Code::FailedPrecondition, "{list:?}: {message}");
+        assert!(message.contains(says), "{list:?}: {message}");
+    }
+    // d replaces c: it catches the log up, then the new set is committed.
+    let now = operator
+        .set_voters(&wanted(&["a", "b", "d"]))
+        .await
+        .unwrap();
+    assert_eq!(now, ["a", "b", "d"]);
+    for name in ["a", "b", "d"] {
+        eventually("every member to report the new voters", || async {
+            voters.voters_seen(name).await == ["a", "b", "d"]
+        })
+        .await;
+    }
+
+    // b goes too: a and d are a quorum of the new voters, and decide.
+    voters.nodes.remove("b").unwrap().kill();
+    let leader = voters.agreed_leader(&["a", "d"]).await;
+    assert!(["a", "d"].contains(&leader.as_str()), "{leader}");
+    eventually("a decision by a and d", || {
+        let voters = &voters;
+        async move { voters.propose("d", &join("x")).await.is_ok() }
+    })
+    .await;
+    let decided = voters.topology("a").await.unwrap();
+    assert_eq!(decided.ring.members["x"].lifecycle, Lifecycle::Joining);
+    voters.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_lost_for_good_is_recovered_by_an_operator_on_a_surviving_voter() {
+    let (mut voters, _) = Voters::three().await;
+    let before = voters.formed("a").await;
+    voters.propose("a", &join("x")).await.unwrap();
+
+    // b and c are lost for good; a is stopped for the recovery.
+    voters.nodes.remove("b").unwrap().kill();
+    voters.nodes.remove("c").unwrap().kill();
+    assert!(voters.nodes.remove("a").unwrap().terminate());
+    let config = voters.root.path().join("a").join("node.toml");
+    let recover = |yes: bool| {
+        let mut command = std::process::Command::new(goutube_bin());
+        command
+            .args(["controller", "recover", "--config"])
+            .arg(&config);
+        if yes {
+            command.arg("--yes");
+        }
+        command.output().unwrap()
+    };
+    // Loudly warned, and nothing done without --yes.
+    let refused = recover(false);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("WARNING") && stderr.contains("LOST") && stderr.contains("--yes"),
+        "{stderr}"
+    );
+    let recovered = recover(true);
+    let stdout = String::from_utf8_lossy(&recovered.stdout);
+    assert!(
+        recovered.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&recovered.stderr)
+    );
+    assert!(
+        stdout.contains("a: the controller's only voter now (was: a,b,c)"),
+        "{stdout}"
+    );
+
+    // Started again, a leads alone with every decision it held, and decides again.
+    voters.spawn("a");
+    assert_eq!(voters.agreed_leader(&["a"]).await, "a");
+    assert_eq!(voters.voters_seen("a").await, ["a"]);
+    let kept = voters.topology("a").await.unwrap();
+    assert!(kept.ring.members.contains_key("x"), "the join it held");
+    assert!(kept.applied > before.applied);
+    let Applied::Changed { epoch } = voters.propose("a", &join("y")).await.unwrap() else {
+        panic!("a join changes the state");
+    };
+    assert!(epoch > kept.ring_epoch, "epochs only grow");
+    voters.stop();
 }

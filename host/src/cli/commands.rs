@@ -250,7 +250,7 @@ pub(super) async fn members_list(connection: Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `goutube members drain|cleanup|forget NODE`.
+/// `goutube members drain|cleanup|forget NODE`, `goutube members voters A,B,C`.
 pub(super) async fn members_change(
     action: MembersAction,
     node: Option<String>,
@@ -281,6 +281,16 @@ pub(super) async fn members_change(
                 "{node}: {state}; its new owners take its points over from its \
                  followers' copies (watch `goutube members`)"
             );
+        }
+        MembersAction::Voters => {
+            let wanted: Vec<String> = node
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let voters = client.set_voters(&wanted).await?;
+            println!("the controller's voters: {}", voters.join(","));
         }
     }
     Ok(())

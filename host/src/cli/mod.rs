@@ -108,10 +108,12 @@ pub(crate) enum Command {
         /// over (kept, serving reads, until their new owner holds them replicated). Both are
         /// asked of NODE itself, found through --addr. `forget`: NODE, a dead primary, is
         /// forgotten (asked of the --addr node); its points are taken over from its followers'
-        /// copies, and if it ever returns it steps down.
+        /// copies, and if it ever returns it steps down. `voters`: NODE is the list of the
+        /// controller's voters wanted, comma-separated (1, 3 or 5 live primaries): each new one
+        /// catches the controller's log up, then the list is committed.
         #[arg(value_enum, requires = "node")]
         action: Option<MembersAction>,
-        /// The member to change.
+        /// The member to change (`voters`: the voters, comma-separated).
         node: Option<String>,
         #[command(flatten)]
         connection: Connection,
@@ -155,6 +157,26 @@ pub(crate) enum Command {
     /// Measure throughput and resources against baselines (build with --release).
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Work on this node's controller files, the node stopped (`docs/controller.md`).
+    #[command(subcommand)]
+    Controller(ControllerCommand),
+}
+
+/// `goutube controller …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ControllerCommand {
+    /// After a permanent loss of the controller's quorum only: makes this node the controller's
+    /// only voter, keeping every decision it holds. Decisions the lost voters made that never
+    /// reached it are lost. Run on the surviving voter that is furthest ahead, its node
+    /// stopped; start it, then add voters with `goutube members voters`.
+    Recover {
+        /// The node's TOML configuration (its name and data_dir); `GOUTUBE_…` override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Confirms that decisions may be lost.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// How client commands reach a node.
@@ -205,6 +227,7 @@ pub(crate) enum MembersAction {
     Drain,
     Cleanup,
     Forget,
+    Voters,
 }
 
 impl Command {
@@ -218,7 +241,10 @@ impl Command {
             | Command::Rm { connection, .. }
             | Command::Members { connection, .. }
             | Command::Url { connection, .. } => Some(connection),
-            Command::Run { .. } | Command::Certs { .. } | Command::Bench(_) => None,
+            Command::Run { .. }
+            | Command::Certs { .. }
+            | Command::Bench(_)
+            | Command::Controller(_) => None,
         }
     }
 }
@@ -317,6 +343,9 @@ async fn command(command: Command) -> anyhow::Result<()> {
             bench::run(bench).await
         }
         Command::Rm { point, connection } => rm(point, connection).await,
+        Command::Controller(ControllerCommand::Recover { config, yes }) => {
+            recover_controller(config, yes)
+        }
         Command::Members {
             action: None,
             connection,
@@ -334,6 +363,35 @@ async fn command(command: Command) -> anyhow::Result<()> {
             connection,
         } => url(point, ttl, player, connection).await,
     }
+}
+
+/// `goutube controller recover`: the loud warning, then the recovery if confirmed.
+fn recover_controller(config_file: Option<PathBuf>, yes: bool) -> anyhow::Result<()> {
+    let config = Config::load(config_file.as_deref())?;
+    let dir = config.data_dir.join("controller");
+    eprintln!(
+        "WARNING: this makes {} the controller's only voter, with the decisions its files in {} \
+         hold. Use it only when a quorum of voters is lost for good: decisions that the lost \
+         voters committed and that never reached this node are LOST. Other voters that survive \
+         keep their files: add them back with `goutube members voters` once this node runs.",
+        config.node_name,
+        dir.display()
+    );
+    if !yes {
+        anyhow::bail!("nothing changed: add --yes to recover");
+    }
+    let recovered = goutube::controller::recover(&dir, &config.node_name)?;
+    println!(
+        "{}: the controller's only voter now (was: {}), at entry {} of term {}, ring epoch {}. \
+         Start the node, then add voters: goutube members voters {},B,C",
+        config.node_name,
+        recovered.voters_before.join(","),
+        recovered.index,
+        recovered.term,
+        recovered.ring_epoch,
+        config.node_name,
+    );
+    Ok(())
 }
 
 /// The node's log filter: `log.level`, with openraft's own records off unless the level names

@@ -32,7 +32,8 @@ use crate::proto::streaming_client::StreamingClient;
 use crate::proto::{
     CleanupMemberRequest, CleanupMemberResponse, DeletePointRequest, DrainMemberRequest,
     ForgetMemberRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
-    ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, Record, SignUrlRequest,
+    ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, Record,
+    SetVotersRequest, SignUrlRequest,
 };
 use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
 
@@ -478,6 +479,15 @@ impl Client {
             node: node.to_owned(),
         };
         Ok(self.raw().forget_member(request).await?.into_inner().state)
+    }
+
+    /// Makes `voters` the controller's voters (`docs/controller.md`), asked of this client's
+    /// node. Returns the voters then.
+    pub async fn set_voters(&self, voters: &[String]) -> Result<Vec<String>, ClientError> {
+        let request = SetVotersRequest {
+            voters: voters.to_vec(),
+        };
+        Ok(self.raw().set_voters(request).await?.into_inner().voters)
     }
 
     /// The cluster as the node sees it.

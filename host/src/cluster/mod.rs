@@ -217,6 +217,8 @@ pub enum Decision {
     Lifecycle(Lifecycle),
     /// An operator forgets a dead primary.
     Forget(String),
+    /// An operator makes these primaries the controller's voters.
+    Voters(Vec<String>),
 }
 
 /// The sending end of [`Decision`]s, each answered once the controller decided it.
@@ -310,6 +312,12 @@ impl Steps {
     /// error.
     pub async fn forget(&self, member: &str) -> Result<(), StepError> {
         self.decide(Decision::Forget(member.to_owned())).await
+    }
+
+    /// Makes `voters` the controller's voters (an operator's act): each new one catches the
+    /// log up, then the set is committed.
+    pub async fn set_voters(&self, voters: Vec<String>) -> Result<(), StepError> {
+        self.decide(Decision::Voters(voters)).await
     }
 
     /// Announces in gossip how many points this member is handing over now.

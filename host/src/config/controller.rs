@@ -38,25 +38,29 @@ impl Default for ControllerSection {
     }
 }
 
+/// Checks a list of voters' size: 1, 3 or 5 names, each once (the configured voters, and the
+/// ones `goutube members voters` asks for).
+pub fn check_voter_count(voters: &[String]) -> Result<(), String> {
+    let distinct: BTreeSet<&String> = voters.iter().collect();
+    if distinct.len() != voters.len() {
+        return Err("a voter is named twice".into());
+    }
+    if !matches!(voters.len(), 1 | 3 | 5) {
+        return Err(format!(
+            "{} voters: name 1, 3 or 5 primaries (an even number tolerates no more failures \
+             than one fewer)",
+            voters.len()
+        ));
+    }
+    Ok(())
+}
+
 impl ControllerSection {
     /// Checks what serde cannot; errors name the key.
     pub fn validate(&self) -> Result<(), InvalidKey> {
-        let distinct: BTreeSet<&String> = self.voters.iter().collect();
-        if distinct.len() != self.voters.len() {
-            return Err(InvalidKey::new(
-                "controller.voters",
-                "a voter is named twice",
-            ));
-        }
-        if !matches!(self.voters.len(), 0 | 1 | 3 | 5) {
-            return Err(InvalidKey::new(
-                "controller.voters",
-                format!(
-                    "{} voters: name 1, 3 or 5 primaries (an even number tolerates no more \
-                     failures than one fewer)",
-                    self.voters.len()
-                ),
-            ));
+        if !self.voters.is_empty() {
+            check_voter_count(&self.voters)
+                .map_err(|message| InvalidKey::new("controller.voters", message))?;
         }
         if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
             return Err(InvalidKey::new(

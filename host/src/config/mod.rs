@@ -29,7 +29,7 @@ use crate::config::key::InvalidKey;
 pub use crate::plugins::{PluginSection, PluginsSection};
 use crate::point::{Fsync, StoreConfig};
 pub use crate::tls::{PeerTlsSection, TlsSection};
-pub use controller::ControllerSection;
+pub use controller::{ControllerSection, check_voter_count};
 pub use http::HttpSection;
 
 /// The node's configuration (`docs/config.md`): defaults < TOML < `GOUTUBE_…` environment.

@@ -4,8 +4,9 @@
 //! - It finds the voters: `controller.voters`, else the founders of the ring, known once gossip
 //!   formed it (as Consul's servers bootstrap from `bootstrap_expect`: the one thing gossip
 //!   settles, once); a lone node founds its own ring and is its own voter.
-//! - On a voter it starts the Raft node; on any other member it follows a voter's committed
-//!   state (`Watch`), keeping only what is newer than what it holds.
+//! - On a primary it starts the Raft node (a voter's, or an idle one that a leader may add as a
+//!   voter later); a member that is not a voter now follows a voter's committed state
+//!   (`Watch`), keeping only what is newer than what it holds.
 //! - It hands the committed ring to the membership loop ([`cluster::Controlled`]), which from
 //!   then on uses no other.
 //! - It proposes what this member's own state asks for, one proposal at a time and again until
@@ -13,7 +14,7 @@
 //!   voter), this primary's join, its addresses, the handover it announces, the leader a
 //!   follower copies.
 //! - It decides the steps [`cluster::Steps`] asks for (a drain, the end of a join or a drain, a
-//!   forget), answering each once committed.
+//!   forget, a change of the voters), answering each once committed.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +24,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::network::Peers;
-use super::{Applied, Command, Controller, ProposeError, Rejected, StartError, Status, Topology};
+use super::{
+    Applied, Command, Controller, ProposeError, Rejected, StartError, Status, Topology, VotersError,
+};
 use crate::client::ClientTls;
 use crate::cluster::ring::{Ring, RingMember};
 use crate::cluster::{Controlled, Decision, Lifecycle, Membership, StepError};
@@ -49,6 +52,8 @@ pub struct Params {
     pub settle: Duration,
     /// The store, whose highest epoch an import starts above (`None` on a balancer).
     pub store: Option<Store>,
+    /// Whether this node is a primary (only primaries run a Raft node: voters are primaries).
+    pub primary: bool,
 }
 
 /// The agent's ends of its links (made before the membership loop and the API start).
@@ -92,7 +97,7 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// This voter's controller, once started (`None` on other members).
+    /// This primary's controller, once started (`None` on other members).
     pub fn controller(&self) -> watch::Receiver<Option<Controller>> {
         self.controller.clone()
     }
@@ -100,10 +105,12 @@ impl Observer {
     /// Its own Raft node's status on a voter, the last status a voter sent on any other
     /// member; `None` before either is known.
     pub fn status(&self) -> Option<Status> {
-        if let Some(controller) = self.controller.borrow().as_ref() {
+        let own = self.controller.borrow().clone();
+        if let Some(controller) = own.as_ref().filter(|c| c.is_voter()) {
             return Some(controller.status());
         }
-        self.followed.lock().expect("poisoned").clone()
+        let followed = self.followed.lock().expect("poisoned").clone();
+        followed.or_else(|| own.map(|controller| controller.status()))
     }
 }
 
@@ -133,9 +140,9 @@ impl Agent {
     }
 }
 
-/// Starts the agent. On a voter whose voters are known now (named, or the founders of a ring
-/// formed already: a lone node's, a restarted node's) the Raft node starts before this returns,
-/// so that a bad controller directory stops the start.
+/// Starts the agent. On a primary whose controller's formation is known now (voters named, or
+/// the founders of a ring formed already: a lone node's, a restarted node's) the Raft node
+/// starts before this returns, so that a bad controller directory stops the start.
 pub async fn start(
     params: Params,
     links: Links,
@@ -143,10 +150,10 @@ pub async fn start(
     token: CancellationToken,
 ) -> Result<Agent, StartError> {
     // A lone node, or a node restarting on its ring, knows its founders already.
-    let voters = params.section.voters(founders(&membership.borrow().ring));
-    let early = match &voters {
-        Some(voters) if voters.contains(&params.local) => {
-            Some(start_voter(&params, voters.clone(), membership.clone()).await?)
+    let formation = params.section.voters(founders(&membership.borrow().ring));
+    let early = match &formation {
+        Some(formation) if params.primary => {
+            Some(start_raft(&params, formation.clone(), membership.clone()).await?)
         }
         _ => None,
     };
@@ -166,7 +173,7 @@ pub async fn start(
         spawner: service.spawner(),
         stop: service.token().clone(),
     };
-    service.spawn("agent", running.run(voters));
+    service.spawn("agent", running.run(formation));
     Ok(Agent {
         observer,
         handle: service.handle(),
@@ -178,16 +185,16 @@ fn founders(ring: &Ring) -> Option<&std::collections::BTreeSet<String>> {
     ring.is_formed().then_some(&ring.founders)
 }
 
-async fn start_voter(
+async fn start_raft(
     params: &Params,
-    voters: Vec<String>,
+    formation: Vec<String>,
     membership: watch::Receiver<Arc<Membership>>,
 ) -> Result<Controller, StartError> {
     Controller::start(
         &params.section,
         &params.local,
         &params.cluster,
-        voters,
+        formation,
         &params.dir,
         membership,
         params.tls.clone(),
@@ -195,38 +202,63 @@ async fn start_voter(
     .await
 }
 
-/// How this member has decisions made.
+/// How this member has decisions made: through its own Raft node while it is a voter, else
+/// through the voters.
 #[derive(Clone)]
-enum Decider {
-    /// It is a voter.
-    Voter(Controller),
-    /// It is not: it proposes through the voters.
-    Member { peers: Arc<Peers>, within: Duration },
+struct Decider {
+    /// This primary's Raft node (`None` on followers and balancers).
+    own: Option<Controller>,
+    /// The voters, and how to reach them.
+    peers: Arc<Peers>,
+    /// How long a proposal through the voters may take.
+    within: Duration,
 }
 
 impl Decider {
+    /// This node's controller, while it is a voter.
+    fn voter(&self) -> Option<&Controller> {
+        self.own.as_ref().filter(|controller| controller.is_voter())
+    }
+
     async fn propose(&self, command: Command) -> Result<Applied, ProposeError> {
-        match self {
-            Decider::Voter(controller) => controller.propose(command).await,
-            Decider::Member { peers, within } => {
-                tokio::time::timeout(*within, through_voters(peers, &command))
-                    .await
-                    .map_err(|_| {
-                        ProposeError::NoQuorum(format!("no voter committed it within {within:?}"))
-                    })?
-            }
+        if let Some(controller) = self.voter() {
+            return controller.propose(command).await;
         }
+        let (within, peers, command) = (self.within, &*self.peers, &command);
+        let asked = through_voters(peers, |voter| async move {
+            peers.propose(&voter, command).await
+        });
+        Ok(tokio::time::timeout(within, asked).await.map_err(|_| {
+            ProposeError::NoQuorum(format!("no voter committed it within {within:?}"))
+        })??)
+    }
+
+    async fn set_voters(&self, voters: Vec<String>) -> Result<Vec<String>, VotersError> {
+        if let Some(controller) = self.voter() {
+            return controller.set_voters(voters).await;
+        }
+        let (within, peers, voters) = (4 * self.within, &*self.peers, &voters);
+        let asked = through_voters(peers, |voter| async move {
+            peers.set_voters(&voter, voters).await
+        });
+        tokio::time::timeout(within, asked)
+            .await
+            .map_err(|_| VotersError::NoQuorum(format!("no voter answered within {within:?}")))?
     }
 }
 
-/// Proposes `command` to the voters, one after the other, until one answers (a voter forwards
-/// it to its leader).
-async fn through_voters(peers: &Peers, command: &Command) -> Result<Applied, ProposeError> {
+/// Asks the voters, one after the other, until one answers (a voter forwards a proposal or a
+/// change of voters to its leader); returns its answer.
+async fn through_voters<T, F, Fut>(peers: &Peers, mut ask: F) -> T
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, super::network::CallError>>,
+{
     loop {
-        for voter in &peers.voters {
-            match peers.propose(voter, command).await {
-                Ok(outcome) => return Ok(outcome?),
-                Err(error) => tracing::debug!(%voter, %error, "controller: a voter did not decide"),
+        for voter in peers.voters() {
+            match ask(voter.clone()).await {
+                Ok(answer) => return answer,
+                Err(error) => tracing::debug!(%voter, %error, "controller: a voter did not answer"),
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -250,15 +282,15 @@ struct Running {
 const RETRY: Duration = Duration::from_millis(250);
 
 impl Running {
-    async fn run(mut self, voters: Option<Vec<String>>) {
-        let voters = match voters {
-            Some(voters) => voters,
+    async fn run(mut self, formation: Option<Vec<String>>) {
+        let formation = match formation {
+            Some(formation) => formation,
             None => match self.founders().await {
-                Some(voters) => voters,
+                Some(formation) => formation,
                 None => return,
             },
         };
-        let Some((decider, mut topology)) = self.decider(voters).await else {
+        let Some((decider, mut topology)) = self.decider(formation).await else {
             return;
         };
         let mut formed_since: Option<Instant> = None;
@@ -345,49 +377,61 @@ impl Running {
         }
     }
 
-    /// This member's way to decisions, and the committed state it sees.
+    /// This member's way to decisions, and the committed state it sees: the newer of what its
+    /// own Raft node applied (a primary's) and what a voter sends it (while it is no voter).
     async fn decider(
         &mut self,
-        voters: Vec<String>,
+        formation: Vec<String>,
     ) -> Option<(Decider, watch::Receiver<Arc<Topology>>)> {
         let params = &self.params;
-        if voters.contains(&params.local) {
+        let own = if params.primary {
             let started = self.started.borrow().clone();
-            let controller = match started {
+            Some(match started {
                 Some(controller) => controller,
-                None => match start_voter(params, voters, self.membership.clone()).await {
-                    Ok(controller) => {
-                        self.started.send_replace(Some(controller.clone()));
-                        controller
+                None => {
+                    match start_raft(params, formation.clone(), self.membership.clone()).await {
+                        Ok(controller) => {
+                            self.started.send_replace(Some(controller.clone()));
+                            controller
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "controller: cannot start this primary's Raft node");
+                            return None;
+                        }
                     }
-                    Err(error) => {
-                        tracing::error!(%error, "controller: cannot start this voter");
-                        return None;
-                    }
-                },
-            };
-            let topology = controller.topology();
-            return Some((Decider::Voter(controller), topology));
-        }
-        let peers = Arc::new(Peers::new(
-            params.local.clone(),
-            params.cluster.clone(),
-            voters,
-            self.membership.clone(),
-            params.tls.clone(),
-        ));
+                }
+            })
+        } else {
+            None
+        };
+        let peers = match &own {
+            Some(controller) => controller.peers.clone(),
+            None => Arc::new(Peers::new(
+                params.local.clone(),
+                params.cluster.clone(),
+                formation,
+                self.membership.clone(),
+                params.tls.clone(),
+            )),
+        };
         let (publish, topology) = watch::channel(Arc::new(Topology::default()));
+        if let Some(controller) = &own {
+            let (applied, publish) = (controller.topology(), publish.clone());
+            self.spawner
+                .spawn("applied", keep_newer(applied, publish, self.stop.clone()));
+        }
         self.spawner.spawn(
             "follow",
             follow(
                 peers.clone(),
+                own.clone(),
                 publish,
                 self.followed.clone(),
                 self.stop.clone(),
             ),
         );
         let within = Duration::from_millis(params.section.propose_timeout_ms);
-        Some((Decider::Member { peers, within }, topology))
+        Some((Decider { own, peers, within }, topology))
     }
 
     /// What this member's own state asks the controller for, if anything.
@@ -404,7 +448,7 @@ impl Running {
             // A voter imports the ring gossip formed (or an older version kept): once it has
             // been formed for the settle period, so that the rings of an upgraded cluster
             // merged first. The first import committed wins; later ones are refused.
-            if !matches!(decider, Decider::Voter(_)) || !membership.ring.is_formed() {
+            if decider.voter().is_none() || !membership.ring.is_formed() {
                 *formed_since = None;
                 return None;
             }
@@ -537,6 +581,16 @@ impl Asked {
                 }
                 Command::Forget { name }
             }
+            Decision::Voters(voters) => {
+                return match self.decider.set_voters(voters).await {
+                    Ok(_) => Ok(()),
+                    Err(VotersError::Refused(why)) => Err(StepError::Refused(why)),
+                    Err(error @ VotersError::NoQuorum(_)) => {
+                        Err(StepError::NoQuorum(error.to_string()))
+                    }
+                    Err(_) => Err(StepError::Stopped),
+                };
+            }
         };
         let mut outcome = self.decider.propose(command.clone()).await;
         if matches!(outcome, Err(ProposeError::Refused(Rejected::NotFormed)))
@@ -557,17 +611,45 @@ impl Asked {
     }
 }
 
+/// Publishes in `publish` each state this primary's own Raft node applies that is newer than
+/// the one published.
+async fn keep_newer(
+    mut applied: watch::Receiver<Arc<Topology>>,
+    publish: watch::Sender<Arc<Topology>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let topology = applied.borrow_and_update().clone();
+        publish.send_if_modified(|current| {
+            let newer = topology.applied > current.applied;
+            if newer {
+                *current = topology;
+            }
+            newer
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = applied.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Follows the committed state of the voters, one at a time, keeping only what is newer than
-/// what this member holds: a voter that lags is never a step back.
+/// what this member holds: a voter that lags is never a step back. Not while this node is a
+/// voter itself (`own`): its Raft node applies the committed state.
 async fn follow(
     peers: Arc<Peers>,
+    own: Option<Controller>,
     publish: watch::Sender<Arc<Topology>>,
     followed: Arc<Mutex<Option<Status>>>,
     stop: CancellationToken,
 ) {
     loop {
-        for voter in &peers.voters {
-            let stream = match peers.client(voter) {
+        for voter in peers.voters() {
+            if own.as_ref().is_some_and(Controller::is_voter) {
+                break;
+            }
+            let stream = match peers.client(&voter) {
                 Ok(mut client) => client.watch(StatusRequest {}).await,
                 Err(_) => continue,
             };
@@ -583,6 +665,7 @@ async fn follow(
                     tracing::warn!(%voter, "controller: an undecodable state; trying another voter");
                     break;
                 };
+                peers.learn_voters(update.voters.clone());
                 *followed.lock().expect("poisoned") = Some(Status {
                     voters: update.voters,
                     leader: Some(update.leader).filter(|leader| !leader.is_empty()),

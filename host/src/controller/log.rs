@@ -30,6 +30,8 @@ use super::raft::{NodeId, TypeConfig};
 const LOG_FILE: &str = "log";
 const VOTE_FILE: &str = "vote.json";
 const COMMITTED_FILE: &str = "committed.json";
+/// Locked while a node (or `goutube controller recover`) has the files open: one at a time.
+const LOCK_FILE: &str = "lock";
 
 /// One record of the log file.
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,12 +55,24 @@ pub(super) struct LogStore {
     dir: PathBuf,
     held: Arc<Mutex<Held>>,
     file: Arc<Mutex<File>>,
+    /// The lock on the directory, held as long as a clone lives.
+    _lock: Arc<File>,
 }
 
 impl LogStore {
-    /// Opens (or creates) the log in `dir`, dropping a torn tail.
+    /// Opens (or creates) the log in `dir`, dropping a torn tail. Fails if another process has
+    /// it open.
     pub(super) fn open(dir: &Path) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
+        let lock = File::create(dir.join(LOCK_FILE))?;
+        if let Err(error) = lock.try_lock() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "another process has the controller's files open (is the node running?): {error}"
+                ),
+            ));
+        }
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -97,7 +111,25 @@ impl LogStore {
             dir: dir.to_owned(),
             held: Arc::new(Mutex::new(held)),
             file: Arc::new(Mutex::new(file)),
+            _lock: Arc::new(lock),
         })
+    }
+
+    /// The last entry purged (in the snapshot), and the entries held after it, in order.
+    pub(super) fn entries(&self) -> (Option<LogId<NodeId>>, Vec<Entry<TypeConfig>>) {
+        let held = self.held.lock().expect("poisoned");
+        (held.purged, held.entries.values().cloned().collect())
+    }
+
+    /// Ends the log at `last`, as purged (a recovery's snapshot holds everything up to it), and
+    /// records it as committed.
+    pub(super) fn reset(&self, last: LogId<NodeId>) -> io::Result<()> {
+        let mut held = self.held.lock().expect("poisoned");
+        held.entries.clear();
+        held.purged = Some(last);
+        self.rewrite(&held)?;
+        let committed = serde_json::to_vec(&Some(last)).map_err(io::Error::other)?;
+        replace(&self.dir.join(COMMITTED_FILE), &committed)
     }
 
     /// Rewrites the log file from what is held (after a truncation or a purge).
@@ -327,6 +359,13 @@ mod tests {
         store.truncate(entry(5).log_id).await.unwrap();
         store.purge(entry(2).log_id).await.unwrap();
         assert_eq!(indexes(&store), [3, 4]);
+        let busy = LogStore::open(dir.path()).unwrap_err();
+        assert_eq!(
+            busy.kind(),
+            io::ErrorKind::ResourceBusy,
+            "one process at a time"
+        );
+        drop(store);
         let mut reopened = LogStore::open(dir.path()).unwrap();
         assert_eq!(indexes(&reopened), [3, 4]);
         let state = reopened.get_log_state().await.unwrap();

@@ -26,7 +26,7 @@ mod raft;
 mod service;
 pub mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,14 +35,15 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use tokio::sync::watch;
 
 pub use command::{Applied, Command, Rejected};
+pub use raft::Recovered;
 pub use service::ControllerService;
 pub use state::{Group, Topology};
 
 use crate::client::ClientTls;
 use crate::cluster::Membership;
-use crate::config::ControllerSection;
+use crate::config::{ControllerSection, check_voter_count};
 use network::{Network, Peers};
-use raft::{Machine, Raft, Voter, node_id};
+use raft::{Machine, NodeId, Raft, Voter, node_id};
 
 /// Why the controller could not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,10 +85,26 @@ pub enum ProposeError {
     Stopped,
 }
 
+/// Why the voters were not changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VotersError {
+    /// The list breaks a rule: its size, or a name that is not a live primary of the ring.
+    #[error("{0}")]
+    Refused(String),
+    /// No controller leader, or the change did not complete in time (a new voter that does not
+    /// catch up, a lost quorum). Asking again is safe.
+    #[error("the voters did not change: {0}; asking again is safe")]
+    NoQuorum(String),
+    /// The controller is stopping.
+    #[error("the controller is stopping")]
+    Stopped,
+}
+
 /// The controller as one node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
-    /// The voters, by name.
+    /// The voters now, by name.
     pub voters: Vec<String>,
     /// The leader's name, if there is one.
     pub leader: Option<String>,
@@ -99,7 +116,8 @@ pub struct Status {
     pub ring_epoch: u64,
 }
 
-/// The running controller of a voter.
+/// The running controller of a primary: a voter's Raft node, or the idle one of a primary that
+/// is not a voter (yet: `goutube members voters` may make it one).
 #[derive(Clone)]
 pub struct Controller {
     raft: Raft,
@@ -111,14 +129,15 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts this voter's Raft node on the files in `dir`. A voter whose log is empty forms
-    /// the group with the configured voters (every voter may do so: openraft accepts the same
-    /// membership from each).
+    /// Starts this primary's Raft node on the files in `dir`. A voter of the `formation` whose
+    /// log is empty forms the group with them (every one of them may do so: openraft accepts the
+    /// same membership from each); any other primary's node waits, idle, until a leader adds
+    /// it (`goutube members voters`).
     pub async fn start(
         section: &ControllerSection,
         local: &str,
         cluster: &str,
-        voters: Vec<String>,
+        formation: Vec<String>,
         dir: &Path,
         membership: watch::Receiver<Arc<Membership>>,
         tls: Option<ClientTls>,
@@ -147,7 +166,7 @@ impl Controller {
         let peers = Arc::new(Peers::new(
             local.to_owned(),
             cluster.to_owned(),
-            voters.clone(),
+            formation.clone(),
             membership,
             tls,
         ));
@@ -160,7 +179,7 @@ impl Controller {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let members: BTreeMap<_, _> = voters
+        let members: BTreeMap<_, _> = formation
             .iter()
             .map(|name| (node_id(name), Voter { name: name.clone() }))
             .collect();
@@ -168,9 +187,9 @@ impl Controller {
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        if !formed {
+        if !formed && formation.iter().any(|name| name == local) {
             match raft.initialize(members).await {
-                Ok(()) => tracing::info!(?voters, "controller: formed"),
+                Ok(()) => tracing::info!(voters = ?formation, "controller: formed"),
                 // Another voter's formation reached this one first.
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
                 Err(error) => return Err(StartError::Raft(error.to_string())),
@@ -233,25 +252,131 @@ impl Controller {
     /// or cut off) leads nothing: it is not reported, so an operator sees that there is no quorum.
     pub fn status(&self) -> Status {
         let metrics = self.raft.metrics().borrow().clone();
-        let lost = self.peers.voters.len() > 1
+        let voters = voters_of(&metrics);
+        let lost = voters.len() > 1
             && metrics.state == openraft::ServerState::Leader
             && metrics
                 .millis_since_quorum_ack
                 .is_none_or(|ms| u128::from(ms) > self.quorum_lost_after.as_millis());
-        let name_of = |id| {
-            metrics
-                .membership_config
-                .membership()
-                .get_node(&id)
-                .map(|voter: &Voter| voter.name.clone())
-        };
         Status {
-            voters: self.peers.voters.clone(),
-            leader: metrics.current_leader.filter(|_| !lost).and_then(name_of),
+            voters: if voters.is_empty() {
+                self.peers.voters()
+            } else {
+                voters
+            },
+            leader: metrics
+                .current_leader
+                .filter(|_| !lost)
+                .and_then(|id| name_of(&metrics, id)),
             term: metrics.current_term,
             applied: metrics.last_applied.map_or(0, |id| id.index),
             ring_epoch: self.topology.borrow().ring_epoch,
         }
+    }
+
+    /// Whether this node is a voter now (its Raft membership says so).
+    pub fn is_voter(&self) -> bool {
+        let local = node_id(&self.peers.local);
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == local)
+    }
+
+    /// Whether `name` is a voter in this node's Raft membership; `true` while it has none (a
+    /// primary not added yet: it has nothing to protect).
+    fn admits_votes_from(&self, name: &str) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters = voters_of(&metrics);
+        voters.is_empty() || voters.iter().any(|voter| voter == name)
+    }
+
+    /// Makes `wanted` the voters: at the leader (forwarded there if this voter does not lead),
+    /// each new voter is added as a learner and caught up, then the new set is committed (joint
+    /// consensus, so a quorum of the old and of the new voters agree). `live` says whether
+    /// gossip sees a member up. Answers the voters then.
+    pub async fn set_voters(&self, wanted: Vec<String>) -> Result<Vec<String>, VotersError> {
+        // Catching a new voter up may send it the whole (small) log and a snapshot.
+        let within = 4 * self.propose_timeout;
+        tokio::time::timeout(within, self.set_voters_now(wanted))
+            .await
+            .map_err(|_| VotersError::NoQuorum(format!("not done within {within:?}")))?
+    }
+
+    async fn set_voters_now(&self, wanted: Vec<String>) -> Result<Vec<String>, VotersError> {
+        loop {
+            let (state, leader) = {
+                let metrics = self.raft.metrics().borrow().clone();
+                let leader = metrics.current_leader.and_then(|id| name_of(&metrics, id));
+                (metrics.state, leader)
+            };
+            if state == openraft::ServerState::Leader {
+                match self.change_voters(&wanted).await {
+                    Err(VotersError::NoQuorum(error)) => {
+                        tracing::debug!(%error, "controller: leadership changed during a change of voters");
+                    }
+                    done => return done,
+                }
+            } else if let Some(leader) = leader {
+                match self.peers.set_voters(&leader, &wanted).await {
+                    Ok(answer) => return answer,
+                    Err(error) => {
+                        tracing::debug!(%leader, %error, "controller: the leader did not answer");
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The leader's part of [`Controller::set_voters`].
+    async fn change_voters(&self, wanted: &[String]) -> Result<Vec<String>, VotersError> {
+        check_voter_count(wanted).map_err(VotersError::Refused)?;
+        {
+            let topology = self.topology.borrow();
+            let membership = self.peers.membership.borrow();
+            for name in wanted {
+                let record = topology.ring.members.get(name);
+                if !record.is_some_and(|r| r.role.is_primary() && r.owns_range()) {
+                    return Err(VotersError::Refused(format!(
+                        "{name} is not an active primary of the ring: voters are primaries that \
+                         own a range"
+                    )));
+                }
+                if membership.live(name).is_none() {
+                    return Err(VotersError::Refused(format!(
+                        "{name} is not live: a new voter must be up to catch up the log"
+                    )));
+                }
+            }
+        }
+        let write_error = |error: RaftError<NodeId, ClientWriteError<NodeId, Voter>>| match error {
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+                VotersError::Refused(error.to_string())
+            }
+            RaftError::APIError(error) => VotersError::NoQuorum(error.to_string()),
+            RaftError::Fatal(_) => VotersError::Stopped,
+        };
+        let current = self.status().voters;
+        for name in wanted.iter().filter(|name| !current.contains(name)) {
+            let voter = Voter { name: name.clone() };
+            self.raft
+                .add_learner(node_id(name), voter, true)
+                .await
+                .map_err(write_error)?;
+            tracing::info!(%name, "controller: a new voter caught up the log");
+        }
+        let ids: BTreeSet<NodeId> = wanted.iter().map(|name| node_id(name)).collect();
+        self.raft
+            .change_membership(ids, false)
+            .await
+            .map_err(write_error)?;
+        let voters = self.status().voters;
+        tracing::warn!(?voters, was = ?current, "controller: the voters changed");
+        Ok(voters)
     }
 
     /// Stops the Raft node.
@@ -260,6 +385,60 @@ impl Controller {
             tracing::warn!(%error, "controller: did not stop cleanly");
         }
     }
+}
+
+/// Why a recovery did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoverError {
+    /// The files could not be read or written (or a running node has them open).
+    #[error("the controller's files in {dir}: {source}")]
+    Files {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// This node holds no controller state: it never was a voter or a learner.
+    #[error("no controller state in {0}: this node never held the controller's log")]
+    Empty(String),
+}
+
+/// Recovers a controller whose quorum is lost for good (`goutube controller recover`; the node
+/// is stopped): the state in `dir` becomes a snapshot of every entry this node holds, and
+/// `local` its only voter. Started again, the node leads alone, with the topology it had; the
+/// operator then adds voters (`goutube members voters`). Decisions the lost voters committed
+/// that never reached this node are lost: that is why it is an operator's act, loudly warned.
+pub fn recover(dir: &Path, local: &str) -> Result<Recovered, RecoverError> {
+    let files = |source| RecoverError::Files {
+        dir: dir.display().to_string(),
+        source,
+    };
+    if !dir.join("log").exists() {
+        return Err(RecoverError::Empty(dir.display().to_string()));
+    }
+    let log = log::LogStore::open(dir).map_err(files)?;
+    let (_, entries) = log.entries();
+    let Some((last, recovered)) = raft::recover_snapshot(dir, local, entries).map_err(files)?
+    else {
+        return Err(RecoverError::Empty(dir.display().to_string()));
+    };
+    log.reset(last).map_err(files)?;
+    Ok(recovered)
+}
+
+/// The voters of the membership in `metrics`, by name, sorted; empty before this node has one.
+fn voters_of(metrics: &openraft::RaftMetrics<NodeId, Voter>) -> Vec<String> {
+    raft::voter_names(metrics.membership_config.membership())
+}
+
+/// The name of voter (or learner) `id` in the membership in `metrics`.
+fn name_of(metrics: &openraft::RaftMetrics<NodeId, Voter>, id: NodeId) -> Option<String> {
+    metrics
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .map(|voter| voter.name.clone())
 }
 
 #[cfg(test)]

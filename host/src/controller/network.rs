@@ -2,8 +2,9 @@
 //! as gRPC calls on their API port with this node's certificate. A voter is known by name; its
 //! address is the one gossip knows (discovery), read at each call.
 //!
-//! Each message carries the sender's name, its cluster and its voter list: a voter refuses
-//! messages from another cluster or from a node that names other voters (`docs/controller.md`).
+//! Each message carries the sender's name, its cluster and the voters the controller was formed
+//! with: a node refuses messages from another cluster or from a controller formed by other
+//! voters (`docs/controller.md`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,12 +23,12 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::Command;
 use super::raft::{NodeId, Outcome, TypeConfig, Voter};
+use super::{Command, VotersError};
 use crate::client::{ClientOptions, ClientTls, lazy_channel};
 use crate::cluster::Membership;
 use crate::proto::controller::controller_client::ControllerClient;
-use crate::proto::controller::{ProposeRequest, RaftMessage};
+use crate::proto::controller::{ProposeRequest, RaftMessage, SetVotersRequest};
 
 /// Who this node is to the other voters, and how it reaches them.
 pub(super) struct Peers {
@@ -35,8 +36,12 @@ pub(super) struct Peers {
     pub local: String,
     /// The cluster's name (`cluster.name`).
     pub cluster: String,
-    /// The voters, by name, sorted.
-    pub voters: Vec<String>,
+    /// The voters the controller was formed with (`controller.voters`, or the ring's founders),
+    /// sorted: the same on every node, what names this controller in every message.
+    pub formation: Vec<String>,
+    /// The voters now, as this node last learned them (its Raft membership, or a voter's
+    /// status); the formation until then. Changed by `goutube members voters`.
+    voters: Mutex<Vec<String>>,
     /// Where the live members are (gossip).
     pub membership: watch::Receiver<Arc<Membership>>,
     /// This node's client identity.
@@ -69,17 +74,31 @@ impl Peers {
     pub(super) fn new(
         local: String,
         cluster: String,
-        voters: Vec<String>,
+        formation: Vec<String>,
         membership: watch::Receiver<Arc<Membership>>,
         tls: Option<ClientTls>,
     ) -> Peers {
         Peers {
             local,
             cluster,
-            voters,
+            voters: Mutex::new(formation.clone()),
+            formation,
             membership,
             tls,
             channels: Mutex::default(),
+        }
+    }
+
+    /// The voters now, as last learned.
+    pub(super) fn voters(&self) -> Vec<String> {
+        self.voters.lock().expect("poisoned").clone()
+    }
+
+    /// Keeps `voters` (sorted) as the voters now.
+    pub(super) fn learn_voters(&self, mut voters: Vec<String>) {
+        voters.sort();
+        if !voters.is_empty() {
+            *self.voters.lock().expect("poisoned") = voters;
         }
     }
 
@@ -118,6 +137,25 @@ impl Peers {
         Ok(serde_json::from_slice(&answer.into_inner().outcome)?)
     }
 
+    /// Asks voter `to` to make `voters` the voters (a voter forwards it to its leader); returns
+    /// the voters then, or why not.
+    pub(super) async fn set_voters(
+        &self,
+        to: &str,
+        voters: &[String],
+    ) -> Result<Result<Vec<String>, VotersError>, CallError> {
+        let request = SetVotersRequest {
+            voters: voters.to_vec(),
+        };
+        match self.client(to)?.set_voters(request).await {
+            Ok(answer) => Ok(Ok(answer.into_inner().voters)),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                Ok(Err(VotersError::Refused(status.message().to_owned())))
+            }
+            Err(status) => Err(status.into()),
+        }
+    }
+
     /// Sends one Raft message of `kind` to `to`; returns its decoded answer, openraft's result.
     async fn raft<Q: Serialize, A: DeserializeOwned>(
         &self,
@@ -131,7 +169,7 @@ impl Peers {
             kind: kind.to_owned(),
             from: self.local.clone(),
             cluster: self.cluster.clone(),
-            voters: self.voters.clone(),
+            voters: self.formation.clone(),
             body: serde_json::to_vec(request)?.into(),
         };
         let answer = tokio::time::timeout(ttl, client.raft(message))

@@ -6,6 +6,7 @@
 //! membership), kept in `<data_dir>/controller/snapshot.json` and replaced atomically; at start
 //! the state is the snapshot's, and openraft applies the committed entries after it again.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -13,8 +14,8 @@ use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    Entry, EntryPayload, LogId, Membership, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -119,6 +120,85 @@ impl Machine {
         self.published
             .send_replace(Arc::new(self.image.topology.clone()));
     }
+}
+
+/// What a recovery did (`goutube controller recover`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The last entry this node held, now the start of its log.
+    pub index: u64,
+    /// Its term.
+    pub term: u64,
+    /// The epoch of the ring decision last applied.
+    pub ring_epoch: u64,
+    /// The voters before the recovery.
+    pub voters_before: Vec<String>,
+}
+
+/// Makes the state in `dir` a snapshot of everything this node holds (`entries`, after the
+/// snapshot `dir` has, applied in order, whether or not they were known to be committed: a
+/// lost quorum may have committed them) whose only voter is `local`. Returns the entry the
+/// snapshot ends at, which the log must then be reset to.
+pub(super) fn recover_snapshot(
+    dir: &Path,
+    local: &str,
+    entries: Vec<Entry<TypeConfig>>,
+) -> std::io::Result<Option<(LogId<NodeId>, Recovered)>> {
+    let stored: Option<Stored> = read_json(&dir.join(SNAPSHOT_FILE))?;
+    let mut image = stored.map(|stored| stored.image).unwrap_or_default();
+    let mut voters_before = voter_names(image.membership.membership());
+    for entry in entries {
+        if image
+            .last_applied
+            .is_some_and(|applied| entry.log_id <= applied)
+        {
+            continue;
+        }
+        image.last_applied = Some(entry.log_id);
+        match entry.payload {
+            EntryPayload::Blank => {}
+            EntryPayload::Normal(command) => {
+                let _ = image.topology.apply(entry.log_id.index, &command);
+            }
+            EntryPayload::Membership(membership) => {
+                voters_before = voter_names(&membership);
+            }
+        }
+    }
+    let Some(last) = image.last_applied else {
+        return Ok(None);
+    };
+    let id = node_id(local);
+    let voter = Voter {
+        name: local.to_owned(),
+    };
+    let alone = Membership::new(vec![BTreeSet::from([id])], BTreeMap::from([(id, voter)]));
+    image.membership = StoredMembership::new(Some(last), alone);
+    let meta = SnapshotMeta {
+        last_log_id: Some(last),
+        last_membership: image.membership.clone(),
+        snapshot_id: format!("recovered-{}-{}", last.leader_id.term, last.index),
+    };
+    let recovered = Recovered {
+        index: last.index,
+        term: last.leader_id.term,
+        ring_epoch: image.topology.ring_epoch,
+        voters_before,
+    };
+    let stored = Stored { meta, image };
+    let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
+    replace(&dir.join(SNAPSHOT_FILE), &bytes)?;
+    Ok(Some((last, recovered)))
+}
+
+/// The names of the voters of `membership`, sorted.
+pub(super) fn voter_names(membership: &Membership<NodeId, Voter>) -> Vec<String> {
+    let mut names: Vec<String> = membership
+        .voter_ids()
+        .filter_map(|id| membership.get_node(&id).map(|voter| voter.name.clone()))
+        .collect();
+    names.sort();
+    names
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Machine {

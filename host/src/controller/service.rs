@@ -1,13 +1,14 @@
-//! The `goutube.controller.v1` service a voter serves on its API port: Raft messages from the
-//! other voters, proposals from members, the status, and the committed state as it changes
-//! (`Watch`, how members that are not voters follow it). A voter whose controller has not
-//! started yet (its voters are the ring's founders, known once the ring is formed) answers
-//! `Unavailable`.
+//! The `goutube.controller.v1` service every primary serves on its API port: Raft messages from
+//! the voters, proposals from members, changes of the voters, the status, and the committed
+//! state as it changes (`Watch`, how members that are not voters follow it). A primary whose
+//! controller has not started yet (its voters are the ring's founders, known once the ring is
+//! formed) answers `Unavailable`.
 //!
-//! Only members speak it: with TLS, a Raft message's certificate must name the voter it says
-//! it comes from (`node:<name>`, as replication checks), and a proposal must come with a node
-//! certificate. A message from another cluster, or from a node that names other voters, is
-//! refused (`FailedPrecondition`), naming the difference: two controllers must never mix.
+//! Only members speak it: with TLS, a Raft message's certificate must name the node it says it
+//! comes from (`node:<name>`, as replication checks), and a proposal must come with a node
+//! certificate. A message from another cluster, or from a controller formed by other voters, is
+//! refused (`FailedPrecondition`), naming the difference: two controllers must never mix. A vote
+//! from a node that is not a voter is refused (`PermissionDenied`).
 
 use std::pin::Pin;
 
@@ -17,11 +18,12 @@ use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt, wrappers::WatchStream};
 use tonic::{Request, Response, Status};
 
-use super::{Controller, ProposeError, Topology};
+use super::{Controller, ProposeError, Topology, VotersError};
 use crate::net::{NODE_PREFIX, PeerInfo, check_identity};
 use crate::proto::controller::controller_server;
 use crate::proto::controller::{
-    ProposeRequest, ProposeResponse, RaftMessage, StatusRequest, StatusResponse,
+    ProposeRequest, ProposeResponse, RaftMessage, SetVotersRequest, SetVotersResponse,
+    StatusRequest, StatusResponse,
 };
 
 /// The service of one voter.
@@ -79,16 +81,21 @@ impl ControllerService {
                 message.cluster, peers.cluster
             )));
         }
-        if message.voters != peers.voters {
+        if message.voters != peers.formation {
             return Err(Status::failed_precondition(format!(
-                "controller.voters differ: {} names {:?}, {} names {:?}",
-                message.from, message.voters, peers.local, peers.voters
+                "controller.voters differ: {} belongs to a controller formed by {:?}, {} to one \
+                 formed by {:?}",
+                message.from, message.voters, peers.local, peers.formation
             )));
         }
-        if !peers.voters.contains(&message.from) {
+        // A leader's appends and snapshots reach a voter that may not know yet of the change
+        // that made it leader; votes come from voters only, so a voter that was replaced cannot
+        // disturb the ones that replaced it.
+        if message.kind == "vote" && !controller.admits_votes_from(&message.from) {
             return Err(Status::permission_denied(format!(
-                "{} is not a voter of this controller",
-                message.from
+                "{} is not a voter of this controller (its voters: {:?})",
+                message.from,
+                controller.status().voters
             )));
         }
         Ok(())
@@ -128,7 +135,7 @@ impl controller_server::Controller for ControllerService {
             from: peers.local.clone(),
             body: body.into(),
             cluster: peers.cluster.clone(),
-            voters: peers.voters.clone(),
+            voters: peers.formation.clone(),
         }))
     }
 
@@ -147,6 +154,21 @@ impl controller_server::Controller for ControllerService {
         Ok(Response::new(ProposeResponse {
             outcome: encode(&outcome)?.into(),
         }))
+    }
+
+    async fn set_voters(
+        &self,
+        request: Request<SetVotersRequest>,
+    ) -> Result<Response<SetVotersResponse>, Status> {
+        self.admit_member(&PeerInfo::of(&request), "change the controller's voters")?;
+        let controller = self.controller()?;
+        match controller.set_voters(request.into_inner().voters).await {
+            Ok(voters) => Ok(Response::new(SetVotersResponse { voters })),
+            Err(error @ VotersError::Refused(_)) => {
+                Err(Status::failed_precondition(error.to_string()))
+            }
+            Err(error) => Err(Status::unavailable(error.to_string())),
+        }
     }
 
     async fn status(

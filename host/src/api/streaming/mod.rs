@@ -24,8 +24,8 @@ use crate::proto::{
     DeletePointRequest, DeletePointResponse, DrainMemberRequest, DrainMemberResponse,
     ForgetMemberRequest, ForgetMemberResponse, ListMembersRequest, ListMembersResponse,
     ListPointsRequest, ListPointsResponse, LocatePointRequest, LocatePointResponse,
-    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, SignUrlRequest,
-    SignUrlResponse,
+    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, SetVotersRequest,
+    SetVotersResponse, SignUrlRequest, SignUrlResponse,
 };
 
 pub use consume::locate;
@@ -111,6 +111,13 @@ impl proto::streaming_server::Streaming for StreamingService {
         request: Request<ForgetMemberRequest>,
     ) -> Result<Response<ForgetMemberResponse>, Status> {
         self.forget(request).await
+    }
+
+    async fn set_voters(
+        &self,
+        request: Request<SetVotersRequest>,
+    ) -> Result<Response<SetVotersResponse>, Status> {
+        self.set_voters(request).await
     }
 
     async fn cleanup_member(

@@ -1,5 +1,5 @@
 //! The operator's calls: the members and their lifecycle (`ListMembers`, `DrainMember`,
-//! `ForgetMember`, `CleanupMember`), and `SignUrl`. The lifecycle calls walk the whole store or
+//! `ForgetMember`, `CleanupMember`), the controller's voters (`SetVoters`), and `SignUrl`. The lifecycle calls walk the whole store or
 //! the ring; none of them is on a data path.
 
 use std::time::Duration;
@@ -14,7 +14,7 @@ use crate::point::{Handover, PointId};
 use crate::proto::{
     self, CleanupMemberRequest, CleanupMemberResponse, DrainMemberRequest, DrainMemberResponse,
     ForgetMemberRequest, ForgetMemberResponse, ListMembersRequest, ListMembersResponse,
-    SignUrlRequest, SignUrlResponse,
+    SetVotersRequest, SetVotersResponse, SignUrlRequest, SignUrlResponse,
 };
 use crate::signed_url::{SignedUrl, UrlError, UrlSigner};
 
@@ -116,6 +116,27 @@ impl StreamingService {
         Ok(Response::new(ForgetMemberResponse {
             state: Lifecycle::Forgotten.as_str().to_owned(),
         }))
+    }
+
+    pub(super) async fn set_voters(
+        &self,
+        request: Request<SetVotersRequest>,
+    ) -> Result<Response<SetVotersResponse>, Status> {
+        let peer = self.admit_operator(&request).await?;
+        let mut voters = request.into_inner().voters;
+        voters.sort();
+        self.state
+            .steps
+            .set_voters(voters.clone())
+            .await
+            .map_err(|error| match error {
+                StepError::NoQuorum(_) | StepError::Stopped | StepError::NoController => {
+                    Status::unavailable(error.to_string())
+                }
+                _ => Status::failed_precondition(format!("cannot set the voters: {error}")),
+            })?;
+        tracing::warn!(?voters, subject = %peer.subject, "the controller's voters changed");
+        Ok(Response::new(SetVotersResponse { voters }))
     }
 
     pub(super) async fn cleanup(

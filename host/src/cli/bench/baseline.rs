@@ -141,6 +141,13 @@ impl Streaming for Baseline {
         Err(Status::unimplemented("baseline"))
     }
 
+    async fn set_voters(
+        &self,
+        _: Request<goutube::proto::SetVotersRequest>,
+    ) -> Result<Response<goutube::proto::SetVotersResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     async fn sign_url(
         &self,
         _: Request<goutube::proto::SignUrlRequest>,
