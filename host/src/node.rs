@@ -267,7 +267,9 @@ impl Node {
         let agent = start_agent(&services, store.clone(), links, cluster.membership()).await?;
         // Only a primary may be a voter: the others call the voters, and serve no controller.
         let controller_service = services.config.role.is_primary().then(|| {
-            ControllerService::new(services.controller.controller(), tls.api.is_some()).server()
+            let stop = services.lifetime.shutdown.clone();
+            ControllerService::new(services.controller.controller(), tls.api.is_some(), stop)
+                .server()
         });
         let ready = ring_formed(cluster.membership());
         let shutdown = services.lifetime.shutdown.clone();

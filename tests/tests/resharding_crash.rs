@@ -12,7 +12,7 @@ use goutube::proto::OWNER_METADATA;
 use goutube::proto::{ListMembersRequest, LocatePointRequest, ProduceRequest};
 use goutube::reshard::CRASH_AT;
 use goutube_tests::{
-    NodeProcess, consume, data, eventually, metadata, produce, raw_client, window,
+    NodeProcess, consume, data, eventually, eventually_some, metadata, produce, raw_client, window,
     write_node_config,
 };
 use tonic::Code;
@@ -66,6 +66,20 @@ async fn state(at: &NodeProcess, name: &str) -> Option<(String, bool)> {
         .map(|m| (m.state, m.owns_range))
 }
 
+/// The controller's ring epoch as `at` reports it, once the controller decided the ring.
+async fn ring_epoch(at: &NodeProcess) -> u64 {
+    eventually_some("the controller to decide the ring", || async {
+        let members = raw_client(&at.rpc)
+            .await
+            .list_members(ListMembersRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        Some(members.controller?.ring_epoch).filter(|epoch| *epoch > 0)
+    })
+    .await
+}
+
 async fn crash_at(side: Side, step: &str) {
     let root = tempfile::tempdir().unwrap();
     let (a_dir, b_dir) = (root.path().join("a"), root.path().join("b"));
@@ -102,6 +116,7 @@ async fn crash_at(side: Side, step: &str) {
     );
 
     // Drain a; the side told to crash aborts at its step and is restarted on its data.
+    let before = ring_epoch(&a).await;
     let options = ClientOptions {
         addr: a.rpc.clone(),
         tls: None,
@@ -144,7 +159,12 @@ async fn crash_at(side: Side, step: &str) {
             read.concat() == *bytes,
             "{point} differs after a crash at {step}"
         );
-        assert_eq!(meta.epoch, if was == "a" { 2 } else { 1 }, "{point}");
+        if was == "a" {
+            // Handed over at the epoch of the controller's decision: above the ring's before.
+            assert!(meta.epoch > before, "{point}: {meta:?}, {before}");
+        } else {
+            assert_eq!(meta.epoch, 1, "{point}");
+        }
         let write = |offset: u64| ProduceRequest {
             point: point.clone(),
             frame: Bytes::from_static(b"after"),

@@ -649,6 +649,9 @@ async fn follow(
             if own.as_ref().is_some_and(Controller::is_voter) {
                 break;
             }
+            if voter == peers.local {
+                continue;
+            }
             let stream = match peers.client(&voter) {
                 Ok(mut client) => client.watch(StatusRequest {}).await,
                 Err(_) => continue,

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt, wrappers::WatchStream};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{Controller, ProposeError, Topology, VotersError};
@@ -30,13 +31,24 @@ use crate::proto::controller::{
 pub struct ControllerService {
     controller: watch::Receiver<Option<Controller>>,
     tls: bool,
+    /// The node's shutdown: `Watch` streams end with it (a graceful stop waits for every
+    /// stream to end).
+    stop: CancellationToken,
 }
 
 impl ControllerService {
     /// The service of the controller `controller` holds once it started; `tls`: whether
-    /// callers present certificates.
-    pub fn new(controller: watch::Receiver<Option<Controller>>, tls: bool) -> Self {
-        ControllerService { controller, tls }
+    /// callers present certificates; `stop`: the node's shutdown.
+    pub fn new(
+        controller: watch::Receiver<Option<Controller>>,
+        tls: bool,
+        stop: CancellationToken,
+    ) -> Self {
+        ControllerService {
+            controller,
+            tls,
+            stop,
+        }
     }
 
     /// The controller, once started.
@@ -190,6 +202,7 @@ impl controller_server::Controller for ControllerService {
         let controller = self.controller()?;
         let updates = WatchStream::new(controller.topology())
             .map(move |topology| status_of(&controller, &topology));
+        let updates = futures::StreamExt::take_until(updates, self.stop.clone().cancelled_owned());
         Ok(Response::new(Box::pin(updates)))
     }
 }
