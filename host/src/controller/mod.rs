@@ -296,8 +296,8 @@ impl Controller {
 
     /// Makes `wanted` the voters: at the leader (forwarded there if this voter does not lead),
     /// each new voter is added as a learner and caught up, then the new set is committed (joint
-    /// consensus, so a quorum of the old and of the new voters agree). `live` says whether
-    /// gossip sees a member up. Answers the voters then.
+    /// consensus, so a quorum of the old and of the new voters agree). Each must be a primary
+    /// that owns a range and that gossip sees up. Answers the voters then.
     pub async fn set_voters(&self, wanted: Vec<String>) -> Result<Vec<String>, VotersError> {
         // Catching a new voter up may send it the whole (small) log and a snapshot.
         let within = 4 * self.propose_timeout;
