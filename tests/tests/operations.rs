@@ -42,8 +42,16 @@ async fn health_reports_serving() {
     node.shutdown().await;
 }
 
+/// The services a node lists through reflection.
+const LISTED: [&str; 4] = [
+    "streaming.v1.Streaming",
+    "streaming.v1.LBResolverHelper",
+    "streaming.v1.FollowerResolverHelper",
+    "grpc.health.v1.Health",
+];
+
 #[tokio::test]
-async fn reflection_lists_the_services() {
+async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     let node = TestNode::start(|_| {}).await;
     let mut reflection = ServerReflectionClient::new(channel(&node).await);
     let request = ServerReflectionRequest {
@@ -60,15 +68,39 @@ async fn reflection_lists_the_services() {
         panic!("unexpected reflection response {response:?}");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "streaming.v1.Streaming",
-        "streaming.v1.LBResolverHelper",
-        "streaming.v1.FollowerResolverHelper",
-        "grpc.health.v1.Health",
-    ] {
+    for want in LISTED {
         assert!(
             names.iter().any(|n| n == want),
             "{want} missing from {names:?}"
+        );
+    }
+
+    // The same through v1alpha, the only one older clients ask.
+    use tonic_reflection::pb::v1alpha;
+    let mut reflection =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(channel(&node).await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected v1alpha reflection response {response:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for want in LISTED {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?} (v1alpha)"
         );
     }
     node.shutdown().await;
