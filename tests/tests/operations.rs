@@ -81,9 +81,9 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
         v1alpha::server_reflection_client::ServerReflectionClient::new(channel(&node).await);
     let request = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
     };
     let mut responses = reflection
         .server_reflection_info(tokio_stream::iter([request]))
