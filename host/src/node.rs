@@ -524,7 +524,7 @@ async fn start_agent(
         section: config.controller.clone(),
         local: config.node_name.clone(),
         cluster: config.cluster.name.clone(),
-        dir: config.data_dir.join("controller"),
+        dir: config.controller_dir(),
         tls: balancer_identity(config),
         settle,
         store,

@@ -244,6 +244,39 @@ pub fn window(point: &str, offset: u64, limit: u64, chunk_size: u64) -> ConsumeR
     }
 }
 
+/// Appends `bytes` to `point` at `offset` only (`expected_offset`).
+pub async fn append_at(
+    client: &mut StreamingClient<Channel>,
+    point: &str,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<(), Status> {
+    let request = ProduceRequest {
+        point: point.into(),
+        frame: Bytes::copy_from_slice(bytes),
+        expected_offset: Some(offset),
+        ..Default::default()
+    };
+    client
+        .produce_stream(tokio_stream::iter([request]))
+        .await
+        .map(|_| ())
+}
+
+/// The controller's ring epoch as the node behind `client` reports it in `ListMembers`, once the
+/// controller decided the ring: a change decided after this is at a higher epoch.
+pub async fn ring_epoch(client: StreamingClient<Channel>) -> u64 {
+    eventually_some("the controller to decide the ring", || {
+        let mut client = client.clone();
+        async move {
+            let members = client.list_members(ListMembersRequest {}).await.ok()?;
+            let controller = members.into_inner().controller?;
+            Some(controller.ring_epoch).filter(|epoch| *epoch > 0)
+        }
+    })
+    .await
+}
+
 /// Polls `condition` until it holds; fails the test after [`DEADLINE`].
 pub async fn eventually<F, Fut>(what: &str, condition: F)
 where
@@ -260,20 +293,29 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + within;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let holds = || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    };
+    eventually_some_within(what, within, holds).await
 }
 
 /// Polls `poll` until it gives a value, and returns it; fails the test after [`DEADLINE`].
-pub async fn eventually_some<T, F, Fut>(what: &str, mut poll: F) -> T
+pub async fn eventually_some<T, F, Fut>(what: &str, poll: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + DEADLINE;
+    eventually_some_within(what, DEADLINE, poll).await
+}
+
+/// Polls `poll` until it gives a value, and returns it; fails the test after `within`.
+async fn eventually_some_within<T, F, Fut>(what: &str, within: Duration, mut poll: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
     loop {
         if let Some(value) = poll().await {
             return value;

@@ -325,11 +325,7 @@ async fn a_cluster_formed_by_seeds_routes_writes_to_owners_and_loses_nothing_to_
 
     // A fourth primary joins the ring: `joining`, owning nothing, until the owners have handed
     // it the points it will own (docs/resharding.md); then `active` everywhere.
-    let before = goutube_tests::eventually_some("the controller to decide the ring", || async {
-        let controller = cluster.members("a").await.controller?;
-        Some(controller.ring_epoch).filter(|epoch| *epoch > 0)
-    })
-    .await;
+    let before = goutube_tests::ring_epoch(cluster.client("a").await).await;
     cluster.spawn("d", &seeds);
     let all = ["a", "b", "c", "d", "f"];
     cluster.until_live(&all, &all, DEADLINE).await;

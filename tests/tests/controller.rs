@@ -11,12 +11,12 @@ use std::time::Instant;
 use goutube::cluster::ring::RingMember;
 use goutube::cluster::{Lifecycle, Role};
 use goutube::controller::{Applied, Command, ProposeError, Rejected, Topology};
+use goutube::proto::ListMembersResponse;
 use goutube::proto::controller::controller_client::ControllerClient;
 use goutube::proto::controller::{ProposeRequest, RaftMessage, StatusRequest, StatusResponse};
-use goutube::proto::{ListMembersResponse, ProduceRequest};
 use goutube_tests::{
-    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, goutube_bin, owner_through,
-    produce, window, write_node_config,
+    DEADLINE, NodeProcess, Pki, TestNode, append_at, consume, data, eventually, goutube_bin,
+    owner_through, produce, window, write_node_config,
 };
 use tempfile::TempDir;
 use tonic::Code;
@@ -343,14 +343,7 @@ async fn without_a_quorum_decisions_wait_with_a_clear_status_until_a_voter_retur
     voters.spawn("d");
     // Reads and writes on the settled ring go on.
     let more = data(24, 30_011);
-    let appended = ProduceRequest {
-        point: point.clone(),
-        frame: more.clone().into(),
-        expected_offset: Some(first.len() as u64),
-        ..Default::default()
-    };
-    client
-        .produce_stream(tokio_stream::iter([appended]))
+    append_at(&mut client, &point, first.len() as u64, &more)
         .await
         .unwrap();
     let held = consume(&mut client, window(&point, 0, 0, 0))

@@ -1,30 +1,24 @@
 //! Forgetting a dead primary (docs/resharding.md, forget): its points are taken over by their
-//! owners in the ring without it, from the most complete copy its followers hold, at the next
-//! epoch; every byte acknowledged with `ack = { replicas = 1 }` survives, and the new owners
+//! owners in the ring without it, from the most complete copy its followers hold, at the
+//! controller's epoch; every byte acknowledged with `ack = { replicas = 1 }` survives, and the new owners
 //! take writes. The forgotten leader, killed with SIGKILL, steps down when it returns. Real
 //! nodes (the leader a `goutube run` process), real mTLS, a real cluster.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use goutube::client::Client;
 use goutube::config::{Config, Role};
 use goutube::proto::END_METADATA;
-use goutube::proto::ProduceRequest;
-use goutube::proto::streaming_client::StreamingClient;
 use goutube::proto::{ListMembersRequest, ListMembersResponse};
 use goutube_tests::{
-    DEADLINE, NodeProcess, Pki, TestNode, consume, data, eventually, eventually_some,
+    DEADLINE, NodeProcess, Pki, TestNode, append_at, consume, data, eventually, eventually_some,
     eventually_within, followers_of, http, metadata, metric, owner_through, produce, window,
     write_node_config,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::Code;
-use tonic::transport::Channel;
-
-type Api = StreamingClient<Channel>;
 
 /// A node of the test cluster: `name`, with its certificate and the cluster key, seeded by
 /// `seed` (if any), expecting three primaries.
@@ -58,25 +52,6 @@ async fn view(pki: &Pki, node: &str) -> ListMembersResponse {
 
 async fn owner_of(pki: &Pki, node: &str, point: &str) -> String {
     owner_through(pki.client("root", node).await, point).await
-}
-
-/// Appends `bytes` to `point` at `offset` only.
-async fn append_at(
-    client: &mut Api,
-    point: &str,
-    offset: u64,
-    bytes: &[u8],
-) -> Result<(), tonic::Status> {
-    let request = ProduceRequest {
-        point: point.into(),
-        frame: Bytes::copy_from_slice(bytes),
-        expected_offset: Some(offset),
-        ..Default::default()
-    };
-    client
-        .produce_stream(tokio_stream::iter([request]))
-        .await
-        .map(|_| ())
 }
 
 /// Leader `c` as a `goutube run` process with its data in `dir`: acknowledges a produce once one

@@ -15,8 +15,8 @@ use goutube::point::{Handover, Ownership, PointId};
 use goutube::proto::ProduceRequest;
 use goutube::proto::{END_METADATA, OWNER_METADATA};
 use goutube_tests::{
-    DEADLINE, TestNode, consume, counter, data, eventually, eventually_some, eventually_within,
-    members, metadata, owner, produce, sees, start_in, window,
+    DEADLINE, TestNode, consume, counter, data, eventually, eventually_within, members, metadata,
+    owner, produce, ring_epoch, sees, start_in, window,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -76,11 +76,7 @@ impl Scenario {
             scenario.add(name, names.len()).await;
         }
         scenario.converge(names.len()).await;
-        scenario.ring_epoch = eventually_some("the controller to decide the ring", || async {
-            let controller = members(&scenario.nodes["a"]).await.controller?;
-            Some(controller.ring_epoch).filter(|epoch| *epoch > 0)
-        })
-        .await;
+        scenario.ring_epoch = ring_epoch(scenario.nodes["a"].client().await).await;
         let addresses = scenario.addresses.clone();
         let mut rng = StdRng::seed_from_u64(10);
         for i in 0..POINTS {

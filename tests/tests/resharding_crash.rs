@@ -6,14 +6,13 @@
 
 use std::path::Path;
 
-use bytes::Bytes;
 use goutube::client::{Client, ClientOptions};
 use goutube::proto::OWNER_METADATA;
-use goutube::proto::{ListMembersRequest, LocatePointRequest, ProduceRequest};
+use goutube::proto::{ListMembersRequest, LocatePointRequest};
 use goutube::reshard::CRASH_AT;
 use goutube_tests::{
-    NodeProcess, consume, data, eventually, eventually_some, metadata, produce, raw_client, window,
-    write_node_config,
+    NodeProcess, append_at, consume, data, eventually, metadata, produce, raw_client, ring_epoch,
+    window, write_node_config,
 };
 use tonic::Code;
 
@@ -66,20 +65,6 @@ async fn state(at: &NodeProcess, name: &str) -> Option<(String, bool)> {
         .map(|m| (m.state, m.owns_range))
 }
 
-/// The controller's ring epoch as `at` reports it, once the controller decided the ring.
-async fn ring_epoch(at: &NodeProcess) -> u64 {
-    eventually_some("the controller to decide the ring", || async {
-        let members = raw_client(&at.rpc)
-            .await
-            .list_members(ListMembersRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        Some(members.controller?.ring_epoch).filter(|epoch| *epoch > 0)
-    })
-    .await
-}
-
 async fn crash_at(side: Side, step: &str) {
     let root = tempfile::tempdir().unwrap();
     let (a_dir, b_dir) = (root.path().join("a"), root.path().join("b"));
@@ -116,7 +101,7 @@ async fn crash_at(side: Side, step: &str) {
     );
 
     // Drain a; the side told to crash aborts at its step and is restarted on its data.
-    let before = ring_epoch(&a).await;
+    let before = ring_epoch(raw_client(&a.rpc).await).await;
     let options = ClientOptions {
         addr: a.rpc.clone(),
         tls: None,
@@ -165,22 +150,16 @@ async fn crash_at(side: Side, step: &str) {
         } else {
             assert_eq!(meta.epoch, 1, "{point}");
         }
-        let write = |offset: u64| ProduceRequest {
-            point: point.clone(),
-            frame: Bytes::from_static(b"after"),
-            expected_offset: Some(offset),
-            ..Default::default()
-        };
+        let end = bytes.len() as u64;
         if was == "a" {
-            let status = raw_client(&a.rpc)
-                .await
-                .produce_stream(tokio_stream::iter([write(bytes.len() as u64)]))
+            let mut on_a = raw_client(&a.rpc).await;
+            let status = append_at(&mut on_a, point, end, b"after")
                 .await
                 .expect_err("a no longer takes writes");
             assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
             assert_eq!(status.metadata().get(OWNER_METADATA).unwrap(), "b");
         }
-        on_b.produce_stream(tokio_stream::iter([write(bytes.len() as u64)]))
+        append_at(&mut on_b, point, end, b"after")
             .await
             .unwrap_or_else(|status| panic!("b takes {point} at its end: {status:?}"));
     }

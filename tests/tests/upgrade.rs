@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 
 use goutube::cluster::Lifecycle;
 use goutube::controller::Topology;
-use goutube::proto::ProduceRequest;
+use goutube::proto::ListMembersRequest;
 use goutube::proto::controller::StatusRequest;
 use goutube::proto::controller::controller_client::ControllerClient;
 use goutube_tests::upgrade::{self, FOLLOWER, FORGOTTEN, NODES};
 use goutube_tests::{
-    NodeProcess, consume, data, eventually, eventually_some, metadata, owner_through, raw_client,
-    window,
+    NodeProcess, append_at, consume, data, eventually, eventually_some, metadata, owner_through,
+    raw_client, window,
 };
 use tonic::Code;
 
@@ -115,29 +115,23 @@ async fn a_cluster_written_by_the_previous_version_imports_its_ring_and_serves_e
     let owner = owner_through(raw_client(&nodes["a"].rpc).await, point).await;
     let mut client = raw_client(&nodes[owner.as_str()].rpc).await;
     let more = data(7, 4093);
-    let append = ProduceRequest {
-        point: point.clone(),
-        frame: more.clone().into(),
-        expected_offset: Some(bytes.len() as u64),
-        ..Default::default()
-    };
-    client
-        .produce_stream(tokio_stream::iter([append]))
+    append_at(&mut client, point, bytes.len() as u64, &more)
         .await
         .unwrap();
     let held = consume(&mut client, window(point, 0, 0, 0)).await.unwrap();
     assert!(held.concat() == [bytes.clone(), more].concat());
-    eventually("f to follow its leader again", || async {
-        let members = goutube::client::Client::connect(&goutube::client::ClientOptions {
-            addr: nodes["a"].rpc.clone(),
-            tls: None,
-        })
-        .await
-        .unwrap()
-        .members()
-        .await
-        .unwrap();
-        members.members.iter().any(|m| m.name == FOLLOWER && m.live)
+    // f is back, following c (its leader in the previous version, forgotten since).
+    eventually("f to follow c again", || async {
+        let members = raw_client(&nodes["a"].rpc)
+            .await
+            .list_members(ListMembersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        members
+            .members
+            .iter()
+            .any(|m| m.name == FOLLOWER && m.live && m.leader == FORGOTTEN)
     })
     .await;
 

@@ -368,7 +368,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
 /// `goutube controller recover`: the loud warning, then the recovery if confirmed.
 fn recover_controller(config_file: Option<PathBuf>, yes: bool) -> anyhow::Result<()> {
     let config = Config::load(config_file.as_deref())?;
-    let dir = config.data_dir.join("controller");
+    let dir = config.controller_dir();
     eprintln!(
         "WARNING: this makes {} the controller's only voter, with the decisions its files in {} \
          hold. Use it only when a quorum of voters is lost for good: decisions that the lost \

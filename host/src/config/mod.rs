@@ -518,6 +518,11 @@ impl Config {
         crate::cluster::dir(&self.data_dir)
     }
 
+    /// Where the controller's files (its Raft log, vote and snapshot) are kept.
+    pub fn controller_dir(&self) -> PathBuf {
+        self.data_dir.join("controller")
+    }
+
     /// The point store's settings.
     pub fn store_config(&self) -> StoreConfig {
         StoreConfig {

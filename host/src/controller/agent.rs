@@ -611,6 +611,17 @@ impl Asked {
     }
 }
 
+/// Publishes `topology` in `publish` if it is newer (applied further) than the one there.
+fn publish_newer(publish: &watch::Sender<Arc<Topology>>, topology: Arc<Topology>) {
+    publish.send_if_modified(|current| {
+        let newer = topology.applied > current.applied;
+        if newer {
+            *current = topology;
+        }
+        newer
+    });
+}
+
 /// Publishes in `publish` each state this primary's own Raft node applies that is newer than
 /// the one published.
 async fn keep_newer(
@@ -619,14 +630,7 @@ async fn keep_newer(
     stop: CancellationToken,
 ) {
     loop {
-        let topology = applied.borrow_and_update().clone();
-        publish.send_if_modified(|current| {
-            let newer = topology.applied > current.applied;
-            if newer {
-                *current = topology;
-            }
-            newer
-        });
+        publish_newer(&publish, applied.borrow_and_update().clone());
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = applied.changed() => if changed.is_err() { return },
@@ -676,13 +680,7 @@ async fn follow(
                     applied: update.applied,
                     ring_epoch: topology.ring_epoch,
                 });
-                publish.send_if_modified(|current| {
-                    if topology.applied <= current.applied {
-                        return false;
-                    }
-                    *current = Arc::new(topology);
-                    true
-                });
+                publish_newer(&publish, Arc::new(topology));
             }
         }
         tokio::select! {

@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use super::files::{read_json, replace, sync_dir};
 use super::raft::{NodeId, TypeConfig};
 
-const LOG_FILE: &str = "log";
+/// The log file, in the controller's directory.
+pub(super) const LOG_FILE: &str = "log";
 const VOTE_FILE: &str = "vote.json";
 const COMMITTED_FILE: &str = "committed.json";
 /// Locked while a node (or `goutube controller recover`) has the files open: one at a time.
@@ -115,10 +116,10 @@ impl LogStore {
         })
     }
 
-    /// The last entry purged (in the snapshot), and the entries held after it, in order.
-    pub(super) fn entries(&self) -> (Option<LogId<NodeId>>, Vec<Entry<TypeConfig>>) {
+    /// The entries held (after the last one purged into the snapshot), in order.
+    pub(super) fn entries(&self) -> Vec<Entry<TypeConfig>> {
         let held = self.held.lock().expect("poisoned");
-        (held.purged, held.entries.values().cloned().collect())
+        held.entries.values().cloned().collect()
     }
 
     /// Ends the log at `last`, as purged (a recovery's snapshot holds everything up to it), and

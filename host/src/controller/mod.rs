@@ -289,8 +289,7 @@ impl Controller {
     /// Whether `name` is a voter in this node's Raft membership; `true` while it has none (a
     /// primary not added yet: it has nothing to protect).
     fn admits_votes_from(&self, name: &str) -> bool {
-        let metrics = self.raft.metrics().borrow().clone();
-        let voters = voters_of(&metrics);
+        let voters = voters_of(&self.raft.metrics().borrow());
         voters.is_empty() || voters.iter().any(|voter| voter == name)
     }
 
@@ -414,12 +413,13 @@ pub fn recover(dir: &Path, local: &str) -> Result<Recovered, RecoverError> {
         dir: dir.display().to_string(),
         source,
     };
-    if !dir.join("log").exists() {
+    // (Opening the log creates it: a directory without one holds nothing to recover.)
+    if !dir.join(log::LOG_FILE).exists() {
         return Err(RecoverError::Empty(dir.display().to_string()));
     }
     let log = log::LogStore::open(dir).map_err(files)?;
-    let (_, entries) = log.entries();
-    let Some((last, recovered)) = raft::recover_snapshot(dir, local, entries).map_err(files)?
+    let Some((last, recovered)) =
+        raft::recover_snapshot(dir, local, log.entries()).map_err(files)?
     else {
         return Err(RecoverError::Empty(dir.display().to_string()));
     };

@@ -39,8 +39,8 @@ pub(super) struct Peers {
     /// The voters the controller was formed with (`controller.voters`, or the ring's founders),
     /// sorted: the same on every node, what names this controller in every message.
     pub formation: Vec<String>,
-    /// The voters now, as this node last learned them (its Raft membership, or a voter's
-    /// status); the formation until then. Changed by `goutube members voters`.
+    /// The voters now, as a member that is no voter last heard them from a voter (`Watch`); the
+    /// formation until then. A voter reads them from its Raft membership instead.
     voters: Mutex<Vec<String>>,
     /// Where the live members are (gossip).
     pub membership: watch::Receiver<Arc<Membership>>,

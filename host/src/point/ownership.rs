@@ -243,8 +243,8 @@ impl Store {
 
     /// Takes `id` out of the store without deleting it: its files move to
     /// `<data_dir>/quarantine/<point>/<epoch>/`, where nothing serves them and only an operator
-    /// deletes them (`docs/resharding.md`: what a forgotten member alone holds). Returns that
-    /// directory.
+    /// deletes them (`docs/resharding.md`: what a forgotten member alone holds), counted in
+    /// `goutube_quarantined_points`. Returns that directory.
     pub async fn quarantine(&self, id: &PointId, epoch: u64) -> Result<PathBuf, DeleteError> {
         let root = self.inner.shared.config.dir.clone();
         let target = self.quarantine_dir(id).join(epoch.to_string());
@@ -265,6 +265,7 @@ impl Store {
             remove_point_files(&root, &dir)
         })
         .await?;
+        ::metrics::gauge!(crate::metrics::QUARANTINED_POINTS).set(self.quarantined_count() as f64);
         Ok(target)
     }
 

@@ -10,7 +10,7 @@
 
 use super::error::HandoverError;
 use crate::point::ownership::FIRST_EPOCH;
-use crate::point::{DeleteError, Handover, Ownership, PointId, ReadError, Store};
+use crate::point::{DeleteError, Handover, Ownership, PointId, ReadError, SealedAt, Store};
 
 /// How a seal ended.
 #[derive(Debug)]
@@ -69,18 +69,19 @@ pub(crate) async fn begin(
     Ok(0)
 }
 
-/// Ends the handover of `point` from `from`: if this node holds exactly `end` bytes with CRC32C
-/// `crc`, it syncs them and commits, with itself as owner, the epoch of the controller's ring
-/// it holds (`ring_epoch`, the decision the move follows), or the next epoch if that is higher:
-/// a point's epochs only grow.
+/// Ends the handover of `point` from `from`: if this node holds exactly what the old owner
+/// `sealed` (its end and CRC32C), it syncs it and commits, with itself as owner, the epoch of the
+/// controller's ring it holds (`ring_epoch`, the decision the move follows), or the next epoch
+/// if that is higher: a point's epochs only grow.
 pub(crate) async fn seal(
     store: &Store,
     local: &str,
     from: &str,
     point: &PointId,
-    (end, crc): (u64, u32),
+    sealed: SealedAt,
     ring_epoch: u64,
 ) -> Result<Sealed, HandoverError> {
+    let SealedAt { end, crc } = sealed;
     let held = match store.ownership(point).await {
         Ok(held) => held,
         Err(ReadError::NotFound(_)) => {

@@ -27,8 +27,8 @@ use crate::access::Action;
 use crate::metrics;
 use crate::net::PeerInfo;
 use crate::net::check_identity;
-use crate::point::PointId;
 use crate::point::ownership::FIRST_EPOCH;
+use crate::point::{PointId, SealedAt};
 use crate::service::Spawner;
 
 /// Accepts followers until the replication subsystem stops.
@@ -188,7 +188,10 @@ impl leader::Server for LeaderService {
             &context.services.config.node_name,
             &from,
             &point,
-            (params.get_end(), params.get_crc()),
+            SealedAt {
+                end: params.get_end(),
+                crc: params.get_crc(),
+            },
             ring_epoch,
         )
         .await

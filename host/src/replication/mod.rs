@@ -14,7 +14,8 @@
 //!   pushed records only at its current end (exactly once), reconnecting with backoff.
 //! - [`mover`] and [`handover`]: resharding between primaries (`docs/resharding.md`). The old
 //!   owner's mover hands points to their new owner through a replicator scoped to those points;
-//!   the new owner's side receives them as `incoming` and commits the next epoch at the seal.
+//!   the new owner's side receives them as `incoming` and commits, at the seal, the controller's
+//!   epoch of the ring it holds (or the next epoch, if that is higher).
 //!
 //! Every primary serves this port (a standalone one for handovers only); followers dial it.
 //!

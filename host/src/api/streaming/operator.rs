@@ -1,6 +1,6 @@
 //! The operator's calls: the members and their lifecycle (`ListMembers`, `DrainMember`,
-//! `ForgetMember`, `CleanupMember`), the controller's voters (`SetVoters`), and `SignUrl`. The lifecycle calls walk the whole store or
-//! the ring; none of them is on a data path.
+//! `ForgetMember`, `CleanupMember`), the controller's voters (`SetVoters`), and `SignUrl`. The
+//! lifecycle calls walk the whole store or the ring; none of them is on a data path.
 
 use std::time::Duration;
 

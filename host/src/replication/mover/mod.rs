@@ -425,8 +425,6 @@ impl Mover {
                     }
                     Verdict::Diverged => match store.quarantine(point, copy.epoch).await {
                         Ok(dir) => {
-                            ::metrics::gauge!(metrics::QUARANTINED_POINTS)
-                                .set(store.quarantined_count() as f64);
                             tracing::warn!(%point, %to, end = copy.end, dir = %dir.display(), "stepped down: this copy has bytes nobody else has; quarantined (never served, deleted only by an operator)");
                             Ok(())
                         }
@@ -443,7 +441,6 @@ impl Mover {
                 }
             }
         }
-        ::metrics::gauge!(metrics::QUARANTINED_POINTS).set(store.quarantined_count() as f64);
         answered
     }
 
