@@ -26,8 +26,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let (bin, out) = (PathBuf::from(bin), std::path::absolute(out)?);
     let root = tempfile::tempdir()?;
-    let start = |name: &'static str, nodes: &mut Running| {
-        let node = spawn(&bin, root.path(), name, nodes);
+    // c's replication address, which f follows (still after c died).
+    let mut leader = String::new();
+    let mut start = |name: &'static str, nodes: &mut Running| {
+        let node = spawn(&bin, root.path(), name, nodes, &leader);
+        if name == FORGOTTEN {
+            leader = node.addresses.replication.to_string();
+        }
         nodes.insert(name, node);
     };
     let mut nodes = Running::new();
@@ -120,20 +125,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Starts node `name` of the `bin` version on its data in `root/name`, seeded by the nodes
-/// running (`f` follows `c`: the one running, else the address `c` had).
-fn spawn(bin: &Path, root: &Path, name: &str, running: &Running) -> NodeProcess {
+/// running (`f` follows the replication address `leader`).
+fn spawn(bin: &Path, root: &Path, name: &str, running: &Running, leader: &str) -> NodeProcess {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).expect("a node directory");
     let seeds: Vec<String> = running
         .values()
         .map(|node| node.addresses.gossip.to_string())
         .collect();
-    let leader_file = root.join("c-replication");
-    if let Some(c) = running.get(FORGOTTEN) {
-        std::fs::write(&leader_file, c.addresses.replication.to_string()).expect("c's address");
-    }
-    let leader = std::fs::read_to_string(&leader_file).unwrap_or_default();
-    let config = upgrade::config(&dir, name, &seeds, &leader);
+    let config = upgrade::config(&dir, name, &seeds, leader);
     NodeProcess::spawn_binary(bin, &config, &[])
 }
 
