@@ -79,10 +79,13 @@ async fn a_standalone_node_is_its_own_controller_and_keeps_its_decisions() {
     .await;
     let formed = controller.topology().borrow().ring_epoch;
     assert!(formed > 0);
-    assert_eq!(
-        node.node.membership().borrow().ring,
-        controller.topology().borrow().ring
-    );
+    // The membership adopts each committed ring (the node may commit its addresses right after
+    // the import, so wait for the two to agree rather than compare one instant).
+    eventually("the node to use the committed ring", || {
+        let (membership, topology) = (node.node.membership(), controller.topology());
+        async move { membership.borrow().ring == topology.borrow().ring }
+    })
+    .await;
     // A rule of the state machine refuses, typed, and the state stays.
     let refused = controller.propose(form(&["other"])).await;
     assert!(
