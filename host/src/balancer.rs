@@ -646,7 +646,7 @@ impl proto::streaming_server::Streaming for BalancerService {
             .await?;
         Ok(Response::new(streaming::members(
             &self.0.services.placement.membership(),
-            self.0.services.controller.status(),
+            &self.0.services.controller,
         )))
     }
 

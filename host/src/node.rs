@@ -24,7 +24,7 @@ use crate::http::gateway::Gateway;
 use crate::placement::Placement;
 use crate::plugins::{PluginError, Plugins};
 use crate::point::{StorageError, Store};
-use crate::replication::{self, Progress};
+use crate::replication::{self, InSyncBounds, Progress};
 use crate::reshard::Gate;
 use crate::service::{Failed, Handle};
 use crate::services::{Lifetime, Services};
@@ -264,7 +264,15 @@ impl Node {
             observer,
             lifetime,
         );
-        let agent = start_agent(&services, store.clone(), links, cluster.membership()).await?;
+        let progress = Arc::new(Progress::default());
+        let agent = start_agent(
+            &services,
+            store.clone(),
+            progress.clone(),
+            links,
+            cluster.membership(),
+        )
+        .await?;
         // Only a primary may be a voter: the others call the voters, and serve no controller.
         let controller_service = services.config.role.is_primary().then(|| {
             let stop = services.lifetime.shutdown.clone();
@@ -280,6 +288,7 @@ impl Node {
                     &services,
                     store,
                     &cluster,
+                    progress,
                     (leader, following),
                     listeners.replication,
                 )?;
@@ -511,6 +520,7 @@ impl Node {
 async fn start_agent(
     services: &Services,
     store: Option<Store>,
+    progress: Arc<Progress>,
     links: agent::Links,
     membership: watch::Receiver<Arc<Membership>>,
 ) -> Result<Agent, StartError> {
@@ -527,8 +537,10 @@ async fn start_agent(
         dir: config.controller_dir(),
         tls: balancer_identity(config),
         settle,
+        progress: store.is_some().then_some(progress),
         store,
         primary: config.role.is_primary(),
+        in_sync: InSyncBounds::of(&config.replication),
     };
     Ok(agent::start(params, links, membership, services.lifetime.subsystem()).await?)
 }
@@ -601,13 +613,13 @@ fn start_storage(
     services: &Services,
     store: Store,
     cluster: &Cluster,
+    progress: Arc<Progress>,
     (leader, following): (
         watch::Sender<Option<cluster::Leader>>,
         watch::Receiver<Option<cluster::Leader>>,
     ),
     listener: TcpListener,
 ) -> Result<(Arc<Context>, Option<Handle>), StartError> {
-    let progress = Arc::new(Progress::default());
     let replication = replication::start(
         replication::Context {
             services: services.clone(),

@@ -50,6 +50,13 @@ async fn view(pki: &Pki, node: &str) -> ListMembersResponse {
         .into_inner()
 }
 
+/// The in-sync set of `slot`'s group, as `node` sees the controller's state.
+async fn in_sync_of(pki: &Pki, node: &str, slot: &str) -> Vec<String> {
+    let controller = view(pki, node).await.controller.unwrap_or_default();
+    let group = controller.groups.into_iter().find(|g| g.slot == slot);
+    group.map(|g| g.in_sync).unwrap_or_default()
+}
+
 async fn owner_of(pki: &Pki, node: &str, point: &str) -> String {
     owner_through(pki.client("root", node).await, point).await
 }
@@ -109,6 +116,12 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
         .await;
     }
 
+    // c's acknowledgements wait for its in-sync followers: both, once they caught up.
+    eventually("f1 and f2 to be in c's in-sync set", || async {
+        in_sync_of(&pki, &c.rpc, "c").await == ["f1", "f2"]
+    })
+    .await;
+
     // Points of random non-periodic sizes; those of c are what the test is about.
     let nodes: BTreeMap<&str, String> =
         [("a", a.addr()), ("b", b.addr()), ("c", c.rpc.clone())].into();
@@ -132,9 +145,14 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     }
     assert!(of_c.len() >= 8, "c owns {} of 60 points", of_c.len());
 
-    // f2 stops; c goes on taking writes that f1 alone confirms (ack = 1).
+    // f2 stops; once the controller took it out of c's in-sync set, c goes on taking writes
+    // that f1 alone confirms (ack = 1).
     let f2_dir = f2.dir;
     f2.node.shutdown().await.unwrap();
+    eventually("f2 to leave c's in-sync set", || async {
+        in_sync_of(&pki, &c.rpc, "c").await == ["f1"]
+    })
+    .await;
     let mut to_c = pki.client("root", &c.rpc).await;
     for (i, point) in of_c.iter().enumerate() {
         let bytes = data(900 + i as u64, 1000 + i * 777);

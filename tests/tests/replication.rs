@@ -9,7 +9,7 @@ use bytes::Bytes;
 use goutube::config::{Ack, Config, PeerTlsSection, Role};
 use goutube::point::{Ownership, PointId, Store};
 use goutube::proto::streaming_client::StreamingClient;
-use goutube::proto::{DeletePointRequest, ProduceRequest};
+use goutube::proto::{DeletePointRequest, ListMembersRequest, ProduceRequest};
 use goutube_tests::{
     Advance, DEADLINE, NodeProcess, Pki, TestNode, consume, counter, data, eventually,
     eventually_advancing, free_port, metadata, produce, window,
@@ -556,8 +556,13 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // f1 had entered the leader's in-sync set: the leader waits for it by name until the
+    // controller commits its removal.
     assert!(
-        status.message().contains("only 0 of 1 followers"),
+        status
+            .message()
+            .contains("in-sync follower f1 has not confirmed")
+            || status.message().contains("only 0 of 1 followers"),
         "{}",
         status.message()
     );
@@ -569,6 +574,122 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
     converged(&to_leader, &to_follower, "p").await;
     node.shutdown().await.unwrap();
     leader.shutdown().await;
+}
+
+/// The leader's replica group as the controller committed it: (followers, in-sync set).
+async fn group(to_leader: &mut Client) -> (Vec<String>, Vec<String>) {
+    let members = to_leader
+        .list_members(ListMembersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let controller = members.controller.unwrap_or_default();
+    let group = controller.groups.into_iter().find(|g| g.slot == "leader");
+    group.map_or_else(Default::default, |g| (g.followers, g.in_sync))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_in_sync_follower_holds_what_was_acknowledged_and_leaves_only_by_a_commit() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |c| {
+        c.replication.ack = Ack::Replicas(1);
+        c.replication.ack_timeout_ms = 1_000;
+        c.replication.in_sync_timeout_ms = 3_000;
+    })
+    .await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    // Something to catch up on before the followers come.
+    let before = produce_local(&mut to_leader, "early", 300_000).await;
+    let f1 = follower(&pki, "f1", &leader, |_| {}).await;
+    let f2 = follower(&pki, "f2", &leader, |_| {}).await;
+    let both = vec!["f1".to_owned(), "f2".to_owned()];
+    eventually("both followers to enter the in-sync set", || {
+        let (mut to_leader, both) = (to_leader.clone(), both.clone());
+        async move { group(&mut to_leader).await == (both.clone(), both) }
+    })
+    .await;
+    let (mut to_f1, mut to_f2) = (
+        pki.client("root", &f1.addr()).await,
+        pki.client("root", &f2.addr()).await,
+    );
+    for to_follower in [&mut to_f1, &mut to_f2] {
+        assert_eq!(metadata(to_follower, "early").await.unwrap().crc32c, before);
+    }
+
+    // Acknowledged with replicas = 1 means held by *every* in-sync follower.
+    for round in 0..5u8 {
+        let record = produce(
+            &mut to_leader,
+            "p",
+            &[data(round.into(), 70_000 + usize::from(round))],
+        )
+        .await
+        .unwrap()
+        .records[0]
+            .clone();
+        for to_follower in [&mut to_f1, &mut to_f2] {
+            let held = metadata(to_follower, "p").await.unwrap();
+            assert!(
+                held.size >= record.end,
+                "round {round}: {held:?} < {record:?}"
+            );
+        }
+    }
+
+    // f2 stops: until its removal is committed, the leader waits for it by name.
+    let TestNode { node, dir } = f2;
+    node.shutdown().await.unwrap();
+    let status = produce(&mut to_leader, "p", &[data(9, 50_000)])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("in-sync follower f2 has not confirmed"),
+        "{}",
+        status.message()
+    );
+    eventually("f2 to leave the in-sync set", || {
+        let mut to_leader = to_leader.clone();
+        async move { group(&mut to_leader).await.1 == ["f1"] }
+    })
+    .await;
+    let record = produce(&mut to_leader, "p", &[data(10, 50_000)])
+        .await
+        .unwrap()
+        .records[0]
+        .clone();
+    assert!(metadata(&mut to_f1, "p").await.unwrap().size >= record.end);
+
+    // Back, it catches up and enters again; from then on it holds every acknowledged byte.
+    let node = goutube_tests::start_in(dir.path(), follows(&pki, "f2", &leader)).await;
+    eventually("f2 to enter the in-sync set again", || {
+        let (mut to_leader, both) = (to_leader.clone(), both.clone());
+        async move { group(&mut to_leader).await.1 == both }
+    })
+    .await;
+    let mut to_f2 = pki.client("root", &node.rpc_addr().to_string()).await;
+    let record = produce(&mut to_leader, "p", &[data(11, 50_000)])
+        .await
+        .unwrap()
+        .records[0]
+        .clone();
+    let held = metadata(&mut to_f2, "p").await.unwrap();
+    assert_eq!(held.size, record.end);
+    node.shutdown().await.unwrap();
+    f1.shutdown().await;
+    leader.shutdown().await;
+}
+
+/// Stores a point of `size` bytes on `leader` while it has no follower (the produce is not
+/// acknowledged, but the bytes stay and replicate later); its CRC32C.
+async fn produce_local(to_leader: &mut Client, point: &str, size: usize) -> u32 {
+    let status = produce(to_leader, point, &[data(77, size)])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    metadata(to_leader, point).await.unwrap().crc32c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::point::{PointId, Store};
 use crate::proto::{ON_BEHALF_OF, PURPOSE};
-use crate::replication::{Progress, Replica};
+use crate::replication::{Progress, Replica, Short};
 use crate::reshard::Gate;
 use crate::services::Services;
 
@@ -115,20 +115,33 @@ impl Context {
         self.progress.replicas(point)
     }
 
-    /// With `ack = { replicas = N }`, waits until N followers confirmed every `(point, end)`.
+    /// With `ack = { replicas = N }`, waits until every follower in the group's in-sync set
+    /// (and each one about to enter it) and at least N followers confirmed every
+    /// `(point, end)` (`docs/failover.md`).
     pub async fn wait_for_replicas(&self, written: &[(PointId, u64)]) -> Result<(), Error> {
         let Ack::Replicas(replicas) = self.services.config.replication.ack else {
             return Ok(());
         };
         let timeout = Duration::from_millis(self.services.config.replication.ack_timeout_ms);
-        self.progress
+        let short = match self
+            .progress
             .wait(written, replicas as usize, timeout)
             .await
-            .map_err(|(point, end, confirmed)| {
-                Error::Unavailable(format!(
-                    "only {confirmed} of {replicas} followers confirmed point {point} up to {end} within {timeout:?}; \
-                     the data is stored on the leader and will still replicate"
-                ))
-            })
+        {
+            Ok(()) => return Ok(()),
+            Err(short) => short,
+        };
+        let why = match short {
+            Short::InSyncUnknown => "this leader does not know its group's in-sync set yet (the controller's state has not reached it)".to_owned(),
+            Short::Waiting { follower, point, end } => format!(
+                "in-sync follower {follower} has not confirmed point {point} up to {end} (it stays in the in-sync set until the controller commits its removal)"
+            ),
+            Short::Replicas { point, end, confirmed } => format!(
+                "only {confirmed} of {replicas} followers confirmed point {point} up to {end}"
+            ),
+        };
+        Err(Error::Unavailable(format!(
+            "not acknowledged within {timeout:?}: {why}; the data is stored on the leader and will still replicate"
+        )))
     }
 }

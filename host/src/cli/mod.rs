@@ -564,6 +564,20 @@ fn print_members(members: &ListMembersResponse) {
                 controller.applied,
                 controller.ring_epoch
             );
+            for group in &controller.groups {
+                let list = |names: &[String]| match names {
+                    [] => "none".to_owned(),
+                    names => names.join(","),
+                };
+                println!(
+                    "group {}: leader {} (epoch {}) · followers {} · in sync {}",
+                    group.slot,
+                    group.leader,
+                    group.leader_epoch,
+                    list(&group.followers),
+                    list(&group.in_sync)
+                );
+            }
         }
     }
 }

@@ -139,6 +139,12 @@ pub struct ReplicationSection {
     pub ack_timeout_ms: u64,
     /// Records in flight to one follower.
     pub window: usize,
+    /// How long an in-sync follower may stay disconnected, or behind by more than
+    /// `in_sync_max_lag_bytes`, before its leader takes it out of the in-sync set (and stops
+    /// waiting for it once that is committed; `docs/failover.md`).
+    pub in_sync_timeout_ms: u64,
+    /// Unconfirmed bytes past which an in-sync follower counts as behind.
+    pub in_sync_max_lag_bytes: u64,
 }
 
 /// The acknowledgement mode of produce.
@@ -157,6 +163,8 @@ impl Default for ReplicationSection {
             ack: Ack::Local,
             ack_timeout_ms: 5_000,
             window: 16,
+            in_sync_timeout_ms: 2_000,
+            in_sync_max_lag_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -491,6 +499,12 @@ impl Config {
         }
         if self.replication.ack_timeout_ms == 0 {
             return invalid("replication.ack_timeout_ms", "must be at least 1".into());
+        }
+        if self.replication.in_sync_timeout_ms == 0 {
+            return invalid(
+                "replication.in_sync_timeout_ms",
+                "must be at least 1".into(),
+            );
         }
         if self.replication.window == 0 {
             return invalid("replication.window", "must be at least 1".into());

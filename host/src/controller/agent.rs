@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::network::Peers;
 use super::{
-    Applied, Command, Controller, ProposeError, Rejected, StartError, Status, Topology, VotersError,
+    Applied, Command, Controller, Group, ProposeError, Rejected, StartError, Status, Topology,
+    VotersError,
 };
 use crate::client::ClientTls;
 use crate::cluster::ring::{Ring, RingMember};
@@ -33,6 +34,7 @@ use crate::cluster::{Controlled, Decision, Lifecycle, Membership, StepError};
 use crate::config::ControllerSection;
 use crate::point::Store;
 use crate::proto::controller::StatusRequest;
+use crate::replication::{InSyncBounds, Progress};
 use crate::service::{Handle, Service, Spawner};
 
 /// What the agent needs.
@@ -54,6 +56,11 @@ pub struct Params {
     pub store: Option<Store>,
     /// Whether this node is a primary (only primaries run a Raft node: voters are primaries).
     pub primary: bool,
+    /// What this node's followers confirmed (`None` on a balancer): as the leader of a group,
+    /// the agent keeps the group's in-sync set from it.
+    pub progress: Option<Arc<Progress>>,
+    /// The bounds of the in-sync set (`[replication]`).
+    pub in_sync: InSyncBounds,
 }
 
 /// The agent's ends of its links (made before the membership loop and the API start).
@@ -62,6 +69,7 @@ pub struct Links {
     decisions: mpsc::Receiver<(Decision, oneshot::Sender<Result<(), StepError>>)>,
     started: watch::Sender<Option<Controller>>,
     followed: Arc<Mutex<Option<Status>>>,
+    topology: watch::Sender<Arc<Topology>>,
 }
 
 /// The links of the agent: its own ends, the membership loop's, and the observer the API
@@ -71,12 +79,14 @@ pub fn links() -> (Links, Controlled, Observer) {
     let (decisions_tx, decisions) = mpsc::channel(16);
     let (started, controller) = watch::channel(None);
     let followed = Arc::new(Mutex::new(None));
+    let (topology, topology_rx) = watch::channel(Arc::new(Topology::default()));
     (
         Links {
             committed,
             decisions,
             started,
             followed: followed.clone(),
+            topology,
         },
         Controlled {
             committed: committed_rx,
@@ -85,6 +95,7 @@ pub fn links() -> (Links, Controlled, Observer) {
         Observer {
             controller,
             followed,
+            topology: topology_rx,
         },
     )
 }
@@ -94,6 +105,7 @@ pub fn links() -> (Links, Controlled, Observer) {
 pub struct Observer {
     controller: watch::Receiver<Option<Controller>>,
     followed: Arc<Mutex<Option<Status>>>,
+    topology: watch::Receiver<Arc<Topology>>,
 }
 
 impl Observer {
@@ -111,6 +123,11 @@ impl Observer {
         }
         let followed = self.followed.lock().expect("poisoned").clone();
         followed.or_else(|| own.map(|controller| controller.status()))
+    }
+
+    /// The newest committed state this node knows (empty before it knows one).
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology.borrow().clone()
     }
 }
 
@@ -161,6 +178,7 @@ pub async fn start(
     let observer = Observer {
         controller: links.started.subscribe(),
         followed: links.followed.clone(),
+        topology: links.topology.subscribe(),
     };
     let service = Service::new("controller", token);
     let running = Running {
@@ -170,6 +188,7 @@ pub async fn start(
         decisions: links.decisions,
         started: links.started,
         followed: links.followed,
+        topology: links.topology,
         spawner: service.spawner(),
         stop: service.token().clone(),
     };
@@ -273,6 +292,8 @@ struct Running {
     decisions: mpsc::Receiver<(Decision, oneshot::Sender<Result<(), StepError>>)>,
     started: watch::Sender<Option<Controller>>,
     followed: Arc<Mutex<Option<Status>>>,
+    /// Where the committed state this member knows is published.
+    topology: watch::Sender<Arc<Topology>>,
     spawner: Spawner,
     stop: CancellationToken,
 }
@@ -294,10 +315,10 @@ impl Running {
             return;
         };
         let mut formed_since: Option<Instant> = None;
-        // An import walks the store once for its highest epoch, however often it is retried.
-        let highest = Arc::new(HighestEpoch {
+        let own = Arc::new(Own {
             store: self.params.store.clone(),
-            found: tokio::sync::OnceCell::new(),
+            progress: self.params.progress.clone(),
+            highest: tokio::sync::OnceCell::new(),
         });
         let mut proposing: Option<tokio::task::JoinHandle<()>> = None;
         let mut ticks = tokio::time::interval(RETRY);
@@ -334,19 +355,21 @@ impl Running {
                 }
                 _ = ticks.tick() => {}
             }
+            let now = Instant::now();
+            self.follow_group(&topology.borrow(), now);
             if proposing.as_ref().is_some_and(|task| !task.is_finished()) {
                 continue;
             }
-            let now = Instant::now();
             let wanted = {
                 let topology = topology.borrow();
                 let membership = self.membership.borrow();
                 self.wanted(&topology, &membership, &decider, &mut formed_since, now)
+                    .or_else(|| self.in_sync_wanted(&topology, now))
             };
             if let Some(command) = wanted {
                 let decider = decider.clone();
-                let highest = highest.clone();
-                proposing = Some(tokio::spawn(propose_own(decider, command, highest)));
+                let own = own.clone();
+                proposing = Some(tokio::spawn(propose_own(decider, command, own)));
             }
         }
         if let Some(task) = proposing {
@@ -414,7 +437,7 @@ impl Running {
                 params.tls.clone(),
             )),
         };
-        let (publish, topology) = watch::channel(Arc::new(Topology::default()));
+        let (publish, topology) = (self.topology.clone(), self.topology.subscribe());
         if let Some(controller) = &own {
             let (applied, publish) = (controller.topology(), publish.clone());
             self.spawner
@@ -432,6 +455,36 @@ impl Running {
         );
         let within = Duration::from_millis(params.section.propose_timeout_ms);
         Some((Decider { own, peers, within }, topology))
+    }
+
+    /// The group this node leads, if any.
+    fn led<'t>(&self, topology: &'t Topology) -> Option<&'t Group> {
+        let local = &self.params.local;
+        topology.groups.get(local).filter(|g| g.leader == *local)
+    }
+
+    /// Keeps who this node's writes wait for in step with the committed state, once it knows
+    /// one (`replication::Progress::follow_group`).
+    fn follow_group(&self, topology: &Topology, now: Instant) {
+        let Some(progress) = &self.params.progress else {
+            return;
+        };
+        if topology.applied > 0 {
+            progress.follow_group(self.led(topology), &self.params.in_sync, now.into_std());
+        }
+    }
+
+    /// As the leader of a group: the change of its group that what the followers confirmed
+    /// asks for, if any (`replication::Progress::in_sync_wanted`).
+    fn in_sync_wanted(&self, topology: &Topology, now: Instant) -> Option<Command> {
+        let progress = self.params.progress.as_ref()?;
+        let group = self.led(topology)?;
+        progress.in_sync_wanted(
+            &self.params.local,
+            group,
+            &self.params.in_sync,
+            now.into_std(),
+        )
     }
 
     /// What this member's own state asks the controller for, if anything.
@@ -516,9 +569,16 @@ impl Running {
 
 /// Proposes what this member's own state asks for; a failure is logged, and the agent asks
 /// again at its next look.
-async fn propose_own(decider: Decider, mut command: Command, highest: Arc<HighestEpoch>) {
-    if let Command::Import { max_epoch, .. } = &mut command {
-        *max_epoch = highest.get().await;
+async fn propose_own(decider: Decider, mut command: Command, own: Arc<Own>) {
+    match &mut command {
+        Command::Import { max_epoch, .. } => *max_epoch = own.highest_epoch().await,
+        Command::InSync { follower, .. } => {
+            if let Some(missing) = own.missing(follower).await {
+                tracing::debug!(%follower, %missing, "controller: not proposed in sync yet");
+                return;
+            }
+        }
+        _ => {}
     }
     match decider.propose(command.clone()).await {
         Ok(_) => {}
@@ -529,15 +589,17 @@ async fn propose_own(decider: Decider, mut command: Command, highest: Arc<Highes
     }
 }
 
-/// The highest epoch a point in the store holds (an import's epochs start above it), found
-/// once.
-struct HighestEpoch {
+/// What the proposals of this member's own state read from its store before they are made.
+struct Own {
     store: Option<Store>,
-    found: tokio::sync::OnceCell<u64>,
+    progress: Option<Arc<Progress>>,
+    /// The highest epoch a point in the store holds (an import's epochs start above it),
+    /// found once however often the import is retried.
+    highest: tokio::sync::OnceCell<u64>,
 }
 
-impl HighestEpoch {
-    async fn get(&self) -> u64 {
+impl Own {
+    async fn highest_epoch(&self) -> u64 {
         let walk = || async {
             let Some(store) = &self.store else { return 0 };
             let mut highest = crate::point::ownership::FIRST_EPOCH;
@@ -548,7 +610,25 @@ impl HighestEpoch {
             }
             highest
         };
-        *self.found.get_or_init(walk).await
+        *self.highest.get_or_init(walk).await
+    }
+
+    /// The first point whose end, read now, `follower` has not confirmed, in words; `None` if
+    /// it holds every end. Read after the leader started waiting for the follower, so that it
+    /// holds every byte acknowledged before then.
+    async fn missing(&self, follower: &str) -> Option<String> {
+        let (Some(store), Some(progress)) = (&self.store, &self.progress) else {
+            return Some("this node keeps no points".into());
+        };
+        let mut ends = Vec::new();
+        for id in store.list("", None, usize::MAX) {
+            if let Ok(snapshot) = store.metadata(&id).await {
+                ends.push((id, snapshot.end));
+            }
+        }
+        progress
+            .missing(follower, &ends)
+            .map(|(point, end, has)| format!("point {point}: {has} of {end} bytes confirmed"))
     }
 }
 

@@ -68,6 +68,28 @@ pub enum Command {
         /// The primary whose slot it copies.
         slot: String,
     },
+    /// A group's leader counts a follower in the group's in-sync set: the leader saw it hold
+    /// the end of every point of the slot after it started waiting for it.
+    InSync {
+        /// The slot (the group's primary).
+        slot: String,
+        /// The follower.
+        follower: String,
+        /// The epoch the proposer leads the group at: a stale leader's request is refused.
+        leader_epoch: u64,
+    },
+    /// A group's leader stops counting a follower in the in-sync set; it stops waiting for it
+    /// once this is committed, not before.
+    OutOfSync {
+        /// The slot (the group's primary).
+        slot: String,
+        /// The follower.
+        follower: String,
+        /// The epoch the proposer leads the group at: a stale leader's request is refused.
+        leader_epoch: u64,
+        /// Why, in words (lagging, disconnected, bytes it had confirmed are gone).
+        reason: String,
+    },
     /// The first entry of a cluster created before its controller: the ring gossip had decided,
     /// and the highest epoch its stores held.
     Import {
@@ -135,6 +157,27 @@ pub enum Rejected {
         joining: String,
         /// An owner that has not announced the join handed.
         owner: String,
+    },
+    /// No replica group has this slot.
+    #[error("no replica group has the slot {0}")]
+    NoGroup(String),
+    /// A request about a group made by a leader of an earlier epoch.
+    #[error("{slot} is led at epoch {current}, not {asked}: the request of a deposed leader")]
+    StaleLeader {
+        /// The slot.
+        slot: String,
+        /// The epoch the request was made at.
+        asked: u64,
+        /// The group's leader epoch.
+        current: u64,
+    },
+    /// Only a follower of the group enters its in-sync set.
+    #[error("{follower} does not follow {slot}")]
+    NotFollowing {
+        /// The follower.
+        follower: String,
+        /// The slot.
+        slot: String,
     },
     /// A follower of a slot that is no primary's, or a ring member asked to follow.
     #[error("{follower} cannot follow {slot}: {reason}")]

@@ -51,6 +51,12 @@ pub struct Group {
     pub leader_epoch: u64,
     /// The followers that copy the slot's points.
     pub followers: BTreeSet<String>,
+    /// The followers that hold every acknowledged byte of the slot: its leader waits for each of
+    /// them before it acknowledges a write. One enters once its leader saw it hold the end of
+    /// every point (after the leader started waiting for it), and leaves only by a committed
+    /// change (`docs/failover.md`).
+    #[serde(default)]
+    pub in_sync: BTreeSet<String>,
 }
 
 impl Topology {
@@ -79,6 +85,17 @@ impl Topology {
             Command::Forget { name } => self.forget(name, epoch)?,
             Command::Announce { name, handed } => self.announce(name, handed.as_ref())?,
             Command::Follow { follower, slot } => self.follow(follower, slot)?,
+            Command::InSync {
+                slot,
+                follower,
+                leader_epoch,
+            } => self.in_sync(slot, follower, *leader_epoch, true)?,
+            Command::OutOfSync {
+                slot,
+                follower,
+                leader_epoch,
+                ..
+            } => self.in_sync(slot, follower, *leader_epoch, false)?,
         };
         Ok(if changed {
             Applied::Changed {
@@ -301,9 +318,10 @@ impl Topology {
         if group.followers.contains(follower) {
             return Ok(false);
         }
-        // A follower copies one slot: it leaves any other.
+        // A follower copies one slot: it leaves any other (and that one's in-sync set).
         for other in self.groups.values_mut() {
             other.followers.remove(follower);
+            other.in_sync.remove(follower);
         }
         self.groups
             .get_mut(slot)
@@ -311,6 +329,38 @@ impl Topology {
             .followers
             .insert(follower.to_owned());
         Ok(true)
+    }
+
+    /// `follower` enters (`enter`) or leaves the in-sync set of `slot`, asked by the leader of
+    /// `leader_epoch`: only the group's current leader changes it.
+    fn in_sync(
+        &mut self,
+        slot: &str,
+        follower: &str,
+        leader_epoch: u64,
+        enter: bool,
+    ) -> Result<bool, Rejected> {
+        let group = self
+            .groups
+            .get_mut(slot)
+            .ok_or_else(|| Rejected::NoGroup(slot.to_owned()))?;
+        if group.leader_epoch != leader_epoch {
+            return Err(Rejected::StaleLeader {
+                slot: slot.to_owned(),
+                asked: leader_epoch,
+                current: group.leader_epoch,
+            });
+        }
+        if !enter {
+            return Ok(group.in_sync.remove(follower));
+        }
+        if !group.followers.contains(follower) {
+            return Err(Rejected::NotFollowing {
+                follower: follower.to_owned(),
+                slot: slot.to_owned(),
+            });
+        }
+        Ok(group.in_sync.insert(follower.to_owned()))
     }
 
     fn member(&self, name: &str) -> Result<&RingMember, Rejected> {
@@ -357,6 +407,7 @@ impl Group {
             leader: leader.to_owned(),
             leader_epoch: epoch,
             followers: BTreeSet::new(),
+            in_sync: BTreeSet::new(),
         }
     }
 }
@@ -713,6 +764,116 @@ mod tests {
         assert_eq!(topology.ring_epoch, index + 3);
     }
 
+    fn follow(follower: &str, slot: &str) -> Command {
+        Command::Follow {
+            follower: follower.into(),
+            slot: slot.into(),
+        }
+    }
+
+    fn in_sync(slot: &str, follower: &str, leader_epoch: u64) -> Command {
+        Command::InSync {
+            slot: slot.into(),
+            follower: follower.into(),
+            leader_epoch,
+        }
+    }
+
+    fn out_of_sync(slot: &str, follower: &str, leader_epoch: u64) -> Command {
+        Command::OutOfSync {
+            slot: slot.into(),
+            follower: follower.into(),
+            leader_epoch,
+            reason: "lagging".into(),
+        }
+    }
+
+    #[test]
+    fn only_the_groups_leader_changes_its_in_sync_set_and_only_with_its_followers() {
+        // a leads its group at epoch 1 (the formation's entry); f and g follow it.
+        let followed = [form(&["a", "b"]), follow("f", "a"), follow("g", "a")];
+        let with_f = [
+            form(&["a", "b"]),
+            follow("f", "a"),
+            follow("g", "a"),
+            in_sync("a", "f", 1),
+        ];
+        type Case<'a> = (&'a str, &'a [Command], Command, Result<Applied, Rejected>);
+        let cases: Vec<Case> = vec![
+            (
+                "a follower enters",
+                &followed,
+                in_sync("a", "f", 1),
+                Ok(Applied::Changed { epoch: 4 }),
+            ),
+            (
+                "again: a retry",
+                &with_f,
+                in_sync("a", "f", 1),
+                Ok(Applied::Unchanged),
+            ),
+            (
+                "asked at an older leader epoch",
+                &followed,
+                in_sync("a", "f", 0),
+                Err(Rejected::StaleLeader {
+                    slot: "a".into(),
+                    asked: 0,
+                    current: 1,
+                }),
+            ),
+            (
+                "a removal asked at an older leader epoch",
+                &with_f,
+                out_of_sync("a", "f", 0),
+                Err(Rejected::StaleLeader {
+                    slot: "a".into(),
+                    asked: 0,
+                    current: 1,
+                }),
+            ),
+            (
+                "a node that follows another slot",
+                &followed,
+                in_sync("b", "f", 1),
+                Err(Rejected::NotFollowing {
+                    follower: "f".into(),
+                    slot: "b".into(),
+                }),
+            ),
+            (
+                "a slot nobody leads",
+                &followed,
+                in_sync("x", "f", 1),
+                Err(Rejected::NoGroup("x".into())),
+            ),
+            (
+                "a follower leaves",
+                &with_f,
+                out_of_sync("a", "f", 1),
+                Ok(Applied::Changed { epoch: 5 }),
+            ),
+            (
+                "one that was not in it",
+                &with_f,
+                out_of_sync("a", "g", 1),
+                Ok(Applied::Unchanged),
+            ),
+        ];
+        for (what, before, command, expected) in cases {
+            let mut topology = state(before);
+            let index = topology.applied + 1;
+            assert_eq!(topology.apply(index, &command), expected, "{what}");
+        }
+        // A follower that moves to another slot leaves the in-sync set it was in, and a
+        // forgotten leader's group goes with its set.
+        let mut topology = state(&with_f);
+        assert_eq!(topology.groups["a"].in_sync, BTreeSet::from(["f".into()]));
+        topology.apply(5, &follow("f", "b")).unwrap();
+        assert!(topology.groups["a"].in_sync.is_empty());
+        assert!(topology.groups["b"].in_sync.is_empty());
+    }
+
     #[test]
     fn an_import_puts_every_epoch_above_those_the_stores_hold() {
         use Lifecycle::*;
@@ -769,10 +930,17 @@ mod tests {
                     5 if one.ring.members.contains_key(&name) => {
                         handed(&one, names[rng.random_range(0..names.len())], &name)
                     }
-                    _ => Command::Follow {
-                        follower: format!("f{}", rng.random_range(0..3)),
-                        slot: name,
-                    },
+                    6 => {
+                        let follower = format!("f{}", rng.random_range(0..3));
+                        // The group's epoch, or a stale one now and then.
+                        let epoch = one.groups.get(&name).map_or(0, |g| g.leader_epoch);
+                        let epoch = epoch.saturating_sub(u64::from(rng.random_range(0..4) == 0));
+                        match rng.random_range(0..2) {
+                            0 => in_sync(&name, &follower, epoch),
+                            _ => out_of_sync(&name, &follower, epoch),
+                        }
+                    }
+                    _ => follow(&format!("f{}", rng.random_range(0..3)), &name),
                 };
                 let before = one.clone();
                 let got = one.apply(index, &command);
@@ -797,6 +965,7 @@ mod tests {
                     if let Some(was) = before.groups.get(slot) {
                         assert!(group.leader_epoch >= was.leader_epoch);
                     }
+                    assert!(group.in_sync.is_subset(&group.followers), "{command:?}");
                 }
             }
             assert_eq!(one, other);

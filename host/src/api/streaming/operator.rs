@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::access::{Access, Action};
 use crate::cluster::{Handed, Lifecycle, Membership, StepError};
+use crate::controller::agent::Observer;
 use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::point::{Handover, PointId};
@@ -42,7 +43,7 @@ impl StreamingService {
             .await?;
         Ok(Response::new(members(
             &state.services.placement.membership(),
-            state.services.controller.status(),
+            &state.services.controller,
         )))
     }
 
@@ -209,10 +210,19 @@ pub fn balancers(membership: &Membership) -> Vec<proto::Server> {
 }
 
 /// The ring's members (down or not), every other live member, and the controller.
-pub fn members(
-    membership: &Membership,
-    controller: Option<crate::controller::Status>,
-) -> ListMembersResponse {
+pub fn members(membership: &Membership, controller: &Observer) -> ListMembersResponse {
+    let topology = controller.topology();
+    let groups = topology
+        .groups
+        .iter()
+        .map(|(slot, group)| proto::GroupInfo {
+            slot: slot.clone(),
+            leader: group.leader.clone(),
+            leader_epoch: group.leader_epoch,
+            followers: group.followers.iter().cloned().collect(),
+            in_sync: group.in_sync.iter().cloned().collect(),
+        })
+        .collect();
     let mut members = Vec::new();
     for (name, record) in &membership.ring.members {
         let live = membership.live(name);
@@ -272,12 +282,13 @@ pub fn members(
         ring: membership.ring.id.clone(),
         node: membership.local.clone(),
         conflict: membership.conflict.clone().unwrap_or_default(),
-        controller: controller.map(|status| proto::ControllerInfo {
+        controller: controller.status().map(|status| proto::ControllerInfo {
             voters: status.voters,
             leader: status.leader.unwrap_or_default(),
             term: status.term,
             applied: status.applied,
             ring_epoch: status.ring_epoch,
+            groups,
         }),
     }
 }

@@ -58,6 +58,8 @@ pub(crate) const PUSH_BYTES: u64 = 2 * 1024 * 1024;
 pub(crate) const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of live appends a replicator keeps for its follower; beyond, it reads them back.
 pub(crate) const LIVE_PER_FOLLOWER: u64 = 16 * 1024 * 1024;
+/// How often, at least, a follower's lag is reported to [`super::Progress`].
+const LAG_REPORT: Duration = Duration::from_millis(250);
 
 /// What a follower offered of one point: its end, the epoch of its copy and the CRC32C of its
 /// bytes.
@@ -234,11 +236,15 @@ impl Replicator {
         self.context
             .progress
             .connected(&self.follower, &self.rpc_address);
-        self.update_gauges();
+        // The scan reports the follower's lag (and the gauges) once it knows every point.
         self.scan(Some(offers)).await;
         let window = self.context.services.config.replication.window;
         let mut changes = self.changes.take();
         let mut reloads = self.context.services.plugins.reloads();
+        // The lag is reported after replies (at most every 100 ms) and at least this often, so
+        // that the last reply of a catch-up is reported too (the in-sync set waits on it).
+        let mut reports = tokio::time::interval(LAG_REPORT);
+        reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
             if self.stop.is_cancelled() {
                 break Ended::Stopped;
@@ -274,6 +280,11 @@ impl Replicator {
                 Some(outcome) = self.in_flight.next() => {
                     if let Err(error) = self.handle(outcome) {
                         break Ended::Failed(error);
+                    }
+                }
+                _ = reports.tick() => {
+                    if self.gauges_at.is_none_or(|at| at.elapsed() >= LAG_REPORT) {
+                        self.update_gauges();
                     }
                 }
             }
@@ -721,6 +732,13 @@ impl Replicator {
             .sum();
         ::metrics::gauge!(metrics::REPLICATION_LAG_BYTES, "follower" => self.follower.clone())
             .set(lag as f64);
+        let max_lag = self
+            .context
+            .services
+            .config
+            .replication
+            .in_sync_max_lag_bytes;
+        self.context.progress.lag(&self.follower, lag, max_lag);
         ::metrics::gauge!(metrics::FOLLOWERS).set(self.context.progress.followers().len() as f64);
     }
 }
