@@ -60,6 +60,10 @@ pub const REPLICATION_DIVERGENCES: &str = "goutube_replication_divergences_total
 pub const REPLICATION_TASK_FAILURES: &str = "goutube_replication_task_failures_total";
 /// Followers connected to this leader.
 pub const FOLLOWERS: &str = "goutube_followers";
+/// Followers in the committed in-sync set of the group this node leads.
+pub const IN_SYNC_FOLLOWERS: &str = "goutube_in_sync_followers";
+/// Changes of its group's in-sync set this leader had committed, by change (entered, left).
+pub const IN_SYNC_CHANGES: &str = "goutube_in_sync_changes_total";
 /// Replication peers the authorizer did not allow to replicate.
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 /// Points a follower offered at a newer ownership epoch than this leader's (left alone).
@@ -227,6 +231,14 @@ fn describe_replication() {
         "Replication tasks that died (a panic); their session was closed and starts again."
     );
     describe_gauge!(FOLLOWERS, "Followers connected to this leader.");
+    describe_gauge!(
+        IN_SYNC_FOLLOWERS,
+        "Followers in the committed in-sync set of the group this node leads."
+    );
+    describe_counter!(
+        IN_SYNC_CHANGES,
+        "Changes of its group's in-sync set this leader had committed, by change (entered, left)."
+    );
     describe_counter!(
         REPLICATION_REFUSED,
         "Replication peers the authorizer did not allow to replicate."

@@ -32,6 +32,7 @@ use crate::client::ClientTls;
 use crate::cluster::ring::{Ring, RingMember};
 use crate::cluster::{Controlled, Decision, Lifecycle, Membership, StepError};
 use crate::config::ControllerSection;
+use crate::metrics;
 use crate::point::Store;
 use crate::proto::controller::StatusRequest;
 use crate::replication::{InSyncBounds, Progress};
@@ -470,7 +471,10 @@ impl Running {
             return;
         };
         if topology.applied > 0 {
-            progress.follow_group(self.led(topology), &self.params.in_sync, now.into_std());
+            let led = self.led(topology);
+            progress.follow_group(led, &self.params.in_sync, now.into_std());
+            let in_sync = led.map_or(0, |group| group.in_sync.len());
+            ::metrics::gauge!(metrics::IN_SYNC_FOLLOWERS).set(in_sync as f64);
         }
     }
 
@@ -581,7 +585,20 @@ async fn propose_own(decider: Decider, mut command: Command, own: Arc<Own>) {
         _ => {}
     }
     match decider.propose(command.clone()).await {
-        Ok(_) => {}
+        Ok(Applied::Changed { epoch }) => match &command {
+            Command::InSync { follower, .. } => {
+                tracing::info!(%follower, epoch, "controller: the follower entered this leader's in-sync set");
+                ::metrics::counter!(metrics::IN_SYNC_CHANGES, "change" => "entered").increment(1);
+            }
+            Command::OutOfSync {
+                follower, reason, ..
+            } => {
+                tracing::warn!(%follower, %reason, epoch, "controller: the follower left this leader's in-sync set");
+                ::metrics::counter!(metrics::IN_SYNC_CHANGES, "change" => "left").increment(1);
+            }
+            _ => {}
+        },
+        Ok(Applied::Unchanged) => {}
         Err(ProposeError::Refused(refused)) => {
             tracing::debug!(?command, %refused, "controller: refused");
         }

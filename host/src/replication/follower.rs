@@ -68,23 +68,37 @@ pub(crate) async fn run(context: Context, tls: Option<TlsConnector>, shutdown: C
     shutdown.cancelled().await;
 }
 
-/// A follower that restarted while its leader is down still says whose follower it is (its
-/// copies count in that leader's takeover if it is forgotten): the ring member whose
-/// replication address is `address`, until a session names the leader itself.
+/// A follower that restarted while its leader is down, or that its leader refuses (a
+/// forgotten leader leads no followers), still says whose follower it is (its copies count in
+/// that leader's takeover if it is forgotten): the live member whose replication address is
+/// `address`, else the ring member recorded with it, until a session names the leader itself.
+/// (A forgotten member's ring record keeps the addresses it had: only the live view has the
+/// ones it restarted on.)
 fn name_unreachable_leader(context: &Context, address: &str) {
     if context.leader.borrow().is_some() {
         return;
     }
     let membership = context.membership.borrow().clone();
-    let named = membership
-        .ring
+    let live = membership
+        .view
         .members
-        .iter()
-        .find(|(_, record)| record.replication_addr == address)
-        .map(|(name, record)| Leader {
-            name: name.clone(),
-            rpc_addr: record.rpc_addr.clone(),
+        .values()
+        .find(|member| member.replication_addr == address)
+        .map(|member| Leader {
+            name: member.name.clone(),
+            rpc_addr: member.rpc_addr.clone(),
         });
+    let named = live.or_else(|| {
+        membership
+            .ring
+            .members
+            .iter()
+            .find(|(_, record)| record.replication_addr == address)
+            .map(|(name, record)| Leader {
+                name: name.clone(),
+                rpc_addr: record.rpc_addr.clone(),
+            })
+    });
     if named.is_some() {
         context.leader.send_replace(named);
     }
