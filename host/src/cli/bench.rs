@@ -71,7 +71,7 @@ pub(crate) enum Bench {
     /// Leader → follower replication: catch-up of a point (checksum and lz4 bundlers, plaintext
     /// and mTLS) against a raw TCP copy of the same bytes, follower lag under sustained produce
     /// and the highest rate that keeps it under 50 ms, produce with `replicas = 1` against
-    /// `local`.
+    /// `local`, and with two followers in sync against one.
     Replication {
         #[arg(long, default_value_t = 1024)]
         mib: u64,

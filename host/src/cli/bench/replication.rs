@@ -9,7 +9,8 @@
 //! - Sustained produce: follower lag (leader acknowledgement → the follower's `follow` stream has
 //!   the byte) at `rate` MB/s, then at rising rates until p99 reaches 50 ms or the producer cannot
 //!   hold the rate; and how many of the bytes the leader read back instead of sending them live.
-//! - Produce with `ack = { replicas = 1 }` against `ack = "local"`, a follower attached to both.
+//! - Produce with `ack = { replicas = 1 }` against `ack = "local"`, a follower attached to both;
+//!   and with two followers in the in-sync set (both waited for) against one.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +37,8 @@ pub(crate) enum Part {
     CatchUp,
     /// Follower lag under sustained produce, and the rate sweep.
     Lag,
-    /// Produce with `ack = { replicas = 1 }` against `ack = "local"`.
+    /// Produce with `ack = { replicas = 1 }` against `ack = "local"`, and with two followers
+    /// in sync against one.
     Ack,
 }
 
