@@ -552,19 +552,12 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
     let TestNode { node, dir } = f;
     node.shutdown().await.unwrap();
     let started = Instant::now();
-    let status = produce(&mut to_leader, "p", &[data(2, 50_000)])
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    // f1 had entered the leader's in-sync set: the leader waits for it by name until the
-    // controller commits its removal.
+    // Whether f1 had entered the leader's in-sync set yet or not, the leader waits for it.
+    let refused = unacknowledged(&mut to_leader, "p", data(2, 50_000)).await;
     assert!(
-        status
-            .message()
-            .contains("in-sync follower f1 has not confirmed")
-            || status.message().contains("only 0 of 1 followers"),
-        "{}",
-        status.message()
+        refused.contains("in-sync follower f1 has not confirmed")
+            || refused.contains("only 0 of 1 followers"),
+        "{refused}"
     );
     assert!(started.elapsed() >= Duration::from_millis(900) && started.elapsed() < DEADLINE);
     assert_eq!(metadata(&mut to_leader, "p").await.unwrap().size, 100_000);
@@ -627,11 +620,13 @@ async fn every_in_sync_follower_holds_what_was_acknowledged_and_leaves_only_by_a
         .unwrap()
         .records[0]
             .clone();
+        // Nothing else writes: each holds exactly the acknowledged bytes (size and CRC32C).
         for to_follower in [&mut to_f1, &mut to_f2] {
             let held = metadata(to_follower, "p").await.unwrap();
-            assert!(
-                held.size >= record.end,
-                "round {round}: {held:?} < {record:?}"
+            assert_eq!(
+                (held.size, held.crc32c),
+                (record.end, record.crc32c),
+                "round {round}"
             );
         }
     }
@@ -639,16 +634,10 @@ async fn every_in_sync_follower_holds_what_was_acknowledged_and_leaves_only_by_a
     // f2 stops: until its removal is committed, the leader waits for it by name.
     let TestNode { node, dir } = f2;
     node.shutdown().await.unwrap();
-    let status = produce(&mut to_leader, "p", &[data(9, 50_000)])
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let refused = unacknowledged(&mut to_leader, "p", data(9, 50_000)).await;
     assert!(
-        status
-            .message()
-            .contains("in-sync follower f2 has not confirmed"),
-        "{}",
-        status.message()
+        refused.contains("in-sync follower f2 has not confirmed"),
+        "{refused}"
     );
     eventually("f2 to leave the in-sync set", || {
         let mut to_leader = to_leader.clone();
@@ -682,13 +671,18 @@ async fn every_in_sync_follower_holds_what_was_acknowledged_and_leaves_only_by_a
     leader.shutdown().await;
 }
 
+/// Appends `bytes` to `point` through a leader that cannot acknowledge it; the refusal's
+/// message (the status is `Unavailable`; the bytes stay on the leader).
+async fn unacknowledged(to_leader: &mut Client, point: &str, bytes: Vec<u8>) -> String {
+    let status = produce(to_leader, point, &[bytes]).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    status.message().to_owned()
+}
+
 /// Stores a point of `size` bytes on `leader` while it has no follower (the produce is not
 /// acknowledged, but the bytes stay and replicate later); its CRC32C.
 async fn produce_local(to_leader: &mut Client, point: &str, size: usize) -> u32 {
-    let status = produce(to_leader, point, &[data(77, size)])
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    unacknowledged(to_leader, point, data(77, size)).await;
     metadata(to_leader, point).await.unwrap().crc32c
 }
 

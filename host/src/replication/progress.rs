@@ -185,9 +185,9 @@ impl Progress {
         });
     }
 
-    /// `follower` lacks `lag` bytes of what this node holds, as its replicator counts them now.
-    pub fn lag(&self, follower: &str, lag: u64, max_lag_bytes: u64) {
-        let now = Instant::now();
+    /// `follower` lacks `lag` bytes of what this node holds, as its replicator counted them
+    /// at `now`.
+    pub fn lag(&self, follower: &str, lag: u64, max_lag_bytes: u64, now: Instant) {
         self.update(|state| {
             let Some(entry) = state.followers.get_mut(follower) else {
                 return;
@@ -214,12 +214,10 @@ impl Progress {
 
     /// The end `follower` confirmed of `point` (0 if none).
     pub fn confirmed_end(&self, follower: &str, point: &PointId) -> u64 {
-        let state = self.state.lock().expect("poisoned");
-        state
-            .followers
-            .get(follower)
-            .and_then(|f| f.confirmed.get(point).copied())
-            .unwrap_or(0)
+        self.state
+            .lock()
+            .expect("poisoned")
+            .confirmed_end(follower, point)
     }
 
     /// Changes whenever a follower confirms something, connects or goes.
@@ -264,17 +262,15 @@ impl Progress {
     /// The first of `ends` that `follower` has not confirmed: `(point, its end, confirmed)`.
     pub fn missing(&self, follower: &str, ends: &[(PointId, u64)]) -> Option<(PointId, u64, u64)> {
         let state = self.state.lock().expect("poisoned");
-        let entry = state.followers.get(follower);
         ends.iter().find_map(|(point, end)| {
-            let has = entry
-                .and_then(|f| f.confirmed.get(point).copied())
-                .unwrap_or(0);
+            let has = state.confirmed_end(follower, point);
             (has < *end).then(|| (point.clone(), *end, has))
         })
     }
 
     /// The followers a write waits for now (`None` before the in-sync set is known).
-    pub fn waiting_for(&self) -> Option<BTreeSet<String>> {
+    #[cfg(test)]
+    fn waiting_for(&self) -> Option<BTreeSet<String>> {
         let state = self.state.lock().expect("poisoned");
         state.waiting.as_ref().map(Waiting::all)
     }
@@ -307,19 +303,15 @@ impl Progress {
             return Some(Short::InSyncUnknown);
         };
         for (point, end) in points {
-            for follower in waiting.all() {
-                let has = state
-                    .followers
-                    .get(&follower)
-                    .and_then(|f| f.confirmed.get(point).copied())
-                    .unwrap_or(0);
-                if has < *end {
-                    return Some(Short::Waiting {
-                        follower,
-                        point: point.clone(),
-                        end: *end,
-                    });
-                }
+            let behind = waiting
+                .iter()
+                .find(|follower| state.confirmed_end(follower, point) < *end);
+            if let Some(follower) = behind {
+                return Some(Short::Waiting {
+                    follower: follower.clone(),
+                    point: point.clone(),
+                    end: *end,
+                });
             }
             let count = confirmed(&state, point, *end);
             if count < replicas {
@@ -440,11 +432,24 @@ impl Progress {
     }
 }
 
+impl State {
+    /// The end `follower` confirmed of `point` (0 if none).
+    fn confirmed_end(&self, follower: &str, point: &PointId) -> u64 {
+        self.followers
+            .get(follower)
+            .and_then(|f| f.confirmed.get(point).copied())
+            .unwrap_or(0)
+    }
+}
+
 impl Waiting {
+    /// Every follower waited for (one being added may also be committed for a moment).
+    fn iter(&self) -> impl Iterator<Item = &String> {
+        self.committed.iter().chain(self.adding.keys())
+    }
+
     fn all(&self) -> BTreeSet<String> {
-        let mut all = self.committed.clone();
-        all.extend(self.adding.keys().cloned());
-        all
+        self.iter().cloned().collect()
     }
 }
 
@@ -512,8 +517,8 @@ mod tests {
         assert_eq!(short(&progress, 10, 0), Some(Short::InSyncUnknown));
         progress.connected("f", "f:1");
         progress.confirm("f", &point, 10);
-        progress.lag("f", 0, BOUNDS.max_lag_bytes);
         let t0 = Instant::now();
+        progress.lag("f", 0, BOUNDS.max_lag_bytes, t0);
         // The first look starts waiting for it; nothing is proposed yet.
         assert_eq!(look(&progress, &group, t0), None);
         assert_eq!(progress.waiting_for(), Some(BTreeSet::from(["f".into()])));
@@ -524,8 +529,7 @@ mod tests {
         // Proposed once a report after the wait began found it caught up.
         let later = t0 + SETTLE;
         assert_eq!(look(&progress, &group, later), None);
-        std::thread::sleep(Duration::from_millis(2));
-        progress.lag("f", 0, BOUNDS.max_lag_bytes);
+        progress.lag("f", 0, BOUNDS.max_lag_bytes, t0 + SETTLE / 2);
         assert_eq!(
             look(&progress, &group, later),
             Some(Command::InSync {
@@ -549,7 +553,7 @@ mod tests {
         for follower in ["f", "g"] {
             progress.connected(follower, "x:1");
             progress.confirm(follower, &point, 10);
-            progress.lag(follower, 0, BOUNDS.max_lag_bytes);
+            progress.lag(follower, 0, BOUNDS.max_lag_bytes, Instant::now());
         }
         let t0 = Instant::now();
         assert_eq!(look(&progress, &committed, t0), None);
@@ -576,7 +580,7 @@ mod tests {
         look(&progress, &without_g, t0 + 2 * BOUNDS.timeout);
         assert_eq!(short(&progress, 11, 1), None);
         // A follower far behind leaves too.
-        progress.lag("f", 5000, BOUNDS.max_lag_bytes);
+        progress.lag("f", 5000, BOUNDS.max_lag_bytes, Instant::now());
         let at = Instant::now() + BOUNDS.timeout;
         assert!(matches!(
             look(&progress, &without_g, at),
@@ -595,7 +599,7 @@ mod tests {
         // It comes back holding less than it had confirmed (a damaged tail cut at recovery).
         progress.connected("f", "f:1");
         progress.confirm("f", &point, 60);
-        progress.lag("f", 40, BOUNDS.max_lag_bytes);
+        progress.lag("f", 40, BOUNDS.max_lag_bytes, Instant::now());
         let out = look(&progress, &committed, Instant::now());
         assert!(
             matches!(&out, Some(Command::OutOfSync { reason, .. }) if reason.contains("gone")),

@@ -738,7 +738,8 @@ impl Replicator {
             .config
             .replication
             .in_sync_max_lag_bytes;
-        self.context.progress.lag(&self.follower, lag, max_lag);
+        let now = std::time::Instant::now();
+        self.context.progress.lag(&self.follower, lag, max_lag, now);
         ::metrics::gauge!(metrics::FOLLOWERS).set(self.context.progress.followers().len() as f64);
     }
 }
