@@ -79,26 +79,18 @@ fn name_unreachable_leader(context: &Context, address: &str) {
         return;
     }
     let membership = context.membership.borrow().clone();
-    let live = membership
-        .view
-        .members
-        .values()
-        .find(|member| member.replication_addr == address)
-        .map(|member| Leader {
-            name: member.name.clone(),
-            rpc_addr: member.rpc_addr.clone(),
+    // (name, replication address, client API address): the live members first.
+    let live = membership.view.members.values();
+    let live = live.map(|m| (&m.name, &m.replication_addr, &m.rpc_addr));
+    let recorded = membership.ring.members.iter();
+    let recorded = recorded.map(|(name, r)| (name, &r.replication_addr, &r.rpc_addr));
+    let named = live
+        .chain(recorded)
+        .find(|(_, replication_addr, _)| *replication_addr == address)
+        .map(|(name, _, rpc_addr)| Leader {
+            name: name.clone(),
+            rpc_addr: rpc_addr.clone(),
         });
-    let named = live.or_else(|| {
-        membership
-            .ring
-            .members
-            .iter()
-            .find(|(_, record)| record.replication_addr == address)
-            .map(|(name, record)| Leader {
-                name: name.clone(),
-                rpc_addr: record.rpc_addr.clone(),
-            })
-    });
     if named.is_some() {
         context.leader.send_replace(named);
     }
