@@ -64,6 +64,11 @@ pub const FOLLOWERS: &str = "goutube_followers";
 pub const IN_SYNC_FOLLOWERS: &str = "goutube_in_sync_followers";
 /// Changes of its group's in-sync set this leader had committed, by change (entered, left).
 pub const IN_SYNC_CHANGES: &str = "goutube_in_sync_changes_total";
+/// 1 while this member holds a session with the controller (its heartbeats are answered), 0
+/// once it lapsed: a group leader takes no writes then.
+pub const SESSION_HELD: &str = "goutube_session_held";
+/// Writes a group leader refused because its session with the controller lapsed.
+pub const SELF_FENCED: &str = "goutube_self_fenced_writes_total";
 /// Replication peers the authorizer did not allow to replicate.
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 /// Points a follower offered at a newer ownership epoch than this leader's (left alone).
@@ -238,6 +243,14 @@ fn describe_replication() {
     describe_counter!(
         IN_SYNC_CHANGES,
         "Changes of its group's in-sync set this leader had committed, by change (entered, left)."
+    );
+    describe_gauge!(
+        SESSION_HELD,
+        "1 while this member holds a session with the controller, 0 once it lapsed."
+    );
+    describe_counter!(
+        SELF_FENCED,
+        "Writes a group leader refused because its session with the controller lapsed."
     );
     describe_counter!(
         REPLICATION_REFUSED,

@@ -19,7 +19,7 @@ use crate::client::{ClientTls, Pool};
 use crate::cluster::{self, Cluster, Membership, gossip};
 use crate::config::{Config, Role};
 use crate::controller::agent::{self, Agent};
-use crate::controller::{Controller, ControllerService};
+use crate::controller::{Controller, ControllerService, Lease};
 use crate::http::gateway::Gateway;
 use crate::placement::Placement;
 use crate::plugins::{PluginError, Plugins};
@@ -265,10 +265,11 @@ impl Node {
             lifetime,
         );
         let progress = Arc::new(Progress::default());
+        let lease = Arc::new(Lease::default());
         let agent = start_agent(
             &services,
             store.clone(),
-            progress.clone(),
+            (progress.clone(), lease.clone()),
             links,
             cluster.membership(),
         )
@@ -288,7 +289,7 @@ impl Node {
                     &services,
                     store,
                     &cluster,
-                    progress,
+                    (progress, lease),
                     (leader, following),
                     listeners.replication,
                 )?;
@@ -520,7 +521,7 @@ impl Node {
 async fn start_agent(
     services: &Services,
     store: Option<Store>,
-    progress: Arc<Progress>,
+    (progress, lease): (Arc<Progress>, Arc<Lease>),
     links: agent::Links,
     membership: watch::Receiver<Arc<Membership>>,
 ) -> Result<Agent, StartError> {
@@ -541,6 +542,8 @@ async fn start_agent(
         store,
         primary: config.role.is_primary(),
         in_sync: InSyncBounds::of(&config.replication),
+        lease,
+        failover: config.failover(),
     };
     Ok(agent::start(params, links, membership, services.lifetime.subsystem()).await?)
 }
@@ -613,7 +616,7 @@ fn start_storage(
     services: &Services,
     store: Store,
     cluster: &Cluster,
-    progress: Arc<Progress>,
+    (progress, lease): (Arc<Progress>, Arc<Lease>),
     (leader, following): (
         watch::Sender<Option<cluster::Leader>>,
         watch::Receiver<Option<cluster::Leader>>,
@@ -637,6 +640,7 @@ fn start_storage(
         store.clone(),
         services.placement.clone(),
         following,
+        lease,
     ));
     let context = Arc::new(Context {
         services: services.clone(),

@@ -128,7 +128,8 @@ impl Context {
             .wait(written, replicas as usize, timeout)
             .await
         {
-            Ok(()) => return Ok(()),
+            // A session that lapsed meanwhile: a new leader may have been named already.
+            Ok(()) => return Ok(self.gate.check_session()?),
             Err(short) => short,
         };
         let why = match short {

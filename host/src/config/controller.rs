@@ -23,6 +23,10 @@ pub struct ControllerSection {
     pub election_timeout_ms: u64,
     /// How long a proposal waits for its commit before it fails `Unavailable` (no quorum).
     pub propose_timeout_ms: u64,
+    /// A member's session (`docs/failover.md`): a group leader not heard by the controller
+    /// leader for this long may be fenced, and stops taking writes itself after three quarters
+    /// of it without an answer.
+    pub session_ms: u64,
 }
 
 impl Default for ControllerSection {
@@ -34,6 +38,7 @@ impl Default for ControllerSection {
             heartbeat_ms: 30,
             election_timeout_ms: 100,
             propose_timeout_ms: 5_000,
+            session_ms: 3_000,
         }
     }
 }
@@ -66,6 +71,13 @@ impl ControllerSection {
             return Err(InvalidKey::new(
                 "controller.election_timeout_ms",
                 "must be at least three heartbeats (controller.heartbeat_ms)",
+            ));
+        }
+        if self.session_ms < 10 * self.election_timeout_ms {
+            return Err(InvalidKey::new(
+                "controller.session_ms",
+                "must be at least ten election timeouts (controller.election_timeout_ms): a \
+                 session must outlast the election of a new controller leader",
             ));
         }
         if self.propose_timeout_ms < self.election_timeout_ms {

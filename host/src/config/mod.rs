@@ -147,6 +147,18 @@ pub struct ReplicationSection {
     pub in_sync_max_lag_bytes: u64,
 }
 
+/// How a group whose leader is lost gets a new one (its leader's configuration decides; the
+/// controller keeps what the leader reported, `docs/failover.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Failover {
+    /// The controller fences a leader whose session expired and names an in-sync follower;
+    /// the leader stops taking writes when its session lapses.
+    Automatic,
+    /// An operator decides (`goutube members forget`), for the reason given: a failover could
+    /// lose acknowledged bytes.
+    Manual(String),
+}
+
 /// The acknowledgement mode of produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -535,6 +547,25 @@ impl Config {
     /// Where the controller's files (its Raft log, vote and snapshot) are kept.
     pub fn controller_dir(&self) -> PathBuf {
         self.data_dir.join("controller")
+    }
+
+    /// Whether a group this node leads can fail over by itself without losing an
+    /// acknowledged byte (`docs/failover.md`): only if every acknowledged byte is durable on an
+    /// in-sync follower as well as here.
+    pub fn failover(&self) -> Failover {
+        if self.replication.ack == Ack::Local || self.replication.ack == Ack::Replicas(0) {
+            return Failover::Manual(
+                "replication.ack = \"local\": an acknowledged byte may be on the leader alone"
+                    .into(),
+            );
+        }
+        if self.storage.fsync != Fsync::Always {
+            return Failover::Manual(
+                "storage.fsync is not \"always\": an acknowledged byte may not be durable yet"
+                    .into(),
+            );
+        }
+        Failover::Automatic
     }
 
     /// The point store's settings.

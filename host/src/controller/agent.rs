@@ -9,6 +9,7 @@
 //!   (`Watch`), keeping only what is newer than what it holds.
 //! - It hands the committed ring to the membership loop ([`cluster::Controlled`]), which from
 //!   then on uses no other.
+//! - It keeps this member's session with the controller (`heartbeat.rs`).
 //! - It proposes what this member's own state asks for, one proposal at a time and again until
 //!   it is committed: the import of the ring gossip formed or an older version kept (once, by a
 //!   voter), this primary's join, its addresses, the handover it announces, the leader a
@@ -25,13 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::network::Peers;
 use super::{
-    Applied, Command, Controller, Group, ProposeError, Rejected, StartError, Status, Topology,
-    VotersError,
+    Applied, Command, Controller, Group, Lease, ProposeError, Rejected, StartError, Status,
+    Topology, VotersError, heartbeat,
 };
 use crate::client::ClientTls;
 use crate::cluster::ring::{Ring, RingMember};
 use crate::cluster::{Controlled, Decision, Lifecycle, Membership, StepError};
-use crate::config::ControllerSection;
+use crate::config::{ControllerSection, Failover};
 use crate::metrics;
 use crate::point::Store;
 use crate::proto::controller::StatusRequest;
@@ -62,6 +63,11 @@ pub struct Params {
     pub progress: Option<Arc<Progress>>,
     /// The bounds of the in-sync set (`[replication]`).
     pub in_sync: InSyncBounds,
+    /// This member's session with the controller, which its heartbeats extend.
+    pub lease: Arc<Lease>,
+    /// How a group this node leads may fail over (`Config::failover`), reported to the
+    /// controller.
+    pub failover: Failover,
 }
 
 /// The agent's ends of its links (made before the membership loop and the API start).
@@ -365,6 +371,7 @@ impl Running {
                 let topology = topology.borrow();
                 let membership = self.membership.borrow();
                 self.wanted(&topology, &membership, &decider, &mut formed_since, now)
+                    .or_else(|| self.failover_wanted(&topology))
                     .or_else(|| self.in_sync_wanted(&topology, now))
             };
             if let Some(command) = wanted {
@@ -454,6 +461,16 @@ impl Running {
                 self.stop.clone(),
             ),
         );
+        self.spawner.spawn(
+            "session",
+            heartbeat::keep_session(
+                own.clone(),
+                peers.clone(),
+                params.lease.clone(),
+                Duration::from_millis(params.section.session_ms),
+                self.stop.clone(),
+            ),
+        );
         let within = Duration::from_millis(params.section.propose_timeout_ms);
         Some((Decider { own, peers, within }, topology))
     }
@@ -476,6 +493,17 @@ impl Running {
             let in_sync = led.map_or(0, |group| group.in_sync.len());
             ::metrics::gauge!(metrics::IN_SYNC_FOLLOWERS).set(in_sync as f64);
         }
+    }
+
+    /// As the leader of a group: its report of how the group may fail over, if the controller
+    /// holds another.
+    fn failover_wanted(&self, topology: &Topology) -> Option<Command> {
+        let group = self.led(topology)?;
+        (group.failover != self.params.failover).then(|| Command::Failover {
+            slot: self.params.local.clone(),
+            leader_epoch: group.leader_epoch,
+            failover: self.params.failover.clone(),
+        })
     }
 
     /// As the leader of a group: the change of its group that what the followers confirmed

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ring::{Ring, RingMember};
 use crate::cluster::{Handed, Lifecycle};
+use crate::config::Failover;
 
 /// One entry of the controller's log: a decision asked for. Each is checked against the state
 /// it is applied to, so a proposer with a stale view cannot make a wrong one.
@@ -89,6 +90,25 @@ pub enum Command {
         leader_epoch: u64,
         /// Why, in words (lagging, disconnected, bytes it had confirmed are gone).
         reason: String,
+    },
+    /// A group's leader reports how its group may fail over (its configuration decides:
+    /// `Config::failover`).
+    Failover {
+        /// The slot.
+        slot: String,
+        /// The epoch the proposer leads the group at: a stale leader's report is refused.
+        leader_epoch: u64,
+        /// How.
+        failover: Failover,
+    },
+    /// The controller leader fences `member`, whose session expired: each slot it led gets the
+    /// leader named here, a member of the slot's in-sync set, at this entry's epoch; `member`
+    /// becomes a follower of it, outside the in-sync set, until it caught up again.
+    Fence {
+        /// The member fenced.
+        member: String,
+        /// The new leader of each slot it led.
+        leaders: BTreeMap<String, String>,
     },
     /// The first entry of a cluster created before its controller: the ring gossip had decided,
     /// and the highest epoch its stores held.
@@ -178,6 +198,32 @@ pub enum Rejected {
         follower: String,
         /// The slot.
         slot: String,
+    },
+    /// A fence names a slot the member does not lead.
+    #[error("{member} does not lead {slot} (its leader is {leader})")]
+    NotLeader {
+        /// The member.
+        member: String,
+        /// The slot.
+        slot: String,
+        /// Its leader.
+        leader: String,
+    },
+    /// A group whose leader's configuration does not allow an automatic failover.
+    #[error("{slot} fails over only by an operator's decision: {why}")]
+    ManualFailover {
+        /// The slot.
+        slot: String,
+        /// Why.
+        why: String,
+    },
+    /// Only a member of a slot's in-sync set may lead it: it holds every acknowledged byte.
+    #[error("{candidate} is not in the in-sync set of {slot}: it may lack acknowledged bytes")]
+    NotInSync {
+        /// The slot.
+        slot: String,
+        /// The member named to lead it.
+        candidate: String,
     },
     /// A follower of a slot that is no primary's, or a ring member asked to follow.
     #[error("{follower} cannot follow {slot}: {reason}")]

@@ -11,6 +11,9 @@
 //! | `files.rs` | small files replaced whole, atomically and durably |
 //! | `network.rs` | Raft messages and proposals to other voters, over gRPC with node certificates |
 //! | `service.rs` | the `goutube.controller.v1` service every voter serves on its API port |
+//! | `election.rs` | the controller leader's decision to fence a leader whose session expired |
+//! | [`session`] | sessions: who the controller leader heard, and until when a member may write |
+//! | `heartbeat.rs` | on every member: the heartbeats that keep its session |
 //! | [`agent`] | on every member: finds the voters, starts the Raft node or follows a voter, hands the committed ring to membership, proposes this member's own steps |
 //!
 //! [`Controller`] is the handle the rest of the node holds: [`Controller::propose`] asks for a
@@ -19,24 +22,28 @@
 
 pub mod agent;
 mod command;
+mod election;
 mod files;
+mod heartbeat;
 mod log;
 mod network;
 mod raft;
 mod service;
+pub mod session;
 pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use tokio::sync::watch;
 
 pub use command::{Applied, Command, Rejected};
 pub use raft::Recovered;
 pub use service::ControllerService;
+pub use session::Lease;
 pub use state::{Group, Topology};
 
 use crate::client::ClientTls;
@@ -44,6 +51,7 @@ use crate::cluster::Membership;
 use crate::config::{ControllerSection, check_voter_count};
 use network::{Network, Peers};
 use raft::{Machine, NodeId, Raft, Voter, node_id};
+use session::Sessions;
 
 /// Why the controller could not start.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +134,20 @@ pub struct Controller {
     propose_timeout: Duration,
     /// A leader that heard no quorum for this long is not reported as one.
     quorum_lost_after: Duration,
+    /// The members' sessions, as this voter heard them while it led.
+    sessions: Arc<Mutex<Sessions>>,
+}
+
+/// What a voter answers a member's heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Grant {
+    /// This voter leads (a quorum confirmed it after the heartbeat arrived): a session of this
+    /// length, from then.
+    Session(Duration),
+    /// This voter does not lead; the leader, if it knows one.
+    NotLeader(Option<String>),
+    /// It could not confirm that it leads (no quorum), or it is stopping.
+    NoQuorum(String),
 }
 
 impl Controller {
@@ -203,7 +225,34 @@ impl Controller {
             // Well past an election, and never under a second: a loaded node's late heartbeat
             // is not a lost quorum.
             quorum_lost_after: Duration::from_millis((4 * section.election_timeout_ms).max(1000)),
+            sessions: Arc::new(Mutex::new(Sessions::new(Duration::from_millis(
+                section.session_ms,
+            )))),
         })
+    }
+
+    /// A heartbeat of `member`: granted a session only once a quorum confirmed, after the
+    /// heartbeat arrived, that this voter leads (`docs/failover.md`: a deposed leader that does
+    /// not know it yet grants nothing that outlives its successor's first session).
+    pub(crate) async fn heartbeat(&self, member: &str) -> Grant {
+        let received = std::time::Instant::now();
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => {}
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                return Grant::NotLeader(forward.leader_node.map(|voter| voter.name));
+            }
+            Err(error) => return Grant::NoQuorum(error.to_string()),
+        }
+        let (term, leads) = {
+            let metrics = self.raft.metrics().borrow().clone();
+            let leads = metrics.state == openraft::ServerState::Leader;
+            (metrics.current_term, leads)
+        };
+        if !leads {
+            return Grant::NoQuorum("leadership changed during the heartbeat".into());
+        }
+        let mut sessions = self.sessions.lock().expect("poisoned");
+        Grant::Session(sessions.heartbeat(term, member, received))
     }
 
     /// The committed topology, as applied on this voter; changes as entries are applied.

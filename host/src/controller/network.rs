@@ -24,11 +24,11 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use super::raft::{NodeId, Outcome, TypeConfig, Voter};
-use super::{Command, VotersError};
+use super::{Command, Grant, VotersError};
 use crate::client::{ClientOptions, ClientTls, lazy_channel};
 use crate::cluster::Membership;
 use crate::proto::controller::controller_client::ControllerClient;
-use crate::proto::controller::{ProposeRequest, RaftMessage, SetVotersRequest};
+use crate::proto::controller::{HeartbeatRequest, ProposeRequest, RaftMessage, SetVotersRequest};
 
 /// Who this node is to the other voters, and how it reaches them.
 pub(super) struct Peers {
@@ -154,6 +154,26 @@ impl Peers {
             }
             Err(status) => Err(status.into()),
         }
+    }
+
+    /// Sends this member's heartbeat to voter `to`, waiting at most `ttl`; returns what it
+    /// granted.
+    pub(super) async fn heartbeat(&self, to: &str, ttl: Duration) -> Result<Grant, CallError> {
+        let request = HeartbeatRequest {
+            member: self.local.clone(),
+        };
+        let mut client = self.client(to)?;
+        let answer = match tokio::time::timeout(ttl, client.heartbeat(request)).await {
+            Err(_) => return Err(CallError::Timeout(to.to_owned(), ttl)),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Ok(Grant::NoQuorum(status.message().to_owned()));
+            }
+            Ok(answer) => answer?.into_inner(),
+        };
+        Ok(match answer.session_ms {
+            0 => Grant::NotLeader(Some(answer.leader).filter(|leader| !leader.is_empty())),
+            ms => Grant::Session(Duration::from_millis(ms)),
+        })
     }
 
     /// Sends one Raft message of `kind` to `to`; returns its decoded answer, openraft's result.

@@ -4,8 +4,8 @@
 //! controller has not started yet (its voters are the ring's founders, known once the ring is
 //! formed) answers `Unavailable`.
 //!
-//! Only members speak it: with TLS, a Raft message's certificate must name the node it says it
-//! comes from (`node:<name>`, as replication checks), and a proposal must come with a node
+//! Only members speak it: with TLS, a Raft message's (or a heartbeat's) certificate must name
+//! the node it says it comes from (`node:<name>`, as replication checks), and a proposal must come with a node
 //! certificate. A message from another cluster, or from a controller formed by other voters, is
 //! refused (`FailedPrecondition`), naming the difference: two controllers must never mix. A vote
 //! from a node that is not a voter is refused (`PermissionDenied`).
@@ -19,12 +19,12 @@ use tokio_stream::{Stream, StreamExt, wrappers::WatchStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{Controller, ProposeError, Topology, VotersError};
+use super::{Controller, Grant, ProposeError, Topology, VotersError};
 use crate::net::{NODE_PREFIX, PeerInfo, check_identity};
 use crate::proto::controller::controller_server;
 use crate::proto::controller::{
-    ProposeRequest, ProposeResponse, RaftMessage, SetVotersRequest, SetVotersResponse,
-    StatusRequest, StatusResponse,
+    HeartbeatRequest, HeartbeatResponse, ProposeRequest, ProposeResponse, RaftMessage,
+    SetVotersRequest, SetVotersResponse, StatusRequest, StatusResponse,
 };
 
 /// The service of one voter.
@@ -181,6 +181,34 @@ impl controller_server::Controller for ControllerService {
             }
             Err(error) => Err(Status::unavailable(error.to_string())),
         }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let caller = PeerInfo::of(&request);
+        let member = request.into_inner().member;
+        check_identity(&caller.subject, &member, self.tls)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let controller = self.controller()?;
+        let answer = match controller.heartbeat(&member).await {
+            Grant::Session(session) => HeartbeatResponse {
+                session_ms: u64::try_from(session.as_millis()).unwrap_or(u64::MAX),
+                leader: controller.peers.local.clone(),
+            },
+            Grant::NotLeader(leader) => HeartbeatResponse {
+                session_ms: 0,
+                leader: leader.unwrap_or_default(),
+            },
+            Grant::NoQuorum(why) => {
+                return Err(Status::unavailable(format!(
+                    "no session granted: this voter cannot confirm that it leads the controller \
+                     ({why})"
+                )));
+            }
+        };
+        Ok(Response::new(answer))
     }
 
     async fn status(

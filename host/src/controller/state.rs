@@ -22,6 +22,7 @@ use super::command::{Applied, Command, Rejected};
 use crate::cluster::change::{Change, Pending, pending};
 use crate::cluster::ring::{Ring, RingMember};
 use crate::cluster::{Handed, Lifecycle};
+use crate::config::Failover;
 
 /// What the cluster has decided. A snapshot is this whole value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +58,15 @@ pub struct Group {
     /// change (`docs/failover.md`).
     #[serde(default)]
     pub in_sync: BTreeSet<String>,
+    /// How the group gets a new leader when its leader is lost, as its leader reported it
+    /// (`Command::Failover`).
+    #[serde(default = "unreported")]
+    pub failover: Failover,
+}
+
+/// The failover of a group whose leader has not reported its configuration yet.
+fn unreported() -> Failover {
+    Failover::Manual("its leader has not reported its configuration yet".into())
 }
 
 impl Topology {
@@ -96,6 +106,12 @@ impl Topology {
                 leader_epoch,
                 ..
             } => self.in_sync(slot, follower, *leader_epoch, false)?,
+            Command::Failover {
+                slot,
+                leader_epoch,
+                failover,
+            } => self.failover(slot, *leader_epoch, failover)?,
+            Command::Fence { member, leaders } => self.fence(member, leaders, epoch)?,
         };
         Ok(if changed {
             Applied::Changed {
@@ -340,6 +356,89 @@ impl Topology {
         leader_epoch: u64,
         enter: bool,
     ) -> Result<bool, Rejected> {
+        let group = self.led_at(slot, leader_epoch)?;
+        if !enter {
+            return Ok(group.in_sync.remove(follower));
+        }
+        if !group.followers.contains(follower) {
+            return Err(Rejected::NotFollowing {
+                follower: follower.to_owned(),
+                slot: slot.to_owned(),
+            });
+        }
+        Ok(group.in_sync.insert(follower.to_owned()))
+    }
+
+    /// The leader of `slot` at `leader_epoch` reports how its group fails over.
+    fn failover(
+        &mut self,
+        slot: &str,
+        leader_epoch: u64,
+        failover: &Failover,
+    ) -> Result<bool, Rejected> {
+        let group = self.led_at(slot, leader_epoch)?;
+        if group.failover == *failover {
+            return Ok(false);
+        }
+        group.failover = failover.clone();
+        Ok(true)
+    }
+
+    /// Fences `member`: each slot in `leaders` that it leads gets the leader named there, at
+    /// `epoch`. Checked whole before anything changes. A slot led by the one named already is
+    /// a retry of a committed fence, and is left as it is.
+    fn fence(
+        &mut self,
+        member: &str,
+        leaders: &BTreeMap<String, String>,
+        epoch: u64,
+    ) -> Result<bool, Rejected> {
+        for (slot, candidate) in leaders {
+            let group = self
+                .groups
+                .get(slot)
+                .ok_or_else(|| Rejected::NoGroup(slot.clone()))?;
+            if group.leader == *candidate {
+                continue;
+            }
+            if group.leader != member {
+                return Err(Rejected::NotLeader {
+                    member: member.to_owned(),
+                    slot: slot.clone(),
+                    leader: group.leader.clone(),
+                });
+            }
+            if let Failover::Manual(why) = &group.failover {
+                return Err(Rejected::ManualFailover {
+                    slot: slot.clone(),
+                    why: why.clone(),
+                });
+            }
+            if !group.in_sync.contains(candidate) {
+                return Err(Rejected::NotInSync {
+                    slot: slot.clone(),
+                    candidate: candidate.clone(),
+                });
+            }
+        }
+        let mut changed = false;
+        for (slot, candidate) in leaders {
+            let group = self.groups.get_mut(slot).expect("checked above");
+            if group.leader == *candidate {
+                continue;
+            }
+            group.followers.remove(candidate);
+            group.in_sync.remove(candidate);
+            group.followers.insert(member.to_owned());
+            group.leader = candidate.clone();
+            group.leader_epoch = epoch;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// The group of `slot`, if it is led at `leader_epoch` (a request of its current leader).
+    fn led_at(&mut self, slot: &str, leader_epoch: u64) -> Result<&mut Group, Rejected> {
         let group = self
             .groups
             .get_mut(slot)
@@ -351,16 +450,7 @@ impl Topology {
                 current: group.leader_epoch,
             });
         }
-        if !enter {
-            return Ok(group.in_sync.remove(follower));
-        }
-        if !group.followers.contains(follower) {
-            return Err(Rejected::NotFollowing {
-                follower: follower.to_owned(),
-                slot: slot.to_owned(),
-            });
-        }
-        Ok(group.in_sync.insert(follower.to_owned()))
+        Ok(group)
     }
 
     fn member(&self, name: &str) -> Result<&RingMember, Rejected> {
@@ -408,6 +498,7 @@ impl Group {
             leader_epoch: epoch,
             followers: BTreeSet::new(),
             in_sync: BTreeSet::new(),
+            failover: unreported(),
         }
     }
 }
@@ -874,6 +965,121 @@ mod tests {
         assert!(topology.groups["b"].in_sync.is_empty());
     }
 
+    fn reports(slot: &str, leader_epoch: u64, failover: Failover) -> Command {
+        Command::Failover {
+            slot: slot.into(),
+            leader_epoch,
+            failover,
+        }
+    }
+
+    fn fence(member: &str, leaders: &[(&str, &str)]) -> Command {
+        Command::Fence {
+            member: member.into(),
+            leaders: leaders
+                .iter()
+                .map(|(slot, leader)| ((*slot).to_owned(), (*leader).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_fence_names_only_an_in_sync_member_of_a_group_that_may_fail_over() {
+        // a leads its group at epoch 1; f (in sync) and g follow it.
+        let base = [
+            form(&["a", "b"]),
+            follow("f", "a"),
+            follow("g", "a"),
+            in_sync("a", "f", 1),
+        ];
+        let automatic = [&base[..], &[reports("a", 1, Failover::Automatic)]].concat();
+        let fenced = [&automatic[..], &[fence("a", &[("a", "f")])]].concat();
+        type Case<'a> = (&'a str, &'a [Command], Command, Result<Applied, Rejected>);
+        let cases: Vec<Case> = vec![
+            (
+                "a group whose leader never reported",
+                &base,
+                fence("a", &[("a", "f")]),
+                Err(Rejected::ManualFailover {
+                    slot: "a".into(),
+                    why: "its leader has not reported its configuration yet".into(),
+                }),
+            ),
+            (
+                "a report of a deposed leader",
+                &fenced,
+                reports("a", 1, Failover::Manual("ack = local".into())),
+                Err(Rejected::StaleLeader {
+                    slot: "a".into(),
+                    asked: 1,
+                    current: 6,
+                }),
+            ),
+            (
+                "a follower outside the in-sync set",
+                &automatic,
+                fence("a", &[("a", "g")]),
+                Err(Rejected::NotInSync {
+                    slot: "a".into(),
+                    candidate: "g".into(),
+                }),
+            ),
+            (
+                "a member that does not lead the slot",
+                &automatic,
+                fence("b", &[("a", "f")]),
+                Err(Rejected::NotLeader {
+                    member: "b".into(),
+                    slot: "a".into(),
+                    leader: "a".into(),
+                }),
+            ),
+            (
+                "checked whole: one bad slot refuses it all",
+                &automatic,
+                fence("a", &[("a", "f"), ("x", "f")]),
+                Err(Rejected::NoGroup("x".into())),
+            ),
+            (
+                "the fence",
+                &automatic,
+                fence("a", &[("a", "f")]),
+                Ok(Applied::Changed { epoch: 6 }),
+            ),
+            (
+                "again: a retry",
+                &fenced,
+                fence("a", &[("a", "f")]),
+                Ok(Applied::Unchanged),
+            ),
+        ];
+        for (what, before, command, expected) in cases {
+            let mut topology = state(before);
+            let index = topology.applied + 1;
+            assert_eq!(topology.apply(index, &command), expected, "{what}");
+        }
+        // The new leader leads at the fence's epoch, out of the followers; the fenced one
+        // follows, outside the in-sync set; the old leader's requests are refused from then on.
+        let mut topology = state(&fenced);
+        let group = &topology.groups["a"];
+        assert_eq!((group.leader.as_str(), group.leader_epoch), ("f", 6));
+        assert_eq!(group.followers, BTreeSet::from(["a".into(), "g".into()]));
+        assert!(group.in_sync.is_empty());
+        assert_eq!(
+            topology.apply(7, &in_sync("a", "g", 1)),
+            Err(Rejected::StaleLeader {
+                slot: "a".into(),
+                asked: 1,
+                current: 6
+            })
+        );
+        assert_eq!(
+            topology.apply(8, &in_sync("a", "a", 6)),
+            Ok(Applied::Changed { epoch: 8 }),
+            "the new leader takes the old one back in once it caught up"
+        );
+    }
+
     #[test]
     fn an_import_puts_every_epoch_above_those_the_stores_hold() {
         use Lifecycle::*;
@@ -918,7 +1124,7 @@ mod tests {
             let mut last_epoch = 0;
             for index in 1..=60 {
                 let name = names[rng.random_range(0..names.len())].to_owned();
-                let command = match rng.random_range(0..8) {
+                let command = match rng.random_range(0..9) {
                     0 => form(&names[..rng.random_range(1..4)]),
                     1 => join(&name),
                     2 => drain(&name),
@@ -929,6 +1135,14 @@ mod tests {
                     4 => forget(&name),
                     5 if one.ring.members.contains_key(&name) => {
                         handed(&one, names[rng.random_range(0..names.len())], &name)
+                    }
+                    7 => {
+                        let follower = format!("f{}", rng.random_range(0..3));
+                        let epoch = one.groups.get(&name).map_or(0, |g| g.leader_epoch);
+                        match rng.random_range(0..2) {
+                            0 => reports(&name, epoch, Failover::Automatic),
+                            _ => fence(&name, &[(&name, &follower)]),
+                        }
                     }
                     6 => {
                         let follower = format!("f{}", rng.random_range(0..3));
@@ -966,6 +1180,12 @@ mod tests {
                         assert!(group.leader_epoch >= was.leader_epoch);
                     }
                     assert!(group.in_sync.is_subset(&group.followers), "{command:?}");
+                    // A new leader comes only from the in-sync set.
+                    if let Some(was) = before.groups.get(slot)
+                        && was.leader != group.leader
+                    {
+                        assert!(was.in_sync.contains(&group.leader), "{command:?}");
+                    }
                 }
             }
             assert_eq!(one, other);

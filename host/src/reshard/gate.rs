@@ -32,7 +32,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Leader, Lifecycle, Member, Membership};
-use crate::config::{Config, Role};
+use crate::config::{Config, Failover, Role};
+use crate::controller::Lease;
 use crate::metrics;
 use crate::placement::{NextOwner, Placement, PlacementError};
 use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store};
@@ -147,6 +148,18 @@ pub enum Refusal {
         /// The copies kept, each with its epoch, size and directory.
         copies: String,
     },
+    /// This group leader holds no session with the controller: it may be fenced and replaced
+    /// now, so it takes no writes (`docs/failover.md`).
+    #[error(
+        "node {node} {session}: it takes no writes, so that a failover cannot leave two \
+         writers; retry (with expected_offset a retry never writes twice)"
+    )]
+    NoSession {
+        /// This node.
+        node: String,
+        /// Since when, in words.
+        session: String,
+    },
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
@@ -170,6 +183,7 @@ impl Refusal {
             | Refusal::Changing { .. }
             | Refusal::TakingOver { .. }
             | Refusal::Fenced { .. }
+            | Refusal::NoSession { .. }
             | Refusal::ShuttingDown
             | Refusal::Placement(_) => Code::Unavailable,
             Refusal::Quarantined { .. } => Code::NotFound,
@@ -248,16 +262,21 @@ pub struct Gate {
     placement: Arc<Placement>,
     /// For a follower: the leader it follows, once known.
     leader: watch::Receiver<Option<Leader>>,
+    /// Whether this node's group fails over by itself; if so, it writes only while `lease`
+    /// holds.
+    failover: Failover,
+    lease: Arc<Lease>,
 }
 
 impl Gate {
     /// The gate of the node `config` describes, over its `store`, asking `placement`; a
-    /// follower names its leader from `leader`.
+    /// follower names its leader from `leader`; `lease` is its session with the controller.
     pub fn new(
         config: &Config,
         store: Store,
         placement: Arc<Placement>,
         leader: watch::Receiver<Option<Leader>>,
+        lease: Arc<Lease>,
     ) -> Self {
         Self {
             node: config.node_name.clone(),
@@ -267,13 +286,39 @@ impl Gate {
             store,
             placement,
             leader,
+            failover: config.failover(),
+            lease,
         }
     }
 
-    /// Refuses every write on a follower, naming its leader's client API.
+    /// Refuses a write while this node, leading a group that fails over by itself, holds no
+    /// session with the controller. Checked when a write is admitted and again before it is
+    /// acknowledged.
+    pub fn check_session(&self) -> Result<(), Refusal> {
+        let now = std::time::Instant::now();
+        if matches!(self.failover, Failover::Manual(_)) || self.lease.holds(now) {
+            return Ok(());
+        }
+        ::metrics::counter!(metrics::SELF_FENCED).increment(1);
+        let session = match self.lease.lapsed_for(now) {
+            Some(lapsed) => format!(
+                "lost its session with the controller {} ms ago (no heartbeat answered; \
+                 controller.session_ms)",
+                lapsed.as_millis()
+            ),
+            None => "has no session with the controller yet".to_owned(),
+        };
+        Err(Refusal::NoSession {
+            node: self.node.clone(),
+            session,
+        })
+    }
+
+    /// Refuses every write on a follower, naming its leader's client API, and on a leader that
+    /// holds no session ([`Gate::check_session`]).
     pub fn check_writable(&self) -> Result<(), Refusal> {
         if self.role != Role::Follower {
-            return Ok(());
+            return self.check_session();
         }
         let node = self.node.clone();
         let leader = self.leader.borrow().clone();

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use goutube::cluster::Handed;
+use goutube::config::ControllerSection;
 use goutube::controller::Command;
 use goutube::proto::controller::controller_client::ControllerClient;
 use goutube::proto::controller::{ProposeRequest, StatusRequest, StatusResponse};
@@ -142,9 +143,10 @@ fn spawn(
     let settings = format!(
         "role = \"leader\"\nseed_addresses = [{}]\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
          election_timeout_ms = {election_timeout_ms}\nheartbeat_ms = {}\n\
-         [cluster]\nbootstrap_expect = 3\n",
+         session_ms = {}\n[cluster]\nbootstrap_expect = 3\n",
         seeds.join(", "),
-        election_timeout_ms / 3
+        election_timeout_ms / 3,
+        (10 * election_timeout_ms).max(ControllerSection::default().session_ms)
     );
     voters.insert(
         name,

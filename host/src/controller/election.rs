@@ -1,0 +1,119 @@
+//! The controller leader's decision to fence a group leader and name another
+//! (`docs/failover.md`): plain state in, the commands to propose out. The loop that runs it on
+//! the controller leader and proposes what it returns is `Controller::fence_expired`.
+//!
+//! A group fails over when its leader's session expired ([`Sessions::expired`]: never before
+//! the controller leader itself has led for a whole session), its leader reported that it may
+//! fail over by itself ([`Failover::Automatic`]), and a member of its in-sync set holds a live
+//! session (a follower the controller cannot hear is no better a leader). Each member of the
+//! in-sync set holds every acknowledged byte, so any of them keeps them all; among them the
+//! first by name is named, so that every voter would name the same one.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::Command;
+use super::session::Sessions;
+use super::state::Topology;
+use crate::config::Failover;
+
+/// What the controller leader, leading in `term`, should decide now: a fence of each expired
+/// group leader, naming a new leader for each group it leads that has a live in-sync member;
+/// and the groups left without one (slot, leader), to be reported.
+pub fn fences(
+    topology: &Topology,
+    sessions: &Sessions,
+    term: u64,
+    now: Instant,
+) -> (Vec<Command>, Vec<(String, String)>) {
+    let mut leaders: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    let mut stranded = Vec::new();
+    for (slot, group) in &topology.groups {
+        if group.failover != Failover::Automatic || !sessions.expired(term, &group.leader, now) {
+            continue;
+        }
+        let candidate = group
+            .in_sync
+            .iter()
+            .find(|member| sessions.live(term, member, now));
+        match candidate {
+            Some(candidate) => {
+                let named = leaders.entry(&group.leader).or_default();
+                named.insert(slot.clone(), candidate.clone());
+            }
+            None => stranded.push((slot.clone(), group.leader.clone())),
+        }
+    }
+    let commands = leaders
+        .into_iter()
+        .map(|(member, leaders)| Command::Fence {
+            member: member.to_owned(),
+            leaders,
+        })
+        .collect();
+    (commands, stranded)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::controller::Group;
+
+    const SESSION: Duration = Duration::from_secs(3);
+
+    fn group(leader: &str, in_sync: &[&str], failover: Failover) -> Group {
+        let names = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
+        Group {
+            leader: leader.into(),
+            leader_epoch: 7,
+            followers: names(in_sync),
+            in_sync: names(in_sync),
+            failover,
+        }
+    }
+
+    #[test]
+    fn only_an_expired_leader_of_a_group_that_may_fail_over_is_fenced_for_a_live_in_sync_member() {
+        let manual = Failover::Manual("ack = local".into());
+        let topology = Topology {
+            groups: [
+                ("a", group("a", &["fa1", "fa2"], Failover::Automatic)),
+                ("b", group("b", &["fb"], Failover::Automatic)),
+                ("c", group("c", &["fc"], manual)),
+                ("d", group("d", &[], Failover::Automatic)),
+                ("e", group("e", &["fe"], Failover::Automatic)),
+            ]
+            .into_iter()
+            .map(|(slot, group)| (slot.to_owned(), group))
+            .collect(),
+            ..Topology::default()
+        };
+        let t0 = Instant::now();
+        let mut sessions = Sessions::new(SESSION);
+        sessions.elected(1, t0);
+        // a, c, d and e go quiet; b and every follower but fa1 and fe keep heartbeating.
+        for member in ["b", "fa2", "fb", "fc", "fe", "e"] {
+            sessions.heartbeat(1, member, t0 + Duration::from_secs(2));
+        }
+        let (none, _) = fences(&topology, &sessions, 1, t0 + Duration::from_millis(2999));
+        assert!(none.is_empty(), "nobody expires within a session: {none:?}");
+
+        let later = t0 + Duration::from_millis(3000);
+        let (commands, stranded) = fences(&topology, &sessions, 1, later);
+        assert_eq!(
+            commands,
+            [Command::Fence {
+                member: "a".into(),
+                leaders: [("a".to_owned(), "fa2".to_owned())].into(),
+            }],
+            "a's live in-sync follower; c fails over only by hand; b and e are alive"
+        );
+        assert_eq!(stranded, [("d".to_owned(), "d".to_owned())], "d has nobody");
+        assert!(
+            fences(&topology, &sessions, 2, later).0.is_empty(),
+            "nothing in a term this voter does not lead"
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! On every member: the heartbeats that keep its session with the controller
+//! (`docs/failover.md`). A thin loop around [`Lease`]: every sixth of a session it asks the
+//! controller leader it knows (else each voter, following the leader a voter names) and extends
+//! the lease by what was granted, counted from when the heartbeat was sent. Nothing here is on a
+//! write's path: the write gate only reads the lease.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::network::Peers;
+use super::session::{HEARTBEATS_PER_SESSION, Lease};
+use super::{Controller, Grant};
+use crate::metrics;
+
+/// Keeps this member's session until `stop`: `own` is this primary's Raft node (a voter that
+/// leads answers its own heartbeat without a call), `peers` reach the other voters.
+pub(super) async fn keep_session(
+    own: Option<Controller>,
+    peers: Arc<Peers>,
+    lease: Arc<Lease>,
+    session: Duration,
+    stop: CancellationToken,
+) {
+    let every = session / HEARTBEATS_PER_SESSION;
+    let mut leader: Option<String> = None;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let sent = Instant::now();
+        let granted = tokio::select! {
+            _ = stop.cancelled() => return,
+            granted = heartbeat(own.as_ref(), &peers, leader.as_deref(), every) => granted,
+        };
+        match granted {
+            Some((by, session)) => {
+                lease.granted(sent, session);
+                leader = Some(by);
+            }
+            None => leader = None,
+        }
+        let held = lease.holds(Instant::now());
+        ::metrics::gauge!(metrics::SESSION_HELD).set(if held { 1.0 } else { 0.0 });
+    }
+}
+
+/// One heartbeat: to `leader` first if known, then to each voter, following the leader a voter
+/// names. Returns who granted a session, and its length; `None` if nobody did.
+async fn heartbeat(
+    own: Option<&Controller>,
+    peers: &Peers,
+    leader: Option<&str>,
+    ttl: Duration,
+) -> Option<(String, Duration)> {
+    let mut asked: Vec<String> = Vec::new();
+    let mut next: Vec<String> = peers.voters();
+    next.reverse();
+    next.extend(leader.map(str::to_owned));
+    while let Some(to) = next.pop() {
+        if asked.contains(&to) {
+            continue;
+        }
+        asked.push(to.clone());
+        let grant = if to == peers.local
+            && let Some(own) = own
+        {
+            tokio::time::timeout(ttl, own.heartbeat(&peers.local))
+                .await
+                .unwrap_or_else(|_| Grant::NoQuorum(format!("no confirmation within {ttl:?}")))
+        } else {
+            match peers.heartbeat(&to, ttl).await {
+                Ok(grant) => grant,
+                Err(error) => {
+                    tracing::debug!(voter = %to, %error, "controller: a heartbeat was not answered");
+                    continue;
+                }
+            }
+        };
+        match grant {
+            Grant::Session(session) => return Some((to, session)),
+            Grant::NotLeader(Some(leader)) => next.push(leader),
+            Grant::NotLeader(None) => {}
+            Grant::NoQuorum(why) => {
+                tracing::debug!(voter = %to, %why, "controller: no session granted");
+            }
+        }
+    }
+    None
+}
