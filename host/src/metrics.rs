@@ -67,6 +67,11 @@ pub const IN_SYNC_CHANGES: &str = "goutube_in_sync_changes_total";
 /// 1 while this member holds a session with the controller (its heartbeats are answered), 0
 /// once it lapsed: a group leader takes no writes then.
 pub const SESSION_HELD: &str = "goutube_session_held";
+/// Leaders the controller fenced, naming another from the in-sync set (on the controller
+/// leader).
+pub const FAILOVERS: &str = "goutube_failovers_total";
+/// How long committing a fence took, from the moment it was due (on the controller leader).
+pub const FAILOVER_SECONDS: &str = "goutube_failover_commit_seconds";
 /// Writes a group leader refused because its session with the controller lapsed.
 pub const SELF_FENCED: &str = "goutube_self_fenced_writes_total";
 /// Replication peers the authorizer did not allow to replicate.
@@ -203,7 +208,7 @@ fn describe_plugins() {
 
 /// The metrics of replication: lag, bytes, rejected and unsent records, divergences, followers, fences.
 fn describe_replication() {
-    use metrics::{Unit, describe_counter, describe_gauge};
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
         REPLICATION_LAG_BYTES,
         Unit::Bytes,
@@ -243,6 +248,14 @@ fn describe_replication() {
     describe_counter!(
         IN_SYNC_CHANGES,
         "Changes of its group's in-sync set this leader had committed, by change (entered, left)."
+    );
+    describe_counter!(
+        FAILOVERS,
+        "Leaders the controller fenced, naming another from the in-sync set."
+    );
+    describe_histogram!(
+        FAILOVER_SECONDS,
+        "How long committing a fence took, from the moment it was due."
     );
     describe_gauge!(
         SESSION_HELD,

@@ -631,6 +631,7 @@ fn start_storage(
             leader,
             membership: cluster.membership(),
             steps: cluster.steps(),
+            topology: services.controller.watch_topology(),
         },
         listener,
         services.lifetime.subsystem(),
@@ -640,7 +641,7 @@ fn start_storage(
         store.clone(),
         services.placement.clone(),
         following,
-        lease,
+        (lease, services.controller.watch_topology()),
     ));
     let context = Arc::new(Context {
         services: services.clone(),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use goutube::metrics::{SELF_FENCED, SESSION_HELD};
 use goutube::proto::{ListMembersRequest, ListMembersResponse};
 use goutube_tests::{
-    DEADLINE, NodeProcess, Pki, append_at, data, eventually, eventually_some, http, metric,
-    owner_through, write_node_config,
+    DEADLINE, NodeProcess, Pki, append_at, consume, data, eventually, eventually_some, http,
+    metadata, metric, owner_through, window, write_node_config,
 };
 use tempfile::TempDir;
 use tonic::Code;
@@ -40,19 +40,28 @@ impl Cluster {
         }
     }
 
-    /// Primaries a, b, c, and follower `fa` of a; once the ring is formed and `fa` is in a's
-    /// in-sync set.
-    async fn start() -> Cluster {
+    /// Primaries a, b, c, and `followers` of a; once the ring is formed and every follower is
+    /// in a's in-sync set.
+    async fn start(followers: &[&'static str]) -> Cluster {
         let mut cluster = Cluster::new();
         for name in ["a", "b", "c"] {
             cluster.spawn_primary(name);
         }
-        cluster.spawn_follower("fa", "a");
-        eventually("fa to be in a's in-sync set", || async {
-            cluster.in_sync("a", "a").await == ["fa"]
+        for follower in followers {
+            cluster.spawn_follower(follower, "a");
+        }
+        eventually("the followers to be in a's in-sync set", || async {
+            cluster.in_sync("a", "a").await == followers
         })
         .await;
         cluster
+    }
+
+    /// The group of `slot` as node `name` sees the controller's state.
+    async fn group(&self, name: &str, slot: &str) -> Option<goutube::proto::GroupInfo> {
+        let members = self.members(name).await?;
+        let controller = members.controller?;
+        controller.groups.into_iter().find(|g| g.slot == slot)
     }
 
     /// The gossip addresses of the nodes running, as a TOML list.
@@ -168,7 +177,7 @@ async fn write_eventually(client: &Client, point: &str, offset: u64, seed: u64, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_without_a_session_takes_no_writes_until_it_has_one_again() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = Cluster::start(&["fa"]).await;
     let point = cluster.point_of("a").await;
     let mut client = cluster.client("a").await;
     // Acknowledged writes while a holds its session.
@@ -181,9 +190,11 @@ async fn a_leader_without_a_session_takes_no_writes_until_it_has_one_again() {
     cluster.nodes.remove("b").unwrap().kill();
     cluster.nodes.remove("c").unwrap().kill();
     let cut = Instant::now();
+    let mut attempted = Vec::new();
     let refusal = loop {
         chunk += 1;
         let bytes = data(chunk, 10_007);
+        attempted.clone_from(&bytes);
         match append_at(&mut client, &point, written, &bytes).await {
             Ok(()) => {
                 assert!(
@@ -208,6 +219,16 @@ async fn a_leader_without_a_session_takes_no_writes_until_it_has_one_again() {
         "{}",
         refusal.message()
     );
+    // A write refused when its acknowledgement was due is stored on a, unacknowledged (as
+    // any write that timed out): then the point ends with exactly those bytes.
+    let end = metadata(&mut client, &point).await.unwrap().size;
+    if end != written {
+        assert_eq!(end, written + attempted.len() as u64);
+        let mut tail = client.clone();
+        let stored = consume(&mut tail, window(&point, written, end, 0));
+        assert!(stored.await.unwrap().concat() == attempted);
+        written = end;
+    }
     // The gauge follows at the end of the heartbeat round that found no controller.
     eventually("a to report its session lapsed", || async {
         let scrape = cluster.metrics("a").await;
@@ -229,5 +250,113 @@ async fn a_leader_without_a_session_takes_no_writes_until_it_has_one_again() {
     assert!(written > 0);
     let scrape = cluster.metrics("a").await;
     assert_eq!(metric(&scrape, SESSION_HELD), Some(1.0));
+    cluster.stop();
+}
+
+/// Everything `client` serves of `point`, as one buffer.
+async fn read_all(client: &Client, point: &str) -> Vec<u8> {
+    let mut client = client.clone();
+    let frames = consume(&mut client, window(point, 0, 0, 0)).await.unwrap();
+    frames.concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_by_an_in_sync_follower_and_returns_as_its_follower() {
+    let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
+    let point = cluster.point_of("a").await;
+    let to_a = cluster.client("a").await;
+    // Acknowledged writes of non-periodic sizes, each one kept as written.
+    let mut acknowledged: Vec<u8> = Vec::new();
+    for seed in 0..12u64 {
+        let bytes = data(seed + 100, 3_001 + 7_919 * seed as usize);
+        let mut client = to_a.clone();
+        append_at(&mut client, &point, acknowledged.len() as u64, &bytes)
+            .await
+            .unwrap();
+        acknowledged.extend_from_slice(&bytes);
+    }
+    let epoch = cluster.group("b", "a").await.unwrap().leader_epoch;
+
+    // kill -9: the controller finds a's session expired and names fa1 or fa2 in its place.
+    cluster.nodes.remove("a").unwrap().kill();
+    let killed = Instant::now();
+    let group = eventually_some(
+        "the controller to name a new leader for a's slot",
+        || async { cluster.group("b", "a").await.filter(|g| g.leader != "a") },
+    )
+    .await;
+    let leader: &'static str = if group.leader == "fa1" { "fa1" } else { "fa2" };
+    let other: &'static str = if leader == "fa1" { "fa2" } else { "fa1" };
+    assert_eq!(group.leader, leader);
+    assert!(group.leader_epoch > epoch, "{group:?}");
+    assert!(group.followers.contains(&"a".to_owned()), "{group:?}");
+    eprintln!(
+        "{leader} named a's leader {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // The new leader holds every acknowledged byte and takes writes (acknowledged once the
+    // other follower, now following it, confirmed them).
+    let to_leader = cluster.client(leader).await;
+    assert!(
+        read_all(&to_leader, &point).await == acknowledged,
+        "acknowledged bytes lost"
+    );
+    let written = write_eventually(
+        &to_leader,
+        &point,
+        acknowledged.len() as u64,
+        7,
+        "the new leader to acknowledge a write",
+    )
+    .await;
+    assert_eq!(written, 10_007);
+    eprintln!(
+        "the first write acknowledged by {leader} {:?} after the kill",
+        killed.elapsed()
+    );
+    acknowledged.extend_from_slice(&data(7, 10_007));
+    // Any other member sends writers to it.
+    let mut to_b = cluster.client("b").await;
+    let refused = append_at(&mut to_b, &point, acknowledged.len() as u64, b"x")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains(leader), "{}", refused.message());
+    eventually(
+        "the other follower to be in the new leader's in-sync set",
+        || async {
+            cluster
+                .group("b", "a")
+                .await
+                .is_some_and(|g| g.in_sync.contains(&other.to_owned()))
+        },
+    )
+    .await;
+    let to_other = cluster.client(other).await;
+    eventually(
+        "the other follower to hold every acknowledged byte",
+        || async { read_all(&to_other, &point).await == acknowledged },
+    )
+    .await;
+
+    // a returns: it follows the new leader, catches up, and enters its in-sync set; it takes
+    // no writes, and names the leader.
+    cluster.spawn_primary("a");
+    let to_a = cluster.client("a").await;
+    eventually("a to be back in the in-sync set", || async {
+        cluster
+            .group("b", "a")
+            .await
+            .is_some_and(|g| g.leader == leader && g.in_sync.contains(&"a".to_owned()))
+    })
+    .await;
+    assert!(read_all(&to_a, &point).await == acknowledged);
+    let mut client = to_a.clone();
+    let refused = append_at(&mut client, &point, acknowledged.len() as u64, b"x")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains(leader), "{}", refused.message());
     cluster.stop();
 }

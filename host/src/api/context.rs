@@ -110,6 +110,18 @@ impl Context {
         workers
     }
 
+    /// The replicas a group this node leads in another's place waits for (after a failover),
+    /// if it leads one.
+    fn led_as_follower(&self) -> Option<u32> {
+        let topology = self.services.controller.topology();
+        let local = &self.services.config.node_name;
+        let mut led = topology.led_by(local).filter(|(slot, _)| slot != local);
+        led.find_map(|(_, group)| match group.failover {
+            crate::config::Failover::Automatic { replicas } => Some(replicas),
+            crate::config::Failover::Manual(_) => None,
+        })
+    }
+
     /// How far each follower confirmed `point`.
     pub fn replicas(&self, point: &PointId) -> Vec<Replica> {
         self.progress.replicas(point)
@@ -119,8 +131,13 @@ impl Context {
     /// (and each one about to enter it) and at least N followers confirmed every
     /// `(point, end)` (`docs/failover.md`).
     pub async fn wait_for_replicas(&self, written: &[(PointId, u64)]) -> Result<(), Error> {
-        let Ack::Replicas(replicas) = self.services.config.replication.ack else {
-            return Ok(());
+        let replicas = match self.services.config.replication.ack {
+            Ack::Replicas(replicas) => replicas,
+            // A follower named leader acknowledges as the group's primary did.
+            Ack::Local => match self.led_as_follower() {
+                Some(replicas) => replicas,
+                None => return Ok(()),
+            },
         };
         let timeout = Duration::from_millis(self.services.config.replication.ack_timeout_ms);
         let short = match self

@@ -152,8 +152,12 @@ pub struct ReplicationSection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Failover {
     /// The controller fences a leader whose session expired and names an in-sync follower;
-    /// the leader stops taking writes when its session lapses.
-    Automatic,
+    /// the leader stops taking writes when its session lapses. A follower named leader keeps
+    /// the group's acknowledgement: `replicas` followers at least, and its in-sync set.
+    Automatic {
+        /// `replication.ack`'s replicas.
+        replicas: u32,
+    },
     /// An operator decides (`goutube members forget`), for the reason given: a failover could
     /// lose acknowledged bytes.
     Manual(String),
@@ -553,19 +557,22 @@ impl Config {
     /// acknowledged byte (`docs/failover.md`): only if every acknowledged byte is durable on an
     /// in-sync follower as well as here.
     pub fn failover(&self) -> Failover {
-        if self.replication.ack == Ack::Local || self.replication.ack == Ack::Replicas(0) {
-            return Failover::Manual(
-                "replication.ack = \"local\": an acknowledged byte may be on the leader alone"
-                    .into(),
-            );
-        }
+        let replicas = match self.replication.ack {
+            Ack::Replicas(replicas) if replicas > 0 => replicas,
+            _ => {
+                return Failover::Manual(
+                    "replication.ack = \"local\": an acknowledged byte may be on the leader alone"
+                        .into(),
+                );
+            }
+        };
         if self.storage.fsync != Fsync::Always {
             return Failover::Manual(
                 "storage.fsync is not \"always\": an acknowledged byte may not be durable yet"
                     .into(),
             );
         }
-        Failover::Automatic
+        Failover::Automatic { replicas }
     }
 
     /// The point store's settings.

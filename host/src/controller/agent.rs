@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::network::Peers;
+use super::session::HEARTBEATS_PER_SESSION;
 use super::{
     Applied, Command, Controller, Group, Lease, ProposeError, Rejected, StartError, Status,
     Topology, VotersError, heartbeat,
@@ -135,6 +136,11 @@ impl Observer {
     /// The newest committed state this node knows (empty before it knows one).
     pub fn topology(&self) -> Arc<Topology> {
         self.topology.borrow().clone()
+    }
+
+    /// [`Observer::topology`] as it changes.
+    pub fn watch_topology(&self) -> watch::Receiver<Arc<Topology>> {
+        self.topology.clone()
     }
 }
 
@@ -461,24 +467,31 @@ impl Running {
                 self.stop.clone(),
             ),
         );
+        let session = Duration::from_millis(params.section.session_ms);
         self.spawner.spawn(
             "session",
             heartbeat::keep_session(
                 own.clone(),
                 peers.clone(),
-                params.lease.clone(),
-                Duration::from_millis(params.section.session_ms),
+                (params.lease.clone(), self.topology.subscribe()),
+                session,
                 self.stop.clone(),
             ),
         );
+        if let Some(controller) = &own {
+            let (controller, stop) = (controller.clone(), self.stop.clone());
+            let every = session / HEARTBEATS_PER_SESSION;
+            self.spawner
+                .spawn("fence", fence_expired(controller, every, stop));
+        }
         let within = Duration::from_millis(params.section.propose_timeout_ms);
         Some((Decider { own, peers, within }, topology))
     }
 
-    /// The group this node leads, if any.
-    fn led<'t>(&self, topology: &'t Topology) -> Option<&'t Group> {
-        let local = &self.params.local;
-        topology.groups.get(local).filter(|g| g.leader == *local)
+    /// The group this node leads, with its slot, if any (its own slot, or the one a failover
+    /// named it leader of).
+    fn led<'t>(&self, topology: &'t Topology) -> Option<(&'t str, &'t Group)> {
+        topology.led_by(&self.params.local).next()
     }
 
     /// Keeps who this node's writes wait for in step with the committed state, once it knows
@@ -488,7 +501,7 @@ impl Running {
             return;
         };
         if topology.applied > 0 {
-            let led = self.led(topology);
+            let led = self.led(topology).map(|(_, group)| group);
             progress.follow_group(led, &self.params.in_sync, now.into_std());
             let in_sync = led.map_or(0, |group| group.in_sync.len());
             ::metrics::gauge!(metrics::IN_SYNC_FOLLOWERS).set(in_sync as f64);
@@ -497,9 +510,11 @@ impl Running {
 
     /// As the leader of a group: its report of how the group may fail over, if the controller
     /// holds another.
+    /// (A follower named leader keeps what the group's primary reported.)
     fn failover_wanted(&self, topology: &Topology) -> Option<Command> {
-        let group = self.led(topology)?;
-        (group.failover != self.params.failover).then(|| Command::Failover {
+        let (slot, group) = self.led(topology)?;
+        let own = slot == self.params.local;
+        (own && group.failover != self.params.failover).then(|| Command::Failover {
             slot: self.params.local.clone(),
             leader_epoch: group.leader_epoch,
             failover: self.params.failover.clone(),
@@ -510,13 +525,8 @@ impl Running {
     /// asks for, if any (`replication::Progress::in_sync_wanted`).
     fn in_sync_wanted(&self, topology: &Topology, now: Instant) -> Option<Command> {
         let progress = self.params.progress.as_ref()?;
-        let group = self.led(topology)?;
-        progress.in_sync_wanted(
-            &self.params.local,
-            group,
-            &self.params.in_sync,
-            now.into_std(),
-        )
+        let (slot, group) = self.led(topology)?;
+        progress.in_sync_wanted(slot, group, &self.params.in_sync, now.into_std())
     }
 
     /// What this member's own state asks the controller for, if anything.
@@ -584,10 +594,14 @@ impl Running {
             });
         }
         if let Some(leader) = &me.leader {
+            // (After a failover it copies from the leader named for its group.)
             let copies = topology
                 .groups
                 .get(leader)
-                .is_some_and(|group| group.followers.contains(local));
+                .is_some_and(|group| group.followers.contains(local))
+                || topology
+                    .followed_by(local)
+                    .is_some_and(|(_, group)| group.leader == *leader);
             if !copies && !topology.ring.members.contains_key(local) {
                 return Some(Command::Follow {
                     follower: local.clone(),
@@ -732,6 +746,46 @@ impl Asked {
             Err(ProposeError::Refused(refused)) => Err(StepError::Refused(refused.to_string())),
             Err(error @ ProposeError::NoQuorum(_)) => Err(StepError::NoQuorum(error.to_string())),
             Err(_) => Err(StepError::Stopped),
+        }
+    }
+}
+
+/// On a voter, while it leads the controller: fences each group leader whose session expired,
+/// naming a member of its in-sync set in its place (`election::fences`), every `every`.
+async fn fence_expired(controller: Controller, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let Some((fences, stranded)) = controller.fences_due() else {
+            continue;
+        };
+        for (slot, leader) in stranded {
+            if reported.insert((slot.clone(), leader.clone())) {
+                tracing::error!(%slot, %leader, "controller: the leader's session expired and no member of its in-sync set is alive: the slot takes no writes until one is (or an operator decides)");
+            }
+        }
+        for fence in fences {
+            let started = Instant::now();
+            match controller.propose(fence.clone()).await {
+                Ok(Applied::Changed { epoch }) => {
+                    tracing::warn!(
+                        ?fence,
+                        epoch,
+                        "controller: fenced a leader whose session expired and named another from its in-sync set"
+                    );
+                    ::metrics::counter!(metrics::FAILOVERS).increment(1);
+                    ::metrics::histogram!(metrics::FAILOVER_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                    reported.clear();
+                }
+                Ok(Applied::Unchanged) => {}
+                Err(error) => tracing::warn!(?fence, %error, "controller: a fence was not decided"),
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::config::Failover;
 /// What the controller leader, leading in `term`, should decide now: a fence of each expired
 /// group leader, naming a new leader for each group it leads that has a live in-sync member;
 /// and the groups left without one (slot, leader), to be reported.
-pub fn fences(
+pub(super) fn fences(
     topology: &Topology,
     sessions: &Sessions,
     term: u64,
@@ -29,7 +29,9 @@ pub fn fences(
     let mut leaders: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
     let mut stranded = Vec::new();
     for (slot, group) in &topology.groups {
-        if group.failover != Failover::Automatic || !sessions.expired(term, &group.leader, now) {
+        if matches!(group.failover, Failover::Manual(_))
+            || !sessions.expired(term, &group.leader, now)
+        {
             continue;
         }
         let candidate = group
@@ -79,11 +81,20 @@ mod tests {
         let manual = Failover::Manual("ack = local".into());
         let topology = Topology {
             groups: [
-                ("a", group("a", &["fa1", "fa2"], Failover::Automatic)),
-                ("b", group("b", &["fb"], Failover::Automatic)),
+                (
+                    "a",
+                    group("a", &["fa1", "fa2"], Failover::Automatic { replicas: 1 }),
+                ),
+                (
+                    "b",
+                    group("b", &["fb"], Failover::Automatic { replicas: 1 }),
+                ),
                 ("c", group("c", &["fc"], manual)),
-                ("d", group("d", &[], Failover::Automatic)),
-                ("e", group("e", &["fe"], Failover::Automatic)),
+                ("d", group("d", &[], Failover::Automatic { replicas: 1 })),
+                (
+                    "e",
+                    group("e", &["fe"], Failover::Automatic { replicas: 1 }),
+                ),
             ]
             .into_iter()
             .map(|(slot, group)| (slot.to_owned(), group))

@@ -7,11 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::network::Peers;
 use super::session::{HEARTBEATS_PER_SESSION, Lease};
-use super::{Controller, Grant};
+use super::{Controller, Grant, Topology};
 use crate::metrics;
 
 /// Keeps this member's session until `stop`: `own` is this primary's Raft node (a voter that
@@ -19,7 +20,7 @@ use crate::metrics;
 pub(super) async fn keep_session(
     own: Option<Controller>,
     peers: Arc<Peers>,
-    lease: Arc<Lease>,
+    (lease, mut topology): (Arc<Lease>, watch::Receiver<Arc<Topology>>),
     session: Duration,
     stop: CancellationToken,
 ) {
@@ -38,8 +39,13 @@ pub(super) async fn keep_session(
             granted = heartbeat(own.as_ref(), &peers, leader.as_deref(), every) => granted,
         };
         match granted {
-            Some((by, session)) => {
-                lease.granted(sent, session);
+            Some((by, session, applied)) => {
+                // Counted only once this member knows every decision the grant was made with
+                // (a failover that deposed it among them).
+                let known = topology.wait_for(|topology| topology.applied >= applied);
+                if let Ok(Ok(_)) = tokio::time::timeout(every, known).await {
+                    lease.granted(sent, session);
+                }
                 leader = Some(by);
             }
             None => leader = None,
@@ -50,13 +56,14 @@ pub(super) async fn keep_session(
 }
 
 /// One heartbeat: to `leader` first if known, then to each voter, following the leader a voter
-/// names. Returns who granted a session, and its length; `None` if nobody did.
+/// names. Returns who granted a session, its length and the last entry the granter applied;
+/// `None` if nobody did.
 async fn heartbeat(
     own: Option<&Controller>,
     peers: &Peers,
     leader: Option<&str>,
     ttl: Duration,
-) -> Option<(String, Duration)> {
+) -> Option<(String, Duration, u64)> {
     let mut asked: Vec<String> = Vec::new();
     let mut next: Vec<String> = peers.voters();
     next.reverse();
@@ -82,7 +89,7 @@ async fn heartbeat(
             }
         };
         match grant {
-            Grant::Session(session) => return Some((to, session)),
+            Grant::Session { length, applied } => return Some((to, length, applied)),
             Grant::NotLeader(Some(leader)) => next.push(leader),
             Grant::NotLeader(None) => {}
             Grant::NoQuorum(why) => {

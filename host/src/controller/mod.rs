@@ -141,9 +141,14 @@ pub struct Controller {
 /// What a voter answers a member's heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Grant {
-    /// This voter leads (a quorum confirmed it after the heartbeat arrived): a session of this
-    /// length, from then.
-    Session(Duration),
+    /// This voter leads (a quorum confirmed it after the heartbeat arrived): a session of
+    /// `length` from then, valid once the member applied the state up to `applied`.
+    Session {
+        /// How long.
+        length: Duration,
+        /// The last entry this voter applied when it granted it.
+        applied: u64,
+    },
     /// This voter does not lead; the leader, if it knows one.
     NotLeader(Option<String>),
     /// It could not confirm that it leads (no quorum), or it is stopping.
@@ -251,8 +256,35 @@ impl Controller {
         if !leads {
             return Grant::NoQuorum("leadership changed during the heartbeat".into());
         }
+        let applied = self.topology.borrow().applied;
         let mut sessions = self.sessions.lock().expect("poisoned");
-        Grant::Session(sessions.heartbeat(term, member, received))
+        Grant::Session {
+            length: sessions.heartbeat(term, member, received),
+            applied,
+        }
+    }
+
+    /// While this voter leads the controller: the fences due now (`election::fences`), and the
+    /// groups whose leader's session expired with nobody to name. `None` when it does not lead.
+    pub(crate) fn fences_due(&self) -> Option<(Vec<Command>, Vec<(String, String)>)> {
+        let (term, leads) = {
+            let metrics = self.raft.metrics().borrow().clone();
+            // A leader that lost its quorum heard no heartbeat meanwhile (none could be
+            // granted): once it has a quorum again, in the same term, everyone gets a full
+            // session again, as from a new leader.
+            let leads =
+                metrics.state == openraft::ServerState::Leader && !self.quorum_lost(&metrics);
+            (metrics.current_term, leads)
+        };
+        let mut sessions = self.sessions.lock().expect("poisoned");
+        if !leads {
+            sessions.step_down();
+            return None;
+        }
+        let now = std::time::Instant::now();
+        sessions.elected(term, now);
+        let topology = self.topology.borrow().clone();
+        Some(election::fences(&topology, &sessions, term, now))
     }
 
     /// The committed topology, as applied on this voter; changes as entries are applied.
@@ -302,11 +334,7 @@ impl Controller {
     pub fn status(&self) -> Status {
         let metrics = self.raft.metrics().borrow().clone();
         let voters = voters_of(&metrics);
-        let lost = voters.len() > 1
-            && metrics.state == openraft::ServerState::Leader
-            && metrics
-                .millis_since_quorum_ack
-                .is_none_or(|ms| u128::from(ms) > self.quorum_lost_after.as_millis());
+        let lost = self.quorum_lost(&metrics);
         Status {
             voters: if voters.is_empty() {
                 self.peers.voters()
@@ -321,6 +349,16 @@ impl Controller {
             applied: metrics.last_applied.map_or(0, |id| id.index),
             ring_epoch: self.topology.borrow().ring_epoch,
         }
+    }
+
+    /// Whether this node leads without having heard a quorum for well longer than an election
+    /// (the others are down or cut off).
+    fn quorum_lost(&self, metrics: &openraft::RaftMetrics<NodeId, Voter>) -> bool {
+        voters_of(metrics).len() > 1
+            && metrics.state == openraft::ServerState::Leader
+            && metrics
+                .millis_since_quorum_ack
+                .is_none_or(|ms| u128::from(ms) > self.quorum_lost_after.as_millis())
     }
 
     /// Whether this node is a voter now (its Raft membership says so).

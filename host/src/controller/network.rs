@@ -172,7 +172,10 @@ impl Peers {
         };
         Ok(match answer.session_ms {
             0 => Grant::NotLeader(Some(answer.leader).filter(|leader| !leader.is_empty())),
-            ms => Grant::Session(Duration::from_millis(ms)),
+            ms => Grant::Session {
+                length: Duration::from_millis(ms),
+                applied: answer.applied,
+            },
         })
     }
 

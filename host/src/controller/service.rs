@@ -193,13 +193,15 @@ impl controller_server::Controller for ControllerService {
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         let controller = self.controller()?;
         let answer = match controller.heartbeat(&member).await {
-            Grant::Session(session) => HeartbeatResponse {
-                session_ms: u64::try_from(session.as_millis()).unwrap_or(u64::MAX),
+            Grant::Session { length, applied } => HeartbeatResponse {
+                session_ms: u64::try_from(length.as_millis()).unwrap_or(u64::MAX),
                 leader: controller.peers.local.clone(),
+                applied,
             },
             Grant::NotLeader(leader) => HeartbeatResponse {
                 session_ms: 0,
                 leader: leader.unwrap_or_default(),
+                applied: 0,
             },
             Grant::NoQuorum(why) => {
                 return Err(Status::unavailable(format!(

@@ -79,7 +79,8 @@ impl Sessions {
         heard.is_some_and(|heard| now.saturating_duration_since(*heard) < self.length)
     }
 
-    /// This node no longer leads: a later term starts a table of its own.
+    /// This node no longer leads, or lost its quorum: the next heartbeat or election starts a
+    /// table of its own (everyone's session running from then).
     pub fn step_down(&mut self) {
         self.leading = None;
     }
@@ -105,8 +106,8 @@ impl Sessions {
         self.leading.as_mut().expect("set above")
     }
 
-    /// Starts the table of `term` at `now` if it is not started (a leader that was elected
-    /// counts everyone's session from then, heard or not).
+    /// Starts the table of `term` at `now` if it is not started (a leader that was elected, or
+    /// that has a quorum again, counts everyone's session from then, heard or not).
     pub fn elected(&mut self, term: u64, now: Instant) {
         self.lead(term, now);
     }

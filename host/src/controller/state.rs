@@ -122,6 +122,31 @@ impl Topology {
         })
     }
 
+    /// Who takes the writes of `slot` (a primary's range): its group's leader, which is the
+    /// primary itself unless a failover named another; the primary when it has no group.
+    pub fn writer<'a>(&'a self, slot: &'a str) -> &'a str {
+        self.groups.get(slot).map_or(slot, |group| &group.leader)
+    }
+
+    /// The groups `member` leads, by slot.
+    pub fn led_by<'a, 'm>(
+        &'a self,
+        member: &'m str,
+    ) -> impl Iterator<Item = (&'a str, &'a Group)> + use<'a, 'm> {
+        let groups = self.groups.iter();
+        groups
+            .filter(move |(_, group)| group.leader == member)
+            .map(|(slot, group)| (slot.as_str(), group))
+    }
+
+    /// The group `member` follows, with its slot (a member follows one at most).
+    pub fn followed_by(&self, member: &str) -> Option<(&str, &Group)> {
+        let mut groups = self.groups.iter();
+        groups
+            .find(|(_, group)| group.followers.contains(member))
+            .map(|(slot, group)| (slot.as_str(), group))
+    }
+
     /// The change of the ring under way, in words, if any: a drain, else the first join (the
     /// order every node sees, `cluster::change::pending`).
     pub fn change_under_way(&self) -> Option<String> {
@@ -992,7 +1017,11 @@ mod tests {
             follow("g", "a"),
             in_sync("a", "f", 1),
         ];
-        let automatic = [&base[..], &[reports("a", 1, Failover::Automatic)]].concat();
+        let automatic = [
+            &base[..],
+            &[reports("a", 1, Failover::Automatic { replicas: 1 })],
+        ]
+        .concat();
         let fenced = [&automatic[..], &[fence("a", &[("a", "f")])]].concat();
         type Case<'a> = (&'a str, &'a [Command], Command, Result<Applied, Rejected>);
         let cases: Vec<Case> = vec![
@@ -1140,7 +1169,7 @@ mod tests {
                         let follower = format!("f{}", rng.random_range(0..3));
                         let epoch = one.groups.get(&name).map_or(0, |g| g.leader_epoch);
                         match rng.random_range(0..2) {
-                            0 => reports(&name, epoch, Failover::Automatic),
+                            0 => reports(&name, epoch, Failover::Automatic { replicas: 1 }),
                             _ => fence(&name, &[(&name, &follower)]),
                         }
                     }

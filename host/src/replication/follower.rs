@@ -1,5 +1,6 @@
-//! The follower side: connect to each leader in `leader_addresses`, offer what this node holds,
-//! and apply the records the leader pushes.
+//! The follower side: connect to the leader this node follows (`leader_addresses`, or the one
+//! the controller named after a failover), offer what this node holds, and apply the records the
+//! leader pushes.
 //!
 //! A record is applied only if it starts at this node's end of the point
 //! (`Store::apply_replicated`), so nothing is applied twice and nothing is skipped; otherwise the
@@ -16,6 +17,7 @@
 //! (with their CRC32C) again, so a restart of either side resumes where it stopped. Once the node
 //! shuts down, pushes are refused at once.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -42,30 +44,84 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Jobs queued for the applier; the leader's window keeps far fewer pushes in flight.
 const APPLY_QUEUE: usize = 256;
 
-/// Follows every configured leader until `shutdown`.
+/// Follows the leaders [`leaders_to_follow`] names until `shutdown`, again each time they
+/// change (a failover names another leader).
 pub(crate) async fn run(context: Context, tls: Option<TlsConnector>, shutdown: CancellationToken) {
     let context = Rc::new(context);
-    for address in context.services.config.leader_addresses.clone() {
-        let (context, tls, shutdown) = (context.clone(), tls.clone(), shutdown.clone());
-        tokio::task::spawn_local(async move {
-            let mut backoff = Duration::from_millis(50);
-            while !shutdown.is_cancelled() {
-                match session(&context, &address, tls.as_ref(), &shutdown).await {
-                    Ok(()) => backoff = Duration::from_millis(50),
-                    Err(error) => {
-                        tracing::warn!(leader = %address, %error, "replication session failed");
-                        name_unreachable_leader(&context, &address);
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+    let (mut topology, mut membership) = (context.topology.clone(), context.membership.clone());
+    let mut sessions: HashMap<String, CancellationToken> = HashMap::new();
+    loop {
+        let wanted = leaders_to_follow(&context);
+        sessions.retain(|address, session| {
+            let keep = wanted.contains(address);
+            if !keep {
+                tracing::info!(leader = %address, "replication: no longer following this leader");
+                session.cancel();
             }
+            keep
         });
+        for address in wanted {
+            if sessions.contains_key(&address) {
+                continue;
+            }
+            let session = shutdown.child_token();
+            sessions.insert(address.clone(), session.clone());
+            let (context, tls) = (context.clone(), tls.clone());
+            tokio::task::spawn_local(follow(context, address, tls, session));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = topology.changed() => if changed.is_err() { break },
+            changed = membership.changed() => if changed.is_err() { break },
+        }
     }
     shutdown.cancelled().await;
+}
+
+/// The replication addresses this node follows: none while it leads a group; the leader the
+/// controller named for its group after a failover; else `leader_addresses` (the leader it was
+/// configured with, which leads its group until a failover).
+fn leaders_to_follow(context: &Context) -> Vec<String> {
+    let local = &context.services.config.node_name;
+    let topology = context.topology.borrow();
+    if topology.led_by(local).next().is_some() {
+        return Vec::new();
+    }
+    match topology.followed_by(local) {
+        Some((slot, group)) if group.leader != slot => {
+            let membership = context.membership.borrow();
+            let live = membership.live(&group.leader).map(|m| &m.replication_addr);
+            let recorded = membership.ring.members.get(&group.leader);
+            let address = live.or(recorded.map(|r| &r.replication_addr));
+            address.into_iter().cloned().collect()
+        }
+        _ => context.services.config.leader_addresses.clone(),
+    }
+}
+
+/// Follows the leader at `address` until `session` ends: again after each failure, with
+/// backoff.
+async fn follow(
+    context: Rc<Context>,
+    address: String,
+    tls: Option<TlsConnector>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(50);
+    while !shutdown.is_cancelled() {
+        match session(&context, &address, tls.as_ref(), &shutdown).await {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(error) => {
+                tracing::warn!(leader = %address, %error, "replication session failed");
+                name_unreachable_leader(&context, &address);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
 }
 
 /// A follower that restarted while its leader is down, or that its leader refuses (a
@@ -170,6 +226,7 @@ pub(crate) fn receiver(
     shutdown: CancellationToken,
 ) -> sink::Client {
     let (jobs, queue) = mpsc::channel(APPLY_QUEUE);
+    let follows = from.is_none();
     let applier = apply(context.clone(), queue, from);
     tokio::task::spawn_local(async move {
         use futures::FutureExt;
@@ -185,6 +242,7 @@ pub(crate) fn receiver(
         order: tokio::sync::Mutex::new(()),
         jobs,
         shutdown,
+        follows,
     })
 }
 
@@ -458,6 +516,9 @@ struct SinkService {
     order: tokio::sync::Mutex<()>,
     jobs: mpsc::Sender<Job>,
     shutdown: CancellationToken,
+    /// Whether this sink is a follower's (not a handover's): it takes nothing once the
+    /// controller named this node the leader of a group.
+    follows: bool,
 }
 
 /// A record as it arrived, before it is unbundled.
@@ -479,6 +540,20 @@ impl SinkService {
     fn refuse_after_shutdown(&self) -> Result<(), capnp::Error> {
         if self.shutdown.is_cancelled() {
             return Err(wire(ApplyError::ShuttingDown));
+        }
+        // A node named leader takes writes from clients: a deposed leader that does not know
+        // it yet must not change its copies (its replicator would cut what the new leader
+        // acknowledged). Checked on every call, before the session is torn down.
+        if self.follows {
+            let context = &self.context;
+            let topology = context.topology.borrow();
+            let local = &context.services.config.node_name;
+            if let Some((slot, group)) = topology.led_by(local).next() {
+                return Err(capnp::Error::failed(format!(
+                    "node {local} leads {slot} since epoch {}: it follows nobody",
+                    group.leader_epoch
+                )));
+            }
         }
         Ok(())
     }

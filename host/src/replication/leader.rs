@@ -31,6 +31,16 @@ use crate::point::ownership::FIRST_EPOCH;
 use crate::point::{PointId, SealedAt};
 use crate::service::Spawner;
 
+/// [`serve`], owning what it needs (to run as a task of its own).
+pub(crate) async fn serve_owned(
+    context: Rc<Context>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    spawner: Spawner,
+) {
+    serve(context, listener, tls, &spawner).await;
+}
+
 /// Accepts followers until the replication subsystem stops.
 pub(crate) async fn serve(
     context: Rc<Context>,
@@ -361,10 +371,11 @@ impl leader::Server for LeaderService {
             tracing::warn!(subject = %peer.subject, peer = %peer.addr, %reason, "follower refused");
             return Err(capnp::Error::failed(reason.to_string()));
         }
-        if context.services.config.role != crate::config::Role::Leader {
+        let local = &context.services.config.node_name;
+        let leads = context.topology.borrow().led_by(local).next().is_some();
+        if context.services.config.role != crate::config::Role::Leader && !leads {
             return Err(capnp::Error::failed(format!(
-                "node {} is a {}, not a leader: it has no followers",
-                context.services.config.node_name,
+                "node {local} is a {} that leads no group: it has no followers",
                 context.services.config.role.as_str()
             )));
         }

@@ -63,6 +63,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::access::Action;
 use crate::cluster::{Leader, Membership, Steps};
 use crate::config::Role;
+use crate::controller::Topology;
 use crate::metrics;
 use crate::net::PeerInfo;
 use crate::point::Store;
@@ -99,6 +100,9 @@ pub(crate) struct Context {
     pub membership: watch::Receiver<Arc<Membership>>,
     /// This member's lifecycle steps (a drained primary steps to `left`).
     pub steps: Steps,
+    /// The controller's committed state as this node knows it: whom it follows, and whether it
+    /// leads a group (a follower named leader serves followers of its own).
+    pub topology: watch::Receiver<Arc<Topology>>,
 }
 
 /// Starts the replication thread, stopped by `token`: the leader service on `listener` for a
@@ -145,23 +149,45 @@ pub(crate) fn start(
                             return;
                         }
                     };
-                    let context = Rc::new(context);
-                    let token = spawner.token().clone();
-                    let moves =
-                        tokio::task::spawn_local(mover::run(context.clone(), client_tls, token));
-                    leader::serve(context, listener, server_tls, &spawner).await;
-                    let _ = moves.await;
-                }
-                Role::Follower => {
-                    // A follower's mover hands its copies of a forgotten primary's points over.
                     let token = spawner.token().clone();
                     let moves = tokio::task::spawn_local(mover::run(
                         Rc::new(context.clone()),
                         client_tls.clone(),
                         token.clone(),
                     ));
+                    // A leader follows the leader named in its place after a failover.
+                    let follows =
+                        tokio::task::spawn_local(follower::run(context.clone(), client_tls, token));
+                    leader::serve(Rc::new(context), listener, server_tls, &spawner).await;
+                    let _ = moves.await;
+                    let _ = follows.await;
+                }
+                Role::Follower => {
+                    // A follower's mover hands its copies of a forgotten primary's points over;
+                    // it serves followers once named a group's leader.
+                    let token = spawner.token().clone();
+                    let moves = tokio::task::spawn_local(mover::run(
+                        Rc::new(context.clone()),
+                        client_tls.clone(),
+                        token.clone(),
+                    ));
+                    let serves = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => Some(tokio::task::spawn_local(leader::serve_owned(
+                            Rc::new(context.clone()),
+                            listener,
+                            server_tls,
+                            spawner.clone(),
+                        ))),
+                        Err(error) => {
+                            tracing::error!(%error, "replication listener");
+                            None
+                        }
+                    };
                     follower::run(context, client_tls, token).await;
                     let _ = moves.await;
+                    if let Some(serves) = serves {
+                        let _ = serves.await;
+                    }
                 }
                 Role::Balancer => {}
             }

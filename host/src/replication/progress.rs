@@ -495,7 +495,7 @@ mod tests {
             leader_epoch: 7,
             followers: followers.iter().map(|f| (*f).to_owned()).collect(),
             in_sync: in_sync.iter().map(|f| (*f).to_owned()).collect(),
-            failover: crate::config::Failover::Automatic,
+            failover: crate::config::Failover::Automatic { replicas: 1 },
         }
     }
 

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Leader, Lifecycle, Member, Membership};
 use crate::config::{Config, Failover, Role};
-use crate::controller::Lease;
+use crate::controller::{Lease, Topology};
 use crate::metrics;
 use crate::placement::{NextOwner, Placement, PlacementError};
 use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store};
@@ -266,6 +266,8 @@ pub struct Gate {
     /// holds.
     failover: Failover,
     lease: Arc<Lease>,
+    /// The controller's committed state: who leads each group (a failover names a follower).
+    topology: watch::Receiver<Arc<Topology>>,
 }
 
 impl Gate {
@@ -276,7 +278,7 @@ impl Gate {
         store: Store,
         placement: Arc<Placement>,
         leader: watch::Receiver<Option<Leader>>,
-        lease: Arc<Lease>,
+        (lease, topology): (Arc<Lease>, watch::Receiver<Arc<Topology>>),
     ) -> Self {
         Self {
             node: config.node_name.clone(),
@@ -288,7 +290,16 @@ impl Gate {
             leader,
             failover: config.failover(),
             lease,
+            topology,
         }
+    }
+
+    /// Whether this node leads a group that is not its own slot: a follower the controller
+    /// named leader after a failover.
+    fn leads_as_follower(&self) -> bool {
+        let topology = self.topology.borrow();
+        let mut led = topology.led_by(&self.node);
+        led.any(|(slot, _)| slot != self.node)
     }
 
     /// Refuses a write while this node, leading a group that fails over by itself, holds no
@@ -296,7 +307,8 @@ impl Gate {
     /// acknowledged.
     pub fn check_session(&self) -> Result<(), Refusal> {
         let now = std::time::Instant::now();
-        if matches!(self.failover, Failover::Manual(_)) || self.lease.holds(now) {
+        let automatic = !matches!(self.failover, Failover::Manual(_)) || self.leads_as_follower();
+        if !automatic || self.lease.holds(now) {
             return Ok(());
         }
         ::metrics::counter!(metrics::SELF_FENCED).increment(1);
@@ -317,7 +329,7 @@ impl Gate {
     /// Refuses every write on a follower, naming its leader's client API, and on a leader that
     /// holds no session ([`Gate::check_session`]).
     pub fn check_writable(&self) -> Result<(), Refusal> {
-        if self.role != Role::Follower {
+        if self.role != Role::Follower || self.leads_as_follower() {
             return self.check_session();
         }
         let node = self.node.clone();
@@ -366,7 +378,9 @@ impl Gate {
             )
             .into()),
             Some(handover) => Ok(Some(handover)),
-            None if ownership.owner.as_deref() == Some(&self.node) => Ok(None),
+            None if ownership.owner.as_deref() == Some(&self.node) => {
+                Ok(self.check_writer(point, &self.node).map(|()| None)?)
+            }
             None => Ok(self.check_owner(point).await.map(|()| None)?),
         }
     }
@@ -399,13 +413,26 @@ impl Gate {
         Ok(())
     }
 
-    /// `Ok` if this node owns `point` in the ring; otherwise the refusal that names the owner.
+    /// `Ok` if this node takes the writes of `point`: the owner of its range in the ring, or
+    /// the leader the controller named for that owner's group; otherwise the refusal that names
+    /// the member that does.
     pub async fn check_owner(&self, point: &PointId) -> Result<(), Refusal> {
         let owners = self.placement.owners(point.as_str(), 1).await?;
-        if owners.first() == owners.membership.local {
+        self.check_writer(point, owners.first())
+    }
+
+    /// `Ok` if this node takes the writes of `slot` (a primary's range), for `point`.
+    fn check_writer(&self, point: &PointId, slot: &str) -> Result<(), Refusal> {
+        let topology = self.topology.borrow();
+        let writer = topology.writer(slot);
+        if writer == self.node {
             return Ok(());
         }
-        Err(refusal(&owners.membership, point.as_str(), owners.first()))
+        Err(refusal(
+            &self.placement.membership(),
+            point.as_str(),
+            writer,
+        ))
     }
 
     /// Appends `batch` to `point` (at `expected_offset`, if given). A write that meets a fence
@@ -524,6 +551,17 @@ impl Gate {
     /// live; for an owner that is down, one of its live followers (not this node, which does
     /// not have the point). Without a ring, [`Holder::Nobody`].
     pub async fn holder(&self, point: &str) -> Holder {
+        // After a failover, the leader the controller named for the owner's group.
+        if let Ok(owners) = self.placement.owners(point, 1).await {
+            let topology = self.topology.borrow();
+            let writer = topology.writer(owners.first());
+            if writer != owners.first()
+                && writer != self.node
+                && let Some(live) = owners.membership.live(writer)
+            {
+                return Holder::Member(Box::new(live.clone()));
+            }
+        }
         holder(&self.placement, point).await
     }
 }
