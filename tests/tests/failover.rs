@@ -275,7 +275,9 @@ async fn a_killed_leader_is_replaced_by_an_in_sync_follower_and_returns_as_its_f
             .unwrap();
         acknowledged.extend_from_slice(&bytes);
     }
-    let epoch = cluster.group("b", "a").await.unwrap().leader_epoch;
+    let before = cluster.group("b", "a").await.unwrap();
+    assert_eq!(before.failover, "automatic", "{before:?}");
+    let epoch = before.leader_epoch;
 
     // kill -9: the controller finds a's session expired and names fa1 or fa2 in its place.
     cluster.nodes.remove("a").unwrap().kill();

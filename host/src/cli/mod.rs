@@ -570,12 +570,13 @@ fn print_members(members: &ListMembersResponse) {
                     names => names.join(","),
                 };
                 println!(
-                    "group {}: leader {} (epoch {}) · followers {} · in sync {}",
+                    "group {}: leader {} (epoch {}) · followers {} · in sync {} · failover {}",
                     group.slot,
                     group.leader,
                     group.leader_epoch,
                     list(&group.followers),
-                    list(&group.in_sync)
+                    list(&group.in_sync),
+                    group.failover
                 );
             }
         }

@@ -594,6 +594,20 @@ mod tests {
     use super::*;
     use figment::Jail;
 
+    #[test]
+    fn a_group_fails_over_by_itself_only_when_every_acknowledged_byte_is_durable_on_a_follower() {
+        let mut config = Config::default();
+        let manual = |config: &Config| match config.failover() {
+            Failover::Manual(why) => why,
+            automatic => panic!("{automatic:?}"),
+        };
+        assert!(manual(&config).contains("replication.ack"));
+        config.replication.ack = Ack::Replicas(2);
+        assert_eq!(config.failover(), Failover::Automatic { replicas: 2 });
+        config.storage.fsync = Fsync::Interval;
+        assert!(manual(&config).contains("storage.fsync"));
+    }
+
     fn load_err(file: &str, body: &str) -> String {
         let mut message = String::new();
         Jail::expect_with(|jail| {

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::access::{Access, Action};
 use crate::cluster::{Handed, Lifecycle, Membership, StepError};
+use crate::config::Failover;
 use crate::controller::agent::Observer;
 use crate::error::Error;
 use crate::net::PeerInfo;
@@ -221,6 +222,10 @@ pub fn members(membership: &Membership, controller: &Observer) -> ListMembersRes
             leader_epoch: group.leader_epoch,
             followers: group.followers.iter().cloned().collect(),
             in_sync: group.in_sync.iter().cloned().collect(),
+            failover: match &group.failover {
+                Failover::Automatic { .. } => "automatic".to_owned(),
+                Failover::Manual(why) => format!("by an operator: {why}"),
+            },
         })
         .collect();
     let mut members = Vec::new();
