@@ -62,7 +62,9 @@ async fn owner_of(pki: &Pki, node: &str, point: &str) -> String {
 }
 
 /// Leader `c` as a `goutube run` process with its data in `dir`: acknowledges a produce once one
-/// follower confirmed it (else `Unavailable` after 300 ms, the bytes kept), syncs every append.
+/// follower confirmed it (else `Unavailable` after 300 ms, the bytes kept), syncs in the
+/// background: its group fails over only by an operator's decision (docs/failover.md), which
+/// is what this test is about.
 fn spawn_c(pki: &Pki, dir: &Path, seed: &str) -> NodeProcess {
     let tls = pki.node("c");
     let config = write_node_config(
@@ -73,7 +75,7 @@ fn spawn_c(pki: &Pki, dir: &Path, seed: &str) -> NodeProcess {
              [cluster]\nbootstrap_expect = 3\nkey_file = {:?}\n\
              [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
              [replication]\nack = {{ replicas = 1 }}\nack_timeout_ms = 300\n\
-             [storage]\nfsync = \"always\"",
+             [storage]\nfsync = \"interval\"",
             pki.cluster_key(),
             tls.ca,
             tls.cert,
@@ -119,6 +121,13 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
     // c's acknowledgements wait for its in-sync followers: both, once they caught up.
     eventually("f1 and f2 to be in c's in-sync set", || async {
         in_sync_of(&pki, &c.rpc, "c").await == ["f1", "f2"]
+    })
+    .await;
+    // c's group fails over only by an operator: it syncs in the background.
+    eventually("members to say how c's group fails over", || async {
+        let controller = view(&pki, &c.rpc).await.controller.unwrap_or_default();
+        let group = controller.groups.into_iter().find(|g| g.slot == "c");
+        group.is_some_and(|g| g.failover.starts_with("by an operator: storage.fsync"))
     })
     .await;
 

@@ -761,7 +761,7 @@ async fn fence_expired(controller: Controller, every: Duration, stop: Cancellati
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let Some((fences, stranded)) = controller.fences_due() else {
+        let Some(super::election::Due { fences, stranded }) = controller.fences_due() else {
             continue;
         };
         for (slot, leader) in stranded {

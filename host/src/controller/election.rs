@@ -17,15 +17,19 @@ use super::session::Sessions;
 use super::state::Topology;
 use crate::config::Failover;
 
-/// What the controller leader, leading in `term`, should decide now: a fence of each expired
-/// group leader, naming a new leader for each group it leads that has a live in-sync member;
-/// and the groups left without one (slot, leader), to be reported.
-pub(super) fn fences(
-    topology: &Topology,
-    sessions: &Sessions,
-    term: u64,
-    now: Instant,
-) -> (Vec<Command>, Vec<(String, String)>) {
+/// What is due on the controller leader now.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Due {
+    /// A fence of each expired group leader, naming a new leader for each group it leads that
+    /// has a live in-sync member.
+    pub fences: Vec<Command>,
+    /// The groups whose leader expired with no live in-sync member, as (slot, leader): they
+    /// take no writes until one is back (or an operator decides).
+    pub stranded: Vec<(String, String)>,
+}
+
+/// What the controller leader, leading in `term`, should decide now ([`Due`]).
+pub(super) fn fences(topology: &Topology, sessions: &Sessions, term: u64, now: Instant) -> Due {
     let mut leaders: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
     let mut stranded = Vec::new();
     for (slot, group) in &topology.groups {
@@ -46,14 +50,14 @@ pub(super) fn fences(
             None => stranded.push((slot.clone(), group.leader.clone())),
         }
     }
-    let commands = leaders
+    let fences = leaders
         .into_iter()
         .map(|(member, leaders)| Command::Fence {
             member: member.to_owned(),
             leaders,
         })
         .collect();
-    (commands, stranded)
+    Due { fences, stranded }
 }
 
 #[cfg(test)]
@@ -108,13 +112,16 @@ mod tests {
         for member in ["b", "fa2", "fb", "fc", "fe", "e"] {
             sessions.heartbeat(1, member, t0 + Duration::from_secs(2));
         }
-        let (none, _) = fences(&topology, &sessions, 1, t0 + Duration::from_millis(2999));
-        assert!(none.is_empty(), "nobody expires within a session: {none:?}");
+        let none = fences(&topology, &sessions, 1, t0 + Duration::from_millis(2999));
+        assert_eq!(none, Due::default(), "nobody expires within a session");
 
         let later = t0 + Duration::from_millis(3000);
-        let (commands, stranded) = fences(&topology, &sessions, 1, later);
+        let Due {
+            fences: due,
+            stranded,
+        } = fences(&topology, &sessions, 1, later);
         assert_eq!(
-            commands,
+            due,
             [Command::Fence {
                 member: "a".into(),
                 leaders: [("a".to_owned(), "fa2".to_owned())].into(),
@@ -123,7 +130,7 @@ mod tests {
         );
         assert_eq!(stranded, [("d".to_owned(), "d".to_owned())], "d has nobody");
         assert!(
-            fences(&topology, &sessions, 2, later).0.is_empty(),
+            fences(&topology, &sessions, 2, later).fences.is_empty(),
             "nothing in a term this voter does not lead"
         );
     }

@@ -266,7 +266,7 @@ impl Controller {
 
     /// While this voter leads the controller: the fences due now (`election::fences`), and the
     /// groups whose leader's session expired with nobody to name. `None` when it does not lead.
-    pub(crate) fn fences_due(&self) -> Option<(Vec<Command>, Vec<(String, String)>)> {
+    pub(crate) fn fences_due(&self) -> Option<election::Due> {
         let (term, leads) = {
             let metrics = self.raft.metrics().borrow().clone();
             // A leader that lost its quorum heard no heartbeat meanwhile (none could be

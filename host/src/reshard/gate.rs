@@ -326,11 +326,11 @@ impl Gate {
         })
     }
 
-    /// Refuses every write on a follower, naming its leader's client API, and on a leader that
-    /// holds no session ([`Gate::check_session`]).
+    /// Refuses every write on a follower (unless the controller named it a group's leader),
+    /// naming its leader's client API.
     pub fn check_writable(&self) -> Result<(), Refusal> {
         if self.role != Role::Follower || self.leads_as_follower() {
-            return self.check_session();
+            return Ok(());
         }
         let node = self.node.clone();
         let leader = self.leader.borrow().clone();
@@ -350,6 +350,15 @@ impl Gate {
     /// `Ok` if this node takes writes for `point`, with the handover it is part of, if any
     /// (its copy being copied or fenced: a write waits at the fence in [`Self::append`]).
     pub async fn admit_write(&self, point: &PointId) -> Result<Option<Handover>, WriteError> {
+        let admitted = self.admit_write_here(point).await?;
+        // Only a write this node would take waits for its session: one it sends elsewhere
+        // says where at once.
+        self.check_session()?;
+        Ok(admitted)
+    }
+
+    /// [`Gate::admit_write`] but for the session.
+    async fn admit_write_here(&self, point: &PointId) -> Result<Option<Handover>, WriteError> {
         self.check_writable()?;
         let membership = self.placement.membership();
         if membership
