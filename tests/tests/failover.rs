@@ -3,8 +3,14 @@
 //! (`ack = { replicas = 1 }`, `fsync = "always"`), and followers as child processes too, so
 //! that any of them can be killed or stopped.
 //!
-//! Sessions: a group leader that cannot reach the controller stops taking writes before the
-//! controller could find its session expired, and takes them again once it has a session.
+//! - Sessions: a group leader that cannot reach the controller stops taking writes before the
+//!   controller could find its session expired, and takes them again once it has a session.
+//! - `kill -9` of a leader under acknowledged writes: an in-sync follower is named in its place
+//!   and holds every acknowledged byte; the other follower follows it; the old leader returns
+//!   as its follower.
+//! - SIGSTOP of a leader past its session, then SIGCONT: replaced meanwhile, it acknowledges
+//!   nothing once resumed and changes no byte on the new leader (a checker compares every
+//!   replica with the acknowledged bytes).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -360,5 +366,133 @@ async fn a_killed_leader_is_replaced_by_an_in_sync_follower_and_returns_as_its_f
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains(leader), "{}", refused.message());
+    cluster.stop();
+}
+
+/// Acknowledged writes, as written: the checker's record.
+#[derive(Default)]
+struct Acknowledged {
+    bytes: Vec<u8>,
+    /// Writes that failed without an answer, or with one that does not say whether they were
+    /// stored: never counted as acknowledged.
+    unknown: usize,
+}
+
+impl Acknowledged {
+    /// Appends `bytes` at the end of what was acknowledged, through `client`, waiting at most a
+    /// second; returns whether it was acknowledged.
+    async fn append(&mut self, client: &Client, point: &str, bytes: &[u8]) -> bool {
+        let mut client = client.clone();
+        let offset = self.bytes.len() as u64;
+        let call = append_at(&mut client, point, offset, bytes);
+        match tokio::time::timeout(Duration::from_secs(1), call).await {
+            Ok(Ok(())) => {
+                self.bytes.extend_from_slice(bytes);
+                true
+            }
+            _ => {
+                self.unknown += 1;
+                false
+            }
+        }
+    }
+
+    /// Checks that `client` serves every acknowledged byte at its offset (what follows them, if
+    /// anything, was never acknowledged).
+    async fn check(&self, client: &Client, point: &str, node: &str) {
+        let held = read_all(client, point).await;
+        assert!(
+            held.len() >= self.bytes.len() && held[..self.bytes.len()] == self.bytes[..],
+            "{node} lost or changed acknowledged bytes: it holds {} bytes, {} were acknowledged",
+            held.len(),
+            self.bytes.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_past_its_session_is_replaced_and_when_resumed_changes_nothing() {
+    let cluster = Cluster::start(&["fa1", "fa2"]).await;
+    let point = cluster.point_of("a").await;
+    let to_a = cluster.client("a").await;
+    let mut acknowledged = Acknowledged::default();
+    for seed in 0..6u64 {
+        let bytes = data(seed + 300, 5_003 + 3_001 * seed as usize);
+        assert!(acknowledged.append(&to_a, &point, &bytes).await);
+    }
+
+    // SIGSTOP: a keeps its sockets but answers nothing, its heartbeats stop, its session expires.
+    cluster.nodes["a"].signal("STOP");
+    let stopped = Instant::now();
+    // A write sent meanwhile hangs, and is never acknowledged.
+    assert!(!acknowledged.append(&to_a, &point, &data(400, 7_777)).await);
+    let group = eventually_some(
+        "the controller to name a new leader for a's slot",
+        || async { cluster.group("b", "a").await.filter(|g| g.leader != "a") },
+    )
+    .await;
+    eprintln!(
+        "{} named a's leader {:?} after SIGSTOP",
+        group.leader,
+        stopped.elapsed()
+    );
+    let leader: &'static str = if group.leader == "fa1" { "fa1" } else { "fa2" };
+    let to_leader = cluster.client(leader).await;
+    for seed in 0..4u64 {
+        let bytes = data(seed + 500, 4_001 + 2_003 * seed as usize);
+        let written = eventually_some("the new leader to acknowledge", || async {
+            let mut attempt = Acknowledged {
+                bytes: acknowledged.bytes.clone(),
+                unknown: 0,
+            };
+            attempt
+                .append(&to_leader, &point, &bytes)
+                .await
+                .then_some(attempt.bytes)
+        })
+        .await;
+        acknowledged.bytes = written;
+    }
+
+    // SIGCONT: a's session lapsed long ago. Whatever it had in flight is never acknowledged, it
+    // changes nothing on the new leader, and it refuses new writes (naming the new leader once
+    // it learned the fence).
+    cluster.nodes["a"].signal("CONT");
+    for seed in 0..4u64 {
+        let bytes = data(seed + 600, 3_001 + 1_009 * seed as usize);
+        let mut to_a = to_a.clone();
+        let offset = acknowledged.bytes.len() as u64;
+        let refused = append_at(&mut to_a, &point, offset, &bytes)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused.code(), Code::Unavailable | Code::FailedPrecondition),
+            "{refused:?}"
+        );
+        assert!(acknowledged.append(&to_leader, &point, &bytes).await);
+    }
+    acknowledged.check(&to_leader, &point, leader).await;
+    eventually(
+        "a to follow the new leader and be in its in-sync set",
+        || async {
+            cluster
+                .group("b", "a")
+                .await
+                .is_some_and(|g| g.leader == leader && g.in_sync.contains(&"a".to_owned()))
+        },
+    )
+    .await;
+    // Every replica now holds the acknowledged bytes: no offset holds two payloads.
+    for node in ["a", "fa1", "fa2"] {
+        let client = cluster.client(node).await;
+        acknowledged.check(&client, &point, node).await;
+    }
+    let mut to_a = to_a.clone();
+    let refused = append_at(&mut to_a, &point, acknowledged.bytes.len() as u64, b"x")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains(leader), "{}", refused.message());
+    eprintln!("{} writes not acknowledged", acknowledged.unknown);
     cluster.stop();
 }

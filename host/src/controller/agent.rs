@@ -835,18 +835,24 @@ async fn follow(
             if voter == peers.local {
                 continue;
             }
-            let stream = match peers.client(&voter) {
-                Ok(mut client) => client.watch(StatusRequest {}).await,
-                Err(_) => continue,
+            // A voter sends the state at least every `WATCH_REFRESH`: silence for three of them
+            // is a voter that stopped (or a connection that did): try another.
+            let silence = 3 * super::service::WATCH_REFRESH;
+            let Ok(mut client) = peers.client(&voter) else {
+                continue;
             };
-            let Ok(stream) = stream else { continue };
+            let watched = tokio::time::timeout(silence, client.watch(StatusRequest {})).await;
+            let Ok(Ok(stream)) = watched else { continue };
             let mut stream = stream.into_inner();
             loop {
                 let update = tokio::select! {
                     _ = stop.cancelled() => return,
-                    update = stream.message() => update,
+                    update = tokio::time::timeout(silence, stream.message()) => update,
                 };
-                let Ok(Some(update)) = update else { break };
+                let Ok(Ok(Some(update))) = update else {
+                    tracing::debug!(%voter, "controller: the voter's state stream ended or went silent; following another");
+                    break;
+                };
                 let Ok(topology) = serde_json::from_slice::<Topology>(&update.topology) else {
                     tracing::warn!(%voter, "controller: an undecodable state; trying another voter");
                     break;

@@ -15,7 +15,8 @@ use std::pin::Pin;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
-use tokio_stream::{Stream, StreamExt, wrappers::WatchStream};
+use tokio_stream::wrappers::{IntervalStream, WatchStream};
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -26,6 +27,9 @@ use crate::proto::controller::{
     HeartbeatRequest, HeartbeatResponse, ProposeRequest, ProposeResponse, RaftMessage,
     SetVotersRequest, SetVotersResponse, StatusRequest, StatusResponse,
 };
+
+/// How often `Watch` sends the committed state even when it did not change.
+pub(super) const WATCH_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The service of one voter.
 pub struct ControllerService {
@@ -230,7 +234,13 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.admit_member(&PeerInfo::of(&request), "follow the controller")?;
         let controller = self.controller()?;
+        // The state now and again every `WATCH_REFRESH` even when nothing changed, so that a
+        // member notices a voter that stopped answering (a stopped process keeps its sockets).
+        let latest = controller.topology();
+        let refresh = IntervalStream::new(tokio::time::interval(WATCH_REFRESH))
+            .map(move |_| latest.borrow().clone());
         let updates = WatchStream::new(controller.topology())
+            .merge(refresh)
             .map(move |topology| status_of(&controller, &topology));
         let updates = futures::StreamExt::take_until(updates, self.stop.clone().cancelled_owned());
         Ok(Response::new(Box::pin(updates)))
