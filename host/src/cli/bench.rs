@@ -15,6 +15,7 @@ mod baseline;
 mod cluster;
 mod controller;
 mod download;
+mod failover;
 mod harness;
 mod http;
 mod replication;
@@ -122,6 +123,14 @@ pub(crate) enum Bench {
         #[arg(long)]
         election_timeout_ms: Option<u64>,
     },
+    /// Automatic failover: from a `kill -9` of a group leader under acknowledged writes to a
+    /// new leader named and to its first acknowledged write (against the session, the floor),
+    /// with every acknowledged byte checked on the new leader. A fresh cluster per trial.
+    Failover {
+        /// Kills of a group leader.
+        #[arg(long, default_value_t = 30)]
+        trials: usize,
+    },
     /// The HTTP gateway against gRPC consume of the same point in the same run: reading it
     /// whole, and many clients reading random 1 MiB ranges (time to first byte, throughput).
     Http {
@@ -206,6 +215,7 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
                 .unwrap_or(goutube::config::ControllerSection::default().election_timeout_ms);
             controller::run(proposals.max(1), trials.max(1), timeout.max(30)).await
         }
+        Bench::Failover { trials } => failover::run(trials.max(1)).await,
         Bench::Http {
             mib,
             rounds,
