@@ -351,6 +351,12 @@ async fn a_killed_leader_is_replaced_by_an_in_sync_follower_and_returns_as_its_f
     )
     .await;
 
+    // An operator cannot forget a meanwhile: its slot lives on under the new leader.
+    let options = cluster.pki.client_options("root", &cluster.nodes["b"].rpc);
+    let operator = goutube::client::Client::connect(&options).await.unwrap();
+    let refused = operator.forget("a").await.unwrap_err().to_string();
+    assert!(refused.contains("since a failover"), "{refused}");
+
     // a returns: it follows the new leader, catches up, and enters its in-sync set; it takes
     // no writes, and names the leader.
     cluster.spawn_primary("a");

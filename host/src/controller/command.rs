@@ -199,6 +199,17 @@ pub enum Rejected {
         /// The slot.
         slot: String,
     },
+    /// A forget of a primary whose slot a failover gave to another leader.
+    #[error(
+        "{name}'s slot is led by {leader} since a failover: {name} is its follower, not a lost \
+         owner (stop it, or let it return and catch up)"
+    )]
+    FailedOver {
+        /// The primary.
+        name: String,
+        /// The slot's leader.
+        leader: String,
+    },
     /// A fence names a slot the member does not lead.
     #[error("{member} does not lead {slot} (its leader is {leader})")]
     NotLeader {

@@ -325,6 +325,14 @@ impl Topology {
         if member.lifecycle == Lifecycle::Forgotten {
             return Ok(false);
         }
+        // A failover named another leader for its slot, which holds every acknowledged byte
+        // and takes the writes: forgetting the slot's primary would end that group.
+        if let Some(group) = self.groups.get(name).filter(|g| g.leader != name) {
+            return Err(Rejected::FailedOver {
+                name: name.to_owned(),
+                leader: group.leader.clone(),
+            });
+        }
         if member.owns_range() && self.ring.owners().all(|(owner, _)| owner == name) {
             return Err(Rejected::LastOwner(name.to_owned()));
         }
@@ -1106,6 +1114,14 @@ mod tests {
             topology.apply(8, &in_sync("a", "a", 6)),
             Ok(Applied::Changed { epoch: 8 }),
             "the new leader takes the old one back in once it caught up"
+        );
+        assert_eq!(
+            topology.apply(9, &forget("a")),
+            Err(Rejected::FailedOver {
+                name: "a".into(),
+                leader: "f".into()
+            }),
+            "the slot's group lives on under f"
         );
     }
 
