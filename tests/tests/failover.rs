@@ -169,13 +169,19 @@ impl Cluster {
 }
 
 /// Appends bytes made from `seed` to `point` at `offset` through `client` until a write is
-/// acknowledged; returns how many bytes it wrote.
-async fn write_eventually(client: &Client, point: &str, offset: u64, seed: u64, what: &str) -> u64 {
+/// acknowledged; returns the bytes it wrote.
+async fn write_eventually(
+    client: &Client,
+    point: &str,
+    offset: u64,
+    seed: u64,
+    what: &str,
+) -> Vec<u8> {
     eventually_some(what, || {
         let (mut client, point, bytes) = (client.clone(), point.to_owned(), data(seed, 10_007));
         async move {
             let appended = append_at(&mut client, &point, offset, &bytes).await;
-            appended.ok().map(|()| bytes.len() as u64)
+            appended.ok().map(|()| bytes)
         }
     })
     .await
@@ -188,7 +194,8 @@ async fn a_leader_without_a_session_takes_no_writes_until_it_has_one_again() {
     let mut client = cluster.client("a").await;
     // Acknowledged writes while a holds its session.
     let mut chunk = 0u64;
-    let mut written = write_eventually(&client, &point, 0, chunk, "a to acknowledge a write").await;
+    let first = write_eventually(&client, &point, 0, chunk, "a to acknowledge a write").await;
+    let mut written = first.len() as u64;
 
     // The two other voters go: a cannot reach a controller quorum, so nobody answers its
     // heartbeats. It must stop acknowledging writes before the controller could find its
@@ -248,15 +255,23 @@ async fn a_leader_without_a_session_takes_no_writes_until_it_has_one_again() {
 
     // One voter back: a quorum, a session, and writes again.
     cluster.spawn_primary("b");
-    written += write_eventually(
+    let last = write_eventually(
         &client,
         &point,
         written,
         chunk + 1,
         "a to take writes again",
-    )
-    .await;
-    assert!(written > 0);
+    );
+    let last = last.await;
+    let mut tail = client.clone();
+    let end = written + last.len() as u64;
+    let held = consume(&mut tail, window(&point, written, end, 0))
+        .await
+        .unwrap();
+    assert!(
+        held.concat() == last,
+        "the write after the session came back"
+    );
     let scrape = cluster.metrics("a").await;
     assert_eq!(metric(&scrape, SESSION_HELD), Some(1.0));
     cluster.stop();
@@ -321,12 +336,12 @@ async fn a_killed_leader_is_replaced_by_an_in_sync_follower_and_returns_as_its_f
         "the new leader to acknowledge a write",
     )
     .await;
-    assert_eq!(written, 10_007);
     eprintln!(
         "the first write acknowledged by {leader} {:?} after the kill",
         killed.elapsed()
     );
-    acknowledged.extend_from_slice(&data(7, 10_007));
+    acknowledged.extend_from_slice(&written);
+    assert!(read_all(&to_leader, &point).await == acknowledged);
     // Any other member sends writers to it.
     let mut to_b = cluster.client("b").await;
     let refused = append_at(&mut to_b, &point, acknowledged.len() as u64, b"x")

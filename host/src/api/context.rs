@@ -114,12 +114,11 @@ impl Context {
     /// if it leads one.
     fn led_as_follower(&self) -> Option<u32> {
         let topology = self.services.controller.topology();
-        let local = &self.services.config.node_name;
-        let mut led = topology.led_by(local).filter(|(slot, _)| slot != local);
-        led.find_map(|(_, group)| match group.failover {
+        let (_, group) = topology.led_in_place_of(&self.services.config.node_name)?;
+        match group.failover {
             crate::config::Failover::Automatic { replicas } => Some(replicas),
             crate::config::Failover::Manual(_) => None,
-        })
+        }
     }
 
     /// How far each follower confirmed `point`.

@@ -199,4 +199,16 @@ impl Membership {
             .map(|m| m.rpc_addr.as_str())
             .or_else(|| self.ring.members.get(name).map(|m| m.rpc_addr.as_str()))
     }
+
+    /// Where `name` takes replication: its live address, else the last one the ring recorded.
+    pub fn replication_addr(&self, name: &str) -> Option<&str> {
+        self.live(name)
+            .map(|m| m.replication_addr.as_str())
+            .or_else(|| {
+                self.ring
+                    .members
+                    .get(name)
+                    .map(|m| m.replication_addr.as_str())
+            })
+    }
 }

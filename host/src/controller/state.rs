@@ -139,6 +139,17 @@ impl Topology {
             .map(|(slot, group)| (slot.as_str(), group))
     }
 
+    /// Whether `member` leads a group.
+    pub fn leads(&self, member: &str) -> bool {
+        self.led_by(member).next().is_some()
+    }
+
+    /// The group `member` leads in another primary's place (a follower, or a primary, the
+    /// controller named leader of that slot after a failover), with its slot.
+    pub fn led_in_place_of<'a>(&'a self, member: &str) -> Option<(&'a str, &'a Group)> {
+        self.led_by(member).find(|(slot, _)| *slot != member)
+    }
+
     /// The group `member` follows, with its slot (a member follows one at most).
     pub fn followed_by(&self, member: &str) -> Option<(&str, &Group)> {
         let mut groups = self.groups.iter();

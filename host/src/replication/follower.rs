@@ -84,16 +84,14 @@ pub(crate) async fn run(context: Context, tls: Option<TlsConnector>, shutdown: C
 fn leaders_to_follow(context: &Context) -> Vec<String> {
     let local = &context.services.config.node_name;
     let topology = context.topology.borrow();
-    if topology.led_by(local).next().is_some() {
+    if topology.leads(local) {
         return Vec::new();
     }
     match topology.followed_by(local) {
         Some((slot, group)) if group.leader != slot => {
             let membership = context.membership.borrow();
-            let live = membership.live(&group.leader).map(|m| &m.replication_addr);
-            let recorded = membership.ring.members.get(&group.leader);
-            let address = live.or(recorded.map(|r| &r.replication_addr));
-            address.into_iter().cloned().collect()
+            let address = membership.replication_addr(&group.leader);
+            address.into_iter().map(str::to_owned).collect()
         }
         _ => context.services.config.leader_addresses.clone(),
     }

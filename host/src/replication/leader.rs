@@ -31,16 +31,6 @@ use crate::point::ownership::FIRST_EPOCH;
 use crate::point::{PointId, SealedAt};
 use crate::service::Spawner;
 
-/// [`serve`], owning what it needs (to run as a task of its own).
-pub(crate) async fn serve_owned(
-    context: Rc<Context>,
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    spawner: Spawner,
-) {
-    serve(context, listener, tls, &spawner).await;
-}
-
 /// Accepts followers until the replication subsystem stops.
 pub(crate) async fn serve(
     context: Rc<Context>,
@@ -372,7 +362,7 @@ impl leader::Server for LeaderService {
             return Err(capnp::Error::failed(reason.to_string()));
         }
         let local = &context.services.config.node_name;
-        let leads = context.topology.borrow().led_by(local).next().is_some();
+        let leads = context.topology.borrow().leads(local);
         if context.services.config.role != crate::config::Role::Leader && !leads {
             return Err(capnp::Error::failed(format!(
                 "node {local} is a {} that leads no group: it has no followers",

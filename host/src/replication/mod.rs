@@ -17,7 +17,8 @@
 //!   the new owner's side receives them as `incoming` and commits, at the seal, the controller's
 //!   epoch of the ring it holds (or the next epoch, if that is higher).
 //!
-//! Every primary serves this port (a standalone one for handovers only); followers dial it.
+//! Every storage node serves this port (a standalone primary for handovers only, a follower
+//! once the controller named it a group's leader) and dials the leader its group names.
 //!
 //! Every record is framed by the bundler plugin and checked by it on receipt, and checked again
 //! by the host (its payload's length and CRC32C travel beside the bundle): a bundler that fails
@@ -105,8 +106,9 @@ pub(crate) struct Context {
     pub topology: watch::Receiver<Arc<Topology>>,
 }
 
-/// Starts the replication thread, stopped by `token`: the leader service on `listener` for a
-/// leader, the connections to `leader_addresses` for a follower. A standalone node needs none.
+/// Starts the replication thread, stopped by `token`, on every storage node: the leader service
+/// on `listener`, the mover, and the connection to the leader this node follows, if any
+/// (`follower::run`). A balancer needs none.
 pub(crate) fn start(
     context: Context,
     listener: tokio::net::TcpListener,
@@ -141,7 +143,7 @@ pub(crate) fn start(
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
             match role {
-                Role::Leader | Role::Standalone => {
+                Role::Leader | Role::Standalone | Role::Follower => {
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => listener,
                         Err(error) => {
@@ -150,44 +152,21 @@ pub(crate) fn start(
                         }
                     };
                     let token = spawner.token().clone();
+                    // The mover hands points over: a primary's in a change of the ring, a
+                    // follower's copies of a forgotten primary's.
                     let moves = tokio::task::spawn_local(mover::run(
                         Rc::new(context.clone()),
                         client_tls.clone(),
                         token.clone(),
                     ));
-                    // A leader follows the leader named in its place after a failover.
+                    // Every storage node follows the leader its group names (a follower's
+                    // configured leader; a deposed primary's successor) and serves followers
+                    // while it leads (a primary, or a follower named leader).
                     let follows =
                         tokio::task::spawn_local(follower::run(context.clone(), client_tls, token));
                     leader::serve(Rc::new(context), listener, server_tls, &spawner).await;
                     let _ = moves.await;
                     let _ = follows.await;
-                }
-                Role::Follower => {
-                    // A follower's mover hands its copies of a forgotten primary's points over;
-                    // it serves followers once named a group's leader.
-                    let token = spawner.token().clone();
-                    let moves = tokio::task::spawn_local(mover::run(
-                        Rc::new(context.clone()),
-                        client_tls.clone(),
-                        token.clone(),
-                    ));
-                    let serves = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => Some(tokio::task::spawn_local(leader::serve_owned(
-                            Rc::new(context.clone()),
-                            listener,
-                            server_tls,
-                            spawner.clone(),
-                        ))),
-                        Err(error) => {
-                            tracing::error!(%error, "replication listener");
-                            None
-                        }
-                    };
-                    follower::run(context, client_tls, token).await;
-                    let _ = moves.await;
-                    if let Some(serves) = serves {
-                        let _ = serves.await;
-                    }
                 }
                 Role::Balancer => {}
             }

@@ -297,9 +297,7 @@ impl Gate {
     /// Whether this node leads a group that is not its own slot: a follower the controller
     /// named leader after a failover.
     fn leads_as_follower(&self) -> bool {
-        let topology = self.topology.borrow();
-        let mut led = topology.led_by(&self.node);
-        led.any(|(slot, _)| slot != self.node)
+        self.topology.borrow().led_in_place_of(&self.node).is_some()
     }
 
     /// Refuses a write while this node, leading a group that fails over by itself, holds no
@@ -560,18 +558,18 @@ impl Gate {
     /// live; for an owner that is down, one of its live followers (not this node, which does
     /// not have the point). Without a ring, [`Holder::Nobody`].
     pub async fn holder(&self, point: &str) -> Holder {
+        let Ok(owners) = self.placement.owners(point, 1).await else {
+            return Holder::Nobody;
+        };
         // After a failover, the leader the controller named for the owner's group.
-        if let Ok(owners) = self.placement.owners(point, 1).await {
-            let topology = self.topology.borrow();
-            let writer = topology.writer(owners.first());
-            if writer != owners.first()
-                && writer != self.node
-                && let Some(live) = owners.membership.live(writer)
-            {
-                return Holder::Member(Box::new(live.clone()));
-            }
+        let writer = self.topology.borrow().writer(owners.first()).to_owned();
+        if writer != owners.first()
+            && writer != self.node
+            && let Some(live) = owners.membership.live(&writer)
+        {
+            return Holder::Member(Box::new(live.clone()));
         }
-        holder(&self.placement, point).await
+        holder_in(&owners.membership, owners.first())
     }
 }
 

@@ -17,15 +17,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use goutube::client::Client;
 use goutube::config::ControllerSection;
 use goutube::proto::streaming_client::StreamingClient;
-use goutube::proto::{
-    ConsumeRequest, GroupInfo, ListMembersRequest, LocatePointRequest, ProduceRequest,
-};
+use goutube::proto::{ConsumeRequest, GroupInfo, LocatePointRequest, ProduceRequest};
 use rand::RngCore;
 use tonic::transport::Channel;
 
-use super::{ClientOptions, Server, median, percentile};
+use super::{Server, connect, median, percentile};
 
 /// Bytes of each acknowledged write.
 const CHUNK: usize = 64 * 1024;
@@ -115,7 +114,7 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
     let address = |name: &str| -> anyhow::Result<String> {
         addresses.get(name).cloned().context("a node of the trial")
     };
-    let b = client(&address("b")?).await?;
+    let b = connect(&address("b")?).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let group = group_of(&b, "a").await;
@@ -127,7 +126,7 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let to_a = client(&address("a")?).await?;
+    let to_a = connect(&address("a")?).await?.raw();
     let point = point_of(&to_a, "a").await?;
     let mut written: Vec<u8> = Vec::new();
     for _ in 0..16 {
@@ -151,7 +150,7 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
             continue;
         };
         let named_at = *named.get_or_insert_with(|| killed.elapsed());
-        let to_leader = client(&address(&leader)?).await?;
+        let to_leader = connect(&address(&leader)?).await?.raw();
         let chunk = random_chunk();
         let offset = written.len() as u64;
         match append_at(&to_leader, &point, offset, &chunk).await {
@@ -196,24 +195,9 @@ fn common_prefix(held: &[u8], written: &[u8]) -> usize {
     held.iter().zip(written).take_while(|(h, w)| h == w).count()
 }
 
-async fn client(addr: &str) -> anyhow::Result<StreamingClient<Channel>> {
-    let options = ClientOptions {
-        addr: addr.to_owned(),
-        tls: None,
-    };
-    Ok(StreamingClient::new(
-        goutube::client::channel(&options).await?,
-    ))
-}
-
 /// The group of `slot` as the node behind `client` sees the controller's state.
-async fn group_of(client: &StreamingClient<Channel>, slot: &str) -> Option<GroupInfo> {
-    let members = client
-        .clone()
-        .list_members(ListMembersRequest {})
-        .await
-        .ok()?;
-    let controller = members.into_inner().controller?;
+async fn group_of(client: &Client, slot: &str) -> Option<GroupInfo> {
+    let controller = client.members().await.ok()?.controller?;
     controller.groups.into_iter().find(|g| g.slot == slot)
 }
 
