@@ -7,11 +7,14 @@
 //!   carrying the client's subject in `goutube-on-behalf-of` (nodes honour it only from a live
 //!   balancer member, see `api::Context::caller`). The caller's deadline travels with it, and
 //!   a client that goes away cancels the upstream call (it is dropped with the handler).
-//! - **ProduceStream.** Each frame goes to its own point's owner, one upstream stream per point
-//!   (a stream may interleave points of several primaries); the reply has one record per point
-//!   in first-seen order. A point's first frames are kept (up to [`REPLAY_BUDGET`]) until the
-//!   call ends, so a refusal naming another owner — the ring moved under the balancer — is
-//!   followed once: the point's frames go to that owner.
+//! - **ProduceStream.** Each frame goes to the member that takes its point's writes (the owner,
+//!   or the leader the controller named in its place after a failover), one upstream stream per
+//!   point (a stream may interleave points of several primaries); the reply has one record per
+//!   point in first-seen order. A point's first frames are kept (up to [`REPLAY_BUDGET`]) until
+//!   the call ends, so a refusal naming another owner — the ring moved under the balancer — is
+//!   followed once: the point's frames go to that owner. A group electing a new leader is
+//!   waited for, and a writer lost mid-call is ridden through when every kept frame carries its
+//!   `expected_offset` (`docs/failover.md`, "Clients riding through").
 //! - **ConsumeStream.** From a replica whose confirmed end covers the request: the owner's
 //!   followers first, in turn, then the owner. If the replica fails mid-stream, the next one
 //!   continues from the offset reached: the client sees one unbroken stream or an error, never a
@@ -23,17 +26,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::access::Action;
 use crate::api::streaming::{self, FrameStream};
-use crate::client::{Client, Pool, Redirect, owner_of};
+use crate::client::{Client, Pool, end_of, owner_of, retry_after};
 use crate::cluster::change;
+use crate::controller::session;
 use crate::error::Error;
 use crate::net::PeerInfo;
 use crate::placement::Owners;
@@ -47,6 +53,7 @@ use crate::proto::{
 };
 use crate::proto::{ON_BEHALF_OF, PURPOSE};
 use crate::reshard::Refusal;
+use crate::reshard::gate::not_the_writer;
 use crate::services::Services;
 use crate::text::bounded;
 
@@ -54,6 +61,8 @@ use crate::text::bounded;
 pub(crate) const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
 /// Frames a produce queues for each point's upstream stream.
 const UPSTREAM_QUEUE: usize = 8;
+/// How often one point's frames are sent again while riding through the loss of its writer.
+const MAX_RESUMES: u32 = 8;
 
 /// What the balancer's handlers share.
 pub(crate) struct Balancer {
@@ -238,19 +247,47 @@ impl Balancer {
         })
     }
 
-    /// The live owner's client API address, or why a write cannot go there.
+    /// The client API address of the member that takes the writes of `id` (its owner, or the
+    /// leader the controller named in the owner's place), or why a write cannot go there.
     fn writer(&self, owners: &Owners, id: &PointId) -> Result<String, Status> {
-        let owner = owners.first();
-        owners
-            .membership
-            .live(owner)
-            .map(|m| m.rpc_addr.clone())
-            .ok_or_else(|| {
-                Status::from(Refusal::OwnerDown {
-                    point: bounded(id.as_str()),
-                    owner: owner.to_owned(),
-                })
-            })
+        let topology = self.services.controller.topology();
+        let (membership, slot) = (&owners.membership, owners.first());
+        match membership.live(topology.writer(slot)) {
+            Some(member) => Ok(member.rpc_addr.clone()),
+            None => {
+                Err(
+                    not_the_writer(membership, &topology, id.as_str(), slot, self.retry_after())
+                        .into(),
+                )
+            }
+        }
+    }
+
+    /// [`Balancer::writer`], waiting while the point's group elects a new leader, until
+    /// `until`.
+    async fn writer_after_election(&self, id: &PointId, until: Instant) -> Result<String, Status> {
+        loop {
+            let owners = self.owner(id).await?;
+            match self.writer(&owners, id) {
+                Err(status)
+                    if retry_after(&status).is_some_and(|after| Instant::now() + after < until) =>
+                {
+                    tokio::time::sleep(retry_after(&status).unwrap_or_default()).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// How long a produce waits for a group to get a new leader: three sessions, time for the
+    /// leader's session to expire, the controller to name another and the cluster to learn it.
+    fn ride_through(&self) -> Duration {
+        3 * Duration::from_millis(self.services.config.controller.session_ms)
+    }
+
+    /// The pause before asking again who takes a point's writes.
+    fn retry_after(&self) -> Duration {
+        session::retry_delay(self.services.config.controller.session_ms)
     }
 
     /// The next turn of the round robin over `n` choices.
@@ -261,17 +298,37 @@ impl Balancer {
 
 /// One point's upstream produce stream.
 struct Upstream {
+    point: PointId,
     address: String,
     frames: Option<mpsc::Sender<ProduceRequest>>,
     call: JoinHandle<Result<ProduceResponse, Status>>,
     /// The frames sent so far, while they fit the budget.
     replay: Option<(Vec<ProduceRequest>, usize)>,
+    /// Whether a refusal naming another writer was followed (once).
     followed: bool,
+    /// Once the writer was lost: until when the stream waits for a new one.
+    riding: Option<Instant>,
+    /// How often the frames were sent again from where the new writer's copy ends.
+    resumed: u32,
 }
 
 impl Upstream {
+    /// The point's upstream stream on the member that takes its writes, once there is one: a
+    /// group that elects a new leader is waited for, up to [`Balancer::ride_through`].
+    async fn start(
+        balancer: &Balancer,
+        point: PointId,
+        caller: &PeerInfo,
+        timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
+    ) -> Result<Upstream, Status> {
+        let until = Instant::now() + balancer.ride_through();
+        let address = balancer.writer_after_election(&point, until).await?;
+        Upstream::open(balancer, point, address, caller, timeout).await
+    }
+
     async fn open(
         balancer: &Balancer,
+        point: PointId,
         address: String,
         caller: &PeerInfo,
         timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
@@ -286,11 +343,14 @@ impl Upstream {
                 .map(Response::into_inner)
         });
         Ok(Upstream {
+            point,
             address,
             frames: Some(frames),
             call,
             replay: Some((Vec::new(), 0)),
             followed: false,
+            riding: None,
+            resumed: 0,
         })
     }
 
@@ -326,8 +386,14 @@ impl Upstream {
         self.follow(balancer, caller, timeout, status).await
     }
 
-    /// Follows a refusal naming another owner, once, if the frames sent are all kept: they go
-    /// to that owner on a new stream.
+    /// After the upstream call ended with `status` before the stream did, sends the frames
+    /// again, when they are all kept, to the member that takes them now:
+    /// - a refusal naming another writer (the ring moved, a failover named a new leader) is
+    ///   followed once;
+    /// - a writer lost (the call failed, `Unavailable`) is waited out, up to
+    ///   [`Balancer::ride_through`], if every frame carries its `expected_offset`: then no
+    ///   frame can be written twice. The new writer refuses a frame it holds already with its
+    ///   end, and the frames are sent once more from there.
     async fn follow(
         &mut self,
         balancer: &Balancer,
@@ -335,20 +401,62 @@ impl Upstream {
         timeout: Option<&MetadataValue<tonic::metadata::Ascii>>,
         status: Status,
     ) -> Result<(), Status> {
-        let Some(Redirect {
-            rpc_addr: address, ..
-        }) = owner_of(&status)
-        else {
+        let Some((frames, _)) = self.replay.take() else {
             return Err(status);
         };
-        let Some((frames, _)) = self.replay.take().filter(|_| !self.followed) else {
+        let (address, from) = if let Some(owner) = owner_of(&status) {
+            // Once; and while riding through the loss of a writer, as often as frames may be
+            // sent again.
+            match self.riding {
+                None if self.followed => return Err(status),
+                None => self.followed = true,
+                Some(_) if self.resumed >= MAX_RESUMES => return Err(status),
+                Some(_) => self.resumed += 1,
+            }
+            tracing::info!(from = %self.address, to = %owner.rpc_addr, "the point is written elsewhere: following");
+            (owner.rpc_addr, 0)
+        } else if let Some(end) = end_of(&status)
+            && self.riding.is_some()
+            && self.resumed < MAX_RESUMES
+            && let Some(from) = resume_at(&frames, end)
+        {
+            tracing::info!(point = %self.point, end, "the new writer holds part of the frames: sending the rest");
+            self.resumed += 1;
+            (self.address.clone(), from)
+        } else if transient(&status) && frames.iter().all(|f| f.expected_offset.is_some()) {
+            let until = *self
+                .riding
+                .get_or_insert_with(|| Instant::now() + balancer.ride_through());
+            if Instant::now() + balancer.retry_after() >= until {
+                return Err(status);
+            }
+            tracing::info!(point = %self.point, from = %self.address, %status, "the writer was lost: waiting for the next one");
+            tokio::time::sleep(balancer.retry_after()).await;
+            let address = balancer.writer_after_election(&self.point, until).await?;
+            (address, 0)
+        } else {
             return Err(status);
         };
-        tracing::info!(from = %self.address, to = %address, "the ring moved: following the owner once");
-        let mut next = Upstream::open(balancer, address, caller, timeout).await?;
-        next.followed = true;
-        next.replay = Some((Vec::new(), 0));
-        for frame in frames {
+        let mut next =
+            Upstream::open(balancer, self.point.clone(), address, caller, timeout).await?;
+        (next.followed, next.riding, next.resumed) = (self.followed, self.riding, self.resumed);
+        // Frames before `from` are kept too: the new writer may lose them in turn.
+        let held: usize = frames[..from].iter().map(|f| f.frame.len()).sum();
+        next.replay = Some((frames[..from].to_vec(), held));
+        if from == frames.len()
+            && let Some(end) = end_of(&status)
+        {
+            // The writer holds every frame already: an empty frame at its end asks for the
+            // point's record (not kept: it writes nothing).
+            let ask = ProduceRequest {
+                point: self.point.as_str().to_owned(),
+                expected_offset: Some(end),
+                ..Default::default()
+            };
+            let sender = next.frames.as_ref().expect("just opened");
+            let _ = sender.send(ask).await; // A failure is read when it finishes.
+        }
+        for frame in frames.into_iter().skip(from) {
             next.remember(&frame);
             let sender = next.frames.as_ref().expect("just opened");
             if sender.send(frame).await.is_err() {
@@ -370,11 +478,17 @@ impl Upstream {
             self.frames = None;
             let status = match (&mut self.call).await {
                 Ok(Ok(response)) => {
-                    return response
-                        .records
-                        .into_iter()
-                        .next()
-                        .ok_or_else(|| Status::internal("the owner answered no record"));
+                    let mut record = response.records.into_iter().next();
+                    // After frames were sent again, the record is of the last one sent; the
+                    // stream's last frame is the last kept.
+                    let last = self.replay.as_ref().and_then(|(frames, _)| frames.last());
+                    if let (Some(record), Some(offset)) =
+                        (&mut record, last.and_then(|f| f.expected_offset))
+                        && self.riding.is_some()
+                    {
+                        record.offset = offset;
+                    }
+                    return record.ok_or_else(|| Status::internal("the owner answered no record"));
                 }
                 Ok(Err(status)) => status,
                 Err(error) => Status::internal(format!("the upstream produce failed: {error}")),
@@ -382,6 +496,18 @@ impl Upstream {
             Box::pin(self.follow(balancer, caller, timeout, status)).await?;
         }
     }
+}
+
+/// Which of `frames` (each with its `expected_offset`) to send to a writer whose copy of the
+/// point ends at `end`: the one that starts there, or none left when they all end before it.
+/// `None` if `end` is not where one of them starts or where the last ends.
+fn resume_at(frames: &[ProduceRequest], end: u64) -> Option<usize> {
+    if let Some(at) = frames.iter().position(|f| f.expected_offset == Some(end)) {
+        return Some(at);
+    }
+    let last = frames.last()?;
+    let last_end = last.expected_offset? + last.frame.len() as u64;
+    (last_end == end).then_some(frames.len())
 }
 
 #[tonic::async_trait]
@@ -413,9 +539,7 @@ impl proto::streaming_server::Streaming for BalancerService {
                     .access
                     .authorize(&caller, Action::Produce, id.as_str())
                     .await?;
-                let owners = balancer.owner(&id).await?;
-                let address = balancer.writer(&owners, &id)?;
-                let upstream = Upstream::open(balancer, address, &caller, timeout.as_ref()).await?;
+                let upstream = Upstream::start(balancer, id, &caller, timeout.as_ref()).await?;
                 upstreams.insert(frame.point.clone(), upstream);
                 order.push(frame.point.clone());
             }
@@ -595,8 +719,7 @@ impl proto::streaming_server::Streaming for BalancerService {
         let id = balancer
             .admit(&caller, Action::Metadata, request.point)
             .await?;
-        let located =
-            streaming::locate(&balancer.services.placement, &id, request.replicas).await?;
+        let located = streaming::locate(&balancer.services, &id, request.replicas).await?;
         Ok(Response::new(located))
     }
 

@@ -5,7 +5,8 @@
 //! refusal that names the point's owner carries it in the status metadata as well
 //! ([`OWNER_METADATA`], [`OWNER_ADDR_METADATA`]), so programs route on it without parsing text;
 //! a refused `expected_offset` carries the point's end ([`END_METADATA`]), so a writer resumes
-//! from it.
+//! from it; a write refused while a group elects a new leader carries the last leader, its
+//! epoch and when to retry ([`LEADER_EPOCH_METADATA`], [`RETRY_AFTER_METADATA`]).
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
@@ -13,7 +14,10 @@ use tonic::{Code, Status};
 use crate::access::Denied;
 use crate::placement::PlacementError;
 use crate::point::{AppendError, DeleteError, Handover, InvalidPointId, ReadError, StorageError};
-use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
+use crate::proto::{
+    END_METADATA, EXPECTED_METADATA, LEADER_EPOCH_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA,
+    RETRY_AFTER_METADATA,
+};
 use crate::reshard::gate::{ReadRefusal, Refusal, WriteError};
 
 /// Why a client call failed: one variant per kind, each with its one gRPC code ([`Error::code`]).
@@ -135,15 +139,22 @@ impl From<Error> for Status {
             tracing::error!(%error, "request failed");
         }
         let mut status = Status::new(code, error.to_string());
-        if let Error::Refused(refusal) = &error
-            && let Some(redirect) = refusal.redirect()
-        {
+        if let Error::Refused(refusal) = &error {
             let metadata = status.metadata_mut();
-            if let Ok(value) = MetadataValue::try_from(redirect.member) {
-                metadata.insert(OWNER_METADATA, value);
+            if let Some(redirect) = refusal.redirect() {
+                if let Ok(value) = MetadataValue::try_from(redirect.member) {
+                    metadata.insert(OWNER_METADATA, value);
+                }
+                if let Some(Ok(value)) = redirect.address.map(MetadataValue::try_from) {
+                    metadata.insert(OWNER_ADDR_METADATA, value);
+                }
             }
-            if let Some(Ok(value)) = redirect.address.map(MetadataValue::try_from) {
-                metadata.insert(OWNER_ADDR_METADATA, value);
+            if let Some(epoch) = refusal.leader_epoch() {
+                metadata.insert(LEADER_EPOCH_METADATA, MetadataValue::from(epoch));
+            }
+            if let Some(after) = refusal.retry_after() {
+                let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+                metadata.insert(RETRY_AFTER_METADATA, MetadataValue::from(millis));
             }
         }
         if let Error::Append(AppendError::OffsetMismatch { end, expected, .. }) = &error {
@@ -183,6 +194,27 @@ mod tests {
             status.message()
         );
         assert!(status.metadata().get(OWNER_ADDR_METADATA).is_none());
+    }
+
+    #[test]
+    fn a_write_refused_during_an_election_says_who_led_and_when_to_retry() {
+        let status = Status::from(Refusal::Electing {
+            writes: "the writes of point \"p\"".into(),
+            leader: "a".into(),
+            epoch: 17,
+            retry_after: std::time::Duration::from_millis(500),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        let metadata = status.metadata();
+        assert_eq!(metadata.get(OWNER_METADATA).unwrap(), "a");
+        assert!(metadata.get(OWNER_ADDR_METADATA).is_none());
+        assert_eq!(metadata.get(LEADER_EPOCH_METADATA).unwrap(), "17");
+        assert_eq!(metadata.get(RETRY_AFTER_METADATA).unwrap(), "500");
+        assert!(
+            status.message().contains("retry in 500 ms"),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]

@@ -36,6 +36,13 @@ pub const OWNER_ADDR_METADATA: &str = "goutube-owner-addr";
 pub const END_METADATA: &str = "goutube-end";
 /// Status metadata: that frame's `expected_offset`.
 pub const EXPECTED_METADATA: &str = "goutube-expected";
+/// Status metadata: milliseconds to wait before retrying an `Unavailable` write that the
+/// controller's next decision can let through (a group electing a new leader, a leader
+/// without a session).
+pub const RETRY_AFTER_METADATA: &str = "goutube-retry-after-ms";
+/// Status metadata: the leader epoch of the group a refusal is about (with [`OWNER_METADATA`]
+/// naming its last leader, while it elects a new one).
+pub const LEADER_EPOCH_METADATA: &str = "goutube-leader-epoch";
 
 /// Request metadata: the subject a balancer forwards a call for (binary, so that any subject
 /// travels). A node honours it only when the call comes over a connection whose certificate

@@ -11,15 +11,18 @@
 //! - SIGSTOP of a leader past its session, then SIGCONT: replaced meanwhile, it acknowledges
 //!   nothing once resumed and changes no byte on the new leader (a checker compares every
 //!   replica with the acknowledged bytes).
+//! - Clients ride through: `goutube put` to a leader killed midway finishes byte-exact, and a
+//!   producer appending through a balancer meanwhile sees no error.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use goutube::metrics::{SELF_FENCED, SESSION_HELD};
-use goutube::proto::{ListMembersRequest, ListMembersResponse};
+use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
 use goutube_tests::{
-    DEADLINE, NodeProcess, Pki, append_at, consume, data, eventually, eventually_some, http,
-    metadata, metric, owner_through, window, write_node_config,
+    DEADLINE, NodeProcess, Pki, append_at, consume, data, eventually, eventually_some,
+    eventually_within, goutube_bin, http, metadata, metric, owner_through, stderr, stdout, window,
+    write_node_config,
 };
 use tempfile::TempDir;
 use tonic::Code;
@@ -125,6 +128,12 @@ impl Cluster {
         Some(members.into_inner())
     }
 
+    /// Whether node `name` sees `member` live.
+    async fn sees_live(&self, name: &str, member: &str) -> bool {
+        let members = self.members(name).await;
+        members.is_some_and(|m| m.members.iter().any(|m| m.name == member && m.live))
+    }
+
     /// The in-sync set of `slot`'s group as node `name` sees the controller's state.
     async fn in_sync(&self, name: &str, slot: &str) -> Vec<String> {
         let Some(members) = self.members(name).await else {
@@ -137,14 +146,23 @@ impl Cluster {
 
     /// A point that primary `owner` owns.
     async fn point_of(&self, owner: &str) -> String {
+        self.points_of(owner, 1).await.remove(0)
+    }
+
+    /// `n` points that primary `owner` owns.
+    async fn points_of(&self, owner: &str, n: usize) -> Vec<String> {
         let client = self.client(owner).await;
+        let mut points = Vec::new();
         for i in 0.. {
             let point = format!("failover/{owner}/{i}");
             if owner_through(client.clone(), &point).await == owner {
-                return point;
+                points.push(point);
+                if points.len() == n {
+                    break;
+                }
             }
         }
-        unreachable!()
+        points
     }
 
     /// The metrics node `name` serves (over TLS, to an operator's certificate).
@@ -518,5 +536,161 @@ async fn a_leader_stopped_past_its_session_is_replaced_and_when_resumed_changes_
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains(leader), "{}", refused.message());
     eprintln!("{} writes not acknowledged", acknowledged.unknown);
+    cluster.stop();
+}
+
+/// The 3 a.m. outage, as clients see it: `goutube put` of a file to the leader, which is
+/// killed midway, finishes with the point byte-exact (no byte lost, none twice); a producer
+/// appending small records through a balancer all the while gets every append acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_ride_through_the_failover_of_the_leader_they_write_to() {
+    let mut cluster = Cluster::start(&["fr1", "fr2"]).await;
+    cluster.spawn(
+        "lb",
+        "role = \"balancer\"\n[controller]\nvoters = [\"a\", \"b\", \"c\"]",
+    );
+    let points = cluster.points_of("a", 2).await;
+    let (uploaded, appended) = (points[0].clone(), points[1].clone());
+    let to_lb = cluster.client("lb").await;
+    eventually(
+        "the balancer and a to see each other, and a's group",
+        || async {
+            let group = cluster.group("lb", "a").await;
+            cluster.sees_live("lb", "a").await
+                && cluster.sees_live("a", "lb").await
+                && group.is_some_and(|g| g.failover == "automatic")
+        },
+    )
+    .await;
+    let writer = |client: Client| {
+        let request = LocatePointRequest {
+            point: appended.clone(),
+            replicas: 1,
+        };
+        async move {
+            let mut client = client;
+            let located = client.locate_point(request).await.unwrap().into_inner();
+            (located.owners[0].name.clone(), located.writer.unwrap().name)
+        }
+    };
+    assert_eq!(writer(to_lb.clone()).await, ("a".into(), "a".into()));
+
+    // The producer: one append after another through the balancer, each at its offset.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producer = tokio::spawn({
+        let (to_lb, point, stop) = (to_lb.clone(), appended.clone(), stop.clone());
+        async move {
+            let mut acknowledged = Vec::new();
+            for seed in 0.. {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let bytes = data(seed + 1_000, 1_009 + (seed as usize * 7_919) % 20_011);
+                let mut client = to_lb.clone();
+                let offset = acknowledged.len() as u64;
+                if let Err(status) = append_at(&mut client, &point, offset, &bytes).await {
+                    return Err((acknowledged.len(), status));
+                }
+                acknowledged.extend_from_slice(&bytes);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(acknowledged)
+        }
+    });
+
+    // The upload, by the command line, to a.
+    let file = cluster.root.path().join("upload.bin");
+    let bytes = data(77, 40 * 1024 * 1024 + 4_099);
+    std::fs::write(&file, &bytes).unwrap();
+    let options = cluster.pki.client_options("root", &cluster.nodes["a"].rpc);
+    let tls = options.tls.unwrap();
+    let (ca, cert, key) = (tls.ca.display(), tls.cert.display(), tls.key.display());
+    let args = format!(
+        "put {} {uploaded} --addr {} --ca {ca} --cert {cert} --key {key}",
+        file.display(),
+        cluster.nodes["a"].rpc,
+    );
+    let put = tokio::process::Command::new(goutube_bin())
+        .args(args.split(' '))
+        .current_dir(cluster.root.path())
+        .env_remove("GOUTUBE_CLIENT_ADDR")
+        .kill_on_drop(true)
+        .output();
+    let put = tokio::spawn(put);
+
+    // kill -9 of a once the upload is under way.
+    let to_a = cluster.client("a").await;
+    eventually_within(
+        "the upload to reach a few MiB on a",
+        Duration::from_secs(60),
+        || async {
+            let mut to_a = to_a.clone();
+            metadata(&mut to_a, &uploaded)
+                .await
+                .is_ok_and(|m| m.size >= 4 * 1024 * 1024)
+        },
+    )
+    .await;
+    let held = metadata(&mut to_a.clone(), &uploaded).await.unwrap().size;
+    assert!(
+        held < bytes.len() as u64,
+        "the upload ended before the kill"
+    );
+    cluster.nodes.remove("a").unwrap().kill();
+    let killed = Instant::now();
+
+    let put = put.await.unwrap().expect("running goutube put");
+    eprintln!(
+        "goutube put finished {:?} after the kill: {}{}",
+        killed.elapsed(),
+        stdout(&put),
+        stderr(&put)
+    );
+    assert!(put.status.success(), "goutube put failed: {}", stderr(&put));
+    // A while of appends on the new leader, then the producer stops.
+    let group = eventually_some("a new leader for a's slot", || async {
+        cluster.group("b", "a").await.filter(|g| g.leader != "a")
+    })
+    .await;
+    let leader: &'static str = if group.leader == "fr1" { "fr1" } else { "fr2" };
+    // LocatePoint names the ring's owner and the member that takes the writes now.
+    for node in ["b", "lb"] {
+        let client = cluster.client(node).await;
+        eventually(&format!("{node} to locate the writer"), || async {
+            writer(client.clone()).await == ("a".into(), leader.into())
+        })
+        .await;
+    }
+    let to_leader = cluster.client(leader).await;
+    let held = || async {
+        let mut client = to_leader.clone();
+        metadata(&mut client, &appended).await.map_or(0, |m| m.size)
+    };
+    let before = held().await;
+    eventually("the producer to append on the new leader", || async {
+        producer.is_finished() || held().await > before
+    })
+    .await;
+    stop.cancel();
+    let acknowledged = match producer.await.unwrap() {
+        Ok(acknowledged) => acknowledged,
+        Err((at, status)) => panic!("an append through the balancer failed at {at}: {status:?}"),
+    };
+
+    // Byte-exact on the new leader and on the other follower, which follows it.
+    assert!(
+        read_all(&to_leader, &uploaded).await == bytes,
+        "the uploaded point is not the file"
+    );
+    assert!(
+        read_all(&to_leader, &appended).await == acknowledged,
+        "the appended point is not what was acknowledged"
+    );
+    let other: &'static str = if leader == "fr1" { "fr2" } else { "fr1" };
+    let to_other = cluster.client(other).await;
+    eventually("the other follower to hold the upload", || async {
+        read_all(&to_other, &uploaded).await == bytes
+    })
+    .await;
     cluster.stop();
 }

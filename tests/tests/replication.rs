@@ -12,7 +12,7 @@ use goutube::proto::streaming_client::StreamingClient;
 use goutube::proto::{DeletePointRequest, ListMembersRequest, ProduceRequest};
 use goutube_tests::{
     Advance, DEADLINE, NodeProcess, Pki, TestNode, consume, counter, data, eventually,
-    eventually_advancing, free_port, metadata, produce, window,
+    eventually_advancing, eventually_some, free_port, metadata, produce, window,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -681,9 +681,19 @@ async fn unacknowledged(to_leader: &mut Client, point: &str, bytes: Vec<u8>) -> 
 
 /// Stores a point of `size` bytes on `leader` while it has no follower (the produce is not
 /// acknowledged, but the bytes stay and replicate later); its CRC32C.
+/// (A leader that holds no session with the controller yet refuses before it stores: then the
+/// produce is sent again.)
 async fn produce_local(to_leader: &mut Client, point: &str, size: usize) -> u32 {
-    unacknowledged(to_leader, point, data(77, size)).await;
-    metadata(to_leader, point).await.unwrap().crc32c
+    eventually_some("the leader to store the point", || {
+        let mut to_leader = to_leader.clone();
+        async move {
+            let refused = unacknowledged(&mut to_leader, point, data(77, size)).await;
+            let stored = metadata(&mut to_leader, point).await.ok();
+            assert!(stored.is_some() || refused.contains("session"), "{refused}");
+            stored.map(|m| m.crc32c)
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

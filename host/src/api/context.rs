@@ -126,6 +126,21 @@ impl Context {
         self.progress.replicas(point)
     }
 
+    /// Whether a write waits for followers before it is acknowledged.
+    pub fn waits_for_replicas(&self) -> bool {
+        matches!(self.services.config.replication.ack, Ack::Replicas(_))
+            || self.led_as_follower().is_some()
+    }
+
+    /// Holds a long write back until the in-sync followers confirmed `ends` (at most
+    /// `replication.ack_timeout_ms`; the acknowledgement's own wait says what is missing).
+    pub async fn pace(&self, ends: &[(PointId, u64)]) {
+        let timeout = Duration::from_millis(self.services.config.replication.ack_timeout_ms);
+        if let Err(short) = self.progress.wait(ends, 0, timeout).await {
+            tracing::debug!(?short, "a long write went on without its in-sync followers");
+        }
+    }
+
     /// With `ack = { replicas = N }`, waits until every follower in the group's in-sync set
     /// (and each one about to enter it) and at least N followers confirmed every
     /// `(point, end)` (`docs/failover.md`).

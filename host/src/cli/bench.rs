@@ -130,6 +130,9 @@ pub(crate) enum Bench {
         /// Kills of a group leader.
         #[arg(long, default_value_t = 30)]
         trials: usize,
+        /// MiB of a `put` to a leader killed midway, after the trials (0: none).
+        #[arg(long, default_value_t = 1024)]
+        put_mib: u64,
     },
     /// The HTTP gateway against gRPC consume of the same point in the same run: reading it
     /// whole, and many clients reading random 1 MiB ranges (time to first byte, throughput).
@@ -215,7 +218,7 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
                 .unwrap_or(goutube::config::ControllerSection::default().election_timeout_ms);
             controller::run(proposals.max(1), trials.max(1), timeout.max(30)).await
         }
-        Bench::Failover { trials } => failover::run(trials.max(1)).await,
+        Bench::Failover { trials, put_mib } => failover::run(trials.max(1), put_mib).await,
         Bench::Http {
             mib,
             rounds,

@@ -24,6 +24,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -35,7 +37,9 @@ use crate::proto::{
     ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, Record,
     SetVotersRequest, SignUrlRequest,
 };
-use crate::proto::{END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA};
+use crate::proto::{
+    END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA, RETRY_AFTER_METADATA,
+};
 
 /// The port of a node's gRPC API when an address names none (`rpc_port`'s default).
 pub const DEFAULT_PORT: u16 = 8400;
@@ -221,10 +225,15 @@ pub fn merged_page(pages: Vec<ListPointsResponse>, max: usize) -> ListPointsResp
     ListPointsResponse { points, next }
 }
 
-/// How many times `put` resumes an upload after a failure that may pass (the node restarting,
-/// a point being moved, a lost connection), and its first pause (doubling, at most 2 s).
-const PUT_RETRIES: u32 = 6;
+/// How long `put` keeps resuming an upload after failures that may pass (the node restarting,
+/// a point being moved, a lost connection, a group electing a new leader) while no attempt
+/// moves the point's end forward; and its first pause between attempts (doubling, at most
+/// [`PUT_MAX_PAUSE`]), unless the refusal says when to retry.
+const PUT_RIDE_THROUGH: Duration = Duration::from_secs(30);
 const PUT_FIRST_PAUSE: Duration = Duration::from_millis(100);
+const PUT_MAX_PAUSE: Duration = Duration::from_secs(2);
+/// Attempts of one upload at most, whatever the time they take.
+const PUT_MAX_ATTEMPTS: u32 = 200;
 
 /// Chunk size of uploads and of each worker's reads.
 pub const DEFAULT_CHUNK: usize = 256 * 1024;
@@ -506,9 +515,12 @@ impl Client {
     /// Every frame carries its `expected_offset`, so no byte is ever written twice: after a
     /// failure that may pass, the upload resumes from where the node's copy ends, once the
     /// bytes there are checked (CRC32C) to be this file's; a point another writer appended to
-    /// meanwhile fails the upload instead. When the node refuses because another member owns
-    /// the point (or because it is a follower), the upload goes to that member (once). At the
-    /// end the point's checksum is checked: for a new or resumed point, it is the file's.
+    /// meanwhile fails the upload instead. When the node refuses because another member takes
+    /// the point's writes (its owner, its group's leader), the upload goes to that member. A
+    /// node that failed is replaced by the one given first, or by another live member (a
+    /// leader lost mid-upload: `docs/failover.md`, "Clients riding through"). It gives up after
+    /// 30 s in which no attempt moved the point's end forward. At the end the point's checksum
+    /// is checked: for a new or resumed point, it is the file's.
     ///
     /// A new point's upload needs only the right to `produce`; resuming and appending read the
     /// point's metadata first.
@@ -525,13 +537,26 @@ impl Client {
             options,
             progress,
         };
+        // Other members to ask who takes the writes when the node asked first is lost too,
+        // learned while the upload starts (a caller without the right to list members only
+        // has this node).
+        let learning = tokio::spawn({
+            let client = self.clone();
+            async move { client.members().await }
+        });
+        let mut askers = Askers::new(self.clone(), learning);
         let mut target = self.clone();
         let mut began = None;
+        let mut reached = 0;
         let mut redirected = None;
         let mut retries = 0;
         let mut pause = PUT_FIRST_PAUSE;
+        // Whether an attempt may have written bytes: from then on `began` is the point's.
+        let mut wrote = false;
+        let mut riding = Instant::now() + PUT_RIDE_THROUGH;
         loop {
-            let error = match target.upload(&upload, &mut began).await {
+            let before = reached;
+            let error = match target.upload(&upload, &mut began, &mut reached).await {
                 Ok(done) => {
                     let began = began.expect("an upload that ran began");
                     return Ok(PutReport {
@@ -545,34 +570,61 @@ impl Client {
                 }
                 Err(error) => error,
             };
+            if reached > before {
+                riding = Instant::now() + PUT_RIDE_THROUGH;
+            }
+            let attempts_left = retries + 1 < PUT_MAX_ATTEMPTS && Instant::now() < riding;
             if let ClientError::Status(status) = &error
-                && redirected.is_none()
                 && let Some(owner) = owner_of(status)
+                && attempts_left
             {
                 tracing::info!(owner = %owner.member, address = %owner.rpc_addr, "the point is written elsewhere; writing there");
-                target = self.elsewhere(&owner.rpc_addr).await?;
-                redirected = Some(owner);
-                // Nothing was written where the upload was refused: it begins on the owner.
-                began = None;
-                continue;
+                // A refusal wrote nothing: until an attempt may have, the upload begins
+                // wherever the point ends on the member that takes it.
+                if !wrote {
+                    began = None;
+                }
+                if redirected.is_some() {
+                    // Members whose views of who writes differ for a moment send the upload
+                    // back and forth: not in a busy loop.
+                    retries += 1;
+                    tokio::time::sleep(PUT_FIRST_PAUSE).await;
+                }
+                redirected = Some(owner.clone());
+                match self.elsewhere(&owner.rpc_addr).await {
+                    Ok(owner) => {
+                        target = owner;
+                        continue;
+                    }
+                    Err(error) => tracing::warn!(%error, "the member named cannot be reached"),
+                }
+            } else {
+                if let ClientError::Status(status) = &error
+                    && options.mode == PutMode::New
+                    && retries == 0
+                    && let Some(size) = existing_size(status)
+                {
+                    return Err(ClientError::Exists {
+                        point: point.to_owned(),
+                        size,
+                    });
+                }
+                if !attempts_left || !may_pass(&error) {
+                    return Err(error);
+                }
+                wrote |= began.is_some();
+                tracing::warn!(%error, "the upload failed; resuming from what the node holds");
             }
-            if let ClientError::Status(status) = &error
-                && options.mode == PutMode::New
-                && retries == 0
-                && let Some(size) = existing_size(status)
-            {
-                return Err(ClientError::Exists {
-                    point: point.to_owned(),
-                    size,
-                });
-            }
-            if retries == PUT_RETRIES || !may_pass(&error) {
-                return Err(error);
-            }
-            tracing::warn!(%error, "the upload failed; resuming from what the node holds");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
+            let wait = match &error {
+                ClientError::Status(status) => retry_after(status),
+                _ => None,
+            };
+            tokio::time::sleep(wait.unwrap_or(pause)).await;
+            pause = (pause * 2).min(PUT_MAX_PAUSE);
             retries += 1;
+            // The node that failed may be gone: ask the first node again who takes the point's
+            // writes, or, if that one failed, another member.
+            (redirected, target) = askers.next(&target).await;
         }
     }
 
@@ -599,6 +651,7 @@ impl Client {
         &self,
         upload: &Upload<'_>,
         began: &mut Option<Began>,
+        reached: &mut u64,
     ) -> Result<Uploaded, ClientError> {
         let Upload {
             point,
@@ -617,6 +670,7 @@ impl Client {
             _ => self.held(point).await?,
         };
         let (end, end_crc) = here.unwrap_or((0, 0));
+        *reached = (*reached).max(end);
         let began = *began.get_or_insert(match options.mode {
             PutMode::Append => Began { end, crc: end_crc },
             PutMode::New | PutMode::Resume => Began { end: 0, crc: 0 },
@@ -713,6 +767,80 @@ impl Client {
     }
 }
 
+/// The nodes an upload asks who takes its writes after an attempt failed: the node it was
+/// given first, and, after one of them failed itself, the next in turn of the members it
+/// learned.
+struct Askers {
+    /// The node given first, then every other live member learned (with its name).
+    nodes: Vec<(Option<Redirect>, Client)>,
+    learning: Option<JoinHandle<Result<ListMembersResponse, ClientError>>>,
+    /// The one asked last.
+    current: usize,
+}
+
+impl Askers {
+    fn new(entry: Client, learning: JoinHandle<Result<ListMembersResponse, ClientError>>) -> Self {
+        Askers {
+            nodes: vec![(None, entry)],
+            learning: Some(learning),
+            current: 0,
+        }
+    }
+
+    /// Whom to ask after an attempt on `failed` failed: the node asked last, unless that is
+    /// the one that failed (rather than the member it sent the upload to); and that member,
+    /// unless it is the node given first.
+    async fn next(&mut self, failed: &Client) -> (Option<Redirect>, Client) {
+        if failed.options.addr != self.nodes[self.current].1.options.addr {
+            return self.nodes[self.current].clone();
+        }
+        if let Some(learning) = self.learning.take() {
+            self.learn(learning).await;
+        }
+        self.current = (self.current + 1) % self.nodes.len();
+        self.nodes[self.current].clone()
+    }
+
+    async fn learn(&mut self, learning: JoinHandle<Result<ListMembersResponse, ClientError>>) {
+        let members = match learning.await {
+            Ok(Ok(members)) => members,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "the members could not be listed: only the first node is asked");
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "listing the members failed");
+                return;
+            }
+        };
+        let entry = self.nodes[0].1.clone();
+        for member in members.members.into_iter().filter(|m| m.live) {
+            if member.rpc_addr.is_empty() || member.rpc_addr == entry.options.addr {
+                continue;
+            }
+            // Connected when first used.
+            let options = ClientOptions {
+                addr: member.rpc_addr.clone(),
+                tls: entry.options.tls.clone(),
+            };
+            let named = Redirect {
+                member: member.name,
+                rpc_addr: member.rpc_addr,
+            };
+            match lazy_channel(&options) {
+                Ok(channel) => self.nodes.push((
+                    Some(named),
+                    Client {
+                        streaming: streaming_client(channel),
+                        options,
+                    },
+                )),
+                Err(error) => tracing::debug!(%error, "a member cannot be asked"),
+            }
+        }
+    }
+}
+
 /// What [`Client::put`] does with a point that has bytes already.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum PutMode {
@@ -784,8 +912,10 @@ fn existing_size(status: &Status) -> Option<u64> {
 /// refused `expected_offset` means the point ends elsewhere than this attempt thought (the next
 /// attempt checks what is there).
 fn may_pass(error: &ClientError) -> bool {
-    let ClientError::Status(status) = error else {
-        return false;
+    let status = match error {
+        ClientError::Status(status) => status,
+        ClientError::Connect { .. } => return true,
+        _ => return false,
     };
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::Aborted => true,
@@ -819,6 +949,20 @@ pub struct Redirect {
     pub member: String,
     /// Its client API address.
     pub rpc_addr: String,
+}
+
+/// How long an `Unavailable` refusal asks the caller to wait before retrying (a group electing
+/// a new leader, a leader without a session), if it says.
+pub fn retry_after(status: &Status) -> Option<Duration> {
+    let value = status.metadata().get(RETRY_AFTER_METADATA)?;
+    let millis = value.to_str().ok()?.parse().ok()?;
+    Some(Duration::from_millis(millis))
+}
+
+/// Where the point ends, as a refused `expected_offset` says.
+pub fn end_of(status: &Status) -> Option<u64> {
+    let value = status.metadata().get(END_METADATA)?;
+    value.to_str().ok()?.parse().ok()
 }
 
 /// The member a `FailedPrecondition` refusal names in its metadata, if any.

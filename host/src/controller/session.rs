@@ -26,6 +26,13 @@ pub const FENCE_AT: (u32, u32) = (3, 4);
 /// itself.
 pub const HEARTBEATS_PER_SESSION: u32 = 6;
 
+/// How long a client is told to wait before it retries a write refused while a group has no
+/// leader that can take it (an election, a leader without a session): one heartbeat of a
+/// session of `session_ms`, the pace at which the controller's state can change.
+pub fn retry_delay(session_ms: u64) -> Duration {
+    Duration::from_millis(session_ms) / HEARTBEATS_PER_SESSION
+}
+
 /// The controller leader's record of who it heard, for one term of its leadership.
 #[derive(Debug)]
 pub struct Sessions {

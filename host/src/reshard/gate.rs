@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Leader, Lifecycle, Member, Membership};
 use crate::config::{Config, Failover, Role};
-use crate::controller::{Lease, Topology};
+use crate::controller::{Lease, Topology, session};
 use crate::metrics;
 use crate::placement::{NextOwner, Placement, PlacementError};
 use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store};
@@ -91,6 +91,26 @@ pub enum Refusal {
         point: String,
         /// The member that owns it.
         owner: String,
+    },
+    /// The member that takes the point's writes, a group's leader, is down, and its group fails
+    /// over by itself: once its session expires the controller names an in-sync follower in
+    /// its place (`docs/failover.md`).
+    #[error(
+        "{writes} are taken by member {leader} (leader epoch {epoch}), which is down; \
+         its group fails over by itself and a new leader takes the writes once the controller \
+         finds its session expired: retry in {} ms (with expected_offset a retry never writes \
+         twice)",
+        retry_after.as_millis()
+    )]
+    Electing {
+        /// Whose writes: a point's, or a slot's.
+        writes: String,
+        /// The group's last leader.
+        leader: String,
+        /// The epoch that made it the leader.
+        epoch: u64,
+        /// When to retry.
+        retry_after: Duration,
     },
     /// A read of a point this node does not hold: the member that holds it serves it.
     #[error(
@@ -152,13 +172,16 @@ pub enum Refusal {
     /// now, so it takes no writes (`docs/failover.md`).
     #[error(
         "node {node} {session}: it takes no writes, so that a failover cannot leave two \
-         writers; retry (with expected_offset a retry never writes twice)"
+         writers; retry in {} ms (with expected_offset a retry never writes twice)",
+        retry_after.as_millis()
     )]
     NoSession {
         /// This node.
         node: String,
         /// Since when, in words.
         session: String,
+        /// When to retry.
+        retry_after: Duration,
     },
     /// The node is shutting down.
     #[error("the node is shutting down")]
@@ -180,6 +203,7 @@ impl Refusal {
             | Refusal::HeldElsewhere { .. } => Code::FailedPrecondition,
             Refusal::FollowerAlone { .. }
             | Refusal::OwnerDown { .. }
+            | Refusal::Electing { .. }
             | Refusal::Changing { .. }
             | Refusal::TakingOver { .. }
             | Refusal::Fenced { .. }
@@ -207,10 +231,30 @@ impl Refusal {
                 member: owner,
                 address: Some(address),
             }),
-            Refusal::OwnerDown { owner, .. } => Some(Redirect {
-                member: owner,
-                address: None,
-            }),
+            Refusal::OwnerDown { owner, .. } | Refusal::Electing { leader: owner, .. } => {
+                Some(Redirect {
+                    member: owner,
+                    address: None,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// How long the client should wait before it retries, when the refusal says.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Refusal::Electing { retry_after, .. } | Refusal::NoSession { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
+    /// The leader epoch of the group the refusal is about, when it names one.
+    pub fn leader_epoch(&self) -> Option<u64> {
+        match self {
+            Refusal::Electing { epoch, .. } => Some(*epoch),
             _ => None,
         }
     }
@@ -268,6 +312,8 @@ pub struct Gate {
     lease: Arc<Lease>,
     /// The controller's committed state: who leads each group (a failover names a follower).
     topology: watch::Receiver<Arc<Topology>>,
+    /// What a write refused until the controller's state changes is told to wait.
+    retry_after: Duration,
 }
 
 impl Gate {
@@ -291,6 +337,7 @@ impl Gate {
             failover: config.failover(),
             lease,
             topology,
+            retry_after: session::retry_delay(config.controller.session_ms),
         }
     }
 
@@ -321,6 +368,7 @@ impl Gate {
         Err(Refusal::NoSession {
             node: self.node.clone(),
             session,
+            retry_after: self.retry_after,
         })
     }
 
@@ -329,6 +377,19 @@ impl Gate {
     pub fn check_writable(&self) -> Result<(), Refusal> {
         if self.role != Role::Follower || self.leads_as_follower() {
             return Ok(());
+        }
+        // While the group this node follows elects a new leader, say so rather than name the
+        // leader that is gone.
+        let electing = {
+            let topology = self.topology.borrow();
+            topology.followed_by(&self.node).and_then(|(slot, _)| {
+                let writes = format!("the writes of the points of {slot}");
+                let membership = self.placement.membership();
+                electing(&membership, &topology, writes, slot, self.retry_after)
+            })
+        };
+        if let Some(electing) = electing {
+            return Err(electing);
         }
         let node = self.node.clone();
         let leader = self.leader.borrow().clone();
@@ -431,14 +492,15 @@ impl Gate {
     /// `Ok` if this node takes the writes of `slot` (a primary's range), for `point`.
     fn check_writer(&self, point: &PointId, slot: &str) -> Result<(), Refusal> {
         let topology = self.topology.borrow();
-        let writer = topology.writer(slot);
-        if writer == self.node {
+        if topology.writer(slot) == self.node {
             return Ok(());
         }
-        Err(refusal(
+        Err(not_the_writer(
             &self.placement.membership(),
+            &topology,
             point.as_str(),
-            writer,
+            slot,
+            self.retry_after,
         ))
     }
 
@@ -618,6 +680,44 @@ pub enum ReadRefusal {
     Read(#[from] ReadError),
 }
 
+/// Why a node that does not take the writes of `slot` (a primary's range) refuses a write of
+/// `point`: the slot's writer takes them (here is its address); or, with the writer down, its
+/// group elects a new leader ([`electing`]) or waits for it ([`Refusal::OwnerDown`]).
+pub fn not_the_writer(
+    membership: &Membership,
+    topology: &Topology,
+    point: &str,
+    slot: &str,
+    retry_after: Duration,
+) -> Refusal {
+    let writes = format!("the writes of point {:?}", bounded(point));
+    electing(membership, topology, writes, slot, retry_after)
+        .unwrap_or_else(|| refusal(membership, point, topology.writer(slot)))
+}
+
+/// [`Refusal::Electing`] if the leader of `slot`'s group is down, the group fails over by
+/// itself and a member of its in-sync set is live: the controller names one in its place once
+/// the leader's session expires. (With none live, the group waits for its leader:
+/// [`Refusal::OwnerDown`].)
+fn electing(
+    membership: &Membership,
+    topology: &Topology,
+    writes: String,
+    slot: &str,
+    retry_after: Duration,
+) -> Option<Refusal> {
+    let group = topology.groups.get(slot)?;
+    let automatic = matches!(group.failover, Failover::Automatic { .. });
+    let candidate = group.in_sync.iter().any(|m| membership.live(m).is_some());
+    let leader_down = membership.live(&group.leader).is_none();
+    (automatic && leader_down && candidate).then(|| Refusal::Electing {
+        writes,
+        leader: group.leader.clone(),
+        epoch: group.leader_epoch,
+        retry_after,
+    })
+}
+
 /// A write to `point`, which `owner` takes: its address, or that it is down.
 pub fn refusal(membership: &Membership, point: &str, owner: &str) -> Refusal {
     match membership.live(owner) {
@@ -630,5 +730,85 @@ pub fn refusal(membership: &Membership, point: &str, owner: &str) -> Refusal {
             point: bounded(point),
             owner: owner.to_owned(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::cluster::{Member, View};
+    use crate::controller::Group;
+
+    fn live(names: &[&str]) -> Membership {
+        let member = |name: &str| Member {
+            name: name.into(),
+            generation: 1,
+            gossip_addr: "127.0.0.1:1".parse().unwrap(),
+            role: Role::Follower,
+            lifecycle: Lifecycle::Active,
+            rpc_addr: format!("{name}:1"),
+            replication_addr: format!("{name}:2"),
+            http_addr: format!("{name}:3"),
+            virtual_nodes: 0,
+            tags: BTreeMap::new(),
+            leader: None,
+            handed: None,
+            moving: 0,
+        };
+        Membership {
+            local: "b".into(),
+            view: View {
+                id: "view".into(),
+                members: names.iter().map(|n| (n.to_string(), member(n))).collect(),
+            },
+            ring: Default::default(),
+            ring_version: 0,
+            conflict: None,
+        }
+    }
+
+    fn topology(failover: Failover) -> Topology {
+        let group = Group {
+            leader: "a".into(),
+            leader_epoch: 9,
+            followers: ["f1".into(), "f2".into()].into(),
+            in_sync: ["f1".into()].into(),
+            failover,
+        };
+        Topology {
+            groups: [("a".to_owned(), group)].into(),
+            ..Default::default()
+        }
+    }
+
+    /// What a node that does not take the writes of slot `a` answers, by who is live.
+    #[test]
+    fn a_write_to_a_group_that_lost_its_leader_is_told_whether_an_election_will_end_it() {
+        let automatic = topology(Failover::Automatic { replicas: 1 });
+        let manual = topology(Failover::Manual("ack = \"local\"".into()));
+        let after = Duration::from_millis(500);
+        let refused = |membership: &Membership, topology: &Topology| {
+            not_the_writer(membership, topology, "p", "a", after)
+        };
+        // The leader is live: go there.
+        let answer = refused(&live(&["a", "b", "f1"]), &automatic);
+        assert!(matches!(answer, Refusal::NotOwner { ref owner, .. } if owner == "a"));
+        // Down, with a live in-sync follower: an election, with when to retry.
+        let answer = refused(&live(&["b", "f1", "f2"]), &automatic);
+        assert!(
+            matches!(answer, Refusal::Electing { ref leader, epoch: 9, .. } if leader == "a"),
+            "{answer:?}"
+        );
+        assert_eq!(answer.code(), tonic::Code::Unavailable);
+        assert_eq!(answer.retry_after(), Some(after));
+        // Down, and only a follower outside the in-sync set live: nobody can be named.
+        let answer = refused(&live(&["b", "f2"]), &automatic);
+        assert!(matches!(answer, Refusal::OwnerDown { .. }), "{answer:?}");
+        assert_eq!(answer.retry_after(), None);
+        // A group that an operator fails over waits for its leader.
+        let answer = refused(&live(&["b", "f1", "f2"]), &manual);
+        assert!(matches!(answer, Refusal::OwnerDown { .. }), "{answer:?}");
     }
 }

@@ -10,12 +10,13 @@ use tonic::{Request, Response, Status};
 use crate::access::Action;
 use crate::error::Error;
 use crate::metrics;
-use crate::placement::{Owners, Placement};
+use crate::placement::Owners;
 use crate::point::{PointId, Snapshot, Span, StreamError};
 use crate::proto::{
     self, ConsumeRequest, ConsumeResponse, ListPointsRequest, ListPointsResponse,
     LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse,
 };
+use crate::services::Services;
 
 use super::{FrameStream, StreamingService};
 
@@ -166,27 +167,30 @@ impl StreamingService {
             .access
             .authorize(&peer, Action::Metadata, id.as_str())
             .await?;
-        let located = locate(&self.state.services.placement, &id, request.replicas).await?;
+        let located = locate(&self.state.services, &id, request.replicas).await?;
         Ok(Response::new(located))
     }
 }
 
-/// `LocatePoint`: the ring's owners of `id` as placement ranks them, with their addresses.
+/// `LocatePoint`: the ring's owners of `id` as placement ranks them, with their addresses, and
+/// the member that takes its writes now.
 pub async fn locate(
-    placement: &Placement,
+    services: &Services,
     id: &PointId,
     replicas: u32,
 ) -> Result<LocatePointResponse, Error> {
+    let placement = &services.placement;
     let Owners { membership, names } = placement.owners(id.as_str(), replicas.max(1)).await?;
-    let owners = names
-        .iter()
-        .map(|name| proto::Server {
-            rpc_addr: membership.rpc_addr(name).unwrap_or_default().to_owned(),
-            name: name.clone(),
-        })
-        .collect();
+    let server = |name: &str| proto::Server {
+        rpc_addr: membership.rpc_addr(name).unwrap_or_default().to_owned(),
+        name: name.to_owned(),
+    };
+    let owners = names.iter().map(|name| server(name)).collect();
+    let topology = services.controller.topology();
+    let writer = names.first().map(|slot| server(topology.writer(slot)));
     Ok(LocatePointResponse {
         owners,
+        writer,
         membership_version: membership.ring_version,
         ring: membership.ring.id.clone(),
     })

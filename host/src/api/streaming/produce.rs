@@ -197,6 +197,7 @@ async fn write_frames(
 ) -> Result<HashMap<usize, Appended>, Error> {
     let mut last = HashMap::new();
     let mut pending = None;
+    let mut pace = Pace::new(&state);
     loop {
         let Some(first) = (match pending.take() {
             Some(next) => Some(next),
@@ -235,6 +236,52 @@ async fn write_frames(
             .await?;
         if let Some(&appended) = appended.last() {
             last.insert(first.slot, appended);
+            pace.wrote(&state, size, (&first.point, appended.end)).await;
         }
+    }
+}
+
+/// Keeps a long stream's in-sync followers within their bound
+/// (`replication.in_sync_max_lag_bytes`): the stream is acknowledged only at its end, and a
+/// follower left behind by a fast writer would leave the in-sync set, and with it the group's
+/// chance to fail over. Every quarter of the bound written, the writer waits (at most
+/// `replication.ack_timeout_ms`, and never failing the stream for it) until the in-sync
+/// followers confirmed what it had written a quarter before: so they stay within half the
+/// bound, and the wait overlaps the next quarter's writing.
+struct Pace {
+    /// Bytes between two waits; `None`: this node acknowledges without followers.
+    window: Option<u64>,
+    since: u64,
+    /// The ends reached at the last wait, to be confirmed at the next.
+    reached: HashMap<PointId, u64>,
+    previous: Vec<(PointId, u64)>,
+}
+
+impl Pace {
+    fn new(state: &Context) -> Self {
+        let window = state.waits_for_replicas().then(|| {
+            (state.services.config.replication.in_sync_max_lag_bytes / 4).max(MAX_BATCH_BYTES)
+        });
+        Pace {
+            window,
+            since: 0,
+            reached: HashMap::new(),
+            previous: Vec::new(),
+        }
+    }
+
+    async fn wrote(&mut self, state: &Context, bytes: u64, (point, end): (&PointId, u64)) {
+        let Some(window) = self.window else { return };
+        self.reached.insert(point.clone(), end);
+        self.since += bytes;
+        if self.since < window {
+            return;
+        }
+        self.since = 0;
+        let previous = std::mem::replace(
+            &mut self.previous,
+            self.reached.clone().into_iter().collect(),
+        );
+        state.pace(&previous).await;
     }
 }

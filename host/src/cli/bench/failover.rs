@@ -11,13 +11,19 @@
 //!
 //! The floor is the session (`controller.session_ms`): the controller waits for it to expire
 //! before it fences anyone, so each time is reported beside its ratio to the session.
+//!
+//! Then, with `--put-mib N` (1024 by default; 0 skips it), a client rides through: a `put` of
+//! N MiB to a is killed midway and must finish byte-exact on the new leader; the same `put`
+//! without a kill, just before in the same cluster, is the baseline.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use goutube::client::Client;
+use std::sync::Arc;
+
+use goutube::client::{Client, Progress, PutOptions, Quiet};
 use goutube::config::ControllerSection;
 use goutube::proto::streaming_client::StreamingClient;
 use goutube::proto::{ConsumeRequest, GroupInfo, LocatePointRequest, ProduceRequest};
@@ -29,7 +35,7 @@ use super::{Server, connect, median, percentile};
 /// Bytes of each acknowledged write.
 const CHUNK: usize = 64 * 1024;
 
-pub(super) async fn run(trials: usize) -> anyhow::Result<()> {
+pub(super) async fn run(trials: usize, put_mib: u64) -> anyhow::Result<()> {
     let session = ControllerSection::default().session_ms as f64;
     let (mut named, mut writable) = (Vec::new(), Vec::new());
     let (mut acknowledged_bytes, mut lost) = (0u64, 0u64);
@@ -69,6 +75,95 @@ pub(super) async fn run(trials: usize) -> anyhow::Result<()> {
     if lost > 0 {
         bail!("{lost} acknowledged bytes were lost");
     }
+    if put_mib > 0 {
+        put_through_a_kill(put_mib).await?;
+    }
+    Ok(())
+}
+
+/// A `put` of `mib` MiB to a, killed once half of it is on a, against the same `put` with no
+/// kill in the same cluster just before: both must end byte-exact (the client checks the
+/// point's CRC32C against the file's, and the new leader's copy is checked again here).
+async fn put_through_a_kill(mib: u64) -> anyhow::Result<()> {
+    let mut cluster = Trial::start(0).await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("upload.bin");
+    {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        for _ in 0..mib * 1024 * 1024 / CHUNK as u64 {
+            out.write_all(&random_chunk())?;
+        }
+        out.flush()?;
+    }
+    let len = mib * 1024 * 1024;
+    let to_a = connect(&cluster.address("a")?).await?;
+    let options = PutOptions::default();
+    let points = points_of(&to_a.raw(), "a", 2).await?;
+    let quiet: Arc<dyn Progress> = Arc::new(Quiet);
+
+    let started = Instant::now();
+    let plain = to_a.put(&points[0], &file, &options, quiet.clone()).await?;
+    let baseline = started.elapsed();
+
+    let put = tokio::spawn({
+        let (to_a, point, file, quiet) = (to_a.clone(), points[1].clone(), file.clone(), quiet);
+        async move { to_a.put(&point, &file, &PutOptions::default(), quiet).await }
+    });
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let held = to_a.stat(&points[1]).await.map(|m| m.size).unwrap_or(0);
+        if held >= len / 2 {
+            break;
+        }
+        if Instant::now() > deadline || put.is_finished() {
+            bail!("the upload never reached half of the file on a before it ended");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = Instant::now();
+    cluster.kill("a")?;
+    let report = put.await??;
+    let (total, after_kill) = (started.elapsed(), killed.elapsed());
+    let b = connect(&cluster.address("b")?).await?;
+    let leader = group_of(&b, "a")
+        .await
+        .map(|g| g.leader)
+        .unwrap_or_default();
+    let to_leader = connect(&cluster.address(&leader)?).await?;
+    let held = to_leader.stat(&points[1]).await?;
+    let exact = held.size == len && held.crc32c == plain.record.crc32c;
+    cluster.stop()?;
+    println!("\n## A {mib} MiB `put` to a leader killed midway\n");
+    println!("| | time | ratio |\n|---|---|---|");
+    println!(
+        "| the same `put`, no kill (baseline, same cluster) | {:.2} s | 1.00x |",
+        baseline.as_secs_f64()
+    );
+    println!(
+        "| the `put` through the kill | {:.2} s | {:.2}x |",
+        total.as_secs_f64(),
+        total.as_secs_f64() / baseline.as_secs_f64()
+    );
+    println!(
+        "| of which after the kill (to {leader}) | {:.2} s | |",
+        after_kill.as_secs_f64()
+    );
+    println!(
+        "\nattempts resumed: {}; the point on the new leader: {} bytes, CRC32C {:08x}, {}",
+        report.retries,
+        held.size,
+        held.crc32c,
+        if exact {
+            "byte-exact (the file's length and CRC32C)"
+        } else {
+            "NOT the file"
+        }
+    );
+    if !exact {
+        bail!("the point put through the kill is not the file");
+    }
     Ok(())
 }
 
@@ -81,52 +176,90 @@ struct Outcome {
     lost: u64,
 }
 
+/// A fresh trial cluster: primaries a, b, c and followers fa1, fa2 of a, once both followers
+/// are in a's in-sync set.
+struct Trial {
+    _dir: tempfile::TempDir,
+    nodes: Vec<(&'static str, Server)>,
+    addresses: BTreeMap<String, String>,
+}
+
+impl Trial {
+    async fn start(trial: usize) -> anyhow::Result<Trial> {
+        let dir = tempfile::tempdir()?;
+        let mut nodes: Vec<(&'static str, Server)> = Vec::new();
+        for name in ["a", "b", "c"] {
+            let settings = format!(
+                "role = \"leader\"\nseed_addresses = [{}]\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
+                 [replication]\nack = {{ replicas = 1 }}\n[cluster]\nbootstrap_expect = 3\n",
+                seeds(&nodes)
+            );
+            nodes.push((
+                name,
+                Server::node_at(dir.path(), name, "127.0.0.1", None, &settings)?,
+            ));
+        }
+        let a_replication = nodes[0].1.replication.clone();
+        for name in ["fa1", "fa2"] {
+            let settings = format!(
+                "role = \"follower\"\nleader_addresses = [{a_replication:?}]\nseed_addresses = [{}]\n\
+                 [cluster]\nbootstrap_expect = 3\n",
+                seeds(&nodes)
+            );
+            nodes.push((
+                name,
+                Server::node_at(dir.path(), name, "127.0.0.1", None, &settings)?,
+            ));
+        }
+        let addresses = nodes
+            .iter()
+            .map(|(name, node)| ((*name).to_owned(), node.rpc.clone()))
+            .collect();
+        let trial_cluster = Trial {
+            _dir: dir,
+            nodes,
+            addresses,
+        };
+        let b = connect(&trial_cluster.address("b")?).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let group = group_of(&b, "a").await;
+            if group.is_some_and(|g| g.in_sync.len() == 2) {
+                return Ok(trial_cluster);
+            }
+            if Instant::now() > deadline {
+                bail!("trial {trial}: the followers never entered a's in-sync set");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn address(&self, name: &str) -> anyhow::Result<String> {
+        self.addresses
+            .get(name)
+            .cloned()
+            .context("a node of the trial")
+    }
+
+    /// Kills `name` (SIGKILL).
+    fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let at = self.nodes.iter().position(|(n, _)| *n == name);
+        let (_, node) = self.nodes.remove(at.context("a node of the trial")?);
+        Ok(node.process.kill()?)
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        for (_, node) in self.nodes {
+            node.stop()?;
+        }
+        Ok(())
+    }
+}
+
 async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
-    let dir = tempfile::tempdir()?;
-    let mut nodes: Vec<(&str, Server)> = Vec::new();
-    for name in ["a", "b", "c"] {
-        let settings = format!(
-            "role = \"leader\"\nseed_addresses = [{}]\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
-             [replication]\nack = {{ replicas = 1 }}\n[cluster]\nbootstrap_expect = 3\n",
-            seeds(&nodes)
-        );
-        nodes.push((
-            name,
-            Server::node_at(dir.path(), name, "127.0.0.1", None, &settings)?,
-        ));
-    }
-    let a_replication = nodes[0].1.replication.clone();
-    for name in ["fa1", "fa2"] {
-        let settings = format!(
-            "role = \"follower\"\nleader_addresses = [{a_replication:?}]\nseed_addresses = [{}]\n\
-             [cluster]\nbootstrap_expect = 3\n",
-            seeds(&nodes)
-        );
-        nodes.push((
-            name,
-            Server::node_at(dir.path(), name, "127.0.0.1", None, &settings)?,
-        ));
-    }
-    let addresses: BTreeMap<String, String> = nodes
-        .iter()
-        .map(|(name, node)| ((*name).to_owned(), node.rpc.clone()))
-        .collect();
-    let address = |name: &str| -> anyhow::Result<String> {
-        addresses.get(name).cloned().context("a node of the trial")
-    };
-    let b = connect(&address("b")?).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let group = group_of(&b, "a").await;
-        if group.is_some_and(|g| g.in_sync.len() == 2) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("trial {trial}: the followers never entered a's in-sync set");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let to_a = connect(&address("a")?).await?.raw();
+    let mut cluster = Trial::start(trial).await?;
+    let b = connect(&cluster.address("b")?).await?;
+    let to_a = connect(&cluster.address("a")?).await?.raw();
     let point = point_of(&to_a, "a").await?;
     let mut written: Vec<u8> = Vec::new();
     for _ in 0..16 {
@@ -135,9 +268,8 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
         written.extend_from_slice(&chunk);
     }
 
-    let a = nodes.remove(0).1;
     let killed = Instant::now();
-    a.process.kill()?;
+    cluster.kill("a")?;
     let mut named = None;
     let deadline = killed + Duration::from_secs(60);
     loop {
@@ -150,7 +282,7 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
             continue;
         };
         let named_at = *named.get_or_insert_with(|| killed.elapsed());
-        let to_leader = connect(&address(&leader)?).await?.raw();
+        let to_leader = connect(&cluster.address(&leader)?).await?.raw();
         let chunk = random_chunk();
         let offset = written.len() as u64;
         match append_at(&to_leader, &point, offset, &chunk).await {
@@ -165,9 +297,7 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
                     acknowledged: written.len() as u64,
                     lost: (written.len() - lost) as u64,
                 };
-                for (_, node) in nodes {
-                    node.stop()?;
-                }
+                cluster.stop()?;
                 return Ok(outcome);
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -203,6 +333,16 @@ async fn group_of(client: &Client, slot: &str) -> Option<GroupInfo> {
 
 /// A point `owner` owns.
 async fn point_of(client: &StreamingClient<Channel>, owner: &str) -> anyhow::Result<String> {
+    Ok(points_of(client, owner, 1).await?.remove(0))
+}
+
+/// `n` points `owner` owns.
+async fn points_of(
+    client: &StreamingClient<Channel>,
+    owner: &str,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut points = Vec::new();
     for i in 0..10_000 {
         let point = format!("bench/failover/{i}");
         let located = client
@@ -214,10 +354,13 @@ async fn point_of(client: &StreamingClient<Channel>, owner: &str) -> anyhow::Res
             .await?
             .into_inner();
         if located.owners.first().is_some_and(|o| o.name == owner) {
-            return Ok(point);
+            points.push(point);
+            if points.len() == n {
+                return Ok(points);
+            }
         }
     }
-    bail!("no point of {owner} among 10,000 names")
+    bail!("not {n} points of {owner} among 10,000 names")
 }
 
 async fn append_at(
