@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::ring::Ring;
 use crate::cluster::{Leader, Lifecycle, Member, Membership};
 use crate::config::{Config, Failover, Role};
 use crate::controller::{Lease, Topology, session};
@@ -419,13 +420,13 @@ impl Gate {
     /// [`Gate::admit_write`] but for the session.
     async fn admit_write_here(&self, point: &PointId) -> Result<Option<Handover>, WriteError> {
         self.check_writable()?;
-        let membership = self.placement.membership();
-        if membership
-            .ring
-            .members
-            .get(&self.node)
-            .is_some_and(|record| record.lifecycle == Lifecycle::Forgotten)
-        {
+        // By the ring this node's membership holds, or by the one the controller committed:
+        // a member restarted after it was forgotten may hold the older one for a moment.
+        let forgotten = |ring: &Ring| {
+            let record = ring.members.get(&self.node);
+            record.is_some_and(|record| record.lifecycle == Lifecycle::Forgotten)
+        };
+        if forgotten(&self.placement.membership().ring) || forgotten(&self.topology.borrow().ring) {
             return Err(Refusal::Forgotten {
                 member: self.node.clone(),
             }
