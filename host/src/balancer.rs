@@ -37,7 +37,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::access::Action;
 use crate::api::streaming::{self, FrameStream};
-use crate::client::{Client, Pool, end_of, owner_of, retry_after};
+use crate::client::{Client, Pool, end_of, owner_of};
 use crate::cluster::change;
 use crate::controller::session;
 use crate::error::Error;
@@ -249,16 +249,20 @@ impl Balancer {
 
     /// The client API address of the member that takes the writes of `id` (its owner, or the
     /// leader the controller named in the owner's place), or why a write cannot go there.
-    fn writer(&self, owners: &Owners, id: &PointId) -> Result<String, Status> {
+    fn writer(&self, owners: &Owners, id: &PointId) -> Result<String, Refusal> {
         let topology = self.services.controller.topology();
         let (membership, slot) = (&owners.membership, owners.first());
         match membership.live(topology.writer(slot)) {
             Some(member) => Ok(member.rpc_addr.clone()),
             None => {
-                Err(
-                    not_the_writer(membership, &topology, id.as_str(), slot, self.retry_after())
-                        .into(),
-                )
+                let after = self.retry_after();
+                Err(not_the_writer(
+                    membership,
+                    &topology,
+                    id.as_str(),
+                    slot,
+                    after,
+                ))
             }
         }
     }
@@ -268,13 +272,13 @@ impl Balancer {
     async fn writer_after_election(&self, id: &PointId, until: Instant) -> Result<String, Status> {
         loop {
             let owners = self.owner(id).await?;
-            match self.writer(&owners, id) {
-                Err(status)
-                    if retry_after(&status).is_some_and(|after| Instant::now() + after < until) =>
-                {
-                    tokio::time::sleep(retry_after(&status).unwrap_or_default()).await;
-                }
-                answer => return answer,
+            let refusal = match self.writer(&owners, id) {
+                Ok(address) => return Ok(address),
+                Err(refusal) => refusal,
+            };
+            match refusal.retry_after() {
+                Some(after) if Instant::now() + after < until => tokio::time::sleep(after).await,
+                _ => return Err(refusal.into()),
             }
         }
     }

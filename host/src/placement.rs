@@ -302,8 +302,6 @@ fn check(ring: &Ring, answer: Vec<String>, replicas: u32) -> Result<Vec<String>,
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::cluster::change::forgotten;
     use crate::cluster::handed::Tag;
@@ -315,19 +313,9 @@ mod tests {
         let handed =
             handed.map(|text| crate::cluster::Handed::decode(text, Role::Follower).unwrap());
         Member {
-            name: name.into(),
-            generation: 1,
-            gossip_addr: "127.0.0.1:1".parse().unwrap(),
-            role: Role::Follower,
-            lifecycle: Lifecycle::Active,
-            rpc_addr: format!("{name}:1"),
-            replication_addr: format!("{name}:2"),
-            http_addr: format!("{name}:3"),
-            virtual_nodes: 0,
-            tags: BTreeMap::new(),
             leader: Some(leader.into()),
             handed,
-            moving: 0,
+            ..Member::follower_for_tests(name)
         }
     }
 

@@ -647,6 +647,10 @@ async fn clients_ride_through_the_failover_of_the_leader_they_write_to() {
         stderr(&put)
     );
     assert!(put.status.success(), "goutube put failed: {}", stderr(&put));
+    // It was cut by the kill and resumed, on the new leader (or through a member that sent it
+    // there).
+    let said = stdout(&put);
+    assert!(said.contains("time(s) after failures"), "{said}");
     // A while of appends on the new leader, then the producer stops.
     let group = eventually_some("a new leader for a's slot", || async {
         cluster.group("b", "a").await.filter(|g| g.leader != "a")

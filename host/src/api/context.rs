@@ -126,10 +126,14 @@ impl Context {
         self.progress.replicas(point)
     }
 
-    /// Whether a write waits for followers before it is acknowledged.
-    pub fn waits_for_replicas(&self) -> bool {
-        matches!(self.services.config.replication.ack, Ack::Replicas(_))
-            || self.led_as_follower().is_some()
+    /// How many followers a write waits for before it is acknowledged (besides every in-sync
+    /// one); `None`: it waits for none.
+    pub fn replicas_waited_for(&self) -> Option<u32> {
+        match self.services.config.replication.ack {
+            Ack::Replicas(replicas) => Some(replicas),
+            // A follower named leader acknowledges as the group's primary did.
+            Ack::Local => self.led_as_follower(),
+        }
     }
 
     /// Holds a long write back until the in-sync followers confirmed `ends` (at most
@@ -145,13 +149,8 @@ impl Context {
     /// (and each one about to enter it) and at least N followers confirmed every
     /// `(point, end)` (`docs/failover.md`).
     pub async fn wait_for_replicas(&self, written: &[(PointId, u64)]) -> Result<(), Error> {
-        let replicas = match self.services.config.replication.ack {
-            Ack::Replicas(replicas) => replicas,
-            // A follower named leader acknowledges as the group's primary did.
-            Ack::Local => match self.led_as_follower() {
-                Some(replicas) => replicas,
-                None => return Ok(()),
-            },
+        let Some(replicas) = self.replicas_waited_for() else {
+            return Ok(());
         };
         let timeout = Duration::from_millis(self.services.config.replication.ack_timeout_ms);
         let short = match self

@@ -181,14 +181,10 @@ impl Pool {
         if let Some(client) = clients.get(addr) {
             return Ok(client.clone());
         }
-        let options = ClientOptions {
+        let client = Client::lazy(ClientOptions {
             addr: addr.to_owned(),
             tls: self.tls.clone(),
-        };
-        let client = Client {
-            streaming: streaming_client(lazy_channel(&options)?),
-            options,
-        };
+        })?;
         clients.insert(addr.to_owned(), client.clone());
         Ok(client)
     }

@@ -298,6 +298,14 @@ impl Client {
         })
     }
 
+    /// A client of the node `options` names that connects on its first call.
+    pub fn lazy(options: ClientOptions) -> Result<Self, ClientError> {
+        Ok(Self {
+            streaming: streaming_client(lazy_channel(&options)?),
+            options,
+        })
+    }
+
     /// The generated client, for calls this type does not wrap.
     pub fn raw(&self) -> StreamingClient<Channel> {
         self.streaming.clone()
@@ -818,7 +826,6 @@ impl Askers {
             if member.rpc_addr.is_empty() || member.rpc_addr == entry.options.addr {
                 continue;
             }
-            // Connected when first used.
             let options = ClientOptions {
                 addr: member.rpc_addr.clone(),
                 tls: entry.options.tls.clone(),
@@ -827,14 +834,9 @@ impl Askers {
                 member: member.name,
                 rpc_addr: member.rpc_addr,
             };
-            match lazy_channel(&options) {
-                Ok(channel) => self.nodes.push((
-                    Some(named),
-                    Client {
-                        streaming: streaming_client(channel),
-                        options,
-                    },
-                )),
+            // Connected when first asked.
+            match Client::lazy(options) {
+                Ok(client) => self.nodes.push((Some(named), client)),
                 Err(error) => tracing::debug!(%error, "a member cannot be asked"),
             }
         }
@@ -900,8 +902,7 @@ struct Upload<'a> {
 
 /// The size of the point a refused first frame at offset 0 found: the point has bytes already.
 fn existing_size(status: &Status) -> Option<u64> {
-    let metadata = status.metadata();
-    let number = |key| metadata.get(key)?.to_str().ok()?.parse::<u64>().ok();
+    let number = |key| metadata_number(status, key);
     match (number(EXPECTED_METADATA), number(END_METADATA)) {
         (Some(0), Some(end)) if end > 0 => Some(end),
         _ => None,
@@ -954,15 +955,17 @@ pub struct Redirect {
 /// How long an `Unavailable` refusal asks the caller to wait before retrying (a group electing
 /// a new leader, a leader without a session), if it says.
 pub fn retry_after(status: &Status) -> Option<Duration> {
-    let value = status.metadata().get(RETRY_AFTER_METADATA)?;
-    let millis = value.to_str().ok()?.parse().ok()?;
-    Some(Duration::from_millis(millis))
+    metadata_number(status, RETRY_AFTER_METADATA).map(Duration::from_millis)
 }
 
 /// Where the point ends, as a refused `expected_offset` says.
 pub fn end_of(status: &Status) -> Option<u64> {
-    let value = status.metadata().get(END_METADATA)?;
-    value.to_str().ok()?.parse().ok()
+    metadata_number(status, END_METADATA)
+}
+
+/// The number a status carries in its metadata under `key`, if any.
+fn metadata_number(status: &Status, key: &str) -> Option<u64> {
+    status.metadata().get(key)?.to_str().ok()?.parse().ok()
 }
 
 /// The member a `FailedPrecondition` refusal names in its metadata, if any.

@@ -134,6 +134,29 @@ pub struct Member {
     pub moving: u32,
 }
 
+#[cfg(test)]
+impl Member {
+    /// A live, active follower called `name` with addresses made of its name (`name:1` for
+    /// the API, `:2` replication, `:3` HTTP), for unit tests.
+    pub(crate) fn follower_for_tests(name: &str) -> Member {
+        Member {
+            name: name.into(),
+            generation: 1,
+            gossip_addr: "127.0.0.1:1".parse().expect("an address"),
+            role: Role::Follower,
+            lifecycle: Lifecycle::Active,
+            rpc_addr: format!("{name}:1"),
+            replication_addr: format!("{name}:2"),
+            http_addr: format!("{name}:3"),
+            virtual_nodes: 0,
+            tags: BTreeMap::new(),
+            leader: None,
+            handed: None,
+            moving: 0,
+        }
+    }
+}
+
 /// Everything a node gossips: itself, the part of its ring others may not know (its own record,
 /// the records of members it sees down), and while the ring forms, the founders it proposes.
 #[derive(Debug, Clone, PartialEq, Eq)]

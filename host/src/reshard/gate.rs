@@ -736,28 +736,12 @@ pub fn refusal(membership: &Membership, point: &str, owner: &str) -> Refusal {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::cluster::{Member, View};
+    use crate::cluster::View;
     use crate::controller::Group;
 
     fn live(names: &[&str]) -> Membership {
-        let member = |name: &str| Member {
-            name: name.into(),
-            generation: 1,
-            gossip_addr: "127.0.0.1:1".parse().unwrap(),
-            role: Role::Follower,
-            lifecycle: Lifecycle::Active,
-            rpc_addr: format!("{name}:1"),
-            replication_addr: format!("{name}:2"),
-            http_addr: format!("{name}:3"),
-            virtual_nodes: 0,
-            tags: BTreeMap::new(),
-            leader: None,
-            handed: None,
-            moving: 0,
-        };
+        let member = Member::follower_for_tests;
         Membership {
             local: "b".into(),
             view: View {

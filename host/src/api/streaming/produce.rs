@@ -259,7 +259,7 @@ struct Pace {
 
 impl Pace {
     fn new(state: &Context) -> Self {
-        let window = state.waits_for_replicas().then(|| {
+        let window = state.replicas_waited_for().map(|_| {
             (state.services.config.replication.in_sync_max_lag_bytes / 4).max(MAX_BATCH_BYTES)
         });
         Pace {

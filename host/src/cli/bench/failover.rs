@@ -26,11 +26,11 @@ use std::sync::Arc;
 use goutube::client::{Client, Progress, PutOptions, Quiet};
 use goutube::config::ControllerSection;
 use goutube::proto::streaming_client::StreamingClient;
-use goutube::proto::{ConsumeRequest, GroupInfo, LocatePointRequest, ProduceRequest};
+use goutube::proto::{ConsumeRequest, GroupInfo, ProduceRequest};
 use rand::RngCore;
 use tonic::transport::Channel;
 
-use super::{Server, connect, median, percentile};
+use super::{Server, connect, median, owner as ring_owner, percentile};
 
 /// Bytes of each acknowledged write.
 const CHUNK: usize = 64 * 1024;
@@ -99,7 +99,7 @@ async fn put_through_a_kill(mib: u64) -> anyhow::Result<()> {
     let len = mib * 1024 * 1024;
     let to_a = connect(&cluster.address("a")?).await?;
     let options = PutOptions::default();
-    let points = points_of(&to_a.raw(), "a", 2).await?;
+    let points = points_of(&to_a, "a", 2).await?;
     let quiet: Arc<dyn Progress> = Arc::new(Quiet);
 
     let started = Instant::now();
@@ -259,8 +259,9 @@ impl Trial {
 async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
     let mut cluster = Trial::start(trial).await?;
     let b = connect(&cluster.address("b")?).await?;
-    let to_a = connect(&cluster.address("a")?).await?.raw();
+    let to_a = connect(&cluster.address("a")?).await?;
     let point = point_of(&to_a, "a").await?;
+    let to_a = to_a.raw();
     let mut written: Vec<u8> = Vec::new();
     for _ in 0..16 {
         let chunk = random_chunk();
@@ -332,28 +333,16 @@ async fn group_of(client: &Client, slot: &str) -> Option<GroupInfo> {
 }
 
 /// A point `owner` owns.
-async fn point_of(client: &StreamingClient<Channel>, owner: &str) -> anyhow::Result<String> {
+async fn point_of(client: &Client, owner: &str) -> anyhow::Result<String> {
     Ok(points_of(client, owner, 1).await?.remove(0))
 }
 
 /// `n` points `owner` owns.
-async fn points_of(
-    client: &StreamingClient<Channel>,
-    owner: &str,
-    n: usize,
-) -> anyhow::Result<Vec<String>> {
+async fn points_of(client: &Client, owner: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let mut points = Vec::new();
     for i in 0..10_000 {
         let point = format!("bench/failover/{i}");
-        let located = client
-            .clone()
-            .locate_point(LocatePointRequest {
-                point: point.clone(),
-                replicas: 1,
-            })
-            .await?
-            .into_inner();
-        if located.owners.first().is_some_and(|o| o.name == owner) {
+        if ring_owner(client, &point).await? == owner {
             points.push(point);
             if points.len() == n {
                 return Ok(points);

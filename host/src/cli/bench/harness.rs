@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 
 use goutube::client::{Client, ClientOptions, ClientTls};
 use goutube::process::NodeProcess;
+use goutube::proto::LocatePointRequest;
 
 pub(super) async fn connect(addr: &str) -> anyhow::Result<Client> {
     connect_with(addr, None).await
@@ -22,6 +23,17 @@ pub(super) async fn connect_with(addr: &str, tls: Option<ClientTls>) -> anyhow::
         tls,
     })
     .await?)
+}
+
+/// The member that owns `point` in the ring, as the node behind `client` ranks it.
+pub(super) async fn owner(client: &Client, point: &str) -> anyhow::Result<String> {
+    let request = LocatePointRequest {
+        point: point.to_owned(),
+        replicas: 1,
+    };
+    let located = client.raw().locate_point(request).await?.into_inner();
+    let first = located.owners.into_iter().next().context("no owner")?;
+    Ok(first.name)
 }
 
 /// The sum of the samples of metric `name` (all its labels) on `server`'s metrics endpoint.

@@ -23,9 +23,11 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use goutube::client::Client;
 use goutube::proto::OWNER_ADDR_METADATA;
-use goutube::proto::{LocatePointRequest, ProduceRequest};
+use goutube::proto::ProduceRequest;
 
-use super::{Server, Workload, connect, consume, median, metric, percentile, produce, spread};
+use super::{
+    Server, Workload, connect, consume, median, metric, owner, percentile, produce, spread,
+};
 
 /// Points that writers keep appending to during the move.
 const WRITTEN: usize = 16;
@@ -305,20 +307,7 @@ async fn split_by_owner(
             break;
         }
         let point = format!("p/{i}");
-        let owner = to_a
-            .raw()
-            .locate_point(LocatePointRequest {
-                point: point.clone(),
-                replicas: 1,
-            })
-            .await?
-            .into_inner()
-            .owners
-            .first()
-            .context("no owner")?
-            .name
-            .clone();
-        match owner.as_str() {
+        match owner(to_a, &point).await?.as_str() {
             "a" if on_a.len() < points => on_a.push(point),
             "b" if on_b.len() < UNRELATED => on_b.push(point),
             _ => {}
