@@ -11,8 +11,9 @@
 //!   or the leader the controller named in its place after a failover), one upstream stream per
 //!   point (a stream may interleave points of several primaries); the reply has one record per
 //!   point in first-seen order. A point's first frames are kept (up to [`REPLAY_BUDGET`]) until
-//!   the call ends, so a refusal naming another owner — the ring moved under the balancer — is
-//!   followed once: the point's frames go to that owner. A group electing a new leader is
+//!   the call ends, so a refusal naming another owner — the ring moved under the balancer, a
+//!   group's leadership was handed on — is followed (a few times at most, pausing from the
+//!   second on): the point's frames go to that owner. A group electing a new leader is
 //!   waited for, and a writer lost mid-call is ridden through when every kept frame carries its
 //!   `expected_offset` (`docs/failover.md`, "Clients riding through").
 //! - **ConsumeStream.** From a replica whose confirmed end covers the request: the owner's
@@ -63,6 +64,13 @@ pub(crate) const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
 const UPSTREAM_QUEUE: usize = 8;
 /// How often one point's frames are sent again while riding through the loss of its writer.
 const MAX_RESUMES: u32 = 8;
+/// Most refusals naming another writer that one stream follows: the ring or a group's leader
+/// may change more than once during a stream, but a loop between members must end.
+const MAX_FOLLOWS: u32 = 8;
+/// The pause before following a refusal from the second on: two members whose views of the
+/// controller's state differ for a moment (a new leader that has not learned it leads yet)
+/// send a write back and forth until the slower one catches up.
+const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the balancer's handlers share.
 pub(crate) struct Balancer {
@@ -308,8 +316,8 @@ struct Upstream {
     call: JoinHandle<Result<ProduceResponse, Status>>,
     /// The frames sent so far, while they fit the budget.
     replay: Option<(Vec<ProduceRequest>, usize)>,
-    /// Whether a refusal naming another writer was followed (once).
-    followed: bool,
+    /// How many refusals naming another writer were followed (at most [`MAX_FOLLOWS`]).
+    followed: u32,
     /// Once the writer was lost: until when the stream waits for a new one.
     riding: Option<Instant>,
     /// How often the frames were sent again from where the new writer's copy ends.
@@ -352,7 +360,7 @@ impl Upstream {
             frames: Some(frames),
             call,
             replay: Some((Vec::new(), 0)),
-            followed: false,
+            followed: 0,
             riding: None,
             resumed: 0,
         })
@@ -393,7 +401,8 @@ impl Upstream {
     /// After the upstream call ended with `status` before the stream did, sends the frames
     /// again, when they are all kept, to the member that takes them now:
     /// - a refusal naming another writer (the ring moved, a failover named a new leader) is
-    ///   followed once;
+    ///   followed, a few times at most, pausing from the second on (two transfers in a row are
+    ///   two redirects; a new leader that does not know it yet sends the write back);
     /// - a writer lost (the call failed, `Unavailable`) is waited out, up to
     ///   [`Balancer::ride_through`], if every frame carries its `expected_offset`: then no
     ///   frame can be written twice. The new writer refuses a frame it holds already with its
@@ -412,8 +421,13 @@ impl Upstream {
             // Once; and while riding through the loss of a writer, as often as frames may be
             // sent again.
             match self.riding {
-                None if self.followed => return Err(status),
-                None => self.followed = true,
+                None if self.followed >= MAX_FOLLOWS => return Err(status),
+                None => {
+                    if self.followed > 0 {
+                        tokio::time::sleep(FOLLOW_PAUSE).await;
+                    }
+                    self.followed += 1;
+                }
                 Some(_) if self.resumed >= MAX_RESUMES => return Err(status),
                 Some(_) => self.resumed += 1,
             }
@@ -739,6 +753,14 @@ impl proto::streaming_server::Streaming for BalancerService {
         &self,
         request: Request<proto::CleanupMemberRequest>,
     ) -> Result<Response<proto::CleanupMemberResponse>, Status> {
+        let node = request.get_ref().node.clone();
+        Err(self.not_a_member(&request, &node).await)
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<proto::TransferLeadershipRequest>,
+    ) -> Result<Response<proto::TransferLeadershipResponse>, Status> {
         let node = request.get_ref().node.clone();
         Err(self.not_a_member(&request, &node).await)
     }

@@ -12,6 +12,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::access::Denied;
+use crate::api::transfer::TransferError;
 use crate::placement::PlacementError;
 use crate::point::{AppendError, DeleteError, Handover, InvalidPointId, ReadError, StorageError};
 use crate::proto::{
@@ -56,6 +57,9 @@ pub enum Error {
     /// The files underneath failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A group's leadership was not handed over (`crate::api::transfer`).
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
 }
 
 impl Error {
@@ -68,6 +72,7 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Refused(refusal) => refusal.code(),
+            Error::Transfer(error) => error.code(),
             // A fence passes in moments; a moved or arriving point is written elsewhere.
             Error::Append(AppendError::Handover { handover, .. }) => match handover {
                 Handover::Sealed { .. } => Code::Unavailable,
@@ -129,7 +134,14 @@ macro_rules! status_through_error {
     )*};
 }
 
-status_through_error!(Denied, Refusal, PlacementError, WriteError, ReadRefusal);
+status_through_error!(
+    Denied,
+    Refusal,
+    PlacementError,
+    WriteError,
+    ReadRefusal,
+    TransferError
+);
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {

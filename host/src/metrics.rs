@@ -72,6 +72,10 @@ pub const SESSION_HELD: &str = "goutube_session_held";
 pub const FAILOVERS: &str = "goutube_failovers_total";
 /// How long committing a fence took, from the moment it was due (on the controller leader).
 pub const FAILOVER_SECONDS: &str = "goutube_failover_commit_seconds";
+/// Groups this node, their leader, handed to an in-sync member (a transfer, a graceful stop).
+pub const TRANSFERS: &str = "goutube_leadership_transfers_total";
+/// How long this node held writes back to hand a group over.
+pub const TRANSFER_HOLD_SECONDS: &str = "goutube_leadership_transfer_hold_seconds";
 /// Writes a group leader refused because its session with the controller lapsed.
 pub const SELF_FENCED: &str = "goutube_self_fenced_writes_total";
 /// Replication peers the authorizer did not allow to replicate.
@@ -256,6 +260,15 @@ fn describe_replication() {
     describe_histogram!(
         FAILOVER_SECONDS,
         "How long committing a fence took, from the moment it was due."
+    );
+    describe_counter!(
+        TRANSFERS,
+        "Groups this node, their leader, handed to an in-sync member (a transfer, a graceful stop)."
+    );
+    describe_histogram!(
+        TRANSFER_HOLD_SECONDS,
+        Unit::Seconds,
+        "How long this node held writes back to hand a group over."
     );
     describe_gauge!(
         SESSION_HELD,

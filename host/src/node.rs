@@ -473,12 +473,16 @@ impl Node {
         Ok(())
     }
 
-    /// Stops accepting, waits up to the grace period for open calls, cancels the rest, stops
+    /// Hands the groups it leads to in-sync followers (`api::transfer::before_stop`), then
+    /// stops accepting, waits up to the grace period for open calls, cancels the rest, stops
     /// replication, syncs and closes every point, then leaves the live view (the node stays in
     /// the ring: a restart is not a departure).
     pub async fn shutdown(self) -> Result<(), ShutdownError> {
         let name = self.services.config.node_name.clone();
         tracing::info!(node = %name, "shutting down");
+        if let Some(context) = &self.context {
+            crate::api::transfer::before_stop(context).await;
+        }
         self.services.lifetime.shutdown.cancel();
         let grace = Duration::from_millis(self.services.config.shutdown_grace_ms);
         let api = self.api.terminated();

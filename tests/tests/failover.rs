@@ -66,6 +66,32 @@ impl Cluster {
         cluster
     }
 
+    /// Starts balancer lb; returns an operator's client of it once it sees a's group and
+    /// every member sees it (a member trusts the subject it forwards for only from a live
+    /// balancer).
+    async fn start_balancer(&mut self) -> Client {
+        self.spawn(
+            "lb",
+            "role = \"balancer\"\n[controller]\nvoters = [\"a\", \"b\", \"c\"]",
+        );
+        let members: Vec<&'static str> = self.nodes.keys().copied().collect();
+        eventually(
+            "the balancer and every member to see each other, and a's group",
+            || async {
+                let group = self.group("lb", "a").await;
+                let mut seen = group.is_some_and(|g| g.failover == "automatic");
+                for member in &members {
+                    seen = seen
+                        && self.sees_live("lb", member).await
+                        && self.sees_live(member, "lb").await;
+                }
+                seen
+            },
+        )
+        .await;
+        self.client("lb").await
+    }
+
     /// The group of `slot` as node `name` sees the controller's state.
     async fn group(&self, name: &str, slot: &str) -> Option<goutube::proto::GroupInfo> {
         let members = self.members(name).await?;
@@ -165,6 +191,12 @@ impl Cluster {
         points
     }
 
+    /// The size of `point` on node `name` (0 if it holds none).
+    async fn size(&self, name: &str, point: &str) -> u64 {
+        let mut client = self.client(name).await;
+        metadata(&mut client, point).await.map_or(0, |m| m.size)
+    }
+
     /// The metrics node `name` serves (over TLS, to an operator's certificate).
     async fn metrics(&self, name: &str) -> String {
         let https = Some(self.pki.https(Some("root")));
@@ -179,8 +211,14 @@ impl Cluster {
         String::from_utf8(scrape.body).unwrap()
     }
 
+    /// Stops every node gracefully, the voters last (a group leader stopping hands its group
+    /// over first, which takes the controller).
     fn stop(self) {
-        for (name, node) in self.nodes {
+        let (voters, others): (Vec<_>, Vec<_>) = self
+            .nodes
+            .into_iter()
+            .partition(|(name, _)| ["a", "b", "c"].contains(name));
+        for (name, node) in others.into_iter().chain(voters) {
             assert!(node.terminate(), "{name}: a graceful stop");
         }
     }
@@ -542,26 +580,48 @@ async fn a_leader_stopped_past_its_session_is_replaced_and_when_resumed_changes_
 /// The 3 a.m. outage, as clients see it: `goutube put` of a file to the leader, which is
 /// killed midway, finishes with the point byte-exact (no byte lost, none twice); a producer
 /// appending small records through a balancer all the while gets every append acknowledged.
+/// A steady producer: one append after another through `to_lb` (a balancer), each at its
+/// offset, until `stop`; returns what was acknowledged, or where and how an append failed.
+fn produce_through(
+    to_lb: Client,
+    point: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Result<Vec<u8>, (usize, tonic::Status)>> {
+    tokio::spawn(async move {
+        let mut acknowledged = Vec::new();
+        for seed in 0.. {
+            if stop.is_cancelled() {
+                break;
+            }
+            let bytes = data(seed + 1_000, 1_009 + (seed as usize * 7_919) % 20_011);
+            let mut client = to_lb.clone();
+            let offset = acknowledged.len() as u64;
+            if let Err(status) = append_at(&mut client, &point, offset, &bytes).await {
+                return Err((acknowledged.len(), status));
+            }
+            acknowledged.extend_from_slice(&bytes);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(acknowledged)
+    })
+}
+
+/// What [`produce_through`] had acknowledged; a failed append fails the test.
+async fn acknowledged_by(
+    producer: tokio::task::JoinHandle<Result<Vec<u8>, (usize, tonic::Status)>>,
+) -> Vec<u8> {
+    match producer.await.unwrap() {
+        Ok(acknowledged) => acknowledged,
+        Err((at, status)) => panic!("an append through the balancer failed at {at}: {status:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_ride_through_the_failover_of_the_leader_they_write_to() {
     let mut cluster = Cluster::start(&["fr1", "fr2"]).await;
-    cluster.spawn(
-        "lb",
-        "role = \"balancer\"\n[controller]\nvoters = [\"a\", \"b\", \"c\"]",
-    );
+    let to_lb = cluster.start_balancer().await;
     let points = cluster.points_of("a", 2).await;
     let (uploaded, appended) = (points[0].clone(), points[1].clone());
-    let to_lb = cluster.client("lb").await;
-    eventually(
-        "the balancer and a to see each other, and a's group",
-        || async {
-            let group = cluster.group("lb", "a").await;
-            cluster.sees_live("lb", "a").await
-                && cluster.sees_live("a", "lb").await
-                && group.is_some_and(|g| g.failover == "automatic")
-        },
-    )
-    .await;
     let writer = |client: Client| {
         let request = LocatePointRequest {
             point: appended.clone(),
@@ -575,28 +635,8 @@ async fn clients_ride_through_the_failover_of_the_leader_they_write_to() {
     };
     assert_eq!(writer(to_lb.clone()).await, ("a".into(), "a".into()));
 
-    // The producer: one append after another through the balancer, each at its offset.
     let stop = tokio_util::sync::CancellationToken::new();
-    let producer = tokio::spawn({
-        let (to_lb, point, stop) = (to_lb.clone(), appended.clone(), stop.clone());
-        async move {
-            let mut acknowledged = Vec::new();
-            for seed in 0.. {
-                if stop.is_cancelled() {
-                    break;
-                }
-                let bytes = data(seed + 1_000, 1_009 + (seed as usize * 7_919) % 20_011);
-                let mut client = to_lb.clone();
-                let offset = acknowledged.len() as u64;
-                if let Err(status) = append_at(&mut client, &point, offset, &bytes).await {
-                    return Err((acknowledged.len(), status));
-                }
-                acknowledged.extend_from_slice(&bytes);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Ok(acknowledged)
-        }
-    });
+    let producer = produce_through(to_lb.clone(), appended.clone(), stop.clone());
 
     // The upload, by the command line, to a.
     let file = cluster.root.path().join("upload.bin");
@@ -676,10 +716,7 @@ async fn clients_ride_through_the_failover_of_the_leader_they_write_to() {
     })
     .await;
     stop.cancel();
-    let acknowledged = match producer.await.unwrap() {
-        Ok(acknowledged) => acknowledged,
-        Err((at, status)) => panic!("an append through the balancer failed at {at}: {status:?}"),
-    };
+    let acknowledged = acknowledged_by(producer).await;
 
     // Byte-exact on the new leader and on the other follower, which follows it.
     assert!(
@@ -695,6 +732,133 @@ async fn clients_ride_through_the_failover_of_the_leader_they_write_to() {
     eventually("the other follower to hold the upload", || async {
         read_all(&to_other, &uploaded).await == bytes
     })
+    .await;
+    cluster.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_moves_hand_a_group_over_without_a_failed_write() {
+    let mut cluster = Cluster::start(&["ft1", "ft2"]).await;
+    let to_lb = cluster.start_balancer().await;
+    let point = cluster.point_of("a").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producer = produce_through(to_lb.clone(), point.clone(), stop.clone());
+    eventually("the producer to append on a", || async {
+        producer.is_finished() || cluster.size("a", &point).await > 0
+    })
+    .await;
+    let options = cluster.pki.client_options("root", &cluster.nodes["b"].rpc);
+    let operator = goutube::client::Client::connect(&options).await.unwrap();
+    let epoch = cluster.group("b", "a").await.unwrap().leader_epoch;
+
+    // Only a member of the in-sync set may lead; only the leader hands its group over.
+    let refused = operator
+        .transfer("a", Some("b"), &options)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("not in the in-sync set"),
+        "{refused}"
+    );
+    let refused = operator.transfer("ft1", None, &options).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("leads no replica group"),
+        "{refused}"
+    );
+
+    // An operator moves a's group to ft1 (asked through b), under the steady producer.
+    let handed = operator.transfer("a", Some("ft1"), &options).await.unwrap();
+    let transfer = &handed.transfers[..];
+    assert_eq!(transfer.len(), 1, "{handed:?}");
+    assert_eq!(
+        (transfer[0].slot.as_str(), transfer[0].to.as_str()),
+        ("a", "ft1")
+    );
+    eprintln!(
+        "a held writes back {} ms to hand its group to ft1",
+        transfer[0].held_ms
+    );
+    let group = eventually_some("b to see ft1 lead a's group", || async {
+        cluster.group("b", "a").await.filter(|g| g.leader == "ft1")
+    })
+    .await;
+    assert!(group.leader_epoch > epoch, "{group:?}");
+    assert!(group.followers.contains(&"a".to_owned()), "{group:?}");
+    // a sends writers to ft1, which takes the producer's appends.
+    let mut to_a = cluster.client("a").await;
+    let end = cluster.size("a", &point).await;
+    let refused = append_at(&mut to_a, &point, end, b"x").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("ft1"), "{}", refused.message());
+    let before = cluster.size("ft1", &point).await;
+    eventually("the producer to append on ft1", || async {
+        producer.is_finished() || cluster.size("ft1", &point).await > before
+    })
+    .await;
+
+    // Once a is back in the in-sync set, `goutube members transfer` hands the group back.
+    eventually("a to be in ft1's in-sync set", || async {
+        let group = cluster.group("b", "a").await;
+        group.is_some_and(|g| g.in_sync.contains(&"a".to_owned()))
+    })
+    .await;
+    let tls = options.tls.as_ref().unwrap();
+    let (ca, cert, key) = (tls.ca.display(), tls.cert.display(), tls.key.display());
+    let args = format!(
+        "members transfer ft1 --to a --addr {} --ca {ca} --cert {cert} --key {key}",
+        cluster.nodes["b"].rpc
+    );
+    let output = tokio::process::Command::new(goutube_bin())
+        .args(args.split(' '))
+        .env_remove("GOUTUBE_CLIENT_ADDR")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("a: led by a now"),
+        "{}",
+        stdout(&output)
+    );
+    let before = cluster.size("a", &point).await;
+    eventually("the producer to append on a again", || async {
+        producer.is_finished() || cluster.size("a", &point).await > before
+    })
+    .await;
+
+    // A graceful stop of a hands its group over first: no session expires, nobody is fenced.
+    eventually("both followers to be in a's in-sync set", || async {
+        cluster.in_sync("b", "a").await == ["ft1", "ft2"]
+    })
+    .await;
+    assert!(cluster.nodes.remove("a").unwrap().terminate());
+    let group = eventually_some("a new leader for a's group", || async {
+        cluster.group("b", "a").await.filter(|g| g.leader != "a")
+    })
+    .await;
+    let fenced = cluster.metrics("b").await + &cluster.metrics("c").await;
+    assert!(
+        metric(&fenced, "goutube_failovers_total").unwrap_or(0.0) == 0.0,
+        "a leader was fenced: the group was not handed over before the stop"
+    );
+    let leader: &'static str = if group.leader == "ft1" { "ft1" } else { "ft2" };
+    let before = cluster.size(leader, &point).await;
+    eventually("the producer to append on the new leader", || async {
+        producer.is_finished() || cluster.size(leader, &point).await > before
+    })
+    .await;
+
+    // Not one append failed, and every acknowledged byte is on the leader and its follower.
+    stop.cancel();
+    let acknowledged = acknowledged_by(producer).await;
+    let to_leader = cluster.client(leader).await;
+    assert!(read_all(&to_leader, &point).await == acknowledged);
+    let other: &'static str = if leader == "ft1" { "ft2" } else { "ft1" };
+    let to_other = cluster.client(other).await;
+    eventually(
+        "the other follower to hold every acknowledged byte",
+        || async { read_all(&to_other, &point).await == acknowledged },
+    )
     .await;
     cluster.stop();
 }

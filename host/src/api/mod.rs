@@ -8,6 +8,7 @@
 pub mod context;
 pub mod resolver;
 pub mod streaming;
+pub mod transfer;
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;

@@ -9,7 +9,7 @@
 //! The shared parts are their own files — [`harness`] (server processes and `/proc`), [`stats`]
 //! (medians, spreads, ratio rows), [`workload`] (frames, produce/consume loops, the machine's
 //! ceilings), [`baseline`] — and each scenario beyond streaming has one (`cluster`, `controller`, `download`,
-//! `http`, `replication`, `reshard`); they all stand on the shared parts through this module.
+//! `http`, `replication`, `reshard`, `transfer`); they all stand on the shared parts through this module.
 
 mod baseline;
 mod cluster;
@@ -21,6 +21,7 @@ mod http;
 mod replication;
 mod reshard;
 mod stats;
+mod transfer;
 mod workload;
 
 use baseline::*;
@@ -134,6 +135,17 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 1024)]
         put_mib: u64,
     },
+    /// Planned moves of leadership under a producer through a balancer: the writer's pause per
+    /// `TransferLeadership` against the gaps between acknowledgements with none, and a rolling
+    /// restart of 3 primaries (2 followers each): client-visible errors and the rate's dip.
+    Transfer {
+        /// Transfers of a group's leadership.
+        #[arg(long, default_value_t = 30)]
+        trials: usize,
+        /// Also restart 3 primaries one after the other under 3 producers.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        rolling_restart: bool,
+    },
     /// The HTTP gateway against gRPC consume of the same point in the same run: reading it
     /// whole, and many clients reading random 1 MiB ranges (time to first byte, throughput).
     Http {
@@ -219,6 +231,10 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             controller::run(proposals.max(1), trials.max(1), timeout.max(30)).await
         }
         Bench::Failover { trials, put_mib } => failover::run(trials.max(1), put_mib).await,
+        Bench::Transfer {
+            trials,
+            rolling_restart,
+        } => transfer::run(trials.max(1), rolling_restart).await,
         Bench::Http {
             mib,
             rounds,

@@ -250,14 +250,18 @@ pub(super) async fn members_list(connection: Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `goutube members drain|cleanup|forget NODE`, `goutube members voters A,B,C`.
+/// `goutube members drain|cleanup|forget|transfer NODE`, `goutube members voters A,B,C`.
 pub(super) async fn members_change(
     action: MembersAction,
     node: Option<String>,
+    to: Option<String>,
     connection: Connection,
 ) -> anyhow::Result<()> {
     init_client_logging();
     let node = node.expect("clap requires the node with an action");
+    if to.is_some() && !matches!(action, MembersAction::Transfer) {
+        anyhow::bail!("--to names the member to lead after a transfer: only `transfer` takes it");
+    }
     let client = connection.connect().await?;
     let options = connection.options();
     match action {
@@ -281,6 +285,15 @@ pub(super) async fn members_change(
                 "{node}: {state}; its new owners take its points over from its \
                  followers' copies (watch `goutube members`)"
             );
+        }
+        MembersAction::Transfer => {
+            let handed = client.transfer(&node, to.as_deref(), &options).await?;
+            for transfer in handed.transfers {
+                println!(
+                    "{}: led by {} now (writes held back {} ms)",
+                    transfer.slot, transfer.to, transfer.held_ms
+                );
+            }
         }
         MembersAction::Voters => {
             let wanted: Vec<String> = node

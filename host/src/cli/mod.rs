@@ -110,11 +110,16 @@ pub(crate) enum Command {
         /// forgotten (asked of the --addr node); its points are taken over from its followers'
         /// copies, and if it ever returns it steps down. `voters`: NODE is the list of the
         /// controller's voters wanted, comma-separated (1, 3 or 5 live primaries): each new one
-        /// catches the controller's log up, then the list is committed.
+        /// catches the controller's log up, then the list is committed. `transfer`: NODE, the
+        /// leader of a replica group, hands it to a member of its in-sync set (--to, else the
+        /// one least behind) without failing a write; asked of NODE itself.
         #[arg(value_enum, requires = "node")]
         action: Option<MembersAction>,
         /// The member to change (`voters`: the voters, comma-separated).
         node: Option<String>,
+        /// `transfer`: the member to lead instead.
+        #[arg(long)]
+        to: Option<String>,
         #[command(flatten)]
         connection: Connection,
     },
@@ -228,6 +233,7 @@ pub(crate) enum MembersAction {
     Cleanup,
     Forget,
     Voters,
+    Transfer,
 }
 
 impl Command {
@@ -354,8 +360,9 @@ async fn command(command: Command) -> anyhow::Result<()> {
         Command::Members {
             action: Some(action),
             node,
+            to,
             connection,
-        } => members_change(action, node, connection).await,
+        } => members_change(action, node, to, connection).await,
         Command::Url {
             point,
             ttl,

@@ -35,7 +35,7 @@ use crate::proto::{
     CleanupMemberRequest, CleanupMemberResponse, DeletePointRequest, DrainMemberRequest,
     ForgetMemberRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
     ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, Record,
-    SetVotersRequest, SignUrlRequest,
+    SetVotersRequest, SignUrlRequest, TransferLeadershipRequest, TransferLeadershipResponse,
 };
 use crate::proto::{
     END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA, RETRY_AFTER_METADATA,
@@ -441,7 +441,7 @@ impl Client {
     /// address the cluster knows it by, with the TLS settings of `options`. Returns its state
     /// in the ring (`leaving`, or `left` when it was drained already).
     pub async fn drain(&self, node: &str, options: &ClientOptions) -> Result<String, ClientError> {
-        let member = self.member(node, options).await?;
+        let member = self.member(node, options, Needs::Primary).await?;
         let request = DrainMemberRequest {
             node: node.to_owned(),
         };
@@ -455,16 +455,42 @@ impl Client {
         node: &str,
         options: &ClientOptions,
     ) -> Result<CleanupMemberResponse, ClientError> {
-        let member = self.member(node, options).await?;
+        let member = self.member(node, options, Needs::Primary).await?;
         let request = CleanupMemberRequest {
             node: node.to_owned(),
         };
         Ok(member.raw().cleanup_member(request).await?.into_inner())
     }
 
-    /// A client of the primary `node`, found through this client's node, with the TLS
+    /// Hands every replica group the member `node` leads to a member of its in-sync set (`to`,
+    /// else the one least behind), asking `node` itself (`docs/failover.md`). Returns what it
+    /// handed.
+    pub async fn transfer(
+        &self,
+        node: &str,
+        to: Option<&str>,
+        options: &ClientOptions,
+    ) -> Result<TransferLeadershipResponse, ClientError> {
+        let member = self.member(node, options, Needs::AnyMember).await?;
+        let request = TransferLeadershipRequest {
+            node: node.to_owned(),
+            to: to.unwrap_or_default().to_owned(),
+        };
+        Ok(member
+            .raw()
+            .transfer_leadership(request)
+            .await?
+            .into_inner())
+    }
+
+    /// A client of the member `node`, found through this client's node, with the TLS
     /// settings of `options`.
-    async fn member(&self, node: &str, options: &ClientOptions) -> Result<Client, ClientError> {
+    async fn member(
+        &self,
+        node: &str,
+        options: &ClientOptions,
+        needs: Needs,
+    ) -> Result<Client, ClientError> {
         let members = self.members().await?;
         let member = members
             .members
@@ -476,9 +502,15 @@ impl Client {
                     members.node
                 )))
             })?;
-        if !member.in_ring {
+        if matches!(needs, Needs::Primary) && !member.in_ring {
             return Err(ClientError::Status(Status::failed_precondition(format!(
                 "{node} is not in the ring: only primaries are drained or cleaned up"
+            ))));
+        }
+        if member.rpc_addr.is_empty() {
+            return Err(ClientError::Status(Status::unavailable(format!(
+                "{node} is not live: {} knows no address of it",
+                members.node
             ))));
         }
         let options = ClientOptions {
@@ -980,6 +1012,15 @@ pub fn owner_of(status: &Status) -> Option<Redirect> {
         member: owner.to_owned(),
         rpc_addr: address.to_owned(),
     })
+}
+
+/// Which members an operator's call about a member may be asked of.
+#[derive(Debug, Clone, Copy)]
+enum Needs {
+    /// A primary in the ring (drain, cleanup).
+    Primary,
+    /// Any live member (a transfer: a follower may lead a group after a failover).
+    AnyMember,
 }
 
 #[cfg(test)]

@@ -219,6 +219,16 @@ pub enum Decision {
     Forget(String),
     /// An operator makes these primaries the controller's voters.
     Voters(Vec<String>),
+    /// This member, the leader of `slot`'s group at `leader_epoch`, hands the group to `to`
+    /// (it stopped appending and saw `to` hold every byte: `replication::transfer`).
+    Transfer {
+        /// The slot (the group's primary).
+        slot: String,
+        /// The epoch this member leads the group at.
+        leader_epoch: u64,
+        /// The member to lead it.
+        to: String,
+    },
 }
 
 /// The sending end of [`Decision`]s, each answered once the controller decided it.
@@ -318,6 +328,17 @@ impl Steps {
     /// log up, then the set is committed.
     pub async fn set_voters(&self, voters: Vec<String>) -> Result<(), StepError> {
         self.decide(Decision::Voters(voters)).await
+    }
+
+    /// Hands the group of `slot`, which this member leads at `leader_epoch`, to `to`, a member
+    /// of its in-sync set; answered once committed.
+    pub async fn transfer(&self, slot: &str, leader_epoch: u64, to: &str) -> Result<(), StepError> {
+        self.decide(Decision::Transfer {
+            slot: slot.to_owned(),
+            leader_epoch,
+            to: to.to_owned(),
+        })
+        .await
     }
 
     /// Announces in gossip how many points this member is handing over now.

@@ -28,7 +28,7 @@ use super::network::Peers;
 use super::session::HEARTBEATS_PER_SESSION;
 use super::{
     Applied, Command, Controller, Group, Lease, ProposeError, Rejected, StartError, Status,
-    Topology, VotersError, heartbeat,
+    Topology, VotersError, election, heartbeat,
 };
 use crate::client::ClientTls;
 use crate::cluster::ring::{Ring, RingMember};
@@ -593,8 +593,13 @@ impl Running {
                 handed: me.handed.clone(),
             });
         }
-        if let Some(leader) = &me.leader {
-            // (After a failover it copies from the leader named for its group.)
+        // The leader it copies from is a slot's primary; after a failover or a transfer, the
+        // leader the controller named for its group (or nobody, while it leads the group).
+        if let Some(leader) = me
+            .leader
+            .as_ref()
+            .filter(|l| topology.groups.contains_key(*l))
+        {
             let copies = topology
                 .groups
                 .get(leader)
@@ -679,12 +684,7 @@ impl Own {
         let (Some(store), Some(progress)) = (&self.store, &self.progress) else {
             return Some("this node keeps no points".into());
         };
-        let mut ends = Vec::new();
-        for id in store.list("", None, usize::MAX) {
-            if let Ok(snapshot) = store.metadata(&id).await {
-                ends.push((id, snapshot.end));
-            }
-        }
+        let ends = store.ends().await;
         progress
             .missing(follower, &ends)
             .map(|(point, end, has)| format!("point {point}: {has} of {end} bytes confirmed"))
@@ -718,8 +718,25 @@ impl Asked {
                 if name == self.local || self.membership.borrow().live(&name).is_some() {
                     return Err(StepError::Live(name));
                 }
+                let waits = {
+                    let membership = self.membership.borrow();
+                    let live = |member: &str| membership.live(member).is_some();
+                    election::fails_over_by_itself(&self.topology.borrow(), &name, live)
+                };
+                if let Some(why) = waits {
+                    return Err(StepError::Refused(why));
+                }
                 Command::Forget { name }
             }
+            Decision::Transfer {
+                slot,
+                leader_epoch,
+                to,
+            } => Command::Transfer {
+                slot,
+                leader_epoch,
+                to,
+            },
             Decision::Voters(voters) => {
                 return match self.decider.set_voters(voters).await {
                     Ok(_) => Ok(()),

@@ -110,6 +110,19 @@ pub enum Command {
         /// The new leader of each slot it led.
         leaders: BTreeMap<String, String>,
     },
+    /// A group's leader hands the group to a member of its in-sync set (a planned move: an
+    /// operator's `goutube members transfer`, or a graceful stop). The leader proposes it only
+    /// once it stopped appending and saw `to` confirm the end of every point, so `to` holds
+    /// every byte, acknowledged or not. `to` leads at this entry's epoch; the old leader follows
+    /// it, outside the in-sync set until it is seen caught up again.
+    Transfer {
+        /// The slot (the group's primary).
+        slot: String,
+        /// The epoch the proposer leads the group at: a stale leader's request is refused.
+        leader_epoch: u64,
+        /// The member that leads the group from now on.
+        to: String,
+    },
     /// The first entry of a cluster created before its controller: the ring gossip had decided,
     /// and the highest epoch its stores held.
     Import {

@@ -60,6 +60,28 @@ pub(super) fn fences(topology: &Topology, sessions: &Sessions, term: u64, now: I
     Due { fences, stranded }
 }
 
+/// Why an operator's forget of `member` should wait, if it should: a group it leads fails over
+/// by itself and a member of the group's in-sync set is `live` (gossip's view), so the
+/// controller names that member once `member`'s session expires. A forget meanwhile would race
+/// the fence, and take the points over from followers' copies that the election keeps whole.
+pub(crate) fn fails_over_by_itself(
+    topology: &Topology,
+    member: &str,
+    live: impl Fn(&str) -> bool,
+) -> Option<String> {
+    topology.led_by(member).find_map(|(slot, group)| {
+        if matches!(group.failover, Failover::Manual(_)) {
+            return None;
+        }
+        let successor = group.in_sync.iter().find(|m| live(m))?;
+        Some(format!(
+            "the group of {slot}, which {member} leads, fails over by itself: its in-sync \
+             member {successor} takes it over once {member}'s session expires (wait for that \
+             instead of forgetting {member})"
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -132,6 +154,49 @@ mod tests {
         assert!(
             fences(&topology, &sessions, 2, later).fences.is_empty(),
             "nothing in a term this voter does not lead"
+        );
+    }
+
+    #[test]
+    fn a_forget_waits_while_a_live_in_sync_member_can_take_the_group_over() {
+        let topology = Topology {
+            groups: [
+                (
+                    "a",
+                    group("a", &["fa1", "fa2"], Failover::Automatic { replicas: 1 }),
+                ),
+                (
+                    "c",
+                    group("c", &["fc"], Failover::Manual("ack = local".into())),
+                ),
+                ("d", group("d", &[], Failover::Automatic { replicas: 1 })),
+            ]
+            .into_iter()
+            .map(|(slot, group)| (slot.to_owned(), group))
+            .collect(),
+            ..Topology::default()
+        };
+        let live = |live: &'static [&'static str]| move |m: &str| live.contains(&m);
+        let waits = fails_over_by_itself(&topology, "a", live(&["fa2"]));
+        assert!(
+            waits.as_deref().is_some_and(|why| why.contains("fa2")),
+            "{waits:?}"
+        );
+        assert_eq!(
+            fails_over_by_itself(&topology, "a", live(&[])),
+            None,
+            "nobody in sync is live: only a forget helps"
+        );
+        assert_eq!(
+            fails_over_by_itself(&topology, "c", live(&["fc"])),
+            None,
+            "a group that fails over only by hand"
+        );
+        assert_eq!(fails_over_by_itself(&topology, "d", live(&[])), None);
+        assert_eq!(
+            fails_over_by_itself(&topology, "b", live(&["fa1"])),
+            None,
+            "leads nothing"
         );
     }
 }

@@ -112,6 +112,11 @@ impl Topology {
                 failover,
             } => self.failover(slot, *leader_epoch, failover)?,
             Command::Fence { member, leaders } => self.fence(member, leaders, epoch)?,
+            Command::Transfer {
+                slot,
+                leader_epoch,
+                to,
+            } => self.transfer(slot, *leader_epoch, to, epoch)?,
         };
         Ok(if changed {
             Applied::Changed {
@@ -479,6 +484,37 @@ impl Topology {
             changed = true;
         }
         Ok(changed)
+    }
+
+    /// Hands `slot`'s group from its leader (at `leader_epoch`) to `to`, a member of its
+    /// in-sync set, at `epoch`. A group `to` leads already is a retry of a committed transfer.
+    fn transfer(
+        &mut self,
+        slot: &str,
+        leader_epoch: u64,
+        to: &str,
+        epoch: u64,
+    ) -> Result<bool, Rejected> {
+        if self
+            .groups
+            .get(slot)
+            .is_some_and(|group| group.leader == to)
+        {
+            return Ok(false);
+        }
+        let group = self.led_at(slot, leader_epoch)?;
+        if !group.in_sync.contains(to) {
+            return Err(Rejected::NotInSync {
+                slot: slot.to_owned(),
+                candidate: to.to_owned(),
+            });
+        }
+        let old = std::mem::replace(&mut group.leader, to.to_owned());
+        group.followers.remove(to);
+        group.in_sync.remove(to);
+        group.followers.insert(old);
+        group.leader_epoch = epoch;
+        Ok(true)
     }
 
     /// The group of `slot`, if it is led at `leader_epoch` (a request of its current leader).
@@ -1136,6 +1172,101 @@ mod tests {
         );
     }
 
+    fn transfer(slot: &str, leader_epoch: u64, to: &str) -> Command {
+        Command::Transfer {
+            slot: slot.into(),
+            leader_epoch,
+            to: to.into(),
+        }
+    }
+
+    #[test]
+    fn a_transfer_hands_a_group_to_an_in_sync_member_at_its_leaders_request() {
+        // a leads its group at epoch 1; f (in sync) and g follow it.
+        let base = [
+            form(&["a", "b"]),
+            follow("f", "a"),
+            follow("g", "a"),
+            in_sync("a", "f", 1),
+        ];
+        let handed = [&base[..], &[transfer("a", 1, "f")]].concat();
+        type Case<'a> = (&'a str, &'a [Command], Command, Result<Applied, Rejected>);
+        let cases: Vec<Case> = vec![
+            (
+                "a follower outside the in-sync set",
+                &base,
+                transfer("a", 1, "g"),
+                Err(Rejected::NotInSync {
+                    slot: "a".into(),
+                    candidate: "g".into(),
+                }),
+            ),
+            (
+                "asked at another epoch than the leader's",
+                &base,
+                transfer("a", 2, "f"),
+                Err(Rejected::StaleLeader {
+                    slot: "a".into(),
+                    asked: 2,
+                    current: 1,
+                }),
+            ),
+            (
+                "a slot with no group",
+                &base,
+                transfer("x", 1, "f"),
+                Err(Rejected::NoGroup("x".into())),
+            ),
+            (
+                "the transfer (whatever the group's failover: it loses nothing)",
+                &base,
+                transfer("a", 1, "f"),
+                Ok(Applied::Changed { epoch: 5 }),
+            ),
+            (
+                "again: a retry",
+                &handed,
+                transfer("a", 1, "f"),
+                Ok(Applied::Unchanged),
+            ),
+            (
+                "the deposed leader's next request",
+                &handed,
+                transfer("a", 1, "g"),
+                Err(Rejected::StaleLeader {
+                    slot: "a".into(),
+                    asked: 1,
+                    current: 5,
+                }),
+            ),
+        ];
+        for (what, before, command, expected) in cases {
+            let mut topology = state(before);
+            let index = topology.applied + 1;
+            assert_eq!(topology.apply(index, &command), expected, "{what}");
+        }
+        let mut topology = state(&handed);
+        let group = &topology.groups["a"];
+        assert_eq!((group.leader.as_str(), group.leader_epoch), ("f", 5));
+        assert_eq!(group.followers, BTreeSet::from(["a".into(), "g".into()]));
+        assert!(group.in_sync.is_empty());
+        assert_eq!(topology.writer("a"), "f");
+        // Once a is back in sync, f may hand the group back to it.
+        assert_eq!(
+            topology.apply(6, &in_sync("a", "a", 5)),
+            Ok(Applied::Changed { epoch: 6 })
+        );
+        assert_eq!(
+            topology.apply(7, &transfer("a", 5, "a")),
+            Ok(Applied::Changed { epoch: 7 })
+        );
+        assert_eq!(topology.writer("a"), "a");
+        assert_eq!(
+            topology.groups["a"].followers,
+            BTreeSet::from(["f".into(), "g".into()])
+        );
+    }
+
     #[test]
     fn an_import_puts_every_epoch_above_those_the_stores_hold() {
         use Lifecycle::*;
@@ -1195,8 +1326,9 @@ mod tests {
                     7 => {
                         let follower = format!("f{}", rng.random_range(0..3));
                         let epoch = one.groups.get(&name).map_or(0, |g| g.leader_epoch);
-                        match rng.random_range(0..2) {
+                        match rng.random_range(0..3) {
                             0 => reports(&name, epoch, Failover::Automatic { replicas: 1 }),
+                            1 => transfer(&name, epoch, &follower),
                             _ => fence(&name, &[(&name, &follower)]),
                         }
                     }

@@ -197,6 +197,18 @@ impl Store {
         Ok(self.point(id).await?.snapshot())
     }
 
+    /// The end of every point held, read now (a point that cannot be read is left out: its
+    /// reader is told why when it reads it).
+    pub async fn ends(&self) -> Vec<(PointId, u64)> {
+        let mut ends = Vec::new();
+        for id in self.list("", None, usize::MAX) {
+            if let Ok(snapshot) = self.metadata(&id).await {
+                ends.push((id, snapshot.end));
+            }
+        }
+        ends
+    }
+
     /// The content type given for `id`, if any.
     pub async fn content_type(&self, id: &PointId) -> Result<Option<String>, ReadError> {
         let point = self.point(id).await?;

@@ -79,21 +79,27 @@ pub(crate) async fn run(context: Context, tls: Option<TlsConnector>, shutdown: C
 }
 
 /// The replication addresses this node follows: none while it leads a group; the leader the
-/// controller named for its group after a failover; else `leader_addresses` (the leader it was
-/// configured with, which leads its group until a failover).
+/// controller names for its group (its primary, or the member a failover or a transfer named),
+/// where the cluster knows it now (a primary restarted on other ports); else `leader_addresses`
+/// (the leader it was configured with, before the controller's state is known).
 fn leaders_to_follow(context: &Context) -> Vec<String> {
     let local = &context.services.config.node_name;
     let topology = context.topology.borrow();
     if topology.leads(local) {
         return Vec::new();
     }
+    let configured = || context.services.config.leader_addresses.clone();
     match topology.followed_by(local) {
-        Some((slot, group)) if group.leader != slot => {
+        Some((slot, group)) => {
             let membership = context.membership.borrow();
-            let address = membership.replication_addr(&group.leader);
-            address.into_iter().map(str::to_owned).collect()
+            match membership.replication_addr(&group.leader) {
+                Some(address) => vec![address.to_owned()],
+                // A primary the cluster has not heard of yet is where it was configured.
+                None if group.leader == slot => configured(),
+                None => Vec::new(),
+            }
         }
-        _ => context.services.config.leader_addresses.clone(),
+        None => configured(),
     }
 }
 

@@ -268,6 +268,47 @@ impl Progress {
         })
     }
 
+    /// Waits until `follower` confirmed every `(point, end)`, or `timeout`; returns the first
+    /// it had not: `(point, its end, confirmed)`.
+    pub async fn wait_for(
+        &self,
+        follower: &str,
+        ends: &[(PointId, u64)],
+        timeout: Duration,
+    ) -> Result<(), (PointId, u64, u64)> {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Some(missing) = self.missing(follower, ends) else {
+                return Ok(());
+            };
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(missing);
+            }
+        }
+    }
+
+    /// Of `members`, those connected now, the least behind first (by the bytes they lacked at
+    /// their replicator's last report; one not reported yet comes last).
+    pub fn least_behind(&self, members: &BTreeSet<String>) -> Vec<String> {
+        let state = self.state.lock().expect("poisoned");
+        let mut connected: Vec<(u64, &String)> = members
+            .iter()
+            .filter_map(|name| {
+                let entry = state.followers.get(name).filter(|f| f.connected)?;
+                Some((entry.lag.unwrap_or(u64::MAX), name))
+            })
+            .collect();
+        connected.sort();
+        connected
+            .into_iter()
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
+
     /// The followers a write waits for now (`None` before the in-sync set is known).
     #[cfg(test)]
     fn waiting_for(&self) -> Option<BTreeSet<String>> {

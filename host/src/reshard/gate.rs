@@ -315,6 +315,26 @@ pub struct Gate {
     topology: watch::Receiver<Arc<Topology>>,
     /// What a write refused until the controller's state changes is told to wait.
     retry_after: Duration,
+    /// Each append holds a share while it writes; a transfer of leadership holds it whole
+    /// ([`Gate::hold_writes`]), so that nothing is appended while it checks that the new
+    /// leader holds every byte.
+    writing: tokio::sync::RwLock<()>,
+    /// Whether a transfer holds the appends back (they wait, then go where the controller
+    /// says).
+    held: watch::Sender<bool>,
+}
+
+/// Writes held back by a transfer of leadership ([`Gate::hold_writes`]), until dropped.
+pub struct WritesHeld<'a> {
+    held: &'a watch::Sender<bool>,
+    _writing: tokio::sync::RwLockWriteGuard<'a, ()>,
+}
+
+impl Drop for WritesHeld<'_> {
+    fn drop(&mut self) {
+        // Writes held back go on (each checks first whether this node still takes them).
+        self.held.send_replace(false);
+    }
 }
 
 impl Gate {
@@ -339,6 +359,60 @@ impl Gate {
             lease,
             topology,
             retry_after: session::retry_delay(config.controller.session_ms),
+            writing: tokio::sync::RwLock::new(()),
+            held: watch::Sender::new(false),
+        }
+    }
+
+    /// Holds every append and delete back, once those in flight have finished, until the
+    /// guard is dropped; writes met meanwhile wait (a transfer of leadership: the caller sees a
+    /// pause, not an error). Each one then checks whether this node still takes its writes.
+    pub async fn hold_writes(&self) -> WritesHeld<'_> {
+        self.held.send_replace(true);
+        WritesHeld {
+            held: &self.held,
+            _writing: self.writing.write().await,
+        }
+    }
+
+    /// A share of the writes, once no transfer holds them back: an append or a delete holds it
+    /// while it writes. Refused if this node no longer takes `point`'s writes by then.
+    pub async fn write_share(
+        &self,
+        point: &PointId,
+        abort: &CancellationToken,
+    ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, Refusal> {
+        loop {
+            let share = self.writing.read().await;
+            if !*self.held.borrow() {
+                self.check_still_writer(point)?;
+                return Ok(share);
+            }
+            drop(share);
+            let mut held = self.held.subscribe();
+            tokio::select! {
+                _ = held.wait_for(|held| !*held) => {}
+                () = abort.cancelled() => return Err(Refusal::ShuttingDown),
+            }
+        }
+    }
+
+    /// Refuses an append once this node no longer takes the writes it was admitted for: a
+    /// follower no longer named leader, or a primary whose own slot the controller gave to
+    /// another member (a transfer, a fence). Checked before every append, so that a stream
+    /// admitted before stops at its next batch.
+    fn check_still_writer(&self, point: &PointId) -> Result<(), Refusal> {
+        self.check_writable()?;
+        let topology = self.topology.borrow();
+        match topology.groups.get(&self.node) {
+            Some(group) if group.leader != self.node => Err(not_the_writer(
+                &self.placement.membership(),
+                &topology,
+                point.as_str(),
+                &self.node,
+                self.retry_after,
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -392,8 +466,21 @@ impl Gate {
         if let Some(electing) = electing {
             return Err(electing);
         }
+        // The leader the controller names for the group (a failover or a transfer may have
+        // named another since this follower's last session), else the one it follows.
+        let named = {
+            let topology = self.topology.borrow();
+            topology.followed_by(&self.node).and_then(|(_, group)| {
+                let membership = self.placement.membership();
+                let member = membership.live(&group.leader)?;
+                Some(Leader {
+                    name: group.leader.clone(),
+                    rpc_addr: member.rpc_addr.clone(),
+                })
+            })
+        };
         let node = self.node.clone();
-        let leader = self.leader.borrow().clone();
+        let leader = named.or_else(|| self.leader.borrow().clone());
         match leader.filter(|leader| !leader.rpc_addr.is_empty()) {
             Some(leader) => Err(Refusal::Follower {
                 node,
@@ -521,6 +608,7 @@ impl Gate {
             let changed = self.store.ownership_changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let share = self.write_share(point, abort).await?;
             let appended = match expected_offset {
                 Some(start) => {
                     self.store
@@ -529,6 +617,7 @@ impl Gate {
                 }
                 None => self.store.append_batch(point, batch.clone()).await,
             };
+            drop(share);
             let handover = match appended {
                 Err(AppendError::Handover { handover, .. }) => handover,
                 other => return Ok(other?),

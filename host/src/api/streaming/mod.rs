@@ -25,7 +25,8 @@ use crate::proto::{
     ForgetMemberRequest, ForgetMemberResponse, ListMembersRequest, ListMembersResponse,
     ListPointsRequest, ListPointsResponse, LocatePointRequest, LocatePointResponse,
     MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, SetVotersRequest,
-    SetVotersResponse, SignUrlRequest, SignUrlResponse,
+    SetVotersResponse, SignUrlRequest, SignUrlResponse, TransferLeadershipRequest,
+    TransferLeadershipResponse,
 };
 
 pub use consume::locate;
@@ -125,6 +126,13 @@ impl proto::streaming_server::Streaming for StreamingService {
         request: Request<CleanupMemberRequest>,
     ) -> Result<Response<CleanupMemberResponse>, Status> {
         self.cleanup(request).await
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<TransferLeadershipRequest>,
+    ) -> Result<Response<TransferLeadershipResponse>, Status> {
+        self.transfer(request).await
     }
 
     async fn delete_point(

@@ -1,6 +1,7 @@
 //! The operator's calls: the members and their lifecycle (`ListMembers`, `DrainMember`,
-//! `ForgetMember`, `CleanupMember`), the controller's voters (`SetVoters`), and `SignUrl`. The
-//! lifecycle calls walk the whole store or the ring; none of them is on a data path.
+//! `ForgetMember`, `CleanupMember`), the leadership of groups (`TransferLeadership`), the
+//! controller's voters (`SetVoters`), and `SignUrl`. The lifecycle calls walk the whole store
+//! or the ring; none of them is on a data path.
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use crate::proto::{
     self, CleanupMemberRequest, CleanupMemberResponse, DrainMemberRequest, DrainMemberResponse,
     ForgetMemberRequest, ForgetMemberResponse, ListMembersRequest, ListMembersResponse,
     SetVotersRequest, SetVotersResponse, SignUrlRequest, SignUrlResponse,
+    TransferLeadershipRequest, TransferLeadershipResponse,
 };
 use crate::signed_url::{SignedUrl, UrlError, UrlSigner};
 
@@ -118,6 +120,32 @@ impl StreamingService {
         Ok(Response::new(ForgetMemberResponse {
             state: Lifecycle::Forgotten.as_str().to_owned(),
         }))
+    }
+
+    pub(super) async fn transfer(
+        &self,
+        request: Request<TransferLeadershipRequest>,
+    ) -> Result<Response<TransferLeadershipResponse>, Status> {
+        let state = &self.state;
+        let peer = self.admit_operator(&request).await?;
+        let request = request.into_inner();
+        state.check_addressed(&request.node)?;
+        let to = Some(request.to.as_str()).filter(|to| !to.is_empty());
+        let handed = crate::api::transfer::hand_over(state, to)
+            .await
+            .map_err(Error::from)?;
+        let transfers = handed
+            .into_iter()
+            .map(|handed| {
+                tracing::info!(slot = %handed.slot, to = %handed.to, subject = %peer.subject, "an operator moved the group's leadership");
+                proto::LeadershipTransfer {
+                    slot: handed.slot,
+                    to: handed.to,
+                    held_ms: u64::try_from(handed.held.as_millis()).unwrap_or(u64::MAX),
+                }
+            })
+            .collect();
+        Ok(Response::new(TransferLeadershipResponse { transfers }))
     }
 
     pub(super) async fn set_voters(

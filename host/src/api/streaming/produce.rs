@@ -146,6 +146,9 @@ impl StreamingService {
             ))
             .into());
         }
+        let abort = &self.state.services.lifetime.abort;
+        let share = self.state.gate.write_share(&id, abort).await;
+        let _share = share.map_err(Error::from)?;
         let size = self.state.store.delete(&id).await.map_err(Error::from)?;
         tracing::info!(point = %id, size, subject = %peer.subject, "deleted point");
         Ok(Response::new(DeletePointResponse { size }))

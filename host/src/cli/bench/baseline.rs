@@ -148,6 +148,13 @@ impl Streaming for Baseline {
         Err(Status::unimplemented("baseline"))
     }
 
+    async fn transfer_leadership(
+        &self,
+        _: Request<goutube::proto::TransferLeadershipRequest>,
+    ) -> Result<Response<goutube::proto::TransferLeadershipResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     async fn sign_url(
         &self,
         _: Request<goutube::proto::SignUrlRequest>,

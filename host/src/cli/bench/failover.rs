@@ -192,7 +192,7 @@ impl Trial {
             let settings = format!(
                 "role = \"leader\"\nseed_addresses = [{}]\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
                  [replication]\nack = {{ replicas = 1 }}\n[cluster]\nbootstrap_expect = 3\n",
-                seeds(&nodes)
+                seeds(nodes.iter().map(|(_, s)| s))
             );
             nodes.push((
                 name,
@@ -204,7 +204,7 @@ impl Trial {
             let settings = format!(
                 "role = \"follower\"\nleader_addresses = [{a_replication:?}]\nseed_addresses = [{}]\n\
                  [cluster]\nbootstrap_expect = 3\n",
-                seeds(&nodes)
+                seeds(nodes.iter().map(|(_, s)| s))
             );
             nodes.push((
                 name,
@@ -306,19 +306,24 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
     }
 }
 
-/// The gossip addresses of `nodes`, as TOML list items.
-fn seeds(nodes: &[(&str, Server)]) -> String {
-    let seeds: Vec<String> = nodes
-        .iter()
-        .map(|(_, s)| format!("{:?}", s.gossip))
+/// The gossip addresses of `servers`, as TOML list items.
+pub(super) fn seeds<'a>(servers: impl IntoIterator<Item = &'a Server>) -> String {
+    let seeds: Vec<String> = servers
+        .into_iter()
+        .map(|s| format!("{:?}", s.gossip))
         .collect();
     seeds.join(", ")
 }
 
 fn random_chunk() -> Vec<u8> {
-    let mut chunk = vec![0; CHUNK];
-    rand::rng().fill_bytes(&mut chunk);
-    chunk
+    random_bytes(CHUNK)
+}
+
+/// `len` random bytes.
+pub(super) fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0; len];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes
 }
 
 /// How many leading bytes `held` and `written` share.
@@ -327,7 +332,7 @@ fn common_prefix(held: &[u8], written: &[u8]) -> usize {
 }
 
 /// The group of `slot` as the node behind `client` sees the controller's state.
-async fn group_of(client: &Client, slot: &str) -> Option<GroupInfo> {
+pub(super) async fn group_of(client: &Client, slot: &str) -> Option<GroupInfo> {
     let controller = client.members().await.ok()?.controller?;
     controller.groups.into_iter().find(|g| g.slot == slot)
 }
@@ -338,7 +343,11 @@ async fn point_of(client: &Client, owner: &str) -> anyhow::Result<String> {
 }
 
 /// `n` points `owner` owns.
-async fn points_of(client: &Client, owner: &str, n: usize) -> anyhow::Result<Vec<String>> {
+pub(super) async fn points_of(
+    client: &Client,
+    owner: &str,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
     let mut points = Vec::new();
     for i in 0..10_000 {
         let point = format!("bench/failover/{i}");
@@ -352,7 +361,7 @@ async fn points_of(client: &Client, owner: &str, n: usize) -> anyhow::Result<Vec
     bail!("not {n} points of {owner} among 10,000 names")
 }
 
-async fn append_at(
+pub(super) async fn append_at(
     client: &StreamingClient<Channel>,
     point: &str,
     offset: u64,
@@ -373,7 +382,7 @@ async fn append_at(
 }
 
 /// The first `end` bytes of `point` through `client`.
-async fn read_all(
+pub(super) async fn read_all(
     client: &StreamingClient<Channel>,
     point: &str,
     end: u64,
