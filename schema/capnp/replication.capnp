@@ -76,6 +76,9 @@ struct Hello {
   offers @2 :List(Offer);   # every point the follower holds, with its end offset
   protocol @3 :UInt16;      # the protocol version the follower speaks (4; 0 from a release before
                             # versions existed): the leader refuses another one, saying so
+  durable @4 :Bool;         # whether it syncs each write before it confirms it (storage.fsync =
+                            # "always"): only such a follower enters its group's in-sync set
+                            # (false from a follower before this field: it stays out)
 }
 
 struct Offer {

@@ -631,6 +631,20 @@ async fn every_in_sync_follower_holds_what_was_acknowledged_and_leaves_only_by_a
         }
     }
 
+    // f3 confirms before it syncs (fsync = "never"): it follows and holds every byte, but is
+    // no member of the in-sync set (each check of the set below would find it otherwise).
+    let f3 = follower(&pki, "f3", &leader, |c| {
+        c.storage.fsync = goutube::point::Fsync::Never;
+    })
+    .await;
+    let to_f3 = pki.client("root", &f3.addr()).await;
+    eventually("f3 to follow the group", || {
+        let mut to_leader = to_leader.clone();
+        async move { group(&mut to_leader).await.0.contains(&"f3".to_owned()) }
+    })
+    .await;
+    converged(&to_leader, &to_f3, "p").await;
+
     // f2 stops: until its removal is committed, the leader waits for it by name.
     let TestNode { node, dir } = f2;
     node.shutdown().await.unwrap();
@@ -666,7 +680,9 @@ async fn every_in_sync_follower_holds_what_was_acknowledged_and_leaves_only_by_a
         .clone();
     let held = metadata(&mut to_f2, "p").await.unwrap();
     assert_eq!(held.size, record.end);
+    assert!(group(&mut to_leader).await.0.contains(&"f3".to_owned()));
     node.shutdown().await.unwrap();
+    f3.shutdown().await;
     f1.shutdown().await;
     leader.shutdown().await;
 }

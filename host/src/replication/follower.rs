@@ -182,6 +182,7 @@ async fn session(
         hello.set_follower(&context.services.config.node_name);
         hello.set_protocol(super::PROTOCOL);
         hello.set_rpc_address(context.services.rpc_addr.to_string());
+        hello.set_durable(context.services.config.storage.fsync == crate::point::Fsync::Always);
         let mut list = hello.init_offers(offers.len() as u32);
         for (i, held) in offers.iter().enumerate() {
             let mut offer = list.reborrow().get(i as u32);

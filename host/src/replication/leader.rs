@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::{FollowRefusal, wire};
 use super::replication_capnp::{Verdict, leader, session};
 use super::replicator::{Ended, Held, Replicator, supervised};
-use super::{Context, PROTOCOL, handover, takeover};
+use super::{Context, Durability, PROTOCOL, handover, takeover};
 use crate::access::Action;
 use crate::metrics;
 use crate::net::PeerInfo;
@@ -382,11 +382,16 @@ impl leader::Server for LeaderService {
         }
         let sink = params.get_sink()?;
         let stop = self.shutdown.child_token();
-        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), "follower connected");
+        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), durable = hello.get_durable(), "follower connected");
+        let durability = match hello.get_durable() {
+            true => Durability::Synced,
+            false => Durability::Unsynced,
+        };
         let replicator = Replicator::new(
             context.clone(),
             follower.clone(),
             rpc_address,
+            durability,
             sink,
             stop.clone(),
         );

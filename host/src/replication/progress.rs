@@ -66,12 +66,24 @@ pub struct Replica {
     pub connected: bool,
 }
 
+/// When a follower confirms a write, as it said when it connected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// After its own fsync (`storage.fsync = "always"`): what it confirmed survives its crash.
+    Synced,
+    /// Before the bytes are synced: a crash of it may lose what it confirmed. Such a follower
+    /// counts toward `ack = { replicas = N }` but never enters the in-sync set.
+    #[default]
+    Unsynced,
+}
+
 /// One follower, as its leader sees it.
 #[derive(Debug, Clone, Default)]
 struct FollowerProgress {
     /// Where clients reach its API.
     rpc_address: String,
     connected: bool,
+    durability: Durability,
     /// Per point, the end the follower confirmed.
     confirmed: HashMap<PointId, u64>,
     /// Per point not confirmed again in this session, what it had confirmed before.
@@ -136,11 +148,12 @@ impl Default for Progress {
 impl Progress {
     /// A follower's session started (replacing any earlier one): what it confirms from now on
     /// is checked against what it had confirmed.
-    pub fn connected(&self, follower: &str, rpc_address: &str) {
+    pub fn connected(&self, follower: &str, rpc_address: &str, durability: Durability) {
         self.update(|state| {
             let entry = state.followers.entry(follower.to_owned()).or_default();
             entry.rpc_address = rpc_address.to_owned();
             entry.connected = true;
+            entry.durability = durability;
             for (point, end) in entry.confirmed.drain() {
                 let before = entry.before.entry(point).or_default();
                 *before = (*before).max(end);
@@ -397,7 +410,12 @@ impl Progress {
             let Some(entry) = state.followers.get_mut(follower) else {
                 continue;
             };
-            if entry.connected && entry.lag == Some(0) && !waiting.adding.contains_key(follower) {
+            let durable = entry.durability == Durability::Synced;
+            if entry.connected
+                && durable
+                && entry.lag == Some(0)
+                && !waiting.adding.contains_key(follower)
+            {
                 // It holds everything again: whatever it lost is made good.
                 entry.lost = None;
                 waiting.adding.insert(follower.clone(), now);
@@ -444,6 +462,13 @@ impl Progress {
                 return Some(out(format!(
                     "it confirmed less of point {point} than before: bytes it had confirmed are gone"
                 )));
+            }
+            if entry.is_some_and(|f| f.connected && f.durability == Durability::Unsynced) {
+                return Some(out(
+                    "it confirms writes before it syncs them (its storage.fsync is not \"always\"): \
+                     a crash of it could lose acknowledged bytes"
+                        .to_owned(),
+                ));
             }
             let since = entry.map_or(Some(self.started), |f| f.behind_since);
             if since.is_some_and(|since| now.saturating_duration_since(since) >= bounds.timeout) {
@@ -510,8 +535,8 @@ mod tests {
     fn a_confirmation_counts_until_the_follower_connects_again() {
         let progress = Progress::default();
         let point = PointId::new("p").unwrap();
-        progress.connected("f1", "127.0.0.1:1");
-        progress.connected("f2", "127.0.0.1:2");
+        progress.connected("f1", "127.0.0.1:1", Durability::Synced);
+        progress.connected("f2", "127.0.0.1:2", Durability::Synced);
         progress.confirm("f1", &point, 100);
         progress.confirm("f2", &point, 50);
         assert_eq!(progress.confirmed(&point, 100), 1);
@@ -520,7 +545,7 @@ mod tests {
         progress.disconnected("f1");
         assert_eq!(progress.confirmed(&point, 100), 1);
         // A new session confirms afresh.
-        progress.connected("f1", "127.0.0.1:1");
+        progress.connected("f1", "127.0.0.1:1", Durability::Synced);
         assert_eq!(progress.confirmed(&point, 100), 0);
         assert_eq!(progress.confirmed(&point, 50), 1);
     }
@@ -557,7 +582,7 @@ mod tests {
         let point = PointId::new("p").unwrap();
         let group = group(&["f"], &[]);
         assert_eq!(short(&progress, 10, 0), Some(Short::InSyncUnknown));
-        progress.connected("f", "f:1");
+        progress.connected("f", "f:1", Durability::Synced);
         progress.confirm("f", &point, 10);
         let t0 = Instant::now();
         progress.lag("f", 0, BOUNDS.max_lag_bytes, t0);
@@ -593,7 +618,7 @@ mod tests {
         let point = PointId::new("p").unwrap();
         let committed = group(&["f", "g"], &["f", "g"]);
         for follower in ["f", "g"] {
-            progress.connected(follower, "x:1");
+            progress.connected(follower, "x:1", Durability::Synced);
             progress.confirm(follower, &point, 10);
             progress.lag(follower, 0, BOUNDS.max_lag_bytes, Instant::now());
         }
@@ -635,11 +660,11 @@ mod tests {
         let progress = Progress::default();
         let point = PointId::new("p").unwrap();
         let committed = group(&["f"], &["f"]);
-        progress.connected("f", "f:1");
+        progress.connected("f", "f:1", Durability::Synced);
         progress.confirm("f", &point, 100);
         progress.disconnected("f");
         // It comes back holding less than it had confirmed (a damaged tail cut at recovery).
-        progress.connected("f", "f:1");
+        progress.connected("f", "f:1", Durability::Synced);
         progress.confirm("f", &point, 60);
         progress.lag("f", 40, BOUNDS.max_lag_bytes, Instant::now());
         let out = look(&progress, &committed, Instant::now());
@@ -654,5 +679,31 @@ mod tests {
             look(&fresh, &committed, at),
             Some(Command::OutOfSync { .. })
         ));
+    }
+
+    #[test]
+    fn a_follower_that_confirms_before_it_syncs_never_enters_and_a_member_that_does_leaves() {
+        let progress = Progress::default();
+        let point = PointId::new("p").unwrap();
+        let outside = group(&["f"], &[]);
+        progress.connected("f", "f:1", Durability::Unsynced);
+        progress.confirm("f", &point, 10);
+        let t0 = Instant::now();
+        progress.lag("f", 0, BOUNDS.max_lag_bytes, t0);
+        // Caught up, but never waited for nor proposed.
+        for at in [t0, t0 + SETTLE, t0 + 2 * BOUNDS.timeout] {
+            progress.lag("f", 0, BOUNDS.max_lag_bytes, at);
+            assert_eq!(look(&progress, &outside, at), None);
+        }
+        assert_eq!(progress.waiting_for(), Some(BTreeSet::new()));
+        // It still counts toward `replicas = N`.
+        assert_eq!(short(&progress, 10, 1), None);
+        // A member of the committed set that comes back without syncing leaves at once.
+        let committed = group(&["f"], &["f"]);
+        let out = look(&progress, &committed, t0);
+        assert!(
+            matches!(&out, Some(Command::OutOfSync { reason, .. }) if reason.contains("fsync")),
+            "{out:?}"
+        );
     }
 }

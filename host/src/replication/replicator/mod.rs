@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
+use super::progress::Durability;
 use super::replication_capnp::{ack, sink};
 use crate::metrics;
 use crate::point::ownership::FIRST_EPOCH;
@@ -93,6 +94,8 @@ pub(crate) struct Replicator {
     context: Rc<Context>,
     follower: String,
     rpc_address: String,
+    /// Whether the follower syncs before it confirms (a handover's peer: never counted).
+    durability: Durability,
     sink: sink::Client,
     stop: CancellationToken,
     points: HashMap<PointId, PointState>,
@@ -129,6 +132,7 @@ impl Replicator {
         context: Rc<Context>,
         follower: String,
         rpc_address: String,
+        durability: Durability,
         sink: sink::Client,
         stop: CancellationToken,
     ) -> Self {
@@ -137,6 +141,7 @@ impl Replicator {
             context,
             follower,
             rpc_address,
+            durability,
             sink,
             stop,
             points: HashMap::new(),
@@ -168,7 +173,8 @@ impl Replicator {
         changes: mpsc::Receiver<ScopeChange>,
     ) -> Self {
         let throttle = context.services.config.reshard.max_bytes_per_sec;
-        let mut replicator = Self::new(context, to, String::new(), sink, stop);
+        let unsynced = Durability::Unsynced;
+        let mut replicator = Self::new(context, to, String::new(), unsynced, sink, stop);
         replicator.scope = Some(HashSet::new());
         replicator.changes = Some(changes);
         replicator.pace = (throttle > 0).then(|| (throttle, Instant::now()));
@@ -235,7 +241,7 @@ impl Replicator {
         let mut events = self.context.store.subscribe();
         self.context
             .progress
-            .connected(&self.follower, &self.rpc_address);
+            .connected(&self.follower, &self.rpc_address, self.durability);
         // The scan reports the follower's lag (and the gauges) once it knows every point.
         self.scan(Some(offers)).await;
         let window = self.context.services.config.replication.window;
