@@ -67,10 +67,11 @@ const MAX_RESUMES: u32 = 8;
 /// Most refusals naming another writer that one stream follows: the ring or a group's leader
 /// may change more than once during a stream, but a loop between members must end.
 const MAX_FOLLOWS: u32 = 8;
-/// The pause before following a refusal from the second on: two members whose views of the
-/// controller's state differ for a moment (a new leader that has not learned it leads yet)
-/// send a write back and forth until the slower one catches up.
-const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
+/// The first pause before following a refusal, from the second on, doubled at each: two
+/// members whose views of the controller's state differ for a moment (a new leader that has
+/// not learned it leads yet) send a write back and forth until the slower one catches up,
+/// which takes milliseconds; the doubling bounds a real loop to about a second.
+const FOLLOW_PAUSE: Duration = Duration::from_millis(10);
 
 /// What the balancer's handlers share.
 pub(crate) struct Balancer {
@@ -424,7 +425,7 @@ impl Upstream {
                 None if self.followed >= MAX_FOLLOWS => return Err(status),
                 None => {
                     if self.followed > 0 {
-                        tokio::time::sleep(FOLLOW_PAUSE).await;
+                        tokio::time::sleep(FOLLOW_PAUSE * (1 << (self.followed - 1))).await;
                     }
                     self.followed += 1;
                 }

@@ -30,8 +30,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// What followers have confirmed, shared with the rest of the node.
 pub struct Progress {
     state: Mutex<State>,
-    /// When this node started recording (a member of the committed set never seen since is
-    /// behind from then on).
+    /// When this node started recording.
     started: Instant,
     /// Bumped on every change, so waiters wake up.
     changed: watch::Sender<u64>,
@@ -43,6 +42,11 @@ struct State {
     /// The followers a write waits for; `None` until the committed in-sync set is known (a
     /// write under `ack = { replicas = N }` waits for it).
     waiting: Option<Waiting>,
+    /// The group this node leads, if any: its leader epoch, and since when this node knows it
+    /// leads at it. A member of the in-sync set is judged from then on: one not seen since
+    /// counts as disconnected from that moment, not from before (a leader named by a failover
+    /// or a transfer gives the other members the whole bound to connect to it).
+    leading: Option<(u64, Instant)>,
 }
 
 /// The followers a write waits for.
@@ -395,6 +399,10 @@ impl Progress {
     fn keep_waiting_for(&self, group: Option<&Group>, bounds: &InSyncBounds, now: Instant) -> bool {
         let mut state = self.state.lock().expect("poisoned");
         let state = &mut *state;
+        let epoch = group.map(|group| group.leader_epoch);
+        if state.leading.map(|(at, _)| at) != epoch {
+            state.leading = epoch.map(|epoch| (epoch, now));
+        }
         let waiting = state.waiting.get_or_insert_with(Waiting::default);
         let before = waiting.all();
         let (committed, followers) = match group {
@@ -470,7 +478,12 @@ impl Progress {
                         .to_owned(),
                 ));
             }
-            let since = entry.map_or(Some(self.started), |f| f.behind_since);
+            // Behind since it was last seen, or since this node leads at this epoch if later.
+            let leading = state.leading.map_or(self.started, |(_, since)| since);
+            let since = match entry {
+                None => Some(leading),
+                Some(f) => f.behind_since.map(|since| since.max(leading)),
+            };
             if since.is_some_and(|since| now.saturating_duration_since(since) >= bounds.timeout) {
                 let connected = entry.is_some_and(|f| f.connected);
                 return Some(out(match connected {
@@ -672,13 +685,33 @@ mod tests {
             matches!(&out, Some(Command::OutOfSync { reason, .. }) if reason.contains("gone")),
             "{out:?}"
         );
-        // A member never seen by this leader since it started is behind from the start.
+        // A member never seen by this leader since it leads is behind from then on.
         let fresh = Progress::default();
-        let at = Instant::now() + BOUNDS.timeout;
+        let t0 = Instant::now();
+        assert_eq!(look(&fresh, &committed, t0), None);
         assert!(matches!(
-            look(&fresh, &committed, at),
+            look(&fresh, &committed, t0 + BOUNDS.timeout),
             Some(Command::OutOfSync { .. })
         ));
+    }
+
+    #[test]
+    fn a_new_leader_gives_every_member_the_whole_bound_to_connect_to_it() {
+        let progress = Progress::default();
+        // f was seen long ago (disconnected since); g never.
+        progress.connected("f", "f:1", Durability::Synced);
+        progress.disconnected("f");
+        let led = Instant::now() + 10 * BOUNDS.timeout;
+        let mut committed = group(&["f", "g"], &["f", "g"]);
+        committed.leader_epoch = 9;
+        // This node leads from `led` (a transfer or a failover named it): nobody is out yet.
+        assert_eq!(look(&progress, &committed, led), None);
+        assert_eq!(look(&progress, &committed, led + BOUNDS.timeout / 2), None);
+        let out = look(&progress, &committed, led + BOUNDS.timeout);
+        assert!(
+            matches!(&out, Some(Command::OutOfSync { reason, .. }) if reason.contains("disconnected")),
+            "{out:?}"
+        );
     }
 
     #[test]
