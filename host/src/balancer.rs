@@ -38,7 +38,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::access::Action;
 use crate::api::streaming::{self, FrameStream};
-use crate::client::{Client, Pool, end_of, owner_of};
+use crate::client::{Client, Pool, end_of, owner_of, redirect_pause};
 use crate::cluster::change;
 use crate::controller::session;
 use crate::error::Error;
@@ -64,14 +64,10 @@ pub(crate) const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
 const UPSTREAM_QUEUE: usize = 8;
 /// How often one point's frames are sent again while riding through the loss of its writer.
 const MAX_RESUMES: u32 = 8;
-/// Most refusals naming another writer that one stream follows: the ring or a group's leader
-/// may change more than once during a stream, but a loop between members must end.
+/// Most refusals naming another writer that one stream follows (pausing before each from the
+/// second on: `client::redirect_pause`): the ring or a group's leader may change more than
+/// once during a stream, but a loop between members must end.
 const MAX_FOLLOWS: u32 = 8;
-/// The first pause before following a refusal, from the second on, doubled at each: two
-/// members whose views of the controller's state differ for a moment (a new leader that has
-/// not learned it leads yet) send a write back and forth until the slower one catches up,
-/// which takes milliseconds; the doubling bounds a real loop to about a second.
-const FOLLOW_PAUSE: Duration = Duration::from_millis(10);
 
 /// What the balancer's handlers share.
 pub(crate) struct Balancer {
@@ -419,14 +415,12 @@ impl Upstream {
             return Err(status);
         };
         let (address, from) = if let Some(owner) = owner_of(&status) {
-            // Once; and while riding through the loss of a writer, as often as frames may be
-            // sent again.
+            // A few times; and while riding through the loss of a writer, as often as frames
+            // may be sent again.
             match self.riding {
                 None if self.followed >= MAX_FOLLOWS => return Err(status),
                 None => {
-                    if self.followed > 0 {
-                        tokio::time::sleep(FOLLOW_PAUSE * (1 << (self.followed - 1))).await;
-                    }
+                    tokio::time::sleep(redirect_pause(self.followed)).await;
                     self.followed += 1;
                 }
                 Some(_) if self.resumed >= MAX_RESUMES => return Err(status),

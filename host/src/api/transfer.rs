@@ -231,9 +231,13 @@ pub async fn before_stop(context: &Context) {
     let within = Duration::from_millis(config.controller.session_ms.min(config.shutdown_grace_ms));
     let local = &config.node_name;
     let topology = context.services.controller.topology();
-    let worth_it = topology.led_by(local).any(|(_, group)| {
-        matches!(group.failover, Failover::Automatic { .. }) && !group.in_sync.is_empty()
-    });
+    // (A member leads one group in practice; should it lead more, they are handed over
+    // together or not at all.)
+    let mut led = topology.led_by(local).peekable();
+    let worth_it = led.peek().is_some()
+        && led.all(|(_, group)| {
+            matches!(group.failover, Failover::Automatic { .. }) && !group.in_sync.is_empty()
+        });
     if !worth_it {
         return;
     }

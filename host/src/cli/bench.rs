@@ -16,6 +16,7 @@ mod cluster;
 mod controller;
 mod download;
 mod failover;
+mod fleet;
 mod harness;
 mod http;
 mod replication;

@@ -589,6 +589,8 @@ impl Client {
         let mut began = None;
         let mut reached = 0;
         let mut redirected = None;
+        // Refusals naming another writer followed since the upload last moved forward.
+        let mut redirects = 0;
         let mut retries = 0;
         let mut pause = PUT_FIRST_PAUSE;
         // Whether an attempt may have written bytes: from then on `began` is the point's.
@@ -612,6 +614,7 @@ impl Client {
             };
             if reached > before {
                 riding = Instant::now() + PUT_RIDE_THROUGH;
+                redirects = 0;
             }
             let attempts_left = retries + 1 < PUT_MAX_ATTEMPTS && Instant::now() < riding;
             if let ClientError::Status(status) = &error
@@ -625,11 +628,10 @@ impl Client {
                     began = None;
                 }
                 if redirected.is_some() {
-                    // Members whose views of who writes differ for a moment send the upload
-                    // back and forth: not in a busy loop.
                     retries += 1;
-                    tokio::time::sleep(PUT_FIRST_PAUSE).await;
                 }
+                tokio::time::sleep(redirect_pause(redirects)).await;
+                redirects += 1;
                 redirected = Some(owner.clone());
                 match self.elsewhere(&owner.rpc_addr).await {
                     Ok(owner) => {
@@ -998,6 +1000,21 @@ pub fn end_of(status: &Status) -> Option<u64> {
 /// The number a status carries in its metadata under `key`, if any.
 fn metadata_number(status: &Status, key: &str) -> Option<u64> {
     status.metadata().get(key)?.to_str().ok()?.parse().ok()
+}
+
+/// The pause before following the refusal naming another writer that comes `n`th (from 0)
+/// in one write: none for the first; then 10 ms, doubled each time, at most a second. Members
+/// whose views of who writes differ for a moment (a new leader that has not learned it leads
+/// yet) send a write back and forth until the slower one catches up, in milliseconds; the
+/// doubling keeps a real loop from being a busy one.
+pub fn redirect_pause(n: u32) -> Duration {
+    const FIRST: Duration = Duration::from_millis(10);
+    match n {
+        0 => Duration::ZERO,
+        n => FIRST
+            .saturating_mul(1 << (n - 1).min(7))
+            .min(Duration::from_secs(1)),
+    }
 }
 
 /// The member a `FailedPrecondition` refusal names in its metadata, if any.

@@ -220,7 +220,7 @@ pub enum Decision {
     /// An operator makes these primaries the controller's voters.
     Voters(Vec<String>),
     /// This member, the leader of `slot`'s group at `leader_epoch`, hands the group to `to`
-    /// (it stopped appending and saw `to` hold every byte: `replication::transfer`).
+    /// (it stopped appending and saw `to` hold every byte: `api::transfer`).
     Transfer {
         /// The slot (the group's primary).
         slot: String,

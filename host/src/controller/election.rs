@@ -5,9 +5,8 @@
 //! A group fails over when its leader's session expired ([`Sessions::expired`]: never before
 //! the controller leader itself has led for a whole session), its leader reported that it may
 //! fail over by itself ([`Failover::Automatic`]), and a member of its in-sync set holds a live
-//! session (a follower the controller cannot hear is no better a leader). Each member of the
-//! in-sync set holds every acknowledged byte, so any of them keeps them all; among them the
-//! first by name is named, so that every voter would name the same one.
+//! session (a follower the controller cannot hear is no better a leader): the group's
+//! [`Group::successor`](super::Group::successor).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -38,14 +37,10 @@ pub(super) fn fences(topology: &Topology, sessions: &Sessions, term: u64, now: I
         {
             continue;
         }
-        let candidate = group
-            .in_sync
-            .iter()
-            .find(|member| sessions.live(term, member, now));
-        match candidate {
+        match group.successor(|member| sessions.live(term, member, now)) {
             Some(candidate) => {
                 let named = leaders.entry(&group.leader).or_default();
-                named.insert(slot.clone(), candidate.clone());
+                named.insert(slot.clone(), candidate.to_owned());
             }
             None => stranded.push((slot.clone(), group.leader.clone())),
         }
@@ -70,10 +65,7 @@ pub(crate) fn fails_over_by_itself(
     live: impl Fn(&str) -> bool,
 ) -> Option<String> {
     topology.led_by(member).find_map(|(slot, group)| {
-        if matches!(group.failover, Failover::Manual(_)) {
-            return None;
-        }
-        let successor = group.in_sync.iter().find(|m| live(m))?;
+        let successor = group.successor(&live)?;
         Some(format!(
             "the group of {slot}, which {member} leads, fails over by itself: its in-sync \
              member {successor} takes it over once {member}'s session expires (wait for that \

@@ -476,11 +476,7 @@ impl Topology {
             if group.leader == *candidate {
                 continue;
             }
-            group.followers.remove(candidate);
-            group.in_sync.remove(candidate);
-            group.followers.insert(member.to_owned());
-            group.leader = candidate.clone();
-            group.leader_epoch = epoch;
+            group.hand_to(candidate, epoch);
             changed = true;
         }
         Ok(changed)
@@ -509,11 +505,7 @@ impl Topology {
                 candidate: to.to_owned(),
             });
         }
-        let old = std::mem::replace(&mut group.leader, to.to_owned());
-        group.followers.remove(to);
-        group.in_sync.remove(to);
-        group.followers.insert(old);
-        group.leader_epoch = epoch;
+        group.hand_to(to, epoch);
         Ok(true)
     }
 
@@ -580,6 +572,27 @@ impl Group {
             in_sync: BTreeSet::new(),
             failover: unreported(),
         }
+    }
+
+    /// The member an election would name in its leader's place: the first member of the
+    /// in-sync set that is `live`, if the group fails over by itself. Each member of the set
+    /// holds every acknowledged byte, so any of them keeps them all; the first by name, so that
+    /// every voter would name the same one.
+    pub fn successor(&self, live: impl Fn(&str) -> bool) -> Option<&str> {
+        if matches!(self.failover, Failover::Manual(_)) {
+            return None;
+        }
+        self.in_sync.iter().map(String::as_str).find(|m| live(m))
+    }
+
+    /// `to` leads the group from `epoch` (a fence or a transfer); the old leader follows it,
+    /// outside the in-sync set until it is seen caught up again.
+    fn hand_to(&mut self, to: &str, epoch: u64) {
+        let old = std::mem::replace(&mut self.leader, to.to_owned());
+        self.followers.remove(to);
+        self.in_sync.remove(to);
+        self.followers.insert(old);
+        self.leader_epoch = epoch;
     }
 }
 

@@ -382,8 +382,9 @@ impl leader::Server for LeaderService {
         }
         let sink = params.get_sink()?;
         let stop = self.shutdown.child_token();
-        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), durable = hello.get_durable(), "follower connected");
-        let durability = match hello.get_durable() {
+        let durable = hello.get_durable();
+        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), durable, "follower connected");
+        let durability = match durable {
             true => Durability::Synced,
             false => Durability::Unsynced,
         };

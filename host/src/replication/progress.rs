@@ -30,8 +30,6 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// What followers have confirmed, shared with the rest of the node.
 pub struct Progress {
     state: Mutex<State>,
-    /// When this node started recording.
-    started: Instant,
     /// Bumped on every change, so waiters wake up.
     changed: watch::Sender<u64>,
 }
@@ -143,7 +141,6 @@ impl Default for Progress {
     fn default() -> Self {
         Self {
             state: Mutex::new(State::default()),
-            started: Instant::now(),
             changed: watch::Sender::new(0),
         }
     }
@@ -293,10 +290,21 @@ impl Progress {
         ends: &[(PointId, u64)],
         timeout: Duration,
     ) -> Result<(), (PointId, u64, u64)> {
+        self.wait_until(timeout, || self.missing(follower, ends))
+            .await
+    }
+
+    /// Waits until `short` finds nothing missing (checked again at every change), or
+    /// `timeout`; returns what it found missing last.
+    async fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        short: impl Fn() -> Option<T>,
+    ) -> Result<(), T> {
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let Some(missing) = self.missing(follower, ends) else {
+            let Some(missing) = short() else {
                 return Ok(());
             };
             if tokio::time::timeout_at(deadline, changes.changed())
@@ -341,18 +349,8 @@ impl Progress {
         replicas: usize,
         timeout: Duration,
     ) -> Result<(), Short> {
-        let mut changes = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let short = self.short(points, replicas);
-            let Some(short) = short else { return Ok(()) };
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
-                return Err(short);
-            }
-        }
+        self.wait_until(timeout, || self.short(points, replicas))
+            .await
     }
 
     fn short(&self, points: &[(PointId, u64)], replicas: usize) -> Option<Short> {
@@ -478,8 +476,9 @@ impl Progress {
                         .to_owned(),
                 ));
             }
-            // Behind since it was last seen, or since this node leads at this epoch if later.
-            let leading = state.leading.map_or(self.started, |(_, since)| since);
+            // Behind since it was last seen, or since this node leads at this epoch if later
+            // (known once `follow_group` saw the group).
+            let leading = state.leading.map_or(now, |(_, since)| since);
             let since = match entry {
                 None => Some(leading),
                 Some(f) => f.behind_since.map(|since| since.max(leading)),

@@ -315,26 +315,11 @@ pub struct Gate {
     topology: watch::Receiver<Arc<Topology>>,
     /// What a write refused until the controller's state changes is told to wait.
     retry_after: Duration,
-    /// Each append holds a share while it writes; a transfer of leadership holds it whole
-    /// ([`Gate::hold_writes`]), so that nothing is appended while it checks that the new
-    /// leader holds every byte.
+    /// Each append and delete holds a share while it writes; a transfer of leadership holds it
+    /// whole ([`Gate::hold_writes`]), so that nothing is written while it checks that the new
+    /// leader holds every byte. Tokio's lock is fair: a write that asks for a share while a
+    /// transfer waits for the lock queues behind it.
     writing: tokio::sync::RwLock<()>,
-    /// Whether a transfer holds the appends back (they wait, then go where the controller
-    /// says).
-    held: watch::Sender<bool>,
-}
-
-/// Writes held back by a transfer of leadership ([`Gate::hold_writes`]), until dropped.
-pub struct WritesHeld<'a> {
-    held: &'a watch::Sender<bool>,
-    _writing: tokio::sync::RwLockWriteGuard<'a, ()>,
-}
-
-impl Drop for WritesHeld<'_> {
-    fn drop(&mut self) {
-        // Writes held back go on (each checks first whether this node still takes them).
-        self.held.send_replace(false);
-    }
 }
 
 impl Gate {
@@ -360,19 +345,14 @@ impl Gate {
             topology,
             retry_after: session::retry_delay(config.controller.session_ms),
             writing: tokio::sync::RwLock::new(()),
-            held: watch::Sender::new(false),
         }
     }
 
     /// Holds every append and delete back, once those in flight have finished, until the
     /// guard is dropped; writes met meanwhile wait (a transfer of leadership: the caller sees a
     /// pause, not an error). Each one then checks whether this node still takes its writes.
-    pub async fn hold_writes(&self) -> WritesHeld<'_> {
-        self.held.send_replace(true);
-        WritesHeld {
-            held: &self.held,
-            _writing: self.writing.write().await,
-        }
+    pub async fn hold_writes(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.writing.write().await
     }
 
     /// A share of the writes, once no transfer holds them back: an append or a delete holds it
@@ -382,19 +362,12 @@ impl Gate {
         point: &PointId,
         abort: &CancellationToken,
     ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, Refusal> {
-        loop {
-            let share = self.writing.read().await;
-            if !*self.held.borrow() {
-                self.check_still_writer(point)?;
-                return Ok(share);
-            }
-            drop(share);
-            let mut held = self.held.subscribe();
-            tokio::select! {
-                _ = held.wait_for(|held| !*held) => {}
-                () = abort.cancelled() => return Err(Refusal::ShuttingDown),
-            }
-        }
+        let share = tokio::select! {
+            share = self.writing.read() => share,
+            () = abort.cancelled() => return Err(Refusal::ShuttingDown),
+        };
+        self.check_still_writer(point)?;
+        Ok(share)
     }
 
     /// Refuses an append once this node no longer takes the writes it was admitted for: a
@@ -453,31 +426,27 @@ impl Gate {
         if self.role != Role::Follower || self.leads_as_follower() {
             return Ok(());
         }
-        // While the group this node follows elects a new leader, say so rather than name the
-        // leader that is gone.
-        let electing = {
-            let topology = self.topology.borrow();
-            topology.followed_by(&self.node).and_then(|(slot, _)| {
-                let writes = format!("the writes of the points of {slot}");
-                let membership = self.placement.membership();
-                electing(&membership, &topology, writes, slot, self.retry_after)
-            })
-        };
-        if let Some(electing) = electing {
-            return Err(electing);
-        }
-        // The leader the controller names for the group (a failover or a transfer may have
-        // named another since this follower's last session), else the one it follows.
+        // The leader the controller names for the group this node follows (a failover or a
+        // transfer may have named another since its last session), else the one it follows;
+        // while the group elects a new leader, say so rather than name the one that is gone.
         let named = {
             let topology = self.topology.borrow();
-            topology.followed_by(&self.node).and_then(|(_, group)| {
-                let membership = self.placement.membership();
-                let member = membership.live(&group.leader)?;
-                Some(Leader {
-                    name: group.leader.clone(),
-                    rpc_addr: member.rpc_addr.clone(),
-                })
-            })
+            match topology.followed_by(&self.node) {
+                Some((slot, group)) => {
+                    let membership = self.placement.membership();
+                    let writes = format!("the writes of the points of {slot}");
+                    if let Some(electing) =
+                        electing(&membership, &topology, writes, slot, self.retry_after)
+                    {
+                        return Err(electing);
+                    }
+                    membership.live(&group.leader).map(|member| Leader {
+                        name: group.leader.clone(),
+                        rpc_addr: member.rpc_addr.clone(),
+                    })
+                }
+                None => None,
+            }
         };
         let node = self.node.clone();
         let leader = named.or_else(|| self.leader.borrow().clone());
@@ -797,10 +766,9 @@ fn electing(
     retry_after: Duration,
 ) -> Option<Refusal> {
     let group = topology.groups.get(slot)?;
-    let automatic = matches!(group.failover, Failover::Automatic { .. });
-    let candidate = group.in_sync.iter().any(|m| membership.live(m).is_some());
+    let successor = group.successor(|m| membership.live(m).is_some());
     let leader_down = membership.live(&group.leader).is_none();
-    (automatic && leader_down && candidate).then(|| Refusal::Electing {
+    (leader_down && successor.is_some()).then(|| Refusal::Electing {
         writes,
         leader: group.leader.clone(),
         epoch: group.leader_epoch,

@@ -16,7 +16,6 @@
 //! N MiB to a is killed midway and must finish byte-exact on the new leader; the same `put`
 //! without a kill, just before in the same cluster, is the baseline.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -30,7 +29,8 @@ use goutube::proto::{ConsumeRequest, GroupInfo, ProduceRequest};
 use rand::RngCore;
 use tonic::transport::Channel;
 
-use super::{Server, connect, median, owner as ring_owner, percentile};
+use super::fleet::Fleet;
+use super::{median, owner as ring_owner, percentile};
 
 /// Bytes of each acknowledged write.
 const CHUNK: usize = 64 * 1024;
@@ -85,7 +85,7 @@ pub(super) async fn run(trials: usize, put_mib: u64) -> anyhow::Result<()> {
 /// kill in the same cluster just before: both must end byte-exact (the client checks the
 /// point's CRC32C against the file's, and the new leader's copy is checked again here).
 async fn put_through_a_kill(mib: u64) -> anyhow::Result<()> {
-    let mut cluster = Trial::start(0).await?;
+    let mut cluster = trial_cluster().await?;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("upload.bin");
     {
@@ -97,7 +97,7 @@ async fn put_through_a_kill(mib: u64) -> anyhow::Result<()> {
         out.flush()?;
     }
     let len = mib * 1024 * 1024;
-    let to_a = connect(&cluster.address("a")?).await?;
+    let to_a = cluster.client("a").await?;
     let options = PutOptions::default();
     let points = points_of(&to_a, "a", 2).await?;
     let quiet: Arc<dyn Progress> = Arc::new(Quiet);
@@ -126,12 +126,12 @@ async fn put_through_a_kill(mib: u64) -> anyhow::Result<()> {
     cluster.kill("a")?;
     let report = put.await??;
     let (total, after_kill) = (started.elapsed(), killed.elapsed());
-    let b = connect(&cluster.address("b")?).await?;
+    let b = cluster.client("b").await?;
     let leader = group_of(&b, "a")
         .await
         .map(|g| g.leader)
         .unwrap_or_default();
-    let to_leader = connect(&cluster.address(&leader)?).await?;
+    let to_leader = cluster.client(&leader).await?;
     let held = to_leader.stat(&points[1]).await?;
     let exact = held.size == len && held.crc32c == plain.record.crc32c;
     cluster.stop()?;
@@ -178,88 +178,26 @@ struct Outcome {
 
 /// A fresh trial cluster: primaries a, b, c and followers fa1, fa2 of a, once both followers
 /// are in a's in-sync set.
-struct Trial {
-    _dir: tempfile::TempDir,
-    nodes: Vec<(&'static str, Server)>,
-    addresses: BTreeMap<String, String>,
-}
-
-impl Trial {
-    async fn start(trial: usize) -> anyhow::Result<Trial> {
-        let dir = tempfile::tempdir()?;
-        let mut nodes: Vec<(&'static str, Server)> = Vec::new();
-        for name in ["a", "b", "c"] {
-            let settings = format!(
-                "role = \"leader\"\nseed_addresses = [{}]\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
-                 [replication]\nack = {{ replicas = 1 }}\n[cluster]\nbootstrap_expect = 3\n",
-                seeds(nodes.iter().map(|(_, s)| s))
-            );
-            nodes.push((
-                name,
-                Server::node_at(dir.path(), name, "127.0.0.1", None, &settings)?,
-            ));
-        }
-        let a_replication = nodes[0].1.replication.clone();
-        for name in ["fa1", "fa2"] {
-            let settings = format!(
-                "role = \"follower\"\nleader_addresses = [{a_replication:?}]\nseed_addresses = [{}]\n\
-                 [cluster]\nbootstrap_expect = 3\n",
-                seeds(nodes.iter().map(|(_, s)| s))
-            );
-            nodes.push((
-                name,
-                Server::node_at(dir.path(), name, "127.0.0.1", None, &settings)?,
-            ));
-        }
-        let addresses = nodes
-            .iter()
-            .map(|(name, node)| ((*name).to_owned(), node.rpc.clone()))
-            .collect();
-        let trial_cluster = Trial {
-            _dir: dir,
-            nodes,
-            addresses,
-        };
-        let b = connect(&trial_cluster.address("b")?).await?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let group = group_of(&b, "a").await;
-            if group.is_some_and(|g| g.in_sync.len() == 2) {
-                return Ok(trial_cluster);
-            }
-            if Instant::now() > deadline {
-                bail!("trial {trial}: the followers never entered a's in-sync set");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+pub(super) async fn trial_cluster() -> anyhow::Result<Fleet> {
+    let mut fleet = Fleet::new()?;
+    for name in ["a", "b", "c"] {
+        fleet.primary(name)?;
     }
-
-    fn address(&self, name: &str) -> anyhow::Result<String> {
-        self.addresses
-            .get(name)
-            .cloned()
-            .context("a node of the trial")
+    for name in ["fa1", "fa2"] {
+        fleet.follower(name, "a")?;
     }
-
-    /// Kills `name` (SIGKILL).
-    fn kill(&mut self, name: &str) -> anyhow::Result<()> {
-        let at = self.nodes.iter().position(|(n, _)| *n == name);
-        let (_, node) = self.nodes.remove(at.context("a node of the trial")?);
-        Ok(node.process.kill()?)
+    for name in ["fa1", "fa2"] {
+        fleet.in_sync("a", name).await?;
     }
-
-    fn stop(self) -> anyhow::Result<()> {
-        for (_, node) in self.nodes {
-            node.stop()?;
-        }
-        Ok(())
-    }
+    Ok(fleet)
 }
 
 async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
-    let mut cluster = Trial::start(trial).await?;
-    let b = connect(&cluster.address("b")?).await?;
-    let to_a = connect(&cluster.address("a")?).await?;
+    let mut cluster = trial_cluster()
+        .await
+        .with_context(|| format!("trial {trial}"))?;
+    let b = cluster.client("b").await?;
+    let to_a = cluster.client("a").await?;
     let point = point_of(&to_a, "a").await?;
     let to_a = to_a.raw();
     let mut written: Vec<u8> = Vec::new();
@@ -283,7 +221,7 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
             continue;
         };
         let named_at = *named.get_or_insert_with(|| killed.elapsed());
-        let to_leader = connect(&cluster.address(&leader)?).await?.raw();
+        let to_leader = cluster.client(&leader).await?.raw();
         let chunk = random_chunk();
         let offset = written.len() as u64;
         match append_at(&to_leader, &point, offset, &chunk).await {
@@ -304,15 +242,6 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-}
-
-/// The gossip addresses of `servers`, as TOML list items.
-pub(super) fn seeds<'a>(servers: impl IntoIterator<Item = &'a Server>) -> String {
-    let seeds: Vec<String> = servers
-        .into_iter()
-        .map(|s| format!("{:?}", s.gossip))
-        .collect();
-    seeds.join(", ")
 }
 
 fn random_chunk() -> Vec<u8> {

@@ -1,8 +1,8 @@
 //! `goutube bench transfer`: planned moves of leadership (`docs/failover.md`, "Planned moves")
 //! as a writer sees them, through a balancer.
 //!
-//! - **Transfer pauses.** Primaries a, b, c (the voters, `ack = { replicas = 1 }`) and followers
-//!   fa1 and fa2 of a, and a balancer. A producer appends small acknowledged chunks to a point
+//! - **Transfer pauses.** `bench failover`'s cluster (primaries a, b, c, the voters, with
+//!   `ack = { replicas = 1 }`, and followers fa1 and fa2 of a), and a balancer. A producer appends small acknowledged chunks to a point
 //!   of a's through the balancer, one after the other. First a steady stretch with no transfer:
 //!   the gaps between consecutive acknowledgements there are the baseline. Then the group's
 //!   leadership goes round a → fa1 → fa2 → a…, one `TransferLeadership` per trial. A trial's
@@ -24,109 +24,9 @@ use anyhow::{Context, bail};
 
 use goutube::client::Client;
 
-use super::failover::{append_at, group_of, points_of, random_bytes, read_all, seeds};
-use super::{Server, connect, median, percentile};
-
-/// A set of bench nodes by name, started one after the other (each seeded with those before).
-struct Fleet {
-    dir: tempfile::TempDir,
-    nodes: Vec<(String, Server, String)>,
-}
-
-impl Fleet {
-    fn new() -> anyhow::Result<Fleet> {
-        Ok(Fleet {
-            dir: tempfile::tempdir()?,
-            nodes: Vec::new(),
-        })
-    }
-
-    /// Starts node `name` with `settings` (and the others' gossip addresses as seeds).
-    fn start(&mut self, name: &str, settings: &str) -> anyhow::Result<()> {
-        let settings_with_seeds = format!(
-            "seed_addresses = [{}]\n{settings}\n[cluster]\nbootstrap_expect = 3\n",
-            seeds(self.nodes.iter().map(|(_, server, _)| server))
-        );
-        let server = Server::node_at(
-            self.dir.path(),
-            name,
-            "127.0.0.1",
-            None,
-            &settings_with_seeds,
-        )?;
-        self.nodes
-            .push((name.to_owned(), server, settings.to_owned()));
-        Ok(())
-    }
-
-    fn primary(&mut self, name: &str) -> anyhow::Result<()> {
-        self.start(
-            name,
-            "role = \"leader\"\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
-             [replication]\nack = { replicas = 1 }",
-        )
-    }
-
-    fn follower(&mut self, name: &str, leader: &str) -> anyhow::Result<()> {
-        let replication = self.server(leader)?.replication.clone();
-        self.start(
-            name,
-            &format!("role = \"follower\"\nleader_addresses = [{replication:?}]"),
-        )
-    }
-
-    fn balancer(&mut self) -> anyhow::Result<()> {
-        self.start(
-            "lb",
-            "role = \"balancer\"\n[controller]\nvoters = [\"a\", \"b\", \"c\"]",
-        )
-    }
-
-    fn server(&self, name: &str) -> anyhow::Result<&Server> {
-        let found = self.nodes.iter().find(|(n, _, _)| n == name);
-        Ok(&found.context("a node of the bench")?.1)
-    }
-
-    async fn client(&self, name: &str) -> anyhow::Result<Client> {
-        connect(&self.server(name)?.rpc).await
-    }
-
-    /// Stops `name` gracefully and starts it again on its data, with the same settings.
-    fn restart(&mut self, name: &str) -> anyhow::Result<()> {
-        let at = self.nodes.iter().position(|(n, _, _)| n == name);
-        let (name, server, settings) = self.nodes.remove(at.context("a node of the bench")?);
-        server.stop()?;
-        self.start(&name, &settings)
-    }
-
-    fn stop(self) -> anyhow::Result<()> {
-        // The voters last: a group leader stopping hands its group over first.
-        let (voters, others): (Vec<_>, Vec<_>) = self
-            .nodes
-            .into_iter()
-            .partition(|(name, _, _)| ["a", "b", "c"].contains(&name.as_str()));
-        for (_, server, _) in others.into_iter().chain(voters) {
-            server.stop()?;
-        }
-        Ok(())
-    }
-
-    /// Waits until `member` is in the in-sync set of `slot`'s group, as b sees it.
-    async fn in_sync(&self, slot: &str, member: &str) -> anyhow::Result<()> {
-        let b = self.client("b").await?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let group = group_of(&b, slot).await;
-            if group.is_some_and(|g| g.in_sync.iter().any(|m| m == member)) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{member} never entered the in-sync set of {slot}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
+use super::failover::{append_at, group_of, points_of, random_bytes, read_all, trial_cluster};
+use super::fleet::Fleet;
+use super::{median, percentile};
 
 /// Appends to one point through the balancer, one chunk after the other, until stopped:
 /// the instant of each acknowledgement, the bytes acknowledged, and the appends that failed.
@@ -189,16 +89,8 @@ pub(super) async fn run(trials: usize, rolling: bool) -> anyhow::Result<()> {
 const STEADY: Duration = Duration::from_secs(3);
 
 async fn pauses(trials: usize) -> anyhow::Result<()> {
-    let mut fleet = Fleet::new()?;
-    for name in ["a", "b", "c"] {
-        fleet.primary(name)?;
-    }
-    for name in ["fa1", "fa2"] {
-        fleet.follower(name, "a")?;
-    }
+    let mut fleet = trial_cluster().await?;
     fleet.balancer()?;
-    fleet.in_sync("a", "fa1").await?;
-    fleet.in_sync("a", "fa2").await?;
     let b = fleet.client("b").await?;
     let point = points_of(&b, "a", 1).await?.remove(0);
     let producer = Producer::start(&fleet.client("lb").await?, &point);
