@@ -63,12 +63,28 @@ impl Fleet {
         )
     }
 
-    /// Starts balancer lb.
-    pub(super) fn balancer(&mut self) -> anyhow::Result<()> {
+    /// Starts balancer lb, and waits until every node sees it live: a node honours the
+    /// subject a balancer forwards a call for only from a balancer it knows.
+    pub(super) async fn balancer(&mut self) -> anyhow::Result<()> {
         self.start(
             "lb",
             "role = \"balancer\"\n[controller]\nvoters = [\"a\", \"b\", \"c\"]",
-        )
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (name, server, _) in &self.nodes {
+            let client = connect(&server.rpc).await?;
+            loop {
+                let members = client.members().await?;
+                if members.members.iter().any(|m| m.name == "lb" && m.live) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{name} never saw the balancer live");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
     }
 
     /// The server `name`.
