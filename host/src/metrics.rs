@@ -80,6 +80,9 @@ pub const TRANSFER_HOLD_SECONDS: &str = "goutube_leadership_transfer_hold_second
 pub const SELF_FENCED: &str = "goutube_self_fenced_writes_total";
 /// Replication peers the authorizer did not allow to replicate.
 pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
+/// Replication calls a follower refused because they came from a deposed leader (an epoch
+/// older than one it knows for its group).
+pub const REPLICATION_STALE_EPOCHS: &str = "goutube_replication_stale_epochs_total";
 /// Points a follower offered at a newer ownership epoch than this leader's (left alone).
 pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
 /// Writes that waited at a handover's fence longer than reshard.fence_timeout_ms.
@@ -281,6 +284,10 @@ fn describe_replication() {
     describe_counter!(
         REPLICATION_REFUSED,
         "Replication peers the authorizer did not allow to replicate."
+    );
+    describe_counter!(
+        REPLICATION_STALE_EPOCHS,
+        "Replication calls a follower refused because they came from a deposed leader (an epoch older than one it knows for its group)."
     );
     describe_counter!(
         REPLICATION_NEWER_COPIES,

@@ -636,6 +636,7 @@ fn start_storage(
             membership: cluster.membership(),
             steps: cluster.steps(),
             topology: services.controller.watch_topology(),
+            seen_epoch: Default::default(),
         },
         listener,
         services.lifetime.subsystem(),

@@ -12,7 +12,10 @@
 interface Leader {
   # Starts a session. Fails if the caller may not `replicate`, or (with TLS) if its certificate
   # does not name the follower it says it is.
-  follow @0 (hello :Hello, sink :Sink) -> (session :Session);
+  # The answer's `leaderEpoch` is the epoch at which the controller named this node its group's
+  # leader (0 with no controller); every call on the sink carries it, and a follower refuses a
+  # session whose epoch is older than the highest it has seen for its group.
+  follow @0 (hello :Hello, sink :Sink) -> (session :Session, leaderEpoch :UInt64);
 
   # The leader's node name, asked before any capability is handed over, and where clients reach
   # its API (a follower names it when it refuses a write).
@@ -92,25 +95,29 @@ struct Offer {
 }
 
 interface Sink {
+  # Every call carries `leaderEpoch`: the epoch of the session (`Leader.follow`'s answer). A
+  # follower refuses a call whose epoch is older than the highest it has seen for its group (on
+  # the wire or in the controller's committed state), so a deposed leader changes nothing once a
+  # newer one is known. A handover's sink ignores it (0).
   # Records in the order the leader made them. The follower applies each only if its start
   # equals its end of the point (consecutive records of a point as one batch) and answers one
   # Ack per record, in the same order.
-  push @0 (records :List(Record)) -> (acks :List(Ack));
+  push @0 (records :List(Record), leaderEpoch :UInt64) -> (acks :List(Ack));
 
   # The point no longer exists on the leader (deleted there, or the follower's copy diverged):
   # the follower removes its copy.
-  remove @1 (point :Text) -> ();
+  remove @1 (point :Text, leaderEpoch :UInt64) -> ();
 
   # What the point is besides its bytes, sent before the point's first record in a session when
   # there is something to say: its content type (empty: none) and its ownership epoch (the
   # follower's copy takes it). Applied in order with the pushes.
-  describe @2 (point :Text, contentType :Text, epoch :UInt64) -> ();
+  describe @2 (point :Text, contentType :Text, epoch :UInt64, leaderEpoch :UInt64) -> ();
 
   # The follower's copy holds bytes the leader did not send (it acknowledged another end than
   # the one sent): the follower cuts it back to the end of its last append at or before `end`
   # (the leader's last verified end) and answers where it now ends; the leader continues from
   # there. Applied in order with the pushes.
-  truncate @3 (point :Text, end :UInt64) -> (end :UInt64);
+  truncate @3 (point :Text, end :UInt64, leaderEpoch :UInt64) -> (end :UInt64);
 }
 
 struct Record {

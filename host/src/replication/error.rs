@@ -118,6 +118,16 @@ pub(crate) enum LinkError {
         /// The member it fed.
         peer: String,
     },
+    /// The leader's session runs at an older epoch than one this follower knows for its group:
+    /// another leader was named since.
+    #[error("{peer} leads at epoch {stale}")]
+    StaleLeader {
+        /// The leader dialed.
+        peer: String,
+        /// Why its epoch is stale.
+        #[source]
+        stale: StaleEpoch,
+    },
     /// The connection ended.
     #[error("the connection to {peer} ended: {reason}")]
     Closed {
@@ -235,6 +245,23 @@ pub(crate) enum ApplyError {
     /// The node is shutting down.
     #[error("the follower is shutting down")]
     ShuttingDown,
+    /// The call came from a leader whose epoch is older than one this follower knows.
+    #[error(transparent)]
+    Stale(#[from] StaleEpoch),
+}
+
+/// A replication call at a leader epoch older than the newest this follower knows for its group
+/// (`follower::SeenEpoch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "leader epoch {given} is older than epoch {newest}, the newest this follower knows for its \
+     group: another leader was named since"
+)]
+pub(crate) struct StaleEpoch {
+    /// The epoch the call carried.
+    pub given: u64,
+    /// The newest this follower knows.
+    pub newest: u64,
 }
 
 impl<E: Into<StoreError>> From<E> for ApplyError {
@@ -379,6 +406,24 @@ pub(crate) enum FollowRefusal {
     Forgotten {
         /// This node.
         node: String,
+    },
+    /// This node is no primary and no failover named it a group's leader.
+    #[error("node {node} is a {role} that leads no group: it has no followers")]
+    LeadsNothing {
+        /// This node.
+        node: String,
+        /// Its role.
+        role: &'static str,
+    },
+    /// Another member leads this primary's slot now (a failover or a transfer named it).
+    #[error("{leader} leads the group of {node} since epoch {leader_epoch}: follow it instead")]
+    Deposed {
+        /// This node.
+        node: String,
+        /// The group's leader.
+        leader: String,
+        /// Its epoch.
+        leader_epoch: u64,
     },
 }
 

@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use super::error::{ApplyError, LinkError, wire};
+use super::error::{ApplyError, LinkError, StaleEpoch, wire};
 use super::handover::not_incoming;
 use super::replication_capnp::sink;
 use super::{Context, Dialed, dial};
@@ -197,15 +198,19 @@ async fn session(
         response = request.send().promise => response.map_err(|e| LinkError::call("follow", &name, e))?,
         _ = shutdown.cancelled() => return Ok(()),
     };
-    let session = response
+    let (session, leader_epoch) = response
         .get()
-        .and_then(|r| r.get_session())
+        .and_then(|r| Ok((r.get_session()?, r.get_leader_epoch())))
         .map_err(|e| LinkError::call("follow", &name, e))?;
+    admit(context, leader_epoch).map_err(|stale| LinkError::StaleLeader {
+        peer: name.clone(),
+        stale,
+    })?;
     context.leader.send_replace(Some(Leader {
         name: name.clone(),
         rpc_addr: rpc_address,
     }));
-    tracing::info!(leader = %address, name = %name, points = offers.len(), "following");
+    tracing::info!(leader = %address, name = %name, leader_epoch, points = offers.len(), "following");
     let ended = tokio::select! {
         ended = &mut connection => ended,
         _ = shutdown.cancelled() => return Ok(()),
@@ -217,6 +222,40 @@ async fn session(
         Err(error) => format!("its task ended: {error}"),
     };
     Err(LinkError::Closed { peer: name, reason })
+}
+
+/// The highest leader epoch this node has seen on a follower's session (`Context::seen_epoch`).
+/// Kept for the process's life; the controller's committed state, which [`admit`] also reads,
+/// is the durable record of the newest epoch.
+#[derive(Debug, Default)]
+pub(crate) struct SeenEpoch(AtomicU64);
+
+/// Whether a follower's session call at `leader_epoch` may change this node's copies: not if
+/// another leader was named since — a higher epoch seen on another session, or in the
+/// controller's committed state for the group this node follows. Otherwise `leader_epoch` is
+/// the highest seen from now on. Checked when a call arrives and again before the applier
+/// applies it, so nothing queued before a newer epoch was known is applied after.
+fn admit(context: &Context, leader_epoch: u64) -> Result<(), StaleEpoch> {
+    let local = &context.services.config.node_name;
+    let committed = context
+        .topology
+        .borrow()
+        .followed_by(local)
+        .map_or(0, |(_, group)| group.leader_epoch);
+    let seen = &context.seen_epoch.0;
+    let highest = newest(leader_epoch, seen.load(Ordering::Acquire), committed)?;
+    seen.fetch_max(highest, Ordering::AcqRel);
+    Ok(())
+}
+
+/// The decision of [`admit`]: the highest epoch seen after a call at `given`, or why the call
+/// is refused.
+fn newest(given: u64, seen: u64, committed: u64) -> Result<u64, StaleEpoch> {
+    let newest = seen.max(committed);
+    if given < newest {
+        return Err(StaleEpoch { given, newest });
+    }
+    Ok(given)
 }
 
 /// A sink that applies what it receives to this node's store: a follower's copies of its
@@ -307,6 +346,36 @@ enum Job {
     },
 }
 
+/// A job with the leader epoch of the call that made it (0 on a handover's sink).
+struct Queued {
+    leader_epoch: u64,
+    job: Job,
+}
+
+impl Job {
+    /// Answers the job with `error`, unapplied.
+    fn refuse(self, error: ApplyError) {
+        match self {
+            Job::Apply { records, done } => {
+                let _ = done.send(vec![Err(error); records.len()]);
+            }
+            Job::Remove { done, .. } | Job::Describe { done, .. } => {
+                let _ = done.send(Err(error));
+            }
+            Job::Truncate { done, .. } => {
+                let _ = done.send(Err(error));
+            }
+        }
+    }
+}
+
+/// A call refused for its stale leader epoch: counted and logged.
+fn refused_stale(stale: StaleEpoch) -> ApplyError {
+    ::metrics::counter!(metrics::REPLICATION_STALE_EPOCHS).increment(1);
+    tracing::warn!(%stale, "refused a replication call from a deposed leader");
+    ApplyError::Stale(stale)
+}
+
 /// A record, unbundled and checked.
 struct Incoming {
     point: PointId,
@@ -324,10 +393,14 @@ enum Applied {
 }
 
 /// Runs the jobs in order; for a handover from `from`, only on points arriving from it.
-async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Job>, from: Option<String>) {
-    while let Some(job) = queue.recv().await {
+async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Queued>, from: Option<String>) {
+    while let Some(Queued { leader_epoch, job }) = queue.recv().await {
         if let Some(from) = &from {
             handed(&context, from, job).await;
+            continue;
+        }
+        if let Err(stale) = admit(&context, leader_epoch) {
+            job.refuse(refused_stale(stale));
             continue;
         }
         match job {
@@ -519,7 +592,7 @@ struct SinkService {
     /// Calls are handled one at a time, in arrival order (tokio's mutex is fair): unbundling
     /// and queueing for the applier happen under it.
     order: tokio::sync::Mutex<()>,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Queued>,
     shutdown: CancellationToken,
     /// Whether this sink is a follower's (not a handover's): it takes nothing once the
     /// controller named this node the leader of a group.
@@ -538,11 +611,14 @@ struct Received {
 impl SinkService {
     /// Queues `job` for the applier; the caller holds its turn, and lets it go before it waits
     /// for the outcome (the next call unbundles while this one is applied).
-    async fn queue(&self, job: Job) -> Result<(), capnp::Error> {
-        self.jobs.send(job).await.map_err(|_| applier_stopped())
+    async fn queue(&self, leader_epoch: u64, job: Job) -> Result<(), capnp::Error> {
+        let queued = Queued { leader_epoch, job };
+        self.jobs.send(queued).await.map_err(|_| applier_stopped())
     }
 
-    fn refuse_after_shutdown(&self) -> Result<(), capnp::Error> {
+    /// Whether a call at `leader_epoch` is taken: not once the node shuts down, nor, on a
+    /// follower's session, once this node leads a group or knows a newer leader epoch.
+    fn admit(&self, leader_epoch: u64) -> Result<(), capnp::Error> {
         if self.shutdown.is_cancelled() {
             return Err(wire(ApplyError::ShuttingDown));
         }
@@ -559,6 +635,8 @@ impl SinkService {
                     group.leader_epoch
                 )));
             }
+            drop(topology);
+            admit(context, leader_epoch).map_err(|stale| wire(refused_stale(stale)))?;
         }
         Ok(())
     }
@@ -653,9 +731,11 @@ impl sink::Server for SinkService {
         params: sink::PushParams,
         mut results: sink::PushResults,
     ) -> Result<(), capnp::Error> {
-        self.refuse_after_shutdown()?;
+        let params = params.get()?;
+        let leader_epoch = params.get_leader_epoch();
+        self.admit(leader_epoch)?;
         let mut received = Vec::new();
-        for record in params.get()?.get_records()? {
+        for record in params.get_records()? {
             received.push(Received {
                 point: record.get_point()?.to_str()?.to_owned(),
                 start: record.get_start(),
@@ -686,7 +766,7 @@ impl sink::Server for SinkService {
             records: accepted,
             done,
         };
-        self.queue(job).await?;
+        self.queue(leader_epoch, job).await?;
         drop(turn);
         let mut outcomes = outcome(applied).await?.into_iter();
         let mut acks = results.get().init_acks(slots.len() as u32);
@@ -718,8 +798,9 @@ impl sink::Server for SinkService {
         params: sink::DescribeParams,
         _: sink::DescribeResults,
     ) -> Result<(), capnp::Error> {
-        self.refuse_after_shutdown()?;
         let params = params.get()?;
+        let leader_epoch = params.get_leader_epoch();
+        self.admit(leader_epoch)?;
         let point = params.get_point()?.to_str()?.to_owned();
         let content_type = params.get_content_type()?.to_str()?.to_owned();
         let epoch = params.get_epoch();
@@ -748,7 +829,7 @@ impl sink::Server for SinkService {
             done,
         };
         let turn = self.order.lock().await;
-        self.queue(job).await?;
+        self.queue(leader_epoch, job).await?;
         drop(turn);
         outcome(described).await?.map_err(wire)
     }
@@ -758,14 +839,17 @@ impl sink::Server for SinkService {
         params: sink::RemoveParams,
         _: sink::RemoveResults,
     ) -> Result<(), capnp::Error> {
-        self.refuse_after_shutdown()?;
-        let point = params.get()?.get_point()?.to_str()?.to_owned();
+        let params = params.get()?;
+        let leader_epoch = params.get_leader_epoch();
+        self.admit(leader_epoch)?;
+        let point = params.get_point()?.to_str()?.to_owned();
         let Ok(point) = PointId::new(point) else {
             return Ok(());
         };
         let (done, removed) = oneshot::channel();
         let turn = self.order.lock().await;
-        self.queue(Job::Remove { point, done }).await?;
+        self.queue(leader_epoch, Job::Remove { point, done })
+            .await?;
         drop(turn);
         outcome(removed).await?.map_err(wire)
     }
@@ -775,13 +859,15 @@ impl sink::Server for SinkService {
         params: sink::TruncateParams,
         mut results: sink::TruncateResults,
     ) -> Result<(), capnp::Error> {
-        self.refuse_after_shutdown()?;
         let params = params.get()?;
+        let leader_epoch = params.get_leader_epoch();
+        self.admit(leader_epoch)?;
         let point = point_named(params.get_point()?)?;
         let end = params.get_end();
         let (done, truncated) = oneshot::channel();
         let turn = self.order.lock().await;
-        self.queue(Job::Truncate { point, end, done }).await?;
+        self.queue(leader_epoch, Job::Truncate { point, end, done })
+            .await?;
         drop(turn);
         let now = outcome(truncated).await?.map_err(wire)?;
         results.get().set_end(now);
@@ -798,4 +884,45 @@ fn applier_stopped() -> capnp::Error {
 fn point_named(text: capnp::text::Reader<'_>) -> Result<PointId, capnp::Error> {
     PointId::new(text.to_str()?.to_owned())
         .map_err(|e| capnp::Error::failed(format!("bad point id: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_from_an_older_leader_epoch_than_one_known_is_refused() {
+        // Nothing known yet (a cluster without a controller): every epoch is taken.
+        assert_eq!(newest(0, 0, 0), Ok(0));
+        // The first session at 7; the same epoch again, and a newer one.
+        assert_eq!(newest(7, 0, 7), Ok(7));
+        assert_eq!(newest(7, 7, 7), Ok(7));
+        assert_eq!(newest(9, 7, 7), Ok(9));
+        // Once 9 was seen on the wire, the leader at 7 is refused, whatever the committed
+        // state this node has read so far says.
+        assert_eq!(
+            newest(7, 9, 7),
+            Err(StaleEpoch {
+                given: 7,
+                newest: 9
+            })
+        );
+        // The committed state names a newer leader before any call of it arrived.
+        assert_eq!(
+            newest(7, 7, 12),
+            Err(StaleEpoch {
+                given: 7,
+                newest: 12
+            })
+        );
+        // A leader that sends no epoch (it predates them, or its view of the controller is
+        // not loaded yet) is refused by a follower that knows one.
+        assert_eq!(
+            newest(0, 0, 3),
+            Err(StaleEpoch {
+                given: 0,
+                newest: 3
+            })
+        );
+    }
 }

@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{RpcSystem, twoparty};
@@ -362,13 +363,11 @@ impl leader::Server for LeaderService {
             return Err(capnp::Error::failed(reason.to_string()));
         }
         let local = &context.services.config.node_name;
-        let leads = context.topology.borrow().leads(local);
-        if context.services.config.role != crate::config::Role::Leader && !leads {
-            return Err(capnp::Error::failed(format!(
-                "node {local} is a {} that leads no group: it has no followers",
-                context.services.config.role.as_str()
-            )));
-        }
+        committed_state_known(context).await;
+        let leader_epoch = leader_epoch(context, local).map_err(|reason| {
+            tracing::warn!(%follower, %reason, "follower refused");
+            capnp::Error::failed(reason.to_string())
+        })?;
         let rpc_address = hello.get_rpc_address()?.to_str()?.to_owned();
         let mut offers = HashMap::new();
         for offer in hello.get_offers()? {
@@ -383,7 +382,7 @@ impl leader::Server for LeaderService {
         let sink = params.get_sink()?;
         let stop = self.shutdown.child_token();
         let durable = hello.get_durable();
-        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), durable, "follower connected");
+        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), durable, leader_epoch, "follower connected");
         let durability = match durable {
             true => Durability::Synced,
             false => Durability::Unsynced,
@@ -393,7 +392,7 @@ impl leader::Server for LeaderService {
             follower.clone(),
             rpc_address,
             durability,
-            sink,
+            (sink, leader_epoch),
             stop.clone(),
         );
         let connection = self.connection.clone();
@@ -412,7 +411,44 @@ impl leader::Server for LeaderService {
             stop,
         };
         results.get().set_session(capnp_rpc::new_client(session));
+        results.get().set_leader_epoch(leader_epoch);
         Ok(())
+    }
+}
+
+/// Waits until this node has read the controller's committed state (at most a session: a
+/// cluster whose controller has not formed has none to read). A leader that just started would
+/// otherwise answer epoch 0, and a follower that knows its group's epoch would refuse it.
+async fn committed_state_known(context: &Context) {
+    let mut topology = context.topology.clone();
+    let wait = Duration::from_millis(context.services.config.controller.session_ms);
+    let _ = tokio::time::timeout(wait, topology.wait_for(|topology| topology.applied > 0)).await;
+}
+
+/// The epoch at which this node leads the group its followers copy, as the controller's
+/// committed state says: the group it leads, else 0 for a primary the controller has no group
+/// for (a cluster without one, or not formed yet). Refused for a node that leads nothing: a
+/// follower or balancer no failover named, and a primary whose slot another member leads now (a
+/// deposed leader has no followers; its own follows the new one).
+fn leader_epoch(context: &Context, local: &str) -> Result<u64, FollowRefusal> {
+    let topology = context.topology.borrow();
+    if let Some((_, group)) = topology.led_by(local).next() {
+        return Ok(group.leader_epoch);
+    }
+    let role = context.services.config.role;
+    if role != crate::config::Role::Leader {
+        return Err(FollowRefusal::LeadsNothing {
+            node: local.to_owned(),
+            role: role.as_str(),
+        });
+    }
+    match topology.groups.get(local) {
+        Some(group) => Err(FollowRefusal::Deposed {
+            node: local.to_owned(),
+            leader: group.leader.clone(),
+            leader_epoch: group.leader_epoch,
+        }),
+        None => Ok(0),
     }
 }
 

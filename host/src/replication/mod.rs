@@ -104,6 +104,9 @@ pub(crate) struct Context {
     /// The controller's committed state as this node knows it: whom it follows, and whether it
     /// leads a group (a follower named leader serves followers of its own).
     pub topology: watch::Receiver<Arc<Topology>>,
+    /// The highest leader epoch this node has seen on a follower's session: a call from an
+    /// older one is refused (a deposed leader changes nothing).
+    pub seen_epoch: Arc<follower::SeenEpoch>,
 }
 
 /// Starts the replication thread, stopped by `token`, on every storage node: the leader service

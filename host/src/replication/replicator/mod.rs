@@ -97,6 +97,9 @@ pub(crate) struct Replicator {
     /// Whether the follower syncs before it confirms (a handover's peer: never counted).
     durability: Durability,
     sink: sink::Client,
+    /// The epoch at which this node leads the follower's group, carried by every call (0 on a
+    /// handover's replicator): a follower that knows a newer one refuses it.
+    leader_epoch: u64,
     stop: CancellationToken,
     points: HashMap<PointId, PointState>,
     /// Points with something to send, round robin.
@@ -133,7 +136,7 @@ impl Replicator {
         follower: String,
         rpc_address: String,
         durability: Durability,
-        sink: sink::Client,
+        (sink, leader_epoch): (sink::Client, u64),
         stop: CancellationToken,
     ) -> Self {
         let plugins_generation = context.services.plugins.current().generation();
@@ -143,6 +146,7 @@ impl Replicator {
             rpc_address,
             durability,
             sink,
+            leader_epoch,
             stop,
             points: HashMap::new(),
             dirty: VecDeque::new(),
@@ -174,6 +178,7 @@ impl Replicator {
     ) -> Self {
         let throttle = context.services.config.reshard.max_bytes_per_sec;
         let unsynced = Durability::Unsynced;
+        let sink = (sink, 0);
         let mut replicator = Self::new(context, to, String::new(), unsynced, sink, stop);
         replicator.scope = Some(HashSet::new());
         replicator.changes = Some(changes);
@@ -463,6 +468,7 @@ impl Replicator {
             .get()
             .set_content_type(content_type.as_deref().unwrap_or_default());
         request.get().set_epoch(epoch);
+        request.get().set_leader_epoch(self.leader_epoch);
         // Sent now: calls leave in the order they are made, so it precedes the first push.
         let promise = request.send().promise;
         self.in_flight.push(
@@ -556,6 +562,7 @@ impl Replicator {
     fn send_remove(&mut self, point: PointId) {
         let mut request = self.sink.remove_request();
         request.get().set_point(point.as_str());
+        request.get().set_leader_epoch(self.leader_epoch);
         // Sent now, not when the future is first polled: calls leave in the order they are made.
         let promise = request.send().promise;
         self.in_flight.push(
@@ -571,6 +578,7 @@ impl Replicator {
         let mut request = self.sink.truncate_request();
         request.get().set_point(point.as_str());
         request.get().set_end(end);
+        request.get().set_leader_epoch(self.leader_epoch);
         let promise = request.send().promise;
         self.in_flight.push(
             async move {
@@ -588,6 +596,7 @@ impl Replicator {
     /// made, and the follower applies records of a point in arrival order).
     fn send(&mut self, records: Vec<Prepared>, wire: u64) {
         let mut request = self.sink.push_request();
+        request.get().set_leader_epoch(self.leader_epoch);
         {
             let mut list = request.get().init_records(records.len() as u32);
             for (i, record) in records.iter().enumerate() {
