@@ -209,7 +209,11 @@ impl Balancer {
             request
         };
         let (membership, owner) = (&owners.membership, owners.first());
-        if let Some(member) = membership.live(owner) {
+        let topology = self.services.controller.topology();
+        // The group's leader: the owner, or the member a failover or a transfer named in its
+        // place (it holds every acknowledged byte, and knows its followers' progress).
+        let leader = topology.writer(owner);
+        if let Some(member) = membership.live(leader) {
             let meta = self
                 .upstream(&member.rpc_addr)
                 .await?
@@ -219,11 +223,21 @@ impl Balancer {
                 .into_inner();
             return Ok((meta, member.rpc_addr.clone()));
         }
-        // Read failover: the owner is down, its followers still serve.
+        // Read failover: the leader is down, the group's other members still serve (those the
+        // controller names, and followers gossip names, of the owner and of the leader).
         let mut best: Option<(MetadataResponse, String)> = None;
         let mut last = None;
-        let followers = change::followers_of(membership, owner).map(|m| m.rpc_addr.clone());
-        for address in followers.collect::<Vec<_>>() {
+        let named = topology.groups.get(owner).into_iter();
+        let named = named.flat_map(|group| group.followers.iter().chain([&group.leader]));
+        let mut addresses: Vec<String> = named
+            .filter_map(|name| membership.live(name))
+            .chain(change::followers_of(membership, owner))
+            .chain(change::followers_of(membership, leader))
+            .map(|member| member.rpc_addr.clone())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        for address in addresses {
             let answer = async {
                 self.upstream(&address)
                     .await?

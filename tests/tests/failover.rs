@@ -733,6 +733,23 @@ async fn clients_ride_through_the_failover_of_the_leader_they_write_to() {
         read_all(&to_other, &uploaded).await == bytes
     })
     .await;
+    // Reads through the balancer, with the ring's owner still dead: the new leader answers
+    // (its followers serve too), whole.
+    let to_lb = cluster.client("lb").await;
+    let meta = metadata(&mut to_lb.clone(), &appended).await.unwrap();
+    assert_eq!(
+        (meta.node.as_str(), meta.size),
+        (leader, acknowledged.len() as u64),
+        "the balancer's metadata"
+    );
+    assert!(
+        read_all(&to_lb, &appended).await == acknowledged,
+        "the appended point read through the balancer is not what was acknowledged"
+    );
+    assert!(
+        read_all(&to_lb, &uploaded).await == bytes,
+        "the uploaded point read through the balancer is not the file"
+    );
     cluster.stop();
 }
 

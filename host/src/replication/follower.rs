@@ -53,6 +53,12 @@ pub(crate) async fn run(context: Context, tls: Option<TlsConnector>, shutdown: C
     let mut sessions: HashMap<String, CancellationToken> = HashMap::new();
     loop {
         let wanted = leaders_to_follow(&context);
+        // A node named a group's leader follows nobody, and no longer says it does (gossip
+        // would keep counting it among its old leader's followers).
+        let local = &context.services.config.node_name;
+        if context.topology.borrow().leads(local) && context.leader.borrow().is_some() {
+            context.leader.send_replace(None);
+        }
         sessions.retain(|address, session| {
             let keep = wanted.contains(address);
             if !keep {
