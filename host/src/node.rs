@@ -535,6 +535,7 @@ async fn start_agent(
     } else {
         config.cluster.gossip_interval() * 3
     };
+    let unclean = store.as_ref().is_some_and(|store| !store.stopped_cleanly());
     let params = agent::Params {
         section: config.controller.clone(),
         local: config.node_name.clone(),
@@ -548,6 +549,7 @@ async fn start_agent(
         in_sync: InSyncBounds::of(&config.replication),
         lease,
         failover: config.failover(),
+        unclean,
     };
     Ok(agent::start(params, links, membership, services.lifetime.subsystem()).await?)
 }

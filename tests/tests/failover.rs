@@ -56,14 +56,33 @@ impl Cluster {
         for name in ["a", "b", "c"] {
             cluster.spawn_primary(name);
         }
+        cluster.follow("a", followers).await;
+        cluster
+    }
+
+    /// Starts `followers` of primary `slot`; returns once each is in its in-sync set.
+    async fn follow(&mut self, slot: &'static str, followers: &[&'static str]) {
         for follower in followers {
-            cluster.spawn_follower(follower, "a");
+            self.spawn_follower(follower, slot);
         }
-        eventually("the followers to be in a's in-sync set", || async {
-            cluster.in_sync("a", "a").await == followers
+        eventually(
+            &format!("the followers to be in {slot}'s in-sync set"),
+            || async { self.in_sync(slot, slot).await == followers },
+        )
+        .await;
+    }
+
+    /// The controller's leader as node `name` sees it, once there is one.
+    async fn controller_leader(&self, name: &str) -> &'static str {
+        let leader = eventually_some("a controller leader", || async {
+            let controller = self.members(name).await?.controller?;
+            (!controller.leader.is_empty()).then_some(controller.leader)
         })
         .await;
-        cluster
+        ["a", "b", "c"]
+            .into_iter()
+            .find(|voter| *voter == leader)
+            .expect("a voter leads the controller")
     }
 
     /// Starts balancer lb; returns an operator's client of it once it sees a's group and
@@ -137,10 +156,22 @@ impl Cluster {
     /// Starts follower `name` of primary `leader`.
     fn spawn_follower(&mut self, name: &'static str, leader: &str) {
         let replication = self.nodes[leader].addresses.replication;
+        self.spawn_follower_of(name, replication);
+    }
+
+    /// Starts (or restarts, on its data) follower `name` of the leader at `replication`.
+    fn spawn_follower_of(&mut self, name: &'static str, replication: std::net::SocketAddr) {
         self.spawn(
             name,
             &format!("role = \"follower\"\nleader_addresses = [\"{replication}\"]"),
         );
+    }
+
+    /// The data file of node `name`'s copy of `point`.
+    fn data_file(&self, name: &str, point: &str) -> std::path::PathBuf {
+        let id = goutube::point::PointId::new(point).unwrap();
+        let dir = self.root.path().join(name).join("data").join("points");
+        dir.join(id.relative_dir()).join("point.data")
     }
 
     /// An operator's client (`root`) of node `name`.
@@ -427,6 +458,16 @@ async fn a_killed_leader_is_replaced_by_an_in_sync_follower_and_returns_as_its_f
     let operator = goutube::client::Client::connect(&options).await.unwrap();
     let refused = operator.forget("a").await.unwrap_err().to_string();
     assert!(refused.contains("since a failover"), "{refused}");
+    // Nor change the ring: a's points would be handed over from a, which no longer takes
+    // their writes.
+    let refused = operator.drain("c", &options).await.unwrap_err();
+    let refused = refused.to_string();
+    assert!(
+        refused.contains(&format!(
+            "hand it back first (goutube members transfer {leader} --to a)"
+        )),
+        "{refused}"
+    );
 
     // a returns: it follows the new leader, catches up, and enters its in-sync set; it takes
     // no writes, and names the leader.
@@ -875,6 +916,235 @@ async fn planned_moves_hand_a_group_over_without_a_failed_write() {
     eventually(
         "the other follower to hold every acknowledged byte",
         || async { read_all(&to_other, &point).await == acknowledged },
+    )
+    .await;
+    cluster.stop();
+}
+
+/// A controller nemesis: the group's leader is killed, and so is the controller's leader while
+/// the group leader's session runs out (before it could fence it), restarted at once on its
+/// data. The next controller leader grants every member a full session before it fences
+/// anyone, then names an in-sync follower: every acknowledged byte is on it and on the other
+/// follower, and it takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_completes_when_the_controllers_leader_is_killed_midway() {
+    let mut cluster = Cluster::new();
+    for name in ["a", "b", "c"] {
+        cluster.spawn_primary(name);
+    }
+    // The group whose leader is killed is led by a voter that does not lead the controller.
+    let controller = cluster.controller_leader("a").await;
+    let slot = ["a", "b", "c"]
+        .into_iter()
+        .find(|voter| *voter != controller)
+        .unwrap();
+    let third = ["a", "b", "c"]
+        .into_iter()
+        .find(|voter| ![slot, controller].contains(voter))
+        .unwrap();
+    cluster.follow(slot, &["fm1", "fm2"]).await;
+    let point = cluster.point_of(slot).await;
+    let to_slot = cluster.client(slot).await;
+    let mut acknowledged = Acknowledged::default();
+    for seed in 0..8u64 {
+        let bytes = data(seed + 700, 4_093 + 6_007 * seed as usize);
+        assert!(acknowledged.append(&to_slot, &point, &bytes).await);
+    }
+    let epoch = cluster.group(third, slot).await.unwrap().leader_epoch;
+
+    // The nemesis's schedule: kill -9 of the group's leader, then, half a session later (its
+    // session running out: it expires a session after its last heartbeat, at most a sixth of a
+    // session before the kill), of the controller's leader, restarted at once.
+    cluster.nodes.remove(slot).unwrap().kill();
+    let killed = Instant::now();
+    tokio::time::sleep_until((killed + SESSION / 2).into()).await;
+    assert!(
+        cluster.group(third, slot).await.unwrap().leader == slot,
+        "fenced before the controller's leader was killed: the nemesis came too late"
+    );
+    cluster.nodes.remove(controller).unwrap().kill();
+    cluster.spawn_primary(controller);
+
+    let group = eventually_some(
+        &format!("the controller to name a new leader for {slot}'s slot"),
+        || async {
+            cluster
+                .group(third, slot)
+                .await
+                .filter(|g| g.leader != slot)
+        },
+    )
+    .await;
+    eprintln!(
+        "{} named {slot}'s leader {:?} after the kill",
+        group.leader,
+        killed.elapsed()
+    );
+    assert!(group.leader_epoch > epoch, "{group:?}");
+    let leader: &'static str = if group.leader == "fm1" { "fm1" } else { "fm2" };
+    let other: &'static str = if leader == "fm1" { "fm2" } else { "fm1" };
+    assert_eq!(group.leader, leader);
+    let to_leader = cluster.client(leader).await;
+    acknowledged.check(&to_leader, &point, leader).await;
+    let written = write_eventually(
+        &to_leader,
+        &point,
+        acknowledged.bytes.len() as u64,
+        701,
+        "the new leader to acknowledge a write",
+    )
+    .await;
+    acknowledged.bytes.extend_from_slice(&written);
+    let to_other = cluster.client(other).await;
+    eventually(
+        "the other follower to hold every acknowledged byte",
+        || async { read_all(&to_other, &point).await[..] == acknowledged.bytes[..] },
+    )
+    .await;
+    acknowledged.check(&to_leader, &point, leader).await;
+    cluster.stop();
+}
+
+/// A controller nemesis: every voter killed at once (each is also a group's leader), then
+/// restarted on its data. The controller comes back with what it had committed: the groups,
+/// their leaders and in-sync sets. Every acknowledged byte is still served by the group's
+/// leader and its follower, and the group takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_voter_killed_and_restarted_loses_no_group_and_no_acknowledged_byte() {
+    let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
+    let point = cluster.point_of("a").await;
+    let to_a = cluster.client("a").await;
+    let mut acknowledged = Acknowledged::default();
+    for seed in 0..8u64 {
+        let bytes = data(seed + 800, 3_571 + 5_003 * seed as usize);
+        assert!(acknowledged.append(&to_a, &point, &bytes).await);
+    }
+    let before = cluster.group("fa1", "a").await.unwrap();
+
+    for voter in ["a", "b", "c"] {
+        cluster.nodes.remove(voter).unwrap().kill();
+    }
+    for voter in ["a", "b", "c"] {
+        cluster.spawn_primary(voter);
+    }
+    // The group as committed before the kill: led by a (its session is new once the
+    // controller has a leader again), or, had a taken longer to start than a session, by one
+    // of its in-sync followers. Either way at an epoch no older.
+    let group = eventually_some("the controller to answer with a's group", || async {
+        let group = cluster.group("b", "a").await?;
+        let members = cluster.members("b").await?;
+        let controller = members.controller?;
+        (!controller.leader.is_empty()).then_some(group)
+    })
+    .await;
+    assert!(group.leader_epoch >= before.leader_epoch, "{group:?}");
+    assert!(
+        ["a", "fa1", "fa2"].contains(&group.leader.as_str()),
+        "{group:?}"
+    );
+    let leader = ["a", "fa1", "fa2"]
+        .into_iter()
+        .find(|node| *node == group.leader)
+        .unwrap();
+    let to_leader = cluster.client(leader).await;
+    acknowledged.check(&to_leader, &point, leader).await;
+    let written = write_eventually(
+        &to_leader,
+        &point,
+        acknowledged.bytes.len() as u64,
+        801,
+        "the group's leader to acknowledge a write after the restart",
+    )
+    .await;
+    acknowledged.bytes.extend_from_slice(&written);
+    eventually("every replica to hold every acknowledged byte", || async {
+        let mut all = true;
+        for node in ["a", "fa1", "fa2"] {
+            let client = cluster.client(node).await;
+            all = all && read_all(&client, &point).await[..] == acknowledged.bytes[..];
+        }
+        all
+    })
+    .await;
+    cluster.stop();
+}
+
+/// A nemesis on a follower's disk: an in-sync follower crashes and the tail of its copy is
+/// lost on disk (cut at its recovery), and the leader is killed before it could take the
+/// follower out of its in-sync set. The follower comes back before the leader's session ran
+/// out, and leaves every in-sync set before it takes a session (its store was not stopped
+/// cleanly), so the controller names the other follower, which holds every acknowledged byte;
+/// the damaged one follows it and holds them all again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_tail_was_lost_on_disk_is_never_named_leader() {
+    let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
+    let point = cluster.point_of("a").await;
+    let to_a = cluster.client("a").await;
+    let mut acknowledged = Acknowledged::default();
+    for seed in 0..8u64 {
+        let bytes = data(seed + 900, 6_007 + 4_001 * seed as usize);
+        assert!(acknowledged.append(&to_a, &point, &bytes).await);
+    }
+    eventually("fa1 to hold every acknowledged byte", || async {
+        cluster.size("fa1", &point).await == acknowledged.bytes.len() as u64
+    })
+    .await;
+
+    // fa1 crashes; its disk loses the last 9,000 bytes of its copy (beyond the last append
+    // whole: recovery cuts the copy back to an earlier append).
+    cluster.nodes.remove("fa1").unwrap().kill();
+    let file = cluster.data_file("fa1", &point);
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 9_000)
+        .unwrap();
+    // a is killed before it could take fa1 out of its in-sync set; fa1 restarts at once.
+    let replication = cluster.nodes["a"].addresses.replication;
+    cluster.nodes.remove("a").unwrap().kill();
+    let killed = Instant::now();
+    cluster.spawn_follower_of("fa1", replication);
+    eventually("fa1 to hold a session again", || async {
+        let scrape = cluster.metrics("fa1").await;
+        metric(&scrape, SESSION_HELD) == Some(1.0)
+    })
+    .await;
+    let group = cluster.group("b", "a").await.unwrap();
+    assert_eq!(
+        group.leader,
+        "a",
+        "fenced {:?} after the kill, before fa1 came back: the nemesis came too late",
+        killed.elapsed()
+    );
+    assert_eq!(group.in_sync, ["fa2"], "fa1 holds a session: {group:?}");
+    assert!(
+        cluster.size("fa1", &point).await < acknowledged.bytes.len() as u64,
+        "fa1's recovery cut its copy"
+    );
+
+    let group = eventually_some(
+        "the controller to name a new leader for a's slot",
+        || async { cluster.group("b", "a").await.filter(|g| g.leader != "a") },
+    )
+    .await;
+    assert_eq!(group.leader, "fa2", "{group:?}");
+    let to_fa2 = cluster.client("fa2").await;
+    acknowledged.check(&to_fa2, &point, "fa2").await;
+    let written = write_eventually(
+        &to_fa2,
+        &point,
+        acknowledged.bytes.len() as u64,
+        901,
+        "fa2 to acknowledge a write",
+    )
+    .await;
+    acknowledged.bytes.extend_from_slice(&written);
+    let to_fa1 = cluster.client("fa1").await;
+    eventually(
+        "fa1 to follow fa2 and hold every acknowledged byte",
+        || async { read_all(&to_fa1, &point).await[..] == acknowledged.bytes[..] },
     )
     .await;
     cluster.stop();

@@ -69,6 +69,9 @@ pub struct Params {
     /// How a group this node leads may fail over (`Config::failover`), reported to the
     /// controller.
     pub failover: Failover,
+    /// Whether this member's store was not stopped cleanly before this start
+    /// (`Store::stopped_cleanly`): it leaves every in-sync set before its first session.
+    pub unclean: bool,
 }
 
 /// The agent's ends of its links (made before the membership loop and the API start).
@@ -279,6 +282,43 @@ impl Decider {
     }
 }
 
+/// For a member whose store was not stopped cleanly: has `Command::Unclean` committed before it
+/// takes its first session (until `stop`), so that no election names it while a copy it
+/// confirmed may have lost its tail. Proposed whether or not its view shows it in a set (the
+/// view may be behind); again every 200 ms while the controller cannot decide (before the ring
+/// is formed, or without a quorum).
+async fn leave_in_sync_sets(decider: Decider, member: String, stop: CancellationToken) {
+    let command = Command::Unclean {
+        member: member.clone(),
+    };
+    let pause = Duration::from_millis(200);
+    loop {
+        let proposed = tokio::select! {
+            _ = stop.cancelled() => return,
+            proposed = decider.propose(command.clone()) => proposed,
+        };
+        match proposed {
+            Ok(applied) => {
+                if let Applied::Changed { epoch } = applied {
+                    tracing::warn!(
+                        epoch,
+                        "controller: this member's store was not stopped cleanly: it left every in-sync set, and enters again once caught up"
+                    );
+                    ::metrics::counter!(metrics::IN_SYNC_CHANGES, "change" => "left").increment(1);
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::info!(%error, "controller: waiting to leave the in-sync sets before the first session (the store was not stopped cleanly)");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
 /// Asks the voters, one after the other, until one answers (a voter forwards a proposal or a
 /// change of voters to its leader); returns its answer.
 async fn through_voters<T, F, Fut>(peers: &Peers, mut ask: F) -> T
@@ -467,25 +507,37 @@ impl Running {
                 self.stop.clone(),
             ),
         );
+        let within = Duration::from_millis(params.section.propose_timeout_ms);
+        let decider = Decider {
+            own: own.clone(),
+            peers: peers.clone(),
+            within,
+        };
         let session = Duration::from_millis(params.section.session_ms);
-        self.spawner.spawn(
-            "session",
-            heartbeat::keep_session(
-                own.clone(),
-                peers.clone(),
-                (params.lease.clone(), self.topology.subscribe()),
-                session,
-                self.stop.clone(),
-            ),
+        let keep_session = heartbeat::keep_session(
+            own.clone(),
+            peers,
+            (params.lease.clone(), self.topology.subscribe()),
+            session,
+            self.stop.clone(),
         );
+        let unclean = params.unclean.then(|| {
+            let (decider, stop) = (decider.clone(), self.stop.clone());
+            leave_in_sync_sets(decider, params.local.clone(), stop)
+        });
+        self.spawner.spawn("session", async move {
+            if let Some(leave) = unclean {
+                leave.await;
+            }
+            keep_session.await;
+        });
         if let Some(controller) = &own {
             let (controller, stop) = (controller.clone(), self.stop.clone());
             let every = session / HEARTBEATS_PER_SESSION;
             self.spawner
                 .spawn("fence", fence_expired(controller, every, stop));
         }
-        let within = Duration::from_millis(params.section.propose_timeout_ms);
-        Some((Decider { own, peers, within }, topology))
+        Some((decider, topology))
     }
 
     /// The group this node leads, with its slot, if any (its own slot, or the one a failover

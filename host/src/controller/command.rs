@@ -123,6 +123,14 @@ pub enum Command {
         /// The member that leads the group from now on.
         to: String,
     },
+    /// A member starts again after a stop that was not clean (a crash, `kill -9`, a disk
+    /// replaced): what it confirmed may be gone (a tail damaged on disk, cut at recovery), so it
+    /// leaves every in-sync set it is in, before it holds a session (no election can name it
+    /// meanwhile). Its leader adds it again once it is seen caught up.
+    Unclean {
+        /// The member.
+        member: String,
+    },
     /// The first entry of a cluster created before its controller: the ring gossip had decided,
     /// and the highest epoch its stores held.
     Import {
@@ -221,6 +229,18 @@ pub enum Rejected {
         /// The primary.
         name: String,
         /// The slot's leader.
+        leader: String,
+    },
+    /// A change of the ring while a slot is led by another member than its primary: the
+    /// slot's points are handed over by its primary, which no longer takes their writes.
+    #[error(
+        "{slot}'s slot is led by {leader} since a failover: hand it back first (goutube members \
+         transfer {leader} --to {slot}), then change the ring"
+    )]
+    LedElsewhere {
+        /// The slot.
+        slot: String,
+        /// Its leader.
         leader: String,
     },
     /// A fence names a slot the member does not lead.

@@ -117,6 +117,7 @@ impl Topology {
                 leader_epoch,
                 to,
             } => self.transfer(slot, *leader_epoch, to, epoch)?,
+            Command::Unclean { member } => self.unclean(member),
         };
         Ok(if changed {
             Applied::Changed {
@@ -216,6 +217,10 @@ impl Topology {
         if !self.ring.is_formed() {
             return Err(Rejected::NotFormed);
         }
+        // (A retry of a committed join, or a name taken, is answered below.)
+        if !self.ring.members.contains_key(name) {
+            self.check_every_slot_led_by_its_primary()?;
+        }
         if !record.role.is_primary() {
             return Err(Rejected::NotPrimary(name.to_owned()));
         }
@@ -284,8 +289,26 @@ impl Topology {
         if self.ring.owners().all(|(owner, _)| owner == name) {
             return Err(Rejected::LastOwner(name.to_owned()));
         }
+        self.check_every_slot_led_by_its_primary()?;
         self.set_lifecycle(name, Lifecycle::Leaving, epoch);
         Ok(true)
+    }
+
+    /// A ring change hands points over from their primaries: refused while a failover or a
+    /// transfer has another member lead a slot (its primary no longer takes the slot's writes,
+    /// and the leader is no owner in the ring).
+    fn check_every_slot_led_by_its_primary(&self) -> Result<(), Rejected> {
+        match self
+            .groups
+            .iter()
+            .find(|(slot, group)| group.leader != **slot)
+        {
+            Some((slot, group)) => Err(Rejected::LedElsewhere {
+                slot: slot.clone(),
+                leader: group.leader.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn step(&mut self, name: &str, to: Lifecycle, epoch: u64) -> Result<bool, Rejected> {
@@ -416,6 +439,17 @@ impl Topology {
             });
         }
         Ok(group.in_sync.insert(follower.to_owned()))
+    }
+
+    /// `member` started again after a stop that was not clean: it leaves every in-sync set.
+    /// Anyone may ask it (the member itself does): a smaller set keeps the invariant, since
+    /// every member left in it still holds every acknowledged byte.
+    fn unclean(&mut self, member: &str) -> bool {
+        let mut changed = false;
+        for group in self.groups.values_mut() {
+            changed |= group.in_sync.remove(member);
+        }
+        changed
     }
 
     /// The leader of `slot` at `leader_epoch` reports how its group fails over.
@@ -1281,6 +1315,67 @@ mod tests {
     }
 
     #[test]
+    fn a_member_back_from_an_unclean_stop_leaves_every_in_sync_set() {
+        // f and g are in a's in-sync set, h in b's.
+        let base = [
+            form(&["a", "b"]),
+            follow("f", "a"),
+            follow("g", "a"),
+            in_sync("a", "f", 1),
+            in_sync("a", "g", 1),
+            follow("h", "b"),
+            in_sync("b", "h", 1),
+        ];
+        let mut topology = state(&base);
+        let unclean = |member: &str| Command::Unclean {
+            member: member.into(),
+        };
+        assert_eq!(
+            topology.apply(8, &unclean("f")),
+            Ok(Applied::Changed { epoch: 8 })
+        );
+        assert_eq!(topology.groups["a"].in_sync, BTreeSet::from(["g".into()]));
+        assert_eq!(topology.groups["b"].in_sync, BTreeSet::from(["h".into()]));
+        // Still a follower: its leader adds it again once it caught up.
+        assert!(topology.groups["a"].followers.contains("f"));
+        // Again, or a member in no set (a new node, a leader): nothing changes.
+        assert_eq!(topology.apply(9, &unclean("f")), Ok(Applied::Unchanged));
+        assert_eq!(topology.apply(10, &unclean("a")), Ok(Applied::Unchanged));
+        assert_eq!(topology.writer("a"), "a");
+    }
+
+    #[test]
+    fn the_ring_does_not_change_while_a_slot_is_led_by_another_member() {
+        // f leads a's slot since a transfer.
+        let base = [
+            form(&["a", "b", "c"]),
+            follow("f", "a"),
+            in_sync("a", "f", 1),
+            transfer("a", 1, "f"),
+        ];
+        let led_elsewhere = Err(Rejected::LedElsewhere {
+            slot: "a".into(),
+            leader: "f".into(),
+        });
+        let mut topology = state(&base);
+        assert_eq!(topology.apply(5, &join("d")), led_elsewhere);
+        assert_eq!(topology.apply(6, &drain("b")), led_elsewhere);
+        // Handed back, the ring may change again.
+        assert_eq!(
+            topology.apply(7, &in_sync("a", "a", 4)),
+            Ok(Applied::Changed { epoch: 7 })
+        );
+        assert_eq!(
+            topology.apply(8, &transfer("a", 4, "a")),
+            Ok(Applied::Changed { epoch: 8 })
+        );
+        assert_eq!(
+            topology.apply(9, &drain("b")),
+            Ok(Applied::Changed { epoch: 9 })
+        );
+    }
+
+    #[test]
     fn an_import_puts_every_epoch_above_those_the_stores_hold() {
         use Lifecycle::*;
         let mut ring = Ring::of(&[("a", Active), ("b", Active), ("c", Forgotten)]);
@@ -1339,9 +1434,10 @@ mod tests {
                     7 => {
                         let follower = format!("f{}", rng.random_range(0..3));
                         let epoch = one.groups.get(&name).map_or(0, |g| g.leader_epoch);
-                        match rng.random_range(0..3) {
+                        match rng.random_range(0..4) {
                             0 => reports(&name, epoch, Failover::Automatic { replicas: 1 }),
                             1 => transfer(&name, epoch, &follower),
+                            2 => Command::Unclean { member: follower },
                             _ => fence(&name, &[(&name, &follower)]),
                         }
                     }

@@ -135,6 +135,39 @@ pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The file a store writes beside its points directory once every point was closed and synced
+/// (`Store::close`), and takes away when it opens again: present at start-up only after a
+/// clean stop.
+fn clean_stop_file(points: &Path) -> PathBuf {
+    points.with_file_name("clean-stop")
+}
+
+/// Whether the store in `points` was stopped cleanly last time; takes the mark away (durably),
+/// so that a crash from now on is found at the next start.
+pub(super) fn take_clean_stop(points: &Path) -> std::io::Result<bool> {
+    let file = clean_stop_file(points);
+    match std::fs::remove_file(&file) {
+        Ok(()) => {
+            if let Some(parent) = file.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(true)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Marks the store in `points` stopped cleanly (every point closed and synced).
+pub(super) fn mark_clean_stop(points: &Path) -> std::io::Result<()> {
+    let file = clean_stop_file(points);
+    File::create(&file)?.sync_all()?;
+    match file.parent() {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
 /// The point's `point.meta`, or the empty one if it has none.
 pub(super) fn read_meta(dir: &Path) -> Result<Meta, StorageError> {
     let path = dir.join(META_FILE);

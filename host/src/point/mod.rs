@@ -212,6 +212,8 @@ struct Inner {
     ownership_changed: tokio::sync::Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Whether the store was stopped cleanly before this start (`Store::stopped_cleanly`).
+    stopped_cleanly: bool,
 }
 
 /// What every point needs from the store.

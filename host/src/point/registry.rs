@@ -25,6 +25,14 @@ impl Store {
             .await
             .map_err(join_error)?
             .map_err(StorageError::io("scanning", config.dir.clone()))?;
+        let dir = config.dir.clone();
+        let stopped_cleanly = tokio::task::spawn_blocking(move || files::take_clean_stop(&dir))
+            .await
+            .map_err(join_error)?
+            .map_err(StorageError::io(
+                "reading the clean-stop mark of",
+                config.dir.clone(),
+            ))?;
         let shared = Arc::new(Shared {
             config,
             epoch: Instant::now(),
@@ -50,10 +58,19 @@ impl Store {
                 ownership_changed: tokio::sync::Notify::new(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                stopped_cleanly,
             }),
         };
         store.spawn_background();
         Ok(store)
+    }
+
+    /// Whether this store was stopped cleanly before it opened (`close` ended with every point
+    /// closed and synced). After a crash, a `kill -9` or on a new disk it was not: a copy may
+    /// hold less than it held (a tail damaged on disk is cut at recovery), so a member in an
+    /// in-sync set leaves it before it holds a session (`docs/failover.md`).
+    pub fn stopped_cleanly(&self) -> bool {
+        self.inner.stopped_cleanly
     }
 
     /// How the store runs.
@@ -534,7 +551,17 @@ impl Store {
                 first_error.get_or_insert(error);
             }
         }
-        first_error.map_or(Ok(()), Err)
+        if let Some(error) = first_error {
+            return Err(error);
+        }
+        let dir = self.inner.shared.config.dir.clone();
+        tokio::task::spawn_blocking(move || files::mark_clean_stop(&dir))
+            .await
+            .map_err(join_error)?
+            .map_err(StorageError::io(
+                "marking the clean stop of",
+                self.inner.shared.config.dir.clone(),
+            ))
     }
 
     pub(super) fn get(&self, id: &PointId) -> Result<Arc<Point>, ReadError> {

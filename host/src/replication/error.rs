@@ -175,6 +175,20 @@ pub(crate) enum HandoverError {
         /// The sender's epoch.
         epoch: u64,
     },
+    /// The sender no longer takes the writes of its slot (a failover or a transfer named
+    /// another leader): what it hands over may lack acknowledged bytes.
+    #[error(
+        "{from} no longer takes the writes of its slot ({leader} leads it since a failover): \
+         point {point} is not sealed"
+    )]
+    SenderDeposed {
+        /// The point.
+        point: PointId,
+        /// The sender.
+        from: String,
+        /// The slot's leader.
+        leader: String,
+    },
     /// This node holds no such point (asked to seal it).
     #[error("this node holds no point {point}")]
     NotHeld {

@@ -10,7 +10,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{RpcSystem, twoparty};
@@ -20,11 +19,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
 
-use super::error::{FollowRefusal, wire};
+use super::error::{FollowRefusal, HandoverError, wire};
 use super::replication_capnp::{Verdict, leader, session};
 use super::replicator::{Ended, Held, Replicator, supervised};
 use super::{Context, Durability, PROTOCOL, handover, takeover};
 use crate::access::Action;
+use crate::controller::Topology;
 use crate::metrics;
 use crate::net::PeerInfo;
 use crate::net::check_identity;
@@ -183,6 +183,16 @@ impl leader::Server for LeaderService {
         self.authorize_member(&from).await?;
         let point = point_of(params.get_point()?)?;
         let context = &self.context;
+        let leader = context.topology.borrow().writer(&from).to_owned();
+        if leader != from {
+            let deposed = HandoverError::SenderDeposed {
+                point,
+                from,
+                leader,
+            };
+            tracing::warn!(%deposed, "handover refused");
+            return Err(wire(deposed));
+        }
         let ring_epoch = context.membership.borrow().ring.epoch();
         let sealed = handover::seal(
             &context.store,
@@ -363,7 +373,7 @@ impl leader::Server for LeaderService {
             return Err(capnp::Error::failed(reason.to_string()));
         }
         let local = &context.services.config.node_name;
-        committed_state_known(context).await;
+        committed_state_known(context, &self.shutdown).await;
         let leader_epoch = leader_epoch(context, local).map_err(|reason| {
             tracing::warn!(%follower, %reason, "follower refused");
             capnp::Error::failed(reason.to_string())
@@ -416,13 +426,28 @@ impl leader::Server for LeaderService {
     }
 }
 
-/// Waits until this node has read the controller's committed state (at most a session: a
-/// cluster whose controller has not formed has none to read). A leader that just started would
-/// otherwise answer epoch 0, and a follower that knows its group's epoch would refuse it.
-async fn committed_state_known(context: &Context) {
+/// Waits until this node has read the controller's committed state as far as its own group,
+/// or `shutdown`: a leader that just started, or whose controller has not formed yet (a ring
+/// waiting for its founders), would otherwise answer epoch 0, and a follower that knows its
+/// group's epoch would refuse it. Every primary's controller forms (a lone one by itself).
+async fn committed_state_known(context: &Context, shutdown: &CancellationToken) {
+    let local = &context.services.config.node_name;
+    let known = |topology: &Topology| match topology.ring.members.get(local) {
+        // An active primary has a group (led by it, or by the member that replaced it).
+        Some(member) => {
+            member.lifecycle != crate::cluster::Lifecycle::Active
+                || topology.groups.contains_key(local)
+                || topology.leads(local)
+        }
+        // Not in the ring (a follower, a primary whose join is not committed): once it is
+        // formed (the first entries the controller applies may be its own, before any ring).
+        None => !topology.ring.members.is_empty(),
+    };
     let mut topology = context.topology.clone();
-    let wait = Duration::from_millis(context.services.config.controller.session_ms);
-    let _ = tokio::time::timeout(wait, topology.wait_for(|topology| topology.applied > 0)).await;
+    tokio::select! {
+        _ = topology.wait_for(|topology| known(topology)) => {}
+        _ = shutdown.cancelled() => {}
+    }
 }
 
 /// The epoch at which this node leads the group its followers copy, as the controller's

@@ -145,6 +145,15 @@ impl Mover {
         if limit > 0 && !self.context.services.config.role.is_primary() {
             return self.take_over().await;
         }
+        // A primary whose slot another member leads (a failover, a transfer) moves nothing:
+        // it no longer takes the slot's writes, so a copy it handed over could lack
+        // acknowledged bytes. Moves under way stop before their fence; the change waits until
+        // the slot is handed back (the controller refuses new changes meanwhile).
+        let name = &self.context.services.config.node_name;
+        if self.context.topology.borrow().writer(name) != name {
+            self.stops.values().for_each(CancellationToken::cancel);
+            return Vec::new();
+        }
         let membership = self.context.membership.borrow().clone();
         let local = membership.local.clone();
         let planner::Look { actions, next } = self.planner.look(
