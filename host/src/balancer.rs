@@ -774,6 +774,16 @@ impl proto::streaming_server::Streaming for BalancerService {
         Err(self.not_a_member(&request, &node).await)
     }
 
+    async fn elect_leader(
+        &self,
+        _: Request<proto::ElectLeaderRequest>,
+    ) -> Result<Response<proto::ElectLeaderResponse>, Status> {
+        Err(Status::failed_precondition(
+            "a balancer does not elect leaders: ask a member (goutube members elect SLOT --to M \
+             --unclean --addr MEMBER)",
+        ))
+    }
+
     async fn forget_member(
         &self,
         _: Request<proto::ForgetMemberRequest>,

@@ -1149,3 +1149,99 @@ async fn a_follower_whose_tail_was_lost_on_disk_is_never_named_leader() {
     .await;
     cluster.stop();
 }
+
+/// Runs `goutube members ARGS` as an operator (`root`), asked of node `at`; returns its output.
+async fn members_command(cluster: &Cluster, at: &str, args: &str) -> std::process::Output {
+    let options = cluster.pki.client_options("root", &cluster.nodes[at].rpc);
+    let tls = options.tls.as_ref().unwrap();
+    let (ca, cert, key) = (tls.ca.display(), tls.cert.display(), tls.key.display());
+    let args = format!(
+        "members {args} --addr {} --ca {ca} --cert {cert} --key {key}",
+        cluster.nodes[at].rpc
+    );
+    tokio::process::Command::new(goutube_bin())
+        .args(args.split(' '))
+        .env_remove("GOUTUBE_CLIENT_ADDR")
+        .output()
+        .await
+        .unwrap()
+}
+
+/// An operator's unclean election: a's only follower left the in-sync set while it was down,
+/// and a is lost meanwhile, so the controller has nobody to name. `goutube members elect a
+/// --to fa --unclean` names fa (refused while a is live, and without --unclean); fa takes the
+/// slot's writes; a, back, follows it, and the bytes only a held are gone (fa's copy replaces
+/// a's), as the operator was warned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_names_a_leader_outside_the_in_sync_set_once_warned() {
+    let mut cluster = Cluster::start(&["fa"]).await;
+    let point = cluster.point_of("a").await;
+    let to_a = cluster.client("a").await;
+    let mut acknowledged = Acknowledged::default();
+    for seed in 0..4u64 {
+        let bytes = data(seed + 1_100, 5_009 + 3_331 * seed as usize);
+        assert!(acknowledged.append(&to_a, &point, &bytes).await);
+    }
+    let options = cluster.pki.client_options("root", &cluster.nodes["b"].rpc);
+    let operator = goutube::client::Client::connect(&options).await.unwrap();
+    let refused = operator.elect_unclean("a", "fa").await.unwrap_err();
+    assert!(
+        refused.to_string().contains("a, the leader of a, is live"),
+        "{refused}"
+    );
+
+    // fa goes; a takes it out of its in-sync set, then stores a write it cannot acknowledge
+    // (no follower confirms it) before it is lost too.
+    let replication = cluster.nodes["a"].addresses.replication;
+    cluster.nodes.remove("fa").unwrap().kill();
+    eventually("fa to leave a's in-sync set", || async {
+        cluster.in_sync("b", "a").await.is_empty()
+    })
+    .await;
+    let unacknowledged = data(1_199, 7_001);
+    assert!(!acknowledged.append(&to_a, &point, &unacknowledged).await);
+    let end = acknowledged.bytes.len() as u64;
+    assert_eq!(
+        cluster.size("a", &point).await,
+        end + unacknowledged.len() as u64
+    );
+    cluster.nodes.remove("a").unwrap().kill();
+    cluster.spawn_follower_of("fa", replication);
+    eventually("fa to be live", || async {
+        cluster.sees_live("b", "fa").await
+    })
+    .await;
+
+    // Nobody to name: the operator decides, and must say that it may lose data.
+    let output = members_command(&cluster, "b", "elect a --to fa").await;
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("run it again with --unclean"),
+        "{}",
+        stderr(&output)
+    );
+    let output = members_command(&cluster, "b", "elect a --to fa --unclean").await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("warning"), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("a: led by fa now"),
+        "{}",
+        stdout(&output)
+    );
+    let group = cluster.group("b", "a").await.unwrap();
+    assert_eq!(group.leader, "fa", "{group:?}");
+    assert!(group.in_sync.is_empty(), "{group:?}");
+
+    // a comes back as fa's follower; fa acknowledges once a confirmed, and a's copy is fa's.
+    cluster.spawn_primary("a");
+    let to_fa = cluster.client("fa").await;
+    acknowledged.check(&to_fa, &point, "fa").await;
+    let written = write_eventually(&to_fa, &point, end, 1_101, "fa to acknowledge a write").await;
+    acknowledged.bytes.extend_from_slice(&written);
+    let to_a = cluster.client("a").await;
+    eventually("a to hold fa's copy, without its own tail", || async {
+        read_all(&to_a, &point).await[..] == acknowledged.bytes[..]
+    })
+    .await;
+    cluster.stop();
+}

@@ -250,17 +250,24 @@ pub(super) async fn members_list(connection: Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `goutube members drain|cleanup|forget|transfer NODE`, `goutube members voters A,B,C`.
+/// `goutube members drain|cleanup|forget|transfer NODE`, `goutube members voters A,B,C`,
+/// `goutube members elect SLOT --to M --unclean`.
 pub(super) async fn members_change(
     action: MembersAction,
     node: Option<String>,
-    to: Option<String>,
+    (to, unclean): (Option<String>, bool),
     connection: Connection,
 ) -> anyhow::Result<()> {
     init_client_logging();
     let node = node.expect("clap requires the node with an action");
-    if to.is_some() && !matches!(action, MembersAction::Transfer) {
-        anyhow::bail!("--to names the member to lead after a transfer: only `transfer` takes it");
+    if to.is_some() && !matches!(action, MembersAction::Transfer | MembersAction::Elect) {
+        anyhow::bail!(
+            "--to names the member to lead after a transfer or an election: only `transfer` \
+             and `elect` take it"
+        );
+    }
+    if unclean && !matches!(action, MembersAction::Elect) {
+        anyhow::bail!("--unclean is for `elect` only");
     }
     let client = connection.connect().await?;
     let options = connection.options();
@@ -294,6 +301,27 @@ pub(super) async fn members_change(
                     transfer.slot, transfer.to, transfer.held_ms
                 );
             }
+        }
+        MembersAction::Elect => {
+            let Some(to) = to else {
+                anyhow::bail!("`elect` needs --to: the follower of {node}'s group to lead it");
+            };
+            if !unclean {
+                anyhow::bail!(
+                    "naming {to} the leader of {node} outside its in-sync set loses the \
+                     acknowledged writes that only the lost members held; if that is what you \
+                     want, run it again with --unclean"
+                );
+            }
+            eprintln!(
+                "warning: {to} leads {node} outside its in-sync set: acknowledged writes that \
+                 only the lost members held are lost"
+            );
+            let elected = client.elect_unclean(&node, &to).await?;
+            println!(
+                "{node}: led by {} now, at epoch {}",
+                elected.leader, elected.leader_epoch
+            );
         }
         MembersAction::Voters => {
             let wanted: Vec<String> = node

@@ -112,14 +112,20 @@ pub(crate) enum Command {
         /// controller's voters wanted, comma-separated (1, 3 or 5 live primaries): each new one
         /// catches the controller's log up, then the list is committed. `transfer`: NODE, the
         /// leader of a replica group, hands it to a member of its in-sync set (--to, else the
-        /// one least behind) without failing a write; asked of NODE itself.
+        /// one least behind) without failing a write; asked of NODE itself. `elect`: NODE is a
+        /// replica group's slot whose leader is lost with no in-sync member live; --to, one of
+        /// its followers, leads it from now on, outside the in-sync set: acknowledged writes
+        /// only the lost members held are lost, so it needs --unclean.
         #[arg(value_enum, requires = "node")]
         action: Option<MembersAction>,
-        /// The member to change (`voters`: the voters, comma-separated).
+        /// The member to change (`voters`: the voters, comma-separated; `elect`: the slot).
         node: Option<String>,
-        /// `transfer`: the member to lead instead.
+        /// `transfer`, `elect`: the member to lead instead.
         #[arg(long)]
         to: Option<String>,
+        /// `elect`: the operator knows that acknowledged writes may be lost.
+        #[arg(long)]
+        unclean: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -234,6 +240,7 @@ pub(crate) enum MembersAction {
     Forget,
     Voters,
     Transfer,
+    Elect,
 }
 
 impl Command {
@@ -361,8 +368,9 @@ async fn command(command: Command) -> anyhow::Result<()> {
             action: Some(action),
             node,
             to,
+            unclean,
             connection,
-        } => members_change(action, node, to, connection).await,
+        } => members_change(action, node, (to, unclean), connection).await,
         Command::Url {
             point,
             ttl,

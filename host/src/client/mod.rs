@@ -33,9 +33,10 @@ use tonic::{Code, Status};
 use crate::proto::streaming_client::StreamingClient;
 use crate::proto::{
     CleanupMemberRequest, CleanupMemberResponse, DeletePointRequest, DrainMemberRequest,
-    ForgetMemberRequest, ListMembersRequest, ListMembersResponse, ListPointsRequest,
-    ListPointsResponse, MetadataRequest, MetadataResponse, ProduceRequest, Record,
-    SetVotersRequest, SignUrlRequest, TransferLeadershipRequest, TransferLeadershipResponse,
+    ElectLeaderRequest, ElectLeaderResponse, ForgetMemberRequest, ListMembersRequest,
+    ListMembersResponse, ListPointsRequest, ListPointsResponse, MetadataRequest, MetadataResponse,
+    ProduceRequest, Record, SetVotersRequest, SignUrlRequest, TransferLeadershipRequest,
+    TransferLeadershipResponse,
 };
 use crate::proto::{
     END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA, RETRY_AFTER_METADATA,
@@ -528,6 +529,22 @@ impl Client {
             node: node.to_owned(),
         };
         Ok(self.raw().forget_member(request).await?.into_inner().state)
+    }
+
+    /// Names `to`, a follower of `slot`'s group, its leader outside the in-sync set
+    /// (`docs/failover.md`), asked of this client's node: for a group whose leader is lost
+    /// with no in-sync member live. Acknowledged writes only the lost members held are lost.
+    pub async fn elect_unclean(
+        &self,
+        slot: &str,
+        to: &str,
+    ) -> Result<ElectLeaderResponse, ClientError> {
+        let request = ElectLeaderRequest {
+            slot: slot.to_owned(),
+            to: to.to_owned(),
+            unclean: true,
+        };
+        Ok(self.raw().elect_leader(request).await?.into_inner())
     }
 
     /// Makes `voters` the controller's voters (`docs/controller.md`), asked of this client's

@@ -219,6 +219,14 @@ pub enum Decision {
     Forget(String),
     /// An operator makes these primaries the controller's voters.
     Voters(Vec<String>),
+    /// An operator names `to` the leader of `slot`'s group outside its in-sync set (the
+    /// leader is lost, and no member of the set is live); acknowledged bytes may be lost.
+    ElectUnclean {
+        /// The slot.
+        slot: String,
+        /// A follower of the group, to lead it.
+        to: String,
+    },
     /// This member, the leader of `slot`'s group at `leader_epoch`, hands the group to `to`
     /// (it stopped appending and saw `to` hold every byte: `api::transfer`).
     Transfer {
@@ -336,6 +344,16 @@ impl Steps {
         self.decide(Decision::Transfer {
             slot: slot.to_owned(),
             leader_epoch,
+            to: to.to_owned(),
+        })
+        .await
+    }
+
+    /// Names `to` the leader of `slot`'s group outside its in-sync set (an operator's act,
+    /// warned that acknowledged bytes may be lost); answered once committed.
+    pub async fn elect_unclean(&self, slot: &str, to: &str) -> Result<(), StepError> {
+        self.decide(Decision::ElectUnclean {
+            slot: slot.to_owned(),
             to: to.to_owned(),
         })
         .await

@@ -789,6 +789,18 @@ impl Asked {
                 leader_epoch,
                 to,
             },
+            Decision::ElectUnclean { slot, to } => {
+                // Liveness is the proposer's check, as for a forget.
+                let refused = {
+                    let (membership, topology) = (self.membership.borrow(), self.topology.borrow());
+                    let live = |member: &str| membership.live(member).is_some();
+                    election::elect_unclean_refused(&topology, &slot, &to, live)
+                };
+                if let Some(why) = refused {
+                    return Err(StepError::Refused(why));
+                }
+                Command::ElectUnclean { slot, to }
+            }
             Decision::Voters(voters) => {
                 return match self.decider.set_voters(voters).await {
                     Ok(_) => Ok(()),
@@ -835,7 +847,7 @@ async fn fence_expired(controller: Controller, every: Duration, stop: Cancellati
         };
         for (slot, leader) in stranded {
             if reported.insert((slot.clone(), leader.clone())) {
-                tracing::error!(%slot, %leader, "controller: the leader's session expired and no member of its in-sync set is alive: the slot takes no writes until one is (or an operator decides)");
+                tracing::error!(%slot, %leader, "controller: the leader's session expired and no member of its in-sync set is alive: the slot takes no writes until one is (or an operator names another follower: goutube members elect SLOT --to M --unclean, which may lose acknowledged writes)");
             }
         }
         for fence in fences {

@@ -123,6 +123,17 @@ pub enum Command {
         /// The member that leads the group from now on.
         to: String,
     },
+    /// An operator names `to`, a follower of `slot`'s group outside its in-sync set, its
+    /// leader: the leader is lost and no member of the set is live (`goutube members elect
+    /// SLOT --to M --unclean`). Acknowledged bytes that only the lost members held are gone,
+    /// and the operator was told so. `to` leads at this entry's epoch with an empty in-sync
+    /// set: the others enter again once seen caught up with it.
+    ElectUnclean {
+        /// The slot.
+        slot: String,
+        /// Its new leader.
+        to: String,
+    },
     /// A member starts again after a stop that was not clean (a crash, `kill -9`, a disk
     /// replaced): what it confirmed may be gone (a tail damaged on disk, cut at recovery), so it
     /// leaves every in-sync set it is in, before it holds a session (no election can name it

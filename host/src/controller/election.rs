@@ -74,6 +74,42 @@ pub(crate) fn fails_over_by_itself(
     })
 }
 
+/// Why an operator's election of `to` outside the in-sync set of `slot`'s group should not be
+/// made, if it should not (`live`: gossip's view): the group has no leader to replace (its
+/// leader is live: a transfer moves it without a loss), the group fails over by itself and a
+/// member of its in-sync set is live (the controller names it, losing nothing), or `to` is
+/// not live to take writes. What the state machine checks (the group, `to` its follower) is left
+/// to it.
+pub(crate) fn elect_unclean_refused(
+    topology: &Topology,
+    slot: &str,
+    to: &str,
+    live: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let group = topology.groups.get(slot)?;
+    if group.leader == to {
+        return None;
+    }
+    if live(&group.leader) {
+        return Some(format!(
+            "{leader}, the leader of {slot}, is live: move the group with `goutube members \
+             transfer {leader} --to {to}`, which loses nothing",
+            leader = group.leader
+        ));
+    }
+    if let Some(member) = group.successor(&live) {
+        return Some(format!(
+            "{member}, of the in-sync set of {slot}, is live and holds every acknowledged byte: \
+             the controller names it once {leader}'s session expires",
+            leader = group.leader
+        ));
+    }
+    if !live(to) {
+        return Some(format!("{to} is not live: it could take no writes"));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -190,5 +226,34 @@ mod tests {
             None,
             "leads nothing"
         );
+    }
+
+    #[test]
+    fn an_unclean_election_is_made_only_when_nothing_better_is() {
+        let mut automatic = group("a", &["fa1"], Failover::Automatic { replicas: 1 });
+        automatic.followers.insert("fa2".into());
+        let mut manual = group("c", &["fc1"], Failover::Manual("ack = local".into()));
+        manual.followers.insert("fc2".into());
+        let topology = Topology {
+            groups: [("a".to_owned(), automatic), ("c".to_owned(), manual)].into(),
+            ..Topology::default()
+        };
+        let live = |live: &'static [&'static str]| move |m: &str| live.contains(&m);
+        let refused = |slot, to, alive| elect_unclean_refused(&topology, slot, to, live(alive));
+        let why = refused("a", "fa2", &["a", "fa2"]).unwrap();
+        assert!(
+            why.contains("transfer a --to fa2"),
+            "the leader is live: {why}"
+        );
+        let why = refused("a", "fa2", &["fa1", "fa2"]).unwrap();
+        assert!(why.contains("fa1"), "an in-sync member is live: {why}");
+        let why = refused("a", "fa2", &[]).unwrap();
+        assert!(why.contains("fa2 is not live"), "{why}");
+        assert_eq!(refused("a", "fa2", &["fa2"]), None, "nobody better is live");
+        // A group that fails over only by hand: the election an operator asks is made.
+        assert_eq!(refused("c", "fc2", &["fc1", "fc2"]), None);
+        // Already its leader, or no such group: the state machine answers.
+        assert_eq!(refused("a", "a", &[]), None);
+        assert_eq!(refused("x", "fa2", &[]), None);
     }
 }

@@ -118,6 +118,7 @@ impl Topology {
                 to,
             } => self.transfer(slot, *leader_epoch, to, epoch)?,
             Command::Unclean { member } => self.unclean(member),
+            Command::ElectUnclean { slot, to } => self.elect_unclean(slot, to, epoch)?,
         };
         Ok(if changed {
             Applied::Changed {
@@ -439,6 +440,28 @@ impl Topology {
             });
         }
         Ok(group.in_sync.insert(follower.to_owned()))
+    }
+
+    /// An operator names `to`, a follower of `slot`'s group, its leader outside the in-sync
+    /// set. The set is emptied: its members may hold bytes `to` lacks, and enter again once
+    /// seen caught up with `to`.
+    fn elect_unclean(&mut self, slot: &str, to: &str, epoch: u64) -> Result<bool, Rejected> {
+        let group = self
+            .groups
+            .get_mut(slot)
+            .ok_or_else(|| Rejected::NoGroup(slot.to_owned()))?;
+        if group.leader == to {
+            return Ok(false);
+        }
+        if !group.followers.contains(to) {
+            return Err(Rejected::NotFollowing {
+                follower: to.to_owned(),
+                slot: slot.to_owned(),
+            });
+        }
+        group.hand_to(to, epoch);
+        group.in_sync.clear();
+        Ok(true)
     }
 
     /// `member` started again after a stop that was not clean: it leaves every in-sync set.
@@ -1345,6 +1368,43 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_names_a_leader_outside_the_in_sync_set_only_among_its_followers() {
+        // a leads its group; f is in sync, g is not; h follows nobody.
+        let base = [
+            form(&["a", "b"]),
+            follow("f", "a"),
+            follow("g", "a"),
+            in_sync("a", "f", 1),
+        ];
+        let elect = |slot: &str, to: &str| Command::ElectUnclean {
+            slot: slot.into(),
+            to: to.into(),
+        };
+        let mut topology = state(&base);
+        assert_eq!(
+            topology.apply(5, &elect("a", "h")),
+            Err(Rejected::NotFollowing {
+                follower: "h".into(),
+                slot: "a".into(),
+            })
+        );
+        assert_eq!(
+            topology.apply(6, &elect("x", "g")),
+            Err(Rejected::NoGroup("x".into()))
+        );
+        assert_eq!(
+            topology.apply(7, &elect("a", "g")),
+            Ok(Applied::Changed { epoch: 7 })
+        );
+        let group = &topology.groups["a"];
+        assert_eq!((group.leader.as_str(), group.leader_epoch), ("g", 7));
+        assert_eq!(group.followers, BTreeSet::from(["a".into(), "f".into()]));
+        assert!(group.in_sync.is_empty(), "f may hold bytes g lacks");
+        // Again (an operator's retry): nothing changes.
+        assert_eq!(topology.apply(8, &elect("a", "g")), Ok(Applied::Unchanged));
+    }
+
+    #[test]
     fn the_ring_does_not_change_while_a_slot_is_led_by_another_member() {
         // f leads a's slot since a transfer.
         let base = [
@@ -1437,7 +1497,13 @@ mod tests {
                         match rng.random_range(0..4) {
                             0 => reports(&name, epoch, Failover::Automatic { replicas: 1 }),
                             1 => transfer(&name, epoch, &follower),
-                            2 => Command::Unclean { member: follower },
+                            2 if rng.random_range(0..2) == 0 => {
+                                Command::Unclean { member: follower }
+                            }
+                            2 => Command::ElectUnclean {
+                                slot: name.clone(),
+                                to: follower,
+                            },
                             _ => fence(&name, &[(&name, &follower)]),
                         }
                     }
@@ -1477,9 +1543,11 @@ mod tests {
                         assert!(group.leader_epoch >= was.leader_epoch);
                     }
                     assert!(group.in_sync.is_subset(&group.followers), "{command:?}");
-                    // A new leader comes only from the in-sync set.
+                    // A new leader comes only from the in-sync set, unless an operator named
+                    // one outside it.
                     if let Some(was) = before.groups.get(slot)
                         && was.leader != group.leader
+                        && !matches!(command, Command::ElectUnclean { .. })
                     {
                         assert!(was.in_sync.contains(&group.leader), "{command:?}");
                     }

@@ -22,11 +22,11 @@ use super::Context;
 use crate::proto::{
     self, CleanupMemberRequest, CleanupMemberResponse, ConsumeRequest, ConsumeResponse,
     DeletePointRequest, DeletePointResponse, DrainMemberRequest, DrainMemberResponse,
-    ForgetMemberRequest, ForgetMemberResponse, ListMembersRequest, ListMembersResponse,
-    ListPointsRequest, ListPointsResponse, LocatePointRequest, LocatePointResponse,
-    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, SetVotersRequest,
-    SetVotersResponse, SignUrlRequest, SignUrlResponse, TransferLeadershipRequest,
-    TransferLeadershipResponse,
+    ElectLeaderRequest, ElectLeaderResponse, ForgetMemberRequest, ForgetMemberResponse,
+    ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
+    LocatePointRequest, LocatePointResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, SetVotersRequest, SetVotersResponse, SignUrlRequest, SignUrlResponse,
+    TransferLeadershipRequest, TransferLeadershipResponse,
 };
 
 pub use consume::locate;
@@ -133,6 +133,13 @@ impl proto::streaming_server::Streaming for StreamingService {
         request: Request<TransferLeadershipRequest>,
     ) -> Result<Response<TransferLeadershipResponse>, Status> {
         self.transfer(request).await
+    }
+
+    async fn elect_leader(
+        &self,
+        request: Request<ElectLeaderRequest>,
+    ) -> Result<Response<ElectLeaderResponse>, Status> {
+        self.elect(request).await
     }
 
     async fn delete_point(

@@ -1,5 +1,6 @@
 //! The operator's calls: the members and their lifecycle (`ListMembers`, `DrainMember`,
-//! `ForgetMember`, `CleanupMember`), the leadership of groups (`TransferLeadership`), the
+//! `ForgetMember`, `CleanupMember`), the leadership of groups (`TransferLeadership`,
+//! `ElectLeader`), the
 //! controller's voters (`SetVoters`), and `SignUrl`. The lifecycle calls walk the whole store
 //! or the ring; none of them is on a data path.
 
@@ -16,9 +17,9 @@ use crate::net::PeerInfo;
 use crate::point::{Handover, PointId};
 use crate::proto::{
     self, CleanupMemberRequest, CleanupMemberResponse, DrainMemberRequest, DrainMemberResponse,
-    ForgetMemberRequest, ForgetMemberResponse, ListMembersRequest, ListMembersResponse,
-    SetVotersRequest, SetVotersResponse, SignUrlRequest, SignUrlResponse,
-    TransferLeadershipRequest, TransferLeadershipResponse,
+    ElectLeaderRequest, ElectLeaderResponse, ForgetMemberRequest, ForgetMemberResponse,
+    ListMembersRequest, ListMembersResponse, SetVotersRequest, SetVotersResponse, SignUrlRequest,
+    SignUrlResponse, TransferLeadershipRequest, TransferLeadershipResponse,
 };
 use crate::signed_url::{SignedUrl, UrlError, UrlSigner};
 
@@ -146,6 +147,44 @@ impl StreamingService {
             })
             .collect();
         Ok(Response::new(TransferLeadershipResponse { transfers }))
+    }
+
+    pub(super) async fn elect(
+        &self,
+        request: Request<ElectLeaderRequest>,
+    ) -> Result<Response<ElectLeaderResponse>, Status> {
+        let state = &self.state;
+        let peer = self.admit_operator(&request).await?;
+        let ElectLeaderRequest { slot, to, unclean } = request.into_inner();
+        if !unclean {
+            return Err(Status::invalid_argument(format!(
+                "naming {to} the leader of {slot} outside its in-sync set may lose acknowledged \
+                 writes: say so with unclean = true (goutube members elect {slot} --to {to} \
+                 --unclean)"
+            )));
+        }
+        state
+            .steps
+            .elect_unclean(&slot, &to)
+            .await
+            .map_err(|error| match error {
+                StepError::NoQuorum(_) | StepError::Stopped | StepError::NoController => {
+                    Status::unavailable(error.to_string())
+                }
+                _ => Status::failed_precondition(format!("cannot elect {to} for {slot}: {error}")),
+            })?;
+        // Answered from this node's view once it has the entry (or after the wait, as it is).
+        let mut topology = state.services.controller.watch_topology();
+        let led = |topology: &crate::controller::Topology| topology.writer(&slot) == to;
+        let wait = Duration::from_millis(state.services.config.controller.propose_timeout_ms);
+        let _ = tokio::time::timeout(wait, topology.wait_for(|topology| led(topology))).await;
+        let group = topology.borrow().groups.get(&slot).cloned();
+        let (leader, leader_epoch) = group.map_or((to.clone(), 0), |g| (g.leader, g.leader_epoch));
+        tracing::warn!(%slot, %leader, leader_epoch, subject = %peer.subject, "an operator named a leader outside the in-sync set: acknowledged writes only the lost members held are lost");
+        Ok(Response::new(ElectLeaderResponse {
+            leader,
+            leader_epoch,
+        }))
     }
 
     pub(super) async fn set_voters(

@@ -155,6 +155,13 @@ impl Streaming for Baseline {
         Err(Status::unimplemented("baseline"))
     }
 
+    async fn elect_leader(
+        &self,
+        _: Request<goutube::proto::ElectLeaderRequest>,
+    ) -> Result<Response<goutube::proto::ElectLeaderResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     async fn sign_url(
         &self,
         _: Request<goutube::proto::SignUrlRequest>,
