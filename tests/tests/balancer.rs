@@ -519,15 +519,28 @@ async fn forwarded_calls_carry_the_clients_subject_and_only_from_a_balancer() {
         "no ACL line allows alice",
     );
     // Alice straight to the node, claiming to act for root: the claim is ignored.
+    let on_behalf_of_root = || {
+        let mut request = tonic::Request::new(MetadataRequest {
+            point: "private/diary".into(),
+        });
+        request.metadata_mut().insert_bin(
+            goutube::proto::ON_BEHALF_OF,
+            tonic::metadata::MetadataValue::from_bytes(b"root"),
+        );
+        request
+    };
     let mut direct = pki.client("alice", &node.addr()).await;
-    let mut request = tonic::Request::new(MetadataRequest {
-        point: "private/diary".into(),
-    });
-    request
-        .metadata_mut()
-        .insert("goutube-on-behalf-of", "root".parse().unwrap());
-    let status = direct.get_metadata(request).await.unwrap_err();
+    let status = direct.get_metadata(on_behalf_of_root()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // A node the member does not see live (a balancer that just started, before gossip told
+    // the member of it) forwarding for root: sent again later, not denied.
+    let mut unheard = pki.client("node:lb2", &node.addr()).await;
+    let status = unheard.get_metadata(on_behalf_of_root()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("does not see it live yet"),
+        "{status:?}"
+    );
     balancer.shutdown().await;
     node.shutdown().await;
 }

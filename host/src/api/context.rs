@@ -32,8 +32,12 @@ pub struct Context {
 
 impl Context {
     /// Who a call is for: the connection's subject, or the subject a balancer member forwards
-    /// it for.
-    pub fn caller<T>(&self, request: &tonic::Request<T>) -> PeerInfo {
+    /// it for. A call forwarded by a node this member does not see live yet — a balancer that
+    /// started a moment ago, not yet heard of in gossip — is refused as `Unavailable`, to be
+    /// sent again: authorized as the node's own, it would be denied (`PermissionDenied`) for a
+    /// caller the policy allows. Forwarded by a live member that is no balancer, or over a
+    /// client's connection, the forwarded subject is ignored.
+    pub fn caller<T>(&self, request: &tonic::Request<T>) -> Result<PeerInfo, Error> {
         let peer = PeerInfo::of(request);
         let Some(forwarded) = request
             .metadata()
@@ -41,14 +45,23 @@ impl Context {
             .and_then(|value| value.to_bytes().ok())
             .and_then(|bytes| String::from_utf8(bytes.to_vec()).ok())
         else {
-            return peer;
+            return Ok(peer);
         };
-        if !self.is_balancer_connection(&peer) {
-            return peer;
-        }
-        PeerInfo {
-            addr: peer.addr,
-            subject: forwarded.into(),
+        let Some(node) = peer.subject.strip_prefix(crate::net::NODE_PREFIX) else {
+            return Ok(peer);
+        };
+        match self.services.placement.membership().live(node) {
+            Some(member) if member.role.is_balancer() => Ok(PeerInfo {
+                addr: peer.addr,
+                subject: forwarded.into(),
+            }),
+            Some(_) => Ok(peer),
+            None => Err(Error::Unavailable(format!(
+                "node {} forwards this call for another subject, and {} does not see it live \
+                 yet (a balancer that just started?): send it again",
+                crate::text::bounded(node),
+                self.services.config.node_name
+            ))),
         }
     }
 

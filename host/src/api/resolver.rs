@@ -31,7 +31,7 @@ impl proto::lb_resolver_helper_server::LbResolverHelper for ResolverService {
         &self,
         request: Request<GetServersRequest>,
     ) -> Result<Response<GetServersResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         self.state
             .services
             .access
@@ -48,7 +48,7 @@ impl proto::follower_resolver_helper_server::FollowerResolverHelper for Resolver
         &self,
         request: Request<GetFollowersRequest>,
     ) -> Result<Response<GetFollowersResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         self.state
             .services
             .access

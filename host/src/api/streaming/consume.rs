@@ -28,7 +28,7 @@ impl StreamingService {
         &self,
         request: Request<ConsumeRequest>,
     ) -> Result<Response<FrameStream>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         let request = request.into_inner();
         let state = self.state.clone();
         let id = PointId::new(request.point.as_str()).map_err(Error::from)?;
@@ -74,7 +74,7 @@ impl StreamingService {
         &self,
         request: Request<MetadataRequest>,
     ) -> Result<Response<MetadataResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         let action = self.state.metadata_action(&request);
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         let state = &self.state;
@@ -123,7 +123,7 @@ impl StreamingService {
         &self,
         request: Request<ListPointsRequest>,
     ) -> Result<Response<ListPointsResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         let request = request.into_inner();
         self.state
             .services
@@ -159,7 +159,7 @@ impl StreamingService {
         &self,
         request: Request<LocatePointRequest>,
     ) -> Result<Response<LocatePointResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         let request = request.into_inner();
         let id = PointId::new(request.point).map_err(Error::from)?;
         self.state

@@ -28,7 +28,7 @@ use super::StreamingService;
 impl StreamingService {
     /// An operator's call: its caller, who must be allowed `admin`.
     async fn admit_operator<T>(&self, request: &Request<T>) -> Result<PeerInfo, Status> {
-        let peer = self.state.caller(request);
+        let peer = self.state.caller(request)?;
         let services = &self.state.services;
         services.access.authorize(&peer, Action::Admin, "").await?;
         Ok(peer)
@@ -38,7 +38,7 @@ impl StreamingService {
         &self,
         request: Request<ListMembersRequest>,
     ) -> Result<Response<ListMembersResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         let state = &self.state;
         state
             .services
@@ -55,7 +55,7 @@ impl StreamingService {
         &self,
         request: Request<SignUrlRequest>,
     ) -> Result<Response<SignUrlResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         let state = &self.state;
         let signed = sign_url(
             &state.services.access,

@@ -32,7 +32,7 @@ impl StreamingService {
         &self,
         request: Request<Streaming<ProduceRequest>>,
     ) -> Result<Response<ProduceResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         let mut frames = request.into_inner();
         let state = &self.state;
         state.gate.check_writable().map_err(Error::from)?;
@@ -126,7 +126,7 @@ impl StreamingService {
         &self,
         request: Request<DeletePointRequest>,
     ) -> Result<Response<DeletePointResponse>, Status> {
-        let peer = self.state.caller(&request);
+        let peer = self.state.caller(&request)?;
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         self.state.gate.check_writable().map_err(Error::from)?;
         self.state
