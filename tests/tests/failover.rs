@@ -1207,8 +1207,8 @@ async fn an_operator_names_a_leader_outside_the_in_sync_set_once_warned() {
     );
     cluster.nodes.remove("a").unwrap().kill();
     cluster.spawn_follower_of("fa", replication);
-    eventually("fa to be live", || async {
-        cluster.sees_live("b", "fa").await
+    eventually("b to see a dead and fa live", || async {
+        !cluster.sees_live("b", "a").await && cluster.sees_live("b", "fa").await
     })
     .await;
 

@@ -304,7 +304,6 @@ async fn leave_in_sync_sets(decider: Decider, member: String, stop: Cancellation
                         epoch,
                         "controller: this member's store was not stopped cleanly: it left every in-sync set, and enters again once caught up"
                     );
-                    ::metrics::counter!(metrics::IN_SYNC_CHANGES, "change" => "left").increment(1);
                 }
                 return;
             }

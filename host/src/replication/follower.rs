@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -230,27 +229,28 @@ async fn session(
     Err(LinkError::Closed { peer: name, reason })
 }
 
-/// The highest leader epoch this node has seen on a follower's session (`Context::seen_epoch`).
-/// Kept for the process's life; the controller's committed state, which [`admit`] also reads,
-/// is the durable record of the newest epoch.
+/// The highest leader epoch this node has seen on a follower's session, per group (by slot;
+/// `""` before the controller's state names its group): `Context::seen_epoch`. Kept for the
+/// process's life; the controller's committed state, which [`admit`] also reads, is the durable
+/// record of the newest epoch.
 #[derive(Debug, Default)]
-pub(crate) struct SeenEpoch(AtomicU64);
+pub(crate) struct SeenEpoch(std::sync::Mutex<HashMap<String, u64>>);
 
 /// Whether a follower's session call at `leader_epoch` may change this node's copies: not if
-/// another leader was named since — a higher epoch seen on another session, or in the
-/// controller's committed state for the group this node follows. Otherwise `leader_epoch` is
-/// the highest seen from now on. Checked when a call arrives and again before the applier
-/// applies it, so nothing queued before a newer epoch was known is applied after.
+/// another leader of its group was named since — a higher epoch seen on another session, or
+/// in the controller's committed state for the group this node follows. Otherwise
+/// `leader_epoch` is the highest seen from now on. Checked when a call arrives and again
+/// before the applier applies it, so nothing queued before a newer epoch was known is applied
+/// after.
 fn admit(context: &Context, leader_epoch: u64) -> Result<(), StaleEpoch> {
     let local = &context.services.config.node_name;
-    let committed = context
-        .topology
-        .borrow()
-        .followed_by(local)
-        .map_or(0, |(_, group)| group.leader_epoch);
-    let seen = &context.seen_epoch.0;
-    let highest = newest(leader_epoch, seen.load(Ordering::Acquire), committed)?;
-    seen.fetch_max(highest, Ordering::AcqRel);
+    let (slot, committed) = match context.topology.borrow().followed_by(local) {
+        Some((slot, group)) => (slot.to_owned(), group.leader_epoch),
+        None => (String::new(), 0),
+    };
+    let mut seen = context.seen_epoch.0.lock().expect("poisoned");
+    let seen = seen.entry(slot).or_default();
+    *seen = newest(leader_epoch, *seen, committed)?;
     Ok(())
 }
 
