@@ -19,7 +19,7 @@ use crate::client::{ClientTls, Pool};
 use crate::cluster::{self, Cluster, Membership, gossip};
 use crate::config::{Config, Role};
 use crate::controller::agent::{self, Agent};
-use crate::controller::{Controller, ControllerService, Lease};
+use crate::controller::{Controller, ControllerService, Held, Lease};
 use crate::http::gateway::Gateway;
 use crate::placement::Placement;
 use crate::plugins::{PluginError, Plugins};
@@ -266,10 +266,11 @@ impl Node {
         );
         let progress = Arc::new(Progress::default());
         let lease = Arc::new(Lease::default());
+        let held = Arc::new(Held::default());
         let agent = start_agent(
             &services,
             store.clone(),
-            (progress.clone(), lease.clone()),
+            (progress.clone(), lease.clone(), held.clone()),
             links,
             cluster.membership(),
         )
@@ -289,7 +290,7 @@ impl Node {
                     &services,
                     store,
                     &cluster,
-                    (progress, lease),
+                    (progress, lease, held),
                     (leader, following),
                     listeners.replication,
                 )?;
@@ -525,7 +526,7 @@ impl Node {
 async fn start_agent(
     services: &Services,
     store: Option<Store>,
-    (progress, lease): (Arc<Progress>, Arc<Lease>),
+    (progress, lease, held): (Arc<Progress>, Arc<Lease>, Arc<Held>),
     links: agent::Links,
     membership: watch::Receiver<Arc<Membership>>,
 ) -> Result<Agent, StartError> {
@@ -548,6 +549,7 @@ async fn start_agent(
         primary: config.role.is_primary(),
         in_sync: InSyncBounds::of(&config.replication),
         lease,
+        held,
         failover: config.failover(),
         unclean,
     };
@@ -622,7 +624,7 @@ fn start_storage(
     services: &Services,
     store: Store,
     cluster: &Cluster,
-    (progress, lease): (Arc<Progress>, Arc<Lease>),
+    (progress, lease, held): (Arc<Progress>, Arc<Lease>, Arc<Held>),
     (leader, following): (
         watch::Sender<Option<cluster::Leader>>,
         watch::Receiver<Option<cluster::Leader>>,
@@ -639,6 +641,7 @@ fn start_storage(
             steps: cluster.steps(),
             topology: services.controller.watch_topology(),
             seen_epoch: Default::default(),
+            held,
         },
         listener,
         services.lifetime.subsystem(),

@@ -433,6 +433,12 @@ async fn only_voters_of_this_controller_speak_its_raft() {
         }
     };
     let cluster = node.node.config().cluster.name.clone();
+    // Until its controller started (just after the node answers), every message is refused
+    // as Unavailable.
+    eventually("solo's controller to start", || async {
+        raft("root", "solo", &cluster, &["solo"]).await.code() != Code::Unavailable
+    })
+    .await;
     let cases = [
         // A client certificate cannot speak for a voter.
         (

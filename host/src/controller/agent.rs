@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::network::Peers;
-use super::session::HEARTBEATS_PER_SESSION;
+use super::session::{HEARTBEATS_PER_SESSION, Held};
 use super::{
     Applied, Command, Controller, Group, Lease, ProposeError, Rejected, StartError, Status,
     Topology, VotersError, election, heartbeat,
@@ -66,6 +66,8 @@ pub struct Params {
     pub in_sync: InSyncBounds,
     /// This member's session with the controller, which its heartbeats extend.
     pub lease: Arc<Lease>,
+    /// What this member holds of its group's points, said in each heartbeat.
+    pub held: Arc<Held>,
     /// How a group this node leads may fail over (`Config::failover`), reported to the
     /// controller.
     pub failover: Failover,
@@ -516,7 +518,11 @@ impl Running {
         let keep_session = heartbeat::keep_session(
             own.clone(),
             peers,
-            (params.lease.clone(), self.topology.subscribe()),
+            (
+                params.lease.clone(),
+                params.held.clone(),
+                self.topology.subscribe(),
+            ),
             session,
             self.stop.clone(),
         );

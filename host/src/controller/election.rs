@@ -5,8 +5,8 @@
 //! A group fails over when its leader's session expired ([`Sessions::expired`]: never before
 //! the controller leader itself has led for a whole session), its leader reported that it may
 //! fail over by itself ([`Failover::Automatic`]), and a member of its in-sync set holds a live
-//! session (a follower the controller cannot hear is no better a leader): the group's
-//! [`Group::successor`](super::Group::successor).
+//! session (a follower the controller cannot hear is no better a leader): of those, the one
+//! that said in its last heartbeat it holds the most ([`Group::most_caught_up`](super::Group::most_caught_up)).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -37,7 +37,8 @@ pub(super) fn fences(topology: &Topology, sessions: &Sessions, term: u64, now: I
         {
             continue;
         }
-        match group.successor(|member| sessions.live(term, member, now)) {
+        let live = |member: &str| sessions.live(term, member, now);
+        match group.most_caught_up(live, |member| sessions.held(term, member)) {
             Some(candidate) => {
                 let named = leaders.entry(&group.leader).or_default();
                 named.insert(slot.clone(), candidate.to_owned());
@@ -160,7 +161,7 @@ mod tests {
         sessions.elected(1, t0);
         // a, c, d and e go quiet; b and every follower but fa1 and fe keep heartbeating.
         for member in ["b", "fa2", "fb", "fc", "fe", "e"] {
-            sessions.heartbeat(1, member, t0 + Duration::from_secs(2));
+            sessions.heartbeat(1, member, 0, t0 + Duration::from_secs(2));
         }
         let none = fences(&topology, &sessions, 1, t0 + Duration::from_millis(2999));
         assert_eq!(none, Due::default(), "nobody expires within a session");
@@ -183,6 +184,47 @@ mod tests {
             fences(&topology, &sessions, 2, later).fences.is_empty(),
             "nothing in a term this voter does not lead"
         );
+    }
+
+    #[test]
+    fn the_in_sync_member_that_holds_the_most_is_named() {
+        let topology = Topology {
+            groups: [(
+                "a".to_owned(),
+                group(
+                    "a",
+                    &["fa1", "fa2", "fa3"],
+                    Failover::Automatic { replicas: 1 },
+                ),
+            )]
+            .into(),
+            ..Topology::default()
+        };
+        let t0 = Instant::now();
+        let named = |held: [u64; 3]| {
+            let mut sessions = Sessions::new(SESSION);
+            sessions.elected(1, t0);
+            for (member, held) in ["fa1", "fa2", "fa3"].into_iter().zip(held) {
+                sessions.heartbeat(1, member, held, t0 + Duration::from_secs(2));
+            }
+            let due = fences(&topology, &sessions, 1, t0 + SESSION);
+            match &due.fences[..] {
+                [Command::Fence { leaders, .. }] => leaders["a"].clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            named([900, 1_000, 950]),
+            "fa2",
+            "the one that holds the most"
+        );
+        assert_eq!(
+            named([1_000, 1_000, 999]),
+            "fa1",
+            "the first by name among equals"
+        );
+        assert_eq!(named([0, 0, 0]), "fa1", "nobody said: the first by name");
+        assert_eq!(named([5, 7, 7]), "fa2");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::network::Peers;
-use super::session::{HEARTBEATS_PER_SESSION, Lease};
+use super::session::{HEARTBEATS_PER_SESSION, Held, Lease};
 use super::{Controller, Grant, Topology};
 use crate::metrics;
 
@@ -20,7 +20,7 @@ use crate::metrics;
 pub(super) async fn keep_session(
     own: Option<Controller>,
     peers: Arc<Peers>,
-    (lease, mut topology): (Arc<Lease>, watch::Receiver<Arc<Topology>>),
+    (lease, held, mut topology): (Arc<Lease>, Arc<Held>, watch::Receiver<Arc<Topology>>),
     session: Duration,
     stop: CancellationToken,
 ) {
@@ -36,7 +36,7 @@ pub(super) async fn keep_session(
         let sent = Instant::now();
         let granted = tokio::select! {
             _ = stop.cancelled() => return,
-            granted = heartbeat(own.as_ref(), &peers, leader.as_deref(), every) => granted,
+            granted = heartbeat(own.as_ref(), &peers, (leader.as_deref(), held.get()), every) => granted,
         };
         match granted {
             Some((by, session, applied)) => {
@@ -50,18 +50,18 @@ pub(super) async fn keep_session(
             }
             None => leader = None,
         }
-        let held = lease.holds(Instant::now());
-        ::metrics::gauge!(metrics::SESSION_HELD).set(if held { 1.0 } else { 0.0 });
+        let holds = lease.holds(Instant::now());
+        ::metrics::gauge!(metrics::SESSION_HELD).set(if holds { 1.0 } else { 0.0 });
     }
 }
 
 /// One heartbeat: to `leader` first if known, then to each voter, following the leader a voter
-/// names. Returns who granted a session, its length and the last entry the granter applied;
-/// `None` if nobody did.
+/// names, saying this member holds `held` bytes of its group's points. Returns who granted a
+/// session, its length and the last entry the granter applied; `None` if nobody did.
 async fn heartbeat(
     own: Option<&Controller>,
     peers: &Peers,
-    leader: Option<&str>,
+    (leader, held): (Option<&str>, u64),
     ttl: Duration,
 ) -> Option<(String, Duration, u64)> {
     let mut asked: Vec<String> = Vec::new();
@@ -76,11 +76,11 @@ async fn heartbeat(
         let grant = if to == peers.local
             && let Some(own) = own
         {
-            tokio::time::timeout(ttl, own.heartbeat(&peers.local))
+            tokio::time::timeout(ttl, own.heartbeat(&peers.local, held))
                 .await
                 .unwrap_or_else(|_| Grant::NoQuorum(format!("no confirmation within {ttl:?}")))
         } else {
-            match peers.heartbeat(&to, ttl).await {
+            match peers.heartbeat(&to, held, ttl).await {
                 Ok(grant) => grant,
                 Err(error) => {
                     tracing::debug!(voter = %to, %error, "controller: a heartbeat was not answered");

@@ -43,7 +43,7 @@ use tokio::sync::watch;
 pub use command::{Applied, Command, Rejected};
 pub use raft::Recovered;
 pub use service::ControllerService;
-pub use session::Lease;
+pub use session::{Held, Lease};
 pub use state::{Group, Topology};
 
 use crate::client::ClientTls;
@@ -239,7 +239,7 @@ impl Controller {
     /// A heartbeat of `member`: granted a session only once a quorum confirmed, after the
     /// heartbeat arrived, that this voter leads (`docs/failover.md`: a deposed leader that does
     /// not know it yet grants nothing that outlives its successor's first session).
-    pub(crate) async fn heartbeat(&self, member: &str) -> Grant {
+    pub(crate) async fn heartbeat(&self, member: &str, held: u64) -> Grant {
         let received = std::time::Instant::now();
         match self.raft.ensure_linearizable().await {
             Ok(_) => {}
@@ -259,7 +259,7 @@ impl Controller {
         let applied = self.topology.borrow().applied;
         let mut sessions = self.sessions.lock().expect("poisoned");
         Grant::Session {
-            length: sessions.heartbeat(term, member, received),
+            length: sessions.heartbeat(term, member, held, received),
             applied,
         }
     }

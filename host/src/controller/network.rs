@@ -158,9 +158,16 @@ impl Peers {
 
     /// Sends this member's heartbeat to voter `to`, waiting at most `ttl`; returns what it
     /// granted.
-    pub(super) async fn heartbeat(&self, to: &str, ttl: Duration) -> Result<Grant, CallError> {
+    /// `held` is what this member holds of its group's points ([`super::session::Held`]).
+    pub(super) async fn heartbeat(
+        &self,
+        to: &str,
+        held: u64,
+        ttl: Duration,
+    ) -> Result<Grant, CallError> {
         let request = HeartbeatRequest {
             member: self.local.clone(),
+            held,
         };
         let mut client = self.client(to)?;
         let answer = match tokio::time::timeout(ttl, client.heartbeat(request)).await {

@@ -192,11 +192,11 @@ impl controller_server::Controller for ControllerService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = PeerInfo::of(&request);
-        let member = request.into_inner().member;
+        let HeartbeatRequest { member, held } = request.into_inner();
         check_identity(&caller.subject, &member, self.tls)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         let controller = self.controller()?;
-        let answer = match controller.heartbeat(&member).await {
+        let answer = match controller.heartbeat(&member, held).await {
             Grant::Session { length, applied } => HeartbeatResponse {
                 session_ms: u64::try_from(length.as_millis()).unwrap_or(u64::MAX),
                 leader: controller.peers.local.clone(),

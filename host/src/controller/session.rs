@@ -33,6 +33,30 @@ pub fn retry_delay(session_ms: u64) -> Duration {
     Duration::from_millis(session_ms) / HEARTBEATS_PER_SESSION
 }
 
+/// What this member holds of its group's points, in bytes, as it reports it in each heartbeat
+/// (a follower counts the ends it offered its leader, then what it applies). A hint for the
+/// election's choice among members that each hold every acknowledged byte, never for safety.
+#[derive(Debug, Default)]
+pub struct Held(std::sync::atomic::AtomicU64);
+
+impl Held {
+    /// Counts `bytes` held from now on.
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts `bytes` more.
+    pub fn add(&self, bytes: u64) {
+        self.0
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The bytes counted.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The controller leader's record of who it heard, for one term of its leadership.
 #[derive(Debug)]
 pub struct Sessions {
@@ -45,6 +69,8 @@ struct Leading {
     term: u64,
     since: Instant,
     heard: HashMap<String, Instant>,
+    /// What each member said it holds in its last heartbeat.
+    held: HashMap<String, u64>,
 }
 
 impl Sessions {
@@ -63,9 +89,20 @@ impl Sessions {
 
     /// Records a heartbeat from `member`, received at `now` while this node leads in `term`
     /// (checked by the caller); returns the session granted, counted from `now`.
-    pub fn heartbeat(&mut self, term: u64, member: &str, now: Instant) -> Duration {
-        self.lead(term, now).heard.insert(member.to_owned(), now);
+    /// `held` is what it says it holds of its group's points ([`Held`]).
+    pub fn heartbeat(&mut self, term: u64, member: &str, held: u64, now: Instant) -> Duration {
+        let leading = self.lead(term, now);
+        leading.heard.insert(member.to_owned(), now);
+        leading.held.insert(member.to_owned(), held);
         self.length
+    }
+
+    /// What `member` said it holds in its last heartbeat in `term` (0 if not heard).
+    pub fn held(&self, term: u64, member: &str) -> u64 {
+        let leading = self.leading.as_ref().filter(|leading| leading.term == term);
+        leading
+            .and_then(|leading| leading.held.get(member).copied())
+            .unwrap_or(0)
     }
 
     /// Whether `member`'s session expired at `now`, for this node leading in `term`: it was
@@ -108,6 +145,7 @@ impl Sessions {
                 term,
                 since: now,
                 heard: HashMap::new(),
+                held: HashMap::new(),
             });
         }
         self.leading.as_mut().expect("set above")
@@ -168,8 +206,8 @@ mod tests {
     fn a_session_expires_a_whole_session_after_the_last_heartbeat() {
         let t0 = Instant::now();
         let mut sessions = Sessions::new(SESSION);
-        assert_eq!(sessions.heartbeat(1, "a", t0), SESSION);
-        sessions.heartbeat(1, "a", t0 + ms(1000));
+        assert_eq!(sessions.heartbeat(1, "a", 0, t0), SESSION);
+        sessions.heartbeat(1, "a", 0, t0 + ms(1000));
         assert!(!sessions.expired(1, "a", t0 + ms(3999)));
         assert!(sessions.live(1, "a", t0 + ms(3999)));
         assert!(sessions.expired(1, "a", t0 + ms(4000)));
@@ -184,7 +222,7 @@ mod tests {
     fn a_new_leader_grants_everyone_a_full_session_before_anyone_expires() {
         let t0 = Instant::now();
         let mut sessions = Sessions::new(SESSION);
-        sessions.heartbeat(1, "a", t0);
+        sessions.heartbeat(1, "a", 0, t0);
         // Term 2 starts at t0 + 5 s: "a" was heard long ago, in another term, and "b" never.
         sessions.elected(2, t0 + ms(5000));
         for member in ["a", "b"] {
@@ -195,7 +233,7 @@ mod tests {
             );
             assert!(sessions.expired(2, member, t0 + ms(8000)), "{member}");
         }
-        sessions.heartbeat(2, "a", t0 + ms(7000));
+        sessions.heartbeat(2, "a", 0, t0 + ms(7000));
         assert!(!sessions.expired(2, "a", t0 + ms(9999)));
         // Stepping down forgets the term; leading again in it is not possible (terms grow),
         // and a later term starts afresh.
@@ -211,7 +249,7 @@ mod tests {
         let (lease, mut sessions) = (Lease::default(), Sessions::new(SESSION));
         assert!(!lease.holds(t0), "no writes before the first grant");
         // Sent at t0, received 200 ms later.
-        let granted = sessions.heartbeat(1, "a", t0 + ms(200));
+        let granted = sessions.heartbeat(1, "a", 0, t0 + ms(200));
         lease.granted(t0, granted);
         let stops = t0 + SESSION * FENCE_AT.0 / FENCE_AT.1;
         assert!(lease.holds(stops - ms(1)));

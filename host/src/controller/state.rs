@@ -636,10 +636,23 @@ impl Group {
     /// holds every acknowledged byte, so any of them keeps them all; the first by name, so that
     /// every voter would name the same one.
     pub fn successor(&self, live: impl Fn(&str) -> bool) -> Option<&str> {
+        self.most_caught_up(live, |_| 0)
+    }
+
+    /// The election's choice: of the members [`successor`](Self::successor) could name, the one
+    /// that `held` says holds the most bytes (each holds every acknowledged byte; the one that
+    /// holds more unacknowledged ones loses fewer), the first by name among equals.
+    pub fn most_caught_up(
+        &self,
+        live: impl Fn(&str) -> bool,
+        held: impl Fn(&str) -> u64,
+    ) -> Option<&str> {
         if matches!(self.failover, Failover::Manual(_)) {
             return None;
         }
-        self.in_sync.iter().map(String::as_str).find(|m| live(m))
+        let candidates = self.in_sync.iter().map(String::as_str).filter(|m| live(m));
+        // `max_by_key` keeps the last of equals: the first by name is the last in reverse.
+        candidates.rev().max_by_key(|member| held(member))
     }
 
     /// `to` leads the group from `epoch` (a fence or a transfer); the old leader follows it,

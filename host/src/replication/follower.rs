@@ -180,6 +180,9 @@ async fn session(
     };
 
     let offers = offers(context).await;
+    // What this node holds of its group, said in its heartbeats: what it offers, and from now
+    // on what it applies.
+    context.held.set(offers.iter().map(|offer| offer.end).sum());
     let sink = receiver(context.clone(), None, shutdown.clone());
     let mut request = leader.follow_request();
     {
@@ -578,6 +581,7 @@ async fn apply_records(
             Ok(appended) => {
                 ::metrics::counter!(metrics::REPLICATED_BYTES, "direction" => "applied")
                     .increment(end - start);
+                context.held.add(end - start);
                 outcomes.extend(appended.iter().map(|a| Ok(Applied::Yes(a.end))));
             }
             Err(AppendError::OffsetMismatch { end, .. }) => {

@@ -107,6 +107,9 @@ pub(crate) struct Context {
     /// The highest leader epoch this node has seen on a follower's session: a call from an
     /// older one is refused (a deposed leader changes nothing).
     pub seen_epoch: Arc<follower::SeenEpoch>,
+    /// What this node holds of the points of the group it follows, said in its heartbeats
+    /// (the election names the in-sync member that holds the most).
+    pub held: Arc<crate::controller::Held>,
 }
 
 /// Starts the replication thread, stopped by `token`, on every storage node: the leader service
