@@ -500,6 +500,17 @@ struct Acknowledged {
 }
 
 impl Acknowledged {
+    /// `writes` appends through `client`, each acknowledged, of bytes made from `seed` on and
+    /// of sizes that do not repeat.
+    async fn written(client: &Client, point: &str, writes: u64, seed: u64) -> Acknowledged {
+        let mut acknowledged = Acknowledged::default();
+        for i in 0..writes {
+            let bytes = data(seed + i, 3_001 + 4_993 * i as usize);
+            assert!(acknowledged.append(client, point, &bytes).await);
+        }
+        acknowledged
+    }
+
     /// Appends `bytes` at the end of what was acknowledged, through `client`, waiting at most a
     /// second; returns whether it was acknowledged.
     async fn append(&mut self, client: &Client, point: &str, bytes: &[u8]) -> bool {
@@ -536,11 +547,7 @@ async fn a_leader_stopped_past_its_session_is_replaced_and_when_resumed_changes_
     let cluster = Cluster::start(&["fa1", "fa2"]).await;
     let point = cluster.point_of("a").await;
     let to_a = cluster.client("a").await;
-    let mut acknowledged = Acknowledged::default();
-    for seed in 0..6u64 {
-        let bytes = data(seed + 300, 5_003 + 3_001 * seed as usize);
-        assert!(acknowledged.append(&to_a, &point, &bytes).await);
-    }
+    let mut acknowledged = Acknowledged::written(&to_a, &point, 6, 300).await;
 
     // SIGSTOP: a keeps its sockets but answers nothing, its heartbeats stop, its session expires.
     cluster.nodes["a"].signal("STOP");
@@ -945,11 +952,7 @@ async fn a_failover_completes_when_the_controllers_leader_is_killed_midway() {
     cluster.follow(slot, &["fm1", "fm2"]).await;
     let point = cluster.point_of(slot).await;
     let to_slot = cluster.client(slot).await;
-    let mut acknowledged = Acknowledged::default();
-    for seed in 0..8u64 {
-        let bytes = data(seed + 700, 4_093 + 6_007 * seed as usize);
-        assert!(acknowledged.append(&to_slot, &point, &bytes).await);
-    }
+    let mut acknowledged = Acknowledged::written(&to_slot, &point, 8, 700).await;
     let epoch = cluster.group(third, slot).await.unwrap().leader_epoch;
 
     // The nemesis's schedule: kill -9 of the group's leader, then, half a session later (its
@@ -1014,11 +1017,7 @@ async fn every_voter_killed_and_restarted_loses_no_group_and_no_acknowledged_byt
     let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
     let point = cluster.point_of("a").await;
     let to_a = cluster.client("a").await;
-    let mut acknowledged = Acknowledged::default();
-    for seed in 0..8u64 {
-        let bytes = data(seed + 800, 3_571 + 5_003 * seed as usize);
-        assert!(acknowledged.append(&to_a, &point, &bytes).await);
-    }
+    let mut acknowledged = Acknowledged::written(&to_a, &point, 8, 800).await;
     let before = cluster.group("fa1", "a").await.unwrap();
 
     for voter in ["a", "b", "c"] {
@@ -1080,11 +1079,7 @@ async fn a_follower_whose_tail_was_lost_on_disk_is_never_named_leader() {
     let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
     let point = cluster.point_of("a").await;
     let to_a = cluster.client("a").await;
-    let mut acknowledged = Acknowledged::default();
-    for seed in 0..8u64 {
-        let bytes = data(seed + 900, 6_007 + 4_001 * seed as usize);
-        assert!(acknowledged.append(&to_a, &point, &bytes).await);
-    }
+    let mut acknowledged = Acknowledged::written(&to_a, &point, 8, 900).await;
     eventually("fa1 to hold every acknowledged byte", || async {
         cluster.size("fa1", &point).await == acknowledged.bytes.len() as u64
     })
@@ -1177,11 +1172,7 @@ async fn an_operator_names_a_leader_outside_the_in_sync_set_once_warned() {
     let mut cluster = Cluster::start(&["fa"]).await;
     let point = cluster.point_of("a").await;
     let to_a = cluster.client("a").await;
-    let mut acknowledged = Acknowledged::default();
-    for seed in 0..4u64 {
-        let bytes = data(seed + 1_100, 5_009 + 3_331 * seed as usize);
-        assert!(acknowledged.append(&to_a, &point, &bytes).await);
-    }
+    let mut acknowledged = Acknowledged::written(&to_a, &point, 4, 1_100).await;
     let options = cluster.pki.client_options("root", &cluster.nodes["b"].rpc);
     let operator = goutube::client::Client::connect(&options).await.unwrap();
     let refused = operator.elect_unclean("a", "fa").await.unwrap_err();

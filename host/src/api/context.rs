@@ -31,6 +31,19 @@ pub struct Context {
 }
 
 impl Context {
+    /// Waits, at most `wait`, until this node's view of the controller's committed state makes
+    /// `done` true (a decision committed elsewhere reaches it a moment later). The callers read
+    /// the view afterwards, whether it came or not.
+    pub async fn until_view(
+        &self,
+        wait: Duration,
+        done: impl Fn(&crate::controller::Topology) -> bool,
+    ) {
+        let mut topology = self.services.controller.watch_topology();
+        let seen = topology.wait_for(|topology| done(topology));
+        let _ = tokio::time::timeout(wait, seen).await;
+    }
+
     /// Who a call is for: the connection's subject, or the subject a balancer member forwards
     /// it for. A call forwarded by a node this member does not see live yet — a balancer that
     /// started a moment ago, not yet heard of in gossip — is refused as `Unavailable`, to be

@@ -190,14 +190,13 @@ async fn hand_group(
     let proposed = context.steps.transfer(&slot, leader_epoch, &to).await;
     if proposed.is_ok() {
         // Committed: writes stay held until this node's view has it too.
-        let mut topology = context.services.controller.watch_topology();
-        let moved = |topology: &std::sync::Arc<Topology>| {
+        let moved = |topology: &Topology| {
             topology
                 .groups
                 .get(&slot)
                 .is_none_or(|group| group.leader_epoch != leader_epoch)
         };
-        let _ = tokio::time::timeout(commit, topology.wait_for(moved)).await;
+        context.until_view(commit, moved).await;
     }
     // A proposal that failed without an answer may still be committed later; the writes go on
     // here meanwhile, and none of them can be acknowledged once `to` leads: it confirms no

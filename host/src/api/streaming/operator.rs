@@ -25,6 +25,17 @@ use crate::signed_url::{SignedUrl, UrlError, UrlSigner};
 
 use super::StreamingService;
 
+/// The status of an operator's decision the controller did not make: `Unavailable` while it
+/// cannot decide (no quorum, no controller, stopping), else `FailedPrecondition`, saying what.
+fn refused_step(error: StepError, what: &str) -> Status {
+    match error {
+        StepError::NoQuorum(_) | StepError::Stopped | StepError::NoController => {
+            Status::unavailable(error.to_string())
+        }
+        _ => Status::failed_precondition(format!("{what}: {error}")),
+    }
+}
+
 impl StreamingService {
     /// An operator's call: its caller, who must be allowed `admin`.
     async fn admit_operator<T>(&self, request: &Request<T>) -> Result<PeerInfo, Status> {
@@ -167,18 +178,14 @@ impl StreamingService {
             .steps
             .elect_unclean(&slot, &to)
             .await
-            .map_err(|error| match error {
-                StepError::NoQuorum(_) | StepError::Stopped | StepError::NoController => {
-                    Status::unavailable(error.to_string())
-                }
-                _ => Status::failed_precondition(format!("cannot elect {to} for {slot}: {error}")),
-            })?;
+            .map_err(|error| refused_step(error, &format!("cannot elect {to} for {slot}")))?;
         // Answered from this node's view once it has the entry (or after the wait, as it is).
-        let mut topology = state.services.controller.watch_topology();
-        let led = |topology: &crate::controller::Topology| topology.writer(&slot) == to;
         let wait = Duration::from_millis(state.services.config.controller.propose_timeout_ms);
-        let _ = tokio::time::timeout(wait, topology.wait_for(|topology| led(topology))).await;
-        let group = topology.borrow().groups.get(&slot).cloned();
+        state
+            .until_view(wait, |topology| topology.writer(&slot) == to)
+            .await;
+        let topology = state.services.controller.topology();
+        let group = topology.groups.get(&slot).cloned();
         let (leader, leader_epoch) = group.map_or((to.clone(), 0), |g| (g.leader, g.leader_epoch));
         tracing::warn!(%slot, %leader, leader_epoch, subject = %peer.subject, "an operator named a leader outside the in-sync set: acknowledged writes only the lost members held are lost");
         Ok(Response::new(ElectLeaderResponse {
@@ -198,12 +205,7 @@ impl StreamingService {
             .steps
             .set_voters(voters.clone())
             .await
-            .map_err(|error| match error {
-                StepError::NoQuorum(_) | StepError::Stopped | StepError::NoController => {
-                    Status::unavailable(error.to_string())
-                }
-                _ => Status::failed_precondition(format!("cannot set the voters: {error}")),
-            })?;
+            .map_err(|error| refused_step(error, "cannot set the voters"))?;
         tracing::warn!(?voters, subject = %peer.subject, "the controller's voters changed");
         Ok(Response::new(SetVotersResponse { voters }))
     }
