@@ -55,6 +55,7 @@ pub mod error;
 pub(crate) mod http;
 pub mod metrics;
 pub mod net;
+pub mod netns;
 pub mod node;
 pub mod placement;
 pub mod plugins;

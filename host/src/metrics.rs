@@ -68,7 +68,7 @@ pub const IN_SYNC_CHANGES: &str = "goutube_in_sync_changes_total";
 /// once it lapsed: a group leader takes no writes then.
 pub const SESSION_HELD: &str = "goutube_session_held";
 /// Leaders the controller fenced, naming another from the in-sync set (on the controller
-/// leader).
+/// leader), by cause (`expired`: its session; `unclean`: back from an unclean stop).
 pub const FAILOVERS: &str = "goutube_failovers_total";
 /// How long committing a fence took, from the moment it was due (on the controller leader).
 pub const FAILOVER_SECONDS: &str = "goutube_failover_commit_seconds";
@@ -258,7 +258,7 @@ fn describe_replication() {
     );
     describe_counter!(
         FAILOVERS,
-        "Leaders the controller fenced, naming another from the in-sync set."
+        "Leaders the controller fenced, naming another from the in-sync set, by cause (expired, unclean)."
     );
     describe_histogram!(
         FAILOVER_SECONDS,

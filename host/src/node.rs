@@ -642,6 +642,7 @@ fn start_storage(
             topology: services.controller.watch_topology(),
             seen_epoch: Default::default(),
             held,
+            session: (lease.clone(), !store.stopped_cleanly()),
         },
         listener,
         services.lifetime.subsystem(),

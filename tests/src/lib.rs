@@ -444,7 +444,21 @@ impl NodeProcess {
 
     /// [`NodeProcess::spawn_with_env`] of the `goutube` binary at `bin` (another version's).
     pub fn spawn_binary(bin: &Path, config: &Path, env: &[(&str, &str)]) -> NodeProcess {
-        let mut command = Command::new(bin);
+        NodeProcess::spawn_command(Command::new(bin), config, env)
+    }
+
+    /// [`NodeProcess::spawn`] in `node`'s network namespace of `namespaces`.
+    pub fn spawn_in(
+        namespaces: &goutube::netns::Namespaces,
+        node: &str,
+        config: &Path,
+    ) -> NodeProcess {
+        NodeProcess::spawn_command(namespaces.command(node, goutube_bin()), config, &[])
+    }
+
+    /// Runs `command` (a `goutube` binary, or a command that runs one) with the arguments of
+    /// `goutube run --config <config>`.
+    fn spawn_command(mut command: Command, config: &Path, env: &[(&str, &str)]) -> NodeProcess {
         // With GOUTUBETEST_LOG set, the children log at that level too.
         let level = std::env::var("GOUTUBETEST_LOG").unwrap_or_else(|_| "warn".into());
         command
@@ -543,6 +557,12 @@ pub fn counter(name: &str) -> f64 {
 
 /// The value of a metric line `name{labels} value` (summed over label sets), if present.
 pub fn metric(scrape: &str, name: &str) -> Option<f64> {
+    metric_where(scrape, name, "")
+}
+
+/// The sum of the samples of metric `name` whose labels include `label` (`cause="unclean"`;
+/// empty: every sample) in a Prometheus text scrape; `None` if it has none.
+pub fn metric_where(scrape: &str, name: &str, label: &str) -> Option<f64> {
     let mut found = None;
     for line in scrape.lines() {
         if line.starts_with('#') {
@@ -551,8 +571,8 @@ pub fn metric(scrape: &str, name: &str) -> Option<f64> {
         let Some((key, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let base = key.split('{').next().unwrap_or(key);
-        if base == name {
+        let (base, labels) = key.split_once('{').unwrap_or((key, ""));
+        if base == name && labels.contains(label) {
             *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
         }
     }
@@ -588,11 +608,16 @@ impl Pki {
 
     /// The `[tls]` section of node `name` (its certificate is made on first use).
     pub fn node(&self, name: &str) -> goutube::config::TlsSection {
+        self.node_at(name, &[])
+    }
+
+    /// [`Pki::node`], its certificate valid also for `sans` (host names or IPs) when made.
+    pub fn node_at(&self, name: &str, sans: &[String]) -> goutube::config::TlsSection {
         let file = format!("node-{name}");
         if !self.path(&format!("{file}.pem")).exists() {
             let issued = self
                 .ca
-                .node(name, &[], goutube::certs::Validity::days(1))
+                .node(name, sans, goutube::certs::Validity::days(1))
                 .expect("a node certificate");
             self.write(&file, &issued);
         }
@@ -615,7 +640,12 @@ impl Pki {
 
     /// The `[tls]` section of node `name` and the `[cluster]` key, as TOML for child processes.
     pub fn node_toml(&self, name: &str) -> String {
-        let tls = self.node(name);
+        self.node_toml_at(name, &[])
+    }
+
+    /// [`Pki::node_toml`], the certificate valid also for `sans` when made.
+    pub fn node_toml_at(&self, name: &str, sans: &[String]) -> String {
+        let tls = self.node_at(name, sans);
         format!(
             "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}\n",
             tls.ca,

@@ -17,12 +17,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use goutube::metrics::{SELF_FENCED, SESSION_HELD};
+use goutube::metrics::{FAILOVERS, SELF_FENCED, SESSION_HELD};
+use goutube::netns::Namespaces;
 use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
 use goutube_tests::{
     DEADLINE, NodeProcess, Pki, append_at, consume, data, eventually, eventually_some,
-    eventually_within, goutube_bin, http, metadata, metric, owner_through, stderr, stdout, window,
-    write_node_config,
+    eventually_within, goutube_bin, http, metadata, metric, metric_where, owner_through, stderr,
+    stdout, window, write_node_config,
 };
 use tempfile::TempDir;
 use tonic::Code;
@@ -38,6 +39,9 @@ struct Cluster {
     root: TempDir,
     pki: Pki,
     nodes: BTreeMap<&'static str, NodeProcess>,
+    /// Each node in a network namespace of its own, for tests that cut links; `None`: every
+    /// node on 127.0.0.1.
+    namespaces: Option<Namespaces>,
 }
 
 impl Cluster {
@@ -46,13 +50,31 @@ impl Cluster {
             root: tempfile::tempdir().unwrap(),
             pki: Pki::new(),
             nodes: BTreeMap::new(),
+            namespaces: None,
         }
     }
 
     /// Primaries a, b, c, and `followers` of a; once the ring is formed and every follower is
     /// in a's in-sync set.
     async fn start(followers: &[&'static str]) -> Cluster {
-        let mut cluster = Cluster::new();
+        Cluster::start_with(Cluster::new(), followers).await
+    }
+
+    /// [`Cluster::start`], each node in a network namespace of its own (links can be cut).
+    async fn start_partitionable(followers: &[&'static str]) -> Cluster {
+        // Named after this process, so that tests run at once do not meet.
+        let tag = format!("gt{}", std::process::id() % 10_000_000);
+        let namespaces = Namespaces::new(&tag, [198, 18]).expect(
+            "network namespaces for a partition (the tests need root and iproute2, as CI has)",
+        );
+        let cluster = Cluster {
+            namespaces: Some(namespaces),
+            ..Cluster::new()
+        };
+        Cluster::start_with(cluster, followers).await
+    }
+
+    async fn start_with(mut cluster: Cluster, followers: &[&'static str]) -> Cluster {
         for name in ["a", "b", "c"] {
             cluster.spawn_primary(name);
         }
@@ -131,6 +153,11 @@ impl Cluster {
     fn spawn(&mut self, name: &'static str, settings: &str) {
         let dir = self.root.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
+        let at = self
+            .namespaces
+            .as_mut()
+            .map(|namespaces| namespaces.add(name).unwrap());
+        let sans: Vec<String> = at.iter().map(|ip| ip.to_string()).collect();
         let config = write_node_config(
             &dir,
             name,
@@ -138,10 +165,34 @@ impl Cluster {
                 "seed_addresses = {}\n{settings}\n[storage]\nfsync = \"always\"\n{}\
                  bootstrap_expect = 3\n",
                 self.seeds(),
-                self.pki.node_toml(name)
+                self.pki.node_toml_at(name, &sans)
             ),
         );
-        self.nodes.insert(name, NodeProcess::spawn(&config));
+        let process = match (&self.namespaces, at) {
+            (Some(namespaces), Some(ip)) => {
+                let text = std::fs::read_to_string(&config).unwrap();
+                let bind = format!("bind_addr = \"{ip}:0\"");
+                std::fs::write(&config, text.replace("bind_addr = \"127.0.0.1:0\"", &bind))
+                    .unwrap();
+                NodeProcess::spawn_in(namespaces, name, &config)
+            }
+            _ => NodeProcess::spawn(&config),
+        };
+        self.nodes.insert(name, process);
+    }
+
+    /// Drops every packet between `node` and each of `others` (a partitionable cluster).
+    fn cut(&self, node: &str, others: &[&str]) {
+        self.namespaces.as_ref().unwrap().cut(node, others).unwrap();
+    }
+
+    /// Ends a [`cut`](Self::cut).
+    fn heal(&self, node: &str, others: &[&str]) {
+        self.namespaces
+            .as_ref()
+            .unwrap()
+            .heal(node, others)
+            .unwrap();
     }
 
     /// Starts (or restarts, on its data) primary `name`: a voter if it is a, b or c.
@@ -1010,8 +1061,9 @@ async fn a_failover_completes_when_the_controllers_leader_is_killed_midway() {
 
 /// A controller nemesis: every voter killed at once (each is also a group's leader), then
 /// restarted on its data. The controller comes back with what it had committed: the groups,
-/// their leaders and in-sync sets. Every acknowledged byte is still served by the group's
-/// leader and its follower, and the group takes writes again.
+/// their leaders and in-sync sets. a, back from an unclean stop, hands its group to an in-sync
+/// follower. Every acknowledged byte is still served by the group's leader and its followers,
+/// and the group takes writes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_voter_killed_and_restarted_loses_no_group_and_no_acknowledged_byte() {
     let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
@@ -1026,22 +1078,22 @@ async fn every_voter_killed_and_restarted_loses_no_group_and_no_acknowledged_byt
     for voter in ["a", "b", "c"] {
         cluster.spawn_primary(voter);
     }
-    // The group as committed before the kill: led by a (its session is new once the
-    // controller has a leader again), or, had a taken longer to start than a session, by one
-    // of its in-sync followers. Either way at an epoch no older.
-    let group = eventually_some("the controller to answer with a's group", || async {
-        let group = cluster.group("b", "a").await?;
-        let members = cluster.members("b").await?;
-        let controller = members.controller?;
-        (!controller.leader.is_empty()).then_some(group)
-    })
+    // a's store was not stopped cleanly, and its in-sync followers are live: the controller
+    // names one of them in its place (at once once a said it is back, or once a's session
+    // expired had it taken longer to start than a session), at a newer epoch.
+    let group = eventually_some(
+        "the controller to name a new leader of a's group",
+        || async {
+            let group = cluster.group("b", "a").await?;
+            let members = cluster.members("b").await?;
+            let controller = members.controller?;
+            (!controller.leader.is_empty() && group.leader != "a").then_some(group)
+        },
+    )
     .await;
-    assert!(group.leader_epoch >= before.leader_epoch, "{group:?}");
-    assert!(
-        ["a", "fa1", "fa2"].contains(&group.leader.as_str()),
-        "{group:?}"
-    );
-    let leader = ["a", "fa1", "fa2"]
+    assert!(group.leader_epoch > before.leader_epoch, "{group:?}");
+    assert!(["fa1", "fa2"].contains(&group.leader.as_str()), "{group:?}");
+    let leader = ["fa1", "fa2"]
         .into_iter()
         .find(|node| *node == group.leader)
         .unwrap();
@@ -1142,6 +1194,144 @@ async fn a_follower_whose_tail_was_lost_on_disk_is_never_named_leader() {
         || async { read_all(&to_fa1, &point).await[..] == acknowledged.bytes[..] },
     )
     .await;
+    cluster.stop();
+}
+
+/// A leader killed and back at once, within its session, with the last 9,000 bytes of its
+/// copy lost on disk: it would still lead, and its followers' longer copies would be cut to
+/// its own. It takes no writes and serves no follower until the controller names a member of
+/// its in-sync set leader (at once, without waiting for a session to expire), and follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_tail_was_lost_on_disk_hands_its_group_to_an_in_sync_member() {
+    let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
+    let point = cluster.point_of("a").await;
+    let to_a = cluster.client("a").await;
+    let mut acknowledged = Acknowledged::written(&to_a, &point, 8, 1_300).await;
+    let end = acknowledged.bytes.len() as u64;
+    for follower in ["fa1", "fa2"] {
+        eventually(
+            &format!("{follower} to hold every acknowledged byte"),
+            || async { cluster.size(follower, &point).await == end },
+        )
+        .await;
+    }
+
+    cluster.nodes.remove("a").unwrap().kill();
+    let file = cluster.data_file("a", &point);
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 9_000)
+        .unwrap();
+    cluster.spawn_primary("a");
+
+    let group = eventually_some(
+        "the controller to name a new leader for a's slot",
+        || async { cluster.group("b", "a").await.filter(|g| g.leader != "a") },
+    )
+    .await;
+    assert!(["fa1", "fa2"].contains(&group.leader.as_str()), "{group:?}");
+    assert!(!group.leader_unclean, "{group:?}");
+    let mut unclean = 0.0;
+    for voter in ["a", "b", "c"] {
+        let scrape = cluster.metrics(voter).await;
+        unclean += metric_where(&scrape, FAILOVERS, "cause=\"unclean\"").unwrap_or(0.0);
+    }
+    assert_eq!(
+        unclean, 1.0,
+        "a was replaced because it came back unclean, not because its session expired (a \
+         restart slower than a session defeats this test)"
+    );
+
+    let leader: &'static str = if group.leader == "fa1" { "fa1" } else { "fa2" };
+    let to_leader = cluster.client(leader).await;
+    acknowledged.check(&to_leader, &point, leader).await;
+    let written = write_eventually(&to_leader, &point, end, 1_301, "the new leader to write").await;
+    acknowledged.bytes.extend_from_slice(&written);
+    let to_a = cluster.client("a").await;
+    eventually(
+        "a to follow the new leader and hold every acknowledged byte",
+        || async { read_all(&to_a, &point).await[..] == acknowledged.bytes[..] },
+    )
+    .await;
+    for follower in ["fa1", "fa2"] {
+        let client = cluster.client(follower).await;
+        acknowledged.check(&client, &point, follower).await;
+    }
+    cluster.stop();
+}
+
+/// A partition (network namespaces): the leader is cut from the controller's other voters and
+/// from its followers, but not from its clients. It acknowledges nothing from the cut on, and
+/// refuses writes once its session lapsed; the controller names an in-sync follower, which
+/// holds every acknowledged byte and takes writes. Healed, the old leader follows it, its
+/// unacknowledged tail replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_controller_and_its_followers_acknowledges_nothing_and_is_replaced()
+ {
+    let cluster = Cluster::start_partitionable(&["fa1", "fa2"]).await;
+    let point = cluster.point_of("a").await;
+    let to_a = cluster.client("a").await;
+    let mut acknowledged = Acknowledged::written(&to_a, &point, 4, 1_400).await;
+    let before = acknowledged.bytes.len();
+    let others = ["b", "c", "fa1", "fa2"];
+    cluster.cut("a", &others);
+
+    // Clients still reach a and keep writing to it until the controller names another leader.
+    let mut seed = 1_401;
+    let mut refused = Vec::new();
+    let group = loop {
+        if let Some(group) = cluster.group("b", "a").await.filter(|g| g.leader != "a") {
+            break group;
+        }
+        let bytes = data(seed, 2_003 + seed as usize % 997);
+        seed += 1;
+        let mut client = to_a.clone();
+        let offset = acknowledged.bytes.len() as u64;
+        let call = append_at(&mut client, &point, offset, &bytes);
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(())) => panic!("a acknowledged a write after it was cut off"),
+            Ok(Err(status)) => refused.push(status),
+            Err(_) => {}
+        }
+    };
+    assert_eq!(acknowledged.bytes.len(), before);
+    assert!(
+        refused
+            .iter()
+            .any(|status| status.code() == Code::Unavailable
+                && status.message().contains("session with the controller")),
+        "a refused writes once its session lapsed: {refused:?}"
+    );
+    let scrape = cluster.metrics("a").await;
+    assert!(metric(&scrape, SELF_FENCED).unwrap_or(0.0) >= 1.0);
+
+    assert!(["fa1", "fa2"].contains(&group.leader.as_str()), "{group:?}");
+    let leader: &'static str = if group.leader == "fa1" { "fa1" } else { "fa2" };
+    let to_leader = cluster.client(leader).await;
+    acknowledged.check(&to_leader, &point, leader).await;
+    let end = acknowledged.bytes.len() as u64;
+    let written = write_eventually(&to_leader, &point, end, seed, "the new leader to write").await;
+    acknowledged.bytes.extend_from_slice(&written);
+
+    cluster.heal("a", &others);
+    eventually(
+        "a to follow the new leader and hold every acknowledged byte, and nothing else",
+        || async { read_all(&to_a, &point).await[..] == acknowledged.bytes[..] },
+    )
+    .await;
+    let mut client = to_a.clone();
+    let status = append_at(&mut client, &point, acknowledged.bytes.len() as u64, b"x")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains(leader), "{status:?}");
+    for node in ["fa1", "fa2"] {
+        let client = cluster.client(node).await;
+        acknowledged.check(&client, &point, node).await;
+    }
     cluster.stop();
 }
 

@@ -593,6 +593,13 @@ fn print_members(members: &ListMembersResponse) {
                     list(&group.in_sync),
                     group.failover
                 );
+                if group.leader_unclean {
+                    println!(
+                        "  {} came back from a stop that was not clean: it takes no writes until \
+                         the controller names a member of the in-sync set leader",
+                        group.leader
+                    );
+                }
             }
         }
     }

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::election::{Cause, Due};
 use super::network::Peers;
 use super::session::{HEARTBEATS_PER_SESSION, Held};
 use super::{
@@ -582,7 +583,8 @@ impl Running {
     /// asks for, if any (`replication::Progress::in_sync_wanted`).
     fn in_sync_wanted(&self, topology: &Topology, now: Instant) -> Option<Command> {
         let progress = self.params.progress.as_ref()?;
-        let (slot, group) = self.led(topology)?;
+        // Back from an unclean stop, its set stays for the controller to name one of it.
+        let (slot, group) = self.led(topology).filter(|(_, g)| !g.leader_unclean)?;
         progress.in_sync_wanted(slot, group, &self.params.in_sync, now.into_std())
     }
 
@@ -847,24 +849,36 @@ async fn fence_expired(controller: Controller, every: Duration, stop: Cancellati
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let Some(super::election::Due { fences, stranded }) = controller.fences_due() else {
+        let Some(Due { fences, stranded }) = controller.fences_due() else {
             continue;
         };
-        for (slot, leader) in stranded {
-            if reported.insert((slot.clone(), leader.clone())) {
-                tracing::error!(%slot, %leader, "controller: the leader's session expired and no member of its in-sync set is alive: the slot takes no writes until one is (or an operator names another follower: goutube members elect SLOT --to M --unclean, which may lose acknowledged writes)");
+        for (slot, leader, cause) in stranded {
+            if !reported.insert((slot.clone(), leader.clone())) {
+                continue;
+            }
+            match cause {
+                Cause::Expired => {
+                    tracing::error!(%slot, %leader, "controller: the leader's session expired and no member of its in-sync set is alive: the slot takes no writes until one is (or an operator names another follower: goutube members elect SLOT --to M --unclean, which may lose acknowledged writes)")
+                }
+                Cause::Unclean => {
+                    tracing::error!(%slot, %leader, "controller: the leader came back from a stop that was not clean and no member of its in-sync set is alive: the slot takes no writes until one is (or an operator keeps the leader: goutube members elect SLOT --to LEADER --unclean, which may lose acknowledged writes)")
+                }
             }
         }
-        for fence in fences {
+        for (fence, cause) in fences {
             let started = Instant::now();
             match controller.propose(fence.clone()).await {
                 Ok(Applied::Changed { epoch }) => {
+                    let why = match cause {
+                        Cause::Expired => "its session expired",
+                        Cause::Unclean => "it came back from a stop that was not clean",
+                    };
                     tracing::warn!(
                         ?fence,
                         epoch,
-                        "controller: fenced a leader whose session expired and named another from its in-sync set"
+                        "controller: fenced a leader ({why}) and named another from its in-sync set"
                     );
-                    ::metrics::counter!(metrics::FAILOVERS).increment(1);
+                    ::metrics::counter!(metrics::FAILOVERS, "cause" => cause.as_str()).increment(1);
                     ::metrics::histogram!(metrics::FAILOVER_SECONDS)
                         .record(started.elapsed().as_secs_f64());
                     reported.clear();

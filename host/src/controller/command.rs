@@ -272,6 +272,13 @@ pub enum Rejected {
         /// Why.
         why: String,
     },
+    /// The leader of a slot came back from an unclean stop: its in-sync set stays as it is until
+    /// the controller names one of its members leader.
+    #[error(
+        "the leader of {0} came back from a stop that was not clean: its in-sync set is kept for \
+         the controller to name one of its members leader"
+    )]
+    LeaderUnclean(String),
     /// Only a member of a slot's in-sync set may lead it: it holds every acknowledged byte.
     #[error("{candidate} is not in the in-sync set of {slot}: it may lack acknowledged bytes")]
     NotInSync {

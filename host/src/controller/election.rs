@@ -3,10 +3,12 @@
 //! the controller leader and proposes what it returns is `Controller::fence_expired`.
 //!
 //! A group fails over when its leader's session expired ([`Sessions::expired`]: never before
-//! the controller leader itself has led for a whole session), its leader reported that it may
-//! fail over by itself ([`Failover::Automatic`]), and a member of its in-sync set holds a live
-//! session (a follower the controller cannot hear is no better a leader): of those, the one
-//! that said in its last heartbeat it holds the most ([`Group::most_caught_up`](super::Group::most_caught_up)).
+//! the controller leader itself has led for a whole session) or its leader came back from a
+//! stop that was not clean ([`Group::leader_unclean`](super::Group::leader_unclean)), its
+//! leader reported that it may fail over by itself ([`Failover::Automatic`]), and a member of
+//! its in-sync set holds a live session (a follower the controller cannot hear is no better a
+//! leader): of those, the one that said in its last heartbeat it holds the most
+//! ([`Group::most_caught_up`](super::Group::most_caught_up)).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -19,38 +21,66 @@ use crate::config::Failover;
 /// What is due on the controller leader now.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Due {
-    /// A fence of each expired group leader, naming a new leader for each group it leads that
-    /// has a live in-sync member.
-    pub fences: Vec<Command>,
-    /// The groups whose leader expired with no live in-sync member, as (slot, leader): they
-    /// take no writes until one is back (or an operator decides).
-    pub stranded: Vec<(String, String)>,
+    /// A fence of each group leader that must be replaced, naming a new leader for each group
+    /// it leads that has a live in-sync member, with why it is replaced.
+    pub fences: Vec<(Command, Cause)>,
+    /// The groups whose leader must be replaced with no live in-sync member, as (slot, leader,
+    /// why): they take no writes until one is back (or an operator decides).
+    pub stranded: Vec<(String, String, Cause)>,
+}
+
+/// Why a group leader is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Cause {
+    /// Its session expired: it is down, or cut off from the controller.
+    Expired,
+    /// It came back from a stop that was not clean, and may have lost acknowledged bytes that
+    /// its in-sync members hold.
+    Unclean,
+}
+
+impl Cause {
+    /// The value of the `cause` label of `goutube_failovers_total`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Cause::Expired => "expired",
+            Cause::Unclean => "unclean",
+        }
+    }
 }
 
 /// What the controller leader, leading in `term`, should decide now ([`Due`]).
 pub(super) fn fences(topology: &Topology, sessions: &Sessions, term: u64, now: Instant) -> Due {
-    let mut leaders: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    let mut leaders: BTreeMap<(&str, Cause), BTreeMap<String, String>> = BTreeMap::new();
     let mut stranded = Vec::new();
     for (slot, group) in &topology.groups {
-        if matches!(group.failover, Failover::Manual(_))
-            || !sessions.expired(term, &group.leader, now)
-        {
+        if matches!(group.failover, Failover::Manual(_)) {
             continue;
         }
+        let cause = if sessions.expired(term, &group.leader, now) {
+            Cause::Expired
+        } else if group.leader_unclean {
+            Cause::Unclean
+        } else {
+            continue;
+        };
         let live = |member: &str| sessions.live(term, member, now);
         match group.most_caught_up(live, |member| sessions.held(term, member)) {
             Some(candidate) => {
-                let named = leaders.entry(&group.leader).or_default();
+                let named = leaders.entry((&group.leader, cause)).or_default();
                 named.insert(slot.clone(), candidate.to_owned());
             }
-            None => stranded.push((slot.clone(), group.leader.clone())),
+            // An in-sync member may not have been heard yet by a controller leader that
+            // has led for less than a session: the leader back unclean waits meanwhile.
+            None if cause == Cause::Unclean && !sessions.settled(term, now) => {}
+            None => stranded.push((slot.clone(), group.leader.clone(), cause)),
         }
     }
     let fences = leaders
         .into_iter()
-        .map(|(member, leaders)| Command::Fence {
-            member: member.to_owned(),
-            leaders,
+        .map(|((member, cause), leaders)| {
+            let member = member.to_owned();
+            (Command::Fence { member, leaders }, cause)
         })
         .collect();
     Due { fences, stranded }
@@ -89,7 +119,14 @@ pub(crate) fn elect_unclean_refused(
 ) -> Option<String> {
     let group = topology.groups.get(slot)?;
     if group.leader == to {
-        return None;
+        // Keeping a leader back from an unclean stop: refused while the controller can name a
+        // member of the in-sync set instead.
+        let member = group.successor(&live).filter(|_| group.leader_unclean)?;
+        return Some(format!(
+            "{member}, of the in-sync set of {slot}, is live and holds every acknowledged byte, \
+             which {to}, back from a stop that was not clean, may have lost: the controller \
+             names {member}"
+        ));
     }
     if live(&group.leader) {
         return Some(format!(
@@ -128,6 +165,7 @@ mod tests {
             followers: names(in_sync),
             in_sync: names(in_sync),
             failover,
+            leader_unclean: false,
         }
     }
 
@@ -173,13 +211,20 @@ mod tests {
         } = fences(&topology, &sessions, 1, later);
         assert_eq!(
             due,
-            [Command::Fence {
-                member: "a".into(),
-                leaders: [("a".to_owned(), "fa2".to_owned())].into(),
-            }],
+            [(
+                Command::Fence {
+                    member: "a".into(),
+                    leaders: [("a".to_owned(), "fa2".to_owned())].into(),
+                },
+                Cause::Expired
+            )],
             "a's live in-sync follower; c fails over only by hand; b and e are alive"
         );
-        assert_eq!(stranded, [("d".to_owned(), "d".to_owned())], "d has nobody");
+        assert_eq!(
+            stranded,
+            [("d".to_owned(), "d".to_owned(), Cause::Expired)],
+            "d has nobody"
+        );
         assert!(
             fences(&topology, &sessions, 2, later).fences.is_empty(),
             "nothing in a term this voter does not lead"
@@ -209,7 +254,7 @@ mod tests {
             }
             let due = fences(&topology, &sessions, 1, t0 + SESSION);
             match &due.fences[..] {
-                [Command::Fence { leaders, .. }] => leaders["a"].clone(),
+                [(Command::Fence { leaders, .. }, Cause::Expired)] => leaders["a"].clone(),
                 other => panic!("{other:?}"),
             }
         };
@@ -297,5 +342,75 @@ mod tests {
         // Already its leader, or no such group: the state machine answers.
         assert_eq!(refused("a", "a", &[]), None);
         assert_eq!(refused("x", "fa2", &[]), None);
+
+        // Keeping a leader back from an unclean stop: only once no in-sync member is live.
+        let mut unclean = group("a", &["fa1"], Failover::Automatic { replicas: 1 });
+        unclean.leader_unclean = true;
+        let topology = Topology {
+            groups: [("a".to_owned(), unclean)].into(),
+            ..Topology::default()
+        };
+        let why = elect_unclean_refused(&topology, "a", "a", live(&["a", "fa1"])).unwrap();
+        assert!(why.contains("the controller names fa1"), "{why}");
+        assert_eq!(
+            elect_unclean_refused(&topology, "a", "a", live(&["a"])),
+            None
+        );
+    }
+
+    #[test]
+    fn a_leader_back_from_an_unclean_stop_is_replaced_at_once_by_a_live_in_sync_member() {
+        let automatic = Failover::Automatic { replicas: 1 };
+        let mut back = group("a", &["fa1", "fa2"], automatic.clone());
+        back.leader_unclean = true;
+        let mut alone = group("b", &["fb"], automatic.clone());
+        alone.leader_unclean = true;
+        let topology = Topology {
+            groups: [
+                ("a".to_owned(), back),
+                ("b".to_owned(), alone),
+                ("c".to_owned(), group("c", &["fc"], automatic)),
+            ]
+            .into(),
+            ..Topology::default()
+        };
+        let t0 = Instant::now();
+        let mut sessions = Sessions::new(SESSION);
+        sessions.elected(1, t0);
+        // Everyone heartbeats but fb; no session has expired.
+        let heard = |sessions: &mut Sessions, at: Instant| {
+            for member in ["a", "b", "c", "fa1", "fa2", "fc"] {
+                sessions.heartbeat(1, member, 0, at);
+            }
+            sessions.heartbeat(1, "fa2", 10, at);
+        };
+        heard(&mut sessions, t0);
+        let soon = fences(&topology, &sessions, 1, t0 + Duration::from_millis(10));
+        assert_eq!(soon.fences.len(), 1, "{soon:?}");
+        assert!(
+            soon.stranded.is_empty(),
+            "fb may not have been heard yet by a controller leader of 10 ms"
+        );
+        heard(&mut sessions, t0 + Duration::from_secs(2));
+        let Due {
+            fences: due,
+            stranded,
+        } = fences(&topology, &sessions, 1, t0 + SESSION);
+        assert_eq!(
+            due,
+            [(
+                Command::Fence {
+                    member: "a".into(),
+                    leaders: [("a".to_owned(), "fa2".to_owned())].into(),
+                },
+                Cause::Unclean
+            )],
+            "without waiting for a session to expire: the in-sync member that holds the most"
+        );
+        assert_eq!(
+            stranded,
+            [("b".to_owned(), "b".to_owned(), Cause::Unclean)],
+            "fb is not live: b waits for it (or an operator)"
+        );
     }
 }

@@ -16,8 +16,9 @@
 //!   different rates.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 /// The part of its session after which a member stops taking writes (three quarters).
 pub const FENCE_AT: (u32, u32) = (3, 4);
@@ -123,6 +124,13 @@ impl Sessions {
         heard.is_some_and(|heard| now.saturating_duration_since(*heard) < self.length)
     }
 
+    /// Whether this node has led in `term` for a whole session at `now`: every live member
+    /// has been heard since.
+    pub fn settled(&self, term: u64, now: Instant) -> bool {
+        let leading = self.leading.as_ref().filter(|leading| leading.term == term);
+        leading.is_some_and(|leading| now.saturating_duration_since(leading.since) >= self.length)
+    }
+
     /// This node no longer leads, or lost its quorum: the next heartbeat or election starts a
     /// table of its own (everyone's session running from then).
     pub fn step_down(&mut self) {
@@ -159,10 +167,19 @@ impl Sessions {
 }
 
 /// A member's side of its session: until when it may take writes. Shared by the heartbeat loop
-/// (which extends it) and the write gate (which reads it).
-#[derive(Debug, Default)]
+/// (which extends it), the write gate (which reads it) and the replication port (which waits
+/// for the first grant of a member back from an unclean stop).
+#[derive(Debug)]
 pub struct Lease {
-    until: Mutex<Option<Instant>>,
+    until: watch::Sender<Option<Instant>>,
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Self {
+            until: watch::Sender::new(None),
+        }
+    }
 }
 
 impl Lease {
@@ -171,24 +188,33 @@ impl Lease {
     pub fn granted(&self, sent: Instant, session: Duration) {
         let (numerator, denominator) = FENCE_AT;
         let until = sent + session * numerator / denominator;
-        let mut current = self.until.lock().expect("poisoned");
-        if current.is_none_or(|current| current < until) {
-            *current = Some(until);
-        }
+        self.until.send_if_modified(|current| {
+            let longer = current.is_none_or(|current| current < until);
+            if longer {
+                *current = Some(until);
+            }
+            longer
+        });
     }
 
     /// Whether writes may go on at `now`.
     pub fn holds(&self, now: Instant) -> bool {
-        self.until
-            .lock()
-            .expect("poisoned")
-            .is_some_and(|until| now < until)
+        self.until.borrow().is_some_and(|until| now < until)
     }
 
     /// How long ago the session lapsed at `now` (`None` while it holds, or before any grant).
     pub fn lapsed_for(&self, now: Instant) -> Option<Duration> {
-        let until = (*self.until.lock().expect("poisoned"))?;
+        let until = (*self.until.borrow())?;
         (now >= until).then(|| now - until)
+    }
+
+    /// Resolves once the controller granted this member a session (at once if it did
+    /// already). By then this member's view of the committed state holds every entry the
+    /// controller had applied when it granted it.
+    pub async fn first_granted(&self) {
+        let mut until = self.until.subscribe();
+        // The sender lives as long as `self`: the wait ends only by a grant.
+        let _ = until.wait_for(Option::is_some).await;
     }
 }
 

@@ -62,6 +62,13 @@ pub struct Group {
     /// (`Command::Failover`).
     #[serde(default = "unreported")]
     pub failover: Failover,
+    /// Its leader came back from a stop that was not clean while members of the in-sync set
+    /// held every acknowledged byte (`Command::Unclean`): a tail it lost on disk may hold some
+    /// of them, so it takes no writes and serves no follower until the controller names one of
+    /// those members leader (`election::fences`), or an operator keeps it (`ElectUnclean` of the
+    /// leader itself).
+    #[serde(default)]
+    pub leader_unclean: bool,
 }
 
 /// The failover of a group whose leader has not reported its configuration yet.
@@ -430,6 +437,9 @@ impl Topology {
         enter: bool,
     ) -> Result<bool, Rejected> {
         let group = self.led_at(slot, leader_epoch)?;
+        if group.leader_unclean {
+            return Err(Rejected::LeaderUnclean(slot.to_owned()));
+        }
         if !enter {
             return Ok(group.in_sync.remove(follower));
         }
@@ -443,15 +453,21 @@ impl Topology {
     }
 
     /// An operator names `to`, a follower of `slot`'s group, its leader outside the in-sync
-    /// set. The set is emptied: its members may hold bytes `to` lacks, and enter again once
-    /// seen caught up with `to`.
+    /// set (or keeps its leader back from an unclean stop). The set is emptied: its members may
+    /// hold bytes `to` lacks, and enter again once seen caught up with `to`.
     fn elect_unclean(&mut self, slot: &str, to: &str, epoch: u64) -> Result<bool, Rejected> {
         let group = self
             .groups
             .get_mut(slot)
             .ok_or_else(|| Rejected::NoGroup(slot.to_owned()))?;
         if group.leader == to {
-            return Ok(false);
+            // The operator keeps a leader back from an unclean stop: it takes writes again,
+            // and the others enter again once seen caught up with it.
+            if !std::mem::take(&mut group.leader_unclean) {
+                return Ok(false);
+            }
+            group.in_sync.clear();
+            return Ok(true);
         }
         if !group.followers.contains(to) {
             return Err(Rejected::NotFollowing {
@@ -466,11 +482,21 @@ impl Topology {
 
     /// `member` started again after a stop that was not clean: it leaves every in-sync set.
     /// Anyone may ask it (the member itself does): a smaller set keeps the invariant, since
-    /// every member left in it still holds every acknowledged byte.
+    /// every member left in it still holds every acknowledged byte. Each group it leads that
+    /// fails over by itself and has an in-sync member is marked `leader_unclean`: that member
+    /// may hold bytes the leader lost, and the controller names it leader.
     fn unclean(&mut self, member: &str) -> bool {
         let mut changed = false;
         for group in self.groups.values_mut() {
             changed |= group.in_sync.remove(member);
+            let steps_down = group.leader == member
+                && !group.leader_unclean
+                && !group.in_sync.is_empty()
+                && !matches!(group.failover, Failover::Manual(_));
+            if steps_down {
+                group.leader_unclean = true;
+                changed = true;
+            }
         }
         changed
     }
@@ -628,6 +654,7 @@ impl Group {
             followers: BTreeSet::new(),
             in_sync: BTreeSet::new(),
             failover: unreported(),
+            leader_unclean: false,
         }
     }
 
@@ -663,6 +690,7 @@ impl Group {
         self.in_sync.remove(to);
         self.followers.insert(old);
         self.leader_epoch = epoch;
+        self.leader_unclean = false;
     }
 }
 
@@ -1378,6 +1406,75 @@ mod tests {
         assert_eq!(topology.apply(9, &unclean("f")), Ok(Applied::Unchanged));
         assert_eq!(topology.apply(10, &unclean("a")), Ok(Applied::Unchanged));
         assert_eq!(topology.writer("a"), "a");
+    }
+
+    #[test]
+    fn a_leader_back_from_an_unclean_stop_keeps_its_set_until_a_member_of_it_leads() {
+        // a and b fail over by themselves; f is in a's in-sync set; b has no in-sync member.
+        let automatic = Failover::Automatic { replicas: 1 };
+        let base = [
+            form(&["a", "b"]),
+            reports("a", 1, automatic.clone()),
+            reports("b", 1, automatic),
+            follow("f", "a"),
+            follow("g", "a"),
+            in_sync("a", "f", 1),
+        ];
+        let unclean = |member: &str| Command::Unclean {
+            member: member.into(),
+        };
+        let mut topology = state(&base);
+        assert_eq!(
+            topology.apply(7, &unclean("a")),
+            Ok(Applied::Changed { epoch: 7 })
+        );
+        let group = &topology.groups["a"];
+        assert!(group.leader_unclean, "f may hold bytes a lost");
+        assert_eq!((group.leader.as_str(), group.leader_epoch), ("a", 1));
+        assert_eq!(
+            topology.apply(8, &unclean("b")),
+            Ok(Applied::Unchanged),
+            "nobody holds more than b"
+        );
+        assert!(!topology.groups["b"].leader_unclean);
+        // a cannot change its set meanwhile: f stays for the controller to name.
+        assert_eq!(
+            topology.apply(9, &in_sync("a", "g", 1)),
+            Err(Rejected::LeaderUnclean("a".into()))
+        );
+        let out = Command::OutOfSync {
+            slot: "a".into(),
+            follower: "f".into(),
+            leader_epoch: 1,
+            reason: "disconnected".into(),
+        };
+        assert_eq!(
+            topology.apply(10, &out),
+            Err(Rejected::LeaderUnclean("a".into()))
+        );
+        // The controller names f; a follows it, outside the set.
+        assert_eq!(
+            topology.apply(11, &fence("a", &[("a", "f")])),
+            Ok(Applied::Changed { epoch: 11 })
+        );
+        let group = &topology.groups["a"];
+        assert_eq!((group.leader.as_str(), group.leader_epoch), ("f", 11));
+        assert!(!group.leader_unclean);
+        assert!(group.followers.contains("a") && !group.in_sync.contains("a"));
+
+        // Or, with nobody of the set live, an operator keeps a: the set is emptied (f may
+        // hold bytes a lacks) and a takes writes again.
+        let mut topology = state(&base);
+        topology.apply(7, &unclean("a")).unwrap();
+        let keep = Command::ElectUnclean {
+            slot: "a".into(),
+            to: "a".into(),
+        };
+        assert_eq!(topology.apply(8, &keep), Ok(Applied::Changed { epoch: 8 }));
+        let group = &topology.groups["a"];
+        assert!(!group.leader_unclean && group.in_sync.is_empty());
+        assert_eq!((group.leader.as_str(), group.leader_epoch), ("a", 1));
+        assert_eq!(topology.apply(9, &keep), Ok(Applied::Unchanged));
     }
 
     #[test]

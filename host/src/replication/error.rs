@@ -429,6 +429,18 @@ pub(crate) enum FollowRefusal {
         /// Its role.
         role: &'static str,
     },
+    /// This leader came back from a stop that was not clean: a member of its in-sync set is
+    /// named leader first, since it may hold acknowledged bytes this leader lost.
+    #[error(
+        "{node} came back from a stop that was not clean while the in-sync set of {slot} held \
+         members: the controller names one of them leader; follow it"
+    )]
+    SteppingDown {
+        /// This node.
+        node: String,
+        /// The slot it leads.
+        slot: String,
+    },
     /// Another member leads this primary's slot now (a failover or a transfer named it).
     #[error("{leader} leads the group of {node} since epoch {leader_epoch}: follow it instead")]
     Deposed {

@@ -429,7 +429,8 @@ impl leader::Server for LeaderService {
 /// Waits until this node has read the controller's committed state as far as its own group,
 /// or `shutdown`: a leader that just started, or whose controller has not formed yet (a ring
 /// waiting for its founders), would otherwise answer epoch 0, and a follower that knows its
-/// group's epoch would refuse it. Every primary's controller forms (a lone one by itself).
+/// group's epoch would refuse it. Every primary's controller forms (a lone one by itself). A
+/// member back from an unclean stop also waits for its first session (`Context::session`).
 async fn committed_state_known(context: &Context, shutdown: &CancellationToken) {
     let local = &context.services.config.node_name;
     let known = |topology: &Topology| match topology.ring.members.get(local) {
@@ -446,7 +447,16 @@ async fn committed_state_known(context: &Context, shutdown: &CancellationToken) 
     let mut topology = context.topology.clone();
     tokio::select! {
         _ = topology.wait_for(|topology| known(topology)) => {}
-        _ = shutdown.cancelled() => {}
+        _ = shutdown.cancelled() => return,
+    }
+    // Back from an unclean stop: once the controller decided `Command::Unclean` (this member
+    // heartbeats only after), and this node's view holds it (a grant waits for that).
+    let (lease, unclean) = &context.session;
+    if *unclean {
+        tokio::select! {
+            () = lease.first_granted() => {}
+            _ = shutdown.cancelled() => {}
+        }
     }
 }
 
@@ -457,7 +467,13 @@ async fn committed_state_known(context: &Context, shutdown: &CancellationToken) 
 /// deposed leader has no followers; its own follows the new one).
 fn leader_epoch(context: &Context, local: &str) -> Result<u64, FollowRefusal> {
     let topology = context.topology.borrow();
-    if let Some((_, group)) = topology.led_by(local).next() {
+    if let Some((slot, group)) = topology.led_by(local).next() {
+        if group.leader_unclean {
+            return Err(FollowRefusal::SteppingDown {
+                node: local.to_owned(),
+                slot: slot.to_owned(),
+            });
+        }
         return Ok(group.leader_epoch);
     }
     let role = context.services.config.role;

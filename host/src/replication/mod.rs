@@ -110,6 +110,12 @@ pub(crate) struct Context {
     /// What this node holds of the points of the group it follows, said in its heartbeats
     /// (the election names the in-sync member that holds the most).
     pub held: Arc<crate::controller::Held>,
+    /// This member's session with the controller, and whether its store was not stopped
+    /// cleanly: such a member serves followers only once it holds a session, which it takes
+    /// only after the controller decided `Command::Unclean` (if it led a group, that group waits
+    /// for a member of its in-sync set to be named leader; followers meanwhile would have their
+    /// longer copies replaced by a tail this member may have lost).
+    pub session: (Arc<crate::controller::Lease>, bool),
 }
 
 /// Starts the replication thread, stopped by `token`, on every storage node: the leader service

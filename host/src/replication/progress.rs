@@ -574,6 +574,7 @@ mod tests {
             followers: followers.iter().map(|f| (*f).to_owned()).collect(),
             in_sync: in_sync.iter().map(|f| (*f).to_owned()).collect(),
             failover: crate::config::Failover::Automatic { replicas: 1 },
+            leader_unclean: false,
         }
     }
 

@@ -184,6 +184,25 @@ pub enum Refusal {
         /// When to retry.
         retry_after: Duration,
     },
+    /// This group leader came back from a stop that was not clean while members of its
+    /// in-sync set held every acknowledged byte: the controller names one of them leader, since
+    /// a tail this node lost on disk may have held some (`docs/failover.md`).
+    #[error(
+        "node {node} came back from a stop that was not clean: the controller names a member of \
+         the in-sync set of {slot} (leader epoch {epoch}) leader, which takes the writes; retry \
+         in {} ms (with expected_offset a retry never writes twice)",
+        retry_after.as_millis()
+    )]
+    SteppingDown {
+        /// This node.
+        node: String,
+        /// The slot it leads.
+        slot: String,
+        /// The epoch it leads the slot at.
+        epoch: u64,
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,
@@ -209,6 +228,7 @@ impl Refusal {
             | Refusal::TakingOver { .. }
             | Refusal::Fenced { .. }
             | Refusal::NoSession { .. }
+            | Refusal::SteppingDown { .. }
             | Refusal::ShuttingDown
             | Refusal::Placement(_) => Code::Unavailable,
             Refusal::Quarantined { .. } => Code::NotFound,
@@ -245,9 +265,9 @@ impl Refusal {
     /// How long the client should wait before it retries, when the refusal says.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Refusal::Electing { retry_after, .. } | Refusal::NoSession { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Refusal::Electing { retry_after, .. }
+            | Refusal::NoSession { retry_after, .. }
+            | Refusal::SteppingDown { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -255,7 +275,7 @@ impl Refusal {
     /// The leader epoch of the group the refusal is about, when it names one.
     pub fn leader_epoch(&self) -> Option<u64> {
         match self {
-            Refusal::Electing { epoch, .. } => Some(*epoch),
+            Refusal::Electing { epoch, .. } | Refusal::SteppingDown { epoch, .. } => Some(*epoch),
             _ => None,
         }
     }
@@ -396,9 +416,23 @@ impl Gate {
     }
 
     /// Refuses a write while this node, leading a group that fails over by itself, holds no
-    /// session with the controller. Checked when a write is admitted and again before it is
+    /// session with the controller, or leads a group it may have lost acknowledged bytes of
+    /// (`Group::leader_unclean`). Checked when a write is admitted and again before it is
     /// acknowledged.
     pub fn check_session(&self) -> Result<(), Refusal> {
+        if let Some((slot, group)) = self
+            .topology
+            .borrow()
+            .led_by(&self.node)
+            .find(|(_, group)| group.leader_unclean)
+        {
+            return Err(Refusal::SteppingDown {
+                node: self.node.clone(),
+                slot: slot.to_owned(),
+                epoch: group.leader_epoch,
+                retry_after: self.retry_after,
+            });
+        }
         let now = std::time::Instant::now();
         let automatic = !matches!(self.failover, Failover::Manual(_)) || self.leads_as_follower();
         if !automatic || self.lease.holds(now) {
@@ -818,6 +852,7 @@ mod tests {
             followers: ["f1".into(), "f2".into()].into(),
             in_sync: ["f1".into()].into(),
             failover,
+            leader_unclean: false,
         };
         Topology {
             groups: [("a".to_owned(), group)].into(),

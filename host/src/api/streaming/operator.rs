@@ -295,6 +295,7 @@ pub fn members(membership: &Membership, controller: &Observer) -> ListMembersRes
                 Failover::Automatic { .. } => "automatic".to_owned(),
                 Failover::Manual(why) => format!("by an operator: {why}"),
             },
+            leader_unclean: group.leader_unclean,
         })
         .collect();
     let mut members = Vec::new();

@@ -17,13 +17,13 @@
 //!   skipped.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use goutube::client::{Client, GetOptions, GetReport, Quiet};
+use goutube::netns::Namespaces;
 
 use super::{
     Relay, RssSampler, Server, Workload, connect, consume, durable_write, produce, ratio_row,
@@ -41,12 +41,9 @@ pub(super) async fn run(
     warm_memory()?;
     loopback(mib, rounds).await?;
     if limited {
-        match Links::create(3, rate_mbit) {
-            Ok(links) => {
-                let outcome = limited_links(&links, mib, rate_mbit).await;
-                links.remove();
-                outcome?;
-            }
+        match links(rate_mbit) {
+            // The namespaces are removed when `links` is dropped.
+            Ok(links) => limited_links(&links, mib, rate_mbit).await?,
             Err(error) => println!(
                 "\n## Rate-limited links: not run\n\nThe namespaces could not be set up ({error:#}); this part needs root, `ip` and `tc`.\n"
             ),
@@ -151,22 +148,38 @@ async fn loopback(mib: u64, rounds: usize) -> anyhow::Result<()> {
     node.stop()
 }
 
-async fn limited_links(links: &Links, mib: u64, rate_mbit: u64) -> anyhow::Result<()> {
+/// The replicas of the rate-limited part.
+const REPLICAS: [&str; 3] = ["replica-0", "replica-1", "replica-2"];
+
+/// Network namespaces `gtb-0..2` for [`REPLICAS`], on `10.231.<i>.2`, each joined to the host by
+/// a veth pair; `tc` is tried on the first now rather than after the set-up.
+fn links(rate_mbit: u64) -> anyhow::Result<Namespaces> {
+    let mut links = Namespaces::new("gtb", [10, 231])?;
+    for replica in REPLICAS {
+        links.add(replica)?;
+    }
+    links.shape(REPLICAS[0], rate_mbit)?;
+    links.unshape(REPLICAS[0])?;
+    Ok(links)
+}
+
+async fn limited_links(links: &Namespaces, mib: u64, rate_mbit: u64) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
+    let count = REPLICAS.len();
     let leader = Server::node_at(
         work.path(),
-        "replica-0",
-        &links.node_ip(0),
-        Some(&links.namespace(0)),
+        REPLICAS[0],
+        &links.address(REPLICAS[0]).to_string(),
+        Some(&links.namespace(REPLICAS[0])),
         &format!("role = \"leader\"\n{}", storage("never")),
     )?;
     let mut followers = Vec::new();
-    for i in 1..links.count {
+    for replica in &REPLICAS[1..] {
         followers.push(Server::node_at(
             work.path(),
-            &format!("replica-{i}"),
-            &links.node_ip(i),
-            Some(&links.namespace(i)),
+            replica,
+            &links.address(replica).to_string(),
+            Some(&links.namespace(replica)),
             &format!(
                 "role = \"follower\"\nleader_addresses = [{:?}]\nseed_addresses = [{:?}]\n{}",
                 leader.replication,
@@ -186,31 +199,31 @@ async fn limited_links(links: &Links, mib: u64, rate_mbit: u64) -> anyhow::Resul
         wait_for_size(&connect(&follower.rpc).await?, POINT, total).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while to_leader.stat(POINT).await?.workers.len() < links.count {
+    while to_leader.stat(POINT).await?.workers.len() < count {
         if Instant::now() > deadline {
             bail!("the leader never named every replica as a worker");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for i in 0..links.count {
-        links.shape(i, rate_mbit)?;
+    for replica in REPLICAS {
+        links.shape(replica, rate_mbit)?;
     }
 
     let out = work.path().join("download.bin");
     // A follower names only itself as a worker: one stream over one link.
     let (single, _) = get(&to_follower, &out).await?;
     let (multi, report) = get(&to_leader, &out).await?;
-    if report.workers != links.count {
+    if report.workers != count {
         bail!("the multi-stream get used {} workers", report.workers);
     }
-    links.shape(links.count - 1, rate_mbit / 10)?;
+    links.shape(REPLICAS[count - 1], rate_mbit / 10)?;
     let (hedged, slowed) = get(&to_leader, &out).await?;
 
     println!("\n## {mib} MiB from replicas behind {rate_mbit} Mbit/s links (tc tbf), one round\n");
     println!("| measurement | single stream | multi-stream | ratio |");
     println!("|---|---|---|---|");
     ratio_row(
-        &format!("`get` from {} replicas vs from one", links.count),
+        &format!("`get` from {count} replicas vs from one"),
         total,
         &[single],
         &[multi],
@@ -254,155 +267,4 @@ fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf only reads a system constant.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
     ticks as f64 / per_second as f64
-}
-
-/// Network namespaces `goutube-bench-<i>`, each joined to this one by a veth pair: the host
-/// side is `10.231.<i>.1`, the node side `10.231.<i>.2`; forwarding lets the namespaces reach
-/// each other through the host. Removed by [`Links::remove`].
-struct Links {
-    count: usize,
-    forwarding_was: String,
-}
-
-impl Links {
-    fn create(count: usize, rate_mbit: u64) -> anyhow::Result<Links> {
-        let forwarding_was = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
-            .context("reading net.ipv4.ip_forward")?;
-        let links = Links {
-            count,
-            forwarding_was,
-        };
-        // Leftovers of an interrupted run.
-        links.remove();
-        let made = (|| {
-            for i in 0..count {
-                let (namespace, host, node) =
-                    (links.namespace(i), links.host_if(i), links.node_if(i));
-                sh(&["ip", "netns", "add", &namespace])?;
-                sh(&[
-                    "ip", "link", "add", &host, "type", "veth", "peer", "name", &node,
-                ])?;
-                sh(&["ip", "link", "set", &node, "netns", &namespace])?;
-                sh(&[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("10.231.{i}.1/24"),
-                    "dev",
-                    &host,
-                ])?;
-                sh(&["ip", "link", "set", &host, "up"])?;
-                let inside = |args: &[&str]| {
-                    let mut all = vec!["ip", "netns", "exec", &namespace];
-                    all.extend_from_slice(args);
-                    sh(&all)
-                };
-                inside(&[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{}/24", links.node_ip(i)),
-                    "dev",
-                    &node,
-                ])?;
-                inside(&["ip", "link", "set", &node, "up"])?;
-                inside(&["ip", "link", "set", "lo", "up"])?;
-                inside(&[
-                    "ip",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("10.231.{i}.1"),
-                ])?;
-            }
-            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")
-                .context("enabling net.ipv4.ip_forward")?;
-            // tc must work too: try it now, on the first link, rather than after the set-up.
-            links.shape(0, rate_mbit)?;
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &links.namespace(0),
-                "tc",
-                "qdisc",
-                "del",
-                "dev",
-                &links.node_if(0),
-                "root",
-            ])
-        })();
-        if let Err(error) = made {
-            links.remove();
-            return Err(error);
-        }
-        Ok(links)
-    }
-
-    fn namespace(&self, i: usize) -> String {
-        format!("goutube-bench-{i}")
-    }
-
-    fn host_if(&self, i: usize) -> String {
-        format!("gtb-h{i}")
-    }
-
-    fn node_if(&self, i: usize) -> String {
-        format!("gtb-n{i}")
-    }
-
-    fn node_ip(&self, i: usize) -> String {
-        format!("10.231.{i}.2")
-    }
-
-    /// Limits what replica `i` sends to `rate_mbit` Mbit/s (token bucket on its side's egress).
-    fn shape(&self, i: usize, rate_mbit: u64) -> anyhow::Result<()> {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.namespace(i),
-            "tc",
-            "qdisc",
-            "replace",
-            "dev",
-            &self.node_if(i),
-            "root",
-            "tbf",
-            "rate",
-            &format!("{rate_mbit}mbit"),
-            "burst",
-            "256kb",
-            "latency",
-            "100ms",
-        ])
-    }
-
-    /// Removes the namespaces (their veth pairs go with them) and restores forwarding.
-    fn remove(&self) {
-        for i in 0..self.count {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.namespace(i)])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-        let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", &self.forwarding_was);
-    }
-}
-
-/// Runs a command; fails with its stderr.
-fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {}", args[0]))?;
-    if !output.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
 }

@@ -12,6 +12,11 @@
 //! The floor is the session (`controller.session_ms`): the controller waits for it to expire
 //! before it fences anyone, so each time is reported beside its ratio to the session.
 //!
+//! The same trials again with a second nemesis: a is killed and started again at once on its
+//! data, a stop that was not clean. It comes back within its session, and says so before it
+//! takes one: the controller names an in-sync follower without waiting for the session to
+//! expire (a tail a lost on disk may have held acknowledged bytes).
+//!
 //! Then, with `--put-mib N` (1024 by default; 0 skips it), a client rides through: a `put` of
 //! N MiB to a is killed midway and must finish byte-exact on the new leader; the same `put`
 //! without a kill, just before in the same cluster, is the baseline.
@@ -35,45 +40,68 @@ use super::{median, owner as ring_owner, percentile};
 /// Bytes of each acknowledged write.
 const CHUNK: usize = 64 * 1024;
 
+/// What happens to the leader in a trial.
+#[derive(Debug, Clone, Copy)]
+enum Nemesis {
+    /// `kill -9`.
+    Kill,
+    /// `kill -9`, then started again at once on its data.
+    KillAndRestart,
+}
+
+impl Nemesis {
+    fn describe(self) -> &'static str {
+        match self {
+            Nemesis::Kill => "kills of a group leader",
+            Nemesis::KillAndRestart => "kills of a group leader, each started again at once",
+        }
+    }
+}
+
 pub(super) async fn run(trials: usize, put_mib: u64) -> anyhow::Result<()> {
     let session = ControllerSection::default().session_ms as f64;
-    let (mut named, mut writable) = (Vec::new(), Vec::new());
-    let (mut acknowledged_bytes, mut lost) = (0u64, 0u64);
-    for trial in 0..trials {
-        let outcome = trial_once(trial).await?;
-        eprintln!(
-            "trial {}: named after {:.0} ms, writable after {:.0} ms",
-            trial + 1,
-            outcome.named,
-            outcome.writable
-        );
-        named.push(outcome.named);
-        writable.push(outcome.writable);
-        acknowledged_bytes += outcome.acknowledged;
-        lost += outcome.lost;
-    }
-    named.sort_by(f64::total_cmp);
-    writable.sort_by(f64::total_cmp);
-    println!("## Failover: {trials} kills of a group leader under acknowledged writes\n");
-    println!("| from `kill -9` of the leader | p50 | p99 | max | p99 / session |");
-    println!("|---|---|---|---|---|");
-    for (what, times) in [
-        ("until the controller names a new leader", &named),
-        ("until the new leader's first acknowledged write", &writable),
-    ] {
+    for nemesis in [Nemesis::Kill, Nemesis::KillAndRestart] {
+        let (mut named, mut writable) = (Vec::new(), Vec::new());
+        let (mut acknowledged_bytes, mut lost) = (0u64, 0u64);
+        for trial in 0..trials {
+            let outcome = trial_once(trial, nemesis).await?;
+            eprintln!(
+                "{nemesis:?} trial {}: named after {:.0} ms, writable after {:.0} ms",
+                trial + 1,
+                outcome.named,
+                outcome.writable
+            );
+            named.push(outcome.named);
+            writable.push(outcome.writable);
+            acknowledged_bytes += outcome.acknowledged;
+            lost += outcome.lost;
+        }
+        named.sort_by(f64::total_cmp);
+        writable.sort_by(f64::total_cmp);
         println!(
-            "| {what} | {:.0} ms | {:.0} ms | {:.0} ms | {:.2}x ({session:.0} ms) |",
-            median(times),
-            percentile(times, 99),
-            times.last().copied().unwrap_or_default(),
-            percentile(times, 99) / session
+            "## Failover: {trials} {} under acknowledged writes\n",
+            nemesis.describe()
         );
-    }
-    println!(
-        "\nacknowledged bytes: {acknowledged_bytes} over {trials} trials; lost: {lost} (target 0)"
-    );
-    if lost > 0 {
-        bail!("{lost} acknowledged bytes were lost");
+        println!("| from `kill -9` of the leader | p50 | p99 | max | p99 / session |");
+        println!("|---|---|---|---|---|");
+        for (what, times) in [
+            ("until the controller names a new leader", &named),
+            ("until the new leader's first acknowledged write", &writable),
+        ] {
+            println!(
+                "| {what} | {:.0} ms | {:.0} ms | {:.0} ms | {:.2}x ({session:.0} ms) |",
+                median(times),
+                percentile(times, 99),
+                times.last().copied().unwrap_or_default(),
+                percentile(times, 99) / session
+            );
+        }
+        println!(
+            "\nacknowledged bytes: {acknowledged_bytes} over {trials} trials; lost: {lost} (target 0)\n"
+        );
+        if lost > 0 {
+            bail!("{lost} acknowledged bytes were lost");
+        }
     }
     if put_mib > 0 {
         put_through_a_kill(put_mib).await?;
@@ -192,7 +220,7 @@ pub(super) async fn trial_cluster() -> anyhow::Result<Fleet> {
     Ok(fleet)
 }
 
-async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
+async fn trial_once(trial: usize, nemesis: Nemesis) -> anyhow::Result<Outcome> {
     let mut cluster = trial_cluster()
         .await
         .with_context(|| format!("trial {trial}"))?;
@@ -208,7 +236,10 @@ async fn trial_once(trial: usize) -> anyhow::Result<Outcome> {
     }
 
     let killed = Instant::now();
-    cluster.kill("a")?;
+    match nemesis {
+        Nemesis::Kill => cluster.kill("a")?,
+        Nemesis::KillAndRestart => cluster.kill_and_restart("a")?,
+    }
     let mut named = None;
     let deadline = killed + Duration::from_secs(60);
     loop {

@@ -113,6 +113,15 @@ impl Fleet {
         Ok(server.process.kill()?)
     }
 
+    /// Kills `name` (SIGKILL) and starts it again at once on its data (a stop that was not
+    /// clean), with the same settings.
+    pub(super) fn kill_and_restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let at = self.nodes.iter().position(|(n, _, _)| n == name);
+        let (name, server, settings) = self.nodes.remove(at.context("a node of the bench")?);
+        server.process.kill()?;
+        self.start(&name, &settings)
+    }
+
     /// Stops every node gracefully.
     pub(super) fn stop(self) -> anyhow::Result<()> {
         // The voters last: a group leader stopping hands its group over first.
