@@ -552,6 +552,7 @@ async fn start_agent(
         held,
         failover: config.failover(),
         unclean,
+        ack: config.replication.ack,
     };
     Ok(agent::start(params, links, membership, services.lifetime.subsystem()).await?)
 }

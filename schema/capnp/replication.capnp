@@ -77,8 +77,9 @@ struct Hello {
   follower @0 :Text;        # the follower's node name
   rpcAddress @1 :Text;      # where clients reach the follower's API (GetFollowers, workers)
   offers @2 :List(Offer);   # every point the follower holds, with its end offset
-  protocol @3 :UInt16;      # the protocol version the follower speaks (4; 0 from a release before
-                            # versions existed): the leader refuses another one, saying so
+  protocol @3 :UInt16;      # the protocol version the follower speaks (5; 0 from a release before
+                            # versions existed): the leader refuses one it does not speak (it
+                            # speaks 4 and 5: 4 gets no commit marks), saying so
   durable @4 :Bool;         # whether it syncs each write before it confirms it (storage.fsync =
                             # "always"): only such a follower enters its group's in-sync set
                             # (false from a follower before this field: it stays out)
@@ -118,6 +119,16 @@ interface Sink {
   # (the leader's last verified end) and answers where it now ends; the leader continues from
   # there. Applied in order with the pushes.
   truncate @3 (point :Text, end :UInt64, leaderEpoch :UInt64) -> (end :UInt64);
+
+  # The leader's committed ends (protocol 5): consumers of the follower's copy are served the
+  # bytes up to each, and no further (docs/failover.md). A mark never passes what the follower
+  # confirmed of the point. Applied in order with the pushes.
+  commit @4 (marks :List(Mark), leaderEpoch :UInt64) -> ();
+}
+
+struct Mark {
+  point @0 :Text;
+  end @1 :UInt64;           # the leader's committed end of the point
 }
 
 struct Record {

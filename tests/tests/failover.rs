@@ -23,7 +23,7 @@ use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest
 use goutube_tests::{
     DEADLINE, NodeProcess, Pki, append_at, consume, data, eventually, eventually_some,
     eventually_within, goutube_bin, http, metadata, metric, metric_where, owner_through, stderr,
-    stdout, window, write_node_config,
+    stdout, url_path, window, write_node_config,
 };
 use tempfile::TempDir;
 use tonic::Code;
@@ -1335,6 +1335,128 @@ async fn a_leader_cut_off_from_the_controller_and_its_followers_acknowledges_not
     cluster.stop();
 }
 
+/// Consumers read up to the committed end. a acknowledges a write once both its followers
+/// confirmed it (`ack = { replicas = 2 }`); with fa2 paused, a write is stored on a and on fa1
+/// but not acknowledged, and neither serves it — not `ConsumeStream`, not a consumer following
+/// the point, not the HTTP gateway, not `size` — so no consumer sees bytes a failover could
+/// cut. Once fa2 confirms, a commits them and tells its followers, and every consumer gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_are_served_only_what_is_committed() {
+    let mut cluster = Cluster::new();
+    cluster.spawn(
+        "a",
+        "role = \"leader\"\n[controller]\nvoters = [\"a\", \"b\", \"c\"]\n\
+         [replication]\nack = { replicas = 2 }\nack_timeout_ms = 1000",
+    );
+    for name in ["b", "c"] {
+        cluster.spawn_primary(name);
+    }
+    cluster.follow("a", &["fa1", "fa2"]).await;
+    let point = cluster.point_of("a").await;
+    let to_a = cluster.client("a").await;
+    let mut acknowledged = Acknowledged::written(&to_a, &point, 3, 1_500).await;
+    let committed = acknowledged.bytes.clone();
+    let end = committed.len() as u64;
+    let to_fa1 = cluster.client("fa1").await;
+    eventually("fa1 to serve every acknowledged byte", || async {
+        cluster.size("fa1", &point).await == end
+    })
+    .await;
+
+    // A consumer follows the point on a from its end.
+    let (seen, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let follower_of_a = {
+        let mut client = to_a.clone();
+        let request = goutube::proto::ConsumeRequest {
+            follow: true,
+            ..window(&point, end, 0, 0)
+        };
+        let mut stream = client.consume_stream(request).await.unwrap().into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(response)) = stream.message().await {
+                let _ = seen.send(response.frame);
+            }
+        })
+    };
+
+    // fa2 pauses: a stores the write and fa1 confirms it, but it is not acknowledged.
+    cluster.nodes["fa2"].signal("STOP");
+    let unacknowledged = data(1_599, 6_007);
+    assert!(!acknowledged.append(&to_a, &point, &unacknowledged).await);
+    let stored = end + unacknowledged.len() as u64;
+    let mut client = to_a.clone();
+    let meta = metadata(&mut client, &point).await.unwrap();
+    assert_eq!(
+        (meta.size, meta.stored_size),
+        (end, Some(stored)),
+        "{meta:?}"
+    );
+    assert_eq!(
+        read_all(&to_a, &point).await,
+        committed,
+        "ConsumeStream on a"
+    );
+    let gateway = cluster.nodes["a"].addresses.http;
+    let https = Some(cluster.pki.https(Some("root")));
+    let target = format!("/v1/points/{}", url_path(&point));
+    let answer = http(gateway, "GET", &target, &[], https.clone()).await;
+    assert_eq!(
+        (answer.status, &answer.body),
+        (200, &committed),
+        "HTTP on a"
+    );
+    eventually("fa1 to store the write", || async {
+        let mut client = to_fa1.clone();
+        let meta = metadata(&mut client, &point).await.unwrap();
+        meta.stored_size == Some(stored)
+    })
+    .await;
+    assert_eq!(
+        cluster.size("fa1", &point).await,
+        end,
+        "fa1's committed end"
+    );
+    assert_eq!(
+        read_all(&to_fa1, &point).await,
+        committed,
+        "ConsumeStream on fa1"
+    );
+    assert!(
+        arrived.try_recv().is_err(),
+        "the consumer following a got bytes that are not committed"
+    );
+
+    // fa2 resumes and confirms: the write is committed on a, then on its followers.
+    cluster.nodes["fa2"].signal("CONT");
+    let whole = [committed.clone(), unacknowledged.clone()].concat();
+    for node in ["a", "fa1", "fa2"] {
+        eventually(
+            &format!("{node} to serve the write once committed"),
+            || async { cluster.size(node, &point).await == stored },
+        )
+        .await;
+        let client = cluster.client(node).await;
+        assert_eq!(read_all(&client, &point).await, whole, "{node}");
+    }
+    let answer = http(gateway, "GET", &target, &[], https).await;
+    assert_eq!(answer.body, whole, "HTTP on a");
+    let mut followed = Vec::new();
+    eventually_within(
+        "the consumer following a to get the write",
+        Duration::from_secs(10),
+        || {
+            while let Ok(frame) = arrived.try_recv() {
+                followed.extend_from_slice(&frame);
+            }
+            let done = followed == unacknowledged;
+            async move { done }
+        },
+    )
+    .await;
+    follower_of_a.abort();
+    cluster.stop();
+}
+
 /// Runs `goutube members ARGS` as an operator (`root`), asked of node `at`; returns its output.
 async fn members_command(cluster: &Cluster, at: &str, args: &str) -> std::process::Output {
     let options = cluster.pki.client_options("root", &cluster.nodes[at].rpc);
@@ -1382,9 +1504,13 @@ async fn an_operator_names_a_leader_outside_the_in_sync_set_once_warned() {
     let unacknowledged = data(1_199, 7_001);
     assert!(!acknowledged.append(&to_a, &point, &unacknowledged).await);
     let end = acknowledged.bytes.len() as u64;
+    let mut client = to_a.clone();
+    let meta = metadata(&mut client, &point).await.unwrap();
+    let stored = end + unacknowledged.len() as u64;
     assert_eq!(
-        cluster.size("a", &point).await,
-        end + unacknowledged.len() as u64
+        (meta.size, meta.stored_size),
+        (end, Some(stored)),
+        "{meta:?}"
     );
     cluster.nodes.remove("a").unwrap().kill();
     cluster.spawn_follower_of("fa", replication);

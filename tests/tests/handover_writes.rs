@@ -289,6 +289,7 @@ async fn a_put_follows_a_handed_over_point_to_the_member_that_committed_it() {
             &id,
             0,
             vec![(Bytes::from(first.clone()), crc32c::crc32c(&first))],
+            goutube::point::Visibility::Now,
         )
         .await
         .unwrap();

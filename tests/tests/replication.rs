@@ -546,7 +546,10 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
     let held = metadata(&mut to_follower, "p")
         .await
         .expect("replicated before the acknowledgement");
-    assert_eq!((held.size, held.crc32c), (record.end, record.crc32c));
+    assert_eq!(
+        (held.stored_size, held.stored_crc32c),
+        (Some(record.end), Some(record.crc32c))
+    );
 
     // Without the follower the produce fails after the timeout, but the data stays and follows.
     let TestNode { node, dir } = f;
@@ -560,7 +563,9 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
         "{refused}"
     );
     assert!(started.elapsed() >= Duration::from_millis(900) && started.elapsed() < DEADLINE);
-    assert_eq!(metadata(&mut to_leader, "p").await.unwrap().size, 100_000);
+    // Stored on the leader, and not served: no follower confirmed it.
+    let meta = metadata(&mut to_leader, "p").await.unwrap();
+    assert_eq!((meta.size, meta.stored_size), (50_000, Some(100_000)));
 
     let node = goutube_tests::start_in(dir.path(), follows(&pki, "f1", &leader)).await;
     let to_follower = pki.client("root", &node.rpc_addr().to_string()).await;
@@ -624,8 +629,8 @@ async fn every_in_sync_follower_holds_what_was_acknowledged_and_leaves_only_by_a
         for to_follower in [&mut to_f1, &mut to_f2] {
             let held = metadata(to_follower, "p").await.unwrap();
             assert_eq!(
-                (held.size, held.crc32c),
-                (record.end, record.crc32c),
+                (held.stored_size, held.stored_crc32c),
+                (Some(record.end), Some(record.crc32c)),
                 "round {round}"
             );
         }
@@ -706,7 +711,8 @@ async fn produce_local(to_leader: &mut Client, point: &str, size: usize) -> u32 
             let refused = unacknowledged(&mut to_leader, point, data(77, size)).await;
             let stored = metadata(&mut to_leader, point).await.ok();
             assert!(stored.is_some() || refused.contains("session"), "{refused}");
-            stored.map(|m| m.crc32c)
+            // Not acknowledged: stored, not served.
+            stored.and_then(|m| m.stored_crc32c)
         }
     })
     .await

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use crate::access::Action;
 use crate::cluster::Steps;
-use crate::config::Ack;
 use crate::error::Error;
 use crate::net::PeerInfo;
-use crate::point::{PointId, Store};
+use crate::point::{PointId, Store, Visibility};
 use crate::proto::{ON_BEHALF_OF, PURPOSE};
 use crate::replication::{Progress, Replica, Short};
 use crate::reshard::Gate;
@@ -136,17 +135,6 @@ impl Context {
         workers
     }
 
-    /// The replicas a group this node leads in another's place waits for (after a failover),
-    /// if it leads one.
-    fn led_as_follower(&self) -> Option<u32> {
-        let topology = self.services.controller.topology();
-        let (_, group) = topology.led_in_place_of(&self.services.config.node_name)?;
-        match group.failover {
-            crate::config::Failover::Automatic { replicas } => Some(replicas),
-            crate::config::Failover::Manual(_) => None,
-        }
-    }
-
     /// How far each follower confirmed `point`.
     pub fn replicas(&self, point: &PointId) -> Vec<Replica> {
         self.progress.replicas(point)
@@ -155,10 +143,22 @@ impl Context {
     /// How many followers a write waits for before it is acknowledged (besides every in-sync
     /// one); `None`: it waits for none.
     pub fn replicas_waited_for(&self) -> Option<u32> {
-        match self.services.config.replication.ack {
-            Ack::Replicas(replicas) => Some(replicas),
-            // A follower named leader acknowledges as the group's primary did.
-            Ack::Local => self.led_as_follower(),
+        let topology = self.services.controller.topology();
+        let config = &self.services.config;
+        crate::replication::replicas_waited_for(
+            &config.replication.ack,
+            &config.node_name,
+            &topology,
+        )
+    }
+
+    /// When a client's write is served to consumers: once acknowledged (and committed by the
+    /// produce call, or by the followers' confirmations) if it waits for followers, else as soon
+    /// as it is stored.
+    pub fn visibility(&self) -> Visibility {
+        match self.replicas_waited_for() {
+            Some(_) => Visibility::OnCommit,
+            None => Visibility::Now,
         }
     }
 

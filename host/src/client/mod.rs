@@ -687,7 +687,8 @@ impl Client {
         }
     }
 
-    /// The point's end and CRC32C on this node; `None` if it does not hold it.
+    /// The point's stored end and CRC32C on this node (where the next write goes, committed or
+    /// not); `None` if it does not hold it.
     async fn held(&self, point: &str) -> Result<Option<(u64, u32)>, ClientError> {
         let request = MetadataRequest {
             point: point.into(),
@@ -695,7 +696,11 @@ impl Client {
         match self.raw().get_metadata(request).await {
             Ok(meta) => {
                 let meta = meta.into_inner();
-                Ok(Some((meta.size, meta.crc32c)))
+                Ok(Some(match (meta.stored_size, meta.stored_crc32c) {
+                    (Some(size), Some(crc)) => (size, crc),
+                    // A node of an earlier release serves everything it stores.
+                    _ => (meta.size, meta.crc32c),
+                }))
             }
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(status.into()),

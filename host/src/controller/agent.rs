@@ -75,6 +75,8 @@ pub struct Params {
     /// Whether this member's store was not stopped cleanly before this start
     /// (`Store::stopped_cleanly`): it leaves every in-sync set before its first session.
     pub unclean: bool,
+    /// `replication.ack`: whether this node's writes wait for followers.
+    pub ack: crate::config::Ack,
 }
 
 /// The agent's ends of its links (made before the membership loop and the API start).
@@ -560,9 +562,29 @@ impl Running {
         };
         if topology.applied > 0 {
             let led = self.led(topology).map(|(_, group)| group);
-            progress.follow_group(led, &self.params.in_sync, now.into_std());
+            if progress.follow_group(led, &self.params.in_sync, now.into_std()) {
+                self.commit_acknowledged(progress, topology);
+            }
             let in_sync = led.map_or(0, |group| group.in_sync.len());
             ::metrics::gauge!(metrics::IN_SYNC_FOLLOWERS).set(in_sync as f64);
+        }
+    }
+
+    /// Once who a write waits for changed (a member left the in-sync set): commits every point
+    /// as far as what the followers confirmed now acknowledges it (a write refused while it
+    /// waited for the member that left is served now). Rare: it looks at every point.
+    fn commit_acknowledged(&self, progress: &Progress, topology: &Topology) {
+        let (Some(store), local) = (&self.params.store, &self.params.local) else {
+            return;
+        };
+        let waited = crate::replication::replicas_waited_for(&self.params.ack, local, topology);
+        let Some(replicas) = waited else {
+            return;
+        };
+        for point in store.list("", None, usize::MAX) {
+            if let Some(end) = progress.committable(&point, replicas as usize) {
+                store.commit(&point, end);
+            }
         }
     }
 

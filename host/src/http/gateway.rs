@@ -5,8 +5,9 @@
 //! - **Who reads.** One `consume` decision per request, by the same authorizer as gRPC, for the
 //!   subject of the client certificate or of a signed URL ([`crate::signed_url`]). With TLS a
 //!   request with neither is refused; without TLS the subject is `anonymous`.
-//! - **What is served** is the point as it is when the request arrives (one snapshot: length,
-//!   checksum and ETag agree), read by the store's read loop into a bounded channel: when the
+//! - **What is served** is the point as it is when the request arrives, up to its committed
+//!   end (one snapshot: length, checksum and ETag agree; `docs/failover.md`), read by the
+//!   store's read loop into a bounded channel: when the
 //!   client goes away, the channel closes and nothing more is read. `?follow=1` keeps streaming
 //!   a growing point.
 //! - **In a cluster**, a node that does not hold the point, or holds less than the range asks
@@ -313,7 +314,7 @@ impl Gateway {
         };
         let lacking = local
             .as_ref()
-            .is_none_or(|(_, point)| reaches_past(point.snapshot().end));
+            .is_none_or(|(_, point)| reaches_past(point.snapshot().committed));
         if lacking
             && request.params.hop.is_none()
             && let Some(location) = self.elsewhere(request).await
@@ -384,8 +385,8 @@ impl Gateway {
             })
             .await?;
         let snapshot = point.snapshot();
-        let len = snapshot.end;
-        let etag = format!("\"{len:x}-{:08x}\"", snapshot.crc);
+        let len = snapshot.committed;
+        let etag = format!("\"{len:x}-{:08x}\"", snapshot.committed_crc);
         let typed_etag: ETag = etag.parse().expect("a quoted hexadecimal ETag parses");
         let content_type = store.media_type(&request.id).await?;
 
@@ -533,8 +534,8 @@ impl Gateway {
              <dt>type</dt><dd id=\"type\">{}</dd>\n<dt>size</dt><dd id=\"size\">{} bytes</dd>\n\
              <dt>crc32c</dt><dd id=\"crc32c\">{:08x}</dd>\n</dl>\n</body>\n</html>\n",
             escape(&content_type),
-            snapshot.end,
-            snapshot.crc
+            snapshot.committed,
+            snapshot.committed_crc
         );
         Ok((
             [

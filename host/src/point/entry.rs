@@ -27,6 +27,18 @@ pub struct Point {
     pub(super) last_use: AtomicU64,
     /// When the point last grew (ms since the store opened, + 1; 0: not since the store opened).
     pub(super) last_append_ms: AtomicU64,
+    /// What is committed and what waits for it ([`Snapshot::committed`]). Its lock is also
+    /// held while the snapshot changes, so that an append and a commit publish in order.
+    pub(super) commits: std::sync::Mutex<Commits>,
+}
+
+/// The appends of a point stored but not committed yet, and how far a commit reached.
+#[derive(Debug, Default)]
+pub(super) struct Commits {
+    /// The furthest end a commit named (it may name bytes still arriving).
+    target: u64,
+    /// The end and the point's CRC32C after each append not committed yet, in order.
+    pending: std::collections::VecDeque<(u64, u32)>,
 }
 
 /// Who appends: a client's write is refused while the point's handover does not take writes
@@ -61,6 +73,21 @@ pub(super) struct Files {
     pub(super) journal: File,
 }
 
+impl Commits {
+    /// Commits every pending append that ends at or before the target; the last one's end and
+    /// CRC32C, if any.
+    fn advance(&mut self) -> Option<(u64, u32)> {
+        let mut committed = None;
+        while let Some(&(end, crc)) = self.pending.front()
+            && end <= self.target
+        {
+            committed = Some((end, crc));
+            self.pending.pop_front();
+        }
+        committed
+    }
+}
+
 impl Point {
     pub(super) fn new(shared: &Shared, id: PointId) -> Self {
         Self {
@@ -71,6 +98,7 @@ impl Point {
             last_used_ms: AtomicU64::new(0),
             last_use: AtomicU64::new(0),
             last_append_ms: AtomicU64::new(0),
+            commits: Default::default(),
         }
     }
 
@@ -156,8 +184,10 @@ impl Point {
                     .await;
                 return;
             }
-            if position < current.end {
-                let end = span.stop.map_or(current.end, |stop| stop.min(current.end));
+            if position < current.committed {
+                let end = span
+                    .stop
+                    .map_or(current.committed, |stop| stop.min(current.committed));
                 let len = span.chunk.min(end - position);
                 let frame = match self.read(&store, position, len).await {
                     Ok(frame) => frame,
@@ -269,9 +299,18 @@ impl Point {
             state.durable = recovered.end;
             state.journal_len = recovered.journal_len;
             let arriving = self.meta(state).await?.ownership.is_arriving();
+            // What a point holds when it is opened counts as committed: a member back from a
+            // stop that was not clean hands the groups it led over first (`docs/failover.md`).
+            let mut commits = self.commits.lock().expect("poisoned");
+            *commits = Commits {
+                target: recovered.end,
+                pending: Default::default(),
+            };
             self.snapshot.send_replace(Snapshot {
                 end: recovered.end,
                 crc: recovered.point_crc,
+                committed: recovered.end,
+                committed_crc: recovered.point_crc,
                 deleted: false,
                 arriving,
             });
@@ -291,7 +330,7 @@ impl Point {
         shared: &Arc<Shared>,
         state: &mut State,
         frames: Vec<Bytes>,
-        known_crcs: Option<Vec<u32>>,
+        (known_crcs, visibility): (Option<Vec<u32>>, Visibility),
         expected_start: Option<u64>,
     ) -> Result<Vec<Appended>, AppendError> {
         if let Some(reason) = &state.failed {
@@ -364,17 +403,18 @@ impl Point {
                 return Err(error.into());
             }
         };
-        Ok(self.publish(shared, state, &frames, &records))
+        Ok(self.publish(shared, state, (&frames, &records), visibility))
     }
 
     /// After a batch was written: the appends' ends and CRCs, and the point's new end
-    /// published (durable already with `fsync = "always"`, else marked dirty).
+    /// published (durable already with `fsync = "always"`, else marked dirty), committed now or
+    /// when a commit reaches it (`visibility`).
     fn publish(
         &self,
         shared: &Shared,
         state: &mut State,
-        frames: &[Bytes],
-        records: &[Record],
+        (frames, records): (&[Bytes], &[Record]),
+        visibility: Visibility,
     ) -> Vec<Appended> {
         let always = shared.config.fsync == Fsync::Always;
         let mut appended = Vec::with_capacity(frames.len());
@@ -401,12 +441,58 @@ impl Point {
             } else {
                 state.dirty = true;
             }
+            let mut commits = self.commits.lock().expect("poisoned");
+            match visibility {
+                Visibility::Now => {
+                    // Everything before is committed with it.
+                    commits.pending.clear();
+                    commits.target = commits.target.max(end);
+                    commits.pending.push_back((end, crc));
+                }
+                Visibility::OnCommit => {
+                    let ends = records.iter().map(|r| (r.end, r.point_crc));
+                    commits.pending.extend(ends);
+                }
+            }
+            let committed = commits.advance();
             self.snapshot.send_modify(|snapshot| {
                 snapshot.end = end;
                 snapshot.crc = crc;
+                if let Some((end, crc)) = committed {
+                    snapshot.committed = end;
+                    snapshot.committed_crc = crc;
+                }
             });
         }
         appended
+    }
+
+    /// Commits the point up to `up_to` (at most its end; later appends up to it are committed
+    /// as they come). Returns the new committed end if it moved.
+    pub(super) fn commit(&self, up_to: u64) -> Option<u64> {
+        let mut commits = self.commits.lock().expect("poisoned");
+        commits.target = commits.target.max(up_to);
+        let (end, crc) = commits.advance()?;
+        self.snapshot.send_modify(|snapshot| {
+            snapshot.committed = end;
+            snapshot.committed_crc = crc;
+        });
+        Some(end)
+    }
+
+    /// After the point was cut back to `end` (CRC32C `crc`): nothing past it is committed or
+    /// waits.
+    pub(super) fn cut_commits(&self, end: u64, crc: u32) {
+        let mut commits = self.commits.lock().expect("poisoned");
+        commits.pending.retain(|(pending, _)| *pending <= end);
+        self.snapshot.send_modify(|snapshot| {
+            snapshot.end = end;
+            snapshot.crc = crc;
+            if snapshot.committed > end {
+                snapshot.committed = end;
+                snapshot.committed_crc = crc;
+            }
+        });
     }
 
     /// Fsyncs what was written since the last sync (group commit). The lock is not held while

@@ -82,15 +82,34 @@ enum Closing {
 /// Size and checksum of a point at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Snapshot {
-    /// Its published end: every byte before it is readable.
+    /// Its published end: every byte before it is stored (and synced, with `fsync =
+    /// "always"`). Writers append here; replication copies up to here.
     pub end: u64,
     /// CRC32C of `[0, end)`.
     pub crc: u32,
+    /// Its committed end, at most `end`: what consumers are served. Bytes appended
+    /// [`Visibility::OnCommit`] count only once [`Store::commit`] reached them (on a group's
+    /// leader, once acknowledged under `ack = { replicas = N }`; on a follower, once its leader
+    /// said so), so that no consumer reads a tail a failover could cut (`docs/failover.md`).
+    pub committed: u64,
+    /// CRC32C of `[0, committed)`.
+    pub committed_crc: u32,
     /// The point was deleted: no more bytes will come.
     pub deleted: bool,
     /// A copy still arriving in a handover (`docs/resharding.md`): not served to clients until
     /// the handover commits. Kept here so readers need not take the point's lock to know.
     pub arriving: bool,
+}
+
+/// When the bytes of an append are served to consumers ([`Snapshot::committed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// As soon as they are stored: a point nobody else holds a copy of that could be named
+    /// leader, or a copy the sender has committed already (a handover).
+    Now,
+    /// Once [`Store::commit`] reaches their end: a group leader's write under `ack = {
+    /// replicas = N }`, or a follower's copy of its leader's.
+    OnCommit,
 }
 
 /// The outcome of one append.
@@ -128,6 +147,14 @@ pub enum StoreEvent {
         /// The point.
         point: PointId,
     },
+    /// The point's committed end moved on to `end` ([`Snapshot::committed`]): replication
+    /// tells the followers.
+    Committed {
+        /// The point.
+        point: PointId,
+        /// Its committed end.
+        end: u64,
+    },
 }
 
 impl StoreEvent {
@@ -136,7 +163,8 @@ impl StoreEvent {
         match self {
             StoreEvent::Grew { point, .. }
             | StoreEvent::Owned { point }
-            | StoreEvent::Removed { point } => point,
+            | StoreEvent::Removed { point }
+            | StoreEvent::Committed { point, .. } => point,
         }
     }
 }

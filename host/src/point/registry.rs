@@ -93,22 +93,25 @@ impl Store {
         self.inner.shared.open_count.load(Ordering::Relaxed)
     }
 
-    /// Appends `bytes` at the end of `id`, creating the point if needed.
+    /// Appends `bytes` at the end of `id`, creating the point if needed, committed at once.
     pub async fn append(&self, id: &PointId, bytes: Bytes) -> Result<Appended, AppendError> {
         let mut appended = self
-            .append_inner(id, vec![bytes], None, Origin::Client)
+            .append_inner(id, vec![bytes], None, Origin::Client, Visibility::Now)
             .await?;
         Ok(appended.pop().expect("one result per frame"))
     }
 
     /// Appends `frames` in order at the end of `id` as one batch: one journal write and, with
-    /// `fsync = "always"`, one sync for all of them (group commit). Returns one result per frame.
+    /// `fsync = "always"`, one sync for all of them (group commit). Returns one result per
+    /// frame. Consumers are served them as `visibility` says.
     pub async fn append_batch(
         &self,
         id: &PointId,
         frames: Vec<Bytes>,
+        visibility: Visibility,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.append_inner(id, frames, None, Origin::Client).await
+        self.append_inner(id, frames, None, Origin::Client, visibility)
+            .await
     }
 
     /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start` (a produce
@@ -119,8 +122,9 @@ impl Store {
         id: &PointId,
         start: u64,
         frames: Vec<Bytes>,
+        visibility: Visibility,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.append_inner(id, frames, Some(start), Origin::Client)
+        self.append_inner(id, frames, Some(start), Origin::Client, visibility)
             .await
     }
 
@@ -133,10 +137,33 @@ impl Store {
         id: &PointId,
         start: u64,
         frames: Vec<(Bytes, u32)>,
+        visibility: Visibility,
     ) -> Result<Vec<Appended>, AppendError> {
         let (frames, crcs) = frames.into_iter().unzip();
-        self.append_inner(id, frames, Some(start), Origin::Replication { crcs })
+        let origin = Origin::Replication { crcs };
+        self.append_inner(id, frames, Some(start), origin, visibility)
             .await
+    }
+
+    /// The committed end of `id` ([`Snapshot::committed`]; 0 for a point not held, or not
+    /// opened since the store opened).
+    pub fn committed(&self, id: &PointId) -> u64 {
+        self.get(id).map_or(0, |point| point.snapshot().committed)
+    }
+
+    /// Commits `id` up to `up_to` ([`Snapshot::committed`]): the appends made
+    /// [`Visibility::OnCommit`] that end there or before are served to consumers, and those
+    /// still to come up to it will be as they are stored. Nothing for a point not held.
+    pub fn commit(&self, id: &PointId, up_to: u64) {
+        let Ok(point) = self.get(id) else {
+            return;
+        };
+        if let Some(end) = point.commit(up_to) {
+            let _ = self.inner.events.send(StoreEvent::Committed {
+                point: id.clone(),
+                end,
+            });
+        }
     }
 
     /// Completes at the next change of any point's ownership record. Create it (and `enable`
@@ -151,6 +178,7 @@ impl Store {
         frames: Vec<Bytes>,
         expected_start: Option<u64>,
         origin: Origin,
+        visibility: Visibility,
     ) -> Result<Vec<Appended>, AppendError> {
         let shared = &self.inner.shared;
         if let Some(expected) = expected_start.filter(|&start| start > 0)
@@ -185,7 +213,13 @@ impl Store {
                 Origin::Replication { crcs } => Some(crcs.clone()),
             };
             break point
-                .write(shared, &mut state, frames, known_crcs, expected_start)
+                .write(
+                    shared,
+                    &mut state,
+                    frames,
+                    (known_crcs, visibility),
+                    expected_start,
+                )
                 .await?;
         };
         shared.evict_over_limit().await;
@@ -453,10 +487,7 @@ impl Store {
         state.durable = end;
         state.dirty = false;
         state.journal_len = journal_len;
-        point.snapshot.send_modify(|snapshot| {
-            snapshot.end = end;
-            snapshot.crc = crc;
-        });
+        point.cut_commits(end, crc);
         Ok(end)
     }
 

@@ -117,13 +117,13 @@ async fn append_batch_at_applies_exactly_once() {
     let store = Store::open(config(dir.path())).await.unwrap();
     let (a, b) = (bytes(1, 100), bytes(2, 50));
     store
-        .append_batch_at(&id("r"), 0, vec![a.clone()])
+        .append_batch_at(&id("r"), 0, vec![a.clone()], Visibility::Now)
         .await
         .unwrap();
     // A duplicate and a gap are both refused, with the real end.
     for start in [0, 150] {
         match store
-            .append_batch_at(&id("r"), start, vec![b.clone()])
+            .append_batch_at(&id("r"), start, vec![b.clone()], Visibility::Now)
             .await
         {
             Err(AppendError::OffsetMismatch { expected, end, .. }) => {
@@ -133,7 +133,7 @@ async fn append_batch_at_applies_exactly_once() {
         }
     }
     store
-        .append_batch_at(&id("r"), 100, vec![b.clone()])
+        .append_batch_at(&id("r"), 100, vec![b.clone()], Visibility::Now)
         .await
         .unwrap();
     assert_eq!(store.metadata(&id("r")).await.unwrap().end, 150);
@@ -410,7 +410,7 @@ async fn a_handover_gates_clients_writes_but_not_the_copy_arriving() {
             "{error}"
         );
         let error = store
-            .append_batch_at(&point, 1000, vec![bytes(4, 10)])
+            .append_batch_at(&point, 1000, vec![bytes(4, 10)], Visibility::Now)
             .await
             .unwrap_err();
         assert!(matches!(error, AppendError::Handover { .. }), "{error}");
@@ -422,7 +422,7 @@ async fn a_handover_gates_clients_writes_but_not_the_copy_arriving() {
     }
     // A copy arriving (replication, a handover) is applied whatever the record says.
     store
-        .apply_replicated(&point, 1000, vec![with_crc(bytes(5, 500))])
+        .apply_replicated(&point, 1000, vec![with_crc(bytes(5, 500))], Visibility::Now)
         .await
         .unwrap();
     // Before the fence, clients write.
@@ -502,4 +502,125 @@ async fn truncation_cuts_back_to_an_append_boundary_durably() {
         store.truncate(&id("missing"), 0).await,
         Err(TruncateError::NotFound(_))
     ));
+}
+
+#[tokio::test]
+async fn bytes_held_for_a_commit_are_served_once_it_reaches_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let p = id("held");
+    let frames: Vec<Bytes> = (0..4)
+        .map(|i| bytes(60 + i, 300 + i as usize * 41))
+        .collect();
+    let ends: Vec<u64> = (1..=frames.len())
+        .map(|n| frames[..n].concat().len() as u64)
+        .collect();
+    let crc_to = |n: usize| crc32c::crc32c(&frames[..n].concat());
+    let committed = |store: &Store| {
+        let snapshot = store.get(&p).unwrap().snapshot();
+        (snapshot.committed, snapshot.committed_crc)
+    };
+    // Two appends held: stored, not served.
+    store
+        .append_batch(&p, frames[..2].to_vec(), Visibility::OnCommit)
+        .await
+        .unwrap();
+    assert_eq!(store.metadata(&p).await.unwrap().end, ends[1]);
+    assert_eq!(committed(&store), (0, 0));
+    // A commit between two appends' ends reaches the first only.
+    let mut events = store.subscribe();
+    store.commit(&p, ends[1] - 1);
+    assert_eq!(committed(&store), (ends[0], crc_to(1)));
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        StoreEvent::Committed { end, .. } if end == ends[0]
+    ));
+    // A commit ahead of the bytes: they are served as they are stored.
+    store.commit(&p, ends[2]);
+    assert_eq!(committed(&store), (ends[1], crc_to(2)));
+    store
+        .apply_replicated(
+            &p,
+            ends[1],
+            vec![with_crc(frames[2].clone())],
+            Visibility::OnCommit,
+        )
+        .await
+        .unwrap();
+    assert_eq!(committed(&store), (ends[2], crc_to(3)));
+    // A commit never goes back; a point not held takes none.
+    store.commit(&p, 1);
+    assert_eq!(committed(&store).0, ends[2]);
+    store.commit(&id("missing"), 100);
+    assert!(store.get(&id("missing")).is_err());
+    // An append served at once serves what was held before it too.
+    store
+        .append_batch(&p, vec![frames[3].clone()], Visibility::Now)
+        .await
+        .unwrap();
+    assert_eq!(committed(&store), (ends[3], crc_to(4)));
+
+    // A cut takes the committed end back with it; what was held past it is gone.
+    let q = id("cut");
+    store
+        .append_batch(&q, frames[..3].to_vec(), Visibility::Now)
+        .await
+        .unwrap();
+    store
+        .append_batch(&q, vec![frames[3].clone()], Visibility::OnCommit)
+        .await
+        .unwrap();
+    store.truncate(&q, ends[1]).await.unwrap();
+    let snapshot = store.get(&q).unwrap().snapshot();
+    assert_eq!(
+        (snapshot.end, snapshot.committed, snapshot.committed_crc),
+        (ends[1], ends[1], crc_to(2))
+    );
+    store.close().await.unwrap();
+
+    // What a point holds when it is opened again is served.
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let snapshot = store.metadata(&p).await.unwrap();
+    assert_eq!((snapshot.committed, snapshot.end), (ends[3], ends[3]));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_consumer_reads_up_to_the_committed_end_and_follows_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let p = id("followed");
+    let (a, b) = (bytes(70, 500), bytes(71, 700));
+    store
+        .append_batch(&p, vec![a.clone()], Visibility::Now)
+        .await
+        .unwrap();
+    store
+        .append_batch(&p, vec![b.clone()], Visibility::OnCommit)
+        .await
+        .unwrap();
+    let point = store.point(&p).await.unwrap();
+    let (frames, mut received) = tokio::sync::mpsc::channel(8);
+    let span = Span {
+        offset: 0,
+        stop: None,
+        chunk: 4096,
+        follow: true,
+    };
+    let reader = tokio::spawn(point.stream(store.clone(), span, frames, CancellationToken::new()));
+    let (offset, first) = received.recv().await.unwrap().unwrap();
+    assert_eq!((offset, first.clone()), (0, a.clone()));
+    // The held bytes do not come until the commit reaches them.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), received.recv())
+            .await
+            .is_err(),
+        "served bytes that are not committed"
+    );
+    store.commit(&p, 1200);
+    let (offset, second) = received.recv().await.unwrap().unwrap();
+    assert_eq!((offset, second), (500, b));
+    drop(received);
+    reader.abort();
+    store.close().await.unwrap();
 }

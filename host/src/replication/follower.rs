@@ -35,7 +35,7 @@ use crate::metrics;
 use crate::plugins::PluginSet;
 use crate::point::ownership::FIRST_EPOCH;
 use crate::point::{
-    AppendError, DeleteError, Handover, Ownership, PointId, ReadError, TruncateError,
+    AppendError, DeleteError, Handover, Ownership, PointId, ReadError, TruncateError, Visibility,
 };
 
 /// Longest wait between two attempts to reach a leader.
@@ -353,6 +353,8 @@ enum Job {
         end: u64,
         done: oneshot::Sender<Result<u64, ApplyError>>,
     },
+    /// The leader's committed ends (`Sink.commit`): answered when queued.
+    Commit { marks: Vec<(PointId, u64)> },
 }
 
 /// A job with the leader epoch of the call that made it (0 on a handover's sink).
@@ -374,6 +376,7 @@ impl Job {
             Job::Truncate { done, .. } => {
                 let _ = done.send(Err(error));
             }
+            Job::Commit { .. } => {}
         }
     }
 }
@@ -414,7 +417,13 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Queued>, from: Op
         }
         match job {
             Job::Apply { records, done } => {
-                let _ = done.send(apply_records(&context, records).await);
+                let applied = apply_records(&context, records, Visibility::OnCommit).await;
+                let _ = done.send(applied);
+            }
+            Job::Commit { marks } => {
+                for (point, end) in marks {
+                    context.store.commit(&point, end);
+                }
             }
             Job::Remove { point, done } => {
                 let result = match context.store.delete(&point).await {
@@ -513,8 +522,11 @@ async fn handed(context: &Context, from: &str, job: Job) {
                 return;
             }
             let records = checked.into_iter().map(|(record, _)| record).collect();
-            let _ = done.send(apply_records(context, records).await);
+            // A handed copy is the sender's committed point: served once the handover commits.
+            let _ = done.send(apply_records(context, records, Visibility::Now).await);
         }
+        // A handover's replicator sends no commit marks.
+        Job::Commit { .. } => {}
         Job::Remove { point, done } => {
             let result = async {
                 let ownership = incoming(&point).await?;
@@ -561,6 +573,7 @@ async fn handed(context: &Context, from: &str, job: Job) {
 async fn apply_records(
     context: &Context,
     records: Vec<Incoming>,
+    visibility: Visibility,
 ) -> Vec<Result<Applied, ApplyError>> {
     let mut outcomes = Vec::with_capacity(records.len());
     let mut records = records.into_iter().peekable();
@@ -575,7 +588,7 @@ async fn apply_records(
         let count = payloads.len();
         match context
             .store
-            .apply_replicated(&point, start, payloads)
+            .apply_replicated(&point, start, payloads, visibility)
             .await
         {
             Ok(appended) => {
@@ -881,6 +894,24 @@ impl sink::Server for SinkService {
         drop(turn);
         let now = outcome(truncated).await?.map_err(wire)?;
         results.get().set_end(now);
+        Ok(())
+    }
+
+    async fn commit(
+        self: Rc<Self>,
+        params: sink::CommitParams,
+        _: sink::CommitResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let leader_epoch = params.get_leader_epoch();
+        self.admit(leader_epoch)?;
+        let mut marks = Vec::new();
+        for mark in params.get_marks()? {
+            marks.push((point_named(mark.get_point()?)?, mark.get_end()));
+        }
+        let turn = self.order.lock().await;
+        self.queue(leader_epoch, Job::Commit { marks }).await?;
+        drop(turn);
         Ok(())
     }
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::{FollowRefusal, HandoverError, wire};
 use super::replication_capnp::{Verdict, leader, session};
 use super::replicator::{Ended, Held, Replicator, supervised};
-use super::{Context, Durability, PROTOCOL, handover, takeover};
+use super::{COMMIT_MARKS, Context, Durability, OLDEST_PROTOCOL, PROTOCOL, handover, takeover};
 use crate::access::Action;
 use crate::controller::Topology;
 use crate::metrics;
@@ -344,7 +344,7 @@ impl leader::Server for LeaderService {
                 &follower,
                 context.services.config.tls.is_some(),
             )?;
-            if protocol != PROTOCOL {
+            if !(OLDEST_PROTOCOL..=PROTOCOL).contains(&protocol) {
                 return Err(FollowRefusal::Protocol {
                     follower: crate::text::bounded(&follower),
                     theirs: protocol,
@@ -402,7 +402,7 @@ impl leader::Server for LeaderService {
             follower.clone(),
             rpc_address,
             durability,
-            (sink, leader_epoch),
+            (sink, leader_epoch, protocol >= COMMIT_MARKS),
             stop.clone(),
         );
         let connection = self.connection.clone();

@@ -63,7 +63,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::access::Action;
 use crate::cluster::{Leader, Membership, Steps};
-use crate::config::Role;
+use crate::config::{Ack, Role};
 use crate::controller::Topology;
 use crate::metrics;
 use crate::net::PeerInfo;
@@ -75,8 +75,29 @@ use crate::services::Services;
 use error::LinkError;
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
-/// a leader refuses followers that speak another (docs/replication.md).
-pub(crate) const PROTOCOL: u16 = 4;
+/// a leader refuses followers that speak one it does not (docs/replication.md).
+pub(crate) const PROTOCOL: u16 = 5;
+
+/// The oldest protocol a leader of this release still serves: 4, the release before commit
+/// marks (`Sink.commit`), whose followers serve every byte they hold. A group's leader is
+/// upgraded before its followers.
+pub(crate) const OLDEST_PROTOCOL: u16 = 4;
+
+/// The first protocol whose followers take commit marks.
+pub(crate) const COMMIT_MARKS: u16 = 5;
+
+/// How many followers a client's write on node `local` waits for before it is acknowledged
+/// (besides every in-sync one), as its `replication.ack` and the controller's `topology` say;
+/// `None`: it waits for none. A follower named leader acknowledges as its group's primary did.
+pub(crate) fn replicas_waited_for(ack: &Ack, local: &str, topology: &Topology) -> Option<u32> {
+    match ack {
+        Ack::Replicas(replicas) => Some(*replicas),
+        Ack::Local => match topology.led_in_place_of(local)?.1.failover {
+            crate::config::Failover::Automatic { replicas } => Some(replicas),
+            crate::config::Failover::Manual(_) => None,
+        },
+    }
+}
 
 /// Why replication could not start.
 #[derive(Debug, thiserror::Error)]

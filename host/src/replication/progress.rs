@@ -353,6 +353,31 @@ impl Progress {
             .await
     }
 
+    /// How far `point` is acknowledged by what the followers confirmed: every follower a write
+    /// waits for, and at least `replicas` followers, confirmed it up to there (the same rule as
+    /// [`Progress::wait`]); `None` before the in-sync set is known, or with fewer followers
+    /// than `replicas`.
+    pub fn committable(&self, point: &PointId, replicas: usize) -> Option<u64> {
+        let state = self.state.lock().expect("poisoned");
+        let waiting = state.waiting.as_ref()?;
+        let by_waited = waiting
+            .iter()
+            .map(|follower| state.confirmed_end(follower, point))
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut ends: Vec<u64> = state
+            .followers
+            .keys()
+            .map(|follower| state.confirmed_end(follower, point))
+            .collect();
+        ends.sort_unstable_by(|a, b| b.cmp(a));
+        let by_count = match replicas {
+            0 => u64::MAX,
+            n => *ends.get(n - 1)?,
+        };
+        Some(by_waited.min(by_count))
+    }
+
     fn short(&self, points: &[(PointId, u64)], replicas: usize) -> Option<Short> {
         let state = self.state.lock().expect("poisoned");
         let Some(waiting) = &state.waiting else {
@@ -387,10 +412,13 @@ impl Progress {
     /// removal was committed no longer waited for, and each caught-up follower it will propose
     /// waited for from now on. A follower waited for but not committed within the bound (or
     /// gone from the group) is dropped: it was never in the committed set.
-    pub fn follow_group(&self, group: Option<&Group>, bounds: &InSyncBounds, now: Instant) {
-        if self.keep_waiting_for(group, bounds, now) {
+    /// Returns whether who is waited for changed.
+    pub fn follow_group(&self, group: Option<&Group>, bounds: &InSyncBounds, now: Instant) -> bool {
+        let changed = self.keep_waiting_for(group, bounds, now);
+        if changed {
             self.changed.send_modify(|version| *version += 1);
         }
+        changed
     }
 
     /// [`Self::follow_group`]'s change; whether who is waited for changed.

@@ -37,7 +37,7 @@ use crate::config::{Config, Failover, Role};
 use crate::controller::{Lease, Topology, session};
 use crate::metrics;
 use crate::placement::{NextOwner, Placement, PlacementError};
-use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store};
+use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store, Visibility};
 use crate::text::bounded;
 
 /// Why the gate sends a call elsewhere, or not at all.
@@ -595,14 +595,15 @@ impl Gate {
         ))
     }
 
-    /// Appends `batch` to `point` (at `expected_offset`, if given). A write that meets a fence
-    /// (the point being handed to a new owner) waits for the switch, up to
-    /// `reshard.fence_timeout_ms`, and then goes wherever the point's record says; a point
-    /// handed over, or still arriving, is refused naming the member that takes its writes.
+    /// Appends `batch` to `point` (at `expected_offset`, if given), served to consumers as
+    /// `visibility` says. A write that meets a fence (the point being handed to a new owner)
+    /// waits for the switch, up to `reshard.fence_timeout_ms`, and then goes wherever the
+    /// point's record says; a point handed over, or still arriving, is refused naming the
+    /// member that takes its writes.
     pub async fn append(
         &self,
         point: &PointId,
-        expected_offset: Option<u64>,
+        (expected_offset, visibility): (Option<u64>, Visibility),
         batch: Vec<Bytes>,
         abort: &CancellationToken,
     ) -> Result<Vec<Appended>, WriteError> {
@@ -615,10 +616,14 @@ impl Gate {
             let appended = match expected_offset {
                 Some(start) => {
                     self.store
-                        .append_batch_at(point, start, batch.clone())
+                        .append_batch_at(point, start, batch.clone(), visibility)
                         .await
                 }
-                None => self.store.append_batch(point, batch.clone()).await,
+                None => {
+                    self.store
+                        .append_batch(point, batch.clone(), visibility)
+                        .await
+                }
             };
             drop(share);
             let handover = match appended {

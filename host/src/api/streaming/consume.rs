@@ -107,9 +107,11 @@ impl StreamingService {
             })
             .collect();
         Ok(Response::new(MetadataResponse {
-            workers: state.workers(&id, snapshot.end),
-            size: snapshot.end,
-            crc32c: snapshot.crc,
+            workers: state.workers(&id, snapshot.committed),
+            size: snapshot.committed,
+            crc32c: snapshot.committed_crc,
+            stored_size: Some(snapshot.end),
+            stored_crc32c: Some(snapshot.crc),
             node: state.services.config.node_name.clone(),
             role: state.services.config.role.as_str().into(),
             replicas,
@@ -210,10 +212,11 @@ pub(super) fn read_window(
         chunk_size,
         follow,
     } = *request;
-    if offset > snapshot.end {
+    // Consumers are served the committed bytes (`docs/failover.md`).
+    let end = snapshot.committed;
+    if offset > end {
         return Err(Error::OutOfRange(format!(
-            "offset {offset} is past the end of point {point:?} ({} bytes)",
-            snapshot.end
+            "offset {offset} is past the end of point {point:?} ({end} bytes)"
         )));
     }
     if limit != 0 && limit < offset {
@@ -221,15 +224,14 @@ pub(super) fn read_window(
             "limit {limit} is before offset {offset}"
         )));
     }
-    if limit > snapshot.end && !follow {
+    if limit > end && !follow {
         return Err(Error::OutOfRange(format!(
-            "limit {limit} is past the end of point {point:?} ({} bytes); set follow to wait for it",
-            snapshot.end
+            "limit {limit} is past the end of point {point:?} ({end} bytes); set follow to wait for it"
         )));
     }
     let stop = match (limit, follow) {
         (0, true) => None,
-        (0, false) => Some(snapshot.end),
+        (0, false) => Some(end),
         (limit, _) => Some(limit),
     };
     let chunk = match chunk_size {
@@ -260,7 +262,8 @@ mod tests {
 
     fn window(r: ConsumeRequest) -> Result<Span, Error> {
         let snapshot = Snapshot {
-            end: 1000,
+            end: 1200,
+            committed: 1000,
             ..Snapshot::default()
         };
         read_window(&r, snapshot, 256, 4096)

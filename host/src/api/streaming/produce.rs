@@ -106,6 +106,9 @@ impl StreamingService {
             .map(|(&slot, appended)| (points[slot].clone(), appended.end))
             .collect();
         state.wait_for_replicas(&ends).await?;
+        for (point, end) in &ends {
+            state.store.commit(point, *end);
+        }
         let records = points
             .into_iter()
             .enumerate()
@@ -232,7 +235,7 @@ async fn write_frames(
             .gate
             .append(
                 &first.point,
-                first.expected_offset,
+                (first.expected_offset, state.visibility()),
                 batch,
                 &state.services.lifetime.abort,
             )

@@ -12,10 +12,15 @@
 //! The floor is the session (`controller.session_ms`): the controller waits for it to expire
 //! before it fences anyone, so each time is reported beside its ratio to the session.
 //!
-//! The same trials again with a second nemesis: a is killed and started again at once on its
-//! data, a stop that was not clean. It comes back within its session, and says so before it
-//! takes one: the controller names an in-sync follower without waiting for the session to
-//! expire (a tail a lost on disk may have held acknowledged bytes).
+//! The same trials again with other nemeses:
+//! - a is killed and started again at once on its data, a stop that was not clean. It comes
+//!   back within its session, and says so before it takes one: the controller names an
+//!   in-sync follower without waiting for the session to expire (a tail a lost on disk may
+//!   have held acknowledged bytes);
+//! - a is paused (SIGSTOP) until another leader took a write, then resumed;
+//! - a is cut from b, c and its followers, not from the producer (each node in a network
+//!   namespace of its own: needs root, else that part says why it did not run), until another
+//!   leader took a write, then the cut is healed.
 //!
 //! Then, with `--put-mib N` (1024 by default; 0 skips it), a client rides through: a `put` of
 //! N MiB to a is killed midway and must finish byte-exact on the new leader; the same `put`
@@ -47,20 +52,61 @@ enum Nemesis {
     Kill,
     /// `kill -9`, then started again at once on its data.
     KillAndRestart,
+    /// SIGSTOP until another leader took a write, then SIGCONT.
+    Pause,
+    /// Cut from the other nodes, not from the producer, until another leader took a write.
+    Partition,
 }
 
 impl Nemesis {
     fn describe(self) -> &'static str {
         match self {
-            Nemesis::Kill => "kills of a group leader",
+            Nemesis::Kill => "kills (`kill -9`) of a group leader",
             Nemesis::KillAndRestart => "kills of a group leader, each started again at once",
+            Nemesis::Pause => "pauses (SIGSTOP) of a group leader",
+            Nemesis::Partition => {
+                "partitions of a group leader from the other nodes (not from its clients)"
+            }
+        }
+    }
+
+    fn start(self, cluster: &mut Fleet) -> anyhow::Result<()> {
+        match self {
+            Nemesis::Kill => cluster.kill("a"),
+            Nemesis::KillAndRestart => cluster.kill_and_restart("a"),
+            Nemesis::Pause => cluster.signal("a", libc::SIGSTOP),
+            Nemesis::Partition => cluster.cut("a", &["b", "c", "fa1", "fa2"]),
+        }
+    }
+
+    /// Ends what [`start`](Self::start) did, where it can be ended.
+    fn end(self, cluster: &mut Fleet) -> anyhow::Result<()> {
+        match self {
+            Nemesis::Kill | Nemesis::KillAndRestart => Ok(()),
+            Nemesis::Pause => cluster.signal("a", libc::SIGCONT),
+            Nemesis::Partition => cluster.heal("a", &["b", "c", "fa1", "fa2"]),
         }
     }
 }
 
 pub(super) async fn run(trials: usize, put_mib: u64) -> anyhow::Result<()> {
     let session = ControllerSection::default().session_ms as f64;
-    for nemesis in [Nemesis::Kill, Nemesis::KillAndRestart] {
+    let nemeses = [
+        Nemesis::Kill,
+        Nemesis::KillAndRestart,
+        Nemesis::Pause,
+        Nemesis::Partition,
+    ];
+    for nemesis in nemeses {
+        if let Nemesis::Partition = nemesis
+            && let Err(error) = Fleet::partitionable()
+        {
+            println!(
+                "## Failover: {}: not run\n\nThe namespaces could not be set up ({error:#}); this part needs root and `ip`.\n",
+                nemesis.describe()
+            );
+            continue;
+        }
         let (mut named, mut writable) = (Vec::new(), Vec::new());
         let (mut acknowledged_bytes, mut lost) = (0u64, 0u64);
         for trial in 0..trials {
@@ -82,7 +128,7 @@ pub(super) async fn run(trials: usize, put_mib: u64) -> anyhow::Result<()> {
             "## Failover: {trials} {} under acknowledged writes\n",
             nemesis.describe()
         );
-        println!("| from `kill -9` of the leader | p50 | p99 | max | p99 / session |");
+        println!("| from the nemesis | p50 | p99 | max | p99 / session |");
         println!("|---|---|---|---|---|");
         for (what, times) in [
             ("until the controller names a new leader", &named),
@@ -207,7 +253,11 @@ struct Outcome {
 /// A fresh trial cluster: primaries a, b, c and followers fa1, fa2 of a, once both followers
 /// are in a's in-sync set.
 pub(super) async fn trial_cluster() -> anyhow::Result<Fleet> {
-    let mut fleet = Fleet::new()?;
+    trial_cluster_in(Fleet::new()?).await
+}
+
+/// [`trial_cluster`] in `fleet`.
+async fn trial_cluster_in(mut fleet: Fleet) -> anyhow::Result<Fleet> {
     for name in ["a", "b", "c"] {
         fleet.primary(name)?;
     }
@@ -221,7 +271,11 @@ pub(super) async fn trial_cluster() -> anyhow::Result<Fleet> {
 }
 
 async fn trial_once(trial: usize, nemesis: Nemesis) -> anyhow::Result<Outcome> {
-    let mut cluster = trial_cluster()
+    let fleet = match nemesis {
+        Nemesis::Partition => Fleet::partitionable()?,
+        _ => Fleet::new()?,
+    };
+    let mut cluster = trial_cluster_in(fleet)
         .await
         .with_context(|| format!("trial {trial}"))?;
     let b = cluster.client("b").await?;
@@ -236,15 +290,13 @@ async fn trial_once(trial: usize, nemesis: Nemesis) -> anyhow::Result<Outcome> {
     }
 
     let killed = Instant::now();
-    match nemesis {
-        Nemesis::Kill => cluster.kill("a")?,
-        Nemesis::KillAndRestart => cluster.kill_and_restart("a")?,
-    }
+    nemesis.start(&mut cluster)?;
     let mut named = None;
     let deadline = killed + Duration::from_secs(60);
     loop {
         if Instant::now() > deadline {
-            bail!("trial {trial}: no acknowledged write within 60 s of the kill");
+            nemesis.end(&mut cluster)?;
+            bail!("trial {trial}: no acknowledged write within 60 s of the nemesis");
         }
         let leader = group_of(&b, "a").await.map(|g| g.leader);
         let Some(leader) = leader.filter(|leader| leader != "a") else {
@@ -267,6 +319,7 @@ async fn trial_once(trial: usize, nemesis: Nemesis) -> anyhow::Result<Outcome> {
                     acknowledged: written.len() as u64,
                     lost: (written.len() - lost) as u64,
                 };
+                nemesis.end(&mut cluster)?;
                 cluster.stop()?;
                 return Ok(outcome);
             }

@@ -1,13 +1,14 @@
 //! A bench cluster of child processes: primaries a, b and c (the controller's voters), their
-//! followers and a balancer, started by name on 127.0.0.1, each seeded with those before it;
-//! stopped, killed or restarted on its data by name. `bench failover` and `bench transfer`
-//! stand on it.
+//! followers and a balancer, started by name on 127.0.0.1 (or each in a network namespace of
+//! its own, so that links can be cut), each seeded with those before it; stopped, killed,
+//! paused or restarted on its data by name. `bench failover` and `bench transfer` stand on it.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use goutube::client::Client;
+use goutube::netns::Namespaces;
 
 use super::failover::group_of;
 use super::{Server, connect};
@@ -16,6 +17,8 @@ use super::{Server, connect};
 pub(super) struct Fleet {
     dir: tempfile::TempDir,
     nodes: Vec<(String, Server, String)>,
+    /// Each node in a network namespace of its own (links can be cut); `None`: 127.0.0.1.
+    namespaces: Option<Namespaces>,
 }
 
 impl Fleet {
@@ -23,6 +26,15 @@ impl Fleet {
         Ok(Fleet {
             dir: tempfile::tempdir()?,
             nodes: Vec::new(),
+            namespaces: None,
+        })
+    }
+
+    /// A fleet whose nodes each run in a network namespace of their own (needs root).
+    pub(super) fn partitionable() -> anyhow::Result<Fleet> {
+        Ok(Fleet {
+            namespaces: Some(Namespaces::new("gtf", [198, 18])?),
+            ..Fleet::new()?
         })
     }
 
@@ -32,11 +44,18 @@ impl Fleet {
             "seed_addresses = [{}]\n{settings}\n[cluster]\nbootstrap_expect = 3\n",
             seeds(self.nodes.iter().map(|(_, server, _)| server))
         );
+        let (ip, namespace) = match &mut self.namespaces {
+            Some(namespaces) => {
+                let ip = namespaces.add(name)?;
+                (ip.to_string(), Some(namespaces.namespace(name)))
+            }
+            None => ("127.0.0.1".to_owned(), None),
+        };
         let server = Server::node_at(
             self.dir.path(),
             name,
-            "127.0.0.1",
-            None,
+            &ip,
+            namespace.as_deref(),
             &settings_with_seeds,
         )?;
         self.nodes
@@ -120,6 +139,23 @@ impl Fleet {
         let (name, server, settings) = self.nodes.remove(at.context("a node of the bench")?);
         server.process.kill()?;
         self.start(&name, &settings)
+    }
+
+    /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`) to `name`.
+    pub(super) fn signal(&self, name: &str, signal: libc::c_int) -> anyhow::Result<()> {
+        Ok(self.server(name)?.process.signal(signal)?)
+    }
+
+    /// Drops every packet between `name` and each of `others` (a partitionable fleet).
+    pub(super) fn cut(&self, name: &str, others: &[&str]) -> anyhow::Result<()> {
+        let namespaces = self.namespaces.as_ref().context("a partitionable fleet")?;
+        Ok(namespaces.cut(name, others)?)
+    }
+
+    /// Ends a [`cut`](Self::cut).
+    pub(super) fn heal(&self, name: &str, others: &[&str]) -> anyhow::Result<()> {
+        let namespaces = self.namespaces.as_ref().context("a partitionable fleet")?;
+        Ok(namespaces.heal(name, others)?)
     }
 
     /// Stops every node gracefully.

@@ -23,6 +23,12 @@
 //! - every record carries its payload's length and CRC32C, which the follower checks on the
 //!   unbundled bytes; an acknowledgement of another end than the one sent is a divergence: the
 //!   follower's copy is cut back to the last end verified here and sent again from there.
+//!
+//! Commit marks (`docs/failover.md`): a follower serves its copy only up to its leader's
+//! committed end. The replicator tells it each point's committed end as it moves (the store's
+//! `Committed` events, and after each confirmation), never past what it confirmed; and, as a
+//! group's leader, it commits what the followers' confirmations now acknowledge (a write whose
+//! acknowledgement timed out, or a long stream's bytes before its end).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -128,6 +134,18 @@ pub(crate) struct Replicator {
     changes: Option<mpsc::Receiver<ScopeChange>>,
     /// For a throttled handover: bytes per second, and when the next push may leave.
     pace: Option<(u64, Instant)>,
+    /// For a follower that takes commit marks (protocol 5); `None` for one that does not, and
+    /// for a handover (its copies are committed as they arrive).
+    marks: Option<Marks>,
+}
+
+/// The commit marks of one follower.
+#[derive(Debug, Default)]
+struct Marks {
+    /// Per point, the committed end it was told last.
+    told: HashMap<PointId, u64>,
+    /// Per point, the committed end to tell it next.
+    due: HashMap<PointId, u64>,
 }
 
 impl Replicator {
@@ -136,7 +154,7 @@ impl Replicator {
         follower: String,
         rpc_address: String,
         durability: Durability,
-        (sink, leader_epoch): (sink::Client, u64),
+        (sink, leader_epoch, marks): (sink::Client, u64, bool),
         stop: CancellationToken,
     ) -> Self {
         let plugins_generation = context.services.plugins.current().generation();
@@ -162,6 +180,7 @@ impl Replicator {
             scope: None,
             changes: None,
             pace: None,
+            marks: marks.then(Marks::default),
         }
     }
 
@@ -178,7 +197,7 @@ impl Replicator {
     ) -> Self {
         let throttle = context.services.config.reshard.max_bytes_per_sec;
         let unsynced = Durability::Unsynced;
-        let sink = (sink, 0);
+        let sink = (sink, 0, false);
         let mut replicator = Self::new(context, to, String::new(), unsynced, sink, stop);
         replicator.scope = Some(HashSet::new());
         replicator.changes = Some(changes);
@@ -261,6 +280,7 @@ impl Replicator {
                 break Ended::Stopped;
             }
             self.fill(window).await;
+            self.send_marks();
             let paced = self.paced_until();
             let retry = self.retries.peek().map(|Reverse((at, _))| *at);
             tokio::select! {
@@ -285,6 +305,7 @@ impl Replicator {
                         }
                         self.grew(point, end);
                     }
+                    Ok(StoreEvent::Committed { point, .. }) => self.tell_committed(&point),
                     Err(RecvError::Lagged(_)) => self.scan(None).await,
                     Err(RecvError::Closed) => break Ended::Stopped,
                 },
@@ -386,6 +407,7 @@ impl Replicator {
                 self.context.progress.confirm(&self.follower, &id, held);
             }
             self.points.insert(id.clone(), state);
+            self.commit_confirmed(&id);
             self.mark(id);
         }
         let stale: Vec<PointId> = match &offers {
@@ -405,7 +427,64 @@ impl Replicator {
         for id in stale {
             self.removed(id);
         }
+        let known: Vec<PointId> = self.points.keys().cloned().collect();
+        for id in known {
+            self.tell_committed(&id);
+        }
         self.update_gauges();
+    }
+
+    /// Makes a commit mark of `point` due if its committed end moved past what the follower
+    /// was told, up to what it confirmed (so a mark names bytes its copy holds).
+    fn tell_committed(&mut self, point: &PointId) {
+        let (Some(marks), Some(state)) = (&mut self.marks, self.points.get(point)) else {
+            return;
+        };
+        let mark = self.context.store.committed(point).min(state.confirmed);
+        if mark > marks.told.get(point).copied().unwrap_or(0) {
+            marks.due.insert(point.clone(), mark);
+        }
+    }
+
+    /// Sends the commit marks due, in one call.
+    fn send_marks(&mut self) {
+        let Some(marks) = self.marks.as_mut().filter(|marks| !marks.due.is_empty()) else {
+            return;
+        };
+        let mut request = self.sink.commit_request();
+        request.get().set_leader_epoch(self.leader_epoch);
+        let mut list = request.get().init_marks(marks.due.len() as u32);
+        for (i, (point, end)) in marks.due.drain().enumerate() {
+            let mut mark = list.reborrow().get(i as u32);
+            mark.set_point(point.as_str());
+            mark.set_end(end);
+            marks.told.insert(point, end);
+        }
+        let promise = request.send().promise;
+        self.in_flight.push(
+            async move {
+                let reply = promise.await.map(|_| ());
+                Outcome::Described { reply }
+            }
+            .boxed_local(),
+        );
+    }
+
+    /// As the leader of a group that acknowledges by followers: commits `point` as far as what
+    /// the followers confirmed acknowledges it (`Progress::committable`).
+    fn commit_confirmed(&self, point: &PointId) {
+        if self.scope.is_some() {
+            return;
+        }
+        let topology = self.context.topology.borrow();
+        let config = &self.context.services.config;
+        let (ack, local) = (&config.replication.ack, &config.node_name);
+        let Some(replicas) = super::replicas_waited_for(ack, local, &topology) else {
+            return;
+        };
+        if let Some(end) = self.context.progress.committable(point, replicas as usize) {
+            self.context.store.commit(point, end);
+        }
     }
 
     fn grew(&mut self, point: PointId, end: u64) {
@@ -641,6 +720,9 @@ impl Replicator {
             Outcome::Removed { point, reply } => {
                 reply?;
                 self.context.progress.forget(&self.follower, &point);
+                if let Some(marks) = &mut self.marks {
+                    marks.told.remove(&point);
+                }
                 if self.points.contains_key(&point) {
                     // A diverged copy was removed: send the point again from 0.
                     self.mark(point);
@@ -714,6 +796,9 @@ impl Replicator {
             self.context
                 .progress
                 .confirm(&self.follower, &point, state.confirmed);
+            self.commit_confirmed(&point);
+            // Bytes committed before the follower confirmed them.
+            self.tell_committed(&point);
         }
     }
 
