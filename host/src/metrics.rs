@@ -241,7 +241,7 @@ fn describe_replication() {
     );
     describe_counter!(
         REPLICATION_DIVERGENCES,
-        "Follower copies found holding other bytes than the leader's (found by an offer's CRC or by an acknowledgement), cut back or replaced."
+        "Follower copies found holding other bytes than the leader's (found by an offer's CRC or by an acknowledgement), cut back or replaced; committed=within when proven within the leader's committed end."
     );
     describe_counter!(
         REPLICATION_TASK_FAILURES,

@@ -105,9 +105,12 @@ interface Sink {
   # Ack per record, in the same order.
   push @0 (records :List(Record), leaderEpoch :UInt64) -> (acks :List(Ack));
 
-  # The point no longer exists on the leader (deleted there, or the follower's copy diverged):
-  # the follower removes its copy.
-  remove @1 (point :Text, leaderEpoch :UInt64) -> ();
+  # The point no longer exists on the leader (deleted there), or the follower's copy diverged
+  # (`diverged`, protocol 5: it holds bytes the leader does not, such as a deposed leader's tail
+  # that was never acknowledged): the follower removes its copy, keeping a diverged one in
+  # quarantine (docs/resharding.md) rather than deleting it; the leader then sends the point
+  # from 0.
+  remove @1 (point :Text, leaderEpoch :UInt64, diverged :Bool) -> ();
 
   # What the point is besides its bytes, sent before the point's first record in a session when
   # there is something to say: its content type (empty: none) and its ownership epoch (the

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use goutube::metrics::{FAILOVERS, SELF_FENCED, SESSION_HELD};
+use goutube::metrics::{FAILOVERS, QUARANTINED_POINTS, SELF_FENCED, SESSION_HELD};
 use goutube::netns::Namespaces;
 use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
 use goutube_tests::{
@@ -223,6 +223,18 @@ impl Cluster {
         let id = goutube::point::PointId::new(point).unwrap();
         let dir = self.root.path().join(name).join("data").join("points");
         dir.join(id.relative_dir()).join("point.data")
+    }
+
+    /// The bytes of each copy of `point` that node `name` keeps in quarantine.
+    fn quarantined(&self, name: &str, point: &str) -> Vec<Vec<u8>> {
+        let id = goutube::point::PointId::new(point).unwrap();
+        let dir = self.root.path().join(name).join("data").join("quarantine");
+        let Ok(epochs) = std::fs::read_dir(dir.join(id.relative_dir())) else {
+            return Vec::new();
+        };
+        epochs
+            .filter_map(|epoch| std::fs::read(epoch.ok()?.path().join("point.data")).ok())
+            .collect()
     }
 
     /// An operator's client (`root`) of node `name`.
@@ -1550,5 +1562,15 @@ async fn an_operator_names_a_leader_outside_the_in_sync_set_once_warned() {
         read_all(&to_a, &point).await[..] == acknowledged.bytes[..]
     })
     .await;
+    // a's own copy, with the tail it never acknowledged, is kept in its quarantine.
+    let kept = cluster.quarantined("a", &point);
+    let want = [&acknowledged.bytes[..end as usize], &unacknowledged[..]].concat();
+    assert!(
+        kept.contains(&want),
+        "a's quarantine holds {:?} bytes",
+        kept.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let scrape = cluster.metrics("a").await;
+    assert_eq!(metric(&scrape, QUARANTINED_POINTS), Some(1.0));
     cluster.stop();
 }

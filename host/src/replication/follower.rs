@@ -340,6 +340,8 @@ enum Job {
     },
     Remove {
         point: PointId,
+        /// The copy diverged from the leader's: kept in quarantine, not deleted.
+        diverged: bool,
         done: oneshot::Sender<Result<(), ApplyError>>,
     },
     Describe {
@@ -425,7 +427,11 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Queued>, from: Op
                     context.store.commit(&point, end);
                 }
             }
-            Job::Remove { point, done } => {
+            Job::Remove {
+                point,
+                diverged: false,
+                done,
+            } => {
                 let result = match context.store.delete(&point).await {
                     Ok(size) => {
                         tracing::info!(%point, size, "removed (the leader no longer has this copy)");
@@ -435,6 +441,13 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Queued>, from: Op
                     Err(error) => Err(error.into()),
                 };
                 let _ = done.send(result);
+            }
+            Job::Remove {
+                point,
+                diverged: true,
+                done,
+            } => {
+                let _ = done.send(quarantine_diverged(&context, &point).await);
             }
             Job::Describe {
                 point,
@@ -469,6 +482,27 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Queued>, from: Op
                 let _ = done.send(truncate(&context, &point, end).await);
             }
         }
+    }
+}
+
+/// Takes this node's copy of `point` out into quarantine (`docs/resharding.md`): its leader
+/// found bytes in it that it does not hold (a deposed leader's tail, never acknowledged) and
+/// sends the point again from 0. Kept, counted (`goutube_quarantined_points`) and logged,
+/// never deleted here.
+async fn quarantine_diverged(context: &Context, point: &PointId) -> Result<(), ApplyError> {
+    let store = &context.store;
+    let (size, epoch) = match (store.metadata(point).await, store.ownership(point).await) {
+        (Ok(snapshot), Ok(ownership)) => (snapshot.end, ownership.epoch),
+        (Err(ReadError::NotFound(_)), _) | (_, Err(ReadError::NotFound(_))) => return Ok(()),
+        (Err(error), _) | (_, Err(error)) => return Err(error.into()),
+    };
+    match store.quarantine(point, epoch).await {
+        Ok(dir) => {
+            tracing::warn!(%point, size, epoch, dir = %dir.display(), "this copy diverged from the leader's: kept in quarantine, and the leader's copy is sent again");
+            Ok(())
+        }
+        Err(DeleteError::NotFound(_)) => Ok(()),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -527,7 +561,7 @@ async fn handed(context: &Context, from: &str, job: Job) {
         }
         // A handover's replicator sends no commit marks.
         Job::Commit { .. } => {}
-        Job::Remove { point, done } => {
+        Job::Remove { point, done, .. } => {
             let result = async {
                 let ownership = incoming(&point).await?;
                 store.delete(&point).await?;
@@ -869,10 +903,15 @@ impl sink::Server for SinkService {
         let Ok(point) = PointId::new(point) else {
             return Ok(());
         };
+        let diverged = params.get_diverged();
         let (done, removed) = oneshot::channel();
         let turn = self.order.lock().await;
-        self.queue(leader_epoch, Job::Remove { point, done })
-            .await?;
+        let job = Job::Remove {
+            point,
+            diverged,
+            done,
+        };
+        self.queue(leader_epoch, job).await?;
         drop(turn);
         outcome(removed).await?.map_err(wire)
     }

@@ -139,6 +139,15 @@ pub(crate) struct Replicator {
     marks: Option<Marks>,
 }
 
+/// Why a follower's copy is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// The point was deleted on this leader.
+    Deleted,
+    /// The copy holds bytes this leader does not: kept in the follower's quarantine.
+    Diverged,
+}
+
 /// The commit marks of one follower.
 #[derive(Debug, Default)]
 struct Marks {
@@ -237,7 +246,7 @@ impl Replicator {
                 };
                 if held > end {
                     // The new owner holds more than this copy: its copy is not this one's.
-                    self.send_remove(point.clone());
+                    self.send_remove(point.clone(), Removal::Diverged);
                 }
                 self.context.progress.confirm(&self.follower, &point, held);
                 self.points.insert(point.clone(), state);
@@ -387,7 +396,7 @@ impl Replicator {
                         Ok(crc) if crc == offered.crc => false,
                         Ok(crc) => {
                             tracing::error!(follower = %self.follower, point = %id, end = offered.end, crc = format_args!("{crc:08x}"), follower_crc = format_args!("{:08x}", offered.crc), "the follower's copy has other bytes than this leader's at the same length; replacing it");
-                            ::metrics::counter!(metrics::REPLICATION_DIVERGENCES, "found" => "offer").increment(1);
+                            self.diverged(&id, offered.end, "offer");
                             true
                         }
                         Err(ReadError::NotFound(_)) => continue,
@@ -402,7 +411,7 @@ impl Replicator {
             if replace {
                 state.next = 0;
                 state.confirmed = 0;
-                self.send_remove(id.clone());
+                self.send_remove(id.clone(), Removal::Diverged);
             } else {
                 self.context.progress.confirm(&self.follower, &id, held);
             }
@@ -443,6 +452,21 @@ impl Replicator {
         let mark = self.context.store.committed(point).min(state.confirmed);
         if mark > marks.told.get(point).copied().unwrap_or(0) {
             marks.due.insert(point.clone(), mark);
+        }
+    }
+
+    /// Counts a divergence of the follower's copy of `point` found by `found` (an offer, an
+    /// acknowledgement) in a byte before `before`, and reports it loudly when that is within
+    /// this leader's committed end: a replica held other bytes than consumers may have been
+    /// served (it is out of the in-sync set until it holds this leader's copy again).
+    fn diverged(&self, point: &PointId, before: u64, found: &'static str) {
+        let committed = self.context.store.committed(point);
+        let within = before <= committed;
+        let place = if within { "within" } else { "not_within" };
+        ::metrics::counter!(metrics::REPLICATION_DIVERGENCES, "found" => found, "committed" => place)
+            .increment(1);
+        if within {
+            tracing::error!(follower = %self.follower, %point, committed, before, "DIVERGENCE WITHIN THE COMMITTED END: the follower's copy differs from this leader's in bytes this leader had committed (acknowledged, served to consumers); its copy is replaced, and it stays out of the in-sync set until it holds this leader's");
         }
     }
 
@@ -516,7 +540,7 @@ impl Replicator {
         }
         self.forget(&point);
         self.described.remove(&point);
-        self.send_remove(point);
+        self.send_remove(point, Removal::Deleted);
     }
 
     /// Sends the point's content type and epoch, when it has a content type or an epoch past
@@ -638,10 +662,11 @@ impl Replicator {
         }
     }
 
-    fn send_remove(&mut self, point: PointId) {
+    fn send_remove(&mut self, point: PointId, removal: Removal) {
         let mut request = self.sink.remove_request();
         request.get().set_point(point.as_str());
         request.get().set_leader_epoch(self.leader_epoch);
+        request.get().set_diverged(removal == Removal::Diverged);
         // Sent now, not when the future is first polled: calls leave in the order they are made.
         let promise = request.send().promise;
         self.in_flight.push(
@@ -770,8 +795,7 @@ impl Replicator {
             }
             AfterReply::Truncate(verified) => {
                 tracing::error!(follower = %self.follower, %point, start = sent.start, len = sent.len, end, verified, "the follower acknowledged another end than the one sent: its copy diverged; cutting it back to the last verified end");
-                ::metrics::counter!(metrics::REPLICATION_DIVERGENCES, "found" => "ack")
-                    .increment(1);
+                self.diverged(&point, verified + 1, "ack");
                 self.send_truncate(point.clone(), verified);
                 self.mark(point.clone());
             }
@@ -781,7 +805,7 @@ impl Replicator {
             }
             AfterReply::Replace => {
                 tracing::warn!(follower = %self.follower, %point, end, "the follower holds more of the point than this leader; replacing its copy");
-                self.send_remove(point.clone());
+                self.send_remove(point.clone(), Removal::Diverged);
                 self.mark(point.clone());
             }
             AfterReply::BackOff => {
