@@ -38,7 +38,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::access::Action;
 use crate::api::streaming::{self, FrameStream};
-use crate::client::{Client, Pool, end_of, owner_of, redirect_pause};
+use crate::client::{Client, Pool, end_of, nothing_written, owner_of, redirect_pause};
 use crate::cluster::change;
 use crate::controller::session;
 use crate::error::Error;
@@ -64,6 +64,11 @@ pub(crate) const REPLAY_BUDGET: usize = 8 * 1024 * 1024;
 const UPSTREAM_QUEUE: usize = 8;
 /// How often one point's frames are sent again while riding through the loss of its writer.
 const MAX_RESUMES: u32 = 8;
+/// How often one stream's frames are sent again to a member that refused them unwritten
+/// because it does not see this balancer live yet ([`crate::client::nothing_written`]), and
+/// the pause before each: gossip spreads a new member in about a second.
+const MAX_UNSEEN: u32 = 30;
+const UNSEEN_PAUSE: Duration = Duration::from_millis(100);
 /// Most refusals naming another writer that one stream follows (pausing before each from the
 /// second on: `client::redirect_pause`): the ring or a group's leader may change more than
 /// once during a stream, but a loop between members must end.
@@ -333,6 +338,8 @@ struct Upstream {
     riding: Option<Instant>,
     /// How often the frames were sent again from where the new writer's copy ends.
     resumed: u32,
+    /// How often the frames were sent again after a refusal that wrote nothing.
+    unseen: u32,
 }
 
 impl Upstream {
@@ -374,6 +381,7 @@ impl Upstream {
             followed: 0,
             riding: None,
             resumed: 0,
+            unseen: 0,
         })
     }
 
@@ -417,7 +425,10 @@ impl Upstream {
     /// - a writer lost (the call failed, `Unavailable`) is waited out, up to
     ///   [`Balancer::ride_through`], if every frame carries its `expected_offset`: then no
     ///   frame can be written twice. The new writer refuses a frame it holds already with its
-    ///   end, and the frames are sent once more from there.
+    ///   end, and the frames are sent once more from there;
+    /// - a refusal that wrote nothing (a member that does not see this balancer live yet) is
+    ///   sent again as it is, after a pause, [`MAX_UNSEEN`] times at most: with or without
+    ///   `expected_offset`, nothing can be written twice.
     async fn follow(
         &mut self,
         balancer: &Balancer,
@@ -428,7 +439,15 @@ impl Upstream {
         let Some((frames, _)) = self.replay.take() else {
             return Err(status);
         };
-        let (address, from) = if let Some(owner) = owner_of(&status) {
+        let (address, from) = if nothing_written(&status) {
+            if self.unseen >= MAX_UNSEEN {
+                return Err(status);
+            }
+            self.unseen += 1;
+            tracing::debug!(point = %self.point, to = %self.address, %status, "refused before anything was written: sending it again");
+            tokio::time::sleep(UNSEEN_PAUSE).await;
+            (self.address.clone(), 0)
+        } else if let Some(owner) = owner_of(&status) {
             // A few times; and while riding through the loss of a writer, as often as frames
             // may be sent again.
             match self.riding {
@@ -467,6 +486,7 @@ impl Upstream {
         let mut next =
             Upstream::open(balancer, self.point.clone(), address, caller, timeout).await?;
         (next.followed, next.riding, next.resumed) = (self.followed, self.riding, self.resumed);
+        next.unseen = self.unseen;
         // Frames before `from` are kept too: the new writer may lose them in turn.
         let held: usize = frames[..from].iter().map(|f| f.frame.len()).sum();
         next.replay = Some((frames[..from].to_vec(), held));

@@ -16,8 +16,8 @@ use crate::api::transfer::TransferError;
 use crate::placement::PlacementError;
 use crate::point::{AppendError, DeleteError, Handover, InvalidPointId, ReadError, StorageError};
 use crate::proto::{
-    END_METADATA, EXPECTED_METADATA, LEADER_EPOCH_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA,
-    RETRY_AFTER_METADATA,
+    END_METADATA, EXPECTED_METADATA, LEADER_EPOCH_METADATA, NOTHING_WRITTEN_METADATA,
+    OWNER_ADDR_METADATA, OWNER_METADATA, RETRY_AFTER_METADATA,
 };
 use crate::reshard::gate::{ReadRefusal, Refusal, WriteError};
 
@@ -42,6 +42,19 @@ pub enum Error {
     /// Not now: the node or a member it needs is not available (retryable).
     #[error("{0}")]
     Unavailable(String),
+    /// A call forwarded for another subject by node `forwarder`, which this node does not see
+    /// live yet (a balancer that just started): refused before anything was written, so it may
+    /// be sent again as it is (`Unavailable`, with [`NOTHING_WRITTEN_METADATA`]).
+    #[error(
+        "node {forwarder} forwards this call for another subject, and {node} does not see it \
+         live yet (a balancer that just started?): send it again"
+    )]
+    ForwarderUnseen {
+        /// The forwarding node (bounded).
+        forwarder: String,
+        /// This node.
+        node: String,
+    },
     /// The gate sent the call elsewhere, or not at all (`crate::reshard::gate`).
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -70,7 +83,7 @@ impl Error {
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::ForwarderUnseen { .. } => Code::Unavailable,
             Error::Refused(refusal) => refusal.code(),
             Error::Transfer(error) => error.code(),
             // A fence passes in moments; a moved or arriving point is written elsewhere.
@@ -168,6 +181,10 @@ impl From<Error> for Status {
                 let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
                 metadata.insert(RETRY_AFTER_METADATA, MetadataValue::from(millis));
             }
+        }
+        if let Error::ForwarderUnseen { .. } = &error {
+            let metadata = status.metadata_mut();
+            metadata.insert(NOTHING_WRITTEN_METADATA, MetadataValue::from_static("1"));
         }
         if let Error::Append(AppendError::OffsetMismatch { end, expected, .. }) = &error {
             let metadata = status.metadata_mut();

@@ -44,6 +44,11 @@ pub const RETRY_AFTER_METADATA: &str = "goutube-retry-after-ms";
 /// naming its last leader, while it elects a new one).
 pub const LEADER_EPOCH_METADATA: &str = "goutube-leader-epoch";
 
+/// Status metadata: present (`1`) on a refusal made before the call could write anything, so
+/// that sending the same frames again writes nothing twice, with or without `expected_offset`
+/// (a member that does not see the balancer forwarding the call live yet).
+pub const NOTHING_WRITTEN_METADATA: &str = "goutube-nothing-written";
+
 /// Request metadata: the subject a balancer forwards a call for (binary, so that any subject
 /// travels). A node honours it only when the call comes over a connection whose certificate
 /// names a live balancer member; otherwise the call is the connection's own.

@@ -547,6 +547,23 @@ async fn forwarded_calls_carry_the_clients_subject_and_only_from_a_balancer() {
         status.message().contains("does not see it live yet"),
         "{status:?}"
     );
+    // A write refused so says it wrote nothing (the balancer sends it again as it is, even
+    // without expected_offset), and wrote nothing.
+    let mut write = tonic::Request::new(tokio_stream::iter([goutube::proto::ProduceRequest {
+        point: "videos/unheard".into(),
+        frame: data(4, 100).into(),
+        ..Default::default()
+    }]));
+    write.metadata_mut().insert_bin(
+        goutube::proto::ON_BEHALF_OF,
+        tonic::metadata::MetadataValue::from_bytes(b"root"),
+    );
+    let status = unheard.produce_stream(write).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(goutube::client::nothing_written(&status), "{status:?}");
+    let mut to_node = pki.client("root", &node.addr()).await;
+    let missing = metadata(&mut to_node, "videos/unheard").await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     balancer.shutdown().await;
     node.shutdown().await;
 }

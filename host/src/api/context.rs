@@ -68,12 +68,10 @@ impl Context {
                 subject: forwarded.into(),
             }),
             Some(_) => Ok(peer),
-            None => Err(Error::Unavailable(format!(
-                "node {} forwards this call for another subject, and {} does not see it live \
-                 yet (a balancer that just started?): send it again",
-                crate::text::bounded(node),
-                self.services.config.node_name
-            ))),
+            None => Err(Error::ForwarderUnseen {
+                forwarder: crate::text::bounded(node),
+                node: self.services.config.node_name.clone(),
+            }),
         }
     }
 

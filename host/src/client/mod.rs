@@ -39,7 +39,8 @@ use crate::proto::{
     TransferLeadershipResponse,
 };
 use crate::proto::{
-    END_METADATA, EXPECTED_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA, RETRY_AFTER_METADATA,
+    END_METADATA, EXPECTED_METADATA, NOTHING_WRITTEN_METADATA, OWNER_ADDR_METADATA, OWNER_METADATA,
+    RETRY_AFTER_METADATA,
 };
 
 /// The port of a node's gRPC API when an address names none (`rpc_port`'s default).
@@ -1012,6 +1013,12 @@ pub struct Redirect {
 /// a new leader, a leader without a session), if it says.
 pub fn retry_after(status: &Status) -> Option<Duration> {
     metadata_number(status, RETRY_AFTER_METADATA).map(Duration::from_millis)
+}
+
+/// Whether a refusal says the call wrote nothing, so that it may be sent again as it is
+/// (`NOTHING_WRITTEN_METADATA`).
+pub fn nothing_written(status: &Status) -> bool {
+    status.metadata().get(NOTHING_WRITTEN_METADATA).is_some()
 }
 
 /// Where the point ends, as a refused `expected_offset` says.
