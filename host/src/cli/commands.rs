@@ -147,6 +147,13 @@ pub(super) async fn stat(point: String, connection: Connection) -> anyhow::Resul
     let meta = connection.connect().await?.stat(&point).await?;
     println!("point:   {point}");
     println!("size:    {}", meta.size);
+    if let Some(stored) = meta.stored_size.filter(|stored| *stored != meta.size) {
+        // Bytes written but not committed yet (docs/failover.md): not served to consumers.
+        println!(
+            "stored:  {stored} (the last {} not committed yet)",
+            stored - meta.size
+        );
+    }
     println!("type:    {}", meta.content_type);
     println!("crc32c:  {:08x}", meta.crc32c);
     println!("epoch:   {}", meta.epoch);

@@ -58,7 +58,7 @@ pub(super) async fn run(
         ..Workload::new(mib, 256 * 1024)
     };
     println!(
-        "replication on loopback, fsync = \"never\", {mib} MiB in 256 KiB frames, {rounds} round(s), median reported"
+        "replication on loopback, fsync = \"never\" (\"always\" on the followers of the ack part: only such a follower enters the in-sync set), {mib} MiB in 256 KiB frames, {rounds} round(s), median reported"
     );
 
     if parts.contains(&Part::CatchUp) {
@@ -358,11 +358,17 @@ impl Setup {
         })
     }
 
-    /// The settings of node `name`: role, storage, plugins, TLS.
-    fn settings(&self, name: &str, role: &str, tls: bool, bundler: &str, extra: &str) -> String {
+    /// The settings of node `name`: role, storage (`fsync`), plugins, TLS.
+    fn settings(
+        &self,
+        (name, role, fsync): (&str, &str, &str),
+        tls: bool,
+        bundler: &str,
+        extra: &str,
+    ) -> String {
         let mut settings = format!(
             "role = \"{role}\"\n{extra}\n{}[plugins]\ncache_dir = {:?}\n[plugins.bundler]\nsource = \"builtin:{bundler}\"\n",
-            storage("never"),
+            storage(fsync),
             self.plugin_cache
         );
         if tls {
@@ -389,14 +395,14 @@ impl Setup {
 
     fn leader(&self, dir: &Path, tls: bool, bundler: &str, extra: &str) -> anyhow::Result<Server> {
         std::fs::create_dir_all(dir)?;
-        let settings = self.settings("leader", "leader", tls, bundler, extra);
+        let settings = self.settings(("leader", "leader", "never"), tls, bundler, extra);
         Server::node_at(dir, "leader", "127.0.0.1", None, &settings)
     }
 
     fn follower(
         &self,
         dir: &Path,
-        name: &str,
+        (name, fsync): (&str, &str),
         leader: &Server,
         tls: bool,
         bundler: &str,
@@ -404,7 +410,8 @@ impl Setup {
         std::fs::create_dir_all(dir)?;
         let extra = format!("leader_addresses = [{:?}]", leader.replication);
         // The certificates are made for the name "follower".
-        let settings = self.settings("follower", "follower", tls, bundler, &extra);
+        let who = ("follower", "follower", fsync);
+        let settings = self.settings(who, tls, bundler, &extra);
         Server::node_at(dir, name, "127.0.0.1", None, &settings)
     }
 
@@ -423,7 +430,8 @@ impl Setup {
         let follower_dir = dir.join("follower");
         disk_write(&follower_dir, &workload.pool, workload.frames)?;
         let started = Instant::now();
-        let follower = self.follower(&follower_dir, "follower", &leader, tls, bundler)?;
+        let follower =
+            self.follower(&follower_dir, ("follower", "never"), &leader, tls, bundler)?;
         let to_follower = connect_with(&follower.rpc, self.client_tls(tls)).await?;
         wait_for(&to_follower, "catch-up", want.size, want.crc32c).await?;
         let elapsed = started.elapsed().as_secs_f64();
@@ -443,7 +451,7 @@ impl Setup {
         let leader = self.leader(&dir.join("leader"), false, "crc-bundler", "")?;
         let follower = self.follower(
             &dir.join("follower"),
-            "follower",
+            ("follower", "never"),
             &leader,
             false,
             "crc-bundler",
@@ -522,7 +530,9 @@ impl Setup {
         for i in 1..=followers {
             let follower_dir = dir.join(format!("follower-{i}"));
             let name = format!("follower-{i}");
-            started.push(self.follower(&follower_dir, &name, &leader, false, "crc-bundler")?);
+            // Only a follower that syncs before it confirms enters the in-sync set.
+            let who = (name.as_str(), "always");
+            started.push(self.follower(&follower_dir, who, &leader, false, "crc-bundler")?);
             // Every copy is written into recycled page-cache pages, as on a long-running node.
             disk_write(&follower_dir, &workload.pool, workload.frames)?;
         }
