@@ -147,14 +147,6 @@ pub enum StoreEvent {
         /// The point.
         point: PointId,
     },
-    /// The point's committed end moved on to `end` ([`Snapshot::committed`]): replication
-    /// tells the followers.
-    Committed {
-        /// The point.
-        point: PointId,
-        /// Its committed end.
-        end: u64,
-    },
 }
 
 impl StoreEvent {
@@ -163,8 +155,7 @@ impl StoreEvent {
         match self {
             StoreEvent::Grew { point, .. }
             | StoreEvent::Owned { point }
-            | StoreEvent::Removed { point }
-            | StoreEvent::Committed { point, .. } => point,
+            | StoreEvent::Removed { point } => point,
         }
     }
 }

@@ -155,14 +155,8 @@ impl Store {
     /// [`Visibility::OnCommit`] that end there or before are served to consumers, and those
     /// still to come up to it will be as they are stored. Nothing for a point not held.
     pub fn commit(&self, id: &PointId, up_to: u64) {
-        let Ok(point) = self.get(id) else {
-            return;
-        };
-        if let Some(end) = point.commit(up_to) {
-            let _ = self.inner.events.send(StoreEvent::Committed {
-                point: id.clone(),
-                end,
-            });
+        if let Ok(point) = self.get(id) {
+            point.commit(up_to);
         }
     }
 

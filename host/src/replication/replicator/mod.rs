@@ -25,8 +25,10 @@
 //!   follower's copy is cut back to the last end verified here and sent again from there.
 //!
 //! Commit marks (`docs/failover.md`): a follower serves its copy only up to its leader's
-//! committed end. The replicator tells it each point's committed end as it moves (the store's
-//! `Committed` events, and after each confirmation), never past what it confirmed; and, as a
+//! committed end. The replicator tells it each point's committed end as it moves, never past
+//! what it confirmed: a point it confirmed more of than it was told stays *unsettled* and is
+//! looked at again every [`MARK_INTERVAL`], and the marks due leave in one call at most that
+//! often (a mark per move would cost a call per write per follower); and, as a
 //! group's leader, it commits what the followers' confirmations now acknowledge (a write whose
 //! acknowledgement timed out, or a long stream's bytes before its end).
 
@@ -148,6 +150,9 @@ enum Removal {
     Diverged,
 }
 
+/// How often a follower's commit marks are sent, at most, and its unsettled points looked at.
+const MARK_INTERVAL: Duration = Duration::from_millis(10);
+
 /// The commit marks of one follower.
 #[derive(Debug, Default)]
 struct Marks {
@@ -155,6 +160,23 @@ struct Marks {
     told: HashMap<PointId, u64>,
     /// Per point, the committed end to tell it next.
     due: HashMap<PointId, u64>,
+    /// The points it confirmed more of than it was told is committed.
+    unsettled: HashSet<PointId>,
+    /// When marks were last sent.
+    sent_at: Option<Instant>,
+}
+
+impl Marks {
+    /// When to look at the unsettled points and send the marks due next, if anything waits.
+    fn next_at(&self) -> Option<Instant> {
+        if self.due.is_empty() && self.unsettled.is_empty() {
+            return None;
+        }
+        Some(
+            self.sent_at
+                .map_or_else(Instant::now, |at| at + MARK_INTERVAL),
+        )
+    }
 }
 
 impl Replicator {
@@ -289,7 +311,7 @@ impl Replicator {
                 break Ended::Stopped;
             }
             self.fill(window).await;
-            self.send_marks();
+            let marks_at = self.marks.as_ref().and_then(Marks::next_at);
             let paced = self.paced_until();
             let retry = self.retries.peek().map(|Reverse((at, _))| *at);
             tokio::select! {
@@ -297,6 +319,9 @@ impl Replicator {
                 _ = tokio::time::sleep_until(paced.unwrap_or_else(Instant::now)), if paced.is_some() => {}
                 _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
                     self.retry_due();
+                }
+                _ = tokio::time::sleep_until(marks_at.unwrap_or_else(Instant::now)), if marks_at.is_some() => {
+                    self.settle_marks();
                 }
                 // Unsendable points are tried again with the new plugins (in `fill`).
                 Ok(()) = reloads.changed() => {}
@@ -314,7 +339,6 @@ impl Replicator {
                         }
                         self.grew(point, end);
                     }
-                    Ok(StoreEvent::Committed { point, .. }) => self.tell_committed(&point),
                     Err(RecvError::Lagged(_)) => self.scan(None).await,
                     Err(RecvError::Closed) => break Ended::Stopped,
                 },
@@ -453,6 +477,23 @@ impl Replicator {
         if mark > marks.told.get(point).copied().unwrap_or(0) {
             marks.due.insert(point.clone(), mark);
         }
+        if mark < state.confirmed {
+            marks.unsettled.insert(point.clone());
+        } else {
+            marks.unsettled.remove(point);
+        }
+    }
+
+    /// Looks at the unsettled points again, and sends the marks due.
+    fn settle_marks(&mut self) {
+        let Some(marks) = &self.marks else {
+            return;
+        };
+        let unsettled: Vec<PointId> = marks.unsettled.iter().cloned().collect();
+        for point in &unsettled {
+            self.tell_committed(point);
+        }
+        self.send_marks();
     }
 
     /// Counts a divergence of the follower's copy of `point` found by `found` (an offer, an
@@ -472,9 +513,13 @@ impl Replicator {
 
     /// Sends the commit marks due, in one call.
     fn send_marks(&mut self) {
-        let Some(marks) = self.marks.as_mut().filter(|marks| !marks.due.is_empty()) else {
+        let Some(marks) = self.marks.as_mut() else {
             return;
         };
+        marks.sent_at = Some(Instant::now());
+        if marks.due.is_empty() {
+            return;
+        }
         let mut request = self.sink.commit_request();
         request.get().set_leader_epoch(self.leader_epoch);
         let mut list = request.get().init_marks(marks.due.len() as u32);
@@ -747,6 +792,7 @@ impl Replicator {
                 self.context.progress.forget(&self.follower, &point);
                 if let Some(marks) = &mut self.marks {
                     marks.told.remove(&point);
+                    marks.unsettled.remove(&point);
                 }
                 if self.points.contains_key(&point) {
                     // A diverged copy was removed: send the point again from 0.
