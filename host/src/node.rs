@@ -643,7 +643,7 @@ fn start_storage(
             topology: services.controller.watch_topology(),
             seen_epoch: Default::default(),
             held,
-            session: (lease.clone(), !store.stopped_cleanly()),
+            unclean_session: (!store.stopped_cleanly()).then(|| lease.clone()),
         },
         listener,
         services.lifetime.subsystem(),

@@ -237,6 +237,14 @@ impl Cluster {
             .collect()
     }
 
+    /// The disk of node `name`, down, loses the last `bytes` of its copy of `point`.
+    fn lose_tail(&self, name: &str, point: &str, bytes: u64) {
+        let file = self.data_file(name, point);
+        let len = std::fs::metadata(&file).unwrap().len();
+        let data = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        data.set_len(len - bytes).unwrap();
+    }
+
     /// An operator's client (`root`) of node `name`.
     async fn client(&self, name: &str) -> Client {
         self.pki.client("root", &self.nodes[name].rpc).await
@@ -1152,14 +1160,7 @@ async fn a_follower_whose_tail_was_lost_on_disk_is_never_named_leader() {
     // fa1 crashes; its disk loses the last 9,000 bytes of its copy (beyond the last append
     // whole: recovery cuts the copy back to an earlier append).
     cluster.nodes.remove("fa1").unwrap().kill();
-    let file = cluster.data_file("fa1", &point);
-    let len = std::fs::metadata(&file).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_len(len - 9_000)
-        .unwrap();
+    cluster.lose_tail("fa1", &point, 9_000);
     // a is killed before it could take fa1 out of its in-sync set; fa1 restarts at once.
     let replication = cluster.nodes["a"].addresses.replication;
     cluster.nodes.remove("a").unwrap().kill();
@@ -1229,14 +1230,7 @@ async fn a_leader_whose_tail_was_lost_on_disk_hands_its_group_to_an_in_sync_memb
     }
 
     cluster.nodes.remove("a").unwrap().kill();
-    let file = cluster.data_file("a", &point);
-    let len = std::fs::metadata(&file).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_len(len - 9_000)
-        .unwrap();
+    cluster.lose_tail("a", &point, 9_000);
     cluster.spawn_primary("a");
 
     let group = eventually_some(

@@ -574,18 +574,14 @@ impl Running {
     /// as far as what the followers confirmed now acknowledges it (a write refused while it
     /// waited for the member that left is served now). Rare: it looks at every point.
     fn commit_acknowledged(&self, progress: &Progress, topology: &Topology) {
-        let (Some(store), local) = (&self.params.store, &self.params.local) else {
+        let Some(store) = &self.params.store else {
             return;
         };
-        let waited = crate::replication::replicas_waited_for(&self.params.ack, local, topology);
-        let Some(replicas) = waited else {
-            return;
-        };
-        for point in store.list("", None, usize::MAX) {
-            if let Some(end) = progress.committable(&point, replicas as usize) {
-                store.commit(&point, end);
-            }
-        }
+        crate::replication::commit_acknowledged(
+            (store, progress),
+            (&self.params.ack, &self.params.local, topology),
+            &store.list("", None, usize::MAX),
+        );
     }
 
     /// As the leader of a group: its report of how the group may fail over, if the controller

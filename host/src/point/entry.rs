@@ -442,19 +442,19 @@ impl Point {
                 state.dirty = true;
             }
             let mut commits = self.commits.lock().expect("poisoned");
-            match visibility {
+            let committed = match visibility {
                 Visibility::Now => {
                     // Everything before is committed with it.
                     commits.pending.clear();
                     commits.target = commits.target.max(end);
-                    commits.pending.push_back((end, crc));
+                    Some((end, crc))
                 }
                 Visibility::OnCommit => {
                     let ends = records.iter().map(|r| (r.end, r.point_crc));
                     commits.pending.extend(ends);
+                    commits.advance()
                 }
-            }
-            let committed = commits.advance();
+            };
             self.snapshot.send_modify(|snapshot| {
                 snapshot.end = end;
                 snapshot.crc = crc;
@@ -468,16 +468,16 @@ impl Point {
     }
 
     /// Commits the point up to `up_to` (at most its end; later appends up to it are committed
-    /// as they come). Returns the new committed end if it moved.
-    pub(super) fn commit(&self, up_to: u64) -> Option<u64> {
+    /// as they come).
+    pub(super) fn commit(&self, up_to: u64) {
         let mut commits = self.commits.lock().expect("poisoned");
         commits.target = commits.target.max(up_to);
-        let (end, crc) = commits.advance()?;
-        self.snapshot.send_modify(|snapshot| {
-            snapshot.committed = end;
-            snapshot.committed_crc = crc;
-        });
-        Some(end)
+        if let Some((end, crc)) = commits.advance() {
+            self.snapshot.send_modify(|snapshot| {
+                snapshot.committed = end;
+                snapshot.committed_crc = crc;
+            });
+        }
     }
 
     /// After the point was cut back to `end` (CRC32C `crc`): nothing past it is committed or

@@ -451,8 +451,7 @@ async fn committed_state_known(context: &Context, shutdown: &CancellationToken) 
     }
     // Back from an unclean stop: once the controller decided `Command::Unclean` (this member
     // heartbeats only after), and this node's view holds it (a grant waits for that).
-    let (lease, unclean) = &context.session;
-    if *unclean {
+    if let Some(lease) = &context.unclean_session {
         tokio::select! {
             () = lease.first_granted() => {}
             _ = shutdown.cancelled() => {}

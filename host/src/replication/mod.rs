@@ -67,7 +67,7 @@ use crate::config::{Ack, Role};
 use crate::controller::Topology;
 use crate::metrics;
 use crate::net::PeerInfo;
-use crate::point::Store;
+use crate::point::{PointId, Store};
 
 use crate::net::check_identity;
 use crate::service::{Handle, Service};
@@ -96,6 +96,25 @@ pub(crate) fn replicas_waited_for(ack: &Ack, local: &str, topology: &Topology) -
             crate::config::Failover::Automatic { replicas } => Some(replicas),
             crate::config::Failover::Manual(_) => None,
         },
+    }
+}
+
+/// On a node whose client writes wait for followers (`replicas_waited_for`): commits each of
+/// `points` as far as what the followers confirmed now acknowledges it
+/// (`Progress::committable`). The replicator calls it for a point a follower confirmed more
+/// of; the controller's agent for every point once a member left the in-sync set.
+pub(crate) fn commit_acknowledged<'a>(
+    (store, progress): (&Store, &Progress),
+    (ack, local, topology): (&Ack, &str, &Topology),
+    points: impl IntoIterator<Item = &'a PointId>,
+) {
+    let Some(replicas) = replicas_waited_for(ack, local, topology) else {
+        return;
+    };
+    for point in points {
+        if let Some(end) = progress.committable(point, replicas as usize) {
+            store.commit(point, end);
+        }
     }
 }
 
@@ -131,12 +150,12 @@ pub(crate) struct Context {
     /// What this node holds of the points of the group it follows, said in its heartbeats
     /// (the election names the in-sync member that holds the most).
     pub held: Arc<crate::controller::Held>,
-    /// This member's session with the controller, and whether its store was not stopped
-    /// cleanly: such a member serves followers only once it holds a session, which it takes
-    /// only after the controller decided `Command::Unclean` (if it led a group, that group waits
-    /// for a member of its in-sync set to be named leader; followers meanwhile would have their
-    /// longer copies replaced by a tail this member may have lost).
-    pub session: (Arc<crate::controller::Lease>, bool),
+    /// For a member whose store was not stopped cleanly, its session with the controller: it
+    /// serves followers only once it holds one, which it takes only after the controller
+    /// decided `Command::Unclean` (if it led a group, that group waits for a member of its
+    /// in-sync set to be named leader; followers meanwhile would have their longer copies
+    /// replaced by a tail this member may have lost). `None` after a clean stop.
+    pub unclean_session: Option<Arc<crate::controller::Lease>>,
 }
 
 /// Starts the replication thread, stopped by `token`, on every storage node: the leader service

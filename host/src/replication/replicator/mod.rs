@@ -511,6 +511,18 @@ impl Replicator {
         }
     }
 
+    /// Keeps `call` in flight, to notice it if it fails (a description, commit marks: calls
+    /// with nothing to read back).
+    fn answered<T: 'static>(
+        &mut self,
+        call: impl std::future::Future<Output = Result<T, capnp::Error>> + 'static,
+    ) {
+        let answered = call.map(|reply| Outcome::Answered {
+            reply: reply.map(|_| ()),
+        });
+        self.in_flight.push(answered.boxed_local());
+    }
+
     /// Sends the commit marks due, in one call.
     fn send_marks(&mut self) {
         let Some(marks) = self.marks.as_mut() else {
@@ -529,14 +541,7 @@ impl Replicator {
             mark.set_end(end);
             marks.told.insert(point, end);
         }
-        let promise = request.send().promise;
-        self.in_flight.push(
-            async move {
-                let reply = promise.await.map(|_| ());
-                Outcome::Described { reply }
-            }
-            .boxed_local(),
-        );
+        self.answered(request.send().promise);
     }
 
     /// As the leader of a group that acknowledges by followers: commits `point` as far as what
@@ -545,15 +550,13 @@ impl Replicator {
         if self.scope.is_some() {
             return;
         }
-        let topology = self.context.topology.borrow();
-        let config = &self.context.services.config;
-        let (ack, local) = (&config.replication.ack, &config.node_name);
-        let Some(replicas) = super::replicas_waited_for(ack, local, &topology) else {
-            return;
-        };
-        if let Some(end) = self.context.progress.committable(point, replicas as usize) {
-            self.context.store.commit(point, end);
-        }
+        let context = &self.context;
+        let (config, topology) = (&context.services.config, context.topology.borrow());
+        super::commit_acknowledged(
+            (&context.store, &context.progress),
+            (&config.replication.ack, &config.node_name, &topology),
+            [point],
+        );
     }
 
     fn grew(&mut self, point: PointId, end: u64) {
@@ -618,14 +621,7 @@ impl Replicator {
         request.get().set_epoch(epoch);
         request.get().set_leader_epoch(self.leader_epoch);
         // Sent now: calls leave in the order they are made, so it precedes the first push.
-        let promise = request.send().promise;
-        self.in_flight.push(
-            async move {
-                let reply = promise.await.map(|_| ());
-                Outcome::Described { reply }
-            }
-            .boxed_local(),
-        );
+        self.answered(request.send().promise);
         Ok(())
     }
 
@@ -786,7 +782,7 @@ impl Replicator {
     /// Applies a reply. An RPC error means the session is over.
     fn handle(&mut self, outcome: Outcome) -> Result<(), capnp::Error> {
         match outcome {
-            Outcome::Described { reply } => reply?,
+            Outcome::Answered { reply } => reply?,
             Outcome::Removed { point, reply } => {
                 reply?;
                 self.context.progress.forget(&self.follower, &point);

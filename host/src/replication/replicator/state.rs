@@ -184,8 +184,8 @@ pub(super) enum Outcome {
         point: PointId,
         reply: Result<(), capnp::Error>,
     },
-    /// A description, or commit marks: nothing to do but notice a failed call.
-    Described { reply: Result<(), capnp::Error> },
+    /// A call with nothing to read back (a description, commit marks): only a failure counts.
+    Answered { reply: Result<(), capnp::Error> },
     Truncated {
         point: PointId,
         reply: Result<u64, capnp::Error>,
