@@ -584,6 +584,9 @@ pub fn metric_where(scrape: &str, name: &str, label: &str) -> Option<f64> {
 pub struct Pki {
     pub dir: TempDir,
     pub ca: goutube::certs::Authority,
+    /// Held while a certificate is issued and written: a test's tasks (and the processes they
+    /// start) read the files while others ask for certificates.
+    issuing: std::sync::Mutex<u64>,
 }
 
 impl Pki {
@@ -592,18 +595,28 @@ impl Pki {
         let dir = tempfile::tempdir().expect("temporary directory");
         let ca = Authority::new("test CA", Validity::days(1)).expect("a CA");
         std::fs::write(dir.path().join("ca.pem"), &ca.pem().cert_pem).expect("writing the CA");
-        Pki { dir, ca }
+        Pki {
+            dir,
+            ca,
+            issuing: std::sync::Mutex::new(0),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
+    /// Writes `issued` as `<name>.pem` and `<name>-key.pem`, each whole or not at all (a
+    /// reader never sees a file half written), the key first: once the certificate is there,
+    /// so is its key.
     fn write(&self, name: &str, issued: &goutube::certs::Issued) {
-        std::fs::write(self.path(&format!("{name}.pem")), &issued.cert_pem)
-            .expect("writing a certificate");
-        std::fs::write(self.path(&format!("{name}-key.pem")), &issued.key_pem)
-            .expect("writing a key");
+        let whole = |file: String, body: &str| {
+            let partial = self.path(&format!("{file}.partial"));
+            std::fs::write(&partial, body).expect("writing a certificate or key");
+            std::fs::rename(&partial, self.path(&file)).expect("renaming a certificate or key");
+        };
+        whole(format!("{name}-key.pem"), &issued.key_pem);
+        whole(format!("{name}.pem"), &issued.cert_pem);
     }
 
     /// The `[tls]` section of node `name` (its certificate is made on first use).
@@ -614,6 +627,7 @@ impl Pki {
     /// [`Pki::node`], its certificate valid also for `sans` (host names or IPs) when made.
     pub fn node_at(&self, name: &str, sans: &[String]) -> goutube::config::TlsSection {
         let file = format!("node-{name}");
+        let _issuing = self.issuing.lock().expect("poisoned");
         if !self.path(&format!("{file}.pem")).exists() {
             let issued = self
                 .ca
@@ -657,11 +671,19 @@ impl Pki {
 
     /// Client options for `subject` (its certificate is made on first use) to `addr`.
     pub fn client_options(&self, subject: &str, addr: &str) -> ClientOptions {
-        self.client_options_from(&self.ca, subject, goutube::certs::Validity::days(1), addr)
+        let file = format!("client-{subject}");
+        let _issuing = self.issuing.lock().expect("poisoned");
+        if !self.path(&format!("{file}.pem")).exists() {
+            let validity = goutube::certs::Validity::days(1);
+            let issued = self.ca.client(subject, validity).expect("a client certificate");
+            self.write(&file, &issued);
+        }
+        self.client_files(&file, addr)
     }
 
     /// Client options with a certificate for `subject` issued now by `ca` (another CA in tests
-    /// of refusals), valid for `validity`.
+    /// of refusals), valid for `validity`: files of their own, so that the certificate
+    /// [`Pki::client_options`] gives stays as it is.
     pub fn client_options_from(
         &self,
         ca: &goutube::certs::Authority,
@@ -669,9 +691,16 @@ impl Pki {
         validity: goutube::certs::Validity,
         addr: &str,
     ) -> ClientOptions {
-        let file = format!("client-{subject}");
+        let mut issued_before = self.issuing.lock().expect("poisoned");
+        *issued_before += 1;
+        let file = format!("client-{subject}-{}", *issued_before);
         let issued = ca.client(subject, validity).expect("a client certificate");
         self.write(&file, &issued);
+        self.client_files(&file, addr)
+    }
+
+    /// Client options to `addr` with the certificate and key in `<file>.pem`, `<file>-key.pem`.
+    fn client_files(&self, file: &str, addr: &str) -> ClientOptions {
         ClientOptions {
             addr: addr.to_owned(),
             tls: Some(goutube::client::ClientTls {
