@@ -56,6 +56,8 @@ pub const REPLICATION_REJECTED: &str = "goutube_replication_rejected_records_tot
 pub const REPLICATION_UNSENT: &str = "goutube_replication_unsent_records_total";
 /// Follower copies found holding other bytes than the leader's (found by an offer's CRC or by an acknowledgement), cut back or replaced.
 pub const REPLICATION_DIVERGENCES: &str = "goutube_replication_divergences_total";
+/// Bytes of a deposed leader's tail cut from this follower's copies (kept in quarantine).
+pub const REPLICATION_CUT_BYTES: &str = "goutube_replication_cut_bytes_total";
 /// Replication tasks that died (a panic); their session was closed and starts again.
 pub const REPLICATION_TASK_FAILURES: &str = "goutube_replication_task_failures_total";
 /// Followers connected to this leader.
@@ -240,6 +242,11 @@ fn describe_replication() {
         "Replication records not sent: the bundler failed on them, or their bundle was too large (by reason)."
     );
     describe_counter!(
+        REPLICATION_CUT_BYTES,
+        Unit::Bytes,
+        "Bytes of a deposed leader's tail cut from this follower's copies where its successor's epoch began (kept in quarantine)."
+    );
+    describe_counter!(
         REPLICATION_DIVERGENCES,
         "Follower copies found holding other bytes than the leader's (found by an offer's CRC or by an acknowledgement), cut back or replaced; committed=within when proven within the leader's committed end."
     );
@@ -334,7 +341,7 @@ fn describe_resharding() {
     );
     describe_gauge!(
         QUARANTINED_POINTS,
-        "Copies kept aside in <data_dir>/quarantine: bytes only this node held when it stepped down after being forgotten."
+        "Copies and tails kept aside in <data_dir>/quarantine: bytes only this node held (a forgotten member stepping down, a deposed leader's copy that diverged or its cut tail)."
     );
     describe_counter!(
         TAKEOVER_DIVERGED,

@@ -93,6 +93,14 @@ struct Offer {
                             # replaces one of an older epoch whole
   crc @3 :UInt32;           # CRC32C of the follower's [0, end): a copy whose bytes differ from the
                             # leader's at the same length is replaced, not continued
+  leaderEpoch @4 :UInt64;   # protocol 6: the newest leader epoch of the copy's bytes (from where
+                            # each began, `describe`'s leaderEpochs; 0: none recorded). The
+                            # leader cuts the copy back to where its first newer epoch began
+}
+
+struct EpochStart {
+  epoch @0 :UInt64;         # a leader epoch
+  start @1 :UInt64;         # where that leader's first write of the point began
 }
 
 interface Sink {
@@ -113,15 +121,23 @@ interface Sink {
   remove @1 (point :Text, leaderEpoch :UInt64, diverged :Bool) -> ();
 
   # What the point is besides its bytes, sent before the point's first record in a session when
-  # there is something to say: its content type (empty: none) and its ownership epoch (the
-  # follower's copy takes it). Applied in order with the pushes.
-  describe @2 (point :Text, contentType :Text, epoch :UInt64, leaderEpoch :UInt64) -> ();
+  # there is something to say, and again when it changes: its content type (empty: none), its
+  # ownership epoch (the follower's copy takes it) and (protocol 6) where each leader epoch
+  # began in it, oldest first (the follower's copy takes the list unless it is empty). Applied
+  # in order with the pushes.
+  describe @2 (point :Text, contentType :Text, epoch :UInt64, leaderEpoch :UInt64,
+               leaderEpochs :List(EpochStart)) -> ();
 
   # The follower's copy holds bytes the leader did not send (it acknowledged another end than
   # the one sent): the follower cuts it back to the end of its last append at or before `end`
   # (the leader's last verified end) and answers where it now ends; the leader continues from
   # there. Applied in order with the pushes.
-  truncate @3 (point :Text, end :UInt64, leaderEpoch :UInt64) -> (end :UInt64);
+  # With `diverged` (protocol 6), the copy's bytes after `end` are a deposed leader's tail: the
+  # ones its successor's epoch replaced (Offer.leaderEpoch). If the copy's CRC32C of [0, end) is
+  # `crc`, the follower keeps [end, its end) in quarantine and cuts back as above; otherwise the
+  # copies differ before `end` too, and its whole copy goes to quarantine (it answers 0).
+  truncate @3 (point :Text, end :UInt64, leaderEpoch :UInt64, crc :UInt32, diverged :Bool)
+      -> (end :UInt64);
 
   # The leader's committed ends (protocol 5): consumers of the follower's copy are served the
   # bytes up to each, and no further (docs/failover.md). A mark never passes what the follower

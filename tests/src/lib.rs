@@ -675,7 +675,10 @@ impl Pki {
         let _issuing = self.issuing.lock().expect("poisoned");
         if !self.path(&format!("{file}.pem")).exists() {
             let validity = goutube::certs::Validity::days(1);
-            let issued = self.ca.client(subject, validity).expect("a client certificate");
+            let issued = self
+                .ca
+                .client(subject, validity)
+                .expect("a client certificate");
             self.write(&file, &issued);
         }
         self.client_files(&file, addr)

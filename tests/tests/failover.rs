@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use goutube::metrics::{FAILOVERS, QUARANTINED_POINTS, SELF_FENCED, SESSION_HELD};
+use goutube::metrics::{
+    FAILOVERS, QUARANTINED_POINTS, REPLICATION_CUT_BYTES as CUT_BYTES, SELF_FENCED, SESSION_HELD,
+};
 use goutube::netns::Namespaces;
 use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
 use goutube_tests::{
@@ -225,15 +227,20 @@ impl Cluster {
         dir.join(id.relative_dir()).join("point.data")
     }
 
-    /// The bytes of each copy of `point` that node `name` keeps in quarantine.
-    fn quarantined(&self, name: &str, point: &str) -> Vec<Vec<u8>> {
+    /// What node `name` keeps in quarantine of `point`: for each copy (`<epoch>`) or tail
+    /// (`<epoch>+<from>`), its directory's name and its bytes.
+    fn quarantined(&self, name: &str, point: &str) -> Vec<(String, Vec<u8>)> {
         let id = goutube::point::PointId::new(point).unwrap();
         let dir = self.root.path().join(name).join("data").join("quarantine");
-        let Ok(epochs) = std::fs::read_dir(dir.join(id.relative_dir())) else {
+        let Ok(copies) = std::fs::read_dir(dir.join(id.relative_dir())) else {
             return Vec::new();
         };
-        epochs
-            .filter_map(|epoch| std::fs::read(epoch.ok()?.path().join("point.data")).ok())
+        copies
+            .filter_map(|copy| {
+                let path = copy.ok()?.path();
+                let bytes = std::fs::read(path.join("point.data")).ok()?;
+                Some((path.file_name()?.to_str()?.to_owned(), bytes))
+            })
             .collect()
     }
 
@@ -605,17 +612,20 @@ impl Acknowledged {
     /// in-sync followers confirmed them (its committed end); other bytes at an acknowledged
     /// offset fail the test at once.
     async fn check(&self, client: &Client, point: &str, node: &str) {
-        eventually(&format!("{node} to serve every acknowledged byte"), || async {
-            let held = read_all(client, point).await;
-            let common = held.len().min(self.bytes.len());
-            assert!(
-                held[..common] == self.bytes[..common],
-                "{node} changed acknowledged bytes: it serves {} bytes, {} were acknowledged",
-                held.len(),
-                self.bytes.len()
-            );
-            held.len() >= self.bytes.len()
-        })
+        eventually(
+            &format!("{node} to serve every acknowledged byte"),
+            || async {
+                let held = read_all(client, point).await;
+                let common = held.len().min(self.bytes.len());
+                assert!(
+                    held[..common] == self.bytes[..common],
+                    "{node} changed acknowledged bytes: it serves {} bytes, {} were acknowledged",
+                    held.len(),
+                    self.bytes.len()
+                );
+                held.len() >= self.bytes.len()
+            },
+        )
         .await;
     }
 }
@@ -1341,6 +1351,15 @@ async fn a_leader_cut_off_from_the_controller_and_its_followers_acknowledges_not
         || async { read_all(&to_a, &point).await[..] == acknowledged.bytes[..] },
     )
     .await;
+    // What a stored and never acknowledged was cut where the new leader's epoch began, and
+    // kept in its quarantine; the rest of its copy was kept and continued.
+    let kept = cluster.quarantined("a", &point);
+    assert_eq!(kept.len(), 1, "a's quarantine: {kept:?}");
+    let (name, tail) = &kept[0];
+    assert!(name.ends_with(&format!("+{end}")), "{name}");
+    let scrape = cluster.metrics("a").await;
+    assert_eq!(metric(&scrape, CUT_BYTES), Some(tail.len() as f64));
+    assert!(!tail.is_empty());
     let mut client = to_a.clone();
     let status = append_at(&mut client, &point, acknowledged.bytes.len() as u64, b"x")
         .await
@@ -1569,15 +1588,22 @@ async fn an_operator_names_a_leader_outside_the_in_sync_set_once_warned() {
         read_all(&to_a, &point).await[..] == acknowledged.bytes[..]
     })
     .await;
-    // a's own copy, with the tail it never acknowledged, is kept in its quarantine.
+    // a's copy was cut back to where fa's epoch began: the tail it never acknowledged, and
+    // only that, is kept in its quarantine.
     let kept = cluster.quarantined("a", &point);
-    let want = [&acknowledged.bytes[..end as usize], &unacknowledged[..]].concat();
+    assert_eq!(kept.len(), 1, "a's quarantine: {kept:?}");
+    let (name, tail) = &kept[0];
+    assert!(name.ends_with(&format!("+{end}")), "{name}");
     assert!(
-        kept.contains(&want),
-        "a's quarantine holds {:?} bytes",
-        kept.iter().map(Vec::len).collect::<Vec<_>>()
+        tail[..] == unacknowledged[..],
+        "a's quarantine holds {} bytes",
+        tail.len()
     );
     let scrape = cluster.metrics("a").await;
     assert_eq!(metric(&scrape, QUARANTINED_POINTS), Some(1.0));
+    assert_eq!(
+        metric(&scrape, CUT_BYTES),
+        Some(unacknowledged.len() as f64)
+    );
     cluster.stop();
 }

@@ -25,6 +25,10 @@ pub(super) struct Meta {
     /// Its epoch and handover (`ownership.rs`); absent in files written before epochs.
     #[serde(flatten)]
     pub(super) ownership: Ownership,
+    /// Where each leader epoch began in it (`leader_epochs.rs`); absent until a second leader
+    /// wrote it.
+    #[serde(default, skip_serializing_if = "LeaderEpochs::is_empty")]
+    pub(super) leader_epochs: LeaderEpochs,
 }
 
 /// Opens (creating if needed) the files of the point in `dir`. `known` is the `(end,

@@ -15,6 +15,7 @@ pub mod error;
 mod files;
 pub mod id;
 pub mod journal;
+pub mod leader_epochs;
 pub mod ownership;
 mod registry;
 #[cfg(test)]
@@ -35,6 +36,7 @@ use tokio_util::task::TaskTracker;
 pub use error::{AppendError, DeleteError, ReadError, StorageError, TruncateError};
 pub use id::{InvalidPointId, PointId};
 use journal::Record;
+pub use leader_epochs::{EpochStart, LeaderEpochs};
 pub use ownership::{Handover, Ownership, SealedAt};
 
 pub use entry::Point;
@@ -229,6 +231,9 @@ struct Inner {
     lent: Arc<AtomicU64>,
     /// Woken at every change of a point's ownership record (a fenced write waits on it).
     ownership_changed: tokio::sync::Notify,
+    /// The leader epoch at which this node takes its group's client writes now (0: none
+    /// known): recorded in a point before its first client write at it ([`LeaderEpochs`]).
+    leader_epoch: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Whether the store was stopped cleanly before this start (`Store::stopped_cleanly`).

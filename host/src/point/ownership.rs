@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::files::{DATA_FILE, JOURNAL_FILE, META_FILE, Meta, remove_point_files, sync_dir};
-use super::{AppendError, DeleteError, Fsync, PointId, ReadError, StorageError, Store, StoreEvent};
+use super::{
+    AppendError, DeleteError, Fsync, PointId, ReadError, StorageError, Store, StoreEvent,
+    join_error,
+};
 
 /// The epoch of a point created by its owner (and of points stored before epochs existed).
 pub const FIRST_EPOCH: u64 = 1;
@@ -143,11 +146,15 @@ impl std::fmt::Display for Handover {
     }
 }
 
-/// A copy of a point kept in quarantine (`docs/resharding.md`, forget).
+/// A copy of a point kept in quarantine (`docs/resharding.md`, forget), or the tail of one
+/// (`docs/failover.md`: a deposed leader's copy cut back to where its successor began).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantined {
     /// The epoch of the copy.
     pub epoch: u64,
+    /// Where its bytes began in the point: 0 for a whole copy, else the offset of a tail
+    /// (kept in `<epoch>+<from>/`).
+    pub from: u64,
     /// Its bytes.
     pub size: u64,
     /// Where its files are.
@@ -269,6 +276,50 @@ impl Store {
         Ok(target)
     }
 
+    /// Copies the bytes of `id` from `from` to its end into quarantine, in
+    /// `<data_dir>/quarantine/<point>/<epoch>+<from>/point.data` (`epoch`: its ownership
+    /// epoch), before they are cut (`Store::truncate`): a deposed leader's tail that its
+    /// successor never had. Counted in `goutube_quarantined_points` like a whole copy; only an
+    /// operator deletes it. Returns the directory and the bytes kept. Copying again after a
+    /// crash replaces the file with the same bytes.
+    pub async fn quarantine_tail(
+        &self,
+        id: &PointId,
+        from: u64,
+    ) -> Result<(PathBuf, u64), ReadError> {
+        let point = self.point(id).await?;
+        let end = point.snapshot().end;
+        let epoch = self.ownership(id).await?.epoch;
+        let target = self.quarantine_dir(id).join(format!("{epoch}+{from}"));
+        let source = point.dir.join(DATA_FILE);
+        let kept = target.clone();
+        let len = end.saturating_sub(from);
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek};
+            std::fs::create_dir_all(&kept).map_err(StorageError::io("creating", kept.clone()))?;
+            let partial = kept.join("point.data.partial");
+            let copy = || -> std::io::Result<()> {
+                let mut data = std::fs::File::open(&source)?;
+                data.seek(std::io::SeekFrom::Start(from))?;
+                let mut file = std::fs::File::create(&partial)?;
+                let copied = std::io::copy(&mut data.take(len), &mut file)?;
+                if copied != len {
+                    return Err(std::io::Error::other(format!(
+                        "{copied} of the {len} bytes of the tail could be read"
+                    )));
+                }
+                file.sync_all()?;
+                std::fs::rename(&partial, kept.join(DATA_FILE))?;
+                sync_dir(&kept)
+            };
+            copy().map_err(StorageError::io("quarantining", source.clone()))
+        })
+        .await
+        .map_err(join_error)??;
+        ::metrics::gauge!(crate::metrics::QUARANTINED_POINTS).set(self.quarantined_count() as f64);
+        Ok((target, len))
+    }
+
     /// Where the quarantined copies of `id` are kept, one directory per epoch.
     pub(super) fn quarantine_dir(&self, id: &PointId) -> PathBuf {
         let points = &self.inner.shared.config.dir;
@@ -284,16 +335,21 @@ impl Store {
         let mut copies: Vec<Quarantined> = entries
             .filter_map(|entry| {
                 let path = entry.ok()?.path();
-                let epoch: u64 = path.file_name()?.to_str()?.parse().ok()?;
+                let name = path.file_name()?.to_str()?;
+                let (epoch, from) = match name.split_once('+') {
+                    Some((epoch, from)) => (epoch.parse().ok()?, from.parse().ok()?),
+                    None => (name.parse().ok()?, 0),
+                };
                 let size = std::fs::metadata(path.join(DATA_FILE)).ok()?.len();
                 Some(Quarantined {
                     epoch,
+                    from,
                     size,
                     dir: path,
                 })
             })
             .collect();
-        copies.sort_by_key(|copy| copy.epoch);
+        copies.sort_by_key(|copy| (copy.epoch, copy.from));
         copies
     }
 

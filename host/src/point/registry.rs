@@ -56,6 +56,7 @@ impl Store {
                 events: broadcast::channel(4096).0,
                 lent: Arc::default(),
                 ownership_changed: tokio::sync::Notify::new(),
+                leader_epoch: AtomicU64::new(0),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 stopped_cleanly,
@@ -201,6 +202,9 @@ impl Store {
                     point: id.clone(),
                     handover: handover.clone(),
                 });
+            }
+            if origin == Origin::Client {
+                self.record_leader_epoch(id, &point, &mut state).await?;
             }
             let known_crcs = match &origin {
                 Origin::Client => None,
@@ -482,7 +486,87 @@ impl Store {
         state.dirty = false;
         state.journal_len = journal_len;
         point.cut_commits(end, crc);
+        let meta = point.meta(&mut state).await?;
+        let mut epochs = meta.leader_epochs.clone();
+        epochs.cut(end);
+        if epochs != meta.leader_epochs {
+            let meta = Meta {
+                leader_epochs: epochs,
+                ..meta.clone()
+            };
+            let fsync = self.inner.shared.config.fsync;
+            point.replace_meta(&mut state, meta, fsync).await?;
+        }
         Ok(end)
+    }
+
+    /// Says the leader epoch at which this node takes its group's client writes from now on
+    /// (0: it leads no group): each point records it before its first client write at it
+    /// ([`LeaderEpochs`]).
+    pub fn lead_at(&self, epoch: u64) {
+        self.inner.leader_epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    /// Before a client write to `point` (locked open): records where this node's leader epoch
+    /// began in it if this is its first write at that epoch past its first bytes (one
+    /// `point.meta` write per point and leader epoch). Synced as `storage.fsync` says: a start
+    /// lost in a crash only makes a later cut longer, never wrong (the CRC32C at a cut is
+    /// checked). Replication describes the point again (a `StoreEvent::Owned`).
+    async fn record_leader_epoch(
+        &self,
+        id: &PointId,
+        point: &Point,
+        state: &mut State,
+    ) -> Result<(), AppendError> {
+        let epoch = self.inner.leader_epoch.load(Ordering::Relaxed);
+        let end = state.end;
+        let meta = point.meta(state).await?;
+        let Some(start) = meta.leader_epochs.to_record(epoch, end) else {
+            return Ok(());
+        };
+        let mut meta = meta.clone();
+        meta.leader_epochs.record(start);
+        let fsync = self.inner.shared.config.fsync;
+        point.replace_meta(state, meta, fsync).await?;
+        tracing::debug!(point = %id, epoch, start = end, "a new leader epoch begins in the point");
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::Owned { point: id.clone() });
+        Ok(())
+    }
+
+    /// Where each leader epoch began in `id` ([`LeaderEpochs`]).
+    pub async fn leader_epochs(&self, id: &PointId) -> Result<LeaderEpochs, ReadError> {
+        let point = self.get(id)?;
+        let mut state = point.state.lock().await;
+        if state.deleted {
+            return Err(ReadError::NotFound(id.clone()));
+        }
+        Ok(point.meta(&mut state).await?.leader_epochs.clone())
+    }
+
+    /// Replaces where each leader epoch began in `id` with its leader's list (a follower's copy
+    /// takes its leader's word, also about bytes it has yet to receive). Synced as
+    /// `storage.fsync` says.
+    pub async fn set_leader_epochs(
+        &self,
+        id: &PointId,
+        epochs: LeaderEpochs,
+    ) -> Result<(), AppendError> {
+        let fsync = self.inner.shared.config.fsync;
+        self.update_meta(id, |meta, _| {
+            if meta.leader_epochs == epochs {
+                return Ok(None);
+            }
+            let meta = Meta {
+                leader_epochs: epochs,
+                ..meta.clone()
+            };
+            Ok(Some((meta, fsync)))
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Reads `[offset, offset + len)` of `id`.

@@ -619,3 +619,68 @@ async fn a_consumer_reads_up_to_the_committed_end_and_follows_commits() {
     reader.abort();
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_leader_records_where_its_epoch_began_and_a_cut_keeps_the_tail_in_quarantine() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let point = id("epochs/p");
+    let (first, second, third) = (bytes(1, 700), bytes(2, 500), bytes(3, 300));
+    // Before any leader epoch is known, and a point's first bytes: nothing recorded.
+    store.append(&point, first.clone()).await.unwrap();
+    store.lead_at(4);
+    assert!(store.leader_epochs(&point).await.unwrap().is_empty());
+    // The first write past them at epoch 4 records where it began, once.
+    store.append(&point, second.clone()).await.unwrap();
+    store.append(&point, third.clone()).await.unwrap();
+    let recorded = [EpochStart {
+        epoch: 4,
+        start: 700,
+    }];
+    assert_eq!(
+        store.leader_epochs(&point).await.unwrap().starts(),
+        recorded
+    );
+    // Replicated bytes record nothing: the leader's list comes with its description.
+    let copy = id("epochs/copy");
+    for (start, frame) in [(0, &first), (700, &second)] {
+        let frames = vec![with_crc(frame.clone())];
+        store
+            .apply_replicated(&copy, start, frames, Visibility::Now)
+            .await
+            .unwrap();
+    }
+    assert!(store.leader_epochs(&copy).await.unwrap().is_empty());
+    let leaders = LeaderEpochs::new(recorded.to_vec()).unwrap();
+    store
+        .set_leader_epochs(&copy, leaders.clone())
+        .await
+        .unwrap();
+
+    // Reopened: the record is in point.meta.
+    store.close().await.unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    assert_eq!(store.leader_epochs(&point).await.unwrap(), leaders);
+    assert_eq!(store.leader_epochs(&copy).await.unwrap(), leaders);
+
+    // A deposed leader's tail from 700: kept in quarantine byte for byte, then cut; the epoch
+    // that began at the cut is forgotten with its bytes.
+    let (kept_in, kept) = store.quarantine_tail(&point, 700).await.unwrap();
+    assert_eq!(kept, 800);
+    let tail = std::fs::read(kept_in.join(DATA_FILE)).unwrap();
+    assert_eq!(tail, [second.as_ref(), third.as_ref()].concat());
+    assert_eq!(store.truncate(&point, 700).await.unwrap(), 700);
+    assert!(store.leader_epochs(&point).await.unwrap().is_empty());
+    let quarantined = store.quarantined(&point);
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(
+        (
+            quarantined[0].epoch,
+            quarantined[0].from,
+            quarantined[0].size
+        ),
+        (FIRST_EPOCH, 700, 800)
+    );
+    assert_eq!(store.read(&point, 0, 700).await.unwrap(), first);
+    store.close().await.unwrap();
+}

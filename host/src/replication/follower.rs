@@ -35,7 +35,8 @@ use crate::metrics;
 use crate::plugins::PluginSet;
 use crate::point::ownership::FIRST_EPOCH;
 use crate::point::{
-    AppendError, DeleteError, Handover, Ownership, PointId, ReadError, TruncateError, Visibility,
+    AppendError, DeleteError, EpochStart, Handover, LeaderEpochs, Ownership, PointId, ReadError,
+    TruncateError, Visibility,
 };
 
 /// Longest wait between two attempts to reach a leader.
@@ -199,6 +200,7 @@ async fn session(
             offer.set_end(held.end);
             offer.set_epoch(held.epoch);
             offer.set_crc(held.crc);
+            offer.set_leader_epoch(held.leader_epoch);
         }
         params.set_sink(sink);
     }
@@ -306,9 +308,12 @@ struct Offer {
     epoch: u64,
     /// CRC32C of `[0, end)`.
     crc: u32,
+    /// The newest leader epoch of its bytes (`LeaderEpochs::newest_below`).
+    leader_epoch: u64,
 }
 
-/// Every point this node holds, with its end, its epoch and its CRC32C.
+/// Every point this node holds, with its end, its epoch, its CRC32C and the newest leader epoch
+/// of its bytes.
 async fn offers(context: &Context) -> Vec<Offer> {
     let mut offers = Vec::new();
     for id in context.store.list("", None, usize::MAX) {
@@ -316,14 +321,16 @@ async fn offers(context: &Context) -> Vec<Offer> {
         let held = async {
             let snapshot = store.metadata(&id).await?;
             let epoch = store.ownership(&id).await?.epoch;
-            Ok::<_, ReadError>((snapshot, epoch))
+            let leader_epochs = store.leader_epochs(&id).await?;
+            Ok::<_, ReadError>((snapshot, epoch, leader_epochs.newest_below(snapshot.end)))
         };
         match held.await {
-            Ok((snapshot, epoch)) => offers.push(Offer {
+            Ok((snapshot, epoch, leader_epoch)) => offers.push(Offer {
                 point: id,
                 end: snapshot.end,
                 epoch,
                 crc: snapshot.crc,
+                leader_epoch,
             }),
             Err(error) => tracing::warn!(point = %id, %error, "not offered to the leader"),
         }
@@ -348,11 +355,16 @@ enum Job {
         point: PointId,
         content_type: Option<String>,
         epoch: u64,
+        /// Where each leader epoch began in the leader's copy (empty: nothing said).
+        leader_epochs: LeaderEpochs,
         done: oneshot::Sender<Result<(), ApplyError>>,
     },
     Truncate {
         point: PointId,
         end: u64,
+        /// A deposed leader's tail after `end`: kept in quarantine if the copy's CRC32C of
+        /// `[0, end)` is this, else the whole copy is.
+        diverged: Option<u32>,
         done: oneshot::Sender<Result<u64, ApplyError>>,
     },
     /// The leader's committed ends (`Sink.commit`): answered when queued.
@@ -453,6 +465,7 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Queued>, from: Op
                 point,
                 content_type,
                 epoch,
+                leader_epochs,
                 done,
             } => {
                 let store = &context.store;
@@ -472,14 +485,31 @@ async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Queued>, from: Op
                                 handover: None,
                             },
                         )
-                        .await
+                        .await?;
+                    if !leader_epochs.is_empty() {
+                        store.set_leader_epochs(&point, leader_epochs).await?;
+                    }
+                    Ok::<(), AppendError>(())
                 }
                 .await
                 .map_err(ApplyError::from);
                 let _ = done.send(result);
             }
-            Job::Truncate { point, end, done } => {
+            Job::Truncate {
+                point,
+                end,
+                diverged: None,
+                done,
+            } => {
                 let _ = done.send(truncate(&context, &point, end).await);
+            }
+            Job::Truncate {
+                point,
+                end,
+                diverged: Some(crc),
+                done,
+            } => {
+                let _ = done.send(cut_diverged(&context, &point, end, crc).await);
             }
         }
     }
@@ -517,6 +547,46 @@ async fn truncate(context: &Context, point: &PointId, end: u64) -> Result<u64, A
         Err(TruncateError::NotFound(_)) => Ok(0),
         Err(error) => Err(error.into()),
     }
+}
+
+/// Cuts this node's copy of `point` back to where its leader's epoch replaced its bytes
+/// (`end`, where the two copies agree if its CRC32C there is `crc`), keeping what it cuts in
+/// quarantine: a deposed leader's tail, never acknowledged. If the copies differ before `end`
+/// too, the whole copy goes to quarantine. Answers where the copy now ends.
+async fn cut_diverged(
+    context: &Context,
+    point: &PointId,
+    end: u64,
+    crc: u32,
+) -> Result<u64, ApplyError> {
+    let store = &context.store;
+    let agrees = match store.crc_at(point, end).await {
+        Ok(here) => here == crc,
+        Err(ReadError::NotFound(_)) => return Ok(0),
+        // Shorter than `end` (it changed since it was offered): its bytes are checked again.
+        Err(ReadError::OutOfRange { .. }) => false,
+        Err(error) => return Err(error.into()),
+    };
+    if !agrees {
+        ::metrics::counter!(metrics::REPLICATION_DIVERGENCES, "found" => "cut", "committed" => "within")
+            .increment(1);
+        tracing::error!(%point, end, "DIVERGENCE BEFORE A NEWER LEADER EPOCH BEGAN: this copy differs from the leader's in bytes an older leader wrote (which may have been acknowledged); the whole copy goes to quarantine and the leader's is sent again");
+        quarantine_diverged(context, point).await?;
+        return Ok(0);
+    }
+    let (dir, kept) = match store.quarantine_tail(point, end).await {
+        Ok(kept) => kept,
+        Err(ReadError::NotFound(_)) => return Ok(0),
+        Err(error) => return Err(error.into()),
+    };
+    let now = match store.truncate(point, end).await {
+        Ok(now) => now,
+        Err(TruncateError::NotFound(_)) => return Ok(0),
+        Err(error) => return Err(error.into()),
+    };
+    ::metrics::counter!(metrics::REPLICATION_CUT_BYTES).increment(kept);
+    tracing::warn!(%point, from = end, bytes = kept, now, dir = %dir.display(), "cut back a deposed leader's tail where its successor's epoch began; the tail is kept in quarantine");
+    Ok(now)
 }
 
 /// A job of the handover from `from`: applied only to points this node holds as `incoming` from
@@ -592,7 +662,10 @@ async fn handed(context: &Context, from: &str, job: Job) {
             .await;
             let _ = done.send(result);
         }
-        Job::Truncate { point, end, done } => {
+        // A handover never cuts a deposed leader's tail (no `diverged`).
+        Job::Truncate {
+            point, end, done, ..
+        } => {
             let result = match incoming(&point).await {
                 Ok(_) => truncate(context, &point, end).await,
                 Err(refused) => Err(refused),
@@ -878,11 +951,24 @@ impl sink::Server for SinkService {
                 "the leader described {point} with epoch 0"
             )));
         }
+        let mut starts = Vec::new();
+        for start in params.get_leader_epochs()? {
+            starts.push(EpochStart {
+                epoch: start.get_epoch(),
+                start: start.get_start(),
+            });
+        }
+        let Some(leader_epochs) = LeaderEpochs::new(starts) else {
+            return Err(capnp::Error::failed(format!(
+                "the leader described {point} with leader epochs out of order"
+            )));
+        };
         let (done, described) = oneshot::channel();
         let job = Job::Describe {
             point,
             content_type,
             epoch,
+            leader_epochs,
             done,
         };
         let turn = self.order.lock().await;
@@ -926,10 +1012,16 @@ impl sink::Server for SinkService {
         self.admit(leader_epoch)?;
         let point = point_named(params.get_point()?)?;
         let end = params.get_end();
+        let diverged = params.get_diverged().then(|| params.get_crc());
         let (done, truncated) = oneshot::channel();
         let turn = self.order.lock().await;
-        self.queue(leader_epoch, Job::Truncate { point, end, done })
-            .await?;
+        let job = Job::Truncate {
+            point,
+            end,
+            diverged,
+            done,
+        };
+        self.queue(leader_epoch, job).await?;
         drop(turn);
         let now = outcome(truncated).await?.map_err(wire)?;
         results.get().set_end(now);

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use super::error::{FollowRefusal, HandoverError, wire};
 use super::replication_capnp::{Verdict, leader, session};
 use super::replicator::{Ended, Held, Replicator, supervised};
-use super::{COMMIT_MARKS, Context, Durability, OLDEST_PROTOCOL, PROTOCOL, handover, takeover};
+use super::{
+    COMMIT_MARKS, Context, Durability, EPOCH_CUTS, OLDEST_PROTOCOL, PROTOCOL, handover, takeover,
+};
 use crate::access::Action;
 use crate::controller::Topology;
 use crate::metrics;
@@ -386,6 +388,7 @@ impl leader::Server for LeaderService {
                 end: offer.get_end(),
                 epoch: offer.get_epoch().max(FIRST_EPOCH),
                 crc: offer.get_crc(),
+                leader_epoch: (protocol >= EPOCH_CUTS).then(|| offer.get_leader_epoch()),
             };
             offers.insert(offer.get_point()?.to_str()?.to_owned(), held);
         }

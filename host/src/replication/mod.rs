@@ -76,7 +76,7 @@ use error::LinkError;
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
 /// a leader refuses followers that speak one it does not (docs/replication.md).
-pub(crate) const PROTOCOL: u16 = 5;
+pub(crate) const PROTOCOL: u16 = 6;
 
 /// The oldest protocol a leader of this release still serves: 4, the release before commit
 /// marks (`Sink.commit`), whose followers serve every byte they hold. A group's leader is
@@ -85,6 +85,10 @@ pub(crate) const OLDEST_PROTOCOL: u16 = 4;
 
 /// The first protocol whose followers take commit marks.
 pub(crate) const COMMIT_MARKS: u16 = 5;
+
+/// The first protocol whose followers say the newest leader epoch of their copies and cut a
+/// deposed leader's tail back to where its successor began (`Sink.truncate`'s `diverged`).
+pub(crate) const EPOCH_CUTS: u16 = 6;
 
 /// How many followers a client's write on node `local` waits for before it is acknowledged
 /// (besides every in-sync one), as its `replication.ack` and the controller's `topology` say;

@@ -684,8 +684,12 @@ impl Gate {
             let copies: Vec<String> = quarantined
                 .iter()
                 .map(|copy| {
+                    let tail = match copy.from {
+                        0 => String::new(),
+                        from => format!(", a tail from byte {from}"),
+                    };
                     format!(
-                        "epoch {}: {} bytes in {}",
+                        "epoch {}{tail}: {} bytes in {}",
                         copy.epoch,
                         copy.size,
                         copy.dir.display()

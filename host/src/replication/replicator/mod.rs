@@ -51,7 +51,7 @@ use super::progress::Durability;
 use super::replication_capnp::{ack, sink};
 use crate::metrics;
 use crate::point::ownership::FIRST_EPOCH;
-use crate::point::{LiveBytes, PointId, ReadError, StoreEvent};
+use crate::point::{LeaderEpochs, LiveBytes, PointId, ReadError, Snapshot, StoreEvent};
 
 mod bundling;
 mod state;
@@ -70,13 +70,26 @@ pub(crate) const LIVE_PER_FOLLOWER: u64 = 16 * 1024 * 1024;
 /// How often, at least, a follower's lag is reported to [`super::Progress`].
 const LAG_REPORT: Duration = Duration::from_millis(250);
 
-/// What a follower offered of one point: its end, the epoch of its copy and the CRC32C of its
-/// bytes.
+/// What a follower offered of one point: its end, the epoch of its copy, the CRC32C of its
+/// bytes and the newest leader epoch of them (`None`: a follower of a protocol before 6, which
+/// cannot cut a deposed leader's tail by epoch: a copy that diverged is replaced whole).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Held {
     pub end: u64,
     pub epoch: u64,
     pub crc: u32,
+    pub leader_epoch: Option<u64>,
+}
+
+/// How a follower's copy, as offered, is continued at the start of a session.
+enum Start {
+    /// From its end: its bytes are this leader's.
+    Continue,
+    /// From 0: it diverged, or is of an older ownership epoch; it goes to quarantine.
+    Replace,
+    /// From `end`, where it agrees with this leader's copy if its CRC32C there is `crc`: the
+    /// bytes after it are a deposed leader's tail, which the follower keeps in quarantine.
+    Cut { end: u64, crc: u32 },
 }
 
 /// A change to the points a handover's replicator sends (`Replicator::handover`).
@@ -393,7 +406,7 @@ impl Replicator {
                 confirmed: held,
                 ..PointState::default()
             };
-            let replace = match offered {
+            let start = match offered {
                 Some(offered) if offered.epoch > epoch => {
                     // A newer owner's copy: this leader's is the stale one, and it never
                     // overwrites or removes what it has not written.
@@ -404,25 +417,11 @@ impl Replicator {
                 }
                 Some(offered) if offered.epoch < epoch => {
                     tracing::warn!(follower = %self.follower, point = %id, epoch, follower_epoch = offered.epoch, "follower copy is of an older epoch; replacing it");
-                    true
-                }
-                Some(offered) if offered.end > snapshot.end => {
-                    // The follower holds more than the leader: its copy diverged.
-                    tracing::warn!(follower = %self.follower, point = %id, offered = offered.end, end = snapshot.end, "follower copy diverged; replacing it");
-                    true
+                    Start::Replace
                 }
                 Some(offered) if offered.end > 0 => {
-                    let here = match offered.end == snapshot.end {
-                        true => Ok(snapshot.crc),
-                        false => store.crc_at(&id, offered.end).await,
-                    };
-                    match here {
-                        Ok(crc) if crc == offered.crc => false,
-                        Ok(crc) => {
-                            tracing::error!(follower = %self.follower, point = %id, end = offered.end, crc = format_args!("{crc:08x}"), follower_crc = format_args!("{:08x}", offered.crc), "the follower's copy has other bytes than this leader's at the same length; replacing it");
-                            self.diverged(&id, offered.end, "offer");
-                            true
-                        }
+                    match self.start_from(&id, offered, snapshot).await {
+                        Ok(start) => start,
                         Err(ReadError::NotFound(_)) => continue,
                         Err(error) => {
                             tracing::error!(follower = %self.follower, point = %id, %error, "cannot check the follower's copy; not replicating it in this session");
@@ -430,14 +429,21 @@ impl Replicator {
                         }
                     }
                 }
-                _ => false,
+                _ => Start::Continue,
             };
-            if replace {
-                state.next = 0;
-                state.confirmed = 0;
-                self.send_remove(id.clone(), Removal::Diverged);
-            } else {
-                self.context.progress.confirm(&self.follower, &id, held);
+            match start {
+                Start::Continue => self.context.progress.confirm(&self.follower, &id, held),
+                Start::Replace => {
+                    state.next = 0;
+                    state.confirmed = 0;
+                    self.send_remove(id.clone(), Removal::Diverged);
+                }
+                Start::Cut { end, crc } => {
+                    // Confirmed once the follower answers where its checked copy ends.
+                    state.next = end;
+                    state.confirmed = 0;
+                    self.send_truncate(id.clone(), end, Some(crc));
+                }
             }
             self.points.insert(id.clone(), state);
             self.commit_confirmed(&id);
@@ -465,6 +471,43 @@ impl Replicator {
             self.tell_committed(&id);
         }
         self.update_gauges();
+    }
+
+    /// How the follower's copy of `point` as `offered` (of this copy's ownership epoch, with
+    /// bytes) is continued: from its end if its bytes are this copy's; cut back to where this
+    /// copy's first leader epoch newer than its bytes began, if it holds more than that (a
+    /// deposed leader's tail, `docs/failover.md`); else, if its bytes differ, replaced.
+    async fn start_from(
+        &self,
+        point: &PointId,
+        offered: Held,
+        snapshot: Snapshot,
+    ) -> Result<Start, ReadError> {
+        let store = &self.context.store;
+        if let Some(newest) = offered.leader_epoch {
+            let agree = store
+                .leader_epochs(point)
+                .await?
+                .end_of(newest, snapshot.end);
+            if offered.end > agree {
+                let crc = store.crc_at(point, agree).await?;
+                tracing::warn!(follower = %self.follower, %point, offered = offered.end, end = snapshot.end, cut = agree, follower_leader_epoch = newest, "the follower's copy holds a deposed leader's tail; cutting it back to where a newer leader epoch began");
+                return Ok(Start::Cut { end: agree, crc });
+            }
+        } else if offered.end > snapshot.end {
+            tracing::warn!(follower = %self.follower, %point, offered = offered.end, end = snapshot.end, "follower copy diverged; replacing it");
+            return Ok(Start::Replace);
+        }
+        let here = match offered.end == snapshot.end {
+            true => snapshot.crc,
+            false => store.crc_at(point, offered.end).await?,
+        };
+        if here == offered.crc {
+            return Ok(Start::Continue);
+        }
+        tracing::error!(follower = %self.follower, %point, end = offered.end, crc = format_args!("{here:08x}"), follower_crc = format_args!("{:08x}", offered.crc), "the follower's copy has other bytes than this leader's at the same length; replacing it");
+        self.diverged(point, offered.end, "offer");
+        Ok(Start::Replace)
     }
 
     /// Makes a commit mark of `point` due if its committed end moved past what the follower
@@ -601,16 +644,17 @@ impl Replicator {
         let described = async {
             let content_type = store.content_type(point).await?;
             let epoch = store.ownership(point).await?.epoch;
-            Ok::<_, ReadError>((content_type, epoch))
+            let leader_epochs = store.leader_epochs(point).await?;
+            Ok::<_, ReadError>((content_type, epoch, leader_epochs))
         };
-        let (content_type, epoch) = match described.await {
+        let (content_type, epoch, leader_epochs) = match described.await {
             Ok(described) => described,
             // Deleted meanwhile: the removal event follows.
-            Err(ReadError::NotFound(_)) => (None, FIRST_EPOCH),
+            Err(ReadError::NotFound(_)) => (None, FIRST_EPOCH, LeaderEpochs::default()),
             Err(error) => return Err(error),
         };
         self.described.insert(point.clone());
-        if content_type.is_none() && epoch == FIRST_EPOCH {
+        if content_type.is_none() && epoch == FIRST_EPOCH && leader_epochs.is_empty() {
             return Ok(());
         }
         let mut request = self.sink.describe_request();
@@ -620,13 +664,20 @@ impl Replicator {
             .set_content_type(content_type.as_deref().unwrap_or_default());
         request.get().set_epoch(epoch);
         request.get().set_leader_epoch(self.leader_epoch);
+        let starts = leader_epochs.starts();
+        let mut list = request.get().init_leader_epochs(starts.len() as u32);
+        for (i, start) in starts.iter().enumerate() {
+            let mut entry = list.reborrow().get(i as u32);
+            entry.set_epoch(start.epoch);
+            entry.set_start(start.start);
+        }
         // Sent now: calls leave in the order they are made, so it precedes the first push.
         self.answered(request.send().promise);
         Ok(())
     }
 
-    /// The point's ownership record changed: its description goes again, now if the follower
-    /// has had one already, else before its first record.
+    /// The point's ownership record or leader epochs changed: its description goes again, now
+    /// if the follower has had one already, else before its first record.
     async fn redescribe(&mut self, point: PointId) {
         if self.newer.contains(&point) || !self.described.remove(&point) {
             return;
@@ -719,18 +770,30 @@ impl Replicator {
         );
     }
 
-    fn send_truncate(&mut self, point: PointId, end: u64) {
+    /// Has the follower cut its copy of `point` back to at most `end`; with `diverged`, the
+    /// CRC32C of this copy's `[0, end)`: the bytes after it are a deposed leader's tail, and
+    /// the follower checks its copy agrees up to there (`Start::Cut`).
+    fn send_truncate(&mut self, point: PointId, end: u64, diverged: Option<u32>) {
         let mut request = self.sink.truncate_request();
         request.get().set_point(point.as_str());
         request.get().set_end(end);
         request.get().set_leader_epoch(self.leader_epoch);
+        if let Some(crc) = diverged {
+            request.get().set_diverged(true);
+            request.get().set_crc(crc);
+        }
+        let checked = diverged.is_some();
         let promise = request.send().promise;
         self.in_flight.push(
             async move {
                 let reply = promise
                     .await
                     .and_then(|response| Ok(response.get()?.get_end()));
-                Outcome::Truncated { point, reply }
+                Outcome::Truncated {
+                    point,
+                    reply,
+                    checked,
+                }
             }
             .boxed_local(),
         );
@@ -795,9 +858,13 @@ impl Replicator {
                     self.mark(point);
                 }
             }
-            Outcome::Truncated { point, reply } => {
+            Outcome::Truncated {
+                point,
+                reply,
+                checked,
+            } => {
                 let end = reply?;
-                self.cut(point, end);
+                self.cut(point, end, checked);
             }
             Outcome::Pushed { sent, wire, reply } => {
                 self.in_flight_bytes -= wire;
@@ -838,7 +905,7 @@ impl Replicator {
             AfterReply::Truncate(verified) => {
                 tracing::error!(follower = %self.follower, %point, start = sent.start, len = sent.len, end, verified, "the follower acknowledged another end than the one sent: its copy diverged; cutting it back to the last verified end");
                 self.diverged(&point, verified + 1, "ack");
-                self.send_truncate(point.clone(), verified);
+                self.send_truncate(point.clone(), verified, None);
                 self.mark(point.clone());
             }
             AfterReply::Resend => {
@@ -870,7 +937,9 @@ impl Replicator {
 
     /// The follower cut its copy of `point` back to `end` (after a divergence): continue from
     /// there if that is before where this replicator is.
-    fn cut(&mut self, point: PointId, end: u64) {
+    /// The follower's copy of `point` was cut back to `end`; `checked`: it was checked to
+    /// agree with this copy up to there (a deposed leader's tail cut), so it is confirmed.
+    fn cut(&mut self, point: PointId, end: u64, checked: bool) {
         let Some(state) = self.points.get_mut(&point) else {
             return;
         };
@@ -878,10 +947,15 @@ impl Replicator {
             state.generation += 1;
             state.next = end;
         }
-        state.confirmed = end.min(state.confirmed);
+        state.confirmed = match checked {
+            true => end,
+            false => end.min(state.confirmed),
+        };
         self.context
             .progress
             .confirm(&self.follower, &point, state.confirmed);
+        self.commit_confirmed(&point);
+        self.tell_committed(&point);
         self.mark(point);
     }
 

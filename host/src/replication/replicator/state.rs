@@ -189,6 +189,8 @@ pub(super) enum Outcome {
     Truncated {
         point: PointId,
         reply: Result<u64, capnp::Error>,
+        /// The follower checked its copy agrees with the leader's up to where it now ends.
+        checked: bool,
     },
 }
 
