@@ -252,6 +252,22 @@ impl Cluster {
         data.set_len(len - bytes).unwrap();
     }
 
+    /// The disk of node `name`, down, flips a bit `back` bytes before the end of its copy of
+    /// `point`.
+    fn flip_in_tail(&self, name: &str, point: &str, back: u64) {
+        use std::os::unix::fs::FileExt;
+        let file = self.data_file(name, point);
+        let len = std::fs::metadata(&file).unwrap().len();
+        let data = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
+        let mut byte = [0u8];
+        data.read_exact_at(&mut byte, len - back).unwrap();
+        data.write_all_at(&[byte[0] ^ 0x10], len - back).unwrap();
+    }
+
     /// An operator's client (`root`) of node `name`.
     async fn client(&self, name: &str) -> Client {
         self.pki.client("root", &self.nodes[name].rpc).await
@@ -1163,6 +1179,17 @@ async fn every_voter_killed_and_restarted_loses_no_group_and_no_acknowledged_byt
     cluster.stop();
 }
 
+/// What a nemesis does to the tail of a follower's copy on disk.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    /// Its last 9,000 bytes are lost (beyond the last append whole: recovery cuts the copy back
+    /// to an earlier append).
+    Lost,
+    /// A bit of its last append is flipped (recovery finds the append's CRC32C wrong and cuts
+    /// it).
+    Flipped,
+}
+
 /// A nemesis on a follower's disk: an in-sync follower crashes and the tail of its copy is
 /// lost on disk (cut at its recovery), and the leader is killed before it could take the
 /// follower out of its in-sync set. The follower comes back before the leader's session ran
@@ -1171,6 +1198,16 @@ async fn every_voter_killed_and_restarted_loses_no_group_and_no_acknowledged_byt
 /// the damaged one follows it and holds them all again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_whose_tail_was_lost_on_disk_is_never_named_leader() {
+    a_follower_with_a_damaged_tail_is_never_named_leader(Damage::Lost).await;
+}
+
+/// The same nemesis, a bit of the follower's last append flipped on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_tail_was_flipped_on_disk_is_never_named_leader() {
+    a_follower_with_a_damaged_tail_is_never_named_leader(Damage::Flipped).await;
+}
+
+async fn a_follower_with_a_damaged_tail_is_never_named_leader(damage: Damage) {
     let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
     let point = cluster.point_of("a").await;
     let to_a = cluster.client("a").await;
@@ -1180,10 +1217,12 @@ async fn a_follower_whose_tail_was_lost_on_disk_is_never_named_leader() {
     })
     .await;
 
-    // fa1 crashes; its disk loses the last 9,000 bytes of its copy (beyond the last append
-    // whole: recovery cuts the copy back to an earlier append).
+    // fa1 crashes; its disk damages the tail of its copy.
     cluster.nodes.remove("fa1").unwrap().kill();
-    cluster.lose_tail("fa1", &point, 9_000);
+    match damage {
+        Damage::Lost => cluster.lose_tail("fa1", &point, 9_000),
+        Damage::Flipped => cluster.flip_in_tail("fa1", &point, 1_000),
+    }
     // a is killed before it could take fa1 out of its in-sync set; fa1 restarts at once.
     let replication = cluster.nodes["a"].addresses.replication;
     cluster.nodes.remove("a").unwrap().kill();
@@ -1202,9 +1241,11 @@ async fn a_follower_whose_tail_was_lost_on_disk_is_never_named_leader() {
         killed.elapsed()
     );
     assert_eq!(group.in_sync, ["fa2"], "fa1 holds a session: {group:?}");
+    let mut to_fa1 = cluster.client("fa1").await;
+    let held = metadata(&mut to_fa1, &point).await.unwrap();
     assert!(
-        cluster.size("fa1", &point).await < acknowledged.bytes.len() as u64,
-        "fa1's recovery cut its copy"
+        held.stored_size.unwrap() < acknowledged.bytes.len() as u64,
+        "fa1's recovery cut its copy: {held:?}"
     );
 
     let group = eventually_some(

@@ -66,6 +66,9 @@ pub(super) struct State {
     pub(super) deleted: bool,
     /// `point.meta`, once read.
     pub(super) meta: Option<Meta>,
+    /// The committed end the journal's last record says (`journal::Record::behind`): when the
+    /// committed end moved past it, closing the point writes a marker.
+    pub(super) recorded_committed: u64,
 }
 
 pub(super) struct Files {
@@ -298,19 +301,24 @@ impl Point {
             state.crc = recovered.point_crc;
             state.durable = recovered.end;
             state.journal_len = recovered.journal_len;
+            state.recorded_committed = recovered.committed;
             let arriving = self.meta(state).await?.ownership.is_arriving();
-            // What a point holds when it is opened counts as committed: a member back from a
-            // stop that was not clean hands the groups it led over first (`docs/failover.md`).
+            // Committed as far as the journal's last record says; the rest, one append as far
+            // as commits are concerned, once a commit reaches its end (`docs/failover.md`).
             let mut commits = self.commits.lock().expect("poisoned");
+            let pending = match recovered.committed < recovered.end {
+                true => [(recovered.end, recovered.point_crc)].into(),
+                false => Default::default(),
+            };
             *commits = Commits {
-                target: recovered.end,
-                pending: Default::default(),
+                target: recovered.committed,
+                pending,
             };
             self.snapshot.send_replace(Snapshot {
                 end: recovered.end,
                 crc: recovered.point_crc,
-                committed: recovered.end,
-                committed_crc: recovered.point_crc,
+                committed: recovered.committed,
+                committed_crc: recovered.committed_crc,
                 deleted: false,
                 arriving,
             });
@@ -352,6 +360,20 @@ impl Point {
         let files = state.files.clone().expect("write on an open point");
         let always = shared.config.fsync == Fsync::Always;
         let (previous_crc, durable, journal_offset) = (state.crc, state.durable, state.journal_len);
+        // How far each record says the committed end is behind it: nowhere for bytes committed
+        // as they are stored; else from what is committed, or named by a commit, now.
+        let committed = match visibility {
+            Visibility::Now => None,
+            Visibility::OnCommit => {
+                let target = self.commits.lock().expect("poisoned").target;
+                Some(target.max(self.snapshot.borrow().committed))
+            }
+        };
+        let behind = move |end: u64| {
+            committed.map_or(0, |committed| {
+                u32::try_from(end.saturating_sub(committed)).unwrap_or(u32::MAX)
+            })
+        };
         let dir = self.dir.clone();
         #[cfg(test)]
         let inject_failure = shared.fail_next_journal_write.swap(false, Ordering::SeqCst);
@@ -375,6 +397,7 @@ impl Point {
                     durable,
                     append_crc,
                     point_crc: crc,
+                    behind: behind(end),
                 });
             }
             #[cfg(test)]
@@ -428,6 +451,9 @@ impl Point {
                 state.journal_len += journal::RECORD_LEN;
             }
             appended.push(Appended { start, end, crc });
+        }
+        if let Some(last) = records.last() {
+            state.recorded_committed = last.end - u64::from(last.behind);
         }
         if end != state.end {
             self.last_append_ms
@@ -541,9 +567,11 @@ impl Point {
             return Ok(());
         };
         shared.forget_open(&self.id);
+        let committed = self.snapshot.borrow().committed;
         let clean = state.durable == state.end && !state.dirty;
+        let commits_recorded = committed == state.recorded_committed.min(state.end);
         let skip_sync = closing == Closing::Idle && shared.config.fsync == Fsync::Never;
-        if state.failed.is_some() || clean || skip_sync {
+        if state.failed.is_some() || (clean && commits_recorded) || skip_sync {
             return Ok(());
         }
         let marker = Record {
@@ -551,6 +579,7 @@ impl Point {
             durable: state.end,
             append_crc: 0,
             point_crc: state.crc,
+            behind: u32::try_from(state.end - committed).unwrap_or(u32::MAX),
         };
         let offset = state.journal_len;
         let dir = self.dir.clone();
@@ -576,6 +605,7 @@ impl Point {
                 state.journal_len += journal::RECORD_LEN;
                 state.durable = state.end;
                 state.dirty = false;
+                state.recorded_committed = committed;
                 Ok(())
             }
             Err(error) => {

@@ -4,16 +4,20 @@
 //!
 //! ```text
 //! header (16 bytes):  magic "GTJOURNL" | version u32 = 1 | crc32c(magic, version) u32
-//! record (32 bytes):  end u64 | durable u64 | append_crc u32 | point_crc u32 | reserved u32
+//! record (32 bytes):  end u64 | durable u64 | append_crc u32 | point_crc u32 | behind u32
 //!                     | crc32c(previous 28 bytes) u32
 //! ```
 //!
 //! `end` is the size of the point after the append, `append_crc` the CRC32C of the appended bytes,
 //! `point_crc` the CRC32C of the whole point `[0, end)`. `durable` is the point size that was
 //! already fsynced (data and journal) when the record was written: everything up to it is known to
-//! be on disk, so recovery only has to verify the records after it. A *sync marker* is a record
-//! with `end == durable` and no bytes, written when a point is closed after a sync, so that a clean
-//! restart verifies nothing.
+//! be on disk, so recovery only has to verify the records after it. `behind` is how far the
+//! point's committed end (what consumers are served, `docs/failover.md`) was behind `end` when the
+//! record was written, at most `u32::MAX` (0 in journals written before the field, where the
+//! reserved bytes were zero): recovery commits up to the last record at or before `end - behind`,
+//! never more than was committed. A *sync marker* is a record with `end == durable` and no bytes,
+//! written when a point is closed after a sync or after its committed end moved, so that a clean
+//! restart verifies nothing and finds the committed end.
 
 use std::fs::File;
 use std::io;
@@ -39,6 +43,8 @@ pub struct Record {
     pub append_crc: u32,
     /// The CRC32C of the point's bytes up to `end`.
     pub point_crc: u32,
+    /// How far the committed end was behind `end` (`end - committed`, at most `u32::MAX`).
+    pub behind: u32,
 }
 
 impl Record {
@@ -49,7 +55,7 @@ impl Record {
         buf[8..16].copy_from_slice(&self.durable.to_le_bytes());
         buf[16..20].copy_from_slice(&self.append_crc.to_le_bytes());
         buf[20..24].copy_from_slice(&self.point_crc.to_le_bytes());
-        // 24..28 reserved, zero.
+        buf[24..28].copy_from_slice(&self.behind.to_le_bytes());
         let crc = crc32c::crc32c(&buf[0..28]);
         buf[28..32].copy_from_slice(&crc.to_le_bytes());
         buf
@@ -66,6 +72,7 @@ impl Record {
             durable: u64::from_le_bytes(buf[8..16].try_into().expect("a fixed-size field")),
             append_crc: u32::from_le_bytes(buf[16..20].try_into().expect("a fixed-size field")),
             point_crc: u32::from_le_bytes(buf[20..24].try_into().expect("a fixed-size field")),
+            behind: u32::from_le_bytes(buf[24..28].try_into().expect("a fixed-size field")),
         })
     }
 }
@@ -93,6 +100,10 @@ pub struct Recovered {
     pub verified_bytes: u64,
     /// Journal records dropped because they were torn, damaged or pointed at missing data.
     pub dropped_records: u64,
+    /// The committed end the last record says (`Record::behind`), at an append's end.
+    pub committed: u64,
+    /// The CRC32C of `[0, committed)`.
+    pub committed_crc: u32,
 }
 
 /// Why a journal cannot be recovered.
@@ -198,12 +209,26 @@ pub fn recover(journal: &File, data: &File) -> Result<Recovered, RecoveryError> 
         accepted_slots = index + 1;
     }
 
+    // The committed end: the last record's, rounded down to an append's end (the only places
+    // whose CRC32C the journal holds); 0 if a record on the way cannot be read.
+    let (committed, committed_crc) = match accepted.behind {
+        0 => (accepted.end, accepted.point_crc),
+        behind => {
+            let target = accepted.end.saturating_sub(u64::from(behind));
+            record_at_or_before(journal, accepted_slots, target)
+                .ok()
+                .flatten()
+                .map_or((0, 0), |(_, record)| (record.end, record.point_crc))
+        }
+    };
     Ok(Recovered {
         end: accepted.end,
         point_crc: accepted.point_crc,
         journal_len: HEADER_LEN + accepted_slots * RECORD_LEN,
         verified_bytes,
         dropped_records: slots - accepted_slots,
+        committed,
+        committed_crc,
     })
 }
 
@@ -274,6 +299,7 @@ mod tests {
                 durable: durable(i, end),
                 append_crc: crc32c::crc32c(bytes),
                 point_crc: crc32c::crc32c_append(crc, bytes),
+                behind: 0,
             };
             journal.write_all(&record.encode()).unwrap();
             end = record.end;

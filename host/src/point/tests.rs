@@ -684,3 +684,76 @@ async fn a_leader_records_where_its_epoch_began_and_a_cut_keeps_the_tail_in_quar
     assert_eq!(store.read(&point, 0, 700).await.unwrap(), first);
     store.close().await.unwrap();
 }
+
+/// Copies every file under `from` into `to` (a crash image of a running store's directory).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_committed_end_survives_a_restart_and_a_crash_never_serves_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let p = id("committed/after-restart");
+    let frames: Vec<Bytes> = (0..3)
+        .map(|i| bytes(80 + i, 500 + i as usize * 37))
+        .collect();
+    let ends: Vec<u64> = (1..=frames.len())
+        .map(|n| frames[..n].concat().len() as u64)
+        .collect();
+    let crc_to = |n: usize| crc32c::crc32c(&frames[..n].concat());
+    let committed = |store: &Store| {
+        let snapshot = store.get(&p).unwrap().snapshot();
+        (snapshot.committed, snapshot.committed_crc)
+    };
+    for frame in &frames {
+        store
+            .append_batch(&p, vec![frame.clone()], Visibility::OnCommit)
+            .await
+            .unwrap();
+    }
+    store.commit(&p, ends[0]);
+    assert_eq!(committed(&store), (ends[0], crc_to(1)));
+    // A crash now: the journal's last record was written with nothing committed.
+    let crashed = tempfile::tempdir().unwrap();
+    copy_tree(dir.path(), crashed.path());
+    // A clean stop: the marker says the committed end.
+    store.close().await.unwrap();
+
+    let reopened = Store::open(config(dir.path())).await.unwrap();
+    reopened.metadata(&p).await.unwrap();
+    assert_eq!(committed(&reopened), (ends[0], crc_to(1)));
+    // The rest is held until a commit reaches it (whole: one append as far as commits go).
+    reopened.commit(&p, ends[1]);
+    assert_eq!(committed(&reopened).0, ends[0]);
+    reopened.commit(&p, ends[2]);
+    assert_eq!(committed(&reopened), (ends[2], crc_to(3)));
+    reopened.close().await.unwrap();
+    let again = Store::open(config(dir.path())).await.unwrap();
+    again.metadata(&p).await.unwrap();
+    assert_eq!(committed(&again), (ends[2], crc_to(3)), "all committed");
+    again.close().await.unwrap();
+
+    // After the crash: no more than was committed when the last record was written.
+    let after_crash = Store::open(config(crashed.path())).await.unwrap();
+    assert_eq!(after_crash.metadata(&p).await.unwrap().end, ends[2]);
+    assert_eq!(committed(&after_crash), (0, 0));
+    // Appends served at once record that everything is committed with them.
+    let q = id("committed/local");
+    after_crash.append(&q, frames[0].clone()).await.unwrap();
+    after_crash.close().await.unwrap();
+    let local = Store::open(config(crashed.path())).await.unwrap();
+    local.metadata(&q).await.unwrap();
+    let snapshot = local.get(&q).unwrap().snapshot();
+    assert_eq!(snapshot.committed, ends[0]);
+    local.close().await.unwrap();
+}
