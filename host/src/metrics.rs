@@ -64,6 +64,9 @@ pub const REPLICATION_TASK_FAILURES: &str = "goutube_replication_task_failures_t
 pub const FOLLOWERS: &str = "goutube_followers";
 /// Followers in the committed in-sync set of the group this node leads.
 pub const IN_SYNC_FOLLOWERS: &str = "goutube_in_sync_followers";
+/// 1 while the group this node leads has a follower outside its committed in-sync set (0
+/// otherwise): summed over the cluster, the under-replicated groups.
+pub const UNDER_REPLICATED_GROUPS: &str = "goutube_under_replicated_groups";
 /// Changes of its group's in-sync set this leader had committed, by change (entered, left).
 pub const IN_SYNC_CHANGES: &str = "goutube_in_sync_changes_total";
 /// 1 while this member holds a session with the controller (its heartbeats are answered), 0
@@ -258,6 +261,10 @@ fn describe_replication() {
     describe_gauge!(
         IN_SYNC_FOLLOWERS,
         "Followers in the committed in-sync set of the group this node leads."
+    );
+    describe_gauge!(
+        UNDER_REPLICATED_GROUPS,
+        "1 while the group this node leads has a follower outside its committed in-sync set; summed over the cluster, the under-replicated groups."
     );
     describe_counter!(
         IN_SYNC_CHANGES,

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use goutube::metrics::{
     FAILOVERS, QUARANTINED_POINTS, REPLICATION_CUT_BYTES as CUT_BYTES, SELF_FENCED, SESSION_HELD,
+    UNDER_REPLICATED_GROUPS as UNDER_REPLICATED,
 };
 use goutube::netns::Namespaces;
 use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
@@ -1564,6 +1565,12 @@ async fn an_operator_names_a_leader_outside_the_in_sync_set_once_warned() {
     let point = cluster.point_of("a").await;
     let to_a = cluster.client("a").await;
     let mut acknowledged = Acknowledged::written(&to_a, &point, 4, 1_100).await;
+    let scrape = cluster.metrics("a").await;
+    assert_eq!(
+        metric(&scrape, UNDER_REPLICATED),
+        Some(0.0),
+        "fa is in sync"
+    );
     let options = cluster.pki.client_options("root", &cluster.nodes["b"].rpc);
     let operator = goutube::client::Client::connect(&options).await.unwrap();
     let refused = operator.elect_unclean("a", "fa").await.unwrap_err();
@@ -1578,6 +1585,11 @@ async fn an_operator_names_a_leader_outside_the_in_sync_set_once_warned() {
     cluster.nodes.remove("fa").unwrap().kill();
     eventually("fa to leave a's in-sync set", || async {
         cluster.in_sync("b", "a").await.is_empty()
+    })
+    .await;
+    eventually("a to count its group under-replicated", || async {
+        let scrape = cluster.metrics("a").await;
+        metric(&scrape, UNDER_REPLICATED) == Some(1.0)
     })
     .await;
     let unacknowledged = data(1_199, 7_001);

@@ -574,6 +574,8 @@ impl Running {
             }
             let in_sync = led.map_or(0, |group| group.in_sync.len());
             ::metrics::gauge!(metrics::IN_SYNC_FOLLOWERS).set(in_sync as f64);
+            let under = led.is_some_and(|group| group.in_sync.len() < group.followers.len());
+            ::metrics::gauge!(metrics::UNDER_REPLICATED_GROUPS).set(f64::from(u8::from(under)));
         }
     }
 

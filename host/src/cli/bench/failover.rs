@@ -20,7 +20,10 @@
 //! - a is paused (SIGSTOP) until another leader took a write, then resumed;
 //! - a is cut from b, c and its followers, not from the producer (each node in a network
 //!   namespace of its own: needs root, else that part says why it did not run), until another
-//!   leader took a write, then the cut is healed.
+//!   leader took a write, then the cut is healed. The producer also sends a write to a once it
+//!   is cut off: a stores it and can never have it acknowledged. Healed, a follows the new
+//!   leader, which has it cut that tail where its own epoch began; the trial waits until a holds
+//!   exactly the acknowledged bytes and reports how many it cut.
 //!
 //! Then, with `--put-mib N` (1024 by default; 0 skips it), a client rides through: a `put` of
 //! N MiB to a is killed midway and must finish byte-exact on the new leader; the same `put`
@@ -35,7 +38,7 @@ use std::sync::Arc;
 use goutube::client::{Client, Progress, PutOptions, Quiet};
 use goutube::config::ControllerSection;
 use goutube::proto::streaming_client::StreamingClient;
-use goutube::proto::{ConsumeRequest, GroupInfo, ProduceRequest};
+use goutube::proto::{ConsumeRequest, GroupInfo, MetadataRequest, ProduceRequest};
 use rand::RngCore;
 use tonic::transport::Channel;
 
@@ -108,7 +111,7 @@ pub(super) async fn run(trials: usize, put_mib: u64) -> anyhow::Result<()> {
             continue;
         }
         let (mut named, mut writable) = (Vec::new(), Vec::new());
-        let (mut acknowledged_bytes, mut lost) = (0u64, 0u64);
+        let (mut acknowledged_bytes, mut lost, mut cut) = (0u64, 0u64, 0u64);
         for trial in 0..trials {
             let outcome = trial_once(trial, nemesis).await?;
             eprintln!(
@@ -121,6 +124,7 @@ pub(super) async fn run(trials: usize, put_mib: u64) -> anyhow::Result<()> {
             writable.push(outcome.writable);
             acknowledged_bytes += outcome.acknowledged;
             lost += outcome.lost;
+            cut += outcome.cut;
         }
         named.sort_by(f64::total_cmp);
         writable.sort_by(f64::total_cmp);
@@ -143,7 +147,8 @@ pub(super) async fn run(trials: usize, put_mib: u64) -> anyhow::Result<()> {
             );
         }
         println!(
-            "\nacknowledged bytes: {acknowledged_bytes} over {trials} trials; lost: {lost} (target 0)\n"
+            "\nacknowledged bytes: {acknowledged_bytes} over {trials} trials; lost: {lost} (target 0); \
+             never-acknowledged bytes cut from the deposed leader: {cut}\n"
         );
         if lost > 0 {
             bail!("{lost} acknowledged bytes were lost");
@@ -248,6 +253,8 @@ struct Outcome {
     writable: f64,
     acknowledged: u64,
     lost: u64,
+    /// Bytes the deposed leader stored, never had acknowledged, and cut once it followed.
+    cut: u64,
 }
 
 /// A fresh trial cluster: primaries a, b, c and followers fa1, fa2 of a, once both followers
@@ -291,6 +298,12 @@ async fn trial_once(trial: usize, nemesis: Nemesis) -> anyhow::Result<Outcome> {
 
     let killed = Instant::now();
     nemesis.start(&mut cluster)?;
+    // Cut off, a still takes a write from a client; it can never be acknowledged.
+    let end_before = written.len() as u64;
+    if let Nemesis::Partition = nemesis {
+        let (to_a, point, chunk) = (to_a.clone(), point.clone(), random_chunk());
+        tokio::spawn(async move { append_at(&to_a, &point, end_before, &chunk).await });
+    }
     let mut named = None;
     let deadline = killed + Duration::from_secs(60);
     loop {
@@ -313,18 +326,62 @@ async fn trial_once(trial: usize, nemesis: Nemesis) -> anyhow::Result<Outcome> {
                 written.extend_from_slice(&chunk);
                 let held = read_all(&to_leader, &point, offset + chunk.len() as u64).await?;
                 let lost = common_prefix(&held, &written);
+                let stored_on_a = match nemesis {
+                    Nemesis::Partition => stored(&to_a, &point).await?.0,
+                    _ => end_before,
+                };
+                nemesis.end(&mut cluster)?;
+                if let Nemesis::Partition = nemesis {
+                    converged(&to_a, &point, &written)
+                        .await
+                        .with_context(|| format!("trial {trial}: the deposed leader"))?;
+                }
                 let outcome = Outcome {
                     named: named_at.as_secs_f64() * 1000.0,
                     writable: writable.as_secs_f64() * 1000.0,
                     acknowledged: written.len() as u64,
                     lost: (written.len() - lost) as u64,
+                    cut: stored_on_a.saturating_sub(end_before),
                 };
-                nemesis.end(&mut cluster)?;
                 cluster.stop()?;
                 return Ok(outcome);
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
+    }
+}
+
+/// The stored end of `point` behind `client` and its CRC32C (what the node holds, committed or
+/// not).
+async fn stored(client: &StreamingClient<Channel>, point: &str) -> anyhow::Result<(u64, u32)> {
+    let request = MetadataRequest {
+        point: point.to_owned(),
+    };
+    let meta = client.clone().get_metadata(request).await?.into_inner();
+    Ok((
+        meta.stored_size.unwrap_or(meta.size),
+        meta.stored_crc32c.unwrap_or(meta.crc32c),
+    ))
+}
+
+/// Waits (at most 30 s) until the node behind `client` stores exactly `written` of `point`:
+/// its own tail cut, the new leader's bytes copied.
+async fn converged(
+    client: &StreamingClient<Channel>,
+    point: &str,
+    written: &[u8],
+) -> anyhow::Result<()> {
+    let want = (written.len() as u64, crc32c::crc32c(written));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = stored(client, point).await.ok();
+        if now == Some(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("it stores {now:?} (end, CRC32C) of {point} 30 s after the heal, not {want:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
