@@ -1119,6 +1119,88 @@ async fn a_failover_completes_when_the_controllers_leader_is_killed_midway() {
     cluster.stop();
 }
 
+/// The `kill -9` nemesis three times in a row: each round kills whichever member leads a's
+/// group, checks that its successor serves every acknowledged byte and takes writes, and
+/// starts the killed member again on its data, which follows the successor and enters its
+/// in-sync set again before the next round. Three leader epochs are recorded in the point on
+/// the way; a returning leader whose copy holds no tail it never had acknowledged has nothing
+/// cut (its copy agrees with its successor's up to where the successor's epoch began), so no
+/// node keeps anything in quarantine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_leaders_killed_in_turn_lose_no_acknowledged_byte_and_cut_nothing() {
+    let mut cluster = Cluster::start(&["fa1", "fa2"]).await;
+    let point = cluster.point_of("a").await;
+    let mut leader: &'static str = "a";
+    let to_a = cluster.client("a").await;
+    let mut acknowledged = Acknowledged::written(&to_a, &point, 3, 2_000).await;
+    for round in 0..3u64 {
+        let killed = leader;
+        let epoch = cluster.group("b", "a").await.unwrap().leader_epoch;
+        cluster.nodes.remove(killed).unwrap().kill();
+        let group = eventually_some("a new leader for a's slot", || async {
+            cluster
+                .group("b", "a")
+                .await
+                .filter(|g| g.leader != killed && g.leader_epoch > epoch)
+        })
+        .await;
+        leader = ["a", "fa1", "fa2"]
+            .into_iter()
+            .find(|node| *node == group.leader)
+            .expect("a member of a's group leads it");
+        eprintln!(
+            "round {round}: {killed} killed, {leader} leads at {}",
+            group.leader_epoch
+        );
+        let to_leader = cluster.client(leader).await;
+        acknowledged.check(&to_leader, &point, leader).await;
+        let end = acknowledged.bytes.len() as u64;
+        let seed = 2_100 + round * 10;
+        let written =
+            write_eventually(&to_leader, &point, end, seed, "the new leader to write").await;
+        acknowledged.bytes.extend_from_slice(&written);
+
+        match killed {
+            "a" => cluster.spawn_primary("a"),
+            follower => {
+                let replication = cluster.nodes[leader].addresses.replication;
+                cluster.spawn_follower_of(follower, replication);
+            }
+        }
+        eventually(
+            &format!("{killed} to be in {leader}'s in-sync set again"),
+            || async {
+                cluster
+                    .group("b", "a")
+                    .await
+                    .is_some_and(|g| g.leader == leader && g.in_sync.contains(&killed.to_owned()))
+            },
+        )
+        .await;
+        for i in 1..=2 {
+            let bytes = data(seed + i, 5_003 + 1_999 * i as usize);
+            assert!(acknowledged.append(&to_leader, &point, &bytes).await);
+        }
+    }
+    for node in ["a", "fa1", "fa2"] {
+        let client = cluster.client(node).await;
+        acknowledged.check(&client, &point, node).await;
+        let kept = cluster.quarantined(node, &point);
+        assert!(kept.is_empty(), "{node} keeps {kept:?} in quarantine");
+        // Where each of the four leaders' writes began: a's first epoch, then one per round,
+        // the same list on every replica.
+        let meta = cluster.data_file(node, &point).with_file_name("point.meta");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        let starts = meta["leader_epochs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(starts.len(), 4, "{node}: {meta}");
+    }
+    cluster.stop();
+}
+
 /// A controller nemesis: every voter killed at once (each is also a group's leader), then
 /// restarted on its data. The controller comes back with what it had committed: the groups,
 /// their leaders and in-sync sets. a, back from an unclean stop, hands its group to an in-sync
