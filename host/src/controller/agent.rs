@@ -555,15 +555,8 @@ impl Running {
     }
 
     /// Keeps who this node's writes wait for in step with the committed state, once it knows
-    /// one (`replication::Progress::follow_group`), and the leader epoch its store records in
-    /// the points it writes (`point::LeaderEpochs`).
+    /// one (`replication::Progress::follow_group`).
     fn follow_group(&self, topology: &Topology, now: Instant) {
-        if let Some(store) = &self.params.store {
-            store.lead_at(
-                self.led(topology)
-                    .map_or(0, |(_, group)| group.leader_epoch),
-            );
-        }
         let Some(progress) = &self.params.progress else {
             return;
         };

@@ -502,7 +502,7 @@ impl Store {
 
     /// Says the leader epoch at which this node takes its group's client writes from now on
     /// (0: it leads no group): each point records it before its first client write at it
-    /// ([`LeaderEpochs`]).
+    /// ([`LeaderEpochs`]). The write gate says it as it admits each write.
     pub fn lead_at(&self, epoch: u64) {
         self.inner.leader_epoch.store(epoch, Ordering::Relaxed);
     }

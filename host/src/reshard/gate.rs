@@ -376,7 +376,9 @@ impl Gate {
     }
 
     /// A share of the writes, once no transfer holds them back: an append or a delete holds it
-    /// while it writes. Refused if this node no longer takes `point`'s writes by then.
+    /// while it writes. Refused if this node no longer takes `point`'s writes by then; else
+    /// the store is told the leader epoch the write is admitted at (from the same state), which
+    /// it records in the point before its first write at that epoch (`point::LeaderEpochs`).
     pub async fn write_share(
         &self,
         point: &PointId,
@@ -387,6 +389,10 @@ impl Gate {
             () = abort.cancelled() => return Err(Refusal::ShuttingDown),
         };
         self.check_still_writer(point)?;
+        let topology = self.topology.borrow();
+        let led = topology.led_by(&self.node).next();
+        self.store
+            .lead_at(led.map_or(0, |(_, group)| group.leader_epoch));
         Ok(share)
     }
 
