@@ -501,7 +501,9 @@ impl NodeProcess {
             .success()
     }
 
-    /// Sends `signal` (`HUP`, `STOP`, `CONT`, `TERM`).
+    /// Sends `signal` (`HUP`, `STOP`, `CONT`, `TERM`). A `STOP` returns once every thread of
+    /// the node is stopped: the kernel stops them one by one after kill(2) returned, and on a
+    /// busy machine a thread may still answer a call meanwhile.
     pub fn signal(&self, signal: &str) {
         let number = match signal {
             "HUP" => libc::SIGHUP,
@@ -511,6 +513,37 @@ impl NodeProcess {
             other => panic!("no such signal in the tests: {other}"),
         };
         self.process.signal(number).expect("signalling the node");
+        if number == libc::SIGSTOP {
+            self.wait_stopped();
+        }
+    }
+
+    /// Waits (at most 5 s) until every thread of the node is in the stopped state.
+    fn wait_stopped(&self) {
+        let pid = self.process.pid();
+        let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+        // The state follows the command name, which is in parentheses and may hold any byte.
+        let state = |task: &Path| {
+            let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.trim_start().chars().next()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stopped = std::fs::read_dir(&tasks).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .all(|task| matches!(state(&task.path()), Some('T' | 't')))
+            });
+            if stopped {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {pid} not stopped 5 s after SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
