@@ -46,8 +46,14 @@ pub(super) struct Commits {
 /// with the CRC32C of each frame, which its receiver checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Origin {
-    Client,
-    Replication { crcs: Vec<u32> },
+    /// Admitted by the write gate at `leader_epoch` (0: none), recorded in the point
+    /// ([`LeaderEpochs`](super::LeaderEpochs)).
+    Client {
+        leader_epoch: u64,
+    },
+    Replication {
+        crcs: Vec<u32>,
+    },
 }
 
 #[derive(Default)]

@@ -103,11 +103,26 @@ pub struct Snapshot {
     pub arriving: bool,
 }
 
+/// How a client's write was admitted ([`Store::write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientWrite {
+    /// Where the point must end for the write to be taken (a produce frame's
+    /// `expected_offset`); `None`: wherever it ends. A refusal for a point that does not exist
+    /// does not create it.
+    pub expected_start: Option<u64>,
+    /// When its bytes are served to consumers.
+    pub visibility: Visibility,
+    /// The leader epoch the write gate admitted it at (0: none known), recorded in the point
+    /// before its first write at that epoch ([`LeaderEpochs`]).
+    pub leader_epoch: u64,
+}
+
 /// When the bytes of an append are served to consumers ([`Snapshot::committed`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Visibility {
     /// As soon as they are stored: a point nobody else holds a copy of that could be named
     /// leader, or a copy the sender has committed already (a handover).
+    #[default]
     Now,
     /// Once [`Store::commit`] reaches their end: a group leader's write under `ack = {
     /// replicas = N }`, or a follower's copy of its leader's.
@@ -231,9 +246,6 @@ struct Inner {
     lent: Arc<AtomicU64>,
     /// Woken at every change of a point's ownership record (a fenced write waits on it).
     ownership_changed: tokio::sync::Notify,
-    /// The leader epoch at which this node takes its group's client writes now (0: none
-    /// known): recorded in a point before its first client write at it ([`LeaderEpochs`]).
-    leader_epoch: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Whether the store was stopped cleanly before this start (`Store::stopped_cleanly`).

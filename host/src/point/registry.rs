@@ -56,7 +56,6 @@ impl Store {
                 events: broadcast::channel(4096).0,
                 lent: Arc::default(),
                 ownership_changed: tokio::sync::Notify::new(),
-                leader_epoch: AtomicU64::new(0),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 stopped_cleanly,
@@ -96,10 +95,24 @@ impl Store {
 
     /// Appends `bytes` at the end of `id`, creating the point if needed, committed at once.
     pub async fn append(&self, id: &PointId, bytes: Bytes) -> Result<Appended, AppendError> {
-        let mut appended = self
-            .append_inner(id, vec![bytes], None, Origin::Client, Visibility::Now)
-            .await?;
+        let mut appended = self.append_batch(id, vec![bytes], Visibility::Now).await?;
         Ok(appended.pop().expect("one result per frame"))
+    }
+
+    /// A client's write of `frames` to `id`, as the write gate admitted it (`write`: where it
+    /// must start, how it is served, the leader epoch it was admitted at). The one way client
+    /// bytes reach the store; the methods above are it with no leader epoch.
+    pub async fn write(
+        &self,
+        id: &PointId,
+        frames: Vec<Bytes>,
+        write: ClientWrite,
+    ) -> Result<Vec<Appended>, AppendError> {
+        let origin = Origin::Client {
+            leader_epoch: write.leader_epoch,
+        };
+        self.append_inner(id, frames, write.expected_start, origin, write.visibility)
+            .await
     }
 
     /// Appends `frames` in order at the end of `id` as one batch: one journal write and, with
@@ -111,8 +124,11 @@ impl Store {
         frames: Vec<Bytes>,
         visibility: Visibility,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.append_inner(id, frames, None, Origin::Client, visibility)
-            .await
+        let write = ClientWrite {
+            visibility,
+            ..ClientWrite::default()
+        };
+        self.write(id, frames, write).await
     }
 
     /// [`append_batch`](Self::append_batch), only if `id` currently ends at `start` (a produce
@@ -125,8 +141,12 @@ impl Store {
         frames: Vec<Bytes>,
         visibility: Visibility,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.append_inner(id, frames, Some(start), Origin::Client, visibility)
-            .await
+        let write = ClientWrite {
+            expected_start: Some(start),
+            visibility,
+            leader_epoch: 0,
+        };
+        self.write(id, frames, write).await
     }
 
     /// [`append_batch_at`](Self::append_batch_at) for a copy this node receives (replication,
@@ -193,21 +213,23 @@ impl Store {
             let Some(mut state) = self.lock_open(id, &point).await? else {
                 continue;
             };
-            if origin == Origin::Client
-                && let Some(handover) = &point.meta(&mut state).await?.ownership.handover
-                && !handover.accepts_writes()
-            {
-                // Checked under the point's lock: a fence set by `set_ownership` is exact.
-                return Err(AppendError::Handover {
-                    point: id.clone(),
-                    handover: handover.clone(),
-                });
-            }
-            if origin == Origin::Client {
-                self.record_leader_epoch(id, &point, &mut state).await?;
-            }
             let known_crcs = match &origin {
-                Origin::Client => None,
+                Origin::Client { leader_epoch } => {
+                    let meta = point.meta(&mut state).await?;
+                    if let Some(handover) = &meta.ownership.handover
+                        && !handover.accepts_writes()
+                    {
+                        // Checked under the point's lock: a fence set by `set_ownership` is
+                        // exact.
+                        return Err(AppendError::Handover {
+                            point: id.clone(),
+                            handover: handover.clone(),
+                        });
+                    }
+                    self.record_leader_epoch(id, &point, &mut state, *leader_epoch)
+                        .await?;
+                    None
+                }
                 Origin::Replication { crcs } => Some(crcs.clone()),
             };
             break point
@@ -500,15 +522,9 @@ impl Store {
         Ok(end)
     }
 
-    /// Says the leader epoch at which this node takes its group's client writes from now on
-    /// (0: it leads no group): each point records it before its first client write at it
-    /// ([`LeaderEpochs`]). The write gate says it as it admits each write.
-    pub fn lead_at(&self, epoch: u64) {
-        self.inner.leader_epoch.store(epoch, Ordering::Relaxed);
-    }
-
-    /// Before a client write to `point` (locked open): records where this node's leader epoch
-    /// began in it if this is its first write at that epoch past its first bytes (one
+    /// Before a client write to `point` (locked open) admitted at leader epoch `epoch` (0:
+    /// none): records where that epoch began in it if this is its first write at it past its
+    /// first bytes (one
     /// `point.meta` write per point and leader epoch). Synced as `storage.fsync` says: a start
     /// lost in a crash only makes a later cut longer, never wrong (the CRC32C at a cut is
     /// checked). Replication describes the point again (a `StoreEvent::Owned`).
@@ -517,8 +533,8 @@ impl Store {
         id: &PointId,
         point: &Point,
         state: &mut State,
+        epoch: u64,
     ) -> Result<(), AppendError> {
-        let epoch = self.inner.leader_epoch.load(Ordering::Relaxed);
         let end = state.end;
         let meta = point.meta(state).await?;
         let Some(start) = meta.leader_epochs.to_record(epoch, end) else {
@@ -536,14 +552,24 @@ impl Store {
         Ok(())
     }
 
-    /// Where each leader epoch began in `id` ([`LeaderEpochs`]).
+    /// Where each leader epoch began in `id` ([`LeaderEpochs`]), without opening its files.
     pub async fn leader_epochs(&self, id: &PointId) -> Result<LeaderEpochs, ReadError> {
+        self.read_meta_field(id, |meta| meta.leader_epochs.clone()).await
+    }
+
+    /// What `pick` takes from `point.meta` of `id`, read once and without opening the point's
+    /// files.
+    pub(super) async fn read_meta_field<T>(
+        &self,
+        id: &PointId,
+        pick: impl FnOnce(&Meta) -> T,
+    ) -> Result<T, ReadError> {
         let point = self.get(id)?;
         let mut state = point.state.lock().await;
         if state.deleted {
             return Err(ReadError::NotFound(id.clone()));
         }
-        Ok(point.meta(&mut state).await?.leader_epochs.clone())
+        Ok(pick(point.meta(&mut state).await?))
     }
 
     /// Replaces where each leader epoch began in `id` with its leader's list (a follower's copy

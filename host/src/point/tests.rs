@@ -38,6 +38,23 @@ fn with_crc(frame: Bytes) -> (Bytes, u32) {
     (frame, crc)
 }
 
+/// Where the point ends after each of `frames`, appended in order.
+fn ends_of(frames: &[Bytes]) -> Vec<u64> {
+    frames
+        .iter()
+        .scan(0, |end, frame| {
+            *end += frame.len() as u64;
+            Some(*end)
+        })
+        .collect()
+}
+
+/// The committed end of `p` and its CRC32C ([`Snapshot::committed`]).
+fn committed_of(store: &Store, p: &PointId) -> (u64, u32) {
+    let snapshot = store.get(p).unwrap().snapshot();
+    (snapshot.committed, snapshot.committed_crc)
+}
+
 fn id(s: &str) -> PointId {
     PointId::new(s).unwrap()
 }
@@ -472,9 +489,7 @@ async fn truncation_cuts_back_to_an_append_boundary_durably() {
     for frame in &frames {
         store.append(&id("p"), frame.clone()).await.unwrap();
     }
-    let ends: Vec<u64> = (1..=frames.len())
-        .map(|n| frames[..n].concat().len() as u64)
-        .collect();
+    let ends = ends_of(&frames);
     // Within the fourth append: cut back to the end of the third.
     let end = store.truncate(&id("p"), ends[3] - 1).await.unwrap();
     assert_eq!(end, ends[2]);
@@ -512,14 +527,9 @@ async fn bytes_held_for_a_commit_are_served_once_it_reaches_them() {
     let frames: Vec<Bytes> = (0..4)
         .map(|i| bytes(60 + i, 300 + i as usize * 41))
         .collect();
-    let ends: Vec<u64> = (1..=frames.len())
-        .map(|n| frames[..n].concat().len() as u64)
-        .collect();
+    let ends = ends_of(&frames);
     let crc_to = |n: usize| crc32c::crc32c(&frames[..n].concat());
-    let committed = |store: &Store| {
-        let snapshot = store.get(&p).unwrap().snapshot();
-        (snapshot.committed, snapshot.committed_crc)
-    };
+    let committed = |store: &Store| committed_of(store, &p);
     // Two appends held: stored, not served.
     store
         .append_batch(&p, frames[..2].to_vec(), Visibility::OnCommit)
@@ -626,16 +636,33 @@ async fn a_leader_records_where_its_epoch_began_and_a_cut_keeps_the_tail_in_quar
     let store = Store::open(config(dir.path())).await.unwrap();
     let point = id("epochs/p");
     let (first, second, third) = (bytes(1, 700), bytes(2, 500), bytes(3, 300));
-    // Before any leader epoch is known, and a point's first bytes: nothing recorded.
-    store.append(&point, first.clone()).await.unwrap();
-    store.lead_at(4);
+    let at_epoch = |leader_epoch| ClientWrite {
+        leader_epoch,
+        ..ClientWrite::default()
+    };
+    // A point's first bytes, and a write admitted at no leader epoch: nothing recorded.
+    store
+        .write(&point, vec![first.clone()], at_epoch(4))
+        .await
+        .unwrap();
+    store
+        .write(&point, vec![second.clone()], at_epoch(0))
+        .await
+        .unwrap();
     assert!(store.leader_epochs(&point).await.unwrap().is_empty());
     // The first write past them at epoch 4 records where it began, once.
-    store.append(&point, second.clone()).await.unwrap();
-    store.append(&point, third.clone()).await.unwrap();
+    store
+        .write(&point, vec![third.clone()], at_epoch(4))
+        .await
+        .unwrap();
+    let fourth = bytes(4, 90);
+    store
+        .write(&point, vec![fourth.clone()], at_epoch(4))
+        .await
+        .unwrap();
     let recorded = [EpochStart {
         epoch: 4,
-        start: 700,
+        start: 1_200,
     }];
     assert_eq!(
         store.leader_epochs(&point).await.unwrap().starts(),
@@ -666,9 +693,9 @@ async fn a_leader_records_where_its_epoch_began_and_a_cut_keeps_the_tail_in_quar
     // A deposed leader's tail from 700: kept in quarantine byte for byte, then cut; the epoch
     // that began at the cut is forgotten with its bytes.
     let (kept_in, kept) = store.quarantine_tail(&point, 700).await.unwrap();
-    assert_eq!(kept, 800);
+    assert_eq!(kept, 890);
     let tail = std::fs::read(kept_in.join(DATA_FILE)).unwrap();
-    assert_eq!(tail, [second.as_ref(), third.as_ref()].concat());
+    assert_eq!(tail, [&second[..], &third[..], &fourth[..]].concat());
     assert_eq!(store.truncate(&point, 700).await.unwrap(), 700);
     assert!(store.leader_epochs(&point).await.unwrap().is_empty());
     let quarantined = store.quarantined(&point);
@@ -679,7 +706,7 @@ async fn a_leader_records_where_its_epoch_began_and_a_cut_keeps_the_tail_in_quar
             quarantined[0].from,
             quarantined[0].size
         ),
-        (FIRST_EPOCH, 700, 800)
+        (FIRST_EPOCH, 700, 890)
     );
     assert_eq!(store.read(&point, 0, 700).await.unwrap(), first);
     store.close().await.unwrap();
@@ -707,14 +734,9 @@ async fn the_committed_end_survives_a_restart_and_a_crash_never_serves_more() {
     let frames: Vec<Bytes> = (0..3)
         .map(|i| bytes(80 + i, 500 + i as usize * 37))
         .collect();
-    let ends: Vec<u64> = (1..=frames.len())
-        .map(|n| frames[..n].concat().len() as u64)
-        .collect();
+    let ends = ends_of(&frames);
     let crc_to = |n: usize| crc32c::crc32c(&frames[..n].concat());
-    let committed = |store: &Store| {
-        let snapshot = store.get(&p).unwrap().snapshot();
-        (snapshot.committed, snapshot.committed_crc)
-    };
+    let committed = |store: &Store| committed_of(store, &p);
     for frame in &frames {
         store
             .append_batch(&p, vec![frame.clone()], Visibility::OnCommit)

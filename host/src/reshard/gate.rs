@@ -37,7 +37,9 @@ use crate::config::{Config, Failover, Role};
 use crate::controller::{Lease, Topology, session};
 use crate::metrics;
 use crate::placement::{NextOwner, Placement, PlacementError};
-use crate::point::{AppendError, Appended, Handover, Point, PointId, ReadError, Store, Visibility};
+use crate::point::{
+    AppendError, Appended, ClientWrite, Handover, Point, PointId, ReadError, Store, Visibility,
+};
 use crate::text::bounded;
 
 /// Why the gate sends a call elsewhere, or not at all.
@@ -291,6 +293,14 @@ pub struct Redirect<'a> {
     pub address: Option<&'a str>,
 }
 
+/// A share of the writes ([`Gate::write_share`]), held while one append or delete writes.
+pub struct WriteShare<'a> {
+    _guard: tokio::sync::RwLockReadGuard<'a, ()>,
+    /// The leader epoch this node takes its group's writes at (0: none known), from the state
+    /// that admitted the write: the store records it in the point (`point::LeaderEpochs`).
+    pub leader_epoch: u64,
+}
+
 /// Why a write through the gate failed: refused, or failed in the store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -376,31 +386,29 @@ impl Gate {
     }
 
     /// A share of the writes, once no transfer holds them back: an append or a delete holds it
-    /// while it writes. Refused if this node no longer takes `point`'s writes by then; else
-    /// the store is told the leader epoch the write is admitted at (from the same state), which
-    /// it records in the point before its first write at that epoch (`point::LeaderEpochs`).
+    /// while it writes. Refused if this node no longer takes `point`'s writes by then.
     pub async fn write_share(
         &self,
         point: &PointId,
         abort: &CancellationToken,
-    ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, Refusal> {
-        let share = tokio::select! {
+    ) -> Result<WriteShare<'_>, Refusal> {
+        let guard = tokio::select! {
             share = self.writing.read() => share,
             () = abort.cancelled() => return Err(Refusal::ShuttingDown),
         };
-        self.check_still_writer(point)?;
-        let topology = self.topology.borrow();
-        let led = topology.led_by(&self.node).next();
-        self.store
-            .lead_at(led.map_or(0, |(_, group)| group.leader_epoch));
-        Ok(share)
+        let leader_epoch = self.check_still_writer(point)?;
+        Ok(WriteShare {
+            _guard: guard,
+            leader_epoch,
+        })
     }
 
     /// Refuses an append once this node no longer takes the writes it was admitted for: a
     /// follower no longer named leader, or a primary whose own slot the controller gave to
     /// another member (a transfer, a fence). Checked before every append, so that a stream
-    /// admitted before stops at its next batch.
-    fn check_still_writer(&self, point: &PointId) -> Result<(), Refusal> {
+    /// admitted before stops at its next batch. Else, the leader epoch of the group this node
+    /// leads (0: none), from the same state.
+    fn check_still_writer(&self, point: &PointId) -> Result<u64, Refusal> {
         self.check_writable()?;
         let topology = self.topology.borrow();
         match topology.groups.get(&self.node) {
@@ -411,7 +419,10 @@ impl Gate {
                 &self.node,
                 self.retry_after,
             )),
-            _ => Ok(()),
+            _ => Ok(topology
+                .led_by(&self.node)
+                .next()
+                .map_or(0, |(_, group)| group.leader_epoch)),
         }
     }
 
@@ -619,18 +630,12 @@ impl Gate {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let share = self.write_share(point, abort).await?;
-            let appended = match expected_offset {
-                Some(start) => {
-                    self.store
-                        .append_batch_at(point, start, batch.clone(), visibility)
-                        .await
-                }
-                None => {
-                    self.store
-                        .append_batch(point, batch.clone(), visibility)
-                        .await
-                }
+            let write = ClientWrite {
+                expected_start: expected_offset,
+                visibility,
+                leader_epoch: share.leader_epoch,
             };
+            let appended = self.store.write(point, batch.clone(), write).await;
             drop(share);
             let handover = match appended {
                 Err(AppendError::Handover { handover, .. }) => handover,
