@@ -1133,6 +1133,10 @@ async fn three_leaders_killed_in_turn_lose_no_acknowledged_byte_and_cut_nothing(
     let mut leader: &'static str = "a";
     let to_a = cluster.client("a").await;
     let mut acknowledged = Acknowledged::written(&to_a, &point, 3, 2_000).await;
+    // Where each leader's writes began, as every replica must record it: a's at its second
+    // write (a point's first bytes record nothing), each successor's at its first.
+    let first = cluster.group("b", "a").await.unwrap().leader_epoch;
+    let mut began = vec![(first, 3_001)];
     for round in 0..3u64 {
         let killed = leader;
         let epoch = cluster.group("b", "a").await.unwrap().leader_epoch;
@@ -1155,6 +1159,7 @@ async fn three_leaders_killed_in_turn_lose_no_acknowledged_byte_and_cut_nothing(
         let to_leader = cluster.client(leader).await;
         acknowledged.check(&to_leader, &point, leader).await;
         let end = acknowledged.bytes.len() as u64;
+        began.push((group.leader_epoch, end));
         let seed = 2_100 + round * 10;
         let written =
             write_eventually(&to_leader, &point, end, seed, "the new leader to write").await;
@@ -1187,16 +1192,21 @@ async fn three_leaders_killed_in_turn_lose_no_acknowledged_byte_and_cut_nothing(
         acknowledged.check(&client, &point, node).await;
         let kept = cluster.quarantined(node, &point);
         assert!(kept.is_empty(), "{node} keeps {kept:?} in quarantine");
-        // Where each of the four leaders' writes began: a's first epoch, then one per round,
-        // the same list on every replica.
         let meta = cluster.data_file(node, &point).with_file_name("point.meta");
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
-        let starts = meta["leader_epochs"]
+        let recorded: Vec<(u64, u64)> = meta["leader_epochs"]
             .as_array()
-            .cloned()
-            .unwrap_or_default();
-        assert_eq!(starts.len(), 4, "{node}: {meta}");
+            .into_iter()
+            .flatten()
+            .map(|start| {
+                (
+                    start["epoch"].as_u64().unwrap(),
+                    start["start"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(recorded, began, "{node}: {meta}");
     }
     cluster.stop();
 }
@@ -1435,12 +1445,16 @@ async fn a_leader_cut_off_from_the_controller_and_its_followers_acknowledges_not
     // Clients still reach a and keep writing to it until the controller names another leader.
     let mut seed = 1_401;
     let mut refused = Vec::new();
+    // The first write a stores, never acknowledged; the later ones are refused (its end moved
+    // past their offset, or its session lapsed).
+    let mut first_sent = None;
     let group = loop {
         if let Some(group) = cluster.group("b", "a").await.filter(|g| g.leader != "a") {
             break group;
         }
         let bytes = data(seed, 2_003 + seed as usize % 997);
         seed += 1;
+        first_sent.get_or_insert_with(|| bytes.clone());
         let mut client = to_a.clone();
         let offset = acknowledged.bytes.len() as u64;
         let call = append_at(&mut client, &point, offset, &bytes);
@@ -1481,9 +1495,13 @@ async fn a_leader_cut_off_from_the_controller_and_its_followers_acknowledges_not
     assert_eq!(kept.len(), 1, "a's quarantine: {kept:?}");
     let (name, tail) = &kept[0];
     assert!(name.ends_with(&format!("+{end}")), "{name}");
+    assert!(
+        Some(tail) == first_sent.as_ref(),
+        "a's quarantine holds {} bytes, not the first write it stored",
+        tail.len()
+    );
     let scrape = cluster.metrics("a").await;
     assert_eq!(metric(&scrape, CUT_BYTES), Some(tail.len() as f64));
-    assert!(!tail.is_empty());
     let mut client = to_a.clone();
     let status = append_at(&mut client, &point, acknowledged.bytes.len() as u64, b"x")
         .await
