@@ -168,7 +168,8 @@ impl Store {
     /// Reads `point.meta` once, without opening the point's files: the mover looks at every
     /// point's record, and must not churn the open-file budget doing so.
     pub async fn ownership(&self, id: &PointId) -> Result<Ownership, ReadError> {
-        self.read_meta_field(id, |meta| meta.ownership.clone()).await
+        self.read_meta_field(id, |meta| meta.ownership.clone())
+            .await
     }
 
     /// Replaces the ownership record of `id`, creating the point if needed (a follower learns a

@@ -554,7 +554,8 @@ impl Store {
 
     /// Where each leader epoch began in `id` ([`LeaderEpochs`]), without opening its files.
     pub async fn leader_epochs(&self, id: &PointId) -> Result<LeaderEpochs, ReadError> {
-        self.read_meta_field(id, |meta| meta.leader_epochs.clone()).await
+        self.read_meta_field(id, |meta| meta.leader_epochs.clone())
+            .await
     }
 
     /// What `pick` takes from `point.meta` of `id`, read once and without opening the point's
