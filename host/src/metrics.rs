@@ -122,6 +122,15 @@ pub const GOSSIP_DROPPED: &str = "goutube_gossip_dropped_total";
 pub const HTTP_REQUESTS: &str = "goutube_http_requests_total";
 /// Bytes of points sent by the HTTP gateway.
 pub const HTTP_BYTES: &str = "goutube_http_bytes_total";
+/// Connections the HTTP gateway serves now.
+pub const HTTP_CONNECTIONS: &str = "goutube_http_connections";
+/// Connections over `http.max_connections`, answered `503` with `Retry-After`.
+pub const HTTP_CONNECTIONS_REFUSED: &str = "goutube_http_connections_refused_total";
+/// HTTP connections closed for a timeout: `header` (a request head not sent in time, idle
+/// connections too), `send` (a client that took no byte in time).
+pub const HTTP_TIMEOUTS: &str = "goutube_http_timeouts_total";
+/// Connections closed at accept, past a listener's cap and the margin answered `503`.
+pub const CONNECTIONS_DROPPED: &str = "goutube_connections_dropped_total";
 /// Members this node sees alive (itself included).
 pub const MEMBERS_LIVE: &str = "goutube_members_live";
 /// Members of the ring, by lifecycle state and liveness.
@@ -367,7 +376,7 @@ fn describe_resharding() {
 
 /// The metrics of the cluster and its links: TLS handshakes, gossip, members.
 fn describe_cluster() {
-    use metrics::{describe_counter, describe_gauge};
+    use metrics::{Unit, describe_counter, describe_gauge};
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "Connections refused during the TLS handshake, by listener."
@@ -379,6 +388,29 @@ fn describe_cluster() {
     describe_gauge!(
         MEMBERS_LIVE,
         "Members this node sees alive (itself included)."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "Requests answered by the HTTP gateway, by status."
+    );
+    describe_counter!(
+        HTTP_BYTES,
+        Unit::Bytes,
+        "Bytes of points sent by the HTTP gateway."
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "Connections the HTTP gateway serves now.");
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        "Connections over http.max_connections, answered 503 with Retry-After."
+    );
+    describe_counter!(
+        HTTP_TIMEOUTS,
+        "HTTP connections closed for a timeout: header (no request head in time, idle \
+         connections too), send (the client took no byte in time)."
+    );
+    describe_counter!(
+        CONNECTIONS_DROPPED,
+        "Connections closed at accept, past a listener's cap and its margin, by listener."
     );
     describe_gauge!(
         RING_MEMBERS,

@@ -1,9 +1,11 @@
-//! Accepting connections: TCP, TLS when configured, and the peer's identity.
+//! Accepting connections: TCP, TLS when configured, the peer's identity, and a listener's cap.
 //!
 //! Every listener of a node goes through [`accept`]: one task accepts, and each connection does
 //! its TLS handshake in its own task under a deadline, so a slow or hostile peer never holds up the
 //! listener. The subject (the common name of the client certificate, or [`ANONYMOUS`] without
-//! TLS) is lifted once per connection and travels with every request as [`PeerInfo`].
+//! TLS) is lifted once per connection and travels with every request as [`PeerInfo`]. A listener
+//! open to the public (the HTTP gateway) has a [`Cap`]: its place is taken at accept, before the
+//! handshake, and each connection says how it was admitted ([`Admission`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,6 +41,9 @@ pub enum ClientCertificates {
     /// [`NO_CERTIFICATE`]. The TLS configuration must allow it too.
     Optional,
 }
+
+/// The TLS read buffer of a listener with a [`Cap`] (the gateway): a record and a request head.
+const PUBLIC_READ_BUFFER: usize = 20 * 1024;
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,6 +119,7 @@ pub type Io = Either<TcpStream, TlsStream<BufReader<TcpStream>>>;
 pub struct Connection {
     io: Io,
     info: PeerInfo,
+    admission: Admission,
 }
 
 impl Connection {
@@ -122,10 +128,49 @@ impl Connection {
         &self.info
     }
 
-    /// The stream and who is on the other end.
-    pub fn into_parts(self) -> (Io, PeerInfo) {
-        (self.io, self.info)
+    /// The stream, who is on the other end, and how it was admitted (hold the admission for as
+    /// long as the connection is served: it is the connection's place under the cap).
+    pub fn into_parts(self) -> (Io, PeerInfo, Admission) {
+        (self.io, self.info, self.admission)
     }
+}
+
+/// The most connections a listener serves at once, and the few more it answers that it is
+/// busy; past both, a connection is closed at once.
+#[derive(Debug, Clone)]
+pub struct Cap {
+    places: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+}
+
+impl Cap {
+    /// `max` connections served at once; up to `max / 8` (at least 64) more told they are over.
+    pub fn new(max: usize) -> Cap {
+        Cap {
+            places: Arc::new(Semaphore::new(max)),
+            refusals: Arc::new(Semaphore::new((max / 8).max(64))),
+        }
+    }
+
+    /// The admission of a new connection, or `None` when even the refusals are all taken.
+    fn admit(&self) -> Option<Admission> {
+        if let Ok(place) = self.places.clone().try_acquire_owned() {
+            return Some(Admission::Admitted(place));
+        }
+        let refusal = self.refusals.clone().try_acquire_owned().ok()?;
+        Some(Admission::OverCap(refusal))
+    }
+}
+
+/// How a connection was let in.
+#[derive(Debug)]
+pub enum Admission {
+    /// Its listener has no cap.
+    Uncapped,
+    /// Within the cap; the permit is its place, given back when dropped.
+    Admitted(OwnedSemaphorePermit),
+    /// Over the cap: it is to be told so (HTTP: `503` with `Retry-After`) and closed.
+    OverCap(OwnedSemaphorePermit),
 }
 
 impl Connected for Connection {
@@ -174,14 +219,24 @@ impl AsyncWrite for Connection {
 /// Accepts connections on `listener` until the subsystem of `spawner` stops, performing the TLS
 /// handshake when `tls` is set. Connections that fail their handshake are logged and dropped; the
 /// stream only ends at shutdown. The accept loop and the handshakes are tasks of that subsystem.
+/// With a `cap`, each connection takes its place before its handshake, and one over the cap
+/// and its margin is closed at once (counted in `goutube_connections_dropped_total`).
 pub fn accept(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     certificates: ClientCertificates,
     spawner: &Spawner,
     what: &'static str,
+    cap: Option<Cap>,
 ) -> ReceiverStream<io::Result<Connection>> {
     let (tx, rx) = mpsc::channel(64);
+    // A public listener's clients send small requests: a large read buffer would only cost
+    // memory per viewer.
+    let read_buffer = if cap.is_some() {
+        PUBLIC_READ_BUFFER
+    } else {
+        crate::tls::READ_BUFFER
+    };
     let shutdown = spawner.token().clone();
     let handshakes = spawner.clone();
     spawner.spawn("accept", async move {
@@ -199,6 +254,17 @@ pub fn accept(
                     continue;
                 }
             };
+            let admission = match &cap {
+                None => Admission::Uncapped,
+                Some(cap) => match cap.admit() {
+                    Some(admission) => admission,
+                    None => {
+                        ::metrics::counter!(crate::metrics::CONNECTIONS_DROPPED, "listener" => what)
+                            .increment(1);
+                        continue;
+                    }
+                },
+            };
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
             let tls = tls.clone();
@@ -210,6 +276,7 @@ pub fn accept(
                             addr,
                             subject: ANONYMOUS.into(),
                         },
+                        admission,
                     },
                     Some(acceptor) => {
                         let refused = |reason: &dyn std::fmt::Display| {
@@ -217,7 +284,7 @@ pub fn accept(
                             ::metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => what)
                                 .increment(1);
                         };
-                        let buffered = BufReader::with_capacity(crate::tls::READ_BUFFER, tcp);
+                        let buffered = BufReader::with_capacity(read_buffer, tcp);
                         let stream =
                             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(buffered))
                                 .await
@@ -244,6 +311,7 @@ pub fn accept(
                                 addr,
                                 subject: subject.into(),
                             },
+                            admission,
                         }
                     }
                 };

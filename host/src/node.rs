@@ -334,6 +334,7 @@ impl Node {
             recorder,
             listeners.metrics,
             tls.api,
+            &services.config.http,
             services.lifetime.subsystem(),
         )?;
         Ok(Node {

@@ -72,6 +72,7 @@ where
         net::ClientCertificates::Required,
         &service.spawner(),
         "rpc",
+        None,
     );
     let shutdown = service.token().clone();
     let (health, health_service) = tonic_health::server::health_reporter();

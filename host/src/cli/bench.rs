@@ -9,7 +9,7 @@
 //! The shared parts are their own files — [`harness`] (server processes and `/proc`), [`stats`]
 //! (medians, spreads, ratio rows), [`workload`] (frames, produce/consume loops, the machine's
 //! ceilings), [`baseline`] — and each scenario beyond streaming has one (`cluster`, `controller`, `download`,
-//! `http`, `replication`, `reshard`, `transfer`); they all stand on the shared parts through this module.
+//! `http`, `nginx`, `replication`, `reshard`, `transfer`); they all stand on the shared parts through this module.
 
 mod baseline;
 mod cluster;
@@ -19,6 +19,7 @@ mod failover;
 mod fleet;
 mod harness;
 mod http;
+mod nginx;
 mod replication;
 mod reshard;
 mod stats;
@@ -149,6 +150,9 @@ pub(crate) enum Bench {
     },
     /// The HTTP gateway against gRPC consume of the same point in the same run: reading it
     /// whole, and many clients reading random 1 MiB ranges (time to first byte, throughput).
+    /// With `--against-nginx`, against nginx serving the same bytes from a file instead: whole
+    /// GETs, random ranges, and many viewers reading at a player's rate (CPU and memory per
+    /// delivered GiB).
     Http {
         #[arg(long, default_value_t = 1024)]
         mib: u64,
@@ -160,6 +164,24 @@ pub(crate) enum Bench {
         /// Ranges each client reads.
         #[arg(long, default_value_t = 20)]
         requests: usize,
+        /// Compare with nginx (Debian's package, started by the bench) instead of gRPC.
+        #[arg(long)]
+        against_nginx: bool,
+        /// With `--against-nginx`: the client counts of the random-range loads.
+        #[arg(long, value_delimiter = ',', default_value = "8,100")]
+        range_clients: Vec<usize>,
+        /// With `--against-nginx`: viewers at once.
+        #[arg(long, default_value_t = 1000)]
+        viewers: usize,
+        /// With `--against-nginx`: each viewer's rate, kbit/s.
+        #[arg(long, default_value_t = 3000)]
+        viewer_kbps: u64,
+        /// With `--against-nginx`: seconds of each viewers' round.
+        #[arg(long, default_value_t = 20)]
+        viewer_seconds: u64,
+        /// With `--against-nginx`: also whole GETs and ranges beside a busy loop on one core.
+        #[arg(long)]
+        hog: bool,
     },
     /// Downloads: `goutube get` into a file against consume into memory, consume through a
     /// balancer against straight from a node (balancer RSS), and with `--limited` (root) a
@@ -239,8 +261,33 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Http {
             mib,
             rounds,
+            against_nginx: true,
+            range_clients,
+            requests,
+            viewers,
+            viewer_kbps,
+            viewer_seconds,
+            hog,
+            ..
+        } => {
+            nginx::run(nginx::Plan {
+                mib,
+                rounds: rounds.max(1),
+                clients: range_clients,
+                requests: requests.max(1),
+                viewers: viewers.max(1),
+                viewer_kbps: viewer_kbps.max(1),
+                viewer_seconds: viewer_seconds.max(1),
+                hog,
+            })
+            .await
+        }
+        Bench::Http {
+            mib,
+            rounds,
             clients,
             requests,
+            ..
         } => http::run(mib, rounds.max(1), clients.max(1), requests.max(1)).await,
         Bench::Download {
             mib,

@@ -26,6 +26,13 @@ pub struct HttpSection {
     pub max_url_ttl_s: u64,
     /// A point that grew less than this long ago is served with `Cache-Control: no-cache`.
     pub writing_window_ms: u64,
+    /// Most connections served at once; more are answered `503` with `Retry-After`.
+    pub max_connections: usize,
+    /// Longest wait for a request's head, in milliseconds: from a new connection, or from the
+    /// end of the last response on a kept-alive one (the idle timeout too).
+    pub header_timeout_ms: u64,
+    /// Longest a response waits for the client to take a byte, in milliseconds.
+    pub send_timeout_ms: u64,
 }
 
 impl Default for HttpSection {
@@ -36,6 +43,9 @@ impl Default for HttpSection {
             url_key_files: Vec::new(),
             max_url_ttl_s: 7 * 24 * 3600,
             writing_window_ms: 60_000,
+            max_connections: 4096,
+            header_timeout_ms: 10_000,
+            send_timeout_ms: 30_000,
         }
     }
 }
@@ -52,6 +62,24 @@ impl HttpSection {
             return Err(InvalidKey::new(
                 "http.public_url",
                 format!("{url:?} must start with http:// or https://"),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(InvalidKey::new(
+                "http.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.header_timeout_ms < 100 {
+            return Err(InvalidKey::new(
+                "http.header_timeout_ms",
+                "must be at least 100",
+            ));
+        }
+        if self.send_timeout_ms < 100 {
+            return Err(InvalidKey::new(
+                "http.send_timeout_ms",
+                "must be at least 100",
             ));
         }
         if self.max_url_ttl_s < 60 {

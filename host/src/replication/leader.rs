@@ -49,6 +49,7 @@ pub(crate) async fn serve(
         crate::net::ClientCertificates::Required,
         spawner,
         "replication",
+        None,
     );
     while let Some(connection) = incoming.next().await {
         let connection = match connection {
@@ -58,7 +59,7 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let (io, peer) = connection.into_parts();
+        let (io, peer, _uncapped) = connection.into_parts();
         let (reader, writer) = tokio::io::split(io);
         let network = twoparty::VatNetwork::new(
             reader.compat(),

@@ -1,0 +1,333 @@
+//! Serving HTTP/1.1 on accepted connections with hyper, under the limits a public port needs
+//! (`docs/http.md`, "Many viewers"). The gateway and the metrics endpoint both serve through
+//! [`serve`]:
+//!
+//! - **A cap on connections**, counted from accept, before any TLS handshake
+//!   ([`crate::net::Cap`]): a connection over it is answered `503 Service Unavailable` with
+//!   `Retry-After` and closed.
+//! - **Header and idle timeout** (`http.header_timeout_ms`): a request's head must arrive within
+//!   it from when the connection starts waiting for one — a new connection, or one kept alive
+//!   after a response. Slowloris clients and idle connections are closed.
+//! - **Send timeout** (`http.send_timeout_ms`): a client that takes no byte for that long while
+//!   a response waits to be written is disconnected ([`SendDeadline`]): a stalled player holds no
+//!   task and no buffer for ever.
+//! - **Bounded buffers**: hyper queues at most `write_buffer` bytes of a response per
+//!   connection, and takes the next piece of the body only below it.
+//!
+//! On shutdown each connection finishes the response it is writing and closes; on abort it is
+//! dropped.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderValue, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::config::HttpSection;
+use crate::metrics;
+use crate::net::{Admission, Connection};
+use crate::service::Spawner;
+
+/// What a connection may take of the node.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// The longest wait for a request's head (the idle timeout of a kept-alive connection too).
+    pub header_timeout: Duration,
+    /// The longest a response may wait for the client to take a byte.
+    pub send_timeout: Duration,
+    /// Bytes of a response hyper queues per connection before it waits for the socket.
+    pub write_buffer: usize,
+}
+
+impl Limits {
+    /// The limits `[http]` sets, with `write_buffer` bytes queued per connection.
+    pub(crate) fn of(section: &HttpSection, write_buffer: usize) -> Limits {
+        Limits {
+            header_timeout: Duration::from_millis(section.header_timeout_ms),
+            send_timeout: Duration::from_millis(section.send_timeout_ms),
+            write_buffer,
+        }
+    }
+}
+
+/// Seconds a client turned away at the cap is asked to wait.
+const RETRY_AFTER_S: u64 = 1;
+
+/// Serves `router` on every connection of `connections` until `spawner`'s token is cancelled
+/// (then each connection finishes its response and closes) or `abort` is (then they are
+/// dropped). Each connection is a task of the subsystem.
+pub(crate) fn serve(
+    mut connections: ReceiverStream<io::Result<Connection>>,
+    router: Router,
+    limits: Limits,
+    spawner: &Spawner,
+    abort: CancellationToken,
+) {
+    let shutdown = spawner.token().clone();
+    let connection_spawner = spawner.clone();
+    spawner.spawn("serve", async move {
+        loop {
+            let connection = tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = connections.next() => match next {
+                    Some(Ok(connection)) => connection,
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "HTTP connection failed");
+                        continue;
+                    }
+                    None => return,
+                },
+            };
+            let (router, shutdown, abort) = (router.clone(), shutdown.clone(), abort.clone());
+            connection_spawner.spawn("connection", async move {
+                tokio::select! {
+                    () = one(connection, router, limits, shutdown) => {}
+                    () = abort.cancelled() => {}
+                }
+            });
+        }
+    });
+}
+
+/// Serves one connection until it closes: the router if the connection is within the cap, else
+/// one `503` and close.
+async fn one(connection: Connection, router: Router, limits: Limits, shutdown: CancellationToken) {
+    let (io, peer, admission) = connection.into_parts();
+    // Connections within a cap are the gateway's viewers.
+    let counted = matches!(admission, Admission::Admitted(_));
+    if counted {
+        ::metrics::gauge!(metrics::HTTP_CONNECTIONS).increment(1);
+    }
+    let io = TokioIo::new(SendDeadline::new(io, limits.send_timeout));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.write_buffer.max(8192));
+    let served = match admission {
+        Admission::Uncapped | Admission::Admitted(_) => {
+            let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer.clone()));
+                request.map(Body::new)
+            });
+            let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+            until_shutdown(connection, shutdown).await
+        }
+        Admission::OverCap(_) => {
+            ::metrics::counter!(metrics::HTTP_CONNECTIONS_REFUSED).increment(1);
+            builder.keep_alive(false);
+            let service = hyper::service::service_fn(|_| async { Ok::<_, Infallible>(busy()) });
+            until_shutdown(builder.serve_connection(io, service), shutdown).await
+        }
+    };
+    // The admission (the connection's place under the cap) is given back here.
+    drop(admission);
+    if counted {
+        ::metrics::gauge!(metrics::HTTP_CONNECTIONS).decrement(1);
+    }
+    if let Err(error) = served {
+        if error.is_timeout() {
+            ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "header").increment(1);
+        }
+        tracing::debug!(%error, "HTTP connection ended");
+    }
+}
+
+/// A hyper connection driven to its end, told to finish its response and close once `shutdown`
+/// is cancelled.
+async fn until_shutdown<C>(connection: C, shutdown: CancellationToken) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>> + GracefulShutdown,
+{
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => return served,
+        () = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+    }
+    connection.await
+}
+
+/// hyper's HTTP/1 connections, whatever their service.
+trait GracefulShutdown {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S> GracefulShutdown for http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self);
+    }
+}
+
+/// The answer to a connection over the cap.
+fn busy() -> Response<String> {
+    let mut response = Response::new(format!(
+        "this node serves as many HTTP connections as it may (http.max_connections): \
+         retry in {RETRY_AFTER_S} s\n"
+    ));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A connection whose writes wait for the client at most `timeout`: past it, the write fails
+/// with `TimedOut` and hyper closes the connection. The clock starts when a write finds the
+/// socket full and stops at the next byte taken.
+pub(crate) struct SendDeadline<T> {
+    io: T,
+    timeout: Duration,
+    /// Armed while a write waits; allocated once per connection.
+    deadline: Pin<Box<Sleep>>,
+    waiting: bool,
+}
+
+impl<T> SendDeadline<T> {
+    pub(crate) fn new(io: T, timeout: Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            waiting: false,
+        }
+    }
+
+    /// What a write that returned `polled` means once the deadline is considered.
+    fn check<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let at = tokio::time::Instant::now() + self.timeout;
+            self.deadline.as_mut().reset(at);
+        }
+        ready!(self.deadline.as_mut().poll(cx));
+        ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "send").increment(1);
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took no byte for {:?}", self.timeout),
+        )))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.check(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::SendDeadline;
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_client_does_not_take_fails_after_the_timeout_and_not_before() {
+        let (near, _far) = tokio::io::duplex(1024);
+        let mut near = SendDeadline::new(near, TIMEOUT);
+        near.write_all(&[7; 1024]).await.expect("fits the pipe");
+        let started = tokio::time::Instant::now();
+        let error = near
+            .write_all(&[7; 10])
+            .await
+            .expect_err("nobody reads the far end");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_bytes_however_slowly_keeps_its_connection() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut near = SendDeadline::new(near, TIMEOUT);
+        let reader = tokio::spawn(async move {
+            let mut taken = 0;
+            let mut buf = [0; 256];
+            while taken < 4096 {
+                tokio::time::sleep(TIMEOUT - Duration::from_secs(1)).await;
+                taken += far.read(&mut buf).await.expect("reads");
+            }
+        });
+        let started = tokio::time::Instant::now();
+        near.write_all(&[7; 4096])
+            .await
+            .expect("each wait is shorter than the timeout");
+        assert!(started.elapsed() > TIMEOUT * 3, "the writes did wait");
+        reader.await.expect("the reader ends");
+    }
+}
