@@ -42,6 +42,30 @@ pub enum ClientCertificates {
     Optional,
 }
 
+/// At most this many bytes written to a public listener's socket wait in the kernel unsent
+/// (`TCP_NOTSENT_LOWAT`): bytes in flight are not limited, so throughput is not either, but a
+/// viewer who seeks away wastes little of what was written for it.
+const PUBLIC_NOTSENT_LOWAT: libc::c_int = 512 * 1024;
+
+/// Sets [`PUBLIC_NOTSENT_LOWAT`] on `tcp` (best effort: a kernel without it queues as usual).
+fn keep_little_unsent(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let lowat = PUBLIC_NOTSENT_LOWAT;
+    // SAFETY: a valid socket, and an int option of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&lowat as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
+}
+
 /// The TLS read buffer of a listener with a [`Cap`] (the gateway): a record and a request head.
 const PUBLIC_READ_BUFFER: usize = 20 * 1024;
 
@@ -266,6 +290,9 @@ pub fn accept(
                 },
             };
             let _ = tcp.set_nodelay(true);
+            if cap.is_some() {
+                keep_little_unsent(&tcp);
+            }
             let tx = tx.clone();
             let tls = tls.clone();
             handshakes.spawn("handshake", async move {

@@ -676,7 +676,7 @@ fn start_gateway(
     let gateway = Gateway {
         services: services.clone(),
         store,
-        chunk: services.config.max_chunk_size,
+        chunk: services.config.max_chunk_size.min(crate::http::FRAME),
         tls: tls.is_some(),
         writing_window: Duration::from_millis(services.config.http.writing_window_ms),
     };

@@ -6,10 +6,10 @@
 //!   subject of the client certificate or of a signed URL ([`crate::signed_url`]). With TLS a
 //!   request with neither is refused; without TLS the subject is `anonymous`.
 //! - **What is served** is the point as it is when the request arrives, up to its committed
-//!   end (one snapshot: length, checksum and ETag agree; `docs/failover.md`), read by the
-//!   store's read loop into a bounded channel: when the
-//!   client goes away, the channel closes and nothing more is read. `?follow=1` keeps streaming
-//!   a growing point.
+//!   end (one snapshot: length, checksum and ETag agree; `docs/failover.md`), read a frame at
+//!   a time as hyper asks for it ([`Point::frames`]): nothing is read ahead of the socket, and
+//!   when the client goes away the body is dropped and nothing more is read. `?follow=1` keeps
+//!   streaming a growing point.
 //! - **In a cluster**, a node that does not hold the point, or holds less than the range asks
 //!   for, answers `307` to the owner (or, with the owner down, to one of its followers), never a
 //!   short answer; `hop=1` on the redirected request stops a second redirect.
@@ -25,12 +25,9 @@ use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use bytes::Bytes;
 use headers::{ETag, HeaderMapExt, IfNoneMatch, IfRange};
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::range::{self, Answer};
 use crate::access::Action;
@@ -38,13 +35,9 @@ use crate::metrics;
 use crate::net::{NO_CERTIFICATE, PeerInfo};
 use crate::point::{Point, PointId, ReadError, Span, Store};
 use crate::reshard::gate::{self, Holder};
-use crate::service::Spawner;
 use crate::services::Services;
 use crate::signed_url::encode_path;
 use crate::text::bounded;
-
-/// Frames the read loop may read ahead of a slow client.
-const READ_AHEAD: usize = 4;
 
 /// What the gateway's handlers share.
 pub(crate) struct Gateway {
@@ -53,7 +46,8 @@ pub(crate) struct Gateway {
     pub services: Services,
     /// The node's points; `None` on a balancer, which stores nothing and redirects every request.
     pub store: Option<Store>,
-    /// Bytes per read of the read loop.
+    /// Bytes per read: a frame of the body, about what a viewer whose socket is full holds of
+    /// the node's memory.
     pub chunk: u64,
     /// Whether this gateway speaks HTTPS (redirects keep the scheme).
     pub tls: bool,
@@ -61,11 +55,9 @@ pub(crate) struct Gateway {
     pub writing_window: Duration,
 }
 
-/// The router's state: the gateway, and the spawner its read loops run on (tasks of the gateway
-/// subsystem).
+/// The router's state.
 struct Served {
     gateway: Gateway,
-    spawner: Spawner,
 }
 
 /// The query of a request: a signed URL's fields, `follow`, and the redirect marker.
@@ -85,14 +77,14 @@ impl Params {
     }
 }
 
-pub(crate) fn router(gateway: Gateway, spawner: Spawner) -> Router {
+pub(crate) fn router(gateway: Gateway) -> Router {
     Router::new()
         .route("/v1/points/{*id}", get(point))
         .route("/v1/player/{*id}", get(player))
         .route("/v1/points/", get(no_point))
         .route("/v1/player/", get(no_point))
         .fallback(elsewhere)
-        .with_state(Arc::new(Served { gateway, spawner }))
+        .with_state(Arc::new(Served { gateway }))
 }
 
 /// `/v1/points/` and `/v1/player/` name no point.
@@ -209,9 +201,7 @@ async fn point(
     let gateway = &served.gateway;
     let answer = async {
         let request = gateway.request("points", id, params, raw_query)?;
-        gateway
-            .serve(&served.spawner, &peer, &method, &request, &headers)
-            .await
+        gateway.serve(&peer, &method, &request, &headers).await
     }
     .await;
     let response = count(answer.unwrap_or_else(IntoResponse::into_response));
@@ -367,7 +357,6 @@ impl Gateway {
 
     async fn serve(
         &self,
-        spawner: &Spawner,
         peer: &PeerInfo,
         method: &Method,
         request: &Request,
@@ -400,7 +389,7 @@ impl Gateway {
         if follow {
             // As it grows, until the client leaves: no length, chunked.
             let span = self.span(0, None, true);
-            let body = self.body(spawner, method, store, point, span);
+            let body = self.body(method, store, point, span);
             return Ok(response
                 .status(StatusCode::OK)
                 .body(body)
@@ -448,7 +437,7 @@ impl Gateway {
             }
         };
         let span = self.span(start, Some(stop), false);
-        let body = self.body(spawner, method, store, point, span);
+        let body = self.body(method, store, point, span);
         Ok(response
             .status(status)
             .header(header::CONTENT_LENGTH, stop - start)
@@ -465,33 +454,17 @@ impl Gateway {
         }
     }
 
-    /// The bytes of `span`, read as the client takes them (nothing for `HEAD`).
-    fn body(
-        &self,
-        spawner: &Spawner,
-        method: &Method,
-        store: Store,
-        point: Arc<Point>,
-        span: Span,
-    ) -> Body {
+    /// The bytes of `span`, each frame read when hyper asks for it, so a client holds at most
+    /// a frame and hyper's write buffer of the node's memory (nothing for `HEAD`). A client
+    /// that leaves drops the body, and the reading stops.
+    fn body(&self, method: &Method, store: Store, point: Arc<Point>, span: Span) -> Body {
         if method == Method::HEAD || span.stop == Some(span.offset) {
             return Body::empty();
         }
-        let (frames, received) = mpsc::channel(READ_AHEAD);
-        let (shutdown, abort) = (
-            self.services.lifetime.shutdown.clone(),
-            self.services.lifetime.abort.clone(),
-        );
-        // Ends with the node's grace period, even for a client that stopped reading.
-        spawner.spawn("read", async move {
-            tokio::select! {
-                () = point.stream(store, span, frames, shutdown) => {}
-                () = abort.cancelled() => {}
-            }
-        });
-        Body::from_stream(ReceiverStream::new(received).map(|frame| {
+        let shutdown = self.services.lifetime.shutdown.clone();
+        Body::from_stream(point.frames(store, span, shutdown).map(|frame| {
             frame
-                .map(|(_, bytes): (u64, Bytes)| {
+                .map(|(_, bytes)| {
                     ::metrics::counter!(metrics::HTTP_BYTES).increment(bytes.len() as u64);
                     bytes
                 })

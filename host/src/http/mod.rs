@@ -16,9 +16,13 @@ use crate::config::HttpSection;
 use crate::net::{self, Cap};
 use crate::service::{Handle, Service};
 
-/// Bytes of a response hyper queues per gateway connection before it waits for the socket: with
-/// the frame the read loop holds, what one viewer costs at most.
-const WRITE_BUFFER: usize = 64 * 1024;
+/// Most bytes the gateway reads at once for a client: about what a viewer whose socket is full
+/// holds of the node's memory (`docs/http.md`, "The hot path").
+pub(crate) const FRAME: u64 = 128 * 1024;
+
+/// Bytes of a response hyper keeps queued before it asks the body for its next frame: hyper
+/// asks only once the last frame is nearly written, so a viewer holds about one frame.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Serves the range gateway on `listener` until the handle is shut down or `token` is
 /// cancelled, at most `http.max_connections` connections at once. With TLS, client
@@ -42,7 +46,7 @@ pub(crate) fn start_gateway(
         "http",
         Some(cap),
     );
-    let app = gateway::router(gateway, service.spawner());
+    let app = gateway::router(gateway);
     serve::serve(connections, app, limits, &service.spawner(), abort);
     Ok(service.handle())
 }

@@ -169,10 +169,33 @@ impl Point {
         Ok(state.meta.as_ref().expect("just read"))
     }
 
-    /// Sends `span` of the point into `frames` as `(offset, bytes)` until the span is done, the
-    /// receiver is gone (a client that left: nothing more is read), the point is deleted
-    /// (`NotFound`) or `shutdown` is cancelled while following. The one read loop of
-    /// `ConsumeStream` and of the HTTP gateway.
+    /// `span` of the point as `(offset, bytes)` frames, each read when it is asked for: until
+    /// the span is done, the point is deleted (`NotFound`) or `shutdown` is cancelled while
+    /// following. Nothing is read ahead of the consumer, and dropping the stream stops the
+    /// reading. The one read loop of `ConsumeStream` ([`Point::stream`]) and of the HTTP gateway.
+    pub fn frames(
+        self: Arc<Self>,
+        store: Store,
+        span: Span,
+        shutdown: CancellationToken,
+    ) -> impl futures::Stream<Item = Result<(u64, Bytes), StreamError>> + Send + 'static {
+        let reading = Reading {
+            changes: self.watch(),
+            position: span.offset,
+            point: self,
+            store,
+            span,
+            shutdown,
+            ended: false,
+        };
+        futures::stream::unfold(reading, |mut reading| async move {
+            let frame = reading.next().await?;
+            Some((frame, reading))
+        })
+    }
+
+    /// Sends [`Point::frames`] into `frames` until they end or the receiver is gone (a client
+    /// that left: nothing more is read, even while waiting for the point to grow).
     pub async fn stream(
         self: Arc<Self>,
         store: Store,
@@ -180,51 +203,17 @@ impl Point {
         frames: mpsc::Sender<Result<(u64, Bytes), StreamError>>,
         shutdown: CancellationToken,
     ) {
-        let mut changes = self.watch();
-        let mut position = span.offset;
+        use futures::StreamExt;
+        let read = self.frames(store, span, shutdown);
+        let mut read = std::pin::pin!(read);
         loop {
-            if Some(position) == span.stop {
+            let frame = tokio::select! {
+                frame = read.next() => frame,
+                () = frames.closed() => return,
+            };
+            let Some(frame) = frame else { return };
+            if frames.send(frame).await.is_err() {
                 return;
-            }
-            let current = *changes.borrow_and_update();
-            if current.deleted {
-                let _ = frames
-                    .send(Err(ReadError::NotFound(self.id.clone()).into()))
-                    .await;
-                return;
-            }
-            if position < current.committed {
-                let end = span
-                    .stop
-                    .map_or(current.committed, |stop| stop.min(current.committed));
-                let len = span.chunk.min(end - position);
-                let frame = match self.read(&store, position, len).await {
-                    Ok(frame) => frame,
-                    Err(error) => {
-                        let _ = frames.send(Err(error.into())).await;
-                        return;
-                    }
-                };
-                if frames.send(Ok((position, frame))).await.is_err() {
-                    return;
-                }
-                position += len;
-                continue;
-            }
-            if !span.follow {
-                return;
-            }
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                _ = frames.closed() => return,
-                _ = shutdown.cancelled() => {
-                    let _ = frames.send(Err(StreamError::ShuttingDown)).await;
-                    return;
-                }
             }
         }
     }
@@ -248,6 +237,15 @@ impl Point {
         }
         let files = self.files(&store.inner.shared).await?;
         let path = self.dir.join(DATA_FILE);
+        // Bytes in the page cache are copied here, without a trip to the blocking pool (a
+        // thread hand-off per frame); the rest is read there.
+        if len <= MAX_CACHED_READ {
+            match read_cached_at(&files.data, offset, len as usize) {
+                Ok(Some(bytes)) => return Ok(bytes),
+                Ok(None) => {}
+                Err(error) => return Err(StorageError::io("reading", path)(error).into()),
+            }
+        }
         let bytes =
             tokio::task::spawn_blocking(move || read_exact_at(&files.data, offset, len as usize))
                 .await
@@ -647,5 +645,72 @@ impl Files {
         ::metrics::counter!(metrics::FSYNCS).increment(1);
         ::metrics::histogram!(metrics::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(())
+    }
+}
+
+/// The largest read copied from the page cache on an async thread (a copy of 1 MiB takes tens
+/// of microseconds).
+const MAX_CACHED_READ: u64 = 1024 * 1024;
+
+/// Where [`Point::frames`] is in its span.
+struct Reading {
+    point: Arc<Point>,
+    store: Store,
+    span: Span,
+    changes: watch::Receiver<Snapshot>,
+    position: u64,
+    shutdown: CancellationToken,
+    /// An error was the last frame.
+    ended: bool,
+}
+
+impl Reading {
+    /// The next frame, waiting for the point to grow when following; `None` at the end.
+    async fn next(&mut self) -> Option<Result<(u64, Bytes), StreamError>> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            if Some(self.position) == self.span.stop {
+                return None;
+            }
+            let current = *self.changes.borrow_and_update();
+            if current.deleted {
+                self.ended = true;
+                return Some(Err(ReadError::NotFound(self.point.id.clone()).into()));
+            }
+            if self.position < current.committed {
+                let end = self
+                    .span
+                    .stop
+                    .map_or(current.committed, |stop| stop.min(current.committed));
+                let len = self.span.chunk.min(end - self.position);
+                return match self.point.read(&self.store, self.position, len).await {
+                    Ok(frame) => {
+                        let at = self.position;
+                        self.position += len;
+                        Some(Ok((at, frame)))
+                    }
+                    Err(error) => {
+                        self.ended = true;
+                        Some(Err(error.into()))
+                    }
+                };
+            }
+            if !self.span.follow {
+                return None;
+            }
+            tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                () = self.shutdown.cancelled() => {
+                    self.ended = true;
+                    return Some(Err(StreamError::ShuttingDown));
+                }
+            }
+        }
     }
 }

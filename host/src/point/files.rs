@@ -284,6 +284,51 @@ pub(super) fn read_exact_at(file: &File, offset: u64, len: usize) -> std::io::Re
     Ok(buf.freeze())
 }
 
+/// Like [`read_exact_at`], but only from the page cache (`preadv2` with `RWF_NOWAIT`), so it may
+/// run on an async thread: `None` if any of it would wait for the disk, or the filesystem cannot
+/// say (the caller reads it on the blocking pool instead).
+pub(super) fn read_cached_at(
+    file: &File,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<Option<Bytes>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let (want, at) = (len - buf.len(), offset + buf.len() as u64);
+        let spare = buf.spare_capacity_mut();
+        let target = libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: want,
+        };
+        // SAFETY: the one iovec covers `want` writable bytes of `spare`; preadv2 writes at most
+        // that many and reports how many, and only those are marked initialised below.
+        let read = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &target,
+                1,
+                at as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        match read {
+            -1 => {
+                let error = std::io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS) => return Ok(None),
+                    _ => return Err(error),
+                }
+            }
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            // SAFETY: preadv2 initialised `read` bytes of the spare capacity.
+            read => unsafe { buf.set_len(buf.len() + read as usize) },
+        }
+    }
+    Ok(Some(buf.freeze()))
+}
+
 pub(super) fn join_error(error: tokio::task::JoinError) -> StorageError {
     StorageError::Io {
         op: "running blocking I/O",
