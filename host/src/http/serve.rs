@@ -9,7 +9,7 @@
 //!   it from when the connection starts waiting for one — a new connection, or one kept alive
 //!   after a response. Slowloris clients and idle connections are closed.
 //! - **Send timeout** (`http.send_timeout_ms`): a client that takes no byte for that long while
-//!   a response waits to be written is disconnected ([`SendDeadline`]): a stalled player holds no
+//!   a response waits to be written is disconnected ([`Deadlines`]): a stalled player holds no
 //!   task and no buffer for ever.
 //! - **Bounded buffers**: hyper queues at most `write_buffer` bytes of a response per
 //!   connection, and takes the next piece of the body only below it.
@@ -18,7 +18,6 @@
 //! dropped.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -27,11 +26,10 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderValue, Response, StatusCode, header};
+use axum::http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tokio_stream::StreamExt;
@@ -105,35 +103,50 @@ pub(crate) fn serve(
     });
 }
 
-/// Serves one connection until it closes: the router if the connection is within the cap, else
-/// one `503` and close.
+/// Serves one connection until it closes, HTTP/1.1 (or HTTP/2 with prior knowledge: a gRPC
+/// client that dialed this port is told where the API is): the router if the connection is
+/// within the cap, else one `503` and close.
 async fn one(connection: Connection, router: Router, limits: Limits, shutdown: CancellationToken) {
     let (io, peer, admission) = connection.into_parts();
+    let admitted = !matches!(admission, Admission::OverCap(_));
     // Connections within a cap are the gateway's viewers.
     let counted = matches!(admission, Admission::Admitted(_));
     if counted {
         ::metrics::gauge!(metrics::HTTP_CONNECTIONS).increment(1);
+    } else if !admitted {
+        ::metrics::counter!(metrics::HTTP_CONNECTIONS_REFUSED).increment(1);
     }
-    let io = TokioIo::new(SendDeadline::new(io, limits.send_timeout));
-    let mut builder = http1::Builder::new();
+    let io = TokioIo::new(Deadlines::new(io, limits));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.write_buffer.max(8192));
-    let served = match admission {
-        Admission::Uncapped | Admission::Admitted(_) => {
-            let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer.clone()));
-                request.map(Body::new)
-            });
-            let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-            until_shutdown(connection, shutdown).await
+        .max_buf_size(limits.write_buffer.max(8192))
+        .keep_alive(admitted);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(limits.header_timeout);
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let (router, peer) = (router.clone(), peer.clone());
+        async move {
+            if !admitted {
+                return Ok::<_, Infallible>(busy());
+            }
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.oneshot(request).await
         }
-        Admission::OverCap(_) => {
-            ::metrics::counter!(metrics::HTTP_CONNECTIONS_REFUSED).increment(1);
-            builder.keep_alive(false);
-            let service = hyper::service::service_fn(|_| async { Ok::<_, Infallible>(busy()) });
-            until_shutdown(builder.serve_connection(io, service), shutdown).await
+    });
+    let connection = builder.serve_connection(io, service);
+    let mut connection = std::pin::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
         }
     };
     // The admission (the connection's place under the cap) is given back here.
@@ -142,51 +155,22 @@ async fn one(connection: Connection, router: Router, limits: Limits, shutdown: C
         ::metrics::gauge!(metrics::HTTP_CONNECTIONS).decrement(1);
     }
     if let Err(error) = served {
-        if error.is_timeout() {
+        let timed_out = error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timed_out {
             ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "header").increment(1);
         }
         tracing::debug!(%error, "HTTP connection ended");
     }
 }
 
-/// A hyper connection driven to its end, told to finish its response and close once `shutdown`
-/// is cancelled.
-async fn until_shutdown<C>(connection: C, shutdown: CancellationToken) -> hyper::Result<()>
-where
-    C: Future<Output = hyper::Result<()>> + GracefulShutdown,
-{
-    let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        served = connection.as_mut() => return served,
-        () = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
-    }
-    connection.await
-}
-
-/// hyper's HTTP/1 connections, whatever their service.
-trait GracefulShutdown {
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S> GracefulShutdown for http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    S::ResBody: hyper::body::Body + 'static,
-    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        http1::Connection::graceful_shutdown(self);
-    }
-}
-
 /// The answer to a connection over the cap.
-fn busy() -> Response<String> {
-    let mut response = Response::new(format!(
+fn busy() -> Response<Body> {
+    let mut response = Response::new(Body::from(format!(
         "this node serves as many HTTP connections as it may (http.max_connections): \
          retry in {RETRY_AFTER_S} s\n"
-    ));
+    )));
     *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     let headers = response.headers_mut();
     headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
@@ -198,24 +182,30 @@ fn busy() -> Response<String> {
     response
 }
 
-/// A connection whose writes wait for the client at most `timeout`: past it, the write fails
-/// with `TimedOut` and hyper closes the connection. The clock starts when a write finds the
-/// socket full and stops at the next byte taken.
-pub(crate) struct SendDeadline<T> {
+/// A connection under two deadlines: its first byte must arrive within the header timeout
+/// (a connection that sends nothing is closed, whichever protocol it would have spoken: hyper's
+/// own header timeout starts only once it knows), and each write may wait for the client at most
+/// the send timeout. Past either, the call fails with `TimedOut` and hyper closes the
+/// connection. The send clock starts when a write finds the socket full and stops at the next
+/// byte taken.
+pub(crate) struct Deadlines<T> {
     io: T,
-    timeout: Duration,
+    send_timeout: Duration,
     /// Armed while a write waits; allocated once per connection.
-    deadline: Pin<Box<Sleep>>,
+    send: Pin<Box<Sleep>>,
     waiting: bool,
+    /// Until the first byte arrives.
+    first_byte: Option<Pin<Box<Sleep>>>,
 }
 
-impl<T> SendDeadline<T> {
-    pub(crate) fn new(io: T, timeout: Duration) -> Self {
+impl<T> Deadlines<T> {
+    pub(crate) fn new(io: T, limits: Limits) -> Self {
         Self {
             io,
-            timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            send_timeout: limits.send_timeout,
+            send: Box::pin(tokio::time::sleep(limits.send_timeout)),
             waiting: false,
+            first_byte: Some(Box::pin(tokio::time::sleep(limits.header_timeout))),
         }
     }
 
@@ -231,29 +221,48 @@ impl<T> SendDeadline<T> {
         }
         if !self.waiting {
             self.waiting = true;
-            let at = tokio::time::Instant::now() + self.timeout;
-            self.deadline.as_mut().reset(at);
+            let at = tokio::time::Instant::now() + self.send_timeout;
+            self.send.as_mut().reset(at);
         }
-        ready!(self.deadline.as_mut().poll(cx));
+        ready!(self.send.as_mut().poll(cx));
         ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "send").increment(1);
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("the client took no byte for {:?}", self.timeout),
+            format!("the client took no byte for {:?}", self.send_timeout),
         )))
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for SendDeadline<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Deadlines<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let Some(first_byte) = self.first_byte.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.first_byte = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                ready!(first_byte.as_mut().poll(cx));
+                ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "header").increment(1);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request arrived in time",
+                )))
+            }
+            other => other,
+        }
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for SendDeadline<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Deadlines<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -293,14 +302,23 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use super::SendDeadline;
+    use super::{Deadlines, Limits};
 
     const TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn deadlines<T>(io: T) -> Deadlines<T> {
+        let limits = Limits {
+            header_timeout: TIMEOUT,
+            send_timeout: TIMEOUT,
+            write_buffer: 16 * 1024,
+        };
+        Deadlines::new(io, limits)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_write_the_client_does_not_take_fails_after_the_timeout_and_not_before() {
         let (near, _far) = tokio::io::duplex(1024);
-        let mut near = SendDeadline::new(near, TIMEOUT);
+        let mut near = deadlines(near);
         near.write_all(&[7; 1024]).await.expect("fits the pipe");
         let started = tokio::time::Instant::now();
         let error = near
@@ -314,7 +332,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_takes_bytes_however_slowly_keeps_its_connection() {
         let (near, mut far) = tokio::io::duplex(1024);
-        let mut near = SendDeadline::new(near, TIMEOUT);
+        let mut near = deadlines(near);
         let reader = tokio::spawn(async move {
             let mut taken = 0;
             let mut buf = [0; 256];
