@@ -1,13 +1,15 @@
-//! Serving HTTP/1.1 on accepted connections with hyper, under the limits a public port needs
-//! (`docs/http.md`, "Many viewers"). The gateway and the metrics endpoint both serve through
-//! [`serve`]:
+//! Serving HTTP on accepted connections with hyper (HTTP/1.1, and HTTP/2 with prior knowledge),
+//! under the limits a public port needs (`docs/http.md`, "Many viewers"). The gateway and the
+//! metrics endpoint both serve through [`serve`]:
 //!
 //! - **A cap on connections**, counted from accept, before any TLS handshake
 //!   ([`crate::net::Cap`]): a connection over it is answered `503 Service Unavailable` with
 //!   `Retry-After` and closed.
 //! - **Header and idle timeout** (`http.header_timeout_ms`): a request's head must arrive within
 //!   it from when the connection starts waiting for one — a new connection, or one kept alive
-//!   after a response. Slowloris clients and idle connections are closed.
+//!   after a response; the first byte of a connection has the same deadline ([`Deadlines`]),
+//!   since hyper's starts only once it knows the protocol. Slowloris clients and idle
+//!   connections are closed.
 //! - **Send timeout** (`http.send_timeout_ms`): a client that takes no byte for that long while
 //!   a response waits to be written is disconnected ([`Deadlines`]): a stalled player holds no
 //!   task and no buffer for ever.
