@@ -17,6 +17,27 @@ const IDLE: usize = 1000;
 const SLOWLORIS: usize = 200;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Raises this process's descriptor limit to its hard limit: the test holds both ends of some
+/// 2,400 connections (the node runs in this process).
+fn enough_descriptors() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let needed = 2 * (IDLE + SLOWLORIS) as u64 + 256;
+    assert!(
+        limit.rlim_cur >= needed,
+        "this test needs {needed} descriptors; the hard limit is {}",
+        limit.rlim_cur
+    );
+}
+
 /// `bytes` in frames of 1 MiB.
 fn frames(bytes: &[u8]) -> Vec<Vec<u8>> {
     bytes.chunks(1 << 20).map(<[u8]>::to_vec).collect()
@@ -39,6 +60,7 @@ async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_and_two_hundred_slowloris_connections_are_capped_and_closed_while_the_node_serves()
  {
+    enough_descriptors();
     // Room for one viewer and the flood, no more.
     let cap = 1 + IDLE + SLOWLORIS;
     let node = TestNode::start(|config| {
