@@ -221,6 +221,15 @@ async fn a_cluster_formed_by_seeds_routes_writes_to_owners_and_loses_nothing_to_
         3,
         "60 points spread over the three primaries: {owned:?}"
     );
+    // Until the follower has reached its leader, it answers writes `Unavailable` (it cannot
+    // name the owner yet); the redirects below are asked of it after that.
+    goutube_tests::eventually("f reaches its leader", || async {
+        let refused = produce(&mut cluster.client("f").await, "probe/f", &[vec![1]])
+            .await
+            .expect_err("a follower takes no writes");
+        refused.code() == Code::FailedPrecondition
+    })
+    .await;
     for (owner, points) in &owned {
         for (i, point) in points.iter().enumerate().take(4) {
             let bytes = data(i as u64 * 31 + 7, 1000 + i * 997);
