@@ -74,7 +74,7 @@ pub(super) async fn run(
         let mut sender = connection(http).await?;
         let mut samples = Vec::with_capacity(offsets.len());
         for offset in offsets {
-            samples.push(get_range(&mut sender, http, offset, offset + MIB).await?);
+            samples.push(get_range(&mut sender, http, POINT, offset, offset + MIB).await?);
         }
         Ok(samples)
     })
@@ -96,8 +96,10 @@ pub(super) async fn run(
     node.stop()
 }
 
-/// An HTTP/1.1 connection to the gateway.
-async fn connection(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
+/// An HTTP/1.1 connection (to the gateway, or to nginx in `bench http --against-nginx`).
+pub(super) async fn connection(
+    addr: SocketAddr,
+) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let (sender, connection) = http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
@@ -105,14 +107,16 @@ async fn connection(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Empty
     Ok(sender)
 }
 
-/// `GET` of `[start, end)`; returns the seconds to the first body byte and the bytes read.
-async fn get_range(
+/// `GET` of `[start, end)` of `point`; returns the seconds to the first body byte and the bytes
+/// read.
+pub(super) async fn get_range(
     sender: &mut http1::SendRequest<Empty<Bytes>>,
     addr: SocketAddr,
+    point: &str,
     start: u64,
     end: u64,
 ) -> anyhow::Result<(f64, u64)> {
-    let request = hyper::Request::get(format!("/v1/points/{POINT}"))
+    let request = hyper::Request::get(format!("/v1/points/{point}"))
         .header("host", addr.to_string())
         .header("range", format!("bytes={start}-{}", end - 1))
         .body(Empty::new())?;
@@ -120,7 +124,7 @@ async fn get_range(
     sender.ready().await?;
     let response = sender.send_request(request).await?;
     if response.status() != hyper::StatusCode::PARTIAL_CONTENT {
-        bail!("the gateway answered {}", response.status());
+        bail!("{addr} answered {}", response.status());
     }
     let mut body = response.into_body();
     let mut first_byte = None;
@@ -144,7 +148,7 @@ async fn read_whole(addr: SocketAddr, total: u64) -> anyhow::Result<f64> {
     let mut position = 0;
     while position < total {
         let end = (position + RANGE).min(total);
-        get_range(&mut sender, addr, position, end).await?;
+        get_range(&mut sender, addr, POINT, position, end).await?;
         position = end;
     }
     Ok(started.elapsed().as_secs_f64())

@@ -25,11 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1;
 use rand::Rng;
 
+use super::http::{connection, get_range};
 use super::{Server, Workload, connect, median, percentile, produce, storage};
 
 const POINT: &str = "bench/nginx";
@@ -67,7 +66,7 @@ pub(super) async fn run(plan: Plan) -> anyhow::Result<()> {
     let root = work.path().join("nginx-root");
     let file = root.join("v1/points").join(POINT);
     std::fs::create_dir_all(file.parent().expect("a path with a parent"))?;
-    let copied = download(gateway, &file).await?;
+    let copied = get_whole(gateway, Some(&file)).await?;
     if copied != total {
         bail!("read {copied} bytes of the {total}-byte point through the gateway");
     }
@@ -190,7 +189,7 @@ async fn whole_and_ranges(
         for (i, server) in servers.iter().enumerate() {
             let before = server.pids.cpu_seconds();
             let started = Instant::now();
-            let read = get_whole(server.addr).await?;
+            let read = get_whole(server.addr, None).await?;
             let seconds = started.elapsed().as_secs_f64();
             if read != total {
                 bail!("{} served {read} of {total} bytes", server.name);
@@ -274,8 +273,14 @@ async fn viewers(plan: &Plan, servers: &[Target; 2], total: u64) -> anyhow::Resu
         let p50 = median(&w.iter().map(|w| w.first_byte_p50).collect::<Vec<_>>());
         let p99 = median(&w.iter().map(|w| w.first_byte_p99).collect::<Vec<_>>());
         let peak = w.iter().map(|w| w.peak_pss).max().unwrap_or(0);
+        // CPU is counted in ticks of 10 ms: a short load may show none for nginx.
+        let to_nginx = if nginx_cpu > 0.0 {
+            format!("{:.2}x", cpu(w) / nginx_cpu)
+        } else {
+            "(too short to count)".into()
+        };
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {:.2} | {} MiB | {:.2}x |",
+            "| {} | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {:.2} | {} MiB | {to_nginx} |",
             server.name,
             delivered / 1e6,
             delivered / asked,
@@ -283,7 +288,6 @@ async fn viewers(plan: &Plan, servers: &[Target; 2], total: u64) -> anyhow::Resu
             p99 * 1e3,
             cpu(w),
             peak / MIB,
-            cpu(w) / nginx_cpu
         );
     }
     println!();
@@ -420,7 +424,7 @@ async fn ranges(
             let mut sender = connection(addr).await?;
             let mut samples = Vec::with_capacity(offsets.len());
             for offset in offsets {
-                samples.push(get_range(&mut sender, addr, offset).await?);
+                samples.push(get_range(&mut sender, addr, POINT, offset, offset + MIB).await?);
             }
             anyhow::Ok(samples)
         }));
@@ -441,67 +445,8 @@ async fn ranges(
     })
 }
 
-/// An HTTP/1.1 connection.
-async fn connection(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let (sender, connection) = http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(connection);
-    Ok(sender)
-}
-
-/// `GET` of `[offset, offset + 1 MiB)`: seconds to the first body byte, and the bytes read.
-async fn get_range(
-    sender: &mut http1::SendRequest<Empty<Bytes>>,
-    addr: SocketAddr,
-    offset: u64,
-) -> anyhow::Result<(f64, u64)> {
-    let request = hyper::Request::get(format!("/v1/points/{POINT}"))
-        .header("host", addr.to_string())
-        .header("range", format!("bytes={offset}-{}", offset + MIB - 1))
-        .body(Empty::new())?;
-    let started = Instant::now();
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
-    if response.status() != hyper::StatusCode::PARTIAL_CONTENT {
-        bail!("{addr} answered {}", response.status());
-    }
-    let mut body = response.into_body();
-    let (mut first_byte, mut read) = (None, 0);
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            first_byte.get_or_insert_with(|| started.elapsed().as_secs_f64());
-            read += data.len() as u64;
-        }
-    }
-    if read != MIB {
-        bail!("read {read} bytes of a 1 MiB range from {addr}");
-    }
-    Ok((first_byte.unwrap_or_default(), read))
-}
-
-/// One `GET` of the whole point; the bytes read.
-async fn get_whole(addr: SocketAddr) -> anyhow::Result<u64> {
-    let mut sender = connection(addr).await?;
-    let request = hyper::Request::get(format!("/v1/points/{POINT}"))
-        .header("host", addr.to_string())
-        .body(Empty::new())?;
-    let response = sender.send_request(request).await?;
-    if response.status() != hyper::StatusCode::OK {
-        bail!("{addr} answered {}", response.status());
-    }
-    let mut body = response.into_body();
-    let mut read = 0;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            read += data.len() as u64;
-        }
-    }
-    Ok(read)
-}
-
-/// The whole point through the gateway into `file`; the bytes written.
-async fn download(addr: SocketAddr, file: &Path) -> anyhow::Result<u64> {
+/// One `GET` of the whole point, written into `file` if one is given; the bytes read.
+async fn get_whole(addr: SocketAddr, file: Option<&Path>) -> anyhow::Result<u64> {
     use tokio::io::AsyncWriteExt;
     let mut sender = connection(addr).await?;
     let request = hyper::Request::get(format!("/v1/points/{POINT}"))
@@ -509,19 +454,26 @@ async fn download(addr: SocketAddr, file: &Path) -> anyhow::Result<u64> {
         .body(Empty::new())?;
     let response = sender.send_request(request).await?;
     if response.status() != hyper::StatusCode::OK {
-        bail!("the gateway answered {}", response.status());
+        bail!("{addr} answered {}", response.status());
     }
-    let mut out = tokio::fs::File::create(file).await?;
+    let mut out = match file {
+        Some(file) => Some(tokio::fs::File::create(file).await?),
+        None => None,
+    };
     let mut body = response.into_body();
-    let mut written = 0;
+    let mut read = 0;
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
-            out.write_all(&data).await?;
-            written += data.len() as u64;
+            if let Some(out) = &mut out {
+                out.write_all(&data).await?;
+            }
+            read += data.len() as u64;
         }
     }
-    out.flush().await?;
-    Ok(written)
+    if let Some(out) = &mut out {
+        out.flush().await?;
+    }
+    Ok(read)
 }
 
 fn rate_spread(rates: &[f64]) -> String {
