@@ -61,8 +61,8 @@ async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
 async fn a_thousand_idle_and_two_hundred_slowloris_connections_are_capped_and_closed_while_the_node_serves()
  {
     enough_descriptors();
-    // Room for one viewer and the flood, no more.
-    let cap = 1 + IDLE + SLOWLORIS;
+    // Room for the flood and two viewers, no more.
+    let cap = 2 + IDLE + SLOWLORIS;
     let node = TestNode::start(|config| {
         config.http.max_connections = cap;
         config.http.header_timeout_ms = HEADER_TIMEOUT.as_millis() as u64;
@@ -127,6 +127,21 @@ async fn a_thousand_idle_and_two_hundred_slowloris_connections_are_capped_and_cl
         closed
     });
 
+    // A viewer that arrives during the flood takes the last place and is served the point.
+    let late = http_response(http_addr, "GET", "/v1/points/films/long", &[], None).await;
+    assert_eq!(late.status(), 200);
+    let mut late_body = late.into_body();
+    let mut late_read = Vec::new();
+    while late_read.len() < 512 * 1024 {
+        let frame = late_body.frame().await.expect("a frame").expect("bytes");
+        late_read.extend_from_slice(frame.data_ref().expect("data"));
+    }
+    assert_eq!(
+        late_read,
+        bytes[..late_read.len()],
+        "the late viewer reads the point"
+    );
+
     // Over the cap: a clear 503 that says when to come back.
     let busy = http(http_addr, "GET", "/v1/points/films/long", &[], None).await;
     assert_eq!(busy.status, 503, "{busy:?}");
@@ -167,6 +182,7 @@ async fn a_thousand_idle_and_two_hundred_slowloris_connections_are_capped_and_cl
     assert_eq!(closed, SLOWLORIS, "every slowloris connection is closed");
     assert!(counter("goutube_http_timeouts_total") >= (IDLE + SLOWLORIS) as f64);
 
+    drop(late_body);
     // Places are given back: a new viewer is served again.
     eventually_within(
         "a new viewer is served",
