@@ -33,7 +33,7 @@ use super::range::{self, Answer};
 use crate::access::Action;
 use crate::metrics;
 use crate::net::{NO_CERTIFICATE, PeerInfo};
-use crate::point::{Point, PointId, ReadError, Span, Store};
+use crate::point::{FilePiece, Point, PointId, ReadError, Span, Store, StreamError};
 use crate::reshard::gate::{self, Holder};
 use crate::services::Services;
 use crate::signed_url::encode_path;
@@ -437,12 +437,19 @@ impl Gateway {
             }
         };
         let span = self.span(start, Some(stop), false);
-        let body = self.body(method, store, point, span);
-        Ok(response
+        let mut response = response
             .status(status)
-            .header(header::CONTENT_LENGTH, stop - start)
-            .body(body)
-            .expect("valid response"))
+            .header(header::CONTENT_LENGTH, stop - start);
+        if method == Method::GET && stop > start {
+            response = response.extension(FileBody {
+                point: point.clone(),
+                store: store.clone(),
+                span,
+                shutdown: self.services.lifetime.shutdown.clone(),
+            });
+        }
+        let body = self.body(method, store, point, span);
+        Ok(response.body(body).expect("valid response"))
     }
 
     fn span(&self, offset: u64, stop: Option<u64>, follow: bool) -> Span {
@@ -520,6 +527,34 @@ impl Gateway {
             .into_response())
     }
 }
+
+/// A response's body as a span of a point's data file. A plaintext HTTP/1.1 connection sends
+/// it from the page cache with `sendfile` ([`super::h1`]) instead of the response's body, which
+/// reads the same bytes through the node's memory (for TLS and HTTP/2).
+#[derive(Clone)]
+pub(crate) struct FileBody {
+    point: Arc<Point>,
+    store: Store,
+    span: Span,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl FileBody {
+    /// The span's pieces, [`PIECE`] bytes at most each: as the body's frames, without reading.
+    pub(crate) fn pieces(
+        self,
+    ) -> impl futures::Stream<Item = Result<FilePiece, StreamError>> + Send + 'static {
+        let span = Span {
+            chunk: PIECE,
+            ..self.span
+        };
+        self.point.pieces(self.store, span, self.shutdown)
+    }
+}
+
+/// Bytes of a point sent with one `sendfile` at most: between two, the point is checked for
+/// having been deleted.
+const PIECE: u64 = 1024 * 1024;
 
 /// `text` for HTML text and attribute values.
 fn escape(text: &str) -> String {

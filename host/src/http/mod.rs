@@ -4,6 +4,7 @@
 //! connections and its timeouts.
 
 pub(crate) mod gateway;
+mod h1;
 pub(crate) mod range;
 mod serve;
 

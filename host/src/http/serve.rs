@@ -36,13 +36,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::config::HttpSection;
 use crate::metrics;
-use crate::net::{Admission, Connection};
+use crate::net::{Admission, Connection, PeerInfo};
 use crate::service::Spawner;
+
+use super::h1;
 
 /// What a connection may take of the node.
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +110,8 @@ pub(crate) fn serve(
 
 /// Serves one connection until it closes, HTTP/1.1 (or HTTP/2 with prior knowledge: a gRPC
 /// client that dialed this port is told where the API is): the router if the connection is
-/// within the cap, else one `503` and close.
+/// within the cap, else one `503` and close. A plaintext connection within the cap is served by
+/// [`h1`] (which sends a point's bytes with `sendfile`) until it asks for what only hyper does.
 async fn one(connection: Connection, router: Router, limits: Limits, shutdown: CancellationToken) {
     let (io, peer, admission) = connection.into_parts();
     let admitted = !matches!(admission, Admission::OverCap(_));
@@ -118,7 +122,52 @@ async fn one(connection: Connection, router: Router, limits: Limits, shutdown: C
     } else if !admitted {
         ::metrics::counter!(metrics::HTTP_CONNECTIONS_REFUSED).increment(1);
     }
-    let io = TokioIo::new(Deadlines::new(io, limits));
+    let served = match io {
+        Either::Left(tcp) if admitted => {
+            let mut io = Deadlines::new(tcp, limits);
+            match h1::serve(&mut io, &peer, &router, limits, &shutdown).await {
+                h1::Next::Close => Ok(()),
+                h1::Next::HandOff(read) => {
+                    let io = h1::Rewind::new(read, io);
+                    with_hyper(io, peer, router, limits, admitted, shutdown).await
+                }
+            }
+        }
+        io => {
+            let io = Deadlines::new(io, limits);
+            with_hyper(io, peer, router, limits, admitted, shutdown).await
+        }
+    };
+    // The admission (the connection's place under the cap) is given back here.
+    drop(admission);
+    if counted {
+        ::metrics::gauge!(metrics::HTTP_CONNECTIONS).decrement(1);
+    }
+    if let Err(error) = served {
+        let timed_out = error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timed_out {
+            ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "header").increment(1);
+        }
+        tracing::debug!(%error, "HTTP connection ended");
+    }
+}
+
+/// Serves `io` with hyper until it closes: the router, or `503` to each request of a
+/// connection that is not `admitted`.
+async fn with_hyper<I>(
+    io: I,
+    peer: PeerInfo,
+    router: Router,
+    limits: Limits,
+    admitted: bool,
+    shutdown: CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -144,26 +193,12 @@ async fn one(connection: Connection, router: Router, limits: Limits, shutdown: C
     });
     let connection = builder.serve_connection(io, service);
     let mut connection = std::pin::pin!(connection);
-    let served = tokio::select! {
+    tokio::select! {
         served = connection.as_mut() => served,
         () = shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
-    };
-    // The admission (the connection's place under the cap) is given back here.
-    drop(admission);
-    if counted {
-        ::metrics::gauge!(metrics::HTTP_CONNECTIONS).decrement(1);
-    }
-    if let Err(error) = served {
-        let timed_out = error
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_timeout);
-        if timed_out {
-            ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "header").increment(1);
-        }
-        tracing::debug!(%error, "HTTP connection ended");
     }
 }
 
@@ -201,6 +236,11 @@ pub(crate) struct Deadlines<T> {
 }
 
 impl<T> Deadlines<T> {
+    /// The connection underneath.
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.io
+    }
+
     pub(crate) fn new(io: T, limits: Limits) -> Self {
         Self {
             io,

@@ -82,6 +82,35 @@ pub(super) struct Files {
     pub(super) journal: File,
 }
 
+/// A piece of a point's data file that holds durable bytes, for a caller that copies them to a
+/// socket itself ([`Point::pieces`]). The file stays open while the piece is held, even if the
+/// point is closed, evicted or deleted meanwhile.
+pub struct FilePiece {
+    files: Arc<Files>,
+    /// Where the piece starts, in the point and in its data file.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+}
+
+impl FilePiece {
+    /// The data file, to copy from.
+    pub fn file(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.files.data.as_fd()
+    }
+
+    /// Whether all of the piece is in the page cache: copying it will not wait for the disk.
+    pub fn is_cached(&self) -> bool {
+        files::is_cached(&self.files.data, self.offset, self.len)
+    }
+
+    /// Reads the piece into the page cache. Blocking: on the blocking pool.
+    pub fn load(&self) -> std::io::Result<()> {
+        files::load(&self.files.data, self.offset, self.len)
+    }
+}
+
 impl Commits {
     /// Commits every pending append that ends at or before the target; the last one's end and
     /// CRC32C, if any.
@@ -179,18 +208,46 @@ impl Point {
         span: Span,
         shutdown: CancellationToken,
     ) -> impl futures::Stream<Item = Result<(u64, Bytes), StreamError>> + Send + 'static {
-        let reading = Reading {
-            changes: self.watch(),
-            position: span.offset,
-            point: self,
-            store,
-            span,
-            shutdown,
-            ended: false,
-        };
+        let reading = Reading::new(self, store, span, shutdown);
         futures::stream::unfold(reading, |mut reading| async move {
-            let frame = reading.next().await?;
+            let (at, len) = match reading.next().await? {
+                Ok(next) => next,
+                Err(error) => return Some((Err(error), reading)),
+            };
+            let frame = match reading.point.read(&reading.store, at, len).await {
+                Ok(frame) => Ok((at, frame)),
+                Err(error) => {
+                    reading.ended = true;
+                    Err(error.into())
+                }
+            };
             Some((frame, reading))
+        })
+    }
+
+    /// `span` of the point as pieces of its data file ([`FilePiece`]), for a caller that moves
+    /// the bytes itself (the gateway's `sendfile`): the same span, order, ends and errors as
+    /// [`Point::frames`], without reading a byte.
+    pub fn pieces(
+        self: Arc<Self>,
+        store: Store,
+        span: Span,
+        shutdown: CancellationToken,
+    ) -> impl futures::Stream<Item = Result<FilePiece, StreamError>> + Send + 'static {
+        let reading = Reading::new(self, store, span, shutdown);
+        futures::stream::unfold(reading, |mut reading| async move {
+            let (at, len) = match reading.next().await? {
+                Ok(next) => next,
+                Err(error) => return Some((Err(error), reading)),
+            };
+            let piece = match reading.point.piece(&reading.store, at, len).await {
+                Ok(piece) => Ok(piece),
+                Err(error) => {
+                    reading.ended = true;
+                    Err(error.into())
+                }
+            };
+            Some((piece, reading))
         })
     }
 
@@ -225,17 +282,7 @@ impl Point {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, ReadError> {
-        let snapshot = self.snapshot();
-        let limit = offset.saturating_add(len);
-        if limit > snapshot.end {
-            return Err(ReadError::OutOfRange {
-                point: self.id.clone(),
-                offset,
-                limit,
-                end: snapshot.end,
-            });
-        }
-        let files = self.files(&store.inner.shared).await?;
+        let files = self.published(store, offset, len).await?;
         let path = self.dir.join(DATA_FILE);
         // Bytes in the page cache are copied here, without a trip to the blocking pool (a
         // thread hand-off per frame); the rest is read there.
@@ -252,6 +299,38 @@ impl Point {
                 .map_err(join_error)?
                 .map_err(StorageError::io("reading", path))?;
         Ok(bytes)
+    }
+
+    /// The data file's `[offset, offset + len)`, which must lie within the published end, open
+    /// for the caller to copy from (the file stays open while the piece is held).
+    pub async fn piece(
+        self: &Arc<Self>,
+        store: &Store,
+        offset: u64,
+        len: u64,
+    ) -> Result<FilePiece, ReadError> {
+        let files = self.published(store, offset, len).await?;
+        Ok(FilePiece { files, offset, len })
+    }
+
+    /// The open files, once `[offset, offset + len)` is checked to lie within the published end.
+    async fn published(
+        self: &Arc<Self>,
+        store: &Store,
+        offset: u64,
+        len: u64,
+    ) -> Result<Arc<Files>, ReadError> {
+        let snapshot = self.snapshot();
+        let limit = offset.saturating_add(len);
+        if limit > snapshot.end {
+            return Err(ReadError::OutOfRange {
+                point: self.id.clone(),
+                offset,
+                limit,
+                end: snapshot.end,
+            });
+        }
+        self.files(&store.inner.shared).await
     }
 
     /// The open files, opening them if needed.
@@ -665,8 +744,21 @@ struct Reading {
 }
 
 impl Reading {
-    /// The next frame, waiting for the point to grow when following; `None` at the end.
-    async fn next(&mut self) -> Option<Result<(u64, Bytes), StreamError>> {
+    fn new(point: Arc<Point>, store: Store, span: Span, shutdown: CancellationToken) -> Reading {
+        Reading {
+            changes: point.watch(),
+            position: span.offset,
+            point,
+            store,
+            span,
+            shutdown,
+            ended: false,
+        }
+    }
+
+    /// Where the next frame is, `(offset, len)`, waiting for the point to grow when following;
+    /// `None` at the end. The caller reads it (and sets `ended` if that fails).
+    async fn next(&mut self) -> Option<Result<(u64, u64), StreamError>> {
         if self.ended {
             return None;
         }
@@ -685,17 +777,9 @@ impl Reading {
                     .stop
                     .map_or(current.committed, |stop| stop.min(current.committed));
                 let len = self.span.chunk.min(end - self.position);
-                return match self.point.read(&self.store, self.position, len).await {
-                    Ok(frame) => {
-                        let at = self.position;
-                        self.position += len;
-                        Some(Ok((at, frame)))
-                    }
-                    Err(error) => {
-                        self.ended = true;
-                        Some(Err(error.into()))
-                    }
-                };
+                let at = self.position;
+                self.position += len;
+                return Some(Ok((at, len)));
             }
             if !self.span.follow {
                 return None;

@@ -336,3 +336,59 @@ pub(super) fn join_error(error: tokio::task::JoinError) -> StorageError {
         source: std::io::Error::other(error),
     }
 }
+
+/// `cachestat(2)` (Linux 6.5): the same number on every architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Whether all of `file`'s `[offset, offset + len)` is in the page cache, so that copying it
+/// (with `sendfile`) will not wait for the disk. `false` when the kernel cannot say
+/// (before Linux 6.5): the caller loads it on the blocking pool first ([`load`]).
+pub(super) fn is_cached(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    if len == 0 {
+        return true;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let pages = (offset + len).div_ceil(page) - offset / page;
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    // SAFETY: the kernel reads one `cachestat_range` and writes one `cachestat`, both of the
+    // layout above, which live across the call.
+    let done = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0,
+        )
+    };
+    done == 0 && stat.nr_cache >= pages
+}
+
+/// Reads `file`'s `[offset, offset + len)` into the page cache (`readahead(2)`, which returns
+/// once it is there). Blocking: for the blocking pool.
+pub(super) fn load(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: readahead only reads the descriptor's file into the page cache.
+    let done = unsafe { libc::readahead(file.as_raw_fd(), offset as libc::off64_t, len as usize) };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -39,7 +39,7 @@ use journal::Record;
 pub use leader_epochs::{EpochStart, LeaderEpochs};
 pub use ownership::{Handover, Ownership, SealedAt};
 
-pub use entry::Point;
+pub use entry::{FilePiece, Point};
 use entry::{Files, Origin, State};
 use files::*;
 
