@@ -182,6 +182,9 @@ pub(crate) enum Bench {
         /// With `--against-nginx`: also whole GETs and ranges beside a busy loop on one core.
         #[arg(long)]
         hog: bool,
+        /// With `--against-nginx`: everything over TLS with client certificates, on both.
+        #[arg(long)]
+        tls: bool,
     },
     /// Downloads: `goutube get` into a file against consume into memory, consume through a
     /// balancer against straight from a node (balancer RSS), and with `--limited` (root) a
@@ -268,6 +271,7 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             viewer_kbps,
             viewer_seconds,
             hog,
+            tls,
             ..
         } => {
             nginx::run(nginx::Plan {
@@ -279,6 +283,7 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
                 viewer_kbps: viewer_kbps.max(1),
                 viewer_seconds: viewer_seconds.max(1),
                 hog,
+                tls,
             })
             .await
         }
@@ -398,21 +403,8 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
         pool,
     } = Workload::new(mib, 256 * 1024);
     let work = tempfile::tempdir()?;
-    let certs = work.path().join("certs");
-    goutube::certs::write(&goutube::certs::Request {
-        out: &certs,
-        nodes: &["bench".to_owned()],
-        sans: &[],
-        clients: &["root".to_owned()],
-        days: 1,
-        force: false,
-    })?;
-    let client_tls = ClientTls {
-        ca: certs.join("ca.pem"),
-        cert: certs.join("client-root.pem"),
-        key: certs.join("client-root-key.pem"),
-        server_name: None,
-    };
+    let pki = BenchPki::write(&work.path().join("certs"))?;
+    let client_tls = pki.client();
     let plain_dir = work.path().join("h2c");
     let tls_dir = work.path().join("tls");
     std::fs::create_dir_all(&plain_dir)?;
@@ -420,14 +412,7 @@ async fn tls(mib: u64, rounds: usize, connections: usize) -> anyhow::Result<()> 
     let plain = Server::node(&plain_dir, &storage("never"))?;
     let secure = Server::node(
         &tls_dir,
-        &format!(
-            "{}[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}\n",
-            storage("never"),
-            certs.join("ca.pem"),
-            certs.join("node-bench.pem"),
-            certs.join("node-bench-key.pem"),
-            certs.join(goutube::certs::CLUSTER_KEY_FILE)
-        ),
+        &format!("{}{}", storage("never"), pki.node_config()),
     )?;
     let plain_client = connect(&plain.rpc).await?;
     let secure_client = connect_with(&secure.rpc, Some(client_tls.clone())).await?;

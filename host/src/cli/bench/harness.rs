@@ -25,6 +25,49 @@ pub(super) async fn connect_with(addr: &str, tls: Option<ClientTls>) -> anyhow::
     .await?)
 }
 
+/// A CA with a node certificate (`node:bench`) and a client certificate (`root`) in `dir`, for
+/// a bench that runs a node with `[tls]`.
+pub(super) struct BenchPki {
+    pub dir: PathBuf,
+}
+
+impl BenchPki {
+    pub(super) fn write(dir: &Path) -> anyhow::Result<BenchPki> {
+        goutube::certs::write(&goutube::certs::Request {
+            out: dir,
+            nodes: &["bench".to_owned()],
+            sans: &[],
+            clients: &["root".to_owned()],
+            days: 1,
+            force: false,
+        })?;
+        Ok(BenchPki {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The `[tls]` and `[cluster]` sections of the node's configuration.
+    pub(super) fn node_config(&self) -> String {
+        format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[cluster]\nkey_file = {:?}\n",
+            self.dir.join("ca.pem"),
+            self.dir.join("node-bench.pem"),
+            self.dir.join("node-bench-key.pem"),
+            self.dir.join(goutube::certs::CLUSTER_KEY_FILE)
+        )
+    }
+
+    /// The `root` client, for gRPC.
+    pub(super) fn client(&self) -> ClientTls {
+        ClientTls {
+            ca: self.dir.join("ca.pem"),
+            cert: self.dir.join("client-root.pem"),
+            key: self.dir.join("client-root-key.pem"),
+            server_name: None,
+        }
+    }
+}
+
 /// The member that owns `point` in the ring, as the node behind `client` ranks it.
 pub(super) async fn owner(client: &Client, point: &str) -> anyhow::Result<String> {
     let request = LocatePointRequest {

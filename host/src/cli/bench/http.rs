@@ -71,7 +71,7 @@ pub(super) async fn run(
     })
     .await?;
     let gateway = players(clients, requests, total, move |offsets| async move {
-        let mut sender = connection(http).await?;
+        let mut sender = connection(http, None).await?;
         let mut samples = Vec::with_capacity(offsets.len());
         for offset in offsets {
             samples.push(get_range(&mut sender, http, POINT, offset, offset + MIB).await?);
@@ -96,13 +96,23 @@ pub(super) async fn run(
     node.stop()
 }
 
-/// An HTTP/1.1 connection (to the gateway, or to nginx in `bench http --against-nginx`).
+/// An HTTP/1.1 connection (to the gateway, or to nginx in `bench http --against-nginx`), over
+/// TLS with `tls`.
 pub(super) async fn connection(
     addr: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
 ) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
+    use tokio_util::either::Either;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let (sender, connection) = http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    let io = match tls {
+        None => Either::Left(tcp),
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            Either::Right(connector.connect(name, tcp).await?)
+        }
+    };
+    let (sender, connection) = http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
     tokio::spawn(connection);
     Ok(sender)
 }
@@ -143,7 +153,7 @@ pub(super) async fn get_range(
 
 /// Seconds to read `[0, total)` in consecutive ranges over one connection.
 async fn read_whole(addr: SocketAddr, total: u64) -> anyhow::Result<f64> {
-    let mut sender = connection(addr).await?;
+    let mut sender = connection(addr, None).await?;
     let started = Instant::now();
     let mut position = 0;
     while position < total {

@@ -15,7 +15,10 @@
 //!   browser aborts a response): delivered rate, time to first byte, and the server's CPU
 //!   seconds per delivered GiB and peak memory (PSS, so nginx's workers are not counted twice).
 //!
-//! With `--hog` the whole and ranges loads run again beside a busy loop on one core.
+//! With `--hog` the whole and ranges loads run again beside a busy loop on one core. With
+//! `--tls` every load is over TLS 1.3 with client certificates, on both servers: the node with
+//! `[tls]`, nginx with the same certificate, asking for client certificates as the gateway does
+//! (neither can use `sendfile` then: the bytes are encrypted in the server's memory).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,8 +31,10 @@ use anyhow::{Context, bail};
 use http_body_util::{BodyExt, Empty};
 use rand::Rng;
 
+use bytes::Bytes;
+
 use super::http::{connection, get_range};
-use super::{Server, Workload, connect, median, percentile, produce, storage};
+use super::{BenchPki, Server, Workload, connect_with, median, percentile, produce, storage};
 
 const POINT: &str = "bench/nginx";
 const MIB: u64 = 1024 * 1024;
@@ -50,14 +55,28 @@ pub(super) struct Plan {
     pub viewer_seconds: u64,
     /// Also run whole and ranges beside a busy loop on one core.
     pub hog: bool,
+    /// Everything over TLS, on both servers.
+    pub tls: bool,
 }
 
 pub(super) async fn run(plan: Plan) -> anyhow::Result<()> {
     let nginx_binary = nginx_binary()?;
     let work = tempfile::tempdir()?;
-    let node = Server::node(work.path(), &storage("never"))?;
-    let gateway: SocketAddr = node.http.parse().context("the node's http= address")?;
-    let client = connect(&node.rpc).await?;
+    let certs = work.path().join("certs");
+    let mut config = storage("never");
+    let mut rpc_tls = None;
+    if plan.tls {
+        let pki = BenchPki::write(&certs)?;
+        config.push_str(&pki.node_config());
+        rpc_tls = Some(pki.client());
+    }
+    let tls = plan.tls.then(|| client_tls(&certs)).transpose()?;
+    let node = Server::node(work.path(), &config)?;
+    let gateway = Dial {
+        addr: node.http.parse().context("the node's http= address")?,
+        tls: tls.clone(),
+    };
+    let client = connect_with(&node.rpc, rpc_tls).await?;
     let workload = Workload::new(plan.mib, 256 * 1024);
     let total = workload.total;
     produce(&client, POINT, &workload.pool, workload.frames).await?;
@@ -66,29 +85,43 @@ pub(super) async fn run(plan: Plan) -> anyhow::Result<()> {
     let root = work.path().join("nginx-root");
     let file = root.join("v1/points").join(POINT);
     std::fs::create_dir_all(file.parent().expect("a path with a parent"))?;
-    let copied = get_whole(gateway, Some(&file)).await?;
+    let copied = get_whole(&gateway, Some(&file)).await?;
     if copied != total {
         bail!("read {copied} bytes of the {total}-byte point through the gateway");
     }
-    let nginx = Nginx::start(&nginx_binary, work.path(), &root)?;
+    let nginx = Nginx::start(
+        &nginx_binary,
+        work.path(),
+        &root,
+        plan.tls.then_some(&*certs),
+    )?;
     let servers = [
         Target {
             name: "goutube",
-            addr: gateway,
+            dial: gateway.clone(),
             pids: Pids::One(node.pid()),
         },
         Target {
             name: "nginx",
-            addr: nginx.addr,
+            dial: Dial {
+                addr: nginx.addr,
+                tls,
+            },
             pids: Pids::Tree(nginx.pid()),
         },
     ];
     println!(
-        "goutube gateway at {gateway}, nginx {} at {} (sendfile on, {} workers), {} MiB point\n",
+        "goutube gateway at {}, nginx {} at {} (sendfile on, {} workers), {} MiB point{}\n",
+        gateway.addr,
         nginx_version(&nginx_binary),
         nginx.addr,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
-        plan.mib
+        plan.mib,
+        if plan.tls {
+            ", TLS 1.3 (AES-128-GCM) with client certificates on both"
+        } else {
+            ""
+        }
     );
 
     whole_and_ranges(&plan, &servers, total, "").await?;
@@ -102,10 +135,49 @@ pub(super) async fn run(plan: Plan) -> anyhow::Result<()> {
     node.stop()
 }
 
+/// The bench's TLS client: the bench CA's roots, the `root` client certificate, AES-128-GCM
+/// first (the suite the node prefers), HTTP/1.1.
+fn client_tls(certs: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(certs.join("ca.pem"))? {
+        roots.add(cert?)?;
+    }
+    let chain = CertificateDer::pem_file_iter(certs.join("client-root.pem"))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(certs.join("client-root-key.pem"))?;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Where a server listens, and whether over TLS.
+#[derive(Clone)]
+struct Dial {
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Dial {
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+        connection(self.addr, self.tls.as_ref()).await
+    }
+}
+
 /// One server under test.
 struct Target {
     name: &'static str,
-    addr: SocketAddr,
+    dial: Dial,
     pids: Pids,
 }
 
@@ -189,7 +261,7 @@ async fn whole_and_ranges(
         for (i, server) in servers.iter().enumerate() {
             let before = server.pids.cpu_seconds();
             let started = Instant::now();
-            let read = get_whole(server.addr, None).await?;
+            let read = get_whole(&server.dial, None).await?;
             let seconds = started.elapsed().as_secs_f64();
             if read != total {
                 bail!("{} served {read} of {total} bytes", server.name);
@@ -220,7 +292,7 @@ async fn whole_and_ranges(
         let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
         for _ in 0..plan.rounds {
             for (i, server) in servers.iter().enumerate() {
-                loads[i].push(ranges(server.addr, clients, plan.requests, total).await?);
+                loads[i].push(ranges(&server.dial, clients, plan.requests, total).await?);
             }
         }
         let throughput = |loads: &[Load]| loads.iter().map(|l| l.rate).collect::<Vec<_>>();
@@ -323,7 +395,13 @@ async fn watch(server: &Target, plan: &Plan, rate: u64, total: u64) -> anyhow::R
     let mut tasks = Vec::with_capacity(plan.viewers);
     for n in 0..plan.viewers {
         let start = started + Duration::from_secs(1) * n as u32 / plan.viewers as u32;
-        tasks.push(tokio::spawn(viewer(server.addr, start, until, rate, total)));
+        tasks.push(tokio::spawn(viewer(
+            server.dial.clone(),
+            start,
+            until,
+            rate,
+            total,
+        )));
     }
     let (mut first_bytes, mut bytes) = (Vec::new(), 0);
     for task in tasks {
@@ -352,7 +430,7 @@ async fn watch(server: &Target, plan: &Plan, rate: u64, total: u64) -> anyhow::R
 /// second, and every 5 to 15 s seeks (a new request on a new connection). Returns the time to
 /// the first byte of each request and the bytes read.
 async fn viewer(
-    addr: SocketAddr,
+    dial: Dial,
     start: Instant,
     until: Instant,
     rate: u64,
@@ -369,15 +447,15 @@ async fn viewer(
             )
         };
         let stop = (Instant::now() + watch_for).min(until);
-        let mut sender = connection(addr).await?;
+        let mut sender = dial.connect().await?;
         let request = hyper::Request::get(format!("/v1/points/{POINT}"))
-            .header("host", addr.to_string())
+            .header("host", dial.addr.to_string())
             .header("range", format!("bytes={offset}-"))
             .body(Empty::new())?;
         let asked = Instant::now();
         let response = sender.send_request(request).await?;
         if response.status() != hyper::StatusCode::PARTIAL_CONTENT {
-            bail!("{addr} answered {}", response.status());
+            bail!("{} answered {}", dial.addr, response.status());
         }
         let mut body = response.into_body();
         let mut this = 0u64;
@@ -408,23 +486,20 @@ struct Load {
 }
 
 /// `clients` clients, each `requests` random 1 MiB ranges over its own connection.
-async fn ranges(
-    addr: SocketAddr,
-    clients: usize,
-    requests: usize,
-    total: u64,
-) -> anyhow::Result<Load> {
+async fn ranges(dial: &Dial, clients: usize, requests: usize, total: u64) -> anyhow::Result<Load> {
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(clients);
     for _ in 0..clients {
         let offsets: Vec<u64> = (0..requests)
             .map(|_| rand::rng().random_range(0..total / MIB) * MIB)
             .collect();
+        let dial = dial.clone();
         tasks.push(tokio::spawn(async move {
-            let mut sender = connection(addr).await?;
+            let mut sender = dial.connect().await?;
             let mut samples = Vec::with_capacity(offsets.len());
             for offset in offsets {
-                samples.push(get_range(&mut sender, addr, POINT, offset, offset + MIB).await?);
+                let range = (offset, offset + MIB);
+                samples.push(get_range(&mut sender, dial.addr, POINT, range.0, range.1).await?);
             }
             anyhow::Ok(samples)
         }));
@@ -446,15 +521,15 @@ async fn ranges(
 }
 
 /// One `GET` of the whole point, written into `file` if one is given; the bytes read.
-async fn get_whole(addr: SocketAddr, file: Option<&Path>) -> anyhow::Result<u64> {
+async fn get_whole(dial: &Dial, file: Option<&Path>) -> anyhow::Result<u64> {
     use tokio::io::AsyncWriteExt;
-    let mut sender = connection(addr).await?;
+    let mut sender = dial.connect().await?;
     let request = hyper::Request::get(format!("/v1/points/{POINT}"))
-        .header("host", addr.to_string())
+        .header("host", dial.addr.to_string())
         .body(Empty::new())?;
     let response = sender.send_request(request).await?;
     if response.status() != hyper::StatusCode::OK {
-        bail!("{addr} answered {}", response.status());
+        bail!("{} answered {}", dial.addr, response.status());
     }
     let mut out = match file {
         Some(file) => Some(tokio::fs::File::create(file).await?),
@@ -519,12 +594,29 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(binary: &Path, work: &Path, root: &Path) -> anyhow::Result<Nginx> {
+    /// nginx serving `root`, over TLS with the bench's node certificate when `certs` is given.
+    fn start(
+        binary: &Path,
+        work: &Path,
+        root: &Path,
+        certs: Option<&Path>,
+    ) -> anyhow::Result<Nginx> {
         // A free port: bound and given back; nginx binds it a moment later.
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let prefix = work.join("nginx");
         std::fs::create_dir_all(prefix.join("temp"))?;
         let config = prefix.join("nginx.conf");
+        let tls = match certs {
+            None => String::new(),
+            Some(certs) => format!(
+                "    ssl_protocols TLSv1.3;\n    ssl_certificate {};\n    \
+                 ssl_certificate_key {};\n    ssl_client_certificate {};\n    \
+                 ssl_verify_client optional;\n",
+                certs.join("node-bench.pem").display(),
+                certs.join("node-bench-key.pem").display(),
+                certs.join("ca.pem").display(),
+            ),
+        };
         std::fs::write(
             &config,
             format!(
@@ -534,11 +626,12 @@ impl Nginx {
                  keepalive_requests 1000000;\n  default_type application/octet-stream;\n  \
                  client_body_temp_path {temp};\n  proxy_temp_path {temp};\n  \
                  fastcgi_temp_path {temp};\n  uwsgi_temp_path {temp};\n  scgi_temp_path {temp};\n  \
-                 server {{\n    listen {addr} backlog=4096;\n    root {root};\n  }}\n}}\n",
+                 server {{\n    listen {addr}{ssl} backlog=4096;\n    root {root};\n{tls}  }}\n}}\n",
                 pid = prefix.join("nginx.pid").display(),
                 log = prefix.join("error.log").display(),
                 temp = prefix.join("temp").display(),
                 root = root.display(),
+                ssl = if certs.is_some() { " ssl" } else { "" },
             ),
         )?;
         let child = Command::new(binary)
