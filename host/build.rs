@@ -34,6 +34,20 @@ fn main() -> anyhow::Result<()> {
         .to_owned();
     compile_proto(&root, &out_dir)?;
     build_plugins(&root, &out_dir)?;
+    rustc_version()?;
+    Ok(())
+}
+
+/// `BUILT_WITH_RUSTC`: the compiler's version, for `goutube_build_info`.
+fn rustc_version() -> anyhow::Result<()> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let output = std::process::Command::new(&rustc)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {rustc} --version"))?;
+    let version = String::from_utf8_lossy(&output.stdout);
+    let version = version.split_whitespace().nth(1).unwrap_or("unknown");
+    println!("cargo:rustc-env=BUILT_WITH_RUSTC={version}");
     Ok(())
 }
 

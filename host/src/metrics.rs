@@ -136,6 +136,106 @@ pub const MEMBERS_LIVE: &str = "goutube_members_live";
 /// Members of the ring, by lifecycle state and liveness.
 pub const RING_MEMBERS: &str = "goutube_ring_members";
 
+/// 1, labelled with the node's `version` and the `rustc` that built it.
+pub const BUILD_INFO: &str = "goutube_build_info";
+/// gRPC calls started, by `grpc_service` and `grpc_method`.
+pub const GRPC_STARTED: &str = "goutube_grpc_server_started_total";
+/// gRPC calls finished, by `grpc_service`, `grpc_method` and `grpc_code`.
+pub const GRPC_HANDLED: &str = "goutube_grpc_server_handled_total";
+/// How long gRPC calls took, to their last message, by `grpc_service` and `grpc_method`.
+pub const GRPC_HANDLING_SECONDS: &str = "goutube_grpc_server_handling_seconds";
+/// How long the HTTP endpoints took to answer (to the response's head), by `route`.
+pub const HTTP_REQUEST_SECONDS: &str = "goutube_http_request_duration_seconds";
+
+/// Every metric without labels: each is registered at zero when the recorder is installed, so
+/// dashboards and `absent()` alerts see it on a fresh node.
+const UNLABELLED: &[&str] = &[
+    PRODUCED_BYTES,
+    PRODUCED_FRAMES,
+    CONSUMED_BYTES,
+    CONSUMED_FRAMES,
+    APPENDS,
+    APPENDED_BYTES,
+    FSYNCS,
+    RECOVERED_BYTES,
+    AUTHZ_CACHE_HITS,
+    REPLICATION_READ_BACK,
+    REPLICATION_REJECTED,
+    REPLICATION_CUT_BYTES,
+    TRANSFERS,
+    SELF_FENCED,
+    REPLICATION_REFUSED,
+    REPLICATION_STALE_EPOCHS,
+    REPLICATION_NEWER_COPIES,
+    FENCE_TIMEOUTS,
+    RESHARD_MOVED_POINTS,
+    RESHARD_RECEIVED_POINTS,
+    RESHARD_MOVED_BYTES,
+    RESHARD_FAILED_MOVES,
+    RESHARD_STOPPED_MOVES,
+    TAKEOVER_DIVERGED,
+    RESHARD_CLEANED_POINTS,
+    HTTP_BYTES,
+    HTTP_CONNECTIONS_REFUSED,
+];
+
+/// Gauges without labels, registered at zero likewise.
+const UNLABELLED_GAUGES: &[&str] = &[
+    OPEN_POINTS,
+    FOLLOWERS,
+    IN_SYNC_FOLLOWERS,
+    UNDER_REPLICATED_GROUPS,
+    SESSION_HELD,
+    RESHARD_MOVES_IN_FLIGHT,
+    RESHARD_LAG_BYTES,
+    QUARANTINED_POINTS,
+    HTTP_CONNECTIONS,
+    MEMBERS_LIVE,
+];
+
+/// Histograms without labels, registered empty likewise.
+const UNLABELLED_HISTOGRAMS: &[&str] = &[
+    FSYNC_SECONDS,
+    FAILOVER_SECONDS,
+    TRANSFER_HOLD_SECONDS,
+    RESHARD_FENCE_SECONDS,
+];
+
+/// Counters whose one label takes a fixed set of values: each series is registered at zero.
+/// (A label naming something that comes and goes, a follower, a plugin, a status code, has its
+/// series from the first event.)
+const FIXED_LABELS: &[(&str, &str, &[&str])] = &[
+    (HTTP_TIMEOUTS, "kind", &["header", "send"]),
+    (IN_SYNC_CHANGES, "change", &["entered", "left"]),
+    (REPLICATED_BYTES, "direction", &["sent", "applied"]),
+    (FAILOVERS, "cause", &["expired", "unclean"]),
+    (PLUGIN_RELOADS, "result", &["ok", "error"]),
+    (
+        REPLICATION_UNSENT,
+        "reason",
+        &["too_large", "bundler_failed"],
+    ),
+    (
+        GOSSIP_DROPPED,
+        "reason",
+        &["bad_key", "unsealed", "stale", "undecodable", "too_large"],
+    ),
+];
+
+/// Process metrics (CPU, memory, descriptors, threads: `process_*`, as Prometheus's own clients
+/// name them), read at each scrape.
+fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// The registry as Prometheus text, with the process metrics read now.
+pub fn render() -> String {
+    let handle = handle();
+    process().collect();
+    handle.render()
+}
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -154,18 +254,74 @@ pub fn handle() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
             }
             describe();
+            register();
             handle
         })
         .clone()
 }
 
+/// Registers every series that exists from the start: at zero, or for the build, one.
+fn register() {
+    for name in UNLABELLED {
+        metrics::counter!(*name).absolute(0);
+    }
+    for name in UNLABELLED_GAUGES {
+        metrics::gauge!(*name).set(0.0);
+    }
+    for name in UNLABELLED_HISTOGRAMS {
+        let _ = metrics::histogram!(*name);
+    }
+    for (name, label, values) in FIXED_LABELS {
+        for value in *values {
+            metrics::counter!(*name, *label => *value).absolute(0);
+        }
+    }
+    metrics::gauge!(
+        BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "rustc" => env!("BUILT_WITH_RUSTC"),
+    )
+    .set(1.0);
+    process().describe();
+    process().collect();
+}
+
 /// Registers the help text and unit of every metric, by family.
 fn describe() {
+    describe_operations();
     describe_data();
     describe_plugins();
     describe_replication();
     describe_resharding();
     describe_cluster();
+}
+
+/// The metrics every service has: build, requests and their latency per gRPC method and per
+/// HTTP route.
+fn describe_operations() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        BUILD_INFO,
+        "1, labelled with the node's version and the rustc that built it."
+    );
+    describe_counter!(
+        GRPC_STARTED,
+        "gRPC calls started, by grpc_service and grpc_method."
+    );
+    describe_counter!(
+        GRPC_HANDLED,
+        "gRPC calls finished, by grpc_service, grpc_method and grpc_code."
+    );
+    describe_histogram!(
+        GRPC_HANDLING_SECONDS,
+        Unit::Seconds,
+        "How long gRPC calls took, to their last message, by grpc_service and grpc_method."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "How long the HTTP endpoints took to answer, to the response's head, by route."
+    );
 }
 
 /// The metrics of the data path: produced, consumed, appended and synced bytes, errors to clients.

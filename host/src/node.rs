@@ -238,7 +238,7 @@ impl Node {
         plugins: Plugins,
     ) -> Result<Node, StartError> {
         // Before anything records a metric: what is recorded before the recorder exists is lost.
-        let recorder = crate::metrics::handle();
+        crate::metrics::handle();
         let addresses = listeners.addresses(&config)?;
         let store = open_store(&config).await?;
         let tls = Acceptors::new(&config)?;
@@ -331,7 +331,6 @@ impl Node {
         let store = context.as_ref().map(|c| c.store.clone());
         let gateway = start_gateway(&services, store, listeners.http, tls.gateway)?;
         let metrics = crate::http::start_metrics(
-            recorder,
             listeners.metrics,
             tls.api,
             &services.config.http,

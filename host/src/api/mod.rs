@@ -5,6 +5,7 @@
 //! [`streaming`] and share a [`Context`]; every error they return goes through
 //! `From<Error> for Status`.
 
+mod calls;
 pub mod context;
 pub mod resolver;
 pub mod streaming;
@@ -66,6 +67,8 @@ where
         + Clone,
 {
     let service = Service::new("api", token);
+    // Every method is on the metrics endpoint from the start.
+    calls::register(&[FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET]);
     let incoming = net::accept(
         listener,
         tls,
@@ -150,6 +153,7 @@ where
 
     server_builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .layer(calls::CallMetricsLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

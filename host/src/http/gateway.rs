@@ -77,12 +77,19 @@ impl Params {
     }
 }
 
+/// The gateway's routes, as `goutube_http_request_duration_seconds` labels them.
+pub(crate) const ROUTES: &[&str] = &[POINT, PLAYER, NO_POINT, NO_PLAYER];
+const POINT: &str = "/v1/points/{*id}";
+const PLAYER: &str = "/v1/player/{*id}";
+const NO_POINT: &str = "/v1/points/";
+const NO_PLAYER: &str = "/v1/player/";
+
 pub(crate) fn router(gateway: Gateway) -> Router {
     Router::new()
-        .route("/v1/points/{*id}", get(point))
-        .route("/v1/player/{*id}", get(player))
-        .route("/v1/points/", get(no_point))
-        .route("/v1/player/", get(no_point))
+        .route(POINT, get(point))
+        .route(PLAYER, get(player))
+        .route(NO_POINT, get(no_point))
+        .route(NO_PLAYER, get(no_point))
         .fallback(elsewhere)
         .with_state(Arc::new(Served { gateway }))
 }

@@ -10,7 +10,6 @@ mod serve;
 
 pub(crate) use serve::Limits;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpSection;
@@ -47,7 +46,7 @@ pub(crate) fn start_gateway(
         "http",
         Some(cap),
     );
-    let app = gateway::router(gateway);
+    let app = timed(gateway::router(gateway), gateway::ROUTES);
     serve::serve(connections, app, limits, &service.spawner(), abort);
     Ok(service.handle())
 }
@@ -55,7 +54,6 @@ pub(crate) fn start_gateway(
 /// Serves `GET /metrics` on `listener` until the handle is shut down or `token` is cancelled,
 /// with the gateway's timeouts.
 pub(crate) fn start_metrics(
-    handle: PrometheusHandle,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     section: &HttpSection,
@@ -70,13 +68,12 @@ pub(crate) fn start_metrics(
         "metrics",
         None,
     );
+    // The registry is process-wide (`metrics::handle`); rendering also reads the process metrics.
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
+        axum::routing::get(|| async { crate::metrics::render() }),
     );
+    let app = timed(app, &["/metrics"]);
     // A scrape is small: shutdown ends it with the rest.
     let abort = service.token().clone();
     serve::serve(
@@ -87,4 +84,30 @@ pub(crate) fn start_metrics(
         abort,
     );
     Ok(service.handle())
+}
+
+/// `router` with each request timed into `goutube_http_request_duration_seconds{route}` (the
+/// route's pattern, `other` for a path no route matched), to the response's head: a download's
+/// body is not part of it. `routes` are registered at start, empty.
+fn timed(router: axum::Router, routes: &[&'static str]) -> axum::Router {
+    for route in routes.iter().chain(&[OTHER_ROUTE]) {
+        let _ = ::metrics::histogram!(crate::metrics::HTTP_REQUEST_SECONDS, "route" => *route);
+    }
+    router.layer(axum::middleware::from_fn(time_request))
+}
+
+/// The `route` of a request that matched no route.
+const OTHER_ROUTE: &str = "other";
+
+async fn time_request(
+    route: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let route = route.map_or_else(|| OTHER_ROUTE.to_owned(), |r| r.as_str().to_owned());
+    let response = next.run(request).await;
+    ::metrics::histogram!(crate::metrics::HTTP_REQUEST_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
