@@ -16,9 +16,10 @@ use crate::config::HttpSection;
 use crate::net::{self, Cap};
 use crate::service::{Handle, Service};
 
-/// Most bytes the gateway reads at once for a client: about what a viewer whose socket is full
-/// holds of the node's memory (`docs/http.md`, "The hot path").
-pub(crate) const FRAME: u64 = 128 * 1024;
+/// Most bytes the gateway reads at once for a client over TLS (or HTTP/2, or a followed point):
+/// about what a viewer whose socket is full holds of the node's memory (`docs/http.md`, "The hot
+/// path"). Plaintext HTTP/1.1 sends a point's bytes with `sendfile` and holds no frame.
+pub(crate) const FRAME: u64 = 64 * 1024;
 
 /// Bytes of a response hyper keeps queued before it asks the body for its next frame: hyper
 /// asks only once the last frame is nearly written, so a viewer holds about one frame.
