@@ -282,8 +282,8 @@ fn register() {
         "rustc" => env!("BUILT_WITH_RUSTC"),
     )
     .set(1.0);
+    // Read at each scrape ([`render`]).
     process().describe();
-    process().collect();
 }
 
 /// Registers the help text and unit of every metric, by family.

@@ -6,15 +6,13 @@
 //! Only what that needs is spoken here: requests without a body, one after the other on a
 //! kept-alive connection (pipelined ones in order), each answered by the same router as
 //! hyper's. A request with a body, an upgrade or an `Expect`, or the HTTP/2 preface hands the
-//! connection, with the bytes already read, to hyper ([`Next::HandOff`]). Requests are parsed by
+//! connection, with the bytes already read, to hyper ([`Next::HandOff`], [`handed_off`]). Requests are parsed by
 //! `httparse`, hyper's own parser. The limits are [`Limits`]': the header timeout for each
 //! request's head (the idle timeout between requests), the send timeout for each wait on the
 //! client while a response is written.
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use axum::Router;
@@ -26,13 +24,15 @@ use axum::http::{
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Chain, Interest, Join, ReadHalf, WriteHalf,
+};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::gateway::FileBody;
-use super::serve::{Deadlines, Limits};
+use super::serve::{Deadlines, Limits, send_timed_out};
 use crate::metrics;
 use crate::net::PeerInfo;
 
@@ -51,6 +51,16 @@ pub(super) enum Next {
     Close,
     /// Hyper serves the rest of it, starting with these bytes, read but not answered.
     HandOff(Bytes),
+}
+
+/// A connection handed to hyper: `read` (read but not answered) first, then the rest of `io`.
+pub(super) fn handed_off<T: AsyncRead + AsyncWrite>(
+    read: Bytes,
+    io: T,
+) -> Join<Chain<std::io::Cursor<Bytes>, ReadHalf<T>>, WriteHalf<T>> {
+    let (reader, writer) = tokio::io::split(io);
+    let read = AsyncReadExt::chain(std::io::Cursor::new(read), reader);
+    tokio::io::join(read, writer)
 }
 
 /// Serves requests on `io` until the connection closes or is handed to hyper. At shutdown an
@@ -72,7 +82,7 @@ pub(super) async fn serve(
             } => (request, len, keep_alive),
             Head::HandOff => return Next::HandOff(buf.freeze()),
             Head::Bad(status, reason) => {
-                let _ = refuse(io, status, reason).await;
+                let _ = refuse(io, status, reason, limits).await;
                 return Next::Close;
             }
             Head::Closed => return Next::Close,
@@ -340,17 +350,20 @@ fn field(head: &mut Vec<u8>, name: &str, value: &[u8]) {
     head.extend_from_slice(b"\r\n");
 }
 
-/// Answers a request that cannot be served and is the connection's last.
-async fn refuse(io: &mut Deadlines<TcpStream>, status: StatusCode, reason: &str) -> io::Result<()> {
-    let body = format!("{reason}\n");
-    let response = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        status.as_str(),
-        status.canonical_reason().unwrap_or(""),
-        body.len()
+/// Answers a request that cannot be served; the connection's last.
+async fn refuse(
+    io: &mut Deadlines<TcpStream>,
+    status: StatusCode,
+    reason: &str,
+    limits: Limits,
+) -> io::Result<()> {
+    let mut response = Response::new(Body::from(format!("{reason}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    io.write_all(response.as_bytes()).await?;
+    respond(io, &Method::GET, Version::HTTP_11, false, response, limits).await?;
     io.shutdown().await
 }
 
@@ -433,11 +446,7 @@ async fn write_when_ready(
             .await
             .is_err()
         {
-            ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "send").increment(1);
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client took no byte for {:?}", limits.send_timeout),
-            ));
+            return Err(send_timed_out(limits.send_timeout));
         }
         match tcp.try_io(Interest::WRITABLE, &mut write) {
             Ok(written) => return Ok(written),
@@ -448,63 +457,6 @@ async fn write_when_ready(
                 ) => {}
             Err(error) => return Err(error),
         }
-    }
-}
-
-/// A connection handed to hyper: the bytes already read first, then the rest.
-pub(super) struct Rewind<T> {
-    read: Bytes,
-    io: T,
-}
-
-impl<T> Rewind<T> {
-    pub(super) fn new(read: Bytes, io: T) -> Self {
-        Rewind { read, io }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.read.is_empty() {
-            return Pin::new(&mut self.io).poll_read(cx, buf);
-        }
-        let n = self.read.len().min(buf.remaining());
-        buf.put_slice(&self.read.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

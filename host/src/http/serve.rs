@@ -128,7 +128,7 @@ async fn one(connection: Connection, router: Router, limits: Limits, shutdown: C
             match h1::serve(&mut io, &peer, &router, limits, &shutdown).await {
                 h1::Next::Close => Ok(()),
                 h1::Next::HandOff(read) => {
-                    let io = h1::Rewind::new(read, io);
+                    let io = h1::handed_off(read, io);
                     with_hyper(io, peer, router, limits, admitted, shutdown).await
                 }
             }
@@ -267,12 +267,19 @@ impl<T> Deadlines<T> {
             self.send.as_mut().reset(at);
         }
         ready!(self.send.as_mut().poll(cx));
-        ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "send").increment(1);
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the client took no byte for {:?}", self.send_timeout),
-        )))
+        Poll::Ready(Err(send_timed_out(self.send_timeout)))
     }
+}
+
+/// The error of a write the client took no byte of for `timeout`, counted in
+/// `goutube_http_timeouts_total{kind="send"}`: hyper's writes through [`Deadlines`] and
+/// `sendfile`'s (`h1`) end the same way.
+pub(crate) fn send_timed_out(timeout: Duration) -> io::Error {
+    ::metrics::counter!(metrics::HTTP_TIMEOUTS, "kind" => "send").increment(1);
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the client took no byte for {timeout:?}"),
+    )
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Deadlines<T> {
