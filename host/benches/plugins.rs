@@ -1,6 +1,7 @@
 //! Plugin benchmark: every built-in component called through the host against the same logic
 //! compiled natively, in the same run; the authorization and placement caches; bundler
-//! throughput; node start-up with cold and warm compile caches.
+//! throughput; node start-up with cold and warm compile caches; the authorizers written in
+//! Python and JavaScript against the Rust template.
 //!
 //! `cargo bench -p goutube --bench plugins` (release). Results: docs/benchmarks.md.
 
@@ -189,6 +190,88 @@ fn main() {
 
     println!("\n## Node start-up with the default plugins (to the first answered call)\n");
     startup();
+
+    languages(work.path());
+}
+
+/// The authorizers written in Python and JavaScript (`scripts/plugin-languages` builds them)
+/// against the Rust template, in the same run: the size of each component, a node's start-up
+/// to its first answered call with an empty compile cache (the component is compiled) and with a
+/// warm one (it is deserialized), and an uncached `authorize` through the host.
+fn languages(work: &std::path::Path) {
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugin-languages");
+    let components = [
+        (
+            "Rust (plugins/template)",
+            std::path::PathBuf::from(goutube::plugins::builtin::BUILD_DIR).join("template.wasm"),
+            "anonymous\n".to_owned(),
+        ),
+        (
+            "Python (plugins/python/regex-authorizer)",
+            built.join("regex-authorizer.wasm"),
+            "anonymous produce ^videos/\n* metadata .*\n".to_owned(),
+        ),
+        (
+            "JavaScript (plugins/javascript/grants-authorizer)",
+            built.join("grants-authorizer.wasm"),
+            r#"{"grants": [{"subjects": ["anonymous"], "actions": ["produce"], "prefixes": ["videos/"]},
+                {"subjects": ["*"], "actions": ["metadata"], "prefixes": [""]}]}"#
+                .to_owned(),
+        ),
+    ];
+    println!("\n## Authorizers in Python and JavaScript against Rust\n");
+    println!(
+        "| component | size | start-up, cold cache (median of 3) | start-up, warm cache | authorize p50 | authorize p99 | p50 / Rust's |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut rust_p50 = None;
+    for (name, path, config) in components {
+        if !path.is_file() {
+            println!(
+                "| {name} | missing: {} (run scripts/plugin-languages) | | | | | |",
+                path.display()
+            );
+            continue;
+        }
+        let source = format!(
+            "[plugins.authorizer]\nsource = {:?}\nconfig = {config:?}\n",
+            path.display().to_string()
+        );
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            cold.push(start_with(dir.path(), &source));
+            warm.push(start_with(dir.path(), &source));
+        }
+        cold.sort();
+        warm.sort();
+        let plugins = PluginsSection {
+            authorizer: PluginSection {
+                source: path.display().to_string(),
+                config: config.clone(),
+                ..PluginSection::default()
+            },
+            ..PluginsSection::default()
+        };
+        let set = PluginSet::load(&plugins, work).unwrap();
+        let request = types::AuthzRequest {
+            subject: "anonymous".into(),
+            action: types::Action::Produce,
+            point: "videos/a".into(),
+            peer: String::new(),
+        };
+        let (p50, p99) = percentiles(2000, &mut || black_box(set.authorize(&request).unwrap()));
+        let rust = *rust_p50.get_or_insert(p50);
+        println!(
+            "| {name} | {:.1} MB | {} ms | {} ms | {} | {} | {:.1}x |",
+            std::fs::metadata(&path).unwrap().len() as f64 / 1e6,
+            cold[1].as_millis(),
+            warm[1].as_millis(),
+            show(p50),
+            show(p99),
+            p50.as_secs_f64() / rust.as_secs_f64()
+        );
+    }
 }
 
 /// A bundle as it goes on the wire: head, body, tail.
@@ -360,11 +443,16 @@ fn startup() {
 }
 
 fn start_once(dir: &std::path::Path) -> Duration {
+    start_with(dir, "")
+}
+
+/// [`start_once`] with `extra` (sections) appended to the node's configuration.
+fn start_with(dir: &std::path::Path, extra: &str) -> Duration {
     let config = dir.join("node.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\nhttp_port = 0\n[log]\nlevel = \"warn\"\n",
+            "data_dir = {:?}\nbind_addr = \"127.0.0.1:0\"\nrpc_port = 0\nreplication_port = 0\nmetrics_port = 0\nhttp_port = 0\n[log]\nlevel = \"warn\"\n{extra}",
             dir.join("data")
         ),
     )

@@ -21,6 +21,7 @@ use crate::config::{Config, Role};
 use crate::controller::agent::{self, Agent};
 use crate::controller::{Controller, ControllerService, Held, Lease};
 use crate::http::gateway::Gateway;
+use crate::http::pages::Catalog;
 use crate::placement::Placement;
 use crate::plugins::{PluginError, Plugins};
 use crate::point::{StorageError, Store};
@@ -284,7 +285,7 @@ impl Node {
         let ready = ring_formed(cluster.membership());
         let shutdown = services.lifetime.shutdown.clone();
         let max_frame = services.config.max_frame_size;
-        let (context, replication, api) = match store {
+        let (context, replication, api, catalog) = match store {
             Some(store) => {
                 let (context, replication) = start_storage(
                     &services,
@@ -294,8 +295,12 @@ impl Node {
                     (leader, following),
                     listeners.replication,
                 )?;
+                let streaming = api::streaming::StreamingService::new(context.clone());
+                // The pages ask the same service as the viewer (`http::pages`).
+                let catalog: Arc<dyn Catalog> =
+                    Arc::new(api::streaming::StreamingService::new(context.clone()));
                 let handlers = api::Handlers {
-                    streaming: api::streaming::StreamingService::new(context.clone()),
+                    streaming,
                     resolver: api::resolver::ResolverService::new(context.clone()),
                     controller: controller_service,
                 };
@@ -307,11 +312,12 @@ impl Node {
                     shutdown,
                     ready,
                 );
-                (Some(context), replication, api)
+                (Some(context), replication, api, catalog)
             }
             None => {
                 let identity = balancer_identity(&services.config);
                 let service = BalancerService::new(services.clone(), Pool::new(identity));
+                let catalog: Arc<dyn Catalog> = Arc::new(service.clone());
                 let handlers = api::Handlers {
                     streaming: service.clone(),
                     resolver: service,
@@ -325,11 +331,11 @@ impl Node {
                     shutdown,
                     ready,
                 );
-                (None, None, api)
+                (None, None, api, catalog)
             }
         };
         let store = context.as_ref().map(|c| c.store.clone());
-        let gateway = start_gateway(&services, store, listeners.http, tls.gateway)?;
+        let gateway = start_gateway(&services, store, catalog, listeners.http, tls.gateway)?;
         let metrics = crate::http::start_metrics(
             listeners.metrics,
             tls.api,
@@ -669,6 +675,7 @@ fn start_storage(
 fn start_gateway(
     services: &Services,
     store: Option<Store>,
+    catalog: Arc<dyn Catalog>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
 ) -> Result<Handle, StartError> {
@@ -678,6 +685,7 @@ fn start_gateway(
         chunk: services.config.max_chunk_size.min(crate::http::FRAME),
         tls: tls.is_some(),
         writing_window: Duration::from_millis(services.config.http.writing_window_ms),
+        catalog,
     };
     let token = services.lifetime.shutdown.child_token();
     Ok(crate::http::start_gateway(gateway, listener, tls, token)?)

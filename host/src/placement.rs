@@ -11,7 +11,7 @@
 //! a function of the current ring too): who owns a point now, who will own it once the pending
 //! change is made, and who owned it before a forgotten member was forgotten.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -208,6 +208,30 @@ impl Placement {
             }
         }
         Ok(None)
+    }
+
+    /// Each owner's share of the ring: the fraction of `samples` ids spread over the id space
+    /// that the placement plugin gives it. Placement is a plugin, so the ring's ranges are not
+    /// known here; its answers are. Asked on the blocking pool, never cached.
+    pub async fn shares(&self, samples: u32) -> Result<BTreeMap<String, f64>, PlacementError> {
+        let membership = self.membership();
+        if !membership.ring.is_formed() {
+            return Err(PlacementError::NotFormed);
+        }
+        let plugins = self.plugins.current();
+        tokio::task::spawn_blocking(move || {
+            let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+            for sample in 0..samples {
+                let owner = owner_in(&plugins, &membership.ring, &format!("share/{sample:08x}"))?;
+                *counts.entry(owner).or_default() += 1;
+            }
+            Ok(counts
+                .into_iter()
+                .map(|(owner, count)| (owner, f64::from(count) / f64::from(samples.max(1))))
+                .collect())
+        })
+        .await
+        .map_err(|e| PlacementError::Task(e.to_string()))?
     }
 
     /// The cached answer to `question` for ring `version`; else asks the placement plugin on

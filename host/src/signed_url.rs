@@ -5,6 +5,10 @@
 //! `goutube-url-v1 \n point \n expires \n subject`. A request with it is authorized as that
 //! subject (so taking a right away also takes it from the URLs already handed out). Every
 //! configured key verifies, the first signs: keys rotate by putting the new one first.
+//!
+//! A URL of the pages (`/v1/pages/…`, `goutube url --pages`) is signed the same way over
+//! `goutube-pages-v1 \n expires \n subject`: it names the viewer, and every page authorizes
+//! what it shows for that viewer.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -62,6 +66,8 @@ pub enum UrlError {
 pub struct Grant {
     pub subject: String,
     pub expires: u64,
+    /// The signature as the URL carried it (pages carry it on in their links).
+    pub sig: String,
 }
 
 /// A URL signed for one point and one subject.
@@ -102,17 +108,34 @@ impl UrlSigner {
         ttl: Duration,
         player: bool,
     ) -> Result<SignedUrl, UrlError> {
+        let kind = if player { "player" } else { "points" };
+        let path = format!("/v1/{kind}/{}", encode_path(point));
+        self.sign_for(Resource::Point(point), &path, subject, ttl)
+    }
+
+    /// A URL that lets its holder see the node's pages (the points page, and from there the
+    /// cluster page) as `subject` for `ttl`. What each page shows is still authorized for
+    /// `subject`, call by call.
+    pub fn sign_pages(&self, subject: &str, ttl: Duration) -> Result<SignedUrl, UrlError> {
+        self.sign_for(Resource::Pages, "/v1/pages/points", subject, ttl)
+    }
+
+    fn sign_for(
+        &self,
+        resource: Resource<'_>,
+        path: &str,
+        subject: &str,
+        ttl: Duration,
+    ) -> Result<SignedUrl, UrlError> {
         let key = self.keys.first().ok_or(UrlError::NoKeys)?;
         if ttl > self.max_ttl {
             return Err(UrlError::TooLong(self.max_ttl.as_secs()));
         }
         let expires = now() + ttl.as_secs().max(1);
-        let tag = hmac::sign(key, &message(point, expires, subject));
-        let kind = if player { "player" } else { "points" };
+        let tag = hmac::sign(key, &message(resource, expires, subject));
         let url = format!(
-            "{}/v1/{kind}/{}?expires={expires}&subject={}&sig={}",
+            "{}{path}?expires={expires}&subject={}&sig={}",
             self.base,
-            encode_path(point),
             encode_query(subject),
             hex(tag.as_ref())
         );
@@ -127,6 +150,26 @@ impl UrlSigner {
         subject: Option<&str>,
         sig: Option<&str>,
     ) -> Result<Grant, UrlError> {
+        self.verify_for(Resource::Point(point), expires, subject, sig)
+    }
+
+    /// Who the `expires`, `subject` and `sig` of a request for a page let in.
+    pub fn verify_pages(
+        &self,
+        expires: Option<&str>,
+        subject: Option<&str>,
+        sig: Option<&str>,
+    ) -> Result<Grant, UrlError> {
+        self.verify_for(Resource::Pages, expires, subject, sig)
+    }
+
+    fn verify_for(
+        &self,
+        resource: Resource<'_>,
+        expires: Option<&str>,
+        subject: Option<&str>,
+        sig: Option<&str>,
+    ) -> Result<Grant, UrlError> {
         if self.keys.is_empty() {
             return Err(UrlError::NoKeys);
         }
@@ -137,7 +180,7 @@ impl UrlSigner {
             .parse()
             .map_err(|_| UrlError::Malformed("expires is not a number"))?;
         let tag = unhex(sig).ok_or(UrlError::Malformed("sig is not hexadecimal"))?;
-        let message = message(point, expires, subject);
+        let message = message(resource, expires, subject);
         if !self
             .keys
             .iter()
@@ -151,12 +194,26 @@ impl UrlSigner {
         Ok(Grant {
             subject: subject.to_owned(),
             expires,
+            sig: sig.to_owned(),
         })
     }
 }
 
-fn message(point: &str, expires: u64, subject: &str) -> Vec<u8> {
-    format!("goutube-url-v1\n{point}\n{expires}\n{subject}").into_bytes()
+/// What a URL is signed for: one point (its bytes and its player page), or the pages.
+#[derive(Debug, Clone, Copy)]
+enum Resource<'a> {
+    Point(&'a str),
+    Pages,
+}
+
+/// The signed bytes. A point's and the pages' differ in their first line, so neither
+/// signature opens the other.
+fn message(resource: Resource<'_>, expires: u64, subject: &str) -> Vec<u8> {
+    match resource {
+        Resource::Point(point) => format!("goutube-url-v1\n{point}\n{expires}\n{subject}"),
+        Resource::Pages => format!("goutube-pages-v1\n{expires}\n{subject}"),
+    }
+    .into_bytes()
 }
 
 fn now() -> u64 {
@@ -199,6 +256,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pages_url_opens_the_pages_and_no_point() {
+        let signer = UrlSigner::new(
+            &[b"k".to_vec()],
+            "http://h:1".into(),
+            Duration::from_secs(60),
+        );
+        let url = signer
+            .sign_pages("alice", Duration::from_secs(30))
+            .unwrap()
+            .url;
+        assert!(
+            url.starts_with("http://h:1/v1/pages/points?expires="),
+            "{url}"
+        );
+        let (e, s, g) = query(&url);
+        let grant = signer.verify_pages(Some(&e), Some(&s), Some(&g)).unwrap();
+        assert_eq!(grant.subject, "alice");
+        assert_eq!(
+            signer.verify("pages/points", Some(&e), Some(&s), Some(&g)),
+            Err(UrlError::Mismatch)
+        );
+        let point = signer
+            .sign("p", "alice", Duration::from_secs(30), false)
+            .unwrap()
+            .url;
+        let (e, s, g) = query(&point);
+        assert_eq!(
+            signer.verify_pages(Some(&e), Some(&s), Some(&g)),
+            Err(UrlError::Mismatch)
+        );
+    }
+
+    #[test]
     fn urls_verify_for_their_point_only_until_they_expire() {
         let hour = Duration::from_secs(3600);
         let signer = UrlSigner::new(&[b"first key".to_vec()], "https://n:1/".into(), hour * 24);
@@ -217,7 +307,8 @@ mod tests {
             grant,
             Grant {
                 subject: "alice smith".into(),
-                expires
+                expires,
+                sig: g.clone(),
             }
         );
         assert_eq!(
@@ -250,7 +341,7 @@ mod tests {
 
         // Expired: signed (by the same key) with an expiry in the past.
         let past = now() - 10;
-        let tag = hmac::sign(&signer.keys[0], &message("p", past, "a"));
+        let tag = hmac::sign(&signer.keys[0], &message(Resource::Point("p"), past, "a"));
         assert_eq!(
             signer.verify(
                 "p",

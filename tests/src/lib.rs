@@ -20,6 +20,7 @@ use tempfile::TempDir;
 use tonic::Status;
 use tonic::transport::Channel;
 
+pub mod browser;
 pub mod upgrade;
 
 /// How long any wait in a test may take before it fails.

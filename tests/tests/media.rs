@@ -7,29 +7,15 @@
 //!
 //! One test runs them in order: the gateway's request counters are process-wide.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use goutube::proto::ProduceRequest;
-use goutube_tests::{DEADLINE, TestNode, free_port};
-use http_body_util::BodyExt;
-use serde_json::{Value, json};
-
-/// The path of `tool`, or a failure that says how to get it.
-fn tool(name: &str, package: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(name))
-                .find(|candidate| candidate.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!("{name} is missing: scripts/test installs it (apt-get install {package})")
-        })
-}
+use goutube_tests::browser::{Browser, tool};
+use goutube_tests::{DEADLINE, TestNode};
+use serde_json::Value;
 
 fn run(command: &mut Command) -> String {
     let output = command.output().expect("running a media tool");
@@ -211,167 +197,69 @@ async fn ffmpeg_and_chromium_play_and_seek_through_the_gateway() {
     assert!(trace.contains(&answer), "{answer} not in the trace");
 
     // Chromium plays both through the player page, and seeks.
-    let driver = ChromeDriver::start(work.path()).await;
+    let driver = Browser::start(work.path(), &["--autoplay-policy=no-user-gesture-required"]).await;
     for (point, minimum_duration) in [("videos/end.mp4", 59.0), ("videos/test.webm", 9.0)] {
         let page = format!("http://{http}/v1/player/{point}");
-        driver.play_and_seek(&page, minimum_duration).await;
+        play_and_seek(&driver, &page, minimum_duration).await;
     }
     driver.stop().await;
     node.shutdown().await;
 }
 
-/// A chromedriver process and one headless Chromium session, spoken to in plain WebDriver.
-struct ChromeDriver {
-    process: std::process::Child,
-    addr: SocketAddr,
-    session: String,
+/// The player element's (currentTime, readyState, duration, error code).
+async fn state(browser: &Browser) -> (f64, u64, f64, Value) {
+    let value = browser
+        .execute(
+            "const v = document.getElementById('player'); \
+             return [v.currentTime, v.readyState, v.duration || 0, v.error && v.error.code];",
+        )
+        .await;
+    (
+        value[0].as_f64().unwrap_or(0.0),
+        value[1].as_u64().unwrap_or(0),
+        value[2].as_f64().unwrap_or(0.0),
+        value[3].clone(),
+    )
 }
 
-impl ChromeDriver {
-    async fn start(work: &Path) -> ChromeDriver {
-        let chromium = tool("chromium", "chromium");
-        let port = free_port();
-        let process = Command::new(tool("chromedriver", "chromium-driver"))
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting chromedriver");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let deadline = Instant::now() + DEADLINE;
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(Instant::now() < deadline, "chromedriver does not listen");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Waits until the player's state satisfies `check`.
+async fn until(
+    browser: &Browser,
+    what: &str,
+    check: impl Fn(f64, u64, f64) -> bool,
+) -> (f64, u64, f64) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (time, ready, duration, error) = state(browser).await;
+        assert!(error.is_null(), "{what}: the media element failed: {error}");
+        if check(time, ready, duration) {
+            return (time, ready, duration);
         }
-        let profile = work.join("chromium-profile");
-        let created = webdriver(
-            addr,
-            "POST",
-            "/session",
-            Some(
-                json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
-                    "binary": chromium,
-                    "args": [
-                        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                        "--no-first-run", "--disable-background-networking",
-                        "--disable-component-update", "--disable-sync",
-                        "--autoplay-policy=no-user-gesture-required",
-                        format!("--user-data-dir={}", profile.display()),
-                    ]
-                }}}}),
-            ),
-        )
-        .await;
-        let session = created["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session: {created}"))
-            .to_owned();
-        ChromeDriver {
-            process,
-            addr,
-            session,
-        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: currentTime {time}, readyState {ready}, duration {duration}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
 
-    async fn execute(&self, script: &str) -> Value {
-        let answer = webdriver(
-            self.addr,
-            "POST",
-            &format!("/session/{}/execute/sync", self.session),
-            Some(json!({"script": script, "args": []})),
-        )
-        .await;
-        answer["value"].clone()
-    }
-
-    /// The player element's (currentTime, readyState, duration, error code).
-    async fn state(&self) -> (f64, u64, f64, Value) {
-        let value = self
-            .execute(
-                "const v = document.getElementById('player'); \
-                 return [v.currentTime, v.readyState, v.duration || 0, v.error && v.error.code];",
-            )
-            .await;
-        (
-            value[0].as_f64().unwrap_or(0.0),
-            value[1].as_u64().unwrap_or(0),
-            value[2].as_f64().unwrap_or(0.0),
-            value[3].clone(),
-        )
-    }
-
-    /// Waits until the player's state satisfies `check`.
-    async fn until(&self, what: &str, check: impl Fn(f64, u64, f64) -> bool) -> (f64, u64, f64) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let (time, ready, duration, error) = self.state().await;
-            assert!(error.is_null(), "{what}: the media element failed: {error}");
-            if check(time, ready, duration) {
-                return (time, ready, duration);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: currentTime {time}, readyState {ready}, duration {duration}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn play_and_seek(&self, page: &str, minimum_duration: f64) {
-        webdriver(
-            self.addr,
-            "POST",
-            &format!("/session/{}/url", self.session),
-            Some(json!({ "url": page })),
-        )
-        .await;
-        let (_, _, duration) = self
-            .until(page, |time, ready, duration| {
-                time > 1.0 && ready == 4 && duration > 0.0
-            })
-            .await;
-        assert!(duration >= minimum_duration, "{page}: duration {duration}");
-        let middle = duration / 2.0;
-        self.execute(&format!(
+async fn play_and_seek(browser: &Browser, page: &str, minimum_duration: f64) {
+    browser.open(page).await;
+    let (_, _, duration) = until(browser, page, |time, ready, duration| {
+        time > 1.0 && ready == 4 && duration > 0.0
+    })
+    .await;
+    assert!(duration >= minimum_duration, "{page}: duration {duration}");
+    let middle = duration / 2.0;
+    browser
+        .execute(&format!(
             "document.getElementById('player').currentTime = {middle};"
         ))
         .await;
-        self.until(&format!("{page} after the seek"), |time, ready, _| {
-            time > middle + 1.0 && ready == 4
-        })
-        .await;
-    }
-
-    async fn stop(mut self) {
-        webdriver(
-            self.addr,
-            "DELETE",
-            &format!("/session/{}", self.session),
-            None,
-        )
-        .await;
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-/// One WebDriver call: JSON in, JSON out.
-async fn webdriver(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Value {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(Bytes::from(body)))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&bytes)))
+    until(
+        browser,
+        &format!("{page} after the seek"),
+        |time, ready, _| time > middle + 1.0 && ready == 4,
+    )
+    .await;
 }

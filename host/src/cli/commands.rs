@@ -344,19 +344,20 @@ pub(super) async fn members_change(
     Ok(())
 }
 
-/// `goutube url`: a signed gateway URL for a point.
+/// `goutube url`: a signed gateway URL for a point, or for the pages.
 pub(super) async fn url(
-    point: String,
+    point: Option<String>,
     ttl: std::time::Duration,
     player: bool,
+    pages: bool,
     connection: Connection,
 ) -> anyhow::Result<()> {
     init_client_logging();
-    let (url, expires) = connection
-        .connect()
-        .await?
-        .sign_url(&point, ttl, player)
-        .await?;
+    let client = connection.connect().await?;
+    let (url, expires) = match point {
+        Some(point) if !pages => client.sign_url(&point, ttl, player).await?,
+        _ => client.sign_pages_url(ttl).await?,
+    };
     println!("{url}");
     eprintln!("valid until {} (Unix seconds)", expires);
     Ok(())

@@ -129,16 +129,20 @@ pub(crate) enum Command {
         #[command(flatten)]
         connection: Connection,
     },
-    /// Print a signed URL of the node's HTTP gateway for a point: a browser or a player can
-    /// read it, without a certificate, until it expires.
+    /// Print a signed URL of the node's HTTP gateway for a point (or, with `--pages`, of its
+    /// pages): a browser or a player can read it, without a certificate, until it expires.
     Url {
-        point: String,
+        #[arg(required_unless_present = "pages")]
+        point: Option<String>,
         /// How long the URL is valid (`90s`, `30m`, `1h`, `7d`).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
         /// The player page (`/v1/player/…`) rather than the bytes.
         #[arg(long)]
         player: bool,
+        /// The pages (`/v1/pages/points`, and from there the cluster page) rather than a point.
+        #[arg(long, conflicts_with_all = ["point", "player"])]
+        pages: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -375,8 +379,9 @@ async fn command(command: Command) -> anyhow::Result<()> {
             point,
             ttl,
             player,
+            pages,
             connection,
-        } => url(point, ttl, player, connection).await,
+        } => url(point, ttl, player, pages, connection).await,
     }
 }
 

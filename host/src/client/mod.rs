@@ -427,15 +427,28 @@ impl Client {
         ttl: Duration,
         player: bool,
     ) -> Result<(String, u64), ClientError> {
-        let response = self
-            .raw()
-            .sign_url(SignUrlRequest {
-                point: point.into(),
-                ttl_seconds: ttl.as_secs().max(1),
-                player,
-            })
-            .await?
-            .into_inner();
+        self.signed(SignUrlRequest {
+            point: point.into(),
+            ttl_seconds: ttl.as_secs().max(1),
+            player,
+            pages: false,
+        })
+        .await
+    }
+
+    /// A URL of the node's pages (points, cluster) for `ttl` on this client's behalf; and when
+    /// it expires (Unix seconds).
+    pub async fn sign_pages_url(&self, ttl: Duration) -> Result<(String, u64), ClientError> {
+        self.signed(SignUrlRequest {
+            ttl_seconds: ttl.as_secs().max(1),
+            pages: true,
+            ..SignUrlRequest::default()
+        })
+        .await
+    }
+
+    async fn signed(&self, request: SignUrlRequest) -> Result<(String, u64), ClientError> {
+        let response = self.raw().sign_url(request).await?.into_inner();
         Ok((response.url, response.expires))
     }
 

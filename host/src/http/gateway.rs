@@ -1,6 +1,7 @@
 //! The HTTP range gateway: `GET`/`HEAD /v1/points/{id}` serve a point's bytes to browsers, media
 //! players and curl, with byte ranges, strong ETags and content types, and `/v1/player/{id}` a
-//! page that plays it. `docs/http.md` has the rules; each is a test in `tests/tests/gateway.rs`.
+//! page that plays it; `/v1/pages/…` are the pages for people ([`super::pages`]). `docs/http.md`
+//! has the rules; each is a test in `tests/tests/gateway.rs` and `tests/tests/pages.rs`.
 //!
 //! - **Who reads.** One `consume` decision per request, by the same authorizer as gRPC, for the
 //!   subject of the client certificate or of a signed URL ([`crate::signed_url`]). With TLS a
@@ -29,6 +30,7 @@ use headers::{ETag, HeaderMapExt, IfNoneMatch, IfRange};
 use serde::Deserialize;
 use tokio_stream::StreamExt;
 
+use super::pages::{self, Catalog, Playing, Viewer};
 use super::range::{self, Answer};
 use crate::access::Action;
 use crate::metrics;
@@ -36,7 +38,7 @@ use crate::net::{NO_CERTIFICATE, PeerInfo};
 use crate::point::{FilePiece, Point, PointId, ReadError, Span, Store, StreamError};
 use crate::reshard::gate::{self, Holder};
 use crate::services::Services;
-use crate::signed_url::encode_path;
+use crate::signed_url::{Grant, UrlError, UrlSigner, encode_path};
 use crate::text::bounded;
 
 /// What the gateway's handlers share.
@@ -53,6 +55,8 @@ pub(crate) struct Gateway {
     pub tls: bool,
     /// A point that grew less than this long ago is served with `Cache-Control: no-cache`.
     pub writing_window: Duration,
+    /// The node's own gRPC service, which the pages ask as their viewer.
+    pub catalog: Arc<dyn Catalog>,
 }
 
 /// The router's state.
@@ -60,7 +64,8 @@ struct Served {
     gateway: Gateway,
 }
 
-/// The query of a request: a signed URL's fields, `follow`, and the redirect marker.
+/// The query of a request: a signed URL's fields, `follow`, the redirect marker, and the
+/// points page's search.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct Params {
@@ -69,6 +74,8 @@ struct Params {
     sig: Option<String>,
     follow: Option<String>,
     hop: Option<String>,
+    prefix: Option<String>,
+    after: Option<String>,
 }
 
 impl Params {
@@ -78,11 +85,21 @@ impl Params {
 }
 
 /// The gateway's routes, as `goutube_http_request_duration_seconds` labels them.
-pub(crate) const ROUTES: &[&str] = &[POINT, PLAYER, NO_POINT, NO_PLAYER];
+pub(crate) const ROUTES: &[&str] = &[
+    POINT,
+    PLAYER,
+    NO_POINT,
+    NO_PLAYER,
+    pages::POINTS,
+    pages::CLUSTER,
+    HOME,
+];
 const POINT: &str = "/v1/points/{*id}";
 const PLAYER: &str = "/v1/player/{*id}";
 const NO_POINT: &str = "/v1/points/";
 const NO_PLAYER: &str = "/v1/player/";
+/// `/`: the points page.
+const HOME: &str = "/";
 
 pub(crate) fn router(gateway: Gateway) -> Router {
     Router::new()
@@ -90,6 +107,9 @@ pub(crate) fn router(gateway: Gateway) -> Router {
         .route(PLAYER, get(player))
         .route(NO_POINT, get(no_point))
         .route(NO_PLAYER, get(no_point))
+        .route(pages::POINTS, get(points_page))
+        .route(pages::CLUSTER, get(cluster_page))
+        .route(HOME, get(home))
         .fallback(elsewhere)
         .with_state(Arc::new(Served { gateway }))
 }
@@ -112,7 +132,9 @@ async fn elsewhere(State(served): State<Arc<Served>>, headers: HeaderMap) -> Res
     if !grpc {
         return count(
             Refusal::NotFound(
-                "no such page: this port serves /v1/points/{id} and /v1/player/{id}".into(),
+                "no such page: this port serves /v1/points/{id}, /v1/player/{id}, \
+                 /v1/pages/points and /v1/pages/cluster"
+                    .into(),
             )
             .into_response(),
         );
@@ -232,6 +254,59 @@ async fn player(
     count(page.unwrap_or_else(IntoResponse::into_response))
 }
 
+/// `/`: the points page, with the same query (a signed URL's fields).
+async fn home(RawQuery(raw_query): RawQuery) -> Response {
+    let location = match raw_query {
+        Some(query) if !query.is_empty() => format!("{}?{query}", pages::POINTS),
+        _ => pages::POINTS.to_owned(),
+    };
+    count(Refusal::Redirect(location).into_response())
+}
+
+async fn points_page(
+    State(served): State<Arc<Served>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    params: Result<Query<Params>, QueryRejection>,
+) -> Response {
+    let gateway = &served.gateway;
+    let page = async {
+        let Query(params) =
+            params.map_err(|e| Refusal::BadRequest(format!("malformed query: {e}")))?;
+        let viewer = gateway.page_viewer(&peer, &params)?;
+        let (prefix, after) = (
+            params.prefix.as_deref().unwrap_or_default(),
+            params.after.as_deref().unwrap_or_default(),
+        );
+        let signer = &gateway.services.signer;
+        Ok::<_, Refusal>(pages::points(&*gateway.catalog, signer, &viewer, prefix, after).await)
+    }
+    .await;
+    count(page.unwrap_or_else(IntoResponse::into_response))
+}
+
+async fn cluster_page(
+    State(served): State<Arc<Served>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    params: Result<Query<Params>, QueryRejection>,
+) -> Response {
+    let gateway = &served.gateway;
+    let page = async {
+        let Query(params) =
+            params.map_err(|e| Refusal::BadRequest(format!("malformed query: {e}")))?;
+        let viewer = gateway.page_viewer(&peer, &params)?;
+        // Before the ring is formed there is nothing to share: the page says so.
+        let shares = gateway
+            .services
+            .placement
+            .shares(pages::SHARE_SAMPLES)
+            .await
+            .unwrap_or_default();
+        Ok::<_, Refusal>(pages::cluster(&*gateway.catalog, &viewer, &shares).await)
+    }
+    .await;
+    count(page.unwrap_or_else(IntoResponse::into_response))
+}
+
 fn count(response: Response) -> Response {
     ::metrics::counter!(metrics::HTTP_REQUESTS, "status" => response.status().as_str().to_owned())
         .increment(1);
@@ -261,35 +336,65 @@ impl Gateway {
     /// The one authorization decision of a request: for the signed URL's subject if the request
     /// carries one, else for the client certificate's.
     async fn authorize(&self, peer: &PeerInfo, request: &Request) -> Result<(), Refusal> {
-        let params = &request.params;
-        let signed = params.sig.is_some() || params.expires.is_some() || params.subject.is_some();
-        let reader = if signed {
-            let grant = self
-                .services
-                .signer
-                .verify(
-                    request.id.as_str(),
-                    params.expires.as_deref(),
-                    params.subject.as_deref(),
-                    params.sig.as_deref(),
-                )
-                .map_err(|e| Refusal::Forbidden(e.to_string()))?;
-            PeerInfo {
-                addr: peer.addr,
-                subject: grant.subject.into(),
-            }
-        } else if &*peer.subject == NO_CERTIFICATE {
-            return Err(Refusal::Forbidden(
-                "no client certificate and no signed URL (`goutube url` makes one)".into(),
-            ));
-        } else {
-            peer.clone()
-        };
+        let id = request.id.as_str();
+        let reader = self.viewer(peer, &request.params, "goutube url", |signer, e, s, g| {
+            signer.verify(id, e, s, g)
+        })?;
         self.services
             .access
-            .authorize(&reader, Action::Consume, request.id.as_str())
+            .authorize(&reader.peer, Action::Consume, id)
             .await
             .map_err(|denied| Refusal::Forbidden(denied.to_string()))
+    }
+
+    /// Who a page is for: a signed URL of the pages' subject, or the client certificate's. What
+    /// the page shows is authorized call by call ([`pages::Catalog`]).
+    fn page_viewer(&self, peer: &PeerInfo, params: &Params) -> Result<Viewer, Refusal> {
+        self.viewer(peer, params, "goutube url --pages", |signer, e, s, g| {
+            signer.verify_pages(e, s, g)
+        })
+    }
+
+    /// Who a request is for: the subject of its signed URL (checked by `verify`) if it carries
+    /// one, else of its client certificate. `command` makes a signed URL, for the refusal.
+    fn viewer(
+        &self,
+        peer: &PeerInfo,
+        params: &Params,
+        command: &str,
+        verify: impl FnOnce(
+            &UrlSigner,
+            Option<&str>,
+            Option<&str>,
+            Option<&str>,
+        ) -> Result<Grant, UrlError>,
+    ) -> Result<Viewer, Refusal> {
+        let signed = params.sig.is_some() || params.expires.is_some() || params.subject.is_some();
+        if signed {
+            let grant = verify(
+                &self.services.signer,
+                params.expires.as_deref(),
+                params.subject.as_deref(),
+                params.sig.as_deref(),
+            )
+            .map_err(|e| Refusal::Forbidden(e.to_string()))?;
+            Ok(Viewer {
+                peer: PeerInfo {
+                    addr: peer.addr,
+                    subject: grant.subject.as_str().into(),
+                },
+                grant: Some(grant),
+            })
+        } else if &*peer.subject == NO_CERTIFICATE {
+            Err(Refusal::Forbidden(format!(
+                "no client certificate and no signed URL (`{command}` makes one)"
+            )))
+        } else {
+            Ok(Viewer {
+                peer: peer.clone(),
+                grant: None,
+            })
+        }
     }
 
     /// The point if this node holds it (never on a balancer); else the redirect to a node that
@@ -498,40 +603,14 @@ impl Gateway {
             .filter(|q| !q.is_empty())
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let source = escape(&format!(
-            "/v1/points/{}{query}",
-            encode_path(request.id.as_str())
-        ));
-        let element = if content_type.starts_with("audio/") {
-            format!("<audio id=\"player\" controls autoplay src=\"{source}\"></audio>")
-        } else if content_type.starts_with("video/") || content_type == "application/ogg" {
-            format!(
-                "<video id=\"player\" controls autoplay muted playsinline src=\"{source}\"></video>"
-            )
-        } else {
-            format!("<p><a id=\"player\" href=\"{source}\">download</a></p>")
-        };
-        let title = escape(request.id.as_str());
-        let html = format!(
-            "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-             <title>{title} — goutube</title>\n\
-             <style>body{{font-family:sans-serif;margin:2em;max-width:60em}}video,audio{{width:100%}}\
-             dt{{font-weight:bold}}</style>\n</head>\n<body>\n<h1>{title}</h1>\n{element}\n<dl>\n\
-             <dt>type</dt><dd id=\"type\">{}</dd>\n<dt>size</dt><dd id=\"size\">{} bytes</dd>\n\
-             <dt>crc32c</dt><dd id=\"crc32c\">{:08x}</dd>\n</dl>\n</body>\n</html>\n",
-            escape(&content_type),
-            snapshot.committed,
-            snapshot.committed_crc
-        );
-        Ok((
-            [
-                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-                (header::CACHE_CONTROL, "no-cache"),
-            ],
-            html,
-        )
-            .into_response())
+        let source = format!("/v1/points/{}{query}", encode_path(request.id.as_str()));
+        Ok(pages::player(&Playing {
+            id: request.id.as_str(),
+            source,
+            content_type: &content_type,
+            size: snapshot.committed,
+            crc32c: snapshot.committed_crc,
+        }))
     }
 }
 
@@ -562,30 +641,3 @@ impl FileBody {
 /// Bytes of a point sent with one `sendfile` at most: between two, the point is checked for
 /// having been deleted.
 const PIECE: u64 = 1024 * 1024;
-
-/// `text` for HTML text and attribute values.
-fn escape(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => escaped.push_str("&amp;"),
-            '<' => escaped.push_str("&lt;"),
-            '>' => escaped.push_str("&gt;"),
-            '"' => escaped.push_str("&quot;"),
-            '\'' => escaped.push_str("&#39;"),
-            c => escaped.push(c),
-        }
-    }
-    escaped
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn html_escapes_everything_that_could_close_a_tag_or_an_attribute() {
-        assert_eq!(
-            super::escape("<script>alert('x')</script>&\""),
-            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
-        );
-    }
-}

@@ -1,10 +1,11 @@
 //! The node's HTTP endpoints (axum routers served by [`serve`] on the connections of
 //! [`crate::net::accept`], plaintext or TLS): `GET /metrics` in the Prometheus text format on the
-//! metrics listener, and the range gateway ([`gateway`]) on `http_port`, with its cap on
-//! connections and its timeouts.
+//! metrics listener, and the range gateway ([`gateway`]) with the pages for people ([`pages`]) on
+//! `http_port`, with its cap on connections and its timeouts.
 
 pub(crate) mod gateway;
 mod h1;
+pub(crate) mod pages;
 pub(crate) mod range;
 mod serve;
 

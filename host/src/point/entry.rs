@@ -155,6 +155,13 @@ impl Point {
         self.snapshot.subscribe()
     }
 
+    /// When the point's bytes last changed: its data file's modification time, which survives
+    /// a restart. `None` when the file cannot be read.
+    pub async fn modified(&self) -> Option<std::time::SystemTime> {
+        let data = self.dir.join(super::files::DATA_FILE);
+        tokio::fs::metadata(data).await.ok()?.modified().ok()
+    }
+
     /// Whether the point grew less than `within` ago (a point still being written).
     pub fn written_within(&self, store: &Store, within: Duration) -> bool {
         match self.last_append_ms.load(Ordering::Relaxed) {

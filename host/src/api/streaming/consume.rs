@@ -83,7 +83,8 @@ impl StreamingService {
             .access
             .authorize(&peer, action, id.as_str())
             .await?;
-        let snapshot = state.gate.admit_read(&id).await?.snapshot();
+        let point = state.gate.admit_read(&id).await?;
+        let snapshot = point.snapshot();
         let ownership = state.store.ownership(&id).await.map_err(Error::from)?;
         let owner = match ownership.owner.clone() {
             Some(owner) => owner,
@@ -118,6 +119,11 @@ impl StreamingService {
             content_type: state.store.media_type(&id).await.map_err(Error::from)?,
             epoch: ownership.epoch,
             owner,
+            modified_ms: point
+                .modified()
+                .await
+                .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|since| since.as_millis() as u64),
         }))
     }
 

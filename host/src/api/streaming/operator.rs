@@ -241,27 +241,32 @@ impl StreamingService {
     }
 }
 
-/// `SignUrl`: a gateway URL for `caller`, who must be allowed to `consume` the point.
+/// `SignUrl`: a gateway URL for `caller`, who must be allowed to `consume` the point (to see
+/// `metadata`, for the pages).
 pub async fn sign_url(
     access: &Access,
     signer: &UrlSigner,
     caller: &PeerInfo,
     request: SignUrlRequest,
 ) -> Result<SignUrlResponse, Error> {
-    let id = PointId::new(request.point)?;
-    access
-        .authorize(caller, Action::Consume, id.as_str())
-        .await?;
     let ttl = match request.ttl_seconds {
         0 => Duration::from_secs(3600),
         seconds => Duration::from_secs(seconds),
     };
-    let SignedUrl { url, expires } = signer
-        .sign(id.as_str(), &caller.subject, ttl, request.player)
-        .map_err(|error| match error {
-            UrlError::NoKeys => Error::FailedPrecondition(error.to_string()),
-            other => Error::InvalidArgument(other.to_string()),
-        })?;
+    let signed = if request.pages {
+        access.authorize(caller, Action::Metadata, "").await?;
+        signer.sign_pages(&caller.subject, ttl)
+    } else {
+        let id = PointId::new(request.point)?;
+        access
+            .authorize(caller, Action::Consume, id.as_str())
+            .await?;
+        signer.sign(id.as_str(), &caller.subject, ttl, request.player)
+    };
+    let SignedUrl { url, expires } = signed.map_err(|error| match error {
+        UrlError::NoKeys => Error::FailedPrecondition(error.to_string()),
+        other => Error::InvalidArgument(other.to_string()),
+    })?;
     Ok(SignUrlResponse { url, expires })
 }
 
