@@ -262,9 +262,10 @@ fn languages(work: &std::path::Path) {
         };
         let (p50, p99) = percentiles(2000, &mut || black_box(set.authorize(&request).unwrap()));
         let rust = *rust_p50.get_or_insert(p50);
+        let size = std::fs::metadata(&path).unwrap().len();
         println!(
-            "| {name} | {:.1} MB | {} ms | {} ms | {} | {} | {:.1}x |",
-            std::fs::metadata(&path).unwrap().len() as f64 / 1e6,
+            "| {name} | {} KiB | {} ms | {} ms | {} | {} | {:.1}x |",
+            size.div_ceil(1024),
             cold[1].as_millis(),
             warm[1].as_millis(),
             show(p50),

@@ -773,6 +773,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The part of a URL after the host: what a browser would request.
+pub fn url_target(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.find('/')
+        .map_or_else(|| "/".to_owned(), |at| rest[at..].to_owned())
+}
+
 /// A whole HTTP/1.1 answer.
 #[derive(Debug)]
 pub struct HttpAnswer {

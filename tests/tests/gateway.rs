@@ -11,7 +11,7 @@ use goutube::proto::ProduceRequest;
 use goutube::secret::Secret;
 use goutube_tests::{
     HttpAnswer, Pki, TestNode, consume, data, eventually, http, http_response, metadata, produce,
-    url_path, window,
+    url_path, url_target, window,
 };
 use tonic::Code;
 
@@ -355,12 +355,6 @@ fn secure(pki: &Pki, config: &mut Config, keys: &[&str]) {
 const OLD_KEY: &str = "the first url signing key";
 const NEW_KEY: &str = "the second url signing key";
 
-/// The part of a signed URL after the host: what a browser would request.
-fn target(url: &str) -> String {
-    let rest = url.split_once("://").unwrap().1;
-    rest[rest.find('/').unwrap()..].to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn who_may_read_mtls_subjects_and_signed_urls() {
     let pki = Pki::new();
@@ -413,12 +407,12 @@ async fn who_may_read_mtls_subjects_and_signed_urls() {
         url.starts_with(&format!("https://{addr}/v1/points/films/f?")),
         "{url}"
     );
-    let signed = http(addr, "GET", &target(&url), &[], browser.clone()).await;
+    let signed = http(addr, "GET", &url_target(&url), &[], browser.clone()).await;
     assert_eq!((signed.status, signed.body), (200, data(1, 2000)));
     let ranged = http(
         addr,
         "GET",
-        &target(&url),
+        &url_target(&url),
         &[("range", "bytes=0-9")],
         browser.clone(),
     )
@@ -426,14 +420,14 @@ async fn who_may_read_mtls_subjects_and_signed_urls() {
     assert_eq!(ranged.status, 206);
 
     // Another point, a forged signature, a missing part: 403 with the reason.
-    let other = target(&url).replace("films/f", "films/g");
+    let other = url_target(&url).replace("films/f", "films/g");
     let forged = {
-        let mut target = target(&url);
+        let mut target = url_target(&url);
         let last = target.pop().unwrap();
         target.push(if last == '0' { '1' } else { '0' });
         target
     };
-    let missing = target(&url).split("&sig=").next().unwrap().to_owned();
+    let missing = url_target(&url).split("&sig=").next().unwrap().to_owned();
     for (what, target, says) in [
         ("another point", other, "does not match"),
         ("forged", forged, "does not match"),
@@ -465,7 +459,7 @@ async fn who_may_read_mtls_subjects_and_signed_urls() {
         .await
         .unwrap();
     eventually("the URL to expire", || {
-        let (target, browser) = (target(&short), browser.clone());
+        let (target, browser) = (url_target(&short), browser.clone());
         async move {
             let answer = http(addr, "GET", &target, &[], browser).await;
             answer.status == 403 && String::from_utf8_lossy(&answer.body).contains("expired")
@@ -477,8 +471,8 @@ async fn who_may_read_mtls_subjects_and_signed_urls() {
     node.shutdown().await.unwrap();
     let node = goutube_tests::start_in(dir.path(), |c| secure(&pki, c, &[NEW_KEY, OLD_KEY])).await;
     let addr: SocketAddr = node.http_addr();
-    let url = format!("https://{addr}{}", target(&url));
-    let still = http(addr, "GET", &target(&url), &[], browser.clone()).await;
+    let url = format!("https://{addr}{}", url_target(&url));
+    let still = http(addr, "GET", &url_target(&url), &[], browser.clone()).await;
     assert_eq!(still.status, 200, "the old key still verifies");
     let client =
         goutube::client::Client::connect(&pki.client_options("root", &node.rpc_addr().to_string()))
@@ -492,9 +486,9 @@ async fn who_may_read_mtls_subjects_and_signed_urls() {
     node.shutdown().await.unwrap();
     let node = goutube_tests::start_in(dir.path(), |c| secure(&pki, c, &[NEW_KEY])).await;
     let addr = node.http_addr();
-    let old = http(addr, "GET", &target(&url), &[], browser.clone()).await;
+    let old = http(addr, "GET", &url_target(&url), &[], browser.clone()).await;
     assert_eq!(old.status, 403, "the retired key no longer verifies");
-    let page = http(addr, "GET", &target(&fresh), &[], browser.clone()).await;
+    let page = http(addr, "GET", &url_target(&fresh), &[], browser.clone()).await;
     assert_eq!(page.status, 200, "signed by the new key");
     node.shutdown().await.unwrap();
 }
@@ -614,7 +608,7 @@ async fn requests_are_redirected_to_a_replica_that_holds_the_range() {
     let at_owner = http(
         leader.node.http_addr(),
         "GET",
-        &target(&location),
+        &url_target(&location),
         &[("range", "bytes=3000-")],
         None,
     )

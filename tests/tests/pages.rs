@@ -16,6 +16,7 @@ use goutube::secret::Secret;
 use goutube_tests::browser::{Browser, artifacts, tool};
 use goutube_tests::{
     Pki, TestNode, connected_followers, data, eventually, eventually_some, http, metadata, produce,
+    url_target,
 };
 use serde_json::Value;
 
@@ -368,12 +369,6 @@ fn secure(pki: &Pki, config: &mut Config) {
     config.http.url_keys = vec![Secret("the pages' url key".into())];
 }
 
-/// The part of a URL after the host: what a browser would request.
-fn target(url: &str) -> String {
-    let rest = url.split_once("://").unwrap().1;
-    rest[rest.find('/').unwrap()..].to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_are_seen_as_the_gateway_reads_certificates_and_signed_urls() {
     let pki = Pki::new();
@@ -420,7 +415,7 @@ async fn pages_are_seen_as_the_gateway_reads_certificates_and_signed_urls() {
         url.starts_with(&format!("https://{addr}/v1/pages/points?expires=")),
         "{url}"
     );
-    let signed = page(target(&url), None).await;
+    let signed = page(url_target(&url), None).await;
     assert_eq!(signed.status, 200);
     let html = String::from_utf8(signed.body).unwrap();
     let player = html
@@ -430,7 +425,7 @@ async fn pages_are_seen_as_the_gateway_reads_certificates_and_signed_urls() {
         .expect("a player link")
         .replace("&amp;", "&");
     assert!(player.contains("/v1/player/films/f?expires="), "{player}");
-    let played = page(target(&player), None).await;
+    let played = page(url_target(&player), None).await;
     assert_eq!(played.status, 200, "{player}");
     let cluster = html
         .split("<a id=\"to-cluster\" href=\"")
@@ -443,7 +438,7 @@ async fn pages_are_seen_as_the_gateway_reads_certificates_and_signed_urls() {
     assert!(String::from_utf8_lossy(&cluster.body).contains("data-member=\"test-node\""));
 
     // A changed signature, or a point's signed URL, does not open the pages.
-    let tampered = target(&url).replace("sig=", "sig=00");
+    let tampered = url_target(&url).replace("sig=", "sig=00");
     assert_eq!(page(tampered, None).await.status, 403);
     let (point_url, _) = root
         .sign_url("films/f", Duration::from_secs(600), false)

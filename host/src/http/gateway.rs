@@ -270,9 +270,7 @@ async fn points_page(
 ) -> Response {
     let gateway = &served.gateway;
     let page = async {
-        let Query(params) =
-            params.map_err(|e| Refusal::BadRequest(format!("malformed query: {e}")))?;
-        let viewer = gateway.page_viewer(&peer, &params)?;
+        let (viewer, params) = gateway.page_viewer(&peer, params)?;
         let (prefix, after) = (
             params.prefix.as_deref().unwrap_or_default(),
             params.after.as_deref().unwrap_or_default(),
@@ -291,9 +289,7 @@ async fn cluster_page(
 ) -> Response {
     let gateway = &served.gateway;
     let page = async {
-        let Query(params) =
-            params.map_err(|e| Refusal::BadRequest(format!("malformed query: {e}")))?;
-        let viewer = gateway.page_viewer(&peer, &params)?;
+        let (viewer, _) = gateway.page_viewer(&peer, params)?;
         // Before the ring is formed there is nothing to share: the page says so.
         let shares = gateway
             .services
@@ -347,12 +343,19 @@ impl Gateway {
             .map_err(|denied| Refusal::Forbidden(denied.to_string()))
     }
 
-    /// Who a page is for: a signed URL of the pages' subject, or the client certificate's. What
-    /// the page shows is authorized call by call ([`pages::Catalog`]).
-    fn page_viewer(&self, peer: &PeerInfo, params: &Params) -> Result<Viewer, Refusal> {
-        self.viewer(peer, params, "goutube url --pages", |signer, e, s, g| {
+    /// Who a page is for (a signed URL of the pages' subject, or the client certificate's), and
+    /// the page's query. What the page shows is authorized call by call ([`pages::Catalog`]).
+    fn page_viewer(
+        &self,
+        peer: &PeerInfo,
+        params: Result<Query<Params>, QueryRejection>,
+    ) -> Result<(Viewer, Params), Refusal> {
+        let Query(params) =
+            params.map_err(|e| Refusal::BadRequest(format!("malformed query: {e}")))?;
+        let viewer = self.viewer(peer, &params, "goutube url --pages", |signer, e, s, g| {
             signer.verify_pages(e, s, g)
-        })
+        })?;
+        Ok((viewer, params))
     }
 
     /// Who a request is for: the subject of its signed URL (checked by `verify`) if it carries
