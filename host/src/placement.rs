@@ -108,6 +108,8 @@ enum Question {
     Pending { point: String },
     /// The owner of the point in the ring as it was before `forgotten` was forgotten.
     Before { forgotten: String, point: String },
+    /// The owner of each of `samples` ids spread over the id space ([`Placement::shares`]).
+    Samples { samples: u32 },
 }
 
 /// Which member owns which point: the placement plugin's answers, cached per ring version and
@@ -212,26 +214,34 @@ impl Placement {
 
     /// Each owner's share of the ring: the fraction of `samples` ids spread over the id space
     /// that the placement plugin gives it. Placement is a plugin, so the ring's ranges are not
-    /// known here; its answers are. Asked on the blocking pool, never cached.
+    /// known here; its answers are, cached like the others (per ring version and plugin
+    /// generation), so a page that asks every few seconds asks the plugin once per ring.
     pub async fn shares(&self, samples: u32) -> Result<BTreeMap<String, f64>, PlacementError> {
         let membership = self.membership();
         if !membership.ring.is_formed() {
             return Err(PlacementError::NotFormed);
         }
-        let plugins = self.plugins.current();
-        tokio::task::spawn_blocking(move || {
-            let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-            for sample in 0..samples {
-                let owner = owner_in(&plugins, &membership.ring, &format!("share/{sample:08x}"))?;
-                *counts.entry(owner).or_default() += 1;
-            }
-            Ok(counts
-                .into_iter()
-                .map(|(owner, count)| (owner, f64::from(count) / f64::from(samples.max(1))))
-                .collect())
-        })
-        .await
-        .map_err(|e| PlacementError::Task(e.to_string()))?
+        let seen = membership.clone();
+        let owners = self
+            .ask(
+                Question::Samples { samples },
+                membership.ring_version,
+                move |plugins| {
+                    (0..samples)
+                        .map(|sample| owner_in(plugins, &seen.ring, &format!("share/{sample:08x}")))
+                        .collect()
+                },
+            )
+            .await?;
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        for owner in owners.iter() {
+            *counts.entry(owner.clone()).or_default() += 1;
+        }
+        let total = f64::from(samples.max(1));
+        Ok(counts
+            .into_iter()
+            .map(|(owner, count)| (owner, f64::from(count) / total))
+            .collect())
     }
 
     /// The cached answer to `question` for ring `version`; else asks the placement plugin on

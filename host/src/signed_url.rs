@@ -142,28 +142,8 @@ impl UrlSigner {
         Ok(SignedUrl { url, expires })
     }
 
-    /// Who the `expires`, `subject` and `sig` of a request for `point` let in.
+    /// Who the `expires`, `subject` and `sig` of a request for `resource` let in.
     pub fn verify(
-        &self,
-        point: &str,
-        expires: Option<&str>,
-        subject: Option<&str>,
-        sig: Option<&str>,
-    ) -> Result<Grant, UrlError> {
-        self.verify_for(Resource::Point(point), expires, subject, sig)
-    }
-
-    /// Who the `expires`, `subject` and `sig` of a request for a page let in.
-    pub fn verify_pages(
-        &self,
-        expires: Option<&str>,
-        subject: Option<&str>,
-        sig: Option<&str>,
-    ) -> Result<Grant, UrlError> {
-        self.verify_for(Resource::Pages, expires, subject, sig)
-    }
-
-    fn verify_for(
         &self,
         resource: Resource<'_>,
         expires: Option<&str>,
@@ -199,10 +179,12 @@ impl UrlSigner {
     }
 }
 
-/// What a URL is signed for: one point (its bytes and its player page), or the pages.
-#[derive(Debug, Clone, Copy)]
-enum Resource<'a> {
+/// What a URL is signed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource<'a> {
+    /// One point: its bytes and its player page.
     Point(&'a str),
+    /// The node's pages (`/v1/pages/…`).
     Pages,
 }
 
@@ -271,10 +253,17 @@ mod tests {
             "{url}"
         );
         let (e, s, g) = query(&url);
-        let grant = signer.verify_pages(Some(&e), Some(&s), Some(&g)).unwrap();
+        let grant = signer
+            .verify(Resource::Pages, Some(&e), Some(&s), Some(&g))
+            .unwrap();
         assert_eq!(grant.subject, "alice");
         assert_eq!(
-            signer.verify("pages/points", Some(&e), Some(&s), Some(&g)),
+            signer.verify(
+                Resource::Point("pages/points"),
+                Some(&e),
+                Some(&s),
+                Some(&g)
+            ),
             Err(UrlError::Mismatch)
         );
         let point = signer
@@ -283,7 +272,7 @@ mod tests {
             .url;
         let (e, s, g) = query(&point);
         assert_eq!(
-            signer.verify_pages(Some(&e), Some(&s), Some(&g)),
+            signer.verify(Resource::Pages, Some(&e), Some(&s), Some(&g)),
             Err(UrlError::Mismatch)
         );
     }
@@ -301,7 +290,12 @@ mod tests {
         );
         let (e, s, g) = query(&url);
         let grant = signer
-            .verify("videos/a b%?#é", Some(&e), Some(&s), Some(&g))
+            .verify(
+                Resource::Point("videos/a b%?#é"),
+                Some(&e),
+                Some(&s),
+                Some(&g),
+            )
             .unwrap();
         assert_eq!(
             grant,
@@ -312,26 +306,41 @@ mod tests {
             }
         );
         assert_eq!(
-            signer.verify("videos/other", Some(&e), Some(&s), Some(&g)),
+            signer.verify(
+                Resource::Point("videos/other"),
+                Some(&e),
+                Some(&s),
+                Some(&g)
+            ),
             Err(UrlError::Mismatch)
         );
         assert_eq!(
-            signer.verify("videos/a b%?#é", Some(&e), Some("root"), Some(&g)),
+            signer.verify(
+                Resource::Point("videos/a b%?#é"),
+                Some(&e),
+                Some("root"),
+                Some(&g)
+            ),
             Err(UrlError::Mismatch),
             "another subject"
         );
         let later = (expires + 100).to_string();
         assert_eq!(
-            signer.verify("videos/a b%?#é", Some(&later), Some(&s), Some(&g)),
+            signer.verify(
+                Resource::Point("videos/a b%?#é"),
+                Some(&later),
+                Some(&s),
+                Some(&g)
+            ),
             Err(UrlError::Mismatch),
             "a moved expiry"
         );
         assert_eq!(
-            signer.verify("videos/a b%?#é", Some(&e), Some(&s), None),
+            signer.verify(Resource::Point("videos/a b%?#é"), Some(&e), Some(&s), None),
             Err(UrlError::Incomplete)
         );
         assert!(matches!(
-            signer.verify("p", Some("x"), Some(&s), Some(&g)),
+            signer.verify(Resource::Point("p"), Some("x"), Some(&s), Some(&g)),
             Err(UrlError::Malformed(_))
         ));
         assert_eq!(
@@ -344,7 +353,7 @@ mod tests {
         let tag = hmac::sign(&signer.keys[0], &message(Resource::Point("p"), past, "a"));
         assert_eq!(
             signer.verify(
-                "p",
+                Resource::Point("p"),
                 Some(&past.to_string()),
                 Some("a"),
                 Some(&hex(tag.as_ref()))
@@ -366,14 +375,22 @@ mod tests {
         let url = old.sign("p", "a", hour, true).unwrap().url;
         assert!(url.contains("/v1/player/p?"), "{url}");
         let (e, s, g) = query(&url);
-        assert!(rotated.verify("p", Some(&e), Some(&s), Some(&g)).is_ok());
+        assert!(
+            rotated
+                .verify(Resource::Point("p"), Some(&e), Some(&s), Some(&g))
+                .is_ok()
+        );
         assert_eq!(
-            retired.verify("p", Some(&e), Some(&s), Some(&g)),
+            retired.verify(Resource::Point("p"), Some(&e), Some(&s), Some(&g)),
             Err(UrlError::Mismatch)
         );
         let url = rotated.sign("p", "a", hour, false).unwrap().url;
         let (e, s, g) = query(&url);
-        assert!(retired.verify("p", Some(&e), Some(&s), Some(&g)).is_ok());
+        assert!(
+            retired
+                .verify(Resource::Point("p"), Some(&e), Some(&s), Some(&g))
+                .is_ok()
+        );
         let none = UrlSigner::new(&[], "http://n:1".into(), hour);
         assert_eq!(none.sign("p", "a", hour, false), Err(UrlError::NoKeys));
     }

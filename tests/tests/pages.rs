@@ -15,7 +15,7 @@ use goutube::proto::{ListMembersRequest, ProduceRequest};
 use goutube::secret::Secret;
 use goutube_tests::browser::{Browser, artifacts, tool};
 use goutube_tests::{
-    Pki, TestNode, connected_followers, data, eventually, eventually_some, http, metadata, produce,
+    Pki, TestNode, connected_followers, data, eventually, eventually_some, http, owner, produce,
     url_target,
 };
 use serde_json::Value;
@@ -141,11 +141,19 @@ async fn points_cluster_and_player_pages_in_chromium() {
     })
     .await;
 
-    // Points through the balancer: a video, a log, an id that would be markup.
+    // Points through the balancer: a video (on leader-1, which has the follower), a log, an id
+    // that would be markup.
+    let mut video_id = String::new();
+    for i in 0.. {
+        video_id = format!("videos/small-{i}.mp4");
+        if owner(&balancer, &video_id).await == "leader-1" {
+            break;
+        }
+    }
     let video = small_video(work.path());
     let mut client = balancer.client().await;
     let typed = ProduceRequest {
-        point: "videos/small.mp4".into(),
+        point: video_id.clone(),
         frame: video.clone().into(),
         content_type: "video/mp4".into(),
         ..Default::default()
@@ -155,7 +163,7 @@ async fn points_cluster_and_player_pages_in_chromium() {
         .await
         .unwrap();
     let markup = "videos/<b>bold</b>";
-    let mut sizes = BTreeMap::from([("videos/small.mp4".to_owned(), video.len())]);
+    let mut sizes = BTreeMap::from([(video_id.clone(), video.len())]);
     for (i, (point, len)) in [(markup, 3000), ("videos/z", 70_000), ("logs/x", 10)]
         .into_iter()
         .enumerate()
@@ -166,11 +174,10 @@ async fn points_cluster_and_player_pages_in_chromium() {
         sizes.insert(point.to_owned(), len);
     }
     sizes.remove("logs/x");
-    // Which leader holds each: the page must name it.
+    // Which leader holds each (its owner in the ring): the page must name it.
     let mut holders = BTreeMap::new();
     for point in sizes.keys() {
-        let meta = metadata(&mut client, point).await.unwrap();
-        holders.insert(point.clone(), meta.node);
+        holders.insert(point.clone(), owner(&balancer, point).await);
     }
 
     let browser = Browser::start(work.path(), &[]).await;
@@ -216,27 +223,21 @@ async fn points_cluster_and_player_pages_in_chromium() {
         );
         assert_eq!(row[5], Value::Bool(true), "no markup from the id: {row}");
     }
-    assert_eq!(facts["videos/small.mp4"][1].as_str(), Some("video/mp4"));
-    // A point of leader-1 lists its follower and its lag, which reaches 0.
-    if let Some((point, _)) = holders.iter().find(|(_, holder)| *holder == "leader-1") {
-        let point = point.clone();
-        eventually_some("the follower's lag shown as 0", || {
-            let (browser, point) = (&browser, point.clone());
-            async move {
-                browser
-                    .open(&format!("http://{http}/v1/pages/points?prefix=videos/"))
-                    .await;
-                let lag = browser
-                    .execute(&format!(
-                        "const s = document.querySelector('tr[data-point=\"{point}\"] \
-                         .replica[data-follower=\"follower-1\"]'); return s && s.dataset.lag;"
-                    ))
-                    .await;
-                (lag.as_str() == Some("0")).then_some(())
-            }
-        })
-        .await;
-    }
+    assert_eq!(facts[&video_id][1].as_str(), Some("video/mp4"));
+    // The video, on leader-1, lists leader-1's follower and its lag, which reaches 0.
+    eventually_some("the follower's lag shown as 0", || async {
+        browser
+            .open(&format!("http://{http}/v1/pages/points?prefix=videos/"))
+            .await;
+        let lag = browser
+            .execute(&format!(
+                "const s = document.querySelector('tr[data-point=\"{video_id}\"] \
+                 .replica[data-follower=\"follower-1\"]'); return s && s.dataset.lag;"
+            ))
+            .await;
+        (lag.as_str() == Some("0")).then_some(())
+    })
+    .await;
     browser.screenshot(&screenshots.join("points.png")).await;
     // A search with no match says so.
     browser
@@ -259,7 +260,7 @@ async fn points_cluster_and_player_pages_in_chromium() {
         .execute("return document.querySelector('#points td.id a').href;")
         .await;
     let link = link.as_str().expect("a player link").to_owned();
-    assert!(link.contains("/v1/player/videos/small.mp4"), "{link}");
+    assert!(link.ends_with(&format!("/v1/player/{video_id}")), "{link}");
     for (width, height) in [(1280, 800), (640, 480), (1600, 500)] {
         browser.resize(width, height).await;
         browser.open(&link).await;

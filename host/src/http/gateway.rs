@@ -38,7 +38,7 @@ use crate::net::{NO_CERTIFICATE, PeerInfo};
 use crate::point::{FilePiece, Point, PointId, ReadError, Span, Store, StreamError};
 use crate::reshard::gate::{self, Holder};
 use crate::services::Services;
-use crate::signed_url::{Grant, UrlError, UrlSigner, encode_path};
+use crate::signed_url::{Resource, encode_path};
 use crate::text::bounded;
 
 /// What the gateway's handlers share.
@@ -233,7 +233,7 @@ async fn point(
         gateway.serve(&peer, &method, &request, &headers).await
     }
     .await;
-    let response = count(answer.unwrap_or_else(IntoResponse::into_response));
+    let response = answered(answer);
     tracing::debug!(peer = %peer.addr, %method, %range, status = response.status().as_u16(), "gateway request");
     response
 }
@@ -251,7 +251,7 @@ async fn player(
         gateway.page(&peer, &request).await
     }
     .await;
-    count(page.unwrap_or_else(IntoResponse::into_response))
+    answered(page)
 }
 
 /// `/`: the points page, with the same query (a signed URL's fields).
@@ -279,7 +279,7 @@ async fn points_page(
         Ok::<_, Refusal>(pages::points(&*gateway.catalog, signer, &viewer, prefix, after).await)
     }
     .await;
-    count(page.unwrap_or_else(IntoResponse::into_response))
+    answered(page)
 }
 
 async fn cluster_page(
@@ -290,17 +290,20 @@ async fn cluster_page(
     let gateway = &served.gateway;
     let page = async {
         let (viewer, _) = gateway.page_viewer(&peer, params)?;
-        // Before the ring is formed there is nothing to share: the page says so.
         let shares = gateway
             .services
             .placement
             .shares(pages::SHARE_SAMPLES)
-            .await
-            .unwrap_or_default();
-        Ok::<_, Refusal>(pages::cluster(&*gateway.catalog, &viewer, &shares).await)
+            .await;
+        Ok::<_, Refusal>(pages::cluster(&*gateway.catalog, &viewer, shares).await)
     }
     .await;
-    count(page.unwrap_or_else(IntoResponse::into_response))
+    answered(page)
+}
+
+/// A handler's answer: the response, or its refusal's; counted.
+fn answered(answer: Result<Response, Refusal>) -> Response {
+    count(answer.unwrap_or_else(IntoResponse::into_response))
 }
 
 fn count(response: Response) -> Response {
@@ -333,9 +336,7 @@ impl Gateway {
     /// carries one, else for the client certificate's.
     async fn authorize(&self, peer: &PeerInfo, request: &Request) -> Result<(), Refusal> {
         let id = request.id.as_str();
-        let reader = self.viewer(peer, &request.params, "goutube url", |signer, e, s, g| {
-            signer.verify(id, e, s, g)
-        })?;
+        let reader = self.viewer(peer, &request.params, Resource::Point(id))?;
         self.services
             .access
             .authorize(&reader.peer, Action::Consume, id)
@@ -352,35 +353,30 @@ impl Gateway {
     ) -> Result<(Viewer, Params), Refusal> {
         let Query(params) =
             params.map_err(|e| Refusal::BadRequest(format!("malformed query: {e}")))?;
-        let viewer = self.viewer(peer, &params, "goutube url --pages", |signer, e, s, g| {
-            signer.verify_pages(e, s, g)
-        })?;
+        let viewer = self.viewer(peer, &params, Resource::Pages)?;
         Ok((viewer, params))
     }
 
-    /// Who a request is for: the subject of its signed URL (checked by `verify`) if it carries
-    /// one, else of its client certificate. `command` makes a signed URL, for the refusal.
+    /// Who a request for `resource` is for: the subject of its signed URL if it carries one,
+    /// else of its client certificate.
     fn viewer(
         &self,
         peer: &PeerInfo,
         params: &Params,
-        command: &str,
-        verify: impl FnOnce(
-            &UrlSigner,
-            Option<&str>,
-            Option<&str>,
-            Option<&str>,
-        ) -> Result<Grant, UrlError>,
+        resource: Resource<'_>,
     ) -> Result<Viewer, Refusal> {
         let signed = params.sig.is_some() || params.expires.is_some() || params.subject.is_some();
         if signed {
-            let grant = verify(
-                &self.services.signer,
-                params.expires.as_deref(),
-                params.subject.as_deref(),
-                params.sig.as_deref(),
-            )
-            .map_err(|e| Refusal::Forbidden(e.to_string()))?;
+            let grant = self
+                .services
+                .signer
+                .verify(
+                    resource,
+                    params.expires.as_deref(),
+                    params.subject.as_deref(),
+                    params.sig.as_deref(),
+                )
+                .map_err(|e| Refusal::Forbidden(e.to_string()))?;
             Ok(Viewer {
                 peer: PeerInfo {
                     addr: peer.addr,
@@ -389,6 +385,10 @@ impl Gateway {
                 grant: Some(grant),
             })
         } else if &*peer.subject == NO_CERTIFICATE {
+            let command = match resource {
+                Resource::Point(_) => "goutube url",
+                Resource::Pages => "goutube url --pages",
+            };
             Err(Refusal::Forbidden(format!(
                 "no client certificate and no signed URL (`{command}` makes one)"
             )))

@@ -22,6 +22,7 @@ use futures::StreamExt;
 use tonic::Status;
 
 use crate::net::PeerInfo;
+use crate::placement::PlacementError;
 use crate::proto::{
     self, ListMembersRequest, ListMembersResponse, ListPointsRequest, ListPointsResponse,
     MetadataRequest, MetadataResponse,
@@ -98,18 +99,19 @@ impl Viewer {
         request
     }
 
-    /// The query that keeps a signed viewer signed on the next page (`&`-prefixed; empty for a
-    /// certificate).
-    fn signed_query(&self) -> String {
-        match &self.grant {
-            Some(grant) => format!(
-                "&expires={}&subject={}&sig={}",
-                grant.expires,
-                encode_query(&grant.subject),
-                grant.sig
-            ),
-            None => String::new(),
-        }
+    /// `target` (a page's path, with or without a query) for this viewer: with the signed URL's
+    /// fields when one let them in, so that the next page lets them in too.
+    fn link(&self, target: &str) -> String {
+        let Some(grant) = &self.grant else {
+            return target.to_owned();
+        };
+        let separator = if target.contains('?') { '&' } else { '?' };
+        format!(
+            "{target}{separator}expires={}&subject={}&sig={}",
+            grant.expires,
+            encode_query(&grant.subject),
+            grant.sig
+        )
     }
 
     /// Where the player of `point` is for this viewer: signed for the same subject until the
@@ -141,7 +143,7 @@ pub(crate) fn failed(status: &Status) -> Response {
         escape(&format!("{:?}", status.code())),
         escape(status.message())
     );
-    let mut response = html("goutube", None, &Nav::none(), &body);
+    let mut response = html("goutube", None, None, &body);
     *response.status_mut() = code;
     response
 }
@@ -179,15 +181,14 @@ pub(crate) async fn points(
         .iter()
         .map(|(id, facts)| point_row(id, facts, &viewer.player_link(signer, id), now))
         .collect();
-    let signed = viewer.signed_query();
     let next = if listed.next.is_empty() {
         String::new()
     } else {
-        let href = format!(
-            "{POINTS}?prefix={}&after={}{signed}",
+        let href = viewer.link(&format!(
+            "{POINTS}?prefix={}&after={}",
             encode_query(prefix),
             encode_query(&listed.next)
-        );
+        ));
         format!(
             "<p><a id=\"next\" href=\"{}\">next page →</a></p>",
             escape(&href)
@@ -218,7 +219,7 @@ pub(crate) async fn points(
          <tbody>\n{rows}</tbody></table>\n{next}",
         search_form(viewer, prefix),
     );
-    html("Points", None, &Nav::of(viewer), &body)
+    html("Points", None, Some(viewer), &body)
 }
 
 /// The points page's search: a prefix, and a signed viewer's signature in hidden fields.
@@ -283,16 +284,29 @@ fn point_row(
 pub(crate) async fn cluster(
     catalog: &dyn Catalog,
     viewer: &Viewer,
-    shares: &BTreeMap<String, f64>,
+    shares: Result<BTreeMap<String, f64>, PlacementError>,
 ) -> Response {
     let members = match catalog.members(viewer.request(ListMembersRequest {})).await {
         Ok(members) => members,
         Err(status) => return failed(&status),
     };
+    // Before the ring is formed nobody has a share (the page says the ring is not formed); a
+    // placement plugin that fails is said.
+    let (shares, unknown) = match shares {
+        Ok(shares) => (shares, String::new()),
+        Err(PlacementError::NotFormed) => (BTreeMap::new(), String::new()),
+        Err(error) => (
+            BTreeMap::new(),
+            format!(
+                "<p class=\"error\">The shares of the ring are unknown: {}</p>\n",
+                escape(&error.to_string())
+            ),
+        ),
+    };
     let rows: String = members
         .members
         .iter()
-        .map(|member| member_row(member, shares))
+        .map(|member| member_row(member, &shares))
         .collect();
     let controller = match &members.controller {
         None => "<p id=\"controller\">The controller is not known to this node yet.</p>".into(),
@@ -305,7 +319,7 @@ pub(crate) async fn cluster(
     };
     let body = format!(
         "<p id=\"seen\">As <b>{}</b> sees it: ring {}, view {}. Refreshes every {REFRESH_S} s.</p>\n\
-         {conflict}<h2>Members</h2>\n<table id=\"members\"><thead><tr><th>member</th><th>role</th>\
+         {conflict}{unknown}<h2>Members</h2>\n<table id=\"members\"><thead><tr><th>member</th><th>role</th>\
          <th>state</th><th>live</th><th>share of the ring</th><th>follows</th><th>address</th>\
          <th>moving</th></tr></thead>\n<tbody>\n{rows}</tbody></table>\n{controller}",
         escape(&members.node),
@@ -316,7 +330,7 @@ pub(crate) async fn cluster(
         },
         escape(&members.view),
     );
-    html("Cluster", Some(REFRESH_S), &Nav::of(viewer), &body)
+    html("Cluster", Some(REFRESH_S), Some(viewer), &body)
 }
 
 /// A row of the members table.
@@ -438,7 +452,7 @@ pub(crate) fn player(playing: &Playing<'_>) -> Response {
         playing.crc32c,
         size = playing.size,
     );
-    let mut response = html(playing.id, None, &Nav::none(), &body);
+    let mut response = html(playing.id, None, None, &body);
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         "no-cache".parse().expect("a header value"),
@@ -446,41 +460,17 @@ pub(crate) fn player(playing: &Playing<'_>) -> Response {
     response
 }
 
-/// The links at the top of a page.
-struct Nav {
-    signed: Option<String>,
-}
-
-impl Nav {
-    fn of(viewer: &Viewer) -> Nav {
-        Nav {
-            signed: Some(viewer.signed_query()),
-        }
-    }
-
-    /// No links: the player (whose signed URL opens only its point) and error pages.
-    fn none() -> Nav {
-        Nav { signed: None }
-    }
-
-    fn render(&self) -> String {
-        match &self.signed {
-            None => String::new(),
-            Some(signed) => {
-                let query = signed.strip_prefix('&').unwrap_or_default();
-                let query = if query.is_empty() {
-                    String::new()
-                } else {
-                    format!("?{query}")
-                };
-                format!(
-                    "<nav><a id=\"to-points\" href=\"{}\">points</a> \
-                     <a id=\"to-cluster\" href=\"{}\">cluster</a></nav>",
-                    escape(&format!("{POINTS}{query}")),
-                    escape(&format!("{CLUSTER}{query}"))
-                )
-            }
-        }
+/// The links at the top of a page, for `viewer`; none on the player (whose signed URL opens
+/// only its point) and on error pages.
+fn nav(viewer: Option<&Viewer>) -> String {
+    match viewer {
+        None => String::new(),
+        Some(viewer) => format!(
+            "<nav><a id=\"to-points\" href=\"{}\">points</a> \
+             <a id=\"to-cluster\" href=\"{}\">cluster</a></nav>",
+            escape(&viewer.link(POINTS)),
+            escape(&viewer.link(CLUSTER))
+        ),
     }
 }
 
@@ -509,7 +499,7 @@ background:#000;margin:0 -1em}\
 #stage audio{width:90%}#stage p a{color:#fff}";
 
 /// A page: the shared frame around `body`.
-fn html(title: &str, refresh: Option<u32>, nav: &Nav, body: &str) -> Response {
+fn html(title: &str, refresh: Option<u32>, viewer: Option<&Viewer>, body: &str) -> Response {
     let title = escape(title);
     let refresh = refresh
         .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">\n"))
@@ -519,7 +509,7 @@ fn html(title: &str, refresh: Option<u32>, nav: &Nav, body: &str) -> Response {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n{refresh}\
          <title>{title} — goutube</title>\n<style>{STYLE}</style>\n</head>\n<body>\n\
          <header><h1>{title}</h1>{}</header>\n<main>\n{body}</main>\n</body>\n</html>\n",
-        nav.render()
+        nav(viewer)
     );
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
 }

@@ -27,6 +27,9 @@ pub struct Point {
     pub(super) last_use: AtomicU64,
     /// When the point last grew (ms since the store opened, + 1; 0: not since the store opened).
     pub(super) last_append_ms: AtomicU64,
+    /// Its data file's modification time (Unix ms, + 1; 0: not read yet), for a point that has
+    /// not grown since the store opened ([`Point::modified`]).
+    file_modified_ms: AtomicU64,
     /// What is committed and what waits for it ([`Snapshot::committed`]). Its lock is also
     /// held while the snapshot changes, so that an append and a commit publish in order.
     pub(super) commits: std::sync::Mutex<Commits>,
@@ -136,6 +139,7 @@ impl Point {
             last_used_ms: AtomicU64::new(0),
             last_use: AtomicU64::new(0),
             last_append_ms: AtomicU64::new(0),
+            file_modified_ms: AtomicU64::new(0),
             commits: Default::default(),
         }
     }
@@ -155,11 +159,28 @@ impl Point {
         self.snapshot.subscribe()
     }
 
-    /// When the point's bytes last changed: its data file's modification time, which survives
-    /// a restart. `None` when the file cannot be read.
-    pub async fn modified(&self) -> Option<std::time::SystemTime> {
+    /// When the point last grew: kept in memory since the store opened; before that, its data
+    /// file's modification time, read once. `None` when the file cannot be read.
+    pub async fn modified(&self, store: &Store) -> Option<std::time::SystemTime> {
+        let unix = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms - 1);
+        let shared = &store.inner.shared;
+        match self.last_append_ms.load(Ordering::Relaxed) {
+            0 => {}
+            at => return Some(shared.opened_at + Duration::from_millis(at - 1)),
+        }
+        match self.file_modified_ms.load(Ordering::Relaxed) {
+            0 => {}
+            ms => return Some(unix(ms)),
+        }
         let data = self.dir.join(super::files::DATA_FILE);
-        tokio::fs::metadata(data).await.ok()?.modified().ok()
+        let modified = tokio::fs::metadata(data).await.ok()?.modified().ok()?;
+        let ms = modified
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis() as u64
+            + 1;
+        self.file_modified_ms.store(ms, Ordering::Relaxed);
+        Some(unix(ms))
     }
 
     /// Whether the point grew less than `within` ago (a point still being written).

@@ -256,6 +256,9 @@ struct Inner {
 struct Shared {
     config: StoreConfig,
     epoch: Instant,
+    /// The wall-clock time at `epoch` (a point's last write, [`Point::modified`], is kept as ms
+    /// since `epoch`).
+    opened_at: std::time::SystemTime,
     /// Open points and when each was last used (ms since `epoch`).
     open: StdMutex<HashMap<PointId, Arc<Point>>>,
     open_count: AtomicUsize,

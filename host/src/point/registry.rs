@@ -36,6 +36,7 @@ impl Store {
         let shared = Arc::new(Shared {
             config,
             epoch: Instant::now(),
+            opened_at: std::time::SystemTime::now(),
             open: StdMutex::new(HashMap::new()),
             open_count: AtomicUsize::new(0),
             uses: AtomicU64::new(0),

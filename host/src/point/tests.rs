@@ -108,6 +108,43 @@ async fn appends_read_back_and_survive_reopen() {
 }
 
 #[tokio::test]
+async fn a_points_last_write_is_known_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let before = std::time::SystemTime::now();
+    store.append(&id("log"), bytes(1, 100)).await.unwrap();
+    let point = store.point(&id("log")).await.unwrap();
+    let written = point.modified(&store).await.unwrap();
+    let after = std::time::SystemTime::now();
+    // Kept in ms: it may read up to a millisecond before `before`.
+    assert!(
+        written + Duration::from_millis(1) >= before && written <= after,
+        "{written:?} between {before:?} and {after:?}"
+    );
+    store.close().await.unwrap();
+
+    // Not written since the store opened: the data file's modification time.
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let point = store.point(&id("log")).await.unwrap();
+    let file = point.dir.join(DATA_FILE);
+    let on_disk = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let known = point.modified(&store).await.unwrap();
+    let apart = known
+        .duration_since(on_disk)
+        .unwrap_or_else(|e| e.duration());
+    assert!(apart < Duration::from_millis(1), "{known:?} vs {on_disk:?}");
+    // Read once: a later change of the file's time is not asked for again.
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH)
+        .unwrap();
+    assert_eq!(point.modified(&store).await, Some(known));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn clean_close_leaves_nothing_to_verify() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());

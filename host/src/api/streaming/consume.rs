@@ -120,7 +120,7 @@ impl StreamingService {
             epoch: ownership.epoch,
             owner,
             modified_ms: point
-                .modified()
+                .modified(&state.store)
                 .await
                 .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|since| since.as_millis() as u64),
