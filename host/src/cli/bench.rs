@@ -613,6 +613,11 @@ async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()
         }
     }
     report("stat all (opens every point)", started.elapsed(), &node);
+    let started = Instant::now();
+    for point in &listed {
+        client.stat(point).await?;
+    }
+    report("stat all again", started.elapsed(), &node);
     node.stop()?;
     Ok(())
 }
