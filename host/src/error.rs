@@ -104,8 +104,9 @@ impl Error {
             | Error::Read(ReadError::Storage(e))
             | Error::Delete(DeleteError::Storage(e))
             | Error::Storage(e) => match e {
+                e if e.is_disk_full() => Code::ResourceExhausted,
                 StorageError::Recovery { .. } => Code::DataLoss,
-                StorageError::Io { .. } => Code::Internal,
+                StorageError::Io { .. } | StorageError::Catalogue { .. } => Code::Internal,
             },
         }
     }

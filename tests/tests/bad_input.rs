@@ -60,7 +60,10 @@ async fn path_like_ids_are_plain_names() {
         names
     };
     assert_eq!(names(outer.path()), vec!["node".to_string()]);
-    assert_eq!(names(&data_dir), vec!["cluster", "controller", "points"]);
+    assert_eq!(
+        names(&data_dir),
+        vec!["catalogue", "cluster", "controller", "points"]
+    );
     node.shutdown().await.unwrap();
 }
 

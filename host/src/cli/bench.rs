@@ -210,6 +210,9 @@ pub(crate) enum Bench {
         /// storage.max_open_points of the node.
         #[arg(long, default_value_t = 1024)]
         max_open: usize,
+        /// Points stat'ed, chosen at random, one `GetMetadata` at a time.
+        #[arg(long, default_value_t = 10_000)]
+        stats: usize,
     },
     /// The baseline server (used by `bench streaming`).
     #[command(hide = true)]
@@ -228,7 +231,8 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             count,
             size,
             max_open,
-        } => points(count, size, max_open).await,
+            stats,
+        } => points(count, size, max_open, stats).await,
         Bench::Tls {
             mib,
             rounds,
@@ -540,36 +544,61 @@ async fn wait_for_followers(rpc: &str, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()> {
+async fn points(count: usize, size: usize, max_open: usize, stats: usize) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     println!("{count} points of {size} bytes, storage.max_open_points = {max_open}");
-    println!("| step | time | node RSS | node descriptors |");
-    println!("|---|---|---|---|");
-    let report = |step: &str, elapsed: Duration, server: &Server| {
+    let mut payload = vec![0u8; size];
+    rand::rng().fill_bytes(&mut payload);
+    let payload = Bytes::from(payload);
+
+    // The baseline: the same bytes as plain files in a fan-out tree (open, write, close).
+    let started = Instant::now();
+    let base = work.path().join("baseline");
+    let written = payload.clone();
+    let baseline_dir = base.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        for i in 0..count {
+            let dir = baseline_dir.join(format!("{:02x}/{:02x}", i % 256, (i / 256) % 256));
+            if i < 65_536 {
+                std::fs::create_dir_all(&dir)?;
+            }
+            std::fs::write(dir.join(format!("{i}")), &written)?;
+        }
+        Ok(())
+    })
+    .await??;
+    let baseline = started.elapsed();
+    std::fs::remove_dir_all(&base)?;
+
+    println!("| step | time | rate | node RSS | node descriptors |");
+    println!("|---|---|---|---|---|");
+    let report = |step: &str, elapsed: Duration, rate: &str, server: &Server| {
         println!(
-            "| {step} | {:.3} s | {:.1} MiB | {} |",
+            "| {step} | {:.3} s | {rate} | {:.1} MiB | {} |",
             elapsed.as_secs_f64(),
             rss(server.pid()) as f64 / 1048576.0,
             descriptors(server.pid())
         );
     };
+    let per_second =
+        |n: usize, elapsed: Duration| format!("{:.0}/s", n as f64 / elapsed.as_secs_f64());
+    println!(
+        "| baseline: plain files (open, write, close) | {:.3} s | {} | | |",
+        baseline.as_secs_f64(),
+        per_second(count, baseline)
+    );
 
+    let config = format!("{}max_open_points = {max_open}\n", storage("never"));
     let started = Instant::now();
-    let node = Server::node(
-        work.path(),
-        &format!("{}max_open_points = {max_open}\n", storage("never")),
-    )?;
-    report("start (empty)", started.elapsed(), &node);
+    let node = Server::node(work.path(), &config)?;
+    report("start (empty)", started.elapsed(), "", &node);
     let client = connect(&node.rpc).await?;
-    let mut payload = vec![0u8; size];
-    rand::rng().fill_bytes(&mut payload);
-    let payload = Bytes::from(payload);
     let started = Instant::now();
     let (tx, rx) = mpsc::channel(64);
     let feeder = tokio::spawn(async move {
         for i in 0..count {
             let request = ProduceRequest {
-                point: format!("p/{i:06}"),
+                point: format!("p/{i:07}"),
                 frame: payload.clone(),
                 ..Default::default()
             };
@@ -580,15 +609,22 @@ async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()
     });
     client.raw().produce_stream(ReceiverStream::new(rx)).await?;
     feeder.await?;
-    report("create", started.elapsed(), &node);
+    let created = started.elapsed();
+    report(
+        "create (one stream)",
+        created,
+        &per_second(count, created),
+        &node,
+    );
+    println!(
+        "| create / baseline | {:.2}x | | | |",
+        baseline.as_secs_f64() / created.as_secs_f64()
+    );
     drop(client);
     node.stop()?;
 
     let started = Instant::now();
-    let node = Server::node(
-        work.path(),
-        &format!("{}max_open_points = {max_open}\n", storage("never")),
-    )?;
+    let node = Server::node(work.path(), &config)?;
     let client = connect(&node.rpc).await?;
     let listed = client
         .raw()
@@ -598,26 +634,42 @@ async fn points(count: usize, size: usize, max_open: usize) -> anyhow::Result<()
         })
         .await?;
     drop(listed);
-    report("restart (to first answer)", started.elapsed(), &node);
+    report("restart (to first answer)", started.elapsed(), "", &node);
     let started = Instant::now();
     let listed = client.list("").await?.points;
     if listed.len() != count {
         bail!("listed {} points, created {count}", listed.len());
     }
-    report("list all", started.elapsed(), &node);
-    let started = Instant::now();
-    for point in &listed {
-        let meta = client.stat(point).await?;
-        if meta.size != size as u64 {
-            bail!("{point} has {} bytes, expected {size}", meta.size);
+    let elapsed = started.elapsed();
+    report("list all", elapsed, &per_second(count, elapsed), &node);
+
+    let sample: Vec<&String> = (0..stats.min(count))
+        .map(|_| &listed[rand::random_range(0..listed.len())])
+        .collect();
+    for pass in ["stat random points", "stat the same points again"] {
+        let started = Instant::now();
+        let mut latencies = Vec::with_capacity(sample.len());
+        for point in &sample {
+            let call = Instant::now();
+            let meta = client.stat(point).await?;
+            latencies.push(call.elapsed().as_secs_f64() * 1e6);
+            if meta.size != size as u64 {
+                bail!("{point} has {} bytes, expected {size}", meta.size);
+            }
         }
+        latencies.sort_by(f64::total_cmp);
+        let rate = format!(
+            "p50 {:.0} µs, p99 {:.0} µs",
+            percentile(&latencies, 50),
+            percentile(&latencies, 99)
+        );
+        report(
+            &format!("{pass} ({})", sample.len()),
+            started.elapsed(),
+            &rate,
+            &node,
+        );
     }
-    report("stat all (opens every point)", started.elapsed(), &node);
-    let started = Instant::now();
-    for point in &listed {
-        client.stat(point).await?;
-    }
-    report("stat all again", started.elapsed(), &node);
     node.stop()?;
     Ok(())
 }

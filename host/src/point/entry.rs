@@ -62,8 +62,11 @@ pub(super) enum Origin {
 #[derive(Default)]
 pub(super) struct State {
     pub(super) files: Option<Arc<Files>>,
-    /// `end`, `crc`, `durable` and `journal_len` are known (the point was opened once).
+    /// `end`, `crc`, `durable` and `journal_len` are known (from the point's catalogue row, or
+    /// its files were opened once).
     pub(super) recovered: bool,
+    /// Its files were opened (and recovered) since the store opened.
+    pub(super) verified: bool,
     pub(super) end: u64,
     pub(super) crc: u32,
     pub(super) durable: u64,
@@ -78,6 +81,23 @@ pub(super) struct State {
     /// The committed end the journal's last record says (`journal::Record::behind`): when the
     /// committed end moved past it, closing the point writes a marker.
     pub(super) recorded_committed: u64,
+    /// The catalogue has a row for the point.
+    pub(super) catalogued: bool,
+    /// Its files were opened since its row was last written: the row is written again when
+    /// they close ([`catalogue::Catalogue::settle`]).
+    pub(super) unsettled: bool,
+    /// The committed end its row says: a commit that reached further while its files were
+    /// closed is written to the row when the point closes or is let go of.
+    pub(super) row_committed: u64,
+    /// The media type its first bytes look like, once it has all the bytes sniffing reads.
+    pub(super) sniffed: Option<String>,
+}
+
+impl State {
+    /// Whether the catalogue's row says what the point holds (committed end included).
+    pub(super) fn settled(&self, committed: u64) -> bool {
+        self.catalogued && !self.unsettled && (!self.recovered || committed == self.row_committed)
+    }
 }
 
 pub(super) struct Files {
@@ -144,6 +164,95 @@ impl Point {
         }
     }
 
+    /// A point the catalogue has a row for: known without opening its files, unless the row is
+    /// stale (it is recovered from them on first use).
+    pub(super) fn from_row(shared: &Shared, id: PointId, row: catalogue::Row) -> Self {
+        let mut point = Point::new(shared, id);
+        if row.modified_ms > 0 {
+            point
+                .file_modified_ms
+                .store(row.modified_ms + 1, Ordering::Relaxed);
+        }
+        let arriving = row.meta.ownership.is_arriving();
+        let mut state = State {
+            catalogued: true,
+            ..State::default()
+        };
+        if !row.stale {
+            state.recovered = true;
+            state.row_committed = row.committed;
+            state.end = row.end;
+            state.crc = row.crc;
+            state.durable = row.durable.min(row.end);
+            state.journal_len = row.journal_len;
+            state.recorded_committed = row.recorded_committed;
+            if row.committed < row.end {
+                *point.commits.lock().expect("poisoned") = Commits {
+                    target: row.committed,
+                    pending: [(row.end, row.crc)].into(),
+                };
+            }
+            point.snapshot.send_replace(Snapshot {
+                end: row.end,
+                crc: row.crc,
+                committed: row.committed,
+                committed_crc: row.committed_crc,
+                deleted: false,
+                arriving,
+            });
+        }
+        state.meta = Some(row.meta);
+        state.sniffed = row.sniffed;
+        *point.state.get_mut() = state;
+        point
+    }
+
+    /// The catalogue row of the point as `state` has it (its files closed, or just created).
+    fn row(&self, shared: &Shared, state: &State) -> catalogue::Row {
+        let snapshot = self.snapshot();
+        catalogue::Row {
+            end: state.end,
+            crc: state.crc,
+            committed: snapshot.committed,
+            committed_crc: snapshot.committed_crc,
+            durable: state.durable,
+            journal_len: state.journal_len,
+            recorded_committed: state.recorded_committed,
+            modified_ms: self.modified_ms(shared).unwrap_or(0),
+            meta: state.meta.clone().unwrap_or_default(),
+            sniffed: state.sniffed.clone(),
+            stale: false,
+        }
+    }
+
+    /// Writes the point's row (with those waiting for the catalogue's B-tree, written there
+    /// on the blocking pool when enough wait).
+    async fn write_row(
+        &self,
+        shared: &Shared,
+        state: &mut State,
+        settle: bool,
+    ) -> Result<(), StorageError> {
+        let row = self.row(shared, state);
+        let catalogue = &shared.catalogue;
+        let due = match settle {
+            true => catalogue.settle(&self.id, &row),
+            false => catalogue.update(&self.id, &row),
+        };
+        state.catalogued = true;
+        state.row_committed = row.committed;
+        if settle {
+            state.unsettled = false;
+        }
+        if due {
+            let catalogue = catalogue.clone();
+            tokio::task::spawn_blocking(move || catalogue.flush())
+                .await
+                .map_err(join_error)??;
+        }
+        Ok(())
+    }
+
     /// Its id.
     pub fn id(&self) -> &PointId {
         &self.id
@@ -163,14 +272,8 @@ impl Point {
     /// file's modification time, read once. `None` when the file cannot be read.
     pub async fn modified(&self, store: &Store) -> Option<std::time::SystemTime> {
         let unix = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms - 1);
-        let shared = &store.inner.shared;
-        match self.last_append_ms.load(Ordering::Relaxed) {
-            0 => {}
-            at => return Some(shared.opened_at + Duration::from_millis(at - 1)),
-        }
-        match self.file_modified_ms.load(Ordering::Relaxed) {
-            0 => {}
-            ms => return Some(unix(ms)),
+        if let Some(ms) = self.modified_ms(&store.inner.shared) {
+            return Some(std::time::UNIX_EPOCH + Duration::from_millis(ms));
         }
         let data = self.dir.join(super::files::DATA_FILE);
         let modified = tokio::fs::metadata(data).await.ok()?.modified().ok()?;
@@ -181,6 +284,22 @@ impl Point {
             + 1;
         self.file_modified_ms.store(ms, Ordering::Relaxed);
         Some(unix(ms))
+    }
+
+    /// When the point last grew (Unix ms), if known without reading its file's time.
+    fn modified_ms(&self, shared: &Shared) -> Option<u64> {
+        match self.last_append_ms.load(Ordering::Relaxed) {
+            0 => {}
+            at => {
+                let at = shared.opened_at + Duration::from_millis(at - 1);
+                let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+                return Some(since.as_millis() as u64);
+            }
+        }
+        match self.file_modified_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms - 1),
+        }
     }
 
     /// Whether the point grew less than `within` ago (a point still being written).
@@ -348,6 +467,9 @@ impl Point {
         offset: u64,
         len: u64,
     ) -> Result<Arc<Files>, ReadError> {
+        // Opened first: a point opened for the first time since its row was written is checked
+        // against its files (damage made while the node was stopped is cut back then).
+        let files = self.files(&store.inner.shared).await?;
         let snapshot = self.snapshot();
         let limit = offset.saturating_add(len);
         if limit > snapshot.end {
@@ -358,7 +480,7 @@ impl Point {
                 end: snapshot.end,
             });
         }
-        self.files(&store.inner.shared).await
+        Ok(files)
     }
 
     /// The open files, opening them if needed.
@@ -392,11 +514,19 @@ impl Point {
         }
         let dir = self.dir.clone();
         let fsync = shared.config.fsync;
-        let known = state.recovered.then_some((state.end, state.journal_len));
-        let (files, recovered) =
-            tokio::task::spawn_blocking(move || open_files(&dir, fsync, known))
-                .await
-                .map_err(join_error)??;
+        // Recovered once per process: a point known from its row is still checked against its
+        // files at its first open (damage made while the node was stopped is found then).
+        let known = (state.recovered && state.verified).then_some((state.end, state.journal_len));
+        let (catalogue, id) = (shared.catalogue.clone(), self.id.clone());
+        let (files, recovered) = tokio::task::spawn_blocking(move || {
+            // Named in the touch log before its files can change (`catalogue.rs`).
+            catalogue.touch(&id)?;
+            open_files(&dir, fsync, known)
+        })
+        .await
+        .map_err(join_error)??;
+        state.unsettled = true;
+        state.verified = true;
         if let Some(recovered) = recovered {
             if recovered.verified_bytes > 0 || recovered.dropped_records > 0 {
                 tracing::info!(
@@ -433,6 +563,10 @@ impl Point {
                 deleted: false,
                 arriving,
             });
+        }
+        if !state.catalogued {
+            // A new point: listed from now on.
+            self.write_row(shared, state, false).await?;
         }
         let files = Arc::new(files);
         state.files = Some(files.clone());
@@ -668,6 +802,7 @@ impl Point {
     /// Closes the files. At shutdown, and when the policy syncs at all, unsynced appends are
     /// synced first and a sync marker is written, so a restart verifies nothing; under
     /// `fsync = "never"` an idle close leaves them to the OS (and to recovery).
+    /// Its catalogue row is written last, once the files say what it says.
     pub(super) async fn close(
         &self,
         shared: &Shared,
@@ -675,9 +810,28 @@ impl Point {
     ) -> Result<(), StorageError> {
         let mut state = self.state.lock().await;
         let Some(files) = state.files.take() else {
+            if !state.deleted && !state.settled(self.snapshot().committed) {
+                // Committed further since its files closed.
+                self.write_row(shared, &mut state, true).await?;
+            }
             return Ok(());
         };
         shared.forget_open(&self.id);
+        self.close_files(shared, &mut state, files, closing).await?;
+        if state.failed.is_none() {
+            self.write_row(shared, &mut state, true).await?;
+        }
+        Ok(())
+    }
+
+    /// [`close`](Self::close)'s syncing and marking of `files`, taken from `state`.
+    async fn close_files(
+        &self,
+        shared: &Shared,
+        state: &mut State,
+        files: Arc<Files>,
+        closing: Closing,
+    ) -> Result<(), StorageError> {
         let committed = self.snapshot.borrow().committed;
         let clean = state.durable == state.end && !state.dirty;
         let commits_recorded = committed == state.recorded_committed.min(state.end);
@@ -769,6 +923,8 @@ struct Reading {
     shutdown: CancellationToken,
     /// An error was the last frame.
     ended: bool,
+    /// The point's files were opened for this reading.
+    opened: bool,
 }
 
 impl Reading {
@@ -781,6 +937,7 @@ impl Reading {
             span,
             shutdown,
             ended: false,
+            opened: false,
         }
     }
 
@@ -789,6 +946,15 @@ impl Reading {
     async fn next(&mut self) -> Option<Result<(u64, u64), StreamError>> {
         if self.ended {
             return None;
+        }
+        if !self.opened {
+            // Its files opened before the first frame is placed: the span is measured against
+            // what they hold ([`Point::published`]).
+            self.opened = true;
+            if let Err(error) = self.point.files(&self.store.inner.shared).await {
+                self.ended = true;
+                return Some(Err(error.into()));
+            }
         }
         loop {
             if Some(self.position) == self.span.stop {

@@ -29,9 +29,32 @@ pub enum StorageError {
         #[source]
         source: RecoveryError,
     },
+    /// The catalogue of points (`catalogue.rs`) could not be read or written.
+    #[error("{op} the catalogue {path}: {source}")]
+    Catalogue {
+        /// What was done (`"reading"`, `"writing"`…).
+        op: &'static str,
+        /// Its file.
+        path: PathBuf,
+        /// What the B-tree said.
+        #[source]
+        source: Box<redb::Error>,
+    },
 }
 
 impl StorageError {
+    /// Whether the disk is full: new writes are refused until space returns.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            StorageError::Catalogue { source, .. } => matches!(
+                source.as_ref(),
+                redb::Error::Io(error) if error.raw_os_error() == Some(libc::ENOSPC)
+            ),
+            StorageError::Recovery { .. } => false,
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { op, path, source }

@@ -139,6 +139,11 @@ pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The directory of the catalogue of the store in `points` (`catalogue.rs`), beside it.
+pub(super) fn catalogue_dir(points: &Path) -> PathBuf {
+    points.with_file_name("catalogue")
+}
+
 /// The file a store writes beside its points directory once every point was closed and synced
 /// (`Store::close`), and takes away when it opens again: present at start-up only after a
 /// clean stop.

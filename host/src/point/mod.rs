@@ -2,14 +2,17 @@
 //!
 //! Each point is a directory (see [`id`] for how ids become paths) holding `point.data`, the raw
 //! bytes, so a read is one positional read, `point.journal`, one record per append (see
-//! [`journal`]), and once a content type was given, `point.meta` (JSON). Opening a point recovers it: the data file is cut back to the last complete,
-//! checksum-valid append. Appends to one point are serialised by the point's lock; reads take no
+//! [`journal`]), and once a content type was given, `point.meta` (JSON). Opening a point after
+//! a crash recovers it: the data file is cut back to the last complete, checksum-valid append.
+//! The catalogue ([`catalogue`]) holds a row per point with what `stat`, `ls` and routing need,
+//! so the store reads no point at start-up and keeps in memory only the points in use. Appends to one point are serialised by the point's lock; reads take no
 //! lock and never look past the published end. File handles are opened lazily and bounded: the
 //! least recently used points are closed when more than `max_open` are open, and idle points are
 //! closed after `idle_close`. After an I/O error a point refuses writes until the node restarts.
 //!
 //! The format is documented in `docs/storage.md`.
 
+mod catalogue;
 mod entry;
 pub mod error;
 mod files;
@@ -21,7 +24,7 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
@@ -240,7 +243,11 @@ pub struct Store {
 
 struct Inner {
     shared: Arc<Shared>,
-    points: RwLock<BTreeMap<PointId, Arc<Point>>>,
+    /// The points in use (open, referenced, or not settled in the catalogue yet): the others
+    /// are read from the catalogue when asked for, and dropped from here when unused.
+    live: RwLock<HashMap<PointId, Arc<Point>>>,
+    /// Taking a point into use past this many sweeps the unused ones out at once.
+    sweep_above: AtomicUsize,
     events: broadcast::Sender<StoreEvent>,
     /// Bytes lent to subscribers now ([`LiveBytes`]).
     lent: Arc<AtomicU64>,
@@ -255,6 +262,8 @@ struct Inner {
 /// What every point needs from the store.
 struct Shared {
     config: StoreConfig,
+    /// A row per point held ([`catalogue`]).
+    catalogue: Arc<catalogue::Catalogue>,
     epoch: Instant,
     /// The wall-clock time at `epoch` (a point's last write, [`Point::modified`], is kept as ms
     /// since `epoch`).

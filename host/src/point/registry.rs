@@ -3,7 +3,6 @@
 //! the bound on open files (least recently used points closed, idle points closed).
 
 use std::collections::HashMap;
-use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
@@ -17,24 +16,24 @@ use tokio_util::task::TaskTracker;
 use super::*;
 
 impl Store {
-    /// Opens the store in `config.dir`, registering every point found there (their files are
-    /// opened and recovered lazily, on first use), and starts the background sync and close tasks.
+    /// Opens the store in `config.dir` and its catalogue beside it (no point is read: each is
+    /// found in the catalogue when asked for, and its files opened on first use), and starts
+    /// the background sync, close and checkpoint tasks.
     pub async fn open(config: StoreConfig) -> Result<Self, StorageError> {
         let dir = config.dir.clone();
-        let found = tokio::task::spawn_blocking(move || scan(&dir))
-            .await
-            .map_err(join_error)?
-            .map_err(StorageError::io("scanning", config.dir.clone()))?;
-        let dir = config.dir.clone();
-        let stopped_cleanly = tokio::task::spawn_blocking(move || files::take_clean_stop(&dir))
-            .await
-            .map_err(join_error)?
-            .map_err(StorageError::io(
-                "reading the clean-stop mark of",
-                config.dir.clone(),
-            ))?;
+        let (fsync, catalogue_dir) = (config.fsync, catalogue_dir(&config.dir));
+        let (catalogue, stopped_cleanly) = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(StorageError::io("creating", &dir))?;
+            let stopped_cleanly = files::take_clean_stop(&dir)
+                .map_err(StorageError::io("reading the clean-stop mark of", &dir))?;
+            let catalogue = catalogue::Catalogue::open(&catalogue_dir, &dir, fsync)?;
+            Ok::<_, StorageError>((catalogue, stopped_cleanly))
+        })
+        .await
+        .map_err(join_error)??;
         let shared = Arc::new(Shared {
             config,
+            catalogue: Arc::new(catalogue),
             epoch: Instant::now(),
             opened_at: std::time::SystemTime::now(),
             open: StdMutex::new(HashMap::new()),
@@ -43,17 +42,12 @@ impl Store {
             #[cfg(test)]
             fail_next_journal_write: Default::default(),
         });
-        let points = found
-            .into_iter()
-            .map(|id| {
-                let point = Arc::new(Point::new(&shared, id.clone()));
-                (id, point)
-            })
-            .collect();
+        let sweep_above = sweep_threshold(&shared, 0);
         let store = Store {
             inner: Arc::new(Inner {
                 shared,
-                points: RwLock::new(points),
+                live: RwLock::new(HashMap::new()),
+                sweep_above: AtomicUsize::new(sweep_above),
                 events: broadcast::channel(4096).0,
                 lent: Arc::default(),
                 ownership_changed: tokio::sync::Notify::new(),
@@ -79,9 +73,15 @@ impl Store {
         &self.inner.shared.config
     }
 
-    /// Number of points.
+    /// Number of points (0 if the catalogue cannot be read).
     pub fn len(&self) -> usize {
-        self.inner.points.read().expect("poisoned").len()
+        match self.inner.shared.catalogue.len() {
+            Ok(len) => len as usize,
+            Err(error) => {
+                tracing::error!(%error, "counting points");
+                0
+            }
+        }
     }
 
     /// Whether it holds no point.
@@ -198,7 +198,7 @@ impl Store {
     ) -> Result<Vec<Appended>, AppendError> {
         let shared = &self.inner.shared;
         if let Some(expected) = expected_start.filter(|&start| start > 0)
-            && !self.inner.points.read().expect("poisoned").contains_key(id)
+            && !self.holds(id)?
         {
             // A point that does not exist ends at 0; refusing must not create it.
             return Err(AppendError::OffsetMismatch {
@@ -210,7 +210,7 @@ impl Store {
         // Only subscribers need the bytes (a clone of the list, not of the bytes).
         let lent = (self.inner.events.receiver_count() > 0).then(|| frames.clone());
         let appended = loop {
-            let point = self.get_or_insert(id);
+            let point = self.get_or_insert(id)?;
             let Some(mut state) = self.lock_open(id, &point).await? else {
                 continue;
             };
@@ -257,14 +257,25 @@ impl Store {
         Ok(appended)
     }
 
-    /// The point `id`, opened (and recovered if this is its first use).
+    /// The point `id`, its snapshot known: from its catalogue row, or recovered from its files
+    /// if a crash left the row behind them (its files are opened when it is read).
     pub async fn point(&self, id: &PointId) -> Result<Arc<Point>, ReadError> {
         let point = self.get(id)?;
+        {
+            let state = point.state.lock().await;
+            if state.deleted {
+                return Err(ReadError::NotFound(id.clone()));
+            }
+            if state.recovered {
+                drop(state);
+                return Ok(point);
+            }
+        }
         point.files(&self.inner.shared).await?;
         Ok(point)
     }
 
-    /// Size and checksum of `id`.
+    /// Size and checksum of `id`, without opening its files unless its row is stale.
     pub async fn metadata(&self, id: &PointId) -> Result<Snapshot, ReadError> {
         Ok(self.point(id).await?.snapshot())
     }
@@ -288,15 +299,29 @@ impl Store {
         Ok(point.meta(&mut state).await?.content_type.clone())
     }
 
-    /// The media type of `id`: the one given, else what its first bytes look like.
+    /// The media type of `id`: the one given, else what its first bytes look like (kept in its
+    /// catalogue row once it has all the bytes sniffing looks at).
     pub async fn media_type(&self, id: &PointId) -> Result<String, ReadError> {
-        if let Some(given) = self.content_type(id).await? {
-            return Ok(given);
-        }
         let point = self.point(id).await?;
-        let len = point.snapshot().end.min(crate::content::SNIFF_LEN);
-        let head = point.read(self, 0, len).await?;
-        Ok(crate::content::sniff(&head).to_owned())
+        {
+            let mut state = point.state.lock().await;
+            let meta = point.meta(&mut state).await?;
+            if let Some(given) = &meta.content_type {
+                return Ok(given.clone());
+            }
+            if let Some(sniffed) = &state.sniffed {
+                return Ok(sniffed.clone());
+            }
+        }
+        let end = point.snapshot().end;
+        let head = point
+            .read(self, 0, end.min(crate::content::SNIFF_LEN))
+            .await?;
+        let sniffed = crate::content::sniff(&head).to_owned();
+        if end >= crate::content::SNIFF_LEN {
+            point.state.lock().await.sniffed = Some(sniffed.clone());
+        }
+        Ok(sniffed)
     }
 
     /// Gives `id` its content type, creating the point if needed. A point has one content type,
@@ -368,7 +393,8 @@ impl Store {
         if let Err(error) = point.ensure_open(&self.inner.shared, &mut state).await {
             if !state.recovered {
                 state.deleted = true;
-                self.inner.points.write().expect("poisoned").remove(id);
+                self.inner.live.write().expect("poisoned").remove(id);
+                self.inner.shared.catalogue.removed(id);
             }
             return Err(error);
         }
@@ -392,7 +418,7 @@ impl Store {
         change: impl FnOnce(&Meta, Snapshot) -> Result<Option<(Meta, Fsync)>, AppendError>,
     ) -> Result<bool, AppendError> {
         loop {
-            let point = self.get_or_insert(id);
+            let point = self.get_or_insert(id)?;
             let Some(mut state) = self.lock_open(id, &point).await? else {
                 continue;
             };
@@ -604,20 +630,15 @@ impl Store {
     }
 
     /// Ids in ascending byte order that start with `prefix` and sort after `start_after`, at
-    /// most `max`.
+    /// most `max`: a range of the catalogue (empty, and said, if it cannot be read).
     pub fn list(&self, prefix: &str, start_after: Option<&str>, max: usize) -> Vec<PointId> {
-        let points = self.inner.points.read().expect("poisoned");
-        let lower = match start_after {
-            Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),
-            _ => Bound::Included(prefix.to_owned()),
-        };
-        points
-            .range::<str, _>((lower.as_ref().map(String::as_str), Bound::Unbounded))
-            .map(|(id, _)| id)
-            .take_while(|id| id.as_str().starts_with(prefix))
-            .take(max)
-            .cloned()
-            .collect()
+        match self.inner.shared.catalogue.list(prefix, start_after, max) {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::error!(%error, "listing points");
+                Vec::new()
+            }
+        }
     }
 
     /// Removes `id` and its files; returns the size it had.
@@ -635,13 +656,31 @@ impl Store {
         id: &PointId,
         files: impl FnOnce(PathBuf) -> Result<(), StorageError> + Send + 'static,
     ) -> Result<u64, DeleteError> {
-        let point = self
-            .inner
-            .points
-            .write()
-            .expect("poisoned")
-            .remove(id)
-            .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+        let catalogue = &self.inner.shared.catalogue;
+        let point = {
+            // Under the lock of the points in use, so that nobody finds the point's row between
+            // the point leaving them and its row going: it is named in the touch log first, so
+            // that a crash before its files are gone finds it again.
+            let mut live = self.inner.live.write().expect("poisoned");
+            let point = match live.get(id) {
+                Some(point) => point.clone(),
+                None => match catalogue.row(id)? {
+                    Some(row) => Arc::new(Point::from_row(&self.inner.shared, id.clone(), row)),
+                    None => return Err(DeleteError::NotFound(id.clone())),
+                },
+            };
+            catalogue.touch(id)?;
+            let due = catalogue.remove(id);
+            live.remove(id);
+            (point, due)
+        };
+        let (point, due) = point;
+        if due {
+            let catalogue = catalogue.clone();
+            tokio::task::spawn_blocking(move || catalogue.flush())
+                .await
+                .map_err(join_error)??;
+        }
         let shared = &self.inner.shared;
         let mut state = point.state.lock().await;
         let size = if state.recovered { state.end } else { 0 };
@@ -654,6 +693,7 @@ impl Store {
         tokio::task::spawn_blocking(move || files(dir))
             .await
             .map_err(join_error)??;
+        catalogue.removed(id);
         let _ = self
             .inner
             .events
@@ -675,7 +715,7 @@ impl Store {
         self.inner.tasks.wait().await;
         let points: Vec<_> = self
             .inner
-            .points
+            .live
             .read()
             .expect("poisoned")
             .values()
@@ -691,6 +731,10 @@ impl Store {
         if let Some(error) = first_error {
             return Err(error);
         }
+        let catalogue = self.inner.shared.catalogue.clone();
+        tokio::task::spawn_blocking(move || catalogue.checkpoint(true))
+            .await
+            .map_err(join_error)??;
         let dir = self.inner.shared.config.dir.clone();
         tokio::task::spawn_blocking(move || files::mark_clean_stop(&dir))
             .await
@@ -701,27 +745,89 @@ impl Store {
             ))
     }
 
+    /// The point `id`: the one in use, else one made from its catalogue row.
     pub(super) fn get(&self, id: &PointId) -> Result<Arc<Point>, ReadError> {
-        self.inner
-            .points
-            .read()
-            .expect("poisoned")
-            .get(id)
-            .cloned()
+        if let Some(point) = self.inner.live.read().expect("poisoned").get(id) {
+            return Ok(point.clone());
+        }
+        self.found(id)?
             .ok_or_else(|| ReadError::NotFound(id.clone()))
     }
 
-    pub(super) fn get_or_insert(&self, id: &PointId) -> Arc<Point> {
-        if let Some(point) = self.inner.points.read().expect("poisoned").get(id) {
-            return point.clone();
+    /// [`get`](Self::get), or a new point (its files are created when it is locked open).
+    pub(super) fn get_or_insert(&self, id: &PointId) -> Result<Arc<Point>, StorageError> {
+        if let Some(point) = self.inner.live.read().expect("poisoned").get(id) {
+            return Ok(point.clone());
         }
-        self.inner
-            .points
-            .write()
-            .expect("poisoned")
-            .entry(id.clone())
-            .or_insert_with(|| Arc::new(Point::new(&self.inner.shared, id.clone())))
-            .clone()
+        let mut live = self.inner.live.write().expect("poisoned");
+        if let Some(point) = live.get(id) {
+            return Ok(point.clone());
+        }
+        let point = match self.inner.shared.catalogue.row(id)? {
+            Some(row) => Point::from_row(&self.inner.shared, id.clone(), row),
+            None => Point::new(&self.inner.shared, id.clone()),
+        };
+        let point = Arc::new(point);
+        live.insert(id.clone(), point.clone());
+        self.sweep_if_many(&mut live);
+        Ok(point)
+    }
+
+    /// The point `id` made from its catalogue row and taken into use, if it has one. Under the
+    /// lock of the points in use, so that a removal (which takes the row away under it) is
+    /// seen whole or not at all.
+    fn found(&self, id: &PointId) -> Result<Option<Arc<Point>>, StorageError> {
+        let mut live = self.inner.live.write().expect("poisoned");
+        if let Some(point) = live.get(id) {
+            return Ok(Some(point.clone()));
+        }
+        let Some(row) = self.inner.shared.catalogue.row(id)? else {
+            return Ok(None);
+        };
+        let point = Arc::new(Point::from_row(&self.inner.shared, id.clone(), row));
+        live.insert(id.clone(), point.clone());
+        self.sweep_if_many(&mut live);
+        Ok(Some(point))
+    }
+
+    /// Whether the store holds `id` (in use, or with a catalogue row).
+    fn holds(&self, id: &PointId) -> Result<bool, StorageError> {
+        if self.inner.live.read().expect("poisoned").contains_key(id) {
+            return Ok(true);
+        }
+        Ok(self.inner.shared.catalogue.row(id)?.is_some())
+    }
+
+    /// Lets go of the points nobody uses: closed, settled in the catalogue, and held by no one
+    /// but the map of points in use. A point committed further since it closed is written to
+    /// its row first (and let go of at the next sweep).
+    async fn let_go_of_unused(&self) {
+        let unrecorded = {
+            let mut live = self.inner.live.write().expect("poisoned");
+            let unrecorded = let_go(&mut live);
+            self.inner.sweep_above.store(
+                sweep_threshold(&self.inner.shared, live.len()),
+                Ordering::Relaxed,
+            );
+            unrecorded
+        };
+        for point in unrecorded {
+            if let Err(error) = point.close(&self.inner.shared, Closing::Idle).await {
+                tracing::error!(point = %point.id, %error, "recording a commit");
+            }
+        }
+    }
+
+    /// After a point was taken into use: lets go of unused ones at once when there are many
+    /// (a walk over many points at rest, `stat` after `stat`, between two idle sweeps).
+    fn sweep_if_many(&self, live: &mut HashMap<PointId, Arc<Point>>) {
+        if live.len() > self.inner.sweep_above.load(Ordering::Relaxed) {
+            let_go(live);
+            self.inner.sweep_above.store(
+                sweep_threshold(&self.inner.shared, live.len()),
+                Ordering::Relaxed,
+            );
+        }
     }
 
     pub(super) fn spawn_background(&self) {
@@ -785,9 +891,60 @@ impl Store {
                         tracing::error!(point = %point.id, %error, "closing idle point");
                     }
                 }
+                Store { inner }.let_go_of_unused().await;
+            }
+        });
+        let store = Arc::downgrade(&self.inner);
+        let token = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(catalogue::CHECKPOINT_EVERY);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                let Some(inner) = store.upgrade() else { return };
+                let catalogue = inner.shared.catalogue.clone();
+                drop(inner);
+                match tokio::task::spawn_blocking(move || catalogue.checkpoint(false)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::error!(%error, "checkpointing the catalogue"),
+                    Err(error) => tracing::error!(%error, "checkpointing the catalogue"),
+                }
             }
         });
     }
+}
+
+/// Takes out of `live` the points nobody uses (closed, settled, held by no one else: checked
+/// under the map's lock, so that nobody takes one meanwhile); returns those committed further
+/// since they closed, whose rows must be written first.
+fn let_go(live: &mut HashMap<PointId, Arc<Point>>) -> Vec<Arc<Point>> {
+    let mut unrecorded = Vec::new();
+    live.retain(|_, point| {
+        if Arc::strong_count(point) > 1 {
+            return true;
+        }
+        let Ok(state) = point.state.try_lock() else {
+            return true;
+        };
+        if state.files.is_some() || state.deleted {
+            return state.files.is_some();
+        }
+        if !state.settled(point.snapshot().committed) {
+            unrecorded.push(point.clone());
+            return true;
+        }
+        false
+    });
+    unrecorded
+}
+
+/// How many points in use make the next one taken into use sweep: twice as many as remain after
+/// a sweep, and never fewer than four per open file allowed.
+pub(super) fn sweep_threshold(shared: &Shared, remaining: usize) -> usize {
+    (2 * remaining).max(4 * shared.config.max_open).max(1024)
 }
 
 impl Drop for Inner {

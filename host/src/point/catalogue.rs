@@ -1,0 +1,607 @@
+//! The catalogue: one row per point the store holds, with what `stat`, `ls` and routing need
+//! (its end and CRC32C, committed end, content type, ownership, leader epochs, last write), in
+//! an embedded, crash-safe B-tree (redb). Start-up reads no point, `stat` of a point at rest
+//! opens none of its files, `ls` is a range of the tree, and memory holds only points in use.
+//!
+//! A point's own files stay the truth; its row is derived from them and rewritten when the
+//! point closes. Rows are written to the B-tree in batches without a sync, and made durable
+//! together at each checkpoint (every [`CHECKPOINT_EVERY`], and when the store closes). What a crash
+//! may leave behind a row is named by the touch log: before a point's files are opened (the
+//! only way they change) or removed, its id is appended to the current log, and a checkpoint
+//! starts a new log holding every point still open before it commits and removes the old one.
+//! At start-up, each point a log names gets its row from its files again on first use, or
+//! loses it if its files are gone (`docs/storage.md`, "The catalogue").
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+
+use super::files::{JOURNAL_FILE, Meta, read_meta, scan, sync_dir};
+use super::{Fsync, PointId, StorageError};
+
+/// How often rows become durable and the touch log starts again.
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// The table of rows: a point's id to its [`Row`] (JSON).
+const POINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("points");
+
+/// The B-tree's page cache: rows of points in use stay in memory, the rest are read back.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// What the catalogue knows of one point.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Row {
+    /// Its end, CRC32C, committed end and its CRC32C ([`super::Snapshot`]).
+    pub(super) end: u64,
+    pub(super) crc: u32,
+    pub(super) committed: u64,
+    pub(super) committed_crc: u32,
+    /// How much of it is known to be synced.
+    pub(super) durable: u64,
+    /// The length of its journal, and the committed end its last record says: a point whose
+    /// files still match them opens without recovery.
+    pub(super) journal_len: u64,
+    pub(super) recorded_committed: u64,
+    /// When it last grew (Unix ms; 0: not known, its data file's time is read).
+    pub(super) modified_ms: u64,
+    /// Its `point.meta`.
+    pub(super) meta: Meta,
+    /// The media type its first bytes look like, once sniffed (`Store::media_type`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) sniffed: Option<String>,
+    /// Its files may differ from the above (a crash came while it was open, or it came from a
+    /// directory written before the catalogue): it is recovered from them on first use.
+    pub(super) stale: bool,
+}
+
+impl Row {
+    /// The row of a point known only by its files.
+    fn stale(meta: Meta) -> Row {
+        Row {
+            meta,
+            stale: true,
+            ..Row::default()
+        }
+    }
+}
+
+/// The catalogue of a store; see the module's documentation.
+pub(super) struct Catalogue {
+    /// The B-tree; `None` once the store closed (it may be opened again in this process).
+    db: RwLock<Option<Database>>,
+    dir: PathBuf,
+    fsync: Fsync,
+    log: Mutex<TouchLog>,
+    /// Held through a checkpoint (one at a time; tests hold it to copy a crash image).
+    checkpointing: Mutex<()>,
+    /// Rows written and not in the B-tree yet (`None`: a row taken away), read before it:
+    /// written to it together, [`FLUSH_ROWS`] at a time or at the next checkpoint, so that a
+    /// point's creation or closing costs no transaction of its own.
+    pending: Mutex<BTreeMap<PointId, Option<Row>>>,
+    /// Held through a flush, so that an older batch never lands over a newer one.
+    flushing: Mutex<()>,
+}
+
+/// Most rows waiting for the B-tree before they are written to it.
+const FLUSH_ROWS: usize = 4096;
+
+/// The current touch log and what it, and the store, know about touched points.
+struct TouchLog {
+    file: File,
+    generation: u64,
+    /// Points named in the current log.
+    named: HashSet<PointId>,
+    /// Points touched whose row is not rewritten yet (open, or being removed): carried into
+    /// the next log at a checkpoint.
+    unsettled: HashSet<PointId>,
+}
+
+impl Catalogue {
+    /// Opens the catalogue in `dir` for the points in `points`. On first start over points
+    /// written before the catalogue, finds them once (a walk of `points`) and gives each a
+    /// row recovered on first use. After a crash, the points named in the touch logs get theirs
+    /// again from their files. Blocking.
+    pub(super) fn open(dir: &Path, points: &Path, fsync: Fsync) -> Result<Catalogue, StorageError> {
+        std::fs::create_dir_all(dir).map_err(StorageError::io("creating", dir))?;
+        let path = dir.join("points.redb");
+        let existed = path.exists();
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(catalogue_error("opening", &path))?;
+        let catalogue_rows = {
+            let write = db
+                .begin_write()
+                .map_err(catalogue_error("writing", &path))?;
+            write
+                .open_table(POINTS)
+                .map_err(catalogue_error("writing", &path))?;
+            write.commit().map_err(catalogue_error("writing", &path))?;
+            existed
+        };
+        if !catalogue_rows {
+            migrate(&db, &path, points)?;
+        }
+        let logs = touch_logs(dir)?;
+        let touched: HashSet<PointId> = logs
+            .iter()
+            .map(|(_, path)| read_touch_log(path))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        if !touched.is_empty() {
+            tracing::info!(
+                points = touched.len(),
+                "the store did not stop cleanly: the points it had open are recovered on first use"
+            );
+            let write = db
+                .begin_write()
+                .map_err(catalogue_error("writing", &path))?;
+            {
+                let mut table = write
+                    .open_table(POINTS)
+                    .map_err(catalogue_error("writing", &path))?;
+                for id in &touched {
+                    let point_dir = points.join(id.relative_dir());
+                    if point_dir.join(JOURNAL_FILE).exists() {
+                        let meta = read_meta(&point_dir)?;
+                        let row = encode(&Row::stale(meta));
+                        table
+                            .insert(id.as_str(), row.as_slice())
+                            .map_err(catalogue_error("writing", &path))?;
+                    } else {
+                        table
+                            .remove(id.as_str())
+                            .map_err(catalogue_error("writing", &path))?;
+                    }
+                }
+            }
+            write.commit().map_err(catalogue_error("writing", &path))?;
+        }
+        let generation = logs.last().map_or(0, |(generation, _)| generation + 1);
+        let file = create_touch_log(dir, generation, [], fsync)?;
+        for (_, old) in &logs {
+            std::fs::remove_file(old).map_err(StorageError::io("removing", old))?;
+        }
+        Ok(Catalogue {
+            db: RwLock::new(Some(db)),
+            dir: dir.to_owned(),
+            fsync,
+            log: Mutex::new(TouchLog {
+                file,
+                generation,
+                named: HashSet::new(),
+                unsettled: HashSet::new(),
+            }),
+            checkpointing: Mutex::new(()),
+            pending: Mutex::default(),
+            flushing: Mutex::new(()),
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("points.redb")
+    }
+
+    /// Runs `op` on the B-tree, unless the store closed.
+    fn with_db<T>(
+        &self,
+        op: impl FnOnce(&Database, &Path) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let path = self.path();
+        let db = self.db.read().expect("poisoned");
+        match db.as_ref() {
+            Some(db) => op(db, &path),
+            None => Err(StorageError::io("using", path)(std::io::Error::other(
+                "the store is closed",
+            ))),
+        }
+    }
+
+    /// The row of `id`, if the store holds it.
+    pub(super) fn row(&self, id: &PointId) -> Result<Option<Row>, StorageError> {
+        if let Some(row) = self.pending.lock().expect("poisoned").get(id) {
+            return Ok(row.clone());
+        }
+        self.with_db(|db, path| {
+            let read = db.begin_read().map_err(catalogue_error("reading", path))?;
+            let table = read
+                .open_table(POINTS)
+                .map_err(catalogue_error("reading", path))?;
+            let row = table
+                .get(id.as_str())
+                .map_err(catalogue_error("reading", path))?;
+            row.map(|row| decode(row.value(), path)).transpose()
+        })
+    }
+
+    /// Ids in ascending byte order that start with `prefix` and sort after `start_after`, at
+    /// most `max`: the B-tree's range and the rows waiting for it, merged.
+    pub(super) fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<PointId>, StorageError> {
+        use std::ops::Bound;
+        let lower = match start_after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let in_range = |id: &str| match lower {
+            Bound::Excluded(after) => id > after,
+            _ => id >= prefix,
+        };
+        // Rows waiting: taken away ones hide the B-tree's, new ones join it.
+        let pending: BTreeMap<String, bool> = self
+            .pending
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|(id, _)| in_range(id.as_str()) && id.as_str().starts_with(prefix))
+            .map(|(id, row)| (id.as_str().to_owned(), row.is_some()))
+            .collect();
+        self.with_db(|db, path| {
+            let read = db.begin_read().map_err(catalogue_error("reading", path))?;
+            let table = read
+                .open_table(POINTS)
+                .map_err(catalogue_error("reading", path))?;
+            let range = table
+                .range((lower, Bound::<&str>::Unbounded))
+                .map_err(catalogue_error("reading", path))?;
+            let mut stored = Vec::new();
+            for row in range {
+                if stored.len() == max.saturating_add(pending.len()) {
+                    break;
+                }
+                let (id, _) = row.map_err(catalogue_error("reading", path))?;
+                let id = id.value();
+                if !id.starts_with(prefix) {
+                    break;
+                }
+                stored.push(id.to_owned());
+            }
+            let mut ids: Vec<String> = stored
+                .into_iter()
+                .filter(|id| !pending.contains_key(id))
+                .chain(
+                    pending
+                        .iter()
+                        .filter(|(_, held)| **held)
+                        .map(|(id, _)| id.clone()),
+                )
+                .collect();
+            ids.sort();
+            ids.truncate(max);
+            Ok(ids
+                .into_iter()
+                .filter_map(|id| PointId::new(id).ok())
+                .collect())
+        })
+    }
+
+    /// How many points have a row.
+    pub(super) fn len(&self) -> Result<u64, StorageError> {
+        let pending = self.pending.lock().expect("poisoned").clone();
+        self.with_db(|db, path| {
+            let read = db.begin_read().map_err(catalogue_error("reading", path))?;
+            let table = read
+                .open_table(POINTS)
+                .map_err(catalogue_error("reading", path))?;
+            let mut len = table.len().map_err(catalogue_error("reading", path))?;
+            for (id, row) in &pending {
+                let stored = table
+                    .get(id.as_str())
+                    .map_err(catalogue_error("reading", path))?
+                    .is_some();
+                match (stored, row.is_some()) {
+                    (false, true) => len += 1,
+                    (true, false) => len -= 1,
+                    _ => {}
+                }
+            }
+            Ok(len)
+        })
+    }
+
+    /// Names `id` in the touch log before its files are opened or removed (synced first unless
+    /// `fsync = "never"`). Blocking.
+    pub(super) fn touch(&self, id: &PointId) -> Result<(), StorageError> {
+        let mut log = self.log.lock().expect("poisoned");
+        log.unsettled.insert(id.clone());
+        if log.named.contains(id) {
+            return Ok(());
+        }
+        let path = touch_log_path(&self.dir, log.generation);
+        log.file
+            .write_all(&touch_record(id))
+            .and_then(|()| match self.fsync {
+                Fsync::Never => Ok(()),
+                _ => log.file.sync_data(),
+            })
+            .map_err(StorageError::io("writing", &path))?;
+        log.named.insert(id.clone());
+        Ok(())
+    }
+
+    /// Writes the row of `id` (visible at once, durable at the next checkpoint): its files are
+    /// closed and the row says what they hold. Returns whether [`flush`](Self::flush) is due.
+    pub(super) fn settle(&self, id: &PointId, row: &Row) -> bool {
+        let due = self.write(id, Some(row.clone()));
+        self.log.lock().expect("poisoned").unsettled.remove(id);
+        due
+    }
+
+    /// Writes the row of a point that is still open (a new point): visible at once; it stays
+    /// named in the touch log until it is settled. Returns whether a flush is due.
+    pub(super) fn update(&self, id: &PointId, row: &Row) -> bool {
+        self.write(id, Some(row.clone()))
+    }
+
+    /// Takes away the row of `id`, whose files are being removed (it was touched first).
+    /// Returns whether a flush is due.
+    pub(super) fn remove(&self, id: &PointId) -> bool {
+        self.write(id, None)
+    }
+
+    /// After the files of a removed point are gone.
+    pub(super) fn removed(&self, id: &PointId) {
+        self.log.lock().expect("poisoned").unsettled.remove(id);
+    }
+
+    /// Puts `row` of `id` with those waiting for the B-tree; whether there are [`FLUSH_ROWS`].
+    fn write(&self, id: &PointId, row: Option<Row>) -> bool {
+        let mut pending = self.pending.lock().expect("poisoned");
+        pending.insert(id.clone(), row);
+        pending.len() >= FLUSH_ROWS
+    }
+
+    /// Writes the rows waiting into the B-tree, without a sync (durable at the next
+    /// checkpoint). Blocking.
+    pub(super) fn flush(&self) -> Result<(), StorageError> {
+        self.write_pending(Durability::None)
+    }
+
+    /// Writes the rows waiting into the B-tree in one transaction (`durability`), then lets go
+    /// of those not written again meanwhile (they are read from the B-tree from then on).
+    fn write_pending(&self, durability: Durability) -> Result<(), StorageError> {
+        let _one = self.flushing.lock().expect("poisoned");
+        let rows = self.pending.lock().expect("poisoned").clone();
+        self.with_db(|db, path| {
+            let mut write = db.begin_write().map_err(catalogue_error("writing", path))?;
+            write
+                .set_durability(durability)
+                .map_err(catalogue_error("writing", path))?;
+            {
+                let mut table = write
+                    .open_table(POINTS)
+                    .map_err(catalogue_error("writing", path))?;
+                for (id, row) in &rows {
+                    match row {
+                        Some(row) => table.insert(id.as_str(), encode(row).as_slice()),
+                        None => table.remove(id.as_str()).map(|_| None),
+                    }
+                    .map_err(catalogue_error("writing", path))?;
+                }
+            }
+            write.commit().map_err(catalogue_error("writing", path))
+        })?;
+        let mut pending = self.pending.lock().expect("poisoned");
+        for (id, row) in rows {
+            if pending.get(&id) == Some(&row) {
+                pending.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every row written so far durable: a new touch log naming the points still
+    /// unsettled, the rows waiting written in a synced commit, then the old log removed. With `closing`, the B-tree is
+    /// closed, and no log stays if every point is settled (a clean stop). Blocking.
+    pub(super) fn checkpoint(&self, closing: bool) -> Result<(), StorageError> {
+        let _one = self.checkpointing.lock().expect("poisoned");
+        let old = {
+            let mut log = self.log.lock().expect("poisoned");
+            let old = log.generation;
+            let carried: Vec<PointId> = log.unsettled.iter().cloned().collect();
+            log.file = create_touch_log(&self.dir, old + 1, carried.iter(), self.fsync)?;
+            log.generation = old + 1;
+            log.named = carried.into_iter().collect();
+            old
+        };
+        self.write_pending(Durability::Immediate)?;
+        let old = touch_log_path(&self.dir, old);
+        std::fs::remove_file(&old).map_err(StorageError::io("removing", &old))?;
+        if closing {
+            let log = self.log.lock().expect("poisoned");
+            if log.unsettled.is_empty() {
+                let current = touch_log_path(&self.dir, log.generation);
+                std::fs::remove_file(&current).map_err(StorageError::io("removing", &current))?;
+                sync_dir(&self.dir).map_err(StorageError::io("syncing", &self.dir))?;
+            }
+            drop(log);
+            self.db.write().expect("poisoned").take();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Catalogue {
+    /// Holds checkpoints off while the guard lives.
+    pub(super) fn hold_checkpoints(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.checkpointing.lock().expect("poisoned")
+    }
+}
+
+/// Gives every point found in `points` a row to recover on first use (a store written before
+/// the catalogue). One walk, once.
+fn migrate(db: &Database, path: &Path, points: &Path) -> Result<(), StorageError> {
+    let found = scan(points).map_err(StorageError::io("scanning", points))?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        points = found.len(),
+        "catalogueing the points of a store written before the catalogue (once)"
+    );
+    for batch in found.chunks(10_000) {
+        let write = db.begin_write().map_err(catalogue_error("writing", path))?;
+        {
+            let mut table = write
+                .open_table(POINTS)
+                .map_err(catalogue_error("writing", path))?;
+            for id in batch {
+                let meta = read_meta(&points.join(id.relative_dir()))?;
+                table
+                    .insert(id.as_str(), encode(&Row::stale(meta)).as_slice())
+                    .map_err(catalogue_error("writing", path))?;
+            }
+        }
+        write.commit().map_err(catalogue_error("writing", path))?;
+    }
+    Ok(())
+}
+
+fn encode(row: &Row) -> Vec<u8> {
+    serde_json::to_vec(row).expect("a catalogue row serializes")
+}
+
+fn decode(bytes: &[u8], path: &Path) -> Result<Row, StorageError> {
+    serde_json::from_slice(bytes)
+        .map_err(|error| StorageError::io("decoding a row of", path)(std::io::Error::other(error)))
+}
+
+fn catalogue_error<E: Into<redb::Error>>(
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(E) -> StorageError {
+    let path = path.to_owned();
+    move |error| StorageError::Catalogue {
+        op,
+        path,
+        source: Box::new(error.into()),
+    }
+}
+
+fn touch_log_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("touched.{generation}"))
+}
+
+/// The touch logs in `dir`, oldest first.
+fn touch_logs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
+    let mut logs = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(StorageError::io("reading", dir))? {
+        let entry = entry.map_err(StorageError::io("reading", dir))?;
+        let name = entry.file_name();
+        if let Some(generation) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("touched."))
+            .and_then(|generation| generation.parse().ok())
+        {
+            logs.push((generation, entry.path()));
+        }
+    }
+    logs.sort();
+    Ok(logs)
+}
+
+/// A new touch log naming `ids`, synced with its directory entry unless `fsync = "never"`.
+fn create_touch_log<'a>(
+    dir: &Path,
+    generation: u64,
+    ids: impl IntoIterator<Item = &'a PointId>,
+    fsync: Fsync,
+) -> Result<File, StorageError> {
+    let path = touch_log_path(dir, generation);
+    let records: Vec<u8> = ids.into_iter().flat_map(touch_record).collect();
+    let create = || -> std::io::Result<File> {
+        let mut file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        file.write_all(&records)?;
+        if fsync != Fsync::Never {
+            file.sync_data()?;
+            sync_dir(dir)?;
+        }
+        Ok(file)
+    };
+    create().map_err(StorageError::io("creating", &path))
+}
+
+/// One record of a touch log: the id's length (u16, little-endian), the id, and the CRC32C of
+/// both.
+fn touch_record(id: &PointId) -> Vec<u8> {
+    let id = id.as_str().as_bytes();
+    let mut record = Vec::with_capacity(id.len() + 6);
+    record.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    record.extend_from_slice(id);
+    let crc = crc32c::crc32c(&record);
+    record.extend_from_slice(&crc.to_le_bytes());
+    record
+}
+
+/// The ids a touch log names, up to its first incomplete or damaged record (a crash in the
+/// middle of one: its point's files were not opened yet).
+fn read_touch_log(path: &Path) -> Result<Vec<PointId>, StorageError> {
+    let bytes = std::fs::read(path).map_err(StorageError::io("reading", path))?;
+    let mut ids = Vec::new();
+    let mut rest = bytes.as_slice();
+    while rest.len() >= 2 {
+        let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+        let Some(record) = rest.get(..2 + len + 4) else {
+            break;
+        };
+        let (body, crc) = record.split_at(2 + len);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            break;
+        }
+        match std::str::from_utf8(&body[2..])
+            .ok()
+            .and_then(|id| PointId::new(id).ok())
+        {
+            Some(id) => ids.push(id),
+            None => break,
+        }
+        rest = &rest[record.len()..];
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_touch_log_is_read_up_to_its_first_torn_or_damaged_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("touched.0");
+        let ids: Vec<PointId> = ["a", "videos/b", "c"]
+            .into_iter()
+            .map(|id| PointId::new(id).unwrap())
+            .collect();
+        let mut bytes: Vec<u8> = ids.iter().flat_map(touch_record).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_touch_log(&path).unwrap(), ids);
+        // A crash in the middle of the last record: it is not there.
+        bytes.truncate(bytes.len() - 3);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_touch_log(&path).unwrap(), ids[..2]);
+        // A damaged record ends the log where it is.
+        let second = touch_record(&ids[0]).len() + 3;
+        bytes[second] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_touch_log(&path).unwrap(), ids[..1]);
+    }
+}
