@@ -671,6 +671,15 @@ impl Point {
                 return Err(error.into());
             }
         };
+        if start == 0
+            && state.sniffed.is_none()
+            && let Some(first) = frames.first()
+            && first.len() as u64 >= crate::content::SNIFF_LEN
+        {
+            // Its media type, from the bytes in hand: `stat` need not read them back.
+            let head = &first[..crate::content::SNIFF_LEN as usize];
+            state.sniffed = Some(crate::content::sniff(head).to_owned());
+        }
         Ok(self.publish(shared, state, (&frames, &records), visibility))
     }
 

@@ -534,6 +534,9 @@ impl Store {
         state.durable = end;
         state.dirty = false;
         state.journal_len = journal_len;
+        if end < crate::content::SNIFF_LEN {
+            state.sniffed = None;
+        }
         point.cut_commits(end, crc);
         let meta = point.meta(&mut state).await?;
         let mut epochs = meta.leader_epochs.clone();
