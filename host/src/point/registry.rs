@@ -834,73 +834,54 @@ impl Store {
     }
 
     pub(super) fn spawn_background(&self) {
-        let shared = &self.inner.shared;
-        let token = self.inner.shutdown.clone();
-        if shared.config.fsync == Fsync::Interval {
-            let store = Arc::downgrade(&self.inner);
-            let period = shared.config.fsync_interval;
-            let token = token.clone();
-            self.inner.tasks.spawn(async move {
-                let mut ticker = tokio::time::interval(period);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        _ = ticker.tick() => {}
-                    }
-                    let Some(inner) = store.upgrade() else { return };
-                    let open: Vec<_> = inner
-                        .shared
-                        .open
-                        .lock()
-                        .expect("poisoned")
-                        .values()
-                        .cloned()
-                        .collect();
-                    for point in open {
-                        if let Err(error) = point.sync().await {
-                            tracing::error!(point = %point.id, %error, "group commit");
-                        }
+        let config = &self.inner.shared.config;
+        if config.fsync == Fsync::Interval {
+            self.every(config.fsync_interval, |store| async move {
+                for point in store.inner.shared.open_points() {
+                    if let Err(error) = point.sync().await {
+                        tracing::error!(point = %point.id, %error, "group commit");
                     }
                 }
             });
         }
-        let store = Arc::downgrade(&self.inner);
-        let idle = shared.config.idle_close;
-        self.inner.tasks.spawn(async move {
-            let mut ticker = tokio::time::interval((idle / 2).max(Duration::from_millis(50)));
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
-                let Some(inner) = store.upgrade() else { return };
-                let now = inner.shared.now_ms();
-                let idle_ms = idle.as_millis() as u64;
-                let stale: Vec<_> = inner
-                    .shared
-                    .open
-                    .lock()
-                    .expect("poisoned")
-                    .values()
-                    .filter(|p| {
-                        now.saturating_sub(p.last_used_ms.load(Ordering::Relaxed)) >= idle_ms
-                    })
-                    .cloned()
-                    .collect();
-                for point in stale {
-                    if let Err(error) = point.close(&inner.shared, Closing::Idle).await {
+        let idle = config.idle_close;
+        self.every(
+            (idle / 2).max(Duration::from_millis(50)),
+            move |store| async move {
+                let shared = &store.inner.shared;
+                let (now, idle_ms) = (shared.now_ms(), idle.as_millis() as u64);
+                for point in shared.open_points() {
+                    if now.saturating_sub(point.last_used_ms.load(Ordering::Relaxed)) < idle_ms {
+                        continue;
+                    }
+                    if let Err(error) = point.close(shared, Closing::Idle).await {
                         tracing::error!(point = %point.id, %error, "closing idle point");
                     }
                 }
-                Store { inner }.let_go_of_unused().await;
+                store.let_go_of_unused().await;
+            },
+        );
+        self.every(catalogue::CHECKPOINT_EVERY, |store| async move {
+            let catalogue = store.inner.shared.catalogue.clone();
+            match tokio::task::spawn_blocking(move || catalogue.checkpoint(false)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(%error, "checkpointing the catalogue"),
+                Err(error) => tracing::error!(%error, "checkpointing the catalogue"),
             }
         });
+    }
+
+    /// Runs `work` on the store every `period` (a late tick is delayed, not bunched) until the
+    /// store shuts down or is dropped; the task holds the store only while `work` runs.
+    fn every<F, Fut>(&self, period: Duration, work: F)
+    where
+        F: Fn(Store) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let store = Arc::downgrade(&self.inner);
         let token = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
-            let mut ticker = tokio::time::interval(catalogue::CHECKPOINT_EVERY);
+            let mut ticker = tokio::time::interval(period);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -908,13 +889,7 @@ impl Store {
                     _ = ticker.tick() => {}
                 }
                 let Some(inner) = store.upgrade() else { return };
-                let catalogue = inner.shared.catalogue.clone();
-                drop(inner);
-                match tokio::task::spawn_blocking(move || catalogue.checkpoint(false)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => tracing::error!(%error, "checkpointing the catalogue"),
-                    Err(error) => tracing::error!(%error, "checkpointing the catalogue"),
-                }
+                work(Store { inner }).await;
             }
         });
     }
@@ -957,6 +932,16 @@ impl Drop for Inner {
 }
 
 impl Shared {
+    /// The points whose files are open now.
+    pub(super) fn open_points(&self) -> Vec<Arc<Point>> {
+        self.open
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub(super) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
