@@ -1033,3 +1033,59 @@ impl ProcessReplicas {
         drop(self.dirs);
     }
 }
+
+/// A small filesystem of its own (a `tmpfs` of a given size, mounted on a temporary
+/// directory), for tests of a disk that fills up. Needs root, as the rest of the suite's
+/// network tests do; unmounted when dropped.
+pub struct SmallDisk {
+    dir: TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a filesystem of `bytes`.
+    pub fn mount(bytes: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes}"),
+                "goutube-test",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a tmpfs (needs root): {status}");
+        SmallDisk { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills what space is left with the file `name` (it is removed to give the space back).
+    pub fn fill(&self, name: &str) -> u64 {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.path().join(name)).expect("creating ballast");
+        let chunk = vec![0x5Au8; 4096];
+        let mut written = 0;
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => return written,
+                Ok(n) => written += n as u64,
+                Err(error) if error.raw_os_error() == Some(28) => return written,
+                Err(error) => panic!("filling the disk: {error}"),
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

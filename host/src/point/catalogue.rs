@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
@@ -75,8 +76,7 @@ impl Row {
 
 /// The catalogue of a store; see the module's documentation.
 pub(super) struct Catalogue {
-    /// The B-tree; `None` once the store closed (it may be opened again in this process).
-    db: RwLock<Option<Database>>,
+    db: RwLock<Tree>,
     dir: PathBuf,
     fsync: Fsync,
     log: Mutex<TouchLog>,
@@ -88,6 +88,19 @@ pub(super) struct Catalogue {
     pending: Mutex<BTreeMap<PointId, Option<Row>>>,
     /// Held through a flush, so that an older batch never lands over a newer one.
     flushing: Mutex<()>,
+    /// Rows written to the B-tree without a sync since the last checkpoint: if it is lost
+    /// (a failed write), they wait again in `pending`.
+    unsynced: Mutex<BTreeMap<PointId, Option<Row>>>,
+}
+
+/// The B-tree, as the catalogue holds it.
+enum Tree {
+    Open(Database),
+    /// A write to it failed (a full disk): redb refuses everything after an I/O error, so it
+    /// is opened again at its next use, as it was at its last checkpoint.
+    Lost,
+    /// The store closed (it may be opened again in this process).
+    Closed,
 }
 
 /// Most rows waiting for the B-tree before they are written to it.
@@ -96,6 +109,9 @@ const FLUSH_ROWS: usize = 4096;
 /// The current touch log and what it, and the store, know about touched points.
 struct TouchLog {
     file: File,
+    /// How much of the file holds whole records: the next one is written there (over what a
+    /// failed write left behind).
+    len: u64,
     generation: u64,
     /// Points named in the current log.
     named: HashSet<PointId>,
@@ -113,11 +129,7 @@ impl Catalogue {
         std::fs::create_dir_all(dir).map_err(StorageError::io("creating", dir))?;
         let path = dir.join("points.redb");
         let existed = path.exists();
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(catalogue_error("opening", &path))?;
-        Self::start(db, existed, dir, points, fsync)
+        Self::start(open_tree(&path)?, existed, dir, points, fsync)
     }
 
     /// [`open`](Self::open) on a B-tree opened already (`existed`: found, not created).
@@ -180,16 +192,15 @@ impl Catalogue {
             write.commit().map_err(catalogue_error("writing", &path))?;
         }
         let generation = logs.last().map_or(0, |(generation, _)| generation + 1);
-        let file = create_touch_log(dir, generation, [], fsync)?;
-        for (_, old) in &logs {
-            std::fs::remove_file(old).map_err(StorageError::io("removing", old))?;
-        }
+        let (file, len) = create_touch_log(dir, generation, [], fsync)?;
+        remove_touch_logs_before(dir, generation)?;
         Ok(Catalogue {
-            db: RwLock::new(Some(db)),
+            db: RwLock::new(Tree::Open(db)),
             dir: dir.to_owned(),
             fsync,
             log: Mutex::new(TouchLog {
                 file,
+                len,
                 generation,
                 named: HashSet::new(),
                 unsettled: HashSet::new(),
@@ -197,6 +208,7 @@ impl Catalogue {
             checkpointing: Mutex::new(()),
             pending: Mutex::default(),
             flushing: Mutex::new(()),
+            unsynced: Mutex::default(),
         })
     }
 
@@ -204,18 +216,42 @@ impl Catalogue {
         self.dir.join("points.redb")
     }
 
-    /// Runs `op` on the B-tree, unless the store closed.
+    /// Runs `op` on the B-tree (opened again first if a write lost it), unless the store
+    /// closed.
     fn with_db<T>(
         &self,
         op: impl FnOnce(&Database, &Path) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
         let path = self.path();
-        let db = self.db.read().expect("poisoned");
-        match db.as_ref() {
-            Some(db) => op(db, &path),
-            None => Err(StorageError::io("using", path)(std::io::Error::other(
-                "the store is closed",
-            ))),
+        if matches!(*self.db.read().expect("poisoned"), Tree::Lost) {
+            let mut tree = self.db.write().expect("poisoned");
+            if matches!(*tree, Tree::Lost) {
+                *tree = Tree::Open(open_tree(&path)?);
+                tracing::info!(path = %path.display(), "the catalogue is open again");
+            }
+        }
+        match &*self.db.read().expect("poisoned") {
+            Tree::Open(db) => op(db, &path),
+            Tree::Lost | Tree::Closed => Err(StorageError::io("using", path)(
+                std::io::Error::other("the store is closed"),
+            )),
+        }
+    }
+
+    /// After a write to the B-tree failed: closed (redb refuses every later use), to be opened
+    /// again at its next use; the rows written to it since the last checkpoint, which it will
+    /// not have then, wait again with the rest.
+    fn lose_tree(&self, error: &StorageError) {
+        tracing::error!(%error, "a write to the catalogue failed; it is opened again at its next use");
+        let mut tree = self.db.write().expect("poisoned");
+        if let Tree::Open(_) = *tree {
+            *tree = Tree::Lost;
+        }
+        drop(tree);
+        let unsynced = std::mem::take(&mut *self.unsynced.lock().expect("poisoned"));
+        let mut pending = self.pending.lock().expect("poisoned");
+        for (id, row) in unsynced {
+            pending.entry(id).or_insert(row);
         }
     }
 
@@ -334,13 +370,15 @@ impl Catalogue {
             return Ok(());
         }
         let path = touch_log_path(&self.dir, log.generation);
+        let record = touch_record(id);
         log.file
-            .write_all(&touch_record(id))
+            .write_all_at(&record, log.len)
             .and_then(|()| match self.fsync {
                 Fsync::Never => Ok(()),
                 _ => log.file.sync_data(),
             })
             .map_err(StorageError::io("writing", &path))?;
+        log.len += record.len() as u64;
         log.named.insert(id.clone());
         Ok(())
     }
@@ -384,11 +422,12 @@ impl Catalogue {
     }
 
     /// Writes the rows waiting into the B-tree in one transaction (`durability`), then lets go
-    /// of those not written again meanwhile (they are read from the B-tree from then on).
+    /// of those not written again meanwhile (they are read from the B-tree from then on). If
+    /// the write fails, they stay waiting, with those written since the last checkpoint.
     fn write_pending(&self, durability: Durability) -> Result<(), StorageError> {
         let _one = self.flushing.lock().expect("poisoned");
         let rows = self.pending.lock().expect("poisoned").clone();
-        self.with_db(|db, path| {
+        let written = self.with_db(|db, path| {
             let mut write = db.begin_write().map_err(catalogue_error("writing", path))?;
             write
                 .set_durability(durability)
@@ -406,7 +445,19 @@ impl Catalogue {
                 }
             }
             write.commit().map_err(catalogue_error("writing", path))
-        })?;
+        });
+        if let Err(error) = written {
+            self.lose_tree(&error);
+            return Err(error);
+        }
+        let mut unsynced = self.unsynced.lock().expect("poisoned");
+        match durability {
+            Durability::None => {
+                unsynced.extend(rows.iter().map(|(id, row)| (id.clone(), row.clone())))
+            }
+            _ => unsynced.clear(),
+        }
+        drop(unsynced);
         let mut pending = self.pending.lock().expect("poisoned");
         for (id, row) in rows {
             if pending.get(&id) == Some(&row) {
@@ -425,14 +476,14 @@ impl Catalogue {
             let mut log = self.log.lock().expect("poisoned");
             let old = log.generation;
             let carried: Vec<PointId> = log.unsettled.iter().cloned().collect();
-            log.file = create_touch_log(&self.dir, old + 1, carried.iter(), self.fsync)?;
+            (log.file, log.len) = create_touch_log(&self.dir, old + 1, carried.iter(), self.fsync)?;
             log.generation = old + 1;
             log.named = carried.into_iter().collect();
             old
         };
         self.write_pending(Durability::Immediate)?;
-        let old = touch_log_path(&self.dir, old);
-        std::fs::remove_file(&old).map_err(StorageError::io("removing", &old))?;
+        // The log before (and any a failed checkpoint left).
+        remove_touch_logs_before(&self.dir, old + 1)?;
         if closing {
             let log = self.log.lock().expect("poisoned");
             if log.unsettled.is_empty() {
@@ -441,7 +492,7 @@ impl Catalogue {
                 sync_dir(&self.dir).map_err(StorageError::io("syncing", &self.dir))?;
             }
             drop(log);
-            self.db.write().expect("poisoned").take();
+            *self.db.write().expect("poisoned") = Tree::Closed;
         }
         Ok(())
     }
@@ -482,6 +533,15 @@ fn migrate(db: &Database, path: &Path, points: &Path) -> Result<(), StorageError
         write.commit().map_err(catalogue_error("writing", path))?;
     }
     Ok(())
+}
+
+/// Opens (creating if needed) the B-tree at `path`; after a crash or a failed write, redb
+/// repairs it first.
+fn open_tree(path: &Path) -> Result<Database, StorageError> {
+    Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(catalogue_error("opening", path))
 }
 
 fn encode(row: &Row) -> Vec<u8> {
@@ -527,20 +587,21 @@ fn touch_logs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
     Ok(logs)
 }
 
-/// A new touch log naming `ids`, synced with its directory entry unless `fsync = "never"`.
+/// A new touch log naming `ids` (replacing what a failed attempt left), synced with its
+/// directory entry unless `fsync = "never"`; with its length.
 fn create_touch_log<'a>(
     dir: &Path,
     generation: u64,
     ids: impl IntoIterator<Item = &'a PointId>,
     fsync: Fsync,
-) -> Result<File, StorageError> {
+) -> Result<(File, u64), StorageError> {
     let path = touch_log_path(dir, generation);
     let records: Vec<u8> = ids.into_iter().flat_map(touch_record).collect();
     let create = || -> std::io::Result<File> {
         let mut file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .create(true)
-            .truncate(false)
+            .truncate(true)
             .open(&path)?;
         file.write_all(&records)?;
         if fsync != Fsync::Never {
@@ -549,7 +610,19 @@ fn create_touch_log<'a>(
         }
         Ok(file)
     };
-    create().map_err(StorageError::io("creating", &path))
+    let file = create().map_err(StorageError::io("creating", &path))?;
+    Ok((file, records.len() as u64))
+}
+
+/// Removes the touch logs older than `generation`.
+fn remove_touch_logs_before(dir: &Path, generation: u64) -> Result<(), StorageError> {
+    for (_, old) in touch_logs(dir)?
+        .into_iter()
+        .filter(|(older, _)| *older < generation)
+    {
+        std::fs::remove_file(&old).map_err(StorageError::io("removing", &old))?;
+    }
+    Ok(())
 }
 
 /// One record of a touch log: the id's length (u16, little-endian), the id, and the CRC32C of
@@ -791,6 +864,92 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A tmpfs of `bytes` on a temporary directory (root, as the suite's network tests need),
+    /// unmounted when dropped.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(bytes: u64) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={bytes}"),
+                    "goutube-test",
+                ])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "mounting a tmpfs (needs root): {status}");
+            Tmpfs(dir)
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_fails_a_write_of_the_b_tree_and_loses_no_row() {
+        let disk = Tmpfs::mount(32 * 1024 * 1024);
+        let (dir, points) = (
+            disk.0.path().join("catalogue"),
+            disk.0.path().join("points"),
+        );
+        let catalogue = Catalogue::open(&dir, &points, Fsync::Always).unwrap();
+        let mut rows = BTreeMap::new();
+        let mut add = |catalogue: &Catalogue, i: usize| {
+            let mut row = row(i, i as u64);
+            row.meta.content_type = Some(format!("video/{}", "x".repeat(400)));
+            catalogue.settle(&point(i), &row);
+            rows.insert(point(i), row);
+        };
+        (0..100).for_each(|i| add(&catalogue, i));
+        catalogue.checkpoint(false).unwrap();
+
+        // Another program takes the space left; rows go on being written (without a sync: redb
+        // keeps them in its cache) until the B-tree must grow.
+        let mut ballast = File::create(disk.0.path().join("ballast")).unwrap();
+        while ballast.write_all(&[0x5A; 4096]).is_ok() {}
+        let mut next = 100;
+        let error = loop {
+            for i in next..next + 50 {
+                add(&catalogue, i);
+            }
+            next += 50;
+            assert!(next < 100_000, "the B-tree never ran out of space");
+            if let Err(error) = catalogue.flush() {
+                break error;
+            }
+        };
+        assert!(error.is_disk_full(), "{error}");
+        assert!(next > 200, "some rows were written before: {next}");
+        // Every row written is there: the B-tree opened again, the rows it lost waiting.
+        let check = |catalogue: &Catalogue| {
+            let ids: Vec<PointId> = rows.keys().cloned().collect();
+            assert_eq!(catalogue.list("", None, usize::MAX).unwrap(), ids);
+            for (id, row) in &rows {
+                assert_eq!(catalogue.row(id).unwrap().as_ref(), Some(row), "{id}");
+            }
+        };
+        check(&catalogue);
+
+        // Space returns: the next checkpoint makes every row durable.
+        drop(ballast);
+        std::fs::remove_file(disk.0.path().join("ballast")).unwrap();
+        catalogue.checkpoint(true).unwrap();
+        drop(catalogue);
+        let catalogue = Catalogue::open(&dir, &points, Fsync::Always).unwrap();
+        check(&catalogue);
     }
 
     #[test]

@@ -105,6 +105,16 @@ pub(super) struct Files {
     pub(super) journal: File,
 }
 
+/// Why a write to a point's files failed, and what that leaves of the point.
+enum WriteFailure {
+    /// The disk is full, and the files were cut back to where they were: the point is as
+    /// before, and takes writes again once there is space.
+    Undone(StorageError),
+    /// Anything else (or the files could not be cut back): what they hold is not known, so the
+    /// point refuses writes until the node restarts and recovers it (`docs/storage.md`).
+    Stop(StorageError),
+}
+
 /// A piece of a point's data file that holds durable bytes, for a caller that copies them to a
 /// socket itself ([`Point::pieces`]). The file stays open while the piece is held, even if the
 /// point is closed, evicted or deleted meanwhile.
@@ -518,10 +528,16 @@ impl Point {
         // files at its first open (damage made while the node was stopped is found then).
         let known = (state.recovered && state.verified).then_some((state.end, state.journal_len));
         let (catalogue, id) = (shared.catalogue.clone(), self.id.clone());
+        let catalogued = state.catalogued;
         let (files, recovered) = tokio::task::spawn_blocking(move || {
             // Named in the touch log before its files can change (`catalogue.rs`).
             catalogue.touch(&id)?;
-            open_files(&dir, fsync, known)
+            let opened = open_files(&dir, fsync, known);
+            if opened.is_err() && !catalogued {
+                // Not created after all (`open_files` took away what it made).
+                catalogue.removed(&id);
+            }
+            opened
         })
         .await
         .map_err(join_error)??;
@@ -625,11 +641,13 @@ impl Point {
         let written = tokio::task::spawn_blocking(move || {
             let mut records = Vec::with_capacity(frames.len());
             let (mut end, mut crc) = (start, previous_crc);
+            let undo = |error| files.cut_back(&dir, (start, journal_offset), error);
             for (index, frame) in frames.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
                 files
                     .data
                     .write_all_at(frame, end)
-                    .map_err(StorageError::io("writing", dir.join(DATA_FILE)))?;
+                    .map_err(StorageError::io("writing", dir.join(DATA_FILE)))
+                    .map_err(undo)?;
                 // Two hardware passes are cheaper than one pass and a combine.
                 let append_crc = match &known_crcs {
                     Some(crcs) => crcs[index],
@@ -647,25 +665,33 @@ impl Point {
             }
             #[cfg(test)]
             if inject_failure {
-                let error = std::io::Error::from_raw_os_error(28); // ENOSPC
-                return Err(StorageError::io("writing", dir.join(JOURNAL_FILE))(error));
+                let error = std::io::Error::from_raw_os_error(libc::EIO);
+                return Err(WriteFailure::Stop(StorageError::io(
+                    "writing",
+                    dir.join(JOURNAL_FILE),
+                )(error)));
             }
             let journal: Vec<u8> = records.iter().flat_map(Record::encode).collect();
             files
                 .journal
                 .write_all_at(&journal, journal_offset)
-                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))?;
+                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))
+                .map_err(undo)?;
             if always && !records.is_empty() {
-                files.sync(&dir)?;
+                files.sync(&dir).map_err(WriteFailure::Stop)?;
             }
-            Ok::<_, StorageError>((frames, records))
+            Ok((frames, records))
         })
         .await
-        .map_err(join_error)
+        .map_err(|error| WriteFailure::Stop(join_error(error)))
         .and_then(|result| result);
         let (frames, records) = match written {
             Ok(written) => written,
-            Err(error) => {
+            Err(WriteFailure::Undone(error)) => {
+                tracing::warn!(point = %self.id, %error, "append refused; nothing of it was kept");
+                return Err(error.into());
+            }
+            Err(WriteFailure::Stop(error)) => {
                 tracing::error!(point = %self.id, %error, "append failed; the point now refuses writes");
                 state.failed = Some(error.to_string());
                 return Err(error.into());
@@ -819,7 +845,7 @@ impl Point {
     ) -> Result<(), StorageError> {
         let mut state = self.state.lock().await;
         let Some(files) = state.files.take() else {
-            if !state.deleted && !state.settled(self.snapshot().committed) {
+            if state.catalogued && !state.deleted && !state.settled(self.snapshot().committed) {
                 // Committed further since its files closed.
                 self.write_row(shared, &mut state, true).await?;
             }
@@ -855,24 +881,27 @@ impl Point {
             point_crc: state.crc,
             behind: u32::try_from(state.end - committed).unwrap_or(u32::MAX),
         };
-        let offset = state.journal_len;
+        let (end, offset) = (state.end, state.journal_len);
         let dir = self.dir.clone();
         let result = tokio::task::spawn_blocking(move || {
             files
                 .data
                 .sync_data()
-                .map_err(StorageError::io("syncing", dir.join(DATA_FILE)))?;
+                .map_err(StorageError::io("syncing", dir.join(DATA_FILE)))
+                .map_err(WriteFailure::Stop)?;
             files
                 .journal
                 .write_all_at(&marker.encode(), offset)
-                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))?;
+                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))
+                .map_err(|error| files.cut_back(&dir, (end, offset), error))?;
             files
                 .journal
                 .sync_data()
                 .map_err(StorageError::io("syncing", dir.join(JOURNAL_FILE)))
+                .map_err(WriteFailure::Stop)
         })
         .await
-        .map_err(join_error)
+        .map_err(|error| WriteFailure::Stop(join_error(error)))
         .and_then(|result| result);
         match result {
             Ok(()) => {
@@ -882,7 +911,9 @@ impl Point {
                 state.recorded_committed = committed;
                 Ok(())
             }
-            Err(error) => {
+            // Closed unmarked: opened again, it is checked against its journal as before.
+            Err(WriteFailure::Undone(error)) => Err(error),
+            Err(WriteFailure::Stop(error)) => {
                 state.failed = Some(error.to_string());
                 Err(error)
             }
@@ -902,6 +933,31 @@ impl Files {
             length(&self.data, DATA_FILE)?,
             length(&self.journal, JOURNAL_FILE)?,
         ))
+    }
+
+    /// After `error` from a write past the point's end: if the disk is full, the data file
+    /// and the journal are cut back to `(end, journal_len)`, dropping what the write left past
+    /// them, so that the point is as it was ([`WriteFailure::Undone`]).
+    fn cut_back(
+        &self,
+        dir: &Path,
+        (end, journal_len): (u64, u64),
+        error: StorageError,
+    ) -> WriteFailure {
+        if !error.is_disk_full() {
+            return WriteFailure::Stop(error);
+        }
+        let cut = self
+            .data
+            .set_len(end)
+            .and_then(|()| self.journal.set_len(journal_len));
+        match cut {
+            Ok(()) => WriteFailure::Undone(error),
+            Err(cut) => {
+                tracing::error!(dir = %dir.display(), error = %cut, "cutting back a write the full disk stopped");
+                WriteFailure::Stop(error)
+            }
+        }
     }
 
     pub(super) fn sync(&self, dir: &Path) -> Result<(), StorageError> {

@@ -39,9 +39,28 @@ pub(super) fn open_files(
     fsync: Fsync,
     known: Option<(u64, u64)>,
 ) -> Result<(Files, Option<journal::Recovered>), StorageError> {
+    let created = !dir.join(JOURNAL_FILE).exists();
+    let opened = open_or_create(dir, fsync, known, created);
+    if opened.is_err() && created {
+        // Not created after all (a full disk): nothing of it stays behind. Its empty
+        // parent directories may stay; they hold no point.
+        for name in [JOURNAL_FILE, DATA_FILE] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    opened
+}
+
+/// [`open_files`], `created`: the point has no journal yet.
+fn open_or_create(
+    dir: &Path,
+    fsync: Fsync,
+    known: Option<(u64, u64)>,
+    created: bool,
+) -> Result<(Files, Option<journal::Recovered>), StorageError> {
     let journal_path = dir.join(JOURNAL_FILE);
     let data_path = dir.join(DATA_FILE);
-    let created = !journal_path.exists();
     if created {
         create_dirs(dir, fsync).map_err(StorageError::io("creating", dir))?;
     }

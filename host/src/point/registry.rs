@@ -910,6 +910,10 @@ fn let_go(live: &mut HashMap<PointId, Arc<Point>>) -> Vec<Arc<Point>> {
         if state.files.is_some() || state.deleted {
             return state.files.is_some();
         }
+        if !state.catalogued {
+            // Never created (its creation failed): no row, no files.
+            return false;
+        }
         if !state.settled(point.snapshot().committed) {
             unrecorded.push(point.clone());
             return true;
