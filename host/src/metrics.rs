@@ -98,6 +98,9 @@ pub const RESHARD_MOVES_IN_FLIGHT: &str = "goutube_reshard_moves_in_flight";
 pub const RESHARD_LAG_BYTES: &str = "goutube_reshard_lag_bytes";
 /// Points this node handed to their new owner (committed there).
 pub const RESHARD_MOVED_POINTS: &str = "goutube_reshard_moved_points_total";
+/// Times the mover listed every point this node holds to plan moves (once per ring change,
+/// and again only when points came or went; never once per tick).
+pub const RESHARD_LISTINGS: &str = "goutube_reshard_listings_total";
 /// Points this node took over from their old owner.
 pub const RESHARD_RECEIVED_POINTS: &str = "goutube_reshard_received_points_total";
 /// Bytes of points handed over that the new owner did not hold yet.
@@ -169,6 +172,7 @@ const UNLABELLED: &[&str] = &[
     REPLICATION_NEWER_COPIES,
     FENCE_TIMEOUTS,
     RESHARD_MOVED_POINTS,
+    RESHARD_LISTINGS,
     RESHARD_RECEIVED_POINTS,
     RESHARD_MOVED_BYTES,
     RESHARD_FAILED_MOVES,
@@ -493,6 +497,10 @@ fn describe_resharding() {
     describe_counter!(
         RESHARD_MOVED_POINTS,
         "Points this node handed to their new owner (committed there)."
+    );
+    describe_counter!(
+        RESHARD_LISTINGS,
+        "Times the mover listed every point this node holds to plan moves."
     );
     describe_counter!(
         RESHARD_RECEIVED_POINTS,

@@ -631,6 +631,32 @@ async fn a_throttled_drain_moves_no_faster_than_its_throttle() {
     a.shutdown().await;
 }
 
+/// A drain lists the points held a few times, not once per round of the mover: a round comes
+/// every 500 ms and after every move, and a node may hold a million points (each round reads the
+/// handover index instead, `docs/resharding.md`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_lists_the_points_held_a_few_times_not_every_round() {
+    let _serial = SERIAL.lock().await;
+    let (a, b) = pair(|c| c.reshard.max_concurrent_moves = 1).await;
+    let held = points_of(&a, "listed", 80, 3_000).await;
+    let (listings, moves) = (
+        counter(goutube::metrics::RESHARD_LISTINGS),
+        counter(goutube::metrics::RESHARD_MOVED_POINTS),
+    );
+    drain(&a).await;
+    drained_to(&b, &held).await;
+    // One move at a time: a round ended each of them.
+    let rounds = counter(goutube::metrics::RESHARD_MOVED_POINTS) - moves;
+    assert_eq!(rounds, 80.0);
+    let listed = counter(goutube::metrics::RESHARD_LISTINGS) - listings;
+    assert!(
+        (1.0..=8.0).contains(&listed),
+        "{listed} listings for {rounds} rounds"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 /// Moves start only once the pending change and the live view have stayed the same for
 /// `reshard.settle_ms`: a member that turns up meanwhile (here a balancer) puts them off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

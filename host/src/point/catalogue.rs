@@ -34,6 +34,10 @@ pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// The table of rows: a point's id to its [`Row`] (JSON).
 const POINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("points");
 
+/// The ids of the points whose row has a handover record (`ownership.rs`): what the mover's
+/// cleanup and planning look at, without a walk over every point.
+const HANDOVERS: TableDefinition<&str, ()> = TableDefinition::new("handovers");
+
 /// The B-tree's page cache: rows of points in use stay in memory, the rest are read back.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
@@ -64,6 +68,11 @@ pub(super) struct Row {
 }
 
 impl Row {
+    /// Whether the point is part of a handover (`ownership.rs`).
+    fn in_handover(&self) -> bool {
+        self.meta.ownership.handover.is_some()
+    }
+
     /// The row of a point known only by its files.
     fn stale(meta: Meta) -> Row {
         Row {
@@ -141,17 +150,28 @@ impl Catalogue {
         fsync: Fsync,
     ) -> Result<Catalogue, StorageError> {
         let path = dir.join("points.redb");
-        let catalogue_rows = {
+        let indexed = {
+            let read = db.begin_read().map_err(catalogue_error("reading", &path))?;
+            match read.open_table(HANDOVERS) {
+                Ok(_) => true,
+                Err(redb::TableError::TableDoesNotExist(_)) => false,
+                Err(error) => return Err(catalogue_error("reading", &path)(error)),
+            }
+        };
+        {
             let write = db
                 .begin_write()
                 .map_err(catalogue_error("writing", &path))?;
-            write
-                .open_table(POINTS)
-                .map_err(catalogue_error("writing", &path))?;
+            {
+                let mut tables = Tables::open(&write, &path)?;
+                if existed && !indexed {
+                    // A catalogue from before the handover index: built once.
+                    tables.index_handovers()?;
+                }
+            }
             write.commit().map_err(catalogue_error("writing", &path))?;
-            existed
-        };
-        if !catalogue_rows {
+        }
+        if !existed {
             migrate(&db, &path, points)?;
         }
         let logs = touch_logs(dir)?;
@@ -171,22 +191,14 @@ impl Catalogue {
                 .begin_write()
                 .map_err(catalogue_error("writing", &path))?;
             {
-                let mut table = write
-                    .open_table(POINTS)
-                    .map_err(catalogue_error("writing", &path))?;
+                let mut tables = Tables::open(&write, &path)?;
                 for id in &touched {
                     let point_dir = points.join(id.relative_dir());
-                    if point_dir.join(JOURNAL_FILE).exists() {
-                        let meta = read_meta(&point_dir)?;
-                        let row = encode(&Row::stale(meta));
-                        table
-                            .insert(id.as_str(), row.as_slice())
-                            .map_err(catalogue_error("writing", &path))?;
-                    } else {
-                        table
-                            .remove(id.as_str())
-                            .map_err(catalogue_error("writing", &path))?;
-                    }
+                    let row = match point_dir.join(JOURNAL_FILE).exists() {
+                        true => Some(Row::stale(read_meta(&point_dir)?)),
+                        false => None,
+                    };
+                    tables.put(id, row.as_ref())?;
                 }
             }
             write.commit().map_err(catalogue_error("writing", &path))?;
@@ -337,6 +349,42 @@ impl Catalogue {
         })
     }
 
+    /// The points whose row has a handover record, in ascending order: the index merged with
+    /// the rows waiting.
+    pub(super) fn handovers(&self) -> Result<Vec<PointId>, StorageError> {
+        let pending: BTreeMap<PointId, bool> = self
+            .pending
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(id, row)| (id.clone(), row.as_ref().is_some_and(Row::in_handover)))
+            .collect();
+        let indexed = self.with_db(|db, path| {
+            let read = db.begin_read().map_err(catalogue_error("reading", path))?;
+            let table = read
+                .open_table(HANDOVERS)
+                .map_err(catalogue_error("reading", path))?;
+            let mut ids = Vec::new();
+            for entry in table.iter().map_err(catalogue_error("reading", path))? {
+                let (id, _) = entry.map_err(catalogue_error("reading", path))?;
+                ids.extend(PointId::new(id.value()).ok());
+            }
+            Ok(ids)
+        })?;
+        let mut ids: Vec<PointId> = indexed
+            .into_iter()
+            .filter(|id| !pending.contains_key(id))
+            .collect();
+        ids.extend(
+            pending
+                .into_iter()
+                .filter(|(_, handover)| *handover)
+                .map(|(id, _)| id),
+        );
+        ids.sort();
+        Ok(ids)
+    }
+
     /// How many points have a row.
     pub(super) fn len(&self) -> Result<u64, StorageError> {
         let pending = self.pending.lock().expect("poisoned").clone();
@@ -433,15 +481,9 @@ impl Catalogue {
                 .set_durability(durability)
                 .map_err(catalogue_error("writing", path))?;
             {
-                let mut table = write
-                    .open_table(POINTS)
-                    .map_err(catalogue_error("writing", path))?;
+                let mut tables = Tables::open(&write, path)?;
                 for (id, row) in &rows {
-                    match row {
-                        Some(row) => table.insert(id.as_str(), encode(row).as_slice()),
-                        None => table.remove(id.as_str()).map(|_| None),
-                    }
-                    .map_err(catalogue_error("writing", path))?;
+                    tables.put(id, row.as_ref())?;
                 }
             }
             write.commit().map_err(catalogue_error("writing", path))
@@ -520,14 +562,10 @@ fn migrate(db: &Database, path: &Path, points: &Path) -> Result<(), StorageError
     for batch in found.chunks(10_000) {
         let write = db.begin_write().map_err(catalogue_error("writing", path))?;
         {
-            let mut table = write
-                .open_table(POINTS)
-                .map_err(catalogue_error("writing", path))?;
+            let mut tables = Tables::open(&write, path)?;
             for id in batch {
                 let meta = read_meta(&points.join(id.relative_dir()))?;
-                table
-                    .insert(id.as_str(), encode(&Row::stale(meta)).as_slice())
-                    .map_err(catalogue_error("writing", path))?;
+                tables.put(id, Some(&Row::stale(meta)))?;
             }
         }
         write.commit().map_err(catalogue_error("writing", path))?;
@@ -542,6 +580,66 @@ fn open_tree(path: &Path) -> Result<Database, StorageError> {
         .set_cache_size(CACHE_BYTES)
         .create(path)
         .map_err(catalogue_error("opening", path))
+}
+
+/// The tables of a write transaction, written together.
+struct Tables<'txn> {
+    points: redb::Table<'txn, &'static str, &'static [u8]>,
+    handovers: redb::Table<'txn, &'static str, ()>,
+    path: &'txn Path,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(write: &'txn redb::WriteTransaction, path: &'txn Path) -> Result<Self, StorageError> {
+        Ok(Tables {
+            points: write
+                .open_table(POINTS)
+                .map_err(catalogue_error("writing", path))?,
+            handovers: write
+                .open_table(HANDOVERS)
+                .map_err(catalogue_error("writing", path))?,
+            path,
+        })
+    }
+
+    /// Writes the row of `id` (`None`: takes it away), and its place in the handover index.
+    fn put(&mut self, id: &PointId, row: Option<&Row>) -> Result<(), StorageError> {
+        let written = match row {
+            Some(row) => self
+                .points
+                .insert(id.as_str(), encode(row).as_slice())
+                .map(drop),
+            None => self.points.remove(id.as_str()).map(drop),
+        };
+        let indexed = match row.is_some_and(Row::in_handover) {
+            true => self.handovers.insert(id.as_str(), ()).map(drop),
+            false => self.handovers.remove(id.as_str()).map(drop),
+        };
+        written
+            .and(indexed)
+            .map_err(catalogue_error("writing", self.path))
+    }
+
+    /// Fills the handover index from every row (a catalogue written before it had one).
+    fn index_handovers(&mut self) -> Result<(), StorageError> {
+        let mut found = Vec::new();
+        for row in self
+            .points
+            .iter()
+            .map_err(catalogue_error("reading", self.path))?
+        {
+            let (id, row) = row.map_err(catalogue_error("reading", self.path))?;
+            if decode(row.value(), self.path)?.in_handover() {
+                found.push(id.value().to_owned());
+            }
+        }
+        for id in found {
+            self.handovers
+                .insert(id.as_str(), ())
+                .map_err(catalogue_error("writing", self.path))?;
+        }
+        Ok(())
+    }
 }
 
 fn encode(row: &Row) -> Vec<u8> {

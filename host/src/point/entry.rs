@@ -324,9 +324,11 @@ impl Point {
     }
 
     /// Writes `meta` as the point's `point.meta` (synced unless `fsync` is `never`), then keeps
-    /// it as the one in memory.
+    /// it as the one in memory and in its catalogue row (the handover index follows it at
+    /// once, not when the point closes).
     pub(super) async fn replace_meta(
         &self,
+        shared: &Shared,
         state: &mut State,
         meta: Meta,
         fsync: Fsync,
@@ -340,6 +342,9 @@ impl Point {
             std::mem::replace(&mut snapshot.arriving, arriving) != arriving
         });
         state.meta = Some(meta);
+        if state.catalogued {
+            self.write_row(shared, state, false).await?;
+        }
         Ok(())
     }
 
@@ -583,6 +588,7 @@ impl Point {
         if !state.catalogued {
             // A new point: listed from now on.
             self.write_row(shared, state, false).await?;
+            shared.generation.fetch_add(1, Ordering::AcqRel);
         }
         let files = Arc::new(files);
         state.files = Some(files.clone());

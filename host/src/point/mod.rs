@@ -273,6 +273,8 @@ struct Shared {
     open_count: AtomicUsize,
     /// Incremented on every use of a point: orders points for LRU eviction.
     uses: AtomicU64,
+    /// Incremented when a point is created ([`Store::generation`]).
+    generation: AtomicU64,
     /// Tests make the next journal write fail, as a full or failing disk would.
     #[cfg(test)]
     fail_next_journal_write: std::sync::atomic::AtomicBool,

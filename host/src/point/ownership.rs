@@ -172,6 +172,27 @@ impl Store {
             .await
     }
 
+    /// The points in a handover, each with its handover record, in ascending order: from the
+    /// catalogue's handover index, without a walk over every point.
+    pub async fn handovers(&self) -> Result<Vec<(PointId, Handover)>, ReadError> {
+        let catalogue = self.inner.shared.catalogue.clone();
+        let ids = tokio::task::spawn_blocking(move || catalogue.handovers())
+            .await
+            .map_err(join_error)??;
+        let mut handovers = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.ownership(&id).await {
+                Ok(Ownership {
+                    handover: Some(handover),
+                    ..
+                }) => handovers.push((id, handover)),
+                Ok(_) | Err(ReadError::NotFound(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(handovers)
+    }
+
     /// Replaces the ownership record of `id`, creating the point if needed (a follower learns a
     /// point's epoch before its first bytes). Synced before this returns, whatever
     /// `storage.fsync` says.

@@ -39,6 +39,7 @@ impl Store {
             open: StdMutex::new(HashMap::new()),
             open_count: AtomicUsize::new(0),
             uses: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             #[cfg(test)]
             fail_next_journal_write: Default::default(),
         });
@@ -71,6 +72,14 @@ impl Store {
     /// How the store runs.
     pub fn config(&self) -> &StoreConfig {
         &self.inner.shared.config
+    }
+
+    /// A number that changes whenever a point is created, and only then: a walker that listed
+    /// the points at one generation has every point held while it holds (a removal is told by
+    /// [`StoreEvent::Removed`]; changes to the points listed are seen through their rows and
+    /// the handover index).
+    pub fn generation(&self) -> u64 {
+        self.inner.shared.generation.load(Ordering::Acquire)
     }
 
     /// Number of points (0 if the catalogue cannot be read).
@@ -430,7 +439,9 @@ impl Store {
             let Some((meta, fsync)) = change(point.meta(&mut state).await?, written)? else {
                 return Ok(false);
             };
-            point.replace_meta(&mut state, meta, fsync).await?;
+            point
+                .replace_meta(&self.inner.shared, &mut state, meta, fsync)
+                .await?;
             return Ok(true);
         }
     }
@@ -547,7 +558,9 @@ impl Store {
                 ..meta.clone()
             };
             let fsync = self.inner.shared.config.fsync;
-            point.replace_meta(&mut state, meta, fsync).await?;
+            point
+                .replace_meta(&self.inner.shared, &mut state, meta, fsync)
+                .await?;
         }
         Ok(end)
     }
@@ -573,7 +586,9 @@ impl Store {
         let mut meta = meta.clone();
         meta.leader_epochs.record(start);
         let fsync = self.inner.shared.config.fsync;
-        point.replace_meta(state, meta, fsync).await?;
+        point
+            .replace_meta(&self.inner.shared, state, meta, fsync)
+            .await?;
         tracing::debug!(point = %id, epoch, start = end, "a new leader epoch begins in the point");
         let _ = self
             .inner

@@ -1023,3 +1023,82 @@ async fn a_walk_over_many_points_at_rest_keeps_few_in_memory() {
     assert_eq!(store.open_points(), 0);
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_handover_index_names_exactly_the_points_in_a_handover() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.max_open = 4;
+    let store = Store::open(config.clone()).await.unwrap();
+    for i in 0..40 {
+        store
+            .append(&id(&format!("p/{i:02}")), bytes(i, 100))
+            .await
+            .unwrap();
+    }
+    let with = |handover| Ownership {
+        epoch: 3,
+        owner: None,
+        handover: Some(handover),
+    };
+    let sealed = Handover::Sealed {
+        to: "b".into(),
+        end: 100,
+        crc: 7,
+        target_ring: 9,
+    };
+    let moved = Handover::Moved {
+        to: "b".into(),
+        epoch: 4,
+    };
+    store
+        .set_ownership(&id("p/03"), with(sealed.clone()))
+        .await
+        .unwrap();
+    store
+        .set_ownership(&id("p/17"), with(moved.clone()))
+        .await
+        .unwrap();
+    store
+        .set_ownership(&id("p/29"), with(moved.clone()))
+        .await
+        .unwrap();
+    // At once, while the points are still open.
+    let expected = vec![
+        (id("p/03"), sealed.clone()),
+        (id("p/17"), moved.clone()),
+        (id("p/29"), moved.clone()),
+    ];
+    assert_eq!(store.handovers().await.unwrap(), expected);
+    // A record cleared, a point removed: out of it.
+    store
+        .set_ownership(
+            &id("p/03"),
+            Ownership {
+                epoch: 3,
+                owner: None,
+                handover: None,
+            },
+        )
+        .await
+        .unwrap();
+    store.delete(&id("p/29")).await.unwrap();
+    let expected = vec![(id("p/17"), moved.clone())];
+    assert_eq!(store.handovers().await.unwrap(), expected);
+    store.close().await.unwrap();
+    let store = Store::open(config.clone()).await.unwrap();
+    assert_eq!(store.handovers().await.unwrap(), expected);
+    store.close().await.unwrap();
+
+    // A catalogue from before the index gets it at its first start.
+    {
+        let db = redb::Database::create(dir.path().join("catalogue/points.redb")).unwrap();
+        let write = db.begin_write().unwrap();
+        let handovers: redb::TableDefinition<&str, ()> = redb::TableDefinition::new("handovers");
+        assert!(write.delete_table(handovers).unwrap());
+        write.commit().unwrap();
+    }
+    let store = Store::open(config).await.unwrap();
+    assert_eq!(store.handovers().await.unwrap(), expected);
+    store.close().await.unwrap();
+}

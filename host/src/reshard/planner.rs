@@ -264,8 +264,9 @@ impl Planner {
         }
     }
 
-    /// The second step: the plan over the points this node holds (`held`, each with the
-    /// handover it is in) and the moves the pending change calls for (`moves`, from this node).
+    /// The second step: the plan over the points this node holds in a handover (`held`, each
+    /// with its record; a point in none cannot be a stray, so the others need not be listed)
+    /// and the moves the pending change calls for (`moves`, from this node).
     /// `started` is when the listing began.
     pub fn plan(
         &mut self,

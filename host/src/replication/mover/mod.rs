@@ -34,10 +34,10 @@ use super::error::{LinkError, MoveError, StoreError};
 use crate::cluster::Membership;
 use crate::cluster::handed::Tag;
 use crate::cluster::ring::Ring;
-use crate::cluster::{Handed, Lifecycle};
+use crate::cluster::{Change, Handed, Lifecycle};
 use crate::metrics;
 use crate::placement::PlacementError;
-use crate::point::{Handover, Ownership, PointId, ReadError};
+use crate::point::{Handover, Ownership, PointId, ReadError, StoreEvent};
 use crate::reshard::planner::{self, Action, Next, Outcome, Planner, Work};
 use crate::reshard::{self, Move};
 
@@ -50,6 +50,10 @@ use peer::*;
 /// How often the mover looks again without a change of membership (points created meanwhile,
 /// moves to retry).
 const TICK: Duration = Duration::from_millis(500);
+
+/// How often, at most, the points held are listed again while points come or go (a listing
+/// walks every point; the ticks between plan from the last one and the handover index).
+const RELIST_EVERY: Duration = Duration::from_secs(10);
 /// A move whose lag has not shrunk for this long is reported as stalled and tried again later.
 const STALL: Duration = Duration::from_secs(30);
 /// How long a fenced point waits for the new owner to confirm its last bytes before the fence
@@ -69,6 +73,7 @@ pub(crate) async fn run(
         reshard.max_concurrent_moves,
         Duration::from_millis(reshard.settle_ms),
     );
+    let mover_events = context.store.subscribe();
     let mut mover = Mover {
         context,
         tls,
@@ -80,6 +85,8 @@ pub(crate) async fn run(
         cleaned_at: None,
         offered: HashSet::new(),
         handed_over: true,
+        listing: None,
+        removals: mover_events,
     };
     let mut membership = mover.context.membership.clone();
     // Each move is a task of its own: it holds a point's lock at times, and must go on while
@@ -134,6 +141,41 @@ struct Mover {
     /// Whether copies handed over may still be here (after a start, after a move): only then
     /// are points looked at for cleanup.
     handed_over: bool,
+    /// The points held when last listed, and the moves last planned over them.
+    listing: Option<Listing>,
+    /// The store's events, for the points removed since (taken out of `listing`).
+    removals: tokio::sync::broadcast::Receiver<StoreEvent>,
+}
+
+/// The points this node held when it last listed them: a tick of a ring change plans from
+/// it and from the handover index, and lists the store again only when points came or went
+/// (its generation moved), at most every [`RELIST_EVERY`] — not a walk over every point each
+/// tick.
+struct Listing {
+    /// The store's generation when listed, and when.
+    generation: u64,
+    at: Instant,
+    points: std::sync::Arc<Vec<PointId>>,
+    /// The moves of `points` last planned, between the rings (and with the placement plugins)
+    /// of the key.
+    moves: Option<(MovesKey, Vec<Move>)>,
+}
+
+/// What the moves of a listing were planned for: the two rings' versions and the plugins'
+/// generation.
+type MovesKey = (u64, u64, u64);
+
+/// The points held that are in a handover, each with its record; what a tick reads instead of
+/// every point's record.
+type Handovers = HashMap<PointId, Handover>;
+
+/// Whether a point in `handover` (if any) is this node's to hand over: not handed over already,
+/// not arriving.
+fn holds(handover: Option<&Handover>) -> bool {
+    !matches!(
+        handover,
+        Some(Handover::Moved { .. } | Handover::Incoming { .. })
+    )
 }
 
 impl Mover {
@@ -178,16 +220,32 @@ impl Mover {
             Next::List { pending, since } => (pending, since),
         };
         let started = Instant::now();
-        let held = match self.held().await {
-            Ok(held) => held,
+        let handovers = match self.handovers().await {
+            Ok(handovers) => handovers,
             Err(error) => {
-                tracing::warn!(%error, "cannot list this node's points");
+                tracing::warn!(%error, "cannot list this node's points in a handover");
                 return Vec::new();
             }
         };
+        // Only a point in a handover can be a stray: the planner needs no other.
+        let mut held: Vec<(PointId, Option<Handover>)> = handovers
+            .iter()
+            .filter(|(_, handover)| holds(Some(handover)))
+            .map(|(point, handover)| (point.clone(), Some(handover.clone())))
+            .collect();
+        held.sort_by(|a, b| a.0.cmp(&b.0));
         let mut moves = Vec::new();
         if let Some(pending) = &pending {
-            match self.moves(&membership.ring, &pending.target, &held).await {
+            // This node says when it is done with a join, or with its own drain: only those
+            // need every point created since the listing.
+            let concludes = match &pending.change {
+                Change::Drain(member) => *member == local,
+                Change::Join(_) => true,
+            };
+            match self
+                .moves(&membership.ring, &pending.target, &handovers, concludes)
+                .await
+            {
                 Ok(planned) => moves.extend(planned.into_iter().filter(|m| m.from == local)),
                 Err(error) => {
                     tracing::warn!(%error, "cannot plan the moves of this node's points");
@@ -271,15 +329,18 @@ impl Mover {
         else {
             return Vec::new();
         };
-        let held = match self.held().await {
-            Ok(held) => held,
+        let handovers = match self.handovers().await {
+            Ok(handovers) => handovers,
             Err(error) => {
-                tracing::warn!(%error, "cannot list this node's points");
+                tracing::warn!(%error, "cannot list this node's points in a handover");
                 return Vec::new();
             }
         };
         let before = forgotten.before(&membership.ring);
-        let candidates = match self.moves(&before, &membership.ring, &held).await {
+        let candidates = match self
+            .moves(&before, &membership.ring, &handovers, true)
+            .await
+        {
             Ok(moves) => moves
                 .into_iter()
                 .filter(|m| {
@@ -363,17 +424,22 @@ impl Mover {
         let local = membership.local.clone();
         let store = self.context.store.clone();
         ::metrics::gauge!(metrics::QUARANTINED_POINTS).set(store.quarantined_count() as f64);
-        let held = match self.held().await {
-            Ok(held) => held,
+        let handovers = match self.handovers().await {
+            Ok(handovers) => handovers,
             Err(error) => {
-                tracing::warn!(%error, "cannot list this node's points");
+                tracing::warn!(%error, "cannot list this node's points in a handover");
                 return false;
             }
         };
-        if held.is_empty() {
+        let points: Vec<PointId> = self
+            .listed(true)
+            .iter()
+            .filter(|point| holds(handovers.get(*point)))
+            .cloned()
+            .collect();
+        if points.is_empty() {
             return true;
         }
-        let points: Vec<PointId> = held.into_iter().map(|(point, _)| point).collect();
         let plugins = self.context.services.plugins.current();
         let ring = membership.ring.clone();
         let me = local.clone();
@@ -470,12 +536,15 @@ impl Mover {
         let membership = self.context.membership.borrow().clone();
         let store = self.context.store.clone();
         let mut tasks = Vec::new();
-        for point in store.list("", None, usize::MAX) {
-            let Ok(Ownership {
-                handover: Some(Handover::Moved { to, epoch }),
-                ..
-            }) = store.ownership(&point).await
-            else {
+        let handovers = match store.handovers().await {
+            Ok(handovers) => handovers,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the points in a handover");
+                return Vec::new();
+            }
+        };
+        for (point, handover) in handovers {
+            let Handover::Moved { to, epoch } = handover else {
                 continue;
             };
             found = true;
@@ -630,44 +699,125 @@ impl Mover {
         }
     }
 
-    /// The points this node holds and may hand over (not those handed over already or
-    /// arriving), with the handover each is in.
-    async fn held(&self) -> Result<Vec<(PointId, Option<Handover>)>, ReadError> {
-        let store = &self.context.store;
-        let mut held = Vec::new();
-        for point in store.list("", None, usize::MAX) {
-            match store.ownership(&point).await {
-                Ok(Ownership {
-                    handover: Some(Handover::Moved { .. } | Handover::Incoming { .. }),
-                    ..
-                }) => {}
-                Ok(ownership) => held.push((point, ownership.handover)),
-                Err(ReadError::NotFound(_)) => {}
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(held)
+    /// The points this node holds in a handover, with their records (the handover index).
+    async fn handovers(&self) -> Result<Handovers, ReadError> {
+        Ok(self.context.store.handovers().await?.into_iter().collect())
     }
 
-    /// The moves of the `held` points, from their owner in `current` to their owner in `target`.
+    /// The points this node holds, from its last listing unless points came or went since
+    /// and that listing is older than [`RELIST_EVERY`] — or, with `exact`, unless points came
+    /// or went since at all (before deciding that nothing is left to move).
+    fn listed(&mut self, exact: bool) -> std::sync::Arc<Vec<PointId>> {
+        self.prune();
+        let store = &self.context.store;
+        let generation = store.generation();
+        let fresh = self.listing.as_ref().is_some_and(|listing| {
+            listing.generation == generation || (!exact && listing.at.elapsed() < RELIST_EVERY)
+        });
+        if !fresh {
+            let started = Instant::now();
+            let points = store.list("", None, usize::MAX);
+            ::metrics::counter!(metrics::RESHARD_LISTINGS).increment(1);
+            tracing::debug!(points = points.len(), took = ?started.elapsed(), "listed this node's points");
+            self.listing = Some(Listing {
+                generation,
+                at: started,
+                points: std::sync::Arc::new(points),
+                moves: None,
+            });
+        }
+        self.listing
+            .as_ref()
+            .map(|listing| listing.points.clone())
+            .unwrap_or_default()
+    }
+
+    /// Takes the points removed since the last look out of the listing and its moves. If
+    /// the store's events were missed (too many at once), the listing is done again once
+    /// [`RELIST_EVERY`] allows; a move of a point removed meanwhile fails and is not retried
+    /// after that.
+    fn prune(&mut self) {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let mut removed = HashSet::new();
+        loop {
+            match self.removals.try_recv() {
+                Ok(StoreEvent::Removed { point }) => {
+                    removed.insert(point);
+                }
+                Ok(_) => {}
+                Err(TryRecvError::Lagged(_)) => {
+                    if let Some(listing) = &mut self.listing {
+                        listing.generation = u64::MAX;
+                    }
+                }
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        if let Some(listing) = &mut self.listing
+            && !removed.is_empty()
+        {
+            std::sync::Arc::make_mut(&mut listing.points).retain(|p| !removed.contains(p));
+            if let Some((_, moves)) = &mut listing.moves {
+                moves.retain(|m| !removed.contains(&m.point));
+            }
+        }
+    }
+
+    /// The moves of the points this node holds and may hand over (not handed over already, not
+    /// arriving, by `handovers`), from their owner in `current` to their owner in `target`:
+    /// planned once per listing, pair of rings and plugins, then only filtered. With
+    /// `concludes` (none left ends this node's part in the change), none left is only said
+    /// from a listing of every point held now.
     async fn moves(
-        &self,
+        &mut self,
         current: &Ring,
         target: &Ring,
-        held: &[(PointId, Option<Handover>)],
+        handovers: &Handovers,
+        concludes: bool,
     ) -> Result<Vec<Move>, PlacementError> {
-        let held: Vec<PointId> = held.iter().map(|(point, _)| point.clone()).collect();
-        let plugins = self.context.services.plugins.current();
-        let (now, then) = (current.clone(), target.clone());
-        tokio::task::spawn_blocking(move || {
-            reshard::plan(
-                held,
-                |point| crate::placement::owner_in(&plugins, &now, point.as_str()),
-                |point| crate::placement::owner_in(&plugins, &then, point.as_str()),
-            )
-        })
-        .await
-        .map_err(|e| PlacementError::Task(e.to_string()))?
+        let moves = self.planned(current, target, handovers, false).await?;
+        if !moves.is_empty() || !concludes {
+            return Ok(moves);
+        }
+        self.planned(current, target, handovers, true).await
+    }
+
+    /// [`moves`](Self::moves) from the listing `listed(exact)` gives.
+    async fn planned(
+        &mut self,
+        current: &Ring,
+        target: &Ring,
+        handovers: &Handovers,
+        exact: bool,
+    ) -> Result<Vec<Move>, PlacementError> {
+        let points = self.listed(exact);
+        let generation = *self.context.services.plugins.reloads().borrow();
+        let key = (current.version(), target.version(), generation);
+        let planned = match self.listing.as_ref().and_then(|l| l.moves.as_ref()) {
+            Some((planned_for, moves)) if *planned_for == key => moves.clone(),
+            _ => {
+                let plugins = self.context.services.plugins.current();
+                let (now, then) = (current.clone(), target.clone());
+                let points = points.as_ref().clone();
+                let moves = tokio::task::spawn_blocking(move || {
+                    reshard::plan(
+                        points,
+                        |point| crate::placement::owner_in(&plugins, &now, point.as_str()),
+                        |point| crate::placement::owner_in(&plugins, &then, point.as_str()),
+                    )
+                })
+                .await
+                .map_err(|e| PlacementError::Task(e.to_string()))??;
+                if let Some(listing) = &mut self.listing {
+                    listing.moves = Some((key, moves.clone()));
+                }
+                moves
+            }
+        };
+        Ok(planned
+            .into_iter()
+            .filter(|m| holds(handovers.get(&m.point)))
+            .collect())
     }
 
     /// The connection to `to`, dialed at most once per round: a member that cannot be reached
