@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use bytes::Bytes;
 use clap::Subcommand;
+use futures::{StreamExt, TryStreamExt};
 use rand::RngCore;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -571,6 +572,19 @@ async fn points(count: usize, size: usize, max_open: usize, stats: usize) -> any
     })
     .await??;
     let baseline = started.elapsed();
+    // And the removal of as many as `rm` removes below.
+    let removals = count.min(RM_POINTS);
+    let started = Instant::now();
+    let baseline_dir = base.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        for i in 0..removals {
+            let dir = baseline_dir.join(format!("{:02x}/{:02x}", i % 256, (i / 256) % 256));
+            std::fs::remove_file(dir.join(format!("{i}")))?;
+        }
+        Ok(())
+    })
+    .await??;
+    let baseline_rm = started.elapsed();
     std::fs::remove_dir_all(&base)?;
 
     println!("| step | time | rate | node RSS | node descriptors |");
@@ -678,6 +692,66 @@ async fn points(count: usize, size: usize, max_open: usize, stats: usize) -> any
             &node,
         );
     }
+
+    // rm: the first `removals` points, a few calls in flight; the space they took comes back.
+    let used = disk_used(work.path())?;
+    let started = Instant::now();
+    let deletes = futures::stream::iter(listed.iter().take(removals))
+        .map(|point| client.delete(point))
+        .buffer_unordered(RM_IN_FLIGHT);
+    let sizes: Vec<u64> = deletes.try_collect().await?;
+    if sizes.iter().any(|deleted| *deleted != size as u64) {
+        bail!("a point removed had not {size} bytes");
+    }
+    let removed = started.elapsed();
+    report(
+        &format!("rm {removals} ({RM_IN_FLIGHT} calls in flight)"),
+        removed,
+        &per_second(removals, removed),
+        &node,
+    );
+    println!(
+        "| baseline: remove {removals} plain files | {:.3} s | {} | | |",
+        baseline_rm.as_secs_f64(),
+        per_second(removals, baseline_rm)
+    );
+    println!(
+        "| rm / baseline | {:.2}x | | | |",
+        baseline_rm.as_secs_f64() / removed.as_secs_f64()
+    );
+    let left = client.list("").await?.points.len();
+    if left != count - removals {
+        bail!("{left} points left after removing {removals} of {count}");
+    }
+    println!(
+        "| disk used before / after rm | {:.1} / {:.1} MiB | {:.1} MiB given back | | |",
+        used as f64 / 1048576.0,
+        disk_used(work.path())? as f64 / 1048576.0,
+        used.saturating_sub(disk_used(work.path())?) as f64 / 1048576.0,
+    );
     node.stop()?;
     Ok(())
+}
+
+/// Most points `bench points` removes (the issue's `rm` of 100,000), and how many removals it
+/// keeps in flight.
+const RM_POINTS: usize = 100_000;
+const RM_IN_FLIGHT: usize = 16;
+
+/// The bytes the files under `dir` take on disk (their allocated blocks).
+fn disk_used(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut used = 0;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current)? {
+            let entry = entry?;
+            let metadata = entry.metadata()?;
+            used += metadata.blocks() * 512;
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(used)
 }
