@@ -206,7 +206,11 @@ impl Mover {
         );
         self.perform(&membership, actions).await;
         let (pending, since) = match next {
-            Next::Idle => return Vec::new(),
+            Next::Idle => {
+                // No change to plan: the listing (a million ids, maybe) is not kept for the next.
+                self.listing = None;
+                return Vec::new();
+            }
             Next::StepDown { ring_version } => {
                 if self.step_down(&membership).await {
                     self.planner.stepped_down(ring_version);
