@@ -723,11 +723,12 @@ async fn points(count: usize, size: usize, max_open: usize, stats: usize) -> any
     if left != count - removals {
         bail!("{left} points left after removing {removals} of {count}");
     }
+    let after = disk_used(work.path())?;
     println!(
         "| disk used before / after rm | {:.1} / {:.1} MiB | {:.1} MiB given back | | |",
         used as f64 / 1048576.0,
-        disk_used(work.path())? as f64 / 1048576.0,
-        used.saturating_sub(disk_used(work.path())?) as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        used.saturating_sub(after) as f64 / 1048576.0,
     );
     node.stop()?;
     Ok(())

@@ -26,7 +26,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use super::files::{JOURNAL_FILE, Meta, read_meta, scan, sync_dir};
-use super::{Fsync, PointId, StorageError};
+use super::{Fsync, Handover, PointId, StorageError};
 
 /// How often rows become durable and the touch log starts again.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -71,6 +71,11 @@ impl Row {
     /// Whether the point is part of a handover (`ownership.rs`).
     fn in_handover(&self) -> bool {
         self.meta.ownership.handover.is_some()
+    }
+
+    /// The handover the point is part of, if any.
+    fn handover(&self) -> Option<Handover> {
+        self.meta.ownership.handover.clone()
     }
 
     /// The row of a point known only by its files.
@@ -349,40 +354,54 @@ impl Catalogue {
         })
     }
 
-    /// The points whose row has a handover record, in ascending order: the index merged with
-    /// the rows waiting.
-    pub(super) fn handovers(&self) -> Result<Vec<PointId>, StorageError> {
-        let pending: BTreeMap<PointId, bool> = self
+    /// The points whose row has a handover record, with it, in ascending order: the rows the
+    /// index names, merged with the rows waiting (a row is written whenever a point's record
+    /// changes, so it is current for open points too).
+    pub(super) fn handovers(&self) -> Result<Vec<(PointId, Handover)>, StorageError> {
+        let pending: BTreeMap<PointId, Option<Handover>> = self
             .pending
             .lock()
             .expect("poisoned")
             .iter()
-            .map(|(id, row)| (id.clone(), row.as_ref().is_some_and(Row::in_handover)))
+            .map(|(id, row)| (id.clone(), row.as_ref().and_then(Row::handover)))
             .collect();
-        let indexed = self.with_db(|db, path| {
+        let mut handovers = self.with_db(|db, path| {
             let read = db.begin_read().map_err(catalogue_error("reading", path))?;
-            let table = read
+            let index = read
                 .open_table(HANDOVERS)
                 .map_err(catalogue_error("reading", path))?;
-            let mut ids = Vec::new();
-            for entry in table.iter().map_err(catalogue_error("reading", path))? {
+            let rows = read
+                .open_table(POINTS)
+                .map_err(catalogue_error("reading", path))?;
+            let mut found = Vec::new();
+            for entry in index.iter().map_err(catalogue_error("reading", path))? {
                 let (id, _) = entry.map_err(catalogue_error("reading", path))?;
-                ids.extend(PointId::new(id.value()).ok());
+                let Ok(id) = PointId::new(id.value()) else {
+                    continue;
+                };
+                if pending.contains_key(&id) {
+                    continue;
+                }
+                let row = rows
+                    .get(id.as_str())
+                    .map_err(catalogue_error("reading", path))?;
+                if let Some(handover) = row
+                    .map(|row| decode(row.value(), path))
+                    .transpose()?
+                    .and_then(|row| row.handover())
+                {
+                    found.push((id, handover));
+                }
             }
-            Ok(ids)
+            Ok(found)
         })?;
-        let mut ids: Vec<PointId> = indexed
-            .into_iter()
-            .filter(|id| !pending.contains_key(id))
-            .collect();
-        ids.extend(
+        handovers.extend(
             pending
                 .into_iter()
-                .filter(|(_, handover)| *handover)
-                .map(|(id, _)| id),
+                .filter_map(|(id, handover)| Some((id, handover?))),
         );
-        ids.sort();
-        Ok(ids)
+        handovers.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(handovers)
     }
 
     /// How many points have a row.

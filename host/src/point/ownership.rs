@@ -173,24 +173,13 @@ impl Store {
     }
 
     /// The points in a handover, each with its handover record, in ascending order: from the
-    /// catalogue's handover index, without a walk over every point.
+    /// catalogue's handover index and the rows it names, without a walk over every point and
+    /// without taking any point into use.
     pub async fn handovers(&self) -> Result<Vec<(PointId, Handover)>, ReadError> {
         let catalogue = self.inner.shared.catalogue.clone();
-        let ids = tokio::task::spawn_blocking(move || catalogue.handovers())
+        Ok(tokio::task::spawn_blocking(move || catalogue.handovers())
             .await
-            .map_err(join_error)??;
-        let mut handovers = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.ownership(&id).await {
-                Ok(Ownership {
-                    handover: Some(handover),
-                    ..
-                }) => handovers.push((id, handover)),
-                Ok(_) | Err(ReadError::NotFound(_)) => {}
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(handovers)
+            .map_err(join_error)??)
     }
 
     /// Replaces the ownership record of `id`, creating the point if needed (a follower learns a
