@@ -745,13 +745,9 @@ impl Own {
     async fn highest_epoch(&self) -> u64 {
         let walk = || async {
             let Some(store) = &self.store else { return 0 };
-            let mut highest = crate::point::ownership::FIRST_EPOCH;
-            for id in store.list("", None, usize::MAX) {
-                if let Ok(ownership) = store.ownership(&id).await {
-                    highest = highest.max(ownership.epoch);
-                }
-            }
-            highest
+            let summaries = store.summaries().await;
+            let epochs = summaries.iter().map(|summary| summary.ownership.epoch);
+            epochs.fold(crate::point::ownership::FIRST_EPOCH, u64::max)
         };
         *self.highest.get_or_init(walk).await
     }

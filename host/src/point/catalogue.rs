@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use redb::{
@@ -26,7 +26,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use super::files::{JOURNAL_FILE, Meta, read_meta, scan, sync_dir};
-use super::{Fsync, Handover, PointId, StorageError};
+use super::{Fsync, Handover, PointId, Snapshot, StorageError, Summary};
 
 /// How often rows become durable and the touch log starts again.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -78,6 +78,18 @@ impl Row {
         self.meta.ownership.handover.clone()
     }
 
+    /// The snapshot a point at rest has (its row not stale).
+    pub(super) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            end: self.end,
+            crc: self.crc,
+            committed: self.committed,
+            committed_crc: self.committed_crc,
+            deleted: false,
+            arriving: self.meta.ownership.is_arriving(),
+        }
+    }
+
     /// The row of a point known only by its files.
     fn stale(meta: Meta) -> Row {
         Row {
@@ -94,6 +106,9 @@ pub(super) struct Catalogue {
     dir: PathBuf,
     fsync: Fsync,
     log: Mutex<TouchLog>,
+    /// How far the touch log is known to be synced; held through its sync, so that points
+    /// touched at once share one (a group commit, `touch`).
+    log_synced: Mutex<Synced>,
     /// Held through a checkpoint (one at a time; tests hold it to copy a crash image).
     checkpointing: Mutex<()>,
     /// Rows written and not in the B-tree yet (`None`: a row taken away), read before it:
@@ -122,16 +137,25 @@ const FLUSH_ROWS: usize = 4096;
 
 /// The current touch log and what it, and the store, know about touched points.
 struct TouchLog {
-    file: File,
+    file: Arc<File>,
     /// How much of the file holds whole records: the next one is written there (over what a
     /// failed write left behind).
     len: u64,
     generation: u64,
-    /// Points named in the current log.
+    /// Points named in the current log (durably, unless `fsync = "never"`).
     named: HashSet<PointId>,
     /// Points touched whose row is not rewritten yet (open, or being removed): carried into
     /// the next log at a checkpoint.
     unsettled: HashSet<PointId>,
+}
+
+/// The end of the touch log known to be synced: records before `len` in the log of
+/// `generation` are durable, and so is every record of an older log (a new log is synced with
+/// the ids it carries before it is used).
+#[derive(Debug, Clone, Copy)]
+struct Synced {
+    generation: u64,
+    len: u64,
 }
 
 impl Catalogue {
@@ -216,12 +240,13 @@ impl Catalogue {
             dir: dir.to_owned(),
             fsync,
             log: Mutex::new(TouchLog {
-                file,
+                file: Arc::new(file),
                 len,
                 generation,
                 named: HashSet::new(),
                 unsettled: HashSet::new(),
             }),
+            log_synced: Mutex::new(Synced { generation, len }),
             checkpointing: Mutex::new(()),
             pending: Mutex::default(),
             flushing: Mutex::new(()),
@@ -404,6 +429,51 @@ impl Catalogue {
         Ok(handovers)
     }
 
+    /// Every point with a row, in ascending order: the summary of each from its row, in one
+    /// read of the B-tree (and the rows waiting). The points to be asked themselves are named
+    /// apart: those in `in_use` (their row may be behind them) and those whose row is stale
+    /// (their files are the truth until they are recovered).
+    pub(super) fn summaries(
+        &self,
+        in_use: &HashSet<PointId>,
+    ) -> Result<(Vec<Summary>, Vec<PointId>), StorageError> {
+        let pending = self.pending.lock().expect("poisoned").clone();
+        let rows = self.with_db(|db, path| {
+            let read = db.begin_read().map_err(catalogue_error("reading", path))?;
+            let table = read
+                .open_table(POINTS)
+                .map_err(catalogue_error("reading", path))?;
+            let mut rows = Vec::new();
+            for entry in table.iter().map_err(catalogue_error("reading", path))? {
+                let (id, row) = entry.map_err(catalogue_error("reading", path))?;
+                let Ok(id) = PointId::new(id.value()) else {
+                    continue;
+                };
+                if pending.contains_key(&id) {
+                    continue;
+                }
+                rows.push((id, decode(row.value(), path)?));
+            }
+            Ok(rows)
+        })?;
+        let waiting = pending.into_iter().filter_map(|(id, row)| Some((id, row?)));
+        let (mut summaries, mut asked) = (Vec::new(), Vec::new());
+        for (id, row) in rows.into_iter().chain(waiting) {
+            if row.stale || in_use.contains(&id) {
+                asked.push(id);
+                continue;
+            }
+            summaries.push(Summary {
+                id,
+                snapshot: row.snapshot(),
+                ownership: row.meta.ownership,
+                leader_epochs: row.meta.leader_epochs,
+            });
+        }
+        summaries.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((summaries, asked))
+    }
+
     /// How many points have a row.
     pub(super) fn len(&self) -> Result<u64, StorageError> {
         let pending = self.pending.lock().expect("poisoned").clone();
@@ -430,23 +500,66 @@ impl Catalogue {
 
     /// Names `id` in the touch log before its files are opened or removed (synced first unless
     /// `fsync = "never"`). Blocking.
+    ///
+    /// The record is written under the log's lock and synced after it is let go of, by
+    /// [`sync_log`](Self::sync_log): points touched at once from many threads share one sync.
     pub(super) fn touch(&self, id: &PointId) -> Result<(), StorageError> {
+        let (file, generation, end) = {
+            let mut log = self.log.lock().expect("poisoned");
+            log.unsettled.insert(id.clone());
+            if log.named.contains(id) {
+                return Ok(());
+            }
+            let record = touch_record(id);
+            log.file
+                .write_all_at(&record, log.len)
+                .map_err(StorageError::io(
+                    "writing",
+                    touch_log_path(&self.dir, log.generation),
+                ))?;
+            log.len += record.len() as u64;
+            if self.fsync == Fsync::Never {
+                log.named.insert(id.clone());
+                return Ok(());
+            }
+            (log.file.clone(), log.generation, log.len)
+        };
+        self.sync_log(&file, generation, end)?;
+        // Named once durable: until then, another touch of `id` writes (and syncs) it again.
+        // A log started meanwhile carries `id` (it is unsettled) and names it already.
         let mut log = self.log.lock().expect("poisoned");
-        log.unsettled.insert(id.clone());
-        if log.named.contains(id) {
+        if log.generation == generation {
+            log.named.insert(id.clone());
+        }
+        Ok(())
+    }
+
+    /// Makes the touch log of `generation` durable up to `end` at least: nothing to do if a
+    /// sync since covered it (another thread's, or a new log's); else syncs it as far as it
+    /// is written now, for every record written before.
+    fn sync_log(&self, file: &File, generation: u64, end: u64) -> Result<(), StorageError> {
+        let mut synced = self.log_synced.lock().expect("poisoned");
+        let covered = synced.generation > generation
+            || (synced.generation == generation && synced.len >= end);
+        if covered {
             return Ok(());
         }
-        let path = touch_log_path(&self.dir, log.generation);
-        let record = touch_record(id);
-        log.file
-            .write_all_at(&record, log.len)
-            .and_then(|()| match self.fsync {
-                Fsync::Never => Ok(()),
-                _ => log.file.sync_data(),
-            })
-            .map_err(StorageError::io("writing", &path))?;
-        log.len += record.len() as u64;
-        log.named.insert(id.clone());
+        let written = {
+            let log = self.log.lock().expect("poisoned");
+            if log.generation != generation {
+                // A checkpoint started a new log, synced with every unsettled id (ours).
+                return Ok(());
+            }
+            log.len
+        };
+        file.sync_data().map_err(StorageError::io(
+            "syncing",
+            touch_log_path(&self.dir, generation),
+        ))?;
+        *synced = Synced {
+            generation,
+            len: written,
+        };
         Ok(())
     }
 
@@ -537,7 +650,8 @@ impl Catalogue {
             let mut log = self.log.lock().expect("poisoned");
             let old = log.generation;
             let carried: Vec<PointId> = log.unsettled.iter().cloned().collect();
-            (log.file, log.len) = create_touch_log(&self.dir, old + 1, carried.iter(), self.fsync)?;
+            let (file, len) = create_touch_log(&self.dir, old + 1, carried.iter(), self.fsync)?;
+            (log.file, log.len) = (Arc::new(file), len);
             log.generation = old + 1;
             log.named = carried.into_iter().collect();
             old
@@ -1067,6 +1181,51 @@ mod tests {
         drop(catalogue);
         let catalogue = Catalogue::open(&dir, &points, Fsync::Always).unwrap();
         check(&catalogue);
+    }
+
+    #[test]
+    fn points_touched_at_once_from_many_threads_are_all_in_the_log_across_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalogue_dir = dir.path().join("catalogue");
+        let catalogue =
+            Catalogue::open(&catalogue_dir, &dir.path().join("points"), Fsync::Always).unwrap();
+        let touching = AtomicI64::new(8);
+        let checkpoints = AtomicI64::new(0);
+        let touched: Vec<PointId> = std::thread::scope(|scope| {
+            // New logs keep starting while the points are touched (and share syncs).
+            scope.spawn(|| {
+                while touching.load(Ordering::SeqCst) > 0 {
+                    catalogue.checkpoint(false).unwrap();
+                    checkpoints.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            let touchers: Vec<_> = (0..8)
+                .map(|thread| {
+                    let (catalogue, touching) = (&catalogue, &touching);
+                    scope.spawn(move || {
+                        let ids: Vec<PointId> = (0..60)
+                            .map(|i| PointId::new(format!("t{thread}/{i:02}")).unwrap())
+                            .collect();
+                        for id in &ids {
+                            catalogue.touch(id).unwrap();
+                        }
+                        touching.fetch_sub(1, Ordering::SeqCst);
+                        ids
+                    })
+                })
+                .collect();
+            touchers
+                .into_iter()
+                .flat_map(|toucher| toucher.join().unwrap())
+                .collect()
+        });
+        assert!(checkpoints.load(Ordering::SeqCst) > 0);
+        // None is settled: a crash now finds every one in the one log left.
+        let logs = touch_logs(&catalogue_dir).unwrap();
+        assert_eq!(logs.len(), 1, "{logs:?}");
+        let named: HashSet<PointId> = read_touch_log(&logs[0].1).unwrap().into_iter().collect();
+        let missing: Vec<&PointId> = touched.iter().filter(|id| !named.contains(*id)).collect();
+        assert!(missing.is_empty(), "not in the log: {missing:?}");
     }
 
     #[test]

@@ -183,7 +183,6 @@ impl Point {
                 .file_modified_ms
                 .store(row.modified_ms + 1, Ordering::Relaxed);
         }
-        let arriving = row.meta.ownership.is_arriving();
         let mut state = State {
             catalogued: true,
             ..State::default()
@@ -202,14 +201,7 @@ impl Point {
                     pending: [(row.end, row.crc)].into(),
                 };
             }
-            point.snapshot.send_replace(Snapshot {
-                end: row.end,
-                crc: row.crc,
-                committed: row.committed,
-                committed_crc: row.committed_crc,
-                deleted: false,
-                arriving,
-            });
+            point.snapshot.send_replace(row.snapshot());
         }
         state.meta = Some(row.meta);
         state.sniffed = row.sniffed;

@@ -106,6 +106,20 @@ pub struct Snapshot {
     pub arriving: bool,
 }
 
+/// What a walk over every point reads of one ([`Store::summaries`]): what a follower offers its
+/// leader, what a leader starts a follower's session from, where a leadership transfer waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The point.
+    pub id: PointId,
+    /// Its end, CRC32C and committed end.
+    pub snapshot: Snapshot,
+    /// Its epoch, owner and handover record.
+    pub ownership: Ownership,
+    /// Where each leader epoch began in it.
+    pub leader_epochs: LeaderEpochs,
+}
+
 /// How a client's write was admitted ([`Store::write`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ClientWrite {

@@ -2,7 +2,7 @@
 //! create, append to, read, list and delete points by id, the store-wide event broadcast, and
 //! the bound on open files (least recently used points closed, idle points closed).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
@@ -176,10 +176,21 @@ impl Store {
             .await
     }
 
-    /// The committed end of `id` ([`Snapshot::committed`]; 0 for a point not held, or not
-    /// opened since the store opened).
+    /// The committed end of `id` ([`Snapshot::committed`]; 0 for a point not held, or whose
+    /// row a crash left stale and that was not opened since): from the point if it is in use,
+    /// else from its catalogue row, without taking it into use (a walk over every point asks).
     pub fn committed(&self, id: &PointId) -> u64 {
-        self.get(id).map_or(0, |point| point.snapshot().committed)
+        if let Some(point) = self.inner.live.read().expect("poisoned").get(id) {
+            return point.snapshot().committed;
+        }
+        match self.inner.shared.catalogue.row(id) {
+            Ok(Some(row)) if !row.stale => row.committed,
+            Ok(_) => 0,
+            Err(error) => {
+                tracing::warn!(point = %id, %error, "reading a point's committed end");
+                0
+            }
+        }
     }
 
     /// Commits `id` up to `up_to` ([`Snapshot::committed`]): the appends made
@@ -292,13 +303,61 @@ impl Store {
     /// The end of every point held, read now (a point that cannot be read is left out: its
     /// reader is told why when it reads it).
     pub async fn ends(&self) -> Vec<(PointId, u64)> {
-        let mut ends = Vec::new();
-        for id in self.list("", None, usize::MAX) {
-            if let Ok(snapshot) = self.metadata(&id).await {
-                ends.push((id, snapshot.end));
+        self.summaries()
+            .await
+            .into_iter()
+            .map(|summary| (summary.id, summary.snapshot.end))
+            .collect()
+    }
+
+    /// Every point held, in ascending order, with its snapshot, ownership and leader epochs:
+    /// the points at rest from their catalogue rows in one read (none taken into use), the
+    /// points in use and those a crash left with a stale row from themselves. A point that
+    /// cannot be read is left out (its reader is told why when it reads it), and so is the
+    /// whole catalogue if it cannot be read (logged): a walk answers with what it has.
+    pub async fn summaries(&self) -> Vec<Summary> {
+        let in_use: HashSet<PointId> = self
+            .inner
+            .live
+            .read()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        let catalogue = self.inner.shared.catalogue.clone();
+        let read = tokio::task::spawn_blocking(move || catalogue.summaries(&in_use))
+            .await
+            .map_err(join_error)
+            .and_then(|read| read);
+        let (mut summaries, asked) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::error!(%error, "reading the catalogue's rows");
+                (Vec::new(), Vec::new())
+            }
+        };
+        for id in asked {
+            let summary = async {
+                let snapshot = self.metadata(&id).await?;
+                let ownership = self.ownership(&id).await?;
+                let leader_epochs = self.leader_epochs(&id).await?;
+                Ok::<_, ReadError>((snapshot, ownership, leader_epochs))
+            };
+            match summary.await {
+                Ok((snapshot, ownership, leader_epochs)) => summaries.push(Summary {
+                    id,
+                    snapshot,
+                    ownership,
+                    leader_epochs,
+                }),
+                Err(ReadError::NotFound(_)) => {}
+                Err(error) => {
+                    tracing::warn!(point = %id, %error, "left out of a walk over every point")
+                }
             }
         }
-        ends
+        summaries.sort_by(|a, b| a.id.cmp(&b.id));
+        summaries
     }
 
     /// The content type given for `id`, if any.

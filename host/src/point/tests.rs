@@ -1,5 +1,6 @@
 //! Store behaviour against real files in temporary directories.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -926,6 +927,21 @@ async fn a_crash_leaves_no_point_behind_its_catalogue_row() {
         Err(ReadError::NotFound(_))
     ));
     assert_eq!(store.read(&open, 0, 500).await.unwrap(), whole);
+    // A walk over every point sees the same (the stale rows asked of the points' files).
+    let walked: Vec<(PointId, u64)> = store
+        .summaries()
+        .await
+        .into_iter()
+        .map(|summary| (summary.id, summary.snapshot.end))
+        .collect();
+    assert_eq!(
+        walked,
+        vec![
+            (new.clone(), 50),
+            (open.clone(), 500),
+            (settled.clone(), 300)
+        ]
+    );
     store.close().await.unwrap();
     assert!(
         touch_logs(crashed.path()).is_empty(),
@@ -1100,5 +1116,102 @@ async fn the_handover_index_names_exactly_the_points_in_a_handover() {
     }
     let store = Store::open(config).await.unwrap();
     assert_eq!(store.handovers().await.unwrap(), expected);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_walk_over_every_point_reads_the_rows_and_takes_none_into_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.max_open = 4;
+    config.idle_close = Duration::from_millis(100);
+    config.fsync = Fsync::Never;
+    let store = Store::open(config).await.unwrap();
+    let mut expected = BTreeMap::new();
+    for i in 0..60u64 {
+        let (point, frame) = (id(&format!("sum/{i:02}")), bytes(i, 50 + i as usize));
+        store.append(&point, frame.clone()).await.unwrap();
+        expected.insert(
+            point,
+            (frame.len() as u64, crc32c::crc32c(&frame), FIRST_EPOCH),
+        );
+    }
+    let later = Ownership {
+        epoch: 7,
+        owner: Some("b".into()),
+        handover: None,
+    };
+    store
+        .set_ownership(&id("sum/13"), later.clone())
+        .await
+        .unwrap();
+    expected.get_mut(&id("sum/13")).unwrap().2 = 7;
+    let starts = vec![
+        EpochStart { epoch: 2, start: 0 },
+        EpochStart {
+            epoch: 5,
+            start: 40,
+        },
+    ];
+    let epochs = LeaderEpochs::new(starts).unwrap();
+    store
+        .set_leader_epochs(&id("sum/21"), epochs.clone())
+        .await
+        .unwrap();
+    store.delete(&id("sum/40")).await.unwrap();
+    expected.remove(&id("sum/40"));
+    let live = |store: &Store| store.inner.live.read().unwrap().len();
+    eventually("unused points let go", || live(&store) == 0).await;
+
+    // At rest: every answer from the rows, no point taken into use.
+    let uses = store.inner.shared.uses.load(Ordering::Relaxed);
+    let walked = store.summaries().await;
+    let found: BTreeMap<PointId, (u64, u32, u64)> = walked
+        .iter()
+        .map(|s| {
+            (
+                s.id.clone(),
+                (s.snapshot.end, s.snapshot.crc, s.ownership.epoch),
+            )
+        })
+        .collect();
+    assert_eq!(found, expected);
+    assert!(walked.windows(2).all(|pair| pair[0].id < pair[1].id));
+    let of = |walked: &[Summary], point: &str| {
+        walked
+            .iter()
+            .find(|s| s.id.as_str() == point)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(of(&walked, "sum/13").ownership, later);
+    assert_eq!(of(&walked, "sum/21").leader_epochs, epochs);
+    assert_eq!(live(&store), 0, "the walk took points into use");
+    assert_eq!(store.inner.shared.uses.load(Ordering::Relaxed), uses);
+    // So does a committed end asked of a point at rest (a leader's session start asks).
+    for (point, (end, _, _)) in &expected {
+        assert_eq!(store.committed(point), *end, "{point}");
+    }
+    assert_eq!(store.committed(&id("sum/40")), 0, "removed");
+    assert_eq!(
+        live(&store),
+        0,
+        "asking for committed ends took points into use"
+    );
+
+    // A point in use answers for itself (its row may be behind it); one taken into use but
+    // never created is not a point, and the walk does not create it.
+    let grown = id("sum/07");
+    let more = bytes(99, 30);
+    store.append(&grown, more.clone()).await.unwrap();
+    let ghost = id("sum/ghost");
+    let _held = store.get_or_insert(&ghost).unwrap();
+    let walked = store.summaries().await;
+    let whole = [bytes(7, 57), more].concat();
+    let summary = of(&walked, "sum/07").snapshot;
+    assert_eq!((summary.end, summary.crc), (87, crc32c::crc32c(&whole)));
+    assert!(walked.iter().all(|s| s.id != ghost));
+    assert_eq!(walked.len(), expected.len());
+    assert!(!store.inner.shared.config.dir.join("sum/ghost").exists());
     store.close().await.unwrap();
 }

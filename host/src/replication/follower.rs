@@ -313,29 +313,21 @@ struct Offer {
 }
 
 /// Every point this node holds, with its end, its epoch, its CRC32C and the newest leader epoch
-/// of its bytes.
+/// of its bytes: from the catalogue in one walk ([`crate::point::Store::summaries`]).
 async fn offers(context: &Context) -> Vec<Offer> {
-    let mut offers = Vec::new();
-    for id in context.store.list("", None, usize::MAX) {
-        let store = &context.store;
-        let held = async {
-            let snapshot = store.metadata(&id).await?;
-            let epoch = store.ownership(&id).await?.epoch;
-            let leader_epochs = store.leader_epochs(&id).await?;
-            Ok::<_, ReadError>((snapshot, epoch, leader_epochs.newest_below(snapshot.end)))
-        };
-        match held.await {
-            Ok((snapshot, epoch, leader_epoch)) => offers.push(Offer {
-                point: id,
-                end: snapshot.end,
-                epoch,
-                crc: snapshot.crc,
-                leader_epoch,
-            }),
-            Err(error) => tracing::warn!(point = %id, %error, "not offered to the leader"),
-        }
-    }
-    offers
+    context
+        .store
+        .summaries()
+        .await
+        .into_iter()
+        .map(|summary| Offer {
+            end: summary.snapshot.end,
+            epoch: summary.ownership.epoch,
+            crc: summary.snapshot.crc,
+            leader_epoch: summary.leader_epochs.newest_below(summary.snapshot.end),
+            point: summary.id,
+        })
+        .collect()
 }
 
 /// Work for the applier, in arrival order.

@@ -219,12 +219,10 @@ impl StreamingService {
         state.check_addressed(&request.into_inner().node)?;
         let store = &state.store;
         let (mut points, mut bytes) = (0, 0);
-        for id in store.list("", None, usize::MAX) {
-            let moved = matches!(
-                store.ownership(&id).await.map(|o| o.handover),
-                Ok(Some(Handover::Moved { .. }))
-            );
-            if !moved {
+        // The handover index names them: no walk over every point.
+        let handovers = store.handovers().await.map_err(Error::from)?;
+        for (id, handover) in handovers {
+            if !matches!(handover, Handover::Moved { .. }) {
                 continue;
             }
             match store.delete(&id).await {

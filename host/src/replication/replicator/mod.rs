@@ -375,29 +375,21 @@ impl Replicator {
     /// Reconciles with the store: with `offers` at the start of a session, `None` after the
     /// store's broadcast lagged.
     async fn scan(&mut self, offers: Option<HashMap<String, Held>>) {
-        let store = self.context.store.clone();
-        let ids = store.list("", None, usize::MAX);
-        let present: HashSet<PointId> = ids.iter().cloned().collect();
-        for id in ids {
+        // One walk of the catalogue, not a point taken into use each (`Store::summaries`).
+        let summaries = self.context.store.summaries().await;
+        let present: HashSet<PointId> = summaries.iter().map(|held| held.id.clone()).collect();
+        for summary in summaries {
+            let id = summary.id;
             if !self.in_scope(&id) {
                 continue;
             }
-            let Ok(snapshot) = store.metadata(&id).await else {
-                continue;
-            };
+            let snapshot = summary.snapshot;
             let Some(offers) = &offers else {
-                self.grew(id, snapshot.end);
+                self.grew(id.clone(), snapshot.end);
+                self.tell_committed_at(&id, snapshot.committed);
                 continue;
             };
-            let epoch = match store.ownership(&id).await {
-                Ok(ownership) => ownership.epoch,
-                // Deleted meanwhile: the removal event follows.
-                Err(ReadError::NotFound(_)) => continue,
-                Err(error) => {
-                    tracing::error!(follower = %self.follower, point = %id, %error, "cannot read the point's epoch; not replicating it in this session");
-                    continue;
-                }
-            };
+            let epoch = summary.ownership.epoch;
             let offered = offers.get(id.as_str()).copied();
             let held = offered.map_or(0, |held| held.end);
             let mut state = PointState {
@@ -420,7 +412,8 @@ impl Replicator {
                     Start::Replace
                 }
                 Some(offered) if offered.end > 0 => {
-                    match self.start_from(&id, offered, snapshot).await {
+                    let here = (snapshot, &summary.leader_epochs);
+                    match self.start_from(&id, offered, here).await {
                         Ok(start) => start,
                         Err(ReadError::NotFound(_)) => continue,
                         Err(error) => {
@@ -447,6 +440,9 @@ impl Replicator {
             }
             self.points.insert(id.clone(), state);
             self.commit_confirmed(&id);
+            // From the walk: asking the store for each of a million points costs a read each.
+            // A commit just made by `commit_confirmed` is told when the marks settle.
+            self.tell_committed_at(&id, snapshot.committed);
             self.mark(id);
         }
         let stale: Vec<PointId> = match &offers {
@@ -466,10 +462,6 @@ impl Replicator {
         for id in stale {
             self.removed(id);
         }
-        let known: Vec<PointId> = self.points.keys().cloned().collect();
-        for id in known {
-            self.tell_committed(&id);
-        }
         self.update_gauges();
     }
 
@@ -481,14 +473,11 @@ impl Replicator {
         &self,
         point: &PointId,
         offered: Held,
-        snapshot: Snapshot,
+        (snapshot, leader_epochs): (Snapshot, &LeaderEpochs),
     ) -> Result<Start, ReadError> {
         let store = &self.context.store;
         if let Some(newest) = offered.leader_epoch {
-            let agree = store
-                .leader_epochs(point)
-                .await?
-                .end_of(newest, snapshot.end);
+            let agree = leader_epochs.end_of(newest, snapshot.end);
             if offered.end > agree {
                 let crc = store.crc_at(point, agree).await?;
                 tracing::warn!(follower = %self.follower, %point, offered = offered.end, end = snapshot.end, cut = agree, follower_leader_epoch = newest, "the follower's copy holds a deposed leader's tail; cutting it back to where a newer leader epoch began");
@@ -513,10 +502,16 @@ impl Replicator {
     /// Makes a commit mark of `point` due if its committed end moved past what the follower
     /// was told, up to what it confirmed (so a mark names bytes its copy holds).
     fn tell_committed(&mut self, point: &PointId) {
+        let committed = self.context.store.committed(point);
+        self.tell_committed_at(point, committed);
+    }
+
+    /// [`tell_committed`](Self::tell_committed), `point` being committed up to `committed`.
+    fn tell_committed_at(&mut self, point: &PointId, committed: u64) {
         let (Some(marks), Some(state)) = (&mut self.marks, self.points.get(point)) else {
             return;
         };
-        let mark = self.context.store.committed(point).min(state.confirmed);
+        let mark = committed.min(state.confirmed);
         if mark > marks.told.get(point).copied().unwrap_or(0) {
             marks.due.insert(point.clone(), mark);
         }
