@@ -191,3 +191,150 @@ async fn points_can_be_listed_in_pages_and_deleted() {
     );
     node.shutdown().await;
 }
+
+/// Three frames for each of 120 points, round-robin: no two frames in a row are of one point.
+fn round_robin() -> Vec<(String, Vec<u8>)> {
+    (0..3u64)
+        .flat_map(|k| {
+            (0..120u64).map(move |i| {
+                let len = 100 + ((i * 7 + k * 13) % 61) as usize;
+                (format!("many/{i:03}"), data(i * 10 + k, len))
+            })
+        })
+        .collect()
+}
+
+fn request(
+    point: &str,
+    frame: &[u8],
+    expected_offset: Option<u64>,
+) -> goutube::proto::ProduceRequest {
+    goutube::proto::ProduceRequest {
+        point: point.into(),
+        frame: bytes::Bytes::copy_from_slice(frame),
+        expected_offset,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_stream_writes_many_points_at_once_each_in_its_order() {
+    let node = TestNode::start(|_| {}).await;
+    let mut client = node.client().await;
+    // And between every two of them a frame of one hot point, whose appends must wait on each
+    // other while the others' are in flight.
+    let frames: Vec<(String, Vec<u8>)> = round_robin()
+        .into_iter()
+        .enumerate()
+        .flat_map(|(n, frame)| {
+            let hot = ("many/hot".to_string(), data(10_000 + n as u64, 50 + n % 17));
+            [frame, hot]
+        })
+        .collect();
+    let requests: Vec<_> = frames
+        .iter()
+        .map(|(point, frame)| request(point, frame, None))
+        .collect();
+    let response = client
+        .produce_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    // One record per point, in first-seen order, each at its point's end.
+    let mut order: Vec<String> = (0..120).map(|i| format!("many/{i:03}")).collect();
+    order.insert(1, "many/hot".into());
+    assert_eq!(response.records.len(), order.len());
+    for (record, point) in response.records.iter().zip(order) {
+        let whole: Vec<u8> = frames
+            .iter()
+            .filter(|(p, _)| *p == point)
+            .flat_map(|(_, frame)| frame.clone())
+            .collect();
+        let last = frames.iter().rev().find(|(p, _)| *p == point).unwrap();
+        assert_eq!(record.point, point);
+        assert_eq!(record.end, whole.len() as u64);
+        assert_eq!(record.offset, (whole.len() - last.1.len()) as u64);
+        assert_eq!(record.crc32c, crc32c::crc32c(&whole));
+        let got = consume(&mut client, window(&point, 0, 0, 0)).await.unwrap();
+        assert_eq!(got.concat(), whole, "{point}");
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_frame_ends_a_stream_of_many_points_and_is_the_error() {
+    let node = TestNode::start(|_| {}).await;
+    let mut client = node.client().await;
+    let frames = round_robin();
+    // Every frame with its expected offset; the second frame of many/050 with a wrong one.
+    let mut ends = std::collections::HashMap::new();
+    let mut failing = None;
+    let requests: Vec<_> = frames
+        .iter()
+        .enumerate()
+        .map(|(n, (point, frame))| {
+            let end = ends.entry(point.clone()).or_insert(0u64);
+            let mut offset = *end;
+            if point == "many/050" && offset > 0 && failing.is_none() {
+                failing = Some(n);
+                offset += 1;
+            }
+            *end += frame.len() as u64;
+            request(point, frame, Some(offset))
+        })
+        .collect();
+    let failing = failing.unwrap();
+    let refused = client
+        .produce_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("many/050"),
+        "{}",
+        refused.message()
+    );
+    // Each point holds a prefix of its frames, in order: all of those before the failure, and
+    // for the failed point exactly its first frame.
+    for i in 0..120 {
+        let point = format!("many/{i:03}");
+        let sent: Vec<(usize, &Vec<u8>)> = frames
+            .iter()
+            .enumerate()
+            .filter(|(_, (p, _))| *p == point)
+            .map(|(n, (_, frame))| (n, frame))
+            .collect();
+        let got = match consume(&mut client, window(&point, 0, 0, 0)).await {
+            Ok(got) => got.concat(),
+            Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
+            Err(status) => panic!("{point}: {status:?}"),
+        };
+        let before: Vec<u8> = sent
+            .iter()
+            .filter(|(n, _)| *n < failing)
+            .flat_map(|(_, frame)| frame.to_vec())
+            .collect();
+        if point == "many/050" {
+            assert_eq!(got, before, "{point}");
+            continue;
+        }
+        let prefix = sent.iter().any(|(n, _)| {
+            let upto: Vec<u8> = sent
+                .iter()
+                .filter(|(m, _)| m <= n)
+                .flat_map(|(_, frame)| frame.to_vec())
+                .collect();
+            upto == got
+        });
+        assert!(
+            got.len() >= before.len() && prefix,
+            "{point}: {} bytes",
+            got.len()
+        );
+    }
+    node.shutdown().await;
+}

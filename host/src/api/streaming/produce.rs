@@ -2,10 +2,12 @@
 //! by a writer task in batches, acknowledged once the replicas asked for have them) and
 //! `DeletePoint`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -194,55 +196,166 @@ struct Frame {
     expected_offset: Option<u64>,
 }
 
-/// Appends the stream's frames in order, consecutive frames of one point as one batch. A frame
-/// with an `expected_offset` joins the batch before it only if that is exactly where the batch
-/// ends; otherwise it starts its own, appended only at that offset.
+/// Appends the stream's frames, in order for each point, consecutive frames of one point as one
+/// batch. A frame with an `expected_offset` joins the batch before it only if that is exactly
+/// where the batch ends; otherwise it starts its own, appended only at that offset.
+///
+/// Batches of different points are appended at once, up to [`APPENDS_IN_FLIGHT`] and
+/// [`MAX_BATCH_BYTES`] in flight (a stream creating many small points waits on one point's
+/// files at a time otherwise); a point's next batch waits for its last. After a failure no new
+/// batch starts, those in flight finish, and the failure of the earliest batch is the answer.
 async fn write_frames(
     state: Arc<Context>,
     mut frames: mpsc::Receiver<Frame>,
 ) -> Result<HashMap<usize, Appended>, Error> {
-    let mut last = HashMap::new();
+    let mut writes = Writes::new(&state);
     let mut pending = None;
-    let mut pace = Pace::new(&state);
-    loop {
-        let Some(first) = (match pending.take() {
-            Some(next) => Some(next),
-            None => frames.recv().await,
-        }) else {
-            return Ok(last);
+    let mut in_flight = FuturesUnordered::new();
+    let mut sequence = 0u64;
+    while writes.failed.is_none() {
+        let first = match pending.take() {
+            Some(next) => next,
+            None => tokio::select! {
+                Some(done) = in_flight.next() => {
+                    writes.finished(&state, done).await;
+                    continue;
+                }
+                frame = frames.recv() => match frame {
+                    Some(frame) => frame,
+                    None => break,
+                },
+            },
         };
-        let mut size = first.bytes.len() as u64;
-        let mut batch = vec![first.bytes];
-        while size < MAX_BATCH_BYTES {
-            match frames.try_recv() {
-                Ok(next)
-                    if next.slot == first.slot
-                        && next.expected_offset.is_none_or(|offset| {
-                            first.expected_offset.map(|start| start + size) == Some(offset)
-                        }) =>
-                {
-                    size += next.bytes.len() as u64;
-                    batch.push(next.bytes);
-                }
-                Ok(other) => {
-                    pending = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            }
+        let batch = gather(first, &mut frames, &mut pending);
+        while !in_flight.is_empty()
+            && (in_flight.len() >= APPENDS_IN_FLIGHT
+                || writes.bytes + batch.size > MAX_BATCH_BYTES
+                || writes.busy.contains(&batch.slot))
+        {
+            let done = in_flight.next().await.expect("an append in flight");
+            writes.finished(&state, done).await;
         }
-        let appended = state
-            .gate
-            .append(
-                &first.point,
-                (first.expected_offset, state.visibility()),
-                batch,
-                &state.services.lifetime.abort,
-            )
-            .await?;
-        if let Some(&appended) = appended.last() {
-            last.insert(first.slot, appended);
-            pace.wrote(&state, size, (&first.point, appended.end)).await;
+        if writes.failed.is_some() {
+            break;
+        }
+        writes.busy.insert(batch.slot);
+        writes.bytes += batch.size;
+        sequence += 1;
+        in_flight.push(append(state.clone(), sequence, batch));
+    }
+    while let Some(done) = in_flight.next().await {
+        writes.finished(&state, done).await;
+    }
+    match writes.failed {
+        Some((_, error)) => Err(error),
+        None => Ok(writes.last),
+    }
+}
+
+/// Appends of different points one stream keeps in flight at once.
+const APPENDS_IN_FLIGHT: usize = 16;
+
+/// Consecutive frames of one point, appended as one.
+struct Batch {
+    slot: usize,
+    point: PointId,
+    expected_offset: Option<u64>,
+    frames: Vec<Bytes>,
+    size: u64,
+}
+
+/// `first` and the frames right behind it that continue it (same point, and an
+/// `expected_offset`, if any, exactly where the batch ends), up to [`MAX_BATCH_BYTES`]; the
+/// first frame that does not is left in `pending`.
+fn gather(first: Frame, frames: &mut mpsc::Receiver<Frame>, pending: &mut Option<Frame>) -> Batch {
+    let mut batch = Batch {
+        slot: first.slot,
+        point: first.point,
+        expected_offset: first.expected_offset,
+        size: first.bytes.len() as u64,
+        frames: vec![first.bytes],
+    };
+    while batch.size < MAX_BATCH_BYTES {
+        match frames.try_recv() {
+            Ok(next)
+                if next.slot == batch.slot
+                    && next.expected_offset.is_none_or(|offset| {
+                        batch.expected_offset.map(|start| start + batch.size) == Some(offset)
+                    }) =>
+            {
+                batch.size += next.bytes.len() as u64;
+                batch.frames.push(next.bytes);
+            }
+            Ok(other) => {
+                *pending = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// What an append in flight comes back with: its place in the stream, its point's slot and
+/// name, its size, and its outcome.
+type Done = (u64, usize, PointId, u64, Result<Vec<Appended>, Error>);
+
+async fn append(state: Arc<Context>, sequence: u64, batch: Batch) -> Done {
+    let appended = state
+        .gate
+        .append(
+            &batch.point,
+            (batch.expected_offset, state.visibility()),
+            batch.frames,
+            &state.services.lifetime.abort,
+        )
+        .await
+        .map_err(Error::from);
+    (sequence, batch.slot, batch.point, batch.size, appended)
+}
+
+/// The writer's account of a stream's appends.
+struct Writes {
+    /// The last append of each point's slot.
+    last: HashMap<usize, Appended>,
+    /// The slots with an append in flight, and its bytes.
+    busy: HashSet<usize>,
+    bytes: u64,
+    /// The earliest failed append (by its place in the stream) and why.
+    failed: Option<(u64, Error)>,
+    pace: Pace,
+}
+
+impl Writes {
+    fn new(state: &Context) -> Self {
+        Writes {
+            last: HashMap::new(),
+            busy: HashSet::new(),
+            bytes: 0,
+            failed: None,
+            pace: Pace::new(state),
+        }
+    }
+
+    async fn finished(&mut self, state: &Context, (sequence, slot, point, size, appended): Done) {
+        self.busy.remove(&slot);
+        self.bytes -= size;
+        match appended {
+            Ok(appended) => {
+                if let Some(&appended) = appended.last() {
+                    self.last.insert(slot, appended);
+                    self.pace.wrote(state, size, (&point, appended.end)).await;
+                }
+            }
+            Err(error) => {
+                if self
+                    .failed
+                    .as_ref()
+                    .is_none_or(|(first, _)| sequence < *first)
+                {
+                    self.failed = Some((sequence, error));
+                }
+            }
         }
     }
 }
