@@ -9,7 +9,7 @@
 //! The shared parts are their own files — [`harness`] (server processes and `/proc`), [`stats`]
 //! (medians, spreads, ratio rows), [`workload`] (frames, produce/consume loops, the machine's
 //! ceilings), [`baseline`] — and each scenario beyond streaming has one (`cluster`, `controller`, `download`,
-//! `http`, `nginx`, `replication`, `reshard`, `transfer`); they all stand on the shared parts through this module.
+//! `http`, `nginx`, `points`, `replication`, `reshard`, `transfer`); they all stand on the shared parts through this module.
 
 mod baseline;
 mod cluster;
@@ -20,6 +20,7 @@ mod fleet;
 mod harness;
 mod http;
 mod nginx;
+mod points;
 mod replication;
 mod reshard;
 mod stats;
@@ -36,13 +37,9 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use bytes::Bytes;
 use clap::Subcommand;
-use futures::{StreamExt, TryStreamExt};
-use rand::RngCore;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use goutube::client::{Client, ClientOptions, ClientTls};
-use goutube::proto::{ListPointsRequest, ProduceRequest};
+use goutube::proto::ProduceRequest;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Bench {
@@ -214,6 +211,12 @@ pub(crate) enum Bench {
         /// Points stat'ed, chosen at random, one `GetMetadata` at a time.
         #[arg(long, default_value_t = 10_000)]
         stats: usize,
+        /// Produce streams creating points at once (each its own share of them).
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// storage.fsync of the node: "never", "interval" or "always".
+        #[arg(long, default_value = "never")]
+        fsync: String,
     },
     /// The baseline server (used by `bench streaming`).
     #[command(hide = true)]
@@ -233,7 +236,19 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             size,
             max_open,
             stats,
-        } => points(count, size, max_open, stats).await,
+            streams,
+            fsync,
+        } => {
+            let shape = points::Shape {
+                count,
+                size,
+                max_open,
+                stats,
+                streams: streams.max(1),
+                fsync,
+            };
+            points::run(shape).await
+        }
         Bench::Tls {
             mib,
             rounds,
@@ -543,216 +558,4 @@ async fn wait_for_followers(rpc: &str, count: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
-}
-
-/// Most points `bench points` creates through one produce stream.
-const STREAM_POINTS: usize = 100_000;
-
-async fn points(count: usize, size: usize, max_open: usize, stats: usize) -> anyhow::Result<()> {
-    let work = tempfile::tempdir()?;
-    println!("{count} points of {size} bytes, storage.max_open_points = {max_open}");
-    let mut payload = vec![0u8; size];
-    rand::rng().fill_bytes(&mut payload);
-    let payload = Bytes::from(payload);
-
-    // The baseline: the same bytes as plain files in a fan-out tree (open, write, close).
-    let started = Instant::now();
-    let base = work.path().join("baseline");
-    let written = payload.clone();
-    let baseline_dir = base.clone();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        for i in 0..count {
-            let dir = baseline_dir.join(format!("{:02x}/{:02x}", i % 256, (i / 256) % 256));
-            if i < 65_536 {
-                std::fs::create_dir_all(&dir)?;
-            }
-            std::fs::write(dir.join(format!("{i}")), &written)?;
-        }
-        Ok(())
-    })
-    .await??;
-    let baseline = started.elapsed();
-    // And the removal of as many as `rm` removes below.
-    let removals = count.min(RM_POINTS);
-    let started = Instant::now();
-    let baseline_dir = base.clone();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        for i in 0..removals {
-            let dir = baseline_dir.join(format!("{:02x}/{:02x}", i % 256, (i / 256) % 256));
-            std::fs::remove_file(dir.join(format!("{i}")))?;
-        }
-        Ok(())
-    })
-    .await??;
-    let baseline_rm = started.elapsed();
-    std::fs::remove_dir_all(&base)?;
-
-    println!("| step | time | rate | node RSS | node descriptors |");
-    println!("|---|---|---|---|---|");
-    let report = |step: &str, elapsed: Duration, rate: &str, server: &Server| {
-        println!(
-            "| {step} | {:.3} s | {rate} | {:.1} MiB | {} |",
-            elapsed.as_secs_f64(),
-            rss(server.pid()) as f64 / 1048576.0,
-            descriptors(server.pid())
-        );
-    };
-    let per_second =
-        |n: usize, elapsed: Duration| format!("{:.0}/s", n as f64 / elapsed.as_secs_f64());
-    println!(
-        "| baseline: plain files (open, write, close) | {:.3} s | {} | | |",
-        baseline.as_secs_f64(),
-        per_second(count, baseline)
-    );
-
-    let config = format!("{}max_open_points = {max_open}\n", storage("never"));
-    let started = Instant::now();
-    let node = Server::node(work.path(), &config)?;
-    report("start (empty)", started.elapsed(), "", &node);
-    let client = connect(&node.rpc).await?;
-    let started = Instant::now();
-    // One stream at a time, of at most 100,000 points: its answer lists a record per point,
-    // and more would not fit in one message.
-    for first in (0..count).step_by(STREAM_POINTS) {
-        let (tx, rx) = mpsc::channel(64);
-        let payload = payload.clone();
-        let feeder = tokio::spawn(async move {
-            for i in first..count.min(first + STREAM_POINTS) {
-                let request = ProduceRequest {
-                    point: format!("p/{i:07}"),
-                    frame: payload.clone(),
-                    ..Default::default()
-                };
-                if tx.send(request).await.is_err() {
-                    return;
-                }
-            }
-        });
-        client.raw().produce_stream(ReceiverStream::new(rx)).await?;
-        feeder.await?;
-    }
-    let created = started.elapsed();
-    report(
-        "create (one stream at a time)",
-        created,
-        &per_second(count, created),
-        &node,
-    );
-    println!(
-        "| create / baseline | {:.2}x | | | |",
-        baseline.as_secs_f64() / created.as_secs_f64()
-    );
-    drop(client);
-    node.stop()?;
-
-    let started = Instant::now();
-    let node = Server::node(work.path(), &config)?;
-    let client = connect(&node.rpc).await?;
-    let listed = client
-        .raw()
-        .list_points(ListPointsRequest {
-            max_results: 1,
-            ..Default::default()
-        })
-        .await?;
-    drop(listed);
-    report("restart (to first answer)", started.elapsed(), "", &node);
-    let started = Instant::now();
-    let listed = client.list("").await?.points;
-    if listed.len() != count {
-        bail!("listed {} points, created {count}", listed.len());
-    }
-    let elapsed = started.elapsed();
-    report("list all", elapsed, &per_second(count, elapsed), &node);
-
-    let sample: Vec<&String> = (0..stats.min(count))
-        .map(|_| &listed[rand::random_range(0..listed.len())])
-        .collect();
-    for pass in ["stat random points", "stat the same points again"] {
-        let started = Instant::now();
-        let mut latencies = Vec::with_capacity(sample.len());
-        for point in &sample {
-            let call = Instant::now();
-            let meta = client.stat(point).await?;
-            latencies.push(call.elapsed().as_secs_f64() * 1e6);
-            if meta.size != size as u64 {
-                bail!("{point} has {} bytes, expected {size}", meta.size);
-            }
-        }
-        latencies.sort_by(f64::total_cmp);
-        let rate = format!(
-            "p50 {:.0} µs, p99 {:.0} µs",
-            percentile(&latencies, 50),
-            percentile(&latencies, 99)
-        );
-        report(
-            &format!("{pass} ({})", sample.len()),
-            started.elapsed(),
-            &rate,
-            &node,
-        );
-    }
-
-    // rm: the first `removals` points, a few calls in flight; the space they took comes back.
-    let used = disk_used(work.path())?;
-    let started = Instant::now();
-    let deletes = futures::stream::iter(listed.iter().take(removals))
-        .map(|point| client.delete(point))
-        .buffer_unordered(RM_IN_FLIGHT);
-    let sizes: Vec<u64> = deletes.try_collect().await?;
-    if sizes.iter().any(|deleted| *deleted != size as u64) {
-        bail!("a point removed had not {size} bytes");
-    }
-    let removed = started.elapsed();
-    report(
-        &format!("rm {removals} ({RM_IN_FLIGHT} calls in flight)"),
-        removed,
-        &per_second(removals, removed),
-        &node,
-    );
-    println!(
-        "| baseline: remove {removals} plain files | {:.3} s | {} | | |",
-        baseline_rm.as_secs_f64(),
-        per_second(removals, baseline_rm)
-    );
-    println!(
-        "| rm / baseline | {:.2}x | | | |",
-        baseline_rm.as_secs_f64() / removed.as_secs_f64()
-    );
-    let left = client.list("").await?.points.len();
-    if left != count - removals {
-        bail!("{left} points left after removing {removals} of {count}");
-    }
-    let after = disk_used(work.path())?;
-    println!(
-        "| disk used before / after rm | {:.1} / {:.1} MiB | {:.1} MiB given back | | |",
-        used as f64 / 1048576.0,
-        after as f64 / 1048576.0,
-        used.saturating_sub(after) as f64 / 1048576.0,
-    );
-    node.stop()?;
-    Ok(())
-}
-
-/// Most points `bench points` removes (the issue's `rm` of 100,000), and how many removals it
-/// keeps in flight.
-const RM_POINTS: usize = 100_000;
-const RM_IN_FLIGHT: usize = 16;
-
-/// The bytes the files under `dir` take on disk (their allocated blocks).
-fn disk_used(dir: &std::path::Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut used = 0;
-    let mut pending = vec![dir.to_owned()];
-    while let Some(current) = pending.pop() {
-        for entry in std::fs::read_dir(&current)? {
-            let entry = entry?;
-            let metadata = entry.metadata()?;
-            used += metadata.blocks() * 512;
-            if metadata.is_dir() {
-                pending.push(entry.path());
-            }
-        }
-    }
-    Ok(used)
 }
