@@ -429,8 +429,8 @@ impl Catalogue {
         Ok(handovers)
     }
 
-    /// Every point with a row, in ascending order: the summary of each from its row, in one
-    /// read of the B-tree (and the rows waiting). The points to be asked themselves are named
+    /// Every point with a row: the summary of each from its row, in one read of the B-tree
+    /// (and the rows waiting; not in order, `Store::summaries` sorts once with the rest). The points to be asked themselves are named
     /// apart: those in `in_use` (their row may be behind them) and those whose row is stale
     /// (their files are the truth until they are recovered).
     pub(super) fn summaries(
@@ -470,7 +470,6 @@ impl Catalogue {
                 leader_epochs: row.meta.leader_epochs,
             });
         }
-        summaries.sort_by(|a, b| a.id.cmp(&b.id));
         Ok((summaries, asked))
     }
 

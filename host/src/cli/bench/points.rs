@@ -196,14 +196,7 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let follower = Server::node_at(work.path(), "follower", "127.0.0.1", None, &follower_config)?;
-    let total = (count * size) as f64;
-    let deadline = Instant::now() + CATCH_UP_LIMIT;
-    while metric(&follower, goutube::metrics::REPLICATED_BYTES).await? < total {
-        if Instant::now() > deadline {
-            bail!("the follower did not catch up within {CATCH_UP_LIMIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    replicated(&follower, count * size, "catch up").await?;
     let caught_up = started.elapsed();
     report(
         "a follower's catch-up of every point (from its start)",
@@ -221,13 +214,7 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     let started = Instant::now();
     let follower = Server::node_at(work.path(), "follower", "127.0.0.1", None, &follower_config)?;
     create_points(&client, count..count + 1, &payload).await?;
-    let deadline = Instant::now() + CATCH_UP_LIMIT;
-    while metric(&follower, goutube::metrics::REPLICATED_BYTES).await? < size as f64 {
-        if Instant::now() > deadline {
-            bail!("the follower did not resume within {CATCH_UP_LIMIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    replicated(&follower, size, "resume").await?;
     report(
         "the follower restarted (to its copy of a new point)",
         started.elapsed(),
@@ -377,4 +364,17 @@ fn write_synced(
             .into_iter()
             .try_for_each(|writer| writer.join().expect("a baseline writer panicked"))
     })
+}
+
+/// Waits until `follower` has replicated `bytes` since it started, within [`CATCH_UP_LIMIT`]
+/// (`what` it failed to do otherwise).
+async fn replicated(follower: &Server, bytes: usize, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CATCH_UP_LIMIT;
+    while metric(follower, goutube::metrics::REPLICATED_BYTES).await? < bytes as f64 {
+        if Instant::now() > deadline {
+            bail!("the follower did not {what} within {CATCH_UP_LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
