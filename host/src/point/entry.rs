@@ -526,7 +526,8 @@ impl Point {
         let known = (state.recovered && state.verified).then_some((state.end, state.journal_len));
         let (catalogue, id) = (shared.catalogue.clone(), self.id.clone());
         let catalogued = state.catalogued;
-        let (files, recovered) = tokio::task::spawn_blocking(move || {
+        let read_meta_too = state.meta.is_none();
+        let (files, recovered, meta) = tokio::task::spawn_blocking(move || {
             // Named in the touch log before its files can change (`catalogue.rs`).
             catalogue.touch(&id)?;
             let opened = open_files(&dir, fsync, known);
@@ -534,7 +535,10 @@ impl Point {
                 // Not created after all (`open_files` took away what it made).
                 catalogue.removed(&id);
             }
-            opened
+            let (files, recovered) = opened?;
+            // Its `point.meta`, in the same trip to the blocking pool, if not known yet.
+            let meta = read_meta_too.then(|| read_meta(&dir));
+            Ok::<_, StorageError>((files, recovered, meta))
         })
         .await
         .map_err(join_error)??;
@@ -556,6 +560,9 @@ impl Point {
             state.durable = recovered.end;
             state.journal_len = recovered.journal_len;
             state.recorded_committed = recovered.committed;
+            if let Some(meta) = meta {
+                state.meta = Some(meta?);
+            }
             let arriving = self.meta(state).await?.ownership.is_arriving();
             // Committed as far as the journal's last record says; the rest, one append as far
             // as commits are concerned, once a commit reaches its end (`docs/failover.md`).

@@ -74,16 +74,19 @@ fn open_or_create(
             .map_err(StorageError::io("opening", path))
     };
     let journal_file = open(&journal_path)?;
-    if journal_file
+    let journal_len = journal_file
         .metadata()
         .map_err(StorageError::io("inspecting", &journal_path))?
-        .len()
-        < journal::HEADER_LEN
-    {
-        // New, or its creation was interrupted before the header was complete.
-        journal_file
-            .set_len(0)
-            .and_then(|()| journal_file.write_all_at(&journal::encode_header(), 0))
+        .len();
+    if journal_len < journal::HEADER_LEN {
+        // New, or its creation was interrupted before the header was complete. An empty file
+        // is not truncated: ext4 flushes a file truncated to nothing when it is closed (its
+        // `auto_da_alloc`), a write-back per new point for nothing.
+        let cut = match journal_len {
+            0 => Ok(()),
+            _ => journal_file.set_len(0),
+        };
+        cut.and_then(|()| journal_file.write_all_at(&journal::encode_header(), 0))
             .and_then(|()| match fsync {
                 Fsync::Never => Ok(()),
                 _ => journal_file.sync_all(),
@@ -98,6 +101,15 @@ fn open_or_create(
         data: data_file,
         journal: journal_file,
     };
+    if created && files.lengths(dir)?.0 == 0 {
+        // Nothing to recover: the journal holds its header only, and no data file was left
+        // behind without a journal.
+        let empty = journal::Recovered {
+            journal_len: journal::HEADER_LEN,
+            ..Default::default()
+        };
+        return Ok((files, Some(empty)));
+    }
 
     if let Some((end, journal_len)) = known
         && files.lengths(dir)? == (end, journal_len)

@@ -1042,23 +1042,42 @@ impl Shared {
     /// Closes least recently used points until at most `max_open` are open. Called with no
     /// point lock held, so it can take the victims' locks.
     pub(super) async fn evict_over_limit(&self) {
-        while self.open_count.load(Ordering::Relaxed) > self.config.max_open {
-            let Some(victim) = self.least_recently_used() else {
+        loop {
+            let over = self
+                .open_count
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.config.max_open);
+            if over == 0 {
                 return;
-            };
-            if let Err(error) = victim.close(self, Closing::Idle).await {
-                tracing::error!(point = %victim.id, %error, "closing least recently used point");
+            }
+            // One look over the open points closes a few more than needed (1/64 of the
+            // limit), so that the next opens find room without looking again: many new
+            // points in a row cost one scan per batch, not one per point.
+            let victims = self.least_recently_used(over + self.config.max_open / 64);
+            if victims.is_empty() {
                 return;
+            }
+            for victim in victims {
+                if let Err(error) = victim.close(self, Closing::Idle).await {
+                    tracing::error!(point = %victim.id, %error, "closing least recently used point");
+                    return;
+                }
             }
         }
     }
 
-    pub(super) fn least_recently_used(&self) -> Option<Arc<Point>> {
-        self.open
-            .lock()
-            .expect("poisoned")
+    /// The `count` open points used least recently, the least first.
+    pub(super) fn least_recently_used(&self, count: usize) -> Vec<Arc<Point>> {
+        let open = self.open.lock().expect("poisoned");
+        let mut oldest: Vec<_> = open
             .values()
-            .min_by_key(|p| p.last_use.load(Ordering::Relaxed))
-            .cloned()
+            .map(|point| (point.last_use.load(Ordering::Relaxed), point))
+            .collect();
+        if count < oldest.len() {
+            oldest.select_nth_unstable_by_key(count, |(last_use, _)| *last_use);
+            oldest.truncate(count);
+        }
+        oldest.sort_unstable_by_key(|(last_use, _)| *last_use);
+        oldest.into_iter().map(|(_, point)| point.clone()).collect()
     }
 }

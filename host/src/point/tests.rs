@@ -222,6 +222,73 @@ async fn open_handles_are_bounded_and_idle_points_close() {
 }
 
 #[tokio::test]
+async fn the_points_closed_for_room_are_the_least_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.max_open = 128;
+    config.fsync = Fsync::Never;
+    let store = Store::open(config).await.unwrap();
+    let name = |i: usize| id(&format!("p{i}"));
+    for i in 0..128 {
+        store.append(&name(i), bytes(i as u64, 64)).await.unwrap();
+    }
+    // p0 is used again: now the most recent of the first 128.
+    store.append(&name(0), bytes(1000, 64)).await.unwrap();
+    for i in 128..200 {
+        store.append(&name(i), bytes(i as u64, 64)).await.unwrap();
+        assert!(store.open_points() <= 128, "{} open", store.open_points());
+    }
+    let open: std::collections::HashSet<PointId> = store
+        .inner
+        .shared
+        .open
+        .lock()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert!(open.contains(&name(0)), "p0 was used after p1..p127");
+    for i in 128..200 {
+        assert!(open.contains(&name(i)), "p{i} is among the newest");
+    }
+    // Of p1..p127, the ones closed are older than every one left open.
+    let kept: Vec<usize> = (1..128).filter(|&i| open.contains(&name(i))).collect();
+    let closed: Vec<usize> = (1..128).filter(|&i| !open.contains(&name(i))).collect();
+    assert!(!closed.is_empty());
+    if let (Some(newest_closed), Some(oldest_kept)) = (closed.last(), kept.first()) {
+        assert!(
+            newest_closed < oldest_kept,
+            "closed {closed:?}, kept {kept:?}"
+        );
+    }
+    // Closed points read back, reopened.
+    assert_eq!(store.read(&name(1), 0, 64).await.unwrap(), bytes(1, 64));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_data_file_left_without_its_journal_is_not_taken_for_the_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    // Bytes where a point's data would be, with no journal (nothing says they were written).
+    let point_dir = config.dir.join(id("orphan").relative_dir());
+    std::fs::create_dir_all(&point_dir).unwrap();
+    std::fs::write(point_dir.join(DATA_FILE), bytes(7, 300)).unwrap();
+    let store = Store::open(config).await.unwrap();
+    let appended = store.append(&id("orphan"), bytes(8, 100)).await.unwrap();
+    assert_eq!((appended.start, appended.end), (0, 100));
+    assert_eq!(
+        store.read(&id("orphan"), 0, 100).await.unwrap(),
+        bytes(8, 100)
+    );
+    store.close().await.unwrap();
+    assert_eq!(
+        std::fs::metadata(point_dir.join(DATA_FILE)).unwrap().len(),
+        100
+    );
+}
+
+#[tokio::test]
 async fn a_failed_write_refuses_further_writes_until_reopened() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path())).await.unwrap();
