@@ -338,3 +338,47 @@ async fn a_failed_frame_ends_a_stream_of_many_points_and_is_the_error() {
     }
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn new_points_are_admitted_ahead_and_the_earliest_failure_is_the_answer() {
+    let node = TestNode::start(|c| {
+        c.max_frame_size = 64 * 1024;
+        c.max_chunk_size = 16 * 1024;
+    })
+    .await;
+    let mut client = node.client().await;
+    // Forty new points (admitted while the ones before are), then a point whose admission
+    // fails (its content type is no media type), then a frame that fails as it is received
+    // (too large): the admission's failure came first in the stream, so it is the answer.
+    let mut requests: Vec<_> = (0..40u64)
+        .map(|i| request(&format!("ahead/{i:02}"), &data(700 + i, 900), None))
+        .collect();
+    requests.push(goutube::proto::ProduceRequest {
+        content_type: "not a media type".into(),
+        ..request("ahead/bad", &data(800, 100), None)
+    });
+    requests.push(request("ahead/big", &data(801, 64 * 1024 + 1), None));
+    let refused = client
+        .produce_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("content type"),
+        "{}",
+        refused.message()
+    );
+    // Everything before the failure is written; neither failing point exists.
+    for i in 0..40u64 {
+        let point = format!("ahead/{i:02}");
+        let got = consume(&mut client, window(&point, 0, 0, 0)).await.unwrap();
+        assert_eq!(got.concat(), data(700 + i, 900), "{point}");
+    }
+    for point in ["ahead/bad", "ahead/big"] {
+        let status = consume(&mut client, window(point, 0, 0, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{point}: {status:?}");
+    }
+    node.shutdown().await;
+}

@@ -115,6 +115,109 @@ enum WriteFailure {
     Stop(StorageError),
 }
 
+/// A batch of appends planned under the point's lock ([`Point::write`]), written on the
+/// blocking pool: alone, or right after a new point's files were created ([`First`]).
+struct Batch {
+    frames: Vec<Bytes>,
+    /// The CRC32C of each frame, when the caller checked them already.
+    known_crcs: Option<Vec<u32>>,
+    /// Where the batch starts, and the point's CRC32C and durable end there.
+    start: u64,
+    previous_crc: u32,
+    durable: u64,
+    /// Where its records go in the journal.
+    journal_offset: u64,
+    /// The committed end its records are measured against (`Visibility::OnCommit`).
+    committed: Option<u64>,
+    always: bool,
+    dir: PathBuf,
+    #[cfg(test)]
+    inject_failure: bool,
+}
+
+/// The frames of a batch written, with their journal records.
+type Written = (Vec<Bytes>, Vec<Record>);
+
+/// What [`Point::create_and_write`] did.
+pub(super) enum Created {
+    Written(Vec<Appended>),
+    /// The files were not a new point's: nothing was written, here are the frames.
+    NotNew(Vec<Bytes>),
+}
+
+/// What became of a batch given to [`Point::open_then`].
+enum First {
+    Written(Result<Written, WriteFailure>),
+    /// The files held bytes already (not a point just created): the batch was not written.
+    Unwritten(Batch),
+}
+
+impl Batch {
+    /// Writes the data in order, then the records in one journal write, then (with `fsync =
+    /// "always"`) syncs both. A failure past the point's end is cut back if the disk is full.
+    fn write(self, files: &Files) -> Result<Written, WriteFailure> {
+        let Batch {
+            frames,
+            known_crcs,
+            start,
+            previous_crc,
+            durable,
+            journal_offset,
+            committed,
+            always,
+            dir,
+            ..
+        } = self;
+        let behind = |end: u64| {
+            committed.map_or(0, |committed| {
+                u32::try_from(end.saturating_sub(committed)).unwrap_or(u32::MAX)
+            })
+        };
+        let mut records = Vec::with_capacity(frames.len());
+        let (mut end, mut crc) = (start, previous_crc);
+        let undo = |error| files.cut_back(&dir, (start, journal_offset), error);
+        for (index, frame) in frames.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
+            files
+                .data
+                .write_all_at(frame, end)
+                .map_err(StorageError::io("writing", dir.join(DATA_FILE)))
+                .map_err(undo)?;
+            // Two hardware passes are cheaper than one pass and a combine.
+            let append_crc = match &known_crcs {
+                Some(crcs) => crcs[index],
+                None => crc32c::crc32c(frame),
+            };
+            crc = crc32c::crc32c_append(crc, frame);
+            end += frame.len() as u64;
+            records.push(Record {
+                end,
+                durable,
+                append_crc,
+                point_crc: crc,
+                behind: behind(end),
+            });
+        }
+        #[cfg(test)]
+        if self.inject_failure {
+            let error = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(WriteFailure::Stop(StorageError::io(
+                "writing",
+                dir.join(JOURNAL_FILE),
+            )(error)));
+        }
+        let journal: Vec<u8> = records.iter().flat_map(Record::encode).collect();
+        files
+            .journal
+            .write_all_at(&journal, journal_offset)
+            .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))
+            .map_err(undo)?;
+        if always && !records.is_empty() {
+            files.sync(&dir).map_err(WriteFailure::Stop)?;
+        }
+        Ok((frames, records))
+    }
+}
+
 /// A piece of a point's data file that holds durable bytes, for a caller that copies them to a
 /// socket itself ([`Point::pieces`]). The file stays open while the piece is held, even if the
 /// point is closed, evicted or deleted meanwhile.
@@ -511,13 +614,25 @@ impl Point {
         shared: &Arc<Shared>,
         state: &mut State,
     ) -> Result<Arc<Files>, StorageError> {
+        let (files, _) = self.open_then(shared, state, None).await?;
+        Ok(files)
+    }
+
+    /// [`ensure_open`](Self::ensure_open), writing `first` in the same trip to the blocking
+    /// pool if the files are opened now and hold nothing yet.
+    async fn open_then(
+        self: &Arc<Point>,
+        shared: &Arc<Shared>,
+        state: &mut State,
+        first: Option<Batch>,
+    ) -> Result<(Arc<Files>, Option<First>), StorageError> {
         self.last_used_ms.store(shared.now_ms(), Ordering::Relaxed);
         self.last_use.store(
             shared.uses.fetch_add(1, Ordering::Relaxed),
             Ordering::Relaxed,
         );
         if let Some(files) = &state.files {
-            return Ok(files.clone());
+            return Ok((files.clone(), first.map(First::Unwritten)));
         }
         let dir = self.dir.clone();
         let fsync = shared.config.fsync;
@@ -527,7 +642,7 @@ impl Point {
         let (catalogue, id) = (shared.catalogue.clone(), self.id.clone());
         let catalogued = state.catalogued;
         let read_meta_too = state.meta.is_none();
-        let (files, recovered, meta) = tokio::task::spawn_blocking(move || {
+        let (files, recovered, meta, first) = tokio::task::spawn_blocking(move || {
             // Named in the touch log before its files can change (`catalogue.rs`).
             catalogue.touch(&id)?;
             let opened = open_files(&dir, fsync, known);
@@ -538,7 +653,15 @@ impl Point {
             let (files, recovered) = opened?;
             // Its `point.meta`, in the same trip to the blocking pool, if not known yet.
             let meta = read_meta_too.then(|| read_meta(&dir));
-            Ok::<_, StorageError>((files, recovered, meta))
+            // A point just created: nothing in its files, nothing in a `point.meta`.
+            let empty = recovered.is_some_and(|recovered| {
+                recovered.end == 0 && recovered.journal_len == journal::HEADER_LEN
+            }) && matches!(&meta, Some(Ok(meta)) if *meta == Meta::default());
+            let first = first.map(|batch| match empty {
+                true => First::Written(batch.write(&files)),
+                false => First::Unwritten(batch),
+            });
+            Ok::<_, StorageError>((files, recovered, meta, first))
         })
         .await
         .map_err(join_error)??;
@@ -592,7 +715,7 @@ impl Point {
         let files = Arc::new(files);
         state.files = Some(files.clone());
         shared.remember_open(self);
-        Ok(files)
+        Ok((files, first))
     }
 
     /// Writes a batch of appends under the point's lock: the data in order, then their journal
@@ -607,25 +730,79 @@ impl Point {
         (known_crcs, visibility): (Option<Vec<u32>>, Visibility),
         expected_start: Option<u64>,
     ) -> Result<Vec<Appended>, AppendError> {
+        let batch = self.plan(
+            shared,
+            state,
+            frames,
+            known_crcs,
+            visibility,
+            expected_start,
+        )?;
+        let files = state.files.clone().expect("write on an open point");
+        let written = tokio::task::spawn_blocking(move || batch.write(&files))
+            .await
+            .map_err(|error| WriteFailure::Stop(join_error(error)))
+            .and_then(|result| result);
+        self.finish_write(shared, state, written, visibility)
+    }
+
+    /// The first batch of a point that has no files and no row yet: its files are created and
+    /// the batch written in one trip to the blocking pool (a new point costs one trip, not
+    /// two). A point with nothing to check before its first bytes (no handover, no leader
+    /// epoch): if its files turn out not to be a new point's (left behind by a crash, or with
+    /// a `point.meta`), nothing is written and the frames come back, the files open, for the
+    /// ordinary way ([`write`](Self::write) after the checks).
+    pub(super) async fn create_and_write(
+        self: &Arc<Point>,
+        shared: &Arc<Shared>,
+        state: &mut State,
+        frames: Vec<Bytes>,
+        (known_crcs, visibility): (Option<Vec<u32>>, Visibility),
+    ) -> Result<Created, AppendError> {
+        debug_assert!(self.is_new(state));
+        // Planned against a point just created (`open_files`): empty, its journal a header.
+        state.journal_len = journal::HEADER_LEN;
+        let batch = self.plan(shared, state, frames, known_crcs, visibility, None)?;
+        let (_, first) = self.open_then(shared, state, Some(batch)).await?;
+        match first.expect("a batch was given") {
+            First::Written(written) => Ok(Created::Written(
+                self.finish_write(shared, state, written, visibility)?,
+            )),
+            First::Unwritten(batch) => Ok(Created::NotNew(batch.frames)),
+        }
+    }
+
+    /// Whether the point has no files and no row yet: its first use creates it.
+    pub(super) fn is_new(&self, state: &State) -> bool {
+        state.files.is_none() && !state.catalogued && !state.recovered && !state.deleted
+    }
+
+    /// A batch of appends to the point as `state` has it: refused if the point refuses writes
+    /// or does not end at `expected_start`.
+    fn plan(
+        &self,
+        shared: &Shared,
+        state: &State,
+        frames: Vec<Bytes>,
+        known_crcs: Option<Vec<u32>>,
+        visibility: Visibility,
+        expected_start: Option<u64>,
+    ) -> Result<Batch, AppendError> {
         if let Some(reason) = &state.failed {
             return Err(AppendError::Refused {
                 point: self.id.clone(),
                 reason: reason.clone(),
             });
         }
-        let start = state.end;
         if let Some(expected) = expected_start
-            && expected != start
+            && expected != state.end
         {
             return Err(AppendError::OffsetMismatch {
                 point: self.id.clone(),
                 expected,
-                end: start,
+                end: state.end,
             });
         }
-        let files = state.files.clone().expect("write on an open point");
-        let always = shared.config.fsync == Fsync::Always;
-        let (previous_crc, durable, journal_offset) = (state.crc, state.durable, state.journal_len);
         // How far each record says the committed end is behind it: nowhere for bytes committed
         // as they are stored; else from what is committed, or named by a commit, now.
         let committed = match visibility {
@@ -635,61 +812,30 @@ impl Point {
                 Some(target.max(self.snapshot.borrow().committed))
             }
         };
-        let behind = move |end: u64| {
-            committed.map_or(0, |committed| {
-                u32::try_from(end.saturating_sub(committed)).unwrap_or(u32::MAX)
-            })
-        };
-        let dir = self.dir.clone();
-        #[cfg(test)]
-        let inject_failure = shared.fail_next_journal_write.swap(false, Ordering::SeqCst);
-        let written = tokio::task::spawn_blocking(move || {
-            let mut records = Vec::with_capacity(frames.len());
-            let (mut end, mut crc) = (start, previous_crc);
-            let undo = |error| files.cut_back(&dir, (start, journal_offset), error);
-            for (index, frame) in frames.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
-                files
-                    .data
-                    .write_all_at(frame, end)
-                    .map_err(StorageError::io("writing", dir.join(DATA_FILE)))
-                    .map_err(undo)?;
-                // Two hardware passes are cheaper than one pass and a combine.
-                let append_crc = match &known_crcs {
-                    Some(crcs) => crcs[index],
-                    None => crc32c::crc32c(frame),
-                };
-                crc = crc32c::crc32c_append(crc, frame);
-                end += frame.len() as u64;
-                records.push(Record {
-                    end,
-                    durable,
-                    append_crc,
-                    point_crc: crc,
-                    behind: behind(end),
-                });
-            }
+        Ok(Batch {
+            frames,
+            known_crcs,
+            start: state.end,
+            previous_crc: state.crc,
+            durable: state.durable,
+            journal_offset: state.journal_len,
+            committed,
+            always: shared.config.fsync == Fsync::Always,
+            dir: self.dir.clone(),
             #[cfg(test)]
-            if inject_failure {
-                let error = std::io::Error::from_raw_os_error(libc::EIO);
-                return Err(WriteFailure::Stop(StorageError::io(
-                    "writing",
-                    dir.join(JOURNAL_FILE),
-                )(error)));
-            }
-            let journal: Vec<u8> = records.iter().flat_map(Record::encode).collect();
-            files
-                .journal
-                .write_all_at(&journal, journal_offset)
-                .map_err(StorageError::io("writing", dir.join(JOURNAL_FILE)))
-                .map_err(undo)?;
-            if always && !records.is_empty() {
-                files.sync(&dir).map_err(WriteFailure::Stop)?;
-            }
-            Ok((frames, records))
+            inject_failure: shared.fail_next_journal_write.swap(false, Ordering::SeqCst),
         })
-        .await
-        .map_err(|error| WriteFailure::Stop(join_error(error)))
-        .and_then(|result| result);
+    }
+
+    /// After a batch's trip to the blocking pool: a failure stops the point or leaves it as it
+    /// was; bytes written are published.
+    fn finish_write(
+        &self,
+        shared: &Shared,
+        state: &mut State,
+        written: Result<Written, WriteFailure>,
+        visibility: Visibility,
+    ) -> Result<Vec<Appended>, AppendError> {
         let (frames, records) = match written {
             Ok(written) => written,
             Err(WriteFailure::Undone(error)) => {
@@ -702,7 +848,7 @@ impl Point {
                 return Err(error.into());
             }
         };
-        if start == 0
+        if state.end == 0
             && state.sniffed.is_none()
             && let Some(first) = frames.first()
             && first.len() as u64 >= crate::content::SNIFF_LEN

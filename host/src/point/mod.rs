@@ -42,8 +42,8 @@ use journal::Record;
 pub use leader_epochs::{EpochStart, LeaderEpochs};
 pub use ownership::{Handover, Ownership, SealedAt};
 
+use entry::{Created, Files, Origin, State};
 pub use entry::{FilePiece, Point};
-use entry::{Files, Origin, State};
 use files::*;
 
 use crate::metrics;

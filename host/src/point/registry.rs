@@ -229,11 +229,33 @@ impl Store {
         }
         // Only subscribers need the bytes (a clone of the list, not of the bytes).
         let lent = (self.inner.events.receiver_count() > 0).then(|| frames.clone());
+        let mut frames = frames;
         let appended = loop {
             let point = self.get_or_insert(id)?;
-            let Some(mut state) = self.lock_open(id, &point).await? else {
+            let mut state = point.state.lock().await;
+            if state.deleted {
                 continue;
-            };
+            }
+            if point.is_new(&state) {
+                let crcs = match &origin {
+                    Origin::Client { .. } => None,
+                    Origin::Replication { crcs } => Some(crcs.clone()),
+                };
+                let created = point
+                    .create_and_write(shared, &mut state, frames, (crcs, visibility))
+                    .await;
+                match created {
+                    Ok(Created::Written(appended)) => break appended,
+                    Ok(Created::NotNew(given_back)) => frames = given_back,
+                    Err(error) => {
+                        self.forget_uncreated(id, &mut state);
+                        return Err(error);
+                    }
+                }
+            }
+            if !self.open_locked(id, &point, &mut state).await? {
+                continue;
+            }
             let known_crcs = match &origin {
                 Origin::Client { leader_epoch } => {
                     let meta = point.meta(&mut state).await?;
@@ -455,18 +477,36 @@ impl Store {
         point: &'a Arc<Point>,
     ) -> Result<Option<MutexGuard<'a, State>>, StorageError> {
         let mut state = point.state.lock().await;
-        if state.deleted {
-            return Ok(None);
+        match self.open_locked(id, point, &mut state).await? {
+            true => Ok(Some(state)),
+            false => Ok(None),
         }
-        if let Err(error) = point.ensure_open(&self.inner.shared, &mut state).await {
-            if !state.recovered {
-                state.deleted = true;
-                self.inner.live.write().expect("poisoned").remove(id);
-                self.inner.shared.catalogue.removed(id);
-            }
+    }
+
+    /// [`lock_open`](Self::lock_open) with the lock held: `false` if the point was deleted.
+    async fn open_locked(
+        &self,
+        id: &PointId,
+        point: &Arc<Point>,
+        state: &mut State,
+    ) -> Result<bool, StorageError> {
+        if state.deleted {
+            return Ok(false);
+        }
+        if let Err(error) = point.ensure_open(&self.inner.shared, state).await {
+            self.forget_uncreated(id, state);
             return Err(error);
         }
-        Ok(Some(state))
+        Ok(true)
+    }
+
+    /// After a new point's files could not be created: it is forgotten again.
+    fn forget_uncreated(&self, id: &PointId, state: &mut State) {
+        if !state.recovered {
+            state.deleted = true;
+            self.inner.live.write().expect("poisoned").remove(id);
+            self.inner.shared.catalogue.removed(id);
+        }
     }
 
     /// Makes every byte written to `id` so far durable, whatever `storage.fsync` says (a

@@ -289,6 +289,78 @@ async fn a_data_file_left_without_its_journal_is_not_taken_for_the_point() {
 }
 
 #[tokio::test]
+async fn a_new_point_is_created_and_written_in_one_go_and_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let frames: Vec<Bytes> = (0..3).map(|i| bytes(40 + i, 700 + i as usize)).collect();
+    let appended = store
+        .append_batch(&id("fresh"), frames.clone(), Visibility::Now)
+        .await
+        .unwrap();
+    assert_eq!(appended.len(), 3);
+    assert_eq!(appended[0].start, 0);
+    assert_eq!(appended[2].end, 2103);
+    assert_eq!(
+        store.read(&id("fresh"), 0, 2103).await.unwrap(),
+        frames.concat()
+    );
+    assert_eq!(store.metadata(&id("fresh")).await.unwrap().end, 2103);
+    store.close().await.unwrap();
+    // Its journal says so after a restart.
+    let store = Store::open(config(dir.path())).await.unwrap();
+    assert_eq!(store.metadata(&id("fresh")).await.unwrap().end, 2103);
+    assert_eq!(
+        store.read(&id("fresh"), 0, 2103).await.unwrap(),
+        frames.concat()
+    );
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn files_found_without_a_row_are_appended_to_not_written_over() {
+    // A point's files (with a `point.meta`) in a store whose catalogue has no row for it.
+    let source = tempfile::tempdir().unwrap();
+    let store = Store::open(config(source.path())).await.unwrap();
+    let (first, second) = (bytes(50, 900), bytes(51, 300));
+    store
+        .set_content_type(&id("found"), "video/mp4")
+        .await
+        .unwrap();
+    store.append(&id("found"), first.clone()).await.unwrap();
+    store.close().await.unwrap();
+    let target = tempfile::tempdir().unwrap();
+    Store::open(config(target.path()))
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    let relative = id("found").relative_dir();
+    let copied = config(target.path()).dir.join(&relative);
+    std::fs::create_dir_all(&copied).unwrap();
+    for name in [DATA_FILE, JOURNAL_FILE, META_FILE] {
+        std::fs::copy(
+            config(source.path()).dir.join(&relative).join(name),
+            copied.join(name),
+        )
+        .unwrap();
+    }
+
+    let store = Store::open(config(target.path())).await.unwrap();
+    let appended = store.append(&id("found"), second.clone()).await.unwrap();
+    assert_eq!((appended.start, appended.end), (900, 1200));
+    assert_eq!(
+        store.read(&id("found"), 0, 1200).await.unwrap(),
+        [first, second].concat()
+    );
+    assert_eq!(
+        store.content_type(&id("found")).await.unwrap().as_deref(),
+        Some("video/mp4")
+    );
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_failed_write_refuses_further_writes_until_reopened() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path())).await.unwrap();

@@ -6,8 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::{FutureExt, StreamExt};
 
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -46,52 +47,51 @@ impl StreamingService {
         let mut points: Vec<PointId> = Vec::new();
         let mut slots: HashMap<String, usize> = HashMap::new();
         let received: Result<(), Error> = async {
+            // Frames in stream order, each ready once its point is admitted: the admissions of
+            // the new points among them run at once.
+            let mut ahead: FuturesOrdered<BoxFuture<'_, Result<Frame, Error>>> =
+                FuturesOrdered::new();
+            let mut receiving = true;
             loop {
-                let message = tokio::select! {
-                    message = frames.message() => message.map_err(|status| {
-                        Error::InvalidArgument(format!("reading the stream: {}", status.message()))
-                    })?,
+                if !receiving && ahead.is_empty() {
+                    return Ok(());
+                }
+                tokio::select! {
+                    Some(frame) = ahead.next() => {
+                        // The earliest failure in the stream, whatever came after it.
+                        if tx.send(frame?).await.is_err() {
+                            // The writer stopped on an error; it is reported below.
+                            return Ok(());
+                        }
+                    }
+                    message = frames.message(), if receiving && ahead.len() < ADMITTED_AHEAD => {
+                        let message = message.map_err(|status| {
+                            Error::InvalidArgument(format!(
+                                "reading the stream: {}",
+                                status.message()
+                            ))
+                        });
+                        let entry = match message {
+                            Ok(Some(request)) => {
+                                receive(state, &peer, request, (&mut points, &mut slots))
+                            }
+                            Ok(None) => {
+                                receiving = false;
+                                continue;
+                            }
+                            Err(error) => Err(error),
+                        };
+                        // Nothing is received after a frame that fails here; its error waits
+                        // behind the frames before it.
+                        receiving &= entry.is_ok();
+                        ahead.push_back(match entry {
+                            Ok(entry) => entry,
+                            Err(error) => futures::future::ready(Err(error)).boxed(),
+                        });
+                    }
                     _ = state.services.lifetime.abort.cancelled() => {
                         return Err(Error::Unavailable("the node is shutting down".into()));
                     }
-                };
-                let Some(ProduceRequest {
-                    point,
-                    frame,
-                    content_type,
-                    expected_offset,
-                }) = message
-                else {
-                    return Ok(());
-                };
-                let slot = match slots.get(&point) {
-                    Some(&slot) => slot,
-                    None => {
-                        let id = admit_point(state, &peer, &point, &content_type).await?;
-                        points.push(id);
-                        slots.insert(point, points.len() - 1);
-                        points.len() - 1
-                    }
-                };
-                if frame.len() as u64 > state.services.config.max_frame_size {
-                    return Err(Error::InvalidArgument(format!(
-                        "frame of {} bytes for point {:?} exceeds max_frame_size ({} bytes)",
-                        frame.len(),
-                        points[slot].as_str(),
-                        state.services.config.max_frame_size
-                    )));
-                }
-                ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
-                ::metrics::counter!(metrics::PRODUCED_BYTES).increment(frame.len() as u64);
-                let frame = Frame {
-                    slot,
-                    point: points[slot].clone(),
-                    bytes: frame,
-                    expected_offset,
-                };
-                if tx.send(frame).await.is_err() {
-                    // The writer stopped on an error; it is reported below.
-                    return Ok(());
                 }
             }
         }
@@ -160,15 +160,67 @@ impl StreamingService {
     }
 }
 
+/// Frames a ProduceStream holds ahead of the writer while the points of the first ones are
+/// admitted (a stream creating many small points waits on one admission at a time otherwise).
+const ADMITTED_AHEAD: usize = 16;
+
+/// A received frame, checked: ready for the writer once its point is admitted (at once for a
+/// point admitted before in the stream). A new point takes the next slot.
+fn receive<'a>(
+    state: &'a Context,
+    peer: &'a PeerInfo,
+    request: ProduceRequest,
+    (points, slots): (&mut Vec<PointId>, &mut HashMap<String, usize>),
+) -> Result<BoxFuture<'a, Result<Frame, Error>>, Error> {
+    let ProduceRequest {
+        point,
+        frame,
+        content_type,
+        expected_offset,
+    } = request;
+    let (slot, admission) = match slots.get(&point) {
+        Some(&slot) => (slot, None),
+        None => {
+            let id = PointId::new(point.as_str())?;
+            points.push(id.clone());
+            slots.insert(point, points.len() - 1);
+            let admission = admit_point(state, peer, id, content_type);
+            (points.len() - 1, Some(admission))
+        }
+    };
+    if frame.len() as u64 > state.services.config.max_frame_size {
+        return Err(Error::InvalidArgument(format!(
+            "frame of {} bytes for point {:?} exceeds max_frame_size ({} bytes)",
+            frame.len(),
+            points[slot].as_str(),
+            state.services.config.max_frame_size
+        )));
+    }
+    ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
+    ::metrics::counter!(metrics::PRODUCED_BYTES).increment(frame.len() as u64);
+    let frame = Frame {
+        slot,
+        point: points[slot].clone(),
+        bytes: frame,
+        expected_offset,
+    };
+    Ok(async move {
+        if let Some(admission) = admission {
+            admission.await?;
+        }
+        Ok(frame)
+    }
+    .boxed())
+}
+
 /// The first frame of `point` in a stream: the caller may produce it, the gate admits the
 /// write, and the content type that travels with it (if any) is a media type, set now.
 async fn admit_point(
     state: &Context,
     peer: &PeerInfo,
-    point: &str,
-    content_type: &str,
-) -> Result<PointId, Error> {
-    let id = PointId::new(point)?;
+    id: PointId,
+    content_type: String,
+) -> Result<(), Error> {
     state
         .services
         .access
@@ -176,15 +228,15 @@ async fn admit_point(
         .await?;
     state.gate.admit_write(&id).await?;
     if !content_type.is_empty() {
-        if !crate::content::is_valid(content_type) {
+        if !crate::content::is_valid(&content_type) {
             return Err(Error::InvalidArgument(format!(
                 "content type {:?} is not a media type (type/subtype)",
-                crate::text::bounded(content_type)
+                crate::text::bounded(&content_type)
             )));
         }
-        state.store.set_content_type(&id, content_type).await?;
+        state.store.set_content_type(&id, &content_type).await?;
     }
-    Ok(id)
+    Ok(())
 }
 
 /// A received frame on its way to the writer.

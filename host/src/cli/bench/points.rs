@@ -369,12 +369,17 @@ fn write_synced(
 /// Waits until `follower` has replicated `bytes` since it started, within [`CATCH_UP_LIMIT`]
 /// (`what` it failed to do otherwise).
 async fn replicated(follower: &Server, bytes: usize, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + CATCH_UP_LIMIT;
+    let started = Instant::now();
     while metric(follower, goutube::metrics::REPLICATED_BYTES).await? < bytes as f64 {
-        if Instant::now() > deadline {
+        if started.elapsed() > CATCH_UP_LIMIT {
             bail!("the follower did not {what} within {CATCH_UP_LIMIT:?}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Asked again after a twentieth of the time so far (5 % at most on the figure): each
+        // answer renders every metric of the follower, about 1.6 ms of its CPU, so asking
+        // every 20 ms took 8 % of it during a catch-up.
+        let pause =
+            (started.elapsed() / 20).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        tokio::time::sleep(pause).await;
     }
     Ok(())
 }
