@@ -81,13 +81,25 @@ impl StreamingService {
                             }
                             Err(error) => Err(error),
                         };
-                        // Nothing is received after a frame that fails here; its error waits
-                        // behind the frames before it.
-                        receiving &= entry.is_ok();
-                        ahead.push_back(match entry {
-                            Ok(entry) => entry,
-                            Err(error) => futures::future::ready(Err(error)).boxed(),
-                        });
+                        match entry {
+                            // Nothing waits ahead of it (a stream of points admitted before,
+                            // most often): straight to the writer.
+                            Ok(Received::Ready(frame)) if ahead.is_empty() => {
+                                if tx.send(frame).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            Ok(Received::Ready(frame)) => {
+                                ahead.push_back(futures::future::ready(Ok(frame)).boxed());
+                            }
+                            Ok(Received::Admitting(admitted)) => ahead.push_back(admitted),
+                            // Nothing is received after a frame that fails here; its error
+                            // waits behind the frames before it.
+                            Err(error) => {
+                                receiving = false;
+                                ahead.push_back(futures::future::ready(Err(error)).boxed());
+                            }
+                        }
                     }
                     _ = state.services.lifetime.abort.cancelled() => {
                         return Err(Error::Unavailable("the node is shutting down".into()));
@@ -164,14 +176,21 @@ impl StreamingService {
 /// admitted (a stream creating many small points waits on one admission at a time otherwise).
 const ADMITTED_AHEAD: usize = 16;
 
-/// A received frame, checked: ready for the writer once its point is admitted (at once for a
-/// point admitted before in the stream). A new point takes the next slot.
+/// A received frame, checked.
+enum Received<'a> {
+    /// Its point was admitted before in the stream.
+    Ready(Frame),
+    /// The first frame of a new point: ready once the point is admitted.
+    Admitting(BoxFuture<'a, Result<Frame, Error>>),
+}
+
+/// Checks a received frame; a new point takes the next slot.
 fn receive<'a>(
     state: &'a Context,
     peer: &'a PeerInfo,
     request: ProduceRequest,
     (points, slots): (&mut Vec<PointId>, &mut HashMap<String, usize>),
-) -> Result<BoxFuture<'a, Result<Frame, Error>>, Error> {
+) -> Result<Received<'a>, Error> {
     let ProduceRequest {
         point,
         frame,
@@ -204,13 +223,16 @@ fn receive<'a>(
         bytes: frame,
         expected_offset,
     };
-    Ok(async move {
-        if let Some(admission) = admission {
-            admission.await?;
-        }
-        Ok(frame)
-    }
-    .boxed())
+    Ok(match admission {
+        None => Received::Ready(frame),
+        Some(admission) => Received::Admitting(
+            async move {
+                admission.await?;
+                Ok(frame)
+            }
+            .boxed(),
+        ),
+    })
 }
 
 /// The first frame of `point` in a stream: the caller may produce it, the gate admits the
