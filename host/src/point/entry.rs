@@ -758,11 +758,20 @@ impl Point {
         state: &mut State,
         frames: Vec<Bytes>,
         (known_crcs, visibility): (Option<Vec<u32>>, Visibility),
+        expected_start: Option<u64>,
     ) -> Result<Created, AppendError> {
         debug_assert!(self.is_new(state));
         // Planned against a point just created (`open_files`): empty, its journal a header.
+        // A write expected elsewhere than at 0 is refused before anything is created.
         state.journal_len = journal::HEADER_LEN;
-        let batch = self.plan(shared, state, frames, known_crcs, visibility, None)?;
+        let batch = self.plan(
+            shared,
+            state,
+            frames,
+            known_crcs,
+            visibility,
+            expected_start,
+        )?;
         let (_, first) = self.open_then(shared, state, Some(batch)).await?;
         match first.expect("a batch was given") {
             First::Written(written) => Ok(Created::Written(

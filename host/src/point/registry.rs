@@ -242,7 +242,13 @@ impl Store {
                     Origin::Replication { crcs } => Some(crcs.clone()),
                 };
                 let created = point
-                    .create_and_write(shared, &mut state, frames, (crcs, visibility))
+                    .create_and_write(
+                        shared,
+                        &mut state,
+                        frames,
+                        (crcs, visibility),
+                        expected_start,
+                    )
                     .await;
                 match created {
                     Ok(Created::Written(appended)) => break appended,

@@ -317,6 +317,33 @@ async fn a_new_point_is_created_and_written_in_one_go_and_reads_back() {
 }
 
 #[tokio::test]
+async fn a_write_expected_past_the_start_of_a_point_in_use_but_not_created_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    // In use (as while another caller creates it), with no files yet: the store holds it.
+    let point = store.get_or_insert(&id("early")).unwrap();
+    let write = ClientWrite {
+        expected_start: Some(5),
+        ..ClientWrite::default()
+    };
+    let refused = store
+        .write(&id("early"), vec![bytes(60, 10)], write)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, AppendError::OffsetMismatch { end: 0, .. }),
+        "{refused:?}"
+    );
+    assert!(point.state.lock().await.deleted, "forgotten again");
+    assert!(!point.dir.exists(), "no files were created");
+    assert!(matches!(
+        store.metadata(&id("early")).await,
+        Err(ReadError::NotFound(_))
+    ));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn files_found_without_a_row_are_appended_to_not_written_over() {
     // A point's files (with a `point.meta`) in a store whose catalogue has no row for it.
     let source = tempfile::tempdir().unwrap();
