@@ -59,6 +59,16 @@ pub(super) enum Origin {
     },
 }
 
+impl Origin {
+    /// The CRC32C of each frame, when the writer checked them already (a leader's records).
+    pub(super) fn known_crcs(&self) -> Option<Vec<u32>> {
+        match self {
+            Origin::Client { .. } => None,
+            Origin::Replication { crcs } => Some(crcs.clone()),
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct State {
     pub(super) files: Option<Arc<Files>>,
@@ -734,8 +744,7 @@ impl Point {
             shared,
             state,
             frames,
-            known_crcs,
-            visibility,
+            (known_crcs, visibility),
             expected_start,
         )?;
         let files = state.files.clone().expect("write on an open point");
@@ -768,8 +777,7 @@ impl Point {
             shared,
             state,
             frames,
-            known_crcs,
-            visibility,
+            (known_crcs, visibility),
             expected_start,
         )?;
         let (_, first) = self.open_then(shared, state, Some(batch)).await?;
@@ -793,8 +801,7 @@ impl Point {
         shared: &Shared,
         state: &State,
         frames: Vec<Bytes>,
-        known_crcs: Option<Vec<u32>>,
-        visibility: Visibility,
+        (known_crcs, visibility): (Option<Vec<u32>>, Visibility),
         expected_start: Option<u64>,
     ) -> Result<Batch, AppendError> {
         if let Some(reason) = &state.failed {

@@ -237,16 +237,12 @@ impl Store {
                 continue;
             }
             if point.is_new(&state) {
-                let crcs = match &origin {
-                    Origin::Client { .. } => None,
-                    Origin::Replication { crcs } => Some(crcs.clone()),
-                };
                 let created = point
                     .create_and_write(
                         shared,
                         &mut state,
                         frames,
-                        (crcs, visibility),
+                        (origin.known_crcs(), visibility),
                         expected_start,
                     )
                     .await;
@@ -279,7 +275,7 @@ impl Store {
                         .await?;
                     None
                 }
-                Origin::Replication { crcs } => Some(crcs.clone()),
+                Origin::Replication { .. } => origin.known_crcs(),
             };
             break point
                 .write(
