@@ -192,6 +192,104 @@ async fn a_late_follower_catches_up_points_never_written_again() {
     leader.shutdown().await;
 }
 
+/// The size of the `i`th small point of the test below: 1 to 9,000 bytes, not in a pattern.
+fn small_len(i: u64) -> usize {
+    1 + (i * 7_919 % 9_000) as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_follower_catches_up_many_small_points_while_some_are_deleted_or_grow() {
+    // Many points per push: read on the leader and applied on the follower several at a time,
+    // each point's description, records and removal still in its own order.
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let count = 600u64;
+    let name = |i: u64| format!("many/{i:03}");
+    let requests: Vec<ProduceRequest> = (0..count)
+        .map(|i| ProduceRequest {
+            point: name(i),
+            frame: data(1_000 + i, small_len(i)).into(),
+            // Every third point has a content type: it is described before its bytes.
+            content_type: if i % 3 == 0 {
+                "video/mp4".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        })
+        .collect();
+    to_leader
+        .produce_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap();
+    // A point of several records among them.
+    let big = data(7, 3 * 1024 * 1024 + 11);
+    produce(&mut to_leader, "many/big", std::slice::from_ref(&big))
+        .await
+        .unwrap();
+
+    let follower = follower(&pki, "late", &leader, |_| {}).await;
+    let mut to_follower = pki.client("root", &follower.addr()).await;
+    // While it catches up: every tenth point is deleted (every twentieth made again at once,
+    // with other bytes), and the one five after it grows.
+    let mut deleted = Vec::new();
+    for i in (0..count).step_by(10) {
+        to_leader
+            .delete_point(DeletePointRequest { point: name(i) })
+            .await
+            .unwrap();
+        if i % 20 == 0 {
+            produce(
+                &mut to_leader,
+                &name(i),
+                &[data(9_000 + i, small_len(i + 1))],
+            )
+            .await
+            .unwrap();
+        } else {
+            deleted.push(name(i));
+        }
+        produce(
+            &mut to_leader,
+            &name(i + 5),
+            &[data(5_000 + i, small_len(i + 5))],
+        )
+        .await
+        .unwrap();
+    }
+    converged_while_copying(&to_leader, &to_follower, "many/big").await;
+    assert_eq!(content(&mut to_follower, "many/big").await, big);
+    for i in (0..count).filter(|i| i % 20 == 0 || i % 10 != 0) {
+        let point = name(i);
+        converged(&to_leader, &to_follower, &point).await;
+        let mut want = match i % 20 {
+            0 => data(9_000 + i, small_len(i + 1)),
+            _ => data(1_000 + i, small_len(i)),
+        };
+        if i % 10 == 5 {
+            want.extend(data(5_000 + i - 5, small_len(i)));
+        }
+        assert_eq!(content(&mut to_follower, &point).await, want, "{point}");
+        let got = metadata(&mut to_follower, &point).await.unwrap();
+        let wanted = metadata(&mut to_leader, &point).await.unwrap();
+        assert_eq!(got.content_type, wanted.content_type, "{point}");
+    }
+    for point in &deleted {
+        eventually(&format!("{point} to be removed from the follower"), || {
+            let mut to_follower = to_follower.clone();
+            async move {
+                metadata(&mut to_follower, point)
+                    .await
+                    .is_err_and(|status| status.code() == Code::NotFound)
+            }
+        })
+        .await;
+    }
+    follower.shutdown().await;
+    leader.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_diverged_and_deleted_copies_are_repaired() {
     let pki = Pki::new();

@@ -10,9 +10,11 @@
 //! CRC32C the leader sent with it: whatever the bundler does, only the leader's bytes are
 //! applied. Unbundling runs on the blocking pool, never on the replication thread.
 //!
-//! Each session has its own applier task, which writes pushes in arrival order, consecutive
-//! records of a point as one batch (one journal write; one sync under `fsync = "always"`). An
-//! applier that dies fails its session's pushes, and the leader closes the session: the follower
+//! Each session has its own applier task. It runs the jobs of one point (its description, its
+//! records, a removal, a cut, a commit) in arrival order and the jobs of different points at
+//! once, the records of one push included ([`super::order`]); consecutive records of a point
+//! are one batch (one journal write; one sync under `fsync = "always"`). Answers leave in
+//! arrival order, so an answer still means every call before it is done. An applier that dies fails its session's pushes, and the leader closes the session: the follower
 //! reconnects with a new one. A lost connection is retried with backoff, offering the real ends
 //! (with their CRC32C) again, so a restart of either side resumes where it stopped. Once the node
 //! shuts down, pushes are refused at once.
@@ -22,12 +24,16 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use futures::future::LocalBoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{ApplyError, LinkError, StaleEpoch, wire};
 use super::handover::not_incoming;
+use super::order::{PointOrder, Turn};
 use super::replication_capnp::sink;
 use super::{Context, Dialed, dial};
 use crate::cluster::Leader;
@@ -44,6 +50,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Jobs queued for the applier; the leader's window keeps far fewer pushes in flight.
 const APPLY_QUEUE: usize = 256;
+
+/// Most jobs (or a push's points) the applier runs at once, each a trip to the blocking pool.
+const APPLYING: usize = 16;
+
+/// Most jobs begun and not answered yet (answers leave in arrival order).
+const BEGUN: usize = 64;
 
 /// Follows the leaders [`leaders_to_follow`] names until `shutdown`, again each time they
 /// change (a failover names another leader).
@@ -370,21 +382,38 @@ struct Queued {
 }
 
 impl Job {
-    /// Answers the job with `error`, unapplied.
-    fn refuse(self, error: ApplyError) {
+    /// The answer to the job refused with `error`, unapplied.
+    fn refuse(self, error: ApplyError) -> Answer {
         match self {
-            Job::Apply { records, done } => {
-                let _ = done.send(vec![Err(error); records.len()]);
-            }
-            Job::Remove { done, .. } | Job::Describe { done, .. } => {
-                let _ = done.send(Err(error));
-            }
-            Job::Truncate { done, .. } => {
-                let _ = done.send(Err(error));
-            }
-            Job::Commit { .. } => {}
+            Job::Apply { records, done } => answer(done, vec![Err(error); records.len()]),
+            Job::Remove { done, .. } | Job::Describe { done, .. } => answer(done, Err(error)),
+            Job::Truncate { done, .. } => answer(done, Err(error)),
+            Job::Commit { .. } => Box::new(|| {}),
         }
     }
+
+    /// The points the job changes.
+    fn points(&self) -> Vec<PointId> {
+        match self {
+            Job::Apply { records, .. } => records.iter().map(|r| r.point.clone()).collect(),
+            Job::Commit { marks } => marks.iter().map(|(point, _)| point.clone()).collect(),
+            Job::Remove { point, .. }
+            | Job::Describe { point, .. }
+            | Job::Truncate { point, .. } => {
+                vec![point.clone()]
+            }
+        }
+    }
+}
+
+/// A job's outcome, sent to its caller once every job before it has been answered.
+type Answer = Box<dyn FnOnce()>;
+
+/// The answer that sends `value` to `done`.
+fn answer<T: 'static>(done: oneshot::Sender<T>, value: T) -> Answer {
+    Box::new(move || {
+        let _ = done.send(value);
+    })
 }
 
 /// A call refused for its stale leader epoch: counted and logged.
@@ -410,99 +439,230 @@ enum Applied {
     Mismatch(u64),
 }
 
-/// Runs the jobs in order; for a handover from `from`, only on points arriving from it.
+/// Runs the jobs: those of one point in arrival order, those of different points at once (at
+/// most [`APPLYING`] at a time), and answers them in arrival order, so an answer still means
+/// that every job before it is done. For a handover from `from`, only on points arriving from
+/// it.
 async fn apply(context: Rc<Context>, mut queue: mpsc::Receiver<Queued>, from: Option<String>) {
-    while let Some(Queued { leader_epoch, job }) = queue.recv().await {
-        if let Some(from) = &from {
-            handed(&context, from, job).await;
-            continue;
+    let order = Rc::new(PointOrder::default());
+    let slots = Rc::new(Semaphore::new(APPLYING));
+    let mut begun: FuturesOrdered<LocalBoxFuture<'static, Answer>> = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(answer) = begun.next() => answer(),
+            queued = queue.recv(), if begun.len() < BEGUN => match queued {
+                Some(queued) => {
+                    begun.push_back(begin(&context, &order, &slots, from.as_deref(), queued));
+                }
+                None => break,
+            },
         }
-        if let Err(stale) = admit(&context, leader_epoch) {
-            job.refuse(refused_stale(stale));
-            continue;
+    }
+    while let Some(answer) = begun.next().await {
+        answer();
+    }
+}
+
+/// Takes `queued` from the queue: enters it in the order of its points and returns its run.
+fn begin(
+    context: &Rc<Context>,
+    order: &Rc<PointOrder>,
+    slots: &Rc<Semaphore>,
+    from: Option<&str>,
+    Queued { leader_epoch, job }: Queued,
+) -> LocalBoxFuture<'static, Answer> {
+    let context = context.clone();
+    if let Some(from) = from {
+        // A handover's job runs as a whole, after the jobs before it on each of its points:
+        // a push is refused whole if any of its points is not arriving from `from`.
+        let (mut turn, slots, from) = (order.enter(job.points()), slots.clone(), from.to_owned());
+        return async move {
+            turn.started().await;
+            let _slot = slots.acquire().await.expect("never closed");
+            handed(&context, &from, job).await
         }
-        match job {
-            Job::Apply { records, done } => {
-                let applied = apply_records(&context, records, Visibility::OnCommit).await;
-                let _ = done.send(applied);
+        .boxed_local();
+    }
+    if let Err(stale) = admit(&context, leader_epoch) {
+        let refused = job.refuse(refused_stale(stale));
+        return async move { refused }.boxed_local();
+    }
+    // Checked again when the job starts, after the jobs before it on its points.
+    match job {
+        Job::Apply { records, done } => {
+            apply_points(context, order, slots, leader_epoch, records, done)
+        }
+        Job::Commit { marks } => {
+            // A point with no job in flight is committed now; the others after their jobs.
+            let (now, later): (Vec<_>, Vec<_>) = marks
+                .into_iter()
+                .partition(|(point, _)| order.is_idle(point));
+            for (point, end) in now {
+                context.store.commit(&point, end);
             }
-            Job::Commit { marks } => {
-                for (point, end) in marks {
-                    context.store.commit(&point, end);
+            let mut turn = order.enter(later.iter().map(|(point, _)| point.clone()));
+            async move {
+                turn.started().await;
+                match admit(&context, leader_epoch) {
+                    Ok(()) => later
+                        .into_iter()
+                        .for_each(|(point, end)| context.store.commit(&point, end)),
+                    Err(stale) => drop(refused_stale(stale)),
+                }
+                Box::new(|| {}) as Answer
+            }
+            .boxed_local()
+        }
+        job => {
+            let (mut turn, slots) = (order.enter(job.points()), slots.clone());
+            async move {
+                turn.started().await;
+                let _slot = slots.acquire().await.expect("never closed");
+                match admit(&context, leader_epoch) {
+                    Ok(()) => followed(&context, job).await,
+                    Err(stale) => job.refuse(refused_stale(stale)),
                 }
             }
-            Job::Remove {
-                point,
-                diverged: false,
-                done,
-            } => {
-                let result = match context.store.delete(&point).await {
-                    Ok(size) => {
-                        tracing::info!(%point, size, "removed (the leader no longer has this copy)");
-                        Ok(())
-                    }
-                    Err(DeleteError::NotFound(_)) => Ok(()),
-                    Err(error) => Err(error.into()),
+            .boxed_local()
+        }
+    }
+}
+
+/// Applies the records of one push: each point's records in order, after the jobs before on
+/// that point, and the points at once. One outcome per record, in the push's order.
+fn apply_points(
+    context: Rc<Context>,
+    order: &Rc<PointOrder>,
+    slots: &Rc<Semaphore>,
+    leader_epoch: u64,
+    records: Vec<Incoming>,
+    done: oneshot::Sender<Vec<Result<Applied, ApplyError>>>,
+) -> LocalBoxFuture<'static, Answer> {
+    let count = records.len();
+    // Per point: its turn, and its records with their places in the push.
+    let mut points: Vec<(Turn, Vec<usize>, Vec<Incoming>)> = Vec::new();
+    let mut index = HashMap::new();
+    for (at, record) in records.into_iter().enumerate() {
+        let i = *index.entry(record.point.clone()).or_insert_with(|| {
+            points.push((order.enter([record.point.clone()]), Vec::new(), Vec::new()));
+            points.len() - 1
+        });
+        points[i].1.push(at);
+        points[i].2.push(record);
+    }
+    let runs: Vec<_> = points
+        .into_iter()
+        .map(|(mut turn, places, records)| {
+            let (context, slots) = (context.clone(), slots.clone());
+            async move {
+                turn.started().await;
+                let _slot = slots.acquire().await.expect("never closed");
+                let outcomes = match admit(&context, leader_epoch) {
+                    Ok(()) => apply_records(&context, records, Visibility::OnCommit).await,
+                    Err(stale) => vec![Err(ApplyError::Stale(stale)); records.len()],
                 };
-                let _ = done.send(result);
+                (places, outcomes)
             }
-            Job::Remove {
-                point,
-                diverged: true,
-                done,
-            } => {
-                let _ = done.send(quarantine_diverged(&context, &point).await);
+        })
+        .collect();
+    async move {
+        let mut outcomes = vec![None; count];
+        let runs = futures::future::join_all(runs).await;
+        // Counted and logged once per push, however many of its points found it stale.
+        if let Some(stale) = runs.iter().find_map(|(_, outcomes)| {
+            outcomes.iter().find_map(|outcome| match outcome {
+                Err(ApplyError::Stale(stale)) => Some(*stale),
+                _ => None,
+            })
+        }) {
+            refused_stale(stale);
+        }
+        for (places, found) in runs {
+            for (at, outcome) in places.into_iter().zip(found) {
+                outcomes[at] = Some(outcome);
             }
-            Job::Describe {
-                point,
-                content_type,
-                epoch,
-                leader_epochs,
-                done,
-            } => {
-                let store = &context.store;
-                let result = async {
-                    if let Some(content_type) = &content_type {
-                        store
-                            .set_replicated_content_type(&point, content_type)
-                            .await?;
-                    }
-                    // The leader's word on the epoch is final, as on the content type.
-                    store
-                        .set_ownership(
-                            &point,
-                            Ownership {
-                                epoch,
-                                owner: None,
-                                handover: None,
-                            },
-                        )
-                        .await?;
-                    if !leader_epochs.is_empty() {
-                        store.set_leader_epochs(&point, leader_epochs).await?;
-                    }
-                    Ok::<(), AppendError>(())
+        }
+        let outcomes = outcomes
+            .into_iter()
+            .map(|outcome| outcome.expect("one outcome per record"))
+            .collect();
+        answer(done, outcomes)
+    }
+    .boxed_local()
+}
+
+/// Runs a follower's job other than a push or a commit.
+async fn followed(context: &Context, job: Job) -> Answer {
+    match job {
+        Job::Remove {
+            point,
+            diverged: false,
+            done,
+        } => {
+            let result = match context.store.delete(&point).await {
+                Ok(size) => {
+                    tracing::info!(%point, size, "removed (the leader no longer has this copy)");
+                    Ok(())
                 }
-                .await
-                .map_err(ApplyError::from);
-                let _ = done.send(result);
+                Err(DeleteError::NotFound(_)) => Ok(()),
+                Err(error) => Err(error.into()),
+            };
+            answer(done, result)
+        }
+        Job::Remove {
+            point,
+            diverged: true,
+            done,
+        } => answer(done, quarantine_diverged(context, &point).await),
+        Job::Describe {
+            point,
+            content_type,
+            epoch,
+            leader_epochs,
+            done,
+        } => {
+            let store = &context.store;
+            let result = async {
+                if let Some(content_type) = &content_type {
+                    store
+                        .set_replicated_content_type(&point, content_type)
+                        .await?;
+                }
+                // The leader's word on the epoch is final, as on the content type.
+                store
+                    .set_ownership(
+                        &point,
+                        Ownership {
+                            epoch,
+                            owner: None,
+                            handover: None,
+                        },
+                    )
+                    .await?;
+                if !leader_epochs.is_empty() {
+                    store.set_leader_epochs(&point, leader_epochs).await?;
+                }
+                Ok::<(), AppendError>(())
             }
-            Job::Truncate {
-                point,
-                end,
-                diverged: None,
-                done,
-            } => {
-                let _ = done.send(truncate(&context, &point, end).await);
-            }
-            Job::Truncate {
-                point,
-                end,
-                diverged: Some(crc),
-                done,
-            } => {
-                let _ = done.send(cut_diverged(&context, &point, end, crc).await);
-            }
+            .await
+            .map_err(ApplyError::from);
+            answer(done, result)
+        }
+        Job::Truncate {
+            point,
+            end,
+            diverged: None,
+            done,
+        } => answer(done, truncate(context, &point, end).await),
+        Job::Truncate {
+            point,
+            end,
+            diverged: Some(crc),
+            done,
+        } => answer(done, cut_diverged(context, &point, end, crc).await),
+        Job::Apply { .. } | Job::Commit { .. } => {
+            unreachable!("pushes and commits are begun on their own")
         }
     }
 }
@@ -587,7 +747,7 @@ async fn cut_diverged(
 /// the one the handover commits). A description of any other point is ignored: the sender
 /// describes a point again when its record changes, which races with the end of a handover
 /// this node has just committed (and must not end the session that carries the other moves).
-async fn handed(context: &Context, from: &str, job: Job) {
+async fn handed(context: &Context, from: &str, job: Job) -> Answer {
     let store = &context.store;
     let incoming = |point: &PointId| {
         let point = point.clone();
@@ -614,15 +774,14 @@ async fn handed(context: &Context, from: &str, job: Job) {
                 .iter()
                 .find_map(|(_, allowed)| allowed.clone().err())
             {
-                let _ = done.send(vec![Err(refused); checked.len()]);
-                return;
+                return answer(done, vec![Err(refused); checked.len()]);
             }
             let records = checked.into_iter().map(|(record, _)| record).collect();
             // A handed copy is the sender's committed point: served once the handover commits.
-            let _ = done.send(apply_records(context, records, Visibility::Now).await);
+            answer(done, apply_records(context, records, Visibility::Now).await)
         }
         // A handover's replicator sends no commit marks.
-        Job::Commit { .. } => {}
+        Job::Commit { .. } => Box::new(|| {}),
         Job::Remove { point, done, .. } => {
             let result = async {
                 let ownership = incoming(&point).await?;
@@ -631,7 +790,7 @@ async fn handed(context: &Context, from: &str, job: Job) {
                 Ok(())
             }
             .await;
-            let _ = done.send(result);
+            answer(done, result)
         }
         Job::Describe {
             point,
@@ -652,7 +811,7 @@ async fn handed(context: &Context, from: &str, job: Job) {
                 }
             }
             .await;
-            let _ = done.send(result);
+            answer(done, result)
         }
         // A handover never cuts a deposed leader's tail (no `diverged`).
         Job::Truncate {
@@ -662,7 +821,7 @@ async fn handed(context: &Context, from: &str, job: Job) {
                 Ok(_) => truncate(context, &point, end).await,
                 Err(refused) => Err(refused),
             };
-            let _ = done.send(result);
+            answer(done, result)
         }
     }
 }

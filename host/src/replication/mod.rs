@@ -30,6 +30,7 @@ pub(crate) mod follower;
 pub(crate) mod handover;
 pub(crate) mod leader;
 pub(crate) mod mover;
+mod order;
 mod progress;
 pub(crate) mod replicator;
 pub(crate) mod takeover;

@@ -42,19 +42,137 @@ impl Replicator {
     }
 
     /// Records to send, up to [`PUSH_BYTES`] of payload, and whether more may be waiting.
+    ///
+    /// The records are chosen first, round robin over the points that have something to send,
+    /// then their bytes (and the descriptions of points not described yet) are read, up to
+    /// [`READING`] points at once: with many small points, each read is a trip to the blocking
+    /// pool to open a point. A point whose description or bytes cannot be read goes back to
+    /// its first record not read and waits, as after a failed record; its later records in the
+    /// batch are dropped. Replies and events are handled between fills only, so the points'
+    /// state stays as the records were chosen from it.
     pub(super) async fn gather(&mut self) -> (Vec<Pending>, bool) {
-        let mut records = Vec::new();
-        let mut size = 0;
-        while size < PUSH_BYTES {
-            match self.prepare().await {
-                Some(record) => {
-                    size += record.sent.len;
-                    records.push(record);
-                }
-                None => return (records, false),
+        loop {
+            let (chosen, more) = self.choose_push();
+            let records = self.read_all(chosen).await;
+            // Every record failed: the next ones, if any, are chosen from the other points.
+            if !records.is_empty() || !more {
+                return (records, more);
             }
         }
-        (records, true)
+    }
+
+    /// Records for one push, up to [`PUSH_BYTES`] of payload, and whether more may be waiting.
+    fn choose_push(&mut self) -> (Vec<Sent>, bool) {
+        let mut chosen = Vec::new();
+        let mut size = 0;
+        while size < PUSH_BYTES {
+            let Some(sent) = self.choose() else {
+                return (chosen, false);
+            };
+            size += sent.len;
+            chosen.push(sent);
+        }
+        (chosen, true)
+    }
+
+    /// Reads the bytes of the `chosen` records, and the descriptions of their points not
+    /// described yet, [`READING`] points at once; sends the descriptions, and returns the
+    /// records read, in order.
+    async fn read_all(&mut self, chosen: Vec<Sent>) -> Vec<Pending> {
+        let mut describing = HashSet::new();
+        let reads: Vec<_> = chosen
+            .into_iter()
+            .map(|sent| {
+                let describe =
+                    !self.described.contains(&sent.point) && describing.insert(sent.point.clone());
+                let live = self.live_payload(&sent.point, sent.start, sent.len);
+                self.read(sent, describe, live)
+            })
+            .collect();
+        let read: Vec<_> = futures::stream::iter(reads)
+            .buffered(READING)
+            .collect()
+            .await;
+        let mut records = Vec::with_capacity(read.len());
+        let mut failed = HashSet::new();
+        for Read {
+            sent,
+            description,
+            payload,
+        } in read
+        {
+            if failed.contains(&sent.point) {
+                continue;
+            }
+            let payload = match description {
+                Some(Err(error)) => Err(error),
+                Some(Ok(description)) => {
+                    self.send_description(&sent.point, description);
+                    payload
+                }
+                None => payload,
+            };
+            match payload {
+                Ok(payload) if payload.len() == sent.len => records.push(Pending { sent, payload }),
+                Ok(payload) => {
+                    // Shorter than asked (the live appends kept stop short of it): sent as far
+                    // as it goes, and the point goes on from there in a later batch.
+                    failed.insert(sent.point.clone());
+                    self.rewind(&sent.point, sent.start + payload.len());
+                    self.mark(sent.point.clone());
+                    if !payload.is_empty() {
+                        let sent = Sent {
+                            len: payload.len(),
+                            ..sent
+                        };
+                        records.push(Pending { sent, payload });
+                    }
+                }
+                Err(error) => {
+                    // Deleted meanwhile: the removal event follows (and ends the pause).
+                    if !matches!(error, ReadError::NotFound(_)) {
+                        tracing::error!(follower = %self.follower, point = %sent.point, %error, "cannot describe or read the point; trying again after a pause");
+                    }
+                    failed.insert(sent.point.clone());
+                    self.rewind(&sent.point, sent.start);
+                    self.back_off(&sent.point);
+                }
+            }
+        }
+        records
+    }
+
+    /// Reads what `sent` needs: the point's description if `describe`, and its bytes unless
+    /// they are `live` already.
+    fn read(
+        &self,
+        sent: Sent,
+        describe: bool,
+        live: Option<Buffer>,
+    ) -> impl std::future::Future<Output = Read> + use<'_> {
+        let store = &self.context.store;
+        async move {
+            let description = match describe {
+                true => Some(self.description(&sent.point).await),
+                false => None,
+            };
+            let payload = match live {
+                Some(payload) => Ok(payload),
+                None => store
+                    .read(&sent.point, sent.start, sent.len)
+                    .await
+                    .map(|bytes| {
+                        ::metrics::counter!(metrics::REPLICATION_READ_BACK)
+                            .increment(bytes.len() as u64);
+                        Buffer::new(vec![bytes])
+                    }),
+            };
+            Read {
+                sent,
+                description,
+                payload,
+            }
+        }
     }
 
     /// Bundles `records` on the blocking pool (see [`bundle_all`]); `None` when the replicator
@@ -176,14 +294,14 @@ impl Replicator {
         }
     }
 
-    /// The next record to send, round robin over the points that have something to send. A
-    /// point whose description or bytes cannot be read waits, as after a failed record.
-    pub(super) async fn prepare(&mut self) -> Option<Pending> {
+    /// The next record to send, round robin over the points that have something to send; the
+    /// point's next byte to send moves past it.
+    fn choose(&mut self) -> Option<Sent> {
         loop {
             let point = self.dirty.pop_front()?;
             self.queued.remove(&point);
             self.trim_live(&point);
-            let Some(state) = self.points.get(&point) else {
+            let Some(state) = self.points.get_mut(&point) else {
                 continue;
             };
             if state.next >= state.end || state.mode != Mode::Sending {
@@ -191,44 +309,23 @@ impl Replicator {
             }
             let (start, generation) = (state.next, state.generation);
             let len = RECORD_BYTES.min(state.end - start);
-            if let Err(error) = self.describe(&point).await {
-                tracing::error!(follower = %self.follower, %point, %error, "cannot describe the point; trying again after a pause");
-                self.back_off(&point);
-                continue;
-            }
-            let payload = match self.live_payload(&point, start, len) {
-                Some(payload) => payload,
-                None => match self.context.store.read(&point, start, len).await {
-                    Ok(bytes) => {
-                        ::metrics::counter!(metrics::REPLICATION_READ_BACK)
-                            .increment(bytes.len() as u64);
-                        Buffer::new(vec![bytes])
-                    }
-                    // Deleted meanwhile: the removal event follows.
-                    Err(ReadError::NotFound(_)) => continue,
-                    Err(error) => {
-                        tracing::error!(follower = %self.follower, %point, %error, "cannot read the point; trying again after a pause");
-                        self.back_off(&point);
-                        continue;
-                    }
-                },
-            };
-            let len = payload.len();
-            // Replies and events are handled between fills only: the state is as it was read.
-            let state = self.points.get_mut(&point).expect("still tracked");
             state.next = start + len;
             if state.next < state.end {
                 self.mark(point.clone());
             }
-            return Some(Pending {
-                sent: Sent {
-                    point,
-                    start,
-                    len,
-                    generation,
-                },
-                payload,
+            return Some(Sent {
+                point,
+                start,
+                len,
+                generation,
             });
+        }
+    }
+
+    /// Moves the next byte of `point` to send back to `at` (the first not sent after all).
+    fn rewind(&mut self, point: &PointId, at: u64) {
+        if let Some(state) = self.points.get_mut(point) {
+            state.next = state.next.min(at);
         }
     }
 

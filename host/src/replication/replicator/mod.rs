@@ -62,6 +62,9 @@ use state::*;
 pub(crate) const RECORD_BYTES: u64 = 1024 * 1024;
 /// Bytes on the wire a push gathers before it leaves (records of several points may share it).
 pub(crate) const PUSH_BYTES: u64 = 2 * 1024 * 1024;
+
+/// Points whose bytes (or description) a replicator reads at once while it fills a push.
+const READING: usize = 16;
 /// Most bytes a bundle may take on the wire (a push must stay well within the 64 MiB a Cap'n
 /// Proto reader accepts); a record whose bundle is larger is not sent.
 pub(crate) const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
@@ -635,22 +638,45 @@ impl Replicator {
         if self.described.contains(point) {
             return Ok(());
         }
+        let description = self.description(point).await?;
+        self.send_description(point, description);
+        Ok(())
+    }
+
+    /// What [`Replicator::describe`] sends of `point`: its content type, epoch and leader
+    /// epochs, read without changing anything.
+    async fn description(&self, point: &PointId) -> Result<Description, ReadError> {
         let store = &self.context.store;
         let described = async {
-            let content_type = store.content_type(point).await?;
-            let epoch = store.ownership(point).await?.epoch;
-            let leader_epochs = store.leader_epochs(point).await?;
-            Ok::<_, ReadError>((content_type, epoch, leader_epochs))
+            Ok::<_, ReadError>(Description {
+                content_type: store.content_type(point).await?,
+                epoch: store.ownership(point).await?.epoch,
+                leader_epochs: store.leader_epochs(point).await?,
+            })
         };
-        let (content_type, epoch, leader_epochs) = match described.await {
-            Ok(described) => described,
+        match described.await {
+            Ok(described) => Ok(described),
             // Deleted meanwhile: the removal event follows.
-            Err(ReadError::NotFound(_)) => (None, FIRST_EPOCH, LeaderEpochs::default()),
-            Err(error) => return Err(error),
-        };
+            Err(ReadError::NotFound(_)) => Ok(Description {
+                content_type: None,
+                epoch: FIRST_EPOCH,
+                leader_epochs: LeaderEpochs::default(),
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Sends `point`'s description, unless it says nothing past the defaults; either way the
+    /// point counts as described in this session.
+    fn send_description(&mut self, point: &PointId, description: Description) {
+        let Description {
+            content_type,
+            epoch,
+            leader_epochs,
+        } = description;
         self.described.insert(point.clone());
         if content_type.is_none() && epoch == FIRST_EPOCH && leader_epochs.is_empty() {
-            return Ok(());
+            return;
         }
         let mut request = self.sink.describe_request();
         request.get().set_point(point.as_str());
@@ -668,7 +694,6 @@ impl Replicator {
         }
         // Sent now: calls leave in the order they are made, so it precedes the first push.
         self.answered(request.send().promise);
-        Ok(())
     }
 
     /// The point's ownership record or leader epochs changed: its description goes again, now

@@ -123,6 +123,21 @@ pub(super) struct Pending {
     pub(super) payload: Buffer,
 }
 
+/// What a point is besides its bytes, as a follower is told it (`Sink.describe`).
+pub(super) struct Description {
+    pub(super) content_type: Option<String>,
+    pub(super) epoch: u64,
+    pub(super) leader_epochs: LeaderEpochs,
+}
+
+/// A record chosen for a push, with what was read for it: its point's description (if the
+/// point was not described yet) and its bytes.
+pub(super) struct Read {
+    pub(super) sent: Sent,
+    pub(super) description: Option<Result<Description, ReadError>>,
+    pub(super) payload: Result<Buffer, ReadError>,
+}
+
 /// A record ready to go: its bundle around its payload, and the payload's CRC32C.
 pub(super) struct Prepared {
     pub(super) sent: Sent,
