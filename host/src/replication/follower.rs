@@ -14,10 +14,11 @@
 //! records, a removal, a cut, a commit) in arrival order and the jobs of different points at
 //! once, the records of one push included ([`super::order`]); consecutive records of a point
 //! are one batch (one journal write; one sync under `fsync = "always"`). Answers leave in
-//! arrival order, so an answer still means every call before it is done. An applier that dies fails its session's pushes, and the leader closes the session: the follower
-//! reconnects with a new one. A lost connection is retried with backoff, offering the real ends
-//! (with their CRC32C) again, so a restart of either side resumes where it stopped. Once the node
-//! shuts down, pushes are refused at once.
+//! arrival order, so an answer still means every call before it is done. An applier that dies
+//! fails its session's pushes, and the leader closes the session: the follower reconnects with
+//! a new one. A lost connection is retried with backoff, offering the real ends (with their
+//! CRC32C) again, so a restart of either side resumes where it stopped. Once the node shuts
+//! down, pushes are refused at once.
 
 use std::collections::HashMap;
 use std::rc::Rc;
