@@ -59,6 +59,18 @@ pub(super) enum Origin {
     },
 }
 
+/// What a caller asks a point to append.
+pub(super) struct Appending {
+    pub(super) frames: Vec<Bytes>,
+    /// The CRC32C of each frame, when the caller checked them already: spares a pass over the
+    /// bytes.
+    pub(super) known_crcs: Option<Vec<u32>>,
+    /// How consumers are served the frames.
+    pub(super) visibility: Visibility,
+    /// Where the point must end for the frames to be taken (`None`: wherever it ends).
+    pub(super) expected_start: Option<u64>,
+}
+
 impl Origin {
     /// The CRC32C of each frame, when the writer checked them already (a leader's records).
     pub(super) fn known_crcs(&self) -> Option<Vec<u32>> {
@@ -730,23 +742,15 @@ impl Point {
 
     /// Writes a batch of appends under the point's lock: the data in order, then their journal
     /// records in one write, then (with `fsync = "always"`) one sync for the whole batch. The
-    /// appends become visible together, once durable. `known_crcs`, the CRC32C of each frame
-    /// when the caller checked them already, spares a pass over the bytes.
+    /// appends become visible together, once durable.
     pub(super) async fn write(
         &self,
         shared: &Arc<Shared>,
         state: &mut State,
-        frames: Vec<Bytes>,
-        (known_crcs, visibility): (Option<Vec<u32>>, Visibility),
-        expected_start: Option<u64>,
+        appending: Appending,
     ) -> Result<Vec<Appended>, AppendError> {
-        let batch = self.plan(
-            shared,
-            state,
-            frames,
-            (known_crcs, visibility),
-            expected_start,
-        )?;
+        let visibility = appending.visibility;
+        let batch = self.plan(shared, state, appending)?;
         let files = state.files.clone().expect("write on an open point");
         let written = tokio::task::spawn_blocking(move || batch.write(&files))
             .await
@@ -765,21 +769,14 @@ impl Point {
         self: &Arc<Point>,
         shared: &Arc<Shared>,
         state: &mut State,
-        frames: Vec<Bytes>,
-        (known_crcs, visibility): (Option<Vec<u32>>, Visibility),
-        expected_start: Option<u64>,
+        appending: Appending,
     ) -> Result<Created, AppendError> {
         debug_assert!(self.is_new(state));
         // Planned against a point just created (`open_files`): empty, its journal a header.
         // A write expected elsewhere than at 0 is refused before anything is created.
         state.journal_len = journal::HEADER_LEN;
-        let batch = self.plan(
-            shared,
-            state,
-            frames,
-            (known_crcs, visibility),
-            expected_start,
-        )?;
+        let visibility = appending.visibility;
+        let batch = self.plan(shared, state, appending)?;
         let (_, first) = self.open_then(shared, state, Some(batch)).await?;
         match first.expect("a batch was given") {
             First::Written(written) => Ok(Created::Written(
@@ -795,14 +792,17 @@ impl Point {
     }
 
     /// A batch of appends to the point as `state` has it: refused if the point refuses writes
-    /// or does not end at `expected_start`.
+    /// or does not end at the expected start.
     fn plan(
         &self,
         shared: &Shared,
         state: &State,
-        frames: Vec<Bytes>,
-        (known_crcs, visibility): (Option<Vec<u32>>, Visibility),
-        expected_start: Option<u64>,
+        Appending {
+            frames,
+            known_crcs,
+            visibility,
+            expected_start,
+        }: Appending,
     ) -> Result<Batch, AppendError> {
         if let Some(reason) = &state.failed {
             return Err(AppendError::Refused {

@@ -42,7 +42,7 @@ use journal::Record;
 pub use leader_epochs::{EpochStart, LeaderEpochs};
 pub use ownership::{Handover, Ownership, SealedAt};
 
-use entry::{Created, Files, Origin, State};
+use entry::{Appending, Created, Files, Origin, State};
 pub use entry::{FilePiece, Point};
 use files::*;
 

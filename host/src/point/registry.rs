@@ -230,6 +230,12 @@ impl Store {
         // Only subscribers need the bytes (a clone of the list, not of the bytes).
         let lent = (self.inner.events.receiver_count() > 0).then(|| frames.clone());
         let mut frames = frames;
+        let appending = |frames| Appending {
+            frames,
+            known_crcs: origin.known_crcs(),
+            visibility,
+            expected_start,
+        };
         let appended = loop {
             let point = self.get_or_insert(id)?;
             let mut state = point.state.lock().await;
@@ -238,13 +244,7 @@ impl Store {
             }
             if point.is_new(&state) {
                 let created = point
-                    .create_and_write(
-                        shared,
-                        &mut state,
-                        frames,
-                        (origin.known_crcs(), visibility),
-                        expected_start,
-                    )
+                    .create_and_write(shared, &mut state, appending(frames))
                     .await;
                 match created {
                     Ok(Created::Written(appended)) => break appended,
@@ -258,34 +258,21 @@ impl Store {
             if !self.open_locked(id, &point, &mut state).await? {
                 continue;
             }
-            let known_crcs = match &origin {
-                Origin::Client { leader_epoch } => {
-                    let meta = point.meta(&mut state).await?;
-                    if let Some(handover) = &meta.ownership.handover
-                        && !handover.accepts_writes()
-                    {
-                        // Checked under the point's lock: a fence set by `set_ownership` is
-                        // exact.
-                        return Err(AppendError::Handover {
-                            point: id.clone(),
-                            handover: handover.clone(),
-                        });
-                    }
-                    self.record_leader_epoch(id, &point, &mut state, *leader_epoch)
-                        .await?;
-                    None
+            if let Origin::Client { leader_epoch } = &origin {
+                let meta = point.meta(&mut state).await?;
+                if let Some(handover) = &meta.ownership.handover
+                    && !handover.accepts_writes()
+                {
+                    // Checked under the point's lock: a fence set by `set_ownership` is exact.
+                    return Err(AppendError::Handover {
+                        point: id.clone(),
+                        handover: handover.clone(),
+                    });
                 }
-                Origin::Replication { .. } => origin.known_crcs(),
-            };
-            break point
-                .write(
-                    shared,
-                    &mut state,
-                    frames,
-                    (known_crcs, visibility),
-                    expected_start,
-                )
-                .await?;
+                self.record_leader_epoch(id, &point, &mut state, *leader_epoch)
+                    .await?;
+            }
+            break point.write(shared, &mut state, appending(frames)).await?;
         };
         shared.evict_over_limit().await;
         if let (Some(first), Some(last)) = (appended.first(), appended.last()) {
