@@ -474,60 +474,55 @@ fn begin(
     Queued { leader_epoch, job }: Queued,
 ) -> LocalBoxFuture<'static, Answer> {
     let context = context.clone();
-    if let Some(from) = from {
-        // A handover's job runs as a whole, after the jobs before it on each of its points:
-        // a push is refused whole if any of its points is not arriving from `from`.
-        let (mut turn, slots, from) = (order.enter(job.points()), slots.clone(), from.to_owned());
-        return async move {
-            turn.started().await;
-            let _slot = slots.acquire().await.expect("never closed");
-            handed(&context, &from, job).await
-        }
-        .boxed_local();
-    }
-    if let Err(stale) = admit(&context, leader_epoch) {
-        let refused = job.refuse(refused_stale(stale));
-        return async move { refused }.boxed_local();
-    }
-    // Checked again when the job starts, after the jobs before it on its points.
-    match job {
-        Job::Apply { records, done } => {
-            apply_points(context, order, slots, leader_epoch, records, done)
-        }
-        Job::Commit { marks } => {
-            // A point with no job in flight is committed now; the others after their jobs.
-            let (now, later): (Vec<_>, Vec<_>) = marks
-                .into_iter()
-                .partition(|(point, _)| order.is_idle(point));
-            for (point, end) in now {
-                context.store.commit(&point, end);
+    // A handover's job runs as a whole, after the jobs before it on each of its points: a push
+    // is refused whole if any of its points is not arriving from `from`.
+    let job = match from {
+        Some(_) => job,
+        None => {
+            if let Err(stale) = admit(&context, leader_epoch) {
+                let refused = job.refuse(refused_stale(stale));
+                return async move { refused }.boxed_local();
             }
-            let mut turn = order.enter(later.iter().map(|(point, _)| point.clone()));
-            async move {
-                turn.started().await;
-                match admit(&context, leader_epoch) {
-                    Ok(()) => later
+            match job {
+                Job::Apply { records, done } => {
+                    return apply_points(context, order, slots, leader_epoch, records, done);
+                }
+                Job::Commit { marks } => {
+                    // A point with no job in flight is committed now; the others after
+                    // their jobs.
+                    let (now, later): (Vec<_>, Vec<_>) = marks
                         .into_iter()
-                        .for_each(|(point, end)| context.store.commit(&point, end)),
-                    Err(stale) => drop(refused_stale(stale)),
+                        .partition(|(point, _)| order.is_idle(point));
+                    for (point, end) in now {
+                        context.store.commit(&point, end);
+                    }
+                    if later.is_empty() {
+                        return async { Box::new(|| {}) as Answer }.boxed_local();
+                    }
+                    Job::Commit { marks: later }
                 }
-                Box::new(|| {}) as Answer
+                job => job,
             }
-            .boxed_local()
         }
-        job => {
-            let (mut turn, slots) = (order.enter(job.points()), slots.clone());
-            async move {
-                turn.started().await;
-                let _slot = slots.acquire().await.expect("never closed");
-                match admit(&context, leader_epoch) {
-                    Ok(()) => followed(&context, job).await,
-                    Err(stale) => job.refuse(refused_stale(stale)),
-                }
-            }
-            .boxed_local()
+    };
+    let (mut turn, slots, from) = (
+        order.enter(job.points()),
+        slots.clone(),
+        from.map(str::to_owned),
+    );
+    async move {
+        turn.started().await;
+        let _slot = slots.acquire().await.expect("never closed");
+        match from {
+            Some(from) => handed(&context, &from, job).await,
+            // Checked again now that the jobs before it on its points are done.
+            None => match admit(&context, leader_epoch) {
+                Ok(()) => followed(&context, job).await,
+                Err(stale) => job.refuse(refused_stale(stale)),
+            },
         }
     }
+    .boxed_local()
 }
 
 /// Applies the records of one push: each point's records in order, after the jobs before on
@@ -593,7 +588,7 @@ fn apply_points(
     .boxed_local()
 }
 
-/// Runs a follower's job other than a push or a commit.
+/// Runs a follower's job other than a push (begun point by point).
 async fn followed(context: &Context, job: Job) -> Answer {
     match job {
         Job::Remove {
@@ -662,9 +657,13 @@ async fn followed(context: &Context, job: Job) -> Answer {
             diverged: Some(crc),
             done,
         } => answer(done, cut_diverged(context, &point, end, crc).await),
-        Job::Apply { .. } | Job::Commit { .. } => {
-            unreachable!("pushes and commits are begun on their own")
+        Job::Commit { marks } => {
+            for (point, end) in marks {
+                context.store.commit(&point, end);
+            }
+            Box::new(|| {})
         }
+        Job::Apply { .. } => unreachable!("a push is begun point by point (apply_points)"),
     }
 }
 
