@@ -6,6 +6,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// The process's allocator: jemalloc, not glibc's malloc. glibc keeps small freed chunks in
+/// per-arena lists and merges all of them at the next large allocation in that arena, on the
+/// thread that asks: after a leader let go of a million-point follower session, that took an
+/// authorizer call past its 100 ms deadline (`docs/operations.md`, "Memory").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()

@@ -240,9 +240,10 @@ fn a_deadline_is_elapsed_time_even_on_a_loaded_machine() {
     spinning.timeout_ms = 200;
     let plugins = plugin_set(|p| p.bundler = spinning);
     let record = Bytes::from(bundle(&plugin_set(|_| {}), "p", 0, &data(5, 1000)));
-    // Four busy threads per core compete with the epoch ticker.
+    // Four busy threads per core compete with the epoch ticker and the call's own thread.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..8)
+    let load: Vec<_> = (0..4 * cores)
         .map(|_| {
             let stop = stop.clone();
             std::thread::spawn(move || {
@@ -257,11 +258,24 @@ fn a_deadline_is_elapsed_time_even_on_a_loaded_machine() {
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.into_iter().for_each(|thread| thread.join().unwrap());
-    assert!(matches!(failed, PluginError::Timeout { .. }), "{failed}");
     assert!(
         took >= Duration::from_millis(200) && took < Duration::from_millis(400),
         "a 200 ms deadline ended the call after {took:?}"
     );
+    // The error says the thread waited: with four busy threads per core it ran on a CPU for
+    // about a fifth of the time.
+    let PluginError::Timeout {
+        on_cpu: Some(on_cpu),
+        ..
+    } = failed
+    else {
+        panic!("not a timeout with its time on a CPU: {failed}");
+    };
+    assert!(
+        on_cpu > Duration::ZERO && on_cpu < took / 2,
+        "{on_cpu:?} on a CPU in {took:?}"
+    );
+    assert!(failed.to_string().contains("of it on a CPU"), "{failed}");
 }
 
 #[tokio::test]

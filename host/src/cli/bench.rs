@@ -9,8 +9,9 @@
 //! The shared parts are their own files — [`harness`] (server processes and `/proc`), [`stats`]
 //! (medians, spreads, ratio rows), [`workload`] (frames, produce/consume loops, the machine's
 //! ceilings), [`baseline`] — and each scenario beyond streaming has one (`cluster`, `controller`, `download`,
-//! `http`, `nginx`, `points`, `replication`, `reshard`, `transfer`); they all stand on the shared parts through this module.
+//! `http`, `nginx`, `points`, `alloc`, `replication`, `reshard`, `transfer`); they all stand on the shared parts through this module.
 
+mod alloc;
 mod baseline;
 mod cluster;
 mod controller;
@@ -100,6 +101,9 @@ pub(crate) enum Bench {
         points: usize,
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// `reshard.max_concurrent_moves` of the primaries (the node's default when absent).
+        #[arg(long)]
+        moves: Option<usize>,
     },
     /// Membership convergence and kill detection for in-process members on UDP loopback, and
     /// the cached ownership check against a produce round trip.
@@ -199,6 +203,15 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 200)]
         rate_mbit: u64,
     },
+    /// The next large allocation after freeing many small ones: glibc's malloc against this
+    /// binary's allocator.
+    Alloc {
+        /// Small allocations freed at once.
+        #[arg(long, default_value_t = 1_000_000)]
+        count: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Create many small points, restart, list and read them: start-up time, RSS, descriptors.
     Points {
         #[arg(long, default_value_t = 10_000)]
@@ -231,6 +244,7 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             rounds,
             durable,
         } => streaming(mib, frame_kib * 1024, rounds.max(1), durable).await,
+        Bench::Alloc { count, rounds } => alloc::run(count.max(1), rounds.max(1)),
         Bench::Points {
             count,
             size,
@@ -265,7 +279,8 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             mib,
             points,
             rounds,
-        } => reshard::run(mib.max(1), points.max(1), rounds.max(1)).await,
+            moves,
+        } => reshard::run(mib.max(1), points.max(1), rounds.max(1), moves).await,
         Bench::Cluster { sizes, rounds } => cluster::run(&sizes, rounds.max(1)).await,
         Bench::Controller {
             proposals,

@@ -54,12 +54,16 @@ pub enum PluginError {
         message: String,
     },
     /// A call passed its deadline.
-    #[error("plugin {plugin} ran out of time ({timeout:?})")]
+    #[error("plugin {plugin} ran out of time ({timeout:?}{})", on_cpu_note(on_cpu))]
     Timeout {
         /// The plugin.
         plugin: Arc<str>,
         /// Its deadline.
         timeout: Duration,
+        /// How long its thread ran on a CPU meanwhile, when measured: far less than `timeout`
+        /// says the thread waited (a machine short of CPU, a page fault, a lock), not that the
+        /// plugin computed for long.
+        on_cpu: Option<Duration>,
     },
     /// A call passed its memory limit.
     #[error("plugin {plugin} exceeded its memory limit ({limit_mib} MiB)")]
@@ -85,6 +89,14 @@ pub enum PluginError {
         /// Why.
         message: String,
     },
+}
+
+/// How a timeout's message tells a slow plugin from a thread that waited.
+fn on_cpu_note(on_cpu: &Option<Duration>) -> String {
+    match on_cpu {
+        Some(on_cpu) => format!(", {on_cpu:.1?} of it on a CPU"),
+        None => String::new(),
+    }
 }
 
 /// The `[plugins]` section of the configuration: the WebAssembly plugins of a node.
@@ -418,6 +430,7 @@ impl<K: Kind> Plugin<K> {
                 .inspect_err(|_| self.count_error("instantiate"))?,
         };
         runtime::set_deadline(&mut instance.store, self.timeout);
+        let cpu_before = runtime::thread_cpu_time();
         let result = f(&instance.bindings, &mut instance.store);
         ::metrics::histogram!(crate::metrics::PLUGIN_CALL_SECONDS, &labels)
             .record(started.elapsed().as_secs_f64());
@@ -432,7 +445,10 @@ impl<K: Kind> Plugin<K> {
             }
             Err(error) => {
                 // The instance is poisoned: drop it; the next call instantiates a fresh one.
-                let error = self.classify(error, &instance.store, last_words);
+                let mut error = self.classify(error, &instance.store, last_words);
+                if let PluginError::Timeout { on_cpu, .. } = &mut error {
+                    *on_cpu = Some(runtime::thread_cpu_time().saturating_sub(cpu_before));
+                }
                 self.count_error(match error {
                     PluginError::Timeout { .. } => "timeout",
                     PluginError::OutOfMemory { .. } => "out_of_memory",
@@ -465,6 +481,7 @@ impl<K: Kind> Plugin<K> {
             PluginError::Timeout {
                 plugin,
                 timeout: self.timeout,
+                on_cpu: None,
             }
         } else {
             PluginError::Trap {

@@ -29,6 +29,11 @@ use super::{
     Server, Workload, connect, consume, median, metric, owner, percentile, produce, spread,
 };
 
+/// The frames a moving point is written in: at most this…
+const MAX_FRAME: u64 = 256 * 1024;
+/// …and at least this, when points are small.
+const MIN_FRAME: u64 = 1024;
+
 /// Points that writers keep appending to during the move.
 const WRITTEN: usize = 16;
 /// Points of `b` the unrelated reader reads.
@@ -36,11 +41,18 @@ const UNRELATED: usize = 4;
 /// Bytes of each unrelated point.
 const UNRELATED_BYTES: u64 = 16 * 1024 * 1024;
 
-pub(super) async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Result<()> {
+pub(super) async fn run(
+    mib: u64,
+    points: usize,
+    rounds: usize,
+    moves: Option<usize>,
+) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
-    let frame = 256 * 1024;
-    // Each point a whole number of frames, at least one.
-    let frames = (mib * 1024 * 1024 / points as u64 / frame as u64).max(1);
+    // Frames of 256 KiB, or one frame per point for points smaller than that (down to 1 KiB):
+    // each point a whole number of frames, at least one.
+    let per_point = mib * 1024 * 1024 / points as u64;
+    let frame = per_point.clamp(MIN_FRAME, MAX_FRAME) as usize;
+    let frames = (per_point / frame as u64).max(1);
     let workload = Workload {
         total: frames * frame as u64,
         frames,
@@ -48,9 +60,11 @@ pub(super) async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Resul
     };
     let total = workload.total * points as u64;
     println!(
-        "resharding on loopback, fsync = \"never\", {points} points of {} MiB ({} MiB), {rounds} round(s), median reported",
-        workload.total >> 20,
-        total >> 20
+        "resharding on loopback, fsync = \"never\", {points} points of {} KiB ({} MiB), \
+         reshard.max_concurrent_moves = {}, {rounds} round(s), median reported",
+        workload.total >> 10,
+        total >> 20,
+        moves.map_or("the default".to_owned(), |moves| moves.to_string())
     );
     let (mut catch_up, mut moved, mut moved_reading) = (Vec::new(), Vec::new(), Vec::new());
     let (mut pauses, mut slowest) = (Vec::new(), Vec::new());
@@ -61,7 +75,7 @@ pub(super) async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Resul
         std::fs::remove_dir_all(&dir)?;
         for load in [Load::Writers, Load::Reader] {
             let dir = work.path().join(format!("move-{round}-{load:?}"));
-            let run = move_once(&dir, points, &workload, load).await?;
+            let run = move_once(&dir, points, &workload, load, moves).await?;
             std::fs::remove_dir_all(&dir)?;
             match load {
                 Load::Writers => {
@@ -80,21 +94,25 @@ pub(super) async fn run(mib: u64, points: usize, rounds: usize) -> anyhow::Resul
     pauses.sort_by(f64::total_cmp);
     slowest.sort_by(f64::total_cmp);
     println!(
-        "\n| {} MiB in {points} points | throughput (median, min–max) |",
+        "\n| {} MiB in {points} points | throughput (median, min–max) | points per second (median) |",
         total >> 20
     );
-    println!("|---|---|");
+    println!("|---|---|---|");
+    let per_second = |seconds: &[f64]| points as f64 / median(seconds);
     println!(
-        "| replication catch-up (baseline) | {} |",
-        spread(total, &catch_up)
+        "| replication catch-up (baseline) | {} | {:.0} |",
+        spread(total, &catch_up),
+        per_second(&catch_up)
     );
     println!(
-        "| handover to the new owner (drain), {WRITTEN} points written meanwhile | {} |",
-        spread(total, &moved)
+        "| handover to the new owner (drain), {WRITTEN} points written meanwhile | {} | {:.0} |",
+        spread(total, &moved),
+        per_second(&moved)
     );
     println!(
-        "| the same, while a reader consumes unrelated points as fast as it can | {} |",
-        spread(total, &moved_reading)
+        "| the same, while a reader consumes unrelated points as fast as it can | {} | {:.0} |",
+        spread(total, &moved_reading),
+        per_second(&moved_reading)
     );
     println!("\n| measure | value | target |");
     println!("|---|---|---|");
@@ -191,8 +209,9 @@ async fn move_once(
     points: usize,
     workload: &Workload,
     load: Load,
+    moves: Option<usize>,
 ) -> anyhow::Result<Moved> {
-    let (a, b, to_a, to_b) = start_pair(dir).await?;
+    let (a, b, to_a, to_b) = start_pair(dir, moves).await?;
     let (on_a, on_b) = split_by_owner(&to_a, points).await?;
     for point in &on_a {
         produce(&to_a, point, &workload.pool, workload.frames).await?;
@@ -275,10 +294,21 @@ async fn move_once(
     })
 }
 
-/// Two primaries `a` and `b` under `dir`, once their ring is formed, and a client of each.
-async fn start_pair(dir: &Path) -> anyhow::Result<(Server, Server, Client, Client)> {
+/// Two primaries `a` and `b` under `dir` (each moving at most `moves` points at once), once
+/// their ring is formed, and a client of each.
+async fn start_pair(
+    dir: &Path,
+    moves: Option<usize>,
+) -> anyhow::Result<(Server, Server, Client, Client)> {
     std::fs::create_dir_all(dir)?;
-    let primary = |seeds: &str| settings(&format!("{seeds}\n[cluster]\nbootstrap_expect = 2"));
+    let reshard = moves
+        .map(|moves| format!("\n[reshard]\nmax_concurrent_moves = {moves}"))
+        .unwrap_or_default();
+    let primary = |seeds: &str| {
+        settings(&format!(
+            "{seeds}\n[cluster]\nbootstrap_expect = 2{reshard}"
+        ))
+    };
     let a = Server::node_at(dir, "a", "127.0.0.1", None, &primary(""))?;
     let b_seeds = format!("seed_addresses = [{:?}]", a.gossip);
     let b = Server::node_at(dir, "b", "127.0.0.1", None, &primary(&b_seeds))?;

@@ -192,7 +192,11 @@ impl Replicator {
                     plugin,
                     message: format!("the host panicked bundling: {panicked}"),
                 },
-                Err(_) => PluginError::Timeout { plugin, timeout },
+                Err(_) => PluginError::Timeout {
+                    plugin,
+                    timeout,
+                    on_cpu: None,
+                },
             },
             () = self.stop.cancelled() => return None,
         };
