@@ -291,6 +291,55 @@ async fn a_late_follower_catches_up_many_small_points_while_some_are_deleted_or_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_deleted_and_made_again_smaller_is_committed_on_the_follower() {
+    // Under `ack = { replicas = 1 }` a follower's copy is committed by the leader's marks,
+    // sent at most every 10 ms. A point deleted right after a write, while the mark of that
+    // write may still wait, and made again smaller: the mark of the old copy must not be sent
+    // (nor stand for the new copy), and the new copy's lower end must be told all the same, or
+    // the follower never serves it. Each round deletes at once after the write, to meet a
+    // waiting mark in some of them.
+    let pki = Pki::new();
+    let leader = leader(&pki, |c| c.replication.ack = Ack::Replicas(1)).await;
+    let follower = follower(&pki, "again", &leader, |_| {}).await;
+    eventually("the follower to connect", || async {
+        !followers(&pki, &leader.addr()).await.is_empty()
+    })
+    .await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let mut to_follower = pki.client("root", &follower.addr()).await;
+    for round in 0..20u64 {
+        let first = 9_000 - 300 * round as usize;
+        produce(&mut to_leader, "again", &[data(round, first)])
+            .await
+            .unwrap();
+        to_leader
+            .delete_point(DeletePointRequest {
+                point: "again".into(),
+            })
+            .await
+            .unwrap();
+        let second = data(100 + round, first - 1_111);
+        produce(&mut to_leader, "again", std::slice::from_ref(&second))
+            .await
+            .unwrap();
+        converged(&to_leader, &to_follower, "again").await;
+        assert_eq!(
+            content(&mut to_follower, "again").await,
+            second,
+            "round {round}"
+        );
+        to_leader
+            .delete_point(DeletePointRequest {
+                point: "again".into(),
+            })
+            .await
+            .unwrap();
+    }
+    follower.shutdown().await;
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_diverged_and_deleted_copies_are_repaired() {
     let pki = Pki::new();
     let leader = leader(&pki, |_| {}).await;

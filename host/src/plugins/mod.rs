@@ -447,7 +447,9 @@ impl<K: Kind> Plugin<K> {
                 // The instance is poisoned: drop it; the next call instantiates a fresh one.
                 let mut error = self.classify(error, &instance.store, last_words);
                 if let PluginError::Timeout { on_cpu, .. } = &mut error {
-                    *on_cpu = Some(runtime::thread_cpu_time().saturating_sub(cpu_before));
+                    *on_cpu = cpu_before
+                        .zip(runtime::thread_cpu_time())
+                        .map(|(before, after)| after.saturating_sub(before));
                 }
                 self.count_error(match error {
                     PluginError::Timeout { .. } => "timeout",

@@ -93,19 +93,20 @@ pub fn set_deadline(store: &mut Store<StoreState>, timeout: Duration) {
     store.set_epoch_deadline(1);
 }
 
-/// The CPU time the calling thread has used so far (user and system).
-pub fn thread_cpu_time() -> Duration {
+/// The CPU time the calling thread has used so far (user and system); `None` if the kernel
+/// does not say.
+pub fn thread_cpu_time() -> Option<Duration> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `usage` is a valid place for one `rusage`, which the call fills.
     if unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } != 0 {
-        return Duration::ZERO;
+        return None;
     }
     // SAFETY: zeroed is a valid `rusage`, and the call succeeded.
     let usage = unsafe { usage.assume_init() };
     let time = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
-    time(usage.ru_utime) + time(usage.ru_stime)
+    Some(time(usage.ru_utime) + time(usage.ru_stime))
 }
 
 /// Compiles `bytes` into a component, at most once per process per content, and at most once per

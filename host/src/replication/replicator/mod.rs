@@ -298,10 +298,18 @@ impl Replicator {
         }
     }
 
-    /// Stops tracking `point`, releasing the live bytes kept for it.
+    /// Stops tracking `point`, releasing the live bytes kept for it, and forgets the committed
+    /// ends told of it: a point made again under the same id starts from nothing, and its
+    /// committed end may be below the one told of the copy before (never told again, the
+    /// follower's copy would stay uncommitted).
     fn forget(&mut self, point: &PointId) {
         if let Some(old) = self.points.remove(point) {
             self.live_bytes -= old.live.iter().map(|b| b.len()).sum::<u64>();
+        }
+        if let Some(marks) = &mut self.marks {
+            marks.told.remove(point);
+            marks.due.remove(point);
+            marks.unsettled.remove(point);
         }
     }
 
