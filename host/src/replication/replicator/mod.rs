@@ -183,6 +183,13 @@ struct Marks {
 }
 
 impl Marks {
+    /// Forgets what was told, and is due, of `point`'s copy.
+    fn forget(&mut self, point: &PointId) {
+        self.told.remove(point);
+        self.due.remove(point);
+        self.unsettled.remove(point);
+    }
+
     /// When to look at the unsettled points and send the marks due next, if anything waits.
     fn next_at(&self) -> Option<Instant> {
         if self.due.is_empty() && self.unsettled.is_empty() {
@@ -298,18 +305,10 @@ impl Replicator {
         }
     }
 
-    /// Stops tracking `point`, releasing the live bytes kept for it, and forgets the committed
-    /// ends told of it: a point made again under the same id starts from nothing, and its
-    /// committed end may be below the one told of the copy before (never told again, the
-    /// follower's copy would stay uncommitted).
+    /// Stops tracking `point`, releasing the live bytes kept for it.
     fn forget(&mut self, point: &PointId) {
         if let Some(old) = self.points.remove(point) {
             self.live_bytes -= old.live.iter().map(|b| b.len()).sum::<u64>();
-        }
-        if let Some(marks) = &mut self.marks {
-            marks.told.remove(point);
-            marks.due.remove(point);
-            marks.unsettled.remove(point);
         }
     }
 
@@ -783,6 +782,13 @@ impl Replicator {
     }
 
     fn send_remove(&mut self, point: PointId, removal: Removal) {
+        // The copy's committed ends go with it: a mark waiting for the old copy is not sent
+        // after the removal, and the next copy, told from nothing, gets its end told even if
+        // it is below the old one's. Calls leave in order, so the marks sent from now on reach
+        // the follower after the removal.
+        if let Some(marks) = &mut self.marks {
+            marks.forget(&point);
+        }
         let mut request = self.sink.remove_request();
         request.get().set_point(point.as_str());
         request.get().set_leader_epoch(self.leader_epoch);
@@ -877,10 +883,6 @@ impl Replicator {
             Outcome::Removed { point, reply } => {
                 reply?;
                 self.context.progress.forget(&self.follower, &point);
-                if let Some(marks) = &mut self.marks {
-                    marks.told.remove(&point);
-                    marks.unsettled.remove(&point);
-                }
                 if self.points.contains_key(&point) {
                     // A diverged copy was removed: send the point again from 0.
                     self.mark(point);
