@@ -311,7 +311,7 @@ impl Replicator {
             if state.next >= state.end || state.mode != Mode::Sending {
                 continue;
             }
-            let (start, generation) = (state.next, state.generation);
+            let (start, copy, generation) = (state.next, state.copy, state.generation);
             let len = RECORD_BYTES.min(state.end - start);
             state.next = start + len;
             if state.next < state.end {
@@ -321,6 +321,7 @@ impl Replicator {
                 point,
                 start,
                 len,
+                copy,
                 generation,
             });
         }

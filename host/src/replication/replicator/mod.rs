@@ -9,7 +9,8 @@
 //! append's event lends its bytes: the replicator keeps them (up to [`LIVE_PER_FOLLOWER`]) and
 //! sends them as they are, so a follower that keeps up is never served from a read-back. A reply
 //! that says the follower ends elsewhere (mismatch) rewinds the point; a per-point generation
-//! makes replies to pushes sent before the rewind harmless.
+//! makes replies to pushes sent before the rewind harmless, and a number per copy of a point
+//! (a point deleted and made again is a new copy) those sent for an earlier copy.
 //!
 //! What the bundler does cannot hurt the copy nor stall the session:
 //! - bundling runs on the blocking pool, one call per push, never on the replication thread (a
@@ -126,6 +127,8 @@ pub(crate) struct Replicator {
     leader_epoch: u64,
     stop: CancellationToken,
     points: HashMap<PointId, PointState>,
+    /// The copies of points tracked so far: each new one takes the next number.
+    copies: u64,
     /// Points with something to send, round robin.
     dirty: VecDeque<PointId>,
     queued: HashSet<PointId>,
@@ -221,6 +224,7 @@ impl Replicator {
             leader_epoch,
             stop,
             points: HashMap::new(),
+            copies: 0,
             dirty: VecDeque::new(),
             queued: HashSet::new(),
             retries: BinaryHeap::new(),
@@ -284,6 +288,7 @@ impl Replicator {
                 self.described.remove(&point);
                 self.forget(&point);
                 let state = PointState {
+                    copy: self.new_copy(),
                     end,
                     next: held.min(end),
                     confirmed: held,
@@ -303,6 +308,24 @@ impl Replicator {
                 self.context.progress.forget(&self.follower, &point);
             }
         }
+    }
+
+    /// The number of a copy of a point this replicator starts to track ([`PointState::copy`]).
+    fn new_copy(&mut self) -> u64 {
+        self.copies += 1;
+        self.copies
+    }
+
+    /// The state of `point`, tracked from now on as a new copy if it was not tracked.
+    fn state_of(&mut self, point: &PointId) -> &mut PointState {
+        let copies = &mut self.copies;
+        self.points.entry(point.clone()).or_insert_with(|| {
+            *copies += 1;
+            PointState {
+                copy: *copies,
+                ..PointState::default()
+            }
+        })
     }
 
     /// Stops tracking `point`, releasing the live bytes kept for it.
@@ -403,6 +426,7 @@ impl Replicator {
             let offered = offers.get(id.as_str()).copied();
             let held = offered.map_or(0, |held| held.end);
             let mut state = PointState {
+                copy: self.new_copy(),
                 end: snapshot.end,
                 next: held,
                 confirmed: held,
@@ -445,7 +469,7 @@ impl Replicator {
                     // Confirmed once the follower answers where its checked copy ends.
                     state.next = end;
                     state.confirmed = 0;
-                    self.send_truncate(id.clone(), end, Some(crc));
+                    self.send_truncate(id.clone(), state.copy, end, Some(crc));
                 }
             }
             self.points.insert(id.clone(), state);
@@ -608,7 +632,7 @@ impl Replicator {
     }
 
     fn grew(&mut self, point: PointId, end: u64) {
-        let state = self.points.entry(point.clone()).or_default();
+        let state = self.state_of(&point);
         if end > state.end {
             state.end = end;
             self.mark(point);
@@ -618,15 +642,16 @@ impl Replicator {
     /// Keeps the bytes of a live append of `point` to send them as they are, if they are not
     /// sent yet and the follower's share of memory allows.
     fn lend(&mut self, point: &PointId, bytes: Arc<LiveBytes>) {
-        let state = self.points.entry(point.clone()).or_default();
         let fits = self.live_bytes + bytes.len() <= LIVE_PER_FOLLOWER;
+        let state = self.state_of(point);
         let after_last = state
             .live
             .back()
             .is_none_or(|last| last.end() <= bytes.start);
         if fits && after_last && bytes.end() > state.next {
-            self.live_bytes += bytes.len();
+            let len = bytes.len();
             state.live.push_back(bytes);
+            self.live_bytes += len;
         }
     }
 
@@ -807,7 +832,7 @@ impl Replicator {
     /// Has the follower cut its copy of `point` back to at most `end`; with `diverged`, the
     /// CRC32C of this copy's `[0, end)`: the bytes after it are a deposed leader's tail, and
     /// the follower checks its copy agrees up to there (`Start::Cut`).
-    fn send_truncate(&mut self, point: PointId, end: u64, diverged: Option<u32>) {
+    fn send_truncate(&mut self, point: PointId, copy: u64, end: u64, diverged: Option<u32>) {
         let mut request = self.sink.truncate_request();
         request.get().set_point(point.as_str());
         request.get().set_end(end);
@@ -825,6 +850,7 @@ impl Replicator {
                     .and_then(|response| Ok(response.get()?.get_end()));
                 Outcome::Truncated {
                     point,
+                    copy,
                     reply,
                     checked,
                 }
@@ -890,11 +916,12 @@ impl Replicator {
             }
             Outcome::Truncated {
                 point,
+                copy,
                 reply,
                 checked,
             } => {
                 let end = reply?;
-                self.cut(point, end, checked);
+                self.cut(point, copy, end, checked);
             }
             Outcome::Pushed { sent, wire, reply } => {
                 self.in_flight_bytes -= wire;
@@ -935,7 +962,8 @@ impl Replicator {
             AfterReply::Truncate(verified) => {
                 tracing::error!(follower = %self.follower, %point, start = sent.start, len = sent.len, end, verified, "the follower acknowledged another end than the one sent: its copy diverged; cutting it back to the last verified end");
                 self.diverged(&point, verified + 1, "ack");
-                self.send_truncate(point.clone(), verified, None);
+                let copy = sent.copy;
+                self.send_truncate(point.clone(), copy, verified, None);
                 self.mark(point.clone());
             }
             AfterReply::Resend => {
@@ -965,12 +993,16 @@ impl Replicator {
         }
     }
 
-    /// The follower cut its copy of `point` back to `end` (after a divergence): continue from
-    /// there if that is before where this replicator is.
-    /// The follower's copy of `point` was cut back to `end`; `checked`: it was checked to
+    /// The follower cut its copy `copy` of `point` back to `end` (after a divergence): continue
+    /// from there if that is before where this replicator is. `checked`: it was checked to
     /// agree with this copy up to there (a deposed leader's tail cut), so it is confirmed.
-    fn cut(&mut self, point: PointId, end: u64, checked: bool) {
-        let Some(state) = self.points.get_mut(&point) else {
+    fn cut(&mut self, point: PointId, copy: u64, end: u64, checked: bool) {
+        let Some(state) = self
+            .points
+            .get_mut(&point)
+            .filter(|state| state.copy == copy)
+        else {
+            // The point was deleted, or is another copy now: the cut says nothing of it.
             return;
         };
         if end < state.next {

@@ -35,6 +35,10 @@ pub(super) enum Mode {
 /// Replication state of one point towards one follower.
 #[derive(Debug, Default)]
 pub(super) struct PointState {
+    /// Which copy of the point this is, unique in its replicator: a point deleted and made
+    /// again, or dropped from a handover's scope and added again, is a new copy, and replies
+    /// to records of an earlier one say nothing of it.
+    pub(super) copy: u64,
     /// The leader's end.
     pub(super) end: u64,
     /// The next offset to send.
@@ -72,6 +76,9 @@ impl PointState {
     /// Takes in the follower's answer to `sent`: it now ends at `end`. A pure decision; the
     /// replicator performs what it returns.
     pub(super) fn replied(&mut self, sent: &Sent, end: u64, reply: &Reply) -> AfterReply {
+        if sent.copy != self.copy {
+            return AfterReply::Nothing;
+        }
         let current = sent.generation == self.generation;
         match reply {
             Reply::Applied if end == sent.start + sent.len => {
@@ -114,6 +121,8 @@ pub(super) struct Sent {
     pub(super) point: PointId,
     pub(super) start: u64,
     pub(super) len: u64,
+    /// The point's copy ([`PointState::copy`]) and generation when it was sent.
+    pub(super) copy: u64,
     pub(super) generation: u64,
 }
 
@@ -203,6 +212,8 @@ pub(super) enum Outcome {
     Answered { reply: Result<(), capnp::Error> },
     Truncated {
         point: PointId,
+        /// The copy that was cut ([`PointState::copy`]).
+        copy: u64,
         reply: Result<u64, capnp::Error>,
         /// The follower checked its copy agrees with the leader's up to where it now ends.
         checked: bool,
@@ -224,6 +235,7 @@ mod tests {
             point: PointId::new("p").unwrap(),
             start,
             len,
+            copy: 0,
             generation,
         }
     }
@@ -292,6 +304,35 @@ mod tests {
             AfterReply::Replace
         );
         assert_eq!((state.confirmed, state.next), (0, 0));
+    }
+
+    #[test]
+    fn a_reply_about_an_earlier_copy_of_the_point_says_nothing_of_this_one() {
+        // The point was deleted and made again, shorter: the old copy's record of 0..900
+        // applied where it was sent is not progress of the new copy.
+        let mut state = PointState {
+            copy: 1,
+            end: 500,
+            ..PointState::default()
+        };
+        for reply in [
+            Reply::Applied,
+            Reply::Mismatch,
+            Reply::Rejected("old".into()),
+        ] {
+            assert_eq!(
+                state.replied(&sent(0, 900, 0), 900, &reply),
+                AfterReply::Nothing
+            );
+            assert_eq!((state.confirmed, state.next, state.generation), (0, 0, 0));
+        }
+        let mut new = sent(0, 500, 0);
+        new.copy = 1;
+        assert_eq!(
+            state.replied(&new, 500, &Reply::Applied),
+            AfterReply::Confirmed
+        );
+        assert_eq!(state.confirmed, 500);
     }
 
     #[test]
