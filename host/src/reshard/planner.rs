@@ -179,6 +179,21 @@ impl Planner {
         &self.moving
     }
 
+    /// Most moves at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether a move of `point` may start at `now`: it is not moving, and its last move did not
+    /// fail too recently to try again.
+    pub fn may_start(&self, point: &PointId, now: Instant) -> bool {
+        !self.moving.contains_key(point)
+            && self
+                .failed
+                .get(point)
+                .is_none_or(|not_before| now >= *not_before)
+    }
+
     /// The first step of a look at the ring (as `local` sees it, with live view `view`): the
     /// actions due whatever the points are, and what to do next.
     pub fn look(&mut self, local: &str, ring: &Ring, view: &str, now: Instant) -> Look {
@@ -266,7 +281,9 @@ impl Planner {
 
     /// The second step: the plan over the points this node holds in a handover (`held`, each
     /// with its record; a point in none cannot be a stray, so the others need not be listed)
-    /// and the moves the pending change calls for (`moves`, from this node).
+    /// and the moves the pending change calls for (`moves`, from this node, in plan order: all
+    /// of them, or the first ones that may start and those of every point held in a handover
+    /// or moving; none means none is left).
     /// `started` is when the listing began.
     pub fn plan(
         &mut self,
@@ -336,12 +353,7 @@ impl Planner {
                 break;
             }
             let planned = work.planned();
-            if self.moving.contains_key(&planned.point)
-                || self
-                    .failed
-                    .get(&planned.point)
-                    .is_some_and(|not_before| started < *not_before)
-            {
+            if !self.may_start(&planned.point, started) {
                 continue;
             }
             self.moving

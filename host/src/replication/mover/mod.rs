@@ -43,9 +43,11 @@ use crate::reshard::{self, Move};
 
 mod moves;
 mod peer;
+mod queue;
 
 use moves::*;
 use peer::*;
+use queue::Queue;
 
 /// How often the mover looks again without a change of membership (points created meanwhile,
 /// moves to retry).
@@ -157,8 +159,8 @@ struct Listing {
     at: Instant,
     points: std::sync::Arc<Vec<PointId>>,
     /// The moves of `points` last planned, between the rings (and with the placement plugins)
-    /// of the key.
-    moves: Option<(MovesKey, Vec<Move>)>,
+    /// of the key, as they are taken.
+    moves: Option<(MovesKey, Queue)>,
 }
 
 /// What the moves of a listing were planned for: the two rings' versions and the plugins'
@@ -762,14 +764,15 @@ impl Mover {
         {
             std::sync::Arc::make_mut(&mut listing.points).retain(|p| !removed.contains(p));
             if let Some((_, moves)) = &mut listing.moves {
-                moves.retain(|m| !removed.contains(&m.point));
+                removed.iter().for_each(|point| moves.remove(point));
             }
         }
     }
 
     /// The moves of the points this node holds and may hand over (not handed over already, not
     /// arriving, by `handovers`), from their owner in `current` to their owner in `target`:
-    /// planned once per listing, pair of rings and plugins, then only filtered. With
+    /// planned once per listing, pair of rings and plugins, then taken a few at a time
+    /// ([`Queue::next`]). With
     /// `concludes` (none left ends this node's part in the change), none left is only said
     /// from a listing of every point held now.
     async fn moves(
@@ -797,31 +800,33 @@ impl Mover {
         let points = self.listed(exact);
         let generation = *self.context.services.plugins.reloads().borrow();
         let key = (current.version(), target.version(), generation);
-        let planned = match self.listing.as_ref().and_then(|l| l.moves.as_ref()) {
-            Some((planned_for, moves)) if *planned_for == key => moves.clone(),
-            _ => {
-                let plugins = self.context.services.plugins.current();
-                let (now, then) = (current.clone(), target.clone());
-                let points = points.as_ref().clone();
-                let moves = tokio::task::spawn_blocking(move || {
-                    reshard::plan(
-                        points,
-                        |point| crate::placement::owner_in(&plugins, &now, point.as_str()),
-                        |point| crate::placement::owner_in(&plugins, &then, point.as_str()),
-                    )
-                })
-                .await
-                .map_err(|e| PlacementError::Task(e.to_string()))??;
-                if let Some(listing) = &mut self.listing {
-                    listing.moves = Some((key, moves.clone()));
-                }
-                moves
-            }
-        };
-        Ok(planned
-            .into_iter()
-            .filter(|m| holds(handovers.get(&m.point)))
-            .collect())
+        let fresh = self
+            .listing
+            .as_ref()
+            .and_then(|listing| listing.moves.as_ref())
+            .is_some_and(|(planned_for, _)| *planned_for == key);
+        if !fresh {
+            let plugins = self.context.services.plugins.current();
+            let (now, then) = (current.clone(), target.clone());
+            let points = points.as_ref().clone();
+            let moves = tokio::task::spawn_blocking(move || {
+                reshard::plan(
+                    points,
+                    |point| crate::placement::owner_in(&plugins, &now, point.as_str()),
+                    |point| crate::placement::owner_in(&plugins, &then, point.as_str()),
+                )
+            })
+            .await
+            .map_err(|e| PlacementError::Task(e.to_string()))??;
+            let listing = self.listing.as_mut().expect("listed above");
+            listing.moves = Some((key, Queue::new(moves)));
+        }
+        let (_, queue) = self
+            .listing
+            .as_mut()
+            .and_then(|listing| listing.moves.as_mut())
+            .expect("listed and planned above");
+        Ok(queue.next(handovers, &self.planner, Instant::now()))
     }
 
     /// The connection to `to`, dialed at most once per round: a member that cannot be reached

@@ -202,7 +202,7 @@ impl Replicator {
         };
         let bundled = sent
             .into_iter()
-            .map(|sent| Err((sent, NotSent::Bundler(error.clone()))))
+            .map(|sent| Err((sent, NotSent::Bundler(Box::new(error.clone())))))
             .collect();
         Some(Bundling {
             bundled,
@@ -402,7 +402,7 @@ pub(super) fn bundle_all(
         let bundle = match plugins.bundle(sent.point.as_str(), sent.start, &payload) {
             Ok(bundle) => bundle,
             Err(error) => {
-                bundled.push(Err((sent, NotSent::Bundler(error))));
+                bundled.push(Err((sent, NotSent::Bundler(Box::new(error)))));
                 continue;
             }
         };

@@ -159,7 +159,7 @@ pub(super) struct Prepared {
 #[derive(Debug, thiserror::Error)]
 pub(super) enum NotSent {
     #[error(transparent)]
-    Bundler(#[from] PluginError),
+    Bundler(Box<PluginError>),
     #[error(
         "its bundle would take {wire} bytes on the wire, more than the {MAX_BUNDLE_BYTES} a record may"
     )]
