@@ -90,6 +90,8 @@ pub const REPLICATION_REFUSED: &str = "goutube_replication_refused_total";
 pub const REPLICATION_STALE_EPOCHS: &str = "goutube_replication_stale_epochs_total";
 /// Points a follower offered at a newer ownership epoch than this leader's (left alone).
 pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
+/// Commit marks this leader sent a follower (a point's committed end, told as it moves).
+pub const REPLICATION_COMMIT_MARKS: &str = "goutube_replication_commit_marks_total";
 /// Writes that waited at a handover's fence longer than reshard.fence_timeout_ms.
 pub const FENCE_TIMEOUTS: &str = "goutube_reshard_fence_timeouts_total";
 /// Points this node is handing to their new owner now.
@@ -475,6 +477,10 @@ fn describe_replication() {
     describe_counter!(
         REPLICATION_NEWER_COPIES,
         "Points a follower offered at a newer ownership epoch than this leader's (left alone)."
+    );
+    describe_counter!(
+        REPLICATION_COMMIT_MARKS,
+        "Commit marks this leader sent a follower: a point's committed end, told as it moves (a restarted follower is told only what it did not know)."
     );
     describe_counter!(
         FENCE_TIMEOUTS,

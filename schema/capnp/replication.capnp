@@ -96,6 +96,10 @@ struct Offer {
   leaderEpoch @4 :UInt64;   # protocol 6: the newest leader epoch of the copy's bytes (from where
                             # each began, `describe`'s leaderEpochs; 0: none recorded). The
                             # leader cuts the copy back to where its first newer epoch began
+  committed @5 :UInt64;     # the committed end the follower serves its copy up to, as a leader
+                            # told it (`commit`): a leader whose copy it continues tells it only
+                            # a committed end past this one (0 from a follower before this
+                            # field: each point's committed end is told again)
 }
 
 struct EpochStart {

@@ -291,6 +291,56 @@ async fn a_late_follower_catches_up_many_small_points_while_some_are_deleted_or_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_is_told_only_the_committed_ends_it_did_not_know() {
+    // A follower serves each copy up to the committed end its leader told it, and offers that
+    // end when it comes back: its leader tells it only the ends that moved meanwhile, not every
+    // point's again (a million marks for a million points, each applied on its point).
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let count = 40u64;
+    let name = |i: u64| format!("told/{i:02}");
+    for i in 0..count {
+        produce(&mut to_leader, &name(i), &[data(300 + i, small_len(i))])
+            .await
+            .unwrap();
+    }
+    let follower = follower(&pki, "told", &leader, |_| {}).await;
+    let to_follower = pki.client("root", &follower.addr()).await;
+    for i in 0..count {
+        converged(&to_leader, &to_follower, &name(i)).await;
+    }
+    let marks = || {
+        let scrape = goutube::metrics::handle().render();
+        let told = r#"follower="told""#;
+        goutube_tests::metric_where(&scrape, goutube::metrics::REPLICATION_COMMIT_MARKS, told)
+            .unwrap_or(0.0)
+    };
+    let before = marks();
+    assert!(before >= count as f64, "{before} marks for {count} points");
+
+    // Back from a restart, with one point grown meanwhile and one new.
+    let follower = follower.restart(follows(&pki, "told", &leader)).await;
+    let to_follower = pki.client("root", &follower.addr()).await;
+    produce(&mut to_leader, &name(7), &[data(900, 1_234)])
+        .await
+        .unwrap();
+    produce(&mut to_leader, &name(count), &[data(901, 2_345)])
+        .await
+        .unwrap();
+    for i in 0..=count {
+        converged(&to_leader, &to_follower, &name(i)).await;
+    }
+    let since = marks() - before;
+    assert!(
+        (2.0..=6.0).contains(&since),
+        "{since} marks after the restart, for 2 points that changed among {count}"
+    );
+    follower.shutdown().await;
+    leader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_point_deleted_and_made_again_smaller_is_committed_on_the_follower() {
     // Under `ack = { replicas = 1 }` a follower's copy is committed by the leader's marks,
     // sent at most every 10 ms. A point deleted right after a write, while the mark of that

@@ -8,8 +8,10 @@
 //!
 //! The shared parts are their own files — [`harness`] (server processes and `/proc`), [`stats`]
 //! (medians, spreads, ratio rows), [`workload`] (frames, produce/consume loops, the machine's
-//! ceilings), [`baseline`] — and each scenario beyond streaming has one (`cluster`, `controller`, `download`,
-//! `http`, `nginx`, `points`, `alloc`, `replication`, `reshard`, `transfer`); they all stand on the shared parts through this module.
+//! ceilings), [`baseline`] — and each scenario beyond streaming has one (`alloc`, `cluster`,
+//! `controller`, `download`, `failover`, `http`, `nginx`, `points`, `replication`, `reshard`,
+//! `transfer`; `fleet` starts the nodes several of them share); they all stand on the shared
+//! parts through this module.
 
 mod alloc;
 mod baseline;

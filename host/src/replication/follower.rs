@@ -214,6 +214,7 @@ async fn session(
             offer.set_epoch(held.epoch);
             offer.set_crc(held.crc);
             offer.set_leader_epoch(held.leader_epoch);
+            offer.set_committed(held.committed);
         }
         params.set_sink(sink);
     }
@@ -323,10 +324,13 @@ struct Offer {
     crc: u32,
     /// The newest leader epoch of its bytes (`LeaderEpochs::newest_below`).
     leader_epoch: u64,
+    /// The committed end it serves up to, as a leader told it.
+    committed: u64,
 }
 
-/// Every point this node holds, with its end, its epoch, its CRC32C and the newest leader epoch
-/// of its bytes: from the catalogue in one walk ([`crate::point::Store::summaries`]).
+/// Every point this node holds, with its end, its epoch, its CRC32C, the newest leader epoch
+/// of its bytes and its committed end: from the catalogue in one walk
+/// ([`crate::point::Store::summaries`]).
 async fn offers(context: &Context) -> Vec<Offer> {
     context
         .store
@@ -338,6 +342,7 @@ async fn offers(context: &Context) -> Vec<Offer> {
             epoch: summary.ownership.epoch,
             crc: summary.snapshot.crc,
             leader_epoch: summary.leader_epochs.newest_below(summary.snapshot.end),
+            committed: summary.snapshot.committed,
             point: summary.id,
         })
         .collect()

@@ -390,6 +390,7 @@ impl leader::Server for LeaderService {
                 epoch: offer.get_epoch().max(FIRST_EPOCH),
                 crc: offer.get_crc(),
                 leader_epoch: (protocol >= EPOCH_CUTS).then(|| offer.get_leader_epoch()),
+                committed: offer.get_committed(),
             };
             offers.insert(offer.get_point()?.to_str()?.to_owned(), held);
         }

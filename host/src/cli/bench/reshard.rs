@@ -263,11 +263,12 @@ async fn move_once(
         },
     )
     .await?;
-    let handed = || metric(&a, goutube::metrics::RESHARD_MOVED_POINTS);
-    wait_until(
+    // As long as it takes a drain of many points, but never stuck.
+    wait_counting(
         "a to hand every point over",
-        Duration::from_secs(600),
-        || async { Ok(handed().await? >= points as f64) },
+        points as f64,
+        Duration::from_secs(60),
+        || metric(&a, goutube::metrics::RESHARD_MOVED_POINTS),
     )
     .await?;
     let seconds = started.elapsed().as_secs_f64();
@@ -400,6 +401,32 @@ async fn write_all_along(
 }
 
 /// Polls `condition` every 20 ms until it holds, or fails after `limit`.
+/// Waits until `count` reaches `target`, as long as it moves at least every `stall`.
+async fn wait_counting<F, Fut>(
+    what: &str,
+    target: f64,
+    stall: Duration,
+    mut count: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<f64>>,
+{
+    let (mut last, mut moved_at) = (None, Instant::now());
+    loop {
+        let now = count().await?;
+        if now >= target {
+            return Ok(());
+        }
+        if last != Some(now) {
+            (last, moved_at) = (Some(now), Instant::now());
+        } else if moved_at.elapsed() > stall {
+            bail!("timed out waiting for {what}: {now} of {target}, none more in {stall:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_until<F, Fut>(what: &str, limit: Duration, mut condition: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,

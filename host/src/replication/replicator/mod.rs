@@ -83,6 +83,9 @@ pub(crate) struct Held {
     pub epoch: u64,
     pub crc: u32,
     pub leader_epoch: Option<u64>,
+    /// The committed end it serves up to, as a leader told it (0 from a follower before the
+    /// offer said it).
+    pub committed: u64,
 }
 
 /// How a follower's copy, as offered, is continued at the start of a session.
@@ -459,7 +462,11 @@ impl Replicator {
                 _ => Start::Continue,
             };
             match start {
-                Start::Continue => self.context.progress.confirm(&self.follower, &id, held),
+                Start::Continue => {
+                    self.context.progress.confirm(&self.follower, &id, held);
+                    let committed = offered.map_or(0, |held| held.committed.min(held.end));
+                    self.told_already(&id, committed);
+                }
                 Start::Replace => {
                     state.next = 0;
                     state.confirmed = 0;
@@ -556,6 +563,17 @@ impl Replicator {
         }
     }
 
+    /// The follower serves its copy of `point` up to `committed` already (it said so in its
+    /// offer): a mark is due only past it. A follower restarted with a million points is not
+    /// told a million marks again.
+    fn told_already(&mut self, point: &PointId, committed: u64) {
+        if let Some(marks) = &mut self.marks
+            && committed > 0
+        {
+            marks.told.insert(point.clone(), committed);
+        }
+    }
+
     /// Looks at the unsettled points again, and sends the marks due.
     fn settle_marks(&mut self) {
         let Some(marks) = &self.marks else {
@@ -604,6 +622,8 @@ impl Replicator {
         if marks.due.is_empty() {
             return;
         }
+        ::metrics::counter!(metrics::REPLICATION_COMMIT_MARKS, "follower" => self.follower.clone())
+            .increment(marks.due.len() as u64);
         let mut request = self.sink.commit_request();
         request.get().set_leader_epoch(self.leader_epoch);
         let mut list = request.get().init_marks(marks.due.len() as u32);
