@@ -382,6 +382,14 @@ impl MoveError {
         }
     }
 
+    /// Whether the point is gone from this node (deleted meanwhile): there is nothing to move.
+    pub(crate) fn is_gone(&self) -> bool {
+        matches!(
+            self,
+            MoveError::Store(StoreError::Read(ReadError::NotFound(_)))
+        )
+    }
+
     /// When the move is tried again, by kind: a dropped connection at once, a refused seal
     /// after the settle time, anything else after a second.
     pub(crate) fn retry(&self) -> Retry {

@@ -122,6 +122,8 @@ pub enum Outcome {
     Done,
     /// Stopped by an [`Action::Stop`]: not a failure.
     Stopped,
+    /// The point was deleted meanwhile: nothing to move, not tried again.
+    Gone,
     /// It failed; tried again as the failure's kind says.
     Failed(Retry),
 }
@@ -383,7 +385,7 @@ impl Planner {
     pub fn ended(&mut self, point: &PointId, ended: Outcome, now: Instant) {
         self.moving.remove(point);
         match ended {
-            Outcome::Done => {
+            Outcome::Done | Outcome::Gone => {
                 self.failed.remove(point);
             }
             Outcome::Stopped => self.strays = true,

@@ -69,6 +69,7 @@ pub(super) async fn run(
     let (mut catch_up, mut moved, mut moved_reading) = (Vec::new(), Vec::new(), Vec::new());
     let (mut pauses, mut slowest) = (Vec::new(), Vec::new());
     let (mut reads_idle, mut reads_moving) = (Vec::new(), Vec::new());
+    let mut listings = Vec::new();
     for round in 0..rounds {
         let dir = work.path().join(format!("catch-up-{round}"));
         catch_up.push(catch_up_once(&dir, points, &workload).await?);
@@ -77,6 +78,7 @@ pub(super) async fn run(
             let dir = work.path().join(format!("move-{round}-{load:?}"));
             let run = move_once(&dir, points, &workload, load, moves).await?;
             std::fs::remove_dir_all(&dir)?;
+            listings.push(run.listings);
             match load {
                 Load::Writers => {
                     moved.push(run.seconds);
@@ -136,6 +138,10 @@ pub(super) async fn run(
         median(&reads_moving) / median(&reads_idle),
         median(&reads_moving),
         median(&reads_idle)
+    );
+    println!(
+        "| listings of every point held, per drain (median) | {:.0} | a few |",
+        median(&listings)
     );
     Ok(())
 }
@@ -202,6 +208,8 @@ struct Moved {
     slowest: Vec<f64>,
     read_idle: f64,
     read_moving: f64,
+    /// How many times the drained node listed every point it held.
+    listings: f64,
 }
 
 async fn move_once(
@@ -254,6 +262,7 @@ async fn move_once(
 
     // The drain, timed until a counts every point handed over.
     let reads_before = read.load(Ordering::Relaxed);
+    let listings = metric(&a, goutube::metrics::RESHARD_LISTINGS).await?;
     let started = Instant::now();
     to_a.drain(
         "a",
@@ -273,6 +282,7 @@ async fn move_once(
     .await?;
     let seconds = started.elapsed().as_secs_f64();
     let read_moving = (read.load(Ordering::Relaxed) - reads_before) as f64 / seconds / 1e6;
+    let listings = metric(&a, goutube::metrics::RESHARD_LISTINGS).await? - listings;
     stop.store(true, Ordering::Relaxed);
     let (mut pauses, mut slowest) = (Vec::new(), Vec::new());
     for writer in writers {
@@ -292,6 +302,7 @@ async fn move_once(
         slowest,
         read_idle,
         read_moving,
+        listings,
     })
 }
 

@@ -676,6 +676,14 @@ impl Mover {
                 self.handed_over = true;
                 Outcome::Done
             }
+            Err(error) if error.is_gone() => {
+                // Deleted meanwhile (its removal may have gone unseen: `prune`): not planned again.
+                tracing::debug!(point = %done.point, to = %done.to, %error, "nothing to hand over");
+                if let Some((_, queue)) = self.listing.as_mut().and_then(|l| l.moves.as_mut()) {
+                    queue.remove(&done.point);
+                }
+                Outcome::Gone
+            }
             Err(error) if stopped => {
                 ::metrics::counter!(metrics::RESHARD_STOPPED_MOVES).increment(1);
                 tracing::info!(point = %done.point, to = %done.to, %error, "handover stopped");
@@ -738,10 +746,10 @@ impl Mover {
             .unwrap_or_default()
     }
 
-    /// Takes the points removed since the last look out of the listing and its moves. If
-    /// the store's events were missed (too many at once), the listing is done again once
-    /// [`RELIST_EVERY`] allows; a move of a point removed meanwhile fails and is not retried
-    /// after that.
+    /// Takes the points removed since the last look out of the listing and its moves. Events
+    /// missed (too many at once, under writes) do not call for a new listing, which would plan
+    /// every point again (a placement call each): a move of a point removed meanwhile finds it
+    /// gone and leaves the queue ([`Mover::finished`]), and removals never add a point to move.
     fn prune(&mut self) {
         use tokio::sync::broadcast::error::TryRecvError;
         let mut removed = HashSet::new();
@@ -750,12 +758,7 @@ impl Mover {
                 Ok(StoreEvent::Removed { point }) => {
                     removed.insert(point);
                 }
-                Ok(_) => {}
-                Err(TryRecvError::Lagged(_)) => {
-                    if let Some(listing) = &mut self.listing {
-                        listing.generation = u64::MAX;
-                    }
-                }
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
         }
