@@ -319,16 +319,17 @@ impl Replicator {
         self.copies
     }
 
-    /// The state of `point`, tracked from now on as a new copy if it was not tracked.
+    /// The state of `point`, tracked from now on as a new copy if it was not tracked (its id
+    /// is cloned only then: this runs at every append's event).
     fn state_of(&mut self, point: &PointId) -> &mut PointState {
-        let copies = &mut self.copies;
-        self.points.entry(point.clone()).or_insert_with(|| {
-            *copies += 1;
-            PointState {
-                copy: *copies,
+        if !self.points.contains_key(point) {
+            let state = PointState {
+                copy: self.new_copy(),
                 ..PointState::default()
-            }
-        })
+            };
+            self.points.insert(point.clone(), state);
+        }
+        self.points.get_mut(point).expect("tracked above")
     }
 
     /// Stops tracking `point`, releasing the live bytes kept for it.
@@ -982,8 +983,7 @@ impl Replicator {
             AfterReply::Truncate(verified) => {
                 tracing::error!(follower = %self.follower, %point, start = sent.start, len = sent.len, end, verified, "the follower acknowledged another end than the one sent: its copy diverged; cutting it back to the last verified end");
                 self.diverged(&point, verified + 1, "ack");
-                let copy = sent.copy;
-                self.send_truncate(point.clone(), copy, verified, None);
+                self.send_truncate(point.clone(), sent.copy, verified, None);
                 self.mark(point.clone());
             }
             AfterReply::Resend => {
