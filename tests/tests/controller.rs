@@ -380,10 +380,44 @@ async fn without_a_quorum_decisions_wait_with_a_clear_status_until_a_voter_retur
             .any(|m| m.name == "d" && m.in_ring),
         "no join is decided without a quorum"
     );
+    let written = held.len() as u64;
+
+    // a restarts (killed) while there is still no quorum: it holds the rings it stopped with,
+    // which may be stale (it may have been forgotten meanwhile), so it takes no write until it
+    // has heard the controller. It still serves what it holds.
+    voters.nodes.remove("a").unwrap().kill();
+    voters.spawn("a");
+    let mut client = voters.pki.client("root", &voters.nodes["a"].rpc).await;
+    let refused = append_at(&mut client, &point, written, b"not yet")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("has not heard the controller since it started"),
+        "{refused:?}"
+    );
+    let read = consume(&mut client, window(&point, 0, 0, 0))
+        .await
+        .unwrap()
+        .concat();
+    assert_eq!(read.len() as u64, written, "a serves what it holds");
 
     // One voter back: a quorum again, and what waited is decided (the entry that timed out
     // may be the one committed: the retry then changes nothing).
     voters.spawn("b");
+    // a heard the controller: it takes writes again, where the point ended.
+    eventually("a to take writes once it heard the controller", || {
+        let mut client = client.clone();
+        let point = point.clone();
+        async move {
+            append_at(&mut client, &point, written, b"heard")
+                .await
+                .is_ok()
+        }
+    })
+    .await;
     eventually("a decision once a quorum is back", || {
         let voters = &voters;
         async move { voters.propose("a", &join("x")).await.is_ok() }

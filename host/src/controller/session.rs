@@ -208,6 +208,12 @@ impl Lease {
         (now >= until).then(|| now - until)
     }
 
+    /// Whether the controller granted this member a session since it started (held or lapsed
+    /// since).
+    pub fn granted_once(&self) -> bool {
+        self.until.borrow().is_some()
+    }
+
     /// Resolves once the controller granted this member a session (at once if it did
     /// already). By then this member's view of the committed state holds every entry the
     /// controller had applied when it granted it.

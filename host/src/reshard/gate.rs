@@ -4,13 +4,16 @@
 //!
 //! A write is admitted ([`Gate::admit_write`]) in this order:
 //! 1. a follower takes no writes: its leader does ([`Refusal::Follower`]);
-//! 2. a member the cluster forgot owns nothing ([`Refusal::Forgotten`]);
-//! 3. the point's own record decides first: handed over (`moved`) or still arriving
+//! 2. a node that has not heard the controller since it started waits for it, up to a session
+//!    ([`Refusal::NoSession`]): until then it holds the state it stopped with, in which it may
+//!    still own what the cluster gave away meanwhile (it was forgotten, its group failed over);
+//! 3. a member the cluster forgot owns nothing ([`Refusal::Forgotten`]);
+//! 4. the point's own record decides first: handed over (`moved`) or still arriving
 //!    (`incoming`) is refused naming the member that takes its writes; being copied or sealed
 //!    is admitted with its handover (an append meets the fence under the point's lock and
 //!    waits in [`Gate::append`]); committed here in a handover is writable whatever the ring
 //!    says until the ring catches up;
-//! 4. a point this node does not hold goes by the ring: its owner takes it
+//! 5. a point this node does not hold goes by the ring: its owner takes it
 //!    ([`Refusal::NotOwner`], [`Refusal::OwnerDown`]); while the ring changes, a member creates
 //!    no point that the change gives to another ([`Refusal::Changing`]); while a forgotten
 //!    member's points are taken over, none of them is created afresh ([`Refusal::TakingOver`]).
@@ -345,6 +348,8 @@ pub struct Gate {
     topology: watch::Receiver<Arc<Topology>>,
     /// What a write refused until the controller's state changes is told to wait.
     retry_after: Duration,
+    /// How long a write waits for this node's first session after a start (`session_ms`).
+    session: Duration,
     /// Each append and delete holds a share while it writes; a transfer of leadership holds it
     /// whole ([`Gate::hold_writes`]), so that nothing is written while it checks that the new
     /// leader holds every byte. Tokio's lock is fair: a write that asks for a share while a
@@ -374,6 +379,7 @@ impl Gate {
             lease,
             topology,
             retry_after: session::retry_delay(config.controller.session_ms),
+            session: Duration::from_millis(config.controller.session_ms),
             writing: tokio::sync::RwLock::new(()),
         }
     }
@@ -471,6 +477,27 @@ impl Gate {
         })
     }
 
+    /// Waits, up to a session, until this node has heard the controller since it started: its
+    /// first session is granted only once its view of the committed state holds every decision
+    /// the granter had applied. Whatever its group's failover: a member restarted holds the
+    /// rings it stopped with (its own Raft node replays its log from where it stopped), in which
+    /// it may still own ranges the cluster forgot it for, or lead a group that failed over.
+    async fn heard_controller(&self) -> Result<(), Refusal> {
+        if self.lease.granted_once() {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.session, self.lease.first_granted()).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Refusal::NoSession {
+                node: self.node.clone(),
+                session: "has not heard the controller since it started (no heartbeat answered \
+                          yet)"
+                    .to_owned(),
+                retry_after: self.retry_after,
+            }),
+        }
+    }
+
     /// Refuses every write on a follower (unless the controller named it a group's leader),
     /// naming its leader's client API.
     pub fn check_writable(&self) -> Result<(), Refusal> {
@@ -527,6 +554,7 @@ impl Gate {
     /// [`Gate::admit_write`] but for the session.
     async fn admit_write_here(&self, point: &PointId) -> Result<Option<Handover>, WriteError> {
         self.check_writable()?;
+        self.heard_controller().await?;
         // By the ring this node's membership holds, or by the one the controller committed:
         // a member restarted after it was forgotten may hold the older one for a moment.
         let forgotten = |ring: &Ring| {
