@@ -92,6 +92,8 @@ pub const REPLICATION_STALE_EPOCHS: &str = "goutube_replication_stale_epochs_tot
 pub const REPLICATION_NEWER_COPIES: &str = "goutube_replication_newer_copies_total";
 /// Commit marks this leader sent a follower (a point's committed end, told as it moves).
 pub const REPLICATION_COMMIT_MARKS: &str = "goutube_replication_commit_marks_total";
+/// Walks of every point a leader made again for a follower after it missed store events.
+pub const REPLICATION_RESCANS: &str = "goutube_replication_rescans_total";
 /// Writes that waited at a handover's fence longer than reshard.fence_timeout_ms.
 pub const FENCE_TIMEOUTS: &str = "goutube_reshard_fence_timeouts_total";
 /// Points this node is handing to their new owner now.
@@ -481,6 +483,10 @@ fn describe_replication() {
     describe_counter!(
         REPLICATION_COMMIT_MARKS,
         "Commit marks this leader sent a follower: a point's committed end, told as it moves (a restarted follower is told only what it did not know)."
+    );
+    describe_counter!(
+        REPLICATION_RESCANS,
+        "Walks of every point a leader made again for a follower after it missed store events (the store's broadcast lagged): each point's end and bytes are compared with what the session tracked."
     );
     describe_counter!(
         FENCE_TIMEOUTS,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use goutube::config::{Config, Role};
 use goutube::plugins::PluginSection;
 use goutube::point::{PointId, Store};
+use goutube::proto::{DeletePointRequest, ProduceRequest};
 use goutube_tests::{
     NodeProcess, TestNode, consume, counter, data, eventually, members, metadata, owner, produce,
     window,
@@ -436,4 +437,77 @@ async fn a_handover_to_a_member_whose_unbundle_lies_completes_only_with_the_righ
     serves(&b, &held).await;
     b.shutdown().await;
     a.shutdown().await;
+}
+
+/// A leader's session with a follower that misses store events (its replicator stalled on a
+/// slow bundle while more happened than the store's broadcast holds) walks every point again:
+/// a point deleted and made again meanwhile, smaller or larger than before, replaces the
+/// follower's old copy whole instead of being continued from where the old one ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_deleted_and_made_again_while_its_session_missed_store_events_is_sent_whole() {
+    let _serial = SERIAL.lock().await;
+    // Bundling a record of `stall` takes 10 s (within its deadline).
+    let stalling = PluginSection {
+        timeout_ms: 60_000,
+        ..misbehaving("bundle-slow:10000:stall")
+    };
+    let leader = leader_with(stalling.clone()).await;
+    let follower = follower_with(&leader, stalling).await;
+    let mut client = leader.client().await;
+    let before = [
+        ("again/smaller".to_owned(), data(301, 61_003)),
+        ("again/larger".to_owned(), data(302, 45_007)),
+    ];
+    for (point, bytes) in &before {
+        produce(&mut client, point, std::slice::from_ref(bytes))
+            .await
+            .unwrap();
+    }
+    serves(&follower, &before).await;
+
+    let rescans = || labelled(goutube::metrics::REPLICATION_RESCANS, "follower=\"f1\"");
+    let rescanned = rescans();
+    // The session takes this append's event, then stalls bundling it: every later event waits.
+    let stall = ("stall".to_owned(), data(303, 1_009));
+    produce(&mut client, &stall.0, std::slice::from_ref(&stall.1))
+        .await
+        .unwrap();
+    let after = [
+        ("again/smaller".to_owned(), data(311, 20_011)),
+        ("again/larger".to_owned(), data(312, 90_001)),
+    ];
+    for (point, bytes) in &after {
+        client
+            .delete_point(DeletePointRequest {
+                point: point.clone(),
+            })
+            .await
+            .unwrap();
+        produce(&mut client, point, std::slice::from_ref(bytes))
+            .await
+            .unwrap();
+    }
+    // More events than the broadcast holds (4,096): one append each, two points in turn.
+    let filler: Vec<ProduceRequest> = (0..4_500)
+        .map(|i| ProduceRequest {
+            point: format!("filler/{}", i % 2),
+            frame: data(400 + i, 13).into(),
+            ..Default::default()
+        })
+        .collect();
+    client
+        .produce_stream(tokio_stream::iter(filler))
+        .await
+        .unwrap();
+
+    let mut expected = after.to_vec();
+    expected.push(stall);
+    serves(&follower, &expected).await;
+    holds_only(follower.node.store().unwrap(), &expected).await;
+    assert!(
+        rescans() > rescanned,
+        "the session did not miss store events: the case was not reached"
+    );
+    follower.shutdown().await;
+    leader.shutdown().await;
 }

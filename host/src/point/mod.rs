@@ -166,6 +166,9 @@ pub enum StoreEvent {
         point: PointId,
         /// Its new end.
         end: u64,
+        /// The CRC32C of its bytes up to `end`: which copy of the point grew (one deleted and
+        /// made again is another).
+        crc: u32,
         /// The bytes of the append, while the store's budget for them lasts: replication sends
         /// them to connected followers without reading them back.
         bytes: Option<Arc<LiveBytes>>,

@@ -282,6 +282,7 @@ impl Store {
             let _ = self.inner.events.send(StoreEvent::Grew {
                 point: id.clone(),
                 end: last.end,
+                crc: last.crc,
                 bytes,
             });
         }

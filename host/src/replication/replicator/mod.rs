@@ -280,8 +280,8 @@ impl Replicator {
         match change {
             ScopeChange::Add { point, held } => {
                 scope.insert(point.clone());
-                let end = match self.context.store.metadata(&point).await {
-                    Ok(snapshot) => snapshot.end,
+                let (end, crc) = match self.context.store.metadata(&point).await {
+                    Ok(snapshot) => (snapshot.end, snapshot.crc),
                     Err(error) => {
                         // The handover waiting on it gives up by its own deadline.
                         tracing::warn!(to = %self.follower, %point, %error, "cannot hand this point over");
@@ -293,6 +293,7 @@ impl Replicator {
                 let state = PointState {
                     copy: self.new_copy(),
                     end,
+                    crc,
                     next: held.min(end),
                     confirmed: held,
                     ..PointState::default()
@@ -383,13 +384,16 @@ impl Replicator {
                     Ok(event) if !self.in_scope(event.point()) => {}
                     Ok(StoreEvent::Removed { point }) => self.removed(point),
                     Ok(StoreEvent::Owned { point }) => self.redescribe(point).await,
-                    Ok(StoreEvent::Grew { point, end, bytes }) => {
+                    Ok(StoreEvent::Grew { point, end, crc, bytes }) => {
                         if let Some(bytes) = bytes {
                             self.lend(&point, bytes);
                         }
-                        self.grew(point, end);
+                        self.grew(point, end, crc);
                     }
-                    Err(RecvError::Lagged(_)) => self.scan(None).await,
+                    Err(RecvError::Lagged(_)) => {
+                        ::metrics::counter!(metrics::REPLICATION_RESCANS, "follower" => self.follower.clone()).increment(1);
+                        self.scan(None).await;
+                    }
                     Err(RecvError::Closed) => break Ended::Stopped,
                 },
                 Some(outcome) = self.in_flight.next() => {
@@ -422,7 +426,12 @@ impl Replicator {
             }
             let snapshot = summary.snapshot;
             let Some(offers) = &offers else {
-                self.grew(id.clone(), snapshot.end);
+                if self.made_again(&id, snapshot).await {
+                    // Its removal was among the events missed: the follower's copy goes, and
+                    // this one is sent from its start.
+                    self.removed(id.clone());
+                }
+                self.grew(id.clone(), snapshot.end, snapshot.crc);
                 self.tell_committed_at(&id, snapshot.committed);
                 continue;
             };
@@ -432,6 +441,7 @@ impl Replicator {
             let mut state = PointState {
                 copy: self.new_copy(),
                 end: snapshot.end,
+                crc: snapshot.crc,
                 next: held,
                 confirmed: held,
                 ..PointState::default()
@@ -652,11 +662,37 @@ impl Replicator {
         );
     }
 
-    fn grew(&mut self, point: PointId, end: u64) {
+    /// `point` grew to `end`, its bytes up to there having the CRC32C `crc`.
+    fn grew(&mut self, point: PointId, end: u64, crc: u32) {
         let state = self.state_of(&point);
         if end > state.end {
             state.end = end;
+            state.crc = crc;
             self.mark(point);
+        }
+    }
+
+    /// After missed store events: whether `point`, as the store holds it now (`snapshot`), is
+    /// another copy than the one tracked, deleted and made again meanwhile. A point only grows,
+    /// so it is the same copy if it ends at or past the tracked end with the same bytes there
+    /// (one read, only for a point that grew while the events were missed).
+    async fn made_again(&self, point: &PointId, snapshot: Snapshot) -> bool {
+        let Some(state) = self.points.get(point) else {
+            return false;
+        };
+        if snapshot.end < state.end {
+            return true;
+        }
+        if snapshot.end == state.end {
+            return snapshot.crc != state.crc;
+        }
+        match self.context.store.crc_at(point, state.end).await {
+            Ok(crc) => crc != state.crc,
+            // Deleted since the walk: its removal is among the events to come.
+            Err(error) => {
+                tracing::debug!(follower = %self.follower, %point, %error, "cannot compare the point with the copy tracked");
+                false
+            }
         }
     }
 

@@ -41,6 +41,9 @@ pub(super) struct PointState {
     pub(super) copy: u64,
     /// The leader's end.
     pub(super) end: u64,
+    /// The CRC32C of the leader's bytes up to `end`: after missed store events, a point whose
+    /// bytes there differ is another copy (deleted and made again meanwhile).
+    pub(super) crc: u32,
     /// The next offset to send.
     pub(super) next: u64,
     /// What the follower confirmed.

@@ -9,9 +9,10 @@
 //! one byte changed), `longer` (the payload and one byte more), `slow:MS` (spins for MS
 //! milliseconds, then answers correctly).
 //!
-//! In `bundle`: `bundle-panic`, `bundle-oom`, `bundle-stderr` (as above), and `expand` or
+//! In `bundle`: `bundle-panic`, `bundle-oom`, `bundle-stderr` (as above), `expand` or
 //! `expand:MIB` (every record padded to [`EXPANDED`] bytes, or MIB MiB; every mode unbundles
-//! padded records).
+//! padded records), and `bundle-slow:MS:POINT` (spins for MS milliseconds on each record of the
+//! point named POINT, then bundles it correctly: a leader's replication stalls on it).
 //!
 //! Anything else answers correctly.
 
@@ -43,6 +44,14 @@ fn exhaust_memory() {
     let mut hoard: Vec<Vec<u8>> = Vec::new();
     loop {
         hoard.push(vec![1; 16 << 20]);
+    }
+}
+
+/// Spins for `ms` milliseconds (a guest that computes: the host's deadline interrupts it).
+fn spin(ms: u64) {
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        std::hint::spin_loop();
     }
 }
 
@@ -90,6 +99,14 @@ impl Guest for Misbehaving {
             "bundle-panic" => panic!("misbehaving bundler: bundle({point}@{start}) panics"),
             "bundle-oom" => exhaust_memory(),
             "bundle-stderr" => eprintln!("misbehaving bundler: bundling {point}@{start}"),
+            slow if slow.starts_with("bundle-slow:") => {
+                let (ms, stalled) = slow["bundle-slow:".len()..]
+                    .split_once(':')
+                    .unwrap_or(("100", ""));
+                if point == stalled {
+                    spin(ms.parse().unwrap_or(100));
+                }
+            }
             expand if expand.starts_with("expand") => {
                 let size = match expand.strip_prefix("expand:") {
                     Some(mib) => mib.parse::<usize>().unwrap_or(15) << 20,
@@ -154,13 +171,7 @@ impl Guest for Misbehaving {
                 rebuilt.push(b'!');
                 found.payload = FoundPayload::Rebuilt(rebuilt);
             }
-            slow if slow.starts_with("slow:") => {
-                let ms: u64 = slow["slow:".len()..].parse().unwrap_or(100);
-                let until = Instant::now() + Duration::from_millis(ms);
-                while Instant::now() < until {
-                    std::hint::spin_loop();
-                }
-            }
+            slow if slow.starts_with("slow:") => spin(slow["slow:".len()..].parse().unwrap_or(100)),
             _ => {}
         }
         Ok(found)
