@@ -65,7 +65,7 @@ pub(crate) async fn serve(
             reader.compat(),
             writer.compat_write(),
             Side::Server,
-            Default::default(),
+            super::reader_options(),
         );
         let connection = CancellationToken::new();
         let service = LeaderService {

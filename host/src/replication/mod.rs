@@ -91,6 +91,19 @@ pub(crate) const COMMIT_MARKS: u16 = 5;
 /// deposed leader's tail back to where its successor began (`Sink.truncate`'s `diverged`).
 pub(crate) const EPOCH_CUTS: u16 = 6;
 
+/// The most words one replication message may hold: a follower's `Hello` offers every point
+/// it holds in one list, about 9 words (72 bytes) each, and Cap'n Proto's default limit (8 Mi
+/// words, 64 MiB) refused the hello of a follower holding a million points. 128 Mi words
+/// (1 GiB) admit some 15 million; the port takes only members of the cluster (mTLS).
+const MAX_MESSAGE_WORDS: usize = 128 << 20;
+
+/// How both ends of a replication connection read its messages ([`MAX_MESSAGE_WORDS`]).
+pub(crate) fn reader_options() -> capnp::message::ReaderOptions {
+    let mut options = capnp::message::ReaderOptions::new();
+    options.traversal_limit_in_words(Some(MAX_MESSAGE_WORDS));
+    options
+}
+
 /// How many followers a client's write on node `local` waits for before it is acknowledged
 /// (besides every in-sync one), as its `replication.ack` and the controller's `topology` say;
 /// `None`: it waits for none. A follower named leader acknowledges as its group's primary did.
@@ -318,7 +331,7 @@ pub(crate) async fn dial(
         reader.compat(),
         writer.compat_write(),
         Side::Client,
-        Default::default(),
+        reader_options(),
     );
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let member: replication_capnp::leader::Client = rpc.bootstrap(Side::Server);
@@ -355,4 +368,49 @@ fn server_name(address: &str) -> Option<rustls::pki_types::ServerName<'static>> 
     let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     rustls::pki_types::ServerName::try_from(host.to_owned()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hello of a follower holding `points` points, as it goes on the wire.
+    fn hello(points: u32) -> Vec<u8> {
+        let mut message = capnp::message::Builder::new_default();
+        let hello = message.init_root::<replication_capnp::hello::Builder>();
+        let mut offers = hello.init_offers(points);
+        for i in 0..points {
+            let mut offer = offers.reborrow().get(i);
+            offer.set_point(format!("videos/{i:07}").as_str());
+            offer.set_end(4096);
+            offer.set_epoch(1);
+            offer.set_crc(i);
+            offer.set_committed(4096);
+        }
+        let mut bytes = Vec::new();
+        capnp::serialize::write_message(&mut bytes, &message).expect("written to memory");
+        bytes
+    }
+
+    #[test]
+    fn the_hello_of_a_follower_holding_a_million_points_is_read() {
+        let bytes = hello(1_100_000);
+        let refused = capnp::serialize::read_message(
+            &mut bytes.as_slice(),
+            capnp::message::ReaderOptions::new(),
+        );
+        assert!(
+            refused.is_err(),
+            "Cap'n Proto's default limit admits it now"
+        );
+        let message = capnp::serialize::read_message(&mut bytes.as_slice(), reader_options())
+            .expect("read within the limit");
+        let hello = message
+            .get_root::<replication_capnp::hello::Reader>()
+            .unwrap();
+        let offers = hello.get_offers().unwrap();
+        assert_eq!(offers.len(), 1_100_000);
+        let held: u64 = offers.iter().map(|offer| offer.get_end()).sum();
+        assert_eq!(held, 1_100_000 * 4096);
+    }
 }
