@@ -330,6 +330,10 @@ pub enum Holder {
     Down(String),
 }
 
+/// What a node that has had no session since it started says of it ([`Refusal::NoSession`]).
+const NEVER_GRANTED: &str =
+    "has had no session with the controller since it started (no heartbeat answered yet)";
+
 /// The gate of one node.
 pub struct Gate {
     node: String,
@@ -468,7 +472,7 @@ impl Gate {
                  controller.session_ms)",
                 lapsed.as_millis()
             ),
-            None => "has no session with the controller yet".to_owned(),
+            None => NEVER_GRANTED.to_owned(),
         };
         Err(Refusal::NoSession {
             node: self.node.clone(),
@@ -490,9 +494,7 @@ impl Gate {
             Ok(()) => Ok(()),
             Err(_) => Err(Refusal::NoSession {
                 node: self.node.clone(),
-                session: "has not heard the controller since it started (no heartbeat answered \
-                          yet)"
-                    .to_owned(),
+                session: NEVER_GRANTED.to_owned(),
                 retry_after: self.retry_after,
             }),
         }
