@@ -2,8 +2,9 @@
 //! API, replication, later the gateway and the balancer) goes through to ask.
 //!
 //! [`Access::authorize`] answers from the decision cache, or asks the authorizer plugin on the
-//! blocking pool (a plugin call may run up to its deadline; it must never stall an async thread,
-//! least of all replication's single thread). Decisions are reused for `decision_cache_ms` per
+//! blocking pool, sharing the trip with the other calls asked at once (`plugins/askers.rs`; a
+//! plugin call may run up to its deadline, and must never stall an async thread, least of all
+//! replication's single thread). Decisions are reused for `decision_cache_ms` per
 //! subject, action and point, and forgotten when the plugins are reloaded. A plugin that fails
 //! (trap, timeout, out of memory) denies: authorization fails closed, and a failure is never
 //! cached.
@@ -135,25 +136,23 @@ impl Access {
             ::metrics::counter!(crate::metrics::AUTHZ_CACHE_HITS).increment(1);
             return decision;
         }
-        let plugins = self.plugins.current();
         let request = types::AuthzRequest {
             subject: peer.subject.to_string(),
             action: action.wit(),
             point: point.to_owned(),
             peer: peer.addr.to_string(),
         };
-        let asked = tokio::task::spawn_blocking(move || {
-            let decision = ask(&plugins, &request);
-            (decision, plugins.generation())
-        })
-        .await;
+        let asked = self
+            .plugins
+            .ask(move |plugins| (ask(plugins, &request), plugins.generation()))
+            .await;
         match asked {
-            Ok((Ok(decision), generation)) => {
+            Some((Ok(decision), generation)) => {
                 self.decisions.insert(key, decision.clone(), generation, 0);
                 decision
             }
-            Ok((Err(message), _)) => deny(format!("authorization failed closed: {message}")),
-            Err(error) => deny(format!("authorization failed closed: {error}")),
+            Some((Err(message), _)) => deny(format!("authorization failed closed: {message}")),
+            None => deny("authorization failed closed: the authorizer's call did not end".into()),
         }
     }
 
@@ -189,6 +188,8 @@ fn cache_key(subject: &str, action: Action, point: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
     use crate::plugins::PluginsSection;
 
@@ -240,6 +241,77 @@ mod tests {
                 .decisions
                 .get(&cache_key("root", Action::Produce, "p"), 0)
                 .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn many_questions_at_once_each_get_their_own_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = Arc::new(Plugins::load(&PluginsSection::default(), dir.path()).unwrap());
+        let access = Access::new(plugins, Duration::from_secs(60));
+        let (root, nobody) = (peer("root"), peer("nobody"));
+        let asked = (0..200).map(|n| {
+            let (access, root, nobody) = (&access, &root, &nobody);
+            async move {
+                let who = if n % 3 == 0 { nobody } else { root };
+                let point = format!("p/{}", n % 50);
+                (n, access.decide(who, Action::Consume, &point).await)
+            }
+        });
+        for (n, decision) in futures::future::join_all(asked).await {
+            assert_eq!(decision.allowed, n % 3 != 0, "question {n}: {decision:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_running_to_its_deadline_does_not_hold_the_questions_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut section = PluginsSection::default();
+        section.authorizer.source = std::path::Path::new(crate::plugins::builtin::BUILD_DIR)
+            .join("misbehaving_authorizer.wasm")
+            .display()
+            .to_string();
+        section.authorizer.timeout_ms = 2_000;
+        let plugins = Arc::new(Plugins::load(&section, dir.path()).unwrap());
+        let access = Arc::new(Access::new(plugins.clone(), Duration::from_secs(60)));
+        let stuck = tokio::spawn({
+            let access = access.clone();
+            async move {
+                let decision = access
+                    .decide(&peer("root"), Action::Produce, "loop/x")
+                    .await;
+                (decision, Instant::now())
+            }
+        });
+        // Asked once the looping call runs: fewer than would start another asker by their
+        // number alone.
+        let started = Instant::now();
+        while plugins.askers_at_work() != (0, 1) {
+            assert!(started.elapsed() < Duration::from_secs(5), "never taken");
+            tokio::task::yield_now().await;
+        }
+        let root = peer("root");
+        let asked = (0..4).map(|n| {
+            let (access, root) = (&access, &root);
+            async move {
+                access
+                    .decide(root, Action::Produce, &format!("p/{n}"))
+                    .await
+            }
+        });
+        let answers = futures::future::join_all(asked).await;
+        let answered = Instant::now();
+        for decision in &answers {
+            assert!(decision.allowed, "{decision:?}");
+        }
+        let (decision, denied) = stuck.await.unwrap();
+        assert!(
+            !decision.allowed && decision.reason.contains("ran out of time"),
+            "{decision:?}"
+        );
+        assert!(
+            answered < denied,
+            "the questions behind the looping call waited for its deadline"
         );
     }
 }

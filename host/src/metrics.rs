@@ -38,6 +38,9 @@ pub const PLUGIN_ERRORS: &str = "goutube_plugin_errors_total";
 pub const PLUGIN_CALL_SECONDS: &str = "goutube_plugin_call_seconds";
 /// Lines plugins logged (their log import, what they printed to stdout and stderr).
 pub const PLUGIN_OUTPUT_LINES: &str = "goutube_plugin_output_lines_total";
+/// Trips to the blocking pool for short plugin calls (authorization, placement): calls asked at
+/// once share one.
+pub const PLUGIN_TRIPS: &str = "goutube_plugin_trips_total";
 /// Plugin log lines left out over the per-plugin rate limit.
 pub const PLUGIN_OUTPUT_SUPPRESSED: &str = "goutube_plugin_output_suppressed_total";
 /// Authorization decisions served from the cache.
@@ -166,6 +169,7 @@ const UNLABELLED: &[&str] = &[
     FSYNCS,
     RECOVERED_BYTES,
     AUTHZ_CACHE_HITS,
+    PLUGIN_TRIPS,
     REPLICATION_READ_BACK,
     REPLICATION_REJECTED,
     REPLICATION_CUT_BYTES,
@@ -368,6 +372,10 @@ fn describe_data() {
 fn describe_plugins() {
     use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!(PLUGIN_CALLS, "Calls into WebAssembly plugins.");
+    describe_counter!(
+        PLUGIN_TRIPS,
+        "Trips to the blocking pool for short plugin calls (authorization, placement)."
+    );
     describe_counter!(
         PLUGIN_ERRORS,
         "Plugin calls that trapped, timed out or ran out of memory."

@@ -245,7 +245,8 @@ impl Placement {
     }
 
     /// The cached answer to `question` for ring `version`; else asks the placement plugin on
-    /// the blocking pool (`call`, only then) and keeps its answer.
+    /// the blocking pool (`call`, only then; sharing the trip with the calls asked at once,
+    /// `plugins/askers.rs`) and keeps its answer.
     async fn ask(
         &self,
         question: Question,
@@ -255,11 +256,11 @@ impl Placement {
         if let Some(owners) = self.answers.get(&question, version) {
             return Ok(owners);
         }
-        let plugins = self.plugins.current();
-        let (answer, generation) =
-            tokio::task::spawn_blocking(move || (call(&plugins), plugins.generation()))
-                .await
-                .map_err(|e| PlacementError::Task(e.to_string()))?;
+        let (answer, generation) = self
+            .plugins
+            .ask(move |plugins| (call(plugins), plugins.generation()))
+            .await
+            .ok_or_else(|| PlacementError::Task("the placement call did not end".into()))?;
         let owners: Arc<[String]> = answer?.into();
         self.answers
             .insert(question, owners.clone(), generation, version);

@@ -18,6 +18,7 @@
 //! The engine speaks only the WIT types ([`types`]): what an action, a decision or a member means
 //! to the node is the business of `access` and `placement`, which convert.
 
+pub(crate) mod askers;
 pub mod bindings;
 pub mod builtin;
 pub mod output;
@@ -677,6 +678,8 @@ pub struct Plugins {
     data_dir: PathBuf,
     /// The current set's generation, for whoever waits for a reload.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Where short calls (authorization, placement) run.
+    askers: askers::Askers,
 }
 
 impl Plugins {
@@ -687,12 +690,30 @@ impl Plugins {
             current: RwLock::new(Arc::new(set)),
             data_dir: data_dir.to_owned(),
             generation: tokio::sync::watch::Sender::new(0),
+            askers: askers::Askers::default(),
         })
     }
 
     /// The plugins to use for one call.
     pub fn current(&self) -> Arc<PluginSet> {
         self.current.read().expect("poisoned").clone()
+    }
+
+    /// Runs `call`, a short call (authorization, placement), with the current plugins, on the
+    /// blocking pool, sharing the trip with the calls asked at the same time (`askers.rs`).
+    /// `None` if it never ran to the end (a panic, or a runtime shutting down).
+    pub async fn ask<R: Send + 'static>(
+        &self,
+        call: impl FnOnce(&PluginSet) -> R + Send + 'static,
+    ) -> Option<R> {
+        let plugins = self.current();
+        self.askers.ask(move || call(&plugins)).await
+    }
+
+    /// The short calls waiting, and the askers running them.
+    #[cfg(test)]
+    pub(crate) fn askers_at_work(&self) -> (usize, usize) {
+        self.askers.at_work()
     }
 
     /// Changes at every reload (to the new generation).
