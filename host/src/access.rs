@@ -2,7 +2,7 @@
 //! API, replication, later the gateway and the balancer) goes through to ask.
 //!
 //! [`Access::authorize`] answers from the decision cache, or asks the authorizer plugin on the
-//! blocking pool, sharing the trip with the other calls asked at once (`plugins/askers.rs`; a
+//! blocking pool, sharing the trip with the other calls asked at once (`crate::askers`; a
 //! plugin call may run up to its deadline, and must never stall an async thread, least of all
 //! replication's single thread). Decisions are reused for `decision_cache_ms` per
 //! subject, action and point, and forgotten when the plugins are reloaded. A plugin that fails

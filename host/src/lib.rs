@@ -13,6 +13,7 @@
 //! | [`proto`] | the client API's wire: generated `streaming.v1` types, HTTP/2 settings, metadata names (a leaf) |
 //! | [`api`] | the gRPC services (`streaming.v1`, health, reflection): handlers by kind (produce, consume, operator), the resolver helpers, their context |
 //! | [`access`] | actions, decisions, and the one async authorization door every caller uses |
+//! | [`askers`] | short blocking calls asked at once (plugin calls, a new small point's files) sharing one trip to the blocking pool |
 //! | [`cache`] | the answer cache of access and placement, stamped by plugin generation and input version |
 //! | [`controller`] | the Raft group (openraft) that decides the topology: the state machine, its durable log, its network over node certificates |
 //! | [`cluster`] | membership by gossip (chitchat), the live view, the ring and its lifecycle states, the ring's pending change and forgotten members |
@@ -43,6 +44,7 @@
 
 pub mod access;
 pub mod api;
+pub(crate) mod askers;
 pub(crate) mod balancer;
 pub(crate) mod cache;
 pub mod certs;

@@ -22,6 +22,9 @@ pub const APPENDS: &str = "goutube_appends_total";
 pub const APPENDED_BYTES: &str = "goutube_appended_bytes_total";
 /// fsync calls (data file and journal of one point).
 pub const FSYNCS: &str = "goutube_fsyncs_total";
+/// Trips to the blocking pool of short calls asked at once (`askers.rs`), by `queue`: `plugins`
+/// (authorization, placement) or `storage` (a point's files under `fsync = "never"`).
+pub const BLOCKING_TRIPS: &str = "goutube_blocking_trips_total";
 /// Latency of syncing one point.
 pub const FSYNC_SECONDS: &str = "goutube_fsync_seconds";
 /// Bytes verified by crash recovery.
@@ -38,9 +41,6 @@ pub const PLUGIN_ERRORS: &str = "goutube_plugin_errors_total";
 pub const PLUGIN_CALL_SECONDS: &str = "goutube_plugin_call_seconds";
 /// Lines plugins logged (their log import, what they printed to stdout and stderr).
 pub const PLUGIN_OUTPUT_LINES: &str = "goutube_plugin_output_lines_total";
-/// Trips to the blocking pool for short plugin calls (authorization, placement): calls asked at
-/// once share one.
-pub const PLUGIN_TRIPS: &str = "goutube_plugin_trips_total";
 /// Plugin log lines left out over the per-plugin rate limit.
 pub const PLUGIN_OUTPUT_SUPPRESSED: &str = "goutube_plugin_output_suppressed_total";
 /// Authorization decisions served from the cache.
@@ -169,7 +169,6 @@ const UNLABELLED: &[&str] = &[
     FSYNCS,
     RECOVERED_BYTES,
     AUTHZ_CACHE_HITS,
-    PLUGIN_TRIPS,
     REPLICATION_READ_BACK,
     REPLICATION_REJECTED,
     REPLICATION_CUT_BYTES,
@@ -354,6 +353,10 @@ fn describe_data() {
     describe_counter!(APPENDS, "Appends written to points.");
     describe_counter!(APPENDED_BYTES, Unit::Bytes, "Bytes appended to points.");
     describe_counter!(FSYNCS, "fsync calls (data file and journal of one point).");
+    describe_counter!(
+        BLOCKING_TRIPS,
+        "Trips to the blocking pool of short calls asked at once, by queue (plugins, storage)."
+    );
     describe_histogram!(
         FSYNC_SECONDS,
         Unit::Seconds,
@@ -372,10 +375,6 @@ fn describe_data() {
 fn describe_plugins() {
     use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!(PLUGIN_CALLS, "Calls into WebAssembly plugins.");
-    describe_counter!(
-        PLUGIN_TRIPS,
-        "Trips to the blocking pool for short plugin calls (authorization, placement)."
-    );
     describe_counter!(
         PLUGIN_ERRORS,
         "Plugin calls that trapped, timed out or ran out of memory."

@@ -246,7 +246,7 @@ impl Placement {
 
     /// The cached answer to `question` for ring `version`; else asks the placement plugin on
     /// the blocking pool (`call`, only then; sharing the trip with the calls asked at once,
-    /// `plugins/askers.rs`) and keeps its answer.
+    /// `crate::askers`) and keeps its answer.
     async fn ask(
         &self,
         question: Question,

@@ -18,7 +18,6 @@
 //! The engine speaks only the WIT types ([`types`]): what an action, a decision or a member means
 //! to the node is the business of `access` and `placement`, which convert.
 
-pub(crate) mod askers;
 pub mod bindings;
 pub mod builtin;
 pub mod output;
@@ -672,6 +671,9 @@ fn load_policy(file: Option<&Path>) -> Result<Polar, PluginError> {
     }
 }
 
+/// Most threads of the blocking pool running short plugin calls at once (`crate::askers`).
+const MAX_ASKERS: usize = 16;
+
 /// The node's current plugins; replaced as a whole on reload.
 pub struct Plugins {
     current: RwLock<Arc<PluginSet>>,
@@ -679,7 +681,7 @@ pub struct Plugins {
     /// The current set's generation, for whoever waits for a reload.
     generation: tokio::sync::watch::Sender<u64>,
     /// Where short calls (authorization, placement) run.
-    askers: askers::Askers,
+    askers: crate::askers::Askers,
 }
 
 impl Plugins {
@@ -690,7 +692,7 @@ impl Plugins {
             current: RwLock::new(Arc::new(set)),
             data_dir: data_dir.to_owned(),
             generation: tokio::sync::watch::Sender::new(0),
-            askers: askers::Askers::default(),
+            askers: crate::askers::Askers::new("plugins", MAX_ASKERS),
         })
     }
 
@@ -700,7 +702,7 @@ impl Plugins {
     }
 
     /// Runs `call`, a short call (authorization, placement), with the current plugins, on the
-    /// blocking pool, sharing the trip with the calls asked at the same time (`askers.rs`).
+    /// blocking pool, sharing the trip with the calls asked at the same time (`crate::askers`).
     /// `None` if it never ran to the end (a panic, or a runtime shutting down).
     pub async fn ask<R: Send + 'static>(
         &self,

@@ -664,29 +664,29 @@ impl Point {
         let (catalogue, id) = (shared.catalogue.clone(), self.id.clone());
         let catalogued = state.catalogued;
         let read_meta_too = state.meta.is_none();
-        let (files, recovered, meta, first) = tokio::task::spawn_blocking(move || {
-            // Named in the touch log before its files can change (`catalogue.rs`).
-            catalogue.touch(&id)?;
-            let opened = open_files(&dir, fsync, known);
-            if opened.is_err() && !catalogued {
-                // Not created after all (`open_files` took away what it made).
-                catalogue.removed(&id);
-            }
-            let (files, recovered) = opened?;
-            // Its `point.meta`, in the same trip to the blocking pool, if not known yet.
-            let meta = read_meta_too.then(|| read_meta(&dir));
-            // A point just created: nothing in its files, nothing in a `point.meta`.
-            let empty = recovered.is_some_and(|recovered| {
-                recovered.end == 0 && recovered.journal_len == journal::HEADER_LEN
-            }) && matches!(&meta, Some(Ok(meta)) if *meta == Meta::default());
-            let first = first.map(|batch| match empty {
-                true => First::Written(batch.write(&files)),
-                false => First::Unwritten(batch),
-            });
-            Ok::<_, StorageError>((files, recovered, meta, first))
-        })
-        .await
-        .map_err(join_error)??;
+        let (files, recovered, meta, first) = shared
+            .blocking(move || {
+                // Named in the touch log before its files can change (`catalogue.rs`).
+                catalogue.touch(&id)?;
+                let opened = open_files(&dir, fsync, known);
+                if opened.is_err() && !catalogued {
+                    // Not created after all (`open_files` took away what it made).
+                    catalogue.removed(&id);
+                }
+                let (files, recovered) = opened?;
+                // Its `point.meta`, in the same trip to the blocking pool, if not known yet.
+                let meta = read_meta_too.then(|| read_meta(&dir));
+                // A point just created: nothing in its files, nothing in a `point.meta`.
+                let empty = recovered.is_some_and(|recovered| {
+                    recovered.end == 0 && recovered.journal_len == journal::HEADER_LEN
+                }) && matches!(&meta, Some(Ok(meta)) if *meta == Meta::default());
+                let first = first.map(|batch| match empty {
+                    true => First::Written(batch.write(&files)),
+                    false => First::Unwritten(batch),
+                });
+                Ok::<_, StorageError>((files, recovered, meta, first))
+            })
+            .await??;
         state.unsettled = true;
         state.verified = true;
         if let Some(recovered) = recovered {
@@ -752,9 +752,10 @@ impl Point {
         let visibility = appending.visibility;
         let batch = self.plan(shared, state, appending)?;
         let files = state.files.clone().expect("write on an open point");
-        let written = tokio::task::spawn_blocking(move || batch.write(&files))
+        let written = shared
+            .blocking(move || batch.write(&files))
             .await
-            .map_err(|error| WriteFailure::Stop(join_error(error)))
+            .map_err(WriteFailure::Stop)
             .and_then(|result| result);
         self.finish_write(shared, state, written, visibility)
     }

@@ -292,6 +292,8 @@ struct Shared {
     uses: AtomicU64,
     /// Incremented when a point is created ([`Store::generation`]).
     generation: AtomicU64,
+    /// Where a point's file work runs under `fsync = "never"` ([`Shared::blocking`]).
+    askers: crate::askers::Askers,
     /// Tests make the next journal write fail, as a full or failing disk would.
     #[cfg(test)]
     fail_next_journal_write: std::sync::atomic::AtomicBool,

@@ -40,6 +40,7 @@ impl Store {
             open_count: AtomicUsize::new(0),
             uses: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            askers: crate::askers::Askers::new("storage", MAX_ASKERS),
             #[cfg(test)]
             fail_next_journal_write: Default::default(),
         });
@@ -1039,7 +1040,30 @@ impl Drop for Inner {
     }
 }
 
+/// Most threads of the blocking pool running the file work of points at once under
+/// `fsync = "never"` (`crate::askers`).
+const MAX_ASKERS: usize = 64;
+
 impl Shared {
+    /// Runs `work`, the file work of a point, on the blocking pool. Under `fsync = "never"` it
+    /// syncs nothing and is short (unless the disk is slow), so it shares the trip with the
+    /// work asked at the same time (`crate::askers`): a stream creating small points costs a
+    /// thread hand-off per batch of points, not per point. Otherwise a sync may take
+    /// milliseconds, and it takes a trip of its own.
+    pub(super) async fn blocking<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, StorageError> {
+        match self.config.fsync {
+            Fsync::Never => self.askers.ask(work).await.ok_or_else(|| StorageError::Io {
+                op: "running blocking I/O",
+                path: PathBuf::new(),
+                source: std::io::Error::other("the work did not end (it panicked)"),
+            }),
+            _ => tokio::task::spawn_blocking(work).await.map_err(join_error),
+        }
+    }
+
     /// The points whose files are open now.
     pub(super) fn open_points(&self) -> Vec<Arc<Point>> {
         self.open

@@ -1,18 +1,21 @@
-//! The trips of short plugin calls to the blocking pool: authorization and placement.
+//! Short blocking calls that share their trips to the blocking pool: plugin calls (authorization,
+//! placement) and, under `storage.fsync = "never"`, the file work of a point (a new small point
+//! created and written, a batch of appends).
 //!
-//! A plugin call may run up to its deadline, so it never runs on an async thread (least of all
-//! replication's single thread). A trip to the blocking pool per call costs two thread hand-offs,
-//! which on a small machine cost more than the call (a produce stream creating small points asks
-//! the authorizer and placement about each). Calls asked at once share a trip instead: they wait
-//! in one queue, and an *asker* on the blocking pool runs them one after the other until the queue
-//! is empty.
+//! Such a call must not run on an async thread (a plugin call may run up to its deadline, a file
+//! system call may wait on the disk), and least of all on replication's single thread. A trip to
+//! the blocking pool per call costs two thread hand-offs, which on a small machine cost more than
+//! the call: a produce stream creating small points asked the authorizer, placement and the file
+//! system about each. Calls asked at once share a trip instead: they wait in one queue, and an
+//! *asker* on the blocking pool runs them one after the other until the queue is empty.
 //!
 //! Another asker starts when more than [`CALLS_PER_ASKER`] calls wait for each running one, or
 //! when a caller's answer is late and the oldest call has waited [`ASKER_STALLED`] (the askers are
-//! in calls running to their deadline), up to [`MAX_ASKERS`]. So a call that runs to its deadline
-//! holds up the calls behind it for [`ASKER_STALLED`], not for its deadline.
+//! in long calls: a plugin running to its deadline, a disk that is slow), up to the queue's most.
+//! So a long call holds up the calls behind it for [`ASKER_STALLED`], not for its length.
 //!
-//! Bundling and unbundling (a batch of records per call, megabytes each) keep their own trips.
+//! Calls that are long by nature keep their own trips: bundling and unbundling (a batch of records
+//! per call, megabytes each), and file work that syncs.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -25,20 +28,19 @@ use tokio::sync::oneshot;
 const CALLS_PER_ASKER: usize = 8;
 /// How long the oldest call may wait before a caller whose answer is late starts another asker.
 const ASKER_STALLED: Duration = Duration::from_millis(2);
-/// Most askers running at once.
-const MAX_ASKERS: usize = 16;
 
 /// The queue of calls and the askers that run them.
-#[derive(Default)]
 pub(crate) struct Askers {
     asking: Arc<Mutex<Asking>>,
+    /// Its name in `goutube_blocking_trips_total{queue}`.
+    queue: &'static str,
 }
 
-/// The calls no asker has taken yet, and how many askers run.
-#[derive(Default)]
+/// The calls no asker has taken yet, how many askers run, and how many may.
 struct Asking {
     waiting: VecDeque<Call>,
     askers: usize,
+    most: usize,
 }
 
 /// A call waiting for an asker; it sends its own result.
@@ -48,6 +50,18 @@ struct Call {
 }
 
 impl Askers {
+    /// A queue named `queue` (in metrics), run by up to `most` askers at once.
+    pub(crate) fn new(queue: &'static str, most: usize) -> Self {
+        Self {
+            asking: Arc::new(Mutex::new(Asking {
+                waiting: VecDeque::new(),
+                askers: 0,
+                most,
+            })),
+            queue,
+        }
+    }
+
     /// Runs `call` on an asker and returns its result; `None` if it never ran to the end (it
     /// panicked, or the runtime dropped its asker as it shut down).
     pub(crate) async fn ask<R: Send + 'static>(
@@ -70,7 +84,8 @@ impl Askers {
                     asking: self.asking.clone(),
                     stopped: false,
                 };
-                ::metrics::counter!(crate::metrics::PLUGIN_TRIPS).increment(1);
+                ::metrics::counter!(crate::metrics::BLOCKING_TRIPS, "queue" => self.queue)
+                    .increment(1);
                 tokio::task::spawn_blocking(move || asker.run());
             }
             match tokio::time::timeout(ASKER_STALLED, &mut answered).await {
@@ -96,7 +111,7 @@ impl Asking {
     fn push(&mut self, call: Call) -> bool {
         self.waiting.push_back(call);
         let start = self.askers == 0
-            || (self.askers < MAX_ASKERS && self.waiting.len() > self.askers * CALLS_PER_ASKER);
+            || (self.askers < self.most && self.waiting.len() > self.askers * CALLS_PER_ASKER);
         if start {
             self.askers += 1;
         }
@@ -106,7 +121,7 @@ impl Asking {
     /// Asked by a caller whose answer is late: whether it must start another asker (counted as
     /// running), because the oldest call has waited [`ASKER_STALLED`] for one.
     fn stalled(&mut self) -> bool {
-        let start = self.askers < MAX_ASKERS
+        let start = self.askers < self.most
             && self
                 .waiting
                 .front()
@@ -180,7 +195,11 @@ mod tests {
 
     #[test]
     fn calls_asked_at_once_share_an_asker_until_too_many_wait_or_they_stall() {
-        let mut asking = Asking::default();
+        let mut asking = Asking {
+            waiting: VecDeque::new(),
+            askers: 0,
+            most: 4,
+        };
         let now = Instant::now();
         // The first call starts an asker; the next ones wait for it, until too many do.
         for n in 0..=CALLS_PER_ASKER {
@@ -199,6 +218,7 @@ mod tests {
         let mut asking = Asking {
             waiting: VecDeque::new(),
             askers: 1,
+            most: 4,
         };
         assert!(!asking.push(call(now)));
         assert!(!asking.stalled(), "the oldest has not waited long");
@@ -206,13 +226,13 @@ mod tests {
         assert!(!asking.push(call(now - ASKER_STALLED * 2)));
         assert!(asking.stalled(), "the oldest waited too long");
         assert_eq!(asking.askers, 2);
-        asking.askers = MAX_ASKERS;
-        assert!(!asking.stalled(), "never more than MAX_ASKERS");
+        asking.askers = 4;
+        assert!(!asking.stalled(), "never more than the most");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_that_panics_gets_none_and_the_askers_go_on() {
-        let askers = Askers::default();
+        let askers = Askers::new("test", 4);
         let panicked = askers.ask(|| -> u32 { panic!("a bug") }).await;
         assert_eq!(panicked, None);
         let answers =
