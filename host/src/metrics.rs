@@ -221,6 +221,7 @@ const FIXED_LABELS: &[(&str, &str, &[&str])] = &[
     (REPLICATED_BYTES, "direction", &["sent", "applied"]),
     (FAILOVERS, "cause", &["expired", "unclean"]),
     (PLUGIN_RELOADS, "result", &["ok", "error"]),
+    (BLOCKING_TRIPS, "queue", &["plugins", "storage"]),
     (
         REPLICATION_UNSENT,
         "reason",

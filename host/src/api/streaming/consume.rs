@@ -78,21 +78,19 @@ impl StreamingService {
         let action = self.state.metadata_action(&request);
         let id = PointId::new(request.into_inner().point).map_err(Error::from)?;
         let state = &self.state;
-        state
-            .services
-            .access
-            .authorize(&peer, action, id.as_str())
-            .await?;
+        // The owner by placement is asked with the decision, so that the two plugin calls share
+        // a trip to the blocking pool (`crate::askers`); a caller denied is told nothing of it.
+        let (allowed, placed) = tokio::join!(
+            state.services.access.authorize(&peer, action, id.as_str()),
+            state.services.placement.owners(id.as_str(), 1),
+        );
+        allowed?;
         let point = state.gate.admit_read(&id).await?;
         let snapshot = point.snapshot();
         let ownership = state.store.ownership(&id).await.map_err(Error::from)?;
         let owner = match ownership.owner.clone() {
             Some(owner) => owner,
-            None => state
-                .services
-                .placement
-                .owners(id.as_str(), 1)
-                .await
+            None => placed
                 .map(|owners| owners.first().to_owned())
                 .unwrap_or_default(),
         };

@@ -243,11 +243,17 @@ async fn admit_point(
     id: PointId,
     content_type: String,
 ) -> Result<(), Error> {
-    state
-        .services
-        .access
-        .authorize(peer, Action::Produce, id.as_str())
-        .await?;
+    // The owner the gate checks is asked with the decision, so that the two plugin calls share
+    // a trip to the blocking pool (`crate::askers`); the gate then finds it cached. A caller
+    // denied is told nothing of it.
+    let (allowed, _) = tokio::join!(
+        state
+            .services
+            .access
+            .authorize(peer, Action::Produce, id.as_str()),
+        state.services.placement.owners(id.as_str(), 1),
+    );
+    allowed?;
     state.gate.admit_write(&id).await?;
     if !content_type.is_empty() {
         if !crate::content::is_valid(&content_type) {
