@@ -95,9 +95,7 @@ impl Askers {
             }
         }
     }
-}
 
-impl Askers {
     /// The calls waiting, and the askers running.
     #[cfg(test)]
     pub(crate) fn at_work(&self) -> (usize, usize) {

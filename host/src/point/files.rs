@@ -366,10 +366,15 @@ pub(super) fn read_cached_at(
 }
 
 pub(super) fn join_error(error: tokio::task::JoinError) -> StorageError {
+    unfinished(error)
+}
+
+/// Blocking file work that did not run to its end (it panicked, or its runtime stopped).
+pub(super) fn unfinished(why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StorageError {
     StorageError::Io {
         op: "running blocking I/O",
         path: PathBuf::new(),
-        source: std::io::Error::other(error),
+        source: std::io::Error::other(why),
     }
 }
 

@@ -1055,11 +1055,8 @@ impl Shared {
         work: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, StorageError> {
         match self.config.fsync {
-            Fsync::Never => self.askers.ask(work).await.ok_or_else(|| StorageError::Io {
-                op: "running blocking I/O",
-                path: PathBuf::new(),
-                source: std::io::Error::other("the work did not end (it panicked)"),
-            }),
+            Fsync::Never => (self.askers.ask(work).await)
+                .ok_or_else(|| files::unfinished("the work did not end (it panicked)")),
             _ => tokio::task::spawn_blocking(work).await.map_err(join_error),
         }
     }
