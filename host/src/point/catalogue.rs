@@ -38,6 +38,37 @@ const POINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("points");
 /// cleanup and planning look at, without a walk over every point.
 const HANDOVERS: TableDefinition<&str, ()> = TableDefinition::new("handovers");
 
+/// The ids of the points whose handover is under way (copying, sealed or incoming; not
+/// moved): what the mover plans with after every move, so a drain does not read back every
+/// point it handed over and not yet cleaned up, once per move.
+const UNDER_WAY: TableDefinition<&str, ()> = TableDefinition::new("handovers-under-way");
+
+/// Which points in a handover [`Catalogue::handovers`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Handovers {
+    /// Every one, handed over (moved) included.
+    All,
+    /// Those whose handover is under way: copying, sealed or incoming.
+    UnderWay,
+}
+
+impl Handovers {
+    /// Whether a point in `handover` is named.
+    fn names(self, handover: &Handover) -> bool {
+        match self {
+            Handovers::All => true,
+            Handovers::UnderWay => handover.is_under_way(),
+        }
+    }
+
+    fn table(self) -> TableDefinition<'static, &'static str, ()> {
+        match self {
+            Handovers::All => HANDOVERS,
+            Handovers::UnderWay => UNDER_WAY,
+        }
+    }
+}
+
 /// The B-tree's page cache: rows of points in use stay in memory, the rest are read back.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
@@ -71,6 +102,15 @@ impl Row {
     /// Whether the point is part of a handover (`ownership.rs`).
     fn in_handover(&self) -> bool {
         self.meta.ownership.handover.is_some()
+    }
+
+    /// Whether its handover is under way (not moved).
+    fn under_way(&self) -> bool {
+        self.meta
+            .ownership
+            .handover
+            .as_ref()
+            .is_some_and(Handover::is_under_way)
     }
 
     /// The handover the point is part of, if any.
@@ -181,11 +221,15 @@ impl Catalogue {
         let path = dir.join("points.redb");
         let indexed = {
             let read = db.begin_read().map_err(catalogue_error("reading", &path))?;
-            match read.open_table(HANDOVERS) {
-                Ok(_) => true,
-                Err(redb::TableError::TableDoesNotExist(_)) => false,
-                Err(error) => return Err(catalogue_error("reading", &path)(error)),
+            let mut indexed = true;
+            for table in [HANDOVERS, UNDER_WAY] {
+                match read.open_table(table) {
+                    Ok(_) => {}
+                    Err(redb::TableError::TableDoesNotExist(_)) => indexed = false,
+                    Err(error) => return Err(catalogue_error("reading", &path)(error)),
+                }
             }
+            indexed
         };
         {
             let write = db
@@ -194,7 +238,7 @@ impl Catalogue {
             {
                 let mut tables = Tables::open(&write, &path)?;
                 if existed && !indexed {
-                    // A catalogue from before the handover index: built once.
+                    // A catalogue from before the handover indexes: built once.
                     tables.index_handovers()?;
                 }
             }
@@ -379,10 +423,13 @@ impl Catalogue {
         })
     }
 
-    /// The points whose row has a handover record, with it, in ascending order: the rows the
-    /// index names, merged with the rows waiting (a row is written whenever a point's record
-    /// changes, so it is current for open points too).
-    pub(super) fn handovers(&self) -> Result<Vec<(PointId, Handover)>, StorageError> {
+    /// The points whose row has a handover record (`which` of them), with it, in ascending
+    /// order: the rows the index names, merged with the rows waiting (a row is written whenever
+    /// a point's record changes, so it is current for open points too).
+    pub(super) fn handovers(
+        &self,
+        which: Handovers,
+    ) -> Result<Vec<(PointId, Handover)>, StorageError> {
         let pending: BTreeMap<PointId, Option<Handover>> = self
             .pending
             .lock()
@@ -393,7 +440,7 @@ impl Catalogue {
         let mut handovers = self.with_db(|db, path| {
             let read = db.begin_read().map_err(catalogue_error("reading", path))?;
             let index = read
-                .open_table(HANDOVERS)
+                .open_table(which.table())
                 .map_err(catalogue_error("reading", path))?;
             let rows = read
                 .open_table(POINTS)
@@ -423,7 +470,8 @@ impl Catalogue {
         handovers.extend(
             pending
                 .into_iter()
-                .filter_map(|(id, handover)| Some((id, handover?))),
+                .filter_map(|(id, handover)| Some((id, handover?)))
+                .filter(|(_, handover)| which.names(handover)),
         );
         handovers.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(handovers)
@@ -718,6 +766,7 @@ fn open_tree(path: &Path) -> Result<Database, StorageError> {
 struct Tables<'txn> {
     points: redb::Table<'txn, &'static str, &'static [u8]>,
     handovers: redb::Table<'txn, &'static str, ()>,
+    under_way: redb::Table<'txn, &'static str, ()>,
     path: &'txn Path,
 }
 
@@ -730,11 +779,14 @@ impl<'txn> Tables<'txn> {
             handovers: write
                 .open_table(HANDOVERS)
                 .map_err(catalogue_error("writing", path))?,
+            under_way: write
+                .open_table(UNDER_WAY)
+                .map_err(catalogue_error("writing", path))?,
             path,
         })
     }
 
-    /// Writes the row of `id` (`None`: takes it away), and its place in the handover index.
+    /// Writes the row of `id` (`None`: takes it away), and its place in the handover indexes.
     fn put(&mut self, id: &PointId, row: Option<&Row>) -> Result<(), StorageError> {
         let written = match row {
             Some(row) => self
@@ -743,16 +795,19 @@ impl<'txn> Tables<'txn> {
                 .map(drop),
             None => self.points.remove(id.as_str()).map(drop),
         };
-        let indexed = match row.is_some_and(Row::in_handover) {
-            true => self.handovers.insert(id.as_str(), ()).map(drop),
-            false => self.handovers.remove(id.as_str()).map(drop),
+        let index = |table: &mut redb::Table<'txn, &'static str, ()>, named: bool| match named {
+            true => table.insert(id.as_str(), ()).map(drop),
+            false => table.remove(id.as_str()).map(drop),
         };
+        let indexed = index(&mut self.handovers, row.is_some_and(Row::in_handover));
+        let under_way = index(&mut self.under_way, row.is_some_and(Row::under_way));
         written
             .and(indexed)
+            .and(under_way)
             .map_err(catalogue_error("writing", self.path))
     }
 
-    /// Fills the handover index from every row (a catalogue written before it had one).
+    /// Fills the handover indexes from every row (a catalogue written before them).
     fn index_handovers(&mut self) -> Result<(), StorageError> {
         let mut found = Vec::new();
         for row in self
@@ -761,14 +816,20 @@ impl<'txn> Tables<'txn> {
             .map_err(catalogue_error("reading", self.path))?
         {
             let (id, row) = row.map_err(catalogue_error("reading", self.path))?;
-            if decode(row.value(), self.path)?.in_handover() {
-                found.push(id.value().to_owned());
+            let row = decode(row.value(), self.path)?;
+            if row.in_handover() {
+                found.push((id.value().to_owned(), row.under_way()));
             }
         }
-        for id in found {
+        for (id, under_way) in found {
             self.handovers
                 .insert(id.as_str(), ())
                 .map_err(catalogue_error("writing", self.path))?;
+            if under_way {
+                self.under_way
+                    .insert(id.as_str(), ())
+                    .map_err(catalogue_error("writing", self.path))?;
+            }
         }
         Ok(())
     }

@@ -668,14 +668,19 @@ impl Point {
             .blocking(move || {
                 // Named in the touch log before its files can change (`catalogue.rs`).
                 catalogue.touch(&id)?;
-                let opened = open_files(&dir, fsync, known);
+                let opened = open_files(&dir, fsync, known, catalogued);
                 if opened.is_err() && !catalogued {
                     // Not created after all (`open_files` took away what it made).
                     catalogue.removed(&id);
                 }
-                let (files, recovered) = opened?;
-                // Its `point.meta`, in the same trip to the blocking pool, if not known yet.
-                let meta = read_meta_too.then(|| read_meta(&dir));
+                let (files, opened) = opened?;
+                // Its `point.meta`, in the same trip to the blocking pool, if not known yet
+                // (a directory made now has none).
+                let meta = read_meta_too.then(|| match opened {
+                    Opened::Made => Ok(Meta::default()),
+                    _ => read_meta(&dir),
+                });
+                let recovered = opened.recovered();
                 // A point just created: nothing in its files, nothing in a `point.meta`.
                 let empty = recovered.is_some_and(|recovered| {
                     recovered.end == 0 && recovered.journal_len == journal::HEADER_LEN

@@ -31,17 +31,76 @@ pub(super) struct Meta {
     pub(super) leader_epochs: LeaderEpochs,
 }
 
+/// How a point's files were found when they were opened.
+pub(super) enum Opened {
+    /// Its directory was made now: its files are new and empty, and it has no `point.meta`.
+    Made,
+    /// They still match what this process last saw: nothing to recover.
+    Known,
+    /// Read up to their last good record (or created in a directory that was there).
+    Recovered(journal::Recovered),
+}
+
+impl Opened {
+    /// What the files hold, unless they match what this process last saw.
+    pub(super) fn recovered(self) -> Option<journal::Recovered> {
+        match self {
+            Opened::Made => Some(journal::Recovered {
+                journal_len: journal::HEADER_LEN,
+                ..Default::default()
+            }),
+            Opened::Known => None,
+            Opened::Recovered(recovered) => Some(recovered),
+        }
+    }
+}
+
+/// Where a point's files stood before they were opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Its directory was made now.
+    Made,
+    /// It has no journal (its directory may be there: a creation a crash interrupted).
+    NoJournal,
+    /// It has a journal.
+    Journal,
+}
+
 /// Opens (creating if needed) the files of the point in `dir`. `known` is the `(end,
-/// journal_len)` this process last saw; if the files still match it, recovery is skipped and
-/// `None` is returned.
+/// journal_len)` this process last saw; if the files still match it, recovery is skipped.
+/// `catalogued`: the point has a row, so its files are expected to be there; a point without
+/// one is expected to be new, and its directory is made before anything is looked up (a new
+/// point then costs no lookup of files that are not there).
 pub(super) fn open_files(
     dir: &Path,
     fsync: Fsync,
     known: Option<(u64, u64)>,
-) -> Result<(Files, Option<journal::Recovered>), StorageError> {
-    let created = !dir.join(JOURNAL_FILE).exists();
-    let opened = open_or_create(dir, fsync, known, created);
-    if opened.is_err() && created {
+    catalogued: bool,
+) -> Result<(Files, Opened), StorageError> {
+    let made = match catalogued {
+        true => false,
+        false => match std::fs::create_dir(dir) {
+            Ok(()) => true,
+            // There already (a creation a crash interrupted), or a parent is missing (made
+            // below with it).
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                false
+            }
+            Err(error) => return Err(StorageError::io("creating", dir)(error)),
+        },
+    };
+    let found = match made {
+        true => Found::Made,
+        false if dir.join(JOURNAL_FILE).exists() => Found::Journal,
+        false => Found::NoJournal,
+    };
+    let opened = open_or_create(dir, fsync, known, found);
+    if opened.is_err() && found != Found::Journal {
         // Not created after all (a full disk): nothing of it stays behind. Its empty
         // parent directories may stay; they hold no point.
         for name in [JOURNAL_FILE, DATA_FILE] {
@@ -52,17 +111,23 @@ pub(super) fn open_files(
     opened
 }
 
-/// [`open_files`], `created`: the point has no journal yet.
+/// [`open_files`], the files having been `found` so.
 fn open_or_create(
     dir: &Path,
     fsync: Fsync,
     known: Option<(u64, u64)>,
-    created: bool,
-) -> Result<(Files, Option<journal::Recovered>), StorageError> {
+    found: Found,
+) -> Result<(Files, Opened), StorageError> {
     let journal_path = dir.join(JOURNAL_FILE);
     let data_path = dir.join(DATA_FILE);
-    if created {
-        create_dirs(dir, fsync).map_err(StorageError::io("creating", dir))?;
+    let created = found != Found::Journal;
+    match found {
+        Found::Made if fsync != Fsync::Never => dir
+            .parent()
+            .map_or(Ok(()), sync_dir)
+            .map_err(StorageError::io("syncing", dir))?,
+        Found::NoJournal => create_dirs(dir, fsync).map_err(StorageError::io("creating", dir))?,
+        Found::Made | Found::Journal => {}
     }
     let open = |path: &Path| {
         OpenOptions::new()
@@ -74,10 +139,14 @@ fn open_or_create(
             .map_err(StorageError::io("opening", path))
     };
     let journal_file = open(&journal_path)?;
-    let journal_len = journal_file
-        .metadata()
-        .map_err(StorageError::io("inspecting", &journal_path))?
-        .len();
+    let journal_len = match found {
+        // A file just made in a directory just made.
+        Found::Made => 0,
+        _ => journal_file
+            .metadata()
+            .map_err(StorageError::io("inspecting", &journal_path))?
+            .len(),
+    };
     if journal_len < journal::HEADER_LEN {
         // New, or its creation was interrupted before the header was complete. An empty file
         // is not truncated: ext4 flushes a file truncated to nothing when it is closed (its
@@ -101,6 +170,9 @@ fn open_or_create(
         data: data_file,
         journal: journal_file,
     };
+    if found == Found::Made {
+        return Ok((files, Opened::Made));
+    }
     if created && files.lengths(dir)?.0 == 0 {
         // Nothing to recover: the journal holds its header only, and no data file was left
         // behind without a journal.
@@ -108,13 +180,13 @@ fn open_or_create(
             journal_len: journal::HEADER_LEN,
             ..Default::default()
         };
-        return Ok((files, Some(empty)));
+        return Ok((files, Opened::Recovered(empty)));
     }
 
     if let Some((end, journal_len)) = known
         && files.lengths(dir)? == (end, journal_len)
     {
-        return Ok((files, None));
+        return Ok((files, Opened::Known));
     }
 
     let recovered =
@@ -136,7 +208,7 @@ fn open_or_create(
             .map_err(StorageError::io("truncating", &journal_path))?;
     }
     ::metrics::counter!(metrics::RECOVERED_BYTES).increment(recovered.verified_bytes);
-    Ok((files, Some(recovered)))
+    Ok((files, Opened::Recovered(recovered)))
 }
 
 /// Creates `dir` and any missing parents, fsyncing each new directory's parent so the entries

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::catalogue::Handovers;
 use super::files::{DATA_FILE, JOURNAL_FILE, META_FILE, Meta, remove_point_files, sync_dir};
 use super::{
     AppendError, DeleteError, Fsync, PointId, ReadError, StorageError, Store, StoreEvent,
@@ -111,6 +112,11 @@ impl Handover {
         matches!(self, Handover::Copying { .. })
     }
 
+    /// Whether the handover is under way: copying, sealed or incoming, not moved.
+    pub fn is_under_way(&self) -> bool {
+        !matches!(self, Handover::Moved { .. })
+    }
+
     /// The member a refused write should go to (or wait for).
     pub fn peer(&self) -> &str {
         match self {
@@ -176,10 +182,23 @@ impl Store {
     /// catalogue's handover index and the rows it names, without a walk over every point and
     /// without taking any point into use.
     pub async fn handovers(&self) -> Result<Vec<(PointId, Handover)>, ReadError> {
+        self.handovers_of(Handovers::All).await
+    }
+
+    /// [`handovers`](Self::handovers) under way only (copying, sealed, incoming): a drain's
+    /// planning reads these after every move, not every point it handed over and not yet
+    /// cleaned up.
+    pub async fn handovers_under_way(&self) -> Result<Vec<(PointId, Handover)>, ReadError> {
+        self.handovers_of(Handovers::UnderWay).await
+    }
+
+    async fn handovers_of(&self, which: Handovers) -> Result<Vec<(PointId, Handover)>, ReadError> {
         let catalogue = self.inner.shared.catalogue.clone();
-        Ok(tokio::task::spawn_blocking(move || catalogue.handovers())
-            .await
-            .map_err(join_error)??)
+        Ok(
+            tokio::task::spawn_blocking(move || catalogue.handovers(which))
+                .await
+                .map_err(join_error)??,
+        )
     }
 
     /// Replaces the ownership record of `id`, creating the point if needed (a follower learns a

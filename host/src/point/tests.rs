@@ -1207,7 +1207,7 @@ async fn a_walk_over_many_points_at_rest_keeps_few_in_memory() {
 }
 
 #[tokio::test]
-async fn the_handover_index_names_exactly_the_points_in_a_handover() {
+async fn the_handover_indexes_name_exactly_the_points_in_a_handover_and_those_under_way() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
     config.max_open = 4;
@@ -1223,6 +1223,10 @@ async fn the_handover_index_names_exactly_the_points_in_a_handover() {
         owner: None,
         handover: Some(handover),
     };
+    let copying = Handover::Copying {
+        to: "b".into(),
+        target_ring: 9,
+    };
     let sealed = Handover::Sealed {
         to: "b".into(),
         end: 100,
@@ -1233,26 +1237,39 @@ async fn the_handover_index_names_exactly_the_points_in_a_handover() {
         to: "b".into(),
         epoch: 4,
     };
-    store
-        .set_ownership(&id("p/03"), with(sealed.clone()))
-        .await
-        .unwrap();
-    store
-        .set_ownership(&id("p/17"), with(moved.clone()))
-        .await
-        .unwrap();
-    store
-        .set_ownership(&id("p/29"), with(moved.clone()))
-        .await
-        .unwrap();
+    let incoming = Handover::Incoming {
+        from: "c".into(),
+        epoch: 2,
+    };
+    for (point, handover) in [
+        ("p/03", &sealed),
+        ("p/17", &moved),
+        ("p/29", &moved),
+        ("p/33", &copying),
+        ("p/38", &incoming),
+    ] {
+        store
+            .set_ownership(&id(point), with(handover.clone()))
+            .await
+            .unwrap();
+    }
     // At once, while the points are still open.
     let expected = vec![
         (id("p/03"), sealed.clone()),
         (id("p/17"), moved.clone()),
         (id("p/29"), moved.clone()),
+        (id("p/33"), copying.clone()),
+        (id("p/38"), incoming.clone()),
     ];
     assert_eq!(store.handovers().await.unwrap(), expected);
-    // A record cleared, a point removed: out of it.
+    let under_way = vec![
+        (id("p/03"), sealed.clone()),
+        (id("p/33"), copying.clone()),
+        (id("p/38"), incoming.clone()),
+    ];
+    assert_eq!(store.handovers_under_way().await.unwrap(), under_way);
+    // A record cleared, a point removed, a handover ended (sealed to moved): out of the
+    // points under way, and of the index for the first two.
     store
         .set_ownership(
             &id("p/03"),
@@ -1265,24 +1282,45 @@ async fn the_handover_index_names_exactly_the_points_in_a_handover() {
         .await
         .unwrap();
     store.delete(&id("p/29")).await.unwrap();
-    let expected = vec![(id("p/17"), moved.clone())];
-    assert_eq!(store.handovers().await.unwrap(), expected);
-    store.close().await.unwrap();
-    let store = Store::open(config.clone()).await.unwrap();
-    assert_eq!(store.handovers().await.unwrap(), expected);
-    store.close().await.unwrap();
+    store
+        .set_ownership(&id("p/38"), with(moved.clone()))
+        .await
+        .unwrap();
+    let expected = vec![
+        (id("p/17"), moved.clone()),
+        (id("p/33"), copying.clone()),
+        (id("p/38"), moved.clone()),
+    ];
+    let under_way = vec![(id("p/33"), copying.clone())];
+    let check = |store: Store| {
+        let (expected, under_way) = (expected.clone(), under_way.clone());
+        async move {
+            assert_eq!(store.handovers().await.unwrap(), expected);
+            assert_eq!(store.handovers_under_way().await.unwrap(), under_way);
+            store.close().await.unwrap();
+        }
+    };
+    check(store).await;
+    // From the B-tree, after a clean stop.
+    check(Store::open(config.clone()).await.unwrap()).await;
 
-    // A catalogue from before the index gets it at its first start.
-    {
-        let db = redb::Database::create(dir.path().join("catalogue/points.redb")).unwrap();
-        let write = db.begin_write().unwrap();
-        let handovers: redb::TableDefinition<&str, ()> = redb::TableDefinition::new("handovers");
-        assert!(write.delete_table(handovers).unwrap());
-        write.commit().unwrap();
+    // A catalogue from before the indexes (or with the first only) gets them at its first
+    // start.
+    for tables in [
+        &["handovers", "handovers-under-way"][..],
+        &["handovers-under-way"],
+    ] {
+        {
+            let db = redb::Database::create(dir.path().join("catalogue/points.redb")).unwrap();
+            let write = db.begin_write().unwrap();
+            for table in tables {
+                let table: redb::TableDefinition<&str, ()> = redb::TableDefinition::new(table);
+                assert!(write.delete_table(table).unwrap());
+            }
+            write.commit().unwrap();
+        }
+        check(Store::open(config.clone()).await.unwrap()).await;
     }
-    let store = Store::open(config).await.unwrap();
-    assert_eq!(store.handovers().await.unwrap(), expected);
-    store.close().await.unwrap();
 }
 
 #[tokio::test]

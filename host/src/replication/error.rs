@@ -1,7 +1,7 @@
 //! Replication's failures, one type per family: the store under a call ([`StoreError`]), the
 //! link to a peer ([`LinkError`]), the new owner's refusals in a handover ([`HandoverError`]),
-//! a record or job a follower cannot apply ([`ApplyError`]), and one move on the old owner
-//! ([`MoveError`]).
+//! a record or job a follower cannot apply ([`ApplyError`]), one move on the old owner
+//! ([`MoveError`]), and planning the moves ([`PlanError`]).
 //!
 //! They are types so that callers decide by kind: the mover redials at once after a dropped
 //! connection and waits the settle time after a refused seal ([`MoveError::retry`]), and a lost
@@ -30,6 +30,17 @@ pub(crate) enum StoreError {
     /// Cutting a point back.
     #[error(transparent)]
     Truncate(#[from] TruncateError),
+}
+
+/// The moves of this node's points could not be planned.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PlanError {
+    /// Placement could not name a point's owner.
+    #[error(transparent)]
+    Placement(#[from] crate::placement::PlacementError),
+    /// The points handed over already could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
 }
 
 /// A peer could not be reached, would not speak, or a call on it failed.

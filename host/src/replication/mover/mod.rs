@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::Context;
-use super::error::{LinkError, MoveError, StoreError};
+use super::error::{LinkError, MoveError, PlanError, StoreError};
 use crate::cluster::Membership;
 use crate::cluster::handed::Tag;
 use crate::cluster::ring::Ring;
@@ -226,7 +226,9 @@ impl Mover {
             Next::List { pending, since } => (pending, since),
         };
         let started = Instant::now();
-        let handovers = match self.handovers().await {
+        // The handovers under way only: a point handed over leaves the queue when its move
+        // ends (`finished`), and a plan leaves out those handed over before it (`planned`).
+        let handovers = match self.under_way().await {
             Ok(handovers) => handovers,
             Err(error) => {
                 tracing::warn!(%error, "cannot list this node's points in a handover");
@@ -674,14 +676,13 @@ impl Mover {
         let outcome = match result {
             Ok(()) => {
                 self.handed_over = true;
+                self.dequeue(&done.point);
                 Outcome::Done
             }
             Err(error) if error.is_gone() => {
                 // Deleted meanwhile (its removal may have gone unseen: `prune`): not planned again.
                 tracing::debug!(point = %done.point, to = %done.to, %error, "nothing to hand over");
-                if let Some((_, queue)) = self.listing.as_mut().and_then(|l| l.moves.as_mut()) {
-                    queue.remove(&done.point);
-                }
+                self.dequeue(&done.point);
                 Outcome::Gone
             }
             Err(error) if stopped => {
@@ -700,6 +701,13 @@ impl Mover {
         self.planner.ended(&done.point, outcome, Instant::now());
     }
 
+    /// Takes a point handed over (or gone) out of the planned moves.
+    fn dequeue(&mut self, point: &PointId) {
+        if let Some((_, queue)) = self.listing.as_mut().and_then(|l| l.moves.as_mut()) {
+            queue.remove(point);
+        }
+    }
+
     /// After a failure that lost the connection to `to` (or whose replicator ended), the next
     /// move dials again.
     fn forget_peer_if_gone(&mut self, to: &str, error: &MoveError) {
@@ -716,6 +724,17 @@ impl Mover {
     /// The points this node holds in a handover, with their records (the handover index).
     async fn handovers(&self) -> Result<Handovers, ReadError> {
         Ok(self.context.store.handovers().await?.into_iter().collect())
+    }
+
+    /// [`handovers`](Self::handovers) under way only (not moved).
+    async fn under_way(&self) -> Result<Handovers, ReadError> {
+        Ok(self
+            .context
+            .store
+            .handovers_under_way()
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// The points this node holds, from its last listing unless points came or went since
@@ -784,7 +803,7 @@ impl Mover {
         target: &Ring,
         handovers: &Handovers,
         concludes: bool,
-    ) -> Result<Vec<Move>, PlacementError> {
+    ) -> Result<Vec<Move>, PlanError> {
         let moves = self.planned(current, target, handovers, false).await?;
         if !moves.is_empty() || !concludes {
             return Ok(moves);
@@ -799,7 +818,7 @@ impl Mover {
         target: &Ring,
         handovers: &Handovers,
         exact: bool,
-    ) -> Result<Vec<Move>, PlacementError> {
+    ) -> Result<Vec<Move>, PlanError> {
         let points = self.listed(exact);
         let generation = *self.context.services.plugins.reloads().borrow();
         let key = (current.version(), target.version(), generation);
@@ -809,9 +828,24 @@ impl Mover {
             .and_then(|listing| listing.moves.as_ref())
             .is_some_and(|(planned_for, _)| *planned_for == key);
         if !fresh {
+            // The points handed over already (moved, not cleaned up yet) have no move: read
+            // once per plan, not per tick (a tick reads the handovers under way only).
+            let moved: HashSet<PointId> = self
+                .context
+                .store
+                .handovers()
+                .await?
+                .into_iter()
+                .filter(|(_, handover)| !handover.is_under_way())
+                .map(|(point, _)| point)
+                .collect();
             let plugins = self.context.services.plugins.current();
             let (now, then) = (current.clone(), target.clone());
-            let points = points.as_ref().clone();
+            let points: Vec<PointId> = points
+                .iter()
+                .filter(|point| !moved.contains(*point))
+                .cloned()
+                .collect();
             let moves = tokio::task::spawn_blocking(move || {
                 reshard::plan(
                     points,

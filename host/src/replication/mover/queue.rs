@@ -12,7 +12,8 @@ use crate::reshard::planner::Planner;
 
 use super::{Handovers, holds};
 
-/// The moves planned over a listing, the ones handed over dropped as they reach the front.
+/// The moves planned over a listing; a move that ended is taken out (`remove`), and one that
+/// `handovers` says is handed over is dropped as it reaches the front.
 #[derive(Debug, Default)]
 pub(super) struct Queue {
     /// The points to move, in plan order (a point removed meanwhile stays until it is at the
@@ -29,7 +30,7 @@ impl Queue {
         Self { order, moves }
     }
 
-    /// Forgets the move of a point that was removed.
+    /// Forgets the move of a point that was handed over or removed.
     pub(super) fn remove(&mut self, point: &PointId) {
         self.moves.remove(point);
     }
