@@ -795,16 +795,23 @@ impl<'txn> Tables<'txn> {
                 .map(drop),
             None => self.points.remove(id.as_str()).map(drop),
         };
-        let index = |table: &mut redb::Table<'txn, &'static str, ()>, named: bool| match named {
-            true => table.insert(id.as_str(), ()).map(drop),
-            false => table.remove(id.as_str()).map(drop),
-        };
-        let indexed = index(&mut self.handovers, row.is_some_and(Row::in_handover));
-        let under_way = index(&mut self.under_way, row.is_some_and(Row::under_way));
         written
-            .and(indexed)
-            .and(under_way)
+            .and(self.index(id.as_str(), row))
             .map_err(catalogue_error("writing", self.path))
+    }
+
+    /// Names `id` in the handover indexes its `row` belongs in, and takes it out of the others.
+    fn index(&mut self, id: &str, row: Option<&Row>) -> Result<(), redb::StorageError> {
+        for (table, named) in [
+            (&mut self.handovers, row.is_some_and(Row::in_handover)),
+            (&mut self.under_way, row.is_some_and(Row::under_way)),
+        ] {
+            match named {
+                true => table.insert(id, ())?,
+                false => table.remove(id)?,
+            };
+        }
+        Ok(())
     }
 
     /// Fills the handover indexes from every row (a catalogue written before them).
@@ -818,18 +825,12 @@ impl<'txn> Tables<'txn> {
             let (id, row) = row.map_err(catalogue_error("reading", self.path))?;
             let row = decode(row.value(), self.path)?;
             if row.in_handover() {
-                found.push((id.value().to_owned(), row.under_way()));
+                found.push((id.value().to_owned(), row));
             }
         }
-        for (id, under_way) in found {
-            self.handovers
-                .insert(id.as_str(), ())
+        for (id, row) in found {
+            self.index(&id, Some(&row))
                 .map_err(catalogue_error("writing", self.path))?;
-            if under_way {
-                self.under_way
-                    .insert(id.as_str(), ())
-                    .map_err(catalogue_error("writing", self.path))?;
-            }
         }
         Ok(())
     }

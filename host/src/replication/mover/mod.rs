@@ -831,8 +831,6 @@ impl Mover {
             // The points handed over already (moved, not cleaned up yet) have no move: read
             // once per plan, not per tick (a tick reads the handovers under way only).
             let moved: HashSet<PointId> = self
-                .context
-                .store
                 .handovers()
                 .await?
                 .into_iter()
