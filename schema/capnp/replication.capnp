@@ -76,13 +76,17 @@ struct Sealed {
 struct Hello {
   follower @0 :Text;        # the follower's node name
   rpcAddress @1 :Text;      # where clients reach the follower's API (GetFollowers, workers)
-  offers @2 :List(Offer);   # every point the follower holds, with its end offset
-  protocol @3 :UInt16;      # the protocol version the follower speaks (5; 0 from a release before
+  offers @2 :List(Offer);   # every point the follower holds, with its end offset (the first
+                            # page of them with `pages`)
+  protocol @3 :UInt16;      # the protocol version the follower speaks (7; 0 from a release before
                             # versions existed): the leader refuses one it does not speak (it
-                            # speaks 4 and 5: 4 gets no commit marks), saying so
+                            # speaks 4 to 7: 4 gets no commit marks), saying so
   durable @4 :Bool;         # whether it syncs each write before it confirms it (storage.fsync =
                             # "always"): only such a follower enters its group's in-sync set
                             # (false from a follower before this field: it stays out)
+  pages @5 :Bool;           # protocol 7: more offers follow, in `Session.offer` calls (a message
+                            # holds `replication.offers_per_message` of them at most); the
+                            # leader waits for the last before it reconciles
 }
 
 struct Offer {
@@ -176,4 +180,9 @@ struct Ack {
 interface Session {
   # The follower holds the session; dropping it, or the connection, ends replication.
   leader @0 () -> (name :Text);
+
+  # Protocol 7: the offers after the hello's first page (`Hello.pages`), one page per call, in
+  # order; `last` on the final one. The leader reconciles the follower's copies once it has
+  # them all.
+  offer @1 (offers :List(Offer), last :Bool) -> ();
 }

@@ -469,6 +469,79 @@ async fn lost_diverged_and_deleted_copies_are_repaired() {
     leader.shutdown().await;
 }
 
+/// A follower offers what it holds in pages of `replication.offers_per_message`, the first in
+/// its hello: its leader reconciles the copies of every page (here the last page alone names
+/// a point the leader deleted meanwhile, and the third a copy that diverged) before it
+/// replicates anything, and the follower ends identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_offers_its_copies_in_pages_and_every_page_counts() {
+    let pki = Pki::new();
+    let leader = leader(&pki, |_| {}).await;
+    let mut to_leader = pki.client("root", &leader.addr()).await;
+    let points: Vec<String> = (0..7).map(|i| format!("paged-{i}")).collect();
+    for (i, point) in points.iter().enumerate() {
+        produce(&mut to_leader, point, &[data(i as u64, 10_000 + 77 * i)])
+            .await
+            .unwrap();
+    }
+    let paged = |c: &mut Config| c.replication.offers_per_message = 2;
+    let f = follower(&pki, "f1", &leader, paged).await;
+    let to_follower = pki.client("root", &f.addr()).await;
+    for point in &points {
+        converged(&to_leader, &to_follower, point).await;
+    }
+
+    // While the follower is down, its copy of paged-5 grows bytes the leader never had, and
+    // the leader deletes paged-6.
+    let TestNode { node, dir } = f;
+    node.shutdown().await.unwrap();
+    let store = Store::open(goutube_tests::config(dir.path()).store_config())
+        .await
+        .unwrap();
+    store
+        .append(
+            &PointId::new("paged-5").unwrap(),
+            Bytes::from(data(99, 300)),
+        )
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    to_leader
+        .delete_point(DeletePointRequest {
+            point: "paged-6".into(),
+        })
+        .await
+        .unwrap();
+
+    let follows = follows(&pki, "f1", &leader);
+    let node = goutube_tests::start_in(dir.path(), move |c| {
+        follows(c);
+        paged(c);
+    })
+    .await;
+    let f = TestNode { node, dir };
+    let mut to_follower = pki.client("root", &f.addr()).await;
+    for (i, point) in points.iter().enumerate().take(6) {
+        converged(&to_leader, &to_follower, point).await;
+        assert_eq!(
+            content(&mut to_follower, point).await,
+            data(i as u64, 10_000 + 77 * i),
+            "{point}"
+        );
+    }
+    eventually("the point deleted meanwhile to disappear", || {
+        let mut to_follower = to_follower.clone();
+        async move {
+            metadata(&mut to_follower, "paged-6")
+                .await
+                .is_err_and(|s| s.code() == Code::NotFound)
+        }
+    })
+    .await;
+    f.shutdown().await;
+    leader.shutdown().await;
+}
+
 /// A follower `goutube run` process with its data in `dir`.
 fn follower_process(
     pki: &Pki,

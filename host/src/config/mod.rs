@@ -145,6 +145,9 @@ pub struct ReplicationSection {
     pub in_sync_timeout_ms: u64,
     /// Unconfirmed bytes past which an in-sync follower counts as behind.
     pub in_sync_max_lag_bytes: u64,
+    /// The most points a follower offers its leader in one message (its hello, then
+    /// `Session.offer` calls; `docs/replication.md`): about 80 bytes each.
+    pub offers_per_message: u32,
 }
 
 /// How a group whose leader is lost gets a new one (its leader's configuration decides; the
@@ -181,6 +184,7 @@ impl Default for ReplicationSection {
             window: 16,
             in_sync_timeout_ms: 2_000,
             in_sync_max_lag_bytes: 64 * 1024 * 1024,
+            offers_per_message: 65_536,
         }
     }
 }
@@ -524,6 +528,12 @@ impl Config {
         }
         if self.replication.window == 0 {
             return invalid("replication.window", "must be at least 1".into());
+        }
+        if self.replication.offers_per_message == 0 {
+            return invalid(
+                "replication.offers_per_message",
+                "must be at least 1".into(),
+            );
         }
         if let Some(tls) = &self.tls {
             tls.validate().map_err(ConfigError::Tls)?;

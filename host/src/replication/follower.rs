@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::{ApplyError, LinkError, StaleEpoch, wire};
 use super::handover::not_incoming;
 use super::order::{PointOrder, Turn};
-use super::replication_capnp::sink;
+use super::replication_capnp::{offer, sink};
 use super::{Context, Dialed, dial};
 use crate::cluster::Leader;
 use crate::metrics;
@@ -197,6 +197,12 @@ async fn session(
     // What this node holds of its group, said in its heartbeats: what it offers, and from now
     // on what it applies.
     context.held.set(offers.iter().map(|offer| offer.end).sum());
+    // The offers go in pages, the first in the hello: one message need not hold them all.
+    let per_message = context.services.config.replication.offers_per_message as usize;
+    let pages: Vec<&[Offer]> = match offers.is_empty() {
+        true => vec![&[]],
+        false => offers.chunks(per_message).collect(),
+    };
     let sink = receiver(context.clone(), None, shutdown.clone());
     let mut request = leader.follow_request();
     {
@@ -206,16 +212,8 @@ async fn session(
         hello.set_protocol(super::PROTOCOL);
         hello.set_rpc_address(context.services.rpc_addr.to_string());
         hello.set_durable(context.services.config.storage.fsync == crate::point::Fsync::Always);
-        let mut list = hello.init_offers(offers.len() as u32);
-        for (i, held) in offers.iter().enumerate() {
-            let mut offer = list.reborrow().get(i as u32);
-            offer.set_point(held.point.as_str());
-            offer.set_end(held.end);
-            offer.set_epoch(held.epoch);
-            offer.set_crc(held.crc);
-            offer.set_leader_epoch(held.leader_epoch);
-            offer.set_committed(held.committed);
-        }
+        hello.set_pages(pages.len() > 1);
+        write_offers(hello.init_offers(pages[0].len() as u32), pages[0]);
         params.set_sink(sink);
     }
     let response = tokio::select! {
@@ -230,6 +228,15 @@ async fn session(
         peer: name.clone(),
         stale,
     })?;
+    for (i, page) in pages.iter().enumerate().skip(1) {
+        let mut request = session.offer_request();
+        request.get().set_last(i + 1 == pages.len());
+        write_offers(request.get().init_offers(page.len() as u32), page);
+        tokio::select! {
+            sent = request.send().promise => sent.map_err(|e| LinkError::call("offer", &name, e))?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+    }
     context.leader.send_replace(Some(Leader {
         name: name.clone(),
         rpc_addr: rpc_address,
@@ -326,6 +333,19 @@ struct Offer {
     leader_epoch: u64,
     /// The committed end it serves up to, as a leader told it.
     committed: u64,
+}
+
+/// Writes `offers` into a list of as many.
+fn write_offers(mut list: capnp::struct_list::Builder<'_, offer::Owned>, offers: &[Offer]) {
+    for (i, held) in offers.iter().enumerate() {
+        let mut offer = list.reborrow().get(i as u32);
+        offer.set_point(held.point.as_str());
+        offer.set_end(held.end);
+        offer.set_epoch(held.epoch);
+        offer.set_crc(held.crc);
+        offer.set_leader_epoch(held.leader_epoch);
+        offer.set_committed(held.committed);
+    }
 }
 
 /// Every point this node holds, with its end, its epoch, its CRC32C, the newest leader epoch

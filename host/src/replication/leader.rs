@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{RpcSystem, twoparty};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -383,21 +383,25 @@ impl leader::Server for LeaderService {
         })?;
         let rpc_address = hello.get_rpc_address()?.to_str()?.to_owned();
         let mut offers = HashMap::new();
-        for offer in hello.get_offers()? {
-            // An offer for an id that is not a valid point id can only be removed.
-            let held = Held {
-                end: offer.get_end(),
-                epoch: offer.get_epoch().max(FIRST_EPOCH),
-                crc: offer.get_crc(),
-                leader_epoch: (protocol >= EPOCH_CUTS).then(|| offer.get_leader_epoch()),
-                committed: offer.get_committed(),
-            };
-            offers.insert(offer.get_point()?.to_str()?.to_owned(), held);
-        }
+        read_offers(&mut offers, hello.get_offers()?, protocol)?;
+        let pages = hello.get_pages();
         let sink = params.get_sink()?;
         let stop = self.shutdown.child_token();
         let durable = hello.get_durable();
-        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), durable, leader_epoch, "follower connected");
+        tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), pages, durable, leader_epoch, "follower connected");
+        // With pages, the follower's copies are reconciled once its last page arrived.
+        let (paging, all_offers) = match pages {
+            true => {
+                let (done, paged) = tokio::sync::oneshot::channel();
+                let paging = Paging {
+                    offers,
+                    protocol,
+                    done,
+                };
+                (Some(paging), async move { paged.await.ok() }.boxed_local())
+            }
+            false => (None, std::future::ready(Some(offers)).boxed_local()),
+        };
         let durability = match durable {
             true => Durability::Synced,
             false => Durability::Unsynced,
@@ -411,7 +415,14 @@ impl leader::Server for LeaderService {
             stop.clone(),
         );
         let connection = self.connection.clone();
+        let waiting = stop.clone();
         tokio::task::spawn_local(async move {
+            let offers = tokio::select! {
+                offers = all_offers => offers,
+                _ = waiting.cancelled() => None,
+            };
+            // The session ended before its last page: nothing to reconcile.
+            let Some(offers) = offers else { return };
             match supervised(&follower, replicator.run(offers)).await {
                 Some(Ended::Stopped) => {}
                 Some(Ended::Failed(error)) => {
@@ -424,6 +435,7 @@ impl leader::Server for LeaderService {
         let session = SessionService {
             leader: context.services.config.node_name.clone(),
             stop,
+            paging: RefCell::new(paging),
         };
         results.get().set_session(capnp_rpc::new_client(session));
         results.get().set_leader_epoch(leader_epoch);
@@ -501,6 +513,37 @@ fn leader_epoch(context: &Context, local: &str) -> Result<u64, FollowRefusal> {
 struct SessionService {
     leader: String,
     stop: CancellationToken,
+    /// The follower's offers so far, while it sends them in pages.
+    paging: RefCell<Option<Paging>>,
+}
+
+/// A follower's offers arriving in pages (`Hello.pages`, `Session.offer`).
+struct Paging {
+    offers: HashMap<String, Held>,
+    /// The follower's protocol version.
+    protocol: u16,
+    /// Where they all go once the last page arrived: the session's replicator.
+    done: tokio::sync::oneshot::Sender<HashMap<String, Held>>,
+}
+
+/// Adds a follower's `list` of offers to `offers`.
+fn read_offers(
+    offers: &mut HashMap<String, Held>,
+    list: capnp::struct_list::Reader<'_, super::replication_capnp::offer::Owned>,
+    protocol: u16,
+) -> Result<(), capnp::Error> {
+    for offer in list {
+        // An offer for an id that is not a valid point id can only be removed.
+        let held = Held {
+            end: offer.get_end(),
+            epoch: offer.get_epoch().max(FIRST_EPOCH),
+            crc: offer.get_crc(),
+            leader_epoch: (protocol >= EPOCH_CUTS).then(|| offer.get_leader_epoch()),
+            committed: offer.get_committed(),
+        };
+        offers.insert(offer.get_point()?.to_str()?.to_owned(), held);
+    }
+    Ok(())
 }
 
 impl Drop for SessionService {
@@ -516,6 +559,28 @@ impl session::Server for SessionService {
         mut results: session::LeaderResults,
     ) -> Result<(), capnp::Error> {
         results.get().set_name(&self.leader);
+        Ok(())
+    }
+
+    async fn offer(
+        self: Rc<Self>,
+        params: session::OfferParams,
+        _: session::OfferResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let mut paging = self.paging.borrow_mut();
+        let Some(pages) = paging.as_mut() else {
+            return Err(capnp::Error::failed(
+                "no offers are awaited: the hello said no pages follow, or the last one came"
+                    .into(),
+            ));
+        };
+        read_offers(&mut pages.offers, params.get_offers()?, pages.protocol)?;
+        if params.get_last() {
+            let pages = paging.take().expect("matched above");
+            // The replicator is gone only if the session stopped.
+            let _ = pages.done.send(pages.offers);
+        }
         Ok(())
     }
 }

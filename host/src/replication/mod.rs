@@ -77,7 +77,7 @@ use error::LinkError;
 
 /// The version of the replication protocol (`schema/capnp/replication.capnp`) this node speaks:
 /// a leader refuses followers that speak one it does not (docs/replication.md).
-pub(crate) const PROTOCOL: u16 = 6;
+pub(crate) const PROTOCOL: u16 = 7;
 
 /// The oldest protocol a leader of this release still serves: 4, the release before commit
 /// marks (`Sink.commit`), whose followers serve every byte they hold. A group's leader is
@@ -91,10 +91,12 @@ pub(crate) const COMMIT_MARKS: u16 = 5;
 /// deposed leader's tail back to where its successor began (`Sink.truncate`'s `diverged`).
 pub(crate) const EPOCH_CUTS: u16 = 6;
 
-/// The most words one replication message may hold: a follower's `Hello` offers every point
-/// it holds in one list, about 9 words (72 bytes) each, and Cap'n Proto's default limit (8 Mi
-/// words, 64 MiB) refused the hello of a follower holding a million points. 128 Mi words
-/// (1 GiB) admit some 15 million; the port takes only members of the cluster (mTLS).
+/// The most words one replication message may hold. A follower before protocol 7 offers every
+/// point it holds in its `Hello`, one list, about 9 words (72 bytes) each, and Cap'n Proto's
+/// default limit (8 Mi words, 64 MiB) refused the hello of such a follower holding a million
+/// points. 128 Mi words (1 GiB) admit some 15 million; the port takes only members of the
+/// cluster (mTLS). A follower of protocol 7 sends its offers in pages
+/// (`replication.offers_per_message`), so its hello is bounded whatever it holds.
 const MAX_MESSAGE_WORDS: usize = 128 << 20;
 
 /// How both ends of a replication connection read its messages ([`MAX_MESSAGE_WORDS`]).
