@@ -1,5 +1,6 @@
 //! `goutube bench points`: many small points on one node (issue 25): create (one or several
-//! produce streams) against plain files in a fan-out tree, restart, `ls`, `stat`, a follower's
+//! produce streams) against plain files in a fan-out tree and against the node's own layout
+//! made by a plain program (the machine's ceiling for it), restart, `ls`, `stat`, a follower's
 //! catch-up against the create, `rm` against removing the plain files, and the disk given back.
 
 use std::time::{Duration, Instant};
@@ -68,6 +69,30 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     .await??;
     let baseline = started.elapsed();
 
+    // The machine's ceiling for the node's layout: what a plain program takes to make the
+    // inodes the node makes for each point (a directory in one directory, the bytes in one
+    // file, a journal header in another; no sync), with nothing else of the node's work. For
+    // at most `LAYOUT_POINTS`: each takes three blocks, and a million of them would not fit
+    // beside the node's and its follower's copies on the benchmark's file system.
+    let layout_count = count.min(LAYOUT_POINTS);
+    let started = Instant::now();
+    let layout_dir = work.path().join("layout");
+    let written = payload.clone();
+    let layout = layout_dir.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        std::fs::create_dir(&layout)?;
+        let header = [0u8; 16];
+        for i in 0..layout_count {
+            let dir = layout.join(format!("{i}"));
+            std::fs::create_dir(&dir)?;
+            std::fs::write(dir.join("point.data"), &written)?;
+            std::fs::write(dir.join("point.journal"), header)?;
+        }
+        Ok(())
+    })
+    .await??;
+    let layout_ceiling = started.elapsed();
+
     println!("| step | time | rate | node RSS | node descriptors |");
     println!("|---|---|---|---|---|");
     let report = |step: &str, elapsed: Duration, rate: &str, server: &Server| {
@@ -84,6 +109,13 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
         "| baseline: plain files (open, write, close) | {:.3} s | {} | | |",
         baseline.as_secs_f64(),
         per_second(count, baseline)
+    );
+    println!(
+        "| the node's layout by a plain program, {layout_count} points (mkdir, two files written, closed) | {:.3} s | {} ({:.2}x the baseline's rate) | | |",
+        layout_ceiling.as_secs_f64(),
+        per_second(layout_count, layout_ceiling),
+        (layout_count as f64 / layout_ceiling.as_secs_f64())
+            / (count as f64 / baseline.as_secs_f64())
     );
     // With syncs, the least a program does for each new file to survive a power loss, from as
     // many threads as the node gets streams: against it, what the node's syncs cost.
@@ -131,6 +163,11 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     println!(
         "| create / baseline | {:.2}x | | | |",
         baseline.as_secs_f64() / created.as_secs_f64()
+    );
+    println!(
+        "| create / the node's layout by a plain program (rates) | {:.2}x | | | |",
+        (count as f64 / created.as_secs_f64())
+            / (layout_count as f64 / layout_ceiling.as_secs_f64())
     );
     if let Some(synced) = synced_baseline {
         println!(
@@ -316,6 +353,9 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(3600);
 /// keeps in flight.
 const RM_POINTS: usize = 100_000;
 const RM_IN_FLIGHT: usize = 16;
+
+/// How many points the node's layout is made for by a plain program, at most.
+const LAYOUT_POINTS: usize = 100_000;
 
 /// The bytes the files under `dir` take on disk (their allocated blocks).
 fn disk_used(dir: &std::path::Path) -> std::io::Result<u64> {
