@@ -682,9 +682,8 @@ impl Point {
                 });
                 let recovered = opened.recovered();
                 // A point just created: nothing in its files, nothing in a `point.meta`.
-                let empty = recovered.is_some_and(|recovered| {
-                    recovered.end == 0 && recovered.journal_len == journal::HEADER_LEN
-                }) && matches!(&meta, Some(Ok(meta)) if *meta == Meta::default());
+                let empty = recovered.as_ref().is_some_and(journal::Recovered::is_empty)
+                    && matches!(&meta, Some(Ok(meta)) if *meta == Meta::default());
                 let first = first.map(|batch| match empty {
                     true => First::Written(batch.write(&files)),
                     false => First::Unwritten(batch),

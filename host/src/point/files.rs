@@ -45,10 +45,7 @@ impl Opened {
     /// What the files hold, unless they match what this process last saw.
     pub(super) fn recovered(self) -> Option<journal::Recovered> {
         match self {
-            Opened::Made => Some(journal::Recovered {
-                journal_len: journal::HEADER_LEN,
-                ..Default::default()
-            }),
+            Opened::Made => Some(journal::Recovered::empty()),
             Opened::Known => None,
             Opened::Recovered(recovered) => Some(recovered),
         }
@@ -176,11 +173,7 @@ fn open_or_create(
     if created && files.lengths(dir)?.0 == 0 {
         // Nothing to recover: the journal holds its header only, and no data file was left
         // behind without a journal.
-        let empty = journal::Recovered {
-            journal_len: journal::HEADER_LEN,
-            ..Default::default()
-        };
-        return Ok((files, Opened::Recovered(empty)));
+        return Ok((files, Opened::Recovered(journal::Recovered::empty())));
     }
 
     if let Some((end, journal_len)) = known

@@ -106,6 +106,21 @@ pub struct Recovered {
     pub committed_crc: u32,
 }
 
+impl Recovered {
+    /// A journal that holds its header only, over no data: a point just created.
+    pub fn empty() -> Self {
+        Recovered {
+            journal_len: HEADER_LEN,
+            ..Recovered::default()
+        }
+    }
+
+    /// Whether it is [`Recovered::empty`]'s: no bytes, no record.
+    pub fn is_empty(&self) -> bool {
+        self.end == 0 && self.journal_len == HEADER_LEN
+    }
+}
+
 /// Why a journal cannot be recovered.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {

@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{RpcSystem, twoparty};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -389,18 +389,19 @@ impl leader::Server for LeaderService {
         let stop = self.shutdown.child_token();
         let durable = hello.get_durable();
         tracing::info!(%follower, %rpc_address, subject = %peer.subject, points = offers.len(), pages, durable, leader_epoch, "follower connected");
-        // With pages, the follower's copies are reconciled once its last page arrived.
-        let (paging, all_offers) = match pages {
-            true => {
-                let (done, paged) = tokio::sync::oneshot::channel();
-                let paging = Paging {
-                    offers,
-                    protocol,
-                    done,
-                };
-                (Some(paging), async move { paged.await.ok() }.boxed_local())
+        // The follower's copies are reconciled once they are all known: at once, or with
+        // pages, once the last one arrived (`SessionService::offer`).
+        let (done, all_offers) = tokio::sync::oneshot::channel();
+        let paging = match pages {
+            true => Some(Paging {
+                offers,
+                protocol,
+                done,
+            }),
+            false => {
+                let _ = done.send(offers);
+                None
             }
-            false => (None, std::future::ready(Some(offers)).boxed_local()),
         };
         let durability = match durable {
             true => Durability::Synced,
@@ -418,7 +419,7 @@ impl leader::Server for LeaderService {
         let waiting = stop.clone();
         tokio::task::spawn_local(async move {
             let offers = tokio::select! {
-                offers = all_offers => offers,
+                offers = all_offers => offers.ok(),
                 _ = waiting.cancelled() => None,
             };
             // The session ended before its last page: nothing to reconcile.
