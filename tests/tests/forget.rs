@@ -339,14 +339,18 @@ async fn a_forgotten_leaders_points_are_taken_over_from_its_most_complete_follow
         bytes.starts_with(&expected[unique]) && bytes.ends_with(&extra),
         "the quarantined copy is not c's"
     );
+    // The gauge is set once the copy's move to quarantine has ended, after reads see it.
     let https = pki.https(Some("root"));
-    let scrape = http(c.addresses.metrics, "GET", "/metrics", &[], Some(https)).await;
-    let scrape = String::from_utf8(scrape.body).unwrap();
-    assert_eq!(
-        metric(&scrape, goutube::metrics::QUARANTINED_POINTS),
-        Some(1.0),
-        "{scrape}"
-    );
+    let metrics = c.addresses.metrics;
+    eventually("c's gauge to count the quarantined copy", || {
+        let https = https.clone();
+        async move {
+            let scrape = http(metrics, "GET", "/metrics", &[], Some(https)).await;
+            let scrape = String::from_utf8(scrape.body).unwrap();
+            metric(&scrape, goutube::metrics::QUARANTINED_POINTS) == Some(1.0)
+        }
+    })
+    .await;
     for point in of_c.iter().skip(1) {
         eventually(&format!("c's history of {point} to be cleaned up"), || {
             let mut to_c = to_c.clone();
