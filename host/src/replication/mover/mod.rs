@@ -99,19 +99,22 @@ pub(crate) async fn run(
         FuturesUnordered::new();
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = membership.changed() => if changed.is_err() { break },
             _ = ticks.tick() => {}
-            Some(done) = tasks.next() => match done {
-                Ok((done, result)) => mover.finished(done, result),
-                Err(error) => tracing::error!(%error, "a handover task failed"),
-            },
-            Some(done) = cleanups.next() => match done {
-                Ok((done, result)) => mover.cleaned(done, result),
-                Err(error) => tracing::error!(%error, "a cleanup task failed"),
-            },
+            Some(done) = tasks.next() => mover.finished(done),
+            Some(done) = cleanups.next() => mover.cleaned(done),
+        }
+        // Every move and cleanup that ended meanwhile, not only the one that woke this pass: a
+        // pass plans, and many small points end their moves faster than one pass each.
+        while let Some(Some(done)) = tasks.next().now_or_never() {
+            mover.finished(done);
+        }
+        while let Some(Some(done)) = cleanups.next().now_or_never() {
+            mover.cleaned(done);
         }
         for task in mover.plan().await {
             tasks.push(AbortOnDropHandle::new(tokio::task::spawn_local(task)));
@@ -119,9 +122,18 @@ pub(crate) async fn run(
         for task in mover.cleanups().await {
             cleanups.push(AbortOnDropHandle::new(tokio::task::spawn_local(task)));
         }
-        mover.report().await;
+        // Once a tick at most: the report reads every moving point and asks the gossip task.
+        if reported_at.is_none_or(|at| at.elapsed() >= TICK) {
+            mover.report().await;
+            reported_at = Some(Instant::now());
+        }
     }
 }
+
+/// What a move's task gives back: the move, and how it ended.
+type MoveEnded = Result<(Move, Result<(), MoveError>), tokio::task::JoinError>;
+/// What a cleanup's task gives back: the copy, and whether it was deleted.
+type CleanupEnded = Result<(Move, Result<bool, MoveError>), tokio::task::JoinError>;
 
 struct Mover {
     context: Rc<Context>,
@@ -582,7 +594,14 @@ impl Mover {
         tasks
     }
 
-    fn cleaned(&mut self, done: Move, result: Result<bool, MoveError>) {
+    fn cleaned(&mut self, ended: CleanupEnded) {
+        let (done, result) = match ended {
+            Ok(ended) => ended,
+            Err(error) => {
+                tracing::error!(%error, "a cleanup task failed");
+                return;
+            }
+        };
         self.cleaning.remove(&done.point);
         if let Err(error) = result {
             tracing::warn!(point = %done.point, to = %done.to, %error, "cannot clean up a handed-over copy yet");
@@ -668,7 +687,14 @@ impl Mover {
         }
     }
 
-    fn finished(&mut self, done: Move, result: Result<(), MoveError>) {
+    fn finished(&mut self, ended: MoveEnded) {
+        let (done, result) = match ended {
+            Ok(ended) => ended,
+            Err(error) => {
+                tracing::error!(%error, "a handover task failed");
+                return;
+            }
+        };
         let stopped = self
             .stops
             .remove(&done.point)
