@@ -135,6 +135,13 @@ type MoveEnded = Result<(Move, Result<(), MoveError>), tokio::task::JoinError>;
 /// What a cleanup's task gives back: the copy, and whether it was deleted.
 type CleanupEnded = Result<(Move, Result<bool, MoveError>), tokio::task::JoinError>;
 
+/// What a task of the mover gave back, or `None` (logged) if it panicked or was aborted.
+fn joined<T>(ended: Result<T, tokio::task::JoinError>, task: &str) -> Option<T> {
+    ended
+        .inspect_err(|error| tracing::error!(%error, task, "a task of the mover failed"))
+        .ok()
+}
+
 struct Mover {
     context: Rc<Context>,
     tls: Option<TlsConnector>,
@@ -595,12 +602,8 @@ impl Mover {
     }
 
     fn cleaned(&mut self, ended: CleanupEnded) {
-        let (done, result) = match ended {
-            Ok(ended) => ended,
-            Err(error) => {
-                tracing::error!(%error, "a cleanup task failed");
-                return;
-            }
+        let Some((done, result)) = joined(ended, "cleanup") else {
+            return;
         };
         self.cleaning.remove(&done.point);
         if let Err(error) = result {
@@ -688,12 +691,8 @@ impl Mover {
     }
 
     fn finished(&mut self, ended: MoveEnded) {
-        let (done, result) = match ended {
-            Ok(ended) => ended,
-            Err(error) => {
-                tracing::error!(%error, "a handover task failed");
-                return;
-            }
+        let Some((done, result)) = joined(ended, "handover") else {
+            return;
         };
         let stopped = self
             .stops
