@@ -180,6 +180,9 @@ struct Listing {
     /// The moves of `points` last planned, between the rings (and with the placement plugins)
     /// of the key, as they are taken.
     moves: Option<(MovesKey, Queue)>,
+    /// Points listed since `moves` were planned (they were planned over an earlier listing):
+    /// planned on their own at the next plan, not with every point again.
+    unplanned: Vec<PointId>,
 }
 
 /// What the moves of a listing were planned for: the two rings' versions and the plugins'
@@ -777,11 +780,29 @@ impl Mover {
             let points = store.list("", None, usize::MAX);
             ::metrics::counter!(metrics::RESHARD_LISTINGS).increment(1);
             tracing::debug!(points = points.len(), took = ?started.elapsed(), "listed this node's points");
+            // The moves planned over the last listing stay (for the same rings and plugins, a
+            // point's move does not change): only the points new since are planned.
+            let (moves, unplanned) = match self.listing.take() {
+                Some(Listing {
+                    points: before,
+                    moves: Some((key, mut queue)),
+                    mut unplanned,
+                    ..
+                }) => {
+                    let added = queue.relist(&before, &points);
+                    let listed: HashSet<&PointId> = points.iter().collect();
+                    unplanned.retain(|point| listed.contains(point));
+                    unplanned.extend(added);
+                    (Some((key, queue)), unplanned)
+                }
+                _ => (None, Vec::new()),
+            };
             self.listing = Some(Listing {
                 generation,
                 at: started,
                 points: std::sync::Arc::new(points),
-                moves: None,
+                moves,
+                unplanned,
             });
         }
         self.listing
@@ -847,39 +868,25 @@ impl Mover {
         let points = self.listed(exact);
         let generation = *self.context.services.plugins.reloads().borrow();
         let key = (current.version(), target.version(), generation);
-        let fresh = self
-            .listing
+        let listing = self.listing.as_ref().expect("listed above");
+        let fresh = listing
+            .moves
             .as_ref()
-            .and_then(|listing| listing.moves.as_ref())
             .is_some_and(|(planned_for, _)| *planned_for == key);
         if !fresh {
-            // The points handed over already (moved, not cleaned up yet) have no move: read
-            // once per plan, not per tick (a tick reads the handovers under way only).
-            let moved: HashSet<PointId> = self
-                .handovers()
-                .await?
-                .into_iter()
-                .filter(|(_, handover)| !handover.is_under_way())
-                .map(|(point, _)| point)
-                .collect();
-            let plugins = self.context.services.plugins.current();
-            let (now, then) = (current.clone(), target.clone());
-            let points: Vec<PointId> = points
-                .iter()
-                .filter(|point| !moved.contains(*point))
-                .cloned()
-                .collect();
-            let moves = tokio::task::spawn_blocking(move || {
-                reshard::plan(
-                    points,
-                    |point| crate::placement::owner_in(&plugins, &now, point.as_str()),
-                    |point| crate::placement::owner_in(&plugins, &then, point.as_str()),
-                )
-            })
-            .await
-            .map_err(|e| PlacementError::Task(e.to_string()))??;
+            let moves = self.plan_moves(points.to_vec(), current, target).await?;
             let listing = self.listing.as_mut().expect("listed above");
             listing.moves = Some((key, Queue::new(moves)));
+            listing.unplanned.clear();
+        } else if !listing.unplanned.is_empty() {
+            // Cleared only once planned: a plan that fails is tried again on the next tick.
+            let unplanned = listing.unplanned.clone();
+            let moves = self.plan_moves(unplanned, current, target).await?;
+            let listing = self.listing.as_mut().expect("listed above");
+            listing.unplanned.clear();
+            if let Some((_, queue)) = &mut listing.moves {
+                queue.extend(moves);
+            }
         }
         let (_, queue) = self
             .listing
@@ -887,6 +894,38 @@ impl Mover {
             .and_then(|listing| listing.moves.as_mut())
             .expect("listed and planned above");
         Ok(queue.next(handovers, &self.planner, Instant::now()))
+    }
+
+    /// The moves of `points` from their owner in `current` to their owner in `target` (a call
+    /// to the placement plugin for each, on the blocking pool), leaving out the points handed
+    /// over already (moved, not cleaned up yet: read once per plan, not per tick; a tick reads
+    /// the handovers under way only).
+    async fn plan_moves(
+        &self,
+        points: Vec<PointId>,
+        current: &Ring,
+        target: &Ring,
+    ) -> Result<Vec<Move>, PlanError> {
+        let moved: HashSet<PointId> = self
+            .handovers()
+            .await?
+            .into_iter()
+            .filter(|(_, handover)| !handover.is_under_way())
+            .map(|(point, _)| point)
+            .collect();
+        let plugins = self.context.services.plugins.current();
+        let (now, then) = (current.clone(), target.clone());
+        let points = points.into_iter().filter(|point| !moved.contains(point));
+        let points: Vec<PointId> = points.collect();
+        Ok(tokio::task::spawn_blocking(move || {
+            reshard::plan(
+                points,
+                |point| crate::placement::owner_in(&plugins, &now, point.as_str()),
+                |point| crate::placement::owner_in(&plugins, &then, point.as_str()),
+            )
+        })
+        .await
+        .map_err(|e| PlacementError::Task(e.to_string()))??)
     }
 
     /// The connection to `to`, dialed at most once per round: a member that cannot be reached

@@ -35,6 +35,32 @@ impl Queue {
         self.moves.remove(point);
     }
 
+    /// Adds the moves of points listed after the queue was planned, behind the others.
+    pub(super) fn extend(&mut self, planned: Vec<Move>) {
+        for planned in planned {
+            if self.moves.contains_key(&planned.point) {
+                continue;
+            }
+            self.order.push_back(planned.point.clone());
+            self.moves.insert(planned.point.clone(), planned);
+        }
+    }
+
+    /// The queue was planned over the listing `before`; the points are now listed as `now`.
+    /// The moves of points no longer listed leave it, and the points new since are returned:
+    /// they alone need planning (a plan asks the placement plugin about each point twice).
+    pub(super) fn relist(&mut self, before: &[PointId], now: &[PointId]) -> Vec<PointId> {
+        let listed: HashSet<&PointId> = now.iter().collect();
+        let known: HashSet<&PointId> = before.iter().collect();
+        for gone in before.iter().filter(|point| !listed.contains(point)) {
+            self.moves.remove(gone);
+        }
+        now.iter()
+            .filter(|point| !known.contains(point))
+            .cloned()
+            .collect()
+    }
+
     /// The moves a tick plans with (`Planner::plan`): in plan order, those of the points this
     /// node may hand over (by `handovers`) until as many as `planner` runs at once may start
     /// now; then those of the points in a handover or moving, by which it tells a handover the
@@ -151,6 +177,33 @@ mod tests {
             points(&queue.next(&handovers, &planner, now)),
             [point(0), point(1), point(3), point(4), point(90)]
         );
+    }
+
+    #[test]
+    fn a_new_listing_drops_the_moves_of_points_gone_and_names_the_points_to_plan() {
+        let now = Instant::now();
+        let planner = Planner::new(10, Duration::ZERO);
+        // Points 0 to 4 listed, the moves of 1, 3 and 4 planned (0 and 2 stay).
+        let before: Vec<PointId> = (0..5).map(point).collect();
+        let mut queue = Queue::new([1, 3, 4].into_iter().map(to_b).collect());
+        // Listed again: 3 is gone, 5 and 6 are new.
+        let listed: Vec<PointId> = [0, 1, 2, 4, 5, 6].into_iter().map(point).collect();
+        assert_eq!(queue.relist(&before, &listed), [point(5), point(6)]);
+        let handovers = Handovers::new();
+        assert_eq!(
+            points(&queue.next(&handovers, &planner, now)),
+            [point(1), point(4)]
+        );
+        // Planned on their own (5 has a move, 6 none), they join the queue behind the others.
+        queue.extend(vec![to_b(5), to_b(1)]);
+        assert_eq!(
+            points(&queue.next(&handovers, &planner, now)),
+            [point(1), point(4), point(5)]
+        );
+        // Listed again with nothing new or gone: nothing to plan, nothing changes.
+        let same = listed.clone();
+        assert!(queue.relist(&listed, &same).is_empty());
+        assert_eq!(queue.next(&handovers, &planner, now).len(), 3);
     }
 
     #[test]
