@@ -1193,8 +1193,7 @@ async fn three_leaders_killed_in_turn_lose_no_acknowledged_byte_and_cut_nothing(
         let kept = cluster.quarantined(node, &point);
         assert!(kept.is_empty(), "{node} keeps {kept:?} in quarantine");
         let meta = cluster.data_file(node, &point).with_file_name("point.meta");
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        let meta = goutube::point::inspect_meta(&meta).unwrap();
         let recorded: Vec<(u64, u64)> = meta["leader_epochs"]
             .as_array()
             .into_iter()

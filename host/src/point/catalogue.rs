@@ -25,7 +25,8 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::files::{JOURNAL_FILE, Meta, read_meta, scan, sync_dir};
+use super::files::{JOURNAL_FILE, scan, sync_dir};
+use super::meta::{Meta, read_meta};
 use super::{Fsync, Handover, PointId, Snapshot, StorageError, Summary};
 
 /// How often rows become durable and the touch log starts again.

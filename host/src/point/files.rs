@@ -1,5 +1,5 @@
 //! The file layer of a point: the names and layout of `point.data`, `point.journal` and
-//! `point.meta` in its directory, opening with crash recovery, directory creation and removal
+//! `point.meta` (its format: `meta.rs`) in its directory, opening with crash recovery, directory creation and removal
 //! that survive a power loss, and the scan that finds every point at start-up
 //! (`docs/storage.md`). Plain blocking I/O: callers run it on the blocking pool.
 
@@ -7,30 +7,12 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use bytes::{Bytes, BytesMut};
-use serde::{Deserialize, Serialize};
-
+use super::meta::META_FILE;
 use super::*;
+use bytes::{Bytes, BytesMut};
 
 pub(super) const DATA_FILE: &str = "point.data";
 pub(super) const JOURNAL_FILE: &str = "point.journal";
-pub(super) const META_FILE: &str = "point.meta";
-
-/// What a point knows about itself besides its bytes (`point.meta`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Meta {
-    /// The media type given with the point's first bytes, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) content_type: Option<String>,
-    /// Its epoch and handover (`ownership.rs`); absent in files written before epochs.
-    #[serde(flatten)]
-    pub(super) ownership: Ownership,
-    /// Where each leader epoch began in it (`leader_epochs.rs`); absent until a second leader
-    /// wrote it.
-    #[serde(default, skip_serializing_if = "LeaderEpochs::is_empty")]
-    pub(super) leader_epochs: LeaderEpochs,
-}
-
 /// How a point's files were found when they were opened.
 pub(super) enum Opened {
     /// Its directory was made now: its files are new and empty, and it has no `point.meta`.
@@ -271,37 +253,6 @@ pub(super) fn mark_clean_stop(points: &Path) -> std::io::Result<()> {
         Some(parent) => sync_dir(parent),
         None => Ok(()),
     }
-}
-
-/// The point's `point.meta`, or the empty one if it has none.
-pub(super) fn read_meta(dir: &Path) -> Result<Meta, StorageError> {
-    let path = dir.join(META_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|error| StorageError::io("decoding", &path)(std::io::Error::other(error))),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Meta::default()),
-        Err(error) => Err(StorageError::io("reading", path)(error)),
-    }
-}
-
-/// Replaces `point.meta`: a temporary file (synced unless `fsync = "never"`), renamed over it.
-pub(super) fn write_meta(dir: &Path, meta: &Meta, fsync: Fsync) -> Result<(), StorageError> {
-    let path = dir.join(META_FILE);
-    let temporary = dir.join("point.meta.tmp");
-    let bytes = serde_json::to_vec(meta).expect("the meta of a point serializes");
-    let write = || -> std::io::Result<()> {
-        let mut file = File::create(&temporary)?;
-        std::io::Write::write_all(&mut file, &bytes)?;
-        if fsync != Fsync::Never {
-            file.sync_all()?;
-        }
-        std::fs::rename(&temporary, &path)?;
-        if fsync != Fsync::Never {
-            sync_dir(dir)?;
-        }
-        Ok(())
-    };
-    write().map_err(StorageError::io("writing", path))
 }
 
 /// Removes the files of the point in `dir`, then every directory from `dir` up to (excluding)

@@ -19,6 +19,7 @@ mod files;
 pub mod id;
 pub mod journal;
 pub mod leader_epochs;
+mod meta;
 pub mod ownership;
 mod registry;
 #[cfg(test)]
@@ -40,11 +41,13 @@ pub use error::{AppendError, DeleteError, ReadError, StorageError, TruncateError
 pub use id::{InvalidPointId, PointId};
 use journal::Record;
 pub use leader_epochs::{EpochStart, LeaderEpochs};
+pub use meta::inspect as inspect_meta;
 pub use ownership::{Handover, Ownership, SealedAt};
 
 use entry::{Appending, Created, Files, Origin, State};
 pub use entry::{FilePiece, Point};
 use files::*;
+use meta::{Meta, read_meta, write_meta};
 
 use crate::metrics;
 

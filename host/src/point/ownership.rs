@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::catalogue::Handovers;
-use super::files::{DATA_FILE, JOURNAL_FILE, META_FILE, Meta, remove_point_files, sync_dir};
+use super::files::{DATA_FILE, JOURNAL_FILE, remove_point_files, sync_dir};
+use super::meta::{META_FILE, Meta};
 use super::{
     AppendError, DeleteError, Fsync, PointId, ReadError, StorageError, Store, StoreEvent,
     join_error,

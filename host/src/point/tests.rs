@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::meta::META_FILE;
 use super::ownership::FIRST_EPOCH;
 use super::*;
 
