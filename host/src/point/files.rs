@@ -1,15 +1,17 @@
 //! The file layer of a point: the names and layout of `point.data`, `point.journal` and
-//! `point.meta` (its format: `meta.rs`) in its directory, opening with crash recovery, directory creation and removal
-//! that survive a power loss, and the scan that finds every point at start-up
-//! (`docs/storage.md`). Plain blocking I/O: callers run it on the blocking pool.
+//! `point.meta` (its format: `meta.rs`) in its directory, opening with crash recovery,
+//! directory creation and removal that survive a power loss, and the scan that finds every
+//! point at start-up (`docs/storage.md`). Plain blocking I/O: callers run it on the blocking
+//! pool.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use bytes::{Bytes, BytesMut};
+
 use super::meta::META_FILE;
 use super::*;
-use bytes::{Bytes, BytesMut};
 
 pub(super) const DATA_FILE: &str = "point.data";
 pub(super) const JOURNAL_FILE: &str = "point.journal";

@@ -23,9 +23,11 @@
 //! and two syncs.
 
 use std::fs::{File, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{Fsync, LeaderEpochs, Ownership, StorageError};
@@ -74,25 +76,10 @@ enum Unreadable {
 /// The point's `point.meta`, or the empty one if it has none.
 pub(super) fn read_meta(dir: &Path) -> Result<Meta, StorageError> {
     let path = dir.join(META_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Meta::default()),
-        Err(error) => return Err(StorageError::io("reading", path)(error)),
-    };
-    decode(&bytes)
-        .map_err(|error| StorageError::io("decoding", &path)(std::io::Error::other(error)))
-}
-
-/// The record in the bytes of a `point.meta`, in either format.
-fn decode(bytes: &[u8]) -> Result<Meta, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(serde_json::from_slice(record(bytes)?)?)
-}
-
-/// The JSON of the record in the bytes of a `point.meta`, in either format.
-fn record(bytes: &[u8]) -> Result<&[u8], Unreadable> {
-    match is_earlier_format(bytes) {
-        true => Ok(bytes),
-        false => Ok(newest(bytes)?.body),
+    match std::fs::read(&path) {
+        Ok(bytes) => decode(&bytes, &path),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Meta::default()),
+        Err(error) => Err(StorageError::io("reading", path)(error)),
     }
 }
 
@@ -100,10 +87,18 @@ fn record(bytes: &[u8]) -> Result<&[u8], Unreadable> {
 /// that look into a data directory.
 pub fn inspect(path: &Path) -> Result<serde_json::Value, StorageError> {
     let bytes = std::fs::read(path).map_err(StorageError::io("reading", path))?;
-    let decoded = record(&bytes)
-        .map_err(std::io::Error::other)
-        .and_then(|body| serde_json::from_slice(body).map_err(std::io::Error::other));
-    decoded.map_err(StorageError::io("decoding", path))
+    decode(&bytes, path)
+}
+
+/// The record in `bytes`, read from the `point.meta` at `path`, in either format.
+fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, StorageError> {
+    let body = match is_earlier_format(bytes) {
+        true => Ok(bytes),
+        false => newest(bytes).map(|newest| newest.body),
+    };
+    body.map_err(std::io::Error::other)
+        .and_then(|body| serde_json::from_slice(body).map_err(std::io::Error::other))
+        .map_err(StorageError::io("decoding", path))
 }
 
 /// A file written before slots: the record's JSON alone (an object, so it begins with `{`; a
@@ -171,40 +166,44 @@ fn capacity_for(length: usize) -> usize {
 
 /// Makes `meta` the point's `point.meta` (synced unless `fsync = "never"`): in place, in the
 /// slot not holding the newest record, when the file is slotted and the record fits; otherwise
-/// as a new file renamed over it.
+/// as a new file renamed over it. The file is opened once, to read where the newest record is
+/// and to write the other slot.
 pub(super) fn write_meta(dir: &Path, meta: &Meta, fsync: Fsync) -> Result<(), StorageError> {
     let path = dir.join(META_FILE);
     let body = serde_json::to_vec(meta).expect("the meta of a point serializes");
-    let current = match std::fs::read(&path) {
-        Ok(bytes) => Some(bytes),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(error) => return Err(StorageError::io("reading", path)(error)),
-    };
-    let slotted = current
-        .as_deref()
-        .filter(|bytes| !is_earlier_format(bytes))
-        .and_then(|bytes| Some((newest(bytes).ok()?, bytes.len() / 2)));
-    let write = || match slotted {
-        Some((newest, capacity)) if SLOT_HEADER + body.len() <= capacity => {
-            let slot = encode_slot(newest.sequence + 1, &body, capacity);
-            write_slot(&path, &slot, (1 - newest.slot) * capacity, fsync)
+    let write = || -> std::io::Result<()> {
+        let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return replace(dir, &path, &body, 1, fsync);
+            }
+            Err(error) => return Err(error),
+        };
+        let mut current = Vec::new();
+        file.read_to_end(&mut current)?;
+        // Where the newest whole record is; none in a file of the earlier format or with no
+        // whole slot (both then get a new file).
+        let slotted = match is_earlier_format(&current) {
+            true => None,
+            false => newest(&current).ok(),
         }
-        _ => {
-            let sequence = slotted.map_or(1, |(newest, _)| newest.sequence + 1);
-            replace(dir, &path, &body, sequence, fsync)
+        .map(|newest| (newest.slot, newest.sequence, current.len() / 2));
+        match slotted {
+            Some((slot, sequence, capacity)) if SLOT_HEADER + body.len() <= capacity => {
+                let record = encode_slot(sequence + 1, &body, capacity);
+                file.write_all_at(&record, ((1 - slot) * capacity) as u64)?;
+                if fsync != Fsync::Never {
+                    file.sync_data()?;
+                }
+                Ok(())
+            }
+            _ => {
+                let sequence = slotted.map_or(1, |(_, sequence, _)| sequence + 1);
+                replace(dir, &path, &body, sequence, fsync)
+            }
         }
     };
     write().map_err(StorageError::io("writing", path))
-}
-
-/// Writes `slot` at `offset` of the file at `path`, and syncs its data.
-fn write_slot(path: &Path, slot: &[u8], offset: usize, fsync: Fsync) -> std::io::Result<()> {
-    let file = OpenOptions::new().write(true).open(path)?;
-    file.write_all_at(slot, offset as u64)?;
-    if fsync != Fsync::Never {
-        file.sync_data()?;
-    }
-    Ok(())
 }
 
 /// A new slotted file holding `body` at `sequence` in its first slot: written beside `path`,
@@ -256,6 +255,10 @@ mod tests {
         write_meta(dir, meta, Fsync::Always).unwrap();
     }
 
+    fn decoded(bytes: &[u8]) -> Meta {
+        decode(bytes, Path::new(META_FILE)).unwrap()
+    }
+
     fn file(dir: &Path) -> Vec<u8> {
         std::fs::read(dir.join(META_FILE)).unwrap()
     }
@@ -264,8 +267,18 @@ mod tests {
     fn records_alternate_slots_and_the_newest_is_read() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read_meta(dir.path()).unwrap(), Meta::default());
+        let inode = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(dir.path().join(META_FILE)).unwrap().ino()
+        };
+        write(dir.path(), &meta(1));
+        let made = inode();
         for epoch in 1..=5 {
-            write(dir.path(), &meta(epoch));
+            if epoch > 1 {
+                write(dir.path(), &meta(epoch));
+            }
+            // The same file throughout: every record after the first was written in place.
+            assert_eq!(inode(), made);
             assert_eq!(read_meta(dir.path()).unwrap(), meta(epoch));
             let bytes = file(dir.path());
             let newest = newest(&bytes).unwrap();
@@ -274,7 +287,7 @@ mod tests {
                 (epoch, (epoch as usize + 1) % 2)
             );
         }
-        // Written in place: the file kept its size, and no temporary file is left.
+        // The file kept its size, and no temporary file is left.
         assert_eq!(
             file(dir.path()).len(),
             2 * capacity_for(serde_json::to_vec(&meta(1)).unwrap().len())
@@ -300,14 +313,14 @@ mod tests {
         for cut in changed[0]..body_end {
             let mut torn = after.clone();
             torn[cut..=body_end].copy_from_slice(&before[cut..=body_end]);
-            assert_eq!(decode(&torn).unwrap(), meta(2), "cut at byte {cut}");
+            assert_eq!(decoded(&torn), meta(2), "cut at byte {cut}");
         }
         for &damaged in &changed {
             let mut torn = after.clone();
             torn[damaged] ^= 0x40;
-            assert_eq!(decode(&torn).unwrap(), meta(2), "byte {damaged} changed");
+            assert_eq!(decoded(&torn), meta(2), "byte {damaged} changed");
         }
-        assert_eq!(decode(&after).unwrap(), meta(3));
+        assert_eq!(decoded(&after), meta(3));
     }
 
     #[test]
