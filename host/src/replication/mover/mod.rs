@@ -180,9 +180,6 @@ struct Listing {
     /// The moves of `points` last planned, between the rings (and with the placement plugins)
     /// of the key, as they are taken.
     moves: Option<(MovesKey, Queue)>,
-    /// Points listed since `moves` were planned (they were planned over an earlier listing):
-    /// planned on their own at the next plan, not with every point again.
-    unplanned: Vec<PointId>,
 }
 
 /// What the moves of a listing were planned for: the two rings' versions and the plugins'
@@ -782,27 +779,16 @@ impl Mover {
             tracing::debug!(points = points.len(), took = ?started.elapsed(), "listed this node's points");
             // The moves planned over the last listing stay (for the same rings and plugins, a
             // point's move does not change): only the points new since are planned.
-            let (moves, unplanned) = match self.listing.take() {
-                Some(Listing {
-                    points: before,
-                    moves: Some((key, mut queue)),
-                    mut unplanned,
-                    ..
-                }) => {
-                    let added = queue.relist(&before, &points);
-                    let listed: HashSet<&PointId> = points.iter().collect();
-                    unplanned.retain(|point| listed.contains(point));
-                    unplanned.extend(added);
-                    (Some((key, queue)), unplanned)
-                }
-                _ => (None, Vec::new()),
-            };
+            let moves = self.listing.take().and_then(|last| {
+                let (key, mut queue) = last.moves?;
+                queue.relist(&last.points, &points);
+                Some((key, queue))
+            });
             self.listing = Some(Listing {
                 generation,
                 at: started,
                 points: std::sync::Arc::new(points),
                 moves,
-                unplanned,
             });
         }
         self.listing
@@ -868,25 +854,25 @@ impl Mover {
         let points = self.listed(exact);
         let generation = *self.context.services.plugins.reloads().borrow();
         let key = (current.version(), target.version(), generation);
-        let listing = self.listing.as_ref().expect("listed above");
-        let fresh = listing
-            .moves
+        let planned = self
+            .listing
             .as_ref()
-            .is_some_and(|(planned_for, _)| *planned_for == key);
-        if !fresh {
-            let moves = self.plan_moves(points.to_vec(), current, target).await?;
-            let listing = self.listing.as_mut().expect("listed above");
-            listing.moves = Some((key, Queue::new(moves)));
-            listing.unplanned.clear();
-        } else if !listing.unplanned.is_empty() {
-            // Cleared only once planned: a plan that fails is tried again on the next tick.
-            let unplanned = listing.unplanned.clone();
-            let moves = self.plan_moves(unplanned, current, target).await?;
-            let listing = self.listing.as_mut().expect("listed above");
-            listing.unplanned.clear();
-            if let Some((_, queue)) = &mut listing.moves {
-                queue.extend(moves);
+            .and_then(|listing| listing.moves.as_ref())
+            .filter(|(planned_for, _)| *planned_for == key);
+        match planned.map(|(_, queue)| queue.unplanned()) {
+            None => {
+                let moves = self.plan_moves(points.to_vec(), current, target).await?;
+                let listing = self.listing.as_mut().expect("listed above");
+                listing.moves = Some((key, Queue::new(moves)));
             }
+            Some(unplanned) if !unplanned.is_empty() => {
+                let moves = self.plan_moves(unplanned.clone(), current, target).await?;
+                let listing = self.listing.as_mut().expect("listed above");
+                if let Some((_, queue)) = &mut listing.moves {
+                    queue.add_planned(&unplanned, moves);
+                }
+            }
+            Some(_) => {}
         }
         let (_, queue) = self
             .listing
@@ -915,8 +901,10 @@ impl Mover {
             .collect();
         let plugins = self.context.services.plugins.current();
         let (now, then) = (current.clone(), target.clone());
-        let points = points.into_iter().filter(|point| !moved.contains(point));
-        let points: Vec<PointId> = points.collect();
+        let points: Vec<PointId> = points
+            .into_iter()
+            .filter(|point| !moved.contains(point))
+            .collect();
         Ok(tokio::task::spawn_blocking(move || {
             reshard::plan(
                 points,

@@ -13,7 +13,8 @@ use crate::reshard::planner::Planner;
 use super::{Handovers, holds};
 
 /// The moves planned over a listing; a move that ended is taken out (`remove`), and one that
-/// `handovers` says is handed over is dropped as it reaches the front.
+/// `handovers` says is handed over is dropped as it reaches the front. A new listing keeps it
+/// (`relist`): only the points new since wait to be planned (`unplanned`, then `add_planned`).
 #[derive(Debug, Default)]
 pub(super) struct Queue {
     /// The points to move, in plan order (a point removed meanwhile stays until it is at the
@@ -21,22 +22,53 @@ pub(super) struct Queue {
     order: VecDeque<PointId>,
     /// Each point's move.
     moves: HashMap<PointId, Move>,
+    /// Points listed after the queue was planned, not planned yet.
+    unplanned: HashSet<PointId>,
 }
 
 impl Queue {
     pub(super) fn new(planned: Vec<Move>) -> Self {
         let order = planned.iter().map(|m| m.point.clone()).collect();
         let moves = planned.into_iter().map(|m| (m.point.clone(), m)).collect();
-        Self { order, moves }
+        Self {
+            order,
+            moves,
+            unplanned: HashSet::new(),
+        }
     }
 
     /// Forgets the move of a point that was handed over or removed.
     pub(super) fn remove(&mut self, point: &PointId) {
         self.moves.remove(point);
+        self.unplanned.remove(point);
     }
 
-    /// Adds the moves of points listed after the queue was planned, behind the others.
-    pub(super) fn extend(&mut self, planned: Vec<Move>) {
+    /// The queue was planned over the listing `before`; the points are now listed as `now`.
+    /// The points no longer listed leave it, and those new since wait to be planned: they alone
+    /// (a plan asks the placement plugin about each point twice).
+    pub(super) fn relist(&mut self, before: &[PointId], now: &[PointId]) {
+        let listed: HashSet<&PointId> = now.iter().collect();
+        for gone in before.iter().filter(|point| !listed.contains(point)) {
+            self.moves.remove(gone);
+        }
+        self.unplanned.retain(|point| listed.contains(point));
+        let known: HashSet<&PointId> = before.iter().collect();
+        let new = now.iter().filter(|point| !known.contains(point));
+        self.unplanned.extend(new.cloned());
+    }
+
+    /// The points listed since the queue was planned that are not planned yet.
+    pub(super) fn unplanned(&self) -> Vec<PointId> {
+        self.unplanned.iter().cloned().collect()
+    }
+
+    /// Adds the moves planned for `planned_points` (those of [`unplanned`](Self::unplanned);
+    /// a point may have none), behind the others. Asked before the plan, not cleared before it:
+    /// a plan that fails leaves them to the next.
+    pub(super) fn add_planned(&mut self, planned_points: &[PointId], planned: Vec<Move>) {
+        for point in planned_points {
+            self.unplanned.remove(point);
+        }
         for planned in planned {
             if self.moves.contains_key(&planned.point) {
                 continue;
@@ -44,21 +76,6 @@ impl Queue {
             self.order.push_back(planned.point.clone());
             self.moves.insert(planned.point.clone(), planned);
         }
-    }
-
-    /// The queue was planned over the listing `before`; the points are now listed as `now`.
-    /// The moves of points no longer listed leave it, and the points new since are returned:
-    /// they alone need planning (a plan asks the placement plugin about each point twice).
-    pub(super) fn relist(&mut self, before: &[PointId], now: &[PointId]) -> Vec<PointId> {
-        let listed: HashSet<&PointId> = now.iter().collect();
-        let known: HashSet<&PointId> = before.iter().collect();
-        for gone in before.iter().filter(|point| !listed.contains(point)) {
-            self.moves.remove(gone);
-        }
-        now.iter()
-            .filter(|point| !known.contains(point))
-            .cloned()
-            .collect()
     }
 
     /// The moves a tick plans with (`Planner::plan`): in plan order, those of the points this
@@ -183,26 +200,38 @@ mod tests {
     fn a_new_listing_drops_the_moves_of_points_gone_and_names_the_points_to_plan() {
         let now = Instant::now();
         let planner = Planner::new(10, Duration::ZERO);
+        let sorted = |mut points: Vec<PointId>| {
+            points.sort();
+            points
+        };
         // Points 0 to 4 listed, the moves of 1, 3 and 4 planned (0 and 2 stay).
         let before: Vec<PointId> = (0..5).map(point).collect();
         let mut queue = Queue::new([1, 3, 4].into_iter().map(to_b).collect());
-        // Listed again: 3 is gone, 5 and 6 are new.
-        let listed: Vec<PointId> = [0, 1, 2, 4, 5, 6].into_iter().map(point).collect();
-        assert_eq!(queue.relist(&before, &listed), [point(5), point(6)]);
+        // Listed again: 3 is gone, 5, 6 and 7 are new.
+        let listed: Vec<PointId> = [0, 1, 2, 4, 5, 6, 7].into_iter().map(point).collect();
+        queue.relist(&before, &listed);
+        assert_eq!(sorted(queue.unplanned()), [point(5), point(6), point(7)]);
         let handovers = Handovers::new();
         assert_eq!(
             points(&queue.next(&handovers, &planner, now)),
             [point(1), point(4)]
         );
-        // Planned on their own (5 has a move, 6 none), they join the queue behind the others.
-        queue.extend(vec![to_b(5), to_b(1)]);
+        // Listed again before they were planned: 7 is gone, 8 is new.
+        let again: Vec<PointId> = [0, 1, 2, 4, 5, 6, 8].into_iter().map(point).collect();
+        queue.relist(&listed, &again);
+        assert_eq!(sorted(queue.unplanned()), [point(5), point(6), point(8)]);
+        // Planned (5 has a move, 6 and 8 none; 1 was planned already), they join the queue
+        // behind the others and are no longer waiting.
+        let planning = queue.unplanned();
+        queue.add_planned(&planning, vec![to_b(5), to_b(1)]);
+        assert!(queue.unplanned().is_empty());
         assert_eq!(
             points(&queue.next(&handovers, &planner, now)),
             [point(1), point(4), point(5)]
         );
         // Listed again with nothing new or gone: nothing to plan, nothing changes.
-        let same = listed.clone();
-        assert!(queue.relist(&listed, &same).is_empty());
+        queue.relist(&again, &again.clone());
+        assert!(queue.unplanned().is_empty());
         assert_eq!(queue.next(&handovers, &planner, now).len(), 3);
     }
 
