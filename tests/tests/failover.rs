@@ -22,7 +22,7 @@ use goutube::metrics::{
     UNDER_REPLICATED_GROUPS as UNDER_REPLICATED,
 };
 use goutube::netns::Namespaces;
-use goutube::proto::{ListMembersRequest, ListMembersResponse, LocatePointRequest};
+use goutube::proto::{END_METADATA, ListMembersRequest, ListMembersResponse, LocatePointRequest};
 use goutube_tests::{
     DEADLINE, NodeProcess, Pki, append_at, consume, data, eventually, eventually_some,
     eventually_within, goutube_bin, http, metadata, metric, metric_where, owner_through, stderr,
@@ -350,8 +350,13 @@ impl Cluster {
     }
 }
 
-/// Appends bytes made from `seed` to `point` at `offset` through `client` until a write is
-/// acknowledged; returns the bytes it wrote.
+/// Writes `data(seed, 10_007)` to `point` from `offset` until a write is acknowledged, and
+/// returns every byte the point then holds from `offset`. A leader stores a write before it
+/// waits for its in-sync followers, and one they did not confirm in time is refused
+/// (`Unavailable`) and stays stored: the next attempt, at the same offset, is then refused for
+/// its offset, naming the end after that attempt. If the bytes there are the attempt's own, the
+/// next one goes after them; the acknowledgement of a later write covers them too. Any other
+/// bytes there stop nothing and are not skipped: the attempts go on failing until the deadline.
 async fn write_eventually(
     client: &Client,
     point: &str,
@@ -359,14 +364,33 @@ async fn write_eventually(
     seed: u64,
     what: &str,
 ) -> Vec<u8> {
-    eventually_some(what, || {
-        let (mut client, point, bytes) = (client.clone(), point.to_owned(), data(seed, 10_007));
+    let bytes = data(seed, 10_007);
+    let at = std::sync::atomic::AtomicU64::new(offset);
+    let acknowledged_at = eventually_some(what, || {
+        let (mut client, point, bytes, at) = (client.clone(), point.to_owned(), &bytes, &at);
         async move {
-            let appended = append_at(&mut client, &point, offset, &bytes).await;
-            appended.ok().map(|()| bytes)
+            let from = at.load(std::sync::atomic::Ordering::SeqCst);
+            let status = match append_at(&mut client, &point, from, bytes).await {
+                Ok(()) => return Some(from),
+                Err(status) => status,
+            };
+            let end = status
+                .metadata()
+                .get(END_METADATA)
+                .and_then(|end| end.to_str().ok()?.parse::<u64>().ok());
+            let next = from + bytes.len() as u64;
+            if status.code() == Code::FailedPrecondition && end == Some(next) {
+                let stored = consume(&mut client, window(&point, from, next, 0)).await;
+                if stored.is_ok_and(|frames| frames.concat() == *bytes) {
+                    at.store(next, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            None
         }
     })
-    .await
+    .await;
+    let attempts = (acknowledged_at - offset) / bytes.len() as u64 + 1;
+    bytes.repeat(attempts as usize)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
