@@ -77,37 +77,39 @@ where
         "rpc",
         None,
     );
-    let shutdown = service.token().clone();
     let (health, health_service) = tonic_health::server::health_reporter();
+    let spawner = service.spawner();
+    let shutdown = service.token().clone();
     service.spawn("serve", async move {
+        // tonic's reporter starts with the whole server SERVING: say NOT_SERVING before the
+        // first call is answered, or a probe at start-up sees a node without a ring as ready.
+        report(&health, tonic_health::ServingStatus::NotServing).await;
+        let stop = shutdown.clone();
+        spawner.spawn("health", async move {
+            tokio::select! {
+                () = ready => {}
+                () = stop.cancelled() => return,
+            }
+            report(&health, tonic_health::ServingStatus::Serving).await;
+            // Operators (and the README's test) wait for this line.
+            tracing::info!("ready: the ring is formed; health reports SERVING");
+        });
         let served = serve(handlers, max_frame_size, incoming, health_service, shutdown);
         if let Err(error) = served.await {
             tracing::error!(%error, "the API server failed");
         }
     });
-    let shutdown = service.token().clone();
-    service.spawn("health", async move {
-        // The whole server ("") and the streaming service are reported together.
-        let streaming =
-            <proto::streaming_server::StreamingServer<S> as tonic::server::NamedService>::NAME;
-        for name in ["", streaming] {
-            health
-                .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                .await;
-        }
-        tokio::select! {
-            () = ready => {}
-            () = shutdown.cancelled() => return,
-        }
-        for name in ["", streaming] {
-            health
-                .set_service_status(name, tonic_health::ServingStatus::Serving)
-                .await;
-        }
-        // Operators (and the README's test) wait for this line.
-        tracing::info!("ready: the ring is formed; health reports SERVING");
-    });
     service.handle()
+}
+
+/// Reports `status` for the whole server ("") and the streaming service together.
+async fn report(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for name in ["", proto::streaming_server::SERVICE_NAME] {
+        health.set_service_status(name, status).await;
+    }
 }
 
 async fn serve<S, R>(
