@@ -41,13 +41,14 @@ use crate::point::{Handover, Ownership, PointId, ReadError, StoreEvent};
 use crate::reshard::planner::{self, Action, Next, Outcome, Planner, Work};
 use crate::reshard::{self, Move};
 
+mod listing;
 mod moves;
 mod peer;
 mod queue;
 
+use listing::Listing;
 use moves::*;
 use peer::*;
-use queue::Queue;
 
 /// How often the mover looks again without a change of membership (points created meanwhile,
 /// moves to retry).
@@ -164,27 +165,9 @@ struct Mover {
     handed_over: bool,
     /// The points held when last listed, and the moves last planned over them.
     listing: Option<Listing>,
-    /// The store's events, for the points removed since (taken out of `listing`).
+    /// The store's events, for the points removed since (noted in `listing`).
     removals: tokio::sync::broadcast::Receiver<StoreEvent>,
 }
-
-/// The points this node held when it last listed them: a tick of a ring change plans from
-/// it and from the handover index, and lists the store again only when points came or went
-/// (its generation moved), at most every [`RELIST_EVERY`] — not a walk over every point each
-/// tick.
-struct Listing {
-    /// The store's generation when listed, and when.
-    generation: u64,
-    at: Instant,
-    points: std::sync::Arc<Vec<PointId>>,
-    /// The moves of `points` last planned, between the rings (and with the placement plugins)
-    /// of the key, as they are taken.
-    moves: Option<(MovesKey, Queue)>,
-}
-
-/// What the moves of a listing were planned for: the two rings' versions and the plugins'
-/// generation.
-type MovesKey = (u64, u64, u64);
 
 /// The points held that are in a handover, each with its record; what a tick reads instead of
 /// every point's record.
@@ -458,11 +441,11 @@ impl Mover {
                 return false;
             }
         };
+        self.list(true);
         let points: Vec<PointId> = self
-            .listed(true)
-            .iter()
-            .filter(|point| holds(handovers.get(*point)))
-            .cloned()
+            .held()
+            .into_iter()
+            .filter(|point| holds(handovers.get(point)))
             .collect();
         if points.is_empty() {
             return true;
@@ -762,10 +745,10 @@ impl Mover {
             .collect())
     }
 
-    /// The points this node holds, from its last listing unless points came or went since
-    /// and that listing is older than [`RELIST_EVERY`] — or, with `exact`, unless points came
-    /// or went since at all (before deciding that nothing is left to move).
-    fn listed(&mut self, exact: bool) -> std::sync::Arc<Vec<PointId>> {
+    /// Lists the points this node holds again, unless points came or went since the last
+    /// listing and that listing is younger than [`RELIST_EVERY`] — or, with `exact`, unless
+    /// points came or went since at all (before deciding that nothing is left to move).
+    fn list(&mut self, exact: bool) {
         self.prune();
         let store = &self.context.store;
         let generation = store.generation();
@@ -777,27 +760,20 @@ impl Mover {
             let points = store.list("", None, usize::MAX);
             ::metrics::counter!(metrics::RESHARD_LISTINGS).increment(1);
             tracing::debug!(points = points.len(), took = ?started.elapsed(), "listed this node's points");
-            // The moves planned over the last listing stay (for the same rings and plugins, a
-            // point's move does not change): only the points new since are planned.
-            let moves = self.listing.take().and_then(|last| {
-                let (key, mut queue) = last.moves?;
-                queue.relist(&last.points, &points);
-                Some((key, queue))
-            });
-            self.listing = Some(Listing {
-                generation,
-                at: started,
-                points: std::sync::Arc::new(points),
-                moves,
+            self.listing = Some(match self.listing.take() {
+                Some(last) => last.relisted(generation, started, points),
+                None => Listing::new(generation, started, points),
             });
         }
-        self.listing
-            .as_ref()
-            .map(|listing| listing.points.clone())
-            .unwrap_or_default()
     }
 
-    /// Takes the points removed since the last look out of the listing and its moves. Events
+    /// The points held, by the last listing ([`list`](Self::list)); none before one.
+    fn held(&self) -> Vec<PointId> {
+        self.listing.as_ref().map(Listing::held).unwrap_or_default()
+    }
+
+    /// Notes the points removed since the last look in the listing, and takes their moves out.
+    /// Events
     /// missed (too many at once, under writes) do not call for a new listing, which would plan
     /// every point again (a placement call each): a move of a point removed meanwhile finds it
     /// gone and leaves the queue ([`Mover::finished`]), and removals never add a point to move.
@@ -813,13 +789,8 @@ impl Mover {
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
         }
-        if let Some(listing) = &mut self.listing
-            && !removed.is_empty()
-        {
-            std::sync::Arc::make_mut(&mut listing.points).retain(|p| !removed.contains(p));
-            if let Some((_, moves)) = &mut listing.moves {
-                removed.iter().for_each(|point| moves.remove(point));
-            }
+        if let Some(listing) = &mut self.listing {
+            listing.remove(removed);
         }
     }
 
@@ -843,7 +814,7 @@ impl Mover {
         self.planned(current, target, handovers, true).await
     }
 
-    /// [`moves`](Self::moves) from the listing `listed(exact)` gives.
+    /// [`moves`](Self::moves) from the listing `list(exact)` leaves.
     async fn planned(
         &mut self,
         current: &Ring,
@@ -851,7 +822,7 @@ impl Mover {
         handovers: &Handovers,
         exact: bool,
     ) -> Result<Vec<Move>, PlanError> {
-        let points = self.listed(exact);
+        self.list(exact);
         let generation = *self.context.services.plugins.reloads().borrow();
         let key = (current.version(), target.version(), generation);
         let planned = self
@@ -859,20 +830,15 @@ impl Mover {
             .as_ref()
             .and_then(|listing| listing.moves.as_ref())
             .filter(|(planned_for, _)| *planned_for == key);
-        match planned.map(|(_, queue)| queue.unplanned()) {
-            None => {
-                let moves = self.plan_moves(points.to_vec(), current, target).await?;
-                let listing = self.listing.as_mut().expect("listed above");
-                listing.moves = Some((key, Queue::new(moves)));
-            }
-            Some(unplanned) if !unplanned.is_empty() => {
-                let moves = self.plan_moves(unplanned.clone(), current, target).await?;
-                let listing = self.listing.as_mut().expect("listed above");
-                if let Some((_, queue)) = &mut listing.moves {
-                    queue.add_planned(&unplanned, moves);
-                }
-            }
-            Some(_) => {}
+        let to_plan = match planned.map(|(_, queue)| queue.unplanned()) {
+            None => Some(self.held()),
+            Some(unplanned) if !unplanned.is_empty() => Some(unplanned),
+            Some(_) => None,
+        };
+        if let Some(points) = to_plan {
+            let moves = self.plan_moves(&points, current, target).await?;
+            let listing = self.listing.as_mut().expect("listed above");
+            listing.planned(key, &points, moves);
         }
         let (_, queue) = self
             .listing
@@ -888,7 +854,7 @@ impl Mover {
     /// the handovers under way only).
     async fn plan_moves(
         &self,
-        points: Vec<PointId>,
+        points: &[PointId],
         current: &Ring,
         target: &Ring,
     ) -> Result<Vec<Move>, PlanError> {
@@ -902,8 +868,9 @@ impl Mover {
         let plugins = self.context.services.plugins.current();
         let (now, then) = (current.clone(), target.clone());
         let points: Vec<PointId> = points
-            .into_iter()
-            .filter(|point| !moved.contains(point))
+            .iter()
+            .filter(|point| !moved.contains(*point))
+            .cloned()
             .collect();
         Ok(tokio::task::spawn_blocking(move || {
             reshard::plan(
