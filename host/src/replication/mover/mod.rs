@@ -773,10 +773,10 @@ impl Mover {
     }
 
     /// Notes the points removed since the last look in the listing, and takes their moves out.
-    /// Events
-    /// missed (too many at once, under writes) do not call for a new listing, which would plan
-    /// every point again (a placement call each): a move of a point removed meanwhile finds it
-    /// gone and leaves the queue ([`Mover::finished`]), and removals never add a point to move.
+    /// Events missed (too many at once, under writes) do not call for a new listing, which
+    /// would plan every point again (a placement call each): a move of a point removed meanwhile
+    /// finds it gone and leaves the queue ([`Mover::finished`]), and removals never add a point
+    /// to move.
     fn prune(&mut self) {
         use tokio::sync::broadcast::error::TryRecvError;
         let mut removed = HashSet::new();
