@@ -66,7 +66,8 @@ pub(super) async fn run(
         total >> 20,
         moves.map_or("the default".to_owned(), |moves| moves.to_string())
     );
-    let (mut catch_up, mut moved, mut moved_reading) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut catch_up, mut moved_alone) = (Vec::new(), Vec::new());
+    let (mut moved, mut moved_reading) = (Vec::new(), Vec::new());
     let (mut pauses, mut slowest) = (Vec::new(), Vec::new());
     let (mut reads_idle, mut reads_moving) = (Vec::new(), Vec::new());
     let mut listings = Vec::new();
@@ -74,12 +75,13 @@ pub(super) async fn run(
         let dir = work.path().join(format!("catch-up-{round}"));
         catch_up.push(catch_up_once(&dir, points, &workload).await?);
         std::fs::remove_dir_all(&dir)?;
-        for load in [Load::Writers, Load::Reader] {
+        for load in [Load::Alone, Load::Writers, Load::Reader] {
             let dir = work.path().join(format!("move-{round}-{load:?}"));
             let run = move_once(&dir, points, &workload, load, moves).await?;
             std::fs::remove_dir_all(&dir)?;
             listings.push(run.listings);
             match load {
+                Load::Alone => moved_alone.push(run.seconds),
                 Load::Writers => {
                     moved.push(run.seconds);
                     pauses.extend(run.pauses);
@@ -107,6 +109,11 @@ pub(super) async fn run(
         per_second(&catch_up)
     );
     println!(
+        "| handover to the new owner (drain), nothing else running | {} | {:.0} |",
+        spread(total, &moved_alone),
+        per_second(&moved_alone)
+    );
+    println!(
         "| handover to the new owner (drain), {WRITTEN} points written meanwhile | {} | {:.0} |",
         spread(total, &moved),
         per_second(&moved)
@@ -119,7 +126,11 @@ pub(super) async fn run(
     println!("\n| measure | value | target |");
     println!("|---|---|---|");
     println!(
-        "| move / catch-up | {:.2}x | ≥ 0.5x |",
+        "| move / catch-up, nothing else running | {:.2}x | ≥ 0.5x |",
+        median(&catch_up) / median(&moved_alone)
+    );
+    println!(
+        "| move / catch-up, {WRITTEN} points written meanwhile | {:.2}x | |",
         median(&catch_up) / median(&moved)
     );
     println!(
@@ -146,11 +157,13 @@ pub(super) async fn run(
     Ok(())
 }
 
-/// What runs on the cluster while it moves points: writers on moving points (their pauses are
-/// measured), or a reader of unrelated points (its throughput is). Apart, so the reader's load
-/// does not show up as fence pauses.
+/// What runs on the cluster while it moves points: nothing (as during the catch-up it is
+/// compared with), writers on moving points (their pauses are measured), or a reader of
+/// unrelated points (its throughput is). Apart, so the reader's load does not show up as fence
+/// pauses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Load {
+    Alone,
     Writers,
     Reader,
 }
