@@ -78,7 +78,19 @@ impl Listing {
             .collect()
     }
 
-    /// Plans the points of `planned` (all held, or those waiting) with `moves`.
+    /// The points to plan for `key`: every point held if the moves were planned for other
+    /// rings or plugins (or not yet), else those listed since and not planned yet; `None` when
+    /// the moves for `key` are whole.
+    pub(super) fn to_plan(&self, key: MovesKey) -> Option<Vec<PointId>> {
+        match &self.moves {
+            Some((planned_for, queue)) if *planned_for == key => {
+                Some(queue.unplanned()).filter(|unplanned| !unplanned.is_empty())
+            }
+            _ => Some(self.held()),
+        }
+    }
+
+    /// Takes the moves planned for `key` of the points of [`to_plan`](Self::to_plan).
     pub(super) fn planned(&mut self, key: MovesKey, planned: &[PointId], moves: Vec<Move>) {
         match &mut self.moves {
             Some((planned_for, queue)) if *planned_for == key => {
@@ -93,20 +105,9 @@ impl Listing {
 mod tests {
     use std::time::Duration;
 
+    use super::super::queue::tests::{point, points, to_b};
     use super::*;
     use crate::reshard::planner::Planner;
-
-    fn point(i: usize) -> PointId {
-        PointId::new(format!("p/{i:03}")).unwrap()
-    }
-
-    fn to_b(i: usize) -> Move {
-        Move {
-            point: point(i),
-            from: "a".into(),
-            to: "b".into(),
-        }
-    }
 
     fn sorted(mut points: Vec<PointId>) -> Vec<PointId> {
         points.sort();
@@ -121,17 +122,16 @@ mod tests {
         let handovers = super::super::Handovers::new();
         let listed: Vec<PointId> = (0..5).map(point).collect();
         let mut listing = Listing::new(7, now, listed.clone());
+        // Nothing planned yet: every point held is to plan.
+        assert_eq!(listing.to_plan(key), Some(listed.clone()));
         listing.planned(key, &listed, (0..5).map(to_b).collect());
+        assert_eq!(listing.to_plan(key), None);
 
         // 1 and 3 are removed: neither is held or moved any more; the listing is not walked.
         listing.remove([point(1), point(3)].into_iter().collect());
         assert_eq!(listing.held(), [point(0), point(2), point(4)]);
         let (_, queue) = listing.moves.as_mut().unwrap();
-        let next: Vec<PointId> = queue
-            .next(&handovers, &planner, now)
-            .into_iter()
-            .map(|m| m.point)
-            .collect();
+        let next = points(&queue.next(&handovers, &planner, now));
         assert_eq!(next, [point(0), point(2), point(4)]);
 
         // Listed again: 1 was made again, 5 is new, 3 stays gone. Only 1 and 5 wait to be
@@ -139,21 +139,18 @@ mod tests {
         let again: Vec<PointId> = [0, 1, 2, 4, 5].into_iter().map(point).collect();
         let mut listing = listing.relisted(8, now, again.clone());
         assert_eq!(listing.held(), again);
-        let (_, queue) = listing.moves.as_ref().unwrap();
-        assert_eq!(sorted(queue.unplanned()), [point(1), point(5)]);
+        let to_plan = listing.to_plan(key).map(sorted);
+        assert_eq!(to_plan, Some(vec![point(1), point(5)]));
 
         // Planned for the same rings, they join the queue.
         listing.planned(key, &[point(1), point(5)], vec![to_b(1), to_b(5)]);
+        assert_eq!(listing.to_plan(key), None);
         let (_, queue) = listing.moves.as_mut().unwrap();
-        assert!(queue.unplanned().is_empty());
-        let next: Vec<PointId> = queue
-            .next(&handovers, &planner, now)
-            .into_iter()
-            .map(|m| m.point)
-            .collect();
+        let next = points(&queue.next(&handovers, &planner, now));
         assert_eq!(sorted(next), again);
 
-        // For other rings, the plan starts over.
+        // For other rings, the plan starts over, from every point held.
+        assert_eq!(listing.to_plan((1, 3, 0)), Some(again.clone()));
         listing.planned((1, 3, 0), &again, vec![to_b(4)]);
         let (_, queue) = listing.moves.as_mut().unwrap();
         assert_eq!(queue.next(&handovers, &planner, now).len(), 1);

@@ -825,16 +825,10 @@ impl Mover {
         self.list(exact);
         let generation = *self.context.services.plugins.reloads().borrow();
         let key = (current.version(), target.version(), generation);
-        let planned = self
+        let to_plan = self
             .listing
             .as_ref()
-            .and_then(|listing| listing.moves.as_ref())
-            .filter(|(planned_for, _)| *planned_for == key);
-        let to_plan = match planned.map(|(_, queue)| queue.unplanned()) {
-            None => Some(self.held()),
-            Some(unplanned) if !unplanned.is_empty() => Some(unplanned),
-            Some(_) => None,
-        };
+            .and_then(|listing| listing.to_plan(key));
         if let Some(points) = to_plan {
             let moves = self.plan_moves(&points, current, target).await?;
             let listing = self.listing.as_mut().expect("listed above");

@@ -131,18 +131,18 @@ impl Queue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::reshard::planner::Outcome;
     use crate::reshard::planner::Retry;
 
-    fn point(i: usize) -> PointId {
+    pub(in crate::replication::mover) fn point(i: usize) -> PointId {
         PointId::new(format!("p/{i:03}")).unwrap()
     }
 
-    fn to_b(i: usize) -> Move {
+    pub(in crate::replication::mover) fn to_b(i: usize) -> Move {
         Move {
             point: point(i),
             from: "a".into(),
@@ -150,7 +150,7 @@ mod tests {
         }
     }
 
-    fn points(moves: &[Move]) -> Vec<PointId> {
+    pub(in crate::replication::mover) fn points(moves: &[Move]) -> Vec<PointId> {
         moves.iter().map(|m| m.point.clone()).collect()
     }
 
