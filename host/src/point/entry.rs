@@ -975,14 +975,17 @@ impl Point {
 
     /// Fsyncs what was written since the last sync (group commit). The lock is not held while
     /// syncing, so writers carry on; only what was written before the sync started is recorded
-    /// as durable.
-    pub(super) async fn sync(&self) -> Result<(), StorageError> {
+    /// as durable. A point known durable to its end syncs nothing; one found again with bytes an
+    /// earlier close left unsynced (`fsync = "never"`) is not dirty, but not durable either.
+    /// `opened`: files the caller opened for this (they stay valid if the point closes
+    /// meanwhile); without them, a point whose files are closed syncs nothing.
+    pub(super) async fn sync(&self, opened: Option<Arc<Files>>) -> Result<(), StorageError> {
         let (files, end) = {
             let mut state = self.state.lock().await;
-            if !state.dirty || state.failed.is_some() {
+            if (!state.dirty && state.durable >= state.end) || state.failed.is_some() {
                 return Ok(());
             }
-            let Some(files) = state.files.clone() else {
+            let Some(files) = state.files.clone().or(opened) else {
                 return Ok(());
             };
             state.dirty = false;

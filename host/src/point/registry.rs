@@ -504,7 +504,8 @@ impl Store {
     /// handover commits only bytes that survive a crash).
     pub async fn sync(&self, id: &PointId) -> Result<(), ReadError> {
         let point = self.point(id).await?;
-        point.sync().await?;
+        let files = point.files(&self.inner.shared).await?;
+        point.sync(Some(files)).await?;
         Ok(())
     }
 
@@ -943,7 +944,7 @@ impl Store {
         if config.fsync == Fsync::Interval {
             self.every(config.fsync_interval, |store| async move {
                 for point in store.inner.shared.open_points() {
-                    if let Err(error) = point.sync().await {
+                    if let Err(error) = point.sync(None).await {
                         tracing::error!(point = %point.id, %error, "group commit");
                     }
                 }

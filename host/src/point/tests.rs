@@ -1146,6 +1146,27 @@ async fn points_not_in_use_are_let_go_and_stat_opens_none() {
 }
 
 #[tokio::test]
+async fn a_handovers_sync_covers_bytes_an_idle_close_left_unsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.idle_close = Duration::from_millis(100);
+    config.fsync = Fsync::Never;
+    let store = Store::open(config).await.unwrap();
+    let point = id("arriving");
+    store.append(&point, bytes(1, 5000)).await.unwrap();
+    let live = |store: &Store| store.inner.live.read().unwrap().len();
+    eventually("the point let go", || live(&store) == 0).await;
+    // Found again from its row: nothing written since it was opened, yet not durable.
+    store.sync(&point).await.unwrap();
+    let found = store.inner.live.read().unwrap().get(&point).cloned();
+    let found = found.expect("the sync took the point into use");
+    let state = found.state.lock().await;
+    assert_eq!((state.end, state.durable), (5000, 5000));
+    drop(state);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_sniffed_media_type_is_kept_and_stat_opens_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
