@@ -13,6 +13,10 @@
 //!   page cache's writeback stalls writers now and then, fence or not.)
 //! - Unrelated reads: a reader consumes `b`'s own points in a loop; its throughput during the
 //!   move against the same reader before it.
+//! - The file system's ceiling for syncs: as many threads as moves at once, each rewriting 4 KiB
+//!   in place and syncing it, in the same directory, after each catch-up. A move's records and
+//!   its copy are synced one after another; this says whether the disk, rather than the chain
+//!   of steps, is what a drain waits for.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use goutube::proto::ProduceRequest;
 
 use super::{
     Server, Workload, connect, consume, median, metric, owner, percentile, produce, spread,
+    synced_rewrites,
 };
 
 /// The frames a moving point is written in: at most this…
@@ -40,6 +45,10 @@ const WRITTEN: usize = 16;
 const UNRELATED: usize = 4;
 /// Bytes of each unrelated point.
 const UNRELATED_BYTES: u64 = 16 * 1024 * 1024;
+/// Moves at once when `--moves` is not given (`reshard.max_concurrent_moves`'s default).
+const DEFAULT_MOVES: usize = 2;
+/// How long the file system's syncs are counted.
+const SYNC_CEILING_FOR: Duration = Duration::from_secs(2);
 
 pub(super) async fn run(
     mib: u64,
@@ -70,11 +79,17 @@ pub(super) async fn run(
     let (mut moved, mut moved_reading) = (Vec::new(), Vec::new());
     let (mut pauses, mut slowest) = (Vec::new(), Vec::new());
     let (mut reads_idle, mut reads_moving) = (Vec::new(), Vec::new());
-    let mut listings = Vec::new();
+    let (mut listings, mut syncs) = (Vec::new(), Vec::new());
+    let at_once = moves.unwrap_or(DEFAULT_MOVES);
     for round in 0..rounds {
         let dir = work.path().join(format!("catch-up-{round}"));
         catch_up.push(catch_up_once(&dir, points, &workload).await?);
         std::fs::remove_dir_all(&dir)?;
+        let dir = work.path().join(format!("syncs-{round}"));
+        syncs.push(
+            tokio::task::spawn_blocking(move || synced_rewrites(&dir, at_once, SYNC_CEILING_FOR))
+                .await??,
+        );
         for load in [Load::Alone, Load::Writers, Load::Reader] {
             let dir = work.path().join(format!("move-{round}-{load:?}"));
             let run = move_once(&dir, points, &workload, load, moves).await?;
@@ -153,6 +168,10 @@ pub(super) async fn run(
     println!(
         "| listings of every point held, per drain (median) | {:.0} | a few |",
         median(&listings)
+    );
+    println!(
+        "| the file system's syncs, {at_once} at once (4 KiB rewritten in place, `fdatasync`) | {:.0}/s | |",
+        median(&syncs)
     );
     Ok(())
 }
@@ -424,7 +443,6 @@ async fn write_all_along(
     Ok((fenced, slowest))
 }
 
-/// Polls `condition` every 20 ms until it holds, or fails after `limit`.
 /// Waits until `count` reaches `target`, as long as it moves at least every `stall`.
 async fn wait_counting<F, Fut>(
     what: &str,
@@ -451,6 +469,7 @@ where
     }
 }
 
+/// Polls `condition` every 20 ms until it holds, or fails after `limit`.
 async fn wait_until<F, Fut>(what: &str, limit: Duration, mut condition: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,

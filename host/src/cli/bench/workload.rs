@@ -245,6 +245,44 @@ pub(super) fn durable_write(dir: &Path, pool: &[Bytes], frames: u64) -> anyhow::
     write_scratch(dir, pool, frames, true)
 }
 
+/// Syncs per second the file system in `dir` takes from `at_once` threads, each rewriting 4 KiB
+/// in place in a file of its own and syncing it (`fdatasync`), for `lasting`: the ceiling of
+/// anything that waits for syncs one after another, `at_once` at a time (the records of moves).
+pub(super) fn synced_rewrites(
+    dir: &Path,
+    at_once: usize,
+    lasting: std::time::Duration,
+) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    std::fs::create_dir_all(dir)?;
+    let started = Instant::now();
+    let counts = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..at_once)
+            .map(|i| {
+                scope.spawn(move || -> anyhow::Result<u64> {
+                    let path = dir.join(format!("bench-sync-{i}"));
+                    let file = std::fs::File::create(&path)?;
+                    let mut page = [0u8; 4096];
+                    let mut count = 0u64;
+                    while started.elapsed() < lasting {
+                        page[..8].copy_from_slice(&count.to_le_bytes());
+                        file.write_all_at(&page, 0)?;
+                        file.sync_data()?;
+                        count += 1;
+                    }
+                    std::fs::remove_file(&path)?;
+                    Ok(count)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|thread| thread.join().expect("a sync thread panicked"))
+            .collect::<anyhow::Result<Vec<u64>>>()
+    })?;
+    Ok(counts.iter().sum::<u64>() as f64 / started.elapsed().as_secs_f64())
+}
+
 pub(super) fn write_scratch(
     dir: &Path,
     pool: &[Bytes],
