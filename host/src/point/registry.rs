@@ -503,7 +503,8 @@ impl Store {
     /// Makes every byte written to `id` so far durable, whatever `storage.fsync` says (a
     /// handover commits only bytes that survive a crash).
     pub async fn sync(&self, id: &PointId) -> Result<(), ReadError> {
-        let point = self.point(id).await?;
+        let point = self.get(id)?;
+        // Opened (recovered first if its row is stale), or already open.
         let files = point.files(&self.inner.shared).await?;
         point.sync(Some(files)).await?;
         Ok(())

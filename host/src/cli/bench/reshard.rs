@@ -13,10 +13,9 @@
 //!   page cache's writeback stalls writers now and then, fence or not.)
 //! - Unrelated reads: a reader consumes `b`'s own points in a loop; its throughput during the
 //!   move against the same reader before it.
-//! - The file system's ceiling for syncs: as many threads as moves at once, each rewriting 4 KiB
-//!   in place and syncing it, in the same directory, after each catch-up. A move's records and
-//!   its copy are synced one after another; this says whether the disk, rather than the chain
-//!   of steps, is what a drain waits for.
+//! - The file system's ceiling for plain syncs: as many threads as moves at once, each
+//!   rewriting 4 KiB in place and syncing it, in the same directory, after each catch-up. A move
+//!   makes nine syncs; this says whether the disk's rate for them is what a drain runs into.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use goutube::client::Client;
+use goutube::config::ReshardSection;
 use goutube::proto::OWNER_ADDR_METADATA;
 use goutube::proto::ProduceRequest;
 
@@ -45,8 +45,6 @@ const WRITTEN: usize = 16;
 const UNRELATED: usize = 4;
 /// Bytes of each unrelated point.
 const UNRELATED_BYTES: u64 = 16 * 1024 * 1024;
-/// Moves at once when `--moves` is not given (`reshard.max_concurrent_moves`'s default).
-const DEFAULT_MOVES: usize = 2;
 /// How long the file system's syncs are counted.
 const SYNC_CEILING_FOR: Duration = Duration::from_secs(2);
 
@@ -80,7 +78,8 @@ pub(super) async fn run(
     let (mut pauses, mut slowest) = (Vec::new(), Vec::new());
     let (mut reads_idle, mut reads_moving) = (Vec::new(), Vec::new());
     let (mut listings, mut syncs) = (Vec::new(), Vec::new());
-    let at_once = moves.unwrap_or(DEFAULT_MOVES);
+    // The nodes' own default when `--moves` is not given.
+    let at_once = moves.unwrap_or(ReshardSection::default().max_concurrent_moves);
     for round in 0..rounds {
         let dir = work.path().join(format!("catch-up-{round}"));
         catch_up.push(catch_up_once(&dir, points, &workload).await?);
