@@ -232,6 +232,10 @@ pub(crate) enum Bench {
         /// storage.fsync of the node: "never", "interval" or "always".
         #[arg(long, default_value = "never")]
         fsync: String,
+        /// storage.packed_max of the node: small new points packed into segments (0: each
+        /// point in files of its own, the node's default).
+        #[arg(long, default_value_t = 64 * 1024)]
+        packed_max: u64,
     },
     /// The baseline server (used by `bench streaming`).
     #[command(hide = true)]
@@ -254,6 +258,7 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
             stats,
             streams,
             fsync,
+            packed_max,
         } => {
             let shape = points::Shape {
                 count,
@@ -262,6 +267,7 @@ pub(super) async fn run(bench: Bench) -> anyhow::Result<()> {
                 stats,
                 streams: streams.max(1),
                 fsync,
+                packed_max,
             };
             points::run(shape).await
         }

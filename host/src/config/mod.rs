@@ -209,6 +209,9 @@ pub struct StorageSection {
     pub max_open_points: usize,
     /// Points unused for this long are closed.
     pub idle_close_ms: u64,
+    /// A new point whose first write is all it holds and at most this many bytes is packed
+    /// into a shared segment instead of files of its own (0: never).
+    pub packed_max: u64,
 }
 
 /// A configuration that could not be loaded.
@@ -354,6 +357,8 @@ impl Default for StorageSection {
             fsync_interval_ms: 100,
             max_open_points: 1024,
             idle_close_ms: 60_000,
+            // Off until a dead needle's space is reclaimed (`docs/storage.md`).
+            packed_max: 0,
         }
     }
 }
@@ -483,6 +488,12 @@ impl Config {
         if self.storage.idle_close_ms == 0 {
             return invalid("storage.idle_close_ms", "must be at least 1".into());
         }
+        if self.storage.packed_max > crate::point::MAX_PACKED {
+            return invalid(
+                "storage.packed_max",
+                format!("must be at most {}", crate::point::MAX_PACKED),
+            );
+        }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid("log.level", format!("{:?}: {error}", self.log.level));
         }
@@ -593,6 +604,7 @@ impl Config {
             fsync_interval: Duration::from_millis(self.storage.fsync_interval_ms),
             max_open: self.storage.max_open_points,
             idle_close: Duration::from_millis(self.storage.idle_close_ms),
+            packed_max: self.storage.packed_max,
         }
     }
 }
@@ -696,6 +708,7 @@ mod tests {
                 "storage = { fsync = \"interval\", fsync_interval_ms = 0 }",
                 "storage.fsync_interval_ms",
             ),
+            ("storage = { packed_max = 1048577 }", "storage.packed_max"),
         ] {
             let message = load_err("node.toml", body);
             assert!(message.contains(key), "{body}: {message}");

@@ -25,8 +25,12 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::files::{JOURNAL_FILE, scan, sync_dir};
+use bytes::Bytes;
+
+use super::files::{JOURNAL_FILE, scan, segments_dir, sync_dir};
+use super::journal::Record;
 use super::meta::{Meta, read_meta};
+use super::segment::{Event, Needle, Position, Segments};
 use super::{Fsync, Handover, PointId, Snapshot, StorageError, Summary};
 
 /// How often rows become durable and the touch log starts again.
@@ -43,6 +47,11 @@ const HANDOVERS: TableDefinition<&str, ()> = TableDefinition::new("handovers");
 /// moved): what the mover plans with after every move, so a drain does not read back every
 /// point it handed over and not yet cleaned up, once per move.
 const UNDER_WAY: TableDefinition<&str, ()> = TableDefinition::new("handovers-under-way");
+
+/// How far the segments are covered by the rows of a durable commit ([`Position`], JSON,
+/// under [`COVERED_KEY`]): after a crash, the needles from there on are read again.
+const SEGMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("segments");
+const COVERED_KEY: &str = "covered";
 
 /// Which points in a handover [`Catalogue::handovers`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +103,9 @@ pub(super) struct Row {
     /// The media type its first bytes look like, once sniffed (`Store::media_type`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) sniffed: Option<String>,
+    /// Where its bytes are, if it is packed in a segment (`segment.rs`): it has no files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) needle: Option<Needle>,
     /// Its files may differ from the above (a crash came while it was open, or it came from a
     /// directory written before the catalogue): it is recovered from them on first use.
     pub(super) stale: bool,
@@ -131,6 +143,26 @@ impl Row {
         }
     }
 
+    /// The row of a packed point found again in its segment after a crash: its end and CRC32C
+    /// from its needle's record, committed as far as the record says (all of it, or nothing).
+    fn packed(needle: Needle, record: &Record, written_ms: u64) -> Row {
+        let (committed, committed_crc) = match record.behind {
+            0 => (record.end, record.point_crc),
+            _ => (0, 0),
+        };
+        Row {
+            end: record.end,
+            crc: record.point_crc,
+            committed,
+            committed_crc,
+            durable: record.durable,
+            recorded_committed: committed,
+            modified_ms: written_ms,
+            needle: Some(needle),
+            ..Row::default()
+        }
+    }
+
     /// The row of a point known only by its files.
     fn stale(meta: Meta) -> Row {
         Row {
@@ -161,6 +193,8 @@ pub(super) struct Catalogue {
     /// Rows written to the B-tree without a sync since the last checkpoint: if it is lost
     /// (a failed write), they wait again in `pending`.
     unsynced: Mutex<BTreeMap<PointId, Option<Row>>>,
+    /// The packed points' bytes ([`Catalogue::pack`]).
+    segments: Segments,
 }
 
 /// The B-tree, as the catalogue holds it.
@@ -248,6 +282,24 @@ impl Catalogue {
         if !existed {
             migrate(&db, &path, points)?;
         }
+        let covered = {
+            let read = db.begin_read().map_err(catalogue_error("reading", &path))?;
+            let table = read
+                .open_table(SEGMENTS)
+                .map_err(catalogue_error("reading", &path))?;
+            let covered = table
+                .get(COVERED_KEY)
+                .map_err(catalogue_error("reading", &path))?;
+            match covered {
+                Some(covered) => serde_json::from_slice(covered.value()).map_err(|error| {
+                    StorageError::io("decoding the segments covered in", &path)(
+                        std::io::Error::other(error),
+                    )
+                })?,
+                None => Position::default(),
+            }
+        };
+        let (segments, events) = Segments::open(&segments_dir(points), fsync, covered)?;
         let logs = touch_logs(dir)?;
         let touched: HashSet<PointId> = logs
             .iter()
@@ -256,21 +308,41 @@ impl Catalogue {
             .into_iter()
             .flatten()
             .collect();
-        if !touched.is_empty() {
+        if !touched.is_empty() || !events.is_empty() {
             tracing::info!(
                 points = touched.len(),
+                needles = events.len(),
                 "the store did not stop cleanly: the points it had open are recovered on first use"
             );
+            // What each needle past the covered position says last.
+            let last: BTreeMap<PointId, Event> = events.into_iter().collect();
+            let ids: std::collections::BTreeSet<&PointId> =
+                touched.iter().chain(last.keys()).collect();
             let write = db
                 .begin_write()
                 .map_err(catalogue_error("writing", &path))?;
             {
                 let mut tables = Tables::open(&write, &path)?;
-                for id in &touched {
+                for id in ids {
                     let point_dir = points.join(id.relative_dir());
-                    let row = match point_dir.join(JOURNAL_FILE).exists() {
-                        true => Some(Row::stale(read_meta(&point_dir)?)),
-                        false => None,
+                    let row = match (point_dir.join(JOURNAL_FILE).exists(), last.get(id)) {
+                        // Its files were made after any needle of it (a promotion).
+                        (true, _) => Some(Row::stale(read_meta(&point_dir)?)),
+                        (
+                            false,
+                            Some(Event::Packed {
+                                needle,
+                                record,
+                                written_ms,
+                            }),
+                        ) => Some(Row::packed(*needle, record, *written_ms)),
+                        (false, Some(Event::Removed)) => None,
+                        // Packed before the covered position, and not removed since (a
+                        // promotion the crash interrupted before its files were in place).
+                        (false, None) => match tables.get(id)? {
+                            Some(row) if row.needle.is_some() => continue,
+                            _ => None,
+                        },
                     };
                     tables.put(id, row.as_ref())?;
                 }
@@ -296,7 +368,41 @@ impl Catalogue {
             pending: Mutex::default(),
             flushing: Mutex::new(()),
             unsynced: Mutex::default(),
+            segments,
         })
+    }
+
+    /// The segments the packed points are in.
+    pub(super) fn segments(&self) -> &Segments {
+        &self.segments
+    }
+
+    /// Writes a new point's `frames` as one needle in the current segment, and `row` (its
+    /// needle filled in) with the rows waiting, before the next needle can be written: a
+    /// checkpoint that covers the needle commits its row. Synced with `fsync = "always"`
+    /// (one sync for every point packed meanwhile). Returns where the bytes are, and whether
+    /// a [`flush`](Self::flush) is due. Blocking.
+    pub(super) fn pack(
+        &self,
+        id: &PointId,
+        mut row: Row,
+        records: &[Record],
+        frames: &[Bytes],
+    ) -> Result<(Needle, bool), StorageError> {
+        let (end, (needle, due)) =
+            self.segments
+                .pack(id, records, frames, row.modified_ms, |needle| {
+                    row.needle = Some(needle);
+                    (needle, self.write(id, Some(row)))
+                })?;
+        if self.fsync == Fsync::Always
+            && let Err(error) = self.segments.sync_to(end)
+        {
+            // Not acknowledged: not listed either.
+            self.write(id, None);
+            return Err(error);
+        }
+        Ok((needle, due))
     }
 
     fn path(&self) -> PathBuf {
@@ -646,13 +752,18 @@ impl Catalogue {
     /// Writes the rows waiting into the B-tree, without a sync (durable at the next
     /// checkpoint). Blocking.
     pub(super) fn flush(&self) -> Result<(), StorageError> {
-        self.write_pending(Durability::None)
+        self.write_pending(Durability::None, None)
     }
 
     /// Writes the rows waiting into the B-tree in one transaction (`durability`), then lets go
     /// of those not written again meanwhile (they are read from the B-tree from then on). If
     /// the write fails, they stay waiting, with those written since the last checkpoint.
-    fn write_pending(&self, durability: Durability) -> Result<(), StorageError> {
+    /// With `covered`, the commit also says the segments are covered by its rows up to there.
+    fn write_pending(
+        &self,
+        durability: Durability,
+        covered: Option<Position>,
+    ) -> Result<(), StorageError> {
         let _one = self.flushing.lock().expect("poisoned");
         let rows = self.pending.lock().expect("poisoned").clone();
         let written = self.with_db(|db, path| {
@@ -664,6 +775,9 @@ impl Catalogue {
                 let mut tables = Tables::open(&write, path)?;
                 for (id, row) in &rows {
                     tables.put(id, row.as_ref())?;
+                }
+                if let Some(covered) = covered {
+                    tables.cover(covered)?;
                 }
             }
             write.commit().map_err(catalogue_error("writing", path))
@@ -704,7 +818,12 @@ impl Catalogue {
             log.named = carried.into_iter().collect();
             old
         };
-        self.write_pending(Durability::Immediate)?;
+        // Every needle before it has its row waiting already (`pack`).
+        let covered = self.segments.position();
+        // Its rows are made durable now: so are its needles, first (one sync for every point
+        // packed since the last checkpoint, whatever `fsync` says).
+        self.segments.sync_to(covered)?;
+        self.write_pending(Durability::Immediate, Some(covered))?;
         // The log before (and any a failed checkpoint left).
         remove_touch_logs_before(&self.dir, old + 1)?;
         if closing {
@@ -768,6 +887,7 @@ struct Tables<'txn> {
     points: redb::Table<'txn, &'static str, &'static [u8]>,
     handovers: redb::Table<'txn, &'static str, ()>,
     under_way: redb::Table<'txn, &'static str, ()>,
+    segments: redb::Table<'txn, &'static str, &'static [u8]>,
     path: &'txn Path,
 }
 
@@ -783,8 +903,29 @@ impl<'txn> Tables<'txn> {
             under_way: write
                 .open_table(UNDER_WAY)
                 .map_err(catalogue_error("writing", path))?,
+            segments: write
+                .open_table(SEGMENTS)
+                .map_err(catalogue_error("writing", path))?,
             path,
         })
+    }
+
+    /// The row of `id` in the B-tree.
+    fn get(&self, id: &PointId) -> Result<Option<Row>, StorageError> {
+        let row = self
+            .points
+            .get(id.as_str())
+            .map_err(catalogue_error("reading", self.path))?;
+        row.map(|row| decode(row.value(), self.path)).transpose()
+    }
+
+    /// Records that the rows of this commit cover the segments up to `covered`.
+    fn cover(&mut self, covered: Position) -> Result<(), StorageError> {
+        let value = serde_json::to_vec(&covered).expect("a position serializes");
+        self.segments
+            .insert(COVERED_KEY, value.as_slice())
+            .map(drop)
+            .map_err(catalogue_error("writing", self.path))
     }
 
     /// Writes the row of `id` (`None`: takes it away), and its place in the handover indexes.

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::segment::Needle;
 use super::*;
 
 /// One point: its lock-protected write state and its published snapshot.
@@ -113,6 +114,9 @@ pub(super) struct State {
     pub(super) row_committed: u64,
     /// The media type its first bytes look like, once it has all the bytes sniffing reads.
     pub(super) sniffed: Option<String>,
+    /// Where its bytes are while it is packed in a segment (it has no files then; opening
+    /// them first gives it files of its own: [`Point::ensure_open`]).
+    pub(super) packed: Option<Needle>,
 }
 
 impl State {
@@ -175,37 +179,21 @@ enum First {
 }
 
 impl Batch {
-    /// Writes the data in order, then the records in one journal write, then (with `fsync =
-    /// "always"`) syncs both. A failure past the point's end is cut back if the disk is full.
-    fn write(self, files: &Files) -> Result<Written, WriteFailure> {
-        let Batch {
-            frames,
-            known_crcs,
-            start,
-            previous_crc,
-            durable,
-            journal_offset,
-            committed,
-            always,
-            dir,
-            ..
-        } = self;
+    /// The journal record of each non-empty frame, in order.
+    fn records(&self) -> Vec<Record> {
         let behind = |end: u64| {
-            committed.map_or(0, |committed| {
+            self.committed.map_or(0, |committed| {
                 u32::try_from(end.saturating_sub(committed)).unwrap_or(u32::MAX)
             })
         };
-        let mut records = Vec::with_capacity(frames.len());
-        let (mut end, mut crc) = (start, previous_crc);
-        let undo = |error| files.cut_back(&dir, (start, journal_offset), error);
-        for (index, frame) in frames.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
-            files
-                .data
-                .write_all_at(frame, end)
-                .map_err(StorageError::io("writing", dir.join(DATA_FILE)))
-                .map_err(undo)?;
+        let mut records = Vec::with_capacity(self.frames.len());
+        let (mut end, mut crc) = (self.start, self.previous_crc);
+        for (index, frame) in self.frames.iter().enumerate() {
+            if frame.is_empty() {
+                continue;
+            }
             // Two hardware passes are cheaper than one pass and a combine.
-            let append_crc = match &known_crcs {
+            let append_crc = match &self.known_crcs {
                 Some(crcs) => crcs[index],
                 None => crc32c::crc32c(frame),
             };
@@ -213,11 +201,36 @@ impl Batch {
             end += frame.len() as u64;
             records.push(Record {
                 end,
-                durable,
+                durable: self.durable,
                 append_crc,
                 point_crc: crc,
                 behind: behind(end),
             });
+        }
+        records
+    }
+
+    /// Writes the data in order, then the records in one journal write, then (with `fsync =
+    /// "always"`) syncs both. A failure past the point's end is cut back if the disk is full.
+    fn write(self, files: &Files) -> Result<Written, WriteFailure> {
+        let records = self.records();
+        let Batch {
+            frames,
+            start,
+            journal_offset,
+            always,
+            dir,
+            ..
+        } = self;
+        let undo = |error| files.cut_back(&dir, (start, journal_offset), error);
+        let mut end = start;
+        for frame in &frames {
+            files
+                .data
+                .write_all_at(frame, end)
+                .map_err(StorageError::io("writing", dir.join(DATA_FILE)))
+                .map_err(undo)?;
+            end += frame.len() as u64;
         }
         #[cfg(test)]
         if self.inject_failure {
@@ -240,32 +253,58 @@ impl Batch {
     }
 }
 
-/// A piece of a point's data file that holds durable bytes, for a caller that copies them to a
-/// socket itself ([`Point::pieces`]). The file stays open while the piece is held, even if the
-/// point is closed, evicted or deleted meanwhile.
+/// The file a point's bytes are read from: its own data file, or the segment it is packed in,
+/// from where its needle's bytes begin. It stays open while held.
+#[derive(Clone)]
+pub(super) enum Source {
+    Files(Arc<Files>),
+    Packed { segment: Arc<File>, base: u64 },
+}
+
+impl Source {
+    fn file(&self) -> &File {
+        match self {
+            Source::Files(files) => &files.data,
+            Source::Packed { segment, .. } => segment,
+        }
+    }
+
+    /// Where the point's byte `offset` is in the file.
+    fn at(&self, offset: u64) -> u64 {
+        match self {
+            Source::Files(_) => offset,
+            Source::Packed { base, .. } => base + offset,
+        }
+    }
+}
+
+/// A piece of the file holding a point's durable bytes (its data file, or the segment it is
+/// packed in), for a caller that copies them to a socket itself ([`Point::pieces`]). The file
+/// stays open while the piece is held, even if the point is closed, evicted or deleted
+/// meanwhile.
 pub struct FilePiece {
-    files: Arc<Files>,
-    /// Where the piece starts, in the point and in its data file.
+    source: Source,
+    /// Where the piece starts in the file.
     pub offset: u64,
     /// Its length.
     pub len: u64,
 }
 
 impl FilePiece {
-    /// The data file, to copy from.
+    /// The file, to copy from.
     pub fn file(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
-        self.files.data.as_fd()
+        self.source.file().as_fd()
     }
 
     /// Whether all of the piece is in the page cache: copying it will not wait for the disk.
     pub fn is_cached(&self) -> bool {
-        files::is_cached(&self.files.data, self.offset, self.len)
+        files::is_cached(self.source.file(), self.offset, self.len)
     }
 
     /// Reads the piece into the page cache. Blocking: on the blocking pool.
     pub fn load(&self) -> std::io::Result<()> {
-        files::load(&self.files.data, self.offset, self.len)
+        files::load(self.source.file(), self.offset, self.len)
     }
 }
 
@@ -320,6 +359,7 @@ impl Point {
             state.durable = row.durable.min(row.end);
             state.journal_len = row.journal_len;
             state.recorded_committed = row.recorded_committed;
+            state.packed = row.needle;
             if row.committed < row.end {
                 *point.commits.lock().expect("poisoned") = Commits {
                     target: row.committed,
@@ -348,6 +388,7 @@ impl Point {
             modified_ms: self.modified_ms(shared).unwrap_or(0),
             meta: state.meta.clone().unwrap_or_default(),
             sniffed: state.sniffed.clone(),
+            needle: state.packed,
             stale: false,
         }
     }
@@ -561,19 +602,23 @@ impl Point {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, ReadError> {
-        let files = self.published(store, offset, len).await?;
-        let path = self.dir.join(DATA_FILE);
+        let source = self.published(store, offset, len).await?;
+        let path = match &source {
+            Source::Files(_) => self.dir.join(DATA_FILE),
+            Source::Packed { .. } => segments_dir(&store.inner.shared.config.dir),
+        };
+        let at = source.at(offset);
         // Bytes in the page cache are copied here, without a trip to the blocking pool (a
         // thread hand-off per frame); the rest is read there.
         if len <= MAX_CACHED_READ {
-            match read_cached_at(&files.data, offset, len as usize) {
+            match read_cached_at(source.file(), at, len as usize) {
                 Ok(Some(bytes)) => return Ok(bytes),
                 Ok(None) => {}
                 Err(error) => return Err(StorageError::io("reading", path)(error).into()),
             }
         }
         let bytes =
-            tokio::task::spawn_blocking(move || read_exact_at(&files.data, offset, len as usize))
+            tokio::task::spawn_blocking(move || read_exact_at(source.file(), at, len as usize))
                 .await
                 .map_err(join_error)?
                 .map_err(StorageError::io("reading", path))?;
@@ -588,20 +633,25 @@ impl Point {
         offset: u64,
         len: u64,
     ) -> Result<FilePiece, ReadError> {
-        let files = self.published(store, offset, len).await?;
-        Ok(FilePiece { files, offset, len })
+        let source = self.published(store, offset, len).await?;
+        Ok(FilePiece {
+            offset: source.at(offset),
+            source,
+            len,
+        })
     }
 
-    /// The open files, once `[offset, offset + len)` is checked to lie within the published end.
+    /// The file to read from, once `[offset, offset + len)` is checked to lie within the
+    /// published end.
     async fn published(
         self: &Arc<Self>,
         store: &Store,
         offset: u64,
         len: u64,
-    ) -> Result<Arc<Files>, ReadError> {
+    ) -> Result<Source, ReadError> {
         // Opened first: a point opened for the first time since its row was written is checked
         // against its files (damage made while the node was stopped is cut back then).
-        let files = self.files(&store.inner.shared).await?;
+        let files = self.source(&store.inner.shared).await?;
         let snapshot = self.snapshot();
         let limit = offset.saturating_add(len);
         if limit > snapshot.end {
@@ -615,7 +665,30 @@ impl Point {
         Ok(files)
     }
 
-    /// The open files, opening them if needed.
+    /// Where its bytes are read from: the segment it is packed in, or its files, opened if
+    /// needed. Reading a packed point leaves it packed.
+    pub(super) async fn source(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+    ) -> Result<Source, ReadError> {
+        {
+            let state = self.state.lock().await;
+            if state.deleted {
+                return Err(ReadError::NotFound(self.id.clone()));
+            }
+            if let (None, Some(needle)) = (&state.files, &state.packed) {
+                self.last_used_ms.store(shared.now_ms(), Ordering::Relaxed);
+                let segment = shared.catalogue.segments().file(needle)?;
+                return Ok(Source::Packed {
+                    segment,
+                    base: needle.offset,
+                });
+            }
+        }
+        Ok(Source::Files(self.files(shared).await?))
+    }
+
+    /// The open files, opening them if needed (a packed point is given files of its own).
     pub(super) async fn files(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
@@ -658,9 +731,27 @@ impl Point {
         }
         let dir = self.dir.clone();
         let fsync = shared.config.fsync;
+        // A packed point is given files of its own first: its bytes and the records of its
+        // appends, synced unless `fsync = "never"` (`files::promote`); the last record says
+        // how far it is committed now.
+        let promoting = state.packed.map(|needle| {
+            let committed = self.snapshot.borrow().committed;
+            let durable = match fsync {
+                Fsync::Never => 0,
+                Fsync::Always | Fsync::Interval => state.end,
+            };
+            let behind = u32::try_from(state.end - committed).unwrap_or(u32::MAX);
+            (needle, durable, behind)
+        });
         // Recovered once per process: a point known from its row is still checked against its
         // files at its first open (damage made while the node was stopped is found then).
-        let known = (state.recovered && state.verified).then_some((state.end, state.journal_len));
+        let known = match promoting {
+            Some((needle, ..)) => Some((
+                state.end,
+                journal::HEADER_LEN + u64::from(needle.records) * journal::RECORD_LEN,
+            )),
+            None => (state.recovered && state.verified).then_some((state.end, state.journal_len)),
+        };
         let (catalogue, id) = (shared.catalogue.clone(), self.id.clone());
         let catalogued = state.catalogued;
         let read_meta_too = state.meta.is_none();
@@ -668,6 +759,24 @@ impl Point {
             .blocking(move || {
                 // Named in the touch log before its files can change (`catalogue.rs`).
                 catalogue.touch(&id)?;
+                if let Some((needle, durable, behind)) = promoting {
+                    let segments = catalogue.segments();
+                    let damaged = || StorageError::Recovery {
+                        path: segments.path(&needle),
+                        source: journal::RecoveryError::PackedChecksum,
+                    };
+                    let mut records = segments.records(&needle)?.ok_or_else(damaged)?;
+                    let bytes = segments.read(&needle)?;
+                    let last = records.last_mut().ok_or_else(damaged)?;
+                    if last.end != needle.len || crc32c::crc32c(&bytes) != last.point_crc {
+                        return Err(damaged());
+                    }
+                    last.behind = behind;
+                    for record in &mut records {
+                        record.durable = durable;
+                    }
+                    promote(&dir, &bytes, &records, fsync)?;
+                }
                 let opened = open_files(&dir, fsync, known, catalogued);
                 if opened.is_err() && !catalogued {
                     // Not created after all (`open_files` took away what it made).
@@ -693,6 +802,14 @@ impl Point {
             .await??;
         state.unsettled = true;
         state.verified = true;
+        if let Some((needle, durable, behind)) = promoting {
+            state.packed = None;
+            state.journal_len =
+                journal::HEADER_LEN + u64::from(needle.records) * journal::RECORD_LEN;
+            state.recorded_committed = state.end - u64::from(behind);
+            state.durable = durable;
+            state.dirty = false;
+        }
         if let Some(recovered) = recovered {
             if recovered.verified_bytes > 0 || recovered.dropped_records > 0 {
                 tracing::info!(
@@ -777,6 +894,14 @@ impl Point {
         appending: Appending,
     ) -> Result<Created, AppendError> {
         debug_assert!(self.is_new(state));
+        let size: u64 = appending
+            .frames
+            .iter()
+            .map(|frame| frame.len() as u64)
+            .sum();
+        if size > 0 && size <= shared.config.packed_max {
+            return self.create_packed(shared, state, appending).await;
+        }
         // Planned against a point just created (`open_files`): empty, its journal a header.
         // A write expected elsewhere than at 0 is refused before anything is created.
         state.journal_len = journal::HEADER_LEN;
@@ -789,6 +914,91 @@ impl Point {
             )),
             First::Unwritten(batch) => Ok(Created::NotNew(batch.frames)),
         }
+    }
+
+    /// The first batch of a point that has no files and no row yet, small enough to be packed:
+    /// written as one needle at the end of the current segment, its row put with those waiting
+    /// as it is (`segment.rs`, `Catalogue::pack`). No directory, no file, no touch record:
+    /// after a crash, the needle itself names the point. Synced with `fsync = "always"`.
+    /// Files found where its own would be (a journal a crash left without a row, or put there
+    /// by hand) are not written over: nothing is packed, and the frames come back for the
+    /// ordinary way, as from [`create_and_write`](Self::create_and_write).
+    async fn create_packed(
+        self: &Arc<Point>,
+        shared: &Arc<Shared>,
+        state: &mut State,
+        appending: Appending,
+    ) -> Result<Created, AppendError> {
+        let visibility = appending.visibility;
+        state.journal_len = 0;
+        let batch = self.plan(shared, state, appending)?;
+        let records = batch.records();
+        let last = *records.last().expect("a packed point holds bytes");
+        let (end, crc) = (last.end, last.point_crc);
+        let (committed, committed_crc) = match visibility {
+            Visibility::Now => (end, crc),
+            Visibility::OnCommit => (0, 0),
+        };
+        let durable = match shared.config.fsync {
+            Fsync::Always => end,
+            Fsync::Interval | Fsync::Never => 0,
+        };
+        let modified_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        let row = catalogue::Row {
+            end,
+            crc,
+            committed,
+            committed_crc,
+            durable,
+            journal_len: 0,
+            recorded_committed: committed,
+            modified_ms,
+            meta: Meta::default(),
+            sniffed: sniff(&batch.frames),
+            needle: None,
+            stale: false,
+        };
+        let (catalogue, id, dir) = (shared.catalogue.clone(), self.id.clone(), self.dir.clone());
+        let frames = batch.frames;
+        let packed = shared
+            .blocking(move || {
+                if dir.join(JOURNAL_FILE).exists() {
+                    return Ok(Err(frames));
+                }
+                catalogue
+                    .pack(&id, row, &records, &frames)
+                    .map(|packed| Ok((packed, frames, records)))
+            })
+            .await
+            .and_then(|packed| packed);
+        let ((needle, due), frames, records) = match packed {
+            Ok(Ok(packed)) => packed,
+            Ok(Err(frames)) => return Ok(Created::NotNew(frames)),
+            Err(error) => {
+                tracing::warn!(point = %self.id, %error, "new point refused; nothing of it was kept");
+                return Err(error.into());
+            }
+        };
+        state.catalogued = true;
+        state.recovered = true;
+        state.verified = true;
+        state.packed = Some(needle);
+        state.meta = Some(Meta::default());
+        state.row_committed = committed;
+        if due {
+            let catalogue = shared.catalogue.clone();
+            tokio::task::spawn_blocking(move || catalogue.flush())
+                .await
+                .map_err(join_error)??;
+        }
+        shared.generation.fetch_add(1, Ordering::AcqRel);
+        let appended = self.finish_write(shared, state, Ok((frames, records)), visibility)?;
+        // Its needle is all it holds: no journal, nothing for a sync of files to do.
+        state.journal_len = 0;
+        state.dirty = false;
+        Ok(Created::Written(appended))
     }
 
     /// Whether the point has no files and no row yet: its first use creates it.
@@ -869,14 +1079,8 @@ impl Point {
                 return Err(error.into());
             }
         };
-        if state.end == 0
-            && state.sniffed.is_none()
-            && let Some(first) = frames.first()
-            && first.len() as u64 >= crate::content::SNIFF_LEN
-        {
-            // Its media type, from the bytes in hand: `stat` need not read them back.
-            let head = &first[..crate::content::SNIFF_LEN as usize];
-            state.sniffed = Some(crate::content::sniff(head).to_owned());
+        if state.end == 0 && state.sniffed.is_none() {
+            state.sniffed = sniff(&frames);
         }
         Ok(self.publish(shared, state, (&frames, &records), visibility))
     }
@@ -1191,7 +1395,7 @@ impl Reading {
             // Its files opened before the first frame is placed: the span is measured against
             // what they hold ([`Point::published`]).
             self.opened = true;
-            if let Err(error) = self.point.files(&self.store.inner.shared).await {
+            if let Err(error) = self.point.source(&self.store.inner.shared).await {
                 self.ended = true;
                 return Some(Err(error.into()));
             }
@@ -1231,4 +1435,12 @@ impl Reading {
             }
         }
     }
+}
+
+/// The media type of a point whose first bytes are `frames`, if the first frame has the bytes
+/// sniffing reads: kept, so that `stat` need not read them back.
+fn sniff(frames: &[Bytes]) -> Option<String> {
+    let first = frames.first()?;
+    let head = first.get(..crate::content::SNIFF_LEN as usize)?;
+    Some(crate::content::sniff(head).to_owned())
 }

@@ -188,6 +188,56 @@ fn open_or_create(
     Ok((files, Opened::Recovered(recovered)))
 }
 
+/// The journal of a point being given files of its own, until they hold all of it.
+const PROMOTING_JOURNAL: &str = "point.journal.promoting";
+
+/// Gives a packed point (`segment.rs`) files of its own in `dir`: its `bytes` as its data
+/// file, and a journal with `records`, those of its appends. The journal is written under
+/// another name and renamed into place last (each synced first unless `fsync = "never"`): a
+/// point's files exist, for recovery, only once they hold all of it; a crash before leaves its
+/// needle the truth. Anything a crash left in `dir` without a row is written over.
+pub(super) fn promote(
+    dir: &Path,
+    bytes: &[u8],
+    records: &[journal::Record],
+    fsync: Fsync,
+) -> Result<(), StorageError> {
+    let synced = fsync != Fsync::Never;
+    create_dirs(dir, fsync).map_err(StorageError::io("creating", dir))?;
+    let meta = dir.join(META_FILE);
+    match std::fs::remove_file(&meta) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(StorageError::io("removing", meta)(error)),
+    }
+    let write = |name: &str, contents: &[u8]| {
+        let path = dir.join(name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|file| {
+                file.write_all_at(contents, 0)?;
+                match synced {
+                    true => file.sync_data(),
+                    false => Ok(()),
+                }
+            });
+        file.map_err(StorageError::io("writing", path))
+    };
+    write(DATA_FILE, bytes)?;
+    let mut journal = journal::encode_header().to_vec();
+    journal.extend(records.iter().flat_map(journal::Record::encode));
+    write(PROMOTING_JOURNAL, &journal)?;
+    std::fs::rename(dir.join(PROMOTING_JOURNAL), dir.join(JOURNAL_FILE))
+        .map_err(StorageError::io("renaming", dir.join(PROMOTING_JOURNAL)))?;
+    if synced {
+        sync_dir(dir).map_err(StorageError::io("syncing", dir))?;
+    }
+    Ok(())
+}
+
 /// Creates `dir` and any missing parents, fsyncing each new directory's parent so the entries
 /// survive a power loss.
 pub(super) fn create_dirs(dir: &Path, fsync: Fsync) -> std::io::Result<()> {
@@ -222,6 +272,11 @@ pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// The directory of the catalogue of the store in `points` (`catalogue.rs`), beside it.
 pub(super) fn catalogue_dir(points: &Path) -> PathBuf {
     points.with_file_name("catalogue")
+}
+
+/// Where the segments of packed points are, beside the points directory (`segment.rs`).
+pub(super) fn segments_dir(points: &Path) -> PathBuf {
+    points.with_file_name("segments")
 }
 
 /// The file a store writes beside its points directory once every point was closed and synced
@@ -260,7 +315,7 @@ pub(super) fn mark_clean_stop(points: &Path) -> std::io::Result<()> {
 /// Removes the files of the point in `dir`, then every directory from `dir` up to (excluding)
 /// `root` that is left empty. A directory that still holds another point's continuation stays.
 pub(super) fn remove_point_files(root: &Path, dir: &Path) -> Result<(), StorageError> {
-    for name in [JOURNAL_FILE, DATA_FILE, META_FILE] {
+    for name in [JOURNAL_FILE, DATA_FILE, META_FILE, PROMOTING_JOURNAL] {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}

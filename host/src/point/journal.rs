@@ -133,6 +133,9 @@ pub enum RecoveryError {
     /// Reading it failed.
     #[error("journal I/O: {0}")]
     Io(#[from] io::Error),
+    /// A packed point's bytes in its segment do not match its checksum (`segment.rs`).
+    #[error("the packed bytes do not match their CRC32C (damaged on disk)")]
+    PackedChecksum,
 }
 
 /// Finds the last complete, checksum-valid append described by `journal` over `data`.

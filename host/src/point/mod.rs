@@ -9,6 +9,8 @@
 //! lock and never look past the published end. File handles are opened lazily and bounded: the
 //! least recently used points are closed when more than `max_open` are open, and idle points are
 //! closed after `idle_close`. After an I/O error a point refuses writes until the node restarts.
+//! A small new point may be packed instead ([`segment`]): its bytes in a shared segment file and
+//! no files of its own, until anything but a read or its removal gives it files.
 //!
 //! The format is documented in `docs/storage.md`.
 
@@ -22,6 +24,7 @@ pub mod leader_epochs;
 mod meta;
 pub mod ownership;
 mod registry;
+mod segment;
 #[cfg(test)]
 mod tests;
 
@@ -76,7 +79,13 @@ pub struct StoreConfig {
     pub max_open: usize,
     /// Points not used for this long are closed.
     pub idle_close: Duration,
+    /// A new point whose first batch is all it holds and at most this many bytes is packed
+    /// into a segment (`segment.rs`); 0: never.
+    pub packed_max: u64,
 }
+
+/// The most a point packed into a segment may hold (`storage.packed_max`).
+pub const MAX_PACKED: u64 = 1024 * 1024;
 
 /// Why a point's files are closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -282,6 +282,10 @@ impl Store {
         let root = self.inner.shared.config.dir.clone();
         let target = self.quarantine_dir(id).join(epoch.to_string());
         let moved = target.clone();
+        // A packed point is given files first (`segment.rs`): they are what quarantine keeps.
+        if let Ok(point) = self.get(id) {
+            drop(self.lock_open(id, &point).await?);
+        }
         self.take_out(id, move |dir| {
             std::fs::create_dir_all(&moved).map_err(StorageError::io("creating", moved.clone()))?;
             // File by file: a point's directory may hold the directories of other points.
@@ -314,6 +318,8 @@ impl Store {
         from: u64,
     ) -> Result<(PathBuf, u64), ReadError> {
         let point = self.point(id).await?;
+        // A packed point is given files first (`segment.rs`): the tail is copied from them.
+        point.files(&self.inner.shared).await?;
         let end = point.snapshot().end;
         let epoch = self.ownership(id).await?.epoch;
         let target = self.quarantine_dir(id).join(format!("{epoch}+{from}"));

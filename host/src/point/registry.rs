@@ -542,6 +542,19 @@ impl Store {
     /// continued over the bytes after that record (at most one append's worth).
     pub async fn crc_at(&self, id: &PointId, end: u64) -> Result<u32, ReadError> {
         let point = self.get(id)?;
+        if let entry::Source::Packed { .. } = point.source(&self.inner.shared).await? {
+            // A packed point is small: the CRC32C of its bytes, read, without giving it files.
+            let held = point.snapshot().end;
+            if end > held {
+                return Err(ReadError::OutOfRange {
+                    point: id.clone(),
+                    offset: 0,
+                    limit: end,
+                    end: held,
+                });
+            }
+            return Ok(crc32c::crc32c(&point.read(self, 0, end).await?));
+        }
         // Open files stay valid if the point is closed meanwhile.
         let files = point.files(&self.inner.shared).await?;
         let state = point.state.lock().await;
@@ -800,9 +813,16 @@ impl Store {
         }
         point.snapshot.send_modify(|s| s.deleted = true);
         let dir = point.dir.clone();
-        tokio::task::spawn_blocking(move || files(dir))
-            .await
-            .map_err(join_error)??;
+        let removing = catalogue.clone();
+        let id_removed = id.clone();
+        tokio::task::spawn_blocking(move || {
+            // Whether it was ever packed or not: a needle of it written since the last
+            // checkpoint must not bring it back after a crash (`segment.rs`).
+            removing.segments().remove(&id_removed)?;
+            files(dir)
+        })
+        .await
+        .map_err(join_error)??;
         catalogue.removed(id);
         let _ = self
             .inner
@@ -948,6 +968,11 @@ impl Store {
                     if let Err(error) = point.sync(None).await {
                         tracing::error!(point = %point.id, %error, "group commit");
                     }
+                }
+                let catalogue = store.inner.shared.catalogue.clone();
+                let synced = tokio::task::spawn_blocking(move || catalogue.segments().sync()).await;
+                if let Ok(Err(error)) = synced {
+                    tracing::error!(%error, "group commit of the segments");
                 }
             });
         }

@@ -18,6 +18,16 @@ fn config(dir: &Path) -> StoreConfig {
         fsync_interval: Duration::from_millis(20),
         max_open: 64,
         idle_close: Duration::from_secs(60),
+        packed_max: 64 * 1024,
+    }
+}
+
+/// [`config`] with no point packed into a segment: every point has files of its own, for
+/// tests of those files.
+fn files_config(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        packed_max: 0,
+        ..config(dir)
     }
 }
 
@@ -112,7 +122,7 @@ async fn appends_read_back_and_survive_reopen() {
 #[tokio::test]
 async fn a_points_last_write_is_known_after_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(config(dir.path())).await.unwrap();
+    let store = Store::open(files_config(dir.path())).await.unwrap();
     let before = std::time::SystemTime::now();
     store.append(&id("log"), bytes(1, 100)).await.unwrap();
     let point = store.point(&id("log")).await.unwrap();
@@ -126,7 +136,7 @@ async fn a_points_last_write_is_known_after_a_reopen() {
     store.close().await.unwrap();
 
     // Not written since the store opened: the time its catalogue row keeps, not its file's.
-    let store = Store::open(config(dir.path())).await.unwrap();
+    let store = Store::open(files_config(dir.path())).await.unwrap();
     let point = store.point(&id("log")).await.unwrap();
     let file = point.dir.join(DATA_FILE);
     let known = point.modified(&store).await.unwrap();
@@ -225,7 +235,7 @@ async fn open_handles_are_bounded_and_idle_points_close() {
 #[tokio::test]
 async fn the_points_closed_for_room_are_the_least_recently_used() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = files_config(dir.path());
     config.max_open = 128;
     config.fsync = Fsync::Never;
     let store = Store::open(config).await.unwrap();
@@ -270,7 +280,7 @@ async fn the_points_closed_for_room_are_the_least_recently_used() {
 #[tokio::test]
 async fn a_data_file_left_without_its_journal_is_not_taken_for_the_point() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let config = files_config(dir.path());
     // Bytes where a point's data would be, with no journal (nothing says they were written).
     let point_dir = config.dir.join(id("orphan").relative_dir());
     std::fs::create_dir_all(&point_dir).unwrap();
@@ -428,13 +438,13 @@ async fn delete_removes_files_and_hostile_ids_stay_inside() {
     for raw in ["../x", "a/b", ".", "..", long.as_str(), "a"] {
         store.append(&id(raw), bytes(9, 10)).await.unwrap();
     }
-    // Nothing was written outside the points directory and the catalogue beside it.
+    // Nothing was written outside the points directory and the catalogue and segments beside it.
     let mut entries: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     entries.sort();
-    assert_eq!(entries, ["catalogue", "points"]);
+    assert_eq!(entries, ["catalogue", "points", "segments"]);
     assert_eq!(store.list("", None, 100).len(), 6);
     assert_eq!(store.list("a", None, 100), vec![id("a"), id("a/b")]);
     assert_eq!(store.list("", Some("a"), 1), vec![id("a/b")]);
@@ -464,7 +474,7 @@ async fn delete_removes_files_and_hostile_ids_stay_inside() {
 #[tokio::test]
 async fn interval_policy_syncs_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = files_config(dir.path());
     config.fsync = Fsync::Interval;
     let store = Store::open(config).await.unwrap();
     store.append(&id("p"), bytes(1, 100)).await.unwrap();
@@ -1439,5 +1449,375 @@ async fn a_walk_over_every_point_reads_the_rows_and_takes_none_into_use() {
     assert!(walked.iter().all(|s| s.id != ghost));
     assert_eq!(walked.len(), expected.len());
     assert!(!store.inner.shared.config.dir.join("sum/ghost").exists());
+    store.close().await.unwrap();
+}
+
+/// The segment files of the store at `dir` (`segment.rs`), with their lengths.
+fn segment_files(dir: &Path) -> Vec<(String, u64)> {
+    let mut found: Vec<(String, u64)> = std::fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let len = entry.metadata().unwrap().len();
+            (entry.file_name().into_string().unwrap(), len)
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn a_small_new_point_is_packed_read_in_place_and_given_files_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let store = Store::open(config.clone()).await.unwrap();
+    let frames: Vec<Bytes> = (0..3)
+        .map(|i| bytes(90 + i, 700 + i as usize * 13))
+        .collect();
+    let ends = ends_of(&frames);
+    let whole = frames.concat();
+    let (small, grows, typed) = (id("packed/small"), id("packed/grows"), id("packed/typed"));
+    store.append(&small, bytes(1, 4096)).await.unwrap();
+    let appended = store
+        .append_batch(&grows, frames.clone(), Visibility::Now)
+        .await
+        .unwrap();
+    assert_eq!(
+        appended.iter().map(|a| a.end).collect::<Vec<_>>(),
+        ends,
+        "each frame is an append"
+    );
+    store.append(&typed, bytes(2, 10)).await.unwrap();
+    // Past `packed_max`: files of its own from the start.
+    let large = id("packed/large");
+    store
+        .append(&large, bytes(3, config.packed_max as usize + 1))
+        .await
+        .unwrap();
+    let has_files = |p: &PointId| config.dir.join(p.relative_dir()).exists();
+    assert!(!has_files(&small) && !has_files(&grows) && !has_files(&typed));
+    assert!(has_files(&large));
+    assert_eq!(
+        store.open_points(),
+        1,
+        "only the large point has open files"
+    );
+
+    // Read, listed and stat'd where they are.
+    assert_eq!(store.read(&small, 0, 4096).await.unwrap(), bytes(1, 4096));
+    assert_eq!(
+        store.read(&grows, 700, 900).await.unwrap(),
+        whole[700..1600]
+    );
+    let snapshot = store.metadata(&grows).await.unwrap();
+    assert_eq!(
+        (snapshot.end, snapshot.crc, snapshot.committed),
+        (ends[2], crc32c::crc32c(&whole), ends[2])
+    );
+    assert_eq!(
+        store.list("packed/", None, 10),
+        [grows.clone(), large, small.clone(), typed.clone()]
+    );
+    let point = store.point(&grows).await.unwrap();
+    let mut pieces = std::pin::pin!(point.clone().pieces(
+        store.clone(),
+        Span {
+            offset: 100,
+            stop: Some(ends[2]),
+            chunk: 1000,
+            follow: false,
+        },
+        CancellationToken::new(),
+    ));
+    let mut through_pieces = Vec::new();
+    while let Some(piece) = futures::StreamExt::next(&mut pieces).await {
+        let piece = piece.unwrap();
+        let mut buf = vec![0; piece.len as usize];
+        let file = File::from(piece.file().try_clone_to_owned().unwrap());
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, piece.offset).unwrap();
+        through_pieces.extend_from_slice(&buf);
+    }
+    assert_eq!(through_pieces, whole[100..]);
+    assert_eq!(
+        store.crc_at(&grows, ends[0]).await.unwrap(),
+        crc32c::crc32c(&whole[..ends[0] as usize])
+    );
+    assert!(!has_files(&grows), "reading leaves a point packed");
+
+    // A second append gives it files, its appends' boundaries kept.
+    let more = bytes(94, 333);
+    store.append(&grows, more.clone()).await.unwrap();
+    assert!(has_files(&grows));
+    let grown = [whole.as_slice(), &more].concat();
+    assert_eq!(
+        store.read(&grows, 0, grown.len() as u64).await.unwrap(),
+        grown
+    );
+    assert_eq!(
+        store.crc_at(&grows, ends[1]).await.unwrap(),
+        crc32c::crc32c(&whole[..ends[1] as usize])
+    );
+    assert_eq!(store.truncate(&grows, ends[1] + 5).await.unwrap(), ends[1]);
+    // So does a change of its `point.meta`.
+    let epochs = LeaderEpochs::new(vec![EpochStart { epoch: 3, start: 0 }]).unwrap();
+    store
+        .set_leader_epochs(&typed, epochs.clone())
+        .await
+        .unwrap();
+    assert!(has_files(&typed));
+    assert_eq!(store.read(&typed, 0, 10).await.unwrap(), bytes(2, 10));
+    store.close().await.unwrap();
+
+    let store = Store::open(config.clone()).await.unwrap();
+    assert_eq!(store.read(&small, 0, 4096).await.unwrap(), bytes(1, 4096));
+    assert_eq!(
+        store.read(&grows, 0, ends[1]).await.unwrap(),
+        whole[..ends[1] as usize]
+    );
+    assert_eq!(store.leader_epochs(&typed).await.unwrap(), epochs);
+    let point = store.point(&small).await.unwrap();
+    assert!(
+        point.modified(&store).await.is_some(),
+        "its last write is in its row"
+    );
+    assert_eq!(store.delete(&small).await.unwrap(), 4096);
+    assert!(matches!(
+        store.read(&small, 0, 1).await,
+        Err(ReadError::NotFound(_))
+    ));
+    store.close().await.unwrap();
+    let store = Store::open(config).await.unwrap();
+    assert!(matches!(
+        store.metadata(&small).await,
+        Err(ReadError::NotFound(_))
+    ));
+    assert_eq!(store.len(), 3);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_finds_packed_points_again_from_their_needles_and_keeps_no_removed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.fsync = Fsync::Never;
+    let store = Store::open(config.clone()).await.unwrap();
+    let p = |name: &str| id(&format!("crash/{name}"));
+    // Before a checkpoint: in the B-tree, covered.
+    store.append(&p("early"), bytes(1, 100)).await.unwrap();
+    store
+        .append(&p("early-removed"), bytes(2, 100))
+        .await
+        .unwrap();
+    store
+        .append(&p("early-promoted"), bytes(3, 100))
+        .await
+        .unwrap();
+    let before = touch_logs(dir.path());
+    eventually("a checkpoint", || touch_logs(dir.path()) != before).await;
+    // After it: only the needles say so.
+    let held = [(p("late"), bytes(4, 3000))];
+    store.append(&held[0].0, held[0].1.clone()).await.unwrap();
+    store
+        .append(&p("late-removed"), bytes(5, 100))
+        .await
+        .unwrap();
+    store.delete(&p("late-removed")).await.unwrap();
+    store.delete(&p("early-removed")).await.unwrap();
+    store.append(&p("late-again"), bytes(6, 100)).await.unwrap();
+    store.delete(&p("late-again")).await.unwrap();
+    store.append(&p("late-again"), bytes(7, 200)).await.unwrap();
+    // Promoted, then removed: its needle must not bring it back.
+    store
+        .append(&p("late-promoted"), bytes(8, 100))
+        .await
+        .unwrap();
+    store
+        .append(&p("late-promoted"), bytes(9, 100))
+        .await
+        .unwrap();
+    store.delete(&p("late-promoted")).await.unwrap();
+    store
+        .append(&p("early-promoted"), bytes(10, 50))
+        .await
+        .unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    {
+        let _held = store.inner.shared.catalogue.hold_checkpoints();
+        copy_tree(dir.path(), crashed.path());
+    }
+    store.close().await.unwrap();
+    // A promotion the crash interrupted before its journal was in place: its data file only.
+    let interrupted = crashed
+        .path()
+        .join("points")
+        .join(p("early").relative_dir());
+    std::fs::create_dir_all(&interrupted).unwrap();
+    std::fs::write(interrupted.join(DATA_FILE), bytes(11, 40)).unwrap();
+
+    let mut config = config.clone();
+    config.dir = crashed.path().join("points");
+    let store = Store::open(config.clone()).await.unwrap();
+    assert_eq!(
+        store.list("crash/", None, 10),
+        [p("early"), p("early-promoted"), p("late"), p("late-again")]
+    );
+    assert_eq!(
+        store.read(&p("early"), 0, 100).await.unwrap(),
+        bytes(1, 100)
+    );
+    assert_eq!(
+        store.read(&p("late"), 0, 3000).await.unwrap(),
+        bytes(4, 3000)
+    );
+    assert_eq!(
+        store.read(&p("late-again"), 0, 200).await.unwrap(),
+        bytes(7, 200)
+    );
+    let promoted = [bytes(3, 100), bytes(10, 50)].concat();
+    assert_eq!(
+        store.read(&p("early-promoted"), 0, 150).await.unwrap(),
+        promoted
+    );
+    let late = store.metadata(&p("late")).await.unwrap();
+    assert_eq!(
+        (late.end, late.crc, late.committed),
+        (3000, crc32c::crc32c(&bytes(4, 3000)), 3000)
+    );
+    // The interrupted promotion runs again, over what it left.
+    store.append(&p("early"), bytes(12, 10)).await.unwrap();
+    let grown = [bytes(1, 100), bytes(12, 10)].concat();
+    assert_eq!(store.read(&p("early"), 0, 110).await.unwrap(), grown);
+    store.close().await.unwrap();
+    let store = Store::open(config).await.unwrap();
+    assert_eq!(store.len(), 4);
+    assert_eq!(store.read(&p("early"), 0, 110).await.unwrap(), grown);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_needle_torn_by_a_crash_is_cut_and_the_ones_before_it_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.fsync = Fsync::Never;
+    let store = Store::open(config.clone()).await.unwrap();
+    for i in 0..5 {
+        store
+            .append(&id(&format!("torn/{i}")), bytes(20 + i, 1000))
+            .await
+            .unwrap();
+    }
+    let crashed = tempfile::tempdir().unwrap();
+    {
+        let _held = store.inner.shared.catalogue.hold_checkpoints();
+        copy_tree(dir.path(), crashed.path());
+    }
+    store.close().await.unwrap();
+    // The last needle's write cut short.
+    let [(name, len)] = segment_files(crashed.path()).try_into().unwrap();
+    let segment = crashed.path().join("segments").join(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(len - 300)
+        .unwrap();
+    let mut config = config.clone();
+    config.dir = crashed.path().join("points");
+    let store = Store::open(config).await.unwrap();
+    let found = store.list("torn/", None, 10);
+    // The rows of a checkpoint may name all five; the needles past it, read again, end at the
+    // torn one. Whatever is listed reads back whole.
+    for (i, p) in found.iter().enumerate() {
+        assert_eq!(
+            store.read(p, 0, 1000).await.unwrap(),
+            bytes(20 + i as u64, 1000)
+        );
+    }
+    assert!(found.len() >= 4, "{found:?}");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn points_packed_from_many_tasks_through_checkpoints_are_all_found_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.fsync = Fsync::Never;
+    let store = Store::open(config.clone()).await.unwrap();
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = CancellationToken::new();
+    let writers: Vec<_> = (0..4)
+        .map(|task| {
+            let (store, acknowledged, stop) = (store.clone(), acknowledged.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.is_cancelled() {
+                    let p = id(&format!("many/{task}/{n:05}"));
+                    store
+                        .append(&p, bytes(task * 100_000 + n, 200))
+                        .await
+                        .unwrap();
+                    acknowledged.lock().unwrap().push((p, task * 100_000 + n));
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    // Through a few checkpoints, then a crash image while the writers go on.
+    for _ in 0..3 {
+        let before = touch_logs(dir.path());
+        eventually("a checkpoint", || touch_logs(dir.path()) != before).await;
+    }
+    let crashed = tempfile::tempdir().unwrap();
+    let acknowledged_before = acknowledged.lock().unwrap().clone();
+    {
+        let _held = store.inner.shared.catalogue.hold_checkpoints();
+        copy_tree(dir.path(), crashed.path());
+    }
+    stop.cancel();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    store.close().await.unwrap();
+    assert!(
+        acknowledged_before.len() > 100,
+        "{} points",
+        acknowledged_before.len()
+    );
+
+    let mut config = config.clone();
+    config.dir = crashed.path().join("points");
+    let store = Store::open(config).await.unwrap();
+    for (p, seed) in &acknowledged_before {
+        assert_eq!(
+            store.read(p, 0, 200).await.unwrap(),
+            bytes(*seed, 200),
+            "{p}"
+        );
+    }
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn quarantine_keeps_the_bytes_of_a_packed_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let (whole, tail) = (id("packed/whole"), id("packed/tail"));
+    store.append(&whole, bytes(30, 900)).await.unwrap();
+    store.append(&tail, bytes(31, 900)).await.unwrap();
+    let kept_in = store.quarantine(&whole, FIRST_EPOCH).await.unwrap();
+    assert_eq!(
+        std::fs::read(kept_in.join(DATA_FILE)).unwrap(),
+        bytes(30, 900)
+    );
+    assert!(matches!(
+        store.metadata(&whole).await,
+        Err(ReadError::NotFound(_))
+    ));
+    let (kept_in, kept) = store.quarantine_tail(&tail, 600).await.unwrap();
+    assert_eq!(kept, 300);
+    assert_eq!(
+        std::fs::read(kept_in.join(DATA_FILE)).unwrap(),
+        bytes(31, 900)[600..]
+    );
     store.close().await.unwrap();
 }

@@ -28,6 +28,7 @@ pub(super) struct Shape {
     pub(super) stats: usize,
     pub(super) streams: usize,
     pub(super) fsync: String,
+    pub(super) packed_max: u64,
 }
 
 pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
@@ -38,11 +39,13 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
         stats,
         streams,
         fsync,
+        packed_max,
     } = shape;
     let work = tempfile::tempdir()?;
     println!(
         "{count} points of {size} bytes, storage.max_open_points = {max_open}, \
-         storage.fsync = {fsync:?}, {streams} produce stream(s) at once"
+         storage.fsync = {fsync:?}, storage.packed_max = {packed_max}, {streams} produce \
+         stream(s) at once"
     );
     let mut payload = vec![0u8; size];
     rand::rng().fill_bytes(&mut payload);
@@ -139,7 +142,10 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     };
 
     // A leader, so that a follower can catch up below; without followers it acknowledges alone.
-    let node_storage = format!("{}max_open_points = {max_open}\n", storage(&fsync));
+    let node_storage = format!(
+        "{}max_open_points = {max_open}\npacked_max = {packed_max}\n",
+        storage(&fsync)
+    );
     let config = format!("role = \"leader\"\n{node_storage}");
     let started = Instant::now();
     let node = Server::node(work.path(), &config)?;
