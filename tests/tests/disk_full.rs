@@ -121,3 +121,67 @@ async fn a_full_disk_refuses_new_writes_keeps_every_acknowledged_byte_and_recove
     assert_eq!(read_all(&mut client, "videos/new").await, new);
     node.shutdown().await.expect("clean shutdown");
 }
+
+/// The same with small points packed into a segment (`storage.packed_max`): a new point the
+/// full disk refuses leaves nothing in the segment, the packed points read on, and once space
+/// returns new ones are packed after them, before and after a restart.
+#[tokio::test]
+async fn a_full_disk_refuses_new_packed_points_and_keeps_the_packed_ones() {
+    let disk = SmallDisk::mount(24 * 1024 * 1024);
+    let dir = disk.path().join("node");
+    let packed = |config: &mut goutube::config::Config| config.storage.packed_max = 64 * KIB as u64;
+    let node = start_in(&dir, packed).await;
+    let mut client = goutube_tests::raw_client(&node.rpc_addr().to_string()).await;
+    let name = |i: u64| format!("small/{i:03}");
+    let mut kept = Vec::new();
+    for i in 0..20 {
+        let bytes = data(500 + i, (i as usize * 3001) % (60 * KIB) + 1);
+        produce(&mut client, &name(i), std::slice::from_ref(&bytes))
+            .await
+            .unwrap();
+        kept.push((name(i), bytes));
+    }
+    let segments = dir.join("segments");
+    assert!(segments.exists(), "the points were packed");
+
+    let ballast = disk.fill("ballast");
+    assert!(ballast > 8 * 1024 * 1024, "{ballast} bytes of ballast");
+    let mut refused = 0;
+    for i in 20..28 {
+        let bytes = data(500 + i, 40 * KIB + i as usize);
+        match produce(&mut client, &name(i), std::slice::from_ref(&bytes)).await {
+            Ok(_) => kept.push((name(i), bytes)),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused >= 7,
+        "{refused} of 8 new points refused on a full disk"
+    );
+    let names: Vec<String> = kept.iter().map(|(name, _)| name.clone()).collect();
+    assert_eq!(listed(&mut client).await, names);
+    for (name, bytes) in &kept {
+        assert_eq!(read_all(&mut client, name).await, *bytes);
+    }
+
+    std::fs::remove_file(disk.path().join("ballast")).unwrap();
+    let after = data(900, 30 * KIB);
+    eventually_some("a new point is packed again", || {
+        let (mut client, after) = (client.clone(), after.clone());
+        async move { produce(&mut client, "small/after", &[after]).await.ok() }
+    })
+    .await;
+    kept.push(("small/after".into(), after));
+    node.shutdown().await.expect("clean shutdown");
+    let node = start_in(&dir, packed).await;
+    let mut client = goutube_tests::raw_client(&node.rpc_addr().to_string()).await;
+    let names: Vec<String> = kept.iter().map(|(name, _)| name.clone()).collect();
+    assert_eq!(listed(&mut client).await, names);
+    for (name, bytes) in &kept {
+        assert_eq!(read_all(&mut client, name).await, *bytes);
+    }
+    node.shutdown().await.expect("clean shutdown");
+}

@@ -258,7 +258,12 @@ impl Batch {
 #[derive(Clone)]
 pub(super) enum Source {
     Files(Arc<Files>),
-    Packed { segment: Arc<File>, base: u64 },
+    /// `len` bytes from `base` in `segment`: all the point held when it was found packed.
+    Packed {
+        segment: Arc<File>,
+        base: u64,
+        len: u64,
+    },
 }
 
 impl Source {
@@ -649,20 +654,27 @@ impl Point {
         offset: u64,
         len: u64,
     ) -> Result<Source, ReadError> {
-        // Opened first: a point opened for the first time since its row was written is checked
-        // against its files (damage made while the node was stopped is cut back then).
-        let files = self.source(&store.inner.shared).await?;
-        let snapshot = self.snapshot();
         let limit = offset.saturating_add(len);
-        if limit > snapshot.end {
-            return Err(ReadError::OutOfRange {
-                point: self.id.clone(),
-                offset,
-                limit,
-                end: snapshot.end,
-            });
+        loop {
+            // Opened first: a point opened for the first time since its row was written is
+            // checked against its files (damage made while the node was stopped is cut back
+            // then).
+            let source = self.source(&store.inner.shared).await?;
+            let snapshot = self.snapshot();
+            if limit > snapshot.end {
+                return Err(ReadError::OutOfRange {
+                    point: self.id.clone(),
+                    offset,
+                    limit,
+                    end: snapshot.end,
+                });
+            }
+            match source {
+                // Given files and grown since it was found packed: read from its files.
+                Source::Packed { len: held, .. } if limit > held => continue,
+                source => return Ok(source),
+            }
         }
-        Ok(files)
     }
 
     /// Where its bytes are read from: the segment it is packed in, or its files, opened if
@@ -682,6 +694,7 @@ impl Point {
                 return Ok(Source::Packed {
                     segment,
                     base: needle.offset,
+                    len: needle.len,
                 });
             }
         }

@@ -259,14 +259,13 @@ impl Segments {
         Ok(at)
     }
 
-    /// Starts the next segment, the current one synced whole first (unless `fsync = "never"`).
+    /// Starts the next segment, the current one synced whole first, whatever `fsync` says: a
+    /// checkpoint syncs only the current segment before its commit covers it (once a GiB).
     fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
-        if self.fsync != Fsync::Never {
-            writer.file.sync_data().map_err(StorageError::io(
-                "syncing",
-                segment_path(&self.dir, writer.number),
-            ))?;
-        }
+        writer.file.sync_data().map_err(StorageError::io(
+            "syncing",
+            segment_path(&self.dir, writer.number),
+        ))?;
         let number = writer.number + 1;
         let file = Arc::new(create_segment(&self.dir, number, self.fsync)?);
         self.files
