@@ -357,7 +357,7 @@ impl Default for StorageSection {
             fsync_interval_ms: 100,
             max_open_points: 1024,
             idle_close_ms: 60_000,
-            // Off until a dead needle's space is reclaimed (`docs/storage.md`).
+            // Off for now (`docs/storage.md`, "Small points packed into segments").
             packed_max: 0,
         }
     }

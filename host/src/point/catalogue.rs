@@ -53,6 +53,16 @@ const UNDER_WAY: TableDefinition<&str, ()> = TableDefinition::new("handovers-und
 const SEGMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("segments");
 const COVERED_KEY: &str = "covered";
 
+/// The bytes of each segment that rows name (live needles), kept with the rows (`Tables::put`):
+/// a segment mostly dead is compacted ([`Catalogue::compactable`]).
+const SEGMENT_LIVE: TableDefinition<u32, u64> = TableDefinition::new("segments-live");
+
+/// A segment is compacted once less than this share of it is live.
+const COMPACT_BELOW_LIVE: f64 = 0.5;
+
+/// The segment written to is compacted (the next begun first) only past this size.
+const COMPACT_CURRENT_FROM: u64 = 64 * 1024 * 1024;
+
 /// Which points in a handover [`Catalogue::handovers`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Handovers {
@@ -195,6 +205,8 @@ pub(super) struct Catalogue {
     unsynced: Mutex<BTreeMap<PointId, Option<Row>>>,
     /// The packed points' bytes ([`Catalogue::pack`]).
     segments: Segments,
+    /// How far the last durable commit covers the segments.
+    covered: Mutex<Position>,
 }
 
 /// The B-tree, as the catalogue holds it.
@@ -369,6 +381,7 @@ impl Catalogue {
             flushing: Mutex::new(()),
             unsynced: Mutex::default(),
             segments,
+            covered: Mutex::new(covered),
         })
     }
 
@@ -403,6 +416,103 @@ impl Catalogue {
             return Err(error);
         }
         Ok((needle, due))
+    }
+
+    /// Writes packed point `id`'s needle `from` again at the end of the current segment, with
+    /// `row` naming the copy (compaction; the caller holds the point's lock and `row` is its
+    /// row as it is). The old needle's bytes are checked first. Synced with `fsync = "always"`.
+    /// Returns the copy, and whether a flush is due. Blocking.
+    pub(super) fn repack(
+        &self,
+        id: &PointId,
+        mut row: Row,
+        from: Needle,
+    ) -> Result<(Needle, bool), StorageError> {
+        let damaged = || StorageError::Recovery {
+            path: self.segments.path(&from),
+            source: super::journal::RecoveryError::PackedChecksum,
+        };
+        let records = self.segments.records(&from)?.ok_or_else(damaged)?;
+        let bytes = self.segments.read(&from)?;
+        if records.last().map(|last| last.point_crc) != Some(crc32c::crc32c(&bytes)) {
+            return Err(damaged());
+        }
+        let (end, moved) = self.segments.pack(
+            id,
+            &records,
+            std::slice::from_ref(&bytes),
+            row.modified_ms,
+            |needle| {
+                row.needle = Some(needle);
+                (needle, self.write(id, Some(row)))
+            },
+        )?;
+        if self.fsync == Fsync::Always {
+            self.segments.sync_to(end)?;
+        }
+        Ok(moved)
+    }
+
+    /// The segment most worth compacting, if any: less than half of it live, and wholly
+    /// covered by the last durable commit (no needle of it is read again after a crash). The
+    /// one written to counts once it is past [`COMPACT_CURRENT_FROM`] (the next is begun
+    /// first). Blocking.
+    pub(super) fn compactable(&self) -> Result<Option<u32>, StorageError> {
+        let (lengths, current) = self.segments.lengths()?;
+        let covered = *self.covered.lock().expect("poisoned");
+        let live: BTreeMap<u32, u64> = self.with_db(|db, path| {
+            let read = db.begin_read().map_err(catalogue_error("reading", path))?;
+            let table = read
+                .open_table(SEGMENT_LIVE)
+                .map_err(catalogue_error("reading", path))?;
+            let mut live = BTreeMap::new();
+            for entry in table.iter().map_err(catalogue_error("reading", path))? {
+                let (segment, bytes) = entry.map_err(catalogue_error("reading", path))?;
+                live.insert(segment.value(), bytes.value());
+            }
+            Ok(live)
+        })?;
+        let worth = lengths
+            .into_iter()
+            .filter(|&(number, len)| match number == current {
+                true => len >= COMPACT_CURRENT_FROM,
+                false => number < covered.segment && len > 0,
+            })
+            .map(|(number, len)| {
+                let live = live.get(&number).copied().unwrap_or(0);
+                (number, live as f64 / len as f64)
+            })
+            .filter(|&(_, share)| share < COMPACT_BELOW_LIVE)
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        Ok(worth.map(|(number, _)| number))
+    }
+
+    /// Gets segment `number` ready for compaction: if it is the one written to, the next is
+    /// begun and a checkpoint covers it whole. Blocking.
+    pub(super) fn seal_segment(&self, number: u32) -> Result<(), StorageError> {
+        let covered = *self.covered.lock().expect("poisoned");
+        if number < covered.segment {
+            return Ok(());
+        }
+        self.segments.roll_past(number)?;
+        self.checkpoint(false)
+    }
+
+    /// Removes segment `number`, compacted: every needle a row named was written again and
+    /// made durable by a checkpoint since. Blocking.
+    pub(super) fn retire_segment(&self, number: u32) -> Result<(), StorageError> {
+        self.segments.retire(number)?;
+        self.with_db(|db, path| {
+            let write = db.begin_write().map_err(catalogue_error("writing", path))?;
+            {
+                let mut live = write
+                    .open_table(SEGMENT_LIVE)
+                    .map_err(catalogue_error("writing", path))?;
+                live.remove(number)
+                    .map_err(catalogue_error("writing", path))?;
+            }
+            write.commit().map_err(catalogue_error("writing", path))
+        })
     }
 
     fn path(&self) -> PathBuf {
@@ -786,6 +896,9 @@ impl Catalogue {
             self.lose_tree(&error);
             return Err(error);
         }
+        if let (Durability::Immediate, Some(covered)) = (durability, covered) {
+            *self.covered.lock().expect("poisoned") = covered;
+        }
         let mut unsynced = self.unsynced.lock().expect("poisoned");
         match durability {
             Durability::None => {
@@ -888,6 +1001,7 @@ struct Tables<'txn> {
     handovers: redb::Table<'txn, &'static str, ()>,
     under_way: redb::Table<'txn, &'static str, ()>,
     segments: redb::Table<'txn, &'static str, &'static [u8]>,
+    live: redb::Table<'txn, u32, u64>,
     path: &'txn Path,
 }
 
@@ -905,6 +1019,9 @@ impl<'txn> Tables<'txn> {
                 .map_err(catalogue_error("writing", path))?,
             segments: write
                 .open_table(SEGMENTS)
+                .map_err(catalogue_error("writing", path))?,
+            live: write
+                .open_table(SEGMENT_LIVE)
                 .map_err(catalogue_error("writing", path))?,
             path,
         })
@@ -929,16 +1046,49 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Writes the row of `id` (`None`: takes it away), and its place in the handover indexes.
+    /// The live bytes of the segments follow: the needle the row named before is dead, the
+    /// one it names now live.
     fn put(&mut self, id: &PointId, row: Option<&Row>) -> Result<(), StorageError> {
-        let written = match row {
-            Some(row) => self
-                .points
-                .insert(id.as_str(), encode(row).as_slice())
-                .map(drop),
-            None => self.points.remove(id.as_str()).map(drop),
+        let before = match row {
+            Some(row) => self.points.insert(id.as_str(), encode(row).as_slice()),
+            None => self.points.remove(id.as_str()),
+        }
+        .map_err(catalogue_error("writing", self.path))?
+        .map(|before| decode(before.value(), self.path))
+        .transpose()?
+        .and_then(|before| before.needle);
+        let after = row.and_then(|row| row.needle);
+        if before != after {
+            for (needle, live) in [(before, false), (after, true)] {
+                if let Some(needle) = needle {
+                    self.count_live(id, &needle, live)?;
+                }
+            }
+        }
+        self.index(id.as_str(), row)
+            .map_err(catalogue_error("writing", self.path))
+    }
+
+    /// Counts `needle` of `id` as live in its segment, or no longer.
+    fn count_live(
+        &mut self,
+        id: &PointId,
+        needle: &Needle,
+        live: bool,
+    ) -> Result<(), StorageError> {
+        let size = super::segment::needle_size(id.as_str(), needle);
+        let held = self
+            .live
+            .get(needle.segment)
+            .map_err(catalogue_error("reading", self.path))?
+            .map_or(0, |held| held.value());
+        let now = match live {
+            true => held + size,
+            false => held.saturating_sub(size),
         };
-        written
-            .and(self.index(id.as_str(), row))
+        self.live
+            .insert(needle.segment, now)
+            .map(drop)
             .map_err(catalogue_error("writing", self.path))
     }
 

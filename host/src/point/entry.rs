@@ -380,7 +380,7 @@ impl Point {
     }
 
     /// The catalogue row of the point as `state` has it (its files closed, or just created).
-    fn row(&self, shared: &Shared, state: &State) -> catalogue::Row {
+    pub(super) fn row(&self, shared: &Shared, state: &State) -> catalogue::Row {
         let snapshot = self.snapshot();
         catalogue::Row {
             end: state.end,

@@ -875,6 +875,77 @@ impl Store {
             ))
     }
 
+    /// Compacts the segment most worth it, if any (`Catalogue::compactable`): every needle a
+    /// row still names is written again at the end of the current segment, under its point's
+    /// lock; a checkpoint makes the copies and their rows durable; then the segment is removed
+    /// and its space given back. Returns the segment compacted.
+    pub async fn compact(&self) -> Result<Option<u32>, StorageError> {
+        let catalogue = self.inner.shared.catalogue.clone();
+        let Some(number) = tokio::task::spawn_blocking(move || catalogue.compactable())
+            .await
+            .map_err(join_error)??
+        else {
+            return Ok(None);
+        };
+        let catalogue = self.inner.shared.catalogue.clone();
+        let needles = tokio::task::spawn_blocking(move || {
+            catalogue.seal_segment(number)?;
+            catalogue.segments().needles(number)
+        })
+        .await
+        .map_err(join_error)??;
+        let mut moved = 0;
+        for (id, event) in needles {
+            if let segment::Event::Packed { needle, .. } = event
+                && self.move_needle(&id, needle).await?
+            {
+                moved += 1;
+            }
+        }
+        let catalogue = self.inner.shared.catalogue.clone();
+        tokio::task::spawn_blocking(move || {
+            // The copies and the rows naming them durable before the old needles go.
+            catalogue.checkpoint(false)?;
+            catalogue.retire_segment(number)
+        })
+        .await
+        .map_err(join_error)??;
+        tracing::info!(segment = number, moved, "compacted a segment");
+        Ok(Some(number))
+    }
+
+    /// Writes `id`'s `needle` again at the end of the current segment if it is still the one
+    /// the point is packed in (not removed, not given files, not moved already).
+    pub(super) async fn move_needle(
+        &self,
+        id: &PointId,
+        needle: segment::Needle,
+    ) -> Result<bool, StorageError> {
+        let Ok(point) = self.get(id) else {
+            return Ok(false);
+        };
+        let shared = &self.inner.shared;
+        let mut state = point.state.lock().await;
+        if state.deleted || state.files.is_some() || state.packed != Some(needle) {
+            return Ok(false);
+        }
+        let row = point.row(shared, &state);
+        let (catalogue, moving) = (shared.catalogue.clone(), id.clone());
+        let (moved, due) = shared
+            .blocking(move || catalogue.repack(&moving, row, needle))
+            .await??;
+        state.packed = Some(moved);
+        state.row_committed = point.snapshot().committed;
+        drop(state);
+        if due {
+            let catalogue = shared.catalogue.clone();
+            tokio::task::spawn_blocking(move || catalogue.flush())
+                .await
+                .map_err(join_error)??;
+        }
+        Ok(true)
+    }
+
     /// The point `id`: the one in use, else one made from its catalogue row.
     pub(super) fn get(&self, id: &PointId) -> Result<Arc<Point>, ReadError> {
         if let Some(point) = self.inner.live.read().expect("poisoned").get(id) {
@@ -993,6 +1064,11 @@ impl Store {
                 store.let_go_of_unused().await;
             },
         );
+        self.every(COMPACT_EVERY, |store| async move {
+            if let Err(error) = store.compact().await {
+                tracing::error!(%error, "compacting a segment");
+            }
+        });
         self.every(catalogue::CHECKPOINT_EVERY, |store| async move {
             let catalogue = store.inner.shared.catalogue.clone();
             match tokio::task::spawn_blocking(move || catalogue.checkpoint(false)).await {
@@ -1066,6 +1142,9 @@ impl Drop for Inner {
         self.shutdown.cancel();
     }
 }
+
+/// How often the segment most worth compacting, if any, is compacted.
+const COMPACT_EVERY: Duration = Duration::from_secs(10);
 
 /// Most threads of the blocking pool running the file work of points at once under
 /// `fsync = "never"` (`crate::askers`).

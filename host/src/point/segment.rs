@@ -8,7 +8,9 @@
 //! After a crash, the needles past what the last checkpoint's commit covered are read again
 //! ([`Segments::open`]): the catalogue rebuilds their rows, and the first torn or damaged
 //! needle ends the segment, which is cut back to it (`docs/storage.md`, "Small points packed
-//! into segments"). Plain blocking I/O: callers run it on the blocking pool.
+//! into segments"). A segment mostly dead is compacted: its live needles written again at the
+//! end of the current one, then the file removed (`Store::compact`). Plain blocking I/O:
+//! callers run it on the blocking pool.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -318,16 +320,7 @@ impl Segments {
 
     /// The segment holding `needle`, to read from (it stays open while held).
     pub(super) fn file(&self, needle: &Needle) -> Result<Arc<File>, StorageError> {
-        self.files
-            .read()
-            .expect("poisoned")
-            .get(&needle.segment)
-            .cloned()
-            .ok_or_else(|| {
-                StorageError::io("reading", segment_path(&self.dir, needle.segment))(
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                )
-            })
+        self.file_of(needle.segment)
     }
 
     /// The bytes of `needle`.
@@ -348,10 +341,79 @@ impl Segments {
         Ok(decode_records(&bytes))
     }
 
+    /// The needles of segment `number`, from its start to its last whole one (a segment no
+    /// longer written to: what compaction moves).
+    pub(super) fn needles(&self, number: u32) -> Result<Vec<(PointId, Event)>, StorageError> {
+        let file = self.file_of(number)?;
+        let (needles, _) = scan(&file, number, 0, &segment_path(&self.dir, number))?;
+        Ok(needles)
+    }
+
+    /// The length of every segment, and which one is written to.
+    pub(super) fn lengths(&self) -> Result<(BTreeMap<u32, u64>, u32), StorageError> {
+        let current = self.writer.lock().expect("poisoned").number;
+        let files = self.files.read().expect("poisoned");
+        let mut lengths = BTreeMap::new();
+        for (number, file) in files.iter() {
+            let len = file
+                .metadata()
+                .map_err(StorageError::io(
+                    "inspecting",
+                    segment_path(&self.dir, *number),
+                ))?
+                .len();
+            lengths.insert(*number, len);
+        }
+        Ok((lengths, current))
+    }
+
+    /// Starts the next segment now if `number` is still the one written to (compaction of
+    /// the current segment, once it is mostly dead).
+    pub(super) fn roll_past(&self, number: u32) -> Result<(), StorageError> {
+        let mut writer = self.writer.lock().expect("poisoned");
+        match writer.number == number {
+            true => self.roll(&mut writer),
+            false => Ok(()),
+        }
+    }
+
+    /// Removes segment `number`, which no row names any more (its readers keep their handle).
+    pub(super) fn retire(&self, number: u32) -> Result<(), StorageError> {
+        if self.writer.lock().expect("poisoned").number == number {
+            return Ok(());
+        }
+        self.files.write().expect("poisoned").remove(&number);
+        let path = segment_path(&self.dir, number);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(StorageError::io("removing", path)(error)),
+        }
+        sync_dir(&self.dir).map_err(StorageError::io("syncing", &self.dir))
+    }
+
+    fn file_of(&self, number: u32) -> Result<Arc<File>, StorageError> {
+        self.files
+            .read()
+            .expect("poisoned")
+            .get(&number)
+            .cloned()
+            .ok_or_else(|| {
+                StorageError::io("reading", segment_path(&self.dir, number))(std::io::Error::from(
+                    std::io::ErrorKind::NotFound,
+                ))
+            })
+    }
+
     /// The path of the segment holding `needle` (for errors).
     pub(super) fn path(&self, needle: &Needle) -> PathBuf {
         segment_path(&self.dir, needle.segment)
     }
+}
+
+/// The bytes a needle of `id` takes in its segment, header to its last byte.
+pub(super) fn needle_size(id: &str, needle: &Needle) -> u64 {
+    HEADER_LEN + id.len() as u64 + u64::from(needle.records) * RECORD_LEN + needle.len
 }
 
 /// The file of segment `number`.

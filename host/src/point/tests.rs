@@ -1857,3 +1857,118 @@ async fn a_clean_stop_leaves_no_needle_to_read_again() {
     assert_eq!(store.len(), 3);
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_mostly_dead_segment_is_compacted_and_its_space_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let store = Store::open(config.clone()).await.unwrap();
+    let name = |i: u64| id(&format!("compact/{i:03}"));
+    let size = |i: u64| 2000 + (i as usize * 37) % 1500;
+    for i in 0..90 {
+        store
+            .append(&name(i), bytes(600 + i, size(i)))
+            .await
+            .unwrap();
+    }
+    // Points with files of their own, and one promoted, are not the segment's to move.
+    store.append(&name(1), bytes(700, 10)).await.unwrap();
+    let catalogue = store.inner.shared.catalogue.clone();
+    assert_eq!(store.compact().await.unwrap(), None, "nothing dead yet");
+    // Two in three removed: the first segment is mostly dead.
+    for i in (0..90).filter(|i| i % 3 != 0) {
+        store.delete(&name(i)).await.unwrap();
+    }
+    // The segment written to is compacted only once large; here it is ended by hand.
+    catalogue.segments().roll_past(1).unwrap();
+    catalogue.checkpoint(false).unwrap();
+    let before = segment_files(dir.path());
+    assert_eq!(
+        before
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>(),
+        ["00000001.seg", "00000002.seg"]
+    );
+    assert_eq!(store.compact().await.unwrap(), Some(1));
+    let after = segment_files(dir.path());
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(after[0].1 < before[0].1 / 2, "{after:?} against {before:?}");
+    let check = |store: Store| async move {
+        for i in (0..90).filter(|i| i % 3 == 0) {
+            assert_eq!(
+                store.read(&name(i), 0, size(i) as u64).await.unwrap(),
+                bytes(600 + i, size(i)),
+                "{i}"
+            );
+        }
+        assert_eq!(store.len(), 30);
+        store
+    };
+    let store = check(store).await;
+    assert_eq!(store.compact().await.unwrap(), None, "what is left is live");
+    store.close().await.unwrap();
+    let store = check(Store::open(config).await.unwrap()).await;
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_in_the_middle_of_a_compaction_loses_no_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.fsync = Fsync::Never;
+    let store = Store::open(config.clone()).await.unwrap();
+    let name = |i: u64| id(&format!("moving/{i:02}"));
+    for i in 0..40 {
+        store.append(&name(i), bytes(800 + i, 1000)).await.unwrap();
+    }
+    for i in 0..30 {
+        store.delete(&name(i)).await.unwrap();
+    }
+    let catalogue = store.inner.shared.catalogue.clone();
+    catalogue.seal_segment(1).unwrap();
+    // Half the live needles moved, nothing checkpointed since: a crash now.
+    let needles = catalogue.segments().needles(1).unwrap();
+    let mut moved = 0;
+    for (id, event) in needles {
+        if let segment::Event::Packed { needle, .. } = event
+            && moved < 5
+            && store.move_needle(&id, needle).await.unwrap()
+        {
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, 5);
+    let crashed = tempfile::tempdir().unwrap();
+    {
+        let _held = catalogue.hold_checkpoints();
+        copy_tree(dir.path(), crashed.path());
+    }
+    store.close().await.unwrap();
+    let mut config = config.clone();
+    config.dir = crashed.path().join("points");
+    let store = Store::open(config.clone()).await.unwrap();
+    for i in 30..40 {
+        assert_eq!(
+            store.read(&name(i), 0, 1000).await.unwrap(),
+            bytes(800 + i, 1000)
+        );
+    }
+    assert_eq!(store.len(), 10);
+    // The compaction runs again, whole.
+    assert_eq!(store.compact().await.unwrap(), Some(1));
+    for i in 30..40 {
+        assert_eq!(
+            store.read(&name(i), 0, 1000).await.unwrap(),
+            bytes(800 + i, 1000)
+        );
+    }
+    store.close().await.unwrap();
+    let store = Store::open(config).await.unwrap();
+    assert_eq!(store.len(), 10);
+    assert_eq!(
+        store.read(&name(35), 0, 1000).await.unwrap(),
+        bytes(835, 1000)
+    );
+    store.close().await.unwrap();
+}

@@ -17,6 +17,10 @@ use goutube::proto::{ListPointsRequest, ProduceRequest};
 
 use super::{Server, connect, descriptors, metric, percentile, rss, storage};
 
+/// How long `bench points` waits for a compaction to give back the space of removed packed
+/// points.
+const COMPACTION_WAIT: Duration = Duration::from_secs(120);
+
 /// Most points `bench points` creates through one produce stream.
 const STREAM_POINTS: usize = 100_000;
 
@@ -317,6 +321,22 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
         after as f64 / 1048576.0,
         used.saturating_sub(after) as f64 / 1048576.0,
     );
+    if packed_max > 0 {
+        // Packed points give their space back when their segment is compacted, in the
+        // background: how long until most of it is back.
+        let started = Instant::now();
+        let mut now = after;
+        while used.saturating_sub(now) < used / 2 && started.elapsed() < COMPACTION_WAIT {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            now = disk_used(&data)?;
+        }
+        println!(
+            "| disk used after compaction | {:.1} MiB after {:.1} s | {:.1} MiB given back | | |",
+            now as f64 / 1048576.0,
+            started.elapsed().as_secs_f64(),
+            used.saturating_sub(now) as f64 / 1048576.0,
+        );
+    }
     node.stop()?;
     std::fs::remove_dir_all(&base)?;
     Ok(())
