@@ -420,8 +420,9 @@ impl Catalogue {
 
     /// Writes packed point `id`'s needle `from` again at the end of the current segment, with
     /// `row` naming the copy (compaction; the caller holds the point's lock and `row` is its
-    /// row as it is). The old needle's bytes are checked first. Synced with `fsync = "always"`.
-    /// Returns the copy, and whether a flush is due. Blocking.
+    /// row as it is). The old needle's bytes are checked first. Not synced: the old needle
+    /// stays the durable one until the checkpoint that ends the compaction. Returns the copy,
+    /// and whether a flush is due. Blocking.
     pub(super) fn repack(
         &self,
         id: &PointId,
@@ -437,7 +438,7 @@ impl Catalogue {
         if records.last().map(|last| last.point_crc) != Some(crc32c::crc32c(&bytes)) {
             return Err(damaged());
         }
-        let (end, moved) = self.segments.pack(
+        let (_, moved) = self.segments.pack(
             id,
             &records,
             std::slice::from_ref(&bytes),
@@ -447,9 +448,6 @@ impl Catalogue {
                 (needle, self.write(id, Some(row)))
             },
         )?;
-        if self.fsync == Fsync::Always {
-            self.segments.sync_to(end)?;
-        }
         Ok(moved)
     }
 
