@@ -62,7 +62,7 @@ async fn path_like_ids_are_plain_names() {
     assert_eq!(names(outer.path()), vec!["node".to_string()]);
     assert_eq!(
         names(&data_dir),
-        vec!["catalogue", "cluster", "controller", "points"]
+        vec!["catalogue", "cluster", "controller", "points", "segments"]
     );
     node.shutdown().await.unwrap();
 }
