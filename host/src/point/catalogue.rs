@@ -429,15 +429,7 @@ impl Catalogue {
         mut row: Row,
         from: Needle,
     ) -> Result<(Needle, bool), StorageError> {
-        let damaged = || StorageError::Recovery {
-            path: self.segments.path(&from),
-            source: super::journal::RecoveryError::PackedChecksum,
-        };
-        let records = self.segments.records(&from)?.ok_or_else(damaged)?;
-        let bytes = self.segments.read(&from)?;
-        if records.last().map(|last| last.point_crc) != Some(crc32c::crc32c(&bytes)) {
-            return Err(damaged());
-        }
+        let (records, bytes) = self.segments.load(&from)?;
         let (_, moved) = self.segments.pack(
             id,
             &records,

@@ -773,18 +773,10 @@ impl Point {
                 // Named in the touch log before its files can change (`catalogue.rs`).
                 catalogue.touch(&id)?;
                 if let Some((needle, durable, behind)) = promoting {
-                    let segments = catalogue.segments();
-                    let damaged = || StorageError::Recovery {
-                        path: segments.path(&needle),
-                        source: journal::RecoveryError::PackedChecksum,
-                    };
-                    let mut records = segments.records(&needle)?.ok_or_else(damaged)?;
-                    let bytes = segments.read(&needle)?;
-                    let last = records.last_mut().ok_or_else(damaged)?;
-                    if last.end != needle.len || crc32c::crc32c(&bytes) != last.point_crc {
-                        return Err(damaged());
+                    let (mut records, bytes) = catalogue.segments().load(&needle)?;
+                    if let Some(last) = records.last_mut() {
+                        last.behind = behind;
                     }
-                    last.behind = behind;
                     for record in &mut records {
                         record.durable = durable;
                     }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::files::{read_exact_at, sync_dir};
+use super::files::{create_dirs, read_exact_at, sync_dir};
 use super::journal::{RECORD_LEN, Record};
 use super::{Fsync, PointId, StorageError};
 
@@ -99,14 +99,7 @@ impl Segments {
         fsync: Fsync,
         covered: Position,
     ) -> Result<(Segments, Vec<(PointId, Event)>), StorageError> {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(StorageError::io("creating", dir))?;
-            if fsync != Fsync::Never
-                && let Some(parent) = dir.parent()
-            {
-                sync_dir(parent).map_err(StorageError::io("syncing", parent))?;
-            }
-        }
+        create_dirs(dir, fsync).map_err(StorageError::io("creating", dir))?;
         let mut numbers = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(StorageError::io("listing", dir))? {
             let entry = entry.map_err(StorageError::io("listing", dir))?;
@@ -264,10 +257,7 @@ impl Segments {
     /// Starts the next segment, the current one synced whole first, whatever `fsync` says: a
     /// checkpoint syncs only the current segment before its commit covers it (once a GiB).
     fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
-        writer.file.sync_data().map_err(StorageError::io(
-            "syncing",
-            segment_path(&self.dir, writer.number),
-        ))?;
+        sync_segment(&writer.file, &segment_path(&self.dir, writer.number))?;
         let number = writer.number + 1;
         let file = Arc::new(create_segment(&self.dir, number, self.fsync)?);
         self.files
@@ -304,10 +294,7 @@ impl Segments {
                 },
             )
         };
-        file.sync_data().map_err(StorageError::io(
-            "syncing",
-            segment_path(&self.dir, written.segment),
-        ))?;
+        sync_segment(&file, &segment_path(&self.dir, written.segment))?;
         *synced = written;
         Ok(())
     }
@@ -323,22 +310,30 @@ impl Segments {
         self.file_of(needle.segment)
     }
 
-    /// The bytes of `needle`.
-    pub(super) fn read(&self, needle: &Needle) -> Result<Bytes, StorageError> {
+    /// The journal records of `needle`'s appends and its bytes, read in one call and checked
+    /// against each other: the last record ends at the needle's length and carries the CRC of
+    /// its bytes. What promotion and compaction copy elsewhere.
+    pub(super) fn load(&self, needle: &Needle) -> Result<(Vec<Record>, Bytes), StorageError> {
+        let damaged = || StorageError::Recovery {
+            path: self.path(needle),
+            source: super::journal::RecoveryError::PackedChecksum,
+        };
         let file = self.file(needle)?;
-        read_exact_at(&file, needle.offset, needle.len as usize).map_err(StorageError::io(
-            "reading",
-            segment_path(&self.dir, needle.segment),
-        ))
-    }
-
-    /// The journal records of `needle`'s appends, in order (`None`: one is damaged).
-    pub(super) fn records(&self, needle: &Needle) -> Result<Option<Vec<Record>>, StorageError> {
-        let file = self.file(needle)?;
-        let len = u64::from(needle.records) * RECORD_LEN;
-        let bytes = read_exact_at(&file, needle.offset - len, len as usize)
-            .map_err(StorageError::io("reading", self.path(needle)))?;
-        Ok(decode_records(&bytes))
+        let records_len = u64::from(needle.records) * RECORD_LEN;
+        let mut both = read_exact_at(
+            &file,
+            needle.offset - records_len,
+            (records_len + needle.len) as usize,
+        )
+        .map_err(StorageError::io("reading", self.path(needle)))?;
+        let bytes = both.split_off(records_len as usize);
+        let records = decode_records(&both).ok_or_else(damaged)?;
+        match records.last() {
+            Some(last) if last.end == needle.len && last.point_crc == crc32c::crc32c(&bytes) => {
+                Ok((records, bytes))
+            }
+            _ => Err(damaged()),
+        }
     }
 
     /// The needles of segment `number`, from its start to its last whole one (a segment no
@@ -417,6 +412,16 @@ pub(super) fn needle_size(id: &str, needle: &Needle) -> u64 {
 }
 
 /// The file of segment `number`.
+/// Syncs a segment's bytes, counted with the syncs of points' files (`goutube_fsyncs_total`).
+fn sync_segment(file: &File, path: &Path) -> Result<(), StorageError> {
+    let started = std::time::Instant::now();
+    file.sync_data()
+        .map_err(StorageError::io("syncing", path))?;
+    ::metrics::counter!(crate::metrics::FSYNCS).increment(1);
+    ::metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn segment_path(dir: &Path, number: u32) -> PathBuf {
     dir.join(format!("{number:08}.seg"))
 }
@@ -647,7 +652,9 @@ mod tests {
         assert_eq!(*r, record(&frames(2, 5000)[0]));
         let (segments, after_a) = Segments::open(&path, Fsync::Always, ends[0]).unwrap();
         assert_eq!(after_a.len(), 3);
-        assert_eq!(segments.read(needle).unwrap(), frames(2, 5000)[0]);
+        let (records, bytes) = segments.load(needle).unwrap();
+        assert_eq!(records, [*r]);
+        assert_eq!(bytes, frames(2, 5000)[0]);
         let (_, none) = Segments::open(&path, Fsync::Always, ends[3]).unwrap();
         assert!(none.is_empty());
     }
@@ -695,7 +702,7 @@ mod tests {
             .unwrap();
         assert_eq!(end.segment, 2);
         segments.sync_to(end).unwrap();
-        assert_eq!(segments.read(&needle).unwrap(), frames[0]);
+        assert_eq!(segments.load(&needle).unwrap().1, frames[0]);
         drop(segments);
         // The first file really ends where its last needle does; reopened, all are found.
         let (_, found) = Segments::open(&path, Fsync::Always, Position::default()).unwrap();
