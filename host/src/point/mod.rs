@@ -30,7 +30,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -277,6 +277,9 @@ struct Inner {
     live: RwLock<HashMap<PointId, Arc<Point>>>,
     /// Taking a point into use past this many sweeps the unused ones out at once.
     sweep_above: AtomicUsize,
+    /// Whether a sweep's task is writing the rows of points committed further since their
+    /// rows were written (one at a time: the next sweep finds those it has not reached).
+    recording: AtomicBool,
     events: broadcast::Sender<StoreEvent>,
     /// Bytes lent to subscribers now ([`LiveBytes`]).
     lent: Arc<AtomicU64>,
@@ -308,7 +311,7 @@ struct Shared {
     askers: crate::askers::Askers,
     /// Tests make the next journal write fail, as a full or failing disk would.
     #[cfg(test)]
-    fail_next_journal_write: std::sync::atomic::AtomicBool,
+    fail_next_journal_write: AtomicBool,
 }
 
 /// A byte range of a point to stream: `[offset, stop)` in frames of at most `chunk` bytes. With

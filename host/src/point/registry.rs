@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,7 @@ impl Store {
                 shared,
                 live: RwLock::new(HashMap::new()),
                 sweep_above: AtomicUsize::new(sweep_above),
+                recording: AtomicBool::new(false),
                 events: broadcast::channel(4096).0,
                 lent: Arc::default(),
                 ownership_changed: tokio::sync::Notify::new(),
@@ -1012,6 +1013,12 @@ impl Store {
             );
             unrecorded
         };
+        self.record(unrecorded).await;
+    }
+
+    /// Writes the rows of points committed further since their rows were written, so that
+    /// the next sweep lets go of them.
+    async fn record(&self, unrecorded: Vec<Arc<Point>>) {
         for point in unrecorded {
             if let Err(error) = point.close(&self.inner.shared, Closing::Idle).await {
                 tracing::error!(point = %point.id, %error, "recording a commit");
@@ -1020,14 +1027,30 @@ impl Store {
     }
 
     /// After a point was taken into use: lets go of unused ones at once when there are many
-    /// (a walk over many points at rest, `stat` after `stat`, between two idle sweeps).
+    /// (a walk over many points at rest, `stat` after `stat`, between two idle sweeps). Those
+    /// committed further since their rows were written (a follower's new copies, whose commit
+    /// arrives after their bytes) have their rows written by a task, which then sweeps again:
+    /// a catch-up of many points keeps in memory those of the last moments, not of every
+    /// moment since the last idle sweep.
     fn sweep_if_many(&self, live: &mut HashMap<PointId, Arc<Point>>) {
         if live.len() > self.inner.sweep_above.load(Ordering::Relaxed) {
-            let_go(live);
+            let unrecorded = let_go(live);
             self.inner.sweep_above.store(
                 sweep_threshold(&self.inner.shared, live.len()),
                 Ordering::Relaxed,
             );
+            // Not once the store is closing: its close writes every row left.
+            if !unrecorded.is_empty()
+                && !self.inner.shutdown.is_cancelled()
+                && !self.inner.recording.swap(true, Ordering::AcqRel)
+            {
+                let store = self.clone();
+                self.inner.tasks.spawn(async move {
+                    store.record(unrecorded).await;
+                    store.let_go_of_unused().await;
+                    store.inner.recording.store(false, Ordering::Release);
+                });
+            }
         }
     }
 

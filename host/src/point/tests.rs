@@ -1239,6 +1239,56 @@ async fn a_walk_over_many_points_at_rest_keeps_few_in_memory() {
 }
 
 #[tokio::test]
+async fn a_followers_copies_committed_after_their_bytes_are_let_go_of_without_an_idle_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.max_open = 8;
+    config.fsync = Fsync::Never;
+    // No idle sweep in this test: only the sweeps of points taken into use let go.
+    config.idle_close = Duration::from_secs(3600);
+    let store = Store::open(config).await.unwrap();
+    // As a follower's catch-up makes them: each copy's bytes held, then its commit. Its row
+    // was written before the commit, so the row says less than the point: it stays in memory
+    // until a row says what it holds.
+    let count = 8000u64;
+    let bound = registry::sweep_threshold(&store.inner.shared, 0) + 1;
+    let live = |store: &Store| store.inner.live.read().unwrap().len();
+    let mut most = 0;
+    for i in 0..count {
+        let point = id(&format!("copy/{i:04}"));
+        let frame = bytes(i, 100 + (i % 7) as usize);
+        let end = frame.len() as u64;
+        store
+            .append_batch(&point, vec![frame], Visibility::OnCommit)
+            .await
+            .unwrap();
+        store.commit(&point, end);
+        most = most.max(live(&store));
+    }
+    assert!(
+        most <= 4 * bound,
+        "{most} of {count} copies in memory at once, more than {}",
+        4 * bound
+    );
+    // The rows say what each holds: after a restart, every copy is served whole.
+    store.close().await.unwrap();
+    drop(store);
+    let mut config = self::config(dir.path());
+    config.fsync = Fsync::Never;
+    let store = Store::open(config).await.unwrap();
+    for i in (0..count).step_by(97) {
+        let point = id(&format!("copy/{i:04}"));
+        let frame = bytes(i, 100 + (i % 7) as usize);
+        let snapshot = store.metadata(&point).await.unwrap();
+        assert_eq!(
+            (snapshot.committed, snapshot.end),
+            (frame.len() as u64, frame.len() as u64)
+        );
+    }
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn the_handover_indexes_name_exactly_the_points_in_a_handover_and_those_under_way() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
