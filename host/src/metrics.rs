@@ -353,7 +353,10 @@ fn describe_data() {
     describe_counter!(CONSUMED_FRAMES, "Frames sent by ConsumeStream.");
     describe_counter!(APPENDS, "Appends written to points.");
     describe_counter!(APPENDED_BYTES, Unit::Bytes, "Bytes appended to points.");
-    describe_counter!(FSYNCS, "fsync calls (data file and journal of one point).");
+    describe_counter!(
+        FSYNCS,
+        "fsync calls (data file and journal of one point, or a segment of packed points)."
+    );
     describe_counter!(
         BLOCKING_TRIPS,
         "Trips to the blocking pool of short calls asked at once, by queue (plugins, storage)."
