@@ -233,7 +233,7 @@ pub(crate) enum Bench {
         #[arg(long, default_value = "never")]
         fsync: String,
         /// storage.packed_max of the node: small new points packed into segments (0: each
-        /// point in files of its own, the node's default).
+        /// point in files of its own).
         #[arg(long, default_value_t = 64 * 1024)]
         packed_max: u64,
     },

@@ -357,8 +357,8 @@ impl Default for StorageSection {
             fsync_interval_ms: 100,
             max_open_points: 1024,
             idle_close_ms: 60_000,
-            // Off for now (`docs/storage.md`, "Small points packed into segments").
-            packed_max: 0,
+            // `docs/storage.md`, "Small points packed into segments".
+            packed_max: 64 * 1024,
         }
     }
 }
