@@ -1352,8 +1352,7 @@ impl Files {
         self.journal
             .sync_data()
             .map_err(StorageError::io("syncing", dir.join(JOURNAL_FILE)))?;
-        ::metrics::counter!(metrics::FSYNCS).increment(1);
-        ::metrics::histogram!(metrics::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        files::count_sync(started);
         Ok(())
     }
 }

@@ -265,6 +265,13 @@ pub(super) fn create_dirs(dir: &Path, fsync: Fsync) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Counts one sync of a point's files or of a segment, begun at `started`
+/// (`goutube_fsyncs_total`, `goutube_fsync_seconds`).
+pub(super) fn count_sync(started: std::time::Instant) {
+    ::metrics::counter!(crate::metrics::FSYNCS).increment(1);
+    ::metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+}
+
 pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }

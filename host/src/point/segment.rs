@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::files::{create_dirs, read_exact_at, sync_dir};
+use super::files::{count_sync, create_dirs, read_exact_at, sync_dir};
 use super::journal::{RECORD_LEN, Record};
 use super::{Fsync, PointId, StorageError};
 
@@ -411,17 +411,16 @@ pub(super) fn needle_size(id: &str, needle: &Needle) -> u64 {
     HEADER_LEN + id.len() as u64 + u64::from(needle.records) * RECORD_LEN + needle.len
 }
 
-/// The file of segment `number`.
-/// Syncs a segment's bytes, counted with the syncs of points' files (`goutube_fsyncs_total`).
+/// Syncs a segment's bytes, counted with the syncs of points' files.
 fn sync_segment(file: &File, path: &Path) -> Result<(), StorageError> {
     let started = std::time::Instant::now();
     file.sync_data()
         .map_err(StorageError::io("syncing", path))?;
-    ::metrics::counter!(crate::metrics::FSYNCS).increment(1);
-    ::metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+    count_sync(started);
     Ok(())
 }
 
+/// The file of segment `number`.
 fn segment_path(dir: &Path, number: u32) -> PathBuf {
     dir.join(format!("{number:08}.seg"))
 }
