@@ -781,24 +781,27 @@ impl Store {
         files: impl FnOnce(PathBuf) -> Result<(), StorageError> + Send + 'static,
     ) -> Result<u64, DeleteError> {
         let catalogue = &self.inner.shared.catalogue;
-        let point = {
+        let point = self
+            .found(id)?
+            .ok_or_else(|| DeleteError::NotFound(id.clone()))?;
+        // Under the point's lock, which whoever writes its row holds (a write, a close, a
+        // compaction moving its needle): a row written before is taken away, and none is
+        // written after, since they find it deleted.
+        let mut state = point.state.lock().await;
+        if state.deleted {
+            return Err(DeleteError::NotFound(id.clone()));
+        }
+        let due = {
             // Under the lock of the points in use, so that nobody finds the point's row between
             // the point leaving them and its row going: it is named in the touch log first, so
             // that a crash before its files are gone finds it again.
             let mut live = self.inner.live.write().expect("poisoned");
-            let point = match live.get(id) {
-                Some(point) => point.clone(),
-                None => match catalogue.row(id)? {
-                    Some(row) => Arc::new(Point::from_row(&self.inner.shared, id.clone(), row)),
-                    None => return Err(DeleteError::NotFound(id.clone())),
-                },
-            };
             catalogue.touch(id)?;
             let due = catalogue.remove(id);
             live.remove(id);
-            (point, due)
+            due
         };
-        let (point, due) = point;
+        state.deleted = true;
         if due {
             let catalogue = catalogue.clone();
             tokio::task::spawn_blocking(move || catalogue.flush())
@@ -806,9 +809,7 @@ impl Store {
                 .map_err(join_error)??;
         }
         let shared = &self.inner.shared;
-        let mut state = point.state.lock().await;
         let size = if state.recovered { state.end } else { 0 };
-        state.deleted = true;
         if state.files.take().is_some() {
             shared.forget_open(&point.id);
         }
