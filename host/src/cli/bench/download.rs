@@ -26,8 +26,8 @@ use goutube::client::{Client, GetOptions, GetReport, Quiet};
 use goutube::netns::Namespaces;
 
 use super::{
-    Relay, RssSampler, Server, Workload, connect, consume, durable_write, produce, ratio_row,
-    raw_tcp_copy, spread, storage, wait_for_followers, wait_for_size, warm_memory,
+    Relay, RssSampler, Server, Workload, connect, consume, cpu_seconds, durable_write, produce,
+    ratio_row, raw_tcp_copy, spread, storage, wait_for_followers, wait_for_size, warm_memory,
 };
 
 const POINT: &str = "bench/download";
@@ -249,22 +249,4 @@ async fn limited_links(links: &Namespaces, mib: u64, rate_mbit: u64) -> anyhow::
         follower.stop()?;
     }
     leader.stop()
-}
-
-/// User and system CPU time `pid` has used, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // Fields after the command name (which may hold spaces) end with ')'.
-            let rest = stat.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let user: u64 = fields.get(11)?.parse().ok()?;
-            let system: u64 = fields.get(12)?.parse().ok()?;
-            Some(user + system)
-        })
-        .unwrap_or(0);
-    // SAFETY: sysconf only reads a system constant.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 / per_second as f64
 }

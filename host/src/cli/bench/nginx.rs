@@ -34,7 +34,9 @@ use rand::Rng;
 use bytes::Bytes;
 
 use super::http::{connection, get_range};
-use super::{BenchPki, Server, Workload, connect_with, median, percentile, produce, storage};
+use super::{
+    BenchPki, Server, Workload, connect_with, cpu_seconds, median, percentile, produce, storage,
+};
 
 const POINT: &str = "bench/nginx";
 const MIB: u64 = 1024 * 1024;
@@ -206,29 +208,13 @@ impl Pids {
 
     /// CPU seconds (user and system) used so far.
     fn cpu_seconds(self) -> f64 {
-        let ticks: u64 = self.all().into_iter().map(cpu_ticks).sum();
-        ticks as f64 / 100.0
+        self.all().into_iter().map(cpu_seconds).sum()
     }
 
     /// Proportional set size, in bytes (shared pages split between the processes).
     fn pss(self) -> u64 {
         self.all().into_iter().map(pss).sum()
     }
-}
-
-/// utime + stime of `pid`, in clock ticks (100 per second on Linux).
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line; rest starts at field 3.
-    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    field(14).unwrap_or(0) + field(15).unwrap_or(0)
 }
 
 fn pss(pid: u32) -> u64 {

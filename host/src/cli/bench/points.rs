@@ -1,7 +1,9 @@
 //! `goutube bench points`: many small points on one node (issue 25): create (one or several
-//! produce streams) against plain files in a fan-out tree and against the node's own layout
-//! made by a plain program (the machine's ceiling for it), restart, `ls`, `stat`, a follower's
-//! catch-up against the create, `rm` against removing the plain files, and the disk given back.
+//! produce streams) against plain files in a fan-out tree, against the node's own layout made
+//! by a plain program (the machine's ceiling for it) and against a server that discards what it
+//! is sent (the transport's ceiling), with the CPU each side spends per point; restart, `ls`,
+//! `stat`, a follower's catch-up against the create, `rm` against removing the plain files, and
+//! the disk given back.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use goutube::client::Client;
 use goutube::proto::{ListPointsRequest, ProduceRequest};
 
-use super::{Server, connect, descriptors, metric, percentile, rss, storage};
+use super::{Server, connect, cpu_seconds, descriptors, metric, percentile, rss, storage};
 
 /// How long `bench points` waits for a compaction to give back the space of removed packed
 /// points.
@@ -145,6 +147,27 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
         }
     };
 
+    // The transport's ceiling: the same produce streams against a server that discards what
+    // it receives (the client, gRPC and the loopback alone, on the same cores as the node).
+    let ceiling = {
+        let server = Server::baseline()?;
+        let client = connect(&server.rpc).await?;
+        let started = Instant::now();
+        let cpu = Cpu::start(server.pid());
+        create_all(&client, count, streams, &payload).await?;
+        let elapsed = started.elapsed();
+        println!(
+            "| ceiling: the same create against a server that discards it ({streams} stream(s)) | {:.3} s | {} | {} | |",
+            elapsed.as_secs_f64(),
+            per_second(count, elapsed),
+            cpu.per_point(count),
+        );
+        // Killed as it is dropped: it keeps nothing to stop cleanly.
+        drop(client);
+        drop(server);
+        elapsed
+    };
+
     // A leader, so that a follower can catch up below; without followers it acknowledges alone.
     let node_storage = format!(
         "{}max_open_points = {max_open}\npacked_max = {packed_max}\n",
@@ -157,19 +180,17 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     report("start (empty)", started.elapsed(), "", &node);
     let client = connect(&node.rpc).await?;
     let started = Instant::now();
-    let share = count.div_ceil(streams);
-    let creates = (0..streams).map(|stream| {
-        let first = (stream * share).min(count);
-        create_points(&client, first..count.min(first + share), &payload)
-    });
-    futures::future::try_join_all(creates).await?;
+    let cpu = Cpu::start(node.pid());
+    create_all(&client, count, streams, &payload).await?;
     let created = started.elapsed();
+    let create_cpu = cpu.per_point(count);
     report(
         &format!("create ({streams} stream(s) at once)"),
         created,
         &per_second(count, created),
         &node,
     );
+    println!("| create: CPU | | | {create_cpu} | |");
     println!(
         "| create / baseline | {:.2}x | | | |",
         baseline.as_secs_f64() / created.as_secs_f64()
@@ -178,6 +199,10 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
         "| create / the node's layout by a plain program (rates) | {:.2}x | | | |",
         (count as f64 / created.as_secs_f64())
             / (layout_count as f64 / layout_ceiling.as_secs_f64())
+    );
+    println!(
+        "| create / the ceiling (rates) | {:.2}x | | | |",
+        ceiling.as_secs_f64() / created.as_secs_f64()
     );
     if let Some(synced) = synced_baseline {
         println!(
@@ -339,6 +364,48 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     }
     node.stop()?;
     std::fs::remove_dir_all(&base)?;
+    Ok(())
+}
+
+/// The CPU time a server and this client (the bench itself) use from [`Cpu::start`] on.
+struct Cpu {
+    server: u32,
+    before: (f64, f64),
+}
+
+impl Cpu {
+    fn start(server: u32) -> Self {
+        Self {
+            server,
+            before: (cpu_seconds(server), cpu_seconds(std::process::id())),
+        }
+    }
+
+    /// Each side's CPU time per point since the start, for `count` points.
+    fn per_point(&self, count: usize) -> String {
+        let server = cpu_seconds(self.server) - self.before.0;
+        let client = cpu_seconds(std::process::id()) - self.before.1;
+        format!(
+            "CPU per point: server {:.0} µs, client {:.0} µs",
+            server * 1e6 / count as f64,
+            client * 1e6 / count as f64
+        )
+    }
+}
+
+/// Creates points `0..count` through `streams` produce streams at once, each with its share.
+async fn create_all(
+    client: &Client,
+    count: usize,
+    streams: usize,
+    payload: &Bytes,
+) -> anyhow::Result<()> {
+    let share = count.div_ceil(streams);
+    let creates = (0..streams).map(|stream| {
+        let first = (stream * share).min(count);
+        create_points(client, first..count.min(first + share), payload)
+    });
+    futures::future::try_join_all(creates).await?;
     Ok(())
 }
 
