@@ -199,6 +199,11 @@ impl Store {
     /// [`Visibility::OnCommit`] that end there or before are served to consumers, and those
     /// still to come up to it will be as they are stored. Nothing for a point not held.
     pub fn commit(&self, id: &PointId, up_to: u64) {
+        // Committed that far already (a point written `Visibility::Now`, which a produce stream
+        // commits after its last frame): a point at rest is not taken into use for nothing.
+        if self.committed(id) >= up_to {
+            return;
+        }
         if let Ok(point) = self.get(id) {
             point.commit(up_to);
         }
