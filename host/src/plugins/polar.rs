@@ -199,6 +199,14 @@ mod tests {
         assert!(!policy.is_allowed("alice", "consume", "cams/1").unwrap());
         assert!(!policy.is_allowed("nobody", "consume", "videos/1").unwrap());
         assert_eq!(policy.everywhere.lock().unwrap().len(), 5);
+        // A remembered answer is used without a query: one planted against the rules wins.
+        policy
+            .everywhere
+            .lock()
+            .unwrap()
+            .insert(("nobody".into(), "admin".into()), true);
+        assert!(policy.is_allowed("nobody", "admin", "p").unwrap());
+        assert!(!policy.is_allowed("nobody", "produce", "p").unwrap());
     }
 
     #[test]

@@ -199,12 +199,10 @@ impl Store {
     /// [`Visibility::OnCommit`] that end there or before are served to consumers, and those
     /// still to come up to it will be as they are stored. Nothing for a point not held.
     pub fn commit(&self, id: &PointId, up_to: u64) {
-        // Committed that far already (a point written `Visibility::Now`, which a produce stream
-        // commits after its last frame): a point at rest is not taken into use for nothing.
-        if self.committed(id) >= up_to {
-            return;
-        }
-        if let Ok(point) = self.get(id) {
+        // A point at rest whose row is committed that far already (written `Visibility::Now`,
+        // and committed again by its produce stream after the last frame) stays at rest.
+        let further = |row: &catalogue::Row| row.stale || row.committed < up_to;
+        if let Ok(Some(point)) = self.found_if(id, further) {
             point.commit(up_to);
         }
     }
@@ -985,6 +983,16 @@ impl Store {
     /// lock of the points in use, so that a removal (which takes the row away under it) is
     /// seen whole or not at all.
     fn found(&self, id: &PointId) -> Result<Option<Arc<Point>>, StorageError> {
+        self.found_if(id, |_| true)
+    }
+
+    /// [`found`](Self::found), but a point at rest is taken into use only if `wanted` says so
+    /// of its row (one read of the row either way).
+    fn found_if(
+        &self,
+        id: &PointId,
+        wanted: impl FnOnce(&catalogue::Row) -> bool,
+    ) -> Result<Option<Arc<Point>>, StorageError> {
         let mut live = self.inner.live.write().expect("poisoned");
         if let Some(point) = live.get(id) {
             return Ok(Some(point.clone()));
@@ -992,6 +1000,9 @@ impl Store {
         let Some(row) = self.inner.shared.catalogue.row(id)? else {
             return Ok(None);
         };
+        if !wanted(&row) {
+            return Ok(None);
+        }
         let point = Arc::new(Point::from_row(&self.inner.shared, id.clone(), row));
         live.insert(id.clone(), point.clone());
         self.sweep_if_many(&mut live);

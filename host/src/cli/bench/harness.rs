@@ -195,7 +195,7 @@ pub(super) fn proc_path(pid: u32, name: &str) -> PathBuf {
 
 /// User and system CPU time `pid` has used, in seconds.
 pub(super) fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    let ticks = std::fs::read_to_string(proc_path(pid, "stat"))
         .ok()
         .and_then(|stat| {
             // Fields after the command name (which may hold spaces) end with ')'.
