@@ -820,6 +820,9 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
         (held.stored_size, held.stored_crc32c),
         (Some(record.end), Some(record.crc32c))
     );
+    // And the leader serves it from the acknowledgement on (the produce call commits it).
+    let served = metadata(&mut to_leader, "p").await.unwrap();
+    assert_eq!((served.size, served.crc32c), (record.end, record.crc32c));
 
     // Without the follower the produce fails after the timeout, but the data stays and follows.
     let TestNode { node, dir } = f;

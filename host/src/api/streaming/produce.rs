@@ -17,7 +17,7 @@ use crate::access::Action;
 use crate::error::Error;
 use crate::metrics;
 use crate::net::PeerInfo;
-use crate::point::{Appended, PointId};
+use crate::point::{Appended, PointId, Visibility};
 use crate::proto::{
     self, DeletePointRequest, DeletePointResponse, ProduceRequest, ProduceResponse,
 };
@@ -117,17 +117,26 @@ impl StreamingService {
         received?;
         let ends: Vec<(PointId, u64)> = last
             .iter()
-            .map(|(&slot, appended)| (points[slot].clone(), appended.end))
+            .map(|(&slot, written)| (points[slot].clone(), written.appended.end))
             .collect();
         state.wait_for_replicas(&ends).await?;
-        for (point, end) in &ends {
-            state.store.commit(point, *end);
+        // A point whose last append was served at once is committed to its end already (a
+        // point at rest again, most often, among a stream's many small ones).
+        let to_commit = last
+            .iter()
+            .filter(|(_, written)| written.visibility == Visibility::OnCommit)
+            .map(|(&slot, written)| (&points[slot], written.appended.end));
+        for (point, end) in to_commit {
+            state.store.commit(point, end);
         }
         let records = points
             .into_iter()
             .enumerate()
             .map(|(slot, id)| {
-                let appended = last.get(&slot).copied().unwrap_or_default();
+                let appended = last
+                    .get(&slot)
+                    .map(|written| written.appended)
+                    .unwrap_or_default();
                 proto::Record {
                     point: id.as_str().to_owned(),
                     offset: appended.start,
@@ -287,7 +296,7 @@ struct Frame {
 async fn write_frames(
     state: Arc<Context>,
     mut frames: mpsc::Receiver<Frame>,
-) -> Result<HashMap<usize, Appended>, Error> {
+) -> Result<HashMap<usize, Written>, Error> {
     let mut writes = Writes::new(&state);
     let mut pending = None;
     let mut in_flight = FuturesUnordered::new();
@@ -377,27 +386,49 @@ fn gather(first: Frame, frames: &mut mpsc::Receiver<Frame>, pending: &mut Option
 }
 
 /// What an append in flight comes back with: its place in the stream, its point's slot and
-/// name, its size, and its outcome.
-type Done = (u64, usize, PointId, u64, Result<Vec<Appended>, Error>);
+/// name, its size, when its bytes are served, and its outcome.
+type Done = (
+    u64,
+    usize,
+    PointId,
+    u64,
+    Visibility,
+    Result<Vec<Appended>, Error>,
+);
+
+/// A point's last append in a stream, and when its bytes are served.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    appended: Appended,
+    visibility: Visibility,
+}
 
 async fn append(state: Arc<Context>, sequence: u64, batch: Batch) -> Done {
+    let visibility = state.visibility();
     let appended = state
         .gate
         .append(
             &batch.point,
-            (batch.expected_offset, state.visibility()),
+            (batch.expected_offset, visibility),
             batch.frames,
             &state.services.lifetime.abort,
         )
         .await
         .map_err(Error::from);
-    (sequence, batch.slot, batch.point, batch.size, appended)
+    (
+        sequence,
+        batch.slot,
+        batch.point,
+        batch.size,
+        visibility,
+        appended,
+    )
 }
 
 /// The writer's account of a stream's appends.
 struct Writes {
     /// The last append of each point's slot.
-    last: HashMap<usize, Appended>,
+    last: HashMap<usize, Written>,
     /// The slots with an append in flight, and its bytes.
     busy: HashSet<usize>,
     bytes: u64,
@@ -417,13 +448,21 @@ impl Writes {
         }
     }
 
-    async fn finished(&mut self, state: &Context, (sequence, slot, point, size, appended): Done) {
+    async fn finished(
+        &mut self,
+        state: &Context,
+        (sequence, slot, point, size, visibility, appended): Done,
+    ) {
         self.busy.remove(&slot);
         self.bytes -= size;
         match appended {
             Ok(appended) => {
                 if let Some(&appended) = appended.last() {
-                    self.last.insert(slot, appended);
+                    let written = Written {
+                        appended,
+                        visibility,
+                    };
+                    self.last.insert(slot, written);
                     self.pace.wrote(state, size, (&point, appended.end)).await;
                 }
             }
