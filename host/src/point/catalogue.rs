@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
 };
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,9 @@ pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// The table of rows: a point's id to its [`Row`] (JSON).
 const POINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("points");
+
+/// The table of rows as one read of the B-tree sees it.
+type RowsRead = ReadOnlyTable<&'static str, &'static [u8]>;
 
 /// The ids of the points whose row has a handover record (`ownership.rs`): what the mover's
 /// cleanup and planning look at, without a walk over every point.
@@ -186,6 +190,14 @@ impl Row {
 /// The catalogue of a store; see the module's documentation.
 pub(super) struct Catalogue {
     db: RwLock<Tree>,
+    /// Where the B-tree is (`dir/points.redb`).
+    path: PathBuf,
+    /// One read of the rows, shared by the lookups of single rows ([`row`](Self::row)) until
+    /// the next write commits: a point's creation looks its row up two or three times, and a
+    /// read transaction of its own for each cost more than the lookup. Let go of after every
+    /// commit of rows, before they leave `pending`, so a lookup that misses them there finds
+    /// them here; and when the tree is lost or closed.
+    rows_read: Mutex<Option<Arc<RowsRead>>>,
     dir: PathBuf,
     fsync: Fsync,
     log: Mutex<TouchLog>,
@@ -366,6 +378,8 @@ impl Catalogue {
         remove_touch_logs_before(dir, generation)?;
         Ok(Catalogue {
             db: RwLock::new(Tree::Open(db)),
+            path: dir.join("points.redb"),
+            rows_read: Mutex::new(None),
             dir: dir.to_owned(),
             fsync,
             log: Mutex::new(TouchLog {
@@ -505,30 +519,47 @@ impl Catalogue {
         })
     }
 
-    fn path(&self) -> PathBuf {
-        self.dir.join("points.redb")
-    }
-
     /// Runs `op` on the B-tree (opened again first if a write lost it), unless the store
     /// closed.
     fn with_db<T>(
         &self,
         op: impl FnOnce(&Database, &Path) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
-        let path = self.path();
+        let path = &self.path;
         if matches!(*self.db.read().expect("poisoned"), Tree::Lost) {
             let mut tree = self.db.write().expect("poisoned");
             if matches!(*tree, Tree::Lost) {
-                *tree = Tree::Open(open_tree(&path)?);
+                *tree = Tree::Open(open_tree(path)?);
                 tracing::info!(path = %path.display(), "the catalogue is open again");
             }
         }
         match &*self.db.read().expect("poisoned") {
-            Tree::Open(db) => op(db, &path),
+            Tree::Open(db) => op(db, path),
             Tree::Lost | Tree::Closed => Err(StorageError::io("using", path)(
                 std::io::Error::other("the store is closed"),
             )),
         }
+    }
+
+    /// The shared read of the rows (`rows_read`), begun if there is none.
+    fn read_rows(&self, db: &Database, path: &Path) -> Result<Arc<RowsRead>, StorageError> {
+        let mut shared = self.rows_read.lock().expect("poisoned");
+        if let Some(read) = &*shared {
+            return Ok(read.clone());
+        }
+        let read = db.begin_read().map_err(catalogue_error("reading", path))?;
+        let table = Arc::new(
+            read.open_table(POINTS)
+                .map_err(catalogue_error("reading", path))?,
+        );
+        *shared = Some(table.clone());
+        Ok(table)
+    }
+
+    /// Lets go of the shared read of the rows: a write committed, or the tree is going (the
+    /// caller holds it for writing then, so no lookup holds the read meanwhile).
+    fn forget_rows_read(&self) {
+        *self.rows_read.lock().expect("poisoned") = None;
     }
 
     /// After a write to the B-tree failed: closed (redb refuses every later use), to be opened
@@ -538,6 +569,8 @@ impl Catalogue {
         tracing::error!(%error, "a write to the catalogue failed; it is opened again at its next use");
         let mut tree = self.db.write().expect("poisoned");
         if let Tree::Open(_) = *tree {
+            // Its reads first: the file is opened again only once nothing holds it.
+            self.forget_rows_read();
             *tree = Tree::Lost;
         }
         drop(tree);
@@ -554,10 +587,7 @@ impl Catalogue {
             return Ok(row.clone());
         }
         self.with_db(|db, path| {
-            let read = db.begin_read().map_err(catalogue_error("reading", path))?;
-            let table = read
-                .open_table(POINTS)
-                .map_err(catalogue_error("reading", path))?;
+            let table = self.read_rows(db, path)?;
             let row = table
                 .get(id.as_str())
                 .map_err(catalogue_error("reading", path))?;
@@ -886,6 +916,9 @@ impl Catalogue {
             self.lose_tree(&error);
             return Err(error);
         }
+        // Before the rows leave `pending` (below): a lookup that no longer finds them there
+        // reads a tree that has them.
+        self.forget_rows_read();
         if let (Durability::Immediate, Some(covered)) = (durability, covered) {
             *self.covered.lock().expect("poisoned") = covered;
         }
@@ -937,7 +970,9 @@ impl Catalogue {
                 sync_dir(&self.dir).map_err(StorageError::io("syncing", &self.dir))?;
             }
             drop(log);
-            *self.db.write().expect("poisoned") = Tree::Closed;
+            let mut tree = self.db.write().expect("poisoned");
+            self.forget_rows_read();
+            *tree = Tree::Closed;
         }
         Ok(())
     }
@@ -1470,6 +1505,60 @@ mod tests {
                 .arg(self.0.path())
                 .status();
         }
+    }
+
+    #[test]
+    fn a_lookup_reads_every_row_a_flush_or_checkpoint_moved_from_pending_to_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let (catalogue_dir, points) = (dir.path().join("catalogue"), dir.path().join("points"));
+        let catalogue = Catalogue::open(&catalogue_dir, &points, Fsync::Never).unwrap();
+        // A lookup that finds nothing leaves a shared read of the tree behind.
+        assert_eq!(catalogue.row(&point(1)).unwrap(), None);
+        catalogue.settle(&point(1), &row(1, 10));
+        catalogue.flush().unwrap();
+        assert!(
+            catalogue.pending.lock().unwrap().is_empty(),
+            "read from the tree"
+        );
+        assert_eq!(catalogue.row(&point(1)).unwrap(), Some(row(1, 10)));
+        catalogue.remove(&point(1));
+        catalogue.flush().unwrap();
+        assert_eq!(catalogue.row(&point(1)).unwrap(), None);
+        catalogue.settle(&point(2), &row(2, 5));
+        catalogue.checkpoint(false).unwrap();
+        assert_eq!(catalogue.row(&point(2)).unwrap(), Some(row(2, 5)));
+
+        // Lookups racing the flushes: a row written before a lookup starts is found, whether
+        // it still waits in `pending` or was moved to the tree meanwhile.
+        let catalogue = Arc::new(catalogue);
+        let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        const ROWS: usize = 3_000;
+        let writer = {
+            let (catalogue, written) = (catalogue.clone(), written.clone());
+            std::thread::spawn(move || {
+                for i in 10..ROWS {
+                    catalogue.settle(&point(i), &row(i, i as u64));
+                    written.store(i, Ordering::SeqCst);
+                    if i % 7 == 0 {
+                        catalogue.flush().unwrap();
+                    }
+                }
+            })
+        };
+        let mut looked = 0;
+        while written.load(Ordering::SeqCst) < ROWS - 1 {
+            let last = written.load(Ordering::SeqCst);
+            if last < 10 {
+                continue;
+            }
+            for i in [last, (last + 10) / 2, 10] {
+                let found = catalogue.row(&point(i)).unwrap();
+                assert_eq!(found, Some(row(i, i as u64)), "{}", point(i));
+                looked += 1;
+            }
+        }
+        writer.join().unwrap();
+        assert!(looked > 0);
     }
 
     #[test]
