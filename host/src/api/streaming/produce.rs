@@ -385,16 +385,19 @@ fn gather(first: Frame, frames: &mut mpsc::Receiver<Frame>, pending: &mut Option
     batch
 }
 
-/// What an append in flight comes back with: its place in the stream, its point's slot and
-/// name, its size, when its bytes are served, and its outcome.
-type Done = (
-    u64,
-    usize,
-    PointId,
-    u64,
-    Visibility,
-    Result<Vec<Appended>, Error>,
-);
+/// What an append in flight comes back with.
+struct Done {
+    /// Its place in the stream.
+    sequence: u64,
+    /// Its point's slot and name.
+    slot: usize,
+    point: PointId,
+    /// Its bytes.
+    size: u64,
+    /// When its bytes are served.
+    visibility: Visibility,
+    outcome: Result<Vec<Appended>, Error>,
+}
 
 /// A point's last append in a stream, and when its bytes are served.
 #[derive(Debug, Clone, Copy)]
@@ -405,7 +408,7 @@ struct Written {
 
 async fn append(state: Arc<Context>, sequence: u64, batch: Batch) -> Done {
     let visibility = state.visibility();
-    let appended = state
+    let outcome = state
         .gate
         .append(
             &batch.point,
@@ -415,14 +418,14 @@ async fn append(state: Arc<Context>, sequence: u64, batch: Batch) -> Done {
         )
         .await
         .map_err(Error::from);
-    (
+    Done {
         sequence,
-        batch.slot,
-        batch.point,
-        batch.size,
+        slot: batch.slot,
+        point: batch.point,
+        size: batch.size,
         visibility,
-        appended,
-    )
+        outcome,
+    }
 }
 
 /// The writer's account of a stream's appends.
@@ -448,14 +451,18 @@ impl Writes {
         }
     }
 
-    async fn finished(
-        &mut self,
-        state: &Context,
-        (sequence, slot, point, size, visibility, appended): Done,
-    ) {
+    async fn finished(&mut self, state: &Context, done: Done) {
+        let Done {
+            sequence,
+            slot,
+            point,
+            size,
+            visibility,
+            outcome,
+        } = done;
         self.busy.remove(&slot);
         self.bytes -= size;
-        match appended {
+        match outcome {
             Ok(appended) => {
                 if let Some(&appended) = appended.last() {
                     let written = Written {
