@@ -820,7 +820,8 @@ async fn ack_replicas_waits_for_followers_and_times_out_without_them() {
         (held.stored_size, held.stored_crc32c),
         (Some(record.end), Some(record.crc32c))
     );
-    // And the leader serves it from the acknowledgement on (the produce call commits it).
+    // And the leader serves it from the acknowledgement on: committed before the answer, by
+    // the produce call or by the follower's confirmation, whichever came first.
     let served = metadata(&mut to_leader, "p").await.unwrap();
     assert_eq!((served.size, served.crc32c), (record.end, record.crc32c));
 

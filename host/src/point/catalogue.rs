@@ -37,6 +37,9 @@ use super::{Fsync, Handover, PointId, Snapshot, StorageError, Summary};
 /// How often rows become durable and the touch log starts again.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// The B-tree's file, in the catalogue's directory.
+const TREE_FILE: &str = "points.redb";
+
 /// The table of rows: a point's id to its [`Row`] (JSON).
 const POINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("points");
 
@@ -190,7 +193,7 @@ impl Row {
 /// The catalogue of a store; see the module's documentation.
 pub(super) struct Catalogue {
     db: RwLock<Tree>,
-    /// Where the B-tree is (`dir/points.redb`).
+    /// Where the B-tree is (`dir/`[`TREE_FILE`]).
     path: PathBuf,
     /// One read of the rows, shared by the lookups of single rows ([`row`](Self::row)) until
     /// the next write commits: a point's creation looks its row up two or three times, and a
@@ -264,7 +267,7 @@ impl Catalogue {
     /// again from their files. Blocking.
     pub(super) fn open(dir: &Path, points: &Path, fsync: Fsync) -> Result<Catalogue, StorageError> {
         std::fs::create_dir_all(dir).map_err(StorageError::io("creating", dir))?;
-        let path = dir.join("points.redb");
+        let path = dir.join(TREE_FILE);
         let existed = path.exists();
         Self::start(open_tree(&path)?, existed, dir, points, fsync)
     }
@@ -277,7 +280,7 @@ impl Catalogue {
         points: &Path,
         fsync: Fsync,
     ) -> Result<Catalogue, StorageError> {
-        let path = dir.join("points.redb");
+        let path = dir.join(TREE_FILE);
         let indexed = {
             let read = db.begin_read().map_err(catalogue_error("reading", &path))?;
             let mut indexed = true;
@@ -378,7 +381,7 @@ impl Catalogue {
         remove_touch_logs_before(dir, generation)?;
         Ok(Catalogue {
             db: RwLock::new(Tree::Open(db)),
-            path: dir.join("points.redb"),
+            path: dir.join(TREE_FILE),
             rows_read: Mutex::new(None),
             dir: dir.to_owned(),
             fsync,
@@ -1403,7 +1406,7 @@ mod tests {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .open(catalogue_dir.join("points.redb"))
+            .open(catalogue_dir.join(TREE_FILE))
             .unwrap();
         let backend = Crashing {
             file: FileBackend::new(file),

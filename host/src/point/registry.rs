@@ -199,8 +199,8 @@ impl Store {
     /// [`Visibility::OnCommit`] that end there or before are served to consumers, and those
     /// still to come up to it will be as they are stored. Nothing for a point not held.
     pub fn commit(&self, id: &PointId, up_to: u64) {
-        // A point at rest whose row is committed that far already (written `Visibility::Now`,
-        // and committed again by its produce stream after the last frame) stays at rest.
+        // A point at rest whose row is committed that far already stays at rest (the
+        // followers' confirmations and the controller's agent commit many points at once).
         let further = |row: &catalogue::Row| row.stale || row.committed < up_to;
         if let Ok(Some(point)) = self.found_if(id, further) {
             point.commit(up_to);

@@ -1142,8 +1142,8 @@ async fn points_not_in_use_are_let_go_and_stat_opens_none() {
     }
     let live = |store: &Store| store.inner.live.read().unwrap().len();
     eventually("unused points let go", || live(&store) == 0).await;
-    // A produce stream commits each point it wrote after its last frame: points committed that
-    // far already stay at rest.
+    // A commit of points committed that far already (many at once, as the followers'
+    // confirmations and the controller's agent make) leaves them at rest.
     for i in 0..200u64 {
         store.commit(&id(&format!("many/{i:03}")), 64 + i);
     }
