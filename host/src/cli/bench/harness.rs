@@ -79,7 +79,8 @@ pub(super) async fn owner(client: &Client, point: &str) -> anyhow::Result<String
     Ok(first.name)
 }
 
-/// The sum of the samples of metric `name` (all its labels) on `server`'s metrics endpoint.
+/// The sum of the samples of metric `name` (all its labels) on `server`'s metrics endpoint;
+/// `name{label="value"}` sums those with that one label only.
 pub(super) async fn metric(server: &Server, name: &str) -> anyhow::Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(&server.metrics).await?;
@@ -91,8 +92,9 @@ pub(super) async fn metric(server: &Server, name: &str) -> anyhow::Result<f64> {
     Ok(response
         .lines()
         .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            line.strip_prefix(name).is_some_and(|rest| {
+                rest.starts_with(' ') || (!name.ends_with('}') && rest.starts_with('{'))
+            })
         })
         .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum())

@@ -1,9 +1,9 @@
 //! `goutube bench points`: many small points on one node (issue 25): create (one or several
 //! produce streams) against plain files in a fan-out tree, against the node's own layout made
 //! by a plain program (the machine's ceiling for it) and against a server that discards what it
-//! is sent (the transport's ceiling), with the CPU each side spends per point; restart, `ls`,
-//! `stat`, a follower's catch-up against the create, `rm` against removing the plain files, and
-//! the disk given back.
+//! is sent (the transport's ceiling), with the CPU each side spends per point and the node's
+//! shared trips to the blocking pool per point; restart, `ls`, `stat`, a follower's catch-up
+//! against the create, `rm` against removing the plain files, and the disk given back.
 
 use std::time::{Duration, Instant};
 
@@ -181,9 +181,11 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     let client = connect(&node.rpc).await?;
     let started = Instant::now();
     let cpu = Cpu::start(node.pid());
+    let trips = Trips::start(&node).await?;
     create_all(&client, count, streams, &payload).await?;
     let created = started.elapsed();
     let create_cpu = cpu.per_point(count);
+    let create_trips = trips.per_point(&node, count).await?;
     report(
         &format!("create ({streams} stream(s) at once)"),
         created,
@@ -191,6 +193,7 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
         &node,
     );
     println!("| create: CPU | | | {create_cpu} | |");
+    println!("| create: shared trips to the blocking pool | | | {create_trips} | |");
     println!(
         "| create / baseline | {:.2}x | | | |",
         baseline.as_secs_f64() / created.as_secs_f64()
@@ -390,6 +393,43 @@ impl Cpu {
             server * 1e6 / count as f64,
             client * 1e6 / count as f64
         )
+    }
+}
+
+/// The node's shared trips to the blocking pool (`goutube_blocking_trips_total`, per queue of
+/// `askers`) from [`Trips::start`] on: each is a thread hand-off there and back, for however
+/// many calls it runs. File work that syncs (`fsync` other than `"never"`) takes trips of its
+/// own, not counted here.
+struct Trips {
+    before: [f64; 2],
+}
+
+impl Trips {
+    const QUEUES: [&str; 2] = ["plugins", "storage"];
+
+    async fn start(node: &Server) -> anyhow::Result<Self> {
+        Ok(Self {
+            before: Self::now(node).await?,
+        })
+    }
+
+    async fn now(node: &Server) -> anyhow::Result<[f64; 2]> {
+        let mut trips = [0.0; 2];
+        for (trips, queue) in trips.iter_mut().zip(Self::QUEUES) {
+            let name = format!("{}{{queue=\"{queue}\"}}", goutube::metrics::BLOCKING_TRIPS);
+            *trips = metric(node, &name).await?;
+        }
+        Ok(trips)
+    }
+
+    /// Each queue's trips per point since the start, for `count` points.
+    async fn per_point(&self, node: &Server, count: usize) -> anyhow::Result<String> {
+        let now = Self::now(node).await?;
+        let [plugins, storage] =
+            [0, 1].map(|queue| (now[queue] - self.before[queue]) / count as f64);
+        Ok(format!(
+            "per point: plugins {plugins:.2}, storage {storage:.2}"
+        ))
     }
 }
 
