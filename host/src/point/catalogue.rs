@@ -381,7 +381,7 @@ impl Catalogue {
         remove_touch_logs_before(dir, generation)?;
         Ok(Catalogue {
             db: RwLock::new(Tree::Open(db)),
-            path: dir.join(TREE_FILE),
+            path,
             rows_read: Mutex::new(None),
             dir: dir.to_owned(),
             fsync,

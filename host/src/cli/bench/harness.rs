@@ -79,9 +79,13 @@ pub(super) async fn owner(client: &Client, point: &str) -> anyhow::Result<String
     Ok(first.name)
 }
 
-/// The sum of the samples of metric `name` (all its labels) on `server`'s metrics endpoint;
-/// `name{label="value"}` sums those with that one label only.
+/// The sum of the samples of metric `name` (all its labels) on `server`'s metrics endpoint.
 pub(super) async fn metric(server: &Server, name: &str) -> anyhow::Result<f64> {
+    sample(&scrape(server).await?, name)
+}
+
+/// What `server`'s metrics endpoint exports now (Prometheus text).
+pub(super) async fn scrape(server: &Server) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(&server.metrics).await?;
     socket
@@ -89,7 +93,14 @@ pub(super) async fn metric(server: &Server, name: &str) -> anyhow::Result<f64> {
         .await?;
     let mut response = String::new();
     socket.read_to_string(&mut response).await?;
-    Ok(response
+    Ok(response)
+}
+
+/// The sum of the samples of metric `name` (all its labels) in `exported`;
+/// `name{label="value"}` sums those with that one label only. A node exports every metric
+/// from its start (at zero), so finding none is an error (a metric or label renamed), not 0.
+pub(super) fn sample(exported: &str, name: &str) -> anyhow::Result<f64> {
+    let samples: Vec<f64> = exported
         .lines()
         .filter(|line| {
             line.strip_prefix(name).is_some_and(|rest| {
@@ -97,7 +108,9 @@ pub(super) async fn metric(server: &Server, name: &str) -> anyhow::Result<f64> {
             })
         })
         .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum())
+        .collect();
+    anyhow::ensure!(!samples.is_empty(), "the node exports no metric {name}");
+    Ok(samples.iter().sum())
 }
 
 /// A server child process (a goutube node or the baseline), through the shared harness.
@@ -257,5 +270,32 @@ impl RssSampler {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.thread.join();
         self.peak.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample;
+
+    #[test]
+    fn a_sample_is_summed_over_labels_or_picked_by_one_and_a_missing_one_is_an_error() {
+        let exported = "# TYPE goutube_blocking_trips_total counter\n\
+            goutube_blocking_trips_total{queue=\"plugins\"} 7\n\
+            goutube_blocking_trips_total{queue=\"storage\"} 3\n\
+            goutube_blocking_trips_total_other 100\n\
+            goutube_replicated_bytes_total 12\n";
+        let trips = "goutube_blocking_trips_total";
+        assert_eq!(sample(exported, trips).unwrap(), 10.0);
+        assert_eq!(
+            sample(exported, &format!("{trips}{{queue=\"storage\"}}")).unwrap(),
+            3.0
+        );
+        assert_eq!(
+            sample(exported, "goutube_replicated_bytes_total").unwrap(),
+            12.0
+        );
+        // A label value nobody exports, and a name nobody exports.
+        assert!(sample(exported, &format!("{trips}{{queue=\"disk\"}}")).is_err());
+        assert!(sample(exported, "goutube_blocking_trips").is_err());
     }
 }

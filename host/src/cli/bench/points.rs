@@ -17,7 +17,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use goutube::client::Client;
 use goutube::proto::{ListPointsRequest, ProduceRequest};
 
-use super::{Server, connect, cpu_seconds, descriptors, metric, percentile, rss, storage};
+use super::{
+    Server, connect, cpu_seconds, descriptors, metric, percentile, rss, sample, scrape, storage,
+};
 
 /// How long `bench points` waits for a compaction to give back the space of removed packed
 /// points.
@@ -179,9 +181,10 @@ pub(super) async fn run(shape: Shape) -> anyhow::Result<()> {
     let data = work.path().join("bench-data");
     report("start (empty)", started.elapsed(), "", &node);
     let client = connect(&node.rpc).await?;
+    // Read before the clock and the CPU count start: the scrape is not the create's work.
+    let trips = Trips::start(&node).await?;
     let started = Instant::now();
     let cpu = Cpu::start(node.pid());
-    let trips = Trips::start(&node).await?;
     create_all(&client, count, streams, &payload).await?;
     let created = started.elapsed();
     let create_cpu = cpu.per_point(count);
@@ -413,11 +416,13 @@ impl Trips {
         })
     }
 
+    /// Each queue's trips so far, from one scrape.
     async fn now(node: &Server) -> anyhow::Result<[f64; 2]> {
+        let exported = scrape(node).await?;
         let mut trips = [0.0; 2];
         for (trips, queue) in trips.iter_mut().zip(Self::QUEUES) {
             let name = format!("{}{{queue=\"{queue}\"}}", goutube::metrics::BLOCKING_TRIPS);
-            *trips = metric(node, &name).await?;
+            *trips = sample(&exported, &name)?;
         }
         Ok(trips)
     }
@@ -426,7 +431,7 @@ impl Trips {
     async fn per_point(&self, node: &Server, count: usize) -> anyhow::Result<String> {
         let now = Self::now(node).await?;
         let [plugins, storage] =
-            [0, 1].map(|queue| (now[queue] - self.before[queue]) / count as f64);
+            std::array::from_fn(|queue| (now[queue] - self.before[queue]) / count as f64);
         Ok(format!(
             "per point: plugins {plugins:.2}, storage {storage:.2}"
         ))
