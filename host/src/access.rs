@@ -133,7 +133,7 @@ impl Access {
     pub async fn decide(&self, peer: &PeerInfo, action: Action, point: &str) -> Decision {
         let key = cache_key(&peer.subject, action, point);
         if let Some(decision) = self.decisions.get(&key, 0) {
-            ::metrics::counter!(crate::metrics::AUTHZ_CACHE_HITS).increment(1);
+            crate::metrics::hot().authz_cache_hits.increment(1);
             return decision;
         }
         let request = types::AuthzRequest {

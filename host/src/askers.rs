@@ -84,8 +84,7 @@ impl Askers {
                     asking: self.asking.clone(),
                     stopped: false,
                 };
-                ::metrics::counter!(crate::metrics::BLOCKING_TRIPS, "queue" => self.queue)
-                    .increment(1);
+                crate::metrics::hot().trip(self.queue);
                 tokio::task::spawn_blocking(move || asker.run());
             }
             match tokio::time::timeout(ASKER_STALLED, &mut answered).await {

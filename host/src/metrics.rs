@@ -4,7 +4,9 @@
 //! process-wide (the `metrics` crate has one global recorder), installed once by the first node
 //! that starts; every node in the process serves the same registry (the `http` module).
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
+
+use metrics::{Counter, Histogram};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -248,6 +250,111 @@ pub fn render() -> String {
     handle.render()
 }
 
+/// Handles of the series recorded for every small point created (each frame, append, plugin
+/// call and trip to the blocking pool): taken once, when the recorder is installed, so those
+/// paths skip the registry's lookup by name and labels (a key built and hashed each time).
+pub struct Hot {
+    /// [`PRODUCED_FRAMES`].
+    pub produced_frames: Counter,
+    /// [`PRODUCED_BYTES`].
+    pub produced_bytes: Counter,
+    /// [`APPENDS`].
+    pub appends: Counter,
+    /// [`APPENDED_BYTES`].
+    pub appended_bytes: Counter,
+    /// [`AUTHZ_CACHE_HITS`].
+    pub authz_cache_hits: Counter,
+    /// [`BLOCKING_TRIPS`] of the `plugins` queue.
+    trips_plugins: Counter,
+    /// [`BLOCKING_TRIPS`] of the `storage` queue.
+    trips_storage: Counter,
+    /// The calls each plugin answers, by plugin and call.
+    plugin_calls: Vec<PluginCall>,
+}
+
+/// [`PLUGIN_CALLS`] and [`PLUGIN_CALL_SECONDS`] of one call of one plugin.
+#[derive(Clone)]
+pub struct PluginCall {
+    plugin: &'static str,
+    call: &'static str,
+    /// Calls made.
+    pub calls: Counter,
+    /// How long they took.
+    pub seconds: Histogram,
+}
+
+/// Every plugin call the node makes, by plugin.
+const PLUGIN_CALL_NAMES: &[(&str, &str)] = &[
+    ("authorizer", "authorize"),
+    ("placement", "owners"),
+    ("bundler", "bundle"),
+    ("bundler", "unbundle"),
+];
+
+impl Hot {
+    /// The handles, from the recorder installed now (none yet: handles that record nowhere).
+    fn take() -> Self {
+        let trips = |queue: &'static str| metrics::counter!(BLOCKING_TRIPS, "queue" => queue);
+        Self {
+            produced_frames: metrics::counter!(PRODUCED_FRAMES),
+            produced_bytes: metrics::counter!(PRODUCED_BYTES),
+            appends: metrics::counter!(APPENDS),
+            appended_bytes: metrics::counter!(APPENDED_BYTES),
+            authz_cache_hits: metrics::counter!(AUTHZ_CACHE_HITS),
+            trips_plugins: trips("plugins"),
+            trips_storage: trips("storage"),
+            plugin_calls: PLUGIN_CALL_NAMES
+                .iter()
+                .map(|&(plugin, call)| PluginCall::take(plugin, call))
+                .collect(),
+        }
+    }
+
+    /// Counts a trip of `queue` to the blocking pool ([`BLOCKING_TRIPS`]).
+    pub fn trip(&self, queue: &'static str) {
+        match queue {
+            "plugins" => self.trips_plugins.increment(1),
+            "storage" => self.trips_storage.increment(1),
+            queue => metrics::counter!(BLOCKING_TRIPS, "queue" => queue).increment(1),
+        }
+    }
+
+    /// The series of `plugin`'s `call`.
+    pub fn plugin_call(&self, plugin: &'static str, call: &'static str) -> PluginCall {
+        match self
+            .plugin_calls
+            .iter()
+            .find(|known| known.plugin == plugin && known.call == call)
+        {
+            Some(known) => known.clone(),
+            // A call not listed in PLUGIN_CALL_NAMES: looked up by name.
+            None => PluginCall::take(plugin, call),
+        }
+    }
+}
+
+impl PluginCall {
+    fn take(plugin: &'static str, call: &'static str) -> Self {
+        let labels = [("plugin", plugin), ("call", call)];
+        Self {
+            plugin,
+            call,
+            calls: metrics::counter!(PLUGIN_CALLS, &labels),
+            seconds: metrics::histogram!(PLUGIN_CALL_SECONDS, &labels),
+        }
+    }
+}
+
+/// The handles of the hot series ([`Hot`]): those of the installed recorder, or, before one is
+/// installed, handles that record nowhere.
+pub fn hot() -> &'static Hot {
+    static NOWHERE: LazyLock<Hot> = LazyLock::new(Hot::take);
+    HOT.get().unwrap_or_else(|| &NOWHERE)
+}
+
+/// The handles of the installed recorder, taken as it is installed.
+static HOT: OnceLock<Hot> = OnceLock::new();
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -267,6 +374,7 @@ pub fn handle() -> PrometheusHandle {
             }
             describe();
             register();
+            let _ = HOT.set(Hot::take());
             handle
         })
         .clone()

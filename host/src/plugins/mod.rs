@@ -60,7 +60,8 @@ pub enum PluginError {
         plugin: Arc<str>,
         /// Its deadline.
         timeout: Duration,
-        /// How long its thread ran on a CPU meanwhile, when measured: far less than `timeout`
+        /// How long its thread ran on a CPU meanwhile (from the call's first tick, within a
+        /// tick of its start), when measured: far less than `timeout`
         /// says the thread waited (a machine short of CPU, a page fault, a lock), not that the
         /// plugin computed for long.
         on_cpu: Option<Duration>,
@@ -420,8 +421,8 @@ impl<K: Kind> Plugin<K> {
         f: impl FnOnce(&K::Bindings, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let started = Instant::now();
-        let labels = [("plugin", K::NAME), ("call", function)];
-        ::metrics::counter!(crate::metrics::PLUGIN_CALLS, &labels).increment(1);
+        let recorded = crate::metrics::hot().plugin_call(K::NAME, function);
+        recorded.calls.increment(1);
         let pooled = self.idle.lock().expect("poisoned").pop();
         let mut instance = match pooled {
             Some(instance) => instance,
@@ -430,10 +431,8 @@ impl<K: Kind> Plugin<K> {
                 .inspect_err(|_| self.count_error("instantiate"))?,
         };
         runtime::set_deadline(&mut instance.store, self.timeout);
-        let cpu_before = runtime::thread_cpu_time();
         let result = f(&instance.bindings, &mut instance.store);
-        ::metrics::histogram!(crate::metrics::PLUGIN_CALL_SECONDS, &labels)
-            .record(started.elapsed().as_secs_f64());
+        recorded.seconds.record(started.elapsed().as_secs_f64());
         let last_words = instance.store.data_mut().flush_output();
         match result {
             Ok(value) => {
@@ -447,9 +446,7 @@ impl<K: Kind> Plugin<K> {
                 // The instance is poisoned: drop it; the next call instantiates a fresh one.
                 let mut error = self.classify(error, &instance.store, last_words);
                 if let PluginError::Timeout { on_cpu, .. } = &mut error {
-                    *on_cpu = cpu_before
-                        .zip(runtime::thread_cpu_time())
-                        .map(|(before, after)| after.saturating_sub(before));
+                    *on_cpu = instance.store.data().on_cpu;
                 }
                 self.count_error(match error {
                     PluginError::Timeout { .. } => "timeout",

@@ -75,21 +75,39 @@ pub fn engine() -> &'static Engine {
 }
 
 /// A store for one instance of a plugin, its deadline checked against the clock at each tick.
+///
+/// The ticks also time the call's thread on a CPU, for the message of a timeout: its CPU time
+/// at the call's first tick, and again when the deadline interrupts it. A call that ends
+/// before its first tick, nearly every call, costs no such reading.
 pub fn store(state: StoreState) -> Store<StoreState> {
     let mut store = Store::new(engine(), state);
     store.limiter(|state| &mut state.limits);
-    store.epoch_deadline_callback(|context| {
-        Ok(match context.data().deadline {
-            Some(deadline) if Instant::now() >= deadline => UpdateDeadline::Interrupt,
-            _ => UpdateDeadline::Continue(1),
-        })
+    store.epoch_deadline_callback(|mut context| {
+        let state = context.data_mut();
+        let Some(deadline) = state.deadline else {
+            return Ok(UpdateDeadline::Continue(1));
+        };
+        if Instant::now() < deadline {
+            if state.cpu_at_first_tick.is_none() {
+                state.cpu_at_first_tick = thread_cpu_time();
+            }
+            return Ok(UpdateDeadline::Continue(1));
+        }
+        state.on_cpu = state
+            .cpu_at_first_tick
+            .zip(thread_cpu_time())
+            .map(|(first, now)| now.saturating_sub(first));
+        Ok(UpdateDeadline::Interrupt)
     });
     store
 }
 
 /// Starts a call on `store` that may run for `timeout`.
 pub fn set_deadline(store: &mut Store<StoreState>, timeout: Duration) {
-    store.data_mut().deadline = Some(Instant::now() + timeout);
+    let state = store.data_mut();
+    state.deadline = Some(Instant::now() + timeout);
+    state.cpu_at_first_tick = None;
+    state.on_cpu = None;
     store.set_epoch_deadline(1);
 }
 
@@ -229,6 +247,12 @@ pub struct StoreState {
     pub stderr: Output,
     /// When the current call must have returned.
     pub deadline: Option<Instant>,
+    /// The CPU time of the current call's thread at the call's first tick (within a tick of
+    /// its start), if it ran that long.
+    cpu_at_first_tick: Option<Duration>,
+    /// For a call its deadline interrupted: how long its thread ran on a CPU from its first
+    /// tick, when measured.
+    pub on_cpu: Option<Duration>,
     /// The host Polar policy behind the `polar` interface (authorizers only).
     pub polar: Option<Arc<Polar>>,
 }
@@ -252,6 +276,8 @@ impl StoreState {
             stdout,
             stderr,
             deadline: None,
+            cpu_at_first_tick: None,
+            on_cpu: None,
             polar,
         }
     }

@@ -462,8 +462,10 @@ impl Catalogue {
 
     /// The segment most worth compacting, if any: less than half of it live, and wholly
     /// covered by the last durable commit (no needle of it is read again after a crash). The
-    /// one written to counts once it is past [`COMPACT_CURRENT_FROM`] (the next is begun
-    /// first). Blocking.
+    /// one written to counts once it is past [`COMPACT_CURRENT_FROM`], or, smaller, once none
+    /// of it is live and the last durable commit covers it to its end (every point packed in
+    /// it was removed: its space is given back however little was written). The next is begun
+    /// first. Blocking.
     pub(super) fn compactable(&self) -> Result<Option<u32>, StorageError> {
         let (lengths, current) = self.segments.lengths()?;
         let covered = *self.covered.lock().expect("poisoned");
@@ -479,16 +481,22 @@ impl Catalogue {
             }
             Ok(live)
         })?;
+        let live_in = |number: u32| live.get(&number).copied().unwrap_or(0);
         let worth = lengths
             .into_iter()
             .filter(|&(number, len)| match number == current {
-                true => len >= COMPACT_CURRENT_FROM,
+                true => {
+                    let all_dead = live_in(number) == 0
+                        && covered
+                            == Position {
+                                segment: number,
+                                offset: len,
+                            };
+                    len > 0 && (len >= COMPACT_CURRENT_FROM || all_dead)
+                }
                 false => number < covered.segment && len > 0,
             })
-            .map(|(number, len)| {
-                let live = live.get(&number).copied().unwrap_or(0);
-                (number, live as f64 / len as f64)
-            })
+            .map(|(number, len)| (number, live_in(number) as f64 / len as f64))
             .filter(|&(_, share)| share < COMPACT_BELOW_LIVE)
             .min_by(|a, b| a.1.total_cmp(&b.1));
         Ok(worth.map(|(number, _)| number))

@@ -1119,8 +1119,9 @@ impl Point {
         if end != state.end {
             self.last_append_ms
                 .store(shared.now_ms() + 1, Ordering::Relaxed);
-            ::metrics::counter!(metrics::APPENDS).increment(records.len() as u64);
-            ::metrics::counter!(metrics::APPENDED_BYTES).increment(end - state.end);
+            let hot = metrics::hot();
+            hot.appends.increment(records.len() as u64);
+            hot.appended_bytes.increment(end - state.end);
             state.end = end;
             state.crc = crc;
             if always {

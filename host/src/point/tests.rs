@@ -1969,6 +1969,52 @@ async fn a_mostly_dead_segment_is_compacted_and_its_space_given_back() {
 }
 
 #[tokio::test]
+async fn a_small_segment_whose_points_were_all_removed_is_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let store = Store::open(config.clone()).await.unwrap();
+    let name = |i: u64| id(&format!("gone/{i:03}"));
+    let size = |i: u64| 1000 + (i as usize * 53) % 2000;
+    for i in 0..40 {
+        store
+            .append(&name(i), bytes(900 + i, size(i)))
+            .await
+            .unwrap();
+    }
+    let catalogue = store.inner.shared.catalogue.clone();
+    catalogue.checkpoint(false).unwrap();
+    assert_eq!(store.compact().await.unwrap(), None, "every point is live");
+    for i in 0..40 {
+        store.delete(&name(i)).await.unwrap();
+    }
+    // Far below the size at which the segment written to is compacted when mostly dead; once
+    // the removals are durable, nothing in it is live.
+    catalogue.checkpoint(false).unwrap();
+    let before = segment_files(dir.path());
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert!(before[0].1 > 40_000, "{before:?}");
+    assert_eq!(store.compact().await.unwrap(), Some(1));
+    let after = segment_files(dir.path());
+    assert!(after.iter().all(|(_, len)| *len == 0), "{after:?}");
+    // The next segment, empty, is not compacted again and again.
+    assert_eq!(store.compact().await.unwrap(), None);
+    // New points go on, and everything holds after a restart.
+    store.append(&name(50), bytes(950, size(50))).await.unwrap();
+    store.close().await.unwrap();
+    let store = Store::open(config).await.unwrap();
+    assert_eq!(store.len(), 1);
+    assert_eq!(
+        store.read(&name(50), 0, size(50) as u64).await.unwrap(),
+        bytes(950, size(50))
+    );
+    assert!(matches!(
+        store.read(&name(3), 0, 1).await,
+        Err(ReadError::NotFound(_))
+    ));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_crash_in_the_middle_of_a_compaction_loses_no_point() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());

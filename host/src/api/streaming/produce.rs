@@ -224,8 +224,9 @@ fn receive<'a>(
             state.services.config.max_frame_size
         )));
     }
-    ::metrics::counter!(metrics::PRODUCED_FRAMES).increment(1);
-    ::metrics::counter!(metrics::PRODUCED_BYTES).increment(frame.len() as u64);
+    let hot = metrics::hot();
+    hot.produced_frames.increment(1);
+    hot.produced_bytes.increment(frame.len() as u64);
     let frame = Frame {
         slot,
         point: points[slot].clone(),
