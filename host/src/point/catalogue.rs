@@ -31,6 +31,7 @@ use bytes::Bytes;
 use super::files::{JOURNAL_FILE, scan, segments_dir, sync_dir};
 use super::journal::Record;
 use super::meta::{Meta, read_meta};
+use super::row_bytes::encode;
 use super::segment::{Event, Needle, Position, Segments};
 use super::{Fsync, Handover, PointId, Snapshot, StorageError, Summary};
 
@@ -1164,12 +1165,8 @@ impl<'txn> Tables<'txn> {
     }
 }
 
-fn encode(row: &Row) -> Vec<u8> {
-    serde_json::to_vec(row).expect("a catalogue row serializes")
-}
-
 fn decode(bytes: &[u8], path: &Path) -> Result<Row, StorageError> {
-    serde_json::from_slice(bytes)
+    super::row_bytes::decode(bytes)
         .map_err(|error| StorageError::io("decoding a row of", path)(std::io::Error::other(error)))
 }
 
@@ -1389,6 +1386,51 @@ mod tests {
             journal_len: 16 + 32 * end,
             ..Row::default()
         }
+    }
+
+    #[test]
+    fn rows_written_in_json_by_an_older_node_are_read_and_written_anew_in_format_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let (catalogue_dir, points) = (dir.path().join("catalogue"), dir.path().join("points"));
+        let catalogue = Catalogue::open(&catalogue_dir, &points, Fsync::Always).unwrap();
+        for i in 0..3 {
+            catalogue.settle(&point(i), &row(i, 100));
+        }
+        catalogue.checkpoint(true).unwrap();
+        drop(catalogue);
+        // The rows as a node before format 1 wrote them.
+        let db = Database::create(catalogue_dir.join(TREE_FILE)).unwrap();
+        let write = db.begin_write().unwrap();
+        {
+            let mut table = write.open_table(POINTS).unwrap();
+            for i in 0..3 {
+                let json = serde_json::to_vec(&row(i, 100)).unwrap();
+                table.insert(point(i).as_str(), json.as_slice()).unwrap();
+            }
+        }
+        write.commit().unwrap();
+        drop(db);
+
+        let catalogue = Catalogue::open(&catalogue_dir, &points, Fsync::Always).unwrap();
+        for i in 0..3 {
+            assert_eq!(catalogue.row(&point(i)).unwrap(), Some(row(i, 100)));
+        }
+        let (summaries, _) = catalogue.summaries(&HashSet::new()).unwrap();
+        assert_eq!(summaries.len(), 3);
+        catalogue.settle(&point(1), &row(1, 200));
+        catalogue.checkpoint(true).unwrap();
+        drop(catalogue);
+        let db = Database::create(catalogue_dir.join(TREE_FILE)).unwrap();
+        let read = db.begin_read().unwrap();
+        let table = read.open_table(POINTS).unwrap();
+        let first_bytes: Vec<u8> = (0..3)
+            .map(|i| table.get(point(i).as_str()).unwrap().unwrap().value()[0])
+            .collect();
+        assert_eq!(
+            first_bytes,
+            [b'{', 1, b'{'],
+            "only the row changed is rewritten"
+        );
     }
 
     /// Before: rows of a/00..a/09, durable. Then, on a B-tree that crashes after `budget`

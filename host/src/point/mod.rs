@@ -24,6 +24,7 @@ pub mod leader_epochs;
 mod meta;
 pub mod ownership;
 mod registry;
+mod row_bytes;
 mod segment;
 #[cfg(test)]
 mod tests;
